@@ -1,0 +1,314 @@
+"""Benchmarks: KottaExecutor (embedded enclave) against ProcessPoolExecutor, same workers.
+
+Run ``python benchmarks/run.py`` or ``python -m benchmarks.run``; see benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import tracemalloc
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+KINDS = ("kotta", "ppe")
+Result = dict[str, float]
+Bench = Callable[[Executor, str, int, int], Result]
+
+# -- the work: module-level so that both executors can pickle it ---------------------------
+
+
+def noop(x: Any = None) -> Any:
+    return x
+
+
+def busy(seconds: float) -> float:
+    """Spin (not sleep) for ``seconds`` of wall time; return how long it spun."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        pass
+    return time.perf_counter() - start
+
+
+def sleeper(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+# -- executors -------------------------------------------------------------------------------
+
+
+@contextmanager
+def open_executor(kind: str, workers: int) -> Iterator[Executor]:
+    """A fresh executor (Kotta: in a fresh temporary enclave), warmed up before use."""
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    ex: Executor
+    if kind == "ppe":
+        ex = ProcessPoolExecutor(max_workers=workers)
+    else:
+        from kotta_executor import KottaExecutor
+
+        tmp = tempfile.TemporaryDirectory(prefix="kotta-bench-", ignore_cleanup_errors=True)
+        ex = KottaExecutor(max_workers=workers, enclave=tmp.name)
+    try:
+        for f in [ex.submit(noop, i) for i in range(4 * workers)]:
+            f.result(timeout=120)
+        yield ex
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        if tmp is not None:
+            tmp.cleanup()
+
+
+# -- benchmarks: each gets a warmed-up executor and a size divisor (10 with --quick) ---------
+
+
+def bench_roundtrip(ex: Executor, kind: str, workers: int, scale: int) -> Result:
+    n = 500 // scale
+    for _ in range(50):
+        ex.submit(noop).result()
+    times: list[float] = []
+    for _ in range(n):
+        start = time.perf_counter()
+        ex.submit(noop).result()
+        times.append((time.perf_counter() - start) * 1e3)
+    p90 = statistics.quantiles(times, n=10, method="inclusive")[8]
+    return {"median_ms": statistics.median(times), "p90_ms": p90, "calls": n}
+
+
+def bench_submit(ex: Executor, kind: str, workers: int, scale: int) -> Result:
+    n = 10_000 // scale
+    start = time.perf_counter()
+    futures = [ex.submit(noop, i) for i in range(n)]
+    wait(futures)
+    elapsed = time.perf_counter() - start
+    if [f.result() for f in futures] != list(range(n)):
+        raise AssertionError("submit: wrong results")
+    return {"tasks_per_s": n / elapsed, "seconds": elapsed, "tasks": n}
+
+
+def bench_map(ex: Executor, kind: str, workers: int, scale: int) -> Result:
+    n = 20_000 // scale
+    start = time.perf_counter()
+    out = list(ex.map(noop, range(n), chunksize=1))
+    elapsed = time.perf_counter() - start
+    if out != list(range(n)):
+        raise AssertionError("map: wrong results")
+    return {"items_per_s": n / elapsed, "seconds": elapsed, "items": n}
+
+
+def bench_cpu(ex: Executor, kind: str, workers: int, scale: int) -> Result:
+    n, task = 200 // scale, 0.020
+    start = time.perf_counter()
+    for f in [ex.submit(busy, task) for _ in range(n)]:
+        f.result()
+    wall = time.perf_counter() - start
+    ideal = n * task / workers
+    return {"wall_s": wall, "ideal_s": ideal, "efficiency": ideal / wall, "tasks": n}
+
+
+def _shutdown_killing(ex: Executor, futures: list[Future[Any]], limit: float = 180.0) -> float:
+    """``shutdown(wait=True, cancel_futures=True)`` in a thread; once the cancelling has
+    settled, ``kill()`` whatever is still not done (tasks already running), if it can."""
+    start = time.perf_counter()
+    failed: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            ex.shutdown(wait=True, cancel_futures=True)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            failed.append(exc)
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    killed: set[int] = set()
+    left, settled = len(futures) + 1, False
+    while closer.is_alive():
+        if time.perf_counter() - start > limit:
+            raise TimeoutError(f"shutdown did not finish within {limit:.0f} s")
+        time.sleep(0.25)
+        not_done = [f for f in futures if not f.done()]
+        settled = settled or len(not_done) >= left
+        left = len(not_done)
+        for f in not_done if settled else ():
+            kill = getattr(f, "kill", None)
+            if kill is not None and id(f) not in killed:
+                killed.add(id(f))
+                kill()
+    closer.join()
+    if failed:
+        raise failed[0]
+    return time.perf_counter() - start
+
+
+def bench_memory(ex: Executor, kind: str, workers: int, scale: int) -> Result:
+    n = 100_000 // scale
+    hold = 60.0 if kind == "kotta" else 1.0  # PPE cannot kill a running task: keep it short
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        futures = [ex.submit(sleeper, hold) for _ in range(n)]
+        submitted = tracemalloc.get_traced_memory()[0] - base
+        time.sleep(1.5)  # let a background thread flush its outbox
+        flushed = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    pending = sum(not f.done() for f in futures)
+    shutdown_s = _shutdown_killing(ex, futures)
+    return {
+        "kib_per_future": flushed / n / 1024,
+        "kib_per_future_before_flush": submitted / n / 1024,
+        "pending": pending,
+        "futures": n,
+        "shutdown_s": shutdown_s,
+    }
+
+
+BENCHES: dict[str, Bench] = {
+    "roundtrip": bench_roundtrip,
+    "submit": bench_submit,
+    "map": bench_map,
+    "cpu": bench_cpu,
+    "memory": bench_memory,
+}
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+Check = tuple[str, str, float, str]  # ("kotta" | "ratio", "<=" | ">=", limit, unit)
+
+
+@dataclass(frozen=True)
+class Spec:
+    bench: str
+    key: str
+    label: str
+    check: Check | None = None
+
+    @property
+    def target(self) -> str:
+        if self.check is None:
+            return ""
+        on, op, limit, unit = self.check
+        return f"{on} {op} {limit:g}{unit}"
+
+    def met(self, kotta: float, ratio: float | None) -> bool | None:
+        if self.check is None:
+            return None
+        on, op, limit, _ = self.check
+        value = kotta if on == "kotta" else ratio
+        if value is None:
+            return None
+        return value <= limit if op == "<=" else value >= limit
+
+
+SPECS = [
+    Spec("roundtrip", "median_ms", "no-op round trip median (ms)", ("kotta", "<=", 1.5, " ms")),
+    Spec("roundtrip", "p90_ms", "no-op round trip p90 (ms)"),
+    Spec("submit", "tasks_per_s", "submit() + wait (tasks/s)", ("ratio", ">=", 1.5, "x")),
+    Spec("map", "items_per_s", "map(chunksize=1) (items/s)", ("ratio", ">=", 2, "x")),
+    Spec("cpu", "wall_s", "CPU-bound 20 ms tasks, wall (s)", ("ratio", "<=", 1.05, "")),
+    Spec("memory", "kib_per_future", "client KiB per pending future", ("kotta", "<=", 2, " KiB")),
+]
+
+
+@dataclass
+class Row:
+    metric: str
+    kotta: float | str | None
+    ppe: float | str | None
+    ratio: float | None
+    target: str
+    met: bool | None
+
+
+def make_rows(results: dict[str, dict[str, Result | str]]) -> list[Row]:
+    rows = []
+    for spec in (s for s in SPECS if s.bench in results):
+        k, p = (results[spec.bench].get(kind) for kind in KINDS)
+        kv = k[spec.key] if isinstance(k, dict) else k
+        pv = p[spec.key] if isinstance(p, dict) else p
+        ratio = kv / pv if isinstance(kv, float) and isinstance(pv, float) and pv else None
+        met = spec.met(kv, ratio) if isinstance(kv, float) else None
+        rows.append(Row(spec.label, kv, pv, ratio, spec.target, met))
+    return rows
+
+
+def fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, str):
+        return "error"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+    return str(v)
+
+
+def print_table(rows: list[Row]) -> None:
+    cells = [["metric", "kotta", "ppe", "ratio", "target", "met?"]]
+    for r in rows:
+        cells.append([r.metric, *map(fmt, (r.kotta, r.ppe, r.ratio)), r.target, fmt(r.met)])
+    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
+    cells.insert(1, ["-" * w for w in widths])
+    for line in cells:
+        print(" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--workers", type=int, default=2, help="workers for both executors")
+    ap.add_argument("--only", choices=sorted(BENCHES), help="run just this benchmark")
+    ap.add_argument("--quick", action="store_true", help="sizes divided by 10 (smoke test)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results here")
+    ap.add_argument("--executors", default=",".join(KINDS), help="subset of: kotta,ppe")
+    args = ap.parse_args(argv)
+    kinds = [k for k in KINDS if k in args.executors.split(",")]
+    root = str(Path(__file__).resolve().parent.parent)  # for `python benchmarks/run.py`
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    scale = 10 if args.quick else 1
+    results: dict[str, dict[str, Result | str]] = {}
+    for name in [args.only] if args.only else list(BENCHES):
+        results[name] = {}
+        for kind in kinds:
+            print(f"# {name} / {kind} ...", file=sys.stderr, flush=True)
+            try:
+                with open_executor(kind, args.workers) as ex:
+                    results[name][kind] = BENCHES[name](ex, kind, args.workers, scale)
+            except Exception as exc:  # report it, carry on with the rest
+                traceback.print_exc()
+                results[name][kind] = f"{type(exc).__name__}: {exc}"
+    rows = make_rows(results)
+    print(f"\nworkers={args.workers} quick={args.quick} python={platform.python_version()}")
+    print_table(rows)
+    errors = [
+        f"{b}/{k}: {v}" for b, r in results.items() for k, v in r.items() if isinstance(v, str)
+    ]
+    for line in errors:
+        print("error:", line)
+    if args.json:
+        doc = {
+            "workers": args.workers,
+            "quick": args.quick,
+            "results": results,
+            "rows": [asdict(r) for r in rows],
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""kotta-executor: notebook-style Python on the nodes of a secure data enclave.
+
+>>> from kotta_executor import KottaExecutor
+>>> with KottaExecutor(queue="test", walltime=5) as ex:        # walltime in minutes
+...     totals = list(ex.map(count_citations, years))
+"""
+
+from .decorator import Connection, connect, kottajob
+from .errors import (
+    AccessDenied,
+    BrokenEnclave,
+    ConfigurationError,
+    CorruptTask,
+    DeliveryFailed,
+    JobFailed,
+    KottaError,
+    RemoteError,
+    SerializationError,
+    TaskKilled,
+    UnknownJob,
+    WalltimeExceeded,
+    WorkerDied,
+)
+from .executor import KottaExecutor
+from .future import KottaFuture
+from .states import JobState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "BrokenEnclave",
+    "ConfigurationError",
+    "Connection",
+    "CorruptTask",
+    "DeliveryFailed",
+    "JobFailed",
+    "JobState",
+    "KottaError",
+    "KottaExecutor",
+    "KottaFuture",
+    "RemoteError",
+    "SerializationError",
+    "TaskKilled",
+    "UnknownJob",
+    "WalltimeExceeded",
+    "WorkerDied",
+    "connect",
+    "kottajob",
+]

@@ -1,0 +1,246 @@
+"""The backend interface: a task queue, a blob store, a job table, and a node registry.
+
+An :class:`Enclave` bundles one implementation of each.  The embedded backend (SQLite and a
+directory) and the AWS backend (SQS, S3, DynamoDB) implement the same small interface and
+are held to it by one contract suite (``tests/test_backend_contract.py``).
+
+Semantics every implementation keeps:
+
+* the queue delivers at least once: a received message is invisible for its visibility
+  timeout, then visible again unless acknowledged; every receive counts;
+* a receipt from an earlier delivery cannot acknowledge a later one;
+* job state only moves as :mod:`kotta_executor.states` allows, as a *condition* of the
+  write, so a result is recorded at most once however often a task is delivered.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..states import JobState
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    job_id: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    job_id: str
+    body: bytes
+    receipt: str
+    receive_count: int
+
+
+@dataclass(slots=True)
+class NewJob:
+    job_id: str
+    owner: str
+    client: str
+    queue: str
+    fn: str
+    walltime: float
+    body: bytes
+    n: int = 1
+
+
+@dataclass(slots=True)
+class Finished:
+    job_id: str
+    state: JobState
+    result: bytes
+    reason: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class JobRecord:
+    job_id: str
+    owner: str
+    client: str
+    queue: str
+    fn: str
+    walltime: float
+    state: JobState
+    created: float
+    updated: float
+    n: int = 1
+    node: str | None = None
+    attempts: int = 0
+    reason: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    kill_requested: bool = False
+    usage: dict[str, Any] | None = None
+    result: bytes | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__slots__ if k != "result"}
+        d["state"] = str(self.state)
+        return d
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    node_id: str
+    queue: str
+    host: str
+    pid: int
+    workers: int
+    started: float = field(default_factory=time.time)
+    heartbeat: float = field(default_factory=time.time)
+    managed_by: str | None = None
+
+
+class TaskQueue(abc.ABC):
+    """At-least-once message queues, named by Kotta queue (``test``) or reply channel."""
+
+    @abc.abstractmethod
+    def send(self, queue: str, messages: Sequence[Message]) -> None: ...
+
+    @abc.abstractmethod
+    def receive(
+        self, queue: str, max_messages: int, visibility_timeout: float, holder: str
+    ) -> list[Delivery]:
+        """Take up to ``max_messages`` visible messages without waiting."""
+
+    @abc.abstractmethod
+    def take(self, queue: str, max_messages: int) -> list[Message]:
+        """Receive and delete at once (reply channels, where the job table is the truth)."""
+
+    @abc.abstractmethod
+    def extend(self, deliveries: Iterable[Delivery], visibility_timeout: float) -> None: ...
+
+    @abc.abstractmethod
+    def release(self, deliveries: Iterable[Delivery]) -> None:
+        """Hand messages back: visible again now."""
+
+    @abc.abstractmethod
+    def ack(self, deliveries: Iterable[Delivery]) -> None: ...
+
+    @abc.abstractmethod
+    def dead_letter(self, deliveries: Iterable[Delivery], reason: str) -> None: ...
+
+    @abc.abstractmethod
+    def dead_letters(self, queue: str) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def depth(self, queue: str) -> int:
+        """Messages waiting or in flight on ``queue``."""
+
+    def open_reply(self, client_id: str) -> str:
+        return reply_queue(client_id)
+
+    def close_reply(self, client_id: str) -> None:  # noqa: B027 - optional hook
+        """Remove a reply channel's leftovers."""
+
+
+class BlobStore(abc.ABC):
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def delete(self, keys: Iterable[str]) -> None: ...
+
+
+class JobTable(abc.ABC):
+    @abc.abstractmethod
+    def create(self, jobs: Sequence[NewJob]) -> None: ...
+
+    @abc.abstractmethod
+    def transition(
+        self,
+        job_ids: Sequence[str],
+        new: JobState,
+        *,
+        from_states: Iterable[JobState] | None = None,
+        node: str | None = None,
+        reason: str | None = None,
+    ) -> list[str]:
+        """Move jobs to ``new`` where allowed; returns the ids that moved."""
+
+    @abc.abstractmethod
+    def finish(self, results: Sequence[Finished]) -> list[str]:
+        """Record final states and results, at most once; returns the ids recorded."""
+
+    @abc.abstractmethod
+    def get_many(self, job_ids: Sequence[str], *, with_result: bool = False) -> dict[str, JobRecord]: ...
+
+    @abc.abstractmethod
+    def list(
+        self, *, owner: str | None = None, state: str | None = None, limit: int = 50
+    ) -> list[JobRecord]: ...
+
+    @abc.abstractmethod
+    def history(self, job_id: str) -> list[tuple[float, str, str | None]]: ...
+
+    @abc.abstractmethod
+    def request_kill(self, job_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    def kill_requested(self, job_ids: Sequence[str]) -> set[str]: ...
+
+    def get(self, job_id: str, *, with_result: bool = False) -> JobRecord | None:
+        return self.get_many([job_id], with_result=with_result).get(job_id)
+
+
+class NodeRegistry(abc.ABC):
+    @abc.abstractmethod
+    def register(self, node: NodeInfo) -> None: ...
+
+    @abc.abstractmethod
+    def heartbeat(self, node_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def deregister(self, node_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def live(self, queue: str | None = None) -> list[NodeInfo]: ...
+
+
+class Enclave(abc.ABC):
+    """One enclave: where tasks, results, job records and nodes meet."""
+
+    queue: TaskQueue
+    blobs: BlobStore
+    jobs: JobTable
+    nodes: NodeRegistry
+    url: str
+    #: largest body that travels inline in a message; larger ones go to the blob store
+    inline_limit: int = 256 * 1024
+
+    def ring_nodes(self, queue: str) -> None:  # noqa: B027 - optional: wake idle nodes
+        """Tell nodes serving ``queue`` there is work (a hint; nodes also poll)."""
+
+    def ring_client(self, client_id: str) -> None:  # noqa: B027 - optional
+        """Tell a client a result is waiting (a hint; clients also poll)."""
+
+    def doorbell(self, name: str):
+        """A readable socket that rings for ``name`` (``node-ID`` / ``client-ID``), or None."""
+        return None
+
+    def atomic(self):
+        """Group the calls made inside it into one transaction where the backend can
+        (the embedded one); elsewhere each call stands alone."""
+        return contextlib.nullcontext()
+
+    def checkpoint(self) -> None:  # noqa: B027 - optional
+        """Periodic housekeeping a node runs off the task path (the embedded one syncs
+        its log to disk here)."""
+
+    def close(self) -> None:  # noqa: B027
+        pass
+
+
+def reply_queue(client_id: str) -> str:
+    return f"reply.{client_id}"

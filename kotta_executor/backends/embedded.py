@@ -1,0 +1,633 @@
+"""The embedded enclave: one SQLite file in WAL mode plus a blob directory, under
+``$KOTTA_HOME``.  Safe for many processes on one machine.
+
+It keeps the semantics the AWS backend has (visibility timeouts, receive counts, a
+dead-letter table, conditional job writes) so that code and tests written against it hold
+on AWS too.  Two things only a single machine allows are added as speed-ups, never as the
+only path: doorbells (abstract Unix datagram sockets that wake a sleeping node or client)
+and reaping the messages held by a node process that no longer exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .. import states
+from ..errors import ConfigurationError
+from ..states import JobState
+from .base import (
+    BlobStore,
+    Delivery,
+    Enclave,
+    Finished,
+    JobRecord,
+    JobTable,
+    Message,
+    NewJob,
+    NodeInfo,
+    NodeRegistry,
+    TaskQueue,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    visible_at REAL NOT NULL,
+    receive_count INTEGER NOT NULL DEFAULT 0,
+    receipt TEXT,
+    holder TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_queue ON messages(queue, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    queue TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    receive_count INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    dead_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    client TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    fn TEXT NOT NULL,
+    walltime REAL NOT NULL,
+    n INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL,
+    reason TEXT,
+    node TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    kill_requested INTEGER NOT NULL DEFAULT 0,
+    usage TEXT,
+    history TEXT NOT NULL DEFAULT '',
+    result BLOB,
+    result_ref TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    queue TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    workers INTEGER NOT NULL,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    managed_by TEXT
+);
+"""
+
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_JOB_COLS = (
+    "job_id, owner, client, queue, fn, walltime, state, created, updated, n, node, attempts,"
+    " reason, started, finished, kill_requested, usage"
+)
+# A node that has not sent a heartbeat for this long is taken for dead.
+NODE_STALE_AFTER = 30.0
+_REAP_EVERY = 1.0
+RESULT_INLINE_LIMIT = 1 << 20
+
+
+class _Db:
+    """One SQLite connection per thread and process, and write transactions."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._local = threading.local()
+        self.conn().executescript(SCHEMA)
+
+    def conn(self) -> sqlite3.Connection:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+            _retry(conn.execute, "PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints (which fsync) run from the node's upkeep, off the task path.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            # No busy handler: SQLite's sleeps for at least a millisecond when the lock is
+            # taken; _retry backs off from 20 microseconds instead.
+            conn.execute("PRAGMA busy_timeout=0")
+            local.conn, local.pid, local.depth = conn, os.getpid(), 0
+        return conn
+
+    @contextmanager
+    def tx(self):
+        """A write transaction; nested calls on one thread join the outer one."""
+        conn = self.conn()
+        local = self._local
+        if local.depth:
+            local.depth += 1
+            try:
+                yield conn
+            finally:
+                local.depth -= 1
+            return
+        _retry(conn.execute, "BEGIN IMMEDIATE")
+        local.depth = 1
+        try:
+            yield conn
+        except BaseException:
+            local.depth = 0
+            conn.execute("ROLLBACK")
+            raise
+        local.depth = 0
+        _retry(conn.execute, "COMMIT")
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        conn = self.conn()
+        return _retry(lambda: conn.execute(sql, params).fetchall())
+
+
+LOCK_TIMEOUT = 60.0
+
+
+def _retry(fn, *args):
+    """Run ``fn`` until the database is not locked, backing off from 20 us to 5 ms."""
+    delay, deadline = 2e-5, None
+    while True:
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            now = time.monotonic()
+            deadline = deadline or now + LOCK_TIMEOUT
+            if now > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5e-3)
+
+
+def _event(ts: float, state: JobState, detail: str | None) -> str:
+    """One line of a job's history: ``[ts, state, detail]``."""
+    return json.dumps([ts, str(state), detail]) + "\n"
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _chunks(seq: Sequence, size: int = 500):
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+class EmbeddedQueue(TaskQueue):
+    def __init__(self, db: _Db, enclave: EmbeddedEnclave):
+        self._db = db
+        self._enclave = enclave
+        self._last_reap = 0.0
+
+    def send(self, queue: str, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        now = time.time()
+        with self._db.tx() as c:
+            c.executemany(
+                "INSERT INTO messages(queue, job_id, body, visible_at) VALUES (?,?,?,?)",
+                [(queue, m.job_id, m.body, now) for m in messages],
+            )
+
+    def _any_ready(self, queue: str, now: float) -> bool:
+        """A read (no write lock) to skip write transactions on an empty queue."""
+        return bool(
+            self._db.read(
+                "SELECT 1 FROM messages WHERE queue=? AND visible_at<=? LIMIT 1", (queue, now)
+            )
+        )
+
+    def receive(self, queue, max_messages, visibility_timeout, holder):
+        now = time.time()
+        if now - self._last_reap > _REAP_EVERY:
+            self._last_reap = now
+            self._enclave.reap_dead_nodes()
+        if not self._any_ready(queue, now):
+            return []
+        token = uuid.uuid4().hex[:12]
+        with self._db.tx() as c:
+            rows = c.execute(
+                "UPDATE messages SET visible_at=?, receive_count=receive_count+1,"
+                " receipt=id||':'||?, holder=? WHERE id IN (SELECT id FROM messages"
+                " WHERE queue=? AND visible_at<=? ORDER BY id LIMIT ?)"
+                " RETURNING job_id, body, receipt, receive_count",
+                (now + visibility_timeout, token, holder, queue, now, max_messages),
+            ).fetchall()
+        rows.sort(key=lambda r: int(r[2].split(":", 1)[0]))
+        return [Delivery(*r) for r in rows]
+
+    def take(self, queue, max_messages):
+        if not self._any_ready(queue, time.time()):
+            return []
+        with self._db.tx() as c:
+            rows = c.execute(
+                "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE queue=?"
+                " ORDER BY id LIMIT ?) RETURNING job_id, body",
+                (queue, max_messages),
+            ).fetchall()
+        return [Message(*r) for r in rows]
+
+    def _by_receipt(self, sql: str, deliveries: Iterable[Delivery], extra: tuple = ()):
+        rows = [(*extra, d.receipt) for d in deliveries]
+        if rows:
+            with self._db.tx() as c:
+                c.executemany(sql, rows)
+
+    def extend(self, deliveries, visibility_timeout):
+        self._by_receipt(
+            "UPDATE messages SET visible_at=? WHERE receipt=?",
+            deliveries,
+            (time.time() + visibility_timeout,),
+        )
+
+    def release(self, deliveries):
+        self._by_receipt(
+            "UPDATE messages SET visible_at=0, holder=NULL WHERE receipt=?", deliveries
+        )
+
+    def ack(self, deliveries):
+        self._by_receipt("DELETE FROM messages WHERE receipt=?", deliveries)
+
+    def dead_letter(self, deliveries, reason):
+        deliveries = list(deliveries)
+        if not deliveries:
+            return
+        now = time.time()
+        with self._db.tx() as c:
+            for d in deliveries:
+                c.execute(
+                    "INSERT INTO dead_letters(queue, job_id, body, receive_count, reason, dead_at)"
+                    " SELECT queue, job_id, body, receive_count, ?, ? FROM messages WHERE receipt=?",
+                    (reason, now, d.receipt),
+                )
+                c.execute("DELETE FROM messages WHERE receipt=?", (d.receipt,))
+
+    def dead_letters(self, queue):
+        rows = self._db.read(
+            "SELECT job_id, receive_count, reason, dead_at FROM dead_letters WHERE queue=?"
+            " ORDER BY id",
+            (queue,),
+        )
+        return [dict(zip(("job_id", "receive_count", "reason", "dead_at"), r, strict=False)) for r in rows]
+
+    def depth(self, queue):
+        return self._db.read("SELECT count(*) FROM messages WHERE queue=?", (queue,))[0][0]
+
+    def close_reply(self, client_id):
+        with self._db.tx() as c:
+            c.execute("DELETE FROM messages WHERE queue=?", (f"reply.{client_id}",))
+
+
+class EmbeddedBlobs(BlobStore):
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        if not _KEY.match(key) or ".." in key:
+            raise ValueError(f"invalid blob key {key!r}")
+        return self.root / key[:2] / key
+
+    def put(self, key, data):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{key}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def get(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(f"no blob {key!r} in the enclave") from None
+
+    def delete(self, keys):
+        for key in keys:
+            try:
+                self._path(key).unlink()
+            except FileNotFoundError:
+                pass
+
+
+class EmbeddedJobs(JobTable):
+    def __init__(self, db: _Db, blobs: EmbeddedBlobs):
+        self._db = db
+        self._blobs = blobs
+
+    def create(self, jobs: Sequence[NewJob]) -> None:
+        """Create job records and enqueue their tasks in one transaction."""
+        if not jobs:
+            return
+        now = time.time()
+        with self._db.tx() as c:
+            c.executemany(
+                "INSERT INTO jobs(job_id, owner, client, queue, fn, walltime, n, state, created,"
+                " updated, history) VALUES (?,?,?,?,?,?,?,'pending',?,?,?)",
+                [
+                    (j.job_id, j.owner, j.client, j.queue, j.fn, j.walltime, j.n, now, now,
+                     _event(now, JobState.PENDING, None))
+                    for j in jobs
+                ],
+            )
+            c.executemany(
+                "INSERT INTO messages(queue, job_id, body, visible_at) VALUES (?,?,?,?)",
+                [(j.queue, j.job_id, j.body, now) for j in jobs],
+            )
+
+    def transition(self, job_ids, new, *, from_states=None, node=None, reason=None):
+        new = JobState(new)
+        allowed = states.sources(new)
+        if from_states is not None:
+            from_states = frozenset(JobState(s) for s in from_states)
+            for s in from_states:
+                states.check(s, new)
+            allowed = from_states
+        if not job_ids:
+            return []
+        now = time.time()
+        moved: list[str] = []
+        started = new in (JobState.STAGING_INPUTS, JobState.PROCESSING)
+        event = _event(now, new, reason or node)
+        with self._db.tx() as c:
+            for chunk in _chunks(list(job_ids)):
+                sql = (
+                    f"UPDATE jobs SET state=?, updated=?, reason=coalesce(?, reason), history=history||?"
+                    f"{', node=?, attempts=attempts+1, started=?' if started else ''}"
+                    f"{', finished=?' if new.final else ''}"
+                    f" WHERE job_id IN ({_marks(len(chunk))})"
+                    f" AND state IN ({_marks(len(allowed))}) RETURNING job_id"
+                )
+                params: list[Any] = [str(new), now, reason, event]
+                if started:
+                    params += [node, now]
+                if new.final:
+                    params.append(now)
+                params += [*chunk, *map(str, allowed)]
+                moved += [r[0] for r in c.execute(sql, params).fetchall()]
+        return moved
+
+    def finish(self, results: Sequence[Finished]) -> list[str]:
+        if not results:
+            return []
+        now = time.time()
+        allowed = [str(s) for s in states.ACTIVE]
+        recorded: list[str] = []
+        spill: list[tuple[str, bytes]] = []
+        with self._db.tx() as c:
+            for r in results:
+                states.check(JobState.PROCESSING, r.state)
+                body, ref = r.result, None
+                if len(body) > RESULT_INLINE_LIMIT:
+                    ref = f"result-{r.job_id}"
+                    body = None
+                    spill.append((ref, r.result))
+                row = c.execute(
+                    "UPDATE jobs SET state=?, reason=?, result=?, result_ref=?, usage=?,"
+                    " finished=?, updated=?, history=history||? WHERE job_id=? AND state IN"
+                    f" ({_marks(len(allowed))}) RETURNING job_id",
+                    (
+                        str(r.state),
+                        r.reason,
+                        body,
+                        ref,
+                        json.dumps(r.usage) if r.usage else None,
+                        now,
+                        now,
+                        _event(now, r.state, r.reason),
+                        r.job_id,
+                        *allowed,
+                    ),
+                ).fetchone()
+                if row:
+                    recorded.append(r.job_id)
+        # A spilled result is written after the row that names it; readers retry briefly.
+        for ref, data in spill:
+            self._blobs.put(ref, data)
+        return recorded
+
+    def _record(self, row: tuple, result: bytes | None = None) -> JobRecord:
+        (job_id, owner, client, queue, fn, walltime, state, created, updated, n, node,
+         attempts, reason, started, finished, kill, usage) = row
+        return JobRecord(
+            job_id=job_id, owner=owner, client=client, queue=queue, fn=fn, walltime=walltime,
+            state=JobState(state), created=created, updated=updated, n=n, node=node,
+            attempts=attempts, reason=reason, started=started, finished=finished,
+            kill_requested=bool(kill), usage=json.loads(usage) if usage else None, result=result,
+        )
+
+    def get_many(self, job_ids, *, with_result=False):
+        out: dict[str, JobRecord] = {}
+        cols = _JOB_COLS + (", result, result_ref" if with_result else "")
+        for chunk in _chunks(list(job_ids)):
+            for row in self._db.read(
+                f"SELECT {cols} FROM jobs WHERE job_id IN ({_marks(len(chunk))})", chunk
+            ):
+                result = None
+                if with_result:
+                    result, ref = row[-2], row[-1]
+                    row = row[:-2]
+                    if ref:
+                        result = self._read_spilled(ref)
+                rec = self._record(row, result)
+                out[rec.job_id] = rec
+        return out
+
+    def _read_spilled(self, ref: str) -> bytes | None:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                return self._blobs.get(ref)
+            except KeyError:
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.01)
+
+    def list(self, *, owner=None, state=None, limit=50):
+        where, params = [], []
+        if owner:
+            where.append("owner=?")
+            params.append(owner)
+        if state:
+            where.append("state=?")
+            params.append(str(JobState(state)))
+        sql = f"SELECT {_JOB_COLS} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created DESC, rowid DESC LIMIT ?"
+        return [self._record(r) for r in self._db.read(sql, [*params, limit])]
+
+    def history(self, job_id):
+        rows = self._db.read("SELECT history FROM jobs WHERE job_id=?", (job_id,))
+        if not rows:
+            return []
+        return [tuple(json.loads(line)) for line in rows[0][0].splitlines()]
+
+    def request_kill(self, job_id):
+        active = [str(s) for s in states.ACTIVE]
+        with self._db.tx() as c:
+            row = c.execute(
+                "UPDATE jobs SET kill_requested=1, updated=? WHERE job_id=? AND state IN"
+                f" ({_marks(len(active))}) RETURNING job_id",
+                (time.time(), job_id, *active),
+            ).fetchone()
+        return row is not None
+
+    def kill_requested(self, job_ids):
+        out: set[str] = set()
+        for chunk in _chunks(list(job_ids)):
+            out.update(
+                r[0]
+                for r in self._db.read(
+                    f"SELECT job_id FROM jobs WHERE kill_requested=1 AND job_id IN ({_marks(len(chunk))})",
+                    chunk,
+                )
+            )
+        return out
+
+
+class EmbeddedNodes(NodeRegistry):
+    def __init__(self, db: _Db):
+        self._db = db
+
+    def register(self, node):
+        with self._db.tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO nodes(node_id, queue, host, pid, workers, started,"
+                " heartbeat, managed_by) VALUES (?,?,?,?,?,?,?,?)",
+                (node.node_id, node.queue, node.host, node.pid, node.workers, node.started,
+                 node.heartbeat, node.managed_by),
+            )
+
+    def heartbeat(self, node_id):
+        with self._db.tx() as c:
+            c.execute("UPDATE nodes SET heartbeat=? WHERE node_id=?", (time.time(), node_id))
+
+    def deregister(self, node_id):
+        with self._db.tx() as c:
+            c.execute("DELETE FROM nodes WHERE node_id=?", (node_id,))
+
+    def all(self) -> list[NodeInfo]:
+        rows = self._db.read(
+            "SELECT node_id, queue, host, pid, workers, started, heartbeat, managed_by FROM nodes"
+        )
+        return [NodeInfo(*r) for r in rows]
+
+    def live(self, queue=None):
+        stale = time.time() - NODE_STALE_AFTER
+        return [
+            n for n in self.all()
+            if (queue is None or n.queue == queue) and n.heartbeat >= stale and _alive(n)
+        ]
+
+
+def _alive(node: NodeInfo) -> bool:
+    """Is the node's process still the one that registered?  (One machine: pids are ours.)"""
+    try:
+        proc = psutil.Process(node.pid)
+        return proc.create_time() <= node.started + 1 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class EmbeddedEnclave(Enclave):
+    """The enclave under ``home`` (``$KOTTA_HOME``): ``kotta.db`` and ``blobs/``."""
+
+    def __init__(self, home: str | os.PathLike):
+        self.home = Path(home).expanduser().resolve()
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
+        self.url = f"embedded://{self.home}"
+        self._db = _Db(self.home / "kotta.db")
+        self.blobs = EmbeddedBlobs(self.home / "blobs")
+        self.queue = EmbeddedQueue(self._db, self)
+        self.jobs = EmbeddedJobs(self._db, self.blobs)
+        self.nodes = EmbeddedNodes(self._db)
+        self._bell_prefix = "kotta-" + hashlib.sha1(str(self.home).encode()).hexdigest()[:16]
+        self._ring_sock: socket.socket | None = None
+        self._node_cache: tuple[float, dict[str, list[str]]] = (0.0, {})
+
+    # -- doorbells: abstract Unix datagram sockets; a missed ring only costs a poll interval
+
+    def _bell_address(self, name: str) -> bytes:
+        return b"\0" + f"{self._bell_prefix}-{name}".encode()
+
+    def doorbell(self, name: str) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(self._bell_address(name))
+        except OSError:
+            sock.close()
+            return None
+        sock.setblocking(False)
+        return sock
+
+    def _ring(self, name: str) -> None:
+        sock = self._ring_sock
+        if sock is None:
+            sock = self._ring_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+        try:
+            sock.sendto(b"!", self._bell_address(name))
+        except OSError:
+            pass  # nobody listening, or already rung and not yet read
+
+    def ring_nodes(self, queue: str) -> None:
+        at, cache = self._node_cache
+        if time.monotonic() - at > 1.0:
+            cache = {}
+            for n in self.nodes.live():
+                cache.setdefault(n.queue, []).append(n.node_id)
+            self._node_cache = (time.monotonic(), cache)
+        for node_id in cache.get(queue, ()):
+            self._ring(f"node-{node_id}")
+
+    def ring_client(self, client_id: str) -> None:
+        self._ring(f"client-{client_id}")
+
+    def reap_dead_nodes(self) -> list[str]:
+        """Release what dead node processes held, so it runs elsewhere without waiting out
+        the visibility timeout."""
+        dead = [n for n in self.nodes.all() if not _alive(n)]
+        for n in dead:
+            with self._db.tx() as c:
+                c.execute(
+                    "UPDATE messages SET visible_at=0, holder=NULL WHERE holder=?", (n.node_id,)
+                )
+                c.execute("DELETE FROM nodes WHERE node_id=?", (n.node_id,))
+        return [n.node_id for n in dead]
+
+    def atomic(self):
+        return self._db.tx()
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database (this is where SQLite fsyncs)."""
+        _retry(self._db.conn().execute, "PRAGMA wal_checkpoint(PASSIVE)")
+
+    def close(self) -> None:
+        if self._ring_sock is not None:
+            self._ring_sock.close()
+            self._ring_sock = None

@@ -1,0 +1,294 @@
+"""The ``kotta`` command: nodes (``node``, ``up``, ``down``), jobs (``jobs``, ``status``,
+``logs``, ``cancel``) and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import config, wire
+from .backends import open_enclave
+from .backends.base import Enclave
+from .errors import AccessDenied, KottaError, UnknownJob
+from .states import CANCELLABLE, JobState
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kotta", description="kotta-executor: run Python in a data enclave")
+    help_ = "enclave to use (a directory or embedded:///dir; default $KOTTA_ENCLAVE, else $KOTTA_HOME)"
+    p.add_argument("--enclave", help=help_)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--enclave", default=argparse.SUPPRESS, help=help_)
+    sub = p.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+
+    def add_parser(name, **kw):
+        return add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser
+
+    n = sub.add_parser("node", help="run a node daemon in the foreground")
+    _node_args(n)
+    n.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    n.add_argument("--max-jobs", type=int, help="exit after this many jobs")
+    n.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    n.add_argument("--managed-by", help=argparse.SUPPRESS)
+    n.add_argument("--prespawn", metavar="OWNER", help="start the workers for OWNER at once")
+    n.add_argument("--node-id", help=argparse.SUPPRESS)
+    n.add_argument("--log-level", default="INFO")
+
+    u = sub.add_parser("up", help="start local nodes in the background")
+    _node_args(u)
+    u.add_argument("--nodes", type=int, default=1, help="how many node processes (default 1)")
+
+    d = sub.add_parser("down", help="stop the local nodes (they finish or hand back their work)")
+    d.add_argument("--queue", help="only the nodes of this queue")
+    d.add_argument("--timeout", type=float, default=60.0)
+
+    j = sub.add_parser("jobs", help="list jobs")
+    j.add_argument("--state", choices=[str(s) for s in JobState])
+    j.add_argument("--limit", type=int, default=20)
+    j.add_argument("--all-users", action="store_true")
+
+    s = sub.add_parser("status", help="a job's record and history")
+    s.add_argument("job_id")
+    s.add_argument("--json", action="store_true")
+
+    lg = sub.add_parser("logs", help="what a job wrote to stdout and stderr")
+    lg.add_argument("job_id")
+
+    c = sub.add_parser("cancel", help="cancel a pending job, or kill a running one")
+    c.add_argument("job_id")
+
+    sub.add_parser("demo", help="a short end-to-end demonstration on the embedded enclave")
+    return p
+
+
+def _node_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--queue", default="test")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--visibility-timeout", type=float, default=30.0)
+    p.add_argument("--max-deliveries", type=int, default=5)
+    p.add_argument("--poll-interval", type=float, default=0.5)
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (KottaError, ValueError) as exc:
+        print(f"kotta: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _enclave(args) -> Enclave:
+    return open_enclave(args.enclave)
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def cmd_node(args) -> int:
+    from node.daemon import Node, NodeConfig
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    cfg = NodeConfig(
+        queue=config.normalize_queue(args.queue),
+        workers=args.workers,
+        visibility_timeout=args.visibility_timeout,
+        max_deliveries=args.max_deliveries,
+        poll_interval=args.poll_interval,
+        drain_timeout=args.drain_timeout,
+        burst=args.burst,
+        max_jobs=args.max_jobs,
+        parent_pid=args.parent_pid,
+        managed_by=args.managed_by,
+        node_id=args.node_id,
+        prespawn_owner=args.prespawn,
+    )
+    if cfg.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    node = Node(_enclave(args), cfg)
+    signal.signal(signal.SIGTERM, node.request_stop)
+    signal.signal(signal.SIGINT, node.request_stop)
+    return node.run()
+
+
+def cmd_up(args) -> int:
+    enclave = _enclave(args)
+    queue = config.normalize_queue(args.queue)
+    home = Path(enclave.url.split("://", 1)[1])
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    before = {n.node_id for n in enclave.nodes.live()}
+    procs = []
+    for _i in range(args.nodes):
+        node_id = os.urandom(6).hex()
+        log = open(logs / f"node-{node_id}.log", "ab")
+        cmd = [
+            sys.executable, "-m", "node", "--enclave", enclave.url, "--queue", queue,
+            "--workers", str(args.workers), "--node-id", node_id,
+            "--visibility-timeout", str(args.visibility_timeout),
+            "--max-deliveries", str(args.max_deliveries),
+            "--poll-interval", str(args.poll_interval),
+            "--drain-timeout", str(args.drain_timeout),
+            "--prespawn", config.current_user(),
+        ]
+        procs.append((node_id, subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )))
+        log.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        live = {n.node_id for n in enclave.nodes.live()} - before
+        if all(nid in live for nid, _ in procs):
+            break
+        if any(p.poll() is not None for _, p in procs):
+            break
+        time.sleep(0.05)
+    ok = True
+    for node_id, p in procs:
+        if p.poll() is None:
+            print(f"node {node_id} up: pid {p.pid}, queue {queue}, {args.workers} workers "
+                  f"(log: {logs / f'node-{node_id}.log'})")
+        else:
+            ok = False
+            print(f"node {node_id} failed to start (exit {p.returncode}); see {logs / f'node-{node_id}.log'}",
+                  file=sys.stderr)
+    return 0 if ok else 1
+
+
+def cmd_down(args) -> int:
+    enclave = _enclave(args)
+    queue = config.normalize_queue(args.queue) if args.queue else None
+    nodes = enclave.nodes.live(queue)
+    for n in nodes:
+        try:
+            os.kill(n.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + args.timeout
+    remaining = {n.node_id for n in nodes}
+    while remaining and time.monotonic() < deadline:
+        remaining &= {n.node_id for n in enclave.nodes.live(queue)}
+        time.sleep(0.05)
+    for n in nodes:
+        state = "still stopping" if n.node_id in remaining else "stopped"
+        print(f"node {n.node_id} (pid {n.pid}, queue {n.queue}) {state}")
+    if not nodes:
+        print("no local nodes are running")
+    return 1 if remaining else 0
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _fmt_time(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_jobs(args) -> int:
+    enclave = _enclave(args)
+    owner = None if args.all_users else config.current_user()
+    rows = enclave.jobs.list(owner=owner, state=args.state, limit=args.limit)
+    print(f"{'JOB':32}  {'STATE':15}  {'QUEUE':10}  {'CREATED':19}  FUNCTION")
+    for j in rows:
+        print(f"{j.job_id:32}  {j.state:15}  {j.queue:10}  {_fmt_time(j.created):19}  {j.fn}")
+    return 0
+
+
+def _own_job(enclave: Enclave, job_id: str, *, with_result: bool = False):
+    job = enclave.jobs.get(job_id, with_result=with_result)
+    if job is None:
+        raise UnknownJob(f"no job {job_id} in {enclave.url}")
+    if job.owner != config.current_user():
+        raise AccessDenied(f"job {job_id} belongs to {job.owner}, not to you")
+    return job
+
+
+def cmd_status(args) -> int:
+    enclave = _enclave(args)
+    job = _own_job(enclave, args.job_id)
+    history = enclave.jobs.history(job.job_id)
+    if args.json:
+        print(json.dumps({**job.as_dict(), "history": history}, indent=2))
+        return 0
+    print(f"job       {job.job_id}")
+    print(f"function  {job.fn} ({job.n} call{'s' if job.n != 1 else ''})")
+    print(f"state     {job.state}" + (f"  ({job.reason})" if job.reason else ""))
+    print(f"owner     {job.owner}   queue {job.queue}   walltime {job.walltime / 60:g} min")
+    print(f"node      {job.node or '-'}   attempts {job.attempts}")
+    if job.usage:
+        u = job.usage
+        print(f"usage     wall {u.get('wall', 0):.3f} s   cpu {u.get('cpu', 0):.3f} s   "
+              f"max rss {u.get('maxrss_kb', 0) / 1024:.1f} MiB")
+    print("history")
+    for ts, state, detail in history:
+        print(f"  {_fmt_time(ts)}  {state:15} {detail or ''}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    enclave = _enclave(args)
+    job = _own_job(enclave, args.job_id, with_result=True)
+    if job.result is None:
+        print(f"job {job.job_id} is {job.state}: no output yet", file=sys.stderr)
+        return 1
+    env = wire.decode(job.result)
+    out, err = env.text("stdout"), env.text("stderr")
+    print("--- stdout ---")
+    sys.stdout.write(out if out.endswith("\n") or not out else out + "\n")
+    print("--- stderr ---")
+    sys.stdout.write(err if err.endswith("\n") or not err else err + "\n")
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    enclave = _enclave(args)
+    job = _own_job(enclave, args.job_id)
+    if enclave.jobs.transition([job.job_id], JobState.CANCELLED, from_states=CANCELLABLE,
+                               reason="cancelled with kotta cancel"):
+        print(f"job {job.job_id} cancelled before it started")
+        return 0
+    if enclave.jobs.request_kill(job.job_id):
+        enclave.ring_nodes(job.queue)
+        print(f"job {job.job_id} is being killed")
+        return 0
+    print(f"job {job.job_id} already {enclave.jobs.get(job.job_id).state}")
+    return 1
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.enclave)
+
+
+COMMANDS = {
+    "node": cmd_node,
+    "up": cmd_up,
+    "down": cmd_down,
+    "jobs": cmd_jobs,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "cancel": cmd_cancel,
+    "demo": cmd_demo,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

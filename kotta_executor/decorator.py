@@ -1,0 +1,101 @@
+"""``connect()`` and ``@kottajob``: the decorator of the original Cloud Kotta paper.
+
+::
+
+    konn = kotta_executor.connect()
+
+    @kottajob(konn, "test", 5)              # queue, walltime in minutes: calls block
+    def count(year): ...
+
+    @kottajob(konn, "test", 5, block=False) # calls return KottaFutures
+    def count_async(year): ...
+
+    @kottajob(executor)                      # an existing KottaExecutor's options
+    def other(x): ...
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .executor import KottaExecutor
+
+
+class Connection:
+    """A connection to an enclave, shared by the functions decorated with it.
+
+    It creates its executor on first use and shuts it down at ``close()`` or interpreter
+    exit.  Keyword arguments are those of :class:`KottaExecutor`.
+    """
+
+    def __init__(self, enclave: str | os.PathLike | None = None, **executor_kwargs: Any):
+        self._enclave = enclave
+        self._kwargs = executor_kwargs
+        self._executor: KottaExecutor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def executor(self) -> KottaExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = KottaExecutor(enclave=self._enclave, **self._kwargs)
+            return self._executor
+
+    def attach(self, job_id: str):
+        return self.executor.attach(job_id)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(enclave: str | os.PathLike | None = None, **executor_kwargs: Any) -> Connection:
+    """Connect to an enclave (default: ``$KOTTA_ENCLAVE``, else the embedded one)."""
+    return Connection(enclave, **executor_kwargs)
+
+
+def kottajob(
+    target: Connection | KottaExecutor,
+    queue: str | None = None,
+    walltime: float | _dt.timedelta | None = None,
+    *,
+    block: bool = True,
+) -> Callable[[Callable], Callable]:
+    """Make a function run as a Kotta job.  ``block=True`` returns the value (or raises the
+    remote exception); ``block=False`` returns a :class:`KottaFuture`."""
+    if not isinstance(target, (Connection, KottaExecutor)):
+        raise TypeError(
+            f"kottajob needs a connection (kotta_executor.connect()) or a KottaExecutor, not {target!r}"
+        )
+    # validate now, at decoration time, rather than on the first call
+    if isinstance(target, KottaExecutor):
+        target.with_options(queue=queue, walltime=walltime)
+    else:
+        from .executor import Options
+
+        Options.make(queue or "test", walltime if walltime is not None else 5)
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any):
+            ex = target.executor if isinstance(target, Connection) else target
+            future = ex.with_options(queue=queue, walltime=walltime).submit(fn, *args, **kwargs)
+            return future.result() if block else future
+
+        call.kotta_function = fn  # the undecorated function, which is what travels
+        return call
+
+    return decorate

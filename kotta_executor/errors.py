@@ -1,0 +1,110 @@
+"""Every exception kotta-executor raises of its own, in one place.
+
+Where a caller would expect a stdlib type we subclass it, so ``except TimeoutError``
+catches a walltime and ``except BrokenExecutor`` catches an unusable enclave.
+Exceptions raised by *user code* on a node are not wrapped: they come back as themselves
+(see :mod:`kotta_executor.wire`); these classes are for what the enclave itself reports.
+"""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures import BrokenExecutor, CancelledError
+
+
+class KottaError(Exception):
+    """Base class of the errors kotta-executor raises itself."""
+
+
+class ConfigurationError(KottaError, ValueError):
+    """A setting (queue, walltime, enclave, max_workers) is not valid."""
+
+
+class SerializationError(KottaError, pickle.PicklingError):
+    """A call, its arguments or its result could not be pickled.
+
+    Raised by ``submit`` (nothing is sent) or set on the future when the *result* of a
+    task could not be pickled on the node.
+    """
+
+
+class RemoteError(KottaError):
+    """An exception raised on a node that could not itself be sent back.
+
+    Carries what could be salvaged: the remote type name, its message and the formatted
+    remote traceback.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = ""):
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self):
+        return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+
+class JobFailed(KottaError):
+    """A task ended without running to a result, for a reason the enclave names."""
+
+    def __init__(self, message: str, *, job_id: str | None = None):
+        super().__init__(message)
+        self.job_id = job_id
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls, args, state):
+    obj = cls.__new__(cls)
+    Exception.__init__(obj, *args)
+    obj.__dict__.update(state)
+    return obj
+
+
+class WalltimeExceeded(JobFailed, TimeoutError):
+    """The task ran longer than its walltime; its whole process tree was killed."""
+
+
+class WorkerDied(JobFailed):
+    """The worker process running the task died (crash, ``os._exit``, killed for memory).
+
+    ``exitcode`` is the process exit status, ``signal`` the number of the signal that
+    killed it (or ``None``).
+    """
+
+    exitcode: int | None = None
+    signal: int | None = None
+
+
+class TaskKilled(JobFailed, CancelledError):
+    """The task was stopped while running, by ``future.kill()`` or ``kotta cancel``."""
+
+
+class DeliveryFailed(JobFailed):
+    """The task was delivered too many times without completing and was dead-lettered."""
+
+
+class CorruptTask(JobFailed):
+    """The message on the queue was not a valid task envelope; it was dead-lettered."""
+
+
+class EnvelopeError(KottaError, ValueError):
+    """Bytes that are not a valid kotta envelope (wrong magic, version, or layout)."""
+
+
+class InvalidTransition(KottaError):
+    """A job state change that the state machine does not allow."""
+
+
+class UnknownJob(KottaError, LookupError):
+    """No job with that id exists in the enclave."""
+
+
+class BrokenEnclave(KottaError, BrokenExecutor):
+    """The executor cannot reach a usable enclave any more; every pending future fails."""
+
+
+class AccessDenied(KottaError, PermissionError):
+    """The caller may not do this (another user's job, a dataset without a grant)."""

@@ -1,0 +1,559 @@
+"""KottaExecutor: a ``concurrent.futures.Executor`` whose workers live in an enclave.
+
+Data flow::
+
+  caller thread                manager thread (one per executor)        node daemon (process)
+  ─────────────                ─────────────────────────────────        ─────────────────────
+  submit(fn, *a)
+    pickle call (wire) ──┐
+    KottaFuture(job_id)  │
+    outbox.append ───────┴──> _send: jobs.create()  ══ job row "pending" ══╗
+                                     + task message on queue "test" ──────>║ receive
+                                     ring node doorbell                    ║ dispatch: job row
+                                                                           ║  -> "processing"
+                                                                           ║ worker process:
+                                                                           ║  unpickle, run,
+                                                                           ║  capture fd 1/2
+                                                                           ║ report: job row
+                               _receive: take replies <── reply message ───╝  -> completed/failed
+                                 (result inline, or read from the job row)     (at most once),
+  future.result() <───────────   decode, unpickle, set_result/_exception       reply, ack
+                               _reconcile: job rows of attached futures and of
+                                 futures whose reply is overdue
+
+The job table is the truth; replies are a fast path.  One manager thread owns all queue
+I/O and all future state transitions (``set_result``, ``set_exception``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import itertools
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import config, wire
+from .backends import open_enclave
+from .backends.base import Enclave, NewJob, reply_queue
+from .errors import BrokenEnclave, ConfigurationError, UnknownJob
+from .future import KottaFuture
+from .states import CANCELLABLE, JobState
+
+log = logging.getLogger("kotta.executor")
+
+#: seconds without a reply after which the job table is consulted for outstanding futures
+RECONCILE_AFTER = 5.0
+#: seconds between job-table checks of attached futures
+ATTACH_POLL = 0.2
+#: a local node may be restarted this many times before the executor is declared broken
+MAX_NODE_RESTARTS = 5
+
+
+@dataclass(frozen=True)
+class Options:
+    queue: str = "test"
+    walltime: float = 300.0  # seconds
+
+    @classmethod
+    def make(cls, queue: str, walltime: float | _dt.timedelta) -> Options:
+        return cls(config.normalize_queue(queue), config.walltime_seconds(walltime))
+
+    def updated(self, queue: str | None, walltime: float | _dt.timedelta | None) -> Options:
+        opts = self
+        if queue is not None:
+            opts = replace(opts, queue=config.normalize_queue(queue))
+        if walltime is not None:
+            opts = replace(opts, walltime=config.walltime_seconds(walltime))
+        return opts
+
+
+class KottaExecutor(Executor):
+    """Run calls on enclave nodes; a drop-in replacement for ``ProcessPoolExecutor``.
+
+    ``max_workers``: worker processes of the local node this executor starts when no node
+    serves its queue (default: the CPU count).  ``queue``: ``test`` or ``production``.
+    ``walltime``: minutes (or a ``timedelta``) a task may run before it is killed.
+    ``enclave``: where to run (a directory or ``embedded:///dir``; default ``$KOTTA_ENCLAVE``
+    or ``$KOTTA_HOME``).  ``start_node``: ``"auto"`` starts a local node when none serves the
+    queue, ``False`` never does.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        queue: str = "test",
+        walltime: float | _dt.timedelta = 5,
+        enclave: str | os.PathLike | Enclave | None = None,
+        start_node: str | bool = "auto",
+        owner: str | None = None,
+    ):
+        if max_workers is None:
+            max_workers = os.cpu_count() or 1
+        elif max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        self._max_workers = max_workers
+        self._options = Options.make(queue, walltime)
+        self._enclave = open_enclave(enclave)
+        self._start_node = start_node
+        self.owner = owner or config.current_user()
+        self.client_id = os.urandom(8).hex()
+        self._reply_queue = reply_queue(self.client_id)
+
+        self._futures: dict[str, KottaFuture] = {}
+        self._attached: set[str] = set()
+        self._outbox: deque[tuple[NewJob, KottaFuture]] = deque()
+        self._kicked = False
+        self._send_lock = threading.Lock()
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._broken: BrokenEnclave | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._manager: threading.Thread | None = None
+        self._nodes: dict[str, subprocess.Popen] = {}
+        self._node_restarts = 0
+        self._queues_used: set[str] = set()
+        self._last_reply = time.monotonic()
+        self._last_attach_poll = 0.0
+        _live_executors.add(self)
+
+    # ------------------------------------------------------------------ Executor API
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> KottaFuture:
+        return self._submit(fn, [(args, kwargs)], self._options)
+
+    def map(
+        self,
+        fn: Callable,
+        *iterables: Iterable,
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator:
+        return self._map(fn, iterables, timeout, chunksize, self._options)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        if cancel_futures:
+            self._cancel_all()
+        self._kick(force=True)
+        manager = self._manager
+        if manager is None:
+            self._close()
+        elif wait and manager is not threading.current_thread():
+            manager.join()
+
+    def with_options(
+        self, *, queue: str | None = None, walltime: float | _dt.timedelta | None = None
+    ) -> OptionsView:
+        """The same executor with other per-call options: ``ex.with_options(walltime=30).submit(...)``."""
+        return OptionsView(self, self._options.updated(queue, walltime))
+
+    def attach(self, job_id: str) -> KottaFuture:
+        """A future for a job submitted earlier, by this or any other client (a restarted
+        kernel, another machine sharing the enclave)."""
+        if not isinstance(job_id, str) or not wire._JOB_ID.match(job_id):
+            raise UnknownJob(f"{job_id!r} is not a job id")
+        with self._shutdown_lock:
+            self._check_open()
+            f = self._futures.get(job_id)
+            if f is not None:
+                return f
+            job = self._enclave.jobs.get(job_id)
+            if job is None:
+                raise UnknownJob(f"no job {job_id} in the enclave {self._enclave.url}")
+            f = KottaFuture(job_id, self)
+            if job.n != 1:
+                f._batch = True
+            self._futures[job_id] = f
+            self._attached.add(job_id)
+        self._ensure_manager()
+        self._kick(force=True)
+        return f
+
+    @property
+    def enclave(self) -> Enclave:
+        return self._enclave
+
+    # ------------------------------------------------------------------ submission
+
+    def _check_open(self) -> None:
+        if self._broken is not None:
+            raise BrokenEnclave(str(self._broken)) from self._broken.__cause__
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _submit(self, fn: Callable, calls: list, opts: Options, *, batch: bool = False) -> KottaFuture:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        with self._shutdown_lock:
+            self._check_open()
+        payload = wire.dump_call(fn, calls)
+        job_id = os.urandom(16).hex()
+        name = wire.fn_name(fn)
+        header = {
+            "kind": "task",
+            "job_id": job_id,
+            "owner": self.owner,
+            "client": self.client_id,
+            "queue": opts.queue,
+            "walltime": opts.walltime,
+            "created": time.time(),
+            "fn": name,
+            "n": len(calls),
+        }
+        if len(payload) > self._enclave.inline_limit:
+            header["payload_ref"] = f"payload-{job_id}"
+            self._enclave.blobs.put(header["payload_ref"], payload)
+            payload = b""
+        body = wire.encode(header, {"payload": payload})
+        f = KottaFuture(job_id, self)
+        if batch:
+            f._batch = True
+        self._futures[job_id] = f
+        self._outbox.append(
+            (NewJob(job_id, self.owner, self.client_id, opts.queue, name, opts.walltime, body, len(calls)), f)
+        )
+        if self._manager is None:
+            self._ensure_manager()
+        self._kick()
+        return f
+
+    def _map(self, fn, iterables, timeout, chunksize, opts) -> Iterator:
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        items = list(zip(*iterables, strict=False))
+        size = chunksize if chunksize > 1 else self._auto_chunk(len(items))
+        fs = [
+            self._submit(fn, [(args, {}) for args in items[i : i + size]], opts, batch=True)
+            for i in range(0, len(items), size)
+        ]
+
+        def result_iterator():
+            try:
+                fs.reverse()
+                while fs:
+                    f = fs[-1]
+                    if end_time is None:
+                        outcomes = f.result()
+                    else:
+                        outcomes = f.result(end_time - time.monotonic())
+                    fs.pop()
+                    for ok, value in outcomes:
+                        if not ok:
+                            raise value
+                        yield value
+            finally:
+                for f in fs:
+                    f.cancel()
+
+        return result_iterator()
+
+    def _auto_chunk(self, n: int) -> int:
+        """Pack tiny map items into tasks, keeping ~64 tasks per worker for balance."""
+        return max(1, min(256, n // (self._max_workers * 64)))
+
+    def _kick(self, force: bool = False) -> None:
+        if force or not self._kicked:
+            self._kicked = True
+            try:
+                os.write(self._wake_w, b"!")
+            except (BlockingIOError, OSError):
+                pass
+
+    # ------------------------------------------------------------------ controls used by futures
+
+    def _cancel_jobs(self, job_ids: list[str]) -> list[str]:
+        """Cancel jobs no node has started; returns the ids that were cancelled."""
+        wanted = set(job_ids)
+        with self._send_lock:
+            unsent = [(job, f) for job, f in self._outbox if job.job_id in wanted]
+            if unsent:
+                self._outbox = deque((j, f) for j, f in self._outbox if j.job_id not in wanted)
+            done = [job.job_id for job, _ in unsent]
+            rest = [j for j in job_ids if j not in set(done)]
+            if rest:
+                done += self._enclave.jobs.transition(
+                    rest, JobState.CANCELLED, from_states=CANCELLABLE, reason="cancelled by the client"
+                )
+        for job_id in done:
+            self._futures.pop(job_id, None)
+        return done
+
+    def _cancel_all(self) -> None:
+        pending = {jid: f for jid, f in list(self._futures.items()) if not f.done()}
+        if pending:
+            for jid in self._cancel_jobs(list(pending)):
+                _mark_cancelled(pending[jid])
+
+    def _kill_job(self, job_id: str) -> bool:
+        ok = self._enclave.jobs.request_kill(job_id)
+        job = self._enclave.jobs.get(job_id)
+        if job is not None:
+            self._enclave.ring_nodes(job.queue)
+        return ok
+
+    def _job_status(self, f: KottaFuture) -> str:
+        job = self._enclave.jobs.get(f.job_id)
+        if job is None:
+            if f.cancelled():
+                return str(JobState.CANCELLED)
+            return str(JobState.PENDING)
+        return str(job.state)
+
+    # ------------------------------------------------------------------ the manager thread
+
+    def _ensure_manager(self) -> None:
+        with self._send_lock:
+            if self._manager is None:
+                self._manager = threading.Thread(
+                    target=self._run_manager, name=f"kotta-manager-{self.client_id}", daemon=True
+                )
+                self._manager.start()
+
+    def _run_manager(self) -> None:
+        bell = self._enclave.doorbell(f"client-{self.client_id}")
+        try:
+            while True:
+                self._wait(bell)
+                self._send()
+                self._ensure_nodes()
+                self._receive()
+                self._reconcile()
+                if self._shutdown and not self._futures and not self._outbox:
+                    break
+        except BaseException as exc:  # noqa: BLE001 - anything here makes the enclave unusable
+            log.exception("kotta manager thread failed")
+            self._terminate_broken(exc)
+        finally:
+            if bell is not None:
+                bell.close()
+            self._close()
+
+    def _wait(self, bell) -> None:
+        timeout = 0.5 if self._futures or self._outbox else 2.0
+        if self._attached:
+            timeout = min(timeout, ATTACH_POLL)
+        if self._outbox:
+            timeout = 0
+        fds = [self._wake_r] if bell is None else [self._wake_r, bell]
+        ready, _, _ = select.select(fds, [], [], timeout)
+        if self._wake_r in ready:
+            os.read(self._wake_r, 65536)
+        if bell is not None and bell in ready:
+            try:
+                while bell.recv(64):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _send(self) -> None:
+        self._kicked = False
+        while self._outbox:
+            with self._send_lock:
+                batch = []
+                while self._outbox and len(batch) < 2000:
+                    batch.append(self._outbox.popleft())
+                self._enclave.jobs.create([job for job, _ in batch])
+            for q in {job.queue for job, _ in batch}:
+                self._queues_used.add(q)
+                self._enclave.ring_nodes(q)
+
+    def _receive(self) -> None:
+        while True:
+            msgs = self._enclave.queue.take(self._reply_queue, 1000)
+            if not msgs:
+                return
+            self._last_reply = time.monotonic()
+            missing = [m.job_id for m in msgs if not m.body]
+            records = self._enclave.jobs.get_many(missing, with_result=True) if missing else {}
+            for m in msgs:
+                body = m.body or (records[m.job_id].result if m.job_id in records else None)
+                if body:
+                    self._resolve(m.job_id, body)
+
+    def _reconcile(self) -> None:
+        now = time.monotonic()
+        ids: list[str] = []
+        if self._attached and now - self._last_attach_poll >= ATTACH_POLL:
+            self._last_attach_poll = now
+            ids += list(self._attached)
+        if self._futures and now - self._last_reply >= RECONCILE_AFTER:
+            self._last_reply = now
+            ids += list(itertools.islice(self._futures, 2000))
+        if not ids:
+            return
+        for job_id, job in self._enclave.jobs.get_many(ids, with_result=True).items():
+            if job.state.final:
+                if job.result:
+                    self._resolve(job_id, job.result)
+                elif job.state == JobState.CANCELLED:
+                    f = self._futures.pop(job_id, None)
+                    self._attached.discard(job_id)
+                    if f is not None:
+                        _mark_cancelled(f)
+
+    def _resolve(self, job_id: str, body: bytes) -> None:
+        f = self._futures.pop(job_id, None)
+        self._attached.discard(job_id)
+        if f is None or f.done():
+            return
+        try:
+            env = wire.decode(body)
+            outcomes = wire.outcomes(env)
+        except Exception as exc:  # noqa: BLE001 - a bad result fails its own future only
+            f.set_exception(exc)
+            return
+        f.stdout = env.text("stdout")
+        f.stderr = env.text("stderr")
+        f._usage = env.header.get("usage")
+        for ok, value in outcomes:
+            if not ok and isinstance(value, BaseException):
+                _annotate(value, job_id, f.stderr)
+        if f._batch:
+            f.set_result(outcomes)
+        else:
+            ok, value = outcomes[0]
+            if ok:
+                f.set_result(value)
+            else:
+                f.set_exception(value)
+
+    def _ensure_nodes(self) -> None:
+        if self._start_node in (False, "never", None):
+            return
+        for q in list(self._queues_used):
+            proc = self._nodes.get(q)
+            if proc is not None and proc.poll() is None:
+                continue
+            if proc is not None:  # the node we started died
+                self._node_restarts += 1
+                if self._node_restarts > MAX_NODE_RESTARTS:
+                    raise BrokenEnclave(
+                        f"the local node for queue {q!r} died {self._node_restarts} times "
+                        f"(last exit code {proc.returncode})"
+                    )
+                log.warning("local node for queue %s exited with %s; restarting", q, proc.returncode)
+                del self._nodes[q]
+            elif self._enclave.nodes.live(q):
+                continue
+            self._nodes[q] = self._spawn_node(q)
+
+    def _spawn_node(self, queue: str) -> subprocess.Popen:
+        env = dict(os.environ)
+        paths = [os.path.abspath(p or os.curdir) for p in sys.path]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))
+        cmd = [
+            sys.executable, "-m", "node",
+            "--enclave", self._enclave.url,
+            "--queue", queue,
+            "--workers", str(self._max_workers),
+            "--parent-pid", str(os.getpid()),
+            "--managed-by", self.client_id,
+            "--prespawn", self.owner,
+        ]
+        log.info("starting a local node for queue %s: %s", queue, " ".join(cmd))
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _terminate_broken(self, exc: BaseException) -> None:
+        broken = exc if isinstance(exc, BrokenEnclave) else BrokenEnclave(
+            f"the enclave became unusable: {type(exc).__name__}: {exc}"
+        )
+        if broken is not exc:
+            broken.__cause__ = exc
+        self._broken = broken
+        with self._send_lock:
+            self._outbox.clear()
+        futures, self._futures = self._futures, {}
+        for f in futures.values():
+            if not f.done():
+                err = BrokenEnclave(str(broken))
+                err.__cause__ = broken.__cause__ or exc
+                f.set_exception(err)
+
+    def _close(self) -> None:
+        for proc in self._nodes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._nodes.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._nodes.clear()
+        try:
+            self._enclave.queue.close_reply(self.client_id)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+        _live_executors.discard(self)
+
+
+def _mark_cancelled(f: KottaFuture) -> None:
+    """Mark a future cancelled whose job the enclave already cancelled, and tell waiters."""
+    if Future.cancel(f):
+        f.set_running_or_notify_cancel()
+
+
+class OptionsView(Executor):
+    """An executor with other per-call options, sharing its parent's manager and nodes.
+
+    Shutting down a view does nothing: the parent executor owns the resources.
+    """
+
+    def __init__(self, parent: KottaExecutor, options: Options):
+        self._parent = parent
+        self._options = options
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> KottaFuture:
+        return self._parent._submit(fn, [(args, kwargs)], self._options)
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        return self._parent._map(fn, iterables, timeout, chunksize, self._options)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
+
+    def with_options(self, *, queue=None, walltime=None) -> OptionsView:
+        return OptionsView(self._parent, self._options.updated(queue, walltime))
+
+
+def _annotate(exc: BaseException, job_id: str, stderr: str | None) -> None:
+    notes = getattr(exc, "__notes__", [])
+    if any(n.startswith("kotta job ") for n in notes):
+        return
+    note = f"kotta job {job_id} (kotta status {job_id}; kotta logs {job_id})"
+    if stderr:
+        tail = stderr[-2000:].rstrip()
+        note += "\n--- remote stderr (tail) ---\n" + tail
+    exc.add_note(note)
+
+
+_live_executors: weakref.WeakSet[KottaExecutor] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    for ex in list(_live_executors):
+        try:
+            ex.shutdown(wait=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+__all__ = ["KottaExecutor", "KottaFuture", "OptionsView", "FuturesTimeout", "ConfigurationError"]

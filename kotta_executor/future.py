@@ -1,0 +1,93 @@
+"""KottaFuture: a ``concurrent.futures.Future`` with a job id, captured output and controls.
+
+The stdlib state machine is used unchanged; the executor's manager thread is the one that
+calls ``set_result`` / ``set_exception``.  Two departures, both for memory (a client may hold
+100,000 pending futures): the ``threading.Condition`` every stdlib future allocates is created
+on first use, and attributes that only exist once a future is done are class defaults until
+then.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .executor import KottaExecutor
+
+_CONDITION_LOCK = threading.Lock()
+
+
+class KottaFuture(Future):
+    """The future of one Kotta job.
+
+    ``job_id``: the job's id in the enclave (``kotta status JOB``).
+    ``stdout`` / ``stderr``: everything the task wrote to file descriptors 1 and 2, once done.
+    """
+
+    stdout: str | None = None
+    stderr: str | None = None
+    _usage: dict[str, Any] | None = None
+    _batch = False
+
+    def __init__(self, job_id: str, executor: KottaExecutor):  # noqa: D107
+        # Future.__init__ is not called: it would allocate the Condition eagerly.
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks = []
+        self.job_id = job_id
+        self._executor = executor
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self.__dict__.get("_cond")
+        if cond is None:
+            with _CONDITION_LOCK:
+                cond = self.__dict__.get("_cond")
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
+
+    def __repr__(self) -> str:
+        return f"<KottaFuture job={self.job_id} state={self._state.lower()}>"
+
+    # ------------------------------------------------------------------ controls
+
+    def cancel(self) -> bool:
+        """Cancel a job no node has started; returns False if it already started."""
+        with self._condition:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            if self._state in (RUNNING, FINISHED):
+                return False
+        if not self._executor._cancel_jobs([self.job_id]):
+            return False
+        if super().cancel():
+            self.set_running_or_notify_cancel()  # CANCELLED_AND_NOTIFIED, as wait() expects
+        return True
+
+    def kill(self) -> bool:
+        """Stop the job whether or not it is running.
+
+        A job not yet started is cancelled; a running one is stopped (its whole process tree
+        is killed) within about a second and the future raises :class:`TaskKilled`.
+        Returns False if the job had already finished.
+        """
+        if self.done():
+            return False
+        if self.cancel():
+            return True
+        return self._executor._kill_job(self.job_id)
+
+    def status(self) -> str:
+        """The job's state in the enclave: pending, staging_inputs, processing,
+        staging_outputs, completed, failed or cancelled."""
+        return self._executor._job_status(self)
+
+    def usage(self) -> dict[str, Any] | None:
+        """Resources the job used (wall and CPU seconds, peak RSS), once it is done."""
+        return self._usage

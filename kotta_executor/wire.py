@@ -1,0 +1,340 @@
+"""The wire format: task and result envelopes, versioned.  cloudpickle and tblib are used
+here and nowhere else.
+
+An envelope is::
+
+    b"KOTTA" | version (1 byte) | header length (4 bytes, big endian) | header (JSON) | sections
+
+The header is plain JSON that anyone (the node daemon, ``kotta logs``) may read without
+unpickling anything; it lists the sections that follow as ``[name, length]`` pairs.  Only a
+worker process unpickles a task's ``payload`` section, and only the client unpickles a
+result's.
+
+Task header:   kind="task", job_id, owner, client, queue, walltime (seconds), created, fn,
+               n (calls in the task), optional payload_ref (blob key when the payload was
+               too large to travel inline).
+               sections: payload = cloudpickle((fn, [(args, kwargs), ...]))
+Result header: kind="result", job_id, outcome, n, optional error, usage.
+               outcome "ok":     payload = pickle([("ok", value) | ("raise", exc), ...])
+               outcome "error":  payload = pickle(exc): the task failed as a whole before
+                                 any call ran (its payload could not be unpickled, ...)
+               outcome "failed": no payload; header["error"] = {"type", "message",
+                                 "exitcode", "signal"}: the node reports what happened
+                                 (worker died, walltime, killed, dead-lettered, corrupt).
+               sections: payload, stdout, stderr
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import struct
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+from tblib import pickling_support
+
+from . import errors
+
+MAGIC = b"KOTTA"
+VERSION = 1
+_PREFIX = struct.Struct(">5sBI")
+MAX_HEADER = 1 << 20
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+OK = "ok"
+ERROR = "error"
+FAILED = "failed"
+OUTCOMES = (OK, ERROR, FAILED)
+
+# Node-side failures travel by name; the client maps them back to classes.
+FAILURE_TYPES: dict[str, type[errors.JobFailed]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.JobFailed,
+        errors.WalltimeExceeded,
+        errors.WorkerDied,
+        errors.TaskKilled,
+        errors.DeliveryFailed,
+        errors.CorruptTask,
+    )
+}
+
+_TASK_FIELDS = {
+    "job_id": str,
+    "owner": str,
+    "client": str,
+    "queue": str,
+    "walltime": (int, float),
+    "created": (int, float),
+    "fn": str,
+    "n": int,
+}
+_RESULT_FIELDS = {"job_id": str, "outcome": str, "n": int}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded envelope: its header and its raw (still pickled) sections."""
+
+    header: dict[str, Any]
+    sections: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.header["kind"]
+
+    @property
+    def job_id(self) -> str:
+        return self.header["job_id"]
+
+    def text(self, name: str) -> str:
+        return self.sections.get(name, b"").decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def encode(header: dict[str, Any], sections: dict[str, bytes] | None = None) -> bytes:
+    sections = {k: v for k, v in (sections or {}).items() if v}
+    head = dict(header)
+    head["sections"] = [[name, len(data)] for name, data in sections.items()]
+    raw = json.dumps(head, separators=(",", ":"), sort_keys=True).encode()
+    return b"".join([_PREFIX.pack(MAGIC, VERSION, len(raw)), raw, *sections.values()])
+
+
+def decode(data: bytes | memoryview) -> Envelope:
+    """Parse an envelope.  Anything that is not one raises :class:`EnvelopeError`."""
+    data = bytes(data)
+    if len(data) < _PREFIX.size:
+        raise errors.EnvelopeError(f"not a kotta envelope: only {len(data)} bytes")
+    magic, version, hlen = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise errors.EnvelopeError("not a kotta envelope: bad magic bytes")
+    if version != VERSION:
+        raise errors.EnvelopeError(
+            f"unsupported envelope version {version} (this kotta-executor reads {VERSION})"
+        )
+    if hlen > MAX_HEADER or _PREFIX.size + hlen > len(data):
+        raise errors.EnvelopeError("truncated kotta envelope: header runs past the end")
+    try:
+        header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.EnvelopeError(f"kotta envelope header is not JSON: {exc}") from None
+    _check_header(header)
+    sections: dict[str, bytes] = {}
+    pos = _PREFIX.size + hlen
+    for name, length in header.pop("sections"):
+        if pos + length > len(data):
+            raise errors.EnvelopeError(f"truncated kotta envelope: section {name!r} is cut short")
+        sections[name] = data[pos : pos + length]
+        pos += length
+    if pos != len(data):
+        raise errors.EnvelopeError(f"kotta envelope has {len(data) - pos} trailing bytes")
+    return Envelope(header, sections)
+
+
+def _check_header(header: Any) -> None:
+    if not isinstance(header, dict):
+        raise errors.EnvelopeError("kotta envelope header is not an object")
+    kind = header.get("kind")
+    required = {"task": _TASK_FIELDS, "result": _RESULT_FIELDS}.get(kind)
+    if required is None:
+        raise errors.EnvelopeError(f"unknown envelope kind {kind!r}")
+    for name, typ in required.items():
+        value = header.get(name)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise errors.EnvelopeError(f"{kind} envelope field {name!r} is missing or malformed")
+    if not _JOB_ID.match(header["job_id"]):
+        raise errors.EnvelopeError(f"{kind} envelope has a malformed job id")
+    if kind == "result" and header["outcome"] not in OUTCOMES:
+        raise errors.EnvelopeError(f"unknown result outcome {header['outcome']!r}")
+    secs = header.get("sections")
+    if not isinstance(secs, list) or not all(
+        isinstance(s, list)
+        and len(s) == 2
+        and isinstance(s[0], str)
+        and isinstance(s[1], int)
+        and not isinstance(s[1], bool)
+        and s[1] >= 0
+        for s in secs
+    ):
+        raise errors.EnvelopeError("kotta envelope section table is malformed")
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def dump_call(fn: Callable, calls: Sequence[tuple[tuple, dict]]) -> bytes:
+    """Pickle a function and its calls; name the offending object when that fails."""
+    try:
+        return cloudpickle.dumps((fn, list(calls)))
+    except Exception as exc:
+        raise errors.SerializationError(_explain_unpicklable(fn, calls, exc)) from exc
+
+
+def _explain_unpicklable(fn, calls, exc: BaseException) -> str:
+    def fails(obj) -> BaseException | None:
+        try:
+            cloudpickle.dumps(obj)
+        except Exception as e:  # noqa: BLE001 - we report whatever pickling raised
+            return e
+        return None
+
+    name = getattr(fn, "__qualname__", repr(fn))
+    if (e := fails(fn)) is not None:
+        return f"cannot send {name}: the function itself cannot be pickled ({e})"
+    for args, kwargs in calls:
+        for i, arg in enumerate(args):
+            if (e := fails(arg)) is not None:
+                return (
+                    f"cannot send {name}: argument {i} ({_short_repr(arg)}) "
+                    f"cannot be pickled ({e})"
+                )
+        for key, value in kwargs.items():
+            if (e := fails(value)) is not None:
+                return (
+                    f"cannot send {name}: keyword argument {key!r} ({_short_repr(value)}) "
+                    f"cannot be pickled ({e})"
+                )
+    return f"cannot send {name}: the call cannot be pickled ({exc})"
+
+
+def _short_repr(obj: Any, limit: int = 80) -> str:
+    try:
+        text = repr(obj)
+    except Exception:  # noqa: BLE001
+        text = f"<{type(obj).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_call(payload: bytes) -> tuple[Callable, list[tuple[tuple, dict]]]:
+    """Unpickle a task payload.  Only worker processes call this."""
+    fn, calls = pickle.loads(payload)
+    return fn, calls
+
+
+def fn_name(fn: Callable) -> str:
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{module}.{name}" if module else name
+
+
+def task_header(**fields: Any) -> dict[str, Any]:
+    header = {"kind": "task", **fields}
+    _check_header({**header, "sections": []})
+    return header
+
+
+# --------------------------------------------------------------------------- results
+
+
+def dump_exception(exc: BaseException) -> bytes:
+    """Pickle an exception with its remote traceback and chained causes.
+
+    If the exception cannot make the round trip it is replaced by a :class:`RemoteError`
+    carrying its type name, message and formatted traceback.
+    """
+    try:
+        pickling_support.install(exc)
+        data = cloudpickle.dumps(exc)
+        pickle.loads(data)  # an exception that pickles may still fail to unpickle
+        return data
+    except Exception:  # noqa: BLE001 - any failure means: send what we can salvage
+        return cloudpickle.dumps(remote_error(exc))
+
+
+def remote_error(exc: BaseException) -> errors.RemoteError:
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001
+        message = "<exception message could not be formatted>"
+    return errors.RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}", message, tb)
+
+
+def dump_outcomes(items: Iterable[tuple[str, Any]]) -> bytes:
+    """Pickle per-call outcomes; a value that cannot be pickled fails only its own call."""
+    items = list(items)
+    try:
+        return cloudpickle.dumps(items)
+    except Exception:  # noqa: BLE001 - fall back to pickling call by call
+        pass
+    safe: list[tuple[str, Any]] = []
+    for tag, value in items:
+        try:
+            cloudpickle.dumps(value)
+            safe.append((tag, value))
+        except Exception as exc:  # noqa: BLE001
+            what = "result" if tag == OK else "exception"
+            err = errors.SerializationError(
+                f"the {what} of the call ({type(value).__module__}."
+                f"{type(value).__qualname__}) could not be pickled to send back: {exc}"
+            )
+            safe.append(("raise", err))
+    return cloudpickle.dumps(safe)
+
+
+def prepare_exception(exc: BaseException) -> BaseException:
+    """Make an exception raised by user code safe to put in :func:`dump_outcomes`."""
+    try:
+        pickling_support.install(exc)
+        pickle.loads(cloudpickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001
+        return remote_error(exc)
+
+
+def result_header(job_id: str, outcome: str, n: int, **fields: Any) -> dict[str, Any]:
+    return {"kind": "result", "job_id": job_id, "outcome": outcome, "n": n, **fields}
+
+
+def failure(
+    job_id: str,
+    n: int,
+    error_type: str,
+    message: str,
+    *,
+    stdout: bytes = b"",
+    stderr: bytes = b"",
+    **details: Any,
+) -> bytes:
+    """A result envelope written by the node (which never pickles user objects)."""
+    if error_type not in FAILURE_TYPES:
+        raise ValueError(f"unknown failure type {error_type!r}")
+    header = result_header(job_id, FAILED, n, error={"type": error_type, "message": message, **details})
+    return encode(header, {"stdout": stdout, "stderr": stderr})
+
+
+def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
+    """Turn a result envelope into ``[(ok, value_or_exception), ...]``, one per call.
+
+    Runs on the client: this is where results are unpickled.
+    """
+    h = env.header
+    n = h["n"]
+    job_id = h["job_id"]
+    if h["outcome"] == FAILED:
+        err = h.get("error") or {}
+        cls = FAILURE_TYPES.get(err.get("type"), errors.JobFailed)
+        exc = cls(err.get("message", "the task failed"), job_id=job_id)
+        for key in ("exitcode", "signal"):
+            if key in err:
+                setattr(exc, key, err[key])
+        return [(False, exc)] * n
+    try:
+        loaded = pickle.loads(env.sections.get("payload", b""))
+    except Exception as exc:  # noqa: BLE001 - cannot unpickle here: say so, keep the cause
+        err = errors.SerializationError(
+            f"the result of job {job_id} could not be unpickled on the client: "
+            f"{type(exc).__name__}: {exc}"
+        )
+        err.__cause__ = exc
+        return [(False, err)] * n
+    if h["outcome"] == ERROR:
+        return [(False, loaded)] * n
+    return [(tag == OK, value) for tag, value in loaded]

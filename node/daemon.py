@@ -1,0 +1,462 @@
+"""The node daemon: a loop over small steps.
+
+::
+
+    ┌────────────────────────────── Node.run() ───────────────────────────────┐
+    │ wait      doorbell, worker pipes, signals (select, with a poll timeout) │
+    │ collect   result envelopes from workers; notice dead workers            │
+    │ report    record results (at most once), reply to clients, ack          │
+    │ police    walltime, kill requests, SIGKILL after the grace period       │
+    │ receive   take deliveries while there is room; dead-letter bad ones     │
+    │ dispatch  pending -> processing (conditional), hand tasks to workers    │
+    │ upkeep    heartbeat, extend the visibility of what the node holds       │
+    └─────────────────────────────────────────────────────────────────────────┘
+
+The daemon reads only envelope *headers* (JSON).  It never unpickles a payload or a result:
+worker processes do.  ``burst`` (exit when the queue is empty) and ``max_jobs`` make it
+testable without sleeps.  On SIGTERM it stops taking work, hands back what it has not
+started, lets running tasks finish for up to ``drain_timeout`` seconds, then hands those
+back too, and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import psutil
+
+from kotta_executor import wire
+from kotta_executor.backends.base import Delivery, Enclave, Finished, Message, NodeInfo, reply_queue
+from kotta_executor.errors import EnvelopeError
+from kotta_executor.states import JobState
+
+from . import pool
+from .pool import Task, Worker
+
+log = logging.getLogger("kotta.node")
+
+#: replies up to this size carry the result; larger ones make the client read the job table
+REPLY_INLINE_LIMIT = 64 * 1024
+
+
+@dataclass
+class NodeConfig:
+    queue: str = "test"
+    workers: int = os.cpu_count() or 1
+    visibility_timeout: float = 30.0
+    max_deliveries: int = 5
+    poll_interval: float = 0.5
+    drain_timeout: float = 30.0
+    burst: bool = False
+    max_jobs: int | None = None
+    parent_pid: int | None = None
+    managed_by: str | None = None
+    node_id: str | None = None
+    prespawn_owner: str | None = None
+
+
+class Node:
+    def __init__(self, enclave: Enclave, config: NodeConfig):
+        if config.workers < 1:
+            raise ValueError("a node needs at least one worker")
+        self.enclave = enclave
+        self.config = config
+        self.node_id = config.node_id or uuid.uuid4().hex[:12]
+        self.queue = config.queue
+        self.workers: list[Worker] = []
+        self.pending: deque[Task] = deque()
+        self.finished: list[tuple[Task | None, Delivery, Finished, str]] = []
+        self.jobs_done = 0
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._bell: socket.socket | None = None
+        self._last_upkeep = time.monotonic()
+        self._last_kill_check = 0.0
+
+    # ------------------------------------------------------------------ life cycle
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass
+
+    def run(self) -> int:
+        self._start()
+        try:
+            while not self._done():
+                self.step()
+            self._drain()
+        finally:
+            self._stop()
+        return 0
+
+    def step(self) -> None:
+        self._wait()
+        self._collect()
+        self._report()
+        self._police()
+        with self.enclave.atomic():
+            if not self.stopping:
+                self._receive()
+            self._dispatch()
+        self._upkeep()
+
+    def _start(self) -> None:
+        self._bell = self.enclave.doorbell(f"node-{self.node_id}")
+        me = psutil.Process()
+        self.enclave.nodes.register(
+            NodeInfo(
+                node_id=self.node_id,
+                queue=self.queue,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                workers=self.config.workers,
+                started=me.create_time(),
+                managed_by=self.config.managed_by,
+            )
+        )
+        if self.config.prespawn_owner:
+            for _ in range(self.config.workers):
+                self.workers.append(pool.spawn(self.config.prespawn_owner))
+        log.info("node %s serving queue %s with %d workers", self.node_id, self.queue, self.config.workers)
+
+    def _done(self) -> bool:
+        if self.stopping:
+            return True
+        if self.config.parent_pid and not psutil.pid_exists(self.config.parent_pid):
+            log.info("parent %s is gone; stopping", self.config.parent_pid)
+            self.stopping = True
+            return True
+        if self.config.max_jobs is not None and self.jobs_done >= self.config.max_jobs:
+            return True
+        if self.config.burst and not self._holding() and self.enclave.queue.depth(self.queue) == 0:
+            return True
+        return False
+
+    def _holding(self) -> bool:
+        return bool(self.pending or self.finished or any(w.inflight for w in self.workers))
+
+    def _drain(self) -> None:
+        """Hand back what has not started; let running tasks finish for a while."""
+        self.stopping = True
+        self.enclave.queue.release([t.delivery for t in self.pending])
+        self.pending.clear()
+        for w in self.workers:
+            while len(w.inflight) > 1:  # queued in the pipe, not started
+                t = w.inflight.pop()
+                self.enclave.queue.release([t.delivery])
+        deadline = time.monotonic() + self.config.drain_timeout
+        while any(w.inflight for w in self.workers) and time.monotonic() < deadline:
+            self._wait()
+            self._collect()
+            self._report()
+            self._police()
+            self._upkeep()
+        for w in self.workers:
+            if w.inflight:
+                log.warning("drain timeout: handing back %s", [t.job_id for t in w.inflight])
+                self.enclave.queue.release([t.delivery for t in w.inflight])
+                w.inflight.clear()
+        self._report()
+
+    def _stop(self) -> None:
+        for w in self.workers:
+            w.tasks.close()  # EOF: an idle worker exits by itself
+        for w in self.workers:
+            try:
+                w.proc.wait(timeout=2)
+            except Exception:  # noqa: BLE001 - still busy: kill the tree
+                w.kill("WorkerDied", "node stopping")
+                w.kill_deadline = 0
+                w.escalate()
+                w.proc.wait()
+            w.close()
+        self.workers.clear()
+        try:
+            self.enclave.nodes.deregister(self.node_id)
+        finally:
+            if self._bell is not None:
+                self._bell.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        log.info("node %s stopped after %d jobs", self.node_id, self.jobs_done)
+
+    # ------------------------------------------------------------------ steps
+
+    def _wait(self) -> None:
+        if self.finished:
+            return
+        timeout = self.config.poll_interval
+        now = time.monotonic()
+        for w in self.workers:
+            if w.kill_deadline is not None:
+                timeout = min(timeout, max(0.0, w.kill_deadline - now))
+            elif w.inflight and w.inflight[0].started is not None:
+                due = w.inflight[0].started + w.inflight[0].header["walltime"] - now
+                timeout = min(timeout, max(0.0, due))
+        if self.config.burst and not self._holding():
+            timeout = 0.0
+        fds: list = [self._wake_r, *self.workers]
+        if self._bell is not None:
+            fds.append(self._bell)
+        try:
+            ready, _, _ = select.select(fds, [], [], timeout)
+        except InterruptedError:
+            return
+        if self._bell is not None and self._bell in ready:
+            _drain_socket(self._bell)
+            self._last_kill_check = 0.0  # a ring may be a kill request: look now
+        if self._wake_r in ready:
+            os.read(self._wake_r, 4096)
+
+    def _collect(self) -> None:
+        for w in list(self.workers):
+            eof = False
+            try:
+                while w.inflight and w.results.poll():
+                    data = w.results.recv_bytes()
+                    self._finish_from_worker(w, w.task_done(), data)
+            except (EOFError, OSError):
+                eof = True
+            if eof or w.dead():
+                self._bury(w)
+
+    def _finish_from_worker(self, w: Worker, task: Task, data: bytes) -> None:
+        try:
+            h = wire.decode(data).header
+        except EnvelopeError as exc:  # a worker that writes garbage is broken
+            data = wire.failure(task.job_id, task.header["n"], "WorkerDied", f"the worker sent an invalid result: {exc}")
+            h = wire.decode(data).header
+        failed = h["outcome"] != wire.OK or h.get("failed", 0) > 0
+        state = JobState.FAILED if failed else JobState.COMPLETED
+        self._queue_finish(task, task.delivery, Finished(task.job_id, state, data, h.get("reason"), h.get("usage")), task.header["client"])
+
+    def _queue_finish(self, task: Task | None, delivery: Delivery, fin: Finished, client: str) -> None:
+        self.finished.append((task, delivery, fin, client))
+
+    def _bury(self, w: Worker) -> None:
+        """A worker is gone: fail the task it was running, re-queue the ones it had not begun."""
+        # results it managed to write before dying still count
+        try:
+            while w.inflight and w.results.poll():
+                self._finish_from_worker(w, w.task_done(), w.results.recv_bytes())
+        except (EOFError, OSError):
+            pass
+        code = w.proc.wait()
+        if w.inflight:
+            head = w.inflight.popleft()
+            stdout, stderr = w.output()
+            if w.kill_reason:
+                etype, message = w.kill_reason
+            else:
+                etype = "WorkerDied"
+                message = _death_message(code)
+            sig = -code if code < 0 else None
+            data = wire.failure(
+                head.job_id, head.header["n"], etype, message,
+                stdout=stdout, stderr=stderr, exitcode=code, signal=sig,
+            )
+            state = JobState.CANCELLED if etype == "TaskKilled" else JobState.FAILED
+            self._queue_finish(head, head.delivery, Finished(head.job_id, state, data, message), head.header["client"])
+            for t in reversed(w.inflight):
+                t.started = None
+                self.pending.appendleft(t)
+            w.inflight.clear()
+            log.warning("worker %s for job %s ended: %s", w.pid, head.job_id, message)
+        w.close()
+        self.workers.remove(w)
+
+    def _report(self) -> None:
+        if not self.finished:
+            return
+        batch, self.finished = self.finished, []
+        replies: dict[str, list[Message]] = {}
+        with self.enclave.atomic():
+            recorded = set(self.enclave.jobs.finish([fin for _, _, fin, _ in batch]))
+            for _, _, fin, client in batch:
+                if fin.job_id in recorded:
+                    body = fin.result if len(fin.result) <= REPLY_INLINE_LIMIT else b""
+                    replies.setdefault(client, []).append(Message(fin.job_id, body))
+            for client, messages in replies.items():
+                self.enclave.queue.send(reply_queue(client), messages)
+            self.enclave.queue.ack([d for _, d, _, _ in batch])
+        for client in replies:
+            self.enclave.ring_client(client)
+        refs = [t.header["payload_ref"] for t, _, fin, _ in batch
+                if t is not None and fin.job_id in recorded and "payload_ref" in t.header]
+        if refs:
+            self.enclave.blobs.delete(refs)
+        self.jobs_done += len(batch)
+
+    def _police(self) -> None:
+        now = time.monotonic()
+        running = {w.inflight[0].job_id: w for w in self.workers if w.inflight and w.kill_deadline is None}
+        if running and now - self._last_kill_check >= min(0.25, self.config.poll_interval):
+            self._last_kill_check = now
+            for job_id in self.enclave.jobs.kill_requested(list(running)):
+                running[job_id].kill("TaskKilled", f"job {job_id} was killed on request")
+        for w in self.workers:
+            if w.kill_deadline is not None:
+                w.escalate()
+                continue
+            if w.inflight and w.inflight[0].started is not None:
+                head = w.inflight[0]
+                limit = head.header["walltime"]
+                if now - head.started > limit:
+                    w.kill(
+                        "WalltimeExceeded",
+                        f"job {head.job_id} exceeded its walltime of {_minutes(limit)}",
+                    )
+
+    def _room(self) -> int:
+        inflight = sum(len(w.inflight) for w in self.workers)
+        cap = self.config.workers * 2
+        if self.workers and all(w.depth > 1 for w in self.workers):
+            cap = self.config.workers * 64
+        return cap - inflight - len(self.pending)
+
+    def _receive(self) -> None:
+        room = self._room()
+        if room <= 0:
+            return
+        deliveries = self.enclave.queue.receive(
+            self.queue, min(room, 500), self.config.visibility_timeout, self.node_id
+        )
+        for d in deliveries:
+            self._accept(d)
+
+    def _accept(self, d: Delivery) -> None:
+        if d.receive_count > self.config.max_deliveries:
+            reason = f"job {d.job_id} was delivered {d.receive_count - 1} times without completing"
+            self._reject(d, "DeliveryFailed", reason)
+            return
+        try:
+            env = wire.decode(d.body)
+            if env.kind != "task" or env.job_id != d.job_id:
+                raise EnvelopeError("the message is not the task of the job it names")
+            if "payload_ref" in env.header:
+                sections = {"payload": self.enclave.blobs.get(env.header["payload_ref"])}
+                header = {k: v for k, v in env.header.items() if k != "payload_ref"}
+                data = wire.encode(header, sections)
+            else:
+                data = d.body
+        except (EnvelopeError, KeyError) as exc:
+            self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
+            return
+        self.pending.append(Task(d, env.header, data))
+
+    def _reject(self, d: Delivery, etype: str, reason: str) -> None:
+        log.warning("dead-lettering: %s", reason)
+        self.enclave.queue.dead_letter([d], reason)
+        job = self.enclave.jobs.get(d.job_id)
+        if job is None:
+            return
+        data = wire.failure(d.job_id, job.n, etype, reason)
+        fin = Finished(d.job_id, JobState.FAILED, data, reason)
+        if self.enclave.jobs.finish([fin]):
+            self.enclave.queue.send(reply_queue(job.client), [Message(d.job_id, data)])
+            self.enclave.ring_client(job.client)
+
+    def _dispatch(self) -> None:
+        if not self.pending:
+            return
+        plan: list[tuple[Task, Worker]] = []
+        load = {w: len(w.inflight) for w in self.workers if w.kill_deadline is None}
+        skipped: deque[Task] = deque()
+        while self.pending:
+            task = self.pending.popleft()
+            w = self._worker_for(task.owner, load)
+            if w is None:
+                skipped.append(task)
+                if len(load) >= self.config.workers and all(
+                    n >= w_.depth for w_, n in load.items()
+                ):
+                    break
+                continue
+            load[w] += 1
+            plan.append((task, w))
+        skipped.extend(self.pending)
+        self.pending = skipped
+        if not plan:
+            return
+        started = set(
+            self.enclave.jobs.transition([t.job_id for t, _ in plan], JobState.PROCESSING, node=self.node_id)
+        )
+        for task, w in plan:
+            if task.job_id not in started:  # cancelled meanwhile, or already finished
+                self.enclave.queue.ack([task.delivery])
+                continue
+            try:
+                w.send(task)
+            except OSError:
+                w.inflight.pop()
+                self.pending.appendleft(task)
+
+    def _worker_for(self, owner: str, load: dict[Worker, int]) -> Worker | None:
+        best = None
+        for w, n in load.items():
+            if w.owner == owner and n < w.depth and (best is None or n < load[best]):
+                best = w
+        if best is not None:
+            return best
+        if len(self.workers) >= self.config.workers:
+            idle = [w for w, n in load.items() if n == 0 and w.owner != owner]
+            if not idle:
+                return None
+            victim = idle[0]  # never share a worker between owners: replace it
+            victim.tasks.close()
+            victim.proc.wait()
+            victim.close()
+            self.workers.remove(victim)
+            del load[victim]
+        w = pool.spawn(owner)
+        self.workers.append(w)
+        load[w] = 0
+        return w
+
+    def _upkeep(self) -> None:
+        now = time.monotonic()
+        period = max(0.2, min(10.0, self.config.visibility_timeout / 3))
+        if now - self._last_upkeep < period:
+            return
+        self._last_upkeep = now
+        held = [t.delivery for t in self.pending]
+        held += [t.delivery for w in self.workers for t in w.inflight]
+        if held:
+            self.enclave.queue.extend(held, self.config.visibility_timeout)
+        self.enclave.nodes.heartbeat(self.node_id)
+        self.enclave.checkpoint()
+
+
+def _drain_socket(sock: socket.socket) -> None:
+    try:
+        while sock.recv(64):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _death_message(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the worker process was killed by {name} (signal {-code})"
+    return f"the worker process exited with code {code} while running the task"
+
+
+def _minutes(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:g} min" if minutes >= 1 else f"{seconds:g} s"

@@ -1,0 +1,178 @@
+"""Worker processes of a node: start, feed, read, kill (the whole process tree), replace.
+
+Workers belong to one owner for their whole life (warm reuse, never shared between owners).
+Each has two pipes (tasks in, results out) and two unlinked capture files that are its
+fds 1 and 2; the node keeps its own handles on those files so that a task's output survives
+the worker's death.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import psutil
+
+from .worker import read_capture
+
+#: seconds between the soft signal and SIGKILL when a task is stopped
+KILL_GRACE = 0.5
+
+#: environment variables a worker never inherits: the node's own credentials
+SCRUBBED_PREFIXES = ("AWS_", "KOTTA_NODE_")
+
+
+@dataclass
+class Task:
+    """A task the node holds: its delivery, its decoded header, bytes for the worker."""
+
+    delivery: Any
+    header: dict[str, Any]
+    data: bytes
+    started: float | None = None  # when it began running on a worker (monotonic)
+
+    @property
+    def job_id(self) -> str:
+        return self.header["job_id"]
+
+    @property
+    def owner(self) -> str:
+        return self.header["owner"]
+
+
+@dataclass(eq=False)
+class Worker:
+    owner: str
+    proc: subprocess.Popen
+    tasks: Connection
+    results: Connection
+    out: Any
+    err: Any
+    inflight: deque[Task] = field(default_factory=deque)
+    avg: float = 0.05  # moving average of task run time, seconds
+    kill_reason: tuple[str, str] | None = None
+    kill_deadline: float | None = None
+    kill_tree: list[psutil.Process] = field(default_factory=list)
+    born: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fileno(self) -> int:
+        return self.results.fileno()
+
+    @property
+    def depth(self) -> int:
+        """How many tasks may wait in this worker's pipe: many for tiny tasks, one otherwise."""
+        return 16 if self.avg < 0.002 else 1
+
+    def send(self, task: Task) -> None:
+        now = time.monotonic()
+        if not self.inflight:
+            task.started = now
+        self.inflight.append(task)
+        self.tasks.send_bytes(task.data)
+
+    def task_done(self) -> Task:
+        task = self.inflight.popleft()
+        now = time.monotonic()
+        if task.started is not None:
+            self.avg = 0.8 * self.avg + 0.2 * (now - task.started)
+        if self.inflight:
+            self.inflight[0].started = now
+        return task
+
+    def output(self) -> tuple[bytes, bytes]:
+        """What the current task wrote to stdout and stderr (read by the node after a death)."""
+        try:
+            return read_capture(self.out.fileno()), read_capture(self.err.fileno())
+        except (OSError, ValueError):
+            return b"", b""
+
+    def kill(self, error_type: str, message: str) -> None:
+        """Soft signal to the whole process tree now; SIGKILL at ``kill_deadline``."""
+        if self.kill_deadline is not None:
+            return
+        self.kill_reason = (error_type, message)
+        try:
+            self.kill_tree = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
+        except psutil.Error:
+            self.kill_tree = []
+        _signal_all(self.kill_tree, signal.SIGTERM)
+        _signal_group(self.pid, signal.SIGTERM)
+        self.kill_deadline = time.monotonic() + KILL_GRACE
+
+    def escalate(self) -> None:
+        """SIGKILL whatever of the tree outlived the grace period."""
+        if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
+            _signal_all(self.kill_tree, signal.SIGKILL)
+            _signal_group(self.pid, signal.SIGKILL)
+
+    def dead(self) -> bool:
+        return self.proc.poll() is not None
+
+    def close(self) -> None:
+        for c in (self.tasks, self.results, self.out, self.err):
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+def _signal_all(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_PREFIXES)}
+    env.update(extra or {})
+    return env
+
+
+def spawn(owner: str, scratch: str | None = None) -> Worker:
+    """Start a worker process for ``owner``."""
+    task_r, task_w = os.pipe()
+    result_r, result_w = os.pipe()
+    out = tempfile.TemporaryFile(prefix="kotta-stdout-", dir=scratch)
+    err = tempfile.TemporaryFile(prefix="kotta-stderr-", dir=scratch)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node.worker", str(task_r), str(result_w)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            pass_fds=(task_r, result_w),
+            start_new_session=True,
+            env=worker_env({"KOTTA_OWNER": owner}),
+        )
+    finally:
+        os.close(task_r)
+        os.close(result_w)
+    return Worker(
+        owner=owner,
+        proc=proc,
+        tasks=Connection(task_w, readable=False),
+        results=Connection(result_r, writable=False),
+        out=out,
+        err=err,
+    )

@@ -1,0 +1,132 @@
+"""A worker process: the only place a task payload is unpickled and user code runs.
+
+The node starts it as ``python -m node.worker TASK_FD RESULT_FD`` with file descriptors 1 and 2
+pointing at two unlinked files the node also holds.  For each task it:
+
+1. reads one task envelope (the payload inlined by the node) from ``TASK_FD``;
+2. empties the capture files, so fds 1 and 2 catch everything this task writes — Python
+   prints, C extensions and child processes alike;
+3. unpickles and runs the calls, catching every exception per call;
+4. writes one result envelope (outcomes, stdout, stderr, usage) to ``RESULT_FD``.
+
+If it dies mid-task, the node still holds the capture files and reads what the task wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from multiprocessing.connection import Connection
+
+from kotta_executor import wire
+from kotta_executor.errors import SerializationError
+
+#: output kept per stream and task; beyond it the earliest output is dropped, and said so
+CAPTURE_LIMIT = 4 * 1024 * 1024
+
+
+def read_capture(fd: int, limit: int = CAPTURE_LIMIT) -> bytes:
+    """What a task wrote to ``fd`` since it was emptied (the tail, if over ``limit``)."""
+    size = os.fstat(fd).st_size
+    if size <= limit:
+        return os.pread(fd, size, 0)
+    tail = os.pread(fd, limit, size - limit)
+    return b"[kotta: %d earlier bytes of output were dropped]\n" % (size - limit) + tail
+
+
+def _reset_capture() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or replaced stream must not stop us
+            pass
+    for fd in (1, 2):
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _summary(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001
+        text = ""
+    name = type(exc).__qualname__
+    return f"{name}: {text}"[:500] if text else name
+
+
+def run_task(data: bytes) -> bytes:
+    env = wire.decode(data)
+    h = env.header
+    job_id = h["job_id"]
+    os.environ["KOTTA_JOB_ID"] = job_id
+    _reset_capture()
+    start, t0 = time.time(), time.perf_counter()
+    r0s, r0c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    outcome, failed, reason = wire.OK, 0, None
+    try:
+        fn, calls = wire.load_call(env.sections.get("payload", b""))
+    except BaseException as exc:  # noqa: BLE001 - report any unpickling failure to the user
+        err = SerializationError(
+            f"the task {h['fn']} could not be unpickled on the node: {type(exc).__name__}: {exc}"
+        )
+        err.__cause__ = exc
+        outcome, failed, reason = wire.ERROR, h["n"], _summary(err)
+        payload = wire.dump_exception(err)
+    else:
+        items = []
+        for args, kwargs in calls:
+            try:
+                items.append((wire.OK, fn(*args, **kwargs)))
+            except BaseException as exc:  # noqa: BLE001 - SystemExit from user code is a failure too
+                failed += 1
+                reason = reason or _summary(exc)
+                items.append(("raise", wire.prepare_exception(exc)))
+        payload = wire.dump_outcomes(items)
+    _flush_streams()
+    r1s, r1c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1s.ru_utime + r1s.ru_stime - r0s.ru_utime - r0s.ru_stime) + (
+        r1c.ru_utime + r1c.ru_stime - r0c.ru_utime - r0c.ru_stime
+    )
+    usage = {
+        "start": start,
+        "end": time.time(),
+        "wall": time.perf_counter() - t0,
+        "cpu": round(cpu, 6),
+        "maxrss_kb": max(r1s.ru_maxrss, r1c.ru_maxrss),
+    }
+    header = wire.result_header(job_id, outcome, h["n"], failed=failed, usage=usage)
+    if reason:
+        header["reason"] = reason
+    return wire.encode(
+        header, {"payload": payload, "stdout": read_capture(1), "stderr": read_capture(2)}
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    task_fd, result_fd = int(argv[0]), int(argv[1])
+    for fd in (task_fd, result_fd):
+        os.set_inheritable(fd, False)  # children of a task must not hold our pipes
+    tasks = Connection(task_fd, writable=False)
+    results = Connection(result_fd, readable=False)
+    while True:
+        try:
+            data = tasks.recv_bytes()
+        except (EOFError, OSError):
+            return 0
+        results.send_bytes(run_task(data))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
