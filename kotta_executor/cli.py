@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `kotta jobs | head`
+        sys.stderr.close()
+        return 0
 
 
 def _enclave(args) -> Enclave:

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from . import config, wire
@@ -58,6 +59,8 @@ log = logging.getLogger("kotta.executor")
 RECONCILE_AFTER = 5.0
 #: seconds between job-table checks of attached futures
 ATTACH_POLL = 0.2
+#: long-poll wait for replies when the backend has no doorbells
+REPLY_LONG_POLL = 2.0
 #: a local node may be restarted this many times before the executor is declared broken
 MAX_NODE_RESTARTS = 5
 
@@ -129,6 +132,7 @@ class KottaExecutor(Executor):
         self._queues_used: set[str] = set()
         self._last_reply = time.monotonic()
         self._last_attach_poll = 0.0
+        self._replies: deque | None = None  # filled by the reply poller, without doorbells
         _live_executors.add(self)
 
     # ------------------------------------------------------------------ Executor API
@@ -286,6 +290,12 @@ class KottaExecutor(Executor):
             if unsent:
                 self._outbox = deque((j, f) for j, f in self._outbox if j.job_id not in wanted)
             done = [job.job_id for job, _ in unsent]
+            if unsent:  # never sent: record them, already cancelled, so the table tells
+                with self._enclave.atomic():
+                    self._enclave.jobs.create([job for job, _ in unsent])
+                    self._enclave.jobs.transition(
+                        done, JobState.CANCELLED, reason="cancelled by the client"
+                    )
             rest = [j for j in job_ids if j not in set(done)]
             if rest:
                 done += self._enclave.jobs.transition(
@@ -327,8 +337,15 @@ class KottaExecutor(Executor):
                 self._manager.start()
 
     def _run_manager(self) -> None:
-        bell = self._enclave.doorbell(f"client-{self.client_id}")
+        bell = None
         try:
+            self._reply_queue = self._enclave.queue.open_reply(self.client_id)
+            bell = self._enclave.doorbell(f"client-{self.client_id}")
+            if bell is None:
+                self._replies = deque()
+                threading.Thread(
+                    target=self._poll_replies, name=f"kotta-replies-{self.client_id}", daemon=True
+                ).start()
             while True:
                 self._wait(bell)
                 self._send()
@@ -374,9 +391,30 @@ class KottaExecutor(Executor):
                 self._queues_used.add(q)
                 self._enclave.ring_nodes(q)
 
+    def _poll_replies(self) -> None:
+        """Long-poll the reply channel for backends without doorbells (AWS)."""
+        while self._manager is not None and self._manager.is_alive():
+            try:
+                msgs = self._enclave.queue.take(self._reply_queue, 10, wait_seconds=REPLY_LONG_POLL)
+            except Exception:  # noqa: BLE001 - the manager's reconcile covers lost replies
+                log.exception("polling replies failed")
+                time.sleep(1.0)
+                continue
+            if msgs:
+                self._replies.extend(msgs)
+                self._kick(force=True)
+
+    def _take_replies(self) -> list:
+        if self._replies is None:
+            return self._enclave.queue.take(self._reply_queue, 1000)
+        out = []
+        while self._replies and len(out) < 1000:
+            out.append(self._replies.popleft())
+        return out
+
     def _receive(self) -> None:
         while True:
-            msgs = self._enclave.queue.take(self._reply_queue, 1000)
+            msgs = self._take_replies()
             if not msgs:
                 return
             self._last_reply = time.monotonic()
@@ -467,8 +505,15 @@ class KottaExecutor(Executor):
             "--managed-by", self.client_id,
             "--prespawn", self.owner,
         ]
-        log.info("starting a local node for queue %s: %s", queue, " ".join(cmd))
-        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        logs = Path(getattr(self._enclave, "home", config.kotta_home())) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"node-{self.client_id}-{queue}.log"
+        log.info("starting a local node for queue %s (log: %s): %s", queue, log_path, " ".join(cmd))
+        with open(log_path, "ab") as out:
+            return subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,
+            )
 
     def _terminate_broken(self, exc: BaseException) -> None:
         broken = exc if isinstance(exc, BrokenEnclave) else BrokenEnclave(

@@ -26,6 +26,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections import deque
@@ -61,6 +62,8 @@ class NodeConfig:
     managed_by: str | None = None
     node_id: str | None = None
     prespawn_owner: str | None = None
+    #: long-poll wait of the receiver thread used when the backend has no doorbells
+    long_poll: float = 5.0
 
 
 class Node:
@@ -81,11 +84,18 @@ class Node:
         self._bell: socket.socket | None = None
         self._last_upkeep = time.monotonic()
         self._last_kill_check = 0.0
+        # Without doorbells (AWS), a thread long-polls the queue and fills the inbox.
+        self._inbox: deque[Delivery] = deque()
+        self._room_hint = 0
+        self._poller: threading.Thread | None = None
 
     # ------------------------------------------------------------------ life cycle
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
+        self.request_wake()
+
+    def request_wake(self) -> None:
         try:
             os.write(self._wake_w, b"!")
         except OSError:
@@ -114,6 +124,10 @@ class Node:
 
     def _start(self) -> None:
         self._bell = self.enclave.doorbell(f"node-{self.node_id}")
+        if self._bell is None:
+            self._room_hint = self.config.workers * 2
+            self._poller = threading.Thread(target=self._poll_queue, name="kotta-node-poller", daemon=True)
+            self._poller.start()
         me = psutil.Process()
         self.enclave.nodes.register(
             NodeInfo(
@@ -145,12 +159,18 @@ class Node:
         return False
 
     def _holding(self) -> bool:
-        return bool(self.pending or self.finished or any(w.inflight for w in self.workers))
+        return bool(
+            self.pending or self.finished or self._inbox or any(w.inflight for w in self.workers)
+        )
 
     def _drain(self) -> None:
         """Hand back what has not started; let running tasks finish for a while."""
         self.stopping = True
-        self.enclave.queue.release([t.delivery for t in self.pending])
+        if self._poller is not None:
+            self._poller.join(self.config.long_poll + 30)
+        inbox = list(self._inbox)
+        self._inbox.clear()
+        self.enclave.queue.release([*inbox, *(t.delivery for t in self.pending)])
         self.pending.clear()
         for w in self.workers:
             while len(w.inflight) > 1:  # queued in the pipe, not started
@@ -250,7 +270,8 @@ class Node:
         # results it managed to write before dying still count
         try:
             while w.inflight and w.results.poll():
-                self._finish_from_worker(w, w.task_done(), w.results.recv_bytes())
+                data = w.results.recv_bytes()
+                self._finish_from_worker(w, w.task_done(), data)
         except (EOFError, OSError):
             pass
         code = w.proc.wait()
@@ -328,6 +349,11 @@ class Node:
 
     def _receive(self) -> None:
         room = self._room()
+        if self._poller is not None:
+            self._room_hint = room
+            while self._inbox:
+                self._accept(self._inbox.popleft())
+            return
         if room <= 0:
             return
         deliveries = self.enclave.queue.receive(
@@ -335,6 +361,31 @@ class Node:
         )
         for d in deliveries:
             self._accept(d)
+
+    def _poll_queue(self) -> None:
+        """Long-poll the queue for backends without doorbells; hand deliveries to the loop."""
+        idle = threading.Event()
+        while not self.stopping:
+            room = self._room_hint - len(self._inbox)
+            if room <= 0:
+                idle.wait(0.05)
+                continue
+            try:
+                got = self.enclave.queue.receive(
+                    self.queue, min(room, 10), self.config.visibility_timeout, self.node_id,
+                    wait_seconds=self.config.long_poll,
+                )
+            except Exception:  # noqa: BLE001 - keep polling; the backend retries itself
+                log.exception("receiving from queue %s failed", self.queue)
+                idle.wait(1.0)
+                continue
+            if self.stopping:
+                self.enclave.queue.release(got)
+                return
+            if got:
+                self._inbox.extend(got)
+                self._room_hint -= len(got)
+                self.request_wake()
 
     def _accept(self, d: Delivery) -> None:
         if d.receive_count > self.config.max_deliveries:

@@ -107,12 +107,18 @@ class TaskQueue(abc.ABC):
 
     @abc.abstractmethod
     def receive(
-        self, queue: str, max_messages: int, visibility_timeout: float, holder: str
+        self,
+        queue: str,
+        max_messages: int,
+        visibility_timeout: float,
+        holder: str,
+        wait_seconds: float = 0.0,
     ) -> list[Delivery]:
-        """Take up to ``max_messages`` visible messages without waiting."""
+        """Take up to ``max_messages`` visible messages, waiting up to ``wait_seconds`` for
+        the first one (long polling)."""
 
     @abc.abstractmethod
-    def take(self, queue: str, max_messages: int) -> list[Message]:
+    def take(self, queue: str, max_messages: int, wait_seconds: float = 0.0) -> list[Message]:
         """Receive and delete at once (reply channels, where the job table is the truth)."""
 
     @abc.abstractmethod
@@ -226,7 +232,10 @@ class Enclave(abc.ABC):
         """Tell a client a result is waiting (a hint; clients also poll)."""
 
     def doorbell(self, name: str):
-        """A readable socket that rings for ``name`` (``node-ID`` / ``client-ID``), or None."""
+        """A readable socket that rings for ``name`` (``node-ID`` / ``client-ID``), or None.
+
+        Without a doorbell, nodes and clients long-poll (``wait_seconds``) in a thread of
+        their own instead."""
         return None
 
     def atomic(self):

@@ -219,7 +219,15 @@ class EmbeddedQueue(TaskQueue):
             )
         )
 
-    def receive(self, queue, max_messages, visibility_timeout, holder):
+    def receive(self, queue, max_messages, visibility_timeout, holder, wait_seconds=0.0):
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            got = self._receive(queue, max_messages, visibility_timeout, holder)
+            if got or time.monotonic() >= deadline:
+                return got
+            time.sleep(0.01)
+
+    def _receive(self, queue, max_messages, visibility_timeout, holder):
         now = time.time()
         if now - self._last_reap > _REAP_EVERY:
             self._last_reap = now
@@ -238,9 +246,12 @@ class EmbeddedQueue(TaskQueue):
         rows.sort(key=lambda r: int(r[2].split(":", 1)[0]))
         return [Delivery(*r) for r in rows]
 
-    def take(self, queue, max_messages):
-        if not self._any_ready(queue, time.time()):
-            return []
+    def take(self, queue, max_messages, wait_seconds=0.0):
+        deadline = time.monotonic() + wait_seconds
+        while not self._any_ready(queue, time.time()):
+            if time.monotonic() >= deadline:
+                return []
+            time.sleep(0.01)
         with self._db.tx() as c:
             rows = c.execute(
                 "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE queue=?"

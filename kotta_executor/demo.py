@@ -1,0 +1,97 @@
+"""``kotta demo``: a short end-to-end tour of the embedded enclave, printing what it does."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import random
+import sys
+import time
+import traceback
+
+from .backends import open_enclave
+from .errors import TaskKilled, WalltimeExceeded
+from .executor import KottaExecutor
+
+
+def count_citations(year: int) -> int:
+    """A stand-in for an analysis of a protected bibliometric corpus."""
+    rng = random.Random(year)
+    papers = [rng.randint(0, 50) for _ in range(20_000)]
+    print(f"year {year}: counted {len(papers)} papers on pid {os.getpid()}")
+    return sum(papers)
+
+
+def parse_record(line: str) -> dict:
+    key, value = line.split("=")  # fails on a malformed record
+    return {key: int(value)}
+
+
+def runs_too_long() -> None:
+    time.sleep(600)
+
+
+def _say(text: str) -> None:
+    print(f"\n== {text}")
+
+
+def run_demo(enclave: str | None = None) -> int:
+    started = time.monotonic()
+    e = open_enclave(enclave)
+    print(f"kotta demo on the enclave {e.url}")
+    with KottaExecutor(2, queue="test", walltime=5, enclave=e) as ex:
+        _say("submit: one call, run by a worker process of a local node")
+        f = ex.submit(count_citations, 2019)
+        print(f"job {f.job_id} -> {f.result()}   (status: {f.status()})")
+        print(f"its stdout, captured on the node: {f.stdout.strip()!r}")
+
+        _say("map: ten years, in order, as with ProcessPoolExecutor")
+        years = list(range(2010, 2020))
+        totals = list(ex.map(count_citations, years))
+        for year, total in zip(years, totals, strict=True):
+            print(f"  {year}: {total}")
+
+        _say("a remote exception comes back as itself, with the remote traceback")
+        try:
+            ex.submit(parse_record, "citations: 12").result()
+        except ValueError as exc:
+            print("".join(traceback.format_exception(exc)).rstrip())
+
+        _say("walltime: a task over its limit is killed, with its whole process tree")
+        slow = ex.with_options(walltime=_dt.timedelta(seconds=2)).submit(runs_too_long)
+        try:
+            slow.result()
+        except WalltimeExceeded as exc:
+            print(f"WalltimeExceeded: {exc}   (status: {slow.status()})")
+
+        _say("kill: a running task stops within about a second")
+        running = ex.submit(runs_too_long)
+        while running.status() != "processing":
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        running.kill()
+        try:
+            running.result()
+        except TaskKilled as exc:
+            print(f"TaskKilled after {time.monotonic() - t0:.2f} s: {exc}")
+
+        _say("cancel: a queued task that no node has started never runs")
+        blockers = [ex.submit(time.sleep, 1) for _ in range(2)]
+        queued = ex.submit(count_citations, 1999)
+        print(f"cancel() -> {queued.cancel()}   (status: {queued.status()})")
+        for b in blockers:
+            b.result()
+
+        _say("the job table: every job ended completed, failed (with a reason) or cancelled")
+        ids = [f.job_id, slow.job_id, running.job_id, queued.job_id]
+        records = e.jobs.get_many(ids)
+        for job in (records[i] for i in ids if i in records):
+            reason = f"  ({job.reason})" if job.reason else ""
+            print(f"  {job.job_id}  {job.state:10} {job.fn}{reason}")
+        print(f"\nsee one with:  kotta status {f.job_id}   or   kotta logs {f.job_id}")
+    print(f"\ndemo finished in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo())

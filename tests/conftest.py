@@ -1,0 +1,166 @@
+"""Shared fixtures: a fresh embedded enclave per test, executors, and real node processes.
+
+Nothing here replaces project code: nodes are ``python -m node`` processes, workers are real
+subprocesses, the enclave is a real SQLite file under the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kotta_executor import KottaExecutor
+from kotta_executor.backends.embedded import EmbeddedEnclave
+
+ROOT = Path(__file__).resolve().parent.parent
+#: deadlock guard for waits in tests; never a performance expectation
+GUARD = 60.0
+
+
+def wait_for(predicate, timeout: float = GUARD, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` (a deadlock guard)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _private_kotta_home(tmp_path, monkeypatch):
+    """No test touches ~/.kotta: $KOTTA_HOME is the test's own directory."""
+    home = tmp_path / "kotta-home"
+    monkeypatch.setenv("KOTTA_HOME", str(home))
+    monkeypatch.delenv("KOTTA_ENCLAVE", raising=False)
+    return home
+
+
+@pytest.fixture
+def enclave_dir(tmp_path) -> Path:
+    return tmp_path / "enclave"
+
+
+@pytest.fixture
+def enclave(enclave_dir) -> EmbeddedEnclave:
+    e = EmbeddedEnclave(enclave_dir)
+    yield e
+    e.close()
+
+
+def _finish(ex: KottaExecutor) -> None:
+    pending = [f for f in list(ex._futures.values()) if not f.done()]
+    for f in pending:
+        f.kill()
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def executor(enclave_dir):
+    """A KottaExecutor with 2 workers on a fresh enclave; it starts its own local node."""
+    ex = KottaExecutor(2, enclave=enclave_dir)
+    yield ex
+    _finish(ex)
+
+
+@pytest.fixture
+def make_executor(enclave_dir):
+    made: list[KottaExecutor] = []
+
+    def make(*args, **kwargs) -> KottaExecutor:
+        kwargs.setdefault("enclave", enclave_dir)
+        ex = KottaExecutor(*args, **kwargs)
+        made.append(ex)
+        return ex
+
+    yield make
+    for ex in made:
+        _finish(ex)
+
+
+class NodeProcess:
+    """A ``python -m node`` process on the test's enclave."""
+
+    def __init__(self, proc: subprocess.Popen, node_id: str, log: Path):
+        self.proc = proc
+        self.node_id = node_id
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def terminate(self, timeout: float = GUARD) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the node (its workers are left to die with their pipes)."""
+        self.proc.kill()
+        self.proc.wait(GUARD)
+
+    def worker_pids(self) -> list[int]:
+        try:
+            return [c.pid for c in psutil.Process(self.pid).children()]
+        except psutil.Error:
+            return []
+
+
+@pytest.fixture
+def start_node(enclave_dir, tmp_path):
+    """Start real node processes: ``start_node(workers=1, queue="test", *extra_args)``."""
+    started: list[NodeProcess] = []
+    enclave = EmbeddedEnclave(enclave_dir)
+
+    def start(*extra: str, workers: int = 1, queue: str = "test", wait: bool = True,
+              visibility_timeout: float = 30.0) -> NodeProcess:
+        node_id = os.urandom(6).hex()
+        log = tmp_path / f"node-{node_id}.log"
+        cmd = [
+            sys.executable, "-m", "node", "--enclave", str(enclave_dir), "--queue", queue,
+            "--workers", str(workers), "--node-id", node_id,
+            "--visibility-timeout", str(visibility_timeout), "--poll-interval", "0.1", *extra,
+        ]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=out, stderr=out,
+                                    stdin=subprocess.DEVNULL, cwd=str(ROOT))
+        node = NodeProcess(proc, node_id, log)
+        started.append(node)
+        if wait:
+            wait_for(
+                lambda: proc.poll() is not None
+                or any(n.node_id == node_id for n in enclave.nodes.live()),
+                what=f"node {node_id} to register",
+            )
+            assert proc.poll() is None, f"node exited early:\n{node.output()}"
+        return node
+
+    yield start
+    for node in started:
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait(GUARD)
+        for pid in node.worker_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    enclave.close()
