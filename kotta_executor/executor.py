@@ -206,7 +206,7 @@ class KottaExecutor(Executor):
             raise TypeError(f"{fn!r} is not callable")
         with self._shutdown_lock:
             self._check_open()
-        payload = wire.dump_call(fn, calls)
+        sections = wire.dump_call(fn, calls)
         job_id = os.urandom(16).hex()
         name = wire.fn_name(fn)
         header = {
@@ -220,11 +220,13 @@ class KottaExecutor(Executor):
             "fn": name,
             "n": len(calls),
         }
-        if len(payload) > self._enclave.inline_limit:
-            header["payload_ref"] = f"payload-{job_id}"
-            self._enclave.blobs.put(header["payload_ref"], payload)
-            payload = b""
-        body = wire.encode(header, {"payload": payload})
+        for section, data in sections.items():
+            if len(data) > self._enclave.inline_limit:  # too big for a message: a blob
+                key = f"{section}-{job_id}"
+                self._enclave.blobs.put(key, data)
+                header.setdefault("refs", {})[section] = key
+                sections[section] = b""
+        body = wire.encode(header, sections)
         f = KottaFuture(job_id, self)
         if batch:
             f._batch = True

@@ -7,13 +7,14 @@ An envelope is::
 
 The header is plain JSON that anyone (the node daemon, ``kotta logs``) may read without
 unpickling anything; it lists the sections that follow as ``[name, length]`` pairs.  Only a
-worker process unpickles a task's ``payload`` section, and only the client unpickles a
-result's.
+worker process unpickles a task's ``fn`` and ``args`` sections, and only the client
+unpickles a result's ``payload``.
 
 Task header:   kind="task", job_id, owner, client, queue, walltime (seconds), created, fn,
-               n (calls in the task), optional payload_ref (blob key when the payload was
-               too large to travel inline).
-               sections: payload = cloudpickle((fn, [(args, kwargs), ...]))
+               n (calls in the task), optional refs ({section: blob key} for sections too
+               large to travel inline; the node fetches them before a worker sees the task).
+               sections: fn = cloudpickle(fn), args = cloudpickle([(args, kwargs), ...])
+               (apart, so that a worker can reuse a function it has already unpickled)
 Result header: kind="result", job_id, outcome, n, optional error, usage.
                outcome "ok":     payload = pickle([("ok", value) | ("raise", exc), ...])
                outcome "error":  payload = pickle(exc): the task failed as a whole before
@@ -169,10 +170,11 @@ def _check_header(header: Any) -> None:
 # --------------------------------------------------------------------------- tasks
 
 
-def dump_call(fn: Callable, calls: Sequence[tuple[tuple, dict]]) -> bytes:
-    """Pickle a function and its calls; name the offending object when that fails."""
+def dump_call(fn: Callable, calls: Sequence[tuple[tuple, dict]]) -> dict[str, bytes]:
+    """Pickle a function and its calls into the ``fn`` and ``args`` sections of a task;
+    name the offending object when that fails."""
     try:
-        return cloudpickle.dumps((fn, list(calls)))
+        return {"fn": cloudpickle.dumps(fn), "args": cloudpickle.dumps(list(calls))}
     except Exception as exc:
         raise errors.SerializationError(_explain_unpicklable(fn, calls, exc)) from exc
 
@@ -212,10 +214,21 @@ def _short_repr(obj: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_call(payload: bytes) -> tuple[Callable, list[tuple[tuple, dict]]]:
-    """Unpickle a task payload.  Only worker processes call this."""
-    fn, calls = pickle.loads(payload)
-    return fn, calls
+def load_call(
+    sections: dict[str, bytes], cache: dict[bytes, Callable] | None = None
+) -> tuple[Callable, list[tuple[tuple, dict]]]:
+    """Unpickle a task's function and calls.  Only worker processes call this.
+
+    ``cache`` maps pickled functions to functions already unpickled: the same bytes make
+    the same function, so a warm worker skips rebuilding it.
+    """
+    data = sections.get("fn", b"")
+    fn = cache.get(data) if cache is not None else None
+    if fn is None:
+        fn = pickle.loads(data)
+        if cache is not None:
+            cache[data] = fn
+    return fn, pickle.loads(sections.get("args", b""))
 
 
 def fn_name(fn: Callable) -> str:

@@ -84,6 +84,7 @@ class Node:
         self._bell: socket.socket | None = None
         self._last_upkeep = time.monotonic()
         self._last_kill_check = 0.0
+        self._last_parent_check = 0.0
         # Without doorbells (AWS), a thread long-polls the queue and fills the inbox.
         self._inbox: deque[Delivery] = deque()
         self._room_hint = 0
@@ -148,10 +149,13 @@ class Node:
     def _done(self) -> bool:
         if self.stopping:
             return True
-        if self.config.parent_pid and not psutil.pid_exists(self.config.parent_pid):
-            log.info("parent %s is gone; stopping", self.config.parent_pid)
-            self.stopping = True
-            return True
+        now = time.monotonic()
+        if self.config.parent_pid and now - self._last_parent_check > 1.0:
+            self._last_parent_check = now
+            if not psutil.pid_exists(self.config.parent_pid):
+                log.info("parent %s is gone; stopping", self.config.parent_pid)
+                self.stopping = True
+                return True
         if self.config.max_jobs is not None and self.jobs_done >= self.config.max_jobs:
             return True
         if self.config.burst and not self._holding() and self.enclave.queue.depth(self.queue) == 0:
@@ -314,8 +318,9 @@ class Node:
             self.enclave.queue.ack([d for _, d, _, _ in batch])
         for client in replies:
             self.enclave.ring_client(client)
-        refs = [t.header["payload_ref"] for t, _, fin, _ in batch
-                if t is not None and fin.job_id in recorded and "payload_ref" in t.header]
+        refs = [key for t, _, fin, _ in batch
+                if t is not None and fin.job_id in recorded
+                for key in t.header.get("refs", {}).values()]
         if refs:
             self.enclave.blobs.delete(refs)
         self.jobs_done += len(batch)
@@ -396,9 +401,11 @@ class Node:
             env = wire.decode(d.body)
             if env.kind != "task" or env.job_id != d.job_id:
                 raise EnvelopeError("the message is not the task of the job it names")
-            if "payload_ref" in env.header:
-                sections = {"payload": self.enclave.blobs.get(env.header["payload_ref"])}
-                header = {k: v for k, v in env.header.items() if k != "payload_ref"}
+            if "refs" in env.header:  # sections too big for a message: fetch them (as bytes)
+                sections = dict(env.sections)
+                for name, key in env.header["refs"].items():
+                    sections[name] = self.enclave.blobs.get(key)
+                header = {k: v for k, v in env.header.items() if k != "refs"}
                 data = wire.encode(header, sections)
             else:
                 data = d.body

@@ -18,6 +18,7 @@ import os
 import resource
 import sys
 import time
+from collections import OrderedDict
 from multiprocessing.connection import Connection
 
 from kotta_executor import wire
@@ -43,7 +44,8 @@ def _reset_capture() -> None:
         except Exception:  # noqa: BLE001 - a closed or replaced stream must not stop us
             pass
     for fd in (1, 2):
-        os.ftruncate(fd, 0)
+        if os.fstat(fd).st_size:  # truncating an empty file still costs a journal write
+            os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
 
 
@@ -65,6 +67,29 @@ def _summary(exc: BaseException) -> str:
     return f"{name}: {text}"[:500] if text else name
 
 
+class _LRU(OrderedDict):
+    """A small least-recently-used map."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+#: functions already unpickled, by their pickled bytes: a warm worker reuses them
+_FUNCTIONS = _LRU(64)
+
+
 def run_task(data: bytes) -> bytes:
     env = wire.decode(data)
     h = env.header
@@ -75,7 +100,7 @@ def run_task(data: bytes) -> bytes:
     r0s, r0c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     outcome, failed, reason = wire.OK, 0, None
     try:
-        fn, calls = wire.load_call(env.sections.get("payload", b""))
+        fn, calls = wire.load_call(env.sections, _FUNCTIONS)
     except BaseException as exc:  # noqa: BLE001 - report any unpickling failure to the user
         err = SerializationError(
             f"the task {h['fn']} could not be unpickled on the node: {type(exc).__name__}: {exc}"

@@ -4,7 +4,10 @@
 
 * ``None`` or ``""``: ``$KOTTA_ENCLAVE`` if set, else the embedded enclave under
   ``$KOTTA_HOME`` (default ``~/.kotta``);
-* ``embedded:///some/dir`` or a plain path: the embedded enclave in that directory.
+* ``embedded:///some/dir`` or a plain path: the embedded enclave in that directory;
+* ``aws://NAME?region=...&endpoint_url=...``: the AWS enclave NAME (SQS, S3, DynamoDB; see
+  :mod:`.aws` and docs/aws.md).  Region and credentials come from boto3's usual chain
+  unless the URL names them; the endpoint from the URL or ``$KOTTA_AWS_ENDPOINT_URL``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ def open_enclave(spec: str | os.PathLike | Enclave | None = None) -> Enclave:
         return EmbeddedEnclave(kotta_home())
     if spec.startswith("embedded://"):
         return EmbeddedEnclave(spec[len("embedded://") :] or kotta_home())
+    if spec.startswith("aws://"):
+        from .aws import AwsEnclave
+
+        return AwsEnclave.from_url(spec)
     if "://" in spec:
         scheme = spec.split("://", 1)[0]
         raise ConfigurationError(

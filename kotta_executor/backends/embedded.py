@@ -181,6 +181,12 @@ def _retry(fn, *args):
             delay = min(delay * 2, 5e-3)
 
 
+def _msg_id(receipt: str) -> int:
+    """The message row id a receipt (``"<id>:<token>"``) names; 0 for a foreign receipt."""
+    head = receipt.split(":", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
 def _event(ts: float, state: JobState, detail: str | None) -> str:
     """One line of a job's history: ``[ts, state, detail]``."""
     return json.dumps([ts, str(state), detail]) + "\n"
@@ -243,7 +249,7 @@ class EmbeddedQueue(TaskQueue):
                 " RETURNING job_id, body, receipt, receive_count",
                 (now + visibility_timeout, token, holder, queue, now, max_messages),
             ).fetchall()
-        rows.sort(key=lambda r: int(r[2].split(":", 1)[0]))
+        rows.sort(key=lambda r: _msg_id(r[2]))
         return [Delivery(*r) for r in rows]
 
     def take(self, queue, max_messages, wait_seconds=0.0):
@@ -261,25 +267,27 @@ class EmbeddedQueue(TaskQueue):
         return [Message(*r) for r in rows]
 
     def _by_receipt(self, sql: str, deliveries: Iterable[Delivery], extra: tuple = ()):
-        rows = [(*extra, d.receipt) for d in deliveries]
+        """Run ``sql`` (ending ``WHERE id=? AND receipt=?``) for each delivery: the id finds
+        the row, the receipt makes sure it is still this delivery's."""
+        rows = [(*extra, _msg_id(d.receipt), d.receipt) for d in deliveries]
         if rows:
             with self._db.tx() as c:
                 c.executemany(sql, rows)
 
     def extend(self, deliveries, visibility_timeout):
         self._by_receipt(
-            "UPDATE messages SET visible_at=? WHERE receipt=?",
+            "UPDATE messages SET visible_at=? WHERE id=? AND receipt=?",
             deliveries,
             (time.time() + visibility_timeout,),
         )
 
     def release(self, deliveries):
         self._by_receipt(
-            "UPDATE messages SET visible_at=0, holder=NULL WHERE receipt=?", deliveries
+            "UPDATE messages SET visible_at=0, holder=NULL WHERE id=? AND receipt=?", deliveries
         )
 
     def ack(self, deliveries):
-        self._by_receipt("DELETE FROM messages WHERE receipt=?", deliveries)
+        self._by_receipt("DELETE FROM messages WHERE id=? AND receipt=?", deliveries)
 
     def dead_letter(self, deliveries, reason):
         deliveries = list(deliveries)
@@ -290,10 +298,13 @@ class EmbeddedQueue(TaskQueue):
             for d in deliveries:
                 c.execute(
                     "INSERT INTO dead_letters(queue, job_id, body, receive_count, reason, dead_at)"
-                    " SELECT queue, job_id, body, receive_count, ?, ? FROM messages WHERE receipt=?",
-                    (reason, now, d.receipt),
+                    " SELECT queue, job_id, body, receive_count, ?, ? FROM messages"
+                    " WHERE id=? AND receipt=?",
+                    (reason, now, _msg_id(d.receipt), d.receipt),
                 )
-                c.execute("DELETE FROM messages WHERE receipt=?", (d.receipt,))
+                c.execute(
+                    "DELETE FROM messages WHERE id=? AND receipt=?", (_msg_id(d.receipt), d.receipt)
+                )
 
     def dead_letters(self, queue):
         rows = self._db.read(

@@ -1,0 +1,473 @@
+"""Provisioning of an AWS enclave: ``bootstrap(NAME)`` creates what ``aws://NAME`` needs,
+``teardown(NAME)`` removes it.  Both are idempotent.
+
+``deploy/cloudformation.yaml`` declares the same resources (a test checks that the two
+agree); use either, not both, for one enclave.
+
+What ``bootstrap`` makes (names from :class:`kotta_executor.backends.aws.Names`):
+
+* SQS: ``kotta-NAME-test`` and ``kotta-NAME-production``, each with a dead-letter queue
+  (``...-dlq``) and a redrive policy (``maxReceiveCount`` 10, above the node's own limit of
+  5 deliveries, so that nodes normally dead-letter a task themselves and record why);
+  server-side encryption (SQS-managed keys), 14-day retention.
+* S3: the bucket ``kotta-NAME-blobs`` (or ``bucket=``) with default encryption (SSE-S3),
+  every public access blocked, and a policy refusing requests not made over TLS.
+* DynamoDB (on-demand): ``kotta-NAME-jobs`` (key ``job_id``, GSI ``owner-created``) and
+  ``kotta-NAME-nodes`` (key ``node_id``, TTL on ``expires``).
+* IAM: the role ``kotta-NAME-node`` for EC2 nodes (and its instance profile) with one
+  inline policy: consume the enclave's queues (and send replies and dead letters), read
+  and write job and node records, read and write the bucket's ``blobs/`` prefix, and
+  ``sts:AssumeRole`` on the enclave's user roles ``kotta-NAME-user-*``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends.aws import (
+    INDEX_ATTRS,
+    MAX_RECEIVE_COUNT,
+    OWNER_INDEX,
+    Names,
+    _client_error,
+    _code,
+    client_config,
+    ensure_work_queue,
+    make_session,
+)
+from .config import QUEUES
+from .errors import ConfigurationError
+
+QUEUE = "AWS::SQS::Queue"
+BUCKET = "AWS::S3::Bucket"
+BUCKET_POLICY = "AWS::S3::BucketPolicy"
+TABLE = "AWS::DynamoDB::Table"
+ROLE = "AWS::IAM::Role"
+PROFILE = "AWS::IAM::InstanceProfile"
+
+
+@dataclass
+class Report:
+    """What bootstrap created or found, or what teardown deleted: ``(type, name)`` pairs,
+    types spelled as CloudFormation spells them."""
+
+    enclave: str
+    created: list[tuple[str, str]] = field(default_factory=list)
+    existing: list[tuple[str, str]] = field(default_factory=list)
+    deleted: list[tuple[str, str]] = field(default_factory=list)
+    url: str | None = None
+
+    @property
+    def resources(self) -> set[tuple[str, str]]:
+        return set(self.created) | set(self.existing)
+
+    def text(self) -> str:
+        lines = []
+        for verb, items in (("created", self.created), ("exists ", self.existing),
+                            ("deleted", self.deleted)):  # fmt: skip
+            lines += [f"{verb}  {kind:26} {name}" for kind, name in items]
+        if self.url:
+            lines.append(f"enclave URL: {self.url}")
+        return "\n".join(lines)
+
+
+def planned(
+    name: str, *, bucket: str | None = None, queues: Iterable[str] = QUEUES, iam: bool = True
+) -> set[tuple[str, str]]:
+    """The ``(type, name)`` of every resource bootstrap makes, without calling AWS."""
+    n = Names(name, bucket)
+    out = set()
+    for q in queues:
+        out |= {(QUEUE, n.queue(q)), (QUEUE, n.dlq(n.queue(q)))}
+    out |= {(BUCKET, n.bucket), (BUCKET_POLICY, n.bucket)}
+    out |= {(TABLE, n.jobs_table), (TABLE, n.nodes_table)}
+    if iam:
+        out |= {(ROLE, n.node_role), (PROFILE, n.node_role)}
+    return out
+
+
+class _Clients:
+    def __init__(self, region, endpoint_url, profile, session):
+        import os
+
+        self.session = session or make_session(
+            region=region, profile=profile, what="AWS provisioning"
+        )
+        self.region = self.session.region_name
+        endpoint_url = endpoint_url or os.environ.get("KOTTA_AWS_ENDPOINT_URL") or None
+        self.endpoint_url = endpoint_url
+        cfg = client_config(path_style=bool(endpoint_url))
+        self._make = lambda svc: self.session.client(svc, endpoint_url=endpoint_url, config=cfg)
+        self._cache: dict[str, Any] = {}
+
+    def __getattr__(self, service: str):
+        if service.startswith("_"):
+            raise AttributeError(service)
+        if service not in self._cache:
+            self._cache[service] = self._make(service)
+        return self._cache[service]
+
+
+def bootstrap(
+    name: str,
+    *,
+    region: str | None = None,
+    endpoint_url: str | None = None,
+    profile: str | None = None,
+    bucket: str | None = None,
+    queues: Iterable[str] = QUEUES,
+    max_receive_count: int = MAX_RECEIVE_COUNT,
+    iam: bool = True,
+    session=None,
+    out=None,
+) -> Report:
+    """Create (or bring in line) every resource of the enclave ``aws://NAME``.
+
+    Safe to run again: what exists is kept (queue attributes and policies are re-applied).
+    ``out``: a callable (``print``) told about each resource as it goes.
+    """
+    names = Names(name, bucket)
+    c = _Clients(region, endpoint_url, profile, session)
+    report = Report(name)
+
+    def note(created: bool, kind: str, what: str) -> None:
+        (report.created if created else report.existing).append((kind, what))
+        if out is not None:
+            out(f"{'created' if created else 'exists '}  {kind:26} {what}")
+
+    # -- queues
+    for q in queues:
+        sqs_name = names.queue(q)
+        _, made = ensure_work_queue(c.sqs, names, sqs_name, max_receive_count)
+        for what in (names.dlq(sqs_name), sqs_name):
+            note(what in made, QUEUE, what)
+
+    # -- bucket
+    kw: dict[str, Any] = {"Bucket": names.bucket}
+    if c.region != "us-east-1":
+        kw["CreateBucketConfiguration"] = {"LocationConstraint": c.region}
+    try:
+        c.s3.create_bucket(**kw)
+        note(True, BUCKET, names.bucket)
+    except _client_error() as exc:
+        if _code(exc) == "BucketAlreadyOwnedByYou":
+            note(False, BUCKET, names.bucket)
+        elif _code(exc) == "BucketAlreadyExists":
+            raise ConfigurationError(
+                f"the bucket name {names.bucket} is taken by another AWS account: choose "
+                f"another with --bucket (and aws://{name}?bucket=...)"
+            ) from None
+        else:
+            raise
+    c.s3.put_public_access_block(
+        Bucket=names.bucket,
+        PublicAccessBlockConfiguration={
+            "BlockPublicAcls": True,
+            "IgnorePublicAcls": True,
+            "BlockPublicPolicy": True,
+            "RestrictPublicBuckets": True,
+        },
+    )
+    c.s3.put_bucket_encryption(
+        Bucket=names.bucket,
+        ServerSideEncryptionConfiguration={
+            "Rules": [
+                {
+                    "ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"},
+                    "BucketKeyEnabled": True,
+                }
+            ]
+        },
+    )
+    had_policy = True
+    try:
+        c.s3.get_bucket_policy(Bucket=names.bucket)
+    except _client_error() as exc:
+        if _code(exc) != "NoSuchBucketPolicy":
+            raise
+        had_policy = False
+    c.s3.put_bucket_policy(Bucket=names.bucket, Policy=json.dumps(tls_only_policy(names.bucket)))
+    note(not had_policy, BUCKET_POLICY, names.bucket)
+
+    # -- tables
+    note(_create_table(c.dynamodb, jobs_table_spec(names)), TABLE, names.jobs_table)
+    note(_create_table(c.dynamodb, nodes_table_spec(names)), TABLE, names.nodes_table)
+    c.dynamodb.get_waiter("table_exists").wait(
+        TableName=names.jobs_table, WaiterConfig={"Delay": 2, "MaxAttempts": 60}
+    )
+    c.dynamodb.get_waiter("table_exists").wait(
+        TableName=names.nodes_table, WaiterConfig={"Delay": 2, "MaxAttempts": 60}
+    )
+    ttl = c.dynamodb.describe_time_to_live(TableName=names.nodes_table)
+    if ttl.get("TimeToLiveDescription", {}).get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+        c.dynamodb.update_time_to_live(
+            TableName=names.nodes_table,
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires"},
+        )
+
+    # -- the node role
+    if iam:
+        account = c.sts.get_caller_identity()["Account"]
+        trust = json.dumps(ec2_trust_policy())
+        try:
+            c.iam.create_role(
+                RoleName=names.node_role,
+                AssumeRolePolicyDocument=trust,
+                Description=f"kotta enclave {name}: nodes",
+                Tags=[{"Key": "kotta-enclave", "Value": name}],
+            )
+            note(True, ROLE, names.node_role)
+        except _client_error() as exc:
+            if _code(exc) != "EntityAlreadyExists":
+                raise
+            c.iam.update_assume_role_policy(RoleName=names.node_role, PolicyDocument=trust)
+            note(False, ROLE, names.node_role)
+        c.iam.put_role_policy(
+            RoleName=names.node_role,
+            PolicyName=names.node_role,
+            PolicyDocument=json.dumps(node_policy(names, c.region, account)),
+        )
+        try:
+            c.iam.create_instance_profile(InstanceProfileName=names.node_role)
+            note(True, PROFILE, names.node_role)
+        except _client_error() as exc:
+            if _code(exc) != "EntityAlreadyExists":
+                raise
+            note(False, PROFILE, names.node_role)
+        roles = c.iam.get_instance_profile(InstanceProfileName=names.node_role)
+        if not any(r["RoleName"] == names.node_role for r in roles["InstanceProfile"]["Roles"]):
+            c.iam.add_role_to_instance_profile(
+                InstanceProfileName=names.node_role, RoleName=names.node_role
+            )
+
+    params = {"region": c.region}
+    if c.endpoint_url:
+        params["endpoint_url"] = c.endpoint_url
+    if bucket:
+        params["bucket"] = bucket
+    from urllib.parse import urlencode
+
+    report.url = f"aws://{name}?{urlencode(params)}"
+    if out is not None:
+        out(f"enclave URL: {report.url}")
+    return report
+
+
+def teardown(
+    name: str,
+    *,
+    region: str | None = None,
+    endpoint_url: str | None = None,
+    profile: str | None = None,
+    bucket: str | None = None,
+    session=None,
+    out=None,
+) -> Report:
+    """Delete every resource of the enclave ``aws://NAME``: its queues (work, dead-letter
+    and the reply queues of clients), the bucket and everything in it, both tables and the
+    node role.  Whatever is already gone is skipped."""
+    names = Names(name, bucket)
+    c = _Clients(region, endpoint_url, profile, session)
+    report = Report(name)
+
+    def gone(kind: str, what: str) -> None:
+        report.deleted.append((kind, what))
+        if out is not None:
+            out(f"deleted  {kind:26} {what}")
+
+    # -- queues: every queue tagged as this enclave's, by name prefix
+    urls = []
+    for page in c.sqs.get_paginator("list_queues").paginate(QueueNamePrefix=names.prefix + "-"):
+        urls += page.get("QueueUrls", [])
+    for url in urls:
+        qname = url.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            tags = c.sqs.list_queue_tags(QueueUrl=url).get("Tags", {})
+            if tags.get("kotta-enclave") != name:
+                continue  # another enclave's whose name starts with this one's
+            c.sqs.delete_queue(QueueUrl=url)
+        except _client_error() as exc:
+            if _code(exc) in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+                continue
+            raise
+        gone(QUEUE, qname)
+
+    # -- bucket
+    try:
+        for page in c.s3.get_paginator("list_objects_v2").paginate(Bucket=names.bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                c.s3.delete_objects(Bucket=names.bucket, Delete={"Objects": keys, "Quiet": True})
+        c.s3.delete_bucket(Bucket=names.bucket)
+        gone(BUCKET, names.bucket)
+    except _client_error() as exc:
+        if _code(exc) != "NoSuchBucket":
+            raise
+
+    # -- tables
+    for table in (names.jobs_table, names.nodes_table):
+        try:
+            c.dynamodb.delete_table(TableName=table)
+            gone(TABLE, table)
+        except _client_error() as exc:
+            if _code(exc) != "ResourceNotFoundException":
+                raise
+
+    # -- IAM
+    def quietly(fn, **kw) -> bool:
+        try:
+            fn(**kw)
+            return True
+        except _client_error() as exc:
+            if _code(exc) != "NoSuchEntity":
+                raise
+            return False
+
+    quietly(
+        c.iam.remove_role_from_instance_profile,
+        InstanceProfileName=names.node_role,
+        RoleName=names.node_role,
+    )
+    if quietly(c.iam.delete_instance_profile, InstanceProfileName=names.node_role):
+        gone(PROFILE, names.node_role)
+    quietly(c.iam.delete_role_policy, RoleName=names.node_role, PolicyName=names.node_role)
+    if quietly(c.iam.delete_role, RoleName=names.node_role):
+        gone(ROLE, names.node_role)
+    return report
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def _create_table(ddb, spec: dict[str, Any]) -> bool:
+    try:
+        ddb.create_table(**spec)
+        return True
+    except _client_error() as exc:
+        if _code(exc) != "ResourceInUseException":
+            raise
+        return False
+
+
+def jobs_table_spec(names: Names) -> dict[str, Any]:
+    return {
+        "TableName": names.jobs_table,
+        "BillingMode": "PAY_PER_REQUEST",
+        "AttributeDefinitions": [
+            {"AttributeName": "job_id", "AttributeType": "S"},
+            {"AttributeName": "owner", "AttributeType": "S"},
+            {"AttributeName": "created", "AttributeType": "N"},
+        ],
+        "KeySchema": [{"AttributeName": "job_id", "KeyType": "HASH"}],
+        "GlobalSecondaryIndexes": [
+            {
+                "IndexName": OWNER_INDEX,
+                "KeySchema": [
+                    {"AttributeName": "owner", "KeyType": "HASH"},
+                    {"AttributeName": "created", "KeyType": "RANGE"},
+                ],
+                "Projection": {
+                    "ProjectionType": "INCLUDE",
+                    "NonKeyAttributes": list(INDEX_ATTRS),
+                },
+            }
+        ],
+        "Tags": [{"Key": "kotta-enclave", "Value": names.name}],
+    }
+
+
+def nodes_table_spec(names: Names) -> dict[str, Any]:
+    return {
+        "TableName": names.nodes_table,
+        "BillingMode": "PAY_PER_REQUEST",
+        "AttributeDefinitions": [{"AttributeName": "node_id", "AttributeType": "S"}],
+        "KeySchema": [{"AttributeName": "node_id", "KeyType": "HASH"}],
+        "Tags": [{"Key": "kotta-enclave", "Value": names.name}],
+    }
+
+
+def tls_only_policy(bucket: str) -> dict[str, Any]:
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "DenyInsecureTransport",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:*",
+                "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+            }
+        ],
+    }
+
+
+def ec2_trust_policy() -> dict[str, Any]:
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": "ec2.amazonaws.com"},
+                "Action": "sts:AssumeRole",
+            }
+        ],
+    }
+
+
+#: what a node does, per service (the enclave's resources only)
+NODE_SQS_ACTIONS = [
+    "sqs:ReceiveMessage",
+    "sqs:DeleteMessage",
+    "sqs:ChangeMessageVisibility",
+    "sqs:SendMessage",
+    "sqs:GetQueueUrl",
+    "sqs:GetQueueAttributes",
+]
+NODE_JOBS_ACTIONS = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"]
+NODE_NODES_ACTIONS = [
+    "dynamodb:PutItem",
+    "dynamodb:UpdateItem",
+    "dynamodb:DeleteItem",
+    "dynamodb:Scan",
+]
+NODE_S3_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
+
+
+def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
+    """The node role's inline policy: nothing beyond the enclave's own resources."""
+    sqs = f"arn:aws:sqs:{region}:{account}:{names.prefix}-*"
+    table = f"arn:aws:dynamodb:{region}:{account}:table/"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "Queues", "Effect": "Allow", "Action": NODE_SQS_ACTIONS, "Resource": sqs},
+            {
+                "Sid": "JobRecords",
+                "Effect": "Allow",
+                "Action": NODE_JOBS_ACTIONS,
+                "Resource": table + names.jobs_table,
+            },
+            {
+                "Sid": "NodeRegistry",
+                "Effect": "Allow",
+                "Action": NODE_NODES_ACTIONS,
+                "Resource": table + names.nodes_table,
+            },
+            {
+                "Sid": "Blobs",
+                "Effect": "Allow",
+                "Action": NODE_S3_ACTIONS,
+                "Resource": f"arn:aws:s3:::{names.bucket}/{names.blob_prefix}*",
+            },
+            {
+                "Sid": "UserRoles",
+                "Effect": "Allow",
+                "Action": "sts:AssumeRole",
+                "Resource": f"arn:aws:iam::{account}:role/{names.user_role_prefix}*",
+            },
+        ],
+    }

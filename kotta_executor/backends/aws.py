@@ -1,0 +1,1339 @@
+"""The AWS enclave: SQS for the task queues, S3 for blobs, DynamoDB for jobs and nodes.
+
+``open_enclave("aws://NAME?region=us-east-1")`` opens it.  Every resource is named after
+NAME (see :class:`Names`) and is created by ``kotta aws bootstrap NAME``
+(:mod:`kotta_executor.aws_provision`) or by ``deploy/cloudformation.yaml``.
+
+How the interface maps onto AWS (one line per method; docs/aws.md has the whole story):
+
+* ``queue.send``: SendMessageBatch (10 a call, 1 MiB a call).  A body travels base64 encoded
+  (``b:...``); one larger than :attr:`SqsQueue.max_body` goes to S3 and the message carries
+  ``s3:KEY``.  The job id is the message attribute ``kotta_job``.
+* ``queue.receive``: ReceiveMessage (10 a call, long polling, ApproximateReceiveCount);
+  a receipt is ``"<sqs queue name> <receipt handle> [<blob key>]"`` so that extend, release,
+  ack and dead_letter need nothing but the receipt.
+* ``queue.extend`` / ``release``: ChangeMessageVisibilityBatch (release = visibility 0).
+* ``queue.ack``: DeleteMessageBatch (and DeleteObjects for spilled bodies).
+* ``queue.dead_letter``: SendMessageBatch to the queue's DLQ with the reason as a message
+  attribute, then DeleteMessageBatch.  SQS's own redrive (maxReceiveCount, see
+  :mod:`kotta_executor.aws_provision`) is the safety net behind the node's own count.
+* ``jobs.create``: BatchWriteItem of the records, *then* SendMessageBatch of the tasks
+  (two services: not atomic; a record without a message stays pending, never the reverse).
+* ``jobs.transition`` / ``finish`` / ``request_kill``: one conditional UpdateItem per job,
+  the condition being ``state IN states.sources(new)`` (or the active states for finish),
+  so a result is recorded at most once.  Results larger than :attr:`DynamoJobs.max_result`
+  go to S3 (``result_ref``).
+* ``jobs.list``: Query on the ``owner-created`` GSI for one owner; a Scan for all owners.
+* ``nodes``: a DynamoDB table; ``live()`` = a heartbeat in the last 30 s (no pid checks:
+  nodes run on other machines).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from .. import states
+from ..errors import ConfigurationError
+from ..states import JobState
+from .base import (
+    BlobStore,
+    Delivery,
+    Enclave,
+    Finished,
+    JobRecord,
+    JobTable,
+    Message,
+    NewJob,
+    NodeInfo,
+    NodeRegistry,
+    TaskQueue,
+)
+from .embedded import _KEY
+
+#: a node whose last heartbeat is older than this is taken for dead
+NODE_STALE_AFTER = 30.0
+#: enclave names: they become part of queue, table and bucket names (bucket rules are the
+#: strictest: lower case, digits and hyphens)
+_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+_QUEUE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+#: SQS's largest visibility timeout and long-poll wait
+MAX_VISIBILITY = 43_200
+MAX_WAIT = 20
+#: SQS's limit on one message and on one SendMessageBatch call (bodies plus attributes)
+SQS_LIMIT = 1_048_576
+
+_SQS_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
+_DDB_MISSING = ("ResourceNotFoundException",)
+_S3_MISSING_BUCKET = ("NoSuchBucket",)
+_S3_MISSING_KEY = ("NoSuchKey", "404", "NotFound")
+
+#: SQS moves a message to its DLQ when it is received more often than this; larger than
+#: the node's own max_deliveries (5), so that the node normally dead-letters first and
+#: records the job as failed (docs/aws.md)
+MAX_RECEIVE_COUNT = 10
+RETENTION = 1_209_600  # 14 days, SQS's longest
+
+JOB_ATTR = "kotta_job"
+REASON_ATTR = "kotta_reason"
+COUNT_ATTR = "kotta_receive_count"
+DEAD_AT_ATTR = "kotta_dead_at"
+OWNER_INDEX = "owner-created"
+
+_URL_PARAMS = (
+    "region", "endpoint_url", "profile", "bucket", "retry_mode", "max_attempts", "create_queues",
+)  # fmt: skip
+
+
+class EnclaveNotProvisioned(ConfigurationError):
+    """A queue, table or bucket of the enclave does not exist: run ``kotta aws bootstrap``."""
+
+
+# --------------------------------------------------------------------------- names
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every AWS resource name of enclave ``name``, in one place (bootstrap, CloudFormation
+    and the backend all use these)."""
+
+    name: str
+    bucket_override: str | None = None
+
+    def __post_init__(self):
+        check_name(self.name)
+
+    @property
+    def prefix(self) -> str:
+        return f"kotta-{self.name}"
+
+    def queue(self, queue: str) -> str:
+        """The SQS queue of a Kotta queue (``test``) or reply channel (``reply.CLIENT``)."""
+        if queue.startswith("reply."):
+            client = queue[len("reply.") :]
+            if not _QUEUE.match(client):
+                raise ConfigurationError(f"invalid reply channel {queue!r}")
+            return f"{self.prefix}-reply-{client}"
+        if not _QUEUE.match(queue) or queue.startswith("reply") or queue.endswith("-dlq"):
+            raise ConfigurationError(f"invalid queue name {queue!r}")
+        return f"{self.prefix}-{queue}"
+
+    def dlq(self, sqs_name: str) -> str:
+        return f"{sqs_name}-dlq"
+
+    @property
+    def reply_prefix(self) -> str:
+        return f"{self.prefix}-reply-"
+
+    @property
+    def jobs_table(self) -> str:
+        return f"{self.prefix}-jobs"
+
+    @property
+    def nodes_table(self) -> str:
+        return f"{self.prefix}-nodes"
+
+    @property
+    def bucket(self) -> str:
+        return self.bucket_override or f"{self.prefix}-blobs"
+
+    @property
+    def blob_prefix(self) -> str:
+        return "blobs/"
+
+    @property
+    def node_role(self) -> str:
+        return f"{self.prefix}-node"
+
+    @property
+    def user_role_prefix(self) -> str:
+        return f"{self.prefix}-user-"
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigurationError(
+            f"invalid AWS enclave name {name!r}: use 1-32 lower-case letters, digits and "
+            "hyphens, starting and ending with a letter or digit (it becomes part of queue, "
+            "table and bucket names)"
+        )
+    return name
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def parse_url(url: str) -> tuple[str, dict[str, str]]:
+    """``aws://NAME?region=...&endpoint_url=...`` -> (NAME, params)."""
+    parts = urlsplit(url)
+    if parts.scheme != "aws":
+        raise ConfigurationError(f"not an AWS enclave URL: {url!r} (expected aws://NAME)")
+    name = parts.netloc or parts.path.strip("/")
+    params = dict(parse_qsl(parts.query, keep_blank_values=False))
+    unknown = sorted(set(params) - set(_URL_PARAMS))
+    if unknown:
+        raise ConfigurationError(
+            f"unknown parameter(s) {', '.join(unknown)} in {url!r} "
+            f"(known: {', '.join(_URL_PARAMS)})"
+        )
+    return check_name(name), params
+
+
+def make_session(
+    *,
+    region: str | None = None,
+    profile: str | None = None,
+    what: str = "the AWS enclave",
+):
+    """A boto3 session from boto3's usual chain (environment, ~/.aws, instance role), with
+    one :class:`ConfigurationError` naming everything that is missing."""
+    import boto3
+    import botocore.exceptions
+
+    try:
+        session = boto3.session.Session(region_name=region or None, profile_name=profile or None)
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise ConfigurationError(f"cannot open {what}: {exc}") from None
+    missing = []
+    if not session.region_name:
+        missing.append(
+            "a region (set AWS_REGION or AWS_DEFAULT_REGION, a region in ~/.aws/config, "
+            "or ?region= in the enclave URL)"
+        )
+    try:
+        creds = session.get_credentials()
+    except botocore.exceptions.BotoCoreError:
+        creds = None
+    if creds is None:
+        missing.append(
+            "credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+            "run `aws configure` or `aws sso login`, or run on an instance with a role)"
+        )
+    if missing:
+        raise ConfigurationError(f"cannot open {what}: AWS " + " and ".join(missing) + " missing")
+    return session
+
+
+def client_config(retry_mode: str = "standard", max_attempts: int = 10, *, path_style=False):
+    """Retries for throttling and 5xx are botocore's (standard or adaptive mode)."""
+    from botocore.config import Config
+
+    if retry_mode not in ("standard", "adaptive", "legacy"):
+        raise ConfigurationError(f"retry_mode must be standard or adaptive, not {retry_mode!r}")
+    kw: dict[str, Any] = {}
+    if path_style:
+        kw["s3"] = {"addressing_style": "path"}
+    return Config(
+        retries={"mode": retry_mode, "max_attempts": int(max_attempts)},
+        # long polls wait up to 20 s: the read timeout must be longer
+        read_timeout=MAX_WAIT + 40,
+        connect_timeout=10,
+        max_pool_connections=32,
+        **kw,
+    )
+
+
+def _code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _client_error():
+    from botocore.exceptions import ClientError
+
+    return ClientError
+
+
+def _chunks(seq: Sequence, size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0))
+
+
+#: how many rounds unprocessed batch entries (throttled, 5xx) are retried before giving up
+BATCH_ROUNDS = 10
+
+
+# --------------------------------------------------------------------------- queues
+
+
+def ensure_queue(sqs, sqs_name: str, attributes: dict[str, str], tags: dict[str, str]):
+    """Create an SQS queue, or bring an existing one's attributes in line: (url, created)."""
+    try:
+        url = sqs.get_queue_url(QueueName=sqs_name)["QueueUrl"]
+    except _client_error() as exc:
+        if _code(exc) not in _SQS_MISSING:
+            raise
+    else:
+        sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
+        return url, False
+    url = sqs.create_queue(QueueName=sqs_name, Attributes=attributes, tags=tags)["QueueUrl"]
+    return url, True
+
+
+def ensure_work_queue(
+    sqs, names: Names, sqs_name: str, max_receive_count: int = MAX_RECEIVE_COUNT
+) -> tuple[str, list[str]]:
+    """A Kotta queue with its dead-letter queue and redrive policy: (url, names created)."""
+    tags = {"kotta-enclave": names.name}
+    created = []
+    dlq_url, new = ensure_queue(
+        sqs,
+        names.dlq(sqs_name),
+        {"MessageRetentionPeriod": str(RETENTION), "SqsManagedSseEnabled": "true"},
+        {**tags, "kotta-role": "dead-letters"},
+    )
+    if new:
+        created.append(names.dlq(sqs_name))
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)}
+    url, new = ensure_queue(
+        sqs,
+        sqs_name,
+        {
+            "RedrivePolicy": json.dumps(redrive),
+            "MessageRetentionPeriod": str(RETENTION),
+            "VisibilityTimeout": "30",
+            "SqsManagedSseEnabled": "true",
+        },
+        {**tags, "kotta-role": "tasks"},
+    )
+    if new:
+        created.append(sqs_name)
+    return url, created
+
+
+# --------------------------------------------------------------------------- enclave
+
+
+class AwsEnclave(Enclave):
+    """The enclave ``aws://NAME``: SQS queues, an S3 bucket and DynamoDB tables."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        bucket: str | None = None,
+        retry_mode: str = "standard",
+        max_attempts: int | str = 10,
+        create_queues: bool | str = False,
+        session=None,
+    ):
+        self.names = Names(name, bucket)
+        self.name = name
+        endpoint_url = endpoint_url or os.environ.get("KOTTA_AWS_ENDPOINT_URL") or None
+        self.endpoint_url = endpoint_url
+        self.session = session or make_session(
+            region=region, profile=profile, what=f"the AWS enclave {name!r}"
+        )
+        self.region = self.session.region_name
+        try:
+            attempts = int(max_attempts)
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"max_attempts must be an integer, not {max_attempts!r}") from None
+        cfg = client_config(retry_mode, attempts, path_style=bool(endpoint_url))
+        self.sqs = self.session.client("sqs", endpoint_url=endpoint_url, config=cfg)
+        self.s3 = self.session.client("s3", endpoint_url=endpoint_url, config=cfg)
+        self.dynamodb = self.session.client("dynamodb", endpoint_url=endpoint_url, config=cfg)
+        params = {"region": self.region}
+        if endpoint_url:
+            params["endpoint_url"] = endpoint_url
+        for key, value in (("profile", profile), ("bucket", bucket)):
+            if value:
+                params[key] = value
+        if retry_mode != "standard":
+            params["retry_mode"] = retry_mode
+        if attempts != 10:
+            params["max_attempts"] = str(attempts)
+        self.create_queues = create_queues in (True, "1", "true", "yes")
+        if self.create_queues:
+            params["create_queues"] = "1"
+        self.url = f"aws://{name}?{urlencode(params)}"
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self.blobs = S3Blobs(self)
+        self.queue = SqsQueue(self)
+        self.jobs = DynamoJobs(self)
+        self.nodes = DynamoNodes(self)
+
+    @classmethod
+    def from_url(cls, url: str) -> AwsEnclave:
+        name, params = parse_url(url)
+        return cls(name, **params)
+
+    @property
+    def clients(self) -> dict[str, Any]:
+        """The boto3 clients, by service (to count calls with ``meta.events``)."""
+        return {"sqs": self.sqs, "s3": self.s3, "dynamodb": self.dynamodb}
+
+    def not_provisioned(self, what: str) -> EnclaveNotProvisioned:
+        return EnclaveNotProvisioned(
+            f"the AWS enclave {self.name!r} is not set up in {self.region}: {what} does not "
+            f"exist.  Run `kotta aws bootstrap {self.name}` (or deploy "
+            "deploy/cloudformation.yaml) first."
+        )
+
+    def parallel(self, fn: Callable, items: Sequence) -> list:
+        """``[fn(x) for x in items]``, several calls in flight at once (one API call per
+        item is latency-bound, not throughput-bound)."""
+        if len(items) <= 1:
+            return [fn(x) for x in items]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(8, thread_name_prefix="kotta-aws")
+        return list(self._pool.map(fn, items))
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        for client in self.clients.values():
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()
+
+
+# --------------------------------------------------------------------------- S3
+
+
+class S3Blobs(BlobStore):
+    """Blobs under ``blobs/`` in the enclave's bucket; keys are checked as the embedded
+    store checks them (no ``/``, no ``..``)."""
+
+    def __init__(self, enclave: AwsEnclave):
+        self._e = enclave
+        self._s3 = enclave.s3
+
+    def _key(self, key: str) -> str:
+        if not isinstance(key, str) or not _KEY.match(key) or ".." in key:
+            raise ValueError(f"invalid blob key {key!r}")
+        return self._e.names.blob_prefix + key
+
+    def _missing_bucket(self, exc) -> Exception:
+        if _code(exc) in _S3_MISSING_BUCKET:
+            return self._e.not_provisioned(f"the bucket {self._e.names.bucket}")
+        return exc
+
+    def put(self, key, data):
+        full = self._key(key)
+        try:
+            self._s3.put_object(Bucket=self._e.names.bucket, Key=full, Body=bytes(data))
+        except _client_error() as exc:
+            raise self._missing_bucket(exc) from None
+
+    def get(self, key):
+        full = self._key(key)
+        try:
+            resp = self._s3.get_object(Bucket=self._e.names.bucket, Key=full)
+        except _client_error() as exc:
+            if _code(exc) in _S3_MISSING_KEY:
+                raise KeyError(f"no blob {key!r} in the enclave") from None
+            raise self._missing_bucket(exc) from None
+        return resp["Body"].read()
+
+    def delete(self, keys):
+        full = [self._key(k) for k in keys]
+        for chunk in _chunks(full, 1000):
+            try:
+                self._s3.delete_objects(
+                    Bucket=self._e.names.bucket,
+                    Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
+                )
+            except _client_error() as exc:
+                raise self._missing_bucket(exc) from None
+
+
+# --------------------------------------------------------------------------- SQS
+
+
+def _receipt(sqs_name: str, handle: str, blob: str | None) -> str:
+    return f"{sqs_name} {handle} {blob}" if blob else f"{sqs_name} {handle}"
+
+
+def _parse_receipt(receipt: str) -> tuple[str, str, str | None]:
+    parts = receipt.split(" ")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"not a receipt of the AWS backend: {receipt[:80]!r}")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
+
+
+class SqsQueue(TaskQueue):
+    """One SQS queue per Kotta queue (``kotta-NAME-test``, with ``kotta-NAME-test-dlq``) and
+    one per client for replies (``kotta-NAME-reply-CLIENT``, made by :meth:`open_reply`)."""
+
+    #: the largest base64 body sent inline; larger bodies go to S3 (tests lower it)
+    max_body = SQS_LIMIT - 16 * 1024
+    #: visibility timeout of reply messages between ReceiveMessage and DeleteMessageBatch
+    reply_visibility = 30
+    #: how many dead letters :meth:`dead_letters` lists at most
+    max_dead_letters = 1000
+
+    def __init__(self, enclave: AwsEnclave):
+        self._e = enclave
+        self._sqs = enclave.sqs
+        self._urls: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- queue URLs
+
+    def _url(self, sqs_name: str, *, missing_ok: bool = False) -> str | None:
+        url = self._urls.get(sqs_name)
+        if url is not None:
+            return url
+        try:
+            url = self._sqs.get_queue_url(QueueName=sqs_name)["QueueUrl"]
+        except _client_error() as exc:
+            if _code(exc) not in _SQS_MISSING:
+                raise
+            if self._e.create_queues:
+                url = self._create(sqs_name)
+            elif missing_ok:
+                return None
+            else:
+                raise self._e.not_provisioned(f"the SQS queue {sqs_name}") from None
+        with self._lock:
+            self._urls[sqs_name] = url
+        return url
+
+    def _create(self, sqs_name: str) -> str:
+        """Make a missing queue (only with ``create_queues``: development and tests)."""
+        names = self._e.names
+        if sqs_name.startswith(names.reply_prefix):
+            return self.open_reply_queue(sqs_name)
+        if sqs_name.endswith("-dlq"):
+            ensure_work_queue(self._sqs, names, sqs_name[: -len("-dlq")])
+            return self._sqs.get_queue_url(QueueName=sqs_name)["QueueUrl"]
+        return ensure_work_queue(self._sqs, names, sqs_name)[0]
+
+    def _forget(self, sqs_name: str) -> None:
+        with self._lock:
+            self._urls.pop(sqs_name, None)
+
+    def _call(self, sqs_name: str, method: str, *, missing_ok: bool = False, **kw):
+        """Call an SQS API on a queue; a queue that vanished raises (or returns None)."""
+        url = self._url(sqs_name, missing_ok=missing_ok)
+        if url is None:
+            return None
+        try:
+            return getattr(self._sqs, method)(QueueUrl=url, **kw)
+        except _client_error() as exc:
+            if _code(exc) in _SQS_MISSING:
+                self._forget(sqs_name)
+                if missing_ok:
+                    return None
+                raise self._e.not_provisioned(f"the SQS queue {sqs_name}") from None
+            raise
+
+    @staticmethod
+    def _is_reply(sqs_name_or_queue: str) -> bool:
+        return sqs_name_or_queue.startswith("reply.")
+
+    # -- encoding
+
+    def _encode(self, body: bytes) -> str:
+        text = "b:" + base64.b64encode(body).decode("ascii")
+        if len(text) <= self.max_body:
+            return text
+        key = f"msg-{uuid.uuid4().hex}"
+        self._e.blobs.put(key, body)
+        return "s3:" + key
+
+    def _decode(self, text: str) -> tuple[bytes, str | None]:
+        """A message body -> (bytes, blob key).  Anything malformed comes back as bytes
+        the node will find corrupt (and dead-letter)."""
+        if text.startswith("b:"):
+            try:
+                return base64.b64decode(text[2:], validate=True), None
+            except ValueError:
+                return text.encode(), None
+        if text.startswith("s3:"):
+            key = text[3:]
+            try:
+                return self._e.blobs.get(key), key
+            except (KeyError, ValueError):
+                return b"", None
+        return text.encode(), None
+
+    def _entries(self, items: Sequence[tuple[str, str, dict[str, Any]]]):
+        """Batches for SendMessageBatch: 10 entries and < 1 MiB a call."""
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for job_id, text, attrs in items:
+            attributes = {JOB_ATTR: {"DataType": "String", "StringValue": job_id or "-"}}
+            attributes.update(attrs)
+            n = len(text) + sum(
+                len(k) + len(v["DataType"]) + len(v["StringValue"]) for k, v in attributes.items()
+            )
+            if batch and (len(batch) == 10 or size + n > SQS_LIMIT - 4096):
+                yield batch
+                batch, size = [], 0
+            batch.append(
+                {"Id": str(len(batch)), "MessageBody": text, "MessageAttributes": attributes}
+            )
+            size += n
+        if batch:
+            yield batch
+
+    def _send(self, sqs_name: str, items, *, missing_ok: bool = False) -> bool:
+        """SendMessageBatch, retrying entries that failed on AWS's side; False if the queue
+        does not exist and ``missing_ok``."""
+        for batch in self._entries(items):
+            entries = batch
+            for attempt in range(BATCH_ROUNDS):
+                resp = self._call(sqs_name, "send_message_batch", missing_ok=missing_ok, Entries=entries)
+                if resp is None:
+                    return False
+                failed = resp.get("Failed") or []
+                if not failed:
+                    break
+                fatal = [f for f in failed if f.get("SenderFault")]
+                if fatal:
+                    raise RuntimeError(
+                        f"SQS refused {len(fatal)} message(s) for {sqs_name}: "
+                        f"{fatal[0].get('Code')}: {fatal[0].get('Message')}"
+                    )
+                ids = {f["Id"] for f in failed}
+                entries = [e for e in entries if e["Id"] in ids]
+                _backoff(attempt)
+            else:
+                raise RuntimeError(f"SQS did not accept {len(entries)} message(s) for {sqs_name}")
+        return True
+
+    # -- the interface
+
+    def send(self, queue: str, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        sqs_name = self._e.names.queue(queue)
+        items = [(m.job_id, self._encode(m.body), {}) for m in messages]
+        # A reply channel whose client is gone is not an error: the job table has the result.
+        if not self._send(sqs_name, items, missing_ok=self._is_reply(queue)):
+            blobs = [t[3:] for _, t, _ in items if t.startswith("s3:")]
+            if blobs:
+                self._e.blobs.delete(blobs)
+
+    def _receive(self, sqs_name, max_messages, visibility, wait, *, missing_ok=False):
+        out: list[tuple[dict, bytes, str | None]] = []
+        while len(out) < max_messages:
+            n = min(10, max_messages - len(out))
+            resp = self._call(
+                sqs_name,
+                "receive_message",
+                missing_ok=missing_ok,
+                MaxNumberOfMessages=n,
+                VisibilityTimeout=visibility,
+                WaitTimeSeconds=0 if out else wait,
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+                MessageAttributeNames=["All"],
+            )
+            if resp is None:
+                return None
+            msgs = resp.get("Messages") or []
+            for m in msgs:
+                body, blob = self._decode(m.get("Body", ""))
+                out.append((m, body, blob))
+            if len(msgs) < n:
+                break
+        return out
+
+    def receive(self, queue, max_messages, visibility_timeout, holder, wait_seconds=0.0):
+        if max_messages <= 0:
+            return []
+        sqs_name = self._e.names.queue(queue)
+        got = self._receive(
+            sqs_name, max_messages, _whole_seconds(visibility_timeout), _wait(wait_seconds)
+        )
+        return [
+            Delivery(
+                _job_id(m),
+                body,
+                _receipt(sqs_name, m["ReceiptHandle"], blob),
+                int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
+            )
+            for m, body, blob in got or []
+        ]
+
+    def take(self, queue, max_messages, wait_seconds=0.0):
+        if max_messages <= 0:
+            return []
+        sqs_name = self._e.names.queue(queue)
+        reply = self._is_reply(queue)
+        got = self._receive(
+            sqs_name, max_messages, self.reply_visibility, _wait(wait_seconds), missing_ok=reply
+        )
+        if got is None:
+            # The client's reply channel is made by open_reply; make it now if it was not.
+            self.open_reply(queue[len("reply.") :])
+            return []
+        if got:
+            self._delete(sqs_name, [(m["ReceiptHandle"], blob) for m, _, blob in got])
+        return [Message(_job_id(m), body) for m, body, _ in got]
+
+    def _by_queue(self, deliveries: Iterable[Delivery]) -> dict[str, list[tuple[str, str | None, Delivery]]]:
+        out: dict[str, list[tuple[str, str | None, Delivery]]] = {}
+        for d in deliveries:
+            sqs_name, handle, blob = _parse_receipt(d.receipt)
+            out.setdefault(sqs_name, []).append((handle, blob, d))
+        return out
+
+    def _visibility(self, deliveries, seconds: int) -> None:
+        for sqs_name, held in self._by_queue(deliveries).items():
+            for chunk in _chunks(held, 10):
+                entries = [
+                    {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": seconds}
+                    for i, (h, _, _) in enumerate(chunk)
+                ]
+                # Entries that fail name stale receipts (acknowledged, or delivered again
+                # elsewhere): like the embedded queue, they change nothing.
+                self._retry_batch(sqs_name, "change_message_visibility_batch", entries)
+
+    def _retry_batch(self, sqs_name: str, method: str, entries: list[dict]) -> set[str]:
+        """A batch call on receipts; returns the ids that succeeded.  Entries refused for
+        the sender's fault (a stale receipt) are dropped; others are retried."""
+        ok: set[str] = set()
+        for attempt in range(BATCH_ROUNDS):
+            resp = self._call(sqs_name, method, missing_ok=True, Entries=entries)
+            if resp is None:
+                return ok
+            ok.update(s["Id"] for s in resp.get("Successful") or [])
+            retry = {f["Id"] for f in resp.get("Failed") or [] if not f.get("SenderFault")}
+            if not retry:
+                return ok
+            entries = [e for e in entries if e["Id"] in retry]
+            _backoff(attempt)
+        return ok
+
+    def _delete(self, sqs_name: str, held: Sequence[tuple[str, str | None]]) -> None:
+        blobs: list[str] = []
+        for chunk in _chunks(list(held), 10):
+            entries = [{"Id": str(i), "ReceiptHandle": h} for i, (h, _) in enumerate(chunk)]
+            ok = self._retry_batch(sqs_name, "delete_message_batch", entries)
+            blobs += [b for i, (_, b) in enumerate(chunk) if b and str(i) in ok]
+        if blobs:
+            self._e.blobs.delete(blobs)
+
+    def extend(self, deliveries, visibility_timeout):
+        self._visibility(deliveries, _whole_seconds(visibility_timeout))
+
+    def release(self, deliveries):
+        self._visibility(deliveries, 0)
+
+    def ack(self, deliveries):
+        for sqs_name, held in self._by_queue(deliveries).items():
+            self._delete(sqs_name, [(h, b) for h, b, _ in held])
+
+    def dead_letter(self, deliveries, reason):
+        now = repr(time.time())
+        reason = (reason or "dead-lettered")[:4000]
+        for sqs_name, held in self._by_queue(deliveries).items():
+            items = []
+            for _, blob, d in held:
+                # a spilled body stays in S3 for the dead letter; an inline one is re-encoded
+                text = "s3:" + blob if blob else self._encode(d.body)
+                attrs = {
+                    REASON_ATTR: {"DataType": "String", "StringValue": reason},
+                    COUNT_ATTR: {"DataType": "Number", "StringValue": str(d.receive_count)},
+                    DEAD_AT_ATTR: {"DataType": "Number", "StringValue": now},
+                }
+                items.append((d.job_id, text, attrs))
+            self._send(self._e.names.dlq(sqs_name), items)
+            self._delete(sqs_name, [(h, None) for h, _, _ in held])
+
+    def dead_letters(self, queue):
+        """The dead letters of ``queue``, oldest first, without consuming them: they are
+        received with a short visibility timeout, then made visible again at once."""
+        dlq = self._e.names.dlq(self._e.names.queue(queue))
+        seen: dict[str, dict[str, Any]] = {}
+        handles: list[str] = []
+        while len(seen) < self.max_dead_letters:
+            got = self._receive(dlq, 10, 10, 0)
+            new = [(m, b) for m, b, _ in got or [] if m["MessageId"] not in seen]
+            if not new:
+                break
+            for m, _ in new:
+                attrs = m.get("MessageAttributes") or {}
+                sys_attrs = m.get("Attributes") or {}
+                reason = attrs.get(REASON_ATTR, {}).get("StringValue")
+                if COUNT_ATTR in attrs:
+                    count = int(attrs[COUNT_ATTR]["StringValue"])
+                else:  # moved by SQS's redrive policy; this listing counted one receive
+                    count = max(0, int(sys_attrs.get("ApproximateReceiveCount", 1)) - 1)
+                if DEAD_AT_ATTR in attrs:
+                    dead_at = float(attrs[DEAD_AT_ATTR]["StringValue"])
+                else:
+                    dead_at = int(sys_attrs.get("SentTimestamp", 0)) / 1000
+                seen[m["MessageId"]] = {
+                    "job_id": _job_id(m),
+                    "receive_count": count,
+                    "reason": reason
+                    or "redriven by SQS: received more often than the queue's maxReceiveCount",
+                    "dead_at": dead_at,
+                }
+                handles.append(m["ReceiptHandle"])
+        if handles:
+            self._visibility(
+                [Delivery("", b"", _receipt(dlq, h, None), 0) for h in handles], 0
+            )
+        return sorted(seen.values(), key=lambda d: d["dead_at"])
+
+    def depth(self, queue):
+        sqs_name = self._e.names.queue(queue)
+        resp = self._call(
+            sqs_name,
+            "get_queue_attributes",
+            missing_ok=self._is_reply(queue),
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+                "ApproximateNumberOfMessagesDelayed",
+            ],
+        )
+        if resp is None:
+            return 0
+        return sum(int(v) for v in (resp.get("Attributes") or {}).values())
+
+    def open_reply_queue(self, sqs_name: str) -> str:
+        url = self._sqs.create_queue(
+            QueueName=sqs_name,
+            Attributes={"MessageRetentionPeriod": "86400", "SqsManagedSseEnabled": "true"},
+            tags={"kotta-enclave": self._e.name, "kotta-role": "reply"},
+        )["QueueUrl"]
+        with self._lock:
+            self._urls[sqs_name] = url
+        return url
+
+    def open_reply(self, client_id: str) -> str:
+        """Create the client's reply queue (``kotta-NAME-reply-CLIENT``)."""
+        queue = f"reply.{client_id}"
+        self.open_reply_queue(self._e.names.queue(queue))
+        return queue
+
+    def close_reply(self, client_id: str) -> None:
+        sqs_name = self._e.names.queue(f"reply.{client_id}")
+        url = self._url(sqs_name, missing_ok=True)
+        self._forget(sqs_name)
+        if url is None:
+            return
+        try:
+            self._sqs.delete_queue(QueueUrl=url)
+        except _client_error() as exc:
+            if _code(exc) not in _SQS_MISSING:
+                raise
+
+
+def _job_id(m: dict) -> str:
+    return (m.get("MessageAttributes") or {}).get(JOB_ATTR, {}).get("StringValue", "")
+
+
+def _whole_seconds(seconds: float) -> int:
+    """SQS visibility timeouts are whole seconds: round up, within SQS's limits."""
+    return max(0, min(MAX_VISIBILITY, math.ceil(seconds)))
+
+
+def _wait(seconds: float) -> int:
+    return max(0, min(MAX_WAIT, math.ceil(seconds))) if seconds > 0 else 0
+
+
+# --------------------------------------------------------------------------- DynamoDB values
+
+
+def _n(value: float | int) -> dict[str, str]:
+    return {"N": repr(value) if isinstance(value, float) else str(int(value))}
+
+
+def _s_or_null(value: str | None) -> dict[str, Any]:
+    return {"NULL": True} if value is None else {"S": value}
+
+
+def _event(ts: float, state: JobState, detail: str | None) -> dict[str, Any]:
+    return {"M": {"t": _n(ts), "s": {"S": str(state)}, "d": _s_or_null(detail)}}
+
+
+def _value(av: dict[str, Any]) -> Any:
+    ((kind, v),) = av.items()
+    if kind == "S" or kind == "BOOL" or kind == "B":
+        return v
+    if kind == "N":
+        return float(v) if any(c in v for c in ".eE") else int(v)
+    if kind == "NULL":
+        return None
+    if kind == "L":
+        return [_value(x) for x in v]
+    if kind == "M":
+        return {k: _value(x) for k, x in v.items()}
+    raise ValueError(f"unexpected DynamoDB type {kind}")
+
+
+def _num(item: dict, name: str) -> float | None:
+    av = item.get(name)
+    if av is None or "NULL" in av:
+        return None
+    return float(av["N"])
+
+
+def _str(item: dict, name: str) -> str | None:
+    av = item.get(name)
+    if av is None or "NULL" in av:
+        return None
+    return av["S"]
+
+
+_RECORD_ATTRS = (
+    "job_id", "owner", "client", "queue", "fn", "walltime", "state", "created", "updated", "n",
+    "node", "attempts", "reason", "started", "finished", "kill_requested", "usage",
+)  # fmt: skip
+#: attributes the owner-created index carries besides its keys (never results or history)
+INDEX_ATTRS = tuple(a for a in _RECORD_ATTRS if a not in ("job_id", "owner", "created"))
+
+
+def _projection(attrs: Iterable[str]) -> tuple[str, dict[str, str]]:
+    names = {f"#{a}": a for a in attrs}
+    return ", ".join(names), names
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class DynamoJobs(JobTable):
+    """The table ``kotta-NAME-jobs`` (key ``job_id``; GSI ``owner-created``)."""
+
+    #: results up to this size are kept in the item (DynamoDB items are limited to 400 KB,
+    #: history and other attributes included); larger ones go to S3 (tests lower it)
+    max_result = 300 * 1024
+
+    def __init__(self, enclave: AwsEnclave):
+        self._e = enclave
+        self._ddb = enclave.dynamodb
+        self.table = enclave.names.jobs_table
+
+    def _call(self, method: str, **kw):
+        try:
+            return getattr(self._ddb, method)(**kw)
+        except _client_error() as exc:
+            if _code(exc) in _DDB_MISSING:
+                raise self._e.not_provisioned(f"the DynamoDB table {self.table}") from None
+            raise
+
+    def _update(self, key: str, update: str, condition: str, values: dict, names: dict) -> bool:
+        """One conditional UpdateItem; False when the condition does not hold."""
+        try:
+            self._call(
+                "update_item",
+                TableName=self.table,
+                Key={"job_id": {"S": key}},
+                UpdateExpression=update,
+                ConditionExpression=condition,
+                ExpressionAttributeValues=values,
+                ExpressionAttributeNames=names,
+            )
+            return True
+        except _client_error() as exc:
+            if _code(exc) == "ConditionalCheckFailedException":
+                return False
+            raise
+
+    @staticmethod
+    def _state_in(allowed: Iterable[JobState], values: dict) -> str:
+        marks = []
+        for i, s in enumerate(sorted(str(x) for x in allowed)):
+            values[f":s{i}"] = {"S": s}
+            marks.append(f":s{i}")
+        return f"#state IN ({', '.join(marks)})"
+
+    def create(self, jobs: Sequence[NewJob]) -> None:
+        """Write the job records (BatchWriteItem), then send the tasks (SendMessageBatch):
+        a task is never on a queue without its record."""
+        if not jobs:
+            return
+        now = time.time()
+        requests = []
+        for i, j in enumerate(jobs):
+            # a microsecond apart, so that list() orders a batch as the embedded one does
+            created = now + i * 1e-6
+            item = {
+                "job_id": {"S": j.job_id},
+                "owner": {"S": j.owner},
+                "client": {"S": j.client},
+                "queue": {"S": j.queue},
+                "fn": {"S": j.fn},
+                "walltime": _n(float(j.walltime)),
+                "n": _n(j.n),
+                "state": {"S": str(JobState.PENDING)},
+                "created": _n(created),
+                "updated": _n(created),
+                "attempts": _n(0),
+                "kill_requested": {"BOOL": False},
+                "history": {"L": [_event(created, JobState.PENDING, None)]},
+            }
+            requests.append({"PutRequest": {"Item": item}})
+        for chunk in _chunks(requests, 25):
+            pending = {self.table: list(chunk)}
+            for attempt in range(BATCH_ROUNDS):
+                resp = self._call("batch_write_item", RequestItems=pending)
+                pending = resp.get("UnprocessedItems") or {}
+                if not pending:
+                    break
+                _backoff(attempt)
+            else:
+                raise RuntimeError(f"DynamoDB did not accept {len(pending[self.table])} job records")
+        by_queue: dict[str, list[Message]] = {}
+        for j in jobs:
+            by_queue.setdefault(j.queue, []).append(Message(j.job_id, j.body))
+        for queue, messages in by_queue.items():
+            self._e.queue.send(queue, messages)
+
+    def transition(self, job_ids, new, *, from_states=None, node=None, reason=None):
+        new = JobState(new)
+        allowed = states.sources(new)
+        if from_states is not None:
+            from_states = frozenset(JobState(s) for s in from_states)
+            for s in from_states:
+                states.check(s, new)
+            allowed = from_states
+        if not job_ids or not allowed:
+            return []
+        now = time.time()
+        values: dict[str, Any] = {
+            ":new": {"S": str(new)},
+            ":now": _n(now),
+            ":ev": {"L": [_event(now, new, reason or node)]},
+        }
+        names = {"#state": "state"}
+        sets = ["#state = :new", "updated = :now", "history = list_append(history, :ev)"]
+        if reason is not None:
+            sets.append("reason = :reason")
+            values[":reason"] = {"S": reason}
+        add = ""
+        if new in (JobState.STAGING_INPUTS, JobState.PROCESSING):
+            sets += ["#node = :node", "started = :now"]
+            names["#node"] = "node"
+            values[":node"] = _s_or_null(node)
+            values[":one"] = _n(1)
+            add = " ADD attempts :one"
+        if new.final:
+            sets.append("finished = :now")
+        update = "SET " + ", ".join(sets) + add
+        condition = self._state_in(allowed, values)
+        ids = list(dict.fromkeys(job_ids))
+        moved = self._e.parallel(lambda j: self._update(j, update, condition, values, names), ids)
+        return [j for j, ok in zip(ids, moved, strict=True) if ok]
+
+    def finish(self, results: Sequence[Finished]) -> list[str]:
+        if not results:
+            return []
+        for r in results:
+            states.check(JobState.PROCESSING, r.state)
+        recorded = self._e.parallel(self._finish_one, list(results))
+        return [r.job_id for r, ok in zip(results, recorded, strict=True) if ok]
+
+    def _finish_one(self, r: Finished) -> bool:
+        now = time.time()
+        values: dict[str, Any] = {
+            ":st": {"S": str(r.state)},
+            ":reason": _s_or_null(r.reason),
+            ":usage": _s_or_null(json.dumps(r.usage) if r.usage else None),
+            ":now": _n(now),
+            ":ev": {"L": [_event(now, r.state, r.reason)]},
+        }
+        names = {"#state": "state"}
+        sets = [
+            "#state = :st", "reason = :reason", "#usage = :usage", "finished = :now",
+            "updated = :now", "history = list_append(history, :ev)",
+        ]  # fmt: skip
+        names["#usage"] = "usage"
+        ref = None
+        if len(r.result) > self.max_result:
+            # a key of its own per attempt: a second finish must not overwrite the first's
+            ref = f"result-{r.job_id}-{uuid.uuid4().hex[:8]}"
+            self._e.blobs.put(ref, r.result)
+            sets.append("result_ref = :ref")
+            values[":ref"] = {"S": ref}
+            remove = " REMOVE #result"
+            names["#result"] = "result"
+        else:
+            sets.append("#result = :res")
+            names["#result"] = "result"
+            values[":res"] = {"B": bytes(r.result)}
+            remove = " REMOVE result_ref"
+        condition = self._state_in(states.ACTIVE, values)
+        update = "SET " + ", ".join(sets) + remove
+        try:
+            ok = self._update(r.job_id, update, condition, values, names)
+        except BaseException:
+            if ref:
+                self._e.blobs.delete([ref])
+            raise
+        if not ok and ref:
+            self._e.blobs.delete([ref])
+        return ok
+
+    def _record(self, item: dict, result: bytes | None = None) -> JobRecord:
+        usage = _str(item, "usage")
+        return JobRecord(
+            job_id=item["job_id"]["S"],
+            owner=item["owner"]["S"],
+            client=item["client"]["S"],
+            queue=item["queue"]["S"],
+            fn=item["fn"]["S"],
+            walltime=float(item["walltime"]["N"]),
+            state=JobState(item["state"]["S"]),
+            created=float(item["created"]["N"]),
+            updated=float(item["updated"]["N"]),
+            n=int(item.get("n", {"N": "1"})["N"]),
+            node=_str(item, "node"),
+            attempts=int(item.get("attempts", {"N": "0"})["N"]),
+            reason=_str(item, "reason"),
+            started=_num(item, "started"),
+            finished=_num(item, "finished"),
+            kill_requested=bool(item.get("kill_requested", {}).get("BOOL", False)),
+            usage=json.loads(usage) if usage else None,
+            result=result,
+        )
+
+    def _batch_get(self, job_ids: Sequence[str], attrs: Sequence[str]) -> list[dict]:
+        projection, names = _projection(attrs)
+        items: list[dict] = []
+        ids = list(dict.fromkeys(job_ids))
+        for chunk in _chunks(ids, 100):
+            request = {
+                self.table: {
+                    "Keys": [{"job_id": {"S": j}} for j in chunk],
+                    "ProjectionExpression": projection,
+                    "ExpressionAttributeNames": names,
+                    "ConsistentRead": True,
+                }
+            }
+            for attempt in range(BATCH_ROUNDS):
+                resp = self._call("batch_get_item", RequestItems=request)
+                items += (resp.get("Responses") or {}).get(self.table, [])
+                request = resp.get("UnprocessedKeys") or {}
+                if not request:
+                    break
+                _backoff(attempt)
+            else:
+                raise RuntimeError("DynamoDB did not answer for some job records")
+        return items
+
+    def get_many(self, job_ids, *, with_result=False):
+        attrs = list(_RECORD_ATTRS) + (["result", "result_ref"] if with_result else [])
+        out: dict[str, JobRecord] = {}
+        for item in self._batch_get(list(job_ids), attrs):
+            result = None
+            if with_result:
+                if "result" in item and "B" in item["result"]:
+                    result = bytes(item["result"]["B"])
+                elif _str(item, "result_ref"):
+                    try:
+                        result = self._e.blobs.get(item["result_ref"]["S"])
+                    except KeyError:
+                        result = None
+            rec = self._record(item, result)
+            out[rec.job_id] = rec
+        return out
+
+    def list(self, *, owner=None, state=None, limit=50):
+        """One owner: a Query on the ``owner-created`` index, newest first.  All owners: a
+        Scan of the table (fine for small tables; it reads every record)."""
+        if limit <= 0:
+            return []
+        projection, names = _projection(_RECORD_ATTRS)
+        kw: dict[str, Any] = {"ProjectionExpression": projection, "ExpressionAttributeNames": names}
+        values: dict[str, Any] = {}
+        if state:
+            kw["FilterExpression"] = "#state = :state"
+            values[":state"] = {"S": str(JobState(state))}
+        records: list[JobRecord] = []
+        if owner:
+            values[":owner"] = {"S": owner}
+            kw.update(
+                IndexName=OWNER_INDEX,
+                KeyConditionExpression="#owner = :owner",
+                ScanIndexForward=False,
+                ExpressionAttributeValues=values,
+            )
+            while len(records) < limit:
+                resp = self._call("query", TableName=self.table, **kw)
+                records += [self._record(i) for i in resp.get("Items") or []]
+                if "LastEvaluatedKey" not in resp:
+                    break
+                kw["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+            records.sort(key=lambda r: r.created, reverse=True)
+            return records[:limit]
+        if values:
+            kw["ExpressionAttributeValues"] = values
+        while True:
+            resp = self._call("scan", TableName=self.table, **kw)
+            records += [self._record(i) for i in resp.get("Items") or []]
+            if "LastEvaluatedKey" not in resp:
+                break
+            kw["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        records.sort(key=lambda r: r.created, reverse=True)
+        return records[:limit]
+
+    def history(self, job_id):
+        resp = self._call(
+            "get_item",
+            TableName=self.table,
+            Key={"job_id": {"S": job_id}},
+            ProjectionExpression="history",
+            ConsistentRead=True,
+        )
+        item = resp.get("Item")
+        if not item or "history" not in item:
+            return []
+        return [(float(ev["t"]), ev["s"], ev["d"]) for ev in _value(item["history"])]
+
+    def request_kill(self, job_id):
+        values: dict[str, Any] = {":t": {"BOOL": True}, ":now": _n(time.time())}
+        condition = self._state_in(states.ACTIVE, values)
+        return self._update(
+            job_id, "SET kill_requested = :t, updated = :now", condition, values,
+            {"#state": "state"},
+        )  # fmt: skip
+
+    def kill_requested(self, job_ids):
+        items = self._batch_get(list(job_ids), ["job_id", "kill_requested"])
+        return {
+            i["job_id"]["S"] for i in items if i.get("kill_requested", {}).get("BOOL", False)
+        }
+
+    def result_refs(self, job_ids: Sequence[str]) -> list[str]:
+        """The S3 keys of spilled results (for clean-up, with :meth:`delete`)."""
+        items = self._batch_get(list(job_ids), ["job_id", "result_ref"])
+        return [i["result_ref"]["S"] for i in items if _str(i, "result_ref")]
+
+    def delete(self, job_ids: Sequence[str]) -> None:
+        """Remove job records and their spilled results (not part of the interface: the
+        embedded backend keeps every record; see docs/aws.md)."""
+        refs = self.result_refs(job_ids)
+        for chunk in _chunks(list(dict.fromkeys(job_ids)), 25):
+            pending = {
+                self.table: [{"DeleteRequest": {"Key": {"job_id": {"S": j}}}} for j in chunk]
+            }
+            for attempt in range(BATCH_ROUNDS):
+                resp = self._call("batch_write_item", RequestItems=pending)
+                pending = resp.get("UnprocessedItems") or {}
+                if not pending:
+                    break
+                _backoff(attempt)
+        refs += [f"payload-{j}" for j in job_ids]
+        self._e.blobs.delete(refs)
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class DynamoNodes(NodeRegistry):
+    """The table ``kotta-NAME-nodes`` (key ``node_id``; items expire a day after their last
+    heartbeat through DynamoDB's TTL on ``expires``)."""
+
+    #: seconds a live() answer is reused (the executor asks on every loop); this process's
+    #: own register/heartbeat/deregister always refresh it
+    live_cache_seconds = 1.0
+    expire_after = 86_400
+
+    def __init__(self, enclave: AwsEnclave):
+        self._e = enclave
+        self._ddb = enclave.dynamodb
+        self.table = enclave.names.nodes_table
+        self._cache: tuple[float, list[NodeInfo]] | None = None
+
+    def _call(self, method: str, **kw):
+        try:
+            return getattr(self._ddb, method)(**kw)
+        except _client_error() as exc:
+            if _code(exc) in _DDB_MISSING:
+                raise self._e.not_provisioned(f"the DynamoDB table {self.table}") from None
+            raise
+
+    def register(self, node):
+        self._cache = None
+        self._call(
+            "put_item",
+            TableName=self.table,
+            Item={
+                "node_id": {"S": node.node_id},
+                "queue": {"S": node.queue},
+                "host": {"S": node.host},
+                "pid": _n(node.pid),
+                "workers": _n(node.workers),
+                "started": _n(float(node.started)),
+                "heartbeat": _n(float(node.heartbeat)),
+                "managed_by": _s_or_null(node.managed_by),
+                "expires": _n(int(node.heartbeat + self.expire_after)),
+            },
+        )
+
+    def heartbeat(self, node_id):
+        self._cache = None
+        now = time.time()
+        try:
+            self._call(
+                "update_item",
+                TableName=self.table,
+                Key={"node_id": {"S": node_id}},
+                UpdateExpression="SET heartbeat = :now, expires = :exp",
+                ConditionExpression="attribute_exists(node_id)",
+                ExpressionAttributeValues={
+                    ":now": _n(now), ":exp": _n(int(now + self.expire_after))
+                },
+            )  # fmt: skip
+        except _client_error() as exc:
+            if _code(exc) != "ConditionalCheckFailedException":
+                raise
+
+    def deregister(self, node_id):
+        self._cache = None
+        self._call("delete_item", TableName=self.table, Key={"node_id": {"S": node_id}})
+
+    def all(self) -> list[NodeInfo]:
+        nodes: list[NodeInfo] = []
+        kw: dict[str, Any] = {"ConsistentRead": True}
+        while True:
+            resp = self._call("scan", TableName=self.table, **kw)
+            for i in resp.get("Items") or []:
+                nodes.append(
+                    NodeInfo(
+                        node_id=i["node_id"]["S"],
+                        queue=i["queue"]["S"],
+                        host=i["host"]["S"],
+                        pid=int(i["pid"]["N"]),
+                        workers=int(i["workers"]["N"]),
+                        started=float(i["started"]["N"]),
+                        heartbeat=float(i["heartbeat"]["N"]),
+                        managed_by=_str(i, "managed_by"),
+                    )
+                )
+            if "LastEvaluatedKey" not in resp:
+                return nodes
+            kw["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+
+    def live(self, queue=None):
+        cached = self._cache
+        now = time.monotonic()
+        if cached is None or now - cached[0] > self.live_cache_seconds:
+            cached = self._cache = (now, self.all())
+        stale = time.time() - NODE_STALE_AFTER
+        return [
+            n for n in cached[1] if (queue is None or n.queue == queue) and n.heartbeat >= stale
+        ]
