@@ -32,6 +32,7 @@ import datetime as _dt
 import itertools
 import logging
 import os
+import random
 import select
 import subprocess
 import sys
@@ -49,7 +50,7 @@ from typing import Any
 from . import config, wire
 from .backends import open_enclave
 from .backends.base import Enclave, NewJob, reply_queue
-from .errors import BrokenEnclave, ConfigurationError, UnknownJob
+from .errors import BrokenEnclave, ConfigurationError, EnvelopeError, UnknownJob
 from .future import KottaFuture
 from .states import CANCELLABLE, JobState
 
@@ -114,6 +115,9 @@ class KottaExecutor(Executor):
         self._start_node = start_node
         self.owner = owner or config.current_user()
         self.client_id = os.urandom(8).hex()
+        # Job ids: 128 random bits without a syscall per submit (os.urandom releases the
+        # GIL, and getting it back from a busy manager thread can take milliseconds).
+        self._ids = random.Random(os.urandom(32))
         self._reply_queue = reply_queue(self.client_id)
 
         self._futures: dict[str, KottaFuture] = {}
@@ -207,7 +211,7 @@ class KottaExecutor(Executor):
         with self._shutdown_lock:
             self._check_open()
         sections = wire.dump_call(fn, calls)
-        job_id = os.urandom(16).hex()
+        job_id = f"{self._ids.getrandbits(128):032x}"
         name = wire.fn_name(fn)
         header = {
             "kind": "task",
@@ -420,12 +424,18 @@ class KottaExecutor(Executor):
             if not msgs:
                 return
             self._last_reply = time.monotonic()
-            missing = [m.job_id for m in msgs if not m.body]
-            records = self._enclave.jobs.get_many(missing, with_result=True) if missing else {}
+            items: list[tuple[str, bytes]] = []
             for m in msgs:
-                body = m.body or (records[m.job_id].result if m.job_id in records else None)
-                if body:
-                    self._resolve(m.job_id, body)
+                try:
+                    items += wire.unpack_replies(m.body)
+                except EnvelopeError:
+                    log.warning("ignoring a malformed reply message for job %s", m.job_id)
+            missing = [job_id for job_id, body in items if not body]
+            records = self._enclave.jobs.get_many(missing, with_result=True) if missing else {}
+            for job_id, body in items:
+                body = body or (records[job_id].result if job_id in records else None)
+                if body:  # else: the reconcile step finds it in the job table later
+                    self._resolve(job_id, body)
 
     def _reconcile(self) -> None:
         now = time.monotonic()

@@ -167,6 +167,48 @@ def _check_header(header: Any) -> None:
         raise errors.EnvelopeError("kotta envelope section table is malformed")
 
 
+# --------------------------------------------------------------------------- replies
+#
+# A node replies to a client with one message per report, carrying many results:
+#     b"KRPL" | version (1 byte) | count (4 bytes) | count x (job id (32 ASCII) | length
+#     (4 bytes) | result envelope, or nothing: "read the result from the job table")
+
+REPLY_MAGIC = b"KRPL"
+_REPLY_PREFIX = struct.Struct(">4sBI")
+_REPLY_ITEM = struct.Struct(">32sI")
+
+
+def pack_replies(items: Sequence[tuple[str, bytes]]) -> bytes:
+    parts = [_REPLY_PREFIX.pack(REPLY_MAGIC, VERSION, len(items))]
+    for job_id, body in items:
+        parts.append(_REPLY_ITEM.pack(job_id.encode("ascii"), len(body)))
+        parts.append(body)
+    return b"".join(parts)
+
+
+def unpack_replies(data: bytes) -> list[tuple[str, bytes]]:
+    """``[(job_id, result envelope or b"")]``; anything malformed raises EnvelopeError."""
+    if len(data) < _REPLY_PREFIX.size:
+        raise errors.EnvelopeError("not a kotta reply: too short")
+    magic, version, count = _REPLY_PREFIX.unpack_from(data)
+    if magic != REPLY_MAGIC or version != VERSION:
+        raise errors.EnvelopeError("not a kotta reply of a version this client reads")
+    pos, out = _REPLY_PREFIX.size, []
+    for _ in range(count):
+        if pos + _REPLY_ITEM.size > len(data):
+            raise errors.EnvelopeError("truncated kotta reply")
+        raw_id, length = _REPLY_ITEM.unpack_from(data, pos)
+        pos += _REPLY_ITEM.size
+        job_id = raw_id.decode("ascii", "replace")
+        if not _JOB_ID.match(job_id) or pos + length > len(data):
+            raise errors.EnvelopeError("malformed kotta reply item")
+        out.append((job_id, data[pos : pos + length]))
+        pos += length
+    if pos != len(data):
+        raise errors.EnvelopeError("kotta reply has trailing bytes")
+    return out
+
+
 # --------------------------------------------------------------------------- tasks
 
 

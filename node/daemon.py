@@ -44,6 +44,8 @@ from .pool import Task, Worker
 
 log = logging.getLogger("kotta.node")
 
+#: seconds the node lets results of tiny tasks accumulate before reporting them
+LINGER = 0.0005
 #: replies up to this size carry the result; larger ones make the client read the job table
 REPLY_INLINE_LIMIT = 64 * 1024
 
@@ -243,6 +245,14 @@ class Node:
             self._last_kill_check = 0.0  # a ring may be a kill request: look now
         if self._wake_r in ready:
             os.read(self._wake_r, 4096)
+        elif ready and not self.stopping and self._streaming():
+            # Tiny tasks in flight: let a few more results land before one report, instead
+            # of a transaction and a client wake-up per result.
+            time.sleep(LINGER)
+
+    def _streaming(self) -> bool:
+        inflight = sum(len(w.inflight) for w in self.workers)
+        return inflight >= 4 and all(w.depth > 1 for w in self.workers if w.inflight)
 
     def _collect(self) -> None:
         for w in list(self.workers):
@@ -306,15 +316,15 @@ class Node:
         if not self.finished:
             return
         batch, self.finished = self.finished, []
-        replies: dict[str, list[Message]] = {}
+        replies: dict[str, list[tuple[str, bytes]]] = {}
         with self.enclave.atomic():
             recorded = set(self.enclave.jobs.finish([fin for _, _, fin, _ in batch]))
             for _, _, fin, client in batch:
                 if fin.job_id in recorded:
                     body = fin.result if len(fin.result) <= REPLY_INLINE_LIMIT else b""
-                    replies.setdefault(client, []).append(Message(fin.job_id, body))
-            for client, messages in replies.items():
-                self.enclave.queue.send(reply_queue(client), messages)
+                    replies.setdefault(client, []).append((fin.job_id, body))
+            for client, items in replies.items():
+                self._reply(client, items)
             self.enclave.queue.ack([d for _, d, _, _ in batch])
         for client in replies:
             self.enclave.ring_client(client)
@@ -324,6 +334,21 @@ class Node:
         if refs:
             self.enclave.blobs.delete(refs)
         self.jobs_done += len(batch)
+
+    def _reply(self, client: str, items: list[tuple[str, bytes]]) -> None:
+        """One reply message per client and report, up to ~256 KiB each."""
+        chunk: list[tuple[str, bytes]] = []
+        size = 0
+        messages = []
+        for item in items:
+            if chunk and size + len(item[1]) > REPLY_INLINE_LIMIT * 4:
+                messages.append(Message(chunk[0][0], wire.pack_replies(chunk)))
+                chunk, size = [], 0
+            chunk.append(item)
+            size += len(item[1]) + 36
+        if chunk:
+            messages.append(Message(chunk[0][0], wire.pack_replies(chunk)))
+        self.enclave.queue.send(reply_queue(client), messages)
 
     def _police(self) -> None:
         now = time.monotonic()
@@ -423,7 +448,7 @@ class Node:
         data = wire.failure(d.job_id, job.n, etype, reason)
         fin = Finished(d.job_id, JobState.FAILED, data, reason)
         if self.enclave.jobs.finish([fin]):
-            self.enclave.queue.send(reply_queue(job.client), [Message(d.job_id, data)])
+            self._reply(job.client, [(d.job_id, data)])
             self.enclave.ring_client(job.client)
 
     def _dispatch(self) -> None:
@@ -451,15 +476,19 @@ class Node:
         started = set(
             self.enclave.jobs.transition([t.job_id for t, _ in plan], JobState.PROCESSING, node=self.node_id)
         )
+        frames: dict[Worker, list[Task]] = {}
         for task, w in plan:
             if task.job_id not in started:  # cancelled meanwhile, or already finished
                 self.enclave.queue.ack([task.delivery])
                 continue
+            frames.setdefault(w, []).append(task)
+        for w, tasks in frames.items():
             try:
-                w.send(task)
-            except OSError:
-                w.inflight.pop()
-                self.pending.appendleft(task)
+                w.send(tasks)
+            except OSError:  # the worker is gone; collect() buries it and these run elsewhere
+                for _ in tasks:
+                    w.inflight.pop()
+                self.pending.extendleft(reversed(tasks))
 
     def _worker_for(self, owner: str, load: dict[Worker, int]) -> Worker | None:
         best = None

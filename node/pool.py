@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from .worker import read_capture
+from .worker import pack_frame, read_capture
 
 #: seconds between the soft signal and SIGKILL when a task is stopped
 KILL_GRACE = 0.5
@@ -75,12 +75,12 @@ class Worker:
         """How many tasks may wait in this worker's pipe: many for tiny tasks, one otherwise."""
         return 16 if self.avg < 0.002 else 1
 
-    def send(self, task: Task) -> None:
-        now = time.monotonic()
+    def send(self, tasks: list[Task]) -> None:
+        """Hand tasks to the worker in one write (one wake-up for the worker)."""
         if not self.inflight:
-            task.started = now
-        self.inflight.append(task)
-        self.tasks.send_bytes(task.data)
+            tasks[0].started = time.monotonic()
+        self.inflight.extend(tasks)
+        self.tasks.send_bytes(pack_frame([t.data for t in tasks]))
 
     def task_done(self) -> Task:
         task = self.inflight.popleft()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import resource
+import struct
 import sys
 import time
 from collections import OrderedDict
@@ -138,6 +139,23 @@ def run_task(data: bytes) -> bytes:
     )
 
 
+_LEN = struct.Struct(">I")
+
+
+def pack_frame(items: list[bytes]) -> bytes:
+    """Node to worker: task envelopes, each behind its 4-byte length, in one write."""
+    return b"".join(_LEN.pack(len(item)) + item for item in items)
+
+
+def unpack_frame(data: bytes) -> list[bytes]:
+    items, pos = [], 0
+    while pos < len(data):
+        (n,) = _LEN.unpack_from(data, pos)
+        items.append(data[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    return items
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     task_fd, result_fd = int(argv[0]), int(argv[1])
@@ -147,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     results = Connection(result_fd, readable=False)
     while True:
         try:
-            data = tasks.recv_bytes()
+            frame = tasks.recv_bytes()
         except (EOFError, OSError):
             return 0
-        results.send_bytes(run_task(data))
+        for data in unpack_frame(frame):  # one result per task, as soon as it is done
+            results.send_bytes(run_task(data))
 
 
 if __name__ == "__main__":
