@@ -36,7 +36,10 @@ def walltime_seconds(walltime: float | int | _dt.timedelta) -> float:
     if isinstance(walltime, _dt.timedelta):
         seconds = walltime.total_seconds()
     elif isinstance(walltime, (int, float)) and not isinstance(walltime, bool):
-        seconds = float(walltime) * 60.0
+        try:
+            seconds = float(walltime) * 60.0
+        except OverflowError:
+            seconds = math.inf
     else:
         raise ConfigurationError(
             f"walltime must be a number of minutes or a datetime.timedelta, not {walltime!r}"

@@ -174,7 +174,7 @@ class KottaExecutor(Executor):
     def attach(self, job_id: str) -> KottaFuture:
         """A future for a job submitted earlier, by this or any other client (a restarted
         kernel, another machine sharing the enclave)."""
-        if not isinstance(job_id, str) or not wire._JOB_ID.match(job_id):
+        if not isinstance(job_id, str) or not wire.is_job_id(job_id):
             raise UnknownJob(f"{job_id!r} is not a job id")
         with self._shutdown_lock:
             self._check_open()

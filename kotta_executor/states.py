@@ -1,18 +1,30 @@
-"""The one place that decides job state transitions.
+r"""The one place that decides job state transitions.
 
 Backends never write a state on their own judgement: they ask :func:`sources` which
 states a change may start from and make that a condition of the write (an SQL ``WHERE
 state IN (...)`` or a DynamoDB ``ConditionExpression``), so that a task delivered twice can
 never overwrite a finished result.
 
-::
+The forward path::
 
-    pending ─┬─> staging_inputs ─> processing ─> staging_outputs ─┬─> completed
-             │                        ^   │                         │
-             └────────────────────────┘   └─────────────────────────┼─> failed
-       (any state that is not final) ───────────────────────────────┴─> cancelled
+    pending -> staging_inputs -> processing -> staging_outputs -> completed
+       │             (skipped without inputs)     (skipped without outputs)
 
-``processing -> processing`` is allowed: it is a redelivery after a node died.
+and the table in full (``x`` = allowed; the staging states are skipped by jobs that have
+no inputs or outputs)::
+
+    from \ to        pending  staging_in  processing  staging_out  completed  failed  cancelled
+    pending            .        x           x           .            .          x       x
+    staging_inputs     .        x           x           .            .          x       x
+    processing         .        x           x           x            x          x       x
+    staging_outputs    .        x           x           x            x          x       x
+    completed/failed/cancelled: final, nothing leaves them
+
+* ``pending -> failed``: the node dead-letters a corrupt or too-often-delivered task.
+* ``pending/... -> cancelled``: cancel (only from pending, see ``CANCELLABLE``) or kill.
+* A move back to ``staging_inputs`` or ``processing`` from a later active state, or staying
+  in the same staging/processing state, is a *redelivery*: the node that held the task
+  died and another starts it again from the beginning.
 """
 
 from __future__ import annotations
@@ -39,19 +51,12 @@ class JobState(StrEnum):
 FINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 ACTIVE = frozenset(JobState) - FINAL
 
+_REDELIVERABLE = frozenset({JobState.STAGING_INPUTS, JobState.PROCESSING})
 _ALLOWED: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset(
-        {JobState.STAGING_INPUTS, JobState.PROCESSING} | FINAL
-    ),
-    JobState.STAGING_INPUTS: frozenset(
-        {JobState.STAGING_INPUTS, JobState.PROCESSING} | FINAL
-    ),
-    JobState.PROCESSING: frozenset(
-        {JobState.STAGING_INPUTS, JobState.PROCESSING, JobState.STAGING_OUTPUTS} | FINAL
-    ),
-    JobState.STAGING_OUTPUTS: frozenset(
-        {JobState.STAGING_INPUTS, JobState.PROCESSING, JobState.STAGING_OUTPUTS} | FINAL
-    ),
+    JobState.PENDING: _REDELIVERABLE | {JobState.FAILED, JobState.CANCELLED},
+    JobState.STAGING_INPUTS: _REDELIVERABLE | {JobState.FAILED, JobState.CANCELLED},
+    JobState.PROCESSING: _REDELIVERABLE | {JobState.STAGING_OUTPUTS} | FINAL,
+    JobState.STAGING_OUTPUTS: _REDELIVERABLE | {JobState.STAGING_OUTPUTS} | FINAL,
     JobState.COMPLETED: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),

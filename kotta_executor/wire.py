@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
-from tblib import pickling_support
+from tblib import Traceback
 
 from . import errors
 
@@ -45,7 +45,7 @@ MAGIC = b"KOTTA"
 VERSION = 1
 _PREFIX = struct.Struct(">5sBI")
 MAX_HEADER = 1 << 20
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 OK = "ok"
 ERROR = "error"
@@ -76,6 +76,10 @@ _TASK_FIELDS = {
     "n": int,
 }
 _RESULT_FIELDS = {"job_id": str, "outcome": str, "n": int}
+
+
+def is_job_id(text: str) -> bool:
+    return bool(_JOB_ID.fullmatch(text))
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def decode(data: bytes | memoryview) -> Envelope:
         raise errors.EnvelopeError("truncated kotta envelope: header runs past the end")
     try:
         header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, too long, too deep
         raise errors.EnvelopeError(f"kotta envelope header is not JSON: {exc}") from None
     _check_header(header)
     sections: dict[str, bytes] = {}
@@ -143,15 +147,19 @@ def _check_header(header: Any) -> None:
     if not isinstance(header, dict):
         raise errors.EnvelopeError("kotta envelope header is not an object")
     kind = header.get("kind")
-    required = {"task": _TASK_FIELDS, "result": _RESULT_FIELDS}.get(kind)
+    required = {"task": _TASK_FIELDS, "result": _RESULT_FIELDS}.get(kind) if isinstance(kind, str) else None
     if required is None:
         raise errors.EnvelopeError(f"unknown envelope kind {kind!r}")
     for name, typ in required.items():
         value = header.get(name)
         if not isinstance(value, typ) or isinstance(value, bool):
             raise errors.EnvelopeError(f"{kind} envelope field {name!r} is missing or malformed")
-    if not _JOB_ID.match(header["job_id"]):
+    if not _JOB_ID.fullmatch(header["job_id"]):
         raise errors.EnvelopeError(f"{kind} envelope has a malformed job id")
+    if header["n"] < 1:
+        raise errors.EnvelopeError(f"{kind} envelope must carry at least one call")
+    if kind == "task" and not (0 < header["walltime"] < float("inf")):
+        raise errors.EnvelopeError("task envelope walltime must be positive and finite")
     if kind == "result" and header["outcome"] not in OUTCOMES:
         raise errors.EnvelopeError(f"unknown result outcome {header['outcome']!r}")
     secs = header.get("sections")
@@ -200,7 +208,7 @@ def unpack_replies(data: bytes) -> list[tuple[str, bytes]]:
         raw_id, length = _REPLY_ITEM.unpack_from(data, pos)
         pos += _REPLY_ITEM.size
         job_id = raw_id.decode("ascii", "replace")
-        if not _JOB_ID.match(job_id) or pos + length > len(data):
+        if not _JOB_ID.fullmatch(job_id) or pos + length > len(data):
             raise errors.EnvelopeError("malformed kotta reply item")
         out.append((job_id, data[pos : pos + length]))
         pos += length
@@ -288,19 +296,119 @@ def task_header(**fields: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- results
 
 
+class ExceptionBox:
+    """An exception on its way back to the client: itself (its ``args`` and ``__dict__``,
+    as pickle keeps them), its traceback as tblib data, and its chained exceptions.
+
+    The stdlib pickles neither tracebacks nor ``__cause__``/``__context__``; this carries
+    them without patching the exception classes (tblib's ``pickling_support.install`` does,
+    and loses ``SystemExit.code`` and ``StopIteration.value`` on the way)."""
+
+    __slots__ = ("exc", "tb", "cause", "context", "suppress")
+
+    def __init__(self, exc: BaseException, _seen: set[int] | None = None):
+        seen = _seen if _seen is not None else set()
+        seen.add(id(exc))
+        self.exc = _Travelling(exc) if _round_trips(exc) else remote_error(exc)
+        tb = exc.__traceback__
+        self.tb = Traceback(tb).to_dict() if tb is not None else None
+        cause, context = exc.__cause__, exc.__context__
+        self.cause = ExceptionBox(cause, seen) if _chainable(cause, seen) else None
+        self.context = (
+            "cause" if context is not None and context is cause
+            else ExceptionBox(context, seen) if _chainable(context, seen) else None
+        )
+        self.suppress = exc.__suppress_context__
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    @property
+    def original(self) -> BaseException:
+        return self.exc.exc if isinstance(self.exc, _Travelling) else self.exc
+
+    def unbox(self) -> BaseException:
+        exc = self.original
+        if self.tb is not None:
+            try:
+                exc = exc.with_traceback(Traceback.from_dict(self.tb).as_traceback())
+            except Exception:  # noqa: BLE001 - a traceback we cannot rebuild is not fatal
+                pass
+        if self.cause is not None:
+            exc.__cause__ = self.cause.unbox()
+        if self.context == "cause":
+            exc.__context__ = exc.__cause__
+        elif self.context is not None:
+            exc.__context__ = self.context.unbox()
+        exc.__suppress_context__ = self.suppress
+        return exc
+
+
+_CHAIN_LIMIT = 32
+
+
+def _chainable(exc: BaseException | None, seen: set[int]) -> bool:
+    return exc is not None and id(exc) not in seen and len(seen) < _CHAIN_LIMIT
+
+
+class _Travelling:
+    """Pickles an exception as its class, ``args`` and ``__dict__``, and rebuilds it without
+    running a Python ``__init__`` again (one that reformats its message would do it twice),
+    while the C-level ``__init__`` of its builtin base still sets ``SystemExit.code``,
+    ``StopIteration.value``, ``OSError.errno`` and the like.  Classes with a ``__reduce__``
+    of their own are pickled their own way."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __reduce__(self):
+        exc = self.exc
+        cls = type(exc)
+        if cls.__reduce__ is not BaseException.__reduce__ or (
+            cls.__reduce_ex__ is not BaseException.__reduce_ex__
+        ):
+            return (_Travelling, (exc,))
+        return (_rebuild_exception, (cls, exc.args, dict(getattr(exc, "__dict__", {}))))
+
+
+def _rebuild_exception(cls: type[BaseException], args: tuple, state: dict) -> _Travelling:
+    exc = cls.__new__(cls, *args)
+    base = next(c for c in cls.__mro__ if c.__module__ == "builtins")
+    try:
+        base.__init__(exc, *args)
+    except TypeError:
+        exc.args = args
+    exc.__dict__.update(state)
+    return _Travelling(exc)
+
+
+def _round_trips(exc: BaseException) -> bool:
+    """Does the exception survive pickling (some pickle, then fail to unpickle)?"""
+    try:
+        pickle.loads(cloudpickle.dumps(_Travelling(exc)))
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def prepare_exception(exc: BaseException) -> ExceptionBox:
+    """Make an exception raised by user code safe to put in :func:`dump_outcomes`."""
+    return ExceptionBox(exc)
+
+
 def dump_exception(exc: BaseException) -> bytes:
     """Pickle an exception with its remote traceback and chained causes.
 
-    If the exception cannot make the round trip it is replaced by a :class:`RemoteError`
+    An exception that cannot make the round trip is replaced by a :class:`RemoteError`
     carrying its type name, message and formatted traceback.
     """
-    try:
-        pickling_support.install(exc)
-        data = cloudpickle.dumps(exc)
-        pickle.loads(data)  # an exception that pickles may still fail to unpickle
-        return data
-    except Exception:  # noqa: BLE001 - any failure means: send what we can salvage
-        return cloudpickle.dumps(remote_error(exc))
+    return cloudpickle.dumps(ExceptionBox(exc))
 
 
 def remote_error(exc: BaseException) -> errors.RemoteError:
@@ -312,36 +420,44 @@ def remote_error(exc: BaseException) -> errors.RemoteError:
     return errors.RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}", message, tb)
 
 
-def dump_outcomes(items: Iterable[tuple[str, Any]]) -> bytes:
-    """Pickle per-call outcomes; a value that cannot be pickled fails only its own call."""
-    items = list(items)
-    try:
-        return cloudpickle.dumps(items)
-    except Exception:  # noqa: BLE001 - fall back to pickling call by call
-        pass
-    safe: list[tuple[str, Any]] = []
+def _unbox(value: Any) -> Any:
+    return value.unbox() if isinstance(value, ExceptionBox) else value
+
+
+def dump_outcomes(items: Iterable[tuple[str, Any]]) -> tuple[bytes, int, str | None]:
+    """Pickle per-call outcomes, each on its own: a value that cannot be pickled here, or
+    unpickled on the client, fails only its own call.
+
+    Returns the payload, how many calls failed, and a summary of the first failure.
+    """
+    parts: list[bytes] = []
+    failed, reason = 0, None
     for tag, value in items:
         try:
-            cloudpickle.dumps(value)
-            safe.append((tag, value))
+            parts.append(cloudpickle.dumps((tag, value)))
         except Exception as exc:  # noqa: BLE001
             what = "result" if tag == OK else "exception"
             err = errors.SerializationError(
                 f"the {what} of the call ({type(value).__module__}."
                 f"{type(value).__qualname__}) could not be pickled to send back: {exc}"
             )
-            safe.append(("raise", err))
-    return cloudpickle.dumps(safe)
+            tag, value = "raise", ExceptionBox(err)
+            parts.append(cloudpickle.dumps((tag, value)))
+        if tag != OK:
+            failed += 1
+            if reason is None:
+                reason = summary(value.original if isinstance(value, ExceptionBox) else value)
+    return pickle.dumps(parts), failed, reason
 
 
-def prepare_exception(exc: BaseException) -> BaseException:
-    """Make an exception raised by user code safe to put in :func:`dump_outcomes`."""
+def summary(exc: BaseException) -> str:
+    """``Type: message`` in one line, for job records."""
     try:
-        pickling_support.install(exc)
-        pickle.loads(cloudpickle.dumps(exc))
-        return exc
+        text = str(exc)
     except Exception:  # noqa: BLE001
-        return remote_error(exc)
+        text = ""
+    name = type(exc).__qualname__
+    return f"{name}: {text}"[:500] if text else name
 
 
 def result_header(job_id: str, outcome: str, n: int, **fields: Any) -> dict[str, Any]:
@@ -374,22 +490,38 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
     n = h["n"]
     job_id = h["job_id"]
     if h["outcome"] == FAILED:
-        err = h.get("error") or {}
+        err = h.get("error")
+        err = err if isinstance(err, dict) else {}
         cls = FAILURE_TYPES.get(err.get("type"), errors.JobFailed)
         exc = cls(err.get("message", "the task failed"), job_id=job_id)
         for key in ("exitcode", "signal"):
             if key in err:
                 setattr(exc, key, err[key])
         return [(False, exc)] * n
-    try:
-        loaded = pickle.loads(env.sections.get("payload", b""))
-    except Exception as exc:  # noqa: BLE001 - cannot unpickle here: say so, keep the cause
-        err = errors.SerializationError(
-            f"the result of job {job_id} could not be unpickled on the client: "
-            f"{type(exc).__name__}: {exc}"
-        )
-        err.__cause__ = exc
-        return [(False, err)] * n
+    payload = env.sections.get("payload", b"")
     if h["outcome"] == ERROR:
-        return [(False, loaded)] * n
-    return [(tag == OK, value) for tag, value in loaded]
+        try:
+            return [(False, _unbox(pickle.loads(payload)))] * n
+        except Exception as exc:  # noqa: BLE001 - cannot unpickle here: say so, keep the cause
+            return [(False, _unpickle_error(job_id, exc))] * n
+    try:
+        parts = pickle.loads(payload)
+    except Exception as exc:  # noqa: BLE001
+        return [(False, _unpickle_error(job_id, exc))] * n
+    out: list[tuple[bool, Any]] = []
+    for part in parts:
+        try:
+            tag, value = pickle.loads(part)
+            out.append((tag == OK, _unbox(value)))
+        except Exception as exc:  # noqa: BLE001 - fails its own call only
+            out.append((False, _unpickle_error(job_id, exc)))
+    return out
+
+
+def _unpickle_error(job_id: str, exc: BaseException) -> errors.SerializationError:
+    err = errors.SerializationError(
+        f"the result of job {job_id} could not be unpickled on the client: "
+        f"{type(exc).__name__}: {exc}"
+    )
+    err.__cause__ = exc
+    return err

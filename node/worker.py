@@ -14,6 +14,7 @@ If it dies mid-task, the node still holds the capture files and reads what the t
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import struct
@@ -50,22 +51,22 @@ def _reset_capture() -> None:
         os.lseek(fd, 0, os.SEEK_SET)
 
 
+try:
+    _LIBC = ctypes.CDLL(None)
+except OSError:  # no C library to flush
+    _LIBC = None
+
+
 def _flush_streams() -> None:
+    """Flush Python's and C's buffered output, so it lands in this task's capture."""
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             if stream is not None:
                 stream.flush()
         except Exception:  # noqa: BLE001
             pass
-
-
-def _summary(exc: BaseException) -> str:
-    try:
-        text = str(exc)
-    except Exception:  # noqa: BLE001
-        text = ""
-    name = type(exc).__qualname__
-    return f"{name}: {text}"[:500] if text else name
+    if _LIBC is not None:
+        _LIBC.fflush(None)
 
 
 class _LRU(OrderedDict):
@@ -107,7 +108,7 @@ def run_task(data: bytes) -> bytes:
             f"the task {h['fn']} could not be unpickled on the node: {type(exc).__name__}: {exc}"
         )
         err.__cause__ = exc
-        outcome, failed, reason = wire.ERROR, h["n"], _summary(err)
+        outcome, failed, reason = wire.ERROR, h["n"], wire.summary(err)
         payload = wire.dump_exception(err)
     else:
         items = []
@@ -115,10 +116,8 @@ def run_task(data: bytes) -> bytes:
             try:
                 items.append((wire.OK, fn(*args, **kwargs)))
             except BaseException as exc:  # noqa: BLE001 - SystemExit from user code is a failure too
-                failed += 1
-                reason = reason or _summary(exc)
                 items.append(("raise", wire.prepare_exception(exc)))
-        payload = wire.dump_outcomes(items)
+        payload, failed, reason = wire.dump_outcomes(items)
     _flush_streams()
     r1s, r1c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1s.ru_utime + r1s.ru_stime - r0s.ru_utime - r0s.ru_stime) + (

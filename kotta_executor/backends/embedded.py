@@ -427,12 +427,13 @@ class EmbeddedJobs(JobTable):
         if not results:
             return []
         now = time.time()
-        allowed = [str(s) for s in states.ACTIVE]
         recorded: list[str] = []
         spill: list[tuple[str, bytes]] = []
         with self._db.tx() as c:
             for r in results:
-                states.check(JobState.PROCESSING, r.state)
+                allowed = [str(x) for x in states.sources(r.state)]
+                if not JobState(r.state).final:
+                    raise ValueError(f"finish() records final states, not {r.state}")
                 body, ref = r.result, None
                 if len(body) > RESULT_INLINE_LIMIT:
                     ref = f"result-{r.job_id}"
