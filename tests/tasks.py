@@ -144,8 +144,9 @@ def log_pid_and_wait(log, release, timeout=60.0):
 
 
 def write_marker(path):
-    """Record which process ran this (used as a ``__reduce__`` callable: who unpickled?)."""
-    Path(path).write_text(str(os.getpid()))
+    """Append this process's pid to ``path`` (a ``__reduce__`` callable: who unpickled?)."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
     return os.getpid()
 
 
@@ -169,3 +170,78 @@ def kill_own_node():
 
     os.kill(os.getppid(), signal.SIGKILL)
     return os.getpid()
+
+
+# --- added for tests/test_executor.py and tests/test_decorator.py
+
+
+def fail_on(x, bad):
+    """``x * 10``, except for ``x == bad``, which raises ValueError."""
+    if x == bad:
+        raise ValueError(f"item {x} is bad")
+    return x * 10
+
+
+def create_file(path, text=""):
+    """Create ``path`` (a marker that the task ran) and return ``text``."""
+    Path(path).write_text(text)
+    return text
+
+
+def append_line(path, line):
+    """Append ``line`` to ``path`` (counts how often a task ran) and return it."""
+    with open(path, "a") as f:
+        f.write(f"{line}\n")
+    return line
+
+
+def apply_fn(fn, x):
+    """A task with a parameter named ``fn``: submit(task, fn=...) must pass it through."""
+    return fn(x)
+
+
+def complain_and_fail(message):
+    """Write to stderr, then raise ValueError(message)."""
+    print(f"about to fail: {message}", file=sys.stderr)
+    sys.stderr.flush()
+    raise ValueError(message)
+
+
+def say(text):
+    """Print ``text`` to stdout and stderr; return the worker's pid."""
+    print(f"{text} out")
+    print(f"{text} err", file=sys.stderr)
+    return os.getpid()
+
+
+def c_puts_unflushed(text):
+    """Write ``text`` with libc ``puts`` and do NOT fflush; return the worker's pid."""
+    ctypes.CDLL(None).puts(text.encode())
+    return os.getpid()
+
+
+def c_puts_flushed(text):
+    """Write ``text`` with libc ``puts`` and fflush; return the worker's pid."""
+    libc = ctypes.CDLL(None)
+    libc.puts(text.encode())
+    libc.fflush(None)
+    return os.getpid()
+
+
+# A connection made at import time, as a user module would: lazy, so importing this module
+# on a worker creates no executor.  It uses $KOTTA_HOME, which each test sets to its own.
+from kotta_executor import connect, kottajob  # noqa: E402
+
+module_connection = connect()
+
+
+@kottajob(module_connection, "test", 5)
+def decorated_record(path, x):
+    """A decorated module-level function: on the node the undecorated body must run, once."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return x * 2
+
+
+def worker_environ():
+    return dict(os.environ)

@@ -1,0 +1,276 @@
+"""Failure injection: one table, one row per way a task can fail (after CPython's
+test_concurrent_futures/test_deadlock.py and loky's crash cases).
+
+Each row names where the failure is injected, the exception the user sees and a fragment of
+its message.  For every row the test also checks what the enclave recorded (a final state
+and a reason in the job table) and that the next ordinary task on the same executor still
+runs: the node survives every failure and replaces a worker that died.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kotta_executor import (
+    KottaExecutor,
+    RemoteError,
+    SerializationError,
+    WalltimeExceeded,
+    WorkerDied,
+)
+from kotta_executor.states import FINAL
+from tests import tasks
+from tests.conftest import GUARD, wait_for
+
+
+@dataclass(frozen=True)
+class Row:
+    #: submits the failing call; returns its future (or raises, for failures at submit)
+    submit: Callable[[KottaExecutor, Path], object]
+    #: the exception the user sees
+    raises: type[BaseException]
+    #: a fragment of its message
+    fragment: str
+    #: the job's final state in the enclave (None: no job was ever created)
+    state: str | None = "failed"
+    #: the worker that ran the task is still the one serving the owner afterwards
+    worker_survives: bool = True
+    #: extra checks on the exception (and the test directory)
+    check: Callable[[BaseException, Path], None] | None = None
+    #: a fragment of the reason recorded in the job table (default: ``fragment``)
+    reason: str | None = None
+
+
+# ---------------------------------------------------------------------- per-row extra checks
+
+
+def _check_unpickle_on_node(exc: BaseException, _: Path) -> None:
+    assert isinstance(exc.__cause__, RuntimeError)
+    assert str(exc.__cause__) == "no unpickling here"
+    assert "tests.tasks.noop" in str(exc)  # the task is named
+
+
+def _check_value_error(exc: BaseException, _: Path) -> None:
+    assert type(exc) is ValueError  # not wrapped
+    assert exc.args == ("bad value 42",)
+    assert any(n.startswith("kotta job ") for n in getattr(exc, "__notes__", []))
+
+
+def _check_remote_error(exc: BaseException, _: Path) -> None:
+    assert isinstance(exc, RemoteError)
+    assert exc.type_name == "tests.tasks.UnpicklableError"
+    assert exc.message == "holds a lock"
+    assert "raise_unpicklable" in exc.remote_traceback
+    assert "Traceback" in exc.remote_traceback
+
+
+def _check_result_unpicklable(exc: BaseException, _: Path) -> None:
+    assert "_thread.lock" in str(exc)
+
+
+def _check_client_unpickle(exc: BaseException, _: Path) -> None:
+    assert isinstance(exc.__cause__, RuntimeError)
+    assert str(exc.__cause__) == "not on this client"
+
+
+def _check_exit(exc: BaseException, _: Path) -> None:
+    assert isinstance(exc, WorkerDied)
+    assert exc.exitcode == 7
+    assert exc.signal is None
+
+
+def _check_segfault(exc: BaseException, _: Path) -> None:
+    assert isinstance(exc, WorkerDied)
+    assert exc.signal == 11
+    assert exc.exitcode == -11
+
+
+def _check_walltime(exc: BaseException, tmp: Path) -> None:
+    assert isinstance(exc, TimeoutError)  # ``except TimeoutError`` catches a walltime
+    pid = int((tmp / "grandchild.pid").read_text())
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(gone, what=f"the task's grandchild {pid} to be killed")
+
+
+def _check_system_exit(exc: BaseException, _: Path) -> None:
+    assert type(exc) is SystemExit
+    assert exc.args == (3,)
+
+
+def _walltime_submit(ex: KottaExecutor, tmp: Path):
+    short = ex.with_options(walltime=_dt.timedelta(seconds=1))
+    return short.submit(tasks.spawn_child_and_sleep, str(tmp / "grandchild.pid"))
+
+
+ROWS = [
+    pytest.param(
+        Row(
+            submit=lambda ex, tmp: ex.submit(tasks.noop, threading.Lock()),
+            raises=SerializationError,
+            fragment="argument 0",
+            state=None,
+        ),
+        id="pickle-argument",
+    ),
+    pytest.param(
+        Row(
+            submit=lambda ex, tmp: ex.submit(tasks.noop, tasks.LoadsBadly("no unpickling here")),
+            raises=SerializationError,
+            fragment="could not be unpickled on the node",
+            check=_check_unpickle_on_node,
+        ),
+        id="unpickle-on-node",
+    ),
+    pytest.param(
+        Row(
+            submit=lambda ex, tmp: ex.submit(tasks.raise_value_error, "bad value 42"),
+            raises=ValueError,
+            fragment="bad value 42",
+            check=_check_value_error,
+        ),
+        id="raises",
+    ),
+    pytest.param(
+        Row(
+            submit=lambda ex, tmp: ex.submit(tasks.raise_unpicklable, "holds a lock"),
+            raises=RemoteError,
+            fragment="tests.tasks.UnpicklableError: holds a lock",
+            check=_check_remote_error,
+            reason="UnpicklableError: holds a lock",
+        ),
+        id="unpicklable-exception",
+    ),
+    pytest.param(
+        Row(
+            submit=lambda ex, tmp: ex.submit(tasks.return_lock),
+            raises=SerializationError,
+            fragment="the result of the call",
+            check=_check_result_unpicklable,
+            reason="could not be pickled",
+        ),
+        id="pickle-result",
+    ),
+    pytest.param(
+        Row(
+            submit=lambda ex, tmp: ex.submit(tasks.return_unloadable, "not on this client"),
+            raises=SerializationError,
+            fragment="could not be unpickled on the client",
+            # The node never unpickles results, so it cannot know: the job did complete and
+            # its result is kept (another client may be able to load it).
+            state="completed",
+            check=_check_client_unpickle,
+        ),
+        id="unpickle-result-on-client",
+    ),
+    pytest.param(
+        Row(
+            submit=lambda ex, tmp: ex.submit(tasks.exit_hard, 7),
+            raises=WorkerDied,
+            fragment="exited with code 7",
+            worker_survives=False,
+            check=_check_exit,
+        ),
+        id="worker-exit",
+    ),
+    pytest.param(
+        Row(
+            submit=lambda ex, tmp: ex.submit(tasks.segfault),
+            raises=WorkerDied,
+            fragment="SIGSEGV (signal 11)",
+            worker_survives=False,
+            check=_check_segfault,
+        ),
+        id="segfault",
+    ),
+    pytest.param(
+        Row(
+            submit=_walltime_submit,
+            raises=WalltimeExceeded,
+            fragment="exceeded its walltime of 1 s",
+            worker_survives=False,
+            check=_check_walltime,
+        ),
+        id="walltime",
+    ),
+    pytest.param(
+        Row(
+            submit=lambda ex, tmp: ex.submit(tasks.raise_system_exit, 3),
+            raises=SystemExit,
+            fragment="3",
+            check=_check_system_exit,
+            reason="SystemExit: 3",
+        ),
+        id="system-exit",
+    ),
+]
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_failure_injection(row: Row, make_executor, tmp_path):
+    ex = make_executor(1)
+    enclave = ex.enclave
+    worker_before = ex.submit(tasks.worker_pid).result(GUARD)
+    jobs_before = len(enclave.jobs.list(limit=1000))
+
+    # -- what the user sees
+    if row.state is None:  # fails at submit: nothing is sent
+        with pytest.raises(row.raises, match=re.escape(row.fragment)) as info:
+            row.submit(ex, tmp_path)
+        exc = info.value
+        assert len(enclave.jobs.list(limit=1000)) == jobs_before
+        assert enclave.queue.depth("test") == 0
+        job_id = None
+    else:
+        f = row.submit(ex, tmp_path)
+        with pytest.raises(row.raises, match=re.escape(row.fragment)) as info:
+            f.result(GUARD)
+        exc = info.value
+        assert f.done() and not f.cancelled()
+        job_id = f.job_id
+    if row.check is not None:
+        row.check(exc, tmp_path)
+
+    # -- the executor still works; the node replaced a worker that died
+    worker_after = ex.submit(tasks.worker_pid).result(GUARD)
+    if row.worker_survives:
+        assert worker_after == worker_before
+    else:
+        assert worker_after != worker_before
+        assert not psutil.pid_exists(worker_before) or (
+            psutil.Process(worker_before).status() == psutil.STATUS_ZOMBIE
+        )
+    assert ex.submit(tasks.square, 7).result(GUARD) == 49
+
+    # -- what the enclave recorded
+    if job_id is None:
+        return
+    job = enclave.jobs.get(job_id)
+    assert job is not None
+    history = enclave.jobs.history(job_id)
+    finals = [state for _, state, _ in history if state in FINAL]
+    assert finals == [str(job.state)], history  # one final state, recorded once
+    assert str(job.state) == row.state, (job.state, job.reason)
+    if row.state != "completed":
+        assert job.reason, f"job {job_id} is {job.state} without a reason"
+        assert (row.reason or row.fragment) in job.reason
+
+
+def test_system_exit_keeps_its_code(make_executor):
+    ex = make_executor(1)
+    with pytest.raises(SystemExit) as info:
+        ex.submit(tasks.raise_system_exit, 3).result(GUARD)
+    assert info.value.code == 3

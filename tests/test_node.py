@@ -1,0 +1,364 @@
+"""The node daemon with real node processes: crashes, redelivery, dead letters, draining,
+worker ownership and isolation.
+
+Nodes are started with the ``start_node`` fixture (``python -m node`` processes) and the
+executors never start their own (``start_node=False``).  Tasks that must be caught while
+running block until a file appears and append their pid to a log, so the test can see where
+(and how often) they ran.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kotta_executor import CorruptTask, DeliveryFailed, WorkerDied, wire
+from kotta_executor.backends.base import NewJob
+from kotta_executor.states import FINAL
+from tests import tasks
+from tests.conftest import GUARD, wait_for
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _pids(path: Path) -> list[int]:
+    try:
+        return [int(line) for line in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _finals(enclave, job_id: str) -> list[str]:
+    return [state for _, state, _ in enclave.jobs.history(job_id) if state in FINAL]
+
+
+def _count_calls(f) -> list:
+    calls: list = []
+    f.add_done_callback(calls.append)
+    return calls
+
+
+def _holder(enclave, job_id: str) -> str | None:
+    """The node holding a job's task message (white-box: the embedded queue's table)."""
+    rows = enclave._db.read("SELECT holder FROM messages WHERE job_id=?", (job_id,))
+    return rows[0][0] if rows else None
+
+
+def _freeze(node, enclave_dir: Path) -> None:
+    """SIGSTOP a node, but never while it holds the SQLite write lock (that would stall
+    every other process for the lock timeout): retry until the database is writable."""
+    for _ in range(100):
+        os.kill(node.pid, signal.SIGSTOP)
+        wait_for(
+            lambda: psutil.Process(node.pid).status() == psutil.STATUS_STOPPED,
+            what="the node to stop",
+        )
+        conn = sqlite3.connect(enclave_dir / "kotta.db", timeout=1.0, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            os.kill(node.pid, signal.SIGCONT)
+        finally:
+            conn.close()
+    raise AssertionError("could not stop the node outside a write transaction")
+
+
+# ---------------------------------------------------------------------- crash and redelivery
+
+
+def test_task_of_a_killed_node_runs_again_on_another(start_node, make_executor, enclave,
+                                                     tmp_path):
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    calls = _count_calls(f)
+    try:
+        wait_for(lambda: len(_pids(log)) == 1, what="the task to start on node A")
+        first = _pids(log)[0]
+        assert first in a.worker_pids()
+        b = start_node(workers=1)
+        a.kill()
+        wait_for(lambda: len(_pids(log)) == 2, what="the task to run again on node B")
+        second = _pids(log)[1]
+        assert second in b.worker_pids()
+    finally:
+        release.write_text("go")
+
+    assert f.result(GUARD) == second
+    # A's orphaned worker finishes its copy too, but has nobody to report to
+    wait_for(lambda: _gone(first), what="A's orphaned worker to exit")
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9  # let any stray reply arrive
+    assert calls == [f]
+    job = enclave.jobs.get(f.job_id)
+    assert job.state == "completed"
+    assert job.node == b.node_id
+    assert job.attempts == 2
+    assert _finals(enclave, f.job_id) == ["completed"]
+
+
+def test_duplicate_delivery_is_recorded_at_most_once(start_node, make_executor, enclave,
+                                                     enclave_dir, tmp_path):
+    log, release = tmp_path / "pids", tmp_path / "release"
+    # A exits after reporting one job: that is how the test knows A reported its copy
+    a = start_node("--max-jobs", "1", workers=1, visibility_timeout=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    calls = _count_calls(f)
+    try:
+        wait_for(lambda: len(_pids(log)) == 1, what="the task to start on node A")
+        first = _pids(log)[0]
+        _freeze(a, enclave_dir)  # A stops extending the visibility: the task is redelivered
+        b = start_node(workers=1)
+        wait_for(lambda: len(_pids(log)) == 2, what="node B to receive the redelivered task")
+        second = _pids(log)[1]
+        assert second in b.worker_pids() and second != first
+        release.write_text("go")  # both copies finish; A is frozen and cannot report yet
+        assert f.result(GUARD) == second
+    finally:
+        release.write_text("go")
+        os.kill(a.pid, signal.SIGCONT)
+
+    assert a.proc.wait(GUARD) == 0  # A reported its own copy (max-jobs 1), then exited
+    job = enclave.jobs.get(f.job_id, with_result=True)
+    assert job.state == "completed"
+    assert job.node == b.node_id
+    assert wire.outcomes(wire.decode(job.result)) == [(True, second)]  # B's result, not A's
+    assert _finals(enclave, f.job_id) == ["completed"]
+    assert ex.submit(tasks.square, 4).result(GUARD) == 16  # let any stray reply arrive
+    assert calls == [f]
+    assert f.result() == second
+
+
+# ---------------------------------------------------------------------- dead letters
+
+
+def test_corrupt_task_messages_are_dead_lettered(start_node, make_executor, enclave):
+    ex = make_executor(1, start_node=False)
+    # a real task body to corrupt: borrow the message of a task no node has seen yet
+    template = ex.submit(tasks.square, 1)
+    wait_for(lambda: enclave.jobs.get(template.job_id) is not None, what="the job")
+    [d] = enclave.queue.receive("test", 10, 60.0, "test-thief")
+    enclave.queue.release([d])
+    real = d.body
+    wire.decode(real)  # it is a valid envelope
+
+    ids = [os.urandom(16).hex() for _ in range(3)]
+    bodies = {
+        ids[0]: b"garbage",
+        ids[1]: real[:-3],  # truncated
+        ids[2]: real,  # a valid task, but of another job
+    }
+    enclave.jobs.create([
+        NewJob(job_id, ex.owner, ex.client_id, "test", "tests.tasks.square", 60.0, body)
+        for job_id, body in bodies.items()
+    ])
+    futures = [ex.attach(job_id) for job_id in ids]
+    # a task too big for a message whose blob was lost
+    big = ex.submit(tasks.noop, b"x" * (enclave.inline_limit + 1))
+    wait_for(lambda: enclave.jobs.get(big.job_id) is not None, what="the big job")
+    blobs = [p.name for p in (enclave.home / "blobs").rglob("*") if p.is_file()]
+    assert blobs, "the big argument should travel as a blob"
+    enclave.blobs.delete(blobs)
+    futures.append(big)
+    ids.append(big.job_id)
+
+    node = start_node(workers=1)
+    for f in futures:
+        with pytest.raises(CorruptTask, match="corrupt task message"):
+            f.result(GUARD)
+    assert template.result(GUARD) == 1
+
+    dead = {d["job_id"]: d for d in enclave.queue.dead_letters("test")}
+    assert set(dead) == set(ids)
+    for job_id in ids:
+        assert "corrupt" in dead[job_id]["reason"]
+        job = enclave.jobs.get(job_id)
+        assert job.state == "failed"
+        assert "corrupt" in job.reason
+        assert _finals(enclave, job_id) == ["failed"]
+    assert enclave.queue.depth("test") == 0
+    # the node survived and serves the next task
+    assert node.proc.poll() is None
+    assert ex.submit(tasks.square, 5).result(GUARD) == 25
+
+
+def test_task_that_kills_its_node_is_dead_lettered_after_max_deliveries(start_node,
+                                                                        make_executor,
+                                                                        enclave):
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.kill_own_node)
+
+    def final() -> bool:
+        job = enclave.jobs.get(f.job_id)
+        return job is not None and job.state.final
+
+    nodes = []
+    for _ in range(6):  # --max-deliveries 2: two nodes die, the third dead-letters the task
+        node = start_node("--max-deliveries", "2", workers=1, wait=False)
+        nodes.append(node)
+        wait_for(lambda n=node: n.proc.poll() is not None or final(),
+                 what="the node to die or the job to fail")
+        if final():
+            break
+    with pytest.raises(DeliveryFailed, match="delivered 2 times without completing"):
+        f.result(GUARD)
+    assert len(nodes) == 3
+    assert [n.proc.returncode for n in nodes[:2]] == [-signal.SIGKILL] * 2
+    assert nodes[2].proc.poll() is None
+
+    [dead] = enclave.queue.dead_letters("test")
+    assert dead["job_id"] == f.job_id
+    assert dead["receive_count"] == 3
+    job = enclave.jobs.get(f.job_id)
+    assert job.state == "failed"
+    assert "delivered 2 times" in job.reason
+    assert _finals(enclave, f.job_id) == ["failed"]
+    assert ex.submit(tasks.square, 6).result(GUARD) == 36  # the surviving node serves on
+
+
+def test_receive_count_over_max_deliveries_is_dead_lettered(start_node, make_executor,
+                                                            enclave):
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 2)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be created")
+    for _ in range(3):  # three deliveries that never completed
+        [d] = enclave.queue.receive("test", 10, 0.0, "test-thief")
+        assert d.job_id == f.job_id
+    node = start_node("--max-deliveries", "3", workers=1)
+    with pytest.raises(DeliveryFailed, match="delivered 3 times"):
+        f.result(GUARD)
+    assert [d["job_id"] for d in enclave.queue.dead_letters("test")] == [f.job_id]
+    assert enclave.jobs.get(f.job_id).state == "failed"
+    assert node.proc.poll() is None
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+
+
+# ---------------------------------------------------------------------- draining
+
+
+def test_sigterm_finishes_the_running_task_and_hands_back_the_rest(start_node, make_executor,
+                                                                   enclave, tmp_path):
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    running = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    try:
+        wait_for(lambda: _pids(log), what="the task to start on node A")
+        queued = [ex.submit(tasks.worker_pid) for _ in range(3)]
+        # A has room for one task more than it runs: it holds the first queued one
+        wait_for(lambda: _holder(enclave, queued[0].job_id) == a.node_id,
+                 what="node A to take a queued task")
+        assert enclave.jobs.get(queued[0].job_id).state == "pending"
+
+        a.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: _holder(enclave, queued[0].job_id) is None,
+                 what="node A to hand back the queued task")
+        b = start_node(workers=1)
+        results = [q.result(GUARD) for q in queued]  # well within A's 30 s visibility
+        assert set(results) <= set(b.worker_pids())
+        assert {enclave.jobs.get(q.job_id).node for q in queued} == {b.node_id}
+        assert not running.done()
+        assert a.proc.poll() is None  # still draining its running task
+    finally:
+        release.write_text("go")
+
+    assert running.result(GUARD) == _pids(log)[0]
+    assert a.proc.wait(GUARD) == 0
+    job = enclave.jobs.get(running.job_id)
+    assert job.state == "completed" and job.node == a.node_id
+    assert a.node_id not in {n.node_id for n in enclave.nodes.live()}
+
+
+# ---------------------------------------------------------------------- workers
+
+
+def test_workers_are_reused_and_replaced_after_a_crash(start_node, make_executor):
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    first = ex.submit(tasks.worker_pid).result(GUARD)
+    assert ex.submit(tasks.worker_pid).result(GUARD) == first
+    assert ex.submit(tasks.worker_pid).result(GUARD) == first
+    assert node.worker_pids() == [first]
+
+    with pytest.raises(WorkerDied):
+        ex.submit(tasks.exit_hard, 7).result(GUARD)
+    replacement = ex.submit(tasks.worker_pid).result(GUARD)
+    assert replacement != first
+    assert ex.submit(tasks.worker_pid).result(GUARD) == replacement
+    assert node.worker_pids() == [replacement]
+    assert ex.submit(tasks.square, 8).result(GUARD) == 64
+
+
+def test_workers_are_never_shared_between_owners(start_node, make_executor):
+    start_node(workers=1)
+    alice = make_executor(1, start_node=False, owner="alice")
+    bob = make_executor(1, start_node=False, owner="bob")
+    a1 = alice.submit(tasks.worker_pid).result(GUARD)
+    b1 = bob.submit(tasks.worker_pid).result(GUARD)
+    a2 = alice.submit(tasks.worker_pid).result(GUARD)
+    assert a1 != b1
+    assert a2 != b1
+    assert alice.submit(tasks.environment, "KOTTA_OWNER").result(GUARD) == "alice"
+    assert bob.submit(tasks.environment, "KOTTA_OWNER").result(GUARD) == "bob"
+
+
+def test_the_node_never_unpickles(start_node, make_executor, tmp_path):
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    arg_marker = tmp_path / "argument-unpickled-by"
+    worker = ex.submit(tasks.noop, tasks.MarkerOnLoad(arg_marker)).result(GUARD)
+    assert _pids(arg_marker) == [worker]  # unpickled once, by the worker
+    assert worker != node.pid
+    assert worker in node.worker_pids()
+
+    result_marker = tmp_path / "result-unpickled-by"
+    assert ex.submit(tasks.return_marker_on_load, str(result_marker)).result(GUARD) == os.getpid()
+    assert _pids(result_marker) == [os.getpid()]  # unpickled once, by the client
+
+
+def test_worker_environment_has_no_node_credentials(start_node, make_executor, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-workers")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTFORWORKERS")
+    monkeypatch.setenv("KOTTA_NODE_TOKEN", "not-for-workers")
+    monkeypatch.setenv("KOTTA_TEST_PASSED_THROUGH", "yes")
+    node = start_node(workers=1)
+    assert psutil.Process(node.pid).environ()["AWS_SECRET_ACCESS_KEY"] == "not-for-workers"
+    ex = make_executor(1, start_node=False)
+    env = ex.submit(tasks.worker_environ).result(GUARD)
+    assert [k for k in env if k.startswith(("AWS_", "KOTTA_NODE_"))] == []
+    assert env["KOTTA_TEST_PASSED_THROUGH"] == "yes"
+    [worker] = node.worker_pids()
+    initial = psutil.Process(worker).environ()  # the environment the worker started with
+    assert [k for k in initial if k.startswith("AWS_")] == []
+
+
+# ---------------------------------------------------------------------- burst mode
+
+
+def test_burst_node_exits_when_the_queue_is_empty(start_node, make_executor, enclave):
+    ex = make_executor(1, start_node=False)
+    fs = [ex.submit(tasks.square, i) for i in range(5)]
+    wait_for(lambda: enclave.queue.depth("test") == 5, what="the tasks to be queued")
+    node = start_node("--burst", workers=1, wait=False)
+    assert node.proc.wait(GUARD) == 0
+    assert [f.result(GUARD) for f in fs] == [0, 1, 4, 9, 16]
+    assert enclave.queue.depth("test") == 0
+
+    idle = start_node("--burst", workers=1, wait=False)  # nothing to do: exits at once
+    assert idle.proc.wait(GUARD) == 0
+    assert enclave.nodes.live() == []
