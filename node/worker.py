@@ -17,8 +17,10 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import signal
 import struct
 import sys
+import threading
 import time
 from collections import OrderedDict
 from multiprocessing.connection import Connection
@@ -155,8 +157,19 @@ def unpack_frame(data: bytes) -> list[bytes]:
     return items
 
 
+def _watch_parent(parent: int, period: float = 0.25) -> None:
+    """If the node dies (SIGKILL), take this worker's process group with it: a task must
+    not run on unsupervised, without walltime or kill, while its redelivery runs elsewhere.
+    (A thread: it needs the GIL, which C code that holds it for long can delay.)"""
+    while True:
+        time.sleep(period)
+        if os.getppid() != parent:
+            os.killpg(0, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     task_fd, result_fd = int(argv[0]), int(argv[1])
     for fd in (task_fd, result_fd):
         os.set_inheritable(fd, False)  # children of a task must not hold our pipes

@@ -93,6 +93,8 @@ def test_task_of_a_killed_node_runs_again_on_another(start_node, make_executor, 
         assert first in a.worker_pids()
         b = start_node(workers=1)
         a.kill()
+        # the task does not run on unsupervised: A's worker dies with its node
+        wait_for(lambda: _gone(first), what="A's orphaned worker to die with its node")
         wait_for(lambda: len(_pids(log)) == 2, what="the task to run again on node B")
         second = _pids(log)[1]
         assert second in b.worker_pids()
@@ -100,8 +102,6 @@ def test_task_of_a_killed_node_runs_again_on_another(start_node, make_executor, 
         release.write_text("go")
 
     assert f.result(GUARD) == second
-    # A's orphaned worker finishes its copy too, but has nobody to report to
-    wait_for(lambda: _gone(first), what="A's orphaned worker to exit")
     assert ex.submit(tasks.square, 3).result(GUARD) == 9  # let any stray reply arrive
     assert calls == [f]
     job = enclave.jobs.get(f.job_id)
