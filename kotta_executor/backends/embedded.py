@@ -138,10 +138,18 @@ class _Db:
         """A write transaction; nested calls on one thread join the outer one."""
         conn = self.conn()
         local = self._local
-        if local.depth:
+        if local.depth:  # nested: a savepoint, so a failed inner call leaves nothing behind
             local.depth += 1
+            name = f"kotta_{local.depth}"
+            conn.execute(f"SAVEPOINT {name}")
             try:
                 yield conn
+            except BaseException:
+                conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
+                raise
+            else:
+                conn.execute(f"RELEASE {name}")
             finally:
                 local.depth -= 1
             return
@@ -272,8 +280,8 @@ class EmbeddedQueue(TaskQueue):
         with self._db.tx() as c:
             rows = c.execute(
                 "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE queue=?"
-                " ORDER BY id LIMIT ?) RETURNING job_id, body",
-                (queue, max_messages),
+                " AND visible_at<=? ORDER BY id LIMIT ?) RETURNING job_id, body",
+                (queue, time.time(), max_messages),
             ).fetchall()
         return [Message(*r) for r in rows]
 
@@ -426,41 +434,44 @@ class EmbeddedJobs(JobTable):
     def finish(self, results: Sequence[Finished]) -> list[str]:
         if not results:
             return []
+        for r in results:
+            if not JobState(r.state).final:
+                raise ValueError(f"finish() records final states, not {r.state}")
+        # Large results go to a blob of their own first; a row names it only once written,
+        # and a blob whose row was not recorded (a duplicate) is removed again.
+        spilled: dict[str, str] = {}
+        for r in results:
+            if len(r.result) > RESULT_INLINE_LIMIT:
+                spilled[r.job_id] = f"result-{r.job_id}-{uuid.uuid4().hex[:12]}"
+                self._blobs.put(spilled[r.job_id], r.result)
         now = time.time()
         recorded: list[str] = []
-        spill: list[tuple[str, bytes]] = []
-        with self._db.tx() as c:
-            for r in results:
-                allowed = [str(x) for x in states.sources(r.state)]
-                if not JobState(r.state).final:
-                    raise ValueError(f"finish() records final states, not {r.state}")
-                body, ref = r.result, None
-                if len(body) > RESULT_INLINE_LIMIT:
-                    ref = f"result-{r.job_id}"
-                    body = None
-                    spill.append((ref, r.result))
-                row = c.execute(
-                    "UPDATE jobs SET state=?, reason=?, result=?, result_ref=?, usage=?,"
-                    " finished=?, updated=?, history=history||? WHERE job_id=? AND state IN"
-                    f" ({_marks(len(allowed))}) RETURNING job_id",
-                    (
-                        str(r.state),
-                        r.reason,
-                        body,
-                        ref,
-                        json.dumps(r.usage) if r.usage else None,
-                        now,
-                        now,
-                        _event(now, r.state, r.reason),
-                        r.job_id,
-                        *allowed,
-                    ),
-                ).fetchone()
-                if row:
-                    recorded.append(r.job_id)
-        # A spilled result is written after the row that names it; readers retry briefly.
-        for ref, data in spill:
-            self._blobs.put(ref, data)
+        try:
+            with self._db.tx() as c:
+                for r in results:
+                    allowed = [str(x) for x in states.sources(r.state)]
+                    ref = spilled.get(r.job_id)
+                    row = c.execute(
+                        "UPDATE jobs SET state=?, reason=?, result=?, result_ref=?, usage=?,"
+                        " finished=?, updated=?, history=history||? WHERE job_id=? AND state IN"
+                        f" ({_marks(len(allowed))}) RETURNING job_id",
+                        (
+                            str(r.state),
+                            r.reason,
+                            None if ref else r.result,
+                            ref,
+                            json.dumps(r.usage) if r.usage else None,
+                            now,
+                            now,
+                            _event(now, r.state, r.reason),
+                            r.job_id,
+                            *allowed,
+                        ),
+                    ).fetchone()
+                    if row:
+                        recorded.append(r.job_id)
+        finally:
+            self._blobs.delete(ref for job_id, ref in spilled.items() if job_id not in recorded)
         return recorded
 
     def _record(self, row: tuple, result: bytes | None = None) -> JobRecord:
@@ -491,14 +502,10 @@ class EmbeddedJobs(JobTable):
         return out
 
     def _read_spilled(self, ref: str) -> bytes | None:
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                return self._blobs.get(ref)
-            except KeyError:
-                if time.monotonic() > deadline:
-                    return None
-                time.sleep(0.01)
+        try:
+            return self._blobs.get(ref)
+        except KeyError:
+            return None
 
     def list(self, *, owner=None, state=None, limit=50):
         where, params = [], []
