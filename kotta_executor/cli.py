@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import config, wire
 from .backends import open_enclave
-from .backends.base import Enclave
+from .backends.base import Enclave, Message, reply_queue
 from .errors import AccessDenied, KottaError, UnknownJob
 from .states import CANCELLABLE, JobState
 
@@ -266,6 +266,10 @@ def cmd_cancel(args) -> int:
     job = _own_job(enclave, args.job_id)
     if enclave.jobs.transition([job.job_id], JobState.CANCELLED, from_states=CANCELLABLE,
                                reason="cancelled with kotta cancel"):
+        # tell the client that submitted it, so its future settles now
+        enclave.queue.send(reply_queue(job.client),
+                           [Message(job.job_id, wire.pack_replies([(job.job_id, b"")]))])
+        enclave.ring_client(job.client)
         print(f"job {job.job_id} cancelled before it started")
         return 0
     if enclave.jobs.request_kill(job.job_id):

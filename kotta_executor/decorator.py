@@ -86,7 +86,9 @@ def kottajob(
     else:
         from .executor import Options
 
-        Options.make(queue or "test", walltime if walltime is not None else 5)
+        Options.make(
+            queue if queue is not None else "test", walltime if walltime is not None else 5
+        )
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)

@@ -56,8 +56,9 @@ from .states import CANCELLABLE, JobState
 
 log = logging.getLogger("kotta.executor")
 
-#: seconds without a reply after which the job table is consulted for outstanding futures
+#: every this many seconds, the job table is consulted for a window of outstanding futures
 RECONCILE_AFTER = 5.0
+RECONCILE_WINDOW = 2000
 #: seconds between job-table checks of attached futures
 ATTACH_POLL = 0.2
 #: long-poll wait for replies when the backend has no doorbells
@@ -123,6 +124,7 @@ class KottaExecutor(Executor):
         self._futures: dict[str, KottaFuture] = {}
         self._attached: set[str] = set()
         self._outbox: deque[tuple[NewJob, KottaFuture]] = deque()
+        self._skip: set[str] = set()  # outbox entries cancelled before they were sent
         self._kicked = False
         self._send_lock = threading.Lock()
         self._shutdown_lock = threading.Lock()
@@ -135,6 +137,8 @@ class KottaExecutor(Executor):
         self._node_restarts = 0
         self._queues_used: set[str] = set()
         self._last_reply = time.monotonic()
+        self._last_reconcile = time.monotonic()
+        self._reconcile_at = 0
         self._last_attach_poll = 0.0
         self._replies: deque | None = None  # filled by the reply poller, without doorbells
         _live_executors.add(self)
@@ -291,10 +295,10 @@ class KottaExecutor(Executor):
     def _cancel_jobs(self, job_ids: list[str]) -> list[str]:
         """Cancel jobs no node has started; returns the ids that were cancelled."""
         wanted = set(job_ids)
-        with self._send_lock:
-            unsent = [(job, f) for job, f in self._outbox if job.job_id in wanted]
-            if unsent:
-                self._outbox = deque((j, f) for j, f in self._outbox if j.job_id not in wanted)
+        with self._send_lock:  # the manager takes from the outbox only under this lock
+            # list() copies the deque in one step under the GIL, while submit() may append
+            unsent = [(job, f) for job, f in list(self._outbox) if job.job_id in wanted]
+            self._skip.update(job.job_id for job, _ in unsent)
             done = [job.job_id for job, _ in unsent]
             if unsent:  # never sent: record them, already cancelled, so the table tells
                 with self._enclave.atomic():
@@ -391,7 +395,11 @@ class KottaExecutor(Executor):
             with self._send_lock:
                 batch = []
                 while self._outbox and len(batch) < 2000:
-                    batch.append(self._outbox.popleft())
+                    item = self._outbox.popleft()
+                    if self._skip and item[0].job_id in self._skip:  # cancelled, recorded
+                        self._skip.discard(item[0].job_id)
+                        continue
+                    batch.append(item)
                 self._enclave.jobs.create([job for job, _ in batch])
             for q in {job.queue for job, _ in batch}:
                 self._queues_used.add(q)
@@ -433,7 +441,10 @@ class KottaExecutor(Executor):
             missing = [job_id for job_id, body in items if not body]
             records = self._enclave.jobs.get_many(missing, with_result=True) if missing else {}
             for job_id, body in items:
-                body = body or (records[job_id].result if job_id in records else None)
+                if not body and job_id in records:
+                    body = records[job_id].result
+                    if body is None and records[job_id].state == JobState.CANCELLED:
+                        self._settle_cancelled(job_id)
                 if body:  # else: the reconcile step finds it in the job table later
                     self._resolve(job_id, body)
 
@@ -443,9 +454,15 @@ class KottaExecutor(Executor):
         if self._attached and now - self._last_attach_poll >= ATTACH_POLL:
             self._last_attach_poll = now
             ids += list(self._attached)
-        if self._futures and now - self._last_reply >= RECONCILE_AFTER:
-            self._last_reply = now
-            ids += list(itertools.islice(self._futures, 2000))
+        if self._futures and now - self._last_reconcile >= RECONCILE_AFTER:
+            # A rolling window over the outstanding futures: catches a reply a node never
+            # sent (it died after recording) and jobs cancelled or killed by someone else.
+            self._last_reconcile = now
+            if self._reconcile_at >= len(self._futures):
+                self._reconcile_at = 0
+            start = self._reconcile_at
+            ids += list(itertools.islice(self._futures, start, start + RECONCILE_WINDOW))
+            self._reconcile_at = start + RECONCILE_WINDOW
         if not ids:
             return
         for job_id, job in self._enclave.jobs.get_many(ids, with_result=True).items():
@@ -453,10 +470,14 @@ class KottaExecutor(Executor):
                 if job.result:
                     self._resolve(job_id, job.result)
                 elif job.state == JobState.CANCELLED:
-                    f = self._futures.pop(job_id, None)
-                    self._attached.discard(job_id)
-                    if f is not None:
-                        _mark_cancelled(f)
+                    self._settle_cancelled(job_id)
+
+    def _settle_cancelled(self, job_id: str) -> None:
+        """A job someone else cancelled (``kotta cancel``, another client) before it ran."""
+        f = self._futures.pop(job_id, None)
+        self._attached.discard(job_id)
+        if f is not None:
+            _mark_cancelled(f)
 
     def _resolve(self, job_id: str, body: bytes) -> None:
         f = self._futures.pop(job_id, None)

@@ -33,7 +33,6 @@ import re
 import struct
 import traceback
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
@@ -82,12 +81,24 @@ def is_job_id(text: str) -> bool:
     return bool(_JOB_ID.fullmatch(text))
 
 
-@dataclass(frozen=True)
 class Envelope:
     """A decoded envelope: its header and its raw (still pickled) sections."""
 
-    header: dict[str, Any]
-    sections: dict[str, bytes] = field(default_factory=dict)
+    __slots__ = ("header", "sections")
+
+    def __init__(self, header: dict[str, Any], sections: dict[str, bytes] | None = None):
+        self.header = header
+        self.sections = sections if sections is not None else {}
+
+    def __repr__(self) -> str:
+        return f"Envelope({self.header!r}, {sorted(self.sections)})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Envelope)
+            and self.header == other.header
+            and self.sections == other.sections
+        )
 
     @property
     def kind(self) -> str:
@@ -114,7 +125,24 @@ def encode(header: dict[str, Any], sections: dict[str, bytes] | None = None) -> 
 
 def decode(data: bytes | memoryview) -> Envelope:
     """Parse an envelope.  Anything that is not one raises :class:`EnvelopeError`."""
-    data = bytes(data)
+    data = data if isinstance(data, bytes) else bytes(data)
+    header, pos = _parse(data)
+    sections: dict[str, bytes] = {}
+    for name, length in header.pop("sections"):
+        sections[name] = data[pos : pos + length]
+        pos += length
+    return Envelope(header, sections)
+
+
+def peek_header(data: bytes | memoryview) -> dict[str, Any]:
+    """The validated header of an envelope, without copying its sections out (nodes)."""
+    header, _ = _parse(data if isinstance(data, bytes) else bytes(data))
+    del header["sections"]
+    return header
+
+
+def _parse(data: bytes) -> tuple[dict[str, Any], int]:
+    """Check the framing and header; return the header and where the sections start."""
     if len(data) < _PREFIX.size:
         raise errors.EnvelopeError(f"not a kotta envelope: only {len(data)} bytes")
     magic, version, hlen = _PREFIX.unpack_from(data)
@@ -131,16 +159,14 @@ def decode(data: bytes | memoryview) -> Envelope:
     except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, too long, too deep
         raise errors.EnvelopeError(f"kotta envelope header is not JSON: {exc}") from None
     _check_header(header)
-    sections: dict[str, bytes] = {}
-    pos = _PREFIX.size + hlen
-    for name, length in header.pop("sections"):
+    start = pos = _PREFIX.size + hlen
+    for name, length in header["sections"]:
         if pos + length > len(data):
             raise errors.EnvelopeError(f"truncated kotta envelope: section {name!r} is cut short")
-        sections[name] = data[pos : pos + length]
         pos += length
     if pos != len(data):
         raise errors.EnvelopeError(f"kotta envelope has {len(data) - pos} trailing bytes")
-    return Envelope(header, sections)
+    return header, start
 
 
 def _check_header(header: Any) -> None:

@@ -87,6 +87,7 @@ class Node:
         self._last_upkeep = time.monotonic()
         self._last_kill_check = 0.0
         self._last_parent_check = 0.0
+        self._ring_later: set[str] = set()
         # Without doorbells (AWS), a thread long-polls the queue and fills the inbox.
         self._inbox: deque[Delivery] = deque()
         self._room_hint = 0
@@ -119,10 +120,11 @@ class Node:
         self._collect()
         self._report()
         self._police()
-        with self.enclave.atomic():
+        with self.enclave.atomic():  # one transaction; pipes are written after it
             if not self.stopping:
                 self._receive()
-            self._dispatch()
+            frames = self._dispatch()
+        self._hand_out(frames)
         self._upkeep()
 
     def _start(self) -> None:
@@ -268,10 +270,10 @@ class Node:
 
     def _finish_from_worker(self, w: Worker, task: Task, data: bytes) -> None:
         try:
-            h = wire.decode(data).header
+            h = wire.peek_header(data)
         except EnvelopeError as exc:  # a worker that writes garbage is broken
             data = wire.failure(task.job_id, task.header["n"], "WorkerDied", f"the worker sent an invalid result: {exc}")
-            h = wire.decode(data).header
+            h = wire.peek_header(data)
         failed = h["outcome"] != wire.OK or h.get("failed", 0) > 0
         state = JobState.FAILED if failed else JobState.COMPLETED
         self._queue_finish(task, task.delivery, Finished(task.job_id, state, data, h.get("reason"), h.get("usage")), task.header["client"])
@@ -423,21 +425,23 @@ class Node:
             self._reject(d, "DeliveryFailed", reason)
             return
         try:
-            env = wire.decode(d.body)
-            if env.kind != "task" or env.job_id != d.job_id:
+            header = wire.peek_header(d.body)
+            if header["kind"] != "task" or header["job_id"] != d.job_id:
                 raise EnvelopeError("the message is not the task of the job it names")
-            if "refs" in env.header:  # sections too big for a message: fetch them (as bytes)
+            data = d.body
+            refs = header.get("refs")
+            if refs:  # sections too big for a message: fetch them (as bytes)
+                if not isinstance(refs, dict):
+                    raise EnvelopeError("the task's refs are malformed")
+                env = wire.decode(d.body)
                 sections = dict(env.sections)
-                for name, key in env.header["refs"].items():
+                for name, key in refs.items():
                     sections[name] = self.enclave.blobs.get(key)
-                header = {k: v for k, v in env.header.items() if k != "refs"}
-                data = wire.encode(header, sections)
-            else:
-                data = d.body
-        except (EnvelopeError, KeyError) as exc:
+                data = wire.encode({k: v for k, v in header.items() if k != "refs"}, sections)
+        except (EnvelopeError, KeyError, ValueError) as exc:
             self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
             return
-        self.pending.append(Task(d, env.header, data))
+        self.pending.append(Task(d, header, data))
 
     def _reject(self, d: Delivery, etype: str, reason: str) -> None:
         log.warning("dead-lettering: %s", reason)
@@ -451,9 +455,11 @@ class Node:
             self._reply(job.client, [(d.job_id, data)])
             self.enclave.ring_client(job.client)
 
-    def _dispatch(self) -> None:
+    def _dispatch(self) -> dict[Worker, list[Task]]:
+        """Pick a worker for each pending task and claim the jobs (pending -> processing)."""
+        frames: dict[Worker, list[Task]] = {}
         if not self.pending:
-            return
+            return frames
         plan: list[tuple[Task, Worker]] = []
         load = {w: len(w.inflight) for w in self.workers if w.kill_deadline is None}
         skipped: deque[Task] = deque()
@@ -472,16 +478,26 @@ class Node:
         skipped.extend(self.pending)
         self.pending = skipped
         if not plan:
-            return
+            return frames
         started = set(
             self.enclave.jobs.transition([t.job_id for t, _ in plan], JobState.PROCESSING, node=self.node_id)
         )
-        frames: dict[Worker, list[Task]] = {}
+        dropped = [task for task, _ in plan if task.job_id not in started]
+        if dropped:  # cancelled meanwhile, or already finished: tell the clients, drop
+            self.enclave.queue.ack([task.delivery for task in dropped])
+            for task in dropped:
+                self._reply(task.header["client"], [(task.job_id, b"")])
+                self._ring_later.add(task.header["client"])
         for task, w in plan:
-            if task.job_id not in started:  # cancelled meanwhile, or already finished
-                self.enclave.queue.ack([task.delivery])
-                continue
-            frames.setdefault(w, []).append(task)
+            if task.job_id in started:
+                frames.setdefault(w, []).append(task)
+        return frames
+
+    def _hand_out(self, frames: dict[Worker, list[Task]]) -> None:
+        """Write each worker its tasks, in one write."""
+        for client in self._ring_later:
+            self.enclave.ring_client(client)
+        self._ring_later.clear()
         for w, tasks in frames.items():
             try:
                 w.send(tasks)

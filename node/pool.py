@@ -23,6 +23,8 @@ import psutil
 
 from .worker import pack_frame, read_capture
 
+#: tasks shorter than this (moving average, seconds) are piped to a worker several at once
+TINY_TASK = 0.002
 #: seconds between the soft signal and SIGKILL when a task is stopped
 KILL_GRACE = 0.5
 
@@ -72,8 +74,15 @@ class Worker:
 
     @property
     def depth(self) -> int:
-        """How many tasks may wait in this worker's pipe: many for tiny tasks, one otherwise."""
-        return 16 if self.avg < 0.002 else 1
+        """How many tasks may wait in this worker's pipe: many while tasks are tiny, one
+        otherwise, and one behind a task that has run for a while (so work stays in the
+        node, pending and cancellable, rather than queued behind a long task)."""
+        if self.avg >= TINY_TASK:
+            return 1
+        if self.inflight and self.inflight[0].started is not None:
+            if time.monotonic() - self.inflight[0].started > 2 * TINY_TASK:
+                return 1
+        return 16
 
     def send(self, tasks: list[Task]) -> None:
         """Hand tasks to the worker in one write (one wake-up for the worker)."""

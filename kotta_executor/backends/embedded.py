@@ -173,7 +173,7 @@ LOCK_TIMEOUT = 60.0
 
 
 def _retry(fn, *args):
-    """Run ``fn`` until the database is not locked, backing off from 20 us to 1 ms."""
+    """Run ``fn`` until the database is not locked, backing off from 20 us to 0.3 ms."""
     delay, deadline = 2e-5, None
     while True:
         try:
@@ -186,7 +186,7 @@ def _retry(fn, *args):
             if now > deadline:
                 raise
             time.sleep(delay)
-            delay = min(delay * 1.5, 1e-3)
+            delay = min(delay * 1.5, 3e-4)
 
 
 def _msg_id(receipt: str) -> int:
@@ -446,30 +446,33 @@ class EmbeddedJobs(JobTable):
                 self._blobs.put(spilled[r.job_id], r.result)
         now = time.time()
         recorded: list[str] = []
+        by_state: dict[JobState, list[Finished]] = {}
+        for r in results:
+            by_state.setdefault(JobState(r.state), []).append(r)
         try:
             with self._db.tx() as c:
-                for r in results:
-                    allowed = [str(x) for x in states.sources(r.state)]
-                    ref = spilled.get(r.job_id)
-                    row = c.execute(
-                        "UPDATE jobs SET state=?, reason=?, result=?, result_ref=?, usage=?,"
-                        " finished=?, updated=?, history=history||? WHERE job_id=? AND state IN"
-                        f" ({_marks(len(allowed))}) RETURNING job_id",
-                        (
-                            str(r.state),
-                            r.reason,
-                            None if ref else r.result,
-                            ref,
-                            json.dumps(r.usage) if r.usage else None,
-                            now,
-                            now,
-                            _event(now, r.state, r.reason),
-                            r.job_id,
-                            *allowed,
-                        ),
-                    ).fetchone()
-                    if row:
-                        recorded.append(r.job_id)
+                for state, group in by_state.items():  # one statement per state and 300 jobs
+                    allowed = [str(x) for x in states.sources(state)]
+                    for part in _chunks(group, 300):
+                        rows = [
+                            (r.job_id, r.reason, None if r.job_id in spilled else r.result,
+                             spilled.get(r.job_id), json.dumps(r.usage) if r.usage else None,
+                             _event(now, state, r.reason))
+                            for r in part
+                        ]
+                        recorded += [
+                            row[0]
+                            for row in c.execute(
+                                "WITH v(job_id, reason, result, ref, usage, ev) AS (VALUES "
+                                + ",".join(["(?,?,?,?,?,?)"] * len(rows))
+                                + ") UPDATE jobs SET state=?, reason=v.reason, result=v.result,"
+                                " result_ref=v.ref, usage=v.usage, finished=?, updated=?,"
+                                " history=jobs.history||v.ev FROM v WHERE jobs.job_id=v.job_id"
+                                f" AND jobs.state IN ({_marks(len(allowed))})"
+                                " RETURNING jobs.job_id",
+                                [*(x for row in rows for x in row), str(state), now, now, *allowed],
+                            ).fetchall()
+                        ]
         finally:
             self._blobs.delete(ref for job_id, ref in spilled.items() if job_id not in recorded)
         return recorded

@@ -1,0 +1,228 @@
+"""``kotta_executor.connect()`` and ``@kottajob``: the decorator of the Cloud Kotta paper.
+
+Real components only: each connection's executor starts a real node process on the test's
+embedded enclave.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import traceback
+
+import pytest
+
+import kotta_executor
+from kotta_executor import KottaExecutor, KottaFuture, kottajob
+from kotta_executor.backends.embedded import EmbeddedEnclave
+from tests import tasks
+from tests.conftest import GUARD, _finish, wait_for
+
+
+def _close(konn: kotta_executor.Connection) -> None:
+    """Close a connection; stop whatever a failed test left running first."""
+    if konn._executor is not None:
+        _finish(konn._executor)
+    konn.close()
+
+
+@pytest.fixture
+def konn(enclave_dir):
+    c = kotta_executor.connect(enclave_dir)
+    yield c
+    _close(c)
+
+
+@pytest.fixture
+def module_connection():
+    """``tests.tasks.module_connection``: made at import time, on this test's $KOTTA_HOME."""
+    yield tasks.module_connection
+    _close(tasks.module_connection)
+
+
+def test_blocking_call_returns_the_value_or_raises(konn, enclave):
+    @kottajob(konn, "test", 5)
+    def where(x):
+        return os.getpid(), x * 3
+
+    @kottajob(konn, "test", 5)
+    def fails(message):
+        raise KeyError(message)
+
+    pid, value = where(14)
+    assert value == 42
+    assert pid != os.getpid()  # it ran on a worker, not here
+    assert where.__name__ == "where"
+    assert where.kotta_function(2) == (os.getpid(), 6)  # the undecorated function
+
+    with pytest.raises(KeyError, match="remote key") as info:
+        fails("remote key")
+    assert "fails" in "".join(traceback.format_exception(info.value))
+    assert any("kotta job " in note for note in info.value.__notes__)
+
+    jobs = enclave.jobs.list()
+    assert len(jobs) == 2
+    assert {(j.queue, j.walltime) for j in jobs} == {("test", 300.0)}
+    assert {str(j.state) for j in jobs} == {"completed", "failed"}
+
+
+def test_queue_and_walltime_of_the_decorator(konn, enclave):
+    offset = 100
+
+    @kottajob(konn, "TEST", dt.timedelta(seconds=90))
+    def shifted(x, *, by=0):
+        return x + offset + by
+
+    assert shifted(1) == 101
+    assert shifted(1, by=5) == 106
+    job = enclave.jobs.list(limit=1)[0]
+    assert (job.queue, job.walltime) == ("test", 90.0)
+
+    @kottajob(konn, "test", dt.timedelta(seconds=1))
+    def blocked(path):
+        return tasks.wait_for_file(path)
+
+    with pytest.raises(kotta_executor.WalltimeExceeded):
+        blocked(str(enclave.home / "never-created"))
+
+
+def test_non_blocking_returns_a_future(konn, tmp_path):
+    release = tmp_path / "release"
+
+    @kottajob(konn, "test", 5, block=False)
+    def waits(path):
+        return tasks.wait_for_file(path)
+
+    @kottajob(konn, "test", 5, block=False)
+    def broken():
+        raise ArithmeticError("remote")
+
+    f = waits(str(release))
+    assert isinstance(f, KottaFuture)
+    assert not f.done()
+    wait_for(lambda: f.status() == "processing", what="the task to start")
+    attached = konn.attach(f.job_id)
+    assert attached is f
+    release.write_text("")  # an empty file: nothing to read half written
+    assert f.result(timeout=GUARD) == ""
+    assert f.status() == "completed"
+
+    g = broken()
+    assert isinstance(g, KottaFuture)
+    with pytest.raises(ArithmeticError, match="remote"):
+        g.result(timeout=GUARD)
+
+
+def test_decorating_with_an_executor(executor, enclave):
+    @kottajob(executor)
+    def double(x):
+        return x * 2
+
+    @kottajob(executor, walltime=2, block=False)
+    def triple(x):
+        return x * 3
+
+    assert double(21) == 42
+    f = triple(5)
+    assert isinstance(f, KottaFuture)
+    assert f.result(timeout=GUARD) == 15
+    assert enclave.jobs.get(f.job_id).walltime == 120.0
+    walltimes = sorted(j.walltime for j in enclave.jobs.list())
+    assert walltimes == [120.0, 300.0]  # the executor's own default for ``double``
+
+
+def test_decorated_module_function_runs_once_on_the_node(
+    module_connection, tmp_path, _private_kotta_home
+):
+    record = tmp_path / "runs"
+    assert tasks.decorated_record(str(record), 21) == 42
+    lines = record.read_text().splitlines()
+    assert len(lines) == 1, f"the task ran {len(lines)} times"
+    assert int(lines[0]) != os.getpid()  # on a worker, not here
+    # one job, not one per level of recursion through the wrapper
+    enclave = EmbeddedEnclave(_private_kotta_home)
+    try:
+        jobs = enclave.jobs.list()
+        assert len(jobs) == 1
+        assert str(jobs[0].state) == "completed"
+    finally:
+        enclave.close()
+    # what travels is the undecorated function
+    assert tasks.decorated_record.kotta_function(str(record), 1) == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("nope", 5),
+        ("nope", None),
+        ("test", 0),
+        ("test", -3),
+        ("test", "5"),
+        ("test", float("inf")),
+        ("test", dt.timedelta(0)),
+    ],
+)
+def test_invalid_options_fail_at_decoration(enclave_dir, args):
+    konn = kotta_executor.connect(enclave_dir)
+    ex = KottaExecutor(1, enclave=enclave_dir, start_node=False)
+    try:
+        with pytest.raises(ValueError):
+            kottajob(konn, *args)
+        with pytest.raises(ValueError):
+            kottajob(ex, *args)
+        assert konn._executor is None  # nothing was started
+    finally:
+        ex.shutdown()
+        konn.close()
+
+
+def test_empty_queue_name_fails_at_decoration(enclave_dir):
+    konn = kotta_executor.connect(enclave_dir, start_node=False)
+    ex = KottaExecutor(1, enclave=enclave_dir, start_node=False)
+    try:
+        with pytest.raises(ValueError):
+            kottajob(ex, "")  # an executor target: rejected at decoration
+        with pytest.raises(ValueError):
+            kottajob(konn, "", 5)  # a connection target: accepted, fails on every call
+    finally:
+        ex.shutdown()
+        konn.close()
+
+
+def test_decorator_needs_a_connection_or_executor():
+    with pytest.raises(TypeError):
+        kottajob("test", 5)
+    with pytest.raises(TypeError):
+        kottajob(None)
+
+
+def test_close_shuts_the_connection_down(enclave_dir, enclave):
+    konn = kotta_executor.connect(enclave_dir, max_workers=1)
+    try:
+
+        @kottajob(konn, "test", 5)
+        def square(x):
+            return x * x
+
+        assert square(9) == 81
+        ex = konn.executor
+        assert enclave.nodes.live("test")
+        konn.close()
+        assert enclave.nodes.live("test") == []  # the executor's node was stopped
+        with pytest.raises(RuntimeError):
+            ex.submit(tasks.noop)
+        konn.close()  # closing twice is harmless
+    finally:
+        _close(konn)
+
+    with kotta_executor.connect(enclave_dir, max_workers=1) as again:
+
+        @kottajob(again, "test", 5)
+        def cube(x):
+            return x**3
+
+        assert cube(3) == 27
+        ex = again.executor
+    with pytest.raises(RuntimeError):
+        ex.submit(tasks.noop)

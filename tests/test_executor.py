@@ -1,0 +1,769 @@
+"""KottaExecutor as a user sees it: a drop-in ``concurrent.futures`` executor.
+
+Every test runs against real components: the executor starts a real ``python -m node``
+process on a fresh embedded enclave, tasks run in real worker subprocesses.  Tests
+synchronise on files (``tasks.touch_then_wait`` / ``tasks.wait_for_file``) and ``wait_for``;
+the only timeouts are deadlock guards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import functools
+import os
+import pickle
+import re
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+import kotta_executor
+from kotta_executor import KottaExecutor, KottaFuture, SerializationError, TaskKilled, UnknownJob
+from kotta_executor import executor as executor_module
+from tests import tasks
+from tests.conftest import GUARD, wait_for
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@pytest.fixture(scope="module")
+def process_pool():
+    """A real ProcessPoolExecutor to compare against."""
+    with cf.ProcessPoolExecutor(2) as pool:
+        yield pool
+
+
+class Gate:
+    """Files in a test's tmp_path that start and release blocking tasks."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.release = root / "release"
+        self._n = 0
+
+    def started(self) -> Path:
+        self._n += 1
+        return self.root / f"started-{self._n}"
+
+    def open(self, text: str = "released") -> None:
+        # atomically: a task polling for the file must never read it half written
+        tmp = self.root / "release.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.release)
+
+    def submit_blocking(self, ex, started: Path | None = None) -> tuple[KottaFuture, Path]:
+        started = started or self.started()
+        return ex.submit(tasks.touch_then_wait, str(started), str(self.release)), started
+
+
+@pytest.fixture
+def gate(tmp_path) -> Gate:
+    return Gate(tmp_path)
+
+
+def wait_started(*paths: Path) -> None:
+    for p in paths:
+        wait_for(p.exists, what=f"{p.name} (the task to start)")
+
+
+def job_state(enclave, job_id: str) -> str | None:
+    job = enclave.jobs.get(job_id)
+    return None if job is None else str(job.state)
+
+
+# --------------------------------------------------------------------------- futures
+
+
+def test_submit_returns_a_kotta_future_with_a_job_id(executor):
+    f = executor.submit(tasks.square, 7)
+    assert isinstance(f, KottaFuture)
+    assert isinstance(f, cf.Future)
+    assert JOB_ID.match(f.job_id)
+    assert f.result(timeout=GUARD) == 49
+    assert f.done() and not f.cancelled() and f.exception() is None
+    other = executor.submit(tasks.square, 7)
+    assert other.job_id != f.job_id
+    assert other.result(timeout=GUARD) == 49
+
+
+def test_wait_as_completed_and_result_timeout(executor, gate):
+    slow, started = gate.submit_blocking(executor)
+    quick = executor.submit(tasks.add, 2, 3)
+
+    wait_started(started)
+    with pytest.raises(TimeoutError):
+        slow.result(timeout=0.2)
+    with pytest.raises(cf.TimeoutError):
+        slow.exception(timeout=0.05)
+
+    done, not_done = cf.wait([slow, quick], timeout=GUARD, return_when=cf.FIRST_COMPLETED)
+    assert done == {quick} and not_done == {slow}
+
+    it = cf.as_completed([slow, quick], timeout=GUARD)
+    assert next(it) is quick
+    gate.open("go")
+    assert next(it) is slow
+    with pytest.raises(StopIteration):
+        next(it)
+    assert slow.result() == "go"
+
+    done, not_done = cf.wait([slow, quick], timeout=GUARD)
+    assert done == {slow, quick} and not not_done
+
+
+def test_add_done_callback_runs_once_with_the_future(executor, gate):
+    calls: list[cf.Future] = []
+    after: list[cf.Future] = []
+    f, started = gate.submit_blocking(executor)
+    f.add_done_callback(calls.append)
+    wait_started(started)
+    assert calls == []
+    gate.open()
+    assert f.result(timeout=GUARD) == "released"
+    wait_for(lambda: calls, what="the done callback")
+    # a callback added once the future is done runs at once, in the caller's thread
+    f.add_done_callback(after.append)
+    assert after == [f]
+    # nothing delivers the result again
+    executor.submit(tasks.noop).result(timeout=GUARD)
+    assert calls == [f]
+
+
+def test_many_tasks_complete_and_are_delivered_exactly_once(executor):
+    seen: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def count(fut):
+        with lock:
+            seen[fut.job_id] += 1
+
+    fs = []
+    for i in range(500):
+        f = executor.submit(tasks.square, i)
+        f.add_done_callback(count)
+        fs.append(f)
+    done, not_done = cf.wait(fs, timeout=GUARD)
+    assert not not_done
+    assert [f.result() for f in fs] == [i * i for i in range(500)]
+    wait_for(lambda: sum(seen.values()) >= 500, what="500 callbacks")
+    assert len({f.job_id for f in fs}) == 500
+    assert set(seen) == {f.job_id for f in fs}
+    assert set(seen.values()) == {1}
+    # a later task does not bring any of them back
+    executor.submit(tasks.noop).result(timeout=GUARD)
+    assert sum(seen.values()) == 500
+
+
+# --------------------------------------------------------------------------- map
+
+
+def test_map_matches_process_pool(executor, process_pool):
+    cases = [
+        (tasks.square, (range(10),)),
+        (tasks.add, (range(10), range(100, 107))),  # zip: the shortest iterable wins
+        (pow, ([2, 3, 4, 5], [5, 4, 3], [7, 7, 7, 7, 7])),
+        (tasks.add, ([1, 2, 3], [])),
+        (tasks.square, ([],)),
+        (tasks.square, (range(300),)),  # enough items for several tasks per worker
+    ]
+    for chunksize in (1, 3, 100):
+        for fn, iterables in cases:
+            expected = list(process_pool.map(fn, *iterables, chunksize=chunksize))
+            got = list(executor.map(fn, *iterables, chunksize=chunksize))
+            assert got == expected, (fn, iterables, chunksize)
+    assert list(executor.map(tasks.add, range(3), range(5), chunksize=2)) == [0, 2, 4]
+    assert list(executor.map(tasks.square, [])) == []
+    assert list(executor.map(tasks.square, iter([]), chunksize=5)) == []
+    assert list(executor.map(tasks.add, [1, 2], [])) == []
+    assert list(executor.map(tasks.square, (x for x in range(4)))) == [0, 1, 4, 9]
+
+
+def test_map_raises_at_the_failing_item_after_earlier_ones(executor, process_pool):
+    def collect(ex, chunksize):
+        got = []
+        with pytest.raises(ValueError, match="item 3 is bad"):
+            for value in ex.map(tasks.fail_on, range(6), [3] * 6, chunksize=chunksize):
+                got.append(value)
+        return got
+
+    assert collect(process_pool, 1) == [0, 10, 20]
+    for chunksize in (1, 2, 4, 10):
+        assert collect(executor, chunksize) == [0, 10, 20], chunksize
+    # (with chunksize > 1, ProcessPoolExecutor loses the good items of the failing chunk;
+    # KottaExecutor yields every item before the failing one whatever the chunking)
+
+
+def test_map_timeout_raises_on_iteration_not_at_call(executor, gate):
+    it = executor.map(tasks.wait_for_file, [str(gate.release)], timeout=0.3)
+    with pytest.raises(TimeoutError):
+        next(it)
+    gate.open()
+
+
+def test_map_chunksize_below_one_raises_value_error(executor, process_pool):
+    for chunksize in (0, -1):
+        with pytest.raises(ValueError):
+            process_pool.map(tasks.square, [1, 2], chunksize=chunksize)
+        with pytest.raises(ValueError):
+            executor.map(tasks.square, [1, 2], chunksize=chunksize)
+
+
+# --------------------------------------------------------------------------- what can be sent
+
+
+def test_local_and_main_functions_closures_lambdas_and_kwargs(executor, process_pool):
+    offset = 1000
+
+    def shifted(x, *, scale=1):
+        return x * scale + offset
+
+    def make_adder(n):
+        return lambda x: x + n
+
+    fs = [
+        executor.submit(shifted, 5),
+        executor.submit(shifted, 5, scale=3),
+        executor.submit(lambda a, b: a - b, 10, b=4),
+        executor.submit(make_adder(7), 1),
+        executor.submit(functools.partial(tasks.add, b=5), 1),
+        executor.submit(tasks.add, 1, b=2),
+        executor.submit(tasks.add, a=4, b=5),
+    ]
+    assert [f.result(timeout=GUARD) for f in fs] == [1005, 1015, 6, 8, 6, 3, 9]
+    assert list(executor.map(shifted, [1, 2])) == [1001, 1002]
+
+    # functions of a ``__main__`` module (a script, a notebook) travel by value
+    namespace = {"__name__": "__main__"}
+    exec(
+        "factor = 3\n"
+        "def triple(x):\n"
+        "    return x * factor\n"
+        "def outer(n):\n"
+        "    def inner(x):\n"
+        "        return triple(x) + n\n"
+        "    return inner\n",
+        namespace,
+    )
+    assert namespace["triple"].__module__ == "__main__"
+    assert executor.submit(namespace["triple"], 4).result(timeout=GUARD) == 12
+    assert executor.submit(namespace["outer"](1), 4).result(timeout=GUARD) == 13
+
+    # ``fn`` is positional-only: a task with a parameter called ``fn`` gets it as a keyword
+    assert executor.submit(tasks.apply_fn, fn=tasks.square, x=6).result(timeout=GUARD) == 36
+    view = executor.with_options(walltime=1)
+    assert view.submit(tasks.apply_fn, fn=tasks.square, x=5).result(timeout=GUARD) == 25
+    # like the stdlib, the callable itself cannot be passed as fn=
+    with pytest.raises(TypeError):
+        process_pool.submit(fn=tasks.square, x=2)
+    with pytest.raises(TypeError):
+        executor.submit(fn=tasks.square, x=2)
+    with pytest.raises(TypeError):
+        executor.submit(42)
+
+
+def test_unpicklable_call_fails_at_submit_and_sends_nothing(executor, enclave):
+    lock = threading.Lock()
+
+    def uses_lock():
+        with lock:
+            return 1
+
+    with pytest.raises(SerializationError, match=r"argument 0 .*lock"):
+        executor.submit(tasks.noop, threading.Lock())
+    with pytest.raises(SerializationError, match=r"keyword argument 'b'"):
+        executor.submit(tasks.add, 1, b=threading.Lock())
+    with pytest.raises(SerializationError, match=r"uses_lock.*function itself") as info:
+        executor.submit(uses_lock)
+    assert isinstance(info.value, kotta_executor.KottaError)
+    assert isinstance(info.value, pickle.PicklingError)
+
+    ok = executor.submit(tasks.square, 3)
+    assert ok.result(timeout=GUARD) == 9
+    assert [j.job_id for j in enclave.jobs.list()] == [ok.job_id]
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+def test_context_manager_and_submit_after_shutdown(make_executor, enclave):
+    with make_executor(1) as ex:
+        assert ex.submit(tasks.square, 4).result(timeout=GUARD) == 16
+        assert enclave.nodes.live("test")
+    # shutdown(wait=True) stopped the node this executor started
+    assert enclave.nodes.live("test") == []
+    with pytest.raises(RuntimeError):
+        ex.submit(tasks.square, 2)
+    with pytest.raises(RuntimeError):
+        ex.with_options(walltime=1).submit(tasks.square, 2)
+    with pytest.raises(RuntimeError):
+        ex.map(tasks.square, [1])
+    ex.shutdown()  # a second shutdown is harmless
+
+
+def test_shutdown_without_any_submit(make_executor):
+    ex = make_executor(1)
+    ex.shutdown(wait=True)
+    with pytest.raises(RuntimeError):
+        ex.submit(tasks.noop)
+
+
+def test_shutdown_without_wait_still_delivers(make_executor, gate):
+    ex = make_executor(1)
+    f, started = gate.submit_blocking(ex)
+    wait_started(started)
+    ex.shutdown(wait=False)
+    assert not f.done()
+    with pytest.raises(RuntimeError):
+        ex.submit(tasks.noop)
+    gate.open("after shutdown")
+    assert f.result(timeout=GUARD) == "after shutdown"
+
+
+@pytest.mark.parametrize("workers", [0, -1])
+def test_max_workers_must_be_positive(enclave_dir, workers):
+    with pytest.raises(ValueError):
+        KottaExecutor(workers, enclave=enclave_dir)
+
+
+def test_shutdown_wait_waits_for_running_tasks(executor, gate, enclave):
+    f, started = gate.submit_blocking(executor)
+    wait_started(started)
+    calling = threading.Event()
+    seen = {}
+
+    def shut():
+        calling.set()
+        executor.shutdown(wait=True)
+        seen["done"] = f.done()
+
+    t = threading.Thread(target=shut)
+    t.start()
+    assert calling.wait(GUARD)
+    t.join(0.3)
+    assert t.is_alive(), "shutdown(wait=True) returned while a task was still running"
+    gate.open("finished")
+    t.join(GUARD)
+    assert not t.is_alive()
+    assert seen["done"] is True
+    assert f.result() == "finished"
+    assert job_state(enclave, f.job_id) == "completed"
+
+
+def test_shutdown_cancel_futures(executor, gate, tmp_path, enclave):
+    running = [gate.submit_blocking(executor) for _ in range(2)]
+    wait_started(*(s for _, s in running))
+    markers = [tmp_path / f"marker-{i}" for i in range(3)]
+    queued = [executor.submit(tasks.create_file, str(m)) for m in markers]
+    wait_for(
+        lambda: all(job_state(enclave, f.job_id) == "pending" for f in queued),
+        what="the queued jobs to be recorded",
+    )
+    calling = threading.Event()
+    t = threading.Thread(
+        target=lambda: (calling.set(), executor.shutdown(wait=True, cancel_futures=True))
+    )
+    t.start()
+    assert calling.wait(GUARD)
+    wait_for(lambda: all(f.cancelled() for f in queued), what="queued futures to be cancelled")
+    for f in queued:
+        assert f.done()
+        with pytest.raises(cf.CancelledError):
+            f.result(timeout=0)
+        assert job_state(enclave, f.job_id) == "cancelled"
+        assert f.status() == "cancelled"
+    assert not any(f.done() for f, _ in running)
+    gate.open("kept")
+    t.join(GUARD)
+    assert not t.is_alive()
+    assert [f.result(timeout=0) for f, _ in running] == ["kept", "kept"]
+    assert not any(m.exists() for m in markers)  # the node is gone: they never ran
+    with pytest.raises(RuntimeError):
+        executor.submit(tasks.noop)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_stdout_and_stderr_each_task_its_own(make_executor, monkeypatch):
+    # Without PYTHONUNBUFFERED (the usual case) libc stdout into a file is fully buffered.
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    ex = make_executor(1)  # one worker: every task runs on the same warm worker
+    f = ex.submit(tasks.write_everywhere)
+    assert f.result(timeout=GUARD) == "done"
+    for line in ("python stdout", "c stdout", "child stdout"):
+        assert line in f.stdout
+    for line in ("python stderr", "child stderr"):
+        assert line in f.stderr
+    assert "stderr" not in f.stdout and "stdout" not in f.stderr
+
+    first = ex.submit(tasks.say, "first")
+    pid = first.result(timeout=GUARD)
+    second = ex.submit(tasks.say, "second")
+    assert second.result(timeout=GUARD) == pid  # same warm worker
+    third = ex.submit(tasks.c_puts_flushed, "third")
+    assert third.result(timeout=GUARD) == pid
+    assert first.stdout == "first out\n" and first.stderr == "first err\n"
+    assert second.stdout == "second out\n" and second.stderr == "second err\n"
+    assert third.stdout == "third\n" and third.stderr in ("", None)
+
+    # C output the task left in libc's buffer stays with that task
+    fourth = ex.submit(tasks.c_puts_unflushed, "fourth")
+    assert fourth.result(timeout=GUARD) == pid
+    fifth = ex.submit(tasks.say, "fifth")
+    assert fifth.result(timeout=GUARD) == pid
+    assert fourth.stdout == "fourth\n"
+    assert fifth.stdout == "fifth out\n"
+
+
+# --------------------------------------------------------------------------- status, cancel
+
+
+def test_status_pending_processing_completed_failed(executor, gate):
+    a, sa = gate.submit_blocking(executor)
+    b, sb = gate.submit_blocking(executor)
+    c = executor.submit(tasks.square, 5)
+    assert c.status() == "pending"
+    wait_started(sa, sb)
+    wait_for(lambda: a.status() == "processing", what="a to be processing")
+    assert b.status() == "processing"
+    assert c.status() == "pending"  # both workers are busy
+    gate.open()
+    assert c.result(timeout=GUARD) == 25
+    assert [a.result(timeout=GUARD), b.result(timeout=GUARD)] == ["released"] * 2
+    assert a.status() == b.status() == c.status() == "completed"
+
+    bad = executor.submit(tasks.raise_value_error, "nope")
+    with pytest.raises(ValueError, match="nope"):
+        bad.result(timeout=GUARD)
+    assert bad.status() == "failed"
+
+
+def test_cancel_a_queued_task_never_runs_it(executor, gate, tmp_path, enclave):
+    a, sa = gate.submit_blocking(executor)
+    b, sb = gate.submit_blocking(executor)
+    wait_started(sa, sb)
+    marker = tmp_path / "must-not-exist"
+    queued = executor.submit(tasks.create_file, str(marker), "ran")
+    wait_for(lambda: job_state(enclave, queued.job_id) == "pending", what="queued job record")
+
+    assert queued.cancel() is True
+    assert queued.cancelled() and queued.done()
+    assert queued.cancel() is True  # cancelling again is fine
+    with pytest.raises(cf.CancelledError):
+        queued.result(timeout=0)
+    assert queued.status() == "cancelled"
+    assert job_state(enclave, queued.job_id) == "cancelled"
+    done, _ = cf.wait([queued], timeout=0)
+    assert done == {queued}
+
+    # a running task cannot be cancelled; it completes
+    assert a.cancel() is False
+    assert not a.cancelled()
+    gate.open()
+    assert a.result(timeout=GUARD) == b.result(timeout=GUARD) == "released"
+    # work queued after the cancelled task runs; the cancelled one never does
+    later = [executor.submit(tasks.noop, i) for i in range(4)]
+    assert [f.result(timeout=GUARD) for f in later] == [0, 1, 2, 3]
+    assert not marker.exists()
+    assert job_state(enclave, queued.job_id) == "cancelled"
+
+
+def test_cancel_a_task_not_yet_sent(make_executor, enclave):
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.noop, 1)
+    assert f.cancel() is True
+    assert f.cancelled()
+    assert f.status() == "cancelled"
+    assert job_state(enclave, f.job_id) == "cancelled"  # recorded, though never sent
+
+
+def received_by_a_node(enclave, job_id: str) -> bool:
+    """Has a node taken the job's task message off the queue?  (A node receives and
+    dispatches in one transaction, so once this is true the dispatch decision was made.)"""
+    rows = enclave._db.read("SELECT receive_count FROM messages WHERE job_id=?", (job_id,))
+    return bool(rows) and rows[0][0] > 0
+
+
+def test_task_queued_behind_a_running_one_on_warm_workers_stays_cancellable(
+    executor, gate, tmp_path, enclave
+):
+    warm = [executor.submit(tasks.noop, i) for i in range(400)]  # warm workers: tiny tasks
+    assert not cf.wait(warm, timeout=GUARD).not_done
+    running = [gate.submit_blocking(executor) for _ in range(2)]
+    try:
+        wait_started(*(s for _, s in running))
+        marker = tmp_path / "must-not-exist"
+        queued = executor.submit(tasks.create_file, str(marker), "ran")
+        wait_for(lambda: received_by_a_node(enclave, queued.job_id), what="the node to take it")
+        assert not marker.exists()  # it has not started...
+        assert queued.status() == "pending"  # ...so it is pending
+        assert queued.cancel() is True  # ...and cancellable
+    finally:
+        gate.open()
+    assert [f.result(timeout=GUARD) for f, _ in running] == ["released"] * 2
+    assert executor.submit(tasks.noop, 1).result(timeout=GUARD) == 1
+    assert not marker.exists()
+
+
+def test_cancel_while_another_thread_submits(make_executor):
+    ex = make_executor(2, start_node=False)  # no node: nothing starts, everything is cancellable
+    fs: list[KottaFuture] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    deadline = time.monotonic() + 5.0
+
+    def submit():
+        while not stop.is_set() and time.monotonic() < deadline:
+            fs.append(ex.submit(tasks.noop))
+        stop.set()
+
+    def cancel():  # cancel every other future, soon after it was submitted
+        i = 0
+        while not stop.is_set():
+            n = len(fs)
+            for f in fs[i:n:2]:
+                try:
+                    f.cancel()
+                except Exception as exc:  # noqa: BLE001 - any error from cancel() is the bug
+                    errors.append(exc)
+                    stop.set()
+                    break
+            i += (n - i + 1) // 2 * 2
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: exercise the interleavings
+    threads = [threading.Thread(target=submit), threading.Thread(target=cancel)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(GUARD)
+    finally:
+        stop.set()
+        sys.setswitchinterval(old)
+    try:
+        assert errors == []
+        # nothing ran (no node), so every future can still be cancelled: none was dropped
+        ex.shutdown(wait=False, cancel_futures=True)
+        assert [f for f in fs if not f.cancelled()] == []
+    finally:
+        ex._futures.clear()  # futures the bug lost would keep shutdown() waiting forever
+
+
+def test_kill_stops_a_running_task(executor, gate, enclave):
+    f, started = gate.submit_blocking(executor)
+    wait_started(started)
+    pid = int(started.read_text())
+    assert psutil.pid_exists(pid)
+    t0 = time.monotonic()
+    assert f.kill() is True
+    with pytest.raises(TaskKilled) as info:
+        f.result(timeout=GUARD)
+    elapsed = time.monotonic() - t0
+    # touch_then_wait would have waited 60 s on its own: it was stopped, not left to finish
+    assert elapsed < GUARD / 2
+    assert isinstance(info.value, cf.CancelledError)
+    assert f.job_id in "".join(getattr(info.value, "__notes__", []))
+    assert f.status() == "cancelled"
+    assert job_state(enclave, f.job_id) == "cancelled"
+    assert not psutil.pid_exists(pid)
+    assert f.kill() is False  # already finished
+    # the node replaced the worker: later tasks still run, elsewhere
+    pids = [executor.submit(tasks.worker_pid).result(timeout=GUARD) for _ in range(3)]
+    assert pid not in pids
+    assert executor.submit(tasks.square, 9).result(timeout=GUARD) == 81
+
+
+def test_kill_a_queued_task_cancels_it(executor, gate, tmp_path, enclave):
+    running = [gate.submit_blocking(executor) for _ in range(2)]
+    wait_started(*(s for _, s in running))
+    marker = tmp_path / "killed-before-start"
+    queued = executor.submit(tasks.create_file, str(marker))
+    wait_for(lambda: job_state(enclave, queued.job_id) == "pending", what="queued job record")
+    assert queued.kill() is True
+    assert queued.cancelled()
+    gate.open()
+    assert [f.result(timeout=GUARD) for f, _ in running] == ["released"] * 2
+    assert executor.submit(tasks.noop, 1).result(timeout=GUARD) == 1
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_with_options_per_call(executor, enclave, gate):
+    f = executor.with_options(walltime=2).submit(tasks.square, 3)
+    g = executor.with_options(walltime=dt.timedelta(seconds=90)).submit(tasks.square, 4)
+    h = executor.submit(tasks.square, 5)
+    results = [x.result(timeout=GUARD) for x in (f, g, h)]
+    assert results == [9, 16, 25]
+    assert enclave.jobs.get(f.job_id).walltime == 120.0
+    assert enclave.jobs.get(g.job_id).walltime == 90.0
+    assert enclave.jobs.get(h.job_id).walltime == 300.0  # the executor's default: 5 minutes
+    assert list(executor.with_options(walltime=1).map(tasks.square, [1, 2])) == [1, 4]
+
+    # a walltime as a timedelta is enforced
+    short = executor.with_options(walltime=dt.timedelta(seconds=1))
+    late = short.submit(tasks.wait_for_file, str(gate.release))
+    with pytest.raises(kotta_executor.WalltimeExceeded) as info:
+        late.result(timeout=GUARD)
+    assert isinstance(info.value, TimeoutError)
+    assert enclave.jobs.get(late.job_id).walltime == 1.0
+    assert late.status() == "failed"
+
+    # options views chain, and a view's shutdown leaves the executor alive
+    view = executor.with_options(walltime=3).with_options(queue="Test")
+    view.shutdown()
+    k = view.submit(tasks.square, 6)
+    assert k.result(timeout=GUARD) == 36
+    job = enclave.jobs.get(k.job_id)
+    assert (job.queue, job.walltime) == ("test", 180.0)
+
+
+def test_with_options_queue_production(executor, enclave):
+    f = executor.with_options(queue="prod").submit(tasks.square, 11)
+    assert f.result(timeout=GUARD) == 121
+    assert enclave.jobs.get(f.job_id).queue == "production"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"queue": "nope"},
+        {"queue": ""},
+        {"queue": 3},
+        {"walltime": 0},
+        {"walltime": -1},
+        {"walltime": float("inf")},
+        {"walltime": float("nan")},
+        {"walltime": "5"},
+        {"walltime": True},
+        {"walltime": dt.timedelta(0)},
+        {"walltime": dt.timedelta(seconds=-5)},
+    ],
+)
+def test_with_options_rejects_invalid_values(enclave_dir, kwargs):
+    ex = KottaExecutor(1, enclave=enclave_dir, start_node=False)
+    try:
+        with pytest.raises(ValueError):
+            ex.with_options(**kwargs)
+        with pytest.raises(ValueError):
+            KottaExecutor(1, enclave=enclave_dir, start_node=False, **kwargs)
+    finally:
+        ex.shutdown()
+
+
+# --------------------------------------------------------------------------- attach
+
+
+def test_attach_to_a_finished_job(executor, make_executor):
+    f = executor.submit(tasks.square, 12)
+    assert f.result(timeout=GUARD) == 144
+    other = make_executor(1, start_node=False)
+    g = other.attach(f.job_id)
+    assert isinstance(g, KottaFuture)
+    assert g.job_id == f.job_id
+    assert g.result(timeout=GUARD) == 144
+    assert g.status() == "completed"
+
+    bad = executor.submit(tasks.raise_value_error, "remote")
+    with pytest.raises(ValueError):
+        bad.result(timeout=GUARD)
+    with pytest.raises(ValueError, match="remote"):
+        other.attach(bad.job_id).result(timeout=GUARD)
+
+
+def test_attach_to_a_running_job(executor, make_executor, gate):
+    f, started = gate.submit_blocking(executor)
+    wait_started(started)
+    other = make_executor(1, start_node=False)
+    g = other.attach(f.job_id)
+    assert other.attach(f.job_id) is g
+    assert not g.done()
+    assert g.status() == "processing"
+    gate.open("attached")
+    assert g.result(timeout=GUARD) == "attached"
+    assert f.result(timeout=GUARD) == "attached"
+
+
+def test_job_cancelled_by_another_client_resolves_while_results_keep_coming(
+    executor, make_executor, gate, enclave
+):
+    running = [gate.submit_blocking(executor) for _ in range(2)]
+    wait_started(*(s for _, s in running))
+    queued = executor.submit(tasks.noop, 1)
+    wait_for(lambda: job_state(enclave, queued.job_id) == "pending", what="the queued job")
+    other = make_executor(1, start_node=False)
+    theirs = other.attach(queued.job_id)
+    assert theirs.cancel() is True
+    assert job_state(enclave, queued.job_id) == "cancelled"
+    gate.open()
+    assert [f.result(timeout=GUARD) for f, _ in running] == ["released"] * 2
+    # the submitting executor keeps getting other results; its own future must still learn
+    # what the job table says, within about the reconcile delay
+    deadline = time.monotonic() + 1.5 * executor_module.RECONCILE_AFTER
+    while not queued.done() and time.monotonic() < deadline:
+        assert executor.submit(tasks.noop, 2).result(timeout=GUARD) == 2
+        cf.wait([queued], timeout=0.25)
+    assert queued.cancelled()
+
+
+def test_attach_unknown_or_malformed_job(executor):
+    for job_id in ("0" * 32, "f" * 32):
+        with pytest.raises(UnknownJob) as info:
+            executor.attach(job_id)
+        assert isinstance(info.value, LookupError)
+    for job_id in ("nope", "0" * 31, "0" * 33, "G" * 32, "", None, 12):
+        with pytest.raises(UnknownJob):
+            executor.attach(job_id)
+
+
+# --------------------------------------------------------------------------- remote errors
+
+
+def test_remote_exception_type_message_traceback_and_note(executor):
+    f = executor.submit(tasks.complain_and_fail, "it went wrong")
+    exc = f.exception(timeout=GUARD)
+    assert type(exc) is ValueError
+    assert str(exc) == "it went wrong"
+    text = "".join(traceback.format_exception(exc))
+    assert "complain_and_fail" in text
+    assert "tasks.py" in text
+    notes = "\n".join(getattr(exc, "__notes__", []))
+    assert f.job_id in notes
+    assert "about to fail: it went wrong" in notes  # the stderr tail
+    assert "about to fail: it went wrong" in f.stderr
+    with pytest.raises(ValueError, match="it went wrong"):
+        f.result()
+
+
+def test_remote_exception_chain_and_local_exception_class(executor):
+    f = executor.submit(tasks.chained)
+    with pytest.raises(RuntimeError, match="outer failure") as info:
+        f.result(timeout=GUARD)
+    exc = info.value
+    assert isinstance(exc.__cause__, KeyError)
+    assert exc.__cause__.args == ("missing",)
+    text = "".join(traceback.format_exception(exc))
+    assert "direct cause" in text
+    assert text.count("in chained") >= 2  # frames of both the cause and the outer exception
+    assert f.job_id in "\n".join(exc.__notes__)
+
+    # an exception class defined in the test itself travels by value and comes back
+    class Local(Exception):
+        pass
+
+    def boom(n):
+        raise Local(f"boom {n}")
+
+    with pytest.raises(Exception, match="boom 3") as info:
+        executor.submit(boom, 3).result(timeout=GUARD)
+    assert type(info.value).__name__ == "Local"
+    assert "boom" in "".join(traceback.format_exception(info.value))
