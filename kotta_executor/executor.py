@@ -91,9 +91,10 @@ class KottaExecutor(Executor):
     ``max_workers``: worker processes of the local node this executor starts when no node
     serves its queue (default: the CPU count).  ``queue``: ``test`` or ``production``.
     ``walltime``: minutes (or a ``timedelta``) a task may run before it is killed.
-    ``enclave``: where to run (a directory or ``embedded:///dir``; default ``$KOTTA_ENCLAVE``
-    or ``$KOTTA_HOME``).  ``start_node``: ``"auto"`` starts a local node when none serves the
-    queue, ``False`` never does.
+    ``enclave``: where to run (a directory, ``embedded:///dir`` or ``aws://NAME``; default
+    ``$KOTTA_ENCLAVE`` or ``$KOTTA_HOME``).  ``start_node``: ``"auto"`` starts a local node
+    when none serves the queue of an embedded enclave, ``True`` does so for any enclave,
+    ``False`` never does.
     """
 
     def __init__(
@@ -189,8 +190,8 @@ class KottaExecutor(Executor):
             if job is None:
                 raise UnknownJob(f"no job {job_id} in the enclave {self._enclave.url}")
             f = KottaFuture(job_id, self)
-            if job.n != 1:
-                f._batch = True
+            if job.n != 1:  # a task of a map: the values of its calls, in order
+                f._batch = "values"
             self._futures[job_id] = f
             self._attached.add(job_id)
         self._ensure_manager()
@@ -496,7 +497,13 @@ class KottaExecutor(Executor):
         for ok, value in outcomes:
             if not ok and isinstance(value, BaseException):
                 _annotate(value, job_id, f.stderr)
-        if f._batch:
+        if f._batch == "values":
+            failed = [value for ok, value in outcomes if not ok]
+            if failed:
+                f.set_exception(failed[0])
+            else:
+                f.set_result([value for _, value in outcomes])
+        elif f._batch:
             f.set_result(outcomes)
         else:
             ok, value = outcomes[0]
@@ -508,6 +515,8 @@ class KottaExecutor(Executor):
     def _ensure_nodes(self) -> None:
         if self._start_node in (False, "never", None):
             return
+        if self._start_node == "auto" and not self._enclave.local:
+            return  # a remote enclave has nodes of its own; start_node=True forces one here
         for q in list(self._queues_used):
             proc = self._nodes.get(q)
             if proc is not None and proc.poll() is None:

@@ -30,7 +30,7 @@ class KottaFuture(Future):
     stdout: str | None = None
     stderr: str | None = None
     _usage: dict[str, Any] | None = None
-    _batch = False
+    _batch: bool | str = False  # True: a map task's outcomes; "values": attached map task
 
     def __init__(self, job_id: str, executor: KottaExecutor):  # noqa: D107
         # Future.__init__ is not called: it would allocate the Condition eagerly.

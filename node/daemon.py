@@ -174,8 +174,8 @@ class Node:
     def _drain(self) -> None:
         """Hand back what has not started; let running tasks finish for a while."""
         self.stopping = True
-        if self._poller is not None:
-            self._poller.join(self.config.long_poll + 30)
+        if self._poller is not None:  # it hands back what a last long poll brings
+            self._poller.join(1.0)
         inbox = list(self._inbox)
         self._inbox.clear()
         self.enclave.queue.release([*inbox, *(t.delivery for t in self.pending)])
@@ -402,9 +402,9 @@ class Node:
             if room <= 0:
                 idle.wait(0.05)
                 continue
-            try:
+            try:  # ten at a time (one call's worth); the loop keeps what it cannot run yet
                 got = self.enclave.queue.receive(
-                    self.queue, min(room, 10), self.config.visibility_timeout, self.node_id,
+                    self.queue, 10, self.config.visibility_timeout, self.node_id,
                     wait_seconds=self.config.long_poll,
                 )
             except Exception:  # noqa: BLE001 - keep polling; the backend retries itself
@@ -462,14 +462,18 @@ class Node:
             return frames
         plan: list[tuple[Task, Worker]] = []
         load = {w: len(w.inflight) for w in self.workers if w.kill_deadline is None}
+        # Several tasks per worker pipe only with a real backlog: a few tasks that arrive
+        # together may include long ones, and must not wait behind them (nor stop being
+        # cancellable) while another worker could take them.
+        deep = len(self.pending) >= 4 * self.config.workers
         skipped: deque[Task] = deque()
         while self.pending:
             task = self.pending.popleft()
-            w = self._worker_for(task.owner, load)
+            w = self._worker_for(task.owner, load, deep)
             if w is None:
                 skipped.append(task)
                 if len(load) >= self.config.workers and all(
-                    n >= w_.depth for w_, n in load.items()
+                    n >= (w_.depth if deep else 1) for w_, n in load.items()
                 ):
                     break
                 continue
@@ -506,10 +510,11 @@ class Node:
                     w.inflight.pop()
                 self.pending.extendleft(reversed(tasks))
 
-    def _worker_for(self, owner: str, load: dict[Worker, int]) -> Worker | None:
+    def _worker_for(self, owner: str, load: dict[Worker, int], deep: bool = True) -> Worker | None:
         best = None
         for w, n in load.items():
-            if w.owner == owner and n < w.depth and (best is None or n < load[best]):
+            depth = w.depth if deep else 1
+            if w.owner == owner and n < depth and (best is None or n < load[best]):
                 best = w
         if best is not None:
             return best

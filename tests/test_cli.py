@@ -193,7 +193,7 @@ def test_up_starts_a_background_node_and_down_stops_it(enclave, make_executor):
 
         r = kotta(enclave.home, "down")
         assert r.returncode == 0
-        assert "no local nodes are running" in r.stdout
+        assert "no nodes of this enclave are running on" in r.stdout
     finally:
         for n in enclave.nodes.all():  # never leave a background node behind
             try:

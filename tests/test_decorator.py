@@ -184,7 +184,7 @@ def test_empty_queue_name_fails_at_decoration(enclave_dir):
         with pytest.raises(ValueError):
             kottajob(ex, "")  # an executor target: rejected at decoration
         with pytest.raises(ValueError):
-            kottajob(konn, "", 5)  # a connection target: accepted, fails on every call
+            kottajob(konn, "", 5)  # a connection target: rejected at decoration too
     finally:
         ex.shutdown()
         konn.close()

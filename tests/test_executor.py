@@ -512,12 +512,36 @@ def test_task_queued_behind_a_running_one_on_warm_workers_stays_cancellable(
     assert not marker.exists()
 
 
+def test_tasks_arriving_with_long_ones_on_warm_workers_stay_cancellable(
+    executor, gate, tmp_path, enclave
+):
+    warm = [executor.submit(tasks.noop, i) for i in range(400)]  # warm workers: tiny tasks
+    assert not cf.wait(warm, timeout=GUARD).not_done
+    marker = tmp_path / "must-not-exist"
+    # Submitted together, as a user does with a few calls in a row.  Holding the lock the
+    # manager sends under makes them one batch, which the node takes in one step.
+    with executor._send_lock:
+        running = [gate.submit_blocking(executor) for _ in range(2)]
+        queued = executor.submit(tasks.create_file, str(marker), "ran")
+    try:
+        wait_started(*(s for _, s in running))
+        wait_for(lambda: received_by_a_node(enclave, queued.job_id), what="the node to take it")
+        assert not marker.exists()  # it has not started...
+        assert queued.status() == "pending"  # ...so it is pending
+        assert queued.cancel() is True  # ...and cancellable
+    finally:
+        gate.open()
+    assert [f.result(timeout=GUARD) for f, _ in running] == ["released"] * 2
+    assert executor.submit(tasks.noop, 1).result(timeout=GUARD) == 1
+    assert not marker.exists()
+
+
 def test_cancel_while_another_thread_submits(make_executor):
     ex = make_executor(2, start_node=False)  # no node: nothing starts, everything is cancellable
     fs: list[KottaFuture] = []
     errors: list[BaseException] = []
     stop = threading.Event()
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + 2.0  # a stress run, not a wait
 
     def submit():
         while not stop.is_set() and time.monotonic() < deadline:
@@ -554,7 +578,7 @@ def test_cancel_while_another_thread_submits(make_executor):
         ex.shutdown(wait=False, cancel_futures=True)
         assert [f for f in fs if not f.cancelled()] == []
     finally:
-        ex._futures.clear()  # futures the bug lost would keep shutdown() waiting forever
+        ex._futures.clear()  # a lost future would keep shutdown() waiting forever
 
 
 def test_kill_stops_a_running_task(executor, gate, enclave):
@@ -767,3 +791,12 @@ def test_remote_exception_chain_and_local_exception_class(executor):
         executor.submit(boom, 3).result(timeout=GUARD)
     assert type(info.value).__name__ == "Local"
     assert "boom" in "".join(traceback.format_exception(info.value))
+
+
+def test_attach_to_a_map_task_gives_its_values(executor, make_executor):
+    list(executor.map(tasks.square, range(6), chunksize=3))
+    jobs = [j for j in executor.enclave.jobs.list(limit=10) if j.n == 3]
+    assert len(jobs) == 2
+    other = make_executor(1, start_node=False)
+    values = sorted(other.attach(j.job_id).result(timeout=GUARD) for j in jobs)
+    assert values == [[0, 1, 4], [9, 16, 25]]

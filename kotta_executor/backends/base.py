@@ -191,6 +191,10 @@ class JobTable(abc.ABC):
     def history(self, job_id: str) -> list[tuple[float, str, str | None]]: ...
 
     @abc.abstractmethod
+    def delete(self, job_ids: Sequence[str]) -> None:
+        """Remove job records with their result and task blobs (clean-up of old jobs)."""
+
+    @abc.abstractmethod
     def request_kill(self, job_id: str) -> bool: ...
 
     @abc.abstractmethod
@@ -224,6 +228,8 @@ class Enclave(abc.ABC):
     url: str
     #: largest body that travels inline in a message; larger ones go to the blob store
     inline_limit: int = 256 * 1024
+    #: an enclave on this machine, where an executor may start a node of its own
+    local: bool = False
 
     def ring_nodes(self, queue: str) -> None:  # noqa: B027 - optional: wake idle nodes
         """Tell nodes serving ``queue`` there is work (a hint; nodes also poll)."""

@@ -530,6 +530,22 @@ class EmbeddedJobs(JobTable):
             return []
         return [tuple(json.loads(line)) for line in rows[0][0].splitlines()]
 
+    def delete(self, job_ids):
+        ids = list(dict.fromkeys(job_ids))
+        refs: list[str] = []
+        with self._db.tx() as c:
+            for chunk in _chunks(ids):
+                marks = _marks(len(chunk))
+                refs += [r[0] for r in c.execute(
+                    f"SELECT result_ref FROM jobs WHERE result_ref IS NOT NULL AND job_id IN ({marks})",
+                    chunk,
+                ).fetchall()]
+                c.execute(f"DELETE FROM jobs WHERE job_id IN ({marks})", chunk)
+                c.execute(f"DELETE FROM messages WHERE job_id IN ({marks})", chunk)
+        # a task's sections too large for its message: "<section>-<job id>" (executor)
+        refs += [f"{section}-{j}" for j in ids for section in ("fn", "args")]
+        self._blobs.delete(refs)
+
     def request_kill(self, job_id):
         active = [str(s) for s in states.ACTIVE]
         with self._db.tx() as c:
@@ -607,6 +623,7 @@ class EmbeddedEnclave(Enclave):
         except OSError as exc:
             raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
         self.url = f"embedded://{self.home}"
+        self.local = True
         self._db = _Db(self.home / "kotta.db")
         self.blobs = EmbeddedBlobs(self.home / "blobs")
         self.queue = EmbeddedQueue(self._db, self)
