@@ -75,14 +75,21 @@ class Report:
 
 
 def planned(
-    name: str, *, bucket: str | None = None, queues: Iterable[str] = QUEUES, iam: bool = True
+    name: str,
+    *,
+    bucket: str | None = None,
+    queues: Iterable[str] = QUEUES,
+    iam: bool = True,
+    tls_only: bool = True,
 ) -> set[tuple[str, str]]:
     """The ``(type, name)`` of every resource bootstrap makes, without calling AWS."""
     n = Names(name, bucket)
     out = set()
     for q in queues:
         out |= {(QUEUE, n.queue(q)), (QUEUE, n.dlq(n.queue(q)))}
-    out |= {(BUCKET, n.bucket), (BUCKET_POLICY, n.bucket)}
+    out.add((BUCKET, n.bucket))
+    if tls_only:
+        out.add((BUCKET_POLICY, n.bucket))
     out |= {(TABLE, n.jobs_table), (TABLE, n.nodes_table)}
     if iam:
         out |= {(ROLE, n.node_role), (PROFILE, n.node_role)}
@@ -121,12 +128,16 @@ def bootstrap(
     queues: Iterable[str] = QUEUES,
     max_receive_count: int = MAX_RECEIVE_COUNT,
     iam: bool = True,
+    tls_only: bool | None = None,
     session=None,
     out=None,
 ) -> Report:
     """Create (or bring in line) every resource of the enclave ``aws://NAME``.
 
     Safe to run again: what exists is kept (queue attributes and policies are re-applied).
+    ``iam=False`` skips the node role (for accounts where you may not create roles).
+    ``tls_only``: the bucket policy refusing requests without TLS; on by default, off
+    when ``endpoint_url`` is a plain ``http://`` emulator.
     ``out``: a callable (``print``) told about each resource as it goes.
     """
     names = Names(name, bucket)
@@ -146,22 +157,35 @@ def bootstrap(
             note(what in made, QUEUE, what)
 
     # -- bucket
-    kw: dict[str, Any] = {"Bucket": names.bucket}
-    if c.region != "us-east-1":
-        kw["CreateBucketConfiguration"] = {"LocationConstraint": c.region}
+    # (HeadBucket first: in us-east-1, CreateBucket on a bucket you own just succeeds)
     try:
-        c.s3.create_bucket(**kw)
-        note(True, BUCKET, names.bucket)
+        c.s3.head_bucket(Bucket=names.bucket)
+        exists = True
     except _client_error() as exc:
-        if _code(exc) == "BucketAlreadyOwnedByYou":
-            note(False, BUCKET, names.bucket)
-        elif _code(exc) == "BucketAlreadyExists":
+        if _code(exc) in ("403", "AccessDenied", "Forbidden"):
             raise ConfigurationError(
-                f"the bucket name {names.bucket} is taken by another AWS account: choose "
-                f"another with --bucket (and aws://{name}?bucket=...)"
+                f"the bucket {names.bucket} exists but is not yours (or you may not read "
+                f"it): choose another name with --bucket (and aws://{name}?bucket=...)"
             ) from None
-        else:
+        if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
             raise
+        exists = False
+    if not exists:
+        kw: dict[str, Any] = {"Bucket": names.bucket}
+        if c.region != "us-east-1":
+            kw["CreateBucketConfiguration"] = {"LocationConstraint": c.region}
+        try:
+            c.s3.create_bucket(**kw)
+        except _client_error() as exc:
+            if _code(exc) == "BucketAlreadyExists":
+                raise ConfigurationError(
+                    f"the bucket name {names.bucket} is taken by another AWS account: choose "
+                    f"another with --bucket (and aws://{name}?bucket=...)"
+                ) from None
+            if _code(exc) != "BucketAlreadyOwnedByYou":
+                raise
+            exists = True
+    note(not exists, BUCKET, names.bucket)
     c.s3.put_public_access_block(
         Bucket=names.bucket,
         PublicAccessBlockConfiguration={
@@ -182,15 +206,20 @@ def bootstrap(
             ]
         },
     )
-    had_policy = True
-    try:
-        c.s3.get_bucket_policy(Bucket=names.bucket)
-    except _client_error() as exc:
-        if _code(exc) != "NoSuchBucketPolicy":
-            raise
-        had_policy = False
-    c.s3.put_bucket_policy(Bucket=names.bucket, Policy=json.dumps(tls_only_policy(names.bucket)))
-    note(not had_policy, BUCKET_POLICY, names.bucket)
+    if tls_only is None:
+        tls_only = not (c.endpoint_url or "").startswith("http://")
+    if tls_only:
+        had_policy = True
+        try:
+            c.s3.get_bucket_policy(Bucket=names.bucket)
+        except _client_error() as exc:
+            if _code(exc) != "NoSuchBucketPolicy":
+                raise
+            had_policy = False
+        c.s3.put_bucket_policy(
+            Bucket=names.bucket, Policy=json.dumps(tls_only_policy(names.bucket))
+        )
+        note(not had_policy, BUCKET_POLICY, names.bucket)
 
     # -- tables
     note(_create_table(c.dynamodb, jobs_table_spec(names)), TABLE, names.jobs_table)

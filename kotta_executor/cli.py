@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -69,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("job_id")
 
     sub.add_parser("demo", help="a short end-to-end demonstration on the embedded enclave")
+    from .aws_cli import add_parsers as add_aws_parsers
+
+    add_aws_parsers(sub)
     return p
 
 
@@ -124,17 +128,20 @@ def cmd_node(args) -> int:
     )
     if cfg.workers < 1:
         raise ValueError("--workers must be at least 1")
-    node = Node(_enclave(args), cfg)
+    enclave = _enclave(args)
+    node = Node(enclave, cfg)
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)
-    return node.run()
+    try:
+        return node.run()
+    finally:
+        enclave.close()  # sends what a backend batches (AWS deletes and replies)
 
 
 def cmd_up(args) -> int:
     enclave = _enclave(args)
     queue = config.normalize_queue(args.queue)
-    home = Path(enclave.url.split("://", 1)[1])
-    logs = home / "logs"
+    logs = Path(getattr(enclave, "home", config.kotta_home())) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     before = {n.node_id for n in enclave.nodes.live()}
     procs = []
@@ -177,7 +184,8 @@ def cmd_up(args) -> int:
 def cmd_down(args) -> int:
     enclave = _enclave(args)
     queue = config.normalize_queue(args.queue) if args.queue else None
-    nodes = enclave.nodes.live(queue)
+    host = socket.gethostname()
+    nodes = [n for n in enclave.nodes.live(queue) if n.host == host]  # pids are per machine
     for n in nodes:
         try:
             os.kill(n.pid, signal.SIGTERM)
@@ -186,13 +194,13 @@ def cmd_down(args) -> int:
     deadline = time.monotonic() + args.timeout
     remaining = {n.node_id for n in nodes}
     while remaining and time.monotonic() < deadline:
-        remaining &= {n.node_id for n in enclave.nodes.live(queue)}
+        remaining &= {n.node_id for n in enclave.nodes.live(queue) if n.host == host}
         time.sleep(0.05)
     for n in nodes:
         state = "still stopping" if n.node_id in remaining else "stopped"
         print(f"node {n.node_id} (pid {n.pid}, queue {n.queue}) {state}")
     if not nodes:
-        print("no local nodes are running")
+        print(f"no nodes of this enclave are running on {host}")
     return 1 if remaining else 0
 
 
@@ -295,6 +303,7 @@ COMMANDS = {
     "logs": cmd_logs,
     "cancel": cmd_cancel,
     "demo": cmd_demo,
+    "aws": lambda args: args.aws_handler(args),
 }
 
 if __name__ == "__main__":

@@ -13,16 +13,19 @@ How the interface maps onto AWS (one line per method; docs/aws.md has the whole 
   a receipt is ``"<sqs queue name> <receipt handle> [<blob key>]"`` so that extend, release,
   ack and dead_letter need nothing but the receipt.
 * ``queue.extend`` / ``release``: ChangeMessageVisibilityBatch (release = visibility 0).
-* ``queue.ack``: DeleteMessageBatch (and DeleteObjects for spilled bodies).
+* ``queue.ack``: DeleteMessageBatch (and DeleteObjects for spilled bodies), ten to a call:
+  an ack waits up to :attr:`SqsQueue.delete_linger` for company, and replies to a client
+  up to :attr:`SqsQueue.reply_linger` (a background thread makes the call; depth(),
+  close() and exit make it at once).
 * ``queue.dead_letter``: SendMessageBatch to the queue's DLQ with the reason as a message
   attribute, then DeleteMessageBatch.  SQS's own redrive (maxReceiveCount, see
   :mod:`kotta_executor.aws_provision`) is the safety net behind the node's own count.
 * ``jobs.create``: BatchWriteItem of the records, *then* SendMessageBatch of the tasks
   (two services: not atomic; a record without a message stays pending, never the reverse).
 * ``jobs.transition`` / ``finish`` / ``request_kill``: one conditional UpdateItem per job,
-  the condition being ``state IN states.sources(new)`` (or the active states for finish),
-  so a result is recorded at most once.  Results larger than :attr:`DynamoJobs.max_result`
-  go to S3 (``result_ref``).
+  the condition being ``state IN states.sources(new)`` (for finish: of the result's final
+  state, and finish takes final states only), so a result is recorded at most once.
+  Results larger than :attr:`DynamoJobs.max_result` go to S3 (``result_ref``).
 * ``jobs.list``: Query on the ``owner-created`` GSI for one owner; a Scan for all owners.
 * ``nodes``: a DynamoDB table; ``live()`` = a heartbeat in the last 30 s (no pid checks:
   nodes run on other machines).
@@ -30,8 +33,10 @@ How the interface maps onto AWS (one line per method; docs/aws.md has the whole 
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
+import logging
 import math
 import os
 import random
@@ -39,6 +44,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +68,8 @@ from .base import (
     TaskQueue,
 )
 from .embedded import _KEY
+
+log = logging.getLogger("kotta.aws")
 
 #: a node whose last heartbeat is older than this is taken for dead
 NODE_STALE_AFTER = 30.0
@@ -91,6 +99,8 @@ REASON_ATTR = "kotta_reason"
 COUNT_ATTR = "kotta_receive_count"
 DEAD_AT_ATTR = "kotta_dead_at"
 OWNER_INDEX = "owner-created"
+#: the sections of a task envelope the executor may put in a blob ``<section>-<job id>``
+TASK_BLOB_SECTIONS = ("fn", "args", "payload")
 
 _URL_PARAMS = (
     "region", "endpoint_url", "profile", "bucket", "retry_mode", "max_attempts", "create_queues",
@@ -236,7 +246,7 @@ def client_config(retry_mode: str = "standard", max_attempts: int = 10, *, path_
     if path_style:
         kw["s3"] = {"addressing_style": "path"}
     return Config(
-        retries={"mode": retry_mode, "max_attempts": int(max_attempts)},
+        retries={"mode": retry_mode, "total_max_attempts": int(max_attempts)},
         # long polls wait up to 20 s: the read timeout must be longer
         read_timeout=MAX_WAIT + 40,
         connect_timeout=10,
@@ -300,9 +310,9 @@ def ensure_work_queue(
     )
     if new:
         created.append(names.dlq(sqs_name))
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])[
-        "Attributes"
-    ]["QueueArn"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)}
     url, new = ensure_queue(
         sqs,
@@ -350,7 +360,9 @@ class AwsEnclave(Enclave):
         try:
             attempts = int(max_attempts)
         except (TypeError, ValueError):
-            raise ConfigurationError(f"max_attempts must be an integer, not {max_attempts!r}") from None
+            raise ConfigurationError(
+                f"max_attempts must be an integer, not {max_attempts!r}"
+            ) from None
         cfg = client_config(retry_mode, attempts, path_style=bool(endpoint_url))
         self.sqs = self.session.client("sqs", endpoint_url=endpoint_url, config=cfg)
         self.s3 = self.session.client("s3", endpoint_url=endpoint_url, config=cfg)
@@ -404,6 +416,7 @@ class AwsEnclave(Enclave):
         return list(self._pool.map(fn, items))
 
     def close(self) -> None:
+        self.queue.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
@@ -483,8 +496,16 @@ class SqsQueue(TaskQueue):
 
     #: the largest base64 body sent inline; larger bodies go to S3 (tests lower it)
     max_body = SQS_LIMIT - 16 * 1024
-    #: visibility timeout of reply messages between ReceiveMessage and DeleteMessageBatch
-    reply_visibility = 30
+    #: visibility timeout of taken reply messages until their (deferred) deletion
+    reply_visibility = 300
+    #: acknowledged (and taken) messages are deleted ten to a DeleteMessageBatch; an ack
+    #: waits at most this many seconds for others to share its call.  Until then the
+    #: message stays invisible; depth(), close() and exit flush what is waiting.
+    delete_linger = 0.5
+    #: replies wait at most this many seconds for others to the same client to share a
+    #: SendMessageBatch (0: send at once).  A lost reply costs latency only: the client
+    #: finds the result in the job table.
+    reply_linger = 0.05
     #: how many dead letters :meth:`dead_letters` lists at most
     max_dead_letters = 1000
 
@@ -493,10 +514,16 @@ class SqsQueue(TaskQueue):
         self._sqs = enclave.sqs
         self._urls: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], list] = {}
+        self._pending_since: dict[tuple[str, str], float] = {}
+        self._cv = threading.Condition()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        atexit.register(_flush_at_exit, weakref.ref(self))
 
     # -- queue URLs
 
-    def _url(self, sqs_name: str, *, missing_ok: bool = False) -> str | None:
+    def _url(self, sqs_name: str, *, missing_ok: bool = False, create: bool = True) -> str | None:
         url = self._urls.get(sqs_name)
         if url is not None:
             return url
@@ -505,7 +532,10 @@ class SqsQueue(TaskQueue):
         except _client_error() as exc:
             if _code(exc) not in _SQS_MISSING:
                 raise
-            if self._e.create_queues:
+            # With create_queues a reply queue is only made by a send, never by the
+            # client's own poll (which would bring back a channel close_reply removed).
+            reply = sqs_name.startswith(self._e.names.reply_prefix)
+            if self._e.create_queues and (create or not reply):
                 url = self._create(sqs_name)
             elif missing_ok:
                 return None
@@ -529,9 +559,11 @@ class SqsQueue(TaskQueue):
         with self._lock:
             self._urls.pop(sqs_name, None)
 
-    def _call(self, sqs_name: str, method: str, *, missing_ok: bool = False, **kw):
+    def _call(
+        self, sqs_name: str, method: str, *, missing_ok: bool = False, create: bool = False, **kw
+    ):
         """Call an SQS API on a queue; a queue that vanished raises (or returns None)."""
-        url = self._url(sqs_name, missing_ok=missing_ok)
+        url = self._url(sqs_name, missing_ok=missing_ok, create=create)
         if url is None:
             return None
         try:
@@ -600,7 +632,13 @@ class SqsQueue(TaskQueue):
         for batch in self._entries(items):
             entries = batch
             for attempt in range(BATCH_ROUNDS):
-                resp = self._call(sqs_name, "send_message_batch", missing_ok=missing_ok, Entries=entries)
+                resp = self._call(
+                    sqs_name,
+                    "send_message_batch",
+                    missing_ok=missing_ok,
+                    create=True,
+                    Entries=entries,
+                )
                 if resp is None:
                     return False
                 failed = resp.get("Failed") or []
@@ -626,11 +664,15 @@ class SqsQueue(TaskQueue):
             return
         sqs_name = self._e.names.queue(queue)
         items = [(m.job_id, self._encode(m.body), {}) for m in messages]
-        # A reply channel whose client is gone is not an error: the job table has the result.
-        if not self._send(sqs_name, items, missing_ok=self._is_reply(queue)):
-            blobs = [t[3:] for _, t, _ in items if t.startswith("s3:")]
-            if blobs:
-                self._e.blobs.delete(blobs)
+        if self._is_reply(queue):
+            # A reply channel whose client is gone is not an error: the job table has
+            # the result.  Replies are batched (reply_linger); tasks never are.
+            if self.reply_linger > 0:
+                self._defer("send", sqs_name, items)
+            else:
+                self._apply("send", sqs_name, items)
+            return
+        self._send(sqs_name, items)
 
     def _receive(self, sqs_name, max_messages, visibility, wait, *, missing_ok=False):
         out: list[tuple[dict, bytes, str | None]] = []
@@ -660,6 +702,7 @@ class SqsQueue(TaskQueue):
         if max_messages <= 0:
             return []
         sqs_name = self._e.names.queue(queue)
+        self._flush_sends(sqs_name)
         got = self._receive(
             sqs_name, max_messages, _whole_seconds(visibility_timeout), _wait(wait_seconds)
         )
@@ -677,19 +720,20 @@ class SqsQueue(TaskQueue):
         if max_messages <= 0:
             return []
         sqs_name = self._e.names.queue(queue)
+        self._flush_sends(sqs_name)
         reply = self._is_reply(queue)
         got = self._receive(
             sqs_name, max_messages, self.reply_visibility, _wait(wait_seconds), missing_ok=reply
         )
-        if got is None:
-            # The client's reply channel is made by open_reply; make it now if it was not.
-            self.open_reply(queue[len("reply.") :])
+        if got is None:  # a reply channel not opened yet, or closed
             return []
         if got:
-            self._delete(sqs_name, [(m["ReceiptHandle"], blob) for m, _, blob in got])
+            self._defer("delete", sqs_name, [(m["ReceiptHandle"], blob) for m, _, blob in got])
         return [Message(_job_id(m), body) for m, body, _ in got]
 
-    def _by_queue(self, deliveries: Iterable[Delivery]) -> dict[str, list[tuple[str, str | None, Delivery]]]:
+    def _by_queue(
+        self, deliveries: Iterable[Delivery]
+    ) -> dict[str, list[tuple[str, str | None, Delivery]]]:
         out: dict[str, list[tuple[str, str | None, Delivery]]] = {}
         for d in deliveries:
             sqs_name, handle, blob = _parse_receipt(d.receipt)
@@ -732,6 +776,100 @@ class SqsQueue(TaskQueue):
         if blobs:
             self._e.blobs.delete(blobs)
 
+    # -- deferred calls: deletes, and sends to reply channels, ten to a call
+
+    def _linger(self, kind: str) -> float:
+        return self.delete_linger if kind == "delete" else self.reply_linger
+
+    def _defer(self, kind: str, sqs_name: str, items: Sequence) -> None:
+        """Queue ``items`` for one batch call; full batches go at once, the rest when the
+        oldest has waited its linger (or at the next flush)."""
+        key = (kind, sqs_name)
+        if self._closed:  # no flusher any more: at once
+            self._apply(kind, sqs_name, list(items))
+            return
+        full = []
+        with self._cv:
+            waiting = self._pending.setdefault(key, [])
+            if not waiting:
+                self._pending_since[key] = time.monotonic()
+            waiting.extend(items)
+            while len(waiting) >= 10:
+                full.append(waiting[:10])
+                del waiting[:10]
+            if waiting:
+                if self._flusher is None:
+                    self._flusher = threading.Thread(
+                        target=self._run_flusher, name="kotta-sqs-batches", daemon=True
+                    )
+                    self._flusher.start()
+                self._cv.notify()
+            else:
+                del self._pending[key]
+                self._pending_since.pop(key, None)
+        for chunk in full:
+            self._apply(kind, sqs_name, chunk)
+
+    def _apply(self, kind: str, sqs_name: str, items: list) -> None:
+        if kind == "delete":
+            self._delete(sqs_name, items)
+        elif not self._send(sqs_name, items, missing_ok=True):
+            blobs = [t[3:] for _, t, _ in items if t.startswith("s3:")]
+            if blobs:  # the client is gone: so are its replies
+                self._e.blobs.delete(blobs)
+
+    def _take_pending(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list]:
+        with self._cv:
+            out = {k: self._pending.pop(k) for k in list(keys) if k in self._pending}
+            for k in out:
+                self._pending_since.pop(k, None)
+        return out
+
+    def _flush_sends(self, sqs_name: str) -> None:
+        if ("send", sqs_name) in self._pending:
+            for (kind, name), items in self._take_pending([("send", sqs_name)]).items():
+                self._apply(kind, name, items)
+
+    def flush(self, sqs_name: str | None = None) -> None:
+        """Make now the calls that acks, takes and replies left waiting (one queue, or all)."""
+        with self._cv:
+            keys = [k for k in self._pending if sqs_name is None or k[1] == sqs_name]
+        # sends first: a reply sent and taken in this process is in the queue to take
+        for (kind, name), items in sorted(self._take_pending(keys).items(), reverse=True):
+            self._apply(kind, name, items)
+
+    def _run_flusher(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    if self._closed:
+                        return
+                    now = time.monotonic()
+                    due = [k for k, t in self._pending_since.items()
+                           if now - t >= self._linger(k[0])]  # fmt: skip
+                    if due:
+                        break
+                    if self._pending_since:
+                        wait = min(t + self._linger(k[0]) - now
+                                   for k, t in self._pending_since.items())  # fmt: skip
+                        self._cv.wait(max(wait, 0.001))
+                    else:
+                        self._cv.wait()
+            for (kind, name), items in self._take_pending(due).items():
+                try:
+                    self._apply(kind, name, items)
+                except Exception:  # noqa: BLE001 - an undeleted message is delivered again;
+                    # a lost reply is found in the job table by the client's reconcile
+                    log.exception("%s of %d messages on %s failed", kind, len(items), name)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()
+
     def extend(self, deliveries, visibility_timeout):
         self._visibility(deliveries, _whole_seconds(visibility_timeout))
 
@@ -740,7 +878,7 @@ class SqsQueue(TaskQueue):
 
     def ack(self, deliveries):
         for sqs_name, held in self._by_queue(deliveries).items():
-            self._delete(sqs_name, [(h, b) for h, b, _ in held])
+            self._defer("delete", sqs_name, [(h, b) for h, b, _ in held])
 
     def dead_letter(self, deliveries, reason):
         now = repr(time.time())
@@ -791,13 +929,12 @@ class SqsQueue(TaskQueue):
                 }
                 handles.append(m["ReceiptHandle"])
         if handles:
-            self._visibility(
-                [Delivery("", b"", _receipt(dlq, h, None), 0) for h in handles], 0
-            )
+            self._visibility([Delivery("", b"", _receipt(dlq, h, None), 0) for h in handles], 0)
         return sorted(seen.values(), key=lambda d: d["dead_at"])
 
     def depth(self, queue):
         sqs_name = self._e.names.queue(queue)
+        self.flush(sqs_name)
         resp = self._call(
             sqs_name,
             "get_queue_attributes",
@@ -830,6 +967,7 @@ class SqsQueue(TaskQueue):
 
     def close_reply(self, client_id: str) -> None:
         sqs_name = self._e.names.queue(f"reply.{client_id}")
+        self._take_pending([("delete", sqs_name), ("send", sqs_name)])  # gone with the queue
         url = self._url(sqs_name, missing_ok=True)
         self._forget(sqs_name)
         if url is None:
@@ -839,6 +977,15 @@ class SqsQueue(TaskQueue):
         except _client_error() as exc:
             if _code(exc) not in _SQS_MISSING:
                 raise
+
+
+def _flush_at_exit(ref) -> None:
+    queue = ref()
+    if queue is not None:
+        try:
+            queue.close()
+        except Exception:  # noqa: BLE001 - at exit, an undeleted message is only redelivered
+            pass
 
 
 def _job_id(m: dict) -> str:
@@ -920,11 +1067,16 @@ class DynamoJobs(JobTable):
     #: results up to this size are kept in the item (DynamoDB items are limited to 400 KB,
     #: history and other attributes included); larger ones go to S3 (tests lower it)
     max_result = 300 * 1024
+    #: kill_requested() reads the table at most this often (a busy node asks every 0.25 s);
+    #: in between it answers from its last read, so a kill is noticed within this time.
+    #: request_kill() in this process forgets the last read.
+    kill_poll_interval = 1.0
 
     def __init__(self, enclave: AwsEnclave):
         self._e = enclave
         self._ddb = enclave.dynamodb
         self.table = enclave.names.jobs_table
+        self._kills: tuple[float, set[str]] | None = None
 
     def _call(self, method: str, **kw):
         try:
@@ -995,7 +1147,9 @@ class DynamoJobs(JobTable):
                     break
                 _backoff(attempt)
             else:
-                raise RuntimeError(f"DynamoDB did not accept {len(pending[self.table])} job records")
+                raise RuntimeError(
+                    f"DynamoDB did not accept {len(pending[self.table])} job records"
+                )
         by_queue: dict[str, list[Message]] = {}
         for j in jobs:
             by_queue.setdefault(j.queue, []).append(Message(j.job_id, j.body))
@@ -1042,9 +1196,13 @@ class DynamoJobs(JobTable):
         if not results:
             return []
         for r in results:
-            states.check(JobState.PROCESSING, r.state)
-        recorded = self._e.parallel(self._finish_one, list(results))
-        return [r.job_id for r, ok in zip(results, recorded, strict=True) if ok]
+            if not JobState(r.state).final:
+                raise ValueError(f"finish() records final states, not {r.state}")
+        # one attempt per job: a later duplicate in the batch could only lose to the first
+        seen: set[str] = set()
+        first = [r for r in results if not (r.job_id in seen or seen.add(r.job_id))]
+        recorded = self._e.parallel(self._finish_one, first)
+        return [r.job_id for r, ok in zip(first, recorded, strict=True) if ok]
 
     def _finish_one(self, r: Finished) -> bool:
         now = time.time()
@@ -1075,7 +1233,7 @@ class DynamoJobs(JobTable):
             names["#result"] = "result"
             values[":res"] = {"B": bytes(r.result)}
             remove = " REMOVE result_ref"
-        condition = self._state_in(states.ACTIVE, values)
+        condition = self._state_in(states.sources(r.state), values)
         update = "SET " + ", ".join(sets) + remove
         try:
             ok = self._update(r.job_id, update, condition, values, names)
@@ -1204,6 +1362,7 @@ class DynamoJobs(JobTable):
         return [(float(ev["t"]), ev["s"], ev["d"]) for ev in _value(item["history"])]
 
     def request_kill(self, job_id):
+        self._kills = None
         values: dict[str, Any] = {":t": {"BOOL": True}, ":now": _n(time.time())}
         condition = self._state_in(states.ACTIVE, values)
         return self._update(
@@ -1212,10 +1371,17 @@ class DynamoJobs(JobTable):
         )  # fmt: skip
 
     def kill_requested(self, job_ids):
-        items = self._batch_get(list(job_ids), ["job_id", "kill_requested"])
-        return {
-            i["job_id"]["S"] for i in items if i.get("kill_requested", {}).get("BOOL", False)
-        }
+        job_ids = list(job_ids)
+        if not job_ids:
+            return set()
+        cached = self._kills
+        if cached is not None and time.monotonic() - cached[0] < self.kill_poll_interval:
+            return cached[1] & set(job_ids)
+        at = time.monotonic()
+        items = self._batch_get(job_ids, ["job_id", "kill_requested"])
+        kills = {i["job_id"]["S"] for i in items if i.get("kill_requested", {}).get("BOOL", False)}
+        self._kills = (at, kills)
+        return kills
 
     def result_refs(self, job_ids: Sequence[str]) -> list[str]:
         """The S3 keys of spilled results (for clean-up, with :meth:`delete`)."""
@@ -1223,8 +1389,7 @@ class DynamoJobs(JobTable):
         return [i["result_ref"]["S"] for i in items if _str(i, "result_ref")]
 
     def delete(self, job_ids: Sequence[str]) -> None:
-        """Remove job records and their spilled results (not part of the interface: the
-        embedded backend keeps every record; see docs/aws.md)."""
+        """Remove job records with their spilled results and task blobs."""
         refs = self.result_refs(job_ids)
         for chunk in _chunks(list(dict.fromkeys(job_ids)), 25):
             pending = {
@@ -1236,7 +1401,8 @@ class DynamoJobs(JobTable):
                 if not pending:
                     break
                 _backoff(attempt)
-        refs += [f"payload-{j}" for j in job_ids]
+        # the executor's blobs of a task too large for its message: "<section>-<job id>"
+        refs += [f"{section}-{j}" for j in job_ids for section in TASK_BLOB_SECTIONS]
         self._e.blobs.delete(refs)
 
 

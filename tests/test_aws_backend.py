@@ -1,0 +1,787 @@
+"""The AWS backend (kotta_executor/backends/aws.py) and its provisioning, on moto only.
+
+Never real AWS: fake credentials, no instance metadata, in-process ``mock_aws`` (see
+tests/aws_moto.py).  The common semantics are the contract suite's
+(tests/test_backend_contract.py, param "aws"); these are the AWS-specific edges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import threading
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kotta_executor import aws_provision
+from kotta_executor.aws_cli import add_parsers
+from kotta_executor.backends import open_enclave
+from kotta_executor.backends.aws import (
+    INDEX_ATTRS,
+    AwsEnclave,
+    DynamoJobs,
+    EnclaveNotProvisioned,
+    Names,
+    SqsQueue,
+    _wait,
+    _whole_seconds,
+)
+from kotta_executor.backends.base import Finished, Message, NewJob, NodeInfo
+from kotta_executor.errors import ConfigurationError
+from kotta_executor.states import JobState
+from tests import aws_moto
+from tests.conftest import GUARD, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def moto_env():
+    """Fake credentials and in-process moto, for the test's whole body."""
+    from moto import mock_aws
+
+    with aws_moto.fake_aws_env(), mock_aws(), aws_moto.atomic_moto():
+        yield aws_moto.shared_session()
+
+
+@pytest.fixture
+def name():
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def enclave(moto_env, name):
+    """A bootstrapped enclave without ``create_queues``: only test and production exist."""
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env)
+    e = AwsEnclave(name, session=moto_env)
+    yield e
+    e.close()
+
+
+class Calls:
+    """AWS API calls made through an enclave's clients, counted with botocore's
+    ``before-call`` event."""
+
+    def __init__(self, enclave: AwsEnclave):
+        self.ops: list[str] = []
+        for client in enclave.clients.values():
+            client.meta.events.register("before-call", self._count)
+
+    def _count(self, model, **_):
+        self.ops.append(model.name)
+
+    def counts(self) -> Counter:
+        return Counter(self.ops)
+
+    def reset(self) -> None:
+        self.ops.clear()
+
+
+def new_job(queue="test", owner="alice", body=b"task") -> NewJob:
+    job_id = uuid.uuid4().hex
+    return NewJob(job_id, owner, "client-1", queue, "tests.tasks.add", 30.0, body)
+
+
+def s3_keys(enclave: AwsEnclave) -> list[str]:
+    resp = enclave.s3.list_objects_v2(Bucket=enclave.names.bucket)
+    return [o["Key"] for o in resp.get("Contents", [])]
+
+
+# ------------------------------------------------------------------- configuration
+
+
+def test_open_enclave_selects_aws_with_region_and_endpoint(monkeypatch):
+    with aws_moto.fake_aws_env():
+        e = open_enclave("aws://lab-1?region=eu-west-1&endpoint_url=http://127.0.0.1:5000")
+        try:
+            assert isinstance(e, AwsEnclave)
+            assert (e.name, e.region, e.endpoint_url) == (
+                "lab-1",
+                "eu-west-1",
+                "http://127.0.0.1:5000",
+            )
+            assert e.sqs.meta.endpoint_url == "http://127.0.0.1:5000"
+            assert e.sqs.meta.region_name == "eu-west-1"
+            # the URL names the same enclave in another process (a node the executor starts)
+            again = open_enclave(e.url)
+            assert (again.name, again.region, again.endpoint_url) == (
+                e.name,
+                e.region,
+                e.endpoint_url,
+            )
+            again.close()
+            # throttling and 5xx: botocore's retries
+            assert e.dynamodb.meta.config.retries == {"mode": "standard", "total_max_attempts": 10}
+        finally:
+            e.close()
+        monkeypatch.setenv("KOTTA_AWS_ENDPOINT_URL", "http://127.0.0.1:4566")
+        monkeypatch.setenv("KOTTA_ENCLAVE", "aws://lab-2?retry_mode=adaptive&max_attempts=4")
+        e = open_enclave(None)
+        assert (e.name, e.region, e.endpoint_url) == ("lab-2", "us-east-1", "http://127.0.0.1:4566")
+        assert e.s3.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 4}
+        e.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["aws://Bad_Name", "aws://", "aws://-x", "aws://x?colour=red", "aws://x?retry_mode=sometimes"],
+)
+def test_bad_enclave_urls_are_configuration_errors(url):
+    with aws_moto.fake_aws_env(), pytest.raises(ConfigurationError):
+        open_enclave(url)
+
+
+def _no_aws_config(monkeypatch, *, region: bool, credentials: bool):
+    for var in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_PROFILE",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup
+    if region:
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    if credentials:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+@pytest.mark.parametrize(
+    "region,credentials,named",
+    [
+        (False, True, ["region"]),
+        (True, False, ["credentials"]),
+        (False, False, ["region", "credentials"]),
+    ],
+)
+def test_missing_region_or_credentials_is_one_clear_error_at_open(
+    monkeypatch, region, credentials, named
+):
+    _no_aws_config(monkeypatch, region=region, credentials=credentials)
+    with pytest.raises(ConfigurationError) as info:
+        open_enclave("aws://lab")
+    message = str(info.value)
+    for what in named:
+        assert what in message
+    for what in {"region", "credentials"} - set(named):
+        assert f"{what} (" not in message
+    assert "'lab'" in message
+    # the executor opens its enclave in its constructor: nothing is ever sent
+    from kotta_executor import KottaExecutor
+
+    with pytest.raises(ConfigurationError):
+        KottaExecutor(1, enclave="aws://lab")
+
+
+def test_a_region_in_the_url_is_enough(monkeypatch):
+    _no_aws_config(monkeypatch, region=False, credentials=True)
+    e = open_enclave("aws://lab?region=ap-south-1")
+    assert e.region == "ap-south-1"
+    e.close()
+
+
+def test_missing_resources_say_to_run_bootstrap(moto_env, name):
+    e = AwsEnclave(name, session=moto_env)  # opening calls nothing
+    for call in (
+        lambda: e.queue.send("test", [Message("a" * 32, b"x")]),
+        lambda: e.queue.receive("test", 1, 30, "h"),
+        lambda: e.queue.depth("production"),
+        lambda: e.jobs.create([new_job()]),
+        lambda: e.jobs.get("a" * 32),
+        lambda: e.nodes.live(),
+        lambda: e.blobs.put("k", b"x"),
+    ):
+        with pytest.raises(EnclaveNotProvisioned, match=f"kotta aws bootstrap {name}"):
+            call()
+    # a reply channel not opened (or closed already) is empty, not an error
+    assert e.queue.take("reply.c0ffee", 10) == []
+    e.close()
+
+
+def test_only_the_provisioned_queues_exist_without_create_queues(enclave):
+    assert enclave.queue.depth("test") == 0 and enclave.queue.depth("production") == 0
+    with pytest.raises(EnclaveNotProvisioned, match="kotta-.*-gpu"):
+        enclave.queue.depth("gpu")
+
+
+def test_whole_seconds_round_up():
+    assert [_whole_seconds(x) for x in (0, 0.01, 0.3, 1, 1.2, 30, 1e9)] == [
+        0,
+        1,
+        1,
+        1,
+        2,
+        30,
+        43_200,
+    ]
+    assert [_wait(x) for x in (0, 0.2, 2, 5.5, 60)] == [0, 1, 2, 6, 20]
+
+
+# --------------------------------------------------------------------------- queue
+
+
+def test_receive_uses_batches_of_ten_with_receive_counts(enclave):
+    names = [uuid.uuid4().hex for _ in range(25)]
+    enclave.queue.depth("test")  # looks the queue's URL up once
+    calls = Calls(enclave)
+    enclave.queue.send("test", [Message(n, n.encode()) for n in names])
+    assert calls.counts() == {"SendMessageBatch": 3}
+    calls.reset()
+    got = enclave.queue.receive("test", 25, 0.3, "h")
+    assert sorted(d.job_id for d in got) == sorted(names)
+    assert all(d.body == d.job_id.encode() and d.receive_count == 1 for d in got)
+    assert calls.counts() == {"ReceiveMessage": 3}
+    # receipts are self-contained: queue, SQS receipt handle
+    sqs_name, handle = got[0].receipt.split(" ")
+    assert sqs_name == enclave.names.queue("test") and handle
+    calls.reset()
+    enclave.queue.extend(got, 60)
+    enclave.queue.ack(got[:12])  # ten at once, two wait for company (delete_linger)
+    assert calls.counts() == {"ChangeMessageVisibilityBatch": 3, "DeleteMessageBatch": 1}
+    enclave.queue.flush()
+    assert calls.counts() == {"ChangeMessageVisibilityBatch": 3, "DeleteMessageBatch": 2}
+    assert enclave.queue.depth("test") == 13
+
+
+def test_empty_long_poll_returns_nothing(enclave):
+    enclave.queue.depth("test")
+    calls = Calls(enclave)
+    assert enclave.queue.receive("test", 10, 30, "h", wait_seconds=0.2) == []
+    assert calls.counts() == {"ReceiveMessage": 1}
+
+
+def test_long_poll_returns_when_a_message_arrives(enclave):
+    got: list = []
+    poller = threading.Thread(
+        target=lambda: got.extend(enclave.queue.receive("test", 10, 30, "h", wait_seconds=20))
+    )
+    poller.start()
+    enclave.queue.send("test", [Message("a" * 32, b"hello")])
+    poller.join(GUARD)
+    assert not poller.is_alive()
+    assert [(d.job_id, d.body) for d in got] == [("a" * 32, b"hello")]
+
+
+def test_large_bodies_travel_through_s3(enclave, monkeypatch):
+    monkeypatch.setattr(SqsQueue, "max_body", 1000)
+    small, large, larger = b"s" * 100, os.urandom(5000), os.urandom(9000)
+    enclave.queue.send(
+        "test", [Message("a" * 32, small), Message("b" * 32, large), Message("c" * 32, larger)]
+    )
+    assert len(s3_keys(enclave)) == 2
+    got = {d.job_id: d for d in enclave.queue.receive("test", 10, 30, "h")}
+    assert [got[j * 32].body for j in "abc"] == [small, large, larger]
+    # dead-lettered: the blob stays for the dead letter; acknowledged: it goes
+    enclave.queue.dead_letter([got["c" * 32]], "poison")
+    enclave.queue.ack([got["a" * 32], got["b" * 32]])
+    enclave.queue.flush()
+    [key] = s3_keys(enclave)
+    assert key.startswith("blobs/msg-")
+    [dead] = enclave.queue.dead_letters("test")
+    assert (dead["job_id"], dead["reason"]) == ("c" * 32, "poison")
+    # replies too, and take() deletes their blobs
+    enclave.queue.open_reply("cafe")
+    enclave.queue.send("reply.cafe", [Message("d" * 32, large)])
+    assert enclave.queue.take("reply.cafe", 10) == [Message("d" * 32, large)]
+    enclave.queue.flush()
+    assert s3_keys(enclave) == [key]
+
+
+def test_acks_wait_briefly_to_share_a_delete_call(enclave):
+    enclave.queue.send("test", [Message(f"{i:032x}", b"x") for i in range(3)])
+    got = enclave.queue.receive("test", 3, 30, "h")
+    calls = Calls(enclave)
+    enclave.queue.ack(got[:1])
+    enclave.queue.ack(got[1:])
+    assert calls.ops == []  # nothing yet: acknowledged messages stay invisible meanwhile
+    assert enclave.queue.receive("test", 3, 30, "h") == []
+    wait_for(lambda: "DeleteMessageBatch" in calls.ops, what="the deferred DeleteMessageBatch")
+    assert calls.counts() == {"ReceiveMessage": 1, "DeleteMessageBatch": 1}
+    assert enclave.queue.depth("test") == 0
+
+
+def test_replies_wait_briefly_to_share_a_send_call(enclave):
+    enclave.queue.open_reply("abcd")
+    calls = Calls(enclave)
+    enclave.queue.send("reply.abcd", [Message("a" * 32, b"1")])
+    enclave.queue.send("reply.abcd", [Message("b" * 32, b"2")])
+    assert calls.ops == []
+    wait_for(lambda: calls.ops, what="the deferred SendMessageBatch")
+    assert calls.ops == ["SendMessageBatch"]
+    # in the sending process, a read of the queue sends what waits first
+    enclave.queue.send("reply.abcd", [Message("c" * 32, b"3")])
+    assert [m.job_id for m in enclave.queue.take("reply.abcd", 10)] == [
+        "a" * 32,
+        "b" * 32,
+        "c" * 32,
+    ]
+    # and closing the enclave sends and deletes what waits
+    enclave.queue.send("reply.abcd", [Message("d" * 32, b"4")])
+    enclave.close()
+    other = AwsEnclave(enclave.name, session=enclave.session)
+    assert other.queue.take("reply.abcd", 10) == [Message("d" * 32, b"4")]
+    other.queue.close()
+    assert other.queue.depth("reply.abcd") == 0
+
+
+def test_sqs_redrive_moves_a_task_to_its_dead_letter_queue(moto_env, name):
+    aws_provision.bootstrap(name, iam=False, tls_only=False, max_receive_count=2, session=moto_env)
+    e = AwsEnclave(name, session=moto_env)
+    e.queue.send("test", [Message("a" * 32, b"crashes its node")])
+    for count in (1, 2):
+        [d] = e.queue.receive("test", 1, 30, "h")
+        assert d.receive_count == count
+        e.queue.release([d])
+    assert e.queue.receive("test", 1, 30, "h") == []  # the third receive redrives it
+    assert e.queue.depth("test") == 0
+    [dead] = e.queue.dead_letters("test")
+    assert dead["job_id"] == "a" * 32 and "redriven by SQS" in dead["reason"]
+    assert e.queue.dead_letters("production") == []
+    e.close()
+
+
+def test_dead_letters_are_listed_without_being_consumed(enclave):
+    enclave.queue.send("test", [Message(f"{i:032x}", b"x") for i in range(12)])
+    got = enclave.queue.receive("test", 12, 30, "h")
+    enclave.queue.dead_letter(got, "a reason\nover two lines")
+    dlq = enclave.names.dlq(enclave.names.queue("test"))
+    for _ in range(2):
+        listed = enclave.queue.dead_letters("test")
+        assert sorted(d["job_id"] for d in listed) == sorted(d.job_id for d in got)
+        assert {d["reason"] for d in listed} == {"a reason\nover two lines"}
+        assert {d["receive_count"] for d in listed} == {1}
+        url = enclave.sqs.get_queue_url(QueueName=dlq)["QueueUrl"]
+        attrs = enclave.sqs.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
+        )["Attributes"]
+        assert attrs["ApproximateNumberOfMessages"] == "12"  # visible again at once
+
+
+def test_failed_batch_entries_are_retried_not_lost(enclave, monkeypatch):
+    real = enclave.sqs.send_message_batch
+    failures = {"left": 2}
+
+    def flaky(**kw):
+        if failures["left"]:
+            failures["left"] -= 1
+            entries = kw["Entries"]
+            kept = real(**{**kw, "Entries": entries[1:]}) if len(entries) > 1 else {}
+            kept.setdefault("Failed", []).append(
+                {"Id": entries[0]["Id"], "SenderFault": False, "Code": "InternalError"}
+            )
+            return kept
+        return real(**kw)
+
+    monkeypatch.setattr(enclave.sqs, "send_message_batch", flaky)
+    names = [uuid.uuid4().hex for _ in range(5)]
+    enclave.queue.send("test", [Message(n, b"x") for n in names])
+    assert sorted(d.job_id for d in enclave.queue.receive("test", 10, 30, "h")) == sorted(names)
+
+
+def test_refused_messages_raise(enclave, monkeypatch):
+    def refused(**kw):
+        return {
+            "Failed": [
+                {
+                    "Id": e["Id"],
+                    "SenderFault": True,
+                    "Code": "InvalidParameterValue",
+                    "Message": "no",
+                }
+                for e in kw["Entries"]
+            ]
+        }
+
+    monkeypatch.setattr(enclave.sqs, "send_message_batch", refused)
+    with pytest.raises(RuntimeError, match="refused"):
+        enclave.queue.send("test", [Message("a" * 32, b"x")])
+
+
+def test_reply_channels_are_made_and_removed_per_client(enclave):
+    sqs_name = enclave.names.queue("reply.f00d")
+    assert sqs_name == f"kotta-{enclave.name}-reply-f00d"
+    # a reply for a client that is gone (or never opened its channel) is dropped
+    enclave.queue.send("reply.f00d", [Message("a" * 32, b"r")])
+    assert enclave.queue.depth("reply.f00d") == 0
+    assert enclave.queue.open_reply("f00d") == "reply.f00d"
+    enclave.queue.send("reply.f00d", [Message("a" * 32, b"r"), Message("b" * 32, b"")])
+    assert enclave.queue.take("reply.f00d", 10) == [Message("a" * 32, b"r"), Message("b" * 32, b"")]
+    enclave.queue.close_reply("f00d")
+    enclave.queue.close_reply("f00d")
+    urls = enclave.sqs.list_queues(QueueNamePrefix=sqs_name).get("QueueUrls", [])
+    assert urls == []
+    enclave.queue.send("reply.f00d", [Message("a" * 32, b"r")])  # dropped, no error
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+def test_create_writes_records_before_messages_in_batches(enclave):
+    jobs = [new_job() for _ in range(30)] + [new_job("production")]
+    calls = Calls(enclave)
+    enclave.jobs.create(jobs)
+    assert calls.ops == ["BatchWriteItem"] * 2 + ["GetQueueUrl"] + ["SendMessageBatch"] * 3 + [
+        "GetQueueUrl",
+        "SendMessageBatch",
+    ]
+    assert enclave.queue.depth("test") == 30 and enclave.queue.depth("production") == 1
+
+
+def test_transition_is_one_conditional_update_per_job(enclave):
+    jobs = [new_job() for _ in range(5)]
+    enclave.jobs.create(jobs)
+    ids = [j.job_id for j in jobs]
+    enclave.jobs.transition(ids[:1], JobState.CANCELLED)
+    calls = Calls(enclave)
+    moved = enclave.jobs.transition(ids, JobState.PROCESSING, node="n1")
+    assert moved == ids[1:]
+    assert calls.counts() == {"UpdateItem": 5}
+    rec = enclave.jobs.get(ids[1])
+    assert (rec.node, rec.attempts, rec.state) == ("n1", 1, JobState.PROCESSING)
+
+
+def test_second_finish_is_rejected_by_the_condition(enclave):
+    job = new_job()
+    enclave.jobs.create([job])
+    enclave.jobs.transition([job.job_id], JobState.PROCESSING, node="n1")
+    assert enclave.jobs.finish([Finished(job.job_id, JobState.COMPLETED, b"one")]) == [job.job_id]
+    calls = Calls(enclave)
+    assert enclave.jobs.finish([Finished(job.job_id, JobState.FAILED, b"two", "dup")]) == []
+    assert calls.counts() == {"UpdateItem": 1}
+    rec = enclave.jobs.get(job.job_id, with_result=True)
+    assert (rec.state, rec.result, rec.reason) == (JobState.COMPLETED, b"one", None)
+
+
+def test_large_results_go_to_s3_and_a_losing_finish_leaves_nothing(enclave, monkeypatch):
+    monkeypatch.setattr(DynamoJobs, "max_result", 1000)
+    job = new_job()
+    enclave.jobs.create([job])
+    enclave.jobs.transition([job.job_id], JobState.PROCESSING, node="n1")
+    first, second = os.urandom(3000), os.urandom(3000)
+    assert enclave.jobs.finish([Finished(job.job_id, JobState.COMPLETED, first)]) == [job.job_id]
+    assert enclave.jobs.finish([Finished(job.job_id, JobState.COMPLETED, second)]) == []
+    [key] = s3_keys(enclave)
+    assert key.startswith(f"blobs/result-{job.job_id}-")
+    assert enclave.jobs.get(job.job_id, with_result=True).result == first
+    item = enclave.dynamodb.get_item(
+        TableName=enclave.names.jobs_table, Key={"job_id": {"S": job.job_id}}
+    )["Item"]
+    assert "result" not in item and item["result_ref"]["S"] == key[len("blobs/") :]
+
+
+def test_delete_removes_records_and_their_blobs(enclave, monkeypatch):
+    monkeypatch.setattr(DynamoJobs, "max_result", 1000)
+    jobs = [new_job() for _ in range(3)]
+    enclave.jobs.create(jobs)
+    ids = [j.job_id for j in jobs]
+    enclave.blobs.put(f"args-{ids[0]}", b"big arguments")
+    enclave.jobs.transition(ids[:1], JobState.PROCESSING, node="n1")
+    enclave.jobs.finish([Finished(ids[0], JobState.COMPLETED, os.urandom(2000))])
+    enclave.blobs.put("unrelated", b"x")
+    assert len(s3_keys(enclave)) == 3
+    enclave.jobs.delete(ids[:2])
+    assert set(enclave.jobs.get_many(ids)) == {ids[2]}
+    assert s3_keys(enclave) == ["blobs/unrelated"]
+
+
+def test_list_queries_the_owner_index_and_scans_for_everyone(enclave):
+    jobs = [new_job(owner="alice") for _ in range(3)] + [new_job(owner="bob")]
+    for j in jobs:
+        enclave.jobs.create([j])
+    calls = Calls(enclave)
+    assert [r.job_id for r in enclave.jobs.list(owner="alice", limit=2)] == [
+        jobs[2].job_id,
+        jobs[1].job_id,
+    ]
+    assert calls.counts() == {"Query": 1}
+    calls.reset()
+    assert [r.job_id for r in enclave.jobs.list()] == [j.job_id for j in reversed(jobs)]
+    assert calls.counts() == {"Scan": 1}
+
+
+def test_kill_requests(enclave):
+    a, b = new_job(), new_job()
+    enclave.jobs.create([a, b])
+    enclave.jobs.transition([b.job_id], JobState.PROCESSING, node="n1")
+    enclave.jobs.finish([Finished(b.job_id, JobState.COMPLETED, b"done")])
+    assert enclave.jobs.request_kill(a.job_id) is True
+    assert enclave.jobs.request_kill(b.job_id) is False
+    assert enclave.jobs.request_kill("f" * 32) is False
+    assert enclave.jobs.kill_requested([a.job_id, b.job_id, "f" * 32]) == {a.job_id}
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def test_nodes_are_live_by_heartbeat_only(enclave):
+    import time
+
+    dead_pid = NodeInfo("n-remote", "test", "elsewhere", pid=999_999, workers=4)
+    stale = NodeInfo("n-stale", "test", "elsewhere", pid=1, workers=1, heartbeat=time.time() - 31)
+    enclave.nodes.register(dead_pid)
+    enclave.nodes.register(stale)
+    # no pid checks: the node runs on another machine
+    assert [n.node_id for n in enclave.nodes.live("test")] == ["n-remote"]
+    enclave.nodes.heartbeat("n-stale")
+    assert {n.node_id for n in enclave.nodes.live()} == {"n-remote", "n-stale"}
+    enclave.nodes.deregister("n-remote")
+    enclave.nodes.heartbeat("n-remote")  # does not bring it back
+    assert [n.node_id for n in enclave.nodes.live()] == ["n-stale"]
+
+
+def test_live_is_cached_briefly(enclave):
+    enclave.nodes.register(NodeInfo("n1", "test", "h", 1, 1))
+    calls = Calls(enclave)
+    for _ in range(5):
+        assert [n.node_id for n in enclave.nodes.live("test")] == ["n1"]
+    assert calls.counts() == {"Scan": 1}
+
+
+# ---------------------------------------------------------------------- provisioning
+
+
+def test_bootstrap_is_idempotent_and_makes_what_it_plans(moto_env, name):
+    lines: list[str] = []
+    first = aws_provision.bootstrap(name, session=moto_env, out=lines.append)
+    assert first.resources == aws_provision.planned(name)
+    assert set(first.created) == first.resources and not first.existing
+    assert lines[-1] == f"enclave URL: aws://{name}?region=us-east-1"
+    again = aws_provision.bootstrap(name, session=moto_env)
+    assert set(again.existing) == first.resources and not again.created
+
+    n = Names(name)
+    sqs, s3 = moto_env.client("sqs"), moto_env.client("s3")
+    url = sqs.get_queue_url(QueueName=n.queue("test"))["QueueUrl"]
+    redrive = json.loads(
+        sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])["Attributes"][
+            "RedrivePolicy"
+        ]
+    )
+    assert redrive["deadLetterTargetArn"].endswith(f":{n.queue('test')}-dlq")
+    assert int(redrive["maxReceiveCount"]) == 10
+    block = s3.get_public_access_block(Bucket=n.bucket)["PublicAccessBlockConfiguration"]
+    assert all(block.values())
+    rules = s3.get_bucket_encryption(Bucket=n.bucket)["ServerSideEncryptionConfiguration"]
+    assert rules["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    policy = json.loads(s3.get_bucket_policy(Bucket=n.bucket)["Policy"])
+    assert policy["Statement"][0]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    iam = moto_env.client("iam")
+    doc = iam.get_role_policy(RoleName=n.node_role, PolicyName=n.node_role)["PolicyDocument"]
+    doc = doc if isinstance(doc, dict) else json.loads(doc)
+    resources = json.dumps([s["Resource"] for s in doc["Statement"]])
+    assert "*" not in resources.replace(f"{n.prefix}-*", "").replace("blobs/*", "").replace(
+        f"{n.user_role_prefix}*", ""
+    )
+    profile = iam.get_instance_profile(InstanceProfileName=n.node_role)["InstanceProfile"]
+    assert [r["RoleName"] for r in profile["Roles"]] == [n.node_role]
+    ddb = moto_env.client("dynamodb")
+    table = ddb.describe_table(TableName=n.jobs_table)["Table"]
+    [gsi] = table["GlobalSecondaryIndexes"]
+    assert gsi["IndexName"] == "owner-created"
+    assert sorted(gsi["Projection"]["NonKeyAttributes"]) == sorted(INDEX_ATTRS)
+    ttl = ddb.describe_time_to_live(TableName=n.nodes_table)["TimeToLiveDescription"]
+    assert ttl["AttributeName"] == "expires"
+
+
+def test_teardown_removes_everything_and_only_that(moto_env, name):
+    aws_provision.bootstrap(name, session=moto_env, tls_only=False)  # moto has no TLS
+    neighbour = f"{name}-x"  # its names start with this enclave's
+    aws_provision.bootstrap(neighbour, iam=False, session=moto_env)
+    e = AwsEnclave(name, session=moto_env)
+    e.queue.open_reply("beef")
+    e.blobs.put("payload-x", b"x")
+    e.jobs.create([new_job()])
+    e.close()
+    report = aws_provision.teardown(name, session=moto_env)
+    assert set(report.deleted) == aws_provision.planned(name) - {
+        (aws_provision.BUCKET_POLICY, Names(name).bucket)
+    } | {(aws_provision.QUEUE, f"kotta-{name}-reply-beef")}
+    assert aws_provision.teardown(name, session=moto_env).deleted == []
+    with pytest.raises(EnclaveNotProvisioned):
+        AwsEnclave(name, session=moto_env).queue.depth("test")
+    other = AwsEnclave(neighbour, session=moto_env)
+    assert other.queue.depth("test") == 0 and other.jobs.list() == []
+
+
+def test_cli_bootstrap_and_teardown(moto_env, name, capsys, monkeypatch):
+    parser = argparse.ArgumentParser(prog="kotta")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["aws", "bootstrap", name, "--region", "us-east-1", "--no-iam"])
+    assert args.aws_handler(args) == 0
+    out = capsys.readouterr().out
+    assert "created  AWS::SQS::Queue" in out and f"aws://{name}?region=us-east-1" in out
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    args = parser.parse_args(["aws", "teardown", name])
+    assert args.aws_handler(args) == 2  # no --yes, no terminal: nothing deleted
+    assert AwsEnclave(name, session=moto_env).queue.depth("test") == 0
+    args = parser.parse_args(["aws", "teardown", name, "--yes"])
+    assert args.aws_handler(args) == 0
+    assert "deleted  AWS::DynamoDB::Table" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ CloudFormation
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """A safe loader that reads CloudFormation's short tags (!Ref, !Sub, !GetAtt...) as
+    their long forms."""
+
+
+def _cfn_tag(loader, suffix, node):
+    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
+    if isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+        if suffix == "GetAtt":
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    return {name: value}
+
+
+_CfnLoader.add_multi_constructor("!", _cfn_tag)
+
+
+def _template() -> dict:
+    return yaml.load((ROOT / "deploy" / "cloudformation.yaml").read_text(), Loader=_CfnLoader)
+
+
+def _render(value, params: dict, resources: dict):
+    """Resolve the names in the template: !Sub and !Ref of parameters and resources."""
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        text = value["Fn::Sub"]
+        for key, v in params.items():
+            text = text.replace("${" + key + "}", v)
+        return text
+    if isinstance(value, dict) and "Ref" in value:
+        ref = value["Ref"]
+        return params.get(ref) or _physical_name(resources[ref], params, resources)
+    return value
+
+
+_NAME_PROPS = ("QueueName", "BucketName", "TableName", "RoleName", "InstanceProfileName", "Bucket")
+
+
+def _physical_name(resource: dict, params: dict, resources: dict) -> str:
+    props = resource["Properties"]
+    [prop] = [p for p in _NAME_PROPS if p in props]
+    return _render(props[prop], params, resources)
+
+
+def test_cloudformation_declares_what_bootstrap_creates(moto_env, name):
+    template = _template()
+    resources = template["Resources"]
+    params = {"EnclaveName": name}
+    declared = {(r["Type"], _physical_name(r, params, resources)) for r in resources.values()}
+    report = aws_provision.bootstrap(name, session=moto_env)
+    assert declared == report.resources == aws_provision.planned(name)
+
+    # the same settings where they matter
+    jobs = resources["JobsTable"]["Properties"]
+    [gsi] = jobs["GlobalSecondaryIndexes"]
+    assert gsi["IndexName"] == "owner-created"
+    assert sorted(gsi["Projection"]["NonKeyAttributes"]) == sorted(INDEX_ATTRS)
+    assert (
+        resources["NodesTable"]["Properties"]["TimeToLiveSpecification"]["AttributeName"]
+        == "expires"
+    )
+    assert template["Parameters"]["MaxReceiveCount"]["Default"] == 10
+    [policy] = resources["NodeRole"]["Properties"]["Policies"]
+    declared_actions = {s["Sid"]: s["Action"] for s in policy["PolicyDocument"]["Statement"]}
+    doc = aws_provision.node_policy(Names(name), "us-east-1", "123456789012")
+    assert declared_actions == {s["Sid"]: s["Action"] for s in doc["Statement"]}
+    assert (
+        template["Parameters"]["EnclaveName"]["AllowedPattern"]
+        == "^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$"
+    )
+
+
+def test_cloudformation_template_lints_clean():
+    api = pytest.importorskip("cfnlint.api")
+    text = (ROOT / "deploy" / "cloudformation.yaml").read_text()
+    matches = api.lint(text, config=api.ManualArgs(regions=["us-east-1"]))
+    assert [str(m) for m in matches] == []
+
+
+# ---------------------------------------------------------------------- end to end
+
+
+def test_executor_and_node_on_moto(enclave):
+    """A client and a node (in a thread; its workers are real processes) meeting only
+    through SQS, S3 and DynamoDB: no doorbells, so both long-poll."""
+    from kotta_executor import KottaExecutor
+    from node.daemon import Node, NodeConfig
+    from tests import tasks
+
+    node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=1.0))
+    runner = threading.Thread(target=node.run, name="node")
+    runner.start()
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    try:
+        assert ex.submit(tasks.add, 1, 2).result(GUARD) == 3
+        assert list(ex.map(tasks.square, range(12), timeout=GUARD)) == [x * x for x in range(12)]
+        with pytest.raises(ValueError, match="nope"):
+            ex.submit(tasks.raise_value_error, "nope").result(GUARD)
+        assert len(enclave.nodes.live("test")) == 1
+    finally:
+        ex.shutdown(wait=True)
+        node.request_stop()
+        runner.join(GUARD)
+    assert not runner.is_alive()
+    assert enclave.queue.depth("test") == 0
+    assert enclave.nodes.live() == []
+    # the client's reply queue went with it
+    replies = enclave.sqs.list_queues(QueueNamePrefix=enclave.names.reply_prefix)
+    assert replies.get("QueueUrls", []) == []
+
+
+@pytest.fixture(scope="module")
+def moto_server():
+    """moto's server on 127.0.0.1, for what crosses a process boundary."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with aws_moto.fake_aws_env(), aws_moto.atomic_moto():
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+def test_executor_starts_a_node_process_on_the_same_enclave(moto_server, name):
+    """The enclave URL carries everything but credentials: the local node the executor
+    starts (``python -m node --enclave aws://...``) reaches the same queues."""
+    from kotta_executor import KottaExecutor
+    from tests import tasks
+
+    with aws_moto.fake_aws_env():
+        report = aws_provision.bootstrap(name, endpoint_url=moto_server, iam=False)
+        assert (aws_provision.BUCKET_POLICY, Names(name).bucket) not in report.resources
+        url = f"aws://{name}?endpoint_url={moto_server}"
+        with KottaExecutor(1, enclave=url, start_node=True) as ex:  # "auto": only local
+            assert ex.submit(tasks.add, 2, 3).result(GUARD) == 5
+            assert list(ex.map(tasks.square, range(5), timeout=GUARD)) == [0, 1, 4, 9, 16]
+            [node] = ex.enclave.nodes.live("test")
+            assert node.managed_by == ex.client_id

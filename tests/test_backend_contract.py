@@ -1,0 +1,1073 @@
+"""The backend contract: one suite that every enclave backend must pass.
+
+Tests here use only the abstract interface of :mod:`kotta_executor.backends.base`
+(``enclave.queue`` / ``.blobs`` / ``.jobs`` / ``.nodes`` / ``.atomic()``), never SQL or
+another backend's internals.  Backends are bound through the parametrized ``backend``
+fixture; :data:`BACKENDS` says how to open each one and what it promises beyond the
+common contract (a few tests only apply to backends with a capability, and are skipped
+elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import queue as queue_module
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from kotta_executor.backends import open_enclave
+from kotta_executor.backends.base import (
+    Delivery,
+    Enclave,
+    Finished,
+    Message,
+    NewJob,
+    NodeInfo,
+)
+from kotta_executor.backends.embedded import EmbeddedEnclave
+from kotta_executor.errors import InvalidTransition
+from kotta_executor.states import CANCELLABLE, FINAL, JobState, allowed, sources
+from tests.conftest import GUARD, wait_for
+
+# ---------------------------------------------------------------------------- backends
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to open one backend, and what it promises beyond the common contract."""
+
+    #: ``open(tmp_path)`` is a context manager yielding a fresh, empty enclave
+    open: Callable[[Path], AbstractContextManager[Enclave]]
+    #: ``enclave.atomic()`` groups the calls made inside it into one transaction
+    transactional: bool
+    #: another process reaches the same enclave with ``open_enclave(enclave.url)``
+    multiprocess: bool
+    #: node liveness also checks the node's pid on this machine, not only heartbeats
+    checks_pids: bool
+
+
+@contextlib.contextmanager
+def _embedded(tmp_path: Path) -> Iterator[Enclave]:
+    enclave = EmbeddedEnclave(tmp_path / "enclave")
+    try:
+        yield enclave
+    finally:
+        enclave.close()
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    "embedded": BackendSpec(
+        open=_embedded, transactional=True, multiprocess=True, checks_pids=True
+    ),
+    # The AWS backend on in-process moto (tests/aws_moto.py): mock_aws cannot be reached
+    # from another process, and nodes are judged by heartbeats only.
+    "aws": BackendSpec(
+        open=lambda tmp_path: _aws_moto().aws_on_moto(tmp_path), transactional=False,
+        multiprocess=False, checks_pids=False,
+    ),
+}
+
+
+def _aws_moto():
+    from tests import aws_moto
+
+    return aws_moto
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request, tmp_path) -> Iterator[Enclave]:
+    """A fresh, empty enclave of each backend in :data:`BACKENDS`."""
+    if request.param == "aws":  # what SQS cannot promise: see tests/aws_moto.py
+        _aws_moto().expect_on_aws(request)
+    with BACKENDS[request.param].open(tmp_path) as enclave:
+        yield enclave
+
+
+@pytest.fixture
+def spec(backend, request) -> BackendSpec:
+    """The :class:`BackendSpec` of the ``backend`` this test runs on."""
+    return BACKENDS[request.node.callspec.params["backend"]]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+#: a short visibility timeout, for tests that wait for a message to come back
+VT = 0.3
+#: a visibility timeout no test outlives
+LONG = 60.0
+#: more than the largest result a backend keeps inline
+LARGE = (1 << 20) + 17
+
+
+def new_job(owner: str = "alice", queue: str = "work", client: str = "client-1",
+            n: int = 1) -> NewJob:
+    job_id = uuid.uuid4().hex
+    return NewJob(job_id=job_id, owner=owner, client=client, queue=queue,
+                  fn="tests.tasks:add", walltime=30.0, body=f"task:{job_id}".encode(), n=n)
+
+
+def create(enclave: Enclave, count: int = 1, **kwargs) -> list[str]:
+    jobs = [new_job(**kwargs) for _ in range(count)]
+    enclave.jobs.create(jobs)
+    return [j.job_id for j in jobs]
+
+
+def messages(*names: str) -> list[Message]:
+    return [Message(name, f"body:{name}".encode()) for name in names]
+
+
+def received(enclave: Enclave, queue: str, max_messages: int = 100,
+             visibility_timeout: float = LONG, holder: str = "holder") -> list[Delivery]:
+    return enclave.queue.receive(queue, max_messages, visibility_timeout, holder)
+
+
+def redelivery(enclave: Enclave, queue: str, visibility_timeout: float = LONG,
+               ) -> list[Delivery]:
+    """Poll until something on ``queue`` is visible again, and receive it."""
+    return wait_for(lambda: received(enclave, queue, visibility_timeout=visibility_timeout),
+                    what=f"a redelivery on {queue}")
+
+
+def stays_invisible(enclave: Enclave, queue: str, until: float) -> None:
+    """Poll ``queue`` until wall-clock time ``until``, failing if anything is received."""
+
+    def check() -> bool:
+        got = received(enclave, queue, holder="spy")
+        assert got == [], f"delivered while it should be invisible: {got}"
+        return time.time() >= until
+
+    wait_for(check, what="the visibility window to pass")
+
+
+def path_to(target: JobState) -> list[JobState]:
+    """The shortest sequence of allowed moves from pending to ``target`` (per states)."""
+    paths = {JobState.PENDING: []}
+    frontier = [JobState.PENDING]
+    while frontier:
+        nxt = []
+        for s in frontier:
+            for t in JobState:
+                if t not in paths and allowed(s, t):
+                    paths[t] = [*paths[s], t]
+                    nxt.append(t)
+        frontier = nxt
+    return paths[target]
+
+
+def drive(enclave: Enclave, job_id: str, target: JobState) -> None:
+    """Bring a fresh (pending) job to ``target`` along a shortest allowed path."""
+    for step in path_to(target):
+        assert enclave.jobs.transition([job_id], step) == [job_id]
+    assert enclave.jobs.get(job_id).state == target
+
+
+def state_of(enclave: Enclave, job_id: str) -> JobState:
+    return enclave.jobs.get(job_id).state
+
+
+def jobs_in_every_state(enclave: Enclave) -> dict[JobState, str]:
+    by_state = {}
+    for s in JobState:
+        [job_id] = create(enclave)
+        drive(enclave, job_id, s)
+        by_state[s] = job_id
+    return by_state
+
+
+# ------------------------------------------------------------------------------- queue
+
+
+def test_receive_is_fifo_within_a_batch(backend):
+    backend.queue.send("q", messages("a", "b", "c", "d", "e"))
+    got = received(backend, "q", 10)
+    assert [d.job_id for d in got] == ["a", "b", "c", "d", "e"]
+    assert [d.body for d in got] == [f"body:{x}".encode() for x in "abcde"]
+    assert all(d.receive_count == 1 for d in got)
+    assert len({d.receipt for d in got}) == 5
+
+
+def test_receive_respects_max_messages(backend):
+    backend.queue.send("q", messages("a", "b", "c", "d", "e"))
+    assert [d.job_id for d in received(backend, "q", 2)] == ["a", "b"]
+    assert [d.job_id for d in received(backend, "q", 1)] == ["c"]
+    assert [d.job_id for d in received(backend, "q", 10)] == ["d", "e"]
+    assert received(backend, "q", 10) == []
+
+
+def test_received_message_is_invisible_until_its_timeout_then_redelivered(backend):
+    backend.queue.send("q", messages("a"))
+    t0 = time.time()
+    [first] = received(backend, "q", visibility_timeout=VT)
+    assert first.receive_count == 1
+    again = received(backend, "q")
+    assert again == [] or time.time() >= t0 + VT, "redelivered before its timeout"
+    assert backend.queue.depth("q") == 1  # in flight still counts
+
+    [second] = redelivery(backend, "q")
+    assert time.time() >= t0 + VT
+    assert (second.job_id, second.body) == (first.job_id, first.body)
+    assert second.receive_count == 2
+    assert second.receipt != first.receipt
+
+
+def test_ack_removes_the_message(backend):
+    backend.queue.send("q", messages("a", "b"))
+    a, b = received(backend, "q", visibility_timeout=VT)
+    backend.queue.ack([a])
+    assert backend.queue.depth("q") == 1
+    [again] = redelivery(backend, "q")
+    assert again.job_id == "b"
+    backend.queue.ack([again])
+    assert backend.queue.depth("q") == 0
+    assert received(backend, "q") == []
+
+
+def test_stale_receipt_cannot_ack_a_later_delivery_after_timeout(backend):
+    backend.queue.send("q", messages("a"))
+    [old] = received(backend, "q", visibility_timeout=VT)
+    [new] = redelivery(backend, "q")  # held for LONG now
+    assert new.receive_count == 2
+
+    backend.queue.ack([old])
+    assert backend.queue.depth("q") == 1
+    backend.queue.release([old])
+    backend.queue.dead_letter([old], "stale")
+    assert backend.queue.depth("q") == 1
+    assert backend.queue.dead_letters("q") == []
+    assert received(backend, "q") == [], "a stale release made the later delivery visible"
+
+    backend.queue.ack([new])
+    assert backend.queue.depth("q") == 0
+
+
+def test_stale_receipt_cannot_ack_a_later_delivery_after_release(backend):
+    backend.queue.send("q", messages("a"))
+    [old] = received(backend, "q")
+    backend.queue.release([old])
+    [new] = received(backend, "q")
+    backend.queue.ack([old])
+    assert backend.queue.depth("q") == 1
+    backend.queue.ack([new])
+    assert backend.queue.depth("q") == 0
+
+
+def test_extend_keeps_a_message_invisible_beyond_its_original_timeout(backend):
+    backend.queue.send("q", messages("a"))
+    t0 = time.time()
+    [d] = received(backend, "q", visibility_timeout=VT)
+    backend.queue.extend([d], LONG)
+    stays_invisible(backend, "q", until=t0 + 2 * VT)
+
+    # extending again with a short timeout lets it come back after that one
+    backend.queue.extend([d], VT)
+    [again] = redelivery(backend, "q")
+    assert again.job_id == "a" and again.receive_count == 2
+
+
+def test_stale_receipt_cannot_extend_a_later_delivery(backend):
+    backend.queue.send("q", messages("a"))
+    [old] = received(backend, "q")
+    backend.queue.release([old])
+    t0 = time.time()
+    [new] = received(backend, "q", visibility_timeout=VT)
+    backend.queue.extend([old], LONG)
+    [again] = redelivery(backend, "q")
+    assert time.time() >= t0 + VT
+    assert again.receive_count == 3 and new.receive_count == 2
+
+
+def test_release_makes_a_message_visible_at_once(backend):
+    backend.queue.send("q", messages("a", "b"))
+    a, b = received(backend, "q", visibility_timeout=LONG)
+    backend.queue.release([b])
+    [again] = received(backend, "q")
+    assert again.job_id == "b" and again.receive_count == 2
+    assert received(backend, "q") == []
+    assert backend.queue.depth("q") == 2
+
+
+def test_dead_letter_moves_a_message_out(backend):
+    backend.queue.send("q", messages("a", "b"))
+    a, b = received(backend, "q")
+    backend.queue.release([a])
+    [a2] = received(backend, "q")
+    assert a2.receive_count == 2
+    backend.queue.dead_letter([a2], "delivered too often")
+    assert backend.queue.depth("q") == 1
+    backend.queue.release([b])
+    assert [d.job_id for d in received(backend, "q")] == ["b"]
+
+    [dead] = backend.queue.dead_letters("q")
+    assert dead["job_id"] == "a"
+    assert dead["reason"] == "delivered too often"
+    assert dead["receive_count"] == 2
+    assert backend.queue.dead_letters("other") == []
+
+
+def test_take_receives_and_deletes(backend):
+    backend.queue.send("reply.c", messages("a", "b", "c"))
+    got = backend.queue.take("reply.c", 2)
+    assert got == messages("a", "b")
+    assert backend.queue.depth("reply.c") == 1
+    assert backend.queue.take("reply.c", 10) == messages("c")
+    assert backend.queue.take("reply.c", 10) == []
+    assert backend.queue.depth("reply.c") == 0
+
+
+def test_take_leaves_in_flight_messages_alone(backend):
+    backend.queue.send("q", messages("a", "b"))
+    [held] = received(backend, "q", 1)
+    assert held.job_id == "a"
+    assert backend.queue.take("q", 1) == messages("b")
+    assert backend.queue.depth("q") == 1
+    backend.queue.ack([held])
+    assert backend.queue.depth("q") == 0
+
+
+def test_queues_are_isolated_by_name(backend):
+    backend.queue.send("one", messages("a", "b"))
+    backend.queue.send("two", messages("x"))
+    assert backend.queue.depth("one") == 2
+    assert backend.queue.depth("two") == 1
+    assert backend.queue.depth("three") == 0
+    assert received(backend, "three") == []
+    assert [d.job_id for d in received(backend, "two")] == ["x"]
+    [a, b] = received(backend, "one")
+    backend.queue.dead_letter([a], "why not")
+    assert backend.queue.dead_letters("two") == []
+    assert [d["job_id"] for d in backend.queue.dead_letters("one")] == ["a"]
+    assert backend.queue.take("two", 10) == []
+    assert backend.queue.depth("one") == 1 and backend.queue.depth("two") == 1
+
+
+def test_depth_counts_waiting_and_in_flight(backend):
+    assert backend.queue.depth("q") == 0
+    backend.queue.send("q", messages("a", "b", "c"))
+    assert backend.queue.depth("q") == 3
+    a, b = received(backend, "q", 2)
+    assert backend.queue.depth("q") == 3
+    backend.queue.ack([a])
+    assert backend.queue.depth("q") == 2
+    backend.queue.dead_letter([b], "x")
+    assert backend.queue.depth("q") == 1
+    backend.queue.send("q", [])
+    assert backend.queue.depth("q") == 1
+
+
+class QueueMachine(RuleBasedStateMachine):
+    """Random send / receive / ack / release / extend / dead-letter / take, with stale
+    receipts mixed in, against a model: nothing sent is lost or duplicated."""
+
+    def __init__(self, enclave: Enclave):
+        super().__init__()
+        self.q = enclave.queue
+        self.name = f"prop-{uuid.uuid4().hex[:12]}"
+        self.seq = 0
+        self.sent: list[str] = []
+        self.waiting: list[str] = []  # visible, oldest first
+        self.held: dict[str, Delivery] = {}  # in flight, with the current receipt
+        self.released: dict[str, Delivery] = {}  # visible again; receipt not yet replaced
+        self.stale: list[Delivery] = []  # receipts replaced by a later delivery
+        self.counts: Counter[str] = Counter()
+        self.acked: list[str] = []
+        self.taken: list[str] = []
+        self.dead: dict[str, tuple[int, str]] = {}
+
+    def _order(self) -> None:
+        self.waiting.sort(key=lambda job_id: int(job_id[1:]))
+
+    @rule(n=st.integers(1, 3))
+    def send(self, n):
+        names = [f"m{self.seq + i}" for i in range(n)]
+        self.seq += n
+        self.q.send(self.name, messages(*names))
+        self.sent += names
+        self.waiting += names
+
+    @rule(k=st.integers(1, 4))
+    def receive(self, k):
+        got = self.q.receive(self.name, k, LONG, "prop")
+        assert [d.job_id for d in got] == self.waiting[:k]
+        for d in got:
+            self.waiting.remove(d.job_id)
+            self.counts[d.job_id] += 1
+            assert d.receive_count == self.counts[d.job_id]
+            assert d.body == f"body:{d.job_id}".encode()
+            if d.job_id in self.released:
+                self.stale.append(self.released.pop(d.job_id))
+            self.held[d.job_id] = d
+
+    def _pick(self, i: int) -> Delivery:
+        return self.held[sorted(self.held)[i % len(self.held)]]
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 99))
+    def ack(self, i):
+        d = self._pick(i)
+        self.q.ack([d])
+        del self.held[d.job_id]
+        self.acked.append(d.job_id)
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 99))
+    def release(self, i):
+        d = self._pick(i)
+        self.q.release([d])
+        del self.held[d.job_id]
+        self.released[d.job_id] = d
+        self.waiting.append(d.job_id)
+        self._order()
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 99))
+    def extend(self, i):
+        self.q.extend([self._pick(i)], LONG)
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 99), reason=st.sampled_from(["poison", "too many deliveries"]))
+    def dead_letter(self, i, reason):
+        d = self._pick(i)
+        self.q.dead_letter([d], reason)
+        del self.held[d.job_id]
+        self.dead[d.job_id] = (self.counts[d.job_id], reason)
+
+    @precondition(lambda self: self.stale)
+    @rule(i=st.integers(0, 99), op=st.sampled_from(["ack", "release", "extend", "dead"]))
+    def use_stale_receipt(self, i, op):
+        d = self.stale[i % len(self.stale)]
+        if op == "ack":
+            self.q.ack([d])
+        elif op == "release":
+            self.q.release([d])
+        elif op == "extend":
+            self.q.extend([d], 0.0)
+        else:
+            self.q.dead_letter([d], "stale")
+
+    # take() only while nothing is in flight: see test_take_leaves_in_flight_messages_alone
+    @precondition(lambda self: not self.held)
+    @rule(k=st.integers(1, 4))
+    def take(self, k):
+        got = self.q.take(self.name, k)
+        assert [m.job_id for m in got] == self.waiting[:k]
+        for m in got:
+            self.waiting.remove(m.job_id)
+            self.released.pop(m.job_id, None)
+            self.taken.append(m.job_id)
+
+    @invariant()
+    def depth_matches(self):
+        assert self.q.depth(self.name) == len(self.waiting) + len(self.held)
+
+    @invariant()
+    def dead_letters_match(self):
+        dead = {d["job_id"]: (d["receive_count"], d["reason"])
+                for d in self.q.dead_letters(self.name)}
+        assert dead == self.dead
+
+    @invariant()
+    def nothing_lost_or_duplicated(self):
+        places = [*self.acked, *self.taken, *self.waiting, *self.held, *self.dead]
+        assert sorted(places) == sorted(self.sent)
+
+    def teardown(self):
+        # what the queue really holds is exactly what the model says is still there
+        self.q.release(self.held.values())
+        rest = self.q.receive(self.name, 1000, LONG, "drain")
+        assert sorted(d.job_id for d in rest) == sorted([*self.waiting, *self.held])
+        self.q.ack(rest)
+        assert self.q.depth(self.name) == 0
+
+
+def test_queue_state_machine(backend):
+    run_state_machine_as_test(
+        lambda: QueueMachine(backend),
+        settings=settings(max_examples=50, stateful_step_count=25, deadline=None,
+                          database=None, suppress_health_check=list(HealthCheck)),
+    )
+
+
+# -------------------------------------------------------------------------------- jobs
+
+
+def test_create_makes_pending_records_and_enqueues_their_tasks(backend):
+    jobs = [new_job(queue="work", n=3), new_job(queue="work"), new_job(queue="other")]
+    before = time.time()
+    backend.jobs.create(jobs)
+    records = backend.jobs.get_many([j.job_id for j in jobs])
+    assert set(records) == {j.job_id for j in jobs}
+    for j in jobs:
+        r = records[j.job_id]
+        assert r.state == JobState.PENDING
+        assert (r.owner, r.client, r.queue, r.fn, r.walltime, r.n) == (
+            j.owner, j.client, j.queue, j.fn, j.walltime, j.n)
+        assert r.attempts == 0 and not r.kill_requested
+        assert r.node is None and r.reason is None and r.result is None
+        assert r.started is None and r.finished is None
+        assert before - 1 <= r.created <= r.updated <= time.time() + 1
+    assert backend.queue.depth("work") == 2 and backend.queue.depth("other") == 1
+    got = received(backend, "work")
+    assert [(d.job_id, d.body) for d in got] == [(j.job_id, j.body) for j in jobs[:2]]
+    [other] = received(backend, "other")
+    assert (other.job_id, other.body) == (jobs[2].job_id, jobs[2].body)
+
+
+def test_create_is_atomic(backend, spec):
+    if not spec.transactional:
+        pytest.skip("create() is only atomic on transactional backends")
+    first = new_job()
+    backend.jobs.create([first])
+    dup = new_job()
+    dup.job_id = first.job_id
+    fresh = new_job()
+    with pytest.raises(Exception):  # noqa: B017 - the backend's own duplicate-key error
+        backend.jobs.create([fresh, dup])
+    assert backend.jobs.get(fresh.job_id) is None
+    assert backend.jobs.get(first.job_id).owner == first.owner
+    assert [d.job_id for d in received(backend, "work")] == [first.job_id]
+
+
+def test_failed_call_inside_atomic_leaves_nothing_behind(backend, spec):
+    if not spec.transactional:
+        pytest.skip("atomic() groups nothing on this backend")
+    a, b = create(backend, 2)
+    backend.jobs.transition([a, b], JobState.PROCESSING)
+    with backend.atomic():
+        with pytest.raises((InvalidTransition, ValueError)):
+            backend.jobs.finish([Finished(a, JobState.COMPLETED, b"done"),
+                                 Finished(b, JobState.STAGING_OUTPUTS, b"not final")])
+        backend.queue.send("side", messages("x"))
+    # the finish() call failed as a whole: it recorded nothing
+    r = backend.jobs.get(a, with_result=True)
+    assert (r.state, r.result) == (JobState.PROCESSING, None)
+    assert backend.queue.depth("side") == 1
+
+
+def test_atomic_groups_calls_into_one_transaction(backend, spec):
+    if not spec.transactional:
+        pytest.skip("atomic() groups nothing on this backend")
+    job = new_job()
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), backend.atomic():
+        backend.jobs.create([job])
+        backend.queue.send("side", messages("x"))
+        raise Boom
+    assert backend.jobs.get(job.job_id) is None
+    assert backend.queue.depth("work") == 0 and backend.queue.depth("side") == 0
+
+    with backend.atomic():
+        backend.jobs.create([job])
+        assert backend.jobs.transition([job.job_id], JobState.PROCESSING) == [job.job_id]
+    assert state_of(backend, job.job_id) == JobState.PROCESSING
+
+
+@pytest.mark.parametrize("new", list(JobState), ids=str)
+def test_transition_moves_only_from_allowed_states(backend, new):
+    by_state = jobs_in_every_state(backend)
+    unknown = uuid.uuid4().hex
+    moved = backend.jobs.transition([*by_state.values(), unknown], new)
+    expected = {job_id for s, job_id in by_state.items() if allowed(s, new)}
+    assert sorted(moved) == sorted(expected)
+    assert {by_state[s] for s in sources(new)} == expected
+    records = backend.jobs.get_many(list(by_state.values()))
+    for s, job_id in by_state.items():
+        assert records[job_id].state == (new if job_id in expected else s)
+
+
+@pytest.mark.parametrize("new", [s for s in JobState if sources(s)], ids=str)
+def test_transition_respects_from_states(backend, new):
+    for source in sorted(sources(new)):
+        by_state = jobs_in_every_state(backend)
+        moved = backend.jobs.transition(list(by_state.values()), new, from_states=[source])
+        assert moved == [by_state[source]]
+        for s, job_id in by_state.items():
+            assert state_of(backend, job_id) == (new if s == source else s)
+    by_state = jobs_in_every_state(backend)
+    assert backend.jobs.transition(list(by_state.values()), new, from_states=[]) == []
+
+
+@pytest.mark.parametrize("new", list(JobState), ids=str)
+def test_transition_rejects_from_states_that_are_not_sources(backend, new):
+    [job_id] = create(backend)
+    bad = [s for s in JobState if s not in sources(new)]
+    for s in bad:
+        with pytest.raises(InvalidTransition):
+            backend.jobs.transition([job_id], new, from_states=[s])
+        with pytest.raises(InvalidTransition):
+            backend.jobs.transition([job_id], new, from_states=[*sources(new), s])
+    assert state_of(backend, job_id) == JobState.PENDING
+    assert [state for _, state, _ in backend.jobs.history(job_id)] == ["pending"]
+
+
+def test_transition_returns_exactly_the_ids_moved(backend):
+    a, b, c = create(backend, 3)
+    drive(backend, c, JobState.COMPLETED)
+    moved = backend.jobs.transition([a, b, c, "nope", a], JobState.PROCESSING, node="n1")
+    assert sorted(moved) == sorted([a, b])
+    assert backend.jobs.transition([], JobState.PROCESSING) == []
+
+
+def test_transition_records_node_attempts_and_reason(backend):
+    [job_id] = create(backend)
+    assert backend.jobs.transition([job_id], JobState.PROCESSING, node="n1") == [job_id]
+    r = backend.jobs.get(job_id)
+    assert r.node == "n1" and r.attempts == 1 and r.started is not None
+    assert r.finished is None
+    # a redelivery after a node died
+    assert backend.jobs.transition([job_id], JobState.PROCESSING, node="n2") == [job_id]
+    r = backend.jobs.get(job_id)
+    assert r.node == "n2" and r.attempts == 2
+    assert backend.jobs.transition([job_id], JobState.FAILED, reason="node lost") == [job_id]
+    r = backend.jobs.get(job_id)
+    assert r.state == JobState.FAILED and r.reason == "node lost"
+    assert r.finished is not None and r.finished >= r.started
+
+
+def test_cancelled_job_cannot_be_started_or_finished(backend):
+    [job_id] = create(backend)
+    moved = backend.jobs.transition([job_id], JobState.CANCELLED, from_states=CANCELLABLE,
+                                    reason="cancelled by alice")
+    assert moved == [job_id]
+    for new in (JobState.STAGING_INPUTS, JobState.PROCESSING, JobState.STAGING_OUTPUTS,
+                JobState.COMPLETED):
+        assert backend.jobs.transition([job_id], new, node="n1") == []
+    assert backend.jobs.finish([Finished(job_id, JobState.COMPLETED, b"late")]) == []
+    r = backend.jobs.get(job_id, with_result=True)
+    assert r.state == JobState.CANCELLED and r.reason == "cancelled by alice"
+    assert r.result is None and r.node is None and r.attempts == 0
+    # a started job is no longer cancellable
+    [other] = create(backend)
+    drive(backend, other, JobState.PROCESSING)
+    assert backend.jobs.transition([other], JobState.CANCELLED, from_states=CANCELLABLE) == []
+
+
+def test_finish_records_a_result_at_most_once(backend):
+    a, b, c = create(backend, 3)
+    backend.jobs.transition([a, b, c], JobState.PROCESSING, node="n1")
+    recorded = backend.jobs.finish([
+        Finished(a, JobState.COMPLETED, b"result-a", usage={"cpu": 1.5}),
+        Finished(b, JobState.FAILED, b"error-b", reason="ValueError: bad"),
+    ])
+    assert sorted(recorded) == sorted([a, b])
+    # the same task delivered again, with another outcome: nothing is recorded
+    again = backend.jobs.finish([
+        Finished(a, JobState.FAILED, b"second-a", reason="duplicate"),
+        Finished(b, JobState.COMPLETED, b"second-b"),
+        Finished(c, JobState.COMPLETED, b"result-c"),
+        Finished("unknown", JobState.COMPLETED, b"?"),
+    ])
+    assert again == [c]
+    records = backend.jobs.get_many([a, b, c], with_result=True)
+    assert (records[a].state, records[a].reason, records[a].result) == (
+        JobState.COMPLETED, None, b"result-a")
+    assert records[a].usage == {"cpu": 1.5}
+    assert (records[b].state, records[b].reason, records[b].result) == (
+        JobState.FAILED, "ValueError: bad", b"error-b")
+    assert records[c].result == b"result-c"
+    assert all(r.finished is not None for r in records.values())
+    assert [s for _, s, _ in backend.jobs.history(a)] == ["pending", "processing", "completed"]
+    assert [s for _, s, _ in backend.jobs.history(b)] == ["pending", "processing", "failed"]
+
+
+def test_finish_in_one_batch_twice_records_the_first(backend):
+    [job_id] = create(backend)
+    drive(backend, job_id, JobState.PROCESSING)
+    got = backend.jobs.finish([Finished(job_id, JobState.COMPLETED, b"one"),
+                               Finished(job_id, JobState.FAILED, b"two", reason="dup")])
+    assert got == [job_id]
+    r = backend.jobs.get(job_id, with_result=True)
+    assert (r.state, r.reason, r.result) == (JobState.COMPLETED, None, b"one")
+
+
+def test_finish_refuses_non_final_states(backend):
+    [job_id] = create(backend)
+    drive(backend, job_id, JobState.PROCESSING)
+    try:
+        recorded = backend.jobs.finish([Finished(job_id, JobState.STAGING_OUTPUTS, b"first")])
+    except (InvalidTransition, ValueError):
+        recorded = []
+    assert recorded == []
+    r = backend.jobs.get(job_id, with_result=True)
+    assert r.state == JobState.PROCESSING and r.result is None and r.finished is None
+
+
+def test_large_result_round_trips(backend):
+    [job_id] = create(backend)
+    drive(backend, job_id, JobState.PROCESSING)
+    data = os.urandom(LARGE)
+    assert backend.jobs.finish([Finished(job_id, JobState.COMPLETED, data)]) == [job_id]
+    assert backend.jobs.get(job_id, with_result=True).result == data
+    assert backend.jobs.get(job_id).result is None
+    assert backend.jobs.get_many([job_id], with_result=True)[job_id].result == data
+
+
+def test_duplicate_finish_does_not_overwrite_a_large_result(backend):
+    [job_id] = create(backend)
+    drive(backend, job_id, JobState.PROCESSING)
+    first, second = b"A" * LARGE, b"B" * LARGE
+    assert backend.jobs.finish([Finished(job_id, JobState.COMPLETED, first)]) == [job_id]
+    assert backend.jobs.finish([Finished(job_id, JobState.FAILED, second, "dup")]) == []
+    r = backend.jobs.get(job_id, with_result=True)
+    assert (r.state, r.reason) == (JobState.COMPLETED, None)
+    assert r.result == first
+
+
+def test_history_lists_states_in_order_with_timestamps(backend):
+    [job_id] = create(backend)
+    before = time.time()
+    backend.jobs.transition([job_id], JobState.STAGING_INPUTS, node="n1")
+    backend.jobs.transition([job_id], JobState.PROCESSING, node="n1")
+    backend.jobs.transition([job_id], JobState.STAGING_OUTPUTS)
+    backend.jobs.transition([job_id], JobState.PENDING)  # not allowed: no event
+    backend.jobs.finish([Finished(job_id, JobState.FAILED, b"x", reason="boom")])
+    backend.jobs.finish([Finished(job_id, JobState.COMPLETED, b"y")])  # duplicate: no event
+    history = backend.jobs.history(job_id)
+    assert [s for _, s, _ in history] == [
+        "pending", "staging_inputs", "processing", "staging_outputs", "failed"]
+    stamps = [ts for ts, _, _ in history]
+    assert stamps == sorted(stamps)
+    assert all(isinstance(ts, float) for ts in stamps)
+    assert before - 1 <= stamps[1] and stamps[-1] <= time.time() + 1
+    assert history[1][2] == "n1" and history[-1][2] == "boom"
+    assert backend.jobs.history("unknown") == []
+
+
+def test_list_filters_by_owner_and_state_newest_first(backend):
+    alice = [create(backend, owner="alice")[0] for _ in range(4)]
+    bob = [create(backend, owner="bob")[0] for _ in range(2)]
+    backend.jobs.transition([alice[1], alice[3], bob[0]], JobState.PROCESSING)
+
+    def ids(**kw):
+        return [r.job_id for r in backend.jobs.list(**kw)]
+
+    assert ids() == [*reversed(bob), *reversed(alice)]
+    assert ids(owner="alice") == list(reversed(alice))
+    assert ids(owner="bob", limit=1) == [bob[1]]
+    assert ids(state="processing") == [bob[0], alice[3], alice[1]]
+    assert ids(state=JobState.PROCESSING, owner="alice", limit=1) == [alice[3]]
+    assert ids(owner="alice", state="pending") == [alice[2], alice[0]]
+    assert ids(owner="carol") == []
+    assert ids(limit=3) == [bob[1], bob[0], alice[3]]
+    assert all(r.result is None for r in backend.jobs.list())
+
+
+def test_request_kill_only_for_active_jobs(backend):
+    pending, processing, done, cancelled = create(backend, 4)
+    drive(backend, processing, JobState.PROCESSING)
+    drive(backend, done, JobState.COMPLETED)
+    drive(backend, cancelled, JobState.CANCELLED)
+    assert backend.jobs.request_kill(pending) is True
+    assert backend.jobs.request_kill(processing) is True
+    assert backend.jobs.request_kill(done) is False
+    assert backend.jobs.request_kill(cancelled) is False
+    assert backend.jobs.request_kill("unknown") is False
+    everything = [pending, processing, done, cancelled, "unknown"]
+    assert backend.jobs.kill_requested(everything) == {pending, processing}
+    assert backend.jobs.kill_requested([]) == set()
+    records = backend.jobs.get_many(everything)
+    assert {j for j, r in records.items() if r.kill_requested} == {pending, processing}
+
+
+def test_get_many_omits_unknown_ids(backend):
+    a, b = create(backend, 2)
+    got = backend.jobs.get_many([a, "nope", b, uuid.uuid4().hex])
+    assert set(got) == {a, b}
+    assert got[a].job_id == a
+    assert backend.jobs.get_many([]) == {}
+    assert backend.jobs.get("nope") is None
+
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("transition"),
+            st.sampled_from(list(JobState)),
+            st.none() | st.frozensets(st.sampled_from(list(JobState)), max_size=2),
+            st.frozensets(st.integers(0, 3), min_size=1),
+        ),
+        st.tuples(
+            st.just("finish"),
+            st.sampled_from(sorted(FINAL)),
+            st.none(),
+            st.frozensets(st.integers(0, 3), min_size=1),
+        ),
+    ),
+    max_size=12,
+)
+
+
+def test_job_states_follow_the_state_machine(backend):
+    """Random transitions and finishes against a model built from :mod:`states`."""
+
+    @settings(max_examples=50, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(ops=_ops)
+    def run(ops):
+        job_ids = create(backend, 4)
+        state = dict.fromkeys(job_ids, JobState.PENDING)
+        history = {j: ["pending"] for j in job_ids}
+        result: dict[str, bytes] = {}
+        for step, (op, new, from_states, picks) in enumerate(ops):
+            ids = [job_ids[i] for i in sorted(picks)]
+            if op == "finish":
+                active = {j for j in ids if state[j] in sources(new)}
+                got = backend.jobs.finish(
+                    [Finished(j, new, f"{step}:{j}".encode()) for j in ids])
+                for j in active:
+                    result[j] = f"{step}:{j}".encode()
+            elif from_states is not None and not all(allowed(s, new) for s in from_states):
+                with pytest.raises(InvalidTransition):
+                    backend.jobs.transition(ids, new, from_states=from_states)
+                continue
+            else:
+                src = sources(new) if from_states is None else from_states
+                active = {j for j in ids if state[j] in src}
+                got = backend.jobs.transition(ids, new, from_states=from_states)
+            assert sorted(got) == sorted(active)
+            for j in active:
+                state[j] = new
+                history[j].append(str(new))
+        records = backend.jobs.get_many(job_ids, with_result=True)
+        for j in job_ids:
+            assert records[j].state == state[j]
+            assert records[j].result == result.get(j)
+            assert [s for _, s, _ in backend.jobs.history(j)] == history[j]
+
+    run()
+
+
+# ------------------------------------------------------------------------- concurrency
+
+RACERS = 3
+
+
+def _race_step(enclave: Enclave, op: str, arg, tag: int) -> list:
+    got: list = []
+    if op == "receive":
+        while batch := enclave.queue.receive(arg, 1 + len(got) % 3, LONG, f"holder-{tag}"):
+            got += [(d.job_id, d.receive_count) for d in batch]
+        return got
+    ids = list(arg)
+    random.Random(tag).shuffle(ids)
+    for i in range(0, len(ids), 4):
+        chunk = ids[i : i + 4]
+        if op == "claim":
+            got += enclave.jobs.transition(chunk, JobState.PROCESSING,
+                                           from_states=[JobState.PENDING], node=f"node-{tag}")
+        elif op == "finish":
+            got += enclave.jobs.finish(
+                [Finished(j, JobState.COMPLETED, f"{tag}:{j}".encode()) for j in chunk])
+        else:
+            raise ValueError(op)
+    return got
+
+
+def _race_worker(target, steps: list[tuple[str, object]], tag: int, barrier, out) -> None:
+    """One racer: ``target`` is an enclave (a thread) or its url (a spawned process).
+    All racers start each step together."""
+    try:
+        enclave = open_enclave(target) if isinstance(target, str) else target
+        try:
+            got = []
+            for op, arg in steps:
+                barrier.wait(GUARD)
+                got.append(_race_step(enclave, op, arg, tag))
+        finally:
+            if enclave is not target:
+                enclave.close()
+        out.put((tag, got))
+    except BaseException as exc:  # report to the parent instead of dying silently
+        out.put((tag, f"racer {tag} failed: {exc!r}"))
+
+
+def race(backend: Enclave, spec: BackendSpec, mode: str,
+         steps: list[tuple[str, object]]) -> list[dict[int, list]]:
+    """Run :data:`RACERS` racers at once, as threads or as spawned processes each opening
+    its own enclave; returns, for each step, what each racer got."""
+    if mode == "processes":
+        if not spec.multiprocess:
+            pytest.skip("this backend cannot be opened from another process")
+        ctx = multiprocessing.get_context("spawn")
+        barrier, out = ctx.Barrier(RACERS), ctx.Queue()
+        racers = [ctx.Process(target=_race_worker,
+                              args=(backend.url, steps, tag, barrier, out))
+                  for tag in range(RACERS)]
+    else:
+        barrier, out = threading.Barrier(RACERS), queue_module.Queue()
+        racers = [threading.Thread(target=_race_worker,
+                                   args=(backend, steps, tag, barrier, out))
+                  for tag in range(RACERS)]
+    for r in racers:
+        r.start()
+    try:
+        results = dict(out.get(timeout=GUARD) for _ in racers)
+    finally:
+        for r in racers:
+            r.join(GUARD)
+    for got in results.values():
+        assert not isinstance(got, str), got
+    return [{tag: got[i] for tag, got in results.items()} for i in range(len(steps))]
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_racing_claims_and_finishes_move_each_job_once(backend, spec, mode):
+    job_ids = create(backend, 40)
+    claims, finishes = race(backend, spec, mode, [("claim", job_ids), ("finish", job_ids)])
+
+    # every job claimed by exactly one racer, from pending
+    assert Counter(j for got in claims.values() for j in got) == Counter(job_ids)
+    claimed_by = {j: tag for tag, got in claims.items() for j in got}
+
+    # every job finished (result recorded) by exactly one racer
+    counts = Counter(j for got in finishes.values() for j in got)
+    assert counts == Counter(job_ids), "some job was recorded more or less than once"
+    winners = {j: tag for tag, got in finishes.items() for j in got}
+    records = backend.jobs.get_many(job_ids, with_result=True)
+    for j in job_ids:
+        r = records[j]
+        assert r.state == JobState.COMPLETED and r.attempts == 1
+        assert r.node == f"node-{claimed_by[j]}"
+        assert r.result == f"{winners[j]}:{j}".encode()
+        assert [s for _, s, _ in backend.jobs.history(j)] == [
+            "pending", "processing", "completed"]
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_racing_receivers_never_share_an_invisible_message(backend, spec, mode):
+    names = [f"m{i}" for i in range(120)]
+    backend.queue.send("race", messages(*names))
+    [results] = race(backend, spec, mode, [("receive", "race")])
+    got = [job_id for batch in results.values() for job_id, _ in batch]
+    duplicates = [j for j, n in Counter(got).items() if n > 1]
+    assert duplicates == [], "a message was received twice while invisible"
+    assert sorted(got) == sorted(names)
+    assert {count for batch in results.values() for _, count in batch} == {1}
+    assert backend.queue.depth("race") == len(names)
+    assert received(backend, "race") == []
+
+
+# ------------------------------------------------------------------------------- blobs
+
+
+def test_blob_round_trip(backend):
+    backend.blobs.put("abc-1.bin", b"hello")
+    assert backend.blobs.get("abc-1.bin") == b"hello"
+    backend.blobs.put("abc-1.bin", b"again")
+    assert backend.blobs.get("abc-1.bin") == b"again"
+    big = os.urandom(LARGE)
+    backend.blobs.put("big", big)
+    assert backend.blobs.get("big") == big
+    backend.blobs.put("empty", b"")
+    assert backend.blobs.get("empty") == b""
+    backend.blobs.delete(["abc-1.bin", "never-there"])
+    with pytest.raises(KeyError):
+        backend.blobs.get("abc-1.bin")
+    assert backend.blobs.get("big") == big
+
+
+def test_missing_blob_raises_key_error(backend):
+    with pytest.raises(KeyError):
+        backend.blobs.get("missing")
+
+
+@pytest.mark.parametrize("key", ["../x", "a/b", "", "..", "/etc/passwd", "x/../../y"])
+def test_blob_keys_cannot_traverse_paths(backend, key):
+    with pytest.raises(ValueError):
+        backend.blobs.put(key, b"x")
+    with pytest.raises(ValueError):
+        backend.blobs.get(key)
+    with pytest.raises(ValueError):
+        backend.blobs.delete([key])
+
+
+# ------------------------------------------------------------------------------- nodes
+
+
+def node_info(queue: str = "work", pid: int | None = None, **kw) -> NodeInfo:
+    return NodeInfo(node_id=uuid.uuid4().hex[:12], queue=queue, host=socket.gethostname(),
+                    pid=os.getpid() if pid is None else pid, workers=2, **kw)
+
+
+def live_ids(backend: Enclave, queue: str | None = None) -> set[str]:
+    return {n.node_id for n in backend.nodes.live(queue)}
+
+
+def test_register_and_deregister_nodes(backend):
+    a, b = node_info("work", managed_by="slurm"), node_info("gpu")
+    backend.nodes.register(a)
+    backend.nodes.register(b)
+    assert live_ids(backend) == {a.node_id, b.node_id}
+    assert live_ids(backend, "work") == {a.node_id}
+    assert live_ids(backend, "gpu") == {b.node_id}
+    assert live_ids(backend, "none") == set()
+    [got] = [n for n in backend.nodes.live() if n.node_id == a.node_id]
+    assert (got.queue, got.host, got.pid, got.workers, got.managed_by) == (
+        "work", a.host, a.pid, 2, "slurm")
+    backend.nodes.deregister(a.node_id)
+    assert live_ids(backend) == {b.node_id}
+    backend.nodes.deregister("unknown")
+    assert live_ids(backend) == {b.node_id}
+
+
+def test_heartbeat_keeps_a_node_live(backend):
+    stale = node_info(heartbeat=time.time() - 3600)
+    backend.nodes.register(stale)
+    assert stale.node_id not in live_ids(backend)
+    before = time.time()
+    backend.nodes.heartbeat(stale.node_id)
+    assert stale.node_id in live_ids(backend)
+    [n] = backend.nodes.live()
+    assert n.heartbeat >= before - 1
+    backend.nodes.heartbeat("unknown")
+
+
+def test_node_whose_process_is_gone_is_not_live(backend, spec):
+    if not spec.checks_pids:
+        pytest.skip("this backend only judges nodes by their heartbeats")
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert proc.wait(GUARD) == 0
+    dead, alive = node_info(pid=proc.pid), node_info()
+    backend.nodes.register(dead)
+    backend.nodes.register(alive)
+    assert live_ids(backend) == {alive.node_id}
+    backend.nodes.heartbeat(dead.node_id)
+    assert live_ids(backend, "work") == {alive.node_id}
+
+
+def test_delete_removes_records_messages_and_blobs(backend):
+    keep, gone, big = create(backend, 3)
+    drive(backend, big, JobState.PROCESSING)
+    assert backend.jobs.finish([Finished(big, JobState.COMPLETED, b"R" * LARGE)]) == [big]
+    backend.blobs.put(f"args-{gone}", b"a task section that was too large for its message")
+    backend.jobs.delete([gone, big, "f" * 32])  # an unknown id is no error
+    assert set(backend.jobs.get_many([keep, gone, big])) == {keep}
+    assert backend.jobs.get(big, with_result=True) is None
+    with pytest.raises(KeyError):
+        backend.blobs.get(f"args-{gone}")
+    assert backend.jobs.get(keep).state == JobState.PENDING
