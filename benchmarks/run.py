@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
 import sys
 import tempfile
@@ -22,28 +22,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# The work lives in benchmarks/tasks.py, an importable module, so that both executors send
+# functions by reference (from __main__ kotta pickles them by value, as it does notebook
+# functions, while ProcessPoolExecutor's forked workers find them by reference).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # python benchmarks/run.py
+from benchmarks.tasks import busy, noop, sleeper  # noqa: E402
+
 KINDS = ("kotta", "ppe")
 Result = dict[str, float]
 Bench = Callable[[Executor, str, int, int], Result]
-
-# -- the work: module-level so that both executors can pickle it ---------------------------
-
-
-def noop(x: Any = None) -> Any:
-    return x
-
-
-def busy(seconds: float) -> float:
-    """Spin (not sleep) for ``seconds`` of wall time; return how long it spun."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        pass
-    return time.perf_counter() - start
-
-
-def sleeper(seconds: float) -> None:
-    time.sleep(seconds)
-
 
 # -- executors -------------------------------------------------------------------------------
 
@@ -156,8 +143,9 @@ def bench_memory(ex: Executor, kind: str, workers: int, scale: int) -> Result:
     hold = 60.0 if kind == "kotta" else 1.0  # PPE cannot kill a running task: keep it short
     tracemalloc.start()
     try:
-        base = tracemalloc.get_traced_memory()[0]
+        base, start = tracemalloc.get_traced_memory()[0], time.perf_counter()
         futures = [ex.submit(sleeper, hold) for _ in range(n)]
+        submit_s = time.perf_counter() - start  # slowed down by tracemalloc
         submitted = tracemalloc.get_traced_memory()[0] - base
         time.sleep(1.5)  # let a background thread flush its outbox
         flushed = tracemalloc.get_traced_memory()[0] - base
@@ -169,6 +157,7 @@ def bench_memory(ex: Executor, kind: str, workers: int, scale: int) -> Result:
         "kib_per_future": flushed / n / 1024,
         "kib_per_future_before_flush": submitted / n / 1024,
         "pending": pending,
+        "submit_s": submit_s,
         "futures": n,
         "shutdown_s": shutdown_s,
     }
@@ -292,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 results[name][kind] = f"{type(exc).__name__}: {exc}"
     rows = make_rows(results)
-    print(f"\nworkers={args.workers} quick={args.quick} python={platform.python_version()}")
+    load = os.getloadavg()[0]  # other work on the machine skews every figure
+    print(f"\nworkers={args.workers} quick={args.quick} load(1 min)={load:.1f}")
     print_table(rows)
     errors = [
         f"{b}/{k}: {v}" for b, r in results.items() for k, v in r.items() if isinstance(v, str)
@@ -303,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             "workers": args.workers,
             "quick": args.quick,
+            "loadavg_1min": load,
+            "python": sys.version.split()[0],
             "results": results,
             "rows": [asdict(r) for r in rows],
         }

@@ -88,6 +88,7 @@ class Node:
         self._last_kill_check = 0.0
         self._last_parent_check = 0.0
         self._ring_later: set[str] = set()
+        self._backlogged = False  # the last receive took all it asked for
         # Without doorbells (AWS), a thread long-polls the queue and fills the inbox.
         self._inbox: deque[Delivery] = deque()
         self._room_hint = 0
@@ -181,7 +182,9 @@ class Node:
         self.enclave.queue.release([*inbox, *(t.delivery for t in self.pending)])
         self.pending.clear()
         for w in self.workers:
-            while len(w.inflight) > 1:  # queued in the pipe, not started
+            if len(w.inflight) > 1:  # queued in its pipe, not started: it must not start them
+                w.stop_after_current()
+            while len(w.inflight) > 1:
                 t = w.inflight.pop()
                 self.enclave.queue.release([t.delivery])
         deadline = time.monotonic() + self.config.drain_timeout
@@ -254,7 +257,7 @@ class Node:
 
     def _streaming(self) -> bool:
         inflight = sum(len(w.inflight) for w in self.workers)
-        return inflight >= 4 and all(w.depth > 1 for w in self.workers if w.inflight)
+        return inflight >= 4 and all(w.depth > 2 for w in self.workers if w.inflight)
 
     def _collect(self) -> None:
         for w in list(self.workers):
@@ -374,8 +377,8 @@ class Node:
 
     def _room(self) -> int:
         inflight = sum(len(w.inflight) for w in self.workers)
-        cap = self.config.workers * 2
-        if self.workers and all(w.depth > 1 for w in self.workers):
+        cap = self.config.workers * 4
+        if self.workers and all(w.depth > 2 for w in self.workers):
             cap = self.config.workers * 64
         return cap - inflight - len(self.pending)
 
@@ -383,14 +386,18 @@ class Node:
         room = self._room()
         if self._poller is not None:
             self._room_hint = room
-            while self._inbox:
+            self._backlogged = len(self._inbox) > room
+            while self._inbox and room > 0:
                 self._accept(self._inbox.popleft())
+                room -= 1
             return
         if room <= 0:
             return
+        ask = min(room, 500)
         deliveries = self.enclave.queue.receive(
-            self.queue, min(room, 500), self.config.visibility_timeout, self.node_id
+            self.queue, ask, self.config.visibility_timeout, self.node_id
         )
+        self._backlogged = len(deliveries) == ask  # the queue has more than we took
         for d in deliveries:
             self._accept(d)
 
@@ -465,15 +472,16 @@ class Node:
         # Several tasks per worker pipe only with a real backlog: a few tasks that arrive
         # together may include long ones, and must not wait behind them (nor stop being
         # cancellable) while another worker could take them.
-        deep = len(self.pending) >= 4 * self.config.workers
+        deep = self._backlogged or len(self.pending) >= 4 * self.config.workers
+        caps = {w: w.depth if deep else 1 for w in load}
         skipped: deque[Task] = deque()
         while self.pending:
             task = self.pending.popleft()
-            w = self._worker_for(task.owner, load, deep)
+            w = self._worker_for(task.owner, load, caps)
             if w is None:
                 skipped.append(task)
                 if len(load) >= self.config.workers and all(
-                    n >= (w_.depth if deep else 1) for w_, n in load.items()
+                    n >= caps[w_] for w_, n in load.items()
                 ):
                     break
                 continue
@@ -510,11 +518,12 @@ class Node:
                     w.inflight.pop()
                 self.pending.extendleft(reversed(tasks))
 
-    def _worker_for(self, owner: str, load: dict[Worker, int], deep: bool = True) -> Worker | None:
+    def _worker_for(
+        self, owner: str, load: dict[Worker, int], caps: dict[Worker, int]
+    ) -> Worker | None:
         best = None
         for w, n in load.items():
-            depth = w.depth if deep else 1
-            if w.owner == owner and n < depth and (best is None or n < load[best]):
+            if w.owner == owner and n < caps[w] and (best is None or n < load[best]):
                 best = w
         if best is not None:
             return best
@@ -530,7 +539,7 @@ class Node:
             del load[victim]
         w = pool.spawn(owner)
         self.workers.append(w)
-        load[w] = 0
+        load[w], caps[w] = 0, 1
         return w
 
     def _upkeep(self) -> None:

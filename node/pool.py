@@ -59,7 +59,7 @@ class Worker:
     out: Any
     err: Any
     inflight: deque[Task] = field(default_factory=deque)
-    avg: float = 0.05  # moving average of task run time, seconds
+    avg: float = 0.002  # moving average of task run time, seconds
     kill_reason: tuple[str, str] | None = None
     kill_deadline: float | None = None
     kill_tree: list[psutil.Process] = field(default_factory=list)
@@ -74,15 +74,15 @@ class Worker:
 
     @property
     def depth(self) -> int:
-        """How many tasks may wait in this worker's pipe: many while tasks are tiny, one
-        otherwise, and one behind a task that has run for a while (so work stays in the
-        node, pending and cancellable, rather than queued behind a long task)."""
-        if self.avg >= TINY_TASK:
-            return 1
+        """How many tasks may wait in this worker's pipe (when the node has a backlog): many
+        while tasks are tiny, otherwise one in reserve so the worker never waits for the
+        node between tasks; but none behind a task that has run unusually long, so work
+        stays in the node, pending and cancellable, rather than queued behind it."""
         if self.inflight and self.inflight[0].started is not None:
-            if time.monotonic() - self.inflight[0].started > 2 * TINY_TASK:
+            running = time.monotonic() - self.inflight[0].started
+            if running > max(2 * TINY_TASK, 3 * self.avg):
                 return 1
-        return 16
+        return 16 if self.avg < TINY_TASK else 2
 
     def send(self, tasks: list[Task]) -> None:
         """Hand tasks to the worker in one write (one wake-up for the worker)."""
@@ -125,6 +125,13 @@ class Worker:
         if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
             _signal_all(self.kill_tree, signal.SIGKILL)
             _signal_group(self.pid, signal.SIGKILL)
+
+    def stop_after_current(self) -> None:
+        """Ask the worker to finish the task it runs and exit without starting another."""
+        try:
+            os.kill(self.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
 
     def dead(self) -> bool:
         return self.proc.poll() is not None

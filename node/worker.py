@@ -175,13 +175,21 @@ def main(argv: list[str] | None = None) -> int:
         os.set_inheritable(fd, False)  # children of a task must not hold our pipes
     tasks = Connection(task_fd, writable=False)
     results = Connection(result_fd, readable=False)
-    while True:
+    # SIGUSR1 from a draining node: finish the task at hand, start no other, exit.
+    signal.signal(signal.SIGUSR1, lambda *_: _STOP.set())
+    while not _STOP.is_set():
         try:
             frame = tasks.recv_bytes()
         except (EOFError, OSError):
             return 0
         for data in unpack_frame(frame):  # one result per task, as soon as it is done
+            if _STOP.is_set():
+                break
             results.send_bytes(run_task(data))
+    return 0
+
+
+_STOP = threading.Event()
 
 
 if __name__ == "__main__":

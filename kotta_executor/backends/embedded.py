@@ -660,7 +660,9 @@ class EmbeddedEnclave(Enclave):
 
     def ring_nodes(self, queue: str) -> None:
         at, cache = self._node_cache
-        if time.monotonic() - at > 1.0:
+        # the list of nodes is cached for a second, but not while none serves the queue:
+        # one may just be starting, and a missed ring costs it a poll interval
+        if time.monotonic() - at > (1.0 if cache.get(queue) else 0.05):
             cache = {}
             for n in self.nodes.live():
                 cache.setdefault(n.queue, []).append(n.node_id)
