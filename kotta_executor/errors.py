@@ -90,6 +90,16 @@ class CorruptTask(JobFailed):
     """The message on the queue was not a valid task envelope; it was dead-lettered."""
 
 
+class DependencyError(JobFailed):
+    """A future passed as an argument failed or was cancelled, so the task never ran.
+
+    ``__cause__`` is the dependency's exception (a ``CancelledError`` if it was cancelled);
+    ``dependency`` is the failed dependency's job id, when it was a Kotta job.
+    """
+
+    dependency: str | None = None
+
+
 class EnvelopeError(KottaError, ValueError):
     """Bytes that are not a valid kotta envelope (wrong magic, version, or layout)."""
 

@@ -21,8 +21,15 @@ Data flow::
                                _reconcile: job rows of attached futures and of
                                  futures whose reply is overdue
 
+  submit(fn, fut, ...)         a future among the arguments (dependencies.py): no job row
+    KottaFuture(job_id)        yet; its callbacks count the futures done, then
+    deps.add: callbacks ─────> deps.ready ─> _start_dependents: replace the futures by their
+                                 results, pickle, outbox.append (then as above); or fail
+                                 the future with DependencyError / SerializationError
+
 The job table is the truth; replies are a fast path.  One manager thread owns all queue
-I/O and all future state transitions (``set_result``, ``set_exception``).
+I/O and all future state transitions (``set_result``, ``set_exception``), except
+cancellation, which the cancelling thread does once the job is recorded cancelled.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import config, wire
+from . import config, dependencies, wire
 from .backends import open_enclave
 from .backends.base import Enclave, NewJob, reply_queue
 from .errors import BrokenEnclave, ConfigurationError, EnvelopeError, UnknownJob
@@ -127,6 +134,7 @@ class KottaExecutor(Executor):
         self._outbox: deque[tuple[NewJob, KottaFuture]] = deque()
         self._skip: set[str] = set()  # outbox entries cancelled before they were sent
         self._kicked = False
+        self._deps = dependencies.Dependencies(self._kick)  # tasks waiting for futures
         self._send_lock = threading.Lock()
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
@@ -215,10 +223,24 @@ class KottaExecutor(Executor):
             raise TypeError(f"{fn!r} is not callable")
         with self._shutdown_lock:
             self._check_open()
-        sections = wire.dump_call(fn, calls)
+        deps = dependencies.find(calls)
         job_id = f"{self._ids.getrandbits(128):032x}"
-        name = wire.fn_name(fn)
-        header = {
+        job = None if deps else self._new_job(job_id, fn, calls, opts)
+        f = KottaFuture(job_id, self)
+        if batch:
+            f._batch = True
+        self._futures[job_id] = f
+        if self._manager is None:
+            self._ensure_manager()
+        if deps:  # sent by the manager once they are done (no job row until then)
+            self._deps.add(f, fn, calls, opts, deps)
+        else:
+            self._outbox.append((job, f))
+            self._kick()
+        return f
+
+    def _task_header(self, job_id: str, fn: Callable, n: int, opts: Options) -> dict[str, Any]:
+        return {
             "kind": "task",
             "job_id": job_id,
             "owner": self.owner,
@@ -226,9 +248,14 @@ class KottaExecutor(Executor):
             "queue": opts.queue,
             "walltime": opts.walltime,
             "created": time.time(),
-            "fn": name,
-            "n": len(calls),
+            "fn": wire.fn_name(fn),
+            "n": n,
         }
+
+    def _new_job(self, job_id: str, fn: Callable, calls: list, opts: Options) -> NewJob:
+        """Pickle a call into a job (raises SerializationError); big sections go to blobs."""
+        sections = wire.dump_call(fn, calls)
+        header = self._task_header(job_id, fn, len(calls), opts)
         for section, data in sections.items():
             if len(data) > self._enclave.inline_limit:  # too big for a message: a blob
                 key = f"{section}-{job_id}"
@@ -236,17 +263,19 @@ class KottaExecutor(Executor):
                 header.setdefault("refs", {})[section] = key
                 sections[section] = b""
         body = wire.encode(header, sections)
-        f = KottaFuture(job_id, self)
-        if batch:
-            f._batch = True
-        self._futures[job_id] = f
-        self._outbox.append(
-            (NewJob(job_id, self.owner, self.client_id, opts.queue, name, opts.walltime, body, len(calls)), f)
+        return NewJob(
+            job_id, self.owner, self.client_id, opts.queue, header["fn"], opts.walltime, body,
+            len(calls),
         )
-        if self._manager is None:
-            self._ensure_manager()
-        self._kick()
-        return f
+
+    def _unsent_record(self, w: dependencies.Waiting) -> NewJob:
+        """The job of a waiting task, to record it cancelled: a task envelope without the
+        call (never pickled; no node runs a cancelled job)."""
+        header = self._task_header(w.future.job_id, w.fn, len(w.calls), w.opts)
+        return NewJob(
+            w.future.job_id, self.owner, self.client_id, w.opts.queue, header["fn"],
+            w.opts.walltime, wire.encode(header), len(w.calls),
+        )
 
     def _map(self, fn, iterables, timeout, chunksize, opts) -> Iterator:
         if chunksize < 1:
@@ -300,10 +329,12 @@ class KottaExecutor(Executor):
             # list() copies the deque in one step under the GIL, while submit() may append
             unsent = [(job, f) for job, f in list(self._outbox) if job.job_id in wanted]
             self._skip.update(job.job_id for job, _ in unsent)
-            done = [job.job_id for job, _ in unsent]
-            if unsent:  # never sent: record them, already cancelled, so the table tells
+            records = [job for job, _ in unsent]
+            records += [self._unsent_record(w) for w in map(self._deps.take, job_ids) if w]
+            done = [job.job_id for job in records]
+            if records:  # never sent: record them, already cancelled, so the table tells
                 with self._enclave.atomic():
-                    self._enclave.jobs.create([job for job, _ in unsent])
+                    self._enclave.jobs.create(records)
                     self._enclave.jobs.transition(
                         done, JobState.CANCELLED, reason="cancelled by the client"
                     )
@@ -334,6 +365,8 @@ class KottaExecutor(Executor):
         if job is None:
             if f.cancelled():
                 return str(JobState.CANCELLED)
+            if f.done():  # failed before it was sent (a dependency failed)
+                return str(JobState.FAILED)
             return str(JobState.PENDING)
         return str(job.state)
 
@@ -359,11 +392,14 @@ class KottaExecutor(Executor):
                 ).start()
             while True:
                 self._wait(bell)
+                self._start_dependents()
                 self._send()
                 self._ensure_nodes()
                 self._receive()
                 self._reconcile()
-                if self._shutdown and not self._futures and not self._outbox:
+                # tasks waiting for dependencies are in _futures: shutdown waits for them
+                idle = not self._futures and not self._outbox and not self._deps.ready
+                if self._shutdown and idle:
                     break
         except BaseException as exc:  # noqa: BLE001 - anything here makes the enclave unusable
             log.exception("kotta manager thread failed")
@@ -377,7 +413,7 @@ class KottaExecutor(Executor):
         timeout = 0.5 if self._futures or self._outbox else 2.0
         if self._attached:
             timeout = min(timeout, ATTACH_POLL)
-        if self._outbox:
+        if self._outbox or self._deps.ready:
             timeout = 0
         fds = [self._wake_r] if bell is None else [self._wake_r, bell]
         ready, _, _ = select.select(fds, [], [], timeout)
@@ -405,6 +441,40 @@ class KottaExecutor(Executor):
             for q in {job.queue for job, _ in batch}:
                 self._queues_used.add(q)
                 self._enclave.ring_nodes(q)
+
+    def _start_dependents(self) -> None:
+        """Send the waiting tasks whose dependencies all succeeded, with their values; fail
+        those with a failed dependency."""
+        while self._deps.ready:
+            w = self._deps.ready.popleft()
+            f = w.future
+            if f.job_id not in self._deps.waiting:
+                continue  # cancelled meanwhile, or already failed
+            if w.failed is not None:
+                self._fail_waiting(w, dependencies.failure(f.job_id, w.failed))
+                continue
+            try:
+                job = self._new_job(f.job_id, w.fn, dependencies.resolve(w.calls), w.opts)
+            except Exception as exc:  # noqa: BLE001 - SerializationError: fails this task only
+                self._fail_waiting(w, exc)
+                continue
+            with self._send_lock:  # atomically with respect to _cancel_jobs
+                if self._deps.take(f.job_id) is not None:
+                    self._outbox.append((job, f))
+
+    def _fail_waiting(self, w: dependencies.Waiting, exc: BaseException) -> None:
+        with self._send_lock:
+            if self._deps.take(w.future.job_id) is None:
+                return  # cancelled meanwhile
+            record = self._unsent_record(w)  # never sent: recorded failed, with the reason
+            with self._enclave.atomic():
+                self._enclave.jobs.create([record])
+                self._enclave.jobs.transition(
+                    [record.job_id], JobState.FAILED, reason=wire.summary(exc)
+                )
+        self._futures.pop(w.future.job_id, None)
+        if not w.future.done():
+            w.future.set_exception(exc)
 
     def _poll_replies(self) -> None:
         """Long-poll the reply channel for backends without doorbells (AWS)."""
@@ -566,6 +636,7 @@ class KottaExecutor(Executor):
         self._broken = broken
         with self._send_lock:
             self._outbox.clear()
+            self._deps.clear()
         futures, self._futures = self._futures, {}
         for f in futures.values():
             if not f.done():

@@ -1,0 +1,121 @@
+"""Tasks whose arguments include futures: they wait for them, without a thread each.
+
+A future among the direct arguments of a call (positional, or a keyword argument's value)
+is a *dependency*: the task is sent only once every dependency succeeded, with each future
+replaced by its result.  A dependency that fails or is cancelled fails the task with
+:class:`~kotta_executor.errors.DependencyError`.
+
+Waiting costs a done-callback per dependency.  Callbacks run in whatever thread completes
+the dependency (a manager thread, a pool's thread, the caller's), so they only count and
+hand the task to the executor's manager thread (:attr:`Dependencies.ready`), which pickles
+and sends it, or fails it.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from typing import Any
+
+from .errors import DependencyError
+
+
+class Waiting:
+    """A task that waits for the futures among its arguments."""
+
+    __slots__ = ("future", "fn", "calls", "opts", "remaining", "failed")
+
+    def __init__(self, future: Future, fn: Callable, calls: list, opts: Any, remaining: int):
+        self.future = future
+        self.fn = fn
+        self.calls = calls
+        self.opts = opts
+        self.remaining = remaining  # dependencies not yet succeeded
+        self.failed: Future | None = None  # the first dependency that failed
+
+
+class Dependencies:
+    """The waiting tasks of one executor.
+
+    ``waiting``: job id -> :class:`Waiting`, until the task is sent, failed or cancelled;
+    whoever :meth:`take` s it decides its fate (the executor does so under its send lock).
+    ``ready``: tasks whose dependencies are all done, or one of which failed, for the
+    manager thread; an entry whose task was already taken is skipped.
+    """
+
+    def __init__(self, wake: Callable[[], None]):
+        self._wake = wake
+        self._lock = threading.Lock()
+        self.waiting: dict[str, Waiting] = {}
+        self.ready: deque[Waiting] = deque()
+
+    def add(self, future: Future, fn: Callable, calls: list, opts: Any, deps: list[Future]) -> None:
+        """Make ``future``'s task wait for ``deps`` (callbacks of done ones run right away)."""
+        w = Waiting(future, fn, calls, opts, len(deps))
+        self.waiting[future.job_id] = w
+        callback = functools.partial(self._dependency_done, w)
+        for dep in deps:
+            dep.add_done_callback(callback)
+
+    def take(self, job_id: str) -> Waiting | None:
+        return self.waiting.pop(job_id, None)
+
+    def clear(self) -> None:
+        self.waiting.clear()
+        self.ready.clear()
+
+    def _dependency_done(self, w: Waiting, dep: Future) -> None:
+        """Done-callback of a dependency: short and thread-safe; never raises."""
+        ok = not dep.cancelled() and dep.exception() is None
+        with self._lock:
+            if ok:
+                w.remaining -= 1
+                if w.remaining:
+                    return
+            elif w.failed is None:
+                w.failed = dep
+            else:
+                return  # already failed by an earlier dependency
+        self.ready.append(w)
+        self._wake()
+
+
+def find(calls: list[tuple[tuple, dict]]) -> list[Future]:
+    """The distinct futures among the direct arguments of ``calls``."""
+    found: dict[int, Future] = {}
+    for args, kwargs in calls:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, Future):
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def resolve(calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """``calls`` with each future (done and successful) replaced by its result."""
+
+    def value(v: Any) -> Any:
+        return v.result() if isinstance(v, Future) else v
+
+    return [
+        (tuple(value(a) for a in args), {k: value(v) for k, v in kwargs.items()})
+        for args, kwargs in calls
+    ]
+
+
+def failure(job_id: str, dep: Future) -> DependencyError:
+    """The error of task ``job_id`` whose dependency ``dep`` failed or was cancelled."""
+    name = getattr(dep, "job_id", None)
+    what = f"job {name}" if name else "a future"
+    try:
+        cause = dep.exception(timeout=0)
+        message = f"its dependency ({what}) failed: {type(cause).__name__}: {cause}"
+    except CancelledError as exc:
+        cause = exc
+        message = f"its dependency ({what}) was cancelled"
+    err = DependencyError(f"job {job_id} did not run: {message}", job_id=job_id)
+    err.dependency = name
+    err.__cause__ = cause
+    return err

@@ -1,0 +1,201 @@
+"""Futures as arguments: a task waits for them (without a thread) and receives their values.
+
+Real components: the executor starts a real node; tasks run in worker subprocesses.  Tests
+synchronise on files (``Gate``), on plain ``concurrent.futures.Future`` objects the test
+completes itself, and on ``wait_for``; the only timeouts are deadlock guards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+
+import pytest
+
+from kotta_executor import (
+    DependencyError,
+    JobFailed,
+    KottaFuture,
+    SerializationError,
+    kottajob,
+)
+from tests import tasks
+from tests.conftest import GUARD, wait_for
+from tests.test_executor import JOB_ID, Gate, job_state, wait_started
+
+
+@pytest.fixture
+def gate(tmp_path) -> Gate:
+    return Gate(tmp_path)
+
+
+def test_chain_of_dependencies(executor, enclave):
+    a = executor.submit(tasks.square, 3)
+    b = executor.submit(tasks.add, a, 1)
+    c = executor.submit(tasks.square, b)
+    for f in (a, b, c):
+        assert isinstance(f, KottaFuture) and JOB_ID.match(f.job_id)
+    assert c.result(timeout=GUARD) == 100
+    assert b.result(timeout=GUARD) == 10
+    assert b.status() == c.status() == "completed"
+    assert job_state(enclave, c.job_id) == "completed"
+
+
+def test_failed_dependency_gives_dependency_error_with_the_cause(executor):
+    a = executor.submit(tasks.raise_value_error, "broken input")
+    b = executor.submit(tasks.add, a, 1)
+    c = executor.submit(tasks.add, b, 1)  # a chain: the failure propagates
+    with pytest.raises(DependencyError) as info:
+        b.result(timeout=GUARD)
+    err = info.value
+    assert isinstance(err, JobFailed)
+    assert type(err.__cause__) is ValueError
+    assert str(err.__cause__) == "broken input"
+    assert "ValueError: broken input" in str(err)
+    assert err.job_id == b.job_id and err.dependency == a.job_id
+    assert b.status() == "failed"
+    with pytest.raises(DependencyError) as info:
+        c.result(timeout=GUARD)
+    assert isinstance(info.value.__cause__, DependencyError)
+    assert type(info.value.__cause__.__cause__) is ValueError
+    # a dependency that already failed fails a new dependent at once
+    d = executor.submit(tasks.add, 1, b=a)
+    assert isinstance(d.exception(timeout=GUARD), DependencyError)
+
+
+def test_cancelled_dependency(executor, gate, enclave):
+    plain = cf.Future()
+    waiting = executor.submit(tasks.add, plain, 1)
+    assert plain.cancel()
+    with pytest.raises(DependencyError) as info:
+        waiting.result(timeout=GUARD)
+    assert type(info.value.__cause__) is cf.CancelledError
+
+    # a Kotta job cancelled while queued: dependents submitted before and after
+    a, sa = gate.submit_blocking(executor)
+    b, sb = gate.submit_blocking(executor)
+    wait_started(sa, sb)
+    queued = executor.submit(tasks.noop, 1)
+    wait_for(lambda: job_state(enclave, queued.job_id) == "pending", what="queued job record")
+    before = executor.submit(tasks.add, queued, 1)
+    assert queued.cancel() is True
+    after = executor.submit(tasks.add, queued, 1)
+    for f in (before, after):
+        err = f.exception(timeout=GUARD)
+        assert isinstance(err, DependencyError)
+        assert isinstance(err.__cause__, cf.CancelledError)
+        assert "was cancelled" in str(err)
+    gate.open()
+    assert a.result(timeout=GUARD) == b.result(timeout=GUARD) == "released"
+
+
+def test_dependency_from_a_process_pool(executor):
+    with cf.ProcessPoolExecutor(1) as pool:
+        p = pool.submit(tasks.square, 5)
+        f = executor.submit(tasks.add, p, 1)
+        assert f.result(timeout=GUARD) == 26
+        bad = pool.submit(tasks.raise_value_error, "pool failure")
+        g = executor.submit(tasks.add, bad, 1)
+        err = g.exception(timeout=GUARD)
+        assert isinstance(err, DependencyError)
+        assert type(err.__cause__) is ValueError and "pool failure" in str(err.__cause__)
+
+
+def test_fan_in(executor):
+    parts = [executor.submit(tasks.square, i) for i in range(20)]
+    total = executor.submit(tasks.total, *parts, start=parts[3])
+    assert total.result(timeout=GUARD) == sum(i * i for i in range(20)) + 9
+
+
+def test_keyword_dependency_and_with_options(executor, enclave):
+    a = executor.submit(tasks.square, 4)
+    f = executor.submit(tasks.add, 1, b=a)
+    assert f.result(timeout=GUARD) == 17
+    g = executor.with_options(walltime=2).submit(tasks.add, a=f, b=a)
+    assert g.result(timeout=GUARD) == 33
+    assert enclave.jobs.get(g.job_id).walltime == 120
+
+
+def test_decorated_call_takes_a_future(executor):
+    add_later = kottajob(executor, block=False)(tasks.add)
+    add_now = kottajob(executor)(tasks.add)
+    a = add_later(2, 3)
+    b = add_later(a, b=a)
+    assert isinstance(b, KottaFuture)
+    assert b.result(timeout=GUARD) == 10
+    assert add_now(b, 1) == 11
+
+
+def test_cancel_a_dependent_before_its_dependency_finishes(executor, gate, tmp_path, enclave):
+    a, sa = gate.submit_blocking(executor)
+    marker = tmp_path / "must-not-exist"
+    dependent = executor.submit(tasks.create_file, str(marker), a)
+    killed = executor.submit(tasks.create_file, str(marker), text=a)
+    assert JOB_ID.match(dependent.job_id)
+    wait_started(sa)
+    assert dependent.status() == "pending"
+    assert job_state(enclave, dependent.job_id) is None  # not sent: no job row yet
+
+    assert dependent.cancel() is True
+    assert dependent.cancelled() and dependent.done()
+    assert dependent.cancel() is True
+    assert dependent.status() == "cancelled"
+    assert job_state(enclave, dependent.job_id) == "cancelled"  # recorded, never sent
+    assert killed.kill() is True
+    assert killed.cancelled() and job_state(enclave, killed.job_id) == "cancelled"
+
+    gate.open()
+    assert a.result(timeout=GUARD) == "released"
+    later = executor.submit(tasks.noop, "later")
+    assert later.result(timeout=GUARD) == "later"
+    assert not marker.exists()
+    assert job_state(enclave, dependent.job_id) == "cancelled"
+
+
+def test_many_dependents_use_no_thread_each(executor, enclave):
+    assert executor.submit(tasks.noop, 0).result(timeout=GUARD) == 0  # manager running
+    threads = threading.active_count()
+    blocker = cf.Future()
+    fs = [executor.submit(tasks.add, blocker, i) for i in range(1000)]
+    assert threading.active_count() <= threads + 2
+    assert fs[0].status() == fs[-1].status() == "pending"
+    assert job_state(enclave, fs[500].job_id) is None
+    blocker.set_result(1000)
+    assert [f.result(timeout=GUARD) for f in fs] == list(range(1000, 2000))
+    assert threading.active_count() <= threads + 2
+
+
+def test_unpicklable_dependency_value_fails_the_dependent(executor):
+    dep = cf.Future()
+    f = executor.submit(tasks.noop, dep)
+    dep.set_result(threading.Lock())
+    err = f.exception(timeout=GUARD)
+    assert isinstance(err, SerializationError)
+    assert "argument 0" in str(err)
+    assert executor.submit(tasks.noop, 2).result(timeout=GUARD) == 2
+
+
+def test_shutdown_waits_for_dependents(make_executor, gate):
+    ex = make_executor(1)
+    a, sa = gate.submit_blocking(ex)
+    b = ex.submit(tasks.noop, a)
+    wait_started(sa)
+    stopper = threading.Thread(target=ex.shutdown, kwargs={"wait": True})
+    stopper.start()
+    wait_for(lambda: ex._shutdown, what="shutdown to begin")
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(tasks.noop, a)
+    gate.open()
+    stopper.join(GUARD)
+    assert not stopper.is_alive()
+    assert b.done() and b.result(timeout=0) == "released"
+
+
+def test_a_task_failed_by_its_dependency_is_recorded_failed(executor, enclave):
+    bad = executor.submit(tasks.raise_value_error, "no data for 1999")
+    dependent = executor.submit(tasks.square, bad)
+    with pytest.raises(DependencyError):
+        dependent.result(timeout=GUARD)
+    job = enclave.jobs.get(dependent.job_id)
+    assert job is not None and job.state == "failed"
+    assert "DependencyError" in job.reason and bad.job_id in job.reason
