@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="a job's record and history")
     s.add_argument("job_id")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--plot", metavar="FILE",
+                   help="write the job's CPU%% and memory samples as an SVG image to FILE")
 
     lg = sub.add_parser("logs", help="what a job wrote to stdout and stderr")
     lg.add_argument("job_id")
@@ -83,6 +85,9 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-deliveries", type=int, default=5)
     p.add_argument("--poll-interval", type=float, default=0.5)
     p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--sample-interval", type=float, default=120.0, metavar="SECONDS",
+                   help="seconds between CPU/memory samples of a running task (at least 1;"
+                        " 0: none; default 120)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,9 +130,12 @@ def cmd_node(args) -> int:
         managed_by=args.managed_by,
         node_id=args.node_id,
         prespawn_owner=args.prespawn,
+        sample_interval=args.sample_interval,
     )
     if cfg.workers < 1:
         raise ValueError("--workers must be at least 1")
+    if 0 < cfg.sample_interval < 1 or cfg.sample_interval < 0:
+        raise ValueError("--sample-interval must be at least 1 second (or 0: no samples)")
     enclave = _enclave(args)
     node = Node(enclave, cfg)
     signal.signal(signal.SIGTERM, node.request_stop)
@@ -155,6 +163,7 @@ def cmd_up(args) -> int:
             "--max-deliveries", str(args.max_deliveries),
             "--poll-interval", str(args.poll_interval),
             "--drain-timeout", str(args.drain_timeout),
+            "--sample-interval", str(args.sample_interval),
             "--prespawn", config.current_user(),
         ]
         procs.append((node_id, subprocess.Popen(
@@ -236,6 +245,13 @@ def cmd_status(args) -> int:
     enclave = _enclave(args)
     job = _own_job(enclave, args.job_id)
     history = enclave.jobs.history(job.job_id)
+    if args.plot:
+        from .usage_plot import svg
+
+        samples = (job.usage or {}).get("samples") or []
+        Path(args.plot).write_text(svg(samples, f"job {job.job_id} ({job.fn})"))
+        print(f"wrote {len(samples)} sample{'s' if len(samples) != 1 else ''} to {args.plot}",
+              file=sys.stderr)
     if args.json:
         print(json.dumps({**job.as_dict(), "history": history}, indent=2))
         return 0
@@ -245,13 +261,32 @@ def cmd_status(args) -> int:
     print(f"owner     {job.owner}   queue {job.queue}   walltime {job.walltime / 60:g} min")
     print(f"node      {job.node or '-'}   attempts {job.attempts}")
     if job.usage:
-        u = job.usage
-        print(f"usage     wall {u.get('wall', 0):.3f} s   cpu {u.get('cpu', 0):.3f} s   "
-              f"max rss {u.get('maxrss_kb', 0) / 1024:.1f} MiB")
+        _print_usage(job.usage)
     print("history")
     for ts, state, detail in history:
         print(f"  {_fmt_time(ts)}  {state:15} {detail or ''}")
     return 0
+
+
+def _print_usage(u: dict) -> None:
+    peak = u.get("peak_rss_kb", u.get("maxrss_kb"))
+    parts = []
+    if "wall" in u:
+        parts.append(f"wall {u['wall']:.3f} s")
+    if "cpu" in u:
+        parts.append(f"cpu {u['cpu']:.3f} s")
+    if peak is not None:
+        parts.append(f"peak rss {peak / 1024:.1f} MiB")
+    if "start" in u:
+        parts.append(f"start {_fmt_time(u['start'])}   end {_fmt_time(u.get('end'))}")
+    print("usage     " + ("   ".join(parts) or "(running)"))
+    samples = u.get("samples") or []
+    if samples:
+        print(f"samples   {len(samples)}")
+        print(f"  {'TIME':19}  {'CPU %':>7}  {'RSS MiB':>9}  PROCS")
+        for s in samples:
+            print(f"  {_fmt_time(s.get('t')):19}  {s.get('cpu_pct', 0):7.1f}  "
+                  f"{s.get('rss_kb', 0) / 1024:9.1f}  {s.get('procs', '')}")
 
 
 def cmd_logs(args) -> int:

@@ -89,5 +89,8 @@ class KottaFuture(Future):
         return self._executor._job_status(self)
 
     def usage(self) -> dict[str, Any] | None:
-        """Resources the job used (wall and CPU seconds, peak RSS), once it is done."""
+        """Resources the job used, once it is done: ``start`` and ``end`` (epoch seconds),
+        ``wall`` and ``cpu`` seconds, ``peak_rss_kb``, and for tasks that ran longer than
+        1.5 times the node's sample interval, ``samples`` (``t``, ``cpu_pct``, ``rss_kb``,
+        ``procs``) measured over the task's whole process tree."""
         return self._usage

@@ -9,7 +9,7 @@
     │ police    walltime, kill requests, SIGKILL after the grace period       │
     │ receive   take deliveries while there is room; dead-letter bad ones     │
     │ dispatch  pending -> processing (conditional), hand tasks to workers    │
-    │ upkeep    heartbeat, extend the visibility of what the node holds       │
+    │ upkeep    resource samples of long tasks, heartbeat, extend visibility  │
     └─────────────────────────────────────────────────────────────────────────┘
 
 The daemon reads only envelope *headers* (JSON).  It never unpickles a payload or a result:
@@ -40,6 +40,7 @@ from kotta_executor.errors import EnvelopeError
 from kotta_executor.states import JobState
 
 from . import pool
+from .monitor import Monitor
 from .pool import Task, Worker
 
 log = logging.getLogger("kotta.node")
@@ -66,6 +67,9 @@ class NodeConfig:
     prespawn_owner: str | None = None
     #: long-poll wait of the receiver thread used when the backend has no doorbells
     long_poll: float = 5.0
+    #: seconds between resource samples of a running task (CPU%, RSS over its process tree);
+    #: tasks shorter than half of it are never sampled; 0 turns sampling off
+    sample_interval: float = 120.0
 
 
 class Node:
@@ -85,6 +89,7 @@ class Node:
         os.set_blocking(self._wake_w, False)
         self._bell: socket.socket | None = None
         self._last_upkeep = time.monotonic()
+        self._next_sample_check = 0.0
         self._last_kill_check = 0.0
         self._last_parent_check = 0.0
         self._ring_later: set[str] = set()
@@ -279,7 +284,11 @@ class Node:
             h = wire.peek_header(data)
         failed = h["outcome"] != wire.OK or h.get("failed", 0) > 0
         state = JobState.FAILED if failed else JobState.COMPLETED
-        self._queue_finish(task, task.delivery, Finished(task.job_id, state, data, h.get("reason"), h.get("usage")), task.header["client"])
+        usage = h.get("usage")
+        if task.monitor is not None:  # a long task: add the node's samples to its usage
+            usage = task.monitor.merge(usage)
+            data = _with_usage(data, usage)
+        self._queue_finish(task, task.delivery, Finished(task.job_id, state, data, h.get("reason"), usage), task.header["client"])
 
     def _queue_finish(self, task: Task | None, delivery: Delivery, fin: Finished, client: str) -> None:
         self.finished.append((task, delivery, fin, client))
@@ -308,7 +317,11 @@ class Node:
                 stdout=stdout, stderr=stderr, exitcode=code, signal=sig,
             )
             state = JobState.CANCELLED if etype == "TaskKilled" else JobState.FAILED
-            self._queue_finish(head, head.delivery, Finished(head.job_id, state, data, message), head.header["client"])
+            usage = None
+            if head.monitor is not None:  # keep what was measured of a long task
+                usage = head.monitor.merge(None)
+                data = _with_usage(data, usage)
+            self._queue_finish(head, head.delivery, Finished(head.job_id, state, data, message, usage), head.header["client"])
             for t in reversed(w.inflight):
                 t.started = None
                 self.pending.appendleft(t)
@@ -544,6 +557,8 @@ class Node:
 
     def _upkeep(self) -> None:
         now = time.monotonic()
+        if now >= self._next_sample_check and self.config.sample_interval > 0:
+            self._sample(now)
         period = max(0.2, min(10.0, self.config.visibility_timeout / 3))
         if now - self._last_upkeep < period:
             return
@@ -554,6 +569,33 @@ class Node:
             self.enclave.queue.extend(held, self.config.visibility_timeout)
         self.enclave.nodes.heartbeat(self.node_id)
         self.enclave.checkpoint()
+
+
+    def _sample(self, now: float) -> None:
+        """Resource samples of the tasks that have run for a while (never of tiny ones):
+        a glance at each worker's head task, a psutil reading only when one is due."""
+        interval = self.config.sample_interval
+        self._next_sample_check = now + min(interval / 4, 1.0)
+        for w in self.workers:
+            if not w.inflight or w.kill_deadline is not None:
+                continue
+            head = w.inflight[0]
+            if head.started is None or now - head.started < interval / 2:
+                continue
+            if head.monitor is None:
+                head.monitor = Monitor(head.started, interval)
+            if now < head.monitor.due or not head.monitor.read(w.pid, now):
+                continue
+            try:
+                self.enclave.jobs.record_usage(head.job_id, head.monitor.usage())
+            except Exception:  # noqa: BLE001 - a missed sample must not stop the node
+                log.exception("recording the usage of job %s failed", head.job_id)
+
+
+def _with_usage(data: bytes, usage: dict) -> bytes:
+    """A result envelope with ``usage`` in its header (long tasks only: it copies)."""
+    env = wire.decode(data)
+    return wire.encode({**env.header, "usage": usage}, env.sections)
 
 
 def _drain_socket(sock: socket.socket) -> None:

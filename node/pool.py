@@ -40,6 +40,7 @@ class Task:
     header: dict[str, Any]
     data: bytes
     started: float | None = None  # when it began running on a worker (monotonic)
+    monitor: Any = None  # a node.monitor.Monitor once the task has run for a while
 
     @property
     def job_id(self) -> str:

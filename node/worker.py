@@ -125,12 +125,17 @@ def run_task(data: bytes) -> bytes:
     cpu = (r1s.ru_utime + r1s.ru_stime - r0s.ru_utime - r0s.ru_stime) + (
         r1c.ru_utime + r1c.ru_stime - r0c.ru_utime - r0c.ru_stime
     )
+    # Peak RSS: ru_maxrss is a lifetime maximum, so it speaks of this task only where it rose
+    # during the task (this process, or a child it reaped); otherwise the lifetime maximum
+    # bounds it.  The node raises it to the tree's sampled RSS for long tasks.
+    rose = [r1.ru_maxrss for r0, r1 in ((r0s, r1s), (r0c, r1c)) if r1.ru_maxrss > r0.ru_maxrss]
     usage = {
         "start": start,
         "end": time.time(),
         "wall": time.perf_counter() - t0,
         "cpu": round(cpu, 6),
         "maxrss_kb": max(r1s.ru_maxrss, r1c.ru_maxrss),
+        "peak_rss_kb": max(rose) if rose else r1s.ru_maxrss,
     }
     header = wire.result_header(job_id, outcome, h["n"], failed=failed, usage=usage)
     if reason:

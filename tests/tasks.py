@@ -245,3 +245,28 @@ def decorated_record(path, x):
 
 def worker_environ():
     return dict(os.environ)
+
+
+def total(*values, start=0):
+    """The sum of ``values`` plus ``start`` (a task with many arguments, for fan-in)."""
+    return sum(values, start)
+
+
+_HOG = """
+import os, sys, time
+hog = bytearray(int(sys.argv[1]) * 1024 * 1024)
+for i in range(0, len(hog), 4096):
+    hog[i] = 1  # touch every page: resident, not just reserved
+start, stop = time.monotonic(), sys.argv[3]
+while time.monotonic() - start < float(sys.argv[2]) or not os.path.exists(stop):
+    sum(range(10000))
+    if time.monotonic() - start > 120:  # deadlock guard of a test that went wrong
+        break
+"""
+
+
+def child_hog(mb, seconds, stop_file):
+    """A child process that holds ``mb`` MiB and burns CPU for at least ``seconds``, until
+    ``stop_file`` exists; the task waits for it."""
+    subprocess.run([sys.executable, "-c", _HOG, str(mb), str(seconds), str(stop_file)], check=True)
+    return "hogged"

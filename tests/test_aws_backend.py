@@ -783,5 +783,6 @@ def test_executor_starts_a_node_process_on_the_same_enclave(moto_server, name):
         with KottaExecutor(1, enclave=url, start_node=True) as ex:  # "auto": only local
             assert ex.submit(tasks.add, 2, 3).result(GUARD) == 5
             assert list(ex.map(tasks.square, range(5), timeout=GUARD)) == [0, 1, 4, 9, 16]
-            [node] = ex.enclave.nodes.live("test")
+            # live() answers from a cache for up to a second: wait for the registration
+            [node] = wait_for(lambda: ex.enclave.nodes.live("test"), what="the node to show")
             assert node.managed_by == ex.client_id

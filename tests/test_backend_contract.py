@@ -695,6 +695,24 @@ def test_finish_records_a_result_at_most_once(backend):
     assert [s for _, s, _ in backend.jobs.history(b)] == ["pending", "processing", "failed"]
 
 
+def test_record_usage_updates_only_active_jobs(backend):
+    running, done = create(backend, 2)
+    backend.jobs.transition([running, done], JobState.PROCESSING, node="n1")
+    samples = {"samples": [{"t": 1.0, "cpu_pct": 99.5, "rss_kb": 2048}], "peak_rss_kb": 2048}
+    assert backend.jobs.record_usage(running, samples) is True
+    assert backend.jobs.get(running).usage == samples
+    more = {"samples": [*samples["samples"], {"t": 2.0, "cpu_pct": 50.0, "rss_kb": 4096}]}
+    assert backend.jobs.record_usage(running, more) is True
+    assert backend.jobs.get(running).usage == more
+    assert backend.jobs.get(running).state == JobState.PROCESSING
+    # a final job keeps its final usage; an unknown one is not created
+    assert backend.jobs.finish([Finished(done, JobState.COMPLETED, b"r", usage={"cpu": 1.0})])
+    assert backend.jobs.record_usage(done, samples) is False
+    assert backend.jobs.get(done).usage == {"cpu": 1.0}
+    assert backend.jobs.record_usage("unknown", samples) is False
+    assert backend.jobs.get("unknown") is None
+
+
 def test_finish_in_one_batch_twice_records_the_first(backend):
     [job_id] = create(backend)
     drive(backend, job_id, JobState.PROCESSING)

@@ -1370,6 +1370,14 @@ class DynamoJobs(JobTable):
             {"#state": "state"},
         )  # fmt: skip
 
+    def record_usage(self, job_id, usage):
+        values: dict[str, Any] = {":u": {"S": json.dumps(usage)}, ":now": _n(time.time())}
+        condition = self._state_in(states.ACTIVE, values)
+        return self._update(
+            job_id, "SET #usage = :u, updated = :now", condition, values,
+            {"#state": "state", "#usage": "usage"},
+        )  # fmt: skip
+
     def kill_requested(self, job_ids):
         job_ids = list(job_ids)
         if not job_ids:

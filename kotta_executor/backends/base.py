@@ -200,6 +200,11 @@ class JobTable(abc.ABC):
     @abc.abstractmethod
     def kill_requested(self, job_ids: Sequence[str]) -> set[str]: ...
 
+    @abc.abstractmethod
+    def record_usage(self, job_id: str, usage: dict[str, Any]) -> bool:
+        """Replace the usage of an *active* job (resource samples of a running task);
+        returns False, and writes nothing, once the job is final or unknown."""
+
     def get(self, job_id: str, *, with_result: bool = False) -> JobRecord | None:
         return self.get_many([job_id], with_result=with_result).get(job_id)
 

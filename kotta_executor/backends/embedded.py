@@ -556,6 +556,16 @@ class EmbeddedJobs(JobTable):
             ).fetchone()
         return row is not None
 
+    def record_usage(self, job_id, usage):
+        active = [str(s) for s in states.ACTIVE]
+        with self._db.tx() as c:
+            row = c.execute(
+                "UPDATE jobs SET usage=?, updated=? WHERE job_id=? AND state IN"
+                f" ({_marks(len(active))}) RETURNING job_id",
+                (json.dumps(usage), time.time(), job_id, *active),
+            ).fetchone()
+        return row is not None
+
     def kill_requested(self, job_ids):
         out: set[str] = set()
         for chunk in _chunks(list(job_ids)):

@@ -1,0 +1,90 @@
+"""Resource samples of long tasks, taken by the node over a worker's whole process tree.
+
+Tiny tasks never meet this module: a task is first read ``sample_interval / 2`` after it
+started (a baseline of the tree's CPU counters, not recorded), then sampled once per
+``sample_interval``: CPU% since the previous reading and RSS summed over the tree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+
+def read_tree(pid: int) -> tuple[float, int, int] | None:
+    """(CPU seconds, RSS bytes, processes) of ``pid`` and its descendants, or None if gone.
+
+    CPU counts each process's own time plus the time of the children it reaped, so a child
+    that exits between two readings moves from one term to the other, not out of the sum."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    cpu, rss, n = 0.0, 0, 0
+    for p in procs:
+        try:
+            with p.oneshot():
+                t = p.cpu_times()
+                m = p.memory_info()
+        except psutil.Error:  # ended meanwhile
+            continue
+        cpu += t.user + t.system + t.children_user + t.children_system
+        rss += m.rss
+        n += 1
+    return cpu, rss, n
+
+
+@dataclass
+class Monitor:
+    """What the node has measured of one running task."""
+
+    started: float  # monotonic, when the task began on its worker
+    interval: float
+    due: float = 0.0  # monotonic, the next reading
+    last_cpu: float | None = None
+    last_t: float = 0.0
+    first_cpu: float | None = None
+    peak_rss: int = 0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.due = self.started + self.interval / 2
+
+    def read(self, pid: int, now: float) -> bool:
+        """Take a reading; True when it added a sample (to be written to the job record)."""
+        got = read_tree(pid)
+        self.due = now + self.interval
+        if got is None:
+            return False
+        cpu, rss, nprocs = got
+        self.peak_rss = max(self.peak_rss, rss)
+        if self.last_cpu is None:  # the baseline
+            self.first_cpu, self.last_cpu, self.last_t = cpu, cpu, now
+            return False
+        elapsed = max(now - self.last_t, 1e-9)
+        pct = max(0.0, (cpu - self.last_cpu) / elapsed * 100)
+        self.last_cpu, self.last_t = cpu, now
+        self.samples.append(
+            {"t": round(time.time(), 3), "cpu_pct": round(pct, 1), "rss_kb": rss // 1024,
+             "procs": nprocs}
+        )
+        return True
+
+    def usage(self) -> dict[str, Any]:
+        """Usage while the task runs (what the job record shows until the task ends)."""
+        return {"samples": list(self.samples), "peak_rss_kb": self.peak_rss // 1024}
+
+    def merge(self, usage: dict[str, Any] | None) -> dict[str, Any]:
+        """The final usage: the worker's report, with samples, the tree's peak RSS and CPU."""
+        out = dict(usage or {})
+        out["samples"] = list(self.samples)
+        out["peak_rss_kb"] = max(out.get("peak_rss_kb", 0), self.peak_rss // 1024)
+        if self.first_cpu is not None and self.last_cpu is not None:
+            # CPU the tree used between baseline and last sample: a lower bound that also
+            # counts children the task left running or never waited for
+            out["cpu"] = round(max(out.get("cpu", 0.0), self.last_cpu - self.first_cpu), 6)
+        return out

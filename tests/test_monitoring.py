@@ -1,0 +1,73 @@
+"""Resource monitoring: the node samples CPU% and RSS over a task's process tree.
+
+A task's child burns CPU and holds ~50 MB until the test lets it go (a file), on a node that
+samples every second; the test reads the samples from the job record while it runs."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from tests import tasks
+from tests.conftest import GUARD, wait_for
+from tests.test_cli import kotta
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def test_long_task_is_sampled_over_its_process_tree(start_node, make_executor, enclave,
+                                                    enclave_dir, tmp_path):
+    start_node("--sample-interval", "1", workers=1)
+    ex = make_executor(1, start_node=False)
+    stop = tmp_path / "stop"
+    f = ex.submit(tasks.child_hog, 60, 3, stop)
+
+    def running_samples():
+        job = enclave.jobs.get(f.job_id)
+        if job is None:  # not submitted yet
+            return None
+        assert not job.state.final, "the task ended before the test let it"
+        return len((job.usage or {}).get("samples", [])) >= 2 and job.usage
+
+    usage = wait_for(running_samples, what="samples in the record of the running job")
+    assert usage["samples"][-1]["rss_kb"] >= 50 * 1024  # the child's memory counts
+    r = kotta(enclave_dir, "status", f.job_id)
+    assert r.returncode == 0, r.stderr
+    assert "processing" in r.stdout and "samples" in r.stdout
+    stop.touch()
+
+    assert f.result(GUARD) == "hogged"
+    u = f.usage()
+    assert u["cpu"] > 1.0, u  # the child's CPU, not only the worker's
+    assert u["peak_rss_kb"] >= 50 * 1024, u
+    assert u["start"] <= u["end"] and u["wall"] >= 3
+    times = [s["t"] for s in u["samples"]]
+    assert len(times) >= 2 and times == sorted(set(times))
+    assert all(u["start"] <= t <= u["end"] + 1 for t in times)
+    assert any(s["cpu_pct"] > 50 for s in u["samples"]), u["samples"]
+    assert enclave.jobs.get(f.job_id).usage == u  # the record keeps the final usage
+
+    r = kotta(enclave_dir, "status", f.job_id)
+    assert r.returncode == 0, r.stderr
+    assert "peak rss" in r.stdout and "CPU %" in r.stdout
+    assert sum(line.startswith("  20") for line in r.stdout.splitlines()) >= len(times)
+
+    out = tmp_path / "out.svg"
+    r = kotta(enclave_dir, "status", f.job_id, "--plot", str(out))
+    assert r.returncode == 0, r.stderr
+    root = ET.parse(out).getroot()
+    assert root.tag == f"{SVG}svg"
+    lines = root.findall(f"{SVG}polyline")
+    assert [p.get("id") for p in lines] == ["cpu", "memory"]
+    assert all(len(p.get("points").split()) == len(times) for p in lines)
+    texts = " ".join(t.text or "" for t in root.iter(f"{SVG}text"))
+    assert "CPU %" in texts and "MiB" in texts and "time" in texts
+
+
+def test_tiny_tasks_are_not_sampled(start_node, make_executor):
+    start_node("--sample-interval", "1", workers=1)
+    ex = make_executor(1, start_node=False)
+    futures = [ex.submit(tasks.noop, i) for i in range(20)]
+    assert [f.result(GUARD) for f in futures] == list(range(20))
+    for f in futures:
+        u = f.usage()
+        assert "samples" not in u and u["peak_rss_kb"] > 0 and u["cpu"] >= 0
