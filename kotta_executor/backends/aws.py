@@ -1061,7 +1061,27 @@ def _projection(attrs: Iterable[str]) -> tuple[str, dict[str, str]]:
 # --------------------------------------------------------------------------- jobs
 
 
-class DynamoJobs(JobTable):
+class _DynamoTable:
+    """What the job and node tables share: their enclave, client, table name, and calls
+    that say to run ``kotta aws bootstrap`` when the table does not exist."""
+
+    table: str
+
+    def __init__(self, enclave: AwsEnclave, table: str):
+        self._e = enclave
+        self._ddb = enclave.dynamodb
+        self.table = table
+
+    def _call(self, method: str, **kw):
+        try:
+            return getattr(self._ddb, method)(**kw)
+        except _client_error() as exc:
+            if _code(exc) in _DDB_MISSING:
+                raise self._e.not_provisioned(f"the DynamoDB table {self.table}") from None
+            raise
+
+
+class DynamoJobs(_DynamoTable, JobTable):
     """The table ``kotta-NAME-jobs`` (key ``job_id``; GSI ``owner-created``)."""
 
     #: results up to this size are kept in the item (DynamoDB items are limited to 400 KB,
@@ -1073,18 +1093,9 @@ class DynamoJobs(JobTable):
     kill_poll_interval = 1.0
 
     def __init__(self, enclave: AwsEnclave):
-        self._e = enclave
-        self._ddb = enclave.dynamodb
-        self.table = enclave.names.jobs_table
+        super().__init__(enclave, enclave.names.jobs_table)
         self._kills: tuple[float, set[str]] | None = None
 
-    def _call(self, method: str, **kw):
-        try:
-            return getattr(self._ddb, method)(**kw)
-        except _client_error() as exc:
-            if _code(exc) in _DDB_MISSING:
-                raise self._e.not_provisioned(f"the DynamoDB table {self.table}") from None
-            raise
 
     def _update(self, key: str, update: str, condition: str, values: dict, names: dict) -> bool:
         """One conditional UpdateItem; False when the condition does not hold."""
@@ -1417,7 +1428,7 @@ class DynamoJobs(JobTable):
 # --------------------------------------------------------------------------- nodes
 
 
-class DynamoNodes(NodeRegistry):
+class DynamoNodes(_DynamoTable, NodeRegistry):
     """The table ``kotta-NAME-nodes`` (key ``node_id``; items expire a day after their last
     heartbeat through DynamoDB's TTL on ``expires``)."""
 
@@ -1427,18 +1438,9 @@ class DynamoNodes(NodeRegistry):
     expire_after = 86_400
 
     def __init__(self, enclave: AwsEnclave):
-        self._e = enclave
-        self._ddb = enclave.dynamodb
-        self.table = enclave.names.nodes_table
+        super().__init__(enclave, enclave.names.nodes_table)
         self._cache: tuple[float, list[NodeInfo]] | None = None
 
-    def _call(self, method: str, **kw):
-        try:
-            return getattr(self._ddb, method)(**kw)
-        except _client_error() as exc:
-            if _code(exc) in _DDB_MISSING:
-                raise self._e.not_provisioned(f"the DynamoDB table {self.table}") from None
-            raise
 
     def register(self, node):
         self._cache = None
