@@ -15,7 +15,10 @@ from .errors import (
     DependencyError,
     JobFailed,
     KottaError,
+    MemoryLimitExceeded,
     RemoteError,
+    RequirementsError,
+    ScriptFailed,
     SerializationError,
     TaskKilled,
     UnknownJob,
@@ -24,6 +27,7 @@ from .errors import (
 )
 from .executor import KottaExecutor
 from .future import KottaFuture
+from .script import KottaJob
 from .states import JobState
 
 __version__ = "0.1.0"
@@ -41,7 +45,11 @@ __all__ = [
     "KottaError",
     "KottaExecutor",
     "KottaFuture",
+    "KottaJob",
+    "MemoryLimitExceeded",
     "RemoteError",
+    "RequirementsError",
+    "ScriptFailed",
     "SerializationError",
     "TaskKilled",
     "UnknownJob",

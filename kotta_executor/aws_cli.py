@@ -49,6 +49,17 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     t = sub.add_parser("teardown", help="delete the enclave's resources, with every job and blob")
     common(t)
     t.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    a = sub.add_parser("autoscale",
+                       help="size each queue's Auto Scaling group by the queue's depth")
+    common(a)
+    a.add_argument("--group", action="append", required=True, metavar="QUEUE=ASG",
+                   help="a queue and the Auto Scaling group of its nodes (repeatable)")
+    a.add_argument("--per-node", type=int, default=2,
+                   help="messages per node before a pool grows (default 2: 2 x workers)")
+    a.add_argument("--interval", type=float, default=60.0,
+                   help="seconds between checks (default 60)")
+    a.add_argument("--once", action="store_true", help="check once and exit")
     aws.set_defaults(aws_handler=cmd_aws)
     return aws
 
@@ -72,6 +83,8 @@ def cmd_aws(args) -> int:
             **kw,
         )
         return 0
+    if args.aws_command == "autoscale":
+        return _autoscale(args)
     if args.aws_command == "teardown":
         if not args.yes:
             if not sys.stdin.isatty():
@@ -87,3 +100,29 @@ def cmd_aws(args) -> int:
             print(f"nothing of the enclave {args.name} was found")
         return 0
     raise ValueError(f"unknown aws command {args.aws_command!r}")
+
+
+def _autoscale(args) -> int:
+    import time
+
+    from .aws_autoscale import autoscale
+    from .backends.aws import AwsEnclave
+
+    groups = {}
+    for spec in args.group:
+        queue, sep, group = spec.partition("=")
+        if not sep or not queue or not group:
+            raise ValueError(f"--group takes QUEUE=ASG, not {spec!r}")
+        groups[queue] = group
+    enclave = AwsEnclave(args.name, region=args.region, endpoint_url=args.endpoint_url,
+                         profile=args.profile, bucket=args.bucket)
+    try:
+        while True:
+            for d in autoscale(enclave, groups, per_node=args.per_node):
+                print(f"queue {d.queue}: depth {d.depth}, group {d.group} "
+                      f"{d.before} -> {d.after} (min {d.min}, max {d.max})", flush=True)
+            if args.once:
+                return 0
+            time.sleep(args.interval)
+    finally:
+        enclave.close()

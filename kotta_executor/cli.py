@@ -44,11 +44,23 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--managed-by", help=argparse.SUPPRESS)
     n.add_argument("--prespawn", metavar="OWNER", help="start the workers for OWNER at once")
     n.add_argument("--node-id", help=argparse.SUPPRESS)
+    n.add_argument("--memory-limit", type=int, metavar="MB",
+                   help="kill a task whose process tree uses more RSS than this (default: the"
+                        " queue's limit from $KOTTA_HOME/queues.json or the built-in table)")
+    n.add_argument("--max-walltime", type=float, metavar="MINUTES",
+                   help="refuse tasks asking for a longer walltime (default: the queue's cap)")
     n.add_argument("--log-level", default="INFO")
 
     u = sub.add_parser("up", help="start local nodes in the background")
     _node_args(u)
     u.add_argument("--nodes", type=int, default=1, help="how many node processes (default 1)")
+    u.add_argument("--min", type=int, dest="min_nodes", metavar="N",
+                   help="elastic pool: keep at least this many nodes (a background scaler)")
+    u.add_argument("--max", type=int, dest="max_nodes", metavar="N",
+                   help="elastic pool: grow with the backlog up to this many nodes")
+    u.add_argument("--cooldown", type=float, default=30.0, metavar="SECONDS",
+                   help="elastic pool: seconds the queue stays empty before one node stops"
+                        " (default 30)")
 
     d = sub.add_parser("down", help="stop the local nodes (they finish or hand back their work)")
     d.add_argument("--queue", help="only the nodes of this queue")
@@ -131,7 +143,13 @@ def cmd_node(args) -> int:
         node_id=args.node_id,
         prespawn_owner=args.prespawn,
         sample_interval=args.sample_interval,
+        memory_limit=args.memory_limit,
+        max_walltime=None if args.max_walltime is None else args.max_walltime * 60.0,
     )
+    if args.memory_limit is not None and args.memory_limit < 1:
+        raise ValueError("--memory-limit must be at least 1 MB")
+    if args.max_walltime is not None and not 0 < args.max_walltime < float("inf"):
+        raise ValueError("--max-walltime must be a positive number of minutes")
     if cfg.workers < 1:
         raise ValueError("--workers must be at least 1")
     if 0 < cfg.sample_interval < 1 or cfg.sample_interval < 0:
@@ -151,21 +169,15 @@ def cmd_up(args) -> int:
     queue = config.normalize_queue(args.queue)
     logs = Path(getattr(enclave, "home", config.kotta_home())) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if args.min_nodes is not None or args.max_nodes is not None:
+        return _up_elastic(args, enclave, queue, logs)
     before = {n.node_id for n in enclave.nodes.live()}
     procs = []
     for _i in range(args.nodes):
         node_id = os.urandom(6).hex()
         log = open(logs / f"node-{node_id}.log", "ab")
-        cmd = [
-            sys.executable, "-m", "node", "--enclave", enclave.url, "--queue", queue,
-            "--workers", str(args.workers), "--node-id", node_id,
-            "--visibility-timeout", str(args.visibility_timeout),
-            "--max-deliveries", str(args.max_deliveries),
-            "--poll-interval", str(args.poll_interval),
-            "--drain-timeout", str(args.drain_timeout),
-            "--sample-interval", str(args.sample_interval),
-            "--prespawn", config.current_user(),
-        ]
+        cmd = [sys.executable, "-m", "node", *_up_node_args(args, enclave, queue),
+               "--node-id", node_id]
         procs.append((node_id, subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )))
@@ -190,9 +202,75 @@ def cmd_up(args) -> int:
     return 0 if ok else 1
 
 
+def _up_node_args(args, enclave: Enclave, queue: str) -> list[str]:
+    """The arguments of ``python -m node`` for the nodes of ``kotta up`` (but --node-id)."""
+    return [
+        "--enclave", enclave.url, "--queue", queue, "--workers", str(args.workers),
+        "--visibility-timeout", str(args.visibility_timeout),
+        "--max-deliveries", str(args.max_deliveries),
+        "--poll-interval", str(args.poll_interval),
+        "--drain-timeout", str(args.drain_timeout),
+        "--sample-interval", str(args.sample_interval),
+        "--prespawn", config.current_user(),
+    ]
+
+
+def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
+    """``kotta up --min N --max M``: start the scaler of ``queue`` (node/scaler.py) detached;
+    it keeps N..M nodes.  Its pid goes to ``scaler-QUEUE.pid`` for ``kotta down``."""
+    from node.scaler import pid_file, read_pid
+
+    lo = args.min_nodes if args.min_nodes is not None else min(1, args.max_nodes)
+    hi = args.max_nodes if args.max_nodes is not None else lo
+    if lo < 0 or hi < 1 or hi < lo:
+        raise ValueError("need 0 <= --min <= --max and --max >= 1")
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if args.cooldown < 0:
+        raise ValueError("--cooldown must not be negative")
+    home = Path(getattr(enclave, "home", config.kotta_home()))
+    pidf = pid_file(home, queue)
+    running = read_pid(pidf)
+    if running is not None:
+        raise ValueError(f"a scaler for queue {queue} is already running (pid {running});"
+                         " `kotta down` stops it")
+    before = {n.node_id for n in enclave.nodes.live(queue)}
+    log_path = logs / f"scaler-{queue}.log"
+    cmd = [sys.executable, "-m", "node.scaler", "--enclave", enclave.url, "--queue", queue,
+           "--min", str(lo), "--max", str(hi), "--per-node", str(2 * args.workers),
+           "--cooldown", str(args.cooldown), "--logs", str(logs),
+           "--", *_up_node_args(args, enclave, queue)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    pidf.write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len({n.node_id for n in enclave.nodes.live(queue)} - before) >= lo:
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pidf.unlink(missing_ok=True)
+        print(f"the scaler failed to start (exit {proc.returncode}); see {log_path}",
+              file=sys.stderr)
+        return 1
+    print(f"scaler up: pid {proc.pid}, queue {queue}, {lo} to {hi} nodes of {args.workers}"
+          f" workers, cooldown {args.cooldown:g} s (log: {log_path})")
+    for n in enclave.nodes.live(queue):
+        if n.node_id not in before:
+            print(f"node {n.node_id} up: pid {n.pid}, queue {queue}, {n.workers} workers "
+                  f"(log: {logs / f'node-{n.node_id}.log'})")
+    return 0
+
+
 def cmd_down(args) -> int:
     enclave = _enclave(args)
     queue = config.normalize_queue(args.queue) if args.queue else None
+    from node.scaler import stop_scalers  # first, so that no scaler starts nodes meanwhile
+
+    home = getattr(enclave, "home", config.kotta_home())
+    for q, pid, stopped in stop_scalers(home, queue, args.timeout):
+        print(f"scaler of queue {q} (pid {pid}) {'stopped' if stopped else 'still stopping'}")
     host = socket.gethostname()
     nodes = [n for n in enclave.nodes.live(queue) if n.host == host]  # pids are per machine
     for n in nodes:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import getpass
+import json
 import math
 import os
 from pathlib import Path
@@ -17,6 +19,109 @@ _QUEUE_ALIASES = {"test": "test", "production": "production", "prod": "productio
 def kotta_home() -> Path:
     """``$KOTTA_HOME``, or ``~/.kotta``."""
     return Path(os.environ.get("KOTTA_HOME") or Path.home() / ".kotta").expanduser()
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueLimits:
+    """What a queue accepts: the longest walltime (minutes), the memory one task's process
+    tree may use (RSS, MB), and the workers a node of the queue runs at most."""
+
+    max_walltime: float  # minutes
+    memory_mb: int
+    workers: int
+
+    @property
+    def max_walltime_seconds(self) -> float:
+        return self.max_walltime * 60.0
+
+
+#: built-in limits; ``$KOTTA_HOME/queues.json`` overrides them per enclave, and
+#: ``kotta node --max-walltime/--memory-limit`` per node
+QUEUE_LIMITS: dict[str, QueueLimits] = {
+    "test": QueueLimits(max_walltime=60, memory_mb=4096, workers=64),
+    "production": QueueLimits(max_walltime=24 * 60, memory_mb=32768, workers=256),
+}
+
+_LIMIT_FIELDS = {f.name: f.type for f in dataclasses.fields(QueueLimits)}
+_limits_cache: tuple[tuple, dict[str, QueueLimits]] | None = None
+
+
+def queues_file() -> Path:
+    return kotta_home() / "queues.json"
+
+
+def queue_limits(queue: str) -> QueueLimits:
+    """The limits of ``queue``: :data:`QUEUE_LIMITS`, overridden by ``$KOTTA_HOME/queues.json``
+    (``{"test": {"max_walltime": 120, "memory_mb": 2048, "workers": 4}}``; any subset)."""
+    return _all_limits()[normalize_queue(queue)]
+
+
+_queues_paths: dict[str | None, str] = {}
+
+
+def _all_limits() -> dict[str, QueueLimits]:
+    """The limits of every queue; the file is read again only when it changed (one stat per
+    call: this runs at every submit)."""
+    global _limits_cache
+    home = os.environ.get("KOTTA_HOME")
+    path = _queues_paths.get(home)
+    if path is None:
+        path = _queues_paths[home] = str(queues_file())
+    try:
+        st = os.stat(path)
+        key: tuple = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+    except FileNotFoundError:
+        key = (path,)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the queue limits in {path}: {exc}") from exc
+    cached = _limits_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    limits = dict(QUEUE_LIMITS)
+    if len(key) > 1:
+        limits.update(_read_limits(Path(path)))
+    _limits_cache = (key, limits)
+    return limits
+
+
+def _read_limits(path: Path) -> dict[str, QueueLimits]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read the queue limits in {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{path} must hold an object of queues, not {data!r}")
+    out = {}
+    for name, fields in data.items():
+        queue = normalize_queue(name)
+        if not isinstance(fields, dict) or not set(fields) <= set(_LIMIT_FIELDS):
+            raise ConfigurationError(
+                f"{path}: the limits of queue {name!r} must be an object with some of "
+                f"{', '.join(_LIMIT_FIELDS)}, not {fields!r}"
+            )
+        for field_name, value in fields.items():
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or value <= 0:
+                raise ConfigurationError(
+                    f"{path}: {field_name} of queue {name!r} must be a positive number, "
+                    f"not {value!r}"
+                )
+        out[queue] = dataclasses.replace(
+            QUEUE_LIMITS[queue],
+            **{k: (v if k == "max_walltime" else int(v)) for k, v in fields.items()},
+        )
+    return out
+
+
+def check_walltime(queue: str, walltime: float) -> None:
+    """Refuse a walltime (seconds) over ``queue``'s cap, naming the cap and the queue."""
+    cap = _all_limits()[queue].max_walltime
+    if walltime > cap * 60.0:
+        raise ConfigurationError(
+            f"a walltime of {walltime / 60:g} min is over the cap of the {queue} queue "
+            f"({cap:g} min)" + ("; use a shorter walltime or the production queue"
+                                if queue == "test" else "")
+        )
 
 
 def normalize_queue(queue: str) -> str:

@@ -12,6 +12,9 @@
 
     @kottajob(executor)                      # an existing KottaExecutor's options
     def other(x): ...
+
+    @kottajob(konn, "test", 5, requirements="pandas==2.2\\nnumpy")  # installed on the node
+    def frame(path): ...
 """
 
 from __future__ import annotations
@@ -73,28 +76,32 @@ def kottajob(
     walltime: float | _dt.timedelta | None = None,
     *,
     block: bool = True,
+    requirements: str | None = None,
 ) -> Callable[[Callable], Callable]:
     """Make a function run as a Kotta job.  ``block=True`` returns the value (or raises the
-    remote exception); ``block=False`` returns a :class:`KottaFuture`."""
+    remote exception); ``block=False`` returns a :class:`KottaFuture`.  ``requirements``:
+    pip requirement lines the node installs (in a cached venv) for this function's tasks."""
     if not isinstance(target, (Connection, KottaExecutor)):
         raise TypeError(
             f"kottajob needs a connection (kotta_executor.connect()) or a KottaExecutor, not {target!r}"
         )
     # validate now, at decoration time, rather than on the first call
     if isinstance(target, KottaExecutor):
-        target.with_options(queue=queue, walltime=walltime)
+        target.with_options(queue=queue, walltime=walltime, requirements=requirements)
     else:
         from .executor import Options
 
         Options.make(
-            queue if queue is not None else "test", walltime if walltime is not None else 5
+            queue if queue is not None else "test", walltime if walltime is not None else 5,
+            requirements,
         )
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any):
             ex = target.executor if isinstance(target, Connection) else target
-            future = ex.with_options(queue=queue, walltime=walltime).submit(fn, *args, **kwargs)
+            view = ex.with_options(queue=queue, walltime=walltime, requirements=requirements)
+            future = view.submit(fn, *args, **kwargs)
             return future.result() if block else future
 
         call.kotta_function = fn  # the undecorated function, which is what travels

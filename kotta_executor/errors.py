@@ -67,6 +67,14 @@ class WalltimeExceeded(JobFailed, TimeoutError):
     """The task ran longer than its walltime; its whole process tree was killed."""
 
 
+class MemoryLimitExceeded(JobFailed, MemoryError):
+    """The task's process tree used more memory (RSS) than its node allows; the whole tree
+    was killed.  The node goes on, with a fresh worker."""
+
+    # MemoryError's own __new__ (a free list) refuses subclasses when unpickling (_rebuild)
+    __new__ = Exception.__new__
+
+
 class WorkerDied(JobFailed):
     """The worker process running the task died (crash, ``os._exit``, killed for memory).
 
@@ -98,6 +106,23 @@ class DependencyError(JobFailed):
     """
 
     dependency: str | None = None
+
+
+class RequirementsError(JobFailed):
+    """The node could not install the task's ``requirements``; the task never ran.
+
+    The message ends with the tail of pip's output.
+    """
+
+
+class ScriptFailed(JobFailed):
+    """A script job's executable exited with a non-zero status (``exit_code``; minus the
+    signal number if a signal ended it).  The job is recorded ``failed`` with the reason
+    ``exit code N``; :meth:`KottaJob.wait` returns the code instead of raising this."""
+
+    def __init__(self, exit_code: int, *, job_id: str | None = None):
+        super().__init__(f"exit code {exit_code}", job_id=job_id)
+        self.exit_code = exit_code
 
 
 class EnvelopeError(KottaError, ValueError):

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config, dependencies, wire
+from . import requirements as _requirements
 from .backends import open_enclave
 from .backends.base import Enclave, NewJob, reply_queue
 from .errors import BrokenEnclave, ConfigurationError, EnvelopeError, UnknownJob
@@ -78,13 +79,21 @@ MAX_NODE_RESTARTS = 5
 class Options:
     queue: str = "test"
     walltime: float = 300.0  # seconds
+    requirements: str = ""  # normalised pip requirement lines; "" = none
 
     @classmethod
-    def make(cls, queue: str, walltime: float | _dt.timedelta) -> Options:
-        return cls(config.normalize_queue(queue), config.walltime_seconds(walltime))
+    def make(cls, queue: str, walltime: float | _dt.timedelta, requirements=None) -> Options:
+        return cls(
+            config.normalize_queue(queue), config.walltime_seconds(walltime),
+            _requirements.normalize(requirements),
+        )
 
-    def updated(self, queue: str | None, walltime: float | _dt.timedelta | None) -> Options:
+    def updated(
+        self, queue: str | None, walltime: float | _dt.timedelta | None, requirements=None
+    ) -> Options:
         opts = self
+        if requirements is not None:
+            opts = replace(opts, requirements=_requirements.normalize(requirements))
         if queue is not None:
             opts = replace(opts, queue=config.normalize_queue(queue))
         if walltime is not None:
@@ -101,7 +110,8 @@ class KottaExecutor(Executor):
     ``enclave``: where to run (a directory, ``embedded:///dir`` or ``aws://NAME``; default
     ``$KOTTA_ENCLAVE`` or ``$KOTTA_HOME``).  ``start_node``: ``"auto"`` starts a local node
     when none serves the queue of an embedded enclave, ``True`` does so for any enclave,
-    ``False`` never does.
+    ``False`` never does.  ``requirements``: pip requirement lines (a string, one per line,
+    or a list) the node installs into a cached virtual environment for these tasks.
     """
 
     def __init__(
@@ -113,13 +123,14 @@ class KottaExecutor(Executor):
         enclave: str | os.PathLike | Enclave | None = None,
         start_node: str | bool = "auto",
         owner: str | None = None,
+        requirements: str | Iterable[str] | None = None,
     ):
         if max_workers is None:
             max_workers = os.cpu_count() or 1
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         self._max_workers = max_workers
-        self._options = Options.make(queue, walltime)
+        self._options = Options.make(queue, walltime, requirements)
         self._enclave = open_enclave(enclave)
         self._start_node = start_node
         self.owner = owner or config.current_user()
@@ -179,10 +190,12 @@ class KottaExecutor(Executor):
             manager.join()
 
     def with_options(
-        self, *, queue: str | None = None, walltime: float | _dt.timedelta | None = None
+        self, *, queue: str | None = None, walltime: float | _dt.timedelta | None = None,
+        requirements: str | Iterable[str] | None = None,
     ) -> OptionsView:
-        """The same executor with other per-call options: ``ex.with_options(walltime=30).submit(...)``."""
-        return OptionsView(self, self._options.updated(queue, walltime))
+        """The same executor with other per-call options: ``ex.with_options(walltime=30).submit(...)``.
+        ``requirements=""`` drops the executor's requirements."""
+        return OptionsView(self, self._options.updated(queue, walltime, requirements))
 
     def attach(self, job_id: str) -> KottaFuture:
         """A future for a job submitted earlier, by this or any other client (a restarted
@@ -223,6 +236,7 @@ class KottaExecutor(Executor):
             raise TypeError(f"{fn!r} is not callable")
         with self._shutdown_lock:
             self._check_open()
+        config.check_walltime(opts.queue, opts.walltime)  # before anything is sent
         deps = dependencies.find(calls)
         job_id = f"{self._ids.getrandbits(128):032x}"
         job = None if deps else self._new_job(job_id, fn, calls, opts)
@@ -240,7 +254,7 @@ class KottaExecutor(Executor):
         return f
 
     def _task_header(self, job_id: str, fn: Callable, n: int, opts: Options) -> dict[str, Any]:
-        return {
+        header = {
             "kind": "task",
             "job_id": job_id,
             "owner": self.owner,
@@ -251,6 +265,9 @@ class KottaExecutor(Executor):
             "fn": wire.fn_name(fn),
             "n": n,
         }
+        if opts.requirements:  # read by the node, without unpickling anything
+            header["requirements"] = opts.requirements
+        return header
 
     def _new_job(self, job_id: str, fn: Callable, calls: list, opts: Options) -> NewJob:
         """Pickle a call into a job (raises SerializationError); big sections go to blobs."""
@@ -687,8 +704,8 @@ class OptionsView(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass
 
-    def with_options(self, *, queue=None, walltime=None) -> OptionsView:
-        return OptionsView(self._parent, self._options.updated(queue, walltime))
+    def with_options(self, *, queue=None, walltime=None, requirements=None) -> OptionsView:
+        return OptionsView(self._parent, self._options.updated(queue, walltime, requirements))
 
 
 def _annotate(exc: BaseException, job_id: str, stderr: str | None) -> None:

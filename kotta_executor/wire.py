@@ -13,6 +13,8 @@ unpickles a result's ``payload``.
 Task header:   kind="task", job_id, owner, client, queue, walltime (seconds), created, fn,
                n (calls in the task), optional refs ({section: blob key} for sections too
                large to travel inline; the node fetches them before a worker sees the task).
+               optional requirements (pip requirement lines, normalised and sorted, one per
+               line; the node runs the task in a cached venv with them installed).
                sections: fn = cloudpickle(fn), args = cloudpickle([(args, kwargs), ...])
                (apart, so that a worker can reuse a function it has already unpickled)
 Result header: kind="result", job_id, outcome, n, optional error, usage.
@@ -57,10 +59,12 @@ FAILURE_TYPES: dict[str, type[errors.JobFailed]] = {
     for cls in (
         errors.JobFailed,
         errors.WalltimeExceeded,
+        errors.MemoryLimitExceeded,
         errors.WorkerDied,
         errors.TaskKilled,
         errors.DeliveryFailed,
         errors.CorruptTask,
+        errors.RequirementsError,
     )
 }
 
@@ -186,6 +190,8 @@ def _check_header(header: Any) -> None:
         raise errors.EnvelopeError(f"{kind} envelope must carry at least one call")
     if kind == "task" and not (0 < header["walltime"] < float("inf")):
         raise errors.EnvelopeError("task envelope walltime must be positive and finite")
+    if kind == "task" and not isinstance(header.get("requirements", ""), str):
+        raise errors.EnvelopeError("task envelope field 'requirements' must be a string")
     if kind == "result" and header["outcome"] not in OUTCOMES:
         raise errors.EnvelopeError(f"unknown result outcome {header['outcome']!r}")
     secs = header.get("sections")

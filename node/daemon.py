@@ -34,13 +34,14 @@ from dataclasses import dataclass
 
 import psutil
 
+from kotta_executor import config as kconfig
 from kotta_executor import wire
 from kotta_executor.backends.base import Delivery, Enclave, Finished, Message, NodeInfo, reply_queue
 from kotta_executor.errors import EnvelopeError
 from kotta_executor.states import JobState
 
-from . import pool
-from .monitor import Monitor
+from . import envs, pool
+from .monitor import Monitor, read_tree
 from .pool import Task, Worker
 
 log = logging.getLogger("kotta.node")
@@ -49,6 +50,10 @@ log = logging.getLogger("kotta.node")
 LINGER = 0.0005
 #: replies up to this size carry the result; larger ones make the client read the job table
 REPLY_INLINE_LIMIT = 64 * 1024
+#: seconds between memory checks of running tasks; tasks younger than MEMORY_MIN_AGE are
+#: never measured (no psutil call per tiny task)
+MEMORY_CHECK_INTERVAL = 0.5
+MEMORY_MIN_AGE = 0.2
 
 
 @dataclass
@@ -70,6 +75,10 @@ class NodeConfig:
     #: seconds between resource samples of a running task (CPU%, RSS over its process tree);
     #: tasks shorter than half of it are never sampled; 0 turns sampling off
     sample_interval: float = 120.0
+    #: MB of RSS a task's process tree may use; None: the queue's limit (config.queue_limits)
+    memory_limit: int | None = None
+    #: the longest walltime (seconds) the node accepts; None: the queue's cap
+    max_walltime: float | None = None
 
 
 class Node:
@@ -92,12 +101,23 @@ class Node:
         self._next_sample_check = 0.0
         self._last_kill_check = 0.0
         self._last_parent_check = 0.0
+        self._next_memory_check = 0.0
+        limits = kconfig.queue_limits(config.queue)
+        #: bytes of RSS a task's process tree may use, and the longest walltime (seconds)
+        self.memory_limit = (config.memory_limit or limits.memory_mb) * 1024 * 1024
+        self.max_walltime = config.max_walltime or limits.max_walltime_seconds
+        if config.workers > limits.workers:
+            log.warning("queue %s allows %d workers per node; using %d, not %d",
+                        config.queue, limits.workers, limits.workers, config.workers)
+            config.workers = limits.workers
         self._ring_later: set[str] = set()
         self._backlogged = False  # the last receive took all it asked for
         # Without doorbells (AWS), a thread long-polls the queue and fills the inbox.
         self._inbox: deque[Delivery] = deque()
         self._room_hint = 0
         self._poller: threading.Thread | None = None
+        # venvs for tasks with requirements, built in background threads (node/envs.py)
+        self.envs = envs.EnvCache(envs.default_root(enclave.local), self.request_wake)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -387,6 +407,28 @@ class Node:
                         "WalltimeExceeded",
                         f"job {head.job_id} exceeded its walltime of {_minutes(limit)}",
                     )
+        if now >= self._next_memory_check:
+            self._check_memory(now)
+
+    def _check_memory(self, now: float) -> None:
+        """Kill the tasks whose process tree's RSS is over the memory limit (only tasks that
+        have run for MEMORY_MIN_AGE; at most every MEMORY_CHECK_INTERVAL)."""
+        self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+        for w in self.workers:
+            if not w.inflight or w.kill_deadline is not None:
+                continue
+            head = w.inflight[0]
+            if head.started is None or now - head.started < MEMORY_MIN_AGE:
+                continue
+            got = read_tree(w.pid)
+            if got is None or got[1] <= self.memory_limit:
+                continue
+            limit_mb = self.memory_limit // (1024 * 1024)
+            w.kill(
+                "MemoryLimitExceeded",
+                f"job {head.job_id} used {got[1] / (1024 * 1024):.0f} MB, over the memory "
+                f"limit of {limit_mb} MB per task on queue {self.queue}",
+            )
 
     def _room(self) -> int:
         inflight = sum(len(w.inflight) for w in self.workers)
@@ -461,6 +503,16 @@ class Node:
         except (EnvelopeError, KeyError, ValueError) as exc:
             self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
             return
+        if header["walltime"] > self.max_walltime:  # a client that skipped the check
+            reason = (
+                f"job {d.job_id} asks for a walltime of {_minutes(header['walltime'])}, over "
+                f"the cap of {_minutes(self.max_walltime)} of this node (queue {self.queue})"
+            )
+            log.warning("refusing: %s", reason)
+            data = wire.failure(d.job_id, header["n"], "JobFailed", reason)
+            fin = Finished(d.job_id, JobState.FAILED, data, reason)
+            self._queue_finish(Task(d, header, b""), d, fin, header["client"])
+            return
         self.pending.append(Task(d, header, data))
 
     def _reject(self, d: Delivery, etype: str, reason: str) -> None:
@@ -490,7 +542,16 @@ class Node:
         skipped: deque[Task] = deque()
         while self.pending:
             task = self.pending.popleft()
-            w = self._worker_for(task.owner, load, caps)
+            env = None
+            if task.header.get("requirements"):
+                status, env = self.envs.get(task.header["requirements"])
+                if status == "building":  # stays pending (cancellable); the build wakes us
+                    skipped.append(task)
+                    continue
+                if status == "failed":
+                    self._fail_requirements(task, env)
+                    continue
+            w = self._worker_for(task.owner, load, caps, env)
             if w is None:
                 skipped.append(task)
                 if len(load) >= self.config.workers and all(
@@ -531,17 +592,27 @@ class Node:
                     w.inflight.pop()
                 self.pending.extendleft(reversed(tasks))
 
+    def _fail_requirements(self, task: Task, message: str) -> None:
+        """A task whose requirements could not be installed: it fails without running."""
+        reason = f"job {task.job_id}: installing its requirements failed: {message}"
+        data = wire.failure(task.job_id, task.header["n"], "RequirementsError", reason)
+        fin = Finished(task.job_id, JobState.FAILED, data, reason[:500])
+        self._queue_finish(task, task.delivery, fin, task.header["client"])
+
     def _worker_for(
-        self, owner: str, load: dict[Worker, int], caps: dict[Worker, int]
+        self, owner: str, load: dict[Worker, int], caps: dict[Worker, int],
+        env: envs.Env | None = None,
     ) -> Worker | None:
+        """A worker of ``owner`` in the environment ``env`` (workers are keyed by both)."""
+        key = None if env is None else env.key
         best = None
         for w, n in load.items():
-            if w.owner == owner and n < caps[w] and (best is None or n < load[best]):
+            if w.owner == owner and w.env == key and n < caps[w] and (best is None or n < load[best]):
                 best = w
         if best is not None:
             return best
         if len(self.workers) >= self.config.workers:
-            idle = [w for w, n in load.items() if n == 0 and w.owner != owner]
+            idle = [w for w, n in load.items() if n == 0 and (w.owner, w.env) != (owner, key)]
             if not idle:
                 return None
             victim = idle[0]  # never share a worker between owners: replace it
@@ -550,7 +621,7 @@ class Node:
             victim.close()
             self.workers.remove(victim)
             del load[victim]
-        w = pool.spawn(owner)
+        w = pool.spawn(owner, env=env)
         self.workers.append(w)
         load[w], caps[w] = 0, 1
         return w

@@ -65,6 +65,7 @@ class Worker:
     kill_deadline: float | None = None
     kill_tree: list[psutil.Process] = field(default_factory=list)
     born: float = field(default_factory=time.monotonic)
+    env: str | None = None  # key of the requirements venv it runs in (None: the node's python)
 
     @property
     def pid(self) -> int:
@@ -166,21 +167,34 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def spawn(owner: str, scratch: str | None = None) -> Worker:
-    """Start a worker process for ``owner``."""
+#: the directory ``node`` and ``kotta_executor`` are imported from (for workers in a venv)
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
+    """Start a worker process for ``owner``; in the requirements venv ``env`` (a
+    ``node.envs.Env``) if given.  Such a worker has the venv's site-packages first on its
+    path, then the node's project directory and ``PYTHONPATH`` (the venv is made with
+    ``--system-site-packages``, so the node's own dependencies stay importable)."""
+    python, extra = sys.executable, {"KOTTA_OWNER": owner}
+    if env is not None:
+        python = env.python
+        inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        path = [env.site, _PROJECT, *filter(None, inherited)]
+        extra["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
     task_r, task_w = os.pipe()
     result_r, result_w = os.pipe()
     out = tempfile.TemporaryFile(prefix="kotta-stdout-", dir=scratch)
     err = tempfile.TemporaryFile(prefix="kotta-stderr-", dir=scratch)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node.worker", str(task_r), str(result_w)],
+            [python, "-m", "node.worker", str(task_r), str(result_w)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
             pass_fds=(task_r, result_w),
             start_new_session=True,
-            env=worker_env({"KOTTA_OWNER": owner}),
+            env=worker_env(extra),
         )
     finally:
         os.close(task_r)
@@ -192,4 +206,5 @@ def spawn(owner: str, scratch: str | None = None) -> Worker:
         results=Connection(result_r, writable=False),
         out=out,
         err=err,
+        env=None if env is None else env.key,
     )

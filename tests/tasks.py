@@ -270,3 +270,13 @@ def child_hog(mb, seconds, stop_file):
     ``stop_file`` exists; the task waits for it."""
     subprocess.run([sys.executable, "-c", _HOG, str(mb), str(seconds), str(stop_file)], check=True)
     return "hogged"
+
+
+def allocate_and_sleep(mb, seconds=60.0, step_mb=10):
+    """Allocate ``mb`` MiB, ``step_mb`` at a time (each page written: resident), then sleep."""
+    held = []
+    for _ in range(0, mb, step_mb):
+        held.append(b"\x01" * (step_mb * 1024 * 1024))
+        time.sleep(0.01)
+    time.sleep(seconds)
+    return len(held)

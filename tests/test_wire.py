@@ -1325,10 +1325,12 @@ def test_result_unpickling_error_names_the_cause() -> None:
 FAILURE_CASES = {
     "JobFailed": (errors.JobFailed, ()),
     "WalltimeExceeded": (errors.WalltimeExceeded, (TimeoutError,)),
+    "MemoryLimitExceeded": (errors.MemoryLimitExceeded, (MemoryError,)),
     "WorkerDied": (errors.WorkerDied, ()),
     "TaskKilled": (errors.TaskKilled, (CancelledError,)),
     "DeliveryFailed": (errors.DeliveryFailed, ()),
     "CorruptTask": (errors.CorruptTask, ()),
+    "RequirementsError": (errors.RequirementsError, ()),
 }
 
 

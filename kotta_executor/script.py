@@ -1,0 +1,208 @@
+"""Script jobs, as in the Cloud Kotta paper: run a script in any language on a node.
+
+::
+
+    job = KottaJob(jobtype="script", jobname="hello", executable="/bin/bash hello.sh",
+                   script_name="hello.sh", script="echo hello", queue="test", walltime=5)
+    job.submit(konn)               # konn: kotta_executor.connect(...) or a KottaExecutor
+    job.wait()                     # the exit code; job.stdout, job.stderr
+
+A script job travels as an ordinary Python task whose function is :func:`run_script`, a
+module-level function that workers import by reference: the node still never unpickles
+anything, and walltime and ``kill`` cover the script as they cover any child process of a
+worker.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from .decorator import Connection
+from .errors import ScriptFailed
+from .executor import KottaExecutor, Options
+from .future import KottaFuture
+
+JOBTYPES = ("script",)
+
+
+def run_script(executable: str, script_name: str, script: str) -> int:
+    """Write ``script`` to ``script_name`` in a fresh working directory and run
+    ``executable`` (split as a shell would, not run by one) there.
+
+    The script inherits file descriptors 1 and 2, so its output is the task's captured
+    stdout and stderr.  Returns 0; a non-zero exit raises :class:`ScriptFailed`, so that
+    the job is recorded failed with the reason ``exit code N``.
+    """
+    argv = shlex.split(executable)
+    for stream in (sys.stdout, sys.stderr):  # what Python printed first comes first
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    with tempfile.TemporaryDirectory(prefix="kotta-script-") as workdir:
+        path = os.path.join(workdir, script_name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(script)
+        os.chmod(path, 0o700)  # so that executable="./run.sh" works too
+        proc = subprocess.run(argv, cwd=workdir, stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0:
+        raise ScriptFailed(proc.returncode)
+    return 0
+
+
+def _check_script_name(name: str) -> str:
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or os.path.basename(name) != name
+        or "\0" in name
+    ):
+        raise ValueError(
+            f"script_name must be a plain file name (no directories), not {name!r}"
+        )
+    return name
+
+
+class KottaJob:
+    """A script job: ``executable`` runs in a fresh working directory holding ``script``
+    saved as ``script_name``.
+
+    ``walltime``: minutes (or a ``timedelta``); ``queue``: ``test`` or ``production``.
+    ``inputs`` and ``outputs`` (data staging) are not implemented yet: non-empty lists
+    raise :class:`NotImplementedError`.
+    """
+
+    def __init__(
+        self,
+        jobtype: str = "script",
+        jobname: str | None = None,
+        *,
+        executable: str,
+        script_name: str,
+        script: str,
+        inputs: Sequence[Any] | None = None,
+        outputs: Sequence[Any] | None = None,
+        queue: str = "test",
+        walltime: float | _dt.timedelta = 5,
+    ):
+        if jobtype not in JOBTYPES:
+            raise ValueError(f"unknown jobtype {jobtype!r}: only {', '.join(JOBTYPES)} jobs exist")
+        for name, value in (("inputs", inputs), ("outputs", outputs)):
+            if value:
+                raise NotImplementedError(
+                    f"script jobs cannot stage {name} yet (data staging is not implemented): "
+                    f"pass {name}=[] and read or write the data from the script itself"
+                )
+        if not isinstance(executable, str) or not shlex.split(executable):
+            raise ValueError(f"executable must be a non-empty command line, not {executable!r}")
+        if not isinstance(script, str):
+            raise TypeError(f"script must be a str (the script's text), not {type(script).__name__}")
+        self.jobtype = jobtype
+        self.jobname = jobname
+        self.executable = executable
+        self.script_name = _check_script_name(script_name)
+        self.script = script
+        self.inputs = list(inputs or [])
+        self.outputs = list(outputs or [])
+        Options.make(queue, walltime)  # refuse a bad queue or walltime now, not at submit
+        self.queue = queue
+        self.walltime = walltime
+        self.future: KottaFuture | None = None
+        self._exit_code: int | None = None
+
+    def __repr__(self) -> str:
+        state = "unsubmitted" if self.future is None else f"job={self.job_id}"
+        return f"<KottaJob {self.jobname or self.script_name!r} {state}>"
+
+    # ------------------------------------------------------------------ submission
+
+    def submit(self, konn) -> str:
+        """Send the job through a connection (``kotta_executor.connect()``) or a
+        :class:`KottaExecutor`; returns its job id.  A job is submitted once."""
+        if self.future is not None:
+            raise RuntimeError(f"this job was already submitted as {self.job_id}")
+        if isinstance(konn, Connection):
+            ex = konn.executor
+        elif isinstance(konn, KottaExecutor):
+            ex = konn
+        else:
+            raise TypeError(
+                f"submit needs a connection (kotta_executor.connect()) or a KottaExecutor, "
+                f"not {konn!r}"
+            )
+        view = ex.with_options(queue=self.queue, walltime=self.walltime)
+        self.future = view.submit(run_script, self.executable, self.script_name, self.script)
+        return self.future.job_id
+
+    def _submitted(self) -> KottaFuture:
+        if self.future is None:
+            raise RuntimeError("this job has not been submitted: call job.submit(konn) first")
+        return self.future
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def job_id(self) -> str | None:
+        return None if self.future is None else self.future.job_id
+
+    def status(self, konn=None) -> str:
+        """The job's state in the enclave (``pending``, ``processing``, ``completed``,
+        ``failed``, ``cancelled``...).  ``konn`` is accepted for the paper's
+        ``job.status(konn)``; the job's own connection is used."""
+        return self._submitted().status()
+
+    def done(self) -> bool:
+        return self.future is not None and self.future.done()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the script to end and return its exit code (non-zero codes too: they
+        do not raise).  Raises ``TimeoutError`` if ``timeout`` seconds pass first, and what
+        the enclave reports if the script did not run to an exit: ``WalltimeExceeded``,
+        ``TaskKilled``, ``WorkerDied``, or the error that stopped it from starting (a
+        ``FileNotFoundError`` for an executable that does not exist)."""
+        f = self._submitted()
+        try:
+            f.result(timeout)
+        except ScriptFailed as exc:
+            self._exit_code = exc.exit_code
+        else:
+            self._exit_code = 0
+        return self._exit_code
+
+    @property
+    def exit_code(self) -> int | None:
+        """The script's exit status once it ended (minus the signal number if a signal
+        ended it); ``None`` while it runs, or if it never exited on its own."""
+        if self._exit_code is None and self.done():
+            try:
+                self.wait(0)
+            except Exception:  # noqa: BLE001 - walltime, kill...: no exit code
+                return None
+        return self._exit_code
+
+    @property
+    def stdout(self) -> str | None:
+        """What the script wrote to standard output, once it ended."""
+        return None if self.future is None else self.future.stdout
+
+    @property
+    def stderr(self) -> str | None:
+        """What the script wrote to standard error, once it ended."""
+        return None if self.future is None else self.future.stderr
+
+    def cancel(self) -> bool:
+        return self._submitted().cancel()
+
+    def kill(self) -> bool:
+        """Stop the job, running or not (its script's process tree is killed)."""
+        return self._submitted().kill()
+
+
+__all__ = ["KottaJob", "ScriptFailed", "run_script"]

@@ -1,0 +1,176 @@
+"""Virtual environments for tasks with ``requirements``, built once per machine and cached.
+
+Layout: ``ROOT/<sha256 of the normalised requirement set>/`` is a finished environment (a
+venv made with ``--system-site-packages``, so the node's own packages — kotta_executor,
+cloudpickle, tblib, psutil — stay importable; its ``.kotta-ready`` marker lists the set).
+``ROOT/<sha>.lock`` serialises builds between processes (``flock``): a build takes the lock,
+looks again (another node may have finished meanwhile), builds into ``ROOT/.<sha>.tmp-*``
+and renames that to ``ROOT/<sha>`` — a directory that exists under its final name is
+complete.  ROOT is ``$KOTTA_ENVS`` if set, else ``$KOTTA_HOME/envs`` for an embedded
+enclave, else the node's cache directory (``$XDG_CACHE_HOME/kotta/envs``,
+``~/.cache/kotta/envs``).
+
+pip runs as ``python -m pip --python ENV/bin/python install ...`` with the node's
+environment (minus what workers never see), so pip's own variables apply: ``PIP_INDEX_URL``,
+``PIP_NO_INDEX=1`` with ``PIP_FIND_LINKS=DIR`` for an offline wheel directory, and so on.
+
+Builds run in a background thread, one per requirement set; the node keeps the tasks that
+wait for one pending and is woken when it is done.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kotta_executor import config
+from kotta_executor.errors import ConfigurationError
+from kotta_executor.requirements import env_key, normalize
+
+from . import pool
+
+MARKER = ".kotta-ready"
+#: characters of pip's output kept in a RequirementsError
+PIP_TAIL = 4000
+#: seconds a build may take before it is abandoned as failed
+BUILD_TIMEOUT = 1800.0
+#: seconds a failed build stays failed (for the tasks that waited for it); then it is retried
+FAILURE_TTL = 60.0
+
+
+def default_root(local: bool) -> Path:
+    if os.environ.get("KOTTA_ENVS"):
+        return Path(os.environ["KOTTA_ENVS"]).expanduser()
+    if local:
+        return config.kotta_home() / "envs"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "kotta" / "envs"
+
+
+def site_packages(env: Path) -> Path:
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return env / "lib" / version / "site-packages"
+
+
+class Env:
+    """A finished environment: where its python is, and what to put first on sys.path."""
+
+    def __init__(self, key: str, path: Path):
+        self.key = key
+        self.path = path
+        self.python = str(path / "bin" / "python")
+        self.site = str(site_packages(path))
+
+
+class EnvCache:
+    """The environments of one node: ready ones, builds in progress, failed builds."""
+
+    def __init__(self, root: Path, wake: Callable[[], None]):
+        self.root = Path(root)
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._ready: dict[str, Env] = {}
+        self._building: set[str] = set()
+        self._failed: dict[str, tuple[str, float]] = {}
+
+    def get(self, requirements: str) -> tuple[str, Env | str | None]:
+        """``("ready", Env)``, ``("building", None)`` (a build has started; the node is woken
+        when it ends) or ``("failed", message)`` (for FAILURE_TTL seconds; then a task that
+        asks again starts a new build)."""
+        try:  # the header is not trusted: normalise (and refuse pip options) again
+            requirements = normalize(requirements)
+        except ConfigurationError as exc:
+            return "failed", str(exc)
+        key = env_key(requirements)
+        with self._lock:
+            if key in self._ready:
+                return "ready", self._ready[key]
+            if key in self._failed:
+                message, at = self._failed[key]
+                if time.monotonic() - at < FAILURE_TTL:
+                    return "failed", message
+                del self._failed[key]
+            if key in self._building:
+                return "building", None
+            path = self.root / key
+            if (path / MARKER).exists():  # built earlier, by this node or another
+                env = self._ready[key] = Env(key, path)
+                return "ready", env
+            self._building.add(key)
+        threading.Thread(
+            target=self._build, args=(key, requirements), name=f"kotta-env-{key[:8]}", daemon=True
+        ).start()
+        return "building", None
+
+    def _build(self, key: str, requirements: str) -> None:
+        try:
+            env = build(self.root, key, requirements)
+        except Exception as exc:  # noqa: BLE001 - any failure fails the tasks that wait
+            with self._lock:
+                self._failed[key] = (str(exc), time.monotonic())
+        else:
+            with self._lock:
+                self._ready[key] = env
+        finally:
+            with self._lock:
+                self._building.discard(key)
+            self._wake()
+
+
+class BuildError(Exception):
+    pass
+
+
+def build(root: Path, key: str, requirements: str) -> Env:
+    """Build (or find, if another process built it) the environment ``root/key``."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    with open(root / f"{key}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if (final / MARKER).exists():
+            return Env(key, final)
+        if final.exists():  # not ours to trust: no marker, so never finished
+            shutil.rmtree(final, ignore_errors=True)
+        for stale in root.glob(f".{key}.tmp-*"):  # a builder that died (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+        try:
+            _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                  str(tmp)], "creating the virtual environment")
+            reqs = tmp / "requirements.txt"
+            reqs.write_text(requirements + "\n")
+            _run([sys.executable, "-m", "pip", "--python", str(tmp / "bin" / "python"),
+                  "install", "--disable-pip-version-check", "--no-input", "-r", str(reqs)],
+                 "pip install")
+            (tmp / MARKER).write_text(requirements + "\n")
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return Env(key, final)
+
+
+def _run(cmd: list[str], what: str) -> None:
+    env = pool.worker_env()
+    env.pop("PYTHONPATH", None)  # pip must see the environment, not the node's path
+    env.pop("PIP_REQUIRE_VIRTUALENV", None)
+    try:
+        proc = subprocess.run(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=env, timeout=BUILD_TIMEOUT, check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BuildError(f"{what} took longer than {BUILD_TIMEOUT:g} s") from exc
+    if proc.returncode != 0:
+        out = proc.stdout.decode(errors="replace").strip()
+        if len(out) > PIP_TAIL:
+            out = "...\n" + out[-PIP_TAIL:]
+        raise BuildError(f"{what} failed (exit code {proc.returncode}):\n{out}")

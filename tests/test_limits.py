@@ -1,0 +1,99 @@
+"""Queues and limits: walltime caps refused at submit, the node's memory limit and caps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kotta_executor import ConfigurationError, MemoryLimitExceeded, config, kottajob
+from kotta_executor.errors import JobFailed
+from kotta_executor.states import JobState
+from tests import tasks
+from tests.conftest import wait_for
+
+
+def test_limits_table_has_documented_defaults():
+    assert config.QUEUE_LIMITS["test"].max_walltime == 60
+    assert config.QUEUE_LIMITS["production"].max_walltime == 24 * 60
+    assert config.queue_limits("Prod") == config.QUEUE_LIMITS["production"]
+    assert issubclass(MemoryLimitExceeded, JobFailed)
+    assert issubclass(MemoryLimitExceeded, MemoryError)
+
+
+def test_submit_over_the_cap_is_refused_and_nothing_is_sent(make_executor, enclave):
+    ex = make_executor(1, walltime=61, start_node=False)
+    with pytest.raises(ConfigurationError, match=r"60 min.*test|test.*60 min") as info:
+        ex.submit(tasks.square, 3)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ConfigurationError, match="60 min"):
+        list(ex.map(tasks.square, [1, 2]))
+    assert ex._futures == {} and not ex._outbox
+    assert enclave.jobs.list() == []
+
+
+def test_with_options_and_kottajob_over_the_cap(make_executor, enclave):
+    ex = make_executor(1, start_node=False)
+    with pytest.raises(ConfigurationError, match=r"cap of the test queue \(60 min\)"):
+        ex.with_options(walltime=120).submit(tasks.square, 3)
+    with pytest.raises(ConfigurationError, match=r"production queue \(1440 min\)"):
+        ex.with_options(queue="production", walltime=24 * 60 + 1).submit(tasks.square, 3)
+
+    @kottajob(ex, "test", 90, block=False)
+    def long_one(x):
+        return x
+
+    with pytest.raises(ConfigurationError, match="60 min"):
+        long_one(1)
+    assert enclave.jobs.list() == []
+
+
+def test_within_the_cap_runs(executor):
+    assert executor.with_options(queue="production", walltime=120).submit(
+        tasks.square, 4).result(timeout=60) == 16
+
+
+def test_queues_json_overrides_the_cap(make_executor, enclave, _private_kotta_home):
+    ex = make_executor(1, start_node=False)
+    _private_kotta_home.mkdir(parents=True, exist_ok=True)
+    (_private_kotta_home / "queues.json").write_text(json.dumps({"test": {"max_walltime": 2}}))
+    assert config.queue_limits("test").max_walltime == 2
+    with pytest.raises(ConfigurationError, match=r"test queue \(2 min\)"):
+        ex.with_options(walltime=3).submit(tasks.square, 3)
+    (_private_kotta_home / "queues.json").write_text(json.dumps({"test": {"max_walltime": 180}}))
+    f = ex.with_options(walltime=120)
+    assert config.queue_limits("test").max_walltime == 180
+    fut = f.submit(tasks.square, 3)  # accepted: sent (no node serves it in this test)
+    wait_for(lambda: enclave.jobs.get(fut.job_id), what="the job to be recorded")
+
+
+def test_bad_queues_json_is_a_configuration_error(make_executor, _private_kotta_home):
+    ex = make_executor(1, start_node=False)
+    _private_kotta_home.mkdir(parents=True, exist_ok=True)
+    (_private_kotta_home / "queues.json").write_text(json.dumps({"test": {"max_walltime": -1}}))
+    with pytest.raises(ConfigurationError, match="queues.json"):
+        ex.submit(tasks.square, 3)
+
+
+def test_memory_limit_kills_the_task_and_the_node_goes_on(start_node, make_executor, enclave):
+    node = start_node("--memory-limit", "100")
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.allocate_and_sleep, 300)
+    with pytest.raises(MemoryLimitExceeded, match="100 MB") as info:
+        f.result(timeout=60)
+    assert isinstance(info.value, MemoryError)
+    job = enclave.jobs.get(f.job_id)
+    assert job.state == JobState.FAILED
+    assert "memory limit of 100 MB" in job.reason
+    assert ex.submit(tasks.square, 5).result(timeout=60) == 25
+    assert node.proc.poll() is None
+
+
+def test_node_refuses_a_walltime_over_its_cap(start_node, make_executor, enclave):
+    start_node("--max-walltime", "1")
+    ex = make_executor(1, start_node=False)
+    f = ex.with_options(walltime=2).submit(tasks.square, 3)
+    with pytest.raises(JobFailed, match=r"walltime of 2 min, over the cap of 1 min"):
+        f.result(timeout=60)
+    wait_for(lambda: enclave.jobs.get(f.job_id).state == JobState.FAILED, what="job failed")
+    assert ex.with_options(walltime=1).submit(tasks.square, 4).result(timeout=60) == 16

@@ -1,0 +1,189 @@
+"""Task ``requirements``: installed by the node into a cached venv, used only by their tasks.
+
+No network: the test writes a tiny wheel (``kotta_probe_pkg``) into a directory and points
+the node's pip at it with pip's own environment variables (``PIP_NO_INDEX``,
+``PIP_FIND_LINKS``), which the node passes on to pip.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from kotta_executor import RequirementsError, kottajob, wire
+from kotta_executor.errors import ConfigurationError
+from kotta_executor.requirements import env_key, normalize
+from node import envs
+from tests.conftest import GUARD, wait_for
+
+#: a venv build (venv + pip install) is slow compared to a task: a larger deadlock guard
+BUILD_GUARD = 4 * GUARD
+PROBE = "kotta-probe-pkg==1.0"
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def make_wheel(wheel_dir: Path, version: str = "1.0") -> Path:
+    """A minimal pure-Python wheel of ``kotta_probe_pkg`` (written directly: no build backend)."""
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    dist = f"kotta_probe_pkg-{version}.dist-info"
+    files = {
+        "kotta_probe_pkg/__init__.py": f'__version__ = "{version}"\n'.encode(),
+        f"{dist}/METADATA": (
+            f"Metadata-Version: 2.1\nName: kotta-probe-pkg\nVersion: {version}\n"
+        ).encode(),
+        f"{dist}/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: kotta-tests\nRoot-Is-Purelib: true\n"
+            b"Tag: py3-none-any\n"
+        ),
+        f"{dist}/top_level.txt": b"kotta_probe_pkg\n",
+    }
+    record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in files.items())
+    record += f"{dist}/RECORD,,\n"
+    path = wheel_dir / f"kotta_probe_pkg-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr(f"{dist}/RECORD", record)
+    return path
+
+
+@pytest.fixture
+def offline_pip(tmp_path, monkeypatch) -> Path:
+    """pip on the node (and in this process) finds packages only in a local wheel directory."""
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    monkeypatch.delenv("KOTTA_ENVS", raising=False)
+    return wheels
+
+
+def _env_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+def test_requirements_are_normalised_and_travel_in_the_header(make_executor):
+    assert normalize("Pandas == 2.2\nnumpy  # fast arrays\n\n# comment\nnumpy\n") == (
+        "numpy\npandas==2.2"
+    )
+    assert normalize(["numpy", "Kotta_Probe.Pkg==1"]) == "kotta-probe-pkg==1\nnumpy"
+    assert env_key("numpy\npandas==2.2") == env_key("pandas==2.2\nnumpy\n")
+    assert env_key("numpy") == hashlib.sha256(b"numpy").hexdigest()
+    with pytest.raises(ConfigurationError):
+        normalize("--index-url http://elsewhere\nnumpy")
+    with pytest.raises(ConfigurationError):
+        normalize(42)
+
+    ex = make_executor(1, requirements="numpy\nPandas==2.2", start_node=False)
+    job = ex._new_job("0" * 32, len, [(([],), {})], ex._options)
+    assert wire.peek_header(job.body)["requirements"] == "numpy\npandas==2.2"
+    view = ex.with_options(requirements="")  # drops the executor's requirements
+    job = view._parent._new_job("1" * 32, len, [(([],), {})], view._options)
+    assert "requirements" not in wire.peek_header(job.body)
+    with pytest.raises(ConfigurationError):
+        ex.with_options(requirements=["numpy", 3])
+
+
+def test_tasks_with_requirements_run_in_a_cached_env(make_executor, offline_pip, capsys):
+    home = Path(os.environ["KOTTA_HOME"])
+    root = home / "envs"
+
+    def probe():
+        import kotta_probe_pkg
+
+        return kotta_probe_pkg.__version__, kotta_probe_pkg.__file__, os.getpid()
+
+    ex = make_executor(2)
+    view = ex.with_options(requirements=PROBE)
+
+    t0 = time.monotonic()
+    version, where, pid = view.submit(probe).result(timeout=BUILD_GUARD)
+    first = time.monotonic() - t0
+    assert version == "1.0"
+    key = env_key(PROBE)
+    env = root / key
+    assert Path(where).is_relative_to(env)  # installed in the env, not in the node's python
+    assert _env_dirs(root) == [key]  # built once, renamed into place (no temp dirs left)
+    marker = env / envs.MARKER
+    built_at = marker.stat().st_mtime_ns
+    assert marker.read_text() == "kotta-probe-pkg==1.0\n"
+
+    # a task without requirements, on the same node, cannot import it: ImportError as itself
+    with pytest.raises(ModuleNotFoundError, match="kotta_probe_pkg"):
+        ex.submit(probe).result(timeout=GUARD)
+
+    # the same set (spelled differently, through the decorator): the env is reused
+    @kottajob(ex, "test", 5, requirements="Kotta_Probe_Pkg == 1.0\n# the probe\n")
+    def probe_again():
+        return probe()
+
+    t0 = time.monotonic()
+    version2, where2, pid2 = probe_again()
+    warm = time.monotonic() - t0
+    assert (version2, where2) == (version, where)
+    assert pid2 == pid  # the same worker: keyed by (owner, requirement set)
+    assert marker.stat().st_mtime_ns == built_at
+    assert _env_dirs(root) == [key]
+
+    # a new executor and node: the env on disk is found, not rebuilt
+    ex.shutdown(wait=True)
+    ex2 = make_executor(1, requirements=PROBE)
+    t0 = time.monotonic()
+    version3, where3, pid3 = ex2.submit(probe).result(timeout=GUARD)
+    new_node = time.monotonic() - t0
+    assert (version3, where3) == (version, where) and pid3 != pid
+    assert marker.stat().st_mtime_ns == built_at
+    assert _env_dirs(root) == [key]
+    with capsys.disabled():
+        print(
+            f"\nrequirements: first task (env build) {first:.2f} s; task with the env built, "
+            f"warm worker {warm * 1000:.1f} ms; new node and worker {new_node:.2f} s"
+        )
+
+
+def test_a_failed_install_fails_the_task_with_requirements_error(make_executor, offline_pip):
+    ex = make_executor(1)
+    f = ex.with_options(requirements="no-such-package-kotta==9").submit(os.getpid)
+    with pytest.raises(RequirementsError) as info:
+        f.result(timeout=BUILD_GUARD)
+    message = str(info.value)
+    assert "installing its requirements failed" in message
+    assert "no-such-package-kotta==9" in message  # pip's own output (tail)
+    assert "No matching distribution" in message or "Could not find a version" in message
+    assert info.value.job_id == f.job_id
+    assert f.status() == "failed"
+    assert _env_dirs(Path(os.environ["KOTTA_HOME"]) / "envs") == []  # nothing half-built
+    # the node goes on: a task without requirements still runs
+    assert ex.submit(os.getpid).result(timeout=GUARD) != os.getpid()
+
+
+def test_concurrent_builds_build_once(tmp_path, offline_pip):
+    """Two builders (as two nodes on one machine would be) of one set: one builds, the other
+    waits on the lock and finds the finished env."""
+    root = tmp_path / "envs"
+    key = env_key(PROBE)
+    results: list = []
+    go = threading.Barrier(2)
+
+    def builder():
+        go.wait()
+        results.append(envs.build(root, key, PROBE))
+
+    threads = [threading.Thread(target=builder) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: not any(t.is_alive() for t in threads), timeout=BUILD_GUARD,
+             what="both builds")
+    assert [r.path for r in results] == [root / key, root / key]
+    assert _env_dirs(root) == [key]
+    assert Path(results[0].python).exists()

@@ -1,0 +1,173 @@
+"""Script jobs (``KottaJob``), as in the Cloud Kotta paper: real nodes, real workers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import textwrap
+
+import pytest
+
+import kotta_executor
+from kotta_executor import KottaJob, ScriptFailed, WalltimeExceeded
+from kotta_executor.errors import JobFailed
+from tests.conftest import GUARD, _finish, wait_for
+
+
+@pytest.fixture
+def konn(enclave_dir):
+    c = kotta_executor.connect(enclave_dir)
+    yield c
+    if c._executor is not None:
+        _finish(c._executor)
+    c.close()
+
+
+def _bash(script: str, **kwargs) -> KottaJob:
+    return KottaJob(
+        jobtype="script", jobname="test", executable="/bin/bash myscript.sh",
+        script_name="myscript.sh", script=script, inputs=[], outputs=[], queue="test",
+        walltime=kwargs.pop("walltime", 5), **kwargs,
+    )
+
+
+def test_bash_script_output_is_captured(konn, enclave):
+    job = _bash("echo hello from bash\necho to stderr >&2\npwd\nls\n")
+    assert job.job_id is None and job.stdout is None and job.exit_code is None
+    job_id = job.submit(konn)
+    assert job_id == job.job_id and len(job_id) == 32
+    assert job.wait(GUARD) == 0
+    assert job.exit_code == 0
+    lines = job.stdout.splitlines()
+    assert lines[0] == "hello from bash"
+    assert "kotta-script-" in lines[1]  # a fresh working directory...
+    assert lines[2:] == ["myscript.sh"]  # ...holding the script alone
+    assert job.stderr == "to stderr\n"
+    assert job.status() == "completed"
+    assert job.status(konn) == "completed"
+    assert enclave.jobs.get(job_id).state == "completed"
+
+
+def test_python_script(make_executor):
+    ex = make_executor(1)
+    job = KottaJob(
+        jobtype="script", jobname="hello", executable="python3 hello.py",
+        script_name="hello.py", script="import sys\nprint('hello', sys.argv[0])\n",
+        inputs=[], outputs=[], queue="test", walltime=dt.timedelta(minutes=1),
+    )
+    job.submit(ex)  # a KottaExecutor works as well as a connection
+    assert job.wait(GUARD) == 0
+    assert job.stdout == "hello hello.py\n"
+    assert job.stderr == ""
+
+
+def test_nonzero_exit_is_returned_and_recorded_failed(konn, enclave):
+    job = _bash("echo before failing\nexit 3\n")
+    job.submit(konn)
+    assert job.wait(GUARD) == 3  # does not raise
+    assert job.exit_code == 3
+    assert job.stdout == "before failing\n"
+    assert job.status() == "failed"
+    record = enclave.jobs.get(job.job_id)
+    assert record.state == "failed"
+    assert "exit code 3" in record.reason
+    exc = job.future.exception()  # the future itself carries the ScriptFailed
+    assert isinstance(exc, ScriptFailed) and isinstance(exc, JobFailed)
+    assert exc.exit_code == 3
+
+
+def test_script_over_its_walltime_is_killed(konn):
+    job = _bash("echo started\nexec sleep 300\n", walltime=dt.timedelta(seconds=1))
+    job.submit(konn)
+    with pytest.raises(WalltimeExceeded):
+        job.wait(GUARD)
+    assert job.exit_code is None
+    assert job.status() == "failed"
+
+
+def test_status_moves_from_processing_to_completed(konn, tmp_path):
+    release = tmp_path / "release"
+    started = tmp_path / "started"
+    job = _bash(
+        f"touch {started}\n"
+        f"while [ ! -e {release} ]; do sleep 0.05; done\n"
+        "echo released\n"
+    )
+    job.submit(konn)
+    assert job.status() in ("pending", "processing")
+    wait_for(started.exists, what="the script to start")
+    wait_for(lambda: job.status() == "processing", what="the job to be processing")
+    assert not job.done() and job.exit_code is None
+    release.touch()
+    assert job.wait(GUARD) == 0
+    assert job.status() == "completed"
+    assert job.stdout == "released\n"
+
+
+def test_kill_stops_a_running_script(konn, tmp_path):
+    started = tmp_path / "started"
+    job = _bash(f"touch {started}\nexec sleep 300\n")
+    job.submit(konn)
+    wait_for(started.exists, what="the script to start")
+    assert job.kill()
+    with pytest.raises(kotta_executor.TaskKilled):
+        job.wait(GUARD)
+    wait_for(lambda: job.status() == "cancelled", what="the job to be recorded cancelled")
+
+
+def test_missing_executable_fails_the_job(konn):
+    job = KottaJob(
+        jobtype="script", jobname="nope", executable="/no/such/interpreter run.sh",
+        script_name="run.sh", script="true\n",
+    )
+    job.submit(konn)
+    with pytest.raises(FileNotFoundError):
+        job.wait(GUARD)
+    assert job.status() == "failed"
+
+
+def test_staging_and_bad_arguments_are_refused(konn):
+    with pytest.raises(NotImplementedError, match="inputs"):
+        KottaJob(
+            jobtype="script", executable="/bin/bash a.sh", script_name="a.sh", script="true",
+            inputs=["s3://bucket/data.csv"],
+        )
+    with pytest.raises(NotImplementedError, match="outputs"):
+        KottaJob(
+            jobtype="script", executable="/bin/bash a.sh", script_name="a.sh", script="true",
+            outputs=["result.csv"],
+        )
+    with pytest.raises(ValueError, match="jobtype"):
+        KottaJob(jobtype="doc_to_vec", executable="x", script_name="a", script="")
+    with pytest.raises(ValueError, match="script_name"):
+        KottaJob(executable="/bin/bash ../a.sh", script_name="../a.sh", script="")
+    with pytest.raises(ValueError, match="executable"):
+        KottaJob(executable="  ", script_name="a.sh", script="")
+    with pytest.raises(kotta_executor.ConfigurationError):
+        KottaJob(executable="/bin/bash a.sh", script_name="a.sh", script="", queue="nope")
+    with pytest.raises(kotta_executor.ConfigurationError):
+        KottaJob(executable="/bin/bash a.sh", script_name="a.sh", script="", walltime=0)
+    job = _bash("true")
+    with pytest.raises(RuntimeError, match="not been submitted"):
+        job.status()
+    with pytest.raises(TypeError, match="connection"):
+        job.submit("not a connection")
+    job.submit(konn)
+    with pytest.raises(RuntimeError, match="already submitted"):
+        job.submit(konn)
+    assert job.wait(GUARD) == 0
+
+
+def test_script_text_in_any_language(konn):
+    job = KottaJob(
+        jobtype="script", jobname="sh", executable="./run.sh", script_name="run.sh",
+        script=textwrap.dedent(
+            """\
+            #!/bin/sh
+            echo "argv0=$0"
+            exit 0
+            """
+        ),
+    )
+    job.submit(konn)
+    assert job.wait(GUARD) == 0
+    assert job.stdout == "argv0=./run.sh\n"
