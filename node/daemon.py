@@ -152,6 +152,14 @@ class Node:
             frames = self._dispatch()
         self._hand_out(frames)
         self._upkeep()
+        self._wake_clients()
+
+    def _wake_clients(self) -> None:
+        """Ring the clients that have replies, last: by then this node holds no database
+        lock and wants no CPU, so a client's read of its replies does not wait for it."""
+        for client in self._ring_later:
+            self.enclave.ring_client(client)
+        self._ring_later.clear()
 
     def _start(self) -> None:
         self._bell = self.enclave.doorbell(f"node-{self.node_id}")
@@ -219,12 +227,14 @@ class Node:
             self._report()
             self._police()
             self._upkeep()
+            self._wake_clients()
         for w in self.workers:
             if w.inflight:
                 log.warning("drain timeout: handing back %s", [t.job_id for t in w.inflight])
                 self.enclave.queue.release([t.delivery for t in w.inflight])
                 w.inflight.clear()
         self._report()
+        self._wake_clients()
 
     def _stop(self) -> None:
         for w in self.workers:
@@ -364,8 +374,7 @@ class Node:
             for client, items in replies.items():
                 self._reply(client, items)
             self.enclave.queue.ack([d for _, d, _, _ in batch])
-        for client in replies:
-            self.enclave.ring_client(client)
+        self._ring_later.update(replies)  # rung at the end of the step (see _wake_clients)
         refs = [key for t, _, fin, _ in batch
                 if t is not None and fin.job_id in recorded
                 for key in t.header.get("refs", {}).values()]
@@ -581,9 +590,6 @@ class Node:
 
     def _hand_out(self, frames: dict[Worker, list[Task]]) -> None:
         """Write each worker its tasks, in one write."""
-        for client in self._ring_later:
-            self.enclave.ring_client(client)
-        self._ring_later.clear()
         for w, tasks in frames.items():
             try:
                 w.send(tasks)
