@@ -44,11 +44,6 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--managed-by", help=argparse.SUPPRESS)
     n.add_argument("--prespawn", metavar="OWNER", help="start the workers for OWNER at once")
     n.add_argument("--node-id", help=argparse.SUPPRESS)
-    n.add_argument("--memory-limit", type=int, metavar="MB",
-                   help="kill a task whose process tree uses more RSS than this (default: the"
-                        " queue's limit from $KOTTA_HOME/queues.json or the built-in table)")
-    n.add_argument("--max-walltime", type=float, metavar="MINUTES",
-                   help="refuse tasks asking for a longer walltime (default: the queue's cap)")
     n.add_argument("--log-level", default="INFO")
 
     u = sub.add_parser("up", help="start local nodes in the background")
@@ -100,6 +95,11 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-interval", type=float, default=120.0, metavar="SECONDS",
                    help="seconds between CPU/memory samples of a running task (at least 1;"
                         " 0: none; default 120)")
+    p.add_argument("--memory-limit", type=int, metavar="MB",
+                   help="kill a task whose process tree uses more RSS than this (default: the"
+                        " queue's limit from $KOTTA_HOME/queues.json or the built-in table)")
+    p.add_argument("--max-walltime", type=float, metavar="MINUTES",
+                   help="refuse tasks asking for a longer walltime (default: the queue's cap)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +211,8 @@ def _up_node_args(args, enclave: Enclave, queue: str) -> list[str]:
         "--poll-interval", str(args.poll_interval),
         "--drain-timeout", str(args.drain_timeout),
         "--sample-interval", str(args.sample_interval),
+        *(["--memory-limit", str(args.memory_limit)] if args.memory_limit is not None else []),
+        *(["--max-walltime", str(args.max_walltime)] if args.max_walltime is not None else []),
         "--prespawn", config.current_user(),
     ]
 

@@ -173,12 +173,14 @@ def test_unknown_job_is_an_error(command, enclave):
 
 def test_up_starts_a_background_node_and_down_stops_it(enclave, make_executor):
     try:
-        r = kotta(enclave.home, "up", "--workers", "1")
+        r = kotta(enclave.home, "up", "--workers", "1", "--memory-limit", "512")
         assert r.returncode == 0, r.stderr
         assert " up: pid " in r.stdout
         [node] = enclave.nodes.live()
         assert node.queue == "test" and node.workers == 1
         assert psutil.Process(node.pid).is_running()
+        # the node's own options pass through kotta up
+        assert "--memory-limit" in psutil.Process(node.pid).cmdline()
 
         ex = make_executor(1, start_node=False)
         assert ex.submit(tasks.square, 11).result(GUARD) == 121  # it serves the queue
