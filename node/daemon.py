@@ -295,14 +295,20 @@ class Node:
         return inflight >= 4 and all(w.depth > 2 for w in self.workers if w.inflight)
 
     def _collect(self) -> None:
+        # one select for all busy workers (Connection.poll() builds a selector per call)
+        busy = [w for w in self.workers if w.inflight]
+        ready = set(select.select(busy, [], [], 0)[0]) if busy else set()
         for w in list(self.workers):
             eof = False
-            try:
-                while w.inflight and w.results.poll():
-                    data = w.results.recv_bytes()
-                    self._finish_from_worker(w, w.task_done(), data)
-            except (EOFError, OSError):
-                eof = True
+            if w in ready:
+                try:
+                    while True:
+                        data = w.results.recv_bytes()
+                        self._finish_from_worker(w, w.task_done(), data)
+                        if not w.inflight or not select.select([w], [], [], 0)[0]:
+                            break
+                except (EOFError, OSError):
+                    eof = True
             if eof or w.dead():
                 self._bury(w)
 
