@@ -501,6 +501,17 @@ def test_task_queued_behind_a_running_one_on_warm_workers_stays_cancellable(
         wait_started(*(s for _, s in running))
         marker = tmp_path / "must-not-exist"
         queued = executor.submit(tasks.create_file, str(marker), "ran")
+    except BaseException:
+        gate.open()
+        raise
+    _assert_taken_but_cancellable(executor, enclave, gate, running, queued, marker)
+
+
+def _assert_taken_but_cancellable(executor, enclave, gate, running, queued, marker):
+    """``queued`` reached a node while ``running`` block every worker: it has not started,
+    is pending and can be cancelled; once released, it never runs."""
+    try:
+        wait_started(*(s for _, s in running))
         wait_for(lambda: received_by_a_node(enclave, queued.job_id), what="the node to take it")
         assert not marker.exists()  # it has not started...
         assert queued.status() == "pending"  # ...so it is pending
@@ -523,17 +534,7 @@ def test_tasks_arriving_with_long_ones_on_warm_workers_stay_cancellable(
     with executor._send_lock:
         running = [gate.submit_blocking(executor) for _ in range(2)]
         queued = executor.submit(tasks.create_file, str(marker), "ran")
-    try:
-        wait_started(*(s for _, s in running))
-        wait_for(lambda: received_by_a_node(enclave, queued.job_id), what="the node to take it")
-        assert not marker.exists()  # it has not started...
-        assert queued.status() == "pending"  # ...so it is pending
-        assert queued.cancel() is True  # ...and cancellable
-    finally:
-        gate.open()
-    assert [f.result(timeout=GUARD) for f, _ in running] == ["released"] * 2
-    assert executor.submit(tasks.noop, 1).result(timeout=GUARD) == 1
-    assert not marker.exists()
+    _assert_taken_but_cancellable(executor, enclave, gate, running, queued, marker)
 
 
 def test_cancel_while_another_thread_submits(make_executor):
