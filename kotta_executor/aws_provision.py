@@ -38,6 +38,7 @@ from .backends.aws import (
     ensure_work_queue,
     make_session,
 )
+from .backends.aws_records import records_table_spec
 from .config import QUEUES
 from .errors import ConfigurationError
 
@@ -90,7 +91,7 @@ def planned(
     out.add((BUCKET, n.bucket))
     if tls_only:
         out.add((BUCKET_POLICY, n.bucket))
-    out |= {(TABLE, n.jobs_table), (TABLE, n.nodes_table)}
+    out |= {(TABLE, n.jobs_table), (TABLE, n.nodes_table), (TABLE, n.records_table)}
     if iam:
         out |= {(ROLE, n.node_role), (PROFILE, n.node_role)}
     return out
@@ -224,12 +225,14 @@ def bootstrap(
     # -- tables
     note(_create_table(c.dynamodb, jobs_table_spec(names)), TABLE, names.jobs_table)
     note(_create_table(c.dynamodb, nodes_table_spec(names)), TABLE, names.nodes_table)
+    note(_create_table(c.dynamodb, records_table_spec(names)), TABLE, names.records_table)
     c.dynamodb.get_waiter("table_exists").wait(
         TableName=names.jobs_table, WaiterConfig={"Delay": 2, "MaxAttempts": 60}
     )
-    c.dynamodb.get_waiter("table_exists").wait(
-        TableName=names.nodes_table, WaiterConfig={"Delay": 2, "MaxAttempts": 60}
-    )
+    for table in (names.nodes_table, names.records_table):
+        c.dynamodb.get_waiter("table_exists").wait(
+            TableName=table, WaiterConfig={"Delay": 2, "MaxAttempts": 60}
+        )
     ttl = c.dynamodb.describe_time_to_live(TableName=names.nodes_table)
     if ttl.get("TimeToLiveDescription", {}).get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
         c.dynamodb.update_time_to_live(
@@ -337,7 +340,7 @@ def teardown(
             raise
 
     # -- tables
-    for table in (names.jobs_table, names.nodes_table):
+    for table in (names.jobs_table, names.nodes_table, names.records_table):
         try:
             c.dynamodb.delete_table(TableName=table)
             gone(TABLE, table)
@@ -463,6 +466,8 @@ NODE_NODES_ACTIONS = [
     "dynamodb:DeleteItem",
     "dynamodb:Scan",
 ]
+#: nodes read identities, tokens, datasets and policies, and append to the audit log only
+NODE_RECORDS_READ_ACTIONS = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"]
 NODE_S3_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
 
 
@@ -491,6 +496,29 @@ def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
                 "Effect": "Allow",
                 "Action": NODE_S3_ACTIONS,
                 "Resource": f"arn:aws:s3:::{names.bucket}/{names.blob_prefix}*",
+            },
+            {
+                "Sid": "ReadRecords",
+                "Effect": "Allow",
+                "Action": NODE_RECORDS_READ_ACTIONS,
+                "Resource": table + names.records_table,
+            },
+            {
+                "Sid": "AppendAudit",
+                "Effect": "Allow",
+                "Action": ["dynamodb:PutItem"],
+                "Resource": table + names.records_table,
+                "Condition": {
+                    "ForAllValues:StringEquals": {
+                        "dynamodb:LeadingKeys": ["audit", "audit-checkpoint"]
+                    }
+                },
+            },
+            {
+                "Sid": "EnclaveKey",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": f"arn:aws:s3:::{names.bucket}/keys/enclave.key",
             },
             {
                 "Sid": "UserRoles",

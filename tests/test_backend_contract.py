@@ -1029,6 +1029,55 @@ def test_blob_keys_cannot_traverse_paths(backend, key):
         backend.blobs.delete([key])
 
 
+# ----------------------------------------------------------------------------- records
+
+
+def test_records_put_get_scan_delete(backend):
+    r = backend.records
+    assert r.get("user", "alice") is None
+    assert r.put("user", "alice", {"role": "analyst", "n": 1})
+    assert r.get("user", "alice") == {"role": "analyst", "n": 1}
+    assert r.put("user", "alice", {"role": "admin"})  # plain put replaces
+    assert r.get("user", "alice") == {"role": "admin"}
+    r.put("user", "bob", {"role": "analyst"})
+    r.put("other", "carol", {"x": 1})
+    assert r.get_many("user", ["alice", "bob", "nobody"]) == {
+        "alice": {"role": "admin"}, "bob": {"role": "analyst"}
+    }
+    assert [k for k, _ in r.scan("user")] == ["alice", "bob"]
+    assert [k for k, _ in r.scan("user", reverse=True)] == ["bob", "alice"]
+    assert [k for k, _ in r.scan("user", after="alice")] == ["bob"]
+    assert [k for k, _ in r.scan("user", after="bob", reverse=True)] == ["alice"]
+    assert r.delete("user", "alice") is True
+    assert r.delete("user", "alice") is False
+    assert [k for k, _ in r.scan("user")] == ["bob"]
+
+
+def test_records_scan_pages_in_key_order(backend):
+    r = backend.records
+    for i in range(25):
+        r.put("seq", f"{i:06d}", {"i": i})
+    assert [v["i"] for _, v in r.scan("seq")] == list(range(25))
+    assert [v["i"] for _, v in r.scan("seq", limit=3, reverse=True)] == [24, 23, 22]
+    assert [v["i"] for _, v in r.scan("seq", after="000020", limit=2)] == [21, 22]
+
+
+def test_records_put_if_absent_has_one_winner(backend):
+    r = backend.records
+    wins = []
+
+    def writer(i: int) -> None:
+        wins.append(r.put("log", "000001", {"writer": i}, if_absent=True))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(GUARD)
+    assert sorted(wins) == [False] * 5 + [True]
+    assert r.get("log", "000001")["writer"] in range(6)
+
+
 # ------------------------------------------------------------------------------- nodes
 
 

@@ -152,6 +152,10 @@ class Names:
         return f"{self.prefix}-jobs"
 
     @property
+    def records_table(self) -> str:
+        return f"{self.prefix}-records"
+
+    @property
     def nodes_table(self) -> str:
         return f"{self.prefix}-nodes"
 
@@ -387,6 +391,9 @@ class AwsEnclave(Enclave):
         self.queue = SqsQueue(self)
         self.jobs = DynamoJobs(self)
         self.nodes = DynamoNodes(self)
+        from .aws_records import DynamoRecords
+
+        self.records = DynamoRecords(self)
 
     @classmethod
     def from_url(cls, url: str) -> AwsEnclave:

@@ -223,6 +223,43 @@ class NodeRegistry(abc.ABC):
     def live(self, queue: str | None = None) -> list[NodeInfo]: ...
 
 
+class Records(abc.ABC):
+    """Small JSON documents by ``(kind, key)``: the enclave's identities, token records,
+    datasets, policies and audit log (:mod:`kotta_executor.security`).
+
+    ``put(..., if_absent=True)`` is a conditional write: of several writers of one key,
+    exactly one succeeds (the audit log's hash chain relies on it).  ``scan`` returns a
+    kind's records in key order."""
+
+    @abc.abstractmethod
+    def get_many(self, kind: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def put(self, kind: str, key: str, value: dict[str, Any], *, if_absent: bool = False) -> bool:
+        """Store ``value``; with ``if_absent``, only if ``key`` is new (returns whether it
+        was written)."""
+
+    @abc.abstractmethod
+    def delete(self, kind: str, key: str) -> bool:
+        """Remove a record; returns whether there was one."""
+
+    @abc.abstractmethod
+    def scan(
+        self, kind: str, *, after: str = "", limit: int | None = None, reverse: bool = False
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """``[(key, value)]`` of ``kind`` in key order (descending with ``reverse``); keys
+        greater than ``after`` (less than it, with ``reverse``, when it is given)."""
+
+    def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        return self.get_many(kind, [key]).get(key)
+
+
+def check_record_name(what: str, text: str) -> str:
+    if not isinstance(text, str) or not text or len(text) > 1024 or "\0" in text:
+        raise ValueError(f"invalid record {what} {text!r}")
+    return text
+
+
 class Enclave(abc.ABC):
     """One enclave: where tasks, results, job records and nodes meet."""
 
@@ -230,6 +267,7 @@ class Enclave(abc.ABC):
     blobs: BlobStore
     jobs: JobTable
     nodes: NodeRegistry
+    records: Records
     url: str
     #: largest body that travels inline in a message; larger ones go to the blob store
     inline_limit: int = 256 * 1024

@@ -40,7 +40,9 @@ from .base import (
     NewJob,
     NodeInfo,
     NodeRegistry,
+    Records,
     TaskQueue,
+    check_record_name,
 )
 
 SCHEMA = """
@@ -87,6 +89,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_ref TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created);
+CREATE TABLE IF NOT EXISTS records (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
     queue TEXT NOT NULL,
@@ -623,13 +631,53 @@ def _alive(node: NodeInfo) -> bool:
         return False
 
 
+class EmbeddedRecords(Records):
+    def __init__(self, db: _Db):
+        self._db = db
+
+    def get_many(self, kind, keys):
+        out: dict[str, dict] = {}
+        for chunk in _chunks(list(keys)):
+            rows = self._db.read(
+                f"SELECT key, value FROM records WHERE kind=? AND key IN ({_marks(len(chunk))})",
+                (kind, *chunk),
+            )
+            out.update((k, json.loads(v)) for k, v in rows)
+        return out
+
+    def put(self, kind, key, value, *, if_absent=False):
+        check_record_name("kind", kind)
+        check_record_name("key", key)
+        text = json.dumps(value, separators=(",", ":"), sort_keys=True)
+        verb = "INSERT OR IGNORE" if if_absent else "INSERT OR REPLACE"
+        with self._db.tx() as c:
+            cur = c.execute(f"{verb} INTO records (kind, key, value) VALUES (?, ?, ?)", (kind, key, text))
+            return cur.rowcount == 1
+
+    def delete(self, kind, key):
+        with self._db.tx() as c:
+            return c.execute("DELETE FROM records WHERE kind=? AND key=?", (kind, key)).rowcount == 1
+
+    def scan(self, kind, *, after="", limit=None, reverse=False):
+        if reverse:
+            cond, order = ("AND key < ?" if after else "AND ? = ''"), "DESC"
+        else:
+            cond, order = "AND key > ?", "ASC"
+        sql = f"SELECT key, value FROM records WHERE kind=? {cond} ORDER BY key {order}"
+        params: tuple = (kind, after)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (int(limit),)
+        return [(k, json.loads(v)) for k, v in self._db.read(sql, params)]
+
+
 class EmbeddedEnclave(Enclave):
     """The enclave under ``home`` (``$KOTTA_HOME``): ``kotta.db`` and ``blobs/``."""
 
     def __init__(self, home: str | os.PathLike):
         self.home = Path(home).expanduser().resolve()
         try:
-            self.home.mkdir(parents=True, exist_ok=True)
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
         self.url = f"embedded://{self.home}"
@@ -639,6 +687,7 @@ class EmbeddedEnclave(Enclave):
         self.queue = EmbeddedQueue(self._db, self)
         self.jobs = EmbeddedJobs(self._db, self.blobs)
         self.nodes = EmbeddedNodes(self._db)
+        self.records = EmbeddedRecords(self._db)
         self._bell_prefix = "kotta-" + hashlib.sha1(str(self.home).encode()).hexdigest()[:16]
         self._ring_sock: socket.socket | None = None
         self._node_cache: tuple[float, dict[str, list[str]]] = (0.0, {})
