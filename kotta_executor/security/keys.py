@@ -1,0 +1,84 @@
+"""The enclave's secret key, from which every signing key is derived.
+
+One 32-byte master key per enclave.  Keys for a purpose are derived from it with HMAC
+(``derived_key(enclave, "tokens")``), so that a key used to sign audit checkpoints can
+never verify a task, and so on.
+
+Where it lives:
+
+* embedded: ``$KOTTA_HOME/enclave.key``, created on first use with mode 0600 (the enclave
+  directory is the trust boundary of an embedded enclave: see docs/security.md);
+* AWS: the S3 object ``keys/enclave.key`` in the enclave's bucket, outside the ``blobs/``
+  prefix that clients write.  Nodes and the token service (an admin, or the enclave's
+  login host) read it; user roles are never granted it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+from pathlib import Path
+
+from ..errors import ConfigurationError
+
+KEY_BYTES = 32
+_cache: dict[str, bytes] = {}
+_lock = threading.Lock()
+
+
+def master_key(enclave) -> bytes:
+    url = enclave.url
+    key = _cache.get(url)
+    if key is None:
+        with _lock:
+            key = _cache.get(url)
+            if key is None:
+                key = _cache[url] = _load(enclave)
+    return key
+
+
+def derived_key(enclave, purpose: str) -> bytes:
+    return hmac.new(master_key(enclave), b"kotta-key|" + purpose.encode(), hashlib.sha256).digest()
+
+
+def _load(enclave) -> bytes:
+    home = getattr(enclave, "home", None)
+    if home is not None:
+        return _local_key(Path(home) / "enclave.key")
+    return _s3_key(enclave)
+
+
+def _local_key(path: Path) -> bytes:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(KEY_BYTES))
+    data = path.read_bytes()
+    if len(data) != KEY_BYTES:  # a writer that has not finished yet, or a damaged file
+        raise ConfigurationError(f"the enclave key {path} is damaged ({len(data)} bytes)")
+    return data
+
+
+S3_KEY = "keys/enclave.key"
+
+
+def _s3_key(enclave) -> bytes:
+    from ..backends.aws import _client_error, _code
+
+    s3, bucket = enclave.s3, enclave.names.bucket
+    try:
+        return s3.get_object(Bucket=bucket, Key=S3_KEY)["Body"].read()
+    except _client_error() as exc:
+        if _code(exc) not in ("NoSuchKey", "404"):
+            raise
+    try:  # first use: create it, unless someone else just did
+        s3.put_object(Bucket=bucket, Key=S3_KEY, Body=os.urandom(KEY_BYTES), IfNoneMatch="*")
+    except _client_error() as exc:
+        if _code(exc) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise
+    return s3.get_object(Bucket=bucket, Key=S3_KEY)["Body"].read()
