@@ -78,8 +78,8 @@ def atomic_moto() -> Iterator[None]:
     """What the real services do atomically, moto's in-process backends do not: DynamoDB
     checks a ConditionExpression and writes the item as one step, and SQS hands a message
     to one receiver at a time; under moto two threads can both pass the condition, or
-    iterate a queue while another changes it.  So moto's item writes and queue operations
-    are serialized here (long polls wait outside the lock, as they do on SQS)."""
+    iterate a queue or table while another changes it.  So moto's item reads and writes
+    and queue operations are serialized here (long polls wait outside the lock, as they do on SQS)."""
     from unittest import mock
 
     from moto.dynamodb.models import DynamoDBBackend
@@ -108,7 +108,10 @@ def atomic_moto() -> Iterator[None]:
 
     with contextlib.ExitStack() as stack:
         for cls, names in (
-            (DynamoDBBackend, ("put_item", "update_item", "delete_item")),
+            # reads too: moto's Query walks a table's dict of items, and fails ("dictionary
+            # changed size during iteration") when another thread's PutItem adds one
+            (DynamoDBBackend, ("put_item", "update_item", "delete_item", "query", "scan",
+                               "get_item", "batch_get_item")),
             (
                 SQSBackend,
                 (

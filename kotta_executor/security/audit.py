@@ -1,0 +1,373 @@
+"""The enclave's audit log: who did what to which dataset, as a hash chain.
+
+Every record names its predecessor::
+
+    record 1            record 2            record 3
+    prev = 0 * 64   <-  prev = hash(1)  <-  prev = hash(2)  ...
+    hash(1)             hash(2)             hash(3)
+                                            ^
+                        checkpoint 3 = {seq 3, hash(3), time, mac}   (every 64 records,
+                                                                      and on demand)
+
+``hash`` is the SHA-256 of the record's other fields as canonical JSON (sorted keys, no
+spaces).  Records are kind ``"audit"`` of the enclave's :class:`~..backends.base.Records`,
+keyed ``f"{seq:012d}"`` from 1; checkpoints are kind ``"audit-checkpoint"`` with the same
+keys.  A checkpoint, in the spirit of CloudTrail's digest files, signs the hash of one
+record with HMAC-SHA256 under ``derived_key(enclave, "audit")``; it is never overwritten.
+
+What :meth:`AuditLog.verify` detects, each problem naming the record:
+
+* a record modified in place (its hash no longer matches its contents);
+* a record deleted from the middle (a gap in the sequence);
+* a record replaced with a consistent hash, or records reordered or swapped (the
+  successor's ``prev``, or the record's own ``seq``, gives it away);
+* a forged or modified checkpoint (its MAC does not verify), and a record rewritten after
+  a checkpoint vouched for it (the checkpoint's hash differs);
+* records deleted from the tail, when a checkpoint was written after them.
+
+What it cannot detect, honestly:
+
+* records deleted from the tail *since the last checkpoint*: the chain that is left is
+  intact (on-demand :meth:`AuditLog.checkpoint` narrows the window);
+* the deletion of the whole log *and* its checkpoints: an empty log verifies as an empty
+  log.  The first record of a log has ``prev = "0" * 64`` whoever writes it.  Only copies
+  of checkpoints held outside the enclave's records (exported to another account, or
+  printed in a report) can prove that records existed;
+* anyone holding the enclave key can write valid checkpoints, so can rewrite the whole
+  log consistently: the key, not the hash chain, is what the log's integrity rests on.
+
+Several processes append at once (a node, clients, the token service).  Each append
+writes the record for ``last + 1`` with a conditional put (``if_absent``); whoever loses
+the race re-reads the tail and tries the next number, so the chain has no fork and no
+lost record.  An audit record belongs to no transaction: do not append inside
+``enclave.atomic()``, whose rollback would leave a gap that looks like a deletion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import KottaError
+from .keys import derived_key
+
+KIND = "audit"
+CHECKPOINT_KIND = "audit-checkpoint"
+GENESIS = "0" * 64
+#: an automatic checkpoint follows every record whose seq is a multiple of this
+CHECKPOINT_EVERY = 64
+#: conditional writes one append tries before it gives up (each lost one means another
+#: writer appended in between)
+MAX_ATTEMPTS = 200
+
+STAGE_IN = "stage-in"
+STAGE_OUT = "stage-out"
+ACCESS_DENIED = "access-denied"
+TASK_REJECTED = "task-rejected"
+TOKEN_ISSUE = "token-issue"
+TOKEN_REFRESH = "token-refresh"
+TOKEN_REVOKE = "token-revoke"
+USER_ADD = "user-add"
+POLICY_GRANT = "policy-grant"
+POLICY_REVOKE = "policy-revoke"
+DATASET_ADD = "dataset-add"
+DATASET_REMOVE = "dataset-remove"
+EGRESS_DENIED = "egress-denied"
+#: someone tried to see, cancel or kill another user's job
+JOB_DENIED = "job-denied"
+ACTIONS = frozenset({
+    STAGE_IN, STAGE_OUT, ACCESS_DENIED, TASK_REJECTED, TOKEN_ISSUE, TOKEN_REFRESH,
+    TOKEN_REVOKE, USER_ADD, POLICY_GRANT, POLICY_REVOKE, DATASET_ADD, DATASET_REMOVE,
+    EGRESS_DENIED, JOB_DENIED,
+})
+
+_KEY = re.compile(r"[0-9]{12}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class AuditError(KottaError, RuntimeError):
+    """The audit log cannot be appended to (its tail is not a record, or every attempt to
+    write the next record lost)."""
+
+
+@dataclass(slots=True)
+class AuditReport:
+    ok: bool
+    records: int
+    checkpoints: int
+    problems: list[str] = field(default_factory=list)
+
+
+def canonical(value: Any) -> str:
+    """The JSON text that is hashed: sorted keys, no spaces, no NaN."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    """Hex SHA-256 of ``record`` without its ``hash`` field."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(canonical(body).encode()).hexdigest()
+
+
+def record_key(seq: int) -> str:
+    return f"{seq:012d}"
+
+
+def _seq_of(key: str) -> int | None:
+    return int(key) if _KEY.fullmatch(key) and int(key) >= 1 else None
+
+
+def _checkpoint_mac(key: bytes, seq: Any, hash_: Any, time_: Any) -> str:
+    return hmac.new(key, f"{seq}|{hash_}|{time_!r}".encode(), hashlib.sha256).hexdigest()
+
+
+class AuditLog:
+    """The audit log of one enclave.  Thread-safe; processes coordinate through the
+    records' conditional writes.  Callable like :meth:`append`, to be passed as an
+    ``audit`` callback."""
+
+    #: records read per call by verify() and show()
+    page_size = 256
+
+    def __init__(self, enclave, *, clock: Callable[[], float] = time.time):
+        self.enclave = enclave
+        self._records = enclave.records
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tail: tuple[int, str] | None = None  # (seq, hash) of the last record we saw
+        self._mac_key: bytes | None = None
+
+    # ------------------------------------------------------------------ writing
+
+    def append(
+        self,
+        action: str,
+        *,
+        user: str,
+        allowed: bool = True,
+        dataset: str | None = None,
+        job_id: str | None = None,
+        detail: Any = None,
+    ) -> dict[str, Any]:
+        """Add one record at the end of the chain and return it (with seq and hash).
+        ``detail`` is any JSON value (usually a short string)."""
+        for name, value in (("action", action), ("user", user)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"an audit record needs a {name}, not {value!r}")
+        if not isinstance(allowed, bool):
+            raise ValueError(f"allowed must be True or False, not {allowed!r}")
+        for name, value in (("dataset", dataset), ("job_id", job_id)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, not {value!r}")
+        # as it will read back from the store (tuples become lists, and so on)
+        fields = json.loads(canonical({
+            "user": user, "action": action, "dataset": dataset, "allowed": allowed,
+            "job_id": job_id, "detail": detail,
+        }))
+        record = self._append(fields)
+        if record["seq"] % CHECKPOINT_EVERY == 0:
+            self._write_checkpoint(record["seq"], record["hash"])
+        return record
+
+    __call__ = append
+
+    def _append(self, fields: dict[str, Any]) -> dict[str, Any]:
+        # No lock is held across the writes: threads of one process race through the
+        # conditional put like processes do (a thread inside enclave.atomic() must not
+        # wait for one that waits for its transaction).
+        tail = self._tail or self._read_tail()
+        for _attempt in range(MAX_ATTEMPTS):
+            seq, prev = tail[0] + 1, tail[1]
+            record = {"seq": seq, "time": self._clock(), **fields, "prev": prev}
+            record["hash"] = record_hash(record)
+            if self._records.put(KIND, record_key(seq), record, if_absent=True):
+                self._remember((seq, record["hash"]))
+                return record
+            tail = self._read_tail()  # another writer took seq: chain on to theirs
+            self._remember(tail)
+        with self._lock:
+            self._tail = None
+        raise AuditError(
+            f"could not append to the audit log of {self.enclave.url}: {MAX_ATTEMPTS} "
+            f"conditional writes lost in a row (last tried record {seq}, the tail read "
+            f"back as record {tail[0]}); is something rewriting the log? "
+            "Run `kotta audit verify`."
+        )
+
+    def _remember(self, tail: tuple[int, str]) -> None:
+        with self._lock:
+            if self._tail is None or tail[0] > self._tail[0]:
+                self._tail = tail
+
+    def _read_tail(self) -> tuple[int, str]:
+        rows = self._records.scan(KIND, reverse=True, limit=1)
+        if not rows:
+            return 0, GENESIS
+        key, record = rows[0]
+        seq = _seq_of(key)
+        if seq is None:
+            raise AuditError(
+                f"the last key of the audit log of {self.enclave.url} is {key!r}, not a "
+                "record number: the log was tampered with (run `kotta audit verify`)"
+            )
+        stored = record.get("hash")
+        if not (isinstance(stored, str) and _HEX64.fullmatch(stored)):
+            stored = record_hash(record)  # chain on; verify() reports the damaged tail
+        return seq, stored
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """Sign the current last record now (None when the log is empty).  An existing
+        checkpoint of that record is kept and returned, never overwritten."""
+        seq, hash_ = self._read_tail()
+        if seq == 0:
+            return None
+        return self._write_checkpoint(seq, hash_)
+
+    def _write_checkpoint(self, seq: int, hash_: str) -> dict[str, Any]:
+        now = self._clock()
+        cp = {"seq": seq, "hash": hash_, "time": now,
+              "mac": _checkpoint_mac(self._key(), seq, hash_, now)}
+        if self._records.put(CHECKPOINT_KIND, record_key(seq), cp, if_absent=True):
+            return cp
+        return self._records.get(CHECKPOINT_KIND, record_key(seq)) or cp
+
+    def _key(self) -> bytes:
+        if self._mac_key is None:
+            self._mac_key = derived_key(self.enclave, "audit")
+        return self._mac_key
+
+    # ------------------------------------------------------------------ reading
+
+    def _pages(self, kind: str, *, reverse: bool = False) -> Iterator[tuple[str, dict]]:
+        after = ""
+        while True:
+            page = self._records.scan(kind, after=after, limit=self.page_size, reverse=reverse)
+            yield from page
+            if len(page) < self.page_size:
+                return
+            after = page[-1][0]
+
+    def show(
+        self,
+        *,
+        user: str | None = None,
+        dataset: str | None = None,
+        job_id: str | None = None,
+        action: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Records matching every filter given, oldest first; ``dataset`` matches the
+        records whose dataset starts with it; ``limit`` keeps the newest ``limit``."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, not {limit}")
+
+        def match(r: dict[str, Any]) -> bool:
+            ds = r.get("dataset")
+            return ((user is None or r.get("user") == user)
+                    and (action is None or r.get("action") == action)
+                    and (job_id is None or r.get("job_id") == job_id)
+                    and (dataset is None or (isinstance(ds, str) and ds.startswith(dataset))))
+
+        if limit is None:
+            return [r for _, r in self._pages(KIND) if match(r)]
+        out: list[dict[str, Any]] = []
+        if limit:
+            for _, r in self._pages(KIND, reverse=True):
+                if match(r):
+                    out.append(r)
+                    if len(out) == limit:
+                        break
+        out.reverse()
+        return out
+
+    def verify(self) -> AuditReport:
+        """Walk every record and checkpoint in key order, a page at a time."""
+        problems: list[str] = []
+        counts = {"checkpoints": 0}
+        checkpoints = _Peekable(self._checkpoints(problems, counts))
+        records, expected, prev, last = 0, 1, GENESIS, 0
+        for key, rec in self._pages(KIND):
+            records += 1
+            seq = _seq_of(key)
+            if seq is None:
+                problems.append(f"record key {key!r}: not a record number (a foreign record)")
+                continue
+            if seq > expected:
+                span = f"record {expected}" if seq == expected + 1 else (
+                    f"records {expected}-{seq - 1}")
+                problems.append(f"{span}: missing (deleted from the log)")
+            for cp_seq, _ in checkpoints.take_below(seq):
+                problems.append(f"checkpoint {cp_seq}: vouches for record {cp_seq}, which is "
+                                "missing (deleted)")
+            if rec.get("seq") != seq:
+                problems.append(f"record {seq}: the record stored there says it is record "
+                                f"{rec.get('seq')!r} (moved, swapped or replaced)")
+            stored = rec.get("hash")
+            if stored != record_hash(rec):
+                problems.append(f"record {seq}: modified (its hash does not match its contents)")
+            if seq == expected and rec.get("prev") != prev:
+                what = "the start of the log" if seq == 1 else f"record {seq - 1}"
+                problems.append(f"record {seq}: does not follow {what} (its prev is not the "
+                                f"hash of {what}: a record was replaced or reordered)")
+            for cp_seq, cp_hash in checkpoints.take_upto(seq):
+                if cp_hash != stored:
+                    problems.append(f"checkpoint {cp_seq}: record {seq} differs from the "
+                                    "record the checkpoint vouches for (replaced afterwards)")
+            prev, expected, last = stored, seq + 1, seq
+        beyond = [cp_seq for cp_seq, _ in checkpoints.rest()]
+        if beyond:
+            start = f"records after {last}" if last else "all records"
+            problems.append(f"{start} were deleted: checkpoint {beyond[-1]} vouches for "
+                            f"record {beyond[-1]}")
+        return AuditReport(not problems, records, counts["checkpoints"], problems)
+
+    def _checkpoints(self, problems: list[str], counts: dict[str, int]
+                     ) -> Iterator[tuple[int, str]]:
+        """The checkpoints whose MAC verifies, as ``(seq, hash)``; problems for the rest."""
+        key = self._key()
+        for k, cp in self._pages(CHECKPOINT_KIND):
+            counts["checkpoints"] += 1
+            seq = _seq_of(k)
+            if seq is None:
+                problems.append(f"checkpoint key {k!r}: not a record number (a foreign record)")
+                continue
+            s, h, t, mac = cp.get("seq"), cp.get("hash"), cp.get("time"), cp.get("mac")
+            well_formed = (type(s) is int and isinstance(h, str) and isinstance(mac, str)
+                           and type(t) in (int, float))
+            if not well_formed or not hmac.compare_digest(mac, _checkpoint_mac(key, s, h, t)):
+                problems.append(f"checkpoint {seq}: bad MAC (forged or modified)")
+                continue
+            if s != seq:
+                problems.append(f"checkpoint {seq}: the checkpoint stored there is for record "
+                                f"{s} (moved)")
+                continue
+            yield seq, h
+
+
+class _Peekable:
+    """Checkpoints consumed in step with the records they vouch for."""
+
+    def __init__(self, it: Iterator[tuple[int, str]]):
+        self._it = it
+        self._head: tuple[int, str] | None = next(it, None)
+
+    def _take(self, stop: Callable[[int], bool]) -> Iterator[tuple[int, str]]:
+        while self._head is not None and not stop(self._head[0]):
+            yield self._head
+            self._head = next(self._it, None)
+
+    def take_below(self, seq: int) -> list[tuple[int, str]]:
+        return list(self._take(lambda s: s >= seq))
+
+    def take_upto(self, seq: int) -> list[tuple[int, str]]:
+        return list(self._take(lambda s: s > seq))
+
+    def rest(self) -> list[tuple[int, str]]:
+        return list(self._take(lambda s: False))
