@@ -18,7 +18,7 @@ from pathlib import Path
 from . import config, wire
 from .backends import open_enclave
 from .backends.base import Enclave, Message, reply_queue
-from .errors import AccessDenied, KottaError, UnknownJob
+from .errors import KottaError, UnknownJob
 from .states import CANCELLABLE, JobState
 
 
@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     from .aws_cli import add_parsers as add_aws_parsers
 
     add_aws_parsers(sub)
+    from .security.audit_cli import add_parsers as add_audit_parsers
+
+    add_audit_parsers(sub)
+    from .security.commands import add_parsers as add_security_parsers
+
+    add_security_parsers(sub)
     return p
 
 
@@ -302,9 +308,20 @@ def _fmt_time(ts: float | None) -> str:
     return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _creds(enclave: Enclave):
+    from .security import credentials
+
+    return credentials.load(enclave)
+
+
 def cmd_jobs(args) -> int:
     enclave = _enclave(args)
-    owner = None if args.all_users else config.current_user()
+    creds = _creds(enclave)
+    if args.all_users and not creds.admin:
+        from .security.access import deny
+
+        deny(enclave, creds, None, "list the jobs of all users")
+    owner = None if args.all_users else creds.user
     rows = enclave.jobs.list(owner=owner, state=args.state, limit=args.limit)
     print(f"{'JOB':32}  {'STATE':15}  {'QUEUE':10}  {'CREATED':19}  FUNCTION")
     for j in rows:
@@ -312,12 +329,13 @@ def cmd_jobs(args) -> int:
     return 0
 
 
-def _own_job(enclave: Enclave, job_id: str, *, with_result: bool = False):
+def _own_job(enclave: Enclave, job_id: str, *, with_result: bool = False, verb: str = "see"):
     job = enclave.jobs.get(job_id, with_result=with_result)
     if job is None:
         raise UnknownJob(f"no job {job_id} in {enclave.url}")
-    if job.owner != config.current_user():
-        raise AccessDenied(f"job {job_id} belongs to {job.owner}, not to you")
+    from .security.access import check_job_access
+
+    check_job_access(enclave, _creds(enclave), job, verb)
     return job
 
 
@@ -386,7 +404,7 @@ def cmd_logs(args) -> int:
 
 def cmd_cancel(args) -> int:
     enclave = _enclave(args)
-    job = _own_job(enclave, args.job_id)
+    job = _own_job(enclave, args.job_id, verb="cancel or kill")
     if enclave.jobs.transition([job.job_id], JobState.CANCELLED, from_states=CANCELLABLE,
                                reason="cancelled with kotta cancel"):
         # tell the client that submitted it, so its future settles now
@@ -419,6 +437,11 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "demo": cmd_demo,
     "aws": lambda args: args.aws_handler(args),
+    "audit": lambda args: args.audit_handler(args),
+    **{
+        name: (lambda args: args.security_handler(args))
+        for name in ("register", "whoami", "user", "token", "dataset", "policy")
+    },
 }
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ def parse_record(line: str) -> dict:
     return {key: int(value)}
 
 
+def file_sum(inputs=()) -> int:
+    """Cloud Kotta's example: sum the integers of a staged input, one per line."""
+    with open(os.path.basename(inputs[0])) as f:
+        return sum(int(line) for line in f)
+
+
 def runs_too_long() -> None:
     time.sleep(600)
 
@@ -82,8 +88,11 @@ def run_demo(enclave: str | None = None) -> int:
         for b in blockers:
             b.result()
 
+        _say("a protected dataset: staged in for a role with a grant, audited, denied otherwise")
+        data_ids = _data_demo(e, ex)
+
         _say("the job table: every job ended completed, failed (with a reason) or cancelled")
-        ids = [f.job_id, slow.job_id, running.job_id, queued.job_id]
+        ids = [f.job_id, slow.job_id, running.job_id, queued.job_id, *data_ids]
         records = e.jobs.get_many(ids)
         for job in (records[i] for i in ids if i in records):
             reason = f"  ({job.reason})" if job.reason else ""
@@ -91,6 +100,36 @@ def run_demo(enclave: str | None = None) -> int:
         print(f"\nsee one with:  kotta status {f.job_id}   or   kotta logs {f.job_id}")
     print(f"\ndemo finished in {time.monotonic() - started:.1f} s")
     return 0
+
+
+def _data_demo(e, ex: KottaExecutor) -> list[str]:
+    from .security.audit import AuditLog
+    from .security.credentials import load
+    from .security.data import put_object
+    from .security.policy import PolicyStore
+
+    me = load(e)
+    audit = AuditLog(e)
+    policies = PolicyStore(e.records, audit)
+    uri = "s3://demo-corpus/1m_shuffled.txt"
+    policies.add_dataset("s3://demo-corpus/", by=me.user, description="kotta demo numbers")
+    put_object(e, uri, "".join(f"{i}\n" for i in random.Random(7).sample(range(10**6), 1000)).encode())
+    policies.revoke(me.role, "s3://demo-corpus/", "read", by=me.user)
+    denied = ex.submit(file_sum, inputs=[uri])
+    try:
+        denied.result()
+    except PermissionError as exc:
+        print(f"without a grant: {type(exc).__name__}: {exc}")
+    policies.grant(me.role, "s3://demo-corpus/", "read", by=me.user)
+    print(f"kotta policy grant {me.role} s3://demo-corpus/ read")
+    ok = ex.submit(file_sum, inputs=[uri])
+    print(f"file_sum(inputs=[{uri!r}]) -> {ok.result()}")
+    for rec in audit.show(job_id=denied.job_id) + audit.show(job_id=ok.job_id):
+        verdict = "allowed" if rec["allowed"] else "DENIED"
+        print(f"  audit #{rec['seq']}: {rec['user']} {rec['action']} {rec['dataset']} {verdict}")
+    report = audit.verify()
+    print(f"kotta audit verify: {'OK' if report.ok else 'TAMPERED'}, {report.records} records")
+    return [denied.job_id, ok.job_id]
 
 
 if __name__ == "__main__":

@@ -143,3 +143,37 @@ class BrokenEnclave(KottaError, BrokenExecutor):
 
 class AccessDenied(KottaError, PermissionError):
     """The caller may not do this (another user's job, a dataset without a grant)."""
+
+
+class AuthenticationError(AccessDenied):
+    """Who is asking could not be established: no token, a token file others can read, an
+    expired or revoked token, or a task whose signature does not verify."""
+
+
+class TaskRejected(JobFailed, PermissionError):
+    """The node refused the task before it ran: its signature, token or owner did not
+    verify (a forged, tampered or replayed task), or the token had been revoked."""
+
+
+class DataAccessDenied(JobFailed, PermissionError):
+    """A task declared a dataset its owner may not read (``inputs``) or write
+    (``outputs``); nothing ran and nothing was written.  The denial is audited."""
+
+
+class StagingFailed(JobFailed):
+    """Staging a task's inputs or outputs failed (a missing object, an output the task did
+    not write, or one that escapes its working directory)."""
+
+
+class EgressDenied(JobFailed, PermissionError):
+    """The task read a dataset whose policy forbids its data leaving the enclave (or caps
+    the bytes), and its result or output was over the limit.  The result stays inside
+    the enclave: ``handle`` names where (an ``s3://`` URI the owner may read in further
+    tasks)."""
+
+    handle: str | None = None
+
+
+class InvalidDataUri(KottaError, ValueError):
+    """A dataset URI or output name that is malformed or tries to leave its place
+    (``..``, an absolute path, a symlink out of the working directory)."""

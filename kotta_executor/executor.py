@@ -58,8 +58,18 @@ from . import config, dependencies, wire
 from . import requirements as _requirements
 from .backends import open_enclave
 from .backends.base import Enclave, NewJob, reply_queue
-from .errors import BrokenEnclave, ConfigurationError, EnvelopeError, UnknownJob
+from .errors import (
+    AuthenticationError,
+    BrokenEnclave,
+    ConfigurationError,
+    EnvelopeError,
+    UnknownJob,
+)
 from .future import KottaFuture
+from .security import credentials as _credentials
+from .security import staging
+from .security.access import check_job_access
+from .security.credentials import Credentials
 from .states import CANCELLABLE, JobState
 
 log = logging.getLogger("kotta.executor")
@@ -80,6 +90,8 @@ class Options:
     queue: str = "test"
     walltime: float = 300.0  # seconds
     requirements: str = ""  # normalised pip requirement lines; "" = none
+    inputs: tuple[str, ...] = ()  # dataset URIs staged into the working directory
+    outputs: tuple[str, ...] = ()  # dataset URIs the task's files are uploaded to
 
     @classmethod
     def make(cls, queue: str, walltime: float | _dt.timedelta, requirements=None) -> Options:
@@ -89,7 +101,8 @@ class Options:
         )
 
     def updated(
-        self, queue: str | None, walltime: float | _dt.timedelta | None, requirements=None
+        self, queue: str | None, walltime: float | _dt.timedelta | None, requirements=None,
+        inputs=None, outputs=None,
     ) -> Options:
         opts = self
         if requirements is not None:
@@ -98,6 +111,12 @@ class Options:
             opts = replace(opts, queue=config.normalize_queue(queue))
         if walltime is not None:
             opts = replace(opts, walltime=config.walltime_seconds(walltime))
+        if inputs is not None or outputs is not None:
+            ins, outs = staging.declared(
+                opts.inputs if inputs is None else inputs,
+                opts.outputs if outputs is None else outputs,
+            )
+            opts = replace(opts, inputs=ins, outputs=outs)
         return opts
 
 
@@ -112,6 +131,9 @@ class KottaExecutor(Executor):
     when none serves the queue of an embedded enclave, ``True`` does so for any enclave,
     ``False`` never does.  ``requirements``: pip requirement lines (a string, one per line,
     or a list) the node installs into a cached virtual environment for these tasks.
+    ``credentials``: whose tasks these are: a token file (default ``$KOTTA_HOME/token``;
+    see ``kotta register``) or a :class:`~kotta_executor.security.credentials.Credentials`.
+    Every task is signed with its access token; ``owner``, if given, must be its user.
     """
 
     def __init__(
@@ -124,6 +146,7 @@ class KottaExecutor(Executor):
         start_node: str | bool = "auto",
         owner: str | None = None,
         requirements: str | Iterable[str] | None = None,
+        credentials: Credentials | str | os.PathLike | None = None,
     ):
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -133,7 +156,16 @@ class KottaExecutor(Executor):
         self._options = Options.make(queue, walltime, requirements)
         self._enclave = open_enclave(enclave)
         self._start_node = start_node
-        self.owner = owner or config.current_user()
+        self._creds = (
+            credentials if isinstance(credentials, Credentials)
+            else _credentials.load(self._enclave, credentials)
+        )
+        self.owner = self._creds.user
+        if owner is not None and owner != self.owner:
+            raise AuthenticationError(
+                f"this client holds the token of {self.owner!r}, so it cannot submit as "
+                f"{owner!r}: tasks run with their owner's rights (use that user's token)"
+            )
         self.client_id = os.urandom(8).hex()
         # Job ids: 128 random bits without a syscall per submit (os.urandom releases the
         # GIL, and getting it back from a busy manager thread can take milliseconds).
@@ -166,7 +198,13 @@ class KottaExecutor(Executor):
     # ------------------------------------------------------------------ Executor API
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> KottaFuture:
-        return self._submit(fn, [(args, kwargs)], self._options)
+        """``fn(*args, **kwargs)`` on a node.  ``inputs=[...]`` and ``outputs=[...]`` of
+        ``s3://`` URIs are staged (docs/security.md) and also passed on to ``fn`` when its
+        signature takes them, as in Cloud Kotta's ``file_sum(inputs=[...])``."""
+        opts = self._options
+        if "inputs" in kwargs or "outputs" in kwargs:
+            opts, kwargs = staging.split_kwargs(fn, opts, kwargs)
+        return self._submit(fn, [(args, kwargs)], opts)
 
     def map(
         self,
@@ -192,10 +230,14 @@ class KottaExecutor(Executor):
     def with_options(
         self, *, queue: str | None = None, walltime: float | _dt.timedelta | None = None,
         requirements: str | Iterable[str] | None = None,
+        inputs: Iterable[str] | None = None, outputs: Iterable[str] | None = None,
     ) -> OptionsView:
         """The same executor with other per-call options: ``ex.with_options(walltime=30).submit(...)``.
-        ``requirements=""`` drops the executor's requirements."""
-        return OptionsView(self, self._options.updated(queue, walltime, requirements))
+        ``requirements=""`` drops the executor's requirements; ``inputs`` / ``outputs`` are
+        dataset URIs staged for every task submitted through the view."""
+        return OptionsView(
+            self, self._options.updated(queue, walltime, requirements, inputs, outputs)
+        )
 
     def attach(self, job_id: str) -> KottaFuture:
         """A future for a job submitted earlier, by this or any other client (a restarted
@@ -210,6 +252,7 @@ class KottaExecutor(Executor):
             job = self._enclave.jobs.get(job_id)
             if job is None:
                 raise UnknownJob(f"no job {job_id} in the enclave {self._enclave.url}")
+            check_job_access(self._enclave, self._creds, job, "attach to")
             f = KottaFuture(job_id, self)
             if job.n != 1:  # a task of a map: the values of its calls, in order
                 f._batch = "values"
@@ -267,6 +310,10 @@ class KottaExecutor(Executor):
         }
         if opts.requirements:  # read by the node, without unpickling anything
             header["requirements"] = opts.requirements
+        if opts.inputs:
+            header["inputs"] = list(opts.inputs)
+        if opts.outputs:
+            header["outputs"] = list(opts.outputs)
         return header
 
     def _new_job(self, job_id: str, fn: Callable, calls: list, opts: Options) -> NewJob:
@@ -278,8 +325,9 @@ class KottaExecutor(Executor):
                 key = f"{section}-{job_id}"
                 self._enclave.blobs.put(key, data)
                 header.setdefault("refs", {})[section] = key
+                header.setdefault("digests", {})[section] = wire.digest(data)
                 sections[section] = b""
-        body = wire.encode(header, sections)
+        body = self._creds.access().sign(header, sections)
         return NewJob(
             job_id, self.owner, self.client_id, opts.queue, header["fn"], opts.walltime, body,
             len(calls),
@@ -696,7 +744,10 @@ class OptionsView(Executor):
         self._options = options
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> KottaFuture:
-        return self._parent._submit(fn, [(args, kwargs)], self._options)
+        opts = self._options
+        if "inputs" in kwargs or "outputs" in kwargs:
+            opts, kwargs = staging.split_kwargs(fn, opts, kwargs)
+        return self._parent._submit(fn, [(args, kwargs)], opts)
 
     def map(self, fn, *iterables, timeout=None, chunksize=1):
         return self._parent._map(fn, iterables, timeout, chunksize, self._options)
@@ -704,8 +755,13 @@ class OptionsView(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass
 
-    def with_options(self, *, queue=None, walltime=None, requirements=None) -> OptionsView:
-        return OptionsView(self._parent, self._options.updated(queue, walltime, requirements))
+    def with_options(
+        self, *, queue=None, walltime=None, requirements=None, inputs=None, outputs=None
+    ) -> OptionsView:
+        return OptionsView(
+            self._parent,
+            self._options.updated(queue, walltime, requirements, inputs, outputs),
+        )
 
 
 def _annotate(exc: BaseException, job_id: str, stderr: str | None) -> None:

@@ -15,6 +15,7 @@ worker.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import shlex
@@ -28,13 +29,16 @@ from .decorator import Connection
 from .errors import ScriptFailed
 from .executor import KottaExecutor, Options
 from .future import KottaFuture
+from .security.staging import declared
 
 JOBTYPES = ("script",)
 
 
-def run_script(executable: str, script_name: str, script: str) -> int:
+def run_script(executable: str, script_name: str, script: str, in_place: bool = False) -> int:
     """Write ``script`` to ``script_name`` in a fresh working directory and run
-    ``executable`` (split as a shell would, not run by one) there.
+    ``executable`` (split as a shell would, not run by one) there.  ``in_place``: in the
+    task's working directory instead, where the node staged its inputs and collects its
+    outputs.
 
     The script inherits file descriptors 1 and 2, so its output is the task's captured
     stdout and stderr.  Returns 0; a non-zero exit raises :class:`ScriptFailed`, so that
@@ -46,7 +50,10 @@ def run_script(executable: str, script_name: str, script: str) -> int:
             stream.flush()
         except Exception:  # noqa: BLE001
             pass
-    with tempfile.TemporaryDirectory(prefix="kotta-script-") as workdir:
+    with contextlib.ExitStack() as stack:
+        workdir = os.getcwd() if in_place else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="kotta-script-")
+        )
         path = os.path.join(workdir, script_name)
         with open(path, "w", encoding="utf-8") as f:
             f.write(script)
@@ -75,8 +82,9 @@ class KottaJob:
     saved as ``script_name``.
 
     ``walltime``: minutes (or a ``timedelta``); ``queue``: ``test`` or ``production``.
-    ``inputs`` and ``outputs`` (data staging) are not implemented yet: non-empty lists
-    raise :class:`NotImplementedError`.
+    ``inputs`` / ``outputs``: dataset URIs (``s3://...``) staged into the working
+    directory under their basenames before the script runs, and uploaded from there after
+    it exits 0 (docs/security.md).
     """
 
     def __init__(
@@ -94,12 +102,7 @@ class KottaJob:
     ):
         if jobtype not in JOBTYPES:
             raise ValueError(f"unknown jobtype {jobtype!r}: only {', '.join(JOBTYPES)} jobs exist")
-        for name, value in (("inputs", inputs), ("outputs", outputs)):
-            if value:
-                raise NotImplementedError(
-                    f"script jobs cannot stage {name} yet (data staging is not implemented): "
-                    f"pass {name}=[] and read or write the data from the script itself"
-                )
+        ins, outs = declared(inputs or (), outputs or ())  # InvalidDataUri now, not at submit
         if not isinstance(executable, str) or not shlex.split(executable):
             raise ValueError(f"executable must be a non-empty command line, not {executable!r}")
         if not isinstance(script, str):
@@ -109,8 +112,8 @@ class KottaJob:
         self.executable = executable
         self.script_name = _check_script_name(script_name)
         self.script = script
-        self.inputs = list(inputs or [])
-        self.outputs = list(outputs or [])
+        self.inputs = list(ins)
+        self.outputs = list(outs)
         Options.make(queue, walltime)  # refuse a bad queue or walltime now, not at submit
         self.queue = queue
         self.walltime = walltime
@@ -137,8 +140,11 @@ class KottaJob:
                 f"submit needs a connection (kotta_executor.connect()) or a KottaExecutor, "
                 f"not {konn!r}"
             )
-        view = ex.with_options(queue=self.queue, walltime=self.walltime)
-        self.future = view.submit(run_script, self.executable, self.script_name, self.script)
+        view = ex.with_options(queue=self.queue, walltime=self.walltime,
+                               inputs=self.inputs, outputs=self.outputs)
+        staged = bool(self.inputs or self.outputs)
+        self.future = view.submit(run_script, self.executable, self.script_name, self.script,
+                                  staged)
         return self.future.job_id
 
     def _submitted(self) -> KottaFuture:

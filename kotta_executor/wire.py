@@ -15,6 +15,9 @@ Task header:   kind="task", job_id, owner, client, queue, walltime (seconds), cr
                large to travel inline; the node fetches them before a worker sees the task).
                optional requirements (pip requirement lines, normalised and sorted, one per
                line; the node runs the task in a cached venv with them installed).
+               auth: the access token id (security/tokens.py); the envelope ends with a
+               ``mac`` section signing all of it.  digests: {section: sha256} of refs.
+               optional inputs / outputs: dataset URIs to stage (security/staging).
                sections: fn = cloudpickle(fn), args = cloudpickle([(args, kwargs), ...])
                (apart, so that a worker can reuse a function it has already unpickled)
 Result header: kind="result", job_id, outcome, n, optional error, usage.
@@ -29,6 +32,8 @@ Result header: kind="result", job_id, outcome, n, optional error, usage.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import pickle
 import re
@@ -43,7 +48,13 @@ from tblib import Traceback
 from . import errors
 
 MAGIC = b"KOTTA"
-VERSION = 1
+#: 2: task envelopes are signed (an ``auth`` header field and a trailing ``mac`` section)
+#: and big sections travel with their SHA-256 (``digests``).  Version 1 envelopes still
+#: parse (the layout is the same), but nodes refuse unsigned tasks.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAC_SECTION = "mac"
+MAC_BYTES = 32
 _PREFIX = struct.Struct(">5sBI")
 MAX_HEADER = 1 << 20
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
@@ -65,6 +76,10 @@ FAILURE_TYPES: dict[str, type[errors.JobFailed]] = {
         errors.DeliveryFailed,
         errors.CorruptTask,
         errors.RequirementsError,
+        errors.TaskRejected,
+        errors.DataAccessDenied,
+        errors.StagingFailed,
+        errors.EgressDenied,
     )
 }
 
@@ -119,12 +134,50 @@ class Envelope:
 # --------------------------------------------------------------------------- framing
 
 
-def encode(header: dict[str, Any], sections: dict[str, bytes] | None = None) -> bytes:
-    sections = {k: v for k, v in (sections or {}).items() if v}
+def encode(
+    header: dict[str, Any], sections: dict[str, bytes] | None = None, *, mac_key: bytes | None = None
+) -> bytes:
+    """Frame an envelope; with ``mac_key``, end it with a ``mac`` section: HMAC-SHA256 of
+    every byte before it (header, section table and sections alike)."""
+    sections = {k: v for k, v in (sections or {}).items() if v and k != MAC_SECTION}
     head = dict(header)
     head["sections"] = [[name, len(data)] for name, data in sections.items()]
+    if mac_key is not None:
+        head["sections"].append([MAC_SECTION, MAC_BYTES])
     raw = json.dumps(head, separators=(",", ":"), sort_keys=True).encode()
-    return b"".join([_PREFIX.pack(MAGIC, VERSION, len(raw)), raw, *sections.values()])
+    body = b"".join([_PREFIX.pack(MAGIC, VERSION, len(raw)), raw, *sections.values()])
+    if mac_key is not None:
+        body += hmac.new(mac_key, body, hashlib.sha256).digest()
+    return body
+
+
+def is_signed(header: dict[str, Any]) -> bool:
+    """Whether a decoded header lists a ``mac`` section (the last one)."""
+    secs = header.get("sections") or []
+    return bool(secs) and secs[-1] == [MAC_SECTION, MAC_BYTES]
+
+
+def verify_mac(data: bytes, key: bytes, *, parsed: bool = False) -> bool:
+    """Whether ``data`` is an envelope that ends in a valid ``mac`` under ``key``.
+
+    ``parsed``: the caller already checked the framing (``peek_header``); then only the
+    HMAC is computed: no one without the key can make the last 32 bytes the HMAC of all
+    before them, whatever the header lists."""
+    if not parsed:
+        try:
+            header, _ = _parse(data)
+        except errors.EnvelopeError:
+            return False
+        if not is_signed(header):
+            return False
+    if len(data) <= MAC_BYTES:
+        return False
+    expected = hmac.new(key, data[:-MAC_BYTES], hashlib.sha256).digest()
+    return hmac.compare_digest(expected, data[-MAC_BYTES:])
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def decode(data: bytes | memoryview) -> Envelope:
@@ -152,9 +205,10 @@ def _parse(data: bytes) -> tuple[dict[str, Any], int]:
     magic, version, hlen = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise errors.EnvelopeError("not a kotta envelope: bad magic bytes")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise errors.EnvelopeError(
-            f"unsupported envelope version {version} (this kotta-executor reads {VERSION})"
+            f"unsupported envelope version {version} (this kotta-executor reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     if hlen > MAX_HEADER or _PREFIX.size + hlen > len(data):
         raise errors.EnvelopeError("truncated kotta envelope: header runs past the end")
@@ -188,8 +242,17 @@ def _check_header(header: Any) -> None:
         raise errors.EnvelopeError(f"{kind} envelope has a malformed job id")
     if header["n"] < 1:
         raise errors.EnvelopeError(f"{kind} envelope must carry at least one call")
-    if kind == "task" and not (0 < header["walltime"] < float("inf")):
-        raise errors.EnvelopeError("task envelope walltime must be positive and finite")
+    if kind == "task":
+        finite = {}
+        for name in ("walltime", "created"):  # a huge int would overflow float() later
+            try:
+                finite[name] = abs(float(header[name])) < float("inf")
+            except OverflowError:
+                finite[name] = False
+        if not finite["walltime"] or header["walltime"] <= 0:
+            raise errors.EnvelopeError("task envelope walltime must be positive and finite")
+        if not finite["created"]:
+            raise errors.EnvelopeError("task envelope created must be a finite time")
     if kind == "task" and not isinstance(header.get("requirements", ""), str):
         raise errors.EnvelopeError("task envelope field 'requirements' must be a string")
     if kind == "result" and header["outcome"] not in OUTCOMES:
@@ -205,6 +268,10 @@ def _check_header(header: Any) -> None:
         for s in secs
     ):
         raise errors.EnvelopeError("kotta envelope section table is malformed")
+    if any(s[0] == MAC_SECTION for s in secs[:-1]) or (
+        secs and secs[-1][0] == MAC_SECTION and secs[-1][1] != MAC_BYTES
+    ):
+        raise errors.EnvelopeError("kotta envelope's mac must be its last section, of 32 bytes")
 
 
 # --------------------------------------------------------------------------- replies
@@ -214,12 +281,13 @@ def _check_header(header: Any) -> None:
 #     (4 bytes) | result envelope, or nothing: "read the result from the job table")
 
 REPLY_MAGIC = b"KRPL"
+REPLY_VERSION = 1
 _REPLY_PREFIX = struct.Struct(">4sBI")
 _REPLY_ITEM = struct.Struct(">32sI")
 
 
 def pack_replies(items: Sequence[tuple[str, bytes]]) -> bytes:
-    parts = [_REPLY_PREFIX.pack(REPLY_MAGIC, VERSION, len(items))]
+    parts = [_REPLY_PREFIX.pack(REPLY_MAGIC, REPLY_VERSION, len(items))]
     for job_id, body in items:
         parts.append(_REPLY_ITEM.pack(job_id.encode("ascii"), len(body)))
         parts.append(body)
@@ -231,7 +299,7 @@ def unpack_replies(data: bytes) -> list[tuple[str, bytes]]:
     if len(data) < _REPLY_PREFIX.size:
         raise errors.EnvelopeError("not a kotta reply: too short")
     magic, version, count = _REPLY_PREFIX.unpack_from(data)
-    if magic != REPLY_MAGIC or version != VERSION:
+    if magic != REPLY_MAGIC or version != REPLY_VERSION:
         raise errors.EnvelopeError("not a kotta reply of a version this client reads")
     pos, out = _REPLY_PREFIX.size, []
     for _ in range(count):
@@ -526,7 +594,7 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
         err = err if isinstance(err, dict) else {}
         cls = FAILURE_TYPES.get(err.get("type"), errors.JobFailed)
         exc = cls(err.get("message", "the task failed"), job_id=job_id)
-        for key in ("exitcode", "signal"):
+        for key in ("exitcode", "signal", "handle"):
             if key in err:
                 setattr(exc, key, err[key])
         return [(False, exc)] * n

@@ -37,10 +37,14 @@ import psutil
 from kotta_executor import config as kconfig
 from kotta_executor import wire
 from kotta_executor.backends.base import Delivery, Enclave, Finished, Message, NodeInfo, reply_queue
-from kotta_executor.errors import EnvelopeError
+from kotta_executor.errors import AuthenticationError, EnvelopeError, InvalidDataUri
+from kotta_executor.security.audit import AuditLog
+from kotta_executor.security.staging import declared
+from kotta_executor.security.tokens import Verifier
 from kotta_executor.states import JobState
 
 from . import envs, pool
+from .datasteps import DataSteps, declares_data
 from .monitor import Monitor, read_tree
 from .pool import Task, Worker
 
@@ -79,6 +83,8 @@ class NodeConfig:
     memory_limit: int | None = None
     #: the longest walltime (seconds) the node accepts; None: the queue's cap
     max_walltime: float | None = None
+    #: MB of staged inputs the node keeps in its cache between tasks
+    stage_cache_mb: int = 2048
 
 
 class Node:
@@ -118,6 +124,11 @@ class Node:
         self._poller: threading.Thread | None = None
         # venvs for tasks with requirements, built in background threads (node/envs.py)
         self.envs = envs.EnvCache(envs.default_root(enclave.local), self.request_wake)
+        self.verifier = Verifier(enclave)
+        self.audit = AuditLog(enclave)
+        self._audit_later: list[dict] = []
+        stage_root = envs.default_root(enclave.local).parent / "stage" / self.node_id
+        self.data = DataSteps(self, stage_root, config.stage_cache_mb * 1024 * 1024)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -144,6 +155,7 @@ class Node:
     def step(self) -> None:
         self._wait()
         self._collect()
+        self.data.collect()
         self._report()
         self._police()
         with self.enclave.atomic():  # one transaction; pipes are written after it
@@ -156,7 +168,11 @@ class Node:
 
     def _wake_clients(self) -> None:
         """Ring the clients that have replies, last: by then this node holds no database
-        lock and wants no CPU, so a client's read of its replies does not wait for it."""
+        lock and wants no CPU, so a client's read of its replies does not wait for it.
+        (Audit records of the step are written here too, outside its transaction.)"""
+        while self._audit_later:
+            record = self._audit_later.pop(0)
+            self.audit.append(record.pop("action"), **record)
         for client in self._ring_later:
             self.enclave.ring_client(client)
         self._ring_later.clear()
@@ -202,7 +218,8 @@ class Node:
 
     def _holding(self) -> bool:
         return bool(
-            self.pending or self.finished or self._inbox or any(w.inflight for w in self.workers)
+            self.pending or self.finished or self._inbox or self.data.active
+            or any(w.inflight for w in self.workers)
         )
 
     def _drain(self) -> None:
@@ -221,9 +238,12 @@ class Node:
                 t = w.inflight.pop()
                 self.enclave.queue.release([t.delivery])
         deadline = time.monotonic() + self.config.drain_timeout
-        while any(w.inflight for w in self.workers) and time.monotonic() < deadline:
+        while (self.data.active or any(w.inflight for w in self.workers)) and (
+            time.monotonic() < deadline
+        ):
             self._wait()
             self._collect()
+            self.data.collect()
             self._report()
             self._police()
             self._upkeep()
@@ -233,10 +253,14 @@ class Node:
                 log.warning("drain timeout: handing back %s", [t.job_id for t in w.inflight])
                 self.enclave.queue.release([t.delivery for t in w.inflight])
                 w.inflight.clear()
+        # staged meanwhile, not started: hand back (their work directories go with _stop)
+        self.enclave.queue.release([t.delivery for t in self.pending])
+        self.pending.clear()
         self._report()
         self._wake_clients()
 
     def _stop(self) -> None:
+        self.data.close()
         for w in self.workers:
             w.tasks.close()  # EOF: an idle worker exits by itself
         for w in self.workers:
@@ -324,7 +348,10 @@ class Node:
         if task.monitor is not None:  # a long task: add the node's samples to its usage
             usage = task.monitor.merge(usage)
             data = _with_usage(data, usage)
-        self._queue_finish(task, task.delivery, Finished(task.job_id, state, data, h.get("reason"), usage), task.header["client"])
+        fin = Finished(task.job_id, state, data, h.get("reason"), usage)
+        if task.staged is not None and self.data.finish_from_worker(task, data, fin):
+            return  # egress checks, then outputs, in node/datasteps.py
+        self._queue_finish(task, task.delivery, fin, task.header["client"])
 
     def _queue_finish(self, task: Task | None, delivery: Delivery, fin: Finished, client: str) -> None:
         self.finished.append((task, delivery, fin, client))
@@ -497,6 +524,16 @@ class Node:
                 self.request_wake()
 
     def _accept(self, d: Delivery) -> None:
+        """Take one delivery; one that breaks our checks in an unforeseen way is
+        dead-lettered as corrupt, so that it cannot stop the node (or every node)."""
+        try:
+            self._accept_one(d)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            log.exception("cannot accept job %s", d.job_id)
+            self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: "
+                                           f"{type(exc).__name__}: {exc}")
+
+    def _accept_one(self, d: Delivery) -> None:
         if d.receive_count > self.config.max_deliveries:
             reason = f"job {d.job_id} was delivered {d.receive_count - 1} times without completing"
             self._reject(d, "DeliveryFailed", reason)
@@ -505,16 +542,25 @@ class Node:
             header = wire.peek_header(d.body)
             if header["kind"] != "task" or header["job_id"] != d.job_id:
                 raise EnvelopeError("the message is not the task of the job it names")
+        except (EnvelopeError, KeyError, ValueError) as exc:
+            self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
+            return
+        try:  # who sent it: the signature over the whole envelope, the token behind it
+            claims = self.verifier.verify(d.body, header)
+        except AuthenticationError as exc:
+            self._refuse(d, header, str(exc))
+            return
+        try:
+            if declares_data(header):
+                declared(header.get("inputs") or (), header.get("outputs") or ())
+        except InvalidDataUri as exc:
+            self._reject(d, "CorruptTask", f"job {d.job_id} declares bad data: {exc}")
+            return
+        try:
             data = d.body
             refs = header.get("refs")
             if refs:  # sections too big for a message: fetch them (as bytes)
-                if not isinstance(refs, dict):
-                    raise EnvelopeError("the task's refs are malformed")
-                env = wire.decode(d.body)
-                sections = dict(env.sections)
-                for name, key in refs.items():
-                    sections[name] = self.enclave.blobs.get(key)
-                data = wire.encode({k: v for k, v in header.items() if k != "refs"}, sections)
+                data = self._fetch_refs(d, header, refs)
         except (EnvelopeError, KeyError, ValueError) as exc:
             self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
             return
@@ -528,7 +574,35 @@ class Node:
             fin = Finished(d.job_id, JobState.FAILED, data, reason)
             self._queue_finish(Task(d, header, b""), d, fin, header["client"])
             return
-        self.pending.append(Task(d, header, data))
+        self.pending.append(Task(d, header, data, claims=claims))
+
+    def _fetch_refs(self, d: Delivery, header: dict, refs) -> bytes:
+        """The task with its big sections fetched from blobs, each checked against the
+        SHA-256 the (signed) header carries."""
+        digests = header.get("digests") or {}
+        if not isinstance(refs, dict) or not isinstance(digests, dict):
+            raise EnvelopeError("the task's refs are malformed")
+        sections = dict(wire.decode(d.body).sections)
+        for name, key in refs.items():
+            blob = self.enclave.blobs.get(key)
+            if digests.get(name) != wire.digest(blob):
+                raise EnvelopeError(f"the section {name!r} in blob {key} was altered")
+            sections[name] = blob
+        sections.pop(wire.MAC_SECTION, None)
+        head = {k: v for k, v in header.items() if k not in ("refs", "digests")}
+        return wire.encode(head, sections)
+
+    def _refuse(self, d: Delivery, header: dict, why: str) -> None:
+        """A task whose sender could not be verified: dead-lettered, audited, and its job
+        (if it has one, not yet final) failed with TaskRejected."""
+        owner = header.get("owner")
+        # audited after the step's transaction: a record written inside it and rolled back
+        # would leave a gap in the audit chain (a false "deleted record")
+        self._audit_later.append(dict(
+            action="task-rejected", user=str(owner), allowed=False, job_id=d.job_id,
+            detail=f"node {self.node_id}, claimed owner not verified: {why}",
+        ))
+        self._reject(d, "TaskRejected", f"job {d.job_id} was refused by the node: {why}")
 
     def _reject(self, d: Delivery, etype: str, reason: str) -> None:
         log.warning("dead-lettering: %s", reason)
@@ -555,8 +629,12 @@ class Node:
         deep = self._backlogged or len(self.pending) >= 4 * self.config.workers
         caps = {w: w.depth if deep else 1 for w in load}
         skipped: deque[Task] = deque()
+        to_stage: list[Task] = []
         while self.pending:
             task = self.pending.popleft()
+            if task.staged is None and declares_data(task.header):
+                to_stage.append(task)  # its data first (node/datasteps.py)
+                continue
             env = None
             if task.header.get("requirements"):
                 status, env = self.envs.get(task.header["requirements"])
@@ -578,21 +656,28 @@ class Node:
             plan.append((task, w))
         skipped.extend(self.pending)
         self.pending = skipped
+        if to_stage:
+            self.data.start_in(to_stage)
         if not plan:
             return frames
         started = set(
             self.enclave.jobs.transition([t.job_id for t, _ in plan], JobState.PROCESSING, node=self.node_id)
         )
-        dropped = [task for task, _ in plan if task.job_id not in started]
-        if dropped:  # cancelled meanwhile, or already finished: tell the clients, drop
-            self.enclave.queue.ack([task.delivery for task in dropped])
-            for task in dropped:
-                self._reply(task.header["client"], [(task.job_id, b"")])
-                self._ring_later.add(task.header["client"])
+        for task, _ in plan:
+            if task.job_id not in started:  # cancelled meanwhile, or already finished
+                self.drop(task)
         for task, w in plan:
             if task.job_id in started:
                 frames.setdefault(w, []).append(task)
         return frames
+
+    def drop(self, task: Task) -> None:
+        """A task whose job was cancelled or finished meanwhile: tell its client, ack it."""
+        self.enclave.queue.ack([task.delivery])
+        self._reply(task.header["client"], [(task.job_id, b"")])
+        self._ring_later.add(task.header["client"])
+        if task.staged is not None:
+            self.data.discard(task)
 
     def _hand_out(self, frames: dict[Worker, list[Task]]) -> None:
         """Write each worker its tasks, in one write."""
@@ -648,6 +733,7 @@ class Node:
         self._last_upkeep = now
         held = [t.delivery for t in self.pending]
         held += [t.delivery for w in self.workers for t in w.inflight]
+        held += self.data.held()
         if held:
             self.enclave.queue.extend(held, self.config.visibility_timeout)
         self.enclave.nodes.heartbeat(self.node_id)

@@ -41,6 +41,8 @@ class Task:
     data: bytes
     started: float | None = None  # when it began running on a worker (monotonic)
     monitor: Any = None  # a node.monitor.Monitor once the task has run for a while
+    claims: Any = None  # who signed it (kotta_executor.security.tokens.Claims)
+    staged: Any = None  # its working directory and credentials (node.datasteps.Staged)
 
     @property
     def job_id(self) -> str:

@@ -95,7 +95,30 @@ _FUNCTIONS = _LRU(64)
 
 
 def run_task(data: bytes) -> bytes:
+    """Run one task; in its working directory, with its scoped credentials in the
+    environment, when the node staged data for it (``workdir``, ``env`` in the header
+    the node wrote)."""
     env = wire.decode(data)
+    workdir, task_env = env.header.get("workdir"), env.header.get("env") or {}
+    if not workdir and not task_env:
+        return _run_task(env)
+    cwd = os.getcwd()
+    saved = {k: os.environ.get(k) for k in task_env}
+    os.environ.update(task_env)
+    try:
+        if workdir:
+            os.chdir(workdir)
+        return _run_task(env)
+    finally:
+        os.chdir(cwd)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_task(env: wire.Envelope) -> bytes:
     h = env.header
     job_id = h["job_id"]
     os.environ["KOTTA_JOB_ID"] = job_id

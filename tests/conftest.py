@@ -93,6 +93,38 @@ def make_executor(enclave_dir):
         _finish(ex)
 
 
+def make_user(enclave: EmbeddedEnclave | object, name: str, token_dir: Path, *, role: str = "analyst",
+              admin: bool = False) -> Path:
+    """Register ``name`` with the enclave (the OS user, its first admin, adds them) and
+    write their token file; the path goes to ``KottaExecutor(credentials=...)``."""
+    from kotta_executor.security import credentials
+    from kotta_executor.security.audit import AuditLog
+    from kotta_executor.security.tokens import TokenService
+
+    boss = credentials.load(enclave)
+    svc = TokenService(enclave, AuditLog(enclave))
+    if svc.user(name) is None:
+        svc.add_user(name, role, admin=admin, by=boss.user)
+    path = token_dir / f"{name}.token"
+    credentials.register(enclave, svc.issue_refresh(name, by=boss.user), path)
+    return path
+
+
+@pytest.fixture
+def user_token(enclave_dir, tmp_path):
+    """``user_token("alice", role="analyst")``: a token file for a registered user."""
+    enclaves: list[EmbeddedEnclave] = []
+
+    def make(name: str, *, role: str = "analyst", admin: bool = False) -> Path:
+        if not enclaves:
+            enclaves.append(EmbeddedEnclave(enclave_dir))
+        return make_user(enclaves[0], name, tmp_path / "tokens", role=role, admin=admin)
+
+    yield make
+    for e in enclaves:
+        e.close()
+
+
 class NodeProcess:
     """A ``python -m node`` process on the test's enclave."""
 

@@ -280,3 +280,42 @@ def allocate_and_sleep(mb, seconds=60.0, step_mb=10):
         time.sleep(0.01)
     time.sleep(seconds)
     return len(held)
+
+
+# ----------------------------------------------------------------------------- data tasks
+
+
+def file_sum(inputs=()):
+    """Cloud Kotta's example: the sum of the integers, one per line, of the first input
+    (staged into the working directory under its basename)."""
+    total = 0
+    with open(os.path.basename(inputs[0])) as f:
+        for line in f:
+            total += int(line)
+    return total
+
+
+def write_file(name, text):
+    """Write ``text`` to ``name`` in the task's working directory; return the directory."""
+    with open(name, "w") as f:
+        f.write(text)
+    return os.getcwd()
+
+
+def symlink_out(name, target):
+    """Make ``name`` in the working directory a symlink to ``target`` (an escape attempt)."""
+    os.symlink(target, name)
+    return os.getcwd()
+
+
+def read_staged_and_env(name, *keys):
+    """What a staged input holds, where the task runs, and some of its environment."""
+    with open(name) as f:
+        text = f.read()
+    return text, os.getcwd(), {k: os.environ.get(k) for k in keys}
+
+
+def chatty(nbytes):
+    """Print ``nbytes`` bytes and return a small value."""
+    sys.stdout.write("x" * nbytes)
+    return "done"

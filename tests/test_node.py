@@ -304,10 +304,10 @@ def test_workers_are_reused_and_replaced_after_a_crash(start_node, make_executor
     assert ex.submit(tasks.square, 8).result(GUARD) == 64
 
 
-def test_workers_are_never_shared_between_owners(start_node, make_executor):
+def test_workers_are_never_shared_between_owners(start_node, make_executor, user_token):
     start_node(workers=1)
-    alice = make_executor(1, start_node=False, owner="alice")
-    bob = make_executor(1, start_node=False, owner="bob")
+    alice = make_executor(1, start_node=False, credentials=user_token("alice"))
+    bob = make_executor(1, start_node=False, credentials=user_token("bob"))
     a1 = alice.submit(tasks.worker_pid).result(GUARD)
     b1 = bob.submit(tasks.worker_pid).result(GUARD)
     a2 = alice.submit(tasks.worker_pid).result(GUARD)

@@ -125,13 +125,13 @@ def test_missing_executable_fails_the_job(konn):
     assert job.status() == "failed"
 
 
-def test_staging_and_bad_arguments_are_refused(konn):
-    with pytest.raises(NotImplementedError, match="inputs"):
+def test_bad_data_and_arguments_are_refused(konn):
+    with pytest.raises(kotta_executor.errors.InvalidDataUri, match="steps out"):
         KottaJob(
             jobtype="script", executable="/bin/bash a.sh", script_name="a.sh", script="true",
-            inputs=["s3://bucket/data.csv"],
+            inputs=["s3://bucket/../data.csv"],
         )
-    with pytest.raises(NotImplementedError, match="outputs"):
+    with pytest.raises(kotta_executor.errors.InvalidDataUri, match="s3://"):
         KottaJob(
             jobtype="script", executable="/bin/bash a.sh", script_name="a.sh", script="true",
             outputs=["result.csv"],

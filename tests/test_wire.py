@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import operator
 import os
@@ -170,7 +172,7 @@ def test_encode_decode_round_trip(header: dict[str, Any], sections: dict[str, by
 
     # framing: magic, version, header length, then the header and the sections back to back
     magic, version, hlen = PREFIX.unpack_from(data)
-    assert (magic, version) == (b"KOTTA", 1)
+    assert (magic, version) == (b"KOTTA", 2)
     raw = json.loads(data[PREFIX.size : PREFIX.size + hlen])
     assert raw["sections"] == [[name, len(body)] for name, body in sections.items() if body]
     assert len(data) == PREFIX.size + hlen + sum(len(body) for body in sections.values())
@@ -294,7 +296,7 @@ def _valid_result(**overrides: Any) -> bytes:
         pytest.param(b"KOTTB" + _valid_result()[5:], r"bad magic bytes", id="wrong-magic"),
         pytest.param(b"\x00" * 64, r"bad magic bytes", id="zeros"),
         pytest.param(
-            b"KOTTA\x02" + _valid_result()[6:], r"unsupported envelope version 2", id="version-2"
+            b"KOTTA\x03" + _valid_result()[6:], r"unsupported envelope version 3", id="version-3"
         ),
         pytest.param(
             b"KOTTA\x00" + _valid_result()[6:], r"unsupported envelope version 0", id="version-0"
@@ -491,7 +493,8 @@ def test_task_header_validates_its_fields() -> None:
 # =========================================================================== pinned envelopes
 #
 # These bytes were produced once by wire.encode / wire.failure (envelope version 1) and pasted
-# here.  If one of these tests fails, the wire format changed: nodes and clients of different
+# here.  Version 2 (signed tasks) kept the layout: it still reads them, and writes the same
+# bytes but for the version byte (``as_v2``).  If one of these tests fails, the wire format changed: nodes and clients of different
 # versions may no longer understand each other.  Changing it must be a conscious decision
 # (bump wire.VERSION, keep reading the old version or document the break), never a side effect.
 
@@ -610,12 +613,18 @@ def test_pinned_envelope_decodes(data: bytes, header: dict, sections: dict[str, 
 def test_pinned_envelope_encodes_to_the_same_bytes(
     data: bytes, header: dict, sections: dict[str, bytes]
 ) -> None:
-    assert wire.encode(header, sections) == data
+    assert wire.encode(header, sections) == as_v2(data)
+
+
+def as_v2(v1: bytes) -> bytes:
+    return v1[:5] + b"\x02" + v1[6:]
 
 
 def test_pinned_constants() -> None:
     assert wire.MAGIC == b"KOTTA"
-    assert wire.VERSION == 1
+    assert wire.VERSION == 2
+    assert wire.READABLE_VERSIONS == (1, 2)
+    assert (wire.MAC_SECTION, wire.MAC_BYTES) == ("mac", 32)
     assert wire.OUTCOMES == ("ok", "error", "failed")
 
 
@@ -646,7 +655,7 @@ def test_failure_reproduces_the_pinned_failed_envelope() -> None:
         exitcode=-9,
         signal=9,
     )
-    assert data == PINNED_RESULT_FAILED
+    assert data == as_v2(PINNED_RESULT_FAILED)
 
 
 # =========================================================================== replies
@@ -1331,6 +1340,10 @@ FAILURE_CASES = {
     "DeliveryFailed": (errors.DeliveryFailed, ()),
     "CorruptTask": (errors.CorruptTask, ()),
     "RequirementsError": (errors.RequirementsError, ()),
+    "TaskRejected": (errors.TaskRejected, (PermissionError,)),
+    "DataAccessDenied": (errors.DataAccessDenied, (PermissionError,)),
+    "StagingFailed": (errors.StagingFailed, ()),
+    "EgressDenied": (errors.EgressDenied, (PermissionError,)),
 }
 
 
@@ -1434,3 +1447,45 @@ def test_failure_errors_survive_pickling(name: str) -> None:
     assert type(again) is type(exc)
     assert str(again) == "m"
     assert (again.job_id, again.exitcode, again.signal) == (JOB_ID, 1, None)
+
+
+# =========================================================================== signed tasks
+# A task envelope ends with a ``mac`` section: HMAC-SHA256 over every byte before it.
+
+MAC_KEY = bytes(range(32))
+
+
+def _signed_task() -> bytes:
+    return wire.encode(
+        {**PINNED_TASK_HEADER, "auth": "kat1.e30"},
+        {"fn": PINNED_TASK_FN, "args": PINNED_TASK_ARGS},
+        mac_key=MAC_KEY,
+    )
+
+
+def test_signed_envelope_lists_its_mac_last_and_verifies() -> None:
+    data = _signed_task()
+    env = wire.decode(data)
+    assert wire.is_signed({"sections": [[k, len(v)] for k, v in env.sections.items()]})
+    assert list(env.sections) == ["fn", "args", "mac"]
+    assert env.sections["mac"] == hmac.new(MAC_KEY, data[:-32], hashlib.sha256).digest()
+    assert wire.verify_mac(data, MAC_KEY)
+    assert not wire.verify_mac(data, bytes(32)), "another key must not verify it"
+    assert not wire.verify_mac(wire.encode(PINNED_TASK_HEADER, {"fn": b"x"}), MAC_KEY)
+
+
+@FAST
+@given(st.data())
+def test_any_changed_byte_breaks_the_signature(data) -> None:
+    signed = bytearray(_signed_task())
+    i = data.draw(st.integers(0, len(signed) - 1))
+    signed[i] ^= data.draw(st.integers(1, 255))
+    assert not wire.verify_mac(bytes(signed), MAC_KEY)
+
+
+def test_mac_must_be_the_last_section() -> None:
+    head = {**PINNED_TASK_HEADER, "sections": [["mac", 32], ["fn", 1]]}
+    raw = json.dumps(head).encode()
+    data = PREFIX.pack(b"KOTTA", 2, len(raw)) + raw + bytes(32) + b"x"
+    with pytest.raises(errors.EnvelopeError, match="mac must be its last section"):
+        wire.decode(data)

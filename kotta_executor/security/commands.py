@@ -1,0 +1,263 @@
+"""The security commands of ``kotta``: register, whoami, user, token, dataset, policy.
+
+``add_parsers(subparsers)`` adds them; each parsed command carries its handler as
+``args.security_handler``.  Managing users, tokens, datasets and policies takes an admin;
+anyone may ``register``, ask ``whoami``, list datasets, see policies and revoke their
+own tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..backends import open_enclave
+from ..errors import AccessDenied
+from . import credentials
+
+
+def add_parsers(sub) -> None:
+    r = sub.add_parser("register", help="store a registration token from an enclave admin")
+    r.add_argument("token", help="the registration (refresh) token, krt1.ID.SECRET")
+    r.set_defaults(security_handler=cmd_register)
+
+    w = sub.add_parser("whoami", help="the user and role of your token")
+    w.set_defaults(security_handler=cmd_whoami)
+
+    u = sub.add_parser("user", help="manage users (admins)")
+    us = u.add_subparsers(dest="user_command", required=True)
+    a = us.add_parser("add", help="add a user; prints their registration token")
+    a.add_argument("name")
+    a.add_argument("--role", required=True)
+    a.add_argument("--admin", action="store_true")
+    a.set_defaults(security_handler=cmd_user_add)
+    ls = us.add_parser("list", help="list users")
+    ls.set_defaults(security_handler=cmd_user_list)
+    for verb in ("disable", "enable"):
+        p = us.add_parser(verb, help=f"{verb} a user (disabling revokes their access at once)")
+        p.add_argument("name")
+        p.set_defaults(security_handler=cmd_user_disable, disable=verb == "disable")
+
+    t = sub.add_parser("token", help="registration tokens: issue, revoke, list")
+    ts = t.add_subparsers(dest="token_command", required=True)
+    i = ts.add_parser("issue", help="a new registration token for a user (admins)")
+    i.add_argument("user")
+    i.add_argument("--days", type=float, default=90.0, help="valid this many days (default 90)")
+    i.set_defaults(security_handler=cmd_token_issue)
+    rv = ts.add_parser("revoke", help="revoke a registration token and its access tokens")
+    rv.add_argument("token", help="the token's id, or the whole token")
+    rv.set_defaults(security_handler=cmd_token_revoke)
+    tl = ts.add_parser("list", help="registration tokens (yours; all for admins)")
+    tl.add_argument("--user")
+    tl.set_defaults(security_handler=cmd_token_list)
+
+    d = sub.add_parser("dataset", help="protected datasets: add, list, put")
+    ds = d.add_subparsers(dest="dataset_command", required=True)
+    da = ds.add_parser("add", help="register a dataset by URI (admins)")
+    da.add_argument("uri", help="s3://bucket/prefix/ or s3://bucket/object")
+    da.add_argument("--description", default="")
+    da.add_argument("--egress", choices=["allow", "deny"], default="allow",
+                    help="whether data read from it may leave the enclave (default allow)")
+    da.add_argument("--egress-cap", type=int, metavar="BYTES",
+                    help="bytes a task that read it may return to its client")
+    da.set_defaults(security_handler=cmd_dataset_add)
+    dr = ds.add_parser("remove", help="unregister a dataset and its policies (admins)")
+    dr.add_argument("uri")
+    dr.set_defaults(security_handler=cmd_dataset_remove)
+    dl = ds.add_parser("list", help="registered datasets")
+    dl.set_defaults(security_handler=cmd_dataset_list)
+    dp = ds.add_parser("put", help="store a file as an object of a dataset (admins)")
+    dp.add_argument("uri")
+    dp.add_argument("file", type=Path)
+    dp.set_defaults(security_handler=cmd_dataset_put)
+
+    p = sub.add_parser("policy", help="per-role dataset policies: grant, revoke, show")
+    ps = p.add_subparsers(dest="policy_command", required=True)
+    for verb, help_ in (("grant", "allow (or --deny) a role an action"),
+                        ("revoke", "remove a role's statement")):
+        g = ps.add_parser(verb, help=f"{help_} on a dataset (admins)")
+        g.add_argument("role")
+        g.add_argument("dataset")
+        g.add_argument("action", choices=["read", "write"])
+        if verb == "grant":
+            g.add_argument("--deny", action="store_true",
+                           help="an explicit deny, which overrides any allow")
+        g.set_defaults(security_handler=cmd_policy_grant if verb == "grant" else cmd_policy_revoke)
+    sh = ps.add_parser("show", help="policy statements")
+    sh.add_argument("--role")
+    sh.add_argument("--dataset")
+    sh.set_defaults(security_handler=cmd_policy_show)
+
+
+def _setup(args, *, admin: bool = False):
+    enclave = open_enclave(args.enclave)
+    creds = credentials.load(enclave)
+    if admin and not creds.admin:
+        raise AccessDenied(f"only an admin of {enclave.url} may do this ({creds.user} is not one)")
+    return enclave, creds
+
+
+def _services(enclave):
+    from .audit import AuditLog
+    from .policy import PolicyStore
+    from .tokens import TokenService
+
+    audit = AuditLog(enclave)
+    return TokenService(enclave, audit), PolicyStore(enclave.records, audit)
+
+
+def cmd_register(args) -> int:
+    enclave = open_enclave(args.enclave)
+    creds = credentials.register(enclave, args.token)
+    print(f"registered as {creds.user} (role {creds.role}) with {enclave.url}; "
+          f"token stored in {creds.path}")
+    return 0
+
+
+def cmd_whoami(args) -> int:
+    enclave, creds = _setup(args)
+    tok = creds.access()
+    print(f"{creds.user} (role {creds.role}{', admin' if creds.admin else ''}) on {enclave.url};"
+          f" access token valid until {_when(tok.expires)}")
+    return 0
+
+
+def cmd_user_add(args) -> int:
+    enclave, creds = _setup(args, admin=True)
+    tokens, _ = _services(enclave)
+    if tokens.user(args.name) is not None:
+        raise ValueError(f"the user {args.name} already exists (`kotta token issue` for a token)")
+    tokens.add_user(args.name, args.role, admin=args.admin, by=creds.user)
+    token = tokens.issue_refresh(args.name, by=creds.user)
+    print(f"added {args.name} (role {args.role}{', admin' if args.admin else ''}).  "
+          "Give them this registration token, once; they run `kotta register TOKEN`:")
+    print(token)
+    return 0
+
+
+def cmd_user_list(args) -> int:
+    enclave, _ = _setup(args)
+    tokens, _ = _services(enclave)
+    print(f"{'USER':24}  {'ROLE':16}  {'ADMIN':5}  STATE")
+    for u in tokens.users():
+        print(f"{u.user:24}  {u.role:16}  {'yes' if u.admin else 'no':5}  "
+              f"{'disabled' if u.disabled else 'active'}")
+    return 0
+
+
+def cmd_user_disable(args) -> int:
+    enclave, creds = _setup(args, admin=True)
+    tokens, _ = _services(enclave)
+    tokens.set_disabled(args.name, args.disable, by=creds.user)
+    print(f"{args.name} {'disabled' if args.disable else 'enabled'}")
+    return 0
+
+
+def cmd_token_issue(args) -> int:
+    enclave, creds = _setup(args, admin=True)
+    tokens, _ = _services(enclave)
+    print(tokens.issue_refresh(args.user, by=creds.user, ttl=args.days * 86400))
+    return 0
+
+
+def cmd_token_revoke(args) -> int:
+    enclave, creds = _setup(args)
+    tokens, _ = _services(enclave)
+    rid = args.token.split(".")[1] if args.token.startswith("krt1.") else args.token
+    rec = enclave.records.get("refresh", rid)
+    if rec is not None and rec["user"] != creds.user and not creds.admin:
+        raise AccessDenied(f"the token {rid} belongs to {rec['user']}; only they or an admin "
+                           "may revoke it")
+    done = tokens.revoke(args.token, by=creds.user)
+    print(f"token {rid} {'revoked' if done else 'was already revoked'}")
+    return 0
+
+
+def cmd_token_list(args) -> int:
+    enclave, creds = _setup(args)
+    tokens, _ = _services(enclave)
+    user = args.user if creds.admin else creds.user
+    print(f"{'TOKEN':18}  {'USER':20}  {'CREATED':20}  {'EXPIRES':20}  STATE")
+    for t in tokens.tokens(user):
+        state = f"revoked {_when(t['revoked'])}" if t.get("revoked") else "valid"
+        print(f"{t['id']:18}  {t['user']:20}  {_when(t['created']):20}  "
+              f"{_when(t['expires']):20}  {state}")
+    return 0
+
+
+def cmd_dataset_add(args) -> int:
+    enclave, creds = _setup(args, admin=True)
+    _, policies = _services(enclave)
+    ds = policies.add_dataset(args.uri, by=creds.user, description=args.description,
+                              egress=args.egress, egress_cap=args.egress_cap)
+    print(f"dataset {ds.uri} registered (egress {ds.egress}"
+          f"{'' if ds.egress_cap is None else f', cap {ds.egress_cap} bytes'})")
+    return 0
+
+
+def cmd_dataset_remove(args) -> int:
+    enclave, creds = _setup(args, admin=True)
+    _, policies = _services(enclave)
+    policies.remove_dataset(args.uri, by=creds.user)
+    print(f"dataset {args.uri} removed")
+    return 0
+
+
+def cmd_dataset_list(args) -> int:
+    enclave, _ = _setup(args)
+    _, policies = _services(enclave)
+    print(f"{'DATASET':50}  {'EGRESS':6}  {'CAP':>12}  DESCRIPTION")
+    for ds in policies.datasets():
+        cap = "-" if ds.egress_cap is None else str(ds.egress_cap)
+        print(f"{ds.uri:50}  {ds.egress:6}  {cap:>12}  {ds.description}")
+    return 0
+
+
+def cmd_dataset_put(args) -> int:
+    from .data import put_object
+    from .uris import parse_uri
+
+    enclave, creds = _setup(args, admin=True)
+    uri = parse_uri(args.uri)
+    put_object(enclave, uri.uri, args.file.read_bytes())
+    from .audit import AuditLog
+
+    AuditLog(enclave).append("stage-out", user=creds.user, dataset=uri.uri, allowed=True,
+                             detail=f"kotta dataset put {args.file}")
+    print(f"stored {args.file} as {uri.uri}")
+    return 0
+
+
+def cmd_policy_grant(args) -> int:
+    enclave, creds = _setup(args, admin=True)
+    _, policies = _services(enclave)
+    effect = "deny" if args.deny else "allow"
+    policies.grant(args.role, args.dataset, args.action, by=creds.user, effect=effect)
+    print(f"{effect} {args.action} on {args.dataset} for role {args.role}")
+    return 0
+
+
+def cmd_policy_revoke(args) -> int:
+    enclave, creds = _setup(args, admin=True)
+    _, policies = _services(enclave)
+    done = policies.revoke(args.role, args.dataset, args.action, by=creds.user)
+    print(f"{'removed' if done else 'there was no'} {args.action} statement on {args.dataset} "
+          f"for role {args.role}")
+    return 0 if done else 1
+
+
+def cmd_policy_show(args) -> int:
+    enclave, _ = _setup(args)
+    _, policies = _services(enclave)
+    print(f"{'ROLE':16}  {'ACTION':6}  {'EFFECT':6}  DATASET")
+    for st in policies.statements(role=args.role, dataset=args.dataset):
+        print(f"{st.role:16}  {st.action:6}  {st.effect:6}  {st.dataset}")
+    return 0
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+__all__ = ["add_parsers", "argparse"]

@@ -1,0 +1,232 @@
+"""A user's tokens on the client: the token file ``$KOTTA_HOME/token``.
+
+The file maps enclave URLs to ``{"user", "refresh", "access": {"id", "key"}}``.  It must be
+private to its owner (mode 0600): like ssh with a loose key, a token file that group or
+others can read is refused, with the ``chmod`` that fixes it.
+
+On an embedded enclave, the first use by its OS user makes that user an admin and writes
+the token, so the quick start needs no set-up.  (More generally: whoever can read the
+enclave key administers the enclave, and gets a token without registering; on AWS that
+is whoever bootstraps it.)  Anyone else gets a registration token from
+an admin (``kotta user add NAME --role ROLE`` prints one) and runs ``kotta register TOKEN``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..config import current_user, kotta_home
+from ..errors import AuthenticationError
+from .tokens import AccessToken, TokenService, parse_access_id
+
+#: an access token is renewed when it has less than this many seconds left
+RENEW_BEFORE = 300.0
+
+
+def token_path() -> Path:
+    return kotta_home() / "token"
+
+
+def check_private(path: Path) -> None:
+    """Refuse a token file that group or others can read or write, or another user owns."""
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise AuthenticationError(
+            f"the token file {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()})"
+        )
+    if st.st_mode & 0o077:
+        raise AuthenticationError(
+            f"the token file {path} is accessible by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); it holds your credentials, so kotta refuses "
+            f"to use it.  Run: chmod 600 {path}"
+        )
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        check_private(path)
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise AuthenticationError(f"the token file {path} is damaged: {exc}") from None
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover of a crash keeps its mode: never reuse it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class Credentials:
+    """One user's tokens for one enclave; ``access()`` renews the access token as needed."""
+
+    def __init__(self, enclave, refresh: str, access: AccessToken | None = None,
+                 path: Path | None = None):
+        self.enclave = enclave
+        self.path = path
+        self._refresh = refresh
+        self._access = access
+        self._lock = threading.Lock()
+        if access is None:
+            self._renew()
+
+    @property
+    def user(self) -> str:
+        return self.access().user
+
+    @property
+    def role(self) -> str:
+        return self.access().role
+
+    @property
+    def admin(self) -> bool:
+        return self.access().admin
+
+    @property
+    def refresh_id(self) -> str:
+        return self._refresh.split(".")[1]
+
+    def access(self, now: float | None = None) -> AccessToken:
+        tok = self._access
+        if tok is not None and (now or _now()) < tok.expires - RENEW_BEFORE:
+            return tok
+        with self._lock:
+            tok = self._access
+            if tok is None or (now or _now()) >= tok.expires - RENEW_BEFORE:
+                tok = self._renew()
+        return tok
+
+    def _renew(self) -> AccessToken:
+        tok = self._access = _service(self.enclave).refresh(self._refresh)
+        if self.path is not None:
+            save(self.enclave, self._refresh, tok, self.path)
+        return tok
+
+
+def _service(enclave) -> TokenService:
+    """The token service, auditing refused renewals and registrations."""
+    from .audit import AuditLog
+
+    return TokenService(enclave, AuditLog(enclave))
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def save(enclave, refresh: str, access: AccessToken | None, path: Path | None = None) -> None:
+    path = path or token_path()
+    with _locked(path):
+        data = _read(path) if path.exists() else {}
+        entry: dict[str, Any] = {"refresh": refresh}
+        if access is not None:
+            entry["user"] = access.user
+            entry["access"] = {"id": access.id, "key": base64.b64encode(access.key).decode()}
+        data[enclave.url] = entry
+        _write(path, data)
+
+
+def _from_entry(enclave, entry: dict[str, Any], path: Path) -> Credentials:
+    access = None
+    acc = entry.get("access")
+    if acc:
+        try:
+            c = parse_access_id(acc["id"])
+            access = AccessToken(acc["id"], base64.b64decode(acc["key"]), c.user, c.role,
+                                 c.admin, c.refresh_id, c.issued, c.expires)
+        except (AuthenticationError, KeyError, ValueError):
+            access = None  # renewed from the refresh token below
+    return Credentials(enclave, entry["refresh"], access, path)
+
+
+def load(enclave, path: str | os.PathLike | None = None, *, bootstrap: bool = True) -> Credentials:
+    """The caller's credentials for ``enclave``, from the token file."""
+    path = Path(path) if path is not None else token_path()
+    if path.exists():
+        entry = _read(path).get(enclave.url)
+        if entry:
+            return _from_entry(enclave, entry, path)
+    if bootstrap and _holds_enclave_key(enclave):
+        return _bootstrap(enclave, path)
+    raise AuthenticationError(
+        f"no kotta token for the enclave {enclave.url} in {path}: ask an admin of the enclave "
+        "for a registration token, then run `kotta register TOKEN`"
+    )
+
+
+def _holds_enclave_key(enclave) -> bool:
+    """Whether this process can read the enclave key: then it administers the enclave
+    anyway (it could mint any token), so it may make itself a token.  On an embedded
+    enclave that is its OS user; on AWS, whoever IAM lets read ``keys/enclave.key``
+    (admins; never user roles)."""
+    from .keys import master_key
+
+    try:
+        master_key(enclave)
+    except Exception:  # noqa: BLE001 - unreadable for whatever reason: not an admin here
+        return False
+    return True
+
+
+def _bootstrap(enclave, path: Path) -> Credentials:
+    """First use by a holder of the enclave key (on an embedded enclave, its OS user): an
+    admin identity if the enclave has none yet, and a token."""
+    from .audit import AuditLog
+
+    user = current_user()
+    svc = TokenService(enclave, AuditLog(enclave))
+    with _locked(path):
+        entry = _read(path).get(enclave.url) if path.exists() else None
+        if entry:
+            return _from_entry(enclave, entry, path)
+        ident = svc.user(user)
+        if ident is None:
+            if svc.users():
+                raise AuthenticationError(
+                    f"you ({user}) are not registered with the enclave {enclave.url}: ask "
+                    "its admin for a registration token, then run `kotta register TOKEN`"
+                )
+            svc.add_user(user, "admin", admin=True, by=user, if_absent=True)
+        refresh = svc.issue_refresh(user, by=user)
+        access = svc.refresh(refresh)
+        data = _read(path) if path.exists() else {}
+        data[enclave.url] = {
+            "refresh": refresh, "user": user,
+            "access": {"id": access.id, "key": base64.b64encode(access.key).decode()},
+        }
+        _write(path, data)
+    return Credentials(enclave, refresh, access, path)
+
+
+def register(enclave, refresh_token: str, path: str | os.PathLike | None = None) -> Credentials:
+    """Store a registration (refresh) token, after checking it with the enclave."""
+    path = Path(path) if path is not None else token_path()
+    access = _service(enclave).refresh(refresh_token.strip())
+    save(enclave, refresh_token.strip(), access, path)
+    return Credentials(enclave, refresh_token.strip(), access, path)

@@ -1,0 +1,71 @@
+"""The client's side of staging: which dataset URIs a task declares.
+
+``submit(fn, ..., inputs=[...], outputs=[...])`` follows Cloud Kotta's keywords: the URIs
+are staged by the node (inputs fetched into the task's working directory under their
+basename before it runs; outputs uploaded from there after it succeeds), and the keywords
+are also passed on to ``fn`` when its signature accepts them (``def file_sum(inputs=[])``).
+``with_options(inputs=..., outputs=...)`` declares them without passing anything to ``fn``.
+Every URI is checked here, at submit, so a malformed or traversing one fails at once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+from ..errors import InvalidDataUri
+from .uris import check_output_name, parse_uri
+
+
+def _uris(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise InvalidDataUri(f"{what} must be a list of s3:// URIs, not {value!r}")
+    out = []
+    for item in value:
+        uri = parse_uri(item)
+        if uri.is_prefix:
+            raise InvalidDataUri(f"{what}: {item!r} is a prefix; name objects to stage")
+        check_output_name(uri.basename)
+        out.append(uri.uri)
+    return tuple(out)
+
+
+def declared(inputs: Iterable[str], outputs: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Checked, canonical input and output URIs; two files may not share a basename in one
+    working directory."""
+    ins, outs = _uris(inputs, "inputs"), _uris(outputs, "outputs")
+    for what, uris in (("inputs", ins), ("outputs", outs)):
+        seen: dict[str, str] = {}
+        for u in uris:
+            name = u.rsplit("/", 1)[-1]
+            if name in seen and seen[name] != u:
+                raise InvalidDataUri(
+                    f"{what} {seen[name]} and {u} would both be {name!r} in the working directory"
+                )
+            seen[name] = u
+    return ins, outs
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def split_kwargs(fn: Callable, opts, kwargs: dict[str, Any]):
+    """Take ``inputs`` / ``outputs`` out of a call's keywords into its options; leave them
+    in the call where ``fn`` takes them."""
+    kwargs = dict(kwargs)
+    found = {k: kwargs[k] for k in ("inputs", "outputs") if k in kwargs}
+    ins, outs = declared(
+        list(opts.inputs) + list(_uris(found.get("inputs", ()), "inputs")),
+        list(opts.outputs) + list(_uris(found.get("outputs", ()), "outputs")),
+    )
+    for k in found:
+        if not _accepts(fn, k):
+            del kwargs[k]
+    return replace(opts, inputs=ins, outputs=outs), kwargs

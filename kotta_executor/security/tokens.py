@@ -1,0 +1,337 @@
+"""Identities and tokens: who submits a task, and proof of it on every envelope.
+
+* An **identity** is a user name with a role (and an admin flag), a record of kind
+  ``user``.
+* A **refresh token** (``krt1.ID.SECRET``) comes from a one-time registration: an admin
+  issues it (``kotta user add`` / ``kotta token issue``), the user stores it with
+  ``kotta register``.  The enclave keeps only its SHA-256 (record kind ``refresh``).  It
+  renews access tokens until it expires or is revoked (``kotta token revoke``).
+* An **access token** lives one hour.  Its id (``kat1.CLAIMS``) carries the user, role,
+  refresh-token id and validity; its key is ``HMAC(tokens key, id)``, so the enclave
+  stores nothing of it at all and a node re-derives the key from the id.  The client
+  signs each task envelope with that key (``wire.sign``): changing a byte of the
+  envelope, its owner, or the token id breaks the signature.
+
+A node checks, per task (:class:`Verifier`): the signature over the whole envelope; that
+the envelope's owner is the token's user; that the task was created while the token was
+valid (and not in the future); that the task is not older than ``MAX_TASK_AGE``; and that
+the refresh token behind it has not been revoked nor its user disabled (read through a
+cache of ``REVOCATION_CACHE`` seconds, the most a revocation can take to bite).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import wire
+from ..errors import AuthenticationError, ConfigurationError
+from .keys import derived_key
+
+ACCESS_TTL = 3600.0
+REFRESH_TTL = 90 * 86400.0
+#: seconds of clock difference tolerated between a client and a node
+CLOCK_SKEW = 300.0
+#: a task older than this (since its creation) is refused even with a valid signature
+MAX_TASK_AGE = 7 * 86400.0
+#: seconds a node trusts its last reading of a refresh token's revocation state
+REVOCATION_CACHE = 2.0
+
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
+_ROLE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+
+
+def check_user(name: str) -> str:
+    if not isinstance(name, str) or not _USER.fullmatch(name):
+        raise ConfigurationError(
+            f"{name!r} is not a valid user name (letters, digits, _ . @ -; at most 64)"
+        )
+    return name
+
+
+def check_role(name: str) -> str:
+    if not isinstance(name, str) or not _ROLE.fullmatch(name):
+        raise ConfigurationError(
+            f"{name!r} is not a valid role name (lower case letters, digits, _ -; at most 63)"
+        )
+    return name
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user: str
+    role: str
+    admin: bool = False
+    disabled: bool = False
+    created: float = 0.0
+    created_by: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "role": self.role, "admin": self.admin, "disabled": self.disabled,
+            "created": self.created, "created_by": self.created_by,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """A signed claim (``id``) and the key derived from it (``key``)."""
+
+    id: str
+    key: bytes
+    user: str
+    role: str
+    admin: bool
+    refresh_id: str
+    issued: float
+    expires: float
+
+    def sign(self, header: dict[str, Any], sections: dict[str, bytes]) -> bytes:
+        """A task envelope signed with this token."""
+        return wire.encode({**header, "auth": self.id}, sections, mac_key=self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    user: str
+    role: str
+    admin: bool
+    refresh_id: str
+    issued: float
+    expires: float
+
+
+def parse_access_id(token_id: str) -> Claims:
+    """The claims of an access token id; AuthenticationError if it is not one."""
+    if not isinstance(token_id, str) or not token_id.startswith("kat1.") or len(token_id) > 2048:
+        raise AuthenticationError("not a kotta access token")
+    try:
+        c = json.loads(_unb64(token_id[5:]))
+        claims = Claims(c["u"], c["r"], bool(c["a"]), c["rid"], float(c["iat"]), float(c["exp"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AuthenticationError(f"malformed kotta access token ({exc})") from None
+    if not all(isinstance(x, str) for x in (claims.user, claims.role, claims.refresh_id)):
+        raise AuthenticationError("malformed kotta access token")
+    return claims
+
+
+def _parse_refresh(token: str) -> tuple[str, str]:
+    parts = token.strip().split(".") if isinstance(token, str) else []
+    if len(parts) != 3 or parts[0] != "krt1" or not parts[1] or not parts[2]:
+        raise AuthenticationError("not a kotta refresh token (they look like krt1.ID.SECRET)")
+    return parts[1], parts[2]
+
+
+class TokenService:
+    """Issues, renews and revokes tokens; manages identities.  Runs where the enclave key
+    is readable: on the embedded enclave, any process of its OS user; on AWS, an admin or
+    the enclave's login host (docs/security.md)."""
+
+    def __init__(self, enclave, audit: Callable[..., Any] | None = None):
+        self.enclave = enclave
+        self.records = enclave.records
+        self._key = derived_key(enclave, "tokens")
+        self._audit = audit
+
+    def _log(self, action: str, **kw: Any) -> None:
+        if self._audit is not None:
+            self._audit(action, **kw)
+
+    # -- identities
+
+    def add_user(self, user: str, role: str, *, by: str, admin: bool = False,
+                 if_absent: bool = False) -> Identity:
+        ident = Identity(check_user(user), check_role(role), admin, False, time.time(), by)
+        written = self.records.put("user", user, ident.as_dict(), if_absent=if_absent)
+        if written:
+            self._log("user-add", user=by, allowed=True,
+                      detail=f"{user} role={role}{' admin' if admin else ''}")
+        return ident if written else self.user(user)  # type: ignore[return-value]
+
+    def user(self, user: str) -> Identity | None:
+        rec = self.records.get("user", user)
+        if rec is None:
+            return None
+        return Identity(user, rec["role"], bool(rec.get("admin")), bool(rec.get("disabled")),
+                        rec.get("created", 0.0), rec.get("created_by", ""))
+
+    def users(self) -> list[Identity]:
+        return [
+            Identity(k, v["role"], bool(v.get("admin")), bool(v.get("disabled")),
+                     v.get("created", 0.0), v.get("created_by", ""))
+            for k, v in self.records.scan("user")
+        ]
+
+    def set_disabled(self, user: str, disabled: bool, *, by: str) -> None:
+        ident = self.user(user)
+        if ident is None:
+            raise ConfigurationError(f"no user {user!r} in the enclave")
+        self.records.put("user", user, {**ident.as_dict(), "disabled": disabled})
+        self._log("token-revoke" if disabled else "user-add", user=by, allowed=True,
+                  detail=f"{'disabled' if disabled else 'enabled'} {user}")
+
+    # -- refresh tokens
+
+    def issue_refresh(self, user: str, *, by: str, ttl: float = REFRESH_TTL) -> str:
+        if self.user(user) is None:
+            raise ConfigurationError(f"no user {user!r} in the enclave: add it first")
+        rid, secret = os.urandom(9).hex(), _b64(os.urandom(32))
+        now = time.time()
+        self.records.put("refresh", rid, {
+            "user": user, "sha256": _sha256(secret), "created": now, "expires": now + ttl,
+            "revoked": None, "by": by,
+        }, if_absent=True)
+        self._log("token-issue", user=by, allowed=True, detail=f"refresh token {rid} for {user}")
+        return f"krt1.{rid}.{secret}"
+
+    def refresh(self, refresh_token: str, ttl: float = ACCESS_TTL) -> AccessToken:
+        """A new access token for the holder of a valid refresh token."""
+        rid, secret = _parse_refresh(refresh_token)
+        rec = self.records.get("refresh", rid)
+        if rec is None or not hmac.compare_digest(rec["sha256"], _sha256(secret)):
+            self._log("token-refresh", user="?", allowed=False, detail=f"unknown token {rid}")
+            raise AuthenticationError("the refresh token is not known to this enclave")
+        if rec.get("revoked"):
+            self._log("token-refresh", user=rec["user"], allowed=False,
+                      detail=f"revoked token {rid}")
+            raise AuthenticationError(
+                f"the refresh token {rid} of {rec['user']} was revoked at "
+                f"{_when(rec['revoked'])}: ask an admin for a new registration token"
+            )
+        now = time.time()
+        if now > rec["expires"]:
+            raise AuthenticationError(
+                f"the refresh token {rid} of {rec['user']} expired at {_when(rec['expires'])}"
+            )
+        ident = self.user(rec["user"])
+        if ident is None or ident.disabled:
+            raise AuthenticationError(f"the user {rec['user']} is disabled or removed")
+        return self._access(ident, rid, now, min(now + ttl, rec["expires"]))
+
+    def _access(self, ident: Identity, rid: str, iat: float, exp: float) -> AccessToken:
+        claims = {"u": ident.user, "r": ident.role, "a": ident.admin, "rid": rid,
+                  "iat": round(iat, 3), "exp": round(exp, 3)}
+        token_id = "kat1." + _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+        key = hmac.new(self._key, token_id.encode(), hashlib.sha256).digest()
+        return AccessToken(token_id, key, ident.user, ident.role, ident.admin, rid,
+                           claims["iat"], claims["exp"])
+
+    def revoke(self, token_or_id: str, *, by: str) -> bool:
+        """Revoke a refresh token (given whole, or by its id): its access tokens stop
+        working within ``REVOCATION_CACHE`` seconds, on every node."""
+        rid = _parse_refresh(token_or_id)[0] if token_or_id.startswith("krt1.") else token_or_id
+        rec = self.records.get("refresh", rid)
+        if rec is None:
+            raise ConfigurationError(f"no refresh token {rid!r} in the enclave")
+        if rec.get("revoked"):
+            return False
+        self.records.put("refresh", rid, {**rec, "revoked": time.time(), "revoked_by": by})
+        self._log("token-revoke", user=by, allowed=True, detail=f"refresh token {rid} of {rec['user']}")
+        return True
+
+    def tokens(self, user: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for rid, rec in self.records.scan("refresh"):
+            if user is None or rec["user"] == user:
+                out.append({"id": rid, **{k: v for k, v in rec.items() if k != "sha256"}})
+        return out
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+class Verifier:
+    """A node's check of task envelopes (see the module docstring)."""
+
+    def __init__(self, enclave, clock: Callable[[], float] = time.time):
+        self.records = enclave.records
+        self._key = derived_key(enclave, "tokens")
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._revocations: dict[str, tuple[float, str | None]] = {}
+        #: claims and keys of the access tokens seen (a token signs many tasks)
+        self._tokens: dict[str, tuple[Claims, bytes]] = {}
+
+    def verify(self, data: bytes, header: dict[str, Any]) -> Claims:
+        """The token claims of a task; AuthenticationError saying why it is refused.
+        ``header`` is ``wire.peek_header(data)`` (which checked the framing)."""
+        token_id = header.get("auth")
+        if not isinstance(token_id, str):
+            raise AuthenticationError("the task is not signed (no access token)")
+        known = self._tokens.get(token_id)
+        if known is None:
+            claims = parse_access_id(token_id)
+            key = hmac.new(self._key, token_id.encode(), hashlib.sha256).digest()
+            if len(self._tokens) > 4096:
+                self._tokens.clear()
+            self._tokens[token_id] = known = (claims, key)
+        claims, key = known
+        if not wire.verify_mac(data, key, parsed=True):
+            raise AuthenticationError(
+                "the task's signature does not verify: the envelope was forged or altered"
+            )
+        if header.get("owner") != claims.user:
+            raise AuthenticationError(
+                f"the task names the owner {header.get('owner')!r} but was signed by "
+                f"{claims.user!r}"
+            )
+        try:
+            created, now = float(header["created"]), self._clock()
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise AuthenticationError("the task's creation time is missing or absurd") from None
+        if not (claims.issued - CLOCK_SKEW <= created <= claims.expires):
+            raise AuthenticationError(
+                f"the task was created at {_when(created)}, outside its access token's "
+                f"validity ({_when(claims.issued)} to {_when(claims.expires)}): expired token"
+            )
+        if created > now + CLOCK_SKEW:
+            raise AuthenticationError("the task claims to be created in the future")
+        if now - created > MAX_TASK_AGE:
+            raise AuthenticationError(
+                f"the task is older than {MAX_TASK_AGE / 86400:.0f} days: refused as a replay"
+            )
+        problem = self._revoked(claims, now)
+        if problem:
+            raise AuthenticationError(problem)
+        return claims
+
+    def _revoked(self, claims: Claims, now: float) -> str | None:
+        key = f"{claims.user}|{claims.refresh_id}"
+        with self._lock:
+            hit = self._revocations.get(key)
+        if hit is not None and now - hit[0] < REVOCATION_CACHE:
+            return hit[1]
+        rec = self.records.get("refresh", claims.refresh_id)
+        user = self.records.get("user", claims.user)
+        problem = None
+        if rec is None or rec.get("user") != claims.user:
+            problem = f"the token of {claims.user} is not known to this enclave"
+        elif rec.get("revoked"):
+            problem = f"the token of {claims.user} was revoked at {_when(rec['revoked'])}"
+        elif user is None or user.get("disabled"):
+            problem = f"the user {claims.user} is disabled or removed"
+        with self._lock:
+            self._revocations[key] = (now, problem)
+        return problem

@@ -1,0 +1,237 @@
+"""The node's data steps for tasks that declare ``inputs`` / ``outputs``.
+
+::
+
+    dispatch ─ task declares data ─> start_in: job -> staging_inputs ─┐ (a thread)
+                                                                      │ authorise every URI
+                                                                      │ (policy; denials audited)
+                                                                      │ owner-scoped store + env
+                                                                      │ stage_inputs -> workdir
+    collect <─ ready: back to pending, with workdir + env for the worker ┘   (audited)
+       ...      the worker runs the task in workdir, with the owner's credentials
+    finish_from_worker ─ egress check (size of value + stdout + stderr against the
+                         datasets read) ─ ok and outputs? ─> job -> staging_outputs ─┐
+                                                                  stage_outputs       │
+    collect <─ the result (or StagingFailed) is recorded ─────────────────────────────┘
+
+Every step runs with the job owner's scoped credentials (``data.objects_for``), never the
+node's.  A failure fails the job with a reason the user sees: ``DataAccessDenied``
+(nothing ran), ``StagingFailed``, ``EgressDenied``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kotta_executor import wire
+from kotta_executor.backends.base import Finished
+from kotta_executor.errors import (
+    AccessDenied,
+    AuthenticationError,
+    InvalidDataUri,
+    StagingFailed,
+)
+from kotta_executor.security.data import objects_for
+from kotta_executor.security.policy import PolicyStore, egress_rule
+from kotta_executor.states import JobState
+
+from .staging import StageCache, stage_inputs, stage_outputs
+
+if TYPE_CHECKING:
+    from .daemon import Node
+    from .pool import Task
+
+log = logging.getLogger("kotta.node.data")
+
+#: seconds a task's data credential outlives its walltime
+CREDENTIAL_MARGIN = 600.0
+
+
+@dataclass
+class Staged:
+    """What stage-in made for a task."""
+
+    workdir: Path
+    env: dict[str, str]
+    store: Any
+    egress: tuple[bool, int | None] = (True, None)
+    inputs: list[dict] = field(default_factory=list)
+
+
+def declares_data(header: dict) -> bool:
+    return bool(header.get("inputs") or header.get("outputs"))
+
+
+class DataSteps:
+    def __init__(self, node: Node, root: Path, cache_bytes: int, threads: int = 4):
+        self.node = node
+        self.enclave = node.enclave
+        self.policies = PolicyStore(node.enclave.records, node.audit)
+        self.root = Path(root)
+        self.work = self.root / "work"
+        self.work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.cache = StageCache(self.root / "cache", cache_bytes)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="kotta-stage")
+        #: tasks with a staging step in a thread, by job id
+        self.active: dict[str, Task] = {}
+        self._done: deque[tuple[Task, str, Future]] = deque()
+
+    # ------------------------------------------------------------------ stage-in
+
+    def start_in(self, tasks: list[Task]) -> None:
+        """Claim the jobs (pending -> staging_inputs) and stage each in a thread."""
+        ids = [t.job_id for t in tasks]
+        moved = set(self.enclave.jobs.transition(ids, JobState.STAGING_INPUTS, node=self.node.node_id))
+        for t in tasks:
+            if t.job_id not in moved:  # cancelled meanwhile, or finished elsewhere
+                self.node.drop(t)
+                continue
+            self.active[t.job_id] = t
+            self._submit(t, "in", self._stage_in, t)
+
+    def _submit(self, task: Task, phase: str, fn, *args) -> None:
+        fut = self.pool.submit(fn, *args)
+        fut.add_done_callback(lambda f: (self._done.append((task, phase, f)), self.node.request_wake()))
+
+    def _stage_in(self, task: Task) -> Staged:
+        h, claims = task.header, task.claims
+        user, job = claims.user, task.job_id
+        inputs, outputs = list(h.get("inputs") or ()), list(h.get("outputs") or ())
+        for uri in inputs:  # authorise everything before touching anything
+            self.policies.require(claims.role, "read", uri, user=user, job_id=job)
+        for uri in outputs:
+            self.policies.require(claims.role, "write", uri, user=user, job_id=job)
+        store, env = objects_for(
+            self.enclave, user=user, role=claims.role, job_id=job, reads=inputs, writes=outputs,
+            ttl=h["walltime"] + CREDENTIAL_MARGIN,
+        )
+        workdir = Path(tempfile.mkdtemp(prefix=f"{job[:12]}-", dir=self.work))
+        try:
+            staged = stage_inputs(store, self.cache, inputs, workdir) if inputs else []
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        for item in staged:
+            self.node.audit.append(
+                "stage-in", user=user, dataset=item["uri"], job_id=job,
+                detail=f"{item['bytes']} bytes{' from the node cache' if item['cached'] else ''}",
+            )
+        read = [d for uri in inputs for d in self.policies.datasets_for(uri)]
+        return Staged(workdir, env, store, egress_rule(read) if read else (True, None), staged)
+
+    # ------------------------------------------------------------------ results
+
+    def finish_from_worker(self, task: Task, data: bytes, fin: Finished) -> bool:
+        """Take over a finished task that staged data; False if it did not."""
+        staged: Staged | None = task.staged
+        if staged is None:
+            return False
+        h = wire.peek_header(data)
+        data = self._check_egress(task, staged, data, h)
+        if data is not fin.result:  # held back: the job fails with EgressDenied
+            fin = Finished(fin.job_id, JobState.FAILED, data, "egress denied", fin.usage)
+        if task.header.get("outputs") and fin.state is JobState.COMPLETED and h["outcome"] == wire.OK:
+            if self.enclave.jobs.transition([task.job_id], JobState.STAGING_OUTPUTS, node=self.node.node_id):
+                self.active[task.job_id] = task
+                self._submit(task, "out", self._stage_out, task, fin)
+                return True
+        self._finish(task, fin)
+        return True
+
+    def _check_egress(self, task: Task, staged: Staged, data: bytes, h: dict) -> bytes:
+        allowed, cap = staged.egress
+        if allowed and cap is None:
+            return data
+        env = wire.decode(data)
+        size = sum(len(env.sections.get(s, b"")) for s in ("payload", "stdout", "stderr"))
+        if allowed and size <= cap:
+            return data
+        handle = f"held-{task.job_id}"
+        self.enclave.blobs.put(handle, data)  # stays in the enclave, for an admin's review
+        why = "forbids data leaving the enclave" if not allowed else f"caps egress at {cap} bytes"
+        reason = (
+            f"job {task.job_id} read a dataset whose policy {why}; its result and output "
+            f"({size} bytes) stay in the enclave as {handle}"
+        )
+        self.node.audit.append(
+            "egress-denied", user=task.claims.user, allowed=False, job_id=task.job_id,
+            dataset=",".join(task.header.get("inputs") or ()), detail=f"{size} bytes held as {handle}",
+        )
+        return wire.failure(task.job_id, task.header["n"], "EgressDenied", reason, handle=handle)
+
+    def _stage_out(self, task: Task, fin: Finished) -> Finished:
+        staged: Staged = task.staged
+        done = stage_outputs(staged.store, staged.workdir, task.header["outputs"])
+        for item in done:
+            self.node.audit.append(
+                "stage-out", user=task.claims.user, dataset=item["uri"], job_id=task.job_id,
+                detail=f"{item['bytes']} bytes",
+            )
+        return fin
+
+    def _finish(self, task: Task, fin: Finished) -> None:
+        staged = task.staged
+        if staged is not None:
+            shutil.rmtree(staged.workdir, ignore_errors=True)
+        self.node._queue_finish(task, task.delivery, fin, task.header["client"])
+
+    # ------------------------------------------------------------------ the loop's step
+
+    def collect(self) -> None:
+        """Move tasks whose staging step ended on: to the workers, or to their result."""
+        while self._done:
+            task, phase, fut = self._done.popleft()
+            self.active.pop(task.job_id, None)
+            exc = fut.exception()
+            if exc is None and phase == "in":
+                task.staged = staged = fut.result()
+                head = {k: v for k, v in task.header.items() if k not in ("auth",)}
+                head["workdir"], head["env"] = str(staged.workdir), staged.env
+                sections = dict(wire.decode(task.data).sections)
+                sections.pop(wire.MAC_SECTION, None)
+                task.data = wire.encode(head, sections)
+                self.node.pending.appendleft(task)
+            elif exc is None:
+                self._finish(task, fut.result())
+            else:
+                self._fail(task, phase, exc)
+
+    def _fail(self, task: Task, phase: str, exc: BaseException) -> None:
+        what = "its inputs" if phase == "in" else "its outputs"
+        if isinstance(exc, AccessDenied) and not isinstance(exc, AuthenticationError):
+            etype, reason = "DataAccessDenied", f"job {task.job_id}: {exc}"
+            if phase == "in":
+                reason += "; nothing ran"
+        elif isinstance(exc, (StagingFailed, InvalidDataUri, FileNotFoundError, AuthenticationError)):
+            etype, reason = "StagingFailed", f"job {task.job_id}: staging {what} failed: {exc}"
+        else:
+            log.exception("staging %s of job %s failed", what, task.job_id, exc_info=exc)
+            etype = "StagingFailed"
+            reason = f"job {task.job_id}: staging {what} failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, (AccessDenied, PermissionError)) and phase == "out":
+            self.node.audit.append(
+                "access-denied", user=task.claims.user, allowed=False, job_id=task.job_id,
+                detail=reason,
+            )
+        data = wire.failure(task.job_id, task.header["n"], etype, reason)
+        self._finish(task, Finished(task.job_id, JobState.FAILED, data, reason[:500]))
+
+    def held(self) -> list:
+        return [t.delivery for t in self.active.values()]
+
+    def discard(self, task: Task) -> None:
+        if task.staged is not None:
+            shutil.rmtree(task.staged.workdir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Wait for staging threads, then remove the node's work directories and cache
+        (the cache lives as long as its node)."""
+        self.pool.shutdown(wait=True)
+        shutil.rmtree(self.root, ignore_errors=True)

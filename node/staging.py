@@ -1,0 +1,263 @@
+"""Staging a task's data: inputs into its working directory before it runs, outputs back
+to the enclave after, always through the store made from the *owner's* credentials
+(:func:`kotta_executor.security.data.objects_for`), never the node's own.
+
+::
+
+    stage_inputs    for each input:  store.head (the owner's permission, even on a hit)
+                                     cache hit  -> copy into workdir
+                                     cache miss -> store.download -> copy into workdir
+                                                                  -> StageCache.add
+    stage_outputs   for each output: workdir/<basename>, a regular file, no symlink
+                                     -> store.upload
+
+The node-local :class:`StageCache` keeps inputs between tasks, keyed by the object's URI
+and etag, so a changed object (a new etag) is fetched again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+from kotta_executor.errors import InvalidDataUri, StagingFailed
+from kotta_executor.security.uris import DataUri, check_output_name, parse_uri
+
+_KEY_LEN = 64  # sha256 hex
+
+
+def cache_key(uri: str, etag: str) -> str:
+    return hashlib.sha256(f"{uri}\0{etag}".encode()).hexdigest()
+
+
+class StageCache:
+    """Staged inputs kept on the node, at most ``max_bytes`` of them, least recently used
+    evicted first.  Files are ``root/objects/<sha256(uri NUL etag)>``, read-only (0444);
+    ``root/tmp`` holds downloads in progress.  The LRU index is in memory and rebuilt from
+    the directory (by mtime: a hit touches its file) when the cache is opened.
+
+    One node process per ``root``: opening the cache clears ``tmp`` of what a previous
+    process left behind.  Thread-safe: the node stages in background threads.
+    """
+
+    def __init__(self, root: Path, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must not be negative, not {max_bytes!r}")
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, int] = OrderedDict()
+        self._total = 0
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        for leftover in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+        found = []
+        for entry in os.scandir(self.objects):
+            if len(entry.name) != _KEY_LEN or not entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):  # a temp name of an interrupted add
+                    os.unlink(entry.path)
+                continue
+            st = entry.stat(follow_symlinks=False)
+            found.append((st.st_mtime_ns, entry.name, st.st_size))
+        with self._lock:
+            for _, key, size in sorted(found):
+                self._index[key] = size
+                self._total += size
+            self._evict()
+
+    @property
+    def total_bytes(self) -> int:
+        with self._lock:
+            return self._total
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+    def path(self, uri: str, etag: str) -> Path:
+        return self.objects / cache_key(uri, etag)
+
+    def scratch(self) -> Path:
+        """A fresh path in the cache's temporary area (on the cache's filesystem, so that
+        :meth:`add` can hard-link it)."""
+        return self.tmp / f"{uuid.uuid4().hex}.part"
+
+    def get(self, uri: str, etag: str) -> Path | None:
+        """The cached file of ``uri`` at ``etag``, or None; a hit becomes most recent."""
+        key = cache_key(uri, etag)
+        path = self.objects / key
+        with self._lock:
+            if key not in self._index:
+                return None
+            try:
+                os.utime(path)  # the order survives a restart
+            except FileNotFoundError:  # removed behind our back
+                self._total -= self._index.pop(key)
+                return None
+            self._index.move_to_end(key)
+        return path
+
+    def add(self, uri: str, etag: str, src: Path) -> Path:
+        """Put a copy of ``src`` in the cache (a hard link when it is on the same
+        filesystem) and return the cached path; evicts the least recently used files until
+        the total is at most ``max_bytes``.  A file larger than ``max_bytes`` is not cached:
+        ``src`` itself is returned."""
+        src = Path(src)
+        size = src.stat().st_size
+        if size > self.max_bytes:
+            return src
+        key = cache_key(uri, etag)
+        path = self.objects / key
+        tmp = self.objects / f".{key}.{uuid.uuid4().hex[:8]}"
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError:  # another filesystem, or links not allowed
+                shutil.copyfile(src, tmp)
+            os.chmod(tmp, 0o444)
+            with self._lock:
+                os.replace(tmp, path)
+                if key in self._index:
+                    self._total -= self._index[key]
+                self._index[key] = size
+                self._index.move_to_end(key)
+                self._total += size
+                self._evict()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return path
+
+    def _evict(self) -> None:
+        while self._total > self.max_bytes and self._index:
+            key, size = self._index.popitem(last=False)
+            self._total -= size
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.objects / key)
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Copy ``src`` to ``dest`` through a temporary name and a rename.
+
+    A copy, never a hard link: a link would share the cache file's inode with the task, and
+    a task that chmods its input (it owns it when it runs as the node's user) could then
+    write through it and poison the cache for every later task, other owners' included.
+    The cache's 0444 alone does not prevent that.  The copy costs one read and write
+    (``copyfile`` uses sendfile/copy_file_range on Linux)."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name[:80]}.", suffix=".part")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _names(uris, what: str) -> list[tuple[DataUri, str]]:
+    """Each URI parsed, with the file name it has in the working directory; two with the
+    same name are refused before anything is staged."""
+    seen: dict[str, str] = {}
+    out = []
+    for text in uris:
+        d = parse_uri(text)
+        name = check_output_name(d.basename)
+        if name in seen:
+            raise StagingFailed(
+                f"the {what} {seen[name]} and {d.uri} would both be {name!r} in the working "
+                "directory"
+            )
+        seen[name] = d.uri
+        out.append((d, name))
+    return out
+
+
+def stage_inputs(store, cache: StageCache | None, uris, workdir: Path) -> list[dict]:
+    """Place each input object in ``workdir`` under its basename.  ``store.head`` comes
+    first, for every input: it is the check that the owner may read it, and a cache hit
+    does not skip it.  Returns ``[{"uri", "bytes", "cached"}]``."""
+    workdir = Path(workdir)
+    staged = []
+    for d, name in _names(uris, "inputs"):
+        dest = workdir / name
+        try:
+            info = store.head(d.uri)
+        except FileNotFoundError as exc:
+            raise StagingFailed(f"{exc} (a declared input)") from exc
+        hit = cache.get(d.uri, info.etag) if cache is not None else None
+        if hit is not None:
+            try:
+                _place(hit, dest)
+            except FileNotFoundError:  # evicted meanwhile: fetch it
+                hit = None
+            else:
+                staged.append({"uri": d.uri, "bytes": info.size, "cached": True})
+                continue
+        scratch = cache.scratch() if cache is not None else dest
+        try:
+            try:
+                got = store.download(d.uri, scratch)
+            except FileNotFoundError as exc:
+                raise StagingFailed(f"{exc} (a declared input)") from exc
+            if cache is not None:
+                _place(scratch, dest)
+                # keyed by what was downloaded: the object may have changed since head
+                cache.add(d.uri, got.etag, scratch)
+        finally:
+            if cache is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(scratch)
+        staged.append({"uri": d.uri, "bytes": got.size, "cached": False})
+    return staged
+
+
+def _output_file(workdir: Path, name: str, uri: str) -> Path:
+    path = workdir / name
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise StagingFailed(f"the task did not write {name} (declared output {uri})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise InvalidDataUri(
+            f"output {name} is a symlink (to {os.readlink(path)!r}); outputs must be regular "
+            "files in the working directory"
+        )
+    real = path.resolve()
+    if real.parent != workdir.resolve():  # nothing but a symlink can cause it; be sure
+        raise InvalidDataUri(f"output {name} resolves out of the working directory, to {real}")
+    if not stat.S_ISREG(st.st_mode):
+        raise StagingFailed(f"output {name} (declared output {uri}) is not a regular file")
+    return path
+
+
+def stage_outputs(store, workdir: Path, uris) -> list[dict]:
+    """Upload each declared output, ``workdir/<basename of its URI>``, through the owner's
+    store.  Every output is checked before any is uploaded.  Returns ``[{"uri", "bytes"}]``.
+    """
+    workdir = Path(workdir)
+    files = [(d, _output_file(workdir, name, d.uri)) for d, name in _names(uris, "outputs")]
+    uploaded = []
+    for d, path in files:
+        info = store.upload(path, d.uri)  # opens with O_NOFOLLOW: no symlink swapped in
+        uploaded.append({"uri": d.uri, "bytes": info.size})
+    return uploaded

@@ -1,0 +1,102 @@
+"""The security commands of ``kotta``: datasets, policies, tokens, users — as an admin and
+as a user who is not one.  Real subprocesses on a real enclave directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from kotta_executor.security.audit import AuditLog
+from kotta_executor.security.data import get_object
+from kotta_executor.security.policy import PolicyStore
+from tests.conftest import subprocess_env
+from tests.test_cli import kotta
+
+
+def _as(tmp_path, name, token_file):
+    home = tmp_path / f"{name}-home"
+    home.mkdir()
+    shutil.copyfile(token_file, home / "token")
+    os.chmod(home / "token", 0o600)
+    return {**subprocess_env(), "KOTTA_HOME": str(home)}
+
+
+def test_datasets_and_policies_from_the_shell(enclave, enclave_dir, tmp_path, user_token):
+    data = tmp_path / "numbers.txt"
+    data.write_text("1\n2\n3\n")
+    r = kotta(enclave_dir, "dataset", "add", "s3://klab-jobs/", "--description", "corpus",
+              "--egress-cap", "1000")
+    assert r.returncode == 0, r.stderr
+    assert "s3://klab-jobs/ registered (egress allow, cap 1000 bytes)" in r.stdout
+    r = kotta(enclave_dir, "dataset", "put", "s3://klab-jobs/n.txt", str(data))
+    assert r.returncode == 0, r.stderr
+    assert get_object(enclave, "s3://klab-jobs/n.txt") == b"1\n2\n3\n"
+    r = kotta(enclave_dir, "dataset", "list")
+    assert "s3://klab-jobs/" in r.stdout and "1000" in r.stdout and "corpus" in r.stdout
+
+    assert kotta(enclave_dir, "policy", "grant", "analyst", "s3://klab-jobs/", "read").returncode == 0
+    r = kotta(enclave_dir, "policy", "grant", "analyst", "s3://klab-jobs/", "write", "--deny")
+    assert r.returncode == 0 and "deny write" in r.stdout
+    r = kotta(enclave_dir, "policy", "show", "--role", "analyst")
+    lines = [line.split() for line in r.stdout.splitlines()[1:]]
+    assert sorted(lines) == [["analyst", "read", "allow", "s3://klab-jobs/"],
+                             ["analyst", "write", "deny", "s3://klab-jobs/"]]
+    policies = PolicyStore(enclave.records)
+    assert policies.check("analyst", "read", "s3://klab-jobs/n.txt").allowed
+    assert not policies.check("analyst", "write", "s3://klab-jobs/n.txt").allowed
+
+    assert kotta(enclave_dir, "policy", "revoke", "analyst", "s3://klab-jobs/", "read").returncode == 0
+    assert not policies.check("analyst", "read", "s3://klab-jobs/n.txt").allowed
+    r = kotta(enclave_dir, "policy", "revoke", "analyst", "s3://klab-jobs/", "read")
+    assert r.returncode == 1 and "there was no read statement" in r.stdout
+
+    r = kotta(enclave_dir, "policy", "grant", "analyst", "s3://unregistered/", "read")
+    assert r.returncode == 2 and "not a registered dataset" in r.stderr
+    r = kotta(enclave_dir, "dataset", "add", "s3://klab-jobs/../etc/")
+    assert r.returncode == 2 and "steps out of its place" in r.stderr
+
+    actions = [rec["action"] for rec in AuditLog(enclave).show(dataset="s3://klab-jobs/")]
+    assert actions == ["dataset-add", "stage-out", "policy-grant", "policy-grant", "policy-revoke"]
+    assert AuditLog(enclave).verify().ok
+
+
+def test_a_user_who_is_not_an_admin_manages_nothing(enclave, enclave_dir, tmp_path, user_token):
+    bob = _as(tmp_path, "bob", user_token("bob", role="guest"))
+    for args in (
+        ["dataset", "add", "s3://klab-jobs/"],
+        ["policy", "grant", "guest", "s3://klab-jobs/", "read"],
+        ["user", "add", "mallory", "--role", "admin", "--admin"],
+        ["token", "issue", "bob"],
+    ):
+        r = kotta(enclave_dir, *args, env=bob)
+        assert r.returncode == 2, args
+        assert "only an admin" in r.stderr and "bob is not one" in r.stderr
+    assert PolicyStore(enclave.records).datasets() == []
+    # but may look, and revoke their own token
+    assert kotta(enclave_dir, "dataset", "list", env=bob).returncode == 0
+    assert kotta(enclave_dir, "whoami", env=bob).stdout.startswith("bob (role guest)")
+    r = kotta(enclave_dir, "token", "list", env=bob)
+    [line] = r.stdout.splitlines()[1:]
+    rid = line.split()[0]
+    r = kotta(enclave_dir, "token", "revoke", rid, env=bob)
+    assert r.returncode == 0 and "revoked" in r.stdout
+    r = kotta(enclave_dir, "whoami", env=bob)  # its access token lives on for up to an hour
+    assert r.returncode == 0
+
+
+def test_users_and_tokens_from_the_shell(enclave, enclave_dir):
+    r = kotta(enclave_dir, "user", "add", "carol", "--role", "analyst")
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.split()[-1]
+    assert token.startswith("krt1.")
+    r = kotta(enclave_dir, "user", "list")
+    assert any(line.split()[:4] == ["carol", "analyst", "no", "active"] for line in r.stdout.splitlines())
+    assert kotta(enclave_dir, "user", "disable", "carol").returncode == 0
+    r = kotta(enclave_dir, "user", "list")
+    assert any(line.split()[:4] == ["carol", "analyst", "no", "disabled"] for line in r.stdout.splitlines())
+    r = kotta(enclave_dir, "user", "add", "carol", "--role", "analyst")
+    assert r.returncode == 2 and "already exists" in r.stderr
+    r = kotta(enclave_dir, "token", "issue", "nobody")
+    assert r.returncode == 2 and "no user 'nobody'" in r.stderr
+    issued = [rec["detail"] for rec in AuditLog(enclave).show(action="token-issue")]
+    assert any("for carol" in d for d in issued)

@@ -1,0 +1,227 @@
+"""Datasets end to end on the embedded enclave: policies, staging, delegated credentials,
+egress, audit — with real nodes, workers and files.
+
+The issue's "done when": Cloud Kotta's ``file_sum(inputs=['s3://.../1m_shuffled.txt'])``
+runs for a user with read access, and fails with an access-denied error and an audit
+record for one without.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kotta_executor import errors
+from kotta_executor.security import credentials
+from kotta_executor.security.audit import AuditLog
+from kotta_executor.security.data import get_object, put_object, verify_credential
+from kotta_executor.security.policy import PolicyStore
+from tests import tasks
+from tests.conftest import GUARD
+
+NUMBERS = "\n".join(str(i) for i in range(1, 1001)) + "\n"
+SUM = 1000 * 1001 // 2
+CORPUS = "s3://klab-jobs/"
+INPUT = "s3://klab-jobs/1m_shuffled.txt"
+RESULTS = "s3://klab-results/"
+
+
+@pytest.fixture
+def data(enclave, user_token):
+    """An enclave with two datasets; analysts read klab-jobs and write klab-results,
+    guests have no grant."""
+    admin = credentials.load(enclave)
+    audit = AuditLog(enclave)
+    policies = PolicyStore(enclave.records, audit)
+    policies.add_dataset(CORPUS, by=admin.user, description="licensed corpus")
+    policies.add_dataset(RESULTS, by=admin.user)
+    policies.grant("analyst", CORPUS, "read", by=admin.user)
+    policies.grant("analyst", RESULTS, "write", by=admin.user)
+    put_object(enclave, INPUT, NUMBERS.encode())
+
+    class Data:
+        pass
+
+    d = Data()
+    d.enclave, d.audit, d.policies, d.admin = enclave, audit, policies, admin
+    d.alice = user_token("alice", role="analyst")
+    d.bob = user_token("bob", role="guest")
+    return d
+
+
+def test_file_sum_runs_for_a_reader_and_is_denied_and_audited_for_others(data, make_executor):
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.submit(tasks.file_sum, inputs=[INPUT])
+    assert f.result(GUARD) == SUM
+    stage_in = data.audit.show(job_id=f.job_id, action="stage-in")
+    assert [(r["user"], r["dataset"], r["allowed"]) for r in stage_in] == [("alice", INPUT, True)]
+
+    bob = make_executor(1, credentials=data.bob, start_node=False)
+    g = bob.submit(tasks.file_sum, inputs=[INPUT])
+    with pytest.raises(errors.DataAccessDenied) as info:
+        g.result(GUARD)
+    assert isinstance(info.value, PermissionError)
+    assert "guest" in str(info.value) and INPUT in str(info.value)
+    assert "nothing ran" in str(info.value)
+    denied = data.audit.show(job_id=g.job_id, action="access-denied")
+    assert [(r["user"], r["dataset"], r["allowed"]) for r in denied] == [("bob", INPUT, False)]
+    assert g.status() == "failed"
+    assert data.audit.verify().ok
+
+
+def test_an_explicit_deny_overrides_the_role_grant(data, make_executor):
+    data.policies.add_dataset("s3://klab-jobs/restricted/", by=data.admin.user)
+    data.policies.grant("analyst", "s3://klab-jobs/restricted/", "read", by=data.admin.user,
+                        effect="deny")
+    put_object(data.enclave, "s3://klab-jobs/restricted/x.txt", b"1\n")
+    alice = make_executor(1, credentials=data.alice)
+    with pytest.raises(errors.DataAccessDenied, match="explicitly denied"):
+        alice.submit(tasks.file_sum, inputs=["s3://klab-jobs/restricted/x.txt"]).result(GUARD)
+
+
+def test_inputs_are_staged_into_a_private_working_directory_with_scoped_credentials(
+    data, make_executor
+):
+    alice = make_executor(1, credentials=data.alice)
+    ex = alice.with_options(inputs=[INPUT])
+    text, cwd, env = ex.submit(
+        tasks.read_staged_and_env, "1m_shuffled.txt", "KOTTA_DATA_CREDENTIAL", "KOTTA_OWNER"
+    ).result(GUARD)
+    assert text == NUMBERS
+    assert env["KOTTA_OWNER"] == "alice"
+    cred = verify_credential(data.enclave, env["KOTTA_DATA_CREDENTIAL"])
+    assert (cred.user, cred.read, cred.write) == ("alice", (INPUT,), ())
+    assert not Path(cwd).exists(), "the working directory is removed after the task"
+    # a task without data runs where workers always run, without a data credential
+    _, _, env2 = alice.submit(tasks.read_staged_and_env, os.devnull, "KOTTA_DATA_CREDENTIAL").result(GUARD)
+    assert env2 == {"KOTTA_DATA_CREDENTIAL": None}
+
+
+def test_outputs_are_uploaded_with_the_owners_rights_and_audited(data, make_executor):
+    alice = make_executor(1, credentials=data.alice)
+    out = "s3://klab-results/alice/summary.txt"
+    f = alice.submit(tasks.write_file, "summary.txt", "total 500500\n", outputs=[out])
+    f.result(GUARD)
+    assert get_object(data.enclave, out) == b"total 500500\n"
+    (rec,) = data.audit.show(job_id=f.job_id, action="stage-out")
+    assert (rec["user"], rec["dataset"], rec["allowed"]) == ("alice", out, True)
+
+
+def test_an_output_without_a_write_grant_fails_before_anything_runs(data, make_executor, tmp_path):
+    alice = make_executor(1, credentials=data.alice)
+    marker = tmp_path / "ran"
+    with pytest.raises(errors.DataAccessDenied, match="write"):
+        alice.submit(tasks.write_file, str(marker), "x", outputs=["s3://klab-jobs/mine.txt"]).result(GUARD)
+    assert not marker.exists()
+
+
+def test_a_symlink_output_pointing_out_of_the_working_directory_is_refused(
+    data, make_executor, tmp_path
+):
+    secret = tmp_path / "node-secret.txt"
+    secret.write_text("node only")
+    alice = make_executor(1, credentials=data.alice)
+    out = "s3://klab-results/alice/leak.txt"
+    f = alice.submit(tasks.symlink_out, "leak.txt", str(secret), outputs=[out])
+    with pytest.raises(errors.StagingFailed, match="symlink"):
+        f.result(GUARD)
+    with pytest.raises(FileNotFoundError):
+        get_object(data.enclave, out)
+
+
+def test_a_missing_output_fails_the_job_with_its_name(data, make_executor):
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.submit(tasks.noop, outputs=["s3://klab-results/alice/never.txt"])
+    with pytest.raises(errors.StagingFailed, match="never.txt"):
+        f.result(GUARD)
+
+
+def test_a_missing_input_fails_the_job_with_its_uri(data, make_executor):
+    alice = make_executor(1, credentials=data.alice)
+    with pytest.raises(errors.StagingFailed, match="no object s3://klab-jobs/absent.txt"):
+        alice.submit(tasks.file_sum, inputs=["s3://klab-jobs/absent.txt"]).result(GUARD)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["s3://klab-jobs/../klab-results/x", "s3://klab-jobs/a/%2e%2e/b.txt", "s3://klab-jobs/",
+     "file:///etc/passwd", "s3://klab-jobs/a\\..\\b"],
+)
+def test_traversal_and_malformed_uris_are_refused_at_submit(data, make_executor, uri):
+    alice = make_executor(1, credentials=data.alice, start_node=False)
+    with pytest.raises(errors.InvalidDataUri):
+        alice.submit(tasks.file_sum, inputs=[uri])
+    with pytest.raises(errors.InvalidDataUri):
+        alice.with_options(outputs=[uri])
+
+
+def test_a_changed_input_is_fetched_again(data, make_executor):
+    alice = make_executor(1, credentials=data.alice)
+    assert alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == SUM
+    assert alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == SUM  # a cache hit
+    put_object(data.enclave, INPUT, b"1\n2\n")
+    assert alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == 3
+    cached = [r for r in data.audit.show(action="stage-in") if "cache" in (r["detail"] or "")]
+    assert len(cached) == 1
+
+
+def test_a_cache_hit_still_checks_permission(data, make_executor):
+    alice = make_executor(1, credentials=data.alice)
+    assert alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == SUM
+    data.policies.revoke("analyst", CORPUS, "read", by=data.admin.user)
+    with pytest.raises(errors.DataAccessDenied):
+        alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD)
+
+
+def test_egress_denied_keeps_the_result_in_the_enclave(data, make_executor):
+    data.policies.add_dataset(CORPUS, by=data.admin.user, egress="deny")
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.submit(tasks.file_sum, inputs=[INPUT])
+    with pytest.raises(errors.EgressDenied) as info:
+        f.result(GUARD)
+    assert info.value.handle == f"held-{f.job_id}"
+    assert str(SUM) not in str(info.value)
+    held = data.enclave.blobs.get(info.value.handle)
+    from kotta_executor import wire
+
+    assert wire.outcomes(wire.decode(held)) == [(True, SUM)]
+    (rec,) = data.audit.show(job_id=f.job_id, action="egress-denied")
+    assert rec["allowed"] is False and rec["user"] == "alice"
+
+
+def test_egress_cap_counts_the_value_and_its_output(data, make_executor):
+    data.policies.add_dataset(CORPUS, by=data.admin.user, egress_cap=2000)
+    alice = make_executor(1, credentials=data.alice).with_options(inputs=[INPUT])
+    assert alice.submit(tasks.chatty, 100).result(GUARD) == "done"  # within the cap
+    f = alice.submit(tasks.chatty, 5000)  # its stdout alone is over the cap
+    with pytest.raises(errors.EgressDenied, match="caps egress at 2000 bytes"):
+        f.result(GUARD)
+    assert "x" * 100 not in (f.stdout or "")
+
+
+def test_stdout_flood_is_capped_and_truncation_noted(data, make_executor):
+    alice = make_executor(1, credentials=data.alice)
+    from node.worker import CAPTURE_LIMIT
+
+    f = alice.submit(tasks.chatty, CAPTURE_LIMIT + 1000)
+    assert f.result(GUARD) == "done"
+    assert len(f.stdout) < CAPTURE_LIMIT + 200
+    assert "1000 earlier bytes of output were dropped" in f.stdout
+
+
+def test_a_script_job_stages_its_inputs_and_outputs(data, make_executor):
+    from kotta_executor import KottaJob
+
+    alice = make_executor(1, credentials=data.alice)
+    out = "s3://klab-results/alice/lines.txt"
+    job = KottaJob(
+        jobtype="script", jobname="count", executable="/bin/sh count.sh", script_name="count.sh",
+        script="wc -l < 1m_shuffled.txt > lines.txt\n", inputs=[INPUT], outputs=[out],
+        queue="test", walltime=1,
+    )
+    job.submit(alice)
+    assert job.wait(GUARD) == 0
+    assert get_object(data.enclave, out).strip() == b"1000"
+    assert [r["action"] for r in data.audit.show(job_id=job.job_id)] == ["stage-in", "stage-out"]

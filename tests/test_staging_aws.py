@@ -1,0 +1,125 @@
+"""Datasets end to end on the AWS backend (in-process moto): the issue's ``file_sum``
+example with S3 data, STS AssumeRole into the owner's role, and the audit log in DynamoDB.
+
+The node runs in a thread of this process (its workers are real processes), so that it
+shares in-process moto with the test; nodes in other processes are covered by
+tests/test_aws_backend.py's moto server tests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+
+import pytest
+
+from kotta_executor import KottaExecutor, errors
+from kotta_executor.aws_provision import bootstrap
+from kotta_executor.backends.aws import AwsEnclave
+from kotta_executor.security import credentials
+from kotta_executor.security.audit import AuditLog
+from kotta_executor.security.data import get_object
+from kotta_executor.security.policy import PolicyStore, role_policy
+from node.daemon import Node, NodeConfig
+from tests import aws_moto, tasks
+from tests.conftest import GUARD, make_user
+
+NUMBERS = "\n".join(str(i) for i in range(1, 201)) + "\n"
+DATA_BUCKET = "klab-jobs"
+INPUT = f"s3://{DATA_BUCKET}/1m_shuffled.txt"
+OUTPUT = f"s3://{DATA_BUCKET}/results/alice.txt"
+
+
+@pytest.fixture
+def aws(tmp_path):
+    from moto import mock_aws
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    with aws_moto.fake_aws_env(), mock_aws(), aws_moto.atomic_moto():
+        session = aws_moto.shared_session()
+        bootstrap(name, iam=False, tls_only=False, session=session)
+        enclave = AwsEnclave(name, session=session)
+        admin = credentials.load(enclave)  # the bootstrapper holds the enclave key
+        audit = AuditLog(enclave)
+        policies = PolicyStore(enclave.records, audit)
+        policies.add_dataset(f"s3://{DATA_BUCKET}/", by=admin.user)
+        policies.grant("analyst", f"s3://{DATA_BUCKET}/", "read", by=admin.user)
+        s3 = session.client("s3")
+        s3.create_bucket(Bucket=DATA_BUCKET)
+        s3.put_object(Bucket=DATA_BUCKET, Key="1m_shuffled.txt", Body=NUMBERS.encode())
+        iam = session.client("iam")
+        trust = {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Principal": {"AWS": "*"},
+            "Action": ["sts:AssumeRole", "sts:SetSourceIdentity"],
+        }]}
+        for role in ("analyst", "guest"):
+            iam.create_role(RoleName=f"{enclave.names.user_role_prefix}{role}",
+                            AssumeRolePolicyDocument=json.dumps(trust))
+        doc = role_policy(policies.statements(role="analyst"))
+        iam.put_role_policy(RoleName=f"{enclave.names.user_role_prefix}analyst",
+                            PolicyName="datasets", PolicyDocument=json.dumps(doc))
+        node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=0.5))
+        runner = threading.Thread(target=node.run, name="node")
+        runner.start()
+        executors: list[KottaExecutor] = []
+
+        def executor(user: str, role: str) -> KottaExecutor:
+            token = make_user(enclave, user, tmp_path / "tokens", role=role)
+            ex = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+            executors.append(ex)
+            return ex
+
+        try:
+            yield enclave, audit, policies, admin, executor
+        finally:
+            for ex in executors:
+                ex.shutdown(wait=True, cancel_futures=True)
+            node.request_stop()
+            runner.join(GUARD)
+            enclave.close()
+
+
+def test_file_sum_on_aws_runs_for_a_reader_and_is_denied_for_others(aws):
+    enclave, audit, _, _, executor = aws
+    alice = executor("alice", "analyst")
+    f = alice.submit(tasks.file_sum, inputs=[INPUT])
+    assert f.result(GUARD) == sum(range(1, 201))
+    [rec] = audit.show(job_id=f.job_id, action="stage-in")
+    assert (rec["user"], rec["dataset"]) == ("alice", INPUT)
+
+    bob = executor("bob", "guest")
+    g = bob.submit(tasks.file_sum, inputs=[INPUT])
+    with pytest.raises(errors.DataAccessDenied, match="guest"):
+        g.result(GUARD)
+    [denied] = audit.show(job_id=g.job_id, action="access-denied")
+    assert (denied["user"], denied["dataset"], denied["allowed"]) == ("bob", INPUT, False)
+    assert audit.verify().ok
+
+
+def test_aws_task_gets_the_owners_assumed_role_not_the_nodes_keys(aws):
+    enclave, _, _, _, executor = aws
+    alice = executor("alice", "analyst")
+    text, _, env = alice.with_options(inputs=[INPUT]).submit(
+        tasks.read_staged_and_env, "1m_shuffled.txt", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
+    ).result(GUARD)
+    assert text == NUMBERS
+    # the process's own (fake) keys are "testing"; the task holds an STS session's
+    assert env["AWS_ACCESS_KEY_ID"] not in (None, "testing")
+    assert env["AWS_SESSION_TOKEN"]
+
+
+def test_aws_outputs_are_written_with_the_owners_credentials(aws):
+    enclave, audit, policies, admin, executor = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
+    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
+    enclave.session.client("iam").put_role_policy(
+        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
+        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
+    )
+    alice = executor("alice", "analyst")
+    f = alice.submit(tasks.write_file, "alice.txt", "42\n", outputs=[OUTPUT])
+    f.result(GUARD)
+    assert get_object(enclave, OUTPUT) == b"42\n"
+    [rec] = audit.show(job_id=f.job_id, action="stage-out")
+    assert rec["user"] == "alice"
