@@ -168,7 +168,13 @@ class DataSteps:
 
     def _stage_out(self, task: Task, fin: Finished) -> Finished:
         staged: Staged = task.staged
-        done = stage_outputs(staged.store, staged.workdir, task.header["outputs"])
+        # fresh owner credentials for the writes: the stage-in ones may have expired
+        # during a long task (on AWS a chained role session lasts one hour at most)
+        store, _ = objects_for(
+            self.enclave, user=task.claims.user, role=task.claims.role, job_id=task.job_id,
+            writes=task.header["outputs"], ttl=CREDENTIAL_MARGIN,
+        )
+        done = stage_outputs(store, staged.workdir, task.header["outputs"])
         for item in done:
             self.node.audit.append(
                 "stage-out", user=task.claims.user, dataset=item["uri"], job_id=task.job_id,

@@ -398,6 +398,10 @@ def session_policy_json(reads: Iterable[str], writes: Iterable[str]) -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
+#: seconds: the longest session AWS grants a role assumed by a role (role chaining)
+MAX_CHAINED_SESSION = 3600
+
+
 def assume_owner_role(
     enclave,
     *,
@@ -420,7 +424,8 @@ def assume_owner_role(
         RoleArn=f"arn:aws:iam::{account}:role/{enclave.names.user_role_prefix}{role}",
         RoleSessionName=f"kotta-{job_id[:16]}",
         SourceIdentity=user,
-        DurationSeconds=max(900, int(ttl)),
+        # a node assuming a user role is role chaining, which AWS caps at one hour
+        DurationSeconds=min(MAX_CHAINED_SESSION, max(900, int(ttl))),
         Policy=policy,
     )
     return resp["Credentials"]
