@@ -521,6 +521,12 @@ def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
                 "Resource": f"arn:aws:s3:::{names.bucket}/keys/enclave.key",
             },
             {
+                "Sid": "HeldResults",
+                "Effect": "Allow",
+                "Action": ["s3:PutObject"],
+                "Resource": f"arn:aws:s3:::{names.bucket}/held/*",
+            },
+            {
                 "Sid": "UserRoles",
                 "Effect": "Allow",
                 "Action": "sts:AssumeRole",

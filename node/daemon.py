@@ -253,9 +253,15 @@ class Node:
                 log.warning("drain timeout: handing back %s", [t.job_id for t in w.inflight])
                 self.enclave.queue.release([t.delivery for t in w.inflight])
                 w.inflight.clear()
-        # staged meanwhile, not started: hand back (their work directories go with _stop)
+        # staged meanwhile, not started, or still staging: hand back (their work
+        # directories go with _stop; a staging thread still running is abandoned)
         self.enclave.queue.release([t.delivery for t in self.pending])
         self.pending.clear()
+        if self.data.active:
+            log.warning("drain timeout: handing back %s, still staging", list(self.data.active))
+            self.enclave.queue.release(self.data.held())
+            self.data.active.clear()
+            self.data.abandoned = True
         self._report()
         self._wake_clients()
 
@@ -350,6 +356,10 @@ class Node:
             data = _with_usage(data, usage)
         fin = Finished(task.job_id, state, data, h.get("reason"), usage)
         if task.staged is not None and self.data.finish_from_worker(task, data, fin):
+            if task.staged.egress != (True, None):
+                # a worker that held restricted data serves nothing else: what the task left
+                # in its memory or files must not leave with a later task's result
+                w.retire()
             return  # egress checks, then outputs, in node/datasteps.py
         self._queue_finish(task, task.delivery, fin, task.header["client"])
 
@@ -384,7 +394,10 @@ class Node:
             if head.monitor is not None:  # keep what was measured of a long task
                 usage = head.monitor.merge(None)
                 data = _with_usage(data, usage)
-            self._queue_finish(head, head.delivery, Finished(head.job_id, state, data, message, usage), head.header["client"])
+            fin = Finished(head.job_id, state, data, message, usage)
+            # a task with data: its output too is checked for egress, its directory removed
+            if head.staged is None or not self.data.finish_from_worker(head, data, fin):
+                self._queue_finish(head, head.delivery, fin, head.header["client"])
             for t in reversed(w.inflight):
                 t.started = None
                 self.pending.appendleft(t)
@@ -473,7 +486,7 @@ class Node:
             )
 
     def _room(self) -> int:
-        inflight = sum(len(w.inflight) for w in self.workers)
+        inflight = sum(len(w.inflight) for w in self.workers) + len(self.data.active)
         cap = self.config.workers * 4
         if self.workers and all(w.depth > 2 for w in self.workers):
             cap = self.config.workers * 64
@@ -546,7 +559,7 @@ class Node:
             self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
             return
         try:  # who sent it: the signature over the whole envelope, the token behind it
-            claims = self.verifier.verify(d.body, header)
+            claims = self.verifier.verify(d.body, header, d.sent)
         except AuthenticationError as exc:
             self._refuse(d, header, str(exc))
             return
@@ -584,6 +597,8 @@ class Node:
             raise EnvelopeError("the task's refs are malformed")
         sections = dict(wire.decode(d.body).sections)
         for name, key in refs.items():
+            if key != f"{name}-{d.job_id}":  # a task fetches its own sections, nothing else
+                raise EnvelopeError(f"the section {name!r} refers to a blob not of this job")
             blob = self.enclave.blobs.get(key)
             if digests.get(name) != wire.digest(blob):
                 raise EnvelopeError(f"the section {name!r} in blob {key} was altered")
@@ -622,7 +637,9 @@ class Node:
         if not self.pending:
             return frames
         plan: list[tuple[Task, Worker]] = []
-        load = {w: len(w.inflight) for w in self.workers if w.kill_deadline is None}
+        load = {
+            w: len(w.inflight) for w in self.workers if w.kill_deadline is None and not w.retiring
+        }
         # Several tasks per worker pipe only with a real backlog: a few tasks that arrive
         # together may include long ones, and must not wait behind them (nor stop being
         # cancellable) while another worker could take them.
@@ -660,9 +677,7 @@ class Node:
             self.data.start_in(to_stage)
         if not plan:
             return frames
-        started = set(
-            self.enclave.jobs.transition([t.job_id for t, _ in plan], JobState.PROCESSING, node=self.node_id)
-        )
+        started = self.claim([t for t, _ in plan], JobState.PROCESSING)
         for task, _ in plan:
             if task.job_id not in started:  # cancelled meanwhile, or already finished
                 self.drop(task)
@@ -670,6 +685,27 @@ class Node:
             if task.job_id in started:
                 frames.setdefault(w, []).append(task)
         return frames
+
+    def claim(self, tasks: list[Task], new: JobState) -> set[str]:
+        """Move the tasks' jobs to ``new`` (staging_inputs or processing); the ids moved.
+
+        A first delivery only claims a job nobody started (pending; staging_inputs once
+        this node staged it): a copy of a running job's message — a replay, or SQS
+        delivering a message twice — finds it started and is dropped, instead of running
+        it again.  A redelivery (the holder died, or let the message go) may restart it."""
+        groups: dict[frozenset | None, list[str]] = {}
+        for t in tasks:
+            if t.delivery.receive_count > 1:
+                sources = None
+            elif t.staged is not None:
+                sources = frozenset({JobState.STAGING_INPUTS})
+            else:
+                sources = frozenset({JobState.PENDING})
+            groups.setdefault(sources, []).append(t.job_id)
+        moved: set[str] = set()
+        for sources, ids in groups.items():
+            moved.update(self.enclave.jobs.transition(ids, new, from_states=sources, node=self.node_id))
+        return moved
 
     def drop(self, task: Task) -> None:
         """A task whose job was cancelled or finished meanwhile: tell its client, ack it."""

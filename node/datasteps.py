@@ -38,7 +38,7 @@ from kotta_executor.errors import (
     InvalidDataUri,
     StagingFailed,
 )
-from kotta_executor.security.data import objects_for
+from kotta_executor.security.data import held_uri, objects_for, put_object
 from kotta_executor.security.policy import PolicyStore, egress_rule
 from kotta_executor.states import JobState
 
@@ -65,6 +65,18 @@ class Staged:
     inputs: list[dict] = field(default_factory=list)
 
 
+def _looser(rule: tuple[bool, int | None], than: tuple[bool, int | None]) -> bool:
+    allowed, cap = rule
+    if not than[0]:
+        return allowed
+    return allowed and (cap is None or (than[1] is not None and cap > than[1]))
+
+
+def _rule(rule: tuple[bool, int | None]) -> str:
+    allowed, cap = rule
+    return "deny" if not allowed else ("no cap" if cap is None else f"a cap of {cap} bytes")
+
+
 def declares_data(header: dict) -> bool:
     return bool(header.get("inputs") or header.get("outputs"))
 
@@ -82,13 +94,13 @@ class DataSteps:
         #: tasks with a staging step in a thread, by job id
         self.active: dict[str, Task] = {}
         self._done: deque[tuple[Task, str, Future]] = deque()
+        self.abandoned = False  # the drain handed back tasks whose staging still ran
 
     # ------------------------------------------------------------------ stage-in
 
     def start_in(self, tasks: list[Task]) -> None:
         """Claim the jobs (pending -> staging_inputs) and stage each in a thread."""
-        ids = [t.job_id for t in tasks]
-        moved = set(self.enclave.jobs.transition(ids, JobState.STAGING_INPUTS, node=self.node.node_id))
+        moved = self.node.claim(tasks, JobState.STAGING_INPUTS)
         for t in tasks:
             if t.job_id not in moved:  # cancelled meanwhile, or finished elsewhere
                 self.node.drop(t)
@@ -108,6 +120,10 @@ class DataSteps:
             self.policies.require(claims.role, "read", uri, user=user, job_id=job)
         for uri in outputs:
             self.policies.require(claims.role, "write", uri, user=user, job_id=job)
+        read = [d for uri in inputs for d in self.policies.datasets_for(uri)]
+        egress = egress_rule(read) if read else (True, None)
+        if egress != (True, None):
+            self._no_laundering(task, egress, outputs)
         store, env = objects_for(
             self.enclave, user=user, role=claims.role, job_id=job, reads=inputs, writes=outputs,
             ttl=h["walltime"] + CREDENTIAL_MARGIN,
@@ -123,21 +139,38 @@ class DataSteps:
                 "stage-in", user=user, dataset=item["uri"], job_id=job,
                 detail=f"{item['bytes']} bytes{' from the node cache' if item['cached'] else ''}",
             )
-        read = [d for uri in inputs for d in self.policies.datasets_for(uri)]
-        return Staged(workdir, env, store, egress_rule(read) if read else (True, None), staged)
+        return Staged(workdir, env, store, egress, staged)
+
+    def _no_laundering(self, task: Task, egress: tuple[bool, int | None], outputs) -> None:
+        """Outputs of a task that read restricted data must go to datasets at least as
+        strict, or a second task could read the data back out of a laxer one."""
+        for uri in outputs:
+            rule = egress_rule(self.policies.datasets_for(uri))
+            if _looser(rule, egress):
+                reason = (
+                    f"output {uri} is in a dataset whose egress rule ({_rule(rule)}) is looser "
+                    f"than that of the data the task reads ({_rule(egress)})"
+                )
+                self.node.audit.append(
+                    "access-denied", user=task.claims.user, allowed=False, job_id=task.job_id,
+                    dataset=uri, detail=reason,
+                )
+                raise AccessDenied(reason)
 
     # ------------------------------------------------------------------ results
 
     def finish_from_worker(self, task: Task, data: bytes, fin: Finished) -> bool:
-        """Take over a finished task that staged data; False if it did not."""
+        """Take over a finished task that staged data; False if it did not.  Its result
+        is checked for egress; its outputs, if it succeeded, are uploaded (even when its
+        result is held: they stay inside the enclave, in datasets at least as strict)."""
         staged: Staged | None = task.staged
         if staged is None:
             return False
-        h = wire.peek_header(data)
-        data = self._check_egress(task, staged, data, h)
-        if data is not fin.result:  # held back: the job fails with EgressDenied
-            fin = Finished(fin.job_id, JobState.FAILED, data, "egress denied", fin.usage)
-        if task.header.get("outputs") and fin.state is JobState.COMPLETED and h["outcome"] == wire.OK:
+        succeeded = fin.state is JobState.COMPLETED
+        held = self._check_egress(task, staged, data)
+        if held is not None:  # the job fails with EgressDenied; nothing of the result leaves
+            fin = Finished(fin.job_id, JobState.FAILED, held, "egress denied", None)
+        if task.header.get("outputs") and succeeded:
             if self.enclave.jobs.transition([task.job_id], JobState.STAGING_OUTPUTS, node=self.node.node_id):
                 self.active[task.job_id] = task
                 self._submit(task, "out", self._stage_out, task, fin)
@@ -145,16 +178,17 @@ class DataSteps:
         self._finish(task, fin)
         return True
 
-    def _check_egress(self, task: Task, staged: Staged, data: bytes, h: dict) -> bytes:
+    def _check_egress(self, task: Task, staged: Staged, data: bytes) -> bytes | None:
+        """None if the result may go to the client; else the EgressDenied envelope that
+        replaces it, the result being kept inside the enclave (``held_uri``)."""
         allowed, cap = staged.egress
         if allowed and cap is None:
-            return data
-        env = wire.decode(data)
-        size = sum(len(env.sections.get(s, b"")) for s in ("payload", "stdout", "stderr"))
+            return None
+        size = len(data)  # all of it: a worker writes the header too (usage, reason)
         if allowed and size <= cap:
-            return data
-        handle = f"held-{task.job_id}"
-        self.enclave.blobs.put(handle, data)  # stays in the enclave, for an admin's review
+            return None
+        handle = held_uri(self.enclave, task.job_id)
+        put_object(self.enclave, handle, data)  # not where clients read: for an admin's review
         why = "forbids data leaving the enclave" if not allowed else f"caps egress at {cap} bytes"
         reason = (
             f"job {task.job_id} read a dataset whose policy {why}; its result and output "
@@ -237,7 +271,8 @@ class DataSteps:
             shutil.rmtree(task.staged.workdir, ignore_errors=True)
 
     def close(self) -> None:
-        """Wait for staging threads, then remove the node's work directories and cache
+        """Stop the staging threads (waiting for them unless the drain gave up on some:
+        their tasks were handed back), then remove the node's work directories and cache
         (the cache lives as long as its node)."""
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=not self.abandoned, cancel_futures=True)
         shutil.rmtree(self.root, ignore_errors=True)

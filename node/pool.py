@@ -68,6 +68,7 @@ class Worker:
     kill_tree: list[psutil.Process] = field(default_factory=list)
     born: float = field(default_factory=time.monotonic)
     env: str | None = None  # key of the requirements venv it runs in (None: the node's python)
+    retiring: bool = False  # takes no more tasks (it served restricted data)
 
     @property
     def pid(self) -> int:
@@ -129,6 +130,13 @@ class Worker:
         if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
             _signal_all(self.kill_tree, signal.SIGKILL)
             _signal_group(self.pid, signal.SIGKILL)
+
+    def retire(self) -> None:
+        """Take no more tasks, and skip those already piped (the node re-queues them when
+        the worker has exited): for a worker that must not serve anything further."""
+        self.retiring = True
+        self.stop_after_current()
+        self.tasks.close()
 
     def stop_after_current(self) -> None:
         """Ask the worker to finish the task it runs and exit without starting another."""

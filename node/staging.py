@@ -59,6 +59,9 @@ class StageCache:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()
+        #: SHA-256 of each cached file when it was added: a hit is checked against it, so a
+        #: file changed on disk (user code runs as the node's OS user) is never served
+        self._digests: dict[str, str] = {}
         self._total = 0
         self._rebuild()
 
@@ -80,6 +83,7 @@ class StageCache:
         with self._lock:
             for _, key, size in sorted(found):
                 self._index[key] = size
+                self._digests[key] = _sha256(self.objects / key)
                 self._total += size
             self._evict()
 
@@ -127,6 +131,7 @@ class StageCache:
         key = cache_key(uri, etag)
         path = self.objects / key
         tmp = self.objects / f".{key}.{uuid.uuid4().hex[:8]}"
+        digest = _sha256(src)
         try:
             try:
                 os.link(src, tmp)
@@ -138,6 +143,7 @@ class StageCache:
                 if key in self._index:
                     self._total -= self._index[key]
                 self._index[key] = size
+                self._digests[key] = digest
                 self._index.move_to_end(key)
                 self._total += size
                 self._evict()
@@ -146,15 +152,40 @@ class StageCache:
                 os.unlink(tmp)
         return path
 
+    def place(self, uri: str, etag: str, hit: Path, dest: Path) -> bool:
+        """Copy a cached file to ``dest`` if its content is still what was added; if not
+        (changed on disk), drop it from the cache and return False: fetch it again."""
+        key = cache_key(uri, etag)
+        with self._lock:
+            digest = self._digests.get(key)
+        if digest is not None and _place(hit, dest, digest):
+            return True
+        with self._lock:
+            if key in self._index:
+                self._total -= self._index.pop(key)
+            self._digests.pop(key, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(hit)
+        return False
+
     def _evict(self) -> None:
         while self._total > self.max_bytes and self._index:
             key, size = self._index.popitem(last=False)
+            self._digests.pop(key, None)
             self._total -= size
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.objects / key)
 
 
-def _place(src: Path, dest: Path) -> None:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _place(src: Path, dest: Path, digest: str | None = None) -> bool:
     """Copy ``src`` to ``dest`` through a temporary name and a rename.
 
     A copy, never a hard link: a link would share the cache file's inode with the task, and
@@ -163,15 +194,26 @@ def _place(src: Path, dest: Path) -> None:
     The cache's 0444 alone does not prevent that.  The copy costs one read and write
     (``copyfile`` uses sendfile/copy_file_range on Linux)."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name[:80]}.", suffix=".part")
-    os.close(fd)
     try:
-        shutil.copyfile(src, tmp)
+        if digest is None:
+            os.close(fd)
+            shutil.copyfile(src, tmp)
+        else:  # copy and hash in one pass; refuse a copy whose content changed
+            h = hashlib.sha256()
+            with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    out.write(chunk)
+            if h.hexdigest() != digest:
+                os.unlink(tmp)
+                return False
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return True
 
 
 def _names(uris, what: str) -> list[tuple[DataUri, str]]:
@@ -207,10 +249,10 @@ def stage_inputs(store, cache: StageCache | None, uris, workdir: Path) -> list[d
         hit = cache.get(d.uri, info.etag) if cache is not None else None
         if hit is not None:
             try:
-                _place(hit, dest)
+                placed = cache.place(d.uri, info.etag, hit, dest)
             except FileNotFoundError:  # evicted meanwhile: fetch it
-                hit = None
-            else:
+                placed = False
+            if placed:
                 staged.append({"uri": d.uri, "bytes": info.size, "cached": True})
                 continue
         scratch = cache.scratch() if cache is not None else dest

@@ -101,8 +101,10 @@ def run_task(data: bytes) -> bytes:
     env = wire.decode(data)
     workdir, task_env = env.header.get("workdir"), env.header.get("env") or {}
     if not workdir and not task_env:
-        return _run_task(env)
-    cwd = os.getcwd()
+        try:
+            return _run_task(env)
+        finally:
+            _back_home()
     saved = {k: os.environ.get(k) for k in task_env}
     os.environ.update(task_env)
     try:
@@ -110,12 +112,25 @@ def run_task(data: bytes) -> bytes:
             os.chdir(workdir)
         return _run_task(env)
     finally:
-        os.chdir(cwd)
+        os.chdir(_HOME)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+#: the worker's own working directory: every task starts there, wherever the last one went
+_HOME = os.getcwd()
+
+
+def _back_home() -> None:
+    try:
+        here = os.getcwd()
+    except FileNotFoundError:  # the task chdir'd into a directory since removed
+        here = None
+    if here != _HOME:
+        os.chdir(_HOME)
 
 
 def _run_task(env: wire.Envelope) -> bytes:

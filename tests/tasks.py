@@ -319,3 +319,81 @@ def chatty(nbytes):
     """Print ``nbytes`` bytes and return a small value."""
     sys.stdout.write("x" * nbytes)
     return "done"
+
+
+# ----------------------------------------------------------------- security review tasks
+
+
+def leak_and_die(name, marker):
+    """Write where the task runs to ``marker``, print the staged input ``name``, then let
+    the worker die (as a crash, a walltime or a memory kill would)."""
+    Path(marker).write_text(os.getcwd())
+    with open(name) as f:
+        sys.stdout.write(f.read())
+    sys.stdout.flush()
+    os._exit(3)
+
+
+def chdir_into_removed_dir():
+    """Leave the worker in a directory that no longer exists (a TemporaryDirectory the
+    task chdir'd into, say)."""
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="kotta-gone-")
+    os.chdir(d)
+    os.rmdir(d)
+    return "left"
+
+
+_CARRIED = None
+
+
+def carry(name=None):
+    """With ``name``: keep the staged input in this (warm) worker's memory and return
+    nothing.  Without: return what an earlier task kept."""
+    global _CARRIED
+    if name is None:
+        return _CARRIED
+    with open(name) as f:
+        _CARRIED = f.read()
+    return None
+
+
+def leak_in_usage(name):
+    """Return a small value, but put the staged input ``name`` into the result header's
+    ``usage`` (user code runs in the worker process and can change what it sends)."""
+    from kotta_executor import wire
+
+    with open(name) as f:
+        secret = f.read()
+    original = wire.result_header
+
+    def patched(*args, **fields):
+        wire.result_header = original  # this result only
+        fields["usage"] = {**(fields.get("usage") or {}), "leak": secret}
+        return original(*args, **fields)
+
+    wire.result_header = patched
+    return "small"
+
+
+def append_line_then_wait(path, line, stop_file):
+    """Append ``line`` to ``path`` (counts the runs), then wait until ``stop_file`` exists."""
+    with open(path, "a") as f:
+        f.write(f"{line}\n")
+    deadline = time.monotonic() + 60  # deadlock guard of a test that went wrong
+    while not os.path.exists(stop_file) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return line
+
+
+def poison_cache(text):
+    """From a task's working directory, overwrite every file of the node's staging cache
+    (the task runs as the node's OS user, which owns it)."""
+    objects = Path(os.getcwd()).parent.parent / "cache" / "objects"
+    n = 0
+    for p in objects.iterdir():
+        os.chmod(p, 0o644)
+        p.write_text(text)
+        n += 1
+    return n

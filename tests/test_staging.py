@@ -181,9 +181,9 @@ def test_egress_denied_keeps_the_result_in_the_enclave(data, make_executor):
     f = alice.submit(tasks.file_sum, inputs=[INPUT])
     with pytest.raises(errors.EgressDenied) as info:
         f.result(GUARD)
-    assert info.value.handle == f"held-{f.job_id}"
+    assert info.value.handle == f"s3://kotta-held/{f.job_id}"
     assert str(SUM) not in str(info.value)
-    held = data.enclave.blobs.get(info.value.handle)
+    held = get_object(data.enclave, info.value.handle)  # with the enclave's own rights
     from kotta_executor import wire
 
     assert wire.outcomes(wire.decode(held)) == [(True, SUM)]

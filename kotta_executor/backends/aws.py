@@ -719,6 +719,7 @@ class SqsQueue(TaskQueue):
                 body,
                 _receipt(sqs_name, m["ReceiptHandle"], blob),
                 int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
+                _sent(m),
             )
             for m, body, blob in got or []
         ]
@@ -993,6 +994,11 @@ def _flush_at_exit(ref) -> None:
             queue.close()
         except Exception:  # noqa: BLE001 - at exit, an undeleted message is only redelivered
             pass
+
+
+def _sent(m: dict) -> float | None:
+    stamp = m.get("Attributes", {}).get("SentTimestamp")
+    return int(stamp) / 1000 if stamp else None
 
 
 def _job_id(m: dict) -> str:

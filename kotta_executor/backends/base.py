@@ -37,6 +37,9 @@ class Delivery:
     body: bytes
     receipt: str
     receive_count: int
+    #: when the queue took the message (the service's clock where there is one: SQS's
+    #: SentTimestamp); a node checks the signing token was valid then
+    sent: float | None = None
 
 
 @dataclass(slots=True)

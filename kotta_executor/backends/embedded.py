@@ -10,6 +10,7 @@ and reaping the messages held by a node process that no longer exists.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,7 +55,8 @@ CREATE TABLE IF NOT EXISTS messages (
     visible_at REAL NOT NULL,
     receive_count INTEGER NOT NULL DEFAULT 0,
     receipt TEXT,
-    holder TEXT
+    holder TEXT,
+    sent REAL
 );
 CREATE INDEX IF NOT EXISTS messages_queue ON messages(queue, id);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -125,6 +127,10 @@ class _Db:
         self.path = path
         self._local = threading.local()
         self.conn().executescript(SCHEMA)
+        columns = {row[1] for row in self.conn().execute("PRAGMA table_info(messages)")}
+        if "sent" not in columns:  # an enclave made before messages kept their send time
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                _retry(self.conn().execute, "ALTER TABLE messages ADD COLUMN sent REAL")
 
     def conn(self) -> sqlite3.Connection:
         local = self._local
@@ -239,9 +245,9 @@ class EmbeddedQueue(TaskQueue):
         with self._db.tx() as c:
             _insert_rows(
                 c,
-                "INSERT INTO messages(queue, job_id, body, visible_at) VALUES ",
-                "(?,?,?,?)",
-                [(queue, m.job_id, m.body, now) for m in messages],
+                "INSERT INTO messages(queue, job_id, body, visible_at, sent) VALUES ",
+                "(?,?,?,?,?)",
+                [(queue, m.job_id, m.body, now, now) for m in messages],
             )
 
     def _any_ready(self, queue: str, now: float) -> bool:
@@ -273,7 +279,7 @@ class EmbeddedQueue(TaskQueue):
                 "UPDATE messages SET visible_at=?, receive_count=receive_count+1,"
                 " receipt=id||':'||?, holder=? WHERE id IN (SELECT id FROM messages"
                 " WHERE queue=? AND visible_at<=? ORDER BY id LIMIT ?)"
-                " RETURNING job_id, body, receipt, receive_count",
+                " RETURNING job_id, body, receipt, receive_count, sent",
                 (now + visibility_timeout, token, holder, queue, now, max_messages),
             ).fetchall()
         rows.sort(key=lambda r: _msg_id(r[2]))
@@ -402,9 +408,9 @@ class EmbeddedJobs(JobTable):
             )
             _insert_rows(
                 c,
-                "INSERT INTO messages(queue, job_id, body, visible_at) VALUES ",
-                "(?,?,?,?)",
-                [(j.queue, j.job_id, j.body, now) for j in jobs],
+                "INSERT INTO messages(queue, job_id, body, visible_at, sent) VALUES ",
+                "(?,?,?,?,?)",
+                [(j.queue, j.job_id, j.body, now, now) for j in jobs],
             )
 
     def transition(self, job_ids, new, *, from_states=None, node=None, reason=None):

@@ -37,7 +37,10 @@ def token_path() -> Path:
 
 def check_private(path: Path) -> None:
     """Refuse a token file that group or others can read or write, or another user owns."""
-    st = path.stat()
+    _check_stat(path, path.stat())
+
+
+def _check_stat(path: Path, st: os.stat_result) -> None:
     if st.st_uid != os.getuid():
         raise AuthenticationError(
             f"the token file {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()})"
@@ -62,11 +65,18 @@ def _locked(path: Path):
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """The token file's entries; checked on the descriptor that is read (no symlink is
+    followed, and nothing can swap the file between the check and the read)."""
     try:
-        check_private(path)
-        return json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return {}
+    except OSError as exc:  # ELOOP: a symlink
+        raise AuthenticationError(f"the token file {path} cannot be used: {exc}") from None
+    try:
+        with os.fdopen(fd, "r") as f:
+            _check_stat(path, os.fstat(f.fileno()))
+            return json.loads(f.read())
     except ValueError as exc:
         raise AuthenticationError(f"the token file {path} is damaged: {exc}") from None
 

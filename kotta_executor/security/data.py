@@ -438,6 +438,18 @@ def _is_embedded(enclave) -> bool:
     return getattr(enclave, "home", None) is not None
 
 
+#: the bucket that keeps held results on an embedded enclave (on AWS: the enclave's own)
+HELD_BUCKET = "kotta-held"
+
+
+def held_uri(enclave, job_id: str) -> str:
+    """Where a result that may not leave the enclave is kept: an object no user role is
+    granted and the clients' blob namespace does not include."""
+    if _is_embedded(enclave):
+        return f"s3://{HELD_BUCKET}/{job_id}"
+    return f"s3://{enclave.names.bucket}/held/{job_id}"
+
+
 def put_object(enclave, uri: str, data: bytes) -> None:
     """Write a dataset object with the enclave's own rights (``kotta dataset put``, tests)."""
     d = _object(uri)

@@ -36,6 +36,7 @@ from typing import Any
 from .. import wire
 from ..errors import AuthenticationError, ConfigurationError
 from .keys import derived_key
+from .policy import check_role
 
 ACCESS_TTL = 3600.0
 REFRESH_TTL = 90 * 86400.0
@@ -47,21 +48,12 @@ MAX_TASK_AGE = 7 * 86400.0
 REVOCATION_CACHE = 2.0
 
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
-_ROLE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 
 
 def check_user(name: str) -> str:
     if not isinstance(name, str) or not _USER.fullmatch(name):
         raise ConfigurationError(
             f"{name!r} is not a valid user name (letters, digits, _ . @ -; at most 64)"
-        )
-    return name
-
-
-def check_role(name: str) -> str:
-    if not isinstance(name, str) or not _ROLE.fullmatch(name):
-        raise ConfigurationError(
-            f"{name!r} is not a valid role name (lower case letters, digits, _ -; at most 63)"
         )
     return name
 
@@ -274,9 +266,11 @@ class Verifier:
         #: claims and keys of the access tokens seen (a token signs many tasks)
         self._tokens: dict[str, tuple[Claims, bytes]] = {}
 
-    def verify(self, data: bytes, header: dict[str, Any]) -> Claims:
+    def verify(self, data: bytes, header: dict[str, Any], sent: float | None = None) -> Claims:
         """The token claims of a task; AuthenticationError saying why it is refused.
-        ``header`` is ``wire.peek_header(data)`` (which checked the framing)."""
+        ``header`` is ``wire.peek_header(data)`` (which checked the framing); ``sent``
+        when the queue took it (``Delivery.sent``): a token that had expired by then is
+        refused however the task dates itself."""
         token_id = header.get("auth")
         if not isinstance(token_id, str):
             raise AuthenticationError("the task is not signed (no access token)")
@@ -305,6 +299,11 @@ class Verifier:
             raise AuthenticationError(
                 f"the task was created at {_when(created)}, outside its access token's "
                 f"validity ({_when(claims.issued)} to {_when(claims.expires)}): expired token"
+            )
+        if sent is not None and sent > claims.expires + CLOCK_SKEW:
+            raise AuthenticationError(
+                f"the task was queued at {_when(sent)}, after its access token expired at "
+                f"{_when(claims.expires)}: expired token"
             )
         if created > now + CLOCK_SKEW:
             raise AuthenticationError("the task claims to be created in the future")
