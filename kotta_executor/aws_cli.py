@@ -1,4 +1,5 @@
-"""``kotta aws bootstrap NAME`` and ``kotta aws teardown NAME``.
+"""``kotta aws bootstrap NAME``, ``kotta aws teardown NAME``, ``kotta aws pools NAME`` and
+``kotta aws autoscale NAME``.
 
 ``add_parsers(subparsers)`` adds the ``aws`` command to the ``kotta`` parser; the parsed
 arguments carry their handler as ``args.aws_handler`` (also reachable as
@@ -16,7 +17,7 @@ from .backends.aws import MAX_RECEIVE_COUNT
 def add_parsers(subparsers) -> argparse.ArgumentParser:
     aws = subparsers.add_parser(
         "aws",
-        help="create or delete the AWS resources of an enclave (SQS, S3, DynamoDB, IAM)",
+        help="create or delete the AWS resources of an enclave (SQS, S3, DynamoDB, IAM, EC2)",
         description="Provision the AWS enclave aws://NAME (see docs/aws.md).",
     )
     sub = aws.add_subparsers(dest="aws_command", required=True)
@@ -53,13 +54,32 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     a = sub.add_parser("autoscale",
                        help="size each queue's Auto Scaling group by the queue's depth")
     common(a)
-    a.add_argument("--group", action="append", required=True, metavar="QUEUE=ASG",
-                   help="a queue and the Auto Scaling group of its nodes (repeatable)")
+    a.add_argument("--group", action="append", metavar="QUEUE=ASG",
+                   help="a queue and the Auto Scaling group of its nodes (repeatable; "
+                        "default: the groups of `kotta aws pools`, kotta-NAME-QUEUE-nodes)")
     a.add_argument("--per-node", type=int, default=2,
                    help="messages per node before a pool grows (default 2: 2 x workers)")
     a.add_argument("--interval", type=float, default=60.0,
                    help="seconds between checks (default 60)")
     a.add_argument("--once", action="store_true", help="check once and exit")
+
+    p = sub.add_parser("pools", help="create (or --delete) the Auto Scaling groups of the nodes")
+    common(p)
+    p.add_argument("--ami", help="an AMI with kotta-executor installed (required unless --delete)")
+    p.add_argument("--instance-type", action="append", dest="instance_types", metavar="TYPE",
+                   help="an instance type (repeatable; the first is the launch template's, "
+                        "production's spot capacity may use each; default t3.large)")
+    p.add_argument("--no-spot", action="store_true",
+                   help="production on demand too (default: spot only)")
+    p.add_argument("--test-max", type=int, default=4,
+                   help="the test pool's maximum number of nodes (default 4; minimum 1)")
+    p.add_argument("--production-max", type=int, default=20,
+                   help="the production pool's maximum number of nodes (default 20; minimum 0)")
+    p.add_argument("--subnet", action="append", dest="subnets", metavar="SUBNET",
+                   help="a subnet of the groups (repeatable; default: the default VPC's)")
+    p.add_argument("--workers", type=int, default=2, help="workers per node (default 2)")
+    p.add_argument("--delete", action="store_true",
+                   help="delete the groups (terminating their instances) and launch templates")
     aws.set_defaults(aws_handler=cmd_aws)
     return aws
 
@@ -85,6 +105,8 @@ def cmd_aws(args) -> int:
         return 0
     if args.aws_command == "autoscale":
         return _autoscale(args)
+    if args.aws_command == "pools":
+        return _pools(args)
     if args.aws_command == "teardown":
         if not args.yes:
             if not sys.stdin.isatty():
@@ -108,8 +130,13 @@ def _autoscale(args) -> int:
     from .aws_autoscale import autoscale
     from .backends.aws import AwsEnclave
 
+    specs = args.group
+    if not specs:  # the groups of `kotta aws pools`
+        from .aws_pools import pool_groups
+
+        specs = [f"{q}={g}" for q, g in pool_groups(args.name).items()]
     groups = {}
-    for spec in args.group:
+    for spec in specs:
         queue, sep, group = spec.partition("=")
         if not sep or not queue or not group:
             raise ValueError(f"--group takes QUEUE=ASG, not {spec!r}")
@@ -126,3 +153,28 @@ def _autoscale(args) -> int:
             time.sleep(args.interval)
     finally:
         enclave.close()
+
+
+def _pools(args) -> int:
+    from . import aws_pools
+
+    kw = dict(region=args.region, endpoint_url=args.endpoint_url, profile=args.profile, out=print)
+    if args.delete:
+        if not aws_pools.delete_pools(args.name, **kw):
+            print(f"no node pools of the enclave {args.name} were found")
+        return 0
+    if not args.ami:
+        raise ValueError("--ami is required (an AMI with kotta-executor installed)")
+    aws_pools.create_pools(
+        args.name,
+        ami=args.ami,
+        instance_types=args.instance_types or ("t3.large",),
+        bucket=args.bucket,
+        test_max=args.test_max,
+        production_max=args.production_max,
+        production_spot=not args.no_spot,
+        subnets=args.subnets,
+        workers=args.workers,
+        **kw,
+    )
+    return 0
