@@ -139,7 +139,9 @@ def encode(
 ) -> bytes:
     """Frame an envelope; with ``mac_key``, end it with a ``mac`` section: HMAC-SHA256 of
     every byte before it (header, section table and sections alike)."""
-    sections = {k: v for k, v in (sections or {}).items() if v and k != MAC_SECTION}
+    sections = {k: v for k, v in (sections or {}).items() if v}
+    if MAC_SECTION in sections:
+        raise ValueError(f"{MAC_SECTION!r} is a reserved section name (pass mac_key to sign)")
     head = dict(header)
     head["sections"] = [[name, len(data)] for name, data in sections.items()]
     if mac_key is not None:

@@ -139,7 +139,11 @@ result_headers = st.builds(
     extra_fields,
 )
 headers = task_headers | result_headers
-sections_st = st.dictionaries(st.text(max_size=10), st.binary(max_size=64), max_size=4)
+sections_st = st.dictionaries(
+    st.text(max_size=10).filter(lambda name: name != wire.MAC_SECTION),  # "mac" is reserved
+    st.binary(max_size=64),
+    max_size=4,
+)
 
 
 @st.composite
@@ -1481,6 +1485,11 @@ def test_any_changed_byte_breaks_the_signature(data) -> None:
     i = data.draw(st.integers(0, len(signed) - 1))
     signed[i] ^= data.draw(st.integers(1, 255))
     assert not wire.verify_mac(bytes(signed), MAC_KEY)
+
+
+def test_mac_is_a_reserved_section_name() -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        wire.encode(PINNED_TASK_HEADER, {"mac": b"x" * 32})
 
 
 def test_mac_must_be_the_last_section() -> None:
