@@ -692,10 +692,12 @@ class Node:
         A first delivery only claims a job nobody started (pending; staging_inputs once
         this node staged it): a copy of a running job's message — a replay, or SQS
         delivering a message twice — finds it started and is dropped, instead of running
-        it again.  A redelivery (the holder died, or let the message go) may restart it."""
+        it again.  A redelivery (the holder died, or let the message go) may restart it,
+        and so may this node a task it claimed before (its worker died with the task
+        still queued in its pipe)."""
         groups: dict[frozenset | None, list[str]] = {}
         for t in tasks:
-            if t.delivery.receive_count > 1:
+            if t.claimed or t.delivery.receive_count > 1:  # ours already, or a redelivery
                 sources = None
             elif t.staged is not None:
                 sources = frozenset({JobState.STAGING_INPUTS})
@@ -705,6 +707,9 @@ class Node:
         moved: set[str] = set()
         for sources, ids in groups.items():
             moved.update(self.enclave.jobs.transition(ids, new, from_states=sources, node=self.node_id))
+        for t in tasks:
+            if t.job_id in moved:
+                t.claimed = True
         return moved
 
     def drop(self, task: Task) -> None:

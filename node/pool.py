@@ -43,6 +43,7 @@ class Task:
     monitor: Any = None  # a node.monitor.Monitor once the task has run for a while
     claims: Any = None  # who signed it (kotta_executor.security.tokens.Claims)
     staged: Any = None  # its working directory and credentials (node.datasteps.Staged)
+    claimed: bool = False  # this node moved its job on (it may move it on again)
 
     @property
     def job_id(self) -> str:

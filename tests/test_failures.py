@@ -274,3 +274,25 @@ def test_system_exit_keeps_its_code(make_executor):
     with pytest.raises(SystemExit) as info:
         ex.submit(tasks.raise_system_exit, 3).result(GUARD)
     assert info.value.code == 3
+
+
+def test_tasks_queued_behind_a_killed_task_still_end(start_node, make_executor):
+    """A backlog pipes tasks behind running ones; when the running one is killed (or its
+    worker dies), those go back to the node's pending list and must run, or be killed,
+    or be cancelled: none may stay 'processing' with no one holding it.  (A node once
+    refused to claim them again and dropped them.)"""
+    start_node(workers=2)
+    ex = make_executor(2, start_node=False)
+    assert list(ex.map(tasks.noop, range(50))) == list(range(50))  # warm: tiny tasks pipe deep
+    futures = [ex.submit(tasks.sleep_and_return, 60, i) for i in range(40)]
+    wait_for(lambda: sum(f.status() == "processing" for f in futures) > 2,
+             what="tasks queued in the workers' pipes")
+    for f in futures:
+        f.cancel()
+    for f in futures:
+        if not f.done():
+            f.kill()
+    for f in futures:
+        wait_for(f.done, what=f"job {f.job_id} to end")
+    records = ex.enclave.jobs.get_many([f.job_id for f in futures])
+    assert {str(r.state) for r in records.values()} <= {"cancelled"}
