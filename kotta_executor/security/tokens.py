@@ -79,6 +79,11 @@ class Identity:
     created: float = 0.0
     created_by: str = ""
 
+    @classmethod
+    def from_record(cls, user: str, rec: dict[str, Any]) -> Identity:
+        return cls(user, rec["role"], bool(rec.get("admin")), bool(rec.get("disabled")),
+                   rec.get("created", 0.0), rec.get("created_by", ""))
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "role": self.role, "admin": self.admin, "disabled": self.disabled,
@@ -165,14 +170,11 @@ class TokenService:
         rec = self.records.get("user", user)
         if rec is None:
             return None
-        return Identity(user, rec["role"], bool(rec.get("admin")), bool(rec.get("disabled")),
-                        rec.get("created", 0.0), rec.get("created_by", ""))
+        return Identity.from_record(user, rec)
 
     def users(self) -> list[Identity]:
         return [
-            Identity(k, v["role"], bool(v.get("admin")), bool(v.get("disabled")),
-                     v.get("created", 0.0), v.get("created_by", ""))
-            for k, v in self.records.scan("user")
+            Identity.from_record(k, v) for k, v in self.records.scan("user")
         ]
 
     def set_disabled(self, user: str, disabled: bool, *, by: str) -> None:
