@@ -446,10 +446,17 @@ class Node:
     def _police(self) -> None:
         now = time.monotonic()
         running = {w.inflight[0].job_id: w for w in self.workers if w.inflight and w.kill_deadline is None}
-        if running and now - self._last_kill_check >= min(0.25, self.config.poll_interval):
+        if now - self._last_kill_check >= min(0.25, self.config.poll_interval):
             self._last_kill_check = now
-            for job_id in self.enclave.jobs.kill_requested(list(running)):
-                running[job_id].kill("TaskKilled", f"job {job_id} was killed on request")
+            # claimed, not running: staged (or staging), or back from a worker that died
+            staging = {t.job_id: t for t in self.pending if t.claimed}
+            staging.update(self.data.active)
+            ids = [*running, *staging]
+            for job_id in self.enclave.jobs.kill_requested(ids) if ids else ():
+                if job_id in running:
+                    running[job_id].kill("TaskKilled", f"job {job_id} was killed on request")
+                else:
+                    self._kill_staging(staging[job_id])
         for w in self.workers:
             if w.kill_deadline is not None:
                 w.escalate()
@@ -464,6 +471,15 @@ class Node:
                     )
         if now >= self._next_memory_check:
             self._check_memory(now)
+
+    def _kill_staging(self, task: Task) -> None:
+        """A kill request for a task that has not reached a worker: it never runs (one in
+        a staging thread ends when the thread does, in DataSteps.collect)."""
+        if task.job_id in self.data.active:
+            task.kill_requested = True
+            return
+        self.pending.remove(task)
+        self.data.kill(task)
 
     def _check_memory(self, now: float) -> None:
         """Kill the tasks whose process tree's RSS is over the memory limit (only tasks that

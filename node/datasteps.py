@@ -230,7 +230,11 @@ class DataSteps:
             task, phase, fut = self._done.popleft()
             self.active.pop(task.job_id, None)
             exc = fut.exception()
-            if exc is None and phase == "in":
+            if task.kill_requested and phase == "in":
+                if exc is None:
+                    task.staged = fut.result()
+                self.kill(task)
+            elif exc is None and phase == "in":
                 task.staged = staged = fut.result()
                 head = {k: v for k, v in task.header.items() if k not in ("auth",)}
                 head["workdir"], head["env"] = str(staged.workdir), staged.env
@@ -242,6 +246,12 @@ class DataSteps:
                 self._finish(task, fut.result())
             else:
                 self._fail(task, phase, exc)
+
+    def kill(self, task: Task) -> None:
+        """End a task killed before it reached a worker: cancelled, as a killed task is."""
+        reason = f"job {task.job_id} was killed on request (while staging; it never ran)"
+        data = wire.failure(task.job_id, task.header["n"], "TaskKilled", reason)
+        self._finish(task, Finished(task.job_id, JobState.CANCELLED, data, reason))
 
     def _fail(self, task: Task, phase: str, exc: BaseException) -> None:
         what = "its inputs" if phase == "in" else "its outputs"

@@ -44,6 +44,7 @@ class Task:
     claims: Any = None  # who signed it (kotta_executor.security.tokens.Claims)
     staged: Any = None  # its working directory and credentials (node.datasteps.Staged)
     claimed: bool = False  # this node moved its job on (it may move it on again)
+    kill_requested: bool = False  # killed while staging: it must not run
 
     @property
     def job_id(self) -> str:

@@ -19,7 +19,7 @@ from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.data import get_object, put_object, verify_credential
 from kotta_executor.security.policy import PolicyStore
 from tests import tasks
-from tests.conftest import GUARD
+from tests.conftest import GUARD, wait_for
 
 NUMBERS = "\n".join(str(i) for i in range(1, 1001)) + "\n"
 SUM = 1000 * 1001 // 2
@@ -225,3 +225,20 @@ def test_a_script_job_stages_its_inputs_and_outputs(data, make_executor):
     assert job.wait(GUARD) == 0
     assert get_object(data.enclave, out).strip() == b"1000"
     assert [r["action"] for r in data.audit.show(job_id=job.job_id)] == ["stage-in", "stage-out"]
+
+
+def test_a_task_killed_while_staged_never_runs(data, make_executor, tmp_path):
+    alice = make_executor(1, credentials=data.alice)
+    release = tmp_path / "release"
+    blocker = alice.submit(tasks.wait_for_file, str(release))  # holds the only worker
+    wait_for(lambda: blocker.status() == "processing", what="the blocker to run")
+    marker = tmp_path / "ran"
+    f = alice.with_options(inputs=[INPUT]).submit(tasks.create_file, str(marker), "ran")
+    wait_for(lambda: f.status() == "staging_inputs", what="the task to be staged")
+    assert f.kill() is True
+    with pytest.raises(errors.TaskKilled, match="while staging; it never ran"):
+        f.result(GUARD)
+    assert f.status() == "cancelled"
+    release.touch()
+    blocker.result(GUARD)
+    assert not marker.exists()
