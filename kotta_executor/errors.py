@@ -177,3 +177,8 @@ class EgressDenied(JobFailed, PermissionError):
 class InvalidDataUri(KottaError, ValueError):
     """A dataset URI or output name that is malformed or tries to leave its place
     (``..``, an absolute path, a symlink out of the working directory)."""
+
+
+class AuditError(KottaError, RuntimeError):
+    """The audit log cannot be appended to (its tail is not a record, or every attempt to
+    write the next record lost)."""

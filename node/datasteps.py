@@ -26,9 +26,9 @@ import shutil
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kotta_executor import wire
 from kotta_executor.backends.base import Finished
@@ -59,10 +59,8 @@ class Staged:
     """What stage-in made for a task."""
 
     workdir: Path
-    env: dict[str, str]
-    store: Any
+    env: dict[str, str]  # the owner's scoped credentials, for the worker
     egress: tuple[bool, int | None] = (True, None)
-    inputs: list[dict] = field(default_factory=list)
 
 
 def _looser(rule: tuple[bool, int | None], than: tuple[bool, int | None]) -> bool:
@@ -139,7 +137,7 @@ class DataSteps:
                 "stage-in", user=user, dataset=item["uri"], job_id=job,
                 detail=f"{item['bytes']} bytes{' from the node cache' if item['cached'] else ''}",
             )
-        return Staged(workdir, env, store, egress, staged)
+        return Staged(workdir, env, egress)
 
     def _no_laundering(self, task: Task, egress: tuple[bool, int | None], outputs) -> None:
         """Outputs of a task that read restricted data must go to datasets at least as

@@ -20,13 +20,13 @@ import pytest
 
 from kotta_executor.backends.base import Enclave
 from kotta_executor.backends.embedded import EmbeddedEnclave
+from kotta_executor.errors import AuditError
 from kotta_executor.security import audit
 from kotta_executor.security.audit import (
     CHECKPOINT_EVERY,
     CHECKPOINT_KIND,
     GENESIS,
     KIND,
-    AuditError,
     AuditLog,
     record_hash,
     record_key,

@@ -181,8 +181,7 @@ def test_forged_envelopes_are_rejected_dead_lettered_and_audited(
         env = wire.decode(taken[job_id].body)
         env.sections.pop(wire.MAC_SECTION)
         if how == "random key":  # alice's real token id, a key that is not its key
-            fake = AccessToken(real.id, os.urandom(32), "alice", real.role, False,
-                               real.refresh_id, real.issued, real.expires)
+            fake = AccessToken(real.id, os.urandom(32))
             forgeries[job_id] = fake.sign(env.header, env.sections)
         elif how == "other enclave":
             forgeries[job_id] = minted.sign(env.header, env.sections)

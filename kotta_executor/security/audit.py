@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import KottaError
+from ..errors import AuditError
 from .keys import derived_key
 
 KIND = "audit"
@@ -90,11 +90,6 @@ ACTIONS = frozenset({
 
 _KEY = re.compile(r"[0-9]{12}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-class AuditError(KottaError, RuntimeError):
-    """The audit log cannot be appended to (its tail is not a record, or every attempt to
-    write the next record lost)."""
 
 
 @dataclass(slots=True)

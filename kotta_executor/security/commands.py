@@ -8,7 +8,6 @@ own tokens.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -259,5 +258,3 @@ def cmd_policy_show(args) -> int:
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
-
-__all__ = ["add_parsers", "argparse"]

@@ -20,12 +20,13 @@ import json
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from ..config import current_user, kotta_home
 from ..errors import AuthenticationError
-from .tokens import AccessToken, TokenService, parse_access_id
+from .tokens import AccessToken, TokenService
 
 #: an access token is renewed when it has less than this many seconds left
 RENEW_BEFORE = 300.0
@@ -122,11 +123,11 @@ class Credentials:
 
     def access(self, now: float | None = None) -> AccessToken:
         tok = self._access
-        if tok is not None and (now or _now()) < tok.expires - RENEW_BEFORE:
+        if tok is not None and (now or time.time()) < tok.expires - RENEW_BEFORE:
             return tok
         with self._lock:
             tok = self._access
-            if tok is None or (now or _now()) >= tok.expires - RENEW_BEFORE:
+            if tok is None or (now or time.time()) >= tok.expires - RENEW_BEFORE:
                 tok = self._renew()
         return tok
 
@@ -142,12 +143,6 @@ def _service(enclave) -> TokenService:
     from .audit import AuditLog
 
     return TokenService(enclave, AuditLog(enclave))
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
 
 
 def save(enclave, refresh: str, access: AccessToken | None, path: Path | None = None) -> None:
@@ -167,9 +162,7 @@ def _from_entry(enclave, entry: dict[str, Any], path: Path) -> Credentials:
     acc = entry.get("access")
     if acc:
         try:
-            c = parse_access_id(acc["id"])
-            access = AccessToken(acc["id"], base64.b64decode(acc["key"]), c.user, c.role,
-                                 c.admin, c.refresh_id, c.issued, c.expires)
+            access = AccessToken(acc["id"], base64.b64decode(acc["key"]))
         except (AuthenticationError, KeyError, ValueError):
             access = None  # renewed from the refresh token below
     return Credentials(enclave, entry["refresh"], access, path)

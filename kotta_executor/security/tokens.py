@@ -30,7 +30,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import wire
@@ -92,24 +92,6 @@ class Identity:
 
 
 @dataclass(frozen=True, slots=True)
-class AccessToken:
-    """A signed claim (``id``) and the key derived from it (``key``)."""
-
-    id: str
-    key: bytes
-    user: str
-    role: str
-    admin: bool
-    refresh_id: str
-    issued: float
-    expires: float
-
-    def sign(self, header: dict[str, Any], sections: dict[str, bytes]) -> bytes:
-        """A task envelope signed with this token."""
-        return wire.encode({**header, "auth": self.id}, sections, mac_key=self.key)
-
-
-@dataclass(frozen=True, slots=True)
 class Claims:
     user: str
     role: str
@@ -117,6 +99,29 @@ class Claims:
     refresh_id: str
     issued: float
     expires: float
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """A signed claim (``id``, parsed into ``claims``) and the key derived from it."""
+
+    id: str
+    key: bytes
+    claims: Claims = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "claims", parse_access_id(self.id))
+
+    user = property(lambda self: self.claims.user)
+    role = property(lambda self: self.claims.role)
+    admin = property(lambda self: self.claims.admin)
+    refresh_id = property(lambda self: self.claims.refresh_id)
+    issued = property(lambda self: self.claims.issued)
+    expires = property(lambda self: self.claims.expires)
+
+    def sign(self, header: dict[str, Any], sections: dict[str, bytes]) -> bytes:
+        """A task envelope signed with this token."""
+        return wire.encode({**header, "auth": self.id}, sections, mac_key=self.key)
 
 
 def parse_access_id(token_id: str) -> Claims:
@@ -228,8 +233,7 @@ class TokenService:
                   "iat": round(iat, 3), "exp": round(exp, 3)}
         token_id = "kat1." + _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
         key = hmac.new(self._key, token_id.encode(), hashlib.sha256).digest()
-        return AccessToken(token_id, key, ident.user, ident.role, ident.admin, rid,
-                           claims["iat"], claims["exp"])
+        return AccessToken(token_id, key)
 
     def revoke(self, token_or_id: str, *, by: str) -> bool:
         """Revoke a refresh token (given whole, or by its id): its access tokens stop
