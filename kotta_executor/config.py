@@ -8,6 +8,7 @@ import getpass
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 from .errors import ConfigurationError
@@ -44,6 +45,9 @@ QUEUE_LIMITS: dict[str, QueueLimits] = {
 
 _LIMIT_FIELDS = {f.name: f.type for f in dataclasses.fields(QueueLimits)}
 _limits_cache: tuple[tuple, dict[str, QueueLimits]] | None = None
+#: how long submit trusts the limits it last read before looking at queues.json again
+LIMITS_RECHECK = 1.0
+_checked: tuple[float, str | None, dict[str, QueueLimits]] = (-LIMITS_RECHECK, None, {})
 
 
 def queues_file() -> Path:
@@ -76,11 +80,14 @@ def _all_limits() -> dict[str, QueueLimits]:
         raise ConfigurationError(f"cannot read the queue limits in {path}: {exc}") from exc
     cached = _limits_cache
     if cached is not None and cached[0] == key:
-        return cached[1]
-    limits = dict(QUEUE_LIMITS)
-    if len(key) > 1:
-        limits.update(_read_limits(Path(path)))
-    _limits_cache = (key, limits)
+        limits = cached[1]
+    else:
+        limits = dict(QUEUE_LIMITS)
+        if len(key) > 1:
+            limits.update(_read_limits(Path(path)))
+        _limits_cache = (key, limits)
+    global _checked
+    _checked = (time.monotonic(), home, limits)  # what check_walltime uses next
     return limits
 
 
@@ -114,8 +121,18 @@ def _read_limits(path: Path) -> dict[str, QueueLimits]:
 
 
 def check_walltime(queue: str, walltime: float) -> None:
-    """Refuse a walltime (seconds) over ``queue``'s cap, naming the cap and the queue."""
-    cap = _all_limits()[queue].max_walltime
+    """Refuse a walltime (seconds) over ``queue``'s cap, naming the cap and the queue.
+
+    This runs at every submit, so it reuses the limits it read for up to
+    :data:`LIMITS_RECHECK` seconds (the file's stat costs more than the rest of the check
+    on a busy machine); :func:`queue_limits` always looks at the file."""
+    global _checked
+    now = time.monotonic()
+    at, home, limits = _checked
+    if now - at >= LIMITS_RECHECK or home != os.environ.get("KOTTA_HOME"):
+        limits = _all_limits()
+        _checked = (now, os.environ.get("KOTTA_HOME"), limits)
+    cap = limits[queue].max_walltime
     if walltime > cap * 60.0:
         raise ConfigurationError(
             f"a walltime of {walltime / 60:g} min is over the cap of the {queue} queue "
