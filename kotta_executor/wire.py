@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import cloudpickle
+import orjson
 from tblib import Traceback
 
 from . import errors
@@ -97,6 +98,14 @@ _TASK_FIELDS = {
     "n": int,
 }
 _RESULT_FIELDS = {"job_id": str, "outcome": str, "n": int}
+_FIELDS = {"task": _TASK_FIELDS, "result": _RESULT_FIELDS}
+
+
+def _finite(x: int | float) -> bool:
+    try:  # a huge int would overflow float() later
+        return abs(float(x)) < float("inf")
+    except OverflowError:
+        return False
 
 
 def is_job_id(text: str) -> bool:
@@ -149,11 +158,20 @@ def encode(
     head["sections"] = [[name, len(data)] for name, data in sections.items()]
     if mac_key is not None:
         head["sections"].append([MAC_SECTION, MAC_BYTES])
-    raw = json.dumps(head, separators=(",", ":"), sort_keys=True).encode()
+    raw = _dumps(head)
     body = b"".join([_PREFIX.pack(MAGIC, VERSION, len(raw)), raw, *sections.values()])
     if mac_key is not None:
-        body += hmac.new(mac_key, body, hashlib.sha256).digest()
+        body += hmac.digest(mac_key, body, "sha256")
     return body
+
+
+def _dumps(header: dict[str, Any]) -> bytes:
+    """A header as compact JSON with sorted keys (orjson: the header is most of the cost
+    of an envelope)."""
+    try:
+        return orjson.dumps(header, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # what orjson does not write (an int over 64 bits): the stdlib does
+        return json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
 
 
 def is_signed(header: dict[str, Any]) -> bool:
@@ -177,7 +195,7 @@ def verify_mac(data: bytes, key: bytes, *, parsed: bool = False) -> bool:
             return False
     if len(data) <= MAC_BYTES:
         return False
-    expected = hmac.new(key, data[:-MAC_BYTES], hashlib.sha256).digest()
+    expected = hmac.digest(key, memoryview(data)[:-MAC_BYTES], "sha256")
     return hmac.compare_digest(expected, data[-MAC_BYTES:])
 
 
@@ -218,7 +236,7 @@ def _parse(data: bytes) -> tuple[dict[str, Any], int]:
     if hlen > MAX_HEADER or _PREFIX.size + hlen > len(data):
         raise errors.EnvelopeError("truncated kotta envelope: header runs past the end")
     try:
-        header = json.loads(data[_PREFIX.size : _PREFIX.size + hlen])
+        header = orjson.loads(memoryview(data)[_PREFIX.size : _PREFIX.size + hlen])
     except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, too long, too deep
         raise errors.EnvelopeError(f"kotta envelope header is not JSON: {exc}") from None
     _check_header(header)
@@ -236,7 +254,7 @@ def _check_header(header: Any) -> None:
     if not isinstance(header, dict):
         raise errors.EnvelopeError("kotta envelope header is not an object")
     kind = header.get("kind")
-    required = {"task": _TASK_FIELDS, "result": _RESULT_FIELDS}.get(kind) if isinstance(kind, str) else None
+    required = _FIELDS.get(kind) if isinstance(kind, str) else None
     if required is None:
         raise errors.EnvelopeError(f"unknown envelope kind {kind!r}")
     for name, typ in required.items():
@@ -248,31 +266,21 @@ def _check_header(header: Any) -> None:
     if header["n"] < 1:
         raise errors.EnvelopeError(f"{kind} envelope must carry at least one call")
     if kind == "task":
-        finite = {}
-        for name in ("walltime", "created"):  # a huge int would overflow float() later
-            try:
-                finite[name] = abs(float(header[name])) < float("inf")
-            except OverflowError:
-                finite[name] = False
-        if not finite["walltime"] or header["walltime"] <= 0:
+        if not _finite(header["walltime"]) or header["walltime"] <= 0:
             raise errors.EnvelopeError("task envelope walltime must be positive and finite")
-        if not finite["created"]:
+        if not _finite(header["created"]):
             raise errors.EnvelopeError("task envelope created must be a finite time")
     if kind == "task" and not isinstance(header.get("requirements", ""), str):
         raise errors.EnvelopeError("task envelope field 'requirements' must be a string")
     if kind == "result" and header["outcome"] not in OUTCOMES:
         raise errors.EnvelopeError(f"unknown result outcome {header['outcome']!r}")
     secs = header.get("sections")
-    if not isinstance(secs, list) or not all(
-        isinstance(s, list)
-        and len(s) == 2
-        and isinstance(s[0], str)
-        and isinstance(s[1], int)
-        and not isinstance(s[1], bool)
-        and s[1] >= 0
-        for s in secs
-    ):
+    if type(secs) is not list:
         raise errors.EnvelopeError("kotta envelope section table is malformed")
+    for sec in secs:
+        if type(sec) is not list or len(sec) != 2 or type(sec[0]) is not str or \
+                type(sec[1]) is not int or sec[1] < 0:
+            raise errors.EnvelopeError("kotta envelope section table is malformed")
     if any(s[0] == MAC_SECTION for s in secs[:-1]) or (
         secs and secs[-1][0] == MAC_SECTION and secs[-1][1] != MAC_BYTES
     ):
