@@ -57,7 +57,7 @@ from typing import Any
 from . import config, dependencies, wire
 from . import requirements as _requirements
 from .backends import open_enclave
-from .backends.base import Enclave, NewJob, reply_queue
+from .backends.base import Enclave, Message, NewJob, reply_queue
 from .errors import (
     AuthenticationError,
     BrokenEnclave,
@@ -79,6 +79,9 @@ RECONCILE_AFTER = 5.0
 RECONCILE_WINDOW = 2000
 #: seconds between job-table checks of attached futures
 ATTACH_POLL = 0.2
+#: seconds between looks at the reply queue when replies come to an inbox (a node that
+#: cannot reach the inbox rings; this is in case the ring was lost)
+QUEUE_LOOK = 1.0
 #: long-poll wait for replies when the backend has no doorbells
 REPLY_LONG_POLL = 2.0
 #: a local node may be restarted this many times before the executor is declared broken
@@ -193,6 +196,9 @@ class KottaExecutor(Executor):
         self._reconcile_at = 0
         self._last_attach_poll = 0.0
         self._replies: deque | None = None  # filled by the reply poller, without doorbells
+        self._inbox = None  # a socket on which nodes hand over replies (embedded)
+        self._rang = False  # a node rang: replies wait on the reply queue
+        self._last_queue_look = 0.0
         _live_executors.add(self)
 
     # ------------------------------------------------------------------ Executor API
@@ -450,6 +456,7 @@ class KottaExecutor(Executor):
         try:
             self._reply_queue = self._enclave.queue.open_reply(self.client_id)
             bell = self._enclave.doorbell(f"client-{self.client_id}")
+            self._inbox = self._enclave.reply_inbox(self.client_id)
             if bell is None:
                 self._replies = deque()
                 threading.Thread(
@@ -470,8 +477,9 @@ class KottaExecutor(Executor):
             log.exception("kotta manager thread failed")
             self._terminate_broken(exc)
         finally:
-            if bell is not None:
-                bell.close()
+            for sock in (bell, self._inbox):
+                if sock is not None:
+                    sock.close()
             self._close()
 
     def _wait(self, bell) -> None:
@@ -481,10 +489,13 @@ class KottaExecutor(Executor):
         if self._outbox or self._deps.ready:
             timeout = 0
         fds = [self._wake_r] if bell is None else [self._wake_r, bell]
+        if self._inbox is not None:
+            fds.append(self._inbox)
         ready, _, _ = select.select(fds, [], [], timeout)
         if self._wake_r in ready:
             os.read(self._wake_r, 65536)
         if bell is not None and bell in ready:
+            self._rang = True
             try:
                 while bell.recv(64):
                     pass
@@ -556,7 +567,18 @@ class KottaExecutor(Executor):
 
     def _take_replies(self) -> list:
         if self._replies is None:
-            return self._enclave.queue.take(self._reply_queue, 1000)
+            out = []
+            if self._inbox is not None:  # handed over by nodes directly
+                out = [Message("", body) for body in self._enclave.read_inbox(self._inbox)]
+            now = time.monotonic()
+            # the reply queue when a node rang (it could not reach the inbox), and now
+            # and then in case a ring was missed
+            if self._inbox is None or self._rang or now - self._last_queue_look >= QUEUE_LOOK:
+                self._last_queue_look = now
+                got = self._enclave.queue.take(self._reply_queue, 1000)
+                self._rang = len(got) == 1000  # more are waiting
+                out += got
+            return out
         out = []
         while self._replies and len(out) < 1000:
             out.append(self._replies.popleft())

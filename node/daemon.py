@@ -117,6 +117,10 @@ class Node:
                         config.queue, limits.workers, limits.workers, config.workers)
             config.workers = limits.workers
         self._ring_later: set[str] = set()
+        # replies handed to clients' inboxes after the step's transactions, where the
+        # enclave has inboxes (the embedded one); else they go on the reply queues
+        self._direct = enclave.direct_replies
+        self._direct_later: dict[str, list[tuple[str, bytes]]] = {}
         self._backlogged = False  # the last receive took all it asked for
         # Without doorbells (AWS), a thread long-polls the queue and fills the inbox.
         self._inbox: deque[Delivery] = deque()
@@ -173,6 +177,12 @@ class Node:
         while self._audit_later:
             record = self._audit_later.pop(0)
             self.audit.append(record.pop("action"), **record)
+        for client, items in self._direct_later.items():
+            rest = self.enclave.reply_direct(client, _pack_replies(items))
+            if rest:  # the client has no inbox (or a full one): the reply queue, and a ring
+                self._send_replies(client, rest)
+                self._ring_later.add(client)
+        self._direct_later.clear()
         for client in self._ring_later:
             self.enclave.ring_client(client)
         self._ring_later.clear()
@@ -417,10 +427,16 @@ class Node:
                 if fin.job_id in recorded:
                     body = fin.result if len(fin.result) <= REPLY_INLINE_LIMIT else b""
                     replies.setdefault(client, []).append((fin.job_id, body))
-            for client, items in replies.items():
-                self._reply(client, items)
+            if not self._direct:
+                for client, items in replies.items():
+                    self._reply(client, items)
             self.enclave.queue.ack([d for _, d, _, _ in batch])
-        self._ring_later.update(replies)  # rung at the end of the step (see _wake_clients)
+        # handed over (or rung) at the end of the step: see _wake_clients
+        for client, items in replies.items():
+            if self._direct:
+                self._direct_later.setdefault(client, []).extend(items)
+            else:
+                self._ring_later.add(client)
         refs = [key for t, _, fin, _ in batch
                 if t is not None and fin.job_id in recorded
                 for key in t.header.get("refs", {}).values()]
@@ -429,18 +445,10 @@ class Node:
         self.jobs_done += len(batch)
 
     def _reply(self, client: str, items: list[tuple[str, bytes]]) -> None:
-        """One reply message per client and report, up to ~256 KiB each."""
-        chunk: list[tuple[str, bytes]] = []
-        size = 0
-        messages = []
-        for item in items:
-            if chunk and size + len(item[1]) > REPLY_INLINE_LIMIT * 4:
-                messages.append(Message(chunk[0][0], wire.pack_replies(chunk)))
-                chunk, size = [], 0
-            chunk.append(item)
-            size += len(item[1]) + 36
-        if chunk:
-            messages.append(Message(chunk[0][0], wire.pack_replies(chunk)))
+        """Send replies on the client's reply queue."""
+        self._send_replies(client, _pack_replies(items))
+
+    def _send_replies(self, client: str, messages: list[Message]) -> None:
         self.enclave.queue.send(reply_queue(client), messages)
 
     def _police(self) -> None:
@@ -816,6 +824,22 @@ class Node:
                 self.enclave.jobs.record_usage(head.job_id, head.monitor.usage())
             except Exception:  # noqa: BLE001 - a missed sample must not stop the node
                 log.exception("recording the usage of job %s failed", head.job_id)
+
+
+def _pack_replies(items: list[tuple[str, bytes]]) -> list[Message]:
+    """Reply messages: as few as can be, each up to about 256 KiB."""
+    chunk: list[tuple[str, bytes]] = []
+    size = 0
+    messages = []
+    for item in items:
+        if chunk and size + len(item[1]) > REPLY_INLINE_LIMIT * 4:
+            messages.append(Message(chunk[0][0], wire.pack_replies(chunk)))
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item[1]) + 36
+    if chunk:
+        messages.append(Message(chunk[0][0], wire.pack_replies(chunk)))
+    return messages
 
 
 def _with_usage(data: bytes, usage: dict) -> bytes:

@@ -276,6 +276,8 @@ class Enclave(abc.ABC):
     inline_limit: int = 256 * 1024
     #: an enclave on this machine, where an executor may start a node of its own
     local: bool = False
+    #: nodes hand replies to clients' inboxes (reply_direct) rather than the reply queue
+    direct_replies: bool = False
 
     def ring_nodes(self, queue: str) -> None:  # noqa: B027 - optional: wake idle nodes
         """Tell nodes serving ``queue`` there is work (a hint; nodes also poll)."""
@@ -289,6 +291,20 @@ class Enclave(abc.ABC):
         Without a doorbell, nodes and clients long-poll (``wait_seconds``) in a thread of
         their own instead."""
         return None
+
+    def reply_inbox(self, client_id: str):
+        """A readable socket on which nodes hand this client its replies directly, or None:
+        then replies travel on the reply queue only.  Either way the job table has them."""
+        return None
+
+    def read_inbox(self, sock) -> list[bytes]:
+        """The reply messages waiting on an inbox, from senders this enclave trusts."""
+        return []
+
+    def reply_direct(self, client_id: str, messages: list[Message]) -> list[Message]:
+        """Hand reply messages to a client's inbox; returns those it could not take (no
+        inbox, or a full one), which the caller sends on the reply queue instead."""
+        return messages
 
     def atomic(self):
         """Group the calls made inside it into one transaction where the backend can

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
 import sqlite3
+import struct
 import threading
 import time
 import uuid
@@ -25,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psutil
 
 from .. import states
@@ -118,6 +121,12 @@ _JOB_COLS = (
 NODE_STALE_AFTER = 30.0
 _REAP_EVERY = 1.0
 RESULT_INLINE_LIMIT = 1 << 20
+#: the largest reply datagram; a larger reply message travels on the reply queue
+INBOX_DATAGRAM = 512 * 1024
+#: Linux passes a datagram's sender (pid, uid, gid) to a receiver that asks
+_PASSCRED = hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS")
+_CRED = struct.Struct("3i")
+log = logging.getLogger("kotta.embedded")
 
 
 class _Db:
@@ -211,7 +220,16 @@ def _msg_id(receipt: str) -> int:
 
 def _event(ts: float, state: JobState, detail: str | None) -> str:
     """One line of a job's history: ``[ts, state, detail]``."""
-    return json.dumps([ts, str(state), detail]) + "\n"
+    return orjson.dumps([ts, str(state), detail]).decode() + "\n"
+
+
+def _usage_text(usage: dict | None) -> str | None:
+    if not usage:
+        return None
+    try:
+        return orjson.dumps(usage).decode()
+    except TypeError:  # an int over 64 bits
+        return json.dumps(usage)
 
 
 def _insert_rows(conn: sqlite3.Connection, head: str, row: str, rows: list[tuple]) -> None:
@@ -470,7 +488,7 @@ class EmbeddedJobs(JobTable):
                     for part in _chunks(group, 300):
                         rows = [
                             (r.job_id, r.reason, None if r.job_id in spilled else r.result,
-                             spilled.get(r.job_id), json.dumps(r.usage) if r.usage else None,
+                             spilled.get(r.job_id), _usage_text(r.usage),
                              _event(now, state, r.reason))
                             for r in part
                         ]
@@ -688,6 +706,7 @@ class EmbeddedEnclave(Enclave):
             raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
         self.url = f"embedded://{self.home}"
         self.local = True
+        self.direct_replies = _PASSCRED
         self._db = _Db(self.home / "kotta.db")
         self.blobs = EmbeddedBlobs(self.home / "blobs")
         self.queue = EmbeddedQueue(self._db, self)
@@ -696,6 +715,9 @@ class EmbeddedEnclave(Enclave):
         self.records = EmbeddedRecords(self._db)
         self._bell_prefix = "kotta-" + hashlib.sha1(str(self.home).encode()).hexdigest()[:16]
         self._ring_sock: socket.socket | None = None
+        self._reply_sock: socket.socket | None = None
+        self._inbox_buf: memoryview | None = None
+        self._inbox_lock = threading.Lock()
         self._node_cache: tuple[float, dict[str, list[str]]] = (0.0, {})
 
     # -- doorbells: abstract Unix datagram sockets; a missed ring only costs a poll interval
@@ -738,6 +760,60 @@ class EmbeddedEnclave(Enclave):
     def ring_client(self, client_id: str) -> None:
         self._ring(f"client-{client_id}")
 
+    # -- reply inboxes: a node hands a client its replies in a datagram, skipping two write
+    # transactions (the reply's insert, the client's take).  The client takes only
+    # datagrams whose sender the kernel vouches is its own user (SO_PASSCRED), since any
+    # process may write to an abstract socket and a reply is unpickled.
+
+    def reply_inbox(self, client_id: str) -> socket.socket | None:
+        if not _PASSCRED:
+            return None
+        sock = self.doorbell(f"inbox-{client_id}")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        return sock
+
+    def read_inbox(self, sock: socket.socket) -> list[bytes]:
+        out = []
+        with self._inbox_lock:
+            if self._inbox_buf is None:
+                self._inbox_buf = memoryview(bytearray(INBOX_DATAGRAM))
+            buf = self._inbox_buf
+            while True:
+                try:
+                    n, anc, flags, _ = sock.recvmsg_into([buf], socket.CMSG_SPACE(_CRED.size))
+                except (BlockingIOError, InterruptedError):
+                    return out
+                uid = None
+                for level, kind, payload in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                        _, uid, _ = _CRED.unpack(payload[: _CRED.size])
+                if uid not in (os.getuid(), 0):
+                    log.warning("dropped a reply datagram from uid %s, not this user's", uid)
+                elif flags & socket.MSG_TRUNC:
+                    log.warning("dropped a reply datagram over %d bytes", INBOX_DATAGRAM)
+                else:
+                    out.append(bytes(buf[:n]))
+
+    def reply_direct(self, client_id: str, messages: list[Message]) -> list[Message]:
+        if not _PASSCRED:
+            return messages
+        sock = self._reply_sock
+        if sock is None:
+            sock = self._reply_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):  # room for many unread replies in flight
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * INBOX_DATAGRAM)
+        address = self._bell_address(f"inbox-{client_id}")
+        for i, message in enumerate(messages):
+            if len(message.body) > INBOX_DATAGRAM:
+                return messages[i:]
+            try:
+                sock.sendto(message.body, address)
+            except OSError:  # no inbox (an older client, or gone), or a full one
+                return messages[i:]
+        return []
+
     def reap_dead_nodes(self) -> list[str]:
         """Release what dead node processes held, so it runs elsewhere without waiting out
         the visibility timeout."""
@@ -758,6 +834,8 @@ class EmbeddedEnclave(Enclave):
         _retry(self._db.conn().execute, "PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
-        if self._ring_sock is not None:
-            self._ring_sock.close()
-            self._ring_sock = None
+        for name in ("_ring_sock", "_reply_sock"):
+            sock = getattr(self, name)
+            if sock is not None:
+                sock.close()
+                setattr(self, name, None)

@@ -1,0 +1,111 @@
+"""Reply inboxes on the embedded enclave: a node hands a client its replies in a datagram,
+skipping the reply queue; the queue remains the path when there is no inbox, or a full one;
+and a datagram from another user is never taken for a reply."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+
+import pytest
+
+from kotta_executor import wire
+from kotta_executor.backends.base import Message
+from kotta_executor.backends.embedded import _PASSCRED, EmbeddedEnclave
+
+from . import tasks
+
+pytestmark = pytest.mark.skipif(not _PASSCRED, reason="inboxes need SO_PASSCRED (Linux)")
+
+
+def messages_ever_sent(enclave_dir) -> int:
+    """How many messages the enclave's queues have ever held (tasks and replies)."""
+    with sqlite3.connect(enclave_dir / "kotta.db") as db:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='messages'").fetchone()
+    return row[0] if row else 0
+
+
+def a_reply(job_id: str = "a" * 32, value=41) -> bytes:
+    result = wire.encode(
+        wire.result_header(job_id, wire.OK, 1), {"payload": wire.dump_outcomes([(wire.OK, value)])[0]}
+    )
+    return wire.pack_replies([(job_id, result)])
+
+
+class EnclaveWithoutInboxes(EmbeddedEnclave):
+    """A client on a platform without SO_PASSCRED (an older client behaves the same)."""
+
+    def reply_inbox(self, client_id):
+        return None
+
+
+def test_replies_reach_the_client_without_the_reply_queue(start_node, make_executor, enclave_dir):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    assert [f.result(timeout=60) for f in [ex.submit(tasks.square, i) for i in range(20)]] == [
+        i * i for i in range(20)
+    ]
+    assert messages_ever_sent(enclave_dir) == 20  # the tasks; no reply went on a queue
+
+
+def test_a_client_without_an_inbox_gets_its_replies_from_the_queue(start_node, make_executor,
+                                                                   enclave_dir):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False, enclave=EnclaveWithoutInboxes(enclave_dir))
+    assert [f.result(timeout=60) for f in [ex.submit(tasks.square, i) for i in range(20)]] == [
+        i * i for i in range(20)
+    ]
+    assert messages_ever_sent(enclave_dir) > 20  # the node fell back to the reply queue
+
+
+def test_reply_direct_hands_back_what_no_inbox_took(enclave):
+    msgs = [Message("a" * 32, a_reply(value=i)) for i in range(3)]
+    assert enclave.reply_direct("nobody", msgs) == msgs  # no inbox: all for the queue
+    inbox = enclave.reply_inbox("c1")
+    try:
+        sent, rest = 0, []
+        while not rest and sent < 100_000:  # until the inbox is full (its queue length)
+            rest = enclave.reply_direct("c1", [Message("a" * 32, a_reply(value=sent))])
+            sent += not rest
+        assert rest, "an inbox nobody reads never filled up"
+        got = enclave.read_inbox(inbox)
+        values = [wire.outcomes(wire.decode(wire.unpack_replies(b)[0][1]))[0][1] for b in got]
+        assert values == list(range(sent))  # all of them, in order, none twice
+        assert enclave.reply_direct("c1", rest) == []  # room again
+    finally:
+        inbox.close()
+
+
+def test_too_big_a_reply_goes_to_the_queue(enclave):
+    inbox = enclave.reply_inbox("c2")
+    try:
+        big = Message("a" * 32, b"x" * (1 << 20))
+        assert enclave.reply_direct("c2", [big]) == [big]
+        assert enclave.read_inbox(inbox) == []
+    finally:
+        inbox.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sending as another user needs root")
+def test_a_datagram_from_another_user_is_dropped(enclave):
+    inbox = enclave.reply_inbox("c3")
+    address = enclave._bell_address("inbox-c3")
+    try:
+        pid = os.fork()
+        if pid == 0:  # another user, forging a reply
+            try:
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                    s.sendto(a_reply(value="forged"), address)
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:  # this user
+            s.sendto(a_reply(value="genuine"), address)
+        got = enclave.read_inbox(inbox)
+        assert [wire.outcomes(wire.decode(wire.unpack_replies(b)[0][1]))[0][1] for b in got] == [
+            "genuine"
+        ]
+    finally:
+        inbox.close()
