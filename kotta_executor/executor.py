@@ -79,6 +79,8 @@ RECONCILE_AFTER = 5.0
 RECONCILE_WINDOW = 2000
 #: seconds between job-table checks of attached futures
 ATTACH_POLL = 0.2
+#: a submit this long after the previous one records its job itself (see _send_now)
+SEND_NOW_GAP = 0.0003
 #: seconds between looks at the reply queue when replies come to an inbox (a node that
 #: cannot reach the inbox rings; this is in case the ring was lost)
 QUEUE_LOOK = 1.0
@@ -199,6 +201,7 @@ class KottaExecutor(Executor):
         self._inbox = None  # a socket on which nodes hand over replies (embedded)
         self._rang = False  # a node rang: replies wait on the reply queue
         self._last_queue_look = 0.0
+        self._last_submit = 0.0
         _live_executors.add(self)
 
     # ------------------------------------------------------------------ Executor API
@@ -297,10 +300,34 @@ class KottaExecutor(Executor):
             self._ensure_manager()
         if deps:  # sent by the manager once they are done (no job row until then)
             self._deps.add(f, fn, calls, opts, deps)
-        else:
+        elif not self._send_now(job):
             self._outbox.append((job, f))
             self._kick()
         return f
+
+    def _send_now(self, job: NewJob) -> bool:
+        """Record a lone submit's job from the caller's thread, sparing it a hand-over to
+        the manager thread; submits that come close together go through the outbox, in
+        batches.  False: the outbox takes it."""
+        now = time.monotonic()
+        last, self._last_submit = self._last_submit, now
+        if now - last < SEND_NOW_GAP or self._outbox or not self._send_lock.acquire(False):
+            return False
+        try:
+            if self._outbox:
+                return False
+            try:
+                self._enclave.jobs.create([job])
+            except Exception:  # noqa: BLE001 - the manager retries it, and fails loudly
+                log.debug("sending job %s from the caller's thread failed", job.job_id, exc_info=True)
+                return False
+        finally:
+            self._send_lock.release()
+        self._enclave.ring_nodes(job.queue)
+        if job.queue not in self._queues_used:  # the manager may need to start a node
+            self._queues_used.add(job.queue)
+            self._kick(force=True)
+        return True
 
     def _task_header(self, job_id: str, fn: Callable, n: int, opts: Options) -> dict[str, Any]:
         header = {

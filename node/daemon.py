@@ -122,6 +122,9 @@ class Node:
         self._direct = enclave.direct_replies
         self._direct_later: dict[str, list[tuple[str, bytes]]] = {}
         self._backlogged = False  # the last receive took all it asked for
+        self._rang = True  # the doorbell rang since the node last looked at the queue
+        self._last_look = 0.0
+        self._delete_later: list[str] = []  # blobs of recorded tasks, once committed
         # Without doorbells (AWS), a thread long-polls the queue and fills the inbox.
         self._inbox: deque[Delivery] = deque()
         self._room_hint = 0
@@ -160,20 +163,40 @@ class Node:
         self._wait()
         self._collect()
         self.data.collect()
-        self._report()
         self._police()
-        with self.enclave.atomic():  # one transaction; pipes are written after it
-            if not self.stopping:
-                self._receive()
-            frames = self._dispatch()
-        self._hand_out(frames)
+        receive = not self.stopping and self._should_receive()
+        if self.finished or receive or self.pending:
+            with self.enclave.atomic():  # one transaction a step
+                self._report()
+                if receive:
+                    self._receive()
+                # Workers get their tasks once claimed, before the commit, so that the
+                # commit overlaps the task.  Should the commit fail, the node dies, and
+                # the tasks run again elsewhere (at least once, recorded at most once).
+                self._hand_out(self._dispatch())
         self._upkeep()
-        self._wake_clients()
+        self._wake_clients()  # inboxes and bells: only what is committed
+
+    def _should_receive(self) -> bool:
+        """Look at the queue when rung, when the last look left work there, and every
+        poll interval (for redeliveries, and a ring that was missed)."""
+        now = time.monotonic()
+        if self._rang or self._backlogged or self._inbox or self._poller is not None or (
+            now - self._last_look >= self.config.poll_interval
+        ):
+            self._rang = False
+            self._last_look = now
+            return True
+        return False
 
     def _wake_clients(self) -> None:
         """Ring the clients that have replies, last: by then this node holds no database
         lock and wants no CPU, so a client's read of its replies does not wait for it.
-        (Audit records of the step are written here too, outside its transaction.)"""
+        (Audit records of the step are written here too, outside its transaction, and
+        the blobs of the tasks it recorded are deleted.)"""
+        if self._delete_later:
+            self.enclave.blobs.delete(self._delete_later)
+            self._delete_later = []
         while self._audit_later:
             record = self._audit_later.pop(0)
             self.audit.append(record.pop("action"), **record)
@@ -322,6 +345,7 @@ class Node:
             return
         if self._bell is not None and self._bell in ready:
             _drain_socket(self._bell)
+            self._rang = True
             self._last_kill_check = 0.0  # a ring may be a kill request: look now
         if self._wake_r in ready:
             os.read(self._wake_r, 4096)
@@ -437,11 +461,9 @@ class Node:
                 self._direct_later.setdefault(client, []).extend(items)
             else:
                 self._ring_later.add(client)
-        refs = [key for t, _, fin, _ in batch
-                if t is not None and fin.job_id in recorded
-                for key in t.header.get("refs", {}).values()]
-        if refs:
-            self.enclave.blobs.delete(refs)
+        self._delete_later += [key for t, _, fin, _ in batch
+                               if t is not None and fin.job_id in recorded
+                               for key in t.header.get("refs", {}).values()]
         self.jobs_done += len(batch)
 
     def _reply(self, client: str, items: list[tuple[str, bytes]]) -> None:
