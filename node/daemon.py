@@ -190,25 +190,26 @@ class Node:
         return False
 
     def _wake_clients(self) -> None:
-        """Ring the clients that have replies, last: by then this node holds no database
-        lock and wants no CPU, so a client's read of its replies does not wait for it.
-        (Audit records of the step are written here too, outside its transaction, and
-        the blobs of the tasks it recorded are deleted.)"""
-        if self._delete_later:
-            self.enclave.blobs.delete(self._delete_later)
-            self._delete_later = []
+        """Hand the step's replies to their clients' inboxes (or their reply queues, and
+        ring them), last: by then this node holds no database lock and wants no CPU, so a
+        client's read of its replies does not wait for it.  The step's audit records are
+        written first, outside its transaction (a client told of a refusal finds it
+        audited); the blobs of the tasks it recorded are deleted after."""
         while self._audit_later:
             record = self._audit_later.pop(0)
             self.audit.append(record.pop("action"), **record)
         for client, items in self._direct_later.items():
             rest = self.enclave.reply_direct(client, _pack_replies(items))
             if rest:  # the client has no inbox (or a full one): the reply queue, and a ring
-                self._send_replies(client, rest)
+                self.enclave.queue.send(reply_queue(client), rest)
                 self._ring_later.add(client)
         self._direct_later.clear()
         for client in self._ring_later:
             self.enclave.ring_client(client)
         self._ring_later.clear()
+        if self._delete_later:
+            self.enclave.blobs.delete(self._delete_later)
+            self._delete_later = []
 
     def _start(self) -> None:
         self._bell = self.enclave.doorbell(f"node-{self.node_id}")
@@ -468,10 +469,7 @@ class Node:
 
     def _reply(self, client: str, items: list[tuple[str, bytes]]) -> None:
         """Send replies on the client's reply queue."""
-        self._send_replies(client, _pack_replies(items))
-
-    def _send_replies(self, client: str, messages: list[Message]) -> None:
-        self.enclave.queue.send(reply_queue(client), messages)
+        self.enclave.queue.send(reply_queue(client), _pack_replies(items))
 
     def _police(self) -> None:
         now = time.monotonic()
@@ -675,7 +673,7 @@ class Node:
         fin = Finished(d.job_id, JobState.FAILED, data, reason)
         if self.enclave.jobs.finish([fin]):
             self._reply(job.client, [(d.job_id, data)])
-            self.enclave.ring_client(job.client)
+            self._ring_later.add(job.client)  # once committed
 
     def _dispatch(self) -> dict[Worker, list[Task]]:
         """Pick a worker for each pending task and claim the jobs (pending -> processing)."""
