@@ -385,6 +385,7 @@ class PickledFunctions:
     def __init__(self, size: int = 64):
         self._size = size
         self._entries: dict[int, tuple[Callable, tuple, bytes]] = {}
+        self._names: dict[types.CodeType, tuple[str, ...]] = {}  # globals a code reads
         self._lock = threading.Lock()
         helpers = ("_should_pickle_by_reference", "_extract_code_globals")
         # both are cloudpickle internals: without them, nothing is cached
@@ -421,14 +422,19 @@ class PickledFunctions:
         if depth > 3 or fn.__dict__:
             raise _Unknown
         g = fn.__globals__
-        names = cp._extract_code_globals(fn.__code__)
+        code = fn.__code__
+        names = self._names.get(code)
+        if names is None:  # code objects are immutable: what they read never changes
+            if len(self._names) > 4 * self._size:
+                self._names.clear()
+            names = self._names[code] = tuple(cp._extract_code_globals(code))
         modules = [False]
         value = self._value
         used = [value(g[k], depth, modules) if k in g else _MISSING for k in names]
         defaults, kwdefaults, cells = fn.__defaults__, fn.__kwdefaults__, fn.__closure__
         notes = fn.__annotations__
         return (
-            fn.__code__, fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__,
+            code, fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__,
             g.get("__package__"), g.get("__name__"), g.get("__file__"), *used,
             None if defaults is None else value(defaults, depth, modules),
             None if not kwdefaults else value(tuple(kwdefaults.items()), depth, modules),

@@ -611,6 +611,26 @@ def test_first_use_of_an_embedded_enclave_needs_no_setup(make_executor, enclave)
     assert added["user"] == current_user() and "admin" in added["detail"]
 
 
+def test_an_enclave_made_anew_in_the_same_place_replaces_the_stale_token(
+        make_executor, enclave_dir, caplog):
+    """The token file is keyed by the enclave's URL; an enclave deleted and made again at
+    the same path does not know the old token (its tasks were refused as forged)."""
+    first = EmbeddedEnclave(enclave_dir)
+    old = credentials.load(first)
+    first.close()
+    shutil.rmtree(enclave_dir)
+    again = EmbeddedEnclave(enclave_dir)
+    try:
+        with pytest.raises(AuthenticationError, match="not issued by it.*created anew"):
+            credentials.load(again, bootstrap=False)  # someone who cannot make a token
+        ex = make_executor(1)  # the enclave's own user: a new token, with a warning
+        assert ex.submit(tasks.square, 6).result(GUARD) == 36
+        assert "issued by an earlier enclave" in caplog.text
+        assert credentials.load(again, bootstrap=False).refresh_id != old.refresh_id
+    finally:
+        again.close()
+
+
 # ---------------------------------------------------------------------- 10. any byte flipped
 
 

@@ -17,6 +17,7 @@ import base64
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import stat
 import threading
@@ -27,6 +28,8 @@ from typing import Any
 from ..config import current_user, kotta_home
 from ..errors import AuthenticationError
 from .tokens import AccessToken, TokenService
+
+log = logging.getLogger("kotta.credentials")
 
 #: an access token is renewed when it has less than this many seconds left
 RENEW_BEFORE = 300.0
@@ -171,12 +174,23 @@ def _from_entry(enclave, entry: dict[str, Any], path: Path) -> Credentials:
 def load(enclave, path: str | os.PathLike | None = None, *, bootstrap: bool = True) -> Credentials:
     """The caller's credentials for ``enclave``, from the token file."""
     path = Path(path) if path is not None else token_path()
+    stale = None
     if path.exists():
         entry = _read(path).get(enclave.url)
-        if entry:
+        if entry and _issued_here(enclave, entry):
             return _from_entry(enclave, entry, path)
+        if entry:  # an enclave made anew where an older one was, since the token was issued
+            stale = entry.get("refresh")
+            if not (bootstrap and _holds_enclave_key(enclave)):
+                raise AuthenticationError(
+                    f"the token in {path} for the enclave {enclave.url} was not issued by "
+                    "it (was the enclave created anew?): ask an admin of the enclave for a "
+                    "registration token, then run `kotta register TOKEN`"
+                )
+            log.warning("the token in %s for %s was issued by an earlier enclave there: "
+                        "replacing it", path, enclave.url)
     if bootstrap and _holds_enclave_key(enclave):
-        return _bootstrap(enclave, path)
+        return _bootstrap(enclave, path, stale)
     raise AuthenticationError(
         f"no kotta token for the enclave {enclave.url} in {path}: ask an admin of the enclave "
         "for a registration token, then run `kotta register TOKEN`"
@@ -197,16 +211,27 @@ def _holds_enclave_key(enclave) -> bool:
     return True
 
 
-def _bootstrap(enclave, path: Path) -> Credentials:
+def _issued_here(enclave, entry: dict[str, Any]) -> bool:
+    """Whether the enclave knows the entry's refresh token (True when it cannot tell:
+    the node then decides)."""
+    try:
+        rid = str(entry["refresh"]).split(".")[1]
+        return enclave.records.get("refresh", rid) is not None
+    except Exception:  # noqa: BLE001 - malformed, or records this caller may not read
+        return True
+
+
+def _bootstrap(enclave, path: Path, stale: str | None = None) -> Credentials:
     """First use by a holder of the enclave key (on an embedded enclave, its OS user): an
-    admin identity if the enclave has none yet, and a token."""
+    admin identity if the enclave has none yet, and a token.  ``stale``: the refresh
+    token of the entry being replaced (another process may have replaced it already)."""
     from .audit import AuditLog
 
     user = current_user()
     svc = TokenService(enclave, AuditLog(enclave))
     with _locked(path):
         entry = _read(path).get(enclave.url) if path.exists() else None
-        if entry:
+        if entry and entry.get("refresh") != stale:
             return _from_entry(enclave, entry, path)
         ident = svc.user(user)
         if ident is None:

@@ -24,19 +24,33 @@ from pathlib import Path
 from ..errors import ConfigurationError
 
 KEY_BYTES = 32
-_cache: dict[str, bytes] = {}
+_cache: dict[tuple, bytes] = {}
 _lock = threading.Lock()
 
 
 def master_key(enclave) -> bytes:
-    url = enclave.url
-    key = _cache.get(url)
+    ident = _identity(enclave)
+    key = _cache.get(ident)
     if key is None:
         with _lock:
-            key = _cache.get(url)
+            key = _cache.get(ident)
             if key is None:
-                key = _cache[url] = _load(enclave)
+                key = _load(enclave)
+                _cache[_identity(enclave)] = key  # the file exists now
     return key
+
+
+def _identity(enclave) -> tuple:
+    """What a cached key is valid for: the enclave's URL, and on an embedded enclave the
+    key file itself (an enclave deleted and made anew at the same path has a new key)."""
+    home = getattr(enclave, "home", None)
+    if home is None:
+        return (enclave.url,)
+    try:
+        st = os.stat(Path(home) / "enclave.key")
+    except OSError:
+        return (enclave.url, None)
+    return (enclave.url, st.st_dev, st.st_ino, st.st_ctime_ns)  # inodes are reused
 
 
 def derived_key(enclave, purpose: str) -> bytes:
