@@ -144,6 +144,21 @@ def test_duplicate_delivery_is_recorded_at_most_once(start_node, make_executor, 
     assert f.result() == second
 
 
+def test_a_task_queued_without_a_ring_runs_within_a_poll_interval(start_node, make_executor,
+                                                                  enclave):
+    """A node reads its queue when rung, and once a poll interval whatever happens: a
+    lost ring (or a redelivery, which nobody rings for) only delays a task."""
+    start_node(workers=1)  # --poll-interval 0.1
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 2).result(GUARD) == 4  # the node is up, and idle again
+    job = ex._new_job(os.urandom(16).hex(), tasks.square, [((3,), {})], ex._options)
+    enclave.jobs.create([job])  # recorded and queued, but no doorbell rung
+    wait_for(lambda: enclave.jobs.get(job.job_id).state == "completed",
+             what="the unrung task to run")
+    result = enclave.jobs.get(job.job_id, with_result=True).result
+    assert wire.outcomes(wire.decode(result)) == [(True, 9)]
+
+
 # ---------------------------------------------------------------------- dead letters
 
 
