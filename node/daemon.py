@@ -533,7 +533,7 @@ class Node:
         inflight = sum(len(w.inflight) for w in self.workers) + len(self.data.active)
         cap = self.config.workers * 4
         if self.workers and all(w.depth > 2 for w in self.workers):
-            cap = self.config.workers * 64
+            cap = self.config.workers * 160  # 64 in each pipe, and as many waiting
         return cap - inflight - len(self.pending)
 
     def _receive(self) -> None:

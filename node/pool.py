@@ -89,7 +89,7 @@ class Worker:
             running = time.monotonic() - self.inflight[0].started
             if running > max(2 * TINY_TASK, 3 * self.avg):
                 return 1
-        return 16 if self.avg < TINY_TASK else 2
+        return 64 if self.avg < TINY_TASK else 2
 
     def send(self, tasks: list[Task]) -> None:
         """Hand tasks to the worker in one write (one wake-up for the worker)."""
