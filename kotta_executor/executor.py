@@ -534,7 +534,9 @@ class KottaExecutor(Executor):
         while self._outbox:
             with self._send_lock:
                 batch = []
-                while self._outbox and len(batch) < 2000:
+                # a few hundred at a time: a longer transaction keeps the node waiting
+                # for the lock (in a burst of submits, that node is the busiest process)
+                while self._outbox and len(batch) < 250:
                     item = self._outbox.popleft()
                     if self._skip and item[0].job_id in self._skip:  # cancelled, recorded
                         self._skip.discard(item[0].job_id)
