@@ -92,13 +92,14 @@ _TASK_FIELDS = {
     "owner": str,
     "client": str,
     "queue": str,
-    "walltime": (int, float),
-    "created": (int, float),
+    "walltime": float,  # or an int: see _NUMBER
+    "created": float,
     "fn": str,
     "n": int,
 }
 _RESULT_FIELDS = {"job_id": str, "outcome": str, "n": int}
 _FIELDS = {"task": _TASK_FIELDS, "result": _RESULT_FIELDS}
+_NUMBER = (int, float)
 
 
 def _finite(x: int | float) -> bool:
@@ -251,40 +252,43 @@ def _parse(data: bytes) -> tuple[dict[str, Any], int]:
 
 
 def _check_header(header: Any) -> None:
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise errors.EnvelopeError("kotta envelope header is not an object")
     kind = header.get("kind")
-    required = _FIELDS.get(kind) if isinstance(kind, str) else None
+    required = _FIELDS.get(kind) if type(kind) is str else None
     if required is None:
         raise errors.EnvelopeError(f"unknown envelope kind {kind!r}")
+    get = header.get
     for name, typ in required.items():
-        value = header.get(name)
-        if not isinstance(value, typ) or isinstance(value, bool):
+        value = get(name)
+        if type(value) is not typ and (  # the exact type, as JSON gives it, is the fast path
+            not isinstance(value, _NUMBER if typ is float else typ) or isinstance(value, bool)
+        ):
             raise errors.EnvelopeError(f"{kind} envelope field {name!r} is missing or malformed")
     if not _JOB_ID.fullmatch(header["job_id"]):
         raise errors.EnvelopeError(f"{kind} envelope has a malformed job id")
     if header["n"] < 1:
         raise errors.EnvelopeError(f"{kind} envelope must carry at least one call")
     if kind == "task":
-        if not _finite(header["walltime"]) or header["walltime"] <= 0:
+        walltime = header["walltime"]
+        if not _finite(walltime) or walltime <= 0:
             raise errors.EnvelopeError("task envelope walltime must be positive and finite")
         if not _finite(header["created"]):
             raise errors.EnvelopeError("task envelope created must be a finite time")
-    if kind == "task" and not isinstance(header.get("requirements", ""), str):
-        raise errors.EnvelopeError("task envelope field 'requirements' must be a string")
-    if kind == "result" and header["outcome"] not in OUTCOMES:
+        if type(get("requirements", "")) is not str:
+            raise errors.EnvelopeError("task envelope field 'requirements' must be a string")
+    elif header["outcome"] not in OUTCOMES:
         raise errors.EnvelopeError(f"unknown result outcome {header['outcome']!r}")
-    secs = header.get("sections")
+    secs = get("sections")
     if type(secs) is not list:
         raise errors.EnvelopeError("kotta envelope section table is malformed")
-    for sec in secs:
+    last = len(secs) - 1
+    for i, sec in enumerate(secs):
         if type(sec) is not list or len(sec) != 2 or type(sec[0]) is not str or \
                 type(sec[1]) is not int or sec[1] < 0:
             raise errors.EnvelopeError("kotta envelope section table is malformed")
-    if any(s[0] == MAC_SECTION for s in secs[:-1]) or (
-        secs and secs[-1][0] == MAC_SECTION and secs[-1][1] != MAC_BYTES
-    ):
-        raise errors.EnvelopeError("kotta envelope's mac must be its last section, of 32 bytes")
+        if sec[0] == MAC_SECTION and (i != last or sec[1] != MAC_BYTES):
+            raise errors.EnvelopeError("kotta envelope's mac must be its last section, of 32 bytes")
 
 
 # --------------------------------------------------------------------------- replies
