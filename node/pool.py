@@ -32,7 +32,7 @@ KILL_GRACE = 0.5
 SCRUBBED_PREFIXES = ("AWS_", "KOTTA_NODE_")
 
 
-@dataclass
+@dataclass(slots=True)
 class Task:
     """A task the node holds: its delivery, its decoded header, bytes for the worker."""
 
@@ -45,14 +45,12 @@ class Task:
     staged: Any = None  # its working directory and credentials (node.datasteps.Staged)
     claimed: bool = False  # this node moved its job on (it may move it on again)
     kill_requested: bool = False  # killed while staging: it must not run
+    job_id: str = field(init=False)  # from the header (read many times a task)
+    owner: str = field(init=False)
 
-    @property
-    def job_id(self) -> str:
-        return self.header["job_id"]
-
-    @property
-    def owner(self) -> str:
-        return self.header["owner"]
+    def __post_init__(self) -> None:
+        self.job_id = self.header["job_id"]
+        self.owner = self.header["owner"]
 
 
 @dataclass(eq=False)
