@@ -406,6 +406,11 @@ class PickledFunctions:
         except Exception:  # noqa: BLE001 - _Unknown, or a value that cannot be compared
             return cloudpickle.dumps(fn)
         data = cloudpickle.dumps(fn)
+        try:  # kept only if nothing changed while it was pickled (another thread may)
+            if self.fingerprint(fn) != key:
+                return data
+        except Exception:  # noqa: BLE001 - it became unknowable meanwhile
+            return data
         with self._lock:
             if len(self._entries) >= self._size:
                 self._entries.pop(next(iter(self._entries)))
@@ -459,8 +464,10 @@ class PickledFunctions:
         t = type(v)
         if t in _SCALARS:
             return (t, v)
-        if t is float or t is complex:
-            return (t, repr(v))  # 0.0 == -0.0, but they pickle apart
+        if t is float:  # by their bits: 0.0 == -0.0, and NaNs differ in sign and payload
+            return (t, _DOUBLE.pack(v))
+        if t is complex:
+            return (t, _DOUBLE.pack(v.real), _DOUBLE.pack(v.imag))
         if t is tuple or t is frozenset:
             return (t, tuple([self._value(x, depth, modules) for x in v]))
         if t is types.FunctionType:
@@ -480,6 +487,7 @@ class PickledFunctions:
 
 
 _MISSING = ("missing",)
+_DOUBLE = struct.Struct("<d")
 _FUNCTIONS = PickledFunctions()
 
 

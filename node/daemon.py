@@ -181,9 +181,11 @@ class Node:
         """Look at the queue when rung, when the last look left work there, and every
         poll interval (for redeliveries, and a ring that was missed)."""
         now = time.monotonic()
-        if self._rang or self._backlogged or self._inbox or self._poller is not None or (
-            now - self._last_look >= self.config.poll_interval
-        ):
+        if self._poller is not None or self._inbox:
+            return True
+        if self._room() <= 0:  # a ring now is for when room frees: keep it
+            return False
+        if self._rang or self._backlogged or now - self._last_look >= self.config.poll_interval:
             self._rang = False
             self._last_look = now
             return True
@@ -326,6 +328,9 @@ class Node:
 
     def _wait(self) -> None:
         if self.finished:
+            for w in self.workers:
+                if w.outbox:
+                    self._flush(w)
             return
         timeout = self.config.poll_interval
         now = time.monotonic()
@@ -340,10 +345,13 @@ class Node:
         fds: list = [self._wake_r, *self.workers]
         if self._bell is not None:
             fds.append(self._bell)
+        writing = {w.tasks.fileno(): w for w in self.workers if w.outbox}
         try:
-            ready, _, _ = select.select(fds, [], [], timeout)
+            ready, writable, _ = select.select(fds, list(writing), [], timeout)
         except InterruptedError:
             return
+        for fd in writable:
+            self._flush(writing[fd])
         if self._bell is not None and self._bell in ready:
             _drain_socket(self._bell)
             self._rang = True
@@ -354,6 +362,13 @@ class Node:
             # Tiny tasks in flight: let a few more results land before one report, instead
             # of a transaction and a client wake-up per result.
             time.sleep(LINGER)
+
+    @staticmethod
+    def _flush(w: Worker) -> None:
+        try:
+            w.flush()
+        except OSError:  # the worker is gone: _collect buries it
+            w.outbox.clear()
 
     def _streaming(self) -> bool:
         inflight = sum(len(w.inflight) for w in self.workers)
