@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,9 @@ class Worker:
     born: float = field(default_factory=time.monotonic)
     env: str | None = None  # key of the requirements venv it runs in (None: the node's python)
     retiring: bool = False  # takes no more tasks (it served restricted data)
+    #: framed tasks the pipe has not taken yet: the node never blocks on a worker's pipe
+    #: (a frame larger than the pipe, queued behind a long task, would wait for it)
+    outbox: bytearray = field(default_factory=bytearray)
 
     @property
     def pid(self) -> int:
@@ -94,7 +98,24 @@ class Worker:
         if not self.inflight:
             tasks[0].started = time.monotonic()
         self.inflight.extend(tasks)
-        self.tasks.send_bytes(pack_frame([t.data for t in tasks]))
+        frame = pack_frame([t.data for t in tasks])
+        # multiprocessing.Connection's framing, which the worker's recv_bytes reads
+        if len(frame) < 0x7FFFFFFF:
+            self.outbox += _CONN_LEN.pack(len(frame))
+        else:
+            self.outbox += _CONN_LEN.pack(-1) + _CONN_BIG.pack(len(frame))
+        self.outbox += frame
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the pipe takes now (the node writes the rest when it is writable);
+        OSError if the worker is gone."""
+        while self.outbox:
+            try:
+                n = os.write(self.tasks.fileno(), self.outbox)
+            except BlockingIOError:
+                return
+            del self.outbox[:n]
 
     def task_done(self) -> Task:
         task = self.inflight.popleft()
@@ -136,6 +157,7 @@ class Worker:
         the worker has exited): for a worker that must not serve anything further."""
         self.retiring = True
         self.stop_after_current()
+        self.outbox.clear()
         self.tasks.close()
 
     def stop_after_current(self) -> None:
@@ -181,6 +203,10 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_CONN_LEN = struct.Struct("!i")
+_CONN_BIG = struct.Struct("!Q")
+
+
 def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
     """Start a worker process for ``owner``; in the requirements venv ``env`` (a
     ``node.envs.Env``) if given.  Such a worker has the venv's site-packages first on its
@@ -209,6 +235,7 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
     finally:
         os.close(task_r)
         os.close(result_w)
+    os.set_blocking(task_w, False)  # Worker.send never waits for the worker
     return Worker(
         owner=owner,
         proc=proc,
