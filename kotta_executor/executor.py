@@ -504,9 +504,10 @@ class KottaExecutor(Executor):
             log.exception("kotta manager thread failed")
             self._terminate_broken(exc)
         finally:
-            for sock in (bell, self._inbox):
-                if sock is not None:
-                    sock.close()
+            if bell is not None:
+                bell.close()
+            if self._inbox is not None:
+                self._enclave.close_inbox(self._inbox)
             self._close()
 
     def _wait(self, bell) -> None:

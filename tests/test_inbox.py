@@ -63,6 +63,7 @@ def test_reply_direct_hands_back_what_no_inbox_took(enclave):
     msgs = [Message("a" * 32, a_reply(value=i)) for i in range(3)]
     assert enclave.reply_direct("nobody", msgs) == msgs  # no inbox: all for the queue
     inbox = enclave.reply_inbox("c1")
+    assert inbox is not None
     try:
         sent, rest = 0, []
         while not rest and sent < 100_000:  # until the inbox is full (its queue length)
@@ -90,7 +91,9 @@ def test_too_big_a_reply_goes_to_the_queue(enclave):
 @pytest.mark.skipif(os.geteuid() != 0, reason="sending as another user needs root")
 def test_a_datagram_from_another_user_is_dropped(enclave):
     inbox = enclave.reply_inbox("c3")
-    address = enclave._bell_address("inbox-c3")
+    address = inbox.getsockname()
+    os.chmod(os.path.dirname(address), 0o755)  # let the other user reach the socket...
+    os.chmod(address, 0o777)  # ...as an inbox made by a careless umask could be
     try:
         pid = os.fork()
         if pid == 0:  # another user, forging a reply
@@ -108,4 +111,16 @@ def test_a_datagram_from_another_user_is_dropped(enclave):
             "genuine"
         ]
     finally:
-        inbox.close()
+        os.chmod(os.path.dirname(address), 0o700)
+        enclave.close_inbox(inbox)
+
+
+def test_an_inbox_lives_in_a_directory_only_its_user_enters(enclave):
+    inbox = enclave.reply_inbox("c4")
+    try:
+        path = inbox.getsockname()
+        st = os.lstat(os.path.dirname(path))
+        assert (st.st_uid, st.st_mode & 0o777) == (os.getuid(), 0o700)
+    finally:
+        enclave.close_inbox(inbox)
+    assert not os.path.exists(path)  # closed: removed, so no one finds a stale name

@@ -297,6 +297,9 @@ class Enclave(abc.ABC):
         then replies travel on the reply queue only.  Either way the job table has them."""
         return None
 
+    def close_inbox(self, sock) -> None:  # noqa: B027 - only backends with inboxes
+        """Close an inbox ``reply_inbox`` opened."""
+
     def read_inbox(self, sock) -> list[bytes]:
         """The reply messages waiting on an inbox, from senders this enclave trusts."""
         return []

@@ -18,7 +18,9 @@ import os
 import re
 import socket
 import sqlite3
+import stat
 import struct
+import tempfile
 import threading
 import time
 import uuid
@@ -651,6 +653,32 @@ class EmbeddedNodes(NodeRegistry):
         ]
 
 
+_private: tuple[float, str | None] = (-60.0, None)
+
+
+def _private_dir() -> str | None:
+    """``/tmp/kotta-UID``, made if need be, if it is a directory of this user's that no
+    one else may enter (checked again every 10 s); else None."""
+    global _private
+    at, checked = _private
+    if time.monotonic() - at < 10.0:
+        return checked
+    d = Path(tempfile.gettempdir()) / f"kotta-{os.getuid()}"
+    result = None
+    try:
+        d.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError:
+        pass
+    else:
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            result = str(d)
+        else:
+            log.warning("%s is not a directory private to this user: replies go by queue", d)
+    _private = (time.monotonic(), result)
+    return result
+
+
 def _alive(node: NodeInfo) -> bool:
     """Is the node's process still the one that registered?  (One machine: pids are ours.)"""
     try:
@@ -766,17 +794,43 @@ class EmbeddedEnclave(Enclave):
         self._ring(f"client-{client_id}")
 
     # -- reply inboxes: a node hands a client its replies in a datagram, skipping two write
-    # transactions (the reply's insert, the client's take).  The client takes only
-    # datagrams whose sender the kernel vouches is its own user (SO_PASSCRED), since any
-    # process may write to an abstract socket and a reply is unpickled.
+    # transactions (the reply's insert, the client's take).  A reply holds a result, so an
+    # inbox is a socket file in a directory only this user can enter (/tmp/kotta-UID, mode
+    # 0700, like tmux's): no one else can bind its name once the client is gone, nor write
+    # to it.  The client also takes only datagrams whose sender the kernel vouches is its
+    # own user or root (SO_PASSCRED).
 
-    def reply_inbox(self, client_id: str) -> socket.socket | None:
+    def _inbox_path(self, client_id: str) -> str | None:
+        """The inbox's path, in a private directory checked to be this user's (None if it
+        is not, or the path is too long for a socket)."""
         if not _PASSCRED:
             return None
-        sock = self.doorbell(f"inbox-{client_id}")
-        if sock is not None:
+        d = _private_dir()
+        if d is None:
+            return None
+        path = f"{d}/{self._bell_prefix}-{client_id}"
+        return path if len(path.encode()) < 100 else None
+
+    def reply_inbox(self, client_id: str) -> socket.socket | None:
+        path = self._inbox_path(client_id)
+        if path is None:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # left by a client that died (ids are random: not a live one)
+            sock.bind(path)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        except OSError:
+            sock.close()
+            return None
+        sock.setblocking(False)
         return sock
+
+    def close_inbox(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(sock.getsockname())
+        sock.close()
 
     def read_inbox(self, sock: socket.socket) -> list[bytes]:
         out = []
@@ -801,7 +855,8 @@ class EmbeddedEnclave(Enclave):
                     out.append(bytes(buf[:n]))
 
     def reply_direct(self, client_id: str, messages: list[Message]) -> list[Message]:
-        if not _PASSCRED:
+        address = self._inbox_path(client_id)
+        if address is None:
             return messages
         sock = self._reply_sock
         if sock is None:
@@ -809,7 +864,6 @@ class EmbeddedEnclave(Enclave):
             sock.setblocking(False)
             with contextlib.suppress(OSError):  # room for many unread replies in flight
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * INBOX_DATAGRAM)
-        address = self._bell_address(f"inbox-{client_id}")
         for i, message in enumerate(messages):
             if len(message.body) > INBOX_DATAGRAM:
                 return messages[i:]
