@@ -388,7 +388,8 @@ class PickledFunctions:
 
     def __init__(self, size: int = 64):
         self._size = size
-        self._entries: dict[int, tuple[Callable, tuple, bytes]] = {}
+        #: id(fn) -> (fn, fingerprint, bytes, confirmed by a second pickle)
+        self._entries: dict[int, tuple[Callable, tuple, bytes, bool]] = {}
         self._names: dict[types.CodeType, tuple[str, ...]] = {}  # globals a code reads
         self._lock = threading.Lock()
         helpers = ("_should_pickle_by_reference", "_extract_code_globals")
@@ -397,24 +398,29 @@ class PickledFunctions:
             hasattr(cloudpickle.cloudpickle, h) for h in helpers) else None
 
     def dumps(self, fn: Callable) -> bytes:
+        """cloudpickle's bytes of ``fn``.  Bytes are reused only once a second pickle
+        under the same fingerprint came out the same: another thread may change a value
+        and change it back while a pickle is made (A, B, A), and the bytes of B must not
+        then stand for A."""
         try:
             key = self.fingerprint(fn)
             with self._lock:
                 hit = self._entries.get(id(fn))
-            if hit is not None and hit[0] is fn and hit[1] == key:
+            if hit is not None and hit[0] is fn and hit[1] == key and hit[3]:
                 return hit[2]
         except Exception:  # noqa: BLE001 - _Unknown, or a value that cannot be compared
             return cloudpickle.dumps(fn)
         data = cloudpickle.dumps(fn)
-        try:  # kept only if nothing changed while it was pickled (another thread may)
+        try:  # kept only if nothing changed while it was pickled
             if self.fingerprint(fn) != key:
                 return data
         except Exception:  # noqa: BLE001 - it became unknowable meanwhile
             return data
+        confirmed = hit is not None and hit[0] is fn and hit[1] == key and hit[2] == data
         with self._lock:
-            if len(self._entries) >= self._size:
+            if id(fn) not in self._entries and len(self._entries) >= self._size:
                 self._entries.pop(next(iter(self._entries)))
-            self._entries[id(fn)] = (fn, key, data)  # holds fn: its id is not reused
+            self._entries[id(fn)] = (fn, key, data, confirmed)  # holds fn: no id reuse
         return data
 
     def fingerprint(self, fn: Callable) -> tuple:

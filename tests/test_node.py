@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import psutil
@@ -157,6 +158,48 @@ def test_a_task_queued_without_a_ring_runs_within_a_poll_interval(start_node, ma
              what="the unrung task to run")
     result = enclave.jobs.get(job.job_id, with_result=True).result
     assert wire.outcomes(wire.decode(result)) == [(True, 9)]
+
+
+def test_a_task_rung_in_while_the_node_is_full_runs_when_room_frees(start_node, make_executor):
+    """A ring that finds the node with no room must not be lost: the task runs when room
+    frees, not a poll interval (here 30 s) later."""
+    start_node("--poll-interval", "30", workers=1)  # room: 4 tasks held for 1 worker
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 1).result(GUARD) == 1
+    held = [ex.submit(tasks.sleep_and_return, 2.0, 0)]
+    wait_for(lambda: held[0].status() == "processing", what="the first task to run")
+    for _ in range(3):  # taken one by one: the node is never backlogged
+        held.append(ex.submit(tasks.sleep_and_return, 0.01, 0))
+        wait_for(lambda: ex.enclave.queue.depth("test") == 0, what="the node to take it")
+    late = ex.submit(tasks.square, 5)  # rung in while the node holds 4: no room
+    assert [f.result(GUARD) for f in held] == [0, 0, 0, 0]
+    assert late.result(timeout=20) == 25  # the bug: ~30 s, at the next poll
+
+
+def test_a_frame_bigger_than_the_pipe_does_not_stall_the_node(start_node, make_executor,
+                                                             enclave_dir):
+    """Tasks queued behind a running one travel in frames larger than a pipe holds; the
+    node must not wait for the worker to read them, holding the database meanwhile."""
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 1).result(GUARD) == 1
+    big = "x" * 150_000  # under the 256 KiB inline limit, over a pipe's 64 KiB
+    fs = [ex.submit(tasks.sleep_and_return, 4.0, big) for _ in range(4)]
+    wait_for(lambda: fs[0].status() == "processing", what="the first task to run")
+    db = sqlite3.connect(enclave_dir / "kotta.db", timeout=GUARD, isolation_level=None)
+    try:
+        longest = 0.0
+        for _ in range(20):  # for about 3 s of the first task's 4
+            t0 = time.monotonic()
+            db.execute("BEGIN IMMEDIATE")  # what a submit or a cancel needs
+            db.execute("ROLLBACK")
+            longest = max(longest, time.monotonic() - t0)
+            time.sleep(0.15)
+    finally:
+        db.close()
+    assert longest < 2.0, f"the node held the database for {longest:.1f} s"
+    assert [len(f.result(GUARD)) for f in fs] == [150_000] * 4
+    assert node.proc.poll() is None
 
 
 # ---------------------------------------------------------------------- dead letters

@@ -4,6 +4,7 @@ cloudpickle would write now, so that no change a user makes between two submits 
 from __future__ import annotations
 
 import pickle
+import sys
 
 import cloudpickle
 import pytest
@@ -31,8 +32,9 @@ def test_unchanged_function_reuses_its_bytes():
     cache = PickledFunctions()
     ns = notebook("SCALE = 3\ndef f(x):\n    return x * SCALE\n")
     first = cache.dumps(ns["f"])
-    assert cache.dumps(ns["f"]) is first
-    assert first == cloudpickle.dumps(ns["f"])
+    second = cache.dumps(ns["f"])  # pickled again, to confirm the first (see the next tests)
+    assert second == first == cloudpickle.dumps(ns["f"])
+    assert cache.dumps(ns["f"]) is second  # from then on, reused
 
 
 def test_rebinding_a_global_is_sent():
@@ -83,6 +85,55 @@ def test_signed_zero_and_instances():
     ns["Z"] = cls  # a class of __main__: pickled by value, and mutable
     with pytest.raises(wire._Unknown):
         cache.fingerprint(ns["f"])
+
+
+def test_a_global_rebound_while_a_submit_pickles_is_not_cached_stale():
+    """Another thread rebinds a global between the fingerprint and the pickle: those bytes
+    must not be kept under the old fingerprint, to be sent once the global is set back."""
+    cache = PickledFunctions()
+    ns = notebook("MODE = 'safe'\ndef f():\n    return MODE\n")
+    pickling = cloudpickle.dumps.__code__
+
+    def another_thread(frame, event, arg):  # that interleaving, made deterministic
+        if event == "call" and frame.f_code is pickling:
+            ns["MODE"] = "dangerous"
+
+    sys.setprofile(another_thread)
+    try:
+        assert run_remote(cache.dumps(ns["f"])) == "dangerous"
+    finally:
+        sys.setprofile(None)
+    ns["MODE"] = "safe"
+    assert run_remote(cache.dumps(ns["f"])) == "safe"
+
+
+def test_a_global_changed_and_restored_while_a_submit_pickles_is_not_sent_later():
+    """A -> B -> A while one submit pickles: that submit sends B (what it saw), but the
+    bytes of B must never be reused while the global is A."""
+    cache = PickledFunctions()
+    ns = notebook("MODE = 'safe'\ndef f():\n    return MODE\n")
+    pickling = cloudpickle.dumps.__code__
+
+    def another_thread(frame, event, arg):
+        if frame.f_code is pickling:
+            ns["MODE"] = "dangerous" if event == "call" else "safe" if event == "return" else ns["MODE"]
+
+    sys.setprofile(another_thread)
+    try:
+        cache.dumps(ns["f"])
+    finally:
+        sys.setprofile(None)
+    assert ns["MODE"] == "safe"
+    for _ in range(3):  # later submits, with nothing changing: MODE as it is
+        assert run_remote(cache.dumps(ns["f"])) == "safe"
+
+
+def test_the_sign_of_a_nan_global_is_sent():
+    cache = PickledFunctions()
+    ns = notebook("import math\nZ = float('nan')\ndef f():\n    return math.copysign(1, Z)\n")
+    assert run_remote(cache.dumps(ns["f"])) == 1
+    ns["Z"] = -float("nan")  # repr() says 'nan' for both
+    assert run_remote(cache.dumps(ns["f"])) == -1
 
 
 def test_importable_functions_and_other_callables():
