@@ -202,6 +202,7 @@ class KottaExecutor(Executor):
         self._rang = False  # a node rang: replies wait on the reply queue
         self._last_queue_look = 0.0
         self._last_submit = 0.0
+        self._listening = False  # the manager has bound its doorbell and inbox
         _live_executors.add(self)
 
     # ------------------------------------------------------------------ Executor API
@@ -311,7 +312,9 @@ class KottaExecutor(Executor):
         batches.  False: the outbox takes it."""
         now = time.monotonic()
         last, self._last_submit = self._last_submit, now
-        if now - last < SEND_NOW_GAP or self._outbox or not self._send_lock.acquire(False):
+        if now - last < SEND_NOW_GAP or self._outbox or not self._listening or (
+            not self._send_lock.acquire(False)
+        ):
             return False
         try:
             if self._outbox:
@@ -484,6 +487,7 @@ class KottaExecutor(Executor):
             self._reply_queue = self._enclave.queue.open_reply(self.client_id)
             bell = self._enclave.doorbell(f"client-{self.client_id}")
             self._inbox = self._enclave.reply_inbox(self.client_id)
+            self._listening = True  # rings and replies reach us from now on
             if bell is None:
                 self._replies = deque()
                 threading.Thread(

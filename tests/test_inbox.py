@@ -4,6 +4,7 @@ and a datagram from another user is never taken for a reply."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
@@ -124,3 +125,38 @@ def test_an_inbox_lives_in_a_directory_only_its_user_enters(enclave):
     finally:
         enclave.close_inbox(inbox)
     assert not os.path.exists(path)  # closed: removed, so no one finds a stale name
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_another_user_can_neither_take_over_nor_write_to_an_inbox(enclave):
+    """Once a client is gone (SIGKILL leaves its socket file), another user can neither
+    remove its inbox to bind the name (and receive the results of its jobs still running)
+    nor write to it: the directory keeps them out, whatever the file's own mode."""
+    inbox = enclave.reply_inbox("c6")
+    path = inbox.getsockname()
+    inbox.close()  # gone without removing its file, as a killed client
+    os.chmod(path, 0o777)  # as a careless umask would leave it
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                os.setuid(65534)
+                code = 0
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                    try:
+                        s.sendto(b"x", path)
+                        code |= 1  # wrote to it
+                    except PermissionError:
+                        pass
+                try:
+                    os.unlink(path)
+                    code |= 2  # could take its name over
+                except PermissionError:
+                    pass
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -173,7 +173,8 @@ def _from_entry(enclave, entry: dict[str, Any], path: Path) -> Credentials:
 
 def load(enclave, path: str | os.PathLike | None = None, *, bootstrap: bool = True) -> Credentials:
     """The caller's credentials for ``enclave``, from the token file."""
-    path = Path(path) if path is not None else token_path()
+    explicit = path is not None
+    path = Path(path) if explicit else token_path()
     stale = None
     if path.exists():
         entry = _read(path).get(enclave.url)
@@ -181,7 +182,9 @@ def load(enclave, path: str | os.PathLike | None = None, *, bootstrap: bool = Tr
             return _from_entry(enclave, entry, path)
         if entry:  # an enclave made anew where an older one was, since the token was issued
             stale = entry.get("refresh")
-            if not (bootstrap and _holds_enclave_key(enclave)):
+            # a token file named by the caller is someone's identity: never swapped for
+            # the OS user's
+            if explicit or not (bootstrap and _holds_enclave_key(enclave)):
                 raise AuthenticationError(
                     f"the token in {path} for the enclave {enclave.url} was not issued by "
                     "it (was the enclave created anew?): ask an admin of the enclave for a "
