@@ -126,12 +126,10 @@ def check_walltime(queue: str, walltime: float) -> None:
     This runs at every submit, so it reuses the limits it read for up to
     :data:`LIMITS_RECHECK` seconds (the file's stat costs more than the rest of the check
     on a busy machine); :func:`queue_limits` always looks at the file."""
-    global _checked
     now = time.monotonic()
     at, home, limits = _checked
     if now - at >= LIMITS_RECHECK or home != os.environ.get("KOTTA_HOME"):
-        limits = _all_limits()
-        _checked = (now, os.environ.get("KOTTA_HOME"), limits)
+        limits = _all_limits()  # which records what it read in _checked
     cap = limits[queue].max_walltime
     if walltime > cap * 60.0:
         raise ConfigurationError(

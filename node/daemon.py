@@ -117,10 +117,8 @@ class Node:
                         config.queue, limits.workers, limits.workers, config.workers)
             config.workers = limits.workers
         self._ring_later: set[str] = set()
-        # replies handed to clients' inboxes after the step's transactions, where the
-        # enclave has inboxes (the embedded one); else they go on the reply queues
-        self._direct = enclave.direct_replies
-        self._direct_later: dict[str, list[tuple[str, bytes]]] = {}
+        # the step's replies, sent once its transaction committed (_wake_clients)
+        self._replies_later: dict[str, list[tuple[str, bytes]]] = {}
         self._backlogged = False  # the last receive took all it asked for
         self._rang = True  # the doorbell rang since the node last looked at the queue
         self._last_look = 0.0
@@ -200,12 +198,12 @@ class Node:
         while self._audit_later:
             record = self._audit_later.pop(0)
             self.audit.append(record.pop("action"), **record)
-        for client, items in self._direct_later.items():
+        for client, items in self._replies_later.items():
             rest = self.enclave.reply_direct(client, _pack_replies(items))
-            if rest:  # the client has no inbox (or a full one): the reply queue, and a ring
+            if rest:  # no inbox (AWS; an older client), or a full one: the reply queue
                 self.enclave.queue.send(reply_queue(client), rest)
                 self._ring_later.add(client)
-        self._direct_later.clear()
+        self._replies_later.clear()
         for client in self._ring_later:
             self.enclave.ring_client(client)
         self._ring_later.clear()
@@ -460,31 +458,21 @@ class Node:
         if not self.finished:
             return
         batch, self.finished = self.finished, []
-        replies: dict[str, list[tuple[str, bytes]]] = {}
         with self.enclave.atomic():
             recorded = set(self.enclave.jobs.finish([fin for _, _, fin, _ in batch]))
             for _, _, fin, client in batch:
                 if fin.job_id in recorded:
                     body = fin.result if len(fin.result) <= REPLY_INLINE_LIMIT else b""
-                    replies.setdefault(client, []).append((fin.job_id, body))
-            if not self._direct:
-                for client, items in replies.items():
-                    self._reply(client, items)
+                    self._reply(client, [(fin.job_id, body)])
             self.enclave.queue.ack([d for _, d, _, _ in batch])
-        # handed over (or rung) at the end of the step: see _wake_clients
-        for client, items in replies.items():
-            if self._direct:
-                self._direct_later.setdefault(client, []).extend(items)
-            else:
-                self._ring_later.add(client)
         self._delete_later += [key for t, _, fin, _ in batch
                                if t is not None and fin.job_id in recorded
                                for key in t.header.get("refs", {}).values()]
         self.jobs_done += len(batch)
 
     def _reply(self, client: str, items: list[tuple[str, bytes]]) -> None:
-        """Send replies on the client's reply queue."""
-        self.enclave.queue.send(reply_queue(client), _pack_replies(items))
+        """Reply to a client at the end of the step (see _wake_clients)."""
+        self._replies_later.setdefault(client, []).extend(items)
 
     def _police(self) -> None:
         now = time.monotonic()
@@ -688,7 +676,6 @@ class Node:
         fin = Finished(d.job_id, JobState.FAILED, data, reason)
         if self.enclave.jobs.finish([fin]):
             self._reply(job.client, [(d.job_id, data)])
-            self._ring_later.add(job.client)  # once committed
 
     def _dispatch(self) -> dict[Worker, list[Task]]:
         """Pick a worker for each pending task and claim the jobs (pending -> processing)."""
@@ -775,7 +762,6 @@ class Node:
         """A task whose job was cancelled or finished meanwhile: tell its client, ack it."""
         self.enclave.queue.ack([task.delivery])
         self._reply(task.header["client"], [(task.job_id, b"")])
-        self._ring_later.add(task.header["client"])
         if task.staged is not None:
             self.data.discard(task)
 

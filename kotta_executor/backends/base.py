@@ -276,8 +276,6 @@ class Enclave(abc.ABC):
     inline_limit: int = 256 * 1024
     #: an enclave on this machine, where an executor may start a node of its own
     local: bool = False
-    #: nodes hand replies to clients' inboxes (reply_direct) rather than the reply queue
-    direct_replies: bool = False
 
     def ring_nodes(self, queue: str) -> None:  # noqa: B027 - optional: wake idle nodes
         """Tell nodes serving ``queue`` there is work (a hint; nodes also poll)."""

@@ -739,7 +739,6 @@ class EmbeddedEnclave(Enclave):
             raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
         self.url = f"embedded://{self.home}"
         self.local = True
-        self.direct_replies = _PASSCRED
         self._db = _Db(self.home / "kotta.db")
         self.blobs = EmbeddedBlobs(self.home / "blobs")
         self.queue = EmbeddedQueue(self._db, self)
