@@ -88,6 +88,8 @@ QUEUE_LOOK = 1.0
 REPLY_LONG_POLL = 2.0
 #: a local node may be restarted this many times before the executor is declared broken
 MAX_NODE_RESTARTS = 5
+#: seconds between looks at whether the local nodes this client started still run
+NODE_LOOK = 0.1
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,8 @@ class KottaExecutor(Executor):
         self._inbox = None  # a socket on which nodes hand over replies (embedded)
         self._rang = False  # a node rang: replies wait on the reply queue
         self._last_queue_look = 0.0
+        self._last_node_look = 0.0
+        self._queues_looked = 0
         self._last_submit = 0.0
         self._listening = False  # the manager has bound its doorbell and inbox
         _live_executors.add(self)
@@ -495,10 +499,10 @@ class KottaExecutor(Executor):
                 ).start()
             while True:
                 self._wait(bell)
+                self._receive()  # first: a waiting caller's result is often what woke us
                 self._start_dependents()
                 self._send()
                 self._ensure_nodes()
-                self._receive()
                 self._reconcile()
                 # tasks waiting for dependencies are in _futures: shutdown waits for them
                 idle = not self._futures and not self._outbox and not self._deps.ready
@@ -708,6 +712,10 @@ class KottaExecutor(Executor):
             return
         if self._start_node == "auto" and not self._enclave.local:
             return  # a remote enclave has nodes of its own; start_node=True forces one here
+        now = time.monotonic()  # a queue not looked at yet: now; else now and then
+        if len(self._queues_used) == self._queues_looked and now - self._last_node_look < NODE_LOOK:
+            return
+        self._last_node_look, self._queues_looked = now, len(self._queues_used)
         for q in list(self._queues_used):
             proc = self._nodes.get(q)
             if proc is not None and proc.poll() is None:
