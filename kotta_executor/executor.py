@@ -90,6 +90,9 @@ REPLY_LONG_POLL = 2.0
 MAX_NODE_RESTARTS = 5
 #: seconds between looks at whether the local nodes this client started still run
 NODE_LOOK = 0.1
+#: a task handed to a node directly (see _send_now) that it has not recorded within this
+#: many seconds is recorded and queued by the client
+HAND_OFF_CONFIRM = 1.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,9 @@ class KottaExecutor(Executor):
         self._attached: set[str] = set()
         self._outbox: deque[tuple[NewJob, KottaFuture]] = deque()
         self._skip: set[str] = set()  # outbox entries cancelled before they were sent
+        #: jobs handed to a node directly that no reply or record has confirmed yet
+        self._handed: dict[str, tuple[NewJob, float]] = {}
+        self._last_handed_look = 0.0
         self._kicked = False
         self._deps = dependencies.Dependencies(self._kick)  # tasks waiting for futures
         self._send_lock = threading.Lock()
@@ -323,6 +329,9 @@ class KottaExecutor(Executor):
         try:
             if self._outbox:
                 return False
+            if self._enclave.hand_off(job.queue, job.body):  # the node records the job
+                self._handed[job.job_id] = (job, now)
+                return True
             try:
                 self._enclave.jobs.create([job])
             except Exception:  # noqa: BLE001 - the manager retries it, and fails loudly
@@ -436,18 +445,23 @@ class KottaExecutor(Executor):
             self._skip.update(job.job_id for job, _ in unsent)
             records = [job for job, _ in unsent]
             records += [self._unsent_record(w) for w in map(self._deps.take, job_ids) if w]
-            done = [job.job_id for job in records]
-            if records:  # never sent: record them, already cancelled, so the table tells
-                with self._enclave.atomic():
+            handed = [self._handed.pop(j)[0] for j in job_ids if j in self._handed]
+            with self._enclave.atomic():
+                if handed:  # one its node has not recorded yet never will: it finds it here
+                    known = self._enclave.jobs.get_many([job.job_id for job in handed])
+                    records += [job for job in handed if job.job_id not in known]
+                done = [job.job_id for job in records]
+                if records:  # never sent: record them, already cancelled, so the table tells
                     self._enclave.jobs.create(records)
                     self._enclave.jobs.transition(
                         done, JobState.CANCELLED, reason="cancelled by the client"
                     )
-            rest = [j for j in job_ids if j not in set(done)]
-            if rest:
-                done += self._enclave.jobs.transition(
-                    rest, JobState.CANCELLED, from_states=CANCELLABLE, reason="cancelled by the client"
-                )
+                rest = [j for j in job_ids if j not in set(done)]
+                if rest:
+                    done += self._enclave.jobs.transition(
+                        rest, JobState.CANCELLED, from_states=CANCELLABLE,
+                        reason="cancelled by the client",
+                    )
         for job_id in done:
             self._futures.pop(job_id, None)
         return done
@@ -503,6 +517,7 @@ class KottaExecutor(Executor):
                 self._start_dependents()
                 self._send()
                 self._ensure_nodes()
+                self._confirm_handed()
                 self._reconcile()
                 # tasks waiting for dependencies are in _futures: shutdown waits for them
                 idle = not self._futures and not self._outbox and not self._deps.ready
@@ -555,6 +570,30 @@ class KottaExecutor(Executor):
             for q in {job.queue for job, _ in batch}:
                 self._queues_used.add(q)
                 self._enclave.ring_nodes(q)
+
+    def _confirm_handed(self) -> None:
+        """Jobs handed to a node that has not recorded them within HAND_OFF_CONFIRM (it
+        died, or stopped, with them unread): record and queue them from here.  In one
+        transaction with the look, so that a node recording one meanwhile cannot make
+        it two."""
+        now = time.monotonic()
+        if not self._handed or now - self._last_handed_look < HAND_OFF_CONFIRM / 2:
+            return
+        self._last_handed_look = now
+        with self._send_lock:
+            old = [job for job, at in list(self._handed.values()) if now - at >= HAND_OFF_CONFIRM]
+            if not old:
+                return
+            with self._enclave.atomic():
+                known = self._enclave.jobs.get_many([job.job_id for job in old])
+                lost = [job for job in old if job.job_id not in known]
+                self._enclave.jobs.create(lost)
+            for job in old:
+                self._handed.pop(job.job_id, None)
+        if lost:
+            log.warning("%d handed-off tasks were not taken by their node; queued them", len(lost))
+        for q in {job.queue for job in lost}:
+            self._enclave.ring_nodes(q)
 
     def _start_dependents(self) -> None:
         """Send the waiting tasks whose dependencies all succeeded, with their values; fail
@@ -670,12 +709,14 @@ class KottaExecutor(Executor):
 
     def _settle_cancelled(self, job_id: str) -> None:
         """A job someone else cancelled (``kotta cancel``, another client) before it ran."""
+        self._handed.pop(job_id, None)
         f = self._futures.pop(job_id, None)
         self._attached.discard(job_id)
         if f is not None:
             _mark_cancelled(f)
 
     def _resolve(self, job_id: str, body: bytes) -> None:
+        self._handed.pop(job_id, None)
         f = self._futures.pop(job_id, None)
         self._attached.discard(job_id)
         if f is None or f.done():

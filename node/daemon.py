@@ -36,7 +36,9 @@ import psutil
 
 from kotta_executor import config as kconfig
 from kotta_executor import wire
-from kotta_executor.backends.base import Delivery, Enclave, Finished, Message, NodeInfo, reply_queue
+from kotta_executor.backends.base import (
+    Delivery, Enclave, Finished, Message, NewJob, NodeInfo, reply_queue,
+)
 from kotta_executor.errors import AuthenticationError, EnvelopeError, InvalidDataUri
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.staging import declared
@@ -103,6 +105,7 @@ class Node:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._bell: socket.socket | None = None
+        self._task_inbox: socket.socket | None = None  # clients hand it lone tasks
         self._last_upkeep = time.monotonic()
         self._next_sample_check = 0.0
         self._last_kill_check = 0.0
@@ -117,6 +120,7 @@ class Node:
                         config.queue, limits.workers, limits.workers, config.workers)
             config.workers = limits.workers
         self._ring_later: set[str] = set()
+        self._ring_queue = False  # tasks this step queued: ring the queue's nodes
         # the step's replies, sent once its transaction committed (_wake_clients)
         self._replies_later: dict[str, list[tuple[str, bytes]]] = {}
         self._backlogged = False  # the last receive took all it asked for
@@ -162,16 +166,23 @@ class Node:
         self._collect()
         self.data.collect()
         self._police()
+        handed = self._handed_tasks()
         receive = not self.stopping and self._should_receive()
-        if self.finished or receive or self.pending:
+        if self.finished or receive or self.pending or handed:
             with self.enclave.atomic():  # one transaction a step
                 self._report()
+                if handed:
+                    self._adopt(handed)
                 if receive:
                     self._receive()
                 # Workers get their tasks once claimed, before the commit, so that the
                 # commit overlaps the task.  Should the commit fail, the node dies, and
                 # the tasks run again elsewhere (at least once, recorded at most once).
-                self._hand_out(self._dispatch())
+                # Jobs recorded in this very transaction (handed-off tasks) are claimed
+                # after, as nobody else can have moved them meanwhile.
+                frames, adopted = self._dispatch()
+                self._hand_out(frames)
+                self._claim_adopted(adopted)
         self._upkeep()
         self._wake_clients()  # inboxes and bells: only what is committed
 
@@ -207,12 +218,17 @@ class Node:
         for client in self._ring_later:
             self.enclave.ring_client(client)
         self._ring_later.clear()
+        if self._ring_queue:
+            self._ring_queue = False
+            self.enclave.ring_nodes(self.queue)
         if self._delete_later:
             self.enclave.blobs.delete(self._delete_later)
             self._delete_later = []
 
     def _start(self) -> None:
         self._bell = self.enclave.doorbell(f"node-{self.node_id}")
+        if self._bell is not None:  # bound before the node registers, where clients find it
+            self._task_inbox = self.enclave.task_inbox(self.node_id)
         if self._bell is None:
             self._room_hint = self.config.workers * 2
             self._poller = threading.Thread(target=self._poll_queue, name="kotta-node-poller", daemon=True)
@@ -318,6 +334,8 @@ class Node:
         finally:
             if self._bell is not None:
                 self._bell.close()
+            if self._task_inbox is not None:  # what is left in it, its clients send again
+                self.enclave.close_inbox(self._task_inbox)
             os.close(self._wake_r)
             os.close(self._wake_w)
         log.info("node %s stopped after %d jobs", self.node_id, self.jobs_done)
@@ -343,6 +361,8 @@ class Node:
         fds: list = [self._wake_r, *self.workers]
         if self._bell is not None:
             fds.append(self._bell)
+        if self._task_inbox is not None:
+            fds.append(self._task_inbox)
         writing = {w.tasks.fileno(): w for w in self.workers if w.outbox}
         try:
             ready, writable, _ = select.select(fds, list(writing), [], timeout)
@@ -583,28 +603,67 @@ class Node:
                 self._room_hint -= len(got)
                 self.request_wake()
 
-    def _accept(self, d: Delivery) -> None:
+    def _handed_tasks(self) -> list[tuple[NewJob, dict]]:
+        """The tasks clients handed this node directly.  One whose envelope does not parse
+        names no job that can be trusted: it is dropped (its client, finding no record of
+        its job, queues it, and the queue path dead-letters it)."""
+        if self._task_inbox is None:
+            return []
+        jobs = []
+        for body in self.enclave.read_inbox(self._task_inbox):
+            try:
+                header = wire.peek_header(body)
+                if header["kind"] != "task" or header["queue"] != self.queue:
+                    raise EnvelopeError(f"it is not a task of queue {self.queue}")
+            except EnvelopeError as exc:
+                log.warning("dropping a task handed to this node: %s", exc)
+                continue
+            job = NewJob(
+                header["job_id"], header["owner"], header["client"], header["queue"],
+                header["fn"], header["walltime"], body, header["n"],
+            )
+            jobs.append((job, header))
+        return jobs
+
+    def _adopt(self, jobs: list[tuple[NewJob, dict]]) -> None:
+        """Record handed-off jobs, held by this node while it has room (else queued for
+        any node), and accept them as a queued task is accepted: one whose signature or
+        token fails is refused, its job failed in this same transaction."""
+        for job, header in jobs:
+            hold = not self.stopping and self._room() > 0
+            d = self.enclave.adopt(job, self.config.visibility_timeout, self.node_id if hold else None)
+            if d is not None:
+                self._accept(d, header)
+            elif not hold:  # queued now: for any node of the queue, this one included
+                self._ring_queue = True
+            else:
+                log.info("not taking handed-off job %s: it is recorded already", job.job_id)
+
+    def _accept(self, d: Delivery, header: dict | None = None) -> None:
         """Take one delivery; one that breaks our checks in an unforeseen way is
         dead-lettered as corrupt, so that it cannot stop the node (or every node)."""
         try:
-            self._accept_one(d)
+            self._accept_one(d, header)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             log.exception("cannot accept job %s", d.job_id)
             self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: "
                                            f"{type(exc).__name__}: {exc}")
 
-    def _accept_one(self, d: Delivery) -> None:
+    def _accept_one(self, d: Delivery, header: dict | None = None) -> None:
+        """``header``: of a handed-off task, parsed already."""
+        adopted = header is not None
         if d.receive_count > self.config.max_deliveries:
             reason = f"job {d.job_id} was delivered {d.receive_count - 1} times without completing"
             self._reject(d, "DeliveryFailed", reason)
             return
-        try:
-            header = wire.peek_header(d.body)
-            if header["kind"] != "task" or header["job_id"] != d.job_id:
-                raise EnvelopeError("the message is not the task of the job it names")
-        except (EnvelopeError, KeyError, ValueError) as exc:
-            self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
-            return
+        if header is None:
+            try:
+                header = wire.peek_header(d.body)
+                if header["kind"] != "task" or header["job_id"] != d.job_id:
+                    raise EnvelopeError("the message is not the task of the job it names")
+            except (EnvelopeError, KeyError, ValueError) as exc:
+                self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
+                return
         try:  # who sent it: the signature over the whole envelope, the token behind it
             claims = self.verifier.verify(d.body, header, d.sent)
         except AuthenticationError as exc:
@@ -634,7 +693,7 @@ class Node:
             fin = Finished(d.job_id, JobState.FAILED, data, reason)
             self._queue_finish(Task(d, header, b""), d, fin, header["client"])
             return
-        self.pending.append(Task(d, header, data, claims=claims))
+        self.pending.append(Task(d, header, data, claims=claims, adopted=adopted))
 
     def _fetch_refs(self, d: Delivery, header: dict, refs) -> bytes:
         """The task with its big sections fetched from blobs, each checked against the
@@ -677,11 +736,12 @@ class Node:
         if self.enclave.jobs.finish([fin]):
             self._reply(job.client, [(d.job_id, data)])
 
-    def _dispatch(self) -> dict[Worker, list[Task]]:
-        """Pick a worker for each pending task and claim the jobs (pending -> processing)."""
+    def _dispatch(self) -> tuple[dict[Worker, list[Task]], list[Task]]:
+        """Pick a worker for each pending task and claim the jobs (pending -> processing);
+        jobs this transaction recorded are returned to claim once handed out."""
         frames: dict[Worker, list[Task]] = {}
         if not self.pending:
-            return frames
+            return frames, []
         plan: list[tuple[Task, Worker]] = []
         load = {
             w: len(w.inflight) for w in self.workers if w.kill_deadline is None and not w.retiring
@@ -719,18 +779,30 @@ class Node:
             plan.append((task, w))
         skipped.extend(self.pending)
         self.pending = skipped
+        for t in (*skipped, *to_stage):  # claimed in a later transaction, the usual way
+            t.adopted = False
         if to_stage:
             self.data.start_in(to_stage)
         if not plan:
-            return frames
-        started = self.claim([t for t, _ in plan], JobState.PROCESSING)
+            return frames, []
+        adopted = [t for t, _ in plan if t.adopted]
+        started = self.claim([t for t, _ in plan if not t.adopted], JobState.PROCESSING)
+        started.update(t.job_id for t in adopted)
         for task, _ in plan:
             if task.job_id not in started:  # cancelled meanwhile, or already finished
                 self.drop(task)
         for task, w in plan:
             if task.job_id in started:
                 frames.setdefault(w, []).append(task)
-        return frames
+        return frames, adopted
+
+    def _claim_adopted(self, tasks: list[Task]) -> None:
+        for t in tasks:
+            t.adopted = False  # claimed from now on, or back in pending to be
+        moved = self.claim(tasks, JobState.PROCESSING) if tasks else set()
+        for t in tasks:
+            if t.job_id not in moved:  # cannot be: recorded pending in this transaction
+                log.error("job %s, recorded by this node, could not be claimed", t.job_id)
 
     def claim(self, tasks: list[Task], new: JobState) -> set[str]:
         """Move the tasks' jobs to ``new`` (staging_inputs or processing); the ids moved.

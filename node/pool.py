@@ -46,6 +46,7 @@ class Task:
     staged: Any = None  # its working directory and credentials (node.datasteps.Staged)
     claimed: bool = False  # this node moved its job on (it may move it on again)
     kill_requested: bool = False  # killed while staging: it must not run
+    adopted: bool = False  # its job recorded (pending) in this step's transaction
     job_id: str = field(init=False)  # from the header (read many times a task)
     owner: str = field(init=False)
 

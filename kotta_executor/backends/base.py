@@ -296,7 +296,28 @@ class Enclave(abc.ABC):
         return None
 
     def close_inbox(self, sock) -> None:  # noqa: B027 - only backends with inboxes
-        """Close an inbox ``reply_inbox`` opened."""
+        """Close an inbox ``reply_inbox`` or ``task_inbox`` opened."""
+
+    # -- hand-off: a client hands a lone task to a node directly, instead of through the
+    # queue; the node records the job (``adopt``), so the client writes nothing
+
+    def task_inbox(self, node_id: str):
+        """A readable socket on which clients hand this node tasks directly, or None:
+        then tasks reach it through the queue only.  ``read_inbox`` reads it."""
+        return None
+
+    def hand_off(self, queue: str, body: bytes) -> bool:
+        """Hand a task envelope to a node serving ``queue``.  False: no node could take it
+        (the caller records the job and queues the task instead).  True does not mean
+        the node recorded the job: it may die first, so the caller checks, in time, that
+        the job exists (and records it itself if not)."""
+        return False
+
+    def adopt(self, job: NewJob, visibility_timeout: float, holder: str | None) -> Delivery | None:
+        """Record a handed-off job and its task message (pending), unless a job of that id
+        exists (None: a replay, or the client recorded it itself).  With a ``holder`` the
+        message is already received by it (the Delivery); without, it is queued, visible."""
+        raise NotImplementedError("this backend takes no handed-off tasks")
 
     def read_inbox(self, sock) -> list[bytes]:
         """The reply messages waiting on an inbox, from senders this enclave trusts."""

@@ -1,0 +1,192 @@
+"""Hand-off on the embedded enclave: a lone task goes straight to a node's inbox, and the node
+records its job; the client writes nothing to the database.  A task its node never records
+(the node stopped or died with it unread) is recorded and queued by the client, and runs once;
+a cancel that comes before the node records the task holds; a forged hand-off fails its job as
+a forged queued task does, and a garbled one is dropped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from kotta_executor import wire
+from kotta_executor.backends.base import NewJob, NodeInfo
+from kotta_executor.backends.embedded import _PASSCRED, HAND_OFF_LIMIT
+from kotta_executor.security import credentials
+from kotta_executor.security.audit import AuditLog
+from kotta_executor.states import JobState
+
+from . import tasks
+from .conftest import GUARD, wait_for
+
+pytestmark = pytest.mark.skipif(not _PASSCRED, reason="inboxes need SO_PASSCRED (Linux)")
+
+
+def client_writes(ex) -> int:
+    """Rows the calling thread's connection has changed: where a lone submit that is not
+    handed off records its job."""
+    return ex.enclave._db.conn().total_changes
+
+
+def states_of(enclave, job_id: str) -> list[str]:
+    return [state for _, state, _ in enclave.jobs.history(job_id)]
+
+
+def a_job(job_id: str | None = None, body: bytes = b"task") -> NewJob:
+    return NewJob(job_id or os.urandom(16).hex(), "alice", "c" * 16, "test", "f", 60.0, body)
+
+
+@pytest.fixture
+def stopped():
+    """``stopped(node)``: SIGSTOP a node process, continued again at the end of the test."""
+    pids: list[int] = []
+
+    def stop(node) -> None:
+        os.kill(node.pid, signal.SIGSTOP)
+        pids.append(node.pid)
+
+    yield stop
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+# -- the backend's part ----------------------------------------------------------------
+
+
+def test_adopt_records_a_job_once_held_by_its_node(enclave):
+    job = a_job()
+    d = enclave.adopt(job, 30.0, "node-a")
+    assert (d.job_id, d.body, d.receive_count) == (job.job_id, b"task", 1)
+    rec = enclave.jobs.get(job.job_id)
+    assert (rec.state, rec.owner, rec.client, rec.walltime) == (JobState.PENDING, "alice", "c" * 16, 60.0)
+    assert enclave.queue.receive("test", 10, 30.0, "node-b") == []  # held by node-a
+    assert enclave.adopt(job, 30.0, "node-a") is None  # a second hand-off: recorded once
+    enclave.queue.ack([d])  # its receipt is a real one
+    assert enclave.queue.depth("test") == 0
+
+
+def test_adopt_without_a_holder_queues_the_task_for_any_node(enclave):
+    job = a_job()
+    assert enclave.adopt(job, 30.0, None) is None
+    [d] = enclave.queue.receive("test", 10, 30.0, "node-b")
+    assert (d.job_id, d.receive_count) == (job.job_id, 1)
+    assert enclave.jobs.get(job.job_id).state == JobState.PENDING
+
+
+def test_adopt_takes_nothing_for_a_job_the_client_recorded(enclave):
+    job = a_job()
+    enclave.jobs.create([job])  # the client gave up on its node, and queued it
+    assert enclave.adopt(job, 30.0, "node-a") is None
+    assert enclave.queue.depth("test") == 1  # the client's message only
+
+
+def test_hand_off_needs_a_node_with_an_inbox_and_a_small_task(enclave):
+    assert enclave.hand_off("test", b"task") is False  # no node serves the queue
+    me = NodeInfo("n" * 12, "test", socket.gethostname(), os.getpid(), 1,
+                  psutil.Process().create_time())  # this process stands in for a node
+    enclave.nodes.register(me)
+    enclave._node_cache = (0.0, {})  # the registration is seen at once, not within a second
+    assert enclave.hand_off("test", b"task") is False  # the node has no inbox
+    inbox = enclave.task_inbox(me.node_id)
+    try:
+        assert enclave.hand_off("test", b"task") is True
+        assert enclave.hand_off("test", b"x" * (HAND_OFF_LIMIT + 1)) is False  # the queue's
+        assert enclave.hand_off("production", b"task") is False  # nobody serves it
+        assert enclave.read_inbox(inbox) == [b"task"]
+    finally:
+        enclave.close_inbox(inbox)
+
+
+# -- executor and node -----------------------------------------------------------------
+
+
+def test_a_lone_task_goes_to_the_node_which_records_its_job(start_node, make_executor, enclave):
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 2).result(GUARD) == 4  # the manager is listening now
+    before = client_writes(ex)
+    for i in range(5):
+        f = ex.submit(tasks.square, i)
+        assert f.result(GUARD) == i * i
+        job = enclave.jobs.get(f.job_id)
+        assert (job.state, job.node, job.attempts) == (JobState.COMPLETED, node.node_id, 1)
+        assert states_of(enclave, f.job_id) == ["pending", "processing", "completed"]
+    assert client_writes(ex) == before  # the node recorded the jobs, not the client
+
+
+def test_a_task_its_node_never_took_is_queued_by_the_client_and_runs_once(
+    start_node, make_executor, enclave, stopped, tmp_path
+):
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    stopped(a)  # its inbox takes the task, and nobody reads it
+    ran = tmp_path / "ran"
+    before = client_writes(ex)
+    f = ex.submit(tasks.append_line, str(ran), "ran")
+    assert client_writes(ex) == before  # handed off
+    b = start_node(workers=1)
+    assert f.result(GUARD) == "ran"
+    job = enclave.jobs.get(f.job_id)
+    assert (job.state, job.node) == (JobState.COMPLETED, b.node_id)
+    os.kill(a.pid, signal.SIGCONT)  # a reads the task now, finds its job recorded
+    wait_for(lambda: f"handed-off job {f.job_id}: it is recorded already" in a.output(),
+             what="the first node to see the task")
+    assert ran.read_text().splitlines() == ["ran"]  # once
+    assert states_of(enclave, f.job_id) == ["pending", "processing", "completed"]
+
+
+def test_cancelling_a_task_its_node_has_not_recorded_holds(
+    start_node, make_executor, enclave, stopped, tmp_path
+):
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    stopped(a)
+    ran = tmp_path / "ran"
+    f = ex.submit(tasks.append_line, str(ran), "ran")
+    assert f.cancel() is True
+    assert f.cancelled() and f.status() == "cancelled"
+    os.kill(a.pid, signal.SIGCONT)
+    wait_for(lambda: f"handed-off job {f.job_id}: it is recorded already" in a.output(),
+             what="the node to see the task")
+    assert ex.submit(tasks.square, 4).result(GUARD) == 16  # it serves on
+    assert not ran.exists()  # never ran
+    assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
+
+
+def test_a_forged_hand_off_fails_its_job_and_a_garbled_one_is_dropped(
+    start_node, make_executor, enclave
+):
+    a = start_node(workers=1)
+    token = credentials.load(enclave).access()
+    header = wire.task_header(
+        job_id=os.urandom(16).hex(), owner=token.user, client="c" * 16, queue="test",
+        walltime=60.0, created=time.time(), fn=wire.fn_name(tasks.square), n=1,
+    )
+    body = token.sign(header, wire.dump_call(tasks.square, [((5,), {})]))
+    forged = body[:-40] + bytes([body[-40] ^ 1]) + body[-39:]  # in the args, not the mac
+    address = enclave._inbox_path(f"node-{a.node_id}")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"not a kotta envelope", address)
+        s.sendto(forged, address)
+    job_id = header["job_id"]
+    wait_for(lambda: (j := enclave.jobs.get(job_id)) is not None and j.state.final,
+             what="the forged task's job to fail")
+    job = enclave.jobs.get(job_id)
+    assert job.state == JobState.FAILED and "refused by the node" in job.reason
+    assert "forged or altered" in job.reason
+    assert [d["job_id"] for d in enclave.queue.dead_letters("test")] == [job_id]
+    [rec] = AuditLog(enclave).show(action="task-rejected", job_id=job_id)
+    assert rec["allowed"] is False
+    assert "dropping a task handed to this node: not a kotta envelope" in a.output()
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 6).result(GUARD) == 36  # the node serves on
