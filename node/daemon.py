@@ -60,6 +60,11 @@ REPLY_INLINE_LIMIT = 64 * 1024
 #: never measured (no psutil call per tiny task)
 MEMORY_CHECK_INTERVAL = 0.5
 MEMORY_MIN_AGE = 0.2
+#: seconds a node keeps replies a client's full inbox did not take (the client is busy,
+#: often writing its next batch of tasks) before they go on its reply queue, which takes
+#: a write transaction and a wait for the lock that client holds; and how soon it retries
+HOLD_REPLIES = 0.05
+HOLD_RETRY = 0.002
 
 
 @dataclass
@@ -123,6 +128,8 @@ class Node:
         self._ring_queue = False  # tasks this step queued: ring the queue's nodes
         # the step's replies, sent once its transaction committed (_wake_clients)
         self._replies_later: dict[str, list[tuple[str, bytes]]] = {}
+        #: replies a full inbox did not take, by client: (since when, messages)
+        self._held: dict[str, tuple[float, list[Message]]] = {}
         self._backlogged = False  # the last receive took all it asked for
         self._rang = True  # the doorbell rang since the node last looked at the queue
         self._last_look = 0.0
@@ -200,7 +207,7 @@ class Node:
             return True
         return False
 
-    def _wake_clients(self) -> None:
+    def _wake_clients(self, final: bool = False) -> None:
         """Hand the step's replies to their clients' inboxes (or their reply queues, and
         ring them), last: by then this node holds no database lock and wants no CPU, so a
         client's read of its replies does not wait for it.  The step's audit records are
@@ -209,9 +216,15 @@ class Node:
         while self._audit_later:
             record = self._audit_later.pop(0)
             self.audit.append(record.pop("action"), **record)
-        for client, items in self._replies_later.items():
-            rest = self.enclave.reply_direct(client, _pack_replies(items))
-            if rest:  # no inbox (AWS; an older client), or a full one: the reply queue
+        now = time.monotonic()
+        for client in [*self._replies_later, *(c for c in self._held if c not in self._replies_later)]:
+            since, messages = self._held.pop(client, (now, []))
+            if client in self._replies_later:
+                messages += _pack_replies(self._replies_later[client])
+            rest, full = self.enclave.reply_direct(client, messages)
+            if rest and full and not final and now - since < HOLD_REPLIES:
+                self._held[client] = (since, rest)  # a busy client: again at the next step
+            elif rest:  # no inbox (AWS; an older client), or full for too long: the queue
                 self.enclave.queue.send(reply_queue(client), rest)
                 self._ring_later.add(client)
         self._replies_later.clear()
@@ -313,7 +326,7 @@ class Node:
             self.data.active.clear()
             self.data.abandoned = True
         self._report()
-        self._wake_clients()
+        self._wake_clients(final=True)
 
     def _stop(self) -> None:
         self.data.close()
@@ -358,6 +371,8 @@ class Node:
                 timeout = min(timeout, max(0.0, due))
         if self.config.burst and not self._holding():
             timeout = 0.0
+        if self._held:
+            timeout = min(timeout, HOLD_RETRY)
         fds: list = [self._wake_r, *self.workers]
         if self._bell is not None:
             fds.append(self._bell)

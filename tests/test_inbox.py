@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 
 from kotta_executor import wire
-from kotta_executor.backends.base import Message
+from kotta_executor.backends.base import Message, reply_queue
 from kotta_executor.backends.embedded import _PASSCRED, EmbeddedEnclave
 
 from . import tasks
@@ -62,19 +62,19 @@ def test_a_client_without_an_inbox_gets_its_replies_from_the_queue(start_node, m
 
 def test_reply_direct_hands_back_what_no_inbox_took(enclave):
     msgs = [Message("a" * 32, a_reply(value=i)) for i in range(3)]
-    assert enclave.reply_direct("nobody", msgs) == msgs  # no inbox: all for the queue
+    assert enclave.reply_direct("nobody", msgs) == (msgs, False)  # no inbox: all for the queue
     inbox = enclave.reply_inbox("c1")
     assert inbox is not None
     try:
         sent, rest = 0, []
         while not rest and sent < 100_000:  # until the inbox is full (its queue length)
-            rest = enclave.reply_direct("c1", [Message("a" * 32, a_reply(value=sent))])
+            rest, full = enclave.reply_direct("c1", [Message("a" * 32, a_reply(value=sent))])
             sent += not rest
-        assert rest, "an inbox nobody reads never filled up"
+        assert rest and full, "an inbox nobody reads never filled up"
         got = enclave.read_inbox(inbox)
         values = [wire.outcomes(wire.decode(wire.unpack_replies(b)[0][1]))[0][1] for b in got]
         assert values == list(range(sent))  # all of them, in order, none twice
-        assert enclave.reply_direct("c1", rest) == []  # room again
+        assert enclave.reply_direct("c1", rest) == ([], False)  # room again
     finally:
         inbox.close()
 
@@ -83,7 +83,7 @@ def test_too_big_a_reply_goes_to_the_queue(enclave):
     inbox = enclave.reply_inbox("c2")
     try:
         big = Message("a" * 32, b"x" * (1 << 20))
-        assert enclave.reply_direct("c2", [big]) == [big]
+        assert enclave.reply_direct("c2", [big]) == ([big], False)
         assert enclave.read_inbox(inbox) == []
     finally:
         inbox.close()
@@ -160,3 +160,37 @@ def test_another_user_can_neither_take_over_nor_write_to_an_inbox(enclave):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def test_a_node_keeps_a_busy_clients_replies_until_its_inbox_has_room(enclave):
+    """A full inbox means a busy client (writing its next batch of tasks, say): the node
+    keeps the replies a while and tries again at its next steps, rather than writing them
+    to the reply queue (a write transaction, waiting for the lock that client may hold).
+    Only when its inbox stays full, or the node stops, do they go on the queue."""
+    from node.daemon import Node, NodeConfig
+
+    node = Node(enclave, NodeConfig(queue="test", workers=1))
+    inbox = enclave.reply_inbox("c7")
+    try:
+        filler = [Message("a" * 32, a_reply(value="filler"))]
+        while not enclave.reply_direct("c7", filler)[1]:  # until the inbox is full
+            pass
+        node._reply("c7", [("b" * 32, wire.unpack_replies(a_reply("b" * 32, 1))[0][1])])
+        node._wake_clients()
+        assert enclave.queue.depth(reply_queue("c7")) == 0  # kept, not queued
+        assert enclave.read_inbox(inbox)  # the client reads: room again
+        node._reply("c7", [("c" * 32, wire.unpack_replies(a_reply("c" * 32, 2))[0][1])])
+        node._wake_clients()
+        got = [item for b in enclave.read_inbox(inbox) for item in wire.unpack_replies(b)]
+        assert [job_id for job_id, _ in got] == ["b" * 32, "c" * 32]  # in order, none lost
+        assert enclave.queue.depth(reply_queue("c7")) == 0
+
+        while not enclave.reply_direct("c7", filler)[1]:  # full again, and the node stops
+            pass
+        node._reply("c7", [("d" * 32, wire.unpack_replies(a_reply("d" * 32, 3))[0][1])])
+        node._wake_clients(final=True)
+        [msg] = enclave.queue.take(reply_queue("c7"), 10)
+        assert [job_id for job_id, _ in wire.unpack_replies(msg.body)] == ["d" * 32]
+    finally:
+        enclave.close_inbox(inbox)
+        node.enclave.close()

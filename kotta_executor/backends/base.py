@@ -323,10 +323,11 @@ class Enclave(abc.ABC):
         """The reply messages waiting on an inbox, from senders this enclave trusts."""
         return []
 
-    def reply_direct(self, client_id: str, messages: list[Message]) -> list[Message]:
+    def reply_direct(self, client_id: str, messages: list[Message]) -> tuple[list[Message], bool]:
         """Hand reply messages to a client's inbox; returns those it could not take (no
-        inbox, or a full one), which the caller sends on the reply queue instead."""
-        return messages
+        inbox, or a full one), which the caller sends on the reply queue instead, and
+        whether the inbox was full (its client busy: worth another try soon)."""
+        return messages, False
 
     def atomic(self):
         """Group the calls made inside it into one transaction where the backend can

@@ -876,19 +876,21 @@ class EmbeddedEnclave(Enclave):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * INBOX_DATAGRAM)
         return sock
 
-    def reply_direct(self, client_id: str, messages: list[Message]) -> list[Message]:
+    def reply_direct(self, client_id: str, messages: list[Message]) -> tuple[list[Message], bool]:
         address = self._inbox_path(client_id)
         if address is None:
-            return messages
+            return messages, False
         sock = self._sender()
         for i, message in enumerate(messages):
             if len(message.body) > INBOX_DATAGRAM:
-                return messages[i:]
+                return messages[i:], False
             try:
                 sock.sendto(message.body, address)
-            except OSError:  # no inbox (an older client, or gone), or a full one
-                return messages[i:]
-        return []
+            except BlockingIOError:  # a full inbox (its client is busy)
+                return messages[i:], True
+            except OSError:  # no inbox (an older client, or gone)
+                return messages[i:], False
+        return [], False
 
     # -- hand-off: a lone task goes to a node's inbox (a socket file beside the clients'),
     # and the node records the job and its message, already received, in its own
