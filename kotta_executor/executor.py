@@ -329,17 +329,20 @@ class KottaExecutor(Executor):
         try:
             if self._outbox:
                 return False
-            if self._enclave.hand_off(job.queue, job.body):  # the node records the job
+            handed = self._enclave.hand_off(job.queue, job.body)  # the node records the job
+            if handed:
                 self._handed[job.job_id] = (job, now)
-                return True
-            try:
-                self._enclave.jobs.create([job])
-            except Exception:  # noqa: BLE001 - the manager retries it, and fails loudly
-                log.debug("sending job %s from the caller's thread failed", job.job_id, exc_info=True)
-                return False
+            else:
+                try:
+                    self._enclave.jobs.create([job])
+                except Exception:  # noqa: BLE001 - the manager retries it, and fails loudly
+                    log.debug("sending job %s from the caller's thread failed", job.job_id,
+                              exc_info=True)
+                    return False
         finally:
             self._send_lock.release()
-        self._enclave.ring_nodes(job.queue)
+        if not handed:
+            self._enclave.ring_nodes(job.queue)
         if job.queue not in self._queues_used:  # the manager may need to start a node
             self._queues_used.add(job.queue)
             self._kick(force=True)
@@ -445,7 +448,7 @@ class KottaExecutor(Executor):
             self._skip.update(job.job_id for job, _ in unsent)
             records = [job for job, _ in unsent]
             records += [self._unsent_record(w) for w in map(self._deps.take, job_ids) if w]
-            handed = [self._handed.pop(j)[0] for j in job_ids if j in self._handed]
+            handed = [h[0] for h in map(self._handed.get, job_ids) if h is not None]
             with self._enclave.atomic():
                 if handed:  # one its node has not recorded yet never will: it finds it here
                     known = self._enclave.jobs.get_many([job.job_id for job in handed])
@@ -462,6 +465,8 @@ class KottaExecutor(Executor):
                         rest, JobState.CANCELLED, from_states=CANCELLABLE,
                         reason="cancelled by the client",
                     )
+            for job in handed:  # recorded now, by its node or just above
+                self._handed.pop(job.job_id, None)
         for job_id in done:
             self._futures.pop(job_id, None)
         return done

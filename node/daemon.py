@@ -37,7 +37,13 @@ import psutil
 from kotta_executor import config as kconfig
 from kotta_executor import wire
 from kotta_executor.backends.base import (
-    Delivery, Enclave, Finished, Message, NewJob, NodeInfo, reply_queue,
+    Delivery,
+    Enclave,
+    Finished,
+    Message,
+    NewJob,
+    NodeInfo,
+    reply_queue,
 )
 from kotta_executor.errors import AuthenticationError, EnvelopeError, InvalidDataUri
 from kotta_executor.security.audit import AuditLog
@@ -288,6 +294,7 @@ class Node:
     def _drain(self) -> None:
         """Hand back what has not started; let running tasks finish for a while."""
         self.stopping = True
+        self._close_task_inbox()
         if self._poller is not None:  # it hands back what a last long poll brings
             self._poller.join(1.0)
         inbox = list(self._inbox)
@@ -618,14 +625,30 @@ class Node:
                 self._room_hint -= len(got)
                 self.request_wake()
 
+    def _close_task_inbox(self) -> None:
+        """Take no more hand-offs (the node is stopping): later ones find no inbox, and
+        their clients queue them; the tasks already in it are recorded and queued for any
+        node, so that none waits for its client to notice."""
+        sock, self._task_inbox = self._task_inbox, None
+        if sock is None:
+            return
+        jobs = self._parse_handed(self.enclave.close_inbox(sock, drain=True))
+        if jobs:
+            with self.enclave.atomic():
+                self._adopt(jobs)
+            self.enclave.ring_nodes(self.queue)
+
     def _handed_tasks(self) -> list[tuple[NewJob, dict]]:
         """The tasks clients handed this node directly.  One whose envelope does not parse
         names no job that can be trusted: it is dropped (its client, finding no record of
         its job, queues it, and the queue path dead-letters it)."""
         if self._task_inbox is None:
             return []
+        return self._parse_handed(self.enclave.read_inbox(self._task_inbox))
+
+    def _parse_handed(self, bodies: list[bytes]) -> list[tuple[NewJob, dict]]:
         jobs = []
-        for body in self.enclave.read_inbox(self._task_inbox):
+        for body in bodies:
             try:
                 header = wire.peek_header(body)
                 if header["kind"] != "task" or header["queue"] != self.queue:
@@ -646,7 +669,13 @@ class Node:
         token fails is refused, its job failed in this same transaction."""
         for job, header in jobs:
             hold = not self.stopping and self._room() > 0
-            d = self.enclave.adopt(job, self.config.visibility_timeout, self.node_id if hold else None)
+            try:
+                d = self.enclave.adopt(
+                    job, self.config.visibility_timeout, self.node_id if hold else None
+                )
+            except (OverflowError, ValueError, TypeError) as exc:  # a number SQLite cannot hold
+                log.warning("dropping a task handed to this node (job %s): %s", job.job_id, exc)
+                continue
             if d is not None:
                 self._accept(d, header)
             elif not hold:  # queued now: for any node of the queue, this one included

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import psutil
@@ -22,7 +24,7 @@ from kotta_executor.security.audit import AuditLog
 from kotta_executor.states import JobState
 
 from . import tasks
-from .conftest import GUARD, wait_for
+from .conftest import GUARD, ROOT, subprocess_env, wait_for
 
 pytestmark = pytest.mark.skipif(not _PASSCRED, reason="inboxes need SO_PASSCRED (Linux)")
 
@@ -108,7 +110,8 @@ def test_hand_off_needs_a_node_with_an_inbox_and_a_small_task(enclave):
 # -- executor and node -----------------------------------------------------------------
 
 
-def test_a_lone_task_goes_to_the_node_which_records_its_job(start_node, make_executor, enclave):
+def test_a_lone_task_goes_to_the_node_which_records_its_job(start_node, make_executor, enclave,
+                                                           caplog):
     node = start_node(workers=1)
     ex = make_executor(1, start_node=False)
     assert ex.submit(tasks.square, 2).result(GUARD) == 4  # the manager is listening now
@@ -120,6 +123,8 @@ def test_a_lone_task_goes_to_the_node_which_records_its_job(start_node, make_exe
         assert (job.state, job.node, job.attempts) == (JobState.COMPLETED, node.node_id, 1)
         assert states_of(enclave, f.job_id) == ["pending", "processing", "completed"]
     assert client_writes(ex) == before  # the node recorded the jobs, not the client
+    assert "not taken by their node" not in caplog.text  # nor did the client's fallback
+    assert "not taking handed-off job" not in node.output()
 
 
 def test_a_task_its_node_never_took_is_queued_by_the_client_and_runs_once(
@@ -190,3 +195,96 @@ def test_a_forged_hand_off_fails_its_job_and_a_garbled_one_is_dropped(
     assert "dropping a task handed to this node: not a kotta envelope" in a.output()
     ex = make_executor(1, start_node=False)
     assert ex.submit(tasks.square, 6).result(GUARD) == 36  # the node serves on
+
+
+_CLIENT = """
+import sys, time
+from kotta_executor import KottaExecutor
+from tests import tasks
+ex = KottaExecutor(1, enclave=sys.argv[1], start_node=False)
+first = ex.submit(tasks.square, 2)  # starts the manager thread; once it listens (and has
+while not ex._listening or ex.enclave.jobs.get(first.job_id) is None:  # sent this one),
+    time.sleep(0.001)  # a lone submit is handed to a node, if one takes it
+f = ex.submit(tasks.append_line, sys.argv[2], "ran")
+print(f.job_id, ex.enclave.jobs.get(f.job_id) is not None, flush=True)
+sys.stdin.readline()  # killed here
+"""
+
+
+def held_by(enclave, job_id: str) -> str | None:
+    rows = enclave._db.read("SELECT holder FROM messages WHERE job_id=?", (job_id,))
+    return rows[0][0] if rows else None
+
+
+def test_a_draining_node_takes_no_more_hand_offs(start_node, make_executor, enclave,
+                                                 enclave_dir, tmp_path):
+    """A node told to stop closes its task inbox (recording, queued for any node, what it
+    held unread): a client then records a lone submit's job itself before submit()
+    returns, so its task runs even if the client dies at once."""
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    log, release, ran = tmp_path / "pids", tmp_path / "release", tmp_path / "ran"
+    running = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    wait_for(log.exists, what="a long task to start")
+    behind = ex.submit(tasks.square, 3)
+    wait_for(lambda: held_by(enclave, behind.job_id) == a.node_id, what="a task to wait on A")
+    a.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: held_by(enclave, behind.job_id) is None, what="A to hand back what waits")
+    assert not os.path.exists(enclave._inbox_path(f"node-{a.node_id}"))
+    client = subprocess.Popen(
+        [sys.executable, "-c", _CLIENT, str(enclave_dir), str(ran)], env=subprocess_env(),
+        cwd=str(ROOT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        job_id, recorded = client.stdout.readline().split()
+    finally:
+        client.kill()
+        client.wait(GUARD)
+    assert recorded == "True"  # A, draining, took no hand-off: the client recorded the job
+    assert enclave.jobs.get(job_id).state == JobState.PENDING
+    release.write_text("go")
+    running.result(GUARD)
+    assert a.proc.wait(GUARD) == 0
+    b = start_node(workers=1)
+    assert behind.result(GUARD) == 9
+    wait_for(lambda: enclave.jobs.get(job_id).state.final, what="the dead client's task")
+    assert (enclave.jobs.get(job_id).state, enclave.jobs.get(job_id).node) == (
+        JobState.COMPLETED, b.node_id
+    )
+    assert ran.read_text() == "ran\n"
+
+
+def test_a_handed_task_with_a_number_sqlite_cannot_hold_is_dropped(start_node, make_executor,
+                                                                   enclave):
+    a = start_node(workers=1)
+    token = credentials.load(enclave).access()
+    header = wire.task_header(
+        job_id=os.urandom(16).hex(), owner=token.user, client="c" * 16, queue="test",
+        walltime=60.0, created=time.time(), fn=wire.fn_name(tasks.square), n=2**63,
+    )
+    body = token.sign(header, wire.dump_call(tasks.square, [((5,), {})]))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(body, enclave._inbox_path(f"node-{a.node_id}"))
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 6).result(GUARD) == 36  # the node serves on
+    assert a.proc.poll() is None
+    assert f"dropping a task handed to this node (job {header['job_id']})" in a.output()
+    assert enclave.jobs.get(header["job_id"]) is None
+
+
+def test_a_task_the_client_queued_for_a_dead_node_gets_a_local_node(
+    start_node, make_executor, enclave, stopped
+):
+    """start_node="auto": a queue no node serves any more gets a local node, also when its
+    task was first handed to a node that died with it unread."""
+    start_node(workers=1)  # serves "test": the executor starts no node of its own for it
+    ex = make_executor(1)
+    assert ex.submit(tasks.square, 2).result(GUARD) == 4
+    other = start_node(workers=1, queue="production")
+    stopped(other)
+    before = client_writes(ex)
+    f = ex.with_options(queue="production").submit(tasks.square, 5)
+    assert client_writes(ex) == before  # handed to the node of "production"
+    other.kill()  # it dies with the task unread
+    assert f.result(GUARD) == 25
+    assert enclave.jobs.get(f.job_id).node not in (None, other.node_id)

@@ -295,8 +295,10 @@ class Enclave(abc.ABC):
         then replies travel on the reply queue only.  Either way the job table has them."""
         return None
 
-    def close_inbox(self, sock) -> None:  # noqa: B027 - only backends with inboxes
-        """Close an inbox ``reply_inbox`` or ``task_inbox`` opened."""
+    def close_inbox(self, sock, *, drain: bool = False) -> list[bytes]:
+        """Close an inbox ``reply_inbox`` or ``task_inbox`` opened; with ``drain``, what
+        was still in it (nothing more can arrive once it is closed to senders)."""
+        return []
 
     # -- hand-off: a client hands a lone task to a node directly, instead of through the
     # queue; the node records the job (``adopt``), so the client writes nothing

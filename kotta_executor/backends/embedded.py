@@ -840,10 +840,12 @@ class EmbeddedEnclave(Enclave):
         sock.setblocking(False)
         return sock
 
-    def close_inbox(self, sock: socket.socket) -> None:
+    def close_inbox(self, sock: socket.socket, *, drain: bool = False) -> list[bytes]:
         with contextlib.suppress(OSError):
-            os.unlink(sock.getsockname())
+            os.unlink(sock.getsockname())  # senders find no inbox from now on
+        left = self.read_inbox(sock) if drain else []
         sock.close()
+        return left
 
     def read_inbox(self, sock: socket.socket) -> list[bytes]:
         out = []
