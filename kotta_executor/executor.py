@@ -329,16 +329,16 @@ class KottaExecutor(Executor):
         try:
             if self._outbox:
                 return False
-            handed = self._enclave.hand_off(job.queue, job.body)  # the node records the job
-            if handed:
-                self._handed[job.job_id] = (job, now)
-            else:
-                try:
+            try:
+                handed = self._enclave.hand_off(job.queue, job.body)  # the node records it
+                if handed:
+                    self._handed[job.job_id] = (job, now)
+                else:
                     self._enclave.jobs.create([job])
-                except Exception:  # noqa: BLE001 - the manager retries it, and fails loudly
-                    log.debug("sending job %s from the caller's thread failed", job.job_id,
-                              exc_info=True)
-                    return False
+            except Exception:  # noqa: BLE001 - the manager retries it, and fails loudly
+                log.debug("sending job %s from the caller's thread failed", job.job_id,
+                          exc_info=True)
+                return False
         finally:
             self._send_lock.release()
         if not handed:
