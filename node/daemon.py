@@ -223,7 +223,7 @@ class Node:
             record = self._audit_later.pop(0)
             self.audit.append(record.pop("action"), **record)
         now = time.monotonic()
-        for client in [*self._replies_later, *(c for c in self._held if c not in self._replies_later)]:
+        for client in dict.fromkeys([*self._replies_later, *self._held]):  # each once
             since, messages = self._held.pop(client, (now, []))
             if client in self._replies_later:
                 messages += _pack_replies(self._replies_later[client])
