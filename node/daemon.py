@@ -466,6 +466,15 @@ class Node:
         except (EOFError, OSError):
             pass
         code = w.proc.wait()
+        if w.inflight and code == 0 and w.stop_asked and w.kill_reason is None:
+            # It stopped as asked, between tasks: it sends each result before it looks at
+            # the request, so none of these began (unless one called os._exit(0) itself).
+            # They run again, here or, when draining, elsewhere.
+            for t in reversed(w.inflight):
+                t.started = None
+                self.pending.appendleft(t)
+            log.info("worker %s stopped before %s began", w.pid, [t.job_id for t in w.inflight])
+            w.inflight.clear()
         if w.inflight:
             head = w.inflight.popleft()
             stdout, stderr = w.output()

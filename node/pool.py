@@ -71,6 +71,7 @@ class Worker:
     born: float = field(default_factory=time.monotonic)
     env: str | None = None  # key of the requirements venv it runs in (None: the node's python)
     retiring: bool = False  # takes no more tasks (it served restricted data)
+    stop_asked: bool = False  # told to exit after its current task (it begins no other)
     #: framed tasks the pipe has not taken yet: the node never blocks on a worker's pipe
     #: (a frame larger than the pipe, queued behind a long task, would wait for it)
     outbox: bytearray = field(default_factory=bytearray)
@@ -163,6 +164,7 @@ class Worker:
 
     def stop_after_current(self) -> None:
         """Ask the worker to finish the task it runs and exit without starting another."""
+        self.stop_asked = True
         try:
             os.kill(self.pid, signal.SIGUSR1)
         except ProcessLookupError:

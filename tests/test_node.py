@@ -342,6 +342,37 @@ def test_sigterm_finishes_the_running_task_and_hands_back_the_rest(start_node, m
     assert a.node_id not in {n.node_id for n in enclave.nodes.live()}
 
 
+def test_a_draining_node_hands_back_piped_tasks_its_worker_never_began(start_node, make_executor,
+                                                                      enclave, enclave_dir):
+    """A worker asked to stop between tasks (the node drains) exits without beginning the
+    next one: that one too goes back to the queue, and runs elsewhere, instead of failing
+    as if the worker had died under it."""
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    worker = ex.submit(tasks.worker_pid).result(GUARD)
+    _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
+    futures = [ex.submit(tasks.square, i) for i in range(8)]
+    os.kill(worker, signal.SIGSTOP)  # it cannot begin them
+    os.kill(a.pid, signal.SIGCONT)
+    try:
+        ids = [f.job_id for f in futures]
+
+        def piped() -> list[str]:  # claimed: in the worker's pipe
+            return [j.job_id for j in enclave.jobs.get_many(ids).values() if j.state == "processing"]
+
+        wait_for(lambda: len(piped()) >= 2, what="node A to pipe tasks to its stopped worker")
+        a.proc.send_signal(signal.SIGTERM)
+        # it hands back all but the head task, and asks the worker to stop after that one
+        wait_for(lambda: sum(_holder(enclave, j) == a.node_id for j in piped()) == 1,
+                 what="node A to hand back the tasks piped behind the head one")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    assert a.proc.wait(GUARD) == 0
+    start_node(workers=1)
+    assert [f.result(GUARD) for f in futures] == [i * i for i in range(8)]
+    assert all(_finals(enclave, f.job_id) == ["completed"] for f in futures)
+
+
 # ---------------------------------------------------------------------- workers
 
 
