@@ -194,3 +194,42 @@ def test_a_node_keeps_a_busy_clients_replies_until_its_inbox_has_room(enclave):
     finally:
         enclave.close_inbox(inbox)
         node.enclave.close()
+
+
+# -- inboxes left behind -------------------------------------------------------------------
+
+
+def test_sweep_removes_only_socket_files_nobody_is_bound_to(tmp_path):
+    from kotta_executor.backends.embedded import sweep_inboxes
+
+    def bound(name):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(tmp_path / name))
+        return sock
+
+    bound("kotta-dead").close()  # what a SIGKILL leaves: the file, no socket
+    live = bound("kotta-live")
+    (tmp_path / "kotta-plain").write_text("not a socket")
+    bound("other-dead").close()  # not ours to judge
+    try:
+        assert sweep_inboxes(str(tmp_path)) == ["kotta-dead"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kotta-live", "kotta-plain", "other-dead"]
+        # the live inbox still works
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"hi", str(tmp_path / "kotta-live"))
+        assert live.recv(10) == b"hi"
+    finally:
+        live.close()
+
+
+def test_a_node_killed_outright_leaves_an_inbox_the_next_node_removes(start_node, enclave):
+    import signal
+
+    a = start_node(workers=1)
+    left = enclave._inbox_path(f"node-{a.node_id}")
+    assert os.path.exists(left)
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(60)
+    assert os.path.exists(left)  # nobody removed it
+    b = start_node(workers=1)  # a new process: it sweeps as it binds its first inbox
+    assert not os.path.exists(left)
+    assert os.path.exists(enclave._inbox_path(f"node-{b.node_id}"))

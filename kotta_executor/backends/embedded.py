@@ -682,6 +682,45 @@ def _private_dir() -> str | None:
     return result
 
 
+#: whether this process swept the inbox directory yet (it does once, as it binds its first)
+_swept: list[str] = []
+
+
+def sweep_inboxes(directory: str) -> list[str]:
+    """Remove the inbox files in ``directory`` that no socket is bound to any more: those
+    of clients and nodes killed outright (a process that closes an inbox removes its file).
+    A socket file nobody is bound to refuses a connection; a live one accepts it."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith("kotta-")]
+    except OSError:
+        return removed
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISSOCK(st.st_mode):
+                    continue
+                probe.connect(path)
+            except ConnectionRefusedError:
+                with contextlib.suppress(OSError):
+                    if os.lstat(path).st_ino == st.st_ino:  # not bound anew meanwhile
+                        os.unlink(path)
+                        removed.append(name)
+            except OSError:
+                continue
+            else:  # someone is bound to it: a fresh probe for the next (a datagram
+                probe.close()  # socket stays connected to the last address)
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    finally:
+        probe.close()
+    if removed:
+        log.info("removed %d inboxes left by processes that were killed", len(removed))
+    return removed
+
+
 def _alive(node: NodeInfo) -> bool:
     """Is the node's process still the one that registered?  (One machine: pids are ours.)"""
     try:
@@ -828,6 +867,9 @@ class EmbeddedEnclave(Enclave):
         path = self._inbox_path(name)
         if path is None:
             return None
+        if not _swept:
+            _swept.append(path)
+            sweep_inboxes(os.path.dirname(path))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             with contextlib.suppress(FileNotFoundError):
