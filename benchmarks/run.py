@@ -234,6 +234,32 @@ def make_rows(results: dict[str, dict[str, Result | str]]) -> list[Row]:
     return rows
 
 
+def median_result(runs: list[Result | str]) -> Result | str:
+    """The median of each figure over several runs; a run's error, if one failed."""
+    for r in runs:
+        if isinstance(r, str):
+            return r
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}  # type: ignore[index]
+
+
+def spread_lines(runs: dict[str, dict[str, list[Result | str]]]) -> list[str]:
+    """For each row of the table, the lowest and highest figure of each side, and of the
+    ratio of the runs taken in pairs (the i-th kotta run against the i-th ppe run)."""
+    lines = []
+    for spec in (s for s in SPECS if s.bench in runs):
+        sides = runs[spec.bench]
+        values = {
+            kind: [r[spec.key] for r in sides.get(kind, []) if isinstance(r, dict)] for kind in KINDS
+        }
+        parts = [f"{kind} {fmt(min(v))} to {fmt(max(v))}" for kind, v in values.items() if v]
+        pairs = [k / p for k, p in zip(values["kotta"], values["ppe"], strict=False) if p]
+        if pairs:
+            parts.append(f"ratio {fmt(min(pairs))} to {fmt(max(pairs))}")
+        if parts:
+            lines.append(f"{spec.label}: " + ", ".join(parts))
+    return lines
+
+
 def fmt(v: object) -> str:
     if v is None:
         return "-"
@@ -263,27 +289,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="sizes divided by 10 (smoke test)")
     ap.add_argument("--json", metavar="FILE", help="also write the results here")
     ap.add_argument("--executors", default=",".join(KINDS), help="subset of: kotta,ppe")
+    ap.add_argument(
+        "--repeat", type=int, default=1, metavar="N",
+        help="run each benchmark N times, alternating which executor goes first; the table "
+             "shows medians, and the spread follows it",
+    )
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     kinds = [k for k in KINDS if k in args.executors.split(",")]
     root = str(Path(__file__).resolve().parent.parent)  # for `python benchmarks/run.py`
     if root not in sys.path:
         sys.path.insert(0, root)
     scale = 10 if args.quick else 1
-    results: dict[str, dict[str, Result | str]] = {}
+    runs: dict[str, dict[str, list[Result | str]]] = {}
     for name in [args.only] if args.only else list(BENCHES):
-        results[name] = {}
-        for kind in kinds:
-            print(f"# {name} / {kind} ...", file=sys.stderr, flush=True)
-            try:
-                with open_executor(kind, args.workers) as ex:
-                    results[name][kind] = BENCHES[name](ex, kind, args.workers, scale)
-            except Exception as exc:  # report it, carry on with the rest
-                traceback.print_exc()
-                results[name][kind] = f"{type(exc).__name__}: {exc}"
+        runs[name] = {kind: [] for kind in kinds}
+        for i in range(args.repeat):
+            # alternate the order, so that neither side always runs on a machine that the
+            # other has just warmed (or left busy)
+            for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                print(f"# {name} / {kind} ({i + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+                try:
+                    with open_executor(kind, args.workers) as ex:
+                        got: Result | str = BENCHES[name](ex, kind, args.workers, scale)
+                except Exception as exc:  # report it, carry on with the rest
+                    traceback.print_exc()
+                    got = f"{type(exc).__name__}: {exc}"
+                runs[name][kind].append(got)
+    results = {name: {kind: median_result(got) for kind, got in r.items()} for name, r in runs.items()}
     rows = make_rows(results)
     load = os.getloadavg()[0]  # other work on the machine skews every figure
-    print(f"\nworkers={args.workers} quick={args.quick} load(1 min)={load:.1f}")
+    print(f"\nworkers={args.workers} quick={args.quick} repeat={args.repeat} load(1 min)={load:.1f}")
     print_table(rows)
+    if args.repeat > 1:
+        print(f"\nspread over {args.repeat} runs (min to max; ratio: each run's kotta / ppe, "
+              "runs paired in order)")
+        for line in spread_lines(runs):
+            print(line)
     errors = [
         f"{b}/{k}: {v}" for b, r in results.items() for k, v in r.items() if isinstance(v, str)
     ]
@@ -295,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "loadavg_1min": load,
             "python": sys.version.split()[0],
+            "repeat": args.repeat,
             "results": results,
+            "runs": runs,
             "rows": [asdict(r) for r in rows],
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")

@@ -1,0 +1,56 @@
+"""The benchmark harness (benchmarks/run.py): its medians and spreads, and one quick run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.run import make_rows, median_result, spread_lines
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_median_of_several_runs_is_taken_figure_by_figure():
+    runs = [{"tasks_per_s": 10.0, "seconds": 3.0}, {"tasks_per_s": 30.0, "seconds": 1.0},
+            {"tasks_per_s": 20.0, "seconds": 2.0}]
+    assert median_result(runs) == {"tasks_per_s": 20.0, "seconds": 2.0}
+    assert median_result([runs[0], "RuntimeError: broken"]) == "RuntimeError: broken"
+
+
+def test_the_spread_pairs_runs_in_order_for_the_ratio():
+    runs = {"submit": {"kotta": [{"tasks_per_s": 4000.0}, {"tasks_per_s": 6000.0}],
+                       "ppe": [{"tasks_per_s": 5000.0}, {"tasks_per_s": 4000.0}]}}
+    [line] = spread_lines(runs)
+    assert line == ("submit() + wait (tasks/s): kotta 4,000 to 6,000, ppe 4,000 to 5,000, "
+                    "ratio 0.8 to 1.5")
+    # the table shows the medians, and their ratio
+    [row] = make_rows({"submit": {k: median_result(v) for k, v in runs["submit"].items()}})
+    assert (row.kotta, row.ppe, row.ratio, row.met) == (5000.0, 4500.0, 5000.0 / 4500.0, False)
+
+
+def test_a_quick_repeated_run_prints_the_table_and_the_spread(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "roundtrip",
+         "--repeat", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no-op round trip median (ms)" in done.stdout
+    assert "spread over 2 runs" in done.stdout
+    doc = json.loads(out.read_text())
+    assert doc["repeat"] == 2
+    assert [len(doc["runs"]["roundtrip"][k]) for k in ("kotta", "ppe")] == [2, 2]
+    medians = sorted(r["median_ms"] for r in doc["runs"]["roundtrip"]["kotta"])
+    assert doc["results"]["roundtrip"]["kotta"]["median_ms"] == sum(medians) / 2
+
+
+def test_repeat_must_be_positive():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--repeat", "0"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert done.returncode == 2
+    assert "--repeat must be at least 1" in done.stderr
