@@ -302,11 +302,11 @@ class Node:
         self.enclave.queue.release([*inbox, *(t.delivery for t in self.pending)])
         self.pending.clear()
         for w in self.workers:
-            if len(w.inflight) > 1:  # queued in its pipe, not started: it must not start them
+            # Tasks piped behind the one it runs: it must not begin them.  It reports
+            # what it ran, then exits, and the node hands back the rest (_bury).  (Which
+            # of them it has begun by now, only its results tell.)
+            if len(w.inflight) > 1:
                 w.stop_after_current()
-            while len(w.inflight) > 1:
-                t = w.inflight.pop()
-                self.enclave.queue.release([t.delivery])
         deadline = time.monotonic() + self.config.drain_timeout
         while (self.data.active or any(w.inflight for w in self.workers)) and (
             time.monotonic() < deadline
@@ -466,14 +466,16 @@ class Node:
         except (EOFError, OSError):
             pass
         code = w.proc.wait()
-        if w.inflight and code == 0 and w.stop_asked and w.kill_reason is None:
-            # It stopped as asked, between tasks: it sends each result before it looks at
-            # the request, so none of these began (unless one called os._exit(0) itself).
-            # They run again, here or, when draining, elsewhere.
-            for t in reversed(w.inflight):
-                t.started = None
-                self.pending.appendleft(t)
+        if w.inflight and w.stopped_as_asked(code):
+            # none of these began: they run again, on this node or, when it is stopping,
+            # on another
             log.info("worker %s stopped before %s began", w.pid, [t.job_id for t in w.inflight])
+            for t in w.inflight:
+                t.started, t.monitor = None, None
+            if self.stopping:
+                self.enclave.queue.release([t.delivery for t in w.inflight])
+            else:
+                self.pending.extendleft(reversed(w.inflight))
             w.inflight.clear()
         if w.inflight:
             head = w.inflight.popleft()

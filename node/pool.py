@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from .worker import pack_frame, read_capture
+from .worker import STOPPED, pack_frame, read_capture
 
 #: tasks shorter than this (moving average, seconds) are piped to a worker several at once
 TINY_TASK = 0.002
@@ -169,6 +169,11 @@ class Worker:
             os.kill(self.pid, signal.SIGUSR1)
         except ProcessLookupError:
             pass
+
+    def stopped_as_asked(self, code: int) -> bool:
+        """Whether the worker exited because the node asked it to (``stop_after_current``),
+        between tasks: then none of the tasks it holds began."""
+        return code == STOPPED and self.stop_asked and self.kill_reason is None
 
     def dead(self) -> bool:
         return self.proc.poll() is not None

@@ -240,15 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             frame = tasks.recv_bytes()
         except (EOFError, OSError):
-            return 0
+            return STOPPED if _STOP.is_set() else 0
         for data in unpack_frame(frame):  # one result per task, as soon as it is done
             if _STOP.is_set():
                 break
             results.send_bytes(run_task(data))
-    return 0
+    return STOPPED
 
 
 _STOP = threading.Event()
+#: the exit status of a worker that stopped as the node asked (SIGUSR1): it sends each
+#: result before it looks at the request, so it never began a task it did not report
+STOPPED = 75
 
 
 if __name__ == "__main__":

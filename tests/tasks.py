@@ -143,6 +143,12 @@ def log_pid_and_wait(log, release, timeout=60.0):
     return os.getpid()
 
 
+def log_pid_wait_and_exit_0(log, release, timeout=60.0):
+    """``log_pid_and_wait``, then end the worker process itself, with status 0."""
+    log_pid_and_wait(log, release, timeout)
+    os._exit(0)
+
+
 def write_marker(path):
     """Append this process's pid to ``path`` (a ``__reduce__`` callable: who unpickled?)."""
     with open(path, "a") as f:

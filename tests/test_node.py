@@ -45,6 +45,13 @@ def _finals(enclave, job_id: str) -> list[str]:
     return [state for _, state, _ in enclave.jobs.history(job_id) if state in FINAL]
 
 
+def _signal_pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` waits to be delivered to the (stopped) process ``pid`` (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return bool(pending & (1 << (sig - 1)))
+
+
 def _count_calls(f) -> list:
     calls: list = []
     f.add_done_callback(calls.append)
@@ -361,16 +368,50 @@ def test_a_draining_node_hands_back_piped_tasks_its_worker_never_began(start_nod
             return [j.job_id for j in enclave.jobs.get_many(ids).values() if j.state == "processing"]
 
         wait_for(lambda: len(piped()) >= 2, what="node A to pipe tasks to its stopped worker")
-        a.proc.send_signal(signal.SIGTERM)
-        # it hands back all but the head task, and asks the worker to stop after that one
-        wait_for(lambda: sum(_holder(enclave, j) == a.node_id for j in piped()) == 1,
-                 what="node A to hand back the tasks piped behind the head one")
+        a.proc.send_signal(signal.SIGTERM)  # it asks the worker to stop after the head task
+        wait_for(lambda: _signal_pending(worker, signal.SIGUSR1),
+                 what="node A to ask its worker to stop")
     finally:
-        os.kill(worker, signal.SIGCONT)
+        os.kill(worker, signal.SIGCONT)  # it reads the request before it begins a task
     assert a.proc.wait(GUARD) == 0
     start_node(workers=1)
     assert [f.result(GUARD) for f in futures] == [i * i for i in range(8)]
     assert all(_finals(enclave, f.job_id) == ["completed"] for f in futures)
+
+
+def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_once(
+        start_node, make_executor, enclave, enclave_dir, tmp_path):
+    """The worker asked to stop exits 0 from inside a task it began (os._exit(0)): that is a
+    worker that died under its task, not one that stopped as asked, and the task is not run
+    again (found by review: keyed on status 0, the node handed it back)."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
+    _freeze(a, enclave_dir)  # so that it takes them in one step, and pipes them together
+    head = ex.submit(tasks.log_pid_wait_and_exit_0, str(log), str(release))
+    rest = [ex.submit(tasks.square, i) for i in range(7)]
+    os.kill(a.pid, signal.SIGCONT)
+    ids = [f.job_id for f in rest]
+    try:
+        wait_for(lambda: _pids(log), what="the head task to begin on node A")
+        wait_for(lambda: any(j.state == "processing" for j in enclave.jobs.get_many(ids).values()),
+                 what="node A to pipe tasks behind the head one")
+        os.kill(worker, signal.SIGSTOP)  # to see the request arrive while the head runs
+        try:
+            a.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: _signal_pending(worker, signal.SIGUSR1),
+                     what="node A to ask its worker to stop")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+    finally:
+        release.write_text("go")  # the head, well under way, now ends its worker with 0
+    assert a.proc.wait(GUARD) == 0
+    start_node(workers=1)
+    assert [f.result(GUARD) for f in rest] == [i * i for i in range(7)]
+    with pytest.raises(WorkerDied, match="exited with code 0"):
+        head.result(GUARD)
+    assert len(_pids(log)) == 1  # it began once, on node A
 
 
 # ---------------------------------------------------------------------- workers
