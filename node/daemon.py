@@ -446,7 +446,7 @@ class Node:
             data = _with_usage(data, usage)
         fin = Finished(task.job_id, state, data, h.get("reason"), usage)
         if task.staged is not None and self.data.finish_from_worker(task, data, fin):
-            if task.staged.egress != (True, None):
+            if _restricted(task):
                 # a worker that held restricted data serves nothing else: what the task left
                 # in its memory or files must not leave with a later task's result
                 w.retire()
@@ -806,6 +806,9 @@ class Node:
         # cancellable) while another worker could take them.
         deep = self._backlogged or len(self.pending) >= 4 * self.config.workers
         caps = {w: w.depth if deep else 1 for w in load}
+        for w in load:  # it serves nothing after a task with restricted data: it retires
+            if any(_restricted(t) for t in w.inflight):
+                caps[w] = 0
         skipped: deque[Task] = deque()
         to_stage: list[Task] = []
         while self.pending:
@@ -822,9 +825,14 @@ class Node:
                 if status == "failed":
                     self._fail_requirements(task, env)
                     continue
-            w = self._worker_for(task.owner, load, caps, env)
+            alone = _restricted(task)  # with nothing before it in the pipe, or after it
+            w = self._worker_for(task.owner, load, caps, env, alone=alone)
+            if alone and w is not None:
+                caps[w] = 0
             if w is None:
                 skipped.append(task)
+                if alone:  # no idle worker: pipe nothing more until one is, so that one is
+                    break
                 if len(load) >= self.config.workers and all(
                     n >= caps[w_] for w_, n in load.items()
                 ):
@@ -911,13 +919,16 @@ class Node:
 
     def _worker_for(
         self, owner: str, load: dict[Worker, int], caps: dict[Worker, int],
-        env: envs.Env | None = None,
+        env: envs.Env | None = None, *, alone: bool = False,
     ) -> Worker | None:
-        """A worker of ``owner`` in the environment ``env`` (workers are keyed by both)."""
+        """A worker of ``owner`` in the environment ``env`` (workers are keyed by both);
+        ``alone``: an idle one."""
         key = None if env is None else env.key
         best = None
         for w, n in load.items():
-            if w.owner == owner and w.env == key and n < caps[w] and (best is None or n < load[best]):
+            if w.owner == owner and w.env == key and n < caps[w] and (not alone or n == 0) and (
+                best is None or n < load[best]
+            ):
                 best = w
         if best is not None:
             return best
@@ -972,6 +983,11 @@ class Node:
                 self.enclave.jobs.record_usage(head.job_id, head.monitor.usage())
             except Exception:  # noqa: BLE001 - a missed sample must not stop the node
                 log.exception("recording the usage of job %s failed", head.job_id)
+
+
+def _restricted(task: Task) -> bool:
+    """Whether a task reads data whose egress is restricted (its worker retires after it)."""
+    return task.staged is not None and task.staged.egress != (True, None)
 
 
 def _pack_replies(items: list[tuple[str, bytes]]) -> list[Message]:

@@ -107,6 +107,21 @@ def test_a_warm_worker_does_not_carry_restricted_data_into_a_later_task(data, ma
     assert value != NUMBERS, "restricted data left the enclave through the next task"
 
 
+def test_no_task_is_piped_to_a_worker_behind_one_with_restricted_data(data, make_executor):
+    """In a burst of tiny tasks the node pipes many to a worker at once; none may follow a
+    task that read restricted data into its worker, which serves nothing after it."""
+    _restrict(data, egress="deny")
+    alice = make_executor(1, credentials=data.alice)
+    alice.submit(tasks.carry).result(GUARD)  # a warm worker, with a tiny average: deep pipes
+    before = [alice.submit(tasks.carry) for _ in range(300)]
+    restricted = alice.submit(tasks.carry, NAME, inputs=[INPUT])
+    after = [alice.submit(tasks.carry) for _ in range(300)]
+    with pytest.raises(errors.EgressDenied):
+        restricted.result(GUARD)
+    leaked = [f.job_id for f in before + after if f.result(GUARD) == NUMBERS]
+    assert leaked == [], "restricted data left the enclave through tasks piped behind it"
+
+
 def test_restricted_data_cannot_be_laundered_through_an_output_dataset(data, make_executor):
     _restrict(data, egress_cap=2000)  # the input is 3893 bytes
     data.policies.grant("analyst", RESULTS, "read", by=data.admin.user)
