@@ -21,6 +21,7 @@ back too, and exits 0.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import select
@@ -433,6 +434,8 @@ class Node:
                 self._bury(w)
 
     def _finish_from_worker(self, w: Worker, task: Task, data: bytes) -> None:
+        if w.kill_job == task.job_id:  # it ended before the kill did
+            w.spare()
         try:
             h = wire.peek_header(data)
         except EnvelopeError as exc:  # a worker that writes garbage is broken
@@ -470,12 +473,14 @@ class Node:
             # none of these began: they run again, on this node or, when it is stopping,
             # on another
             log.info("worker %s stopped before %s began", w.pid, [t.job_id for t in w.inflight])
-            for t in w.inflight:
-                t.started, t.monitor = None, None
-            if self.stopping:
-                self.enclave.queue.release([t.delivery for t in w.inflight])
-            else:
-                self.pending.extendleft(reversed(w.inflight))
+            self._put_back(list(w.inflight))
+            w.inflight.clear()
+        if w.inflight and w.kill_reason is not None and w.inflight[0].job_id != w.kill_job:
+            # killed for a task that ended meanwhile: the head began after it, and died for
+            # nothing; it runs again (as after a node's death), with the tasks behind it
+            log.info("worker %s was killed for job %s, after it ended: running %s again",
+                     w.pid, w.kill_job, [t.job_id for t in w.inflight])
+            self._put_back(list(w.inflight))
             w.inflight.clear()
         if w.inflight:
             head = w.inflight.popleft()
@@ -499,13 +504,22 @@ class Node:
             # a task with data: its output too is checked for egress, its directory removed
             if head.staged is None or not self.data.finish_from_worker(head, data, fin):
                 self._queue_finish(head, head.delivery, fin, head.header["client"])
-            for t in reversed(w.inflight):
-                t.started = None
-                self.pending.appendleft(t)
+            self._put_back(list(w.inflight))
             w.inflight.clear()
             log.warning("worker %s for job %s ended: %s", w.pid, head.job_id, message)
         w.close()
         self.workers.remove(w)
+
+    def _put_back(self, tasks: list[Task]) -> None:
+        """Tasks a worker held that run again: on this node, or, if it is stopping, on
+        another (released now); but not those killed meanwhile (finished already)."""
+        tasks = [t for t in tasks if not t.kill_requested]
+        for t in tasks:
+            t.started, t.monitor = None, None
+        if self.stopping:
+            self.enclave.queue.release([t.delivery for t in tasks])
+        else:
+            self.pending.extendleft(reversed(tasks))
 
     def _report(self) -> None:
         if not self.finished:
@@ -535,10 +549,15 @@ class Node:
             # claimed, not running: staged (or staging), or back from a worker that died
             staging = {t.job_id: t for t in self.pending if t.claimed}
             staging.update(self.data.active)
-            ids = [*running, *staging]
+            # piped to a worker behind the task it runs (processing, so cancel() fails)
+            piped = {t.job_id: (w, t) for w in self.workers if w.kill_deadline is None
+                     for t in itertools.islice(w.inflight, 1, None) if not t.kill_requested}
+            ids = [*running, *staging, *piped]
             for job_id in self.enclave.jobs.kill_requested(ids) if ids else ():
                 if job_id in running:
                     running[job_id].kill("TaskKilled", f"job {job_id} was killed on request")
+                elif job_id in piped:
+                    self._kill_piped(*piped[job_id])
                 else:
                     self._kill_staging(staging[job_id])
         for w in self.workers:
@@ -555,6 +574,18 @@ class Node:
                     )
         if now >= self._next_memory_check:
             self._check_memory(now)
+
+    def _kill_piped(self, w: Worker, task: Task) -> None:
+        """A kill request for a task waiting in a worker's pipe: it is cancelled now, and
+        the worker, asked to stop after the task it runs, never begins it (the others
+        behind it run again, see _bury).  Should the worker have begun it meanwhile, the
+        job stays cancelled: its result is not recorded."""
+        task.kill_requested = True
+        reason = f"job {task.job_id} was killed on request (while queued for a worker; it never ran)"
+        data = wire.failure(task.job_id, task.header["n"], "TaskKilled", reason)
+        fin = Finished(task.job_id, JobState.CANCELLED, data, reason)
+        self._queue_finish(task, task.delivery, fin, task.header["client"])
+        w.stop_after_current()
 
     def _kill_staging(self, task: Task) -> None:
         """A kill request for a task that has not reached a worker: it never runs (one in
@@ -831,7 +862,10 @@ class Node:
                 caps[w] = 0
             if w is None:
                 skipped.append(task)
-                if alone:  # no idle worker: pipe nothing more until one is, so that one is
+                key = None if env is None else env.key
+                if alone or not any(x.owner == task.owner and x.env == key for x in load):
+                    # it waits for an idle worker (to have alone, or to replace): pipe
+                    # nothing more until one is, so that one soon is, and it goes first
                     break
                 if len(load) >= self.config.workers and all(
                     n >= caps[w_] for w_, n in load.items()
@@ -937,9 +971,7 @@ class Node:
             if not idle:
                 return None
             victim = idle[0]  # never share a worker between owners: replace it
-            victim.tasks.close()
-            victim.proc.wait()
-            victim.close()
+            victim.close_idle()
             self.workers.remove(victim)
             del load[victim]
         w = pool.spawn(owner, env=env)

@@ -66,6 +66,7 @@ class Worker:
     inflight: deque[Task] = field(default_factory=deque)
     avg: float = 0.002  # moving average of task run time, seconds
     kill_reason: tuple[str, str] | None = None
+    kill_job: str | None = None  # the task a kill is for (the head when it was asked)
     kill_deadline: float | None = None
     kill_tree: list[psutil.Process] = field(default_factory=list)
     born: float = field(default_factory=time.monotonic)
@@ -140,6 +141,7 @@ class Worker:
         if self.kill_deadline is not None:
             return
         self.kill_reason = (error_type, message)
+        self.kill_job = self.inflight[0].job_id if self.inflight else None
         try:
             self.kill_tree = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
         except psutil.Error:
@@ -147,6 +149,12 @@ class Worker:
         _signal_all(self.kill_tree, signal.SIGTERM)
         _signal_group(self.pid, signal.SIGTERM)
         self.kill_deadline = time.monotonic() + KILL_GRACE
+
+    def spare(self) -> None:
+        """The task a kill was for ended within the grace period (it handled the soft
+        signal): the worker, alive, goes on, and the next task is not killed for it."""
+        self.kill_reason = self.kill_job = self.kill_deadline = None
+        self.kill_tree = []
 
     def escalate(self) -> None:
         """SIGKILL whatever of the tree outlived the grace period."""
@@ -174,6 +182,19 @@ class Worker:
         """Whether the worker exited because the node asked it to (``stop_after_current``),
         between tasks: then none of the tasks it holds began."""
         return code == STOPPED and self.stop_asked and self.kill_reason is None
+
+    def close_idle(self) -> None:
+        """End an idle worker (to replace it): close its pipe, which it exits on; its tree
+        is killed if it has not exited within the grace period."""
+        self.tasks.close()
+        try:
+            self.proc.wait(timeout=KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            self.kill("WorkerDied", "replaced")
+            self.kill_deadline = 0
+            self.escalate()
+            self.proc.wait()
+        self.close()
 
     def dead(self) -> bool:
         return self.proc.poll() is not None

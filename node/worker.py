@@ -255,4 +255,9 @@ STOPPED = 75
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    _flush_streams()
+    # Not sys.exit: that would wait for threads a task left running (a non-daemon thread of
+    # some library), and a worker the node closed or asked to stop must exit now, as
+    # multiprocessing's workers do.
+    os._exit(status)
