@@ -580,12 +580,16 @@ class Node:
         the worker, asked to stop after the task it runs, never begins it (the others
         behind it run again, see _bury).  Should the worker have begun it meanwhile, the
         job stays cancelled: its result is not recorded."""
+        self._end_killed(task, "while queued for a worker; it never ran")
+        w.stop_after_current()
+
+    def _end_killed(self, task: Task, when: str) -> None:
+        """Record a task killed before a worker began it: cancelled, as a killed task is."""
         task.kill_requested = True
-        reason = f"job {task.job_id} was killed on request (while queued for a worker; it never ran)"
+        reason = f"job {task.job_id} was killed on request ({when})"
         data = wire.failure(task.job_id, task.header["n"], "TaskKilled", reason)
         fin = Finished(task.job_id, JobState.CANCELLED, data, reason)
         self._queue_finish(task, task.delivery, fin, task.header["client"])
-        w.stop_after_current()
 
     def _kill_staging(self, task: Task) -> None:
         """A kill request for a task that has not reached a worker: it never runs (one in
@@ -882,6 +886,15 @@ class Node:
             self.data.start_in(to_stage)
         if not plan:
             return frames, []
+        # a job that ran before (a redelivery, or back from a worker that died) may have
+        # been killed meanwhile: it does not begin again
+        again = [t.job_id for t, _ in plan if t.claimed or t.delivery.receive_count > 1]
+        killed = self.enclave.jobs.kill_requested(again) if again else set()
+        if killed:
+            for task, _ in plan:
+                if task.job_id in killed:
+                    self._end_killed(task, "before it could run again")
+            plan = [(t, w) for t, w in plan if t.job_id not in killed]
         adopted = [t for t, _ in plan if t.adopted]
         started = self.claim([t for t, _ in plan if not t.adopted], JobState.PROCESSING)
         started.update(t.job_id for t in adopted)

@@ -175,3 +175,28 @@ def test_a_task_of_another_owner_does_not_wait_for_tasks_submitted_after_it(
     assert [f.result(GUARD) for f in later] == list(range(200))
     # measured: 199 of the 200 (about 4 s of work) finished before bob's task
     assert overtaken < 100, f"{overtaken} of alice's later tasks overtook bob's"
+
+
+def test_a_task_killed_while_its_node_was_dead_does_not_begin_again(
+        start_node, make_executor, enclave, tmp_path):
+    """kill() of a task whose node died under it (it is `processing`, so cancel() fails):
+    the node that receives it again does not run it (found by review: nothing looked at
+    kill requests when a task was claimed again)."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    try:
+        wait_for(lambda: _pids(log), what="the task to begin on node A")
+        a.kill()
+        a.proc.wait(GUARD)
+        assert not f.cancel()  # it counts as started
+        assert f.kill()  # a request, for whichever node holds it next
+        start_node(workers=1)
+        wait_for(lambda: f.done(), what="the killed task to end")
+        assert isinstance(f.exception(), TaskKilled)
+        assert "before it could run again" in str(f.exception())
+    finally:
+        release.write_text("go")
+    assert len(_pids(log)) == 1  # it began once, on node A
+    assert enclave.jobs.get(f.job_id).state == "cancelled"
