@@ -434,8 +434,6 @@ class Node:
                 self._bury(w)
 
     def _finish_from_worker(self, w: Worker, task: Task, data: bytes) -> None:
-        if w.kill_job == task.job_id:  # it ended before the kill did
-            w.spare()
         try:
             h = wire.peek_header(data)
         except EnvelopeError as exc:  # a worker that writes garbage is broken
@@ -476,7 +474,8 @@ class Node:
             self._put_back(list(w.inflight))
             w.inflight.clear()
         if w.inflight and w.kill_reason is not None and w.inflight[0].job_id != w.kill_job:
-            # killed for a task that ended meanwhile: the head began after it, and died for
+            # killed for a task that ended meanwhile (its result is recorded; the kill went
+            # on, to end its whole process tree): the head began after it and died for
             # nothing; it runs again (as after a node's death), with the tasks behind it
             log.info("worker %s was killed for job %s, after it ended: running %s again",
                      w.pid, w.kill_job, [t.job_id for t in w.inflight])
@@ -590,6 +589,8 @@ class Node:
         data = wire.failure(task.job_id, task.header["n"], "TaskKilled", reason)
         fin = Finished(task.job_id, JobState.CANCELLED, data, reason)
         self._queue_finish(task, task.delivery, fin, task.header["client"])
+        if task.staged is not None:  # its staged inputs go now, not when the node stops
+            self.data.discard(task)
 
     def _kill_staging(self, task: Task) -> None:
         """A kill request for a task that has not reached a worker: it never runs (one in
@@ -833,8 +834,9 @@ class Node:
         if not self.pending:
             return frames, []
         plan: list[tuple[Task, Worker]] = []
-        load = {
-            w: len(w.inflight) for w in self.workers if w.kill_deadline is None and not w.retiring
+        load = {  # not a worker on its way out: what it is sent would only come back
+            w: len(w.inflight) for w in self.workers
+            if w.kill_deadline is None and not w.retiring and not w.stop_asked
         }
         # Several tasks per worker pipe only with a real backlog: a few tasks that arrive
         # together may include long ones, and must not wait behind them (nor stop being

@@ -150,12 +150,6 @@ class Worker:
         _signal_group(self.pid, signal.SIGTERM)
         self.kill_deadline = time.monotonic() + KILL_GRACE
 
-    def spare(self) -> None:
-        """The task a kill was for ended within the grace period (it handled the soft
-        signal): the worker, alive, goes on, and the next task is not killed for it."""
-        self.kill_reason = self.kill_job = self.kill_deadline = None
-        self.kill_tree = []
-
     def escalate(self) -> None:
         """SIGKILL whatever of the tree outlived the grace period."""
         if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:

@@ -1,0 +1,144 @@
+"""Kills that land after their task ended, with real workers: the task behind is not failed
+in the killed task's name, and the killed task's whole process tree still goes.  Found by
+review of a first fix (which spared a worker whose killed task had ended), each a strict
+xfail until fixed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from tests import tasks
+from tests.conftest import GUARD, ROOT, wait_for
+from tests.test_node import _pids
+
+# ---------------------------------------------------------------------- task functions
+# (importable by workers as tests.test_node_kills)
+
+
+def touch_and_sleep(started, seconds, value):
+    """Create ``started`` (this task began), sleep ``seconds``, return ``value``."""
+    Path(started).write_text(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return value
+
+
+_STUBBORN = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[1], "w").write(f"{os.getpid()}\\n")
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def child_ignores_sigterm_parent_handles_it(child_pid_file, seconds=60.0):
+    """Start a child (in the worker's process group) that ignores SIGTERM; then run until
+    SIGTERM, which this task handles by returning at once (a graceful task whose helper
+    process is stuck): only the SIGKILL after the grace period ends the child."""
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    subprocess.Popen([sys.executable, "-c", _STUBBORN, str(child_pid_file), str(seconds)])
+    deadline = time.monotonic() + seconds
+    while not stop and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "cleaned up"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_a_kill_that_lands_after_its_task_ended_does_not_fail_the_next_one(
+        make_executor, enclave, tmp_path, monkeypatch):
+    """The kill request of the head is read while the head runs; the head ends and the
+    worker begins the next piped task before the node signals (the police's read of the
+    kill requests took a while).  The SIGTERM, sent for the head, ends the worker under the
+    next task.  The node runs in this process, stepped by the test, so that the race can be
+    made certain: its read of the kill requests is the real one, only made to wait (for
+    the head to end and the next task to begin) before it returns."""
+    from node.daemon import Node, NodeConfig
+
+    monkeypatch.chdir(ROOT)  # workers import tests.* (python -m node.worker, cwd on sys.path)
+    log, release, began = tmp_path / "pids", tmp_path / "release", tmp_path / "began"
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node._start()
+    ex = make_executor(1, start_node=False)
+
+    def pump(predicate, what, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            node.step()
+
+    try:
+        warm = ex.submit(tasks.worker_pid)
+        pump(warm.done, "the warm-up task")
+        jobs = [ex._new_job(os.urandom(16).hex(), fn, [(args, {})], ex._options) for fn, args in [
+            (tasks.log_pid_and_wait, (str(log), str(release))),
+            (touch_and_sleep, (str(began), 2.0, "behind")),
+            (tasks.square, (0,)),
+            (tasks.square, (1,)),
+        ]]
+        enclave.jobs.create(jobs)
+        head, behind, *rest = [ex.attach(j.job_id) for j in jobs]
+        pump(lambda: _pids(log) and any(len(w.inflight) >= 2 for w in node.workers),
+             "the head to begin with the next task piped behind it")
+
+        real = node.enclave.jobs.kill_requested
+
+        def slow_read(ids):  # the head ends, and the next task begins, during the read
+            got = real(ids)
+            if head.job_id in got and not began.exists():
+                release.write_text("go")
+                wait_for(began.exists, what="the next piped task to begin")
+            return got
+
+        monkeypatch.setattr(node.enclave.jobs, "kill_requested", slow_read)
+        assert head.kill()
+        pump(lambda: behind.done() and all(f.done() for f in rest), "the piped tasks to end")
+        assert [f.result(0) for f in rest] == [0, 1]
+        # the hole: WorkerDied("the worker ... was killed by signal SIGTERM ..."), job failed
+        assert behind.result(0) == "behind"
+    finally:
+        release.write_text("go")
+        node.stopping = True
+        node._drain()
+        node._stop()
+
+
+def test_a_walltime_kill_ends_the_whole_tree_even_when_the_task_handles_sigterm(
+        start_node, make_executor, tmp_path):
+    import datetime as _dt
+
+    child = tmp_path / "child"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    short = ex.with_options(walltime=_dt.timedelta(seconds=1))
+    f = short.submit(child_ignores_sigterm_parent_handles_it, str(child))
+    try:
+        f.exception(GUARD)  # whatever it ends with: it handled SIGTERM and returned
+        [pid] = _pids(child)
+        wait_for(lambda: not _alive(pid), timeout=10.0,
+                 what="the task's child, which ignores SIGTERM, to die with its task's tree")
+    finally:
+        for pid in _pids(child):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
