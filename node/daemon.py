@@ -471,16 +471,14 @@ class Node:
             # none of these began: they run again, on this node or, when it is stopping,
             # on another
             log.info("worker %s stopped before %s began", w.pid, [t.job_id for t in w.inflight])
-            self._put_back(list(w.inflight))
-            w.inflight.clear()
+            self._put_back(w.inflight)
         if w.inflight and w.kill_reason is not None and w.inflight[0].job_id != w.kill_job:
             # killed for a task that ended meanwhile (its result is recorded; the kill went
             # on, to end its whole process tree): the head began after it and died for
             # nothing; it runs again (as after a node's death), with the tasks behind it
             log.info("worker %s was killed for job %s, after it ended: running %s again",
                      w.pid, w.kill_job, [t.job_id for t in w.inflight])
-            self._put_back(list(w.inflight))
-            w.inflight.clear()
+            self._put_back(w.inflight)
         if w.inflight:
             head = w.inflight.popleft()
             stdout, stderr = w.output()
@@ -503,16 +501,17 @@ class Node:
             # a task with data: its output too is checked for egress, its directory removed
             if head.staged is None or not self.data.finish_from_worker(head, data, fin):
                 self._queue_finish(head, head.delivery, fin, head.header["client"])
-            self._put_back(list(w.inflight))
-            w.inflight.clear()
+            self._put_back(w.inflight)
             log.warning("worker %s for job %s ended: %s", w.pid, head.job_id, message)
         w.close()
         self.workers.remove(w)
 
-    def _put_back(self, tasks: list[Task]) -> None:
-        """Tasks a worker held that run again: on this node, or, if it is stopping, on
-        another (released now); but not those killed meanwhile (finished already)."""
-        tasks = [t for t in tasks if not t.kill_requested]
+    def _put_back(self, inflight: deque[Task]) -> None:
+        """The tasks a dead worker held, which run again: on this node, or, if it is
+        stopping, on another (released now); but not those killed meanwhile (finished
+        already).  ``inflight`` is emptied."""
+        tasks = [t for t in inflight if not t.kill_requested]
+        inflight.clear()
         for t in tasks:
             t.started, t.monitor = None, None
         if self.stopping:
@@ -583,14 +582,9 @@ class Node:
         w.stop_after_current()
 
     def _end_killed(self, task: Task, when: str) -> None:
-        """Record a task killed before a worker began it: cancelled, as a killed task is."""
+        """Record a task killed before a worker began it (and never put it back)."""
         task.kill_requested = True
-        reason = f"job {task.job_id} was killed on request ({when})"
-        data = wire.failure(task.job_id, task.header["n"], "TaskKilled", reason)
-        fin = Finished(task.job_id, JobState.CANCELLED, data, reason)
-        self._queue_finish(task, task.delivery, fin, task.header["client"])
-        if task.staged is not None:  # its staged inputs go now, not when the node stops
-            self.data.discard(task)
+        self.data.kill(task, when)
 
     def _kill_staging(self, task: Task) -> None:
         """A kill request for a task that has not reached a worker: it never runs (one in
@@ -843,9 +837,6 @@ class Node:
         # cancellable) while another worker could take them.
         deep = self._backlogged or len(self.pending) >= 4 * self.config.workers
         caps = {w: w.depth if deep else 1 for w in load}
-        for w in load:  # it serves nothing after a task with restricted data: it retires
-            if any(_restricted(t) for t in w.inflight):
-                caps[w] = 0
         skipped: deque[Task] = deque()
         to_stage: list[Task] = []
         while self.pending:
@@ -906,6 +897,8 @@ class Node:
         for task, w in plan:
             if task.job_id in started:
                 frames.setdefault(w, []).append(task)
+                if _restricted(task):  # it serves nothing after it: it retires
+                    w.retiring = True
         return frames, adopted
 
     def _claim_adopted(self, tasks: list[Task]) -> None:

@@ -245,9 +245,10 @@ class DataSteps:
             else:
                 self._fail(task, phase, exc)
 
-    def kill(self, task: Task) -> None:
-        """End a task killed before it reached a worker: cancelled, as a killed task is."""
-        reason = f"job {task.job_id} was killed on request (while staging; it never ran)"
+    def kill(self, task: Task, when: str = "while staging; it never ran") -> None:
+        """End a task killed before a worker began it: cancelled, as a killed task is (its
+        staged inputs, if any, removed now)."""
+        reason = f"job {task.job_id} was killed on request ({when})"
         data = wire.failure(task.job_id, task.header["n"], "TaskKilled", reason)
         self._finish(task, Finished(task.job_id, JobState.CANCELLED, data, reason))
 

@@ -71,7 +71,7 @@ class Worker:
     kill_tree: list[psutil.Process] = field(default_factory=list)
     born: float = field(default_factory=time.monotonic)
     env: str | None = None  # key of the requirements venv it runs in (None: the node's python)
-    retiring: bool = False  # takes no more tasks (it served restricted data)
+    retiring: bool = False  # takes no more tasks (it was given one with restricted data)
     stop_asked: bool = False  # told to exit after its current task (it begins no other)
     #: framed tasks the pipe has not taken yet: the node never blocks on a worker's pipe
     #: (a frame larger than the pipe, queued behind a long task, would wait for it)
