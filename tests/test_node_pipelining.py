@@ -162,13 +162,18 @@ def test_replacing_a_worker_of_another_owner_does_not_hang_the_node(
 
 
 def test_a_task_of_another_owner_does_not_wait_for_tasks_submitted_after_it(
-        start_node, make_executor, user_token):
+        start_node, make_executor, user_token, enclave):
+    """Across clients, a task is submitted when its job is recorded: each client records
+    its own (from its own thread), so the test waits for bob's record before alice submits
+    more.  Without that wait bob's job could be recorded after alice's 200 (CI once saw
+    all 200 finish first), and they would be ahead of it in the queue by right."""
     start_node(workers=1)
     alice = make_executor(1, start_node=False, credentials=user_token("alice"))
     bob = make_executor(1, start_node=False, credentials=user_token("bob"))
     first = [alice.submit(tasks.sleep_and_return, 0.02, i) for i in range(20)]
     first[0].result(GUARD)  # alice holds the worker, with a backlog
     b = bob.submit(tasks.square, 3)
+    wait_for(lambda: enclave.jobs.get_many([b.job_id]), what="bob's job to be recorded")
     later = [alice.submit(tasks.sleep_and_return, 0.02, i) for i in range(200)]
     assert b.result(GUARD) == 9
     overtaken = sum(f.done() for f in later)
