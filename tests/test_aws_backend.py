@@ -250,7 +250,7 @@ def test_receive_uses_batches_of_ten_with_receive_counts(enclave):
     enclave.queue.send("test", [Message(n, n.encode()) for n in names])
     assert calls.counts() == {"SendMessageBatch": 3}
     calls.reset()
-    got = enclave.queue.receive("test", 25, 0.3, "h")
+    got = enclave.queue.receive("test", 25, 5, "h")  # (held across three calls)
     assert sorted(d.job_id for d in got) == sorted(names)
     assert all(d.body == d.job_id.encode() and d.receive_count == 1 for d in got)
     assert calls.counts() == {"ReceiveMessage": 3}

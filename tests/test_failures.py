@@ -284,7 +284,11 @@ def test_tasks_queued_behind_a_killed_task_still_end(start_node, make_executor):
     start_node(workers=2)
     ex = make_executor(2, start_node=False)
     assert list(ex.map(tasks.noop, range(50))) == list(range(50))  # warm: tiny tasks pipe deep
-    futures = [ex.submit(tasks.sleep_and_return, 60, i) for i in range(40)]
+    # One batch, which the node takes in one step: a backlog, piped deep.  (Submitted one by
+    # one, the first two could each go to the node alone, one to each worker, and then the
+    # running tasks' ages made the node pipe nothing behind them: 1 run in 25 hung here.)
+    with ex._send_lock:
+        futures = [ex.submit(tasks.sleep_and_return, 60, i) for i in range(40)]
     wait_for(lambda: sum(f.status() == "processing" for f in futures) > 2,
              what="tasks queued in the workers' pipes")
     for f in futures:

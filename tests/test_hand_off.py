@@ -25,6 +25,7 @@ from kotta_executor.states import JobState
 
 from . import tasks
 from .conftest import GUARD, ROOT, subprocess_env, wait_for
+from .test_node import _freeze
 
 pytestmark = pytest.mark.skipif(not _PASSCRED, reason="inboxes need SO_PASSCRED (Linux)")
 
@@ -44,12 +45,13 @@ def a_job(job_id: str | None = None, body: bytes = b"task") -> NewJob:
 
 
 @pytest.fixture
-def stopped():
-    """``stopped(node)``: SIGSTOP a node process, continued again at the end of the test."""
+def stopped(enclave_dir):
+    """``stopped(node)``: SIGSTOP a node process (never inside a write transaction, which
+    would stall every writer), continued again at the end of the test."""
     pids: list[int] = []
 
     def stop(node) -> None:
-        os.kill(node.pid, signal.SIGSTOP)
+        _freeze(node, enclave_dir)
         pids.append(node.pid)
 
     yield stop

@@ -37,13 +37,14 @@ def test_long_task_is_sampled_over_its_process_tree(start_node, make_executor, e
 
     assert f.result(GUARD) == "hogged"
     u = f.usage()
-    assert u["cpu"] > 1.0, u  # the child's CPU, not only the worker's
+    assert u["cpu"] > 0.5, u  # the child's CPU (a busy loop), not only the idle worker's
     assert u["peak_rss_kb"] >= 50 * 1024, u
     assert u["start"] <= u["end"] and u["wall"] >= 3
     times = [s["t"] for s in u["samples"]]
     assert len(times) >= 2 and times == sorted(set(times))
     assert all(u["start"] <= t <= u["end"] + 1 for t in times)
-    assert any(s["cpu_pct"] > 50 for s in u["samples"]), u["samples"]
+    # (a busy loop: about 98% on an idle machine, 65% beside three other busy loops)
+    assert any(s["cpu_pct"] > 25 for s in u["samples"]), u["samples"]
     assert enclave.jobs.get(f.job_id).usage == u  # the record keeps the final usage
 
     r = kotta(enclave_dir, "status", f.job_id)

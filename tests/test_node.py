@@ -167,19 +167,28 @@ def test_a_task_queued_without_a_ring_runs_within_a_poll_interval(start_node, ma
     assert wire.outcomes(wire.decode(result)) == [(True, 9)]
 
 
-def test_a_task_rung_in_while_the_node_is_full_runs_when_room_frees(start_node, make_executor):
+def test_a_task_rung_in_while_the_node_is_full_runs_when_room_frees(start_node, make_executor,
+                                                                   enclave, tmp_path):
     """A ring that finds the node with no room must not be lost: the task runs when room
     frees, not a poll interval (here 30 s) later."""
-    start_node("--poll-interval", "30", workers=1)  # room: 4 tasks held for 1 worker
+    log, release = tmp_path / "pids", tmp_path / "release"
+    node = start_node("--poll-interval", "30", workers=1)  # room: 4 tasks held for 1 worker
     ex = make_executor(1, start_node=False)
     assert ex.submit(tasks.square, 1).result(GUARD) == 1
-    held = [ex.submit(tasks.sleep_and_return, 2.0, 0)]
-    wait_for(lambda: held[0].status() == "processing", what="the first task to run")
-    for _ in range(3):  # taken one by one: the node is never backlogged
-        held.append(ex.submit(tasks.sleep_and_return, 0.01, 0))
-        wait_for(lambda: ex.enclave.queue.depth("test") == 0, what="the node to take it")
-    late = ex.submit(tasks.square, 5)  # rung in while the node holds 4: no room
-    assert [f.result(GUARD) for f in held] == [0, 0, 0, 0]
+    try:
+        held = [ex.submit(tasks.log_pid_and_wait, str(log), str(release))]
+        wait_for(lambda: _pids(log), what="the first task to run")
+        for _ in range(3):  # taken one by one: the node is never backlogged
+            held.append(ex.submit(tasks.sleep_and_return, 0.01, 0))
+            wait_for(lambda: _holder(enclave, held[-1].job_id) == node.node_id,
+                     what="the node to hold it")
+        late = ex.submit(tasks.square, 5)  # rung in while the node holds 4: no room
+        wait_for(lambda: enclave.jobs.get_many([late.job_id]), what="the late job's record")
+        assert _holder(enclave, late.job_id) is None  # queued: the node had no room
+        assert not held[0].done()  # (the node was full all along)
+    finally:
+        release.write_text("go")
+    assert [f.result(GUARD) for f in held[1:]] == [0, 0, 0]
     assert late.result(timeout=20) == 25  # the bug: ~30 s, at the next poll
 
 
