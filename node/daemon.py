@@ -56,6 +56,7 @@ from . import envs, pool
 from .datasteps import DataSteps, declares_data
 from .monitor import Monitor, read_tree
 from .pool import Task, Worker
+from .worker import READY
 
 log = logging.getLogger("kotta.node")
 
@@ -417,7 +418,8 @@ class Node:
 
     def _collect(self) -> None:
         # one select for all busy workers (Connection.poll() builds a selector per call)
-        busy = [w for w in self.workers if w.inflight]
+        # (and new workers: an idle one's READY must be read, or _wait's select spins on it)
+        busy = [w for w in self.workers if w.inflight or not w.ready]
         ready = set(select.select(busy, [], [], 0)[0]) if busy else set()
         for w in list(self.workers):
             eof = False
@@ -425,7 +427,10 @@ class Node:
                 try:
                     while True:
                         data = w.results.recv_bytes()
-                        self._finish_from_worker(w, w.task_done(), data)
+                        if data == READY:
+                            w.started_up()
+                        else:
+                            self._finish_from_worker(w, w.task_done(), data)
                         if not w.inflight or not select.select([w], [], [], 0)[0]:
                             break
                 except (EOFError, OSError):
@@ -463,7 +468,8 @@ class Node:
         try:
             while w.inflight and w.results.poll():
                 data = w.results.recv_bytes()
-                self._finish_from_worker(w, w.task_done(), data)
+                if data != READY:
+                    self._finish_from_worker(w, w.task_done(), data)
         except (EOFError, OSError):
             pass
         code = w.proc.wait()
@@ -561,6 +567,13 @@ class Node:
         for w in self.workers:
             if w.kill_deadline is not None:
                 w.escalate()
+                continue
+            if w.inflight and w.slow_to_start(now):
+                w.kill(
+                    "WorkerDied",
+                    f"the worker process for job {w.inflight[0].job_id} did not start within "
+                    f"{_minutes(pool.STARTUP_LIMIT)}",
+                )
                 continue
             if w.inflight and w.inflight[0].started is not None:
                 head = w.inflight[0]

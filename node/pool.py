@@ -28,6 +28,9 @@ from .worker import STOPPED, pack_frame, read_capture
 TINY_TASK = 0.002
 #: seconds between the soft signal and SIGKILL when a task is stopped
 KILL_GRACE = 0.5
+#: seconds a new worker may take to start (to say it is ready) before it is killed; its
+#: first task's walltime counts from then, not from the node's spawning it
+STARTUP_LIMIT = 120.0
 
 #: environment variables a worker never inherits: the node's own credentials
 SCRUBBED_PREFIXES = ("AWS_", "KOTTA_NODE_")
@@ -73,6 +76,7 @@ class Worker:
     env: str | None = None  # key of the requirements venv it runs in (None: the node's python)
     retiring: bool = False  # takes no more tasks (it was given one with restricted data)
     stop_asked: bool = False  # told to exit after its current task (it begins no other)
+    ready: bool = False  # it has started up (said so with an empty message on its results)
     #: framed tasks the pipe has not taken yet: the node never blocks on a worker's pipe
     #: (a frame larger than the pipe, queued behind a long task, would wait for it)
     outbox: bytearray = field(default_factory=bytearray)
@@ -97,8 +101,9 @@ class Worker:
         return 64 if self.avg < TINY_TASK else 2
 
     def send(self, tasks: list[Task]) -> None:
-        """Hand tasks to the worker in one write (one wake-up for the worker)."""
-        if not self.inflight:
+        """Hand tasks to the worker in one write (one wake-up for the worker).  The first
+        task's walltime starts now if the worker is ready, else when it says it is."""
+        if not self.inflight and self.ready:
             tasks[0].started = time.monotonic()
         self.inflight.extend(tasks)
         frame = pack_frame([t.data for t in tasks])
@@ -119,6 +124,17 @@ class Worker:
             except BlockingIOError:
                 return
             del self.outbox[:n]
+
+    def started_up(self) -> None:
+        """The worker said it is ready: the task it holds begins now."""
+        self.ready = True
+        if self.inflight and self.inflight[0].started is None:
+            self.inflight[0].started = time.monotonic()
+        if self.stop_asked:  # asked while it started up
+            self.stop_after_current()
+
+    def slow_to_start(self, now: float) -> bool:
+        return not self.ready and now - self.born > STARTUP_LIMIT
 
     def task_done(self) -> Task:
         task = self.inflight.popleft()
@@ -165,8 +181,12 @@ class Worker:
         self.tasks.close()
 
     def stop_after_current(self) -> None:
-        """Ask the worker to finish the task it runs and exit without starting another."""
+        """Ask the worker to finish the task it runs and exit without starting another.
+        A worker still starting up is asked once it is ready: until then it has no handler
+        for the signal, which would end it."""
         self.stop_asked = True
+        if not self.ready:
+            return
         try:
             os.kill(self.pid, signal.SIGUSR1)
         except ProcessLookupError:

@@ -1,7 +1,9 @@
 """A worker process: the only place a task payload is unpickled and user code runs.
 
 The node starts it as ``python -m node.worker TASK_FD RESULT_FD`` with file descriptors 1 and 2
-pointing at two unlinked files the node also holds.  For each task it:
+pointing at two unlinked files the node also holds.  Once started it writes an empty
+message to ``RESULT_FD`` (``READY``: the walltime of its first task counts from there).
+For each task it:
 
 1. reads one task envelope (the payload inlined by the node) from ``TASK_FD``;
 2. empties the capture files, so fds 1 and 2 catch everything this task writes — Python
@@ -236,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     results = Connection(result_fd, readable=False)
     # SIGUSR1 from a draining node: finish the task at hand, start no other, exit.
     signal.signal(signal.SIGUSR1, lambda *_: _STOP.set())
+    try:  # ready: the walltime of the first task counts from here, not from our start-up
+        results.send_bytes(READY)
+    except OSError:  # the node is gone
+        return 0
     while not _STOP.is_set():
         try:
             frame = tasks.recv_bytes()
@@ -249,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _STOP = threading.Event()
+#: the message a worker sends once, when it has started up (a result is never empty)
+READY = b""
 #: the exit status of a worker that stopped as the node asked (SIGUSR1): it sends each
 #: result before it looks at the request, so it never began a task it did not report
 STOPPED = 75

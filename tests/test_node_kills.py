@@ -46,6 +46,8 @@ def child_ignores_sigterm_parent_handles_it(child_pid_file, seconds=60.0):
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     subprocess.Popen([sys.executable, "-c", _STUBBORN, str(child_pid_file), str(seconds)])
     deadline = time.monotonic() + seconds
+    while not Path(child_pid_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the child is up (and ignores SIGTERM) before the task may end
     while not stop and time.monotonic() < deadline:
         time.sleep(0.01)
     return "cleaned up"
@@ -129,7 +131,9 @@ def test_a_walltime_kill_ends_the_whole_tree_even_when_the_task_handles_sigterm(
     child = tmp_path / "child"
     start_node(workers=1)
     ex = make_executor(1, start_node=False)
-    short = ex.with_options(walltime=_dt.timedelta(seconds=1))
+    ex.submit(tasks.worker_pid).result(GUARD)  # a warm worker
+    # long enough for the child to start on a busy machine (CI once ran out at 1 s)
+    short = ex.with_options(walltime=_dt.timedelta(seconds=4))
     f = short.submit(child_ignores_sigterm_parent_handles_it, str(child))
     try:
         f.exception(GUARD)  # whatever it ends with: it handled SIGTERM and returned
