@@ -568,10 +568,11 @@ class Node:
             if w.kill_deadline is not None:
                 w.escalate()
                 continue
-            if w.inflight and w.slow_to_start(now):
+            if w.slow_to_start(now):  # (an idle one too: it would fail the task it gets)
+                what = f" for job {w.inflight[0].job_id}" if w.inflight else ""
                 w.kill(
                     "WorkerDied",
-                    f"the worker process for job {w.inflight[0].job_id} did not start within "
+                    f"the worker process{what} did not start within "
                     f"{_minutes(pool.STARTUP_LIMIT)}",
                 )
                 continue

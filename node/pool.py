@@ -94,6 +94,8 @@ class Worker:
         while tasks are tiny, otherwise one in reserve so the worker never waits for the
         node between tasks; but none behind a task that has run unusually long, so work
         stays in the node, pending and cancellable, rather than queued behind it."""
+        if not self.ready:  # its start-up may be long: nothing waits behind it meanwhile
+            return 1
         if self.inflight and self.inflight[0].started is not None:
             running = time.monotonic() - self.inflight[0].started
             if running > max(2 * TINY_TASK, 3 * self.avg):
@@ -103,8 +105,8 @@ class Worker:
     def send(self, tasks: list[Task]) -> None:
         """Hand tasks to the worker in one write (one wake-up for the worker).  The first
         task's walltime starts now if the worker is ready, else when it says it is."""
-        if not self.inflight and self.ready:
-            tasks[0].started = time.monotonic()
+        if not self.inflight:  # (a task back from a failed write may carry an old clock)
+            tasks[0].started = time.monotonic() if self.ready else None
         self.inflight.extend(tasks)
         frame = pack_frame([t.data for t in tasks])
         # multiprocessing.Connection's framing, which the worker's recv_bytes reads
@@ -130,8 +132,6 @@ class Worker:
         self.ready = True
         if self.inflight and self.inflight[0].started is None:
             self.inflight[0].started = time.monotonic()
-        if self.stop_asked:  # asked while it started up
-            self.stop_after_current()
 
     def slow_to_start(self, now: float) -> bool:
         return not self.ready and now - self.born > STARTUP_LIMIT
@@ -182,11 +182,9 @@ class Worker:
 
     def stop_after_current(self) -> None:
         """Ask the worker to finish the task it runs and exit without starting another.
-        A worker still starting up is asked once it is ready: until then it has no handler
-        for the signal, which would end it."""
+        (A worker starts with SIGUSR1 blocked, until it has its handler: asked while it
+        starts up, it stops before its first task.)"""
         self.stop_asked = True
-        if not self.ready:
-            return
         try:
             os.kill(self.pid, signal.SIGUSR1)
         except ProcessLookupError:
@@ -265,6 +263,9 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
     result_r, result_w = os.pipe()
     out = tempfile.TemporaryFile(prefix="kotta-stdout-", dir=scratch)
     err = tempfile.TemporaryFile(prefix="kotta-stderr-", dir=scratch)
+    # SIGUSR1 (stop after the current task) blocked, inherited by the worker, which
+    # unblocks it once it has its handler: sent earlier, it waits instead of ending it
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
         proc = subprocess.Popen(
             [python, "-m", "node.worker", str(task_r), str(result_w)],
@@ -276,6 +277,7 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
             env=worker_env(extra),
         )
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(task_r)
         os.close(result_w)
     os.set_blocking(task_w, False)  # Worker.send never waits for the worker

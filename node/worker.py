@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Connection(result_fd, readable=False)
     # SIGUSR1 from a draining node: finish the task at hand, start no other, exit.
     signal.signal(signal.SIGUSR1, lambda *_: _STOP.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # (blocked by the node)
     try:  # ready: the walltime of the first task counts from here, not from our start-up
         results.send_bytes(READY)
     except OSError:  # the node is gone
