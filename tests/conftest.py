@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,10 +65,23 @@ def enclave(enclave_dir) -> EmbeddedEnclave:
 
 
 def _finish(ex: KottaExecutor) -> None:
+    """Kill what is left, shut down; an executor whose jobs never end (a test that failed
+    with its tasks held by a node it stopped) is an error after GUARD, not a hung run."""
     pending = [f for f in list(ex._futures.values()) if not f.done()]
     for f in pending:
         f.kill()
-    ex.shutdown(wait=True, cancel_futures=True)
+    ex.shutdown(wait=False, cancel_futures=True)
+    manager = ex._manager
+    if manager is not None and manager is not threading.current_thread():
+        manager.join(GUARD)
+        if manager.is_alive():
+            from kotta_executor import executor as executor_module
+
+            executor_module._live_executors.discard(ex)  # nor wait for it at exit
+            stuck = [f.job_id for f in list(ex._futures.values()) if not f.done()]
+            raise AssertionError(
+                f"the executor did not shut down within {GUARD} s: jobs {stuck} never ended"
+            )
 
 
 @pytest.fixture
