@@ -45,6 +45,14 @@ def _finals(enclave, job_id: str) -> list[str]:
     return [state for _, state, _ in enclave.jobs.history(job_id) if state in FINAL]
 
 
+def _stop_process(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped: a signal sent to it before then may be
+    handled rather than left pending (Linux delivers SIGUSR1, 10, before SIGSTOP, 19)."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED,
+             what=f"process {pid} to stop")
+
+
 def _signal_pending(pid: int, sig: int) -> bool:
     """Whether ``sig`` waits to be delivered to the (stopped) process ``pid`` (Linux)."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
@@ -368,7 +376,7 @@ def test_a_draining_node_hands_back_piped_tasks_its_worker_never_began(start_nod
     worker = ex.submit(tasks.worker_pid).result(GUARD)
     _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
     futures = [ex.submit(tasks.square, i) for i in range(8)]
-    os.kill(worker, signal.SIGSTOP)  # it cannot begin them
+    _stop_process(worker)  # it cannot begin them
     os.kill(a.pid, signal.SIGCONT)
     try:
         ids = [f.job_id for f in futures]
@@ -406,7 +414,7 @@ def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_o
         wait_for(lambda: _pids(log), what="the head task to begin on node A")
         wait_for(lambda: any(j.state == "processing" for j in enclave.jobs.get_many(ids).values()),
                  what="node A to pipe tasks behind the head one")
-        os.kill(worker, signal.SIGSTOP)  # to see the request arrive while the head runs
+        _stop_process(worker)  # to see the request arrive while the head runs
         try:
             a.proc.send_signal(signal.SIGTERM)
             wait_for(lambda: _signal_pending(worker, signal.SIGUSR1),
