@@ -82,22 +82,16 @@ def test_a_worker_that_never_starts_fails_its_task_and_the_node_goes_on(
     node._start()
     ex = make_executor(1, start_node=False)
 
-    def pump(predicate, what, timeout=GUARD):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            node.step()
-
     try:
         stuck = ex.submit(tasks.square, 3)
-        pump(stuck.done, "the task of the stuck worker to end")
+        _pump(node, stuck.done, "the task of the stuck worker to end")
         with pytest.raises(WorkerDied, match=r"did not start within 1 s"):
             stuck.result(0)
         assert enclave.jobs.get_many([stuck.job_id])[stuck.job_id].state == "failed"
         monkeypatch.setenv("KOTTA_TEST_SLOW_START", "0")  # the next worker starts normally
         monkeypatch.setattr(pool, "STARTUP_LIMIT", 120.0)  # (however busy the machine)
         after = ex.submit(tasks.square, 4)
-        pump(after.done, "the next task")
+        _pump(node, after.done, "the next task")
         assert after.result(0) == 16
     finally:
         node.stopping = True
@@ -193,15 +187,9 @@ def test_a_task_back_from_a_failed_write_does_not_charge_the_next_worker_start_u
     node._start()
     ex = make_executor(1, start_node=False)
 
-    def pump(predicate, what):
-        deadline = time.monotonic() + GUARD
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            node.step()
-
     try:
         first = node.workers[0]
-        pump(lambda: first.ready, "the prespawned worker to be ready")
+        _pump(node, lambda: first.ready, "the prespawned worker to be ready")
         slow_start(3.0)  # workers spawned from now on take 3 s to start
         real = node._hand_out
 
@@ -215,13 +203,21 @@ def test_a_task_back_from_a_failed_write_does_not_charge_the_next_worker_start_u
         monkeypatch.setattr(node, "_hand_out", die_then_hand_out)
         short = ex.with_options(walltime=_dt.timedelta(seconds=1.5))
         f = short.submit(tasks.sleep_and_return, 0.2, "done")
-        pump(f.done, "the task to end")
+        _pump(node, f.done, "the task to end")
         assert first not in node.workers  # it went the way the race goes
         assert f.result(0) == "done"
     finally:
         node.stopping = True
         node._drain()
         node._stop()
+
+
+def _pump(node, predicate, what: str) -> None:
+    """Step an in-process node until ``predicate()`` (GUARD at most)."""
+    deadline = time.monotonic() + GUARD
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        node.step()
 
 
 def _task(fn, *args):
