@@ -1487,6 +1487,21 @@ def test_any_changed_byte_breaks_the_signature(data) -> None:
     assert not wire.verify_mac(bytes(signed), MAC_KEY)
 
 
+@FAST
+@given(
+    st.lists(st.binary(min_size=1, max_size=80), min_size=1, max_size=4),
+    st.lists(st.binary(max_size=5000), min_size=1, max_size=8),
+)
+def test_the_mac_is_hmac_sha256_under_each_key_of_several_in_turn(keys, payloads) -> None:
+    # keyed HMAC objects are kept and copied (wire._mac): a key must never sign with another's
+    for i, payload in enumerate(payloads):
+        key = keys[i % len(keys)]
+        data = wire.encode(PINNED_TASK_HEADER, {"fn": payload}, mac_key=key)
+        assert data[-32:] == hmac.new(key, data[:-32], hashlib.sha256).digest()
+        assert wire.verify_mac(data, key)
+        assert all(not wire.verify_mac(data, other) for other in keys if other != key)
+
+
 def test_mac_is_a_reserved_section_name() -> None:
     with pytest.raises(ValueError, match="reserved"):
         wire.encode(PINNED_TASK_HEADER, {"mac": b"x" * 32})
