@@ -54,3 +54,18 @@ def test_repeat_must_be_positive():
     )
     assert done.returncode == 2
     assert "--repeat must be at least 1" in done.stderr
+
+
+def test_the_floor_model_carries_every_task_to_its_result_and_prints_its_ratio(tmp_path):
+    # benchmarks/floor_model.py: the stripped model of the task path; it checks every
+    # result itself (a no-op returns its argument) and exits non-zero if one is wrong
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "floor_model.py"), "--tasks", "300",
+         "--repeat", "2"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    runs = [line for line in done.stdout.splitlines() if line.startswith("run ")]
+    assert len(runs) == 2
+    assert all("model CPU us a task: client" in line and "worker 2" in line for line in runs)
+    assert "median ratio" in done.stdout
