@@ -272,15 +272,20 @@ class ModelClient:
             now = time.time()
             event = orjson.dumps([now, "pending", None]).decode() + "\n"
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany(
-                "INSERT INTO jobs(job_id, owner, state, created, updated, history)"
-                " VALUES (?,'me','pending',?,?,?)",
-                [(job_id, now, now, event) for job_id, _ in batch],
-            )
-            self.db.executemany(
-                "INSERT INTO messages(job_id, body, visible_at) VALUES (?,?,?)",
-                [(job_id, body, now) for job_id, body in batch],
-            )
+            # multi-row statements, as kotta's _insert_rows: executemany releases the GIL
+            # at every row, and the submitting thread then keeps this one waiting
+            for i in range(0, len(batch), 500):
+                part = batch[i : i + 500]
+                self.db.execute(
+                    "INSERT INTO jobs(job_id, owner, state, created, updated, history) VALUES "
+                    + ",".join(["(?,'me','pending',?,?,?)"] * len(part)),
+                    [v for job_id, _ in part for v in (job_id, now, now, event)],
+                )
+                self.db.execute(
+                    "INSERT INTO messages(job_id, body, visible_at) VALUES "
+                    + ",".join(["(?,?,?)"] * len(part)),
+                    [v for job_id, body in part for v in (job_id, body, now)],
+                )
             self.db.execute("COMMIT")
             self.bell.sendto(b"ring", self.bell_path)
 
