@@ -93,6 +93,9 @@ NODE_LOOK = 0.1
 #: a task handed to a node directly (see _send_now) that it has not recorded within this
 #: many seconds is recorded and queued by the client
 HAND_OFF_CONFIRM = 1.0
+#: jobs pending this long on a queue that no live node serves get a warning (once, until
+#: a node serves it again): a wait for them would otherwise be silent, and last forever
+UNSERVED_WARN = 60.0
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,8 @@ class KottaExecutor(Executor):
         self._last_node_look = 0.0
         self._queues_looked = 0
         self._last_submit = 0.0
+        self._unserved: dict[str, float] = {}  # queue -> when it was first seen unserved
+        self._warned_unserved: set[str] = set()
         self._listening = False  # the manager has bound its doorbell and inbox
         _live_executors.add(self)
 
@@ -704,13 +709,45 @@ class KottaExecutor(Executor):
             ids += list(itertools.islice(self._futures, start, start + RECONCILE_WINDOW))
             self._reconcile_at = start + RECONCILE_WINDOW
         if not ids:
+            if not self._futures:
+                self._watch_unserved({}, now)
             return
+        pending: dict[str, int] = {}
         for job_id, job in self._enclave.jobs.get_many(ids, with_result=True).items():
             if job.state.final:
                 if job.result:
                     self._resolve(job_id, job.result)
                 elif job.state == JobState.CANCELLED:
                     self._settle_cancelled(job_id)
+            elif job.state == JobState.PENDING:
+                pending[job.queue] = pending.get(job.queue, 0) + 1
+        self._watch_unserved(pending, now)
+
+    def _watch_unserved(self, pending: dict[str, int], now: float) -> None:
+        """Warn when jobs of ours (``pending``: how many, by queue, among those just looked
+        at) have waited UNSERVED_WARN seconds on a queue with no live node: ``result()``,
+        ``shutdown(wait=True)`` and interpreter exit wait for them, as long as it takes."""
+        for q in [q for q in self._unserved if q not in pending]:
+            del self._unserved[q]
+            self._warned_unserved.discard(q)
+        for q, count in pending.items():
+            if self._enclave.nodes.live(q):
+                if q in self._warned_unserved:
+                    log.warning("kotta: a node serves queue %r again; its jobs run", q)
+                self._unserved.pop(q, None)
+                self._warned_unserved.discard(q)
+                continue
+            since = self._unserved.setdefault(q, now)
+            if now - since >= UNSERVED_WARN and q not in self._warned_unserved:
+                self._warned_unserved.add(q)
+                log.warning(
+                    "kotta: %d job%s of queue %r %s waited %.0f s and no live node serves "
+                    "that queue; they stay queued until one does (start one with "
+                    "`kotta up --queue %s`, or cancel them; results and shutdown(wait=True) "
+                    "wait for them)",
+                    count, "" if count == 1 else "s", q, "has" if count == 1 else "have",
+                    now - since, q,
+                )
 
     def _settle_cancelled(self, job_id: str) -> None:
         """A job someone else cancelled (``kotta cancel``, another client) before it ran."""
