@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from .worker import STOPPED, pack_frame, read_capture
+from .worker import STOP_SIGNAL, STOPPED, pack_frame, read_capture
 
 #: tasks shorter than this (moving average, seconds) are piped to a worker several at once
 TINY_TASK = 0.002
@@ -182,11 +182,11 @@ class Worker:
 
     def stop_after_current(self) -> None:
         """Ask the worker to finish the task it runs and exit without starting another.
-        (A worker starts with SIGUSR1 blocked, until it has its handler: asked while it
+        (A worker starts with STOP_SIGNAL blocked, until it has its handler: asked while it
         starts up, it stops before its first task.)"""
         self.stop_asked = True
         try:
-            os.kill(self.pid, signal.SIGUSR1)
+            os.kill(self.pid, STOP_SIGNAL)
         except ProcessLookupError:
             pass
 
@@ -263,9 +263,9 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
     result_r, result_w = os.pipe()
     out = tempfile.TemporaryFile(prefix="kotta-stdout-", dir=scratch)
     err = tempfile.TemporaryFile(prefix="kotta-stderr-", dir=scratch)
-    # SIGUSR1 (stop after the current task) blocked, inherited by the worker, which
+    # STOP_SIGNAL (stop after the current task) blocked, inherited by the worker, which
     # unblocks it once it has its handler: sent earlier, it waits instead of ending it
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {STOP_SIGNAL})
     try:
         proc = subprocess.Popen(
             [python, "-m", "node.worker", str(task_r), str(result_w)],

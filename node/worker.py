@@ -236,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         os.set_inheritable(fd, False)  # children of a task must not hold our pipes
     tasks = Connection(task_fd, writable=False)
     results = Connection(result_fd, readable=False)
-    # SIGUSR1 from a draining node: finish the task at hand, start no other, exit.
-    signal.signal(signal.SIGUSR1, lambda *_: _STOP.set())
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # (blocked by the node)
+    # STOP_SIGNAL from the node: finish the task at hand, start no other, exit.
+    signal.signal(STOP_SIGNAL, _ask_stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {STOP_SIGNAL})  # (blocked by the node)
     try:  # ready: the walltime of the first task counts from here, not from our start-up
         results.send_bytes(READY)
     except OSError:  # the node is gone
@@ -252,13 +252,33 @@ def main(argv: list[str] | None = None) -> int:
             if _STOP.is_set():
                 break
             results.send_bytes(run_task(data))
+            _keep_stop_signal()
     return STOPPED
 
 
+def _ask_stop(*_: object) -> None:
+    _STOP.set()
+
+
+def _keep_stop_signal() -> None:
+    """After each task: whatever the task did with STOP_SIGNAL (a handler of its own,
+    SIG_IGN, a blocked mask), the next request reaches this worker again; one the task
+    kept blocked arrives now.  (One made while a task's own handler was installed is
+    lost: the task ran to its end, and the next one would start.)"""
+    if signal.getsignal(STOP_SIGNAL) is not _ask_stop:
+        signal.signal(STOP_SIGNAL, _ask_stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {STOP_SIGNAL})
+
+
 _STOP = threading.Event()
+#: the signal by which the node asks a worker to finish its task and start no other: a
+#: real-time signal where there are some (Linux).  Not SIGUSR1, which tasks and the
+#: libraries they load take for their own (``faulthandler.register``, MPI runtimes,
+#: debuggers): a handler of theirs swallowed the request, and the worker ran on.
+STOP_SIGNAL: int = signal.SIGRTMIN + 4 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR1
 #: the message a worker sends once, when it has started up (a result is never empty)
 READY = b""
-#: the exit status of a worker that stopped as the node asked (SIGUSR1): it sends each
+#: the exit status of a worker that stopped as the node asked (STOP_SIGNAL): it sends each
 #: result before it looks at the request, so it never began a task it did not report
 STOPPED = 75
 

@@ -21,6 +21,7 @@ import pytest
 from kotta_executor import CorruptTask, DeliveryFailed, WorkerDied, wire
 from kotta_executor.backends.base import NewJob
 from kotta_executor.states import FINAL
+from node.worker import STOP_SIGNAL
 from tests import tasks
 from tests.conftest import GUARD, wait_for
 
@@ -47,7 +48,7 @@ def _finals(enclave, job_id: str) -> list[str]:
 
 def _stop_process(pid: int) -> None:
     """SIGSTOP ``pid`` and wait until it is stopped: a signal sent to it before then may be
-    handled rather than left pending (Linux delivers SIGUSR1, 10, before SIGSTOP, 19)."""
+    handled rather than left pending (a SIGSTOP sent after it does not take it back)."""
     os.kill(pid, signal.SIGSTOP)
     wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED,
              what=f"process {pid} to stop")
@@ -386,7 +387,7 @@ def test_a_draining_node_hands_back_piped_tasks_its_worker_never_began(start_nod
 
         wait_for(lambda: len(piped()) >= 2, what="node A to pipe tasks to its stopped worker")
         a.proc.send_signal(signal.SIGTERM)  # it asks the worker to stop after the head task
-        wait_for(lambda: _signal_pending(worker, signal.SIGUSR1),
+        wait_for(lambda: _signal_pending(worker, STOP_SIGNAL),
                  what="node A to ask its worker to stop")
     finally:
         os.kill(worker, signal.SIGCONT)  # it reads the request before it begins a task
@@ -417,7 +418,7 @@ def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_o
         _stop_process(worker)  # to see the request arrive while the head runs
         try:
             a.proc.send_signal(signal.SIGTERM)
-            wait_for(lambda: _signal_pending(worker, signal.SIGUSR1),
+            wait_for(lambda: _signal_pending(worker, STOP_SIGNAL),
                      what="node A to ask its worker to stop")
         finally:
             os.kill(worker, signal.SIGCONT)

@@ -118,9 +118,10 @@ def test_an_idle_node_with_ready_workers_does_not_spin(start_node, make_executor
 
 
 def test_a_worker_asked_to_stop_while_it_starts_up_stops_before_its_first_task(slow_start):
-    """The node asks a worker to stop after its current task with SIGUSR1; a worker gets
-    its handler only once started.  Asked earlier, it used to die of the signal (and its
-    first task failed with WorkerDied "killed by SIGUSR1"); now the node spawns it with
+    """The node asks a worker to stop after its current task with a signal (STOP_SIGNAL,
+    SIGUSR1 then); a worker gets its handler only once started.  Asked earlier, it used to
+    die of the signal (and its first task failed with WorkerDied "killed by SIGUSR1");
+    now the node spawns it with
     the signal blocked, the worker unblocks it once it has the handler, and it stops as
     asked, before its first task: the node puts that task back."""
     from node import pool
