@@ -216,6 +216,7 @@ class KottaExecutor(Executor):
         self._queues_looked = 0
         self._last_submit = 0.0
         self._unserved: dict[str, float] = {}  # queue -> when it was first seen unserved
+        self._sweep_pending: dict[str, int] = {}  # pending jobs by queue, this sweep so far
         self._warned_unserved: set[str] = set()
         self._listening = False  # the manager has bound its doorbell and inbox
         _live_executors.add(self)
@@ -699,6 +700,8 @@ class KottaExecutor(Executor):
         if self._attached and now - self._last_attach_poll >= ATTACH_POLL:
             self._last_attach_poll = now
             ids += list(self._attached)
+        window: list[str] = []
+        sweep_done = False
         if self._futures and now - self._last_reconcile >= RECONCILE_AFTER:
             # A rolling window over the outstanding futures: catches a reply a node never
             # sent (it died after recording) and jobs cancelled or killed by someone else.
@@ -706,34 +709,49 @@ class KottaExecutor(Executor):
             if self._reconcile_at >= len(self._futures):
                 self._reconcile_at = 0
             start = self._reconcile_at
-            ids += list(itertools.islice(self._futures, start, start + RECONCILE_WINDOW))
+            window = list(itertools.islice(self._futures, start, start + RECONCILE_WINDOW))
+            ids += window
             self._reconcile_at = start + RECONCILE_WINDOW
+            sweep_done = self._reconcile_at >= len(self._futures)
+        if not self._futures:
+            self._sweep_pending.clear()
+            self._watch_unserved({}, now)
         if not ids:
-            if not self._futures:
-                self._watch_unserved({}, now)
             return
-        pending: dict[str, int] = {}
+        in_window = set(window)
         for job_id, job in self._enclave.jobs.get_many(ids, with_result=True).items():
             if job.state.final:
                 if job.result:
                     self._resolve(job_id, job.result)
                 elif job.state == JobState.CANCELLED:
                     self._settle_cancelled(job_id)
-            elif job.state == JobState.PENDING:
-                pending[job.queue] = pending.get(job.queue, 0) + 1
-        self._watch_unserved(pending, now)
+            elif job.state == JobState.PENDING and job_id in in_window:
+                self._sweep_pending[job.queue] = self._sweep_pending.get(job.queue, 0) + 1
+        if sweep_done:  # every outstanding future looked at once since the last sweep
+            pending, self._sweep_pending = self._sweep_pending, {}
+            self._watch_unserved(pending, now)
 
     def _watch_unserved(self, pending: dict[str, int], now: float) -> None:
-        """Warn when jobs of ours (``pending``: how many, by queue, among those just looked
-        at) have waited UNSERVED_WARN seconds on a queue with no live node: ``result()``,
-        ``shutdown(wait=True)`` and interpreter exit wait for them, as long as it takes."""
+        """Warn when jobs of ours (``pending``: how many, by queue, over a sweep of the
+        outstanding futures) have waited UNSERVED_WARN seconds on a queue with no live
+        node: ``result()``, ``shutdown(wait=True)`` and interpreter exit wait for them,
+        as long as it takes.  A diagnostic: a failed look at the nodes skips a round."""
         for q in [q for q in self._unserved if q not in pending]:
             del self._unserved[q]
-            self._warned_unserved.discard(q)
+            if q in self._warned_unserved:
+                self._warned_unserved.discard(q)
+                log.warning("kotta: no job of queue %r waits for a node any more", q)
+        if not pending:
+            return
+        try:
+            served = {n.queue for n in self._enclave.nodes.live()}
+        except Exception:  # noqa: BLE001 - never break the executor for a warning
+            log.debug("could not look at the live nodes", exc_info=True)
+            return
         for q, count in pending.items():
-            if self._enclave.nodes.live(q):
+            if q in served:
                 if q in self._warned_unserved:
-                    log.warning("kotta: a node serves queue %r again; its jobs run", q)
+                    log.warning("kotta: a node serves queue %r now; its jobs run", q)
                 self._unserved.pop(q, None)
                 self._warned_unserved.discard(q)
                 continue

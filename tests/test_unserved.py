@@ -8,6 +8,7 @@ and no node, or every node of a queue dead, that wait used to be silent.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from kotta_executor import executor as executor_module
 from tests import tasks
-from tests.conftest import GUARD
+from tests.conftest import GUARD, wait_for
 
 
 class _Log(logging.Handler):
@@ -97,3 +98,59 @@ def test_a_busy_node_is_not_taken_for_a_missing_one(make_executor, start_node, e
     assert blocker.result(timeout=GUARD) == "go"
     assert [f.result(timeout=GUARD) for f in behind] == [10, 11, 12]
     assert prod.cancel()  # no node for production: it never ran, and now never will
+
+
+def test_jobs_on_an_unserved_queue_are_warned_of_while_an_attached_future_is_outstanding(
+        make_executor, start_node, executor_log, monkeypatch, tmp_path):
+    """Found by review: the attached futures are looked at every ATTACH_POLL, between the
+    rounds over all futures, and such a look used to restart every other queue's clock."""
+    monkeypatch.setattr(executor_module, "RECONCILE_AFTER", 0.5)
+    monkeypatch.setattr(executor_module, "ATTACH_POLL", 0.05)
+    monkeypatch.setattr(executor_module, "UNSERVED_WARN", 1.0)
+    start_node(workers=1, queue="test")
+    ex1 = make_executor(1, start_node=False)
+    started, release = tmp_path / "started", tmp_path / "release"
+    blocker = ex1.submit(tasks.touch_then_wait, str(started), str(release))
+    try:
+        wait_for(started.exists, what="the blocker to begin")
+        ex2 = make_executor(1, start_node=False)
+        attached = ex2.attach(blocker.job_id)  # a job of an earlier kernel, say
+        prod = ex2.with_options(queue="production").submit(tasks.add, 1, 1)
+        assert executor_log.event.wait(GUARD), executor_log.messages
+        assert not attached.done()
+        [warning] = [m for m in executor_log.messages if "no live node serves" in m]
+        assert "1 job of queue 'production' has waited " in warning
+    finally:
+        release.write_text("go")
+    assert blocker.result(GUARD) == "go"
+    assert attached.result(GUARD) == "go"
+    assert prod.cancel()
+
+
+def test_a_failing_look_at_the_nodes_does_not_break_the_executor(
+        make_executor, start_node, executor_log, monkeypatch):
+    """Found by review: the look is a diagnostic; on AWS it is a Scan of the nodes table,
+    which a throttled or least-privilege client may be refused.  It used to escape the
+    manager thread, and every future failed with BrokenEnclave."""
+    ex = make_executor(1, start_node=False)
+    real = ex._enclave.nodes.live
+    failed = threading.Event()
+
+    def flaky(queue=None):
+        # only the warning's look (the embedded doorbell looks too, as before)
+        if sys._getframe(1).f_code.co_name == "_watch_unserved" and not failed.is_set():
+            failed.set()
+            raise OSError("transient: the nodes table could not be read")
+        return real(queue)
+
+    monkeypatch.setattr(ex._enclave.nodes, "live", flaky)
+    f = ex.submit(tasks.add, 1, 1)
+    assert failed.wait(GUARD)
+    assert executor_log.event.wait(GUARD), executor_log.messages  # a later look warns
+    start_node(workers=1, queue="test")
+    assert f.result(GUARD) == 2
+    # and it says when the wait is over (a node seen, or no job of the queue pending)
+    wait_for(lambda: any(m in executor_log.messages for m in (
+        "kotta: a node serves queue 'test' now; its jobs run",
+        "kotta: no job of queue 'test' waits for a node any more")),
+        what="the all-clear")
