@@ -56,7 +56,7 @@ from . import envs, pool
 from .datasteps import DataSteps, declares_data
 from .monitor import Monitor, read_tree
 from .pool import Task, Worker
-from .worker import READY
+from .worker import READY, STOP_SIGNAL
 
 log = logging.getLogger("kotta.node")
 
@@ -576,6 +576,12 @@ class Node:
                     f"{_minutes(pool.STARTUP_LIMIT)}",
                 )
                 continue
+            if w.stop_asked and not w.inflight and not w.tasks.closed:
+                # It has reported every task it had and should be exiting.  One that did
+                # not hear the request (a task's own handler took the signal) would wait
+                # for tasks it is never sent, and hold its place: the end of its pipe
+                # tells it too.
+                w.tasks.close()
             if w.inflight and w.inflight[0].started is not None:
                 head = w.inflight[0]
                 limit = head.header["walltime"]
@@ -1076,11 +1082,15 @@ def _drain_socket(sock: socket.socket) -> None:
 
 def _death_message(code: int) -> str:
     if code < 0:
+        sig = -code
         try:
-            name = signal.Signals(-code).name
+            name = signal.Signals(sig).name
         except ValueError:
-            name = f"signal {-code}"
-        return f"the worker process was killed by {name} (signal {-code})"
+            rt = getattr(signal, "SIGRTMIN", None)
+            name = f"SIGRTMIN+{sig - rt}" if rt is not None and sig > rt else f"signal {sig}"
+        if sig == STOP_SIGNAL:  # a task reset it to its default action, which is to die
+            name += ", the node's stop request"
+        return f"the worker process was killed by {name} (signal {sig})"
     return f"the worker process exited with code {code} while running the task"
 
 

@@ -263,10 +263,10 @@ def _ask_stop(*_: object) -> None:
 def _keep_stop_signal() -> None:
     """After each task: whatever the task did with STOP_SIGNAL (a handler of its own,
     SIG_IGN, a blocked mask), the next request reaches this worker again; one the task
-    kept blocked arrives now.  (One made while a task's own handler was installed is
-    lost: the task ran to its end, and the next one would start.)"""
-    if signal.getsignal(STOP_SIGNAL) is not _ask_stop:
-        signal.signal(STOP_SIGNAL, _ask_stop)
+    kept blocked arrives now.  Installed every time: a handler set from C (a library's
+    ``sigaction``, ``faulthandler.register``) does not show in ``signal.getsignal``.
+    (A request made while a task's own handler was installed is lost.)"""
+    signal.signal(STOP_SIGNAL, _ask_stop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {STOP_SIGNAL})
 
 

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from kotta_executor import TaskKilled
+from kotta_executor import TaskKilled, WorkerDied
 from tests import tasks
 from tests.conftest import GUARD, wait_for
 from tests.test_node import _pids
@@ -34,6 +34,15 @@ from tests.test_node_pipelining import _pipe_together, _states
 def take_sigusr1_for_faulthandler():
     """What a task that wants stack dumps on demand does (faulthandler's C handler)."""
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, chain=False)
+    return os.getpid()
+
+
+def take_the_stop_signal_for_faulthandler():
+    """A handler set from C (faulthandler's, a C library's sigaction), which
+    signal.getsignal() does not show (found by review)."""
+    from node.worker import STOP_SIGNAL
+
+    faulthandler.register(STOP_SIGNAL, file=sys.stderr, chain=False)
     return os.getpid()
 
 
@@ -60,6 +69,7 @@ def block_the_stop_signal():
 
 @pytest.mark.parametrize("tamper", [
     take_sigusr1_for_faulthandler,
+    take_the_stop_signal_for_faulthandler,
     ignore_the_stop_signal,
     handle_the_stop_signal_itself,
     block_the_stop_signal,
@@ -93,3 +103,81 @@ def test_a_task_piped_behind_a_long_one_and_killed_never_runs_whatever_an_earlie
     # the bug: the worker, never told to stop, ran the killed task after the head
     assert not runs.exists(), "the killed task ran"
     assert enclave.jobs.get(behind.job_id).state == "cancelled"
+
+
+def reset_the_stop_signal_then_wait(log, release):
+    """Give the stop signal its default action (to die), then run until ``release``."""
+    from node.worker import STOP_SIGNAL
+
+    signal.signal(STOP_SIGNAL, signal.SIG_DFL)
+    return tasks.log_pid_and_wait(log, release)
+
+
+def test_a_worker_killed_by_the_stop_request_says_so(start_node, make_executor, enclave,
+                                                     tmp_path):
+    """A task that resets the stop signal to its default dies of the node's request: its
+    WorkerDied names the signal and what it was (not "signal 38 (signal 38)")."""
+    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    try:
+        _, (head, behind, *rest) = _pipe_together(enclave, ex, [
+            (None, reset_the_stop_signal_then_wait, (str(log), str(release))),
+            (None, tasks.append_line, (str(runs), "ran")),
+            (None, tasks.square, (0,)),
+            (None, tasks.square, (1,)),
+        ])
+        wait_for(lambda: _pids(log), what="the head task to begin")
+        wait_for(lambda: _states(enclave, [behind]) == ["processing"],
+                 what="the node to pipe the task behind the head")
+        assert behind.kill()
+        exc = head.exception(GUARD)
+    finally:
+        release.write_text("go")
+    from node.worker import STOP_SIGNAL
+
+    assert isinstance(exc, WorkerDied)
+    name = "SIGRTMIN+4" if hasattr(signal, "SIGRTMIN") else "SIGUSR1"
+    assert f"killed by {name}, the node's stop request (signal {int(STOP_SIGNAL)})" in str(exc)
+    assert isinstance(behind.exception(GUARD), TaskKilled)
+    assert [f.result(GUARD) for f in rest] == [0, 1]
+    assert not runs.exists()
+
+
+def handle_the_stop_signal_then_wait(log, release):
+    """Take the stop signal for itself, then run until ``release``: a request made now is
+    swallowed (the one case the worker cannot recover; see docs/architecture.md)."""
+    from node.worker import STOP_SIGNAL
+
+    signal.signal(STOP_SIGNAL, lambda *_: None)
+    return tasks.log_pid_and_wait(log, release)
+
+
+def test_a_worker_that_missed_the_stop_request_does_not_hold_its_place(
+        start_node, make_executor, enclave, tmp_path):
+    """Found by review: the worker ran on, then waited for tasks the node never sends to a
+    worker it asked to stop; the node (one worker) neither used nor replaced it, and every
+    later task waited for ever.  Now the node also closes its pipe, once it has reported
+    all it had."""
+    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    try:
+        _, (head, behind, *rest) = _pipe_together(enclave, ex, [
+            (None, handle_the_stop_signal_then_wait, (str(log), str(release))),
+            (None, tasks.append_line, (str(runs), "ran")),
+            (None, tasks.square, (0,)),
+            (None, tasks.square, (1,)),
+        ])
+        wait_for(lambda: _pids(log), what="the head task to begin")
+        wait_for(lambda: _states(enclave, [behind]) == ["processing"],
+                 what="the node to pipe the task behind the head")
+        assert behind.kill()
+        assert isinstance(behind.exception(GUARD), TaskKilled)
+    finally:
+        release.write_text("go")
+    assert head.result(GUARD) == _pids(log)[0]
+    assert [f.result(GUARD) for f in rest] == [0, 1]
+    assert enclave.jobs.get(behind.job_id).state == "cancelled"  # (it ran: the known gap)
+    # the node goes on: a new worker takes the next task
+    assert ex.submit(tasks.worker_pid).result(GUARD) != _pids(log)[0]
