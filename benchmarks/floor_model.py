@@ -55,6 +55,7 @@ import psutil
 ROOT = str(Path(__file__).resolve().parent.parent)
 sys.path.insert(0, ROOT)  # python benchmarks/floor_model.py
 from benchmarks.tasks import noop  # noqa: E402  (by reference, as in benchmarks/run.py)
+from node.worker import pack_frame, unpack_frame  # noqa: E402  (the pipe framing: kotta's)
 
 KEY = b"floor-model-key-".ljust(32, b".")
 MAC = 32
@@ -79,19 +80,6 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _pack(items: list[bytes]) -> bytes:
-    return b"".join(_LEN.pack(len(i)) + i for i in items)
-
-
-def _unpack(data: bytes) -> list[bytes]:
-    items, pos = [], 0
-    while pos < len(data):
-        (n,) = _LEN.unpack_from(data, pos)
-        items.append(data[pos + 4 : pos + 4 + n])
-        pos += 4 + n
-    return items
-
-
 def _envelope(header: dict, payload: bytes) -> bytes:
     head = orjson.dumps(header, option=orjson.OPT_SORT_KEYS)
     return _LEN.pack(len(head)) + head + payload
@@ -113,7 +101,7 @@ def worker(task_fd: int, result_fd: int) -> None:
         except EOFError:
             return
         out = []
-        for item in _unpack(frame):
+        for item in unpack_frame(frame):
             header, payload = _open(item)
             fn, args = pickle.loads(payload)
             try:
@@ -121,7 +109,7 @@ def worker(task_fd: int, result_fd: int) -> None:
             except BaseException as exc:  # noqa: BLE001 - a model of a worker: report it
                 outcome = ("raise", exc)
             out.append(_envelope({"job_id": header["job_id"]}, pickle.dumps(outcome)))
-        results.send_bytes(_pack(out))
+        results.send_bytes(pack_frame(out))
 
 
 # ------------------------------------------------------------------------------ node
@@ -160,7 +148,7 @@ def node(db_path: str, bell_path: str, client_path: str) -> None:
         done = []
         for i, (_, _, pipe) in enumerate(workers):
             if pipe in ready:
-                for item in _unpack(pipe.recv_bytes()):
+                for item in unpack_frame(pipe.recv_bytes()):
                     job_id = _open(item)[0]["job_id"]
                     done.append((job_id, item, inflight.pop(job_id)))
                     load[i] -= 1
@@ -177,7 +165,7 @@ def node(db_path: str, bell_path: str, client_path: str) -> None:
                 "DELETE FROM messages WHERE id=? AND receipt=?", [d[2] for d in done]
             )
             db.execute("COMMIT")
-            reply.sendto(_pack([item for _, item, _ in done]), client_path)
+            reply.sendto(pack_frame([item for _, item, _ in done]), client_path)
         room = ROOM - len(inflight)
         if room <= 0:
             continue
@@ -212,7 +200,7 @@ def node(db_path: str, bell_path: str, client_path: str) -> None:
             frames[i].append(body[:-MAC])
         for (_, pipe, _), items in zip(workers, frames, strict=True):
             if items:
-                pipe.send_bytes(_pack(items))
+                pipe.send_bytes(pack_frame(items))
 
 
 # ------------------------------------------------------------------------------ client
@@ -291,7 +279,7 @@ class ModelClient:
 
     def _receiver(self) -> None:
         while True:
-            for item in _unpack(self.inbox.recv(8 << 20)):
+            for item in unpack_frame(self.inbox.recv(8 << 20)):
                 header, payload = _open(item)
                 kind, value = pickle.loads(payload)
                 future = self.futures.pop(header["job_id"])
