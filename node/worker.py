@@ -270,7 +270,7 @@ def _keep_stop_signal() -> None:
 
     Through ``_signal``, the C functions ``signal`` wraps: its wrappers turn handlers and
     masks into enum members, which for a function or a real-time signal means a raised
-    and caught ValueError; that made these two calls cost 10 us, and a no-op task's
+    and caught exception; that made these two calls cost 10 us, and a no-op task's
     worker about a third more CPU.  These cost about 1 us."""
     _signal.signal(STOP_SIGNAL, _ask_stop)
     _signal.pthread_sigmask(signal.SIG_UNBLOCK, (STOP_SIGNAL,))
