@@ -237,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         os.set_inheritable(fd, False)  # children of a task must not hold our pipes
     tasks = Connection(task_fd, writable=False)
     results = Connection(result_fd, readable=False)
-    # STOP_SIGNAL from the node: finish the task at hand, start no other, exit.
-    signal.signal(STOP_SIGNAL, _ask_stop)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {STOP_SIGNAL})  # (blocked by the node)
+    # STOP_SIGNAL from the node: finish the task at hand, start no other, exit.  (It
+    # was blocked by the node until now: a request made during start-up arrives here.)
+    _keep_stop_signal()
     try:  # ready: the walltime of the first task counts from here, not from our start-up
         results.send_bytes(READY)
     except OSError:  # the node is gone

@@ -71,6 +71,23 @@ def _states(enclave, futures) -> list[str]:
     return [str(jobs[f.job_id].state) if f.job_id in jobs else "none" for f in futures]
 
 
+def _pipe_behind_a_long_task(enclave, ex, head_fn, log, release, runs):
+    """Pipe ``head_fn(log, release)``, a task that appends to ``runs``, and two squares to
+    the node's only worker together (see _pipe_together), and wait until the head runs
+    and the next one waits behind it in the pipe.  Returns the worker's pid and the four
+    futures: head, behind, and the other two."""
+    worker, (head, behind, *rest) = _pipe_together(enclave, ex, [
+        (None, head_fn, (str(log), str(release))),
+        (None, tasks.append_line, (str(runs), "ran")),
+        (None, tasks.square, (0,)),
+        (None, tasks.square, (1,)),
+    ])
+    wait_for(lambda: _pids(log), what="the head task to begin")
+    wait_for(lambda: _states(enclave, [behind]) == ["processing"],
+             what="the node to pipe the task behind the head")
+    return worker, head, behind, rest
+
+
 # ---------------------------------------------------------------------- tests
 
 
@@ -123,15 +140,8 @@ def test_kill_of_a_task_piped_behind_a_long_one_takes_effect_within_seconds(
     ex = make_executor(1, start_node=False)
 
     try:
-        _, (head, behind, *rest) = _pipe_together(enclave, ex, [
-            (None, tasks.log_pid_and_wait, (str(log), str(release))),
-            (None, tasks.append_line, (str(runs), "ran")),
-            (None, tasks.square, (0,)),
-            (None, tasks.square, (1,)),
-        ])
-        wait_for(lambda: _pids(log), what="the head task to begin")
-        wait_for(lambda: _states(enclave, [behind]) == ["processing"],
-                 what="the node to pipe the task behind the head")
+        _, head, behind, rest = _pipe_behind_a_long_task(
+            enclave, ex, tasks.log_pid_and_wait, log, release, runs)
         assert not behind.cancel()  # it counts as started
         assert behind.kill()  # the kill request is recorded
         # promised: stopped within about a second (here: five)

@@ -25,7 +25,7 @@ from kotta_executor import TaskKilled, WorkerDied
 from tests import tasks
 from tests.conftest import GUARD, wait_for
 from tests.test_node import _pids
-from tests.test_node_pipelining import _pipe_together, _states
+from tests.test_node_pipelining import _pipe_behind_a_long_task
 
 # ---------------------------------------------------------------------- task functions
 # (importable by workers as tests.test_worker_stop_signal)
@@ -67,23 +67,6 @@ def block_the_stop_signal():
     return os.getpid()
 
 
-def _kill_the_task_behind(enclave, ex, head_fn, log, release, runs):
-    """Pipe ``head_fn(log, release)``, a task that appends to ``runs``, and two squares to
-    the node's only worker together; once the head runs and the next one waits behind it
-    in the pipe, kill that one.  Returns the worker's pid and the four futures."""
-    worker, (head, behind, *rest) = _pipe_together(enclave, ex, [
-        (None, head_fn, (str(log), str(release))),
-        (None, tasks.append_line, (str(runs), "ran")),
-        (None, tasks.square, (0,)),
-        (None, tasks.square, (1,)),
-    ])
-    wait_for(lambda: _pids(log), what="the head task to begin")
-    wait_for(lambda: _states(enclave, [behind]) == ["processing"],
-             what="the node to pipe the task behind the head")
-    assert behind.kill()
-    return worker, head, behind, rest
-
-
 @pytest.mark.parametrize("tamper", [
     take_sigusr1_for_faulthandler,
     take_the_stop_signal_for_faulthandler,
@@ -98,8 +81,9 @@ def test_a_task_piped_behind_a_long_one_and_killed_never_runs_whatever_an_earlie
     ex = make_executor(1, start_node=False)
     tampered = ex.submit(tamper).result(GUARD)
     try:
-        worker, head, behind, rest = _kill_the_task_behind(
+        worker, head, behind, rest = _pipe_behind_a_long_task(
             enclave, ex, tasks.log_pid_and_wait, log, release, runs)
+        assert behind.kill()
         assert worker == tampered == _pids(log)[0], "the scenario needs the tampered worker"
         wait_for(lambda: behind.done(), what="the killed piped task to end")
         assert isinstance(behind.exception(), TaskKilled)
@@ -129,8 +113,9 @@ def test_a_worker_killed_by_the_stop_request_says_so(start_node, make_executor, 
     start_node(workers=1)
     ex = make_executor(1, start_node=False)
     try:
-        _, head, behind, rest = _kill_the_task_behind(
+        _, head, behind, rest = _pipe_behind_a_long_task(
             enclave, ex, reset_the_stop_signal_then_wait, log, release, runs)
+        assert behind.kill()
         exc = head.exception(GUARD)
     finally:
         release.write_text("go")
@@ -163,8 +148,9 @@ def test_a_worker_that_missed_the_stop_request_does_not_hold_its_place(
     start_node(workers=1)
     ex = make_executor(1, start_node=False)
     try:
-        _, head, behind, rest = _kill_the_task_behind(
+        _, head, behind, rest = _pipe_behind_a_long_task(
             enclave, ex, handle_the_stop_signal_then_wait, log, release, runs)
+        assert behind.kill()
         assert isinstance(behind.exception(GUARD), TaskKilled)
     finally:
         release.write_text("go")
