@@ -101,7 +101,7 @@ def run_task(data: bytes) -> bytes:
     """Run one task; in its working directory, with its scoped credentials in the
     environment, when the node staged data for it (``workdir``, ``env`` in the header
     the node wrote)."""
-    env = wire.decode(data)
+    env = wire.decode_checked(data)  # the node checked it
     workdir, task_env = env.header.get("workdir"), env.header.get("env") or {}
     if not workdir and not task_env:
         try:

@@ -1513,3 +1513,53 @@ def test_mac_must_be_the_last_section() -> None:
     data = PREFIX.pack(b"KOTTA", 2, len(raw)) + raw + bytes(32) + b"x"
     with pytest.raises(errors.EnvelopeError, match="mac must be its last section"):
         wire.decode(data)
+
+
+# =========================================================================== checked envelopes
+
+
+@ENVELOPES
+@given(valid_envelopes(), st.booleans())
+def test_decode_checked_reads_what_decode_reads(data: bytes, signed: bool) -> None:
+    """A worker reads the node's (checked) envelopes with decode_checked: it must see
+    exactly what decode sees, signed or not."""
+    if signed:
+        env = wire.decode(data)
+        data = wire.encode(env.header, env.sections, mac_key=b"k" * 32)
+    assert wire.decode_checked(data) == wire.decode(data)
+
+
+def test_decode_checked_still_refuses_what_is_no_envelope() -> None:
+    with pytest.raises(errors.EnvelopeError, match="bad magic"):
+        wire.decode_checked(b"NOTIT" + bytes(20))
+
+
+PLAIN_VALUES = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True)
+    | st.complex_numbers() | st.text(max_size=20) | st.binary(max_size=20)
+)
+
+
+@FAST
+@given(PLAIN_VALUES)
+def test_plain_outcomes_are_pickled_as_cloudpickle_would(value: Any) -> None:
+    """dump_outcomes skips cloudpickle's Pickler for plain values: same bytes, same value."""
+    import cloudpickle
+
+    payload, failed, reason = wire.dump_outcomes([("ok", value)])
+    assert (failed, reason) == (0, None)
+    (part,) = pickle.loads(payload)
+    assert part == cloudpickle.dumps(("ok", value))
+    ((ok, back),) = wire.outcomes(result_envelope(payload, n=1))
+    assert ok and type(back) is type(value)
+    assert back == value or value != value  # NaN
+
+
+def test_a_plain_value_next_to_an_exception_is_counted_apart() -> None:
+    payload, failed, reason = wire.dump_outcomes(
+        [("ok", 1), ("raise", wire.prepare_exception(KeyError("k"))), ("ok", None)]
+    )
+    assert (failed, reason) == (1, "KeyError: 'k'")
+    (a, b, c) = wire.outcomes(result_envelope(payload, n=3))
+    assert a == (True, 1) and c == (True, None)
+    assert not b[0] and isinstance(b[1], KeyError)
