@@ -56,7 +56,7 @@ from . import envs, pool
 from .datasteps import DataSteps, declares_data
 from .monitor import Monitor, read_tree
 from .pool import Task, Worker
-from .worker import READY, STOP_SIGNAL
+from .worker import READY, STOP_SIGNAL, unpack_result
 
 log = logging.getLogger("kotta.node")
 
@@ -440,17 +440,16 @@ class Node:
 
     def _finish_from_worker(self, w: Worker, task: Task, data: bytes) -> None:
         try:
-            h = wire.peek_header(data)
-        except EnvelopeError as exc:  # a worker that writes garbage is broken
-            data = wire.failure(task.job_id, task.header["n"], "WorkerDied", f"the worker sent an invalid result: {exc}")
-            h = wire.peek_header(data)
-        failed = h["outcome"] != wire.OK or h.get("failed", 0) > 0
+            failed, usage, reason, data = unpack_result(data)
+        except ValueError as exc:  # a worker that writes garbage is broken
+            reason = f"the worker sent an invalid result: {exc}"
+            data = wire.failure(task.job_id, task.header["n"], "WorkerDied", reason)
+            failed, usage = True, None
         state = JobState.FAILED if failed else JobState.COMPLETED
-        usage = h.get("usage")
         if task.monitor is not None:  # a long task: add the node's samples to its usage
             usage = task.monitor.merge(usage)
             data = _with_usage(data, usage)
-        fin = Finished(task.job_id, state, data, h.get("reason"), usage)
+        fin = Finished(task.job_id, state, data, reason, usage)
         if task.staged is not None and self.data.finish_from_worker(task, data, fin):
             if _restricted(task):
                 # a worker that held restricted data serves nothing else: what the task left

@@ -9,7 +9,9 @@ For each task it:
 2. empties the capture files, so fds 1 and 2 catch everything this task writes — Python
    prints, C extensions and child processes alike;
 3. unpickles and runs the calls, catching every exception per call;
-4. writes one result envelope (outcomes, stdout, stderr, usage) to ``RESULT_FD``.
+4. writes one result envelope (outcomes, stdout, stderr, usage) to ``RESULT_FD``, behind
+   a fixed-size head (``pack_result``) with what the node records: failed or not, usage,
+   the reason; so the node reads a result without parsing it.
 
 If it dies mid-task, the node still holds the capture files and reads what the task wrote.
 """
@@ -185,7 +187,7 @@ def _run_task(env: wire.Envelope) -> bytes:
         header, {"payload": payload, "stdout": read_capture(1), "stderr": read_capture(2)}
     )
     _remember_usage(r1s, r1c)
-    return result
+    return pack_result(outcome != wire.OK or failed > 0, usage, reason, result)
 
 
 def _usage_now() -> tuple:
@@ -217,6 +219,37 @@ def unpack_frame(data: bytes) -> list[bytes]:
         items.append(data[pos + 4 : pos + 4 + n])
         pos += 4 + n
     return items
+
+
+#: worker to node, ahead of each result envelope: what the node records of the task, so
+#: that it parses no JSON a task (failed or not; the usage; the reason's length)
+_RESULT = struct.Struct(">?ddddqqI")
+
+
+def pack_result(failed: bool, usage: dict, reason: str | None, envelope: bytes) -> bytes:
+    """A result for the node: a fixed-size head, the reason (UTF-8), the envelope."""
+    why = reason.encode("utf-8", "replace") if reason else b""
+    head = _RESULT.pack(
+        failed, usage["start"], usage["end"], usage["wall"], usage["cpu"],
+        usage["maxrss_kb"], usage["peak_rss_kb"], len(why),
+    )
+    return b"".join((head, why, envelope))
+
+
+def unpack_result(data: bytes) -> tuple[bool, dict, str | None, bytes]:
+    """``(failed, usage, reason, result envelope)`` from a worker's result; ValueError
+    if it is not one."""
+    if len(data) < _RESULT.size:
+        raise ValueError(f"a result of {len(data)} bytes is too short")
+    failed, start, end, wall, cpu, maxrss, peak, n = _RESULT.unpack_from(data)
+    pos = _RESULT.size + n
+    envelope = data[pos:]
+    if not envelope.startswith(wire.MAGIC):
+        raise ValueError("it holds no result envelope")
+    reason = data[_RESULT.size : pos].decode("utf-8", "replace") if n else None
+    usage = {"start": start, "end": end, "wall": wall, "cpu": cpu,
+             "maxrss_kb": maxrss, "peak_rss_kb": peak}
+    return failed, usage, reason, envelope
 
 
 def _watch_parent(parent: int, period: float = 0.25) -> None:
