@@ -40,6 +40,8 @@ CAPTURE_LIMIT = 4 * 1024 * 1024
 def read_capture(fd: int, limit: int = CAPTURE_LIMIT) -> bytes:
     """What a task wrote to ``fd`` since it was emptied (the tail, if over ``limit``)."""
     size = os.fstat(fd).st_size
+    if not size:  # most tasks write nothing: no read
+        return b""
     if size <= limit:
         return os.pread(fd, size, 0)
     tail = os.pread(fd, limit, size - limit)
