@@ -476,9 +476,13 @@ class EmbeddedJobs(JobTable):
     def finish(self, results: Sequence[Finished]) -> list[str]:
         if not results:
             return []
+        by_state: dict[JobState, list[Finished]] = {}
         for r in results:
-            if not JobState(r.state).final:
-                raise ValueError(f"finish() records final states, not {r.state}")
+            by_state.setdefault(r.state, []).append(r)
+        by_state = {JobState(state): group for state, group in by_state.items()}
+        for state in by_state:
+            if not state.final:
+                raise ValueError(f"finish() records final states, not {state}")
         # Large results go to a blob of their own first; a row names it only once written,
         # and a blob whose row was not recorded (a duplicate) is removed again.
         spilled: dict[str, str] = {}
@@ -488,31 +492,32 @@ class EmbeddedJobs(JobTable):
                 self._blobs.put(spilled[r.job_id], r.result)
         now = time.time()
         recorded: list[str] = []
-        by_state: dict[JobState, list[Finished]] = {}
-        for r in results:
-            by_state.setdefault(JobState(r.state), []).append(r)
         try:
             with self._db.tx() as c:
                 for state, group in by_state.items():  # one statement per state and 300 jobs
                     allowed = [str(x) for x in states.sources(state)]
+                    events: dict[str | None, str] = {}  # most results share one reason: None
                     for part in _chunks(group, 300):
-                        rows = [
-                            (r.job_id, r.reason, None if r.job_id in spilled else r.result,
-                             spilled.get(r.job_id), _usage_text(r.usage),
-                             _event(now, state, r.reason))
-                            for r in part
-                        ]
+                        params: list[Any] = []
+                        for r in part:
+                            ev = events.get(r.reason)
+                            if ev is None:
+                                ev = events[r.reason] = _event(now, state, r.reason)
+                            ref = spilled.get(r.job_id)
+                            params += (r.job_id, r.reason, None if ref else r.result, ref,
+                                       _usage_text(r.usage), ev)
+                        params += (str(state), now, now, *allowed)
                         recorded += [
                             row[0]
                             for row in c.execute(
                                 "WITH v(job_id, reason, result, ref, usage, ev) AS (VALUES "
-                                + ",".join(["(?,?,?,?,?,?)"] * len(rows))
+                                + ",".join(["(?,?,?,?,?,?)"] * len(part))
                                 + ") UPDATE jobs SET state=?, reason=v.reason, result=v.result,"
                                 " result_ref=v.ref, usage=v.usage, finished=?, updated=?,"
                                 " history=jobs.history||v.ev FROM v WHERE jobs.job_id=v.job_id"
                                 f" AND jobs.state IN ({_marks(len(allowed))})"
                                 " RETURNING jobs.job_id",
-                                [*(x for row in rows for x in row), str(state), now, now, *allowed],
+                                params,
                             ).fetchall()
                         ]
         finally:
