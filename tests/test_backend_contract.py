@@ -695,6 +695,30 @@ def test_finish_records_a_result_at_most_once(backend):
     assert [s for _, s, _ in backend.jobs.history(b)] == ["pending", "processing", "failed"]
 
 
+def test_finish_of_a_mixed_batch_records_each_job_its_own_outcome(backend):
+    """One finish() call with several final states, reasons shared and not, a large result
+    among small ones: each job gets its own state, reason, result, usage and history line."""
+    ids = create(backend, 6)
+    backend.jobs.transition(ids, JobState.PROCESSING, node="n1")
+    big = os.urandom(LARGE)
+    batch = [
+        Finished(ids[0], JobState.COMPLETED, b"r0", usage={"cpu": 0.5}),
+        Finished(ids[1], JobState.FAILED, b"r1", reason="ValueError: a"),
+        Finished(ids[2], JobState.COMPLETED, big),
+        Finished(ids[3], JobState.FAILED, b"r3", reason="ValueError: a"),
+        Finished(ids[4], JobState.FAILED, b"r4", reason="KeyError: b"),
+        Finished(ids[5], JobState.CANCELLED, b"r5", reason="ValueError: a"),  # as ids[1]
+    ]
+    assert sorted(backend.jobs.finish(batch)) == sorted(ids)
+    records = backend.jobs.get_many(ids, with_result=True)
+    for f in batch:
+        r = records[f.job_id]
+        assert (r.state, r.reason, r.result, r.usage) == (f.state, f.reason, f.result, f.usage)
+        *_, (ts, state, detail) = backend.jobs.history(f.job_id)
+        assert (state, detail) == (f.state, f.reason)
+        assert ts == r.finished
+
+
 def test_record_usage_updates_only_active_jobs(backend):
     running, done = create(backend, 2)
     backend.jobs.transition([running, done], JobState.PROCESSING, node="n1")
