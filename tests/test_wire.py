@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kotta_executor import errors, wire
@@ -1563,3 +1563,88 @@ def test_a_plain_value_next_to_an_exception_is_counted_apart() -> None:
     (a, b, c) = wire.outcomes(result_envelope(payload, n=3))
     assert a == (True, 1) and c == (True, None)
     assert not b[0] and isinstance(b[1], KeyError)
+
+
+# =========================================================================== the quick check
+
+
+def _fully_checked(header: Any) -> bool:
+    try:
+        wire._check_fields(header)
+    except errors.EnvelopeError:
+        return False
+    return True
+
+
+SECTION_TABLES = st.lists(
+    st.lists(st.text(max_size=4) | st.just("mac") | st.integers(-2, 40) | st.none(),
+             min_size=1, max_size=3)
+    | st.tuples(st.just("mac"), st.sampled_from([32, 31, 0])).map(list)
+    | st.tuples(st.text(max_size=4), st.integers(0, 99)).map(list),
+    max_size=4,
+)
+
+
+@FAST
+@given(
+    task_headers,
+    st.just({}) | st.dictionaries(
+        st.sampled_from(sorted({*wire._TASK_FIELDS, "requirements"})),
+        json_values | st.floats() | st.booleans(), max_size=2),
+    st.just([]) | st.lists(st.sampled_from(sorted(wire._TASK_FIELDS)), max_size=2),
+    st.lists(st.tuples(st.text(max_size=4), st.integers(0, 99)).map(list), max_size=3).map(
+        lambda secs: [*secs, ["mac", 32]]) | SECTION_TABLES,
+)
+def test_the_quick_task_check_never_passes_what_the_full_check_refuses(
+    header: dict[str, Any], garble: dict[str, Any], drop: list[str], sections: list
+) -> None:
+    """A node checks every task header; _usual_task is the quick way for the usual shape.
+    Whatever it passes, the full check passes too (and the usual header does pass it)."""
+    assert wire._usual_task({**header, "sections": [["fn", 3], ["mac", 32]]}) == (
+        type(header["walltime"]) is float and type(header["created"]) is float
+        and type(header.get("requirements", "")) is str
+    )
+    garbled = {**header, **garble, "sections": sections}
+    for name in drop:
+        garbled.pop(name, None)
+    quick = wire._usual_task(garbled)
+    event(f"quick check passed: {quick}")
+    if quick:
+        assert _fully_checked(garbled), garbled
+
+
+def _usual_header(**changes: Any) -> dict[str, Any]:
+    header = {**task_fields(), "sections": [["fn", 10], ["args", 4], ["mac", 32]]}
+    for name, value in changes.items():
+        if value is _DROP:
+            del header[name]
+        else:
+            header[name] = value
+    return header
+
+
+_DROP = object()
+_NAN, _INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("changes", [
+    *({name: _DROP} for name in wire._TASK_FIELDS),
+    {"n": 0}, {"n": -1}, {"n": True}, {"n": 1.0}, {"n": "1"},
+    {"walltime": 0.0}, {"walltime": -1.0}, {"walltime": _NAN}, {"walltime": _INF},
+    {"walltime": "300"}, {"walltime": None}, {"walltime": True},
+    {"created": _NAN}, {"created": _INF}, {"created": -_INF}, {"created": "now"},
+    {"job_id": "A" * 32}, {"job_id": "a" * 31}, {"job_id": "g" * 32}, {"job_id": 5},
+    {"owner": 5}, {"client": None}, {"queue": []}, {"fn": {}},
+    {"requirements": 5}, {"requirements": None}, {"requirements": ["numpy"]},
+    {"sections": {}}, {"sections": "fn"}, {"sections": [["mac", 32], ["fn", 10]]},
+    {"sections": [["fn", 10], ["mac", 31]]}, {"sections": [["fn", -1]]},
+    {"sections": [["fn"]]}, {"sections": [["fn", 1.0]]}, {"sections": [["fn", True]]},
+    {"sections": [[5, 1]]}, {"sections": [("fn", 1)]},
+], ids=repr)
+def test_the_quick_task_check_refuses_each_kind_of_bad_field(changes: dict[str, Any]) -> None:
+    assert wire._usual_task(_usual_header())
+    bad = _usual_header(**changes)
+    assert not _fully_checked(bad), "not a bad header: the test is wrong"
+    assert not wire._usual_task(bad)
+    with pytest.raises(errors.EnvelopeError):
+        wire._check_header(bad)
