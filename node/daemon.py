@@ -417,24 +417,24 @@ class Node:
         return inflight >= 4 and all(w.depth > 2 for w in self.workers if w.inflight)
 
     def _collect(self) -> None:
-        # one select for all busy workers (Connection.poll() builds a selector per call)
-        # (and new workers: an idle one's READY must be read, or _wait's select spins on it)
-        busy = [w for w in self.workers if w.inflight or not w.ready]
-        ready = set(select.select(busy, [], [], 0)[0]) if busy else set()
+        # one select for all workers, idle ones too: whatever a worker writes is read as it
+        # comes (a new one's READY, or a message for no task), or _wait's select spins on it
+        ready = set(select.select(self.workers, [], [], 0)[0]) if self.workers else set()
         for w in list(self.workers):
             eof = False
             if w in ready:
                 try:
-                    while True:
-                        data = w.results.recv_bytes()
-                        if data == READY:
-                            w.started_up()
-                        else:
-                            self._finish_from_worker(w, w.task_done(), data)
-                        if not w.inflight or not select.select([w], [], [], 0)[0]:
-                            break
-                except (EOFError, OSError):
-                    eof = True
+                    messages, eof = w.read_results()
+                except OSError:
+                    messages, eof = [], True
+                for data in messages:
+                    if data == READY:
+                        w.started_up()
+                    elif w.inflight:
+                        self._finish_from_worker(w, w.task_done(), data)
+                    elif w.kill_deadline is None:  # not ours: a worker that does this is broken
+                        log.error("worker %s sent a result for no task: ending it", w.pid)
+                        w.kill("WorkerDied", "it sent a result for no task")
             if eof or w.dead():
                 self._bury(w)
 
@@ -465,12 +465,12 @@ class Node:
         """A worker is gone: fail the task it was running, re-queue the ones it had not begun."""
         # results it managed to write before dying still count
         try:
-            while w.inflight and w.results.poll():
-                data = w.results.recv_bytes()
-                if data != READY:
-                    self._finish_from_worker(w, w.task_done(), data)
-        except (EOFError, OSError):
-            pass
+            messages, _ = w.read_results()
+        except OSError:
+            messages = []
+        for data in messages:
+            if data != READY and w.inflight:
+                self._finish_from_worker(w, w.task_done(), data)
         code = w.proc.wait()
         if w.inflight and w.stopped_as_asked(code):
             # none of these began: they run again, on this node or, when it is stopping,

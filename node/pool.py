@@ -80,6 +80,8 @@ class Worker:
     #: framed tasks the pipe has not taken yet: the node never blocks on a worker's pipe
     #: (a frame larger than the pipe, queued behind a long task, would wait for it)
     outbox: bytearray = field(default_factory=bytearray)
+    #: what the worker wrote that does not make a whole message yet (see read_results)
+    inbox: bytearray = field(default_factory=bytearray)
 
     @property
     def pid(self) -> int:
@@ -126,6 +128,37 @@ class Worker:
             except BlockingIOError:
                 return
             del self.outbox[:n]
+
+    def read_results(self) -> tuple[list[bytes], bool]:
+        """The messages the worker has written, whole, and whether it has closed its end.
+        Reads take all the pipe holds until it would block: a burst of results costs two
+        system calls, not two a result and a poll between them.  The part of a
+        message still on its way waits in ``inbox``."""
+        fd, inbox, eof = self.results.fileno(), self.inbox, False
+        while True:
+            try:
+                chunk = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                break
+            if not chunk:
+                eof = True
+                break
+            inbox += chunk
+        messages, pos, end = [], 0, len(inbox)
+        while end - pos >= 4:  # multiprocessing.Connection's framing, as the worker sends
+            (n,) = _CONN_LEN.unpack_from(inbox, pos)
+            head = 4
+            if n == -1:
+                if end - pos < 12:
+                    break
+                (n,) = _CONN_BIG.unpack_from(inbox, pos + 4)
+                head = 12
+            if n < 0 or end - pos - head < n:
+                break
+            messages.append(bytes(inbox[pos + head : pos + head + n]))
+            pos += head + n
+        del inbox[:pos]
+        return messages, eof
 
     def started_up(self) -> None:
         """The worker said it is ready: the task it holds begins now."""
@@ -246,6 +279,7 @@ _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CONN_LEN = struct.Struct("!i")
 _CONN_BIG = struct.Struct("!Q")
+_READ_SIZE = 1 << 20
 
 
 def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
@@ -281,6 +315,7 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
         os.close(task_r)
         os.close(result_w)
     os.set_blocking(task_w, False)  # Worker.send never waits for the worker
+    os.set_blocking(result_r, False)  # nor Worker.read_results
     return Worker(
         owner=owner,
         proc=proc,

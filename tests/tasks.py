@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -52,6 +53,13 @@ def write_everywhere():
 
 def exit_hard(code=7):
     os._exit(code)
+
+
+def forge_a_result():
+    """Writes a message of its own on the worker's result pipe (its descriptor is in the
+    worker's argv), ahead of the result the worker sends."""
+    os.write(int(sys.argv[2]), struct.pack("!i", 7) + b"garbage")
+    return "the real result"
 
 
 def segfault():

@@ -188,6 +188,18 @@ ROWS = [
     ),
     pytest.param(
         Row(
+            # a task that writes on the worker's result pipe: the node takes its message
+            # for the result, refuses it, and ends the worker, whose real result comes for
+            # no task (it must not be taken for the next task's)
+            submit=lambda ex, tmp: ex.submit(tasks.forge_a_result),
+            raises=WorkerDied,
+            fragment="the worker sent an invalid result: a result of 7 bytes is too short",
+            worker_survives=False,
+        ),
+        id="forged-result",
+    ),
+    pytest.param(
+        Row(
             submit=lambda ex, tmp: ex.submit(tasks.segfault),
             raises=WorkerDied,
             fragment="SIGSEGV (signal 11)",

@@ -61,3 +61,59 @@ def test_garbage_raises_value_error_only(data: bytes) -> None:
 def test_what_a_node_is_told(data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         unpack_result(data)
+
+
+# ------------------------------------------------------------------ the node's read of a pipe
+
+
+def _pipe_worker():
+    """A node-side Worker around a real pipe, written to as a worker writes (Connection)."""
+    import os
+    from multiprocessing.connection import Connection
+
+    from node.pool import Worker
+
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    worker = Worker("alice", None, None, Connection(r, writable=False), None, None)
+    return worker, Connection(w, readable=False)
+
+
+def test_read_results_takes_every_whole_message_and_keeps_the_rest():
+    import threading
+
+    worker, conn = _pipe_worker()
+    try:
+        assert worker.read_results() == ([], False)
+        conn.send_bytes(b"")  # READY
+        conn.send_bytes(b"one")
+        conn.send_bytes(b"two")
+        assert worker.read_results() == ([b"", b"one", b"two"], False)
+        # a message bigger than the pipe arrives in parts: nothing until it is whole
+        big = bytes(range(256)) * 40_000  # 10 MB
+        writer = threading.Thread(target=conn.send_bytes, args=(big,))
+        writer.start()
+        got: list[bytes] = []
+        while not got:
+            got, eof = worker.read_results()
+            assert not eof
+        writer.join()
+        assert got == [big] and not worker.inbox
+        conn.send_bytes(b"last")
+        conn.close()
+        assert worker.read_results() == ([b"last"], True)
+    finally:
+        worker.results.close()
+
+
+def test_read_results_of_a_message_cut_short_by_the_worker_dying():
+    import os
+    import struct
+
+    worker, conn = _pipe_worker()
+    try:
+        os.write(conn.fileno(), struct.pack("!i", 100) + b"only part")
+        conn.close()
+        assert worker.read_results() == ([], True)
+    finally:
+        worker.results.close()
