@@ -78,11 +78,17 @@ def atomic_moto() -> Iterator[None]:
     """What the real services do atomically, moto's in-process backends do not: DynamoDB
     checks a ConditionExpression and writes the item as one step, and SQS hands a message
     to one receiver at a time; under moto two threads can both pass the condition, or
-    iterate a queue or table while another changes it.  So moto's item reads and writes
-    and queue operations are serialized here (long polls wait outside the lock, as they do on SQS)."""
+    iterate a queue or table while another changes it.  So moto's DynamoDB requests and
+    queue operations are serialized here (long polls wait outside the lock, as they do on SQS).
+
+    DynamoDB is locked per request (the handler's ``call_action``), not per backend method:
+    moto's handlers read the live items the backend hands them outside the backend's methods
+    (UpdateItem deep-copies the item before the update, GetItem and PutItem serialise it
+    after), and a copy made while another thread's UpdateItem adds an attribute to the same
+    item fails with "dictionary changed size during iteration"."""
     from unittest import mock
 
-    from moto.dynamodb.models import DynamoDBBackend
+    from moto.dynamodb.responses import DynamoHandler
     from moto.sqs.models import SQSBackend
 
     lock = threading.RLock()
@@ -108,10 +114,10 @@ def atomic_moto() -> Iterator[None]:
 
     with contextlib.ExitStack() as stack:
         for cls, names in (
-            # reads too: moto's Query walks a table's dict of items, and fails ("dictionary
-            # changed size during iteration") when another thread's PutItem adds one
-            (DynamoDBBackend, ("put_item", "update_item", "delete_item", "query", "scan",
-                               "get_item", "batch_get_item")),
+            # every request, reads too: moto's Query walks a table's dict of items, and
+            # fails ("dictionary changed size during iteration") when another thread's
+            # PutItem adds one
+            (DynamoHandler, ("call_action",)),
             (
                 SQSBackend,
                 (
