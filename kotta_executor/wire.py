@@ -192,8 +192,22 @@ def _dumps(header: dict[str, Any]) -> bytes:
     of an envelope)."""
     try:
         return orjson.dumps(header, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # what orjson does not write (an int over 64 bits): the stdlib does
-        return json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    except TypeError:  # what orjson does not write (an int over 64 bits, a lone surrogate)
+        # the stdlib does, with any lone surrogate spelled out: "\udcff" as six characters
+        # (escaped, it would be JSON that orjson.loads refuses, as it is not UTF-8)
+        return json.dumps(_spelled(header), separators=(",", ":"), sort_keys=True).encode()
+
+
+def _spelled(value: Any) -> Any:
+    """``value`` with lone surrogates in its strings (a file name that is not UTF-8, read by
+    ``os.listdir``) replaced by their ``\\udcff`` spelling."""
+    if type(value) is str:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_spelled(k): _spelled(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_spelled(v) for v in value]
+    return value
 
 
 def is_signed(header: dict[str, Any]) -> bool:
@@ -238,8 +252,8 @@ def decode(data: bytes | memoryview) -> Envelope:
 
 def decode_checked(data: bytes) -> Envelope:
     """Parse an envelope its sender has checked already (:func:`peek_header`): a task the
-    node hands a worker.  Only the framing is read; a malformed one still raises, as
-    EnvelopeError, KeyError or ValueError (for the worker, a broken node)."""
+    node hands a worker.  Only the framing is read; a malformed one still raises (any
+    exception: for the worker, a broken node)."""
     magic, version, hlen = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise errors.EnvelopeError("not a kotta envelope: bad magic bytes")
@@ -803,13 +817,15 @@ def dump_outcomes(items: Iterable[tuple[str, Any]]) -> tuple[bytes, int, str | N
 
 
 def summary(exc: BaseException) -> str:
-    """``Type: message`` in one line, for job records."""
+    """``Type: message``, for job records (at most 500 characters; a lone surrogate,
+    which neither UTF-8 nor a job table holds, is spelled out as ``\\udcff``)."""
     try:
         text = str(exc)
     except Exception:  # noqa: BLE001
         text = ""
     name = type(exc).__qualname__
-    return f"{name}: {text}"[:500] if text else name
+    line = f"{name}: {text}"[:500] if text else name
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def result_header(job_id: str, outcome: str, n: int, **fields: Any) -> dict[str, Any]:

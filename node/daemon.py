@@ -441,14 +441,17 @@ class Node:
     def _finish_from_worker(self, w: Worker, task: Task, data: bytes) -> None:
         try:
             failed, usage, reason, data = unpack_result(data)
-        except ValueError as exc:  # a worker that writes garbage is broken
+            if task.monitor is not None:  # a long task: add the node's samples to its usage
+                usage = task.monitor.merge(usage)
+                data = _with_usage(data, usage)  # (the one parse of a result by the node)
+        except ValueError as exc:  # a worker that writes garbage is broken (EnvelopeError too)
             reason = f"the worker sent an invalid result: {exc}"
             data = wire.failure(task.job_id, task.header["n"], "WorkerDied", reason)
             failed, usage = True, None
+            if task.monitor is not None:
+                usage = task.monitor.merge(None)
+                data = _with_usage(data, usage)
         state = JobState.FAILED if failed else JobState.COMPLETED
-        if task.monitor is not None:  # a long task: add the node's samples to its usage
-            usage = task.monitor.merge(usage)
-            data = _with_usage(data, usage)
         fin = Finished(task.job_id, state, data, reason, usage)
         if task.staged is not None and self.data.finish_from_worker(task, data, fin):
             if _restricted(task):

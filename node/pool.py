@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from .worker import STOP_SIGNAL, STOPPED, pack_frame, read_capture
+from .worker import CONN_BIG, CONN_LEN, STOP_SIGNAL, STOPPED, pack_frame, read_capture
 
 #: tasks shorter than this (moving average, seconds) are piped to a worker several at once
 TINY_TASK = 0.002
@@ -113,9 +112,9 @@ class Worker:
         frame = pack_frame([t.data for t in tasks])
         # multiprocessing.Connection's framing, which the worker's recv_bytes reads
         if len(frame) < 0x7FFFFFFF:
-            self.outbox += _CONN_LEN.pack(len(frame))
+            self.outbox += CONN_LEN.pack(len(frame))
         else:
-            self.outbox += _CONN_LEN.pack(-1) + _CONN_BIG.pack(len(frame))
+            self.outbox += CONN_LEN.pack(-1) + CONN_BIG.pack(len(frame))
         self.outbox += frame
         self.flush()
 
@@ -146,12 +145,12 @@ class Worker:
             inbox += chunk
         messages, pos, end = [], 0, len(inbox)
         while end - pos >= 4:  # multiprocessing.Connection's framing, as the worker sends
-            (n,) = _CONN_LEN.unpack_from(inbox, pos)
+            (n,) = CONN_LEN.unpack_from(inbox, pos)
             head = 4
             if n == -1:
                 if end - pos < 12:
                     break
-                (n,) = _CONN_BIG.unpack_from(inbox, pos + 4)
+                (n,) = CONN_BIG.unpack_from(inbox, pos + 4)
                 head = 12
             if n < 0 or end - pos - head < n:
                 break
@@ -277,8 +276,6 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-_CONN_LEN = struct.Struct("!i")
-_CONN_BIG = struct.Struct("!Q")
 _READ_SIZE = 1 << 20
 
 

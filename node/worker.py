@@ -101,8 +101,8 @@ class _LRU(OrderedDict):
 _FUNCTIONS = _LRU(64)
 
 
-def run_task(data: bytes) -> bytes:
-    """Run one task; in its working directory, with its scoped credentials in the
+def run_task(data: bytes) -> tuple[bytes, bytes]:
+    """Run one task: the head of its result (``result_head``) and its result envelope; in its working directory, with its scoped credentials in the
     environment, when the node staged data for it (``workdir``, ``env`` in the header
     the node wrote)."""
     env = wire.decode_checked(data)  # the node checked it
@@ -140,7 +140,7 @@ def _back_home() -> None:
         os.chdir(_HOME)
 
 
-def _run_task(env: wire.Envelope) -> bytes:
+def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     h = env.header
     job_id = h["job_id"]
     os.environ["KOTTA_JOB_ID"] = job_id
@@ -189,7 +189,7 @@ def _run_task(env: wire.Envelope) -> bytes:
         header, {"payload": payload, "stdout": read_capture(1), "stderr": read_capture(2)}
     )
     _remember_usage(r1s, r1c)
-    return pack_result(outcome != wire.OK or failed > 0, usage, reason, result)
+    return result_head(outcome != wire.OK or failed > 0, usage, reason), result
 
 
 def _usage_now() -> tuple:
@@ -230,17 +230,48 @@ _RESULT = struct.Struct(">?ddddqqI")
 
 def pack_result(failed: bool, usage: dict, reason: str | None, envelope: bytes) -> bytes:
     """A result for the node: a fixed-size head, the reason (UTF-8), the envelope."""
+    return result_head(failed, usage, reason) + envelope
+
+
+def result_head(failed: bool, usage: dict, reason: str | None) -> bytes:
+    """What goes ahead of a result envelope: the fixed-size head and the reason."""
     why = reason.encode("utf-8", "replace") if reason else b""
-    head = _RESULT.pack(
+    return _RESULT.pack(
         failed, usage["start"], usage["end"], usage["wall"], usage["cpu"],
         usage["maxrss_kb"], usage["peak_rss_kb"], len(why),
-    )
-    return b"".join((head, why, envelope))
+    ) + why
 
 
-def unpack_result(data: bytes) -> tuple[bool, dict, str | None, bytes]:
+def send_result(fd: int, head: bytes, envelope: bytes) -> None:
+    """One message on the result pipe, framed as ``Connection.send_bytes`` frames it; a
+    big envelope is written after its head, not joined to it (a copy of the whole result
+    in the worker, whose memory counts against the task's limit)."""
+    n = len(head) + len(envelope)
+    frame = CONN_LEN.pack(n) if n < 0x7FFFFFFF else CONN_LEN.pack(-1) + CONN_BIG.pack(n)
+    if len(envelope) <= 1 << 16:
+        _write_all(fd, b"".join((frame, head, envelope)))
+    else:
+        _write_all(fd, frame + head)
+        _write_all(fd, envelope)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:  # a write interrupted by a signal may be partial
+        view = view[os.write(fd, view):]
+
+
+#: multiprocessing.Connection's framing of a message, on both pipes: its length, or -1
+#: and then a 64-bit length
+CONN_LEN = struct.Struct("!i")
+CONN_BIG = struct.Struct("!Q")
+
+
+def unpack_result(data: bytes) -> tuple[bool, dict | None, str | None, bytes]:
     """``(failed, usage, reason, result envelope)`` from a worker's result; ValueError
     if it is not one."""
+    if data[:5] == wire.MAGIC:  # (a head begins with 0 or 1) no head: an earlier worker's
+        return _bare_result(data)
     if len(data) < _RESULT.size:
         raise ValueError(f"a result of {len(data)} bytes is too short")
     failed, start, end, wall, cpu, maxrss, peak, n = _RESULT.unpack_from(data)
@@ -252,6 +283,18 @@ def unpack_result(data: bytes) -> tuple[bool, dict, str | None, bytes]:
     usage = {"start": start, "end": end, "wall": wall, "cpu": cpu,
              "maxrss_kb": maxrss, "peak_rss_kb": peak}
     return failed, usage, reason, envelope
+
+
+def _bare_result(envelope: bytes) -> tuple[bool, dict | None, str | None, bytes]:
+    """A result envelope with no head, as workers of kotta-executor 0.1.0 before this one
+    sent them: a requirements venv that installs another kotta-executor runs those (its
+    site-packages come first)."""
+    h = wire.peek_header(envelope)  # EnvelopeError is a ValueError
+    failed, usage, reason = h.get("failed", 0), h.get("usage"), h.get("reason")
+    if h["kind"] != "result" or type(failed) is not int or not isinstance(usage, dict | None) \
+            or not isinstance(reason, str | None):
+        raise ValueError("it is not a result")
+    return h["outcome"] != wire.OK or failed > 0, usage, reason, envelope
 
 
 def _watch_parent(parent: int, period: float = 0.25) -> None:
@@ -287,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         for data in unpack_frame(frame):  # one result per task, as soon as it is done
             if _STOP.is_set():
                 break
-            results.send_bytes(run_task(data))
+            send_result(result_fd, *run_task(data))
             _keep_stop_signal()
     return STOPPED
 

@@ -55,6 +55,11 @@ def exit_hard(code=7):
     os._exit(code)
 
 
+def raise_once_file_exists(path, message):
+    wait_for_file(path)
+    raise ValueError(message)
+
+
 def forge_a_result():
     """Writes a message of its own on the worker's result pipe (its descriptor is in the
     worker's argv), ahead of the result the worker sends."""

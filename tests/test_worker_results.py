@@ -117,3 +117,100 @@ def test_read_results_of_a_message_cut_short_by_the_worker_dying():
         assert worker.read_results() == ([], True)
     finally:
         worker.results.close()
+
+
+# ------------------------------------------------------------------ what a user sees
+
+
+#: a file name that is not UTF-8, as os.listdir gives it: neither JSON nor UTF-8 holds it
+NOT_UTF8 = "no such file: caf\udce9.csv"
+
+
+def _executor(enclave_dir):
+    from kotta_executor import KottaExecutor
+
+    return KottaExecutor(1, enclave=enclave_dir, start_node=False)
+
+
+def _close(ex):
+    for f in list(ex._futures.values()):
+        if not f.done():
+            f.kill()
+    ex.shutdown(wait=False, cancel_futures=True)
+
+
+def test_an_exception_whose_message_is_not_utf8_comes_back_as_itself(start_node, enclave_dir):
+    """Its summary heads the result envelope: written as JSON that parses, the exception
+    arrives (it was WorkerDied, "the worker sent an invalid result", before)."""
+    from tests import tasks
+    from tests.conftest import GUARD
+
+    start_node(workers=1)
+    ex = _executor(enclave_dir)
+    try:
+        f = ex.submit(tasks.raise_value_error, NOT_UTF8)
+        exc = f.exception(GUARD)
+        assert type(exc) is ValueError and exc.args == (NOT_UTF8,)
+        job = ex.enclave.jobs.get(f.job_id)
+        assert job.state == "failed"
+        assert job.reason == "ValueError: no such file: caf\\udce9.csv"  # spelled out
+    finally:
+        _close(ex)
+
+
+def test_a_long_task_whose_message_is_not_utf8_leaves_the_node_running(
+    start_node, enclave_dir, tmp_path
+):
+    """A long task's result is the one the node parses (to add its usage samples)."""
+    from tests import tasks
+    from tests.conftest import GUARD, wait_for
+
+    node = start_node("--sample-interval", "1", workers=1)
+    ex = _executor(enclave_dir)
+    try:
+        go = tmp_path / "go"
+        f = ex.submit(tasks.raise_once_file_exists, str(go), NOT_UTF8)
+        def sampled() -> bool:
+            job = ex.enclave.jobs.get(f.job_id)  # (None until recorded)
+            return bool(job is not None and (job.usage or {}).get("samples"))
+
+        wait_for(sampled, what="the node to sample the task")
+        go.touch()
+        exc = f.exception(GUARD)
+        assert type(exc) is ValueError and exc.args == (NOT_UTF8,)
+        assert f.usage()["samples"]  # the node parsed the result, and added them
+        assert ex.submit(tasks.square, 4).result(GUARD) == 16
+        assert node.proc.poll() is None
+    finally:
+        _close(ex)
+
+
+def test_a_bare_result_envelope_from_an_earlier_worker_is_still_read():
+    """Workers of the kotta-executor before this head existed (a requirements venv that
+    installs another kotta-executor runs those) send the envelope alone."""
+    usage = {"start": 1.0, "end": 2.0, "wall": 1.0, "cpu": 0.5, "maxrss_kb": 10, "peak_rss_kb": 10}
+    for failed, reason in ((0, None), (1, "ValueError: x")):
+        header = wire.result_header(JOB_ID, wire.OK, 1, failed=failed, usage=usage)
+        if reason:
+            header["reason"] = reason
+        bare = wire.encode(header, {"payload": b"p", "stdout": b"", "stderr": b""})
+        assert unpack_result(bare) == (bool(failed), usage, reason, bare)
+    with pytest.raises(ValueError, match="not JSON"):
+        unpack_result(wire.MAGIC + b"\x02" + bytes([0, 0, 0, 2]) + b"{!")
+
+
+def test_a_result_bigger_than_the_pipe_arrives_whole(start_node, enclave_dir):
+    """Written in two parts (head, then the envelope), read in many: 24 MB and the small
+    results after it, in order."""
+    from tests import tasks
+    from tests.conftest import GUARD
+
+    start_node(workers=1)
+    ex = _executor(enclave_dir)
+    try:
+        fs = [ex.submit(bytes, 24_000_000), ex.submit(tasks.square, 3), ex.submit(bytes, 70_000)]
+        assert fs[0].result(GUARD) == bytes(24_000_000)
+        assert fs[1].result(GUARD) == 9
+        assert fs[2].result(GUARD) == bytes(70_000)  # just over the size written joined
+    finally:
+        _close(ex)
