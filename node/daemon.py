@@ -435,6 +435,10 @@ class Node:
                     elif w.kill_deadline is None:  # not ours: a worker that does this is broken
                         log.error("worker %s sent a result for no task: ending it", w.pid)
                         w.kill("WorkerDied", "it sent a result for no task")
+                if w.garbled and w.kill_deadline is None:
+                    log.error("worker %s wrote garbage on its result pipe: ending it", w.pid)
+                    w.kill("WorkerDied", "the worker wrote something on its result pipe that "
+                                         "is not a message (a task that writes on it?)")
             if eof or w.dead():
                 self._bury(w)
 

@@ -81,6 +81,7 @@ class Worker:
     outbox: bytearray = field(default_factory=bytearray)
     #: what the worker wrote that does not make a whole message yet (see read_results)
     inbox: bytearray = field(default_factory=bytearray)
+    garbled: bool = False  # it wrote something that is not a message: nothing more is read
 
     @property
     def pid(self) -> int:
@@ -142,7 +143,8 @@ class Worker:
             if not chunk:
                 eof = True
                 break
-            inbox += chunk
+            if not self.garbled:
+                inbox += chunk
         messages, pos, end = [], 0, len(inbox)
         while end - pos >= 4:  # multiprocessing.Connection's framing, as the worker sends
             (n,) = CONN_LEN.unpack_from(inbox, pos)
@@ -152,7 +154,11 @@ class Worker:
                     break
                 (n,) = CONN_BIG.unpack_from(inbox, pos + 4)
                 head = 12
-            if n < 0 or end - pos - head < n:
+            if n < 0 or n > _MAX_MESSAGE:  # not a length: a task wrote on the pipe
+                self.garbled = True
+                pos = end
+                break
+            if end - pos - head < n:
                 break
             messages.append(bytes(inbox[pos + head : pos + head + n]))
             pos += head + n
@@ -277,6 +283,7 @@ _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 _READ_SIZE = 1 << 20
+_MAX_MESSAGE = 1 << 40
 
 
 def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:

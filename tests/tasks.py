@@ -67,6 +67,13 @@ def forge_a_result():
     return "the real result"
 
 
+def garble_the_result_pipe():
+    """Writes bytes on the worker's result pipe that cannot be a message (a negative
+    length)."""
+    os.write(int(sys.argv[2]), struct.pack("!i", -5) + b"junk")
+    return "the real result"
+
+
 def segfault():
     ctypes.string_at(0)
 

@@ -200,6 +200,15 @@ ROWS = [
     ),
     pytest.param(
         Row(
+            submit=lambda ex, tmp: ex.submit(tasks.garble_the_result_pipe),
+            raises=WorkerDied,
+            fragment="wrote something on its result pipe that is not a message",
+            worker_survives=False,
+        ),
+        id="garbled-result-pipe",
+    ),
+    pytest.param(
+        Row(
             submit=lambda ex, tmp: ex.submit(tasks.segfault),
             raises=WorkerDied,
             fragment="SIGSEGV (signal 11)",

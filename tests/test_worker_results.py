@@ -119,6 +119,24 @@ def test_read_results_of_a_message_cut_short_by_the_worker_dying():
         worker.results.close()
 
 
+def test_read_results_stops_at_what_cannot_be_a_message():
+    import os
+    import struct
+
+    worker, conn = _pipe_worker()
+    try:
+        conn.send_bytes(b"whole")
+        os.write(conn.fileno(), struct.pack("!i", -5) + b"junk")
+        conn.send_bytes(b"after")
+        assert worker.read_results() == ([b"whole"], False)
+        assert worker.garbled and not worker.inbox
+        conn.send_bytes(b"more")  # nothing more is kept: the node ends such a worker
+        assert worker.read_results() == ([], False) and not worker.inbox
+    finally:
+        conn.close()
+        worker.results.close()
+
+
 # ------------------------------------------------------------------ what a user sees
 
 
