@@ -824,8 +824,8 @@ def summary(exc: BaseException) -> str:
     except Exception:  # noqa: BLE001
         text = ""
     name = type(exc).__qualname__
-    line = f"{name}: {text}"[:500] if text else name
-    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+    line = f"{name}: {text}" if text else name
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")[:500]
 
 
 def result_header(job_id: str, outcome: str, n: int, **fields: Any) -> dict[str, Any]:

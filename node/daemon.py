@@ -27,6 +27,7 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -382,7 +383,7 @@ class Node:
             timeout = 0.0
         if self._held:
             timeout = min(timeout, HOLD_RETRY)
-        fds: list = [self._wake_r, *self.workers]
+        fds: list = [self._wake_r, *(w for w in self.workers if not w.closed)]
         if self._bell is not None:
             fds.append(self._bell)
         if self._task_inbox is not None:
@@ -419,19 +420,21 @@ class Node:
     def _collect(self) -> None:
         # one select for all workers, idle ones too: whatever a worker writes is read as it
         # comes (a new one's READY, or a message for no task), or _wait's select spins on it
-        ready = set(select.select(self.workers, [], [], 0)[0]) if self.workers else set()
+        # (not a pipe closed already: it is always readable, and a select would spin)
+        open_ = [w for w in self.workers if not w.closed]
+        ready = set(select.select(open_, [], [], 0)[0]) if open_ else set()
         for w in list(self.workers):
-            eof = False
             if w in ready:
                 try:
-                    messages, eof = w.read_results()
+                    messages, _ = w.read_results()
                 except OSError:
-                    messages, eof = [], True
-                for data in messages:
+                    messages, w.closed = [], True
+                for data in messages:  # (all of them before anything garbled)
                     if data == READY:
                         w.started_up()
                     elif w.inflight:
-                        self._finish_from_worker(w, w.task_done(), data)
+                        if not self._finish_from_worker(w, w.task_done(), data):
+                            break  # an invalid result: what follows is out of step
                     elif w.kill_deadline is None:  # not ours: a worker that does this is broken
                         log.error("worker %s sent a result for no task: ending it", w.pid)
                         w.kill("WorkerDied", "it sent a result for no task")
@@ -439,12 +442,31 @@ class Node:
                     log.error("worker %s wrote garbage on its result pipe: ending it", w.pid)
                     w.kill("WorkerDied", "the worker wrote something on its result pipe that "
                                          "is not a message (a task that writes on it?)")
-            if eof or w.dead():
+                if w.closed and not self._exits(w) and w.kill_deadline is None:
+                    # alive with its result pipe closed (a task closed descriptors it did not
+                    # open): it can report nothing more
+                    log.error("worker %s closed its result pipe: ending it", w.pid)
+                    w.kill("WorkerDied", "the worker's result pipe was closed (a task that "
+                                         "closes file descriptors it did not open?)")
+            if w.dead():
                 self._bury(w)
 
-    def _finish_from_worker(self, w: Worker, task: Task, data: bytes) -> None:
+    @staticmethod
+    def _exits(w: Worker) -> bool:
+        """Whether a worker whose result pipe closed is exiting (a pipe closes as its
+        process ends: wait a moment for that, not for a task that closed it)."""
         try:
-            failed, usage, reason, data = unpack_result(data)
+            w.proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def _finish_from_worker(self, w: Worker, task: Task, data: bytes) -> bool:
+        """Record what a worker sent for ``task``; False if it was not a valid result (the
+        task failed, the worker is being ended: nothing more it sent is read)."""
+        valid = True
+        try:
+            failed, usage, reason, data = unpack_result(data, task.job_id)
             if task.monitor is not None:  # a long task: add the node's samples to its usage
                 usage = task.monitor.merge(usage)
                 data = _with_usage(data, usage)  # (the one parse of a result by the node)
@@ -455,6 +477,13 @@ class Node:
             if task.monitor is not None:
                 usage = task.monitor.merge(None)
                 data = _with_usage(data, usage)
+            # What it sends next may be this task's own result, out of step: nothing more
+            # it sends is read, and it is ended.  The tasks behind this one run again (a
+            # kill for a task that has ended: see _bury).
+            w.garbled, valid = True, False
+            if w.kill_deadline is None:
+                w.kill("WorkerDied", reason)
+                w.kill_job = task.job_id
         state = JobState.FAILED if failed else JobState.COMPLETED
         fin = Finished(task.job_id, state, data, reason, usage)
         if task.staged is not None and self.data.finish_from_worker(task, data, fin):
@@ -462,8 +491,9 @@ class Node:
                 # a worker that held restricted data serves nothing else: what the task left
                 # in its memory or files must not leave with a later task's result
                 w.retire()
-            return  # egress checks, then outputs, in node/datasteps.py
+            return valid  # egress checks, then outputs, in node/datasteps.py
         self._queue_finish(task, task.delivery, fin, task.header["client"])
+        return valid
 
     def _queue_finish(self, task: Task | None, delivery: Delivery, fin: Finished, client: str) -> None:
         self.finished.append((task, delivery, fin, client))
@@ -476,8 +506,10 @@ class Node:
         except OSError:
             messages = []
         for data in messages:
-            if data != READY and w.inflight:
-                self._finish_from_worker(w, w.task_done(), data)
+            if data != READY and w.inflight and not self._finish_from_worker(
+                w, w.task_done(), data
+            ):
+                break
         code = w.proc.wait()
         if w.inflight and w.stopped_as_asked(code):
             # none of these began: they run again, on this node or, when it is stopping,

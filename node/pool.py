@@ -21,7 +21,15 @@ from typing import Any
 
 import psutil
 
-from .worker import CONN_BIG, CONN_LEN, STOP_SIGNAL, STOPPED, pack_frame, read_capture
+from .worker import (
+    CONN_BIG,
+    CONN_LEN,
+    MESSAGE_STARTS,
+    STOP_SIGNAL,
+    STOPPED,
+    pack_frame,
+    read_capture,
+)
 
 #: tasks shorter than this (moving average, seconds) are piped to a worker several at once
 TINY_TASK = 0.002
@@ -82,6 +90,7 @@ class Worker:
     #: what the worker wrote that does not make a whole message yet (see read_results)
     inbox: bytearray = field(default_factory=bytearray)
     garbled: bool = False  # it wrote something that is not a message: nothing more is read
+    closed: bool = False  # its end of the result pipe is closed (a task may have closed it)
 
     @property
     def pid(self) -> int:
@@ -132,8 +141,9 @@ class Worker:
     def read_results(self) -> tuple[list[bytes], bool]:
         """The messages the worker has written, whole, and whether it has closed its end.
         Reads take all the pipe holds until it would block: a burst of results costs two
-        system calls, not two a result and a poll between them.  The part of a
-        message still on its way waits in ``inbox``."""
+        system calls, not two a result and a poll between them.  The part of a message
+        still on its way waits in ``inbox``.  Bytes that cannot begin a message (a task
+        that wrote on the pipe) make the worker ``garbled``: nothing more is kept."""
         fd, inbox, eof = self.results.fileno(), self.inbox, False
         while True:
             try:
@@ -141,28 +151,37 @@ class Worker:
             except BlockingIOError:
                 break
             if not chunk:
-                eof = True
+                eof = self.closed = True
                 break
             if not self.garbled:
                 inbox += chunk
-        messages, pos, end = [], 0, len(inbox)
-        while end - pos >= 4:  # multiprocessing.Connection's framing, as the worker sends
-            (n,) = CONN_LEN.unpack_from(inbox, pos)
-            head = 4
-            if n == -1:
-                if end - pos < 12:
+        messages: list[bytes] = []
+        pos, end = 0, len(inbox)
+        with memoryview(inbox) as view:  # one copy of each message, not two
+            while end - pos >= 4:  # multiprocessing.Connection's framing, as the worker sends
+                (n,) = CONN_LEN.unpack_from(inbox, pos)
+                head = 4
+                if n == -1:
+                    if end - pos < 12:
+                        break
+                    (n,) = CONN_BIG.unpack_from(inbox, pos + 4)
+                    head = 12
+                    if n < 0x7FFFFFFF:  # (only longer ones are written this way)
+                        n = -1
+                if n < 0 or n > _MAX_MESSAGE:
+                    self.garbled = True
                     break
-                (n,) = CONN_BIG.unpack_from(inbox, pos + 4)
-                head = 12
-            if n < 0 or n > _MAX_MESSAGE:  # not a length: a task wrote on the pipe
-                self.garbled = True
-                pos = end
-                break
-            if end - pos - head < n:
-                break
-            messages.append(bytes(inbox[pos + head : pos + head + n]))
-            pos += head + n
-        del inbox[:pos]
+                if n and end - pos > head and inbox[pos + head] not in MESSAGE_STARTS:
+                    self.garbled = True
+                    break
+                if end - pos - head < n:
+                    break
+                messages.append(bytes(view[pos + head : pos + head + n]))
+                pos += head + n
+        if self.garbled:
+            inbox.clear()
+        else:
+            del inbox[:pos]
         return messages, eof
 
     def started_up(self) -> None:

@@ -189,7 +189,7 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
         header, {"payload": payload, "stdout": read_capture(1), "stderr": read_capture(2)}
     )
     _remember_usage(r1s, r1c)
-    return result_head(outcome != wire.OK or failed > 0, usage, reason), result
+    return result_head(job_id, outcome != wire.OK or failed > 0, usage, reason), result
 
 
 def _usage_now() -> tuple:
@@ -224,22 +224,30 @@ def unpack_frame(data: bytes) -> list[bytes]:
 
 
 #: worker to node, ahead of each result envelope: what the node records of the task, so
-#: that it parses no JSON a task (failed or not; the usage; the reason's length)
-_RESULT = struct.Struct(">?ddddqqI")
+#: that it parses no JSON a task (failed or not; the job id, which the node checks is its
+#: task's; the usage; the reason's length)
+_RESULT = struct.Struct(">?32sddddqqI")
 
 
-def pack_result(failed: bool, usage: dict, reason: str | None, envelope: bytes) -> bytes:
+def pack_result(
+    job_id: str, failed: bool, usage: dict, reason: str | None, envelope: bytes
+) -> bytes:
     """A result for the node: a fixed-size head, the reason (UTF-8), the envelope."""
-    return result_head(failed, usage, reason) + envelope
+    return result_head(job_id, failed, usage, reason) + envelope
 
 
-def result_head(failed: bool, usage: dict, reason: str | None) -> bytes:
+def result_head(job_id: str, failed: bool, usage: dict, reason: str | None) -> bytes:
     """What goes ahead of a result envelope: the fixed-size head and the reason."""
     why = reason.encode("utf-8", "replace") if reason else b""
     return _RESULT.pack(
-        failed, usage["start"], usage["end"], usage["wall"], usage["cpu"],
-        usage["maxrss_kb"], usage["peak_rss_kb"], len(why),
+        failed, job_id.encode("ascii"), usage["start"], usage["end"], usage["wall"],
+        usage["cpu"], usage["maxrss_kb"], usage["peak_rss_kb"], len(why),
     ) + why
+
+
+#: how every message on the result pipe begins: READY is empty, a head's first byte is 0
+#: or 1, a bare envelope's (an earlier worker's) is the magic's
+MESSAGE_STARTS = frozenset({0, 1, wire.MAGIC[0]})
 
 
 def send_result(fd: int, head: bytes, envelope: bytes) -> None:
@@ -267,14 +275,17 @@ CONN_LEN = struct.Struct("!i")
 CONN_BIG = struct.Struct("!Q")
 
 
-def unpack_result(data: bytes) -> tuple[bool, dict | None, str | None, bytes]:
-    """``(failed, usage, reason, result envelope)`` from a worker's result; ValueError
-    if it is not one."""
+def unpack_result(data: bytes, job_id: str) -> tuple[bool, dict | None, str | None, bytes]:
+    """``(failed, usage, reason, result envelope)`` from a worker's result for the task of
+    ``job_id``; ValueError if it is not one, or is another job's."""
     if data[:5] == wire.MAGIC:  # (a head begins with 0 or 1) no head: an earlier worker's
-        return _bare_result(data)
+        return _bare_result(data, job_id)
     if len(data) < _RESULT.size:
         raise ValueError(f"a result of {len(data)} bytes is too short")
-    failed, start, end, wall, cpu, maxrss, peak, n = _RESULT.unpack_from(data)
+    failed, of, start, end, wall, cpu, maxrss, peak, n = _RESULT.unpack_from(data)
+    if of != job_id.encode("ascii"):
+        raise ValueError(f"it is the result of job {of.decode('ascii', 'replace')!r}, "
+                         f"not of the task the worker was running ({job_id})")
     pos = _RESULT.size + n
     envelope = data[pos:]
     if not envelope.startswith(wire.MAGIC):
@@ -285,7 +296,7 @@ def unpack_result(data: bytes) -> tuple[bool, dict | None, str | None, bytes]:
     return failed, usage, reason, envelope
 
 
-def _bare_result(envelope: bytes) -> tuple[bool, dict | None, str | None, bytes]:
+def _bare_result(envelope: bytes, job_id: str) -> tuple[bool, dict | None, str | None, bytes]:
     """A result envelope with no head, as workers of kotta-executor 0.1.0 before this one
     sent them: a requirements venv that installs another kotta-executor runs those (its
     site-packages come first)."""
@@ -294,6 +305,9 @@ def _bare_result(envelope: bytes) -> tuple[bool, dict | None, str | None, bytes]
     if h["kind"] != "result" or type(failed) is not int or not isinstance(usage, dict | None) \
             or not isinstance(reason, str | None):
         raise ValueError("it is not a result")
+    if h["job_id"] != job_id:
+        raise ValueError(f"it is the result of job {h['job_id']}, not of the task the worker "
+                         f"was running ({job_id})")
     return h["outcome"] != wire.OK or failed > 0, usage, reason, envelope
 
 

@@ -63,7 +63,7 @@ def raise_once_file_exists(path, message):
 def forge_a_result():
     """Writes a message of its own on the worker's result pipe (its descriptor is in the
     worker's argv), ahead of the result the worker sends."""
-    os.write(int(sys.argv[2]), struct.pack("!i", 7) + b"garbage")
+    os.write(int(sys.argv[2]), struct.pack("!i", 7) + b"\x00garbag")  # (begins as a head)
     return "the real result"
 
 
@@ -72,6 +72,24 @@ def garble_the_result_pipe():
     length)."""
     os.write(int(sys.argv[2]), struct.pack("!i", -5) + b"junk")
     return "the real result"
+
+
+def write_text_on_the_result_pipe():
+    os.write(int(sys.argv[2]), b"oops, wrong descriptor\n")
+    return "the real result"
+
+
+def close_the_result_pipe_and_sleep(seconds):
+    os.close(int(sys.argv[2]))  # as os.closerange(3, ...) in a library would
+    time.sleep(seconds)
+    return "done"
+
+
+def forge_first(i, junk=b"\x00garbag"):
+    """Call 0 writes a framed message of its own on the result pipe; all return i*i."""
+    if i == 0:
+        os.write(int(sys.argv[2]), struct.pack("!i", len(junk)) + junk)
+    return i * i
 
 
 def segfault():

@@ -209,6 +209,24 @@ ROWS = [
     ),
     pytest.param(
         Row(
+            submit=lambda ex, tmp: ex.submit(tasks.write_text_on_the_result_pipe),
+            raises=WorkerDied,
+            fragment="wrote something on its result pipe that is not a message",
+            worker_survives=False,
+        ),
+        id="text-on-result-pipe",
+    ),
+    pytest.param(
+        Row(
+            submit=lambda ex, tmp: ex.submit(tasks.close_the_result_pipe_and_sleep, 60),
+            raises=WorkerDied,
+            fragment="the worker's result pipe was closed",
+            worker_survives=False,
+        ),
+        id="result-pipe-closed",
+    ),
+    pytest.param(
+        Row(
             submit=lambda ex, tmp: ex.submit(tasks.segfault),
             raises=WorkerDied,
             fragment="SIGSEGV (signal 11)",

@@ -717,3 +717,11 @@ def test_moto_ignores_the_session_policy(iam_moto):
     with enforced():
         got = reachable(s3, ["corpus/a.txt", "corpus/b.txt"])
     assert got == {"corpus/a.txt": True, "corpus/b.txt": False}
+
+
+def test_a_key_that_is_not_utf8_is_refused():
+    """A file name read with os.listdir on a non-UTF-8 name holds a lone surrogate; S3 keys
+    are UTF-8, and a task header could not carry it as it is."""
+    with pytest.raises(InvalidDataUri, match="not valid UTF-8"):
+        parse_uri("s3://corpus/caf\udce9.csv")
+    assert parse_uri("s3://corpus/café.csv").key == "café.csv"

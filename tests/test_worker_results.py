@@ -9,12 +9,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kotta_executor import wire
-from node.worker import pack_result, unpack_result
+from node.worker import pack_result, result_head, unpack_result
 
 FAST = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 JOB_ID = "0123456789abcdef0123456789abcdef"
+OTHER = "fedcba9876543210fedcba9876543210"
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 usages = st.fixed_dictionaries({
@@ -32,14 +33,15 @@ def envelope(stdout: bytes = b"") -> bytes:
 @given(st.booleans(), usages, reasons, st.binary(max_size=64))
 def test_round_trip(failed: bool, usage: dict, reason: str | None, stdout: bytes) -> None:
     env = envelope(stdout)
-    got = unpack_result(pack_result(failed, usage, reason, env))
+    got = unpack_result(pack_result(JOB_ID, failed, usage, reason, env), JOB_ID)
     assert got == (failed, usage, reason, env)
     assert all(type(got[1][k]) is type(usage[k]) for k in usage)
 
 
 def test_a_reason_that_is_not_utf8_clean_arrives_replaced() -> None:
     usage = dict.fromkeys(("start", "end", "wall", "cpu"), 0.0) | {"maxrss_kb": 1, "peak_rss_kb": 1}
-    _, _, reason, _ = unpack_result(pack_result(True, usage, "bad \udcff byte", envelope()))
+    _, _, reason, _ = unpack_result(
+        pack_result(JOB_ID, True, usage, "bad \udcff byte", envelope()), JOB_ID)
     assert reason == "bad ? byte"
 
 
@@ -47,7 +49,7 @@ def test_a_reason_that_is_not_utf8_clean_arrives_replaced() -> None:
 @given(st.binary(max_size=200))
 def test_garbage_raises_value_error_only(data: bytes) -> None:
     try:
-        failed, usage, reason, env = unpack_result(data)
+        failed, usage, reason, env = unpack_result(data, JOB_ID)
     except ValueError as exc:
         assert str(exc)
     else:  # only what carries an envelope after a well-formed head is taken
@@ -56,11 +58,14 @@ def test_garbage_raises_value_error_only(data: bytes) -> None:
 
 @pytest.mark.parametrize(
     ("data", "message"),
-    [(b"", "0 bytes is too short"), (bytes(100), "no result envelope")],
+    [(b"", "0 bytes is too short"),
+     (result_head(JOB_ID, False, dict.fromkeys(("start", "end", "wall", "cpu"), 0.0)
+                  | {"maxrss_kb": 0, "peak_rss_kb": 0}, None) + b"junk", "no result envelope"),
+     (bytes(100), "the result of job '\\\\x00")],
 )
 def test_what_a_node_is_told(data: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        unpack_result(data)
+        unpack_result(data, JOB_ID)
 
 
 # ------------------------------------------------------------------ the node's read of a pipe
@@ -86,11 +91,11 @@ def test_read_results_takes_every_whole_message_and_keeps_the_rest():
     try:
         assert worker.read_results() == ([], False)
         conn.send_bytes(b"")  # READY
-        conn.send_bytes(b"one")
-        conn.send_bytes(b"two")
-        assert worker.read_results() == ([b"", b"one", b"two"], False)
+        conn.send_bytes(b"\x00one")  # (a message begins as a head does)
+        conn.send_bytes(b"\x01two")
+        assert worker.read_results() == ([b"", b"\x00one", b"\x01two"], False)
         # a message bigger than the pipe arrives in parts: nothing until it is whole
-        big = bytes(range(256)) * 40_000  # 10 MB
+        big = bytes(range(256)) * 40_000  # 10 MB, beginning with 0
         writer = threading.Thread(target=conn.send_bytes, args=(big,))
         writer.start()
         got: list[bytes] = []
@@ -99,9 +104,9 @@ def test_read_results_takes_every_whole_message_and_keeps_the_rest():
             assert not eof
         writer.join()
         assert got == [big] and not worker.inbox
-        conn.send_bytes(b"last")
+        conn.send_bytes(b"KOTTA, last")
         conn.close()
-        assert worker.read_results() == ([b"last"], True)
+        assert worker.read_results() == ([b"KOTTA, last"], True)
     finally:
         worker.results.close()
 
@@ -125,12 +130,12 @@ def test_read_results_stops_at_what_cannot_be_a_message():
 
     worker, conn = _pipe_worker()
     try:
-        conn.send_bytes(b"whole")
+        conn.send_bytes(b"\x01whole")
         os.write(conn.fileno(), struct.pack("!i", -5) + b"junk")
-        conn.send_bytes(b"after")
-        assert worker.read_results() == ([b"whole"], False)
+        conn.send_bytes(b"\x01after")
+        assert worker.read_results() == ([b"\x01whole"], False)
         assert worker.garbled and not worker.inbox
-        conn.send_bytes(b"more")  # nothing more is kept: the node ends such a worker
+        conn.send_bytes(b"\x01more")  # nothing more is kept: the node ends such a worker
         assert worker.read_results() == ([], False) and not worker.inbox
     finally:
         conn.close()
@@ -212,9 +217,11 @@ def test_a_bare_result_envelope_from_an_earlier_worker_is_still_read():
         if reason:
             header["reason"] = reason
         bare = wire.encode(header, {"payload": b"p", "stdout": b"", "stderr": b""})
-        assert unpack_result(bare) == (bool(failed), usage, reason, bare)
+        assert unpack_result(bare, JOB_ID) == (bool(failed), usage, reason, bare)
+        with pytest.raises(ValueError, match=f"not of the task the worker was running \\({OTHER}"):
+            unpack_result(bare, OTHER)
     with pytest.raises(ValueError, match="not JSON"):
-        unpack_result(wire.MAGIC + b"\x02" + bytes([0, 0, 0, 2]) + b"{!")
+        unpack_result(wire.MAGIC + b"\x02" + bytes([0, 0, 0, 2]) + b"{!", JOB_ID)
 
 
 def test_a_result_bigger_than_the_pipe_arrives_whole(start_node, enclave_dir):
@@ -230,5 +237,61 @@ def test_a_result_bigger_than_the_pipe_arrives_whole(start_node, enclave_dir):
         assert fs[0].result(GUARD) == bytes(24_000_000)
         assert fs[1].result(GUARD) == 9
         assert fs[2].result(GUARD) == bytes(70_000)  # just over the size written joined
+    finally:
+        _close(ex)
+
+
+def test_read_results_takes_text_for_garbage():
+    """Text reads as a plausible length (b"oops" is 1.8 GB): the byte after it, which
+    would begin the message, tells it is not one."""
+    worker, conn = _pipe_worker()
+    try:
+        import os
+
+        os.write(conn.fileno(), b"oops, wrong descriptor\n")
+        conn.send_bytes(b"after")
+        assert worker.read_results() == ([], False)
+        assert worker.garbled and not worker.inbox
+    finally:
+        conn.close()
+        worker.results.close()
+
+
+@pytest.mark.parametrize("junk", [b"\x00garbag", b"garbage"], ids=["result-like", "garbled"])
+def test_a_result_is_never_taken_for_another_tasks(start_node, enclave_dir, junk):
+    """A task writes a framed message on its worker's result pipe while tasks wait in the
+    pipe behind it: the message is refused (as an invalid result, or as not a message), and
+    so is anything the worker sends after it; results before it count; the tasks behind it
+    run again on a new worker.  None gets another's value."""
+    from kotta_executor import WorkerDied
+    from tests import tasks
+    from tests.conftest import GUARD
+
+    start_node(workers=1)
+    ex = _executor(enclave_dir)
+    try:
+        assert ex.submit(tasks.square, 2).result(GUARD) == 4  # a warm worker, tiny tasks
+        blocker = ex.submit(tasks.sleep_and_return, 1.0, "slept")  # a backlog behind it
+        fs = [ex.submit(tasks.forge_first, i, junk) for i in range(12)]  # piped, in turn
+        assert blocker.result(GUARD) == "slept"
+        assert type(fs[0].exception(GUARD)) is WorkerDied
+        assert [f.result(GUARD) for f in fs[1:]] == [i * i for i in range(1, 12)]
+    finally:
+        _close(ex)
+
+
+def test_a_task_that_closes_the_result_pipe_does_not_hold_up_the_node(start_node, enclave_dir):
+    from kotta_executor import WorkerDied
+    from tests import tasks
+    from tests.conftest import GUARD
+
+    start_node(workers=2)
+    ex = _executor(enclave_dir)
+    try:
+        assert ex.submit(tasks.square, 2).result(GUARD) == 4
+        closer = ex.submit(tasks.close_the_result_pipe_and_sleep, 120)
+        exc = closer.exception(GUARD)  # ended by the node, not at its end in 120 s
+        assert type(exc) is WorkerDied and "result pipe was closed" in str(exc)
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9
     finally:
         _close(ex)

@@ -60,6 +60,10 @@ def parse_uri(text: str) -> DataUri:
         raise InvalidDataUri(f"{text!r}: control characters are not allowed in a key")
     if "\\" in key:
         raise InvalidDataUri(f"{text!r}: backslashes are not allowed in a key")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a file name that is not UTF-8
+        raise InvalidDataUri(f"{text!r}: the key is not valid UTF-8, as S3 keys are") from None
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         raise InvalidDataUri(f"{text!r}: the key is longer than {MAX_KEY_BYTES} bytes")
     if key.startswith("/"):
