@@ -243,6 +243,11 @@ def decode(data: bytes | memoryview) -> Envelope:
     """Parse an envelope.  Anything that is not one raises :class:`EnvelopeError`."""
     data = data if isinstance(data, bytes) else bytes(data)
     header, pos = _parse(data)
+    return _envelope(data, header, pos)
+
+
+def _envelope(data: bytes, header: dict[str, Any], pos: int) -> Envelope:
+    """The envelope whose sections, as ``header`` lists them, begin at ``pos``."""
     sections: dict[str, bytes] = {}
     for name, length in header.pop("sections"):
         sections[name] = data[pos : pos + length]
@@ -258,12 +263,7 @@ def decode_checked(data: bytes) -> Envelope:
     if magic != MAGIC:
         raise errors.EnvelopeError("not a kotta envelope: bad magic bytes")
     pos = _PREFIX.size + hlen
-    header = orjson.loads(memoryview(data)[_PREFIX.size : pos])
-    sections: dict[str, bytes] = {}
-    for name, length in header.pop("sections"):
-        sections[name] = data[pos : pos + length]
-        pos += length
-    return Envelope(header, sections)
+    return _envelope(data, orjson.loads(memoryview(data)[_PREFIX.size : pos]), pos)
 
 
 def peek_header(data: bytes | memoryview) -> dict[str, Any]:

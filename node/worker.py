@@ -10,7 +10,7 @@ For each task it:
    prints, C extensions and child processes alike;
 3. unpickles and runs the calls, catching every exception per call;
 4. writes one result envelope (outcomes, stdout, stderr, usage) to ``RESULT_FD``, behind
-   a fixed-size head (``pack_result``) with what the node records: failed or not, usage,
+   a fixed-size head (``result_head``) with what the node records: failed or not, usage,
    the reason; so the node reads a result without parsing it.
 
 If it dies mid-task, the node still holds the capture files and reads what the task wrote.
@@ -229,13 +229,6 @@ def unpack_frame(data: bytes) -> list[bytes]:
 _RESULT = struct.Struct(">?32sddddqqI")
 
 
-def pack_result(
-    job_id: str, failed: bool, usage: dict, reason: str | None, envelope: bytes
-) -> bytes:
-    """A result for the node: a fixed-size head, the reason (UTF-8), the envelope."""
-    return result_head(job_id, failed, usage, reason) + envelope
-
-
 def result_head(job_id: str, failed: bool, usage: dict, reason: str | None) -> bytes:
     """What goes ahead of a result envelope: the fixed-size head and the reason."""
     why = reason.encode("utf-8", "replace") if reason else b""
@@ -284,8 +277,7 @@ def unpack_result(data: bytes, job_id: str) -> tuple[bool, dict | None, str | No
         raise ValueError(f"a result of {len(data)} bytes is too short")
     failed, of, start, end, wall, cpu, maxrss, peak, n = _RESULT.unpack_from(data)
     if of != job_id.encode("ascii"):
-        raise ValueError(f"it is the result of job {of.decode('ascii', 'replace')!r}, "
-                         f"not of the task the worker was running ({job_id})")
+        raise _another_jobs(repr(of.decode("ascii", "replace")), job_id)
     pos = _RESULT.size + n
     envelope = data[pos:]
     if not envelope.startswith(wire.MAGIC):
@@ -306,9 +298,13 @@ def _bare_result(envelope: bytes, job_id: str) -> tuple[bool, dict | None, str |
             or not isinstance(reason, str | None):
         raise ValueError("it is not a result")
     if h["job_id"] != job_id:
-        raise ValueError(f"it is the result of job {h['job_id']}, not of the task the worker "
-                         f"was running ({job_id})")
+        raise _another_jobs(h["job_id"], job_id)
     return h["outcome"] != wire.OK or failed > 0, usage, reason, envelope
+
+
+def _another_jobs(of: str, job_id: str) -> ValueError:
+    return ValueError(f"it is the result of job {of}, not of the task the worker was "
+                      f"running ({job_id})")
 
 
 def _watch_parent(parent: int, period: float = 0.25) -> None:
@@ -328,12 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     for fd in (task_fd, result_fd):
         os.set_inheritable(fd, False)  # children of a task must not hold our pipes
     tasks = Connection(task_fd, writable=False)
-    results = Connection(result_fd, readable=False)
     # STOP_SIGNAL from the node: finish the task at hand, start no other, exit.  (It
     # was blocked by the node until now: a request made during start-up arrives here.)
     _keep_stop_signal()
     try:  # ready: the walltime of the first task counts from here, not from our start-up
-        results.send_bytes(READY)
+        send_result(result_fd, READY, b"")
     except OSError:  # the node is gone
         return 0
     while not _STOP.is_set():

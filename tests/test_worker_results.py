@@ -1,5 +1,5 @@
 """The worker's result frame: what a node records of a task, ahead of the result envelope
-the client reads (node.worker.pack_result / unpack_result), so that a node parses no JSON
+the client reads (node.worker.result_head / unpack_result), so that a node parses no JSON
 per task.  Any bytes a broken worker might send are refused with ValueError, never taken."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kotta_executor import wire
-from node.worker import pack_result, result_head, unpack_result
+from node.worker import result_head, unpack_result
 
 FAST = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -33,7 +33,7 @@ def envelope(stdout: bytes = b"") -> bytes:
 @given(st.booleans(), usages, reasons, st.binary(max_size=64))
 def test_round_trip(failed: bool, usage: dict, reason: str | None, stdout: bytes) -> None:
     env = envelope(stdout)
-    got = unpack_result(pack_result(JOB_ID, failed, usage, reason, env), JOB_ID)
+    got = unpack_result(result_head(JOB_ID, failed, usage, reason) + env, JOB_ID)
     assert got == (failed, usage, reason, env)
     assert all(type(got[1][k]) is type(usage[k]) for k in usage)
 
@@ -41,7 +41,7 @@ def test_round_trip(failed: bool, usage: dict, reason: str | None, stdout: bytes
 def test_a_reason_that_is_not_utf8_clean_arrives_replaced() -> None:
     usage = dict.fromkeys(("start", "end", "wall", "cpu"), 0.0) | {"maxrss_kb": 1, "peak_rss_kb": 1}
     _, _, reason, _ = unpack_result(
-        pack_result(JOB_ID, True, usage, "bad \udcff byte", envelope()), JOB_ID)
+        result_head(JOB_ID, True, usage, "bad \udcff byte") + envelope(), JOB_ID)
     assert reason == "bad ? byte"
 
 
