@@ -14,6 +14,7 @@ never run.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
@@ -26,6 +27,23 @@ from tests import tasks
 from tests.conftest import GUARD, wait_for
 from tests.test_node import _pids
 from tests.test_node_pipelining import _pipe_behind_a_long_task
+
+
+@contextlib.contextmanager
+def _kill_the_task_behind(enclave, ex, head_fn, tmp_path):
+    """Pipe ``head_fn`` and the tasks behind it to the node's only worker
+    (_pipe_behind_a_long_task) and kill the one right behind it; the head, which waits for
+    a file, is released when the block ends.  Yields the paths the tasks write and the
+    futures."""
+    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
+    try:
+        worker, head, behind, rest = _pipe_behind_a_long_task(
+            enclave, ex, head_fn, log, release, runs)
+        assert behind.kill()
+        yield log, runs, worker, head, behind, rest
+    finally:
+        release.write_text("go")
+
 
 # ---------------------------------------------------------------------- task functions
 # (importable by workers as tests.test_worker_stop_signal)
@@ -76,20 +94,15 @@ def block_the_stop_signal():
 ])
 def test_a_task_piped_behind_a_long_one_and_killed_never_runs_whatever_an_earlier_task_did(
         tamper, start_node, make_executor, enclave, tmp_path):
-    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
     start_node(workers=1)
     ex = make_executor(1, start_node=False)
     tampered = ex.submit(tamper).result(GUARD)
-    try:
-        worker, head, behind, rest = _pipe_behind_a_long_task(
-            enclave, ex, tasks.log_pid_and_wait, log, release, runs)
-        assert behind.kill()
+    with _kill_the_task_behind(enclave, ex, tasks.log_pid_and_wait, tmp_path) as (
+            log, runs, worker, head, behind, rest):
         assert worker == tampered == _pids(log)[0], "the scenario needs the tampered worker"
         wait_for(lambda: behind.done(), what="the killed piped task to end")
         assert isinstance(behind.exception(), TaskKilled)
         assert "it never ran" in str(behind.exception())
-    finally:
-        release.write_text("go")
     assert head.result(GUARD) == worker
     assert [f.result(GUARD) for f in rest] == [0, 1]  # on a new worker
     # the bug: the worker, never told to stop, ran the killed task after the head
@@ -109,16 +122,11 @@ def test_a_worker_killed_by_the_stop_request_says_so(start_node, make_executor, 
                                                      tmp_path):
     """A task that resets the stop signal to its default dies of the node's request: its
     WorkerDied names the signal and what it was (not "signal 38 (signal 38)")."""
-    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
     start_node(workers=1)
     ex = make_executor(1, start_node=False)
-    try:
-        _, head, behind, rest = _pipe_behind_a_long_task(
-            enclave, ex, reset_the_stop_signal_then_wait, log, release, runs)
-        assert behind.kill()
+    with _kill_the_task_behind(enclave, ex, reset_the_stop_signal_then_wait, tmp_path) as (
+            log, runs, _, head, behind, rest):
         exc = head.exception(GUARD)
-    finally:
-        release.write_text("go")
     from node.worker import STOP_SIGNAL
 
     assert isinstance(exc, WorkerDied)
@@ -144,16 +152,11 @@ def test_a_worker_that_missed_the_stop_request_does_not_hold_its_place(
     worker it asked to stop; the node (one worker) neither used nor replaced it, and every
     later task waited for ever.  Now the node also closes its pipe, once it has reported
     all it had."""
-    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
     start_node(workers=1)
     ex = make_executor(1, start_node=False)
-    try:
-        _, head, behind, rest = _pipe_behind_a_long_task(
-            enclave, ex, handle_the_stop_signal_then_wait, log, release, runs)
-        assert behind.kill()
+    with _kill_the_task_behind(enclave, ex, handle_the_stop_signal_then_wait, tmp_path) as (
+            log, runs, _, head, behind, rest):
         assert isinstance(behind.exception(GUARD), TaskKilled)
-    finally:
-        release.write_text("go")
     assert head.result(GUARD) == _pids(log)[0]
     assert [f.result(GUARD) for f in rest] == [0, 1]
     assert enclave.jobs.get(behind.job_id).state == "cancelled"  # (it ran: the known gap)
