@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     workers INTEGER NOT NULL,
     started REAL NOT NULL,
     heartbeat REAL NOT NULL,
-    managed_by TEXT
+    managed_by TEXT,
+    ident TEXT
 );
 """
 
@@ -140,11 +141,16 @@ class _Db:
     def __init__(self, path: Path):
         self.path = path
         self._local = threading.local()
-        self.conn().executescript(SCHEMA)
-        columns = {row[1] for row in self.conn().execute("PRAGMA table_info(messages)")}
+        # Processes opening a new enclave together race to make its tables: whoever waits
+        # for the lock tries again (every statement is "IF NOT EXISTS").
+        _retry(self.conn().executescript, SCHEMA)
+        columns = {row[1] for row in self.read("PRAGMA table_info(messages)")}
         if "sent" not in columns:  # an enclave made before messages kept their send time
             with contextlib.suppress(sqlite3.OperationalError):  # another process added it
                 _retry(self.conn().execute, "ALTER TABLE messages ADD COLUMN sent REAL")
+        if "ident" not in {row[1] for row in self.read("PRAGMA table_info(nodes)")}:
+            with contextlib.suppress(sqlite3.OperationalError):  # (nodes said who they are)
+                _retry(self.conn().execute, "ALTER TABLE nodes ADD COLUMN ident TEXT")
 
     def conn(self) -> sqlite3.Connection:
         local = self._local
@@ -168,29 +174,52 @@ class _Db:
         local = self._local
         if local.depth:  # nested: a savepoint, so a failed inner call leaves nothing behind
             local.depth += 1
-            name = f"kotta_{local.depth}"
+            depth = local.depth
+            name = f"kotta_{depth}"
             conn.execute(f"SAVEPOINT {name}")
             try:
                 yield conn
             except BaseException:
                 conn.execute(f"ROLLBACK TO {name}")
                 conn.execute(f"RELEASE {name}")
+                self._undo(depth)
                 raise
             else:
                 conn.execute(f"RELEASE {name}")
+                # its hooks now belong to the enclosing savepoint or transaction
+                local.undo = [(min(d, depth - 1), fn) for d, fn in local.undo]
             finally:
                 local.depth -= 1
             return
         _retry(conn.execute, "BEGIN IMMEDIATE")
-        local.depth = 1
+        local.depth, local.undo = 1, []
         try:
             yield conn
+            local.depth = 0
+            _retry(conn.execute, "COMMIT")
         except BaseException:
             local.depth = 0
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # (a COMMIT that failed leaves it open)
+                conn.execute("ROLLBACK")
+            self._undo(1)
             raise
-        local.depth = 0
-        _retry(conn.execute, "COMMIT")
+        local.undo = []
+
+    def on_rollback(self, fn: Callable[[], object]) -> None:
+        """Call ``fn`` if what this thread's transaction has written so far is rolled back
+        (by its savepoint or the whole transaction); forget it once that is committed.  For
+        what lives outside the database: a blob that only a row written here names."""
+        self._local.undo.append((self._local.depth, fn))
+
+    def _undo(self, depth: int) -> None:
+        local = self._local
+        run = [fn for d, fn in local.undo if d >= depth]
+        local.undo = [(d, fn) for d, fn in local.undo if d < depth]
+        for fn in reversed(run):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - the rollback's own error is the one to raise
+                log.warning("cleaning up after a rolled-back transaction failed", exc_info=True)
 
     def in_tx(self) -> bool:
         """Whether this thread is inside a write transaction."""
@@ -303,6 +332,7 @@ class EmbeddedQueue(TaskQueue):
             return []
         token = uuid.uuid4().hex[:12]
         with self._db.tx() as c:
+            now = time.time()  # after any wait for the lock: hidden for the whole timeout
             rows = c.execute(
                 "UPDATE messages SET visible_at=?, receive_count=receive_count+1,"
                 " receipt=id||':'||?, holder=? WHERE id IN (SELECT id FROM messages"
@@ -327,19 +357,21 @@ class EmbeddedQueue(TaskQueue):
             ).fetchall()
         return [Message(*r) for r in rows]
 
-    def _by_receipt(self, sql: str, deliveries: Iterable[Delivery], extra: tuple = ()):
+    def _by_receipt(self, sql: str, deliveries: Iterable[Delivery], extra=lambda: ()):
         """Run ``sql`` (ending ``WHERE id=? AND receipt=?``) for each delivery: the id finds
-        the row, the receipt makes sure it is still this delivery's."""
-        rows = [(*extra, _msg_id(d.receipt), d.receipt) for d in deliveries]
+        the row, the receipt makes sure it is still this delivery's.  ``extra()``: the
+        leading parameters, taken once the write lock is held."""
+        rows = [(_msg_id(d.receipt), d.receipt) for d in deliveries]
         if rows:
             with self._db.tx() as c:
-                c.executemany(sql, rows)
+                first = extra()
+                c.executemany(sql, [(*first, *row) for row in rows] if first else rows)
 
     def extend(self, deliveries, visibility_timeout):
         self._by_receipt(
             "UPDATE messages SET visible_at=? WHERE id=? AND receipt=?",
             deliveries,
-            (time.time() + visibility_timeout,),
+            lambda: (time.time() + visibility_timeout,),  # from when the lock is held
         )
 
     def release(self, deliveries):
@@ -476,6 +508,11 @@ class EmbeddedJobs(JobTable):
     def finish(self, results: Sequence[Finished]) -> list[str]:
         if not results:
             return []
+        # One result a job: a later one for the same job could not be recorded anyway.
+        firsts: dict[str, Finished] = {}
+        for r in results:
+            firsts.setdefault(r.job_id, r)
+        results = list(firsts.values())
         by_state: dict[JobState, list[Finished]] = {}
         for r in results:
             by_state.setdefault(r.state, []).append(r)
@@ -484,7 +521,7 @@ class EmbeddedJobs(JobTable):
             if not state.final:
                 raise ValueError(f"finish() records final states, not {state}")
         # Large results go to a blob of their own first; a row names it only once written,
-        # and a blob whose row was not recorded (a duplicate) is removed again.
+        # and a blob whose row was not recorded (a duplicate), or is rolled back, is removed.
         spilled: dict[str, str] = {}
         for r in results:
             if len(r.result) > RESULT_INLINE_LIMIT:
@@ -494,6 +531,10 @@ class EmbeddedJobs(JobTable):
         recorded: list[str] = []
         try:
             with self._db.tx() as c:
+                if spilled:
+                    self._db.on_rollback(
+                        lambda: self._blobs.delete(spilled[j] for j in recorded if j in spilled)
+                    )
                 for state, group in by_state.items():  # one statement per state and 300 jobs
                     allowed = [str(x) for x in states.sources(state)]
                     events: dict[str | None, str] = {}  # most results share one reason: None
@@ -634,9 +675,9 @@ class EmbeddedNodes(NodeRegistry):
         with self._db.tx() as c:
             c.execute(
                 "INSERT OR REPLACE INTO nodes(node_id, queue, host, pid, workers, started,"
-                " heartbeat, managed_by) VALUES (?,?,?,?,?,?,?,?)",
+                " heartbeat, managed_by, ident) VALUES (?,?,?,?,?,?,?,?,?)",
                 (node.node_id, node.queue, node.host, node.pid, node.workers, node.started,
-                 node.heartbeat, node.managed_by),
+                 node.heartbeat, node.managed_by, _process_ident(node.pid)),
             )
 
     def heartbeat(self, node_id):
@@ -648,17 +689,25 @@ class EmbeddedNodes(NodeRegistry):
             c.execute("DELETE FROM nodes WHERE node_id=?", (node_id,))
 
     def all(self) -> list[NodeInfo]:
+        return [n for n, _ in self._rows()]
+
+    def _rows(self) -> list[tuple[NodeInfo, str | None]]:
         rows = self._db.read(
-            "SELECT node_id, queue, host, pid, workers, started, heartbeat, managed_by FROM nodes"
+            "SELECT node_id, queue, host, pid, workers, started, heartbeat, managed_by, ident"
+            " FROM nodes"
         )
-        return [NodeInfo(*r) for r in rows]
+        return [(NodeInfo(*r[:-1]), r[-1]) for r in rows]
 
     def live(self, queue=None):
         stale = time.time() - NODE_STALE_AFTER
         return [
-            n for n in self.all()
-            if (queue is None or n.queue == queue) and n.heartbeat >= stale and _alive(n)
+            n for n, ident in self._rows()
+            if (queue is None or n.queue == queue) and n.heartbeat >= stale and _alive(n, ident)
         ]
+
+    def dead(self) -> list[NodeInfo]:
+        """Registered nodes whose process has ended (see ``_alive``)."""
+        return [n for n, ident in self._rows() if not _alive(n, ident)]
 
 
 _private: tuple[float, str | None] = (-60.0, None)
@@ -726,13 +775,67 @@ def sweep_inboxes(directory: str) -> list[str]:
     return removed
 
 
-def _alive(node: NodeInfo) -> bool:
-    """Is the node's process still the one that registered?  (One machine: pids are ours.)"""
-    try:
+def _alive(node: NodeInfo, ident: str | None) -> bool:
+    """Is the node's process still the one that registered?  Only a node that has surely
+    ended is taken for dead (its messages are released at once): one this machine cannot
+    see into (another host, another PID namespace) is left to its heartbeat and the
+    visibility timeout.
+
+    ``ident`` (Linux): the machine's boot id, the PID namespace the pid is read in, and
+    the process's start time in clock ticks since boot, which a step of the wall clock
+    does not move (psutil's ``create_time`` does: it adds the boot time, which the kernel
+    reports in wall-clock time)."""
+    if node.host != _HOST:
+        return True
+    if ident:
+        boot, namespace, ticks = ident.split(" ", 2)
+        here = _machine_ident()
+        if here is not None and boot != here[0]:
+            return False  # registered before this machine last started
+        if here is None or namespace != here[1]:
+            return node.heartbeat >= time.time() - NODE_STALE_AFTER
+        stat = _proc_stat(node.pid)
+        return stat is not None and stat[1] == ticks and stat[0] != "Z"
+    try:  # registered by an earlier version, or not on Linux
         proc = psutil.Process(node.pid)
         return proc.create_time() <= node.started + 1 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.AccessDenied:
+        return True  # someone's live process
     except psutil.Error:
         return False
+
+
+_HOST = socket.gethostname()
+
+
+def _machine_ident() -> tuple[str, str] | None:
+    """This machine's boot id and this process's PID namespace (Linux), else None."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return boot, os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """A process's state letter and its start time in ticks since boot (/proc/PID/stat
+    fields 3 and 22); None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()  # (the name may hold spaces and parentheses)
+    return fields[0].decode(), fields[19].decode()
+
+
+def _process_ident(pid: int) -> str | None:
+    """What ``_alive`` recognises the process ``pid`` by, later (Linux), else None."""
+    here, stat = _machine_ident(), _proc_stat(pid)
+    if here is None or stat is None:
+        return None
+    return f"{here[0]} {here[1]} {stat[1]}"
 
 
 class EmbeddedRecords(Records):
@@ -966,8 +1069,8 @@ class EmbeddedEnclave(Enclave):
         return False
 
     def adopt(self, job: NewJob, visibility_timeout: float, holder: str | None) -> Delivery | None:
-        now = time.time()
         with self._db.tx() as c:
+            now = time.time()  # after any wait for the lock: hidden for the whole timeout
             new = c.execute(
                 "INSERT OR IGNORE INTO jobs(job_id, owner, client, queue, fn, walltime, n, state,"
                 " created, updated, history) VALUES (?,?,?,?,?,?,?,'pending',?,?,?)",
@@ -995,7 +1098,7 @@ class EmbeddedEnclave(Enclave):
     def reap_dead_nodes(self) -> list[str]:
         """Release what dead node processes held, so it runs elsewhere without waiting out
         the visibility timeout."""
-        dead = [n for n in self.nodes.all() if not _alive(n)]
+        dead = self.nodes.dead()
         for n in dead:
             with self._db.tx() as c:
                 c.execute(
