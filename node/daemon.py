@@ -56,7 +56,7 @@ from kotta_executor.states import JobState
 from . import envs, pool
 from .datasteps import DataSteps, declares_data
 from .monitor import Monitor, read_tree
-from .pool import Task, Worker
+from .pool import Leftovers, Task, Worker
 from .worker import READY, STOP_SIGNAL, unpack_result
 
 log = logging.getLogger("kotta.node")
@@ -115,6 +115,8 @@ class Node:
         self.pending: deque[Task] = deque()
         self.finished: list[tuple[Task | None, Delivery, Finished, str]] = []
         self.jobs_done = 0
+        #: what gone workers may have left running (tasks' children), SIGKILLed on time
+        self._leftovers: list[Leftovers] = []
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -350,8 +352,13 @@ class Node:
                 w.kill_deadline = 0
                 w.escalate()
                 w.proc.wait()
+            self._leftovers.append(w.leftovers())
             w.close()
         self.workers.clear()
+        for left in sorted(self._leftovers, key=lambda x: x.deadline):
+            time.sleep(max(0.0, left.deadline - time.monotonic()))
+            left.kill()
+        self._leftovers.clear()
         try:
             self.enclave.nodes.deregister(self.node_id)
         finally:
@@ -373,6 +380,8 @@ class Node:
             return
         timeout = self.config.poll_interval
         now = time.monotonic()
+        for left in self._leftovers:
+            timeout = min(timeout, max(0.0, left.deadline - now))
         for w in self.workers:
             if w.kill_deadline is not None:
                 timeout = min(timeout, max(0.0, w.kill_deadline - now))
@@ -511,6 +520,7 @@ class Node:
             ):
                 break
         code = w.proc.wait()
+        self._leftovers.append(w.leftovers())
         if w.inflight and w.stopped_as_asked(code):
             # none of these began: they run again, on this node or, when it is stopping,
             # on another
@@ -569,8 +579,10 @@ class Node:
         batch, self.finished = self.finished, []
         with self.enclave.atomic():
             recorded = set(self.enclave.jobs.finish([fin for _, _, fin, _ in batch]))
+            unanswered = set(recorded)  # (a job twice in a batch: its first result is recorded)
             for _, _, fin, client in batch:
-                if fin.job_id in recorded:
+                if fin.job_id in unanswered:
+                    unanswered.discard(fin.job_id)
                     body = fin.result if len(fin.result) <= REPLY_INLINE_LIMIT else b""
                     self._reply(client, [(fin.job_id, body)])
             self.enclave.queue.ack([d for _, d, _, _ in batch])
@@ -602,6 +614,10 @@ class Node:
                     self._kill_piped(*piped[job_id])
                 else:
                     self._kill_staging(staging[job_id])
+        if self._leftovers:
+            for left in [x for x in self._leftovers if now >= x.deadline]:
+                left.kill()
+                self._leftovers.remove(left)
         for w in self.workers:
             if w.kill_deadline is not None:
                 w.escalate()
@@ -1038,6 +1054,7 @@ class Node:
                 return None
             victim = idle[0]  # never share a worker between owners: replace it
             victim.close_idle()
+            self._leftovers.append(victim.leftovers())  # (its owner's processes go too)
             self.workers.remove(victim)
             del load[victim]
         w = pool.spawn(owner, env=env)

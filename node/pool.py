@@ -229,6 +229,16 @@ class Worker:
             _signal_all(self.kill_tree, signal.SIGKILL)
             _signal_group(self.pid, signal.SIGKILL)
 
+    def leftovers(self) -> Leftovers:
+        """What may still run of it once it has exited (or is being killed): a task's
+        children, in its process group or (for a kill) in the tree seen then.  Unless a
+        kill signalled them already, they get SIGTERM now; ``Leftovers.kill`` sends SIGKILL
+        at the kill's deadline, or after the grace period."""
+        if self.kill_deadline is None:
+            _signal_group(self.pid, signal.SIGTERM)
+            return Leftovers(time.monotonic() + KILL_GRACE, self.pid, [])
+        return Leftovers(self.kill_deadline, self.pid, self.kill_tree)
+
     def retire(self) -> None:
         """Take no more tasks, and skip those already piped (the node re-queues them when
         the worker has exited): for a worker that must not serve anything further."""
@@ -274,6 +284,20 @@ class Worker:
                 c.close()
             except OSError:
                 pass
+
+
+@dataclass(eq=False)
+class Leftovers:
+    """The processes a gone worker may have left running, to SIGKILL at ``deadline``: a
+    task must not run on unsupervised once its job is final."""
+
+    deadline: float
+    pgid: int
+    tree: list[psutil.Process]
+
+    def kill(self) -> None:
+        _signal_all(self.tree, signal.SIGKILL)  # (psutil checks each is still the same)
+        _signal_group(self.pgid, signal.SIGKILL)
 
 
 def _signal_all(procs: list[psutil.Process], sig: int) -> None:
