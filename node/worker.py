@@ -48,16 +48,46 @@ def read_capture(fd: int, limit: int = CAPTURE_LIMIT) -> bytes:
     return b"[kotta: %d earlier bytes of output were dropped]\n" % (size - limit) + tail
 
 
+#: the capture files, on descriptors of the worker's own: a task may close fds 1 and 2, or
+#: point them elsewhere (a file of the user's, which must not be read back as output, nor
+#: emptied before the next task), and leave them so
+_CAPTURE = (1, 2)
+
+
+def _keep_capture() -> None:
+    """At start-up: hold the capture files (fds 1 and 2) on descriptors of our own."""
+    global _CAPTURE
+    _CAPTURE = (os.dup(1), os.dup(2))  # (not inherited by a task's children)
+
+
 def _reset_capture() -> None:
+    """Before each task: fds 1 and 2 (and ``sys.stdout``, ``sys.stderr``) are the capture
+    files again, whatever the task before did with them, and the files are empty."""
+    _restore_streams()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001 - a closed or replaced stream must not stop us
             pass
-    for fd in (1, 2):
-        if os.fstat(fd).st_size:  # truncating an empty file still costs a journal write
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)  # (an empty file was read, not written, since)
+    for cap, fd in zip(_CAPTURE, (1, 2), strict=True):
+        if cap != fd:
+            os.dup2(cap, fd)
+        if os.fstat(cap).st_size:  # truncating an empty file still costs a journal write
+            os.ftruncate(cap, 0)
+            os.lseek(cap, 0, os.SEEK_SET)  # (an empty file was read, not written, since)
+
+
+def _restore_streams() -> None:
+    """``sys.stdout`` and ``sys.stderr`` as the worker started with them (a task may have
+    replaced them, or closed them)."""
+    for name in ("stdout", "stderr"):
+        original = getattr(sys, f"__{name}__")
+        if original is None or original.closed:  # closed by a task: a new one on its fd
+            fd = 1 if name == "stdout" else 2
+            original = open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+            setattr(sys, f"__{name}__", original)
+        if getattr(sys, name) is not original:
+            setattr(sys, name, original)
 
 
 try:
@@ -186,7 +216,9 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     if reason:
         header["reason"] = reason
     result = wire.encode(
-        header, {"payload": payload, "stdout": read_capture(1), "stderr": read_capture(2)}
+        header,
+        {"payload": payload, "stdout": read_capture(_CAPTURE[0]),
+         "stderr": read_capture(_CAPTURE[1])},
     )
     _remember_usage(r1s, r1c)
     return result_head(job_id, outcome != wire.OK or failed > 0, usage, reason), result
@@ -324,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     for fd in (task_fd, result_fd):
         os.set_inheritable(fd, False)  # children of a task must not hold our pipes
     tasks = Connection(task_fd, writable=False)
+    _keep_capture()
     # STOP_SIGNAL from the node: finish the task at hand, start no other, exit.  (It
     # was blocked by the node until now: a request made during start-up arrives here.)
     _keep_stop_signal()

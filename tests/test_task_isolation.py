@@ -1,0 +1,238 @@
+"""What one task does to its process cannot cost another task, or the user's files:
+
+* a task that closes fds 1 or 2, or points them at a file of its own, still returns its
+  value; the next task on that worker writes to its own capture again, and the user's
+  file is left alone; so with ``sys.stdout`` replaced;
+* what a task started is ended with it: a child that ignores SIGTERM, when the task is
+  killed or over its walltime (SIGKILL after the grace period, also once the worker has
+  died at the SIGTERM); the children of a task whose worker died under it.
+
+(What a task changes in ``os.environ`` stays for the next task of the same owner on that
+worker, as in ProcessPoolExecutor's reused workers: docs/guide.md.)
+
+The task functions below are pickled by value (this module is not importable by workers).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import signal
+import sys
+
+import cloudpickle
+import psutil
+import pytest
+
+from kotta_executor import TaskKilled, WalltimeExceeded
+from tests import tasks
+from tests.conftest import GUARD, wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# ---------------------------------------------------------------------- task functions
+
+_STUBBORN_CHILD = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[1] + ".tmp", "w").write(str(os.getpid()))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(120)
+"""
+
+
+def spawn_stubborn_child_and_sleep(pid_file, seconds=120.0):
+    """A task with a helper that ignores SIGTERM; the task itself does not handle SIGTERM
+    (the default: the worker dies at the soft signal)."""
+    import subprocess as sp
+    import sys as _sys
+    import time as _time
+    from pathlib import Path as _P
+
+    sp.Popen([_sys.executable, "-c", _STUBBORN_CHILD, str(pid_file)])
+    deadline = _time.monotonic() + 30
+    while not _P(pid_file).exists() and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    _time.sleep(seconds)
+
+
+def redirect_fd1_into(path):
+    """Send C-level stdout into a file of the user's and leave it so (as a task that wraps
+    a Fortran/C library which prints too much might)."""
+    import os as _os
+
+    fd = _os.open(path, _os.O_WRONLY | _os.O_CREAT | _os.O_TRUNC, 0o644)
+    _os.dup2(fd, 1)
+    _os.close(fd)
+    _os.write(1, b"precious results\n")
+    return "redirected"
+
+
+def redirect_fd1_into_rw(path):
+    """As redirect_fd1_into, with the file opened read-write (open(path, "w+"))."""
+    import os as _os
+
+    fd = _os.open(path, _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC, 0o644)
+    _os.dup2(fd, 1)
+    _os.close(fd)
+    _os.write(1, b"precious results\n")
+    return "redirected"
+
+
+def close_fd1_and_return(value):
+    import os as _os
+
+    _os.close(1)
+    return value
+
+
+def echo(text):
+    import os as _os
+
+    _os.write(1, text.encode() + b"\n")
+    return text
+
+
+
+
+
+
+def replace_sys_stdout(path):
+    import sys as _sys
+
+    _sys.stdout = open(path, "w")
+    print("to my log")
+    return "replaced"
+
+
+def say(text):
+    print(text)
+    return text
+
+
+
+
+
+
+
+def spawn_child_then_exit(pid_file, code=3):
+    """A task that starts a helper, then its worker dies under it (a crash, os._exit)."""
+    import os as _os
+    import subprocess as sp
+    from pathlib import Path as _P
+
+    p = sp.Popen(["sleep", "120"])
+    _P(pid_file).write_text(str(p.pid))
+    _os._exit(code)
+
+
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ---------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("how", ["walltime", "kill"])
+def test_walltime_or_kill_ends_a_child_that_ignores_sigterm(how, start_node, make_executor,
+                                                           tmp_path):
+    child = tmp_path / "child.pid"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    ex.submit(tasks.worker_pid).result(GUARD)  # a warm worker
+    if how == "walltime":
+        f = ex.with_options(walltime=_dt.timedelta(seconds=3)).submit(
+            spawn_stubborn_child_and_sleep, str(child))
+    else:
+        f = ex.submit(spawn_stubborn_child_and_sleep, str(child))
+    pid = None
+    try:
+        wait_for(child.exists, what="the task's child to start")
+        pid = int(child.read_text())
+        if how == "kill":
+            assert f.kill()
+        with pytest.raises(WalltimeExceeded if how == "walltime" else TaskKilled):
+            f.result(GUARD)
+        # "SIGTERM to the worker, its process group and every descendant psutil can see,
+        # then SIGKILL to all of them 0.5 s later"
+        wait_for(lambda: not _alive(pid), timeout=10.0,
+                 what="the task's child, which ignores SIGTERM, to be SIGKILLed")
+    finally:
+        if pid is not None:
+            _kill(pid)
+
+
+@pytest.mark.parametrize("how", ["dup2-write-only-file", "close"])
+def test_a_task_that_leaves_fd1_redirected_or_closed_still_returns_its_value(
+        how, start_node, make_executor, tmp_path):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    if how == "close":
+        f = ex.submit(close_fd1_and_return, 42)
+        assert f.result(GUARD) == 42
+    else:
+        f = ex.submit(redirect_fd1_into, str(tmp_path / "my-output.txt"))
+        assert f.result(GUARD) == "redirected"
+
+
+def test_a_task_that_redirects_fd1_does_not_cost_the_next_task_or_its_file(
+        start_node, make_executor, tmp_path):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    mine = tmp_path / "my-output.txt"
+    pid = ex.submit(tasks.worker_pid).result(GUARD)
+    # opened read-write ("w+"), so that the worker's read of fd 1 after the task works
+    assert ex.submit(redirect_fd1_into_rw, str(mine)).result(GUARD) == "redirected"
+    assert mine.read_bytes() == b"precious results\n"
+    nxt = ex.submit(echo, "next task")
+    assert nxt.result(GUARD) == "next task"
+    assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
+    problems = []
+    if mine.read_bytes() != b"precious results\n":
+        problems.append(f"the user's file now holds {mine.read_bytes()!r}")
+    if nxt.stdout != "next task\n":
+        problems.append(f"the next task's stdout is {nxt.stdout!r}")
+    assert not problems, problems
+
+
+def test_a_task_that_replaces_sys_stdout_does_not_swallow_the_next_tasks_prints(
+        start_node, make_executor, tmp_path):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(replace_sys_stdout, str(tmp_path / "log.txt")).result(GUARD) == "replaced"
+    nxt = ex.submit(say, "hello")
+    assert nxt.result(GUARD) == "hello"
+    assert nxt.stdout == "hello\n"
+
+
+def test_the_children_of_a_task_whose_worker_died_do_not_run_on(start_node, make_executor,
+                                                                tmp_path):
+    from kotta_executor import WorkerDied
+
+    pid_file = tmp_path / "child.pid"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(spawn_child_then_exit, str(pid_file))
+    try:
+        with pytest.raises(WorkerDied, match="exited with code 3"):
+            f.result(GUARD)
+        pid = int(pid_file.read_text())
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node went on
+        wait_for(lambda: not _alive(pid), timeout=10.0,
+                 what="the child of the failed task to be ended")
+    finally:
+        if pid_file.exists():
+            _kill(int(pid_file.read_text()))
