@@ -8,24 +8,33 @@ The client normalises them once (:func:`normalize`) and sends the result in the 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from .errors import ConfigurationError
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
 
 def _line(line: str) -> str:
-    """One requirement, without comments or whitespace, its project name PEP 503-normalised."""
+    """One requirement in its canonical spelling (``packaging``'s: the project name
+    PEP 503-normalised, extras and version specifiers sorted, markers spaced as PEP 508
+    writes them), without comments; ``""`` for a blank or comment line."""
     line = line.split(" #", 1)[0].strip()
-    if line.startswith("#"):
+    if not line or line.startswith("#"):
         return ""
-    line = "".join(line.split())
-    m = _NAME.match(line)
-    if m is None:
-        return line
-    return re.sub(r"[-_.]+", "-", m.group(0)).lower() + line[m.end():]
+    if line.startswith("-"):  # options (-r, -e, --index-url ...) belong to the node
+        raise ConfigurationError(f"requirements may not carry pip options: {line!r}")
+    try:
+        req = Requirement(line)
+    except InvalidRequirement as exc:
+        why = str(exc).splitlines()[0] if str(exc) else "invalid"
+        raise ConfigurationError(
+            f"{line!r} is not a requirement ({why}); a task's requirements are PEP 508 lines, "
+            "without pip options such as --hash: the node decides where packages come from"
+        ) from None
+    req.name = canonicalize_name(req.name)
+    return str(req)
 
 
 def normalize(requirements: str | Iterable[str] | None) -> str:
@@ -45,11 +54,7 @@ def normalize(requirements: str | Iterable[str] | None) -> str:
                 f"requirements must be a string (one requirement per line) or a list of "
                 f"strings, not {requirements!r}"
             )
-    reqs = sorted({r for r in map(_line, lines) if r})
-    for r in reqs:
-        if r.startswith("-"):  # options (-r, -e, --index-url ...) belong to the node
-            raise ConfigurationError(f"requirements may not carry pip options: {r!r}")
-    return "\n".join(reqs)
+    return "\n".join(sorted({r for r in map(_line, lines) if r}))
 
 
 def env_key(requirements: str) -> str:

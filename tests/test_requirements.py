@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import threading
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kotta_executor import RequirementsError, kottajob, wire
 from kotta_executor.errors import ConfigurationError
@@ -92,6 +95,40 @@ def test_requirements_are_normalised_and_travel_in_the_header(make_executor):
     assert "requirements" not in wire.peek_header(job.body)
     with pytest.raises(ConfigurationError):
         ex.with_options(requirements=["numpy", 3])
+
+
+def test_markers_extras_and_urls_keep_their_meaning():
+    assert normalize('foo; sys_platform == "linux"  and python_version>="3"') == (
+        'foo; sys_platform == "linux" and python_version >= "3"'
+    )
+    assert normalize('Foo[b, a] >=1.0, <2; python_version not in "2.7"') == (
+        'foo[a,b]<2,>=1.0; python_version not in "2.7"'
+    )
+    url = "pkg @ https://example.com/pkg-1.0-py3-none-any.whl#sha256=abc"
+    assert normalize(url) == url
+
+
+@pytest.mark.parametrize("line", ["numpy --hash=sha256:abc", "numpy==", "a b c", "-e ."])
+def test_what_is_not_a_requirement_is_refused_naming_it(line):
+    with pytest.raises(ConfigurationError, match=re.escape(repr(line))):
+        normalize(["numpy", line])
+
+
+_names = st.from_regex(r"[A-Za-z][A-Za-z0-9]{0,6}([-_.][A-Za-z0-9]{1,4})?", fullmatch=True)
+_specs = st.lists(
+    st.tuples(st.sampled_from(["==", ">=", "<=", "<", ">", "~=", "!="]),
+              st.from_regex(r"[0-9]{1,2}(\.[0-9]{1,2}){1,2}", fullmatch=True)),
+    max_size=2, unique_by=lambda t: t[0],
+)
+
+
+@given(st.lists(st.tuples(_names, _specs, st.sampled_from(["", " ", "  "])), max_size=5))
+def test_normalising_is_stable_and_blind_to_spacing(reqs):
+    lines = [f"{name}{pad}{','.join(op + pad + v for op, v in spec)}" for name, spec, pad in reqs]
+    once = normalize(lines)
+    assert normalize(once) == once  # what a client sends, normalised again, is the same set
+    assert normalize(" \n".join(reversed(lines))) == once  # order and spacing do not matter
+    assert env_key(once) == env_key("\n".join(lines))
 
 
 def test_tasks_with_requirements_run_in_a_cached_env(make_executor, offline_pip, capsys):
