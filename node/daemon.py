@@ -547,9 +547,8 @@ class Node:
                 stdout=stdout, stderr=stderr, exitcode=code, signal=sig,
             )
             state = JobState.CANCELLED if etype == "TaskKilled" else JobState.FAILED
-            usage = None
-            if head.monitor is not None:  # keep what was measured of a long task
-                usage = head.monitor.merge(None)
+            usage = _unreported_usage(head)
+            if usage is not None:
                 data = _with_usage(data, usage)
             fin = Finished(head.job_id, state, data, message, usage)
             # a task with data: its output too is checked for egress, its directory removed
@@ -1119,6 +1118,19 @@ def _pack_replies(items: list[tuple[str, bytes]]) -> list[Message]:
     if chunk:
         messages.append(Message(chunk[0][0], wire.pack_replies(chunk)))
     return messages
+
+
+def _unreported_usage(task: Task) -> dict | None:
+    """The usage of a task whose worker ended without reporting it (killed, died): when it
+    began on its worker and ended, as the node saw it, and what the node measured of a long
+    task (samples, CPU and peak memory of its tree).  The worker's own figures died with it."""
+    usage: dict | None = None
+    if task.started is not None:
+        now, wall = time.time(), max(0.0, time.monotonic() - task.started)
+        usage = {"start": now - wall, "end": now, "wall": round(wall, 6)}
+    if task.monitor is not None:  # keep what was measured of a long task
+        usage = task.monitor.merge(usage)
+    return usage
 
 
 def _with_usage(data: bytes, usage: dict) -> bytes:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from tests import tasks
 from tests.conftest import GUARD, wait_for
 from tests.test_cli import kotta
@@ -72,3 +74,23 @@ def test_tiny_tasks_are_not_sampled(start_node, make_executor):
     for f in futures:
         u = f.usage()
         assert "samples" not in u and u["peak_rss_kb"] > 0 and u["cpu"] >= 0
+
+
+def test_a_task_its_worker_did_not_report_still_has_its_times(start_node, make_executor):
+    """Killed for its walltime, or its worker died: the worker's own figures are gone, but
+    the node saw when the task began and ended."""
+    import datetime as dt
+
+    from kotta_executor import WalltimeExceeded, WorkerDied
+
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    over = ex.with_options(walltime=dt.timedelta(seconds=1)).submit(tasks.sleep_and_return, 60)
+    died = ex.submit(tasks.exit_hard, 3)
+    for f, error in ((over, WalltimeExceeded), (died, WorkerDied)):
+        with pytest.raises(error):
+            f.result(GUARD)
+        u = f.usage()
+        assert u is not None and u["start"] <= u["end"], u
+        assert u["end"] - u["start"] == pytest.approx(u["wall"], abs=0.01)
+    assert over.usage()["wall"] >= 1.0
