@@ -29,7 +29,13 @@ Data flow::
 
 The job table is the truth; replies are a fast path.  One manager thread owns all queue
 I/O and all future state transitions (``set_result``, ``set_exception``), except
-cancellation, which the cancelling thread does once the job is recorded cancelled.
+cancellation, which the cancelling thread does once the job is recorded cancelled, and the
+move to running, which whoever reads the started job's record first makes (the manager's
+reconcile, or ``status()``).
+
+A future is registered under ``_shutdown_lock``, the lock ``shutdown()`` sets its flag
+under and the manager decides to exit under: so a submit racing a shutdown is either
+refused or sent, and the manager stays until its future is done.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,7 +63,7 @@ from typing import Any
 from . import config, dependencies, wire
 from . import requirements as _requirements
 from .backends import open_enclave
-from .backends.base import Enclave, Message, NewJob, reply_queue
+from .backends.base import Enclave, Finished, JobRecord, Message, NewJob, reply_queue
 from .errors import (
     AuthenticationError,
     BrokenEnclave,
@@ -70,7 +76,7 @@ from .security import credentials as _credentials
 from .security import staging
 from .security.access import check_job_access
 from .security.credentials import Credentials
-from .states import CANCELLABLE, JobState
+from .states import ACTIVE, CANCELLABLE, JobState
 
 log = logging.getLogger("kotta.executor")
 
@@ -96,6 +102,8 @@ HAND_OFF_CONFIRM = 1.0
 #: jobs pending this long on a queue that no live node serves get a warning (once, until
 #: a node serves it again): a wait for them would otherwise be silent, and last forever
 UNSERVED_WARN = 60.0
+#: job states in which a node has started a job and not finished it: its future is running
+STARTED = ACTIVE - {JobState.PENDING}
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,9 @@ class KottaExecutor(Executor):
         self._broken: BrokenEnclave | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        #: guards the pipe's fds against _close: once closed, their numbers may be reused
+        #: by another file, which a late _kick from another thread must not write to
+        self._wake_lock = threading.Lock()
         self._manager: threading.Thread | None = None
         self._nodes: dict[str, subprocess.Popen] = {}
         self._node_restarts = 0
@@ -244,10 +255,11 @@ class KottaExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
             self._shutdown = True
+            # under the lock: a submit that got in first has started the manager already
+            manager = self._manager
         if cancel_futures:
             self._cancel_all()
         self._kick(force=True)
-        manager = self._manager
         if manager is None:
             self._close()
         elif wait and manager is not threading.current_thread():
@@ -284,7 +296,7 @@ class KottaExecutor(Executor):
                 f._batch = "values"
             self._futures[job_id] = f
             self._attached.add(job_id)
-        self._ensure_manager()
+            self._ensure_manager()  # under the lock, as in _submit
         self._kick(force=True)
         return f
 
@@ -303,8 +315,7 @@ class KottaExecutor(Executor):
     def _submit(self, fn: Callable, calls: list, opts: Options, *, batch: bool = False) -> KottaFuture:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
-        with self._shutdown_lock:
-            self._check_open()
+        self._check_open()  # early, to spare the pickling; it counts only under the lock
         config.check_walltime(opts.queue, opts.walltime)  # before anything is sent
         deps = dependencies.find(calls)
         job_id = f"{self._ids.getrandbits(128):032x}"
@@ -312,15 +323,31 @@ class KottaExecutor(Executor):
         f = KottaFuture(job_id, self)
         if batch:
             f._batch = True
-        self._futures[job_id] = f
-        if self._manager is None:
-            self._ensure_manager()
+        # Pickled first, registered under the lock after: a shutdown that came meanwhile
+        # refuses this submit; one that comes later finds the future, and the manager
+        # running, and waits for it (see _run_manager).  The lock is held for no I/O.
+        with self._shutdown_lock:
+            accepted = self._broken is None and not self._shutdown
+            if accepted:
+                self._futures[job_id] = f
+                if self._manager is None:
+                    self._ensure_manager()
+        if not accepted:
+            if job is not None:
+                self._drop_blobs(job)
+            self._check_open()  # raises: neither flag is ever reset
         if deps:  # sent by the manager once they are done (no job row until then)
             self._deps.add(f, fn, calls, opts, deps)
         elif not self._send_now(job):
             self._outbox.append((job, f))
             self._kick()
         return f
+
+    def _drop_blobs(self, job: NewJob) -> None:
+        """Remove the blobs of a job that was pickled but refused (shut down meanwhile)."""
+        refs = wire.peek_header(job.body).get("refs")
+        if refs:
+            self._enclave.blobs.delete(list(refs.values()))
 
     def _send_now(self, job: NewJob) -> bool:
         """Record a lone submit's job from the caller's thread, sparing it a hand-over to
@@ -392,12 +419,13 @@ class KottaExecutor(Executor):
         )
 
     def _unsent_record(self, w: dependencies.Waiting) -> NewJob:
-        """The job of a waiting task, to record it cancelled: a task envelope without the
-        call (never pickled; no node runs a cancelled job)."""
-        header = self._task_header(w.future.job_id, w.fn, len(w.calls), w.opts)
+        """The job of a waiting task, to record it cancelled or failed: without a task
+        body, since its call was never pickled, and it is recorded with
+        ``create(enqueue=False)``: a task message for it would only make a node refuse
+        an unsigned task (and audit it as forged)."""
         return NewJob(
-            w.future.job_id, self.owner, self.client_id, w.opts.queue, header["fn"],
-            w.opts.walltime, wire.encode(header), len(w.calls),
+            w.future.job_id, self.owner, self.client_id, w.opts.queue, wire.fn_name(w.fn),
+            w.opts.walltime, b"", len(w.calls),
         )
 
     def _map(self, fn, iterables, timeout, chunksize, opts) -> Iterator:
@@ -438,10 +466,22 @@ class KottaExecutor(Executor):
     def _kick(self, force: bool = False) -> None:
         if force or not self._kicked:
             self._kicked = True
-            try:
-                os.write(self._wake_w, b"!")
-            except (BlockingIOError, OSError):
-                pass
+            with self._wake_lock:
+                if self._wake_w < 0:
+                    return  # closed: nothing is waiting to be woken
+                try:
+                    os.write(self._wake_w, b"!")
+                except (BlockingIOError, OSError):
+                    pass
+
+    def _close_wake(self) -> None:
+        """Close the wake-up pipe; a later _kick does nothing."""
+        with self._wake_lock:
+            fds = (self._wake_r, self._wake_w)
+            self._wake_r = self._wake_w = -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
 
     # ------------------------------------------------------------------ controls used by futures
 
@@ -461,11 +501,14 @@ class KottaExecutor(Executor):
                     records += [job for job in handed if job.job_id not in known]
                 done = [job.job_id for job in records]
                 if records:  # never sent: record them, already cancelled, so the table tells
-                    self._enclave.jobs.create(records)
+                    # without task messages: no node is to run them, and a waiting task's
+                    # record has no signed body a node would accept
+                    self._enclave.jobs.create(records, enqueue=False)
                     self._enclave.jobs.transition(
                         done, JobState.CANCELLED, reason="cancelled by the client"
                     )
-                rest = [j for j in job_ids if j not in set(done)]
+                recorded = set(done)  # once: thousands of waiting tasks may be cancelled
+                rest = [j for j in job_ids if j not in recorded]
                 if rest:
                     done += self._enclave.jobs.transition(
                         rest, JobState.CANCELLED, from_states=CANCELLABLE,
@@ -481,7 +524,7 @@ class KottaExecutor(Executor):
         pending = {jid: f for jid, f in list(self._futures.items()) if not f.done()}
         if pending:
             for jid in self._cancel_jobs(list(pending)):
-                _mark_cancelled(pending[jid])
+                pending[jid]._cancel_and_notify()
 
     def _kill_job(self, job_id: str) -> bool:
         ok = self._enclave.jobs.request_kill(job_id)
@@ -498,6 +541,8 @@ class KottaExecutor(Executor):
             if f.done():  # failed before it was sent (a dependency failed)
                 return str(JobState.FAILED)
             return str(JobState.PENDING)
+        if job.state in STARTED:  # so that running() agrees with what it just said
+            f._mark_running()
         return str(job.state)
 
     # ------------------------------------------------------------------ the manager thread
@@ -531,9 +576,10 @@ class KottaExecutor(Executor):
                 self._confirm_handed()
                 self._reconcile()
                 # tasks waiting for dependencies are in _futures: shutdown waits for them
-                idle = not self._futures and not self._outbox and not self._deps.ready
-                if self._shutdown and idle:
-                    break
+                if self._shutdown and self._idle():
+                    with self._shutdown_lock:  # _submit registers futures under it
+                        if self._idle():
+                            break
         except BaseException as exc:  # noqa: BLE001 - anything here makes the enclave unusable
             log.exception("kotta manager thread failed")
             self._terminate_broken(exc)
@@ -543,6 +589,9 @@ class KottaExecutor(Executor):
             if self._inbox is not None:
                 self._enclave.close_inbox(self._inbox)
             self._close()
+
+    def _idle(self) -> bool:
+        return not self._futures and not self._outbox and not self._deps.ready
 
     def _wait(self, bell) -> None:
         timeout = 0.5 if self._futures or self._outbox else 2.0
@@ -630,12 +679,16 @@ class KottaExecutor(Executor):
         with self._send_lock:
             if self._deps.take(w.future.job_id) is None:
                 return  # cancelled meanwhile
-            record = self._unsent_record(w)  # never sent: recorded failed, with the reason
+            # Never sent: recorded failed, with a result that says why, so that attach()
+            # to it raises what this future raises (a final job needs a result for that).
+            record = self._unsent_record(w)
+            failed = Finished(
+                record.job_id, JobState.FAILED, _failure_result(record.job_id, record.n, exc),
+                wire.summary(exc),
+            )
             with self._enclave.atomic():
-                self._enclave.jobs.create([record])
-                self._enclave.jobs.transition(
-                    [record.job_id], JobState.FAILED, reason=wire.summary(exc)
-                )
+                self._enclave.jobs.create([record], enqueue=False)
+                self._enclave.jobs.finish([failed])
         self._futures.pop(w.future.job_id, None)
         if not w.future.done():
             w.future.set_exception(exc)
@@ -687,12 +740,11 @@ class KottaExecutor(Executor):
             missing = [job_id for job_id, body in items if not body]
             records = self._enclave.jobs.get_many(missing, with_result=True) if missing else {}
             for job_id, body in items:
-                if not body and job_id in records:
-                    body = records[job_id].result
-                    if body is None and records[job_id].state == JobState.CANCELLED:
-                        self._settle_cancelled(job_id)
-                if body:  # else: the reconcile step finds it in the job table later
+                if body:
                     self._resolve(job_id, body)
+                elif job_id in records and records[job_id].state.final:
+                    self._settle(job_id, records[job_id])
+                # else: the reconcile step finds it in the job table later
 
     def _reconcile(self) -> None:
         now = time.monotonic()
@@ -721,12 +773,12 @@ class KottaExecutor(Executor):
         in_window = set(window)
         for job_id, job in self._enclave.jobs.get_many(ids, with_result=True).items():
             if job.state.final:
-                if job.result:
-                    self._resolve(job_id, job.result)
-                elif job.state == JobState.CANCELLED:
-                    self._settle_cancelled(job_id)
-            elif job.state == JobState.PENDING and job_id in in_window:
-                self._sweep_pending[job.queue] = self._sweep_pending.get(job.queue, 0) + 1
+                self._settle(job_id, job)
+            elif job.state == JobState.PENDING:
+                if job_id in in_window:
+                    self._sweep_pending[job.queue] = self._sweep_pending.get(job.queue, 0) + 1
+            elif (f := self._futures.get(job_id)) is not None:
+                f._mark_running()
         if sweep_done:  # every outstanding future looked at once since the last sweep
             pending, self._sweep_pending = self._sweep_pending, {}
             self._watch_unserved(pending, now)
@@ -766,6 +818,18 @@ class KottaExecutor(Executor):
                     count, "" if count == 1 else "s", q, "has" if count == 1 else "have",
                     now - since, q,
                 )
+
+    def _settle(self, job_id: str, job: JobRecord) -> None:
+        """Settle the future of a final job from its record.  One without a result (a
+        record written before results were kept for every failure, or by hand) fails
+        with its recorded reason, rather than leaving its future pending forever."""
+        if job.result:
+            self._resolve(job_id, job.result)
+        elif job.state == JobState.CANCELLED:
+            self._settle_cancelled(job_id)
+        else:
+            reason = job.reason or f"the job {job.state} without recording a result"
+            self._resolve(job_id, wire.failure(job_id, job.n, "JobFailed", reason))
 
     def _settle_cancelled(self, job_id: str) -> None:
         """A job someone else cancelled (``kotta cancel``, another client) before it ran."""
@@ -863,11 +927,12 @@ class KottaExecutor(Executor):
         )
         if broken is not exc:
             broken.__cause__ = exc
-        self._broken = broken
+        with self._shutdown_lock:  # as shutdown(): a submit is refused, or its future failed
+            self._broken = broken
+            futures, self._futures = self._futures, {}
         with self._send_lock:
             self._outbox.clear()
             self._deps.clear()
-        futures, self._futures = self._futures, {}
         for f in futures.values():
             if not f.done():
                 err = BrokenEnclave(str(broken))
@@ -889,13 +954,25 @@ class KottaExecutor(Executor):
             self._enclave.queue.close_reply(self.client_id)
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+        self._close_wake()
         _live_executors.discard(self)
 
 
 def _mark_cancelled(f: KottaFuture) -> None:
     """Mark a future cancelled whose job the enclave already cancelled, and tell waiters."""
-    if Future.cancel(f):
-        f.set_running_or_notify_cancel()
+    f._cancel_and_notify()
+
+
+def _failure_result(job_id: str, n: int, exc: BaseException) -> bytes:
+    """A result envelope for a task that failed on the client before it was sent: its
+    exception, pickled as a node pickles one, so that any client attaching to the job
+    gets the same type and message (a DependencyError, a SerializationError)."""
+    header = wire.result_header(job_id, wire.ERROR, n, failed=n, reason=wire.summary(exc))
+    try:
+        payload = wire.dump_exception(exc)
+    except Exception:  # noqa: BLE001 - then at least the reason, as a JobFailed
+        return wire.failure(job_id, n, "JobFailed", wire.summary(exc))
+    return wire.encode(header, {"payload": payload})
 
 
 class OptionsView(Executor):

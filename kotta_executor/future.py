@@ -66,9 +66,28 @@ class KottaFuture(Future):
                 return False
         if not self._executor._cancel_jobs([self.job_id]):
             return False
-        if super().cancel():
-            self.set_running_or_notify_cancel()  # CANCELLED_AND_NOTIFIED, as wait() expects
+        self._cancel_and_notify()
         return True
+
+    def _cancel_and_notify(self) -> bool:
+        """Move to CANCELLED_AND_NOTIFIED, as ``wait()`` expects, once the enclave recorded
+        the job cancelled.  Two threads may get here for one future (``cancel()`` and
+        ``shutdown(cancel_futures=True)``): only the one that finds it CANCELLED notifies,
+        since notifying twice raises.  False if it is running or done instead."""
+        if not Future.cancel(self):
+            return False
+        with self._condition:
+            if self._state == CANCELLED:
+                self.set_running_or_notify_cancel()
+        return True
+
+    def _mark_running(self) -> None:
+        """The enclave says a node started the job: ``running()`` is True from now on.
+        Whoever learns it first may call this (the manager, or ``status()``); a future
+        that is already cancelled or done stays as it is."""
+        with self._condition:
+            if self._state == PENDING:
+                self.set_running_or_notify_cancel()
 
     def kill(self) -> bool:
         """Stop the job whether or not it is running.

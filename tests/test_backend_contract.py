@@ -536,6 +536,21 @@ def test_create_makes_pending_records_and_enqueues_their_tasks(backend):
     assert (other.job_id, other.body) == (jobs[2].job_id, jobs[2].body)
 
 
+def test_create_without_enqueue_records_jobs_only(backend):
+    """``enqueue=False``: pending records and no task message (tasks a client never sent,
+    which it records cancelled or failed at once)."""
+    jobs = [new_job(queue="work"), new_job(queue="work", n=2)]
+    backend.jobs.create(jobs, enqueue=False)
+    records = backend.jobs.get_many([j.job_id for j in jobs])
+    assert {j: r.state for j, r in records.items()} == {j.job_id: JobState.PENDING for j in jobs}
+    assert records[jobs[1].job_id].n == 2
+    assert backend.queue.depth("work") == 0
+    assert received(backend, "work") == []
+    assert backend.jobs.transition([j.job_id for j in jobs], JobState.CANCELLED) == [
+        j.job_id for j in jobs
+    ]
+
+
 def test_create_is_atomic(backend, spec):
     if not spec.transactional:
         pytest.skip("create() is only atomic on transactional backends")

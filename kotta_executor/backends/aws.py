@@ -1136,7 +1136,7 @@ class DynamoJobs(_DynamoTable, JobTable):
             marks.append(f":s{i}")
         return f"#state IN ({', '.join(marks)})"
 
-    def create(self, jobs: Sequence[NewJob]) -> None:
+    def create(self, jobs: Sequence[NewJob], *, enqueue: bool = True) -> None:
         """Write the job records (BatchWriteItem), then send the tasks (SendMessageBatch):
         a task is never on a queue without its record."""
         if not jobs:
@@ -1174,6 +1174,8 @@ class DynamoJobs(_DynamoTable, JobTable):
                 raise RuntimeError(
                     f"DynamoDB did not accept {len(pending[self.table])} job records"
                 )
+        if not enqueue:
+            return
         by_queue: dict[str, list[Message]] = {}
         for j in jobs:
             by_queue.setdefault(j.queue, []).append(Message(j.job_id, j.body))

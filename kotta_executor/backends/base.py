@@ -164,7 +164,10 @@ class BlobStore(abc.ABC):
 
 class JobTable(abc.ABC):
     @abc.abstractmethod
-    def create(self, jobs: Sequence[NewJob]) -> None: ...
+    def create(self, jobs: Sequence[NewJob], *, enqueue: bool = True) -> None:
+        """Record ``jobs`` pending and queue their tasks.  ``enqueue=False`` records them
+        without a task message: for tasks a client never sent (cancelled, or failed before
+        they could be), which it records final at once and no node should ever see."""
 
     @abc.abstractmethod
     def transition(

@@ -451,7 +451,7 @@ class EmbeddedJobs(JobTable):
         self._db = db
         self._blobs = blobs
 
-    def create(self, jobs: Sequence[NewJob]) -> None:
+    def create(self, jobs: Sequence[NewJob], *, enqueue: bool = True) -> None:
         """Create job records and enqueue their tasks in one transaction."""
         if not jobs:
             return
@@ -466,12 +466,13 @@ class EmbeddedJobs(JobTable):
                 [(j.job_id, j.owner, j.client, j.queue, j.fn, j.walltime, j.n, now, now, event)
                  for j in jobs],
             )
-            _insert_rows(
-                c,
-                "INSERT INTO messages(queue, job_id, body, visible_at, sent) VALUES ",
-                "(?,?,?,?,?)",
-                [(j.queue, j.job_id, j.body, now, now) for j in jobs],
-            )
+            if enqueue:
+                _insert_rows(
+                    c,
+                    "INSERT INTO messages(queue, job_id, body, visible_at, sent) VALUES ",
+                    "(?,?,?,?,?)",
+                    [(j.queue, j.job_id, j.body, now, now) for j in jobs],
+                )
 
     def transition(self, job_ids, new, *, from_states=None, node=None, reason=None):
         new = JobState(new)

@@ -1,0 +1,298 @@
+"""Client-side races and leaks: submit racing shutdown, attach to a job failed before it was
+sent, cancelling many waiting tasks, the wake-up pipe, records of tasks never sent, and
+``running()``.
+
+Real components: an embedded enclave, and a real node where a test needs one.  Tests
+synchronise on ``threading.Event`` objects, on files and on ``wait_for``; the only timeouts
+are deadlock guards (and one bound on the cost of cancelling many tasks).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gc
+import os
+import threading
+import time
+
+import pytest
+
+from kotta_executor import DependencyError, JobFailed, KottaExecutor, SerializationError
+from kotta_executor import executor as executor_module
+from kotta_executor.backends.base import NewJob
+from kotta_executor.security.audit import AuditLog
+from kotta_executor.states import JobState
+from tests import tasks
+from tests.conftest import GUARD, wait_for
+
+
+class Stall:
+    """An argument whose pickling blocks until released; it pickles as ``value``."""
+
+    def __init__(self, entered: threading.Event, release: threading.Event, value=5):
+        self.entered = entered
+        self.release = release
+        self.value = value
+
+    def __reduce__(self):
+        self.entered.set()
+        self.release.wait(GUARD)
+        return (type(self.value), (self.value,))
+
+
+def _blob_files(enclave) -> list[str]:
+    root = enclave.blobs.root
+    return sorted(
+        name for _, _, names in os.walk(root) for name in names if not name.startswith(".")
+    )
+
+
+# --------------------------------------------------------------------------- submit vs shutdown
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["inline", "blob"])
+def test_submit_racing_shutdown_is_refused_and_leaves_nothing(make_executor, enclave, big):
+    """A submit still pickling when shutdown(wait=True) completes is refused, as a process
+    pool's would be; it used to return a future that never resolved.  A refused task's
+    blobs (a large argument) are removed."""
+    ex = make_executor(2)
+    assert ex.submit(tasks.square, 2).result(timeout=GUARD) == 4  # the manager runs
+    entered, release = threading.Event(), threading.Event()
+    value = b"x" * (enclave.inline_limit + 1) if big else 5
+    out: list = []
+
+    def submit():
+        try:
+            out.append(ex.submit(tasks.noop, Stall(entered, release, value)))
+        except BaseException as exc:  # noqa: BLE001 - the outcome under test
+            out.append(exc)
+
+    blobs_before = _blob_files(enclave)
+    t = threading.Thread(target=submit)
+    t.start()
+    try:
+        assert entered.wait(GUARD)  # submit passed its first check, and is pickling
+        stopper = threading.Thread(target=ex.shutdown, kwargs={"wait": True})
+        stopper.start()
+        stopper.join(GUARD)  # nothing of ours is outstanding: shutdown completes first
+        assert not stopper.is_alive()
+        assert not ex._manager.is_alive()
+    finally:
+        release.set()
+        t.join(GUARD)
+    (outcome,) = out
+    assert isinstance(outcome, RuntimeError), outcome
+    assert "after shutdown" in str(outcome)
+    assert ex._futures == {}
+    assert _blob_files(enclave) == blobs_before
+
+
+def test_submit_registered_before_shutdown_runs_and_shutdown_waits(make_executor):
+    """The other side of the race: a future registered before shutdown() keeps the manager
+    until it is done, and shutdown(wait=True) returns with it done."""
+    ex = make_executor(2)
+    dep: cf.Future = cf.Future()
+    f = ex.submit(tasks.square, dep)  # registered; sent only once dep is done
+    stopper = threading.Thread(target=ex.shutdown, kwargs={"wait": True})
+    stopper.start()
+    wait_for(lambda: ex._shutdown, what="shutdown to begin")
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(tasks.square, 3)
+    assert stopper.is_alive() and ex._manager.is_alive()
+    dep.set_result(6)
+    stopper.join(GUARD)
+    assert not stopper.is_alive()
+    assert f.result(timeout=0) == 36
+
+
+# --------------------------------------------------------------------------- attach to a failed job
+
+
+@pytest.mark.parametrize(
+    "dependency, error",
+    [("failed", DependencyError), ("unpicklable", SerializationError)],
+)
+def test_attach_to_a_job_failed_before_it_was_sent(make_executor, dependency, error):
+    """A task failed by its dependency (or by a dependency value that cannot be pickled)
+    is recorded with a result: attach() raises the same type and message as the original
+    future, and the attaching executor shuts down."""
+    ex = make_executor(2, start_node=False)  # nothing is ever sent: no node needed
+    dep: cf.Future = cf.Future()
+    f = ex.submit(tasks.square, dep)
+    if dependency == "failed":
+        dep.set_exception(ValueError("upstream"))
+    else:
+        dep.set_result(threading.Lock())
+    original = f.exception(timeout=GUARD)
+    assert type(original) is error
+    assert f.status() == "failed"  # the job table knows it failed
+
+    other = make_executor(2, start_node=False)  # e.g. a restarted kernel
+    g = other.attach(f.job_id)
+    got = g.exception(timeout=GUARD)
+    assert type(got) is error
+    assert str(got) == str(original)
+    if dependency == "failed":
+        assert isinstance(got.__cause__, ValueError) and str(got.__cause__) == "upstream"
+    stopper = threading.Thread(target=other.shutdown, kwargs={"wait": True})
+    stopper.start()
+    stopper.join(GUARD)
+    assert not stopper.is_alive()
+
+
+def test_attach_to_a_failed_job_without_a_result(make_executor, enclave):
+    """A final job recorded without a result (as this client wrote them before) settles
+    an attached future with JobFailed and the recorded reason."""
+    ex = make_executor(2, start_node=False)
+    job_id = os.urandom(16).hex()
+    enclave.jobs.create([NewJob(job_id, ex.owner, "gone", "test", "tests.tasks:square", 60.0, b"")])
+    enclave.jobs.transition([job_id], JobState.FAILED, reason="DependencyError: upstream")
+    err = ex.attach(job_id).exception(timeout=GUARD)
+    assert type(err) is JobFailed
+    assert "DependencyError: upstream" in str(err)
+
+
+# --------------------------------------------------------------------------- cancel many
+
+
+def test_shutdown_cancel_futures_with_many_waiting_tasks_is_fast(make_executor):
+    ex = make_executor(2, start_node=False)
+    dep: cf.Future = cf.Future()  # never done: every task waits ("thousands may wait")
+    fs = [ex.submit(tasks.square, dep) for _ in range(16000)]
+    t0 = time.monotonic()
+    ex.shutdown(wait=False, cancel_futures=True)
+    took = time.monotonic() - t0
+    assert all(f.cancelled() for f in fs)
+    # linear: under 1 s here; quadratic it took about 16 s
+    assert took < 8.0, f"shutdown(cancel_futures=True) took {took:.1f} s for {len(fs)} tasks"
+
+
+def test_cancelling_a_cancelled_future_again_does_not_raise(make_executor):
+    """cancel() and shutdown(cancel_futures=True), or a cancel seen in the job table, may
+    both mark one future cancelled: the second must not notify (and raise) again."""
+    ex = make_executor(2, start_node=False)
+    f = ex.submit(tasks.square, cf.Future())
+    assert f.cancel()
+    executor_module._mark_cancelled(f)  # used to raise "Future in unexpected state"
+    assert f.cancel()
+    done, _ = cf.wait([f], timeout=0)
+    assert done == {f}
+
+
+# --------------------------------------------------------------------------- the wake-up pipe
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_executors_closed_in_a_loop_do_not_leak_file_descriptors(enclave_dir):
+    def one():
+        with KottaExecutor(2, enclave=enclave_dir, start_node=False) as ex:
+            ex.submit(tasks.noop).cancel()  # no node: cancellable, so shutdown returns
+        # never started a manager: shutdown closes the pipe itself
+        KottaExecutor(2, enclave=enclave_dir, start_node=False).shutdown()
+
+    one()
+    gc.collect()
+    before = _open_fds()
+    for _ in range(30):
+        one()
+    gc.collect()
+    leaked = _open_fds() - before
+    assert leaked < 10, f"{leaked} file descriptors leaked by 60 closed executors"
+
+
+def test_a_kick_after_shutdown_writes_nowhere(enclave_dir):
+    """Dependency callbacks and the reply poller may wake the manager after it exited:
+    the pipe's numbers may belong to another file by then."""
+    ex = KottaExecutor(2, enclave=enclave_dir, start_node=False)
+    w = ex._wake_w
+    ex.shutdown()
+    r2, w2 = os.pipe()  # likely reuses the numbers just freed
+    try:
+        os.set_blocking(r2, False)
+        ex._kick(force=True)
+        if w in (r2, w2):
+            with pytest.raises(BlockingIOError):
+                os.read(r2, 1)
+        assert ex._wake_w == -1
+    finally:
+        os.close(r2)
+        os.close(w2)
+
+
+# --------------------------------------------------------------------------- records of unsent tasks
+
+
+def test_unsent_tasks_are_recorded_without_a_task_message(make_executor, enclave):
+    ex = make_executor(2, start_node=False)
+    never: cf.Future = cf.Future()
+    cancelled = ex.submit(tasks.square, never)
+    assert cancelled.cancel()
+    bad: cf.Future = cf.Future()
+    bad.set_exception(ValueError("upstream"))
+    failed = ex.submit(tasks.square, bad)
+    with pytest.raises(DependencyError):
+        failed.result(timeout=GUARD)
+    assert enclave.jobs.get(cancelled.job_id).state == JobState.CANCELLED
+    assert enclave.jobs.get(failed.job_id).state == JobState.FAILED
+    assert enclave.queue.depth("test") == 0
+
+
+def test_cancelled_or_dependency_failed_tasks_raise_no_security_alarm(make_executor, enclave):
+    ex = make_executor(2)
+    ex.submit(tasks.noop).result(timeout=GUARD)  # a node serves the queue
+    never: cf.Future = cf.Future()
+    cancelled = ex.submit(tasks.square, never)
+    assert cancelled.cancel()
+    bad: cf.Future = cf.Future()
+    bad.set_exception(ValueError("upstream"))
+    failed = ex.submit(tasks.square, bad)
+    with pytest.raises(DependencyError):
+        failed.result(timeout=GUARD)
+    # whatever went on the queue for them, the node has dealt with it
+    wait_for(lambda: enclave.queue.depth("test") == 0, what="the queue to empty")
+    ours = {cancelled.job_id, failed.job_id}
+    assert [d for d in enclave.queue.dead_letters("test") if d["job_id"] in ours] == []
+    assert [r for r in AuditLog(enclave).show(action="task-rejected")
+            if r.get("job_id") in ours] == []
+
+
+# --------------------------------------------------------------------------- running()
+
+
+def test_running_task_reports_running_after_status(make_executor, tmp_path):
+    ex = make_executor(2)
+    started, release = tmp_path / "started", tmp_path / "release"
+    f = ex.submit(tasks.touch_then_wait, str(started), str(release))
+    try:
+        wait_for(started.exists, what="the task to start")
+        assert f.status() == "processing"
+        assert f.running()
+        assert not f.cancel()  # it runs: too late to cancel
+    finally:
+        release.write_text("go")
+    assert f.result(timeout=GUARD) == "go"
+    assert not f.running() and f.done()
+
+
+def test_manager_marks_a_started_task_running(make_executor, tmp_path, monkeypatch):
+    monkeypatch.setattr(executor_module, "RECONCILE_AFTER", 0.0)  # look at every turn
+    ex = make_executor(2)
+    started, release = tmp_path / "started", tmp_path / "release"
+    f = ex.submit(tasks.touch_then_wait, str(started), str(release))
+    try:
+        wait_for(started.exists, what="the task to start")
+        wait_for(f.running, what="the manager to mark the future running")
+    finally:
+        release.write_text("go")
+    assert f.result(timeout=GUARD) == "go"
+
+
+def test_mark_running_leaves_a_cancelled_future_alone(make_executor):
+    ex = make_executor(2, start_node=False)
+    f = ex.submit(tasks.square, cf.Future())
+    assert f.cancel()
+    f._mark_running()
+    assert f.cancelled() and not f.running()
