@@ -126,17 +126,23 @@ def check_walltime(queue: str, walltime: float) -> None:
     This runs at every submit, so it reuses the limits it read for up to
     :data:`LIMITS_RECHECK` seconds (the file's stat costs more than the rest of the check
     on a busy machine); :func:`queue_limits` always looks at the file."""
-    now = time.monotonic()
-    at, home, limits = _checked
-    if now - at >= LIMITS_RECHECK or home != os.environ.get("KOTTA_HOME"):
-        limits = _all_limits()  # which records what it read in _checked
-    cap = limits[queue].max_walltime
+    cap = walltime_cap(queue) / 60.0
     if walltime > cap * 60.0:
         raise ConfigurationError(
             f"a walltime of {walltime / 60:g} min is over the cap of the {queue} queue "
             f"({cap:g} min)" + ("; use a shorter walltime or the production queue"
                                 if queue == "test" else "")
         )
+
+
+def walltime_cap(queue: str) -> float:
+    """The longest walltime ``queue`` accepts, in seconds (the limits as check_walltime
+    last read them)."""
+    now = time.monotonic()
+    at, home, limits = _checked
+    if now - at >= LIMITS_RECHECK or home != os.environ.get("KOTTA_HOME"):
+        limits = _all_limits()  # which records what it read in _checked
+    return limits[queue].max_walltime * 60.0
 
 
 def normalize_queue(queue: str) -> str:

@@ -433,7 +433,10 @@ class KottaExecutor(Executor):
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
         items = list(zip(*iterables, strict=False))
-        size = chunksize if chunksize > 1 else self._auto_chunk(len(items))
+        size = chunksize
+        if chunksize == 1:  # packed by us: together, a task's items get the walltime each
+            size = self._auto_chunk(len(items), opts)  # would have had alone
+            opts = replace(opts, walltime=size * opts.walltime)
         fs = [
             self._submit(fn, [(args, {}) for args in items[i : i + size]], opts, batch=True)
             for i in range(0, len(items), size)
@@ -459,9 +462,11 @@ class KottaExecutor(Executor):
 
         return result_iterator()
 
-    def _auto_chunk(self, n: int) -> int:
-        """Pack tiny map items into tasks, keeping ~64 tasks per worker for balance."""
-        return max(1, min(256, n // (self._max_workers * 64)))
+    def _auto_chunk(self, n: int, opts: Options) -> int:
+        """Pack tiny map items into tasks, keeping ~64 tasks per worker for balance, and
+        no more than the walltimes of a task's items together fit under the queue's cap."""
+        fit = int(config.walltime_cap(opts.queue) // opts.walltime)
+        return max(1, min(256, n // (self._max_workers * 64), fit))
 
     def _kick(self, force: bool = False) -> None:
         if force or not self._kicked:

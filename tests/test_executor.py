@@ -207,6 +207,36 @@ def test_map_timeout_raises_on_iteration_not_at_call(executor, gate):
     gate.open()
 
 
+def test_map_packing_keeps_each_items_walltime(make_executor):
+    """With chunksize=1 the executor packs items into tasks itself: a task of n items gets
+    n walltimes, so items that each fit their walltime never fail together."""
+    ex = make_executor(1, walltime=0.01)  # 0.6 s an item
+    # 640 items of 0.1 s: 10 a task (640 // 64), 1 s a task, over one item's walltime
+    it = ex.map(tasks.sleep_and_return, [0.1] * 640, range(640))
+    try:
+        assert [next(it) for _ in range(12)] == list(range(12))  # two tasks' worth
+    finally:
+        it.close()  # cancels the rest
+
+
+def test_map_packs_no_more_items_than_fit_under_the_queues_walltime_cap(
+    make_executor, enclave
+):
+    ex = make_executor(1, walltime=25, start_node=False)  # the test queue's cap: 60 min
+    it = ex.map(tasks.square, range(1000))
+
+    def recorded():
+        jobs = enclave.jobs.list(limit=1000)
+        return len(jobs) == 500 and jobs
+
+    try:
+        jobs = wait_for(recorded, what="the map's 500 tasks recorded")
+        assert {j.n for j in jobs} == {2}  # not 1000 // 64 = 15: 2 x 25 min fit under 60
+        assert {j.walltime for j in jobs} == {2 * 25 * 60.0}
+    finally:
+        it.close()
+
+
 def test_map_chunksize_below_one_raises_value_error(executor, process_pool):
     for chunksize in (0, -1):
         with pytest.raises(ValueError):

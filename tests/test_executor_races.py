@@ -155,16 +155,16 @@ def test_attach_to_a_failed_job_without_a_result(make_executor, enclave):
 # --------------------------------------------------------------------------- cancel many
 
 
-def test_shutdown_cancel_futures_with_many_waiting_tasks_is_fast(make_executor):
+def test_shutdown_cancel_futures_cancels_thousands_of_waiting_tasks(make_executor, enclave):
+    """(It was quadratic in the number of tasks: 16 s for 16,000.  Not timed here: the
+    benchmarks time things, tests do not.)"""
     ex = make_executor(2, start_node=False)
     dep: cf.Future = cf.Future()  # never done: every task waits ("thousands may wait")
     fs = [ex.submit(tasks.square, dep) for _ in range(16000)]
-    t0 = time.monotonic()
     ex.shutdown(wait=False, cancel_futures=True)
-    took = time.monotonic() - t0
     assert all(f.cancelled() for f in fs)
-    # linear: under 1 s here; quadratic it took about 16 s
-    assert took < 8.0, f"shutdown(cancel_futures=True) took {took:.1f} s for {len(fs)} tasks"
+    records = enclave.jobs.get_many([f.job_id for f in fs])
+    assert {r.state for r in records.values()} == {JobState.CANCELLED} and len(records) == 16000
 
 
 def test_cancelling_a_cancelled_future_again_does_not_raise(make_executor):
