@@ -197,9 +197,13 @@ def cmd_up(args) -> int:
             break
         time.sleep(0.05)
     ok = True
+    registered = {n.node_id: n for n in enclave.nodes.live()}
     for node_id, p in procs:
         if p.poll() is None:
-            print(f"node {node_id} up: pid {p.pid}, queue {queue}, {args.workers} workers "
+            # as registered: a queue's limit may have lowered the workers asked for
+            n = registered.get(node_id)
+            workers = n.workers if n is not None else args.workers
+            print(f"node {node_id} up: pid {p.pid}, queue {queue}, {workers} workers "
                   f"(log: {logs / f'node-{node_id}.log'})")
         else:
             ok = False

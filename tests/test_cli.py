@@ -205,6 +205,19 @@ def test_up_starts_a_background_node_and_down_stops_it(enclave, make_executor):
                 pass
 
 
+def test_up_reports_the_workers_its_queue_allows(enclave, _private_kotta_home):
+    _private_kotta_home.mkdir(parents=True, exist_ok=True)
+    (_private_kotta_home / "queues.json").write_text(json.dumps({"test": {"workers": 1}}))
+    try:
+        r = kotta(enclave.home, "up", "--workers", "3")
+        assert r.returncode == 0, r.stderr
+        assert ", 1 workers " in r.stdout, r.stdout  # what runs, not what was asked
+        [node] = enclave.nodes.live()
+        assert node.workers == 1
+    finally:
+        assert kotta(enclave.home, "down").returncode == 0
+
+
 _DEMO_WRITTEN = importlib.util.find_spec("kotta_executor.demo") is not None
 
 
