@@ -13,7 +13,6 @@ import concurrent.futures as cf
 import gc
 import os
 import threading
-import time
 
 import pytest
 
