@@ -194,7 +194,9 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
                 items.append((wire.OK, fn(*args, **kwargs)))
             except BaseException as exc:  # noqa: BLE001 - SystemExit from user code is a failure too
                 items.append(("raise", wire.prepare_exception(exc)))
-        payload, failed, reason = wire.dump_outcomes(items)
+        del calls, args, kwargs  # (the task's arguments: not held while the result is sent)
+        payload, failed, reason = wire.dump_outcome_pieces(items)
+        del items  # the values: pickled now (what counts against the task's memory limit)
     _flush_streams()
     r1s, r1c = _usage_now()
     cpu = (r1s.ru_utime + r1s.ru_stime - r0s.ru_utime - r0s.ru_stime) + (
@@ -215,7 +217,7 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     header = wire.result_header(job_id, outcome, h["n"], failed=failed, usage=usage)
     if reason:
         header["reason"] = reason
-    result = wire.encode(
+    result = wire.encode_pieces(
         header,
         {"payload": payload, "stdout": read_capture(_CAPTURE[0]),
          "stderr": read_capture(_CAPTURE[1])},
@@ -275,17 +277,29 @@ def result_head(job_id: str, failed: bool, usage: dict, reason: str | None) -> b
 MESSAGE_STARTS = frozenset({0, 1, wire.MAGIC[0]})
 
 
-def send_result(fd: int, head: bytes, envelope: bytes) -> None:
-    """One message on the result pipe, framed as ``Connection.send_bytes`` frames it; a
-    big envelope is written after its head, not joined to it (a copy of the whole result
-    in the worker, whose memory counts against the task's limit)."""
-    n = len(head) + len(envelope)
+def send_result(fd: int, head: bytes, envelope: list[bytes]) -> None:
+    """One message on the result pipe, framed as ``Connection.send_bytes`` frames it: the
+    head, then the envelope's pieces (``wire.encode_pieces``).  A big envelope is written
+    piece by piece, never joined (a copy of the whole result in the worker, whose memory
+    counts against the task's limit)."""
+    size = sum(map(len, envelope))
+    n = len(head) + size
     frame = CONN_LEN.pack(n) if n < 0x7FFFFFFF else CONN_LEN.pack(-1) + CONN_BIG.pack(n)
-    if len(envelope) <= 1 << 16:
-        _write_all(fd, b"".join((frame, head, envelope)))
-    else:
-        _write_all(fd, frame + head)
-        _write_all(fd, envelope)
+    if size <= 1 << 16:
+        _write_all(fd, b"".join((frame, head, *envelope)))
+        return
+    _write_all(fd, frame + head)
+    small: list[bytes] = []  # (small pieces together: one write, not one each)
+    for piece in envelope:
+        if len(piece) < 1 << 16:
+            small.append(piece)
+            continue
+        if small:
+            _write_all(fd, b"".join(small))
+            small = []
+        _write_all(fd, piece)
+    if small:
+        _write_all(fd, b"".join(small))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -361,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     # was blocked by the node until now: a request made during start-up arrives here.)
     _keep_stop_signal()
     try:  # ready: the walltime of the first task counts from here, not from our start-up
-        send_result(result_fd, READY, b"")
+        send_result(result_fd, READY, [])
     except OSError:  # the node is gone
         return 0
     while not _STOP.is_set():

@@ -1291,6 +1291,33 @@ def test_an_unpicklable_raised_exception_fails_only_its_own_call() -> None:
     assert results[1] == (True, 2)
 
 
+@given(
+    st.dictionaries(st.sampled_from(["a", "b", "payload"]), st.text(max_size=10), max_size=3),
+    st.dictionaries(
+        st.sampled_from(["payload", "stdout", "stderr"]),
+        st.one_of(st.binary(max_size=40), st.lists(st.binary(max_size=20), max_size=4)),
+        max_size=3,
+    ),
+)
+def test_encode_pieces_join_to_what_encode_frames(extra, sections) -> None:
+    header = {**wire.result_header("a" * 32, wire.OK, 1), **extra}
+    joined = {k: b"".join(v) if isinstance(v, list) else v for k, v in sections.items()}
+    data = b"".join(wire.encode_pieces(header, sections))
+    assert data == wire.encode(header, joined)
+    assert wire.decode(data).sections == {k: v for k, v in joined.items() if v}
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(), st.binary(max_size=300), st.text(max_size=20)),
+                min_size=1, max_size=5))
+def test_outcome_pieces_are_a_pickle_of_the_per_call_pickles(values) -> None:
+    items = [(wire.OK, v) for v in values]
+    pieces, failed, reason = wire.dump_outcome_pieces(items)
+    payload = b"".join(pieces)
+    assert (failed, reason) == (0, None)
+    assert [pickle.loads(p) for p in pickle.loads(payload)] == items
+    assert wire.outcomes(result_envelope(payload, n=len(items))) == [(True, v) for v in values]
+
+
 def test_dump_outcomes_accepts_an_iterator() -> None:
     payload, _, _ = wire.dump_outcomes(("ok", i) for i in range(3))
     assert wire.outcomes(result_envelope(payload, n=3)) == [(True, 0), (True, 1), (True, 2)]

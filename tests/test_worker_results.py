@@ -241,6 +241,30 @@ def test_a_result_bigger_than_the_pipe_arrives_whole(start_node, enclave_dir):
         _close(ex)
 
 
+def test_sending_a_big_result_costs_its_worker_one_copy_of_it(start_node, enclave_dir):
+    """The value, and its pickle: nothing more (the list pickle and the envelope are
+    written around it, piece by piece).  It used to need two more copies, which count
+    against the task's memory limit."""
+    import operator
+
+    from tests import tasks
+    from tests.conftest import GUARD
+
+    size = 200 * 1024 * 1024
+    start_node(workers=1)
+    ex = _executor(enclave_dir)
+    try:
+        base = ex.submit(tasks.square, 3)
+        assert base.result(GUARD) == 9
+        f = ex.submit(operator.mul, b"x", size)  # (not bytes(size): calloc'd pages, unread)
+        assert f.result(GUARD) == b"x" * size
+        # the worker's own peak (ru_maxrss), over what it had before: 2 copies, not 4
+        grew_kb = f.usage()["peak_rss_kb"] - base.usage()["maxrss_kb"]
+        assert grew_kb < 2.5 * size / 1024, f"{grew_kb / 1024:.0f} MB for a {size >> 20} MB result"
+    finally:
+        _close(ex)
+
+
 def test_read_results_takes_text_for_garbage():
     """Text reads as a plausible length (b"oops" is 1.8 GB): the byte after it, which
     would begin the message, tells it is not one."""
