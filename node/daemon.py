@@ -700,9 +700,11 @@ class Node:
         if self._poller is not None:
             self._room_hint = room
             self._backlogged = len(self._inbox) > room
+            first = len(self.pending)
             while self._inbox and room > 0:
                 self._accept(self._inbox.popleft())
                 room -= 1
+            self._refuse_foreign(first)
             return
         if room <= 0:
             return
@@ -711,8 +713,34 @@ class Node:
             self.queue, ask, self.config.visibility_timeout, self.node_id
         )
         self._backlogged = len(deliveries) == ask  # the queue has more than we took
+        first = len(self.pending)
         for d in deliveries:
             self._accept(d)
+        self._refuse_foreign(first)
+
+    def _refuse_foreign(self, first: int) -> None:
+        """The tasks just accepted (``pending[first:]``) whose job is another owner's are
+        dead-lettered and audited, neither run nor failed: a user with a valid token of
+        their own, and the id (or a copy of the message) of someone else's job, signed a
+        task for it, to have their result recorded as the job's, or their code run on its
+        arguments.  The job's own task runs as if nothing happened."""
+        fresh = [t for t in itertools.islice(self.pending, first, None) if not t.adopted]
+        if not fresh:  # (an adopted task's record was written from its own envelope)
+            return
+        records = self.enclave.jobs.get_many([t.job_id for t in fresh])
+        for t in fresh:
+            job = records.get(t.job_id)
+            if job is None or job.owner == t.owner:  # (no record: the claim finds none)
+                continue
+            self.pending.remove(t)
+            reason = (f"job {t.job_id} is {job.owner}'s: a task for it signed by {t.owner} "
+                      f"does not run")
+            log.warning("dead-lettering: %s", reason)
+            self.enclave.queue.dead_letter([t.delivery], reason)
+            self._audit_later.append(dict(
+                action="task-rejected", user=str(t.owner), allowed=False, job_id=t.job_id,
+                detail=f"node {self.node_id}: {reason}",
+            ))
 
     def _poll_queue(self) -> None:
         """Long-poll the queue for backends without doorbells; hand deliveries to the loop."""

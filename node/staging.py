@@ -279,14 +279,15 @@ def _output_file(workdir: Path, name: str, uri: str) -> Path:
         st = path.lstat()
     except FileNotFoundError:
         raise StagingFailed(f"the task did not write {name} (declared output {uri})") from None
+    # (The messages never say where a link points: the task chose that, after reading data
+    # that may not leave the enclave, and the message does leave it.)
     if stat.S_ISLNK(st.st_mode):
         raise InvalidDataUri(
-            f"output {name} is a symlink (to {os.readlink(path)!r}); outputs must be regular "
-            "files in the working directory"
+            f"output {name} is a symlink; outputs must be regular files in the working "
+            "directory"
         )
-    real = path.resolve()
-    if real.parent != workdir.resolve():  # nothing but a symlink can cause it; be sure
-        raise InvalidDataUri(f"output {name} resolves out of the working directory, to {real}")
+    if path.resolve().parent != workdir.resolve():  # only a symlink can cause it; be sure
+        raise InvalidDataUri(f"output {name} resolves out of the working directory")
     if not stat.S_ISREG(st.st_mode):
         raise StagingFailed(f"output {name} (declared output {uri}) is not a regular file")
     return path

@@ -441,3 +441,19 @@ def poison_cache(text):
         p.write_text(text)
         n += 1
     return n
+
+
+def first_arg(*args):
+    """Someone else's function, run on another's arguments, would return them."""
+    return args[0]
+
+
+def constant_forged():
+    return "a forged result"
+
+
+def hide_input_in_a_symlink(inputs=()):
+    """A task that read restricted data and hides it in its output's symlink target."""
+    with open(os.path.basename(inputs[0])) as f:
+        secret = f.read().strip()
+    os.symlink(secret, "out.txt")  # dangling: its *target* is the payload

@@ -219,3 +219,108 @@ def test_a_task_cannot_poison_the_stage_cache_for_another_user(
     assert alice.submit(tasks.poison_cache, "1\n", inputs=[INPUT]).result(GUARD) >= 1
     carol = make_executor(1, credentials=user_token("carol", role="analyst"), start_node=False)
     assert carol.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == SUM
+
+
+# ---------------------------------------------------------------- from a second review (s9)
+
+_SECRET = "SSN=078-05-1120;diagnosis=confidential"
+
+
+def _steal(enclave, job_ids):
+    """Receive (and so hold back) the messages of ``job_ids``: a queue reader's copy."""
+    taken = {}
+
+    def grab():
+        for d in enclave.queue.receive("test", 10, GUARD, "test-thief"):
+            taken[d.job_id] = d
+        return set(job_ids) <= set(taken)
+
+    wait_for(grab, what="the task messages")
+    return taken
+
+
+def test_a_stage_out_error_does_not_carry_where_a_task_pointed_a_symlink(
+    enclave, user_token, make_executor
+):
+    """A task that read data which may not leave the enclave, and made its output a
+    symlink whose target is that data: the error that reaches the client names the
+    problem, not the target."""
+    from kotta_executor.security.audit import AuditLog
+    from kotta_executor.security.data import put_object
+    from kotta_executor.security.policy import PolicyStore
+
+    admin = credentials.load(enclave)
+    policies = PolicyStore(enclave.records, AuditLog(enclave))
+    policies.add_dataset("s3://patients/", by=admin.user, egress="deny")
+    policies.add_dataset("s3://patients-derived/", by=admin.user, egress="deny")
+    policies.grant("analyst", "s3://patients/", "read", by=admin.user)
+    policies.grant("analyst", "s3://patients-derived/", "write", by=admin.user)
+    put_object(enclave, "s3://patients/records.txt", _SECRET.encode())
+    alice = make_executor(1, credentials=user_token("alice", role="analyst"))
+    f = alice.submit(tasks.hide_input_in_a_symlink, inputs=["s3://patients/records.txt"],
+                     outputs=["s3://patients-derived/out.txt"])
+    with pytest.raises(errors.JobFailed, match="output out.txt is a symlink") as info:
+        f.result(GUARD)
+    seen = str(info.value) + str(enclave.jobs.get(f.job_id).reason)
+    assert _SECRET not in seen, f"restricted data reached the client: {info.value!r}"
+
+
+def _bobs_task_for(enclave, bob_file, job_id, fn, sections=None, **header_extra):
+    bob = credentials.load(enclave, bob_file).access()
+    header = wire.task_header(
+        job_id=job_id, owner="bob", client="b" * 16, queue="test", walltime=60.0,
+        created=time.time(), fn=wire.fn_name(fn), n=1,
+    )
+    header.update(header_extra)
+    body = bob.sign(header, sections or wire.dump_call(fn, [((), {})]))
+    enclave.queue.send("test", [Message(job_id, body)])
+
+
+def _refused_as_foreign(enclave, job_id) -> bool:
+    return any(d["job_id"] == job_id and "signed by bob does not run" in d["reason"]
+               for d in enclave.queue.dead_letters("test"))
+
+
+def test_another_users_task_for_my_job_neither_runs_nor_fails_it(
+    enclave, user_token, make_executor, start_node
+):
+    """Bob, with a valid token of his own and the id of Alice's job, signs a task for it:
+    it is dead-lettered and audited; Alice's own task runs, and her result is hers."""
+    from kotta_executor.security.audit import AuditLog
+
+    alice = make_executor(1, start_node=False, credentials=user_token("alice"))
+    f = alice.submit(tasks.square, 3)
+    held = _steal(enclave, [f.job_id])[f.job_id]  # Alice's message, delayed
+    _bobs_task_for(enclave, user_token("bob"), f.job_id, tasks.constant_forged)
+    enclave.ring_nodes("test")
+    start_node(workers=1)
+    wait_for(lambda: _refused_as_foreign(enclave, f.job_id), what="bob's task dead-lettered")
+    assert enclave.jobs.get(f.job_id).state == JobState.PENDING  # not failed, not run
+    enclave.queue.release([held])
+    assert f.result(GUARD) == 9
+    assert enclave.jobs.get(f.job_id).owner == "alice"
+    [rec] = AuditLog(enclave).show(action="task-rejected", job_id=f.job_id)
+    assert rec["user"] == "bob" and not rec["allowed"], rec
+
+
+def test_another_user_cannot_run_his_code_on_my_large_arguments(
+    enclave, user_token, make_executor, start_node
+):
+    """Bob reuses the refs and digests of Alice's big arguments (a blob) in a task of his
+    own for her job: it never runs, so his function never sees them."""
+    secret = _SECRET.encode() * (enclave.inline_limit // len(_SECRET) + 10)  # a blob
+    alice = make_executor(1, start_node=False, credentials=user_token("alice"))
+    f = alice.submit(len, secret)
+    held = _steal(enclave, [f.job_id])[f.job_id]
+    refs = wire.peek_header(held.body)
+    assert "args" in refs["refs"]
+    fn_only = {"fn": wire.dump_call(tasks.first_arg, [((), {})])["fn"]}
+    _bobs_task_for(
+        enclave, user_token("bob"), f.job_id, tasks.first_arg, fn_only,
+        refs={"args": refs["refs"]["args"]}, digests={"args": refs["digests"]["args"]},
+    )
+    enclave.ring_nodes("test")
+    start_node(workers=1)
+    wait_for(lambda: _refused_as_foreign(enclave, f.job_id), what="bob's task dead-lettered")
+    enclave.queue.release([held])
+    assert f.result(GUARD) == len(secret)  # not the secret, as Bob's function returns it
