@@ -209,7 +209,8 @@ def test_a_frame_bigger_than_the_pipe_does_not_stall_the_node(start_node, make_e
     ex = make_executor(1, start_node=False)
     assert ex.submit(tasks.square, 1).result(GUARD) == 1
     big = "x" * 150_000  # under the 256 KiB inline limit, over a pipe's 64 KiB
-    fs = [ex.submit(tasks.sleep_and_return, 4.0, big) for _ in range(4)]
+    # one long task, and three behind it (their length does not matter: their frame does)
+    fs = [ex.submit(tasks.sleep_and_return, t, big) for t in (4.0, 0.0, 0.0, 0.0)]
     wait_for(lambda: fs[0].status() == "processing", what="the first task to run")
     db = sqlite3.connect(enclave_dir / "kotta.db", timeout=GUARD, isolation_level=None)
     try:
