@@ -23,18 +23,35 @@ What :meth:`AuditLog.verify` detects, each problem naming the record:
   successor's ``prev``, or the record's own ``seq``, gives it away);
 * a forged or modified checkpoint (its MAC does not verify), and a record rewritten after
   a checkpoint vouched for it (the checkpoint's hash differs);
-* records deleted from the tail, when a checkpoint was written after them.
+* a missing automatic checkpoint: once a record after it exists, the checkpoint of every
+  multiple of 64 must be there, so a checkpoint cannot be deleted to let the records it
+  vouched for be rewritten with a re-hashed chain (only the last record is exempt, its
+  writer may not have written its checkpoint yet; a writer that died in between, or
+  could not read the key, leaves a missing checkpoint that is reported, truly, for ever);
+* records deleted from the tail, when a checkpoint was written after them and is still
+  there.
 
-What it cannot detect, honestly:
+What it cannot detect, honestly.  The hash chain is plain SHA-256: anyone who can write
+the records can compute it.  Only checkpoints need the key, so only what a required
+checkpoint vouches for is safe from them:
 
-* records deleted from the tail *since the last checkpoint*: the chain that is left is
-  intact (on-demand :meth:`AuditLog.checkpoint` narrows the window);
-* the deletion of the whole log *and* its checkpoints: an empty log verifies as an empty
-  log.  The first record of a log has ``prev = "0" * 64`` whoever writes it.  Only copies
-  of checkpoints held outside the enclave's records (exported to another account, or
-  printed in a report) can prove that records existed;
+* records after the last required checkpoint (the one at the greatest multiple of 64
+  below the last record), at most 64 of them, can be rewritten with a re-hashed chain.
+  On-demand checkpoints narrow this window only against someone who cannot delete them:
+  they are not required, so deleting one goes unnoticed;
+* the log cut back to any record, together with the checkpoints after it, and records
+  appended again up to the next multiple of 64: what is left is a shorter, intact log.
+  Deleting the whole log *and* its checkpoints is the extreme case: an empty log
+  verifies as an empty log.  The first record of a log has ``prev = "0" * 64`` whoever
+  writes it.  Only copies of checkpoints held outside the enclave's records (exported to
+  another account, or printed in a report) can prove that records existed;
 * anyone holding the enclave key can write valid checkpoints, so can rewrite the whole
   log consistently: the key, not the hash chain, is what the log's integrity rests on.
+
+Records carry no MAC of their own (which would close the first window): appenders that
+may not read the key write records too (a client refused another user's job writes
+``job-denied``), and logs written without record MACs must still verify, so a rewriter
+could strip them, as from an older log.
 
 Several processes append at once (a node, clients, the token service).  Each append
 writes the record for ``last + 1`` with a conditional put (``if_absent``); whoever loses
@@ -286,7 +303,11 @@ class AuditLog:
         """Walk every record and checkpoint in key order, a page at a time."""
         problems: list[str] = []
         counts = {"checkpoints": 0}
-        checkpoints = _Peekable(self._checkpoints(problems, counts))
+        seen: set[int] = set()  # the keys of every checkpoint read, valid or not
+        checkpoints = _Peekable(self._checkpoints(problems, counts, seen))
+        # the hash of each record at a multiple of CHECKPOINT_EVERY, for the checkpoints
+        # that must vouch for them (one entry per 64 records)
+        pinned: dict[int, Any] = {}
         records, expected, prev, last = 0, 1, GENESIS, 0
         for key, rec in self._pages(KIND):
             records += 1
@@ -315,35 +336,77 @@ class AuditLog:
                 if cp_hash != stored:
                     problems.append(f"checkpoint {cp_seq}: record {seq} differs from the "
                                     "record the checkpoint vouches for (replaced afterwards)")
+            if seq % CHECKPOINT_EVERY == 0:
+                pinned[seq] = stored
             prev, expected, last = stored, seq + 1, seq
         beyond = [cp_seq for cp_seq, _ in checkpoints.rest()]
         if beyond:
             start = f"records after {last}" if last else "all records"
             problems.append(f"{start} were deleted: checkpoint {beyond[-1]} vouches for "
                             f"record {beyond[-1]}")
+        self._require_checkpoints(last, seen, pinned, problems)
         return AuditReport(not problems, records, counts["checkpoints"], problems)
 
-    def _checkpoints(self, problems: list[str], counts: dict[str, int]
+    def _require_checkpoints(self, last: int, seen: set[int], pinned: dict[int, Any],
+                             problems: list[str]) -> None:
+        """Every append of a record at a multiple of CHECKPOINT_EVERY writes its checkpoint
+        next, so once a later record exists the checkpoint must too.  Without this rule,
+        whoever can write the records (not the key) deletes the checkpoint after a record,
+        rewrites the record and re-hashes the chain from it, and the log verifies.
+
+        The last record is exempt: its writer may be between its two writes.  A checkpoint
+        missing from the walk is read once more before it is reported, since the walk is
+        no snapshot: its page may have been read before the checkpoint was written, and
+        the records after it later (the same window, seen from another writer).
+        """
+        for seq in range(CHECKPOINT_EVERY, last, CHECKPOINT_EVERY):
+            if seq in seen:
+                continue  # valid, or already reported (bad MAC, moved)
+            cp = self._records.get(CHECKPOINT_KIND, record_key(seq))
+            if cp is None:
+                problems.append(
+                    f"checkpoint {seq}: missing (deleted, or whoever wrote record {seq} "
+                    f"stopped before writing its checkpoint): nothing vouches for record "
+                    f"{seq} and those before it since the previous checkpoint")
+                continue
+            checked = self._check_checkpoint(self._key(), record_key(seq), cp, problems)
+            if checked is not None and checked[1] != pinned.get(seq):
+                problems.append(f"checkpoint {seq}: record {seq} differs from the record the "
+                                "checkpoint vouches for (replaced afterwards)")
+
+    def _checkpoints(self, problems: list[str], counts: dict[str, int], seen: set[int]
                      ) -> Iterator[tuple[int, str]]:
         """The checkpoints whose MAC verifies, as ``(seq, hash)``; problems for the rest."""
         key = self._key()
         for k, cp in self._pages(CHECKPOINT_KIND):
             counts["checkpoints"] += 1
             seq = _seq_of(k)
-            if seq is None:
-                problems.append(f"checkpoint key {k!r}: not a record number (a foreign record)")
-                continue
-            s, h, t, mac = cp.get("seq"), cp.get("hash"), cp.get("time"), cp.get("mac")
-            well_formed = (type(s) is int and isinstance(h, str) and isinstance(mac, str)
-                           and type(t) in (int, float))
-            if not well_formed or not hmac.compare_digest(mac, _checkpoint_mac(key, s, h, t)):
-                problems.append(f"checkpoint {seq}: bad MAC (forged or modified)")
-                continue
-            if s != seq:
-                problems.append(f"checkpoint {seq}: the checkpoint stored there is for record "
-                                f"{s} (moved)")
-                continue
-            yield seq, h
+            if seq is not None:
+                seen.add(seq)
+            checked = self._check_checkpoint(key, k, cp, problems)
+            if checked is not None:
+                yield checked
+
+    @staticmethod
+    def _check_checkpoint(key: bytes, k: str, cp: dict[str, Any], problems: list[str]
+                          ) -> tuple[int, str] | None:
+        """``(seq, hash)`` of the checkpoint stored at key ``k`` if its MAC verifies and it
+        is stored under its own record number; else None and a problem."""
+        seq = _seq_of(k)
+        if seq is None:
+            problems.append(f"checkpoint key {k!r}: not a record number (a foreign record)")
+            return None
+        s, h, t, mac = cp.get("seq"), cp.get("hash"), cp.get("time"), cp.get("mac")
+        well_formed = (type(s) is int and isinstance(h, str) and isinstance(mac, str)
+                       and type(t) in (int, float))
+        if not well_formed or not hmac.compare_digest(mac, _checkpoint_mac(key, s, h, t)):
+            problems.append(f"checkpoint {seq}: bad MAC (forged or modified)")
+            return None
+        if s != seq:
+            problems.append(f"checkpoint {seq}: the checkpoint stored there is for record "
+                            f"{s} (moved)")
+            return None
+        return seq, h
 
 
 class _Peekable:

@@ -3,6 +3,13 @@
 ``add_parsers(subparsers)`` adds the ``audit`` command to the ``kotta`` parser; the parsed
 arguments carry their handler as ``args.audit_handler`` (also reachable as
 :func:`cmd_audit`), which returns the exit status.
+
+``show`` is for admins: the log names every user's jobs, datasets and activity, and job
+ids are what other users must not learn (docs/security.md).  It is not filtered to the
+caller's own records instead: a record's ``user`` is sometimes the one acting, sometimes
+the one a forged task claimed to be, so "records naming me" can carry another user's job
+id.  ``verify`` is for whoever can read the enclave key (it checks the checkpoints' MACs):
+it prints counts and record numbers, nothing of what the records say.
 """
 
 from __future__ import annotations
@@ -44,10 +51,32 @@ def cmd_audit(args) -> int:
         if args.audit_command == "verify":
             return _verify(log)
         if args.audit_command == "show":
+            _require_admin(enclave)
             return _show(log, args)
         raise ValueError(f"unknown audit command {args.audit_command!r}")
     finally:
         enclave.close()
+
+
+def _require_admin(enclave) -> None:
+    """Refuse (AccessDenied, audited as ``job-denied``) a caller whose token is not an
+    admin's, as ``kotta jobs --all-users`` does.
+
+    A caller without a token who can read the enclave key administers the enclave anyway
+    (credentials.py): it is let in without the first-use bootstrap, which would write
+    ``user-add`` and ``token-issue`` records into the log it is about to read."""
+    from ..errors import AuthenticationError
+    from .access import deny
+    from .credentials import _holds_enclave_key, load
+
+    try:
+        creds = load(enclave, bootstrap=False)
+    except AuthenticationError:
+        if _holds_enclave_key(enclave):
+            return
+        raise
+    if not creds.admin:
+        deny(enclave, creds, None, "read the audit log")
 
 
 def _verify(log: AuditLog) -> int:
