@@ -25,7 +25,10 @@ How the interface maps onto AWS (one line per method; docs/aws.md has the whole 
 * ``jobs.transition`` / ``finish`` / ``request_kill``: one conditional UpdateItem per job,
   the condition being ``state IN states.sources(new)`` (for finish: of the result's final
   state, and finish takes final states only), so a result is recorded at most once.
-  Results larger than :attr:`DynamoJobs.max_result` go to S3 (``result_ref``).
+  Each write also sets a token of its own (``write_token``), so that botocore's retry of a
+  write DynamoDB applied, which fails its condition, still counts as made.
+  Results that would make the item too large (:attr:`DynamoJobs.max_result`,
+  :attr:`DynamoJobs.max_item`) go to S3 (``result_ref``).
 * ``jobs.list``: Query on the ``owner-created`` GSI for one owner; a Scan for all owners.
 * ``nodes``: a DynamoDB table; ``live()`` = a heartbeat in the last 30 s (no pid checks:
   nodes run on other machines).
@@ -907,10 +910,17 @@ class SqsQueue(TaskQueue):
 
     def dead_letters(self, queue):
         """The dead letters of ``queue``, oldest first, without consuming them: they are
-        received with a short visibility timeout, then made visible again at once."""
-        dlq = self._e.names.dlq(self._e.names.queue(queue))
+        received with a short visibility timeout, then made visible again at once.
+
+        The receive count of a message SQS redrove (no ``kotta_receive_count``) is the
+        queue's ``maxReceiveCount``: SQS moves a message once it has been delivered that
+        many times.  Its ApproximateReceiveCount would not do: every listing is itself a
+        receive of the dead letter, so the count would grow with each listing."""
+        sqs_name = self._e.names.queue(queue)
+        dlq = self._e.names.dlq(sqs_name)
         seen: dict[str, dict[str, Any]] = {}
         handles: list[str] = []
+        max_receives: list[int | None] = []  # read once, at the first redriven message
         while len(seen) < self.max_dead_letters:
             got = self._receive(dlq, 10, 10, 0)
             new = [(m, b) for m, b, _ in got or [] if m["MessageId"] not in seen]
@@ -922,8 +932,12 @@ class SqsQueue(TaskQueue):
                 reason = attrs.get(REASON_ATTR, {}).get("StringValue")
                 if COUNT_ATTR in attrs:
                     count = int(attrs[COUNT_ATTR]["StringValue"])
-                else:  # moved by SQS's redrive policy; this listing counted one receive
-                    count = max(0, int(sys_attrs.get("ApproximateReceiveCount", 1)) - 1)
+                else:  # moved by SQS's redrive policy
+                    if not max_receives:
+                        max_receives.append(self._max_receive_count(sqs_name))
+                    count = max_receives[0]
+                    if count is None:  # no redrive policy any more: this listing is one
+                        count = max(0, int(sys_attrs.get("ApproximateReceiveCount", 1)) - 1)
                 if DEAD_AT_ATTR in attrs:
                     dead_at = float(attrs[DEAD_AT_ATTR]["StringValue"])
                 else:
@@ -939,6 +953,17 @@ class SqsQueue(TaskQueue):
         if handles:
             self._visibility([Delivery("", b"", _receipt(dlq, h, None), 0) for h in handles], 0)
         return sorted(seen.values(), key=lambda d: d["dead_at"])
+
+    def _max_receive_count(self, sqs_name: str) -> int | None:
+        """The ``maxReceiveCount`` of the queue's redrive policy (None without one)."""
+        resp = self._call(
+            sqs_name, "get_queue_attributes", missing_ok=True, AttributeNames=["RedrivePolicy"]
+        )
+        policy = ((resp or {}).get("Attributes") or {}).get("RedrivePolicy")
+        try:
+            return int(json.loads(policy)["maxReceiveCount"]) if policy else None
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def depth(self, queue):
         sqs_name = self._e.names.queue(queue)
@@ -1066,6 +1091,62 @@ _RECORD_ATTRS = (
 INDEX_ATTRS = tuple(a for a in _RECORD_ATTRS if a not in ("job_id", "owner", "created"))
 
 
+#: the attribute in which each conditional write of a job leaves its own token
+#: (see :meth:`DynamoJobs._update`)
+WRITE_TOKEN = "write_token"
+#: DynamoDB's limit on a partition key value
+MAX_KEY_BYTES = 2048
+
+
+def _keyable(job_id: str) -> bool:
+    """Whether DynamoDB accepts ``job_id`` as a key.  Ids it refuses (empty: a foreign
+    message on a work queue has no ``kotta_job`` attribute; or longer than 2048 bytes)
+    name no job, and are answered as unknown jobs, as the embedded backend answers them,
+    instead of failing the call with a ValidationException."""
+    return isinstance(job_id, str) and 0 < len(job_id.encode("utf-8", "replace")) <= MAX_KEY_BYTES
+
+
+#: what a job's item holds besides result, usage and reason, approximately: its keys and
+#: fields, and a history of a few dozen events
+_ITEM_BASE = 16 * 1024
+
+
+def _bounded_usage(usage: dict | None, limit: int) -> str | None:
+    """``usage`` as JSON, at most ``limit`` bytes, to share a 400 KB DynamoDB item.
+
+    A node's monitor takes a sample every interval and never trims the list, so a long
+    task's ``samples`` outgrow the item.  Over the limit, the samples are thinned evenly,
+    the first and the last always kept, and ``samples_downsampled_from`` says how many
+    there were; a usage that is still too large (no samples list, or other keys too
+    large) is recorded as ``{"truncated": true}`` rather than failing the write."""
+    if usage is None:
+        return None
+    text = json.dumps(usage)
+    if len(text) <= limit:
+        return text
+    samples = usage.get("samples") if isinstance(usage, dict) else None
+    if isinstance(samples, list) and len(samples) > 2:
+        total = len(samples)
+        keep = max(2, min(total - 1, int(total * limit / len(text))))
+        while True:
+            step = (total - 1) / (keep - 1)
+            thinned = [samples[round(i * step)] for i in range(keep)]
+            text = json.dumps({**usage, "samples": thinned, "samples_downsampled_from": total})
+            if len(text) <= limit or keep == 2:
+                break
+            keep = max(2, int(keep * 0.9))
+        if len(text) <= limit:
+            return text
+    log.warning("usage record of %d bytes not kept: over %d bytes", len(text), limit)
+    return json.dumps({"truncated": True})
+
+
+def _bounded_text(text: str | None, limit: int) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 20] + " ... (cut)"
+
+
 def _projection(attrs: Iterable[str]) -> tuple[str, dict[str, str]]:
     names = {f"#{a}": a for a in attrs}
     return ", ".join(names), names
@@ -1100,6 +1181,14 @@ class DynamoJobs(_DynamoTable, JobTable):
     #: results up to this size are kept in the item (DynamoDB items are limited to 400 KB,
     #: history and other attributes included); larger ones go to S3 (tests lower it)
     max_result = 300 * 1024
+    #: a finish whose item would be larger than this (result, usage, reason and what the
+    #: item already holds, approximately) spills its result to S3 whatever its size: a
+    #: margin under DynamoDB's 400 KB for a history longer than :data:`_ITEM_BASE` allows
+    max_item = 350 * 1024
+    #: usage records are kept under this many bytes of JSON (see :func:`_bounded_usage`)
+    max_usage = 100 * 1024
+    #: reasons are cut to this many characters
+    max_reason = 16 * 1024
     #: kill_requested() reads the table at most this often (a busy node asks every 0.25 s);
     #: in between it answers from its last read, so a kill is noticed within this time.
     #: request_kill() in this process forgets the last read.
@@ -1110,23 +1199,50 @@ class DynamoJobs(_DynamoTable, JobTable):
         self._kills: tuple[float, set[str]] | None = None
 
 
-    def _update(self, key: str, update: str, condition: str, values: dict, names: dict) -> bool:
-        """One conditional UpdateItem; False when the condition does not hold."""
+    def _update(
+        self,
+        key: str,
+        update: str,
+        condition: str,
+        values: dict,
+        names: dict,
+        applied: Callable[[dict], bool] | None = None,
+    ) -> bool:
+        """One conditional UpdateItem; False when the condition does not hold.
+
+        botocore retries a call whose response was lost (a 5xx after the write, a read
+        timeout), and the retry of a write DynamoDB had applied fails its own condition.
+        So every write also sets a token of its own (``write_token``), and a failed
+        condition returns the old item: if it carries our token, the write was ours and
+        counts as made.  ``applied(old item)`` may recognise the write another way (a later
+        write can have replaced the token)."""
+        if not _keyable(key):
+            return False
+        if not update.startswith("SET "):
+            raise ValueError(f"an update of a job sets something: {update!r}")
+        token = uuid.uuid4().hex
+        values = {**values, ":wtok": {"S": token}}
+        names = {**names, "#wtok": WRITE_TOKEN}
         try:
             self._call(
                 "update_item",
                 TableName=self.table,
                 Key={"job_id": {"S": key}},
-                UpdateExpression=update,
+                UpdateExpression="SET #wtok = :wtok, " + update[len("SET ") :],
                 ConditionExpression=condition,
                 ExpressionAttributeValues=values,
                 ExpressionAttributeNames=names,
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
             return True
         except _client_error() as exc:
-            if _code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise
+            if _code(exc) != "ConditionalCheckFailedException":
+                raise
+            old = exc.response.get("Item") or {}
+            if _str(old, WRITE_TOKEN) == token or (old and applied is not None and applied(old)):
+                log.info("a retried write to job %s had been applied", key)
+                return True
+            return False
 
     @staticmethod
     def _state_in(allowed: Iterable[JobState], values: dict) -> str:
@@ -1231,13 +1347,17 @@ class DynamoJobs(_DynamoTable, JobTable):
         return [r.job_id for r, ok in zip(first, recorded, strict=True) if ok]
 
     def _finish_one(self, r: Finished) -> bool:
+        if not _keyable(r.job_id):  # no such job: nothing to spill a result for
+            return False
         now = time.time()
+        usage = _bounded_usage(r.usage or None, self.max_usage)
+        reason = _bounded_text(r.reason, self.max_reason)
         values: dict[str, Any] = {
             ":st": {"S": str(r.state)},
-            ":reason": _s_or_null(r.reason),
-            ":usage": _s_or_null(json.dumps(r.usage) if r.usage else None),
+            ":reason": _s_or_null(reason),
+            ":usage": _s_or_null(usage),
             ":now": _n(now),
-            ":ev": {"L": [_event(now, r.state, r.reason)]},
+            ":ev": {"L": [_event(now, r.state, reason)]},
         }
         names = {"#state": "state"}
         sets = [
@@ -1245,31 +1365,60 @@ class DynamoJobs(_DynamoTable, JobTable):
             "updated = :now", "history = list_append(history, :ev)",
         ]  # fmt: skip
         names["#usage"] = "usage"
+        names["#result"] = "result"
+        # The 400 KB item limit holds for everything the item holds, not for the result
+        # alone: the usage, the reason (twice: in the item and in its history event) and
+        # what the item already has share it.
+        size = len(r.result) + len(usage or "") + 2 * len((reason or "").encode()) + _ITEM_BASE
         ref = None
-        if len(r.result) > self.max_result:
+        if len(r.result) > self.max_result or size > self.max_item:
             # a key of its own per attempt: a second finish must not overwrite the first's
             ref = f"result-{r.job_id}-{uuid.uuid4().hex[:8]}"
             self._e.blobs.put(ref, r.result)
             sets.append("result_ref = :ref")
             values[":ref"] = {"S": ref}
             remove = " REMOVE #result"
-            names["#result"] = "result"
         else:
             sets.append("#result = :res")
-            names["#result"] = "result"
             values[":res"] = {"B": bytes(r.result)}
             remove = " REMOVE result_ref"
         condition = self._state_in(states.sources(r.state), values)
         update = "SET " + ", ".join(sets) + remove
+
+        def ours(old: dict) -> bool:
+            # our result is recorded, whoever wrote the token since: our blob, or our
+            # finishing time (a float of this call's own)
+            if ref is not None:
+                return _str(old, "result_ref") == ref
+            return _str(old, "state") == str(r.state) and _num(old, "finished") == now
+
         try:
-            ok = self._update(r.job_id, update, condition, values, names)
-        except BaseException:
+            ok = self._update(r.job_id, update, condition, values, names, ours)
+        except Exception:
             if ref:
-                self._e.blobs.delete([ref])
+                self._drop_result_blob(r.job_id, ref)
             raise
         if not ok and ref:
+            # the condition failed on an item that does not name ref (or on no item)
             self._e.blobs.delete([ref])
         return ok
+
+    def _drop_result_blob(self, job_id: str, ref: str) -> None:
+        """Delete the spilled result ``ref`` of a finish that raised, unless the item names
+        it: a write whose answer was lost may have been made.  When the item cannot be read,
+        the blob stays (an orphan costs storage; a lost result costs the user's job)."""
+        try:
+            resp = self._call(
+                "get_item",
+                TableName=self.table,
+                Key={"job_id": {"S": job_id}},
+                ProjectionExpression="result_ref",
+                ConsistentRead=True,
+            )
+            if _str(resp.get("Item") or {}, "result_ref") != ref:
+                self._e.blobs.delete([ref])
+        except Exception:  # noqa: BLE001 - the caller reports its own failure
+            log.warning("kept result blob %s of job %s: could not check the record", ref, job_id)
 
     def _record(self, item: dict, result: bytes | None = None) -> JobRecord:
         usage = _str(item, "usage")
@@ -1297,7 +1446,7 @@ class DynamoJobs(_DynamoTable, JobTable):
     def _batch_get(self, job_ids: Sequence[str], attrs: Sequence[str]) -> list[dict]:
         projection, names = _projection(attrs)
         items: list[dict] = []
-        ids = list(dict.fromkeys(job_ids))
+        ids = [j for j in dict.fromkeys(job_ids) if _keyable(j)]
         for chunk in _chunks(ids, 100):
             request = {
                 self.table: {
@@ -1375,6 +1524,8 @@ class DynamoJobs(_DynamoTable, JobTable):
         return records[:limit]
 
     def history(self, job_id):
+        if not _keyable(job_id):
+            return []
         resp = self._call(
             "get_item",
             TableName=self.table,
@@ -1397,7 +1548,10 @@ class DynamoJobs(_DynamoTable, JobTable):
         )  # fmt: skip
 
     def record_usage(self, job_id, usage):
-        values: dict[str, Any] = {":u": {"S": json.dumps(usage)}, ":now": _n(time.time())}
+        values: dict[str, Any] = {
+            ":u": _s_or_null(_bounded_usage(usage, self.max_usage)),
+            ":now": _n(time.time()),
+        }
         condition = self._state_in(states.ACTIVE, values)
         return self._update(
             job_id, "SET #usage = :u, updated = :now", condition, values,
@@ -1423,9 +1577,16 @@ class DynamoJobs(_DynamoTable, JobTable):
         return [i["result_ref"]["S"] for i in items if _str(i, "result_ref")]
 
     def delete(self, job_ids: Sequence[str]) -> None:
-        """Remove job records with their spilled results and task blobs."""
-        refs = self.result_refs(job_ids)
-        for chunk in _chunks(list(dict.fromkeys(job_ids)), 25):
+        """Remove job records with their spilled results and task blobs.
+
+        Blobs go only with records whose deletes DynamoDB processed; if some were still
+        unprocessed after :data:`BATCH_ROUNDS` rounds, those records stay whole (results,
+        task blobs and all) and this raises, as :meth:`create` does."""
+        ids = [j for j in dict.fromkeys(job_ids) if _keyable(j)]
+        items = self._batch_get(ids, ["job_id", "result_ref"])
+        refs = {i["job_id"]["S"]: i["result_ref"]["S"] for i in items if _str(i, "result_ref")}
+        left: list[str] = []
+        for chunk in _chunks(ids, 25):
             pending = {
                 self.table: [{"DeleteRequest": {"Key": {"job_id": {"S": j}}}} for j in chunk]
             }
@@ -1435,9 +1596,16 @@ class DynamoJobs(_DynamoTable, JobTable):
                 if not pending:
                     break
                 _backoff(attempt)
+            else:
+                left += [r["DeleteRequest"]["Key"]["job_id"]["S"] for r in pending[self.table]]
+        kept = set(left)
+        gone = [j for j in ids if j not in kept]
         # the executor's blobs of a task too large for its message: "<section>-<job id>"
-        refs += [f"{section}-{j}" for j in job_ids for section in TASK_BLOB_SECTIONS]
-        self._e.blobs.delete(refs)
+        blobs = [refs[j] for j in gone if j in refs]
+        blobs += [f"{section}-{j}" for j in gone for section in TASK_BLOB_SECTIONS]
+        self._e.blobs.delete(blobs)
+        if left:
+            raise RuntimeError(f"DynamoDB did not delete {len(left)} job records")
 
 
 # --------------------------------------------------------------------------- nodes

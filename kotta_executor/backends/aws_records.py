@@ -45,6 +45,9 @@ class DynamoRecords(Records):
                 if not request:
                     break
                 _backoff(attempt)
+            else:
+                # a key DynamoDB did not answer for is not a key without a record
+                raise RuntimeError("DynamoDB did not answer for some records")
         return out
 
     def put(self, kind, key, value, *, if_absent=False):

@@ -1,0 +1,374 @@
+"""Bugs a review of the AWS backend found (kotta_executor/backends/aws.py, aws_records.py),
+on moto only: retried conditional writes, DynamoDB's 400 KB item limit, batches left
+unprocessed, ids DynamoDB cannot key, and listing dead letters.
+
+Failures moto cannot produce are injected on the boto3 *client* only (botocore's event
+system, or a wrapper around a client method); kotta's own code is never patched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+
+from kotta_executor import aws_provision
+from kotta_executor.backends.aws import AwsEnclave, DynamoJobs
+from kotta_executor.backends.base import Finished, Message, NewJob
+from kotta_executor.states import JobState
+from tests import aws_moto
+
+
+@pytest.fixture
+def moto_env():
+    from moto import mock_aws
+
+    with aws_moto.fake_aws_env(), mock_aws(), aws_moto.atomic_moto():
+        yield aws_moto.shared_session()
+
+
+@pytest.fixture
+def name():
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def enclave(moto_env, name):
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env)
+    e = AwsEnclave(name, session=moto_env)
+    yield e
+    e.close()
+
+
+def new_job(queue="test", owner="alice", body=b"task") -> NewJob:
+    job_id = uuid.uuid4().hex
+    return NewJob(job_id, owner, "client-1", queue, "tests.tasks.add", 30.0, body)
+
+
+def processing(enclave: AwsEnclave) -> NewJob:
+    job = new_job()
+    enclave.jobs.create([job])
+    enclave.jobs.transition([job.job_id], JobState.PROCESSING, node="n1")
+    return job
+
+
+def s3_keys(enclave: AwsEnclave) -> list[str]:
+    resp = enclave.s3.list_objects_v2(Bucket=enclave.names.bucket)
+    return [o["Key"] for o in resp.get("Contents", [])]
+
+
+def lose_first_response(enclave: AwsEnclave, operation: str) -> dict:
+    """The first ``operation`` call reaches DynamoDB and is applied, but its response is
+    lost (a 500 after commit, a read timeout): botocore's retry handler makes the call
+    again.  botocore consults the ``needs-retry`` event after every attempt."""
+    state = {"armed": True, "calls": 0}
+
+    def handler(attempts=None, **_):
+        state["calls"] += 1
+        if state["armed"] and attempts == 1:
+            state["armed"] = False
+            return 0  # retry, after 0 s
+        return None
+
+    enclave.dynamodb.meta.events.register(f"needs-retry.dynamodb.{operation}", handler)
+    return state
+
+
+# ---------------------------------------------------------------- retried conditional writes
+
+
+def test_claim_retried_after_its_response_was_lost_still_counts(enclave):
+    job = new_job()
+    enclave.jobs.create([job])
+    lost = lose_first_response(enclave, "UpdateItem")
+    # node/daemon.py claim(): a first delivery claims from pending only
+    moved = enclave.jobs.transition(
+        [job.job_id], JobState.PROCESSING, from_states={JobState.PENDING}, node="n1"
+    )
+    assert lost["calls"] == 2  # the write was made, then retried
+    assert enclave.jobs.get(job.job_id).state == JobState.PROCESSING
+    assert moved == [job.job_id]
+
+
+def test_finish_retried_after_its_response_was_lost_keeps_a_large_result(enclave):
+    job = processing(enclave)
+    result = os.urandom(DynamoJobs.max_result + 1)  # spilled to S3
+    lose_first_response(enclave, "UpdateItem")
+    recorded = enclave.jobs.finish([Finished(job.job_id, JobState.COMPLETED, result)])
+    rec = enclave.jobs.get(job.job_id, with_result=True)
+    assert rec.state == JobState.COMPLETED
+    assert rec.result == result, "the recorded result's blob was deleted"
+    assert recorded == [job.job_id]
+
+
+def test_finish_retried_after_its_response_was_lost_reports_it_recorded(enclave):
+    job = processing(enclave)
+    lose_first_response(enclave, "UpdateItem")
+    recorded = enclave.jobs.finish([Finished(job.job_id, JobState.COMPLETED, b"small")])
+    assert enclave.jobs.get(job.job_id, with_result=True).result == b"small"
+    assert recorded == [job.job_id]
+
+
+def test_a_losing_retried_finish_still_loses(enclave):
+    job = processing(enclave)
+    assert enclave.jobs.finish([Finished(job.job_id, JobState.COMPLETED, b"one")])
+    lose_first_response(enclave, "UpdateItem")
+    big = os.urandom(DynamoJobs.max_result + 1)
+    assert enclave.jobs.finish([Finished(job.job_id, JobState.FAILED, big, "dup")]) == []
+    assert s3_keys(enclave) == []  # its blob is gone: the item never named it
+    assert enclave.jobs.get(job.job_id, with_result=True).result == b"one"
+
+
+def test_a_finish_that_raises_after_being_applied_keeps_its_result_blob(enclave):
+    """The write is made, then the call fails (every retry's answer lost): the blob the
+    item names must stay."""
+    job = processing(enclave)
+    from botocore.exceptions import ConnectionClosedError
+
+    def fail(**_):
+        raise ConnectionClosedError(endpoint_url="https://dynamodb")
+
+    enclave.dynamodb.meta.events.register("after-call.dynamodb.UpdateItem", fail)
+    result = os.urandom(DynamoJobs.max_result + 1)
+    with pytest.raises(ConnectionClosedError):
+        enclave.jobs.finish([Finished(job.job_id, JobState.COMPLETED, result)])
+    enclave.dynamodb.meta.events.unregister("after-call.dynamodb.UpdateItem", fail)
+    assert enclave.jobs.get(job.job_id, with_result=True).result == result
+
+
+def test_a_finish_that_raises_before_being_applied_leaves_no_blob(enclave):
+    job = processing(enclave)
+    from botocore.exceptions import ConnectionClosedError
+
+    def fail(**_):
+        raise ConnectionClosedError(endpoint_url="https://dynamodb")
+
+    enclave.dynamodb.meta.events.register("before-call.dynamodb.UpdateItem", fail)
+    with pytest.raises(ConnectionClosedError):
+        enclave.jobs.finish(
+            [Finished(job.job_id, JobState.COMPLETED, os.urandom(DynamoJobs.max_result + 1))]
+        )
+    enclave.dynamodb.meta.events.unregister("before-call.dynamodb.UpdateItem", fail)
+    assert s3_keys(enclave) == []
+    assert enclave.jobs.get(job.job_id).state == JobState.PROCESSING
+
+
+# ---------------------------------------------------------------- DynamoDB's 400 KB item limit
+
+
+def _long_task_usage(samples: int) -> dict:
+    # node/monitor.py Monitor.usage(): one sample per --sample-interval, never trimmed
+    return {
+        "samples": [
+            {"t": round(1_760_000_000.0 + 120 * i, 3), "cpu_pct": 99.9, "rss_kb": 1_234_567,
+             "procs": 3}
+            for i in range(samples)
+        ],
+        "peak_rss_kb": 1_234_567,
+    }  # fmt: skip
+
+
+def test_finish_with_a_long_usage_record_and_a_result_under_max_result(enclave):
+    job = processing(enclave)
+    usage = _long_task_usage(1500)  # ~50 h at the default 120 s interval; 25 min at 1 s
+    result = os.urandom(DynamoJobs.max_result)  # would be kept inline, alone
+    fin = Finished(job.job_id, JobState.COMPLETED, result, usage=usage)
+    assert enclave.jobs.finish([fin]) == [job.job_id]
+    assert enclave.jobs.get(job.job_id, with_result=True).result == result
+    assert len(s3_keys(enclave)) == 1  # spilled, for the usage's sake
+
+
+def test_finish_with_a_very_long_usage_record(enclave):
+    job = processing(enclave)
+    usage = _long_task_usage(6000)  # > 400 KB of JSON
+    fin = Finished(job.job_id, JobState.COMPLETED, b"ok", usage=usage)
+    assert enclave.jobs.finish([fin]) == [job.job_id]
+    rec = enclave.jobs.get(job.job_id, with_result=True)
+    assert rec.result == b"ok"
+    kept = rec.usage["samples"]
+    assert 2 < len(kept) < 6000 and rec.usage["samples_downsampled_from"] == 6000
+    assert kept[0] == usage["samples"][0] and kept[-1] == usage["samples"][-1]
+    assert rec.usage["peak_rss_kb"] == usage["peak_rss_kb"]
+    assert len(json.dumps(rec.usage)) <= DynamoJobs.max_usage
+
+
+def test_record_usage_of_a_very_long_usage_record(enclave):
+    job = processing(enclave)
+    assert enclave.jobs.record_usage(job.job_id, _long_task_usage(6000)) is True
+    usage = enclave.jobs.get(job.job_id).usage
+    assert usage["samples_downsampled_from"] == 6000
+    small = {"samples": [{"t": 1.0}], "peak_rss_kb": 1}
+    assert enclave.jobs.record_usage(job.job_id, small) is True
+    assert enclave.jobs.get(job.job_id).usage == small  # short ones are kept as they are
+
+
+def test_finish_with_a_long_reason_and_a_result_under_max_result(enclave):
+    job = processing(enclave)
+    result = os.urandom(DynamoJobs.max_result)
+    fin = Finished(job.job_id, JobState.FAILED, result, reason="x" * 200_000)
+    assert enclave.jobs.finish([fin]) == [job.job_id]
+    rec = enclave.jobs.get(job.job_id, with_result=True)
+    assert rec.result == result and rec.reason.startswith("x" * 1000)
+
+
+# ---------------------------------------------------------------- unprocessed batches
+
+
+def _never_process_deletes(enclave: AwsEnclave, monkeypatch) -> None:
+    """BatchWriteItem: DynamoDB hands every DeleteRequest back as UnprocessedItems (as it
+    does under throttling), on every round."""
+    real = enclave.dynamodb.batch_write_item
+
+    def throttled(RequestItems, **kw):
+        table = enclave.names.jobs_table
+        deletes = [r for r in RequestItems.get(table, []) if "DeleteRequest" in r]
+        if not deletes:
+            return real(RequestItems=RequestItems, **kw)
+        return {"UnprocessedItems": {table: deletes}}
+
+    monkeypatch.setattr(enclave.dynamodb, "batch_write_item", throttled)
+
+
+def test_delete_that_dynamodb_never_processes_does_not_orphan_a_record(enclave, monkeypatch):
+    monkeypatch.setattr("kotta_executor.backends.aws._backoff", lambda attempt: None)
+    job = processing(enclave)
+    result = os.urandom(DynamoJobs.max_result + 1)  # spilled to S3
+    assert enclave.jobs.finish([Finished(job.job_id, JobState.COMPLETED, result)])
+    _never_process_deletes(enclave, monkeypatch)
+    with pytest.raises(RuntimeError, match="did not delete 1 job record"):
+        enclave.jobs.delete([job.job_id])
+    # the record was left whole: never a completed job whose result was deleted under it
+    assert enclave.jobs.get(job.job_id, with_result=True).result == result
+
+
+def test_delete_removes_the_blobs_of_processed_records_only(enclave, monkeypatch):
+    monkeypatch.setattr("kotta_executor.backends.aws._backoff", lambda attempt: None)
+    kept, gone = processing(enclave), processing(enclave)
+    big = os.urandom(DynamoJobs.max_result + 1)
+    fins = [Finished(j.job_id, JobState.COMPLETED, big) for j in (kept, gone)]
+    assert len(enclave.jobs.finish(fins)) == 2
+    real = enclave.dynamodb.batch_write_item
+
+    def partly(RequestItems, **kw):
+        table = enclave.names.jobs_table
+        stuck = [
+            r for r in RequestItems[table]
+            if r["DeleteRequest"]["Key"]["job_id"]["S"] == kept.job_id
+        ]  # fmt: skip
+        rest = [r for r in RequestItems[table] if r not in stuck]
+        if rest:
+            real(RequestItems={table: rest}, **kw)
+        return {"UnprocessedItems": {table: stuck}}
+
+    monkeypatch.setattr(enclave.dynamodb, "batch_write_item", partly)
+    with pytest.raises(RuntimeError):
+        enclave.jobs.delete([kept.job_id, gone.job_id])
+    assert enclave.jobs.get(gone.job_id) is None
+    assert enclave.jobs.get(kept.job_id, with_result=True).result == big
+    [key] = s3_keys(enclave)
+    assert key.startswith(f"blobs/result-{kept.job_id}-")
+
+
+def test_records_get_many_does_not_report_unprocessed_keys_as_absent(enclave, monkeypatch):
+    monkeypatch.setattr("kotta_executor.backends.aws._backoff", lambda attempt: None)
+    assert enclave.records.put("refresh", "r1", {"user": "alice"})
+    real = enclave.dynamodb.batch_get_item
+
+    def throttled(RequestItems, **kw):
+        if enclave.names.records_table in RequestItems:
+            return {"Responses": {}, "UnprocessedKeys": RequestItems}
+        return real(RequestItems=RequestItems, **kw)
+
+    monkeypatch.setattr(enclave.dynamodb, "batch_get_item", throttled)
+    with pytest.raises(RuntimeError, match="did not answer"):
+        enclave.records.get("refresh", "r1")
+
+
+# ---------------------------------------------------------------- ids DynamoDB cannot key
+
+
+def _aws_key_validation(enclave: AwsEnclave) -> None:
+    """What DynamoDB does and moto 5.2 does only for GetItem: a key attribute that is an
+    empty string (or over 2048 bytes) is a ValidationException in every call.  Emulated
+    with a before-call handler on the client that answers with DynamoDB's error."""
+    from botocore.awsrequest import AWSResponse
+
+    def keys_of(params):
+        if "Key" in params:
+            yield params["Key"]
+        for req in (params.get("RequestItems") or {}).values():
+            if isinstance(req, dict):  # BatchGetItem
+                yield from req.get("Keys", [])
+                continue
+            for write in req:  # BatchWriteItem
+                if "DeleteRequest" in write:
+                    yield write["DeleteRequest"]["Key"]
+
+    def validate(params, **_):
+        body = params.get("body") or b"{}"
+        for key in keys_of(json.loads(body)):
+            if any(v.get("S") == "" or len(v.get("S", "").encode()) > 2048
+                   for v in key.values()):  # fmt: skip
+                return AWSResponse("https://dynamodb", 400, {}, None), {
+                    "Error": {
+                        "Code": "ValidationException",
+                        "Message": "One or more parameter values are not valid.",
+                    },
+                    "ResponseMetadata": {"HTTPStatusCode": 400},
+                }
+        return None
+
+    enclave.dynamodb.meta.events.register("before-call.dynamodb", validate)
+
+
+def test_history_of_an_empty_job_id_is_empty(enclave):
+    assert enclave.jobs.history("") == []
+
+
+def test_foreign_message_without_job_attribute(enclave):
+    _aws_key_validation(enclave)
+    url = enclave.sqs.get_queue_url(QueueName=enclave.names.queue("test"))["QueueUrl"]
+    enclave.sqs.send_message(QueueUrl=url, MessageBody="hello from the console")
+    [d] = enclave.queue.receive("test", 1, 30, "n1")
+    assert d.job_id == ""
+    enclave.queue.dead_letter([d], "corrupt")  # what node/daemon.py _reject does first
+    assert enclave.jobs.get(d.job_id) is None  # ... and then this
+
+
+@pytest.mark.parametrize("job_id", ["", "x" * 2049], ids=["empty", "too-long"])
+def test_ids_dynamodb_cannot_key_are_unknown_jobs(enclave, job_id):
+    _aws_key_validation(enclave)
+    job = processing(enclave)
+    jobs = enclave.jobs
+    assert jobs.get(job_id) is None
+    assert set(jobs.get_many([job_id, job.job_id])) == {job.job_id}
+    assert jobs.history(job_id) == []
+    assert jobs.request_kill(job_id) is False
+    assert jobs.record_usage(job_id, {"peak_rss_kb": 1}) is False
+    assert jobs.kill_requested([job_id]) == set()
+    assert jobs.transition([job_id], JobState.FAILED, reason="x") == []
+    assert jobs.finish([Finished(job_id, JobState.COMPLETED, b"r")]) == []
+    big = os.urandom(DynamoJobs.max_result + 1)
+    assert jobs.finish([Finished(job_id, JobState.COMPLETED, big)]) == []
+    assert s3_keys(enclave) == []  # the spilled result of no job is not kept
+
+
+# ---------------------------------------------------------------- dead-letter listing
+
+
+def test_listing_redriven_dead_letters_does_not_change_them(moto_env, name):
+    aws_provision.bootstrap(name, iam=False, tls_only=False, max_receive_count=2, session=moto_env)
+    e = AwsEnclave(name, session=moto_env)
+    try:
+        e.queue.send("test", [Message("a" * 32, b"crashes its node")])
+        for _ in range(2):
+            [d] = e.queue.receive("test", 1, 30, "h")
+            e.queue.release([d])
+        assert e.queue.receive("test", 1, 30, "h") == []  # redriven
+        counts = [[x["receive_count"] for x in e.queue.dead_letters("test")] for _ in range(3)]
+        # delivered maxReceiveCount times before SQS moved it, however often it is listed
+        assert counts == [[2], [2], [2]]
+    finally:
+        e.close()
