@@ -356,8 +356,9 @@ class Node:
             w.close()
         self.workers.clear()
         for left in sorted(self._leftovers, key=lambda x: x.deadline):
-            time.sleep(max(0.0, left.deadline - time.monotonic()))
-            left.kill()
+            if left.any_left():  # (a stop waits only for what there is to kill)
+                time.sleep(max(0.0, left.deadline - time.monotonic()))
+                left.kill()
         self._leftovers.clear()
         try:
             self.enclave.nodes.deregister(self.node_id)

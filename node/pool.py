@@ -299,6 +299,17 @@ class Leftovers:
         _signal_all(self.tree, signal.SIGKILL)  # (psutil checks each is still the same)
         _signal_group(self.pgid, signal.SIGKILL)
 
+    def any_left(self) -> bool:
+        """Whether anything of it still runs (most workers leave nothing: no waiting)."""
+        try:
+            os.killpg(self.pgid, 0)
+            return True
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # (a member we may not signal: not one of ours)
+            pass
+        return any(p.is_running() for p in self.tree)
+
 
 def _signal_all(procs: list[psutil.Process], sig: int) -> None:
     for p in procs:
