@@ -80,6 +80,9 @@ CHECKPOINT_KIND = "audit-checkpoint"
 GENESIS = "0" * 64
 #: an automatic checkpoint follows every record whose seq is a multiple of this
 CHECKPOINT_EVERY = 64
+#: seconds for which a record at a multiple of CHECKPOINT_EVERY may lack its checkpoint
+#: (its writer is between its two writes, while others append after it)
+CHECKPOINT_GRACE = 60.0
 #: conditional writes one append tries before it gives up (each lost one means another
 #: writer appended in between)
 MAX_ATTEMPTS = 200
@@ -308,6 +311,7 @@ class AuditLog:
         # the hash of each record at a multiple of CHECKPOINT_EVERY, for the checkpoints
         # that must vouch for them (one entry per 64 records)
         pinned: dict[int, Any] = {}
+        written: dict[int, Any] = {}  # and when each was written
         records, expected, prev, last = 0, 1, GENESIS, 0
         for key, rec in self._pages(KIND):
             records += 1
@@ -338,17 +342,18 @@ class AuditLog:
                                     "record the checkpoint vouches for (replaced afterwards)")
             if seq % CHECKPOINT_EVERY == 0:
                 pinned[seq] = stored
+                written[seq] = rec.get("time")
             prev, expected, last = stored, seq + 1, seq
         beyond = [cp_seq for cp_seq, _ in checkpoints.rest()]
         if beyond:
             start = f"records after {last}" if last else "all records"
             problems.append(f"{start} were deleted: checkpoint {beyond[-1]} vouches for "
                             f"record {beyond[-1]}")
-        self._require_checkpoints(last, seen, pinned, problems)
+        self._require_checkpoints(last, seen, pinned, written, problems)
         return AuditReport(not problems, records, counts["checkpoints"], problems)
 
     def _require_checkpoints(self, last: int, seen: set[int], pinned: dict[int, Any],
-                             problems: list[str]) -> None:
+                             written: dict[int, Any], problems: list[str]) -> None:
         """Every append of a record at a multiple of CHECKPOINT_EVERY writes its checkpoint
         next, so once a later record exists the checkpoint must too.  Without this rule,
         whoever can write the records (not the key) deletes the checkpoint after a record,
@@ -357,12 +362,19 @@ class AuditLog:
         The last record is exempt: its writer may be between its two writes.  A checkpoint
         missing from the walk is read once more before it is reported, since the walk is
         no snapshot: its page may have been read before the checkpoint was written, and
-        the records after it later (the same window, seen from another writer).
+        the records after it later (the same window, seen from another writer).  Nor is
+        a record written less than CHECKPOINT_GRACE seconds ago held to it: other writers
+        may append after it while its own writer is between its two writes.  (A record
+        rewritten to look recent is held to it again once that time has passed.)
         """
+        now = self._clock()
         for seq in range(CHECKPOINT_EVERY, last, CHECKPOINT_EVERY):
             if seq in seen:
                 continue  # valid, or already reported (bad MAC, moved)
             cp = self._records.get(CHECKPOINT_KIND, record_key(seq))
+            at = written.get(seq)
+            if cp is None and isinstance(at, int | float) and 0 <= now - at < CHECKPOINT_GRACE:
+                continue  # its writer may still be writing it
             if cp is None:
                 problems.append(
                     f"checkpoint {seq}: missing (deleted, or whoever wrote record {seq} "
