@@ -113,6 +113,9 @@ class Options:
     requirements: str = ""  # normalised pip requirement lines; "" = none
     inputs: tuple[str, ...] = ()  # dataset URIs staged into the working directory
     outputs: tuple[str, ...] = ()  # dataset URIs the task's files are uploaded to
+    #: map items packed into one task by the executor: each one's walltime (``walltime``
+    #: is their sum), so that a node whose cap is lower than the sum may still run it
+    walltime_each: float | None = None
 
     @classmethod
     def make(cls, queue: str, walltime: float | _dt.timedelta, requirements=None) -> Options:
@@ -393,6 +396,8 @@ class KottaExecutor(Executor):
             "fn": wire.fn_name(fn),
             "n": n,
         }
+        if opts.walltime_each is not None:
+            header["walltime_each"] = opts.walltime_each
         if opts.requirements:  # read by the node, without unpickling anything
             header["requirements"] = opts.requirements
         if opts.inputs:
@@ -436,7 +441,8 @@ class KottaExecutor(Executor):
         size = chunksize
         if chunksize == 1:  # packed by us: together, a task's items get the walltime each
             size = self._auto_chunk(len(items), opts)  # would have had alone
-            opts = replace(opts, walltime=size * opts.walltime)
+            if size > 1:
+                opts = replace(opts, walltime=size * opts.walltime, walltime_each=opts.walltime)
         fs = [
             self._submit(fn, [(args, {}) for args in items[i : i + size]], opts, batch=True)
             for i in range(0, len(items), size)

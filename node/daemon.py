@@ -870,9 +870,20 @@ class Node:
         except (EnvelopeError, KeyError, ValueError) as exc:
             self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
             return
-        if header["walltime"] > self.max_walltime:  # a client that skipped the check
+        asked, each = header["walltime"], header.get("walltime_each")
+        if each is not None and (type(each) not in (int, float) or not 0 < each <= asked):
+            self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: "
+                                           f"walltime_each {each!r} is not a walltime")
+            return
+        if asked > self.max_walltime and each is not None and each <= self.max_walltime:
+            # map items the executor packed, each within this node's cap, their sum not:
+            # the task runs, as long as the cap allows
+            log.info("job %s: %s packed items, the task's walltime held to this node's "
+                     "cap of %s", d.job_id, header["n"], _minutes(self.max_walltime))
+            header["walltime"] = asked = self.max_walltime
+        if asked > self.max_walltime:  # a client that skipped the check
             reason = (
-                f"job {d.job_id} asks for a walltime of {_minutes(header['walltime'])}, over "
+                f"job {d.job_id} asks for a walltime of {_minutes(asked)}, over "
                 f"the cap of {_minutes(self.max_walltime)} of this node (queue {self.queue})"
             )
             log.warning("refusing: %s", reason)

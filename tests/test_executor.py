@@ -237,6 +237,28 @@ def test_map_packs_no_more_items_than_fit_under_the_queues_walltime_cap(
         it.close()
 
 
+def test_packed_map_runs_on_a_node_whose_cap_is_under_the_packed_sum(
+    enclave_dir, start_node, make_executor, enclave
+):
+    """Each item asks for 5 minutes, the node takes 10, a packed task of 3 asks for 15:
+    it runs, its walltime held to the node's cap."""
+    start_node("--max-walltime", "10", workers=1)
+    ex = make_executor(1, walltime=5, start_node=False)
+    assert list(ex.map(tasks.square, range(192), timeout=GUARD)) == [i * i for i in range(192)]
+    jobs = enclave.jobs.list(limit=100)
+    assert {j.n for j in jobs} == {3} and {j.state for j in jobs} == {"completed"}
+
+
+def test_a_task_whose_walltime_each_is_not_a_walltime_is_refused(make_executor, enclave):
+    import kotta_executor.executor as E
+
+    ex = make_executor(1)
+    opts = E.replace(ex._options, walltime=60.0, walltime_each=90.0)  # more than the sum
+    f = ex._submit(tasks.square, [((2,), {})], opts)
+    with pytest.raises(kotta_executor.CorruptTask, match="walltime_each 90.0 is not a walltime"):
+        f.result(GUARD)
+
+
 def test_map_chunksize_below_one_raises_value_error(executor, process_pool):
     for chunksize in (0, -1):
         with pytest.raises(ValueError):
