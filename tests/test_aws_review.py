@@ -18,28 +18,9 @@ from kotta_executor import aws_provision
 from kotta_executor.backends.aws import AwsEnclave, DynamoJobs
 from kotta_executor.backends.base import Finished, Message, NewJob
 from kotta_executor.states import JobState
-from tests import aws_moto
-
-
-@pytest.fixture
-def moto_env():
-    from moto import mock_aws
-
-    with aws_moto.fake_aws_env(), mock_aws(), aws_moto.atomic_moto():
-        yield aws_moto.shared_session()
-
-
-@pytest.fixture
-def name():
-    return f"t{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def enclave(moto_env, name):
-    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env)
-    e = AwsEnclave(name, session=moto_env)
-    yield e
-    e.close()
+from tests.test_aws_backend import enclave as enclave  # noqa: F401 - fixtures: moto in
+from tests.test_aws_backend import moto_env as moto_env  # noqa: F401 - process, and a
+from tests.test_aws_backend import name as name  # noqa: F401 - bootstrapped enclave
 
 
 def new_job(queue="test", owner="alice", body=b"task") -> NewJob:

@@ -224,8 +224,8 @@ def test_a_kick_after_shutdown_writes_nowhere(enclave_dir):
 # --------------------------------------------------------------------------- records of unsent tasks
 
 
-def test_unsent_tasks_are_recorded_without_a_task_message(make_executor, enclave):
-    ex = make_executor(2, start_node=False)
+def _one_cancelled_one_failed(ex):
+    """Two tasks never sent: one cancelled while it waited, one whose dependency failed."""
     never: cf.Future = cf.Future()
     cancelled = ex.submit(tasks.square, never)
     assert cancelled.cancel()
@@ -234,6 +234,12 @@ def test_unsent_tasks_are_recorded_without_a_task_message(make_executor, enclave
     failed = ex.submit(tasks.square, bad)
     with pytest.raises(DependencyError):
         failed.result(timeout=GUARD)
+    return cancelled, failed
+
+
+def test_unsent_tasks_are_recorded_without_a_task_message(make_executor, enclave):
+    ex = make_executor(2, start_node=False)
+    cancelled, failed = _one_cancelled_one_failed(ex)
     assert enclave.jobs.get(cancelled.job_id).state == JobState.CANCELLED
     assert enclave.jobs.get(failed.job_id).state == JobState.FAILED
     assert enclave.queue.depth("test") == 0
@@ -242,14 +248,7 @@ def test_unsent_tasks_are_recorded_without_a_task_message(make_executor, enclave
 def test_cancelled_or_dependency_failed_tasks_raise_no_security_alarm(make_executor, enclave):
     ex = make_executor(2)
     ex.submit(tasks.noop).result(timeout=GUARD)  # a node serves the queue
-    never: cf.Future = cf.Future()
-    cancelled = ex.submit(tasks.square, never)
-    assert cancelled.cancel()
-    bad: cf.Future = cf.Future()
-    bad.set_exception(ValueError("upstream"))
-    failed = ex.submit(tasks.square, bad)
-    with pytest.raises(DependencyError):
-        failed.result(timeout=GUARD)
+    cancelled, failed = _one_cancelled_one_failed(ex)
     # whatever went on the queue for them, the node has dealt with it
     wait_for(lambda: enclave.queue.depth("test") == 0, what="the queue to empty")
     ours = {cancelled.job_id, failed.job_id}
