@@ -351,7 +351,10 @@ def cmd_status(args) -> int:
         from .usage_plot import svg
 
         samples = (job.usage or {}).get("samples") or []
-        Path(args.plot).write_text(svg(samples, f"job {job.job_id} ({job.fn})"))
+        try:
+            Path(args.plot).write_text(svg(samples, f"job {job.job_id} ({job.fn})"))
+        except OSError as exc:
+            raise ValueError(f"cannot write the plot to {args.plot}: {exc.strerror}") from None
         print(f"wrote {len(samples)} sample{'s' if len(samples) != 1 else ''} to {args.plot}",
               file=sys.stderr)
     if args.json:

@@ -54,7 +54,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -439,8 +439,11 @@ class KottaExecutor(Executor):
         end_time = None if timeout is None else timeout + time.monotonic()
         items = list(zip(*iterables, strict=False))
         size = chunksize
-        if chunksize == 1:  # packed by us: together, a task's items get the walltime each
-            size = self._auto_chunk(len(items), opts)  # would have had alone
+        # packed by us: together, a task's items get the walltime each would have had
+        # alone.  Not items that wait for futures: a failed one would fail its task's
+        # other items with it
+        if chunksize == 1 and not any(isinstance(a, Future) for args in items for a in args):
+            size = self._auto_chunk(len(items), opts)
             if size > 1:
                 opts = replace(opts, walltime=size * opts.walltime, walltime_each=opts.walltime)
         fs = [

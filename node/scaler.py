@@ -140,6 +140,8 @@ class Scaler:
     cooldown: float = DEFAULT_COOLDOWN
     logs: Path | None = None
     clock: Callable[[], float] = time.monotonic
+    #: the ids of the nodes registered in the enclave (None: not known)
+    registered: Callable[[], set[str]] | None = None
     nodes: list[_Managed] = field(default_factory=list)
     _empty_since: float | None = None
     _last_down: float | None = None
@@ -234,8 +236,23 @@ class Scaler:
             except Exception:  # noqa: BLE001 - a flaky read must not end the pool
                 log.exception("scaling step failed")
             stop.wait(interval)
+        self._stop_unregistered()
         log.info("scaler stopped; %d nodes keep running", len(self.live()))
         return 0
+
+    def _stop_unregistered(self) -> None:
+        """Stop the nodes started and not registered yet: ``kotta down`` stops the scaler,
+        then the nodes registered by then, so it would never find these, and they would
+        serve the queue on, unmanaged.  (One that registers meanwhile is stopped either
+        way: here, or by ``kotta down``, which reads the registrations after this.)"""
+        if self.registered is None:
+            return
+        known = self.registered()
+        for node in self.live():
+            if node.node_id not in known:
+                log.info("stopping node %s: it has not registered yet", node.node_id)
+                node.proc.send_signal(signal.SIGTERM)
+                node.draining = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -269,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         depth=lambda: enclave.queue.depth(queue),
         min=args.min, max=args.max, per_node=args.per_node, cooldown=args.cooldown,
         logs=Path(args.logs) if args.logs else None,
+        registered=lambda: {n.node_id for n in enclave.nodes.all()},
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -205,6 +205,46 @@ def test_up_starts_a_background_node_and_down_stops_it(enclave, make_executor):
                 pass
 
 
+def test_status_plot_into_a_missing_directory_is_a_clean_error(executor, enclave_dir, tmp_path):
+    f = executor.submit(tasks.square, 3)
+    assert f.result(GUARD) == 9
+    r = kotta(enclave_dir, "status", f.job_id, "--plot", str(tmp_path / "no" / "such" / "u.svg"))
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("kotta: error: cannot write the plot"), r.stderr
+
+
+def test_down_stops_a_node_the_scaler_just_started(make_executor, enclave, enclave_dir):
+    """A node the elastic scaler started that has not registered yet (held here with
+    SIGSTOP: a slow start) is stopped by the scaler when kotta down stops it."""
+    from node.scaler import pid_file, read_pid
+
+    ex = make_executor(1, start_node=False)
+    fs = [ex.submit(tasks.square, i) for i in range(6)]  # a backlog: the scaler grows
+    r = kotta(enclave_dir, "up", "--min", "0", "--max", "1", "--workers", "1",
+              "--cooldown", "600")
+    assert r.returncode == 0, r.stderr
+    scaler = read_pid(pid_file(enclave.home, "test"))
+    assert scaler is not None
+    [child] = wait_for(lambda: psutil.Process(scaler).children(), what="the scaler's node")
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        r = kotta(enclave_dir, "down", "--timeout", "30")
+        assert r.returncode == 0, r.stdout + r.stderr
+        os.kill(child.pid, signal.SIGCONT)
+        wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+                 or any(n.pid == child.pid for n in enclave.nodes.live()),
+                 what="the node to end or register")
+        assert not any(n.pid == child.pid for n in enclave.nodes.live())
+    finally:
+        for p in [child, *child.children(recursive=True)] if child.is_running() else []:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        for f in fs:
+            f.cancel()
+
+
 def test_up_reports_the_workers_its_queue_allows(enclave, _private_kotta_home):
     _private_kotta_home.mkdir(parents=True, exist_ok=True)
     (_private_kotta_home / "queues.json").write_text(json.dumps({"test": {"workers": 1}}))

@@ -259,6 +259,22 @@ def test_a_task_whose_walltime_each_is_not_a_walltime_is_refused(make_executor, 
         f.result(GUARD)
 
 
+def test_map_items_that_wait_for_futures_are_not_packed_together(executor):
+    """A failed dependency fails its own item only: items with futures are not packed
+    (one failing would fail the others of its task)."""
+    def done(value=None, exc=None) -> cf.Future:
+        f: cf.Future = cf.Future()
+        f.set_running_or_notify_cancel()
+        f.set_exception(exc) if exc is not None else f.set_result(value)
+        return f
+
+    items = [done(5), done(exc=ValueError("bad")), *range(254)]  # 2 workers: 2 a task
+    it = executor.map(tasks.square, items, timeout=GUARD)
+    assert next(it) == 25  # item 0's own dependency succeeded
+    with pytest.raises(kotta_executor.DependencyError):
+        next(it)
+
+
 def test_map_chunksize_below_one_raises_value_error(executor, process_pool):
     for chunksize in (0, -1):
         with pytest.raises(ValueError):
