@@ -94,6 +94,8 @@ QUEUE_LOOK = 1.0
 REPLY_LONG_POLL = 2.0
 #: a local node may be restarted this many times before the executor is declared broken
 MAX_NODE_RESTARTS = 5
+#: a local node that ran this long before it died served: its death starts the count again
+NODE_SERVED = 60.0
 #: seconds between looks at whether the local nodes this client started still run
 NODE_LOOK = 0.1
 #: a task handed to a node directly (see _send_now) that it has not recorded within this
@@ -216,7 +218,8 @@ class KottaExecutor(Executor):
         self._wake_lock = threading.Lock()
         self._manager: threading.Thread | None = None
         self._nodes: dict[str, subprocess.Popen] = {}
-        self._node_restarts = 0
+        self._node_restarts = 0  # deaths in a row of the nodes it started
+        self._node_started: dict[str, float] = {}  # queue -> when its node was started
         self._queues_used: set[str] = set()
         self._last_reply = time.monotonic()
         self._last_reconcile = time.monotonic()
@@ -900,6 +903,11 @@ class KottaExecutor(Executor):
             if proc is not None and proc.poll() is None:
                 continue
             if proc is not None:  # the node we started died
+                # Deaths in a row count: one that served a while (or was stopped, exit 0:
+                # kotta down, an admin) starts the count again.
+                served = time.monotonic() - self._node_started.get(q, 0.0) >= NODE_SERVED
+                if proc.returncode == 0 or served:
+                    self._node_restarts = 0
                 self._node_restarts += 1
                 if self._node_restarts > MAX_NODE_RESTARTS:
                     raise BrokenEnclave(
@@ -911,6 +919,7 @@ class KottaExecutor(Executor):
             elif self._enclave.nodes.live(q):
                 continue
             self._nodes[q] = self._spawn_node(q)
+            self._node_started[q] = time.monotonic()
 
     def _spawn_node(self, queue: str) -> subprocess.Popen:
         env = dict(os.environ)

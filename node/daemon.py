@@ -126,6 +126,8 @@ class Node:
         self._next_sample_check = 0.0
         self._last_kill_check = 0.0
         self._last_parent_check = 0.0
+        #: started by its parent directly (an executor's own node): its death reparents us
+        self._child_of_parent = config.parent_pid is not None and os.getppid() == config.parent_pid
         self._next_memory_check = 0.0
         limits = kconfig.queue_limits(config.queue)
         #: bytes of RSS a task's process tree may use, and the longest walltime (seconds)
@@ -274,13 +276,26 @@ class Node:
                 self.workers.append(pool.spawn(self.config.prespawn_owner))
         log.info("node %s serving queue %s with %d workers", self.node_id, self.queue, self.config.workers)
 
+    def _parent_gone(self, pid: int) -> bool:
+        """Whether the process that started this node has ended: killed outright, it is a
+        zombie until its own parent reaps it (which may be never), and its pid may be
+        taken by another process after that."""
+        if self._child_of_parent:
+            return os.getppid() != pid  # (a child is reparented as its parent dies)
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+
     def _done(self) -> bool:
         if self.stopping:
             return True
         now = time.monotonic()
         if self.config.parent_pid and now - self._last_parent_check > 1.0:
             self._last_parent_check = now
-            if not psutil.pid_exists(self.config.parent_pid):
+            if self._parent_gone(self.config.parent_pid):
                 log.info("parent %s is gone; stopping", self.config.parent_pid)
                 self.stopping = True
                 return True

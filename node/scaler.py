@@ -125,6 +125,7 @@ class _Managed:
     proc: subprocess.Popen
     started: float
     draining: bool = False
+    registered: bool = False  # seen in the enclave's registry: it started up
 
 
 @dataclass
@@ -154,7 +155,22 @@ class Scaler:
         """Nodes started and not asked to stop (starting ones count: no double starts)."""
         return [n for n in self.nodes if not n.draining and n.proc.poll() is None]
 
+    def _note_registered(self) -> None:
+        """Mark the nodes that have started up (registered); any one that has ends a run
+        of failed starts."""
+        if self.registered is None:
+            return
+        pending = [n for n in self.nodes if not n.registered]
+        if not pending:
+            return
+        known = self.registered()
+        for n in pending:
+            if n.node_id in known:
+                n.registered = True
+                self._failures = 0
+
     def _reap(self) -> None:
+        self._note_registered()
         for n in list(self.nodes):
             code = n.proc.poll()
             if code is None:
@@ -164,7 +180,7 @@ class Scaler:
                 log.info("node %s drained (exit %s)", n.node_id, code)
                 continue
             log.warning("node %s exited unasked (exit %s)", n.node_id, code)
-            if code != 0:
+            if code != 0 and not n.registered:  # it never started up: a failed start
                 self._failures += 1
 
     def start_node(self) -> _Managed:

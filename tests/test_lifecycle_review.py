@@ -1,0 +1,153 @@
+"""Lifecycle bugs found in review: node/scaler.py, kotta down, the executor's own node.
+
+Run: cd /work/main && python -m pytest /tmp/review_life/test_found.py -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from node.scaler import pid_file
+from tests import tasks
+from tests.conftest import GUARD, ROOT, subprocess_env, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_everything(enclave, extra: list[int] = ()) -> None:
+    pids = list(extra)
+    try:
+        pids.append(int(pid_file(enclave.home, "test").read_text()))
+    except (OSError, ValueError):
+        pass
+    for n in enclave.nodes.all():
+        pids.append(n.pid)
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if "node" in p.cmdline() or "node.scaler" in p.cmdline():
+                for c in p.children(recursive=True):
+                    _kill(c.pid)
+                _kill(pid)
+        except psutil.Error:
+            pass
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# 1. the scaler replaces nodes that registered and ran, however many die over its life
+
+
+def test_scaler_keeps_replacing_nodes_that_ran_fine_before_dying(enclave, tmp_path):
+    cmd = [sys.executable, "-m", "node.scaler", "--enclave", str(enclave.home), "--queue", "test",
+           "--min", "1", "--max", "1", "--cooldown", "60", "--interval", "0.1",
+           "--logs", str(tmp_path / "logs"), "--",
+           "--enclave", str(enclave.home), "--queue", "test", "--workers", "1",
+           "--poll-interval", "0.1"]
+    log = open(tmp_path / "scaler.log", "wb")  # noqa: SIM115
+    scaler = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=log, stderr=log,
+                              stdin=subprocess.DEVNULL)
+    log.close()
+    seen: set[str] = set()
+    try:
+        for _ in range(6):
+            # a node registers (a healthy start), then dies later (OOM killer, a crash...)
+            nodes = wait_for(
+                lambda: scaler.poll() is not None
+                or [n for n in enclave.nodes.live("test") if n.node_id not in seen],
+                what="a new node of the pool to register")
+            assert scaler.poll() is None, (
+                f"the scaler exited ({scaler.returncode}) after {len(seen)} nodes that had "
+                f"registered and run died:\n{(tmp_path / 'scaler.log').read_text()}")
+            [node] = nodes
+            seen.add(node.node_id)
+            os.kill(node.pid, signal.SIGKILL)
+            wait_for(lambda gone=node.node_id: all(n.node_id != gone for n in enclave.nodes.live()),
+                     what="the killed node to be seen dead")
+    finally:
+        if scaler.poll() is None:
+            scaler.kill()
+        scaler.wait(GUARD)
+        _kill_everything(enclave)
+
+
+# --------------------------------------------------------------------------------------
+# 2. the executor restarts its node, stopped now and then, as often as it takes
+
+
+def test_executor_survives_its_node_being_stopped_now_and_then(make_executor, enclave):
+    ex = make_executor(1)  # starts its own node
+    try:
+        seen: set[str] = set()
+        for i in range(7):
+            assert ex.submit(tasks.square, i).result(GUARD) == i * i
+            [node] = [n for n in enclave.nodes.live("test") if n.managed_by == ex.client_id]
+            assert node.node_id not in seen
+            seen.add(node.node_id)
+            # e.g. `kotta down`, or an admin stopping stray nodes: a clean drain, exit 0
+            os.kill(node.pid, signal.SIGTERM)
+            wait_for(lambda pid=node.pid: not _running(pid), what="the node to drain and exit")
+    finally:
+        for n in enclave.nodes.all():
+            if n.managed_by == ex.client_id and _running(n.pid):
+                _kill(n.pid)
+
+
+# --------------------------------------------------------------------------------------
+# 3. the executor's node stops when the executor is SIGKILLed, reaped or not
+
+CLIENT = '''
+import sys
+from kotta_executor import KottaExecutor
+from tests import tasks
+ex = KottaExecutor(1, enclave=sys.argv[1])
+print(ex.submit(tasks.square, 3).result(60), flush=True)
+sys.stdin.read()  # until killed
+'''
+
+
+def test_node_stops_when_its_executor_is_killed_even_before_it_is_reaped(enclave, tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    client = subprocess.Popen([sys.executable, str(script), str(enclave.home)],
+                              env=subprocess_env(), cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    node_pid = None
+    try:
+        assert client.stdout.readline().strip() == "9"
+        [node] = [n for n in enclave.nodes.live("test") if n.managed_by]
+        node_pid = node.pid
+        os.kill(client.pid, signal.SIGKILL)  # not reaped yet: a zombie for a while
+        wait_for(lambda: psutil.Process(client.pid).status() == psutil.STATUS_ZOMBIE,
+                 what="the client to die")
+        # the node checks its parent every second; give it ample time
+        try:
+            wait_for(lambda: not _running(node_pid), timeout=15, what="the node to stop")
+        except AssertionError:
+            pytest.fail(f"node {node_pid} still serves 15 s after its executor was SIGKILLed")
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.wait(GUARD)
+        if node_pid is not None and _running(node_pid):
+            wait_for(lambda: not _running(node_pid), timeout=15, what="the node to stop "
+                     "once its parent is reaped")
