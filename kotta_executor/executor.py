@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import fcntl
 import itertools
 import logging
 import os
@@ -220,6 +221,7 @@ class KottaExecutor(Executor):
         self._nodes: dict[str, subprocess.Popen] = {}
         self._node_restarts = 0  # deaths in a row of the nodes it started
         self._node_started: dict[str, float] = {}  # queue -> when its node was started
+        self._start_claims: dict[str, int] = {}  # queue -> lock fd, while its node starts
         self._queues_used: set[str] = set()
         self._last_reply = time.monotonic()
         self._last_reconcile = time.monotonic()
@@ -901,6 +903,10 @@ class KottaExecutor(Executor):
         for q in list(self._queues_used):
             proc = self._nodes.get(q)
             if proc is not None and proc.poll() is None:
+                if q in self._start_claims and any(
+                    n.managed_by == self.client_id for n in self._enclave.nodes.live(q)
+                ):
+                    self._release_start(q)  # it serves the queue: others see it now
                 continue
             if proc is not None:  # the node we started died
                 # Deaths in a row count: one that served a while (or was stopped, exit 0:
@@ -918,8 +924,40 @@ class KottaExecutor(Executor):
                 del self._nodes[q]
             elif self._enclave.nodes.live(q):
                 continue
+            if not self._claim_start(q):
+                continue  # another client is starting a node for the queue
+            if self._enclave.nodes.live(q):  # (one registered while we looked)
+                self._release_start(q)
+                continue
             self._nodes[q] = self._spawn_node(q)
             self._node_started[q] = time.monotonic()
+
+    def _claim_start(self, queue: str) -> bool:
+        """Whether this client may start a node for ``queue``: it holds the enclave's lock
+        on starting one (a file lock, released when its node has registered, or when this
+        process ends).  Two clients that found no node at once would otherwise each start
+        one: twice the workers, and each node draining the other's tasks as it stops."""
+        if queue in self._start_claims:
+            return True
+        home = getattr(self._enclave, "home", None)
+        if home is None:  # no directory of the enclave's here: nothing to share a lock in
+            return True
+        try:
+            fd = os.open(Path(home) / f"node-start-{queue}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._start_claims[queue] = fd
+        return True
+
+    def _release_start(self, queue: str) -> None:
+        fd = self._start_claims.pop(queue, None)
+        if fd is not None:
+            os.close(fd)  # (closing releases the lock)
 
     def _spawn_node(self, queue: str) -> subprocess.Popen:
         env = dict(os.environ)
@@ -973,6 +1011,8 @@ class KottaExecutor(Executor):
                 proc.kill()
                 proc.wait()
         self._nodes.clear()
+        for q in list(self._start_claims):
+            self._release_start(q)
         try:
             self._enclave.queue.close_reply(self.client_id)
         except Exception:  # noqa: BLE001 - best effort at exit

@@ -151,3 +151,17 @@ def test_node_stops_when_its_executor_is_killed_even_before_it_is_reaped(enclave
         if node_pid is not None and _running(node_pid):
             wait_for(lambda: not _running(node_pid), timeout=15, what="the node to stop "
                      "once its parent is reaped")
+
+
+# --------------------------------------------------------------------------------------
+# 4. two executors that find no node at the same moment start one between them
+
+
+def test_two_executors_starting_together_start_one_node(make_executor, enclave):
+    a = make_executor(1)
+    b = make_executor(1)
+    fa = a.submit(tasks.square, 2)  # both managers look at the nodes before either registers
+    fb = b.submit(tasks.square, 3)
+    assert (fa.result(GUARD), fb.result(GUARD)) == (4, 9)
+    live = enclave.nodes.live("test")
+    assert len(live) == 1, f"{len(live)} local nodes serve queue test: {live}"
