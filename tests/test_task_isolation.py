@@ -57,23 +57,13 @@ def spawn_stubborn_child_and_sleep(pid_file, seconds=120.0):
     _time.sleep(seconds)
 
 
-def redirect_fd1_into(path):
+def redirect_fd1_into(path, readable=False):
     """Send C-level stdout into a file of the user's and leave it so (as a task that wraps
-    a Fortran/C library which prints too much might)."""
+    a Fortran/C library which prints too much might); ``readable``: opened "w+"."""
     import os as _os
 
-    fd = _os.open(path, _os.O_WRONLY | _os.O_CREAT | _os.O_TRUNC, 0o644)
-    _os.dup2(fd, 1)
-    _os.close(fd)
-    _os.write(1, b"precious results\n")
-    return "redirected"
-
-
-def redirect_fd1_into_rw(path):
-    """As redirect_fd1_into, with the file opened read-write (open(path, "w+"))."""
-    import os as _os
-
-    fd = _os.open(path, _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC, 0o644)
+    mode = _os.O_RDWR if readable else _os.O_WRONLY
+    fd = _os.open(path, mode | _os.O_CREAT | _os.O_TRUNC, 0o644)
     _os.dup2(fd, 1)
     _os.close(fd)
     _os.write(1, b"precious results\n")
@@ -195,7 +185,7 @@ def test_a_task_that_redirects_fd1_does_not_cost_the_next_task_or_its_file(
     mine = tmp_path / "my-output.txt"
     pid = ex.submit(tasks.worker_pid).result(GUARD)
     # opened read-write ("w+"), so that the worker's read of fd 1 after the task works
-    assert ex.submit(redirect_fd1_into_rw, str(mine)).result(GUARD) == "redirected"
+    assert ex.submit(redirect_fd1_into, str(mine), True).result(GUARD) == "redirected"
     assert mine.read_bytes() == b"precious results\n"
     nxt = ex.submit(echo, "next task")
     assert nxt.result(GUARD) == "next task"
