@@ -11,9 +11,6 @@ import functools
 import hashlib
 from collections.abc import Iterable
 
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
-
 from .errors import ConfigurationError
 
 
@@ -26,6 +23,11 @@ def _line(line: str) -> str:
         return ""
     if line.startswith("-"):  # options (-r, -e, --index-url ...) belong to the node
         raise ConfigurationError(f"requirements may not carry pip options: {line!r}")
+    # (imported here: most tasks have no requirements, and every client, node and CLI
+    # command would pay ~40 ms at start-up for it)
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
     try:
         req = Requirement(line)
     except InvalidRequirement as exc:
