@@ -102,18 +102,18 @@ def test_a_checkpoint_with_a_bad_mac_is_reported_once_not_also_as_missing(enclav
 # ------------------------------------------- the append-then-checkpoint window, and after
 
 
-def _append_without_its_checkpoint(log: AuditLog, monkeypatch) -> dict:
-    """Append the record at the next multiple of CHECKPOINT_EVERY as a writer that has
+def _append_without_its_checkpoint(log: AuditLog, enclave) -> dict:
+    """The record at the next multiple of CHECKPOINT_EVERY as a writer leaves it that has
     written the record and not yet its checkpoint (or died in between)."""
-    with monkeypatch.context() as m:
-        m.setattr(log, "_write_checkpoint", lambda seq, hash_: None)
-        return log.append("stage-in", user="alice")
+    rec = log.append("stage-in", user="alice")
+    assert enclave.records.delete(CHECKPOINT_KIND, record_key(rec["seq"]))
+    return rec
 
 
 def test_the_last_record_may_still_await_its_checkpoint(enclave, monkeypatch):
     log = AuditLog(enclave)
     _fill(log, CHECKPOINT_EVERY - 1)
-    rec = _append_without_its_checkpoint(log, monkeypatch)
+    rec = _append_without_its_checkpoint(log, enclave)
     assert rec["seq"] == 64 and enclave.records.get(CHECKPOINT_KIND, record_key(64)) is None
     report = log.verify()
     assert report.ok, report.problems  # its writer may be between its two writes
@@ -132,7 +132,7 @@ def test_a_checkpoint_written_while_verify_walks_the_records_is_read_again(
     record 64 writes its checkpoint, and the records after 64 afterwards."""
     log = AuditLog(enclave)
     _fill(log, CHECKPOINT_EVERY - 1)
-    sixty_four = _append_without_its_checkpoint(log, monkeypatch)
+    sixty_four = _append_without_its_checkpoint(log, enclave)
     _fill(log, 2)  # another writer appends 65 and 66 meanwhile
     scan = enclave.records.scan
 
@@ -150,7 +150,7 @@ def test_a_checkpoint_written_while_verify_walks_the_records_is_read_again(
 def test_a_checkpoint_read_again_is_checked_like_the_others(enclave, monkeypatch):
     log = AuditLog(enclave)
     records = _fill(log, CHECKPOINT_EVERY - 1)
-    _append_without_its_checkpoint(log, monkeypatch)
+    _append_without_its_checkpoint(log, enclave)
     _fill(log, 1)
     scan = enclave.records.scan
 
