@@ -856,7 +856,7 @@ class KottaExecutor(Executor):
         f = self._futures.pop(job_id, None)
         self._attached.discard(job_id)
         if f is not None:
-            _mark_cancelled(f)
+            f._cancel_and_notify()  # (the enclave cancelled its job already)
 
     def _resolve(self, job_id: str, body: bytes) -> None:
         self._handed.pop(job_id, None)
@@ -1019,11 +1019,6 @@ class KottaExecutor(Executor):
             pass
         self._close_wake()
         _live_executors.discard(self)
-
-
-def _mark_cancelled(f: KottaFuture) -> None:
-    """Mark a future cancelled whose job the enclave already cancelled, and tell waiters."""
-    f._cancel_and_notify()
 
 
 def _failure_result(job_id: str, n: int, exc: BaseException) -> bytes:

@@ -172,7 +172,7 @@ def test_cancelling_a_cancelled_future_again_does_not_raise(make_executor):
     ex = make_executor(2, start_node=False)
     f = ex.submit(tasks.square, cf.Future())
     assert f.cancel()
-    executor_module._mark_cancelled(f)  # used to raise "Future in unexpected state"
+    f._cancel_and_notify()  # as a cancel seen in the job table does; used to raise "Future in unexpected state"
     assert f.cancel()
     done, _ = cf.wait([f], timeout=0)
     assert done == {f}

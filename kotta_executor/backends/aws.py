@@ -1571,11 +1571,6 @@ class DynamoJobs(_DynamoTable, JobTable):
         self._kills = (at, kills)
         return kills
 
-    def result_refs(self, job_ids: Sequence[str]) -> list[str]:
-        """The S3 keys of spilled results (for clean-up, with :meth:`delete`)."""
-        items = self._batch_get(list(job_ids), ["job_id", "result_ref"])
-        return [i["result_ref"]["S"] for i in items if _str(i, "result_ref")]
-
     def delete(self, job_ids: Sequence[str]) -> None:
         """Remove job records with their spilled results and task blobs.
 
