@@ -5,7 +5,11 @@
 ...     totals = list(ex.map(count_citations, years))
 """
 
-from .decorator import Connection, connect, kottajob
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import (
     AccessDenied,
     BrokenEnclave,
@@ -25,10 +29,38 @@ from .errors import (
     WalltimeExceeded,
     WorkerDied,
 )
-from .executor import KottaExecutor
-from .future import KottaFuture
-from .script import KottaJob
 from .states import JobState
+
+if TYPE_CHECKING:
+    from .decorator import Connection, connect, kottajob
+    from .executor import KottaExecutor
+    from .future import KottaFuture
+    from .script import KottaJob
+
+# The client's heavier modules load on first use, so that a process that needs only the
+# wire format (a node's worker, started for every owner) does not import the executor.
+_LAZY = {
+    "Connection": ".decorator",
+    "connect": ".decorator",
+    "kottajob": ".decorator",
+    "KottaExecutor": ".executor",
+    "KottaFuture": ".future",
+    "KottaJob": ".script",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
