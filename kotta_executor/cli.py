@@ -122,8 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def _enclave(args) -> Enclave:
-    return open_enclave(args.enclave)
+def _enclave(args, *, existing: bool = False) -> Enclave:
+    """The enclave of ``--enclave`` (else $KOTTA_ENCLAVE, else $KOTTA_HOME).  ``existing``:
+    for commands that look at what is there, a named enclave that does not exist is an
+    error (a mistyped path), not a new empty one; the default one is made if need be."""
+    named = bool(args.enclave or os.environ.get("KOTTA_ENCLAVE"))
+    return open_enclave(args.enclave, must_exist=existing and named)
 
 
 # --------------------------------------------------------------------------- nodes
@@ -276,7 +280,7 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
 
 
 def cmd_down(args) -> int:
-    enclave = _enclave(args)
+    enclave = _enclave(args, existing=True)
     queue = config.normalize_queue(args.queue) if args.queue else None
     from node.scaler import stop_scalers  # first, so that no scaler starts nodes meanwhile
 
@@ -319,7 +323,7 @@ def _creds(enclave: Enclave):
 
 
 def cmd_jobs(args) -> int:
-    enclave = _enclave(args)
+    enclave = _enclave(args, existing=True)
     creds = _creds(enclave)
     if args.all_users and not creds.admin:
         from .security.access import deny
@@ -344,7 +348,7 @@ def _own_job(enclave: Enclave, job_id: str, *, with_result: bool = False, verb: 
 
 
 def cmd_status(args) -> int:
-    enclave = _enclave(args)
+    enclave = _enclave(args, existing=True)
     job = _own_job(enclave, args.job_id)
     history = enclave.jobs.history(job.job_id)
     if args.plot:
@@ -395,7 +399,7 @@ def _print_usage(u: dict) -> None:
 
 
 def cmd_logs(args) -> int:
-    enclave = _enclave(args)
+    enclave = _enclave(args, existing=True)
     job = _own_job(enclave, args.job_id, with_result=True)
     if job.result is None:
         print(f"job {job.job_id} is {job.state}: no output yet", file=sys.stderr)
@@ -410,7 +414,7 @@ def cmd_logs(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    enclave = _enclave(args)
+    enclave = _enclave(args, existing=True)
     job = _own_job(enclave, args.job_id, verb="cancel or kill")
     if enclave.jobs.transition([job.job_id], JobState.CANCELLED, from_states=CANCELLABLE,
                                reason="cancelled with kotta cancel"):

@@ -168,6 +168,25 @@ def test_unknown_job_is_an_error(command, enclave):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["jobs"], ["status", "0" * 32], ["logs", "0" * 32], ["cancel", "0" * 32], ["down"],
+     ["audit", "verify"], ["register", "some-token"]],
+    ids=lambda c: c[0],
+)
+def test_a_mistyped_enclave_is_an_error_not_a_new_enclave(command, tmp_path):
+    typo = tmp_path / "enclvae"
+    r = kotta(typo, *command)
+    assert r.returncode == 2, r.stdout
+    assert r.stderr.startswith(f"kotta: error: no enclave at {typo} (it has no kotta.db)")
+    assert "Traceback" not in r.stderr
+    assert not typo.exists()  # nothing was made there
+
+
+def test_the_same_command_on_an_enclave_that_exists_runs(enclave):
+    r = kotta(enclave.home, "jobs")
+    assert r.returncode == 0, r.stderr
+
 # ---------------------------------------------------------------------- nodes
 
 

@@ -19,17 +19,29 @@ from ..errors import ConfigurationError
 from .base import Enclave
 
 
-def open_enclave(spec: str | os.PathLike | Enclave | None = None) -> Enclave:
+def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist: bool = False) -> Enclave:
+    """The enclave ``spec`` names.  An embedded enclave is created where none is yet, unless
+    ``must_exist`` (for commands that only read or change what is there: a mistyped path
+    is then a ConfigurationError, not a new empty enclave that has no jobs)."""
     if isinstance(spec, Enclave):
         return spec
     spec = os.fspath(spec) if spec is not None else ""
     spec = spec or os.environ.get("KOTTA_ENCLAVE", "")
     from .embedded import EmbeddedEnclave
 
+    def embedded(home: str | os.PathLike) -> EmbeddedEnclave:
+        if must_exist and not EmbeddedEnclave.exists(home):
+            raise ConfigurationError(
+                f"no enclave at {os.path.abspath(os.path.expanduser(home))} (it has no kotta.db): "
+                "is the path right?  An enclave is made by its first executor, `kotta up` or "
+                "`kotta demo`"
+            )
+        return EmbeddedEnclave(home)
+
     if not spec:
-        return EmbeddedEnclave(kotta_home())
+        return embedded(kotta_home())
     if spec.startswith("embedded://"):
-        return EmbeddedEnclave(spec[len("embedded://") :] or kotta_home())
+        return embedded(spec[len("embedded://") :] or kotta_home())
     if spec.startswith("aws://"):
         from .aws import AwsEnclave
 
@@ -40,7 +52,7 @@ def open_enclave(spec: str | os.PathLike | Enclave | None = None) -> Enclave:
             f"unknown enclave {spec!r}: the scheme {scheme!r} is not supported "
             "(use embedded:///path, or a directory)"
         )
-    return EmbeddedEnclave(spec)
+    return embedded(spec)
 
 
 __all__ = ["Enclave", "open_enclave"]

@@ -882,6 +882,11 @@ class EmbeddedRecords(Records):
 class EmbeddedEnclave(Enclave):
     """The enclave under ``home`` (``$KOTTA_HOME``): ``kotta.db`` and ``blobs/``."""
 
+    @staticmethod
+    def exists(home: str | os.PathLike) -> bool:
+        """Whether an enclave was made under ``home`` (opening one makes it)."""
+        return (Path(home).expanduser() / "kotta.db").is_file()
+
     def __init__(self, home: str | os.PathLike):
         self.home = Path(home).expanduser().resolve()
         try:

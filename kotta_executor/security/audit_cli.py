@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 from typing import Any
 
 from .audit import ACTIONS, AuditLog
@@ -45,7 +46,8 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
 def cmd_audit(args) -> int:
     from ..backends import open_enclave
 
-    enclave = open_enclave(args.enclave)
+    named = bool(args.enclave or os.environ.get("KOTTA_ENCLAVE"))
+    enclave = open_enclave(args.enclave, must_exist=named)  # a mistyped path: an error
     try:
         log = AuditLog(enclave)
         if args.audit_command == "verify":

@@ -8,6 +8,7 @@ own tokens.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -107,7 +108,9 @@ def _services(enclave):
 
 
 def cmd_register(args) -> int:
-    enclave = open_enclave(args.enclave)
+    # (a token can only be for an enclave that exists: a mistyped path is an error)
+    named = bool(args.enclave or os.environ.get("KOTTA_ENCLAVE"))
+    enclave = open_enclave(args.enclave, must_exist=named)
     creds = credentials.register(enclave, args.token)
     print(f"registered as {creds.user} (role {creds.role}) with {enclave.url}; "
           f"token stored in {creds.path}")
