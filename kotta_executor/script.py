@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import os
 import shlex
 import subprocess
@@ -58,7 +59,20 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
         with open(path, "w", encoding="utf-8") as f:
             f.write(script)
         os.chmod(path, 0o700)  # so that executable="./run.sh" works too
-        proc = subprocess.run(argv, cwd=workdir, stdin=subprocess.DEVNULL, check=False)
+        try:
+            proc = subprocess.run(argv, cwd=workdir, stdin=subprocess.DEVNULL, check=False)
+        except OSError as exc:
+            # the script itself, with no interpreter named (it is not run by a shell)
+            if exc.errno == errno.ENOEXEC and not script.startswith("#!") and (
+                os.path.realpath(os.path.join(workdir, argv[0])) == os.path.realpath(path)
+            ):
+                raise OSError(
+                    errno.ENOEXEC,
+                    f"cannot run {argv[0]!r}: {script_name} does not begin with a '#!' line "
+                    "naming its interpreter (scripts are not run by a shell: begin it with, "
+                    f"say, '#!/bin/sh', or name the interpreter: executable='sh {script_name}')",
+                ) from exc
+            raise
     if proc.returncode != 0:
         raise ScriptFailed(proc.returncode)
     return 0

@@ -125,6 +125,26 @@ def test_missing_executable_fails_the_job(konn):
     assert job.status() == "failed"
 
 
+
+def test_a_script_run_as_itself_without_a_shebang_says_so(konn):
+    job = KottaJob(
+        jobtype="script", jobname="no-shebang", executable="./run.sh",
+        script_name="run.sh", script="echo hello\n",
+    )
+    job.submit(konn)
+    with pytest.raises(OSError, match=r"run\.sh does not begin with a '#!' line") as info:
+        job.wait(GUARD)
+    assert "executable='sh run.sh'" in str(info.value)
+    assert job.status() == "failed"
+    # with one, the same job runs
+    job = KottaJob(
+        jobtype="script", jobname="shebang", executable="./run.sh",
+        script_name="run.sh", script="#!/bin/sh\necho hello\n",
+    )
+    job.submit(konn)
+    assert job.wait(GUARD) == 0
+    assert job.stdout == "hello\n"
+
 def test_bad_data_and_arguments_are_refused(konn):
     with pytest.raises(kotta_executor.errors.InvalidDataUri, match="steps out"):
         KottaJob(
