@@ -66,11 +66,16 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
             if exc.errno == errno.ENOEXEC and not script.startswith("#!") and (
                 os.path.realpath(os.path.join(workdir, argv[0])) == os.path.realpath(path)
             ):
+                fixed = shlex.join(["sh", script_name, *argv[1:]])
+                late = script.lstrip("\ufeff \t\r\n").startswith("#!")
                 raise OSError(
                     errno.ENOEXEC,
                     f"cannot run {argv[0]!r}: {script_name} does not begin with a '#!' line "
-                    "naming its interpreter (scripts are not run by a shell: begin it with, "
-                    f"say, '#!/bin/sh', or name the interpreter: executable='sh {script_name}')",
+                    "naming its interpreter"
+                    + (" (it has one, but not as its very first bytes: a blank line or a"
+                       " byte-order mark comes first)" if late else "")
+                    + f"; scripts are not run by a shell: begin it with, say, '#!/bin/sh', or"
+                    f" name the interpreter: executable={fixed!r}",
                 ) from exc
             raise
     if proc.returncode != 0:

@@ -183,6 +183,26 @@ def test_a_mistyped_enclave_is_an_error_not_a_new_enclave(command, tmp_path):
     assert not typo.exists()  # nothing was made there
 
 
+def test_an_admin_command_makes_a_new_named_enclave_and_says_so(tmp_path):
+    new = tmp_path / "project-enclave"  # how an admin sets one up
+    r = kotta(new, "user", "add", "bob", "--role", "analyst")
+    assert r.returncode == 0, r.stderr
+    assert f"kotta: note: there was no enclave at embedded://{new}; made a new one" in r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("krt1.")  # bob's token
+    r = kotta(new, "user", "add", "carol", "--role", "analyst")  # there now: no note
+    assert r.returncode == 0, r.stderr
+    assert "note" not in r.stderr
+
+
+def test_an_enclave_path_that_cannot_be_looked_at_is_a_clean_error(tmp_path):
+    bad = tmp_path / ("a" * 300)  # longer than a file name may be
+    r = kotta(bad, "jobs")
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"kotta: error: cannot look for an enclave at {bad}: ")
+    assert "File name too long" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_the_same_command_on_an_enclave_that_exists_runs(enclave):
     r = kotta(enclave.home, "jobs")
     assert r.returncode == 0, r.stderr

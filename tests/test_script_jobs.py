@@ -145,6 +145,21 @@ def test_a_script_run_as_itself_without_a_shebang_says_so(konn):
     assert job.wait(GUARD) == 0
     assert job.stdout == "hello\n"
 
+@pytest.mark.parametrize(
+    ("script", "says"),
+    [("echo hi\n", "executable='sh run.sh in.csv out.csv'"),
+     ("\n#!/bin/sh\necho hi\n", "not as its very first bytes"),
+     ("\ufeff#!/bin/sh\necho hi\n", "not as its very first bytes")],
+    ids=["no line", "blank line first", "byte-order mark first"],
+)
+def test_the_missing_shebang_error_keeps_the_arguments_and_names_a_late_one(script, says):
+    from kotta_executor.script import run_script  # (what a node's worker runs)
+
+    with pytest.raises(OSError, match="does not begin with a '#!' line") as info:
+        run_script("./run.sh in.csv out.csv", "run.sh", script)
+    assert says in str(info.value)
+
+
 def test_bad_data_and_arguments_are_refused(konn):
     with pytest.raises(kotta_executor.errors.InvalidDataUri, match="steps out"):
         KottaJob(

@@ -19,17 +19,43 @@ from ..errors import ConfigurationError
 from .base import Enclave
 
 
+def _embedded_home(spec: str) -> str | None:
+    """The directory of the embedded enclave ``spec`` names (``""``: the default); None
+    for another backend's."""
+    if not spec:
+        return str(kotta_home())
+    if spec.startswith("embedded://"):
+        return spec[len("embedded://") :] or str(kotta_home())
+    if "://" in spec:
+        return None
+    return spec
+
+
+def _spec(spec: str | os.PathLike | None) -> str:
+    spec = os.fspath(spec) if spec is not None else ""
+    return spec or os.environ.get("KOTTA_ENCLAVE", "")
+
+
+def is_new(spec: str | os.PathLike | None = None) -> bool:
+    """Whether ``spec`` names an embedded enclave that has not been made yet (opening it
+    would make it)."""
+    from .embedded import EmbeddedEnclave
+
+    home = _embedded_home(_spec(spec))
+    return home is not None and not EmbeddedEnclave.exists(home)
+
+
 def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist: bool = False) -> Enclave:
     """The enclave ``spec`` names.  An embedded enclave is created where none is yet, unless
     ``must_exist`` (for commands that only read or change what is there: a mistyped path
     is then a ConfigurationError, not a new empty enclave that has no jobs)."""
     if isinstance(spec, Enclave):
         return spec
-    spec = os.fspath(spec) if spec is not None else ""
-    spec = spec or os.environ.get("KOTTA_ENCLAVE", "")
+    spec = _spec(spec)
     from .embedded import EmbeddedEnclave
 
-    def embedded(home: str | os.PathLike) -> EmbeddedEnclave:
+    home = _embedded_home(spec)
+    if home is not None:
         if must_exist and not EmbeddedEnclave.exists(home):
             raise ConfigurationError(
                 f"no enclave at {os.path.abspath(os.path.expanduser(home))} (it has no kotta.db): "
@@ -37,22 +63,15 @@ def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist:
                 "`kotta demo`"
             )
         return EmbeddedEnclave(home)
-
-    if not spec:
-        return embedded(kotta_home())
-    if spec.startswith("embedded://"):
-        return embedded(spec[len("embedded://") :] or kotta_home())
     if spec.startswith("aws://"):
         from .aws import AwsEnclave
 
         return AwsEnclave.from_url(spec)
-    if "://" in spec:
-        scheme = spec.split("://", 1)[0]
-        raise ConfigurationError(
-            f"unknown enclave {spec!r}: the scheme {scheme!r} is not supported "
-            "(use embedded:///path, or a directory)"
-        )
-    return embedded(spec)
+    scheme = spec.split("://", 1)[0]
+    raise ConfigurationError(
+        f"unknown enclave {spec!r}: the scheme {scheme!r} is not supported "
+        "(use embedded:///path, or a directory)"
+    )
 
 
-__all__ = ["Enclave", "open_enclave"]
+__all__ = ["Enclave", "is_new", "open_enclave"]

@@ -884,8 +884,14 @@ class EmbeddedEnclave(Enclave):
 
     @staticmethod
     def exists(home: str | os.PathLike) -> bool:
-        """Whether an enclave was made under ``home`` (opening one makes it)."""
-        return (Path(home).expanduser() / "kotta.db").is_file()
+        """Whether an enclave was made under ``home`` (opening one makes it).  A path that
+        cannot be looked at (another user's private directory, a name too long) is a
+        ConfigurationError that says why."""
+        path = Path(home).expanduser() / "kotta.db"
+        try:
+            return path.is_file()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot look for an enclave at {home}: {exc}") from exc
 
     def __init__(self, home: str | os.PathLike):
         self.home = Path(home).expanduser().resolve()
