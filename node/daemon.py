@@ -51,7 +51,7 @@ from kotta_executor.errors import AuthenticationError, EnvelopeError, InvalidDat
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.staging import declared
 from kotta_executor.security.tokens import Verifier
-from kotta_executor.states import JobState
+from kotta_executor.states import ACTIVE, JobState
 
 from . import envs, pool
 from .datasteps import DataSteps, declares_data
@@ -74,6 +74,9 @@ MEMORY_MIN_AGE = 0.2
 #: a write transaction and a wait for the lock that client holds; and how soon it retries
 HOLD_REPLIES = 0.05
 HOLD_RETRY = 0.002
+#: seconds beyond its walltime (and at least this long) that a redelivery of a job another
+#: node runs is hidden again (Node._park_overdue): its end, stage-out and ack included
+PARK_GRACE = 600.0
 
 
 @dataclass
@@ -1045,7 +1048,9 @@ class Node:
         delivering a message twice — finds it started and is dropped, instead of running
         it again.  A redelivery (the holder died, or let the message go) may restart it,
         and so may this node a task it claimed before (its worker died with the task
-        still queued in its pipe)."""
+        still queued in its pipe).  Not, though, a job another live node still runs past
+        the queue's limit on hiding a message (:meth:`_park_overdue`)."""
+        tasks = self._park_overdue(tasks)
         groups: dict[frozenset | None, list[str]] = {}
         for t in tasks:
             if t.claimed or t.delivery.receive_count > 1:  # ours already, or a redelivery
@@ -1063,8 +1068,59 @@ class Node:
                 t.claimed = True
         return moved
 
+    def _park_overdue(self, tasks: list[Task]) -> list[Task]:
+        """SQS hides a received message for at most 12 hours (``queue.max_hidden``), however
+        often its holder extends it: a job running longer (production walltimes go to 24 h)
+        is delivered again while its node still runs it.  Such a redelivery, of a job that
+        a live node started that long ago and still runs (this one, or another), is hidden
+        again for the rest of the job's walltime and not run (its new receipt may be hidden
+        12 hours more); the tasks to claim are returned.  Should that node die meanwhile, the task
+        comes back after that time, and runs then.  (Any other redelivery of a running
+        job, as from a node that died or handed it back, restarts it, as before.)"""
+        limit = self.enclave.queue.max_hidden
+        again = [t for t in tasks if not t.claimed and t.delivery.receive_count > 1]
+        if limit is None or not again:
+            return tasks
+        records = self.enclave.jobs.get_many([t.job_id for t in again])
+        now = time.time()
+        overdue, elsewhere = set(), set()
+        for t in again:
+            r = records.get(t.job_id)
+            if r is None or r.state not in ACTIVE or r.node is None or r.started is None or (
+                now - r.started < 0.9 * limit
+            ):
+                continue
+            if r.node != self.node_id:
+                elsewhere.add(t.job_id)
+            elif self._runs(t.job_id):  # (this node runs it: the message came back to us)
+                overdue.add(t.job_id)
+        if elsewhere:
+            live = {n.node_id for n in self.enclave.nodes.live()}
+            overdue |= {j for j in elsewhere if records[j].node in live}
+        parked = [t for t in again if t.job_id in overdue]
+        for t in parked:
+            r = records[t.job_id]
+            left = r.started + float(t.header["walltime"]) + PARK_GRACE - now
+            self.enclave.queue.extend([t.delivery], min(limit, max(PARK_GRACE, left)))
+            t.parked = True  # (drop() leaves it be)
+            log.warning(
+                "job %s was delivered again while node %s still runs it (started %s ago, "
+                "longer than the queue hides a message): left to it, hidden again",
+                t.job_id, r.node, _minutes(now - r.started),
+            )
+        return [t for t in tasks if t.job_id not in overdue] if parked else tasks
+
+    def _runs(self, job_id: str) -> bool:
+        """Whether a worker of this node runs (or has in its pipe) that job, or it stages."""
+        return job_id in self.data.active or any(
+            t.job_id == job_id for w in self.workers for t in w.inflight
+        )
+
     def drop(self, task: Task) -> None:
-        """A task whose job was cancelled or finished meanwhile: tell its client, ack it."""
+        """A task whose job was cancelled or finished meanwhile: tell its client, ack it.
+        One parked for another node's run (:meth:`_park_overdue`) is left as it is."""
+        if task.parked:
+            return
         self.enclave.queue.ack([task.delivery])
         self._reply(task.header["client"], [(task.job_id, b"")])
         if task.staged is not None:

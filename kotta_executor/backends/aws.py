@@ -508,6 +508,9 @@ class SqsQueue(TaskQueue):
     max_body = SQS_LIMIT - 16 * 1024
     #: visibility timeout of taken reply messages until their (deferred) deletion
     reply_visibility = 300
+    #: SQS keeps a received message hidden at most 12 hours from its receipt: past that,
+    #: ChangeMessageVisibility fails and the message is delivered again (see Node.claim)
+    max_hidden = float(MAX_VISIBILITY)
     #: acknowledged (and taken) messages are deleted ten to a DeleteMessageBatch; an ack
     #: waits at most this many seconds for others to share its call.  Until then the
     #: message stays invisible; depth(), close() and exit flush what is waiting.

@@ -105,6 +105,10 @@ class NodeInfo:
 class TaskQueue(abc.ABC):
     """At-least-once message queues, named by Kotta queue (``test``) or reply channel."""
 
+    #: the longest a received message can be kept hidden, counted from when it was received,
+    #: however often its holder extends it (SQS: 12 hours); None: as long as it is extended
+    max_hidden: float | None = None
+
     @abc.abstractmethod
     def send(self, queue: str, messages: Sequence[Message]) -> None: ...
 
