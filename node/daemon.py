@@ -51,7 +51,7 @@ from kotta_executor.errors import AuthenticationError, EnvelopeError, InvalidDat
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.staging import declared
 from kotta_executor.security.tokens import Verifier
-from kotta_executor.states import ACTIVE, JobState
+from kotta_executor.states import JobState
 
 from . import envs, pool
 from .datasteps import DataSteps, declares_data
@@ -74,9 +74,6 @@ MEMORY_MIN_AGE = 0.2
 #: a write transaction and a wait for the lock that client holds; and how soon it retries
 HOLD_REPLIES = 0.05
 HOLD_RETRY = 0.002
-#: seconds beyond its walltime (and at least this long) that a redelivery of a job another
-#: node runs is hidden again (Node._park_overdue): its end, stage-out and ack included
-PARK_GRACE = 600.0
 
 
 @dataclass
@@ -116,6 +113,8 @@ class Node:
         self.queue = config.queue
         self.workers: list[Worker] = []
         self.pending: deque[Task] = deque()
+        #: redeliveries of jobs that a live node still runs (see _watch_running)
+        self.watched: dict[str, Task] = {}
         self.finished: list[tuple[Task | None, Delivery, Finished, str]] = []
         self.jobs_done = 0
         #: what gone workers may have left running (tasks' children), SIGKILLed on time
@@ -322,7 +321,9 @@ class Node:
             self._poller.join(1.0)
         inbox = list(self._inbox)
         self._inbox.clear()
-        self.enclave.queue.release([*inbox, *(t.delivery for t in self.pending)])
+        watched = [t.delivery for t in self.watched.values()]
+        self.watched.clear()
+        self.enclave.queue.release([*inbox, *(t.delivery for t in self.pending), *watched])
         self.pending.clear()
         for w in self.workers:
             # Tasks piped behind the one it runs: it must not begin them.  It reports
@@ -724,6 +725,7 @@ class Node:
                 self._accept(self._inbox.popleft())
                 room -= 1
             self._refuse_foreign(first)
+            self._watch_running(first)
             return
         if room <= 0:
             return
@@ -736,6 +738,7 @@ class Node:
         for d in deliveries:
             self._accept(d)
         self._refuse_foreign(first)
+        self._watch_running(first)
 
     def _refuse_foreign(self, first: int) -> None:
         """The tasks just accepted (``pending[first:]``) whose job is another owner's are
@@ -1048,9 +1051,8 @@ class Node:
         delivering a message twice — finds it started and is dropped, instead of running
         it again.  A redelivery (the holder died, or let the message go) may restart it,
         and so may this node a task it claimed before (its worker died with the task
-        still queued in its pipe).  Not, though, a job another live node still runs past
-        the queue's limit on hiding a message (:meth:`_park_overdue`)."""
-        tasks = self._park_overdue(tasks)
+        still queued in its pipe).  (A redelivery of a job a live node still runs never
+        gets here on AWS: :meth:`_watch_running`.)"""
         groups: dict[frozenset | None, list[str]] = {}
         for t in tasks:
             if t.claimed or t.delivery.receive_count > 1:  # ours already, or a redelivery
@@ -1068,59 +1070,81 @@ class Node:
                 t.claimed = True
         return moved
 
-    def _park_overdue(self, tasks: list[Task]) -> list[Task]:
-        """SQS hides a received message for at most 12 hours (``queue.max_hidden``), however
-        often its holder extends it: a job running longer (production walltimes go to 24 h)
-        is delivered again while its node still runs it.  Such a redelivery, of a job that
-        a live node started that long ago and still runs (this one, or another), is hidden
-        again for the rest of the job's walltime and not run (its new receipt may be hidden
-        12 hours more); the tasks to claim are returned.  Should that node die meanwhile, the task
-        comes back after that time, and runs then.  (Any other redelivery of a running
-        job, as from a node that died or handed it back, restarts it, as before.)"""
-        limit = self.enclave.queue.max_hidden
-        again = [t for t in tasks if not t.claimed and t.delivery.receive_count > 1]
-        if limit is None or not again:
-            return tasks
-        records = self.enclave.jobs.get_many([t.job_id for t in again])
-        now = time.time()
-        overdue, elsewhere = set(), set()
-        for t in again:
-            r = records.get(t.job_id)
-            if r is None or r.state not in ACTIVE or r.node is None or r.started is None or (
-                now - r.started < 0.9 * limit
-            ):
+    def _watch_running(self, first: int) -> None:
+        """SQS hides a received message at most 12 hours from its receipt
+        (``queue.max_hidden``), however often its holder extends it: a job running longer
+        (production walltimes go to 24 h) is delivered again while its node still runs it.
+        Of the tasks just accepted (``pending[first:]``), the redeliveries of jobs that a
+        live node still runs (another node, or this one) are not run: this node watches
+        them instead (:meth:`_check_watched`), extending their messages as its own.  A
+        redelivery of a job whose node is gone, or that no node runs, runs as before."""
+        if self.enclave.queue.max_hidden is None:
+            return
+        again = [t for t in itertools.islice(self.pending, first, None)
+                 if not t.claimed and t.delivery.receive_count > 1]
+        if not again:
+            return
+        running, _ = self._running_elsewhere([t.job_id for t in again])
+        if not running:
+            return
+        watch = [t for t in again if t.job_id in running]
+        for t in watch:
+            old = self.watched.get(t.job_id)  # its earlier delivery: a stale receipt now
+            self.watched[t.job_id] = t
+            if old is None:
+                log.warning(
+                    "job %s was delivered again while node %s still runs it (SQS hides "
+                    "a message at most %s): watching it, not running it again",
+                    t.job_id, running[t.job_id], _minutes(self.enclave.queue.max_hidden),
+                )
+        watching = set(map(id, watch))  # (not a task of this node's own for the same job)
+        self.pending = deque(t for t in self.pending if id(t) not in watching)
+
+    def _running_elsewhere(self, job_ids: list[str]) -> tuple[dict[str, str], dict]:
+        """Of these jobs, those a live node runs (job id -> node id); and their records."""
+        records = self.enclave.jobs.get_many(job_ids)
+        live: set[str] | None = None
+        out = {}
+        for job_id, r in records.items():
+            if r.state.final or r.state == JobState.PENDING or r.node is None:
                 continue
-            if r.node != self.node_id:
-                elsewhere.add(t.job_id)
-            elif self._runs(t.job_id):  # (this node runs it: the message came back to us)
-                overdue.add(t.job_id)
-        if elsewhere:
-            live = {n.node_id for n in self.enclave.nodes.live()}
-            overdue |= {j for j in elsewhere if records[j].node in live}
-        parked = [t for t in again if t.job_id in overdue]
-        for t in parked:
-            r = records[t.job_id]
-            left = r.started + float(t.header["walltime"]) + PARK_GRACE - now
-            self.enclave.queue.extend([t.delivery], min(limit, max(PARK_GRACE, left)))
-            t.parked = True  # (drop() leaves it be)
-            log.warning(
-                "job %s was delivered again while node %s still runs it (started %s ago, "
-                "longer than the queue hides a message): left to it, hidden again",
-                t.job_id, r.node, _minutes(now - r.started),
-            )
-        return [t for t in tasks if t.job_id not in overdue] if parked else tasks
+            if r.node == self.node_id:
+                if self._runs(job_id):
+                    out[job_id] = r.node
+                continue
+            if live is None:
+                live = {n.node_id for n in self.enclave.nodes.live()}
+            if r.node in live:
+                out[job_id] = r.node
+        return out, records
+
+    def _check_watched(self) -> None:
+        """Watched redeliveries (see :meth:`_watch_running`): acked once their job has
+        ended; handed back, to run again, once the node that ran it is gone (or handed it
+        back itself: it no longer runs it); else kept, and extended with the rest."""
+        if not self.watched:
+            return
+        running, records = self._running_elsewhere(list(self.watched))
+        done, back = [], []
+        for job_id in [j for j in self.watched if j not in running]:
+            t = self.watched.pop(job_id)
+            r = records.get(job_id)
+            (done if r is None or r.state.final else back).append(t.delivery)
+        if done:
+            self.enclave.queue.ack(done)
+        if back:
+            log.info("handing back %d watched tasks: their node no longer runs them", len(back))
+            self.enclave.queue.release(back)
 
     def _runs(self, job_id: str) -> bool:
-        """Whether a worker of this node runs (or has in its pipe) that job, or it stages."""
+        """Whether this node runs that job: a worker runs it or has it in its pipe, it
+        stages it, or claimed it and holds it for a worker."""
         return job_id in self.data.active or any(
             t.job_id == job_id for w in self.workers for t in w.inflight
-        )
+        ) or any(t.job_id == job_id and t.claimed for t in self.pending)
 
     def drop(self, task: Task) -> None:
-        """A task whose job was cancelled or finished meanwhile: tell its client, ack it.
-        One parked for another node's run (:meth:`_park_overdue`) is left as it is."""
-        if task.parked:
-            return
+        """A task whose job was cancelled or finished meanwhile: tell its client, ack it."""
         self.enclave.queue.ack([task.delivery])
         self._reply(task.header["client"], [(task.job_id, b"")])
         if task.staged is not None:
@@ -1180,9 +1204,11 @@ class Node:
         if now - self._last_upkeep < period:
             return
         self._last_upkeep = now
+        self._check_watched()
         held = [t.delivery for t in self.pending]
         held += [t.delivery for w in self.workers for t in w.inflight]
         held += self.data.held()
+        held += [t.delivery for t in self.watched.values()]
         if held:
             self.enclave.queue.extend(held, self.config.visibility_timeout)
         self.enclave.nodes.heartbeat(self.node_id)

@@ -57,7 +57,6 @@ class Task:
     claimed: bool = False  # this node moved its job on (it may move it on again)
     kill_requested: bool = False  # killed while staging: it must not run
     adopted: bool = False  # its job recorded (pending) in this step's transaction
-    parked: bool = False  # a redelivery left to the live node that runs its job
     job_id: str = field(init=False)  # from the header (read many times a task)
     owner: str = field(init=False)
 
