@@ -113,8 +113,8 @@ class Node:
         self.queue = config.queue
         self.workers: list[Worker] = []
         self.pending: deque[Task] = deque()
-        #: redeliveries of jobs that a live node still runs (see _watch_running)
-        self.watched: dict[str, Task] = {}
+        #: redeliveries of jobs that a live node still runs, by job (see _watch_running)
+        self.watched: dict[str, Delivery] = {}
         self.finished: list[tuple[Task | None, Delivery, Finished, str]] = []
         self.jobs_done = 0
         #: what gone workers may have left running (tasks' children), SIGKILLed on time
@@ -309,7 +309,7 @@ class Node:
 
     def _holding(self) -> bool:
         return bool(
-            self.pending or self.finished or self._inbox or self.data.active
+            self.pending or self.finished or self._inbox or self.data.active or self.watched
             or any(w.inflight for w in self.workers)
         )
 
@@ -321,7 +321,8 @@ class Node:
             self._poller.join(1.0)
         inbox = list(self._inbox)
         self._inbox.clear()
-        watched = [t.delivery for t in self.watched.values()]
+        self._check_watched()  # (what has ended is acked, not handed back)
+        watched = list(self.watched.values())
         self.watched.clear()
         self.enclave.queue.release([*inbox, *(t.delivery for t in self.pending), *watched])
         self.pending.clear()
@@ -721,11 +722,13 @@ class Node:
             self._room_hint = room
             self._backlogged = len(self._inbox) > room
             first = len(self.pending)
+            batch = []
             while self._inbox and room > 0:
-                self._accept(self._inbox.popleft())
+                batch.append(self._inbox.popleft())
                 room -= 1
+            for d in self._watch_running(batch):
+                self._accept(d)
             self._refuse_foreign(first)
-            self._watch_running(first)
             return
         if room <= 0:
             return
@@ -735,10 +738,9 @@ class Node:
         )
         self._backlogged = len(deliveries) == ask  # the queue has more than we took
         first = len(self.pending)
-        for d in deliveries:
+        for d in self._watch_running(deliveries):
             self._accept(d)
         self._refuse_foreign(first)
-        self._watch_running(first)
 
     def _refuse_foreign(self, first: int) -> None:
         """The tasks just accepted (``pending[first:]``) whose job is another owner's are
@@ -1070,35 +1072,37 @@ class Node:
                 t.claimed = True
         return moved
 
-    def _watch_running(self, first: int) -> None:
+    def _watch_running(self, deliveries: list[Delivery]) -> list[Delivery]:
         """SQS hides a received message at most 12 hours from its receipt
         (``queue.max_hidden``), however often its holder extends it: a job running longer
         (production walltimes go to 24 h) is delivered again while its node still runs it.
-        Of the tasks just accepted (``pending[first:]``), the redeliveries of jobs that a
-        live node still runs (another node, or this one) are not run: this node watches
-        them instead (:meth:`_check_watched`), extending their messages as its own.  A
-        redelivery of a job whose node is gone, or that no node runs, runs as before."""
+        Of these deliveries, the redeliveries of jobs that a live node still runs (another
+        node, or this one) are not taken: this node watches them instead
+        (:meth:`_check_watched`), extending them with its own messages.  Before any check
+        of the task: a check that fails a job (too many deliveries, a walltime over this
+        node's cap, a token revoked since) must not fail one that runs elsewhere.  The
+        deliveries to take are returned; a redelivery of a job whose node is gone, or that
+        no node runs, is one of them, as before."""
         if self.enclave.queue.max_hidden is None:
-            return
-        again = [t for t in itertools.islice(self.pending, first, None)
-                 if not t.claimed and t.delivery.receive_count > 1]
+            return deliveries
+        again = [d for d in deliveries if d.receive_count > 1]
         if not again:
-            return
-        running, _ = self._running_elsewhere([t.job_id for t in again])
+            return deliveries
+        running, _ = self._running_elsewhere([d.job_id for d in again])
         if not running:
-            return
-        watch = [t for t in again if t.job_id in running]
-        for t in watch:
-            old = self.watched.get(t.job_id)  # its earlier delivery: a stale receipt now
-            self.watched[t.job_id] = t
+            return deliveries
+        watch = [d for d in again if d.job_id in running]
+        for d in watch:
+            old = self.watched.get(d.job_id)  # its earlier delivery: a stale receipt now
+            self.watched[d.job_id] = d
             if old is None:
                 log.warning(
                     "job %s was delivered again while node %s still runs it (SQS hides "
                     "a message at most %s): watching it, not running it again",
-                    t.job_id, running[t.job_id], _minutes(self.enclave.queue.max_hidden),
+                    d.job_id, running[d.job_id], _minutes(self.enclave.queue.max_hidden),
                 )
-        watching = set(map(id, watch))  # (not a task of this node's own for the same job)
-        self.pending = deque(t for t in self.pending if id(t) not in watching)
+        watching = set(map(id, watch))
+        return [d for d in deliveries if id(d) not in watching]
 
     def _running_elsewhere(self, job_ids: list[str]) -> tuple[dict[str, str], dict]:
         """Of these jobs, those a live node runs (job id -> node id); and their records."""
@@ -1127,9 +1131,9 @@ class Node:
         running, records = self._running_elsewhere(list(self.watched))
         done, back = [], []
         for job_id in [j for j in self.watched if j not in running]:
-            t = self.watched.pop(job_id)
+            d = self.watched.pop(job_id)
             r = records.get(job_id)
-            (done if r is None or r.state.final else back).append(t.delivery)
+            (done if r is None or r.state.final else back).append(d)
         if done:
             self.enclave.queue.ack(done)
         if back:
@@ -1208,7 +1212,7 @@ class Node:
         held = [t.delivery for t in self.pending]
         held += [t.delivery for w in self.workers for t in w.inflight]
         held += self.data.held()
-        held += [t.delivery for t in self.watched.values()]
+        held += self.watched.values()
         if held:
             self.enclave.queue.extend(held, self.config.visibility_timeout)
         self.enclave.nodes.heartbeat(self.node_id)

@@ -1,10 +1,13 @@
 """A job that runs past SQS's limit on hiding a message (12 hours from its receipt,
 however often its node extends it) is delivered again while its node still runs it.  It
-must not run a second time; it is left to that node (node/daemon.py, Node._park_overdue).
+must not run a second time: the node that receives it watches it instead
+(node/daemon.py, Node._watch_running and _check_watched).
 
-moto does not enforce the limit: the test lowers ``SqsQueue.max_hidden`` (as SQS has it,
-a parameter) and does what SQS does when it is reached, with SQS's own call: the
-message becomes visible again, with its node's receipt, while the task runs."""
+moto does not enforce the limit.  The tests lower ``SqsQueue.max_hidden`` (as SQS has it,
+a parameter) and do what SQS does once it is reached: the message becomes visible again
+(SQS's own ChangeMessageVisibility), and the running node's extends with its first
+receipt fail from then on (a filter on the boto3 client; moto honours any old receipt).
+"""
 
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ def _held(nodes: list[Node], job_id: str) -> list:
     out = []
     for node in nodes:
         tasks_ = [*list(node.pending), *(t for w in node.workers for t in list(w.inflight))]
-        tasks_ += [t for t in list(node.watched.values())]
         out += [t.delivery for t in tasks_ if t.job_id == job_id]
+        out += [d for d in list(node.watched.values()) if d.job_id == job_id]
     return out
 
 
@@ -49,6 +52,29 @@ def _reveal(enclave, nodes: list[Node], job_id: str) -> None:
     sqs_name, handle = latest.receipt.split(" ")[:2]
     url = enclave.sqs.get_queue_url(QueueName=sqs_name)["QueueUrl"]
     enclave.sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=0)
+
+
+def _sqs_refuses(monkeypatch, enclave, receipt: str) -> list[str]:
+    """From now on, extends with ``receipt`` fail, as SQS fails them 12 hours after it was
+    received; the receipt handles extended since are listed in the returned list."""
+    handle = receipt.split(" ")[1]
+    real = enclave.sqs.change_message_visibility_batch
+    extended: list[str] = []
+
+    def batch(QueueUrl, Entries):  # noqa: N803 - boto3's names
+        refused = [e for e in Entries if e["ReceiptHandle"] == handle]
+        rest = [e for e in Entries if e["ReceiptHandle"] != handle]
+        resp = real(QueueUrl=QueueUrl, Entries=rest) if rest else {"Successful": []}
+        extended.extend(e["ReceiptHandle"] for e in rest)
+        resp.setdefault("Failed", []).extend(
+            {"Id": e["Id"], "SenderFault": True, "Code": "InvalidParameterValue",
+             "Message": "Total VisibilityTimeout for the message is beyond the limit"}
+            for e in refused
+        )
+        return resp
+
+    monkeypatch.setattr(enclave.sqs, "change_message_visibility_batch", batch)
+    return extended
 
 
 def _watched_by(caplog, node: Node, job_id: str) -> bool:
@@ -66,7 +92,7 @@ def _stop_all(ex, nodes, runners) -> None:
         runner.join(GUARD)
 
 
-@pytest.mark.parametrize("where", ["another node", "its own node"])
+@pytest.mark.parametrize("where", ["another node", "its own node", "a node with a lower cap"])
 def test_a_job_past_the_hiding_limit_is_not_run_again_while_its_node_runs_it(
     enclave, tmp_path, monkeypatch, caplog, where
 ):
@@ -82,17 +108,22 @@ def test_a_job_past_the_hiding_limit_is_not_run_again_while_its_node_runs_it(
     try:
         f = ex.submit(tasks.append_line_then_wait, str(runs), "ran", str(stop))
         wait_for(lambda: runs.exists(), what="the task to start")
-        if where == "another node":
+        if where != "its own node":
+            # (a node that refuses the job's walltime must not fail the job: it is not
+            # asked to run it)
+            cap = 60.0 if where == "a node with a lower cap" else None
             second = Node(enclave, NodeConfig(queue="test", workers=2, long_poll=0.5,
-                                              visibility_timeout=3))
+                                              visibility_timeout=3, max_walltime=cap))
             nodes.append(second)
             runners.append(_start(second))
             wait_for(lambda: second.node_id in {n.node_id for n in enclave.nodes.live()},
                      what="the second node to register")
         watcher = nodes[-1]  # the second node; else the first, for its own job
-        # Made visible again until the watcher receives it: another node may take it
-        # first, or the holder's periodic extend hide it again (a deadlock guard bounds
-        # the attempts, not a timing expectation).
+        [first_receipt] = _held(nodes, f.job_id)
+        extended = _sqs_refuses(monkeypatch, enclave, first_receipt.receipt)
+        # Visible again until the watcher receives it (the first node, when the watcher is
+        # the second, may take it first and watch it itself: made visible again then; a
+        # deadlock guard bounds the attempts, not a timing expectation).
         for _ in range(30):
             _reveal(enclave, nodes, f.job_id)
             try:
@@ -103,6 +134,12 @@ def test_a_job_past_the_hiding_limit_is_not_run_again_while_its_node_runs_it(
                 continue
         assert runs.read_text() == "ran\n"  # not run again beside the first run
         assert _watched_by(caplog, watcher, f.job_id)
+        # The watcher alone keeps it hidden now: its receipt is extended, over more than
+        # one visibility timeout, and the message is not delivered again meanwhile.
+        watched = watcher.watched[f.job_id]
+        handle = watched.receipt.split(" ")[1]
+        wait_for(lambda: extended.count(handle) >= 5, what="the watcher to extend it")
+        assert watcher.watched[f.job_id] is watched
         assert f"job {f.job_id} was delivered again while node {first.node_id} still runs it" \
             in caplog.text
         assert not f.done()
