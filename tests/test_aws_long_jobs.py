@@ -84,6 +84,35 @@ def _watched_by(caplog, node: Node, job_id: str) -> bool:
     )
 
 
+def _first_node(enclave, **config) -> tuple[Node, list[Node], list[threading.Thread]]:
+    """A node of the queue running in a thread, and the lists of nodes and threads."""
+    node = Node(enclave, NodeConfig(queue="test", long_poll=0.5, **config))
+    return node, [node], [_start(node)]
+
+
+def _add_node(enclave, nodes: list[Node], runners: list, **config) -> Node:
+    """Another node of the queue, running in a thread, once it is registered."""
+    node = Node(enclave, NodeConfig(queue="test", long_poll=0.5, **config))
+    nodes.append(node)
+    runners.append(_start(node))
+    wait_for(lambda: node.node_id in {n.node_id for n in enclave.nodes.live()},
+             what="the new node to register")
+    return node
+
+
+def _reveal_until(enclave, nodes: list[Node], job_id: str, seen) -> None:
+    """Made visible again until ``seen()``: another node than the one expected may take it
+    first, or a holder's periodic extend hide it again (a deadlock guard bounds the
+    attempts, not a timing expectation)."""
+    for _ in range(30):
+        _reveal(enclave, nodes, job_id)
+        try:
+            wait_for(seen, timeout=1.0)
+            return
+        except AssertionError:
+            continue
+
+
 def _stop_all(ex, nodes, runners) -> None:
     ex.shutdown(wait=True)
     for node in nodes:
@@ -100,10 +129,7 @@ def test_a_job_past_the_hiding_limit_is_not_run_again_while_its_node_runs_it(
     caplog.set_level(logging.WARNING, logger="kotta.node")
     runs, stop = tmp_path / "runs", tmp_path / "stop"
     # workers=2: the node running the job has a free worker to run it again with
-    first = Node(enclave, NodeConfig(queue="test", workers=2, long_poll=0.5,
-                                     visibility_timeout=6))
-    nodes = [first]
-    runners = [_start(first)]
+    first, nodes, runners = _first_node(enclave, workers=2, visibility_timeout=6)
     ex = KottaExecutor(1, enclave=enclave, start_node=False)
     try:
         f = ex.submit(tasks.append_line_then_wait, str(runs), "ran", str(stop))
@@ -112,26 +138,13 @@ def test_a_job_past_the_hiding_limit_is_not_run_again_while_its_node_runs_it(
             # (a node that refuses the job's walltime must not fail the job: it is not
             # asked to run it)
             cap = 60.0 if where == "a node with a lower cap" else None
-            second = Node(enclave, NodeConfig(queue="test", workers=2, long_poll=0.5,
-                                              visibility_timeout=3, max_walltime=cap))
-            nodes.append(second)
-            runners.append(_start(second))
-            wait_for(lambda: second.node_id in {n.node_id for n in enclave.nodes.live()},
-                     what="the second node to register")
+            _add_node(enclave, nodes, runners, workers=2, visibility_timeout=3,
+                      max_walltime=cap)
         watcher = nodes[-1]  # the second node; else the first, for its own job
         [first_receipt] = _held(nodes, f.job_id)
         extended = _sqs_refuses(monkeypatch, enclave, first_receipt.receipt)
-        # Visible again until the watcher receives it (the first node, when the watcher is
-        # the second, may take it first and watch it itself: made visible again then; a
-        # deadlock guard bounds the attempts, not a timing expectation).
-        for _ in range(30):
-            _reveal(enclave, nodes, f.job_id)
-            try:
-                wait_for(lambda: _watched_by(caplog, watcher, f.job_id)
-                         or runs.read_text() != "ran\n", timeout=1.0)
-                break
-            except AssertionError:
-                continue
+        _reveal_until(enclave, nodes, f.job_id, lambda: _watched_by(caplog, watcher, f.job_id)
+                      or runs.read_text() != "ran\n")
         assert runs.read_text() == "ran\n"  # not run again beside the first run
         assert _watched_by(caplog, watcher, f.job_id)
         # The watcher alone keeps it hidden now: its receipt is extended, over more than
@@ -164,9 +177,7 @@ def test_a_job_that_waited_before_it_began_is_not_run_again(enclave, tmp_path, m
     monkeypatch.setattr(SqsQueue, "max_hidden", LIMIT)
     caplog.set_level(logging.WARNING, logger="kotta.node")
     r1, s1, r2, s2 = (tmp_path / n for n in ("r1", "s1", "r2", "s2"))
-    first = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=0.5,
-                                     visibility_timeout=6))
-    nodes, runners = [first], [_start(first)]
+    first, nodes, runners = _first_node(enclave, workers=1, visibility_timeout=6)
     ex = KottaExecutor(1, enclave=enclave, start_node=False)
     try:
         f1 = ex.submit(tasks.append_line_then_wait, str(r1), "one", str(s1))
@@ -176,21 +187,10 @@ def test_a_job_that_waited_before_it_began_is_not_run_again(enclave, tmp_path, m
         s1.touch()  # the second begins now, after its wait
         assert f1.result(GUARD) == "one"
         wait_for(lambda: r2.exists(), what="the second task to start")
-        second = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=0.5,
-                                          visibility_timeout=3))
-        nodes.append(second)
-        runners.append(_start(second))
-        wait_for(lambda: second.node_id in {n.node_id for n in enclave.nodes.live()},
-                 what="the second node to register")
-        for _ in range(30):
-            _reveal(enclave, nodes, f2.job_id)
-            try:
-                wait_for(lambda: any(f"job {f2.job_id} was delivered again" in r.message
-                                     for r in caplog.records)
-                         or r2.read_text() != "two\n", timeout=1.0)
-                break
-            except AssertionError:
-                continue
+        _add_node(enclave, nodes, runners, workers=1, visibility_timeout=3)
+        _reveal_until(enclave, nodes, f2.job_id,
+                      lambda: any(f"job {f2.job_id} was delivered again" in r.message
+                                  for r in caplog.records) or r2.read_text() != "two\n")
         assert r2.read_text() == "two\n"
         s2.touch()
         assert f2.result(GUARD) == "two"
@@ -209,19 +209,12 @@ def test_a_job_handed_back_by_a_stopping_node_runs_again_once_that_node_is_gone(
     the task then watches it, and runs it once that node is gone."""
     monkeypatch.setattr(SqsQueue, "max_hidden", LIMIT)
     runs, stop = tmp_path / "runs", tmp_path / "stop"
-    first = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=0.5,
-                                     drain_timeout=0.5))
-    nodes, runners = [first], [_start(first)]
+    first, nodes, runners = _first_node(enclave, workers=1, drain_timeout=0.5)
     ex = KottaExecutor(1, enclave=enclave, start_node=False)
     try:
         f = ex.submit(tasks.append_line_then_wait, str(runs), "ran", str(stop))
         wait_for(lambda: runs.exists(), what="the task to start")
-        second = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=0.5,
-                                          visibility_timeout=3))
-        nodes.append(second)
-        runners.append(_start(second))
-        wait_for(lambda: second.node_id in {n.node_id for n in enclave.nodes.live()},
-                 what="the second node to register")
+        second = _add_node(enclave, nodes, runners, workers=1, visibility_timeout=3)
         first.request_stop()  # drains: the running task is handed back, its worker stopped
         runners[0].join(GUARD)
         wait_for(lambda: runs.read_text() == "ran\nran\n", what="the task to run again")
