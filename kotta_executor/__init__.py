@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from .errors import (
@@ -54,6 +55,10 @@ if not TYPE_CHECKING:  # (to a type checker, the names are imported above)
     def __getattr__(name: str):
         module = _LAZY.get(name)
         if module is None:
+            # a submodule (``kotta_executor.config`` after ``import kotta_executor``), as
+            # when this package imported the executor, and with it most of them, at once
+            if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+                return importlib.import_module(f"{__name__}.{name}")
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(module, __name__), name)
         globals()[name] = value
