@@ -381,6 +381,28 @@ def test_dead_letters_are_listed_without_being_consumed(enclave):
         assert attrs["ApproximateNumberOfMessages"] == "12"  # visible again at once
 
 
+def test_an_empty_short_poll_does_not_end_the_dead_letter_listing(enclave, monkeypatch):
+    """A short poll asks only some of SQS's servers: it may answer empty while messages
+    are there (moto always asks all of them; the filter below answers as SQS may)."""
+    enclave.queue.send("test", [Message(f"{i:032x}", b"x") for i in range(12)])
+    got = enclave.queue.receive("test", 12, 30, "h")
+    enclave.queue.dead_letter(got, "dead")
+    real = enclave.sqs.receive_message
+    short_polls = []
+
+    def sampled(**kw):
+        if not kw.get("WaitTimeSeconds"):
+            short_polls.append(kw)
+            if len(short_polls) > 1:  # the first answers; those after it find nothing
+                return {}
+        return real(**kw)
+
+    monkeypatch.setattr(enclave.sqs, "receive_message", sampled)
+    listed = enclave.queue.dead_letters("test")
+    assert len(short_polls) >= 2
+    assert sorted(d["job_id"] for d in listed) == sorted(d.job_id for d in got)
+
+
 def test_failed_batch_entries_are_retried_not_lost(enclave, monkeypatch):
     real = enclave.sqs.send_message_batch
     failures = {"left": 2}

@@ -924,11 +924,19 @@ class SqsQueue(TaskQueue):
         seen: dict[str, dict[str, Any]] = {}
         handles: list[str] = []
         max_receives: list[int | None] = []  # read once, at the first redriven message
+        confirming = False
         while len(seen) < self.max_dead_letters:
-            got = self._receive(dlq, 10, 10, 0)
+            # Short polls while they bring new messages; an empty one is confirmed by a
+            # long poll of a second, which (unlike a short poll, which asks only some of
+            # SQS's servers) answers empty only when the queue has nothing to show.
+            got = self._receive(dlq, 10, 10, 1 if confirming else 0)
             new = [(m, b) for m, b, _ in got or [] if m["MessageId"] not in seen]
             if not new:
-                break
+                if confirming:
+                    break
+                confirming = True
+                continue
+            confirming = False
             for m, _ in new:
                 attrs = m.get("MessageAttributes") or {}
                 sys_attrs = m.get("Attributes") or {}
