@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--limit", type=int, default=20)
     j.add_argument("--all-users", action="store_true")
 
+    dl = sub.add_parser("dead-letters", help="tasks a queue gave up on, and why")
+    dl.add_argument("--queue", default="test")
+    dl.add_argument("--all-users", action="store_true")
+
     s = sub.add_parser("status", help="a job's record and history")
     s.add_argument("job_id")
     s.add_argument("--json", action="store_true")
@@ -337,6 +341,29 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def cmd_dead_letters(args) -> int:
+    """The dead letters of a queue (listed, not consumed): the caller's own jobs, or with
+    ``--all-users`` (admins) everyone's, and a dead letter whose job is unknown."""
+    enclave = _enclave(args, existing=True)
+    creds = _creds(enclave)
+    if args.all_users and not creds.admin:
+        from .security.access import deny
+
+        deny(enclave, creds, None, "list the dead letters of all users")
+    queue = config.normalize_queue(args.queue)
+    letters = enclave.queue.dead_letters(queue)
+    owners = {j: r.owner for j, r in enclave.jobs.get_many(
+        list({d["job_id"] for d in letters if d["job_id"]})).items()}
+    if not args.all_users:
+        letters = [d for d in letters if owners.get(d["job_id"]) == creds.user]
+    print(f"{'JOB':32}  {'DELIVERIES':10}  {'DEAD SINCE':19}  REASON")
+    for d in letters:
+        job = d["job_id"] or "(no job)"
+        reason = " ".join(str(d["reason"]).split())  # one line
+        print(f"{job:32}  {d['receive_count']:<10}  {_fmt_time(d['dead_at']):19}  {reason}")
+    return 0
+
+
 def _own_job(enclave: Enclave, job_id: str, *, with_result: bool = False, verb: str = "see"):
     job = enclave.jobs.get(job_id, with_result=with_result)
     if job is None:
@@ -443,6 +470,7 @@ COMMANDS = {
     "up": cmd_up,
     "down": cmd_down,
     "jobs": cmd_jobs,
+    "dead-letters": cmd_dead_letters,
     "status": cmd_status,
     "logs": cmd_logs,
     "cancel": cmd_cancel,

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from kotta_executor import TaskKilled
+from kotta_executor.backends.base import NewJob
 from tests import tasks
 from tests.conftest import GUARD, ROOT, subprocess_env, wait_for
 
@@ -171,7 +172,7 @@ def test_unknown_job_is_an_error(command, enclave):
 @pytest.mark.parametrize(
     "command",
     [["jobs"], ["status", "0" * 32], ["logs", "0" * 32], ["cancel", "0" * 32], ["down"],
-     ["audit", "verify"], ["register", "some-token"]],
+     ["audit", "verify"], ["register", "some-token"], ["dead-letters"]],
     ids=lambda c: c[0],
 )
 def test_a_mistyped_enclave_is_an_error_not_a_new_enclave(command, tmp_path):
@@ -206,6 +207,31 @@ def test_an_enclave_path_that_cannot_be_looked_at_is_a_clean_error(tmp_path):
 def test_the_same_command_on_an_enclave_that_exists_runs(enclave):
     r = kotta(enclave.home, "jobs")
     assert r.returncode == 0, r.stderr
+
+def test_dead_letters_lists_the_tasks_a_queue_gave_up_on(start_node, make_executor, enclave):
+    ex = make_executor(1, start_node=False)
+    mine, theirs = os.urandom(16).hex(), os.urandom(16).hex()
+    enclave.jobs.create([
+        NewJob(mine, ex.owner, ex.client_id, "test", "tests.tasks.square", 60.0, b"garbage"),
+        NewJob(theirs, "someone-else", "their-client", "test", "tests.tasks.square", 60.0,
+               b"garbage too"),
+    ])
+    start_node(workers=1)
+    wait_for(lambda: all(enclave.jobs.get(j).state == "failed" for j in (mine, theirs)),
+             what="the node to dead-letter both")
+
+    r = kotta(enclave.home, "dead-letters")
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert header.split() == ["JOB", "DELIVERIES", "DEAD", "SINCE", "REASON"]
+    [row] = rows  # the caller's own only
+    assert row.split()[:2] == [mine, "1"]
+    assert "corrupt task message" in row
+
+    r = kotta(enclave.home, "dead-letters", "--all-users")  # (the caller is an admin here)
+    assert r.returncode == 0, r.stderr
+    assert sorted(line.split()[0] for line in r.stdout.splitlines()[1:]) == sorted([mine, theirs])
+
 
 # ---------------------------------------------------------------------- nodes
 
