@@ -1,5 +1,5 @@
 """The ``kotta`` command: nodes (``node``, ``up``, ``down``), jobs (``jobs``, ``status``,
-``logs``, ``cancel``) and ``demo``."""
+``logs``, ``cancel``, ``dead-letters``) and ``demo``."""
 
 from __future__ import annotations
 
@@ -358,10 +358,22 @@ def cmd_dead_letters(args) -> int:
         letters = [d for d in letters if owners.get(d["job_id"]) == creds.user]
     print(f"{'JOB':32}  {'DELIVERIES':10}  {'DEAD SINCE':19}  REASON")
     for d in letters:
-        job = d["job_id"] or "(no job)"
-        reason = " ".join(str(d["reason"]).split())  # one line
+        job = _printable(d["job_id"]) if d["job_id"] not in ("", "-") else "(no job)"
+        reason = _printable(" ".join(str(d["reason"]).split()))  # one line
+        if len(reason) > DEAD_REASON_CHARS:
+            reason = reason[: DEAD_REASON_CHARS - 1] + "…"
         print(f"{job:32}  {d['receive_count']:<10}  {_fmt_time(d['dead_at']):19}  {reason}")
     return 0
+
+
+#: a dead letter's reason is cut to this many characters in the listing (`kotta status`
+#: of its job has it whole)
+DEAD_REASON_CHARS = 300
+
+
+def _printable(text: str) -> str:
+    """Text from the queue, safe for a terminal: control characters shown as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _own_job(enclave: Enclave, job_id: str, *, with_result: bool = False, verb: str = "see"):

@@ -233,6 +233,45 @@ def test_dead_letters_lists_the_tasks_a_queue_gave_up_on(start_node, make_execut
     assert sorted(line.split()[0] for line in r.stdout.splitlines()[1:]) == sorted([mine, theirs])
 
 
+def test_dead_letters_of_other_users_stay_out_of_reach(enclave, enclave_dir, user_token,
+                                                      tmp_path):
+    from kotta_executor.backends.base import Message
+    from kotta_executor.security.audit import AuditLog
+    from tests.test_auth import _home_with
+
+    as_bob = _home_with(tmp_path, "bob", user_token("bob"))
+    bobs, alices = os.urandom(16).hex(), os.urandom(16).hex()
+    enclave.jobs.create([NewJob(bobs, "bob", "c1", "test", "m.f", 60.0, b"a"),
+                         NewJob(alices, "alice", "c2", "test", "m.f", 60.0, b"b")],
+                        enqueue=False)
+    enclave.queue.send("test", [Message(j, b"x") for j in (bobs, alices, "")])
+    got = {d.job_id: d for d in enclave.queue.receive("test", 3, 30, "h")}
+    enclave.queue.dead_letter([got[bobs]], "one\ntwo \x1b[31mred\x1b[0m " + "x" * 1000)
+    enclave.queue.dead_letter([got[alices]], "alice's secret reason")
+    enclave.queue.dead_letter([got[""]], "names no job")
+
+    r = kotta(enclave_dir, "dead-letters", env=as_bob)
+    assert r.returncode == 0, r.stderr
+    [row] = r.stdout.splitlines()[1:]
+    assert row.split()[0] == bobs
+    assert "one two ?[31mred?[0m " in row and "\x1b" not in row  # one line, no escapes
+    assert row.endswith("x…") and len(row.split("  ")[-1]) <= 300
+    assert alices not in r.stdout and "secret" not in r.stdout and "no job" not in r.stdout
+
+    r = kotta(enclave_dir, "dead-letters", "--all-users", env=as_bob)
+    assert r.returncode == 2
+    assert "only admins may list the dead letters of all users (bob is not one)" in r.stderr
+    assert alices not in r.stdout + r.stderr
+    denied = AuditLog(enclave).show(action="job-denied")
+    assert [(d["user"], d["detail"]) for d in denied][-1] == (
+        "bob", "list the dead letters of all users")
+
+    r = kotta(enclave_dir, "dead-letters", "--all-users")  # an admin
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()[1:]
+    assert sorted(line.split()[0] for line in rows) == sorted([bobs, alices, "(no"])
+
+
 # ---------------------------------------------------------------------- nodes
 
 
