@@ -129,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 def _enclave(args, *, existing: bool = False) -> Enclave:
     """The enclave of ``--enclave`` (else $KOTTA_ENCLAVE, else $KOTTA_HOME).  ``existing``:
     for commands that look at what is there, a named enclave that does not exist is an
-    error (a mistyped path), not a new empty one; the default one is made if need be."""
-    named = bool(args.enclave or os.environ.get("KOTTA_ENCLAVE"))
-    return open_enclave(args.enclave, must_exist=existing and named)
+    error (a mistyped path), not a new empty one (``open_enclave(must_exist=)``)."""
+    return open_enclave(args.enclave, must_exist=existing)
 
 
 # --------------------------------------------------------------------------- nodes

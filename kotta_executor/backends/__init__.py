@@ -37,18 +37,20 @@ def _spec(spec: str | os.PathLike | None) -> str:
 
 
 def is_new(spec: str | os.PathLike | None = None) -> bool:
-    """Whether ``spec`` names an embedded enclave that has not been made yet (opening it
-    would make it)."""
+    """Whether ``spec`` (or ``$KOTTA_ENCLAVE``) names an embedded enclave that has not been
+    made yet (opening it would make it); never for the default one under $KOTTA_HOME."""
     from .embedded import EmbeddedEnclave
 
-    home = _embedded_home(_spec(spec))
-    return home is not None and not EmbeddedEnclave.exists(home)
+    spec = _spec(spec)
+    home = _embedded_home(spec)
+    return bool(spec) and home is not None and not EmbeddedEnclave.exists(home)
 
 
 def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist: bool = False) -> Enclave:
     """The enclave ``spec`` names.  An embedded enclave is created where none is yet, unless
-    ``must_exist`` (for commands that only read or change what is there: a mistyped path
-    is then a ConfigurationError, not a new empty enclave that has no jobs)."""
+    ``must_exist`` and it was named (``spec`` or ``$KOTTA_ENCLAVE``): for commands that
+    only read or change what is there, a mistyped path is then a ConfigurationError, not a
+    new empty enclave that has no jobs.  The default one under $KOTTA_HOME is always made."""
     if isinstance(spec, Enclave):
         return spec
     spec = _spec(spec)
@@ -56,7 +58,7 @@ def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist:
 
     home = _embedded_home(spec)
     if home is not None:
-        if must_exist and not EmbeddedEnclave.exists(home):
+        if must_exist and is_new(spec):
             raise ConfigurationError(
                 f"no enclave at {os.path.abspath(os.path.expanduser(home))} (it has no kotta.db): "
                 "is the path right?  An enclave is made by its first executor, `kotta up` or "

@@ -509,7 +509,7 @@ class SqsQueue(TaskQueue):
     #: visibility timeout of taken reply messages until their (deferred) deletion
     reply_visibility = 300
     #: SQS keeps a received message hidden at most 12 hours from its receipt: past that,
-    #: ChangeMessageVisibility fails and the message is delivered again (see Node.claim)
+    #: ChangeMessageVisibility fails and the message is delivered again (Node._watch_running)
     max_hidden = float(MAX_VISIBILITY)
     #: acknowledged (and taken) messages are deleted ten to a DeleteMessageBatch; an ack
     #: waits at most this many seconds for others to share its call.  Until then the
@@ -1419,14 +1419,7 @@ class DynamoJobs(_DynamoTable, JobTable):
         it: a write whose answer was lost may have been made.  When the item cannot be read,
         the blob stays (an orphan costs storage; a lost result costs the user's job)."""
         try:
-            resp = self._call(
-                "get_item",
-                TableName=self.table,
-                Key={"job_id": {"S": job_id}},
-                ProjectionExpression="result_ref",
-                ConsistentRead=True,
-            )
-            if _str(resp.get("Item") or {}, "result_ref") != ref:
+            if _str(self._item(job_id, "result_ref"), "result_ref") != ref:
                 self._e.blobs.delete([ref])
         except Exception:  # noqa: BLE001 - the caller reports its own failure
             log.warning("kept result blob %s of job %s: could not check the record", ref, job_id)
@@ -1537,17 +1530,21 @@ class DynamoJobs(_DynamoTable, JobTable):
     def history(self, job_id):
         if not _keyable(job_id):
             return []
+        item = self._item(job_id, "history")
+        if "history" not in item:
+            return []
+        return [(float(ev["t"]), ev["s"], ev["d"]) for ev in _value(item["history"])]
+
+    def _item(self, job_id: str, projection: str) -> dict:
+        """Attributes of a job's item (a consistent read); {} for no such job."""
         resp = self._call(
             "get_item",
             TableName=self.table,
             Key={"job_id": {"S": job_id}},
-            ProjectionExpression="history",
+            ProjectionExpression=projection,
             ConsistentRead=True,
         )
-        item = resp.get("Item")
-        if not item or "history" not in item:
-            return []
-        return [(float(ev["t"]), ev["s"], ev["d"]) for ev in _value(item["history"])]
+        return resp.get("Item") or {}
 
     def request_kill(self, job_id):
         self._kills = None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 from typing import Any
 
 from .audit import ACTIONS, AuditLog
@@ -46,8 +45,7 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
 def cmd_audit(args) -> int:
     from ..backends import open_enclave
 
-    named = bool(args.enclave or os.environ.get("KOTTA_ENCLAVE"))
-    enclave = open_enclave(args.enclave, must_exist=named)  # a mistyped path: an error
+    enclave = open_enclave(args.enclave, must_exist=True)  # a mistyped path: an error
     try:
         log = AuditLog(enclave)
         if args.audit_command == "verify":

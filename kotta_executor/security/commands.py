@@ -8,7 +8,6 @@ own tokens.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -94,7 +93,7 @@ def add_parsers(sub) -> None:
 def _setup(args, *, admin: bool = False):
     # A new enclave named here is made (an admin sets one up with `kotta --enclave DIR
     # user add ...`), but said so: a mistyped path would get users and tokens of its own.
-    new = _named(args) and is_new(args.enclave)
+    new = is_new(args.enclave)
     enclave = open_enclave(args.enclave)
     if new:
         print(f"kotta: note: there was no enclave at {enclave.url}; made a new one",
@@ -103,10 +102,6 @@ def _setup(args, *, admin: bool = False):
     if admin and not creds.admin:
         raise AccessDenied(f"only an admin of {enclave.url} may do this ({creds.user} is not one)")
     return enclave, creds
-
-
-def _named(args) -> bool:
-    return bool(args.enclave or os.environ.get("KOTTA_ENCLAVE"))
 
 
 def _services(enclave):
@@ -120,7 +115,7 @@ def _services(enclave):
 
 def cmd_register(args) -> int:
     # (a token can only be for an enclave that exists: a mistyped path is an error)
-    enclave = open_enclave(args.enclave, must_exist=_named(args))
+    enclave = open_enclave(args.enclave, must_exist=True)
     creds = credentials.register(enclave, args.token)
     print(f"registered as {creds.user} (role {creds.role}) with {enclave.url}; "
           f"token stored in {creds.path}")
