@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 # The work lives in benchmarks/tasks.py, an importable module, so that both executors send
 # functions by reference (from __main__ kotta pickles them by value, as it does notebook
 # functions, while ProcessPoolExecutor's forked workers find them by reference).
@@ -73,15 +75,38 @@ def bench_roundtrip(ex: Executor, kind: str, workers: int, scale: int) -> Result
     return {"median_ms": statistics.median(times), "p90_ms": p90, "calls": n}
 
 
+def _cpu_seconds(procs: list[psutil.Process]) -> list[float]:
+    """User plus system CPU of each process so far (0 for one that has gone)."""
+    out = []
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out.append(t.user + t.system)
+        except psutil.Error:
+            out.append(0.0)
+    return out
+
+
 def bench_submit(ex: Executor, kind: str, workers: int, scale: int) -> Result:
     n = 10_000 // scale
+    # CPU a task, per process: this one (the client), and its children (kotta: the node
+    # and its workers; ProcessPoolExecutor: its workers), started by the warm-up
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    before = _cpu_seconds(procs)
     start = time.perf_counter()
     futures = [ex.submit(noop, i) for i in range(n)]
     wait(futures)
     elapsed = time.perf_counter() - start
+    used = [b - a for a, b in zip(before, _cpu_seconds(procs), strict=True)]
     if [f.result() for f in futures] != list(range(n)):
         raise AssertionError("submit: wrong results")
-    return {"tasks_per_s": n / elapsed, "seconds": elapsed, "tasks": n}
+    return {
+        "tasks_per_s": n / elapsed, "seconds": elapsed, "tasks": n,
+        "cpu_us_per_task": sum(used) / n * 1e6,
+        "client_cpu_us_per_task": used[0] / n * 1e6,
+        "others_cpu_us_per_task": sum(used[1:]) / n * 1e6,
+    }
 
 
 def bench_map(ex: Executor, kind: str, workers: int, scale: int) -> Result:
@@ -206,6 +231,8 @@ SPECS = [
     Spec("roundtrip", "median_ms", "no-op round trip median (ms)", ("kotta", "<=", 1.5, " ms")),
     Spec("roundtrip", "p90_ms", "no-op round trip p90 (ms)"),
     Spec("submit", "tasks_per_s", "submit() + wait (tasks/s)", ("ratio", ">=", 1.5, "x")),
+    Spec("submit", "cpu_us_per_task", "  its CPU a task, all processes (us)"),
+    Spec("submit", "client_cpu_us_per_task", "  of which the client's (us)"),
     Spec("map", "items_per_s", "map(chunksize=1) (items/s)", ("ratio", ">=", 2, "x")),
     Spec("cpu", "wall_s", "CPU-bound 20 ms tasks, wall (s)", ("ratio", "<=", 1.05, "")),
     Spec("memory", "kib_per_future", "client KiB per pending future", ("kotta", "<=", 2, " KiB")),
@@ -226,8 +253,10 @@ def make_rows(results: dict[str, dict[str, Result | str]]) -> list[Row]:
     rows = []
     for spec in (s for s in SPECS if s.bench in results):
         k, p = (results[spec.bench].get(kind) for kind in KINDS)
-        kv = k[spec.key] if isinstance(k, dict) else k
-        pv = p[spec.key] if isinstance(p, dict) else p
+        kv = k.get(spec.key) if isinstance(k, dict) else k
+        pv = p.get(spec.key) if isinstance(p, dict) else p
+        if kv is None and pv is None:  # a figure this run did not measure
+            continue
         ratio = kv / pv if isinstance(kv, float) and isinstance(pv, float) and pv else None
         met = spec.met(kv, ratio) if isinstance(kv, float) else None
         rows.append(Row(spec.label, kv, pv, ratio, spec.target, met))
@@ -249,7 +278,8 @@ def spread_lines(runs: dict[str, dict[str, list[Result | str]]]) -> list[str]:
     for spec in (s for s in SPECS if s.bench in runs):
         sides = runs[spec.bench]
         values = {
-            kind: [r[spec.key] for r in sides.get(kind, []) if isinstance(r, dict)] for kind in KINDS
+            kind: [r[spec.key] for r in sides.get(kind, []) if isinstance(r, dict) and spec.key in r]
+            for kind in KINDS
         }
         parts = [f"{kind} {fmt(min(v))} to {fmt(max(v))}" for kind, v in values.items() if v]
         pairs = [k / p for k, p in zip(values["kotta"], values["ppe"], strict=False) if p]
