@@ -865,11 +865,15 @@ class KottaExecutor(Executor):
         if f is None or f.done():
             return
         try:
-            env = wire.decode(body)
-            outcomes = wire.outcomes(env)
-        except Exception as exc:  # noqa: BLE001 - a bad result fails its own future only
-            f.set_exception(exc)
-            return
+            self._fill(f, job_id, body)
+        except BaseException as exc:  # noqa: BLE001 - a bad result fails its own future only,
+            # not the manager thread (which no KeyboardInterrupt of the user's reaches)
+            if not f.done():
+                f.set_exception(exc)
+
+    def _fill(self, f: KottaFuture, job_id: str, body: bytes) -> None:
+        env = wire.decode(body)
+        outcomes = wire.outcomes(env)
         f.stdout = env.text("stdout")
         f.stderr = env.text("stderr")
         f._usage = env.header.get("usage")

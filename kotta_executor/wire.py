@@ -777,7 +777,7 @@ def _round_trips(exc: BaseException) -> bool:
     try:
         pickle.loads(cloudpickle.dumps(_Travelling(exc)))
         return True
-    except Exception:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001 - a __reduce__ that calls sys.exit() included
         return False
 
 
@@ -847,7 +847,8 @@ def _pickle_outcomes(items: Iterable[tuple[str, Any]]) -> tuple[list[bytes], int
                 parts.append(pickle.dumps((tag, value), 5))
                 continue
             parts.append(cloudpickle.dumps((tag, value)))
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - SystemExit from a __reduce__ too: the
+            # worker must not die of a value it was only asked to send
             what = "result" if tag == OK else "exception"
             err = errors.SerializationError(
                 f"the {what} of the call ({type(value).__module__}."
@@ -913,21 +914,24 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
                 setattr(exc, key, err[key])
         return [(False, exc)] * n
     payload = env.sections.get("payload", b"")
+    # BaseException: unpickling runs the remote objects' own code (a ``__reduce__`` that
+    # calls sys.exit(), a module that raises SystemExit on import); this runs on the
+    # executor's manager thread, which no KeyboardInterrupt of the user's reaches
     if h["outcome"] == ERROR:
         try:
             return [(False, _unbox(pickle.loads(payload)))] * n
-        except Exception as exc:  # noqa: BLE001 - cannot unpickle here: say so, keep the cause
+        except BaseException as exc:  # noqa: BLE001 - cannot unpickle here: say so, keep the cause
             return [(False, _unpickle_error(job_id, exc))] * n
     try:
         parts = pickle.loads(payload)
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001
         return [(False, _unpickle_error(job_id, exc))] * n
     out: list[tuple[bool, Any]] = []
     for part in parts:
         try:
             tag, value = pickle.loads(part)
             out.append((tag == OK, _unbox(value)))
-        except Exception as exc:  # noqa: BLE001 - fails its own call only
+        except BaseException as exc:  # noqa: BLE001 - fails its own call only
             out.append((False, _unpickle_error(job_id, exc)))
     return out
 

@@ -27,8 +27,10 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from multiprocessing.connection import Connection
+from typing import NoReturn
 
 from kotta_executor import wire
 from kotta_executor.errors import SerializationError
@@ -193,7 +195,12 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
             try:
                 items.append((wire.OK, fn(*args, **kwargs)))
             except BaseException as exc:  # noqa: BLE001 - SystemExit from user code is a failure too
+                if os.getpid() != _PID:
+                    _leave_forked(exc)
                 items.append(("raise", wire.prepare_exception(exc)))
+            else:
+                if os.getpid() != _PID:
+                    _leave_forked(None)
         del calls, args, kwargs  # (the task's arguments: not held while the result is sent)
         payload, failed, reason = wire.dump_outcome_pieces(items)
         del items  # the values: pickled now (what counts against the task's memory limit)
@@ -224,6 +231,28 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     )
     _remember_usage(r1s, r1c)
     return result_head(job_id, outcome != wire.OK or failed > 0, usage, reason), result
+
+
+#: this worker's pid: a process that finds another pid on its return from a call is a child
+#: the task forked (``os.fork()``) that returned, or raised, into the worker's code
+_PID = os.getpid()
+
+
+def _leave_forked(exc: BaseException | None) -> NoReturn:
+    """End a child the task forked, which came back into the worker's code: it exits, with
+    the status its return or exception means (as a forked ``multiprocessing`` child
+    does), instead of sending a result for the task, on the worker's own pipes, and then
+    reading the worker's next tasks as a second worker."""
+    code = 0
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    elif exc is not None:
+        code = 1
+        traceback.print_exception(exc)
+    _flush_streams()
+    os._exit(code)
 
 
 def _usage_now() -> tuple:
@@ -364,6 +393,8 @@ def _watch_parent(parent: int, period: float = 0.25) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _PID
+    _PID = os.getpid()
     argv = sys.argv[1:] if argv is None else argv
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     task_fd, result_fd = int(argv[0]), int(argv[1])

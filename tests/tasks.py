@@ -457,3 +457,60 @@ def hide_input_in_a_symlink(inputs=()):
     with open(os.path.basename(inputs[0])) as f:
         secret = f.read().strip()
     os.symlink(secret, "out.txt")  # dangling: its *target* is the payload
+
+
+class ExitsWhenLoaded:
+    """Pickles fine; unpickling it calls sys.exit() (as a module that exits on import)."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return (sys.exit, (self.code,))
+
+
+def return_exits_when_loaded(code="no loading here"):
+    return ExitsWhenLoaded(code)
+
+
+class ExitsWhenPickled:
+    def __reduce__(self):
+        raise SystemExit(5)
+
+
+def return_exits_when_pickled():
+    return ExitsWhenPickled()
+
+
+class ErrorExitsWhenLoaded(Exception):
+    def __reduce__(self):
+        return (sys.exit, (4,))
+
+
+def raise_error_exits_when_loaded(message="exits when loaded"):
+    raise ErrorExitsWhenLoaded(message)
+
+
+def fork_and_wait(how):
+    """Fork; the child returns, exits or raises (back into the worker's code), and the
+    parent reports the child's exit status."""
+    pid = os.fork()
+    if pid == 0:
+        if how == "return":
+            return "child"
+        if how == "exit":
+            sys.exit(5)
+        raise ValueError("raised in the forked child")
+    _, status = os.waitpid(pid, 0)
+    return "parent", os.waitstatus_to_exitcode(status)
+
+
+def fork_child_returns_later(pid_file, release):
+    """Fork a child that returns (into the worker's code) once ``release`` exists; the
+    parent returns at once, without waiting for it."""
+    pid = os.fork()
+    if pid == 0:
+        Path(pid_file).write_text(str(os.getpid()))
+        wait_for_file(release)
+        return "child"
+    return "parent"

@@ -106,6 +106,16 @@ def _check_walltime(exc: BaseException, tmp: Path) -> None:
     wait_for(gone, what=f"the task's grandchild {pid} to be killed")
 
 
+def _check_cause_is_system_exit(exc: BaseException, _: Path) -> None:
+    assert type(exc.__cause__) is SystemExit
+
+
+def _check_remote_error_exits(exc: BaseException, _: Path) -> None:
+    assert isinstance(exc, RemoteError)
+    assert exc.type_name == "tests.tasks.ErrorExitsWhenLoaded"
+    assert "raise_error_exits_when_loaded" in exc.remote_traceback
+
+
 def _check_system_exit(exc: BaseException, _: Path) -> None:
     assert type(exc) is SystemExit
     assert exc.args == (3,)
@@ -175,6 +185,40 @@ ROWS = [
             check=_check_client_unpickle,
         ),
         id="unpickle-result-on-client",
+    ),
+    pytest.param(
+        Row(
+            # unpickling the result raises SystemExit on the client: that future fails, not
+            # the executor's manager thread (which had broken every other future)
+            submit=lambda ex, tmp: ex.submit(tasks.return_exits_when_loaded),
+            raises=SerializationError,
+            fragment="could not be unpickled on the client: SystemExit: no loading here",
+            state="completed",
+            check=_check_cause_is_system_exit,
+        ),
+        id="result-exits-when-unpickled-on-client",
+    ),
+    pytest.param(
+        Row(
+            # pickling the result raises SystemExit in the worker, which had killed it
+            submit=lambda ex, tmp: ex.submit(tasks.return_exits_when_pickled),
+            raises=SerializationError,
+            fragment="(tests.tasks.ExitsWhenPickled) could not be pickled to send back",
+            reason="could not be pickled",
+        ),
+        id="result-exits-when-pickled",
+    ),
+    pytest.param(
+        Row(
+            # an exception whose unpickling would exit: it travels as a RemoteError, and
+            # the worker lives on (its round-trip check had let the SystemExit out)
+            submit=lambda ex, tmp: ex.submit(tasks.raise_error_exits_when_loaded),
+            raises=RemoteError,
+            fragment="tests.tasks.ErrorExitsWhenLoaded: exits when loaded",
+            check=_check_remote_error_exits,
+            reason="ErrorExitsWhenLoaded: exits when loaded",
+        ),
+        id="exception-exits-when-unpickled",
     ),
     pytest.param(
         Row(
@@ -339,3 +383,40 @@ def test_tasks_queued_behind_a_killed_task_still_end(start_node, make_executor):
         wait_for(f.done, what=f"job {f.job_id} to end")
     records = ex.enclave.jobs.get_many([f.job_id for f in futures])
     assert {str(r.state) for r in records.values()} <= {"cancelled"}
+
+
+@pytest.mark.parametrize(("how", "status"), [("return", 0), ("exit", 5), ("raise", 1)])
+def test_a_forked_child_back_in_the_worker_exits_without_answering(how, status, make_executor):
+    """A task that forks, whose child returns or raises into the worker's code: the child
+    exits with the status that means (as a forked multiprocessing child does); it neither
+    sends a result on the worker's pipe nor reads its next tasks."""
+    ex = make_executor(1)
+    worker = ex.submit(tasks.worker_pid).result(GUARD)
+    f = ex.submit(tasks.fork_and_wait, how)
+    assert f.result(GUARD) == ("parent", status)
+    if how == "raise":
+        assert "ValueError: raised in the forked child" in f.stderr
+    # the worker, not a child of the task, runs what comes next
+    assert [ex.submit(tasks.worker_pid).result(GUARD) for _ in range(5)] == [worker] * 5
+    assert list(ex.map(tasks.square, range(20))) == [x * x for x in range(20)]
+
+
+def test_a_forked_child_that_returns_after_its_task_does_not_take_later_tasks(make_executor, tmp_path):
+    ex = make_executor(1)
+    worker = ex.submit(tasks.worker_pid).result(GUARD)
+    pid_file, release = tmp_path / "child.pid", tmp_path / "release"
+    assert ex.submit(tasks.fork_child_returns_later, str(pid_file), str(release)).result(GUARD) == "parent"
+    wait_for(pid_file.exists, what="the forked child to start")
+    child = psutil.Process(int(pid_file.read_text()))
+    release.touch()  # the child returns into the worker's code now, between tasks
+
+    def child_gone() -> bool:
+        try:
+            return child.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(child_gone, what="the forked child to exit")
+    results = [ex.submit(tasks.square, i) for i in range(30)]
+    assert [f.result(GUARD) for f in results] == [i * i for i in range(30)]
+    assert ex.submit(tasks.worker_pid).result(GUARD) == worker
