@@ -688,14 +688,14 @@ class ExceptionBox:
     them without patching the exception classes (tblib's ``pickling_support.install`` does,
     and loses ``SystemExit.code`` and ``StopIteration.value`` on the way)."""
 
-    __slots__ = ("exc", "tb", "cause", "context", "suppress")
+    __slots__ = ("exc", "tb", "cause", "context", "suppress", "dropped")
 
     def __init__(self, exc: BaseException, _seen: set[int] | None = None):
         seen = _seen if _seen is not None else set()
         seen.add(id(exc))
         self.exc = _Travelling(exc) if _round_trips(exc) else remote_error(exc)
         tb = exc.__traceback__
-        self.tb = Traceback(tb).to_dict() if tb is not None else None
+        self.tb, self.dropped = _traceback_data(tb) if tb is not None else (None, 0)
         cause, context = exc.__cause__, exc.__context__
         self.cause = ExceptionBox(cause, seen) if _chainable(cause, seen) else None
         self.context = (
@@ -708,6 +708,7 @@ class ExceptionBox:
         return {k: getattr(self, k) for k in self.__slots__}
 
     def __setstate__(self, state):
+        self.dropped = 0
         for k, v in state.items():
             setattr(self, k, v)
 
@@ -722,6 +723,11 @@ class ExceptionBox:
                 exc = exc.with_traceback(Traceback.from_dict(self.tb).as_traceback())
             except Exception:  # noqa: BLE001 - a traceback we cannot rebuild is not fatal
                 pass
+        if self.dropped:
+            exc.add_note(
+                f"kotta: {self.dropped} frames in the middle of the remote traceback are left "
+                f"out (of {self.dropped + TRACEBACK_FRAMES})"
+            )
         if self.cause is not None:
             exc.__cause__ = self.cause.unbox()
         if self.context == "cause":
@@ -733,6 +739,27 @@ class ExceptionBox:
 
 
 _CHAIN_LIMIT = 32
+
+#: frames of a remote traceback that travel: the outermost 20 (where the task began) and
+#: the innermost (where it failed); a deeper one (a RecursionError's 1,000) loses the middle.
+#: tblib nests a dict a frame, which pickle (and tblib) recurse into: about 500 went over
+#: the recursion limit, which made the worker die of a RecursionError, or the exception a
+#: SerializationError
+TRACEBACK_FRAMES = 100
+_OUTER_FRAMES = 20
+
+
+def _traceback_data(tb: types.TracebackType) -> tuple[dict, int]:
+    """tblib's dict of a traceback of at most TRACEBACK_FRAMES frames, and how many of its
+    frames were left out."""
+    head = Traceback(tb)  # (built in a loop: any depth)
+    frames = [head]
+    while frames[-1].tb_next is not None:
+        frames.append(frames[-1].tb_next)
+    dropped = max(0, len(frames) - TRACEBACK_FRAMES)
+    if dropped:
+        frames[_OUTER_FRAMES - 1].tb_next = frames[_OUTER_FRAMES + dropped]
+    return head.to_dict(), dropped
 
 
 def _chainable(exc: BaseException | None, seen: set[int]) -> bool:
@@ -782,8 +809,18 @@ def _round_trips(exc: BaseException) -> bool:
 
 
 def prepare_exception(exc: BaseException) -> ExceptionBox:
-    """Make an exception raised by user code safe to put in :func:`dump_outcomes`."""
-    return ExceptionBox(exc)
+    """Make an exception raised by user code safe to put in :func:`dump_outcomes`.  One
+    that breaks even this (its inspection raises) travels as a :class:`RemoteError`."""
+    try:
+        return ExceptionBox(exc)
+    except BaseException:  # noqa: BLE001 - the worker must live on, and say what happened
+        try:
+            return ExceptionBox(remote_error(exc))
+        except BaseException:  # noqa: BLE001
+            return ExceptionBox(errors.RemoteError(
+                f"{type(exc).__module__}.{type(exc).__qualname__}",
+                "<the exception could not be described>", "",
+            ))
 
 
 def dump_exception(exc: BaseException) -> bytes:

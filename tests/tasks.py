@@ -514,3 +514,13 @@ def fork_child_returns_later(pid_file, release):
         wait_for_file(release)
         return "child"
     return "parent"
+
+
+def recurse_forever(n=0):
+    return recurse_forever(n + 1)
+
+
+def raise_deep(depth, message="raised deep down"):
+    if depth == 0:
+        raise ValueError(message)
+    return raise_deep(depth - 1, message)

@@ -116,6 +116,17 @@ def _check_remote_error_exits(exc: BaseException, _: Path) -> None:
     assert "raise_error_exits_when_loaded" in exc.remote_traceback
 
 
+def _check_deep(exc: BaseException, _: Path) -> None:
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    remote = [fr for fr in frames if fr.name in ("recurse_forever", "raise_deep")]
+    assert len(remote) == 99  # 100 remote frames travel, the first being the worker's own
+    note = next(n for n in exc.__notes__ if "frames in the middle" in n)
+    assert re.fullmatch(r"kotta: \d+ frames in the middle of the remote traceback are left "
+                        r"out \(of \d+\)", note), note
+
+
 def _check_system_exit(exc: BaseException, _: Path) -> None:
     assert type(exc) is SystemExit
     assert exc.args == (3,)
@@ -219,6 +230,26 @@ ROWS = [
             reason="ErrorExitsWhenLoaded: exits when loaded",
         ),
         id="exception-exits-when-unpickled",
+    ),
+    pytest.param(
+        Row(
+            # its 1,000-frame traceback had made the worker die of a second RecursionError
+            submit=lambda ex, tmp: ex.submit(tasks.recurse_forever),
+            raises=RecursionError,
+            fragment="maximum recursion depth exceeded",
+            check=_check_deep,
+        ),
+        id="recursion-error",
+    ),
+    pytest.param(
+        Row(
+            # a traceback of 600 frames had made it a SerializationError
+            submit=lambda ex, tmp: ex.submit(tasks.raise_deep, 600),
+            raises=ValueError,
+            fragment="raised deep down",
+            check=_check_deep,
+        ),
+        id="deep-traceback",
     ),
     pytest.param(
         Row(
