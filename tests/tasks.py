@@ -510,7 +510,8 @@ def fork_child_returns_later(pid_file, release):
     parent returns at once, without waiting for it."""
     pid = os.fork()
     if pid == 0:
-        Path(pid_file).write_text(str(os.getpid()))
+        Path(pid_file + ".tmp").write_text(str(os.getpid()))
+        os.replace(pid_file + ".tmp", pid_file)  # (whole, when it is there)
         wait_for_file(release)
         return "child"
     return "parent"
