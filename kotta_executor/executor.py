@@ -72,7 +72,7 @@ from .errors import (
     EnvelopeError,
     UnknownJob,
 )
-from .future import KottaFuture
+from .future import KottaFuture, _MapJobView
 from .security import credentials as _credentials
 from .security import staging
 from .security.access import check_job_access
@@ -293,8 +293,8 @@ class KottaExecutor(Executor):
         with self._shutdown_lock:
             self._check_open()
             f = self._futures.get(job_id)
-            if f is not None:
-                return f
+            if f is not None:  # (a map's holds its calls' outcomes: a view gives values)
+                return _MapJobView(f) if f._batch is True else f
             job = self._enclave.jobs.get(job_id)
             if job is None:
                 raise UnknownJob(f"no job {job_id} in the enclave {self._enclave.url}")
@@ -451,10 +451,15 @@ class KottaExecutor(Executor):
             size = self._auto_chunk(len(items), opts)
             if size > 1:
                 opts = replace(opts, walltime=size * opts.walltime, walltime_each=opts.walltime)
-        fs = [
-            self._submit(fn, [(args, {}) for args in items[i : i + size]], opts, batch=True)
-            for i in range(0, len(items), size)
-        ]
+        fs: list[KottaFuture] = []
+        try:
+            for i in range(0, len(items), size):
+                fs.append(self._submit(fn, [(args, {}) for args in items[i : i + size]], opts,
+                                       batch=True))
+        except BaseException:  # an item that cannot be pickled (SerializationError), say:
+            for f in fs:  # map() raises, and the tasks it made of earlier items do not run
+                f.cancel()
+            raise
 
         def result_iterator():
             try:

@@ -113,3 +113,37 @@ class KottaFuture(Future):
         1.5 times the node's sample interval, ``samples`` (``t``, ``cpu_pct``, ``rss_kb``,
         ``procs``) measured over the task's whole process tree."""
         return self._usage
+
+
+class _MapJobView(KottaFuture):
+    """What ``attach()`` gives for a job this executor runs for a ``map``: the job's values
+    (its one call's value, or the list of its calls' values; the first failed call's
+    exception), as ``attach()`` by any other client gives them, where the map's own future
+    holds each call's outcome.  Cancelling it, or killing it, acts on the map's future."""
+
+    def __init__(self, source: KottaFuture):
+        super().__init__(source.job_id, source._executor)
+        self._source = source
+        source.add_done_callback(self._copy)
+
+    def _copy(self, source: KottaFuture) -> None:
+        if source.cancelled():
+            self._cancel_and_notify()
+            return
+        exc = source.exception()
+        if exc is not None:
+            self.set_exception(exc)
+            return
+        self.stdout, self.stderr, self._usage = source.stdout, source.stderr, source._usage
+        outcomes = source.result()
+        failed = [value for ok, value in outcomes if not ok]
+        if failed:
+            self.set_exception(failed[0])
+        elif len(outcomes) == 1:
+            self.set_result(outcomes[0][1])
+        else:
+            self.set_result([value for _, value in outcomes])
+
+    def cancel(self) -> bool:
+        self._source.cancel()  # (its done-callback cancels this one)
+        return self.cancelled()

@@ -357,6 +357,23 @@ def test_unpicklable_call_fails_at_submit_and_sends_nothing(executor, enclave):
     assert [j.job_id for j in enclave.jobs.list()] == [ok.job_id]
 
 
+def test_a_map_with_an_unpicklable_item_raises_and_runs_none_of_its_earlier_items(
+    make_executor, gate, tmp_path
+):
+    ex = make_executor(1)
+    blocker, started = gate.submit_blocking(ex)  # holds the one worker: the map's tasks wait
+    wait_started(started)
+    marks = [str(tmp_path / f"item-{i}") for i in range(3)]
+    with pytest.raises(SerializationError, match=r"argument 0 .*lock"):
+        ex.map(tasks.create_file, [*marks, threading.Lock()], chunksize=1)
+    made = [j for j in ex.enclave.jobs.list(limit=10) if j.job_id != blocker.job_id]
+    assert made and {str(j.state) for j in made} == {"cancelled"}, made
+    gate.open()
+    assert blocker.result(timeout=GUARD) == "released"
+    assert ex.submit(tasks.square, 3).result(timeout=GUARD) == 9  # after the map's tasks
+    assert not any(Path(m).exists() for m in marks)
+
+
 # --------------------------------------------------------------------------- shutdown
 
 
@@ -870,3 +887,43 @@ def test_attach_to_a_map_task_gives_its_values(executor, make_executor):
     other = make_executor(1, start_node=False)
     values = sorted(other.attach(j.job_id).result(timeout=GUARD) for j in jobs)
     assert values == [[0, 1, 4], [9, 16, 25]]
+
+
+def test_attach_to_a_map_task_of_this_executor_gives_its_values_too(make_executor, gate):
+    """attach() by the executor running the map gives what any other client's gives (it
+    had returned the map's own future, whose result is each call's (ok, value))."""
+    executor = make_executor(1)  # one worker, held by the blocker: the maps wait
+    blocker, started = gate.submit_blocking(executor)
+    wait_started(started)
+    ok = executor.map(tasks.square, [2, 3], chunksize=2)
+    bad = executor.map(tasks.fail_on, [1, 2], [2, 2], chunksize=2)
+    one = executor.map(tasks.square, [4], chunksize=1)
+    wait_for(lambda: len(executor.enclave.jobs.list(limit=10)) == 4, what="the maps' jobs")
+    jobs = sorted(executor.enclave.jobs.list(limit=10), key=lambda j: j.created)[1:]
+    views = [executor.attach(j.job_id) for j in jobs]
+    assert [v.done() for v in views] == [False] * 3
+    gate.open()
+    assert views[0].result(timeout=GUARD) == [4, 9]
+    with pytest.raises(ValueError, match="item 2 is bad"):
+        views[1].result(timeout=GUARD)
+    assert views[2].result(timeout=GUARD) == 16
+    assert list(ok) == [4, 9] and list(one) == [16]  # the maps themselves are unchanged
+    with pytest.raises(ValueError, match="item 2 is bad"):
+        list(bad)
+    assert blocker.result(timeout=GUARD) == "released"
+
+
+def test_cancelling_the_attached_view_of_a_map_task_cancels_the_map_task(make_executor, gate):
+    executor = make_executor(1)
+    blocker, started = gate.submit_blocking(executor)
+    wait_started(started)
+    it = executor.map(tasks.square, [5, 6], chunksize=2)
+    wait_for(lambda: len(executor.enclave.jobs.list(limit=10)) == 2, what="the map's job")
+    [job] = [j for j in executor.enclave.jobs.list(limit=10) if j.n == 2]
+    view = executor.attach(job.job_id)
+    assert view.cancel() is True and view.cancelled()
+    with pytest.raises(cf.CancelledError):
+        list(it)
+    assert job_state(executor.enclave, job.job_id) == "cancelled"
+    gate.open()
+    assert blocker.result(timeout=GUARD) == "released"
