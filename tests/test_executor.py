@@ -899,8 +899,8 @@ def test_attach_to_a_map_task_of_this_executor_gives_its_values_too(make_executo
     bad = executor.map(tasks.fail_on, [1, 2], [2, 2], chunksize=2)
     one = executor.map(tasks.square, [4], chunksize=1)
     wait_for(lambda: len(executor.enclave.jobs.list(limit=10)) == 4, what="the maps' jobs")
-    jobs = sorted(executor.enclave.jobs.list(limit=10), key=lambda j: j.created)[1:]
-    views = [executor.attach(j.job_id) for j in jobs]
+    jobs = {(j.fn.rsplit(".", 1)[-1], j.n): j.job_id for j in executor.enclave.jobs.list(limit=10)}
+    views = [executor.attach(jobs[key]) for key in (("square", 2), ("fail_on", 2), ("square", 1))]
     assert [v.done() for v in views] == [False] * 3
     gate.open()
     assert views[0].result(timeout=GUARD) == [4, 9]
