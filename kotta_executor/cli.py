@@ -138,6 +138,7 @@ def _enclave(args, *, existing: bool = False) -> Enclave:
 
 def cmd_node(args) -> int:
     from node.daemon import Node, NodeConfig
+    from node.worker import become_subreaper
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -169,8 +170,13 @@ def cmd_node(args) -> int:
         raise ValueError("--sample-interval must be at least 1 second (or 0: no samples)")
     enclave = _enclave(args)
     node = Node(enclave, cfg)
+    # the processes dead workers' tasks left in sessions of their own come to the node,
+    # which ends them (node.pool.Orphans)
+    node.adopts_orphans = become_subreaper()
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)
+    # stop requests that came while Python imported the node waited (node/__main__.py)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         return node.run()
     finally:

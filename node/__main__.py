@@ -1,5 +1,12 @@
+import signal
 import sys
 
-from kotta_executor.cli import main
+# A stop request (SIGTERM, SIGINT) that comes while Python imports the node waits, blocked,
+# until the node has its handlers (kotta_executor.cli.cmd_node unblocks them), instead of
+# killing it half-started.  (Blocked signals are inherited: they are unblocked before the
+# node starts any process.)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+
+from kotta_executor.cli import main  # noqa: E402
 
 sys.exit(main(["node", *sys.argv[1:]]))

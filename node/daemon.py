@@ -74,6 +74,9 @@ MEMORY_MIN_AGE = 0.2
 #: a write transaction and a wait for the lock that client holds; and how soon it retries
 HOLD_REPLIES = 0.05
 HOLD_RETRY = 0.002
+#: seconds between looks for processes dead workers left (pool.Orphans); soon after a death
+ORPHAN_LOOK = 2.0
+ORPHAN_LOOK_SOON = 0.1
 
 
 @dataclass
@@ -119,6 +122,11 @@ class Node:
         self.jobs_done = 0
         #: what gone workers may have left running (tasks' children), SIGKILLed on time
         self._leftovers: list[Leftovers] = []
+        #: whether this process is a subreaper (``kotta node`` makes it one): then what dead
+        #: workers left in sessions of their own is re-parented to it, and ended
+        self.adopts_orphans = False
+        self.orphans = pool.Orphans()
+        self._next_orphan_look = 0.0
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -380,6 +388,8 @@ class Node:
                 time.sleep(max(0.0, left.deadline - time.monotonic()))
                 left.kill()
         self._leftovers.clear()
+        if self.adopts_orphans:  # (what they started that the kernel gave to this node)
+            self.orphans.sweep(set(), time.monotonic(), building=self.envs.building(), at_once=True)
         try:
             self.enclave.nodes.deregister(self.node_id)
         finally:
@@ -638,6 +648,10 @@ class Node:
             for left in [x for x in self._leftovers if now >= x.deadline]:
                 left.kill()
                 self._leftovers.remove(left)
+        if self.adopts_orphans and now >= self._next_orphan_look:
+            soon = self._leftovers or self.orphans  # a worker died: its orphans come now
+            self._next_orphan_look = now + (ORPHAN_LOOK_SOON if soon else ORPHAN_LOOK)
+            self.orphans.sweep({w.pid for w in self.workers}, now, building=self.envs.building())
         for w in self.workers:
             if w.kill_deadline is not None:
                 w.escalate()

@@ -81,6 +81,11 @@ class EnvCache:
         self._building: set[str] = set()
         self._failed: dict[str, tuple[str, float]] = {}
 
+    def building(self) -> bool:
+        """Whether a build runs now (its venv and pip processes are the node's children)."""
+        with self._lock:
+            return bool(self._building)
+
     def get(self, requirements: str) -> tuple[str, Env | str | None]:
         """``("ready", Env)``, ``("building", None)`` (a build has started; the node is woken
         when it ends) or ``("failed", message)`` (for FAILURE_TTL seconds; then a task that

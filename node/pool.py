@@ -8,6 +8,7 @@ the worker's death.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -31,8 +32,11 @@ from .worker import (
     read_capture,
 )
 
+log = logging.getLogger("kotta.node")
+
 #: tasks shorter than this (moving average, seconds) are piped to a worker several at once
 TINY_TASK = 0.002
+
 #: seconds between the soft signal and SIGKILL when a task is stopped
 KILL_GRACE = 0.5
 #: seconds a new worker may take to start (to say it is ready) before it is killed; its
@@ -224,8 +228,11 @@ class Worker:
         self.kill_deadline = time.monotonic() + KILL_GRACE
 
     def escalate(self) -> None:
-        """SIGKILL whatever of the tree outlived the grace period."""
+        """SIGKILL whatever of the tree outlived the grace period: what was seen at the
+        kill, and what its members still alive have started since (a child's SIGTERM
+        handler may start a process to clean up, say)."""
         if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
+            self.kill_tree = _with_descendants(self.kill_tree)
             _signal_all(self.kill_tree, signal.SIGKILL)
             _signal_group(self.pid, signal.SIGKILL)
 
@@ -296,6 +303,7 @@ class Leftovers:
     tree: list[psutil.Process]
 
     def kill(self) -> None:
+        self.tree = _with_descendants(self.tree)
         _signal_all(self.tree, signal.SIGKILL)  # (psutil checks each is still the same)
         _signal_group(self.pgid, signal.SIGKILL)
 
@@ -309,6 +317,81 @@ class Leftovers:
         except PermissionError:  # (a member we may not signal: not one of ours)
             pass
         return any(p.is_running() for p in self.tree)
+
+
+#: in a worker's environment, and so in that of every process its tasks start: the pid of
+#: the node that started it (see :class:`Orphans`)
+NODE_MARK = "KOTTA_WORKER_OF"
+
+
+class Orphans:
+    """Processes that workers of this node left behind when they died, which the kernel
+    re-parented to the node (a subreaper, see ``node.worker.become_subreaper``): a task's
+    child in a session of its own (``start_new_session=True``), which the worker's process
+    group signal cannot reach.  A live worker keeps its tasks' orphans itself (it is a
+    subreaper too), so a process with this node's mark in its environment, a child of the
+    node and none of its workers, is one a dead worker left: SIGTERM when first seen,
+    SIGKILL (with whatever it started) after the grace period, then reaped.
+
+    The node's other children are its workers (``subprocess.Popen``, which reaps them) and
+    the venv and pip processes of a requirements build (``subprocess.run``): those lack the
+    mark, and a zombie without it is reaped only while no build runs, since the mark of a
+    process that has exited can no longer be read."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[psutil.Process, float]] = {}
+
+    def sweep(self, workers: set[int], now: float, *, building: bool, at_once: bool = False) -> None:
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return
+        mark = str(os.getpid())
+        for p in children:
+            if p.pid in workers or p.pid in self.seen:
+                continue
+            try:
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    if not building:  # an orphan that exited before it was seen
+                        _reap(p.pid)
+                    continue
+                if p.environ().get(NODE_MARK) != mark:
+                    continue
+            except psutil.Error:
+                continue
+            log.warning("ending process %d, left running by a worker of this node that died",
+                        p.pid)
+            _signal_all([p], signal.SIGKILL if at_once else signal.SIGTERM)
+            self.seen[p.pid] = (p, now + KILL_GRACE)
+        for pid, (p, deadline) in list(self.seen.items()):
+            if _reap(pid):
+                del self.seen[pid]
+            elif at_once or now >= deadline:
+                _signal_all(_with_descendants([p]), signal.SIGKILL)
+
+    def __bool__(self) -> bool:
+        return bool(self.seen)
+
+
+def _reap(pid: int) -> bool:
+    """Reap ``pid`` if it has exited (or is not ours to wait for); whether it is gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
+
+
+def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """``procs`` and the descendants those of them still running have now."""
+    out = {p.pid: p for p in procs}
+    for p in procs:
+        try:
+            for child in p.children(recursive=True):
+                out.setdefault(child.pid, child)
+        except psutil.Error:  # gone (or not the same process any more: psutil checks)
+            pass
+    return list(out.values())
 
 
 def _signal_all(procs: list[psutil.Process], sig: int) -> None:
@@ -345,7 +428,7 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
     ``node.envs.Env``) if given.  Such a worker has the venv's site-packages first on its
     path, then the node's project directory and ``PYTHONPATH`` (the venv is made with
     ``--system-site-packages``, so the node's own dependencies stay importable)."""
-    python, extra = sys.executable, {"KOTTA_OWNER": owner}
+    python, extra = sys.executable, {"KOTTA_OWNER": owner, NODE_MARK: str(os.getpid())}
     if env is not None:
         python = env.python
         inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)

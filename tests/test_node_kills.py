@@ -146,3 +146,108 @@ def test_a_walltime_kill_ends_the_whole_tree_even_when_the_task_handles_sigterm(
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def start_a_daemon_and_sleep(pid_file, seconds=120.0):
+    """Start a daemon the usual way (fork, setsid, fork again, the middle process exits):
+    it has left the worker's process group, and its parent is gone; then sleep."""
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        if os.fork() == 0:
+            Path(pid_file + ".tmp").write_text(f"{os.getpid()}\n")
+            os.replace(pid_file + ".tmp", pid_file)
+            time.sleep(seconds)
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(middle, 0)
+    time.sleep(seconds)
+
+
+def _daemon_killed_with_its_task(start_node, make_executor, tmp_path, end, submit=None):
+    daemon = tmp_path / "daemon"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = (submit or type(ex).submit)(ex, start_a_daemon_and_sleep, str(daemon))
+    try:
+        wait_for(daemon.exists, what="the task's daemon to start")
+        [pid] = _pids(daemon)
+        exc = end(f)
+        wait_for(lambda: not _alive(pid), timeout=10.0,
+                 what="the task's daemon to die with its task's tree")
+        return exc
+    finally:
+        for pid in _pids(daemon):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_walltime_ends_a_daemon_the_task_started(start_node, make_executor, tmp_path):
+    """A daemon (double fork, setsid) was re-parented to init, out of the worker's tree and
+    process group: a walltime kill missed it.  The worker is a subreaper now."""
+    import datetime as _dt
+
+    from kotta_executor import WalltimeExceeded
+
+    def submit(ex, *args):
+        return ex.with_options(walltime=_dt.timedelta(seconds=3)).submit(*args)
+
+    exc = _daemon_killed_with_its_task(start_node, make_executor, tmp_path,
+                                       lambda f: f.exception(GUARD), submit=submit)
+    assert isinstance(exc, WalltimeExceeded)
+
+
+def test_kill_ends_a_daemon_the_task_started(start_node, make_executor, tmp_path):
+    from kotta_executor import TaskKilled
+
+    def end(f):
+        assert f.kill()
+        return f.exception(GUARD)
+
+    assert isinstance(_daemon_killed_with_its_task(start_node, make_executor, tmp_path, end),
+                      TaskKilled)
+
+
+_SESSION_CHILD = """
+import os, sys, time
+open(sys.argv[1] + ".tmp", "w").write(f"{os.getpid()}\\n")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def start_a_session_child_and_die(pid_file, seconds=120.0):
+    """Start a child in a session of its own, then die: the process-group signal for the
+    dead worker's leftovers cannot reach the child."""
+    subprocess.Popen([sys.executable, "-c", _SESSION_CHILD, str(pid_file), str(seconds)],
+                     start_new_session=True)
+    deadline = time.monotonic() + seconds
+    while not Path(pid_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os._exit(3)
+
+
+def test_a_child_in_its_own_session_does_not_outlive_its_dead_worker(
+        start_node, make_executor, tmp_path):
+    """It was re-parented to init and ran on; now to the node (a subreaper), which ends it."""
+    from kotta_executor import WorkerDied
+
+    child = tmp_path / "child"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(start_a_session_child_and_die, str(child))
+    try:
+        exc = f.exception(GUARD)
+        assert isinstance(exc, WorkerDied) and exc.exitcode == 3
+        [pid] = _pids(child)
+        wait_for(lambda: not _alive(pid), timeout=10.0,
+                 what="the dead worker's child, in its own session, to be ended")
+        assert ex.submit(tasks.square, 5).result(GUARD) == 25  # the node carries on
+    finally:
+        for pid in _pids(child):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
