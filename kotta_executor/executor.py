@@ -56,6 +56,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
+from concurrent.futures._base import PENDING
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,6 +87,10 @@ RECONCILE_AFTER = 5.0
 RECONCILE_WINDOW = 2000
 #: seconds between job-table checks of attached futures
 ATTACH_POLL = 0.2
+#: every this many seconds, the oldest RUNNING_WINDOW futures not known to run are looked
+#: up in the job table, for running()
+RUNNING_LOOK = 0.5
+RUNNING_WINDOW = 256
 #: a submit this long after the previous one records its job itself (see _send_now)
 SEND_NOW_GAP = 0.0003
 #: seconds between looks at the reply queue when replies come to an inbox (a node that
@@ -227,6 +232,7 @@ class KottaExecutor(Executor):
         self._last_reconcile = time.monotonic()
         self._reconcile_at = 0
         self._last_attach_poll = 0.0
+        self._last_running_look = 0.0
         self._replies: deque | None = None  # filled by the reply poller, without doorbells
         self._inbox = None  # a socket on which nodes hand over replies (embedded)
         self._rang = False  # a node rang: replies wait on the reply queue
@@ -776,6 +782,13 @@ class KottaExecutor(Executor):
         if self._attached and now - self._last_attach_poll >= ATTACH_POLL:
             self._last_attach_poll = now
             ids += list(self._attached)
+        if self._futures and now - self._last_running_look >= RUNNING_LOOK:
+            # the oldest futures not known to run (nodes take jobs in order): running()
+            # turns True within RUNNING_LOOK of a node's start of the job, as a process
+            # pool's does when it hands the call to a worker
+            self._last_running_look = now
+            ids += [job_id for job_id, f in itertools.islice(self._futures.items(), RUNNING_WINDOW)
+                    if f._state == PENDING and job_id not in self._attached]
         window: list[str] = []
         sweep_done = False
         if self._futures and now - self._last_reconcile >= RECONCILE_AFTER:

@@ -668,6 +668,20 @@ def test_cancel_while_another_thread_submits(make_executor):
         ex._futures.clear()  # a lost future would keep shutdown() waiting forever
 
 
+def test_running_turns_true_soon_after_a_node_starts_the_job(make_executor, gate, monkeypatch):
+    """Without a call to status(): the executor looks the oldest futures up now and then
+    (running() had waited for the 5 s reconcile; here that never comes)."""
+    monkeypatch.setattr(executor_module, "RECONCILE_AFTER", 3600.0)
+    ex = make_executor(1)
+    first, started = gate.submit_blocking(ex)
+    second = ex.submit(tasks.square, 3)  # behind it: pending, not running
+    wait_started(started)
+    wait_for(first.running, what="running() to say the job runs")
+    assert not second.running() and not second.done()
+    gate.open()
+    assert first.result(timeout=GUARD) == "released" and second.result(timeout=GUARD) == 9
+
+
 def test_kill_stops_a_running_task(executor, gate, enclave):
     f, started = gate.submit_blocking(executor)
     wait_started(started)
