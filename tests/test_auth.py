@@ -376,7 +376,7 @@ def test_verifier_sees_a_revocation_within_its_cache_time(enclave, alice_token):
 def test_verifier_refuses_a_disabled_user(enclave, alice_token):
     tok, svc = alice_token
     svc.set_disabled("alice", True, by="test")
-    with pytest.raises(AuthenticationError, match="alice is disabled or removed"):
+    with pytest.raises(AuthenticationError, match="the user alice is disabled"):
         _check(enclave, _signed_task(tok, tasks.square, 2), time.time())
 
 
@@ -454,6 +454,32 @@ def test_refused_renewals_and_registrations_are_audited(enclave, user_token, tmp
         credentials.register(enclave, f"krt1.{'0' * 18}.{'A' * 43}", tmp_path / "guess")
     refused = AuditLog(enclave).show(action="token-refresh")
     assert [(r["user"], r["allowed"]) for r in refused] == [("bob", False), ("?", False)]
+
+
+def test_a_disabled_users_client_fails_saying_why(
+    start_node, make_executor, user_token, enclave
+):
+    bob_file = user_token("bob")
+    bob = make_executor(1, start_node=False, credentials=bob_file)
+    first = start_node(workers=1)
+    done = bob.submit(tasks.square, 2)
+    assert done.result(GUARD) == 4
+    assert first.terminate() == 0  # a fresh node below: no cached "not disabled"
+    TokenService(enclave).set_disabled("bob", True, by="test")
+    start_node(workers=1)
+
+    # a client made before: its tasks fail at once with the node's reason, and it may not
+    # attach to his jobs any more
+    with pytest.raises(TaskRejected, match="the user bob is disabled"):
+        bob.submit(tasks.square, 3).result(GUARD)
+    with pytest.raises(AuthenticationError, match="the user bob is disabled: only an admin"):
+        bob.attach(done.job_id)
+    # a new one is refused when it is made, with the reason, before anything is sent
+    with pytest.raises(AuthenticationError, match="the user bob is disabled: only an admin"):
+        make_executor(1, start_node=False, credentials=bob_file)
+    refused = [r["detail"] for r in AuditLog(enclave).show(user="bob", action="token-refresh")]
+    assert [d.rsplit("refused ", 1)[1] for d in refused] == ["KottaExecutor.attach",
+                                                             "KottaExecutor"]
 
 
 # ---------------------------------------------------------------------- 6. other users' jobs

@@ -134,6 +134,34 @@ class Credentials:
                 tok = self._renew()
         return tok
 
+    def check(self, doing: str) -> Credentials:
+        """These credentials, if the enclave still honours them; else AuthenticationError
+        naming why (the user disabled, the registration token revoked), audited as a
+        refused ``token-refresh`` with ``doing`` (what was refused, e.g. ``kotta user
+        add``).
+
+        An access token is trusted until it expires, up to an hour: without this check a
+        user disabled or revoked meanwhile would keep every right its claims name (admin
+        included) for that long.  Every command that acts with the caller's identity
+        calls it first.  It is the node's check of every task (``tokens.standing``), read
+        afresh from the enclave."""
+        from .audit import AuditLog
+        from .tokens import standing
+
+        tok = self.access()  # a renewal refuses a revoked token or disabled user itself
+        problem = standing(self.enclave.records, tok.claims)
+        if problem is None:
+            return self
+        AuditLog(self.enclave).append("token-refresh", user=tok.user, allowed=False,
+                                      detail=f"token {tok.refresh_id}: {problem}; "
+                                             f"refused {doing}")
+        if problem.endswith(" is disabled"):  # the user, not this token
+            hint = "only an admin of the enclave can enable you again"
+        else:
+            hint = ("ask an admin of the enclave for a new registration token, then run "
+                    "`kotta register TOKEN`")
+        raise AuthenticationError(f"{problem}: {hint}")
+
     def _renew(self) -> AccessToken:
         tok = self._access = _service(self.enclave).refresh(self._refresh)
         if self.path is not None:
