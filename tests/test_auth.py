@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -568,6 +569,34 @@ def test_a_token_file_others_can_read_or_write_is_refused(make_executor, enclave
         os.chmod(token_file, 0o600)
     assert make_executor(1, start_node=False).owner == current_user()
     assert make_executor(1, start_node=False, credentials=alice_file).owner == "alice"
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda p: p.write_text("[]"), "is damaged: it does not map enclave URLs to tokens"),
+        (lambda p: p.write_text('"krt1.x.y"'), "is damaged: it does not map enclave URLs"),
+        (lambda p: p.write_text('{"embedded:///x": []}'), "is damaged: it does not map"),
+        (lambda p: p.write_text("{"), "is damaged: Expecting property name"),
+        (lambda p: p.mkdir(mode=0o700), "is not a regular file (a directory?)"),
+        (lambda p: os.mkfifo(p, 0o600), "is not a regular file"),
+    ],
+    ids=["a-list", "a-string", "an-entry-not-an-object", "broken-json", "a-directory",
+         "a-fifo"],
+)
+def test_a_token_file_of_the_wrong_shape_is_a_clear_error(enclave, enclave_dir, tmp_path,
+                                                          make, why):
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    make(home / "token")
+    if (home / "token").is_file():
+        os.chmod(home / "token", 0o600)
+    r = kotta(enclave_dir, "whoami", env={**subprocess_env(), "KOTTA_HOME": str(home)})
+    assert r.returncode == 2, r.stdout
+    assert r.stderr.startswith(f"kotta: error: the token file {home / 'token'} {why}"), r.stderr
+    assert "Traceback" not in r.stderr
+    with pytest.raises(AuthenticationError, match=re.escape(why)):
+        KottaExecutor(1, enclave=enclave_dir, start_node=False, credentials=home / "token")
 
 
 # ---------------------------------------------------------------------- 8. registration

@@ -72,17 +72,35 @@ def _read(path: Path) -> dict[str, Any]:
     """The token file's entries; checked on the descriptor that is read (no symlink is
     followed, and nothing can swap the file between the check and the read)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # (O_NONBLOCK: a FIFO put there is refused below, not waited on)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return {}
     except OSError as exc:  # ELOOP: a symlink
         raise AuthenticationError(f"the token file {path} cannot be used: {exc}") from None
+    st = os.fstat(fd)
+    # before the mode check (which would tell a directory to `chmod 600`), and before
+    # fdopen (which refuses a directory with IsADirectoryError)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise AuthenticationError(
+            f"the token file {path} is not a regular file (a directory?): move it away, "
+            "then run `kotta register TOKEN` again"
+        )
     try:
         with os.fdopen(fd, "r") as f:
-            _check_stat(path, os.fstat(f.fileno()))
-            return json.loads(f.read())
+            _check_stat(path, st)
+            data = json.loads(f.read())
     except ValueError as exc:
         raise AuthenticationError(f"the token file {path} is damaged: {exc}") from None
+    # valid JSON of another shape (`[]`, a string) is as damaged as broken JSON
+    if not isinstance(data, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("refresh"), str) for e in data.values()
+    ):
+        raise AuthenticationError(
+            f"the token file {path} is damaged: it does not map enclave URLs to tokens"
+        )
+    return data
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
