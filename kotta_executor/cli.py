@@ -325,15 +325,17 @@ def _fmt_time(ts: float | None) -> str:
     return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _creds(enclave: Enclave):
+def _creds(enclave: Enclave, doing: str):
+    """The caller's credentials, if the enclave still honours them (``Credentials.check``:
+    not a disabled user's, nor a revoked token's, whatever their cached claims say)."""
     from .security import credentials
 
-    return credentials.load(enclave)
+    return credentials.load(enclave).check(doing)
 
 
 def cmd_jobs(args) -> int:
     enclave = _enclave(args, existing=True)
-    creds = _creds(enclave)
+    creds = _creds(enclave, "kotta jobs")
     if args.all_users and not creds.admin:
         from .security.access import deny
 
@@ -350,7 +352,7 @@ def cmd_dead_letters(args) -> int:
     """The dead letters of a queue (listed, not consumed): the caller's own jobs, or with
     ``--all-users`` (admins) everyone's, and a dead letter whose job is unknown."""
     enclave = _enclave(args, existing=True)
-    creds = _creds(enclave)
+    creds = _creds(enclave, "kotta dead-letters")
     if args.all_users and not creds.admin:
         from .security.access import deny
 
@@ -381,19 +383,21 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
-def _own_job(enclave: Enclave, job_id: str, *, with_result: bool = False, verb: str = "see"):
+def _own_job(enclave: Enclave, job_id: str, doing: str, *, with_result: bool = False,
+             verb: str = "see"):
+    creds = _creds(enclave, doing)  # first: a refused token learns nothing of the job
     job = enclave.jobs.get(job_id, with_result=with_result)
     if job is None:
         raise UnknownJob(f"no job {job_id} in {enclave.url}")
     from .security.access import check_job_access
 
-    check_job_access(enclave, _creds(enclave), job, verb)
+    check_job_access(enclave, creds, job, verb)
     return job
 
 
 def cmd_status(args) -> int:
     enclave = _enclave(args, existing=True)
-    job = _own_job(enclave, args.job_id)
+    job = _own_job(enclave, args.job_id, "kotta status")
     history = enclave.jobs.history(job.job_id)
     if args.plot:
         from .usage_plot import svg
@@ -444,7 +448,7 @@ def _print_usage(u: dict) -> None:
 
 def cmd_logs(args) -> int:
     enclave = _enclave(args, existing=True)
-    job = _own_job(enclave, args.job_id, with_result=True)
+    job = _own_job(enclave, args.job_id, "kotta logs", with_result=True)
     if job.result is None:
         print(f"job {job.job_id} is {job.state}: no output yet", file=sys.stderr)
         return 1
@@ -459,7 +463,7 @@ def cmd_logs(args) -> int:
 
 def cmd_cancel(args) -> int:
     enclave = _enclave(args, existing=True)
-    job = _own_job(enclave, args.job_id, verb="cancel or kill")
+    job = _own_job(enclave, args.job_id, "kotta cancel", verb="cancel or kill")
     if enclave.jobs.transition([job.job_id], JobState.CANCELLED, from_states=CANCELLABLE,
                                reason="cancelled with kotta cancel"):
         # tell the client that submitted it, so its future settles now

@@ -1,4 +1,12 @@
-"""``kotta demo``: a short end-to-end tour of the embedded enclave, printing what it does."""
+"""``kotta demo``: a short end-to-end tour of the embedded enclave, printing what it does.
+
+Its protected-dataset part registers a dataset and grants a role read on it: what only an
+admin may do (``kotta dataset add``, ``kotta policy grant``).  It does so only as an admin,
+and only in an enclave that is its own: one this run made (the quick start, a fresh
+``$KOTTA_HOME``), or one where an earlier ``kotta demo`` registered its dataset (then it
+says so, and touches nothing but that dataset's read grant for the caller's role).  Anywhere
+else it skips that part with a note: a demo must not change a real enclave's policies.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,8 @@ import sys
 import time
 import traceback
 
-from .backends import open_enclave
-from .errors import TaskKilled, WalltimeExceeded
+from .backends import is_new, open_enclave
+from .errors import AccessDenied, TaskKilled, WalltimeExceeded
 from .executor import KottaExecutor
 
 
@@ -43,6 +51,7 @@ def _say(text: str) -> None:
 
 def run_demo(enclave: str | None = None) -> int:
     started = time.monotonic()
+    made = is_new(enclave, default=True)  # before opening it makes it
     e = open_enclave(enclave)
     print(f"kotta demo on the enclave {e.url}")
     with KottaExecutor(2, queue="test", walltime=5, enclave=e) as ex:
@@ -89,7 +98,7 @@ def run_demo(enclave: str | None = None) -> int:
             b.result()
 
         _say("a protected dataset: staged in for a role with a grant, audited, denied otherwise")
-        data_ids = _data_demo(e, ex)
+        data_ids = _data_demo(e, ex, made)
 
         _say("the job table: every job ended completed, failed (with a reason) or cancelled")
         ids = [f.job_id, slow.job_id, running.job_id, queued.job_id, *data_ids]
@@ -102,26 +111,40 @@ def run_demo(enclave: str | None = None) -> int:
     return 0
 
 
-def _data_demo(e, ex: KottaExecutor) -> list[str]:
+#: the demo's own dataset: its existence marks an enclave where an earlier demo ran
+DEMO_DATASET = "s3://demo-corpus/"
+
+
+def _data_demo(e, ex: KottaExecutor, made: bool) -> list[str]:
+    """The protected-dataset part; ``made``: this run made the enclave.  Skipped, with a
+    note, where the demo may not or should not change the enclave's policies."""
     from .security.audit import AuditLog
     from .security.credentials import load
     from .security.data import put_object
     from .security.policy import PolicyStore
 
-    me = load(e)
+    me = load(e).check("kotta demo")
     audit = AuditLog(e)
     policies = PolicyStore(e.records, audit)
-    uri = "s3://demo-corpus/1m_shuffled.txt"
-    policies.add_dataset("s3://demo-corpus/", by=me.user, description="kotta demo numbers")
+    skip = _skip_data_demo(e, me, made, policies)
+    if skip:
+        print(f"skipped: {skip}")
+        return []
+    uri = DEMO_DATASET + "1m_shuffled.txt"
+    if policies.dataset(DEMO_DATASET) is None:  # in the enclave this run made
+        policies.add_dataset(DEMO_DATASET, by=me.user, description="kotta demo numbers")
+    else:  # as it is: its egress rule is an admin's to set
+        print(f"note: {e.url} has the dataset {DEMO_DATASET} of an earlier `kotta demo`: the "
+              f"demo uses it again, and revokes, then grants, the role {me.role} read on it")
     put_object(e, uri, "".join(f"{i}\n" for i in random.Random(7).sample(range(10**6), 1000)).encode())
-    policies.revoke(me.role, "s3://demo-corpus/", "read", by=me.user)
+    policies.revoke(me.role, DEMO_DATASET, "read", by=me.user)
     denied = ex.submit(file_sum, inputs=[uri])
     try:
         denied.result()
     except PermissionError as exc:
         print(f"without a grant: {type(exc).__name__}: {exc}")
-    policies.grant(me.role, "s3://demo-corpus/", "read", by=me.user)
-    print(f"kotta policy grant {me.role} s3://demo-corpus/ read")
+    policies.grant(me.role, DEMO_DATASET, "read", by=me.user)
+    print(f"kotta policy grant {me.role} {DEMO_DATASET} read")
     ok = ex.submit(file_sum, inputs=[uri])
     print(f"file_sum(inputs=[{uri!r}]) -> {ok.result()}")
     for rec in audit.show(job_id=denied.job_id) + audit.show(job_id=ok.job_id):
@@ -130,6 +153,24 @@ def _data_demo(e, ex: KottaExecutor) -> list[str]:
     report = audit.verify()
     print(f"kotta audit verify: {'OK' if report.ok else 'TAMPERED'}, {report.records} records")
     return [denied.job_id, ok.job_id]
+
+
+def _skip_data_demo(e, me, made: bool, policies) -> str | None:
+    """Why the demo leaves the enclave's datasets and policies alone (None: it may set up
+    its own).  The admin check is ``kotta dataset add``'s and ``kotta policy grant``'s."""
+    from .security.commands import require_admin
+
+    try:
+        require_admin(e, me)
+    except AccessDenied:
+        return (f"registering the demo's dataset and granting a role read on it takes an "
+                f"admin of the enclave ({me.user} is not one), as `kotta dataset add` and "
+                "`kotta policy grant` do")
+    if made or any(ds.uri == DEMO_DATASET for ds in policies.datasets()):
+        return None
+    return (f"the enclave {e.url} existed before this demo, and the demo changes no "
+            "enclave's datasets or policies but its own; to see this part, run `kotta "
+            "demo` with a fresh KOTTA_HOME (or --enclave NEWDIR)")
 
 
 if __name__ == "__main__":

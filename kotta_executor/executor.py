@@ -192,6 +192,10 @@ class KottaExecutor(Executor):
             credentials if isinstance(credentials, Credentials)
             else _credentials.load(self._enclave, credentials)
         )
+        # A disabled user's or a revoked token's client fails here, saying why, rather
+        # than at each task (a node refuses those with TaskRejected, as it does the tasks
+        # of a client whose user is disabled while it runs)
+        self._creds.check("KottaExecutor")
         self.owner = self._creds.user
         if owner is not None and owner != self.owner:
             raise AuthenticationError(
@@ -304,6 +308,7 @@ class KottaExecutor(Executor):
             job = self._enclave.jobs.get(job_id)
             if job is None:
                 raise UnknownJob(f"no job {job_id} in the enclave {self._enclave.url}")
+            self._creds.check("KottaExecutor.attach")
             check_job_access(self._enclave, self._creds, job, "attach to")
             f = KottaFuture(job_id, self)
             if job.n != 1:  # a task of a map: the values of its calls, in order

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -376,7 +377,7 @@ def test_verifier_sees_a_revocation_within_its_cache_time(enclave, alice_token):
 def test_verifier_refuses_a_disabled_user(enclave, alice_token):
     tok, svc = alice_token
     svc.set_disabled("alice", True, by="test")
-    with pytest.raises(AuthenticationError, match="alice is disabled or removed"):
+    with pytest.raises(AuthenticationError, match="the user alice is disabled"):
         _check(enclave, _signed_task(tok, tasks.square, 2), time.time())
 
 
@@ -454,6 +455,32 @@ def test_refused_renewals_and_registrations_are_audited(enclave, user_token, tmp
         credentials.register(enclave, f"krt1.{'0' * 18}.{'A' * 43}", tmp_path / "guess")
     refused = AuditLog(enclave).show(action="token-refresh")
     assert [(r["user"], r["allowed"]) for r in refused] == [("bob", False), ("?", False)]
+
+
+def test_a_disabled_users_client_fails_saying_why(
+    start_node, make_executor, user_token, enclave
+):
+    bob_file = user_token("bob")
+    bob = make_executor(1, start_node=False, credentials=bob_file)
+    first = start_node(workers=1)
+    done = bob.submit(tasks.square, 2)
+    assert done.result(GUARD) == 4
+    assert first.terminate() == 0  # a fresh node below: no cached "not disabled"
+    TokenService(enclave).set_disabled("bob", True, by="test")
+    start_node(workers=1)
+
+    # a client made before: its tasks fail at once with the node's reason, and it may not
+    # attach to his jobs any more
+    with pytest.raises(TaskRejected, match="the user bob is disabled"):
+        bob.submit(tasks.square, 3).result(GUARD)
+    with pytest.raises(AuthenticationError, match="the user bob is disabled: only an admin"):
+        bob.attach(done.job_id)
+    # a new one is refused when it is made, with the reason, before anything is sent
+    with pytest.raises(AuthenticationError, match="the user bob is disabled: only an admin"):
+        make_executor(1, start_node=False, credentials=bob_file)
+    refused = [r["detail"] for r in AuditLog(enclave).show(user="bob", action="token-refresh")]
+    assert [d.rsplit("refused ", 1)[1] for d in refused] == ["KottaExecutor.attach",
+                                                             "KottaExecutor"]
 
 
 # ---------------------------------------------------------------------- 6. other users' jobs
@@ -542,6 +569,34 @@ def test_a_token_file_others_can_read_or_write_is_refused(make_executor, enclave
         os.chmod(token_file, 0o600)
     assert make_executor(1, start_node=False).owner == current_user()
     assert make_executor(1, start_node=False, credentials=alice_file).owner == "alice"
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda p: p.write_text("[]"), "is damaged: it does not map enclave URLs to tokens"),
+        (lambda p: p.write_text('"krt1.x.y"'), "is damaged: it does not map enclave URLs"),
+        (lambda p: p.write_text('{"embedded:///x": []}'), "is damaged: it does not map"),
+        (lambda p: p.write_text("{"), "is damaged: Expecting property name"),
+        (lambda p: p.mkdir(mode=0o700), "is not a regular file (a directory?)"),
+        (lambda p: os.mkfifo(p, 0o600), "is not a regular file"),
+    ],
+    ids=["a-list", "a-string", "an-entry-not-an-object", "broken-json", "a-directory",
+         "a-fifo"],
+)
+def test_a_token_file_of_the_wrong_shape_is_a_clear_error(enclave, enclave_dir, tmp_path,
+                                                          make, why):
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    make(home / "token")
+    if (home / "token").is_file():
+        os.chmod(home / "token", 0o600)
+    r = kotta(enclave_dir, "whoami", env={**subprocess_env(), "KOTTA_HOME": str(home)})
+    assert r.returncode == 2, r.stdout
+    assert r.stderr.startswith(f"kotta: error: the token file {home / 'token'} {why}"), r.stderr
+    assert "Traceback" not in r.stderr
+    with pytest.raises(AuthenticationError, match=re.escape(why)):
+        KottaExecutor(1, enclave=enclave_dir, start_node=False, credentials=home / "token")
 
 
 # ---------------------------------------------------------------------- 8. registration

@@ -373,3 +373,62 @@ def test_demo_runs_to_completion_in_a_fresh_home(tmp_path):
     r = kotta(None, "demo", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "fresh-home" / "kotta.db").exists()
+    # the enclave is its own: the protected-dataset part runs in full, as the README shows
+    _demo_data_part_ran(r.stdout)
+    assert "note:" not in r.stdout and "skipped:" not in r.stdout
+
+    # run again there, it uses its dataset again, and says so
+    r = kotta(None, "demo", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    _demo_data_part_ran(r.stdout)
+    assert "has the dataset s3://demo-corpus/ of an earlier `kotta demo`" in r.stdout
+
+
+def _demo_data_part_ran(out: str) -> None:
+    assert "without a grant: DataAccessDenied" in out, out
+    assert "kotta policy grant admin s3://demo-corpus/ read" in out
+    assert "file_sum(inputs=['s3://demo-corpus/1m_shuffled.txt']) -> " in out
+    assert "kotta audit verify: OK" in out
+
+
+def test_demo_by_a_user_who_is_not_an_admin_changes_no_policy(enclave, user_token, tmp_path):
+    """The review's reproduction: alice, an analyst, runs the demo on the enclave she
+    uses.  `kotta dataset add` and `kotta policy grant` refuse her; the demo must not do
+    for her what they refuse."""
+    from kotta_executor.security.audit import AuditLog
+    from kotta_executor.security.policy import PolicyStore
+
+    home = tmp_path / "alice-home"
+    home.mkdir()
+    os.replace(user_token("alice", role="analyst"), home / "token")
+    env = {**subprocess_env(), "KOTTA_HOME": str(home), "KOTTA_ENCLAVE": str(enclave.home)}
+    r = kotta(None, "demo", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ("skipped: registering the demo's dataset and granting a role read on it takes "
+            "an admin of the enclave (alice is not one)") in r.stdout
+    assert "without a grant" not in r.stdout
+    assert "demo finished in" in r.stdout  # the rest of the tour ran
+    policies = PolicyStore(enclave.records)
+    assert policies.datasets() == [] and policies.statements() == []
+    changes = AuditLog(enclave).show(action="dataset-add") + AuditLog(enclave).show(
+        action="policy-grant") + AuditLog(enclave).show(action="policy-revoke")
+    assert changes == []
+
+
+def test_demo_by_an_admin_leaves_an_existing_enclaves_policies_alone(enclave, enclave_dir):
+    assert kotta(enclave_dir, "dataset", "add", "s3://klab-jobs/").returncode == 0
+    assert kotta(enclave_dir, "policy", "grant", "admin", "s3://klab-jobs/", "read",
+                 "--deny").returncode == 0
+    from kotta_executor.security.audit import AuditLog
+    from kotta_executor.security.policy import PolicyStore
+
+    policies = PolicyStore(enclave.records)
+    before = (policies.datasets(), policies.statements())
+    records = len(AuditLog(enclave).show())
+    r = kotta(enclave_dir, "demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"skipped: the enclave {enclave.url} existed before this demo" in r.stdout
+    assert "run `kotta demo` with a fresh KOTTA_HOME (or --enclave NEWDIR)" in r.stdout
+    assert (policies.datasets(), policies.statements()) == before
+    assert not [rec for rec in AuditLog(enclave).show()[records:]
+                if rec["action"] in ("dataset-add", "policy-grant", "policy-revoke")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from kotta_executor.backends.base import NewJob
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.data import get_object
 from kotta_executor.security.policy import PolicyStore
@@ -80,8 +81,9 @@ def test_a_user_who_is_not_an_admin_manages_nothing(enclave, enclave_dir, tmp_pa
     rid = line.split()[0]
     r = kotta(enclave_dir, "token", "revoke", rid, env=bob)
     assert r.returncode == 0 and "revoked" in r.stdout
-    r = kotta(enclave_dir, "whoami", env=bob)  # its access token lives on for up to an hour
-    assert r.returncode == 0
+    # its access token, cached for up to an hour, dies with it
+    r = kotta(enclave_dir, "whoami", env=bob)
+    assert r.returncode == 2 and "the token of bob was revoked" in r.stderr
 
 
 def test_users_and_tokens_from_the_shell(enclave, enclave_dir):
@@ -100,3 +102,87 @@ def test_users_and_tokens_from_the_shell(enclave, enclave_dir):
     assert r.returncode == 2 and "no user 'nobody'" in r.stderr
     issued = [rec["detail"] for rec in AuditLog(enclave).show(action="token-issue")]
     assert any("for carol" in d for d in issued)
+
+
+def _home(tmp_path, name):
+    home = tmp_path / f"{name}-home"
+    home.mkdir()
+    return {**subprocess_env(), "KOTTA_HOME": str(home)}
+
+
+def _refusals(enclave, user):
+    return [r["detail"] for r in AuditLog(enclave).show(user=user, action="token-refresh")
+            if r["allowed"] is False]
+
+
+def test_a_disabled_or_revoked_admin_keeps_none_of_their_rights(enclave, enclave_dir, tmp_path):
+    """The review's reproduction: bob, an admin with an access token cached in his own
+    home, is disabled, then his token revoked; each time his next command is refused,
+    whatever his token's claims say, and the refusal is audited."""
+    r = kotta(enclave_dir, "user", "add", "bob", "--role", "ops", "--admin")
+    assert r.returncode == 0, r.stderr
+    bob = _home(tmp_path, "bob")
+    r = kotta(enclave_dir, "register", r.stdout.split()[-1], env=bob)
+    assert r.returncode == 0, r.stderr
+    assert kotta(enclave_dir, "whoami", env=bob).stdout.startswith("bob (role ops, admin)")
+
+    assert kotta(enclave_dir, "user", "disable", "bob").returncode == 0
+    for args in (["user", "enable", "bob"], ["user", "add", "mallory", "--role", "admin", "--admin"],
+                 ["whoami"], ["audit", "show"], ["jobs", "--all-users"]):
+        r = kotta(enclave_dir, *args, env=bob)
+        assert r.returncode == 2, (args, r.stdout)
+        assert r.stderr.startswith("kotta: error: the user bob is disabled: only an admin "
+                                   "of the enclave can enable you again"), (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    users = {line.split()[0]: line.split()[3]
+             for line in kotta(enclave_dir, "user", "list").stdout.splitlines()[1:]}
+    assert "mallory" not in users and users["bob"] == "disabled"
+    refused = _refusals(enclave, "bob")
+    assert len(refused) == 5 and all("the user bob is disabled" in d for d in refused)
+    assert "refused kotta user enable" in refused[0] and "refused kotta user add" in refused[1]
+    assert not [r for r in AuditLog(enclave).show(user="bob") if r["allowed"]]
+
+    # enabled again by an admin, his token works again: then revoked, it does not
+    assert kotta(enclave_dir, "user", "enable", "bob").returncode == 0
+    assert kotta(enclave_dir, "whoami", env=bob).returncode == 0
+    rid = kotta(enclave_dir, "token", "list", "--user", "bob").stdout.splitlines()[1].split()[0]
+    assert kotta(enclave_dir, "token", "revoke", rid).returncode == 0
+    kotta(enclave_dir, "dataset", "add", "s3://klab-jobs/")
+    r = kotta(enclave_dir, "policy", "grant", "ops", "s3://klab-jobs/", "write", env=bob)
+    assert r.returncode == 2
+    assert r.stderr.startswith("kotta: error: the token of bob was revoked at "), r.stderr
+    assert "ask an admin of the enclave for a new registration token" in r.stderr
+    assert PolicyStore(enclave.records).statements(role="ops") == []
+    assert f"token {rid}: the token of bob was revoked" in _refusals(enclave, "bob")[-1]
+    assert _refusals(enclave, "bob")[-1].endswith("refused kotta policy grant")
+
+    # a new registration token from an admin makes him whole again
+    r = kotta(enclave_dir, "register", kotta(enclave_dir, "token", "issue", "bob").stdout.strip(),
+              env=bob)
+    assert r.returncode == 0, r.stderr
+    r = kotta(enclave_dir, "policy", "grant", "ops", "s3://klab-jobs/", "write", env=bob)
+    assert r.returncode == 0, r.stderr
+    assert AuditLog(enclave).verify().ok
+
+
+def test_a_disabled_user_can_no_longer_see_or_cancel_her_jobs(
+    enclave, enclave_dir, tmp_path, user_token
+):
+    alice = _as(tmp_path, "alice", user_token("alice", role="analyst"))
+    job_id = os.urandom(16).hex()
+    enclave.jobs.create([NewJob(job_id, "alice", "c" * 16, "test", "tests.tasks.square", 60.0,
+                                b"", 1)], enqueue=False)
+    assert kotta(enclave_dir, "status", job_id, env=alice).returncode == 0
+    assert job_id in kotta(enclave_dir, "jobs", env=alice).stdout
+
+    assert kotta(enclave_dir, "user", "disable", "alice").returncode == 0
+    for args in (["jobs"], ["status", job_id], ["logs", job_id], ["cancel", job_id],
+                 ["dead-letters"]):
+        r = kotta(enclave_dir, *args, env=alice)
+        assert r.returncode == 2, (args, r.stdout)
+        assert r.stderr.startswith("kotta: error: the user alice is disabled"), (args, r.stderr)
+        assert job_id not in r.stdout
+    assert enclave.jobs.get(job_id).state == "pending"  # not cancelled
+    refused = _refusals(enclave, "alice")
+    assert [d.rsplit("refused ", 1)[1] for d in refused] == [
+        "kotta jobs", "kotta status", "kotta logs", "kotta cancel", "kotta dead-letters"]

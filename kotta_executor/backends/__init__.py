@@ -36,14 +36,15 @@ def _spec(spec: str | os.PathLike | None) -> str:
     return spec or os.environ.get("KOTTA_ENCLAVE", "")
 
 
-def is_new(spec: str | os.PathLike | None = None) -> bool:
+def is_new(spec: str | os.PathLike | None = None, *, default: bool = False) -> bool:
     """Whether ``spec`` (or ``$KOTTA_ENCLAVE``) names an embedded enclave that has not been
-    made yet (opening it would make it); never for the default one under $KOTTA_HOME."""
+    made yet (opening it would make it); never for the default one under $KOTTA_HOME,
+    unless ``default`` (``kotta demo``: whether the enclave it uses is its own)."""
     from .embedded import EmbeddedEnclave
 
     spec = _spec(spec)
     home = _embedded_home(spec)
-    return bool(spec) and home is not None and not EmbeddedEnclave.exists(home)
+    return (bool(spec) or default) and home is not None and not EmbeddedEnclave.exists(home)
 
 
 def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist: bool = False) -> Enclave:

@@ -75,6 +75,9 @@ def _require_admin(enclave) -> None:
         if _holds_enclave_key(enclave):
             return
         raise
+    # A token there is who the caller is, key or not: a disabled user's or a revoked
+    # token is refused (outside the try: not let in as a holder of the key instead)
+    creds.check("kotta audit show")
     if not creds.admin:
         deny(enclave, creds, None, "read the audit log")
 

@@ -98,10 +98,24 @@ def _setup(args, *, admin: bool = False):
     if new:
         print(f"kotta: note: there was no enclave at {enclave.url}; made a new one",
               file=sys.stderr)
-    creds = credentials.load(enclave)
-    if admin and not creds.admin:
-        raise AccessDenied(f"only an admin of {enclave.url} may do this ({creds.user} is not one)")
+    # the enclave's word on the caller's token, not only its cached claims: a user
+    # disabled or a token revoked since it was cached is refused here (and audited)
+    creds = credentials.load(enclave).check(_doing(args))
+    if admin:
+        require_admin(enclave, creds)
     return enclave, creds
+
+
+def require_admin(enclave, creds) -> None:
+    """AccessDenied unless ``creds`` (checked: ``Credentials.check``) are an admin's."""
+    if not creds.admin:
+        raise AccessDenied(f"only an admin of {enclave.url} may do this ({creds.user} is not one)")
+
+
+def _doing(args) -> str:
+    """The command being run, as the audit names a refused one: ``kotta user add``."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return " ".join(["kotta", args.command, *([sub] if sub else [])])
 
 
 def _services(enclave):

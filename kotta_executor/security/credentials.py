@@ -72,17 +72,35 @@ def _read(path: Path) -> dict[str, Any]:
     """The token file's entries; checked on the descriptor that is read (no symlink is
     followed, and nothing can swap the file between the check and the read)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # (O_NONBLOCK: a FIFO put there is refused below, not waited on)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return {}
     except OSError as exc:  # ELOOP: a symlink
         raise AuthenticationError(f"the token file {path} cannot be used: {exc}") from None
+    st = os.fstat(fd)
+    # before the mode check (which would tell a directory to `chmod 600`), and before
+    # fdopen (which refuses a directory with IsADirectoryError)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise AuthenticationError(
+            f"the token file {path} is not a regular file (a directory?): move it away, "
+            "then run `kotta register TOKEN` again"
+        )
     try:
         with os.fdopen(fd, "r") as f:
-            _check_stat(path, os.fstat(f.fileno()))
-            return json.loads(f.read())
+            _check_stat(path, st)
+            data = json.loads(f.read())
     except ValueError as exc:
         raise AuthenticationError(f"the token file {path} is damaged: {exc}") from None
+    # valid JSON of another shape (`[]`, a string) is as damaged as broken JSON
+    if not isinstance(data, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("refresh"), str) for e in data.values()
+    ):
+        raise AuthenticationError(
+            f"the token file {path} is damaged: it does not map enclave URLs to tokens"
+        )
+    return data
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
@@ -133,6 +151,34 @@ class Credentials:
             if tok is None or (now or time.time()) >= tok.expires - RENEW_BEFORE:
                 tok = self._renew()
         return tok
+
+    def check(self, doing: str) -> Credentials:
+        """These credentials, if the enclave still honours them; else AuthenticationError
+        naming why (the user disabled, the registration token revoked), audited as a
+        refused ``token-refresh`` with ``doing`` (what was refused, e.g. ``kotta user
+        add``).
+
+        An access token is trusted until it expires, up to an hour: without this check a
+        user disabled or revoked meanwhile would keep every right its claims name (admin
+        included) for that long.  Every command that acts with the caller's identity
+        calls it first.  It is the node's check of every task (``tokens.standing``), read
+        afresh from the enclave."""
+        from .audit import AuditLog
+        from .tokens import standing
+
+        tok = self.access()  # a renewal refuses a revoked token or disabled user itself
+        problem = standing(self.enclave.records, tok.claims)
+        if problem is None:
+            return self
+        AuditLog(self.enclave).append("token-refresh", user=tok.user, allowed=False,
+                                      detail=f"token {tok.refresh_id}: {problem}; "
+                                             f"refused {doing}")
+        if problem.endswith(" is disabled"):  # the user, not this token
+            hint = "only an admin of the enclave can enable you again"
+        else:
+            hint = ("ask an admin of the enclave for a new registration token, then run "
+                    "`kotta register TOKEN`")
+        raise AuthenticationError(f"{problem}: {hint}")
 
     def _renew(self) -> AccessToken:
         tok = self._access = _service(self.enclave).refresh(self._refresh)

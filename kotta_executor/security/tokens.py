@@ -16,7 +16,10 @@ A node checks, per task (:class:`Verifier`): the signature over the whole envelo
 the envelope's owner is the token's user; that the task was created while the token was
 valid (and not in the future); that the task is not older than ``MAX_TASK_AGE``; and that
 the refresh token behind it has not been revoked nor its user disabled (read through a
-cache of ``REVOCATION_CACHE`` seconds, the most a revocation can take to bite).
+cache of ``REVOCATION_CACHE`` seconds, the most a revocation can take to bite on a
+node).  That last check is :func:`standing`; the client makes it too, uncached, before a
+``kotta`` command acts with its token and when an executor is made
+(``credentials.Credentials.check``): a cached access token's claims are not enough.
 """
 
 from __future__ import annotations
@@ -223,9 +226,13 @@ class TokenService:
             raise AuthenticationError(
                 f"the refresh token {rid} of {rec['user']} expired at {_when(rec['expires'])}"
             )
-        ident = self.user(rec["user"])
-        if ident is None or ident.disabled:
-            raise AuthenticationError(f"the user {rec['user']} is disabled or removed")
+        user_rec = self.records.get("user", rec["user"])
+        problem = _user_problem(rec["user"], user_rec)
+        if problem:
+            self._log("token-refresh", user=rec["user"], allowed=False,
+                      detail=f"token {rid}: {problem}")
+            raise AuthenticationError(problem)
+        ident = Identity.from_record(rec["user"], user_rec)
         return self._access(ident, rid, now, min(now + ttl, rec["expires"]))
 
     def _access(self, ident: Identity, rid: str, iat: float, exp: float) -> AccessToken:
@@ -258,6 +265,31 @@ class TokenService:
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def standing(records, claims: Claims) -> str | None:
+    """Why the enclave no longer honours the access token of ``claims`` (its registration
+    token unknown or revoked, its user disabled or removed), or None while it does.
+
+    The one check of a token's standing: a node's :class:`Verifier` makes it for every
+    task (through its cache), and the ``kotta`` commands for the caller's own token
+    before they act (``Credentials.check``), so that an access token cached for up to an
+    hour carries no rights its user has lost.  Read afresh from the enclave each call."""
+    rec = records.get("refresh", claims.refresh_id)
+    if rec is None or rec.get("user") != claims.user:
+        return f"the token of {claims.user} is not known to this enclave"
+    if rec.get("revoked"):
+        return f"the token of {claims.user} was revoked at {_when(rec['revoked'])}"
+    return _user_problem(claims.user, records.get("user", claims.user))
+
+
+def _user_problem(user: str, rec: dict[str, Any] | None) -> str | None:
+    """Why the identity record ``rec`` of ``user`` gives no rights (None: it does)."""
+    if rec is None:
+        return f"the user {user} is not known to this enclave (removed?)"
+    if rec.get("disabled"):
+        return f"the user {user} is disabled"
+    return None
 
 
 class Verifier:
@@ -328,15 +360,7 @@ class Verifier:
             hit = self._revocations.get(key)
         if hit is not None and now - hit[0] < REVOCATION_CACHE:
             return hit[1]
-        rec = self.records.get("refresh", claims.refresh_id)
-        user = self.records.get("user", claims.user)
-        problem = None
-        if rec is None or rec.get("user") != claims.user:
-            problem = f"the token of {claims.user} is not known to this enclave"
-        elif rec.get("revoked"):
-            problem = f"the token of {claims.user} was revoked at {_when(rec['revoked'])}"
-        elif user is None or user.get("disabled"):
-            problem = f"the user {claims.user} is disabled or removed"
+        problem = standing(self.records, claims)
         with self._lock:
             self._revocations[key] = (now, problem)
         return problem
