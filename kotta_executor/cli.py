@@ -28,13 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--enclave", help=help_)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--enclave", default=argparse.SUPPRESS, help=help_)
-    sub = p.add_subparsers(dest="command", required=True)
-    add = sub.add_parser
-
-    def add_parser(name, **kw):
-        return add(name, parents=[common], **kw)
-
-    sub.add_parser = add_parser
+    sub = _taking(common, p.add_subparsers(dest="command", required=True))
 
     n = sub.add_parser("node", help="run a node daemon in the foreground")
     _node_args(n)
@@ -93,6 +87,22 @@ def _parser() -> argparse.ArgumentParser:
 
     add_security_parsers(sub)
     return p
+
+
+def _taking(common: argparse.ArgumentParser, sub):
+    """``sub`` (the subparsers of a command), whose commands take the options of ``common``
+    (``--enclave``) after their name, and so do the commands nested in them: ``kotta user
+    list --enclave E`` as well as ``kotta jobs --enclave E``."""
+    add = sub.add_parser
+
+    def add_parser(name, **kw):
+        parser = add(name, parents=[common], **kw)
+        add_subparsers = parser.add_subparsers
+        parser.add_subparsers = lambda **kw2: _taking(common, add_subparsers(**kw2))
+        return parser
+
+    sub.add_parser = add_parser
+    return sub
 
 
 def _node_args(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 
+import pytest
+
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.data import get_object
 from kotta_executor.security.policy import PolicyStore
@@ -100,3 +102,22 @@ def test_users_and_tokens_from_the_shell(enclave, enclave_dir):
     assert r.returncode == 2 and "no user 'nobody'" in r.stderr
     issued = [rec["detail"] for rec in AuditLog(enclave).show(action="token-issue")]
     assert any("for carol" in d for d in issued)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["user", "list"], ["token", "list"], ["dataset", "list"], ["policy", "show"],
+     ["audit", "verify"], ["audit", "show", "--limit", "2"]],
+    ids=" ".join,
+)
+def test_enclave_after_a_nested_command(command, enclave, tmp_path):
+    """``--enclave`` after a nested command (``kotta user list --enclave E``), as every
+    other command takes it after its name; and the enclave it names is the one used."""
+    r = kotta(None, *command, "--enclave", str(enclave.home))
+    assert r.returncode == 0, r.stderr
+    assert "unrecognized arguments" not in r.stderr
+    assert "made a new one" not in r.stderr  # not $KOTTA_HOME: the enclave named
+    other = tmp_path / "other"  # (an error, or a new enclave said so: there, by name)
+    r = kotta(None, *command, "--enclave", str(other))
+    assert "unrecognized arguments" not in r.stderr
+    assert str(other) in r.stderr
