@@ -346,7 +346,8 @@ def cmd_jobs(args) -> int:
     rows = enclave.jobs.list(owner=owner, state=args.state, limit=args.limit)
     print(f"{'JOB':32}  {'STATE':15}  {'QUEUE':10}  {'CREATED':19}  FUNCTION")
     for j in rows:
-        print(f"{j.job_id:32}  {j.state:15}  {j.queue:10}  {_fmt_time(j.created):19}  {j.fn}")
+        print(f"{j.job_id:32}  {j.state:15}  {j.queue:10}  {_fmt_time(j.created):19}  "
+              f"{_printable(j.fn)}")
     return 0
 
 
@@ -368,7 +369,7 @@ def cmd_dead_letters(args) -> int:
     print(f"{'JOB':32}  {'DELIVERIES':10}  {'DEAD SINCE':19}  REASON")
     for d in letters:
         job = _printable(d["job_id"]) if d["job_id"] not in ("", "-") else "(no job)"
-        reason = _printable(" ".join(str(d["reason"]).split()))  # one line
+        reason = _printable(d["reason"])
         if len(reason) > DEAD_REASON_CHARS:
             reason = reason[: DEAD_REASON_CHARS - 1] + "…"
         print(f"{job:32}  {d['receive_count']:<10}  {_fmt_time(d['dead_at']):19}  {reason}")
@@ -380,9 +381,11 @@ def cmd_dead_letters(args) -> int:
 DEAD_REASON_CHARS = 300
 
 
-def _printable(text: str) -> str:
-    """Text from the queue, safe for a terminal: control characters shown as ``?``."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+def _printable(text: object) -> str:
+    """Text other users wrote (a job's function name, why it failed, its history, a dead
+    letter's reason), safe for a terminal on one line: runs of white space (line breaks
+    too) become one space, other control characters (escape sequences) show as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in " ".join(str(text).split()))
 
 
 def _own_job(enclave: Enclave, job_id: str, *, with_result: bool = False, verb: str = "see"):
@@ -404,7 +407,7 @@ def cmd_status(args) -> int:
 
         samples = (job.usage or {}).get("samples") or []
         try:
-            Path(args.plot).write_text(svg(samples, f"job {job.job_id} ({job.fn})"))
+            Path(args.plot).write_text(svg(samples, f"job {job.job_id} ({_printable(job.fn)})"))
         except OSError as exc:
             raise ValueError(f"cannot write the plot to {args.plot}: {exc.strerror}") from None
         print(f"wrote {len(samples)} sample{'s' if len(samples) != 1 else ''} to {args.plot}",
@@ -413,15 +416,15 @@ def cmd_status(args) -> int:
         print(json.dumps({**job.as_dict(), "history": history}, indent=2))
         return 0
     print(f"job       {job.job_id}")
-    print(f"function  {job.fn} ({job.n} call{'s' if job.n != 1 else ''})")
-    print(f"state     {job.state}" + (f"  ({job.reason})" if job.reason else ""))
+    print(f"function  {_printable(job.fn)} ({job.n} call{'s' if job.n != 1 else ''})")
+    print(f"state     {job.state}" + (f"  ({_printable(job.reason)})" if job.reason else ""))
     print(f"owner     {job.owner}   queue {job.queue}   walltime {job.walltime / 60:g} min")
     print(f"node      {job.node or '-'}   attempts {job.attempts}")
     if job.usage:
         _print_usage(job.usage)
     print("history")
     for ts, state, detail in history:
-        print(f"  {_fmt_time(ts)}  {state:15} {detail or ''}")
+        print(f"  {_fmt_time(ts)}  {state:15} {_printable(detail or '')}")
     return 0
 
 

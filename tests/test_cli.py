@@ -103,6 +103,31 @@ def test_logs_prints_the_tasks_stdout_and_stderr(executor, enclave_dir):
     assert "python stderr" not in out and "python stdout" not in err
 
 
+def test_status_and_jobs_show_what_users_wrote_safely(enclave):
+    """A job's function name, failure reason and history come from its owner: the admin
+    who reads them sees no escape sequence of theirs reach the terminal, and a reason of
+    several lines on one line."""
+    from kotta_executor.states import JobState
+
+    job = os.urandom(16).hex()
+    fn = "m.f\x1b]0;owned\x07\x1b[2J"
+    enclave.jobs.create([NewJob(job, "mallory", "c", "test", fn, 60.0, b"x")], enqueue=False)
+    enclave.jobs.transition([job], JobState.FAILED, reason="line one\nline two\x1b[31m red")
+
+    r = kotta(enclave.home, "status", job)  # (the caller is an admin here)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "function  m.f?]0;owned??[2J (1 call)" in r.stdout
+    assert "state     failed  (line one line two?[31m red)" in r.stdout
+    history = r.stdout.split("history\n", 1)[1].splitlines()
+    assert history[-1].split(None, 3)[2:] == ["failed", "line one line two?[31m red"]
+
+    r = kotta(enclave.home, "jobs", "--all-users")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert _job_line(r.stdout, job).endswith("  m.f?]0;owned??[2J")
+
+
 # ---------------------------------------------------------------------- cancel
 
 
