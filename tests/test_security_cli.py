@@ -3,14 +3,17 @@ as a user who is not one.  Real subprocesses on a real enclave directory."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import time
 
 import pytest
 
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.data import get_object
 from kotta_executor.security.policy import PolicyStore
+from kotta_executor.security.tokens import TokenService
 from tests.conftest import subprocess_env
 from tests.test_cli import kotta
 
@@ -121,3 +124,50 @@ def test_enclave_after_a_nested_command(command, enclave, tmp_path):
     r = kotta(None, *command, "--enclave", str(other))
     assert "unrecognized arguments" not in r.stderr
     assert str(other) in r.stderr
+
+
+@pytest.mark.parametrize("days", ["nan", "inf", "-inf", "1e308", "0", "-1", "3650.5"])
+def test_token_issue_refuses_days_that_are_no_lifetime(days, enclave, enclave_dir):
+    """A token lasts more than 0 days and at most MAX_REFRESH_DAYS (ten years): NaN,
+    infinity or 1e308 made `kotta token list` fail, 0 or less a token born expired."""
+    assert kotta(enclave_dir, "user", "add", "carol", "--role", "analyst").returncode == 0
+    r = kotta(enclave_dir, "token", "issue", "carol", f"--days={days}")
+    assert r.returncode == 2, r.stdout
+    assert r.stderr == ("kotta: error: --days must be more than 0 and at most 3650, "
+                        f"not {float(days):g}\n")
+    assert r.stdout == ""
+    assert len(TokenService(enclave).tokens("carol")) == 1  # user add's own, no other
+
+
+def test_token_issue_for_the_longest_time_allowed(enclave, enclave_dir):
+    assert kotta(enclave_dir, "user", "add", "carol", "--role", "analyst").returncode == 0
+    r = kotta(enclave_dir, "token", "issue", "carol", "--days", "3650")
+    assert r.returncode == 0, r.stderr
+    rid = r.stdout.split(".")[1]
+    r = kotta(enclave_dir, "token", "list", "--user", "carol")
+    assert r.returncode == 0, r.stderr
+    assert _token_row(r.stdout, rid)[-1] == "valid"
+
+
+def _token_row(listing: str, rid: str) -> list[str]:
+    [row] = [line.split() for line in listing.splitlines() if line.startswith(rid)]
+    return row
+
+
+def test_token_list_shows_expired_tokens_and_any_stored_expiry(enclave, enclave_dir):
+    """An expired token is listed as such, not as valid; an expiry no time can show (1e308,
+    NaN, from before --days was checked) is listed, not a traceback."""
+    assert kotta(enclave_dir, "user", "add", "carol", "--role", "analyst").returncode == 0
+    [first] = TokenService(enclave).tokens("carol")
+    rec = enclave.records.get("refresh", first["id"])
+    for rid, expires in (("e" * 18, time.time() - 1), ("b" * 18, 1e308), ("n" * 18, math.nan)):
+        enclave.records.put("refresh", rid, {**rec, "expires": expires})
+    r = kotta(enclave_dir, "token", "list", "--user", "carol")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert _token_row(r.stdout, first["id"])[-1] == "valid"
+    assert _token_row(r.stdout, "e" * 18)[-1] == "expired"
+    assert "1e+308 (not a time)" in r.stdout
+    assert _token_row(r.stdout, "b" * 18)[-1] == "valid"
+    assert _token_row(r.stdout, "n" * 18)[-1] == "expired"  # NaN: no time at which it is valid
+    assert "nan (not a time)" in r.stdout
