@@ -229,6 +229,26 @@ def test_an_enclave_path_that_cannot_be_looked_at_is_a_clean_error(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("command", [["jobs"], ["whoami"], ["audit", "verify"]],
+                         ids=lambda c: c[0])
+def test_an_enclave_database_that_is_not_sqlite_is_a_clean_error(command, tmp_path):
+    home = tmp_path / "enclave"
+    home.mkdir()
+    (home / "kotta.db").write_text("not a database\n")
+    r = kotta(home, *command)
+    assert r.returncode == 2, r.stdout
+    assert r.stderr == (f"kotta: error: cannot open the enclave database {home}/kotta.db: "
+                        "file is not a database\n")
+
+
+def test_an_enclave_directory_sqlite_cannot_write_in_is_a_clean_error():
+    """(/proc: a directory that exists, where no file can be made, even by root)"""
+    r = kotta("/proc", "whoami")
+    assert r.returncode == 2, r.stdout
+    assert r.stderr == ("kotta: error: cannot open the enclave database /proc/kotta.db: "
+                        "unable to open database file\n")
+
+
 def test_the_same_command_on_an_enclave_that_exists_runs(enclave):
     r = kotta(enclave.home, "jobs")
     assert r.returncode == 0, r.stderr

@@ -901,7 +901,13 @@ class EmbeddedEnclave(Enclave):
             raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
         self.url = f"embedded://{self.home}"
         self.local = True
-        self._db = _Db(self.home / "kotta.db")
+        db = self.home / "kotta.db"
+        try:
+            self._db = _Db(db)
+        except sqlite3.Error as exc:
+            # a kotta.db that is not SQLite, or a directory where SQLite cannot make one:
+            # what is wrong with which file, for the command to say
+            raise ConfigurationError(f"cannot open the enclave database {db}: {exc}") from exc
         self.blobs = EmbeddedBlobs(self.home / "blobs")
         self.queue = EmbeddedQueue(self._db, self)
         self.jobs = EmbeddedJobs(self._db, self.blobs)
