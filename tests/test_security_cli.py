@@ -171,3 +171,14 @@ def test_token_list_shows_expired_tokens_and_any_stored_expiry(enclave, enclave_
     assert _token_row(r.stdout, "b" * 18)[-1] == "valid"
     assert _token_row(r.stdout, "n" * 18)[-1] == "expired"  # NaN: no time at which it is valid
     assert "nan (not a time)" in r.stdout
+
+
+def test_dataset_put_of_a_file_it_cannot_read_is_a_clean_error(enclave, enclave_dir, tmp_path):
+    assert kotta(enclave_dir, "dataset", "add", "s3://klab-jobs/").returncode == 0
+    missing = tmp_path / "no-such-file"
+    for path, why in ((missing, "No such file or directory"), (tmp_path, "Is a directory")):
+        r = kotta(enclave_dir, "dataset", "put", "s3://klab-jobs/x", str(path))
+        assert r.returncode == 2, r.stdout
+        assert r.stderr == f"kotta: error: cannot read {path}: {why}\n"
+    r = kotta(tmp_path / "enclvae", "dataset", "put", "s3://klab-jobs/x", str(missing))
+    assert r.returncode == 2 and not (tmp_path / "enclvae").exists()  # no enclave made
