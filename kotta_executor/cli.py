@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("jobs", help="list jobs")
     j.add_argument("--state", choices=[str(s) for s in JobState])
-    j.add_argument("--limit", type=int, default=20)
+    j.add_argument("--limit", type=int, default=20,
+                   help=f"at most this many, the newest (default 20, at most {JOBS_LIMIT_MAX})")
     j.add_argument("--all-users", action="store_true")
 
     dl = sub.add_parser("dead-letters", help="tasks a queue gave up on, and why")
@@ -335,7 +336,13 @@ def _creds(enclave: Enclave):
     return credentials.load(enclave)
 
 
+#: the most jobs `kotta jobs --limit` lists
+JOBS_LIMIT_MAX = 100_000
+
+
 def cmd_jobs(args) -> int:
+    if not 0 <= args.limit <= JOBS_LIMIT_MAX:
+        raise ValueError(f"--limit must be between 0 and {JOBS_LIMIT_MAX}, not {args.limit}")
     enclave = _enclave(args, existing=True)
     creds = _creds(enclave)
     if args.all_users and not creds.admin:

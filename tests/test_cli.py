@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -12,6 +14,8 @@ from concurrent.futures import CancelledError
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kotta_executor import TaskKilled
 from kotta_executor.backends.base import NewJob
@@ -247,6 +251,28 @@ def test_an_enclave_directory_sqlite_cannot_write_in_is_a_clean_error():
     assert r.returncode == 2, r.stdout
     assert r.stderr == ("kotta: error: cannot open the enclave database /proc/kotta.db: "
                         "unable to open database file\n")
+
+
+@settings(max_examples=50, deadline=None)
+@given(limit=st.integers().filter(lambda n: not 0 <= n <= 100_000))
+def test_jobs_limit_out_of_range_is_an_error(limit):
+    """Too big for SQLite (an OverflowError before), or negative (SQLite's "no limit")."""
+    from kotta_executor.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # (refused before any enclave is opened)
+        assert main(["--enclave", "/nonexistent/enclave", "jobs", "--limit", str(limit)]) == 2
+    assert err.getvalue() == f"kotta: error: --limit must be between 0 and 100000, not {limit}\n"
+
+
+def test_jobs_limit_at_its_bounds(executor, enclave_dir):
+    assert executor.submit(tasks.square, 2).result(GUARD) == 4
+    r = kotta(enclave_dir, "jobs", "--limit", "0")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1  # the header only
+    r = kotta(enclave_dir, "jobs", "--limit", "100000")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2
 
 
 def test_the_same_command_on_an_enclave_that_exists_runs(enclave):
