@@ -50,6 +50,7 @@ from .base import (
     Records,
     TaskQueue,
     check_record_name,
+    decode_record,
 )
 
 SCHEMA = """
@@ -866,7 +867,7 @@ class EmbeddedRecords(Records):
         with self._db.tx() as c:
             return c.execute("DELETE FROM records WHERE kind=? AND key=?", (kind, key)).rowcount == 1
 
-    def scan(self, kind, *, after="", limit=None, reverse=False):
+    def scan(self, kind, *, after="", limit=None, reverse=False, tolerant=False):
         if reverse:
             cond, order = ("AND key < ?" if after else "AND ? = ''"), "DESC"
         else:
@@ -876,7 +877,7 @@ class EmbeddedRecords(Records):
         if limit is not None:
             sql += " LIMIT ?"
             params += (int(limit),)
-        return [(k, json.loads(v)) for k, v in self._db.read(sql, params)]
+        return [(k, decode_record(v, tolerant=tolerant)) for k, v in self._db.read(sql, params)]
 
 
 class EmbeddedEnclave(Enclave):
