@@ -606,3 +606,15 @@ def test_cli_show_prints_a_table_and_json(logged):
     assert [x["seq"] for x in json.loads(r.stdout)] == [2]
     r = kotta(logged, "audit", "show", "--action", "job-denied", "--json")
     assert [x["user"] for x in json.loads(r.stdout)] == ["bob"]
+
+
+def test_cli_show_of_an_action_the_log_does_not_have_is_an_error(logged):
+    """Not an empty table, which reads as "nothing happened": the actions there are."""
+    r = kotta(logged, "audit", "show", "--action", "job-deny")
+    assert r.returncode == 2, r.stdout
+    assert r.stdout == ""
+    assert r.stderr == ("kotta: error: --action job-deny is not an action of the audit log; "
+                        f"they are: {', '.join(sorted(audit.ACTIONS))}\n")
+    assert "job-denied" in r.stderr and "token-issue" in r.stderr
+    r = kotta(logged, "audit", "show", "--action", "job-denied")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
