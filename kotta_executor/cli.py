@@ -7,6 +7,7 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -147,8 +148,43 @@ def _enclave(args, *, existing: bool = False) -> Enclave:
 # --------------------------------------------------------------------------- nodes
 
 
+def _check_node_options(args) -> None:
+    """The options of a node, for `kotta node` and for the nodes `kotta up` starts (its
+    --nodes and --cooldown too), checked before anything is opened or started: a node
+    that `kotta up` started with a bad option would die in the background, or worse, run
+    (--max-deliveries 0 fails every task it receives).  Each error names its option."""
+    def number(name: str, low: float, *, above: bool = False, what: str = "seconds") -> None:
+        value = getattr(args, name)
+        if not (low < value if above else low <= value) or not math.isfinite(value):
+            option = "--" + name.replace("_", "-")
+            bound = f"more than {low:g}" if above else f"{low:g} or more"
+            raise ValueError(f"{option} must be a number of {what}, {bound}")
+
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if args.max_deliveries < 1:
+        raise ValueError("--max-deliveries must be at least 1")
+    if getattr(args, "max_jobs", None) is not None and args.max_jobs < 1:
+        raise ValueError("--max-jobs must be at least 1")
+    if getattr(args, "nodes", 1) < 1:
+        raise ValueError("--nodes must be at least 1")
+    number("visibility_timeout", 0, above=True)
+    number("poll_interval", 0)
+    number("drain_timeout", 0)
+    if hasattr(args, "cooldown"):
+        number("cooldown", 0)
+    if not (args.sample_interval == 0 or 1 <= args.sample_interval < math.inf):
+        raise ValueError("--sample-interval must be at least 1 second (or 0: no samples)")
+    if args.memory_limit is not None and args.memory_limit < 1:
+        raise ValueError("--memory-limit must be at least 1 MB")
+    if args.max_walltime is not None and not 0 < args.max_walltime < math.inf:
+        raise ValueError("--max-walltime must be a positive number of minutes")
+
+
 def cmd_node(args) -> int:
     from node.daemon import Node, NodeConfig
+
+    _check_node_options(args)
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -170,14 +206,6 @@ def cmd_node(args) -> int:
         memory_limit=args.memory_limit,
         max_walltime=None if args.max_walltime is None else args.max_walltime * 60.0,
     )
-    if args.memory_limit is not None and args.memory_limit < 1:
-        raise ValueError("--memory-limit must be at least 1 MB")
-    if args.max_walltime is not None and not 0 < args.max_walltime < float("inf"):
-        raise ValueError("--max-walltime must be a positive number of minutes")
-    if cfg.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    if 0 < cfg.sample_interval < 1 or cfg.sample_interval < 0:
-        raise ValueError("--sample-interval must be at least 1 second (or 0: no samples)")
     enclave = _enclave(args)
     node = Node(enclave, cfg)
     signal.signal(signal.SIGTERM, node.request_stop)
@@ -189,6 +217,7 @@ def cmd_node(args) -> int:
 
 
 def cmd_up(args) -> int:
+    _check_node_options(args)  # (of the nodes it starts itself, or its scaler does)
     enclave = _enclave(args)
     queue = config.normalize_queue(args.queue)
     logs = Path(getattr(enclave, "home", config.kotta_home())) / "logs"
@@ -254,10 +283,6 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
     hi = args.max_nodes if args.max_nodes is not None else lo
     if lo < 0 or hi < 1 or hi < lo:
         raise ValueError("need 0 <= --min <= --max and --max >= 1")
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    if args.cooldown < 0:
-        raise ValueError("--cooldown must not be negative")
     home = Path(getattr(enclave, "home", config.kotta_home()))
     pidf = pid_file(home, queue)
     running = read_pid(pidf)

@@ -380,6 +380,66 @@ def test_up_starts_a_background_node_and_down_stops_it(enclave, make_executor):
                 pass
 
 
+_BAD_NODE_OPTIONS = [
+    ("--workers=0", "--workers must be at least 1"),
+    ("--max-deliveries=0", "--max-deliveries must be at least 1"),
+    ("--visibility-timeout=-1", "--visibility-timeout must be a number of seconds, more than 0"),
+    ("--visibility-timeout=0", "--visibility-timeout must be a number of seconds, more than 0"),
+    ("--visibility-timeout=inf", "--visibility-timeout must be a number of seconds, more than 0"),
+    ("--poll-interval=-1", "--poll-interval must be a number of seconds, 0 or more"),
+    ("--poll-interval=nan", "--poll-interval must be a number of seconds, 0 or more"),
+    ("--drain-timeout=-0.5", "--drain-timeout must be a number of seconds, 0 or more"),
+    ("--drain-timeout=inf", "--drain-timeout must be a number of seconds, 0 or more"),
+    ("--sample-interval=0.5", "--sample-interval must be at least 1 second (or 0: no samples)"),
+    ("--sample-interval=nan", "--sample-interval must be at least 1 second (or 0: no samples)"),
+    ("--memory-limit=0", "--memory-limit must be at least 1 MB"),
+    ("--max-walltime=0", "--max-walltime must be a positive number of minutes"),
+    ("--max-walltime=inf", "--max-walltime must be a positive number of minutes"),
+]
+
+
+@pytest.mark.parametrize("command, option, message", [
+    *(["node", o, m] for o, m in _BAD_NODE_OPTIONS),
+    ["node", "--max-jobs=0", "--max-jobs must be at least 1"],
+    *(["up", o, m] for o, m in _BAD_NODE_OPTIONS),
+    ["up", "--nodes=0", "--nodes must be at least 1"],
+    ["up", "--nodes=-1", "--nodes must be at least 1"],
+    ["up", "--cooldown=-1", "--cooldown must be a number of seconds, 0 or more"],
+], ids=lambda x: x if x in ("node", "up") or x.startswith("--") else "")
+def test_bad_node_options_are_refused_before_anything_starts(command, option, message,
+                                                              enclave, make_executor):
+    """`kotta node` and `kotta up` check the node options alike, and before a node starts:
+    one that `kotta up` started would die in the background (--poll-interval -1, with an
+    error that did not name it), or run (--max-deliveries 0 failed every queued task)."""
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 3)  # a queued task that a node must not fail
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be created")
+    extra = ["--burst"] if command == "node" else []  # (a node that started: it ends)
+    try:
+        r = kotta(enclave.home, command, option, *extra)
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", f"kotta: error: {message}\n")
+        assert enclave.nodes.all() == []  # none started
+        assert not (enclave.home / "logs").exists()
+        assert enclave.jobs.get(f.job_id).state == "pending"
+    finally:
+        for n in enclave.nodes.all():  # (without the check) no node is left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(n.pid, signal.SIGKILL)
+
+
+def test_up_elastic_checks_the_node_options_too(enclave):
+    r = kotta(enclave.home, "up", "--min", "0", "--max", "2", "--workers", "0")
+    assert (r.returncode, r.stderr) == (2, "kotta: error: --workers must be at least 1\n")
+    assert not (enclave.home / "logs").exists()
+
+
+def test_node_options_at_their_bounds_run(enclave):
+    r = kotta(enclave.home, "node", "--burst", "--poll-interval", "0", "--drain-timeout", "0",
+              "--sample-interval", "0", "--max-deliveries", "1", "--max-jobs", "1",
+              "--visibility-timeout", "0.5", "--workers", "1")
+    assert r.returncode == 0, r.stderr  # an empty queue: the burst ends at once
+
+
 def test_status_plot_into_a_missing_directory_is_a_clean_error(executor, enclave_dir, tmp_path):
     f = executor.submit(tasks.square, 3)
     assert f.result(GUARD) == 9
