@@ -276,7 +276,7 @@ class UnreadableRecord(str):
 
 
 def decode_record(text: str, *, tolerant: bool = False) -> Any:
-    """A record's stored JSON text, decoded (see :meth:`RecordStore.scan`)."""
+    """A record's stored JSON text, decoded (see :meth:`Records.scan`)."""
     try:
         return json.loads(text)
     except ValueError:
