@@ -7,6 +7,7 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -28,13 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--enclave", help=help_)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--enclave", default=argparse.SUPPRESS, help=help_)
-    sub = p.add_subparsers(dest="command", required=True)
-    add = sub.add_parser
-
-    def add_parser(name, **kw):
-        return add(name, parents=[common], **kw)
-
-    sub.add_parser = add_parser
+    sub = _taking(common, p.add_subparsers(dest="command", required=True))
 
     n = sub.add_parser("node", help="run a node daemon in the foreground")
     _node_args(n)
@@ -63,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("jobs", help="list jobs")
     j.add_argument("--state", choices=[str(s) for s in JobState])
-    j.add_argument("--limit", type=int, default=20)
+    j.add_argument("--limit", type=int, default=20,
+                   help=f"at most this many, the newest (default 20, at most {JOBS_LIMIT_MAX})")
     j.add_argument("--all-users", action="store_true")
 
     dl = sub.add_parser("dead-letters", help="tasks a queue gave up on, and why")
@@ -93,6 +89,22 @@ def _parser() -> argparse.ArgumentParser:
 
     add_security_parsers(sub)
     return p
+
+
+def _taking(common: argparse.ArgumentParser, sub):
+    """``sub`` (the subparsers of a command), whose commands take the options of ``common``
+    (``--enclave``) after their name, and so do the commands nested in them: ``kotta user
+    list --enclave E`` as well as ``kotta jobs --enclave E``."""
+    add = sub.add_parser
+
+    def add_parser(name, **kw):
+        parser = add(name, parents=[common], **kw)
+        add_subparsers = parser.add_subparsers
+        parser.add_subparsers = lambda **kw2: _taking(common, add_subparsers(**kw2))
+        return parser
+
+    sub.add_parser = add_parser
+    return sub
 
 
 def _node_args(p: argparse.ArgumentParser) -> None:
@@ -136,9 +148,44 @@ def _enclave(args, *, existing: bool = False) -> Enclave:
 # --------------------------------------------------------------------------- nodes
 
 
+def _check_node_options(args) -> None:
+    """The options of a node, for `kotta node` and for the nodes `kotta up` starts (its
+    --nodes and --cooldown too), checked before anything is opened or started: a node
+    that `kotta up` started with a bad option would die in the background, or worse, run
+    (--max-deliveries 0 fails every task it receives).  Each error names its option."""
+    def number(name: str, low: float, *, above: bool = False, what: str = "seconds") -> None:
+        value = getattr(args, name)
+        if not (low < value if above else low <= value) or not math.isfinite(value):
+            option = "--" + name.replace("_", "-")
+            bound = f"more than {low:g}" if above else f"{low:g} or more"
+            raise ValueError(f"{option} must be a number of {what}, {bound}")
+
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if args.max_deliveries < 1:
+        raise ValueError("--max-deliveries must be at least 1")
+    if getattr(args, "max_jobs", None) is not None and args.max_jobs < 1:
+        raise ValueError("--max-jobs must be at least 1")
+    if getattr(args, "nodes", 1) < 1:
+        raise ValueError("--nodes must be at least 1")
+    number("visibility_timeout", 0, above=True)
+    number("poll_interval", 0)
+    number("drain_timeout", 0)
+    if hasattr(args, "cooldown"):
+        number("cooldown", 0)
+    if not (args.sample_interval == 0 or 1 <= args.sample_interval < math.inf):
+        raise ValueError("--sample-interval must be at least 1 second (or 0: no samples)")
+    if args.memory_limit is not None and args.memory_limit < 1:
+        raise ValueError("--memory-limit must be at least 1 MB")
+    if args.max_walltime is not None and not 0 < args.max_walltime < math.inf:
+        raise ValueError("--max-walltime must be a positive number of minutes")
+
+
 def cmd_node(args) -> int:
     from node.daemon import Node, NodeConfig
     from node.worker import become_subreaper
+
+    _check_node_options(args)
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -160,14 +207,6 @@ def cmd_node(args) -> int:
         memory_limit=args.memory_limit,
         max_walltime=None if args.max_walltime is None else args.max_walltime * 60.0,
     )
-    if args.memory_limit is not None and args.memory_limit < 1:
-        raise ValueError("--memory-limit must be at least 1 MB")
-    if args.max_walltime is not None and not 0 < args.max_walltime < float("inf"):
-        raise ValueError("--max-walltime must be a positive number of minutes")
-    if cfg.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    if 0 < cfg.sample_interval < 1 or cfg.sample_interval < 0:
-        raise ValueError("--sample-interval must be at least 1 second (or 0: no samples)")
     enclave = _enclave(args)
     node = Node(enclave, cfg)
     # the processes dead workers' tasks left in sessions of their own come to the node,
@@ -184,6 +223,7 @@ def cmd_node(args) -> int:
 
 
 def cmd_up(args) -> int:
+    _check_node_options(args)  # (of the nodes it starts itself, or its scaler does)
     enclave = _enclave(args)
     queue = config.normalize_queue(args.queue)
     logs = Path(getattr(enclave, "home", config.kotta_home())) / "logs"
@@ -249,10 +289,6 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
     hi = args.max_nodes if args.max_nodes is not None else lo
     if lo < 0 or hi < 1 or hi < lo:
         raise ValueError("need 0 <= --min <= --max and --max >= 1")
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    if args.cooldown < 0:
-        raise ValueError("--cooldown must not be negative")
     home = Path(getattr(enclave, "home", config.kotta_home()))
     pidf = pid_file(home, queue)
     running = read_pid(pidf)
@@ -333,7 +369,13 @@ def _creds(enclave: Enclave, doing: str):
     return credentials.load(enclave).check(doing)
 
 
+#: the most jobs `kotta jobs --limit` lists
+JOBS_LIMIT_MAX = 100_000
+
+
 def cmd_jobs(args) -> int:
+    if not 0 <= args.limit <= JOBS_LIMIT_MAX:
+        raise ValueError(f"--limit must be between 0 and {JOBS_LIMIT_MAX}, not {args.limit}")
     enclave = _enclave(args, existing=True)
     creds = _creds(enclave, "kotta jobs")
     if args.all_users and not creds.admin:
@@ -344,7 +386,8 @@ def cmd_jobs(args) -> int:
     rows = enclave.jobs.list(owner=owner, state=args.state, limit=args.limit)
     print(f"{'JOB':32}  {'STATE':15}  {'QUEUE':10}  {'CREATED':19}  FUNCTION")
     for j in rows:
-        print(f"{j.job_id:32}  {j.state:15}  {j.queue:10}  {_fmt_time(j.created):19}  {j.fn}")
+        print(f"{j.job_id:32}  {j.state:15}  {j.queue:10}  {_fmt_time(j.created):19}  "
+              f"{_printable(j.fn)}")
     return 0
 
 
@@ -366,7 +409,7 @@ def cmd_dead_letters(args) -> int:
     print(f"{'JOB':32}  {'DELIVERIES':10}  {'DEAD SINCE':19}  REASON")
     for d in letters:
         job = _printable(d["job_id"]) if d["job_id"] not in ("", "-") else "(no job)"
-        reason = _printable(" ".join(str(d["reason"]).split()))  # one line
+        reason = _printable(d["reason"])
         if len(reason) > DEAD_REASON_CHARS:
             reason = reason[: DEAD_REASON_CHARS - 1] + "…"
         print(f"{job:32}  {d['receive_count']:<10}  {_fmt_time(d['dead_at']):19}  {reason}")
@@ -378,9 +421,11 @@ def cmd_dead_letters(args) -> int:
 DEAD_REASON_CHARS = 300
 
 
-def _printable(text: str) -> str:
-    """Text from the queue, safe for a terminal: control characters shown as ``?``."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+def _printable(text: object) -> str:
+    """Text other users wrote (a job's function name, why it failed, its history, a dead
+    letter's reason), safe for a terminal on one line: runs of white space (line breaks
+    too) become one space, other control characters (escape sequences) show as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in " ".join(str(text).split()))
 
 
 def _own_job(enclave: Enclave, job_id: str, doing: str, *, with_result: bool = False,
@@ -404,7 +449,7 @@ def cmd_status(args) -> int:
 
         samples = (job.usage or {}).get("samples") or []
         try:
-            Path(args.plot).write_text(svg(samples, f"job {job.job_id} ({job.fn})"))
+            Path(args.plot).write_text(svg(samples, f"job {job.job_id} ({_printable(job.fn)})"))
         except OSError as exc:
             raise ValueError(f"cannot write the plot to {args.plot}: {exc.strerror}") from None
         print(f"wrote {len(samples)} sample{'s' if len(samples) != 1 else ''} to {args.plot}",
@@ -413,15 +458,15 @@ def cmd_status(args) -> int:
         print(json.dumps({**job.as_dict(), "history": history}, indent=2))
         return 0
     print(f"job       {job.job_id}")
-    print(f"function  {job.fn} ({job.n} call{'s' if job.n != 1 else ''})")
-    print(f"state     {job.state}" + (f"  ({job.reason})" if job.reason else ""))
+    print(f"function  {_printable(job.fn)} ({job.n} call{'s' if job.n != 1 else ''})")
+    print(f"state     {job.state}" + (f"  ({_printable(job.reason)})" if job.reason else ""))
     print(f"owner     {job.owner}   queue {job.queue}   walltime {job.walltime / 60:g} min")
     print(f"node      {job.node or '-'}   attempts {job.attempts}")
     if job.usage:
         _print_usage(job.usage)
     print("history")
     for ts, state, detail in history:
-        print(f"  {_fmt_time(ts)}  {state:15} {detail or ''}")
+        print(f"  {_fmt_time(ts)}  {state:15} {_printable(detail or '')}")
     return 0
 
 

@@ -181,4 +181,4 @@ class InvalidDataUri(KottaError, ValueError):
 
 class AuditError(KottaError, RuntimeError):
     """The audit log cannot be appended to (its tail is not a record, or every attempt to
-    write the next record lost)."""
+    write the next record lost), or a record to show is damaged."""

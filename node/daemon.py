@@ -724,11 +724,19 @@ class Node:
             )
 
     def _room(self) -> int:
-        inflight = sum(len(w.inflight) for w in self.workers) + len(self.data.active)
+        """How many more tasks the node takes: enough to keep its workers' pipes full, but
+        with ``max_jobs``, no more than it has left to run (what it holds and what it has
+        run count), so that it never receives a task it would not start."""
+        held = sum(len(w.inflight) for w in self.workers) + len(self.data.active) + len(
+            self.pending)
         cap = self.config.workers * 4
         if self.workers and all(w.depth > 2 for w in self.workers):
             cap = self.config.workers * 160  # 64 in each pipe, and as many waiting
-        return cap - inflight - len(self.pending)
+        room = cap - held
+        if self.config.max_jobs is not None:
+            left = self.config.max_jobs - self.jobs_done - len(self.finished) - held
+            room = min(room, left)
+        return room
 
     def _receive(self) -> None:
         room = self._room()
@@ -790,7 +798,7 @@ class Node:
                 continue
             try:  # ten at a time (one call's worth); the loop keeps what it cannot run yet
                 got = self.enclave.queue.receive(
-                    self.queue, 10, self.config.visibility_timeout, self.node_id,
+                    self.queue, min(10, room), self.config.visibility_timeout, self.node_id,
                     wait_seconds=self.config.long_poll,
                 )
             except Exception:  # noqa: BLE001 - keep polling; the backend retries itself

@@ -241,6 +241,51 @@ def test_a_replaced_record_with_a_new_hash_is_detected_by_its_successor(enclave)
     assert_names(problems, "record 4: does not follow record 3")
 
 
+def _put_text(enclave, kind: str, seq: int, text: str) -> None:
+    """Store ``text`` as the value of a record, around the records API (which stores JSON)."""
+    if isinstance(enclave, EmbeddedEnclave):
+        db = sqlite3.connect(enclave.home / "kotta.db")
+        with db:
+            db.execute("UPDATE records SET value=? WHERE kind=? AND key=?",
+                       (text, kind, record_key(seq)))
+        db.close()
+    else:
+        enclave.records._t._call("put_item", TableName=enclave.records.table, Item={
+            "kind": {"S": kind}, "key": {"S": record_key(seq)}, "value": {"S": text}})
+
+
+def test_records_that_are_not_json_objects_are_reported_and_verify_reads_on(enclave):
+    log = AuditLog(enclave)
+    fill(log, 8)
+    _put(enclave, 2, [1, 2])  # JSON, not an object
+    _put_text(enclave, KIND, 4, "not json {")
+    rec = _get(enclave, 6)
+    rec["allowed"] = False
+    _put(enclave, 6, rec)
+    assert problems_of(enclave) == [
+        "record 2: not a JSON object (damaged or replaced)",
+        "record 4: not JSON (damaged or replaced)",
+        "record 6: modified (its hash does not match its contents)",
+    ]
+    with pytest.raises(AuditError, match=r"the audit record \S+ of \S+ is damaged"):
+        log.show()
+    _put_text(enclave, KIND, 8, "42")  # the tail: the log is appended to, all the same
+    log.append(audit.STAGE_IN, user="alice")
+    report = AuditLog(enclave).verify()
+    assert report.records == 9
+    assert_names(report.problems, "record 2:", "record 4:", "record 6:",
+                 "record 8: not a JSON object")
+
+
+def test_a_checkpoint_that_is_not_json_is_reported(enclave):
+    log = AuditLog(enclave)
+    fill(log, 3)
+    assert log.checkpoint()["seq"] == 3
+    fill(log, 2)
+    _put_text(enclave, CHECKPOINT_KIND, 3, "][")
+    assert problems_of(enclave) == ["checkpoint 3: bad MAC (forged or modified)"]
+
+
 def test_a_deleted_record_is_detected(enclave):
     fill(AuditLog(enclave), 6)
     assert enclave.records.delete(KIND, record_key(4))
@@ -516,6 +561,27 @@ def test_cli_verify_passes_then_fails_after_sqlite_tampering(logged):
     ]
 
 
+@pytest.mark.parametrize("text, what", [("[1, 2]", "not a JSON object"),
+                                        ("not json {", "not JSON")])
+def test_cli_verify_reports_a_record_that_is_not_a_json_object(logged, text, what):
+    db = sqlite3.connect(logged / "kotta.db")
+    with db:
+        db.execute("UPDATE records SET value=? WHERE kind=? AND key=?",
+                   (text, KIND, record_key(2)))
+    db.close()
+    r = kotta(logged, "audit", "verify")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == ""
+    assert r.stdout.splitlines() == [
+        f"record 2: {what} (damaged or replaced)",
+        "audit log BROKEN: 1 problem in 4 records, 0 checkpoints",
+    ]
+    r = kotta(logged, "audit", "show")
+    assert r.returncode == 2
+    assert r.stderr == (f"kotta: error: the audit record {record_key(2)} of embedded://{logged}"
+                        " is damaged (not a JSON object): run `kotta audit verify`\n")
+
+
 def test_cli_show_prints_a_table_and_json(logged):
     r = kotta(logged, "audit", "show")
     assert r.returncode == 0, r.stderr
@@ -540,3 +606,15 @@ def test_cli_show_prints_a_table_and_json(logged):
     assert [x["seq"] for x in json.loads(r.stdout)] == [2]
     r = kotta(logged, "audit", "show", "--action", "job-denied", "--json")
     assert [x["user"] for x in json.loads(r.stdout)] == ["bob"]
+
+
+def test_cli_show_of_an_action_the_log_does_not_have_is_an_error(logged):
+    """Not an empty table, which reads as "nothing happened": the actions there are."""
+    r = kotta(logged, "audit", "show", "--action", "job-deny")
+    assert r.returncode == 2, r.stdout
+    assert r.stdout == ""
+    assert r.stderr == ("kotta: error: --action job-deny is not an action of the audit log; "
+                        f"they are: {', '.join(sorted(audit.ACTIONS))}\n")
+    assert "job-denied" in r.stderr and "token-issue" in r.stderr
+    r = kotta(logged, "audit", "show", "--action", "job-denied")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -12,6 +14,8 @@ from concurrent.futures import CancelledError
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kotta_executor import TaskKilled
 from kotta_executor.backends.base import NewJob
@@ -101,6 +105,31 @@ def test_logs_prints_the_tasks_stdout_and_stderr(executor, enclave_dir):
     for text in ("python stderr", "child stderr"):
         assert text in err
     assert "python stderr" not in out and "python stdout" not in err
+
+
+def test_status_and_jobs_show_what_users_wrote_safely(enclave):
+    """A job's function name, failure reason and history come from its owner: the admin
+    who reads them sees no escape sequence of theirs reach the terminal, and a reason of
+    several lines on one line."""
+    from kotta_executor.states import JobState
+
+    job = os.urandom(16).hex()
+    fn = "m.f\x1b]0;owned\x07\x1b[2J"
+    enclave.jobs.create([NewJob(job, "mallory", "c", "test", fn, 60.0, b"x")], enqueue=False)
+    enclave.jobs.transition([job], JobState.FAILED, reason="line one\nline two\x1b[31m red")
+
+    r = kotta(enclave.home, "status", job)  # (the caller is an admin here)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "function  m.f?]0;owned??[2J (1 call)" in r.stdout
+    assert "state     failed  (line one line two?[31m red)" in r.stdout
+    history = r.stdout.split("history\n", 1)[1].splitlines()
+    assert history[-1].split(None, 3)[2:] == ["failed", "line one line two?[31m red"]
+
+    r = kotta(enclave.home, "jobs", "--all-users")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert _job_line(r.stdout, job).endswith("  m.f?]0;owned??[2J")
 
 
 # ---------------------------------------------------------------------- cancel
@@ -202,6 +231,48 @@ def test_an_enclave_path_that_cannot_be_looked_at_is_a_clean_error(tmp_path):
     assert r.stderr.startswith(f"kotta: error: cannot look for an enclave at {bad}: ")
     assert "File name too long" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["whoami"], ["audit", "verify"]],
+                         ids=lambda c: c[0])
+def test_an_enclave_database_that_is_not_sqlite_is_a_clean_error(command, tmp_path):
+    home = tmp_path / "enclave"
+    home.mkdir()
+    (home / "kotta.db").write_text("not a database\n")
+    r = kotta(home, *command)
+    assert r.returncode == 2, r.stdout
+    assert r.stderr == (f"kotta: error: cannot open the enclave database {home}/kotta.db: "
+                        "file is not a database\n")
+
+
+def test_an_enclave_directory_sqlite_cannot_write_in_is_a_clean_error():
+    """(/proc: a directory that exists, where no file can be made, even by root)"""
+    r = kotta("/proc", "whoami")
+    assert r.returncode == 2, r.stdout
+    assert r.stderr == ("kotta: error: cannot open the enclave database /proc/kotta.db: "
+                        "unable to open database file\n")
+
+
+@settings(max_examples=50, deadline=None)
+@given(limit=st.integers().filter(lambda n: not 0 <= n <= 100_000))
+def test_jobs_limit_out_of_range_is_an_error(limit):
+    """Too big for SQLite (an OverflowError before), or negative (SQLite's "no limit")."""
+    from kotta_executor.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # (refused before any enclave is opened)
+        assert main(["--enclave", "/nonexistent/enclave", "jobs", "--limit", str(limit)]) == 2
+    assert err.getvalue() == f"kotta: error: --limit must be between 0 and 100000, not {limit}\n"
+
+
+def test_jobs_limit_at_its_bounds(executor, enclave_dir):
+    assert executor.submit(tasks.square, 2).result(GUARD) == 4
+    r = kotta(enclave_dir, "jobs", "--limit", "0")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1  # the header only
+    r = kotta(enclave_dir, "jobs", "--limit", "100000")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2
 
 
 def test_the_same_command_on_an_enclave_that_exists_runs(enclave):
@@ -307,6 +378,66 @@ def test_up_starts_a_background_node_and_down_stops_it(enclave, make_executor):
                     os.kill(n.pid, signal.SIGKILL)
             except (psutil.Error, ProcessLookupError):
                 pass
+
+
+_BAD_NODE_OPTIONS = [
+    ("--workers=0", "--workers must be at least 1"),
+    ("--max-deliveries=0", "--max-deliveries must be at least 1"),
+    ("--visibility-timeout=-1", "--visibility-timeout must be a number of seconds, more than 0"),
+    ("--visibility-timeout=0", "--visibility-timeout must be a number of seconds, more than 0"),
+    ("--visibility-timeout=inf", "--visibility-timeout must be a number of seconds, more than 0"),
+    ("--poll-interval=-1", "--poll-interval must be a number of seconds, 0 or more"),
+    ("--poll-interval=nan", "--poll-interval must be a number of seconds, 0 or more"),
+    ("--drain-timeout=-0.5", "--drain-timeout must be a number of seconds, 0 or more"),
+    ("--drain-timeout=inf", "--drain-timeout must be a number of seconds, 0 or more"),
+    ("--sample-interval=0.5", "--sample-interval must be at least 1 second (or 0: no samples)"),
+    ("--sample-interval=nan", "--sample-interval must be at least 1 second (or 0: no samples)"),
+    ("--memory-limit=0", "--memory-limit must be at least 1 MB"),
+    ("--max-walltime=0", "--max-walltime must be a positive number of minutes"),
+    ("--max-walltime=inf", "--max-walltime must be a positive number of minutes"),
+]
+
+
+@pytest.mark.parametrize("command, option, message", [
+    *(["node", o, m] for o, m in _BAD_NODE_OPTIONS),
+    ["node", "--max-jobs=0", "--max-jobs must be at least 1"],
+    *(["up", o, m] for o, m in _BAD_NODE_OPTIONS),
+    ["up", "--nodes=0", "--nodes must be at least 1"],
+    ["up", "--nodes=-1", "--nodes must be at least 1"],
+    ["up", "--cooldown=-1", "--cooldown must be a number of seconds, 0 or more"],
+], ids=lambda x: x if x in ("node", "up") or x.startswith("--") else "")
+def test_bad_node_options_are_refused_before_anything_starts(command, option, message,
+                                                              enclave, make_executor):
+    """`kotta node` and `kotta up` check the node options alike, and before a node starts:
+    one that `kotta up` started would die in the background (--poll-interval -1, with an
+    error that did not name it), or run (--max-deliveries 0 failed every queued task)."""
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 3)  # a queued task that a node must not fail
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be created")
+    extra = ["--burst"] if command == "node" else []  # (a node that started: it ends)
+    try:
+        r = kotta(enclave.home, command, option, *extra)
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", f"kotta: error: {message}\n")
+        assert enclave.nodes.all() == []  # none started
+        assert not (enclave.home / "logs").exists()
+        assert enclave.jobs.get(f.job_id).state == "pending"
+    finally:
+        for n in enclave.nodes.all():  # (without the check) no node is left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(n.pid, signal.SIGKILL)
+
+
+def test_up_elastic_checks_the_node_options_too(enclave):
+    r = kotta(enclave.home, "up", "--min", "0", "--max", "2", "--workers", "0")
+    assert (r.returncode, r.stderr) == (2, "kotta: error: --workers must be at least 1\n")
+    assert not (enclave.home / "logs").exists()
+
+
+def test_node_options_at_their_bounds_run(enclave):
+    r = kotta(enclave.home, "node", "--burst", "--poll-interval", "0", "--drain-timeout", "0",
+              "--sample-interval", "0", "--max-deliveries", "1", "--max-jobs", "1",
+              "--visibility-timeout", "0.5", "--workers", "1")
+    assert r.returncode == 0, r.stderr  # an empty queue: the burst ends at once
 
 
 def test_status_plot_into_a_missing_directory_is_a_clean_error(executor, enclave_dir, tmp_path):

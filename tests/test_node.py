@@ -511,3 +511,23 @@ def test_burst_node_exits_when_the_queue_is_empty(start_node, make_executor, enc
     idle = start_node("--burst", workers=1, wait=False)  # nothing to do: exits at once
     assert idle.proc.wait(GUARD) == 0
     assert enclave.nodes.live() == []
+
+
+def test_max_jobs_runs_that_many_and_leaves_the_rest_queued(start_node, make_executor,
+                                                            enclave):
+    """``--max-jobs N`` with more than N tasks queued: the node receives and runs N (not a
+    whole batch, pipelined to its workers before it counts), and exits; the rest stay
+    pending in the queue, never received, for the next node."""
+    ex = make_executor(1, start_node=False)
+    fs = [ex.submit(tasks.square, i) for i in range(8)]
+    wait_for(lambda: enclave.queue.depth("test") == 8, what="the tasks to be queued")
+    node = start_node("--max-jobs", "3", workers=2, wait=False)
+    assert node.proc.wait(GUARD) == 0, node.output()
+    jobs = [enclave.jobs.get(f.job_id) for f in fs]
+    assert sorted(j.state for j in jobs) == ["completed"] * 3 + ["pending"] * 5
+    assert all(j.attempts == 0 and j.node is None for j in jobs if j.state == "pending")
+    assert enclave.queue.depth("test") == 5
+    assert "stopped after 3 jobs" in node.output()
+
+    start_node(workers=1)  # the rest run on the next node
+    assert [f.result(GUARD) for f in fs] == [i * i for i in range(8)]

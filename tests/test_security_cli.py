@@ -3,13 +3,18 @@ as a user who is not one.  Real subprocesses on a real enclave directory."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import time
+
+import pytest
 
 from kotta_executor.backends.base import NewJob
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.data import get_object
 from kotta_executor.security.policy import PolicyStore
+from kotta_executor.security.tokens import TokenService
 from tests.conftest import subprocess_env
 from tests.test_cli import kotta
 
@@ -186,3 +191,80 @@ def test_a_disabled_user_can_no_longer_see_or_cancel_her_jobs(
     refused = _refusals(enclave, "alice")
     assert [d.rsplit("refused ", 1)[1] for d in refused] == [
         "kotta jobs", "kotta status", "kotta logs", "kotta cancel", "kotta dead-letters"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["user", "list"], ["token", "list"], ["dataset", "list"], ["policy", "show"],
+     ["audit", "verify"], ["audit", "show", "--limit", "2"]],
+    ids=" ".join,
+)
+def test_enclave_after_a_nested_command(command, enclave, tmp_path):
+    """``--enclave`` after a nested command (``kotta user list --enclave E``), as every
+    other command takes it after its name; and the enclave it names is the one used."""
+    r = kotta(None, *command, "--enclave", str(enclave.home))
+    assert r.returncode == 0, r.stderr
+    assert "unrecognized arguments" not in r.stderr
+    assert "made a new one" not in r.stderr  # not $KOTTA_HOME: the enclave named
+    other = tmp_path / "other"  # (an error, or a new enclave said so: there, by name)
+    r = kotta(None, *command, "--enclave", str(other))
+    assert "unrecognized arguments" not in r.stderr
+    assert str(other) in r.stderr
+
+
+@pytest.mark.parametrize("days", ["nan", "inf", "-inf", "1e308", "0", "-1", "3650.5"])
+def test_token_issue_refuses_days_that_are_no_lifetime(days, enclave, enclave_dir):
+    """A token lasts more than 0 days and at most MAX_REFRESH_DAYS (ten years): NaN,
+    infinity or 1e308 made `kotta token list` fail, 0 or less a token born expired."""
+    assert kotta(enclave_dir, "user", "add", "carol", "--role", "analyst").returncode == 0
+    r = kotta(enclave_dir, "token", "issue", "carol", f"--days={days}")
+    assert r.returncode == 2, r.stdout
+    assert r.stderr == ("kotta: error: --days must be more than 0 and at most 3650, "
+                        f"not {float(days):g}\n")
+    assert r.stdout == ""
+    assert len(TokenService(enclave).tokens("carol")) == 1  # user add's own, no other
+
+
+def test_token_issue_for_the_longest_time_allowed(enclave, enclave_dir):
+    assert kotta(enclave_dir, "user", "add", "carol", "--role", "analyst").returncode == 0
+    r = kotta(enclave_dir, "token", "issue", "carol", "--days", "3650")
+    assert r.returncode == 0, r.stderr
+    rid = r.stdout.split(".")[1]
+    r = kotta(enclave_dir, "token", "list", "--user", "carol")
+    assert r.returncode == 0, r.stderr
+    assert _token_row(r.stdout, rid)[-1] == "valid"
+
+
+def _token_row(listing: str, rid: str) -> list[str]:
+    [row] = [line.split() for line in listing.splitlines() if line.startswith(rid)]
+    return row
+
+
+def test_token_list_shows_expired_tokens_and_any_stored_expiry(enclave, enclave_dir):
+    """An expired token is listed as such, not as valid; an expiry no time can show (1e308,
+    NaN, from before --days was checked) is listed, not a traceback."""
+    assert kotta(enclave_dir, "user", "add", "carol", "--role", "analyst").returncode == 0
+    [first] = TokenService(enclave).tokens("carol")
+    rec = enclave.records.get("refresh", first["id"])
+    for rid, expires in (("e" * 18, time.time() - 1), ("b" * 18, 1e308), ("n" * 18, math.nan)):
+        enclave.records.put("refresh", rid, {**rec, "expires": expires})
+    r = kotta(enclave_dir, "token", "list", "--user", "carol")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert _token_row(r.stdout, first["id"])[-1] == "valid"
+    assert _token_row(r.stdout, "e" * 18)[-1] == "expired"
+    assert "1e+308 (not a time)" in r.stdout
+    assert _token_row(r.stdout, "b" * 18)[-1] == "valid"
+    assert _token_row(r.stdout, "n" * 18)[-1] == "expired"  # NaN: no time at which it is valid
+    assert "nan (not a time)" in r.stdout
+
+
+def test_dataset_put_of_a_file_it_cannot_read_is_a_clean_error(enclave, enclave_dir, tmp_path):
+    assert kotta(enclave_dir, "dataset", "add", "s3://klab-jobs/").returncode == 0
+    missing = tmp_path / "no-such-file"
+    for path, why in ((missing, "No such file or directory"), (tmp_path, "Is a directory")):
+        r = kotta(enclave_dir, "dataset", "put", "s3://klab-jobs/x", str(path))
+        assert r.returncode == 2, r.stdout
+        assert r.stderr == f"kotta: error: cannot read {path}: {why}\n"
+    r = kotta(tmp_path / "enclvae", "dataset", "put", "s3://klab-jobs/x", str(missing))
+    assert r.returncode == 2 and not (tmp_path / "enclvae").exists()  # no enclave made

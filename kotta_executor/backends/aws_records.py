@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from .base import Records, check_record_name
+from .base import Records, check_record_name, decode_record
 
 if TYPE_CHECKING:
     from .aws import AwsEnclave
@@ -81,7 +81,7 @@ class DynamoRecords(Records):
         )
         return bool(resp.get("Attributes"))
 
-    def scan(self, kind, *, after="", limit=None, reverse=False):
+    def scan(self, kind, *, after="", limit=None, reverse=False, tolerant=False):
         names = {"#p": "kind"}
         values: dict[str, Any] = {":p": {"S": kind}}
         cond = "#p = :p"
@@ -102,7 +102,8 @@ class DynamoRecords(Records):
             if limit is not None:
                 kw["Limit"] = max(1, limit - len(out))
             resp = self._t._call("query", **kw)
-            out += [(i["key"]["S"], json.loads(i["value"]["S"])) for i in resp.get("Items", [])]
+            out += [(i["key"]["S"], decode_record(i["value"]["S"], tolerant=tolerant))
+                    for i in resp.get("Items", [])]
             start = resp.get("LastEvaluatedKey")
             if not start or (limit is not None and len(out) >= limit):
                 return out[:limit] if limit is not None else out

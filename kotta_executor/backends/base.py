@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -255,13 +256,33 @@ class Records(abc.ABC):
 
     @abc.abstractmethod
     def scan(
-        self, kind: str, *, after: str = "", limit: int | None = None, reverse: bool = False
+        self, kind: str, *, after: str = "", limit: int | None = None, reverse: bool = False,
+        tolerant: bool = False,
     ) -> list[tuple[str, dict[str, Any]]]:
         """``[(key, value)]`` of ``kind`` in key order (descending with ``reverse``); keys
-        greater than ``after`` (less than it, with ``reverse``, when it is given)."""
+        greater than ``after`` (less than it, with ``reverse``, when it is given).
+
+        A stored value that is not JSON (damaged, or written around this interface) is an
+        error; with ``tolerant``, it comes back as an :class:`UnreadableRecord` instead,
+        for a reader that reports it and reads on (the audit log's verification)."""
 
     def get(self, kind: str, key: str) -> dict[str, Any] | None:
         return self.get_many(kind, [key]).get(key)
+
+
+class UnreadableRecord(str):
+    """The stored text of a record whose value is not JSON, in its place (``tolerant``
+    scans)."""
+
+
+def decode_record(text: str, *, tolerant: bool = False) -> Any:
+    """A record's stored JSON text, decoded (see :meth:`Records.scan`)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        if not tolerant:
+            raise
+        return UnreadableRecord(text)
 
 
 def check_record_name(what: str, text: str) -> str:

@@ -50,6 +50,7 @@ from .base import (
     Records,
     TaskQueue,
     check_record_name,
+    decode_record,
 )
 
 SCHEMA = """
@@ -866,7 +867,7 @@ class EmbeddedRecords(Records):
         with self._db.tx() as c:
             return c.execute("DELETE FROM records WHERE kind=? AND key=?", (kind, key)).rowcount == 1
 
-    def scan(self, kind, *, after="", limit=None, reverse=False):
+    def scan(self, kind, *, after="", limit=None, reverse=False, tolerant=False):
         if reverse:
             cond, order = ("AND key < ?" if after else "AND ? = ''"), "DESC"
         else:
@@ -876,7 +877,7 @@ class EmbeddedRecords(Records):
         if limit is not None:
             sql += " LIMIT ?"
             params += (int(limit),)
-        return [(k, json.loads(v)) for k, v in self._db.read(sql, params)]
+        return [(k, decode_record(v, tolerant=tolerant)) for k, v in self._db.read(sql, params)]
 
 
 class EmbeddedEnclave(Enclave):
@@ -901,7 +902,13 @@ class EmbeddedEnclave(Enclave):
             raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
         self.url = f"embedded://{self.home}"
         self.local = True
-        self._db = _Db(self.home / "kotta.db")
+        db = self.home / "kotta.db"
+        try:
+            self._db = _Db(db)
+        except sqlite3.Error as exc:
+            # a kotta.db that is not SQLite, or a directory where SQLite cannot make one:
+            # what is wrong with which file, for the command to say
+            raise ConfigurationError(f"cannot open the enclave database {db}: {exc}") from exc
         self.blobs = EmbeddedBlobs(self.home / "blobs")
         self.queue = EmbeddedQueue(self._db, self)
         self.jobs = EmbeddedJobs(self._db, self.blobs)

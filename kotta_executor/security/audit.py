@@ -72,6 +72,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backends.base import UnreadableRecord
 from ..errors import AuditError
 from .keys import derived_key
 
@@ -222,7 +223,7 @@ class AuditLog:
                 self._tail = tail
 
     def _read_tail(self) -> tuple[int, str]:
-        rows = self._records.scan(KIND, reverse=True, limit=1)
+        rows = self._records.scan(KIND, reverse=True, limit=1, tolerant=True)
         if not rows:
             return 0, GENESIS
         key, record = rows[0]
@@ -232,6 +233,9 @@ class AuditLog:
                 f"the last key of the audit log of {self.enclave.url} is {key!r}, not a "
                 "record number: the log was tampered with (run `kotta audit verify`)"
             )
+        if not isinstance(record, dict):  # not JSON, or not an object: chain on from its
+            # text; verify() reports the damaged tail
+            return seq, hashlib.sha256(str(record).encode()).hexdigest()
         stored = record.get("hash")
         if not (isinstance(stored, str) and _HEX64.fullmatch(stored)):
             stored = record_hash(record)  # chain on; verify() reports the damaged tail
@@ -260,10 +264,14 @@ class AuditLog:
 
     # ------------------------------------------------------------------ reading
 
-    def _pages(self, kind: str, *, reverse: bool = False) -> Iterator[tuple[str, dict]]:
+    def _pages(self, kind: str, *, reverse: bool = False, tolerant: bool = False
+               ) -> Iterator[tuple[str, Any]]:
+        """The stored ``(key, value)`` of ``kind``; with ``tolerant``, a value that is not
+        JSON comes as an UnreadableRecord (and one that is JSON but no object, as it is)."""
         after = ""
         while True:
-            page = self._records.scan(kind, after=after, limit=self.page_size, reverse=reverse)
+            page = self._records.scan(kind, after=after, limit=self.page_size, reverse=reverse,
+                                      tolerant=tolerant)
             yield from page
             if len(page) < self.page_size:
                 return
@@ -290,11 +298,18 @@ class AuditLog:
                     and (job_id is None or r.get("job_id") == job_id)
                     and (dataset is None or (isinstance(ds, str) and ds.startswith(dataset))))
 
+        def records(reverse: bool = False) -> Iterator[dict[str, Any]]:
+            for key, r in self._pages(KIND, reverse=reverse, tolerant=True):
+                if not isinstance(r, dict):
+                    raise AuditError(f"the audit record {key} of {self.enclave.url} is damaged "
+                                     "(not a JSON object): run `kotta audit verify`")
+                yield r
+
         if limit is None:
-            return [r for _, r in self._pages(KIND) if match(r)]
+            return [r for r in records() if match(r)]
         out: list[dict[str, Any]] = []
         if limit:
-            for _, r in self._pages(KIND, reverse=True):
+            for r in records(reverse=True):
                 if match(r):
                     out.append(r)
                     if len(out) == limit:
@@ -313,7 +328,7 @@ class AuditLog:
         pinned: dict[int, Any] = {}
         written: dict[int, Any] = {}  # and when each was written
         records, expected, prev, last = 0, 1, GENESIS, 0
-        for key, rec in self._pages(KIND):
+        for key, rec in self._pages(KIND, tolerant=True):
             records += 1
             seq = _seq_of(key)
             if seq is None:
@@ -326,13 +341,24 @@ class AuditLog:
             for cp_seq, _ in checkpoints.take_below(seq):
                 problems.append(f"checkpoint {cp_seq}: vouches for record {cp_seq}, which is "
                                 "missing (deleted)")
+            if not isinstance(rec, dict):
+                # nothing of it can be checked, nor whether the next record follows it
+                what = "not JSON" if isinstance(rec, UnreadableRecord) else "not a JSON object"
+                problems.append(f"record {seq}: {what} (damaged or replaced)")
+                for cp_seq, _ in checkpoints.take_upto(seq):
+                    problems.append(f"checkpoint {cp_seq}: record {seq} differs from the "
+                                    "record the checkpoint vouches for (replaced afterwards)")
+                if seq % CHECKPOINT_EVERY == 0:
+                    pinned[seq] = written[seq] = None
+                prev, expected, last = None, seq + 1, seq
+                continue
             if rec.get("seq") != seq:
                 problems.append(f"record {seq}: the record stored there says it is record "
                                 f"{rec.get('seq')!r} (moved, swapped or replaced)")
             stored = rec.get("hash")
             if stored != record_hash(rec):
                 problems.append(f"record {seq}: modified (its hash does not match its contents)")
-            if seq == expected and rec.get("prev") != prev:
+            if seq == expected and prev is not None and rec.get("prev") != prev:
                 what = "the start of the log" if seq == 1 else f"record {seq - 1}"
                 problems.append(f"record {seq}: does not follow {what} (its prev is not the "
                                 f"hash of {what}: a record was replaced or reordered)")
@@ -390,7 +416,7 @@ class AuditLog:
                      ) -> Iterator[tuple[int, str]]:
         """The checkpoints whose MAC verifies, as ``(seq, hash)``; problems for the rest."""
         key = self._key()
-        for k, cp in self._pages(CHECKPOINT_KIND):
+        for k, cp in self._pages(CHECKPOINT_KIND, tolerant=True):
             counts["checkpoints"] += 1
             seq = _seq_of(k)
             if seq is not None:
@@ -408,6 +434,8 @@ class AuditLog:
         if seq is None:
             problems.append(f"checkpoint key {k!r}: not a record number (a foreign record)")
             return None
+        if not isinstance(cp, dict):  # not JSON, or not an object
+            cp = {}  # (a bad MAC)
         s, h, t, mac = cp.get("seq"), cp.get("hash"), cp.get("time"), cp.get("mac")
         well_formed = (type(s) is int and isinstance(h, str) and isinstance(mac, str)
                        and type(t) in (int, float))

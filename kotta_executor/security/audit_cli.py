@@ -45,6 +45,8 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
 def cmd_audit(args) -> int:
     from ..backends import open_enclave
 
+    if args.audit_command == "show":
+        _check_show_args(args)
     enclave = open_enclave(args.enclave, must_exist=True)  # a mistyped path: an error
     try:
         log = AuditLog(enclave)
@@ -95,9 +97,16 @@ def _verify(log: AuditLog) -> int:
     return 1
 
 
-def _show(log: AuditLog, args) -> int:
+def _check_show_args(args) -> None:
+    """Refuse what would select nothing by mistake (before the enclave is opened)."""
     if args.limit is not None and args.limit < 0:
         raise ValueError("--limit must not be negative")
+    if args.action is not None and args.action not in ACTIONS:
+        raise ValueError(f"--action {_cell(args.action)} is not an action of the audit log; "
+                         f"they are: {', '.join(sorted(ACTIONS))}")
+
+
+def _show(log: AuditLog, args) -> int:
     rows = log.show(user=args.user, dataset=args.dataset, job_id=args.job,
                     action=args.action, limit=args.limit)
     if args.json:

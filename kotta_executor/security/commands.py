@@ -15,6 +15,7 @@ from pathlib import Path
 from ..backends import is_new, open_enclave
 from ..errors import AccessDenied
 from . import credentials
+from .tokens import MAX_REFRESH_DAYS
 
 
 def add_parsers(sub) -> None:
@@ -43,7 +44,8 @@ def add_parsers(sub) -> None:
     ts = t.add_subparsers(dest="token_command", required=True)
     i = ts.add_parser("issue", help="a new registration token for a user (admins)")
     i.add_argument("user")
-    i.add_argument("--days", type=float, default=90.0, help="valid this many days (default 90)")
+    i.add_argument("--days", type=float, default=90.0,
+                   help=f"valid this many days (default 90, at most {MAX_REFRESH_DAYS})")
     i.set_defaults(security_handler=cmd_token_issue)
     rv = ts.add_parser("revoke", help="revoke a registration token and its access tokens")
     rv.add_argument("token", help="the token's id, or the whole token")
@@ -176,6 +178,9 @@ def cmd_user_disable(args) -> int:
 
 
 def cmd_token_issue(args) -> int:
+    if not 0 < args.days <= MAX_REFRESH_DAYS:  # (not NaN either)
+        raise ValueError(f"--days must be more than 0 and at most {MAX_REFRESH_DAYS}, "
+                         f"not {args.days:g}")
     enclave, creds = _setup(args, admin=True)
     tokens, _ = _services(enclave)
     print(tokens.issue_refresh(args.user, by=creds.user, ttl=args.days * 86400))
@@ -200,8 +205,14 @@ def cmd_token_list(args) -> int:
     tokens, _ = _services(enclave)
     user = args.user if creds.admin else creds.user
     print(f"{'TOKEN':18}  {'USER':20}  {'CREATED':20}  {'EXPIRES':20}  STATE")
+    now = time.time()
     for t in tokens.tokens(user):
-        state = f"revoked {_when(t['revoked'])}" if t.get("revoked") else "valid"
+        if t.get("revoked"):
+            state = f"revoked {_when(t['revoked'])}"
+        elif not now <= t["expires"]:  # (NaN, which an older version stored, too)
+            state = "expired"
+        else:
+            state = "valid"
         print(f"{t['id']:18}  {t['user']:20}  {_when(t['created']):20}  "
               f"{_when(t['expires']):20}  {state}")
     return 0
@@ -239,9 +250,13 @@ def cmd_dataset_put(args) -> int:
     from .data import put_object
     from .uris import parse_uri
 
+    try:  # (first: a mistyped file name makes no enclave)
+        data = args.file.read_bytes()
+    except OSError as exc:  # missing, a directory, not readable
+        raise ValueError(f"cannot read {args.file}: {exc.strerror or exc}") from None
     enclave, creds = _setup(args, admin=True)
     uri = parse_uri(args.uri)
-    put_object(enclave, uri.uri, args.file.read_bytes())
+    put_object(enclave, uri.uri, data)
     from .audit import AuditLog
 
     AuditLog(enclave).append("stage-out", user=creds.user, dataset=uri.uri, allowed=True,
@@ -278,5 +293,8 @@ def cmd_policy_show(args) -> int:
 
 
 def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):  # stored by an older version: not a time
+        return f"{ts!r} (not a time)"
 

@@ -43,6 +43,8 @@ from .policy import check_role
 
 ACCESS_TTL = 3600.0
 REFRESH_TTL = 90 * 86400.0
+#: the longest a registration token may be issued for (`kotta token issue --days`): ten years
+MAX_REFRESH_DAYS = 3650
 #: seconds of clock difference tolerated between a client and a node
 CLOCK_SKEW = 300.0
 #: a task older than this (since its creation) is refused even with a valid signature
@@ -196,6 +198,9 @@ class TokenService:
     # -- refresh tokens
 
     def issue_refresh(self, user: str, *, by: str, ttl: float = REFRESH_TTL) -> str:
+        if not 0 < ttl <= MAX_REFRESH_DAYS * 86400:  # (not NaN either)
+            raise ValueError(f"a registration token lasts more than 0 seconds and at most "
+                             f"{MAX_REFRESH_DAYS} days, not {ttl!r} seconds")
         if self.user(user) is None:
             raise ConfigurationError(f"no user {user!r} in the enclave: add it first")
         rid, secret = os.urandom(9).hex(), _b64(os.urandom(32))
@@ -222,7 +227,7 @@ class TokenService:
                 f"{_when(rec['revoked'])}: ask an admin for a new registration token"
             )
         now = time.time()
-        if now > rec["expires"]:
+        if not now <= rec["expires"]:  # (an expiry of NaN, stored by an older version, too)
             raise AuthenticationError(
                 f"the refresh token {rid} of {rec['user']} expired at {_when(rec['expires'])}"
             )
@@ -264,7 +269,10 @@ class TokenService:
 
 
 def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    except (OverflowError, OSError, ValueError):  # stored by an older version: not a time
+        return f"{ts!r} (not a time)"
 
 
 def standing(records, claims: Claims) -> str | None:
