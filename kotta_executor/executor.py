@@ -792,7 +792,9 @@ class KottaExecutor(Executor):
             # turns True within RUNNING_LOOK of a node's start of the job, as a process
             # pool's does when it hands the call to a worker
             self._last_running_look = now
-            ids += [job_id for job_id, f in itertools.islice(self._futures.items(), RUNNING_WINDOW)
+            # list() takes them in one step under the GIL, while submit() may add futures
+            oldest = list(itertools.islice(self._futures.items(), RUNNING_WINDOW))
+            ids += [job_id for job_id, f in oldest
                     if f._state == PENDING and job_id not in self._attached]
         window: list[str] = []
         sweep_done = False
