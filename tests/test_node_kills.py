@@ -63,6 +63,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _kill_all(pid_file: Path) -> None:
+    """SIGKILL the processes whose pids a test's task wrote (what a failed test left)."""
+    for pid in _pids(pid_file):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 # ---------------------------------------------------------------------- tests
 
 
@@ -141,11 +150,7 @@ def test_a_walltime_kill_ends_the_whole_tree_even_when_the_task_handles_sigterm(
         wait_for(lambda: not _alive(pid), timeout=10.0,
                  what="the task's child, which ignores SIGTERM, to die with its task's tree")
     finally:
-        for pid in _pids(child):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(child)
 
 
 def start_a_daemon_and_sleep(pid_file, seconds=120.0):
@@ -177,11 +182,7 @@ def _daemon_killed_with_its_task(start_node, make_executor, tmp_path, end, submi
                  what="the task's daemon to die with its task's tree")
         return exc
     finally:
-        for pid in _pids(daemon):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(daemon)
 
 
 def test_a_walltime_ends_a_daemon_the_task_started(start_node, make_executor, tmp_path):
@@ -246,8 +247,4 @@ def test_a_child_in_its_own_session_does_not_outlive_its_dead_worker(
                  what="the dead worker's child, in its own session, to be ended")
         assert ex.submit(tasks.square, 5).result(GUARD) == 25  # the node carries on
     finally:
-        for pid in _pids(child):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(child)
