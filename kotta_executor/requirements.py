@@ -36,6 +36,11 @@ def _line(line: str) -> str:
             f"{line!r} is not a requirement ({why}); a task's requirements are PEP 508 lines, "
             "without pip options such as --hash: the node decides where packages come from"
         ) from None
+    if req.url:  # pip would fetch it from there, whatever index the node is set to use
+        raise ConfigurationError(
+            f"requirements may not name where a package comes from ({line!r}): the node "
+            "decides that (its index or mirror); name the package and a version instead"
+        )
     req.name = canonicalize_name(req.name)
     return str(req)
 

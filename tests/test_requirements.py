@@ -97,15 +97,28 @@ def test_requirements_are_normalised_and_travel_in_the_header(make_executor):
         ex.with_options(requirements=["numpy", 3])
 
 
-def test_markers_extras_and_urls_keep_their_meaning():
+def test_markers_and_extras_keep_their_meaning():
     assert normalize('foo; sys_platform == "linux"  and python_version>="3"') == (
         'foo; sys_platform == "linux" and python_version >= "3"'
     )
     assert normalize('Foo[b, a] >=1.0, <2; python_version not in "2.7"') == (
         'foo[a,b]<2,>=1.0; python_version not in "2.7"'
     )
-    url = "pkg @ https://example.com/pkg-1.0-py3-none-any.whl#sha256=abc"
-    assert normalize(url) == url
+
+
+@pytest.mark.parametrize("line", [
+    "pkg @ https://example.com/pkg-1.0-py3-none-any.whl#sha256=abc",
+    "pkg @ git+https://example.com/pkg.git@v1",
+    "pkg @ file:///tmp/wheels/pkg-1.0-py3-none-any.whl",
+    'pkg[x] @ https://example.com/pkg.tar.gz ; python_version >= "3"',
+])
+def test_a_requirement_naming_where_it_comes_from_is_refused(line):
+    """The node decides where packages come from (its index, a mirror, a wheel directory):
+    a direct reference would have pip fetch a URL of the client's choosing, past
+    PIP_NO_INDEX and PIP_INDEX_URL."""
+    with pytest.raises(ConfigurationError, match="may not name where a package comes from") as info:
+        normalize(["numpy", line])
+    assert repr(line.split(" #", 1)[0].strip()) in str(info.value)
 
 
 @pytest.mark.parametrize("line", ["numpy --hash=sha256:abc", "numpy==", "a b c", "-e ."])
