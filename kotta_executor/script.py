@@ -77,6 +77,19 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
                     + f"; scripts are not run by a shell: begin it with, say, '#!/bin/sh', or"
                     f" name the interpreter: executable={fixed!r}",
                 ) from exc
+            if exc.errno == errno.ENOENT and script.startswith("#!") and (
+                os.path.realpath(os.path.join(workdir, argv[0])) == os.path.realpath(path)
+            ):  # the script is there: it is the interpreter its '#!' line names that is not
+                line = script[2:].split("\n", 1)[0]
+                interp = line.strip(" \t").split(" ", 1)[0]
+                raise FileNotFoundError(
+                    errno.ENOENT,
+                    f"cannot run {argv[0]!r}: the interpreter its '#!' line names, "
+                    f"{interp!r}, is not on this node"
+                    + (" (the line ends in a carriage return: the script has Windows line"
+                       " endings; save it with '\\n' ones)" if line.endswith("\r") else ""),
+                    interp,
+                ) from exc
             raise
     if proc.returncode != 0:
         raise ScriptFailed(proc.returncode)
@@ -130,6 +143,14 @@ class KottaJob:
         self.jobname = jobname
         self.executable = executable
         self.script_name = _check_script_name(script_name)
+        # the script is saved in the working directory, beside the staged inputs and the
+        # outputs: under one of their names it would replace an input, or be uploaded
+        for uri in (*ins, *outs):
+            if uri.rsplit("/", 1)[-1] == script_name:
+                raise ValueError(
+                    f"script_name {script_name!r} is the name {uri} has in the job's working "
+                    "directory, where the script is saved too: choose another name"
+                )
         self.script = script
         self.inputs = list(ins)
         self.outputs = list(outs)

@@ -160,6 +160,31 @@ def test_the_missing_shebang_error_keeps_the_arguments_and_names_a_late_one(scri
     assert says in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("script", "says"),
+    [("#!/no/such/interp\necho hi\n", "'/no/such/interp', is not on this node"),
+     ("#!/bin/sh\r\necho hi\r\n", "Windows line endings")],
+    ids=["missing interpreter", "CRLF line"],
+)
+def test_a_missing_interpreter_is_named_not_the_script(script, says):
+    """It said 'No such file or directory: ./run.sh', of a script that is there."""
+    from kotta_executor.script import run_script
+
+    with pytest.raises(FileNotFoundError, match="the interpreter its '#!' line names") as info:
+        run_script("./run.sh", "run.sh", script)
+    assert says in str(info.value)
+
+
+def test_a_script_name_that_is_an_input_or_output_name_is_refused():
+    """The script is saved in the working directory, where it replaced a staged input of
+    that name, or was uploaded as the output of that name."""
+    for kw in ({"inputs": ["s3://klab-jobs/in.txt"]}, {"outputs": ["s3://klab-results/in.txt"]}):
+        with pytest.raises(ValueError, match=r"script_name 'in.txt' is the name s3://klab-.*/in\.txt"):
+            KottaJob(executable="/bin/sh in.txt", script_name="in.txt", script="true", **kw)
+    KottaJob(executable="/bin/sh run.sh", script_name="run.sh", script="true",
+             inputs=["s3://klab-jobs/in.txt"], outputs=["s3://klab-results/out.txt"])
+
+
 def test_bad_data_and_arguments_are_refused(konn):
     with pytest.raises(kotta_executor.errors.InvalidDataUri, match="steps out"):
         KottaJob(
