@@ -1013,6 +1013,8 @@ class Node:
                     continue
             alone = _restricted(task)  # with nothing before it in the pipe, or after it
             w = self._worker_for(task.owner, load, caps, env, alone=alone)
+            if w is not None and task.staged is not None and not self.data.still_allowed(task):
+                continue  # a grant revoked since its stage-in: it failed, never ran
             if alone and w is not None:
                 caps[w] = 0
             if w is None:

@@ -198,8 +198,33 @@ class DataSteps:
         )
         return wire.failure(task.job_id, task.header["n"], "EgressDenied", reason, handle=handle)
 
+    def still_allowed(self, task: Task) -> bool:
+        """Whether the policies still let a staged task read its inputs and write its
+        outputs, now that a worker is free for it (it may have waited behind long tasks
+        since its stage-in); if not, it fails with DataAccessDenied, never having run."""
+        try:
+            self._authorise(task)
+        except AccessDenied as exc:
+            self._fail(task, "in", exc)
+            return False
+        return True
+
+    def _authorise(self, task: Task, *, reads: bool = True) -> None:
+        """The policies as they are now (audited when they deny): a grant revoked since
+        the stage-in stops what comes after it."""
+        h, claims = task.header, task.claims
+        for uri in (h.get("inputs") or ()) if reads else ():
+            self.policies.require(claims.role, "read", uri, user=claims.user, job_id=task.job_id)
+        for uri in h.get("outputs") or ():
+            self.policies.require(claims.role, "write", uri, user=claims.user, job_id=task.job_id)
+
     def _stage_out(self, task: Task, fin: Finished) -> Finished:
         staged: Staged = task.staged
+        try:
+            self._authorise(task, reads=False)  # a write grant revoked while the task ran
+        except AccessDenied as exc:
+            exc.audited = True  # (by the policy store, with the dataset)
+            raise
         # fresh owner credentials for the writes: the stage-in ones may have expired
         # during a long task (on AWS a chained role session lasts one hour at most)
         store, _ = objects_for(
@@ -264,7 +289,9 @@ class DataSteps:
             log.exception("staging %s of job %s failed", what, task.job_id, exc_info=exc)
             etype = "StagingFailed"
             reason = f"job {task.job_id}: staging {what} failed: {type(exc).__name__}: {exc}"
-        if isinstance(exc, (AccessDenied, PermissionError)) and phase == "out":
+        if isinstance(exc, (AccessDenied, PermissionError)) and phase == "out" and not getattr(
+            exc, "audited", False
+        ):
             self.node.audit.append(
                 "access-denied", user=task.claims.user, allowed=False, job_id=task.job_id,
                 detail=reason,

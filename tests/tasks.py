@@ -525,3 +525,9 @@ def raise_deep(depth, message="raised deep down"):
     if depth == 0:
         raise ValueError(message)
     return raise_deep(depth - 1, message)
+
+
+def write_file_when_released(name, text, release):
+    """Write ``text`` to ``name`` in the working directory once ``release`` exists."""
+    wait_for_file(release)
+    return write_file(name, text)

@@ -242,3 +242,41 @@ def test_a_task_killed_while_staged_never_runs(data, make_executor, tmp_path):
     release.touch()
     blocker.result(GUARD)
     assert not marker.exists()
+
+
+def test_a_read_grant_revoked_while_a_staged_task_waits_stops_it(data, make_executor, tmp_path):
+    """Staged, it waited for the only worker; its grant was revoked meanwhile.  It ran
+    anyway, on the data staged before (the policy was read at stage-in only)."""
+    alice = make_executor(1, credentials=data.alice)
+    release = tmp_path / "release"
+    blocker = alice.submit(tasks.wait_for_file, str(release))  # holds the only worker
+    wait_for(lambda: blocker.status() == "processing", what="the blocker to run")
+    marker = tmp_path / "ran"
+    f = alice.with_options(inputs=[INPUT]).submit(tasks.create_file, str(marker), "ran")
+    wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
+             what="the task's inputs to be staged")
+    assert data.policies.revoke("analyst", CORPUS, "read", by=data.admin.user)
+    release.touch()
+    with pytest.raises(errors.DataAccessDenied, match="nothing ran"):
+        f.result(GUARD)
+    blocker.result(GUARD)
+    assert not marker.exists()
+    denied = data.audit.show(job_id=f.job_id, action="access-denied")
+    assert [(r["user"], r["dataset"], r["allowed"]) for r in denied] == [("alice", INPUT, False)]
+
+
+def test_a_write_grant_revoked_while_the_task_runs_stops_its_upload(data, make_executor, tmp_path):
+    """Its output was uploaded, and audited as allowed, with a grant revoked since."""
+    alice = make_executor(1, credentials=data.alice)
+    out, release = "s3://klab-results/alice/late.txt", tmp_path / "release"
+    f = alice.submit(tasks.write_file_when_released, "late.txt", "x", str(release), outputs=[out])
+    wait_for(lambda: f.status() == "processing", what="the task to run")
+    assert data.policies.revoke("analyst", RESULTS, "write", by=data.admin.user)
+    release.touch()
+    with pytest.raises(errors.DataAccessDenied, match="write"):
+        f.result(GUARD)
+    with pytest.raises(FileNotFoundError):
+        get_object(data.enclave, out)
+    assert data.audit.show(job_id=f.job_id, action="stage-out") == []
+    denied = data.audit.show(job_id=f.job_id, action="access-denied")
+    assert [(r["user"], r["dataset"], r["allowed"]) for r in denied] == [("alice", out, False)]
