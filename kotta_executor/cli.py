@@ -183,7 +183,7 @@ def _check_node_options(args) -> None:
 
 def cmd_node(args) -> int:
     from node.daemon import Node, NodeConfig
-    from node.worker import become_subreaper
+    from node.pool import become_subreaper
 
     _check_node_options(args)
 

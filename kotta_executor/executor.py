@@ -87,10 +87,11 @@ RECONCILE_AFTER = 5.0
 RECONCILE_WINDOW = 2000
 #: seconds between job-table checks of attached futures
 ATTACH_POLL = 0.2
-#: every this many seconds, the oldest RUNNING_WINDOW futures not known to run are looked
-#: up in the job table, for running()
+#: every this many seconds, the oldest RUNNING_WINDOW futures not known to run (among the
+#: oldest RUNNING_SCAN outstanding) are looked up in the job table, for running()
 RUNNING_LOOK = 0.5
 RUNNING_WINDOW = 256
+RUNNING_SCAN = 4096
 #: a submit this long after the previous one records its job itself (see _send_now)
 SEND_NOW_GAP = 0.0003
 #: seconds between looks at the reply queue when replies come to an inbox (a node that
@@ -792,10 +793,7 @@ class KottaExecutor(Executor):
             # turns True within RUNNING_LOOK of a node's start of the job, as a process
             # pool's does when it hands the call to a worker
             self._last_running_look = now
-            # list() takes them in one step under the GIL, while submit() may add futures
-            oldest = list(itertools.islice(self._futures.items(), RUNNING_WINDOW))
-            ids += [job_id for job_id, f in oldest
-                    if f._state == PENDING and job_id not in self._attached]
+            ids += self._oldest_not_running()
         window: list[str] = []
         sweep_done = False
         if self._futures and now - self._last_reconcile >= RECONCILE_AFTER:
@@ -805,10 +803,14 @@ class KottaExecutor(Executor):
             if self._reconcile_at >= len(self._futures):
                 self._reconcile_at = 0
             start = self._reconcile_at
-            window = list(itertools.islice(self._futures, start, start + RECONCILE_WINDOW))
+            try:
+                window = list(itertools.islice(self._futures, start, start + RECONCILE_WINDOW))
+            except RuntimeError:  # another thread's submit() or cancel() changed the dict
+                window = []  # meanwhile: this window is looked at next time
+            else:
+                self._reconcile_at = start + RECONCILE_WINDOW
+                sweep_done = self._reconcile_at >= len(self._futures)
             ids += window
-            self._reconcile_at = start + RECONCILE_WINDOW
-            sweep_done = self._reconcile_at >= len(self._futures)
         if not self._futures:
             self._sweep_pending.clear()
             self._watch_unserved({}, now)
@@ -826,6 +828,22 @@ class KottaExecutor(Executor):
         if sweep_done:  # every outstanding future looked at once since the last sweep
             pending, self._sweep_pending = self._sweep_pending, {}
             self._watch_unserved(pending, now)
+
+    def _oldest_not_running(self) -> list[str]:
+        """The ids of the oldest RUNNING_WINDOW futures not known to run, among the oldest
+        RUNNING_SCAN (more than that many running at once: the later ones learn it from the
+        reconcile); none this time if another thread's submit() or cancel() changed the
+        futures meanwhile."""
+        out: list[str] = []
+        try:
+            for job_id, f in itertools.islice(self._futures.items(), RUNNING_SCAN):
+                if f._state == PENDING and job_id not in self._attached:
+                    out.append(job_id)
+                    if len(out) >= RUNNING_WINDOW:
+                        break
+        except RuntimeError:  # dictionary changed size during iteration
+            return []
+        return out
 
     def _watch_unserved(self, pending: dict[str, int], now: float) -> None:
         """Warn when jobs of ours (``pending``: how many, by queue, over a sweep of the

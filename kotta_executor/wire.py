@@ -836,7 +836,7 @@ def remote_error(exc: BaseException) -> errors.RemoteError:
     tb = "".join(traceback.format_exception(exc))
     try:
         message = str(exc)
-    except Exception:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001
         message = "<exception message could not be formatted>"
     return errors.RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}", message, tb)
 
@@ -905,7 +905,7 @@ def summary(exc: BaseException) -> str:
     which neither UTF-8 nor a job table holds, is spelled out as ``\\udcff``)."""
     try:
         text = str(exc)
-    except Exception:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001 - a __str__ that raises SystemExit, too
         text = ""
     name = type(exc).__qualname__
     line = f"{name}: {text}" if text else name

@@ -389,7 +389,7 @@ class Node:
                 left.kill()
         self._leftovers.clear()
         if self.adopts_orphans:  # (what they started that the kernel gave to this node)
-            self.orphans.sweep(set(), time.monotonic(), building=self.envs.building(), at_once=True)
+            self.orphans.end_all()
         try:
             self.enclave.nodes.deregister(self.node_id)
         finally:
@@ -651,7 +651,7 @@ class Node:
         if self.adopts_orphans and now >= self._next_orphan_look:
             soon = self._leftovers or self.orphans  # a worker died: its orphans come now
             self._next_orphan_look = now + (ORPHAN_LOOK_SOON if soon else ORPHAN_LOOK)
-            self.orphans.sweep({w.pid for w in self.workers}, now, building=self.envs.building())
+            self.orphans.sweep(self.workers, now, building=self.envs.building())
         for w in self.workers:
             if w.kill_deadline is not None:
                 w.escalate()

@@ -95,6 +95,7 @@ class Worker:
     inbox: bytearray = field(default_factory=bytearray)
     garbled: bool = False  # it wrote something that is not a message: nothing more is read
     closed: bool = False  # its end of the result pipe is closed (a task may have closed it)
+    mark: str = ""  # its id in its processes' environments (WORKER_MARK)
 
     @property
     def pid(self) -> int:
@@ -223,6 +224,8 @@ class Worker:
             self.kill_tree = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
         except psutil.Error:
             self.kill_tree = []
+        # and what its tasks left with the node (a daemon, re-parented there)
+        self.kill_tree = _with_descendants(self.kill_tree + adopted(self.mark))
         _signal_all(self.kill_tree, signal.SIGTERM)
         _signal_group(self.pid, signal.SIGTERM)
         self.kill_deadline = time.monotonic() + KILL_GRACE
@@ -232,7 +235,7 @@ class Worker:
         kill, and what its members still alive have started since (a child's SIGTERM
         handler may start a process to clean up, say)."""
         if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
-            self.kill_tree = _with_descendants(self.kill_tree)
+            self.kill_tree = _with_descendants(self.kill_tree + adopted(self.mark))
             _signal_all(self.kill_tree, signal.SIGKILL)
             _signal_group(self.pid, signal.SIGKILL)
 
@@ -319,58 +322,137 @@ class Leftovers:
         return any(p.is_running() for p in self.tree)
 
 
-#: in a worker's environment, and so in that of every process its tasks start: the pid of
-#: the node that started it (see :class:`Orphans`)
+#: in a worker's environment, and so in that of every process its tasks start (read from
+#: ``/proc/PID/environ``, which shows the environment a process was started with: a forked
+#: process's is its parent's): the pid of the node that started the worker, and an id of
+#: the worker's own (its pid is not known before it starts)
 NODE_MARK = "KOTTA_WORKER_OF"
+WORKER_MARK = "KOTTA_WORKER_ID"
+
+#: prctl(2) option: orphaned descendants are re-parented to this process, not to init
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Make this process (a node) the one its workers' orphaned descendants are re-parented
+    to (Linux): a task's daemon (fork, setsid, fork, the middle one exits), or its child in
+    a session of its own whose parent died, stays where the node finds it (:func:`adopted`,
+    :class:`Orphans`), not with init.  False where that is not possible.  (Not the workers:
+    a subreaper must reap what it adopts, and a worker that did would take exit statuses
+    from its tasks' own ``os.wait()``.)"""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (AttributeError, OSError):
+        return False
+
+
+def _marks(p: psutil.Process) -> tuple[str | None, str | None]:
+    """The node and worker marks in a process's environment."""
+    env = p.environ()
+    return env.get(NODE_MARK), env.get(WORKER_MARK)
+
+
+def adopted(worker_mark: str | None = None) -> list[psutil.Process]:
+    """This node's children that a task of one of its workers (the one of ``worker_mark``,
+    if given) started and the kernel re-parented to the node: a daemon, or the child of a
+    dead worker, say.  Empty unless the node is a subreaper (:func:`become_subreaper`)."""
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return []
+    mark, out = str(os.getpid()), []
+    for p in children:
+        try:
+            node, worker = _marks(p)
+        except psutil.Error:  # gone, a zombie, or another user's
+            continue
+        if node == mark and worker is not None and (worker_mark is None or worker == worker_mark):
+            out.append(p)
+    return out
 
 
 class Orphans:
-    """Processes that workers of this node left behind when they died, which the kernel
-    re-parented to the node (a subreaper, see ``node.worker.become_subreaper``): a task's
-    child in a session of its own (``start_new_session=True``), which the worker's process
-    group signal cannot reach.  A live worker keeps its tasks' orphans itself (it is a
-    subreaper too), so a process with this node's mark in its environment, a child of the
-    node and none of its workers, is one a dead worker left: SIGTERM when first seen,
-    SIGKILL (with whatever it started) after the grace period, then reaped.
+    """What workers of this node left running in sessions of their own after they went,
+    re-parented to the node (a subreaper: :func:`become_subreaper`), to be ended: a task
+    must not run on unsupervised once its worker is gone.  (What a live worker's tasks
+    left, that worker's leftovers, run on while it does, and a walltime or kill on that
+    worker ends them too: ``Worker.kill``.)  Each such process carries the node's and its
+    worker's pids in its environment: SIGTERM when first seen, SIGKILL (with whatever it
+    started) after the grace period, then reaped.
 
     The node's other children are its workers (``subprocess.Popen``, which reaps them) and
     the venv and pip processes of a requirements build (``subprocess.run``): those lack the
-    mark, and a zombie without it is reaped only while no build runs, since the mark of a
-    process that has exited can no longer be read."""
+    marks, and a zombie without them is reaped only while no build runs, since the marks
+    of a process that has exited can no longer be read."""
 
     def __init__(self) -> None:
         self.seen: dict[int, tuple[psutil.Process, float]] = {}
 
-    def sweep(self, workers: set[int], now: float, *, building: bool, at_once: bool = False) -> None:
+    def sweep(self, workers: list[Worker], now: float, *, building: bool) -> None:
+        """``workers``: the node's live workers."""
         try:
             children = psutil.Process().children()
         except psutil.Error:
             return
+        pids, live = {w.pid for w in workers}, {w.mark for w in workers}
         mark = str(os.getpid())
         for p in children:
-            if p.pid in workers or p.pid in self.seen:
+            if p.pid in pids or p.pid in self.seen:
                 continue
             try:
                 if p.status() == psutil.STATUS_ZOMBIE:
                     if not building:  # an orphan that exited before it was seen
                         _reap(p.pid)
                     continue
-                if p.environ().get(NODE_MARK) != mark:
-                    continue
+                node, worker = _marks(p)
             except psutil.Error:
                 continue
-            log.warning("ending process %d, left running by a worker of this node that died",
-                        p.pid)
-            _signal_all([p], signal.SIGKILL if at_once else signal.SIGTERM)
+            if node != mark or worker is None or worker in live:
+                continue
+            log.warning("ending process %d, left running by worker %s of this node, which "
+                        "is gone", p.pid, worker)
+            _signal_all([p], signal.SIGTERM)
             self.seen[p.pid] = (p, now + KILL_GRACE)
         for pid, (p, deadline) in list(self.seen.items()):
             if _reap(pid):
                 del self.seen[pid]
-            elif at_once or now >= deadline:
+            elif now >= deadline:
                 _signal_all(_with_descendants([p]), signal.SIGKILL)
+
+    def end_all(self) -> None:
+        """At the node's stop: SIGKILL every process its workers' tasks left with it, and
+        what those started (stopped first, so that none forks meanwhile), until none is
+        left (a process killed hands its children to the node): a few rounds at most."""
+        for _ in range(10):
+            tree = [p for p in _with_descendants(adopted() + [p for p, _ in self.seen.values()])
+                    if _running(p)]
+            if not tree:
+                break
+            _signal_all(tree, signal.SIGSTOP)
+            tree = _with_descendants(tree)
+            _signal_all(tree, signal.SIGKILL)
+            for p in tree:
+                try:
+                    p.wait(0.2)  # (psutil reaps a child of ours)
+                except psutil.Error:
+                    pass
+        for pid in list(self.seen):
+            _reap(pid)
+        self.seen.clear()
 
     def __bool__(self) -> bool:
         return bool(self.seen)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _reap(pid: int) -> bool:
@@ -428,7 +510,9 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
     ``node.envs.Env``) if given.  Such a worker has the venv's site-packages first on its
     path, then the node's project directory and ``PYTHONPATH`` (the venv is made with
     ``--system-site-packages``, so the node's own dependencies stay importable)."""
-    python, extra = sys.executable, {"KOTTA_OWNER": owner, NODE_MARK: str(os.getpid())}
+    mark = os.urandom(8).hex()
+    python = sys.executable
+    extra = {"KOTTA_OWNER": owner, NODE_MARK: str(os.getpid()), WORKER_MARK: mark}
     if env is not None:
         python = env.python
         inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
@@ -465,4 +549,5 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
         out=out,
         err=err,
         env=None if env is None else env.key,
+        mark=mark,
     )

@@ -392,26 +392,9 @@ def _watch_parent(parent: int, period: float = 0.25) -> None:
             os.killpg(0, signal.SIGKILL)
 
 
-#: prctl(2) option: orphaned descendants are re-parented to this process, not to init
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> bool:
-    """Make this process the one a task's orphaned descendants are re-parented to (Linux):
-    a process that double-forks, or calls setsid() and loses its parent, stays in this
-    process's tree, where a walltime or a kill finds it.  False where that is not possible."""
-    if _LIBC is None or not sys.platform.startswith("linux"):
-        return False
-    try:
-        return _LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (AttributeError, OSError):
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     global _PID
     _PID = os.getpid()
-    become_subreaper()  # a task's daemons stay in the tree the node kills
     argv = sys.argv[1:] if argv is None else argv
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     task_fd, result_fd = int(argv[0]), int(argv[1])

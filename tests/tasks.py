@@ -531,3 +531,16 @@ def write_file_when_released(name, text, release):
     """Write ``text`` to ``name`` in the working directory once ``release`` exists."""
     wait_for_file(release)
     return write_file(name, text)
+
+
+class StrExitsOnTheNode(Exception):
+    """Its __str__ raises SystemExit where a task runs (a worker), not on the client."""
+
+    def __str__(self):
+        if os.environ.get("KOTTA_JOB_ID"):
+            raise SystemExit(9)
+        return "fine on the client"
+
+
+def raise_str_exits_on_the_node():
+    raise StrExitsOnTheNode()

@@ -682,6 +682,22 @@ def test_running_turns_true_soon_after_a_node_starts_the_job(make_executor, gate
     assert first.result(timeout=GUARD) == "released" and second.result(timeout=GUARD) == 9
 
 
+def test_running_turns_true_beyond_the_first_window_of_futures(make_executor, tmp_path, monkeypatch):
+    """The look took the oldest RUNNING_WINDOW futures, then dropped those known to run:
+    with more than that many running, the later ones never learnt it (here 1 and 2)."""
+    monkeypatch.setattr(executor_module, "RECONCILE_AFTER", 3600.0)
+    monkeypatch.setattr(executor_module, "RUNNING_WINDOW", 1)
+    ex = make_executor(2)
+    release = tmp_path / "release"
+    marks = [tmp_path / f"started-{i}" for i in range(2)]
+    fs = [ex.submit(tasks.touch_then_wait, str(m), str(release)) for m in marks]
+    wait_started(*marks)
+    for f in fs:
+        wait_for(f.running, what=f"running() of job {f.job_id}")
+    release.write_text("released")
+    assert [f.result(timeout=GUARD) for f in fs] == ["released"] * 2
+
+
 def test_kill_stops_a_running_task(executor, gate, enclave):
     f, started = gate.submit_blocking(executor)
     wait_started(started)

@@ -233,6 +233,17 @@ ROWS = [
     ),
     pytest.param(
         Row(
+            # the worker's summary of it for the job record called str(), which raised
+            # SystemExit and killed the worker
+            submit=lambda ex, tmp: ex.submit(tasks.raise_str_exits_on_the_node),
+            raises=tasks.StrExitsOnTheNode,
+            fragment="fine on the client",
+            reason="StrExitsOnTheNode",
+        ),
+        id="exception-str-exits",
+    ),
+    pytest.param(
+        Row(
             # its 1,000-frame traceback had made the worker die of a second RecursionError
             submit=lambda ex, tmp: ex.submit(tasks.recurse_forever),
             raises=RecursionError,

@@ -248,3 +248,62 @@ def test_a_child_in_its_own_session_does_not_outlive_its_dead_worker(
         assert ex.submit(tasks.square, 5).result(GUARD) == 25  # the node carries on
     finally:
         _kill_all(child)
+
+
+def leave_orphans_then(n):
+    """Leave ``n`` orphans (a shell's background sleep, its shell gone) that exit soon."""
+    for _ in range(n):
+        subprocess.run(["sh", "-c", "sleep 0.01 & exit 0"], check=True)
+    return n
+
+
+def fork_and_wait_any():
+    """Fork a child that exits 7; ``os.wait()`` for any child: it must be that one."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    got, status = os.wait()
+    return got == pid, os.waitstatus_to_exitcode(status)
+
+
+def test_orphans_of_earlier_tasks_neither_pile_up_nor_answer_a_later_os_wait(
+        start_node, make_executor):
+    """A worker that was a subreaper kept every orphan of its tasks as a zombie, and a
+    later task's os.wait() got one of them (status 0) instead of its own child."""
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    worker = ex.submit(tasks.worker_pid).result(GUARD)
+    assert ex.submit(leave_orphans_then, 50).result(GUARD) == 50
+    wait_for(lambda: not [c for c in psutil.Process(worker).children()
+                          if c.status() == psutil.STATUS_ZOMBIE],
+             what="no zombie children in the worker")
+    assert ex.submit(fork_and_wait_any).result(GUARD) == (True, 7)
+    assert ex.submit(tasks.worker_pid).result(GUARD) == worker
+
+
+def start_a_session_shell(pid_file):
+    """A shell in a session of its own, with a sleep of its own; both pids in the file."""
+    subprocess.Popen(
+        ["sh", "-c", f'sleep 317 & echo "$$ $!" > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; wait'],
+        start_new_session=True,
+    )
+    tasks.wait_for_file(pid_file)
+    return "started"
+
+
+def test_a_stopping_node_ends_what_its_workers_tasks_left_and_what_that_started(
+        start_node, make_executor, tmp_path):
+    """At the stop, the shell (re-parented to the node when its worker exited) was killed
+    and its sleep, handed to the node at that moment, was left to init."""
+    pids = tmp_path / "pids"
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    try:
+        assert ex.submit(start_a_session_shell, str(pids)).result(GUARD) == "started"
+        shell, sleep = _pids(pids)
+        assert node.terminate() == 0
+        for pid in (shell, sleep):
+            wait_for(lambda pid=pid: not _alive(pid), timeout=10.0,
+                     what=f"process {pid} to be ended with the node")
+    finally:
+        _kill_all(pids)
