@@ -212,6 +212,12 @@ def cmd_node(args) -> int:
     # the processes dead workers' tasks left in sessions of their own come to the node,
     # which ends them (node.pool.Orphans)
     node.adopts_orphans = become_subreaper()
+    if not node.adopts_orphans:
+        logging.getLogger("kotta.node").warning(
+            "this node cannot be a subreaper (prctl PR_SET_CHILD_SUBREAPER, Linux only): a "
+            "daemon a task starts, or its child in a session of its own, may outlive the "
+            "task's walltime, kill() or worker"
+        )
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)
     # stop requests that came while Python imported the node waited (node/__main__.py)

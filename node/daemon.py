@@ -413,6 +413,8 @@ class Node:
         now = time.monotonic()
         for left in self._leftovers:
             timeout = min(timeout, max(0.0, left.deadline - now))
+        if self.adopts_orphans and (self.orphans or self._leftovers):  # their next look
+            timeout = min(timeout, max(0.0, self._next_orphan_look - now))
         for w in self.workers:
             if w.kill_deadline is not None:
                 timeout = min(timeout, max(0.0, w.kill_deadline - now))
@@ -552,6 +554,7 @@ class Node:
                 break
         code = w.proc.wait()
         self._leftovers.append(w.leftovers())
+        self._look_for_orphans_soon()
         if w.inflight and w.stopped_as_asked(code):
             # none of these began: they run again, on this node or, when it is stopping,
             # on another
@@ -589,6 +592,11 @@ class Node:
             log.warning("worker %s for job %s ended: %s", w.pid, head.job_id, message)
         w.close()
         self.workers.remove(w)
+
+    def _look_for_orphans_soon(self) -> None:
+        """A worker went: what its tasks left with the node is looked for now, not at the
+        next regular look (pool.Orphans)."""
+        self._next_orphan_look = min(self._next_orphan_look, time.monotonic() + ORPHAN_LOOK_SOON)
 
     def _put_back(self, inflight: deque[Task]) -> None:
         """The tasks a dead worker held, which run again: on this node, or, if it is
@@ -649,9 +657,9 @@ class Node:
                 left.kill()
                 self._leftovers.remove(left)
         if self.adopts_orphans and now >= self._next_orphan_look:
-            soon = self._leftovers or self.orphans  # a worker died: its orphans come now
-            self._next_orphan_look = now + (ORPHAN_LOOK_SOON if soon else ORPHAN_LOOK)
             self.orphans.sweep(self.workers, now, building=self.envs.building())
+            soon = self._leftovers or self.orphans  # a worker went: its orphans come now
+            self._next_orphan_look = now + (ORPHAN_LOOK_SOON if soon else ORPHAN_LOOK)
         for w in self.workers:
             if w.kill_deadline is not None:
                 w.escalate()
@@ -1217,6 +1225,7 @@ class Node:
             victim = idle[0]  # never share a worker between owners: replace it
             victim.close_idle()
             self._leftovers.append(victim.leftovers())  # (its owner's processes go too)
+            self._look_for_orphans_soon()
             self.workers.remove(victim)
             del load[victim]
         w = pool.spawn(owner, env=env)

@@ -85,10 +85,16 @@ def test_scaler_keeps_replacing_nodes_that_ran_fine_before_dying(enclave, tmp_pa
             wait_for(lambda gone=node.node_id: all(n.node_id != gone for n in enclave.nodes.live()),
                      what="the killed node to be seen dead")
     finally:
+        # the nodes it started, registered or not yet (one started just now would be in no
+        # table, and would run on, its parent gone)
+        try:
+            started = [c.pid for c in psutil.Process(scaler.pid).children(recursive=True)]
+        except psutil.Error:
+            started = []
         if scaler.poll() is None:
             scaler.kill()
         scaler.wait(GUARD)
-        _kill_everything(enclave)
+        _kill_everything(enclave, started)
 
 
 # --------------------------------------------------------------------------------------
