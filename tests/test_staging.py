@@ -227,13 +227,21 @@ def test_a_script_job_stages_its_inputs_and_outputs(data, make_executor):
     assert [r["action"] for r in data.audit.show(job_id=job.job_id)] == ["stage-in", "stage-out"]
 
 
-def test_a_task_killed_while_staged_never_runs(data, make_executor, tmp_path):
+def _staged_behind_a_blocker(data, make_executor, tmp_path):
+    """Alice's executor with one worker, held by a blocker (released by touching
+    ``release``), and a task with an input queued behind it (it creates ``marker`` if it
+    runs): (blocker, task, release, marker)."""
     alice = make_executor(1, credentials=data.alice)
     release = tmp_path / "release"
     blocker = alice.submit(tasks.wait_for_file, str(release))  # holds the only worker
     wait_for(lambda: blocker.status() == "processing", what="the blocker to run")
     marker = tmp_path / "ran"
     f = alice.with_options(inputs=[INPUT]).submit(tasks.create_file, str(marker), "ran")
+    return blocker, f, release, marker
+
+
+def test_a_task_killed_while_staged_never_runs(data, make_executor, tmp_path):
+    blocker, f, release, marker = _staged_behind_a_blocker(data, make_executor, tmp_path)
     wait_for(lambda: f.status() == "staging_inputs", what="the task to be staged")
     assert f.kill() is True
     with pytest.raises(errors.TaskKilled, match="while staging; it never ran"):
@@ -247,12 +255,7 @@ def test_a_task_killed_while_staged_never_runs(data, make_executor, tmp_path):
 def test_a_read_grant_revoked_while_a_staged_task_waits_stops_it(data, make_executor, tmp_path):
     """Staged, it waited for the only worker; its grant was revoked meanwhile.  It ran
     anyway, on the data staged before (the policy was read at stage-in only)."""
-    alice = make_executor(1, credentials=data.alice)
-    release = tmp_path / "release"
-    blocker = alice.submit(tasks.wait_for_file, str(release))  # holds the only worker
-    wait_for(lambda: blocker.status() == "processing", what="the blocker to run")
-    marker = tmp_path / "ran"
-    f = alice.with_options(inputs=[INPUT]).submit(tasks.create_file, str(marker), "ran")
+    blocker, f, release, marker = _staged_behind_a_blocker(data, make_executor, tmp_path)
     wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
              what="the task's inputs to be staged")
     assert data.policies.revoke("analyst", CORPUS, "read", by=data.admin.user)
