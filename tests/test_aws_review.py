@@ -353,3 +353,55 @@ def test_listing_redriven_dead_letters_does_not_change_them(moto_env, name):
         assert counts == [[2], [2], [2]]
     finally:
         e.close()
+
+
+# ---------------------------------------------------------------- batch calls on receipts
+
+
+def _failing_on_aws_side(enclave: AwsEnclave, method: str, monkeypatch) -> list[int]:
+    """SQS's ``method`` (a batch call on receipts) reports every entry failed on AWS's side
+    (an InternalError, not the sender's fault), every time; the calls are counted."""
+    calls: list[int] = []
+
+    def failing(QueueUrl, Entries):
+        calls.append(len(Entries))
+        return {"Successful": [], "Failed": [
+            {"Id": e["Id"], "SenderFault": False, "Code": "InternalError",
+             "Message": "We encountered an internal error. Please try again."}
+            for e in Entries]}
+
+    monkeypatch.setattr(enclave.sqs, method, failing)
+    return calls
+
+
+def test_an_extend_or_ack_that_keeps_failing_on_aws_side_is_raised(enclave, monkeypatch):
+    """docs/aws.md: an error that survives the retries is raised, never swallowed.  Extend
+    and ack returned as if they had worked: the node took the message for held (or gone)
+    and it was delivered again while its task ran."""
+    monkeypatch.setattr("kotta_executor.backends.aws._backoff", lambda attempt: None)
+    enclave.jobs.create([new_job()])
+    [d] = enclave.queue.receive("test", 1, 60, "n1")
+    calls = _failing_on_aws_side(enclave, "change_message_visibility_batch", monkeypatch)
+    with pytest.raises(RuntimeError, match=r"change_message_visibility_batch .* failed for 1 "
+                                           r"entries after 10 tries \(InternalError\)"):
+        enclave.queue.extend([d], 120)
+    assert len(calls) == 10
+    calls = _failing_on_aws_side(enclave, "delete_message_batch", monkeypatch)
+    enclave.queue.ack([d])
+    with pytest.raises(RuntimeError, match=r"delete_message_batch .* failed for 1 entries"):
+        enclave.queue.flush()
+    assert len(calls) == 10
+
+
+def test_a_delivery_acked_twice_does_not_lose_the_acks_batched_with_it(enclave):
+    """SQS refuses a whole DeleteMessageBatch that names one receipt twice
+    (BatchEntryIdsNotDistinct): the other acks of that batch were lost, their messages
+    delivered again."""
+    enclave.jobs.create([new_job() for _ in range(3)])
+    ds = enclave.queue.receive("test", 3, 60, "n1")
+    assert len(ds) == 3
+    enclave.queue.extend([ds[0], ds[0]], 120)  # (the same for extend and release)
+    enclave.queue.ack(ds[:2])
+    enclave.queue.ack([ds[2], ds[2]])
+    enclave.queue.flush()
+    assert enclave.queue.depth("test") == 0

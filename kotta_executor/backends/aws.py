@@ -756,6 +756,7 @@ class SqsQueue(TaskQueue):
 
     def _visibility(self, deliveries, seconds: int) -> None:
         for sqs_name, held in self._by_queue(deliveries).items():
+            held = list({h: (h, b, d) for h, b, d in held}.values())  # (see _delete)
             for chunk in _chunks(held, 10):
                 entries = [
                     {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": seconds}
@@ -778,12 +779,23 @@ class SqsQueue(TaskQueue):
             if not retry:
                 return ok
             entries = [e for e in entries if e["Id"] in retry]
-            _backoff(attempt)
-        return ok
+            if attempt + 1 < BATCH_ROUNDS:
+                _backoff(attempt)
+        # what failed on AWS's side every time: raised, as _send does, never swallowed (a
+        # node that took a message for extended, or deleted, would see it delivered again)
+        codes = sorted({f.get("Code", "?") for f in resp.get("Failed") or []
+                        if f["Id"] in retry})
+        raise RuntimeError(
+            f"SQS {method} on {sqs_name} failed for {len(entries)} entries after "
+            f"{BATCH_ROUNDS} tries ({', '.join(codes)})"
+        )
 
     def _delete(self, sqs_name: str, held: Sequence[tuple[str, str | None]]) -> None:
         blobs: list[str] = []
-        for chunk in _chunks(list(held), 10):
+        # one receipt once: SQS refuses a whole batch that names one twice (a delivery
+        # acked twice within the linger), and the others in it would be lost with it
+        held = list({h: (h, b) for h, b in held}.values())
+        for chunk in _chunks(held, 10):
             entries = [{"Id": str(i), "ReceiptHandle": h} for i, (h, _) in enumerate(chunk)]
             ok = self._retry_batch(sqs_name, "delete_message_batch", entries)
             blobs += [b for i, (_, b) in enumerate(chunk) if b and str(i) in ok]
