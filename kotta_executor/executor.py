@@ -56,8 +56,8 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from concurrent.futures._base import PENDING
 from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures._base import PENDING
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
