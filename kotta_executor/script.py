@@ -62,10 +62,9 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
         try:
             proc = subprocess.run(argv, cwd=workdir, stdin=subprocess.DEVNULL, check=False)
         except OSError as exc:
+            itself = os.path.realpath(os.path.join(workdir, argv[0])) == os.path.realpath(path)
             # the script itself, with no interpreter named (it is not run by a shell)
-            if exc.errno == errno.ENOEXEC and not script.startswith("#!") and (
-                os.path.realpath(os.path.join(workdir, argv[0])) == os.path.realpath(path)
-            ):
+            if exc.errno == errno.ENOEXEC and not script.startswith("#!") and itself:
                 fixed = shlex.join(["sh", script_name, *argv[1:]])
                 late = script.lstrip("\ufeff \t\r\n").startswith("#!")
                 raise OSError(
@@ -77,9 +76,8 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
                     + f"; scripts are not run by a shell: begin it with, say, '#!/bin/sh', or"
                     f" name the interpreter: executable={fixed!r}",
                 ) from exc
-            if exc.errno == errno.ENOENT and script.startswith("#!") and (
-                os.path.realpath(os.path.join(workdir, argv[0])) == os.path.realpath(path)
-            ):  # the script is there: it is the interpreter its '#!' line names that is not
+            if exc.errno == errno.ENOENT and script.startswith("#!") and itself:
+                # the script is there: it is the interpreter its '#!' line names that is not
                 line = script[2:].split("\n", 1)[0]
                 interp = line.strip(" \t").split(" ", 1)[0]
                 raise FileNotFoundError(

@@ -114,10 +114,7 @@ class DataSteps:
         h, claims = task.header, task.claims
         user, job = claims.user, task.job_id
         inputs, outputs = list(h.get("inputs") or ()), list(h.get("outputs") or ())
-        for uri in inputs:  # authorise everything before touching anything
-            self.policies.require(claims.role, "read", uri, user=user, job_id=job)
-        for uri in outputs:
-            self.policies.require(claims.role, "write", uri, user=user, job_id=job)
+        self._authorise(task)  # everything, before touching anything
         read = [d for uri in inputs for d in self.policies.datasets_for(uri)]
         egress = egress_rule(read) if read else (True, None)
         if egress != (True, None):

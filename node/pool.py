@@ -350,29 +350,33 @@ def become_subreaper() -> bool:
         return False
 
 
-def _marks(p: psutil.Process) -> tuple[str | None, str | None]:
-    """The node and worker marks in a process's environment."""
-    env = p.environ()
-    return env.get(NODE_MARK), env.get(WORKER_MARK)
+def _marked(children: list[psutil.Process]) -> list[tuple[psutil.Process, str]]:
+    """Of this node's ``children``, those a task of one of its workers started (the node's
+    mark in their environment), each with its worker's mark.  (A zombie's environment
+    cannot be read: it is not among them.)"""
+    mark, out = str(os.getpid()), []
+    for p in children:
+        try:
+            env = p.environ()
+        except psutil.Error:  # gone, a zombie, or another user's
+            continue
+        if env.get(NODE_MARK) == mark and env.get(WORKER_MARK) is not None:
+            out.append((p, env[WORKER_MARK]))
+    return out
+
+
+def _children() -> list[psutil.Process]:
+    try:
+        return psutil.Process().children()
+    except psutil.Error:
+        return []
 
 
 def adopted(worker_mark: str | None = None) -> list[psutil.Process]:
     """This node's children that a task of one of its workers (the one of ``worker_mark``,
     if given) started and the kernel re-parented to the node: a daemon, or the child of a
     dead worker, say.  Empty unless the node is a subreaper (:func:`become_subreaper`)."""
-    try:
-        children = psutil.Process().children()
-    except psutil.Error:
-        return []
-    mark, out = str(os.getpid()), []
-    for p in children:
-        try:
-            node, worker = _marks(p)
-        except psutil.Error:  # gone, a zombie, or another user's
-            continue
-        if node == mark and worker is not None and (worker_mark is None or worker == worker_mark):
-            out.append(p)
-    return out
+    return [p for p, w in _marked(_children()) if worker_mark is None or w == worker_mark]
 
 
 class Orphans:
@@ -394,24 +398,17 @@ class Orphans:
 
     def sweep(self, workers: list[Worker], now: float, *, building: bool) -> None:
         """``workers``: the node's live workers."""
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:
-            return
         pids, live = {w.pid for w in workers}, {w.mark for w in workers}
-        mark = str(os.getpid())
-        for p in children:
-            if p.pid in pids or p.pid in self.seen:
-                continue
-            try:
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    if not building:  # an orphan that exited before it was seen
+        children = [p for p in _children() if p.pid not in pids and p.pid not in self.seen]
+        if not building:  # orphans that exited before they were seen (see above)
+            for p in children:
+                try:
+                    if p.status() == psutil.STATUS_ZOMBIE:
                         _reap(p.pid)
-                    continue
-                node, worker = _marks(p)
-            except psutil.Error:
-                continue
-            if node != mark or worker is None or worker in live:
+                except psutil.Error:
+                    pass
+        for p, worker in _marked(children):
+            if worker in live:  # a live worker's leftovers run on with it
                 continue
             log.warning("ending process %d, left running by worker %s of this node, which "
                         "is gone", p.pid, worker)
