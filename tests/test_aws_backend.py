@@ -466,11 +466,60 @@ def test_create_writes_records_before_messages_in_batches(enclave):
     jobs = [new_job() for _ in range(30)] + [new_job("production")]
     calls = Calls(enclave)
     enclave.jobs.create(jobs)
-    assert calls.ops == ["BatchWriteItem"] * 2 + ["GetQueueUrl"] + ["SendMessageBatch"] * 3 + [
+    assert calls.ops == ["TransactWriteItems"] + ["GetQueueUrl"] + ["SendMessageBatch"] * 3 + [
         "GetQueueUrl",
         "SendMessageBatch",
     ]
     assert enclave.queue.depth("test") == 30 and enclave.queue.depth("production") == 1
+
+
+def test_create_puts_100_records_a_call(enclave):
+    jobs = [new_job() for _ in range(201)]
+    calls = Calls(enclave)
+    enclave.jobs.create(jobs, enqueue=False)
+    assert calls.ops == ["TransactWriteItems"] * 3
+    assert len(enclave.jobs.get_many([j.job_id for j in jobs])) == 201
+
+
+def _cancel_first_rounds(enclave, monkeypatch, rounds: int, code: str = "TransactionConflict"):
+    """TransactWriteItems: DynamoDB cancels the first ``rounds`` calls whole, each put
+    with ``code`` (as it does when another write to an item is under way)."""
+    from botocore.exceptions import ClientError
+
+    real = enclave.dynamodb.transact_write_items
+    seen = []
+
+    def cancelled(TransactItems, **kw):
+        seen.append(len(TransactItems))
+        if len(seen) <= rounds:
+            raise ClientError({
+                "Error": {"Code": "TransactionCanceledException", "Message": "cancelled"},
+                "CancellationReasons": [{"Code": code}] * len(TransactItems),
+            }, "TransactWriteItems")
+        return real(TransactItems=TransactItems, **kw)
+
+    monkeypatch.setattr("kotta_executor.backends.aws._backoff", lambda attempt: None)
+    monkeypatch.setattr(enclave.dynamodb, "transact_write_items", cancelled)
+    return seen
+
+
+def test_create_cancelled_by_a_conflict_is_tried_again(enclave, monkeypatch):
+    seen = _cancel_first_rounds(enclave, monkeypatch, 2)
+    jobs = [new_job(), new_job()]
+    enclave.jobs.create(jobs)
+    assert seen == [2, 2, 2]
+    assert {r.state for r in enclave.jobs.get_many([j.job_id for j in jobs]).values()} == {
+        JobState.PENDING}
+    assert enclave.queue.depth("test") == 2
+
+
+def test_create_that_dynamodb_keeps_cancelling_raises_and_sends_nothing(enclave, monkeypatch):
+    _cancel_first_rounds(enclave, monkeypatch, 1000, code="ThrottlingError")
+    job = new_job()
+    with pytest.raises(RuntimeError, match="DynamoDB did not accept 1 job records"):
+        enclave.jobs.create([job])
+    assert enclave.jobs.get(job.job_id) is None
+    assert enclave.queue.depth("test") == 0  # never a task without its record
 
 
 def test_transition_is_one_conditional_update_per_job(enclave):

@@ -556,14 +556,40 @@ def test_create_is_atomic(backend, spec):
         pytest.skip("create() is only atomic on transactional backends")
     first = new_job()
     backend.jobs.create([first])
-    dup = new_job()
-    dup.job_id = first.job_id
+    bad = new_job()
+    bad.owner = None  # a record the backend cannot write
     fresh = new_job()
-    with pytest.raises(Exception):  # noqa: B017 - the backend's own duplicate-key error
-        backend.jobs.create([fresh, dup])
+    with pytest.raises(Exception):  # noqa: B017 - the backend's own constraint error
+        backend.jobs.create([fresh, bad])
     assert backend.jobs.get(fresh.job_id) is None
-    assert backend.jobs.get(first.job_id).owner == first.owner
+    assert backend.jobs.get(bad.job_id) is None
     assert [d.job_id for d in received(backend, "work")] == [first.job_id]
+
+
+def test_create_again_keeps_the_record_and_queues_the_task_again(backend):
+    """A create retried after a failure that came once its records were written (the
+    executor's retry of a lone submit whose send failed) must not put a pending record
+    back over a job that has run: that job would run again and get a second result."""
+    job = new_job()
+    backend.jobs.create([job])
+    [first] = received(backend, "work")
+    assert backend.jobs.transition([job.job_id], JobState.PROCESSING, node="n1") == [job.job_id]
+    assert backend.jobs.finish([Finished(job.job_id, JobState.COMPLETED, b"one")]) == [job.job_id]
+    backend.queue.ack([first])
+    again = new_job()
+    again.job_id, again.owner, again.body = job.job_id, "mallory", b"task:other"
+    fresh = new_job()
+    backend.jobs.create([again, fresh])
+    r = backend.jobs.get(job.job_id, with_result=True)
+    assert (r.state, r.result, r.owner, r.attempts) == (JobState.COMPLETED, b"one", "alice", 1)
+    assert [state for _, state, _ in backend.jobs.history(job.job_id)] == [
+        "pending", "processing", "completed"]
+    assert backend.jobs.get(fresh.job_id).state == JobState.PENDING
+    # the task is queued again; a node's first-delivery claim (from pending) drops it
+    got = {d.job_id: d.body for d in received(backend, "work")}
+    assert got == {job.job_id: b"task:other", fresh.job_id: fresh.body}
+    assert backend.jobs.transition([job.job_id], JobState.PROCESSING,
+                                   from_states=[JobState.PENDING]) == []
 
 
 def test_failed_call_inside_atomic_leaves_nothing_behind(backend, spec):

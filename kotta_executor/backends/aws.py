@@ -20,8 +20,10 @@ How the interface maps onto AWS (one line per method; docs/aws.md has the whole 
 * ``queue.dead_letter``: SendMessageBatch to the queue's DLQ with the reason as a message
   attribute, then DeleteMessageBatch.  SQS's own redrive (maxReceiveCount, see
   :mod:`kotta_executor.aws_provision`) is the safety net behind the node's own count.
-* ``jobs.create``: BatchWriteItem of the records, *then* SendMessageBatch of the tasks
-  (two services: not atomic; a record without a message stays pending, never the reverse).
+* ``jobs.create``: TransactWriteItems of the records, each put only if its job id is new
+  (a retried create never resets a job that a node started or finished), *then*
+  SendMessageBatch of the tasks (two services: not atomic; a record without a message
+  stays pending, never the reverse).
 * ``jobs.transition`` / ``finish`` / ``request_kill``: one conditional UpdateItem per job,
   the condition being ``state IN states.sources(new)`` (for finish: of the result's final
   state, and finish takes final states only), so a result is recorded at most once.
@@ -1276,16 +1278,25 @@ class DynamoJobs(_DynamoTable, JobTable):
         return f"#state IN ({', '.join(marks)})"
 
     def create(self, jobs: Sequence[NewJob], *, enqueue: bool = True) -> None:
-        """Write the job records (BatchWriteItem), then send the tasks (SendMessageBatch):
-        a task is never on a queue without its record."""
+        """Write the job records, then send the tasks (SendMessageBatch): a task is never
+        on a queue without its record.
+
+        A record is put only if its job id is not recorded yet (TransactWriteItems, 100 a
+        call, each put conditional on ``attribute_not_exists``; BatchWriteItem has no
+        conditions).  A create that raised after its records were written (SQS failed, or
+        a response was lost) is retried by the executor: that retry must not put back a
+        pending record over a job a node has meanwhile started or finished, which would
+        run it again and record a second result.  Such a job keeps its record, and its
+        task is queued again; a node's claim drops that extra delivery if the job has
+        started (see ``Node.claim``)."""
         if not jobs:
             return
         now = time.time()
-        requests = []
+        items = []
         for i, j in enumerate(jobs):
             # a microsecond apart, so that list() orders a batch as the embedded one does
             created = now + i * 1e-6
-            item = {
+            items.append({
                 "job_id": {"S": j.job_id},
                 "owner": {"S": j.owner},
                 "client": {"S": j.client},
@@ -1299,20 +1310,9 @@ class DynamoJobs(_DynamoTable, JobTable):
                 "attempts": _n(0),
                 "kill_requested": {"BOOL": False},
                 "history": {"L": [_event(created, JobState.PENDING, None)]},
-            }
-            requests.append({"PutRequest": {"Item": item}})
-        for chunk in _chunks(requests, 25):
-            pending = {self.table: list(chunk)}
-            for attempt in range(BATCH_ROUNDS):
-                resp = self._call("batch_write_item", RequestItems=pending)
-                pending = resp.get("UnprocessedItems") or {}
-                if not pending:
-                    break
-                _backoff(attempt)
-            else:
-                raise RuntimeError(
-                    f"DynamoDB did not accept {len(pending[self.table])} job records"
-                )
+            })
+        for chunk in _chunks(list({i["job_id"]["S"]: i for i in items}.values()), 100):
+            self._put_new(chunk)
         if not enqueue:
             return
         by_queue: dict[str, list[Message]] = {}
@@ -1320,6 +1320,39 @@ class DynamoJobs(_DynamoTable, JobTable):
             by_queue.setdefault(j.queue, []).append(Message(j.job_id, j.body))
         for queue, messages in by_queue.items():
             self._e.queue.send(queue, messages)
+
+    def _put_new(self, items: list[dict]) -> None:
+        """Put the records whose job ids are new, in one transaction per round.  DynamoDB
+        cancels the whole transaction if any put fails its condition, and says which:
+        those are recorded already and are left out of the next round.  Cancellations for
+        any other reason (a conflicting write, throttling) are retried, at most
+        :data:`BATCH_ROUNDS` rounds, then this raises."""
+        ClientError = _client_error()
+        for attempt in range(BATCH_ROUNDS):
+            if not items:
+                return
+            try:
+                self._call("transact_write_items", TransactItems=[
+                    {"Put": {"TableName": self.table, "Item": item,
+                             "ConditionExpression": "attribute_not_exists(job_id)"}}
+                    for item in items
+                ])
+                return
+            except ClientError as exc:
+                if _code(exc) != "TransactionCanceledException":
+                    raise
+                reasons = exc.response.get("CancellationReasons") or []
+                if len(reasons) != len(items):  # not said which: try them all again
+                    _backoff(attempt)
+                    continue
+                left = [i for i, r in zip(items, reasons, strict=True)
+                        if r.get("Code") != "ConditionalCheckFailed"]
+                if len(left) < len(items):  # some are recorded: the rest go at once
+                    items = left
+                    continue
+                _backoff(attempt)
+        if items:
+            raise RuntimeError(f"DynamoDB did not accept {len(items)} job records")
 
     def transition(self, job_ids, new, *, from_states=None, node=None, reason=None):
         new = JobState(new)

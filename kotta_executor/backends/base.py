@@ -172,7 +172,12 @@ class JobTable(abc.ABC):
     def create(self, jobs: Sequence[NewJob], *, enqueue: bool = True) -> None:
         """Record ``jobs`` pending and queue their tasks.  ``enqueue=False`` records them
         without a task message: for tasks a client never sent (cancelled, or failed before
-        they could be), which it records final at once and no node should ever see."""
+        they could be), which it records final at once and no node should ever see.
+
+        A job id recorded already keeps its record as it is, and its task is queued again:
+        a create retried after a failure that came after its records were written must not
+        reset a job that a node has meanwhile started or finished.  A node's claim drops
+        the extra delivery of a job that has started."""
 
     @abc.abstractmethod
     def transition(

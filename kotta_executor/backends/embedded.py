@@ -271,13 +271,15 @@ def _usage_text(usage: dict | None) -> str | None:
         return json.dumps(usage)
 
 
-def _insert_rows(conn: sqlite3.Connection, head: str, row: str, rows: list[tuple]) -> None:
+def _insert_rows(
+    conn: sqlite3.Connection, head: str, row: str, rows: list[tuple], tail: str = ""
+) -> None:
     """Insert many rows with a few multi-row statements rather than one step per row: each
     step releases the GIL, and a client's submitting thread makes getting it back slow."""
     per = max(1, 30000 // max(1, row.count("?")))
     for i in range(0, len(rows), per):
         part = rows[i : i + per]
-        conn.execute(head + ",".join([row] * len(part)), [v for r in part for v in r])
+        conn.execute(head + ",".join([row] * len(part)) + tail, [v for r in part for v in r])
 
 
 def _marks(n: int) -> str:
@@ -453,7 +455,9 @@ class EmbeddedJobs(JobTable):
         self._blobs = blobs
 
     def create(self, jobs: Sequence[NewJob], *, enqueue: bool = True) -> None:
-        """Create job records and enqueue their tasks in one transaction."""
+        """Create job records and enqueue their tasks in one transaction.  A job id that is
+        recorded already keeps its record (a retried create must not reset a job a node
+        has started or finished); its task is queued again, as on AWS."""
         if not jobs:
             return
         now = time.time()
@@ -466,6 +470,7 @@ class EmbeddedJobs(JobTable):
                 "(?,?,?,?,?,?,?,'pending',?,?,?)",
                 [(j.job_id, j.owner, j.client, j.queue, j.fn, j.walltime, j.n, now, now, event)
                  for j in jobs],
+                " ON CONFLICT(job_id) DO NOTHING",
             )
             if enqueue:
                 _insert_rows(
