@@ -127,7 +127,7 @@ def run(
                     tasks = 1
                 else:
                     out = list(ex.map(noop, range(items), chunksize=chunksize, timeout=600))
-                    tasks = ex._auto_chunk(items) if chunksize == 1 else chunksize
+                    tasks = ex._auto_chunk(items, ex._options) if chunksize == 1 else chunksize
                 elapsed = time.perf_counter() - t0
                 counting.on = False
                 assert out == list(range(items))

@@ -90,9 +90,9 @@ ATTACH_POLL = 0.2
 #: every this many seconds, the oldest RUNNING_WINDOW futures not known to run (among the
 #: oldest RUNNING_SCAN outstanding) are looked up in the job table, for running()
 RUNNING_LOOK = 0.5
-RUNNING_WINDOW = 256
+RUNNING_WINDOW = 100  # one BatchGetItem on AWS
 RUNNING_SCAN = 4096
-#: a submit this long after the previous one records its job itself (see _send_now)
+#: a submit this long after the previous one returned records its job itself (see _send_now)
 SEND_NOW_GAP = 0.0003
 #: seconds between looks at the reply queue when replies come to an inbox (a node that
 #: cannot reach the inbox rings; this is in case the ring was lost)
@@ -358,7 +358,7 @@ class KottaExecutor(Executor):
             self._check_open()  # raises: neither flag is ever reset
         if deps:  # sent by the manager once they are done (no job row until then)
             self._deps.add(f, fn, calls, opts, deps)
-        elif not self._send_now(job):
+        elif batch or not self._send_now(job):  # a map's tasks go together, in batches
             self._outbox.append((job, f))
             self._kick()
         return f
@@ -372,7 +372,9 @@ class KottaExecutor(Executor):
     def _send_now(self, job: NewJob) -> bool:
         """Record a lone submit's job from the caller's thread, sparing it a hand-over to
         the manager thread; submits that come close together go through the outbox, in
-        batches.  False: the outbox takes it."""
+        batches.  False: the outbox takes it.  "Close together" counts from the end of
+        the previous send: on AWS a send takes milliseconds, and a loop of submits each
+        sent alone would make two calls a task."""
         now = time.monotonic()
         last, self._last_submit = self._last_submit, now
         if now - last < SEND_NOW_GAP or self._outbox or not self._listening or (
@@ -393,6 +395,7 @@ class KottaExecutor(Executor):
                           exc_info=True)
                 return False
         finally:
+            self._last_submit = time.monotonic()
             self._send_lock.release()
         if not handed:
             self._enclave.ring_nodes(job.queue)
@@ -785,15 +788,17 @@ class KottaExecutor(Executor):
     def _reconcile(self) -> None:
         now = time.monotonic()
         ids: list[str] = []
+        looks: list[str] = []
         if self._attached and now - self._last_attach_poll >= ATTACH_POLL:
             self._last_attach_poll = now
             ids += list(self._attached)
         if self._futures and now - self._last_running_look >= RUNNING_LOOK:
             # the oldest futures not known to run (nodes take jobs in order): running()
             # turns True within RUNNING_LOOK of a node's start of the job, as a process
-            # pool's does when it hands the call to a worker
+            # pool's does when it hands the call to a worker.  Without results: a job
+            # found ended is read again with its result, below
             self._last_running_look = now
-            ids += self._oldest_not_running()
+            looks = self._oldest_not_running()
         window: list[str] = []
         sweep_done = False
         if self._futures and now - self._last_reconcile >= RECONCILE_AFTER:
@@ -814,6 +819,15 @@ class KottaExecutor(Executor):
         if not self._futures:
             self._sweep_pending.clear()
             self._watch_unserved({}, now)
+        if looks:
+            taken = set(ids)
+            for job_id, job in self._enclave.jobs.get_many(
+                [j for j in looks if j not in taken]
+            ).items():
+                if job.state.final:
+                    ids.append(job_id)
+                elif job.state != JobState.PENDING and (f := self._futures.get(job_id)):
+                    f._mark_running()
         if not ids:
             return
         in_window = set(window)

@@ -831,6 +831,51 @@ def test_executor_and_node_on_moto(enclave):
     assert replies.get("QueueUrls", []) == []
 
 
+def test_map_records_its_tasks_in_batches_from_the_manager(enclave, tmp_path):
+    """A map's tasks all go through the executor's outbox, a few creates for all of them.
+    (Each used to be sent alone from the caller's thread, each send taking longer than
+    the gap that makes submits count as a burst: two calls a task, and a slow map.)  And
+    running() turns True from a look that reads no results."""
+    from kotta_executor import KottaExecutor
+    from node.daemon import Node, NodeConfig
+    from tests import tasks
+
+    node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=1.0))
+    runner = threading.Thread(target=node.run, name="node")
+    runner.start()
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    callers: list[str] = []
+    projections: list[str] = []
+
+    def seen(model, params, **_):  # the API's own parameters
+        if model.name in ("TransactWriteItems", "SendMessageBatch") and (
+            threading.current_thread() is threading.main_thread()
+        ):
+            callers.append(model.name)
+        if model.name == "BatchGetItem" and (
+            threading.current_thread().name.startswith("kotta-manager")
+        ):
+            projections.extend(r.get("ProjectionExpression", "") for r in
+                               params["RequestItems"].values())
+
+    enclave.dynamodb.meta.events.register("before-parameter-build", seen)
+    enclave.sqs.meta.events.register("before-parameter-build", seen)
+    try:
+        assert list(ex.map(tasks.square, range(20), timeout=GUARD)) == [x * x for x in range(20)]
+        assert callers == []
+        release = tmp_path / "release"
+        f = ex.submit(tasks.wait_for_file, str(release))
+        wait_for(f.running, what="running() of a started job")
+        assert any("result" not in p for p in projections)  # the look's reads
+        release.touch()
+        f.result(GUARD)
+    finally:
+        ex.shutdown(wait=True)
+        node.request_stop()
+        runner.join(GUARD)
+    assert not runner.is_alive()
+
+
 @pytest.fixture(scope="module")
 def moto_server():
     """moto's server on 127.0.0.1, for what crosses a process boundary."""
