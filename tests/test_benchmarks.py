@@ -84,3 +84,16 @@ def test_the_submit_rows_show_cpu_a_task_beside_the_rate_when_measured():
     # a run that did not measure them (an older JSON, say) shows the rate alone
     [row] = make_rows({"submit": {"kotta": {"tasks_per_s": 1.0}, "ppe": {"tasks_per_s": 2.0}}})
     assert row.metric == "submit() + wait (tasks/s)"
+
+
+def test_the_aws_call_count_runs_a_map_on_moto(tmp_path):
+    # benchmarks/aws_calls.py: a map against moto's server on 127.0.0.1, every call counted
+    # (it checks the map's results itself); a smoke run, so that it does not rot unseen
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "aws_calls.py"), "--items", "10", "--idle", "0",
+         "--workers", "1", "--long-poll", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "map of 10 items" in done.stdout
+    assert "calls per map item:" in done.stdout and "node    UpdateItem" in done.stdout
