@@ -894,7 +894,7 @@ class Node:
         adopted = header is not None
         if d.receive_count > self.config.max_deliveries:
             reason = f"job {d.job_id} was delivered {d.receive_count - 1} times without completing"
-            self._reject(d, "DeliveryFailed", reason)
+            self._reject(d, "DeliveryFailed", reason, started_too=True)
             return
         if header is None:
             try:
@@ -976,11 +976,20 @@ class Node:
         ))
         self._reject(d, "TaskRejected", f"job {d.job_id} was refused by the node: {why}")
 
-    def _reject(self, d: Delivery, etype: str, reason: str) -> None:
+    def _reject(self, d: Delivery, etype: str, reason: str, *, started_too: bool = False) -> None:
+        """Dead-letter a delivery, and fail its job with ``reason``.  A first delivery
+        fails only a job still pending, unless ``started_too``: one that fails the checks
+        and names a job a node has started (a copy of its task queued again, refused for
+        a token revoked meanwhile; or a forgery naming it) must not end that job under
+        the node that runs it.  A redelivery does (its node died or let it go: nothing
+        else would end it), and so does a delivery count gone over the limit."""
         log.warning("dead-lettering: %s", reason)
         self.enclave.queue.dead_letter([d], reason)
         job = self.enclave.jobs.get(d.job_id)
         if job is None:
+            return
+        if not started_too and d.receive_count <= 1 and job.state != JobState.PENDING:
+            log.warning("job %s is %s: the rejected message does not fail it", d.job_id, job.state)
             return
         data = wire.failure(d.job_id, job.n, etype, reason)
         fin = Finished(d.job_id, JobState.FAILED, data, reason)
@@ -1057,13 +1066,13 @@ class Node:
                     self._end_killed(task, "before it could run again")
             plan = [(t, w) for t, w in plan if t.job_id not in killed]
         adopted = [t for t, _ in plan if t.adopted]
-        started = self.claim([t for t, _ in plan if not t.adopted], JobState.PROCESSING)
-        started.update(t.job_id for t in adopted)
+        claimed = self.claim([t for t, _ in plan if not t.adopted], JobState.PROCESSING)
+        started = {id(t) for t in (*claimed, *adopted)}
         for task, _ in plan:
-            if task.job_id not in started:  # cancelled meanwhile, or already finished
+            if id(task) not in started:  # cancelled meanwhile, finished, or a second copy
                 self.drop(task)
         for task, w in plan:
-            if task.job_id in started:
+            if id(task) in started:
                 frames.setdefault(w, []).append(task)
                 if _restricted(task):  # it serves nothing after it: it retires
                     w.retiring = True
@@ -1072,13 +1081,14 @@ class Node:
     def _claim_adopted(self, tasks: list[Task]) -> None:
         for t in tasks:
             t.adopted = False  # claimed from now on, or back in pending to be
-        moved = self.claim(tasks, JobState.PROCESSING) if tasks else set()
+        moved = {id(t) for t in self.claim(tasks, JobState.PROCESSING)} if tasks else set()
         for t in tasks:
-            if t.job_id not in moved:  # cannot be: recorded pending in this transaction
+            if id(t) not in moved:  # cannot be: recorded pending in this transaction
                 log.error("job %s, recorded by this node, could not be claimed", t.job_id)
 
-    def claim(self, tasks: list[Task], new: JobState) -> set[str]:
-        """Move the tasks' jobs to ``new`` (staging_inputs or processing); the ids moved.
+    def claim(self, tasks: list[Task], new: JobState) -> list[Task]:
+        """Move the tasks' jobs to ``new`` (staging_inputs or processing); the tasks
+        claimed, one a job moved: any other copy of its task is not, and is to be dropped.
 
         A first delivery only claims a job nobody started (pending; staging_inputs once
         this node staged it): a copy of a running job's message — a replay, or SQS
@@ -1087,8 +1097,15 @@ class Node:
         and so may this node a task it claimed before (its worker died with the task
         still queued in its pipe).  (A redelivery of a job a live node still runs never
         gets here on AWS: :meth:`_watch_running`.)"""
-        groups: dict[frozenset | None, list[str]] = {}
+        # One task a job: two copies of a job's task in one claim (a create retried after
+        # its task was queued, an SQS duplicate, both waiting here) must not both run.
+        # The copy already ours goes on; the others are not claimed, so they are dropped
+        one: dict[str, Task] = {}
         for t in tasks:
+            if t.job_id not in one or (t.claimed and not one[t.job_id].claimed):
+                one[t.job_id] = t
+        groups: dict[frozenset | None, list[str]] = {}
+        for t in one.values():
             if t.claimed or t.delivery.receive_count > 1:  # ours already, or a redelivery
                 sources = None
             elif t.staged is not None:
@@ -1099,10 +1116,10 @@ class Node:
         moved: set[str] = set()
         for sources, ids in groups.items():
             moved.update(self.enclave.jobs.transition(ids, new, from_states=sources, node=self.node_id))
-        for t in tasks:
-            if t.job_id in moved:
-                t.claimed = True
-        return moved
+        claimed = [t for t in one.values() if t.job_id in moved]
+        for t in claimed:
+            t.claimed = True
+        return claimed
 
     def _watch_running(self, deliveries: list[Delivery]) -> list[Delivery]:
         """SQS hides a received message at most 12 hours from its receipt

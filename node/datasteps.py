@@ -98,9 +98,9 @@ class DataSteps:
 
     def start_in(self, tasks: list[Task]) -> None:
         """Claim the jobs (pending -> staging_inputs) and stage each in a thread."""
-        moved = self.node.claim(tasks, JobState.STAGING_INPUTS)
+        moved = {id(t) for t in self.node.claim(tasks, JobState.STAGING_INPUTS)}
         for t in tasks:
-            if t.job_id not in moved:  # cancelled meanwhile, or finished elsewhere
+            if id(t) not in moved:  # cancelled meanwhile, finished elsewhere, or a second copy
                 self.node.drop(t)
                 continue
             self.active[t.job_id] = t

@@ -20,7 +20,7 @@ import pytest
 
 from kotta_executor import CorruptTask, DeliveryFailed, WorkerDied, wire
 from kotta_executor.backends.base import NewJob
-from kotta_executor.states import FINAL
+from kotta_executor.states import FINAL, JobState
 from node.worker import STOP_SIGNAL
 from tests import tasks
 from tests.conftest import GUARD, wait_for
@@ -531,3 +531,48 @@ def test_max_jobs_runs_that_many_and_leaves_the_rest_queued(start_node, make_exe
 
     start_node(workers=1)  # the rest run on the next node
     assert [f.result(GUARD) for f in fs] == [i * i for i in range(8)]
+
+
+def test_two_copies_of_a_pending_jobs_task_run_it_once(start_node, make_executor, enclave,
+                                                      tmp_path):
+    """A create retried after its task was queued (the record is kept, the task queued
+    again) leaves two messages for one pending job; one node receiving both in one batch
+    claimed the job once and ran both copies."""
+    ex = make_executor(1, start_node=False)
+    out = tmp_path / "runs.txt"
+    job = ex._new_job("ab" * 16, tasks.append_line, [((str(out), "ran"), {})], ex._options)
+    enclave.jobs.create([job])
+    enclave.jobs.create([job])  # the retry
+    assert enclave.queue.depth("test") == 2
+    start_node(workers=2)
+    wait_for(lambda: enclave.jobs.get(job.job_id).state.final, what="the job to end")
+    # both messages gone: the copy that did not run was acked, a copy that ran is acked
+    # only after its run
+    wait_for(lambda: enclave.queue.depth("test") == 0, what="both messages acked")
+    r = enclave.jobs.get(job.job_id, with_result=True)
+    assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
+    assert out.read_text().splitlines() == ["ran"]
+
+
+def test_a_bad_message_naming_a_running_job_does_not_fail_it(start_node, make_executor, enclave,
+                                                            tmp_path):
+    """A first delivery that fails the checks (corrupt here; a copy refused for a token
+    revoked since, or a forgery) is dead-lettered; it fails its job only while no node
+    has started it.  It used to fail a job another node was running."""
+    from kotta_executor.backends.base import Message
+
+    ex = make_executor(1, start_node=False)
+    started, release = tmp_path / "started", tmp_path / "release"
+    job = ex._new_job("cd" * 16, tasks.touch_then_wait, [((str(started), str(release)), {})],
+                      ex._options)
+    enclave.jobs.create([job])
+    start_node(workers=1)
+    wait_for(started.exists, what="the node to start the job")
+    enclave.queue.send("test", [Message(job.job_id, b"not a task at all")])
+    wait_for(lambda: enclave.queue.dead_letters("test"), what="the bad message dead-lettered")
+    [dead] = enclave.queue.dead_letters("test")
+    assert dead["job_id"] == job.job_id and "corrupt task message" in dead["reason"]
+    assert enclave.jobs.get(job.job_id).state == JobState.PROCESSING
+    release.write_text("")
+    wait_for(lambda: enclave.jobs.get(job.job_id).state.final, what="the job to end")
+    assert enclave.jobs.get(job.job_id).state == JobState.COMPLETED
