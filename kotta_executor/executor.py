@@ -538,15 +538,20 @@ class KottaExecutor(Executor):
                 if handed:  # one its node has not recorded yet never will: it finds it here
                     known = self._enclave.jobs.get_many([job.job_id for job in handed])
                     records += [job for job in handed if job.job_id not in known]
-                done = [job.job_id for job in records]
+                record_ids = [job.job_id for job in records]
+                done = []
                 if records:  # never sent: record them, already cancelled, so the table tells
                     # without task messages: no node is to run them, and a waiting task's
-                    # record has no signed body a node would accept
+                    # record has no signed body a node would accept.  From pending only: a
+                    # job in the outbox may be recorded already, and running (its first
+                    # send raised after its record and task were written; create() keeps
+                    # such a record)
                     self._enclave.jobs.create(records, enqueue=False)
-                    self._enclave.jobs.transition(
-                        done, JobState.CANCELLED, reason="cancelled by the client"
+                    done = self._enclave.jobs.transition(
+                        record_ids, JobState.CANCELLED, from_states=CANCELLABLE,
+                        reason="cancelled by the client",
                     )
-                recorded = set(done)  # once: thousands of waiting tasks may be cancelled
+                recorded = set(record_ids)  # once: thousands of waiting tasks may be cancelled
                 rest = [j for j in job_ids if j not in recorded]
                 if rest:
                     done += self._enclave.jobs.transition(

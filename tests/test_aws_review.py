@@ -405,3 +405,66 @@ def test_a_delivery_acked_twice_does_not_lose_the_acks_batched_with_it(enclave):
     enclave.queue.ack([ds[2], ds[2]])
     enclave.queue.flush()
     assert enclave.queue.depth("test") == 0
+
+
+def test_cancel_of_a_job_recorded_and_running_before_its_retry_returns_false(enclave, tmp_path):
+    """A lone submit's send raised after SQS took its task (a lost response): the job is
+    recorded, queued, and goes to the outbox to be sent again.  A node starts it.  A
+    cancel() before the manager's retry recorded the outbox job cancelled from any
+    state: True for a job that runs, and its result could never be recorded."""
+    import threading
+
+    from botocore.exceptions import EndpointConnectionError
+
+    from kotta_executor import KottaExecutor
+    from node.daemon import Node, NodeConfig
+    from tests import tasks
+    from tests.conftest import GUARD, wait_for
+
+    node = Node(enclave, NodeConfig(queue="test", workers=2, long_poll=0.5))
+    runner = threading.Thread(target=node.run, name="node")
+    runner.start()
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    hold, held, lose, go = (threading.Event() for _ in range(4))
+
+    def response_lost(model, **_):  # after SQS has taken the messages
+        if model.name == "SendMessageBatch" and lose.is_set() and (
+            threading.current_thread() is threading.main_thread()
+        ):
+            lose.clear()
+            raise EndpointConnectionError(endpoint_url="https://sqs (the response was lost)")
+
+    def manager_waits_for_go(model, **_):  # the manager is busy in a look at the job table
+        if model.name == "BatchGetItem" and hold.is_set() and (
+            threading.current_thread().name.startswith("kotta-manager")
+        ):
+            held.set()
+            go.wait(GUARD)
+
+    enclave.dynamodb.meta.events.register("before-call", manager_waits_for_go)
+    enclave.sqs.meta.events.register("after-call", response_lost)
+    release, started = tmp_path / "release", tmp_path / "started"
+    try:
+        assert ex.submit(tasks.add, 1, 2).result(GUARD) == 3  # the manager listens
+        hold.set()
+        first = ex.submit(tasks.wait_for_file, str(release))  # keeps the look busy
+        held.wait(GUARD)
+        assert held.is_set()
+        lose.set()
+        f = ex.submit(tasks.touch_then_wait, str(started), str(release))
+        assert not lose.is_set()  # its send raised: the job waits in the outbox
+        wait_for(started.exists, what="a node to start the job")
+        assert f.cancel() is False
+        assert enclave.jobs.get(f.job_id).state == JobState.PROCESSING
+        go.set()
+        (tmp_path / "text").write_text("done")
+        os.replace(tmp_path / "text", release)  # whole, when the tasks see it
+        assert f.result(GUARD) == "done" and first.result(GUARD) == "done"
+    finally:
+        go.set()
+        release.touch()
+        ex.shutdown(wait=True)
+        node.request_stop()
+        runner.join(GUARD)
+    r = enclave.jobs.get(f.job_id)
+    assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
