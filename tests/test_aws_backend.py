@@ -522,6 +522,15 @@ def test_create_that_dynamodb_keeps_cancelling_raises_and_sends_nothing(enclave,
     assert enclave.queue.depth("test") == 0  # never a task without its record
 
 
+def test_create_that_dynamodb_refuses_for_good_raises_at_once_naming_why(enclave, monkeypatch):
+    seen = _cancel_first_rounds(enclave, monkeypatch, 1000, code="ValidationError")
+    job = new_job()
+    with pytest.raises(RuntimeError, match="DynamoDB refused job records: ValidationError"):
+        enclave.jobs.create([job])
+    assert seen == [1]  # not tried again
+    assert enclave.queue.depth("test") == 0
+
+
 def test_transition_is_one_conditional_update_per_job(enclave):
     jobs = [new_job() for _ in range(5)]
     enclave.jobs.create(jobs)

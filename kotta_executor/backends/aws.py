@@ -286,6 +286,11 @@ def _backoff(attempt: int) -> None:
 
 #: how many rounds unprocessed batch entries (throttled, 5xx) are retried before giving up
 BATCH_ROUNDS = 10
+#: why DynamoDB cancels a transaction that may go through if tried again
+_TRANSIENT_CANCELLATIONS = frozenset({
+    "TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded",
+    "RequestLimitExceeded", "InternalServerError",
+})
 
 
 # --------------------------------------------------------------------------- queues
@@ -1345,6 +1350,13 @@ class DynamoJobs(_DynamoTable, JobTable):
                 if len(reasons) != len(items):  # not said which: try them all again
                     _backoff(attempt)
                     continue
+                codes = {str(r.get("Code")) for r in reasons} - {"None", "ConditionalCheckFailed"}
+                if codes - _TRANSIENT_CANCELLATIONS:  # a put DynamoDB will never take
+                    said = "; ".join(sorted({
+                        f"{r.get('Code')}: {r.get('Message', '')}" for r in reasons
+                        if str(r.get("Code")) in codes
+                    }))
+                    raise RuntimeError(f"DynamoDB refused job records: {said}") from exc
                 left = [i for i, r in zip(items, reasons, strict=True)
                         if r.get("Code") != "ConditionalCheckFailed"]
                 if len(left) < len(items):  # some are recorded: the rest go at once
