@@ -1650,7 +1650,12 @@ def _usual_header(**changes: Any) -> dict[str, Any]:
     return header
 
 
-_DROP = object()
+class _Drop:
+    def __repr__(self) -> str:  # a stable test id, the same in every process
+        return "<dropped>"
+
+
+_DROP = _Drop()
 _NAN, _INF = float("nan"), float("inf")
 
 
