@@ -1,7 +1,4 @@
-"""Lifecycle bugs found in review: node/scaler.py, kotta down, the executor's own node.
-
-Run: cd /work/main && python -m pytest /tmp/review_life/test_found.py -p no:cacheprovider
-"""
+"""Lifecycle bugs found in review: node/scaler.py, kotta down, the executor's own node."""
 
 from __future__ import annotations
 
