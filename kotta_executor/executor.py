@@ -851,12 +851,14 @@ class KottaExecutor(Executor):
     def _oldest_not_running(self) -> list[str]:
         """The ids of the oldest RUNNING_WINDOW futures not known to run, among the oldest
         RUNNING_SCAN (more than that many running at once: the later ones learn it from the
-        reconcile); none this time if another thread's submit() or cancel() changed the
-        futures meanwhile."""
+        reconcile), leaving out those still waiting for their dependencies; none this time
+        if another thread's submit() or cancel() changed the futures meanwhile."""
         out: list[str] = []
         try:
             for job_id, f in itertools.islice(self._futures.items(), RUNNING_SCAN):
-                if f._state == PENDING and job_id not in self._attached:
+                if f._state == PENDING and job_id not in self._attached and (
+                    job_id not in self._deps.waiting  # not sent yet: nothing to look at
+                ):
                     out.append(job_id)
                     if len(out) >= RUNNING_WINDOW:
                         break

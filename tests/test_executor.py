@@ -682,6 +682,26 @@ def test_running_turns_true_soon_after_a_node_starts_the_job(make_executor, gate
     assert first.result(timeout=GUARD) == "released" and second.result(timeout=GUARD) == 9
 
 
+def test_running_turns_true_behind_tasks_waiting_for_dependencies(make_executor, tmp_path,
+                                                                   monkeypatch):
+    """Tasks waiting for a dependency have no job to look up: they filled the look's
+    window, and a job started behind them never turned running() True (no reconcile)."""
+    monkeypatch.setattr(executor_module, "RECONCILE_AFTER", 3600.0)
+    monkeypatch.setattr(executor_module, "RUNNING_WINDOW", 2)
+    ex = make_executor(2)
+    release = tmp_path / "release"
+    marks = [tmp_path / f"started-{i}" for i in range(2)]
+    hold = ex.submit(tasks.touch_then_wait, str(marks[0]), str(release))
+    waiting = [ex.submit(tasks.add, hold, "!") for _ in range(3)]  # until hold is done
+    later = ex.submit(tasks.touch_then_wait, str(marks[1]), str(release))
+    wait_started(*marks)
+    wait_for(later.running, what="running() of the job behind the waiting tasks")
+    assert not any(f.running() or f.done() for f in waiting)
+    release.write_text("released")
+    assert later.result(timeout=GUARD) == "released"
+    assert [f.result(timeout=GUARD) for f in waiting] == ["released!"] * 3
+
+
 def test_running_turns_true_beyond_the_first_window_of_futures(make_executor, tmp_path, monkeypatch):
     """The look took the oldest RUNNING_WINDOW futures, then dropped those known to run:
     with more than that many running, the later ones never learnt it (here 1 and 2)."""
