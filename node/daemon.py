@@ -756,7 +756,7 @@ class Node:
             while self._inbox and room > 0:
                 batch.append(self._inbox.popleft())
                 room -= 1
-            for d in self._watch_running(batch):
+            for d in self._watch_running(self._ours_again(batch)):
                 self._accept(d)
             self._refuse_foreign(first)
             return
@@ -768,9 +768,35 @@ class Node:
         )
         self._backlogged = len(deliveries) == ask  # the queue has more than we took
         first = len(self.pending)
-        for d in self._watch_running(deliveries):
+        for d in self._watch_running(self._ours_again(deliveries)):
             self._accept(d)
         self._refuse_foreign(first)
+
+    def _ours_again(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """A message this node still holds, received again (it stayed hidden no longer
+        than its visibility timeout: the node was stalled, or SQS delivered it twice), is
+        not a second task: the task held takes the new delivery, whose receipt is the one
+        that now extends and acks the message, and the delivery is not taken again.
+        (Taken, it ran the job twice; or, dropped as a copy, its ack deleted the message
+        the running task still needed.)"""
+        if not any(d.receive_count > 1 and d.message_id for d in deliveries):
+            return deliveries
+        held = {t.delivery.message_id: t for t in self._held_tasks() if t.delivery.message_id}
+        out = []
+        for d in deliveries:
+            t = held.get(d.message_id) if d.receive_count > 1 and d.message_id else None
+            if t is None:
+                out.append(d)
+                continue
+            log.warning("job %s: its message came again while this node holds it (delivery "
+                        "%d); the task held takes the new receipt", d.job_id, d.receive_count)
+            t.delivery = d
+        return out
+
+    def _held_tasks(self) -> list[Task]:
+        """The tasks this node holds: waiting, staging, or in a worker's pipe."""
+        return [*self.pending, *(t for w in self.workers for t in w.inflight),
+                *self.data.active.values()]
 
     def _refuse_foreign(self, first: int) -> None:
         """The tasks just accepted (``pending[first:]``) whose job is another owner's are

@@ -310,6 +310,19 @@ def test_release_makes_a_message_visible_at_once(backend):
     assert backend.queue.depth("q") == 2
 
 
+def test_each_delivery_of_a_message_names_the_message(backend):
+    """``message_id``: the same in every delivery of one message, another for another
+    message, even of the same job (a node tells a message it holds, come again, from a
+    copy of its task)."""
+    backend.queue.send("q", [Message("j", b"one"), Message("j", b"two")])
+    one, two = received(backend, "q")
+    assert one.message_id and two.message_id and one.message_id != two.message_id
+    backend.queue.release([one])
+    [again] = received(backend, "q")
+    assert (again.body, again.message_id) == (b"one", one.message_id)
+    assert again.receipt != one.receipt
+
+
 def test_dead_letter_moves_a_message_out(backend):
     backend.queue.send("q", messages("a", "b"))
     a, b = received(backend, "q")

@@ -576,3 +576,37 @@ def test_a_bad_message_naming_a_running_job_does_not_fail_it(start_node, make_ex
     release.write_text("")
     wait_for(lambda: enclave.jobs.get(job.job_id).state.final, what="the job to end")
     assert enclave.jobs.get(job.job_id).state == JobState.COMPLETED
+
+
+def test_a_message_the_node_still_holds_received_again_is_the_same_task(make_executor, enclave,
+                                                                        tmp_path):
+    """A node stalled past its visibility timeout (or SQS delivering a message twice)
+    receives a message it still holds: the task it holds takes the new receipt, and the
+    job does not run a second time; its message is acked with the receipt that is live."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
+    job = ex._new_job("ef" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
+                      ex._options)
+    enclave.jobs.create([job])
+    node = Node(enclave, NodeConfig(queue="test", workers=2, poll_interval=0.05))
+    node._start()
+    try:
+        wait_for(lambda: (node.step(), out.exists())[1], what="the job to start")
+        [held] = [t for w in node.workers for t in w.inflight]
+        # the message's visibility runs out while the node holds it (as after a stall)
+        enclave.queue.release([held.delivery])
+        wait_for(lambda: (node.step(), held.delivery.receive_count == 2)[1],
+                 what="the message to come again")
+        assert [t.job_id for w in node.workers for t in w.inflight] == [job.job_id]
+        assert not node.pending
+        stop.touch()
+        wait_for(lambda: (node.step(), enclave.queue.depth("test") == 0)[1],
+                 what="the job to end and its message to be acked")
+    finally:
+        stop.touch()
+        node._stop()
+    r = enclave.jobs.get(job.job_id)
+    assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
+    assert out.read_text().splitlines() == ["ran"]

@@ -733,6 +733,7 @@ class SqsQueue(TaskQueue):
                 _receipt(sqs_name, m["ReceiptHandle"], blob),
                 int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
                 _sent(m),
+                str(m.get("MessageId") or ""),
             )
             for m, body, blob in got or []
         ]

@@ -41,6 +41,9 @@ class Delivery:
     #: when the queue took the message (the service's clock where there is one: SQS's
     #: SentTimestamp); a node checks the signing token was valid then
     sent: float | None = None
+    #: the message's identity, the same in each of its deliveries ("" if unknown): a node
+    #: that receives a message it still holds knows it for the same task
+    message_id: str = ""
 
 
 @dataclass(slots=True)

@@ -344,7 +344,7 @@ class EmbeddedQueue(TaskQueue):
                 (now + visibility_timeout, token, holder, queue, now, max_messages),
             ).fetchall()
         rows.sort(key=lambda r: _msg_id(r[2]))
-        return [Delivery(*r) for r in rows]
+        return [Delivery(*r, str(_msg_id(r[2]))) for r in rows]
 
     def take(self, queue, max_messages, wait_seconds=0.0):
         deadline = time.monotonic() + wait_seconds
@@ -1117,7 +1117,7 @@ class EmbeddedEnclave(Enclave):
                 (job.queue, job.job_id, job.body, now + visibility_timeout,
                  self._ids.getrandbits(48).to_bytes(6, "big").hex(), holder, now),
             ).fetchone()
-        return Delivery(job.job_id, job.body, receipt, 1, now)
+        return Delivery(job.job_id, job.body, receipt, 1, now, str(_msg_id(receipt)))
 
     def reap_dead_nodes(self) -> list[str]:
         """Release what dead node processes held, so it runs elsewhere without waiting out
