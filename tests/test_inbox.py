@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import sqlite3
+import tempfile
 
 import pytest
 
 from kotta_executor import wire
+from kotta_executor.backends import embedded
 from kotta_executor.backends.base import Message, reply_queue
 from kotta_executor.backends.embedded import _PASSCRED, EmbeddedEnclave
 
@@ -90,9 +93,17 @@ def test_too_big_a_reply_goes_to_the_queue(enclave):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="sending as another user needs root")
-def test_a_datagram_from_another_user_is_dropped(enclave):
+def test_a_datagram_from_another_user_is_dropped(enclave, monkeypatch):
+    # an inbox directory of this test's own, under a directory others may enter: the
+    # shared /tmp/kotta-UID, opened up here, would make every other process of this user
+    # (pytest-xdist's other worker, its nodes and clients) drop their inboxes meanwhile
+    own = tempfile.mkdtemp(prefix="kotta-inbox-test-", dir="/tmp")
+    os.chmod(own, 0o755)
+    monkeypatch.setattr(tempfile, "tempdir", own)
+    monkeypatch.setattr(embedded, "_private", (float("-inf"), None))  # look again
     inbox = enclave.reply_inbox("c3")
     address = inbox.getsockname()
+    assert address.startswith(own)
     os.chmod(os.path.dirname(address), 0o755)  # let the other user reach the socket...
     os.chmod(address, 0o777)  # ...as an inbox made by a careless umask could be
     try:
@@ -114,6 +125,7 @@ def test_a_datagram_from_another_user_is_dropped(enclave):
     finally:
         os.chmod(os.path.dirname(address), 0o700)
         enclave.close_inbox(inbox)
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def test_an_inbox_lives_in_a_directory_only_its_user_enters(enclave):
