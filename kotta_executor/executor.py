@@ -71,6 +71,7 @@ from .errors import (
     BrokenEnclave,
     ConfigurationError,
     EnvelopeError,
+    KottaError,
     UnknownJob,
 )
 from .future import KottaFuture, _MapJobView
@@ -94,6 +95,12 @@ RUNNING_WINDOW = 100  # one BatchGetItem on AWS
 RUNNING_SCAN = 4096
 #: a submit this long after the previous one returned records its job itself (see _send_now)
 SEND_NOW_GAP = 0.0003
+#: a batch of the outbox that the enclave refused (an AWS call failing beyond botocore's
+#: own retries, a database locked too long) is tried again, backing off up to
+#: SEND_BACKOFF_MAX seconds, for this long before the executor gives up (BrokenEnclave).
+#: create() keeps a record already written, so a batch partly sent is safe to send again
+SEND_RETRY_FOR = 60.0
+SEND_BACKOFF_MAX = 5.0
 #: seconds between looks at the reply queue when replies come to an inbox (a node that
 #: cannot reach the inbox rings; this is in case the ring was lost)
 QUEUE_LOOK = 1.0
@@ -217,6 +224,9 @@ class KottaExecutor(Executor):
         self._handed: dict[str, tuple[NewJob, float]] = {}
         self._last_handed_look = 0.0
         self._kicked = False
+        self._send_failed = 0  # batches refused in a row (see _send_trouble)
+        self._send_failing_since = 0.0
+        self._send_retry_at = 0.0
         self._deps = dependencies.Dependencies(self._kick)  # tasks waiting for futures
         self._send_lock = threading.Lock()
         self._shutdown_lock = threading.Lock()
@@ -643,6 +653,8 @@ class KottaExecutor(Executor):
             timeout = min(timeout, ATTACH_POLL)
         if self._outbox or self._deps.ready:
             timeout = 0
+        if self._outbox and not self._deps.ready and self._send_failed:
+            timeout = max(0.0, min(0.5, self._send_retry_at - time.monotonic()))
         fds = [self._wake_r] if bell is None else [self._wake_r, bell]
         if self._inbox is not None:
             fds.append(self._inbox)
@@ -659,6 +671,8 @@ class KottaExecutor(Executor):
 
     def _send(self) -> None:
         self._kicked = False
+        if self._send_failed and time.monotonic() < self._send_retry_at:
+            return
         while self._outbox:
             with self._send_lock:
                 batch = []
@@ -670,10 +684,34 @@ class KottaExecutor(Executor):
                         self._skip.discard(item[0].job_id)
                         continue
                     batch.append(item)
-                self._enclave.jobs.create([job for job, _ in batch])
+                try:
+                    self._enclave.jobs.create([job for job, _ in batch])
+                except KottaError:
+                    raise  # ours, and definite (an enclave not provisioned, ...)
+                except Exception as exc:  # noqa: BLE001 - tried again, then it breaks us
+                    self._outbox.extendleft(reversed(batch))  # first again, in order
+                    self._send_trouble(exc)
+                    return
+                if self._send_failed:
+                    log.warning("kotta: sending tasks works again")
+                    self._send_failed = 0
             for q in {job.queue for job, _ in batch}:
                 self._queues_used.add(q)
                 self._enclave.ring_nodes(q)
+
+    def _send_trouble(self, exc: Exception) -> None:
+        """A batch the enclave refused: try again after a pause, or give up (raise) once
+        sends have failed for SEND_RETRY_FOR seconds."""
+        now = time.monotonic()
+        if not self._send_failed:
+            self._send_failing_since = now
+        self._send_failed += 1
+        if now - self._send_failing_since >= SEND_RETRY_FOR:
+            raise exc
+        pause = min(SEND_BACKOFF_MAX, 0.1 * 2 ** (self._send_failed - 1))
+        self._send_retry_at = now + pause
+        log.warning("kotta: sending %d tasks failed (%s: %s); trying again in %.1f s",
+                    len(self._outbox), type(exc).__name__, exc, pause)
 
     def _confirm_handed(self) -> None:
         """Jobs handed to a node that has not recorded them within HAND_OFF_CONFIRM (it

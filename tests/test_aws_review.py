@@ -468,3 +468,77 @@ def test_cancel_of_a_job_recorded_and_running_before_its_retry_returns_false(enc
         runner.join(GUARD)
     r = enclave.jobs.get(f.job_id)
     assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
+
+
+def _manager_sends_fail(enclave, times: float):
+    """The executor's manager thread's next ``times`` TransactWriteItems fail on the
+    wire (as after botocore's own retries); the calls failed are counted."""
+    import threading
+
+    from botocore.exceptions import EndpointConnectionError
+
+    failed = []
+
+    def fail(model, **_):
+        if model.name == "TransactWriteItems" and len(failed) < times and (
+            threading.current_thread().name.startswith("kotta-manager")
+        ):
+            failed.append(1)
+            raise EndpointConnectionError(endpoint_url="https://dynamodb (unreachable)")
+
+    enclave.dynamodb.meta.events.register("before-call", fail)
+    return failed
+
+
+def _node_in_thread(enclave):
+    import threading
+
+    from node.daemon import Node, NodeConfig
+
+    node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=0.5))
+    runner = threading.Thread(target=node.run, name="node")
+    runner.start()
+    return node, runner
+
+
+def test_tasks_whose_send_fails_for_a_while_are_sent_again(enclave, caplog):
+    """A batch of the outbox that AWS refused broke the executor: every future failed
+    with BrokenEnclave.  It is tried again (create() keeps what it wrote already)."""
+    import logging
+
+    from kotta_executor import KottaExecutor
+    from tests import tasks
+    from tests.conftest import GUARD
+
+    caplog.set_level(logging.WARNING, logger="kotta")
+    node, runner = _node_in_thread(enclave)
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    try:
+        failed = _manager_sends_fail(enclave, 2)
+        assert list(ex.map(tasks.square, range(10), timeout=GUARD)) == [x * x for x in range(10)]
+        assert len(failed) == 2
+        assert "sending 10 tasks failed (EndpointConnectionError" in caplog.text
+        assert "sending tasks works again" in caplog.text
+    finally:
+        ex.shutdown(wait=True)
+        node.request_stop()
+        runner.join(GUARD)
+    assert enclave.queue.depth("test") == 0
+
+
+def test_tasks_whose_send_keeps_failing_fail_with_the_error(enclave, monkeypatch):
+    from kotta_executor import BrokenEnclave, KottaExecutor
+    from tests import tasks
+    from tests.conftest import GUARD
+
+    monkeypatch.setattr("kotta_executor.executor.SEND_RETRY_FOR", 0.5)
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    try:
+        failed = _manager_sends_fail(enclave, float("inf"))
+        fs = [ex.submit(tasks.square, i) for i in range(4)]
+        for f in fs:
+            with pytest.raises(BrokenEnclave, match="EndpointConnectionError"):
+                f.result(GUARD)
+        assert len(failed) >= 2  # tried again before giving up
+    finally:
+        ex.shutdown(wait=False)
