@@ -779,18 +779,31 @@ class Node:
         that now extends and acks the message, and the delivery is not taken again.
         (Taken, it ran the job twice; or, dropped as a copy, its ack deleted the message
         the running task still needed.)"""
-        if not any(d.receive_count > 1 and d.message_id for d in deliveries):
+        if not deliveries:
             return deliveries
-        held = {t.delivery.message_id: t for t in self._held_tasks() if t.delivery.message_id}
+        # one delivery a message, the latest: a batch may hold two (an SQS duplicate, or
+        # the poller's fetch of a message whose earlier delivery waited in its inbox)
+        latest: dict[tuple[str, str], Delivery] = {}
+        for d in deliveries:
+            key = (d.message_id, d.job_id)
+            if d.message_id and (key not in latest or d.receive_count > latest[key].receive_count):
+                latest[key] = d
+        held = {(t.delivery.message_id, t.job_id): t for t in self._held_tasks()
+                if t.delivery.message_id}
         out = []
         for d in deliveries:
-            t = held.get(d.message_id) if d.receive_count > 1 and d.message_id else None
-            if t is None:
+            key = (d.message_id, d.job_id)
+            if not d.message_id:
                 out.append(d)
-                continue
-            log.warning("job %s: its message came again while this node holds it (delivery "
-                        "%d); the task held takes the new receipt", d.job_id, d.receive_count)
-            t.delivery = d
+            elif latest[key] is not d:  # its later delivery stands for it (and acks it)
+                log.warning("job %s: its message came twice in one batch", d.job_id)
+            elif (t := held.get(key)) is None:
+                out.append(d)
+            else:
+                log.warning("job %s: its message came again while this node holds it "
+                            "(delivery %d); the task held takes the new receipt",
+                            d.job_id, d.receive_count)
+                t.delivery = d
         return out
 
     def _held_tasks(self) -> list[Task]:

@@ -77,6 +77,23 @@ def test_adopt_records_a_job_once_held_by_its_node(enclave):
     assert enclave.queue.depth("test") == 0
 
 
+def test_adopt_never_gives_a_message_the_id_of_a_deleted_one(enclave):
+    """The id was max(id) + 1: once the newest message was deleted, the next adopted one
+    got its id, and a node still holding a delivery of the old message (stalled, its
+    message run and acked by another node) took the new one's redelivery for its own."""
+    from kotta_executor.backends.base import Message
+
+    enclave.queue.send("test", [Message("j1", b"one")])
+    [old] = enclave.queue.receive("test", 1, 30.0, "node-b")
+    enclave.queue.ack([old])
+    d = enclave.adopt(a_job(), 30.0, "node-a")
+    assert d.message_id and d.message_id != old.message_id
+    assert d.receipt.split(":")[0] == d.message_id
+    enclave.queue.release([d])
+    [again] = enclave.queue.receive("test", 1, 30.0, "node-a")
+    assert (again.message_id, again.receive_count) == (d.message_id, 2)
+
+
 def test_adopt_without_a_holder_queues_the_task_for_any_node(enclave):
     job = a_job()
     assert enclave.adopt(job, 30.0, None) is None

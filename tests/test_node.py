@@ -610,3 +610,21 @@ def test_a_message_the_node_still_holds_received_again_is_the_same_task(make_exe
     r = enclave.jobs.get(job.job_id)
     assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
     assert out.read_text().splitlines() == ["ran"]
+
+
+def test_two_deliveries_of_one_message_in_a_batch_are_one_task(make_executor, enclave):
+    """A batch may hold two deliveries of one message (the AWS poller's inbox keeps a
+    delivery unextended; SQS may deliver twice): the later stands for it, and the earlier
+    is neither taken (both ran, or the copy dropped acked the live receipt) nor acked."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    job = ex._new_job("ab" * 16, tasks.add, [((1, 2), {})], ex._options)
+    other = ex._new_job("cd" * 16, tasks.add, [((3, 4), {})], ex._options)
+    enclave.jobs.create([job, other])
+    node = Node(enclave, NodeConfig(queue="test", workers=1))
+    first, d_other = enclave.queue.receive("test", 10, 30.0, node.node_id)
+    enclave.queue.release([first])
+    [second] = enclave.queue.receive("test", 10, 30.0, node.node_id)
+    assert (second.message_id, second.receive_count) == (first.message_id, 2)
+    assert node._ours_again([first, d_other, second]) == [d_other, second]

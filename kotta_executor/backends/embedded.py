@@ -1109,15 +1109,16 @@ class EmbeddedEnclave(Enclave):
                     (job.queue, job.job_id, job.body, now, now),
                 )
                 return None
-            # the receipt names the row, so its id is chosen here (the next one)
-            (receipt,) = c.execute(
-                "INSERT INTO messages(id, queue, job_id, body, visible_at, receive_count,"
-                " receipt, holder, sent) SELECT m, ?, ?, ?, ?, 1, m||':'||?, ?, ? FROM"
-                " (SELECT ifnull(max(id), 0) + 1 AS m FROM messages) RETURNING receipt",
-                (job.queue, job.job_id, job.body, now + visibility_timeout,
-                 self._ids.getrandbits(48).to_bytes(6, "big").hex(), holder, now),
+            # the receipt names the row: its id, given by AUTOINCREMENT (never one a deleted
+            # message had, which a node may still hold a delivery of)
+            (mid,) = c.execute(
+                "INSERT INTO messages(queue, job_id, body, visible_at, receive_count, holder,"
+                " sent) VALUES (?,?,?,?,1,?,?) RETURNING id",
+                (job.queue, job.job_id, job.body, now + visibility_timeout, holder, now),
             ).fetchone()
-        return Delivery(job.job_id, job.body, receipt, 1, now, str(_msg_id(receipt)))
+            receipt = f"{mid}:{self._ids.getrandbits(48).to_bytes(6, 'big').hex()}"
+            c.execute("UPDATE messages SET receipt=? WHERE id=?", (receipt, mid))
+        return Delivery(job.job_id, job.body, receipt, 1, now, str(mid))
 
     def reap_dead_nodes(self) -> list[str]:
         """Release what dead node processes held, so it runs elsewhere without waiting out
