@@ -63,6 +63,11 @@ class Dependencies:
     def take(self, job_id: str) -> Waiting | None:
         return self.waiting.pop(job_id, None)
 
+    def put_back(self, w: Waiting) -> None:
+        """Undo a :meth:`take` whose decision failed (a dependency done meanwhile has put
+        it in ``ready``: found waiting again, it is sent from there)."""
+        self.waiting[w.future.job_id] = w
+
     def clear(self) -> None:
         self.waiting.clear()
         self.ready.clear()

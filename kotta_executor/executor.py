@@ -540,38 +540,52 @@ class KottaExecutor(Executor):
         with self._send_lock:  # the manager takes from the outbox only under this lock
             # list() copies the deque in one step under the GIL, while submit() may append
             unsent = [(job, f) for job, f in list(self._outbox) if job.job_id in wanted]
-            self._skip.update(job.job_id for job, _ in unsent)
             records = [job for job, _ in unsent]
-            records += [self._unsent_record(w) for w in map(self._deps.take, job_ids) if w]
+            taken = [w for w in map(self._deps.take, job_ids) if w]
+            records += [self._unsent_record(w) for w in taken]
             handed = [h[0] for h in map(self._handed.get, job_ids) if h is not None]
-            with self._enclave.atomic():
-                if handed:  # one its node has not recorded yet never will: it finds it here
-                    known = self._enclave.jobs.get_many([job.job_id for job in handed])
-                    records += [job for job in handed if job.job_id not in known]
-                record_ids = [job.job_id for job in records]
-                done = []
-                if records:  # never sent: record them, already cancelled, so the table tells
-                    # without task messages: no node is to run them, and a waiting task's
-                    # record has no signed body a node would accept.  From pending only: a
-                    # job in the outbox may be recorded already, and running (its first
-                    # send raised after its record and task were written; create() keeps
-                    # such a record)
-                    self._enclave.jobs.create(records, enqueue=False)
-                    done = self._enclave.jobs.transition(
-                        record_ids, JobState.CANCELLED, from_states=CANCELLABLE,
-                        reason="cancelled by the client",
-                    )
-                recorded = set(record_ids)  # once: thousands of waiting tasks may be cancelled
-                rest = [j for j in job_ids if j not in recorded]
-                if rest:
-                    done += self._enclave.jobs.transition(
-                        rest, JobState.CANCELLED, from_states=CANCELLABLE,
-                        reason="cancelled by the client",
-                    )
+            try:
+                done = self._record_cancelled(job_ids, records, handed)
+            except BaseException:  # the enclave failed: nothing is cancelled, all goes on
+                for w in taken:
+                    self._deps.put_back(w)
+                raise
+            # the manager takes from the outbox only under the send lock, held here
+            self._skip.update(job.job_id for job, _ in unsent)
             for job in handed:  # recorded now, by its node or just above
                 self._handed.pop(job.job_id, None)
         for job_id in done:
             self._futures.pop(job_id, None)
+        return done
+
+    def _record_cancelled(self, job_ids: list[str], records: list[NewJob],
+                          handed: list[NewJob]) -> list[str]:
+        """Record the jobs cancelled, in one transaction (for _cancel_jobs, under the
+        send lock); the ids cancelled."""
+        with self._enclave.atomic():
+            if handed:  # one its node has not recorded yet never will: it finds it here
+                known = self._enclave.jobs.get_many([job.job_id for job in handed])
+                records = records + [job for job in handed if job.job_id not in known]
+            record_ids = [job.job_id for job in records]
+            done: list[str] = []
+            if records:  # never sent: record them, already cancelled, so the table tells
+                # without task messages: no node is to run them, and a waiting task's
+                # record has no signed body a node would accept.  From pending only: a
+                # job in the outbox may be recorded already, and running (its first send
+                # raised after its record and task were written; create() keeps such a
+                # record)
+                self._enclave.jobs.create(records, enqueue=False)
+                done = self._enclave.jobs.transition(
+                    record_ids, JobState.CANCELLED, from_states=CANCELLABLE,
+                    reason="cancelled by the client",
+                )
+            recorded = set(record_ids)  # once: thousands of waiting tasks may be cancelled
+            rest = [j for j in job_ids if j not in recorded]
+            if rest:
+                done += self._enclave.jobs.transition(
+                    rest, JobState.CANCELLED, from_states=CANCELLABLE,
+                    reason="cancelled by the client",
+                )
         return done
 
     def _cancel_all(self) -> None:
@@ -684,6 +698,8 @@ class KottaExecutor(Executor):
                         self._skip.discard(item[0].job_id)
                         continue
                     batch.append(item)
+                if not batch:  # every one cancelled meanwhile
+                    continue
                 try:
                     self._enclave.jobs.create([job for job, _ in batch])
                 except KottaError:

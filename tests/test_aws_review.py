@@ -542,3 +542,42 @@ def test_tasks_whose_send_keeps_failing_fail_with_the_error(enclave, monkeypatch
         assert len(failed) >= 2  # tried again before giving up
     finally:
         ex.shutdown(wait=False)
+
+
+def test_a_cancel_that_fails_during_a_send_outage_leaves_the_task_to_run(enclave):
+    """cancel() of a task waiting in the outbox while the enclave refuses sends fails
+    too (it must record the job cancelled); it used to mark the task skipped first, so
+    the manager dropped it unsent: no record, its future pending for ever."""
+    import threading
+
+    from botocore.exceptions import EndpointConnectionError
+
+    from kotta_executor import KottaExecutor
+    from tests import tasks
+    from tests.conftest import GUARD
+
+    down, manager_failed = threading.Event(), threading.Event()
+
+    def unreachable(model, **_):
+        if down.is_set() and model.name == "TransactWriteItems":
+            if threading.current_thread().name.startswith("kotta-manager"):
+                manager_failed.set()
+            raise EndpointConnectionError(endpoint_url="https://dynamodb (unreachable)")
+
+    enclave.dynamodb.meta.events.register("before-call", unreachable)
+    node, runner = _node_in_thread(enclave)
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    try:
+        assert ex.submit(tasks.square, 2).result(GUARD) == 4
+        down.set()
+        f = ex.submit(tasks.square, 3)
+        assert manager_failed.wait(GUARD)  # it waits in the outbox, to be sent again
+        with pytest.raises(EndpointConnectionError):
+            f.cancel()
+        down.clear()
+        assert f.result(GUARD) == 9  # the cancel failed, visibly: the task went on
+    finally:
+        down.clear()
+        ex.shutdown(wait=True)
+        node.request_stop()
+        runner.join(GUARD)
