@@ -782,14 +782,19 @@ class Node:
         if not deliveries:
             return deliveries
         # one delivery a message, the latest: a batch may hold two (an SQS duplicate, or
-        # the poller's fetch of a message whose earlier delivery waited in its inbox)
+        # the poller's fetch of a message whose earlier delivery waited in its inbox).
+        # The later in the batch, unless its count is lower (SQS's is approximate)
         latest: dict[tuple[str, str], Delivery] = {}
         for d in deliveries:
             key = (d.message_id, d.job_id)
-            if d.message_id and (key not in latest or d.receive_count > latest[key].receive_count):
+            if d.message_id and (key not in latest or d.receive_count >= latest[key].receive_count):
                 latest[key] = d
-        held = {(t.delivery.message_id, t.job_id): t for t in self._held_tasks()
-                if t.delivery.message_id}
+        # a message received again shows it (held tasks are many on a big node: looked
+        # at only then; an SQS duplicate counted 1 is a copy to claim(), see its notes)
+        held = {}
+        if any(d.receive_count > 1 for d in deliveries):
+            held = {(t.delivery.message_id, t.job_id): t for t in self._held_tasks()
+                    if t.delivery.message_id}
         out = []
         for d in deliveries:
             key = (d.message_id, d.job_id)
@@ -1137,8 +1142,11 @@ class Node:
         still queued in its pipe).  (A redelivery of a job a live node still runs never
         gets here on AWS: :meth:`_watch_running`.)"""
         # One task a job: two copies of a job's task in one claim (a create retried after
-        # its task was queued, an SQS duplicate, both waiting here) must not both run.
-        # The copy already ours goes on; the others are not claimed, so they are dropped
+        # its task was queued: two messages, both waiting here) must not both run.  The
+        # copy already ours goes on; the others are not claimed, so they are dropped, and
+        # acked.  (Two deliveries of one message are one task: _ours_again.  Left: an SQS
+        # duplicate that SQS counts as a first delivery, arriving while its first runs, is
+        # dropped here too, and its ack may delete the message the running task holds)
         one: dict[str, Task] = {}
         for t in tasks:
             if t.job_id not in one or (t.claimed and not one[t.job_id].claimed):

@@ -628,3 +628,15 @@ def test_two_deliveries_of_one_message_in_a_batch_are_one_task(make_executor, en
     [second] = enclave.queue.receive("test", 10, 30.0, node.node_id)
     assert (second.message_id, second.receive_count) == (first.message_id, 2)
     assert node._ours_again([first, d_other, second]) == [d_other, second]
+
+
+def test_of_two_deliveries_of_a_message_counted_alike_the_later_stands(enclave):
+    """SQS's receive count is approximate: two deliveries of one message in a batch may
+    show the same count.  The later in the batch (the poller's newest) is the live one."""
+    from kotta_executor.backends.base import Delivery
+    from node.daemon import Node, NodeConfig
+
+    node = Node(enclave, NodeConfig(queue="test", workers=1))
+    old = Delivery("j1", b"task", "receipt-old", 2, None, "m1")
+    new = Delivery("j1", b"task", "receipt-new", 2, None, "m1")
+    assert node._ours_again([old, new]) == [new]
