@@ -581,3 +581,37 @@ def test_a_cancel_that_fails_during_a_send_outage_leaves_the_task_to_run(enclave
         ex.shutdown(wait=True)
         node.request_stop()
         runner.join(GUARD)
+
+
+def test_a_send_refused_for_lack_of_rights_fails_the_futures_at_once(enclave):
+    """Not every refusal is worth a minute of retries: AWS's AccessDenied is not cured
+    by trying again, and the futures fail with it at once (BrokenEnclave)."""
+    import threading
+
+    from botocore.exceptions import ClientError
+
+    from kotta_executor import BrokenEnclave, KottaExecutor
+    from tests import tasks
+    from tests.conftest import GUARD
+
+    refused = []
+
+    def denied(model, **_):
+        if model.name == "TransactWriteItems" and (
+            threading.current_thread().name.startswith("kotta-manager")
+        ):
+            refused.append(1)
+            raise ClientError({"Error": {"Code": "AccessDeniedException",
+                                         "Message": "not authorized to TransactWriteItems"}},
+                              "TransactWriteItems")
+
+    enclave.dynamodb.meta.events.register("before-call", denied)
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    try:
+        fs = [ex.submit(tasks.square, i) for i in range(3)]
+        for f in fs:
+            with pytest.raises(BrokenEnclave, match="AccessDeniedException"):
+                f.result(GUARD)
+        assert len(refused) == 1
+    finally:
+        ex.shutdown(wait=False)
