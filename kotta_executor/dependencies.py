@@ -64,9 +64,16 @@ class Dependencies:
         return self.waiting.pop(job_id, None)
 
     def put_back(self, w: Waiting) -> None:
-        """Undo a :meth:`take` whose decision failed (a dependency done meanwhile has put
-        it in ``ready``: found waiting again, it is sent from there)."""
-        self.waiting[w.future.job_id] = w
+        """Undo a :meth:`take` whose decision failed.  If its dependencies are done (or one
+        failed) it goes to ``ready`` again: the entry their callback put there may have
+        been passed over meanwhile, as not waiting (a second entry is harmless: only one
+        :meth:`take` gets it)."""
+        with self._lock:
+            self.waiting[w.future.job_id] = w
+            due = w.remaining == 0 or w.failed is not None
+        if due:
+            self.ready.append(w)
+            self._wake()
 
     def clear(self) -> None:
         self.waiting.clear()

@@ -199,3 +199,34 @@ def test_a_task_failed_by_its_dependency_is_recorded_failed(executor, enclave):
     job = enclave.jobs.get(dependent.job_id)
     assert job is not None and job.state == "failed"
     assert "DependencyError" in job.reason and bad.job_id in job.reason
+
+
+def test_a_waiting_task_put_back_after_its_dependency_ended_is_ready_again():
+    """A cancel() takes a waiting task, its dependency ends meanwhile (the manager finds
+    the ready entry not waiting, and passes over it), and the cancel fails (the enclave
+    is down): put back, the task must be ready again, or it is never sent."""
+    from concurrent.futures import Future
+
+    from kotta_executor.dependencies import Dependencies
+
+    class Job(Future):
+        job_id = "ab" * 16
+
+    woken = []
+    deps = Dependencies(wake=lambda: woken.append(1))
+    dep, job = Future(), Job()
+    deps.add(job, tasks.square, [((dep,), {})], None, [dep])
+    w = deps.take(job.job_id)
+    dep.set_result(5)
+    assert deps.ready.popleft() is w and job.job_id not in deps.waiting  # passed over
+    woken.clear()
+    deps.put_back(w)
+    assert deps.waiting[job.job_id] is w
+    assert list(deps.ready) == [w] and woken
+    # one not yet due goes back to waiting only
+    other, pending_dep = Job(), Future()
+    other.job_id = "cd" * 16
+    deps.add(other, tasks.square, [((pending_dep,), {})], None, [pending_dep])
+    deps.ready.clear()
+    deps.put_back(deps.take(other.job_id))
+    assert other.job_id in deps.waiting and not deps.ready
