@@ -96,6 +96,14 @@ def segfault():
     ctypes.string_at(0)
 
 
+def release(path, text: str = "") -> None:
+    """Create ``path`` holding ``text`` at once (a rename): a task in wait_for_file never
+    reads it half written (``write_text`` makes the file empty first)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
 def wait_for_file(path, timeout=60.0):
     """Block until ``path`` exists (tests create it to release the task)."""
     deadline = time.monotonic() + timeout

@@ -180,7 +180,7 @@ def test_cancel_a_running_job_kills_it(make_executor, enclave, start_node, tmp_p
         with pytest.raises(TaskKilled):
             f.result(GUARD)
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
     job = enclave.jobs.get(f.job_id)
     assert job.state == "cancelled"
     assert "killed" in job.reason

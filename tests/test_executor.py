@@ -697,7 +697,7 @@ def test_running_turns_true_behind_tasks_waiting_for_dependencies(make_executor,
     wait_started(*marks)
     wait_for(later.running, what="running() of the job behind the waiting tasks")
     assert not any(f.running() or f.done() for f in waiting)
-    release.write_text("released")
+    tasks.release(release, "released")
     assert later.result(timeout=GUARD) == "released"
     assert [f.result(timeout=GUARD) for f in waiting] == ["released!"] * 3
 
@@ -714,7 +714,7 @@ def test_running_turns_true_beyond_the_first_window_of_futures(make_executor, tm
     wait_started(*marks)
     for f in fs:
         wait_for(f.running, what=f"running() of job {f.job_id}")
-    release.write_text("released")
+    tasks.release(release, "released")
     assert [f.result(timeout=GUARD) for f in fs] == ["released"] * 2
 
 

@@ -270,7 +270,7 @@ def test_running_task_reports_running_after_status(make_executor, tmp_path):
         assert f.running()
         assert not f.cancel()  # it runs: too late to cancel
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
     assert f.result(timeout=GUARD) == "go"
     assert not f.running() and f.done()
 
@@ -284,7 +284,7 @@ def test_manager_marks_a_started_task_running(make_executor, tmp_path, monkeypat
         wait_for(started.exists, what="the task to start")
         wait_for(f.running, what="the manager to mark the future running")
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
     assert f.result(timeout=GUARD) == "go"
 
 

@@ -261,7 +261,7 @@ def test_a_draining_node_takes_no_more_hand_offs(start_node, make_executor, encl
         client.wait(GUARD)
     assert recorded == "True"  # A, draining, took no hand-off: the client recorded the job
     assert enclave.jobs.get(job_id).state == JobState.PENDING
-    release.write_text("go")
+    tasks.release(release, "go")
     running.result(GUARD)
     assert a.proc.wait(GUARD) == 0
     b = start_node(workers=1)

@@ -116,7 +116,7 @@ def test_task_of_a_killed_node_runs_again_on_another(start_node, make_executor, 
         second = _pids(log)[1]
         assert second in b.worker_pids()
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
 
     assert f.result(GUARD) == second
     assert ex.submit(tasks.square, 3).result(GUARD) == 9  # let any stray reply arrive
@@ -144,10 +144,10 @@ def test_duplicate_delivery_is_recorded_at_most_once(start_node, make_executor, 
         wait_for(lambda: len(_pids(log)) == 2, what="node B to receive the redelivered task")
         second = _pids(log)[1]
         assert second in b.worker_pids() and second != first
-        release.write_text("go")  # both copies finish; A is frozen and cannot report yet
+        tasks.release(release, "go")  # both copies finish; A is frozen and cannot report yet
         assert f.result(GUARD) == second
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
         os.kill(a.pid, signal.SIGCONT)
 
     assert a.proc.wait(GUARD) == 0  # A reported its own copy (max-jobs 1), then exited
@@ -196,7 +196,7 @@ def test_a_task_rung_in_while_the_node_is_full_runs_when_room_frees(start_node, 
         assert _holder(enclave, late.job_id) is None  # queued: the node had no room
         assert not held[0].done()  # (the node was full all along)
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
     assert [f.result(GUARD) for f in held[1:]] == [0, 0, 0]
     assert late.result(timeout=20) == 25  # the bug: ~30 s, at the next poll
 
@@ -359,7 +359,7 @@ def test_sigterm_finishes_the_running_task_and_hands_back_the_rest(start_node, m
         assert not running.done()
         assert a.proc.poll() is None  # still draining its running task
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
 
     assert running.result(GUARD) == _pids(log)[0]
     assert a.proc.wait(GUARD) == 0
@@ -424,7 +424,7 @@ def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_o
         finally:
             os.kill(worker, signal.SIGCONT)
     finally:
-        release.write_text("go")  # the head, well under way, now ends its worker with 0
+        tasks.release(release, "go")  # the head, well under way, now ends its worker with 0
     assert a.proc.wait(GUARD) == 0
     start_node(workers=1)
     assert [f.result(GUARD) for f in rest] == [i * i for i in range(7)]

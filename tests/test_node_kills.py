@@ -116,7 +116,7 @@ def test_a_kill_that_lands_after_its_task_ended_does_not_fail_the_next_one(
         def slow_read(ids):  # the head ends, and the next task begins, during the read
             got = real(ids)
             if head.job_id in got and not began.exists():
-                release.write_text("go")
+                tasks.release(release, "go")
                 wait_for(began.exists, what="the next piped task to begin")
             return got
 
@@ -127,7 +127,7 @@ def test_a_kill_that_lands_after_its_task_ended_does_not_fail_the_next_one(
         # the hole: WorkerDied("the worker ... was killed by signal SIGTERM ..."), job failed
         assert behind.result(0) == "behind"
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
         node.stopping = True
         node._drain()
         node._stop()

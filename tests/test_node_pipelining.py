@@ -149,7 +149,7 @@ def test_kill_of_a_task_piped_behind_a_long_one_takes_effect_within_seconds(
         assert isinstance(behind.exception(), TaskKilled)
         assert "it never ran" in str(behind.exception())
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
     # the head ends as it would have; the others run (on a new worker); the killed one never
     assert head.result(GUARD) == _pids(log)[0]
     assert [f.result(GUARD) for f in rest] == [0, 1]
@@ -168,7 +168,7 @@ def test_replacing_a_worker_of_another_owner_does_not_hang_the_node(
         assert node.worker_pids() == [worker]  # idle, of alice: bob's task replaces it
         assert bob.submit(tasks.square, 3).result(timeout=10) == 9
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
 
 
 def test_a_task_of_another_owner_does_not_wait_for_tasks_submitted_after_it(
@@ -212,6 +212,6 @@ def test_a_task_killed_while_its_node_was_dead_does_not_begin_again(
         assert isinstance(f.exception(), TaskKilled)
         assert "before it could run again" in str(f.exception())
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
     assert len(_pids(log)) == 1  # it began once, on node A
     assert enclave.jobs.get(f.job_id).state == "cancelled"

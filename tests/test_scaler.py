@@ -98,7 +98,7 @@ def test_up_with_min_and_max_scales_with_the_backlog(enclave, make_executor, tmp
         wait_for(lambda: len(enclave.nodes.live("test")) == 3, what="the pool to grow to 3")
         assert len(enclave.nodes.live("test")) == 3  # never beyond max
 
-        release.write_text("go")
+        tasks.release(release, "go")
         assert [f.result(GUARD) for f in futures] == ["go"] * 12
         wait_for(lambda: len(enclave.nodes.live("test")) == 1,
                  what="the pool to shrink back to 1")

@@ -94,7 +94,7 @@ def test_a_busy_node_is_not_taken_for_a_missing_one(make_executor, start_node, e
         assert [f.status() for f in behind].count("pending") >= 2
         assert not any("'test'" in m for m in executor_log.messages)
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
     assert blocker.result(timeout=GUARD) == "go"
     assert [f.result(timeout=GUARD) for f in behind] == [10, 11, 12]
     assert prod.cancel()  # no node for production: it never ran, and now never will
@@ -121,7 +121,7 @@ def test_jobs_on_an_unserved_queue_are_warned_of_while_an_attached_future_is_out
         [warning] = [m for m in executor_log.messages if "no live node serves" in m]
         assert "1 job of queue 'production' has waited " in warning
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
     assert blocker.result(GUARD) == "go"
     assert attached.result(GUARD) == "go"
     assert prod.cancel()

@@ -42,7 +42,7 @@ def _kill_the_task_behind(enclave, ex, head_fn, tmp_path):
         assert behind.kill()
         yield log, runs, worker, head, behind, rest
     finally:
-        release.write_text("go")
+        tasks.release(release, "go")
 
 
 # ---------------------------------------------------------------------- task functions
