@@ -108,18 +108,6 @@ LASTING_AWS_ERRORS = frozenset({
     "UnrecognizedClientException", "InvalidClientTokenId", "MissingAuthenticationToken",
     "InvalidSignatureException", "IncompleteSignature",
 })
-
-
-def _lasting(exc: BaseException) -> bool:
-    """An error a send would meet again: kotta's own (an enclave not provisioned, ...), an
-    AWS refusal of the caller or the request, a damaged database (not a locked one)."""
-    if isinstance(exc, KottaError):
-        return True
-    code = ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code")
-    if code in LASTING_AWS_ERRORS:
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, sqlite3.DatabaseError) and "locked" not in text and "busy" not in text
 #: seconds between looks at the reply queue when replies come to an inbox (a node that
 #: cannot reach the inbox rings; this is in case the ring was lost)
 QUEUE_LOOK = 1.0
@@ -177,6 +165,20 @@ class Options:
             )
             opts = replace(opts, inputs=ins, outputs=outs)
         return opts
+
+
+def _lasting(exc: BaseException) -> bool:
+    """An error a send would meet again: kotta's own (an enclave not provisioned, ...), an
+    AWS refusal of the caller or the request, a damaged database (not a locked one)."""
+    if isinstance(exc, KottaError) or type(exc).__name__ in (
+        "NoCredentialsError", "PartialCredentialsError"  # botocore's: no credentials at all
+    ):
+        return True
+    code = ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code")
+    if code in LASTING_AWS_ERRORS:
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.DatabaseError) and "locked" not in text and "busy" not in text
 
 
 class KottaExecutor(Executor):

@@ -615,3 +615,35 @@ def test_a_send_refused_for_lack_of_rights_fails_the_futures_at_once(enclave):
         assert len(refused) == 1
     finally:
         ex.shutdown(wait=False)
+
+
+def _errors():
+    import sqlite3
+
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    from kotta_executor.backends.aws import EnclaveNotProvisioned
+
+    def aws(code):
+        return ClientError({"Error": {"Code": code, "Message": "m"}}, "TransactWriteItems")
+
+    return [
+        (EndpointConnectionError(endpoint_url="https://x"), False),
+        (aws("ThrottlingException"), False),
+        (aws("InternalServerError"), False),
+        (aws("ExpiredTokenException"), False),  # refreshed credentials may cure it
+        (sqlite3.OperationalError("database is locked"), False),
+        (aws("AccessDeniedException"), True),
+        (aws("ValidationException"), True),
+        (aws("UnrecognizedClientException"), True),
+        (NoCredentialsError(), True),
+        (sqlite3.DatabaseError("database disk image is malformed"), True),
+        (EnclaveNotProvisioned("the SQS queue kotta-lab-test: run kotta aws bootstrap lab"), True),
+    ]
+
+
+@pytest.mark.parametrize(("exc", "lasting"), _errors(), ids=lambda v: type(v).__name__)
+def test_which_refused_sends_break_the_executor_at_once(exc, lasting):
+    from kotta_executor.executor import _lasting
+
+    assert _lasting(exc) is lasting
