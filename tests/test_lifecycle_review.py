@@ -83,10 +83,12 @@ def test_scaler_keeps_replacing_nodes_that_ran_fine_before_dying(enclave, tmp_pa
                      what="the killed node to be seen dead")
     finally:
         # the nodes it started, registered or not yet (one started just now would be in no
-        # table, and would run on, its parent gone)
+        # table, and would run on, its parent gone): the scaler stopped first, so that it
+        # starts none between this look and its end
         try:
+            os.kill(scaler.pid, signal.SIGSTOP)
             started = [c.pid for c in psutil.Process(scaler.pid).children(recursive=True)]
-        except psutil.Error:
+        except (OSError, psutil.Error):
             started = []
         if scaler.poll() is None:
             scaler.kill()
