@@ -622,7 +622,7 @@ def _errors():
 
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-    from kotta_executor.backends.aws import EnclaveNotProvisioned
+    from kotta_executor.backends.aws import EnclaveNotProvisioned, RecordsRefused
 
     def aws(code):
         return ClientError({"Error": {"Code": code, "Message": "m"}}, "TransactWriteItems")
@@ -639,6 +639,7 @@ def _errors():
         (NoCredentialsError(), True),
         (sqlite3.DatabaseError("database disk image is malformed"), True),
         (EnclaveNotProvisioned("the SQS queue kotta-lab-test: run kotta aws bootstrap lab"), True),
+        (RecordsRefused("DynamoDB refused job records: ValidationError: too large"), True),
     ]
 
 

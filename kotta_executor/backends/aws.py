@@ -57,7 +57,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .. import states
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, KottaError
 from ..states import JobState
 from .base import (
     BlobStore,
@@ -114,6 +114,11 @@ _URL_PARAMS = (
 
 class EnclaveNotProvisioned(ConfigurationError):
     """A queue, table or bucket of the enclave does not exist: run ``kotta aws bootstrap``."""
+
+
+class RecordsRefused(KottaError, RuntimeError):
+    """DynamoDB cancelled job records for a reason trying again does not cure (a
+    ``ValidationError``, an item too large): the executor gives up at once."""
 
 
 # --------------------------------------------------------------------------- names
@@ -1357,7 +1362,7 @@ class DynamoJobs(_DynamoTable, JobTable):
                         f"{r.get('Code')}: {r.get('Message', '')}" for r in reasons
                         if str(r.get("Code")) in codes
                     }))
-                    raise RuntimeError(f"DynamoDB refused job records: {said}") from exc
+                    raise RecordsRefused(f"DynamoDB refused job records: {said}") from exc
                 left = [i for i, r in zip(items, reasons, strict=True)
                         if r.get("Code") != "ConditionalCheckFailed"]
                 if len(left) < len(items):  # some are recorded: the rest go at once
