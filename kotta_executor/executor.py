@@ -48,7 +48,6 @@ import logging
 import os
 import random
 import select
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -72,7 +71,6 @@ from .errors import (
     BrokenEnclave,
     ConfigurationError,
     EnvelopeError,
-    KottaError,
     UnknownJob,
 )
 from .future import KottaFuture, _MapJobView
@@ -102,12 +100,6 @@ SEND_NOW_GAP = 0.0003
 #: create() keeps a record already written, so a batch partly sent is safe to send again
 SEND_RETRY_FOR = 60.0
 SEND_BACKOFF_MAX = 5.0
-#: AWS errors that trying again does not cure (permissions, a malformed request)
-LASTING_AWS_ERRORS = frozenset({
-    "AccessDenied", "AccessDeniedException", "ValidationException",
-    "UnrecognizedClientException", "InvalidClientTokenId", "MissingAuthenticationToken",
-    "InvalidSignatureException", "IncompleteSignature",
-})
 #: seconds between looks at the reply queue when replies come to an inbox (a node that
 #: cannot reach the inbox rings; this is in case the ring was lost)
 QUEUE_LOOK = 1.0
@@ -165,20 +157,6 @@ class Options:
             )
             opts = replace(opts, inputs=ins, outputs=outs)
         return opts
-
-
-def _lasting(exc: BaseException) -> bool:
-    """An error a send would meet again: kotta's own (an enclave not provisioned, ...), an
-    AWS refusal of the caller or the request, a damaged database (not a locked one)."""
-    if isinstance(exc, KottaError) or type(exc).__name__ in (
-        "NoCredentialsError", "PartialCredentialsError"  # botocore's: no credentials at all
-    ):
-        return True
-    code = ((getattr(exc, "response", None) or {}).get("Error") or {}).get("Code")
-    if code in LASTING_AWS_ERRORS:
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, sqlite3.DatabaseError) and "locked" not in text and "busy" not in text
 
 
 class KottaExecutor(Executor):
@@ -724,7 +702,7 @@ class KottaExecutor(Executor):
                 try:
                     self._enclave.jobs.create([job for job, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - tried again, then it breaks us
-                    if _lasting(exc):
+                    if self._enclave.lasting(exc):
                         raise
                     self._outbox.extendleft(reversed(batch))  # first again, in order
                     self._send_trouble(exc)

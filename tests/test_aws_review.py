@@ -417,13 +417,10 @@ def test_cancel_of_a_job_recorded_and_running_before_its_retry_returns_false(enc
     from botocore.exceptions import EndpointConnectionError
 
     from kotta_executor import KottaExecutor
-    from node.daemon import Node, NodeConfig
     from tests import tasks
     from tests.conftest import GUARD, wait_for
 
-    node = Node(enclave, NodeConfig(queue="test", workers=2, long_poll=0.5))
-    runner = threading.Thread(target=node.run, name="node")
-    runner.start()
+    node, runner = _node_in_thread(enclave, workers=2)
     ex = KottaExecutor(1, enclave=enclave, start_node=False)
     hold, held, lose, go = (threading.Event() for _ in range(4))
 
@@ -490,12 +487,13 @@ def _manager_sends_fail(enclave, times: float):
     return failed
 
 
-def _node_in_thread(enclave):
+def _node_in_thread(enclave, workers: int = 1):
+    """A node of the queue ``test``, running in a thread (its workers are processes)."""
     import threading
 
     from node.daemon import Node, NodeConfig
 
-    node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=0.5))
+    node = Node(enclave, NodeConfig(queue="test", workers=workers, long_poll=0.5))
     runner = threading.Thread(target=node.run, name="node")
     runner.start()
     return node, runner
@@ -627,24 +625,36 @@ def _errors():
     def aws(code):
         return ClientError({"Error": {"Code": code, "Message": "m"}}, "TransactWriteItems")
 
-    return [
-        (EndpointConnectionError(endpoint_url="https://x"), False),
-        (aws("ThrottlingException"), False),
-        (aws("InternalServerError"), False),
-        (aws("ExpiredTokenException"), False),  # refreshed credentials may cure it
-        (sqlite3.OperationalError("database is locked"), False),
-        (aws("AccessDeniedException"), True),
-        (aws("ValidationException"), True),
-        (aws("UnrecognizedClientException"), True),
-        (NoCredentialsError(), True),
-        (sqlite3.DatabaseError("database disk image is malformed"), True),
-        (EnclaveNotProvisioned("the SQS queue kotta-lab-test: run kotta aws bootstrap lab"), True),
-        (RecordsRefused("DynamoDB refused job records: ValidationError: too large"), True),
+    return [  # (error, the backend that meets it, lasting)
+        (EndpointConnectionError(endpoint_url="https://x"), "aws", False),
+        (aws("ThrottlingException"), "aws", False),
+        (aws("InternalServerError"), "aws", False),
+        (aws("ExpiredTokenException"), "aws", False),  # refreshed credentials may cure it
+        (sqlite3.OperationalError("database is locked"), "embedded", False),
+        (aws("AccessDeniedException"), "aws", True),
+        (aws("ValidationException"), "aws", True),
+        (aws("UnrecognizedClientException"), "aws", True),
+        (NoCredentialsError(), "aws", True),
+        (sqlite3.DatabaseError("database disk image is malformed"), "embedded", True),
+        (EnclaveNotProvisioned("the SQS queue kotta-lab-test: run kotta aws bootstrap lab"),
+         "aws", True),
+        (RecordsRefused("DynamoDB refused job records: ValidationError: too large"), "aws", True),
     ]
 
 
-@pytest.mark.parametrize(("exc", "lasting"), _errors(), ids=lambda v: type(v).__name__)
-def test_which_refused_sends_break_the_executor_at_once(exc, lasting):
-    from kotta_executor.executor import _lasting
+@pytest.mark.parametrize(("exc", "backend", "lasting"), _errors(),
+                         ids=lambda v: v if isinstance(v, str) else type(v).__name__)
+def test_which_refused_sends_break_the_executor_at_once(exc, backend, lasting, enclave,
+                                                        tmp_path):
+    """Each backend says which of its errors trying again does not cure (the executor
+    gives up on a refused send at once for those, else tries again for a minute)."""
+    from kotta_executor.backends.embedded import EmbeddedEnclave
 
-    assert _lasting(exc) is lasting
+    if backend == "aws":
+        assert enclave.lasting(exc) is lasting
+    else:
+        embedded = EmbeddedEnclave(tmp_path / "enclave")
+        try:
+            assert embedded.lasting(exc) is lasting
+        finally:
+            embedded.close()

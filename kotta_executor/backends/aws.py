@@ -291,6 +291,12 @@ def _backoff(attempt: int) -> None:
 
 #: how many rounds unprocessed batch entries (throttled, 5xx) are retried before giving up
 BATCH_ROUNDS = 10
+#: AWS errors that trying again does not cure (permissions, a malformed request)
+LASTING_ERRORS = frozenset({
+    "AccessDenied", "AccessDeniedException", "ValidationException",
+    "UnrecognizedClientException", "InvalidClientTokenId", "MissingAuthenticationToken",
+    "InvalidSignatureException", "IncompleteSignature",
+})
 #: why DynamoDB cancels a transaction that may go through if tried again
 _TRANSIENT_CANCELLATIONS = frozenset({
     "TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded",
@@ -436,6 +442,14 @@ class AwsEnclave(Enclave):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(8, thread_name_prefix="kotta-aws")
         return list(self._pool.map(fn, items))
+
+    def lasting(self, exc: BaseException) -> bool:
+        """AWS's refusals of the caller or the request too, and no credentials at all."""
+        return (
+            super().lasting(exc)
+            or _code(exc) in LASTING_ERRORS
+            or type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError")
+        )
 
     def close(self) -> None:
         self.queue.close()

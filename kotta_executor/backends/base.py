@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import KottaError
 from ..states import JobState
 
 
@@ -312,6 +313,12 @@ class Enclave(abc.ABC):
     inline_limit: int = 256 * 1024
     #: an enclave on this machine, where an executor may start a node of its own
     local: bool = False
+
+    def lasting(self, exc: BaseException) -> bool:
+        """Whether a call that raised ``exc`` would meet it again if tried later (the
+        executor gives up at once on such a refused send, else it tries again): kotta's
+        own errors here; a backend adds those of its service."""
+        return isinstance(exc, KottaError)
 
     def ring_nodes(self, queue: str) -> None:  # noqa: B027 - optional: wake idle nodes
         """Tell nodes serving ``queue`` there is work (a hint; nodes also poll)."""

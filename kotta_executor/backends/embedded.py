@@ -964,6 +964,13 @@ class EmbeddedEnclave(Enclave):
             self._node_cache = (time.monotonic(), cache)
         return cache.get(queue, [])
 
+    def lasting(self, exc: BaseException) -> bool:
+        """A damaged database too (not a locked or busy one)."""
+        text = str(exc).lower()
+        return super().lasting(exc) or (
+            isinstance(exc, sqlite3.DatabaseError) and "locked" not in text and "busy" not in text
+        )
+
     def ring_nodes(self, queue: str) -> None:
         for node_id in self._nodes_of(queue):
             self._ring(f"node-{node_id}")
