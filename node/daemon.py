@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psutil
@@ -1112,9 +1113,9 @@ class Node:
         adopted = [t for t, _ in plan if t.adopted]
         claimed = self.claim([t for t, _ in plan if not t.adopted], JobState.PROCESSING)
         started = {id(t) for t in (*claimed, *adopted)}
-        for task, _ in plan:
-            if id(task) not in started:  # cancelled meanwhile, finished, or a second copy
-                self.drop(task)
+        lost = [t for t, _ in plan if id(t) not in started]
+        if lost:  # cancelled meanwhile, finished, or a second copy
+            self.drop_lost(lost, [t for t, _ in plan if id(t) in started])
         for task, w in plan:
             if id(task) in started:
                 frames.setdefault(w, []).append(task)
@@ -1144,9 +1145,8 @@ class Node:
         # One task a job: two copies of a job's task in one claim (a create retried after
         # its task was queued: two messages, both waiting here) must not both run.  The
         # copy already ours goes on; the others are not claimed, so they are dropped, and
-        # acked.  (Two deliveries of one message are one task: _ours_again.  Left: an SQS
-        # duplicate that SQS counts as a first delivery, arriving while its first runs, is
-        # dropped here too, and its ack may delete the message the running task holds)
+        # acked; but a copy that is a second delivery of the message a task held here has
+        # is not acked (drop_lost).
         one: dict[str, Task] = {}
         for t in tasks:
             if t.job_id not in one or (t.claimed and not one[t.job_id].claimed):
@@ -1242,6 +1242,33 @@ class Node:
         return job_id in self.data.active or any(
             t.job_id == job_id for w in self.workers for t in w.inflight
         ) or any(t.job_id == job_id and t.claimed for t in self.pending)
+
+    def drop_lost(self, lost: list[Task], claimed: Iterable[Task] = ()) -> None:
+        """Drop the tasks that did not claim their job (:meth:`claim`; ``claimed``: those
+        that did, in the same claim).  Most are acked (:meth:`drop`).  But a lost task
+        that is another delivery of the message of a task this node holds (the same
+        message and job) is that task: SQS delivered the message twice and counted the
+        second a first delivery, so :meth:`_ours_again` did not look for it.  The held
+        task takes its delivery, the later one, whose receipt acks and extends the
+        message; it is not acked now, which would delete the message the held task
+        still needs (and should this node die before the task ends, nothing would
+        deliver it again)."""
+        held: dict[tuple[str, str], Task] = {}
+        if any(t.delivery.message_id for t in lost):  # (drops are few: looked at only then)
+            out = set(map(id, lost))
+            held = {(t.delivery.message_id, t.job_id): t
+                    for t in (*self._held_tasks(), *claimed)
+                    if t.delivery.message_id and id(t) not in out}
+        for t in lost:
+            same = held.get((t.delivery.message_id, t.job_id))
+            if same is None:
+                self.drop(t)
+                continue
+            log.warning("job %s: its message came again while this node holds it, counted "
+                        "as a first delivery; the task held takes the new receipt", t.job_id)
+            same.delivery = t.delivery
+            if t.staged is not None:
+                self.data.discard(t)
 
     def drop(self, task: Task) -> None:
         """A task whose job was cancelled or finished meanwhile: tell its client, ack it."""

@@ -98,11 +98,12 @@ class DataSteps:
 
     def start_in(self, tasks: list[Task]) -> None:
         """Claim the jobs (pending -> staging_inputs) and stage each in a thread."""
-        moved = {id(t) for t in self.node.claim(tasks, JobState.STAGING_INPUTS)}
-        for t in tasks:
-            if id(t) not in moved:  # cancelled meanwhile, finished elsewhere, or a second copy
-                self.node.drop(t)
-                continue
+        claimed = self.node.claim(tasks, JobState.STAGING_INPUTS)
+        moved = set(map(id, claimed))
+        lost = [t for t in tasks if id(t) not in moved]
+        if lost:  # cancelled meanwhile, finished elsewhere, or a second copy
+            self.node.drop_lost(lost, claimed)
+        for t in claimed:
             self.active[t.job_id] = t
             self._submit(t, "in", self._stage_in, t)
 

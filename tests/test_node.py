@@ -612,6 +612,54 @@ def test_a_message_the_node_still_holds_received_again_is_the_same_task(make_exe
     assert out.read_text().splitlines() == ["ran"]
 
 
+def _duplicate_counted_first(enclave, delivery) -> None:
+    """Make the message of ``delivery`` come again as SQS's rare duplicate does: visible
+    to the next receive, which counts it a first delivery (receive count 1)."""
+    enclave.queue.release([delivery])
+    with sqlite3.connect(enclave.home / "kotta.db", isolation_level=None) as db:
+        db.execute("UPDATE messages SET receive_count=0 WHERE id=?", (int(delivery.message_id),))
+
+
+def test_a_duplicate_counted_as_a_first_delivery_does_not_ack_the_running_task(
+        make_executor, enclave, tmp_path):
+    """SQS may deliver a message twice and count both first deliveries, the second
+    arriving while the node runs the first, with another worker free for it.  The copy
+    lost the claim and was dropped, and its ack deleted the message the running task
+    still needed: had the node died then, nothing would have delivered the job again.
+    Now the running task takes the new receipt; the message stays until the job ends,
+    and the job runs once."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
+    job = ex._new_job("ab" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
+                      ex._options)
+    enclave.jobs.create([job])
+    node = Node(enclave, NodeConfig(queue="test", workers=2, poll_interval=0.05))
+    node._start()
+    try:
+        wait_for(lambda: (node.step(), out.exists())[1], what="the job to start")
+        [held] = [t for w in node.workers for t in w.inflight]
+        old = held.delivery
+        _duplicate_counted_first(enclave, old)
+        wait_for(lambda: (node.step(), held.delivery is not old
+                          or enclave.queue.depth("test") == 0)[1],
+                 what="the copy to lose its claim")
+        assert enclave.queue.depth("test") == 1, "the running task's message was acked"
+        assert (held.delivery.message_id, held.delivery.receive_count) == (old.message_id, 1)
+        assert not node.pending
+        assert [t.job_id for w in node.workers for t in w.inflight] == [job.job_id]
+        stop.touch()
+        wait_for(lambda: (node.step(), enclave.queue.depth("test") == 0)[1],
+                 what="the job to end and its message to be acked")
+    finally:
+        stop.touch()
+        node._stop()
+    r = enclave.jobs.get(job.job_id)
+    assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
+    assert out.read_text().splitlines() == ["ran"]
+
+
 def test_two_deliveries_of_one_message_in_a_batch_are_one_task(make_executor, enclave):
     """A batch may hold two deliveries of one message (the AWS poller's inbox keeps a
     delivery unextended; SQS may deliver twice): the later stands for it, and the earlier
