@@ -328,7 +328,9 @@ class Node:
         self._close_task_inbox()
         if self._poller is not None:  # it hands back what a last long poll brings
             self._poller.join(1.0)
-        inbox = list(self._inbox)
+        # (a delivery of a message a task here holds is that task's: not handed back,
+        # which would show the message to other nodes while the task runs on here)
+        inbox = self._ours_again(list(self._inbox), every=True)
         self._inbox.clear()
         self._check_watched()  # (what has ended is acked, not handed back)
         watched = list(self.watched.values())
@@ -773,13 +775,14 @@ class Node:
             self._accept(d)
         self._refuse_foreign(first)
 
-    def _ours_again(self, deliveries: list[Delivery]) -> list[Delivery]:
+    def _ours_again(self, deliveries: list[Delivery], *, every: bool = False) -> list[Delivery]:
         """A message this node still holds, received again (it stayed hidden no longer
         than its visibility timeout: the node was stalled, or SQS delivered it twice), is
         not a second task: the task held takes the new delivery, whose receipt is the one
         that now extends and acks the message, and the delivery is not taken again.
         (Taken, it ran the job twice; or, dropped as a copy, its ack deleted the message
-        the running task still needed.)"""
+        the running task still needed.)  ``every``: look for the held task of every
+        delivery, not only of those counted as redeliveries."""
         if not deliveries:
             return deliveries
         # one delivery a message, the latest: a batch may hold two (an SQS duplicate, or
@@ -793,7 +796,7 @@ class Node:
         # a message received again shows it (held tasks are many on a big node: looked
         # at only then; an SQS duplicate counted 1 is a copy to claim(), see its notes)
         held = {}
-        if any(d.receive_count > 1 for d in deliveries):
+        if every or any(d.receive_count > 1 for d in deliveries):
             held = {(t.delivery.message_id, t.job_id): t for t in self._held_tasks()
                     if t.delivery.message_id}
         out = []

@@ -660,6 +660,37 @@ def test_a_duplicate_counted_as_a_first_delivery_does_not_ack_the_running_task(
     assert out.read_text().splitlines() == ["ran"]
 
 
+def test_a_stopping_node_keeps_a_delivery_of_a_message_it_runs(make_executor, enclave, tmp_path):
+    """A stopping node hands back the deliveries waiting in its inbox (the AWS poller's).
+    One of them may be another delivery of a message the node is running: handed back, it
+    showed the message to other nodes while the task ran on (its ack, with the old receipt,
+    then deleted nothing), so the job would run again.  The running task takes it."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
+    job = ex._new_job("cd" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
+                      ex._options)
+    enclave.jobs.create([job])
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node._start()
+    try:
+        wait_for(lambda: (node.step(), out.exists())[1], what="the job to start")
+        [held] = [t for w in node.workers for t in w.inflight]
+        enclave.queue.release([held.delivery])  # visible again, as after a stall
+        [again] = enclave.queue.receive("test", 10, 30.0, node.node_id)
+        node._inbox.append(again)  # where the AWS poller puts what it receives
+        stop.touch()
+        node._drain()
+        assert enclave.queue.depth("test") == 0, "the message was handed back, not acked"
+        assert held.delivery is again
+    finally:
+        stop.touch()
+        node._stop()
+    r = enclave.jobs.get(job.job_id)
+    assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
+
+
 def test_two_deliveries_of_one_message_in_a_batch_are_one_task(make_executor, enclave):
     """A batch may hold two deliveries of one message (the AWS poller's inbox keeps a
     delivery unextended; SQS may deliver twice): the later stands for it, and the earlier
