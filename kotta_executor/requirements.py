@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Iterable
 
 from .errors import ConfigurationError
+
+#: a comment, as pip reads requirement files: ``#`` at the start or after any whitespace
+#: (a tab too), to the end of the line; a ``#`` inside a word (a URL's fragment) is not one
+_COMMENT = re.compile(r"(^|\s)#.*$")
 
 
 def _line(line: str) -> str:
     """One requirement in its canonical spelling (``packaging``'s: the project name
     PEP 503-normalised, extras and version specifiers sorted, markers spaced as PEP 508
     writes them), without comments; ``""`` for a blank or comment line."""
-    line = line.split(" #", 1)[0].strip()
-    if not line or line.startswith("#"):
+    line = _COMMENT.sub("", line).strip()
+    if not line:
         return ""
     if line.startswith("-"):  # options (-r, -e, --index-url ...) belong to the node
         raise ConfigurationError(f"requirements may not carry pip options: {line!r}")

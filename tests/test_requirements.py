@@ -144,6 +144,22 @@ def test_normalising_is_stable_and_blind_to_spacing(reqs):
     assert env_key(once) == env_key("\n".join(lines))
 
 
+@given(st.lists(st.tuples(_names, _specs), max_size=5),
+       st.sampled_from([" ", "\t", "  \t", "\t "]), st.text(max_size=20))
+def test_a_comment_after_any_whitespace_is_a_comment(reqs, space, comment):
+    """As pip reads requirement files: ``#`` after a tab begins a comment as after a space
+    (``numpy<TAB># fast arrays`` used to be refused as not a requirement)."""
+    comment = comment.replace("\n", " ").replace("\r", " ")
+    lines = [f"{name}{','.join(op + v for op, v in spec)}" for name, spec in reqs]
+    commented = [f"{line}{space}#{comment}" for line in lines]
+    assert normalize(commented + [f"#{comment}", f"{space}#{comment}"]) == normalize(lines)
+
+
+def test_a_hash_inside_a_requirement_is_not_a_comment():
+    with pytest.raises(ConfigurationError, match="not a requirement"):
+        normalize("numpy#fast")
+
+
 def test_tasks_with_requirements_run_in_a_cached_env(make_executor, offline_pip, capsys):
     home = Path(os.environ["KOTTA_HOME"])
     root = home / "envs"
