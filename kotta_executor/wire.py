@@ -916,6 +916,12 @@ def result_header(job_id: str, outcome: str, n: int, **fields: Any) -> dict[str,
     return {"kind": "result", "job_id": job_id, "outcome": outcome, "n": n, **fields}
 
 
+def failure_reason(error_type: str, message: str) -> str:
+    """A node-written failure as its job record's reason: ``Type: message``, as
+    :func:`summary` writes the reason of an exception a task raised."""
+    return f"{error_type}: {message}"[:500]
+
+
 def failure(
     job_id: str,
     n: int,

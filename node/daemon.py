@@ -529,6 +529,7 @@ class Node:
             if w.kill_deadline is None:
                 w.kill("WorkerDied", reason)
                 w.kill_job = task.job_id
+            reason = wire.failure_reason("WorkerDied", reason)
         state = JobState.FAILED if failed else JobState.COMPLETED
         fin = Finished(task.job_id, state, data, reason, usage)
         if task.staged is not None and self.data.finish_from_worker(task, data, fin):
@@ -587,7 +588,7 @@ class Node:
             usage = _unreported_usage(head)
             if usage is not None:
                 data = _with_usage(data, usage)
-            fin = Finished(head.job_id, state, data, message, usage)
+            fin = Finished(head.job_id, state, data, wire.failure_reason(etype, message), usage)
             # a task with data: its output too is checked for egress, its directory removed
             if head.staged is None or not self.data.finish_from_worker(head, data, fin):
                 self._queue_finish(head, head.delivery, fin, head.header["client"])
@@ -989,7 +990,7 @@ class Node:
             )
             log.warning("refusing: %s", reason)
             data = wire.failure(d.job_id, header["n"], "JobFailed", reason)
-            fin = Finished(d.job_id, JobState.FAILED, data, reason)
+            fin = Finished(d.job_id, JobState.FAILED, data, wire.failure_reason("JobFailed", reason))
             self._queue_finish(Task(d, header, b""), d, fin, header["client"])
             return
         self.pending.append(Task(d, header, data, claims=claims, adopted=adopted))
@@ -1040,7 +1041,7 @@ class Node:
             log.warning("job %s is %s: the rejected message does not fail it", d.job_id, job.state)
             return
         data = wire.failure(d.job_id, job.n, etype, reason)
-        fin = Finished(d.job_id, JobState.FAILED, data, reason)
+        fin = Finished(d.job_id, JobState.FAILED, data, wire.failure_reason(etype, reason))
         if self.enclave.jobs.finish([fin]):
             self._reply(job.client, [(d.job_id, data)])
 
@@ -1294,7 +1295,8 @@ class Node:
         """A task whose requirements could not be installed: it fails without running."""
         reason = f"job {task.job_id}: installing its requirements failed: {message}"
         data = wire.failure(task.job_id, task.header["n"], "RequirementsError", reason)
-        fin = Finished(task.job_id, JobState.FAILED, data, reason[:500])
+        fin = Finished(task.job_id, JobState.FAILED, data,
+                       wire.failure_reason("RequirementsError", reason))
         self._queue_finish(task, task.delivery, fin, task.header["client"])
 
     def _worker_for(

@@ -165,7 +165,9 @@ class DataSteps:
         succeeded = fin.state is JobState.COMPLETED
         held = self._check_egress(task, staged, data)
         if held is not None:  # the job fails with EgressDenied; nothing of the result leaves
-            fin = Finished(fin.job_id, JobState.FAILED, held, "egress denied", None)
+            fin = Finished(fin.job_id, JobState.FAILED, held, wire.failure_reason(
+                "EgressDenied", "a dataset's policy keeps its result and output in the enclave"),
+                None)
         if task.header.get("outputs") and succeeded:
             if self.enclave.jobs.transition([task.job_id], JobState.STAGING_OUTPUTS, node=self.node.node_id):
                 self.active[task.job_id] = task
@@ -273,7 +275,8 @@ class DataSteps:
         staged inputs, if any, removed now)."""
         reason = f"job {task.job_id} was killed on request ({when})"
         data = wire.failure(task.job_id, task.header["n"], "TaskKilled", reason)
-        self._finish(task, Finished(task.job_id, JobState.CANCELLED, data, reason))
+        self._finish(task, Finished(task.job_id, JobState.CANCELLED, data,
+                                    wire.failure_reason("TaskKilled", reason)))
 
     def _fail(self, task: Task, phase: str, exc: BaseException) -> None:
         what = "its inputs" if phase == "in" else "its outputs"
@@ -295,7 +298,8 @@ class DataSteps:
                 detail=reason,
             )
         data = wire.failure(task.job_id, task.header["n"], etype, reason)
-        self._finish(task, Finished(task.job_id, JobState.FAILED, data, reason[:500]))
+        self._finish(task, Finished(task.job_id, JobState.FAILED, data,
+                                    wire.failure_reason(etype, reason)))
 
     def held(self) -> list:
         return [t.delivery for t in self.active.values()]

@@ -392,6 +392,9 @@ def test_failure_injection(row: Row, make_executor, tmp_path):
     if row.state != "completed":
         assert job.reason, f"job {job_id} is {job.state} without a reason"
         assert (row.reason or row.fragment) in job.reason
+        # whoever wrote it (the worker, or the node: a walltime, a death, a refusal), a
+        # reason names the type of the failure first
+        assert re.match(r"[A-Za-z_][\w.]*(: |$)", job.reason), job.reason
 
 
 def test_system_exit_keeps_its_code(make_executor):
