@@ -581,6 +581,52 @@ def test_a_cancel_that_fails_during_a_send_outage_leaves_the_task_to_run(enclave
         runner.join(GUARD)
 
 
+def test_a_shutdown_that_cannot_cancel_raises_and_leaves_the_tasks_to_run(enclave, tmp_path):
+    """shutdown(cancel_futures=True) while the enclave cannot record cancellations raises
+    its error, as cancel() does: nothing was cancelled, and the tasks still run.  The
+    executor is shut down all the same (no new submits), and a later shutdown waits."""
+    import threading
+
+    from botocore.exceptions import EndpointConnectionError
+
+    from kotta_executor import KottaExecutor
+    from tests import tasks
+    from tests.conftest import GUARD, wait_for
+
+    down = threading.Event()
+
+    def unreachable(params, **_):  # to the cancel only (the node and manager go on)
+        if down.is_set() and params["ExpressionAttributeValues"][":new"] == {"S": "cancelled"}:
+            raise EndpointConnectionError(endpoint_url="https://dynamodb (unreachable)")
+
+    enclave.dynamodb.meta.events.register("before-parameter-build.dynamodb.UpdateItem",
+                                          unreachable)
+    node, runner = _node_in_thread(enclave)
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    started, release = tmp_path / "started", tmp_path / "release"
+    try:
+        first = ex.submit(tasks.touch_then_wait, str(started), str(release))
+        wait_for(started.exists, what="the node's one worker to be busy")
+        f = ex.submit(tasks.square, 3)
+        wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the task to be sent")
+        down.set()
+        with pytest.raises(EndpointConnectionError):
+            ex.shutdown(wait=False, cancel_futures=True)
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            ex.submit(tasks.square, 4)
+        down.clear()
+        assert enclave.jobs.get(f.job_id).state == JobState.PENDING
+        tasks.release(release, "")
+        assert not f.cancelled() and f.result(GUARD) == 9
+        first.result(GUARD)
+    finally:
+        down.clear()
+        tasks.release(release, "")
+        ex.shutdown(wait=True)
+        node.request_stop()
+        runner.join(GUARD)
+
+
 def test_a_send_refused_for_lack_of_rights_fails_the_futures_at_once(enclave):
     """Not every refusal is worth a minute of retries: AWS's AccessDenied is not cured
     by trying again, and the futures fail with it at once (BrokenEnclave)."""
