@@ -918,8 +918,10 @@ def result_header(job_id: str, outcome: str, n: int, **fields: Any) -> dict[str,
 
 def failure_reason(error_type: str, message: str) -> str:
     """A node-written failure as its job record's reason: ``Type: message``, as
-    :func:`summary` writes the reason of an exception a task raised."""
-    return f"{error_type}: {message}"[:500]
+    :func:`summary` writes the reason of an exception a task raised (a lone surrogate
+    spelled out too: a file name that is not UTF-8, say)."""
+    line = f"{error_type}: {message}"
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")[:500]
 
 
 def failure(

@@ -1101,9 +1101,9 @@ class Node:
         self.pending = skipped
         for t in (*skipped, *to_stage):  # claimed in a later transaction, the usual way
             t.adopted = False
-        if to_stage:
-            self.data.start_in(to_stage)
         if not plan:
+            if to_stage:
+                self.data.start_in(to_stage)
             return frames, []
         # a job that ran before (a redelivery, or back from a worker that died) may have
         # been killed meanwhile: it does not begin again
@@ -1117,9 +1117,12 @@ class Node:
         adopted = [t for t, _ in plan if t.adopted]
         claimed = self.claim([t for t, _ in plan if not t.adopted], JobState.PROCESSING)
         started = {id(t) for t in (*claimed, *adopted)}
+        going = [t for t, _ in plan if id(t) in started]  # (held, though in no pipe yet)
         lost = [t for t, _ in plan if id(t) not in started]
         if lost:  # cancelled meanwhile, finished, or a second copy
-            self.drop_lost(lost, [t for t, _ in plan if id(t) in started])
+            self.drop_lost(lost, going)
+        if to_stage:  # after the claim: a copy of a task going to a worker sees it held
+            self.data.start_in(to_stage, going)
         for task, w in plan:
             if id(task) in started:
                 frames.setdefault(w, []).append(task)
@@ -1253,10 +1256,10 @@ class Node:
         that is another delivery of the message of a task this node holds (the same
         message and job) is that task: SQS delivered the message twice and counted the
         second a first delivery, so :meth:`_ours_again` did not look for it.  The held
-        task takes its delivery, the later one, whose receipt acks and extends the
-        message; it is not acked now, which would delete the message the held task
-        still needs (and should this node die before the task ends, nothing would
-        deliver it again)."""
+        task takes its delivery if it is the later one (by receive count, as in
+        :meth:`_ours_again`), whose receipt acks and extends the message; it is not acked
+        now, which would delete the message the held task still needs (and should this
+        node die before the task ends, nothing would deliver it again)."""
         held: dict[tuple[str, str], Task] = {}
         if any(t.delivery.message_id for t in lost):  # (drops are few: looked at only then)
             out = set(map(id, lost))
@@ -1269,8 +1272,9 @@ class Node:
                 self.drop(t)
                 continue
             log.warning("job %s: its message came again while this node holds it, counted "
-                        "as a first delivery; the task held takes the new receipt", t.job_id)
-            same.delivery = t.delivery
+                        "as a first delivery; not a task of its own", t.job_id)
+            if t.delivery.receive_count >= same.delivery.receive_count:
+                same.delivery = t.delivery  # (an older receipt no longer acks the message)
             if t.staged is not None:
                 self.data.discard(t)
 

@@ -25,6 +25,7 @@ import logging
 import shutil
 import tempfile
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,13 +97,15 @@ class DataSteps:
 
     # ------------------------------------------------------------------ stage-in
 
-    def start_in(self, tasks: list[Task]) -> None:
-        """Claim the jobs (pending -> staging_inputs) and stage each in a thread."""
+    def start_in(self, tasks: list[Task], going: Iterable[Task] = ()) -> None:
+        """Claim the jobs (pending -> staging_inputs) and stage each in a thread.
+        ``going``: the tasks the node is handing to workers in this step (held, though
+        in no worker's pipe yet)."""
         claimed = self.node.claim(tasks, JobState.STAGING_INPUTS)
         moved = set(map(id, claimed))
         lost = [t for t in tasks if id(t) not in moved]
         if lost:  # cancelled meanwhile, finished elsewhere, or a second copy
-            self.node.drop_lost(lost, claimed)
+            self.node.drop_lost(lost, [*claimed, *going])
         for t in claimed:
             self.active[t.job_id] = t
             self._submit(t, "in", self._stage_in, t)

@@ -660,6 +660,49 @@ def test_a_duplicate_counted_as_a_first_delivery_does_not_ack_the_running_task(
     assert out.read_text().splitlines() == ["ran"]
 
 
+def test_a_copy_that_loses_its_claim_never_gives_the_held_task_an_older_receipt(
+        make_executor, enclave, tmp_path):
+    """A runs; B, an SQS duplicate of its message counted as a first delivery, waits for
+    a worker; the message comes a third time (counted 2) and A takes that receipt.  When
+    B is dispatched and loses its claim, A keeps the newest receipt: B's older one, which
+    it used to take, no longer acks the message (nor extends it)."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
+    out2, stop2 = tmp_path / "blocker.txt", tmp_path / "stop2"
+    blocker = ex._new_job("12" * 16, tasks.append_line_then_wait,
+                          [((str(out2), "b", str(stop2)), {})], ex._options)
+    job = ex._new_job("ab" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
+                      ex._options)
+    enclave.jobs.create([blocker, job])
+    node = Node(enclave, NodeConfig(queue="test", workers=2, poll_interval=0.05))
+    node._start()
+    try:
+        wait_for(lambda: (node.step(), out.exists() and out2.exists())[1], what="both to start")
+        [a] = [t for w in node.workers for t in w.inflight if t.job_id == job.job_id]
+        _duplicate_counted_first(enclave, a.delivery)
+        wait_for(lambda: (node.step(), node.pending)[1], what="the copy to wait for a worker")
+        [b] = node.pending
+        enclave.queue.release([b.delivery])  # it comes again, counted 2
+        wait_for(lambda: (node.step(), a.delivery.receive_count == 2)[1],
+                 what="the running task to take the newest delivery")
+        newest = a.delivery
+        stop2.touch()  # a worker frees: B is dispatched, and loses its claim
+        wait_for(lambda: (node.step(), not node.pending)[1], what="the copy to lose its claim")
+        assert a.delivery is newest, "the running task took an older receipt"
+        assert enclave.queue.depth("test") == 1
+        stop.touch()
+        wait_for(lambda: (node.step(), enclave.queue.depth("test") == 0)[1],
+                 what="the job to end and its message to be acked")
+    finally:
+        stop.touch()
+        stop2.touch()
+        node._stop()
+    r = enclave.jobs.get(job.job_id)
+    assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
+
+
 def test_a_stopping_node_keeps_a_delivery_of_a_message_it_runs(make_executor, enclave, tmp_path):
     """A stopping node hands back the deliveries waiting in its inbox (the AWS poller's).
     One of them may be another delivery of a message the node is running: handed back, it
@@ -677,8 +720,10 @@ def test_a_stopping_node_keeps_a_delivery_of_a_message_it_runs(make_executor, en
     try:
         wait_for(lambda: (node.step(), out.exists())[1], what="the job to start")
         [held] = [t for w in node.workers for t in w.inflight]
-        enclave.queue.release([held.delivery])  # visible again, as after a stall
+        # visible again, counted as a first delivery (SQS's rare duplicate)
+        _duplicate_counted_first(enclave, held.delivery)
         [again] = enclave.queue.receive("test", 10, 30.0, node.node_id)
+        assert again.receive_count == 1
         node._inbox.append(again)  # where the AWS poller puts what it receives
         stop.touch()
         node._drain()

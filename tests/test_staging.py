@@ -283,3 +283,45 @@ def test_a_write_grant_revoked_while_the_task_runs_stops_its_upload(data, make_e
     assert data.audit.show(job_id=f.job_id, action="stage-out") == []
     denied = data.audit.show(job_id=f.job_id, action="access-denied")
     assert [(r["user"], r["dataset"], r["allowed"]) for r in denied] == [("alice", out, False)]
+
+
+def test_a_duplicate_of_a_staged_task_going_to_a_worker_is_not_acked(data, make_executor,
+                                                                    tmp_path):
+    """A staged task goes back to the node's queue for a worker; an SQS duplicate of its
+    message, counted as a first delivery, arrives in the same step and goes to stage in.
+    It loses its claim, and was acked as a copy: the node did not count the task on its
+    way to a worker as held, and the ack deleted the message that task still needed."""
+    import sqlite3
+
+    from kotta_executor.states import JobState
+    from node.daemon import Node, NodeConfig
+
+    enclave = data.enclave
+    ex = make_executor(1, credentials=data.alice, start_node=False).with_options(inputs=[INPUT])
+    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
+    job = ex._parent._new_job("ab" * 16, tasks.append_line_then_wait,
+                              [((str(out), "ran", str(stop)), {})], ex._options)
+    enclave.jobs.create([job])
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node._start()
+    try:
+        wait_for(lambda: (node.step(), node.data.active)[1], what="staging to start")
+        [staged] = node.data.active.values()
+        wait_for(lambda: node.data._done, what="staging to end")  # (not collected yet)
+        # SQS's rare duplicate: visible again, and counted as a first delivery
+        enclave.queue.release([staged.delivery])
+        with sqlite3.connect(enclave.home / "kotta.db", isolation_level=None) as db:
+            db.execute("UPDATE messages SET receive_count=0 WHERE id=?",
+                       (int(staged.delivery.message_id),))
+        enclave.ring_nodes("test")  # the next step looks at the queue
+        node.step()  # collects the staged task, receives its copy, dispatches both
+        wait_for(lambda: (node.step(), out.exists())[1], what="the job to start")
+        assert enclave.queue.depth("test") == 1, "the running task's message was acked"
+        stop.touch()
+        wait_for(lambda: (node.step(), enclave.queue.depth("test") == 0)[1],
+                 what="the job to end and its message to be acked")
+    finally:
+        stop.touch()
+        node._stop()
+    assert enclave.jobs.get(job.job_id).state == JobState.COMPLETED
+    assert out.read_text().splitlines() == ["ran"]
