@@ -1680,3 +1680,14 @@ def test_the_quick_task_check_refuses_each_kind_of_bad_field(changes: dict[str, 
     assert not wire._usual_task(bad)
     with pytest.raises(errors.EnvelopeError):
         wire._check_header(bad)
+
+
+@given(st.sampled_from(sorted(wire.FAILURE_TYPES)), st.text())
+def test_a_node_written_reason_names_its_type_and_fits_a_job_record(error_type, message):
+    """``Type: message``, at most 500 characters, and always UTF-8 (a lone surrogate, as
+    in a file name that is not UTF-8, spelled out), as ``summary`` writes a task's own."""
+    reason = wire.failure_reason(error_type, message)
+    assert reason.startswith(f"{error_type}: ") and len(reason) <= 500
+    reason.encode("utf-8")  # (raises for a lone surrogate)
+    if message.isascii():
+        assert reason == f"{error_type}: {message}"[:500]
