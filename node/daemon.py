@@ -962,7 +962,8 @@ class Node:
             if declares_data(header):
                 declared(header.get("inputs") or (), header.get("outputs") or ())
         except InvalidDataUri as exc:
-            self._reject(d, "CorruptTask", f"job {d.job_id} declares bad data: {exc}")
+            self._reject(d, "CorruptTask", f"job {d.job_id} declares bad data: {exc}",
+                         owner=header["owner"])
             return
         try:
             data = d.body
@@ -970,12 +971,14 @@ class Node:
             if refs:  # sections too big for a message: fetch them (as bytes)
                 data = self._fetch_refs(d, header, refs)
         except (EnvelopeError, KeyError, ValueError) as exc:
-            self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
+            self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}",
+                         owner=header["owner"])
             return
         asked, each = header["walltime"], header.get("walltime_each")
         if each is not None and (type(each) not in (int, float) or not 0 < each <= asked):
             self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: "
-                                           f"walltime_each {each!r} is not a walltime")
+                                           f"walltime_each {each!r} is not a walltime",
+                         owner=header["owner"])
             return
         if asked > self.max_walltime and each is not None and each <= self.max_walltime:
             # map items the executor packed, each within this node's cap, their sum not:
@@ -983,15 +986,15 @@ class Node:
             log.info("job %s: %s packed items, the task's walltime held to this node's "
                      "cap of %s", d.job_id, header["n"], _minutes(self.max_walltime))
             header["walltime"] = asked = self.max_walltime
-        if asked > self.max_walltime:  # a client that skipped the check
+        if asked > self.max_walltime:  # a client that skipped the check: refused (its
+            # job fails once claimed, in _dispatch, after the owner check)
             reason = (
                 f"job {d.job_id} asks for a walltime of {_minutes(asked)}, over "
                 f"the cap of {_minutes(self.max_walltime)} of this node (queue {self.queue})"
             )
             log.warning("refusing: %s", reason)
-            data = wire.failure(d.job_id, header["n"], "JobFailed", reason)
-            fin = Finished(d.job_id, JobState.FAILED, data, wire.failure_reason("JobFailed", reason))
-            self._queue_finish(Task(d, header, b""), d, fin, header["client"])
+            self.pending.append(Task(d, header, b"", claims=claims, adopted=adopted,
+                                     refusal=("JobFailed", reason)))
             return
         self.pending.append(Task(d, header, data, claims=claims, adopted=adopted))
 
@@ -1025,17 +1028,28 @@ class Node:
         ))
         self._reject(d, "TaskRejected", f"job {d.job_id} was refused by the node: {why}")
 
-    def _reject(self, d: Delivery, etype: str, reason: str, *, started_too: bool = False) -> None:
+    def _reject(self, d: Delivery, etype: str, reason: str, *, started_too: bool = False,
+                owner: str | None = None) -> None:
         """Dead-letter a delivery, and fail its job with ``reason``.  A first delivery
         fails only a job still pending, unless ``started_too``: one that fails the checks
         and names a job a node has started (a copy of its task queued again, refused for
         a token revoked meanwhile; or a forgery naming it) must not end that job under
         the node that runs it.  A redelivery does (its node died or let it go: nothing
-        else would end it), and so does a delivery count gone over the limit."""
+        else would end it), and so does a delivery count gone over the limit.
+        ``owner``: who verifiably sent it; a job of another owner's is not failed (a task
+        signed by one user must not end another's job, as in _refuse_foreign)."""
         log.warning("dead-lettering: %s", reason)
         self.enclave.queue.dead_letter([d], reason)
         job = self.enclave.jobs.get(d.job_id)
         if job is None:
+            return
+        if owner is not None and job.owner != owner:
+            log.warning("job %s is %s's, not %s's: the rejected message does not fail it",
+                        d.job_id, job.owner, owner)
+            self._audit_later.append(dict(
+                action="task-rejected", user=str(owner), allowed=False, job_id=d.job_id,
+                detail=f"node {self.node_id}: a task for {job.owner}'s job, rejected: {reason}",
+            ))
             return
         if not started_too and d.receive_count <= 1 and job.state != JobState.PENDING:
             log.warning("job %s is %s: the rejected message does not fail it", d.job_id, job.state)
@@ -1063,8 +1077,12 @@ class Node:
         caps = {w: w.depth if deep else 1 for w in load}
         skipped: deque[Task] = deque()
         to_stage: list[Task] = []
+        refused: list[Task] = []  # failed once claimed (below), with the tasks to run
         while self.pending:
             task = self.pending.popleft()
+            if task.refusal is not None:
+                refused.append(task)
+                continue
             if task.staged is None and declares_data(task.header):
                 to_stage.append(task)  # its data first (node/datasteps.py)
                 continue
@@ -1075,7 +1093,9 @@ class Node:
                     skipped.append(task)
                     continue
                 if status == "failed":
-                    self._fail_requirements(task, env)
+                    task.refusal = ("RequirementsError", f"job {task.job_id}: installing "
+                                                         f"its requirements failed: {env}")
+                    refused.append(task)
                     continue
             alone = _restricted(task)  # with nothing before it in the pipe, or after it
             w = self._worker_for(task.owner, load, caps, env, alone=alone)
@@ -1101,7 +1121,7 @@ class Node:
         self.pending = skipped
         for t in (*skipped, *to_stage):  # claimed in a later transaction, the usual way
             t.adopted = False
-        if not plan:
+        if not plan and not refused:
             if to_stage:
                 self.data.start_in(to_stage)
             return frames, []
@@ -1115,12 +1135,17 @@ class Node:
                     self._end_killed(task, "before it could run again")
             plan = [(t, w) for t, w in plan if t.job_id not in killed]
         adopted = [t for t, _ in plan if t.adopted]
-        claimed = self.claim([t for t, _ in plan if not t.adopted], JobState.PROCESSING)
-        started = {id(t) for t in (*claimed, *adopted)}
+        # (a refused task recorded in this transaction, by this node: nobody else has it)
+        claimed = self.claim([*(t for t, _ in plan if not t.adopted),
+                              *(t for t in refused if not t.adopted)], JobState.PROCESSING)
+        started = {id(t) for t in (*claimed, *adopted, *(t for t in refused if t.adopted))}
         going = [t for t, _ in plan if id(t) in started]  # (held, though in no pipe yet)
-        lost = [t for t, _ in plan if id(t) not in started]
+        lost = [t for t in (*(t for t, _ in plan), *refused) if id(t) not in started]
         if lost:  # cancelled meanwhile, finished, or a second copy
             self.drop_lost(lost, going)
+        for t in refused:
+            if id(t) in started:
+                self._fail_refused(t)
         if to_stage:  # after the claim: a copy of a task going to a worker sees it held
             self.data.start_in(to_stage, going)
         for task, w in plan:
@@ -1295,12 +1320,12 @@ class Node:
                     w.inflight.pop()
                 self.pending.extendleft(reversed(tasks))
 
-    def _fail_requirements(self, task: Task, message: str) -> None:
-        """A task whose requirements could not be installed: it fails without running."""
-        reason = f"job {task.job_id}: installing its requirements failed: {message}"
-        data = wire.failure(task.job_id, task.header["n"], "RequirementsError", reason)
-        fin = Finished(task.job_id, JobState.FAILED, data,
-                       wire.failure_reason("RequirementsError", reason))
+    def _fail_refused(self, task: Task) -> None:
+        """A task this node refuses (``task.refusal``: its walltime is over the node's cap,
+        its requirements could not be installed), claimed: its job fails, never run."""
+        etype, reason = task.refusal
+        data = wire.failure(task.job_id, task.header["n"], etype, reason)
+        fin = Finished(task.job_id, JobState.FAILED, data, wire.failure_reason(etype, reason))
         self._queue_finish(task, task.delivery, fin, task.header["client"])
 
     def _worker_for(

@@ -60,6 +60,9 @@ class Task:
     staged: Any = None  # its working directory and credentials (node.datasteps.Staged)
     claimed: bool = False  # this node moved its job on (it may move it on again)
     kill_requested: bool = False  # killed while staging: it must not run
+    #: why the node will not run it, ``(error type, reason)``: its job fails once this
+    #: node has claimed it (a copy of a job that runs elsewhere must not end it)
+    refusal: tuple[str, str] | None = None
     adopted: bool = False  # its job recorded (pending) in this step's transaction
     job_id: str = field(init=False)  # from the header (read many times a task)
     owner: str = field(init=False)

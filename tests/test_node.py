@@ -736,6 +736,50 @@ def test_a_stopping_node_keeps_a_delivery_of_a_message_it_runs(make_executor, en
     assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
 
 
+@pytest.mark.parametrize("why", ["walltime", "requirements"])
+def test_a_copy_another_node_refuses_does_not_fail_the_job_running_here(
+        make_executor, enclave, tmp_path, why):
+    """Node X runs a job; a copy of its task (a retried create queues it again) reaches
+    node Y, which refuses it: the walltime is over Y's own cap, or its requirements
+    failed to install on Y.  Y failed the job without claiming it, under X, which was
+    running it (X's result was thrown away).  Now Y fails a job only once it has
+    claimed it; the copy, which cannot claim a running job, is dropped."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    opts = ex.with_options(requirements="six")._options if why == "requirements" else ex._options
+    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
+    job = ex._new_job("a1" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
+                      opts)
+    enclave.jobs.create([job])
+    x = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    y = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
+                                 max_walltime=60 if why == "walltime" else None))
+    if why == "requirements":  # built on X (the node's own python here), failed on Y
+        x.envs.get = lambda req: ("ready", None)
+        y.envs.get = lambda req: ("failed", "pip could not reach the index")
+    x._start()
+    try:
+        wait_for(lambda: (x.step(), out.exists())[1], what="the job to start on X")
+        enclave.jobs.create([job])  # a retried create: its task queued again
+        y._start()
+        try:
+            wait_for(lambda: (y.step(), enclave.queue.depth("test") == 1)[1],
+                     what="Y to take the copy and drop it")
+        finally:
+            y._stop()
+        r = enclave.jobs.get(job.job_id)
+        assert r.state == JobState.PROCESSING, r.reason
+        stop.touch()
+        wait_for(lambda: (x.step(), enclave.queue.depth("test") == 0)[1],
+                 what="the job to end on X")
+    finally:
+        stop.touch()
+        x._stop()
+    r = enclave.jobs.get(job.job_id)
+    assert (r.state, r.node) == (JobState.COMPLETED, x.node_id)
+
+
 def test_two_deliveries_of_one_message_in_a_batch_are_one_task(make_executor, enclave):
     """A batch may hold two deliveries of one message (the AWS poller's inbox keeps a
     delivery unextended; SQS may deliver twice): the later stands for it, and the earlier

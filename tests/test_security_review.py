@@ -303,6 +303,57 @@ def test_another_users_task_for_my_job_neither_runs_nor_fails_it(
     assert rec["user"] == "bob" and not rec["allowed"], rec
 
 
+@pytest.mark.parametrize("bad", ["walltime", "inputs"])
+def test_another_users_task_refused_for_its_own_faults_does_not_fail_my_job(
+    enclave, user_token, make_executor, start_node, bad
+):
+    """Bob signs a task for Alice's pending job that the node refuses for a fault of the
+    task itself: a walltime over the node's cap, or a dataset URI that steps out of its
+    place.  Those refusals failed the job they named before anyone looked at whose it
+    was: Bob could end Alice's job.  It is left as it is, and her own task runs."""
+    from kotta_executor.security.audit import AuditLog
+
+    alice = make_executor(1, start_node=False, credentials=user_token("alice"))
+    f = alice.submit(tasks.square, 3)
+    held = _steal(enclave, [f.job_id])[f.job_id]  # Alice's message, delayed
+    extra = {"walltime": 1e9} if bad == "walltime" else {"inputs": ["s3://klab-jobs/../x"]}
+    _bobs_task_for(enclave, user_token("bob"), f.job_id, tasks.constant_forged, **extra)
+    enclave.ring_nodes("test")
+    start_node(workers=1)
+    wait_for(lambda: any(d["job_id"] == f.job_id for d in enclave.queue.dead_letters("test")),
+             what="bob's task dead-lettered")
+    assert enclave.jobs.get(f.job_id).state == JobState.PENDING  # not failed, not run
+    wait_for(lambda: AuditLog(enclave).show(action="task-rejected", job_id=f.job_id),
+             what="the refusal audited")
+    [rec] = AuditLog(enclave).show(action="task-rejected", job_id=f.job_id)
+    assert rec["user"] == "bob" and not rec["allowed"], rec
+    enclave.queue.release([held])
+    assert f.result(GUARD) == 9
+
+
+def test_another_users_task_over_the_walltime_cap_does_not_fail_my_running_job(
+    enclave, user_token, make_executor, start_node, tmp_path
+):
+    """As above, for Alice's job while it runs."""
+    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
+    start_node(workers=1)
+    alice = make_executor(1, start_node=False, credentials=user_token("alice"))
+    try:
+        f = alice.submit(tasks.append_line_then_wait, str(out), "ran", str(stop))
+        wait_for(out.exists, what="Alice's job to start")
+        _bobs_task_for(enclave, user_token("bob"), f.job_id, tasks.constant_forged,
+                       walltime=1e9)
+        enclave.ring_nodes("test")
+        wait_for(lambda: _refused_as_foreign(enclave, f.job_id)
+                 or enclave.jobs.get(f.job_id).state.final, what="bob's task to be handled")
+        job = enclave.jobs.get(f.job_id)
+        assert job.state == JobState.PROCESSING, f"Alice's job is {job.state}: {job.reason}"
+        stop.touch()
+        assert f.result(GUARD) == "ran"
+    finally:
+        stop.touch()
+
+
 def test_another_user_cannot_run_his_code_on_my_large_arguments(
     enclave, user_token, make_executor, start_node
 ):
