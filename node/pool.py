@@ -165,6 +165,7 @@ class Worker:
                 inbox += chunk
         messages: list[bytes] = []
         pos, end = 0, len(inbox)
+        results = 0  # (the k-th result is the k-th task's in the pipe: its head names it)
         with memoryview(inbox) as view:  # one copy of each message, not two
             while end - pos >= 4:  # multiprocessing.Connection's framing, as the worker sends
                 (n,) = CONN_LEN.unpack_from(inbox, pos)
@@ -182,8 +183,23 @@ class Worker:
                 if n and end - pos > head and inbox[pos + head] not in MESSAGE_STARTS:
                     self.garbled = True
                     break
+                if n and results < len(self.inflight) and end - pos > head and (
+                    inbox[pos + head] in (0, 1)
+                ):
+                    # a result's head: the job id of the task it is for follows its first
+                    # byte.  A few bytes a task wrote on the pipe read as a length, and
+                    # the next as a head's first byte (a length's high byte is 0): the job
+                    # id is not there, and the worker is garbled, not waited on for a
+                    # message of gigabytes that never comes
+                    if end - pos - head < 1 + _JOB_ID_SIZE:
+                        break
+                    at = pos + head + 1
+                    if view[at : at + _JOB_ID_SIZE] != self.inflight[results].job_id.encode():
+                        self.garbled = True
+                        break
                 if end - pos - head < n:
                     break
+                results += n > 0
                 messages.append(bytes(view[pos + head : pos + head + n]))
                 pos += head + n
         if self.garbled:
@@ -502,6 +518,8 @@ _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 _READ_SIZE = 1 << 20
+#: the length of a job id, as a result's head carries it (node.worker.result_head)
+_JOB_ID_SIZE = 32
 _MAX_MESSAGE = 1 << 40
 
 

@@ -92,6 +92,12 @@ def forge_first(i, junk=b"\x00garbag"):
     return i * i
 
 
+def write_on_the_result_pipe(value, junk=b"abc\n"):
+    """Write a few bytes on the worker's result pipe (a wrong descriptor), then return."""
+    os.write(int(sys.argv[2]), junk)
+    return value
+
+
 def segfault():
     ctypes.string_at(0)
 

@@ -281,6 +281,75 @@ def test_read_results_takes_text_for_garbage():
         worker.results.close()
 
 
+@pytest.mark.parametrize("junk", [b"abc\n", b"\x00\x00\x01", b"x"])
+def test_read_results_takes_a_few_bytes_before_a_result_for_garbage(junk):
+    """A few bytes a task wrote on the pipe read as a length, and the first byte of the
+    worker's own frame (its length's high byte, 0) as a head's: the node waited for a
+    message of gigabytes that never came, and the task, done, ran on to its walltime.  A
+    head carries its task's job id: it is not there, and the worker is garbled."""
+    import os
+
+    from node.pool import Task
+    from node.worker import result_head
+
+    worker, conn = _pipe_worker()
+    worker.inflight.append(Task(None, {"job_id": JOB_ID, "owner": "alice"}, b""))
+    usage = {"start": 0.0, "end": 0.0, "wall": 0.0, "cpu": 0.0, "maxrss_kb": 0, "peak_rss_kb": 0}
+    try:
+        os.write(conn.fileno(), junk)
+        conn.send_bytes(result_head(JOB_ID, False, usage, None) + envelope())
+        assert worker.read_results() == ([], False)
+        assert worker.garbled and not worker.inbox
+    finally:
+        conn.close()
+        worker.results.close()
+
+
+def test_read_results_takes_the_result_of_the_task_it_waits_for():
+    """The job-id check takes a head that is whole, and waits for one that is not yet."""
+    import os
+
+    from node.pool import Task
+    from node.worker import CONN_LEN, result_head
+
+    worker, conn = _pipe_worker()
+    worker.inflight.append(Task(None, {"job_id": JOB_ID, "owner": "alice"}, b""))
+    usage = {"start": 0.0, "end": 0.0, "wall": 0.0, "cpu": 0.0, "maxrss_kb": 0, "peak_rss_kb": 0}
+    message = result_head(JOB_ID, False, usage, None) + envelope()
+    try:
+        os.write(conn.fileno(), CONN_LEN.pack(len(message)) + message[:10])  # a head in part
+        assert worker.read_results() == ([], False) and not worker.garbled
+        os.write(conn.fileno(), message[10:])
+        assert worker.read_results() == ([message], False) and not worker.garbled
+    finally:
+        conn.close()
+        worker.results.close()
+
+
+def test_a_task_that_writes_a_few_bytes_on_the_result_pipe_fails_at_once(start_node,
+                                                                         enclave_dir):
+    """It used to run on to its walltime (WalltimeExceeded, the worker stuck meanwhile):
+    the node waited for a message of 1.6 GB.  The worker is ended and the task fails as
+    one whose worker wrote garbage; the next task runs on a new worker."""
+    import datetime as _dt
+
+    from kotta_executor import WorkerDied
+    from tests import tasks
+    from tests.conftest import GUARD
+
+    start_node(workers=1)
+    ex = _executor(enclave_dir)
+    try:
+        assert ex.submit(tasks.square, 2).result(GUARD) == 4
+        f = ex.with_options(walltime=_dt.timedelta(seconds=GUARD)).submit(
+            tasks.write_on_the_result_pipe, 7)
+        exc = f.exception(GUARD / 2)
+        assert type(exc) is WorkerDied and "result pipe" in str(exc), exc
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    finally:
+        _close(ex)
+
+
 @pytest.mark.parametrize("junk", [b"\x00garbag", b"garbage"], ids=["result-like", "garbled"])
 def test_a_result_is_never_taken_for_another_tasks(start_node, enclave_dir, junk):
     """A task writes a framed message on its worker's result pipe while tasks wait in the
