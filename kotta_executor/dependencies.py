@@ -105,6 +105,19 @@ def find(calls: list[tuple[tuple, dict]]) -> list[Future]:
     return list(found.values())
 
 
+def without_futures(calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """``calls`` with each future among the direct arguments replaced by ``None``: what can
+    be pickled before the futures are done."""
+
+    def value(v: Any) -> Any:
+        return None if isinstance(v, Future) else v
+
+    return [
+        (tuple(value(a) for a in args), {k: value(v) for k, v in kwargs.items()})
+        for args, kwargs in calls
+    ]
+
+
 def resolve(calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
     """``calls`` with each future (done and successful) replaced by its result."""
 

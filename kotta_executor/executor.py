@@ -230,6 +230,9 @@ class KottaExecutor(Executor):
         self._send_lock = threading.Lock()
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
+        #: shutdown(cancel_futures=True) has begun: a submit accepted before it, whose job
+        #: was not yet where the cancel looks, cancels its future itself (_submit)
+        self._cancelling_all = False
         self._broken: BrokenEnclave | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -286,6 +289,7 @@ class KottaExecutor(Executor):
             # under the lock: a submit that got in first has started the manager already
             manager = self._manager
         if cancel_futures:
+            self._cancelling_all = True
             self._cancel_all()
         self._kick(force=True)
         if manager is None:
@@ -348,6 +352,9 @@ class KottaExecutor(Executor):
         config.check_walltime(opts.queue, opts.walltime)  # before anything is sent
         deps = dependencies.find(calls)
         job_id = f"{self._ids.getrandbits(128):032x}"
+        if deps:  # pickled once its dependencies are done; what can be now, is: a call
+            # that cannot be pickled fails here, whatever it waits for
+            wire.dump_call(fn, dependencies.without_futures(calls))
         job = None if deps else self._new_job(job_id, fn, calls, opts)
         f = KottaFuture(job_id, self)
         if batch:
@@ -370,7 +377,16 @@ class KottaExecutor(Executor):
         elif batch or not self._send_now(job):  # a map's tasks go together, in batches
             self._outbox.append((job, f))
             self._kick()
+        if self._cancelling_all:  # accepted just before it: it was not there to cancel
+            self._cancel_late(f)
         return f
+
+    def _cancel_late(self, f: KottaFuture) -> None:
+        try:
+            f.cancel()
+        except Exception:  # noqa: BLE001 - the shutdown's own cancel has said so, loudly
+            log.warning("job %s, submitted as the executor shut down, could not be "
+                        "cancelled: it runs", f.job_id, exc_info=True)
 
     def _drop_blobs(self, job: NewJob) -> None:
         """Remove the blobs of a job that was pickled but refused (shut down meanwhile)."""

@@ -14,6 +14,8 @@ from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any
 
+from .states import JobState
+
 if TYPE_CHECKING:
     from .executor import KottaExecutor
 
@@ -64,10 +66,17 @@ class KottaFuture(Future):
                 return True
             if self._state in (RUNNING, FINISHED):
                 return False
-        if not self._executor._cancel_jobs([self.job_id]):
+        if not self._executor._cancel_jobs([self.job_id]) and not self._cancelled_by_another():
             return False
         self._cancel_and_notify()
         return True
+
+    def _cancelled_by_another(self) -> bool:
+        """Whether the job is recorded cancelled, and never ran: another thread's cancel
+        (``shutdown(cancel_futures=True)``, say) recorded it just before this one looked,
+        and is about to mark this future."""
+        job = self._executor._enclave.jobs.get(self.job_id)
+        return job is not None and job.state == JobState.CANCELLED and job.started is None
 
     def _cancel_and_notify(self) -> bool:
         """Move to CANCELLED_AND_NOTIFIED, as ``wait()`` expects, once the enclave recorded

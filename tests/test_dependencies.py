@@ -230,3 +230,18 @@ def test_a_waiting_task_put_back_after_its_dependency_ended_is_ready_again():
     deps.ready.clear()
     deps.put_back(deps.take(other.job_id))
     assert other.job_id in deps.waiting and not deps.ready
+
+
+def test_a_call_waiting_for_a_future_with_an_unpicklable_argument_fails_in_submit(
+        make_executor):
+    """The guide: a call that cannot be pickled fails in submit, and nothing is sent.  With
+    a future among its arguments nothing was pickled at submit: it returned a future,
+    which failed later, on the manager thread.  What can be pickled now is."""
+    ex = make_executor(2, start_node=False)
+    dep: cf.Future = cf.Future()
+    with pytest.raises(SerializationError, match="lock"):
+        ex.submit(tasks.add, dep, b=threading.Lock())
+    with pytest.raises(SerializationError, match="lock"):  # in map, the map() call
+        ex.map(tasks.add, [dep], [threading.Lock()])
+    assert not ex._futures and not ex._deps.waiting  # nothing sent, nothing waits
+    dep.set_result(1)

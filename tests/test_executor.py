@@ -623,6 +623,76 @@ def test_tasks_arriving_with_long_ones_on_warm_workers_stay_cancellable(
     _assert_taken_but_cancellable(executor, enclave, gate, running, queued, marker)
 
 
+def test_two_cancels_at_once_both_say_true_for_a_job_that_never_runs(make_executor, enclave):
+    """shutdown(cancel_futures=True) in one thread has recorded the job cancelled, and not
+    yet marked its future, when f.cancel() comes from another: the second found nothing
+    left to cancel and said False, for a job that never runs and a future that ends
+    cancelled (the stdlib says False only once the call runs or is done).  The delay is
+    injected around the executor's own cancel (which runs as it is)."""
+    from kotta_executor.states import JobState
+
+    ex = make_executor(2, start_node=False)  # no node: the job stays pending
+    f = ex.submit(tasks.noop, 1)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job recorded")
+    recorded, go = threading.Event(), threading.Event()
+    real, stopper = ex._cancel_jobs, []
+
+    def cancel_jobs(ids):  # the stopper pauses once it has recorded the cancellation
+        done = real(ids)
+        if threading.current_thread() in stopper:
+            recorded.set()
+            go.wait(GUARD)
+        return done
+
+    ex._cancel_jobs = cancel_jobs
+    t = threading.Thread(target=ex.shutdown, kwargs={"wait": False, "cancel_futures": True})
+    stopper.append(t)
+    t.start()
+    try:
+        assert recorded.wait(GUARD)
+        answer = f.cancel()
+    finally:
+        go.set()
+        t.join(GUARD)
+    assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
+    assert answer is True and f.cancelled()
+
+
+def test_shutdown_cancels_a_submit_it_accepted_before_its_job_was_placed(make_executor,
+                                                                        enclave):
+    """A submit accepted (its future registered) before shutdown(cancel_futures=True), whose
+    job was not yet in the outbox, a hand-off or the job table when the cancel looked: its
+    future was not cancelled, and its job was sent and ran (a process pool cancels every
+    pending future it accepted).  The window is held open by a delay injected before the
+    executor's own send."""
+    from kotta_executor.states import JobState
+
+    ex = make_executor(2, start_node=False)
+    ex.submit(tasks.noop).cancel()  # the manager runs
+    real = ex._send_now
+    at_send, go = threading.Event(), threading.Event()
+
+    def send_now(job):
+        at_send.set()
+        go.wait(GUARD)
+        return real(job)
+
+    ex._send_now = send_now
+    out: list[KottaFuture] = []
+    t = threading.Thread(target=lambda: out.append(ex.submit(tasks.noop, 7)))
+    t.start()
+    try:
+        assert at_send.wait(GUARD)  # accepted: registered, not yet placed
+        ex.shutdown(wait=False, cancel_futures=True)
+    finally:
+        go.set()
+        t.join(GUARD)
+    (f,) = out
+    assert f.cancelled()
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="its record")
+    assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
+
+
 def test_cancel_while_another_thread_submits(make_executor):
     ex = make_executor(2, start_node=False)  # no node: nothing starts, everything is cancellable
     fs: list[KottaFuture] = []
