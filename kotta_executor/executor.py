@@ -55,7 +55,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures._base import PENDING
 from dataclasses import dataclass, replace
@@ -803,8 +803,7 @@ class KottaExecutor(Executor):
                 self._enclave.jobs.create([record], enqueue=False)
                 self._enclave.jobs.finish([failed])
         self._futures.pop(w.future.job_id, None)
-        if not w.future.done():
-            w.future.set_exception(exc)
+        _fail_if_pending(w.future, exc)
 
     def _poll_replies(self) -> None:
         """Long-poll the reply channel for backends without doorbells (AWS)."""
@@ -1135,7 +1134,7 @@ class KottaExecutor(Executor):
             if not f.done():
                 err = BrokenEnclave(str(broken))
                 err.__cause__ = broken.__cause__ or exc
-                f.set_exception(err)
+                _fail_if_pending(f, err)
 
     def _close(self) -> None:
         for proc in self._nodes.values():
@@ -1199,6 +1198,17 @@ class OptionsView(Executor):
             self._parent,
             self._options.updated(queue, walltime, requirements, inputs, outputs),
         )
+
+
+def _fail_if_pending(f: Future, exc: BaseException) -> None:
+    """Fail ``f`` unless it is done: a user's ``cancel()`` in another thread may have
+    ended it since it was looked at (and ``set_exception`` would raise, stopping the loop
+    that was failing the others)."""
+    try:
+        if not f.done():
+            f.set_exception(exc)
+    except InvalidStateError:
+        pass
 
 
 def _annotate(exc: BaseException, job_id: str, stderr: str | None) -> None:
