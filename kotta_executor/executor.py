@@ -497,8 +497,7 @@ class KottaExecutor(Executor):
                 fs.append(self._submit(fn, [(args, {}) for args in items[i : i + size]], opts,
                                        batch=True))
         except BaseException:  # an item that cannot be pickled (SerializationError), say:
-            for f in fs:  # map() raises, and the tasks it made of earlier items do not run
-                f.cancel()
+            self._cancel_futures(fs)  # map() raises; the tasks of earlier items do not run
             raise
 
         def result_iterator():
@@ -515,9 +514,8 @@ class KottaExecutor(Executor):
                         if not ok:
                             raise value
                         yield value
-            finally:
-                for f in fs:
-                    f.cancel()
+            finally:  # (the items not yet yielded: their tasks, in one cancel)
+                self._cancel_futures(fs)
 
         return result_iterator()
 
@@ -604,7 +602,11 @@ class KottaExecutor(Executor):
         return done
 
     def _cancel_all(self) -> None:
-        pending = {jid: f for jid, f in list(self._futures.items()) if not f.done()}
+        self._cancel_futures(list(self._futures.values()))
+
+    def _cancel_futures(self, fs: Iterable[KottaFuture]) -> None:
+        """Cancel the jobs of these futures that no node has started, together."""
+        pending = {f.job_id: f for f in fs if not f.done()}
         if pending:
             for jid in self._cancel_jobs(list(pending)):
                 pending[jid]._cancel_and_notify()

@@ -219,6 +219,31 @@ def test_map_packing_keeps_each_items_walltime(make_executor):
         it.close()  # cancels the rest
 
 
+def test_a_map_abandoned_cancels_its_other_tasks_together(make_executor, enclave, gate):
+    """Leaving a map's iterator (a break, an item's exception, close()) cancels the tasks
+    of the items not yet yielded: in one cancel, not one transaction (on AWS, one round of
+    calls) each.  (A spy counts the executor's own cancels, which run as they are.)"""
+    ex = make_executor(1)
+    real, calls = ex._cancel_jobs, []
+
+    def cancel_jobs(ids):
+        calls.append(len(ids))
+        return real(ids)
+
+    ex._cancel_jobs = cancel_jobs
+    later = gate.root / "later"
+    it = ex.map(tasks.wait_for_file, [str(gate.release)] + [str(later)] * 39)  # 40 tasks
+    gate.open("first")
+    try:
+        assert next(it) == "first"  # the second runs, waiting; 38 wait for the worker
+        it.close()
+        assert calls == [39]  # one cancel, for all the items not yet yielded
+        states = Counter(str(j.state) for j in enclave.jobs.list(limit=100))
+        assert states["completed"] == 1 and states["cancelled"] >= 37, states
+    finally:
+        tasks.release(later)
+
+
 def test_map_packs_no_more_items_than_fit_under_the_queues_walltime_cap(
     make_executor, enclave
 ):
