@@ -191,6 +191,9 @@ class Worker:
                     # the next as a head's first byte (a length's high byte is 0): the job
                     # id is not there, and the worker is garbled, not waited on for a
                     # message of gigabytes that never comes
+                    if n < 1 + _JOB_ID_SIZE:  # (too short to be a head)
+                        self.garbled = True
+                        break
                     if end - pos - head < 1 + _JOB_ID_SIZE:
                         break
                     at = pos + head + 1

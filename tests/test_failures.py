@@ -274,12 +274,13 @@ ROWS = [
     ),
     pytest.param(
         Row(
-            # a task that writes on the worker's result pipe: the node takes its message
-            # for the result, refuses it, and ends the worker, whose real result comes for
-            # no task (it must not be taken for the next task's)
+            # a task that writes a framed message on the worker's result pipe, which begins
+            # as a result does: too short to hold the head of its task's result, it is
+            # garbage, and the node ends the worker, whose real result is not read (nor
+            # taken for the next task's)
             submit=lambda ex, tmp: ex.submit(tasks.forge_a_result),
             raises=WorkerDied,
-            fragment="the worker sent an invalid result: a result of 7 bytes is too short",
+            fragment="wrote something on its result pipe that is not a message",
             worker_survives=False,
         ),
         id="forged-result",
