@@ -158,6 +158,7 @@ class Node:
         self._rang = True  # the doorbell rang since the node last looked at the queue
         self._last_look = 0.0
         self._delete_later: list[str] = []  # blobs of recorded tasks, once committed
+        self._refusals = False  # a task refused as received waits in pending (_dispatch)
         # Without doorbells (AWS), a thread long-polls the queue and fills the inbox.
         self._inbox: deque[Delivery] = deque()
         self._room_hint = 0
@@ -955,8 +956,8 @@ class Node:
                 return
         try:  # who sent it: the signature over the whole envelope, the token behind it
             claims = self.verifier.verify(d.body, header, d.sent)
-        except AuthenticationError as exc:
-            self._refuse(d, header, str(exc))
+        except AuthenticationError as exc:  # (signer: who signed it, if that verified)
+            self._refuse(d, header, str(exc), getattr(exc, "signer", None))
             return
         try:
             if declares_data(header):
@@ -995,6 +996,7 @@ class Node:
             log.warning("refusing: %s", reason)
             self.pending.append(Task(d, header, b"", claims=claims, adopted=adopted,
                                      refusal=("JobFailed", reason)))
+            self._refusals = True
             return
         self.pending.append(Task(d, header, data, claims=claims, adopted=adopted))
 
@@ -1016,9 +1018,11 @@ class Node:
         head = {k: v for k, v in header.items() if k not in ("refs", "digests")}
         return wire.encode(head, sections)
 
-    def _refuse(self, d: Delivery, header: dict, why: str) -> None:
+    def _refuse(self, d: Delivery, header: dict, why: str, signer: str | None = None) -> None:
         """A task whose sender could not be verified: dead-lettered, audited, and its job
-        (if it has one, not yet final) failed with TaskRejected."""
+        (if it has one, not yet final) failed with TaskRejected; but not a job of another
+        user's than ``signer``, whose valid signature it bears (a token revoked or expired
+        since, an owner named falsely)."""
         owner = header.get("owner")
         # audited after the step's transaction: a record written inside it and rolled back
         # would leave a gap in the audit chain (a false "deleted record")
@@ -1026,10 +1030,11 @@ class Node:
             action="task-rejected", user=str(owner), allowed=False, job_id=d.job_id,
             detail=f"node {self.node_id}, claimed owner not verified: {why}",
         ))
-        self._reject(d, "TaskRejected", f"job {d.job_id} was refused by the node: {why}")
+        self._reject(d, "TaskRejected", f"job {d.job_id} was refused by the node: {why}",
+                     owner=signer, audited=True)
 
     def _reject(self, d: Delivery, etype: str, reason: str, *, started_too: bool = False,
-                owner: str | None = None) -> None:
+                owner: str | None = None, audited: bool = False) -> None:
         """Dead-letter a delivery, and fail its job with ``reason``.  A first delivery
         fails only a job still pending, unless ``started_too``: one that fails the checks
         and names a job a node has started (a copy of its task queued again, refused for
@@ -1037,7 +1042,8 @@ class Node:
         the node that runs it.  A redelivery does (its node died or let it go: nothing
         else would end it), and so does a delivery count gone over the limit.
         ``owner``: who verifiably sent it; a job of another owner's is not failed (a task
-        signed by one user must not end another's job, as in _refuse_foreign)."""
+        signed by one user must not end another's job, as in _refuse_foreign), and the
+        refusal is audited, unless the caller has (``audited``)."""
         log.warning("dead-lettering: %s", reason)
         self.enclave.queue.dead_letter([d], reason)
         job = self.enclave.jobs.get(d.job_id)
@@ -1046,6 +1052,8 @@ class Node:
         if owner is not None and job.owner != owner:
             log.warning("job %s is %s's, not %s's: the rejected message does not fail it",
                         d.job_id, job.owner, owner)
+            if audited:
+                return
             self._audit_later.append(dict(
                 action="task-rejected", user=str(owner), allowed=False, job_id=d.job_id,
                 detail=f"node {self.node_id}: a task for {job.owner}'s job, rejected: {reason}",
@@ -1078,6 +1086,10 @@ class Node:
         skipped: deque[Task] = deque()
         to_stage: list[Task] = []
         refused: list[Task] = []  # failed once claimed (below), with the tasks to run
+        if self._refusals:  # refused as received: from all of pending, not only the part
+            self._refusals = False  # read before the loop finds no worker free
+            refused = [t for t in self.pending if t.refusal is not None]
+            self.pending = deque(t for t in self.pending if t.refusal is None)
         while self.pending:
             task = self.pending.popleft()
             if task.refusal is not None:

@@ -13,6 +13,7 @@ import os
 import signal
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -578,38 +579,63 @@ def test_a_bad_message_naming_a_running_job_does_not_fail_it(start_node, make_ex
     assert enclave.jobs.get(job.job_id).state == JobState.COMPLETED
 
 
+class _WaitingJob:
+    """A job that appends a line to ``out`` each time it runs, then waits for ``stop``."""
+
+    def __init__(self, ex, tmp_path, job_id: str, name: str = "ran"):
+        self.out, self.stop = tmp_path / f"runs-{name}.txt", tmp_path / f"stop-{name}"
+        self.job = ex._new_job(job_id, tasks.append_line_then_wait,
+                               [((str(self.out), name, str(self.stop)), {})], ex._options)
+        self.job_id, self.name = self.job.job_id, name
+
+    def ran(self) -> bool:
+        return self.out.exists()
+
+
+@contextmanager
+def _stepped_node(enclave, workers: int, *jobs: _WaitingJob):
+    """A node in this process, stepped by the test, with ``jobs`` recorded and queued.  On
+    leaving: the jobs are let go and run to their end, their messages are acked, and
+    each has run once, and is completed."""
+    from node.daemon import Node, NodeConfig
+
+    enclave.jobs.create([j.job for j in jobs])
+    node = Node(enclave, NodeConfig(queue="test", workers=workers, poll_interval=0.05))
+    node._start()
+    try:
+        yield node
+        for j in jobs:
+            j.stop.touch()
+        wait_for(lambda: (node.step(), enclave.queue.depth("test") == 0)[1],
+                 what="the jobs to end and their messages to be acked")
+    finally:
+        for j in jobs:
+            j.stop.touch()
+        node._stop()
+    for j in jobs:
+        r = enclave.jobs.get(j.job_id)
+        assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
+        assert j.out.read_text().splitlines() == [j.name]
+
+
+def _held(node) -> list:
+    return [t for w in node.workers for t in w.inflight]
+
+
 def test_a_message_the_node_still_holds_received_again_is_the_same_task(make_executor, enclave,
                                                                         tmp_path):
     """A node stalled past its visibility timeout (or SQS delivering a message twice)
     receives a message it still holds: the task it holds takes the new receipt, and the
     job does not run a second time; its message is acked with the receipt that is live."""
-    from node.daemon import Node, NodeConfig
-
-    ex = make_executor(1, start_node=False)
-    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
-    job = ex._new_job("ef" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
-                      ex._options)
-    enclave.jobs.create([job])
-    node = Node(enclave, NodeConfig(queue="test", workers=2, poll_interval=0.05))
-    node._start()
-    try:
-        wait_for(lambda: (node.step(), out.exists())[1], what="the job to start")
-        [held] = [t for w in node.workers for t in w.inflight]
+    j = _WaitingJob(make_executor(1, start_node=False), tmp_path, "ef" * 16)
+    with _stepped_node(enclave, 2, j) as node:
+        wait_for(lambda: (node.step(), j.ran())[1], what="the job to start")
+        [held] = _held(node)
         # the message's visibility runs out while the node holds it (as after a stall)
         enclave.queue.release([held.delivery])
         wait_for(lambda: (node.step(), held.delivery.receive_count == 2)[1],
                  what="the message to come again")
-        assert [t.job_id for w in node.workers for t in w.inflight] == [job.job_id]
-        assert not node.pending
-        stop.touch()
-        wait_for(lambda: (node.step(), enclave.queue.depth("test") == 0)[1],
-                 what="the job to end and its message to be acked")
-    finally:
-        stop.touch()
-        node._stop()
-    r = enclave.jobs.get(job.job_id)
-    assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
-    assert out.read_text().splitlines() == ["ran"]
+        assert [t.job_id for t in _held(node)] == [j.job_id] and not node.pending
 
 
 def _duplicate_counted_first(enclave, delivery) -> None:
@@ -628,18 +654,10 @@ def test_a_duplicate_counted_as_a_first_delivery_does_not_ack_the_running_task(
     still needed: had the node died then, nothing would have delivered the job again.
     Now the running task takes the new receipt; the message stays until the job ends,
     and the job runs once."""
-    from node.daemon import Node, NodeConfig
-
-    ex = make_executor(1, start_node=False)
-    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
-    job = ex._new_job("ab" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
-                      ex._options)
-    enclave.jobs.create([job])
-    node = Node(enclave, NodeConfig(queue="test", workers=2, poll_interval=0.05))
-    node._start()
-    try:
-        wait_for(lambda: (node.step(), out.exists())[1], what="the job to start")
-        [held] = [t for w in node.workers for t in w.inflight]
+    j = _WaitingJob(make_executor(1, start_node=False), tmp_path, "ab" * 16)
+    with _stepped_node(enclave, 2, j) as node:
+        wait_for(lambda: (node.step(), j.ran())[1], what="the job to start")
+        [held] = _held(node)
         old = held.delivery
         _duplicate_counted_first(enclave, old)
         wait_for(lambda: (node.step(), held.delivery is not old
@@ -647,17 +665,7 @@ def test_a_duplicate_counted_as_a_first_delivery_does_not_ack_the_running_task(
                  what="the copy to lose its claim")
         assert enclave.queue.depth("test") == 1, "the running task's message was acked"
         assert (held.delivery.message_id, held.delivery.receive_count) == (old.message_id, 1)
-        assert not node.pending
-        assert [t.job_id for w in node.workers for t in w.inflight] == [job.job_id]
-        stop.touch()
-        wait_for(lambda: (node.step(), enclave.queue.depth("test") == 0)[1],
-                 what="the job to end and its message to be acked")
-    finally:
-        stop.touch()
-        node._stop()
-    r = enclave.jobs.get(job.job_id)
-    assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
-    assert out.read_text().splitlines() == ["ran"]
+        assert [t.job_id for t in _held(node)] == [j.job_id] and not node.pending
 
 
 def test_a_copy_that_loses_its_claim_never_gives_the_held_task_an_older_receipt(
@@ -666,21 +674,11 @@ def test_a_copy_that_loses_its_claim_never_gives_the_held_task_an_older_receipt(
     a worker; the message comes a third time (counted 2) and A takes that receipt.  When
     B is dispatched and loses its claim, A keeps the newest receipt: B's older one, which
     it used to take, no longer acks the message (nor extends it)."""
-    from node.daemon import Node, NodeConfig
-
     ex = make_executor(1, start_node=False)
-    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
-    out2, stop2 = tmp_path / "blocker.txt", tmp_path / "stop2"
-    blocker = ex._new_job("12" * 16, tasks.append_line_then_wait,
-                          [((str(out2), "b", str(stop2)), {})], ex._options)
-    job = ex._new_job("ab" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
-                      ex._options)
-    enclave.jobs.create([blocker, job])
-    node = Node(enclave, NodeConfig(queue="test", workers=2, poll_interval=0.05))
-    node._start()
-    try:
-        wait_for(lambda: (node.step(), out.exists() and out2.exists())[1], what="both to start")
-        [a] = [t for w in node.workers for t in w.inflight if t.job_id == job.job_id]
+    blocker, j = _WaitingJob(ex, tmp_path, "12" * 16, "b"), _WaitingJob(ex, tmp_path, "ab" * 16)
+    with _stepped_node(enclave, 2, blocker, j) as node:
+        wait_for(lambda: (node.step(), j.ran() and blocker.ran())[1], what="both to start")
+        [a] = [t for t in _held(node) if t.job_id == j.job_id]
         _duplicate_counted_first(enclave, a.delivery)
         wait_for(lambda: (node.step(), node.pending)[1], what="the copy to wait for a worker")
         [b] = node.pending
@@ -688,19 +686,10 @@ def test_a_copy_that_loses_its_claim_never_gives_the_held_task_an_older_receipt(
         wait_for(lambda: (node.step(), a.delivery.receive_count == 2)[1],
                  what="the running task to take the newest delivery")
         newest = a.delivery
-        stop2.touch()  # a worker frees: B is dispatched, and loses its claim
+        blocker.stop.touch()  # a worker frees: B is dispatched, and loses its claim
         wait_for(lambda: (node.step(), not node.pending)[1], what="the copy to lose its claim")
         assert a.delivery is newest, "the running task took an older receipt"
         assert enclave.queue.depth("test") == 1
-        stop.touch()
-        wait_for(lambda: (node.step(), enclave.queue.depth("test") == 0)[1],
-                 what="the job to end and its message to be acked")
-    finally:
-        stop.touch()
-        stop2.touch()
-        node._stop()
-    r = enclave.jobs.get(job.job_id)
-    assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
 
 
 def test_a_stopping_node_keeps_a_delivery_of_a_message_it_runs(make_executor, enclave, tmp_path):
@@ -708,32 +697,19 @@ def test_a_stopping_node_keeps_a_delivery_of_a_message_it_runs(make_executor, en
     One of them may be another delivery of a message the node is running: handed back, it
     showed the message to other nodes while the task ran on (its ack, with the old receipt,
     then deleted nothing), so the job would run again.  The running task takes it."""
-    from node.daemon import Node, NodeConfig
-
-    ex = make_executor(1, start_node=False)
-    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
-    job = ex._new_job("cd" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
-                      ex._options)
-    enclave.jobs.create([job])
-    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
-    node._start()
-    try:
-        wait_for(lambda: (node.step(), out.exists())[1], what="the job to start")
-        [held] = [t for w in node.workers for t in w.inflight]
+    j = _WaitingJob(make_executor(1, start_node=False), tmp_path, "cd" * 16)
+    with _stepped_node(enclave, 1, j) as node:
+        wait_for(lambda: (node.step(), j.ran())[1], what="the job to start")
+        [held] = _held(node)
         # visible again, counted as a first delivery (SQS's rare duplicate)
         _duplicate_counted_first(enclave, held.delivery)
         [again] = enclave.queue.receive("test", 10, 30.0, node.node_id)
         assert again.receive_count == 1
         node._inbox.append(again)  # where the AWS poller puts what it receives
-        stop.touch()
+        j.stop.touch()
         node._drain()
         assert enclave.queue.depth("test") == 0, "the message was handed back, not acked"
         assert held.delivery is again
-    finally:
-        stop.touch()
-        node._stop()
-    r = enclave.jobs.get(job.job_id)
-    assert (r.state, r.attempts) == (JobState.COMPLETED, 1)
 
 
 @pytest.mark.parametrize("why", ["walltime", "requirements"])
@@ -778,6 +754,30 @@ def test_a_copy_another_node_refuses_does_not_fail_the_job_running_here(
         x._stop()
     r = enclave.jobs.get(job.job_id)
     assert (r.state, r.node) == (JobState.COMPLETED, x.node_id)
+
+
+def test_a_task_over_the_nodes_walltime_cap_fails_while_its_workers_are_busy(
+        make_executor, enclave, tmp_path):
+    """A task over the node's cap waits in its queue to be claimed, then fails; it must
+    not wait behind a task that finds no free worker (for as long as the worker is
+    busy: hours, behind a long task)."""
+    from dataclasses import replace
+
+    ex = make_executor(1, start_node=False)
+    j = _WaitingJob(ex, tmp_path, "a1" * 16)
+    with _stepped_node(enclave, 1, j) as node:
+        node.max_walltime = 600.0
+        wait_for(lambda: (node.step(), j.ran())[1], what="the long job to start")
+        waits = ex._new_job("b2" * 16, tasks.square, [((2,), {})], ex._options)
+        over = ex._new_job("c3" * 16, tasks.square, [((3,), {})],
+                           replace(ex._options, walltime=1200.0))
+        enclave.jobs.create([waits, over])
+        wait_for(lambda: (node.step(), enclave.jobs.get(over.job_id).state.final)[1],
+                 what="the task over the cap to fail")
+        r = enclave.jobs.get(over.job_id)
+        assert r.state == JobState.FAILED and "over the cap" in r.reason, r.reason
+        assert enclave.jobs.get(waits.job_id).state == JobState.PENDING  # (behind j)
+    assert enclave.jobs.get(waits.job_id).state == JobState.COMPLETED
 
 
 def test_two_deliveries_of_one_message_in_a_batch_are_one_task(make_executor, enclave):

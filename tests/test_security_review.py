@@ -331,6 +331,32 @@ def test_another_users_task_refused_for_its_own_faults_does_not_fail_my_job(
     assert f.result(GUARD) == 9
 
 
+def test_another_users_task_naming_me_its_owner_does_not_fail_my_job(
+    enclave, user_token, make_executor, start_node
+):
+    """Bob signs, with his own valid token, a task that names Alice as its owner, for her
+    pending job.  The node refuses it (its owner is not its signer), and that refusal
+    failed her job: Bob's signature verified, so it is known to be his, and his refusal
+    does not end her job.  It is dead-lettered and audited once; her own task runs."""
+    from kotta_executor.security.audit import AuditLog
+
+    alice = make_executor(1, start_node=False, credentials=user_token("alice"))
+    f = alice.submit(tasks.square, 3)
+    held = _steal(enclave, [f.job_id])[f.job_id]  # Alice's message, delayed
+    _bobs_task_for(enclave, user_token("bob"), f.job_id, tasks.constant_forged, owner="alice")
+    enclave.ring_nodes("test")
+    start_node(workers=1)
+    wait_for(lambda: AuditLog(enclave).show(action="task-rejected", job_id=f.job_id),
+             what="bob's task refused and audited")
+    [dead] = enclave.queue.dead_letters("test")
+    assert "signed by 'bob'" in dead["reason"]
+    assert enclave.jobs.get(f.job_id).state == JobState.PENDING  # not failed, not run
+    [rec] = AuditLog(enclave).show(action="task-rejected", job_id=f.job_id)
+    assert not rec["allowed"] and "signed by 'bob'" in rec["detail"], rec
+    enclave.queue.release([held])
+    assert f.result(GUARD) == 9
+
+
 def test_another_users_task_over_the_walltime_cap_does_not_fail_my_running_job(
     enclave, user_token, make_executor, start_node, tmp_path
 ):

@@ -332,6 +332,14 @@ class Verifier:
             raise AuthenticationError(
                 "the task's signature does not verify: the envelope was forged or altered"
             )
+        try:
+            return self._check(claims, header, sent)
+        except AuthenticationError as exc:  # signed, by whom is known: a node that refuses
+            exc.signer = claims.user  # the task must not fail another user's job with it
+            raise
+
+    def _check(self, claims: Claims, header: dict[str, Any], sent: float | None) -> Claims:
+        """The checks of a task whose signature verified (by ``claims``' token)."""
         if header.get("owner") != claims.user:
             raise AuthenticationError(
                 f"the task names the owner {header.get('owner')!r} but was signed by "
