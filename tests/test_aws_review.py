@@ -704,3 +704,73 @@ def test_which_refused_sends_break_the_executor_at_once(exc, backend, lasting, e
             assert embedded.lasting(exc) is lasting
         finally:
             embedded.close()
+
+
+class _S3Answer:
+    """An HTTP 200 from S3 (for a ``before-call`` hook that answers in S3's place)."""
+
+    status_code = 200
+    headers: dict = {}
+
+
+@pytest.mark.parametrize("code", ["InternalError", "AccessDenied"])
+def test_objects_s3_did_not_delete_are_tried_again_or_said(enclave, code):
+    """DeleteObjects answers 200 naming, in ``Errors``, keys it did not delete.  They were
+    ignored: the record went, and its spilled result stayed in S3 for ever (nothing names
+    it any more).  A passing error is tried again; a lasting one raises, naming it."""
+    job = new_job()
+    enclave.jobs.create([job], enqueue=False)
+    enclave.jobs.transition([job.job_id], JobState.PROCESSING, node="n1")
+    big = os.urandom(DynamoJobs.max_result + 1)
+    assert enclave.jobs.finish([Finished(job.job_id, JobState.COMPLETED, big)])
+    [stored] = s3_keys(enclave)
+    answered = []
+
+    def partial(**_):
+        if not answered or code == "AccessDenied":  # once, or every time
+            answered.append(1)
+            return _S3Answer(), {"Errors": [{"Key": stored, "Code": code, "Message": "no"}]}
+        return None
+
+    enclave.s3.meta.events.register("before-call.s3.DeleteObjects", partial)
+    if code == "AccessDenied":
+        with pytest.raises(RuntimeError, match="did not delete 1 objects.*AccessDenied"):
+            enclave.jobs.delete([job.job_id])
+        assert s3_keys(enclave) == [stored] and len(answered) == 1  # (not tried again)
+    else:
+        enclave.jobs.delete([job.job_id])
+        assert s3_keys(enclave) == [] and answered == [1]
+    assert enclave.jobs.get(job.job_id) is None
+
+
+def test_an_audit_record_whose_put_was_retried_is_recorded_once(enclave):
+    """A conditional PutItem applied, its response lost, retried by botocore: the retry
+    fails its own condition.  The put said False, and the audit log, taking that for
+    another writer's record, appended the same event again after it."""
+    from kotta_executor.security.audit import KIND, AuditLog
+
+    log = AuditLog(enclave)
+    log.append("first", user="alice")
+    lost = lose_first_response(enclave, "PutItem")
+    log.append("job-submit", user="alice", job_id="j1")
+    assert lost["calls"] >= 2  # (the response was lost, and the put made again)
+    assert [r["action"] for _, r in enclave.records.scan(KIND)] == ["first", "job-submit"]
+    assert AuditLog(enclave).verify().ok
+
+
+def test_a_kill_is_seen_for_a_job_the_last_look_did_not_cover(enclave, moto_env):
+    """kill_requested() answers from its last read for a second (a busy node's _police
+    asks every 0.25 s about the jobs it runs).  Asked about another job (a redelivery,
+    whose node died: "it does not begin again"), it answered from a read that never
+    looked at that job: a kill a client had requested was missed, and the job ran again."""
+    running, redelivered = new_job(), new_job()
+    enclave.jobs.create([running, redelivered], enqueue=False)
+    enclave.jobs.transition([running.job_id, redelivered.job_id], JobState.PROCESSING,
+                            node="n1")
+    client = AwsEnclave(enclave.name, session=moto_env)  # another process's view
+    try:
+        assert client.jobs.request_kill(redelivered.job_id)
+    finally:
+        client.close()
+    assert enclave.jobs.kill_requested([running.job_id]) == set()  # the node's look
+    assert enclave.jobs.kill_requested([redelivered.job_id]) == {redelivered.job_id}

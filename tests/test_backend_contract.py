@@ -1141,6 +1141,17 @@ def test_records_scan_pages_in_key_order(backend):
     assert [v["i"] for _, v in r.scan("seq", after="000020", limit=2)] == [21, 22]
 
 
+def test_records_put_if_absent_of_the_very_value_there_is_a_success(backend):
+    """A conditional put that finds the very value it writes (on AWS: its own first try,
+    whose response was lost, and which botocore retried) says it is written; another
+    value there is a lost race."""
+    r = backend.records
+    assert r.put("log", "000001", {"writer": 1, "time": 2.5}, if_absent=True)
+    assert r.put("log", "000001", {"time": 2.5, "writer": 1}, if_absent=True)
+    assert not r.put("log", "000001", {"writer": 2, "time": 2.5}, if_absent=True)
+    assert r.get("log", "000001") == {"writer": 1, "time": 2.5}
+
+
 def test_records_put_if_absent_has_one_winner(backend):
     r = backend.records
     wins = []

@@ -503,13 +503,34 @@ class S3Blobs(BlobStore):
     def delete(self, keys):
         full = [self._key(k) for k in keys]
         for chunk in _chunks(full, 1000):
+            self._delete_objects(chunk)
+
+    def _delete_objects(self, keys: list[str]) -> None:
+        """One DeleteObjects call's worth.  S3 answers 200 even when it deleted only some:
+        the keys it names in ``Errors`` are tried again (an ``InternalError`` or
+        ``SlowDown``), and what still fails after :data:`BATCH_ROUNDS` tries raises, as a
+        failed call does: an object nothing names any more would stay for ever."""
+        for attempt in range(BATCH_ROUNDS):
             try:
-                self._s3.delete_objects(
+                resp = self._s3.delete_objects(
                     Bucket=self._e.names.bucket,
-                    Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
+                    Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True},
                 )
             except _client_error() as exc:
                 raise self._missing_bucket(exc) from None
+            errors = resp.get("Errors") or []
+            if not errors:
+                return
+            codes = sorted({e.get("Code", "?") for e in errors})
+            if "AccessDenied" in codes:  # not cured by trying again
+                break
+            keys = [e["Key"] for e in errors]
+            if attempt + 1 < BATCH_ROUNDS:
+                _backoff(attempt)
+        raise RuntimeError(
+            f"S3 did not delete {len(errors)} objects of bucket {self._e.names.bucket} "
+            f"({', '.join(codes)}), e.g. {errors[0].get('Key')}"
+        )
 
 
 # --------------------------------------------------------------------------- SQS
@@ -1246,7 +1267,7 @@ class DynamoJobs(_DynamoTable, JobTable):
 
     def __init__(self, enclave: AwsEnclave):
         super().__init__(enclave, enclave.names.jobs_table)
-        self._kills: tuple[float, set[str]] | None = None
+        self._kills: tuple[float, set[str], set[str]] | None = None
 
 
     def _update(
@@ -1647,13 +1668,15 @@ class DynamoJobs(_DynamoTable, JobTable):
         job_ids = list(job_ids)
         if not job_ids:
             return set()
-        cached = self._kills
-        if cached is not None and time.monotonic() - cached[0] < self.kill_poll_interval:
-            return cached[1] & set(job_ids)
+        wanted = set(job_ids)
+        cached = self._kills  # (when, the ids read then, the kills among them)
+        if cached is not None and time.monotonic() - cached[0] < self.kill_poll_interval \
+                and wanted <= cached[1]:  # (only for ids it read: another's is news)
+            return cached[2] & wanted
         at = time.monotonic()
         items = self._batch_get(job_ids, ["job_id", "kill_requested"])
         kills = {i["job_id"]["S"] for i in items if i.get("kill_requested", {}).get("BOOL", False)}
-        self._kills = (at, kills)
+        self._kills = (at, wanted, kills)
         return kills
 
     def delete(self, job_ids: Sequence[str]) -> None:

@@ -64,11 +64,14 @@ class DynamoRecords(Records):
         if if_absent:
             kw["ConditionExpression"] = "attribute_not_exists(#k)"
             kw["ExpressionAttributeNames"] = {"#k": "key"}
+            # a put whose response was lost is retried by botocore, and the retry finds
+            # the record its first try wrote: that is ours, not another writer's
+            kw["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
         try:
             self._t._call("put_item", **kw)
         except _client_error() as exc:
             if _code(exc) == "ConditionalCheckFailedException":
-                return False
+                return (exc.response.get("Item") or {}).get("value") == item["value"]
             raise
         return True
 

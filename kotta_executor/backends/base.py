@@ -256,8 +256,11 @@ class Records(abc.ABC):
 
     @abc.abstractmethod
     def put(self, kind: str, key: str, value: dict[str, Any], *, if_absent: bool = False) -> bool:
-        """Store ``value``; with ``if_absent``, only if ``key`` is new (returns whether it
-        was written)."""
+        """Store ``value``; with ``if_absent``, only if ``key`` is new.  Returns whether
+        the record holds ``value`` now: with ``if_absent``, False if it holds another
+        value; True if it holds this very value already (a write retried after its
+        response was lost finds its own first try; audit records, which carry their time
+        and hash, are never written alike by two writers)."""
 
     @abc.abstractmethod
     def delete(self, kind: str, key: str) -> bool:

@@ -866,7 +866,10 @@ class EmbeddedRecords(Records):
         verb = "INSERT OR IGNORE" if if_absent else "INSERT OR REPLACE"
         with self._db.tx() as c:
             cur = c.execute(f"{verb} INTO records (kind, key, value) VALUES (?, ?, ?)", (kind, key, text))
-            return cur.rowcount == 1
+            if cur.rowcount == 1:
+                return True
+            row = c.execute("SELECT value FROM records WHERE kind=? AND key=?", (kind, key)).fetchone()
+            return row is not None and row[0] == text  # (the very value: as on AWS)
 
     def delete(self, kind, key):
         with self._db.tx() as c:
