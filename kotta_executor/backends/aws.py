@@ -1670,14 +1670,17 @@ class DynamoJobs(_DynamoTable, JobTable):
             return set()
         wanted = set(job_ids)
         cached = self._kills  # (when, the ids read then, the kills among them)
-        if cached is not None and time.monotonic() - cached[0] < self.kill_poll_interval \
-                and wanted <= cached[1]:  # (only for ids it read: another's is news)
-            return cached[2] & wanted
         at = time.monotonic()
-        items = self._batch_get(job_ids, ["job_id", "kill_requested"])
-        kills = {i["job_id"]["S"] for i in items if i.get("kill_requested", {}).get("BOOL", False)}
-        self._kills = (at, wanted, kills)
-        return kills
+        if cached is None or at - cached[0] >= self.kill_poll_interval:
+            cached = (at, set(), set())
+        new = wanted - cached[1]  # ids the last look did not cover are read now: a kill
+        if new:  # of a job redelivered here must be seen before it runs again
+            items = self._batch_get(list(new), ["job_id", "kill_requested"])
+            cached[1].update(new)
+            cached[2].update(i["job_id"]["S"] for i in items
+                             if i.get("kill_requested", {}).get("BOOL", False))
+        self._kills = cached
+        return cached[2] & wanted
 
     def delete(self, job_ids: Sequence[str]) -> None:
         """Remove job records with their spilled results and task blobs.
