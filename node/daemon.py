@@ -1383,6 +1383,9 @@ class Node:
         held += [t.delivery for w in self.workers for t in w.inflight]
         held += self.data.held()
         held += self.watched.values()
+        held += list(self._inbox)  # the poller's, not taken yet (no room): ours too, else
+        # their visibility runs out, another node runs them, and a late take here acks
+        # that node's message with a stale receipt
         if held:
             self.enclave.queue.extend(held, self.config.visibility_timeout)
         self.enclave.nodes.heartbeat(self.node_id)

@@ -780,6 +780,25 @@ def test_a_task_over_the_nodes_walltime_cap_fails_while_its_workers_are_busy(
     assert enclave.jobs.get(waits.job_id).state == JobState.COMPLETED
 
 
+def test_deliveries_waiting_in_the_pollers_inbox_are_kept_hidden(make_executor, enclave):
+    """The AWS poller may fetch more than the node then has room for: what waits in its
+    inbox is held, as what waits for a worker is, and its visibility is extended.  It was
+    not: another node would take it meanwhile, and this one, taking it late, would ack
+    that node's message with a stale receipt."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    enclave.jobs.create([ex._new_job("ab" * 16, tasks.add, [((1, 2), {})], ex._options)])
+    node = Node(enclave, NodeConfig(queue="test", workers=1, visibility_timeout=600.0))
+    [d] = enclave.queue.receive("test", 10, 1.0, node.node_id)  # hidden for a second
+    node._inbox.append(d)  # where the poller puts what it receives
+    node._last_upkeep = float("-inf")  # its upkeep is due
+    node._upkeep()
+    with sqlite3.connect(enclave.home / "kotta.db") as db:
+        [(visible_at,)] = db.execute("SELECT visible_at FROM messages").fetchall()
+    assert visible_at > time.time() + 500  # extended to the node's visibility timeout
+
+
 def test_two_deliveries_of_one_message_in_a_batch_are_one_task(make_executor, enclave):
     """A batch may hold two deliveries of one message (the AWS poller's inbox keeps a
     delivery unextended; SQS may deliver twice): the later stands for it, and the earlier
