@@ -1111,8 +1111,12 @@ class Node:
                     continue
             alone = _restricted(task)  # with nothing before it in the pipe, or after it
             w = self._worker_for(task.owner, load, caps, env, alone=alone)
-            if w is not None and task.staged is not None and not self.data.still_allowed(task):
-                continue  # a grant revoked since its stage-in: it failed, never ran
+            if w is not None and task.staged is not None:
+                if not self.data.still_allowed(task):
+                    continue  # a grant revoked since its stage-in: it failed, never ran
+                if not alone and _restricted(task):  # its data made stricter meanwhile
+                    alone = True
+                    w = self._worker_for(task.owner, load, caps, env, alone=True)
             if alone and w is not None:
                 caps[w] = 0
             if w is None:

@@ -41,6 +41,7 @@ from kotta_executor.errors import (
 )
 from kotta_executor.security.data import held_uri, objects_for, put_object
 from kotta_executor.security.policy import PolicyStore, egress_rule
+from kotta_executor.security.tokens import standing
 from kotta_executor.states import JobState
 
 from .staging import StageCache, stage_inputs, stage_outputs
@@ -128,16 +129,19 @@ class DataSteps:
             ttl=h["walltime"] + CREDENTIAL_MARGIN,
         )
         workdir = Path(tempfile.mkdtemp(prefix=f"{job[:12]}-", dir=self.work))
-        try:
-            staged = stage_inputs(store, self.cache, inputs, workdir) if inputs else []
-        except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        for item in staged:
+
+        def audit(item: dict) -> None:  # each as it is read: a later one may fail
             self.node.audit.append(
                 "stage-in", user=user, dataset=item["uri"], job_id=job,
                 detail=f"{item['bytes']} bytes{' from the node cache' if item['cached'] else ''}",
             )
+
+        try:
+            if inputs:
+                stage_inputs(store, self.cache, inputs, workdir, audit)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         return Staged(workdir, env, egress)
 
     def _no_laundering(self, task: Task, egress: tuple[bool, int | None], outputs) -> None:
@@ -204,18 +208,38 @@ class DataSteps:
     def still_allowed(self, task: Task) -> bool:
         """Whether the policies still let a staged task read its inputs and write its
         outputs, now that a worker is free for it (it may have waited behind long tasks
-        since its stage-in); if not, it fails with DataAccessDenied, never having run."""
+        since its stage-in), and its owner still has rights; if not, it fails with
+        DataAccessDenied, never having run.  The egress rule of what it reads is taken
+        again too: a dataset made stricter meanwhile holds back the task's result."""
         try:
             self._authorise(task)
+            h = task.header
+            read = [d for uri in h.get("inputs") or () for d in self.policies.datasets_for(uri)]
+            egress = egress_rule(read) if read else (True, None)
+            if egress != (True, None):
+                self._no_laundering(task, egress, list(h.get("outputs") or ()))
+            task.staged.egress = egress
         except AccessDenied as exc:
             self._fail(task, "in", exc)
             return False
         return True
 
     def _authorise(self, task: Task, *, reads: bool = True) -> None:
-        """The policies as they are now (audited when they deny): a grant revoked since
-        the stage-in stops what comes after it."""
+        """The policies as they are now (audited when they deny), and the standing of the
+        owner's token: a grant revoked, or a user disabled, since the stage-in stops what
+        comes after it."""
         h, claims = task.header, task.claims
+        problem = standing(self.enclave.records, claims)
+        if problem:
+            reason = f"{problem}: job {task.job_id} may no longer touch its data"
+            self.node.audit.append(
+                "access-denied", user=claims.user, allowed=False, job_id=task.job_id,
+                dataset=",".join([*(h.get("inputs") or ()), *(h.get("outputs") or ())]),
+                detail=reason,
+            )
+            exc = AccessDenied(reason)
+            exc.audited = True
+            raise exc
         for uri in (h.get("inputs") or ()) if reads else ():
             self.policies.require(claims.role, "read", uri, user=claims.user, job_id=task.job_id)
         for uri in h.get("outputs") or ():
@@ -234,12 +258,13 @@ class DataSteps:
             self.enclave, user=task.claims.user, role=task.claims.role, job_id=task.job_id,
             writes=task.header["outputs"], ttl=CREDENTIAL_MARGIN,
         )
-        done = stage_outputs(store, staged.workdir, task.header["outputs"])
-        for item in done:
-            self.node.audit.append(
+        stage_outputs(  # each audited as it is written: a later one may fail
+            store, staged.workdir, task.header["outputs"],
+            lambda item: self.node.audit.append(
                 "stage-out", user=task.claims.user, dataset=item["uri"], job_id=task.job_id,
                 detail=f"{item['bytes']} bytes",
-            )
+            ),
+        )
         return fin
 
     def _finish(self, task: Task, fin: Finished) -> None:

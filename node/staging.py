@@ -26,6 +26,7 @@ import tempfile
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from kotta_executor.errors import InvalidDataUri, StagingFailed
@@ -234,12 +235,14 @@ def _names(uris, what: str) -> list[tuple[DataUri, str]]:
     return out
 
 
-def stage_inputs(store, cache: StageCache | None, uris, workdir: Path) -> list[dict]:
+def stage_inputs(store, cache: StageCache | None, uris, workdir: Path,
+                 each: Callable[[dict], object] = lambda item: None) -> list[dict]:
     """Place each input object in ``workdir`` under its basename.  ``store.head`` comes
     first, for every input: it is the check that the owner may read it, and a cache hit
-    does not skip it.  Returns ``[{"uri", "bytes", "cached"}]``."""
+    does not skip it.  Returns ``[{"uri", "bytes", "cached"}]``; ``each`` is called with
+    each as soon as it is placed (to audit it: a later input may fail)."""
     workdir = Path(workdir)
-    staged = []
+    staged: list[dict] = []
     for d, name in _names(uris, "inputs"):
         dest = workdir / name
         try:
@@ -254,6 +257,7 @@ def stage_inputs(store, cache: StageCache | None, uris, workdir: Path) -> list[d
                 placed = False
             if placed:
                 staged.append({"uri": d.uri, "bytes": info.size, "cached": True})
+                each(staged[-1])
                 continue
         scratch = cache.scratch() if cache is not None else dest
         try:
@@ -270,6 +274,7 @@ def stage_inputs(store, cache: StageCache | None, uris, workdir: Path) -> list[d
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(scratch)
         staged.append({"uri": d.uri, "bytes": got.size, "cached": False})
+        each(staged[-1])
     return staged
 
 
@@ -293,14 +298,17 @@ def _output_file(workdir: Path, name: str, uri: str) -> Path:
     return path
 
 
-def stage_outputs(store, workdir: Path, uris) -> list[dict]:
+def stage_outputs(store, workdir: Path, uris,
+                  each: Callable[[dict], object] = lambda item: None) -> list[dict]:
     """Upload each declared output, ``workdir/<basename of its URI>``, through the owner's
-    store.  Every output is checked before any is uploaded.  Returns ``[{"uri", "bytes"}]``.
+    store.  Every output is checked before any is uploaded.  Returns ``[{"uri", "bytes"}]``;
+    ``each`` is called with each as soon as it is uploaded (a later one may fail).
     """
     workdir = Path(workdir)
     files = [(d, _output_file(workdir, name, d.uri)) for d, name in _names(uris, "outputs")]
-    uploaded = []
+    uploaded: list[dict] = []
     for d, path in files:
         info = store.upload(path, d.uri)  # opens with O_NOFOLLOW: no symlink swapped in
         uploaded.append({"uri": d.uri, "bytes": info.size})
+        each(uploaded[-1])
     return uploaded

@@ -541,6 +541,19 @@ def raise_deep(depth, message="raised deep down"):
     return raise_deep(depth - 1, message)
 
 
+def write_files(names, text="x"):
+    """Write ``text`` to each of ``names`` in the working directory."""
+    for name in names:
+        write_file(name, text)
+    return os.getcwd()
+
+
+def create_file_and_sum(path, inputs=()):
+    """Create ``path`` (a marker that the task ran), then sum the first input (file_sum)."""
+    Path(path).write_text("ran")
+    return file_sum(inputs)
+
+
 def write_file_when_released(name, text, release):
     """Write ``text`` to ``name`` in the working directory once ``release`` exists."""
     wait_for_file(release)

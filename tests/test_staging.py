@@ -285,6 +285,84 @@ def test_a_write_grant_revoked_while_the_task_runs_stops_its_upload(data, make_e
     assert [(r["user"], r["dataset"], r["allowed"]) for r in denied] == [("alice", out, False)]
 
 
+def test_a_user_disabled_while_a_staged_task_waits_stops_it(data, make_executor, tmp_path):
+    """Only the policies were read again when a worker was free for a staged task: its
+    owner, disabled meanwhile, had it run all the same, on the data staged for it."""
+    from kotta_executor.security.tokens import TokenService
+
+    blocker, f, release, marker = _staged_behind_a_blocker(data, make_executor, tmp_path)
+    wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
+             what="the task's inputs to be staged")
+    TokenService(data.enclave, data.audit).set_disabled("alice", True, by=data.admin.user)
+    release.touch()
+    with pytest.raises(errors.DataAccessDenied, match="alice is disabled.*nothing ran"):
+        f.result(GUARD)
+    assert not marker.exists()
+    [denied] = data.audit.show(job_id=f.job_id, action="access-denied")
+    assert denied["user"] == "alice" and not denied["allowed"] and INPUT in denied["dataset"]
+
+
+def test_a_user_disabled_while_the_task_runs_stops_its_upload(data, make_executor, tmp_path):
+    """As a write grant revoked while the task runs does: the node issued fresh
+    credentials for the stage-out of a user disabled since."""
+    from kotta_executor.security.tokens import TokenService
+
+    alice = make_executor(1, credentials=data.alice)
+    out, release = "s3://klab-results/alice/late.txt", tmp_path / "release"
+    f = alice.submit(tasks.write_file_when_released, "late.txt", "x", str(release), outputs=[out])
+    wait_for(lambda: f.status() == "processing", what="the task to run")
+    TokenService(data.enclave, data.audit).set_disabled("alice", True, by=data.admin.user)
+    release.touch()
+    with pytest.raises(errors.DataAccessDenied, match="alice is disabled"):
+        f.result(GUARD)
+    with pytest.raises(FileNotFoundError):
+        get_object(data.enclave, out)
+    assert data.audit.show(job_id=f.job_id, action="stage-out") == []
+
+
+def test_egress_made_stricter_while_a_staged_task_waits_holds_its_result(data, make_executor,
+                                                                         tmp_path):
+    """The grants were read again when a worker was free for a staged task, its data's
+    egress rule was not: set to deny meanwhile, the task's result still left the enclave."""
+    alice = make_executor(1, credentials=data.alice)
+    release, marker = tmp_path / "release", tmp_path / "ran"
+    blocker = alice.submit(tasks.wait_for_file, str(release))  # holds the only worker
+    wait_for(lambda: blocker.status() == "processing", what="the blocker to run")
+    f = alice.submit(tasks.create_file_and_sum, str(marker), inputs=[INPUT])
+    wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
+             what="the task's inputs to be staged")
+    data.policies.add_dataset(CORPUS, by=data.admin.user, egress="deny")
+    release.touch()
+    blocker.result(GUARD)
+    with pytest.raises(errors.EgressDenied):
+        f.result(GUARD)
+    assert marker.exists()  # it ran; its result stays in the enclave
+
+
+def test_what_was_staged_before_a_staging_step_failed_is_audited(data, make_executor):
+    """Inputs and outputs were audited once all of them were staged: an input read, or
+    an output written, before a later one failed, left no record."""
+    put_object(data.enclave, "s3://klab-results/alice/f", b"an object where a directory goes")
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.submit(tasks.file_sum, inputs=[INPUT, "s3://klab-jobs/absent.txt"])
+    with pytest.raises(errors.StagingFailed):
+        f.result(GUARD)
+    assert [r["dataset"] for r in data.audit.show(job_id=f.job_id, action="stage-in")] == [INPUT]
+    one, two = "s3://klab-results/alice/one.txt", "s3://klab-results/alice/f/two.txt"
+    g = alice.submit(tasks.write_files, ["one.txt", "two.txt"], outputs=[one, two])
+    with pytest.raises(errors.StagingFailed):
+        g.result(GUARD)
+    assert get_object(data.enclave, one) == b"x"  # written, so recorded
+    assert [r["dataset"] for r in data.audit.show(job_id=g.job_id, action="stage-out")] == [one]
+
+
+def test_an_input_declared_by_the_options_and_the_call_is_staged_once(data, make_executor):
+    """The client let one URI through twice (the executor's options and the call's
+    keyword), and the node refused the task: two files with one name."""
+    alice = make_executor(1, credentials=data.alice).with_options(inputs=[INPUT])
+    assert alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == SUM
+
+
 def test_a_duplicate_of_a_staged_task_going_to_a_worker_is_not_acked(data, make_executor,
                                                                     tmp_path):
     """A staged task goes back to the node's queue for a worker; an SQS duplicate of its

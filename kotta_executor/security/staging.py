@@ -33,9 +33,11 @@ def _uris(value: Any, what: str) -> tuple[str, ...]:
 
 
 def declared(inputs: Iterable[str], outputs: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Checked, canonical input and output URIs; two files may not share a basename in one
+    """Checked, canonical input and output URIs, each once (one declared by the executor's
+    options and again by the call, say); two files may not share a basename in one
     working directory."""
-    ins, outs = _uris(inputs, "inputs"), _uris(outputs, "outputs")
+    ins = tuple(dict.fromkeys(_uris(inputs, "inputs")))
+    outs = tuple(dict.fromkeys(_uris(outputs, "outputs")))
     for what, uris in (("inputs", ins), ("outputs", outs)):
         seen: dict[str, str] = {}
         for u in uris:
