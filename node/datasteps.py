@@ -124,8 +124,11 @@ class DataSteps:
         egress = egress_rule(read) if read else (True, None)
         if egress != (True, None):
             self._no_laundering(task, egress, outputs)
+        # for the stage-in and the task: to read its inputs only.  Its outputs are written
+        # by the node, at stage-out, once it has succeeded (grants and the owner's standing
+        # checked again, each upload audited): never by the task itself
         store, env = objects_for(
-            self.enclave, user=user, role=claims.role, job_id=job, reads=inputs, writes=outputs,
+            self.enclave, user=user, role=claims.role, job_id=job, reads=inputs,
             ttl=h["walltime"] + CREDENTIAL_MARGIN,
         )
         workdir = Path(tempfile.mkdtemp(prefix=f"{job[:12]}-", dir=self.work))

@@ -554,6 +554,17 @@ def create_file_and_sum(path, inputs=()):
     return file_sum(inputs)
 
 
+def upload_when_released(release, uri, text):
+    """Once ``release`` exists, write ``uri`` with the task's own data credentials
+    (``open_objects``), not through the node's stage-out."""
+    from kotta_executor.security.data import open_objects
+
+    wait_for_file(release)
+    Path("direct.bin").write_text(text)
+    open_objects().upload(Path("direct.bin"), uri)
+    return "wrote"
+
+
 def write_file_when_released(name, text, release):
     """Write ``text`` to ``name`` in the working directory once ``release`` exists."""
     wait_for_file(release)

@@ -356,6 +356,22 @@ def test_what_was_staged_before_a_staging_step_failed_is_audited(data, make_exec
     assert [r["dataset"] for r in data.audit.show(job_id=g.job_id, action="stage-out")] == [one]
 
 
+def test_a_task_cannot_write_its_outputs_itself(data, make_executor, tmp_path):
+    """A task's data credentials let it write its declared outputs itself: after its
+    write grant was revoked, unaudited, and whether it then succeeded or not.  They are
+    for reading its inputs; its outputs are the node's to write, at stage-out."""
+    alice = make_executor(1, credentials=data.alice)
+    out, release = "s3://klab-results/alice/direct.txt", tmp_path / "release"
+    f = alice.submit(tasks.upload_when_released, str(release), out, "secret", outputs=[out])
+    wait_for(lambda: f.status() == "processing", what="the task to run")
+    assert data.policies.revoke("analyst", RESULTS, "write", by=data.admin.user)
+    release.touch()
+    with pytest.raises(errors.AccessDenied):  # (the store refuses the task's write)
+        f.result(GUARD)
+    with pytest.raises(FileNotFoundError):
+        get_object(data.enclave, out)
+
+
 def test_an_input_declared_by_the_options_and_the_call_is_staged_once(data, make_executor):
     """The client let one URI through twice (the executor's options and the call's
     keyword), and the node refused the task: two files with one name."""
