@@ -268,21 +268,28 @@ def test_a_read_grant_revoked_while_a_staged_task_waits_stops_it(data, make_exec
     assert [(r["user"], r["dataset"], r["allowed"]) for r in denied] == [("alice", INPUT, False)]
 
 
-def test_a_write_grant_revoked_while_the_task_runs_stops_its_upload(data, make_executor, tmp_path):
-    """Its output was uploaded, and audited as allowed, with a grant revoked since."""
+@pytest.mark.parametrize("lost", ["grant", "user"])
+def test_rights_lost_while_the_task_runs_stop_its_upload(data, make_executor, tmp_path, lost):
+    """Its output was uploaded, and audited as allowed, with a write grant revoked since;
+    and a user disabled since had fresh credentials issued for the stage-out."""
+    from kotta_executor.security.tokens import TokenService
+
     alice = make_executor(1, credentials=data.alice)
     out, release = "s3://klab-results/alice/late.txt", tmp_path / "release"
     f = alice.submit(tasks.write_file_when_released, "late.txt", "x", str(release), outputs=[out])
     wait_for(lambda: f.status() == "processing", what="the task to run")
-    assert data.policies.revoke("analyst", RESULTS, "write", by=data.admin.user)
+    if lost == "grant":
+        assert data.policies.revoke("analyst", RESULTS, "write", by=data.admin.user)
+    else:
+        TokenService(data.enclave, data.audit).set_disabled("alice", True, by=data.admin.user)
     release.touch()
-    with pytest.raises(errors.DataAccessDenied, match="write"):
+    with pytest.raises(errors.DataAccessDenied, match="write" if lost == "grant" else "disabled"):
         f.result(GUARD)
     with pytest.raises(FileNotFoundError):
         get_object(data.enclave, out)
     assert data.audit.show(job_id=f.job_id, action="stage-out") == []
-    denied = data.audit.show(job_id=f.job_id, action="access-denied")
-    assert [(r["user"], r["dataset"], r["allowed"]) for r in denied] == [("alice", out, False)]
+    [denied] = data.audit.show(job_id=f.job_id, action="access-denied")
+    assert (denied["user"], denied["dataset"], denied["allowed"]) == ("alice", out, False)
 
 
 def test_a_user_disabled_while_a_staged_task_waits_stops_it(data, make_executor, tmp_path):
@@ -300,24 +307,6 @@ def test_a_user_disabled_while_a_staged_task_waits_stops_it(data, make_executor,
     assert not marker.exists()
     [denied] = data.audit.show(job_id=f.job_id, action="access-denied")
     assert denied["user"] == "alice" and not denied["allowed"] and INPUT in denied["dataset"]
-
-
-def test_a_user_disabled_while_the_task_runs_stops_its_upload(data, make_executor, tmp_path):
-    """As a write grant revoked while the task runs does: the node issued fresh
-    credentials for the stage-out of a user disabled since."""
-    from kotta_executor.security.tokens import TokenService
-
-    alice = make_executor(1, credentials=data.alice)
-    out, release = "s3://klab-results/alice/late.txt", tmp_path / "release"
-    f = alice.submit(tasks.write_file_when_released, "late.txt", "x", str(release), outputs=[out])
-    wait_for(lambda: f.status() == "processing", what="the task to run")
-    TokenService(data.enclave, data.audit).set_disabled("alice", True, by=data.admin.user)
-    release.touch()
-    with pytest.raises(errors.DataAccessDenied, match="alice is disabled"):
-        f.result(GUARD)
-    with pytest.raises(FileNotFoundError):
-        get_object(data.enclave, out)
-    assert data.audit.show(job_id=f.job_id, action="stage-out") == []
 
 
 def test_egress_made_stricter_while_a_staged_task_waits_holds_its_result(data, make_executor,
