@@ -339,7 +339,10 @@ def cmd_down(args) -> int:
     for q, pid, stopped in stop_scalers(home, queue, args.timeout):
         print(f"scaler of queue {q} (pid {pid}) {'stopped' if stopped else 'still stopping'}")
     host = socket.gethostname()
-    nodes = [n for n in enclave.nodes.live(queue) if n.host == host]  # pids are per machine
+    nodes, elsewhere = enclave.nodes.here(queue)  # pids are per machine and namespace
+    for n in elsewhere:  # (its pid here is another process: never signalled)
+        print(f"node {n.node_id} (queue {n.queue}) runs on {host} in another PID namespace "
+              "(a container?): stop it there")
     for n in nodes:
         try:
             os.kill(n.pid, signal.SIGTERM)
@@ -348,12 +351,12 @@ def cmd_down(args) -> int:
     deadline = time.monotonic() + args.timeout
     remaining = {n.node_id for n in nodes}
     while remaining and time.monotonic() < deadline:
-        remaining &= {n.node_id for n in enclave.nodes.live(queue) if n.host == host}
+        remaining &= {n.node_id for n in enclave.nodes.here(queue)[0]}
         time.sleep(0.05)
     for n in nodes:
         state = "still stopping" if n.node_id in remaining else "stopped"
         print(f"node {n.node_id} (pid {n.pid}, queue {n.queue}) {state}")
-    if not nodes:
+    if not nodes and not elsewhere:
         print(f"no nodes of this enclave are running on {host}")
     return 1 if remaining else 0
 
@@ -501,7 +504,11 @@ def cmd_logs(args) -> int:
     enclave = _enclave(args, existing=True)
     job = _own_job(enclave, args.job_id, "kotta logs", with_result=True)
     if job.result is None:
-        print(f"job {job.job_id} is {job.state}: no output yet", file=sys.stderr)
+        if job.state.final:  # (cancelled before it ran, or failed before it could)
+            why = f" ({job.reason})" if job.reason else ""
+            print(f"job {job.job_id} ended {job.state}{why} without output", file=sys.stderr)
+        else:
+            print(f"job {job.job_id} is {job.state}: no output yet", file=sys.stderr)
         return 1
     env = wire.decode(job.result)
     out, err = env.text("stdout"), env.text("stderr")

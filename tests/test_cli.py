@@ -107,6 +107,46 @@ def test_logs_prints_the_tasks_stdout_and_stderr(executor, enclave_dir):
     assert "python stderr" not in out and "python stdout" not in err
 
 
+def test_logs_of_a_job_cancelled_before_it_ran_says_it_ended(make_executor, enclave,
+                                                             enclave_dir):
+    """It said "no output yet" of a cancelled job, which never will have any."""
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.noop)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job recorded")
+    assert kotta(enclave_dir, "cancel", f.job_id).returncode == 0
+    r = kotta(enclave_dir, "logs", f.job_id)
+    assert r.returncode == 1
+    assert f"job {f.job_id} ended cancelled" in r.stderr and "yet" not in r.stderr, r.stderr
+
+
+def test_down_never_signals_a_node_registered_from_another_pid_namespace(enclave, enclave_dir):
+    """A node of the enclave on this host, but registered from another PID namespace (a
+    container sharing the enclave directory and the host name): its pid names another
+    process here, which `kotta down` sent SIGTERM.  It says where the node runs instead."""
+    import socket
+    import sqlite3
+
+    from kotta_executor.backends.base import NodeInfo
+    from kotta_executor.backends.embedded import _machine_ident, _proc_stat
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        enclave.nodes.register(
+            NodeInfo("c0ffee000001", "test", socket.gethostname(), bystander.pid, 1))
+        boot, _ = _machine_ident()
+        ticks = _proc_stat(bystander.pid)[1]
+        with sqlite3.connect(enclave_dir / "kotta.db") as db:  # as it registers over there
+            db.execute("UPDATE nodes SET ident=? WHERE node_id=?",
+                       (f"{boot} pid:[4026599999] {ticks}", "c0ffee000001"))
+        r = kotta(enclave_dir, "down", "--timeout", "1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "c0ffee000001" in r.stdout and "another PID namespace" in r.stdout
+        assert bystander.poll() is None, "kotta down signalled a process of this namespace"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_status_and_jobs_show_what_users_wrote_safely(enclave):
     """A job's function name, failure reason and history come from its owner: the admin
     who reads them sees no escape sequence of theirs reach the terminal, and a reason of

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -241,6 +242,14 @@ class NodeRegistry(abc.ABC):
 
     @abc.abstractmethod
     def live(self, queue: str | None = None) -> list[NodeInfo]: ...
+
+    def here(self, queue: str | None = None) -> tuple[list[NodeInfo], list[NodeInfo]]:
+        """The live nodes on this machine: ``(ours, elsewhere)``, those whose pid this
+        process may signal (``kotta down``), and those that run here but where their pid
+        means another process (another PID namespace: a container sharing the host name).
+        This default knows the host name only."""
+        host = socket.gethostname()
+        return [n for n in self.live(queue) if n.host == host], []
 
 
 class Records(abc.ABC):

@@ -716,6 +716,16 @@ class EmbeddedNodes(NodeRegistry):
         """Registered nodes whose process has ended (see ``_alive``)."""
         return [n for n, ident in self._rows() if not _alive(n, ident)]
 
+    def here(self, queue=None):
+        stale = time.time() - NODE_STALE_AFTER
+        ours, elsewhere = [], []
+        for n, ident in self._rows():
+            if n.host != _HOST or (queue is not None and n.queue != queue) or (
+                    n.heartbeat < stale or not _alive(n, ident)):
+                continue
+            (ours if _same_namespace(ident) else elsewhere).append(n)
+        return ours, elsewhere
+
 
 _private: tuple[float, str | None] = (-60.0, None)
 
@@ -780,6 +790,17 @@ def sweep_inboxes(directory: str) -> list[str]:
     if removed:
         log.info("removed %d inboxes left by processes that were killed", len(removed))
     return removed
+
+
+def _same_namespace(ident: str | None) -> bool:
+    """Whether a node's pid, as it registered it (``ident``, see ``_alive``), names a
+    process of this machine's boot and PID namespace (an earlier version's, without
+    ``ident``: taken to)."""
+    if not ident:
+        return True
+    boot, namespace, _ = ident.split(" ", 2)
+    here = _machine_ident()
+    return here is not None and (boot, namespace) == (here[0], here[1])
 
 
 def _alive(node: NodeInfo, ident: str | None) -> bool:
