@@ -1092,9 +1092,6 @@ class Node:
             self.pending = deque(t for t in self.pending if t.refusal is None)
         while self.pending:
             task = self.pending.popleft()
-            if task.refusal is not None:
-                refused.append(task)
-                continue
             if task.staged is None and declares_data(task.header):
                 to_stage.append(task)  # its data first (node/datasteps.py)
                 continue

@@ -118,12 +118,9 @@ class DataSteps:
     def _stage_in(self, task: Task) -> Staged:
         h, claims = task.header, task.claims
         user, job = claims.user, task.job_id
-        inputs, outputs = list(h.get("inputs") or ()), list(h.get("outputs") or ())
+        inputs = list(h.get("inputs") or ())
         self._authorise(task)  # everything, before touching anything
-        read = [d for uri in inputs for d in self.policies.datasets_for(uri)]
-        egress = egress_rule(read) if read else (True, None)
-        if egress != (True, None):
-            self._no_laundering(task, egress, outputs)
+        egress = self._egress(task)
         # for the stage-in and the task: to read its inputs only.  Its outputs are written
         # by the node, at stage-out, once it has succeeded (grants and the owner's standing
         # checked again, each upload audited): never by the task itself
@@ -146,6 +143,16 @@ class DataSteps:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         return Staged(workdir, env, egress)
+
+    def _egress(self, task: Task) -> tuple[bool, int | None]:
+        """The egress rule of the data the task reads, as the policies are now; AccessDenied
+        if its outputs go to a dataset laxer than that (_no_laundering)."""
+        h = task.header
+        read = [d for uri in h.get("inputs") or () for d in self.policies.datasets_for(uri)]
+        egress = egress_rule(read) if read else (True, None)
+        if egress != (True, None):
+            self._no_laundering(task, egress, list(h.get("outputs") or ()))
+        return egress
 
     def _no_laundering(self, task: Task, egress: tuple[bool, int | None], outputs) -> None:
         """Outputs of a task that read restricted data must go to datasets at least as
@@ -216,12 +223,7 @@ class DataSteps:
         again too: a dataset made stricter meanwhile holds back the task's result."""
         try:
             self._authorise(task)
-            h = task.header
-            read = [d for uri in h.get("inputs") or () for d in self.policies.datasets_for(uri)]
-            egress = egress_rule(read) if read else (True, None)
-            if egress != (True, None):
-                self._no_laundering(task, egress, list(h.get("outputs") or ()))
-            task.staged.egress = egress
+            task.staged.egress = self._egress(task)
         except AccessDenied as exc:
             self._fail(task, "in", exc)
             return False

@@ -706,9 +706,12 @@ class EmbeddedNodes(NodeRegistry):
         return [(NodeInfo(*r[:-1]), r[-1]) for r in rows]
 
     def live(self, queue=None):
+        return [n for n, _ in self._live_rows(queue)]
+
+    def _live_rows(self, queue=None) -> list[tuple[NodeInfo, str | None]]:
         stale = time.time() - NODE_STALE_AFTER
         return [
-            n for n, ident in self._rows()
+            (n, ident) for n, ident in self._rows()
             if (queue is None or n.queue == queue) and n.heartbeat >= stale and _alive(n, ident)
         ]
 
@@ -717,13 +720,10 @@ class EmbeddedNodes(NodeRegistry):
         return [n for n, ident in self._rows() if not _alive(n, ident)]
 
     def here(self, queue=None):
-        stale = time.time() - NODE_STALE_AFTER
         ours, elsewhere = [], []
-        for n, ident in self._rows():
-            if n.host != _HOST or (queue is not None and n.queue != queue) or (
-                    n.heartbeat < stale or not _alive(n, ident)):
-                continue
-            (ours if _same_namespace(ident) else elsewhere).append(n)
+        for n, ident in self._live_rows(queue):
+            if n.host == _HOST:
+                (ours if _same_namespace(ident) else elsewhere).append(n)
         return ours, elsewhere
 
 
