@@ -376,9 +376,10 @@ class Node:
         self.data.close()
         for w in self.workers:
             w.tasks.close()  # EOF: an idle worker exits by itself
+        deadline = time.monotonic() + 2  # (for all of them together, not 2 s each)
         for w in self.workers:
             try:
-                w.proc.wait(timeout=2)
+                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except Exception:  # noqa: BLE001 - still busy: kill the tree
                 w.kill("WorkerDied", "node stopping")
                 w.kill_deadline = 0

@@ -434,6 +434,34 @@ def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_o
     assert len(_pids(log)) == 1  # it began once, on node A
 
 
+def test_a_node_stopping_with_busy_workers_ends_them_together_not_one_after_another(
+        start_node, make_executor, enclave, tmp_path):
+    """Past its drain timeout a node hands back the tasks still running, and ends its
+    workers: it gives them together a short while to exit, then kills the rest.  (It
+    waited 2 s for each busy worker in turn: a node with N of them took 2N s to stop, and
+    the last one's task ran on that long after it had been handed back.)"""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    n = 4
+    a = start_node("--drain-timeout", "0.2", workers=n)
+    ex = make_executor(1, start_node=False)
+    futures = [ex.submit(tasks.log_pid_and_wait, str(log), str(release)) for _ in range(n)]
+    try:
+        wait_for(lambda: len(_pids(log)) == n, what=f"the {n} tasks to begin on node A")
+        workers = _pids(log)  # (each task logs its worker's pid)
+        began = time.monotonic()
+        a.proc.send_signal(signal.SIGTERM)
+        assert a.proc.wait(GUARD) == 0
+        took = time.monotonic() - began
+        assert all(_gone(pid) for pid in workers)
+        assert all(_holder(enclave, f.job_id) is None for f in futures)  # handed back
+    finally:
+        tasks.release(release, "go")
+    start_node(workers=n)
+    assert sorted(f.result(GUARD) for f in futures) == sorted(_pids(log)[n:])
+    # 0.2 s of drain, then about 2 s for all the workers; it was 2 s for each (8.4 s)
+    assert took < 5.0, f"node A took {took:.1f} s to stop {n} busy workers"
+
+
 # ---------------------------------------------------------------------- workers
 
 
