@@ -1149,6 +1149,8 @@ class Node:
                     self._end_killed(task, "before it could run again")
             plan = [(t, w) for t, w in plan if t.job_id not in killed]
         adopted = [t for t, _ in plan if t.adopted]
+        if refused:  # (a redelivery of a job a live node runs: watched, not failed)
+            refused = self._watch_refused(refused)
         # (a refused task recorded in this transaction, by this node: nobody else has it)
         claimed = self.claim([*(t for t, _ in plan if not t.adopted),
                               *(t for t in refused if not t.adopted)], JobState.PROCESSING)
@@ -1245,6 +1247,28 @@ class Node:
                 )
         watching = set(map(id, watch))
         return [d for d in deliveries if id(d) not in watching]
+
+    def _watch_refused(self, refused: list[Task]) -> list[Task]:
+        """Of the tasks this node refuses (``task.refusal``), the redeliveries of jobs a
+        live node runs are watched (:meth:`_check_watched`), not claimed and failed: a
+        redelivery may claim a started job, and so failed one that its node, stalled past
+        the visibility timeout but alive, ran on (its result was then dropped).  On AWS
+        :meth:`_watch_running` took them already; on the embedded enclave a redelivery
+        this node would run still runs (at least once), but one it refuses must not end
+        the job under the node that runs it.  The others are returned."""
+        again = [t for t in refused
+                 if not t.claimed and not t.adopted and t.delivery.receive_count > 1]
+        if not again:
+            return refused
+        running, _ = self._running_elsewhere([t.job_id for t in again])
+        watch = {id(t) for t in again if t.job_id in running}
+        for t in again:
+            if id(t) in watch:
+                log.warning("job %s was delivered again while node %s still runs it: "
+                            "watching it, not refusing it (%s)",
+                            t.job_id, running[t.job_id], t.refusal[1])
+                self.watched[t.job_id] = t.delivery
+        return [t for t in refused if id(t) not in watch]
 
     def _running_elsewhere(self, job_ids: list[str]) -> tuple[dict[str, str], dict]:
         """Of these jobs, those a live node runs (job id -> node id); and their records."""

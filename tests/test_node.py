@@ -784,6 +784,58 @@ def test_a_copy_another_node_refuses_does_not_fail_the_job_running_here(
     assert (r.state, r.node) == (JobState.COMPLETED, x.node_id)
 
 
+@pytest.mark.parametrize("why", ["walltime", "requirements"])
+def test_a_redelivery_another_node_refuses_does_not_fail_the_job_a_live_node_runs(
+        make_executor, enclave, tmp_path, why):
+    """Node X runs a job and stalls past its visibility timeout: its message is
+    delivered again (counted 2) to node Y, which refuses it (the walltime is over Y's
+    cap, or its requirements failed on Y).  A redelivery may claim a started job, so Y
+    claimed it and failed it, while X, alive, ran it on; X's result was then thrown
+    away.  Now Y watches it, as for a redelivery of a job a live node runs on AWS: the
+    job ends on X with X's result, and Y acks the message once it has."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    opts = ex.with_options(requirements="six")._options if why == "requirements" else ex._options
+    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
+    job = ex._new_job("a2" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
+                      opts)
+    enclave.jobs.create([job])
+    x = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    y = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
+                                 max_walltime=60 if why == "walltime" else None))
+    if why == "requirements":  # built on X (the node's own python here), failed on Y
+        x.envs.get = lambda req: ("ready", None)
+        y.envs.get = lambda req: ("failed", "pip could not reach the index")
+    x._start()
+    try:
+        wait_for(lambda: (x.step(), out.exists())[1], what="the job to start on X")
+        [held] = _held(x)
+        enclave.queue.release([held.delivery])  # X stalled: its visibility ran out
+        y._start()
+        try:
+            wait_for(lambda: (y.step(), _holder(enclave, job.job_id) == y.node_id)[1],
+                     what="Y to receive the redelivery")
+            wait_for(lambda: (y.step(), not (y.pending or y.finished))[1],
+                     what="Y to settle the redelivery")
+            r = enclave.jobs.get(job.job_id)
+            assert (r.state, r.node) == (JobState.PROCESSING, x.node_id), r.reason
+            stop.touch()
+            wait_for(lambda: (x.step(), enclave.jobs.get(job.job_id).state.final)[1],
+                     what="the job to end on X")
+            y._drain()  # (it looks at what it watches: the job has ended, it acks)
+        finally:
+            y._stop()
+        assert enclave.queue.depth("test") == 0
+    finally:
+        stop.touch()
+        x._stop()
+    r = enclave.jobs.get(job.job_id, with_result=True)
+    assert (r.state, r.node) == (JobState.COMPLETED, x.node_id), r.reason
+    assert wire.outcomes(wire.decode(r.result)) == [(True, "ran")]
+    assert out.read_text().splitlines() == ["ran"]
+
+
 def test_a_task_over_the_nodes_walltime_cap_fails_while_its_workers_are_busy(
         make_executor, enclave, tmp_path):
     """A task over the node's cap waits in its queue to be claimed, then fails; it must
