@@ -75,6 +75,9 @@ MEMORY_MIN_AGE = 0.2
 #: a write transaction and a wait for the lock that client holds; and how soon it retries
 HOLD_REPLIES = 0.05
 HOLD_RETRY = 0.002
+#: the sections of a task that go to blobs named ``<section>-<job id>`` when too big for
+#: its message (KottaExecutor._new_job)
+TASK_SECTIONS = ("fn", "args")
 #: seconds between looks for processes dead workers left (pool.Orphans); soon after a death
 ORPHAN_LOOK = 2.0
 ORPHAN_LOOK_SOON = 0.1
@@ -929,6 +932,10 @@ class Node:
                 self._ring_queue = True
             else:
                 log.info("not taking handed-off job %s: it is recorded already", job.job_id)
+                if header.get("refs"):  # cancelled before this node read it: it never
+                    r = self.enclave.jobs.get(job.job_id)  # runs, its blobs go
+                    if r is not None and r.state.final:
+                        self._delete_later += [f"{s}-{job.job_id}" for s in TASK_SECTIONS]
 
     def _accept(self, d: Delivery, header: dict | None = None) -> None:
         """Take one delivery; one that breaks our checks in an unforeseen way is
@@ -1067,6 +1074,9 @@ class Node:
         fin = Finished(d.job_id, JobState.FAILED, data, wire.failure_reason(etype, reason))
         if self.enclave.jobs.finish([fin]):
             self._reply(job.client, [(d.job_id, data)])
+            # it never runs now: its big sections go (named by the job: the header of
+            # a rejected task may not parse)
+            self._delete_later += [f"{section}-{d.job_id}" for section in TASK_SECTIONS]
 
     def _dispatch(self) -> tuple[dict[Worker, list[Task]], list[Task]]:
         """Pick a worker for each pending task and claim the jobs (pending -> processing);
@@ -1323,6 +1333,7 @@ class Node:
         :meth:`_ours_again`), whose receipt acks and extends the message; it is not acked
         now, which would delete the message the held task still needs (and should this
         node die before the task ends, nothing would deliver it again)."""
+        self._delete_blobs_of_ended([t for t in lost if t.header.get("refs")])
         held: dict[tuple[str, str], Task] = {}
         if any(t.delivery.message_id for t in lost):  # (drops are few: looked at only then)
             out = set(map(id, lost))
@@ -1340,6 +1351,19 @@ class Node:
                 same.delivery = t.delivery  # (an older receipt no longer acks the message)
             if t.staged is not None:
                 self.data.discard(t)
+
+    def _delete_blobs_of_ended(self, tasks: list[Task]) -> None:
+        """The blobs of these tasks' big sections, deleted once the step commits if their
+        job has ended (cancelled before it ran, say): no delivery of it runs again.  (A
+        copy of a task whose job runs elsewhere leaves them: a redelivery needs them.)"""
+        if not tasks:
+            return
+        records = self.enclave.jobs.get_many([t.job_id for t in tasks])
+        self._delete_later += [
+            key for t in tasks
+            if (r := records.get(t.job_id)) is not None and r.state.final
+            for key in t.header["refs"].values()
+        ]
 
     def drop(self, task: Task) -> None:
         """A task whose job was cancelled or finished meanwhile: tell its client, ack it."""

@@ -187,6 +187,29 @@ def test_cancelling_a_task_its_node_has_not_recorded_holds(
     assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
 
 
+def test_a_big_task_cancelled_before_its_node_recorded_it_leaves_no_blob(
+    start_node, make_executor, enclave, stopped
+):
+    """A lone task with a big argument is handed off with its section in a blob
+    (``args-<job id>``).  Cancelled before its node read it, it is recorded cancelled by
+    the client; the node, finding it recorded, did not take it, and its blob stayed for
+    ever.  The node deletes it now."""
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    stopped(a)
+    f = ex.submit(tasks.noop, b"x" * (enclave.inline_limit + 1))
+    assert f.cancel() is True
+    blobs = [p for p in (enclave.home / "blobs").rglob("*") if p.is_file()]
+    assert [p.name for p in blobs] == [f"args-{f.job_id}"]
+    os.kill(a.pid, signal.SIGCONT)
+    wait_for(lambda: f"handed-off job {f.job_id}: it is recorded already" in a.output(),
+             what="the node to see the task")
+    assert ex.submit(tasks.square, 4).result(GUARD) == 16  # (a step after that one)
+    assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
+    assert [p for p in (enclave.home / "blobs").rglob("*") if p.is_file()] == []
+
+
 def test_a_forged_hand_off_fails_its_job_and_a_garbled_one_is_dropped(
     start_node, make_executor, enclave
 ):

@@ -333,6 +333,35 @@ def test_receive_count_over_max_deliveries_is_dead_lettered(start_node, make_exe
     assert ex.submit(tasks.square, 3).result(GUARD) == 9
 
 
+def _blob_files(enclave) -> list[str]:
+    return sorted(p.name for p in (enclave.home / "blobs").rglob("*")
+                  if p.is_file() and not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("end", ["cancelled", "dead-lettered"])
+def test_a_task_that_never_runs_leaves_no_blob(make_executor, enclave, end):
+    """A task's sections too big for its message go to blobs (``args-<job id>``), which
+    the node deleted only with a result it recorded.  A job cancelled before a node took
+    it (its message dropped), or dead-lettered (delivered too often), kept its blobs for
+    ever.  Its node deletes them now, once the job has ended."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.noop, b"x" * (enclave.inline_limit + 1))
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
+    assert _blob_files(enclave) == [f"args-{f.job_id}"]
+    if end == "cancelled":
+        assert f.cancel()
+    else:  # three deliveries that never completed (their nodes died)
+        for _ in range(3):
+            enclave.queue.receive("test", 10, 0.0, "test-thief")
+    Node(enclave, NodeConfig(queue="test", workers=1, burst=True, max_deliveries=3)).run()
+    assert enclave.queue.depth("test") == 0
+    r = enclave.jobs.get(f.job_id)
+    assert r.state == (JobState.CANCELLED if end == "cancelled" else JobState.FAILED), r.reason
+    assert _blob_files(enclave) == []
+
+
 # ---------------------------------------------------------------------- draining
 
 
