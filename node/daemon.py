@@ -1359,10 +1359,11 @@ class Node:
         if not tasks:
             return
         records = self.enclave.jobs.get_many([t.job_id for t in tasks])
-        self._delete_later += [
-            key for t in tasks
+        self._delete_later += [  # by the names the job's own blobs have: a header (signed
+            # by its sender, and checked) still names no other blob to delete
+            f"{section}-{t.job_id}" for t in tasks
             if (r := records.get(t.job_id)) is not None and r.state.final
-            for key in t.header["refs"].values()
+            for section in TASK_SECTIONS if section in t.header["refs"]
         ]
 
     def drop(self, task: Task) -> None:

@@ -487,8 +487,9 @@ def test_a_node_stopping_with_busy_workers_ends_them_together_not_one_after_anot
         tasks.release(release, "go")
     start_node(workers=n)
     assert sorted(f.result(GUARD) for f in futures) == sorted(_pids(log)[n:])
-    # 0.2 s of drain, then about 2 s for all the workers; it was 2 s for each (8.4 s)
-    assert took < 5.0, f"node A took {took:.1f} s to stop {n} busy workers"
+    # 0.2 s of drain, then about 2 s for all the workers; it was 2 s for each, so at
+    # least 8 s (8.4 measured): the bound leaves a loaded machine 4 s to spare
+    assert took < 6.0, f"node A took {took:.1f} s to stop {n} busy workers"
 
 
 # ---------------------------------------------------------------------- workers
