@@ -333,6 +333,8 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
 def cmd_down(args) -> int:
     enclave = _enclave(args, existing=True)
     queue = config.normalize_queue(args.queue) if args.queue else None
+    # one deadline for the whole stop: the scalers' wait and the nodes' share --timeout
+    deadline = time.monotonic() + args.timeout
     from node.scaler import stop_scalers  # first, so that no scaler starts nodes meanwhile
 
     home = getattr(enclave, "home", config.kotta_home())
@@ -348,7 +350,6 @@ def cmd_down(args) -> int:
             os.kill(n.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + args.timeout
     remaining = {n.node_id for n in nodes}
     while remaining and time.monotonic() < deadline:
         remaining &= {n.node_id for n in enclave.nodes.here(queue)[0]}

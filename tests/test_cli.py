@@ -603,3 +603,36 @@ def test_demo_by_an_admin_leaves_an_existing_enclaves_policies_alone(enclave, en
     assert (policies.datasets(), policies.statements()) == before
     assert not [rec for rec in AuditLog(enclave).show()[records:]
                 if rec["action"] in ("dataset-add", "policy-grant", "policy-revoke")]
+
+
+def test_down_waits_no_longer_than_its_timeout(enclave, enclave_dir, start_node):
+    """A scaler and a node that do not stop (held with SIGSTOP): `kotta down --timeout T`
+    gave the scalers T to stop, then the nodes T more, and returned after 2T."""
+    import time
+
+    from node.scaler import pid_file, read_pid
+
+    r = kotta(enclave_dir, "up", "--min", "0", "--max", "1", "--workers", "1",
+              "--cooldown", "600")
+    assert r.returncode == 0, r.stderr
+    scaler = read_pid(pid_file(enclave.home, "test"))
+    assert scaler is not None
+    node = start_node(workers=1)
+    held = [scaler, node.proc.pid]
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        timeout = 4.0
+        began = time.monotonic()
+        r = kotta(enclave_dir, "down", "--timeout", str(timeout))
+        took = time.monotonic() - began
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"scaler of queue test (pid {scaler}) still stopping" in r.stdout
+        assert f"node {node.node_id} (pid {node.proc.pid}, queue test) still stopping" in r.stdout
+        assert took < 2 * timeout, f"kotta down --timeout {timeout:g} took {took:.1f} s"
+    finally:
+        for pid in held:  # (each has a SIGTERM pending: it stops now)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: read_pid(pid_file(enclave.home, "test")) is None,
+                 what="the scaler to exit")
