@@ -533,6 +533,13 @@ def cmd_cancel(args) -> int:
         return 0
     if enclave.jobs.request_kill(job.job_id):
         enclave.ring_nodes(job.queue)
+        now = enclave.jobs.get(job.job_id)
+        if now is not None and now.state == JobState.STAGING_OUTPUTS:
+            # its task has run: the node uploads its outputs and records the job as the
+            # upload ends (a kill reaches tasks that stage inputs, wait or run; not this)
+            print(f"job {job.job_id} has run and is uploading its outputs: too late to kill"
+                  " it")
+            return 1
         print(f"job {job.job_id} is being killed")
         return 0
     print(f"job {job.job_id} already {enclave.jobs.get(job.job_id).state}")
