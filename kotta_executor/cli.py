@@ -289,7 +289,7 @@ def _up_node_args(args, enclave: Enclave, queue: str) -> list[str]:
 def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
     """``kotta up --min N --max M``: start the scaler of ``queue`` (node/scaler.py) detached;
     it keeps N..M nodes.  Its pid goes to ``scaler-QUEUE.pid`` for ``kotta down``."""
-    from node.scaler import pid_file, read_pid
+    from node.scaler import NODES_FAILED, pid_file, read_pid
 
     lo = args.min_nodes if args.min_nodes is not None else min(1, args.max_nodes)
     hi = args.max_nodes if args.max_nodes is not None else lo
@@ -318,8 +318,12 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
         time.sleep(0.05)
     if proc.poll() is not None:
         pidf.unlink(missing_ok=True)
-        print(f"the scaler failed to start (exit {proc.returncode}); see {log_path}",
-              file=sys.stderr)
+        if proc.returncode == NODES_FAILED:  # the scaler ran; its nodes could not start
+            print(f"the nodes the scaler started failed to start; see their logs, "
+                  f"{logs}/node-*.log (the scaler gave up: {log_path})", file=sys.stderr)
+        else:
+            print(f"the scaler failed to start (exit {proc.returncode}); see {log_path}",
+                  file=sys.stderr)
         return 1
     print(f"scaler up: pid {proc.pid}, queue {queue}, {lo} to {hi} nodes of {args.workers}"
           f" workers, cooldown {args.cooldown:g} s (log: {log_path})")

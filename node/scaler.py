@@ -37,6 +37,13 @@ log = logging.getLogger("kotta.scaler")
 DEFAULT_COOLDOWN = 30.0
 #: node processes that exit before they register, in a row, before the scaler gives up
 MAX_START_FAILURES = 5
+#: the scaler's exit status when it gives up because its nodes fail to start (kotta up
+#: tells the user to look at the nodes' logs, not the scaler's)
+NODES_FAILED = 3
+
+
+class NodesFailed(RuntimeError):
+    """The scaler's node processes keep exiting before they register."""
 
 
 def desired(depth: int, live: int, min: int, max: int, per_node: int) -> int:  # noqa: A002
@@ -212,7 +219,7 @@ class Scaler:
         """One decision: start or stop nodes.  Returns the pool size it aims at now."""
         self._reap()
         if self._failures >= MAX_START_FAILURES:
-            raise RuntimeError(f"{self._failures} node processes failed; see the node logs")
+            raise NodesFailed(f"{self._failures} node processes failed; see the node logs")
         now = self.clock()
         depth = self.depth()
         live = self.live()
@@ -246,9 +253,9 @@ class Scaler:
         while not stop.is_set():
             try:
                 self.step()
-            except RuntimeError as exc:
+            except NodesFailed as exc:
                 log.error("%s; stopping the scaler", exc)
-                return 1
+                return NODES_FAILED
             except Exception:  # noqa: BLE001 - a flaky read must not end the pool
                 log.exception("scaling step failed")
             stop.wait(interval)

@@ -636,3 +636,22 @@ def test_down_waits_no_longer_than_its_timeout(enclave, enclave_dir, start_node)
                 os.kill(pid, signal.SIGCONT)
         wait_for(lambda: read_pid(pid_file(enclave.home, "test")) is None,
                  what="the scaler to exit")
+
+
+def test_up_elastic_whose_nodes_fail_to_start_says_so(enclave, _private_kotta_home):
+    """Nodes that cannot start (an invalid queues.json, which the nodes read) make the
+    scaler give up: `kotta up --min` said "the scaler failed to start", blaming the scaler
+    and naming only its log, where the nodes' logs tell why."""
+    from node.scaler import pid_file
+
+    _private_kotta_home.mkdir(parents=True, exist_ok=True)
+    (_private_kotta_home / "queues.json").write_text(json.dumps({"test": {"workers": "x"}}))
+    r = kotta(enclave.home, "up", "--min", "1", "--max", "1", "--workers", "1",
+              "--cooldown", "0.4")  # (a step every 0.1 s: the scaler gives up soon)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the scaler failed to start" not in r.stderr, r.stderr
+    logs = enclave.home / "logs"
+    assert f"the nodes the scaler started failed to start; see their logs, {logs}/node-" in (
+        r.stderr), r.stderr
+    assert not pid_file(enclave.home, "test").exists()
+    assert enclave.nodes.all() == []
