@@ -547,6 +547,13 @@ class Node:
         return valid
 
     def _queue_finish(self, task: Task | None, delivery: Delivery, fin: Finished, client: str) -> None:
+        if task is not None:
+            if task.ended:
+                # ended already: killed in a worker's pipe (_kill_piped), and begun by the
+                # worker all the same, which reports it too.  Its job stays as first
+                # recorded, and it is one job done, not two (--max-jobs)
+                return
+            task.ended = True
         self.finished.append((task, delivery, fin, client))
 
     def _bury(self, w: Worker) -> None:

@@ -64,6 +64,8 @@ class Task:
     #: node has claimed it (a copy of a job that runs elsewhere must not end it)
     refusal: tuple[str, str] | None = None
     adopted: bool = False  # its job recorded (pending) in this step's transaction
+    #: its outcome is queued for the report (Node._queue_finish): once a task
+    ended: bool = False
     job_id: str = field(init=False)  # from the header (read many times a task)
     owner: str = field(init=False)
 

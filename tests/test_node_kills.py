@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests import tasks
 from tests.conftest import GUARD, ROOT, wait_for
@@ -307,3 +308,64 @@ def test_a_stopping_node_ends_what_its_workers_tasks_left_and_what_that_started(
                      what=f"process {pid} to be ended with the node")
     finally:
         _kill_all(pids)
+
+
+def test_a_piped_task_killed_as_its_worker_begins_it_counts_as_one_job(
+        make_executor, enclave, tmp_path, monkeypatch):
+    """The kill request of a task piped behind the head is read (the node ends its job
+    cancelled and asks the worker to stop after what it runs) just as the head ends and
+    the worker begins that task: it reports the task's result too, and the node counted
+    the job twice among the jobs it has done (what --max-jobs counts: such a node stopped
+    after fewer jobs than asked, and "stopped after N jobs" said N).  The node runs in
+    this process, stepped by the test: its police reads the kill requests before its next
+    step reads the head's result (as when that result lands between a step's read of the
+    results and its police)."""
+    from kotta_executor import TaskKilled
+    from node.daemon import Node, NodeConfig
+
+    monkeypatch.chdir(ROOT)  # workers import tests.* (python -m node.worker, cwd on sys.path)
+    log, release, began = tmp_path / "pids", tmp_path / "release", tmp_path / "began"
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node._start()
+    ex = make_executor(1, start_node=False)
+
+    def pump(predicate, what, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            node.step()
+
+    try:
+        warm = ex.submit(tasks.worker_pid)
+        pump(warm.done, "the warm-up task")
+        jobs = [ex._new_job(os.urandom(16).hex(), fn, [(args, {})], ex._options) for fn, args in [
+            (tasks.log_pid_and_wait, (str(log), str(release))),
+            (touch_and_sleep, (str(began), 0.2, "behind")),
+            (tasks.square, (0,)),
+            (tasks.square, (1,)),
+        ]]
+        enclave.jobs.create(jobs)
+        head, behind, *rest = [ex.attach(j.job_id) for j in jobs]
+        pump(lambda: _pids(log) and any(len(w.inflight) >= 2 for w in node.workers),
+             "the head to begin with the next task piped behind it")
+        [worker] = node.workers
+        assert worker.inflight[1].job_id == behind.job_id
+        assert behind.kill()
+        tasks.release(release, "go")
+        wait_for(began.exists, what="the worker to begin the task behind the head")
+        enclave.ring_nodes("test")  # (a kill request rings: the police looks at once)
+        node._wait()
+        node._police()  # the head's result is not read yet: the task behind is piped
+        pump(lambda: worker not in node.workers and all(f.done() for f in [head, *rest])
+             and behind.done() and not node.finished, "the jobs to end")
+        assert head.result(0) == worker.pid
+        with pytest.raises(TaskKilled):
+            behind.result(0)
+        assert [f.result(0) for f in rest] == [0, 1]
+        assert enclave.jobs.get(behind.job_id).state == "cancelled"
+        assert node.jobs_done == 5  # the warm-up, the head, the one behind, two squares
+    finally:
+        tasks.release(release, "go")
+        node.stopping = True
+        node._drain()
+        node._stop()
