@@ -227,7 +227,10 @@ class KottaExecutor(Executor):
         self._send_failing_since = 0.0
         self._send_retry_at = 0.0
         self._deps = dependencies.Dependencies(self._kick)  # tasks waiting for futures
-        self._send_lock = threading.Lock()
+        self._send_lock = _SendLock()
+        #: the tasks of map iterators closed on a thread that held the send lock, for the
+        #: manager to cancel (_cancel_left)
+        self._cancel_later: deque[list[KottaFuture]] = deque()
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         #: shutdown(cancel_futures=True) has begun: a submit accepted before it, whose job
@@ -515,9 +518,31 @@ class KottaExecutor(Executor):
                             raise value
                         yield value
             finally:  # (the items not yet yielded: their tasks, in one cancel)
-                self._cancel_futures(fs)
+                self._cancel_left(fs)
 
         return result_iterator()
+
+    def _cancel_left(self, fs: list[KottaFuture]) -> None:
+        """Cancel the tasks of the items a map's iterator did not yield, as it is closed.
+        The garbage collector closes an iterator abandoned in a reference cycle on
+        whichever thread it runs, which may hold the send lock (the manager sending a
+        batch; a caller in submit or cancel): taking it again there would deadlock that
+        thread.  Then the manager cancels them, at its next turn."""
+        if not fs:
+            return
+        if self._send_lock.held_here():
+            self._cancel_later.append(list(fs))
+        else:
+            self._cancel_futures(fs)
+
+    def _cancel_left_later(self) -> None:
+        """The manager's part of _cancel_left."""
+        while self._cancel_later:
+            fs = self._cancel_later.popleft()
+            try:
+                self._cancel_futures(fs)
+            except Exception:  # noqa: BLE001 - as for the iterator's close: best effort
+                log.warning("cancelling the tasks of an abandoned map failed", exc_info=True)
 
     def _auto_chunk(self, n: int, opts: Options) -> int:
         """Pack tiny map items into tasks, keeping ~64 tasks per worker for balance, and
@@ -657,6 +682,7 @@ class KottaExecutor(Executor):
                 self._receive()  # first: a waiting caller's result is often what woke us
                 self._start_dependents()
                 self._send()
+                self._cancel_left_later()
                 self._ensure_nodes()
                 self._confirm_handed()
                 self._reconcile()
@@ -1157,6 +1183,37 @@ class KottaExecutor(Executor):
             pass
         self._close_wake()
         _live_executors.discard(self)
+
+
+class _SendLock:
+    """A lock that knows which thread holds it (``held_here``): code that may run on a
+    thread holding it, as a finalizer may, must not take it again (_cancel_left)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self._lock.acquire(blocking, timeout)
+        if got:
+            self._owner = threading.get_ident()
+        return got
+
+    def release(self) -> None:
+        self._owner = None
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def held_here(self) -> bool:
+        return self._owner == threading.get_ident()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _failure_result(job_id: str, n: int, exc: BaseException) -> bytes:

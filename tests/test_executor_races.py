@@ -294,3 +294,60 @@ def test_mark_running_leaves_a_cancelled_future_alone(make_executor):
     assert f.cancel()
     f._mark_running()
     assert f.cancelled() and not f.running()
+
+
+# --------------------------------------------------------------------------- finalizers
+
+
+def test_a_map_iterator_collected_while_its_thread_holds_the_send_lock(
+        make_executor, start_node, enclave, tmp_path):
+    """A map's iterator left unfinished cancels the tasks of the items it has not yielded
+    when it is closed, and the garbage collector closes one abandoned in a reference
+    cycle, on whichever thread it happens to run: there the cancel took the send lock.
+    The manager thread collecting garbage while it sends a batch (under that lock) waited
+    for the lock it held: a deadlock, every future of the executor hung.  The collection
+    is made to happen there with a trace function on the manager thread (as an allocation
+    may trigger one), at its call to record a batch."""
+    import sys
+
+    start_node(workers=1)
+    first, later = tmp_path / "first", tmp_path / "later"
+    armed, collected = threading.Event(), threading.Event()
+
+    def trace(frame, event, arg):  # the manager thread's, set before it starts
+        if (event == "call" and armed.is_set() and frame.f_code.co_name == "create"
+                and frame.f_code.co_filename.endswith(os.path.join("backends", "embedded.py"))
+                and ex._send_lock.locked()):
+            armed.clear()
+            gc.collect()
+            collected.set()
+
+    gc.disable()  # the cycle is collected where the test says, not by chance
+    threading.settrace(trace)
+    try:
+        ex = make_executor(1, start_node=False)
+        ex.submit(tasks.square, 2).result(GUARD)  # the manager runs, traced
+        threading.settrace(None)
+        it = ex.map(tasks.wait_for_file, [str(first)] + [str(later)] * 5)
+        tasks.release(first, "first")
+        assert next(it) == "first"  # started: closing it cancels the other five
+        cycle: list = [it]
+        cycle.append(cycle)
+        del it, cycle  # garbage, for the collector only
+        armed.set()
+        batch = ex.map(tasks.square, range(3))  # sent by the manager, as one batch
+        deadlocked = not collected.wait(10.0)
+        if deadlocked:  # (unblock the manager so that the test can end)
+            ex._send_lock.release()
+        assert not deadlocked, "the manager thread deadlocked on its own send lock"
+        # the manager cancels them instead: those no node has started
+        wait_for(lambda: not [j for j in enclave.jobs.list() if j.state == JobState.PENDING
+                              and j.fn.endswith("wait_for_file")],
+                 what="the abandoned map's tasks to be cancelled")
+        tasks.release(later, "later")
+        assert list(batch) == [0, 1, 4]
+    finally:
+        threading.settrace(None)
+        sys.settrace(None)
+        gc.enable()
+        tasks.release(later, "later")
