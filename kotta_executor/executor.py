@@ -641,6 +641,8 @@ class KottaExecutor(Executor):
         job = self._enclave.jobs.get(job_id)
         if job is not None:
             self._enclave.ring_nodes(job.queue)
+            if job.state == JobState.STAGING_OUTPUTS:  # its task has run: the node uploads
+                return False  # its outputs and records it, kill or not (as kotta cancel says)
         return ok
 
     def _job_status(self, f: KottaFuture) -> str:

@@ -103,7 +103,8 @@ class KottaFuture(Future):
 
         A job not yet started is cancelled; a running one is stopped (its whole process tree
         is killed) within about a second and the future raises :class:`TaskKilled`.
-        Returns False if the job had already finished.
+        Returns False if the job had already finished, or has run and is uploading its
+        outputs (``staging_outputs``): it completes.
         """
         if self.done():
             return False

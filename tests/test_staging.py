@@ -410,12 +410,13 @@ def test_a_duplicate_of_a_staged_task_going_to_a_worker_is_not_acked(data, make_
     assert out.read_text().splitlines() == ["ran"]
 
 
-def test_kotta_cancel_of_a_job_uploading_its_outputs_says_it_will_complete(
-        data, make_executor, monkeypatch):
-    """`kotta cancel` of a job in staging_outputs said it "is being killed" (exit 0): the
-    task had run, the node uploaded its outputs all the same and the job completed.  The
-    node runs in this process, stepped by the test, so that the job is certainly in
-    staging_outputs when the command runs."""
+@pytest.mark.parametrize("how", ["kotta cancel", "future.kill()"])
+def test_a_kill_of_a_job_uploading_its_outputs_says_it_will_complete(
+        data, make_executor, monkeypatch, how):
+    """`kotta cancel` of a job in staging_outputs said it "is being killed" (exit 0), and
+    ``future.kill()`` returned True: the task had run, the node uploaded its outputs all
+    the same and the job completed.  The node runs in this process, stepped by the test,
+    so that the job is certainly in staging_outputs when the kill is asked for."""
     from kotta_executor.states import JobState
     from node.daemon import Node, NodeConfig
     from tests.conftest import ROOT
@@ -431,7 +432,10 @@ def test_kotta_cancel_of_a_job_uploading_its_outputs_says_it_will_complete(
         f = alice.submit(tasks.write_file, "kept.txt", "kept\n", outputs=[out])
         wait_for(lambda: (node.step(), f.status() == JobState.STAGING_OUTPUTS)[1],
                  what="the job to stage its outputs")
-        r = kotta(enclave.home, "cancel", f.job_id)
+        if how == "kotta cancel":
+            r = kotta(enclave.home, "cancel", f.job_id)
+        else:
+            killed = f.kill()
         wait_for(lambda: (node.step(), f.done())[1], what="the job to end")
     finally:
         node.stopping = True
@@ -440,6 +444,9 @@ def test_kotta_cancel_of_a_job_uploading_its_outputs_says_it_will_complete(
     assert f.result(0)  # it completed, outputs uploaded: the message says so
     assert enclave.jobs.get(f.job_id).state == JobState.COMPLETED
     assert get_object(enclave, out) == b"kept\n"
+    if how == "future.kill()":
+        assert killed is False
+        return
     assert r.returncode == 1, r.stdout + r.stderr
     assert "is being killed" not in r.stdout
     assert f"job {f.job_id} has run and is uploading its outputs" in r.stdout, r.stdout
