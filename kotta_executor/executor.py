@@ -214,6 +214,9 @@ class KottaExecutor(Executor):
         # GIL, and getting it back from a busy manager thread can take milliseconds).
         self._ids = random.Random(os.urandom(32))
         self._reply_queue = reply_queue(self.client_id)
+        #: who this process is (the embedded enclave): a node drops replies to it once it
+        #: is gone, rather than leave them on its reply queue for ever
+        self._process = self._enclave.process_ident()
 
         self._futures: dict[str, KottaFuture] = {}
         self._attached: set[str] = set()
@@ -444,6 +447,8 @@ class KottaExecutor(Executor):
             "fn": wire.fn_name(fn),
             "n": n,
         }
+        if self._process is not None:
+            header["client_process"] = self._process
         if opts.walltime_each is not None:
             header["walltime_each"] = opts.walltime_each
         if opts.requirements:  # read by the node, without unpickling anything

@@ -81,6 +81,8 @@ TASK_SECTIONS = ("fn", "args")
 #: seconds between looks for processes dead workers left (pool.Orphans); soon after a death
 ORPHAN_LOOK = 2.0
 ORPHAN_LOOK_SOON = 0.1
+#: how many clients' processes (task headers' ``client_process``) a node remembers
+CLIENTS_KEPT = 1024
 
 
 @dataclass
@@ -157,6 +159,8 @@ class Node:
         self._replies_later: dict[str, list[tuple[str, bytes]]] = {}
         #: replies a full inbox did not take, by client: (since when, messages)
         self._held: dict[str, tuple[float, list[Message]]] = {}
+        #: the process of each client whose tasks came lately, by client (its tasks say)
+        self._client_process: dict[str, str] = {}
         self._backlogged = False  # the last receive took all it asked for
         self._rang = True  # the doorbell rang since the node last looked at the queue
         self._last_look = 0.0
@@ -252,6 +256,10 @@ class Node:
             rest, full = self.enclave.reply_direct(client, messages)
             if rest and full and not final and now - since < HOLD_REPLIES:
                 self._held[client] = (since, rest)  # a busy client: again at the next step
+            elif rest and self._client_gone(client):
+                # killed (its inbox is gone or unread): nobody would ever take its reply
+                # queue.  The job table holds the results, for attach()
+                log.debug("dropped %d replies to client %s: its process is gone", len(rest), client)
             elif rest:  # no inbox (AWS; an older client), or full for too long: the queue
                 self.enclave.queue.send(reply_queue(client), rest)
                 self._ring_later.add(client)
@@ -265,6 +273,19 @@ class Node:
         if self._delete_later:
             self.enclave.blobs.delete(self._delete_later)
             self._delete_later = []
+
+    def _client_gone(self, client: str) -> bool:
+        process = self._client_process.get(client)
+        return process is not None and self.enclave.process_gone(process)
+
+    def _note_client(self, header: dict) -> None:
+        """Remember the process of a task's client (see _client_gone): the latest few."""
+        process, known = header.get("client_process"), self._client_process
+        if isinstance(process, str) and known.get(header["client"]) != process:
+            known.pop(header["client"], None)
+            known[header["client"]] = process
+            if len(known) > CLIENTS_KEPT:
+                del known[next(iter(known))]
 
     def _start(self) -> None:
         self._bell = self.enclave.doorbell(f"node-{self.node_id}")
@@ -974,6 +995,7 @@ class Node:
         except AuthenticationError as exc:  # (signer: who signed it, if that verified)
             self._refuse(d, header, str(exc), getattr(exc, "signer", None))
             return
+        self._note_client(header)
         try:
             if declares_data(header):
                 declared(header.get("inputs") or (), header.get("outputs") or ())

@@ -332,6 +332,15 @@ class Enclave(abc.ABC):
         own errors here; a backend adds those of its service."""
         return isinstance(exc, KottaError)
 
+    def process_ident(self) -> str | None:
+        """Who this process is, for ``process_gone`` in another process of the machine (a
+        node, on the embedded enclave), or None where that cannot be told."""
+        return None
+
+    def process_gone(self, ident: str) -> bool:
+        """Whether the process ``process_ident`` named has surely ended; False if unsure."""
+        return False
+
     def ring_nodes(self, queue: str) -> None:  # noqa: B027 - optional: wake idle nodes
         """Tell nodes serving ``queue`` there is work (a hint; nodes also poll)."""
 

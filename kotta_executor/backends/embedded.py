@@ -1151,6 +1151,23 @@ class EmbeddedEnclave(Enclave):
             c.execute("UPDATE messages SET receipt=? WHERE id=?", (receipt, mid))
         return Delivery(job.job_id, job.body, receipt, 1, now, str(mid))
 
+    def process_ident(self) -> str | None:
+        ident = _process_ident(os.getpid())
+        return None if ident is None else f"{os.getpid()} {ident}"
+
+    def process_gone(self, ident: str) -> bool:
+        """Surely ended: its pid is gone, a zombie, or another process's (its start time
+        differs).  A process of another boot or PID namespace is not judged."""
+        try:
+            pid, boot, namespace, ticks = ident.split(" ")
+            pid = int(pid)
+        except (AttributeError, ValueError):
+            return False
+        if _machine_ident() != (boot, namespace):
+            return False
+        stat = _proc_stat(pid)
+        return stat is None or stat[1] != ticks or stat[0] == "Z"
+
     def reap_dead_nodes(self) -> list[str]:
         """Release what dead node processes held, so it runs elsewhere without waiting out
         the visibility timeout."""

@@ -1,0 +1,92 @@
+"""A client process killed outright (SIGKILL, a notebook kernel restarted) with work
+outstanding, on the embedded enclave with a node started apart from it: its jobs still end
+and attach from a new client, and what the node would have told the dead client does not
+pile up in the enclave."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kotta_executor import KottaExecutor
+from kotta_executor.backends import embedded
+from kotta_executor.backends.base import reply_queue
+
+from . import tasks
+from .conftest import GUARD, ROOT, subprocess_env, wait_for
+
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(not embedded._PASSCRED, reason="inboxes need SO_PASSCRED (Linux)"),
+]
+
+# Submits tasks that wait for a file the test writes once this client is dead, waits
+# until the enclave has recorded all of them, says which they are, and kills itself.
+CLIENT = '''
+import json, os, signal, sys
+from kotta_executor import KottaExecutor
+from tests import tasks
+enclave, release, out = sys.argv[1:4]
+ex = KottaExecutor(1, enclave=enclave, start_node=False)
+assert ex.submit(tasks.square, 2).result(60) == 4  # the inbox is bound: replies reach it
+fs = [ex.submit(tasks.wait_for_file, release), ex.submit(tasks.say, "hello"),
+      ex.submit(tasks.raise_value_error, "boom")]
+ids = [f.job_id for f in fs]
+while len(ex.enclave.jobs.get_many(ids)) < len(ids):  # (a handed-off task: once recorded)
+    pass
+tasks.release(out, json.dumps({"client": ex.client_id, "jobs": ids}))
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def _reply_messages(enclave_dir: Path, client: str) -> int:
+    with sqlite3.connect(enclave_dir / "kotta.db") as db:
+        return db.execute(
+            "SELECT count(*) FROM messages WHERE queue=?", (reply_queue(client),)
+        ).fetchone()[0]
+
+
+@pytest.mark.parametrize("swept", [False, True], ids=["inbox-left", "inbox-swept"])
+def test_a_killed_clients_jobs_end_and_their_replies_do_not_pile_up(
+    start_node, enclave, enclave_dir, tmp_path, swept
+):
+    start_node(workers=1)
+    script, release, out = tmp_path / "client.py", tmp_path / "release", tmp_path / "jobs.json"
+    script.write_text(CLIENT)
+    client = subprocess.run(
+        [sys.executable, str(script), str(enclave_dir), str(release), str(out)],
+        env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=GUARD,
+    )
+    assert client.returncode == -9, client.stderr
+    info = json.loads(out.read_text())
+    inbox = enclave._inbox_path(info["client"])
+    assert inbox is not None and os.path.exists(inbox)  # a SIGKILLed client's inbox file
+    if swept:  # the next client or node to bind an inbox removes it
+        embedded.sweep_inboxes(os.path.dirname(inbox))
+        assert not os.path.exists(inbox)
+    tasks.release(release, "released")
+
+    ex = KottaExecutor(1, enclave=enclave_dir, start_node=False)
+    try:
+        waiting, said, failed = (ex.attach(job_id) for job_id in info["jobs"])
+        assert waiting.result(GUARD) == "released"
+        assert said.result(GUARD) > 0
+        assert (said.stdout, said.stderr) == ("hello out\n", "hello err\n")
+        with pytest.raises(ValueError, match="boom"):
+            failed.result(GUARD)
+        # the node's replies for those jobs left in the step that recorded them; this
+        # task's reply comes in a later step
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+    wait_for(lambda: all(r.state.final for r in enclave.jobs.get_many(info["jobs"]).values()))
+    # Nobody will ever take the dead client's reply queue: a message left there for
+    # each of its jobs, result and all, is there for good (results stay in the job table)
+    assert _reply_messages(enclave_dir, info["client"]) == 0
