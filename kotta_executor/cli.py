@@ -334,6 +334,11 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
     return 0
 
 
+#: seconds kotta down gives nodes to stop, at least, after the scalers' wait (within
+#: --timeout): a wedged scaler may use all of that
+NODES_GRACE = 2.0
+
+
 def cmd_down(args) -> int:
     enclave = _enclave(args, existing=True)
     queue = config.normalize_queue(args.queue) if args.queue else None
@@ -355,8 +360,13 @@ def cmd_down(args) -> int:
         except ProcessLookupError:
             pass
     remaining = {n.node_id for n in nodes}
-    while remaining and time.monotonic() < deadline:
+    # the nodes get a little time whatever the scalers took (a wedged one takes it all),
+    # and are looked at at least once: else one that stopped at once is "still stopping"
+    deadline = max(deadline, time.monotonic() + min(args.timeout, NODES_GRACE))
+    while remaining:
         remaining &= {n.node_id for n in enclave.nodes.here(queue)[0]}
+        if not remaining or time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
     for n in nodes:
         state = "still stopping" if n.node_id in remaining else "stopped"
@@ -535,18 +545,15 @@ def cmd_cancel(args) -> int:
         enclave.ring_client(job.client)
         print(f"job {job.job_id} cancelled before it started")
         return 0
-    if enclave.jobs.request_kill(job.job_id):
+    if enclave.jobs.request_kill(job.job_id):  # (not once its task has run)
         enclave.ring_nodes(job.queue)
-        now = enclave.jobs.get(job.job_id)
-        if now is not None and now.state == JobState.STAGING_OUTPUTS:
-            # its task has run: the node uploads its outputs and records the job as the
-            # upload ends (a kill reaches tasks that stage inputs, wait or run; not this)
-            print(f"job {job.job_id} has run and is uploading its outputs: too late to kill"
-                  " it")
-            return 1
         print(f"job {job.job_id} is being killed")
         return 0
-    print(f"job {job.job_id} already {enclave.jobs.get(job.job_id).state}")
+    now = enclave.jobs.get(job.job_id).state
+    if now == JobState.STAGING_OUTPUTS:  # the node uploads its outputs and records it
+        print(f"job {job.job_id} has run and is uploading its outputs: too late to kill it")
+    else:
+        print(f"job {job.job_id} already {now}")
     return 1
 
 

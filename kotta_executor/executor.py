@@ -642,12 +642,10 @@ class KottaExecutor(Executor):
                 pending[jid]._cancel_and_notify()
 
     def _kill_job(self, job_id: str) -> bool:
-        ok = self._enclave.jobs.request_kill(job_id)
-        job = self._enclave.jobs.get(job_id)
+        ok = self._enclave.jobs.request_kill(job_id)  # (not once its task has run)
+        job = self._enclave.jobs.get(job_id) if ok else None
         if job is not None:
             self._enclave.ring_nodes(job.queue)
-            if job.state == JobState.STAGING_OUTPUTS:  # its task has run: the node uploads
-                return False  # its outputs and records it, kill or not (as kotta cancel says)
         return ok
 
     def _job_status(self, f: KottaFuture) -> str:
@@ -1194,27 +1192,31 @@ class KottaExecutor(Executor):
 
 class _SendLock:
     """A lock that knows which thread holds it (``held_here``): code that may run on a
-    thread holding it, as a finalizer may, must not take it again (_cancel_left)."""
+    thread holding it, as a finalizer may, must not take it again (_cancel_left).
+
+    An RLock underneath, for its owner, which it records in the same C call that takes it
+    (a finalizer run between an acquire and a separate record of the owner would not see
+    it).  Nothing takes it twice: held_here() is asked first."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
+        self._lock = threading.RLock()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        got = self._lock.acquire(blocking, timeout)
-        if got:
-            self._owner = threading.get_ident()
-        return got
+        return self._lock.acquire(blocking, timeout)
 
     def release(self) -> None:
-        self._owner = None
         self._lock.release()
 
     def locked(self) -> bool:
-        return self._lock.locked()
+        if self._lock._is_owned():
+            return True
+        if self._lock.acquire(False):
+            self._lock.release()
+            return False
+        return True
 
     def held_here(self) -> bool:
-        return self._owner == threading.get_ident()
+        return self._lock._is_owned()
 
     def __enter__(self) -> bool:
         return self.acquire()

@@ -64,6 +64,9 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
 
 # Cancelling (as opposed to killing) only applies to work no node has started.
 CANCELLABLE = frozenset({JobState.PENDING})
+#: states in which a kill can still stop a job: in staging_outputs its task has run to its
+#: end, and the node uploads its outputs and records it completed, kill or not
+KILLABLE = ACTIVE - {JobState.STAGING_OUTPUTS}
 
 
 def allowed(old: JobState | str, new: JobState | str) -> bool:

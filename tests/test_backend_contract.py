@@ -875,16 +875,19 @@ def test_list_filters_by_owner_and_state_newest_first(backend):
 
 
 def test_request_kill_only_for_active_jobs(backend):
-    pending, processing, done, cancelled = create(backend, 4)
+    pending, processing, done, cancelled, uploading = create(backend, 5)
     drive(backend, processing, JobState.PROCESSING)
     drive(backend, done, JobState.COMPLETED)
     drive(backend, cancelled, JobState.CANCELLED)
+    drive(backend, uploading, JobState.STAGING_OUTPUTS)
     assert backend.jobs.request_kill(pending) is True
     assert backend.jobs.request_kill(processing) is True
+    # its task has run: a kill would stop nothing now, and must not end a redelivery
+    assert backend.jobs.request_kill(uploading) is False
     assert backend.jobs.request_kill(done) is False
     assert backend.jobs.request_kill(cancelled) is False
     assert backend.jobs.request_kill("unknown") is False
-    everything = [pending, processing, done, cancelled, "unknown"]
+    everything = [pending, processing, done, cancelled, uploading, "unknown"]
     assert backend.jobs.kill_requested(everything) == {pending, processing}
     assert backend.jobs.kill_requested([]) == set()
     records = backend.jobs.get_many(everything)

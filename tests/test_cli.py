@@ -655,3 +655,26 @@ def test_up_elastic_whose_nodes_fail_to_start_says_so(enclave, _private_kotta_ho
         r.stderr), r.stderr
     assert not pid_file(enclave.home, "test").exists()
     assert enclave.nodes.all() == []
+
+
+def test_down_whose_scaler_takes_all_its_timeout_still_sees_its_nodes_stop(
+        enclave, enclave_dir, start_node):
+    """A scaler slow to stop (held with SIGSTOP) used up kotta down's one deadline: the
+    nodes, signalled after it, were never looked at again, so a node that stopped at once
+    was reported 'still stopping' (exit 1).  They get a little time of their own."""
+    from node.scaler import pid_file, read_pid
+
+    r = kotta(enclave_dir, "up", "--min", "0", "--max", "1", "--workers", "1", "--cooldown", "600")
+    assert r.returncode == 0, r.stderr
+    scaler = read_pid(pid_file(enclave.home, "test"))
+    node = start_node(workers=1)  # idle: stops at once on SIGTERM
+    os.kill(scaler, signal.SIGSTOP)
+    try:
+        r = kotta(enclave_dir, "down", "--timeout", "2")
+        node_gone = node.proc.wait(10) is not None
+        assert node_gone
+        assert f"node {node.node_id} (pid {node.proc.pid}, queue test) stopped" in r.stdout, r.stdout
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(scaler, signal.SIGCONT)
+        wait_for(lambda: read_pid(pid_file(enclave.home, "test")) is None, what="the scaler to exit")

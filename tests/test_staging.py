@@ -450,3 +450,39 @@ def test_a_kill_of_a_job_uploading_its_outputs_says_it_will_complete(
     assert r.returncode == 1, r.stdout + r.stderr
     assert "is being killed" not in r.stdout
     assert f"job {f.job_id} has run and is uploading its outputs" in r.stdout, r.stdout
+
+
+def test_a_kill_too_late_is_not_recorded_for_a_redelivery_to_find(
+        data, make_executor, monkeypatch):
+    """kill() of a job in staging_outputs returns False (it completes), and flags nothing:
+    it set the job's kill flag all the same, so when the node died during the upload the
+    redelivery was killed before it could run again, and the job ended cancelled."""
+    from kotta_executor.states import JobState
+    from node.daemon import Node, NodeConfig
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    enclave = data.enclave
+    alice = make_executor(1, credentials=data.alice, start_node=False)
+    out = "s3://klab-results/alice/kept2.txt"
+    a = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    a._start()
+    b = None
+    try:
+        f = alice.submit(tasks.write_file, "kept2.txt", "kept\n", outputs=[out])
+        wait_for(lambda: (a.step(), f.status() == JobState.STAGING_OUTPUTS)[1],
+                 what="the job to stage its outputs")
+        assert f.kill() is False  # "it completes"
+        # node A dies while uploading: its message is visible again (the reaper would)
+        enclave.queue.release(a.data.held())
+        b = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+        b._start()
+        wait_for(lambda: (b.step(), f.done())[1], what="the job to end")
+        r = enclave.jobs.get(f.job_id)
+        assert r.state == JobState.COMPLETED, (r.state, r.reason)
+    finally:
+        for n in (a, b):
+            if n is not None:
+                n.stopping = True
+                n._drain()
+                n._stop()

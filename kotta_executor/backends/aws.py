@@ -1647,7 +1647,7 @@ class DynamoJobs(_DynamoTable, JobTable):
     def request_kill(self, job_id):
         self._kills = None
         values: dict[str, Any] = {":t": {"BOOL": True}, ":now": _n(time.time())}
-        condition = self._state_in(states.ACTIVE, values)
+        condition = self._state_in(states.KILLABLE, values)
         return self._update(
             job_id, "SET kill_requested = :t, updated = :now", condition, values,
             {"#state": "state"},

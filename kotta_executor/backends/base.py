@@ -216,7 +216,9 @@ class JobTable(abc.ABC):
         """Remove job records with their result and task blobs (clean-up of old jobs)."""
 
     @abc.abstractmethod
-    def request_kill(self, job_id: str) -> bool: ...
+    def request_kill(self, job_id: str) -> bool:
+        """Flag a job to be killed, if a kill can still stop it (``states.KILLABLE``: not
+        once its task has run, in staging_outputs); whether it was flagged."""
 
     @abc.abstractmethod
     def kill_requested(self, job_ids: Sequence[str]) -> set[str]: ...

@@ -642,7 +642,7 @@ class EmbeddedJobs(JobTable):
         self._blobs.delete(refs)
 
     def request_kill(self, job_id):
-        active = [str(s) for s in states.ACTIVE]
+        active = [str(s) for s in states.KILLABLE]
         with self._db.tx() as c:
             row = c.execute(
                 "UPDATE jobs SET kill_requested=1, updated=? WHERE job_id=? AND state IN"
