@@ -395,7 +395,8 @@ class KottaExecutor(Executor):
                         "cancelled: it runs", f.job_id, exc_info=True)
 
     def _drop_blobs(self, job: NewJob) -> None:
-        """Remove the blobs of a job that was pickled but refused (shut down meanwhile)."""
+        """Remove the blobs of a job that was pickled but never sent (refused as the
+        executor shut down, or cancelled in the outbox)."""
         refs = wire.peek_header(job.body).get("refs")
         if refs:
             self._enclave.blobs.delete(list(refs.values()))
@@ -599,6 +600,11 @@ class KottaExecutor(Executor):
                 self._handed.pop(job.job_id, None)
         for job_id in done:
             self._futures.pop(job_id, None)
+        if unsent:  # never sent, now never to be: no node will delete their blobs
+            ended = set(done)
+            for job, _ in unsent:
+                if job.job_id in ended:
+                    self._drop_blobs(job)
         return done
 
     def _record_cancelled(self, job_ids: list[str], records: list[NewJob],

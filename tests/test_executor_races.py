@@ -351,3 +351,26 @@ def test_a_map_iterator_collected_while_its_thread_holds_the_send_lock(
         sys.settrace(None)
         gc.enable()
         tasks.release(later, "later")
+
+
+def test_a_big_task_cancelled_in_the_outbox_leaves_no_blob(make_executor, enclave):
+    """A task whose big argument went to a blob (``args-<job id>``) when it was pickled,
+    cancelled while it still waited in the client's outbox, is recorded cancelled and
+    never sent: no node ever sees it, and its blob stayed for ever.  The client deletes
+    it.  (The test holds the send lock, as the manager does while it sends a batch: the
+    submit, from another thread, leaves its task in the outbox.)"""
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.noop, 1).cancel() is True  # (the manager runs: it started then)
+    submitted: list = []
+    with ex._send_lock:
+        t = threading.Thread(
+            target=lambda: submitted.append(ex.submit(tasks.noop, b"x" * (enclave.inline_limit + 1)))
+        )
+        t.start()
+        t.join(GUARD)
+        (f,) = submitted
+        blobs = [p.name for p in (enclave.home / "blobs").rglob("*") if p.is_file()]
+        assert blobs == [f"args-{f.job_id}"]
+        assert f.cancel() is True  # (this thread holds the lock: it takes it again)
+    assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
+    assert [p for p in (enclave.home / "blobs").rglob("*") if p.is_file()] == []
