@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,6 +55,9 @@ log = logging.getLogger("kotta.node.data")
 
 #: seconds a task's data credential outlives its walltime
 CREDENTIAL_MARGIN = 600.0
+#: a staged task that waited longer than this for a worker gets its credentials anew
+#: (those of its stage-in last walltime + CREDENTIAL_MARGIN from then, not from its start)
+REISSUE_AFTER = 5.0
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Staged:
     workdir: Path
     env: dict[str, str]  # the owner's scoped credentials, for the worker
     egress: tuple[bool, int | None] = (True, None)
+    issued: float = 0.0  # when ``env``'s credentials were issued (time.time())
 
 
 def _looser(rule: tuple[bool, int | None], than: tuple[bool, int | None]) -> bool:
@@ -124,10 +129,8 @@ class DataSteps:
         # for the stage-in and the task: to read its inputs only.  Its outputs are written
         # by the node, at stage-out, once it has succeeded (grants and the owner's standing
         # checked again, each upload audited): never by the task itself
-        store, env = objects_for(
-            self.enclave, user=user, role=claims.role, job_id=job, reads=inputs,
-            ttl=h["walltime"] + CREDENTIAL_MARGIN,
-        )
+        issued = time.time()
+        store, env = self._task_credentials(task)
         workdir = Path(tempfile.mkdtemp(prefix=f"{job[:12]}-", dir=self.work))
 
         def audit(item: dict) -> None:  # each as it is read: a later one may fail
@@ -142,7 +145,24 @@ class DataSteps:
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        return Staged(workdir, env, egress)
+        return Staged(workdir, env, egress, issued)
+
+    def _task_credentials(self, task: Task):
+        """The owner's store and worker environment to read the task's inputs, for its
+        walltime and CREDENTIAL_MARGIN from now."""
+        h, claims = task.header, task.claims
+        return objects_for(
+            self.enclave, user=claims.user, role=claims.role, job_id=task.job_id,
+            reads=list(h.get("inputs") or ()), ttl=h["walltime"] + CREDENTIAL_MARGIN,
+        )
+
+    def _with_staged(self, task: Task) -> None:
+        """The task's envelope for its worker: its working directory and credentials."""
+        head = {k: v for k, v in task.header.items() if k not in ("auth",)}
+        head["workdir"], head["env"] = str(task.staged.workdir), task.staged.env
+        sections = dict(wire.decode(task.data).sections)
+        sections.pop(wire.MAC_SECTION, None)
+        task.data = wire.encode(head, sections)
 
     def _egress(self, task: Task) -> tuple[bool, int | None]:
         """The egress rule of the data the task reads, as the policies are now; AccessDenied
@@ -220,13 +240,23 @@ class DataSteps:
         outputs, now that a worker is free for it (it may have waited behind long tasks
         since its stage-in), and its owner still has rights; if not, it fails with
         DataAccessDenied, never having run.  The egress rule of what it reads is taken
-        again too: a dataset made stricter meanwhile holds back the task's result."""
+        again too: a dataset made stricter meanwhile holds back the task's result.  A task
+        that waited gets its data credentials anew, for its walltime from now."""
+        staged = task.staged
         try:
             self._authorise(task)
-            task.staged.egress = self._egress(task)
+            staged.egress = self._egress(task)
         except AccessDenied as exc:
             self._fail(task, "in", exc)
             return False
+        now = time.time()
+        if now - staged.issued > REISSUE_AFTER:  # it waited: its walltime starts now
+            try:
+                staged.env, staged.issued = self._task_credentials(task)[1], now
+            except Exception as exc:  # noqa: BLE001 - as a failed stage-in: it never ran
+                self._fail(task, "in", exc)
+                return False
+            self._with_staged(task)
         return True
 
     def _authorise(self, task: Task, *, reads: bool = True) -> None:
@@ -291,12 +321,8 @@ class DataSteps:
                     task.staged = fut.result()
                 self.kill(task)
             elif exc is None and phase == "in":
-                task.staged = staged = fut.result()
-                head = {k: v for k, v in task.header.items() if k not in ("auth",)}
-                head["workdir"], head["env"] = str(staged.workdir), staged.env
-                sections = dict(wire.decode(task.data).sections)
-                sections.pop(wire.MAC_SECTION, None)
-                task.data = wire.encode(head, sections)
+                task.staged = fut.result()
+                self._with_staged(task)
                 self.node.pending.appendleft(task)
             elif exc is None:
                 self._finish(task, fut.result())

@@ -585,3 +585,13 @@ class StrExitsOnTheNode(Exception):
 
 def raise_str_exits_on_the_node():
     raise StrExitsOnTheNode()
+
+
+def data_credential_left(uri):
+    """At the task's start: how many seconds its data credential has left, once it read
+    ``uri`` (a declared input) through it, as user code does (``open_objects()``)."""
+    from kotta_executor.security.data import open_objects
+
+    store = open_objects()
+    store.head(uri)
+    return store.credential.expires - time.time()

@@ -9,6 +9,7 @@ record for one without.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,32 @@ def test_a_read_grant_revoked_while_a_staged_task_waits_stops_it(data, make_exec
     assert not marker.exists()
     denied = data.audit.show(job_id=f.job_id, action="access-denied")
     assert [(r["user"], r["dataset"], r["allowed"]) for r in denied] == [("alice", INPUT, False)]
+
+
+def test_a_staged_task_that_waited_for_a_worker_gets_credentials_for_its_whole_run(
+        data, make_executor, tmp_path):
+    """A staged task may wait for a worker behind long tasks (a node stages every task it
+    holds at once).  Its data credential, in its environment for ``open_objects()``,
+    was issued at its stage-in, for walltime + CREDENTIAL_MARGIN from then: after a wait
+    longer than the margin, the task started with less than its walltime to use it, or an
+    expired one (AWS: a role session of at most an hour, gone before the task began)."""
+    from node.datasteps import CREDENTIAL_MARGIN
+
+    alice = make_executor(1, credentials=data.alice)
+    release = tmp_path / "release"
+    blocker = alice.submit(tasks.wait_for_file, str(release))  # holds the only worker
+    wait_for(lambda: blocker.status() == "processing", what="the blocker to run")
+    f = alice.with_options(inputs=[INPUT]).submit(tasks.data_credential_left, INPUT)
+    wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
+             what="the task's inputs to be staged")
+    staged_at = time.time()
+    waited = 8.0  # it waits for the worker (longer than node.datasteps.REISSUE_AFTER)
+    wait_for(lambda: time.time() > staged_at + waited, timeout=waited + GUARD,
+             what="the staged task to wait for the worker")
+    release.touch()
+    blocker.result(GUARD)
+    walltime = alice._options.walltime
+    assert f.result(GUARD) > walltime + CREDENTIAL_MARGIN - 2.0
 
 
 @pytest.mark.parametrize("lost", ["grant", "user"])
