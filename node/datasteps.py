@@ -56,8 +56,10 @@ log = logging.getLogger("kotta.node.data")
 #: seconds a task's data credential outlives its walltime
 CREDENTIAL_MARGIN = 600.0
 #: a staged task that waited longer than this for a worker gets its credentials anew
-#: (those of its stage-in last walltime + CREDENTIAL_MARGIN from then, not from its start)
-REISSUE_AFTER = 5.0
+#: (those of its stage-in last walltime + CREDENTIAL_MARGIN from then, not from its start):
+#: half the margin, so that a task starts with at least its walltime and 5 minutes, and
+#: a backlog of staged tasks is not one role assumption each (AWS) in the node's loop
+REISSUE_AFTER = CREDENTIAL_MARGIN / 2
 
 
 @dataclass
@@ -100,6 +102,7 @@ class DataSteps:
         self.active: dict[str, Task] = {}
         self._done: deque[tuple[Task, str, Future]] = deque()
         self.abandoned = False  # the drain handed back tasks whose staging still ran
+        self.reissue_after = REISSUE_AFTER
 
     # ------------------------------------------------------------------ stage-in
 
@@ -250,7 +253,7 @@ class DataSteps:
             self._fail(task, "in", exc)
             return False
         now = time.time()
-        if now - staged.issued > REISSUE_AFTER:  # it waited: its walltime starts now
+        if now - staged.issued > self.reissue_after:  # it waited: its walltime starts now
             try:
                 staged.env, staged.issued = self._task_credentials(task)[1], now
             except Exception as exc:  # noqa: BLE001 - as a failed stage-in: it never ran

@@ -270,29 +270,43 @@ def test_a_read_grant_revoked_while_a_staged_task_waits_stops_it(data, make_exec
 
 
 def test_a_staged_task_that_waited_for_a_worker_gets_credentials_for_its_whole_run(
-        data, make_executor, tmp_path):
+        data, make_executor, tmp_path, monkeypatch):
     """A staged task may wait for a worker behind long tasks (a node stages every task it
     holds at once).  Its data credential, in its environment for ``open_objects()``,
     was issued at its stage-in, for walltime + CREDENTIAL_MARGIN from then: after a wait
     longer than the margin, the task started with less than its walltime to use it, or an
-    expired one (AWS: a role session of at most an hour, gone before the task began)."""
+    expired one (AWS: a role session of at most an hour, gone before the task began).  The
+    node runs in this process, its reissue threshold (half the margin) set to 1 s."""
+    from node.daemon import Node, NodeConfig
     from node.datasteps import CREDENTIAL_MARGIN
+    from tests.conftest import ROOT
 
-    alice = make_executor(1, credentials=data.alice)
+    monkeypatch.chdir(ROOT)  # workers import tests.* (cwd on sys.path)
+    alice = make_executor(1, credentials=data.alice, start_node=False)
     release = tmp_path / "release"
-    blocker = alice.submit(tasks.wait_for_file, str(release))  # holds the only worker
-    wait_for(lambda: blocker.status() == "processing", what="the blocker to run")
-    f = alice.with_options(inputs=[INPUT]).submit(tasks.data_credential_left, INPUT)
-    wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
-             what="the task's inputs to be staged")
-    staged_at = time.time()
-    waited = 8.0  # it waits for the worker (longer than node.datasteps.REISSUE_AFTER)
-    wait_for(lambda: time.time() > staged_at + waited, timeout=waited + GUARD,
-             what="the staged task to wait for the worker")
-    release.touch()
-    blocker.result(GUARD)
+    node = Node(data.enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node.data.reissue_after = 1.0
+    node._start()
+    try:
+        blocker = alice.submit(tasks.wait_for_file, str(release))  # holds the only worker
+        wait_for(lambda: (node.step(), blocker.status() == "processing")[1],
+                 what="the blocker to run")
+        f = alice.with_options(inputs=[INPUT]).submit(tasks.data_credential_left, INPUT)
+        wait_for(lambda: (node.step(), data.audit.show(job_id=f.job_id, action="stage-in"))[1],
+                 what="the task's inputs to be staged")
+        staged_at = time.time()
+        waited = 2.5  # it waits for the worker, longer than the threshold
+        wait_for(lambda: (node.step(), time.time() > staged_at + waited)[1],
+                 timeout=waited + GUARD, what="the staged task to wait for the worker")
+        release.touch()
+        wait_for(lambda: (node.step(), f.done())[1], what="the task to run")
+    finally:
+        node.stopping = True
+        node._drain()
+        node._stop()
+    assert blocker.result(0) == ""  # (what the release file holds)
     walltime = alice._options.walltime
-    assert f.result(GUARD) > walltime + CREDENTIAL_MARGIN - 2.0
+    assert f.result(0) > walltime + CREDENTIAL_MARGIN - 2.0
 
 
 @pytest.mark.parametrize("lost", ["grant", "user"])
