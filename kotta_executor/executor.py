@@ -513,16 +513,18 @@ class KottaExecutor(Executor):
             try:
                 fs.reverse()
                 while fs:
-                    f = fs[-1]
                     if end_time is None:
-                        outcomes = f.result()
+                        outcomes = fs[-1].result()
                     else:
-                        outcomes = f.result(end_time - time.monotonic())
-                    fs.pop()
-                    for ok, value in outcomes:
-                        if not ok:
-                            raise value
-                        yield value
+                        outcomes = fs[-1].result(end_time - time.monotonic())
+                    fs.pop()  # (and with it the future, which holds its task's values)
+                    # No reference to a value once it is yielded, as ProcessPoolExecutor
+                    # (bpo-14406): popped from a copy, whose future is gone
+                    outcomes = outcomes[::-1]
+                    while outcomes:
+                        if not outcomes[-1][0]:
+                            raise outcomes.pop()[1]
+                        yield outcomes.pop()[1]
             finally:  # (the items not yet yielded: their tasks, in one cancel)
                 self._cancel_left(fs)
 
