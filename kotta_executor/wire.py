@@ -43,6 +43,7 @@ import sys
 import threading
 import traceback
 import types
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -504,8 +505,11 @@ class PickledFunctions:
 
     def __init__(self, size: int = 64):
         self._size = size
-        #: id(fn) -> (fn, fingerprint, bytes, confirmed by a second pickle)
-        self._entries: dict[int, tuple[Callable, tuple, bytes, bool]] = {}
+        #: id(fn) -> (weak reference to fn, fingerprint, bytes, confirmed by a second
+        #: pickle).  Weak: the cache keeps no function alive, nor what it captured (an
+        #: executor drops what it was given once it is sent, as ProcessPoolExecutor does);
+        #: an entry goes with its function
+        self._entries: dict[int, tuple[weakref.ref, tuple, bytes, bool]] = {}
         self._names: dict[types.CodeType, tuple[str, ...]] = {}  # globals a code reads
         self._lock = threading.Lock()
         helpers = ("_should_pickle_by_reference", "_extract_code_globals")
@@ -522,7 +526,7 @@ class PickledFunctions:
             key = self.fingerprint(fn)
             with self._lock:
                 hit = self._entries.get(id(fn))
-            if hit is not None and hit[0] is fn and hit[1] == key and hit[3]:
+            if hit is not None and hit[0]() is fn and hit[1] == key and hit[3]:
                 return hit[2]
         except Exception:  # noqa: BLE001 - _Unknown, or a value that cannot be compared
             return cloudpickle.dumps(fn)
@@ -532,12 +536,28 @@ class PickledFunctions:
                 return data
         except Exception:  # noqa: BLE001 - it became unknowable meanwhile
             return data
-        confirmed = hit is not None and hit[0] is fn and hit[1] == key and hit[2] == data
+        confirmed = hit is not None and hit[0]() is fn and hit[1] == key and hit[2] == data
+        ref = hit[0] if hit is not None and hit[0]() is fn else weakref.ref(
+            fn, self._forget(id(fn)))
         with self._lock:
             if id(fn) not in self._entries and len(self._entries) >= self._size:
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[id(fn)] = (fn, key, data, confirmed)  # holds fn: no id reuse
+                self._entries.pop(next(iter(self._entries)), None)
+            self._entries[id(fn)] = (ref, key, data, confirmed)
         return data
+
+    def _forget(self, ident: int) -> Callable[[weakref.ref], None]:
+        """The callback that drops a function's entry as the function dies.  It may run on
+        any thread, one holding the lock among them (a collection during dumps), so it
+        takes none: the entry is its function's as long as the function is not freed, and
+        its id cannot be reused before that."""
+        entries = self._entries  # (not self: the callback keeps nothing else alive)
+
+        def forget(ref: weakref.ref) -> None:
+            entry = entries.get(ident)
+            if entry is not None and entry[0] is ref:
+                entries.pop(ident, None)
+
+        return forget
 
     def fingerprint(self, fn: Callable) -> tuple:
         """What cloudpickle's bytes of ``fn`` depend on; _Unknown if that is not knowable

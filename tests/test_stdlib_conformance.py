@@ -12,6 +12,8 @@ import weakref
 
 import pytest
 
+from tests.conftest import GUARD
+
 
 class Dummy:
     """A result the client can hold a weak reference to (unpickled there)."""
@@ -37,3 +39,25 @@ def test_map_iterator_keeps_no_reference_to_results_it_yielded(make_executor, n)
         gc.collect()
         kept.append(wr() is not None)
     assert not any(kept), f"{sum(kept)} of {n} results were still referenced"
+
+
+def test_submitted_function_is_not_kept_once_its_future_is_done(make_executor):
+    """ExecutorTest.test_no_stale_references (bpo-16284): the executor must not hang on
+    to what it was given.  CPython's test submits a bound method; a nested function (a
+    closure, with whatever it captured) must not be kept either."""
+    ex = make_executor(2)
+    collected = []
+
+    def submit_a_nested_function():
+        payload = tuple(range(1000))
+
+        def task():
+            return len(payload)
+
+        wr = weakref.ref(task, lambda _: collected.append(True))
+        assert ex.submit(task).result(timeout=GUARD) == 1000
+        return wr
+
+    wr = submit_a_nested_function()
+    gc.collect()
+    assert wr() is None and collected, "the executor still references the submitted function"
