@@ -55,7 +55,9 @@ class KottaFuture(Future):
         return cond
 
     def __repr__(self) -> str:
-        return f"<KottaFuture job={self.job_id} state={self._state.lower()}>"
+        # the stdlib's ("<KottaFuture at 0x… state=finished returned int>"), with the job
+        head, rest = Future.__repr__(self).split(" ", 1)
+        return f"{head} job={self.job_id} {rest}"
 
     # ------------------------------------------------------------------ controls
 

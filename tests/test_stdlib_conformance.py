@@ -7,12 +7,16 @@ Each test names the CPython test it follows.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import gc
+import os
+import re
 import weakref
 
 import pytest
 
-from tests.conftest import GUARD
+from tests import tasks
+from tests.conftest import GUARD, wait_for
 
 
 class Dummy:
@@ -61,3 +65,30 @@ def test_submitted_function_is_not_kept_once_its_future_is_done(make_executor):
     wr = submit_a_nested_function()
     gc.collect()
     assert wr() is None and collected, "the executor still references the submitted function"
+
+
+def test_future_repr_says_what_a_stdlib_future_says(make_executor, tmp_path):
+    """FutureTests.test_repr: ``state=cancelled`` (not the internal
+    ``CANCELLED_AND_NOTIFIED``), ``returned TYPE`` and ``raised TYPE`` once finished."""
+    ex = make_executor(2)
+    ok = ex.submit(divmod, 7, 2)
+    bad = ex.submit(divmod, 1, 0)
+    cf.wait([ok, bad], timeout=GUARD)
+    assert re.search(r"state=finished returned tuple\b", repr(ok)), repr(ok)
+    assert re.search(r"state=finished raised ZeroDivisionError\b", repr(bad)), repr(bad)
+    assert ok.job_id in repr(ok)
+
+    release = tmp_path / "release"
+    blockers = [ex.submit(tasks.touch_then_wait, str(tmp_path / f"s{i}"), str(release))
+                for i in range(2)]
+    wait_for(lambda: all((tmp_path / f"s{i}").exists() for i in range(2)),
+             what="both workers to be busy")
+    queued = ex.submit(divmod, 1, 1)
+    try:
+        assert queued.cancel()
+        assert re.search(r"state=cancelled>?", repr(queued)), repr(queued)
+        assert "cancelled_and_notified" not in repr(queued).lower()
+    finally:
+        (tmp_path / "release.tmp").write_text("go")  # atomically: tasks poll for it
+        os.replace(tmp_path / "release.tmp", release)
+        cf.wait(blockers, timeout=GUARD)
