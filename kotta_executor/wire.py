@@ -541,7 +541,9 @@ class PickledFunctions:
             fn, self._forget(id(fn)))
         with self._lock:
             if id(fn) not in self._entries and len(self._entries) >= self._size:
-                self._entries.pop(next(iter(self._entries)), None)
+                # (list(): a dying function's callback may drop an entry, from another
+                # thread, between the iterator's creation and its first step)
+                self._entries.pop(next(iter(list(self._entries))), None)
             self._entries[id(fn)] = (ref, key, data, confirmed)
         return data
 
