@@ -173,6 +173,10 @@ class KottaExecutor(Executor):
     ``credentials``: whose tasks these are: a token file (default ``$KOTTA_HOME/token``;
     see ``kotta register``) or a :class:`~kotta_executor.security.credentials.Credentials`.
     Every task is signed with its access token; ``owner``, if given, must be its user.
+    ``initializer(*initargs)``, as for ``ProcessPoolExecutor``, runs in each worker process
+    before the first of these tasks it runs there (once per process; again in the next
+    task if it raised, that task failing with its exception).  ``mp_context`` is accepted
+    and means nothing here: workers are always processes of their own.
     """
 
     def __init__(
@@ -186,6 +190,9 @@ class KottaExecutor(Executor):
         owner: str | None = None,
         requirements: str | Iterable[str] | None = None,
         credentials: Credentials | str | os.PathLike | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        mp_context: object = None,
     ):
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -193,7 +200,18 @@ class KottaExecutor(Executor):
             raise ValueError("max_workers must be greater than 0")
         self._max_workers = max_workers
         self._options = Options.make(queue, walltime, requirements)
+        del mp_context  # (ProcessPoolExecutor's: a node's workers are always processes of
+        # their own, started afresh, as with "spawn")
         self._enclave = open_enclave(enclave)
+        #: the initializer and its arguments, pickled once: each task carries them (the
+        #: ``init`` section), and a worker runs them once, before the first task it runs
+        self._init = None if initializer is None else wire.dump_initializer(initializer, initargs)
+        if self._init is not None and len(self._init) > self._enclave.inline_limit:
+            raise ValueError(
+                f"the initializer and its initargs pickle to {len(self._init):,} bytes, over "
+                f"the {self._enclave.inline_limit:,} a task message carries: load big data "
+                "inside the initializer instead (say, from a dataset)"
+            )
         self._start_node = start_node
         self._creds = (
             credentials if isinstance(credentials, Credentials)
@@ -471,6 +489,8 @@ class KottaExecutor(Executor):
                 header.setdefault("refs", {})[section] = key
                 header.setdefault("digests", {})[section] = wire.digest(data)
                 sections[section] = b""
+        if self._init is not None:  # (small: checked when the executor was made)
+            sections["init"] = self._init
         body = self._creds.access().sign(header, sections)
         return NewJob(
             job_id, self.owner, self.client_id, opts.queue, header["fn"], opts.walltime, body,

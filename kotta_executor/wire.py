@@ -454,6 +454,37 @@ def unpack_replies(data: bytes) -> list[tuple[str, bytes]]:
 # --------------------------------------------------------------------------- tasks
 
 
+def dump_initializer(initializer: Callable, initargs: Sequence) -> bytes:
+    """Pickle an executor's ``initializer`` and ``initargs`` once, for the ``init`` section
+    of each of its tasks (the worker runs it once per process: :func:`run_initializer`)."""
+    if not callable(initializer):
+        raise TypeError(f"initializer {initializer!r} is not callable")
+    try:
+        return cloudpickle.dumps((initializer, tuple(initargs)))
+    except Exception as exc:
+        raise errors.SerializationError(
+            f"cannot send the initializer {fn_name(initializer)}: "
+            + _explain_unpicklable(initializer, [(tuple(initargs), {})], exc).split(": ", 1)[1]
+        ) from exc
+
+
+#: in a worker: the initializers (their ``init`` sections' digests) that have run in it
+_INITIALIZED: set[bytes] = set()
+
+
+def run_initializer(data: bytes) -> None:
+    """In a worker, before a task's calls: run the initializer its executor gave (an
+    ``init`` section), unless this process has run that one, with those arguments, already.
+    Only worker processes call this.  An initializer that raises has not run: the next
+    task tries it again."""
+    key = hashlib.sha256(data).digest()
+    if key in _INITIALIZED:
+        return
+    initializer, initargs = cloudpickle.loads(data)
+    initializer(*initargs)
+    _INITIALIZED.add(key)
+
+
 def dump_call(fn: Callable, calls: Sequence[tuple[tuple, dict]]) -> dict[str, bytes]:
     """Pickle a function and its calls into the ``fn`` and ``args`` sections of a task;
     name the offending object when that fails."""

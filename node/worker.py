@@ -181,15 +181,26 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     r0s, r0c = _last_usage or _usage_now()
     outcome, failed, reason = wire.OK, 0, None
     try:
-        fn, calls = wire.load_call(env.sections, _FUNCTIONS)
-    except BaseException as exc:  # noqa: BLE001 - report any unpickling failure to the user
-        err = SerializationError(
-            f"the task {h['fn']} could not be unpickled on the node: {type(exc).__name__}: {exc}"
-        )
-        err.__cause__ = exc
-        outcome, failed, reason = wire.ERROR, h["n"], wire.summary(err)
-        payload = wire.dump_exception(err)
+        _initialize(env.sections.get("init"), job_id)
+    except BaseException as exc:  # noqa: BLE001 - the initializer's own exception, for every call
+        if os.getpid() != _PID:
+            _leave_forked(exc)
+        outcome, failed, reason = wire.ERROR, h["n"], wire.summary(exc)
+        payload = wire.dump_exception(exc)
+        calls = None
     else:
+        try:
+            fn, calls = wire.load_call(env.sections, _FUNCTIONS)
+        except BaseException as exc:  # noqa: BLE001 - report any unpickling failure to the user
+            err = SerializationError(
+                f"the task {h['fn']} could not be unpickled on the node: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            err.__cause__ = exc
+            outcome, failed, reason = wire.ERROR, h["n"], wire.summary(err)
+            payload = wire.dump_exception(err)
+            calls = None
+    if calls is not None:
         items = []
         for args, kwargs in calls:
             try:
@@ -231,6 +242,18 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     )
     _remember_usage(r1s, r1c)
     return result_head(job_id, outcome != wire.OK or failed > 0, usage, reason), result
+
+
+def _initialize(init: bytes | None, job_id: str) -> None:
+    """Run the executor's initializer (a task's ``init`` section), if this worker has not
+    run it yet; what it raises fails the task, and says where it came from."""
+    if init:
+        try:
+            wire.run_initializer(init)
+        except BaseException as exc:
+            exc.add_note(f"raised by the executor's initializer, in the worker that was to "
+                         f"run job {job_id}")
+            raise
 
 
 #: this worker's pid: a process that finds another pid on its return from a call is a child

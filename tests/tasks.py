@@ -595,3 +595,26 @@ def data_credential_left(uri):
     store = open_objects()
     store.head(uri)
     return store.credential.expires - time.time()
+
+
+#: set by an executor's initializer (set_init_status), in the worker
+INIT_STATUS = "uninitialized"
+INIT_RUNS = 0
+
+
+def set_init_status(status):
+    global INIT_STATUS, INIT_RUNS
+    INIT_STATUS = status
+    INIT_RUNS += 1
+
+
+def get_init_status(*_):
+    return INIT_STATUS, INIT_RUNS, os.getpid()
+
+
+def init_failing_once(marker, status):
+    """An initializer that raises the first time (it leaves ``marker``), then works."""
+    if not Path(marker).exists():
+        Path(marker).write_text("failed once")
+        raise ConnectionError("the database is not up yet")
+    set_init_status(status)

@@ -121,3 +121,45 @@ def test_an_executor_dropped_without_shutdown_stops_its_manager_and_nodes(enclav
         if left is not None:
             left.shutdown(wait=True)
         del left
+
+
+def test_initializer_runs_once_in_each_worker_before_its_tasks(make_executor):
+    """InitializerMixin.test_initializer: ``initializer(*initargs)`` runs in each worker
+    process before the tasks it runs, once per process."""
+    ex = make_executor(2, initializer=tasks.set_init_status, initargs=("initialized",))
+    got = [f.result(timeout=GUARD) for f in [ex.submit(tasks.get_init_status) for _ in range(20)]]
+    assert {(status, runs) for status, runs, _ in got} == {("initialized", 1)}
+    # and for map's packed tasks too
+    assert {(s, r) for s, r, _ in ex.map(tasks.get_init_status, range(300))} == {
+        ("initialized", 1)}
+
+
+def test_an_initializer_that_raises_fails_the_task_with_its_exception_and_runs_again(
+        make_executor, tmp_path):
+    """ProcessPoolExecutor breaks the pool (BrokenProcessPool) when its initializer raises.
+    Here the task that was to run after it fails with the initializer's own exception, which
+    says where it came from; the initializer has not run, so the worker tries it again
+    before its next task."""
+    marker = tmp_path / "failed-once"
+    ex = make_executor(1, initializer=tasks.init_failing_once, initargs=(str(marker), "up"))
+    first = ex.submit(tasks.get_init_status)
+    exc = first.exception(timeout=GUARD)
+    assert type(exc) is ConnectionError and str(exc) == "the database is not up yet"
+    assert any("raised by the executor's initializer" in n for n in exc.__notes__)
+    assert marker.exists()
+    status, runs, _ = ex.submit(tasks.get_init_status).result(timeout=GUARD)
+    assert (status, runs) == ("up", 1)
+
+
+def test_an_initializer_that_cannot_be_sent_is_refused_at_once(make_executor):
+    """Bad input gets a clear error when the executor is made, before any task."""
+    import threading
+
+    from kotta_executor import SerializationError
+
+    with pytest.raises(TypeError, match="initializer 5 is not callable"):
+        make_executor(1, initializer=5)
+    with pytest.raises(SerializationError, match=r"argument 0 \(<unlocked _thread.lock"):
+        make_executor(1, initializer=tasks.set_init_status, initargs=(threading.Lock(),))
+    with pytest.raises(ValueError, match="load big data inside the initializer"):
+        make_executor(1, initializer=tasks.set_init_status, initargs=(b"x" * (1 << 20),))
