@@ -258,11 +258,7 @@ class KottaExecutor(Executor):
         #: was not yet where the cancel looks, cancels its future itself (_submit)
         self._cancelling_all = False
         self._broken: BrokenEnclave | None = None
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        #: guards the pipe's fds against _close: once closed, their numbers may be reused
-        #: by another file, which a late _kick from another thread must not write to
-        self._wake_lock = threading.Lock()
+        self._wake = _Wake()  # the manager's wake-up pipe
         self._manager: threading.Thread | None = None
         self._nodes: dict[str, subprocess.Popen] = {}
         self._node_restarts = 0  # deaths in a row of the nodes it started
@@ -581,22 +577,7 @@ class KottaExecutor(Executor):
     def _kick(self, force: bool = False) -> None:
         if force or not self._kicked:
             self._kicked = True
-            with self._wake_lock:
-                if self._wake_w < 0:
-                    return  # closed: nothing is waiting to be woken
-                try:
-                    os.write(self._wake_w, b"!")
-                except (BlockingIOError, OSError):
-                    pass
-
-    def _close_wake(self) -> None:
-        """Close the wake-up pipe; a later _kick does nothing."""
-        with self._wake_lock:
-            fds = (self._wake_r, self._wake_w)
-            self._wake_r = self._wake_w = -1
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
+            self._wake.kick()
 
     # ------------------------------------------------------------------ controls used by futures
 
@@ -693,51 +674,51 @@ class KottaExecutor(Executor):
     def _ensure_manager(self) -> None:
         with self._send_lock:
             if self._manager is None:
+                wake = self._wake  # (the callback must not hold the executor)
+                ref = weakref.ref(self, lambda _: wake.kick())  # collected: it shuts down
                 self._manager = threading.Thread(
-                    target=self._run_manager, name=f"kotta-manager-{self.client_id}", daemon=True
+                    target=_run_manager, args=(ref,), name=f"kotta-manager-{self.client_id}",
+                    daemon=True,
                 )
                 self._manager.start()
 
-    def _run_manager(self) -> None:
-        bell = None
-        try:
-            self._reply_queue = self._enclave.queue.open_reply(self.client_id)
-            bell = self._enclave.doorbell(f"client-{self.client_id}")
-            self._inbox = self._enclave.reply_inbox(self.client_id)
-            self._listening = True  # rings and replies reach us from now on
-            if bell is None:
-                self._replies = deque()
-                threading.Thread(
-                    target=self._poll_replies, name=f"kotta-replies-{self.client_id}", daemon=True
-                ).start()
-            while True:
-                self._wait(bell)
-                self._receive()  # first: a waiting caller's result is often what woke us
-                self._start_dependents()
-                self._send()
-                self._cancel_left_later()
-                self._ensure_nodes()
-                self._confirm_handed()
-                self._reconcile()
-                # tasks waiting for dependencies are in _futures: shutdown waits for them
-                if self._shutdown and self._idle():
-                    with self._shutdown_lock:  # _submit registers futures under it
-                        if self._idle():
-                            break
-        except BaseException as exc:  # noqa: BLE001 - anything here makes the enclave unusable
-            log.exception("kotta manager thread failed")
-            self._terminate_broken(exc)
-        finally:
-            if bell is not None:
-                bell.close()
-            if self._inbox is not None:
-                self._enclave.close_inbox(self._inbox)
-            self._close()
+    def _start_manager(self, left: _Leftovers) -> None:
+        """The manager's start: bind the channels replies come by (``left`` closes them at
+        its end, whether or not the executor is still there then)."""
+        self._reply_queue = self._enclave.queue.open_reply(self.client_id)
+        left.bell = self._enclave.doorbell(f"client-{self.client_id}")
+        left.inbox = self._inbox = self._enclave.reply_inbox(self.client_id)
+        self._listening = True  # rings and replies reach us from now on
+        if left.bell is None:
+            self._replies = deque()
+            threading.Thread(
+                target=_poll_replies, args=(weakref.ref(self), threading.current_thread()),
+                name=f"kotta-replies-{self.client_id}", daemon=True,
+            ).start()
+
+    def _step(self, ready: list, bell) -> bool:
+        """One turn of the manager, after a wait; False once it is done (shut down, and
+        nothing left to do)."""
+        self._woken(ready, bell)
+        self._receive()  # first: a waiting caller's result is often what woke us
+        self._start_dependents()
+        self._send()
+        self._cancel_left_later()
+        self._ensure_nodes()
+        self._confirm_handed()
+        self._reconcile()
+        # tasks waiting for dependencies are in _futures: shutdown waits for them
+        if self._shutdown and self._idle():
+            with self._shutdown_lock:  # _submit registers futures under it
+                if self._idle():
+                    return False
+        return True
 
     def _idle(self) -> bool:
         return not self._futures and not self._outbox and not self._deps.ready
 
-    def _wait(self, bell) -> None:
+    def _wait_for(self, bell) -> tuple[list, float]:
+        """What the manager waits on next, and for how long at most."""
         timeout = 0.5 if self._futures or self._outbox else 2.0
         if self._attached:
             timeout = min(timeout, ATTACH_POLL)
@@ -745,12 +726,14 @@ class KottaExecutor(Executor):
             timeout = 0
         if self._outbox and not self._deps.ready and self._send_failed:
             timeout = max(0.0, min(0.5, self._send_retry_at - time.monotonic()))
-        fds = [self._wake_r] if bell is None else [self._wake_r, bell]
+        fds = [self._wake.r] if bell is None else [self._wake.r, bell]
         if self._inbox is not None:
             fds.append(self._inbox)
-        ready, _, _ = select.select(fds, [], [], timeout)
-        if self._wake_r in ready:
-            os.read(self._wake_r, 65536)
+        return fds, timeout
+
+    def _woken(self, ready: list, bell) -> None:
+        if self._wake.r in ready:
+            self._wake.drain()
         if bell is not None and bell in ready:
             self._rang = True
             try:
@@ -865,19 +848,6 @@ class KottaExecutor(Executor):
                 self._enclave.jobs.finish([failed])
         self._futures.pop(w.future.job_id, None)
         _fail_if_pending(w.future, exc)
-
-    def _poll_replies(self) -> None:
-        """Long-poll the reply channel for backends without doorbells (AWS)."""
-        while self._manager is not None and self._manager.is_alive():
-            try:
-                msgs = self._enclave.queue.take(self._reply_queue, 10, wait_seconds=REPLY_LONG_POLL)
-            except Exception:  # noqa: BLE001 - the manager's reconcile covers lost replies
-                log.exception("polling replies failed")
-                time.sleep(1.0)
-                continue
-            if msgs:
-                self._replies.extend(msgs)
-                self._kick(force=True)
 
     def _take_replies(self) -> list:
         if self._replies is None:
@@ -1198,24 +1168,138 @@ class KottaExecutor(Executor):
                 _fail_if_pending(f, err)
 
     def _close(self) -> None:
-        for proc in self._nodes.values():
+        """Close what the executor holds (shutdown() of one whose manager never ran)."""
+        _Leftovers(self._enclave, self.client_id, self._nodes, self._start_claims,
+                   self._wake).close()
+        _live_executors.discard(self)
+
+
+class _Wake:
+    """The manager's wake-up pipe.  ``kick()`` may come from any thread, and after the
+    manager has ended: once closed, the pipe's numbers may be another file's, which a late
+    kick must not write to."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.w, False)
+        self._lock = threading.Lock()
+
+    def kick(self) -> None:
+        with self._lock:
+            if self.w < 0:
+                return  # closed: nothing is waiting to be woken
+            try:
+                os.write(self.w, b"!")
+            except OSError:  # (BlockingIOError: full, a wake-up is pending anyway)
+                pass
+
+    def drain(self) -> None:
+        os.read(self.r, 65536)
+
+    def close(self) -> None:
+        with self._lock:
+            fds = (self.r, self.w)
+            self.r = self.w = -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def __del__(self) -> None:  # an executor dropped before its manager ever ran
+        self.close()
+
+
+class _Leftovers:
+    """What a manager thread closes as it ends: the executor's reply channels, the nodes
+    it started, its claims to start one, its wake-up pipe.  Held apart from the executor,
+    so that the manager can close them after the executor is collected."""
+
+    def __init__(self, enclave: Enclave, client_id: str, nodes: dict, start_claims: dict,
+                 wake: _Wake) -> None:
+        self.enclave, self.client_id, self.wake = enclave, client_id, wake
+        self.nodes, self.start_claims = nodes, start_claims  # (the executor's, kept up to date)
+        self.bell = None
+        self.inbox = None
+
+    def close(self) -> None:
+        if self.bell is not None:
+            self.bell.close()
+        if self.inbox is not None:
+            self.enclave.close_inbox(self.inbox)
+        for proc in self.nodes.values():
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self._nodes.values():
+        for proc in self.nodes.values():
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self._nodes.clear()
-        for q in list(self._start_claims):
-            self._release_start(q)
+        self.nodes.clear()
+        for q in list(self.start_claims):
+            fd = self.start_claims.pop(q, None)
+            if fd is not None:
+                os.close(fd)  # (closing releases the lock)
         try:
-            self._enclave.queue.close_reply(self.client_id)
+            self.enclave.queue.close_reply(self.client_id)
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
-        self._close_wake()
-        _live_executors.discard(self)
+        self.wake.close()
+
+
+def _run_manager(ref: weakref.ref) -> None:
+    """The manager thread.  It holds its executor only for a turn, never while it waits:
+    an executor nobody references any more is collected (ProcessPoolExecutor's is), which
+    wakes this thread, and it closes what the executor held (:class:`_Leftovers`).  The
+    tasks it sent stay in the enclave, where ``attach()`` finds them."""
+    ex = ref()
+    if ex is None:
+        return
+    left = _Leftovers(ex._enclave, ex.client_id, ex._nodes, ex._start_claims, ex._wake)
+    try:
+        ex._start_manager(left)
+        while True:
+            fds, timeout = ex._wait_for(left.bell)
+            del ex  # (not held while waiting)
+            ready, _, _ = select.select(fds, [], [], timeout)
+            ex = ref()
+            if ex is None:
+                log.info("kotta client %s: its executor was dropped without shutdown(); "
+                         "closing what it held", left.client_id)
+                break
+            if not ex._step(ready, left.bell):
+                break
+    except BaseException as exc:  # noqa: BLE001 - anything here makes the enclave unusable
+        log.exception("kotta manager thread failed")
+        ex = ref()
+        if ex is not None:
+            ex._terminate_broken(exc)
+    finally:
+        ex = None
+        left.close()
+        if (ex := ref()) is not None:
+            _live_executors.discard(ex)
+
+
+def _poll_replies(ref: weakref.ref, manager: threading.Thread) -> None:
+    """Long-poll the reply channel for backends without doorbells (AWS), while the
+    manager runs; holding the executor weakly, as the manager does."""
+    while manager.is_alive():
+        ex = ref()
+        if ex is None:
+            return
+        take, reply_queue, replies = ex._enclave.queue.take, ex._reply_queue, ex._replies
+        del ex
+        try:
+            msgs = take(reply_queue, 10, wait_seconds=REPLY_LONG_POLL)
+        except Exception:  # noqa: BLE001 - the manager's reconcile covers lost replies
+            log.exception("polling replies failed")
+            time.sleep(1.0)
+            continue
+        if msgs:
+            replies.extend(msgs)
+            if (ex := ref()) is not None:
+                ex._kick(force=True)
+            del ex
 
 
 class _SendLock:

@@ -206,7 +206,7 @@ def test_a_kick_after_shutdown_writes_nowhere(enclave_dir):
     """Dependency callbacks and the reply poller may wake the manager after it exited:
     the pipe's numbers may belong to another file by then."""
     ex = KottaExecutor(2, enclave=enclave_dir, start_node=False)
-    w = ex._wake_w
+    w = ex._wake.w
     ex.shutdown()
     r2, w2 = os.pipe()  # likely reuses the numbers just freed
     try:
@@ -215,7 +215,7 @@ def test_a_kick_after_shutdown_writes_nowhere(enclave_dir):
         if w in (r2, w2):
             with pytest.raises(BlockingIOError):
                 os.read(r2, 1)
-        assert ex._wake_w == -1
+        assert ex._wake.w == -1
     finally:
         os.close(r2)
         os.close(w2)

@@ -94,16 +94,13 @@ def test_future_repr_says_what_a_stdlib_future_says(make_executor, tmp_path):
         cf.wait(blockers, timeout=GUARD)
 
 
-@pytest.mark.xfail(strict=True, reason="the manager thread holds the executor strongly; "
-                   "shutting down on collection needs the manager to run from a weak "
-                   "reference and own the nodes and pipes it closes (a refactor)")
 def test_an_executor_dropped_without_shutdown_stops_its_manager_and_nodes(enclave_dir):
     """ExecutorShutdownTest.test_del_shutdown: once nothing references the executor, its
     resources go (ProcessPoolExecutor's manager thread holds it weakly, and shuts down when
-    it is collected).  KottaExecutor's manager thread holds the executor itself, so a
-    dropped executor keeps its thread, its local node and that node's workers until the
-    interpreter exits: a program that makes an executor per call, without ``with``, leaks
-    a node process and its workers each time."""
+    it is collected).  KottaExecutor's manager thread held the executor itself, so a
+    dropped executor kept its thread, its local node and that node's workers until the
+    interpreter exited: a program that made an executor per call, without ``with``,
+    leaked a thread each time, and its node ran on."""
     ex = KottaExecutor(2, enclave=enclave_dir)
     assert list(ex.map(abs, range(-5, 5))) == [abs(v) for v in range(-5, 5)]
     manager, nodes = ex._manager, list(ex._nodes.values())
