@@ -68,6 +68,7 @@ class Env:
         self.path = path
         self.python = str(path / "bin" / "python")
         self.site = str(site_packages(path))
+        self.marker = str(path / MARKER)
 
 
 class EnvCache:
@@ -96,8 +97,12 @@ class EnvCache:
             return "failed", str(exc)
         key = env_key(requirements)
         with self._lock:
-            if key in self._ready:
-                return "ready", self._ready[key]
+            env = self._ready.get(key)
+            if env is not None:
+                if os.path.exists(env.marker):
+                    return "ready", env
+                # deleted (to rebuild it, say): a worker started there would not start
+                del self._ready[key]
             if key in self._failed:
                 message, at = self._failed[key]
                 if time.monotonic() - at < FAILURE_TTL:

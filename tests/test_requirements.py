@@ -11,6 +11,7 @@ import base64
 import hashlib
 import os
 import re
+import shutil
 import threading
 import time
 import zipfile
@@ -20,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kotta_executor import RequirementsError, kottajob, wire
+from kotta_executor import RequirementsError, WorkerDied, kottajob, wire
 from kotta_executor.errors import ConfigurationError
 from kotta_executor.requirements import env_key, normalize
 from node import envs
@@ -253,3 +254,34 @@ def test_concurrent_builds_build_once(tmp_path, offline_pip):
     assert [r.path for r in results] == [root / key, root / key]
     assert _env_dirs(root) == [key]
     assert Path(results[0].python).exists()
+
+
+def _probe_version():
+    import kotta_probe_pkg
+
+    return kotta_probe_pkg.__version__
+
+
+def _die():
+    os._exit(3)
+
+
+def test_an_env_deleted_to_rebuild_it_is_rebuilt_not_a_node_crash(
+        start_node, make_executor, offline_pip):
+    """The guide: "Delete the directory to rebuild it."  The node remembered the env as
+    ready and started its next worker there: the missing python crashed the node
+    (FileNotFoundError), every task it ran with it."""
+    root = Path(os.environ["KOTTA_HOME"]) / "envs"
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    view = ex.with_options(requirements=PROBE)
+    assert view.submit(_probe_version).result(timeout=BUILD_GUARD) == "1.0"
+    env = root / env_key(PROBE)
+    shutil.rmtree(env)
+    with pytest.raises(WorkerDied):  # its worker goes: the next task needs a new one
+        view.submit(_die).result(timeout=GUARD)
+    f = view.submit(_probe_version)
+    wait_for(lambda: f.done() or node.proc.poll() is not None, what="the task, or the node's end")
+    assert node.proc.poll() is None, node.output()[-2000:]
+    assert f.result(timeout=GUARD) == "1.0"
+    assert (env / envs.MARKER).exists()  # built again
