@@ -752,6 +752,7 @@ class Node:
         """Kill the tasks whose process tree's RSS is over the memory limit (only tasks that
         have run for MEMORY_MIN_AGE; at most every MEMORY_CHECK_INTERVAL)."""
         self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+        daemons: dict[str, list[int]] | None = None
         for w in self.workers:
             if not w.inflight or w.kill_deadline is not None:
                 continue
@@ -759,12 +760,23 @@ class Node:
             if head.started is None or now - head.started < MEMORY_MIN_AGE:
                 continue
             got = read_tree(w.pid)
-            if got is None or got[1] <= self.memory_limit:
+            if got is None:
+                continue
+            rss = got[1]
+            if self.adopts_orphans:
+                # what its tasks started out of its tree (a daemon: re-parented to the
+                # node, a subreaper) is theirs too, as a kill ends it (Worker.kill)
+                if daemons is None:
+                    daemons = pool.adopted_by_worker()
+                for pid in daemons.get(w.mark, ()):
+                    more = read_tree(pid)
+                    rss += more[1] if more is not None else 0
+            if rss <= self.memory_limit:
                 continue
             limit_mb = self.memory_limit // (1024 * 1024)
             w.kill(
                 "MemoryLimitExceeded",
-                f"job {head.job_id} used {got[1] / (1024 * 1024):.0f} MB, over the memory "
+                f"job {head.job_id} used {rss / (1024 * 1024):.0f} MB, over the memory "
                 f"limit of {limit_mb} MB per task on queue {self.queue}",
             )
 

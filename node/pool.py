@@ -403,6 +403,15 @@ def adopted(worker_mark: str | None = None) -> list[psutil.Process]:
     return [p for p, w in _marked(_children()) if worker_mark is None or w == worker_mark]
 
 
+def adopted_by_worker() -> dict[str, list[int]]:
+    """The pids of :func:`adopted` processes, by the mark of the worker whose task started
+    them (one look at the node's children for all its workers)."""
+    out: dict[str, list[int]] = {}
+    for p, w in _marked(_children()):
+        out.setdefault(w, []).append(p.pid)
+    return out
+
+
 class Orphans:
     """What workers of this node left running in sessions of their own after they went,
     re-parented to the node (a subreaper: :func:`become_subreaper`), to be ended: a task

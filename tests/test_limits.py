@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import time
 
+import psutil
 import pytest
 
 from kotta_executor import ConfigurationError, MemoryLimitExceeded, config, kottajob
 from kotta_executor.errors import JobFailed
 from kotta_executor.states import JobState
 from tests import tasks
-from tests.conftest import wait_for
+from tests.conftest import GUARD, wait_for
 
 
 def test_limits_table_has_documented_defaults():
@@ -97,3 +102,54 @@ def test_node_refuses_a_walltime_over_its_cap(start_node, make_executor, enclave
         f.result(timeout=60)
     wait_for(lambda: enclave.jobs.get(f.job_id).state == JobState.FAILED, what="job failed")
     assert ex.with_options(walltime=1).submit(tasks.square, 4).result(timeout=60) == 16
+
+
+#: a process that writes its pid in a file, holds MB MiB (every page written: resident),
+#: then sleeps
+_HOG = """
+import os, sys, time
+open(sys.argv[2] + ".tmp", "w").write(f"{os.getpid()}\\n")
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+held = bytearray(int(sys.argv[1]) * 1024 * 1024)
+held[::4096] = b"\\x01" * len(held[::4096])
+time.sleep(120)
+"""
+
+
+def start_a_hogging_daemon_and_sleep(pid_file, mb, seconds):
+    """Start a daemon (fork, setsid, fork again, the middle one exits) that holds ``mb``
+    MiB; once it has started, sleep ``seconds``."""
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execv(sys.executable, [sys.executable, "-c", _HOG, str(mb), pid_file])
+        os._exit(0)
+    os.waitpid(middle, 0)
+    while not os.path.exists(pid_file):
+        time.sleep(0.01)
+    time.sleep(seconds)
+    return "not killed"
+
+
+def test_the_memory_of_a_daemon_the_task_started_counts(start_node, make_executor, tmp_path):
+    """The guide: the node checks the RSS of each task's "whole process tree (the worker
+    and every process it started)".  A daemon is re-parented to the node (a subreaper),
+    out of the worker's tree: its memory was not counted, and it held 400 MB under a
+    200 MB limit for as long as it liked."""
+    daemon = tmp_path / "daemon"
+    start_node("--memory-limit", "200")
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(start_a_hogging_daemon_and_sleep, str(daemon), 400, 15)
+    try:
+        with pytest.raises(MemoryLimitExceeded, match="over the memory limit of 200 MB"):
+            f.result(timeout=GUARD)
+        pid = int(daemon.read_text())
+        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() ==
+                 psutil.STATUS_ZOMBIE, timeout=10.0, what="the daemon to die with its task")
+    finally:
+        if daemon.exists():
+            try:
+                os.kill(int(daemon.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
