@@ -769,6 +769,8 @@ class Node:
                 if daemons is None:
                     daemons = pool.adopted_by_worker()
                 for pid in daemons.get(w.mark, ()):
+                    if pid == w.pid:  # (the worker has its own mark: counted above)
+                        continue
                     more = read_tree(pid)
                     rss += more[1] if more is not None else 0
             if rss <= self.memory_limit:

@@ -618,3 +618,11 @@ def init_failing_once(marker, status):
         Path(marker).write_text("failed once")
         raise ConnectionError("the database is not up yet")
     set_init_status(status)
+
+
+def hold_memory_until(mb, release):
+    """Hold ``mb`` MiB (every page written: resident) until ``release`` exists."""
+    held = bytearray(int(mb) * 1024 * 1024)
+    held[::4096] = b"\x01" * len(held[::4096])
+    wait_for_file(release)
+    return len(held) // (1024 * 1024)

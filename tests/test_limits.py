@@ -153,3 +153,20 @@ def test_the_memory_of_a_daemon_the_task_started_counts(start_node, make_executo
                 os.kill(int(daemon.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_task_under_the_memory_limit_is_not_charged_its_worker_twice(
+        start_node, make_executor, tmp_path):
+    """The worker itself carries the mark that finds what its tasks started out of its
+    tree: it was counted a second time, so a task whose tree held a little over half the
+    limit was killed for memory."""
+    release = tmp_path / "release"
+    start_node("--memory-limit", "200")
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.hold_memory_until, 110, str(release))  # (the worker's own: ~30 MB)
+    wait_for(lambda: f.status() == "processing", what="the task to run")
+    mark = time.monotonic()  # past a few memory checks (MEMORY_CHECK_INTERVAL)
+    wait_for(lambda: f.done() or time.monotonic() > mark + 2.0, timeout=GUARD,
+             what="a few memory checks")
+    tasks.release(release, "go")
+    assert f.result(GUARD) == 110
