@@ -1182,7 +1182,9 @@ class _Wake:
     def __init__(self) -> None:
         self.r, self.w = os.pipe()
         os.set_blocking(self.w, False)
-        self._lock = threading.Lock()
+        #: reentrant: a collection during close() may run the executor's weakref callback,
+        #: a kick(), on the thread that holds it
+        self._lock = threading.RLock()
 
     def kick(self) -> None:
         with self._lock:
@@ -1259,9 +1261,14 @@ def _run_manager(ref: weakref.ref) -> None:
         ex._start_manager(left)
         while True:
             fds, timeout = ex._wait_for(left.bell)
-            del ex  # (not held while waiting)
+            # Held while it has work outstanding (futures not done, tasks not sent yet), as
+            # ProcessPoolExecutor's workers run what was submitted to a dropped executor;
+            # not held once idle, so that nothing keeps it alive then
+            busy = None if ex._idle() else ex
+            del ex
             ready, _, _ = select.select(fds, [], [], timeout)
             ex = ref()
+            del busy
             if ex is None:
                 log.info("kotta client %s: its executor was dropped without shutdown(); "
                          "closing what it held", left.client_id)

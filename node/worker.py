@@ -189,6 +189,8 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
         payload = wire.dump_exception(exc)
         calls = None
     else:
+        if os.getpid() != _PID:  # a child the initializer forked, come back: it ends
+            _leave_forked(None)
         try:
             fn, calls = wire.load_call(env.sections, _FUNCTIONS)
         except BaseException as exc:  # noqa: BLE001 - report any unpickling failure to the user

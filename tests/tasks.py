@@ -626,3 +626,17 @@ def hold_memory_until(mb, release):
     held[::4096] = b"\x01" * len(held[::4096])
     wait_for_file(release)
     return len(held) // (1024 * 1024)
+
+
+def init_forking(child_pid_file):
+    """An initializer that forks, the child returning from it too (as the parent does); the
+    parent writes the child's pid to ``child_pid_file``."""
+    child = os.fork()
+    if child:
+        _at_once(child_pid_file, str(child))
+
+
+def append_pid_line(path):
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return os.getpid()

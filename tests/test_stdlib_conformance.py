@@ -106,9 +106,9 @@ def test_an_executor_dropped_without_shutdown_stops_its_manager_and_nodes(enclav
     manager, nodes = ex._manager, list(ex._nodes.values())
     wr = weakref.ref(ex)
     del ex
-    gc.collect()
-    try:
-        assert wr() is None, "the executor is still referenced (by its manager thread)"
+    try:  # (once the manager's turn, which holds it, ends)
+        wait_for(lambda: (gc.collect(), wr() is None)[1],
+                 what="the executor to be collected (not held by its manager thread)")
         manager.join(GUARD)
         assert not manager.is_alive()
         for proc in nodes:
@@ -160,3 +160,49 @@ def test_an_initializer_that_cannot_be_sent_is_refused_at_once(make_executor):
         make_executor(1, initializer=tasks.set_init_status, initargs=(threading.Lock(),))
     with pytest.raises(ValueError, match="load big data inside the initializer"):
         make_executor(1, initializer=tasks.set_init_status, initargs=(b"x" * (1 << 20),))
+
+
+def test_a_child_the_initializer_forked_runs_no_task(make_executor, tmp_path):
+    """A child an initializer forks and that returns from it, as the parent does, comes
+    back into the worker's code: it ran the task's first call too (a second run), and
+    could go on to read the worker's next tasks.  It ends there now."""
+    import psutil
+
+    out, child = tmp_path / "pids", tmp_path / "child"
+    ex = make_executor(1, initializer=tasks.init_forking, initargs=(str(child),))
+    pid = ex.submit(tasks.append_pid_line, str(out)).result(timeout=GUARD)
+    forked = int(child.read_text())
+
+    def ended() -> bool:
+        try:
+            return psutil.Process(forked).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(ended, what="the initializer's child to end")
+    assert out.read_text().split() == [str(pid)]
+
+
+def test_a_dropped_executor_still_sends_and_runs_what_was_submitted(
+        enclave_dir, make_executor, tmp_path):
+    """ProcessPoolExecutor runs what was submitted to an executor dropped since.  The
+    manager holds its executor while it has work outstanding: a task waiting for another
+    task's result, not yet sent, was dropped with it, though submit() had given its job
+    id.  Once idle, it is collected, and its manager ends."""
+    ex = KottaExecutor(2, enclave=enclave_dir)
+    started, release, out = tmp_path / "started", tmp_path / "release", tmp_path / "out"
+    a = ex.submit(tasks.touch_then_wait, str(started), str(release))
+    b = ex.submit(tasks.append_line, str(out), a)  # waits for a, in the client
+    b_id = b.job_id
+    wait_for(started.exists, what="the first task to start")
+    manager, wr = ex._manager, weakref.ref(ex)
+    del a, b, ex
+    gc.collect()
+    assert wr() is not None  # (work outstanding: its manager holds it)
+    tasks.release(release, "go")
+    wait_for(out.exists, what="the waiting task to run")
+    wait_for(lambda: (gc.collect(), wr() is None)[1], what="the executor, idle, to go")
+    manager.join(GUARD)
+    assert not manager.is_alive()
+    assert out.read_text() == "go\n"
+    assert make_executor(1, start_node=False).attach(b_id).result(timeout=GUARD) == "go"
