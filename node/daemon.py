@@ -74,6 +74,10 @@ MEMORY_MIN_AGE = 0.2
 #: often writing its next batch of tasks) before they go on its reply queue, which takes
 #: a write transaction and a wait for the lock that client holds; and how soon it retries
 HOLD_REPLIES = 0.05
+#: seconds before results whose recording a transient fault failed are tried again,
+#: doubled at each failure up to REPORT_RETRY_MAX
+REPORT_RETRY = 0.1
+REPORT_RETRY_MAX = 5.0
 HOLD_RETRY = 0.002
 #: the sections of a task that go to blobs named ``<section>-<job id>`` when too big for
 #: its message (KottaExecutor._new_job)
@@ -125,6 +129,9 @@ class Node:
         #: redeliveries of jobs that a live node still runs, by job (see _watch_running)
         self.watched: dict[str, Delivery] = {}
         self.finished: list[tuple[Task | None, Delivery, Finished, str]] = []
+        #: a report that a transient fault failed is tried again from then (_report)
+        self._report_after = 0.0
+        self._report_tries = 0
         self.jobs_done = 0
         #: what gone workers may have left running (tasks' children), SIGKILLed on time
         self._leftovers: list[Leftovers] = []
@@ -393,7 +400,13 @@ class Node:
             self.enclave.queue.release(self.data.held())
             self.data.active.clear()
             self.data.abandoned = True
+        self._report_after = 0.0  # a last try, whatever failed before
         self._report()
+        if self.finished:  # not recorded: their messages come back, and the tasks run again
+            log.warning("handing back %d tasks whose results could not be recorded",
+                        len(self.finished))
+            self.enclave.queue.release([d for _, d, _, _ in self.finished])
+            self.finished.clear()
         self._wake_clients(final=True)
 
     def _stop(self) -> None:
@@ -433,13 +446,15 @@ class Node:
     # ------------------------------------------------------------------ steps
 
     def _wait(self) -> None:
-        if self.finished:
+        now = time.monotonic()
+        if self.finished and now >= self._report_after:
             for w in self.workers:
                 if w.outbox:
                     self._flush(w)
             return
         timeout = self.config.poll_interval
-        now = time.monotonic()
+        if self.finished:  # results to record once a transient fault has passed
+            timeout = min(timeout, max(0.0, self._report_after - now))
         for left in self._leftovers:
             timeout = min(timeout, max(0.0, left.deadline - now))
         if self.adopts_orphans and (self.orphans or self._leftovers):  # their next look
@@ -649,18 +664,37 @@ class Node:
             self.pending.extendleft(reversed(tasks))
 
     def _report(self) -> None:
-        if not self.finished:
+        if not self.finished or time.monotonic() < self._report_after:
             return
         batch, self.finished = self.finished, []
-        with self.enclave.atomic():
-            recorded = set(self.enclave.jobs.finish([fin for _, _, fin, _ in batch]))
-            unanswered = set(recorded)  # (a job twice in a batch: its first result is recorded)
-            for _, _, fin, client in batch:
-                if fin.job_id in unanswered:
-                    unanswered.discard(fin.job_id)
-                    body = fin.result if len(fin.result) <= REPLY_INLINE_LIMIT else b""
-                    self._reply(client, [(fin.job_id, body)])
-            self.enclave.queue.ack([d for _, d, _, _ in batch])
+        replies: list[tuple[str, str, bytes]] = []
+        try:
+            with self.enclave.atomic():
+                recorded = set(self.enclave.jobs.finish([fin for _, _, fin, _ in batch]))
+                unanswered = set(recorded)  # (a job twice in a batch: its first is recorded)
+                for _, _, fin, client in batch:
+                    if fin.job_id in unanswered:
+                        unanswered.discard(fin.job_id)
+                        body = fin.result if len(fin.result) <= REPLY_INLINE_LIMIT else b""
+                        replies.append((client, fin.job_id, body))
+                self.enclave.queue.ack([d for _, d, _, _ in batch])
+        except Exception as exc:
+            if self.enclave.lasting(exc):
+                raise
+            # A transient fault (throttling past the backend's retries, a 5xx, a timeout):
+            # nothing is acked, the results are kept and recorded at a later try (a
+            # finish that was made counts once: the job table's conditions), and their
+            # messages are extended meanwhile (_upkeep).  The node does not die of it.
+            self.finished[:0] = batch
+            self._report_tries += 1
+            delay = min(REPORT_RETRY_MAX, REPORT_RETRY * 2 ** (self._report_tries - 1))
+            self._report_after = time.monotonic() + delay
+            log.warning("recording %d results failed (%s: %s); trying again in %.2g s",
+                        len(batch), type(exc).__name__, exc, delay)
+            return
+        self._report_tries = 0
+        for client, job_id, body in replies:
+            self._reply(client, [(job_id, body)])
         self._delete_later += [key for t, _, fin, _ in batch
                                if t is not None and fin.job_id in recorded
                                for key in t.header.get("refs", {}).values()]
@@ -1477,6 +1511,7 @@ class Node:
         held += [t.delivery for w in self.workers for t in w.inflight]
         held += self.data.held()
         held += self.watched.values()
+        held += [d for _, d, _, _ in self.finished]  # results not recorded yet (_report)
         held += list(self._inbox)  # the poller's, not taken yet (no room): ours too, else
         # their visibility runs out, another node runs them, and a late take here acks
         # that node's message with a stale receipt

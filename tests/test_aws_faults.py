@@ -1,0 +1,110 @@
+"""Transient AWS faults in the middle of a node's step: throttling that outlasts botocore's
+own retries (its retry quota spent, say) reaches the node.  The node must keep running and
+try again; no job that could succeed fails, none is run twice, no message is acked before
+its result is recorded.
+
+Faults are injected on the node's own boto3 clients only (botocore's ``before-call``
+event): kotta's code is never patched.  The node has an enclave object of its own, so the
+executor's calls are not affected.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from botocore.exceptions import ClientError
+
+from kotta_executor import KottaExecutor
+from kotta_executor.backends.aws import AwsEnclave
+from node.daemon import Node, NodeConfig
+from tests import tasks
+from tests.conftest import GUARD, wait_for
+from tests.test_aws_backend import enclave as enclave  # noqa: F401 - fixtures: moto in
+from tests.test_aws_backend import moto_env as moto_env  # noqa: F401 - process, and a
+from tests.test_aws_backend import name as name  # noqa: F401 - bootstrapped enclave
+
+
+def throttle_once(client, operation: str, when=lambda body: True, code="ThrottlingException"):
+    """The next ``operation`` call whose request body ``when`` accepts fails with ``code``,
+    as a call does once botocore stops retrying; the returned event is set then."""
+    fired = threading.Event()
+
+    def handler(params=None, **_):
+        if fired.is_set() or not when(params.get("body") or b""):
+            return None
+        fired.set()
+        raise ClientError({"Error": {"Code": code, "Message": "Rate exceeded"}}, operation)
+
+    service = client.meta.service_model.service_id.hyphenize()
+    client.meta.events.register(f"before-call.{service}.{operation}", handler)
+    return fired
+
+
+def lose_answer_once(client, operation: str, when=lambda body: True):
+    """The next ``operation`` call whose request body ``when`` accepts is made, then its
+    answer is lost (a read timeout once botocore stops retrying); the event is set then."""
+    from botocore.exceptions import ReadTimeoutError
+
+    fired = threading.Event()
+    service = client.meta.service_model.service_id.hyphenize()
+
+    def mark(params=None, context=None, **_):
+        if not fired.is_set() and when(params.get("body") or b""):
+            context["kotta_test_lose"] = True
+
+    def lose(context=None, **_):
+        if context.get("kotta_test_lose") and not fired.is_set():
+            fired.set()
+            raise ReadTimeoutError(endpoint_url=f"https://{service}")
+
+    client.meta.events.register(f"before-call.{service}.{operation}", mark)
+    client.meta.events.register(f"after-call.{service}.{operation}", lose)
+    return fired
+
+
+def _run(node: Node) -> threading.Thread:
+    runner = threading.Thread(target=node.run, name=f"node-{node.node_id}", daemon=True)
+    runner.start()
+    return runner
+
+
+def _outcome(runner: threading.Thread, future) -> None:
+    wait_for(lambda: future.done() or not runner.is_alive(), what="the job or the node to end")
+    assert runner.is_alive(), "a transient fault killed the node"
+
+
+def _node_and_executor(enclave, moto_env, name):  # noqa: F811 - fixtures
+    node_enclave = AwsEnclave(name, session=moto_env)
+    node = Node(node_enclave, NodeConfig(queue="test", workers=1, long_poll=0.5))
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    return node_enclave, node, ex
+
+
+def _stop(ex, node, runner, node_enclave) -> None:
+    ex.shutdown(wait=runner.is_alive(), cancel_futures=True)
+    node.request_stop()
+    runner.join(GUARD)
+    node_enclave.close()
+
+
+def _is_finish(body: bytes) -> bool:
+    return b'":st"' in body  # (DynamoJobs.finish's UpdateItem; transition's has ":new")
+
+
+@pytest.mark.parametrize("fault", ["throttled", "applied, answer lost"])
+def test_a_failed_finish_is_retried_not_the_end_of_the_node(enclave, moto_env, name, fault):
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    inject = throttle_once if fault == "throttled" else lose_answer_once
+    fired = inject(node_enclave.dynamodb, "UpdateItem", _is_finish)
+    runner = _run(node)
+    try:
+        f = ex.submit(tasks.square, 7)
+        wait_for(fired.is_set, what="the finish to be throttled")
+        _outcome(runner, f)
+        assert f.result(GUARD) == 49
+        job = enclave.jobs.get(f.job_id)
+        assert (job.state, job.attempts) == ("completed", 1)  # recorded, not run again
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+    finally:
+        _stop(ex, node, runner, node_enclave)
