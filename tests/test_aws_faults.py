@@ -108,3 +108,24 @@ def test_a_failed_finish_is_retried_not_the_end_of_the_node(enclave, moto_env, n
         assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
     finally:
         _stop(ex, node, runner, node_enclave)
+
+
+def _is_claim(body: bytes) -> bool:
+    return b'":new"' in body and b'"processing"' in body  # (transition to processing)
+
+
+@pytest.mark.parametrize("fault", ["throttled", "applied, answer lost"])
+def test_a_failed_claim_is_retried_not_the_end_of_the_node(enclave, moto_env, name, fault):
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    inject = throttle_once if fault == "throttled" else lose_answer_once
+    fired = inject(node_enclave.dynamodb, "UpdateItem", _is_claim)
+    runner = _run(node)
+    try:
+        f = ex.submit(tasks.square, 7)
+        wait_for(fired.is_set, what="the claim to fail")
+        _outcome(runner, f)
+        assert f.result(GUARD) == 49
+        assert enclave.jobs.get(f.job_id).state == "completed"
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+    finally:
+        _stop(ex, node, runner, node_enclave)
