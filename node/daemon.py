@@ -1551,9 +1551,22 @@ class Node:
         held += list(self._inbox)  # the poller's, not taken yet (no room): ours too, else
         # their visibility runs out, another node runs them, and a late take here acks
         # that node's message with a stale receipt
-        if held:
-            self.enclave.queue.extend(held, self.config.visibility_timeout)
-        self.enclave.nodes.heartbeat(self.node_id)
+        # Each is made again at the next upkeep (a third of the visibility timeout, and of
+        # a node's time to live, later): a transient fault (throttling past the backend's
+        # retries, a 5xx, a lost answer) does not end the node.
+        for what, call in (
+            ("extending the visibility of held messages",
+             lambda: self.enclave.queue.extend(held, self.config.visibility_timeout)
+             if held else None),
+            ("the heartbeat", lambda: self.enclave.nodes.heartbeat(self.node_id)),
+        ):
+            try:
+                call()
+            except Exception as exc:
+                if self.enclave.lasting(exc):
+                    raise
+                log.warning("%s failed (%s: %s); trying again at the next upkeep",
+                            what, type(exc).__name__, exc)
         self.enclave.checkpoint()
 
 

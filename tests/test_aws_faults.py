@@ -129,3 +129,32 @@ def test_a_failed_claim_is_retried_not_the_end_of_the_node(enclave, moto_env, na
         assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
     finally:
         _stop(ex, node, runner, node_enclave)
+
+
+@pytest.mark.parametrize("call", ["heartbeat", "extend"])
+def test_a_failed_upkeep_call_is_not_the_end_of_the_node(enclave, moto_env, name, tmp_path,
+                                                         call):
+    """The heartbeat (UpdateItem on the nodes table) and the visibility extension of the
+    held messages (ChangeMessageVisibilityBatch), every visibility timeout / 3."""
+    node_enclave = AwsEnclave(name, session=moto_env)
+    node = Node(node_enclave, NodeConfig(queue="test", workers=1, long_poll=0.5,
+                                         visibility_timeout=3))
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    if call == "heartbeat":
+        table = node_enclave.names.nodes_table.encode()
+        fired = throttle_once(node_enclave.dynamodb, "UpdateItem", lambda body: table in body)
+    else:
+        fired = throttle_once(node_enclave.sqs, "ChangeMessageVisibilityBatch")
+    runner = _run(node)
+    started, release = tmp_path / "started", tmp_path / "release"
+    try:
+        f = ex.submit(tasks.touch_then_wait, str(started), str(release))
+        wait_for(fired.is_set, what=f"the {call} to fail")
+        release.touch()
+        _outcome(runner, f)
+        f.result(GUARD)
+        job = enclave.jobs.get(f.job_id)
+        assert (job.state, job.attempts) == ("completed", 1)
+    finally:
+        release.touch()
+        _stop(ex, node, runner, node_enclave)
