@@ -278,8 +278,15 @@ class Node:
             self._ring_queue = False
             self.enclave.ring_nodes(self.queue)
         if self._delete_later:
-            self.enclave.blobs.delete(self._delete_later)
-            self._delete_later = []
+            try:
+                self.enclave.blobs.delete(self._delete_later)
+            except Exception as exc:  # tried again at the next step
+                if self.enclave.lasting(exc):
+                    raise
+                log.warning("deleting %d blobs of ended tasks failed (%s: %s)",
+                            len(self._delete_later), type(exc).__name__, exc)
+            else:
+                self._delete_later = []
 
     def _client_gone(self, client: str) -> bool:
         process = self._client_process.get(client)

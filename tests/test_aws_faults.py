@@ -176,3 +176,28 @@ def test_a_failed_owner_check_of_received_tasks_is_not_the_end_of_the_node(
         assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
     finally:
         _stop(ex, node, runner, node_enclave)
+
+
+
+def test_a_failed_delete_of_task_blobs_is_not_the_end_of_the_node(enclave, moto_env, name):
+    """A task whose arguments are too big for its message has them in a blob, which the
+    node deletes (S3 DeleteObjects) once the job's result is recorded."""
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    fired = throttle_once(node_enclave.s3, "DeleteObjects", code="SlowDown")
+    runner = _run(node)
+    try:
+        big = b"x" * (enclave.inline_limit + 1)
+        f = ex.submit(len, big)
+        wait_for(fired.is_set, what="the delete to be throttled")
+        _outcome(runner, f)
+        assert f.result(GUARD) == len(big)
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+        wait_for(lambda: not [k for k in _keys(enclave) if k.startswith("blobs/args-")],
+                 what="the task blob to be deleted after all")
+    finally:
+        _stop(ex, node, runner, node_enclave)
+
+
+def _keys(enclave) -> list[str]:
+    resp = enclave.s3.list_objects_v2(Bucket=enclave.names.bucket)
+    return [o["Key"] for o in resp.get("Contents", [])]
