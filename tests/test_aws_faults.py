@@ -201,3 +201,47 @@ def test_a_failed_delete_of_task_blobs_is_not_the_end_of_the_node(enclave, moto_
 def _keys(enclave) -> list[str]:
     resp = enclave.s3.list_objects_v2(Bucket=enclave.names.bucket)
     return [o["Key"] for o in resp.get("Contents", [])]
+
+
+# ------------------------------------------------- failed batch entries, until they give up
+
+
+def _answer(client, operation: str, parsed_for):
+    """Every ``operation`` call is answered with ``parsed_for(request params)`` (HTTP
+    ``status``), without reaching the service: AWS failing the call's entries each time."""
+    import json
+
+    from botocore.awsrequest import AWSResponse
+
+    service = client.meta.service_model.service_id.hyphenize()
+
+    def handler(params=None, **_):
+        status, parsed = parsed_for(json.loads(params["body"]))
+        parsed.setdefault("ResponseMetadata", {"HTTPStatusCode": status})
+        return AWSResponse("https://aws", status, {}, None), parsed
+
+    client.meta.events.register(f"before-call.{service}.{operation}", handler)
+
+
+def test_a_send_whose_entries_keep_failing_names_the_fault(enclave):
+    from kotta_executor.backends.base import Message
+
+    _answer(enclave.sqs, "SendMessageBatch", lambda body: (200, {"Successful": [], "Failed": [
+        {"Id": e["Id"], "SenderFault": False, "Code": "KmsThrottled", "Message": "slow down"}
+        for e in body["Entries"]
+    ]}))
+    with pytest.raises(RuntimeError, match="KmsThrottled"):
+        enclave.queue.send("test", [Message("j1", b"task")])
+
+
+def test_job_records_that_keep_being_cancelled_name_the_fault(enclave):
+    from kotta_executor.backends.base import NewJob
+
+    _answer(enclave.dynamodb, "TransactWriteItems", lambda body: (400, {
+        "Error": {"Code": "TransactionCanceledException", "Message": "cancelled"},
+        "CancellationReasons": [{"Code": "ThrottlingError", "Message": "Throughput exceeds"}
+                                for _ in body["TransactItems"]],
+    }))
+    job = NewJob("j1", "alice", "client-1", "test", "tests.tasks.add", 30.0, b"task")
+    with pytest.raises(RuntimeError, match="ThrottlingError"):
+        enclave.jobs.create([job])

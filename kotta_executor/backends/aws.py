@@ -714,7 +714,11 @@ class SqsQueue(TaskQueue):
                 entries = [e for e in entries if e["Id"] in ids]
                 _backoff(attempt)
             else:
-                raise RuntimeError(f"SQS did not accept {len(entries)} message(s) for {sqs_name}")
+                codes = sorted({str(f.get("Code", "?")) for f in failed})
+                raise RuntimeError(
+                    f"SQS did not accept {len(entries)} message(s) for {sqs_name} after "
+                    f"{BATCH_ROUNDS} tries ({', '.join(codes)})"
+                )
         return True
 
     # -- the interface
@@ -1374,6 +1378,7 @@ class DynamoJobs(_DynamoTable, JobTable):
         any other reason (a conflicting write, throttling) are retried, at most
         :data:`BATCH_ROUNDS` rounds, then this raises."""
         ClientError = _client_error()
+        why = "not said why"  # the last cancellation's reasons, for the error that lasts
         for attempt in range(BATCH_ROUNDS):
             if not items:
                 return
@@ -1388,6 +1393,9 @@ class DynamoJobs(_DynamoTable, JobTable):
                 if _code(exc) != "TransactionCanceledException":
                     raise
                 reasons = exc.response.get("CancellationReasons") or []
+                why = ", ".join(sorted(
+                    {str(r.get("Code")) for r in reasons} - {"None", "ConditionalCheckFailed"}
+                )) or str(exc)
                 if len(reasons) != len(items):  # not said which: try them all again
                     _backoff(attempt)
                     continue
@@ -1405,7 +1413,8 @@ class DynamoJobs(_DynamoTable, JobTable):
                     continue
                 _backoff(attempt)
         if items:
-            raise RuntimeError(f"DynamoDB did not accept {len(items)} job records")
+            raise RuntimeError(f"DynamoDB did not accept {len(items)} job records after "
+                               f"{BATCH_ROUNDS} tries ({why})")
 
     def transition(self, job_ids, new, *, from_states=None, node=None, reason=None):
         new = JobState(new)
