@@ -6,11 +6,13 @@ xfail until fixed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -73,17 +75,13 @@ def _kill_all(pid_file: Path) -> None:
             pass
 
 
-# ---------------------------------------------------------------------- tests
-
-
-def test_a_kill_that_lands_after_its_task_ended_does_not_fail_the_next_one(
-        make_executor, enclave, tmp_path, monkeypatch):
-    """The kill request of the head is read while the head runs; the head ends and the
-    worker begins the next piped task before the node signals (the police's read of the
-    kill requests took a while).  The SIGTERM, sent for the head, ends the worker under the
-    next task.  The node runs in this process, stepped by the test, so that the race can be
-    made certain: its read of the kill requests is the real one, only made to wait (for
-    the head to end and the next task to begin) before it returns."""
+@contextlib.contextmanager
+def _head_with_a_task_piped_behind(enclave, make_executor, tmp_path, monkeypatch,
+                                   behind_sleeps: float):
+    """A node in this process, with one worker, stepped by the test (``pump``): a head task
+    runs (it logs its worker's pid, then waits for ``release``), a task is piped behind it
+    (it touches ``began``, sleeps ``behind_sleeps`` and returns "behind"), and two squares
+    wait behind that.  The node drains and stops at the end."""
     from node.daemon import Node, NodeConfig
 
     monkeypatch.chdir(ROOT)  # workers import tests.* (python -m node.worker, cwd on sys.path)
@@ -103,7 +101,7 @@ def test_a_kill_that_lands_after_its_task_ended_does_not_fail_the_next_one(
         pump(warm.done, "the warm-up task")
         jobs = [ex._new_job(os.urandom(16).hex(), fn, [(args, {})], ex._options) for fn, args in [
             (tasks.log_pid_and_wait, (str(log), str(release))),
-            (touch_and_sleep, (str(began), 2.0, "behind")),
+            (touch_and_sleep, (str(began), behind_sleeps, "behind")),
             (tasks.square, (0,)),
             (tasks.square, (1,)),
         ]]
@@ -111,27 +109,44 @@ def test_a_kill_that_lands_after_its_task_ended_does_not_fail_the_next_one(
         head, behind, *rest = [ex.attach(j.job_id) for j in jobs]
         pump(lambda: _pids(log) and any(len(w.inflight) >= 2 for w in node.workers),
              "the head to begin with the next task piped behind it")
-
-        real = node.enclave.jobs.kill_requested
-
-        def slow_read(ids):  # the head ends, and the next task begins, during the read
-            got = real(ids)
-            if head.job_id in got and not began.exists():
-                tasks.release(release, "go")
-                wait_for(began.exists, what="the next piped task to begin")
-            return got
-
-        monkeypatch.setattr(node.enclave.jobs, "kill_requested", slow_read)
-        assert head.kill()
-        pump(lambda: behind.done() and all(f.done() for f in rest), "the piped tasks to end")
-        assert [f.result(0) for f in rest] == [0, 1]
-        # the hole: WorkerDied("the worker ... was killed by signal SIGTERM ..."), job failed
-        assert behind.result(0) == "behind"
+        yield types.SimpleNamespace(node=node, pump=pump, head=head, behind=behind, rest=rest,
+                                    release=release, began=began)
     finally:
         tasks.release(release, "go")
         node.stopping = True
         node._drain()
         node._stop()
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_a_kill_that_lands_after_its_task_ended_does_not_fail_the_next_one(
+        make_executor, enclave, tmp_path, monkeypatch):
+    """The kill request of the head is read while the head runs; the head ends and the
+    worker begins the next piped task before the node signals (the police's read of the
+    kill requests took a while).  The SIGTERM, sent for the head, ends the worker under the
+    next task.  The node runs in this process, stepped by the test, so that the race can be
+    made certain: its read of the kill requests is the real one, only made to wait (for
+    the head to end and the next task to begin) before it returns."""
+    with _head_with_a_task_piped_behind(enclave, make_executor, tmp_path, monkeypatch,
+                                        2.0) as t:
+        real = t.node.enclave.jobs.kill_requested
+
+        def slow_read(ids):  # the head ends, and the next task begins, during the read
+            got = real(ids)
+            if t.head.job_id in got and not t.began.exists():
+                tasks.release(t.release, "go")
+                wait_for(t.began.exists, what="the next piped task to begin")
+            return got
+
+        monkeypatch.setattr(t.node.enclave.jobs, "kill_requested", slow_read)
+        assert t.head.kill()
+        t.pump(lambda: t.behind.done() and all(f.done() for f in t.rest),
+               "the piped tasks to end")
+        assert [f.result(0) for f in t.rest] == [0, 1]
+        # the hole: WorkerDied("the worker ... was killed by signal SIGTERM ..."), job failed
+        assert t.behind.result(0) == "behind"
 
 
 def test_a_walltime_kill_ends_the_whole_tree_even_when_the_task_handles_sigterm(
@@ -321,51 +336,23 @@ def test_a_piped_task_killed_as_its_worker_begins_it_counts_as_one_job(
     step reads the head's result (as when that result lands between a step's read of the
     results and its police)."""
     from kotta_executor import TaskKilled
-    from node.daemon import Node, NodeConfig
 
-    monkeypatch.chdir(ROOT)  # workers import tests.* (python -m node.worker, cwd on sys.path)
-    log, release, began = tmp_path / "pids", tmp_path / "release", tmp_path / "began"
-    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
-    node._start()
-    ex = make_executor(1, start_node=False)
-
-    def pump(predicate, what, timeout=20.0):
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            node.step()
-
-    try:
-        warm = ex.submit(tasks.worker_pid)
-        pump(warm.done, "the warm-up task")
-        jobs = [ex._new_job(os.urandom(16).hex(), fn, [(args, {})], ex._options) for fn, args in [
-            (tasks.log_pid_and_wait, (str(log), str(release))),
-            (touch_and_sleep, (str(began), 0.2, "behind")),
-            (tasks.square, (0,)),
-            (tasks.square, (1,)),
-        ]]
-        enclave.jobs.create(jobs)
-        head, behind, *rest = [ex.attach(j.job_id) for j in jobs]
-        pump(lambda: _pids(log) and any(len(w.inflight) >= 2 for w in node.workers),
-             "the head to begin with the next task piped behind it")
+    with _head_with_a_task_piped_behind(enclave, make_executor, tmp_path, monkeypatch,
+                                        0.2) as t:
+        node = t.node
         [worker] = node.workers
-        assert worker.inflight[1].job_id == behind.job_id
-        assert behind.kill()
-        tasks.release(release, "go")
-        wait_for(began.exists, what="the worker to begin the task behind the head")
+        assert worker.inflight[1].job_id == t.behind.job_id
+        assert t.behind.kill()
+        tasks.release(t.release, "go")
+        wait_for(t.began.exists, what="the worker to begin the task behind the head")
         enclave.ring_nodes("test")  # (a kill request rings: the police looks at once)
         node._wait()
         node._police()  # the head's result is not read yet: the task behind is piped
-        pump(lambda: worker not in node.workers and all(f.done() for f in [head, *rest])
-             and behind.done() and not node.finished, "the jobs to end")
-        assert head.result(0) == worker.pid
+        t.pump(lambda: worker not in node.workers and all(f.done() for f in [t.head, *t.rest])
+               and t.behind.done() and not node.finished, "the jobs to end")
+        assert t.head.result(0) == worker.pid
         with pytest.raises(TaskKilled):
-            behind.result(0)
-        assert [f.result(0) for f in rest] == [0, 1]
-        assert enclave.jobs.get(behind.job_id).state == "cancelled"
+            t.behind.result(0)
+        assert [f.result(0) for f in t.rest] == [0, 1]
+        assert enclave.jobs.get(t.behind.job_id).state == "cancelled"
         assert node.jobs_done == 5  # the warm-up, the head, the one behind, two squares
-    finally:
-        tasks.release(release, "go")
-        node.stopping = True
-        node._drain()
-        node._stop()
