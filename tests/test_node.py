@@ -770,20 +770,16 @@ def test_a_stopping_node_keeps_a_delivery_of_a_message_it_runs(make_executor, en
         assert held.delivery is again
 
 
-@pytest.mark.parametrize("why", ["walltime", "requirements"])
-def test_a_copy_another_node_refuses_does_not_fail_the_job_running_here(
-        make_executor, enclave, tmp_path, why):
-    """Node X runs a job; a copy of its task (a retried create queues it again) reaches
-    node Y, which refuses it: the walltime is over Y's own cap, or its requirements
-    failed to install on Y.  Y failed the job without claiming it, under X, which was
-    running it (X's result was thrown away).  Now Y fails a job only once it has
-    claimed it; the copy, which cannot claim a running job, is dropped."""
+def _x_runs_a_job_y_refuses(enclave, make_executor, tmp_path, why: str, tag: str):
+    """Two nodes in this process, stepped by the test: X has started a job (it appends
+    "ran" to ``out``, then waits for ``stop``); Y, not started yet, refuses its task: the
+    walltime is over Y's cap, or its requirements failed on Y (built on X)."""
     from node.daemon import Node, NodeConfig
 
     ex = make_executor(1, start_node=False)
     opts = ex.with_options(requirements="six")._options if why == "requirements" else ex._options
     out, stop = tmp_path / "runs.txt", tmp_path / "stop"
-    job = ex._new_job("a1" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
+    job = ex._new_job(tag * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
                       opts)
     enclave.jobs.create([job])
     x = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
@@ -795,6 +791,23 @@ def test_a_copy_another_node_refuses_does_not_fail_the_job_running_here(
     x._start()
     try:
         wait_for(lambda: (x.step(), out.exists())[1], what="the job to start on X")
+    except BaseException:
+        stop.touch()
+        x._stop()
+        raise
+    return job, out, stop, x, y
+
+
+@pytest.mark.parametrize("why", ["walltime", "requirements"])
+def test_a_copy_another_node_refuses_does_not_fail_the_job_running_here(
+        make_executor, enclave, tmp_path, why):
+    """Node X runs a job; a copy of its task (a retried create queues it again) reaches
+    node Y, which refuses it: the walltime is over Y's own cap, or its requirements
+    failed to install on Y.  Y failed the job without claiming it, under X, which was
+    running it (X's result was thrown away).  Now Y fails a job only once it has
+    claimed it; the copy, which cannot claim a running job, is dropped."""
+    job, out, stop, x, y = _x_runs_a_job_y_refuses(enclave, make_executor, tmp_path, why, "a1")
+    try:
         enclave.jobs.create([job])  # a retried create: its task queued again
         y._start()
         try:
@@ -823,23 +836,8 @@ def test_a_redelivery_another_node_refuses_does_not_fail_the_job_a_live_node_run
     claimed it and failed it, while X, alive, ran it on; X's result was then thrown
     away.  Now Y watches it, as for a redelivery of a job a live node runs on AWS: the
     job ends on X with X's result, and Y acks the message once it has."""
-    from node.daemon import Node, NodeConfig
-
-    ex = make_executor(1, start_node=False)
-    opts = ex.with_options(requirements="six")._options if why == "requirements" else ex._options
-    out, stop = tmp_path / "runs.txt", tmp_path / "stop"
-    job = ex._new_job("a2" * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
-                      opts)
-    enclave.jobs.create([job])
-    x = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
-    y = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
-                                 max_walltime=60 if why == "walltime" else None))
-    if why == "requirements":  # built on X (the node's own python here), failed on Y
-        x.envs.get = lambda req: ("ready", None)
-        y.envs.get = lambda req: ("failed", "pip could not reach the index")
-    x._start()
+    job, out, stop, x, y = _x_runs_a_job_y_refuses(enclave, make_executor, tmp_path, why, "a2")
     try:
-        wait_for(lambda: (x.step(), out.exists())[1], what="the job to start on X")
         [held] = _held(x)
         enclave.queue.release([held.delivery])  # X stalled: its visibility ran out
         y._start()
