@@ -848,7 +848,9 @@ class Node:
             while self._inbox and room > 0:
                 batch.append(self._inbox.popleft())
                 room -= 1
-            self._take_in(batch, first)
+            for d in self._watch_running(self._ours_again(batch)):
+                self._accept(d)
+            self._refuse_foreign(first)
             return
         if room <= 0:
             return
@@ -857,41 +859,10 @@ class Node:
             self.queue, ask, self.config.visibility_timeout, self.node_id
         )
         self._backlogged = len(deliveries) == ask  # the queue has more than we took
-        self._take_in(deliveries, len(self.pending))
-
-    def _take_in(self, deliveries: list[Delivery], first: int) -> None:
-        """Accept received deliveries (``first``: where they begin in pending).  A
-        transient fault while they are checked (throttling past the backend's retries, a
-        5xx, a lost answer: reading their records, a token, a blob) does not end the node:
-        the deliveries concerned are handed back, and come again."""
-        ours = self._ours_again(deliveries)  # (no call: cannot fail)
-        try:
-            ours = self._watch_running(ours)
-        except Exception as exc:
-            self._hand_back(ours, exc, "checking whether received jobs run elsewhere")
-            return
-        for d in ours:
-            try:
-                self._accept(d)
-            except Exception as exc:
-                self._hand_back([d], exc, f"accepting job {d.job_id}")
-        try:
-            self._refuse_foreign(first)
-        except Exception as exc:
-            fresh = [t for t in itertools.islice(self.pending, first, None) if not t.adopted]
-            for t in fresh:
-                self.pending.remove(t)
-            self._hand_back([t.delivery for t in fresh], exc, "checking the owners of jobs")
-
-    def _hand_back(self, deliveries: list[Delivery], exc: Exception, what: str) -> None:
-        if self.enclave.lasting(exc):
-            raise exc
-        log.warning("%s failed (%s: %s); handing back %d tasks", what, type(exc).__name__,
-                    exc, len(deliveries))
-        try:
-            self.enclave.queue.release(deliveries)
-        except Exception:  # noqa: BLE001 - their visibility timeout brings them back
-            log.exception("handing back %d tasks failed", len(deliveries))
+        first = len(self.pending)
+        for d in self._watch_running(self._ours_again(deliveries)):
+            self._accept(d)
+        self._refuse_foreign(first)
 
     def _ours_again(self, deliveries: list[Delivery], *, every: bool = False) -> list[Delivery]:
         """A message this node still holds, received again (it stayed hidden no longer

@@ -151,25 +151,6 @@ def test_a_failed_upkeep_call_is_not_the_end_of_the_node(enclave, moto_env, name
         _stop(ex, node, runner, node_enclave)
 
 
-def test_a_failed_owner_check_of_received_tasks_is_not_the_end_of_the_node(
-    enclave, moto_env, name
-):
-    """Received tasks' records are read (BatchGetItem) to check their owners."""
-    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
-    fired = throttle_once(node_enclave.dynamodb, "BatchGetItem",
-                          code="ProvisionedThroughputExceededException")
-    runner = _run(node)
-    try:
-        f = ex.submit(tasks.square, 7)
-        wait_for(fired.is_set, what="the read to be throttled")
-        _outcome(runner, f)
-        assert f.result(GUARD) == 49
-        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
-    finally:
-        _stop(ex, node, runner, node_enclave)
-
-
-
 def test_a_failed_delete_of_task_blobs_is_not_the_end_of_the_node(enclave, moto_env, name):
     """A task whose arguments are too big for its message has them in a blob, which the
     node deletes (S3 DeleteObjects) once the job's result is recorded."""
