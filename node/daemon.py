@@ -1235,27 +1235,19 @@ class Node:
             return frames, []
         # a job that ran before (a redelivery, or back from a worker that died) may have
         # been killed meanwhile: it does not begin again
-        claiming = False
-        try:
-            again = [t.job_id for t, _ in plan if t.claimed or t.delivery.receive_count > 1]
-            killed = self.enclave.jobs.kill_requested(again) if again else set()
-            if killed:
-                for task, _ in plan:
-                    if task.job_id in killed:
-                        self._end_killed(task, "before it could run again")
-                plan = [(t, w) for t, w in plan if t.job_id not in killed]
-            adopted = [t for t, _ in plan if t.adopted]
-            if refused:  # (a redelivery of a job a live node runs: watched, not failed)
-                refused = self._watch_refused(refused)
-            # (a refused task recorded in this transaction, by this node: nobody else has it)
-            claiming = True
-            claimed = self.claim([*(t for t, _ in plan if not t.adopted),
-                                  *(t for t in refused if not t.adopted)], JobState.PROCESSING)
-        except Exception as exc:
-            if self.enclave.lasting(exc):
-                raise
-            self._dispatch_failed(exc, [t for t, _ in plan], refused, to_stage, claiming)
-            return {}, []
+        again = [t.job_id for t, _ in plan if t.claimed or t.delivery.receive_count > 1]
+        killed = self.enclave.jobs.kill_requested(again) if again else set()
+        if killed:
+            for task, _ in plan:
+                if task.job_id in killed:
+                    self._end_killed(task, "before it could run again")
+            plan = [(t, w) for t, w in plan if t.job_id not in killed]
+        adopted = [t for t, _ in plan if t.adopted]
+        if refused:  # (a redelivery of a job a live node runs: watched, not failed)
+            refused = self._watch_refused(refused)
+        # (a refused task recorded in this transaction, by this node: nobody else has it)
+        claimed = self.claim([*(t for t, _ in plan if not t.adopted),
+                              *(t for t in refused if not t.adopted)], JobState.PROCESSING)
         started = {id(t) for t in (*claimed, *adopted, *(t for t in refused if t.adopted))}
         going = [t for t, _ in plan if id(t) in started]  # (held, though in no pipe yet)
         lost = [t for t in (*(t for t, _ in plan), *refused) if id(t) not in started]
@@ -1272,34 +1264,6 @@ class Node:
                 if _restricted(task):  # it serves nothing after it: it retires
                     w.retiring = True
         return frames, adopted
-
-    def _dispatch_failed(self, exc: Exception, planned: list[Task], refused: list[Task],
-                         to_stage: list[Task], claiming: bool) -> None:
-        """A transient fault (throttling past the backend's retries, a 5xx, a lost answer)
-        before or during the claim of these tasks: the node does not die of it.  Before
-        the claim, nothing was written: they wait in pending for the next step.  A claim
-        that failed may have been made for some of them (a write whose answer was lost),
-        and claiming them again from pending would find them started, and drop them,
-        leaving their jobs processing with nothing to run them: they are handed back (as
-        redeliveries they claim their job again, whatever this claim did)."""
-        log.warning("claiming %d jobs failed (%s: %s); %s", len(planned) + len(refused),
-                    type(exc).__name__, exc,
-                    "handing them back" if claiming else "trying again")
-        again = [t for t in (*planned, *refused) if t.adopted or not claiming]
-        back = [t for t in (*planned, *refused) if not (t.adopted or not claiming)]
-        for t in again:
-            t.adopted = False  # claimed the usual way, in a later step
-        self.pending.extendleft(reversed([*again, *to_stage]))
-        if any(t.refusal is not None for t in again):
-            self._refusals = True
-        if back:
-            try:
-                self.enclave.queue.release([t.delivery for t in back])
-            except Exception:  # noqa: BLE001 - their visibility timeout brings them back
-                log.exception("handing back %d tasks failed", len(back))
-            for t in back:
-                if t.staged is not None:
-                    self.data.discard(t)
 
     def _claim_adopted(self, tasks: list[Task]) -> None:
         for t in tasks:
