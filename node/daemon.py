@@ -78,6 +78,12 @@ HOLD_REPLIES = 0.05
 #: doubled at each failure up to REPORT_RETRY_MAX
 REPORT_RETRY = 0.1
 REPORT_RETRY_MAX = 5.0
+#: seconds recording results, or deleting the blobs of ended tasks, may keep failing with
+#: faults the enclave does not call lasting before the node gives up (raises, and stops, as
+#: for a lasting fault): one that does not pass (a bad record, say) must not hold every
+#: later result back for ever.  The heartbeat and the extension of held messages get a third
+#: of the time after which other nodes take the node for gone, or its messages for free
+PATIENCE = 60.0
 HOLD_RETRY = 0.002
 #: the sections of a task that go to blobs named ``<section>-<job id>`` when too big for
 #: its message (KottaExecutor._new_job)
@@ -132,6 +138,8 @@ class Node:
         #: a report that a transient fault failed is tried again from then (_report)
         self._report_after = 0.0
         self._report_tries = 0
+        #: since when each step of PATIENCE has failed, while it fails
+        self._failing: dict[str, float] = {}
         self.jobs_done = 0
         #: what gone workers may have left running (tasks' children), SIGKILLed on time
         self._leftovers: list[Leftovers] = []
@@ -281,11 +289,11 @@ class Node:
             try:
                 self.enclave.blobs.delete(self._delete_later)
             except Exception as exc:  # tried again at the next step
-                if self.enclave.lasting(exc):
-                    raise
+                self._transient("delete", exc)
                 log.warning("deleting %d blobs of ended tasks failed (%s: %s)",
                             len(self._delete_later), type(exc).__name__, exc)
             else:
+                self._failing.pop("delete", None)
                 self._delete_later = []
 
     def _client_gone(self, client: str) -> bool:
@@ -686,8 +694,7 @@ class Node:
                         replies.append((client, fin.job_id, body))
                 self.enclave.queue.ack([d for _, d, _, _ in batch])
         except Exception as exc:
-            if self.enclave.lasting(exc):
-                raise
+            self._transient("report", exc)
             # A transient fault (throttling past the backend's retries, a 5xx, a timeout):
             # nothing is acked, the results are kept and recorded at a later try (a
             # finish that was made counts once: the job table's conditions), and their
@@ -700,6 +707,7 @@ class Node:
                         len(batch), type(exc).__name__, exc, delay)
             return
         self._report_tries = 0
+        self._failing.pop("report", None)
         for client, job_id, body in replies:
             self._reply(client, [(job_id, body)])
         self._delete_later += [key for t, _, fin, _ in batch
@@ -1534,11 +1542,30 @@ class Node:
             try:
                 call()
             except Exception as exc:
-                if self.enclave.lasting(exc):
-                    raise
+                self._transient(what, exc)
                 log.warning("%s failed (%s: %s); trying again at the next upkeep",
                             what, type(exc).__name__, exc)
+            else:
+                self._failing.pop(what, None)
         self.enclave.checkpoint()
+
+    def _transient(self, what: str, exc: Exception) -> None:
+        """A step failed (``what``): raise ``exc`` if the enclave calls it lasting, or if
+        that step has failed for longer than its patience (PATIENCE; for the heartbeat and
+        the extension of held messages, a third of the time other nodes wait); else it is
+        tried again later."""
+        if self.enclave.lasting(exc):
+            raise exc
+        now = time.monotonic()
+        since = self._failing.setdefault(what, now)
+        patience = PATIENCE
+        if what == "the heartbeat":
+            patience = 30.0 / 3  # (the backends' NODE_STALE_AFTER)
+        elif what.startswith("extending"):
+            patience = self.config.visibility_timeout / 3
+        if now - since > patience:
+            log.error("%s has failed for %.0f s: giving up", what, now - since)
+            raise exc
 
 
     def _sample(self, now: float) -> None:
