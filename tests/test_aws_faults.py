@@ -208,3 +208,54 @@ def test_job_records_that_keep_being_cancelled_name_the_fault(enclave):
     job = NewJob("j1", "alice", "client-1", "test", "tests.tasks.add", 30.0, b"task")
     with pytest.raises(RuntimeError, match="ThrottlingError"):
         enclave.jobs.create([job])
+
+
+def test_an_extension_that_keeps_failing_stops_the_node_before_its_messages_are_free(
+        enclave, moto_env, name, tmp_path, caplog):
+    """A node waits out a failing visibility extension only so long (a third of the
+    visibility timeout): past that another node could receive what it holds, and run it
+    again while it still runs.  It stops, naming the fault; the task it held runs
+    elsewhere, once its message is visible again."""
+    node_enclave = AwsEnclave(name, session=moto_env)
+    node = Node(node_enclave, NodeConfig(queue="test", workers=1, long_poll=0.5,
+                                         visibility_timeout=3))
+    failing = threading.Event()
+
+    def always(params=None, **_):
+        failing.set()
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}},
+                          "ChangeMessageVisibilityBatch")
+
+    node_enclave.sqs.meta.events.register("before-call.sqs.ChangeMessageVisibilityBatch", always)
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    started, release = tmp_path / "started", tmp_path / "release"
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            node.run()
+        except BaseException as exc:  # noqa: BLE001 - what the test looks at
+            errors.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    other = None
+    try:
+        f = ex.submit(tasks.touch_then_wait, str(started), str(release))
+        wait_for(failing.is_set, what="the extension to fail")
+        runner.join(GUARD)
+        assert not runner.is_alive()
+        [exc] = errors
+        assert isinstance(exc, ClientError) and "ThrottlingException" in str(exc)
+        assert "extending the visibility of held messages has failed for" in caplog.text
+        release.touch()
+        other = Node(AwsEnclave(name, session=moto_env),
+                     NodeConfig(queue="test", workers=1, long_poll=0.5, visibility_timeout=3))
+        other_runner = _run(other)
+        assert f.result(GUARD) == ""  # (what the release file holds)
+        other.request_stop()
+        other_runner.join(GUARD)
+    finally:
+        release.touch()
+        ex.shutdown(wait=False, cancel_futures=True)
+        node_enclave.close()
