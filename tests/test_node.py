@@ -25,6 +25,7 @@ from kotta_executor.states import FINAL, JobState
 from node.worker import STOP_SIGNAL
 from tests import tasks
 from tests.conftest import GUARD, wait_for
+from tests.test_requirements import offline_pip as offline_pip  # noqa: F401 - a fixture
 
 # ---------------------------------------------------------------------- helpers
 
@@ -773,11 +774,15 @@ def test_a_stopping_node_keeps_a_delivery_of_a_message_it_runs(make_executor, en
 def _x_runs_a_job_y_refuses(enclave, make_executor, tmp_path, why: str, tag: str):
     """Two nodes in this process, stepped by the test: X has started a job (it appends
     "ran" to ``out``, then waits for ``stop``); Y, not started yet, refuses its task: the
-    walltime is over Y's cap, or its requirements failed on Y (built on X)."""
+    walltime is over Y's cap, or its requirements failed on Y.  (Requirements: a local
+    wheel, ``offline_pip``; X builds its env in a directory of its own, and Y's env
+    directory cannot be made, a file being in its place.)"""
+    from node import envs
     from node.daemon import Node, NodeConfig
+    from tests.test_requirements import BUILD_GUARD, PROBE
 
     ex = make_executor(1, start_node=False)
-    opts = ex.with_options(requirements="six")._options if why == "requirements" else ex._options
+    opts = ex.with_options(requirements=PROBE)._options if why == "requirements" else ex._options
     out, stop = tmp_path / "runs.txt", tmp_path / "stop"
     job = ex._new_job(tag * 16, tasks.append_line_then_wait, [((str(out), "ran", str(stop)), {})],
                       opts)
@@ -785,12 +790,14 @@ def _x_runs_a_job_y_refuses(enclave, make_executor, tmp_path, why: str, tag: str
     x = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
     y = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
                                  max_walltime=60 if why == "walltime" else None))
-    if why == "requirements":  # built on X (the node's own python here), failed on Y
-        x.envs.get = lambda req: ("ready", None)
-        y.envs.get = lambda req: ("failed", "pip could not reach the index")
+    if why == "requirements":  # built on X, failed on Y
+        x.envs = envs.EnvCache(tmp_path / "x-envs", x.request_wake)
+        (tmp_path / "y-envs").write_text("not a directory")
+        y.envs = envs.EnvCache(tmp_path / "y-envs", y.request_wake)
     x._start()
     try:
-        wait_for(lambda: (x.step(), out.exists())[1], what="the job to start on X")
+        wait_for(lambda: (x.step(), out.exists())[1], timeout=BUILD_GUARD,
+                 what="the job to start on X")
     except BaseException:
         stop.touch()
         x._stop()
@@ -800,7 +807,7 @@ def _x_runs_a_job_y_refuses(enclave, make_executor, tmp_path, why: str, tag: str
 
 @pytest.mark.parametrize("why", ["walltime", "requirements"])
 def test_a_copy_another_node_refuses_does_not_fail_the_job_running_here(
-        make_executor, enclave, tmp_path, why):
+        make_executor, enclave, tmp_path, why, offline_pip):
     """Node X runs a job; a copy of its task (a retried create queues it again) reaches
     node Y, which refuses it: the walltime is over Y's own cap, or its requirements
     failed to install on Y.  Y failed the job without claiming it, under X, which was
@@ -829,7 +836,7 @@ def test_a_copy_another_node_refuses_does_not_fail_the_job_running_here(
 
 @pytest.mark.parametrize("why", ["walltime", "requirements"])
 def test_a_redelivery_another_node_refuses_does_not_fail_the_job_a_live_node_runs(
-        make_executor, enclave, tmp_path, why):
+        make_executor, enclave, tmp_path, why, offline_pip):
     """Node X runs a job and stalls past its visibility timeout: its message is
     delivered again (counted 2) to node Y, which refuses it (the walltime is over Y's
     cap, or its requirements failed on Y).  A redelivery may claim a started job, so Y
