@@ -248,7 +248,10 @@ class KottaExecutor(Executor):
         self._send_failing_since = 0.0
         self._send_retry_at = 0.0
         self._deps = dependencies.Dependencies(self._kick)  # tasks waiting for futures
-        self._send_lock = _SendLock()
+        #: reentrant for its owner record (``_is_owned``), which it sets in the same C call
+        #: that takes it: code that may run on a thread holding it, as a finalizer may,
+        #: asks first and never takes it twice (_cancel_left)
+        self._send_lock = threading.RLock()
         #: the tasks of map iterators closed on a thread that held the send lock, for the
         #: manager to cancel (_cancel_left)
         self._cancel_later: deque[list[KottaFuture]] = deque()
@@ -554,7 +557,7 @@ class KottaExecutor(Executor):
         thread.  Then the manager cancels them, at its next turn."""
         if not fs:
             return
-        if self._send_lock.held_here():
+        if self._send_lock._is_owned():
             self._cancel_later.append(list(fs))
         else:
             self._cancel_futures(fs)
@@ -1122,9 +1125,7 @@ class KottaExecutor(Executor):
         return True
 
     def _release_start(self, queue: str) -> None:
-        fd = self._start_claims.pop(queue, None)
-        if fd is not None:
-            os.close(fd)  # (closing releases the lock)
+        _release_claim(self._start_claims, queue)
 
     def _spawn_node(self, queue: str) -> subprocess.Popen:
         env = dict(os.environ)
@@ -1238,14 +1239,19 @@ class _Leftovers:
                 proc.wait()
         self.nodes.clear()
         for q in list(self.start_claims):
-            fd = self.start_claims.pop(q, None)
-            if fd is not None:
-                os.close(fd)  # (closing releases the lock)
+            _release_claim(self.start_claims, q)
         try:
             self.enclave.queue.close_reply(self.client_id)
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
         self.wake.close()
+
+
+def _release_claim(claims: dict[str, int], queue: str) -> None:
+    """Release a client's claim to start the node of ``queue`` (KottaExecutor._claim_start)."""
+    fd = claims.pop(queue, None)
+    if fd is not None:
+        os.close(fd)  # (closing releases the lock)
 
 
 def _run_manager(ref: weakref.ref) -> None:
@@ -1308,40 +1314,6 @@ def _poll_replies(ref: weakref.ref, manager: threading.Thread) -> None:
                 ex._kick(force=True)
             del ex
 
-
-class _SendLock:
-    """A lock that knows which thread holds it (``held_here``): code that may run on a
-    thread holding it, as a finalizer may, must not take it again (_cancel_left).
-
-    An RLock underneath, for its owner, which it records in the same C call that takes it
-    (a finalizer run between an acquire and a separate record of the owner would not see
-    it).  Nothing takes it twice: held_here() is asked first."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def locked(self) -> bool:
-        if self._lock._is_owned():
-            return True
-        if self._lock.acquire(False):
-            self._lock.release()
-            return False
-        return True
-
-    def held_here(self) -> bool:
-        return self._lock._is_owned()
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _failure_result(job_id: str, n: int, exc: BaseException) -> bytes:

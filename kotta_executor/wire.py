@@ -463,12 +463,11 @@ def dump_initializer(initializer: Callable, initargs: Sequence) -> bytes:
         return cloudpickle.dumps((initializer, tuple(initargs)))
     except Exception as exc:
         raise errors.SerializationError(
-            f"cannot send the initializer {fn_name(initializer)}: "
-            + _explain_unpicklable(initializer, [(tuple(initargs), {})], exc).split(": ", 1)[1]
+            "the initializer: " + _explain_unpicklable(initializer, [(tuple(initargs), {})], exc)
         ) from exc
 
 
-#: in a worker: the initializers (their ``init`` sections' digests) that have run in it
+#: in a worker: the initializers (their ``init`` sections) that have run in it
 _INITIALIZED: set[bytes] = set()
 
 
@@ -477,12 +476,11 @@ def run_initializer(data: bytes) -> None:
     ``init`` section), unless this process has run that one, with those arguments, already.
     Only worker processes call this.  An initializer that raises has not run: the next
     task tries it again."""
-    key = hashlib.sha256(data).digest()
-    if key in _INITIALIZED:
+    if data in _INITIALIZED:
         return
     initializer, initargs = cloudpickle.loads(data)
     initializer(*initargs)
-    _INITIALIZED.add(key)
+    _INITIALIZED.add(data)
 
 
 def dump_call(fn: Callable, calls: Sequence[tuple[tuple, dict]]) -> dict[str, bytes]:

@@ -84,6 +84,9 @@ REPORT_RETRY_MAX = 5.0
 #: later result back for ever.  The heartbeat and the extension of held messages get a third
 #: of the time after which other nodes take the node for gone, or its messages for free
 PATIENCE = 60.0
+#: seconds after its last heartbeat that other nodes take a node for gone (the backends'
+#: NODE_STALE_AFTER)
+NODE_STALE = 30.0
 HOLD_RETRY = 0.002
 #: the sections of a task that go to blobs named ``<section>-<job id>`` when too big for
 #: its message (KottaExecutor._new_job)
@@ -1533,36 +1536,30 @@ class Node:
         # Each is made again at the next upkeep (a third of the visibility timeout, and of
         # a node's time to live, later): a transient fault (throttling past the backend's
         # retries, a 5xx, a lost answer) does not end the node.
-        for what, call in (
-            ("extending the visibility of held messages",
+        for what, patience, call in (  # (a third of what other nodes wait)
+            ("extending the visibility of held messages", self.config.visibility_timeout / 3,
              lambda: self.enclave.queue.extend(held, self.config.visibility_timeout)
              if held else None),
-            ("the heartbeat", lambda: self.enclave.nodes.heartbeat(self.node_id)),
+            ("the heartbeat", NODE_STALE / 3, lambda: self.enclave.nodes.heartbeat(self.node_id)),
         ):
             try:
                 call()
             except Exception as exc:
-                self._transient(what, exc)
+                self._transient(what, exc, patience)
                 log.warning("%s failed (%s: %s); trying again at the next upkeep",
                             what, type(exc).__name__, exc)
             else:
                 self._failing.pop(what, None)
         self.enclave.checkpoint()
 
-    def _transient(self, what: str, exc: Exception) -> None:
+    def _transient(self, what: str, exc: Exception, patience: float = PATIENCE) -> None:
         """A step failed (``what``): raise ``exc`` if the enclave calls it lasting, or if
-        that step has failed for longer than its patience (PATIENCE; for the heartbeat and
-        the extension of held messages, a third of the time other nodes wait); else it is
-        tried again later."""
+        that step has failed for longer than ``patience`` seconds; else it is tried again
+        later."""
         if self.enclave.lasting(exc):
             raise exc
         now = time.monotonic()
         since = self._failing.setdefault(what, now)
-        patience = PATIENCE
-        if what == "the heartbeat":
-            patience = 30.0 / 3  # (the backends' NODE_STALE_AFTER)
-        elif what.startswith("extending"):
-            patience = self.config.visibility_timeout / 3
         if now - since > patience:
             log.error("%s has failed for %.0f s: giving up", what, now - since)
             raise exc

@@ -317,7 +317,7 @@ def test_a_map_iterator_collected_while_its_thread_holds_the_send_lock(
     def trace(frame, event, arg):  # the manager thread's, set before it starts
         if (event == "call" and armed.is_set() and frame.f_code.co_name == "create"
                 and frame.f_code.co_filename.endswith(os.path.join("backends", "embedded.py"))
-                and ex._send_lock.locked()):
+                and ex._send_lock._is_owned()):
             armed.clear()
             gc.collect()
             collected.set()
