@@ -451,6 +451,23 @@ def test_a_duplicate_of_a_staged_task_going_to_a_worker_is_not_acked(data, make_
     assert out.read_text().splitlines() == ["ran"]
 
 
+def _step_until_uploading(node, f) -> None:
+    """Step a node in this process until ``f``'s job uploads its outputs: looked at right
+    after the node reads the worker's result, which moves the job to staging_outputs, and
+    before the step collects the upload, which for a small file may end within the step."""
+    from kotta_executor.states import JobState
+
+    def uploading() -> bool:
+        node._wait()
+        node._collect()
+        if f.status() == JobState.STAGING_OUTPUTS:
+            return True
+        node.step()
+        return False
+
+    wait_for(uploading, what="the job to stage its outputs")
+
+
 @pytest.mark.parametrize("how", ["kotta cancel", "future.kill()"])
 def test_a_kill_of_a_job_uploading_its_outputs_says_it_will_complete(
         data, make_executor, monkeypatch, how):
@@ -471,8 +488,7 @@ def test_a_kill_of_a_job_uploading_its_outputs_says_it_will_complete(
     node._start()
     try:
         f = alice.submit(tasks.write_file, "kept.txt", "kept\n", outputs=[out])
-        wait_for(lambda: (node.step(), f.status() == JobState.STAGING_OUTPUTS)[1],
-                 what="the job to stage its outputs")
+        _step_until_uploading(node, f)
         if how == "kotta cancel":
             r = kotta(enclave.home, "cancel", f.job_id)
         else:
@@ -511,8 +527,7 @@ def test_a_kill_too_late_is_not_recorded_for_a_redelivery_to_find(
     b = None
     try:
         f = alice.submit(tasks.write_file, "kept2.txt", "kept\n", outputs=[out])
-        wait_for(lambda: (a.step(), f.status() == JobState.STAGING_OUTPUTS)[1],
-                 what="the job to stage its outputs")
+        _step_until_uploading(a, f)
         assert f.kill() is False  # "it completes"
         # node A dies while uploading: its message is visible again (the reaper would)
         enclave.queue.release(a.data.held())
