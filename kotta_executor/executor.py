@@ -177,6 +177,9 @@ class KottaExecutor(Executor):
     before the first of these tasks it runs there (once per process; again in the next
     task if it raised, that task failing with its exception).  ``mp_context`` is accepted
     and means nothing here: workers are always processes of their own.
+    ``max_tasks_per_child``, as for ``ProcessPoolExecutor``: a worker process runs at most
+    that many tasks (counting every task it ran, for any executor of the same owner)
+    before the node replaces it with a fresh one.
     """
 
     def __init__(
@@ -193,6 +196,7 @@ class KottaExecutor(Executor):
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         mp_context: object = None,
+        max_tasks_per_child: int | None = None,
     ):
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -202,6 +206,15 @@ class KottaExecutor(Executor):
         self._options = Options.make(queue, walltime, requirements)
         del mp_context  # (ProcessPoolExecutor's: a node's workers are always processes of
         # their own, started afresh, as with "spawn")
+        if max_tasks_per_child is not None:  # (ProcessPoolExecutor's checks and messages)
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+            max_tasks_per_child = int(max_tasks_per_child)  # (True: 1, as JSON)
+        #: at most this many tasks run in a worker process that runs one of ours (the
+        #: node retires it after its last, and starts another): the tasks' header says so
+        self._max_tasks_per_child = max_tasks_per_child
         self._enclave = open_enclave(enclave)
         #: the initializer and its arguments, pickled once: each task carries them (the
         #: ``init`` section), and a worker runs them once, before the first task it runs
@@ -467,6 +480,8 @@ class KottaExecutor(Executor):
         }
         if self._process is not None:
             header["client_process"] = self._process
+        if self._max_tasks_per_child is not None:
+            header["max_tasks_per_child"] = self._max_tasks_per_child
         if opts.walltime_each is not None:
             header["walltime_each"] = opts.walltime_each
         if opts.requirements:  # read by the node, without unpickling anything

@@ -18,6 +18,8 @@ Task header:   kind="task", job_id, owner, client, queue, walltime (seconds), cr
                auth: the access token id (security/tokens.py); the envelope ends with a
                ``mac`` section signing all of it.  digests: {section: sha256} of refs.
                optional inputs / outputs: dataset URIs to stage (security/staging).
+               optional max_tasks_per_child (an integer >= 1): the worker that runs the
+               task has run fewer tasks than that before it, and is replaced once it has.
                sections: fn = cloudpickle(fn), args = cloudpickle([(args, kwargs), ...])
                (apart, so that a worker can reuse a function it has already unpickled)
 Result header: kind="result", job_id, outcome, n, optional error, usage.
@@ -346,6 +348,9 @@ def _usual_task(header: dict[str, Any]) -> bool:
         return False
     if type(header.get("requirements", "")) is not str or not _JOB_ID.fullmatch(job_id):
         return False
+    most = header.get("max_tasks_per_child", 1)
+    if type(most) is not int or most < 1:
+        return False
     secs = header.get("sections")
     if type(secs) is not list:
         return False
@@ -394,6 +399,10 @@ def _check_fields(header: Any) -> None:
             raise errors.EnvelopeError("task envelope created must be a finite time")
         if type(get("requirements", "")) is not str:
             raise errors.EnvelopeError("task envelope field 'requirements' must be a string")
+        most = get("max_tasks_per_child", 1)
+        if type(most) is not int or most < 1:
+            raise errors.EnvelopeError(
+                "task envelope field 'max_tasks_per_child' must be an integer of at least 1")
     elif header["outcome"] not in OUTCOMES:
         raise errors.EnvelopeError(f"unknown result outcome {header['outcome']!r}")
     secs = get("sections")

@@ -542,6 +542,10 @@ class Node:
                     elif w.kill_deadline is None:  # not ours: a worker that does this is broken
                         log.error("worker %s sent a result for no task: ending it", w.pid)
                         w.kill("WorkerDied", "it sent a result for no task")
+                if w.spent and not w.retiring and w.kill_deadline is None:
+                    # it has run as many tasks as one of them allowed (max_tasks_per_child):
+                    # it exits, and a fresh worker takes its place when one is needed
+                    w.retire()
                 if w.garbled and w.kill_deadline is None:
                     log.error("worker %s wrote garbage on its result pipe: ending it", w.pid)
                     w.kill("WorkerDied", "the worker wrote something on its result pipe that "
@@ -1213,13 +1217,14 @@ class Node:
                     refused.append(task)
                     continue
             alone = _restricted(task)  # with nothing before it in the pipe, or after it
-            w = self._worker_for(task.owner, load, caps, env, alone=alone)
+            limit = task.header.get("max_tasks_per_child")
+            w = self._worker_for(task.owner, load, caps, env, alone=alone, limit=limit)
             if w is not None and task.staged is not None:
                 if not self.data.still_allowed(task):
                     continue  # a grant revoked since its stage-in: it failed, never ran
                 if not alone and _restricted(task):  # its data made stricter meanwhile
                     alone = True
-                    w = self._worker_for(task.owner, load, caps, env, alone=True)
+                    w = self._worker_for(task.owner, load, caps, env, alone=True, limit=limit)
             if alone and w is not None:
                 caps[w] = 0
             if w is None:
@@ -1235,6 +1240,7 @@ class Node:
                     break
                 continue
             load[w] += 1
+            w.given(limit)
             plan.append((task, w))
         skipped.extend(self.pending)
         self.pending = skipped
@@ -1488,21 +1494,25 @@ class Node:
 
     def _worker_for(
         self, owner: str, load: dict[Worker, int], caps: dict[Worker, int],
-        env: envs.Env | None = None, *, alone: bool = False,
+        env: envs.Env | None = None, *, alone: bool = False, limit: int | None = None,
     ) -> Worker | None:
         """A worker of ``owner`` in the environment ``env`` (workers are keyed by both);
-        ``alone``: an idle one."""
+        ``alone``: an idle one; ``limit``: the task's ``max_tasks_per_child``, which the
+        worker's count of tasks must stay under (:meth:`Worker.takes`)."""
         key = None if env is None else env.key
         best = None
         for w, n in load.items():
             if w.owner == owner and w.env == key and n < caps[w] and (not alone or n == 0) and (
                 best is None or n < load[best]
-            ):
+            ) and (limit is None and w.max_tasks is None or w.takes(n, limit)):
                 best = w
         if best is not None:
             return best
         if len(self.workers) >= self.config.workers:
-            idle = [w for w, n in load.items() if n == 0 and (w.owner, w.env) != (owner, key)]
+            # replaced: an idle worker of another owner or env, or one that has run too
+            # many tasks for this one
+            idle = [w for w, n in load.items() if n == 0 and (
+                (w.owner, w.env) != (owner, key) or not w.takes(0, limit))]
             if not idle:
                 return None
             victim = idle[0]  # never share a worker between owners: replace it

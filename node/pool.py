@@ -91,6 +91,10 @@ class Worker:
     born: float = field(default_factory=time.monotonic)
     env: str | None = None  # key of the requirements venv it runs in (None: the node's python)
     retiring: bool = False  # takes no more tasks (it was given one with restricted data)
+    ran: int = 0  # tasks it has reported (or that ended in it)
+    #: the most tasks it may run in all: the least ``max_tasks_per_child`` of the tasks it
+    #: was given (None: no limit); it is retired once it has run them
+    max_tasks: int | None = None
     stop_asked: bool = False  # told to exit after its current task (it begins no other)
     ready: bool = False  # it has started up (said so with an empty message on its results)
     #: framed tasks the pipe has not taken yet: the node never blocks on a worker's pipe
@@ -224,6 +228,7 @@ class Worker:
 
     def task_done(self) -> Task:
         task = self.inflight.popleft()
+        self.ran += 1
         now = time.monotonic()
         if task.started is not None:
             self.avg = 0.8 * self.avg + 0.2 * (now - task.started)
@@ -272,6 +277,23 @@ class Worker:
             _signal_group(self.pid, signal.SIGTERM)
             return Leftovers(time.monotonic() + KILL_GRACE, self.pid, [])
         return Leftovers(self.kill_deadline, self.pid, self.kill_tree)
+
+    def takes(self, n: int, limit: int | None) -> bool:
+        """Whether, with ``n`` tasks before it in its pipe, it may be given a task whose
+        header says ``max_tasks_per_child=limit``: it will have run fewer tasks than that
+        before it, and fewer than the limit of any task given to it before."""
+        k = self.ran + n
+        return (self.max_tasks is None or k < self.max_tasks) and (limit is None or k < limit)
+
+    def given(self, limit: int | None) -> None:
+        """A task with ``max_tasks_per_child=limit`` is on its way to it."""
+        if limit is not None and (self.max_tasks is None or limit < self.max_tasks):
+            self.max_tasks = limit
+
+    @property
+    def spent(self) -> bool:
+        """Whether it has run as many tasks as one of them allowed its worker."""
+        return self.max_tasks is not None and self.ran >= self.max_tasks
 
     def retire(self) -> None:
         """Take no more tasks, and skip those already piped (the node re-queues them when

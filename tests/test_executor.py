@@ -284,6 +284,18 @@ def test_a_task_whose_walltime_each_is_not_a_walltime_is_refused(make_executor, 
         f.result(GUARD)
 
 
+def test_a_task_whose_max_tasks_per_child_is_malformed_is_refused(make_executor):
+    """A client that skipped the executor's check (here, by setting what it checks):
+    the node refuses the signed task as corrupt, naming the field."""
+    ex = make_executor(1)
+    ex._max_tasks_per_child = "2"
+    with pytest.raises(kotta_executor.CorruptTask, match="'max_tasks_per_child' must be an "
+                                                         "integer of at least 1"):
+        ex.submit(tasks.square, 2).result(GUARD)
+    ex._max_tasks_per_child = 2  # (and a good one runs)
+    assert ex.submit(tasks.square, 2).result(GUARD) == 4
+
+
 def test_map_items_that_wait_for_futures_are_not_packed_together(executor):
     """A failed dependency fails its own item only: items with futures are not packed
     (one failing would fail the others of its task)."""

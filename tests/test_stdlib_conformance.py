@@ -7,6 +7,7 @@ Each test names the CPython test it follows.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import gc
 import os
@@ -206,3 +207,65 @@ def test_a_dropped_executor_still_sends_and_runs_what_was_submitted(
     assert not manager.is_alive()
     assert out.read_text() == "go\n"
     assert make_executor(1, start_node=False).attach(b_id).result(timeout=GUARD) == "go"
+
+
+def test_max_tasks_per_child_replaces_a_worker_after_that_many_tasks(make_executor):
+    """ProcessPoolExecutorTest.test_max_tasks_per_child: with one worker and
+    ``max_tasks_per_child=3``, three tasks run in one process and the fourth in a new one."""
+    ex = make_executor(1, max_tasks_per_child=3)
+    pids = [ex.submit(os.getpid).result(timeout=GUARD) for _ in range(4)]
+    assert pids[0] == pids[1] == pids[2] != pids[3]
+
+
+def test_max_tasks_per_child_holds_for_a_burst_and_for_map(make_executor):
+    """Tasks that arrive together are piped to workers several at a time: still no worker
+    runs more than the limit.  A task of map's packed items is one task, as a chunk is one
+    work item for ProcessPoolExecutor."""
+    ex = make_executor(2, max_tasks_per_child=3)
+    pids = collections.Counter(
+        f.result(timeout=GUARD) for f in [ex.submit(os.getpid) for _ in range(40)])
+    assert sum(pids.values()) == 40 and max(pids.values()) <= 3 and len(pids) >= 14
+    items = collections.Counter(ex.map(tasks.get_init_status, range(600)))  # 4 items a task
+    per_worker = collections.Counter(pid for (*_, pid) in items.elements())
+    assert sum(per_worker.values()) == 600 and max(per_worker.values()) <= 3 * 4
+
+
+def test_workers_live_on_without_max_tasks_per_child(make_executor):
+    """ProcessPoolExecutorTest.test_max_tasks_per_child_defaults: by default a worker
+    serves every task."""
+    ex = make_executor(1)
+    assert len({ex.submit(os.getpid).result(timeout=GUARD) for _ in range(5)}) == 1
+
+
+def test_max_tasks_per_child_counts_what_a_worker_ran_for_other_executors(make_executor):
+    """A node's workers serve every executor of their owner: a task whose limit is 1 does
+    not run in a worker that ran another executor's tasks, but in a fresh one."""
+    warm = make_executor(1)
+    ran = {warm.submit(os.getpid).result(timeout=GUARD) for _ in range(3)}
+    fresh = make_executor(1, start_node=False, max_tasks_per_child=1)
+    pids = [fresh.submit(os.getpid).result(timeout=GUARD) for _ in range(3)]
+    assert len(set(pids)) == 3 and not set(pids) & ran
+    assert warm.submit(os.getpid).result(timeout=GUARD) not in pids  # (each one retired)
+
+
+def test_a_replaced_worker_runs_the_initializer_again(make_executor):
+    """Each fresh worker runs the initializer once, before its first task."""
+    ex = make_executor(1, initializer=tasks.set_init_status, initargs=("up",),
+                       max_tasks_per_child=2)
+    got = [ex.submit(tasks.get_init_status).result(timeout=GUARD) for _ in range(6)]
+    assert [(status, runs) for status, runs, _ in got] == [("up", 1)] * 6
+    assert len({pid for *_, pid in got}) == 3
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (0, ValueError, "max_tasks_per_child must be >= 1"),
+    (-2, ValueError, "max_tasks_per_child must be >= 1"),
+    ("3", TypeError, "max_tasks_per_child must be an integer"),
+    (2.0, TypeError, "max_tasks_per_child must be an integer"),
+])
+def test_a_bad_max_tasks_per_child_is_refused_as_process_pool_executor_does(
+        make_executor, value, error, message):
+    with pytest.raises(error, match=f"^{message}$"):
+        cf.ProcessPoolExecutor(1, max_tasks_per_child=value)
+    with pytest.raises(error, match=f"^{message}$"):
+        make_executor(1, max_tasks_per_child=value)

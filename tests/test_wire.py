@@ -1616,7 +1616,7 @@ SECTION_TABLES = st.lists(
 @given(
     task_headers,
     st.just({}) | st.dictionaries(
-        st.sampled_from(sorted({*wire._TASK_FIELDS, "requirements"})),
+        st.sampled_from(sorted({*wire._TASK_FIELDS, "requirements", "max_tasks_per_child"})),
         json_values | st.floats() | st.booleans(), max_size=2),
     st.just([]) | st.lists(st.sampled_from(sorted(wire._TASK_FIELDS)), max_size=2),
     st.lists(st.tuples(st.text(max_size=4), st.integers(0, 99)).map(list), max_size=3).map(
@@ -1659,6 +1659,13 @@ _DROP = _Drop()
 _NAN, _INF = float("nan"), float("inf")
 
 
+def test_a_task_may_say_how_many_tasks_its_worker_runs() -> None:
+    """``max_tasks_per_child``, optional: an integer of at least 1, both checks agree."""
+    for most in (1, 3, 10**6):
+        header = _usual_header(max_tasks_per_child=most)
+        assert wire._usual_task(header) and _fully_checked(header)
+
+
 @pytest.mark.parametrize("changes", [
     *({name: _DROP} for name in wire._TASK_FIELDS),
     {"n": 0}, {"n": -1}, {"n": True}, {"n": 1.0}, {"n": "1"},
@@ -1668,6 +1675,9 @@ _NAN, _INF = float("nan"), float("inf")
     {"job_id": "A" * 32}, {"job_id": "a" * 31}, {"job_id": "g" * 32}, {"job_id": 5},
     {"owner": 5}, {"client": None}, {"queue": []}, {"fn": {}},
     {"requirements": 5}, {"requirements": None}, {"requirements": ["numpy"]},
+    {"max_tasks_per_child": 0}, {"max_tasks_per_child": -3}, {"max_tasks_per_child": True},
+    {"max_tasks_per_child": 2.0}, {"max_tasks_per_child": "2"},
+    {"max_tasks_per_child": None},
     {"sections": {}}, {"sections": "fn"}, {"sections": [["mac", 32], ["fn", 10]]},
     {"sections": [["fn", 10], ["mac", 31]]}, {"sections": [["fn", -1]]},
     {"sections": [["fn"]]}, {"sections": [["fn", 1.0]]}, {"sections": [["fn", True]]},
