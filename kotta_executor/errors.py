@@ -1,7 +1,9 @@
 """Every exception kotta-executor raises of its own, in one place.
 
 Where a caller would expect a stdlib type we subclass it, so ``except TimeoutError``
-catches a walltime and ``except BrokenExecutor`` catches an unusable enclave.
+catches a walltime, ``except BrokenExecutor`` an unusable enclave, and ``except
+BrokenProcessPool`` (``ProcessPoolExecutor``'s, when a worker process dies) a worker that died
+under its task.
 Exceptions raised by *user code* on a node are not wrapped: they come back as themselves
 (see :mod:`kotta_executor.wire`); these classes are for what the enclave itself reports.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 from concurrent.futures import BrokenExecutor, CancelledError
+from concurrent.futures.process import BrokenProcessPool
 
 
 class KottaError(Exception):
@@ -75,8 +78,10 @@ class MemoryLimitExceeded(JobFailed, MemoryError):
     __new__ = Exception.__new__
 
 
-class WorkerDied(JobFailed):
+class WorkerDied(JobFailed, BrokenProcessPool):
     """The worker process running the task died (crash, ``os._exit``, killed for memory).
+    A ``BrokenProcessPool``, as ``ProcessPoolExecutor`` raises then, for code written for
+    it; but nothing else breaks: the node replaces the worker, and other tasks go on.
 
     ``exitcode`` is the process exit status, ``signal`` the number of the signal that
     killed it (or ``None``).

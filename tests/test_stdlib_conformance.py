@@ -269,3 +269,19 @@ def test_a_bad_max_tasks_per_child_is_refused_as_process_pool_executor_does(
         cf.ProcessPoolExecutor(1, max_tasks_per_child=value)
     with pytest.raises(error, match=f"^{message}$"):
         make_executor(1, max_tasks_per_child=value)
+
+
+def test_a_worker_that_dies_under_its_task_raises_broken_process_pool(make_executor):
+    """ExecutorDeadlockTest (test_crash_during_func_exec_on_worker): code written for
+    ``ProcessPoolExecutor`` catches ``BrokenProcessPool`` when a worker dies under a task.
+    Here the task fails with a ``WorkerDied``, which is one, naming the exit status; but
+    nothing else is broken: the executor runs the next task."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from kotta_executor import WorkerDied
+
+    ex = make_executor(1)
+    with pytest.raises(BrokenProcessPool, match="exited with code 3") as caught:
+        ex.submit(os._exit, 3).result(timeout=GUARD)
+    assert type(caught.value) is WorkerDied and caught.value.exitcode == 3
+    assert ex.submit(divmod, 7, 2).result(timeout=GUARD) == (3, 1)
