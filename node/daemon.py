@@ -933,13 +933,13 @@ class Node:
         fresh = [t for t in itertools.islice(self.pending, first, None) if not t.adopted]
         if not fresh:  # (an adopted task's record was written from its own envelope)
             return
-        records = self.enclave.jobs.get_many([t.job_id for t in fresh])
+        owners = self.enclave.jobs.owners([t.job_id for t in fresh])
         for t in fresh:
-            job = records.get(t.job_id)
-            if job is None or job.owner == t.owner:  # (no record: the claim finds none)
+            owner = owners.get(t.job_id)
+            if owner is None or owner == t.owner:  # (no record: the claim finds none)
                 continue
             self.pending.remove(t)
-            reason = (f"job {t.job_id} is {job.owner}'s: a task for it signed by {t.owner} "
+            reason = (f"job {t.job_id} is {owner}'s: a task for it signed by {t.owner} "
                       f"does not run")
             log.warning("dead-lettering: %s", reason)
             self.enclave.queue.dead_letter([t.delivery], reason)

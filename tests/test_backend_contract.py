@@ -903,6 +903,17 @@ def test_get_many_omits_unknown_ids(backend):
     assert backend.jobs.get("nope") is None
 
 
+def test_owners_names_the_owner_of_each_recorded_job(backend):
+    """What a node checks of each task it receives: as get_many's records say, unknown
+    ids left out."""
+    a, b = create(backend, 2, owner="alice")
+    (c,) = create(backend, 1, owner="bob")
+    got = backend.jobs.owners([a, "nope", c, b, uuid.uuid4().hex, a])
+    assert got == {a: "alice", b: "alice", c: "bob"}
+    assert got == {i: r.owner for i, r in backend.jobs.get_many([a, b, c]).items()}
+    assert backend.jobs.owners([]) == {}
+
+
 _ops = st.lists(
     st.one_of(
         st.tuples(

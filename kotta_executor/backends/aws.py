@@ -1578,6 +1578,10 @@ class DynamoJobs(_DynamoTable, JobTable):
                 raise RuntimeError("DynamoDB did not answer for some job records")
         return items
 
+    def owners(self, job_ids):
+        return {item["job_id"]["S"]: item["owner"]["S"]
+                for item in self._batch_get(list(job_ids), ("job_id", "owner"))}
+
     def get_many(self, job_ids, *, with_result=False):
         attrs = list(_RECORD_ATTRS) + (["result", "result_ref"] if with_result else [])
         out: dict[str, JobRecord] = {}

@@ -203,6 +203,11 @@ class JobTable(abc.ABC):
     @abc.abstractmethod
     def get_many(self, job_ids: Sequence[str], *, with_result: bool = False) -> dict[str, JobRecord]: ...
 
+    def owners(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The owner of each of these jobs that has a record: what a node checks of every
+        task it receives (a backend reads just that, where it can)."""
+        return {job_id: rec.owner for job_id, rec in self.get_many(job_ids).items()}
+
     @abc.abstractmethod
     def list(
         self, *, owner: str | None = None, state: str | None = None, limit: int = 50
