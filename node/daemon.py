@@ -1230,9 +1230,12 @@ class Node:
             if w is None:
                 skipped.append(task)
                 key = None if env is None else env.key
-                if alone or not any(x.owner == task.owner and x.env == key for x in load):
-                    # it waits for an idle worker (to have alone, or to replace): pipe
-                    # nothing more until one is, so that one soon is, and it goes first
+                if alone or not any(x.owner == task.owner and x.env == key and
+                                    x.takes(n, limit) for x, n in load.items()):
+                    # it waits for an idle worker (to have alone, or to replace: none of
+                    # its owner's, or none that will not have run too many tasks for it,
+                    # max_tasks_per_child): pipe nothing more until one is, so that one
+                    # soon is, and it goes first
                     break
                 if len(load) >= self.config.workers and all(
                     n >= caps[w_] for w_, n in load.items()
