@@ -1196,6 +1196,9 @@ class Node:
         skipped: deque[Task] = deque()
         to_stage: list[Task] = []
         refused: list[Task] = []  # failed once claimed (below), with the tasks to run
+        #: each worker's max_tasks before this plan gave it a limit (restored for a task
+        #: that is not sent after all: lost, or killed, below)
+        limited: dict[Worker, int | None] = {}
         if self._refusals:  # refused as received: from all of pending, not only the part
             self._refusals = False  # read before the loop finds no worker free
             refused = [t for t in self.pending if t.refusal is not None]
@@ -1243,7 +1246,9 @@ class Node:
                     break
                 continue
             load[w] += 1
-            w.given(limit)
+            if limit is not None:
+                limited.setdefault(w, w.max_tasks)
+                w.given(limit)
             plan.append((task, w))
         skipped.extend(self.pending)
         self.pending = skipped
@@ -1255,6 +1260,7 @@ class Node:
             return frames, []
         # a job that ran before (a redelivery, or back from a worker that died) may have
         # been killed meanwhile: it does not begin again
+        planned = len(plan)
         again = [t.job_id for t, _ in plan if t.claimed or t.delivery.receive_count > 1]
         killed = self.enclave.jobs.kill_requested(again) if again else set()
         if killed:
@@ -1278,6 +1284,12 @@ class Node:
                 self._fail_refused(t)
         if to_stage:  # after the claim: a copy of a task going to a worker sees it held
             self.data.start_in(to_stage, going)
+        if limited and len(going) < planned:  # the limits of the tasks that go only
+            for w, most in limited.items():
+                w.max_tasks = most
+            for task, w in plan:
+                if id(task) in started:
+                    w.given(task.header.get("max_tasks_per_child"))
         for task, w in plan:
             if id(task) in started:
                 frames.setdefault(w, []).append(task)
