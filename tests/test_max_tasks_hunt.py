@@ -76,3 +76,12 @@ def test_a_dropped_copy_of_a_limited_task_replaces_no_warm_worker(
         make_executor, start_node, enclave):
     unlimited, warm = _copy_of_a_finished_limited_task(make_executor, start_node, enclave)
     assert unlimited.submit(os.getpid).result(GUARD) == warm
+
+
+def test_a_max_tasks_per_child_over_64_bits_is_accepted_as_process_pool_executor_does(
+        make_executor):
+    """ProcessPoolExecutor takes any integer of at least 1: so does the executor, and its
+    tasks run (JSON readers take an integer over 64 bits for a float)."""
+    ex = make_executor(1, max_tasks_per_child=2**64)
+    pids = [ex.submit(os.getpid).result(GUARD) for _ in range(3)]
+    assert len(set(pids)) == 1
