@@ -211,7 +211,9 @@ class KottaExecutor(Executor):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
-            max_tasks_per_child = int(max_tasks_per_child)  # (True: 1, as JSON)
+            # (True: 1, as JSON; and at most 2**63 - 1, as JSON readers take a longer
+            # integer for a float: a limit never reached all the same)
+            max_tasks_per_child = min(int(max_tasks_per_child), 2**63 - 1)
         #: at most this many tasks run in a worker process that runs one of ours (the
         #: node retires it after its last, and starts another): the tasks' header says so
         self._max_tasks_per_child = max_tasks_per_child
