@@ -85,3 +85,15 @@ def test_a_max_tasks_per_child_over_64_bits_is_accepted_as_process_pool_executor
     ex = make_executor(1, max_tasks_per_child=2**64)
     pids = [ex.submit(os.getpid).result(GUARD) for _ in range(3)]
     assert len(set(pids)) == 1
+
+
+def test_map_runs_no_more_items_in_a_worker_than_max_tasks_per_child(make_executor):
+    """ProcessPoolExecutor.map with its default chunksize=1 makes each item a work item,
+    which max_tasks_per_child counts: a worker runs at most that many items.  The items
+    the executor packs into a task itself (chunksize=1) are not a chunk the caller asked
+    for: they must not run more items in one process than the limit."""
+    import collections
+
+    ex = make_executor(1, max_tasks_per_child=4)
+    pids = collections.Counter(ex.map(tasks.worker_pid, range(128)))  # (2 items a task)
+    assert sum(pids.values()) == 128 and max(pids.values()) <= 4, pids.most_common(2)
