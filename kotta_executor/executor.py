@@ -532,7 +532,10 @@ class KottaExecutor(Executor):
         # packed by us: together, a task's items get the walltime each would have had
         # alone.  Not items that wait for futures: a failed one would fail its task's
         # other items with it
-        if chunksize == 1 and not any(isinstance(a, Future) for args in items for a in args):
+        # Nor with max_tasks_per_child: ProcessPoolExecutor counts each item (chunksize=1)
+        if chunksize == 1 and self._max_tasks_per_child is None and not any(
+            isinstance(a, Future) for args in items for a in args
+        ):
             size = self._auto_chunk(len(items), opts)
             if size > 1:
                 opts = replace(opts, walltime=size * opts.walltime, walltime_each=opts.walltime)

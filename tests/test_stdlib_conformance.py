@@ -219,15 +219,15 @@ def test_max_tasks_per_child_replaces_a_worker_after_that_many_tasks(make_execut
 
 def test_max_tasks_per_child_holds_for_a_burst_and_for_map(make_executor):
     """Tasks that arrive together are piped to workers several at a time: still no worker
-    runs more than the limit.  A task of map's packed items is one task, as a chunk is one
-    work item for ProcessPoolExecutor."""
+    runs more than the limit.  map (chunksize=1) packs no items into a task: each counts,
+    as each is a work item for ProcessPoolExecutor."""
     ex = make_executor(2, max_tasks_per_child=3)
     pids = collections.Counter(
         f.result(timeout=GUARD) for f in [ex.submit(os.getpid) for _ in range(40)])
     assert sum(pids.values()) == 40 and max(pids.values()) <= 3 and len(pids) >= 14
-    items = collections.Counter(ex.map(tasks.get_init_status, range(600)))  # 4 items a task
+    items = collections.Counter(ex.map(tasks.get_init_status, range(60)))
     per_worker = collections.Counter(pid for (*_, pid) in items.elements())
-    assert sum(per_worker.values()) == 600 and max(per_worker.values()) <= 3 * 4
+    assert sum(per_worker.values()) == 60 and max(per_worker.values()) <= 3
 
 
 def test_workers_live_on_without_max_tasks_per_child(make_executor):
