@@ -1,40 +1,40 @@
-"""Hunt: max_tasks_per_child (commit 52917c1), with real nodes and workers."""
+"""max_tasks_per_child on a node: which worker a limited task may go to, and what a task
+that never runs leaves behind.  Real nodes and workers (the plain cases are in
+test_stdlib_conformance.py)."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from tests import tasks
-from tests.conftest import GUARD
+from tests.conftest import GUARD, wait_for
 
 
-def test_a_limited_task_is_not_overtaken_forever_by_later_tasks(make_executor, start_node):
+def test_a_limited_task_is_not_overtaken_forever_by_later_tasks(make_executor, start_node, enclave):
     """One worker, kept busy by tasks piped behind each other: a task whose limit its
     worker has reached waits for that worker to be idle, to be replaced.  Tasks that
     arrive after it must not keep filling the worker's pipe ahead of it (as they would
     not for a task of another owner, or one that must run alone): ProcessPoolExecutor
-    runs work items in order."""
+    runs work items in order.  Overtaken, it began only after every later task."""
     start_node(workers=1)
     busy = make_executor(1, start_node=False)
     limited = make_executor(1, start_node=False, max_tasks_per_child=1)
     assert busy.submit(os.getpid).result(GUARD)  # the worker has run a task
-    done: dict[str, float] = {}
     head = [busy.submit(tasks.sleep_and_return, 0.1, i) for i in range(10)]
-    time.sleep(0.3)  # (running, the rest piped or pending)
+    wait_for(lambda: head[0].status() == "processing", what="the first task to run")
     f = limited.submit(os.getpid)
-    f.add_done_callback(lambda _: done.setdefault("limited", time.monotonic()))
-    time.sleep(0.3)  # (sent, and taken by the node, before the tasks after it)
+    # recorded (its message or hand-off) before the tasks after it are submitted: an
+    # executor's sends are its own manager's, and another executor's could overtake it
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the limited task's job")
     tail = [busy.submit(tasks.sleep_and_return, 0.1, i) for i in range(40)]
     for t in head + tail:
         t.result(GUARD)
     f.result(GUARD)
-    last = time.monotonic()
-    # in order, it runs before the tail (4 s of it); overtaken, only after all of it
-    assert last - done["limited"] > 2.0, "the limited task ran only after every later task"
-
+    records = enclave.jobs.get_many([f.job_id, *(t.job_id for t in tail)])
+    began = records.pop(f.job_id).started
+    assert began <= min(r.started for r in records.values()), "later tasks went first"
 
 
 def _copy_of_a_finished_limited_task(make_executor, start_node, enclave):
@@ -42,8 +42,6 @@ def _copy_of_a_finished_limited_task(make_executor, start_node, enclave):
     finished task of an executor with max_tasks_per_child=1 (a queue reader's copy, put
     back), which it drops, never runs: (that executor, the warm worker's pid)."""
     from kotta_executor.backends.base import Message
-
-    from tests.conftest import wait_for
 
     unlimited = make_executor(1, start_node=False)
     limited = make_executor(1, start_node=False, max_tasks_per_child=1)
@@ -56,8 +54,8 @@ def _copy_of_a_finished_limited_task(make_executor, start_node, enclave):
     warm = unlimited.submit(os.getpid).result(GUARD)
     enclave.queue.send("test", [Message(f.job_id, original.body)])  # the copy
     enclave.ring_nodes("test")
-    wait_for(lambda: enclave.queue.depth("test") == 0, what="the node to take the copy")
-    time.sleep(0.5)  # (and drop it)
+    # (its message is deleted once the node has dropped it)
+    wait_for(lambda: enclave.queue.depth("test") == 0, what="the node to drop the copy")
     return unlimited, warm
 
 
