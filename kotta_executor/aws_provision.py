@@ -497,6 +497,14 @@ def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
                 "Action": NODE_S3_ACTIONS,
                 "Resource": f"arn:aws:s3:::{names.bucket}/{names.blob_prefix}*",
             },
+            {  # a node's sweep for task blobs no job records (node.daemon.STRAY_BLOB_AGE)
+                "Sid": "ListTaskBlobs",
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": f"arn:aws:s3:::{names.bucket}",
+                "Condition": {"StringLike": {"s3:prefix": [
+                    f"{names.blob_prefix}fn-*", f"{names.blob_prefix}args-*"]}},
+            },
             {
                 "Sid": "ReadRecords",
                 "Effect": "Allow",

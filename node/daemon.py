@@ -91,6 +91,15 @@ HOLD_RETRY = 0.002
 #: the sections of a task that go to blobs named ``<section>-<job id>`` when too big for
 #: its message (KottaExecutor._new_job)
 TASK_SECTIONS = ("fn", "args")
+#: task blobs (TASK_SECTIONS) whose job has no record, last written longer ago than this,
+#: are deleted: a client died between writing them and recording its job (a kernel restarted
+#: during a burst of big submits), and nothing else would ever remove them, nor the data in
+#: them.  Far longer than a client takes from one to the other (it gives up after
+#: executor.SEND_RETRY_FOR)
+STRAY_BLOB_AGE = 3600.0
+#: seconds between a node's looks for them (a page of keys a section each look, going on
+#: from where the last look stopped); the first look is at the node's first upkeep
+STRAY_BLOB_LOOK = 600.0
 #: seconds between looks for processes dead workers left (pool.Orphans); soon after a death
 ORPHAN_LOOK = 2.0
 ORPHAN_LOOK_SOON = 0.1
@@ -151,6 +160,9 @@ class Node:
         self.adopts_orphans = False
         self.orphans = pool.Orphans()
         self._next_orphan_look = 0.0
+        self._next_stray_look = 0.0
+        #: where each section's listing of task blobs goes on at the next look
+        self._stray_after = dict.fromkeys(TASK_SECTIONS, "")
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -1575,7 +1587,33 @@ class Node:
                             what, type(exc).__name__, exc)
             else:
                 self._failing.pop(what, None)
+        if now >= self._next_stray_look:
+            self._next_stray_look = now + STRAY_BLOB_LOOK
+            self._sweep_stray_blobs()
         self.enclave.checkpoint()
+
+    def _sweep_stray_blobs(self) -> None:
+        """Delete the task blobs that no job record names, written over STRAY_BLOB_AGE
+        ago (a page of keys a section).  Housekeeping: a failure waits for the next look."""
+        before = time.time() - STRAY_BLOB_AGE
+        try:
+            for section in TASK_SECTIONS:
+                keys, self._stray_after[section] = self.enclave.blobs.older(
+                    f"{section}-", before, after=self._stray_after[section])
+                by_job = {k[len(section) + 1:]: k for k in keys}
+                by_job = {j: k for j, k in by_job.items() if wire.is_job_id(j)}
+                if not by_job:
+                    continue
+                known = self.enclave.jobs.owners(list(by_job))
+                stray = [k for j, k in by_job.items() if j not in known]
+                if stray:
+                    log.info("deleting %d task blobs (%s-...) that no job records, written "
+                             "over %.0f s ago: their clients died before recording them",
+                             len(stray), section, STRAY_BLOB_AGE)
+                    self.enclave.blobs.delete(stray)
+        except Exception as exc:  # noqa: BLE001 - housekeeping: never the node's end
+            log.warning("looking for stray task blobs failed (%s: %s); trying again in "
+                        "%.0f s", type(exc).__name__, exc, STRAY_BLOB_LOOK)
 
     def _transient(self, what: str, exc: Exception, patience: float = PATIENCE) -> None:
         """A step failed (``what``): raise ``exc`` if the enclave calls it lasting, or if

@@ -1107,6 +1107,30 @@ def test_blob_round_trip(backend):
     assert backend.blobs.get("big") == big
 
 
+def test_older_lists_the_keys_of_a_prefix_written_before_a_time_a_page_at_a_time(backend):
+    """What a node's sweep for stray task blobs reads: keys of one prefix, in order, those
+    written before the time given, a page of ``scan`` keys a call."""
+    keys = [f"args-{i:02d}" for i in range(7)]
+    for key in keys:
+        backend.blobs.put(key, b"x")
+    backend.blobs.put("argv-0", b"x")  # another prefix, the same first letters
+    backend.blobs.put("fn-01", b"x")
+    future, past = time.time() + 3600, time.time() - 3600
+    assert backend.blobs.older("args-", future) == (keys, "")
+    assert backend.blobs.older("args-", past) == ([], "")  # none written that long ago
+    pages, after = [], ""
+    while True:
+        page, after = backend.blobs.older("args-", future, after=after, scan=3)
+        pages.append(page)
+        if not after:
+            break
+    assert pages == [keys[:3], keys[3:6], keys[6:]]
+    assert backend.blobs.older("args-", future, after="args-05") == (keys[6:], "")
+    assert backend.blobs.older("nothing-", future) == ([], "")
+    backend.blobs.delete(keys[:2])
+    assert backend.blobs.older("args-", future)[0] == keys[2:]
+
+
 def test_missing_blob_raises_key_error(backend):
     with pytest.raises(KeyError):
         backend.blobs.get("missing")

@@ -363,6 +363,32 @@ def test_a_task_that_never_runs_leaves_no_blob(make_executor, enclave, end):
     assert _blob_files(enclave) == []
 
 
+def test_task_blobs_that_no_job_records_are_deleted_once_old(start_node, enclave):
+    """A client that dies between writing a task's big sections to blobs and recording
+    its job (a kernel restarted during a burst of big submits) leaves blobs that nothing
+    names, with the pickled arguments in them, for ever.  Nodes delete those written over
+    STRAY_BLOB_AGE ago; not a recorded job's, nor a younger one (its client may record it
+    yet), nor a blob that is not a task's."""
+    import uuid
+
+    from node.daemon import STRAY_BLOB_AGE
+
+    recorded = uuid.uuid4().hex  # a job recorded, never queued: no node ends it
+    enclave.jobs.create([NewJob(recorded, "someone", "client", "test", "fn", 60.0, b"", 1)],
+                        enqueue=False)
+    stray = [f"args-{uuid.uuid4().hex}", f"fn-{uuid.uuid4().hex}"]
+    keep = [f"args-{recorded}", f"args-{uuid.uuid4().hex}", "args-not-a-job"]
+    for key in (*stray, *keep):
+        enclave.blobs.put(key, b"pickled arguments")
+    then = time.time() - STRAY_BLOB_AGE - 60
+    for key in (*stray, keep[0], keep[2]):  # written over an hour ago
+        os.utime(enclave.home / "blobs" / key[:2] / key, (then, then))
+    start_node(visibility_timeout=3.0)  # (its upkeep, and first look, a second after start)
+    wait_for(lambda: not set(stray) & set(_blob_files(enclave)),
+             what="the node to delete the stray blobs")
+    assert _blob_files(enclave) == sorted(keep)
+
+
 # ---------------------------------------------------------------------- draining
 
 

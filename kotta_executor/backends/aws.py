@@ -505,6 +505,21 @@ class S3Blobs(BlobStore):
         for chunk in _chunks(full, 1000):
             self._delete_objects(chunk)
 
+    def older(self, prefix, before, *, after="", scan=1000):
+        base = self._e.names.blob_prefix
+        kw: dict[str, Any] = {"Bucket": self._e.names.bucket, "Prefix": base + prefix,
+                              "MaxKeys": scan}
+        if after:
+            kw["StartAfter"] = base + after
+        try:
+            resp = self._s3.list_objects_v2(**kw)
+        except _client_error() as exc:
+            raise self._missing_bucket(exc) from None
+        listed = resp.get("Contents") or []
+        old = [o["Key"][len(base):] for o in listed if o["LastModified"].timestamp() < before]
+        more = bool(resp.get("IsTruncated")) and listed
+        return old, (listed[-1]["Key"][len(base):] if more else "")
+
     def _delete_objects(self, keys: list[str]) -> None:
         """One DeleteObjects call's worth.  S3 answers 200 even when it deleted only some:
         the keys it names in ``Errors`` are tried again (an ``InternalError`` or

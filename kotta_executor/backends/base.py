@@ -171,6 +171,14 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, keys: Iterable[str]) -> None: ...
 
+    @abc.abstractmethod
+    def older(self, prefix: str, before: float, *, after: str = "",
+              scan: int = 1000) -> tuple[list[str], str]:
+        """A page of the keys that begin with ``prefix``, in key order: of the first
+        ``scan`` of them after ``after``, those last written before ``before`` (a
+        ``time.time()``); and where the next page begins (``after`` for the next call), or
+        ``""`` once the listing has ended."""
+
 
 class JobTable(abc.ABC):
     @abc.abstractmethod

@@ -448,6 +448,28 @@ class EmbeddedBlobs(BlobStore):
             except FileNotFoundError:
                 pass
 
+    def older(self, prefix, before, *, after="", scan=1000):
+        # a key lives in the directory of its first two characters (_path)
+        dirs = sorted(d for d in os.listdir(self.root) if d.startswith(prefix[:2])
+                      and len(d) == 2) if os.path.isdir(self.root) else []
+        names: list[tuple[str, Path]] = []
+        for d in dirs:
+            try:
+                names += [(n, self.root / d / n) for n in os.listdir(self.root / d)
+                          if n.startswith(prefix) and n > after and not n.startswith(".")]
+            except FileNotFoundError:
+                continue
+        names.sort()
+        page, more = names[:scan], len(names) > scan
+        old = []
+        for name, path in page:
+            try:
+                if path.stat().st_mtime < before:
+                    old.append(name)
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+        return old, (page[-1][0] if more else "")
+
 
 class EmbeddedJobs(JobTable):
     def __init__(self, db: _Db, blobs: EmbeddedBlobs):
