@@ -335,6 +335,30 @@ class KottaExecutor(Executor):
         elif wait and manager is not threading.current_thread():
             manager.join()
 
+    def terminate_workers(self) -> None:
+        """As ``ProcessPoolExecutor.terminate_workers`` (Python 3.14): stop now.  The
+        executor shuts down without waiting and cancels what no node has started, and each
+        of its tasks that runs is killed (its process tree, as by ``future.kill()``: its
+        future raises :class:`TaskKilled`).  A node's workers serve every executor of
+        their owner: only those running this executor's tasks are ended, and the node
+        replaces them.  Jobs this executor attached to (``attach``) run on."""
+        with self._shutdown_lock:  # (list(): one step, as the manager drops done ones)
+            own = [f for job_id, f in list(self._futures.items())
+                   if job_id not in self._attached]
+        self.shutdown(wait=False, cancel_futures=True)
+        for f in own:
+            try:
+                f.kill()
+            except Exception:
+                if not f.done():  # (done meanwhile, and the manager closed the enclave: fine)
+                    raise
+
+    def kill_workers(self) -> None:
+        """As ``ProcessPoolExecutor.kill_workers`` (Python 3.14): here the same as
+        :meth:`terminate_workers`.  A kill sends the task's process tree SIGTERM and, to
+        what outlives half a second of grace, SIGKILL."""
+        self.terminate_workers()
+
     def with_options(
         self, *, queue: str | None = None, walltime: float | _dt.timedelta | None = None,
         requirements: str | Iterable[str] | None = None,

@@ -285,3 +285,31 @@ def test_a_worker_that_dies_under_its_task_raises_broken_process_pool(make_execu
         ex.submit(os._exit, 3).result(timeout=GUARD)
     assert type(caught.value) is WorkerDied and caught.value.exitcode == 3
     assert ex.submit(divmod, 7, 2).result(timeout=GUARD) == (3, 1)
+
+
+@pytest.mark.parametrize("how", ["terminate_workers", "kill_workers"])
+def test_terminate_and_kill_workers_end_the_executors_tasks_at_once(
+        make_executor, tmp_path, how):
+    """ProcessPoolExecutorTest.test_terminate_workers / test_kill_workers (Python 3.14): the
+    running task ends at once, what waits never runs, and the executor takes no more.  A
+    worker here serves every executor of its owner: another executor's task runs on."""
+    from kotta_executor import TaskKilled
+
+    ex = make_executor(2)
+    other = make_executor(1, start_node=False)  # (the same node)
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    running = ex.submit(tasks.touch_then_wait, str(mine), str(tmp_path / "never"))
+    wait_for(mine.exists, what="the task to start")
+    bystander = other.submit(tasks.touch_then_wait, str(theirs), str(tmp_path / "go"))
+    wait_for(theirs.exists, what="the other executor's task to start")
+    waiting = [ex.submit(tasks.square, i) for i in range(20)]
+    getattr(ex, how)()
+    with pytest.raises(TaskKilled):
+        running.result(timeout=GUARD)
+    for f in waiting:  # cancelled, or killed in a worker's pipe: never run
+        assert f.cancelled() or type(f.exception(timeout=GUARD)) is TaskKilled
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(tasks.square, 2)
+    assert not bystander.done()
+    tasks.release(tmp_path / "go", "on")
+    assert bystander.result(timeout=GUARD) == "on"
