@@ -318,8 +318,12 @@ class KottaExecutor(Executor):
         *iterables: Iterable,
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
     ) -> Iterator:
-        return self._map(fn, iterables, timeout, chunksize, self._options)
+        """As ``Executor.map``, with Python 3.14's ``buffersize`` on every version: the
+        iterables are read lazily, and at most ``buffersize`` tasks (of ``chunksize`` items)
+        are submitted ahead of the values taken."""
+        return self._map(fn, iterables, timeout, chunksize, self._options, buffersize)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
@@ -547,10 +551,16 @@ class KottaExecutor(Executor):
             w.opts.walltime, b"", len(w.calls),
         )
 
-    def _map(self, fn, iterables, timeout, chunksize, opts) -> Iterator:
+    def _map(self, fn, iterables, timeout, chunksize, opts, buffersize=None) -> Iterator:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
+        if buffersize is not None:  # (Executor.map's checks and messages, Python 3.14)
+            if not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
+            return self._map_buffered(fn, iterables, end_time, chunksize, opts, buffersize)
         items = list(zip(*iterables, strict=False))
         size = chunksize
         # packed by us: together, a task's items get the walltime each would have had
@@ -572,26 +582,52 @@ class KottaExecutor(Executor):
             self._cancel_futures(fs)  # map() raises; the tasks of earlier items do not run
             raise
 
-        def result_iterator():
-            try:
-                fs.reverse()
-                while fs:
-                    if end_time is None:
-                        outcomes = fs[-1].result()
-                    else:
-                        outcomes = fs[-1].result(end_time - time.monotonic())
-                    fs.pop()  # (and with it the future, which holds its task's values)
-                    # No reference to a value once it is yielded, as ProcessPoolExecutor
-                    # (bpo-14406): popped from a copy, whose future is gone
-                    outcomes = outcomes[::-1]
-                    while outcomes:
-                        if not outcomes[-1][0]:
-                            raise outcomes.pop()[1]
-                        yield outcomes.pop()[1]
-            finally:  # (the items not yet yielded: their tasks, in one cancel)
-                self._cancel_left(fs)
+        fs.reverse()
+        return self._map_values(deque(fs), end_time)
 
-        return result_iterator()
+    def _map_buffered(self, fn, iterables, end_time, chunksize, opts, buffersize) -> Iterator:
+        """map with a ``buffersize``: tasks of exactly ``chunksize`` items (none packed by
+        us: how many items there are is not known), read from the iterables as they are
+        submitted; ``buffersize`` of them at first, then one more as each one's values are
+        taken, as Executor.map does (Python 3.14)."""
+        rows = zip(*iterables, strict=False)
+
+        def next_task() -> KottaFuture | None:
+            chunk = list(itertools.islice(rows, chunksize))
+            return self._submit(fn, [(args, {}) for args in chunk], opts, batch=True) \
+                if chunk else None
+
+        fs: deque[KottaFuture] = deque()
+        try:
+            while len(fs) < buffersize and (f := next_task()) is not None:
+                fs.appendleft(f)
+        except BaseException:  # an item that cannot be pickled: map() raises, and the
+            self._cancel_futures(fs)  # tasks of earlier items do not run
+            raise
+        return self._map_values(fs, end_time, next_task)
+
+    def _map_values(self, fs: deque[KottaFuture], end_time: float | None,
+                    refill: Callable[[], KottaFuture | None] | None = None) -> Iterator:
+        """The values of a map's tasks ``fs`` (the oldest last), in order; ``refill``: a
+        buffered map's next task, submitted before each task's values are waited for."""
+        try:
+            while fs:
+                if refill is not None and (f := refill()) is not None:
+                    fs.appendleft(f)
+                if end_time is None:
+                    outcomes = fs[-1].result()
+                else:
+                    outcomes = fs[-1].result(end_time - time.monotonic())
+                fs.pop()  # (and with it the future, which holds its task's values)
+                # No reference to a value once it is yielded, as ProcessPoolExecutor
+                # (bpo-14406): popped from a copy, whose future is gone
+                outcomes = outcomes[::-1]
+                while outcomes:
+                    if not outcomes[-1][0]:
+                        raise outcomes.pop()[1]
+                    yield outcomes.pop()[1]
+        finally:  # (the items not yet yielded: their tasks, in one cancel)
+            self._cancel_left(list(fs))
 
     def _cancel_left(self, fs: list[KottaFuture]) -> None:
         """Cancel the tasks of the items a map's iterator did not yield, as it is closed.
@@ -1388,8 +1424,8 @@ class OptionsView(Executor):
             opts, kwargs = staging.split_kwargs(fn, opts, kwargs)
         return self._parent._submit(fn, [(args, kwargs)], opts)
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1):
-        return self._parent._map(fn, iterables, timeout, chunksize, self._options)
+    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
+        return self._parent._map(fn, iterables, timeout, chunksize, self._options, buffersize)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass

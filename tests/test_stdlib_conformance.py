@@ -313,3 +313,72 @@ def test_terminate_and_kill_workers_end_the_executors_tasks_at_once(
     assert not bystander.done()
     tasks.release(tmp_path / "go", "on")
     assert bystander.result(timeout=GUARD) == "on"
+
+
+@pytest.mark.parametrize("value, error, message", [
+    ("foo", TypeError, "buffersize must be an integer or None"),
+    (2.0, TypeError, "buffersize must be an integer or None"),
+    (0, ValueError, "buffersize must be None or > 0"),
+    (-1, ValueError, "buffersize must be None or > 0"),
+])
+def test_map_checks_buffersize_as_python_3_14_does(make_executor, value, error, message):
+    """ExecutorTest.test_map_buffersize_type_validation / _value_validation (3.14)."""
+    ex = make_executor(1)
+    with pytest.raises(error, match=f"^{message}$"):
+        ex.map(str, range(4), buffersize=value)
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_with_a_buffersize_gives_every_value_in_order(make_executor, chunksize):
+    """ExecutorTest.test_map_buffersize, _on_multiple_iterables, _on_empty_iterable,
+    _without_iterable (3.14); and through with_options."""
+    ex = make_executor(2)
+    for buffersize in (1, 2, 4, 8):
+        assert list(ex.map(str, range(4), chunksize=chunksize, buffersize=buffersize)) == [
+            "0", "1", "2", "3"]
+        assert list(ex.map(tasks.add, range(4), range(4), chunksize=chunksize,
+                           buffersize=buffersize)) == [0, 2, 4, 6]
+    assert list(ex.map(str, [], buffersize=2)) == []
+    assert list(ex.map(str, buffersize=2)) == []
+    view = ex.with_options(walltime=1)
+    assert list(view.map(str, range(5), buffersize=2)) == ["0", "1", "2", "3", "4"]
+
+
+def test_map_with_a_buffersize_reads_an_infinite_iterable_lazily(make_executor):
+    """ExecutorTest.test_map_buffersize_on_infinite_iterable and
+    _on_multiple_infinite_iterables (3.14); closing the iterator cancels what is left."""
+    import itertools
+
+    ex = make_executor(1)
+    res = ex.map(str, itertools.count(), buffersize=2)
+    assert [next(res), next(res), next(res)] == ["0", "1", "2"]
+    res.close()
+    res = ex.map(tasks.add, itertools.count(), itertools.count(), buffersize=2)
+    assert [next(res), next(res), next(res)] == [0, 2, 4]
+
+
+def test_map_with_a_full_buffer_reads_no_further(make_executor):
+    """ExecutorTest.test_map_buffersize_when_buffer_is_full (3.14): without iteration, only
+    ``buffersize`` tasks' items are read (``chunksize`` items a task)."""
+    ex = make_executor(1)
+    ints = iter(range(10))
+    ex.map(str, ints, buffersize=2)
+    assert next(ints) == 2
+    ex.map(str, ints, chunksize=3, buffersize=2)  # items 3 to 8
+    assert next(ints) == 9
+    ex.shutdown(wait=True)
+
+
+def test_map_with_a_buffersize_stops_at_an_item_that_cannot_be_sent(make_executor):
+    """An item read during iteration that cannot be pickled raises from ``next()``, as
+    its submit would in Executor.map, and the iterator ends."""
+    import threading
+
+    from kotta_executor import SerializationError
+
+    ex = make_executor(1)
+    res = ex.map(str, [1, 2, threading.Lock(), 4], buffersize=1)
+    assert next(res) == "1"
+    with pytest.raises(SerializationError, match=r"argument 0 \(<unlocked _thread.lock"):
+        next(res)
+    assert next(res, None) is None
