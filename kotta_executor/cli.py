@@ -109,7 +109,7 @@ def _taking(common: argparse.ArgumentParser, sub):
 
 def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue", default="test")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=config.cpu_count())
     p.add_argument("--visibility-timeout", type=float, default=30.0)
     p.add_argument("--max-deliveries", type=int, default=5)
     p.add_argument("--poll-interval", type=float, default=0.5)

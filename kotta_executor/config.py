@@ -180,3 +180,16 @@ def current_user() -> str:
         return getpass.getuser()
     except Exception:  # noqa: BLE001 - no login name in some containers
         return f"uid{os.getuid()}"
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on: ``ProcessPoolExecutor``'s default ``max_workers``
+    since Python 3.13 (``os.process_cpu_count``, which heeds the CPU affinity a batch
+    system or ``taskset`` gives a job), else the machine's count."""
+    counted = getattr(os, "process_cpu_count", None)
+    if counted is not None:
+        return counted() or 1
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # (no affinity on this platform)
+        return os.cpu_count() or 1

@@ -199,7 +199,7 @@ class KottaExecutor(Executor):
         max_tasks_per_child: int | None = None,
     ):
         if max_workers is None:
-            max_workers = os.cpu_count() or 1
+            max_workers = config.cpu_count()
         elif max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         self._max_workers = max_workers

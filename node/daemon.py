@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -110,7 +110,7 @@ CLIENTS_KEPT = 1024
 @dataclass
 class NodeConfig:
     queue: str = "test"
-    workers: int = os.cpu_count() or 1
+    workers: int = field(default_factory=kconfig.cpu_count)
     visibility_timeout: float = 30.0
     max_deliveries: int = 5
     poll_interval: float = 0.5

@@ -382,3 +382,22 @@ def test_map_with_a_buffersize_stops_at_an_item_that_cannot_be_sent(make_executo
     with pytest.raises(SerializationError, match=r"argument 0 \(<unlocked _thread.lock"):
         next(res)
     assert next(res, None) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_max_workers_defaults_to_the_cpus_the_process_may_use(enclave_dir):
+    """ProcessPoolExecutor's default since Python 3.13 (os.process_cpu_count): a job that a
+    batch system or ``taskset`` holds to one CPU starts one worker, not one per CPU of the
+    machine.  (In a child process, whose affinity the test may change.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
+        "from kotta_executor import KottaExecutor; from node.daemon import NodeConfig;"
+        f"ex = KottaExecutor(enclave={str(enclave_dir)!r}, start_node=False);"
+        "print(ex._max_workers, NodeConfig(queue='test').workers); ex.shutdown()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=GUARD, check=True, cwd=os.getcwd())
+    assert out.stdout.split() == ["1", "1"], out.stderr
