@@ -1131,6 +1131,18 @@ def test_older_lists_the_keys_of_a_prefix_written_before_a_time_a_page_at_a_time
     assert backend.blobs.older("args-", future)[0] == keys[2:]
 
 
+def test_older_lists_keys_of_one_or_two_characters_as_any_other(backend):
+    """A key shorter than the directory names of the embedded store (one character: it
+    lives in a directory of one) begins with the prefixes ``""`` and its own letter, as
+    on S3."""
+    for key in ("a", "a.x", "ab", "b"):
+        backend.blobs.put(key, b"x")
+    future = time.time() + 3600
+    assert backend.blobs.older("a", future) == (["a", "a.x", "ab"], "")
+    assert backend.blobs.older("", future) == (["a", "a.x", "ab", "b"], "")
+    assert backend.blobs.older("", future, after="a", scan=2) == (["a.x", "ab"], "ab")
+
+
 def test_missing_blob_raises_key_error(backend):
     with pytest.raises(KeyError):
         backend.blobs.get("missing")
