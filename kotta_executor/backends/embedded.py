@@ -449,9 +449,12 @@ class EmbeddedBlobs(BlobStore):
                 pass
 
     def older(self, prefix, before, *, after="", scan=1000):
-        # a key lives in the directory of its first two characters (_path)
-        dirs = sorted(d for d in os.listdir(self.root) if d.startswith(prefix[:2])
-                      and len(d) == 2) if os.path.isdir(self.root) else []
+        # a key lives in the directory of its first two characters (_path): one
+        # character for a key of one
+        dirs = sorted(
+            d for d in os.listdir(self.root) if 0 < len(d) <= 2 and (
+                d.startswith(prefix[:2]) if len(prefix) >= 2 else d.startswith(prefix))
+        ) if os.path.isdir(self.root) else []
         names: list[tuple[str, Path]] = []
         for d in dirs:
             try:
