@@ -389,6 +389,74 @@ def test_task_blobs_that_no_job_records_are_deleted_once_old(start_node, enclave
     assert _blob_files(enclave) == sorted(keep)
 
 
+# A client that writes a big task's blob, then cannot record its job (the test holds the
+# enclave's write lock), and is stopped there (SIGSTOP: Ctrl-Z, a debugger, a paused
+# container) until the test lets it go on.
+LATE_CLIENT = '''
+import os, sys, time
+from kotta_executor import KottaExecutor
+enclave, ready, go = sys.argv[1:4]
+ex = KottaExecutor(1, enclave=enclave, start_node=False)
+warm = ex.submit(len, b"")  # (the manager up, a record written)
+while ex.enclave.jobs.get(warm.job_id) is None:
+    time.sleep(0.01)
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+f = ex.submit(len, b"x" * (300 * 1024))  # over the inline limit: a blob
+try:
+    print("result", f.result(60), flush=True)
+except BaseException as exc:
+    print("error", type(exc).__name__, exc, flush=True)
+'''
+
+
+def test_a_task_blob_outlives_a_client_stopped_before_it_records_the_job(
+        start_node, enclave, enclave_dir, tmp_path):
+    """STRAY_BLOB_AGE assumes a client records its job within a minute of writing its
+    blobs, or never ("it gives up after SEND_RETRY_FOR").  A client process stopped in
+    between (SIGSTOP, Ctrl-Z, a laptop asleep with its kernel) gives up on nothing: once
+    let go it records the job, and a node runs it.  Its blob must still be there; the
+    sweep of a node that looked meanwhile (the hour passed: os.utime) deleted it, and the
+    job fails as a CorruptTask."""
+    import subprocess
+    import sys
+
+    from node.daemon import STRAY_BLOB_AGE
+    from tests.conftest import ROOT, subprocess_env
+
+    script, ready, go = tmp_path / "client.py", tmp_path / "ready", tmp_path / "go"
+    script.write_text(LATE_CLIENT)
+    proc = subprocess.Popen([sys.executable, str(script), str(enclave_dir), str(ready), str(go)],
+                            env=subprocess_env(), cwd=str(ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(ready.exists, what="the client to start")
+        lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the client cannot record its job
+        go.touch()
+        wait_for(lambda: any(n.startswith("args-") for n in _blob_files(enclave)),
+                 what="the client to write the task's blob")
+        time.sleep(0.5)  # (trying to record it)
+        os.kill(proc.pid, signal.SIGSTOP)
+        lock.execute("ROLLBACK")
+        lock.close()
+        (key,) = [n for n in _blob_files(enclave) if n.startswith("args-")]
+        assert enclave.jobs.get(key[len("args-"):]) is None  # not recorded yet
+        then = time.time() - STRAY_BLOB_AGE - 60
+        os.utime(enclave.home / "blobs" / key[:2] / key, (then, then))
+        start_node(visibility_timeout=3.0)  # its first look: at its first upkeep, in a second
+        time.sleep(3.0)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=GUARD)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+    assert out.strip().splitlines()[-1] == f"result {300 * 1024}", out
+
+
 # ---------------------------------------------------------------------- draining
 
 
