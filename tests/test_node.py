@@ -389,6 +389,35 @@ def test_task_blobs_that_no_job_records_are_deleted_once_old(start_node, enclave
     assert _blob_files(enclave) == sorted(keep)
 
 
+def test_a_dependent_task_cancelled_as_its_blob_is_written_leaves_no_blob(make_executor,
+                                                                         enclave):
+    """A task that waits for a future is pickled, its big sections written to blobs, by
+    the manager once the future is done, before it takes the task from the waiting ones
+    (under the send lock).  Cancelled meanwhile, the task is recorded cancelled, and the
+    manager drops it; its blob stayed, for ever: its job is recorded (the nodes' sweep
+    leaves it), and no message of it ever reaches a node."""
+    from concurrent.futures import Future
+
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    dep: Future = Future()
+    f = ex.submit(tasks.add, dep, b"x" * (64 * 1024 * 1024))  # (big: a blob)
+    blobs = enclave.home / "blobs"
+
+    def writing() -> bool:
+        return blobs.exists() and any(p.name.startswith(".args-") for p in blobs.rglob("*"))
+
+    dep.set_result(b"")  # the manager pickles the call, then writes its blob...
+    wait_for(writing, interval=0.0002, what="the manager to write the task's blob")
+    assert f.cancel()  # ...cancelled meanwhile
+    wait_for(lambda: not writing(), what="the write to end")
+    ex.shutdown(wait=True)
+    assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
+    Node(enclave, NodeConfig(queue="test", workers=1, burst=True)).run()
+    assert _blob_files(enclave) == []
+
+
 # A client that writes a big task's blob, then cannot record its job (the test holds the
 # enclave's write lock), and is stopped there (SIGSTOP: Ctrl-Z, a debugger, a paused
 # container) until the test lets it go on.
