@@ -912,8 +912,16 @@ class KottaExecutor(Executor):
                 self._fail_waiting(w, exc)
                 continue
             with self._send_lock:  # atomically with respect to _cancel_jobs
-                if self._deps.take(f.job_id) is not None:
+                taken = self._deps.take(f.job_id) is not None
+                if taken:
                     self._outbox.append((job, f))
+            if not taken:  # cancelled as it was pickled: recorded cancelled (_cancel_jobs),
+                # never sent, so no node deletes its blobs, nor the sweep (it is recorded)
+                try:
+                    self._drop_blobs(job)
+                except Exception:  # noqa: BLE001 - not the end of the manager
+                    log.warning("deleting the blobs of cancelled job %s failed", f.job_id,
+                                exc_info=True)
 
     def _fail_waiting(self, w: dependencies.Waiting, exc: BaseException) -> None:
         with self._send_lock:
