@@ -418,6 +418,33 @@ def test_a_dependent_task_cancelled_as_its_blob_is_written_leaves_no_blob(make_e
     assert _blob_files(enclave) == []
 
 
+def test_a_dependent_task_whose_second_blob_cannot_be_written_leaves_no_blob(
+        make_executor, enclave):
+    """A task pickled once its dependency is done writes its big sections to blobs one by
+    one: the function's written, the arguments' failed (here: a file where their
+    directory goes).  The job is recorded failed, so the nodes' sweep keeps the blob
+    written, for ever."""
+    import functools
+    from concurrent.futures import Future
+
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    big = b"x" * (enclave.inline_limit + 1)
+    blobs = enclave.home / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (blobs / "ar").write_bytes(b"")  # where args-* blobs go: writing one fails
+    dep: Future = Future()
+    f = ex.submit(functools.partial(tasks.add, big), dep, big)  # (two big sections)
+    dep.set_result(b"")
+    with pytest.raises(OSError):
+        f.result(GUARD)
+    ex.shutdown(wait=True)
+    assert enclave.jobs.get(f.job_id).state == JobState.FAILED
+    Node(enclave, NodeConfig(queue="test", workers=1, burst=True)).run()
+    assert [n for n in _blob_files(enclave) if n != "ar"] == []
+
+
 # A client that writes a big task's blob, then cannot record its job (the test holds the
 # enclave's write lock), and is stopped there (SIGSTOP: Ctrl-Z, a debugger, a paused
 # container) until the test lets it go on.
