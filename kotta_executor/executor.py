@@ -526,16 +526,28 @@ class KottaExecutor(Executor):
         """Pickle a call into a job (raises SerializationError); big sections go to blobs."""
         sections = wire.dump_call(fn, calls)
         header = self._task_header(job_id, fn, len(calls), opts)
-        for section, data in sections.items():
-            if len(data) > self._enclave.inline_limit:  # too big for a message: a blob
-                key = f"{section}-{job_id}"
-                self._enclave.blobs.put(key, data)
-                header.setdefault("refs", {})[section] = key
-                header.setdefault("digests", {})[section] = wire.digest(data)
-                sections[section] = b""
-        if self._init is not None:  # (small: checked when the executor was made)
-            sections["init"] = self._init
-        body = self._creds.access().sign(header, sections)
+        written: list[str] = []
+        try:
+            for section, data in sections.items():
+                if len(data) > self._enclave.inline_limit:  # too big for a message: a blob
+                    key = f"{section}-{job_id}"
+                    self._enclave.blobs.put(key, data)
+                    written.append(key)
+                    header.setdefault("refs", {})[section] = key
+                    header.setdefault("digests", {})[section] = wire.digest(data)
+                    sections[section] = b""
+            if self._init is not None:  # (small: checked when the executor was made)
+                sections["init"] = self._init
+            body = self._creds.access().sign(header, sections)
+        except BaseException:
+            # (a dependent task's job is then recorded failed, and the nodes' sweep
+            # leaves the blobs of a recorded job alone)
+            if written:
+                try:
+                    self._enclave.blobs.delete(written)
+                except Exception:  # noqa: BLE001 - what the job failed of is raised
+                    log.warning("deleting the blobs of job %s failed", job_id, exc_info=True)
+            raise
         return NewJob(
             job_id, self.owner, self.client_id, opts.queue, header["fn"], opts.walltime, body,
             len(calls),
