@@ -94,9 +94,11 @@ TASK_SECTIONS = ("fn", "args")
 #: task blobs (TASK_SECTIONS) whose job has no record, last written longer ago than this,
 #: are deleted: a client died between writing them and recording its job (a kernel restarted
 #: during a burst of big submits), and nothing else would ever remove them, nor the data in
-#: them.  Far longer than a client takes from one to the other (it gives up after
-#: executor.SEND_RETRY_FOR)
-STRAY_BLOB_AGE = 3600.0
+#: them.  Far longer than a running client takes from one to the other (it gives up after
+#: executor.SEND_RETRY_FOR); a day, because a client process stopped in between (a laptop
+#: asleep while its sends failed) records the job once it wakes, and its task then fails
+#: for want of its blob (CorruptTask) if a sweep came first
+STRAY_BLOB_AGE = 86400.0
 #: seconds between a node's looks for them (a page of keys a section each look, going on
 #: from where the last look stopped); the first look is at the node's first upkeep
 STRAY_BLOB_LOOK = 600.0

