@@ -698,11 +698,13 @@ class KottaExecutor(Executor):
                 self._handed.pop(job.job_id, None)
         for job_id in done:
             self._futures.pop(job_id, None)
-        if unsent:  # never sent, now never to be: no node will delete their blobs
-            ended = set(done)
-            for job, _ in unsent:
-                if job.job_id in ended:
-                    self._drop_blobs(job)
+        # never sent, now never to be: no node will delete their blobs; nor those of a
+        # handed-off task, if its node dies before it reads its inbox (a node that reads it
+        # finds its job cancelled, and deletes them too)
+        ended = set(done)
+        for job in [job for job, _ in unsent] + handed:
+            if job.job_id in ended:
+                self._drop_blobs(job)
         return done
 
     def _record_cancelled(self, job_ids: list[str], records: list[NewJob],
