@@ -353,6 +353,69 @@ def test_a_map_iterator_collected_while_its_thread_holds_the_send_lock(
         tasks.release(later, "later")
 
 
+
+def test_a_map_iterator_collected_while_its_thread_makes_a_futures_condition(
+        make_executor, start_node, enclave, tmp_path):
+    """The same, on any thread that makes a future's condition (on its first use: the
+    manager's set_result, a caller's result()), under the module lock that guards that:
+    the collection there closed the abandoned map's iterator, whose cancel asks each of
+    its futures done() (their first use too) and so waited for that lock, held by its
+    own thread: a deadlock, and every future's first use after it hung.  The collection
+    is made to happen there with a trace function, at the Condition's making."""
+    import sys
+
+    from kotta_executor import future as future_module
+    from kotta_executor.future import KottaFuture
+
+    start_node(workers=1)
+    first, later = tmp_path / "first", tmp_path / "later"
+    ex = make_executor(1, start_node=False)
+    it = ex.map(tasks.wait_for_file, [str(first)] + [str(later)] * 5)
+    tasks.release(first, "first")
+    assert next(it) == "first"  # started: closing it cancels the other five
+    gc.disable()  # the cycle is collected where the test says, not by chance
+    try:
+        cycle: list = [it]
+        cycle.append(cycle)
+        del it, cycle  # garbage, for the collector only
+        collected = threading.Event()
+
+        def trace(frame, event, arg):
+            if (event == "call" and frame.f_code.co_name == "__init__"
+                    and frame.f_code.co_filename == threading.__file__
+                    and frame.f_back.f_code.co_name == "_condition"  # (under the lock)
+                    and not collected.is_set()):
+                collected.set()
+                gc.collect()
+
+        def first_use():
+            sys.settrace(trace)
+            try:
+                KottaFuture("0" * 32, ex)._condition  # noqa: B018 - made under the lock
+            finally:
+                sys.settrace(None)
+
+        user = threading.Thread(target=first_use, daemon=True)
+        user.start()
+        user.join(10.0)
+        deadlocked = user.is_alive()
+        if deadlocked:  # (let it go, so that the test can end)
+            future_module._CONDITION_LOCK.release()
+            user.join(GUARD)
+        assert collected.is_set()
+        assert not deadlocked, "a thread making a future's condition deadlocked on its lock"
+        # the manager cancels them instead: those no node has started
+        wait_for(lambda: not [j for j in enclave.jobs.list() if j.state == JobState.PENDING
+                              and j.fn.endswith("wait_for_file")],
+                 what="the abandoned map's tasks to be cancelled")
+    finally:
+        gc.enable()
+        tasks.release(later, "later")
+    # (what runs ends before the node the fixture started is stopped)
+    wait_for(lambda: all(f.done() for f in list(ex._futures.values())),
+             what="the tasks that ran to end")
+
+
 def test_a_big_task_cancelled_in_the_outbox_leaves_no_blob(make_executor, enclave):
     """A task whose big argument went to a blob (``args-<job id>``) when it was pickled,
     cancelled while it still waited in the client's outbox, is recorded cancelled and
