@@ -73,7 +73,7 @@ from .errors import (
     EnvelopeError,
     UnknownJob,
 )
-from .future import KottaFuture, _MapJobView
+from .future import _CONDITION_LOCK, KottaFuture, _MapJobView
 from .security import credentials as _credentials
 from .security import staging
 from .security.access import check_job_access
@@ -646,11 +646,14 @@ class KottaExecutor(Executor):
         The garbage collector closes an iterator abandoned in a reference cycle on
         whichever thread it runs, which may hold the send lock (the manager sending a
         batch; a caller in submit or cancel): taking it again there would deadlock that
-        thread.  Then the manager cancels them, at its next turn."""
+        thread.  Then the manager cancels them, at its next turn.  So too on a thread that
+        makes a future's condition (its first use), under a lock the cancel would take again
+        (the futures' done(), for those of them not used yet)."""
         if not fs:
             return
-        if self._send_lock._is_owned():
+        if self._send_lock._is_owned() or _CONDITION_LOCK._is_owned():
             self._cancel_later.append(list(fs))
+            self._kick(force=True)
         else:
             self._cancel_futures(fs)
 

@@ -19,7 +19,10 @@ from .states import JobState
 if TYPE_CHECKING:
     from .executor import KottaExecutor
 
-_CONDITION_LOCK = threading.Lock()
+#: reentrant for its owner record (``_is_owned``): a collection while it is held (a
+#: Condition's making allocates) may close an abandoned map's iterator, whose cancel then
+#: waits for the manager rather than use futures here (KottaExecutor._cancel_left)
+_CONDITION_LOCK = threading.RLock()
 
 
 class KottaFuture(Future):
