@@ -401,3 +401,37 @@ def test_max_workers_defaults_to_the_cpus_the_process_may_use(enclave_dir):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=GUARD, check=True, cwd=os.getcwd())
     assert out.stdout.split() == ["1", "1"], out.stderr
+
+
+def test_terminate_workers_kills_a_task_submitted_as_it_began(make_executor, tmp_path):
+    """terminate_workers() took the list of the executor's futures to kill before it shut
+    the executor down: a task another thread submitted in between was not in it, and a
+    node started it before the shutdown's cancel came, so it ran on (ProcessPoolExecutor
+    kills every worker, whatever it runs).  The submit is made to happen there with a
+    trace function, at the call to shutdown()."""
+    import sys
+
+    from kotta_executor import TaskKilled
+
+    ex = make_executor(2)
+    first, late = tmp_path / "first", tmp_path / "late"
+    running = ex.submit(tasks.touch_then_wait, str(first), str(tmp_path / "never"), 30)
+    wait_for(first.exists, what="the first task to start")
+    slipped: list = []
+
+    def trace(frame, event, arg):  # (another thread's submit, as the lock is let go)
+        if (event == "call" and frame.f_code.co_name == "shutdown" and not slipped
+                and frame.f_code.co_filename.endswith(os.path.join("kotta_executor",
+                                                                   "executor.py"))):
+            slipped.append(ex.submit(tasks.touch_then_wait, str(late),
+                                     str(tmp_path / "never"), 30))
+            wait_for(late.exists, what="the task submitted meanwhile to start")
+
+    sys.settrace(trace)
+    try:
+        ex.terminate_workers()
+    finally:
+        sys.settrace(None)
+    assert slipped
+    assert type(running.exception(timeout=GUARD)) is TaskKilled
+    assert type(slipped[0].exception(timeout=GUARD)) is TaskKilled
