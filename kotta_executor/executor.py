@@ -346,10 +346,11 @@ class KottaExecutor(Executor):
         future raises :class:`TaskKilled`).  A node's workers serve every executor of
         their owner: only those running this executor's tasks are ended, and the node
         replaces them.  Jobs this executor attached to (``attach``) run on."""
+        self.shutdown(wait=False, cancel_futures=True)
+        # after it, when no submit is taken any more: one accepted as it began is here
         with self._shutdown_lock:  # (list(): one step, as the manager drops done ones)
             own = [f for job_id, f in list(self._futures.items())
                    if job_id not in self._attached]
-        self.shutdown(wait=False, cancel_futures=True)
         for f in own:
             try:
                 f.kill()
