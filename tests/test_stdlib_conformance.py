@@ -435,3 +435,28 @@ def test_terminate_workers_kills_a_task_submitted_as_it_began(make_executor, tmp
     assert slipped
     assert type(running.exception(timeout=GUARD)) is TaskKilled
     assert type(slipped[0].exception(timeout=GUARD)) is TaskKilled
+
+
+def test_terminate_workers_leaves_a_pending_job_it_attached_to(
+        make_executor, start_node, enclave, tmp_path):
+    """terminate_workers() says jobs the executor attached to run on; its
+    shutdown(cancel_futures=True) cancelled those not started yet all the same (another
+    client's, whose own future then raised CancelledError)."""
+    start_node(workers=1)
+    owner = make_executor(1, start_node=False)
+    started, go = tmp_path / "started", tmp_path / "go"
+    blocker = owner.submit(tasks.touch_then_wait, str(started), str(go))
+    try:
+        wait_for(started.exists, what="the blocker to begin")
+        queued = owner.submit(tasks.square, 5)  # (behind it, on the one worker)
+        wait_for(lambda: enclave.jobs.get(queued.job_id) is not None,
+                 what="the queued job to be recorded")
+        ex = make_executor(1, start_node=False)
+        attached = ex.attach(queued.job_id)
+        ex.terminate_workers()
+        assert not attached.cancelled() and not queued.cancelled()
+    finally:
+        tasks.release(go, "go")
+    assert blocker.result(GUARD) == "go"
+    assert queued.result(GUARD) == 25
+    assert attached.result(GUARD) == 25
