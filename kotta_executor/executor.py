@@ -326,13 +326,17 @@ class KottaExecutor(Executor):
         return self._map(fn, iterables, timeout, chunksize, self._options, buffersize)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shut_down(wait, cancel_futures)
+
+    def _shut_down(self, wait: bool, cancel_futures: bool, attached: bool = True) -> None:
+        """``shutdown``; ``attached=False``: the cancel spares the jobs attached to."""
         with self._shutdown_lock:
             self._shutdown = True
             # under the lock: a submit that got in first has started the manager already
             manager = self._manager
         if cancel_futures:
             self._cancelling_all = True
-            self._cancel_all()
+            self._cancel_all(attached)
         self._kick(force=True)
         if manager is None:
             self._close()
@@ -346,7 +350,7 @@ class KottaExecutor(Executor):
         future raises :class:`TaskKilled`).  A node's workers serve every executor of
         their owner: only those running this executor's tasks are ended, and the node
         replaces them.  Jobs this executor attached to (``attach``) run on."""
-        self.shutdown(wait=False, cancel_futures=True)
+        self._shut_down(False, True, attached=False)
         # after it, when no submit is taken any more: one accepted as it began is here
         with self._shutdown_lock:  # (list(): one step, as the manager drops done ones)
             own = [f for job_id, f in list(self._futures.items())
@@ -741,8 +745,10 @@ class KottaExecutor(Executor):
                 )
         return done
 
-    def _cancel_all(self) -> None:
-        self._cancel_futures(list(self._futures.values()))
+    def _cancel_all(self, attached: bool = True) -> None:
+        # (list(): one step, as the manager drops done ones)
+        self._cancel_futures([f for job_id, f in list(self._futures.items())
+                              if attached or job_id not in self._attached])
 
     def _cancel_futures(self, fs: Iterable[KottaFuture]) -> None:
         """Cancel the jobs of these futures that no node has started, together."""
