@@ -712,7 +712,11 @@ class KottaExecutor(Executor):
         ended = set(done)
         for job in [job for job, _ in unsent] + handed:
             if job.job_id in ended:
-                self._drop_blobs(job)
+                try:
+                    self._drop_blobs(job)
+                except Exception:  # noqa: BLE001 - the job is cancelled: so must its future be
+                    log.warning("deleting the blobs of cancelled job %s failed (the nodes' "
+                                "sweep spares them)", job.job_id, exc_info=True)
         return done
 
     def _record_cancelled(self, job_ids: list[str], records: list[NewJob],
