@@ -338,3 +338,33 @@ def test_a_task_the_client_queued_for_a_dead_node_gets_a_local_node(
     other.kill()  # it dies with the task unread
     assert f.result(GUARD) == 25
     assert enclave.jobs.get(f.job_id).node not in (None, other.node_id)
+
+
+def test_a_cancel_whose_blob_cannot_be_deleted_still_cancels(
+    start_node, make_executor, enclave, stopped, caplog
+):
+    """The job is recorded cancelled before its blobs are deleted: a delete that fails
+    (here the blob's name is taken by a directory) is logged, and the future is cancelled
+    all the same.  It used to raise from cancel(), with the future dropped by the
+    executor, so that its result() waited for ever."""
+    import concurrent.futures as cf
+    import shutil
+
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    stopped(a)
+    before = client_writes(ex)
+    f = ex.submit(tasks.noop, b"x" * (enclave.inline_limit + 1))
+    assert client_writes(ex) == before  # handed off
+    (blob,) = [p for p in (enclave.home / "blobs").rglob("*") if p.is_file()]
+    blob.unlink()
+    blob.mkdir()
+    try:
+        assert f.cancel() is True
+        with pytest.raises(cf.CancelledError):
+            f.result(GUARD)
+        assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
+        assert f"deleting the blobs of cancelled job {f.job_id} failed" in caplog.text
+    finally:
+        shutil.rmtree(blob)
