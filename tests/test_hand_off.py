@@ -187,6 +187,19 @@ def test_cancelling_a_task_its_node_has_not_recorded_holds(
     assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
 
 
+def _big_task_handed_to_a_stopped_node(start_node, make_executor, enclave, stopped):
+    """A node, stopped, and a lone task with a big argument handed off to it (its section
+    in a blob, ``args-<job id>``): (the node, the executor, the task's future)."""
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    stopped(a)
+    before = client_writes(ex)
+    f = ex.submit(tasks.noop, b"x" * (enclave.inline_limit + 1))
+    assert client_writes(ex) == before  # handed off
+    return a, ex, f
+
+
 @pytest.mark.parametrize("node", ["reads it later", "dies first"])
 def test_a_big_task_cancelled_before_its_node_recorded_it_leaves_no_blob(
     start_node, make_executor, enclave, stopped, node
@@ -196,13 +209,7 @@ def test_a_big_task_cancelled_before_its_node_recorded_it_leaves_no_blob(
     the client; the node, finding it recorded, did not take it, and its blob stayed for
     ever.  The client deletes it as it cancels: also when the node dies without reading
     its inbox (the nodes' sweep spares the blobs of a recorded job)."""
-    a = start_node(workers=1)
-    ex = make_executor(1, start_node=False)
-    assert ex.submit(tasks.square, 3).result(GUARD) == 9
-    stopped(a)
-    before = client_writes(ex)
-    f = ex.submit(tasks.noop, b"x" * (enclave.inline_limit + 1))
-    assert client_writes(ex) == before  # handed off
+    a, ex, f = _big_task_handed_to_a_stopped_node(start_node, make_executor, enclave, stopped)
     assert f.cancel() is True
     assert [p for p in (enclave.home / "blobs").rglob("*") if p.is_file()] == []
     if node == "dies first":
@@ -350,13 +357,7 @@ def test_a_cancel_whose_blob_cannot_be_deleted_still_cancels(
     import concurrent.futures as cf
     import shutil
 
-    a = start_node(workers=1)
-    ex = make_executor(1, start_node=False)
-    assert ex.submit(tasks.square, 3).result(GUARD) == 9
-    stopped(a)
-    before = client_writes(ex)
-    f = ex.submit(tasks.noop, b"x" * (enclave.inline_limit + 1))
-    assert client_writes(ex) == before  # handed off
+    _, ex, f = _big_task_handed_to_a_stopped_node(start_node, make_executor, enclave, stopped)
     (blob,) = [p for p in (enclave.home / "blobs").rglob("*") if p.is_file()]
     blob.unlink()
     blob.mkdir()
