@@ -1084,3 +1084,20 @@ def test_cancelling_the_attached_view_of_a_map_task_cancels_the_map_task(make_ex
     assert job_state(executor.enclave, job.job_id) == "cancelled"
     gate.open()
     assert blocker.result(timeout=GUARD) == "released"
+
+
+def test_shutdown_cancel_futures_cancels_an_attached_job_no_node_has_started(
+        make_executor, enclave):
+    """An attached future is the executor's like any other: shutdown(cancel_futures=True)
+    cancels it while no node has started its job (as cancel() on it would), and the
+    client that submitted the job sees it cancelled."""
+    submitter = make_executor(1, start_node=False)  # (no node: it stays pending)
+    queued = submitter.submit(tasks.square, 5)
+    wait_for(lambda: enclave.jobs.get(queued.job_id) is not None, what="the job's record")
+    ex = make_executor(1, start_node=False)
+    attached = ex.attach(queued.job_id)
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert attached.cancelled()
+    assert enclave.jobs.get(queued.job_id).state == "cancelled"
+    with pytest.raises(cf.CancelledError):
+        queued.result(GUARD)
