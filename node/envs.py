@@ -2,7 +2,9 @@
 
 Layout: ``ROOT/<sha256 of the normalised requirement set>/`` is a finished environment (a
 venv made with ``--system-site-packages``, so the node's own packages — kotta_executor,
-cloudpickle, tblib, psutil — stay importable; its ``.kotta-ready`` marker lists the set).
+cloudpickle, tblib, psutil — stay importable, with the node's site-packages directories on
+its workers' path for a node in a venv of its own: ``pool.spawn``; its ``.kotta-ready``
+marker lists the set).
 ``ROOT/<sha>.lock`` serialises builds between processes (``flock``): a build takes the lock,
 looks again (another node may have finished meanwhile), builds into ``ROOT/.<sha>.tmp-*``
 and renames that to ``ROOT/<sha>`` — a directory that exists under its final name is

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -551,6 +552,14 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 #: the directory ``node`` and ``kotta_executor`` are imported from (for workers in a venv)
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the node's own site-packages directories, where kotta's dependencies (cloudpickle,
+#: tblib, psutil) are, for workers in a requirements venv: that venv's
+#: ``--system-site-packages`` are the *base* interpreter's, not those of a virtual
+#: environment the node runs in (a source checkout of kotta beside a venv of its
+#: dependencies: its workers died importing cloudpickle)
+_SITE_DIRS = [d for d in (*site.getsitepackages(),
+                          *([site.getusersitepackages()] if site.ENABLE_USER_SITE else []))
+              if os.path.isdir(d)]
 
 
 _READ_SIZE = 1 << 20
@@ -570,7 +579,7 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
     if env is not None:
         python = env.python
         inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-        path = [env.site, _PROJECT, *filter(None, inherited)]
+        path = [env.site, _PROJECT, *_SITE_DIRS, *filter(None, inherited)]
         extra["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
     task_r, task_w = os.pipe()
     result_r, result_w = os.pipe()
