@@ -50,6 +50,7 @@ import random
 import select
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import weakref
@@ -1245,8 +1246,7 @@ class KottaExecutor(Executor):
 
     def _spawn_node(self, queue: str) -> subprocess.Popen:
         env = dict(os.environ)
-        paths = [os.path.abspath(p or os.curdir) for p in sys.path]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if os.path.isdir(p)))
+        env["PYTHONPATH"] = os.pathsep.join(_node_path())
         cmd = [
             sys.executable, "-m", "node",
             "--enclave", self._enclave.url,
@@ -1361,6 +1361,27 @@ class _Leftovers:
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
         self.wake.close()
+
+
+def _node_path() -> list[str]:
+    """The client's ``sys.path`` for a node it starts (its ``PYTHONPATH``): where the
+    client's modules are, and those of functions pickled by reference.  Less the standard
+    library: the node's interpreter has its own, and another interpreter that a task
+    starts (a script job's ``python3``, of another version) crashed on this one's."""
+    paths = sysconfig.get_paths()
+    stdlib = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib")}
+    packages = {os.path.realpath(paths[k]) for k in ("purelib", "platlib")}
+
+    def under(path: str, roots: set[str]) -> bool:
+        return any(path == r or path.startswith(r + os.sep) for r in roots)
+
+    out = []
+    for p in sys.path:
+        path = os.path.abspath(p or os.curdir)
+        real = os.path.realpath(path)
+        if os.path.isdir(path) and (not under(real, stdlib) or under(real, packages)):
+            out.append(path)
+    return list(dict.fromkeys(out))
 
 
 def _release_claim(claims: dict[str, int], queue: str) -> None:

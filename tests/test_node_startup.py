@@ -229,3 +229,25 @@ def _task(fn, *args):
     header = {"kind": "task", "job_id": os.urandom(16).hex(), "owner": current_user(),
               "client": "c" * 16, "queue": "test", "walltime": 60.0, "fn": "f", "n": 1}
     return Task(None, header, wire.encode(header, wire.dump_call(fn, [(args, {})])))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="no /proc here")
+def test_a_node_the_executor_starts_gets_its_path_without_the_standard_library(
+        make_executor):
+    """A node the executor starts gets the client's sys.path (its modules, those of the
+    functions it pickles by reference), but not the client's standard library: another
+    interpreter a task starts (a script job's python3, of another version: a notebook's
+    kernel from a venv, with the system's python3 on PATH) crashed on it ("SRE module
+    mismatch")."""
+    import sysconfig
+
+    ex = make_executor(1)
+    assert ex.submit(tasks.square, 2).result(GUARD) == 4
+    (node,) = ex._nodes.values()
+    environ = dict(line.split("=", 1) for line in
+                   open(f"/proc/{node.pid}/environ").read().split("\0") if "=" in line)
+    path = environ["PYTHONPATH"].split(os.pathsep)
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    assert not [p for p in path if os.path.realpath(p) == stdlib
+                or os.path.realpath(p).startswith(os.path.join(stdlib, "lib-dynload"))], path
+    assert str(ROOT) in path  # (the tests' own modules: tests.tasks, by reference)
