@@ -353,9 +353,8 @@ class KottaExecutor(Executor):
         replaces them.  Jobs this executor attached to (``attach``) run on."""
         self._shut_down(False, True, attached=False)
         # after it, when no submit is taken any more: one accepted as it began is here
-        with self._shutdown_lock:  # (list(): one step, as the manager drops done ones)
-            own = [f for job_id, f in list(self._futures.items())
-                   if job_id not in self._attached]
+        with self._shutdown_lock:
+            own = self._futures_now(attached=False)
         for f in own:
             try:
                 f.kill()
@@ -460,12 +459,21 @@ class KottaExecutor(Executor):
             log.warning("job %s, submitted as the executor shut down, could not be "
                         "cancelled: it runs", f.job_id, exc_info=True)
 
-    def _drop_blobs(self, job: NewJob) -> None:
+    def _drop_blobs(self, job: NewJob, what: str = "job") -> None:
         """Remove the blobs of a job that was pickled but never sent (refused as the
-        executor shut down, or cancelled in the outbox)."""
+        executor shut down, or cancelled: in the outbox, being pickled, handed off)."""
         refs = wire.peek_header(job.body).get("refs")
         if refs:
-            self._enclave.blobs.delete(list(refs.values()))
+            self._delete_blobs(list(refs.values()), f"{what} {job.job_id}")
+
+    def _delete_blobs(self, keys: list[str], of: str) -> None:
+        """Delete a never-sent job's blobs, saying so if that fails (what the caller
+        reports matters more: the job's own error, its cancel; and the nodes' sweep spares
+        the blobs of a job that has a record)."""
+        try:
+            self._enclave.blobs.delete(keys)
+        except Exception:  # noqa: BLE001 - logged; never instead of the caller's outcome
+            log.warning("deleting the blobs of %s failed", of, exc_info=True)
 
     def _send_now(self, job: NewJob) -> bool:
         """Record a lone submit's job from the caller's thread, sparing it a hand-over to
@@ -549,10 +557,7 @@ class KottaExecutor(Executor):
             # (a dependent task's job is then recorded failed, and the nodes' sweep
             # leaves the blobs of a recorded job alone)
             if written:
-                try:
-                    self._enclave.blobs.delete(written)
-                except Exception:  # noqa: BLE001 - what the job failed of is raised
-                    log.warning("deleting the blobs of job %s failed", job_id, exc_info=True)
+                self._delete_blobs(written, f"job {job_id}")
             raise
         return NewJob(
             job_id, self.owner, self.client_id, opts.queue, header["fn"], opts.walltime, body,
@@ -712,12 +717,8 @@ class KottaExecutor(Executor):
         # finds its job cancelled, and deletes them too)
         ended = set(done)
         for job in [job for job, _ in unsent] + handed:
-            if job.job_id in ended:
-                try:
-                    self._drop_blobs(job)
-                except Exception:  # noqa: BLE001 - the job is cancelled: so must its future be
-                    log.warning("deleting the blobs of cancelled job %s failed (the nodes' "
-                                "sweep spares them)", job.job_id, exc_info=True)
+            if job.job_id in ended:  # (quietly: the job is cancelled, so is its future)
+                self._drop_blobs(job, "cancelled job")
         return done
 
     def _record_cancelled(self, job_ids: list[str], records: list[NewJob],
@@ -751,9 +752,13 @@ class KottaExecutor(Executor):
         return done
 
     def _cancel_all(self, attached: bool = True) -> None:
-        # (list(): one step, as the manager drops done ones)
-        self._cancel_futures([f for job_id, f in list(self._futures.items())
-                              if attached or job_id not in self._attached])
+        self._cancel_futures(self._futures_now(attached))
+
+    def _futures_now(self, attached: bool = True) -> list[KottaFuture]:
+        """The executor's futures (``attached=False``: less those of jobs it attached to).
+        (list(): one step, as the manager drops done ones.)"""
+        items = list(self._futures.items())
+        return [f for job_id, f in items if attached or job_id not in self._attached]
 
     def _cancel_futures(self, fs: Iterable[KottaFuture]) -> None:
         """Cancel the jobs of these futures that no node has started, together."""
@@ -946,11 +951,7 @@ class KottaExecutor(Executor):
                     self._outbox.append((job, f))
             if not taken:  # cancelled as it was pickled: recorded cancelled (_cancel_jobs),
                 # never sent, so no node deletes its blobs, nor the sweep (it is recorded)
-                try:
-                    self._drop_blobs(job)
-                except Exception:  # noqa: BLE001 - not the end of the manager
-                    log.warning("deleting the blobs of cancelled job %s failed", f.job_id,
-                                exc_info=True)
+                self._drop_blobs(job, "cancelled job")
 
     def _fail_waiting(self, w: dependencies.Waiting, exc: BaseException) -> None:
         with self._send_lock:
