@@ -31,6 +31,17 @@ class SerializationError(KottaError, pickle.PicklingError):
     """
 
 
+class PythonVersionMismatch(SerializationError):
+    """A task or result holds code pickled by value (a function or class defined in a
+    notebook or ``__main__``, a lambda, a closure) by another Python version than the one
+    that was to unpickle it: cloudpickle's code objects load only in the version that made
+    them (elsewhere they fail, crash the interpreter or run wrongly), so it is refused
+    unread.  ``pickled_by`` and ``running`` are the two versions (``"3.12"``)."""
+
+    pickled_by: str = ""
+    running: str = ""
+
+
 class RemoteError(KottaError):
     """An exception raised on a node that could not itself be sent back.
 

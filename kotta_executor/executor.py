@@ -299,6 +299,7 @@ class KottaExecutor(Executor):
         self._unserved: dict[str, float] = {}  # queue -> when it was first seen unserved
         self._sweep_pending: dict[str, int] = {}  # pending jobs by queue, this sweep so far
         self._warned_unserved: set[str] = set()
+        self._warned_python: set[str] = set()  # queues whose nodes run another Python
         self._listening = False  # the manager has bound its doorbell and inbox
         _live_executors.add(self)
 
@@ -521,6 +522,7 @@ class KottaExecutor(Executor):
             "created": time.time(),
             "fn": wire.fn_name(fn),
             "n": n,
+            "python": wire.PYTHON,  # what pickled it (code pickled by value loads only there)
         }
         if self._process is not None:
             header["client_process"] = self._process
@@ -1090,7 +1092,9 @@ class KottaExecutor(Executor):
         """Warn when jobs of ours (``pending``: how many, by queue, over a sweep of the
         outstanding futures) have waited UNSERVED_WARN seconds on a queue with no live
         node: ``result()``, ``shutdown(wait=True)`` and interpreter exit wait for them,
-        as long as it takes.  A diagnostic: a failed look at the nodes skips a round."""
+        as long as it takes; and, once, when the nodes serving a queue all run another
+        Python version than this client (its calls that hold code pickled by value fail
+        there).  A diagnostic: a failed look at the nodes skips a round."""
         for q in [q for q in self._unserved if q not in pending]:
             del self._unserved[q]
             if q in self._warned_unserved:
@@ -1099,12 +1103,14 @@ class KottaExecutor(Executor):
         if not pending:
             return
         try:
-            served = {n.queue for n in self._enclave.nodes.live()}
+            live = self._enclave.nodes.live()
         except Exception:  # noqa: BLE001 - never break the executor for a warning
             log.debug("could not look at the live nodes", exc_info=True)
             return
+        served = {n.queue for n in live}
         for q, count in pending.items():
             if q in served:
+                self._check_pythons(q, {n.python for n in live if n.queue == q})
                 if q in self._warned_unserved:
                     log.warning("kotta: a node serves queue %r now; its jobs run", q)
                 self._unserved.pop(q, None)
@@ -1121,6 +1127,18 @@ class KottaExecutor(Executor):
                     count, "" if count == 1 else "s", q, "has" if count == 1 else "have",
                     now - since, q,
                 )
+
+    def _check_pythons(self, queue: str, pythons: set[str | None]) -> None:
+        """Warn, once a queue, when every node serving it runs another Python version."""
+        if queue in self._warned_python or wire.PYTHON in pythons or None in pythons:
+            return
+        self._warned_python.add(queue)
+        log.warning(
+            "kotta: the nodes serving queue %r run Python %s, and this client runs Python %s: "
+            "calls that hold code pickled by value (a function defined in a notebook or "
+            "__main__, a lambda) fail there with PythonVersionMismatch; use the same Python "
+            "version on both sides", queue, " and ".join(sorted(pythons)), wire.PYTHON,
+        )
 
     def _settle(self, job_id: str, job: JobRecord) -> None:
         """Settle the future of a final job from its record.  One without a result (a

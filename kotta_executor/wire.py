@@ -20,9 +20,12 @@ Task header:   kind="task", job_id, owner, client, queue, walltime (seconds), cr
                optional inputs / outputs: dataset URIs to stage (security/staging).
                optional max_tasks_per_child (an integer >= 1): the worker that runs the
                task has run fewer tasks than that before it, and is replaced once it has.
+               optional python ("3.12"): the Python version that pickled the sections;
+               code pickled by value loads only in that version (see holds_code).
                sections: fn = cloudpickle(fn), args = cloudpickle([(args, kwargs), ...])
                (apart, so that a worker can reuse a function it has already unpickled)
-Result header: kind="result", job_id, outcome, n, optional error, usage.
+Result header: kind="result", job_id, outcome, n, optional error, usage, python (as in
+               a task header: the version that pickled the payload).
                outcome "ok":     payload = pickle([("ok", value) | ("raise", exc), ...])
                outcome "error":  payload = pickle(exc): the task failed as a whole before
                                  any call ran (its payload could not be unpickled, ...)
@@ -66,6 +69,9 @@ MAC_BYTES = 32
 _PREFIX = struct.Struct(">5sBI")
 MAX_HEADER = 1 << 20
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
+#: this interpreter's Python version, as headers carry it: what pickled what they hold
+PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+_PYTHON = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}")
 
 OK = "ok"
 ERROR = "error"
@@ -351,6 +357,9 @@ def _usual_task(header: dict[str, Any]) -> bool:
     most = header.get("max_tasks_per_child", 1)
     if type(most) is not int or most < 1:
         return False
+    py = header.get("python", PYTHON)
+    if type(py) is not str or not _PYTHON.fullmatch(py):
+        return False
     secs = header.get("sections")
     if type(secs) is not list:
         return False
@@ -391,6 +400,10 @@ def _check_fields(header: Any) -> None:
         raise errors.EnvelopeError(f"{kind} envelope has a malformed job id")
     if header["n"] < 1:
         raise errors.EnvelopeError(f"{kind} envelope must carry at least one call")
+    py = get("python", PYTHON)
+    if type(py) is not str or not _PYTHON.fullmatch(py):
+        raise errors.EnvelopeError(
+            f"{kind} envelope field 'python' must be a Python version such as '3.12'")
     if kind == "task":
         walltime = header["walltime"]
         if not _finite(walltime) or walltime <= 0:
@@ -725,6 +738,37 @@ def load_call(
     return fn, pickle.loads(sections.get("args", b""))
 
 
+#: how a pickle made by cloudpickle holds code: the call that rebuilds a code object's
+#: type, ``_builtin_type("CodeType")`` (cloudpickle 3), or a reference to ``types.CodeType``
+_CODE_MARKS = (b"\x8c\x08CodeType\x94\x85\x94R", b"\x8c\x05types\x94\x8c\x08CodeType\x94\x93")
+
+
+def holds_code(data: bytes) -> bool:
+    """Whether a pickle holds code pickled by value (a function defined in a notebook or
+    ``__main__``, a lambda, a closure, a class with methods), without unpickling it."""
+    return any(mark in data for mark in _CODE_MARKS)
+
+
+def version_mismatch(
+    pickled_by: str | None, pickles: Iterable[bytes], what: str, where: str
+) -> errors.PythonVersionMismatch | None:
+    """The error to give instead of unpickling ``pickles`` (``what``, unpickled
+    ``where``) when another Python version pickled them and they hold code: loaded, it
+    would be bytecode of another version.  None when they may be unpickled here (the same
+    version; an unknown one, an earlier client's; or no code in them)."""
+    if pickled_by is None or pickled_by == PYTHON or not any(map(holds_code, pickles)):
+        return None
+    err = errors.PythonVersionMismatch(
+        f"{what} was pickled by Python {pickled_by} and would be unpickled by Python "
+        f"{PYTHON} {where}, but it holds code pickled by value (a function or class defined "
+        "in a notebook or __main__, a lambda, a closure), which loads only in the Python "
+        "version that pickled it. Use the same Python version (major.minor) for the client "
+        "and the nodes, or define the code in a module both can import"
+    )
+    err.pickled_by, err.running = pickled_by, PYTHON
+    return err
+
+
 def fn_name(fn: Callable) -> str:
     module = getattr(fn, "__module__", None) or ""
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
@@ -1019,20 +1063,27 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
                 setattr(exc, key, err[key])
         return [(False, exc)] * n
     payload = env.sections.get("payload", b"")
+    python = h.get("python", PYTHON)  # (another one: a worker of another Python version)
+    what = f"the result of job {job_id}"
     # BaseException: unpickling runs the remote objects' own code (a ``__reduce__`` that
     # calls sys.exit(), a module that raises SystemExit on import); this runs on the
     # executor's manager thread, which no KeyboardInterrupt of the user's reaches
     if h["outcome"] == ERROR:
+        if python != PYTHON and (err := version_mismatch(python, (payload,), what, "on the client")):
+            return [(False, err)] * n
         try:
             return [(False, _unbox(pickle.loads(payload)))] * n
         except BaseException as exc:  # noqa: BLE001 - cannot unpickle here: say so, keep the cause
             return [(False, _unpickle_error(job_id, exc))] * n
     try:
-        parts = pickle.loads(payload)
+        parts = pickle.loads(payload)  # (a list of bytes: plain pickle, in any version)
     except BaseException as exc:  # noqa: BLE001
         return [(False, _unpickle_error(job_id, exc))] * n
     out: list[tuple[bool, Any]] = []
     for part in parts:
+        if python != PYTHON and (err := version_mismatch(python, (part,), what, "on the client")):
+            out.append((False, err))  # fails its own call only
+            continue
         try:
             tag, value = pickle.loads(part)
             out.append((tag == OK, _unbox(value)))

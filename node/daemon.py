@@ -344,6 +344,7 @@ class Node:
                 workers=self.config.workers,
                 started=me.create_time(),
                 managed_by=self.config.managed_by,
+                python=wire.PYTHON,
             )
         )
         if self.config.prespawn_owner:

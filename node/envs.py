@@ -1,6 +1,8 @@
 """Virtual environments for tasks with ``requirements``, built once per machine and cached.
 
-Layout: ``ROOT/<sha256 of the normalised requirement set>/`` is a finished environment (a
+Layout: ``ROOT/<sha256 of the normalised requirement set>-<interpreter>/`` (``env_name``;
+the interpreter as ``cpython-312``: nodes of two Python versions may share ROOT, and a
+venv's packages are built for one) is a finished environment (a
 venv made with ``--system-site-packages``, so the node's own packages — kotta_executor,
 cloudpickle, tblib, psutil — stay importable, with the node's site-packages directories on
 its workers' path for a node in a venv of its own: ``pool.spawn``; its ``.kotta-ready``
@@ -57,6 +59,12 @@ def default_root(local: bool) -> Path:
     return Path(cache).expanduser() / "kotta" / "envs"
 
 
+def env_name(requirements: str) -> str:
+    """The name of the environment of a (normalised) requirement set, for this node's
+    Python: the set's hash and the interpreter's tag (``cpython-312``)."""
+    return f"{env_key(requirements)}-{sys.implementation.cache_tag}"
+
+
 def site_packages(env: Path) -> Path:
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     return env / "lib" / version / "site-packages"
@@ -97,7 +105,7 @@ class EnvCache:
             requirements = normalize(requirements)
         except ConfigurationError as exc:
             return "failed", str(exc)
-        key = env_key(requirements)
+        key = env_name(requirements)
         with self._lock:
             env = self._ready.get(key)
             if env is not None:

@@ -180,7 +180,12 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     start, t0 = time.time(), time.perf_counter()
     r0s, r0c = _last_usage or _usage_now()
     outcome, failed, reason = wire.OK, 0, None
+    mismatch = None if h.get("python", wire.PYTHON) == wire.PYTHON else wire.version_mismatch(
+        h["python"], [env.sections.get(s, b"") for s in ("init", "fn", "args")],
+        f"the task {h['fn']}", "on the node")
     try:
+        if mismatch is not None:  # (nothing unpickled: no initializer, no call runs)
+            raise mismatch
         _initialize(env.sections.get("init"), job_id)
     except BaseException as exc:  # noqa: BLE001 - the initializer's own exception, for every call
         if os.getpid() != _PID:
@@ -234,7 +239,8 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
         "maxrss_kb": max(r1s.ru_maxrss, r1c.ru_maxrss),
         "peak_rss_kb": max(rose) if rose else r1s.ru_maxrss,
     }
-    header = wire.result_header(job_id, outcome, h["n"], failed=failed, usage=usage)
+    header = wire.result_header(job_id, outcome, h["n"], failed=failed, usage=usage,
+                                python=wire.PYTHON)
     if reason:
         header["reason"] = reason
     result = wire.encode_pieces(

@@ -640,3 +640,8 @@ def append_pid_line(path):
     with open(path, "a") as f:
         f.write(f"{os.getpid()}\n")
     return os.getpid()
+
+
+def make_adder(n):
+    """A closure, which cloudpickle pickles by value (its code with it)."""
+    return lambda x: x + n

@@ -1231,7 +1231,7 @@ def live_ids(backend: Enclave, queue: str | None = None) -> set[str]:
 
 
 def test_register_and_deregister_nodes(backend):
-    a, b = node_info("work", managed_by="slurm"), node_info("gpu")
+    a, b = node_info("work", managed_by="slurm", python="3.12"), node_info("gpu")
     backend.nodes.register(a)
     backend.nodes.register(b)
     assert live_ids(backend) == {a.node_id, b.node_id}
@@ -1239,8 +1239,10 @@ def test_register_and_deregister_nodes(backend):
     assert live_ids(backend, "gpu") == {b.node_id}
     assert live_ids(backend, "none") == set()
     [got] = [n for n in backend.nodes.live() if n.node_id == a.node_id]
-    assert (got.queue, got.host, got.pid, got.workers, got.managed_by) == (
-        "work", a.host, a.pid, 2, "slurm")
+    assert (got.queue, got.host, got.pid, got.workers, got.managed_by, got.python) == (
+        "work", a.host, a.pid, 2, "slurm", "3.12")
+    [other] = [n for n in backend.nodes.live() if n.node_id == b.node_id]
+    assert other.python is None  # a node that did not say (one of an earlier version)
     backend.nodes.deregister(a.node_id)
     assert live_ids(backend) == {b.node_id}
     backend.nodes.deregister("unknown")

@@ -177,7 +177,7 @@ def test_tasks_with_requirements_run_in_a_cached_env(make_executor, offline_pip,
     version, where, pid = view.submit(probe).result(timeout=BUILD_GUARD)
     first = time.monotonic() - t0
     assert version == "1.0"
-    key = env_key(PROBE)
+    key = envs.env_name(PROBE)
     env = root / key
     assert Path(where).is_relative_to(env)  # installed in the env, not in the node's python
     assert _env_dirs(root) == [key]  # built once, renamed into place (no temp dirs left)
@@ -238,7 +238,7 @@ def test_concurrent_builds_build_once(tmp_path, offline_pip):
     """Two builders (as two nodes on one machine would be) of one set: one builds, the other
     waits on the lock and finds the finished env."""
     root = tmp_path / "envs"
-    key = env_key(PROBE)
+    key = envs.env_name(PROBE)
     results: list = []
     go = threading.Barrier(2)
 
@@ -276,7 +276,7 @@ def test_an_env_deleted_to_rebuild_it_is_rebuilt_not_a_node_crash(
     ex = make_executor(1, start_node=False)
     view = ex.with_options(requirements=PROBE)
     assert view.submit(_probe_version).result(timeout=BUILD_GUARD) == "1.0"
-    env = root / env_key(PROBE)
+    env = root / envs.env_name(PROBE)
     shutil.rmtree(env)
     with pytest.raises(WorkerDied):  # its worker goes: the next task needs a new one
         view.submit(_die).result(timeout=GUARD)

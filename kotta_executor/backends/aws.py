@@ -1773,6 +1773,7 @@ class DynamoNodes(_DynamoTable, NodeRegistry):
                 "started": _n(float(node.started)),
                 "heartbeat": _n(float(node.heartbeat)),
                 "managed_by": _s_or_null(node.managed_by),
+                "python": _s_or_null(node.python),
                 "expires": _n(int(node.heartbeat + self.expire_after)),
             },
         )
@@ -1815,6 +1816,7 @@ class DynamoNodes(_DynamoTable, NodeRegistry):
                         started=float(i["started"]["N"]),
                         heartbeat=float(i["heartbeat"]["N"]),
                         managed_by=_str(i, "managed_by"),
+                        python=_str(i, "python"),
                     )
                 )
             if "LastEvaluatedKey" not in resp:

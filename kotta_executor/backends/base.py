@@ -106,6 +106,9 @@ class NodeInfo:
     started: float = field(default_factory=time.time)
     heartbeat: float = field(default_factory=time.time)
     managed_by: str | None = None
+    #: the Python version (``"3.12"``) its workers run: code pickled by value in another
+    #: one does not load there (wire.version_mismatch); None: a node that did not say
+    python: str | None = None
 
 
 class TaskQueue(abc.ABC):

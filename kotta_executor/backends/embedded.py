@@ -113,7 +113,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     started REAL NOT NULL,
     heartbeat REAL NOT NULL,
     managed_by TEXT,
-    ident TEXT
+    ident TEXT,
+    python TEXT
 );
 """
 
@@ -152,6 +153,9 @@ class _Db:
         if "ident" not in {row[1] for row in self.read("PRAGMA table_info(nodes)")}:
             with contextlib.suppress(sqlite3.OperationalError):  # (nodes said who they are)
                 _retry(self.conn().execute, "ALTER TABLE nodes ADD COLUMN ident TEXT")
+        if "python" not in {row[1] for row in self.read("PRAGMA table_info(nodes)")}:
+            with contextlib.suppress(sqlite3.OperationalError):  # (nodes said their Python)
+                _retry(self.conn().execute, "ALTER TABLE nodes ADD COLUMN python TEXT")
 
     def conn(self) -> sqlite3.Connection:
         local = self._local
@@ -714,9 +718,9 @@ class EmbeddedNodes(NodeRegistry):
         with self._db.tx() as c:
             c.execute(
                 "INSERT OR REPLACE INTO nodes(node_id, queue, host, pid, workers, started,"
-                " heartbeat, managed_by, ident) VALUES (?,?,?,?,?,?,?,?,?)",
+                " heartbeat, managed_by, python, ident) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (node.node_id, node.queue, node.host, node.pid, node.workers, node.started,
-                 node.heartbeat, node.managed_by, _process_ident(node.pid)),
+                 node.heartbeat, node.managed_by, node.python, _process_ident(node.pid)),
             )
 
     def heartbeat(self, node_id):
@@ -732,8 +736,8 @@ class EmbeddedNodes(NodeRegistry):
 
     def _rows(self) -> list[tuple[NodeInfo, str | None]]:
         rows = self._db.read(
-            "SELECT node_id, queue, host, pid, workers, started, heartbeat, managed_by, ident"
-            " FROM nodes"
+            "SELECT node_id, queue, host, pid, workers, started, heartbeat, managed_by, python,"
+            " ident FROM nodes"
         )
         return [(NodeInfo(*r[:-1]), r[-1]) for r in rows]
 
