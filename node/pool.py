@@ -27,6 +27,7 @@ from .worker import (
     CONN_BIG,
     CONN_LEN,
     MESSAGE_STARTS,
+    NODE_SITE,
     STOP_SIGNAL,
     STOPPED,
     pack_frame,
@@ -581,6 +582,7 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
         inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
         path = [env.site, _PROJECT, *_SITE_DIRS, *filter(None, inherited)]
         extra["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+        extra[NODE_SITE] = os.pathsep.join(_SITE_DIRS)  # (their .pth files: node.worker)
     task_r, task_w = os.pipe()
     result_r, result_w = os.pipe()
     out = tempfile.TemporaryFile(prefix="kotta-stdout-", dir=scratch)

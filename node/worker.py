@@ -23,6 +23,7 @@ import ctypes
 import os
 import resource
 import signal
+import site
 import struct
 import sys
 import threading
@@ -423,12 +424,24 @@ def _watch_parent(parent: int, period: float = 0.25) -> None:
             os.killpg(0, signal.SIGKILL)
 
 
+#: for a worker in a requirements venv: the node's site-packages directories, whose
+#: ``.pth`` files it reads (pool.spawn puts the directories themselves on PYTHONPATH,
+#: which reads none: packages installed in editable mode there could not be imported)
+NODE_SITE = "KOTTA_NODE_SITE"
+
+
+def _add_node_sites(dirs: str) -> None:
+    for d in filter(None, dirs.split(os.pathsep)):
+        site.addsitedir(d)  # (its .pth entries after the venv's own packages)
+
+
 def main(argv: list[str] | None = None) -> int:
     global _PID
     _PID = os.getpid()
     argv = sys.argv[1:] if argv is None else argv
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     task_fd, result_fd = int(argv[0]), int(argv[1])
+    _add_node_sites(os.environ.pop(NODE_SITE, ""))
     for fd in (task_fd, result_fd):
         os.set_inheritable(fd, False)  # children of a task must not hold our pipes
     tasks = Connection(task_fd, writable=False)

@@ -184,21 +184,24 @@ class NodeProcess:
 
 @pytest.fixture
 def start_node(enclave_dir, tmp_path):
-    """Start real node processes: ``start_node(workers=1, queue="test", *extra_args)``."""
+    """Start real node processes: ``start_node(workers=1, queue="test", *extra_args)``
+    (``python=``: another interpreter's, ``env=``: more environment variables)."""
     started: list[NodeProcess] = []
     enclave = EmbeddedEnclave(enclave_dir)
 
     def start(*extra: str, workers: int = 1, queue: str = "test", wait: bool = True,
-              visibility_timeout: float = 30.0) -> NodeProcess:
+              visibility_timeout: float = 30.0, python: str = sys.executable,
+              env: dict[str, str] | None = None) -> NodeProcess:
         node_id = os.urandom(6).hex()
         log = tmp_path / f"node-{node_id}.log"
         cmd = [
-            sys.executable, "-m", "node", "--enclave", str(enclave_dir), "--queue", queue,
+            python, "-m", "node", "--enclave", str(enclave_dir), "--queue", queue,
             "--workers", str(workers), "--node-id", node_id,
             "--visibility-timeout", str(visibility_timeout), "--poll-interval", "0.1", *extra,
         ]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=out, stderr=out,
+            proc = subprocess.Popen(cmd, env={**subprocess_env(), **(env or {})}, stdout=out,
+                                    stderr=out,
                                     stdin=subprocess.DEVNULL, cwd=str(ROOT))
         node = NodeProcess(proc, node_id, log)
         started.append(node)

@@ -645,3 +645,10 @@ def append_pid_line(path):
 def make_adder(n):
     """A closure, which cloudpickle pickles by value (its code with it)."""
     return lambda x: x + n
+
+
+def module_attr(module, attr):
+    """``module.attr``, importing the module on the node."""
+    import importlib
+
+    return getattr(importlib.import_module(module), attr)

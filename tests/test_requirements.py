@@ -12,6 +12,9 @@ import hashlib
 import os
 import re
 import shutil
+import site
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -25,7 +28,8 @@ from kotta_executor import RequirementsError, WorkerDied, kottajob, wire
 from kotta_executor.errors import ConfigurationError
 from kotta_executor.requirements import env_key, normalize
 from node import envs
-from tests.conftest import GUARD, wait_for
+from tests import tasks
+from tests.conftest import GUARD, ROOT, wait_for
 
 #: a venv build (venv + pip install) is slow compared to a task: a larger deadlock guard
 BUILD_GUARD = 4 * GUARD
@@ -285,3 +289,35 @@ def test_an_env_deleted_to_rebuild_it_is_rebuilt_not_a_node_crash(
     assert node.proc.poll() is None, node.output()[-2000:]
     assert f.result(timeout=GUARD) == "1.0"
     assert (env / envs.MARKER).exists()  # built again
+
+
+def test_a_node_in_a_venv_gives_requirement_workers_its_editable_installs(
+    tmp_path, offline_pip, make_executor, start_node
+):
+    """A node running in a virtual environment of its own, where a package is installed in
+    editable mode (a ``.pth`` file naming its source directory, as pip's editable installs
+    write): its tasks with requirements, in a venv made from the base interpreter, import
+    it too (the node's site-packages reach them on PYTHONPATH, which reads no ``.pth``)."""
+    node_venv = tmp_path / "node-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(node_venv)], check=True, timeout=BUILD_GUARD)
+    python = str(node_venv / "bin" / "python")
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True, timeout=GUARD,
+    ).stdout.strip()
+    source = tmp_path / "editable-source"
+    source.mkdir()
+    (source / "kotta_editable_probe.py").write_text("WHERE = 'editable'\n")
+    (Path(purelib) / "kotta_editable_probe.pth").write_text(f"{source}\n")
+    # kotta and its dependencies as the suite has them (whether its python is a venv's or not)
+    start_node(python=python, workers=1, env={
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *site.getsitepackages()])})
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(tasks.module_attr, "kotta_editable_probe", "WHERE").result(GUARD) == (
+        "editable")
+    view = ex.with_options(requirements=PROBE)
+    assert view.submit(tasks.module_attr, "kotta_probe_pkg", "__version__").result(
+        BUILD_GUARD) == "1.0"  # in the requirements venv
+    assert view.submit(tasks.module_attr, "kotta_editable_probe", "WHERE").result(GUARD) == (
+        "editable")
