@@ -1305,12 +1305,29 @@ class Node:
             for task, w in plan:
                 if id(task) in started:
                     w.given(task.header.get("max_tasks_per_child"))
+        new: dict[pool.Planned, Worker] = {}  # started now: a task of theirs is claimed
         for task, w in plan:
             if id(task) in started:
+                if isinstance(w, pool.Planned):
+                    if w not in new:
+                        new[w] = self._start_planned(w)
+                    w = new[w]
                 frames.setdefault(w, []).append(task)
                 if _restricted(task):  # it serves nothing after it: it retires
                     w.retiring = True
         return frames, adopted
+
+    def _start_planned(self, p: pool.Planned) -> Worker:
+        """Start a planned worker, ending the idle one it replaces."""
+        if p.victim is not None:  # never share a worker between owners: replace it
+            p.victim.close_idle()
+            self._leftovers.append(p.victim.leftovers())  # (its owner's processes go too)
+            self._look_for_orphans_soon()
+            self.workers.remove(p.victim)
+        w = pool.spawn(p.owner, env=p.venv)
+        w.max_tasks = p.max_tasks
+        self.workers.append(w)
+        return w
 
     def _claim_adopted(self, tasks: list[Task]) -> None:
         for t in tasks:
@@ -1525,10 +1542,12 @@ class Node:
     def _worker_for(
         self, owner: str, load: dict[Worker, int], caps: dict[Worker, int],
         env: envs.Env | None = None, *, alone: bool = False, limit: int | None = None,
-    ) -> Worker | None:
+    ) -> Worker | pool.Planned | None:
         """A worker of ``owner`` in the environment ``env`` (workers are keyed by both);
         ``alone``: an idle one; ``limit``: the task's ``max_tasks_per_child``, which the
-        worker's count of tasks must stay under (:meth:`Worker.takes`)."""
+        worker's count of tasks must stay under (:meth:`Worker.takes`).  A new one is
+        only planned (``pool.Planned``: _dispatch starts it once a task of its is claimed),
+        taking a place the pool has, or that of an idle worker it is to replace."""
         key = None if env is None else env.key
         best = None
         for w, n in load.items():
@@ -1538,21 +1557,19 @@ class Node:
                 best = w
         if best is not None:
             return best
-        if len(self.workers) >= self.config.workers:
+        victim = None
+        places = len(self.workers) + sum(  # (a victim's place is its replacement's)
+            isinstance(w, pool.Planned) and w.victim is None for w in load)
+        if places >= self.config.workers:
             # replaced: an idle worker of another owner or env, or one that has run too
             # many tasks for this one
-            idle = [w for w, n in load.items() if n == 0 and (
-                (w.owner, w.env) != (owner, key) or not w.takes(0, limit))]
+            idle = [w for w, n in load.items() if n == 0 and not isinstance(w, pool.Planned)
+                    and ((w.owner, w.env) != (owner, key) or not w.takes(0, limit))]
             if not idle:
                 return None
-            victim = idle[0]  # never share a worker between owners: replace it
-            victim.close_idle()
-            self._leftovers.append(victim.leftovers())  # (its owner's processes go too)
-            self._look_for_orphans_soon()
-            self.workers.remove(victim)
-            del load[victim]
-        w = pool.spawn(owner, env=env)
-        self.workers.append(w)
+            victim = idle[0]
+            del load[victim]  # (nothing more is planned for it)
+        w = pool.Planned(owner, env, victim)
         load[w], caps[w] = 0, 1
         return w
 

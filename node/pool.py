@@ -370,6 +370,29 @@ class Leftovers:
         return any(p.is_running() for p in self.tree)
 
 
+@dataclass(eq=False)
+class Planned:
+    """A worker a dispatch plans to start for ``owner`` (in the requirements venv
+    ``venv``), in place of the idle ``victim`` if given: started, and the victim ended,
+    only once a task planned for it is claimed (a task whose claim fails, a copy of a job
+    that runs or ran, must not cost a warm worker).  Planned like a Worker: its ``env``
+    key, its limits (:meth:`Worker.takes`, :meth:`Worker.given`)."""
+
+    owner: str
+    venv: Any
+    victim: Worker | None
+    env: str | None = field(init=False)
+    ran: int = 0
+    max_tasks: int | None = None
+    retiring: bool = False
+
+    takes = Worker.takes
+    given = Worker.given
+
+    def __post_init__(self) -> None:
+        self.env = None if self.venv is None else self.venv.key
+
+
 #: in a worker's environment, and so in that of every process its tasks start (read from
 #: ``/proc/PID/environ``, which shows the environment a process was started with: a forked
 #: process's is its parent's): the pid of the node that started the worker, and an id of
