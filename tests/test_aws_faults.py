@@ -161,6 +161,35 @@ def test_a_failed_delete_of_task_blobs_is_not_the_end_of_the_node(enclave, moto_
         _stop(ex, node, runner, node_enclave)
 
 
+@pytest.mark.parametrize("spilled", [False, True], ids=["inline result", "result in a blob"])
+def test_a_finish_made_but_unanswered_is_known_as_made_when_tried_again(
+        enclave, moto_env, name, spilled):
+    """A finish DynamoDB applied whose answer was lost: the node's later try of the same
+    result finds the job final.  It must know that write for its own (the same result,
+    not another node's): else the client got no reply from it, and the task's argument
+    blob was never deleted (nor would the nodes' sweep take it: its job has a record)."""
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    if spilled:  # a result over the item's limit is a blob of its own, the item names it
+        node_enclave.jobs.max_result = 16
+    fired = lose_answer_once(node_enclave.dynamodb, "UpdateItem", _is_finish)
+    runner = _run(node)
+    try:
+        big = b"x" * (enclave.inline_limit + 1)
+        f = ex.submit(bytes.upper, big)
+        wait_for(fired.is_set, what="the finish's answer to be lost")
+        _outcome(runner, f)
+        assert f.result(GUARD) == big.upper()
+        wait_for(lambda: not [k for k in _keys(enclave) if k.startswith("blobs/args-")],
+                 what="the task's argument blob to be deleted")
+        job = enclave.jobs.get(f.job_id)
+        assert (job.state, job.attempts) == ("completed", 1)
+        assert [s for _, s, _ in enclave.jobs.history(f.job_id)].count("completed") == 1
+        results = [k for k in _keys(enclave) if k.startswith("blobs/result-")]
+        assert len(results) == (1 if spilled else 0), results  # the one the item names
+    finally:
+        _stop(ex, node, runner, node_enclave)
+
+
 def _keys(enclave) -> list[str]:
     resp = enclave.s3.list_objects_v2(Bucket=enclave.names.bucket)
     return [o["Key"] for o in resp.get("Contents", [])]

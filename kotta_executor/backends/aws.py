@@ -1482,7 +1482,7 @@ class DynamoJobs(_DynamoTable, JobTable):
     def _finish_one(self, r: Finished) -> bool:
         if not _keyable(r.job_id):  # no such job: nothing to spill a result for
             return False
-        now = time.time()
+        now = r.at  # (the same in each try of this result: see ours, below)
         usage = _bounded_usage(r.usage or None, self.max_usage)
         reason = _bounded_text(r.reason, self.max_reason)
         values: dict[str, Any] = {
@@ -1505,8 +1505,9 @@ class DynamoJobs(_DynamoTable, JobTable):
         size = len(r.result) + len(usage or "") + 2 * len((reason or "").encode()) + _ITEM_BASE
         ref = None
         if len(r.result) > self.max_result or size > self.max_item:
-            # a key of its own per attempt: a second finish must not overwrite the first's
-            ref = f"result-{r.job_id}-{uuid.uuid4().hex[:8]}"
+            # a key of its own per outcome: another finish must not overwrite this one's
+            # (a try of the same again writes the same blob)
+            ref = f"result-{r.job_id}-{r.attempt}"
             self._e.blobs.put(ref, r.result)
             sets.append("result_ref = :ref")
             values[":ref"] = {"S": ref}
@@ -1519,8 +1520,9 @@ class DynamoJobs(_DynamoTable, JobTable):
         update = "SET " + ", ".join(sets) + remove
 
         def ours(old: dict) -> bool:
-            # our result is recorded, whoever wrote the token since: our blob, or our
-            # finishing time (a float of this call's own)
+            # our result is recorded (by this call, or by an earlier try of the same
+            # result whose answer was lost), whoever wrote the token since: our blob, or
+            # our finishing time (a float of this result's own)
             if ref is not None:
                 return _str(old, "result_ref") == ref
             return _str(old, "state") == str(r.state) and _num(old, "finished") == now

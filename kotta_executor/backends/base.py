@@ -20,6 +20,7 @@ import contextlib
 import json
 import socket
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,11 @@ class Finished:
     result: bytes
     reason: str | None = None
     usage: dict[str, Any] | None = None
+    #: when it finished, and an id of this outcome: the same in every try to record it, so
+    #: that a backend whose finish can be made without its answer (a lost response) knows
+    #: its own earlier write again (another's has another id)
+    at: float = field(default_factory=time.time)
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
 
 @dataclass(slots=True)
