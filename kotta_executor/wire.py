@@ -42,6 +42,7 @@ import hmac
 import json
 import operator
 import pickle
+import pickletools
 import re
 import struct
 import sys
@@ -746,7 +747,50 @@ _CODE_MARKS = (b"\x8c\x08CodeType\x94\x85\x94R", b"\x8c\x05types\x94\x8c\x08Code
 def holds_code(data: bytes) -> bool:
     """Whether a pickle holds code pickled by value (a function defined in a notebook or
     ``__main__``, a lambda, a closure, a class with methods), without unpickling it."""
-    return any(mark in data for mark in _CODE_MARKS)
+    if any(mark in data for mark in _CODE_MARKS):
+        return True
+    # pickle writes a string once and takes it from its memo after: a "CodeType" pickled
+    # earlier (a key, an argument) is the one the type is rebuilt from, so look opcode by
+    # opcode (only then: every pickle of code holds the name)
+    return b"CodeType" in data and _code_from_memo(data)
+
+
+_STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"})
+_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_BYTES = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"})
+
+
+def _code_from_memo(data: bytes) -> bool:
+    """The marks of _CODE_MARKS, opcode by opcode, with the strings the memo gives."""
+    memo: dict[int, Any] = {}
+    last: list[Any] = [None, None]  # what the last two opcodes pushed (a string or None)
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name == "FRAME":
+                continue
+            if name == "MEMOIZE" or name in _PUTS:
+                memo[len(memo) if name == "MEMOIZE" else arg] = last[-1]
+                continue
+            if name in _STRINGS:
+                value = arg
+            elif name in _BYTES and b"CodeType" in arg and _code_from_memo(arg):
+                return True  # a pickle in a pickle, as the marks are found in one
+            elif name in _GETS:
+                value = memo.get(arg)
+            elif name == "TUPLE1" and last[-1] == "CodeType":
+                value = ("CodeType",)
+            elif (name == "REDUCE" and last[-1] == ("CodeType",)) or (
+                name == "STACK_GLOBAL" and last == ["types", "CodeType"]
+            ):
+                return True
+            else:
+                value = None
+            last = [last[-1], value]
+    except Exception:  # noqa: BLE001 - not a pickle: unpickling it says so
+        return False
+    return False
 
 
 def version_mismatch(

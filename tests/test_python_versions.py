@@ -66,6 +66,16 @@ def test_holds_code_finds_functions_pickled_by_value_only():
     assert not wire.holds_code(cloudpickle.dumps(["CodeType", b"CodeType", {"CodeType": 1}]))
 
 
+def test_holds_code_finds_code_whose_type_name_was_pickled_before_it():
+    """pickle writes a string once and takes it from its memo after: a ``"CodeType"``
+    pickled before the code (a key, an argument) is the one its type is rebuilt from."""
+    f = lambda: 0  # noqa: E731
+    for value in (["CodeType", f], [((), {"CodeType": 1, "f": f})], ("types", "CodeType", f),
+                  [b"x", cloudpickle.dumps(["CodeType", f])]):  # (a pickle in a pickle)
+        assert wire.holds_code(cloudpickle.dumps(value)), value
+    assert not wire.holds_code(cloudpickle.dumps(["CodeType", ("CodeType",), tasks.add]))
+
+
 _DATA = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
     | st.binary() | st.sampled_from(["CodeType", "types", "_builtin_type", "\x94\x85R"]),
@@ -132,6 +142,18 @@ def test_a_call_holding_code_of_another_python_fails_unrun_naming_both_versions(
     assert list(ex.map(tasks.square, range(4))) == [0, 1, 4, 9]
     with pytest.raises(PythonVersionMismatch):  # a map's items all fail, none lost
         list(ex.map(lambda x: x, range(3)))
+
+
+def test_a_call_holding_code_after_the_name_of_its_type_fails_unrun(
+    make_executor, other_python_client, tmp_path: Path
+):
+    """The code of a keyword argument, after another whose value is ``"CodeType"``."""
+    ex = make_executor(1)
+    marker = tmp_path / "ran"
+    f = ex.submit(tasks.apply_fn, x="CodeType", fn=lambda x: marker.write_text(x))
+    with pytest.raises(PythonVersionMismatch):
+        f.result(timeout=GUARD)
+    assert not marker.exists()
 
 
 def test_an_initializer_holding_code_of_another_python_fails_each_task(
