@@ -1616,8 +1616,10 @@ SECTION_TABLES = st.lists(
 @given(
     task_headers,
     st.just({}) | st.dictionaries(
-        st.sampled_from(sorted({*wire._TASK_FIELDS, "requirements", "max_tasks_per_child"})),
-        json_values | st.floats() | st.booleans(), max_size=2),
+        st.sampled_from(sorted({*wire._TASK_FIELDS, "requirements", "max_tasks_per_child",
+                                "python"})),
+        json_values | st.floats() | st.booleans()
+        | st.from_regex(r"[0-9]{1,4}\.[0-9]{1,4}\n?|3\.1[0-9]", fullmatch=True), max_size=2),
     st.just([]) | st.lists(st.sampled_from(sorted(wire._TASK_FIELDS)), max_size=2),
     st.lists(st.tuples(st.text(max_size=4), st.integers(0, 99)).map(list), max_size=3).map(
         lambda secs: [*secs, ["mac", 32]]) | SECTION_TABLES,
@@ -1678,6 +1680,8 @@ def test_a_task_may_say_how_many_tasks_its_worker_runs() -> None:
     {"max_tasks_per_child": 0}, {"max_tasks_per_child": -3}, {"max_tasks_per_child": True},
     {"max_tasks_per_child": 2.0}, {"max_tasks_per_child": "2"},
     {"max_tasks_per_child": None},
+    {"python": 3.12}, {"python": "3.12.1"}, {"python": "3.12\n"}, {"python": None},
+    {"python": ""}, {"python": ["3.12"]},
     {"sections": {}}, {"sections": "fn"}, {"sections": [["mac", 32], ["fn", 10]]},
     {"sections": [["fn", 10], ["mac", 31]]}, {"sections": [["fn", -1]]},
     {"sections": [["fn"]]}, {"sections": [["fn", 1.0]]}, {"sections": [["fn", True]]},
