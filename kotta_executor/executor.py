@@ -1476,7 +1476,8 @@ def _failure_result(job_id: str, n: int, exc: BaseException) -> bytes:
     """A result envelope for a task that failed on the client before it was sent: its
     exception, pickled as a node pickles one, so that any client attaching to the job
     gets the same type and message (a DependencyError, a SerializationError)."""
-    header = wire.result_header(job_id, wire.ERROR, n, failed=n, reason=wire.summary(exc))
+    header = wire.result_header(job_id, wire.ERROR, n, failed=n, reason=wire.summary(exc),
+                                python=wire.PYTHON)  # (a worker's says so too)
     try:
         payload = wire.dump_exception(exc)
     except Exception:  # noqa: BLE001 - then at least the reason, as a JobFailed

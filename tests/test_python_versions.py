@@ -17,6 +17,7 @@ pyenv's 3.13 and 3.11).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import os
 import pickle
@@ -183,6 +184,26 @@ def test_a_result_holding_code_of_another_python_fails_that_call_only(
     assert next(it) == 1
     with pytest.raises(PythonVersionMismatch):
         next(it)
+
+
+def test_a_failure_the_client_recorded_holding_code_is_refused_by_a_client_of_another_python(
+    make_executor, monkeypatch
+):
+    """A task failed on its client before it was sent (a dependency failed) keeps its
+    exception as a result, for clients that attach: one of another Python refuses it too."""
+
+    class Local(Exception):
+        def method(self):  # a class with code, pickled by value
+            return 1
+
+    monkeypatch.setattr(wire, "PYTHON", OTHER)
+    dependency = cf.Future()
+    dependency.set_exception(Local("failed"))
+    f = make_executor(1, start_node=False).submit(tasks.add, dependency, 1)
+    assert isinstance(f.exception(timeout=GUARD).__cause__, Local)  # same Python: read
+    monkeypatch.setattr(wire, "PYTHON", REAL)
+    with pytest.raises(PythonVersionMismatch, match=f"pickled by Python {OTHER}"):
+        make_executor(1, start_node=False).attach(f.job_id).result(timeout=GUARD)
 
 
 # ------------------------------------------------------------- nodes of another Python
