@@ -7,9 +7,9 @@ venv made with ``--system-site-packages``, so the node's own packages — kotta_
 cloudpickle, tblib, psutil — stay importable, with the node's site-packages directories on
 its workers' path for a node in a venv of its own: ``pool.spawn``; its ``.kotta-ready``
 marker lists the set).
-``ROOT/<sha>.lock`` serialises builds between processes (``flock``): a build takes the lock,
-looks again (another node may have finished meanwhile), builds into ``ROOT/.<sha>.tmp-*``
-and renames that to ``ROOT/<sha>`` — a directory that exists under its final name is
+``ROOT/<name>.lock`` (``<name>``: ``env_name``'s) serialises builds between processes
+(``flock``): a build takes the lock, looks again (another node may have finished meanwhile),
+builds into ``ROOT/.<name>.tmp-*`` and renames that to ``ROOT/<name>`` — a directory that exists under its final name is
 complete.  ROOT is ``$KOTTA_ENVS`` if set, else ``$KOTTA_HOME/envs`` for an embedded
 enclave, else the node's cache directory (``$XDG_CACHE_HOME/kotta/envs``,
 ``~/.cache/kotta/envs``).
