@@ -389,3 +389,32 @@ def test_on_rollback_runs_for_the_rolled_back_savepoint_or_transaction_only(tmp_
         assert ran == ["inner, rolled back", "released, then rolled back with the outer"]
     finally:
         enclave.close()
+
+
+def test_an_enclave_made_by_an_earlier_version_gets_the_columns_it_lacks(tmp_path):
+    """An enclave's database made before messages kept their send time and nodes their
+    process and Python: opened now, it has them, and what uses them works."""
+    import sqlite3
+
+    from kotta_executor.backends import embedded
+    from kotta_executor.backends.base import Message, NodeInfo
+
+    old = embedded.SCHEMA.replace(",\n    sent REAL", "").replace(
+        ",\n    ident TEXT,\n    python TEXT", "")
+    assert old.count("ident") == old.count(" sent ") == old.count("python") == 0
+    home = tmp_path / "old"
+    home.mkdir()
+    with sqlite3.connect(home / "kotta.db") as conn:
+        conn.executescript(old)
+    e = EmbeddedEnclave(home)
+    try:
+        for table, column, _ in embedded._ADDED_COLUMNS:
+            assert column in {r[1] for r in e._db.read(f"PRAGMA table_info({table})")}
+        e.nodes.register(NodeInfo("n1", "test", socket.gethostname(), os.getpid(), 1,
+                                  python="3.12"))
+        assert [(n.node_id, n.python) for n in e.nodes.live("test")] == [("n1", "3.12")]
+        e.queue.send("test", [Message("a" * 32, b"body")])
+        assert [m.body for m in e.queue.receive("test", 1, 30, "n1")] == [b"body"]
+    finally:
+        e.close()
+    EmbeddedEnclave(home).close()  # opened again: nothing more to add

@@ -118,6 +118,8 @@ CREATE TABLE IF NOT EXISTS nodes (
 );
 """
 
+_ADDED_COLUMNS = (("messages", "sent", "REAL"), ("nodes", "ident", "TEXT"),
+                  ("nodes", "python", "TEXT"))
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 _JOB_COLS = (
     "job_id, owner, client, queue, fn, walltime, state, created, updated, n, node, attempts,"
@@ -146,16 +148,22 @@ class _Db:
         # Processes opening a new enclave together race to make its tables: whoever waits
         # for the lock tries again (every statement is "IF NOT EXISTS").
         _retry(self.conn().executescript, SCHEMA)
-        columns = {row[1] for row in self.read("PRAGMA table_info(messages)")}
-        if "sent" not in columns:  # an enclave made before messages kept their send time
-            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
-                _retry(self.conn().execute, "ALTER TABLE messages ADD COLUMN sent REAL")
-        if "ident" not in {row[1] for row in self.read("PRAGMA table_info(nodes)")}:
-            with contextlib.suppress(sqlite3.OperationalError):  # (nodes said who they are)
-                _retry(self.conn().execute, "ALTER TABLE nodes ADD COLUMN ident TEXT")
-        if "python" not in {row[1] for row in self.read("PRAGMA table_info(nodes)")}:
-            with contextlib.suppress(sqlite3.OperationalError):  # (nodes said their Python)
-                _retry(self.conn().execute, "ALTER TABLE nodes ADD COLUMN python TEXT")
+        # columns an enclave made by an earlier version lacks: messages' send time, nodes'
+        # process identity and Python version
+        for table, column, kind in _ADDED_COLUMNS:
+            self._add_column(table, column, kind)
+
+    def _add_column(self, table: str, column: str, kind: str) -> None:
+        def has() -> bool:
+            return column in {row[1] for row in self.read(f"PRAGMA table_info({table})")}
+
+        if has():
+            return
+        try:
+            _retry(self.conn().execute, f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError:
+            if not has():  # not another process's adding it first: locked for too long
+                raise
 
     def conn(self) -> sqlite3.Connection:
         local = self._local
