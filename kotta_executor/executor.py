@@ -401,6 +401,8 @@ class KottaExecutor(Executor):
                 f._batch = "values"
             self._futures[job_id] = f
             self._attached.add(job_id)
+            if not job.state.final:  # a node is to run it: with start_node, one is
+                self._queues_used.add(job.queue)  # started if none serves its queue
             self._ensure_manager()  # under the lock, as in _submit
         self._kick(force=True)
         return f

@@ -961,6 +961,20 @@ def test_attach_to_a_running_job(executor, make_executor, gate):
     assert f.result(timeout=GUARD) == "attached"
 
 
+def test_attach_to_a_queued_job_no_node_serves_starts_a_node_for_it(make_executor, enclave):
+    """A restarted session attaches to a job its previous one left queued, the node that
+    served it gone: an executor that starts nodes (start_node="auto") starts one for the
+    attached job's queue, as it does for a queue it submits to; else result() waits for
+    ever."""
+    submitter = make_executor(1, start_node=False)  # (no node: the job stays pending)
+    queued = submitter.submit(tasks.square, 5)
+    wait_for(lambda: enclave.jobs.get(queued.job_id) is not None, what="the job's record")
+    assert enclave.nodes.live() == []
+    fresh = make_executor(1)  # start_node="auto", on an embedded enclave
+    assert fresh.attach(queued.job_id).result(timeout=GUARD) == 25
+    assert queued.result(timeout=GUARD) == 25
+
+
 def test_job_cancelled_by_another_client_resolves_while_results_keep_coming(
     executor, make_executor, gate, enclave
 ):
