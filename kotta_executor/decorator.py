@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import operator
 import os
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -97,14 +99,37 @@ def kottajob(
         )
 
     def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any):
             ex = target.executor if isinstance(target, Connection) else target
             view = ex.with_options(queue=queue, walltime=walltime, requirements=requirements)
             future = view.submit(fn, *args, **kwargs)
             return future.result() if block else future
 
-        call.kotta_function = fn  # the undecorated function, which is what travels
-        return call
+        return _Decorated(fn, call)
 
     return decorate
+
+
+class _Decorated:
+    """A function decorated with :func:`kottajob`: calling it submits ``kotta_function``,
+    the undecorated function, which is what travels.  Pickled, it *is* that function: a
+    task whose function calls a decorated one (itself, recursively, or another) runs its
+    body there, rather than failing to pickle the connection this holds, or submitting a
+    job again from the node."""
+
+    def __init__(self, fn: Callable, call: Callable):
+        functools.update_wrapper(self, fn)
+        self.kotta_function = fn
+        self._call = call
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self._call(*args, **kwargs)
+
+    def __get__(self, obj: Any, objtype: type | None = None):  # a method, as a function is
+        return self if obj is None else types.MethodType(self, obj)
+
+    def __reduce__(self):  # (itemgetter: an identity the node unpickles without importing us)
+        return operator.itemgetter(0), ((self.kotta_function,),)
+
+    def __repr__(self) -> str:
+        return f"<kottajob {self.__module__}.{self.__qualname__}>"

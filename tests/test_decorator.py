@@ -66,6 +66,31 @@ def test_blocking_call_returns_the_value_or_raises(konn, enclave):
     assert {str(j.state) for j in jobs} == {"completed", "failed"}
 
 
+def test_a_decorated_function_that_calls_itself_or_another_runs_their_bodies_in_its_task(
+    konn, enclave
+):
+    """What travels is the undecorated function: a decorated function the task calls (itself,
+    recursively, or another one) is its undecorated body there.  The wrapper holds the
+    connection, which cannot be pickled: the call failed with SerializationError."""
+
+    @kottajob(konn, "test", 5)
+    def factorial(n):
+        return 1 if n <= 1 else n * factorial(n - 1)
+
+    @kottajob(konn, "test", 5)
+    def inc(n):
+        return n + 1
+
+    @kottajob(konn, "test", 5, block=False)
+    def inc_twice(n):
+        return os.getpid(), inc(inc(n))
+
+    assert factorial(5) == 120
+    pid, value = inc_twice(1).result(timeout=GUARD)
+    assert value == 3 and pid != os.getpid()
+    assert len(enclave.jobs.list()) == 2  # one job a call made here, none from the node
+
+
 def test_queue_and_walltime_of_the_decorator(konn, enclave):
     offset = 100
 
