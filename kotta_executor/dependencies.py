@@ -26,15 +26,22 @@ from .errors import DependencyError
 class Waiting:
     """A task that waits for the futures among its arguments."""
 
-    __slots__ = ("future", "fn", "calls", "opts", "remaining", "failed")
+    __slots__ = ("job_id", "future", "fn", "calls", "opts", "remaining", "failed")
 
     def __init__(self, future: Future, fn: Callable, calls: list, opts: Any, remaining: int):
+        self.job_id: str = future.job_id
         self.future = future
         self.fn = fn
         self.calls = calls
         self.opts = opts
         self.remaining = remaining  # dependencies not yet succeeded
         self.failed: Future | None = None  # the first dependency that failed
+
+    def forget(self) -> None:
+        """Let go of the task once it is sent, failed or cancelled: the done-callbacks of
+        its dependencies hold this object as long as those futures live (a future many
+        tasks wait for is often kept), and its arguments may be big."""
+        self.future = self.fn = self.calls = self.opts = None
 
 
 class Dependencies:
@@ -69,13 +76,15 @@ class Dependencies:
         been passed over meanwhile, as not waiting (a second entry is harmless: only one
         :meth:`take` gets it)."""
         with self._lock:
-            self.waiting[w.future.job_id] = w
+            self.waiting[w.job_id] = w
             due = w.remaining == 0 or w.failed is not None
         if due:
             self.ready.append(w)
             self._wake()
 
     def clear(self) -> None:
+        for w in list(self.waiting.values()):
+            w.forget()
         self.waiting.clear()
         self.ready.clear()
 

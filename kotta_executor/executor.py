@@ -574,7 +574,7 @@ class KottaExecutor(Executor):
         ``create(enqueue=False)``: a task message for it would only make a node refuse
         an unsigned task (and audit it as forged)."""
         return NewJob(
-            w.future.job_id, self.owner, self.client_id, w.opts.queue, wire.fn_name(w.fn),
+            w.job_id, self.owner, self.client_id, w.opts.queue, wire.fn_name(w.fn),
             w.opts.walltime, b"", len(w.calls),
         )
 
@@ -710,6 +710,8 @@ class KottaExecutor(Executor):
                 for w in taken:
                     self._deps.put_back(w)
                 raise
+            for w in taken:  # (recorded cancelled: its future is, just below)
+                w.forget()
             # the manager takes from the outbox only under the send lock, held here
             self._skip.update(job.job_id for job, _ in unsent)
             for job in handed:  # recorded now, by its node or just above
@@ -938,9 +940,9 @@ class KottaExecutor(Executor):
         those with a failed dependency."""
         while self._deps.ready:
             w = self._deps.ready.popleft()
-            f = w.future
-            if f.job_id not in self._deps.waiting:
+            if w.job_id not in self._deps.waiting:
                 continue  # cancelled meanwhile, or already failed
+            f = w.future
             if w.failed is not None:
                 self._fail_waiting(w, dependencies.failure(f.job_id, w.failed))
                 continue
@@ -953,14 +955,16 @@ class KottaExecutor(Executor):
                 taken = self._deps.take(f.job_id) is not None
                 if taken:
                     self._outbox.append((job, f))
+                    w.forget()
             if not taken:  # cancelled as it was pickled: recorded cancelled (_cancel_jobs),
                 # never sent, so no node deletes its blobs, nor the sweep (it is recorded)
                 self._drop_blobs(job, "cancelled job")
 
     def _fail_waiting(self, w: dependencies.Waiting, exc: BaseException) -> None:
         with self._send_lock:
-            if self._deps.take(w.future.job_id) is None:
+            if self._deps.take(w.job_id) is None:
                 return  # cancelled meanwhile
+            f = w.future
             # Never sent: recorded failed, with a result that says why, so that attach()
             # to it raises what this future raises (a final job needs a result for that).
             record = self._unsent_record(w)
@@ -971,8 +975,9 @@ class KottaExecutor(Executor):
             with self._enclave.atomic():
                 self._enclave.jobs.create([record], enqueue=False)
                 self._enclave.jobs.finish([failed])
-        self._futures.pop(w.future.job_id, None)
-        _fail_if_pending(w.future, exc)
+            w.forget()
+        self._futures.pop(f.job_id, None)
+        _fail_if_pending(f, exc)
 
     def _take_replies(self) -> list:
         if self._replies is None:

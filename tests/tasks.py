@@ -465,6 +465,13 @@ def first_arg(*args):
     return args[0]
 
 
+class Bulky:
+    """An argument a test holds only by a weak reference (big data, in real life)."""
+
+    def __init__(self, n=1000):
+        self.data = list(range(n))
+
+
 def constant_forged():
     return "a forged result"
 

@@ -8,7 +8,9 @@ completes itself, and on ``wait_for``; the only timeouts are deadlock guards.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import threading
+import weakref
 
 import pytest
 
@@ -245,3 +247,24 @@ def test_a_call_waiting_for_a_future_with_an_unpicklable_argument_fails_in_submi
         ex.map(tasks.add, [dep], [threading.Lock()])
     assert not ex._futures and not ex._deps.waiting  # nothing sent, nothing waits
     dep.set_result(1)
+
+
+def test_a_dependent_task_lets_go_of_its_arguments_once_it_is_decided(executor):
+    """A future many tasks depend on is often kept (data a session loads once): its done
+    callbacks must not keep each dependent's other arguments (big data) alive once the
+    dependent is sent, failed or cancelled."""
+    kept = cf.Future()  # held by the test throughout, as a session holds its data
+    sent, failed, cancelled = tasks.Bulky(), tasks.Bulky(), tasks.Bulky()
+    refs = [weakref.ref(x) for x in (sent, failed, cancelled)]
+    a = executor.submit(tasks.first_arg, kept, sent)
+    fails = cf.Future()
+    b = executor.submit(tasks.first_arg, kept, fails, failed)
+    c = executor.submit(tasks.first_arg, kept, cancelled)
+    del sent, failed, cancelled
+    assert c.cancel() is True
+    fails.set_exception(KeyError("no"))
+    assert isinstance(b.exception(timeout=GUARD), DependencyError)
+    kept.set_result("value")
+    assert a.result(timeout=GUARD) == "value"
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
