@@ -518,14 +518,16 @@ def _print_usage(u: dict) -> None:
 def cmd_logs(args) -> int:
     enclave = _enclave(args, existing=True)
     job = _own_job(enclave, args.job_id, "kotta logs", with_result=True)
-    if job.result is None:
+    env = None if job.result is None else wire.decode(job.result)
+    # (a result without output of a job no node started: its client failed it, as for a
+    # dependency that failed; it never ran)
+    if env is None or (job.started is None and not {"stdout", "stderr"} & set(env.sections)):
         if job.state.final:  # (cancelled before it ran, or failed before it could)
-            why = f" ({job.reason})" if job.reason else ""
+            why = f" ({_printable(job.reason)})" if job.reason else ""
             print(f"job {job.job_id} ended {job.state}{why} without output", file=sys.stderr)
         else:
             print(f"job {job.job_id} is {job.state}: no output yet", file=sys.stderr)
         return 1
-    env = wire.decode(job.result)
     out, err = env.text("stdout"), env.text("stderr")
     print("--- stdout ---")
     sys.stdout.write(out if out.endswith("\n") or not out else out + "\n")

@@ -119,6 +119,20 @@ def test_logs_of_a_job_cancelled_before_it_ran_says_it_ended(make_executor, encl
     assert f"job {f.job_id} ended cancelled" in r.stderr and "yet" not in r.stderr, r.stderr
 
 
+def test_logs_of_a_job_failed_by_its_dependency_says_it_ended_without_output(
+        executor, enclave_dir):
+    """A task whose dependency failed never ran, but is recorded failed with a result (so
+    that attach raises its DependencyError): `kotta logs` printed two empty sections and
+    exited 0, as for a task that ran and wrote nothing."""
+    bad = executor.submit(tasks.raise_value_error, "no input")
+    dependent = executor.submit(tasks.square, bad)
+    assert dependent.exception(GUARD) is not None
+    r = kotta(enclave_dir, "logs", dependent.job_id)
+    assert r.returncode == 1, r.stdout
+    assert f"job {dependent.job_id} ended failed (DependencyError:" in r.stderr
+    assert "without output" in r.stderr and "---" not in r.stdout
+
+
 def test_down_never_signals_a_node_registered_from_another_pid_namespace(enclave, enclave_dir):
     """A node of the enclave on this host, but registered from another PID namespace (a
     container sharing the enclave directory and the host name): its pid names another
