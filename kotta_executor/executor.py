@@ -942,17 +942,19 @@ class KottaExecutor(Executor):
             w = self._deps.ready.popleft()
             if w.job_id not in self._deps.waiting:
                 continue  # cancelled meanwhile, or already failed
+            # (cancelled from now on, it is forgotten: fn, calls, opts, future None; what
+            # fails for that is sent nowhere, as _fail_waiting and take() find it gone)
             f = w.future
             if w.failed is not None:
-                self._fail_waiting(w, dependencies.failure(f.job_id, w.failed))
+                self._fail_waiting(w, dependencies.failure(w.job_id, w.failed))
                 continue
             try:
-                job = self._new_job(f.job_id, w.fn, dependencies.resolve(w.calls), w.opts)
+                job = self._new_job(w.job_id, w.fn, dependencies.resolve(w.calls), w.opts)
             except Exception as exc:  # noqa: BLE001 - SerializationError: fails this task only
                 self._fail_waiting(w, exc)
                 continue
             with self._send_lock:  # atomically with respect to _cancel_jobs
-                taken = self._deps.take(f.job_id) is not None
+                taken = self._deps.take(w.job_id) is not None
                 if taken:
                     self._outbox.append((job, f))
                     w.forget()
