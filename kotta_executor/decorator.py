@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import inspect
 import operator
 import os
 import threading
@@ -34,11 +35,14 @@ from .executor import KottaExecutor
 class Connection:
     """A connection to an enclave, shared by the functions decorated with it.
 
-    It creates its executor on first use and shuts it down at ``close()`` or interpreter
-    exit.  Keyword arguments are those of :class:`KottaExecutor`.
+    It creates its executor on first use (and again after the executor was shut down: by
+    ``with konn.executor:``, say) and shuts it down at ``close()`` or interpreter exit.
+    Keyword arguments are those of :class:`KottaExecutor`, checked now: a misspelt one is a
+    TypeError here, not at the first call.
     """
 
     def __init__(self, enclave: str | os.PathLike | None = None, **executor_kwargs: Any):
+        inspect.signature(KottaExecutor).bind(enclave=enclave, **executor_kwargs)
         self._enclave = enclave
         self._kwargs = executor_kwargs
         self._executor: KottaExecutor | None = None
@@ -47,7 +51,7 @@ class Connection:
     @property
     def executor(self) -> KottaExecutor:
         with self._lock:
-            if self._executor is None:
+            if self._executor is None or self._executor._shutdown:
                 self._executor = KottaExecutor(enclave=self._enclave, **self._kwargs)
             return self._executor
 

@@ -251,3 +251,26 @@ def test_close_shuts_the_connection_down(enclave_dir, enclave):
         ex = again.executor
     with pytest.raises(RuntimeError):
         ex.submit(tasks.noop)
+
+
+def test_a_misspelt_executor_option_fails_at_connect():
+    with pytest.raises(TypeError, match="workers"):
+        kotta_executor.connect(workers=2)
+    with pytest.raises(TypeError, match="queu"):
+        kotta_executor.connect(None, queu="test")
+
+
+def test_a_connection_whose_executor_was_shut_down_makes_another(konn):
+    """``with konn.executor as ex:`` shuts that executor down at the end of the block; the
+    functions decorated with the connection keep working, on a new one."""
+
+    @kottajob(konn, "test", 5)
+    def square(x):
+        return x * x
+
+    with konn.executor as ex:
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(tasks.noop)
+    assert square(4) == 16
+    assert konn.executor is not ex and not konn.executor._shutdown
