@@ -86,8 +86,11 @@ log = logging.getLogger("kotta.executor")
 #: every this many seconds, the job table is consulted for a window of outstanding futures
 RECONCILE_AFTER = 5.0
 RECONCILE_WINDOW = 2000
-#: seconds between job-table checks of attached futures
+#: seconds between job-table checks of attached futures, and how many are looked at each
+#: time (a rolling window: a session attached to a whole earlier sweep reads a bounded
+#: batch each time, not every job, five times a second)
 ATTACH_POLL = 0.2
+ATTACH_WINDOW = 500
 #: every this many seconds, the oldest RUNNING_WINDOW futures not known to run (among the
 #: oldest RUNNING_SCAN outstanding) are looked up in the job table, for running()
 RUNNING_LOOK = 0.5
@@ -288,6 +291,7 @@ class KottaExecutor(Executor):
         self._last_reconcile = time.monotonic()
         self._reconcile_at = 0
         self._last_attach_poll = 0.0
+        self._attach_at = 0  # where the next window of attached futures begins
         self._last_running_look = 0.0
         self._replies: deque | None = None  # filled by the reply poller, without doorbells
         self._inbox = None  # a socket on which nodes hand over replies (embedded)
@@ -1027,7 +1031,12 @@ class KottaExecutor(Executor):
         looks: list[str] = []
         if self._attached and now - self._last_attach_poll >= ATTACH_POLL:
             self._last_attach_poll = now
-            ids += list(self._attached)
+            if self._attach_at >= len(self._attached):
+                self._attach_at = 0
+            # (a set, read in one step under the GIL, as attach() may add to it)
+            ids += itertools.islice(self._attached, self._attach_at,
+                                    self._attach_at + ATTACH_WINDOW)
+            self._attach_at += ATTACH_WINDOW
         if self._futures and now - self._last_running_look >= RUNNING_LOOK:
             # the oldest futures not known to run (nodes take jobs in order): running()
             # turns True within RUNNING_LOOK of a node's start of the job, as a process

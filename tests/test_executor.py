@@ -975,6 +975,24 @@ def test_attach_to_a_queued_job_no_node_serves_starts_a_node_for_it(make_executo
     assert queued.result(timeout=GUARD) == 25
 
 
+def test_attached_jobs_are_looked_at_a_window_at_a_time_and_all_resolve(
+    make_executor, enclave, start_node, monkeypatch
+):
+    """A session attached to more jobs than one look reads (ATTACH_WINDOW: a restarted
+    kernel attaching to a whole sweep) looks at the next ones each time round: every
+    attached future resolves, whichever window its job ends in."""
+    monkeypatch.setattr(executor_module, "ATTACH_WINDOW", 2)
+    submitter = make_executor(1, start_node=False)  # (no node yet: the jobs stay pending)
+    fs = [submitter.submit(tasks.square, i) for i in range(7)]
+    wait_for(lambda: len(enclave.jobs.get_many([f.job_id for f in fs])) == 7,
+             what="the jobs' records")
+    other = make_executor(1, start_node=False)
+    attached = [other.attach(f.job_id) for f in fs]
+    start_node(workers=1)
+    assert [a.result(timeout=GUARD) for a in attached] == [i * i for i in range(7)]
+    assert other._attached == set()
+
+
 def test_job_cancelled_by_another_client_resolves_while_results_keep_coming(
     executor, make_executor, gate, enclave
 ):
