@@ -104,6 +104,9 @@ SEND_NOW_GAP = 0.0003
 #: create() keeps a record already written, so a batch partly sent is safe to send again
 SEND_RETRY_FOR = 60.0
 SEND_BACKOFF_MAX = 5.0
+#: a fault of the manager's turns is over once no turn has raised for this long (a turn
+#: that reads nothing can succeed while the reads still fail: they come every few seconds)
+STEP_CLEAR = 2 * RECONCILE_AFTER
 #: seconds between looks at the reply queue when replies come to an inbox (a node that
 #: cannot reach the inbox rings; this is in case the ring was lost)
 QUEUE_LOOK = 1.0
@@ -266,6 +269,10 @@ class KottaExecutor(Executor):
         self._send_failed = 0  # batches refused in a row (see _send_trouble)
         self._send_failing_since = 0.0
         self._send_retry_at = 0.0
+        self._step_failed = 0  # manager turns that raised, this fault (see _step_trouble)
+        self._step_failing_since = 0.0
+        self._step_failed_at = 0.0
+        self._step_retry_at = 0.0
         self._deps = dependencies.Dependencies(self._kick)  # tasks waiting for futures
         #: reentrant for its owner record (``_is_owned``), which it sets in the same C call
         #: that takes it: code that may run on a thread holding it, as a finalizer may,
@@ -841,6 +848,29 @@ class KottaExecutor(Executor):
                     return False
         return True
 
+    def _step_trouble(self, exc: Exception) -> None:
+        """A manager turn that raised (a throttled read of the job table, a timeout): the
+        next turn, after a pause, does what this one did not (each step starts from what is
+        recorded); but a fault that lasts, or has lasted SEND_RETRY_FOR seconds, breaks
+        the executor (raised)."""
+        now = time.monotonic()
+        if self._enclave.lasting(exc):
+            raise exc
+        if not self._step_failed:
+            self._step_failing_since = now
+            log.warning("kotta: the enclave failed (%s: %s); trying again",
+                        type(exc).__name__, exc)
+        self._step_failed += 1
+        self._step_failed_at = now
+        if now - self._step_failing_since >= SEND_RETRY_FOR:
+            raise exc
+        self._step_retry_at = now + min(SEND_BACKOFF_MAX, 0.1 * 2 ** (self._step_failed - 1))
+
+    def _step_works(self) -> None:
+        if self._step_failed and time.monotonic() - self._step_failed_at >= STEP_CLEAR:
+            self._step_failed = 0
+            log.warning("kotta: the enclave works again")
+
     def _idle(self) -> bool:
         return not self._futures and not self._outbox and not self._deps.ready
 
@@ -853,6 +883,8 @@ class KottaExecutor(Executor):
             timeout = 0
         if self._outbox and not self._deps.ready and self._send_failed:
             timeout = max(0.0, min(0.5, self._send_retry_at - time.monotonic()))
+        if self._step_failed and time.monotonic() < self._step_retry_at:  # (a turn raised:
+            timeout = max(0.0, self._step_retry_at - time.monotonic())  # a pause first)
         fds = [self._wake.r] if bell is None else [self._wake.r, bell]
         if self._inbox is not None:
             fds.append(self._inbox)
@@ -955,6 +987,9 @@ class KottaExecutor(Executor):
             try:
                 job = self._new_job(w.job_id, w.fn, dependencies.resolve(w.calls), w.opts)
             except Exception as exc:  # noqa: BLE001 - SerializationError: fails this task only
+                if not self._enclave.lasting(exc):  # (kotta's own errors are lasting)
+                    self._deps.ready.appendleft(w)  # a blob write that may pass: the
+                    raise  # manager's next turn tries again (_step_trouble)
                 self._fail_waiting(w, exc)
                 continue
             with self._send_lock:  # atomically with respect to _cancel_jobs
@@ -978,9 +1013,13 @@ class KottaExecutor(Executor):
                 record.job_id, JobState.FAILED, _failure_result(record.job_id, record.n, exc),
                 wire.summary(exc),
             )
-            with self._enclave.atomic():
-                self._enclave.jobs.create([record], enqueue=False)
-                self._enclave.jobs.finish([failed])
+            try:
+                with self._enclave.atomic():
+                    self._enclave.jobs.create([record], enqueue=False)
+                    self._enclave.jobs.finish([failed])
+            except BaseException:  # waits again, to be failed at a later turn (a fault
+                self._deps.put_back(w)  # that passes: _step_trouble), or by a shutdown
+                raise
             w.forget()
         self._futures.pop(f.job_id, None)
         _fail_if_pending(f, exc)
@@ -1453,7 +1492,13 @@ def _run_manager(ref: weakref.ref) -> None:
                 log.info("kotta client %s: its executor was dropped without shutdown(); "
                          "closing what it held", left.client_id)
                 break
-            if not ex._step(ready, left.bell):
+            try:
+                going = ex._step(ready, left.bell)
+            except Exception as exc:  # noqa: BLE001 - raises again unless it may pass
+                ex._step_trouble(exc)
+                continue
+            ex._step_works()
+            if not going:
                 break
     except BaseException as exc:  # noqa: BLE001 - anything here makes the enclave unusable
         log.exception("kotta manager thread failed")

@@ -190,6 +190,85 @@ def test_a_finish_made_but_unanswered_is_known_as_made_when_tried_again(
         _stop(ex, node, runner, node_enclave)
 
 
+@pytest.mark.parametrize("operation", ["BatchGetItem", "ReceiveMessage"])
+def test_a_transient_fault_in_the_clients_looks_is_not_the_end_of_the_executor(
+        enclave, moto_env, name, tmp_path, operation):
+    """The executor's manager reads the job table now and then (which of its jobs run,
+    which ended without a reply), and its reply queue: a fault there that outlasts
+    botocore's retries broke the executor, failing every future of the session with
+    BrokenEnclave while its tasks ran on.  It is tried again at the next turn."""
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    client = enclave.dynamodb if operation == "BatchGetItem" else enclave.sqs
+    fired = throttle_once(client, operation)
+    runner = _run(node)
+    started, release = tmp_path / "started", tmp_path / "release"
+    try:
+        f = ex.submit(tasks.touch_then_wait, str(started), str(release))
+        wait_for(fired.is_set, what=f"the client's {operation} to be throttled")
+        tasks.release(release, "released")
+        assert f.result(GUARD) == "released"
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the executor serves on
+    finally:
+        release.touch()
+        _stop(ex, node, runner, node_enclave)
+
+
+def test_a_task_failed_by_its_dependency_is_recorded_through_a_transient_fault(
+        enclave, moto_env, name):
+    """A task whose dependency failed never runs: its client records it failed (a job
+    record and its result, for attach).  A fault recording it broke the executor; it is
+    recorded at a later turn, and the future fails with the DependencyError."""
+    from kotta_executor import DependencyError
+
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    runner = _run(node)
+    try:
+        bad = ex.submit(tasks.raise_value_error, "no input")
+        with pytest.raises(ValueError):
+            bad.result(GUARD)
+        fired = throttle_once(enclave.dynamodb, "UpdateItem", _is_finish)
+        dependent = ex.submit(tasks.add, bad, 1)
+        with pytest.raises(DependencyError, match="no input"):
+            dependent.result(GUARD)
+        assert fired.is_set()
+        job = enclave.jobs.get(dependent.job_id)
+        assert job.state == "failed" and job.reason.startswith("DependencyError")
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the executor serves on
+    finally:
+        _stop(ex, node, runner, node_enclave)
+
+
+def test_a_lasting_fault_in_the_clients_looks_breaks_the_executor_naming_it(
+        enclave, moto_env, name, tmp_path, monkeypatch):
+    """Tried again for SEND_RETRY_FOR seconds (here less), then given up: the futures fail
+    with BrokenEnclave naming the fault, rather than wait for ever."""
+    from kotta_executor import BrokenEnclave
+    from kotta_executor import executor as executor_module
+
+    monkeypatch.setattr(executor_module, "SEND_RETRY_FOR", 1.0)
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    failing = threading.Event()
+
+    def always(params=None, **_):
+        failing.set()
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}},
+                          "BatchGetItem")
+
+    runner = _run(node)
+    started, release = tmp_path / "started", tmp_path / "release"
+    try:
+        f = ex.submit(tasks.touch_then_wait, str(started), str(release))
+        wait_for(started.exists, what="the task to start")
+        enclave.dynamodb.meta.events.register("before-call.dynamodb.BatchGetItem", always)
+        with pytest.raises(BrokenEnclave, match="ThrottlingException"):
+            f.result(GUARD)
+        assert failing.is_set()
+    finally:
+        enclave.dynamodb.meta.events.unregister("before-call.dynamodb.BatchGetItem", always)
+        tasks.release(release, "released")
+        _stop(ex, node, runner, node_enclave)
+
+
 def _keys(enclave) -> list[str]:
     resp = enclave.s3.list_objects_v2(Bucket=enclave.names.bucket)
     return [o["Key"] for o in resp.get("Contents", [])]
