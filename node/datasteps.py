@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -303,7 +303,7 @@ class DataSteps:
                 detail=f"{item['bytes']} bytes",
             ),
         )
-        return fin
+        return replace(fin, at=time.time())  # it finishes now, its outputs written
 
     def _finish(self, task: Task, fin: Finished) -> None:
         staged = task.staged

@@ -123,3 +123,25 @@ def test_aws_outputs_are_written_with_the_owners_credentials(aws):
     assert get_object(enclave, OUTPUT) == b"42\n"
     [rec] = audit.show(job_id=f.job_id, action="stage-out")
     assert rec["user"] == "alice"
+
+
+def test_aws_a_job_with_outputs_finishes_after_its_outputs_are_written(aws):
+    """The job's finishing time (its record's, and its history's last event) comes after
+    its stage-out began, not from when its worker's result was read."""
+    enclave, _, policies, admin, executor = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
+    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
+    enclave.session.client("iam").put_role_policy(
+        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
+        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
+    )
+    alice = executor("alice", "analyst")
+    f = alice.submit(tasks.write_file, "alice.txt", "42\n", outputs=[OUTPUT])
+    f.result(GUARD)
+    history = enclave.jobs.history(f.job_id)
+    states = [s for _, s, _ in history]
+    assert states[-2:] == ["staging_outputs", "completed"], history
+    times = [t for t, _, _ in history]
+    assert times == sorted(times), history
+    job = enclave.jobs.get(f.job_id)
+    assert job.finished == times[-1] and job.finished >= times[-2], (job, history)
