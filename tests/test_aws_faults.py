@@ -367,3 +367,31 @@ def test_an_extension_that_keeps_failing_stops_the_node_before_its_messages_are_
         release.touch()
         ex.shutdown(wait=False, cancel_futures=True)
         node_enclave.close()
+
+
+def test_a_failed_finish_of_a_rejected_task_is_not_the_end_of_the_node(enclave, moto_env, name):
+    """A task message that does not parse fails its (pending) job with CorruptTask: a
+    throttled finish there must not end the node, nor leave the job pending (its message
+    is dead-lettered: nothing would deliver it again)."""
+    import uuid
+
+    from kotta_executor.backends.base import NewJob
+
+    node_enclave = AwsEnclave(name, session=moto_env)
+    node = Node(node_enclave, NodeConfig(queue="test", workers=1, long_poll=0.5,
+                                         visibility_timeout=3))
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    fired = throttle_once(node_enclave.dynamodb, "UpdateItem", _is_finish)
+    runner = _run(node)
+    try:
+        job_id = uuid.uuid4().hex
+        enclave.jobs.create([NewJob(job_id, "someone", "a-client", "test", "fn", 60.0,
+                                    b"not a task")])
+        wait_for(fired.is_set, what="the rejected task's finish to fail")
+        wait_for(lambda: enclave.jobs.get(job_id).state.final or not runner.is_alive(),
+                 what="the job or the node to end")
+        assert runner.is_alive(), "a transient fault killed the node"
+        assert enclave.jobs.get(job_id).state == "failed"
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+    finally:
+        _stop(ex, node, runner, node_enclave)
