@@ -986,11 +986,9 @@ class KottaExecutor(Executor):
                 continue
             try:
                 job = self._new_job(w.job_id, w.fn, dependencies.resolve(w.calls), w.opts)
-            except Exception as exc:  # noqa: BLE001 - SerializationError: fails this task only
-                if not self._enclave.lasting(exc):  # (kotta's own errors are lasting)
-                    self._deps.ready.appendleft(w)  # a blob write that may pass: the
-                    raise  # manager's next turn tries again (_step_trouble)
-                self._fail_waiting(w, exc)
+            except Exception as exc:  # noqa: BLE001 - SerializationError, a blob that could
+                # not be written: fails this task only, as submit() raises it for a call
+                self._fail_waiting(w, exc)  # sent at once
                 continue
             with self._send_lock:  # atomically with respect to _cancel_jobs
                 taken = self._deps.take(w.job_id) is not None
