@@ -1167,18 +1167,18 @@ class Node:
         signed by one user must not end another's job, as in _refuse_foreign), and the
         refusal is audited, unless the caller has (``audited``).
 
-        The job is failed before its message goes: a transient fault there (throttling
+        The job is failed before its message goes: a transient fault in either (throttling
         past the backend's retries) leaves the message to come again, and the node on."""
         log.warning("dead-lettering: %s", reason)
         try:
             self._fail_rejected(d, etype, reason, started_too, owner, audited)
+            self.enclave.queue.dead_letter([d], reason)
         except Exception as exc:
             self._transient("reject", exc)
-            log.warning("failing job %s, rejected, failed (%s: %s); its message comes again",
+            log.warning("rejecting job %s's message failed (%s: %s); it comes again",
                         d.job_id, type(exc).__name__, exc)
             return
         self._failing.pop("reject", None)
-        self.enclave.queue.dead_letter([d], reason)
 
     def _fail_rejected(self, d: Delivery, etype: str, reason: str, started_too: bool,
                        owner: str | None, audited: bool) -> None:

@@ -369,10 +369,12 @@ def test_an_extension_that_keeps_failing_stops_the_node_before_its_messages_are_
         node_enclave.close()
 
 
-def test_a_failed_finish_of_a_rejected_task_is_not_the_end_of_the_node(enclave, moto_env, name):
+@pytest.mark.parametrize("step", ["finish", "dead-letter"])
+def test_a_failed_finish_of_a_rejected_task_is_not_the_end_of_the_node(enclave, moto_env, name,
+                                                                       step):
     """A task message that does not parse fails its (pending) job with CorruptTask: a
     throttled finish there must not end the node, nor leave the job pending (its message
-    is dead-lettered: nothing would deliver it again)."""
+    is dead-lettered: nothing would deliver it again); nor a throttled dead-letter."""
     import uuid
 
     from kotta_executor.backends.base import NewJob
@@ -381,7 +383,10 @@ def test_a_failed_finish_of_a_rejected_task_is_not_the_end_of_the_node(enclave, 
     node = Node(node_enclave, NodeConfig(queue="test", workers=1, long_poll=0.5,
                                          visibility_timeout=3))
     ex = KottaExecutor(1, enclave=enclave, start_node=False)
-    fired = throttle_once(node_enclave.dynamodb, "UpdateItem", _is_finish)
+    if step == "finish":
+        fired = throttle_once(node_enclave.dynamodb, "UpdateItem", _is_finish)
+    else:
+        fired = throttle_once(node_enclave.sqs, "SendMessageBatch", lambda b: b"-dlq" in b)
     runner = _run(node)
     try:
         job_id = uuid.uuid4().hex
@@ -392,6 +397,9 @@ def test_a_failed_finish_of_a_rejected_task_is_not_the_end_of_the_node(enclave, 
                  what="the job or the node to end")
         assert runner.is_alive(), "a transient fault killed the node"
         assert enclave.jobs.get(job_id).state == "failed"
+        wait_for(lambda: [x["job_id"] for x in enclave.queue.dead_letters("test")] == [job_id]
+                 or not runner.is_alive(), what="the message to be dead-lettered")
+        assert runner.is_alive(), "a transient fault killed the node"
         assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
     finally:
         _stop(ex, node, runner, node_enclave)
