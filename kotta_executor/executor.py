@@ -397,26 +397,37 @@ class KottaExecutor(Executor):
         kernel, another machine sharing the enclave)."""
         if not isinstance(job_id, str) or not wire.is_job_id(job_id):
             raise UnknownJob(f"{job_id!r} is not a job id")
-        with self._shutdown_lock:
+        while True:
             self._check_open()
-            f = self._futures.get(job_id)
-            if f is not None:  # (a map's holds its calls' outcomes: a view gives values)
-                return _MapJobView(f) if f._batch is True else f
-            job = self._enclave.jobs.get(job_id)
-            if job is None:
-                raise UnknownJob(f"no job {job_id} in the enclave {self._enclave.url}")
-            self._creds.check("KottaExecutor.attach")
-            check_job_access(self._enclave, self._creds, job, "attach to")
-            f = KottaFuture(job_id, self)
-            if job.n != 1:  # a task of a map: the values of its calls, in order
-                f._batch = "values"
-            self._futures[job_id] = f
-            self._attached.add(job_id)
-            if not job.state.final:  # a node is to run it: with start_node, one is
-                self._queues_used.add(job.queue)  # started if none serves its queue
-            self._ensure_manager()  # under the lock, as in _submit
-        self._kick(force=True)
-        return f
+            # read, and checked, before the lock, which is held for no I/O (other threads'
+            # submits wait on it)
+            job = None if job_id in self._futures else self._attachable(job_id)
+            with self._shutdown_lock:
+                self._check_open()
+                f = self._futures.get(job_id)
+                if f is not None:  # (a map's holds its calls' outcomes: a view gives values)
+                    return _MapJobView(f) if f._batch is True else f
+                if job is None:  # ours when looked, ended since: look again
+                    continue
+                f = KottaFuture(job_id, self)
+                if job.n != 1:  # a task of a map: the values of its calls, in order
+                    f._batch = "values"
+                self._futures[job_id] = f
+                self._attached.add(job_id)
+                if not job.state.final:  # a node is to run it: with start_node, one is
+                    self._queues_used.add(job.queue)  # started if none serves its queue
+                self._ensure_manager()  # under the lock, as in _submit
+            self._kick(force=True)
+            return f
+
+    def _attachable(self, job_id: str) -> JobRecord:
+        """The record of a job this client may attach to (UnknownJob, AccessDenied)."""
+        job = self._enclave.jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(f"no job {job_id} in the enclave {self._enclave.url}")
+        self._creds.check("KottaExecutor.attach")
+        check_job_access(self._enclave, self._creds, job, "attach to")
+        return job
 
     @property
     def enclave(self) -> Enclave:
