@@ -431,8 +431,16 @@ NODE_SITE = "KOTTA_NODE_SITE"
 
 
 def _add_node_sites(dirs: str) -> None:
+    """Read the ``.pth`` files of the node's site-packages ``dirs``; the directories they
+    add go on PYTHONPATH too, for the Python processes a task starts (a ``.pth`` line that
+    imports, an import hook, applies in this worker only)."""
+    before = set(sys.path)
     for d in filter(None, dirs.split(os.pathsep)):
         site.addsitedir(d)  # (its .pth entries after the venv's own packages)
+    added = [p for p in sys.path if p not in before]
+    if added:
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [*filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), *added])
 
 
 def main(argv: list[str] | None = None) -> int:

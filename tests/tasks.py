@@ -659,3 +659,12 @@ def module_attr(module, attr):
     import importlib
 
     return getattr(importlib.import_module(module), attr)
+
+
+def child_python(code):
+    """What a child Python process (this interpreter) running ``code`` prints."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                          text=True).stdout.strip()

@@ -321,3 +321,6 @@ def test_a_node_in_a_venv_gives_requirement_workers_its_editable_installs(
         BUILD_GUARD) == "1.0"  # in the requirements venv
     assert view.submit(tasks.module_attr, "kotta_editable_probe", "WHERE").result(GUARD) == (
         "editable")
+    # and so do the Python processes such a task starts
+    assert view.submit(tasks.child_python, "import kotta_editable_probe as m; print(m.WHERE)"
+                       ).result(GUARD) == "editable"
