@@ -359,7 +359,7 @@ def _usual_task(header: dict[str, Any]) -> bool:
     if type(most) is not int or most < 1:
         return False
     py = header.get("python", PYTHON)
-    if type(py) is not str or not _PYTHON.fullmatch(py):
+    if py != PYTHON and (type(py) is not str or not _PYTHON.fullmatch(py)):
         return False
     secs = header.get("sections")
     if type(secs) is not list:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import random
 import socket
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,7 +72,7 @@ class Finished:
     #: that a backend whose finish can be made without its answer (a lost response) knows
     #: its own earlier write again (another's has another id)
     at: float = field(default_factory=time.time)
-    attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    attempt: str = field(default_factory=lambda: f"{random.getrandbits(32):08x}")
 
 
 @dataclass(slots=True)
