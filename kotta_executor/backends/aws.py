@@ -1490,12 +1490,13 @@ class DynamoJobs(_DynamoTable, JobTable):
             ":reason": _s_or_null(reason),
             ":usage": _s_or_null(usage),
             ":now": _n(now),
+            ":upd": _n(time.time()),  # (a try after another write must not set it back)
             ":ev": {"L": [_event(now, r.state, reason)]},
         }
         names = {"#state": "state"}
         sets = [
             "#state = :st", "reason = :reason", "#usage = :usage", "finished = :now",
-            "updated = :now", "history = list_append(history, :ev)",
+            "updated = :upd", "history = list_append(history, :ev)",
         ]  # fmt: skip
         names["#usage"] = "usage"
         names["#result"] = "result"
