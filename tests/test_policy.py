@@ -725,3 +725,14 @@ def test_a_key_that_is_not_utf8_is_refused():
     with pytest.raises(InvalidDataUri, match="not valid UTF-8"):
         parse_uri("s3://corpus/caf\udce9.csv")
     assert parse_uri("s3://corpus/café.csv").key == "café.csv"
+
+
+@given(st.text(min_size=1, max_size=8).filter(lambda s: "/" not in s),
+       st.characters(min_codepoint=0x80, max_codepoint=0x9F))
+@settings(max_examples=60, suppress_health_check=[HealthCheck.filter_too_much])
+def test_a_key_with_a_c1_control_character_is_refused(name, control):
+    """U+0080-U+009F are control characters as much as those below U+0020: U+009B is a
+    terminal's CSI, and `kotta dataset list` / `policy show` print dataset URIs as they
+    are.  A key holding one was accepted, against "control characters are not allowed"."""
+    with pytest.raises(InvalidDataUri, match="control characters"):
+        parse_uri(f"s3://corpus/{name}{control}x")

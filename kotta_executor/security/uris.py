@@ -56,7 +56,7 @@ def parse_uri(text: str) -> DataUri:
     bucket, _, key = rest.partition("/")
     if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise InvalidDataUri(f"{text!r}: {bucket!r} is not a valid bucket name")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+    if any(ord(ch) < 32 or 127 <= ord(ch) <= 159 for ch in key):  # C0, DEL and C1
         raise InvalidDataUri(f"{text!r}: control characters are not allowed in a key")
     if "\\" in key:
         raise InvalidDataUri(f"{text!r}: backslashes are not allowed in a key")
@@ -86,6 +86,6 @@ def check_output_name(name: str) -> str:
     """A file name inside a task's working directory: one plain path component."""
     if not isinstance(name, str) or name in ("", ".", ".."):
         raise InvalidDataUri(f"{name!r} is not a valid output name")
-    if "/" in name or "\\" in name or "\0" in name or any(ord(c) < 32 for c in name):
+    if "/" in name or "\\" in name or any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in name):
         raise InvalidDataUri(f"output name {name!r} must be a plain file name, not a path")
     return name
