@@ -268,3 +268,17 @@ def test_dataset_put_of_a_file_it_cannot_read_is_a_clean_error(enclave, enclave_
         assert r.stderr == f"kotta: error: cannot read {path}: {why}\n"
     r = kotta(tmp_path / "enclvae", "dataset", "put", "s3://klab-jobs/x", str(missing))
     assert r.returncode == 2 and not (tmp_path / "enclvae").exists()  # no enclave made
+
+
+def test_removing_a_dataset_that_is_not_registered_says_so(enclave, enclave_dir):
+    """`kotta dataset remove s3://corpuss/` (a typo) printed "removed" and exited 0, while
+    the dataset meant stayed registered with its grants."""
+    assert kotta(enclave_dir, "dataset", "add", "s3://corpus/").returncode == 0
+    r = kotta(enclave_dir, "dataset", "remove", "s3://corpuss/")
+    assert r.returncode == 2, r.stdout
+    assert "s3://corpuss/ is not a registered dataset" in r.stderr and "removed" not in r.stdout
+    assert [d.uri for d in PolicyStore(enclave.records).datasets()] == ["s3://corpus/"]
+    r = kotta(enclave_dir, "dataset", "remove", "s3://corpus")  # the bucket: s3://corpus/
+    assert r.returncode == 0 and "dataset s3://corpus/ removed" in r.stdout, r.stderr
+    assert PolicyStore(enclave.records).datasets() == []
+

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from ..backends import is_new, open_enclave
-from ..errors import AccessDenied
+from ..errors import AccessDenied, ConfigurationError
 from . import credentials
+from .policy import canonical
 from .tokens import MAX_REFRESH_DAYS
 
 
@@ -231,8 +232,10 @@ def cmd_dataset_add(args) -> int:
 def cmd_dataset_remove(args) -> int:
     enclave, creds = _setup(args, admin=True)
     _, policies = _services(enclave)
-    policies.remove_dataset(args.uri, by=creds.user)
-    print(f"dataset {args.uri} removed")
+    uri = canonical(args.uri)
+    if not policies.remove_dataset(uri, by=creds.user):
+        raise ConfigurationError(f"{uri} is not a registered dataset (`kotta dataset list`)")
+    print(f"dataset {uri} removed")
     return 0
 
 
