@@ -282,3 +282,27 @@ def test_removing_a_dataset_that_is_not_registered_says_so(enclave, enclave_dir)
     assert r.returncode == 0 and "dataset s3://corpus/ removed" in r.stdout, r.stderr
     assert PolicyStore(enclave.records).datasets() == []
 
+
+def test_updating_a_dataset_keeps_its_egress_rule_unless_told(enclave, enclave_dir):
+    """`kotta dataset add URI --description ...` on a dataset registered with `--egress
+    deny` (or a cap) silently made it `egress allow` with no cap: the update to a
+    description let its data leave the enclave."""
+    r = kotta(enclave_dir, "dataset", "add", "s3://corpus/", "--egress", "deny")
+    assert r.returncode == 0, r.stderr
+    r = kotta(enclave_dir, "dataset", "add", "s3://capped/", "--egress-cap", "100")
+    assert r.returncode == 0, r.stderr
+    r = kotta(enclave_dir, "dataset", "add", "s3://corpus/", "--description", "words")
+    assert r.returncode == 0 and "(egress deny)" in r.stdout, r.stdout + r.stderr
+    r = kotta(enclave_dir, "dataset", "add", "s3://capped/", "--description", "numbers")
+    assert r.returncode == 0 and "cap 100 bytes" in r.stdout, r.stdout + r.stderr
+    policies = PolicyStore(enclave.records)
+    corpus, capped = policies.dataset("s3://corpus/"), policies.dataset("s3://capped/")
+    assert (corpus.egress, corpus.egress_cap, corpus.description) == ("deny", None, "words")
+    assert (capped.egress, capped.egress_cap, capped.description) == ("allow", 100, "numbers")
+    # said explicitly, it changes
+    r = kotta(enclave_dir, "dataset", "add", "s3://corpus/", "--egress", "allow")
+    assert r.returncode == 0 and "(egress allow)" in r.stdout, r.stdout + r.stderr
+    assert PolicyStore(enclave.records).dataset("s3://corpus/").egress == "allow"
+    r = kotta(enclave_dir, "dataset", "add", "s3://capped/", "--egress-cap", "none")
+    assert r.returncode == 0 and "(egress allow)" in r.stdout, r.stdout + r.stderr
+    assert PolicyStore(enclave.records).dataset("s3://capped/").egress_cap is None

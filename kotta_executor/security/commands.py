@@ -60,10 +60,12 @@ def add_parsers(sub) -> None:
     da = ds.add_parser("add", help="register a dataset by URI (admins)")
     da.add_argument("uri", help="s3://bucket/prefix/ or s3://bucket/object")
     da.add_argument("--description", default="")
-    da.add_argument("--egress", choices=["allow", "deny"], default="allow",
-                    help="whether data read from it may leave the enclave (default allow)")
-    da.add_argument("--egress-cap", type=int, metavar="BYTES",
-                    help="bytes a task that read it may return to its client")
+    da.add_argument("--egress", choices=["allow", "deny"],
+                    help="whether data read from it may leave the enclave (default allow; "
+                         "a registered dataset keeps its own)")
+    da.add_argument("--egress-cap", type=_cap, metavar="BYTES",
+                    help="bytes a task that read it may return to its client ('none': no "
+                         "cap; a registered dataset keeps its own)")
     da.set_defaults(security_handler=cmd_dataset_add)
     dr = ds.add_parser("remove", help="unregister a dataset and its policies (admins)")
     dr.add_argument("uri")
@@ -91,6 +93,16 @@ def add_parsers(sub) -> None:
     sh.add_argument("--role")
     sh.add_argument("--dataset")
     sh.set_defaults(security_handler=cmd_policy_show)
+
+
+#: ``--egress-cap none``: no cap (given, unlike the option left out)
+NO_CAP = "none"
+
+
+def _cap(text: str) -> int | str:
+    if text.strip().lower() == NO_CAP:
+        return NO_CAP
+    return int(text)
 
 
 def _setup(args, *, admin: bool = False):
@@ -222,8 +234,13 @@ def cmd_token_list(args) -> int:
 def cmd_dataset_add(args) -> int:
     enclave, creds = _setup(args, admin=True)
     _, policies = _services(enclave)
+    # an update changes what it is told to, never the egress rule by default: re-adding a
+    # dataset to change its description must not let its data leave the enclave
+    old = policies.dataset(args.uri)
+    egress = args.egress or (old.egress if old else "allow")
+    cap = old.egress_cap if args.egress_cap is None and old else args.egress_cap
     ds = policies.add_dataset(args.uri, by=creds.user, description=args.description,
-                              egress=args.egress, egress_cap=args.egress_cap)
+                              egress=egress, egress_cap=None if cap == NO_CAP else cap)
     print(f"dataset {ds.uri} registered (egress {ds.egress}"
           f"{'' if ds.egress_cap is None else f', cap {ds.egress_cap} bytes'})")
     return 0
