@@ -306,3 +306,19 @@ def test_updating_a_dataset_keeps_its_egress_rule_unless_told(enclave, enclave_d
     r = kotta(enclave_dir, "dataset", "add", "s3://capped/", "--egress-cap", "none")
     assert r.returncode == 0 and "(egress allow)" in r.stdout, r.stdout + r.stderr
     assert PolicyStore(enclave.records).dataset("s3://capped/").egress_cap is None
+
+
+def test_a_key_segment_too_long_for_the_embedded_enclave_is_named(enclave, enclave_dir, tmp_path):
+    """S3 takes a 300-byte segment in a 1024-byte key; the embedded enclave keeps objects as
+    files, whose names hold 255 bytes.  `kotta dataset put` of such a key died with an
+    OSError traceback (exit 1) naming the enclave's temporary file."""
+    data = tmp_path / "f.txt"
+    data.write_text("hi\n")
+    long = "a" * 256
+    r = kotta(enclave_dir, "dataset", "put", f"s3://corpus/x/{long}", str(data))
+    assert r.returncode == 2, r.stderr
+    assert "kotta: error:" in r.stderr and "Traceback" not in r.stderr
+    assert "longer than 255 bytes" in r.stderr and f"{long[:20]}" in r.stderr
+    r = kotta(enclave_dir, "dataset", "put", f"s3://corpus/x/{'a' * 255}", str(data))
+    assert r.returncode == 0, r.stderr
+    assert get_object(enclave, f"s3://corpus/x/{'a' * 255}") == b"hi\n"

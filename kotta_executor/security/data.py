@@ -49,6 +49,8 @@ ENCLAVE_ENV = "KOTTA_ENCLAVE"
 #: AWS's limit on a session policy's plain text
 _ROLE_NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
 _COPY_CHUNK = 1 << 20
+#: bytes in one file name (Linux, macOS): the longest key segment an embedded enclave keeps
+_NAME_MAX = 255
 
 
 # --------------------------------------------------------------------------- credentials
@@ -235,7 +237,14 @@ def _data_root(enclave) -> Path:
 def _object_path(root: Path, d: DataUri) -> Path:
     """Where object ``d`` lives under ``root``; parse_uri has refused ``..`` already, and
     the resolved path (following any symlink planted in the data directory) must still
-    lie inside the data root."""
+    lie inside the data root.  A segment longer than a file name may be (S3 takes it) is
+    refused, naming it, rather than failing deep in the file system."""
+    for seg in d.key.split("/"):
+        if len(seg.encode("utf-8")) > _NAME_MAX:
+            raise InvalidDataUri(
+                f"{d.uri}: the segment {seg[:40]!r}... is longer than {_NAME_MAX} bytes, the "
+                "longest file name the embedded enclave can keep an object under"
+            )
     path = root / d.bucket / d.key
     real_root = root.resolve()
     if not path.resolve().is_relative_to(real_root):
