@@ -20,7 +20,7 @@ import pytest
 
 from kotta_executor.backends.base import Enclave
 from kotta_executor.backends.embedded import EmbeddedEnclave
-from kotta_executor.errors import AuditError
+from kotta_executor.errors import AuditError, InvalidDataUri
 from kotta_executor.security import audit
 from kotta_executor.security.audit import (
     CHECKPOINT_EVERY,
@@ -74,7 +74,7 @@ class Clock:
 
 
 def fill(log: AuditLog, n: int, *, user: str = "alice") -> list[dict]:
-    return [log.append(audit.STAGE_IN, user=user, dataset=f"s3://b/d/{i}", detail=f"#{i}")
+    return [log.append(audit.STAGE_IN, user=user, dataset=f"s3://bkt/d/{i}", detail=f"#{i}")
             for i in range(n)]
 
 
@@ -95,12 +95,12 @@ def assert_names(problems: list[str], *starts: str) -> None:
 
 def test_append_builds_a_chain_of_records(enclave):
     log = AuditLog(enclave, clock=Clock())
-    a = log.append(audit.STAGE_IN, user="alice", dataset="s3://b/census/", job_id="j1",
+    a = log.append(audit.STAGE_IN, user="alice", dataset="s3://bkt/census/", job_id="j1",
                    detail={"bytes": 10, "files": ("a", "b")})
-    b = log(audit.ACCESS_DENIED, user="bob", allowed=False, dataset="s3://b/secret/x")
+    b = log(audit.ACCESS_DENIED, user="bob", allowed=False, dataset="s3://bkt/secret/x")
     assert a == {
         "seq": 1, "time": 1000.0, "user": "alice", "action": "stage-in",
-        "dataset": "s3://b/census/", "allowed": True, "job_id": "j1",
+        "dataset": "s3://bkt/census/", "allowed": True, "job_id": "j1",
         "detail": {"bytes": 10, "files": ["a", "b"]}, "prev": GENESIS, "hash": a["hash"],
     }
     assert a["hash"] == record_hash(a) and re.fullmatch(r"[0-9a-f]{64}", a["hash"])
@@ -127,9 +127,9 @@ def test_append_refuses_bad_fields(enclave):
 
 def test_show_filters_and_keeps_the_newest(enclave):
     log = AuditLog(enclave, clock=Clock())
-    log.append(audit.STAGE_IN, user="alice", dataset="s3://b/census/2020/a.csv", job_id="j1")
-    log.append(audit.STAGE_OUT, user="alice", dataset="s3://b/out/r.csv", job_id="j1")
-    log.append(audit.ACCESS_DENIED, user="bob", allowed=False, dataset="s3://b/census/")
+    log.append(audit.STAGE_IN, user="alice", dataset="s3://bkt/census/2020/a.csv", job_id="j1")
+    log.append(audit.STAGE_OUT, user="alice", dataset="s3://bkt/out/r.csv", job_id="j1")
+    log.append(audit.ACCESS_DENIED, user="bob", allowed=False, dataset="s3://bkt/census/")
     log.append(audit.JOB_DENIED, user="bob", allowed=False, job_id="j1")
     log.append(audit.TOKEN_ISSUE, user="carol")
 
@@ -138,8 +138,8 @@ def test_show_filters_and_keeps_the_newest(enclave):
 
     assert seqs() == [1, 2, 3, 4, 5]
     assert seqs(user="bob") == [3, 4]
-    assert seqs(dataset="s3://b/census/") == [1, 3]
-    assert seqs(dataset="s3://b/census/2020/") == [1]
+    assert seqs(dataset="s3://bkt/census/") == [1, 3]
+    assert seqs(dataset="s3://bkt/census/2020/") == [1]
     assert seqs(job_id="j1") == [1, 2, 4]
     assert seqs(action=audit.JOB_DENIED) == [4]
     assert seqs(user="alice", job_id="j1", action=audit.STAGE_OUT) == [2]
@@ -529,9 +529,9 @@ def logged(tmp_path):
     enclave_dir = tmp_path / "enclave"
     enclave = EmbeddedEnclave(enclave_dir)
     log = AuditLog(enclave, clock=Clock(1_700_000_000.0))
-    log.append(audit.STAGE_IN, user="alice", dataset="s3://b/census/a.csv", job_id="j1",
+    log.append(audit.STAGE_IN, user="alice", dataset="s3://bkt/census/a.csv", job_id="j1",
                detail="3 files")
-    log.append(audit.EGRESS_DENIED, user="alice", allowed=False, dataset="s3://b/census/",
+    log.append(audit.EGRESS_DENIED, user="alice", allowed=False, dataset="s3://bkt/census/",
                job_id="j1", detail="result over 0 bytes")
     log.append(audit.JOB_DENIED, user="bob", allowed=False, job_id="j1",
                detail="cancel: \x1b[31mnot yours")
@@ -589,14 +589,14 @@ def test_cli_show_prints_a_table_and_json(logged):
     assert lines[0].split() == ["SEQ", "TIME", "USER", "ACTION", "ALLOWED", "DATASET", "JOB",
                                 "DETAIL"]
     assert lines[1].split() == ["1", "2023-11-14T22:13:20Z", "alice", "stage-in", "allowed",
-                                "s3://b/census/a.csv", "j1", "3", "files"]
-    assert lines[2].split()[2:7] == ["alice", "egress-denied", "DENIED", "s3://b/census/",
+                                "s3://bkt/census/a.csv", "j1", "3", "files"]
+    assert lines[2].split()[2:7] == ["alice", "egress-denied", "DENIED", "s3://bkt/census/",
                                      "j1"]
     assert "\x1b" not in r.stdout and "cancel: \\x1b[31mnot yours" in lines[3]
     assert lines[4].split()[2:] == ["carol", "token-issue", "allowed", "-", "-", "-"]
     assert len(lines) == 5
 
-    r = kotta(logged, "audit", "show", "--dataset", "s3://b/census/", "--json")
+    r = kotta(logged, "audit", "show", "--dataset", "s3://bkt/census/", "--json")
     assert r.returncode == 0, r.stderr
     assert [(x["seq"], x["action"]) for x in json.loads(r.stdout)] == [
         (1, "stage-in"), (2, "egress-denied")]
@@ -618,3 +618,26 @@ def test_cli_show_of_an_action_the_log_does_not_have_is_an_error(logged):
     assert "job-denied" in r.stderr and "token-issue" in r.stderr
     r = kotta(logged, "audit", "show", "--action", "job-denied")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
+
+
+def test_show_by_dataset_is_by_uri_not_by_string_prefix(enclave):
+    """`kotta audit show --dataset s3://corpus` (the bucket, which every other command
+    reads as s3://corpus/) also listed the records of s3://corpus-secret/; a record naming
+    several URIs (the node writes a task's inputs joined by commas in egress-denied and
+    access-denied records) was missed when the URI asked for was not its first; and a
+    --dataset that is no URI at all selected nothing, silently."""
+    log = AuditLog(enclave, clock=Clock())
+    log.append(audit.STAGE_IN, user="alice", dataset="s3://corpus/a.txt", job_id="j1")
+    log.append(audit.STAGE_IN, user="alice", dataset="s3://corpus-secret/b.txt", job_id="j2")
+    log.append(audit.EGRESS_DENIED, user="alice", allowed=False, job_id="j3",
+               dataset="s3://corpus/a.txt,s3://corpus-secret/b.txt")
+
+    def seqs(dataset):
+        return [r["seq"] for r in log.show(dataset=dataset)]
+
+    assert seqs("s3://corpus") == [1, 3]
+    assert seqs("s3://corpus/") == [1, 3]
+    assert seqs("s3://corpus-secret/b.txt") == [2, 3]
+    assert seqs("s3://corpus-secret/") == [2, 3]
+    with pytest.raises(InvalidDataUri, match="not a dataset URI"):
+        log.show(dataset="corpus")

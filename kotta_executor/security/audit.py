@@ -73,8 +73,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import UnreadableRecord
-from ..errors import AuditError
+from ..errors import AuditError, InvalidDataUri
 from .keys import derived_key
+from .uris import parse_uri
 
 KIND = "audit"
 CHECKPOINT_KIND = "audit-checkpoint"
@@ -286,17 +287,28 @@ class AuditLog:
         action: str | None = None,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Records matching every filter given, oldest first; ``dataset`` matches the
-        records whose dataset starts with it; ``limit`` keeps the newest ``limit``."""
+        """Records matching every filter given, oldest first; ``dataset`` (a URI, read as
+        everywhere: ``s3://b`` is the bucket ``s3://b/``) matches the records naming a URI
+        it contains (a record may name several, joined by commas); ``limit`` keeps the
+        newest ``limit``."""
         if limit is not None and limit < 0:
             raise ValueError(f"limit must not be negative, not {limit}")
+        within = None if dataset is None else parse_uri(dataset)
+
+        def names(ds: Any) -> bool:
+            for part in re.split(r",(?=s3://)", ds) if isinstance(ds, str) else ():
+                try:
+                    if within.contains(parse_uri(part)):
+                        return True
+                except InvalidDataUri:  # (the URI of a refused task, say)
+                    continue
+            return False
 
         def match(r: dict[str, Any]) -> bool:
-            ds = r.get("dataset")
             return ((user is None or r.get("user") == user)
                     and (action is None or r.get("action") == action)
                     and (job_id is None or r.get("job_id") == job_id)
-                    and (dataset is None or (isinstance(ds, str) and ds.startswith(dataset))))
+                    and (within is None or names(r.get("dataset"))))
 
         def records(reverse: bool = False) -> Iterator[dict[str, Any]]:
             for key, r in self._pages(KIND, reverse=reverse, tolerant=True):
