@@ -322,3 +322,21 @@ def test_a_key_segment_too_long_for_the_embedded_enclave_is_named(enclave, encla
     r = kotta(enclave_dir, "dataset", "put", f"s3://corpus/x/{'a' * 255}", str(data))
     assert r.returncode == 0, r.stderr
     assert get_object(enclave, f"s3://corpus/x/{'a' * 255}") == b"hi\n"
+
+
+def test_token_list_of_another_user_is_refused_not_answered_with_ones_own(
+        enclave, enclave_dir, tmp_path, user_token):
+    """`kotta token list --user alice` run by bob (no admin) printed bob's own tokens, as
+    if they were alice's; an admin's `--user nosuchuser` printed an empty table."""
+    user_token("alice")
+    bob = _as(tmp_path, "bob", user_token("bob", role="guest"))
+    r = kotta(enclave_dir, "token", "list", "--user", "alice", env=bob)
+    assert r.returncode == 2, r.stdout
+    assert "only admins may list the tokens of other users" in r.stderr
+    assert "bob" not in r.stdout
+    assert [rec["detail"] for rec in AuditLog(enclave).show(action="job-denied")] == [
+        "list the tokens of other users"]
+    r = kotta(enclave_dir, "token", "list", "--user", "bob", env=bob)  # one's own: fine
+    assert r.returncode == 0 and "bob" in r.stdout, r.stderr
+    r = kotta(enclave_dir, "token", "list", "--user", "nosuchuser")
+    assert r.returncode == 2 and "no user 'nosuchuser'" in r.stderr, r.stdout

@@ -216,6 +216,12 @@ def cmd_token_revoke(args) -> int:
 def cmd_token_list(args) -> int:
     enclave, creds = _setup(args)
     tokens, _ = _services(enclave)
+    if args.user not in (None, creds.user) and not creds.admin:
+        from .access import deny
+
+        deny(enclave, creds, None, "list the tokens of other users")
+    if args.user is not None and tokens.user(args.user) is None:
+        raise ConfigurationError(f"no user {args.user!r} in the enclave")
     user = args.user if creds.admin else creds.user
     print(f"{'TOKEN':18}  {'USER':20}  {'CREATED':20}  {'EXPIRES':20}  STATE")
     now = time.time()
