@@ -340,3 +340,14 @@ def test_token_list_of_another_user_is_refused_not_answered_with_ones_own(
     assert r.returncode == 0 and "bob" in r.stdout, r.stderr
     r = kotta(enclave_dir, "token", "list", "--user", "nosuchuser")
     assert r.returncode == 2 and "no user 'nosuchuser'" in r.stderr, r.stdout
+
+
+def test_policy_show_names_a_role_that_cannot_exist(enclave, enclave_dir):
+    """`kotta policy show --role Analyst` (roles are lowercase: grant refuses it) printed an
+    empty table, as for a role with no statements, instead of saying the name is wrong."""
+    assert kotta(enclave_dir, "dataset", "add", "s3://corpus/").returncode == 0
+    assert kotta(enclave_dir, "policy", "grant", "analyst", "s3://corpus/", "read").returncode == 0
+    r = kotta(enclave_dir, "policy", "show", "--role", "Analyst")
+    assert r.returncode == 2 and "invalid role name 'Analyst'" in r.stderr, r.stdout
+    r = kotta(enclave_dir, "policy", "show", "--role", "analyst")
+    assert r.returncode == 0 and "s3://corpus/" in r.stdout, r.stderr

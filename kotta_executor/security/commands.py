@@ -15,7 +15,7 @@ from pathlib import Path
 from ..backends import is_new, open_enclave
 from ..errors import AccessDenied, ConfigurationError
 from . import credentials
-from .policy import canonical
+from .policy import canonical, check_role
 from .tokens import MAX_REFRESH_DAYS
 
 
@@ -310,6 +310,8 @@ def cmd_policy_revoke(args) -> int:
 
 
 def cmd_policy_show(args) -> int:
+    if args.role is not None:
+        check_role(args.role)  # a name no statement can have: said, not an empty table
     enclave, _ = _setup(args)
     _, policies = _services(enclave)
     print(f"{'ROLE':16}  {'ACTION':6}  {'EFFECT':6}  DATASET")
