@@ -109,25 +109,8 @@ def test_aws_task_gets_the_owners_assumed_role_not_the_nodes_keys(aws):
     assert env["AWS_SESSION_TOKEN"]
 
 
-def test_aws_outputs_are_written_with_the_owners_credentials(aws):
-    enclave, audit, policies, admin, executor = aws
-    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
-    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
-    enclave.session.client("iam").put_role_policy(
-        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
-        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
-    )
-    alice = executor("alice", "analyst")
-    f = alice.submit(tasks.write_file, "alice.txt", "42\n", outputs=[OUTPUT])
-    f.result(GUARD)
-    assert get_object(enclave, OUTPUT) == b"42\n"
-    [rec] = audit.show(job_id=f.job_id, action="stage-out")
-    assert rec["user"] == "alice"
-
-
-def test_aws_a_job_with_outputs_finishes_after_its_outputs_are_written(aws):
-    """The job's finishing time (its record's, and its history's last event) comes after
-    its stage-out began, not from when its worker's result was read."""
+def _alice_writes_an_output(aws):
+    """alice, an analyst granted write on results/, writes OUTPUT: her future, done."""
     enclave, _, policies, admin, executor = aws
     policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
     policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
@@ -138,6 +121,22 @@ def test_aws_a_job_with_outputs_finishes_after_its_outputs_are_written(aws):
     alice = executor("alice", "analyst")
     f = alice.submit(tasks.write_file, "alice.txt", "42\n", outputs=[OUTPUT])
     f.result(GUARD)
+    return f
+
+
+def test_aws_outputs_are_written_with_the_owners_credentials(aws):
+    enclave, audit, *_ = aws
+    f = _alice_writes_an_output(aws)
+    assert get_object(enclave, OUTPUT) == b"42\n"
+    [rec] = audit.show(job_id=f.job_id, action="stage-out")
+    assert rec["user"] == "alice"
+
+
+def test_aws_a_job_with_outputs_finishes_after_its_outputs_are_written(aws):
+    """The job's finishing time (its record's, and its history's last event) comes after
+    its stage-out began, not from when its worker's result was read."""
+    enclave = aws[0]
+    f = _alice_writes_an_output(aws)
     history = enclave.jobs.history(f.job_id)
     states = [s for _, s, _ in history]
     assert states[-2:] == ["staging_outputs", "completed"], history
