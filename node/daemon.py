@@ -400,8 +400,8 @@ class Node:
         self._check_watched()  # (what has ended is acked, not handed back)
         watched = list(self.watched.values())
         self.watched.clear()
-        self.enclave.queue.release([*inbox, *(t.delivery for t in self.pending), *watched])
-        self.pending.clear()
+        self._hand_back_pending(inbox)
+        self.enclave.queue.release(watched)
         for w in self.workers:
             # Tasks piped behind the one it runs: it must not begin them.  It reports
             # what it ran, then exits, and the node hands back the rest (_bury).  (Which
@@ -426,8 +426,7 @@ class Node:
                 w.inflight.clear()
         # staged meanwhile, not started, or still staging: hand back (their work
         # directories go with _stop; a staging thread still running is abandoned)
-        self.enclave.queue.release([t.delivery for t in self.pending])
-        self.pending.clear()
+        self._hand_back_pending()
         if self.data.active:
             log.warning("drain timeout: handing back %s, still staging", list(self.data.active))
             self.enclave.queue.release(self.data.held())
@@ -441,6 +440,17 @@ class Node:
             self.enclave.queue.release([d for _, d, _, _ in self.finished])
             self.finished.clear()
         self._wake_clients(final=True)
+
+    def _hand_back_pending(self, inbox: Iterable[Delivery] = ()) -> None:
+        """Hand back the tasks waiting here (and ``inbox``'s deliveries), as the node stops.
+        Those not claimed yet never started: their receive does not count as a delivery
+        (``queue.hand_back``), else stopping a node now and then dead-lettered tasks
+        that never ran.  A claimed one (put back from a worker) is counted: its next
+        delivery must be a redelivery, to claim the job this node moved."""
+        fresh = [*inbox, *(t.delivery for t in self.pending if not t.claimed)]
+        self.enclave.queue.hand_back(fresh)
+        self.enclave.queue.release([t.delivery for t in self.pending if t.claimed])
+        self.pending.clear()
 
     def _stop(self) -> None:
         self.data.close()

@@ -1094,3 +1094,32 @@ def test_of_two_deliveries_of_a_message_counted_alike_the_later_stands(enclave):
     old = Delivery("j1", b"task", "receipt-old", 2, None, "m1")
     new = Delivery("j1", b"task", "receipt-new", 2, None, "m1")
     assert node._ours_again([old, new]) == [new]
+
+
+def test_a_task_a_stopping_node_hands_back_unstarted_is_not_counted_a_delivery(
+        start_node, make_executor, enclave, tmp_path):
+    """`kotta down` while a node holds tasks it has not started: they go back to the queue
+    and run on the next node.  Handed back unstarted, a task was not delivered in vain:
+    with `--max-deliveries 1` (a task that takes its node down runs once, never again) the
+    next node ran it, instead of dead-lettering it and failing its job with
+    DeliveryFailed ("delivered 1 times without completing") although it had never run."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node("--max-deliveries", "1", workers=1)
+    ex = make_executor(1, start_node=False)
+    running = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    try:
+        wait_for(lambda: _pids(log), what="the task to start on node A")
+        queued = ex.submit(tasks.square, 7)
+        wait_for(lambda: _holder(enclave, queued.job_id) == a.node_id,
+                 what="node A to take the queued task")
+        assert enclave.jobs.get(queued.job_id).state == "pending"
+        a.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: _holder(enclave, queued.job_id) is None,
+                 what="node A to hand back the queued task")
+    finally:
+        tasks.release(release, "go")
+    assert running.result(GUARD) == _pids(log)[0]  # (finished as A drained)
+    assert a.proc.wait(GUARD) == 0
+    start_node("--max-deliveries", "1", workers=1)
+    assert queued.result(GUARD) == 49
+    assert enclave.queue.dead_letters("test") == []

@@ -150,6 +150,13 @@ class TaskQueue(abc.ABC):
     def release(self, deliveries: Iterable[Delivery]) -> None:
         """Hand messages back: visible again now."""
 
+    def hand_back(self, deliveries: Iterable[Delivery]) -> None:
+        """Hand back messages whose tasks the holder never claimed (a stopping node's
+        waiting tasks): visible again now, and, where the backend can, the receive does
+        not count toward ``--max-deliveries``.  (SQS cannot take a receive back: there it
+        is ``release``.)"""
+        self.release(deliveries)
+
     @abc.abstractmethod
     def ack(self, deliveries: Iterable[Delivery]) -> None: ...
 

@@ -394,6 +394,12 @@ class EmbeddedQueue(TaskQueue):
             "UPDATE messages SET visible_at=0, holder=NULL WHERE id=? AND receipt=?", deliveries
         )
 
+    def hand_back(self, deliveries):
+        self._by_receipt(
+            "UPDATE messages SET visible_at=0, holder=NULL,"
+            " receive_count=max(receive_count-1, 0) WHERE id=? AND receipt=?", deliveries
+        )
+
     def ack(self, deliveries):
         self._by_receipt("DELETE FROM messages WHERE id=? AND receipt=?", deliveries)
 
