@@ -419,11 +419,18 @@ class Node:
             self._police()
             self._upkeep()
             self._wake_clients()
-        for w in self.workers:
-            if w.inflight:
-                log.warning("drain timeout: handing back %s", [t.job_id for t in w.inflight])
-                self.enclave.queue.release([t.delivery for t in w.inflight])
-                w.inflight.clear()
+        # Still running: ended (the tree, as _stop ends a busy worker's) before their tasks
+        # are visible again, so that a task never runs here and on another node at once
+        late = [w for w in self.workers if w.inflight]
+        for w in late:
+            log.warning("drain timeout: handing back %s", [t.job_id for t in w.inflight])
+            w.kill("WorkerDied", "node stopping")
+            w.kill_deadline = 0
+            w.escalate()
+        for w in late:
+            w.proc.wait()
+            self.enclave.queue.release([t.delivery for t in w.inflight])
+            w.inflight.clear()
         # staged meanwhile, not started, or still staging: hand back (their work
         # directories go with _stop; a staging thread still running is abandoned)
         self._hand_back_pending()

@@ -1123,3 +1123,25 @@ def test_a_task_a_stopping_node_hands_back_unstarted_is_not_counted_a_delivery(
     start_node("--max-deliveries", "1", workers=1)
     assert queued.result(GUARD) == 49
     assert enclave.queue.dead_letters("test") == []
+
+
+def test_a_task_handed_back_at_the_drain_timeout_never_runs_on_two_nodes_at_once(
+        start_node, make_executor, enclave, tmp_path):
+    """A task still running when its node's drain times out is handed back, and runs
+    again on another node.  Its first run is ended before the message is visible again:
+    the two never run side by side (they did, for the 2 s the stopping node gave its busy
+    workers before killing them)."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node("--drain-timeout", "0", workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    try:
+        [first] = wait_for(lambda: _pids(log), what="the task to start on node A")
+        start_node(workers=1)
+        a.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: len(_pids(log)) == 2, what="the task to start again on node B")
+        assert _gone(first), "the task's first run still runs beside its second"
+    finally:
+        tasks.release(release, "go")
+    assert f.result(GUARD) == _pids(log)[1]
+    assert a.proc.wait(GUARD) == 0
