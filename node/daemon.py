@@ -461,6 +461,7 @@ class Node:
 
     def _stop(self) -> None:
         self.data.close()
+        self.envs.close()  # (their tasks were handed back)
         for w in self.workers:
             w.tasks.close()  # EOF: an idle worker exits by itself
         deadline = time.monotonic() + 2  # (for all of them together, not 2 s each)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,7 @@ class EnvCache:
         self._ready: dict[str, Env] = {}
         self._building: set[str] = set()
         self._failed: dict[str, tuple[str, float]] = {}
+        self.builds = Builds()
 
     def building(self) -> bool:
         """Whether a build runs now (its venv and pip processes are the node's children)."""
@@ -130,9 +132,13 @@ class EnvCache:
         ).start()
         return "building", None
 
+    def close(self) -> None:
+        """End the builds that run (the node stops: their tasks were handed back)."""
+        self.builds.stop()
+
     def _build(self, key: str, requirements: str) -> None:
         try:
-            env = build(self.root, key, requirements)
+            env = build(self.root, key, requirements, self.builds)
         except Exception as exc:  # noqa: BLE001 - any failure fails the tasks that wait
             with self._lock:
                 self._failed[key] = (str(exc), time.monotonic())
@@ -149,8 +155,9 @@ class BuildError(Exception):
     pass
 
 
-def build(root: Path, key: str, requirements: str) -> Env:
-    """Build (or find, if another process built it) the environment ``root/key``."""
+def build(root: Path, key: str, requirements: str, builds: Builds | None = None) -> Env:
+    """Build (or find, if another process built it) the environment ``root/key``
+    (``builds``: where its processes are tracked, for a stopping node to end them)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
     with open(root / f"{key}.lock", "a+b") as lock:
@@ -164,12 +171,12 @@ def build(root: Path, key: str, requirements: str) -> Env:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
         try:
             _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                  str(tmp)], "creating the virtual environment")
+                  str(tmp)], "creating the virtual environment", builds)
             reqs = tmp / "requirements.txt"
             reqs.write_text(requirements + "\n")
             _run([sys.executable, "-m", "pip", "--python", str(tmp / "bin" / "python"),
                   "install", "--disable-pip-version-check", "--no-input", "-r", str(reqs)],
-                 "pip install")
+                 "pip install", builds)
             (tmp / MARKER).write_text(requirements + "\n")
             os.rename(tmp, final)
         except BaseException:
@@ -178,19 +185,73 @@ def build(root: Path, key: str, requirements: str) -> Env:
     return Env(key, final)
 
 
-def _run(cmd: list[str], what: str) -> None:
+class Builds:
+    """The build processes running now (venv, pip) of one node's builds, each in a session
+    of its own, which the node ends as it stops (:meth:`stop`); from then on, no build
+    starts one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self._stopped = False
+
+    def start(self, cmd: list[str], env: dict[str, str], what: str) -> subprocess.Popen:
+        with self._lock:
+            if self._stopped:
+                raise BuildError(f"{what}: the node is stopping")
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+            self._procs.add(proc)
+            return proc
+
+    def done(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.discard(proc)
+
+    def stop(self) -> None:
+        """End the builds running now, with what they started (pip's build backends):
+        SIGTERM to each one's session, SIGKILL to what is left of it after the grace
+        period.  (Else pip ran on, orphaned, after its node had exited.)"""
+        with self._lock:
+            self._stopped = True
+            procs = list(self._procs)
+        for proc in procs:
+            _signal_session(proc, signal.SIGTERM)
+        deadline = time.monotonic() + pool.KILL_GRACE
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_session(proc, signal.SIGKILL)  # (what it started, if it went itself)
+
+
+def _signal_session(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _run(cmd: list[str], what: str, builds: Builds | None = None) -> None:
     env = pool.worker_env()
     env.pop("PYTHONPATH", None)  # pip must see the environment, not the node's path
     env.pop("PIP_REQUIRE_VIRTUALENV", None)
+    builds = builds or Builds()
+    proc = builds.start(cmd, env, what)
     try:
-        proc = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=env, timeout=BUILD_TIMEOUT, check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BuildError(f"{what} took longer than {BUILD_TIMEOUT:g} s") from exc
+        try:
+            stdout, _ = proc.communicate(timeout=BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            _signal_session(proc, signal.SIGKILL)
+            proc.communicate()
+            raise BuildError(f"{what} took longer than {BUILD_TIMEOUT:g} s") from exc
+    finally:
+        builds.done(proc)
     if proc.returncode != 0:
-        out = proc.stdout.decode(errors="replace").strip()
+        out = stdout.decode(errors="replace").strip()
         if len(out) > PIP_TAIL:
             out = "...\n" + out[-PIP_TAIL:]
         raise BuildError(f"{what} failed (exit code {proc.returncode}):\n{out}")

@@ -469,7 +469,7 @@ class Orphans:
     started) after the grace period, then reaped.
 
     The node's other children are its workers (``subprocess.Popen``, which reaps them) and
-    the venv and pip processes of a requirements build (``subprocess.run``): those lack the
+    the venv and pip processes of a requirements build (``node.envs._run``): those lack the
     marks, and a zombie without them is reaped only while no build runs, since the marks
     of a process that has exited can no longer be read."""
 

@@ -8,10 +8,12 @@ the node's pip at it with pip's own environment variables (``PIP_NO_INDEX``,
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -324,3 +327,43 @@ def test_a_node_in_a_venv_gives_requirement_workers_its_editable_installs(
     # and so do the Python processes such a task starts
     assert view.submit(tasks.child_python, "import kotta_editable_probe as m; print(m.WHERE)"
                        ).result(GUARD) == "editable"
+
+
+def test_a_node_stopped_while_it_installs_requirements_leaves_no_pip_running(
+        start_node, make_executor, tmp_path, monkeypatch):
+    """`kotta down` while a node builds a task's requirements: the node hands the task
+    back and exits, and its pip goes with it (it ran on, orphaned, as long as pip would
+    wait for its index, in a directory the next build deletes)."""
+    import socket
+
+    index = socket.socket()  # an index that takes connections and never answers
+    index.bind(("127.0.0.1", 0))
+    index.listen(16)
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{index.getsockname()[1]}/simple")
+    monkeypatch.setenv("PIP_TIMEOUT", "600")
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.with_options(requirements=PROBE).submit(_probe_version)
+
+    def pip() -> list[psutil.Process]:
+        try:
+            kids = psutil.Process(node.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        return [p for p in kids if "pip" in p.cmdline() and "install" in p.cmdline()]
+
+    builders: list[psutil.Process] = []
+    try:
+        [builder] = builders[:] = wait_for(pip, what="the node to run pip")
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(GUARD) == 0
+        assert not builder.is_running() or builder.status() == psutil.STATUS_ZOMBIE, (
+            "pip outlived its node")
+        assert not f.done()  # handed back: it waits for a node
+    finally:
+        for p in builders:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        index.close()
