@@ -290,6 +290,7 @@ class KottaExecutor(Executor):
         self._wake = _Wake()  # the manager's wake-up pipe
         self._manager: threading.Thread | None = None
         self._nodes: dict[str, subprocess.Popen] = {}
+        self._left: _Leftovers | None = None  # what its manager closes, once it runs
         self._node_restarts = 0  # deaths in a row of the nodes it started
         self._node_started: dict[str, float] = {}  # queue -> when its node was started
         self._start_claims: dict[str, int] = {}  # queue -> lock fd, while its node starts
@@ -830,6 +831,7 @@ class KottaExecutor(Executor):
     def _start_manager(self, left: _Leftovers) -> None:
         """The manager's start: bind the channels replies come by (``left`` closes them at
         its end, whether or not the executor is still there then)."""
+        self._left = left  # (a closing executor may leave it its node: _Leftovers.close)
         self._reply_queue = self._enclave.queue.open_reply(self.client_id)
         left.bell = self._enclave.doorbell(f"client-{self.client_id}")
         left.inbox = self._inbox = self._enclave.reply_inbox(self.client_id)
@@ -1423,22 +1425,26 @@ class _Leftovers:
         self.nodes, self.start_claims = nodes, start_claims  # (the executor's, kept up to date)
         self.bell = None
         self.inbox = None
+        self.closed = False  # (no node is handed to it from then: _hand_over)
 
     def close(self) -> None:
         if self.bell is not None:
             self.bell.close()
         if self.inbox is not None:
             self.enclave.close_inbox(self.inbox)
-        for proc in self.nodes.values():
+        with _hand_over_lock:
+            self.closed = True
+            nodes = [p for q, p in self.nodes.items() if not self._hand_over(q, p)]
+            self.nodes.clear()
+        for proc in nodes:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self.nodes.values():
+        for proc in nodes:
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.nodes.clear()
         for q in list(self.start_claims):
             _release_claim(self.start_claims, q)
         try:
@@ -1446,6 +1452,30 @@ class _Leftovers:
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
         self.wake.close()
+
+
+    def _hand_over(self, queue: str, proc: subprocess.Popen) -> bool:
+        """Leave the node of ``queue`` to another open executor of this process that uses
+        the queue and has no node of its own there (it found this one serving, and its
+        tasks may run on it now); it stops the node as it closes.  Stopped now, their
+        running tasks were killed at the end of the node's drain, to run again
+        elsewhere.  (Under _hand_over_lock.)"""
+        if proc.poll() is not None:
+            return False
+        for other in list(_live_executors):
+            left = other._left
+            if (other.client_id != self.client_id and left is not None and not left.closed
+                    and other._enclave.url == self.enclave.url
+                    and queue in other._queues_used and queue not in other._nodes):
+                other._nodes[queue] = proc
+                log.info("kotta client %s: its local node for queue %s goes on, for client %s",
+                         self.client_id, queue, other.client_id)
+                return True
+        return False
+
+
+#: held while a closing executor hands its node to another (_Leftovers.close)
+_hand_over_lock = threading.Lock()
 
 
 def _node_path() -> list[str]:

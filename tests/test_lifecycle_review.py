@@ -174,3 +174,31 @@ def test_two_executors_starting_together_start_one_node(make_executor, enclave):
     assert (fa.result(GUARD), fb.result(GUARD)) == (4, 9)
     live = enclave.nodes.live("test")
     assert len(live) == 1, f"{len(live)} local nodes serve queue test: {live}"
+
+
+# --------------------------------------------------------------------------------------
+# 5. an executor that closes leaves its node to another executor of the process using it
+
+
+def test_an_executor_shut_down_leaves_its_node_to_another_that_runs_tasks_there(
+        make_executor, enclave, tmp_path):
+    """Executor A started the local node; B, made later in the same process, found it and
+    ran its task there.  A's shutdown stopped the node: it waited out the node's drain
+    (30 s), and B's task, killed at its end, ran again from the start.  The node goes to B
+    now, and stops with B."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = make_executor(1)
+    assert a.submit(tasks.square, 2).result(GUARD) == 4
+    [node] = enclave.nodes.live("test")
+    b = make_executor(1)
+    f = b.submit(tasks.log_pid_and_wait, str(log), str(release))
+    try:
+        wait_for(lambda: log.exists() and log.read_text(), what="B's task to start")
+        a.shutdown()
+        assert _running(node.pid), "A's shutdown stopped the node B's task runs on"
+    finally:
+        tasks.release(release, "go")
+    assert f.result(GUARD) == int(log.read_text().split()[0])
+    assert len(log.read_text().split()) == 1  # it ran once
+    b.shutdown()
+    assert not _running(node.pid)
