@@ -1282,6 +1282,9 @@ class KottaExecutor(Executor):
                 ):
                     self._release_start(q)  # it serves the queue: others see it now
                 continue
+            if self._idle():  # a node stopped (kotta down) starts again for work only
+                self._release_start(q)  # (one that died starting: others may start one)
+                continue
             if proc is not None:  # the node we started died
                 # Deaths in a row count: one that served a while (or was stopped, exit 0:
                 # kotta down, an admin) starts the count again.

@@ -202,3 +202,26 @@ def test_an_executor_shut_down_leaves_its_node_to_another_that_runs_tasks_there(
     assert len(log.read_text().split()) == 1  # it ran once
     b.shutdown()
     assert not _running(node.pid)
+
+
+# --------------------------------------------------------------------------------------
+# 6. kotta down stops an idle executor's node for good; work starts one again
+
+
+def test_kotta_down_stops_an_idle_executors_node_until_it_has_work_again(make_executor,
+                                                                         enclave):
+    """The guide: an executor that still has work, or gets more, starts its node again.
+    An idle one started it again at once, so `kotta down` could not stop it."""
+    ex = make_executor(1)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    [node] = enclave.nodes.live("test")
+    down = subprocess.run([sys.executable, "-m", "kotta_executor.cli", "--enclave",
+                           str(enclave.home), "down"], env=subprocess_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=GUARD)
+    assert down.returncode == 0, down.stdout + down.stderr
+    # the executor's manager has seen it end once it has reaped it (it is our child)
+    wait_for(lambda: not psutil.pid_exists(node.pid), what="the executor to reap its node")
+    assert enclave.nodes.live() == []
+    assert not [p for p in psutil.Process().children() if "node" in p.cmdline()]
+    assert ex.submit(tasks.square, 4).result(GUARD) == 16  # work: a node again
+    assert len(enclave.nodes.live("test")) == 1
