@@ -68,6 +68,8 @@ class BackendSpec:
     multiprocess: bool
     #: node liveness also checks the node's pid on this machine, not only heartbeats
     checks_pids: bool
+    #: ``queue.hand_back`` takes the receive back (SQS cannot: it counts, as a release)
+    uncounts: bool = False
 
 
 @contextlib.contextmanager
@@ -81,7 +83,8 @@ def _embedded(tmp_path: Path) -> Iterator[Enclave]:
 
 BACKENDS: dict[str, BackendSpec] = {
     "embedded": BackendSpec(
-        open=_embedded, transactional=True, multiprocess=True, checks_pids=True
+        open=_embedded, transactional=True, multiprocess=True, checks_pids=True,
+        uncounts=True,
     ),
     # The AWS backend on in-process moto (tests/aws_moto.py): mock_aws cannot be reached
     # from another process, and nodes are judged by heartbeats only.
@@ -308,6 +311,20 @@ def test_release_makes_a_message_visible_at_once(backend):
     assert again.job_id == "b" and again.receive_count == 2
     assert received(backend, "q") == []
     assert backend.queue.depth("q") == 2
+
+
+def test_hand_back_makes_a_message_visible_at_once_taking_the_receive_back_where_it_can(
+        backend, spec):
+    """A stopping node's unclaimed tasks: visible again at once, as ``release``; where the
+    backend can (not SQS), that receive does not count toward the delivery limit."""
+    backend.queue.send("q", messages("a"))
+    [a] = received(backend, "q", visibility_timeout=LONG)
+    backend.queue.hand_back([a])
+    [again] = received(backend, "q", visibility_timeout=LONG)
+    count = 1 if spec.uncounts else 2
+    assert again.job_id == "a" and again.receive_count == count
+    backend.queue.hand_back([again])
+    assert [m.receive_count for m in received(backend, "q")] == [count + (not spec.uncounts)]
 
 
 def test_each_delivery_of_a_message_names_the_message(backend):
