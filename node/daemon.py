@@ -424,9 +424,7 @@ class Node:
         late = [w for w in self.workers if w.inflight]
         for w in late:
             log.warning("drain timeout: handing back %s", [t.job_id for t in w.inflight])
-            w.kill("WorkerDied", "node stopping")
-            w.kill_deadline = 0
-            w.escalate()
+            _kill_tree_now(w)
         for w in late:
             w.proc.wait()
             self.enclave.queue.release([t.delivery for t in w.inflight])
@@ -469,9 +467,7 @@ class Node:
             try:
                 w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except Exception:  # noqa: BLE001 - still busy: kill the tree
-                w.kill("WorkerDied", "node stopping")
-                w.kill_deadline = 0
-                w.escalate()
+                _kill_tree_now(w)
                 w.proc.wait()
             self._leftovers.append(w.leftovers())
             w.close()
@@ -1699,6 +1695,13 @@ class Node:
                 self.enclave.jobs.record_usage(head.job_id, head.monitor.usage())
             except Exception:  # noqa: BLE001 - a missed sample must not stop the node
                 log.exception("recording the usage of job %s failed", head.job_id)
+
+
+def _kill_tree_now(w: Worker) -> None:
+    """SIGKILL a busy worker's process tree, with no grace: the node is stopping."""
+    w.kill("WorkerDied", "node stopping")
+    w.kill_deadline = 0
+    w.escalate()
 
 
 def _restricted(task: Task) -> bool:
