@@ -63,6 +63,17 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
             proc = subprocess.run(argv, cwd=workdir, stdin=subprocess.DEVNULL, check=False)
         except OSError as exc:
             itself = os.path.realpath(os.path.join(workdir, argv[0])) == os.path.realpath(path)
+            if exc.errno == errno.ENOENT and itself and "/" not in argv[0]:
+                # a bare name is looked up on PATH, as a shell would, not in the directory
+                fixed = shlex.join([f"./{argv[0]}", *argv[1:]])
+                raise FileNotFoundError(
+                    errno.ENOENT,
+                    f"cannot run {argv[0]!r}: a command without a '/' is looked up on PATH,"
+                    f" not in the working directory where {script_name} is saved; run the"
+                    f" script as executable={fixed!r} (with a '#!' line), or name its"
+                    " interpreter",
+                    argv[0],
+                ) from exc
             # the script itself, with no interpreter named (it is not run by a shell)
             if exc.errno == errno.ENOEXEC and not script.startswith("#!") and itself:
                 fixed = shlex.join(["sh", script_name, *argv[1:]])

@@ -175,6 +175,20 @@ def test_a_missing_interpreter_is_named_not_the_script(script, says):
     assert says in str(info.value)
 
 
+@pytest.mark.parametrize("script", ["#!/bin/sh\necho hi\n", "echo hi\n"],
+                         ids=["shebang", "no shebang"])
+def test_a_script_named_bare_is_looked_up_on_path_and_the_error_says_so(konn, script):
+    """executable="run.sh" (no ./) is looked up on PATH, not in the working directory: the
+    error said '/bin/sh' was not on the node, or 'No such file or directory: run.sh'."""
+    job = KottaJob(executable="run.sh", script_name="run.sh", script=script)
+    job.submit(konn)
+    with pytest.raises(FileNotFoundError, match="looked up on PATH") as info:
+        job.wait(GUARD)
+    assert "is not on this node" not in str(info.value)
+    assert "executable='./run.sh'" in str(info.value)
+    assert job.status() == "failed"
+
+
 def test_a_script_name_that_is_an_input_or_output_name_is_refused():
     """The script is saved in the working directory, where it replaced a staged input of
     that name, or was uploaded as the output of that name."""
