@@ -144,8 +144,19 @@ class KottaJob:
         if jobtype not in JOBTYPES:
             raise ValueError(f"unknown jobtype {jobtype!r}: only {', '.join(JOBTYPES)} jobs exist")
         ins, outs = declared(inputs or (), outputs or ())  # InvalidDataUri now, not at submit
-        if not isinstance(executable, str) or not shlex.split(executable):
+        if not isinstance(executable, str):
             raise ValueError(f"executable must be a non-empty command line, not {executable!r}")
+        try:
+            argv = shlex.split(executable)
+        except ValueError as exc:  # an unclosed quote: "No closing quotation"
+            raise ValueError(
+                f"executable {executable!r} cannot be split into a command line: "
+                f"{str(exc)[:1].lower()}{str(exc)[1:]}"
+            ) from None
+        if not argv:
+            raise ValueError(f"executable must be a non-empty command line, not {executable!r}")
+        if "\0" in executable:
+            raise ValueError(f"executable {executable!r} holds a NUL byte, which no command can")
         if not isinstance(script, str):
             raise TypeError(f"script must be a str (the script's text), not {type(script).__name__}")
         self.jobtype = jobtype

@@ -231,6 +231,15 @@ def test_bad_data_and_arguments_are_refused(konn):
     assert job.wait(GUARD) == 0
 
 
+def test_an_executable_that_cannot_be_split_or_run_is_refused_naming_it():
+    """An unclosed quote said only 'No closing quotation'; a NUL byte was accepted and
+    failed the job on the node with 'embedded null byte'."""
+    with pytest.raises(ValueError, match=r"executable .*\"/bin/sh 'run.sh\".*no closing quotation"):
+        KottaJob(executable="/bin/sh 'run.sh", script_name="run.sh", script="true")
+    with pytest.raises(ValueError, match=r"executable .*NUL"):
+        KottaJob(executable="/bin/sh\0 run.sh", script_name="run.sh", script="true")
+
+
 def test_script_text_in_any_language(konn):
     job = KottaJob(
         jobtype="script", jobname="sh", executable="./run.sh", script_name="run.sh",
