@@ -159,6 +159,13 @@ class KottaJob:
             raise ValueError(f"executable {executable!r} holds a NUL byte, which no command can")
         if not isinstance(script, str):
             raise TypeError(f"script must be a str (the script's text), not {type(script).__name__}")
+        try:
+            script.encode("utf-8")  # as the node saves it
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"script holds {script[exc.start]!r} at position {exc.start}, which UTF-8 "
+                "cannot encode (a lone surrogate): the node saves the script as UTF-8"
+            ) from None
         self.jobtype = jobtype
         self.jobname = jobname
         self.executable = executable

@@ -240,6 +240,12 @@ def test_an_executable_that_cannot_be_split_or_run_is_refused_naming_it():
         KottaJob(executable="/bin/sh\0 run.sh", script_name="run.sh", script="true")
 
 
+def test_a_script_utf8_cannot_hold_is_refused_when_the_job_is_made():
+    """It was accepted and failed the job on the node with a UnicodeEncodeError."""
+    with pytest.raises(ValueError, match=r"script holds .* at position 5, which UTF-8 cannot encode"):
+        KottaJob(executable="/bin/sh run.sh", script_name="run.sh", script="echo \udce9")
+
+
 def test_script_text_in_any_language(konn):
     job = KottaJob(
         jobtype="script", jobname="sh", executable="./run.sh", script_name="run.sh",
