@@ -142,6 +142,9 @@ def bootstrap(
     ``out``: a callable (``print``) told about each resource as it goes.
     """
     names = Names(name, bucket)
+    if not 1 <= max_receive_count <= 1000:  # SQS's bounds; checked before anything is made
+        raise ValueError(f"--max-receive-count must be 1 to 1000 (SQS's bounds), "
+                         f"not {max_receive_count}")
     c = _Clients(region, endpoint_url, profile, session)
     report = Report(name)
 

@@ -919,3 +919,13 @@ def test_executor_starts_a_node_process_on_the_same_enclave(moto_server, name):
             # live() answers from a cache for up to a second: wait for the registration
             [node] = wait_for(lambda: ex.enclave.nodes.live("test"), what="the node to show")
             assert node.managed_by == ex.client_id
+
+
+@pytest.mark.parametrize("count", [0, -1, 1001])
+def test_bootstrap_refuses_a_max_receive_count_sqs_cannot_take(moto_env, name, count):
+    # SQS takes 1 to 1000; 0 made every task a dead letter before any node ran it (moto),
+    # or failed half-way, after the first dead-letter queue (AWS)
+    with pytest.raises(ValueError, match="--max-receive-count"):
+        aws_provision.bootstrap(name, max_receive_count=count, iam=False, tls_only=False,
+                                session=moto_env)
+    assert aws_provision.teardown(name, session=moto_env).deleted == []  # nothing made
