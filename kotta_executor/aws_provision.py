@@ -307,6 +307,7 @@ def teardown(
     names = Names(name, bucket)
     c = _Clients(region, endpoint_url, profile, session)
     report = Report(name)
+    _refuse_running_pools(c, name)
 
     def gone(kind: str, what: str) -> None:
         report.deleted.append((kind, what))
@@ -372,6 +373,27 @@ def teardown(
     if quietly(c.iam.delete_role, RoleName=names.node_role):
         gone(ROLE, names.node_role)
     return report
+
+
+def _refuse_running_pools(c: _Clients, name: str) -> None:
+    """Teardown leaves the node pools (``kotta aws pools``): refuse, before deleting
+    anything, while they exist, or their instances would run on without an enclave."""
+    from .aws_pools import pool_groups
+
+    try:
+        resp = c.autoscaling.describe_auto_scaling_groups(
+            AutoScalingGroupNames=list(pool_groups(name).values())
+        )
+    except _client_error() as exc:
+        if _code(exc) in ("AccessDenied", "AccessDeniedException"):
+            return  # may not read Auto Scaling: cannot have made the pools either
+        raise
+    groups = [g["AutoScalingGroupName"] for g in resp["AutoScalingGroups"]]
+    if groups:
+        raise ConfigurationError(
+            f"the node pools of aws://{name} exist ({', '.join(groups)}): delete them first "
+            f"with `kotta aws pools {name} --delete` (it terminates their instances)"
+        )
 
 
 # --------------------------------------------------------------------------- specs

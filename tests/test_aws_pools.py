@@ -294,3 +294,18 @@ def test_kotta_aws_pools_then_autoscale_with_the_default_groups(aws, capsys):
     assert _groups(session, name) == {}
     assert main(["aws", "pools", name, "--delete"]) == 0
     assert "no node pools" in capsys.readouterr().out
+
+
+def test_teardown_refuses_while_the_pools_run(aws):
+    # teardown used to delete the queues, tables and instance profile and leave the groups,
+    # whose instances (the test pool keeps one) ran on, unbilled for by no one's intent
+    from kotta_executor.aws_provision import teardown
+
+    name, session = aws
+    aws_pools.create_pools(name, ami=AMI, session=session)
+    with pytest.raises(ConfigurationError, match=f"kotta aws pools {name} --delete"):
+        teardown(name, session=session)
+    sqs = session.client("sqs")
+    assert sqs.get_queue_url(QueueName=f"kotta-{name}-test")  # nothing was deleted
+    aws_pools.delete_pools(name, session=session)
+    assert ("AWS::SQS::Queue", f"kotta-{name}-test") in teardown(name, session=session).deleted
