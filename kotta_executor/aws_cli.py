@@ -125,11 +125,16 @@ def cmd_aws(args) -> int:
 
 
 def _autoscale(args) -> int:
+    import math
     import time
 
     from .aws_autoscale import autoscale
     from .backends.aws import AwsEnclave
 
+    if args.per_node < 1:
+        raise ValueError(f"--per-node must be at least 1, not {args.per_node}")
+    if not args.once and not 0 < args.interval < math.inf:
+        raise ValueError(f"--interval must be a positive number of seconds, not {args.interval:g}")
     specs = args.group
     if not specs:  # the groups of `kotta aws pools`
         from .aws_pools import pool_groups

@@ -92,3 +92,19 @@ def test_kotta_aws_autoscale_once(tmp_path, capsys):
         assert "queue test: depth 6, group pool 1 -> 3 (min 1, max 5)" in capsys.readouterr().out
         assert _capacity(enclave, "pool") == 3
         assert main(["aws", "autoscale", enclave.name, "--group", "test", "--once"]) == 2
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--interval", "-1"], "--interval"),  # used to size the groups, then crash in sleep
+    (["--interval", "0"], "--interval"),  # used to call AWS in a tight loop
+    (["--per-node", "0"], "--per-node"),
+])
+def test_kotta_aws_autoscale_refuses_bad_numbers_before_acting(tmp_path, capsys, argv, option):
+    from kotta_executor.cli import main
+
+    with aws_on_moto(tmp_path) as enclave:
+        _group(enclave, "pool", min_size=1, max_size=5, desired=1)
+        enclave.queue.send("test", [Message(f"job{i}", b"x") for i in range(6)])
+        assert main(["aws", "autoscale", enclave.name, "--group", "test=pool", *argv]) == 2
+        assert option in capsys.readouterr().err
+        assert _capacity(enclave, "pool") == 1
