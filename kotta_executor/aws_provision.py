@@ -497,8 +497,13 @@ NODE_S3_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
 
 
 def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
-    """The node role's inline policy: nothing beyond the enclave's own resources."""
-    sqs = f"arn:aws:sqs:{region}:{account}:{names.prefix}-*"
+    """The node role's inline policy: nothing beyond the enclave's own resources.  Its
+    queues by name, and its reply queues by their prefix: a pattern ``kotta-NAME-*``
+    also named every queue of an enclave called ``NAME-something`` (check_name keeps the
+    two prefixes left, ``-reply-`` and ``-user-``, from being another enclave's)."""
+    arn = f"arn:aws:sqs:{region}:{account}:"
+    sqs = [arn + q for name in QUEUES for q in (names.queue(name), names.dlq(names.queue(name)))]
+    sqs.append(arn + names.reply_prefix + "*")
     table = f"arn:aws:dynamodb:{region}:{account}:table/"
     return {
         "Version": "2012-10-17",

@@ -8,9 +8,11 @@ tests/aws_moto.py).  The common semantics are the contract suite's
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import io
 import json
 import os
+import re
 import threading
 import uuid
 from collections import Counter
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from kotta_executor import aws_provision
 from kotta_executor.aws_cli import add_parsers
@@ -673,7 +677,7 @@ def test_bootstrap_is_idempotent_and_makes_what_it_plans(moto_env, name):
     doc = iam.get_role_policy(RoleName=n.node_role, PolicyName=n.node_role)["PolicyDocument"]
     doc = doc if isinstance(doc, dict) else json.loads(doc)
     resources = json.dumps([s["Resource"] for s in doc["Statement"]])
-    assert "*" not in resources.replace(f"{n.prefix}-*", "").replace("blobs/*", "").replace(
+    assert "*" not in resources.replace(f"{n.reply_prefix}*", "").replace("blobs/*", "").replace(
         f"{n.user_role_prefix}*", ""
     ).replace("/held/*", "")
     profile = iam.get_instance_profile(InstanceProfileName=n.node_role)["InstanceProfile"]
@@ -795,10 +799,61 @@ def test_cloudformation_declares_what_bootstrap_creates(moto_env, name):
     declared_actions = {s["Sid"]: s["Action"] for s in policy["PolicyDocument"]["Statement"]}
     doc = aws_provision.node_policy(Names(name), "us-east-1", "123456789012")
     assert declared_actions == {s["Sid"]: s["Action"] for s in doc["Statement"]}
-    assert (
-        template["Parameters"]["EnclaveName"]["AllowedPattern"]
-        == "^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$"
-    )
+    pattern = re.compile(template["Parameters"]["EnclaveName"]["AllowedPattern"])
+    for candidate in ("lab", "a", "lab-2", "lab-reply", "lab-user-x", "lab-replyx", "users",
+                      "-lab", "Lab", "x" * 33, "my-user1"):
+        try:
+            Names(candidate)
+        except ConfigurationError:
+            assert not pattern.match(candidate), candidate
+        else:
+            assert pattern.match(candidate), candidate
+    [queues] = [s for s in policy["PolicyDocument"]["Statement"] if s["Sid"] == "Queues"]
+    [ours] = [s for s in doc["Statement"] if s["Sid"] == "Queues"]
+    assert [r["Fn::Sub"] for r in queues["Resource"]] == [
+        r.replace("arn:aws:sqs:us-east-1:123456789012:kotta-" + name,
+                  "arn:${AWS::Partition}:sqs:${AWS::Region}:${AWS::AccountId}:kotta-${EnclaveName}")
+        for r in ours["Resource"]]
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        Names(name)
+    except ConfigurationError:
+        return False
+    return True
+
+
+#: enclave names built of parts a wildcard could run into (reply, user, queue names)
+_NAMES = st.lists(st.sampled_from(["lab", "reply", "user", "test", "dlq", "x", "1", "a-b"]),
+                  min_size=1, max_size=4).map("-".join)
+
+
+@given(_NAMES, _NAMES)
+def test_a_node_policy_names_no_queue_or_role_of_another_enclave(a, b):
+    """The node role of enclave ``a`` may use its own queues and user roles only: no
+    resource pattern of its policy names a queue or role of enclave ``b`` (``lab`` and
+    ``lab-foo`` once shared ``kotta-lab-*``)."""
+    assume(a != b and _valid_name(a) and _valid_name(b))
+    region, account = "us-east-1", "123456789012"
+    patterns = []
+    for s in aws_provision.node_policy(Names(a), region, account)["Statement"]:
+        if s["Sid"] in ("Queues", "UserRoles"):
+            patterns += s["Resource"] if isinstance(s["Resource"], list) else [s["Resource"]]
+    nb = Names(b)
+    queues = [nb.queue(q) for q in ("test", "production", "reply.client1")]
+    theirs = [f"arn:aws:sqs:{region}:{account}:{q}" for q in (*queues, *map(nb.dlq, queues))]
+    theirs += [f"arn:aws:iam::{account}:role/{r}"
+               for r in (nb.node_role, nb.user_role_prefix + "analyst")]
+    assert not [(p, r) for p in patterns for r in theirs if fnmatch.fnmatchcase(r, p)]
+
+
+def test_an_enclave_name_under_another_enclaves_prefixes_is_refused():
+    for name in ("lab-reply", "lab-reply-x", "lab-user", "lab-user-2"):
+        with pytest.raises(ConfigurationError, match="'reply' or 'user'"):
+            Names(name)
+    for name in ("replay", "users", "lab-users", "reply-lab", "user"):
+        assert Names(name).name == name
 
 
 def test_cloudformation_template_lints_clean():

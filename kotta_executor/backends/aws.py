@@ -81,6 +81,8 @@ NODE_STALE_AFTER = 30.0
 #: enclave names: they become part of queue, table and bucket names (bucket rules are the
 #: strictest: lower case, digits and hyphens)
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+#: a name with one of these parts would fall under another enclave's wildcards (check_name)
+_RESERVED_PART = re.compile(r"-(?:reply|user)(?:-|$)")
 _QUEUE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 #: SQS's largest visibility timeout and long-poll wait
 MAX_VISIBILITY = 43_200
@@ -192,6 +194,12 @@ def check_name(name: str) -> str:
             f"invalid AWS enclave name {name!r}: use 1-32 lower-case letters, digits and "
             "hyphens, starting and ending with a letter or digit (it becomes part of queue, "
             "table and bucket names)"
+        )
+    if _RESERVED_PART.search(name):
+        raise ConfigurationError(
+            f"invalid AWS enclave name {name!r}: a part 'reply' or 'user' after a hyphen "
+            "would put its queues or roles under another enclave's reply-queue or user-role "
+            "prefix (kotta-NAME-reply-*, kotta-NAME-user-*), which that enclave's nodes may use"
         )
     return name
 
