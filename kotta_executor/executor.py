@@ -266,13 +266,8 @@ class KottaExecutor(Executor):
         self._handed: dict[str, tuple[NewJob, float]] = {}
         self._last_handed_look = 0.0
         self._kicked = False
-        self._send_failed = 0  # batches refused in a row (see _send_trouble)
-        self._send_failing_since = 0.0
-        self._send_retry_at = 0.0
-        self._step_failed = 0  # manager turns that raised, this fault (see _step_trouble)
-        self._step_failing_since = 0.0
-        self._step_failed_at = 0.0
-        self._step_retry_at = 0.0
+        self._send_failed = _Retries()  # batches refused in a row (see _send_trouble)
+        self._step_failed = _Retries()  # manager turns that raised (see _step_trouble)
         self._deps = dependencies.Dependencies(self._kick)  # tasks waiting for futures
         #: reentrant for its owner record (``_is_owned``), which it sets in the same C call
         #: that takes it: code that may run on a thread holding it, as a finalizer may,
@@ -866,22 +861,16 @@ class KottaExecutor(Executor):
         next turn, after a pause, does what this one did not (each step starts from what is
         recorded); but a fault that lasts, or has lasted SEND_RETRY_FOR seconds, breaks
         the executor (raised)."""
-        now = time.monotonic()
         if self._enclave.lasting(exc):
             raise exc
-        if not self._step_failed:
-            self._step_failing_since = now
+        if not self._step_failed.count:
             log.warning("kotta: the enclave failed (%s: %s); trying again",
                         type(exc).__name__, exc)
-        self._step_failed += 1
-        self._step_failed_at = now
-        if now - self._step_failing_since >= SEND_RETRY_FOR:
-            raise exc
-        self._step_retry_at = now + min(SEND_BACKOFF_MAX, 0.1 * 2 ** (self._step_failed - 1))
+        self._step_failed.failed(exc)
 
     def _step_works(self) -> None:
-        if self._step_failed and time.monotonic() - self._step_failed_at >= STEP_CLEAR:
-            self._step_failed = 0
+        if self._step_failed.count and time.monotonic() - self._step_failed.last >= STEP_CLEAR:
+            self._step_failed.count = 0
             log.warning("kotta: the enclave works again")
 
     def _idle(self) -> bool:
@@ -894,10 +883,10 @@ class KottaExecutor(Executor):
             timeout = min(timeout, ATTACH_POLL)
         if self._outbox or self._deps.ready:
             timeout = 0
-        if self._outbox and not self._deps.ready and self._send_failed:
-            timeout = max(0.0, min(0.5, self._send_retry_at - time.monotonic()))
-        if self._step_failed and time.monotonic() < self._step_retry_at:  # (a turn raised:
-            timeout = max(0.0, self._step_retry_at - time.monotonic())  # a pause first)
+        if self._outbox and not self._deps.ready and self._send_failed.count:
+            timeout = min(0.5, self._send_failed.pause_left())
+        if self._step_failed.pause_left():  # (a turn raised: a pause first)
+            timeout = self._step_failed.pause_left()
         fds = [self._wake.r] if bell is None else [self._wake.r, bell]
         if self._inbox is not None:
             fds.append(self._inbox)
@@ -916,7 +905,7 @@ class KottaExecutor(Executor):
 
     def _send(self) -> None:
         self._kicked = False
-        if self._send_failed and time.monotonic() < self._send_retry_at:
+        if self._send_failed.pause_left():
             return
         while self._outbox:
             with self._send_lock:
@@ -939,9 +928,9 @@ class KottaExecutor(Executor):
                     self._outbox.extendleft(reversed(batch))  # first again, in order
                     self._send_trouble(exc)
                     return
-                if self._send_failed:
+                if self._send_failed.count:
                     log.warning("kotta: sending tasks works again")
-                    self._send_failed = 0
+                    self._send_failed.count = 0
             for q in {job.queue for job, _ in batch}:
                 self._queues_used.add(q)
                 self._enclave.ring_nodes(q)
@@ -949,14 +938,7 @@ class KottaExecutor(Executor):
     def _send_trouble(self, exc: Exception) -> None:
         """A batch the enclave refused: try again after a pause, or give up (raise) once
         sends have failed for SEND_RETRY_FOR seconds."""
-        now = time.monotonic()
-        if not self._send_failed:
-            self._send_failing_since = now
-        self._send_failed += 1
-        if now - self._send_failing_since >= SEND_RETRY_FOR:
-            raise exc
-        pause = min(SEND_BACKOFF_MAX, 0.1 * 2 ** (self._send_failed - 1))
-        self._send_retry_at = now + pause
+        pause = self._send_failed.failed(exc)
         log.warning("kotta: sending %d tasks failed (%s: %s); trying again in %.1f s",
                     len(self._outbox), type(exc).__name__, exc, pause)
 
@@ -1379,6 +1361,36 @@ class KottaExecutor(Executor):
         _Leftovers(self._enclave, self.client_id, self._nodes, self._start_claims,
                    self._wake).close()
         _live_executors.discard(self)
+
+
+class _Retries:
+    """A fault met again and again (sends refused, manager turns that raised): how many
+    times since it began, when it began and was last met, and the pause before the next
+    try (0.1 s, doubling to SEND_BACKOFF_MAX)."""
+
+    __slots__ = ("count", "since", "last", "retry_at")
+
+    def __init__(self) -> None:
+        self.count = 0  # 0: no fault now
+        self.since = self.last = self.retry_at = 0.0
+
+    def failed(self, exc: Exception) -> float:
+        """Count one more failure; raise ``exc`` once the fault has lasted SEND_RETRY_FOR
+        seconds, else return the pause before the next try."""
+        now = time.monotonic()
+        if not self.count:
+            self.since = now
+        self.count += 1
+        self.last = now
+        if now - self.since >= SEND_RETRY_FOR:
+            raise exc
+        pause = min(SEND_BACKOFF_MAX, 0.1 * 2 ** (self.count - 1))
+        self.retry_at = now + pause
+        return pause
+
+    def pause_left(self) -> float:
+        """Seconds still to wait before the next try (0: none, or no fault)."""
+        return max(0.0, self.retry_at - time.monotonic()) if self.count else 0.0
 
 
 class _Wake:
