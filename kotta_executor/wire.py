@@ -1108,7 +1108,7 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
         return [(False, exc)] * n
     payload = env.sections.get("payload", b"")
     python = h.get("python", PYTHON)  # (another one: a worker of another Python version)
-    what = f"the result of job {job_id}"
+    what = f"the result of job {job_id}" if python != PYTHON else ""
     # BaseException: unpickling runs the remote objects' own code (a ``__reduce__`` that
     # calls sys.exit(), a module that raises SystemExit on import); this runs on the
     # executor's manager thread, which no KeyboardInterrupt of the user's reaches
