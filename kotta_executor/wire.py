@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import operator
 import pickle
@@ -1118,7 +1119,7 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
         try:
             return [(False, _unbox(pickle.loads(payload)))] * n
         except BaseException as exc:  # noqa: BLE001 - cannot unpickle here: say so, keep the cause
-            return [(False, _unpickle_error(job_id, exc))] * n
+            return [(False, _unpickle_error(job_id, exc, payload, raised=True))] * n
     try:
         parts = pickle.loads(payload)  # (a list of bytes: plain pickle, in any version)
     except BaseException as exc:  # noqa: BLE001
@@ -1132,14 +1133,87 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
             tag, value = pickle.loads(part)
             out.append((tag == OK, _unbox(value)))
         except BaseException as exc:  # noqa: BLE001 - fails its own call only
-            out.append((False, _unpickle_error(job_id, exc)))
+            out.append((False, _unpickle_error(job_id, exc, part)))
     return out
 
 
-def _unpickle_error(job_id: str, exc: BaseException) -> errors.SerializationError:
+def _unpickle_error(job_id: str, exc: BaseException, data: bytes = b"",
+                    raised: bool = False) -> BaseException:
+    """What a call whose outcome ``data`` (a ``(tag, value)``; ``raised``: a bare
+    exception box) could not be unpickled raises: a :class:`RemoteError` for an exception
+    the task raised whose class the client cannot import (a package installed on the node
+    only, by ``requirements``), which had hidden its message and traceback; else a
+    SerializationError."""
+    stand_in = _salvage(data, raised, exc)
+    if stand_in is not None:
+        return stand_in
     err = errors.SerializationError(
         f"the result of job {job_id} could not be unpickled on the client: "
         f"{type(exc).__name__}: {exc}"
     )
     err.__cause__ = exc
+    return err
+
+
+class _Missing(Exception):
+    """The base of the stand-ins for classes the client cannot import (see _salvage)."""
+
+
+class _Lenient(pickle.Unpickler):
+    """Unpickles with a stand-in (a subclass of _Missing, named as the original) for any
+    class or function that cannot be imported here; ``made`` holds them."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.made: set[type] = set()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            stand_in = type(name, (_Missing,), {"__module__": module, "__qualname__": name})
+            self.made.add(stand_in)
+            return stand_in
+
+
+def _salvage(data: bytes, raised: bool, why: BaseException) -> BaseException | None:
+    """The exception an outcome holds, loaded with stand-ins for the exception classes that
+    cannot be imported here (it, or ones in its chain), each one made a RemoteError with
+    its type name, message and remote traceback.  None when the outcome is not a raised
+    exception, or a stand-in is anything else (an argument of an exception, a value: no
+    use as one)."""
+    if not isinstance(why, ImportError | AttributeError):
+        return None
+    try:
+        lenient = _Lenient(data)
+        loaded = lenient.load()
+        box = loaded if raised else loaded[1] if loaded[0] != OK else None
+        if not isinstance(box, ExceptionBox):
+            return None
+        replaced: set[type] = set()
+        exc = _without_stand_ins(box.unbox(), set(), replaced, why)
+    except BaseException:  # noqa: BLE001 - no better than the SerializationError, then
+        return None
+    return exc if lenient.made and lenient.made <= replaced else None
+
+
+def _without_stand_ins(exc: BaseException, seen: set[int], replaced: set[type],
+                       why: BaseException) -> BaseException:
+    """``exc`` and its chain, with a RemoteError in place of each stand-in (its class
+    added to ``replaced``)."""
+    seen.add(id(exc))
+    for attr in ("__cause__", "__context__"):
+        link = getattr(exc, attr)
+        if link is not None and id(link) not in seen:
+            setattr(exc, attr, _without_stand_ins(link, seen, replaced, why))
+    if not isinstance(exc, _Missing):
+        return exc
+    replaced.add(type(exc))
+    err = remote_error(exc).with_traceback(exc.__traceback__)
+    err.__cause__, err.__context__ = exc.__cause__, exc.__context__
+    err.__suppress_context__ = exc.__suppress_context__
+    for note in getattr(exc, "__notes__", ()):
+        err.add_note(note)
+    err.add_note(f"kotta: its class {err.type_name} cannot be imported on the client "
+                 f"({type(why).__name__}: {why})")
     return err

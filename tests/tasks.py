@@ -668,3 +668,24 @@ def child_python(code):
 
     return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                           text=True).stdout.strip()
+
+
+def raise_from_a_node_only_module(directory, message, wrapped=False):
+    """Raise an exception of a class only the worker can import: that of a module it writes
+    to ``directory`` and imports (as one of a package that ``requirements`` installed on the
+    node only); ``wrapped``: from a RuntimeError of the task's own."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "node_only_errors.py"), "w") as f:
+        f.write("class ParseError(ValueError):\n    pass\n\n\n"
+                "def parse(message):\n    raise ParseError(message)\n")
+    sys.path.insert(0, directory)
+    try:
+        import node_only_errors
+    finally:
+        sys.path.remove(directory)
+    if not wrapped:
+        node_only_errors.parse(message)
+    try:
+        node_only_errors.parse(message)
+    except ValueError as e:
+        raise RuntimeError("the task could not go on") from e

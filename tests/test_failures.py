@@ -132,6 +132,18 @@ def _check_system_exit(exc: BaseException, _: Path) -> None:
     assert exc.args == (3,)
 
 
+def _check_node_only_class(exc: BaseException) -> None:
+    import traceback
+
+    assert isinstance(exc, RemoteError)
+    assert exc.type_name == "node_only_errors.ParseError"
+    assert exc.message == "bad row 17"
+    assert "raise ParseError(message)" in exc.remote_traceback
+    assert [fr.name for fr in traceback.extract_tb(exc.__traceback__)][-2:] == [
+        "raise_from_a_node_only_module", "parse"]
+    assert any("cannot be imported on the client" in n for n in exc.__notes__)
+
+
 def _walltime_submit(ex: KottaExecutor, tmp: Path):
     short = ex.with_options(walltime=_dt.timedelta(seconds=1))
     return short.submit(tasks.spawn_child_and_sleep, str(tmp / "grandchild.pid"))
@@ -174,6 +186,20 @@ ROWS = [
             reason="UnpicklableError: holds a lock",
         ),
         id="unpicklable-exception",
+    ),
+    pytest.param(
+        Row(
+            # its class is in a module only the node has (a package of the task's
+            # requirements): the client had raised "could not be unpickled on the client:
+            # No module named ...", with neither the message nor the traceback
+            submit=lambda ex, tmp: ex.submit(tasks.raise_from_a_node_only_module,
+                                             str(tmp / "node-only"), "bad row 17"),
+            raises=RemoteError,
+            fragment="node_only_errors.ParseError: bad row 17",
+            check=lambda exc, _: _check_node_only_class(exc),
+            reason="ParseError: bad row 17",
+        ),
+        id="exception-class-only-on-the-node",
     ),
     pytest.param(
         Row(
@@ -466,3 +492,21 @@ def test_a_forked_child_that_returns_after_its_task_does_not_take_later_tasks(ma
     results = [ex.submit(tasks.square, i) for i in range(30)]
     assert [f.result(GUARD) for f in results] == [i * i for i in range(30)]
     assert ex.submit(tasks.worker_pid).result(GUARD) == worker
+
+
+def test_an_exception_with_a_cause_only_the_node_can_import(make_executor, tmp_path):
+    """The task's own exception comes back as itself; its cause, of a class the client
+    cannot import, as a RemoteError (the whole exception had been a SerializationError).
+    In a map, only the item that raised fails so."""
+    ex = make_executor(1)
+    directory = str(tmp_path / "node-only")
+    with pytest.raises(RuntimeError, match="the task could not go on") as info:
+        ex.submit(tasks.raise_from_a_node_only_module, directory, "bad row 3", True).result(GUARD)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteError)
+    assert (cause.type_name, cause.message) == ("node_only_errors.ParseError", "bad row 3")
+    results = ex.map(tasks.raise_from_a_node_only_module, [directory] * 3, ["a", "b", "c"],
+                     [True, False, True], chunksize=3)
+    with pytest.raises(RuntimeError) as info:
+        next(results)
+    assert isinstance(info.value.__cause__, RemoteError)
