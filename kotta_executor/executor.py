@@ -1646,9 +1646,13 @@ def _fail_if_pending(f: Future, exc: BaseException) -> None:
 
 def _annotate(exc: BaseException, job_id: str, stderr: str | None) -> None:
     notes = getattr(exc, "__notes__", [])
-    if any(n.startswith("kotta job ") for n in notes):
-        return
+    if not isinstance(notes, list):  # set so by the task: add_note would raise TypeError,
+        return  # in place of the task's own exception
     note = f"kotta job {job_id} (kotta status {job_id}; kotta logs {job_id})"
+    # once per job (one exception may stand for all the calls of a task); a note of another
+    # job (an exception the task got from a job of its own, and let out) is no reason to skip
+    if any(isinstance(n, str) and n.startswith(note) for n in notes):
+        return
     if stderr:
         tail = stderr[-2000:].rstrip()
         note += "\n--- remote stderr (tail) ---\n" + tail

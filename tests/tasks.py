@@ -689,3 +689,10 @@ def raise_from_a_node_only_module(directory, message, wrapped=False):
         node_only_errors.parse(message)
     except ValueError as e:
         raise RuntimeError("the task could not go on") from e
+
+
+def raise_with_notes(notes):
+    """Raise a ValueError whose ``__notes__`` the task set itself (to anything)."""
+    exc = ValueError("with notes of its own")
+    exc.__notes__ = notes
+    raise exc

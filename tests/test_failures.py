@@ -510,3 +510,25 @@ def test_an_exception_with_a_cause_only_the_node_can_import(make_executor, tmp_p
     with pytest.raises(RuntimeError) as info:
         next(results)
     assert isinstance(info.value.__cause__, RemoteError)
+
+
+@pytest.mark.parametrize("notes", [
+    ["kotta job 0123abcd (kotta status 0123abcd; kotta logs 0123abcd)"],  # of another job
+    ("a tuple",),
+    [1, 2],
+], ids=["another-jobs-note", "tuple", "not-strings"])
+def test_the_task_own_notes_neither_hide_the_job_nor_replace_the_exception(notes, make_executor):
+    """The client adds a note naming the job to what a task raised.  A note of another
+    kotta job (an exception the task got from a job of its own) had kept it from adding
+    it; ``__notes__`` that were not a list of strings had made the future raise a
+    TypeError or AttributeError of that, in place of the task's exception."""
+    ex = make_executor(1)
+    f = ex.submit(tasks.raise_with_notes, notes)
+    exc = f.exception(GUARD)  # (not pytest.raises: its match= joins the notes, as strings)
+    assert type(exc) is ValueError and exc.args == ("with notes of its own",)
+    got = exc.__notes__
+    if isinstance(notes, list):
+        assert got[:-1] == notes
+        assert got[-1] == f"kotta job {f.job_id} (kotta status {f.job_id}; kotta logs {f.job_id})"
+    else:
+        assert list(got) == list(notes)
