@@ -56,7 +56,9 @@ class RemoteError(KottaError):
         self.remote_traceback = remote_traceback
 
     def __reduce__(self):
-        return (type(self), (self.type_name, self.message, self.remote_traceback))
+        args = (self.type_name, self.message, self.remote_traceback)
+        notes = self.__dict__.get("__notes__")  # the remote exception's, which travel too
+        return (type(self), args) if notes is None else (type(self), args, {"__notes__": notes})
 
 
 class JobFailed(KottaError):

@@ -987,7 +987,13 @@ def remote_error(exc: BaseException) -> errors.RemoteError:
         message = str(exc)
     except BaseException:  # noqa: BLE001
         message = "<exception message could not be formatted>"
-    return errors.RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}", message, tb)
+    err = errors.RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}", message, tb)
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):  # (the task's, or a library's: shown as the exception's were)
+        for note in notes:
+            if isinstance(note, str):
+                err.add_note(note)
+    return err
 
 
 def _unbox(value: Any) -> Any:
@@ -1212,8 +1218,6 @@ def _without_stand_ins(exc: BaseException, seen: set[int], replaced: set[type],
     err = remote_error(exc).with_traceback(exc.__traceback__)
     err.__cause__, err.__context__ = exc.__cause__, exc.__context__
     err.__suppress_context__ = exc.__suppress_context__
-    for note in getattr(exc, "__notes__", ()):
-        err.add_note(note)
     err.add_note(f"kotta: its class {err.type_name} cannot be imported on the client "
                  f"({type(why).__name__}: {why})")
     return err

@@ -696,3 +696,9 @@ def raise_with_notes(notes):
     exc = ValueError("with notes of its own")
     exc.__notes__ = notes
     raise exc
+
+
+def raise_unpicklable_with_note(message, note):
+    exc = UnpicklableError(message)
+    exc.add_note(note)
+    raise exc

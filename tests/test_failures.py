@@ -532,3 +532,14 @@ def test_the_task_own_notes_neither_hide_the_job_nor_replace_the_exception(notes
         assert got[-1] == f"kotta job {f.job_id} (kotta status {f.job_id}; kotta logs {f.job_id})"
     else:
         assert list(got) == list(notes)
+
+
+def test_an_exception_that_cannot_travel_keeps_its_notes(make_executor):
+    """A RemoteError in place of an exception that cannot be pickled shows the notes the
+    task (or a library) added to it, before the client's own; they had been dropped."""
+    ex = make_executor(1)
+    f = ex.submit(tasks.raise_unpicklable_with_note, "holds a lock", "while reading row 17")
+    with pytest.raises(RemoteError, match="holds a lock") as info:
+        f.result(GUARD)
+    assert info.value.__notes__[0] == "while reading row 17"
+    assert info.value.__notes__[1].startswith(f"kotta job {f.job_id} ")
