@@ -852,6 +852,36 @@ class ExceptionBox:
             else ExceptionBox(context, seen) if _chainable(context, seen) else None
         )
         self.suppress = exc.__suppress_context__
+        if self.cause is None and self.context in (None, "cause") and len(seen) >= _CHAIN_LIMIT:
+            self._keep_root(cause, context, seen)
+
+    def _keep_root(self, cause, context, seen: set[int]) -> None:
+        """Past _CHAIN_LIMIT: box the chain's root (its first exception, the one that
+        began it all, which a parser wrapping an error at each level of a deep input had
+        lost) in place of the links between, with a note saying how many were left out."""
+        link = cause if cause is not None else context
+        left_out = 0
+        while link is not None and id(link) not in seen:
+            after = link.__cause__ if link.__cause__ is not None else link.__context__
+            if after is None or id(after) in seen:
+                break
+            seen.add(id(link))
+            left_out += 1
+            link = after
+        if link is None or id(link) in seen:
+            return
+        root = ExceptionBox(link, seen)
+        if left_out:
+            try:
+                root.original.add_note(f"kotta: {left_out} chained exception(s) between this one "
+                                       f"and the next are left out")
+            except Exception:  # noqa: BLE001 - __notes__ that are not a list: no note
+                pass
+        if cause is not None:
+            self.cause = root
+            self.context = "cause" if context is cause else None
+        else:
+            self.context = root
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in self.__slots__}

@@ -702,3 +702,14 @@ def raise_unpicklable_with_note(message, note):
     exc = UnpicklableError(message)
     exc.add_note(note)
     raise exc
+
+
+def raise_wrapped(depth, message="missing field 'date'"):
+    """As a recursive parser does: the error (a KeyError at the bottom) wrapped in a
+    ValueError at each of ``depth`` levels, each ``from`` the one below."""
+    if depth == 0:
+        raise KeyError(message)
+    try:
+        raise_wrapped(depth - 1, message)
+    except Exception as exc:
+        raise ValueError(f"in the node at depth {depth}") from exc

@@ -543,3 +543,22 @@ def test_an_exception_that_cannot_travel_keeps_its_notes(make_executor):
         f.result(GUARD)
     assert info.value.__notes__[0] == "while reading row 17"
     assert info.value.__notes__[1].startswith(f"kotta job {f.job_id} ")
+
+
+def test_a_chain_too_long_to_travel_whole_keeps_its_root_cause(make_executor):
+    """A chain travels 32 exceptions deep: past that, its root (the error that began it,
+    here a KeyError under 40 wrappings) comes back in place of the links left out, with a
+    note saying how many; the chain had ended 32 deep, without its root or a word."""
+    ex = make_executor(1)
+    with pytest.raises(ValueError, match="in the node at depth 40") as info:
+        ex.submit(tasks.raise_wrapped, 40).result(GUARD)
+    chain = [info.value]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    root = chain[-1]
+    assert type(root) is KeyError and root.args == ("missing field 'date'",)
+    assert len(chain) == 33
+    assert chain[-2].args == ("in the node at depth 9",)
+    assert root.__notes__ == ["kotta: 8 chained exception(s) between this one and the next "
+                              "are left out"]
+    assert chain[-2].__context__ is root  # (shown as the cause it was)
