@@ -85,11 +85,15 @@ def _restore_streams() -> None:
     replaced them, or closed them)."""
     for name in ("stdout", "stderr"):
         original = getattr(sys, f"__{name}__")
+        if getattr(sys, name) is not original:
+            # First, and only then look whether ours is closed: the task's stream may go
+            # now, and closing, close the buffer it shared with ours (a task that wrapped
+            # it, ``sys.stdout = io.TextIOWrapper(sys.stdout.buffer, ...)``)
+            setattr(sys, name, original)
         if original is None or original.closed:  # closed by a task: a new one on its fd
             fd = 1 if name == "stdout" else 2
             original = open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
             setattr(sys, f"__{name}__", original)
-        if getattr(sys, name) is not original:
             setattr(sys, name, original)
 
 

@@ -2,7 +2,8 @@
 
 * a task that closes fds 1 or 2, or points them at a file of its own, still returns its
   value; the next task on that worker writes to its own capture again, and the user's
-  file is left alone; so with ``sys.stdout`` replaced;
+  file is left alone; so with ``sys.stdout`` replaced, or rewrapped (which closes the
+  worker's own buffer when the wrapper goes);
 * what a task started is ended with it: a child that ignores SIGTERM, when the task is
   killed or over its walltime (SIGKILL after the grace period, also once the worker has
   died at the SIGTERM); the children of a task whose worker died under it.
@@ -98,6 +99,26 @@ def replace_sys_stdout(path):
 
 def say(text):
     print(text)
+    return text
+
+
+def rewrap_sys_stdout_and_stderr():
+    """The idiom for UTF-8 output on an old Python: a new wrapper on the worker's own
+    buffers, left in place (it closes them when it goes)."""
+    import io
+    import sys as _sys
+
+    _sys.stdout = io.TextIOWrapper(_sys.stdout.buffer, encoding="utf-8")
+    _sys.stderr = io.TextIOWrapper(_sys.stderr.buffer, encoding="utf-8")
+    print("wrapped \u00e9")
+    return "wrapped"
+
+
+def say_on_both(text):
+    import sys as _sys
+
+    print(text)
+    print(text, file=_sys.stderr)
     return text
 
 
@@ -206,6 +227,21 @@ def test_a_task_that_replaces_sys_stdout_does_not_swallow_the_next_tasks_prints(
     nxt = ex.submit(say, "hello")
     assert nxt.result(GUARD) == "hello"
     assert nxt.stdout == "hello\n"
+
+
+def test_a_task_that_rewraps_the_buffer_of_sys_stdout_does_not_close_it_for_the_next(
+        start_node, make_executor):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    pid = ex.submit(tasks.worker_pid).result(GUARD)
+    first = ex.submit(rewrap_sys_stdout_and_stderr)
+    assert first.result(GUARD) == "wrapped"
+    assert first.stdout == "wrapped \u00e9\n"
+    # the bug: "ValueError: I/O operation on closed file" at the next task's print
+    nxt = ex.submit(say_on_both, "hello")
+    assert nxt.result(GUARD) == "hello"
+    assert (nxt.stdout, nxt.stderr) == ("hello\n", "hello\n")
+    assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
 
 
 def test_the_children_of_a_task_whose_worker_died_do_not_run_on(start_node, make_executor,
