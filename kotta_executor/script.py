@@ -20,10 +20,12 @@ import datetime as _dt
 import errno
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .decorator import Connection
@@ -59,6 +61,7 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
         with open(path, "w", encoding="utf-8") as f:
             f.write(script)
         os.chmod(path, 0o700)  # so that executable="./run.sh" works too
+        stack.callback(_heed_sigchld())
         try:
             proc = subprocess.run(argv, cwd=workdir, stdin=subprocess.DEVNULL, check=False)
         except OSError as exc:
@@ -103,6 +106,19 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
     if proc.returncode != 0:
         raise ScriptFailed(proc.returncode)
     return 0
+
+
+def _heed_sigchld() -> Callable[[], None]:
+    """SIGCHLD as by default while the script runs; returns what puts it back.  An earlier
+    task on the worker may have left it ignored (the worker is reused, and keeps what tasks
+    do to its signals): the kernel then reaps the script itself, its exit status is lost
+    (``subprocess`` reads 0: a failed script recorded completed), and the script inherits
+    the ignored signal, as its own children's statuses are lost."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGCHLD) != signal.SIG_IGN:
+        return lambda: None
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 
 
 def _check_script_name(name: str) -> str:

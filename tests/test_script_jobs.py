@@ -75,6 +75,28 @@ def test_nonzero_exit_is_returned_and_recorded_failed(konn, enclave):
     assert exc.exit_code == 3
 
 
+def ignore_sigchld():
+    """A task that leaves SIGCHLD ignored in its worker (to be rid of zombies, say)."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    return os.getpid()
+
+
+def test_a_failed_script_fails_after_a_task_left_sigchld_ignored_on_its_worker(
+        start_node, make_executor, enclave):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    pid = ex.submit(ignore_sigchld).result(GUARD)
+    job = _bash("echo before failing\nexit 3\n")
+    job.submit(ex)
+    # the bug: 0, and the job recorded completed (the kernel reaped the script)
+    assert job.wait(GUARD) == 3
+    assert enclave.jobs.get(job.job_id).state == "failed"
+    assert ex.submit(ignore_sigchld).result(GUARD) == pid  # the same worker throughout
+
+
 def test_script_over_its_walltime_is_killed(konn):
     job = _bash("echo started\nexec sleep 300\n", walltime=dt.timedelta(seconds=1))
     job.submit(konn)
