@@ -90,11 +90,18 @@ def _restore_streams() -> None:
             # now, and closing, close the buffer it shared with ours (a task that wrapped
             # it, ``sys.stdout = io.TextIOWrapper(sys.stdout.buffer, ...)``)
             setattr(sys, name, original)
-        if original is None or original.closed:  # closed by a task: a new one on its fd
+        if _unusable(original):  # closed or detached by a task: a new one on its fd
             fd = 1 if name == "stdout" else 2
             original = open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
             setattr(sys, f"__{name}__", original)
             setattr(sys, name, original)
+
+
+def _unusable(stream) -> bool:
+    try:
+        return stream is None or stream.closed
+    except ValueError:  # its buffer was detached (``sys.stdout.detach()``, to wrap it anew)
+        return True
 
 
 try:

@@ -3,7 +3,7 @@
 * a task that closes fds 1 or 2, or points them at a file of its own, still returns its
   value; the next task on that worker writes to its own capture again, and the user's
   file is left alone; so with ``sys.stdout`` replaced, or rewrapped (which closes the
-  worker's own buffer when the wrapper goes);
+  worker's own buffer when the wrapper goes), or detached from its buffer;
 * what a task started is ended with it: a child that ignores SIGTERM, when the task is
   killed or over its walltime (SIGKILL after the grace period, also once the worker has
   died at the SIGTERM); the children of a task whose worker died under it.
@@ -112,6 +112,17 @@ def rewrap_sys_stdout_and_stderr():
     _sys.stderr = io.TextIOWrapper(_sys.stderr.buffer, encoding="utf-8")
     print("wrapped \u00e9")
     return "wrapped"
+
+
+def detach_and_rewrap_sys_stdout_and_stderr():
+    """The other idiom for it: the worker's own streams detached from their buffers."""
+    import io
+    import sys as _sys
+
+    _sys.stdout = io.TextIOWrapper(_sys.stdout.detach(), encoding="utf-8")
+    _sys.stderr = io.TextIOWrapper(_sys.stderr.detach(), encoding="utf-8")
+    print("detached \u00e9")
+    return "detached"
 
 
 def say_on_both(text):
@@ -238,6 +249,22 @@ def test_a_task_that_rewraps_the_buffer_of_sys_stdout_does_not_close_it_for_the_
     assert first.result(GUARD) == "wrapped"
     assert first.stdout == "wrapped \u00e9\n"
     # the bug: "ValueError: I/O operation on closed file" at the next task's print
+    nxt = ex.submit(say_on_both, "hello")
+    assert nxt.result(GUARD) == "hello"
+    assert (nxt.stdout, nxt.stderr) == ("hello\n", "hello\n")
+    assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
+
+
+def test_a_task_that_detaches_sys_stdout_does_not_kill_its_worker_under_the_next(
+        start_node, make_executor):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    pid = ex.submit(tasks.worker_pid).result(GUARD)
+    first = ex.submit(detach_and_rewrap_sys_stdout_and_stderr)
+    assert first.result(GUARD) == "detached"
+    assert first.stdout == "detached \u00e9\n"
+    # the bug: WorkerDied ("exited with code 120"; "ValueError: underlying buffer has been
+    # detached" in the worker, as it put its streams back), with the first task's output
     nxt = ex.submit(say_on_both, "hello")
     assert nxt.result(GUARD) == "hello"
     assert (nxt.stdout, nxt.stderr) == ("hello\n", "hello\n")
