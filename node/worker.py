@@ -425,12 +425,16 @@ def _another_jobs(of: str, job_id: str) -> ValueError:
                       f"running ({job_id})")
 
 
-def _watch_parent(parent: int, period: float = 0.25) -> None:
+def _watch_parent(parent: int, period: float = 0.25, sleep=time.sleep) -> None:
     """If the node dies (SIGKILL), take this worker's process group with it: a task must
     not run on unsupervised, without walltime or kill, while its redelivery runs elsewhere.
-    (A thread: it needs the GIL, which C code that holds it for long can delay.)"""
+    (A thread: it needs the GIL, which C code that holds it for long can delay.)
+
+    ``sleep`` is bound here, not looked up each time: a task that replaces ``time.sleep``
+    (``time.sleep = lambda s: None``, to hurry a library's retries) and leaves it so must
+    not turn this loop into one that spins, slowing every later task of the worker."""
     while True:
-        time.sleep(period)
+        sleep(period)
         if os.getppid() != parent:
             os.killpg(0, signal.SIGKILL)
 

@@ -125,6 +125,34 @@ def detach_and_rewrap_sys_stdout_and_stderr():
     return "detached"
 
 
+def replace_time_sleep():
+    """Replace ``time.sleep`` (as a task that hurries a library's retries might) with one
+    that notes which threads call it, and leave it so."""
+    import threading
+    import time as _time
+
+    real, calls = _time.sleep, []
+
+    def noting_sleep(seconds):
+        calls.append(threading.current_thread().name)
+        real(seconds)
+
+    _time.sleep, _time.noted_sleeps, _time.real_sleep = noting_sleep, calls, real
+    return "replaced"
+
+
+def who_called_time_sleep_meanwhile(seconds):
+    """The threads that called the replaced ``time.sleep`` while this task waited
+    ``seconds`` (without calling it), then the real one put back."""
+    import threading
+    import time as _time
+
+    _time.noted_sleeps.clear()
+    threading.Event().wait(seconds)
+    _time.sleep = _time.real_sleep
+    return sorted(set(_time.noted_sleeps))
+
+
 def say_on_both(text):
     import sys as _sys
 
@@ -268,6 +296,21 @@ def test_a_task_that_detaches_sys_stdout_does_not_kill_its_worker_under_the_next
     nxt = ex.submit(say_on_both, "hello")
     assert nxt.result(GUARD) == "hello"
     assert (nxt.stdout, nxt.stderr) == ("hello\n", "hello\n")
+    assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
+
+
+def test_a_task_that_replaces_time_sleep_leaves_the_workers_own_threads_alone(
+        start_node, make_executor):
+    """The worker's thread that watches for the node's death slept with ``time.sleep``,
+    looked up each time: replaced by one that returns at once, it spun, and took the GIL
+    from every later task of the worker (a second of waiting cost a second of CPU)."""
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    pid = ex.submit(tasks.worker_pid).result(GUARD)
+    assert ex.submit(replace_time_sleep).result(GUARD) == "replaced"
+    # a window for the watcher (every 0.25 s) to come round a few times; not a wait for
+    # anything: with the fix no other thread calls the task's sleep at all
+    assert ex.submit(who_called_time_sleep_meanwhile, 1.0).result(GUARD) == []
     assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
 
 
