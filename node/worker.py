@@ -80,19 +80,28 @@ def _reset_capture() -> None:
             os.lseek(cap, 0, os.SEEK_SET)  # (an empty file was read, not written, since)
 
 
+#: the worker's own ``sys.stdout`` and ``sys.stderr``, as it started (not read back from
+#: ``sys.__stdout__``: a task may rebind that too, to a file of its own, which later tasks
+#: would then print into)
+_STREAMS = {"stdout": sys.__stdout__, "stderr": sys.__stderr__}
+
+
 def _restore_streams() -> None:
-    """``sys.stdout`` and ``sys.stderr`` as the worker started with them (a task may have
-    replaced them, or closed them)."""
+    """``sys.stdout`` and ``sys.stderr`` (and ``sys.__stdout__``, ``sys.__stderr__``) as
+    the worker started with them (a task may have replaced them, or closed them)."""
     for name in ("stdout", "stderr"):
-        original = getattr(sys, f"__{name}__")
+        original = _STREAMS[name]
         if getattr(sys, name) is not original:
             # First, and only then look whether ours is closed: the task's stream may go
             # now, and closing, close the buffer it shared with ours (a task that wrapped
             # it, ``sys.stdout = io.TextIOWrapper(sys.stdout.buffer, ...)``)
             setattr(sys, name, original)
+        if getattr(sys, f"__{name}__") is not original:
+            setattr(sys, f"__{name}__", original)
         if _unusable(original):  # closed or detached by a task: a new one on its fd
             fd = 1 if name == "stdout" else 2
             original = open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+            _STREAMS[name] = original
             setattr(sys, f"__{name}__", original)
             setattr(sys, name, original)
 

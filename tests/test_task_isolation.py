@@ -102,6 +102,14 @@ def say(text):
     return text
 
 
+def replace_sys_stdout_and_its_original(path):
+    import sys as _sys
+
+    _sys.stdout = _sys.__stdout__ = open(path, "w")
+    print("to my log")
+    return "replaced"
+
+
 def rewrap_sys_stdout_and_stderr():
     """The idiom for UTF-8 output on an old Python: a new wrapper on the worker's own
     buffers, left in place (it closes them when it goes)."""
@@ -266,6 +274,20 @@ def test_a_task_that_replaces_sys_stdout_does_not_swallow_the_next_tasks_prints(
     nxt = ex.submit(say, "hello")
     assert nxt.result(GUARD) == "hello"
     assert nxt.stdout == "hello\n"
+
+
+def test_a_task_that_rebinds_sys_dunder_stdout_does_not_take_the_next_tasks_prints(
+        start_node, make_executor, tmp_path):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    mine = tmp_path / "log.txt"
+    assert ex.submit(replace_sys_stdout_and_its_original, str(mine)).result(GUARD) == "replaced"
+    nxt = ex.submit(say, "hello")
+    assert nxt.result(GUARD) == "hello"
+    # the bug: the worker put back sys.__stdout__, the task's file: "" here, and the
+    # next task's "hello" in the user's file
+    assert nxt.stdout == "hello\n"
+    assert mine.read_text() == "to my log\n"
 
 
 def test_a_task_that_rewraps_the_buffer_of_sys_stdout_does_not_close_it_for_the_next(
