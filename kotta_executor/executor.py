@@ -412,6 +412,8 @@ class KottaExecutor(Executor):
                 self._attached.add(job_id)
                 if not job.state.final:  # a node is to run it: with start_node, one is
                     self._queues_used.add(job.queue)  # started if none serves its queue
+                if job.state in STARTED:  # running() says what the record just said
+                    f._mark_running()
                 self._ensure_manager()  # under the lock, as in _submit
             self._kick(force=True)
             return f

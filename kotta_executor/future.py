@@ -72,6 +72,9 @@ class KottaFuture(Future):
             if self._state in (RUNNING, FINISHED):
                 return False
         if not self._executor._cancel_jobs([self.job_id]) and not self._cancelled_by_another():
+            # a node has started it: running() is True once cancel() said so, as for the
+            # stdlib's futures (the manager might learn it only later)
+            self._mark_running()
             return False
         self._cancel_and_notify()
         return True

@@ -961,6 +961,29 @@ def test_attach_to_a_running_job(executor, make_executor, gate):
     assert f.result(timeout=GUARD) == "attached"
 
 
+def test_an_attached_running_job_and_a_refused_cancel_say_running(
+    executor, make_executor, gate, monkeypatch
+):
+    """attach() reads the job's record: a job a node runs is running() at once, not only
+    when the manager next looks; and a cancel() refused because a node has started the job
+    leaves its future running(), as the stdlib's (cancel() False: running or done)."""
+    f, started = gate.submit_blocking(executor)
+    wait_started(started)
+    for name in ("ATTACH_POLL", "RECONCILE_AFTER", "RUNNING_LOOK"):  # the manager looks
+        monkeypatch.setattr(executor_module, name, 1e9)  # at no job: only what these say
+    other = make_executor(1, start_node=False)
+    try:
+        g = other.attach(f.job_id)
+        assert g.running() and not g.done()
+        assert f.cancel() is False
+        assert f.running() and not f.done()
+    finally:
+        monkeypatch.undo()
+        gate.open("ran")
+    other._kick(force=True)
+    assert g.result(timeout=GUARD) == "ran" and f.result(timeout=GUARD) == "ran"
+
+
 def test_attach_to_a_queued_job_no_node_serves_starts_a_node_for_it(make_executor, enclave):
     """A restarted session attaches to a job its previous one left queued, the node that
     served it gone: an executor that starts nodes (start_node="auto") starts one for the
