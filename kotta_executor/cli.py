@@ -454,6 +454,10 @@ def _printable(text: object) -> str:
 
 def _own_job(enclave: Enclave, job_id: str, doing: str, *, with_result: bool = False,
              verb: str = "see"):
+    if not wire.is_job_id(job_id):  # (as attach(): no job has such an id, and a backend
+        # may fail on it: SQLite on a non-UTF-8 argument, DynamoDB on an empty key)
+        raise UnknownJob(f"{job_id!r} is not a job id (32 lowercase hex digits, as "
+                         "`kotta jobs` lists them)")
     creds = _creds(enclave, doing)  # first: a refused token learns nothing of the job
     job = enclave.jobs.get(job_id, with_result=with_result)
     if job is None:

@@ -252,6 +252,18 @@ def test_unknown_job_is_an_error(command, enclave):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("command", ["status", "logs", "cancel"])
+@pytest.mark.parametrize("job_id", ["", " ", "0" * 31, "ABCDEF" + "0" * 26, "\udcff" * 32],
+                         ids=["empty", "blank", "short", "upper", "not-utf8"])
+def test_what_is_not_a_job_id_is_an_error_naming_it(command, job_id, enclave):
+    """Before: "no job  in ..." for an empty id, and for an argument that is not UTF-8,
+    SQLite's "'utf-8' codec can't encode characters ...", which names nothing."""
+    r = kotta(enclave.home, command, job_id)
+    assert r.returncode == 2, r.stdout
+    assert r.stderr == (f"kotta: error: {job_id!r} is not a job id (32 lowercase hex "
+                        "digits, as `kotta jobs` lists them)\n")
+
+
 @pytest.mark.parametrize(
     "command",
     [["jobs"], ["status", "0" * 32], ["logs", "0" * 32], ["cancel", "0" * 32], ["down"],
