@@ -420,10 +420,10 @@ class KottaExecutor(Executor):
 
     def _attachable(self, job_id: str) -> JobRecord:
         """The record of a job this client may attach to (UnknownJob, AccessDenied)."""
+        self._creds.check("KottaExecutor.attach")  # first: a refused token learns nothing
         job = self._enclave.jobs.get(job_id)
         if job is None:
             raise UnknownJob(f"no job {job_id} in the enclave {self._enclave.url}")
-        self._creds.check("KottaExecutor.attach")
         check_job_access(self._enclave, self._creds, job, "attach to")
         return job
 

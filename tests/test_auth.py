@@ -483,6 +483,16 @@ def test_a_disabled_users_client_fails_saying_why(
                                                              "KottaExecutor"]
 
 
+def test_a_disabled_users_attach_is_refused_whatever_the_id(make_executor, user_token, enclave):
+    """attach() asks about the caller's token first, as the kotta commands do: a disabled
+    user's attach to an id no job has is refused too (it was UnknownJob: the enclave told
+    a refused token which ids it knows)."""
+    bob = make_executor(1, start_node=False, credentials=user_token("bob"))
+    TokenService(enclave).set_disabled("bob", True, by="test")
+    with pytest.raises(AuthenticationError, match="the user bob is disabled: only an admin"):
+        bob.attach("0" * 32)
+
+
 # ---------------------------------------------------------------------- 6. other users' jobs
 
 
