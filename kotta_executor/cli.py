@@ -340,6 +340,8 @@ NODES_GRACE = 2.0
 
 
 def cmd_down(args) -> int:
+    if not args.timeout >= 0:  # (NaN too: no deadline would ever pass, -1 none could)
+        raise ValueError("--timeout must be a number of seconds, 0 or more")
     enclave = _enclave(args, existing=True)
     queue = config.normalize_queue(args.queue) if args.queue else None
     # one deadline for the whole stop: the scalers' wait and the nodes' share --timeout

@@ -631,6 +631,20 @@ def test_demo_by_an_admin_leaves_an_existing_enclaves_policies_alone(enclave, en
                 if rec["action"] in ("dataset-add", "policy-grant", "policy-revoke")]
 
 
+@pytest.mark.parametrize("timeout", ["nan", "-1"])
+def test_down_with_a_timeout_out_of_range_is_an_error_and_stops_nothing(
+    timeout, enclave, enclave_dir, start_node
+):
+    """Before: --timeout nan waited for ever for a node that did not stop (no deadline
+    passes), and -1 said "still stopping" of every node it had just signalled."""
+    node = start_node(workers=1)
+    r = kotta(enclave_dir, "down", "--timeout", timeout)
+    assert r.returncode == 2, r.stdout
+    assert r.stderr == "kotta: error: --timeout must be a number of seconds, 0 or more\n"
+    assert node.proc.poll() is None
+    assert [n.node_id for n in enclave.nodes.live()] == [node.node_id]
+
+
 def test_down_waits_no_longer_than_its_timeout(enclave, enclave_dir, start_node):
     """A scaler and a node that do not stop (held with SIGSTOP): `kotta down --timeout T`
     gave the scalers T to stop, then the nodes T more, and returned after 2T."""
