@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fcntl
 import json
 import logging
 import math
@@ -297,20 +298,24 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
         raise ValueError("need 0 <= --min <= --max and --max >= 1")
     home = Path(getattr(enclave, "home", config.kotta_home()))
     pidf = pid_file(home, queue)
-    running = read_pid(pidf)
-    if running is not None:
-        raise ValueError(f"a scaler for queue {queue} is already running (pid {running});"
-                         " `kotta down` stops it")
-    before = {n.node_id for n in enclave.nodes.live(queue)}
-    log_path = logs / f"scaler-{queue}.log"
-    cmd = [sys.executable, "-m", "node.scaler", "--enclave", enclave.url, "--queue", queue,
-           "--min", str(lo), "--max", str(hi), "--per-node", str(2 * args.workers),
-           "--cooldown", str(args.cooldown), "--logs", str(logs),
-           "--", *_up_node_args(args, enclave, queue)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
-    pidf.write_text(f"{proc.pid}\n")
+    # Held from the look at the pid file to its write: two `kotta up` at once would both
+    # find no scaler, and the pid file keep only one, which `kotta down` then stops.
+    with open(home / f"scaler-{queue}.lock", "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        running = read_pid(pidf)
+        if running is not None:
+            raise ValueError(f"a scaler for queue {queue} is already running (pid {running});"
+                             " `kotta down` stops it")
+        before = {n.node_id for n in enclave.nodes.live(queue)}
+        log_path = logs / f"scaler-{queue}.log"
+        cmd = [sys.executable, "-m", "node.scaler", "--enclave", enclave.url, "--queue", queue,
+               "--min", str(lo), "--max", str(hi), "--per-node", str(2 * args.workers),
+               "--cooldown", str(args.cooldown), "--logs", str(logs),
+               "--", *_up_node_args(args, enclave, queue)]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True)
+        pidf.write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
         if len({n.node_id for n in enclave.nodes.live(queue)} - before) >= lo:

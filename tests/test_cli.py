@@ -546,6 +546,48 @@ def test_down_stops_a_node_the_scaler_just_started(make_executor, enclave, encla
             f.cancel()
 
 
+def test_two_elastic_ups_at_once_start_one_scaler_that_down_stops(enclave, enclave_dir, capsys):
+    """Two `kotta up --min/--max` of one queue at once (two shells, a script run twice):
+    both found no scaler and started one each, and the pid file kept only the second's,
+    so `kotta down` left the other running (and starting nodes).  Now one starts it."""
+    import threading
+
+    from kotta_executor.cli import main
+
+    def scalers() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmdline = p.info["cmdline"] or []
+            if "node.scaler" in cmdline and f"embedded://{enclave_dir}" in cmdline:
+                found.append(p)
+        return found
+
+    barrier = threading.Barrier(2)
+    codes: list[int] = []
+
+    def up() -> None:
+        barrier.wait(GUARD)
+        codes.append(main(["--enclave", str(enclave_dir), "up", "--min", "0", "--max", "1",
+                           "--workers", "1", "--cooldown", "600"]))
+
+    threads = [threading.Thread(target=up) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(GUARD)
+        assert sorted(codes) == [0, 2], capsys.readouterr()
+        assert "a scaler for queue test is already running" in capsys.readouterr().err
+        assert len(scalers()) == 1
+        assert kotta(enclave_dir, "down").returncode == 0
+        wait_for(lambda: not [p for p in scalers() if p.status() != psutil.STATUS_ZOMBIE],
+                 what="kotta down to stop every scaler")
+    finally:
+        for p in scalers():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
 def test_up_reports_the_workers_its_queue_allows(enclave, _private_kotta_home):
     _private_kotta_home.mkdir(parents=True, exist_ok=True)
     (_private_kotta_home / "queues.json").write_text(json.dumps({"test": {"workers": 1}}))
