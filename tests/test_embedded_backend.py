@@ -418,3 +418,36 @@ def test_an_enclave_made_by_an_earlier_version_gets_the_columns_it_lacks(tmp_pat
     finally:
         e.close()
     EmbeddedEnclave(home).close()  # opened again: nothing more to add
+
+
+# --------------------------------------------------------------------------------------
+# A disk that fills up while a blob is written (a task's big argument): the write fails,
+# and leaves no partial file that would keep the disk full for the whole enclave
+
+_SUBMIT_ON_A_FULL_DISK = r"""
+import resource, signal, sys
+from kotta_executor import KottaExecutor
+# files of this process may grow to 1 MiB, as if the disk held no more: a write past that
+# fails with EFBIG (SIGXFSZ ignored), as one fails with ENOSPC on a full disk
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+ex = KottaExecutor(1, enclave=sys.argv[1], start_node=False)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    ex.submit(len, b"y" * (2 << 20))
+except OSError as exc:
+    print("refused:", exc)
+ex.shutdown(wait=False, cancel_futures=True)
+"""
+
+
+def test_a_blob_write_cut_short_by_a_full_disk_leaves_no_partial_file(tmp_path):
+    home = tmp_path / "enclave"
+    EmbeddedEnclave(home).close()
+    out = subprocess.run(
+        [sys.executable, "-c", _SUBMIT_ON_A_FULL_DISK, str(home)], env=_env(), cwd=ROOT,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=GUARD,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("refused:"), out.stdout + out.stderr
+    left = [p.name for p in (home / "blobs").rglob("*") if p.is_file()]
+    assert left == [], f"a partial blob was left behind: {left}"

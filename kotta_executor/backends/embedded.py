@@ -449,9 +449,16 @@ class EmbeddedBlobs(BlobStore):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{key}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            # a write cut short (a full disk) leaves no partial file behind: nothing
+            # else would ever remove it, and it would keep the disk full for the enclave
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     def get(self, key):
         try:
