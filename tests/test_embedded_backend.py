@@ -451,3 +451,46 @@ def test_a_blob_write_cut_short_by_a_full_disk_leaves_no_partial_file(tmp_path):
     assert out.stdout.startswith("refused:"), out.stdout + out.stderr
     left = [p.name for p in (home / "blobs").rglob("*") if p.is_file()]
     assert left == [], f"a partial blob was left behind: {left}"
+
+
+# --------------------------------------------------------------------------------------
+# A connection that holds a read transaction open (a sqlite3 shell, a backup) keeps the
+# nodes' checkpoints from copying the write-ahead log: it grows with every write.  The node
+# says so, and once the reader is gone the log shrinks back instead of keeping its size
+
+
+def test_a_write_ahead_log_held_by_a_reader_is_warned_about_and_shrinks_once_it_ends(
+    tmp_path, monkeypatch, caplog
+):
+    import logging
+    import sqlite3
+
+    from kotta_executor.backends import embedded
+
+    monkeypatch.setattr(embedded, "WAL_WARN_SIZE", 1 << 20)
+    monkeypatch.setattr(embedded, "WAL_SIZE_LIMIT", 1 << 20)
+    enclave = EmbeddedEnclave(tmp_path / "enclave")
+    wal = enclave.home / "kotta.db-wal"
+    reader = sqlite3.connect(enclave.home / "kotta.db", isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchall()
+
+        def write(megabytes: int) -> None:
+            for _ in range(megabytes * 4):
+                enclave.queue.send("work", [Message("a" * 32, b"x" * (1 << 18))])
+                enclave.queue.take("work", 1)
+
+        write(4)
+        with caplog.at_level(logging.WARNING, logger="kotta.embedded"):
+            enclave.checkpoint()
+        assert wal.stat().st_size > 4 << 20
+        assert any("write-ahead log" in r.getMessage() and "read transaction" in r.getMessage()
+                   for r in caplog.records), caplog.text
+        reader.execute("COMMIT")
+        enclave.checkpoint()  # all of it copied now: the next write starts the log over
+        enclave.queue.send("work", [Message("a" * 32, b"x")])
+        assert wal.stat().st_size <= 1 << 20
+    finally:
+        reader.close()
+        enclave.close()

@@ -129,6 +129,13 @@ _JOB_COLS = (
 NODE_STALE_AFTER = 30.0
 _REAP_EVERY = 1.0
 RESULT_INLINE_LIMIT = 1 << 20
+#: the write-ahead log shrinks back to this size once the database holds all of it (without
+#: a limit it keeps the largest size it ever had: gigabytes after a long-held read)
+WAL_SIZE_LIMIT = 64 << 20
+#: a write-ahead log this large that a checkpoint cannot copy whole is warned about
+WAL_WARN_SIZE = 256 << 20
+#: seconds between two such warnings
+WAL_WARN_EVERY = 600.0
 #: the largest reply datagram; a larger reply message travels on the reply queue
 INBOX_DATAGRAM = 512 * 1024
 #: the largest task a client hands to a node directly (bigger ones go by the queue)
@@ -174,6 +181,7 @@ class _Db:
             conn.execute("PRAGMA synchronous=NORMAL")
             # Checkpoints (which fsync) run from the node's upkeep, off the task path.
             conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             # No busy handler: SQLite's sleeps for at least a millisecond when the lock is
             # taken; _retry backs off from 20 microseconds instead.
             conn.execute("PRAGMA busy_timeout=0")
@@ -1008,6 +1016,8 @@ class EmbeddedEnclave(Enclave):
         self._node_cache: tuple[float, dict[str, list[str]]] = (0.0, {})
         self._hand_turn = 0
         self._ids = random.Random(os.urandom(32))  # receipt tokens, without a syscall each
+        self._page_size = self._db.read("PRAGMA page_size")[0][0]
+        self._wal_warned = -WAL_WARN_EVERY
 
     # -- doorbells: abstract Unix datagram sockets; a missed ring only costs a poll interval
 
@@ -1242,7 +1252,23 @@ class EmbeddedEnclave(Enclave):
 
     def checkpoint(self) -> None:
         """Copy the write-ahead log into the database (this is where SQLite fsyncs)."""
-        _retry(self._db.conn().execute, "PRAGMA wal_checkpoint(PASSIVE)")
+        conn = self._db.conn()
+        _, frames, copied = _retry(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        # A connection that holds a read transaction open keeps the log from being copied
+        # past what it reads, and so from starting over: it grows with every write, for as
+        # long as that lasts.  Nothing here can end it; whoever runs it can.
+        size = frames * self._page_size
+        if copied < frames and size >= WAL_WARN_SIZE and (
+            time.monotonic() - self._wal_warned >= WAL_WARN_EVERY
+        ):
+            self._wal_warned = time.monotonic()
+            log.warning(
+                "the write-ahead log of %s has grown to %d MB, and a checkpoint could not "
+                "copy all of it into the database: a connection that holds a read "
+                "transaction open (a sqlite3 shell, a backup, a program reading it?) keeps "
+                "it growing until that ends",
+                self.home / "kotta.db", size >> 20,
+            )
 
     def close(self) -> None:
         for name in ("_ring_sock", "_reply_sock"):
