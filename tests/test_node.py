@@ -1145,3 +1145,41 @@ def test_a_task_handed_back_at_the_drain_timeout_never_runs_on_two_nodes_at_once
         tasks.release(release, "go")
     assert f.result(GUARD) == _pids(log)[1]
     assert a.proc.wait(GUARD) == 0
+
+
+_KILLED_WRITING_A_BLOB = r"""
+import resource, signal, sys
+from kotta_executor import KottaExecutor
+ex = KottaExecutor(1, enclave=sys.argv[1], start_node=False)
+# files of this process may grow to 1 MiB: writing the 2 MiB blob of the task's argument,
+# it is killed (SIGXFSZ) in the middle, as a kernel restarted then would be
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+ex.submit(len, b"y" * (2 << 20))
+"""
+
+
+def test_a_blob_left_half_written_by_a_killed_client_is_deleted_once_old(start_node, enclave):
+    """A client killed while it writes a task's big section to a blob leaves the blob's
+    temporary file, a part of the pickled arguments: no key names it, and nodes' sweep
+    of stray task blobs deletes it too once it is over STRAY_BLOB_AGE old."""
+    import subprocess
+    import sys
+
+    from node.daemon import STRAY_BLOB_AGE
+    from tests.conftest import ROOT, subprocess_env
+
+    client = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITING_A_BLOB, str(enclave.home)], env=subprocess_env(),
+        cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=GUARD,
+    )
+    assert client.returncode == -signal.SIGXFSZ, client.stderr
+    blobs = enclave.home / "blobs"
+    (partial,) = [p for p in blobs.rglob(".args-*.tmp")]
+    then = time.time() - STRAY_BLOB_AGE - 60
+    os.utime(partial, (then, then))
+    young = partial.with_name(".args-" + "0" * 32 + ".12345678.tmp")  # being written now
+    young.write_bytes(b"pickled")
+    start_node(visibility_timeout=3.0)  # (its upkeep, and first look, a second after start)
+    wait_for(lambda: not partial.exists(), what="the node to delete the half-written blob")
+    assert young.exists()

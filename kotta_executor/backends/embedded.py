@@ -491,10 +491,19 @@ class EmbeddedBlobs(BlobStore):
         names: list[tuple[str, Path]] = []
         for d in dirs:
             try:
-                names += [(n, self.root / d / n) for n in os.listdir(self.root / d)
-                          if n.startswith(prefix) and n > after and not n.startswith(".")]
+                listed = os.listdir(self.root / d)
             except FileNotFoundError:
                 continue
+            names += [(n, self.root / d / n) for n in listed
+                      if n.startswith(prefix) and n > after and not n.startswith(".")]
+            # A write's temporary file (put) whose writer was killed before renaming it
+            # (a client killed during a burst of big submits): no key names it, so it is
+            # removed here, once as old (a live write keeps its file's time recent)
+            for n in listed:
+                if n.startswith("." + prefix) and n.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        if (self.root / d / n).stat().st_mtime < before:
+                            (self.root / d / n).unlink()
         names.sort()
         page, more = names[:scan], len(names) > scan
         old = []
