@@ -494,3 +494,32 @@ def test_a_write_ahead_log_held_by_a_reader_is_warned_about_and_shrinks_once_it_
     finally:
         reader.close()
         enclave.close()
+
+
+def test_a_result_the_disk_cannot_hold_fails_its_job_and_the_node_serves_on(
+    start_node, make_executor, tmp_path
+):
+    """A result too big for the enclave's database goes to a blob; when the disk cannot
+    hold it, the job fails saying so.  (Its node used to retry the whole batch of results
+    for a minute, then die, the task ran again on the next node, to the same end, until
+    it was dead-lettered minutes later as DeliveryFailed, with no word of the disk.)"""
+    import shlex
+
+    from kotta_executor import JobFailed
+
+    # a node whose files may grow to 4 MiB, as on a disk that holds no more (a write
+    # past that fails with EFBIG, as one fails with ENOSPC on a full disk)
+    python = tmp_path / "python-on-a-small-disk"
+    python.write_text(
+        "#!/bin/sh\n"
+        f'exec {shlex.quote(sys.executable)} -c "import os, resource, sys; '
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY)); "
+        'os.execv(sys.executable, [sys.executable, *sys.argv[1:]])" "$@"\n'
+    )
+    python.chmod(0o755)
+    node = start_node(python=str(python))
+    ex = make_executor(1, start_node=False)
+    with pytest.raises(JobFailed, match="could not be stored in the enclave.s blob directory"):
+        ex.submit(bytes, 5 << 20).result(GUARD)
+    assert ex.submit(len, b"small").result(GUARD) == 5
+    assert node.proc.poll() is None, node.output()

@@ -587,20 +587,33 @@ class EmbeddedJobs(JobTable):
         for r in results:
             firsts.setdefault(r.job_id, r)
         results = list(firsts.values())
-        by_state: dict[JobState, list[Finished]] = {}
         for r in results:
-            by_state.setdefault(r.state, []).append(r)
-        by_state = {JobState(state): group for state, group in by_state.items()}
-        for state in by_state:
-            if not state.final:
-                raise ValueError(f"finish() records final states, not {state}")
+            if not JobState(r.state).final:
+                raise ValueError(f"finish() records final states, not {r.state}")
         # Large results go to a blob of their own first; a row names it only once written,
         # and a blob whose row was not recorded (a duplicate), or is rolled back, is removed.
         spilled: dict[str, str] = {}
-        for r in results:
+        for i, r in enumerate(results):
             if len(r.result) > RESULT_INLINE_LIMIT:
-                spilled[r.job_id] = f"result-{r.job_id}-{uuid.uuid4().hex[:12]}"
-                self._blobs.put(spilled[r.job_id], r.result)
+                key = f"result-{r.job_id}-{uuid.uuid4().hex[:12]}"
+                try:
+                    self._blobs.put(key, r.result)
+                except OSError as exc:
+                    # A full disk, say: the job fails, saying why.  Raised, it would fail
+                    # the whole batch, each try again, until its node gave up and died,
+                    # and its task ran again on the next, to the same end, until it was
+                    # dead-lettered, with every other result of those batches lost too.
+                    results[i] = Finished(
+                        r.job_id, JobState.FAILED, b"",
+                        f"its result of {len(r.result)} bytes could not be stored in the "
+                        f"enclave's blob directory {self._blobs.root}: {exc}",
+                        r.usage, r.at, r.attempt)
+                    log.warning("job %s failed: %s", r.job_id, results[i].reason)
+                    continue
+                spilled[r.job_id] = key
+        by_state: dict[JobState, list[Finished]] = {}
+        for r in results:
+            by_state.setdefault(JobState(r.state), []).append(r)
         now = time.time()
         recorded: list[str] = []
         try:
