@@ -523,3 +523,27 @@ def test_a_result_the_disk_cannot_hold_fails_its_job_and_the_node_serves_on(
         ex.submit(bytes, 5 << 20).result(GUARD)
     assert ex.submit(len, b"small").result(GUARD) == 5
     assert node.proc.poll() is None, node.output()
+
+
+def test_bursts_fit_an_sqlite_that_allows_999_variables_a_statement(tmp_path):
+    """SQLite before 3.32 (Ubuntu 20.04's, RHEL 8's: a Python built there uses it) allows
+    999 ``?`` a statement, not 32766.  A burst of submits recorded in one statement of
+    thousands, or a node's step recording hundreds of results, failed there with "too many
+    SQL variables", which breaks the executor (BrokenEnclave) or ends the node."""
+    import sqlite3
+
+    enclave = EmbeddedEnclave(tmp_path / "enclave")
+    try:
+        with enclave.atomic() as conn:  # this thread's connection, as on such an SQLite
+            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        jobs = [_new_job("test") for _ in range(1000)]
+        enclave.jobs.create(jobs)
+        ids = [j.job_id for j in jobs]
+        assert sorted(enclave.jobs.transition(ids, JobState.PROCESSING)) == sorted(ids)
+        assert sorted(enclave.jobs.finish(
+            [Finished(j, JobState.COMPLETED, b"result") for j in ids])) == sorted(ids)
+        records = enclave.jobs.get_many(ids, with_result=True)
+        assert {r.state for r in records.values()} == {JobState.COMPLETED}
+        assert enclave.queue.depth("test") == 1000
+    finally:
+        enclave.close()

@@ -296,10 +296,17 @@ def _insert_rows(
 ) -> None:
     """Insert many rows with a few multi-row statements rather than one step per row: each
     step releases the GIL, and a client's submitting thread makes getting it back slow."""
-    per = max(1, 30000 // max(1, row.count("?")))
+    per = max(1, _max_variables(conn, 30000) // max(1, row.count("?")))
     for i in range(0, len(rows), per):
         part = rows[i : i + per]
         conn.execute(head + ",".join([row] * len(part)) + tail, [v for r in part for v in r])
+
+
+def _max_variables(conn: sqlite3.Connection, most: int) -> int:
+    """How many ``?`` one statement may hold, at most ``most``: an SQLite older than 3.32
+    (Ubuntu 20.04's, RHEL 8's, which a Python built there uses) allows 999, later ones
+    32766; a statement with more fails with "too many SQL variables"."""
+    return min(most, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
 
 
 def _marks(n: int) -> str:
@@ -625,7 +632,9 @@ class EmbeddedJobs(JobTable):
                 for state, group in by_state.items():  # one statement per state and 300 jobs
                     allowed = [str(x) for x in states.sources(state)]
                     events: dict[str | None, str] = {}  # most results share one reason: None
-                    for part in _chunks(group, 300):
+                    # (six values a job, and three and the allowed states a statement)
+                    per = min(300, (_max_variables(c, 30000) - 3 - len(allowed)) // 6)
+                    for part in _chunks(group, per):
                         params: list[Any] = []
                         for r in part:
                             ev = events.get(r.reason)
