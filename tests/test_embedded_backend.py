@@ -327,6 +327,30 @@ def test_a_node_whose_process_is_gone_is_reaped_and_its_message_released(tmp_pat
         enclave.close()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux /proc")
+def test_the_reaper_runs_on_after_the_wall_clock_steps_back(tmp_path, monkeypatch):
+    """The receive's look for dead nodes (once a second) is paced by a monotonic clock:
+    paced by the wall clock, a step back of an hour (NTP, a VM resumed) stopped it for that
+    hour, and the message of a node killed meanwhile stayed hidden as long."""
+    enclave = EmbeddedEnclave(tmp_path / "enclave")
+    try:
+        node = _register_self(enclave)
+        enclave.jobs.create([_new_job()])
+        [held] = enclave.queue.receive("work", 1, 60.0, node.node_id)  # (a reap now)
+        boot, namespace, ticks = _ident_of(enclave, node.node_id).split(" ")
+        _set_ident(enclave, node.node_id, f"{boot} {namespace} {int(ticks) + 1}")  # gone
+        stepped = time.time() - 3600
+        monkeypatch.setattr(time, "time", lambda: stepped)  # the clock steps back an hour
+        deadline = time.monotonic() + GUARD
+        got = []
+        while not got and time.monotonic() < deadline:
+            got = enclave.queue.receive("work", 1, 60.0, "another-node", wait_seconds=0.5)
+        assert [d.job_id for d in got] == [held.job_id], "the dead node's task stayed hidden"
+    finally:
+        monkeypatch.undo()
+        enclave.close()
+
+
 def test_a_node_registered_without_an_ident_is_judged_by_its_process(tmp_path):
     """Rows of earlier versions, or not on Linux: the process's start time, as before."""
     enclave = EmbeddedEnclave(tmp_path / "enclave")

@@ -322,7 +322,7 @@ class EmbeddedQueue(TaskQueue):
     def __init__(self, db: _Db, enclave: EmbeddedEnclave):
         self._db = db
         self._enclave = enclave
-        self._last_reap = 0.0
+        self._last_reap = -_REAP_EVERY  # (monotonic: a wall clock stepped back must not stop it)
 
     def send(self, queue: str, messages: Sequence[Message]) -> None:
         if not messages:
@@ -353,10 +353,10 @@ class EmbeddedQueue(TaskQueue):
             time.sleep(0.01)
 
     def _receive(self, queue, max_messages, visibility_timeout, holder):
-        now = time.time()
-        if now - self._last_reap > _REAP_EVERY:
-            self._last_reap = now
+        if time.monotonic() - self._last_reap > _REAP_EVERY:
+            self._last_reap = time.monotonic()
             self._enclave.reap_dead_nodes()
+        now = time.time()
         # outside a transaction, a read first spares an empty queue a write lock
         if not self._db.in_tx() and not self._any_ready(queue, now):
             return []
