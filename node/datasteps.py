@@ -22,6 +22,7 @@ node's.  A failure fails the job with a reason the user sees: ``DataAccessDenied
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -45,7 +46,7 @@ from kotta_executor.security.policy import PolicyStore, egress_rule
 from kotta_executor.security.tokens import standing
 from kotta_executor.states import JobState
 
-from .staging import StageCache, stage_inputs, stage_outputs
+from .staging import StageCache, hold_area, stage_inputs, stage_outputs
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -94,6 +95,7 @@ class DataSteps:
         self.enclave = node.enclave
         self.policies = PolicyStore(node.enclave.records, node.audit)
         self.root = Path(root)
+        self._area_lock = hold_area(self.root)  # (and the areas of dead nodes go)
         self.work = self.root / "work"
         self.work.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.cache = StageCache(self.root / "cache", cache_bytes)
@@ -376,3 +378,4 @@ class DataSteps:
         (the cache lives as long as its node)."""
         self.pool.shutdown(wait=not self.abandoned, cancel_futures=True)
         shutil.rmtree(self.root, ignore_errors=True)
+        os.close(self._area_lock)

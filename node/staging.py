@@ -18,12 +18,15 @@ and etag, so a changed object (a new etag) is fetched again.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import stat
 import tempfile
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +36,59 @@ from kotta_executor.errors import InvalidDataUri, StagingFailed
 from kotta_executor.security.uris import DataUri, check_output_name, parse_uri
 
 _KEY_LEN = 64  # sha256 hex
+#: a staging area whose lock is free and at least this old (seconds) is a dead node's: one
+#: younger may be a node's that has made its lock file and is about to take it
+DEAD_AREA_AGE = 60.0
+
+log = logging.getLogger("kotta.node")
+
+
+def hold_area(root: Path) -> int:
+    """Make a node's staging area (its working directories and cache) and lock it for the
+    node's life: the returned descriptor, to close once the area is removed.  Then remove
+    the areas of dead nodes beside it (:func:`sweep_dead_areas`)."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(root / ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (a node id is new: nobody has it)
+        sweep_dead_areas(root.parent, keep=root.name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sweep_dead_areas(parent: Path, keep: str) -> list[str]:
+    """Remove the staging areas under ``parent`` whose node is gone: killed (SIGKILL, the
+    OOM killer) or lost with the machine, it never removed its own, which held copies of
+    the datasets it staged, protected ones too, and would have stayed for good (a node's
+    id, and so its area, is new at each start).  A node holds its area's lock while it
+    lives; an area without a lock file (an older version's node: maybe alive) is left
+    alone.  Returns the names removed."""
+    removed = []
+    try:
+        entries = [e for e in os.scandir(parent) if e.name != keep]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            fd = os.open(os.path.join(entry.path, ".lock"), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:  # not an area with a lock file
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: its node is alive
+                continue
+            if time.time() - os.fstat(fd).st_mtime < DEAD_AREA_AGE:
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.name)
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed the staging areas of %d dead nodes: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 def cache_key(uri: str, etag: str) -> str:

@@ -542,3 +542,33 @@ def test_a_kill_too_late_is_not_recorded_for_a_redelivery_to_find(
                 n.stopping = True
                 n._drain()
                 n._stop()
+
+
+def test_the_staging_area_of_a_killed_node_is_removed_when_the_next_node_starts(
+    start_node, data, make_executor
+):
+    """A node killed outright (SIGKILL, the OOM killer, the machine lost) never removes
+    its staging area, which holds copies of the datasets it staged, protected ones too;
+    a node's area is new at each start, so it stayed for good.  The next node to start
+    removes the areas of dead nodes, and leaves a live node's alone."""
+    import os as _os
+    import signal
+
+    from kotta_executor import config
+
+    stage = config.kotta_home() / "stage"
+    victim = start_node()
+    alice = make_executor(1, credentials=data.alice, start_node=False)
+    assert alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == SUM
+    cached = list((stage / victim.node_id / "cache" / "objects").iterdir())
+    assert cached, "the input is in the victim's stage cache"
+    alive = start_node()
+    old = time.time() - 3600  # (an area is judged dead once its lock is this old and free)
+    for node in (victim, alive):
+        _os.utime(stage / node.node_id / ".lock", (old, old))
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(GUARD)
+    assert (stage / victim.node_id).exists()  # nobody removed it: the node was killed
+    start_node()
+    assert not (stage / victim.node_id).exists(), "a dead node's staging area was left"
+    assert (stage / alive.node_id / ".lock").exists(), "a live node's staging area went"
