@@ -837,7 +837,7 @@ class ExceptionBox:
     them without patching the exception classes (tblib's ``pickling_support.install`` does,
     and loses ``SystemExit.code`` and ``StopIteration.value`` on the way)."""
 
-    __slots__ = ("exc", "tb", "cause", "context", "suppress", "dropped")
+    __slots__ = ("exc", "tb", "cause", "context", "suppress", "dropped", "members")
 
     def __init__(self, exc: BaseException, _seen: set[int] | None = None):
         seen = _seen if _seen is not None else set()
@@ -854,6 +854,12 @@ class ExceptionBox:
         self.suppress = exc.__suppress_context__
         if self.cause is None and self.context in (None, "cause") and len(seen) >= _CHAIN_LIMIT:
             self._keep_root(cause, context, seen)
+        self.members = None
+        if isinstance(exc, BaseExceptionGroup) and isinstance(self.exc, _Travelling):
+            # Its members travel in its args, as pickle keeps them: without their
+            # tracebacks and chains (an asyncio.TaskGroup's failures came back without a
+            # frame).  Boxes with no exception of their own carry those, up to the limit.
+            self.members = [_member_box(m, seen) for m in exc.exceptions]
 
     def _keep_root(self, cause, context, seen: set[int]) -> None:
         """Past _CHAIN_LIMIT: box the chain's root (its first exception, the one that
@@ -884,19 +890,29 @@ class ExceptionBox:
             self.context = root
 
     def __getstate__(self):
-        return {k: getattr(self, k) for k in self.__slots__}
+        # (no "members" but for a group: a client of an earlier version, which has no such
+        # slot, still reads every other exception)
+        state = {k: getattr(self, k) for k in self.__slots__}
+        if state["members"] is None:
+            del state["members"]
+        return state
 
     def __setstate__(self, state):
-        self.dropped = 0
+        self.dropped, self.members = 0, None
         for k, v in state.items():
-            setattr(self, k, v)
+            if k in ExceptionBox.__slots__:  # (what a later version adds is left out)
+                setattr(self, k, v)
 
     @property
     def original(self) -> BaseException:
         return self.exc.exc if isinstance(self.exc, _Travelling) else self.exc
 
     def unbox(self) -> BaseException:
-        exc = self.original
+        return self._onto(self.original)
+
+    def _onto(self, exc: BaseException) -> BaseException:
+        """``exc`` with this box's traceback, chain and members' (the box's own exception,
+        or, for a member of a group, the group's)."""
         if self.tb is not None:
             try:
                 exc = exc.with_traceback(Traceback.from_dict(self.tb).as_traceback())
@@ -914,7 +930,21 @@ class ExceptionBox:
         elif self.context is not None:
             exc.__context__ = self.context.unbox()
         exc.__suppress_context__ = self.suppress
+        if self.members is not None and isinstance(exc, BaseExceptionGroup):
+            for box, member in zip(self.members, exc.exceptions, strict=False):
+                if box is not None:
+                    box._onto(member)
         return exc
+
+
+def _member_box(exc: BaseException, seen: set[int]) -> ExceptionBox | None:
+    """The traceback and chain of a member of a group (the member itself travels in the
+    group's args); None past the chain limit, which members count toward."""
+    if id(exc) in seen or len(seen) >= _CHAIN_LIMIT:
+        return None
+    box = ExceptionBox(exc, seen)
+    box.exc = None
+    return box
 
 
 _CHAIN_LIMIT = 32

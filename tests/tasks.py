@@ -713,3 +713,38 @@ def raise_wrapped(depth, message="missing field 'date'"):
         raise_wrapped(depth - 1, message)
     except Exception as exc:
         raise ValueError(f"in the node at depth {depth}") from exc
+
+
+def _read_rows(path):
+    raise FileNotFoundError(2, "No such file or directory", path)
+
+
+def _parse_rows(path):
+    try:
+        _read_rows(path)
+    except FileNotFoundError as exc:
+        raise ValueError(f"cannot parse {path}") from exc
+
+
+def raise_group_of_task_failures():
+    """As asyncio.TaskGroup does: each failure raised (with frames, and a cause) in a task
+    of its own, then all of them in one ExceptionGroup, one of them a group of its own."""
+    import asyncio
+
+    async def read(path):
+        _read_rows(path)
+
+    async def parse(path):
+        _parse_rows(path)
+
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(read("a.csv"))
+            tg.create_task(parse("b.csv"))
+            tg.create_task(nested())
+
+    async def nested():
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(read("c.csv"))
+
+    asyncio.run(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -562,3 +563,26 @@ def test_a_chain_too_long_to_travel_whole_keeps_its_root_cause(make_executor):
     assert root.__notes__ == ["kotta: 8 chained exception(s) between this one and the next "
                               "are left out"]
     assert chain[-2].__context__ is root  # (shown as the cause it was)
+
+
+def _frames(exc: BaseException) -> list[str]:
+    return [f.f_code.co_name for f, _ in traceback.walk_tb(exc.__traceback__)]
+
+
+def test_the_members_of_an_exception_group_keep_their_tracebacks_and_causes(make_executor):
+    """An ExceptionGroup (asyncio.TaskGroup's) comes back with each member's remote frames
+    and chained cause, nested groups too; the members came back bare, without a frame."""
+    ex = make_executor(1)
+    with pytest.raises(ExceptionGroup) as info:
+        ex.submit(tasks.raise_group_of_task_failures).result(GUARD)
+    by_type = {type(m): m for m in info.value.exceptions}
+    read = by_type[FileNotFoundError]
+    assert read.filename == "a.csv" and "_read_rows" in _frames(read)
+    parse = by_type[ValueError]
+    assert "_parse_rows" in _frames(parse)
+    assert isinstance(parse.__cause__, FileNotFoundError)
+    assert parse.__cause__.filename == "b.csv" and "_read_rows" in _frames(parse.__cause__)
+    [inner] = by_type[ExceptionGroup].exceptions
+    assert inner.filename == "c.csv" and "_read_rows" in _frames(inner)
+    shown = "".join(traceback.format_exception(info.value))
+    assert "_parse_rows" in shown and "c.csv" in shown
