@@ -36,7 +36,8 @@ class Connection:
     """A connection to an enclave, shared by the functions decorated with it.
 
     It creates its executor on first use (and again after the executor was shut down: by
-    ``with konn.executor:``, say) and shuts it down at ``close()`` or interpreter exit.
+    ``with konn.executor:``, say; or in a child process forked since, where the parent's
+    cannot be used) and shuts it down at ``close()`` or interpreter exit.
     Keyword arguments are those of :class:`KottaExecutor`, checked now: a misspelt one is a
     TypeError here, not at the first call.
     """
@@ -51,7 +52,9 @@ class Connection:
     @property
     def executor(self) -> KottaExecutor:
         with self._lock:
-            if self._executor is None or self._executor._shutdown:
+            # (one a forked child inherited is its parent's: the child gets its own)
+            if (self._executor is None or self._executor._shutdown
+                    or self._executor._pid != os.getpid()):
                 self._executor = KottaExecutor(enclave=self._enclave, **self._kwargs)
             return self._executor
 

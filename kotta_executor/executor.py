@@ -253,6 +253,11 @@ class KottaExecutor(Executor):
         # Job ids: 128 random bits without a syscall per submit (os.urandom releases the
         # GIL, and getting it back from a busy manager thread can take milliseconds).
         self._ids = random.Random(os.urandom(32))
+        #: the process that made it.  A child forked from it inherits its futures, its
+        #: client id and the state of ``_ids`` (it would make the ids the parent makes
+        #: next), but not its manager thread: there it takes no work (_check_open), and
+        #: its shutdown and map iterators leave the parent's jobs alone
+        self._pid = os.getpid()
         self._reply_queue = reply_queue(self.client_id)
         #: who this process is (the embedded enclave): a node drops replies to it once it
         #: is gone, rather than leave them on its reply queue for ever
@@ -339,6 +344,8 @@ class KottaExecutor(Executor):
 
     def _shut_down(self, wait: bool, cancel_futures: bool, attached: bool = True) -> None:
         """``shutdown``; ``attached=False``: the cancel spares the jobs attached to."""
+        if os.getpid() != self._pid:  # a forked child's copy (at its exit, say): what it
+            return  # would stop or cancel is the parent's
         with self._shutdown_lock:
             self._shutdown = True
             # under the lock: a submit that got in first has started the manager already
@@ -434,6 +441,11 @@ class KottaExecutor(Executor):
     # ------------------------------------------------------------------ submission
 
     def _check_open(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                f"this KottaExecutor was made by process {self._pid}, which forked this "
+                "one: it cannot be used here (make a new KottaExecutor in the child)"
+            )
         if self._broken is not None:
             raise BrokenEnclave(str(self._broken)) from self._broken.__cause__
         if self._shutdown:
@@ -684,7 +696,7 @@ class KottaExecutor(Executor):
         thread.  Then the manager cancels them, at its next turn.  So too on a thread that
         makes a future's condition (its first use), under a lock the cancel would take again
         (the futures' done(), for those of them not used yet)."""
-        if not fs:
+        if not fs or os.getpid() != self._pid:  # (in a forked child: the parent's tasks)
             return
         if self._send_lock._is_owned() or _CONDITION_LOCK._is_owned():
             self._cancel_later.append(list(fs))

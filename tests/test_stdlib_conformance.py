@@ -461,3 +461,60 @@ def test_terminate_workers_leaves_a_pending_job_it_attached_to(
     assert blocker.result(GUARD) == "go"
     assert queued.result(GUARD) == 25
     assert attached.result(GUARD) == 25
+
+
+_FORK_SCRIPT = """
+import os, sys
+import kotta_executor
+from tests import tasks
+tmp = sys.argv[1]
+konn = kotta_executor.connect(sys.argv[2], max_workers=1)
+ex = konn.executor
+go = [os.path.join(tmp, f"go{i}") for i in range(3)]
+it = ex.map(tasks.touch_then_wait, [os.path.join(tmp, f"s{i}") for i in range(3)], go)
+tasks.release(go[0], "a")
+assert next(it) == "a"
+pid = os.fork()
+if pid == 0:  # a child that exits as a script does: atexit, then its globals go
+    try:
+        ex.submit(tasks.square, 5)
+        print("child: submitted")
+    except RuntimeError as exc:
+        print("child: refused:", exc)
+    # (on another queue: the parent's node is busy with the parent's map)
+    own = konn.executor.with_options(queue="production")
+    print("child: its own", own.submit(tasks.square, 3).result(timeout=30))
+    sys.stdout.flush()
+    sys.exit(0)
+assert os.waitpid(pid, 0)[1] == 0
+tasks.release(go[1], "b")
+tasks.release(go[2], "c")
+print("parent: rest", list(it))
+print("parent: next", ex.submit(tasks.square, 2).result(timeout=60))
+ex.shutdown()
+"""
+
+
+def test_a_forked_child_leaves_the_parents_executor_alone(enclave_dir, tmp_path):
+    """A child forked from a client (``os.fork()``, a fork-based ``multiprocessing``)
+    inherits the executor.  It closed the parent's map iterator as it exited, cancelling
+    the parent's tasks (the parent's map raised CancelledError); and a submit there took
+    the job id the parent's next submit was to take (the ids come from a generator the
+    child inherited), so the parent's future got the child's value.  ProcessPoolExecutor's
+    child touches nothing of the parent's.  Here the child's submit is refused, and its
+    exit leaves the parent's tasks alone; a connection (``kotta_executor.connect``) makes
+    the child an executor of its own."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    out = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, str(tmp_path), str(enclave_dir)],
+                         capture_output=True, text=True, timeout=100, cwd=ROOT,
+                         env=subprocess_env())
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert any(line.startswith("child: refused: this KottaExecutor was made by process")
+               for line in lines), out.stdout
+    assert "child: its own 9" in lines, out.stdout  # (a connection makes the child its own)
+    assert "parent: rest ['b', 'c']" in lines and "parent: next 4" in lines, out.stdout
