@@ -45,6 +45,7 @@ import datetime as _dt
 import fcntl
 import itertools
 import logging
+import operator
 import os
 import random
 import select
@@ -207,8 +208,13 @@ class KottaExecutor(Executor):
     ):
         if max_workers is None:
             max_workers = config.cpu_count()
-        elif max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+        else:
+            # an int, or what stands for one (numpy's); a float (os.cpu_count() / 2, say)
+            # is a TypeError here, as for ProcessPoolExecutor, not a node that cannot start
+            # (--workers 2.0) and an executor broken after six tries
+            max_workers = operator.index(max_workers)
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
         self._max_workers = max_workers
         self._options = Options.make(queue, walltime, requirements)
         del mp_context  # (ProcessPoolExecutor's: a node's workers are always processes of

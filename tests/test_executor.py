@@ -454,6 +454,17 @@ def test_max_workers_must_be_positive(enclave_dir, workers):
         KottaExecutor(workers, enclave=enclave_dir)
 
 
+@pytest.mark.parametrize("workers", [2.0, 2.5, "2"])
+def test_max_workers_must_be_an_integer(enclave_dir, workers):
+    """As ProcessPoolExecutor, a TypeError when the executor is made.  A float (``n / 2``)
+    was taken, and the node the executor started refused ``--workers 2.0``: every submit
+    waited while it tried, until the executor broke (BrokenEnclave) six node starts later."""
+    with pytest.raises(TypeError):
+        cf.ProcessPoolExecutor(workers)
+    with pytest.raises(TypeError):
+        KottaExecutor(workers, enclave=enclave_dir)
+
+
 def test_shutdown_wait_waits_for_running_tasks(executor, gate, enclave):
     f, started = gate.submit_blocking(executor)
     wait_started(started)
