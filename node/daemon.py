@@ -1322,6 +1322,10 @@ class Node:
         lost = [t for t in (*(t for t, _ in plan), *refused) if id(t) not in started]
         if lost:  # cancelled meanwhile, finished, or a second copy
             self.drop_lost(lost, going)
+            if self.pending:  # skipped for the worker a lost task was planned to, which is
+                # free: no result of it will wake us for them, and a backlog of cancelled
+                # tasks went a few a poll interval (as did the tasks behind it)
+                self.request_wake()
         for t in refused:
             if id(t) in started:
                 self._fail_refused(t)

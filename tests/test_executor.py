@@ -671,6 +671,32 @@ def test_tasks_arriving_with_long_ones_on_warm_workers_stay_cancellable(
     _assert_taken_but_cancellable(executor, enclave, gate, running, queued, marker)
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_tasks_queued_behind_many_cancelled_ones_start_at_once(make_executor, start_node,
+                                                                 tmp_path, workers):
+    """Cancelled jobs leave their task messages on the queue, and a node drops each as it
+    claims it.  One planned for a worker takes that worker's turn, and the tasks behind it
+    were skipped for it; once it was dropped the worker was free, but nothing woke the node
+    for them (a worker's result does; a dropped task's nothing) until its next poll.  So a
+    backlog of a few hundred cancelled tasks (a shutdown(cancel_futures=True), an abandoned
+    map) went a few a poll interval, and the tasks behind it (a new executor's first task)
+    waited minutes: here, with a long poll interval, past the guard."""
+    start_node("--poll-interval", "120", workers=workers)
+    ex = make_executor(1, start_node=False)
+    go = tmp_path / "go"
+    blockers = [ex.submit(tasks.touch_then_wait, str(tmp_path / f"started{i}"), str(go))
+                for i in range(workers)]
+    wait_for(lambda: all((tmp_path / f"started{i}").exists() for i in range(workers)),
+             what="the blockers to start")
+    queued = [ex.submit(tasks.square, i) for i in range(200)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert sum(f.cancelled() for f in queued) > 150  # (a few wait in the workers' pipes)
+    tasks.release(go, "go")
+    assert [b.result(timeout=GUARD) for b in blockers] == ["go"] * workers
+    probe = make_executor(1, start_node=False)
+    assert list(probe.map(tasks.square, [3], timeout=GUARD)) == [9]  # (a deadlock guard)
+
+
 def test_two_cancels_at_once_both_say_true_for_a_job_that_never_runs(make_executor, enclave):
     """shutdown(cancel_futures=True) in one thread has recorded the job cancelled, and not
     yet marked its future, when f.cancel() comes from another: the second found nothing
