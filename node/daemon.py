@@ -767,7 +767,19 @@ class Node:
             piped = {t.job_id: (w, t) for w in self.workers if w.kill_deadline is None
                      for t in itertools.islice(w.inflight, 1, None) if not t.kill_requested}
             ids = [*running, *staging, *piped]
-            for job_id in self.enclave.jobs.kill_requested(ids) if ids else ():
+            try:
+                kills = self.enclave.jobs.kill_requested(ids) if ids else set()
+            except Exception as exc:
+                # A look that failed (throttling past the backend's retries) is made again
+                # at the next one, a quarter of a second later: a kill waits that long, and
+                # the tasks the node runs are not ended with it.
+                self._transient("looking for kill requests", exc)
+                log.warning("looking for kill requests failed (%s: %s); trying again",
+                            type(exc).__name__, exc)
+                kills = set()
+            else:
+                self._failing.pop("looking for kill requests", None)
+            for job_id in kills:
                 if job_id in running:
                     running[job_id].kill("TaskKilled", f"job {job_id} was killed on request")
                 elif job_id in piped:

@@ -403,3 +403,26 @@ def test_a_failed_finish_of_a_rejected_task_is_not_the_end_of_the_node(enclave, 
         assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
     finally:
         _stop(ex, node, runner, node_enclave)
+
+
+def test_a_failed_look_for_kill_requests_is_not_the_end_of_the_node(enclave, moto_env, name,
+                                                                    tmp_path):
+    """A busy node asks the job table every 0.25 s whether its jobs are to be killed
+    (BatchGetItem): a throttled look ended the node, and every task it ran.  It is asked
+    again at the next look."""
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    fired = throttle_once(node_enclave.dynamodb, "BatchGetItem",
+                          lambda body: b"kill_requested" in body)
+    runner = _run(node)
+    started, release = tmp_path / "started", tmp_path / "release"
+    try:
+        f = ex.submit(tasks.touch_then_wait, str(started), str(release))
+        wait_for(fired.is_set, what="a look for kill requests to fail")
+        release.touch()
+        _outcome(runner, f)
+        f.result(GUARD)
+        job = enclave.jobs.get(f.job_id)
+        assert (job.state, job.attempts) == ("completed", 1)
+    finally:
+        release.touch()
+        _stop(ex, node, runner, node_enclave)
