@@ -293,7 +293,17 @@ class Node:
                 # queue.  The job table holds the results, for attach()
                 log.debug("dropped %d replies to client %s: its process is gone", len(rest), client)
             elif rest:  # no inbox (AWS; an older client), or full for too long: the queue
-                self.enclave.queue.send(reply_queue(client), rest)
+                try:
+                    self.enclave.queue.send(reply_queue(client), rest)
+                except Exception as exc:
+                    # A reply is a hint: the results are recorded, and the client finds
+                    # them in the job table.  A send that failed (throttling past the
+                    # backend's retries) must not end the node and the tasks it runs.
+                    self._transient("replying", exc)
+                    log.warning("replying to client %s failed (%s: %s); it finds its "
+                                "results in the job table", client, type(exc).__name__, exc)
+                else:
+                    self._failing.pop("replying", None)
                 self._ring_later.add(client)
         self._replies_later.clear()
         for client in self._ring_later:

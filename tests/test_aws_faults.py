@@ -426,3 +426,22 @@ def test_a_failed_look_for_kill_requests_is_not_the_end_of_the_node(enclave, mot
     finally:
         release.touch()
         _stop(ex, node, runner, node_enclave)
+
+
+def test_a_reply_that_cannot_be_sent_is_not_the_end_of_the_node(enclave, moto_env, name):
+    """A reply goes out from the node's step when it need not wait for company (a full
+    batch of ten, or ``reply_linger`` 0): a throttled send there ended the node, and every
+    task it ran.  A reply is only a hint: the client finds the result in the job table."""
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    node_enclave.queue.reply_linger = 0.0
+    reply = node_enclave.names.reply_prefix.encode()
+    fired = throttle_once(node_enclave.sqs, "SendMessageBatch", lambda body: reply in body)
+    runner = _run(node)
+    try:
+        f = ex.submit(tasks.square, 7)
+        wait_for(fired.is_set, what="the reply to fail")
+        _outcome(runner, f)
+        assert f.result(GUARD) == 49
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+    finally:
+        _stop(ex, node, runner, node_enclave)
