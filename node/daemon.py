@@ -1635,7 +1635,17 @@ class Node:
         if now - self._last_upkeep < period:
             return
         self._last_upkeep = now
-        self._check_watched()
+        try:
+            self._check_watched()
+        except Exception as exc:
+            # Looked at again at the next upkeep; meanwhile the watched messages are
+            # extended with the rest (below).  A transient fault (throttling past the
+            # backend's retries) must not end the node and the tasks it runs.
+            self._transient("looking at watched jobs", exc)
+            log.warning("looking at watched jobs failed (%s: %s); trying again at the next "
+                        "upkeep", type(exc).__name__, exc)
+        else:
+            self._failing.pop("looking at watched jobs", None)
         held = [t.delivery for t in self.pending]
         held += [t.delivery for w in self.workers for t in w.inflight]
         held += self.data.held()

@@ -267,3 +267,45 @@ def test_a_redelivery_of_a_job_whose_node_is_gone_still_runs_it(enclave, tmp_pat
             runner.join(GUARD)
     finally:
         ex.shutdown(wait=False, cancel_futures=True)  # (a failed test must not hang here)
+
+
+def test_a_failed_look_at_watched_jobs_is_not_the_end_of_the_watcher(enclave, moto_env, name,
+                                                                     tmp_path, monkeypatch,
+                                                                     caplog):
+    """The watcher reads the records of the jobs it watches at each upkeep (BatchGetItem):
+    a throttled read there ended the node, and every task it ran (24-hour jobs, say).  It
+    is read again at the next upkeep, and the watched message is acked once the job ends."""
+    from kotta_executor.backends.aws import AwsEnclave
+    from tests.test_aws_faults import throttle_once
+
+    monkeypatch.setattr(SqsQueue, "max_hidden", LIMIT)
+    caplog.set_level(logging.WARNING, logger="kotta.node")
+    runs, stop = tmp_path / "runs", tmp_path / "stop"
+    first, nodes, runners = _first_node(enclave, workers=1, visibility_timeout=3)
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    watcher_enclave = AwsEnclave(name, session=moto_env)
+    try:
+        f = ex.submit(tasks.append_line_then_wait, str(runs), "ran", str(stop))
+        wait_for(lambda: runs.exists(), what="the task to start")
+        watcher = _add_node(watcher_enclave, nodes, runners, workers=1, visibility_timeout=3)
+        [first_receipt] = _held(nodes, f.job_id)
+        _sqs_refuses(monkeypatch, enclave, first_receipt.receipt)
+        _reveal_until(enclave, nodes, f.job_id,
+                      lambda: _watched_by(caplog, watcher, f.job_id)
+                      or runs.read_text() != "ran\n")
+        assert _watched_by(caplog, watcher, f.job_id)
+        # (the watched jobs' records: the only read of all their attributes)
+        fired = throttle_once(watcher_enclave.dynamodb, "BatchGetItem",
+                              lambda body: b"attempts" in body)
+        wait_for(lambda: fired.is_set() or not runners[-1].is_alive(),
+                 what="a look at the watched job to fail")
+        stop.touch()
+        assert f.result(GUARD) == "ran"
+        wait_for(lambda: enclave.queue.depth("test") == 0 or not runners[-1].is_alive(),
+                 what="the watched message to be deleted")
+        assert runners[-1].is_alive(), "a transient fault killed the watcher"
+        assert runs.read_text() == "ran\n"
+    finally:
+        stop.touch()
+        _stop_all(ex, nodes, runners)
+        watcher_enclave.close()
