@@ -278,8 +278,19 @@ class Node:
         written first, outside its transaction (a client told of a refusal finds it
         audited); the blobs of the tasks it recorded are deleted after."""
         while self._audit_later:
-            record = self._audit_later.pop(0)
-            self.audit.append(record.pop("action"), **record)
+            record = dict(self._audit_later[0])
+            try:
+                self.audit.append(record.pop("action"), **record)
+            except Exception as exc:
+                # Kept, and written at a later step: a transient fault (throttling past
+                # the backend's retries) must neither end the node and the tasks it runs
+                # nor leave a refusal unaudited.
+                self._transient("auditing", exc)
+                log.warning("writing an audit record failed (%s: %s); trying again at the "
+                            "next step", type(exc).__name__, exc)
+                break
+            self._audit_later.pop(0)
+            self._failing.pop("auditing", None)
         now = time.monotonic()
         for client in dict.fromkeys([*self._replies_later, *self._held]):  # each once
             since, messages = self._held.pop(client, (now, []))

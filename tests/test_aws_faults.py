@@ -445,3 +445,37 @@ def test_a_reply_that_cannot_be_sent_is_not_the_end_of_the_node(enclave, moto_en
         assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
     finally:
         _stop(ex, node, runner, node_enclave)
+
+
+def test_a_refusal_whose_audit_record_fails_is_audited_later(enclave, moto_env, name):
+    """A task a node refuses (here: not signed) is audited after the step (a PutItem on
+    the records table): a throttled put ended the node, and every task it ran, and the
+    refusal was never audited.  The record is written at a later step."""
+    import time
+    import uuid
+
+    from kotta_executor import wire
+    from kotta_executor.backends.base import NewJob
+    from kotta_executor.security.audit import AuditLog
+
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    table = node_enclave.names.records_table.encode()
+    fired = throttle_once(node_enclave.dynamodb, "PutItem", lambda body: table in body)
+    runner = _run(node)
+    try:
+        job_id = uuid.uuid4().hex
+        header = wire.task_header(job_id=job_id, owner="alice", client="c" * 16, queue="test",
+                                  walltime=60.0, created=time.time(), fn="tasks.square", n=1)
+        body = wire.encode(header, wire.dump_call(tasks.square, [((3,), {})]))
+        enclave.jobs.create([NewJob(job_id, "alice", "c" * 16, "test", "tasks.square", 60.0,
+                                    body)])
+        wait_for(fired.is_set, what="the audit record's put to fail")
+        wait_for(lambda: AuditLog(enclave).show(action="task-rejected", job_id=job_id)
+                 or not runner.is_alive(), what="the refusal to be audited")
+        assert runner.is_alive(), "a transient fault killed the node"
+        [rec] = AuditLog(enclave).show(action="task-rejected", job_id=job_id)
+        assert "not signed" in rec["detail"]
+        assert enclave.jobs.get(job_id).state == "failed"
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+    finally:
+        _stop(ex, node, runner, node_enclave)
