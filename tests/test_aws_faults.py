@@ -479,3 +479,37 @@ def test_a_refusal_whose_audit_record_fails_is_audited_later(enclave, moto_env, 
         assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
     finally:
         _stop(ex, node, runner, node_enclave)
+
+
+def test_a_task_naming_a_huge_owner_is_refused_without_ending_the_node(enclave, moto_env,
+                                                                       name):
+    """A task signed by one user that names another, of 300,000 characters, as its owner
+    is refused and audited.  The audit record, which names the claimed owner twice, was
+    over DynamoDB's 400 KB item limit: its PutItem failed (ValidationException) and ended
+    the node, and every task it ran; any user could stop every node so."""
+    import time
+    import uuid
+
+    from kotta_executor import wire
+    from kotta_executor.backends.base import Message
+    from kotta_executor.security import credentials
+    from kotta_executor.security.audit import AuditLog
+
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    token = credentials.load(enclave).access()
+    runner = _run(node)
+    try:
+        job_id = uuid.uuid4().hex
+        header = wire.task_header(job_id=job_id, owner="o" * 300_000, client="c" * 16,
+                                  queue="test", walltime=60.0, created=time.time(),
+                                  fn="tasks.square", n=1)
+        body = token.sign(header, wire.dump_call(tasks.square, [((3,), {})]))
+        enclave.queue.send("test", [Message(job_id, body)])
+        wait_for(lambda: AuditLog(enclave).show(action="task-rejected", job_id=job_id)
+                 or not runner.is_alive(), what="the refusal to be audited")
+        assert runner.is_alive(), "a task naming a huge owner killed the node"
+        [rec] = AuditLog(enclave).show(action="task-rejected", job_id=job_id)
+        assert "names the owner" in rec["detail"]
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+    finally:
+        _stop(ex, node, runner, node_enclave)

@@ -110,6 +110,12 @@ ACTIONS = frozenset({
     EGRESS_DENIED, JOB_DENIED,
 })
 
+#: a longer string field (user, dataset, job id, a string detail) is cut to this many
+#: characters: a record must fit its backend's item (DynamoDB's: 400 KB, where JSON spells
+#: a character in up to 12 bytes), and a forged task's claimed owner or job id can be of
+#: any length
+MAX_FIELD = 4096
+
 _KEY = re.compile(r"[0-9]{12}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -120,6 +126,12 @@ class AuditReport:
     records: int
     checkpoints: int
     problems: list[str] = field(default_factory=list)
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_FIELD:
+        return value[: MAX_FIELD - 10] + " ... (cut)"
+    return value
 
 
 def canonical(value: Any) -> str:
@@ -185,8 +197,8 @@ class AuditLog:
                 raise ValueError(f"{name} must be a string, not {value!r}")
         # as it will read back from the store (tuples become lists, and so on)
         fields = json.loads(canonical({
-            "user": user, "action": action, "dataset": dataset, "allowed": allowed,
-            "job_id": job_id, "detail": detail,
+            "user": _cut(user), "action": action, "dataset": _cut(dataset),
+            "allowed": allowed, "job_id": _cut(job_id), "detail": _cut(detail),
         }))
         record = self._append(fields)
         if record["seq"] % CHECKPOINT_EVERY == 0:
