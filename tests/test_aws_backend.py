@@ -691,6 +691,35 @@ def test_bootstrap_is_idempotent_and_makes_what_it_plans(moto_env, name):
     assert ttl["AttributeName"] == "expires"
 
 
+def test_bootstrap_raises_a_queues_message_size_to_what_the_backend_sends(moto_env, name):
+    """The backend sends bodies up to about 1 MiB inline (SqsQueue.max_body), SQS's limit
+    since 2025; a queue made before, or set lower, takes 256 KiB.  A task of 200 KB, its
+    body about 270 KB in base64, was refused (InvalidParameterValue) and failed; running
+    bootstrap again, which repairs an enclave, left the queue as it was."""
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env)
+    n = Names(name)
+    sqs = moto_env.client("sqs")
+    urls = [sqs.get_queue_url(QueueName=q)["QueueUrl"]
+            for q in (n.queue("test"), n.dlq(n.queue("test")))]
+    for url in urls:  # as a queue made before 2025 has it
+        sqs.set_queue_attributes(QueueUrl=url, Attributes={"MaximumMessageSize": "262144"})
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env)
+    for url in urls:
+        attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["MaximumMessageSize"])
+        assert attrs["Attributes"]["MaximumMessageSize"] == "1048576"
+    e = AwsEnclave(name, session=moto_env)
+    try:
+        e.queue.send("test", [Message("j1", os.urandom(200_000))])
+        assert e.queue.depth("test") == 1
+        # a reply queue, made by the client, takes as much
+        reply = e.queue.open_reply("client-1")
+        url = sqs.get_queue_url(QueueName=n.queue(reply))["QueueUrl"]
+        attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["MaximumMessageSize"])
+        assert attrs["Attributes"]["MaximumMessageSize"] == "1048576"
+    finally:
+        e.close()
+
+
 def test_teardown_removes_everything_and_only_that(moto_env, name):
     aws_provision.bootstrap(name, session=moto_env, tls_only=False)  # moto has no TLS
     neighbour = f"{name}-x"  # its names start with this enclave's

@@ -338,7 +338,8 @@ def ensure_work_queue(
     dlq_url, new = ensure_queue(
         sqs,
         names.dlq(sqs_name),
-        {"MessageRetentionPeriod": str(RETENTION), "SqsManagedSseEnabled": "true"},
+        {"MessageRetentionPeriod": str(RETENTION), "SqsManagedSseEnabled": "true",
+         "MaximumMessageSize": str(SQS_LIMIT)},
         {**tags, "kotta-role": "dead-letters"},
     )
     if new:
@@ -355,6 +356,9 @@ def ensure_work_queue(
             "MessageRetentionPeriod": str(RETENTION),
             "VisibilityTimeout": "30",
             "SqsManagedSseEnabled": "true",
+            # what SqsQueue.max_body assumes: a queue made before SQS took 1 MiB (2025),
+            # or set lower, takes 256 KiB, and refuses bigger task bodies
+            "MaximumMessageSize": str(SQS_LIMIT),
         },
         {**tags, "kotta-role": "tasks"},
     )
@@ -1083,7 +1087,8 @@ class SqsQueue(TaskQueue):
     def open_reply_queue(self, sqs_name: str) -> str:
         url = self._sqs.create_queue(
             QueueName=sqs_name,
-            Attributes={"MessageRetentionPeriod": "86400", "SqsManagedSseEnabled": "true"},
+            Attributes={"MessageRetentionPeriod": "86400", "SqsManagedSseEnabled": "true",
+                        "MaximumMessageSize": str(SQS_LIMIT)},
             tags={"kotta-enclave": self._e.name, "kotta-role": "reply"},
         )["QueueUrl"]
         with self._lock:
