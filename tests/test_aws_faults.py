@@ -88,6 +88,25 @@ def _stop(ex, node, runner, node_enclave) -> None:
     node_enclave.close()
 
 
+def _completes_once_through(enclave, ex, node, node_enclave, fired, tmp_path,
+                            what: str) -> None:
+    """A task that waits on a file runs on ``node`` until the fault ``fired`` has struck:
+    the node lives on, and the job is completed, once, at its first attempt."""
+    runner = _run(node)
+    started, release = tmp_path / "started", tmp_path / "release"
+    try:
+        f = ex.submit(tasks.touch_then_wait, str(started), str(release))
+        wait_for(fired.is_set, what=what)
+        release.touch()
+        _outcome(runner, f)
+        f.result(GUARD)
+        job = enclave.jobs.get(f.job_id)
+        assert (job.state, job.attempts) == ("completed", 1)
+    finally:
+        release.touch()
+        _stop(ex, node, runner, node_enclave)
+
+
 def _is_finish(body: bytes) -> bool:
     return b'":st"' in body  # (DynamoJobs.finish's UpdateItem; transition's has ":new")
 
@@ -127,19 +146,8 @@ def test_a_failed_upkeep_call_is_not_the_end_of_the_node(enclave, moto_env, name
         fired = throttle_once(node_enclave.dynamodb, "UpdateItem", lambda body: table in body)
     else:
         fired = throttle_once(node_enclave.sqs, "ChangeMessageVisibilityBatch")
-    runner = _run(node)
-    started, release = tmp_path / "started", tmp_path / "release"
-    try:
-        f = ex.submit(tasks.touch_then_wait, str(started), str(release))
-        wait_for(fired.is_set, what=f"the {call} to fail")
-        release.touch()
-        _outcome(runner, f)
-        f.result(GUARD)
-        job = enclave.jobs.get(f.job_id)
-        assert (job.state, job.attempts) == ("completed", 1)
-    finally:
-        release.touch()
-        _stop(ex, node, runner, node_enclave)
+    _completes_once_through(enclave, ex, node, node_enclave, fired, tmp_path,
+                            f"the {call} to fail")
 
 
 def test_a_failed_delete_of_task_blobs_is_not_the_end_of_the_node(enclave, moto_env, name):
@@ -413,19 +421,8 @@ def test_a_failed_look_for_kill_requests_is_not_the_end_of_the_node(enclave, mot
     node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
     fired = throttle_once(node_enclave.dynamodb, "BatchGetItem",
                           lambda body: b"kill_requested" in body)
-    runner = _run(node)
-    started, release = tmp_path / "started", tmp_path / "release"
-    try:
-        f = ex.submit(tasks.touch_then_wait, str(started), str(release))
-        wait_for(fired.is_set, what="a look for kill requests to fail")
-        release.touch()
-        _outcome(runner, f)
-        f.result(GUARD)
-        job = enclave.jobs.get(f.job_id)
-        assert (job.state, job.attempts) == ("completed", 1)
-    finally:
-        release.touch()
-        _stop(ex, node, runner, node_enclave)
+    _completes_once_through(enclave, ex, node, node_enclave, fired, tmp_path,
+                            "a look for kill requests to fail")
 
 
 def test_a_reply_that_cannot_be_sent_is_not_the_end_of_the_node(enclave, moto_env, name):

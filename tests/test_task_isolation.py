@@ -290,31 +290,21 @@ def test_a_task_that_rebinds_sys_dunder_stdout_does_not_take_the_next_tasks_prin
     assert mine.read_text() == "to my log\n"
 
 
-def test_a_task_that_rewraps_the_buffer_of_sys_stdout_does_not_close_it_for_the_next(
-        start_node, make_executor):
-    start_node(workers=1)
-    ex = make_executor(1, start_node=False)
-    pid = ex.submit(tasks.worker_pid).result(GUARD)
-    first = ex.submit(rewrap_sys_stdout_and_stderr)
-    assert first.result(GUARD) == "wrapped"
-    assert first.stdout == "wrapped \u00e9\n"
+@pytest.mark.parametrize("rewrap, said", [
     # the bug: "ValueError: I/O operation on closed file" at the next task's print
-    nxt = ex.submit(say_on_both, "hello")
-    assert nxt.result(GUARD) == "hello"
-    assert (nxt.stdout, nxt.stderr) == ("hello\n", "hello\n")
-    assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
-
-
-def test_a_task_that_detaches_sys_stdout_does_not_kill_its_worker_under_the_next(
-        start_node, make_executor):
-    start_node(workers=1)
-    ex = make_executor(1, start_node=False)
-    pid = ex.submit(tasks.worker_pid).result(GUARD)
-    first = ex.submit(detach_and_rewrap_sys_stdout_and_stderr)
-    assert first.result(GUARD) == "detached"
-    assert first.stdout == "detached \u00e9\n"
+    (rewrap_sys_stdout_and_stderr, "wrapped"),
     # the bug: WorkerDied ("exited with code 120"; "ValueError: underlying buffer has been
     # detached" in the worker, as it put its streams back), with the first task's output
+    (detach_and_rewrap_sys_stdout_and_stderr, "detached"),
+], ids=["rewraps the buffer", "detaches it"])
+def test_a_task_that_rewraps_sys_stdout_leaves_the_next_tasks_prints_alone(
+        start_node, make_executor, rewrap, said):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    pid = ex.submit(tasks.worker_pid).result(GUARD)
+    first = ex.submit(rewrap)
+    assert first.result(GUARD) == said
+    assert first.stdout == f"{said} \u00e9\n"
     nxt = ex.submit(say_on_both, "hello")
     assert nxt.result(GUARD) == "hello"
     assert (nxt.stdout, nxt.stderr) == ("hello\n", "hello\n")
