@@ -46,7 +46,7 @@ from kotta_executor.security.policy import PolicyStore, egress_rule
 from kotta_executor.security.tokens import standing
 from kotta_executor.states import JobState
 
-from .staging import StageCache, hold_area, stage_inputs, stage_outputs
+from .staging import StageCache, hold_area, remove_tree, stage_inputs, stage_outputs
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -310,7 +310,7 @@ class DataSteps:
     def _finish(self, task: Task, fin: Finished) -> None:
         staged = task.staged
         if staged is not None:
-            shutil.rmtree(staged.workdir, ignore_errors=True)
+            remove_tree(staged.workdir)
         self.node._queue_finish(task, task.delivery, fin, task.header["client"])
 
     # ------------------------------------------------------------------ the loop's step
@@ -370,12 +370,12 @@ class DataSteps:
 
     def discard(self, task: Task) -> None:
         if task.staged is not None:
-            shutil.rmtree(task.staged.workdir, ignore_errors=True)
+            remove_tree(task.staged.workdir)
 
     def close(self) -> None:
         """Stop the staging threads (waiting for them unless the drain gave up on some:
         their tasks were handed back), then remove the node's work directories and cache
         (the cache lives as long as its node)."""
         self.pool.shutdown(wait=not self.abandoned, cancel_futures=True)
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_tree(self.root)
         os.close(self._area_lock)

@@ -82,13 +82,34 @@ def sweep_dead_areas(parent: Path, keep: str) -> list[str]:
                 continue
             if time.time() - os.fstat(fd).st_mtime < DEAD_AREA_AGE:
                 continue
-            shutil.rmtree(entry.path, ignore_errors=True)
+            remove_tree(entry.path)
             removed.append(entry.name)
         finally:
             os.close(fd)
     if removed:
         log.info("removed the staging areas of %d dead nodes: %s", len(removed), ", ".join(removed))
     return removed
+
+
+def remove_tree(path) -> None:
+    """Remove a working directory or staging area, and all in it, as far as possible.
+
+    A task runs as the node's OS user and may leave directories it made read-only (a
+    ``chmod -R a-w`` of its results, an archive or a tree copied with its modes): a plain
+    ``rmtree`` cannot empty those, and the copies of the task's inputs, protected data
+    included, would stay on the node for good.  So what is left after a first try is made
+    writable, and removed again."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return
+    todo = [os.fspath(path)]
+    while todo:  # (no symlink followed: only directories in the tree are changed)
+        top = todo.pop()
+        with contextlib.suppress(OSError):
+            os.chmod(top, 0o700)
+            with os.scandir(top) as entries:
+                todo.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def cache_key(uri: str, etag: str) -> str:

@@ -369,6 +369,17 @@ def symlink_out(name, target):
     return os.getcwd()
 
 
+def keep_read_only(name):
+    """Copy the staged input ``name`` into a directory made read-only (as ``chmod -R a-w``
+    of a task's results leaves it); return the working directory."""
+    os.mkdir("kept")
+    with open(name, "rb") as src, open(os.path.join("kept", name), "wb") as dst:
+        dst.write(src.read())
+    os.chmod("kept", 0o555)
+    os.chmod(".", 0o500)
+    return os.getcwd()
+
+
 def read_staged_and_env(name, *keys):
     """What a staged input holds, where the task runs, and some of its environment."""
     with open(name) as f:

@@ -100,6 +100,17 @@ def test_inputs_are_staged_into_a_private_working_directory_with_scoped_credenti
     assert env2 == {"KOTTA_DATA_CREDENTIAL": None}
 
 
+def test_a_working_directory_the_task_made_read_only_is_removed_all_the_same(
+    data, make_executor
+):
+    """A task runs as the node's user and may leave read-only directories behind; the
+    node's rmtree could not empty them, and the copies of its inputs (protected data) stayed
+    on the node for good.  (As root, which may write anything, this always passed.)"""
+    alice = make_executor(1, credentials=data.alice)
+    cwd = alice.submit(tasks.keep_read_only, "1m_shuffled.txt", inputs=[INPUT]).result(GUARD)
+    assert not Path(cwd).exists(), "the working directory, with a copy of the input, was left"
+
+
 def test_outputs_are_uploaded_with_the_owners_rights_and_audited(data, make_executor):
     alice = make_executor(1, credentials=data.alice)
     out = "s3://klab-results/alice/summary.txt"
