@@ -351,3 +351,32 @@ def test_policy_show_names_a_role_that_cannot_exist(enclave, enclave_dir):
     assert r.returncode == 2 and "invalid role name 'Analyst'" in r.stderr, r.stdout
     r = kotta(enclave_dir, "policy", "show", "--role", "analyst")
     assert r.returncode == 0 and "s3://corpus/" in r.stdout, r.stderr
+
+
+def test_dataset_put_of_a_large_file_does_not_read_it_into_memory(enclave, enclave_dir, tmp_path):
+    """`kotta dataset put` read the whole file into memory first: a dataset of 256 MiB took
+    as much more of it, and one larger than the machine's memory could not be put at all."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    assert kotta(enclave_dir, "dataset", "add", "s3://corpus/").returncode == 0
+    big, mib = tmp_path / "big.bin", 1 << 20
+    with open(big, "wb") as f:
+        for i in range(256):
+            f.write(bytes([i]) * mib)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kotta_executor.cli", "--enclave", str(enclave_dir), "dataset",
+         "put", "s3://corpus/big.bin", str(big)],
+        env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)  # (the peak memory of this process alone)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0
+    assert usage.ru_maxrss < 128 * 1024, f"peak RSS {usage.ru_maxrss // 1024} MiB"
+    path = enclave_dir / "data" / "corpus" / "big.bin"
+    assert path.stat().st_size == 256 * mib
+    with open(path, "rb") as f:
+        f.seek(255 * mib)
+        assert f.read(4) == bytes([255]) * 4

@@ -277,12 +277,13 @@ def cmd_dataset_put(args) -> int:
     from .uris import parse_uri
 
     try:  # (first: a mistyped file name makes no enclave)
-        data = args.file.read_bytes()
+        data = open(args.file, "rb")  # (closed below)
     except OSError as exc:  # missing, a directory, not readable
         raise ValueError(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    enclave, creds = _setup(args, admin=True)
-    uri = parse_uri(args.uri)
-    put_object(enclave, uri.uri, data)
+    with data:  # copied in chunks, never read whole: a dataset may be larger than memory
+        enclave, creds = _setup(args, admin=True)
+        uri = parse_uri(args.uri)
+        put_object(enclave, uri.uri, data)
     from .audit import AuditLog
 
     AuditLog(enclave).append("stage-out", user=creds.user, dataset=uri.uri, allowed=True,

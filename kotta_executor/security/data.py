@@ -459,17 +459,20 @@ def held_uri(enclave, job_id: str) -> str:
     return f"s3://{enclave.names.bucket}/held/{job_id}"
 
 
-def put_object(enclave, uri: str, data: bytes) -> None:
-    """Write a dataset object with the enclave's own rights (``kotta dataset put``, tests)."""
+def put_object(enclave, uri: str, data: bytes | IO[bytes]) -> None:
+    """Write a dataset object with the enclave's own rights (``kotta dataset put``, tests).
+    ``data``: bytes, or a binary file, read from where it is to its end in chunks (a
+    dataset file may be larger than memory)."""
     d = _object(uri)
+    body = data if hasattr(data, "read") else bytes(data)
     if _is_embedded(enclave):
         root = _data_root(enclave)
         path = _object_path(root, d)
         path.parent.mkdir(parents=True, exist_ok=True)
         _object_path(root, d)
-        _write_atomic(path, bytes(data))
+        _write_atomic(path, body)
     else:
-        enclave.s3.put_object(Bucket=d.bucket, Key=d.key, Body=bytes(data))
+        enclave.s3.put_object(Bucket=d.bucket, Key=d.key, Body=body)
 
 
 def get_object(enclave, uri: str) -> bytes:
