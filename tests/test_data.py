@@ -286,6 +286,25 @@ def test_etag_changes_when_an_object_is_overwritten(enclave, tmp_path):
     assert store.head("s3://bucket/x").etag not in (first.etag, second.etag)
 
 
+def test_an_object_under_the_key_of_another_is_refused_naming_it(enclave, tmp_path):
+    """Objects are files on the embedded enclave: ``x`` and ``x/y`` cannot both be.  Writing
+    the second raised FileExistsError or IsADirectoryError naming the enclave's files."""
+    store = store_for(enclave, read=["s3://bucket/"], write=["s3://bucket/"])
+    src = tmp_path / "src"
+    src.write_bytes(b"y")
+    put_object(enclave, "s3://bucket/x", b"x")
+    for write in (lambda uri: store.upload(src, uri), lambda uri: put_object(enclave, uri, b"y")):
+        for uri in ("s3://bucket/x/y", "s3://bucket/x/deeper/y"):
+            with pytest.raises(InvalidDataUri, match="s3://bucket/x is an object") as info:
+                write(uri)
+            assert str(enclave.home) not in str(info.value)
+    put_object(enclave, "s3://bucket/d/y", b"y")
+    with pytest.raises(InvalidDataUri, match="other objects lie under s3://bucket/d/"):
+        store.upload(src, "s3://bucket/d")
+    assert get_object(enclave, "s3://bucket/x") == b"x"
+    assert get_object(enclave, "s3://bucket/d/y") == b"y"
+
+
 def test_missing_objects(enclave, tmp_path):
     put_object(enclave, "s3://bucket/dir/x", b"x")
     store = store_for(enclave, read=["s3://bucket/"])

@@ -121,6 +121,23 @@ def test_outputs_are_uploaded_with_the_owners_rights_and_audited(data, make_exec
     assert (rec["user"], rec["dataset"], rec["allowed"]) == ("alice", out, True)
 
 
+def test_an_output_under_the_key_of_another_object_is_named_on_the_embedded_enclave(
+    data, make_executor
+):
+    """The embedded enclave keeps objects as files, so s3://.../run1 and .../run1/x.txt
+    cannot both be objects (S3 can keep both).  The task writing the second failed, after
+    it ran, with `FileExistsError: [Errno 17] File exists: '<enclave>/data/...'`."""
+    alice = make_executor(1, credentials=data.alice)
+    run1 = "s3://klab-results/alice/run1"
+    alice.submit(tasks.write_file, "run1", "first\n", outputs=[run1]).result(GUARD)
+    f = alice.submit(tasks.write_file, "x.txt", "second\n", outputs=[f"{run1}/x.txt"])
+    with pytest.raises(errors.StagingFailed) as info:
+        f.result(GUARD)
+    assert f"{run1} is an object" in str(info.value)
+    assert str(data.enclave.home) not in str(info.value)
+    assert get_object(data.enclave, run1) == b"first\n"
+
+
 def test_an_output_without_a_write_grant_fails_before_anything_runs(data, make_executor, tmp_path):
     alice = make_executor(1, credentials=data.alice)
     marker = tmp_path / "ran"

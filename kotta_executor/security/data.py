@@ -294,10 +294,34 @@ class EmbeddedObjects:
     def upload(self, src: Path, uri: str) -> ObjectInfo:
         d, path = self._check("write", uri)
         with _open_regular(Path(src)) as f:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _room_for(self.root, d, path)
             _object_path(self.root, d)  # again: a symlink may have appeared meanwhile
             _write_atomic(path, f)
         return ObjectInfo(d.uri, *_stat_object(d, path))
+
+
+def _room_for(root: Path, d: DataUri, path: Path) -> None:
+    """Make the directories object ``d`` is kept in.  The embedded enclave keeps an object
+    as a file under its key, so, unlike S3, it cannot keep one under another (``a`` and
+    ``a/b``): said, naming the object in the way, rather than an OSError naming files
+    of the enclave (a task's outputs failed so, after it ran)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        segments = d.key.split("/")[:-1]
+        above = next((k for k in ("/".join(segments[:i]) for i in range(1, len(segments) + 1))
+                      if not (root / d.bucket / k).is_dir()), None)
+        if above is None:  # (made a directory meanwhile): let a second try say what it is
+            raise
+        raise InvalidDataUri(
+            f"{d.uri} cannot be written: s3://{d.bucket}/{above} is an object, and the "
+            "embedded enclave cannot keep objects under the key of another"
+        ) from None
+    if path.is_dir() and not path.is_symlink():
+        raise InvalidDataUri(
+            f"{d.uri} cannot be written: other objects lie under {d.uri}/, and the embedded "
+            "enclave cannot keep an object whose key is a prefix of theirs"
+        )
 
 
 def _stat_object(d: DataUri, path: Path) -> tuple[int, str]:
@@ -468,7 +492,7 @@ def put_object(enclave, uri: str, data: bytes | IO[bytes]) -> None:
     if _is_embedded(enclave):
         root = _data_root(enclave)
         path = _object_path(root, d)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _room_for(root, d, path)
         _object_path(root, d)
         _write_atomic(path, body)
     else:
