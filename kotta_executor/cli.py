@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import fcntl
 import json
@@ -137,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `kotta jobs | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a full disk under `kotta jobs > FILE`, say: named, not a traceback
+        with contextlib.suppress(OSError, ValueError):  # (and no second one as Python exits,
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # flushing it)
+        print(f"kotta: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _enclave(args, *, existing: bool = False) -> Enclave:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from concurrent.futures import CancelledError
+from pathlib import Path
 
 import psutil
 import pytest
@@ -43,6 +44,20 @@ def _job_line(output: str, job_id: str) -> str:
 
 
 # ---------------------------------------------------------------------- reading jobs
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_output_to_a_full_disk_is_an_error_naming_it_not_a_traceback(executor, enclave_dir):
+    """``kotta jobs > FILE`` on a full disk ended in a traceback (only a closed pipe was
+    expected); it is one line naming the error, exit 1."""
+    assert executor.submit(tasks.square, 3).result(GUARD) == 9
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "kotta_executor.cli", "--enclave",
+                            str(enclave_dir), "jobs"], env=subprocess_env(), cwd=ROOT,
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=GUARD,
+                           stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == "kotta: error: [Errno 28] No space left on device"
 
 
 def test_jobs_lists_a_finished_job(executor, enclave_dir):
