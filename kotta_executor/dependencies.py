@@ -149,6 +149,23 @@ def failure(job_id: str, dep: Future) -> DependencyError:
     except CancelledError as exc:
         cause = exc
         message = f"its dependency ({what}) was cancelled"
+    else:
+        if isinstance(cause, DependencyError):
+            # the dependency did not run either: name what failed at the head of the chain,
+            # not the dependency's own message, which names its dependency's, and so on (a
+            # chain of n tasks would make messages of n lines, n records of n^2 bytes)
+            root, seen = cause, {id(cause)}
+            while isinstance(root.__cause__, DependencyError) and id(root.__cause__) not in seen:
+                root = root.__cause__  # (seen: a cycle, set by hand, must not hang us)
+                seen.add(id(root))
+            head = f"job {root.dependency}" if root.dependency else "a future"
+            if isinstance(root.__cause__, CancelledError):
+                why = "was cancelled"
+            elif root.__cause__ is not None:
+                why = f"failed: {type(root.__cause__).__name__}: {root.__cause__}"
+            else:  # (its cause was lost: its own message says what it knows)
+                head, why = f"job {root.job_id}", f"did not run: {root}"
+            message = f"its dependency ({what}) did not run, as {head} before it {why}"
     err = DependencyError(f"job {job_id} did not run: {message}", job_id=job_id)
     err.dependency = name
     err.__cause__ = cause

@@ -268,3 +268,35 @@ def test_a_dependent_task_lets_go_of_its_arguments_once_it_is_decided(executor):
     assert a.result(timeout=GUARD) == "value"
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
+
+
+def test_a_long_chain_of_failed_dependents_names_the_head_of_the_chain(make_executor, enclave):
+    """Each DependencyError's message held its dependency's whole message: the 50th task of
+    a failed chain said "did not run" 50 times over, and a chain of 1000 wrote some 2 GB of
+    records to the enclave.  Each names its dependency and what failed at the head."""
+    ex = make_executor(1, start_node=False)  # nothing here runs: no node needed
+    head = cf.Future()
+    chain = [ex.submit(tasks.add, head, 1)]
+    for _ in range(49):
+        chain.append(ex.submit(tasks.add, chain[-1], 1))
+    head.set_exception(ValueError("no data for 1999"))
+    first, second, last = (chain[i].exception(timeout=GUARD) for i in (0, 1, -1))
+    assert str(first) == (f"job {chain[0].job_id} did not run: its dependency (a future) "
+                          "failed: ValueError: no data for 1999")
+    assert str(second) == (f"job {chain[1].job_id} did not run: its dependency (job "
+                           f"{chain[0].job_id}) did not run, as a future before it failed: "
+                           "ValueError: no data for 1999")
+    assert str(last) == (f"job {chain[-1].job_id} did not run: its dependency (job "
+                         f"{chain[-2].job_id}) did not run, as a future before it failed: "
+                         "ValueError: no data for 1999")
+    assert last.dependency == chain[-2].job_id
+    assert isinstance(last.__cause__, DependencyError) and last.__cause__ is chain[-2].exception()
+    assert str(ex.attach(chain[-1].job_id).exception(timeout=GUARD)) == str(last)
+
+    # a Kotta job at the head, cancelled: named by its id
+    queued = cf.Future()
+    waits = ex.submit(tasks.add, queued, 1)
+    after = ex.submit(tasks.add, ex.submit(tasks.add, waits, 1), 1)
+    assert waits.cancel()
+    err = after.exception(timeout=GUARD)
+    assert str(err).endswith(f"did not run, as job {waits.job_id} before it was cancelled")
