@@ -7,6 +7,7 @@ import datetime as _dt
 import getpass
 import json
 import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -161,7 +162,9 @@ def walltime_seconds(walltime: float | int | _dt.timedelta) -> float:
     """A walltime in minutes (or a timedelta), as seconds.  Must be positive and finite."""
     if isinstance(walltime, _dt.timedelta):
         seconds = walltime.total_seconds()
-    elif isinstance(walltime, (int, float)) and not isinstance(walltime, bool):
+    # numbers.Real: numpy's ints and floats too (a walltime computed from an array), as
+    # max_workers takes numpy's ints
+    elif isinstance(walltime, numbers.Real) and not isinstance(walltime, bool):
         try:
             seconds = float(walltime) * 60.0
         except OverflowError:

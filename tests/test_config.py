@@ -139,6 +139,23 @@ def test_walltime_timedelta_examples() -> None:
     assert config.walltime_seconds(dt.timedelta(hours=1, seconds=1)) == 3601.0
 
 
+def test_walltime_takes_numpy_numbers_and_fractions() -> None:
+    """A walltime computed with numpy (``np.int64``, ``np.float32``: not int or float
+    subclasses) was refused as not a number; max_workers takes numpy's ints."""
+    import fractions
+
+    np = pytest.importorskip("numpy")
+    assert config.walltime_seconds(np.int64(2)) == 120.0
+    assert config.walltime_seconds(np.uint8(3)) == 180.0
+    assert config.walltime_seconds(np.float32(0.5)) == 30.0
+    assert config.walltime_seconds(fractions.Fraction(1, 2)) == 30.0
+    assert isinstance(config.walltime_seconds(np.int64(2)), float)
+    with pytest.raises(ConfigurationError, match="positive and finite"):
+        config.walltime_seconds(np.int64(-1))
+    with pytest.raises(ConfigurationError, match="number of minutes"):
+        config.walltime_seconds(np.bool_(True))
+
+
 @pytest.mark.parametrize(
     "bad",
     [
