@@ -145,7 +145,7 @@ def failure(job_id: str, dep: Future) -> DependencyError:
     what = f"job {name}" if name else "a future"
     try:
         cause = dep.exception(timeout=0)
-        message = f"its dependency ({what}) failed: {type(cause).__name__}: {cause}"
+        message = f"its dependency ({what}) failed: {_described(cause)}"
     except CancelledError as exc:
         cause = exc
         message = f"its dependency ({what}) was cancelled"
@@ -162,11 +162,25 @@ def failure(job_id: str, dep: Future) -> DependencyError:
             if isinstance(root.__cause__, CancelledError):
                 why = "was cancelled"
             elif root.__cause__ is not None:
-                why = f"failed: {type(root.__cause__).__name__}: {root.__cause__}"
+                why = f"failed: {_described(root.__cause__)}"
             else:  # (its cause was lost: its own message says what it knows)
-                head, why = f"job {root.job_id}", f"did not run: {root}"
+                head, why = f"job {root.job_id}", f"did not run: {_text(root)}"
             message = f"its dependency ({what}) did not run, as {head} before it {why}"
     err = DependencyError(f"job {job_id} did not run: {message}", job_id=job_id)
     err.dependency = name
     err.__cause__ = cause
     return err
+
+
+def _described(exc: BaseException) -> str:
+    """``Type: message`` of a dependency's exception."""
+    return f"{type(exc).__name__}: {_text(exc)}"
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder if its ``__str__`` raises: this runs on the manager
+    thread, where an exception would leave the dependent waiting for ever."""
+    try:
+        return str(exc)
+    except BaseException:  # noqa: BLE001 - any, as wire.summary: the task must fail
+        return "(its message could not be read: its __str__ raised)"

@@ -300,3 +300,24 @@ def test_a_long_chain_of_failed_dependents_names_the_head_of_the_chain(make_exec
     assert waits.cancel()
     err = after.exception(timeout=GUARD)
     assert str(err).endswith(f"did not run, as job {waits.job_id} before it was cancelled")
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("this exception cannot say what it is")
+
+
+def test_a_dependency_whose_exception_cannot_be_printed_still_fails_its_dependent(make_executor):
+    """Building the DependencyError's message called str() of the dependency's exception on
+    the manager thread: one whose __str__ raised was taken for an enclave fault, and the
+    dependent waited for ever (shutdown(wait=True) too)."""
+    ex = make_executor(1, start_node=False)
+    dep = cf.Future()
+    f = ex.submit(tasks.add, dep, 1)
+    after = ex.submit(tasks.add, f, 1)
+    dep.set_exception(_Unprintable())
+    err = f.exception(timeout=GUARD)
+    assert isinstance(err, DependencyError) and type(err.__cause__) is _Unprintable
+    assert "_Unprintable: (its message could not be read" in str(err)
+    assert isinstance(after.exception(timeout=GUARD), DependencyError)
+    assert f.status() == "failed"
