@@ -57,6 +57,16 @@ class KottaFuture(Future):
                     cond = self._cond = threading.Condition()
         return cond
 
+    def __reduce__(self):
+        # (else pickling fails on the executor's locks, with "cannot pickle
+        # '_thread._local' object": a future in a list looked like a bug of the executor)
+        raise TypeError(
+            f"a KottaFuture (job {self.job_id}) cannot be sent to a task: only a future "
+            "passed as an argument itself is waited for and replaced by its value, not one "
+            "inside a list, dict or other object; pass each future as an argument "
+            "(submit(fn, *futures)), or its result()"
+        )
+
     def __repr__(self) -> str:
         # the stdlib's ("<KottaFuture at 0x… state=finished returned int>"), with the job
         head, rest = Future.__repr__(self).split(" ", 1)

@@ -321,3 +321,19 @@ def test_a_dependency_whose_exception_cannot_be_printed_still_fails_its_dependen
     assert "_Unprintable: (its message could not be read" in str(err)
     assert isinstance(after.exception(timeout=GUARD), DependencyError)
     assert f.status() == "failed"
+
+
+def test_a_future_inside_a_list_is_refused_saying_why(make_executor):
+    """Futures inside containers are not waited for (the guide): submit(fn, [f1, f2]) failed
+    with "cannot pickle '_thread._local' object", which says nothing of futures."""
+    ex = make_executor(1, start_node=False)
+    dep = ex.submit(tasks.square, 2)
+    for call in (lambda: ex.submit(tasks.total, [dep]),
+                 lambda: ex.submit(tasks.noop, x={"part": dep}),
+                 lambda: ex.map(tasks.noop, [[dep]])):
+        with pytest.raises(SerializationError) as info:
+            call()
+        message = str(info.value)
+        assert f"a KottaFuture (job {dep.job_id}) cannot be sent to a task" in message
+        assert "not one inside a list" in message
+    assert list(ex._futures) == [dep.job_id]  # nothing else was sent
