@@ -61,6 +61,10 @@ CREDENTIAL_MARGIN = 600.0
 #: half the margin, so that a task starts with at least its walltime and 5 minutes, and
 #: a backlog of staged tasks is not one role assumption each (AWS) in the node's loop
 REISSUE_AFTER = CREDENTIAL_MARGIN / 2
+#: seconds before a finished task whose take-over failed (a transient fault) is taken over
+#: again; doubled at each failure up to TAKE_OVER_RETRY_MAX
+TAKE_OVER_RETRY = 0.1
+TAKE_OVER_RETRY_MAX = 5.0
 
 
 @dataclass
@@ -103,6 +107,9 @@ class DataSteps:
         #: tasks with a staging step in a thread, by job id
         self.active: dict[str, Task] = {}
         self._done: deque[tuple[Task, str, Future]] = deque()
+        #: finished tasks whose take-over failed, to try again (finish_from_worker)
+        self._later: deque[tuple] = deque()
+        self._later_tries, self._later_after = 0, 0.0
         self.abandoned = False  # the drain handed back tasks whose staging still ran
         self.reissue_after = REISSUE_AFTER
 
@@ -201,22 +208,45 @@ class DataSteps:
         """Take over a finished task that staged data; False if it did not.  Its result
         is checked for egress; its outputs, if it succeeded, are uploaded (even when its
         result is held: they stay inside the enclave, in datasets at least as strict)."""
-        staged: Staged | None = task.staged
-        if staged is None:
+        if task.staged is None:
             return False
-        succeeded = fin.state is JobState.COMPLETED
-        held = self._check_egress(task, staged, data)
-        if held is not None:  # the job fails with EgressDenied; nothing of the result leaves
-            fin = Finished(fin.job_id, JobState.FAILED, held, wire.failure_reason(
-                "EgressDenied", "a dataset's policy keeps its result and output in the enclave"),
-                None)
-        if task.header.get("outputs") and succeeded:
-            if self.enclave.jobs.transition([task.job_id], JobState.STAGING_OUTPUTS, node=self.node.node_id):
-                self.active[task.job_id] = task
-                self._submit(task, "out", self._stage_out, task, fin)
-                return True
-        self._finish(task, fin)
+        self._take_over(task, data, fin, fin.state is JobState.COMPLETED, checked=False)
         return True
+
+    def _take_over(self, task: Task, data: bytes, fin: Finished, succeeded: bool,
+                   checked: bool) -> None:
+        try:
+            if not checked:
+                held = self._check_egress(task, task.staged, data)
+                if held is not None:  # the job fails with EgressDenied; nothing of it leaves
+                    fin = Finished(fin.job_id, JobState.FAILED, held, wire.failure_reason(
+                        "EgressDenied",
+                        "a dataset's policy keeps its result and output in the enclave"), None)
+                checked = True
+            moved = task.header.get("outputs") and succeeded and self.enclave.jobs.transition(
+                [task.job_id], JobState.STAGING_OUTPUTS, node=self.node.node_id)
+        except Exception as exc:
+            # A transient fault (throttling past the backend's retries) must not end the
+            # node and the tasks it runs, nor run this one again: it is kept (held, its
+            # message extended) and taken over again at a later step.  (A move made whose
+            # answer was lost is made again: staging_outputs may follow itself.)
+            self.node._transient("taking over finished tasks with data", exc)
+            self._later_tries += 1
+            delay = min(TAKE_OVER_RETRY_MAX, TAKE_OVER_RETRY * 2 ** (self._later_tries - 1))
+            self._later_after = time.monotonic() + delay
+            log.warning("taking over finished job %s failed (%s: %s); trying again in %.2g s",
+                        task.job_id, type(exc).__name__, exc, delay)
+            self.active[task.job_id] = task
+            self._later.append((task, data, fin, succeeded, checked))
+            return
+        self._later_tries = 0
+        self.node._failing.pop("taking over finished tasks with data", None)
+        if moved:
+            self.active[task.job_id] = task
+            self._submit(task, "out", self._stage_out, task, fin)
+        else:  # no outputs to write (or a move refused: the job is final, fin not recorded)
+            self.active.pop(task.job_id, None)
+            self._finish(task, fin)
 
     def _check_egress(self, task: Task, staged: Staged, data: bytes) -> bytes | None:
         """None if the result may go to the client; else the EgressDenied envelope that
@@ -317,6 +347,10 @@ class DataSteps:
 
     def collect(self) -> None:
         """Move tasks whose staging step ended on: to the workers, or to their result."""
+        if self._later and time.monotonic() >= self._later_after:
+            later, self._later = self._later, deque()
+            for args in later:
+                self._take_over(*args)
         while self._done:
             task, phase, fut = self._done.popleft()
             self.active.pop(task.job_id, None)

@@ -23,7 +23,8 @@ from kotta_executor.security.data import get_object
 from kotta_executor.security.policy import PolicyStore, role_policy
 from node.daemon import Node, NodeConfig
 from tests import aws_moto, tasks
-from tests.conftest import GUARD, make_user
+from tests.conftest import GUARD, make_user, wait_for
+from tests.test_aws_faults import lose_answer_once, throttle_once
 
 NUMBERS = "\n".join(str(i) for i in range(1, 201)) + "\n"
 DATA_BUCKET = "klab-jobs"
@@ -144,3 +145,84 @@ def test_aws_a_job_with_outputs_finishes_after_its_outputs_are_written(aws):
     assert times == sorted(times), history
     job = enclave.jobs.get(f.job_id)
     assert job.finished == times[-1] and job.finished >= times[-2], (job, history)
+
+
+def _node_thread() -> threading.Thread:
+    return next(t for t in threading.enumerate() if t.name == "node")
+
+
+def _to_staging_outputs(body: bytes) -> bool:
+    """A transition's UpdateItem to staging_outputs (not a claim, which may come from it)."""
+    values = json.loads(body or b"{}").get("ExpressionAttributeValues", {})
+    return values.get(":new") == {"S": "staging_outputs"}
+
+
+@pytest.mark.parametrize("fault", ["throttled", "applied, answer lost"])
+def test_aws_a_failed_move_to_staging_outputs_is_retried_not_the_end_of_the_node(aws, tmp_path,
+                                                                               fault):
+    """The move of a finished task's job to staging_outputs (UpdateItem) failed past
+    botocore's retries: the node died, the job stayed processing, and the task ran again
+    after the visibility timeout.  It is made again later; the outputs are written, the
+    job completes, once."""
+    enclave, audit, policies, admin, _ = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
+    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
+    enclave.session.client("iam").put_role_policy(
+        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
+        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
+    )
+    inject = throttle_once if fault == "throttled" else lose_answer_once
+    fired = inject(enclave.dynamodb, "UpdateItem", _to_staging_outputs)
+    runner = _node_thread()
+    token = make_user(enclave, "alice", tmp_path / "tokens", role="analyst")
+    alice = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+    try:
+        f = alice.submit(tasks.write_file, "alice.txt", "42\n", outputs=[OUTPUT])
+        wait_for(fired.is_set, what="the move to staging_outputs to fail")
+        wait_for(lambda: f.done() or not runner.is_alive(), what="the job or the node to end")
+        assert runner.is_alive(), "a transient fault killed the node"
+        f.result(GUARD)
+        assert get_object(enclave, OUTPUT) == b"42\n"
+        states = [s for _, s, _ in enclave.jobs.history(f.job_id)]
+        assert states.count("processing") == 1 and states[-1] == "completed", states  # once
+        assert states.count("completed") == 1, states
+        assert len(audit.show(job_id=f.job_id, action="stage-out")) == 1
+        assert alice.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+    finally:  # (not waiting for a task that a dead node would never end)
+        alice.shutdown(wait=runner.is_alive(), cancel_futures=True)
+
+
+@pytest.mark.parametrize("call", ["audit record", "held result"])
+def test_aws_a_failed_egress_hold_is_retried_not_the_end_of_the_node(aws, tmp_path, call):
+    """A task that read data which may not leave the enclave: its result is held (S3
+    PutObject) and the hold audited (PutItem).  A fault past botocore's retries in either
+    ended the node.  The hold is made again later: the future raises EgressDenied, the
+    outputs are written, the job ran once."""
+    enclave, audit, policies, admin, _ = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/", by=admin.user, egress="deny")
+    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user, egress="deny")
+    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
+    enclave.session.client("iam").put_role_policy(
+        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
+        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
+    )
+    if call == "audit record":
+        fired = throttle_once(enclave.dynamodb, "PutItem", lambda body: b"egress-denied" in body)
+    else:
+        fired = throttle_once(enclave.s3, "PutObject")
+    runner = _node_thread()
+    token = make_user(enclave, "alice", tmp_path / "tokens", role="analyst")
+    alice = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+    try:
+        f = alice.submit(tasks.write_file, "alice.txt", "42\n", inputs=[INPUT], outputs=[OUTPUT])
+        wait_for(fired.is_set, what=f"the hold's {call} to fail")
+        wait_for(lambda: f.done() or not runner.is_alive(), what="the job or the node to end")
+        assert runner.is_alive(), "a transient fault killed the node"
+        with pytest.raises(errors.EgressDenied):
+            f.result(GUARD)
+        assert get_object(enclave, OUTPUT) == b"42\n"
+        states = [s for _, s, _ in enclave.jobs.history(f.job_id)]
+        assert states.count("processing") == 1 and states[-1] == "failed", states
+        assert len(audit.show(job_id=f.job_id, action="egress-denied")) == 1
+    finally:  # (not waiting for a task that a dead node would never end)
+        alice.shutdown(wait=runner.is_alive(), cancel_futures=True)
