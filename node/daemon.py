@@ -279,18 +279,13 @@ class Node:
         audited); the blobs of the tasks it recorded are deleted after."""
         while self._audit_later:
             record = dict(self._audit_later[0])
-            try:
-                self.audit.append(record.pop("action"), **record)
-            except Exception as exc:
-                # Kept, and written at a later step: a transient fault (throttling past
-                # the backend's retries) must neither end the node and the tasks it runs
-                # nor leave a refusal unaudited.
-                self._transient("auditing", exc)
-                log.warning("writing an audit record failed (%s: %s); trying again at the "
-                            "next step", type(exc).__name__, exc)
+            # kept, and written at a later step if that fails: a refusal is never left
+            # unaudited
+            if not self._tolerant("writing an audit record",
+                                  lambda r: self.audit.append(r.pop("action"), **r), record,
+                                  then="trying again at the next step")[0]:
                 break
             self._audit_later.pop(0)
-            self._failing.pop("auditing", None)
         now = time.monotonic()
         for client in dict.fromkeys([*self._replies_later, *self._held]):  # each once
             since, messages = self._held.pop(client, (now, []))
@@ -304,17 +299,10 @@ class Node:
                 # queue.  The job table holds the results, for attach()
                 log.debug("dropped %d replies to client %s: its process is gone", len(rest), client)
             elif rest:  # no inbox (AWS; an older client), or full for too long: the queue
-                try:
-                    self.enclave.queue.send(reply_queue(client), rest)
-                except Exception as exc:
-                    # A reply is a hint: the results are recorded, and the client finds
-                    # them in the job table.  A send that failed (throttling past the
-                    # backend's retries) must not end the node and the tasks it runs.
-                    self._transient("replying", exc)
-                    log.warning("replying to client %s failed (%s: %s); it finds its "
-                                "results in the job table", client, type(exc).__name__, exc)
-                else:
-                    self._failing.pop("replying", None)
+                # a reply is a hint: one not sent is dropped, as the results are
+                # recorded, and the client finds them in the job table
+                self._tolerant("replying", self.enclave.queue.send, reply_queue(client), rest,
+                               then="its client finds them in the job table")
                 self._ring_later.add(client)
         self._replies_later.clear()
         for client in self._ring_later:
@@ -324,14 +312,9 @@ class Node:
             self._ring_queue = False
             self.enclave.ring_nodes(self.queue)
         if self._delete_later:
-            try:
-                self.enclave.blobs.delete(self._delete_later)
-            except Exception as exc:  # tried again at the next step
-                self._transient("delete", exc)
-                log.warning("deleting %d blobs of ended tasks failed (%s: %s)",
-                            len(self._delete_later), type(exc).__name__, exc)
-            else:
-                self._failing.pop("delete", None)
+            if self._tolerant(f"deleting {len(self._delete_later)} blobs of ended tasks",
+                              lambda: self.enclave.blobs.delete(self._delete_later),
+                              key="delete", then="trying again at the next step")[0]:
                 self._delete_later = []
 
     def _client_gone(self, client: str) -> bool:
@@ -788,19 +771,10 @@ class Node:
             piped = {t.job_id: (w, t) for w in self.workers if w.kill_deadline is None
                      for t in itertools.islice(w.inflight, 1, None) if not t.kill_requested}
             ids = [*running, *staging, *piped]
-            try:
-                kills = self.enclave.jobs.kill_requested(ids) if ids else set()
-            except Exception as exc:
-                # A look that failed (throttling past the backend's retries) is made again
-                # at the next one, a quarter of a second later: a kill waits that long, and
-                # the tasks the node runs are not ended with it.
-                self._transient("looking for kill requests", exc)
-                log.warning("looking for kill requests failed (%s: %s); trying again",
-                            type(exc).__name__, exc)
-                kills = set()
-            else:
-                self._failing.pop("looking for kill requests", None)
-            for job_id in kills:
+            # (one that failed is made again at the next look, a quarter of a second later)
+            _, kills = self._tolerant("looking for kill requests",
+                                      lambda: self.enclave.jobs.kill_requested(ids) if ids else ())
+            for job_id in kills or ():
                 if job_id in running:
                     running[job_id].kill("TaskKilled", f"job {job_id} was killed on request")
                 elif job_id in piped:
@@ -1646,17 +1620,10 @@ class Node:
         if now - self._last_upkeep < period:
             return
         self._last_upkeep = now
-        try:
-            self._check_watched()
-        except Exception as exc:
-            # Looked at again at the next upkeep; meanwhile the watched messages are
-            # extended with the rest (below).  A transient fault (throttling past the
-            # backend's retries) must not end the node and the tasks it runs.
-            self._transient("looking at watched jobs", exc)
-            log.warning("looking at watched jobs failed (%s: %s); trying again at the next "
-                        "upkeep", type(exc).__name__, exc)
-        else:
-            self._failing.pop("looking at watched jobs", None)
+        # (looked at again at the next upkeep if that fails; meanwhile the watched
+        # messages are extended with the rest, below)
+        self._tolerant("looking at watched jobs", self._check_watched,
+                       then="trying again at the next upkeep")
         held = [t.delivery for t in self.pending]
         held += [t.delivery for w in self.workers for t in w.inflight]
         held += self.data.held()
@@ -1674,14 +1641,7 @@ class Node:
              if held else None),
             ("the heartbeat", NODE_STALE / 3, lambda: self.enclave.nodes.heartbeat(self.node_id)),
         ):
-            try:
-                call()
-            except Exception as exc:
-                self._transient(what, exc, patience)
-                log.warning("%s failed (%s: %s); trying again at the next upkeep",
-                            what, type(exc).__name__, exc)
-            else:
-                self._failing.pop(what, None)
+            self._tolerant(what, call, patience=patience, then="trying again at the next upkeep")
         if now >= self._next_stray_look:
             self._next_stray_look = now + STRAY_BLOB_LOOK
             self._sweep_stray_blobs()
@@ -1709,6 +1669,23 @@ class Node:
         except Exception as exc:  # noqa: BLE001 - housekeeping: never the node's end
             log.warning("looking for stray task blobs failed (%s: %s); trying again in "
                         "%.0f s", type(exc).__name__, exc, STRAY_BLOB_LOOK)
+
+    def _tolerant(self, what: str, call, *args, patience: float = PATIENCE,
+                  key: str | None = None, then: str = "trying again") -> tuple[bool, object]:
+        """``call(*args)``, a step a transient fault (throttling past the backend's retries, a
+        5xx, a lost answer) may fail: that is logged, and ``(False, None)`` returned, for the
+        caller to try again later, rather than end the node and every task it runs.  A
+        lasting fault, or one that has lasted past ``patience``, raises (:meth:`_transient`,
+        which counts under ``key``, by default ``what``)."""
+        key = key or what
+        try:
+            value = call(*args)
+        except Exception as exc:
+            self._transient(key, exc, patience)
+            log.warning("%s failed (%s: %s); %s", what, type(exc).__name__, exc, then)
+            return False, None
+        self._failing.pop(key, None)
+        return True, value
 
     def _transient(self, what: str, exc: Exception, patience: float = PATIENCE) -> None:
         """A step failed (``what``): raise ``exc`` if the enclave calls it lasting, or if
