@@ -721,6 +721,28 @@ def test_transition_records_node_attempts_and_reason(backend):
     assert r.finished is not None and r.finished >= r.started
 
 
+def test_a_data_tasks_move_from_staging_to_running_is_the_same_attempt(backend):
+    """``kotta status`` said "attempts 2" for a data task that ran once: its move from
+    staging_inputs to processing counted as a second start."""
+    [job_id] = create(backend)
+    for node, attempts in (("n1", 1), ("n2", 2)):  # the second: a redelivery after n1 died
+        assert backend.jobs.transition([job_id], JobState.STAGING_INPUTS, node=node) == [job_id]
+        assert backend.jobs.get(job_id).attempts == attempts
+        assert backend.jobs.transition([job_id], JobState.PROCESSING, node=node) == [job_id]
+        r = backend.jobs.get(job_id)
+        assert (r.state, r.node, r.attempts) == (JobState.PROCESSING, node, attempts)
+    # the same when the caller names the state it moves from
+    [other] = create(backend)
+    backend.jobs.transition([other], JobState.STAGING_INPUTS, node="n1")
+    assert backend.jobs.transition([other], JobState.PROCESSING, node="n1",
+                                   from_states={JobState.STAGING_INPUTS}) == [other]
+    assert backend.jobs.get(other).attempts == 1
+    # and a move that does not hold still moves nothing
+    assert backend.jobs.transition([other], JobState.PROCESSING, node="n1",
+                                   from_states={JobState.STAGING_INPUTS}) == []
+    assert backend.jobs.get(other).attempts == 1
+
+
 def test_cancelled_job_cannot_be_started_or_finished(backend):
     [job_id] = create(backend)
     moved = backend.jobs.transition([job_id], JobState.CANCELLED, from_states=CANCELLABLE,

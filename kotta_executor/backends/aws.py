@@ -1475,9 +1475,24 @@ class DynamoJobs(_DynamoTable, JobTable):
         if new.final:
             sets.append("finished = :now")
         update = "SET " + ", ".join(sets) + add
-        condition = self._state_in(allowed, values)
+        # an attempt is a node beginning the job: a data task's move on from staging its
+        # inputs to running is the same attempt, and adds none (a write of its own, tried
+        # when the first one's condition fails: only data tasks come that way)
+        on = JobState.STAGING_INPUTS
+        go_on = new is JobState.PROCESSING and on in allowed
+        first = allowed - {on} if go_on else allowed
+        condition = self._state_in(first, values)
+        on_values = {k: v for k, v in values.items() if k != ":one" and not k.startswith(":s")}
+        on_values[":on"] = {"S": str(on)}  # (DynamoDB refuses values an update does not use)
+        same = "SET " + ", ".join(sets)
+
+        def one(j: str) -> bool:
+            if first and self._update(j, update, condition, values, names):
+                return True
+            return go_on and self._update(j, same, "#state = :on", on_values, names)
+
         ids = list(dict.fromkeys(job_ids))
-        moved = self._e.parallel(lambda j: self._update(j, update, condition, values, names), ids)
+        moved = self._e.parallel(one, ids)
         return [j for j, ok in zip(ids, moved, strict=True) if ok]
 
     def finish(self, results: Sequence[Finished]) -> list[str]:

@@ -567,12 +567,15 @@ class EmbeddedJobs(JobTable):
         now = time.time()
         moved: list[str] = []
         started = new in (JobState.STAGING_INPUTS, JobState.PROCESSING)
+        # an attempt is a node beginning the job: a data task's move on from staging its
+        # inputs to running is the same attempt
+        attempt = "1" if new is JobState.STAGING_INPUTS else "(state<>'staging_inputs')"
         event = _event(now, new, reason or node)
         with self._db.tx() as c:
             for chunk in _chunks(list(job_ids)):
                 sql = (
                     f"UPDATE jobs SET state=?, updated=?, reason=coalesce(?, reason), history=history||?"
-                    f"{', node=?, attempts=attempts+1, started=?' if started else ''}"
+                    f"{f', node=?, attempts=attempts+{attempt}, started=?' if started else ''}"
                     f"{', finished=?' if new.final else ''}"
                     f" WHERE job_id IN ({_marks(len(chunk))})"
                     f" AND state IN ({_marks(len(allowed))}) RETURNING job_id"
