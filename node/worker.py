@@ -58,9 +58,15 @@ _CAPTURE = (1, 2)
 
 
 def _keep_capture() -> None:
-    """At start-up: hold the capture files (fds 1 and 2) on descriptors of our own."""
+    """At start-up: hold the capture files (fds 1 and 2) on descriptors of our own, and
+    make ``sys.stdout`` line-buffered, as on a terminal (``sys.stderr`` is already)."""
     global _CAPTURE
     _CAPTURE = (os.dup(1), os.dup(2))  # (not inherited by a task's children)
+    # Block-buffered (a file), a task's last 8 KiB of prints were still in the worker when
+    # its walltime, kill() or a crash ended it, and lost: the node read nothing of a
+    # training loop's progress lines; and they came after what its children had written
+    # since, whose output lands on fd 1 at once.
+    sys.stdout.reconfigure(line_buffering=True)
 
 
 def _reset_capture() -> None:
@@ -100,7 +106,8 @@ def _restore_streams() -> None:
             setattr(sys, f"__{name}__", original)
         if _unusable(original):  # closed or detached by a task: a new one on its fd
             fd = 1 if name == "stdout" else 2
-            original = open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+            original = open(fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
+                            closefd=False)  # (line-buffered, as the worker's own: _keep_capture)
             _STREAMS[name] = original
             setattr(sys, f"__{name}__", original)
             setattr(sys, name, original)

@@ -281,6 +281,22 @@ def c_puts_unflushed(text):
     return os.getpid()
 
 
+def print_then(how, started=None, release=None):
+    """Print two progress lines (no flush), then crash (a segfault), or, for ``"wait"``,
+    signal ``started`` and wait for ``release`` (the test kills it meanwhile), or for
+    ``"child"`` let a child process write a line, and print one more."""
+    print("step 1")
+    print("step 2")
+    if how == "segfault":
+        segfault()
+    elif how == "wait":
+        touch_then_wait(started, release)
+    else:
+        subprocess.run(["echo", "child"], check=True)
+        print("step 3")
+    return os.getpid()
+
+
 def c_puts_flushed(text):
     """Write ``text`` with libc ``puts`` and fflush; return the worker's pid."""
     libc = ctypes.CDLL(None)

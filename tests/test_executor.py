@@ -555,6 +555,31 @@ def test_stdout_and_stderr_each_task_its_own(make_executor, monkeypatch):
     assert fifth.stdout == "fifth out\n"
 
 
+@pytest.mark.parametrize("how", ["segfault", "wait", "child"])
+def test_what_a_task_printed_is_in_its_stdout_when_it_crashed_was_killed_or_ran_a_child(
+        how, start_node, make_executor, monkeypatch, tmp_path):
+    """Without PYTHONUNBUFFERED (the usual case) the worker's stdout is a file: the bug
+    was a block-buffered ``sys.stdout``, whose last prints were still in the worker when
+    it died (``stdout == ""``), and came after a child's output (``"child\nstep 1..."``)."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    started, release = tmp_path / "started", tmp_path / "release"
+    f = ex.submit(tasks.print_then, how, str(started), str(release))
+    if how == "segfault":
+        with pytest.raises(kotta_executor.WorkerDied):
+            f.result(GUARD)
+    elif how == "wait":
+        wait_for(started.exists, what="the task to print and start waiting")
+        assert f.kill()
+        with pytest.raises(TaskKilled):
+            f.result(GUARD)
+    else:
+        f.result(GUARD)
+    assert f.stdout == ("step 1\nstep 2\nchild\nstep 3\n" if how == "child"
+                        else "step 1\nstep 2\n")
+
+
 # --------------------------------------------------------------------------- status, cancel
 
 
