@@ -67,6 +67,24 @@ def _keep_capture() -> None:
     # training loop's progress lines; and they came after what its children had written
     # since, whose output lands on fd 1 at once.
     sys.stdout.reconfigure(line_buffering=True)
+    _line_buffer_c_stdout()
+
+
+def _line_buffer_c_stdout() -> None:
+    """C's ``stdout`` line-buffered too, as on a terminal: fully buffered (a file), what C
+    code printed (a solver's progress) was lost when it crashed the worker or was killed,
+    and came after the task's Python prints that followed it."""
+    if _LIBC is None:
+        return
+    try:
+        stream = ctypes.c_void_p.in_dll(_LIBC, "stdout")  # (glibc's and musl's name)
+    except ValueError:  # named otherwise (macOS): left as it is
+        return
+    _LIBC.setvbuf(stream, None, ctypes.c_int(_IOLBF), ctypes.c_size_t(0))
+
+
+#: setvbuf's mode for line buffering (<stdio.h>)
+_IOLBF = 1
 
 
 def _reset_capture() -> None:

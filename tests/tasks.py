@@ -297,6 +297,19 @@ def print_then(how, started=None, release=None):
     return os.getpid()
 
 
+def c_puts_then(how):
+    """Print lines from C (libc ``puts``, no flush) and Python, in turn; then crash (a
+    segfault) or return."""
+    libc = ctypes.CDLL(None)
+    libc.puts(b"C 1")
+    print("py 2")
+    libc.puts(b"C 3")
+    if how == "segfault":
+        segfault()
+    print("py 4")
+    return os.getpid()
+
+
 def c_puts_flushed(text):
     """Write ``text`` with libc ``puts`` and fflush; return the worker's pid."""
     libc = ctypes.CDLL(None)

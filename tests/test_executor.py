@@ -580,6 +580,25 @@ def test_what_a_task_printed_is_in_its_stdout_when_it_crashed_was_killed_or_ran_
                         else "step 1\nstep 2\n")
 
 
+@pytest.mark.parametrize("how", ["segfault", "return"])
+def test_what_c_code_printed_is_in_the_tasks_stdout_in_order_also_when_it_crashed(
+        how, start_node, make_executor, monkeypatch):
+    """libc's stdout into a file is fully buffered: the bug was C's lines lost when the
+    task crashed the worker (``"py 2\n"``), and after the task's Python prints
+    (``"py 2\npy 4\nC 1\nC 3\n"``), where a terminal shows them as written."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.c_puts_then, how)
+    if how == "segfault":
+        with pytest.raises(kotta_executor.WorkerDied):
+            f.result(GUARD)
+        assert f.stdout == "C 1\npy 2\nC 3\n"
+    else:
+        f.result(GUARD)
+        assert f.stdout == "C 1\npy 2\nC 3\npy 4\n"
+
+
 # --------------------------------------------------------------------------- status, cancel
 
 
