@@ -39,3 +39,25 @@ def test_names_and_submodules_load_on_first_use():
         "module 'kotta_executor' has no attribute 'no_such_name'",
         "KottaFuture",
     ]
+
+
+def test_every_exception_the_docs_name_is_importable_from_the_package():
+    """The guide tells users what a future raises (`DataAccessDenied`, `EgressDenied`,
+    `TaskRejected`...): each exception class of kotta_executor.errors that README.md or
+    docs/ names in backticks is a name of the package itself, as `WorkerDied` is."""
+    import inspect
+    import re
+
+    import kotta_executor
+    from kotta_executor import errors
+
+    named = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        named |= set(re.findall(r"`([A-Z]\w+)", doc.read_text()))
+    classes = {name for name, c in vars(errors).items()
+               if inspect.isclass(c) and issubclass(c, BaseException)
+               and c.__module__ == errors.__name__}
+    assert named & classes >= {"DataAccessDenied", "WorkerDied"}  # (the scan finds them)
+    for name in sorted(named & classes):
+        assert name in kotta_executor.__all__, name
+        assert getattr(kotta_executor, name) is getattr(errors, name), name
