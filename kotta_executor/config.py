@@ -101,7 +101,10 @@ def _read_limits(path: Path) -> dict[str, QueueLimits]:
         raise ConfigurationError(f"{path} must hold an object of queues, not {data!r}")
     out = {}
     for name, fields in data.items():
-        queue = normalize_queue(name)
+        try:
+            queue = normalize_queue(name)
+        except ConfigurationError as exc:  # the file's mistake, not the caller's queue
+            raise ConfigurationError(f"{path}: {exc}") from None
         if not isinstance(fields, dict) or not set(fields) <= set(_LIMIT_FIELDS):
             raise ConfigurationError(
                 f"{path}: the limits of queue {name!r} must be an object with some of "

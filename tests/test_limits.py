@@ -80,6 +80,16 @@ def test_bad_queues_json_is_a_configuration_error(make_executor, _private_kotta_
         ex.submit(tasks.square, 3)
 
 
+def test_an_unknown_queue_in_queues_json_names_the_file(make_executor, _private_kotta_home):
+    """A misspelt queue in queues.json is the file's error, not the submit's: the submit's
+    queue ("test") is right, and an error naming only 'tset' sent the user looking there."""
+    ex = make_executor(1, start_node=False)
+    _private_kotta_home.mkdir(parents=True, exist_ok=True)
+    (_private_kotta_home / "queues.json").write_text(json.dumps({"tset": {"max_walltime": 2}}))
+    with pytest.raises(ConfigurationError, match=r"queues\.json: unknown queue 'tset'"):
+        ex.submit(tasks.square, 3)
+
+
 def test_memory_limit_kills_the_task_and_the_node_goes_on(start_node, make_executor, enclave):
     node = start_node("--memory-limit", "100")
     ex = make_executor(1, start_node=False)
