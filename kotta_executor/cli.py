@@ -385,7 +385,8 @@ def cmd_down(args) -> int:
         state = "still stopping" if n.node_id in remaining else "stopped"
         print(f"node {n.node_id} (pid {n.pid}, queue {n.queue}) {state}")
     if not nodes and not elsewhere:
-        print(f"no nodes of this enclave are running on {host}")
+        of = f"of the {queue} queue " if queue else ""  # (another queue's may be running)
+        print(f"no nodes {of}of this enclave are running on {host}")
     return 1 if remaining else 0
 
 

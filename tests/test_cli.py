@@ -461,6 +461,28 @@ def test_up_starts_a_background_node_and_down_stops_it(enclave, make_executor):
                 pass
 
 
+def test_down_of_another_queue_says_which_queue_has_no_nodes(enclave):
+    """``kotta down --queue production`` beside a node of the test queue said "no nodes of
+    this enclave are running", as if the test node were not there; it names the queue."""
+    try:
+        r = kotta(enclave.home, "up", "--workers", "1")
+        assert r.returncode == 0, r.stderr
+        [node] = enclave.nodes.live()
+        r = kotta(enclave.home, "down", "--queue", "production")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("no nodes of the production queue of this enclave are "
+                                   "running on "), r.stdout
+        assert [n.node_id for n in enclave.nodes.live()] == [node.node_id]
+        assert kotta(enclave.home, "down").returncode == 0
+    finally:
+        for n in enclave.nodes.all():  # never leave a background node behind
+            try:
+                if "node" in psutil.Process(n.pid).cmdline():
+                    os.kill(n.pid, signal.SIGKILL)
+            except (psutil.Error, ProcessLookupError):
+                pass
+
+
 _BAD_NODE_OPTIONS = [
     ("--workers=0", "--workers must be at least 1"),
     ("--max-deliveries=0", "--max-deliveries must be at least 1"),
