@@ -27,7 +27,8 @@ from .states import CANCELLABLE, JobState
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kotta", description="kotta-executor: run Python in a data enclave")
-    help_ = "enclave to use (a directory or embedded:///dir; default $KOTTA_ENCLAVE, else $KOTTA_HOME)"
+    help_ = ("enclave to use (a directory, embedded:///dir or aws://NAME; default $KOTTA_ENCLAVE,"
+             " else $KOTTA_HOME)")
     p.add_argument("--enclave", help=help_)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--enclave", default=argparse.SUPPRESS, help=help_)
@@ -56,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("down", help="stop the local nodes (they finish or hand back their work)")
     d.add_argument("--queue", help="only the nodes of this queue")
-    d.add_argument("--timeout", type=float, default=60.0)
+    d.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to wait for the scalers and nodes to stop (default 60)")
 
     j = sub.add_parser("jobs", help="list jobs")
     j.add_argument("--state", choices=[str(s) for s in JobState])
@@ -110,12 +112,19 @@ def _taking(common: argparse.ArgumentParser, sub):
 
 
 def _node_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--queue", default="test")
-    p.add_argument("--workers", type=int, default=config.cpu_count())
-    p.add_argument("--visibility-timeout", type=float, default=30.0)
-    p.add_argument("--max-deliveries", type=int, default=5)
-    p.add_argument("--poll-interval", type=float, default=0.5)
-    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--queue", default="test", help="test or production (default test)")
+    p.add_argument("--workers", type=int, default=config.cpu_count(),
+                   help="worker processes (at least 1; default: the CPUs it may run on)")
+    p.add_argument("--visibility-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds a received task stays invisible (more than 0; default 30);"
+                        " extended while it runs")
+    p.add_argument("--max-deliveries", type=int, default=5, metavar="N",
+                   help="deliveries after which a task is dead-lettered (at least 1; default 5)")
+    p.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
+                   help="seconds between polls when no doorbell rings (0 or more; default 0.5)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds running tasks get to finish after SIGTERM (0 or more;"
+                        " default 30)")
     p.add_argument("--sample-interval", type=float, default=120.0, metavar="SECONDS",
                    help="seconds between CPU/memory samples of a running task (at least 1;"
                         " 0: none; default 120)")

@@ -483,6 +483,19 @@ def test_down_of_another_queue_says_which_queue_has_no_nodes(enclave):
                 pass
 
 
+def test_node_help_says_what_the_options_are_as_the_guide_does():
+    """``kotta node --help`` listed --queue, --workers, --visibility-timeout... bare, and
+    said --enclave takes a directory or embedded:///dir, though aws://NAME works too."""
+    r = kotta(None, "node", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    for says in ["aws://NAME", "test or production", "worker processes (at least 1",
+                 "stays invisible (more than 0; default 30)", "dead-lettered (at least 1; "
+                 "default 5)", "(0 or more; default 0.5)", "after SIGTERM (0 or more; "
+                 "default 30)"]:
+        assert says in text, says
+
+
 _BAD_NODE_OPTIONS = [
     ("--workers=0", "--workers must be at least 1"),
     ("--max-deliveries=0", "--max-deliveries must be at least 1"),
