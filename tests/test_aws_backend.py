@@ -225,6 +225,19 @@ def test_missing_resources_say_to_run_bootstrap(moto_env, name):
     e.close()
 
 
+def test_an_executor_on_an_enclave_never_bootstrapped_says_to_run_bootstrap(moto_env, name):
+    """A first KottaExecutor on an enclave that is not there (never bootstrapped, or a
+    misspelt name) said "no kotta token ...: ask an admin of the enclave for a registration
+    token": looking for the enclave key, it took the missing bucket for a key it may not
+    read.  It is EnclaveNotProvisioned, as docs/aws.md says, naming the command."""
+    from kotta_executor import KottaExecutor
+
+    e = AwsEnclave(name, session=moto_env)
+    with pytest.raises(EnclaveNotProvisioned, match=f"kotta aws bootstrap {name}"):
+        KottaExecutor(enclave=e, start_node=False)
+    e.close()
+
+
 def test_only_the_provisioned_queues_exist_without_create_queues(enclave):
     assert enclave.queue.depth("test") == 0 and enclave.queue.depth("production") == 0
     with pytest.raises(EnclaveNotProvisioned, match="kotta-.*-gpu"):

@@ -251,10 +251,13 @@ def _holds_enclave_key(enclave) -> bool:
     anyway (it could mint any token), so it may make itself a token.  On an embedded
     enclave that is its OS user; on AWS, whoever IAM lets read ``keys/enclave.key``
     (admins; never user roles)."""
+    from ..backends.aws import EnclaveNotProvisioned
     from .keys import master_key
 
     try:
         master_key(enclave)
+    except EnclaveNotProvisioned:  # no enclave there at all: no token would help
+        raise
     except Exception:  # noqa: BLE001 - unreadable for whatever reason: not an admin here
         return False
     return True

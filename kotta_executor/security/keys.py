@@ -82,12 +82,14 @@ S3_KEY = "keys/enclave.key"
 
 
 def _s3_key(enclave) -> bytes:
-    from ..backends.aws import _client_error, _code
+    from ..backends.aws import _S3_MISSING_BUCKET, _client_error, _code
 
     s3, bucket = enclave.s3, enclave.names.bucket
     try:
         return s3.get_object(Bucket=bucket, Key=S3_KEY)["Body"].read()
     except _client_error() as exc:
+        if _code(exc) in _S3_MISSING_BUCKET:  # no enclave there at all
+            raise enclave.not_provisioned(f"the bucket {bucket}") from None
         if _code(exc) not in ("NoSuchKey", "404"):
             raise
     try:  # first use: create it, unless someone else just did
