@@ -69,12 +69,14 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
             if exc.errno == errno.ENOENT and itself and "/" not in argv[0]:
                 # a bare name is looked up on PATH, as a shell would, not in the directory
                 fixed = shlex.join([f"./{argv[0]}", *argv[1:]])
+                named = shlex.join(["sh", *argv])
+                # (the message ends "not on PATH", before the ": 'NAME'" OSError adds)
                 raise FileNotFoundError(
                     errno.ENOENT,
                     f"cannot run {argv[0]!r}: a command without a '/' is looked up on PATH,"
                     f" not in the working directory where {script_name} is saved; run the"
                     f" script as executable={fixed!r} (with a '#!' line), or name its"
-                    " interpreter",
+                    f" interpreter (executable={named!r}); not on PATH",
                     argv[0],
                 ) from exc
             # the script itself, with no interpreter named (it is not run by a shell)

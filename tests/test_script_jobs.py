@@ -208,6 +208,9 @@ def test_a_script_named_bare_is_looked_up_on_path_and_the_error_says_so(konn, sc
         job.wait(GUARD)
     assert "is not on this node" not in str(info.value)
     assert "executable='./run.sh'" in str(info.value)
+    # (it read "... or name its interpreter: 'run.sh'", OSError's filename taken for one)
+    assert str(info.value).endswith("or name its interpreter (executable='sh run.sh'); "
+                                    "not on PATH: 'run.sh'")
     assert job.status() == "failed"
 
 
