@@ -186,8 +186,9 @@ class StagingFailed(JobFailed):
 class EgressDenied(JobFailed, PermissionError):
     """The task read a dataset whose policy forbids its data leaving the enclave (or caps
     the bytes), and its result or output was over the limit.  The result stays inside
-    the enclave: ``handle`` names where (an ``s3://`` URI the owner may read in further
-    tasks)."""
+    the enclave: ``handle`` names where (``s3://kotta-held/JOB`` on the embedded enclave,
+    ``s3://BUCKET/held/JOB`` on AWS), granted to no role: what a reviewer does with it is an
+    operations decision (docs/security.md, §7)."""
 
     handle: str | None = None
 
