@@ -36,8 +36,11 @@ def add_parsers(sub) -> None:
     a.set_defaults(security_handler=cmd_user_add)
     ls = us.add_parser("list", help="list users")
     ls.set_defaults(security_handler=cmd_user_list)
-    for verb in ("disable", "enable"):
-        p = us.add_parser(verb, help=f"{verb} a user (disabling revokes their access at once)")
+    for verb, help_ in (
+        ("disable", "disable a user: their tokens stop working at once"),
+        ("enable", "enable a disabled user: their tokens that are not revoked work again"),
+    ):
+        p = us.add_parser(verb, help=help_)
         p.add_argument("name")
         p.set_defaults(security_handler=cmd_user_disable, disable=verb == "disable")
 
