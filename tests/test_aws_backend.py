@@ -188,8 +188,8 @@ def test_missing_region_or_credentials_is_one_clear_error_at_open(
     with pytest.raises(ConfigurationError) as info:
         open_enclave("aws://lab")
     message = str(info.value)
-    for what in named:
-        assert what in message
+    for what in named:  # (it read "AWS a region (...) and credentials (...) missing")
+        assert f"no AWS {what} (" in message
     for what in {"region", "credentials"} - set(named):
         assert f"{what} (" not in message
     assert "'lab'" in message

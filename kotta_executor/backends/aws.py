@@ -241,7 +241,7 @@ def make_session(
     missing = []
     if not session.region_name:
         missing.append(
-            "a region (set AWS_REGION or AWS_DEFAULT_REGION, a region in ~/.aws/config, "
+            "no AWS region (set AWS_REGION or AWS_DEFAULT_REGION, a region in ~/.aws/config, "
             "or ?region= in the enclave URL)"
         )
     try:
@@ -250,11 +250,11 @@ def make_session(
         creds = None
     if creds is None:
         missing.append(
-            "credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+            "no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
             "run `aws configure` or `aws sso login`, or run on an instance with a role)"
         )
     if missing:
-        raise ConfigurationError(f"cannot open {what}: AWS " + " and ".join(missing) + " missing")
+        raise ConfigurationError(f"cannot open {what}: " + "; and ".join(missing))
     return session
 
 
