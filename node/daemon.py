@@ -626,7 +626,16 @@ class Node:
                 w.kill("WorkerDied", reason)
                 w.kill_job = task.job_id
             reason = wire.failure_reason("WorkerDied", reason)
-        state = JobState.FAILED if failed else JobState.COMPLETED
+        if valid and failed and task.job_id == w.kill_job and w.kill_reason is not None and \
+                w.kill_reason[0] in _ENDED_BY_NODE:
+            # The node stopped this task (SIGTERM), and it failed within the grace period:
+            # what it raised is the signal's doing (a handler, maybe an earlier task's left
+            # on the worker, that calls sys.exit(0) or raises KeyboardInterrupt), and the
+            # user is told why the task ended, not sent a SystemExit that result() re-raises
+            data, reason = _ended_by_node(task, data, reason, usage, w.kill_reason)
+            state = JobState.CANCELLED if w.kill_reason[0] == "TaskKilled" else JobState.FAILED
+        else:
+            state = JobState.FAILED if failed else JobState.COMPLETED
         fin = Finished(task.job_id, state, data, reason, usage)
         if task.staged is not None and self.data.finish_from_worker(task, data, fin):
             if _restricted(task):
@@ -1766,6 +1775,26 @@ def _with_usage(data: bytes, usage: dict) -> bytes:
     """A result envelope with ``usage`` in its header (long tasks only: it copies)."""
     env = wire.decode(data)
     return wire.encode({**env.header, "usage": usage}, env.sections)
+
+
+#: the failures the node ends a running task for, by its process tree's SIGTERM
+_ENDED_BY_NODE = frozenset({"WalltimeExceeded", "TaskKilled", "MemoryLimitExceeded"})
+
+
+def _ended_by_node(task: Task, data: bytes, reason: str | None, usage: dict | None,
+                   kill_reason: tuple[str, str]) -> tuple[bytes, str]:
+    """The result of a task the node stopped, which failed after the SIGTERM: the node's
+    failure (``kill_reason``), naming what the task raised, with the task's output and
+    usage; and its job record's reason."""
+    etype, message = kill_reason
+    if reason:
+        message = f"{message} (the task then raised {reason})"
+    sections = wire.decode(data).sections
+    data = wire.failure(task.job_id, task.header["n"], etype, message,
+                        stdout=sections.get("stdout", b""), stderr=sections.get("stderr", b""))
+    if usage is not None:
+        data = _with_usage(data, usage)
+    return data, wire.failure_reason(etype, message)
 
 
 def _drain_socket(sock: socket.socket) -> None:
