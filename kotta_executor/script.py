@@ -63,7 +63,13 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
         os.chmod(path, 0o700)  # so that executable="./run.sh" works too
         stack.callback(_heed_sigchld())
         try:
-            proc = subprocess.run(argv, cwd=workdir, stdin=subprocess.DEVNULL, check=False)
+            # In a process group of its own: a script that signals its group (``trap
+            # 'kill 0' EXIT``, to end its background jobs) signalled its worker too, which
+            # died of it (WorkerDied, not the script's outcome).  The node signals every
+            # group of its worker's session, so walltime, kill() and the worker's
+            # last-resort kill still end all the script started.
+            proc = subprocess.run(argv, cwd=workdir, stdin=subprocess.DEVNULL, check=False,
+                                  process_group=0)
         except OSError as exc:
             itself = os.path.realpath(os.path.join(workdir, argv[0])) == os.path.realpath(path)
             if exc.errno == errno.ENOENT and itself and "/" not in argv[0]:

@@ -32,6 +32,7 @@ from .worker import (
     STOPPED,
     pack_frame,
     read_capture,
+    session_groups,
 )
 
 log = logging.getLogger("kotta.node")
@@ -258,7 +259,7 @@ class Worker:
         # and what its tasks left with the node (a daemon, re-parented there)
         self.kill_tree = _with_descendants(self.kill_tree + adopted(self.mark))
         _signal_all(self.kill_tree, signal.SIGTERM)
-        _signal_group(self.pid, signal.SIGTERM)
+        _signal_session(self.pid, signal.SIGTERM)
         self.kill_deadline = time.monotonic() + KILL_GRACE
 
     def escalate(self) -> None:
@@ -268,7 +269,7 @@ class Worker:
         if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
             self.kill_tree = _with_descendants(self.kill_tree + adopted(self.mark))
             _signal_all(self.kill_tree, signal.SIGKILL)
-            _signal_group(self.pid, signal.SIGKILL)
+            _signal_session(self.pid, signal.SIGKILL)
 
     def leftovers(self) -> Leftovers:
         """What may still run of it once it has exited (or is being killed): a task's
@@ -276,7 +277,7 @@ class Worker:
         kill signalled them already, they get SIGTERM now; ``Leftovers.kill`` sends SIGKILL
         at the kill's deadline, or after the grace period."""
         if self.kill_deadline is None:
-            _signal_group(self.pid, signal.SIGTERM)
+            _signal_session(self.pid, signal.SIGTERM)
             return Leftovers(time.monotonic() + KILL_GRACE, self.pid, [])
         return Leftovers(self.kill_deadline, self.pid, self.kill_tree)
 
@@ -356,17 +357,18 @@ class Leftovers:
     def kill(self) -> None:
         self.tree = _with_descendants(self.tree)
         _signal_all(self.tree, signal.SIGKILL)  # (psutil checks each is still the same)
-        _signal_group(self.pgid, signal.SIGKILL)
+        _signal_session(self.pgid, signal.SIGKILL)
 
     def any_left(self) -> bool:
         """Whether anything of it still runs (most workers leave nothing: no waiting)."""
-        try:
-            os.killpg(self.pgid, 0)
-            return True
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # (a member we may not signal: not one of ours)
-            pass
+        for pgid in session_groups(self.pgid):
+            try:
+                os.killpg(pgid, 0)
+                return True
+            except ProcessLookupError:
+                pass
+            except PermissionError:  # (a member we may not signal: not one of ours)
+                pass
         return any(p.is_running() for p in self.tree)
 
 
@@ -559,6 +561,14 @@ def _signal_all(procs: list[psutil.Process], sig: int) -> None:
             p.send_signal(sig)
         except psutil.Error:
             pass
+
+
+def _signal_session(sid: int, sig: int) -> None:
+    """``sig`` to a worker's process group (``sid``: the worker leads a session of its
+    own) and the other groups of its session: a script job's, whose script runs in one
+    of its own (kotta_executor.script), with what the script started."""
+    for pgid in session_groups(sid):
+        _signal_group(pgid, sig)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -470,7 +470,36 @@ def _watch_parent(parent: int, period: float = 0.25, sleep=time.sleep) -> None:
     while True:
         sleep(period)
         if os.getppid() != parent:
+            # (its session's other groups first, a script job's: when it leads one, as the
+            # node starts it; not a test's session, whose groups are not its tasks')
+            if os.getsid(0) == os.getpid():
+                for pgid in session_groups(os.getpid()) - {os.getpgid(0)}:
+                    try:
+                        os.killpg(pgid, signal.SIGKILL)
+                    except OSError:
+                        pass
             os.killpg(0, signal.SIGKILL)
+
+
+def session_groups(sid: int) -> set[int]:
+    """The process groups of the session ``sid`` leads (a worker leads one of its own):
+    its own, and those its tasks' processes made, such as a script job's (which runs in
+    a group of its own, kotta_executor.script), orphans of theirs included, which a
+    signal to the worker's group alone would miss.  (Read from /proc: Linux; elsewhere
+    ``sid``'s group alone.)  A process that left the session (``setsid``, a daemon) is
+    not in it: the node finds those by their mark (pool.adopted)."""
+    groups = {sid}
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return groups
+    for pid in pids:
+        try:
+            if os.getsid(pid) == sid:
+                groups.add(os.getpgid(pid))
+        except OSError:  # gone meanwhile
+            pass
+    return groups
 
 
 #: for a worker in a requirements venv: the node's site-packages directories, whose

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
+import signal
 import textwrap
 
+import psutil
 import pytest
 
 import kotta_executor
 from kotta_executor import KottaJob, ScriptFailed, WalltimeExceeded
 from kotta_executor.errors import JobFailed
+from tests import tasks
 from tests.conftest import GUARD, _finish, wait_for
+from tests.test_node import _pids
 
 
 @pytest.fixture
@@ -95,6 +101,70 @@ def test_a_failed_script_fails_after_a_task_left_sigchld_ignored_on_its_worker(
     assert job.wait(GUARD) == 3
     assert enclave.jobs.get(job.job_id).state == "failed"
     assert ex.submit(ignore_sigchld).result(GUARD) == pid  # the same worker throughout
+
+
+def test_a_script_that_kills_its_process_group_on_exit_keeps_its_outcome_and_worker(
+        start_node, make_executor, enclave, tmp_path):
+    """``trap 'kill 0' EXIT``, a common way for a script to end its background jobs, sends
+    SIGTERM to its whole process group: the worker's too."""
+    child = tmp_path / "child"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    pid = ex.submit(tasks.worker_pid).result(GUARD)
+    job = _bash(f"trap 'kill 0' EXIT\nsleep 300 &\necho $! > {child}\necho started\n")
+    job.submit(ex)
+    # the bug: WorkerDied ("... killed by signal SIGTERM"), the script's outcome lost
+    assert job.wait(GUARD) == -signal.SIGTERM  # as bash ends so (its trap signals it too)
+    assert job.stdout == "started\n"
+    assert enclave.jobs.get(job.job_id).state == "failed"
+    [sleeper] = _pids(child)
+    wait_for(lambda: not psutil.pid_exists(sleeper) or
+             psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE,
+             what="the script's background job to end by its trap")
+    # a script that ends its background jobs and exits 0 is completed
+    job = _bash("trap 'trap \"\" TERM; kill 0' EXIT\nsleep 300 &\necho done\n")
+    job.submit(ex)
+    assert job.wait(GUARD) == 0
+    assert job.stdout == "done\n"
+    assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
+
+
+@pytest.mark.parametrize("stubborn", [False, True])
+@pytest.mark.parametrize("end", ["walltime", "kill", "node death"])
+def test_what_a_script_started_ends_with_its_walltime_kill_or_node(
+        start_node, make_executor, tmp_path, end, stubborn):
+    """The script runs in a process group of its own (so that its ``kill 0`` spares its
+    worker): a walltime, a kill() and the worker's last-resort kill when its node dies
+    end it and what it started all the same (``stubborn``: both ignore SIGTERM)."""
+    pids = tmp_path / "pids"
+    node = start_node(workers=1, visibility_timeout=3.0)  # (the next node's, after a death)
+    ex = make_executor(1, start_node=False)
+    job = _bash(("trap '' TERM\n" if stubborn else "")
+                + f"sleep 300 &\necho $$ >> {pids}\necho $! >> {pids}\nwait\n",
+                walltime=dt.timedelta(seconds=2) if end == "walltime" else 5)
+    job.submit(ex)
+    wait_for(lambda: len(_pids(pids)) == 2, what="the script and its child to start")
+    try:
+        if end == "kill":
+            assert job.kill()
+        elif end == "node death":
+            node.kill()
+        if end != "node death":
+            with pytest.raises(kotta_executor.TaskKilled if end == "kill" else WalltimeExceeded):
+                job.wait(GUARD)
+        for pid in _pids(pids):
+            wait_for(lambda pid=pid: not psutil.pid_exists(pid) or
+                     psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10.0,
+                     what=f"the script's process {pid} to end with its job's {end}")
+        if end == "node death":  # the job is cancelled by the next node, not run again
+            assert job.kill()
+            start_node(workers=1)
+            with pytest.raises(kotta_executor.TaskKilled):
+                job.wait(GUARD)
+    finally:
+        for pid in _pids(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_script_over_its_walltime_is_killed(konn):
