@@ -258,8 +258,12 @@ class Worker:
             self.kill_tree = []
         # and what its tasks left with the node (a daemon, re-parented there)
         self.kill_tree = _with_descendants(self.kill_tree + adopted(self.mark))
-        _signal_all(self.kill_tree, signal.SIGTERM)
-        _signal_session(self.pid, signal.SIGTERM)
+        # each process once: the groups, and the tree's processes outside them (a task's
+        # SIGTERM handler ran twice, the second time inside the first's clean-up)
+        groups = session_groups(self.pid)
+        _signal_all([p for p in self.kill_tree if _group_of(p) not in groups], signal.SIGTERM)
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGTERM)
         self.kill_deadline = time.monotonic() + KILL_GRACE
 
     def escalate(self) -> None:
@@ -561,6 +565,13 @@ def _signal_all(procs: list[psutil.Process], sig: int) -> None:
             p.send_signal(sig)
         except psutil.Error:
             pass
+
+
+def _group_of(p: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(p.pid)
+    except OSError:  # gone
+        return None
 
 
 def _signal_session(sid: int, sig: int) -> None:

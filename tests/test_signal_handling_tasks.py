@@ -65,6 +65,13 @@ def sleep_past(started, seconds=60.0):
     return "slept"
 
 
+def log_each_sigterm(log, started, seconds=60.0):
+    """Append a line to ``log`` for each SIGTERM (a handler that cleans up and stays), and
+    run until SIGKILL."""
+    signal.signal(signal.SIGTERM, lambda *_: Path(log).open("a").write("SIGTERM\n"))
+    return sleep_past(started, seconds)
+
+
 def ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return os.getpid()
@@ -183,3 +190,17 @@ def test_a_sigterm_handler_an_earlier_task_left_does_not_hide_the_memory_limit(
     assert isinstance(exc, MemoryLimitExceeded), repr(exc)
     assert f.status() == "failed"
     assert ex.submit(tasks.square, 3).result(GUARD) == 9
+
+
+def test_a_kill_sends_a_task_one_sigterm_not_two(start_node, make_executor, tmp_path):
+    """The node signalled each process of the tree, then the worker's process group: every
+    one of them got SIGTERM twice, and a task's clean-up handler ran twice, the second
+    time inside the first."""
+    log, started = tmp_path / "log", tmp_path / "started"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(log_each_sigterm, str(log), str(started))
+    wait_for(started.exists, what="the task to begin")
+    assert f.kill()
+    assert isinstance(f.exception(GUARD), TaskKilled)
+    assert log.read_text() == "SIGTERM\n"
