@@ -102,6 +102,12 @@ STRAY_BLOB_AGE = 86400.0
 #: seconds between a node's looks for them (a page of keys a section each look, going on
 #: from where the last look stopped); the first look is at the node's first upkeep
 STRAY_BLOB_LOOK = 600.0
+#: reply messages older than this are deleted (TaskQueue.expire_replies): no client took
+#: them, as one looks at its reply queue every second while its executor is open.  Replies
+#: to an executor that had shut down (tasks it cancelled, dropped by a node later) and to a
+#: dead client's queue would otherwise stay in the enclave for good; the job table holds
+#: what they said.  A day, as SQS keeps a reply queue's messages
+REPLY_AGE = 86400.0
 #: seconds between looks for processes dead workers left (pool.Orphans); soon after a death
 ORPHAN_LOOK = 2.0
 ORPHAN_LOOK_SOON = 0.1
@@ -1654,6 +1660,7 @@ class Node:
         if now >= self._next_stray_look:
             self._next_stray_look = now + STRAY_BLOB_LOOK
             self._sweep_stray_blobs()
+            self._expire_replies()
         self.enclave.checkpoint()
 
     def _sweep_stray_blobs(self) -> None:
@@ -1678,6 +1685,19 @@ class Node:
         except Exception as exc:  # noqa: BLE001 - housekeeping: never the node's end
             log.warning("looking for stray task blobs failed (%s: %s); trying again in "
                         "%.0f s", type(exc).__name__, exc, STRAY_BLOB_LOOK)
+
+    def _expire_replies(self) -> None:
+        """Delete the reply messages no client took within REPLY_AGE.  Housekeeping: a
+        failure waits for the next look."""
+        try:
+            n = self.enclave.queue.expire_replies(time.time() - REPLY_AGE)
+        except Exception as exc:  # noqa: BLE001 - housekeeping: never the node's end
+            log.warning("deleting old reply messages failed (%s: %s); trying again in %.0f s",
+                        type(exc).__name__, exc, STRAY_BLOB_LOOK)
+            return
+        if n:
+            log.info("deleted %d reply messages that no client took within %.0f s", n,
+                     REPLY_AGE)
 
     def _tolerant(self, what: str, call, *args, patience: float = PATIENCE,
                   key: str | None = None, then: str = "trying again") -> tuple[bool, object]:

@@ -90,3 +90,31 @@ def test_a_killed_clients_jobs_end_and_their_replies_do_not_pile_up(
     # Nobody will ever take the dead client's reply queue: a message left there for
     # each of its jobs, result and all, is there for good (results stay in the job table)
     assert _reply_messages(enclave_dir, info["client"]) == 0
+
+
+def test_replies_no_client_will_take_are_removed_once_a_day_old(start_node, make_executor,
+                                                                 enclave, enclave_dir):
+    """An executor shut down with its tasks cancelled while queued: a node that receives
+    them later drops them and tells the client, whose inbox is closed by then, so each
+    reply goes on its reply queue.  Its process lives on (a notebook kernel that makes
+    executor after executor), so the node queues them; nobody takes that queue any more,
+    and the rows stayed in kotta.db for good, the dead clients' as much.  Nodes remove
+    reply messages over a day old (SQS keeps a reply queue's that long too); younger ones
+    stay, for a client that is slow to look."""
+    ex = make_executor(1, start_node=False)
+    fs = [ex.submit(tasks.square, i) for i in range(6)]
+    wait_for(lambda: len(enclave.jobs.get_many([f.job_id for f in fs])) == len(fs),
+             what="the jobs to be recorded")
+    ex.shutdown(wait=True, cancel_futures=True)  # (its inbox and reply queue closed)
+    assert all(f.cancelled() for f in fs)
+    first = start_node(workers=1)
+    wait_for(lambda: enclave.queue.depth("test") == 0 and _reply_messages(
+        enclave_dir, ex.client_id) == len(fs), what="the node to drop the cancelled tasks")
+    first.terminate()
+    with sqlite3.connect(enclave_dir / "kotta.db") as db:  # three of them a day old
+        db.execute("UPDATE messages SET sent=sent-86400-60, visible_at=visible_at-86400-60"
+                   " WHERE id IN (SELECT id FROM messages WHERE queue=? ORDER BY id LIMIT 3)",
+                   (reply_queue(ex.client_id),))
+    start_node(workers=1)  # (its first look is at its first upkeep)
+    wait_for(lambda: _reply_messages(enclave_dir, ex.client_id) == len(fs) - 3,
+             what="the node to remove the old replies")

@@ -176,6 +176,12 @@ class TaskQueue(abc.ABC):
     def close_reply(self, client_id: str) -> None:  # noqa: B027 - optional hook
         """Remove a reply channel's leftovers."""
 
+    def expire_replies(self, before: float) -> int:
+        """Delete the messages of reply channels sent before ``before`` (epoch seconds),
+        which no client took: its executor had shut down, or its process was gone.  The
+        number deleted.  (SQS expires them itself: a reply queue keeps them a day.)"""
+        return 0
+
 
 class BlobStore(abc.ABC):
     @abc.abstractmethod

@@ -450,6 +450,14 @@ class EmbeddedQueue(TaskQueue):
         with self._db.tx() as c:
             c.execute("DELETE FROM messages WHERE queue=?", (f"reply.{client_id}",))
 
+    def expire_replies(self, before):
+        # every "reply.<client>" queue: a range of the queue index ("/" follows ".")
+        with self._db.tx() as c:
+            return c.execute(
+                "DELETE FROM messages WHERE queue>='reply.' AND queue<'reply/'"
+                " AND coalesce(sent, visible_at)<?", (before,)
+            ).rowcount
+
 
 class EmbeddedBlobs(BlobStore):
     def __init__(self, root: Path):
