@@ -170,7 +170,7 @@ class Node:
         self._next_orphan_look = 0.0
         self._next_stray_look = 0.0
         #: where each section's listing of task blobs goes on at the next look
-        self._stray_after = dict.fromkeys(TASK_SECTIONS, "")
+        self._stray_after = dict.fromkeys((*TASK_SECTIONS, "result"), "")
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -1665,7 +1665,7 @@ class Node:
 
     def _sweep_stray_blobs(self) -> None:
         """Delete the task blobs that no job record names, written over STRAY_BLOB_AGE
-        ago (a page of keys a section).  Housekeeping: a failure waits for the next look."""
+        ago (a page of keys a section), and such result blobs (_sweep_stray_results).  Housekeeping: a failure waits for the next look."""
         before = time.time() - STRAY_BLOB_AGE
         try:
             for section in TASK_SECTIONS:
@@ -1682,9 +1682,39 @@ class Node:
                              "over %.0f s ago: their clients died before recording them",
                              len(stray), section, STRAY_BLOB_AGE)
                     self.enclave.blobs.delete(stray)
+            self._sweep_stray_results(before)
         except Exception as exc:  # noqa: BLE001 - housekeeping: never the node's end
             log.warning("looking for stray task blobs failed (%s: %s); trying again in "
                         "%.0f s", type(exc).__name__, exc, STRAY_BLOB_LOOK)
+
+    def _sweep_stray_results(self, before: float) -> None:
+        """Delete the result blobs (``result-<job id>-<suffix>``: JobTable.finish) that no
+        job record names, written before ``before``: the node that wrote one was killed
+        before its transaction recorded it (the task ran again elsewhere, its result in a
+        blob of another name), or while writing it (a temporary file, which ``older``
+        removes), and nothing else would ever remove them, nor the data in them.  Only
+        where the job table says which blob holds a job's result (not on AWS, whose node
+        role may list task blobs only)."""
+        try:
+            self.enclave.jobs.result_refs([])
+        except NotImplementedError:
+            return
+        keys, self._stray_after["result"] = self.enclave.blobs.older(
+            "result-", before, after=self._stray_after["result"])
+        by_job: dict[str, list[str]] = {}
+        for k in keys:
+            job_id = k[len("result-"):].rpartition("-")[0]
+            if wire.is_job_id(job_id):
+                by_job.setdefault(job_id, []).append(k)
+        if not by_job:
+            return
+        refs = self.enclave.jobs.result_refs(list(by_job))
+        stray = [k for j, ks in by_job.items() for k in ks if refs.get(j) != k]
+        if stray:
+            log.info("deleting %d result blobs that no job records, written over %.0f s "
+                     "ago: their nodes died before recording them", len(stray),
+                     STRAY_BLOB_AGE)
+            self.enclave.blobs.delete(stray)
 
     def _expire_replies(self) -> None:
         """Delete the reply messages no client took within REPLY_AGE.  Housekeeping: a

@@ -389,6 +389,49 @@ def test_task_blobs_that_no_job_records_are_deleted_once_old(start_node, enclave
     assert _blob_files(enclave) == sorted(keep)
 
 
+def test_result_blobs_a_killed_node_left_are_deleted_once_old(start_node, make_executor,
+                                                              enclave):
+    """A result over the inline limit goes to a blob (result-<job>-<suffix>), written
+    before the transaction that records it.  A node killed while writing it left a
+    half-written temporary file; one killed after the rename, before the commit, a blob
+    that no record names; the task ran again elsewhere, into a blob of another name.
+    Neither was ever removed (the sweep looked at task blobs only): the disk filled with
+    results nobody can read.  Nodes delete them once over STRAY_BLOB_AGE old; the
+    recorded result blob stays."""
+    import uuid
+
+    from node.daemon import STRAY_BLOB_AGE
+
+    blobs = enclave.home / "blobs"
+    first = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(bytes, 64 * 1024 * 1024)  # over the inline limit: a result blob
+
+    def writing() -> list[Path]:
+        return list(blobs.glob("re/.result-*.tmp")) if blobs.exists() else []
+
+    wait_for(writing, interval=0.0002, what="the node to write the result's blob")
+    first.kill()  # ...while it writes it
+    assert writing()
+    second = start_node(workers=1)
+    assert len(f.result(GUARD)) == 64 * 1024 * 1024  # the task ran again
+    second.terminate()
+    recorded = f"result-{f.job_id}-" + _blob_files(enclave)[0].rpartition("-")[2]
+    assert _blob_files(enclave) == [recorded]
+    unrecorded = [f"result-{f.job_id}-{uuid.uuid4().hex[:12]}",  # killed before the commit
+                  f"result-{uuid.uuid4().hex}-{uuid.uuid4().hex[:12]}"]  # and its job gone
+    for key in unrecorded:
+        enclave.blobs.put(key, b"a pickled result")
+    then = time.time() - STRAY_BLOB_AGE - 60
+    for path in blobs.rglob("*"):
+        if path.is_file():
+            os.utime(path, (then, then))
+    start_node(workers=1)  # (its first look is at its first upkeep)
+    wait_for(lambda: not writing() and _blob_files(enclave) == [recorded],
+             what="the node to delete the stray result blobs")
+    assert enclave.jobs.get(f.job_id, with_result=True).result is not None
+
+
 def test_a_dependent_task_cancelled_as_its_blob_is_written_leaves_no_blob(make_executor,
                                                                          enclave):
     """A task that waits for a future is pickled, its big sections written to blobs, by

@@ -238,6 +238,13 @@ class JobTable(abc.ABC):
         task it receives (a backend reads just that, where it can)."""
         return {job_id: rec.owner for job_id, rec in self.get_many(job_ids).items()}
 
+    def result_refs(self, job_ids: Sequence[str]) -> dict[str, str | None]:
+        """The blob that holds the result of each of these jobs that has a record (None:
+        none does), for the nodes' sweep of result blobs no record names (a node killed
+        between writing one and recording it).  A backend that does not say raises
+        NotImplementedError, and its result blobs are not swept."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def list(
         self, *, owner: str | None = None, state: str | None = None, limit: int = 50

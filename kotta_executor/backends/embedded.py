@@ -706,6 +706,14 @@ class EmbeddedJobs(JobTable):
                 f"SELECT job_id, owner FROM jobs WHERE job_id IN ({_marks(len(chunk))})", chunk))
         return out
 
+    def result_refs(self, job_ids):
+        out: dict[str, str | None] = {}
+        for chunk in _chunks(list(job_ids)):
+            out.update(self._db.read(
+                f"SELECT job_id, result_ref FROM jobs WHERE job_id IN ({_marks(len(chunk))})",
+                chunk))
+        return out
+
     def _read_spilled(self, ref: str) -> bytes | None:
         try:
             return self._blobs.get(ref)
