@@ -1664,8 +1664,9 @@ class Node:
         self.enclave.checkpoint()
 
     def _sweep_stray_blobs(self) -> None:
-        """Delete the task blobs that no job record names, written over STRAY_BLOB_AGE
-        ago (a page of keys a section), and such result blobs (_sweep_stray_results).  Housekeeping: a failure waits for the next look."""
+        """Delete the task blobs that no job record names, or whose job has ended, written
+        over STRAY_BLOB_AGE ago (a page of keys a section), and the result blobs no job
+        record names (_sweep_stray_results).  Housekeeping: a failure waits for the next look."""
         before = time.time() - STRAY_BLOB_AGE
         try:
             for section in TASK_SECTIONS:
@@ -1675,11 +1676,15 @@ class Node:
                 by_job = {j: k for j, k in by_job.items() if wire.is_job_id(j)}
                 if not by_job:
                     continue
-                known = self.enclave.jobs.owners(list(by_job))
-                stray = [k for j, k in by_job.items() if j not in known]
+                # and those of jobs that have ended, which no delivery runs again: their
+                # node was killed between recording the job and deleting them
+                records = self.enclave.jobs.get_many(list(by_job))
+                stray = [k for j, k in by_job.items()
+                         if j not in records or records[j].state.final]
                 if stray:
-                    log.info("deleting %d task blobs (%s-...) that no job records, written "
-                             "over %.0f s ago: their clients died before recording them",
+                    log.info("deleting %d task blobs (%s-...) written over %.0f s ago that "
+                             "no job records (their clients died before recording them), "
+                             "or whose job has ended (their node died before deleting them)",
                              len(stray), section, STRAY_BLOB_AGE)
                     self.enclave.blobs.delete(stray)
             self._sweep_stray_results(before)
