@@ -937,6 +937,36 @@ def test_executor_and_node_on_moto(enclave):
     assert replies.get("QueueUrls", []) == []
 
 
+def test_an_executor_made_from_a_url_leaves_nothing_running_once_dropped(enclave):
+    """Each executor made from an ``aws://`` URL opens an enclave of its own.  Its thread of
+    SQS batches held it for good: once used, every such executor left a thread and its
+    boto3 clients (about 15 MB) behind, a notebook cell run again and again a growing pile."""
+    import gc
+    import weakref
+
+    from kotta_executor import KottaExecutor
+    from node.daemon import Node, NodeConfig
+    from tests import tasks
+
+    node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=1.0))
+    runner = threading.Thread(target=node.run, name="node")
+    runner.start()
+    try:
+        with KottaExecutor(1, enclave=enclave.url, start_node=False) as ex:
+            assert ex.enclave is not enclave
+            assert ex.submit(tasks.add, 1, 2).result(GUARD) == 3
+            opened = weakref.ref(ex.enclave)
+            batches = wait_for(lambda q=ex.enclave.queue: q._flusher, what="its batches' thread")
+        del ex
+        wait_for(lambda: gc.collect() >= 0 and opened() is None, what="the enclave collected")
+        batches.join(GUARD)
+        assert not batches.is_alive()
+    finally:
+        node.request_stop()
+        runner.join(GUARD)
+    assert not runner.is_alive()
+
+
 def test_map_records_its_tasks_in_batches_from_the_manager(enclave, tmp_path):
     """A map's tasks all go through the executor's outbox, a few creates for all of them.
     (Each used to be sent alone from the caller's thread, each send taking longer than

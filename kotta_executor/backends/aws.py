@@ -101,6 +101,9 @@ _S3_MISSING_KEY = ("NoSuchKey", "404", "NotFound")
 MAX_RECEIVE_COUNT = 10
 RETENTION = 1_209_600  # 14 days, SQS's longest
 
+#: seconds the batches' thread waits for work before it looks whether its queue is gone
+FLUSHER_IDLE = 1.0
+
 JOB_ATTR = "kotta_job"
 REASON_ATTR = "kotta_reason"
 COUNT_ATTR = "kotta_receive_count"
@@ -903,9 +906,10 @@ class SqsQueue(TaskQueue):
                 full.append(waiting[:10])
                 del waiting[:10]
             if waiting:
-                if self._flusher is None:
+                if self._flusher is None:  # (holding the queue weakly: _run_flusher)
                     self._flusher = threading.Thread(
-                        target=self._run_flusher, name="kotta-sqs-batches", daemon=True
+                        target=_run_flusher, args=(weakref.ref(self),),
+                        name="kotta-sqs-batches", daemon=True,
                     )
                     self._flusher.start()
                 self._cv.notify()
@@ -942,30 +946,6 @@ class SqsQueue(TaskQueue):
         # sends first: a reply sent and taken in this process is in the queue to take
         for (kind, name), items in sorted(self._take_pending(keys).items(), reverse=True):
             self._apply(kind, name, items)
-
-    def _run_flusher(self) -> None:
-        while True:
-            with self._cv:
-                while True:
-                    if self._closed:
-                        return
-                    now = time.monotonic()
-                    due = [k for k, t in self._pending_since.items()
-                           if now - t >= self._linger(k[0])]  # fmt: skip
-                    if due:
-                        break
-                    if self._pending_since:
-                        wait = min(t + self._linger(k[0]) - now
-                                   for k, t in self._pending_since.items())  # fmt: skip
-                        self._cv.wait(max(wait, 0.001))
-                    else:
-                        self._cv.wait()
-            for (kind, name), items in self._take_pending(due).items():
-                try:
-                    self._apply(kind, name, items)
-                except Exception:  # noqa: BLE001 - an undeleted message is delivered again;
-                    # a lost reply is found in the job table by the client's reconcile
-                    log.exception("%s of %d messages on %s failed", kind, len(items), name)
 
     def close(self) -> None:
         try:
@@ -1113,6 +1093,39 @@ class SqsQueue(TaskQueue):
         except _client_error() as exc:
             if _code(exc) not in _SQS_MISSING:
                 raise
+
+
+def _run_flusher(ref: weakref.ref) -> None:
+    """The thread of :meth:`SqsQueue._defer`'s batches.  It holds its queue weakly while
+    nothing waits: a queue dropped without close() (the enclave of each executor made from
+    an ``aws://`` URL) is collected, its boto3 clients with it, and the thread ends within
+    FLUSHER_IDLE seconds.  (It held it for good: a thread and about 15 MB an executor.)"""
+    while (q := ref()) is not None:
+        with q._cv:
+            while True:
+                if q._closed:
+                    return
+                now = time.monotonic()
+                due = [k for k, t in q._pending_since.items()
+                       if now - t >= q._linger(k[0])]  # fmt: skip
+                if due:
+                    break
+                if q._pending_since:
+                    wait = min(t + q._linger(k[0]) - now
+                               for k, t in q._pending_since.items())  # fmt: skip
+                    q._cv.wait(max(wait, 0.001))
+                else:
+                    cv, q = q._cv, None
+                    cv.wait(FLUSHER_IDLE)
+                    if (q := ref()) is None:
+                        return
+        for (kind, name), items in q._take_pending(due).items():
+            try:
+                q._apply(kind, name, items)
+            except Exception:  # noqa: BLE001 - an undeleted message is delivered again;
+                # a lost reply is found in the job table by the client's reconcile
+                log.exception("%s of %d messages on %s failed", kind, len(items), name)
+        del q
 
 
 def _flush_at_exit(ref) -> None:
