@@ -49,6 +49,7 @@ import operator
 import os
 import random
 import select
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -66,7 +67,7 @@ from typing import Any
 
 from . import config, dependencies, wire
 from . import requirements as _requirements
-from .backends import open_enclave
+from .backends import default_url, open_enclave
 from .backends.base import Enclave, Finished, JobRecord, Message, NewJob, reply_queue
 from .errors import (
     AuthenticationError,
@@ -1192,11 +1193,22 @@ class KottaExecutor(Executor):
                 log.warning(
                     "kotta: %d job%s of queue %r %s waited %.0f s and no live node serves "
                     "that queue; they stay queued until one does (start one with "
-                    "`kotta up --queue %s`, or cancel them; results and shutdown(wait=True) "
+                    "`%s`, or cancel them; results and shutdown(wait=True) "
                     "wait for them)",
                     count, "" if count == 1 else "s", q, "has" if count == 1 else "have",
-                    now - since, q,
+                    now - since, self._node_command(q),
                 )
+
+    def _node_command(self, queue: str) -> str:
+        """The command that starts a node of ``queue`` on this executor's enclave.  `kotta`
+        alone opens the default one: another is named.  A remote enclave's nodes run where
+        its admin puts them, and `kotta up` manages local processes only (docs/aws.md)."""
+        url = shlex.quote(self._enclave.url)
+        if not self._enclave.local:
+            return f"kotta node --enclave {url} --queue {queue}"
+        if default_url() == self._enclave.url:
+            return f"kotta up --queue {queue}"
+        return f"kotta up --enclave {url} --queue {queue}"
 
     def _check_pythons(self, queue: str, pythons: set[str | None]) -> None:
         """Warn, once a queue, when every node serving it runs another Python version."""

@@ -967,6 +967,44 @@ def test_an_executor_made_from_a_url_leaves_nothing_running_once_dropped(enclave
     assert not runner.is_alive()
 
 
+def test_jobs_no_node_serves_are_warned_of_with_a_command_for_this_enclave(enclave,
+                                                                           monkeypatch):
+    """The warning said to start a node with `kotta up --queue test`, which docs/aws.md says
+    not to use with an AWS enclave, and which without --enclave starts a node of the
+    embedded enclave under $KOTTA_HOME: the jobs waited on."""
+    import logging
+    import shlex
+
+    from kotta_executor import KottaExecutor
+    from kotta_executor import executor as executor_module
+    from tests import tasks
+
+    monkeypatch.setattr(executor_module, "UNSERVED_WARN", 0.3)
+    warned = threading.Event()
+    messages: list[str] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+            if "no live node serves" in messages[-1]:
+                warned.set()
+
+    handler = Seen()
+    logging.getLogger("kotta.executor").addHandler(handler)
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    try:
+        f = ex.submit(tasks.add, 1, 2)
+        assert warned.wait(GUARD), messages
+        [warning] = [m for m in messages if "no live node serves" in m]
+        command = f"kotta node --enclave {shlex.quote(enclave.url)} --queue test"
+        assert f"(start one with `{command}`," in warning
+        assert "kotta up" not in warning
+        assert f.cancel()
+    finally:
+        logging.getLogger("kotta.executor").removeHandler(handler)
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
 def test_map_records_its_tasks_in_batches_from_the_manager(enclave, tmp_path):
     """A map's tasks all go through the executor's outbox, a few creates for all of them.
     (Each used to be sent alone from the caller's thread, each send taking longer than

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kotta_executor import KottaExecutor
 from kotta_executor import executor as executor_module
 from tests import tasks
 from tests.conftest import GUARD, wait_for
@@ -47,14 +48,16 @@ def executor_log(monkeypatch):
 
 
 def test_jobs_no_node_serves_are_named_in_a_warning_and_run_once_a_node_comes(
-    make_executor, start_node, executor_log
+    make_executor, start_node, executor_log, enclave_dir
 ):
     ex = make_executor(1, start_node=False)
     futures = [ex.submit(tasks.add, i, 1) for i in range(3)]
     assert executor_log.event.wait(GUARD), executor_log.messages
     [warning] = [m for m in executor_log.messages if "no live node serves" in m]
     assert warning.startswith("kotta: 3 jobs of queue 'test' have waited ")
-    assert "`kotta up --queue test`" in warning
+    # not the default enclave ($KOTTA_HOME): the command names it (`kotta up --queue test`
+    # started a node of another enclave, and the jobs waited on)
+    assert f"`kotta up --enclave embedded://{enclave_dir.resolve()} --queue test`" in warning
     assert not any(f.done() for f in futures)
     assert {f.status() for f in futures} == {"pending"}
     # warned once: later looks at the same jobs say nothing more
@@ -74,6 +77,18 @@ def test_jobs_no_node_serves_are_named_in_a_warning_and_run_once_a_node_comes(
     # nothing was lost: a node that starts now runs them all
     start_node(workers=1)
     assert [f.result(timeout=GUARD) for f in futures] == [1, 2, 3]
+
+
+def test_the_warning_of_the_default_enclave_names_none(executor_log):
+    ex = KottaExecutor(1, start_node=False)  # $KOTTA_HOME's, as `kotta up` opens
+    try:
+        f = ex.submit(tasks.add, 1, 1)
+        assert executor_log.event.wait(GUARD), executor_log.messages
+        [warning] = [m for m in executor_log.messages if "no live node serves" in m]
+        assert "(start one with `kotta up --queue test`," in warning
+        assert f.cancel()
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
 
 
 def test_a_busy_node_is_not_taken_for_a_missing_one(make_executor, start_node, executor_log,

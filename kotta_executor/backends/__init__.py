@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..config import kotta_home
 from ..errors import ConfigurationError
@@ -47,6 +48,16 @@ def is_new(spec: str | os.PathLike | None = None, *, default: bool = False) -> b
     return (bool(spec) or default) and home is not None and not EmbeddedEnclave.exists(home)
 
 
+def default_url() -> str | None:
+    """The URL of the embedded enclave that ``open_enclave(None)`` (``kotta`` without
+    ``--enclave``) opens, without making it; None when ``$KOTTA_ENCLAVE`` names another
+    backend's."""
+    home = _embedded_home(_spec(None))
+    if home is None:
+        return None
+    return f"embedded://{Path(home).expanduser().resolve()}"
+
+
 def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist: bool = False) -> Enclave:
     """The enclave ``spec`` names.  An embedded enclave is created where none is yet, unless
     ``must_exist`` and it was named (``spec`` or ``$KOTTA_ENCLAVE``): for commands that
@@ -77,4 +88,4 @@ def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist:
     )
 
 
-__all__ = ["Enclave", "is_new", "open_enclave"]
+__all__ = ["Enclave", "default_url", "is_new", "open_enclave"]
