@@ -1489,8 +1489,8 @@ class DynamoJobs(_DynamoTable, JobTable):
             sets.append("finished = :now")
         update = "SET " + ", ".join(sets) + add
         # an attempt is a node beginning the job: a data task's move on from staging its
-        # inputs to running is the same attempt, and adds none (a write of its own, tried
-        # when the first one's condition fails: only data tasks come that way)
+        # inputs to running is the same attempt, and adds none (a write of its own, made
+        # when the first one's condition failed on that state: only data tasks come so)
         on = JobState.STAGING_INPUTS
         go_on = new is JobState.PROCESSING and on in allowed
         first = allowed - {on} if go_on else allowed
@@ -1500,9 +1500,17 @@ class DynamoJobs(_DynamoTable, JobTable):
         same = "SET " + ", ".join(sets)
 
         def one(j: str) -> bool:
-            if first and self._update(j, update, condition, values, names):
+            was: list[str | None] = []  # the state that failed the condition, if one did
+
+            def peek(old: dict) -> bool:
+                was.append(_str(old, "state"))
+                return False
+
+            if first and self._update(j, update, condition, values, names, peek):
                 return True
-            return go_on and self._update(j, same, "#state = :on", on_values, names)
+            if not go_on or (first and was != [str(on)]):
+                return False
+            return self._update(j, same, "#state = :on", on_values, names)
 
         ids = list(dict.fromkeys(job_ids))
         moved = self._e.parallel(one, ids)
