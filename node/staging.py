@@ -9,7 +9,7 @@ to the enclave after, always through the store made from the *owner's* credentia
                                      cache miss -> store.download -> copy into workdir
                                                                   -> StageCache.add
     stage_outputs   for each output: workdir/<basename>, a regular file, no symlink
-                                     -> store.upload
+                                     -> each (its audit record) -> store.upload
 
 The node-local :class:`StageCache` keeps inputs between tasks, keyed by the object's URI
 and etag, so a changed object (a new etag) is fetched again.
@@ -379,13 +379,17 @@ def stage_outputs(store, workdir: Path, uris,
                   each: Callable[[dict], object] = lambda item: None) -> list[dict]:
     """Upload each declared output, ``workdir/<basename of its URI>``, through the owner's
     store.  Every output is checked before any is uploaded.  Returns ``[{"uri", "bytes"}]``;
-    ``each`` is called with each as soon as it is uploaded (a later one may fail).
+    ``each`` is called with each just before it is uploaded (to audit it: no output is
+    written unaudited, and a later one may fail).
     """
     workdir = Path(workdir)
     files = [(d, _output_file(workdir, name, d.uri)) for d, name in _names(uris, "outputs")]
     uploaded: list[dict] = []
     for d, path in files:
+        # audited first: an output whose record could not be written after its upload
+        # was in its dataset unaudited.  (An upload that then fails leaves the record of
+        # its attempt.)
+        each({"uri": d.uri, "bytes": path.stat().st_size})
         info = store.upload(path, d.uri)  # opens with O_NOFOLLOW: no symlink swapped in
         uploaded.append({"uri": d.uri, "bytes": info.size})
-        each(uploaded[-1])
     return uploaded

@@ -399,7 +399,9 @@ def test_egress_made_stricter_while_a_staged_task_waits_holds_its_result(data, m
 
 def test_what_was_staged_before_a_staging_step_failed_is_audited(data, make_executor):
     """Inputs and outputs were audited once all of them were staged: an input read, or
-    an output written, before a later one failed, left no record."""
+    an output written, before a later one failed, left no record.  (An output is audited
+    just before its upload, so that none is ever written unaudited: one whose upload
+    failed has the record of its attempt.)"""
     put_object(data.enclave, "s3://klab-results/alice/f", b"an object where a directory goes")
     alice = make_executor(1, credentials=data.alice)
     f = alice.submit(tasks.file_sum, inputs=[INPUT, "s3://klab-jobs/absent.txt"])
@@ -411,7 +413,8 @@ def test_what_was_staged_before_a_staging_step_failed_is_audited(data, make_exec
     with pytest.raises(errors.StagingFailed):
         g.result(GUARD)
     assert get_object(data.enclave, one) == b"x"  # written, so recorded
-    assert [r["dataset"] for r in data.audit.show(job_id=g.job_id, action="stage-out")] == [one]
+    assert [r["dataset"] for r in data.audit.show(job_id=g.job_id, action="stage-out")] == [
+        one, two]  # (two: tried, after its record)
 
 
 def test_a_task_cannot_write_its_outputs_itself(data, make_executor, tmp_path):

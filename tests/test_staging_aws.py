@@ -226,3 +226,26 @@ def test_aws_a_failed_egress_hold_is_retried_not_the_end_of_the_node(aws, tmp_pa
         assert len(audit.show(job_id=f.job_id, action="egress-denied")) == 1
     finally:  # (not waiting for a task that a dead node would never end)
         alice.shutdown(wait=runner.is_alive(), cancel_futures=True)
+
+
+def test_aws_an_output_is_never_in_its_dataset_without_its_audit_record(aws, tmp_path):
+    """The stage-out record (PutItem) was written after the output's upload: when it
+    failed past botocore's retries, the job failed with StagingFailed, but the output,
+    written from data the task read, was in its dataset with no record of it.  The record
+    comes first: it failing, nothing is written."""
+    enclave, audit, policies, admin, executor = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
+    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
+    enclave.session.client("iam").put_role_policy(
+        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
+        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
+    )
+    fired = throttle_once(enclave.dynamodb, "PutItem", lambda body: b"stage-out" in body)
+    alice = executor("alice", "analyst")
+    f = alice.submit(tasks.write_file, "alice.txt", "42\n", inputs=[INPUT], outputs=[OUTPUT])
+    with pytest.raises(errors.StagingFailed, match="ThrottlingException"):
+        f.result(GUARD)
+    assert fired.is_set()
+    assert audit.show(job_id=f.job_id, action="stage-out") == []
+    with pytest.raises(FileNotFoundError):
+        get_object(enclave, OUTPUT)
