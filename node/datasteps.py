@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -39,6 +40,7 @@ from kotta_executor.errors import (
     AccessDenied,
     AuthenticationError,
     InvalidDataUri,
+    KottaError,
     StagingFailed,
 )
 from kotta_executor.security.data import held_uri, objects_for, put_object
@@ -65,6 +67,14 @@ REISSUE_AFTER = CREDENTIAL_MARGIN / 2
 #: again; doubled at each failure up to TAKE_OVER_RETRY_MAX
 TAKE_OVER_RETRY = 0.1
 TAKE_OVER_RETRY_MAX = 5.0
+#: seconds a staging thread tries a call to the enclave again (the owner's role assumed,
+#: the policies read, an object read or written, an audit record written) through a fault
+#: that may pass: throttling past botocore's retries, a 5xx, a lost answer.  As long as
+#: the node's own steps wait (daemon.PATIENCE); from STAGING_RETRY, doubled at each try up
+#: to STAGING_RETRY_MAX.  A lasting fault (``Enclave.lasting``) fails the job at once.
+STAGING_PATIENCE = 60.0
+STAGING_RETRY = 0.1
+STAGING_RETRY_MAX = 5.0
 
 
 @dataclass
@@ -111,6 +121,7 @@ class DataSteps:
         self._later: deque[tuple] = deque()
         self._later_tries, self._later_after = 0, 0.0
         self.abandoned = False  # the drain handed back tasks whose staging still ran
+        self._closing = threading.Event()  # staging threads stop trying calls again
         self.reissue_after = REISSUE_AFTER
 
     # ------------------------------------------------------------------ stage-in
@@ -136,24 +147,27 @@ class DataSteps:
         h, claims = task.header, task.claims
         user, job = claims.user, task.job_id
         inputs = list(h.get("inputs") or ())
-        self._authorise(task)  # everything, before touching anything
-        egress = self._egress(task)
+        # everything authorised, before touching anything
+        self._tried("reading the policies and the owner's standing", self._authorise, task)
+        egress = self._tried("reading the datasets' egress rules", self._egress, task)
         # for the stage-in and the task: to read its inputs only.  Its outputs are written
         # by the node, at stage-out, once it has succeeded (grants and the owner's standing
         # checked again, each upload audited): never by the task itself
         issued = time.time()
-        store, env = self._task_credentials(task)
+        store, env = self._tried(f"getting {user}'s data credentials", self._task_credentials,
+                                 task)
         workdir = Path(tempfile.mkdtemp(prefix=f"{job[:12]}-", dir=self.work))
 
         def audit(item: dict) -> None:  # each as it is read: a later one may fail
-            self.node.audit.append(
+            self._tried(
+                f"writing the audit record of reading {item['uri']}", self.node.audit.append,
                 "stage-in", user=user, dataset=item["uri"], job_id=job,
                 detail=f"{item['bytes']} bytes{' from the node cache' if item['cached'] else ''}",
             )
 
         try:
             if inputs:
-                stage_inputs(store, self.cache, inputs, workdir, audit)
+                stage_inputs(_Tried(self, store), self.cache, inputs, workdir, audit)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -317,25 +331,57 @@ class DataSteps:
 
     def _stage_out(self, task: Task, fin: Finished) -> Finished:
         staged: Staged = task.staged
-        try:
-            self._authorise(task, reads=False)  # a write grant revoked while the task ran
+        user = task.claims.user
+        try:  # a write grant revoked while the task ran
+            self._tried("reading the policies and the owner's standing", self._authorise, task,
+                        reads=False)
         except AccessDenied as exc:
             exc.audited = True  # (by the policy store, with the dataset)
             raise
         # fresh owner credentials for the writes: the stage-in ones may have expired
         # during a long task (on AWS a chained role session lasts one hour at most)
-        store, _ = objects_for(
-            self.enclave, user=task.claims.user, role=task.claims.role, job_id=task.job_id,
+        store, _ = self._tried(
+            f"getting {user}'s data credentials", objects_for,
+            self.enclave, user=user, role=task.claims.role, job_id=task.job_id,
             writes=task.header["outputs"], ttl=CREDENTIAL_MARGIN,
         )
-        stage_outputs(  # each audited as it is written: a later one may fail
-            store, staged.workdir, task.header["outputs"],
-            lambda item: self.node.audit.append(
-                "stage-out", user=task.claims.user, dataset=item["uri"], job_id=task.job_id,
+        stage_outputs(  # each audited before it is written: never in a dataset unaudited
+            _Tried(self, store), staged.workdir, task.header["outputs"],
+            lambda item: self._tried(
+                f"writing the audit record of writing {item['uri']}", self.node.audit.append,
+                "stage-out", user=user, dataset=item["uri"], job_id=task.job_id,
                 detail=f"{item['bytes']} bytes",
             ),
         )
         return replace(fin, at=time.time())  # it finishes now, its outputs written
+
+    def _tried(self, what: str, call, *args, **kw):
+        """``call(*args, **kw)``, in a staging thread, tried again through a fault that may
+        pass (one the enclave does not call lasting: throttling past botocore's retries, a
+        5xx, a lost answer), with a backoff, for STAGING_PATIENCE: a passing storm must
+        not fail a job that can run.  A lasting fault, or one that outlasts the patience,
+        fails it with StagingFailed naming ``what`` and the fault.  Staging's own answers
+        (kotta's errors: a denial, a bad output; no such object, or the node's files
+        failing: an OSError not from botocore) are raised as they are, at once."""
+        delay, since = STAGING_RETRY, time.monotonic()
+        while True:
+            try:
+                return call(*args, **kw)
+            except Exception as exc:
+                if isinstance(exc, KottaError) or (
+                    isinstance(exc, OSError) and not type(exc).__module__.startswith("botocore")
+                ):
+                    raise
+                lasting, waited = self.enclave.lasting(exc), time.monotonic() - since
+                if lasting or waited + delay > STAGING_PATIENCE or self._closing.is_set():
+                    how = "" if lasting else f" (for {waited:.1f} s)"
+                    log.warning("%s failed%s: %s: %s", what, how, type(exc).__name__, exc)
+                    raise StagingFailed(
+                        f"{what} failed{how}: {type(exc).__name__}: {exc}") from exc
+                log.warning("%s failed (%s: %s); trying again in %.2g s", what,
+                            type(exc).__name__, exc, delay)
+                self._closing.wait(delay)
+                delay = min(STAGING_RETRY_MAX, delay * 2)
 
     def _finish(self, task: Task, fin: Finished) -> None:
         staged = task.staged
@@ -410,6 +456,24 @@ class DataSteps:
         """Stop the staging threads (waiting for them unless the drain gave up on some:
         their tasks were handed back), then remove the node's work directories and cache
         (the cache lives as long as its node)."""
+        self._closing.set()
         self.pool.shutdown(wait=not self.abandoned, cancel_futures=True)
         remove_tree(self.root)
         os.close(self._area_lock)
+
+
+class _Tried:
+    """A task's store whose calls (reading and writing the enclave's objects) a staging
+    thread tries again through a passing fault (:meth:`DataSteps._tried`)."""
+
+    def __init__(self, steps: DataSteps, store):
+        self._steps, self._store = steps, store
+
+    def head(self, uri: str):
+        return self._steps._tried(f"reading {uri}", self._store.head, uri)
+
+    def download(self, uri: str, dest: Path):
+        return self._steps._tried(f"reading {uri}", self._store.download, uri, dest)
+
+    def upload(self, src: Path, uri: str):
+        return self._steps._tried(f"writing {uri}", self._store.upload, src, uri)

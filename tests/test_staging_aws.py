@@ -13,6 +13,7 @@ import threading
 import uuid
 
 import pytest
+from botocore.exceptions import ClientError
 
 from kotta_executor import KottaExecutor, errors
 from kotta_executor.aws_provision import bootstrap
@@ -21,6 +22,7 @@ from kotta_executor.security import credentials
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.data import get_object
 from kotta_executor.security.policy import PolicyStore, role_policy
+from node import datasteps
 from node.daemon import Node, NodeConfig
 from tests import aws_moto, tasks
 from tests.conftest import GUARD, make_user, wait_for
@@ -228,11 +230,13 @@ def test_aws_a_failed_egress_hold_is_retried_not_the_end_of_the_node(aws, tmp_pa
         alice.shutdown(wait=runner.is_alive(), cancel_futures=True)
 
 
-def test_aws_an_output_is_never_in_its_dataset_without_its_audit_record(aws, tmp_path):
+def test_aws_an_output_is_never_in_its_dataset_without_its_audit_record(aws, request,
+                                                                        monkeypatch):
     """The stage-out record (PutItem) was written after the output's upload: when it
     failed past botocore's retries, the job failed with StagingFailed, but the output,
     written from data the task read, was in its dataset with no record of it.  The record
-    comes first: it failing, nothing is written."""
+    comes first: it failing (for good), nothing is written."""
+    monkeypatch.setattr(datasteps, "STAGING_PATIENCE", 1.0)
     enclave, audit, policies, admin, executor = aws
     policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
     policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
@@ -240,12 +244,149 @@ def test_aws_an_output_is_never_in_its_dataset_without_its_audit_record(aws, tmp
         RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
         PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
     )
-    fired = throttle_once(enclave.dynamodb, "PutItem", lambda body: b"stage-out" in body)
+    failed = fail_calls(enclave.dynamodb.meta.events, "dynamodb.PutItem", None,
+                        lambda p: b"stage-out" in (p.get("body") or b""), request=request)
     alice = executor("alice", "analyst")
     f = alice.submit(tasks.write_file, "alice.txt", "42\n", inputs=[INPUT], outputs=[OUTPUT])
     with pytest.raises(errors.StagingFailed, match="ThrottlingException"):
         f.result(GUARD)
-    assert fired.is_set()
+    assert failed
     assert audit.show(job_id=f.job_id, action="stage-out") == []
     with pytest.raises(FileNotFoundError):
         get_object(enclave, OUTPUT)
+
+
+def fail_calls(events, operation: str, times: int | None, when=lambda params: True,
+               code: str = "ThrottlingException", *, request):
+    """The next ``times`` (None: every) ``operation`` calls whose request ``when`` accepts
+    fail with ``code``, as calls do once botocore stops retrying, until the test ends.
+    ``events``: an event system (``register``, ``unregister``).  Returns a list that
+    counts the failures."""
+    failed: list[int] = []
+    lock = threading.Lock()
+
+    def handler(params=None, **_):
+        with lock:
+            if (times is not None and len(failed) >= times) or not when(params or {}):
+                return None
+            failed.append(1)
+        raise ClientError({"Error": {"Code": code, "Message": "Rate exceeded"}}, operation)
+
+    events.register(f"before-call.{operation}", handler)
+    request.addfinalizer(lambda: events.unregister(f"before-call.{operation}", handler))
+    return failed
+
+
+class _NewSessions:
+    """The events of the clients of boto3 sessions made from now on (the staging stores':
+    S3Objects makes one from the owner's credentials), through botocore's own list of the
+    handlers each new session starts with (as moto hooks in)."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+
+    def register(self, event: str, handler) -> None:
+        import botocore.handlers
+
+        self.monkeypatch.setattr(botocore.handlers, "BUILTIN_HANDLERS",
+                                 [*botocore.handlers.BUILTIN_HANDLERS, (event, handler)])
+
+    def unregister(self, event: str, handler) -> None:
+        pass  # (monkeypatch restores the list)
+
+
+def _data_path(params: dict) -> bool:
+    return DATA_BUCKET in str(params.get("url_path", "")) or DATA_BUCKET in str(
+        params.get("url", ""))
+
+
+def _fault_at(step: str, enclave, request, times: int | None) -> list[int]:
+    """A fault in one of the calls the node's staging threads make for a job that reads
+    INPUT and writes OUTPUT."""
+    ddb = enclave.dynamodb.meta.events
+    new_sessions = _NewSessions(request.getfixturevalue("monkeypatch"))
+    kw = {"request": request}
+    if step == "AssumeRole":  # (a new STS client each time, from the enclave's session)
+        return fail_calls(enclave.session.events, "sts.AssumeRole", times, **kw)
+    if step == "dataset records":
+        return fail_calls(ddb, "dynamodb.Query", times,
+                          lambda p: b'"dataset"' in (p.get("body") or b""), **kw)
+    if step == "GetObject":
+        return fail_calls(new_sessions, "s3.GetObject", times, _data_path, "SlowDown", **kw)
+    if step == "PutObject":
+        return fail_calls(new_sessions, "s3.PutObject", times, _data_path, "InternalError", **kw)
+    action = step.split()[0]  # "stage-in record", "stage-out record"
+    return fail_calls(ddb, "dynamodb.PutItem", times,
+                      lambda p: action.encode() in (p.get("body") or b""),
+                      "ProvisionedThroughputExceededException", **kw)
+
+
+def _grant_results(aws) -> None:
+    enclave, _, policies, admin, _ = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
+    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
+    enclave.session.client("iam").put_role_policy(
+        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
+        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
+    )
+
+
+STAGING_STEPS = ["AssumeRole", "dataset records", "GetObject", "PutObject",
+                 "stage-in record", "stage-out record"]
+
+
+@pytest.mark.parametrize("step", STAGING_STEPS)
+def test_aws_a_passing_fault_while_staging_is_tried_again(aws, request, step):
+    """A throttle or a 5xx past botocore's retries in a staging thread (the owner's role
+    assumed, the dataset records read, the input read, the output written, either audit
+    record) failed the job with StagingFailed, though the task could have run.  The call is
+    tried again, with a backoff: the job completes, ran once, each access audited once."""
+    enclave, audit, *_ = aws
+    _grant_results(aws)
+    failed = _fault_at(step, enclave, request, times=2)
+    alice = aws[4]("alice", "analyst")
+    f = alice.submit(tasks.write_file, "alice.txt", "42\n", inputs=[INPUT], outputs=[OUTPUT])
+    f.result(GUARD)
+    assert len(failed) == 2, f"the fault at {step} never struck"
+    assert get_object(enclave, OUTPUT) == b"42\n"
+    states = [s for _, s, _ in enclave.jobs.history(f.job_id)]
+    assert states.count("processing") == 1 and states[-1] == "completed", states
+    assert [r["dataset"] for r in audit.show(job_id=f.job_id, action="stage-in")] == [INPUT]
+    assert [r["dataset"] for r in audit.show(job_id=f.job_id, action="stage-out")] == [OUTPUT]
+    assert audit.verify().ok
+
+
+@pytest.mark.parametrize("step", STAGING_STEPS)
+def test_aws_a_lasting_fault_while_staging_fails_the_job_naming_it(aws, request, monkeypatch,
+                                                                 step):
+    """A fault that does not pass fails the job with StagingFailed naming the step and
+    AWS's error, once the staging patience is spent; an output is never left in its
+    dataset without its audit record (its stage-out record failing kept it unwritten)."""
+    monkeypatch.setattr(datasteps, "STAGING_PATIENCE", 1.0, raising=False)
+    enclave, audit, *_ = aws
+    _grant_results(aws)
+    failed = _fault_at(step, enclave, request, times=None)
+    alice = aws[4]("alice", "analyst")
+    f = alice.submit(tasks.write_file, "alice.txt", "42\n", inputs=[INPUT], outputs=[OUTPUT])
+    with pytest.raises(errors.StagingFailed) as info:
+        f.result(GUARD)
+    assert len(failed) >= 2, f"{step}: not tried again"
+    said, code = {
+        "AssumeRole": ("getting alice's data credentials", "ThrottlingException"),
+        "dataset records": ("reading the policies", "ThrottlingException"),  # (and standing)
+        "GetObject": (f"reading {INPUT}", "SlowDown"),
+        "PutObject": (f"writing {OUTPUT}", "InternalError"),
+        "stage-in record": (f"the audit record of reading {INPUT}",
+                            "ProvisionedThroughputExceededException"),
+        "stage-out record": (f"the audit record of writing {OUTPUT}",
+                             "ProvisionedThroughputExceededException"),
+    }[step]
+    assert said in str(info.value) and code in str(info.value), info.value
+    written = audit.show(job_id=f.job_id, action="stage-out")
+    try:
+        get_object(enclave, OUTPUT)
+    except FileNotFoundError:
+        pass
+    else:
+        assert [r["dataset"] for r in written] == [OUTPUT], "an output written unaudited"
+    assert _node_thread().is_alive()
