@@ -1288,7 +1288,11 @@ class Node:
             limit = task.header.get("max_tasks_per_child")
             w = self._worker_for(task.owner, load, caps, env, alone=alone, limit=limit)
             if w is not None and task.staged is not None:
-                if not self.data.still_allowed(task):
+                allowed = self.data.still_allowed(task)
+                if allowed is None:  # not checked (a passing fault): at a later step
+                    skipped.append(task)
+                    continue
+                if not allowed:
                     continue  # a grant revoked since its stage-in: it failed, never ran
                 if not alone and _restricted(task):  # its data made stricter meanwhile
                     alone = True

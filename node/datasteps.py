@@ -75,6 +75,8 @@ TAKE_OVER_RETRY_MAX = 5.0
 STAGING_PATIENCE = 60.0
 STAGING_RETRY = 0.1
 STAGING_RETRY_MAX = 5.0
+#: the step of still_allowed (its patience counted by the node, as its own steps' are)
+CHECK_AGAIN = "checking a staged task's data access again"
 
 
 @dataclass
@@ -284,27 +286,39 @@ class DataSteps:
         )
         return wire.failure(task.job_id, task.header["n"], "EgressDenied", reason, handle=handle)
 
-    def still_allowed(self, task: Task) -> bool:
+    def still_allowed(self, task: Task) -> bool | None:
         """Whether the policies still let a staged task read its inputs and write its
         outputs, now that a worker is free for it (it may have waited behind long tasks
         since its stage-in), and its owner still has rights; if not, it fails with
         DataAccessDenied, never having run.  The egress rule of what it reads is taken
         again too: a dataset made stricter meanwhile holds back the task's result.  A task
-        that waited gets its data credentials anew, for its walltime from now."""
-        staged = task.staged
+        that waited gets its data credentials anew, for its walltime from now.  None: a
+        fault that may pass (throttling past the backend's retries, a 5xx) kept it from
+        being checked; it waits for a later step rather than end the node or fail the job
+        (a lasting fault, or one past the node's patience, fails it: it never ran)."""
+        staged, now = task.staged, time.time()
         try:
             self._authorise(task)
-            staged.egress = self._egress(task)
+            egress = self._egress(task)
+            # it waited: its walltime starts now
+            env = (self._task_credentials(task)[1] if now - staged.issued > self.reissue_after
+                   else None)
         except AccessDenied as exc:
             self._fail(task, "in", exc)
             return False
-        now = time.time()
-        if now - staged.issued > self.reissue_after:  # it waited: its walltime starts now
+        except Exception as exc:  # noqa: BLE001 - the node's and the job's end only if lasting
             try:
-                staged.env, staged.issued = self._task_credentials(task)[1], now
-            except Exception as exc:  # noqa: BLE001 - as a failed stage-in: it never ran
+                self.node._transient(CHECK_AGAIN, exc)
+            except Exception:  # noqa: BLE001 - as a failed stage-in: it never ran
                 self._fail(task, "in", exc)
                 return False
+            log.warning("%s of job %s failed (%s: %s); trying again at a later step",
+                        CHECK_AGAIN, task.job_id, type(exc).__name__, exc)
+            return None
+        self.node._failing.pop(CHECK_AGAIN, None)
+        staged.egress = egress
+        if env is not None:
+            staged.env, staged.issued = env, now
             self._with_staged(task)
         return True
 

@@ -73,6 +73,7 @@ def aws(tmp_path):
             executors.append(ex)
             return ex
 
+        executor.node = node  # (for the tests that tune it)
         try:
             yield enclave, audit, policies, admin, executor
         finally:
@@ -390,3 +391,59 @@ def test_aws_a_lasting_fault_while_staging_fails_the_job_naming_it(aws, request,
     else:
         assert [r["dataset"] for r in written] == [OUTPUT], "an output written unaudited"
     assert _node_thread().is_alive()
+
+
+@pytest.mark.parametrize("step", ["dataset records", "AssumeRole"])
+def test_aws_a_passing_fault_when_a_staged_task_is_about_to_run_is_tried_again(
+        aws, request, tmp_path, step):
+    """When a worker takes a staged task, its data access is checked again (the policies
+    read) and, after a long wait, its credentials issued anew (AssumeRole), in the node's
+    own loop.  A throttle there, past botocore's retries, ended the node, and every task it
+    ran (the policies), or failed the job (the credentials).  The task waits for a later
+    step: it runs, once."""
+    enclave, audit, *_ = aws
+    node = next(t for t in threading.enumerate() if t.name == "node")
+    from_the_node = threading.current_thread
+    if step == "AssumeRole":
+        aws[4].node.data.reissue_after = 0.0  # (every staged task: its credentials anew)
+        failed = fail_calls(enclave.session.events, "sts.AssumeRole", 2,
+                            lambda p: from_the_node() is node, request=request)
+    else:
+        failed = fail_calls(enclave.dynamodb.meta.events, "dynamodb.Query", 2,
+                            lambda p: from_the_node() is node and b'"policy"' in (
+                                p.get("body") or b""), request=request)
+    token = make_user(enclave, "alice", tmp_path / "tokens", role="analyst")
+    alice = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+    try:
+        f = alice.submit(tasks.file_sum, inputs=[INPUT])
+        wait_for(lambda: f.done() or not node.is_alive(), what="the job or the node to end")
+        assert node.is_alive(), "a transient fault killed the node"
+        assert f.result(GUARD) == sum(range(1, 201))
+        assert len(failed) == 2
+        states = [s for _, s, _ in enclave.jobs.history(f.job_id)]
+        assert states.count("processing") == 1 and states[-1] == "completed", states
+    finally:  # (not waiting for a task that a dead node would never end)
+        alice.shutdown(wait=node.is_alive(), cancel_futures=True)
+
+
+def test_aws_a_lasting_fault_when_a_staged_task_is_about_to_run_fails_it_not_the_node(
+        aws, request, tmp_path):
+    """The same fault, lasting (the node may not read the policies): the job fails with
+    StagingFailed, never having run, and the node lives on (it ended, with every task it
+    ran)."""
+    enclave, *_ = aws
+    node = next(t for t in threading.enumerate() if t.name == "node")
+    fail_calls(enclave.dynamodb.meta.events, "dynamodb.Query", None,
+               lambda p: threading.current_thread() is node and b'"policy"' in (
+                   p.get("body") or b""), "AccessDeniedException", request=request)
+    token = make_user(enclave, "alice", tmp_path / "tokens", role="analyst")
+    alice = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+    try:
+        f = alice.submit(tasks.create_file_and_sum, str(tmp_path / "ran"), inputs=[INPUT])
+        wait_for(lambda: f.done() or not node.is_alive(), what="the job or the node to end")
+        assert node.is_alive(), "a lasting fault in one task's check killed the node"
+        with pytest.raises(errors.StagingFailed, match="AccessDeniedException"):
+            f.result(GUARD)
+        assert not (tmp_path / "ran").exists()
+    finally:  # (not waiting for a task that a dead node would never end)
+        alice.shutdown(wait=node.is_alive(), cancel_futures=True)
