@@ -447,3 +447,31 @@ def test_aws_a_lasting_fault_when_a_staged_task_is_about_to_run_fails_it_not_the
         assert not (tmp_path / "ran").exists()
     finally:  # (not waiting for a task that a dead node would never end)
         alice.shutdown(wait=node.is_alive(), cancel_futures=True)
+
+
+def test_aws_a_passing_fault_in_an_audit_checkpoint_leaves_no_checkpoint_missing(
+        aws, request, tmp_path):
+    """Every 64th audit record is followed by its checkpoint (a second PutItem).  When that
+    failed past botocore's retries, the record was written but the append raised: the
+    stage-in was tried again and audited twice, and the checkpoint was never written, so
+    `kotta audit verify` reported it missing for good, as it does a deleted one.  The
+    checkpoint is written again; the record is not."""
+    from kotta_executor.security.audit import CHECKPOINT_EVERY, CHECKPOINT_KIND, record_key
+
+    enclave, audit, *_ = aws
+    token = make_user(enclave, "alice", tmp_path / "tokens", role="analyst")
+    alice = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+    try:
+        while audit.append("dataset-add", user="admin")["seq"] % CHECKPOINT_EVERY != 63:
+            pass
+        failed = fail_calls(enclave.dynamodb.meta.events, "dynamodb.PutItem", 1,
+                            lambda p: CHECKPOINT_KIND.encode() in (p.get("body") or b""),
+                            request=request)
+        f = alice.submit(tasks.file_sum, inputs=[INPUT])
+        assert f.result(GUARD) == sum(range(1, 201))
+        assert failed
+        [rec] = audit.show(job_id=f.job_id, action="stage-in")
+        assert rec["seq"] % CHECKPOINT_EVERY == 0
+        assert enclave.records.get(CHECKPOINT_KIND, record_key(rec["seq"])) is not None
+    finally:
+        alice.shutdown(wait=True, cancel_futures=True)

@@ -65,6 +65,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import threading
 import time
@@ -88,6 +89,9 @@ CHECKPOINT_GRACE = 60.0
 #: conditional writes one append tries before it gives up (each lost one means another
 #: writer appended in between)
 MAX_ATTEMPTS = 200
+#: times an automatic checkpoint is written through a fault that may pass (throttling past
+#: the backend's retries), with a backoff doubling from 0.05 s up to 2 s (some 7 s in all)
+CHECKPOINT_TRIES = 8
 
 STAGE_IN = "stage-in"
 STAGE_OUT = "stage-out"
@@ -116,6 +120,7 @@ ACTIONS = frozenset({
 #: any length
 MAX_FIELD = 4096
 
+log = logging.getLogger("kotta.audit")
 _KEY = re.compile(r"[0-9]{12}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -202,8 +207,29 @@ class AuditLog:
         }))
         record = self._append(fields)
         if record["seq"] % CHECKPOINT_EVERY == 0:
-            self._write_checkpoint(record["seq"], record["hash"])
+            self._sign_written(record)
         return record
+
+    def _sign_written(self, record: dict[str, Any]) -> None:
+        """The automatic checkpoint of ``record``, which is written: a fault here must not
+        reach the caller as the record's, or it appends the record again (a second one)
+        and its checkpoint is missing for good (verify reports it as deleted).  A fault the
+        enclave calls lasting raises; a passing one is tried again, CHECKPOINT_TRIES times,
+        then logged (verify reports the checkpoint missing, truly)."""
+        self._key()  # (a key this process may not read raises, as it did)
+        for attempt in range(CHECKPOINT_TRIES):
+            try:
+                self._write_checkpoint(record["seq"], record["hash"])
+                return
+            except Exception as exc:
+                if self.enclave.lasting(exc):
+                    raise
+                if attempt == CHECKPOINT_TRIES - 1:
+                    log.error("the checkpoint of audit record %d of %s could not be written "
+                              "(%s: %s): `kotta audit verify` will report it missing",
+                              record["seq"], self.enclave.url, type(exc).__name__, exc)
+                    return
+                time.sleep(min(2.0, 0.05 * 2 ** attempt))
 
     __call__ = append
 
