@@ -1273,6 +1273,17 @@ class Node:
             if task.staged is None and declares_data(task.header):
                 to_stage.append(task)  # its data first (node/datasteps.py)
                 continue
+            problem = None if task.staged is not None else self.verifier.standing(task.claims)
+            if problem:  # held here since before a revocation: it never runs (a staged
+                # task's standing is checked by still_allowed, with its data's)
+                task.refusal = ("TaskRejected", f"job {task.job_id} was refused by the node: "
+                                                f"{problem}; it never ran")
+                self._audit_later.append(dict(
+                    action="task-rejected", user=task.owner, allowed=False, job_id=task.job_id,
+                    detail=f"node {self.node_id}, held since before: {problem}",
+                ))
+                refused.append(task)
+                continue
             env = None
             if task.header.get("requirements"):
                 status, env = self.envs.get(task.header["requirements"])

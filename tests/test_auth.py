@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import stat
 import time
 from pathlib import Path
@@ -481,6 +482,43 @@ def test_a_disabled_users_client_fails_saying_why(
     refused = [r["detail"] for r in AuditLog(enclave).show(user="bob", action="token-refresh")]
     assert [d.rsplit("refused ", 1)[1] for d in refused] == ["KottaExecutor.attach",
                                                              "KottaExecutor"]
+
+
+@pytest.mark.parametrize("how", ["disable", "revoke"])
+def test_a_task_a_node_holds_does_not_run_once_its_user_is_cut_off(
+    start_node, make_executor, user_token, enclave, enclave_dir, tmp_path, how
+):
+    """A task the node received (and verified) before its owner was disabled, or the token
+    revoked, waits there behind a long one; it must not run when a worker frees."""
+    bob_file = user_token("bob")
+    bob = make_executor(1, start_node=False, credentials=bob_file)
+    node = start_node(workers=1)
+    started, release, marker = tmp_path / "started", tmp_path / "release", tmp_path / "ran"
+    first = bob.submit(tasks.touch_then_wait, str(started), str(release))
+    wait_for(started.exists, what="the first task to start")
+    second = bob.submit(tasks.create_file, str(marker), "ran")
+
+    def held() -> bool:
+        with sqlite3.connect(enclave_dir / "kotta.db") as db:
+            row = db.execute("SELECT holder FROM messages WHERE job_id=?",
+                             (second.job_id,)).fetchone()
+        return row is not None and row[0] == node.node_id
+
+    wait_for(held, what="the node to hold the second task")
+    svc = TokenService(enclave)
+    if how == "disable":
+        svc.set_disabled("bob", True, by="test")
+    else:
+        svc.revoke(credentials.load(enclave, bob_file).refresh_id, by="test")
+    time.sleep(REVOCATION_CACHE)  # the node's cached "not revoked" (of the receipt) lapses
+    release.write_text("go")
+    first.result(GUARD)  # (it ran already: a task that runs keeps running)
+    why = "the user bob is disabled" if how == "disable" else "token of bob was revoked"
+    with pytest.raises(TaskRejected, match=why):
+        second.result(GUARD)
+    assert not marker.exists(), "the held task of a cut-off user ran"
+    [rec] = AuditLog(enclave).show(action="task-rejected", job_id=second.job_id)
+    assert rec["user"] == "bob" and rec["allowed"] is False and why in rec["detail"]
 
 
 def test_a_disabled_users_attach_is_refused_whatever_the_id(make_executor, user_token, enclave):

@@ -370,6 +370,12 @@ class Verifier:
             raise AuthenticationError(problem)
         return claims
 
+    def standing(self, claims: Claims) -> str | None:
+        """Why the token of ``claims`` is no longer honoured (revoked, its user disabled),
+        or None; through the same cache as :meth:`verify`.  For a task the node received
+        before the revocation and still holds: it must not run either."""
+        return self._revoked(claims, self._clock())
+
     def _revoked(self, claims: Claims, now: float) -> str | None:
         key = f"{claims.user}|{claims.refresh_id}"
         with self._lock:
