@@ -571,3 +571,24 @@ def test_bursts_fit_an_sqlite_that_allows_999_variables_a_statement(tmp_path):
         assert enclave.queue.depth("test") == 1000
     finally:
         enclave.close()
+
+
+# --------------------------------------------------------------------------------------
+# An enclave is one OS user's (docs/security.md, trust roots)
+
+
+def test_a_new_enclave_in_a_directory_made_beforehand_is_closed_to_other_users(
+    make_executor, tmp_path
+):
+    """`mkdir lab` makes a directory others may enter (0755); the enclave's database (every
+    job, argument and result), blobs and logs are created readable by all (the umask),
+    so the directory must be closed (0700) as it is when the enclave makes it."""
+    from tests import tasks
+
+    home = tmp_path / "lab"
+    home.mkdir()
+    home.chmod(0o755)
+    ex = make_executor(1, enclave=home)
+    assert ex.submit(tasks.square, 7).result(GUARD) == 49
+    mode = home.stat().st_mode & 0o777
+    assert mode & 0o077 == 0, f"the enclave directory is {oct(mode)}: other users can read it"

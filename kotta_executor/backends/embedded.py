@@ -1040,13 +1040,19 @@ class EmbeddedEnclave(Enclave):
 
     def __init__(self, home: str | os.PathLike):
         self.home = Path(home).expanduser().resolve()
+        db = self.home / "kotta.db"
         try:
             self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = self.home.stat()
+            if st.st_mode & 0o077 and st.st_uid == os.getuid() and not db.exists():
+                # a new enclave in a directory made beforehand (`mkdir lab`: 0755): its
+                # database, blobs and logs are made readable by all (umask), and only the
+                # directory's mode keeps other OS users from every job, argument and result
+                self.home.chmod(0o700)
         except OSError as exc:
             raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
         self.url = f"embedded://{self.home}"
         self.local = True
-        db = self.home / "kotta.db"
         try:
             self._db = _Db(db)
         except sqlite3.Error as exc:
