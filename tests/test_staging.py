@@ -186,6 +186,26 @@ def test_traversal_and_malformed_uris_are_refused_at_submit(data, make_executor,
         alice.with_options(outputs=[uri])
 
 
+def test_a_file_name_no_working_directory_can_hold_is_refused_at_submit(
+    data, make_executor, tmp_path
+):
+    """S3 takes a key segment of 300 bytes; a working directory cannot hold a file of that
+    name: the task ran to its end, then its stage-out failed with an OSError naming the
+    node's staging area."""
+    alice = make_executor(1, credentials=data.alice)
+    marker = tmp_path / "ran"
+    name = "r" * 300 + ".txt"
+    with pytest.raises(errors.InvalidDataUri, match="longer than 255 bytes"):
+        alice.submit(tasks.create_file, str(marker), outputs=[RESULTS + "alice/" + name])
+    with pytest.raises(errors.InvalidDataUri, match="longer than 255 bytes"):
+        alice.with_options(inputs=["s3://klab-jobs/" + name])
+    longest = "r" * 251 + ".txt"  # 255 bytes: it fits
+    alice.submit(tasks.write_file, longest, "kept",
+                 outputs=[RESULTS + "alice/" + longest]).result(GUARD)
+    assert get_object(data.enclave, RESULTS + "alice/" + longest) == b"kept"
+    assert not marker.exists()
+
+
 def test_a_changed_input_is_fetched_again(data, make_executor):
     alice = make_executor(1, credentials=data.alice)
     assert alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == SUM

@@ -16,6 +16,8 @@ from ..errors import InvalidDataUri
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 MAX_KEY_BYTES = 1024
+#: bytes in one file name (Linux, macOS): an input's or output's name in a working directory
+MAX_NAME_BYTES = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,4 +90,11 @@ def check_output_name(name: str) -> str:
         raise InvalidDataUri(f"{name!r} is not a valid output name")
     if "/" in name or "\\" in name or any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in name):
         raise InvalidDataUri(f"output name {name!r} must be a plain file name, not a path")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        # (S3 takes such a key; a task's working directory cannot hold it: refused at
+        # submit, not after the task has run, at its stage-out)
+        raise InvalidDataUri(
+            f"the file name {name[:40]!r}... is longer than {MAX_NAME_BYTES} bytes, the "
+            "longest a task's working directory can hold"
+        )
     return name
