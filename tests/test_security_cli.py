@@ -11,6 +11,7 @@ import time
 import pytest
 
 from kotta_executor.backends.base import NewJob
+from kotta_executor.security import credentials
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.data import get_object
 from kotta_executor.security.policy import PolicyStore
@@ -89,6 +90,28 @@ def test_a_user_who_is_not_an_admin_manages_nothing(enclave, enclave_dir, tmp_pa
     # its access token, cached for up to an hour, dies with it
     r = kotta(enclave_dir, "whoami", env=bob)
     assert r.returncode == 2 and "the token of bob was revoked" in r.stderr
+
+
+def test_a_user_who_is_not_an_admin_trying_admin_commands_is_audited(
+        enclave, enclave_dir, tmp_path, user_token):
+    """Every refusal is audited (docs/security.md): a user who tries to grant their role
+    data, add an admin or revoke another's token left no record of it."""
+    alice_rid = credentials.load(enclave, user_token("alice")).refresh_id
+    bob = _as(tmp_path, "bob", user_token("bob", role="guest"))
+    tries = (
+        ["policy", "grant", "guest", "s3://klab-jobs/", "read"],
+        ["user", "add", "mallory", "--role", "admin", "--admin"],
+        ["token", "revoke", alice_rid],
+    )
+    for args in tries:
+        r = kotta(enclave_dir, *args, env=bob)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+    denied = AuditLog(enclave).show(action="job-denied")
+    assert [(rec["user"], rec["allowed"]) for rec in denied] == [("bob", False)] * 3
+    assert "kotta policy grant" in denied[0]["detail"]
+    assert "kotta user add" in denied[1]["detail"]
+    assert alice_rid in denied[2]["detail"] and "alice" in denied[2]["detail"]
+    assert TokenService(enclave).user("mallory") is None
 
 
 def test_users_and_tokens_from_the_shell(enclave, enclave_dir):

@@ -119,9 +119,16 @@ def _setup(args, *, admin: bool = False):
     # the enclave's word on the caller's token, not only its cached claims: a user
     # disabled or a token revoked since it was cached is refused here (and audited)
     creds = credentials.load(enclave).check(_doing(args))
-    if admin:
+    if admin and not creds.admin:  # audited, as any refusal: a try at one's own rights
+        _audit_refusal(enclave, creds, f"{_doing(args)} (only admins may)")
         require_admin(enclave, creds)
     return enclave, creds
+
+
+def _audit_refusal(enclave, creds, detail: str) -> None:
+    from .audit import AuditLog
+
+    AuditLog(enclave).append("job-denied", user=creds.user, allowed=False, detail=detail)
 
 
 def require_admin(enclave, creds) -> None:
@@ -209,6 +216,7 @@ def cmd_token_revoke(args) -> int:
     rid = args.token.split(".")[1] if args.token.startswith("krt1.") else args.token
     rec = enclave.records.get("refresh", rid)
     if rec is not None and rec["user"] != creds.user and not creds.admin:
+        _audit_refusal(enclave, creds, f"kotta token revoke {rid}: a token of {rec['user']}")
         raise AccessDenied(f"the token {rid} belongs to {rec['user']}; only they or an admin "
                            "may revoke it")
     done = tokens.revoke(args.token, by=creds.user)
