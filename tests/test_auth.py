@@ -458,6 +458,22 @@ def test_refused_renewals_and_registrations_are_audited(enclave, user_token, tmp
     assert [(r["user"], r["allowed"]) for r in refused] == [("bob", False), ("?", False)]
 
 
+def test_a_refused_renewal_with_an_expired_registration_token_is_audited(enclave, user_token):
+    """A former user's registration token, past its expiry, renews nothing; the refusal
+    was the one kind of refused renewal left unaudited."""
+    user_token("bob")
+    svc = TokenService(enclave, AuditLog(enclave))
+    token = svc.issue_refresh("bob", by="test", ttl=0.05)
+    rid = token.split(".")[1]
+    expires = enclave.records.get("refresh", rid)["expires"]
+    wait_for(lambda: time.time() > expires, what="the registration token to expire")
+    with pytest.raises(AuthenticationError, match=f"refresh token {rid} of bob expired"):
+        svc.refresh(token)
+    refused = AuditLog(enclave).show(action="token-refresh")
+    assert [(r["user"], r["allowed"], r["detail"]) for r in refused] == [
+        ("bob", False, f"expired token {rid}")]
+
+
 def test_a_disabled_users_client_fails_saying_why(
     start_node, make_executor, user_token, enclave
 ):

@@ -228,6 +228,8 @@ class TokenService:
             )
         now = time.time()
         if not now <= rec["expires"]:  # (an expiry of NaN, stored by an older version, too)
+            self._log("token-refresh", user=rec["user"], allowed=False,
+                      detail=f"expired token {rid}")
             raise AuthenticationError(
                 f"the refresh token {rid} of {rec['user']} expired at {_when(rec['expires'])}"
             )
