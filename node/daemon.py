@@ -176,6 +176,8 @@ class Node:
         os.set_blocking(self._wake_w, False)
         self._bell: socket.socket | None = None
         self._task_inbox: socket.socket | None = None  # clients hand it lone tasks
+        #: tasks read from the task inbox that a step could not record (it did not begin)
+        self._unadopted: list[tuple[NewJob, dict]] = []
         self._last_upkeep = time.monotonic()
         self._next_sample_check = 0.0
         self._last_kill_check = 0.0
@@ -243,23 +245,41 @@ class Node:
         self._collect()
         self.data.collect()
         self._police()
-        handed = self._handed_tasks()
+        handed = self._unadopted + self._handed_tasks()
+        self._unadopted = []
         receive = not self.stopping and self._should_receive()
         if self.finished or receive or self.pending or handed:
-            with self.enclave.atomic():  # one transaction a step
-                self._report()
-                if handed:
-                    self._adopt(handed)
-                if receive:
-                    self._receive()
-                # Workers get their tasks once claimed, before the commit, so that the
-                # commit overlaps the task.  Should the commit fail, the node dies, and
-                # the tasks run again elsewhere (at least once, recorded at most once).
-                # Jobs recorded in this very transaction (handed-off tasks) are claimed
-                # after, as nobody else can have moved them meanwhile.
-                frames, adopted = self._dispatch()
-                self._hand_out(frames)
-                self._claim_adopted(adopted)
+            began = False
+            try:
+                with self.enclave.atomic():  # one transaction a step
+                    began = True
+                    self._report()
+                    if handed:
+                        self._adopt(handed)
+                    if receive:
+                        self._receive()
+                    # Workers get their tasks once claimed, before the commit, so that the
+                    # commit overlaps the task.  Should the commit fail, the node dies, and
+                    # the tasks run again elsewhere (at least once, recorded at most once).
+                    # Jobs recorded in this very transaction (handed-off tasks) are claimed
+                    # after, as nobody else can have moved them meanwhile.
+                    frames, adopted = self._dispatch()
+                    self._hand_out(frames)
+                    self._claim_adopted(adopted)
+            except Exception as exc:
+                if began:
+                    raise
+                # Not begun: the write lock was not had within the backend's lock timeout
+                # (another process holds it: a client stopped, ^Z, inside its transaction).
+                # Nothing of the step was done, so it is a transient fault, as any other
+                # (_transient): tried again at the next step, not the end of the node and
+                # of every task it runs.  The tasks handed to it wait for that step.
+                self._transient("beginning a step", exc)
+                log.warning("beginning a step failed (%s: %s); trying again",
+                            type(exc).__name__, exc)
+                self._unadopted = handed
+            else:
+                self._failing.pop("beginning a step", None)
         self._upkeep()
         self._wake_clients()  # inboxes and bells: only what is committed
 
@@ -1031,7 +1051,8 @@ class Node:
         sock, self._task_inbox = self._task_inbox, None
         if sock is None:
             return
-        jobs = self._parse_handed(self.enclave.close_inbox(sock, drain=True))
+        jobs = self._unadopted + self._parse_handed(self.enclave.close_inbox(sock, drain=True))
+        self._unadopted = []
         if jobs:
             with self.enclave.atomic():
                 self._adopt(jobs)

@@ -6,6 +6,7 @@ pile up in the enclave."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -118,3 +119,38 @@ def test_replies_no_client_will_take_are_removed_once_a_day_old(start_node, make
     start_node(workers=1)  # (its first look is at its first upkeep)
     wait_for(lambda: _reply_messages(enclave_dir, ex.client_id) == len(fs) - 3,
              what="the node to remove the old replies")
+
+
+def test_a_node_outlives_a_client_stopped_inside_its_transaction(make_executor, enclave,
+                                                                 enclave_dir, monkeypatch,
+                                                                 caplog):
+    """A client stopped (^Z, SIGSTOP) while it holds the enclave's write lock, inside the
+    transaction that records a batch of its tasks: every other process waits for the lock
+    until it goes on.  A node whose step could not begin its transaction within the lock
+    timeout died of it, traceback and all: its running tasks killed, a `kotta up` node
+    gone for good, and the client's tasks waited, once it went on, for a node that no
+    longer was.  Nothing of the step was done then: a transient fault, which the node now
+    rides out as it rides out others (its patience), and it serves on once the lock is
+    free.  (A node in this process, stepped by the test; the lock timeout made short.)"""
+    from node.daemon import Node, NodeConfig
+
+    monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 0.2)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 7)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node._start()
+    stopped = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+    try:
+        stopped.execute("BEGIN IMMEDIATE")  # the stopped client's transaction
+        with caplog.at_level(logging.WARNING, logger="kotta.node"):
+            node.step()  # its look at the queue: a transaction it cannot begin
+        assert "beginning a step failed (OperationalError: database is locked)" in caplog.text
+        stopped.execute("ROLLBACK")  # the client goes on
+        wait_for(lambda: (node.step(), f.done())[1], what="the task to run")
+        assert f.result() == 49
+    finally:
+        if stopped.in_transaction:
+            stopped.execute("ROLLBACK")
+        stopped.close()
+        node._stop()
