@@ -65,6 +65,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
+
 from . import config, dependencies, wire
 from . import requirements as _requirements
 from .backends import default_url, open_enclave
@@ -74,6 +76,7 @@ from .errors import (
     BrokenEnclave,
     ConfigurationError,
     EnvelopeError,
+    SerializationError,
     UnknownJob,
 )
 from .future import _CONDITION_LOCK, KottaFuture, _MapJobView
@@ -640,12 +643,15 @@ class KottaExecutor(Executor):
             if size > 1:
                 opts = replace(opts, walltime=size * opts.walltime, walltime_each=opts.walltime)
         fs: list[KottaFuture] = []
+        i = 0
         try:
             for i in range(0, len(items), size):
                 fs.append(self._submit(fn, [(args, {}) for args in items[i : i + size]], opts,
                                        batch=True))
-        except BaseException:  # an item that cannot be pickled (SerializationError), say:
-            self._cancel_futures(fs)  # map() raises; the tasks of earlier items do not run
+        except BaseException as exc:  # an item that cannot be pickled (SerializationError),
+            self._cancel_futures(fs)  # say: map() raises; the tasks of earlier items do not run
+            if isinstance(exc, SerializationError):
+                _name_item(exc, items[i : i + size], i)
             raise
 
         fs.reverse()
@@ -658,10 +664,18 @@ class KottaExecutor(Executor):
         taken, as Executor.map does (Python 3.14)."""
         rows = zip(*iterables, strict=False)
 
+        taken = 0  # items read so far
+
         def next_task() -> KottaFuture | None:
+            nonlocal taken
             chunk = list(itertools.islice(rows, chunksize))
-            return self._submit(fn, [(args, {}) for args in chunk], opts, batch=True) \
-                if chunk else None
+            start, taken = taken, taken + len(chunk)
+            try:
+                return self._submit(fn, [(args, {}) for args in chunk], opts, batch=True) \
+                    if chunk else None
+            except SerializationError as exc:
+                _name_item(exc, chunk, start)
+                raise
 
         fs: deque[KottaFuture] = deque()
         try:
@@ -1619,6 +1633,18 @@ def _poll_replies(ref: weakref.ref, manager: threading.Thread) -> None:
                 ex._kick(force=True)
             del ex
 
+
+
+def _name_item(exc: SerializationError, chunk: list[tuple], start: int) -> None:
+    """Say which item of a map could not be pickled (its message says "argument 0": the
+    place in the call, the same for every item): the first of ``chunk``, items ``start``
+    on, that fails alone."""
+    for k, args in enumerate(chunk):
+        try:
+            cloudpickle.dumps(args)
+        except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
+            exc.add_note(f"it is item {start + k} of the map's iterables (counting from 0)")
+            return
 
 
 def _failure_result(job_id: str, n: int, exc: BaseException) -> bytes:

@@ -401,8 +401,10 @@ def test_a_map_with_an_unpicklable_item_raises_and_runs_none_of_its_earlier_item
     blocker, started = gate.submit_blocking(ex)  # holds the one worker: the map's tasks wait
     wait_started(started)
     marks = [str(tmp_path / f"item-{i}") for i in range(3)]
-    with pytest.raises(SerializationError, match=r"argument 0 .*lock"):
+    with pytest.raises(SerializationError, match=r"argument 0 .*lock") as info:
         ex.map(tasks.create_file, [*marks, threading.Lock()], chunksize=1)
+    # "argument 0" is the place in the call, the same for every item: which item is it
+    assert "it is item 3 of the map's iterables (counting from 0)" in info.value.__notes__
     made = [j for j in ex.enclave.jobs.list(limit=10) if j.job_id != blocker.job_id]
     assert made and {str(j.state) for j in made} == {"cancelled"}, made
     gate.open()

@@ -379,8 +379,9 @@ def test_map_with_a_buffersize_stops_at_an_item_that_cannot_be_sent(make_executo
     ex = make_executor(1)
     res = ex.map(str, [1, 2, threading.Lock(), 4], buffersize=1)
     assert next(res) == "1"
-    with pytest.raises(SerializationError, match=r"argument 0 \(<unlocked _thread.lock"):
+    with pytest.raises(SerializationError, match=r"argument 0 \(<unlocked _thread.lock") as info:
         next(res)
+    assert "it is item 2 of the map's iterables (counting from 0)" in info.value.__notes__
     assert next(res, None) is None
 
 
