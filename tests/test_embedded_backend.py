@@ -5,6 +5,7 @@ visibility after a wait for the lock, and result blobs no row names."""
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -575,6 +576,22 @@ def test_bursts_fit_an_sqlite_that_allows_999_variables_a_statement(tmp_path):
 
 # --------------------------------------------------------------------------------------
 # An enclave is one OS user's (docs/security.md, trust roots)
+
+
+def test_an_enclave_open_to_other_users_is_warned_of_once(tmp_path, caplog):
+    """An enclave whose directory others may read (made by an earlier version, or opened
+    since) is not changed, but said, with the command that closes it."""
+    home = tmp_path / "old"
+    EmbeddedEnclave(home).close()
+    home.chmod(0o755)
+    caplog.set_level(logging.WARNING, logger="kotta.embedded")
+    for _ in range(2):
+        EmbeddedEnclave(home).close()
+    said = [r.message for r in caplog.records if "open to other OS users" in r.message]
+    assert said == [f"the enclave directory {home.resolve()} is open to other OS users "
+                    f"(mode 755): they can read its jobs, arguments and results; close it "
+                    f"with `chmod 700 {home.resolve()}`"]
+    assert home.stat().st_mode & 0o777 == 0o755
 
 
 def test_a_new_enclave_in_a_directory_made_beforehand_is_closed_to_other_users(

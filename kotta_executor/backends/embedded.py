@@ -144,6 +144,8 @@ HAND_OFF_LIMIT = 64 * 1024
 _PASSCRED = hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS")
 _CRED = struct.Struct("3i")
 log = logging.getLogger("kotta.embedded")
+#: enclave directories open to other OS users, warned of in this process
+_WARNED_OPEN: set[Path] = set()
 
 
 class _Db:
@@ -1049,6 +1051,13 @@ class EmbeddedEnclave(Enclave):
                 # database, blobs and logs are made readable by all (umask), and only the
                 # directory's mode keeps other OS users from every job, argument and result
                 self.home.chmod(0o700)
+            elif st.st_mode & 0o077 and st.st_uid == os.getuid() and self.home not in _WARNED_OPEN:
+                # one made so by an earlier version, or opened since: not changed (an
+                # admin may mean it), but said, once a process
+                _WARNED_OPEN.add(self.home)
+                log.warning("the enclave directory %s is open to other OS users (mode %o): "
+                            "they can read its jobs, arguments and results; close it with "
+                            "`chmod 700 %s`", self.home, st.st_mode & 0o777, self.home)
         except OSError as exc:
             raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
         self.url = f"embedded://{self.home}"
