@@ -453,12 +453,17 @@ def test_up_starts_a_background_node_and_down_stops_it(enclave, make_executor):
         assert r.returncode == 0
         assert "no nodes of this enclave are running on" in r.stdout
     finally:
-        for n in enclave.nodes.all():  # never leave a background node behind
-            try:
-                if "node" in psutil.Process(n.pid).cmdline():
-                    os.kill(n.pid, signal.SIGKILL)
-            except (psutil.Error, ProcessLookupError):
-                pass
+        _kill_background_nodes(enclave)
+
+
+def _kill_background_nodes(enclave) -> None:
+    """Never leave a background node behind (a test that failed before its `kotta down`)."""
+    for n in enclave.nodes.all():
+        try:
+            if "node" in psutil.Process(n.pid).cmdline():
+                os.kill(n.pid, signal.SIGKILL)
+        except (psutil.Error, ProcessLookupError):
+            pass
 
 
 def test_down_of_another_queue_says_which_queue_has_no_nodes(enclave):
@@ -475,12 +480,7 @@ def test_down_of_another_queue_says_which_queue_has_no_nodes(enclave):
         assert [n.node_id for n in enclave.nodes.live()] == [node.node_id]
         assert kotta(enclave.home, "down").returncode == 0
     finally:
-        for n in enclave.nodes.all():  # never leave a background node behind
-            try:
-                if "node" in psutil.Process(n.pid).cmdline():
-                    os.kill(n.pid, signal.SIGKILL)
-            except (psutil.Error, ProcessLookupError):
-                pass
+        _kill_background_nodes(enclave)
 
 
 def test_node_help_says_what_the_options_are_as_the_guide_does():
