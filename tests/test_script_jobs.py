@@ -129,6 +129,75 @@ def test_a_script_that_kills_its_process_group_on_exit_keeps_its_outcome_and_wor
     assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
 
 
+def leave_sigterm(how):
+    """A task that leaves SIGTERM ignored, or blocked, in its worker (to finish a write a
+    SIGTERM would cut short, say), and SIGUSR1 ignored."""
+    import os
+    import signal
+
+    if how == "ignored":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    return os.getpid()
+
+
+def sigterm_left(_=None):
+    """What a later task sees of SIGTERM and SIGUSR1 on its worker."""
+    import os
+    import signal
+
+    return (os.getpid(), signal.getsignal(signal.SIGTERM) == signal.SIG_IGN,
+            signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, ()),
+            signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN)
+
+
+def _sigset(status: str, field: str) -> set[int]:
+    """The signals of a ``SigIgn:``/``SigBlk:`` line of /proc/PID/status (a hex mask)."""
+    [line] = [ln for ln in status.splitlines() if ln.startswith(field + ":")]
+    mask = int(line.split()[1], 16)
+    return {n + 1 for n in range(64) if mask >> n & 1}
+
+
+@pytest.mark.parametrize("how", ["ignored", "blocked"])
+@pytest.mark.parametrize("end", ["walltime", "kill"])
+def test_a_script_traps_sigterm_after_a_task_left_it_ignored_or_blocked(
+        start_node, make_executor, tmp_path, how, end):
+    """bash cannot trap a signal that was ignored when it started, and a blocked signal
+    stays blocked across exec: a script inherited both from an earlier task of its owner
+    on the warm worker, and its ``trap cleanup TERM`` never ran at its walltime or kill()
+    (SIGKILL 0.5 s later).  It starts with them as by default; later Python tasks on the
+    worker still see what the earlier task left, as the guide says."""
+    cleaned, started = tmp_path / "cleaned", tmp_path / "started"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    pid = ex.submit(leave_sigterm, how).result(GUARD)
+    # a script that ends normally: it saw default dispositions and an empty mask (those
+    # of a command it runs: bash ignores SIGQUIT itself)
+    job = _bash("cat /proc/self/status\n")
+    job.submit(ex)
+    assert job.wait(GUARD) == 0
+    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+               signal.SIGUSR2, signal.SIGALRM, signal.SIGPIPE}
+    assert not _sigset(job.stdout, "SigIgn") & watched
+    assert not _sigset(job.stdout, "SigBlk")
+    # ... and the worker kept what the earlier task left, for later Python tasks
+    assert ex.submit(sigterm_left).result(GUARD) == (pid, how == "ignored",
+                                                     how == "blocked", True)
+    job = _bash(f"trap 'echo cleaned >> {cleaned}; exit 143' TERM\n"
+                f"touch {started}\nsleep 300\n",
+                walltime=dt.timedelta(seconds=2) if end == "walltime" else 5)
+    job.submit(ex)
+    wait_for(started.exists, what="the script to start")
+    if end == "kill":
+        assert job.kill()
+    # the bug: the trap never ran (the script and its sleep were SIGKILLed)
+    with pytest.raises(kotta_executor.TaskKilled if end == "kill" else WalltimeExceeded):
+        job.wait(GUARD)
+    assert cleaned.read_text() == "cleaned\n"
+
+
 @pytest.mark.parametrize("stubborn", [False, True])
 @pytest.mark.parametrize("end", ["walltime", "kill", "node death"])
 def test_what_a_script_started_ends_with_its_walltime_kill_or_node(
