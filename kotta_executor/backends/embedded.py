@@ -1046,18 +1046,18 @@ class EmbeddedEnclave(Enclave):
         try:
             self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = self.home.stat()
-            if st.st_mode & 0o077 and st.st_uid == os.getuid() and not db.exists():
-                # a new enclave in a directory made beforehand (`mkdir lab`: 0755): its
-                # database, blobs and logs are made readable by all (umask), and only the
-                # directory's mode keeps other OS users from every job, argument and result
-                self.home.chmod(0o700)
-            elif st.st_mode & 0o077 and st.st_uid == os.getuid() and self.home not in _WARNED_OPEN:
-                # one made so by an earlier version, or opened since: not changed (an
-                # admin may mean it), but said, once a process
-                _WARNED_OPEN.add(self.home)
-                log.warning("the enclave directory %s is open to other OS users (mode %o): "
-                            "they can read its jobs, arguments and results; close it with "
-                            "`chmod 700 %s`", self.home, st.st_mode & 0o777, self.home)
+            open_mode = None
+            if st.st_mode & 0o077 and st.st_uid == os.getuid():
+                if not db.exists():
+                    # a new enclave in a directory made beforehand (`mkdir lab`: 0755): its
+                    # database, blobs and logs are made readable by all (umask), and only
+                    # the directory's mode keeps other OS users from every job, argument
+                    # and result
+                    self.home.chmod(0o700)
+                elif self.home not in _WARNED_OPEN:
+                    # one made so by an earlier version, or opened since: not changed (an
+                    # admin may mean it), but said, once a process, once it proves an enclave
+                    open_mode = st.st_mode & 0o777
         except OSError as exc:
             raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
         self.url = f"embedded://{self.home}"
@@ -1068,6 +1068,11 @@ class EmbeddedEnclave(Enclave):
             # a kotta.db that is not SQLite, or a directory where SQLite cannot make one:
             # what is wrong with which file, for the command to say
             raise ConfigurationError(f"cannot open the enclave database {db}: {exc}") from exc
+        if open_mode is not None:
+            _WARNED_OPEN.add(self.home)
+            log.warning("the enclave directory %s is open to other OS users (mode %o): they "
+                        "can read its jobs, arguments and results; close it with "
+                        "`chmod 700 %s`", self.home, open_mode, self.home)
         self.blobs = EmbeddedBlobs(self.home / "blobs")
         self.queue = EmbeddedQueue(self._db, self)
         self.jobs = EmbeddedJobs(self._db, self.blobs)
