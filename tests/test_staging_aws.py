@@ -195,7 +195,7 @@ def test_aws_a_failed_move_to_staging_outputs_is_retried_not_the_end_of_the_node
         alice.shutdown(wait=runner.is_alive(), cancel_futures=True)
 
 
-@pytest.mark.parametrize("call", ["audit record", "held result"])
+@pytest.mark.parametrize("call", ["audit record", "audit record, answer lost", "held result"])
 def test_aws_a_failed_egress_hold_is_retried_not_the_end_of_the_node(aws, tmp_path, call):
     """A task that read data which may not leave the enclave: its result is held (S3
     PutObject) and the hold audited (PutItem).  A fault past botocore's retries in either
@@ -209,8 +209,9 @@ def test_aws_a_failed_egress_hold_is_retried_not_the_end_of_the_node(aws, tmp_pa
         RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
         PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
     )
-    if call == "audit record":
-        fired = throttle_once(enclave.dynamodb, "PutItem", lambda body: b"egress-denied" in body)
+    if call.startswith("audit record"):  # (a lost answer: the record is written once)
+        inject = throttle_once if call == "audit record" else lose_answer_once
+        fired = inject(enclave.dynamodb, "PutItem", lambda body: b"egress-denied" in body)
     else:
         fired = throttle_once(enclave.s3, "PutObject")
     runner = _node_thread()
@@ -475,3 +476,19 @@ def test_aws_a_passing_fault_in_an_audit_checkpoint_leaves_no_checkpoint_missing
         assert enclave.records.get(CHECKPOINT_KIND, record_key(rec["seq"])) is not None
     finally:
         alice.shutdown(wait=True, cancel_futures=True)
+
+
+def test_aws_a_stage_in_record_whose_answer_was_lost_is_written_once(aws):
+    """The stage-in record's PutItem was applied, but its answer lost past botocore's
+    retries (a read timeout): the staging thread tried the append again, which stamped a
+    new time (so a new hash) and, finding its record number taken by "another" record,
+    appended a second stage-in record for the one read.  The retry finds its first try."""
+    enclave, audit, *_ , executor = aws
+    fired = lose_answer_once(enclave.dynamodb, "PutItem", lambda body: b"stage-in" in body)
+    alice = executor("alice", "analyst")
+    f = alice.submit(tasks.file_sum, inputs=[INPUT])
+    assert f.result(GUARD) == sum(range(1, 201))
+    assert fired.is_set()
+    [rec] = audit.show(job_id=f.job_id, action="stage-in")
+    assert (rec["user"], rec["dataset"]) == ("alice", INPUT)
+    assert audit.verify().ok

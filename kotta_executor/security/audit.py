@@ -56,7 +56,10 @@ could strip them, as from an older log.
 Several processes append at once (a node, clients, the token service).  Each append
 writes the record for ``last + 1`` with a conditional put (``if_absent``); whoever loses
 the race re-reads the tail and tries the next number, so the chain has no fork and no
-lost record.  An audit record belongs to no transaction: do not append inside
+lost record.  A write whose answer was lost (applied, its caller told it failed) is
+remembered for UNSURE_FOR seconds: an append of the same fields, its caller's retry,
+returns that record if it is stored, rather than append a second one for the event.
+An audit record belongs to no transaction: do not append inside
 ``enclave.atomic()``, whose rollback would leave a gap that looks like a deletion.
 """
 
@@ -92,6 +95,10 @@ MAX_ATTEMPTS = 200
 #: times an automatic checkpoint is written through a fault that may pass (throttling past
 #: the backend's retries), with a backoff doubling from 0.05 s up to 2 s (some 7 s in all)
 CHECKPOINT_TRIES = 8
+#: seconds for which a record whose write raised (its answer lost: it may be written) is
+#: looked for by an append of the same fields, the caller's retry; longer than any
+#: retrier's patience (a node's is 60 s)
+UNSURE_FOR = 600.0
 
 STAGE_IN = "stage-in"
 STAGE_OUT = "stage-out"
@@ -177,6 +184,8 @@ class AuditLog:
         self._lock = threading.Lock()
         self._tail: tuple[int, str] | None = None  # (seq, hash) of the last record we saw
         self._mac_key: bytes | None = None
+        # canonical fields -> (monotonic time, record) of appends whose write raised
+        self._unsure: dict[str, tuple[float, dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ writing
 
@@ -237,12 +246,38 @@ class AuditLog:
         # No lock is held across the writes: threads of one process race through the
         # conditional put like processes do (a thread inside enclave.atomic() must not
         # wait for one that waits for its transaction).
+        #
+        # A write whose answer was lost (a read timeout past botocore's retries) may have
+        # been applied; its caller appends the same fields again.  A second try stamps a
+        # new time, so a new hash, and would append a second record for the one event:
+        # the first try's record, if stored at its number, is returned instead.
+        unsure = canonical(fields)
+        with self._lock:
+            now = time.monotonic()
+            for k in [k for k, (at, _) in self._unsure.items() if now - at > UNSURE_FOR]:
+                del self._unsure[k]
+            earlier = self._unsure.get(unsure)
+        if earlier is not None:
+            record = earlier[1]
+            written = self._records.get(KIND, record_key(record["seq"])) == record
+            with self._lock:
+                self._unsure.pop(unsure, None)
+            if written:
+                self._remember((record["seq"], record["hash"]))
+                return record
+            # not written: appended now, as a first try
         tail = self._tail or self._read_tail()
         for _attempt in range(MAX_ATTEMPTS):
             seq, prev = tail[0] + 1, tail[1]
             record = {"seq": seq, "time": self._clock(), **fields, "prev": prev}
             record["hash"] = record_hash(record)
-            if self._records.put(KIND, record_key(seq), record, if_absent=True):
+            try:
+                written = self._records.put(KIND, record_key(seq), record, if_absent=True)
+            except Exception:
+                with self._lock:
+                    self._unsure[unsure] = (time.monotonic(), record)
+                raise
+            if written:
                 self._remember((seq, record["hash"]))
                 return record
             tail = self._read_tail()  # another writer took seq: chain on to theirs
