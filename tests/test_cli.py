@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from kotta_executor import TaskKilled
 from kotta_executor.backends.base import NewJob
+from kotta_executor.backends.embedded import EmbeddedEnclave
 from tests import tasks
 from tests.conftest import GUARD, ROOT, subprocess_env, wait_for
 
@@ -464,6 +466,39 @@ def _kill_background_nodes(enclave) -> None:
                 os.kill(n.pid, signal.SIGKILL)
         except (psutil.Error, ProcessLookupError):
             pass
+
+
+def test_down_of_a_copied_enclave_leaves_the_original_enclaves_node_running(enclave,
+                                                                          tmp_path):
+    """An enclave directory copied (``cp -r E C``) while E's node ran holds E's node row:
+    same pid and start time, a heartbeat fresh for 30 s.  ``kotta down --enclave C``
+    stopped E's node.  A node is C's only if it holds C's doorbell, named after C's path."""
+    copy = tmp_path / "copy"
+    try:
+        r = kotta(enclave.home, "up", "--workers", "1")
+        assert r.returncode == 0, r.stderr
+        [node] = enclave.nodes.live()
+        shutil.copytree(enclave.home, copy)
+        copied = EmbeddedEnclave(copy)
+        try:  # nor does an executor of the copy take it for its node
+            assert copied.nodes.live() == []
+        finally:
+            copied.close()
+        r = kotta(copy, "down", "--timeout", "1")
+        assert r.returncode == 0, r.stderr
+        assert "no nodes of this enclave are running on" in r.stdout, r.stdout
+        assert psutil.Process(node.pid).status() != "zombie"
+        assert [n.node_id for n in enclave.nodes.live()] == [node.node_id]
+        r = kotta(enclave.home, "down")
+        assert r.returncode == 0, r.stderr
+        assert f"node {node.node_id} (pid {node.pid}, queue test) stopped" in r.stdout
+    finally:
+        for n in enclave.nodes.all():  # never leave a background node behind
+            try:
+                if "node" in psutil.Process(n.pid).cmdline():
+                    os.kill(n.pid, signal.SIGKILL)
+            except (psutil.Error, ProcessLookupError):
+                pass
 
 
 def test_down_of_another_queue_says_which_queue_has_no_nodes(enclave):

@@ -792,8 +792,9 @@ class EmbeddedJobs(JobTable):
 
 
 class EmbeddedNodes(NodeRegistry):
-    def __init__(self, db: _Db):
+    def __init__(self, db: _Db, bell: Callable[[str], bytes]):
         self._db = db
+        self._bell = bell  # the doorbell address of a name, in this enclave
 
     def register(self, node):
         with self._db.tx() as c:
@@ -830,7 +831,36 @@ class EmbeddedNodes(NodeRegistry):
         return [
             (n, ident) for n, ident in self._rows()
             if (queue is None or n.queue == queue) and n.heartbeat >= stale and _alive(n, ident)
+            and self._serves(n, ident)
         ]
+
+    def _serves(self, node: NodeInfo, ident: str | None) -> bool:
+        """Whether a live node of this machine serves this enclave, not the enclave whose
+        directory this one was copied from while the node ran (``cp -r``: the copy holds
+        its row, the same pid and a fresh heartbeat, and ``kotta down`` of the copy
+        stopped it).  A node binds its doorbell, named after its enclave's path, before it
+        registers: one whose doorbell is bound under another enclave's name, and not
+        under this one's, serves that other enclave.  (One without a doorbell, or where
+        this cannot be seen, is taken to serve this one, as before.)"""
+        if node.host != _HOST or not _same_namespace(ident):
+            return True
+        ours = self._bell(f"node-{node.node_id}")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            probe.connect(ours)
+            return True
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        try:  # the abstract sockets bound on this machine, as "@name"
+            with open("/proc/net/unix") as f:
+                bound = {line.split()[-1] for line in f if line.rstrip().endswith(
+                    f"-node-{node.node_id}")}
+        except OSError:
+            return True
+        theirs = {b for b in bound if b.startswith("@kotta-")}
+        return not theirs or "@" + ours[1:].decode() in theirs
 
     def dead(self) -> list[NodeInfo]:
         """Registered nodes whose process has ended (see ``_alive``)."""
@@ -1076,9 +1106,9 @@ class EmbeddedEnclave(Enclave):
         self.blobs = EmbeddedBlobs(self.home / "blobs")
         self.queue = EmbeddedQueue(self._db, self)
         self.jobs = EmbeddedJobs(self._db, self.blobs)
-        self.nodes = EmbeddedNodes(self._db)
-        self.records = EmbeddedRecords(self._db)
         self._bell_prefix = "kotta-" + hashlib.sha1(str(self.home).encode()).hexdigest()[:16]
+        self.nodes = EmbeddedNodes(self._db, self._bell_address)
+        self.records = EmbeddedRecords(self._db)
         self._ring_sock: socket.socket | None = None
         self._reply_sock: socket.socket | None = None
         self._inbox_buf: memoryview | None = None
