@@ -68,9 +68,8 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
             # died of it (WorkerDied, not the script's outcome).  The node signals every
             # group of its worker's session, so walltime, kill() and the worker's
             # last-resort kill still end all the script started.
-            with _signals_as_by_default():
-                proc = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.DEVNULL,
-                                        process_group=0)
+            proc = subprocess.run(argv, cwd=workdir, stdin=subprocess.DEVNULL, check=False,
+                                  process_group=0)
         except OSError as exc:
             itself = os.path.realpath(os.path.join(workdir, argv[0])) == os.path.realpath(path)
             if exc.errno == errno.ENOENT and itself and "/" not in argv[0]:
@@ -112,12 +111,6 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
                     interp,
                 ) from exc
             raise
-        with proc:  # as subprocess.run: what interrupts the wait (a handler an earlier
-            try:    # task left on the worker, raising) ends the script too
-                proc.wait()
-            except BaseException:
-                proc.kill()
-                raise
     if proc.returncode != 0:
         raise ScriptFailed(proc.returncode)
     return 0
@@ -134,49 +127,6 @@ def _heed_sigchld() -> Callable[[], None]:
         return lambda: None
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     return lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-
-
-#: what a script starts with at its default disposition even if an earlier task on the
-#: worker left it ignored (SIGPIPE and SIGXFSZ: subprocess's ``restore_signals`` does so)
-_DEFAULT_SIGNALS = tuple(getattr(signal, name) for name in (
-    "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM")
-    if hasattr(signal, name))
-
-
-def _noop_handler(signum: int, frame: Any) -> None:
-    pass
-
-
-@contextlib.contextmanager
-def _signals_as_by_default():
-    """While the script is started: the signals an earlier task on the worker left ignored
-    (of ``_DEFAULT_SIGNALS``) or blocked are not, as a script must start with them as by
-    default.  An ignored signal stays ignored across exec, and bash cannot even trap one
-    that was ignored when it started; a blocked one stays blocked: the script's ``trap
-    cleanup TERM`` never ran at its walltime or kill(), which SIGKILL ended 0.5 s later.
-    Not with ``preexec_fn`` (unsafe with threads): the worker's own dispositions and mask
-    are changed for the start alone, and put back, since later Python tasks keep them.
-
-    An ignored signal gets a handler that does nothing, not SIG_DFL: exec resets a
-    handled signal to its default, and one that comes meanwhile is ignored all the same
-    (Python skips a handler replaced before it ran).  The mask is emptied but for what is
-    pending (that would be delivered now, to a worker that blocked it; the script keeps it
-    blocked then): one that comes meanwhile is delivered, which for SIGTERM, from the node
-    ending this very task, may end the worker a moment early."""
-    ignored: list[int] = []
-    if threading.current_thread() is threading.main_thread():  # (signal.signal's rule)
-        for sig in _DEFAULT_SIGNALS:
-            if signal.getsignal(sig) == signal.SIG_IGN:
-                signal.signal(sig, _noop_handler)
-                ignored.append(sig)
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask & signal.sigpending())
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for sig in ignored:
-            signal.signal(sig, signal.SIG_IGN)
 
 
 def _check_script_name(name: str) -> str:
