@@ -113,15 +113,21 @@ def test_aws_task_gets_the_owners_assumed_role_not_the_nodes_keys(aws):
     assert env["AWS_SESSION_TOKEN"]
 
 
-def _alice_writes_an_output(aws):
-    """alice, an analyst granted write on results/, writes OUTPUT: her future, done."""
-    enclave, _, policies, admin, executor = aws
-    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
+def _grant_analyst_results(enclave, policies, admin) -> None:
+    """The analyst role may write results/ (the dataset added already): the grant, and
+    the role's IAM policy made again from the grants."""
     policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
     enclave.session.client("iam").put_role_policy(
         RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
         PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
     )
+
+
+def _alice_writes_an_output(aws):
+    """alice, an analyst granted write on results/, writes OUTPUT: her future, done."""
+    enclave, _, policies, admin, executor = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
+    _grant_analyst_results(enclave, policies, admin)
     alice = executor("alice", "analyst")
     f = alice.submit(tasks.write_file, "alice.txt", "42\n", outputs=[OUTPUT])
     f.result(GUARD)
@@ -169,11 +175,7 @@ def test_aws_a_failed_move_to_staging_outputs_is_retried_not_the_end_of_the_node
     job completes, once."""
     enclave, audit, policies, admin, _ = aws
     policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
-    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
-    enclave.session.client("iam").put_role_policy(
-        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
-        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
-    )
+    _grant_analyst_results(enclave, policies, admin)
     inject = throttle_once if fault == "throttled" else lose_answer_once
     fired = inject(enclave.dynamodb, "UpdateItem", _to_staging_outputs)
     runner = _node_thread()
@@ -204,11 +206,7 @@ def test_aws_a_failed_egress_hold_is_retried_not_the_end_of_the_node(aws, tmp_pa
     enclave, audit, policies, admin, _ = aws
     policies.add_dataset(f"s3://{DATA_BUCKET}/", by=admin.user, egress="deny")
     policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user, egress="deny")
-    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
-    enclave.session.client("iam").put_role_policy(
-        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
-        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
-    )
+    _grant_analyst_results(enclave, policies, admin)
     if call.startswith("audit record"):  # (a lost answer: the record is written once)
         inject = throttle_once if call == "audit record" else lose_answer_once
         fired = inject(enclave.dynamodb, "PutItem", lambda body: b"egress-denied" in body)
@@ -241,11 +239,7 @@ def test_aws_an_output_is_never_in_its_dataset_without_its_audit_record(aws, req
     monkeypatch.setattr(datasteps, "STAGING_PATIENCE", 1.0)
     enclave, audit, policies, admin, executor = aws
     policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
-    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
-    enclave.session.client("iam").put_role_policy(
-        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
-        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
-    )
+    _grant_analyst_results(enclave, policies, admin)
     failed = fail_calls(enclave.dynamodb.meta.events, "dynamodb.PutItem", None,
                         lambda p: b"stage-out" in (p.get("body") or b""), request=request)
     alice = executor("alice", "analyst")
@@ -326,11 +320,7 @@ def _fault_at(step: str, enclave, request, times: int | None) -> list[int]:
 def _grant_results(aws) -> None:
     enclave, _, policies, admin, _ = aws
     policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
-    policies.grant("analyst", f"s3://{DATA_BUCKET}/results/", "write", by=admin.user)
-    enclave.session.client("iam").put_role_policy(
-        RoleName=f"{enclave.names.user_role_prefix}analyst", PolicyName="datasets",
-        PolicyDocument=json.dumps(role_policy(policies.statements(role="analyst"))),
-    )
+    _grant_analyst_results(enclave, policies, admin)
 
 
 STAGING_STEPS = ["AssumeRole", "dataset records", "GetObject", "PutObject",
