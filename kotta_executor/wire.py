@@ -740,19 +740,16 @@ def load_call(
     return fn, pickle.loads(sections.get("args", b""))
 
 
-#: how a pickle made by cloudpickle holds code: the call that rebuilds a code object's
-#: type, ``_builtin_type("CodeType")`` (cloudpickle 3), or a reference to ``types.CodeType``
-_CODE_MARKS = (b"\x8c\x08CodeType\x94\x85\x94R", b"\x8c\x05types\x94\x8c\x08CodeType\x94\x93")
-
-
 def holds_code(data: bytes) -> bool:
     """Whether a pickle holds code pickled by value (a function defined in a notebook or
-    ``__main__``, a lambda, a closure, a class with methods), without unpickling it."""
-    if any(mark in data for mark in _CODE_MARKS):
-        return True
-    # pickle writes a string once and takes it from its memo after: a "CodeType" pickled
-    # earlier (a key, an argument) is the one the type is rebuilt from, so look opcode by
-    # opcode (only then: every pickle of code holds the name)
+    ``__main__``, a lambda, a closure, a class with methods), without unpickling it.
+
+    cloudpickle rebuilds a code object's type by ``_builtin_type("CodeType")`` (cloudpickle
+    3) or from a reference to ``types.CodeType``: looked for opcode by opcode, not as bytes
+    in the pickle, since plain data (a ``bytes`` value) may hold those bytes too; and with
+    the strings the memo gives, since pickle writes a string once and takes it from its
+    memo after (a "CodeType" pickled earlier, a key or an argument, is the one the type is
+    rebuilt from).  Every pickle of code holds the name, so only those are looked at."""
     return b"CodeType" in data and _code_from_memo(data)
 
 
@@ -763,21 +760,25 @@ _BYTES = frozenset({"SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "BYTEARRAY8"})
 
 
 def _code_from_memo(data: bytes) -> bool:
-    """The marks of _CODE_MARKS, opcode by opcode, with the strings the memo gives."""
+    """cloudpickle's calls that rebuild a code object's type, in a whole pickle (to its
+    STOP: bytes that only begin like one are data), or in a pickle held in it as bytes (the
+    outcomes of a map's items are pickled one by one) that starts as pickles do now."""
     memo: dict[int, Any] = {}
     last: list[Any] = [None, None]  # what the last two opcodes pushed (a string or None)
+    found = False
     try:
-        for op, arg, _ in pickletools.genops(data):
+        for op, arg, _ in pickletools.genops(data):  # (raises if it ends before a STOP)
             name = op.name
-            if name == "FRAME":
+            if name == "FRAME" or found:
                 continue
             if name == "MEMOIZE" or name in _PUTS:
                 memo[len(memo) if name == "MEMOIZE" else arg] = last[-1]
                 continue
             if name in _STRINGS:
                 value = arg
-            elif name in _BYTES and b"CodeType" in arg and _code_from_memo(arg):
-                return True  # a pickle in a pickle, as the marks are found in one
+            elif name in _BYTES and arg[:1] == b"\x80" and b"CodeType" in arg:
+                found = _code_from_memo(arg)  # a pickle in a pickle (PROTO first)
+                value = None
             elif name in _GETS:
                 value = memo.get(arg)
             elif name == "TUPLE1" and last[-1] == "CodeType":
@@ -785,13 +786,14 @@ def _code_from_memo(data: bytes) -> bool:
             elif (name == "REDUCE" and last[-1] == ("CodeType",)) or (
                 name == "STACK_GLOBAL" and last == ["types", "CodeType"]
             ):
-                return True
+                found = True
+                value = None
             else:
                 value = None
             last = [last[-1], value]
     except Exception:  # noqa: BLE001 - not a pickle: unpickling it says so
         return False
-    return False
+    return found
 
 
 def version_mismatch(

@@ -77,6 +77,17 @@ def test_holds_code_finds_code_whose_type_name_was_pickled_before_it():
     assert not wire.holds_code(cloudpickle.dumps(["CodeType", ("CodeType",), tasks.add]))
 
 
+def test_bytes_that_look_like_code_in_a_pickle_are_data():
+    """Plain ``bytes`` holding what cloudpickle writes for code (hypothesis found the
+    first): data, not code; a whole pickle held as bytes is looked into."""
+    mark = b"\x8c\x08CodeType\x94\x85\x94R"
+    for value in (b"\x8c\x08CodeType\x85R", mark, [b"x", mark + b"."], {"k": b"\x8c\x05types\x94"
+                  b"\x8c\x08CodeType\x94\x93"}, b"\x80\x05" + mark):  # (no STOP: not a pickle)
+        for data in (cloudpickle.dumps(value), pickle.dumps(value, 5), pickle.dumps(value, 4)):
+            assert not wire.holds_code(data), value
+    assert wire.holds_code(cloudpickle.dumps([b"x", cloudpickle.dumps(lambda: 0)]))
+
+
 _DATA = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
     | st.binary() | st.sampled_from(["CodeType", "types", "_builtin_type", "\x94\x85R"]),
