@@ -129,7 +129,7 @@ class _Decorated:
         self.kotta_function = fn
         self._call = call
 
-    def __call__(self, *args: Any, **kwargs: Any):
+    def __call__(self, /, *args: Any, **kwargs: Any):  # (a keyword named self is fn's)
         return self._call(*args, **kwargs)
 
     def __get__(self, obj: Any, objtype: type | None = None):  # a method, as a function is

@@ -274,3 +274,21 @@ def test_a_connection_whose_executor_was_shut_down_makes_another(konn):
         ex.submit(tasks.noop)
     assert square(4) == 16
     assert konn.executor is not ex and not konn.executor._shutdown
+
+
+def test_keyword_arguments_named_as_the_wrappers_own_go_to_the_function(konn):
+    """``self``, ``fn`` and the decorator's options are the function's keywords when it
+    takes them: a call with ``self=`` was a TypeError of the wrapper ("got multiple values
+    for argument 'self'")."""
+
+    @kottajob(konn, "test", 5)
+    def fields(**kwargs):
+        return sorted(kwargs.items())
+
+    @kottajob(konn, "test", 5)
+    def named(self, queue, walltime=1, *, block=None):
+        return self, queue, walltime, block
+
+    assert fields(self=1, fn=2, queue=3, walltime=4, block=5) == [
+        ("block", 5), ("fn", 2), ("queue", 3), ("self", 1), ("walltime", 4)]
+    assert named(self="s", queue="q", walltime=2, block=False) == ("s", "q", 2, False)
