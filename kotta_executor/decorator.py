@@ -138,5 +138,14 @@ class _Decorated:
     def __reduce__(self):  # (itemgetter: an identity the node unpickles without importing us)
         return operator.itemgetter(0), ((self.kotta_function,),)
 
+    # copy.copy and copy.deepcopy keep it, as they keep a function, rather than take
+    # __reduce__'s undecorated function: the copy (in a deep-copied config, or an
+    # estimator's clone) would run in the client, silently
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo: dict):
+        return self
+
     def __repr__(self) -> str:
         return f"<kottajob {self.__module__}.{self.__qualname__}>"

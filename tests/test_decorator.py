@@ -6,6 +6,7 @@ embedded enclave.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import os
 import traceback
@@ -292,3 +293,19 @@ def test_keyword_arguments_named_as_the_wrappers_own_go_to_the_function(konn):
     assert fields(self=1, fn=2, queue=3, walltime=4, block=5) == [
         ("block", 5), ("fn", 2), ("queue", 3), ("self", 1), ("walltime", 4)]
     assert named(self="s", queue="q", walltime=2, block=False) == ("s", "q", 2, False)
+
+
+def test_a_copied_decorated_function_still_runs_as_a_job(konn, enclave):
+    """copy and deepcopy keep a function as it is; they took __reduce__'s undecorated
+    function, so a decorated one in a deep-copied structure ran in the client."""
+
+    @kottajob(konn, "test", 5)
+    def where(x):
+        return os.getpid(), x
+
+    settings = copy.deepcopy({"step": where, "steps": [where]})
+    assert settings["step"] is where and settings["steps"][0] is where
+    assert copy.copy(where) is where
+    pid, value = settings["step"](7)
+    assert value == 7 and pid != os.getpid()
+    assert len(enclave.jobs.list()) == 1
