@@ -29,7 +29,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from .executor import KottaExecutor
+from .executor import KottaExecutor, Options
 
 
 class Connection:
@@ -39,11 +39,18 @@ class Connection:
     ``with konn.executor:``, say; or in a child process forked since, where the parent's
     cannot be used) and shuts it down at ``close()`` or interpreter exit.
     Keyword arguments are those of :class:`KottaExecutor`, checked now: a misspelt one is a
-    TypeError here, not at the first call.
+    TypeError here, and a wrong queue, walltime or requirements a ValueError, not at the
+    first call.
     """
 
     def __init__(self, enclave: str | os.PathLike | None = None, **executor_kwargs: Any):
         inspect.signature(KottaExecutor).bind(enclave=enclave, **executor_kwargs)
+        # and the tasks' options, as kottajob checks its own: connect(queue="prod2") is a
+        # ValueError here, not at the first call of a function decorated with it
+        Options.make(
+            executor_kwargs.get("queue", "test"), executor_kwargs.get("walltime", 5),
+            executor_kwargs.get("requirements"),
+        )
         self._enclave = enclave
         self._kwargs = executor_kwargs
         self._executor: KottaExecutor | None = None
@@ -98,8 +105,6 @@ def kottajob(
     if isinstance(target, KottaExecutor):
         target.with_options(queue=queue, walltime=walltime, requirements=requirements)
     else:
-        from .executor import Options
-
         Options.make(
             queue if queue is not None else "test", walltime if walltime is not None else 5,
             requirements,

@@ -309,3 +309,17 @@ def test_a_copied_decorated_function_still_runs_as_a_job(konn, enclave):
     pid, value = settings["step"](7)
     assert value == 7 and pid != os.getpid()
     assert len(enclave.jobs.list()) == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(queue="prod2"), dict(walltime=0), dict(walltime="5"), dict(walltime=-1),
+     dict(requirements="numpy --hash=sha256:00")],
+)
+def test_wrong_option_values_fail_at_connect(enclave_dir, options):
+    """As a misspelt option does: they were accepted, and failed the first call of a
+    function decorated with the connection, at ``ex = KottaExecutor(...)``."""
+    with pytest.raises(ValueError):
+        kotta_executor.connect(enclave_dir, **options)
+    with kotta_executor.connect(enclave_dir, start_node=False, queue="Prod", walltime=90):
+        pass  # (valid ones, as the executor spells them, pass)
