@@ -153,4 +153,7 @@ class _Decorated:
         return self
 
     def __repr__(self) -> str:
-        return f"<kottajob {self.__module__}.{self.__qualname__}>"
+        name = getattr(self, "__qualname__", None)  # (a partial or callable object has none)
+        if name is None:
+            return f"<kottajob {self.kotta_function!r}>"
+        return f"<kottajob {self.__module__}.{name}>"

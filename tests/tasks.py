@@ -333,6 +333,16 @@ def decorated_record(path, x):
     return x * 2
 
 
+class Offset:
+    """A callable object (one a decorator may wrap, as it wraps a function)."""
+
+    def __init__(self, by):
+        self.by = by
+
+    def __call__(self, x):
+        return x + self.by
+
+
 def worker_environ():
     return dict(os.environ)
 

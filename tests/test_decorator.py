@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import functools
 import os
 import traceback
 
@@ -323,3 +324,14 @@ def test_wrong_option_values_fail_at_connect(enclave_dir, options):
         kotta_executor.connect(enclave_dir, **options)
     with kotta_executor.connect(enclave_dir, start_node=False, queue="Prod", walltime=90):
         pass  # (valid ones, as the executor spells them, pass)
+
+
+def test_a_decorated_partial_or_callable_object_runs_and_has_a_repr(konn):
+    """update_wrapper copies no __qualname__ from them: repr() of the decorated object raised
+    AttributeError (in a traceback's locals, a debugger, a notebook's display)."""
+    partial = kottajob(konn, "test", 5)(functools.partial(tasks.add, 40))
+    offset = kottajob(konn, "test", 5)(tasks.Offset(100))
+    assert repr(partial) == f"<kottajob {partial.kotta_function!r}>"
+    assert repr(offset).startswith("<kottajob <tests.tasks.Offset")
+    assert partial(2) == 42
+    assert offset(1) == 101
