@@ -115,7 +115,17 @@ def kottajob(
             ex = target.executor if isinstance(target, Connection) else target
             view = ex.with_options(queue=queue, walltime=walltime, requirements=requirements)
             future = view.submit(fn, *args, **kwargs)
-            return future.result() if block else future
+            if not block:
+                return future
+            try:
+                return future.result()
+            except BaseException:
+                # interrupted while it waits (Ctrl-C): no one holds this future to wait for
+                # the job or kill it, and the end of the interpreter would wait for it, up
+                # to its walltime
+                if not future.done():
+                    future.kill()
+                raise
 
         return _Decorated(fn, call)
 

@@ -10,6 +10,8 @@ import copy
 import datetime as dt
 import functools
 import os
+import signal
+import threading
 import traceback
 
 import pytest
@@ -335,3 +337,30 @@ def test_a_decorated_partial_or_callable_object_runs_and_has_a_repr(konn):
     assert repr(offset).startswith("<kottajob <tests.tasks.Offset")
     assert partial(2) == 42
     assert offset(1) == 101
+
+
+def test_an_interrupted_blocking_call_kills_its_job(konn, enclave, tmp_path):
+    """Ctrl-C at a blocking call: its job ran on (nothing held its future to kill it), and
+    the end of the interpreter waited for it, up to its walltime."""
+
+    @kottajob(konn, "test", 5)
+    def waits(path):
+        return tasks.wait_for_file(path)
+
+    main = threading.main_thread().ident
+
+    def interrupt():
+        wait_for(lambda: [j for j in enclave.jobs.list() if str(j.state) == "processing"],
+                 what="the task to start")
+        signal.pthread_kill(main, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            waits(str(tmp_path / "never-created"))
+    finally:
+        interrupter.join(GUARD)
+    (job,) = enclave.jobs.list()
+    wait_for(lambda: str(enclave.jobs.get(job.job_id).state) == "cancelled",
+             what="the interrupted call's job to be killed")
