@@ -259,6 +259,16 @@ class KottaExecutor(Executor):
                 f"this client holds the token of {self.owner!r}, so it cannot submit as "
                 f"{owner!r}: tasks run with their owner's rights (use that user's token)"
             )
+        # Made inside a task (its worker's KOTTA_OWNER), the default token is the node's
+        # ($KOTTA_HOME/token, or its OS user's): another user's task would submit jobs,
+        # read data and be audited as the node's user, not as itself
+        inside = os.environ.get("KOTTA_OWNER")
+        if inside and inside != self.owner:
+            raise AuthenticationError(
+                f"this executor is made inside a task of {inside!r} but holds the token of "
+                f"{self.owner!r}: its tasks would run as {self.owner!r}, with that user's "
+                f"rights. Pass credentials= with {inside!r}'s own token"
+            )
         self.client_id = os.urandom(8).hex()
         # Job ids: 128 random bits without a syscall per submit (os.urandom releases the
         # GIL, and getting it back from a busy manager thread can take milliseconds).

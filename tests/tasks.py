@@ -343,6 +343,15 @@ class Offset:
         return x + self.by
 
 
+def nested_submit(enclave, credentials=None):
+    """A task that submits a task itself: (the owner the inner one ran as, its job id)."""
+    from kotta_executor import KottaExecutor
+
+    with KottaExecutor(1, enclave=enclave, start_node=False, credentials=credentials) as ex:
+        f = ex.submit(os.getenv, "KOTTA_OWNER")
+        return f.result(60), f.job_id
+
+
 def worker_environ():
     return dict(os.environ)
 

@@ -249,6 +249,25 @@ def test_a_client_cannot_claim_another_owner(make_executor, user_token):
         make_executor(1, start_node=False, credentials=user_token("alice"), owner="bob")
 
 
+def test_a_task_cannot_submit_as_the_nodes_user(
+    start_node, make_executor, user_token, enclave_dir, enclave
+):
+    """An executor that alice's task makes, with the default token, held the node's: the
+    task's own tasks ran, and were recorded and audited, as the node's user (root, the
+    admin), with that user's grants.  It is an AuthenticationError, as claiming another
+    owner is; with alice's own token it submits as alice."""
+    alice = user_token("alice")
+    start_node(workers=2)
+    ex = make_executor(1, start_node=False, credentials=alice)
+    inner = ex.submit(tasks.nested_submit, str(enclave_dir))
+    with pytest.raises(AuthenticationError, match="inside a task of 'alice'"):
+        inner.result(GUARD)
+    assert [j.owner for j in enclave.jobs.list()] == ["alice"]  # nothing was submitted
+
+    ran_as, job_id = ex.submit(tasks.nested_submit, str(enclave_dir), str(alice)).result(GUARD)
+    assert ran_as == "alice" and enclave.jobs.get(job_id).owner == "alice"
+
+
 # ---------------------------------------------------------------------- 3. tampering
 
 
