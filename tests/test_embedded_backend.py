@@ -609,3 +609,26 @@ def test_a_new_enclave_in_a_directory_made_beforehand_is_closed_to_other_users(
     assert ex.submit(tasks.square, 7).result(GUARD) == 49
     mode = home.stat().st_mode & 0o777
     assert mode & 0o077 == 0, f"the enclave directory is {oct(mode)}: other users can read it"
+
+
+@pytest.mark.parametrize(("spec", "meant"), [
+    ("aws:/lab", "aws://lab"), ("AWS:lab", "aws://lab"),
+    ("embedded:/srv/enclave", "embedded:///srv/enclave"),
+])
+def test_a_url_missing_its_slashes_is_an_error_not_a_new_enclave(tmp_path, monkeypatch, spec,
+                                                                   meant):
+    """``aws:/lab`` (one slash) was a relative path: the executor, and ``kotta up``, made a
+    new, empty embedded enclave in ./aws:/lab, and its jobs waited there for nodes that
+    serve the AWS enclave.  It is a ConfigurationError naming the URL meant; a directory
+    so named is still reachable as ./aws:/lab."""
+    from kotta_executor import ConfigurationError, KottaExecutor
+    from tests.conftest import subprocess_env
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=f"did you mean {meant}\\?"):
+        KottaExecutor(1, enclave=spec)
+    r = subprocess.run([sys.executable, "-m", "kotta_executor.cli", "jobs", "--enclave", spec],
+                       capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert r.returncode == 2 and f"did you mean {meant}?" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing made
+    assert EmbeddedEnclave.exists(EmbeddedEnclave(f"./{spec}").home)  # made on purpose

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ..config import kotta_home
@@ -29,7 +30,20 @@ def _embedded_home(spec: str) -> str | None:
         return spec[len("embedded://") :] or str(kotta_home())
     if "://" in spec:
         return None
+    mistyped = _MISTYPED_URL.match(spec)
+    if mistyped:  # a URL with its slashes wrong, not a directory to make an enclave in
+        scheme, rest = mistyped.group(1).lower(), spec[len(mistyped.group(1)) + 1 :]
+        meant = f"aws://{rest.lstrip('/')}" if scheme == "aws" else f"embedded://{rest}"
+        raise ConfigurationError(
+            f"enclave {spec!r} looks like a URL missing its '//': did you mean {meant}? "
+            f"(a directory of that name: ./{spec})"
+        )
     return spec
+
+
+#: a spec that begins as a URL without its "//" ("aws:/lab", "embedded:/data/enclave",
+#: "aws:lab"), which would otherwise be a relative directory, made into a new enclave
+_MISTYPED_URL = re.compile(r"(?i)(aws|embedded):")
 
 
 def _spec(spec: str | os.PathLike | None) -> str:
