@@ -29,7 +29,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from .executor import KottaExecutor, Options
+from .executor import KottaExecutor, Options, _not_sent
 
 
 class Connection:
@@ -73,6 +73,9 @@ class Connection:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+
+    def __reduce__(self):
+        raise _not_sent("a connection (kotta_executor.connect())")
 
     def __enter__(self) -> Connection:
         return self

@@ -403,6 +403,9 @@ class KottaExecutor(Executor):
         what outlives half a second of grace, SIGKILL."""
         self.terminate_workers()
 
+    def __reduce__(self):
+        raise _not_sent("a KottaExecutor")
+
     def with_options(
         self, *, queue: str | None = None, walltime: float | _dt.timedelta | None = None,
         requirements: str | Iterable[str] | None = None,
@@ -1680,6 +1683,9 @@ class OptionsView(Executor):
         self._parent = parent
         self._options = options
 
+    def __reduce__(self):
+        raise _not_sent("an executor's with_options() view")
+
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> KottaFuture:
         opts = self._options
         if "inputs" in kwargs or "outputs" in kwargs:
@@ -1699,6 +1705,15 @@ class OptionsView(Executor):
             self._parent,
             self._options.updated(queue, walltime, requirements, inputs, outputs),
         )
+
+
+def _not_sent(what: str) -> TypeError:
+    """Why a task cannot take a client's executor (in a closure, a global of a notebook's
+    function, an argument): said instead of pickle's "cannot pickle '_thread.lock'"."""
+    return TypeError(
+        f"{what} cannot be sent to a task: it is the client's; a task that submits tasks "
+        "makes its own executor, with its owner's credentials="
+    )
 
 
 def _fail_if_pending(f: Future, exc: BaseException) -> None:

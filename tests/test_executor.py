@@ -394,6 +394,28 @@ def test_unpicklable_call_fails_at_submit_and_sends_nothing(executor, enclave):
     assert [j.job_id for j in enclave.jobs.list()] == [ok.job_id]
 
 
+def test_a_task_that_would_take_the_clients_executor_is_refused_naming_it(executor, enclave):
+    """A notebook function that uses the executor (or the decorator's connection, or a
+    with_options view) was refused with pickle's "cannot pickle '_thread._local' object",
+    which names none of them."""
+    konn = kotta_executor.connect(enclave.home)
+    view = executor.with_options(walltime=2)
+
+    def resubmits(x):
+        return executor.submit(tasks.square, x).result()
+
+    def attaches(job_id):
+        return konn.attach(job_id)
+
+    for fn, what in ((resubmits, "a KottaExecutor"), (attaches, r"a connection \(kotta_executor\.connect\(\)\)")):
+        with pytest.raises(SerializationError, match=f"function itself .*{what} cannot be "
+                                                     "sent to a task: it is the client's"):
+            executor.submit(fn, 1)
+    with pytest.raises(SerializationError, match=r"argument 0 .*with_options\(\) view cannot"):
+        executor.submit(tasks.noop, view)
+    assert enclave.jobs.list() == []
+
+
 def test_a_map_with_an_unpicklable_item_raises_and_runs_none_of_its_earlier_items(
     make_executor, gate, tmp_path
 ):
