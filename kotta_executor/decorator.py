@@ -19,15 +19,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as _dt
 import functools
 import inspect
 import operator
 import os
+import sys
 import threading
 import types
 from collections.abc import Callable
 from typing import Any
+
+import cloudpickle
 
 from .executor import KottaExecutor, Options, _not_sent
 
@@ -114,10 +118,10 @@ def kottajob(
         )
 
     def decorate(fn: Callable) -> Callable:
-        def call(*args: Any, **kwargs: Any):
+        def call(task: Callable, /, *args: Any, **kwargs: Any):
             ex = target.executor if isinstance(target, Connection) else target
             view = ex.with_options(queue=queue, walltime=walltime, requirements=requirements)
-            future = view.submit(fn, *args, **kwargs)
+            future = view.submit(task, *args, **kwargs)
             if not block:
                 return future
             try:
@@ -130,31 +134,58 @@ def kottajob(
                     future.kill()
                 raise
 
-        return _Decorated(fn, call)
+        return _Decorated(fn, call, block)
 
     return decorate
 
 
 class _Decorated:
     """A function decorated with :func:`kottajob`: calling it submits ``kotta_function``,
-    the undecorated function, which is what travels.  Pickled, it *is* that function: a
-    task whose function calls a decorated one (itself, recursively, or another) runs its
-    body there, rather than failing to pickle the connection this holds, or submitting a
-    job again from the node."""
+    the undecorated function.  Pickled, it travels by reference when its module's attribute
+    of its name is this very object (a module-level function: the node imports it, as it
+    imports any module-level function, with the module's globals), else by value as its
+    undecorated function (one of ``__main__`` or a notebook, a closure).  Called in a task
+    (or unpickled by value anywhere), it runs its body there, rather than failing to
+    pickle the connection this holds, or submitting a job again from the node."""
 
-    def __init__(self, fn: Callable, call: Callable):
+    def __init__(self, fn: Callable, call: Callable | None, block: bool = True):
         functools.update_wrapper(self, fn)
         self.kotta_function = fn
-        self._call = call
+        self._call = call  # (None: a copy unpickled by value, with no connection)
+        self._block = block
+        self._by_reference = _ByReference(self)
 
     def __call__(self, /, *args: Any, **kwargs: Any):  # (a keyword named self is fn's)
-        return self._call(*args, **kwargs)
+        # In a task: its worker's KOTTA_OWNER, which whatever the task starts inherits
+        # (multiprocessing children of any start method, programs it runs).  A job
+        # submitted from there would hold a worker while the task waits for it: with every
+        # worker so held, neither ends before its walltime.
+        if self._call is not None and not os.environ.get("KOTTA_OWNER"):
+            task = self._by_reference if _importable(self) else self.kotta_function
+            return self._call(task, *args, **kwargs)
+        if self._block:
+            return self.kotta_function(*args, **kwargs)
+        # block=False: a future, done, as the client's calls return, so that code that
+        # calls it runs alike in the client and in a task
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            value = self.kotta_function(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the future's, as a job's would be
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+        return future
 
     def __get__(self, obj: Any, objtype: type | None = None):  # a method, as a function is
         return self if obj is None else types.MethodType(self, obj)
 
-    def __reduce__(self):  # (itemgetter: an identity the node unpickles without importing us)
-        return operator.itemgetter(0), ((self.kotta_function,),)
+    def __reduce__(self):
+        if _importable(self):  # (a string: pickle's global, its module and name)
+            return self.__qualname__
+        if self._block:  # (itemgetter: an identity the node unpickles without importing us)
+            return operator.itemgetter(0), ((self.kotta_function,),)
+        # block=False: a stand-in without connection, whose calls return futures
+        return _Decorated, (self.kotta_function, None, False)
 
     # copy.copy and copy.deepcopy keep it, as they keep a function, rather than take
     # __reduce__'s undecorated function: the copy (in a deep-copied config, or an
@@ -170,3 +201,39 @@ class _Decorated:
         if name is None:
             return f"<kottajob {self.kotta_function!r}>"
         return f"<kottajob {self.__module__}.{name}>"
+
+
+class _ByReference:
+    """What a call of an importable decorated function submits: its undecorated function,
+    pickled as ``getattr(<the decorated function, by reference>, "kotta_function")``.
+    cloudpickle would send the function itself by value, with the globals it uses (a
+    lock: the call failed; a large table: sent at every call), since its module's
+    attribute of its name is the decorated function.  It has the function's name and
+    signature, for the task's header and ``inputs=``/``outputs=``."""
+
+    def __init__(self, decorated: _Decorated):
+        functools.update_wrapper(self, decorated.kotta_function)
+        self._decorated = decorated
+
+    def __call__(self, /, *args: Any, **kwargs: Any):
+        return self._decorated.kotta_function(*args, **kwargs)
+
+    def __reduce__(self):
+        return getattr, (self._decorated, "kotta_function")
+
+
+def _importable(obj: Any) -> bool:
+    """Whether pickle finds ``obj`` by reference, as cloudpickle's rule for functions: under
+    its ``__module__`` (imported, not ``__main__``, not registered to be pickled by value)
+    and ``__qualname__``."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "__main__")
+    name = getattr(obj, "__qualname__", None)
+    if module is None or module.__name__ == "__main__" or name is None:
+        return False
+    registered = getattr(cloudpickle.cloudpickle, "_is_registered_pickle_by_value", None)
+    if registered is not None and registered(module):
+        return False
+    found: Any = module
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found is obj

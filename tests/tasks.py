@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -331,6 +332,36 @@ def decorated_record(path, x):
     with open(path, "a") as f:
         f.write(f"{os.getpid()}\n")
     return x * 2
+
+
+_LOCK = threading.Lock()  # a module global that no pickle takes
+
+
+@kottajob(module_connection, "test", 5)
+def decorated_with_lock(x):
+    """Uses a module global that cannot be pickled: the call must travel by reference."""
+    with _LOCK:
+        return os.getpid(), x + 1
+
+
+@kottajob(module_connection, "test", 5, block=False)
+def decorated_later(x):
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    return x * 2
+
+
+def fan_out(n):
+    """Driver code as in the client, in a plain function: a non-blocking decorated
+    function gives futures."""
+    futures = [decorated_later(i) for i in range(n)]
+    failed = decorated_later(-1)
+    return [f.result() for f in futures], repr(failed.exception()), type(failed).__name__
+
+
+def calls_decorated(path, x):
+    """A plain function that calls a decorated one: (its pid, the decorated one's value)."""
+    return os.getpid(), decorated_record(path, x)
 
 
 class Offset:

@@ -10,10 +10,12 @@ import copy
 import datetime as dt
 import functools
 import os
+import pickle
 import signal
 import threading
 import traceback
 
+import cloudpickle
 import pytest
 
 import kotta_executor
@@ -178,6 +180,77 @@ def test_decorated_module_function_runs_once_on_the_node(
         enclave.close()
     # what travels is the undecorated function
     assert tasks.decorated_record.kotta_function(str(record), 1) == 2
+
+
+def _jobs(home) -> list:
+    enclave = EmbeddedEnclave(home)
+    try:
+        return enclave.jobs.list()
+    finally:
+        enclave.close()
+
+
+def test_a_module_level_decorated_function_travels_by_reference(
+    module_connection, _private_kotta_home
+):
+    """Its module's attribute of its name is the decorated function, not the function:
+    cloudpickle sent the function by value, with the globals it uses (a lock: the call
+    failed with SerializationError; a large table: sent at every call)."""
+    pid, value = tasks.decorated_with_lock(41)
+    assert value == 42 and pid != os.getpid()
+    assert len(cloudpickle.dumps(tasks.decorated_with_lock)) < 200  # a name, not code
+    assert [str(j.state) for j in _jobs(_private_kotta_home)] == ["completed"]
+
+
+def test_a_module_level_decorated_function_pickles_as_itself():
+    """pickle refused it ("not the same object as tests.tasks.decorated_record"): a
+    ProcessPoolExecutor or multiprocessing could not take it."""
+    f = tasks.decorated_record
+    assert pickle.loads(pickle.dumps(f)) is f
+    assert cloudpickle.loads(cloudpickle.dumps(f)) is f
+
+
+def test_a_decorated_function_that_a_plain_one_calls_runs_in_its_task(
+    module_connection, _private_kotta_home, tmp_path
+):
+    """The node imports the plain function's module, whose attribute is the decorated
+    function: its call submitted a job from the node (a node of one worker: the task
+    waited for it until its walltime)."""
+    record = tmp_path / "runs"
+    pid, value = module_connection.executor.submit(
+        tasks.calls_decorated, str(record), 4).result(timeout=GUARD)
+    assert value == 8 and pid != os.getpid()
+    assert record.read_text().splitlines() == [str(pid)]  # in the task's own process
+    assert len(_jobs(_private_kotta_home)) == 1  # one job: none from the node
+
+
+def test_a_non_blocking_decorated_function_returns_a_done_future_in_a_task(
+    module_connection, _private_kotta_home
+):
+    """It gave its value there, not a future: driver code written for the client
+    (``[f.result() for f in fs]``) failed in a task with AttributeError."""
+    values, failed, kind = module_connection.executor.submit(tasks.fan_out, 3).result(
+        timeout=GUARD)
+    assert values == [0, 2, 4]
+    assert failed == "ValueError('negative: -1')" and kind == "Future"
+    assert len(_jobs(_private_kotta_home)) == 1
+
+
+def test_a_non_blocking_decorated_function_returns_a_future_in_a_task_too(konn, enclave):
+    """As in the client, for functions pickled by value (``__main__``, a notebook): a
+    driver written for the client runs in a task unchanged."""
+
+    @kottajob(konn, "test", 5, block=False)
+    def leaf(x):
+        return x * 2
+
+    @kottajob(konn, "test", 5)
+    def driver(n):
+        futures = [leaf(i) for i in range(n)]
+        return [f.result() for f in futures]
+
+    assert driver(3) == [0, 2, 4]
+    assert len(enclave.jobs.list()) == 1
 
 
 @pytest.mark.parametrize(
