@@ -161,8 +161,7 @@ class _Decorated:
         # submitted from there would hold a worker while the task waits for it: with every
         # worker so held, neither ends before its walltime.
         if self._call is not None and not os.environ.get("KOTTA_OWNER"):
-            task = self._by_reference if _importable(self) else self.kotta_function
-            return self._call(task, *args, **kwargs)
+            return self._call(self.kotta_task(), *args, **kwargs)
         if self._block:
             return self.kotta_function(*args, **kwargs)
         # block=False: a future, done, as the client's calls return, so that code that
@@ -175,6 +174,12 @@ class _Decorated:
         else:
             future.set_result(value)
         return future
+
+    def kotta_task(self) -> Callable:
+        """What a job of this function runs: its body, by reference when it can be (also
+        what ``ex.submit(f, x)`` sends: in a task, a ``block=False`` ``f`` itself would
+        return a future, which cannot be sent back)."""
+        return self._by_reference if _importable(self) else self.kotta_function
 
     def __get__(self, obj: Any, objtype: type | None = None):  # a method, as a function is
         return self if obj is None else types.MethodType(self, obj)

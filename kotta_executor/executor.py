@@ -477,6 +477,10 @@ class KottaExecutor(Executor):
     def _submit(self, fn: Callable, calls: list, opts: Options, *, batch: bool = False) -> KottaFuture:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
+        decorator = sys.modules.get("kotta_executor.decorator")  # (imported if fn is one)
+        if decorator is not None and isinstance(fn, decorator._Decorated):
+            fn = fn.kotta_task()  # its body: the decorated function would submit, or in a
+            # task (block=False) return a future, which cannot be sent back
         self._check_open()  # early, to spare the pickling; it counts only under the lock
         config.check_walltime(opts.queue, opts.walltime)  # before anything is sent
         deps = dependencies.find(calls)

@@ -253,6 +253,23 @@ def test_a_non_blocking_decorated_function_returns_a_future_in_a_task_too(konn, 
     assert len(enclave.jobs.list()) == 1
 
 
+def test_a_decorated_function_submitted_or_mapped_runs_its_body(konn, enclave):
+    """``ex.submit(f, x)`` of a ``block=False`` decorated ``f``: in the task, ``f`` itself
+    would return a future, which cannot be sent back; the executor sends its body, by
+    reference or by value, as a call of ``f`` does."""
+
+    @kottajob(konn, "test", 5, block=False)
+    def local(x):
+        return x * 3
+
+    ex = konn.executor
+    assert ex.submit(tasks.decorated_later, 4).result(GUARD) == 8  # by reference
+    assert ex.submit(local, 4).result(GUARD) == 12  # by value
+    assert list(ex.map(tasks.decorated_later, [1, 2], timeout=GUARD)) == [2, 4]
+    assert ex.submit(tasks.decorated_with_lock, 1).result(GUARD)[1] == 2  # (block=True)
+    assert len(enclave.jobs.list()) == 5  # one an item: no job submitted from a task
+
+
 @pytest.mark.parametrize(
     "args",
     [
