@@ -49,6 +49,16 @@ def pytest_sessionstart(session) -> None:
         compileall.compile_dir(ROOT / package, quiet=2)
 
 
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie not reaped yet counts).  In one try:
+    ``not pid_exists(pid) or Process(pid).status() == "zombie"`` raises NoSuchProcess when
+    the process ends between the two."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject's addopts): one and a half test processes a core, not one.
     A test spends most of its time waiting for node and worker processes, which need the

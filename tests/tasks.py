@@ -334,6 +334,21 @@ def decorated_record(path, x):
     return x * 2
 
 
+def ends_cleanly_on_sigterm(started, seconds=60.0):
+    """Write this pid to ``started``, then run until SIGTERM, which it handles by cleaning
+    up and returning at once: what the node's grace period between SIGTERM and SIGKILL is
+    for."""
+    stop: list[int] = []
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    Path(started).write_text(f"{os.getpid()}\n")
+    deadline = time.monotonic() + seconds  # deadlock guard of a test that went wrong
+    while not stop and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "cleaned up"
+
+
 _LOCK = threading.Lock()  # a module global that no pickle takes
 
 

@@ -23,7 +23,7 @@ from kotta_executor import TaskKilled
 from kotta_executor.backends.base import NewJob
 from kotta_executor.backends.embedded import EmbeddedEnclave
 from tests import tasks
-from tests.conftest import GUARD, ROOT, subprocess_env, wait_for
+from tests.conftest import GUARD, ROOT, gone, subprocess_env, wait_for
 
 
 def kotta(
@@ -255,7 +255,7 @@ def test_cancel_a_running_job_kills_it(make_executor, enclave, start_node, tmp_p
     job = enclave.jobs.get(f.job_id)
     assert job.state == "cancelled"
     assert "killed" in job.reason
-    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"
+    assert gone(worker)
     assert ex.submit(tasks.square, 9).result(GUARD) == 81
 
 
@@ -447,9 +447,7 @@ def test_up_starts_a_background_node_and_down_stops_it(enclave, make_executor):
         assert r.returncode == 0, r.stderr
         assert f"node {node.node_id} (pid {node.pid}, queue test) stopped" in r.stdout
         assert enclave.nodes.live() == []
-        wait_for(lambda: not psutil.pid_exists(node.pid)
-                 or psutil.Process(node.pid).status() == "zombie",
-                 what="the node process to exit")
+        wait_for(lambda: gone(node.pid), what="the node process to exit")
 
         r = kotta(enclave.home, "down")
         assert r.returncode == 0

@@ -29,7 +29,7 @@ from kotta_executor import (
 )
 from kotta_executor.states import FINAL
 from tests import tasks
-from tests.conftest import GUARD, wait_for
+from tests.conftest import GUARD, gone, wait_for
 
 
 @dataclass(frozen=True)
@@ -403,9 +403,7 @@ def test_failure_injection(row: Row, make_executor, tmp_path):
         assert worker_after == worker_before
     else:
         assert worker_after != worker_before
-        assert not psutil.pid_exists(worker_before) or (
-            psutil.Process(worker_before).status() == psutil.STATUS_ZOMBIE
-        )
+        assert gone(worker_before)
     assert ex.submit(tasks.square, 7).result(GUARD) == 49
 
     # -- what the enclave recorded

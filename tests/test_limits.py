@@ -8,14 +8,13 @@ import signal
 import sys
 import time
 
-import psutil
 import pytest
 
 from kotta_executor import ConfigurationError, MemoryLimitExceeded, config, kottajob
 from kotta_executor.errors import JobFailed
 from kotta_executor.states import JobState
 from tests import tasks
-from tests.conftest import GUARD, wait_for
+from tests.conftest import GUARD, gone, wait_for
 
 
 def test_limits_table_has_documented_defaults():
@@ -155,8 +154,7 @@ def test_the_memory_of_a_daemon_the_task_started_counts(start_node, make_executo
         with pytest.raises(MemoryLimitExceeded, match="over the memory limit of 200 MB"):
             f.result(timeout=GUARD)
         pid = int(daemon.read_text())
-        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() ==
-                 psutil.STATUS_ZOMBIE, timeout=10.0, what="the daemon to die with its task")
+        wait_for(lambda: gone(pid), timeout=10.0, what="the daemon to die with its task")
     finally:
         if daemon.exists():
             try:

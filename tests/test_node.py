@@ -24,7 +24,7 @@ from kotta_executor.backends.base import Finished, NewJob
 from kotta_executor.states import FINAL, JobState
 from node.worker import STOP_SIGNAL
 from tests import tasks
-from tests.conftest import GUARD, wait_for
+from tests.conftest import GUARD, gone, wait_for
 from tests.test_requirements import offline_pip as offline_pip  # noqa: F401 - a fixture
 
 # ---------------------------------------------------------------------- helpers
@@ -35,13 +35,6 @@ def _pids(path: Path) -> list[int]:
         return [int(line) for line in path.read_text().split()]
     except FileNotFoundError:
         return []
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _finals(enclave, job_id: str) -> list[str]:
@@ -113,7 +106,7 @@ def test_task_of_a_killed_node_runs_again_on_another(start_node, make_executor, 
         b = start_node(workers=1)
         a.kill()
         # the task does not run on unsupervised: A's worker dies with its node
-        wait_for(lambda: _gone(first), what="A's orphaned worker to die with its node")
+        wait_for(lambda: gone(first), what="A's orphaned worker to die with its node")
         wait_for(lambda: len(_pids(log)) == 2, what="the task to run again on node B")
         second = _pids(log)[1]
         assert second in b.worker_pids()
@@ -704,7 +697,7 @@ def test_a_node_stopping_with_busy_workers_ends_them_together_not_one_after_anot
         a.proc.send_signal(signal.SIGTERM)
         assert a.proc.wait(GUARD) == 0
         took = time.monotonic() - began
-        assert all(_gone(pid) for pid in workers)
+        assert all(gone(pid) for pid in workers)
         assert all(_holder(enclave, f.job_id) is None for f in futures)  # handed back
     finally:
         tasks.release(release, "go")
@@ -1210,7 +1203,7 @@ def test_a_task_handed_back_at_the_drain_timeout_never_runs_on_two_nodes_at_once
         start_node(workers=1)
         a.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: len(_pids(log)) == 2, what="the task to start again on node B")
-        assert _gone(first), "the task's first run still runs beside its second"
+        assert gone(first), "the task's first run still runs beside its second"
     finally:
         tasks.release(release, "go")
     assert f.result(GUARD) == _pids(log)[1]

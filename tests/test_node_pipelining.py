@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import signal
 import time
-from pathlib import Path
 
 from kotta_executor import TaskKilled
 from tests import tasks
@@ -22,20 +20,9 @@ from tests.conftest import GUARD, wait_for
 from tests.test_node import _pids
 
 # ---------------------------------------------------------------------- task functions
-# (importable by workers as tests.test_node_pipelining)
-
-
-def ends_cleanly_on_sigterm(started, seconds=60.0):
-    """Write this pid to ``started``, then run until SIGTERM, which it handles by cleaning
-    up and returning at once: what the node's grace period between SIGTERM and SIGKILL is
-    for."""
-    stop: list[int] = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    Path(started).write_text(f"{os.getpid()}\n")
-    deadline = time.monotonic() + seconds  # deadlock guard of a test that went wrong
-    while not stop and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return "cleaned up"
+# (importable by workers as tests.test_node_pipelining; a task whose walltime is short is
+# in tests.tasks, which the warm-up task has imported: importing this module, and with it
+# tests.test_node and pytest, took over its walltime of 1 s on a busy machine)
 
 
 def leave_a_thread(release, seconds=60.0):
@@ -99,7 +86,7 @@ def test_a_piped_task_is_not_failed_with_the_walltime_of_the_task_before_it(
     short = ex.with_options(walltime=_dt.timedelta(seconds=1))
 
     _, (head, behind, *rest) = _pipe_together(enclave, ex, [
-        (short._options, ends_cleanly_on_sigterm, (str(started),)),
+        (short._options, tasks.ends_cleanly_on_sigterm, (str(started),)),
         (None, tasks.sleep_and_return, (3.0, "behind")),  # longer than the grace period
         (None, tasks.square, (0,)),
         (None, tasks.square, (1,)),
@@ -118,7 +105,7 @@ def test_a_piped_task_is_not_cancelled_by_the_kill_of_the_task_before_it(
     ex = make_executor(1, start_node=False)
 
     _, (head, behind, *rest) = _pipe_together(enclave, ex, [
-        (None, ends_cleanly_on_sigterm, (str(started),)),
+        (None, tasks.ends_cleanly_on_sigterm, (str(started),)),
         (None, tasks.sleep_and_return, (3.0, "behind")),  # longer than the grace period
         (None, tasks.square, (0,)),
         (None, tasks.square, (1,)),

@@ -8,14 +8,13 @@ import os
 import signal
 import textwrap
 
-import psutil
 import pytest
 
 import kotta_executor
 from kotta_executor import KottaJob, ScriptFailed, WalltimeExceeded
 from kotta_executor.errors import JobFailed
 from tests import tasks
-from tests.conftest import GUARD, _finish, wait_for
+from tests.conftest import GUARD, _finish, gone, wait_for
 from tests.test_node import _pids
 
 
@@ -118,9 +117,7 @@ def test_a_script_that_kills_its_process_group_on_exit_keeps_its_outcome_and_wor
     assert job.stdout == "started\n"
     assert enclave.jobs.get(job.job_id).state == "failed"
     [sleeper] = _pids(child)
-    wait_for(lambda: not psutil.pid_exists(sleeper) or
-             psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE,
-             what="the script's background job to end by its trap")
+    wait_for(lambda: gone(sleeper), what="the script's background job to end by its trap")
     # a script that ends its background jobs and exits 0 is completed
     job = _bash("trap 'trap \"\" TERM; kill 0' EXIT\nsleep 300 &\necho done\n")
     job.submit(ex)
@@ -153,8 +150,7 @@ def test_what_a_script_started_ends_with_its_walltime_kill_or_node(
             with pytest.raises(kotta_executor.TaskKilled if end == "kill" else WalltimeExceeded):
                 job.wait(GUARD)
         for pid in _pids(pids):
-            wait_for(lambda pid=pid: not psutil.pid_exists(pid) or
-                     psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10.0,
+            wait_for(lambda pid=pid: gone(pid), timeout=10.0,
                      what=f"the script's process {pid} to end with its job's {end}")
         if end == "node death":  # the job is cancelled by the next node, not run again
             assert job.kill()
