@@ -1154,6 +1154,14 @@ class Node:
             self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}",
                          owner=header["owner"])
             return
+        except OSError as exc:
+            # a blob there but unreadable (another user's file, a directory in its place,
+            # a disk error): raised, it ended the node, and every node after it that
+            # received the task, until the executor gave up on them all
+            self._reject(d, "CorruptTask", f"job {d.job_id} has a task section that cannot be "
+                                           f"read from the enclave's blobs: {exc}",
+                         owner=header["owner"])
+            return
         asked, each = header["walltime"], header.get("walltime_each")
         if each is not None and (type(each) not in (int, float) or not 0 < each <= asked):
             self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: "

@@ -356,6 +356,28 @@ def test_a_task_that_never_runs_leaves_no_blob(make_executor, enclave, end):
     assert _blob_files(enclave) == []
 
 
+def test_a_task_whose_blob_cannot_be_read_fails_and_its_node_serves_on(start_node,
+                                                                       make_executor, enclave):
+    """A task's blob that is there but cannot be opened (another OS user's file, after a
+    restore from a backup: EACCES; a failing disk: EIO; here a symlink to itself: ELOOP)
+    ended the node that received the task, with a traceback, and the next node, and the
+    next, until the executor gave up on them all (BrokenEnclave: the local node died 6
+    times) and every task of the queue waited.  The task fails alone, naming the blob."""
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(len, b"x" * (enclave.inline_limit + 1))
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
+    key = f"args-{f.job_id}"
+    blob = enclave.home / "blobs" / key[:2] / key
+    blob.unlink()
+    blob.symlink_to(blob)
+    node = start_node()
+    with pytest.raises(CorruptTask, match=f"cannot be read .*{key}"):
+        f.result(GUARD)
+    assert enclave.jobs.get(f.job_id).state == JobState.FAILED
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    assert node.proc.poll() is None, node.output()
+
+
 def test_task_blobs_that_no_job_records_are_deleted_once_old(start_node, enclave):
     """A client that dies between writing a task's big sections to blobs and recording
     its job (a kernel restarted during a burst of big submits) leaves blobs that nothing
