@@ -24,6 +24,7 @@ import pytest
 from kotta_executor.backends.base import Finished, Message, NewJob, NodeInfo
 from kotta_executor.backends.embedded import EmbeddedEnclave
 from kotta_executor.states import JobState
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD = 60.0
@@ -548,6 +549,35 @@ def test_a_result_the_disk_cannot_hold_fails_its_job_and_the_node_serves_on(
         ex.submit(bytes, 5 << 20).result(GUARD)
     assert ex.submit(len, b"small").result(GUARD) == 5
     assert node.proc.poll() is None, node.output()
+
+
+@pytest.mark.parametrize("fault", ["deleted", "unreadable"])
+def test_a_result_blob_that_cannot_be_read_fails_its_future_naming_the_blob(
+    start_node, make_executor, enclave, fault
+):
+    """A result over 1 MiB is kept in a blob.  Deleted (a user cleaning up ``blobs/``),
+    its future failed with "the job completed without recording a result", with no word
+    of the blob; there but unreadable (another OS user's file: EACCES; a disk error; here
+    a symlink to itself: ELOOP), the executor's manager tried again for a minute and then
+    broke the executor, every future with it.  The one future fails, naming the blob."""
+    from kotta_executor import JobFailed
+
+    start_node()
+    ex = make_executor(1, start_node=False)
+    job_id = ex.submit(bytes, 2 << 20).job_id
+    assert len(ex.submit(bytes, 2 << 20).result(GUARD)) == 2 << 20
+    wait_for(lambda: enclave.jobs.get(job_id).state == JobState.COMPLETED,
+             what="the first job to complete")
+    ex.shutdown()  # (before the blob goes: its futures are done, their results read)
+    [ref] = enclave.jobs.result_refs([job_id]).values()
+    blob = enclave.home / "blobs" / ref[:2] / ref
+    blob.unlink()
+    if fault == "unreadable":
+        blob.symlink_to(blob)
+    later = make_executor(1, start_node=False)
+    with pytest.raises(JobFailed, match=f"its result, the blob {ref} in .*, cannot be read"):
+        later.attach(job_id).result(GUARD)
+    assert later.submit(len, b"abc").result(GUARD) == 3
 
 
 def test_bursts_fit_an_sqlite_that_allows_999_variables_a_statement(tmp_path):

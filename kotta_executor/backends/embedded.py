@@ -691,13 +691,15 @@ class EmbeddedJobs(JobTable):
             for row in self._db.read(
                 f"SELECT {cols} FROM jobs WHERE job_id IN ({_marks(len(chunk))})", chunk
             ):
-                result = None
+                result, unread = None, None
                 if with_result:
                     result, ref = row[-2], row[-1]
                     row = row[:-2]
                     if ref:
-                        result = self._read_spilled(ref)
+                        result, unread = self._read_spilled(ref)
                 rec = self._record(row, result)
+                if unread and not rec.reason:  # said, as the reason its future fails for
+                    rec.reason = unread
                 out[rec.job_id] = rec
         return out
 
@@ -716,11 +718,18 @@ class EmbeddedJobs(JobTable):
                 chunk))
         return out
 
-    def _read_spilled(self, ref: str) -> bytes | None:
+    def _read_spilled(self, ref: str) -> tuple[bytes | None, str | None]:
+        """A result kept in a blob, or None and why it cannot be read: deleted (a user
+        cleaning up ``blobs/``), or there but unreadable (another OS user's file, a disk
+        error).  Raised, that broke the executor reading it (BrokenEnclave for every
+        future, after a minute of trying again); missing, its future said the job had
+        recorded no result, with no word of the blob."""
         try:
-            return self._blobs.get(ref)
-        except KeyError:
-            return None
+            return self._blobs.get(ref), None
+        except (KeyError, OSError) as exc:
+            why = exc.args[0] if isinstance(exc, KeyError) else exc
+            return None, (f"its result, the blob {ref} in {self._blobs.root}, cannot be "
+                          f"read: {why}")
 
     def list(self, *, owner=None, state=None, limit=50):
         where, params = [], []
