@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -150,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a full disk under `kotta jobs > FILE`, say: named, not a traceback
         with contextlib.suppress(OSError, ValueError):  # (and no second one as Python exits,
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # flushing it)
+        print(f"kotta: error: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as exc:  # a damaged or full kotta.db, named by the backend
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise
         print(f"kotta: error: {exc}", file=sys.stderr)
         return 1
 

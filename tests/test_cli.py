@@ -336,6 +336,37 @@ def test_an_enclave_directory_sqlite_cannot_write_in_is_a_clean_error():
                         "unable to open database file\n")
 
 
+def test_a_damaged_enclave_database_is_an_error_naming_it_with_a_hint(make_executor,
+                                                                      enclave_dir):
+    """A kotta.db damaged after it was opened (a disk fault, a file copied while written):
+    every command printed a traceback ending in "database disk image is malformed", a
+    node died with one in its log, and an executor broke saying only that; none said
+    which file, or what to do.  Now one line names the file and the way out, exit 1."""
+    import sqlite3
+
+    from kotta_executor import BrokenEnclave
+
+    ex = make_executor(1)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    ex.shutdown()
+    later = make_executor(1, start_node=False)  # (a new one reads the damaged file at once)
+    db = enclave_dir / "kotta.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # all of it in kotta.db itself
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(db, "r+b") as f:  # every page but the first (the schema): garbage
+        f.seek(4096)
+        f.write(b"\xff" * (db.stat().st_size - 4096))
+    said = (f"kotta: error: the enclave database {db.resolve()} is damaged (database disk "
+            f"image is malformed): stop its nodes and clients, then restore it from a backup")
+    for command in (["jobs"], ["dead-letters"], ["node", "--burst"]):
+        r = kotta(enclave_dir, *command)
+        assert r.returncode == 1, (command, r.stderr)
+        assert "Traceback" not in r.stderr, (command, r.stderr)
+        assert r.stderr.splitlines()[-1].startswith(said), (command, r.stderr)
+    with pytest.raises(BrokenEnclave, match=f"the enclave database {db.resolve()} is damaged"):
+        later.submit(tasks.square, 4).result(GUARD)
+
+
 @settings(max_examples=50, deadline=None)
 @given(limit=st.integers().filter(lambda n: not 0 <= n <= 100_000))
 def test_jobs_limit_out_of_range_is_an_error(limit):

@@ -190,6 +190,31 @@ class _Db:
             local.conn, local.pid, local.depth = conn, os.getpid(), 0
         return conn
 
+    def named(self, exc: sqlite3.Error) -> sqlite3.Error | None:
+        """``exc`` (of the same type) saying which file is at fault, and what to do, when
+        the fault is the database file's own (damaged, not SQLite, its disk full or
+        failing); else None.  SQLite's messages name no file: a node died with a
+        traceback ending in "database disk image is malformed", every `kotta` command
+        printed one, and an executor broke saying only that."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        what = _FILE_FAULTS.get(code & 0xFF) if isinstance(code, int) else None
+        if what is None or str(exc).startswith("the enclave database "):
+            return None
+        named = type(exc)(f"the enclave database {self.path} {what.format(exc=exc, path=self.path)}")
+        named.sqlite_errorcode, named.sqlite_errorname = code, getattr(exc, "sqlite_errorname", None)
+        return named
+
+    @contextmanager
+    def naming(self):
+        """Errors of the database file raised inside, named (:meth:`named`)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            named = self.named(exc)
+            if named is None:
+                raise
+            raise named from exc
+
     @contextmanager
     def tx(self):
         """A write transaction; nested calls on one thread join the outer one."""
@@ -214,17 +239,21 @@ class _Db:
             finally:
                 local.depth -= 1
             return
-        _retry(conn.execute, "BEGIN IMMEDIATE")
+        with self.naming():
+            _retry(conn.execute, "BEGIN IMMEDIATE")
         local.depth, local.undo = 1, []
         try:
             yield conn
             local.depth = 0
             _retry(conn.execute, "COMMIT")
-        except BaseException:
+        except BaseException as exc:
             local.depth = 0
             if conn.in_transaction:  # (a COMMIT that failed leaves it open)
                 conn.execute("ROLLBACK")
             self._undo(1)
+            named = self.named(exc) if isinstance(exc, sqlite3.Error) else None
+            if named is not None:
+                raise named from exc
             raise
         local.undo = []
 
@@ -250,7 +279,26 @@ class _Db:
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         conn = self.conn()
-        return _retry(lambda: conn.execute(sql, params).fetchall())
+        try:
+            return _retry(lambda: conn.execute(sql, params).fetchall())
+        except sqlite3.Error as exc:  # (no naming(): reads are the hot path)
+            named = self.named(exc)
+            if named is None:
+                raise
+            raise named from exc
+
+
+#: faults of the database file itself, by SQLite's primary result code, and what to do
+_FILE_FAULTS = {
+    11: "is damaged ({exc}): stop its nodes and clients, then restore it from a backup "
+        "(docs/operations.md), or keep what SQLite can still read of it (`sqlite3 {path} "
+        ".recover | sqlite3 NEW.db`, and NEW.db in its place)",  # SQLITE_CORRUPT
+    26: "is not an SQLite database ({exc}): it was overwritten; restore it from a backup "
+        "(docs/operations.md)",  # SQLITE_NOTADB
+    13: "cannot grow ({exc}): free space on its file system",  # SQLITE_FULL
+    10: "cannot be read or written ({exc}; is its disk failing, or was its kotta.db-wal "
+        "deleted while in use?)",  # SQLITE_IOERR
+}
 
 
 LOCK_TIMEOUT = 60.0
@@ -1361,8 +1409,9 @@ class EmbeddedEnclave(Enclave):
 
     def checkpoint(self) -> None:
         """Copy the write-ahead log into the database (this is where SQLite fsyncs)."""
-        conn = self._db.conn()
-        _, frames, copied = _retry(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        with self._db.naming():
+            conn = self._db.conn()
+            _, frames, copied = _retry(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         # A connection that holds a read transaction open keeps the log from being copied
         # past what it reads, and so from starting over: it grows with every write, for as
         # long as that lasts.  Nothing here can end it; whoever runs it can.
