@@ -608,6 +608,31 @@ def test_bursts_fit_an_sqlite_that_allows_999_variables_a_statement(tmp_path):
 # An enclave is one OS user's (docs/security.md, trust roots)
 
 
+def test_an_enclave_whose_path_is_not_utf8_works(make_executor, tmp_path):
+    """A directory named in another encoding than UTF-8 (Latin-1's "café", made on an older
+    system: ``os.listdir`` gives it as ``'caf\\udce9'``) holding the enclave, as
+    ``$KOTTA_HOME`` or ``enclave=``: every executor and command failed to open it, with
+    UnicodeEncodeError ("surrogates not allowed"), naming its doorbells after the path."""
+    from tests import tasks
+
+    home = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9 enclave"))
+    ex = make_executor(1, enclave=home)
+    assert ex.submit(tasks.square, 7).result(GUARD) == 49
+    assert ex.submit(len, b"x" * (1 << 20)).result(GUARD) == 1 << 20  # (through a blob)
+    assert (home / "kotta.db").exists()
+    # $TMPDIR so named too, where the inboxes are (their path's length failed likewise)
+    tmp = bytes(tmp_path) + b"/t\xe9mp"
+    os.mkdir(tmp)
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; from kotta_executor import KottaExecutor; "
+         "ex = KottaExecutor(1, enclave=sys.argv[1]); print(ex.submit(abs, -3).result(60)); "
+         "ex.shutdown()", str(home)],
+        env={**_env(), "TMPDIR": os.fsdecode(tmp)}, cwd=ROOT, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, errors="replace", timeout=GUARD,
+    )
+    assert (out.returncode, out.stdout) == (0, "3\n"), out.stderr
+
+
 def test_an_enclave_open_to_other_users_is_warned_of_once(tmp_path, caplog):
     """An enclave whose directory others may read (made by an earlier version, or opened
     since) is not changed, but said, with the command that closes it."""

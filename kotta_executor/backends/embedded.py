@@ -1163,7 +1163,7 @@ class EmbeddedEnclave(Enclave):
         self.blobs = EmbeddedBlobs(self.home / "blobs")
         self.queue = EmbeddedQueue(self._db, self)
         self.jobs = EmbeddedJobs(self._db, self.blobs)
-        self._bell_prefix = "kotta-" + hashlib.sha1(str(self.home).encode()).hexdigest()[:16]
+        self._bell_prefix = "kotta-" + hashlib.sha1(os.fsencode(self.home)).hexdigest()[:16]
         self.nodes = EmbeddedNodes(self._db, self._bell_address)
         self.records = EmbeddedRecords(self._db)
         self._ring_sock: socket.socket | None = None
@@ -1242,7 +1242,7 @@ class EmbeddedEnclave(Enclave):
         if d is None:
             return None
         path = f"{d}/{self._bell_prefix}-{client_id}"
-        return path if len(path.encode()) < 100 else None
+        return path if len(os.fsencode(path)) < 100 else None
 
     def reply_inbox(self, client_id: str) -> socket.socket | None:
         return self._bind_inbox(client_id)
