@@ -526,11 +526,15 @@ class EmbeddedBlobs(BlobStore):
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             # a write cut short (a full disk) leaves no partial file behind: nothing
             # else would ever remove it, and it would keep the disk full for the enclave
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            if isinstance(exc, OSError) and exc.filename is None:
+                # a failed write names no file ("[Errno 28] No space left on device", from
+                # a submit): the blob's path says which disk is full, the enclave's
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
             raise
 
     def get(self, key):
