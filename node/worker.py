@@ -104,6 +104,22 @@ def _reset_capture() -> None:
             os.lseek(cap, 0, os.SEEK_SET)  # (an empty file was read, not written, since)
 
 
+def _release_capture() -> None:
+    """Once a task's result is sent, its capture files emptied, as the next task would
+    find them (_reset_capture).  A task that printed much (the files keep all of it on
+    the node's disk, though a result carries the last CAPTURE_LIMIT bytes) held that
+    space for as long as its worker then idled: on a disk the enclave shares (``/tmp``
+    beside ``~/.kotta``), the node's next write failed, "database or disk is full", and
+    it died."""
+    for cap in _CAPTURE:
+        try:
+            if os.fstat(cap).st_size:
+                os.ftruncate(cap, 0)
+                os.lseek(cap, 0, os.SEEK_SET)
+        except OSError:  # (not ours to fail the worker for)
+            pass
+
+
 #: the worker's own ``sys.stdout`` and ``sys.stderr``, as it started (not read back from
 #: ``sys.__stdout__``: a task may rebind that too, to a file of its own, which later tasks
 #: would then print into)
@@ -548,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             if _STOP.is_set():
                 break
             send_result(result_fd, *run_task(data))
+            _release_capture()
             _keep_stop_signal()
     return STOPPED
 

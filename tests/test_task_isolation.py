@@ -102,6 +102,13 @@ def say(text):
     return text
 
 
+def print_much(size):
+    line = "x" * 1023
+    for _ in range(size // 1024):
+        print(line)
+    return "printed"
+
+
 def replace_sys_stdout_and_its_original(path):
     import sys as _sys
 
@@ -264,6 +271,28 @@ def test_a_task_that_redirects_fd1_does_not_cost_the_next_task_or_its_file(
     if nxt.stdout != "next task\n":
         problems.append(f"the next task's stdout is {nxt.stdout!r}")
     assert not problems, problems
+
+
+def test_a_task_that_printed_much_leaves_no_disk_space_held_by_its_idle_worker(
+        start_node, make_executor):
+    """A worker's capture files hold all a task printed (its result carries the last
+    4 MiB), and were emptied only when the next task began: an idle worker held the
+    space of a chatty task's output, 60 MiB of progress lines say, on the node's disk for
+    as long as it idled; on a disk the enclave shares, the node's next write failed
+    ("database or disk is full") and it died.  The files are emptied once the result is
+    sent; the output is the result's, and the next task's stdout is its own."""
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(print_much, 8 << 20)
+    assert f.result(GUARD) == "printed"
+    assert f.stdout.endswith("x" * 1023 + "\n") and len(f.stdout) > 4 << 20
+    [worker] = node.worker_pids()
+    captures = [f"/proc/{worker}/fd/{fd}" for fd in (1, 2)]
+    wait_for(lambda: all(os.stat(c).st_size == 0 for c in captures),
+             what="the idle worker's capture files to be emptied")
+    nxt = ex.submit(say, "hello")
+    assert nxt.result(GUARD) == "hello"
+    assert nxt.stdout == "hello\n"
 
 
 def test_a_task_that_replaces_sys_stdout_does_not_swallow_the_next_tasks_prints(
