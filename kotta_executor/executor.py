@@ -1337,12 +1337,15 @@ class KottaExecutor(Executor):
                 if proc.returncode == 0 or served:
                     self._node_restarts = 0
                 self._node_restarts += 1
-                if self._node_restarts > MAX_NODE_RESTARTS:
+                log_path = self._node_log(q)
+                if self._node_restarts > MAX_NODE_RESTARTS:  # (why is in its log)
                     raise BrokenEnclave(
                         f"the local node for queue {q!r} died {self._node_restarts} times "
-                        f"(last exit code {proc.returncode})"
+                        f"(last exit code {proc.returncode}); its log, {log_path}, ends: "
+                        f"{_last_line(log_path)}"
                     )
-                log.warning("local node for queue %s exited with %s; restarting", q, proc.returncode)
+                log.warning("local node for queue %s exited with %s; restarting (its log: %s)",
+                            q, proc.returncode, log_path)
                 del self._nodes[q]
             elif self._enclave.nodes.live(q):
                 continue
@@ -1379,6 +1382,11 @@ class KottaExecutor(Executor):
     def _release_start(self, queue: str) -> None:
         _release_claim(self._start_claims, queue)
 
+    def _node_log(self, queue: str) -> Path:
+        """Where the node this executor starts for ``queue`` writes its output."""
+        home = Path(getattr(self._enclave, "home", config.kotta_home()))
+        return home / "logs" / f"node-{self.client_id}-{queue}.log"
+
     def _spawn_node(self, queue: str) -> subprocess.Popen:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(_node_path())
@@ -1391,9 +1399,8 @@ class KottaExecutor(Executor):
             "--managed-by", self.client_id,
             "--prespawn", self.owner,
         ]
-        logs = Path(getattr(self._enclave, "home", config.kotta_home())) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"node-{self.client_id}-{queue}.log"
+        log_path = self._node_log(queue)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting a local node for queue %s (log: %s): %s", queue, log_path, " ".join(cmd))
         with open(log_path, "ab") as out:
             return subprocess.Popen(
@@ -1709,6 +1716,17 @@ class OptionsView(Executor):
             self._parent,
             self._options.updated(queue, walltime, requirements, inputs, outputs),
         )
+
+
+def _last_line(path: Path) -> str:
+    """The last line of a log (its last 4 KiB read), or why there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+    return lines[-1].strip() if lines else "(empty)"
 
 
 def _not_sent(what: str) -> TypeError:

@@ -121,6 +121,31 @@ def test_executor_survives_its_node_being_stopped_now_and_then(make_executor, en
                 _kill(n.pid)
 
 
+def test_a_node_that_keeps_dying_breaks_the_executor_naming_its_log(make_executor, enclave,
+                                                                    monkeypatch):
+    """The reason a node died is in its log (a traceback, a damaged database): the error
+    said only how often and with which exit code, not where to look."""
+    from kotta_executor import BrokenEnclave
+
+    monkeypatch.setattr(executor_module, "MAX_NODE_RESTARTS", 1)
+    ex = make_executor(1)  # starts its own node
+    assert ex.submit(tasks.square, 2).result(GUARD) == 4
+    for i in range(2):
+        [node] = [n for n in enclave.nodes.live("test") if n.managed_by == ex.client_id]
+        _kill(node.pid)  # not a clean stop: a death, counted
+        wait_for(lambda pid=node.pid: not _running(pid), what="the node to die")
+        f = ex.submit(tasks.square, 3)
+        if i == 0:
+            assert f.result(GUARD) == 9  # started again, once
+            continue
+        with pytest.raises(BrokenEnclave) as info:
+            f.result(GUARD)
+    log = enclave.home / "logs" / f"node-{ex.client_id}-test.log"
+    last = log.read_text().strip().splitlines()[-1].strip()
+    assert str(info.value) == (f"the local node for queue 'test' died 2 times (last exit code "
+                               f"-9); its log, {log}, ends: {last}")
+
+
 # --------------------------------------------------------------------------------------
 # 3. the executor's node stops when the executor is SIGKILLed, reaped or not
 
