@@ -239,10 +239,12 @@ class _Db:
             finally:
                 local.depth -= 1
             return
-        with self.naming():
-            _retry(conn.execute, "BEGIN IMMEDIATE")
         local.depth, local.undo = 1, []
         try:
+            # in the try: an exception that comes as BEGIN returns (a KeyboardInterrupt,
+            # Ctrl-C in the caller's thread) must roll back, or the transaction stays
+            # open on this thread's connection, holding the enclave's write lock for good
+            _retry(conn.execute, "BEGIN IMMEDIATE")
             yield conn
             local.depth = 0
             _retry(conn.execute, "COMMIT")
