@@ -505,14 +505,35 @@ class KottaExecutor(Executor):
             if job is not None:
                 self._drop_blobs(job)
             self._check_open()  # raises: neither flag is ever reset
-        if deps:  # sent by the manager once they are done (no job row until then)
-            self._deps.add(f, fn, calls, opts, deps)
-        elif batch or not self._send_now(job):  # a map's tasks go together, in batches
-            self._outbox.append((job, f))
-            self._kick()
+        try:
+            if deps:  # sent by the manager once they are done (no job row until then)
+                self._deps.add(f, fn, calls, opts, deps)
+            elif batch or not self._send_now(job):  # a map's tasks go together, in batches
+                self._outbox.append((job, f))
+                self._kick()
+        except BaseException:
+            self._interrupted(f, job)
+            raise
         if self._cancelling_all:  # accepted just before it: it was not there to cancel
             self._cancel_late(f)
         return f
+
+    def _interrupted(self, f: KottaFuture, job: NewJob | None) -> None:
+        """A submit interrupted (a KeyboardInterrupt: Ctrl-C in a notebook) between the
+        registration of its future and the send of its job: unsent, the future would stay
+        pending for ever, no cancel finding its job, and ``shutdown(wait=True)`` would wait
+        for it for ever.  Its job goes to the outbox, for the manager to send, unless it
+        is there: a second send of one that went out already is harmless (its record is
+        kept, and a node runs it once).  One that waits for futures (``job`` None) may be
+        half set up (callbacks on some of them only): it is cancelled, unless the manager
+        has sent it already and it runs."""
+        if job is None:
+            if self._cancel_jobs([f.job_id]) or self._enclave.jobs.get(f.job_id) is None:
+                self._futures.pop(f.job_id, None)  # (never waiting: no cancel found it)
+                f._cancel_and_notify()
+        elif not any(queued is job for queued, _ in list(self._outbox)):
+            self._outbox.append((job, f))
+            self._kick(force=True)
 
     def _cancel_late(self, f: KottaFuture) -> None:
         try:

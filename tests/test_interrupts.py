@@ -79,3 +79,65 @@ def test_an_interrupt_as_a_cancel_begins_its_transaction_leaves_the_enclave_unlo
     assert blocker.result(timeout=GUARD) == "go"  # (its node could record it)
     assert ex.submit(tasks.square, 4).result(timeout=GUARD) == 16
 
+
+def entering(name: str):
+    """As this thread enters a function of kotta's called ``name``."""
+    def match(frame, event, arg) -> bool:
+        return (event == "call" and frame.f_code.co_name == name
+                and "kotta_executor" in frame.f_code.co_filename)
+    return match
+
+
+def shut_down_within_guard(ex) -> bool:
+    """``ex.shutdown(wait=True)`` on a helper thread; whether it returned within GUARD."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (ex.shutdown(wait=True), done.set()), daemon=True).start()
+    return done.wait(GUARD)
+
+
+def appending_to(queue):
+    """As this thread is about to append to ``queue`` (a deque)."""
+    return lambda frame, event, arg: event == "c_call" and getattr(arg, "__self__", None) is queue
+
+
+def after_a_square(ex) -> list:
+    """Arguments that make a task wait for another's result: a done future."""
+    dep = ex.submit(tasks.square, 3)
+    dep.result(timeout=GUARD)
+    return [dep]
+
+
+@pytest.mark.parametrize("where, submit, outcome", [
+    # a lone submit, sent at once from the caller's thread: it runs
+    (lambda ex: entering("_send_now"), lambda ex: ex.submit(tasks.square, 3), "completed"),
+    # a map's task, left in the outbox for the manager: it runs
+    (lambda ex: appending_to(ex._outbox), lambda ex: ex.map(tasks.square, [3]), "completed"),
+    # a task that waits for another's result, before it waits, or with its callback on
+    # a done dependency interrupted (it waits for ever for that one): it never runs
+    (lambda ex: entering("add"), lambda ex: ex.submit(tasks.square, *after_a_square(ex)),
+     "cancelled"),
+    (lambda ex: entering("_dependency_done"),
+     lambda ex: ex.submit(tasks.square, *after_a_square(ex)), "cancelled"),
+])
+def test_an_interrupted_submit_leaves_no_future_pending_for_ever(
+        make_executor, where, submit, outcome):
+    """Ctrl-C in ``submit()`` (or ``map()``) after its future was registered, before its
+    job was sent: the future stayed pending for ever, and ``shutdown(wait=True)`` (the end
+    of a ``with`` block, the interpreter's exit) waited for it for ever, as did one with
+    ``cancel_futures=True`` (no cancel found its job).  Now the job is sent all the same,
+    once, and the shutdown waits for it to end; a task that waits for others' results,
+    not yet sent, is cancelled instead (its waiting may be half set up)."""
+    ex = make_executor(1)
+    assert ex.submit(tasks.square, 2).result(timeout=GUARD) == 4  # (its node serves)
+    with sigint_when(where(ex)) as sent, pytest.raises(KeyboardInterrupt):
+        submit(ex)
+    assert sent.is_set()
+    assert ex.submit(tasks.square, 5).result(timeout=GUARD) == 25
+    assert shut_down_within_guard(ex), "shutdown(wait=True) waits for a job never sent"
+    interrupted = [j.state for j in ex.enclave.jobs.list(owner=ex.owner)
+                   if j.fn.endswith("square") and j.state != "completed"]
+    finished = [j for j in ex.enclave.jobs.list(owner=ex.owner) if j.state == "completed"]
+    if outcome == "completed":
+        assert interrupted == [] and len(finished) == 3
+    else:  # (never waiting: no record; else recorded cancelled)
+        assert interrupted in ([], ["cancelled"]) and len(finished) == 3
