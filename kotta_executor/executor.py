@@ -309,6 +309,7 @@ class KottaExecutor(Executor):
         self._broken: BrokenEnclave | None = None
         self._wake = _Wake()  # the manager's wake-up pipe
         self._manager: threading.Thread | None = None
+        self._manager_done = threading.Event()  # set as its manager thread ends
         self._nodes: dict[str, subprocess.Popen] = {}
         self._left: _Leftovers | None = None  # what its manager closes, once it runs
         self._node_restarts = 0  # deaths in a row of the nodes it started
@@ -377,6 +378,10 @@ class KottaExecutor(Executor):
         if manager is None:
             self._close()
         elif wait and manager is not threading.current_thread():
+            # its own signal first: on Python 3.11, a join() interrupted (Ctrl-C) marks
+            # the thread stopped while it runs (bpo-45274), and a later join() returns at
+            # once, the jobs still running
+            self._manager_done.wait()
             manager.join()
 
     def terminate_workers(self) -> None:
@@ -891,8 +896,8 @@ class KottaExecutor(Executor):
                 wake = self._wake  # (the callback must not hold the executor)
                 ref = weakref.ref(self, lambda _: wake.kick())  # collected: it shuts down
                 self._manager = threading.Thread(
-                    target=_run_manager, args=(ref,), name=f"kotta-manager-{self.client_id}",
-                    daemon=True,
+                    target=_run_manager, args=(ref, self._manager_done),
+                    name=f"kotta-manager-{self.client_id}", daemon=True,
                 )
                 self._manager.start()
 
@@ -1612,7 +1617,15 @@ def _release_claim(claims: dict[str, int], queue: str) -> None:
         os.close(fd)  # (closing releases the lock)
 
 
-def _run_manager(ref: weakref.ref) -> None:
+def _run_manager(ref: weakref.ref, done: threading.Event) -> None:
+    """The manager thread (:func:`_manage`); ``done`` is set as it ends."""
+    try:
+        _manage(ref)
+    finally:
+        done.set()
+
+
+def _manage(ref: weakref.ref) -> None:
     """The manager thread.  It holds its executor only for a turn, never while it waits:
     an executor nobody references any more is collected (ProcessPoolExecutor's is), which
     wakes this thread, and it closes what the executor held (:class:`_Leftovers`).  The

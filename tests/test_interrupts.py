@@ -141,3 +141,60 @@ def test_an_interrupted_submit_leaves_no_future_pending_for_ever(
         assert interrupted == [] and len(finished) == 3
     else:  # (never waiting: no record; else recorded cancelled)
         assert interrupted in ([], ["cancelled"]) and len(finished) == 3
+
+
+def when_main_thread_waits_in(name: str, action) -> threading.Thread:
+    """A helper thread that calls ``action()`` once the main thread is blocked in a
+    lock's acquire under a function of kotta's called ``name`` (or after GUARD, so that
+    nothing hangs)."""
+    main = threading.main_thread().ident
+
+    def blocked() -> bool:
+        frame = sys._current_frames().get(main)
+        if frame is None or frame.f_code.co_filename != threading.__file__:
+            return False
+        while frame is not None:
+            if frame.f_code.co_name == name and "kotta_executor" in frame.f_code.co_filename:
+                return True
+            frame = frame.f_back
+        return False
+
+    def run() -> None:
+        try:
+            wait_for(blocked, what=f"the main thread to wait in {name}")
+        finally:
+            action()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_shutdown_interrupted_while_it_waits_still_waits_the_second_time(
+        make_executor, tmp_path):
+    """Ctrl-C while ``shutdown(wait=True)`` (the end of a ``with`` block) waited for a
+    running task: Python 3.11's ``Thread.join``, interrupted, marks a thread that still
+    runs as stopped (bpo-45274), so the next ``shutdown(wait=True)``, and the one at the
+    interpreter's exit, returned at once, the task still running and its result never
+    delivered: the program ended without it.  The wait is now for the manager's own
+    signal that it is done."""
+    ex = make_executor(1)
+    started, go = tmp_path / "started", tmp_path / "go"
+    running = ex.submit(tasks.touch_then_wait, str(started), str(go))
+    wait_for(started.exists, what="the task to start")
+    main = threading.main_thread().ident
+    interrupt = when_main_thread_waits_in(
+        "_shut_down", lambda: signal.pthread_kill(main, signal.SIGINT))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ex.shutdown(wait=True)
+    finally:
+        interrupt.join(GUARD)
+    assert not running.done()
+    release = when_main_thread_waits_in("_shut_down", lambda: tasks.release(go, "go"))
+    try:
+        ex.shutdown(wait=True)
+        assert running.done(), "the second shutdown(wait=True) returned before the task ended"
+        assert running.result() == "go"
+    finally:
+        release.join(GUARD)
