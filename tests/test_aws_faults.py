@@ -510,3 +510,49 @@ def test_a_task_naming_a_huge_owner_is_refused_without_ending_the_node(enclave, 
         assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
     finally:
         _stop(ex, node, runner, node_enclave)
+
+
+@pytest.mark.parametrize("fault", ["deleted", "AccessDenied", "InvalidObjectState"])
+def test_a_result_blob_that_cannot_be_read_fails_its_future_naming_the_blob(
+        enclave, moto_env, name, fault):
+    """A result over the item's limit is kept in S3.  Deleted (a lifecycle rule, a user
+    cleaning up the bucket), its future failed with "the job completed without recording
+    a result", with no word of the blob; refused (AccessDenied: a client role without
+    s3:GetObject on it, a KMS key it may not use), it broke the executor, every future
+    with it; archived (a lifecycle rule's move to Glacier: InvalidObjectState), it was
+    tried again for a minute and then broke the executor.  The one future fails, naming
+    the blob and the error."""
+    from kotta_executor import JobFailed
+
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    node_enclave.jobs.max_result = 16  # (every result goes to a blob)
+    runner = _run(node)
+    later = None
+
+    def refuse(params=None, **_):
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
+                          "GetObject")
+
+    try:
+        f = ex.submit(bytes.upper, b"x" * 100)
+        assert f.result(GUARD) == b"X" * 100
+        ex.shutdown()
+        [ref] = [k[len("blobs/"):] for k in _keys(enclave) if k.startswith("blobs/result-")]
+        bucket, key = enclave.names.bucket, f"blobs/{ref}"
+        if fault == "deleted":
+            enclave.s3.delete_object(Bucket=bucket, Key=key)
+        elif fault == "InvalidObjectState":
+            enclave.s3.copy_object(Bucket=bucket, Key=key, StorageClass="GLACIER",
+                                   CopySource={"Bucket": bucket, "Key": key})
+        else:
+            enclave.s3.meta.events.register("before-call.s3.GetObject", refuse)
+        later = KottaExecutor(1, enclave=enclave, start_node=False)
+        with pytest.raises(JobFailed, match=f"its result, the blob {ref} .*, cannot be read: "
+                                            f".*{'no blob' if fault == 'deleted' else fault}"):
+            later.attach(f.job_id).result(GUARD)
+        assert later.submit(tasks.square, 3).result(GUARD) == 9  # the executor serves on
+    finally:
+        enclave.s3.meta.events.unregister("before-call.s3.GetObject", refuse)
+        if later is not None:
+            later.shutdown(cancel_futures=True)
+        _stop(ex, node, runner, node_enclave)

@@ -94,6 +94,8 @@ _SQS_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 _DDB_MISSING = ("ResourceNotFoundException",)
 _S3_MISSING_BUCKET = ("NoSuchBucket",)
 _S3_MISSING_KEY = ("NoSuchKey", "404", "NotFound")
+#: a blob there that cannot be read until someone acts: archived by a lifecycle rule
+_S3_UNREADABLE_KEY = frozenset({"InvalidObjectState"})
 
 #: SQS moves a message to its DLQ when it is received more often than this; larger than
 #: the node's own max_deliveries (5), so that the node normally dead-letters first and
@@ -1653,18 +1655,36 @@ class DynamoJobs(_DynamoTable, JobTable):
         attrs = list(_RECORD_ATTRS) + (["result", "result_ref"] if with_result else [])
         out: dict[str, JobRecord] = {}
         for item in self._batch_get(list(job_ids), attrs):
-            result = None
+            result, unread = None, None
             if with_result:
                 if "result" in item and "B" in item["result"]:
                     result = bytes(item["result"]["B"])
                 elif _str(item, "result_ref"):
-                    try:
-                        result = self._e.blobs.get(item["result_ref"]["S"])
-                    except KeyError:
-                        result = None
+                    result, unread = self._read_spilled(item["result_ref"]["S"])
             rec = self._record(item, result)
+            if unread and not rec.reason:  # said, as the reason its future fails for
+                rec.reason = unread
             out[rec.job_id] = rec
         return out
+
+    def _read_spilled(self, ref: str) -> tuple[bytes | None, str | None]:
+        """A result kept in a blob, or None and why it cannot be read: deleted (a
+        lifecycle rule, a user cleaning up the bucket), refused (a role without
+        s3:GetObject on it, a KMS key it may not use) or archived (a lifecycle rule's move
+        to Glacier).  Missing, its future said the job had recorded no result, with no
+        word of the blob; refused, that broke the executor, every future with it.  A
+        fault that may pass (throttling, a 5xx) or one of the whole enclave (no bucket,
+        no credentials) is raised, as for any other call."""
+        try:
+            return self._e.blobs.get(ref), None
+        except KeyError as exc:
+            why: object = exc.args[0]
+        except _client_error() as exc:
+            if _code(exc) not in LASTING_ERRORS | _S3_UNREADABLE_KEY:
+                raise
+            why = exc
+        return None, (f"its result, the blob {ref} in s3://{self._e.names.bucket}/"
+                      f"{self._e.names.blob_prefix}, cannot be read: {why}")
 
     def list(self, *, owner=None, state=None, limit=50):
         """One owner: a Query on the ``owner-created`` index, newest first.  All owners: a
