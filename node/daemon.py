@@ -48,7 +48,7 @@ from kotta_executor.backends.base import (
     NodeInfo,
     reply_queue,
 )
-from kotta_executor.errors import AuthenticationError, EnvelopeError, InvalidDataUri
+from kotta_executor.errors import AuthenticationError, EnvelopeError, InvalidDataUri, KottaError
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.staging import declared
 from kotta_executor.security.tokens import Verifier
@@ -1197,7 +1197,16 @@ class Node:
         for name, key in refs.items():
             if key != f"{name}-{d.job_id}":  # a task fetches its own sections, nothing else
                 raise EnvelopeError(f"the section {name!r} refers to a blob not of this job")
-            blob = self.enclave.blobs.get(key)
+            try:
+                blob = self.enclave.blobs.get(key)
+            except Exception as exc:
+                if self.enclave.lasting(exc) and not isinstance(exc, KottaError):
+                    # refused for this object (AWS: AccessDenied, a bucket policy or a KMS
+                    # key the node's role may not use): raised, it ended the node, and each
+                    # node after it that received the task.  As an unreadable file's
+                    # OSError, it fails this task alone (CorruptTask, in _accept_one)
+                    raise PermissionError(f"the blob {key}: {exc}") from exc
+                raise
             if digests.get(name) != wire.digest(blob):
                 raise EnvelopeError(f"the section {name!r} in blob {key} was altered")
             sections[name] = blob

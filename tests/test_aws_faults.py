@@ -556,3 +556,40 @@ def test_a_result_blob_that_cannot_be_read_fails_its_future_naming_the_blob(
         if later is not None:
             later.shutdown(cancel_futures=True)
         _stop(ex, node, runner, node_enclave)
+
+
+@pytest.mark.parametrize("fault", ["deleted", "AccessDenied"])
+def test_a_task_whose_argument_blob_cannot_be_read_fails_and_its_node_serves_on(
+        enclave, moto_env, name, fault):
+    """A task's arguments too big for its message are in S3 (``args-<job id>``).  Refused
+    to the node that receives the task (a bucket policy, a KMS key the node's role may
+    not use: AccessDenied), that ended the node, and every task it ran, and then each
+    node that received the task again.  Deleted, or refused, the task fails alone with
+    CorruptTask naming the blob and the error, and the node serves on."""
+    from kotta_executor import CorruptTask
+
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    f = ex.submit(len, b"x" * (enclave.inline_limit + 1))
+    key = f"args-{f.job_id}"
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
+    assert f"blobs/{key}" in _keys(enclave)
+
+    def refuse(params=None, **_):
+        if key in params.get("url_path", ""):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
+                              "GetObject")
+
+    if fault == "deleted":
+        enclave.s3.delete_object(Bucket=enclave.names.bucket, Key=f"blobs/{key}")
+    else:
+        node_enclave.s3.meta.events.register("before-call.s3.GetObject", refuse)
+    runner = _run(node)
+    try:
+        why = f"no blob '{key}'" if fault == "deleted" else f"{key}: .*AccessDenied"
+        with pytest.raises(CorruptTask, match=why):
+            f.result(GUARD)
+        assert runner.is_alive(), "a task whose blob cannot be read ended the node"
+        assert enclave.jobs.get(f.job_id).state == "failed"
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+    finally:
+        _stop(ex, node, runner, node_enclave)
