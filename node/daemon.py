@@ -78,10 +78,10 @@ HOLD_REPLIES = 0.05
 #: doubled at each failure up to REPORT_RETRY_MAX
 REPORT_RETRY = 0.1
 REPORT_RETRY_MAX = 5.0
-#: seconds recording results, or deleting the blobs of ended tasks, may keep failing with
-#: faults the enclave does not call lasting before the node gives up (raises, and stops, as
-#: for a lasting fault): one that does not pass (a bad record, say) must not hold every
-#: later result back for ever.  The heartbeat and the extension of held messages get a third
+#: seconds recording results may keep failing with faults the enclave does not call
+#: lasting before the node gives up (raises, and stops, as for a lasting fault): one that
+#: does not pass (a bad record, say) must not hold every later result back for ever (the
+#: delete of ended tasks' blobs gives up alone, leaving them to the sweep).  The heartbeat and the extension of held messages get a third
 #: of the time after which other nodes take the node for gone, or its messages for free
 PATIENCE = 60.0
 #: seconds after its last heartbeat that other nodes take a node for gone (the backends'
@@ -338,9 +338,19 @@ class Node:
             self._ring_queue = False
             self.enclave.ring_nodes(self.queue)
         if self._delete_later:
-            if self._tolerant(f"deleting {len(self._delete_later)} blobs of ended tasks",
-                              lambda: self.enclave.blobs.delete(self._delete_later),
-                              key="delete", then="trying again at the next step")[0]:
+            what = f"deleting {len(self._delete_later)} blobs of ended tasks"
+            try:
+                done = self._tolerant(what, self.enclave.blobs.delete, self._delete_later,
+                                      key="delete", then="trying again at the next step")[0]
+            except Exception as exc:  # noqa: BLE001 - refused for good, or for too long
+                # Not a reason to end the node and every task it runs, as a result it
+                # cannot record is: nothing waits for these deletes, and the nodes' sweep
+                # of old task blobs of ended jobs deletes them later (or says why not)
+                log.error("%s failed for good (%s: %s); they are left for the nodes' sweep "
+                          "of old task blobs", what, type(exc).__name__, exc)
+                self._failing.pop("delete", None)
+                done = True
+            if done:
                 self._delete_later = []
 
     def _client_gone(self, client: str) -> bool:
@@ -1787,7 +1797,7 @@ class Node:
             log.info("deleted %d reply messages that no client took within %.0f s", n,
                      REPLY_AGE)
 
-    def _tolerant(self, what: str, call, *args, patience: float = PATIENCE,
+    def _tolerant(self, what: str, call, *args, patience: float | None = None,
                   key: str | None = None, then: str = "trying again") -> tuple[bool, object]:
         """``call(*args)``, a step a transient fault (throttling past the backend's retries, a
         5xx, a lost answer) may fail: that is logged, and ``(False, None)`` returned, for the
@@ -1804,12 +1814,14 @@ class Node:
         self._failing.pop(key, None)
         return True, value
 
-    def _transient(self, what: str, exc: Exception, patience: float = PATIENCE) -> None:
+    def _transient(self, what: str, exc: Exception, patience: float | None = None) -> None:
         """A step failed (``what``): raise ``exc`` if the enclave calls it lasting, or if
-        that step has failed for longer than ``patience`` seconds; else it is tried again
-        later."""
+        that step has failed for longer than ``patience`` seconds (PATIENCE, as it is
+        now); else it is tried again later."""
         if self.enclave.lasting(exc):
             raise exc
+        if patience is None:
+            patience = PATIENCE
         now = time.monotonic()
         since = self._failing.setdefault(what, now)
         if now - since > patience:

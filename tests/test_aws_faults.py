@@ -169,6 +169,35 @@ def test_a_failed_delete_of_task_blobs_is_not_the_end_of_the_node(enclave, moto_
         _stop(ex, node, runner, node_enclave)
 
 
+def test_a_delete_of_task_blobs_refused_for_good_leaves_them_and_the_node_serves_on(
+        enclave, moto_env, name, caplog):
+    """DeleteObjects refused (AccessDenied: a bucket policy) is a lasting fault: the node
+    gave up at once, and stopped, ending every task it ran, for blobs it only wanted gone
+    (after 60 s of a fault that passes slowly, the same).  It says so and leaves them to
+    the nodes' sweep of old task blobs."""
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    refused = threading.Event()
+
+    def refuse(**_):
+        refused.set()
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
+                          "DeleteObjects")
+
+    node_enclave.s3.meta.events.register("before-call.s3.DeleteObjects", refuse)
+    runner = _run(node)
+    try:
+        big = b"x" * (enclave.inline_limit + 1)
+        f = ex.submit(len, big)
+        assert f.result(GUARD) == len(big)
+        wait_for(refused.is_set, what="the delete to be refused")
+        assert ex.submit(len, big).result(GUARD) == len(big)  # the node serves on
+        _outcome(runner, f)
+        assert [k for k in _keys(enclave) if k.startswith("blobs/args-")]  # (the sweep's)
+        assert "blobs of ended tasks failed for good (ClientError" in caplog.text
+    finally:
+        _stop(ex, node, runner, node_enclave)
+
+
 @pytest.mark.parametrize("spilled", [False, True], ids=["inline result", "result in a blob"])
 def test_a_finish_made_but_unanswered_is_known_as_made_when_tried_again(
         enclave, moto_env, name, spilled):

@@ -691,3 +691,20 @@ def test_a_url_missing_its_slashes_is_an_error_not_a_new_enclave(tmp_path, monke
     assert r.returncode == 2 and f"did you mean {meant}?" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []  # nothing made
     assert EmbeddedEnclave.exists(EmbeddedEnclave(f"./{spec}").home)  # made on purpose
+
+
+def test_a_blob_that_cannot_be_deleted_does_not_keep_the_others(tmp_path):
+    """The delete stopped at the first blob it could not delete: the blobs of every task
+    that ended after it, listed with it, stayed (and were tried again with it)."""
+    enclave = EmbeddedEnclave(tmp_path / "enclave")
+    keys = ["args-a1", "args-b2", "args-c3"]
+    for key in keys:
+        enclave.blobs.put(key, b"pickled")
+    stuck = enclave.home / "blobs" / "ar" / "args-b2"
+    stuck.unlink()
+    stuck.mkdir()  # (a directory with a file in it: no unlink takes it)
+    (stuck / "x").touch()
+    with pytest.raises(IsADirectoryError):
+        enclave.blobs.delete(keys)
+    assert [p.name for p in (enclave.home / "blobs" / "ar").iterdir()] == ["args-b2"]
+    enclave.close()

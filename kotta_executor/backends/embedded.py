@@ -546,11 +546,18 @@ class EmbeddedBlobs(BlobStore):
             raise KeyError(f"no blob {key!r} in the enclave") from None
 
     def delete(self, keys):
+        """Every key's file, even past one that cannot be deleted (the first such error
+        raised at the end): the others would be left with it, and tried again with it."""
+        failed: OSError | None = None
         for key in keys:
             try:
                 self._path(key).unlink()
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def older(self, prefix, before, *, after="", scan=1000):
         # a key lives in the directory of its first two characters (_path): one
