@@ -1134,6 +1134,10 @@ class Node:
             reason = f"job {d.job_id} was delivered {d.receive_count - 1} times without completing"
             self._reject(d, "DeliveryFailed", reason, started_too=True)
             return
+        if d.fault:  # (its body kept elsewhere, gone or refused: nothing to read)
+            self._reject(d, "CorruptTask", f"job {d.job_id} has a task message that cannot be "
+                                           f"read: {d.fault}")
+            return
         if header is None:
             try:
                 header = wire.peek_header(d.body)

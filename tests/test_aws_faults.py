@@ -626,3 +626,40 @@ def test_a_task_whose_argument_blob_cannot_be_read_fails_and_its_node_serves_on(
         assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
     finally:
         _stop(ex, node, runner, node_enclave)
+
+
+@pytest.mark.parametrize("fault", ["deleted", "AccessDenied"])
+def test_a_task_whose_message_body_in_s3_cannot_be_read_fails_and_its_node_serves_on(
+        enclave, moto_env, name, fault):
+    """A message too big for SQS has its body in S3 (``msg-…``).  Refused to the node
+    (AccessDenied), every receive failed: the node's poller tried again for ever, the job
+    never ended, and the other messages each receive took came back later, their
+    deliveries counted (DeliveryFailed, in time, for tasks that never ran).  Deleted, the
+    task failed as "not a kotta envelope: only 0 bytes", naming no blob.  It fails alone
+    with CorruptTask naming the blob and the error, and the node serves on."""
+    from kotta_executor import CorruptTask
+
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    enclave.queue.max_body = 1000  # (this client's sends: the task's body goes to S3)
+    f = ex.submit(len, b"x" * 5000)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
+    [key] = [k.removeprefix("blobs/") for k in _keys(enclave) if k.startswith("blobs/msg-")]
+
+    def refuse(params=None, **_):
+        if key in params.get("url_path", ""):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
+                              "GetObject")
+
+    if fault == "deleted":
+        enclave.s3.delete_object(Bucket=enclave.names.bucket, Key=f"blobs/{key}")
+    else:
+        node_enclave.s3.meta.events.register("before-call.s3.GetObject", refuse)
+    runner = _run(node)
+    try:
+        with pytest.raises(CorruptTask, match=f"cannot be read: its body, the blob {key} in "
+                                              f"s3://.*: .*{fault if fault != 'deleted' else ''}"):
+            f.result(GUARD)
+        assert runner.is_alive(), "a task whose message cannot be read ended the node"
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+    finally:
+        _stop(ex, node, runner, node_enclave)

@@ -682,21 +682,30 @@ class SqsQueue(TaskQueue):
         self._e.blobs.put(key, body)
         return "s3:" + key
 
-    def _decode(self, text: str) -> tuple[bytes, str | None]:
-        """A message body -> (bytes, blob key).  Anything malformed comes back as bytes
-        the node will find corrupt (and dead-letter)."""
+    def _decode(self, text: str) -> tuple[bytes, str | None, str]:
+        """A message body -> (bytes, blob key, why the body cannot be read).  Anything
+        malformed comes back as bytes the node will find corrupt (and dead-letter); a body
+        kept in a blob that is gone or refused for good, as empty bytes and why: raised,
+        the refusal failed every receive (the node's poller retrying it for ever), and the
+        other messages each took came back later, each delivery counted."""
         if text.startswith("b:"):
             try:
-                return base64.b64decode(text[2:], validate=True), None
+                return base64.b64decode(text[2:], validate=True), None, ""
             except ValueError:
-                return text.encode(), None
+                return text.encode(), None, ""
         if text.startswith("s3:"):
             key = text[3:]
             try:
-                return self._e.blobs.get(key), key
-            except (KeyError, ValueError):
-                return b"", None
-        return text.encode(), None
+                return self._e.blobs.get(key), key, ""
+            except (KeyError, ValueError) as exc:
+                why: object = exc.args[0] if exc.args else exc
+            except _client_error() as exc:
+                if _code(exc) not in LASTING_ERRORS | _S3_UNREADABLE_KEY:
+                    raise
+                why = exc
+            return b"", None, (f"its body, the blob {key} in s3://{self._e.names.bucket}/"
+                               f"{self._e.names.blob_prefix}, cannot be read: {why}")
+        return text.encode(), None, ""
 
     def _entries(self, items: Sequence[tuple[str, str, dict[str, Any]]]):
         """Batches for SendMessageBatch: 10 entries and < 1 MiB a call."""
@@ -771,7 +780,7 @@ class SqsQueue(TaskQueue):
         self._send(sqs_name, items)
 
     def _receive(self, sqs_name, max_messages, visibility, wait, *, missing_ok=False):
-        out: list[tuple[dict, bytes, str | None]] = []
+        out: list[tuple[dict, bytes, str | None, str]] = []
         while len(out) < max_messages:
             n = min(10, max_messages - len(out))
             resp = self._call(
@@ -788,8 +797,7 @@ class SqsQueue(TaskQueue):
                 return None
             msgs = resp.get("Messages") or []
             for m in msgs:
-                body, blob = self._decode(m.get("Body", ""))
-                out.append((m, body, blob))
+                out.append((m, *self._decode(m.get("Body", ""))))
             if len(msgs) < n:
                 break
         return out
@@ -810,8 +818,9 @@ class SqsQueue(TaskQueue):
                 int(m.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
                 _sent(m),
                 str(m.get("MessageId") or ""),
+                fault,
             )
-            for m, body, blob in got or []
+            for m, body, blob, fault in got or []
         ]
 
     def take(self, queue, max_messages, wait_seconds=0.0):
@@ -826,8 +835,8 @@ class SqsQueue(TaskQueue):
         if got is None:  # a reply channel not opened yet, or closed
             return []
         if got:
-            self._defer("delete", sqs_name, [(m["ReceiptHandle"], blob) for m, _, blob in got])
-        return [Message(_job_id(m), body) for m, body, _ in got]
+            self._defer("delete", sqs_name, [(m["ReceiptHandle"], blob) for m, _, blob, _ in got])
+        return [Message(_job_id(m), body) for m, body, _, _ in got]
 
     def _by_queue(
         self, deliveries: Iterable[Delivery]
@@ -1003,7 +1012,7 @@ class SqsQueue(TaskQueue):
             # long poll of a second, which (unlike a short poll, which asks only some of
             # SQS's servers) answers empty only when the queue has nothing to show.
             got = self._receive(dlq, 10, 10, 1 if confirming else 0)
-            new = [(m, b) for m, b, _ in got or [] if m["MessageId"] not in seen]
+            new = [(m, b) for m, b, _, _ in got or [] if m["MessageId"] not in seen]
             if not new:
                 if confirming:
                     break

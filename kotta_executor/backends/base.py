@@ -47,6 +47,9 @@ class Delivery:
     #: the message's identity, the same in each of its deliveries ("" if unknown): a node
     #: that receives a message it still holds knows it for the same task
     message_id: str = ""
+    #: why its body could not be read ("" if it was), its ``body`` empty then: kept
+    #: elsewhere (AWS: a big message's body in S3), gone or refused
+    fault: str = ""
 
 
 @dataclass(slots=True)
