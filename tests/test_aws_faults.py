@@ -591,6 +591,21 @@ def test_a_result_blob_that_cannot_be_read_fails_its_future_naming_the_blob(
         _stop(ex, node, runner, node_enclave)
 
 
+def _unreadable(key: str, fault: str, enclave, reader) -> None:
+    """The blob ``key`` gone (``fault`` "deleted"), or refused to ``reader``'s GetObject
+    (AccessDenied: a bucket policy, a KMS key its role may not use)."""
+    if fault == "deleted":
+        enclave.s3.delete_object(Bucket=enclave.names.bucket, Key=f"blobs/{key}")
+        return
+
+    def refuse(params=None, **_):
+        if key in params.get("url_path", ""):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
+                              "GetObject")
+
+    reader.s3.meta.events.register("before-call.s3.GetObject", refuse)
+
+
 @pytest.mark.parametrize("fault", ["deleted", "AccessDenied"])
 def test_a_task_whose_argument_blob_cannot_be_read_fails_and_its_node_serves_on(
         enclave, moto_env, name, fault):
@@ -606,16 +621,7 @@ def test_a_task_whose_argument_blob_cannot_be_read_fails_and_its_node_serves_on(
     key = f"args-{f.job_id}"
     wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
     assert f"blobs/{key}" in _keys(enclave)
-
-    def refuse(params=None, **_):
-        if key in params.get("url_path", ""):
-            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
-                              "GetObject")
-
-    if fault == "deleted":
-        enclave.s3.delete_object(Bucket=enclave.names.bucket, Key=f"blobs/{key}")
-    else:
-        node_enclave.s3.meta.events.register("before-call.s3.GetObject", refuse)
+    _unreadable(key, fault, enclave, node_enclave)
     runner = _run(node)
     try:
         why = f"no blob '{key}'" if fault == "deleted" else f"{key}: .*AccessDenied"
@@ -644,16 +650,7 @@ def test_a_task_whose_message_body_in_s3_cannot_be_read_fails_and_its_node_serve
     f = ex.submit(len, b"x" * 5000)
     wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
     [key] = [k.removeprefix("blobs/") for k in _keys(enclave) if k.startswith("blobs/msg-")]
-
-    def refuse(params=None, **_):
-        if key in params.get("url_path", ""):
-            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
-                              "GetObject")
-
-    if fault == "deleted":
-        enclave.s3.delete_object(Bucket=enclave.names.bucket, Key=f"blobs/{key}")
-    else:
-        node_enclave.s3.meta.events.register("before-call.s3.GetObject", refuse)
+    _unreadable(key, fault, enclave, node_enclave)
     runner = _run(node)
     try:
         with pytest.raises(CorruptTask, match=f"cannot be read: its body, the blob {key} in "
