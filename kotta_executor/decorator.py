@@ -33,6 +33,7 @@ from typing import Any
 
 import cloudpickle
 
+from .backends import check_spec
 from .executor import KottaExecutor, Options, _not_sent
 
 
@@ -49,6 +50,7 @@ class Connection:
 
     def __init__(self, enclave: str | os.PathLike | None = None, **executor_kwargs: Any):
         inspect.signature(KottaExecutor).bind(enclave=enclave, **executor_kwargs)
+        check_spec(enclave)  # (connect(42), "aws:/lab", "s3://x": here, not at the first call)
         # and the tasks' options, as kottajob checks its own: connect(queue="prod2") is a
         # ValueError here, not at the first call of a function decorated with it
         Options.make(

@@ -11,6 +11,7 @@ import datetime as dt
 import functools
 import os
 import pickle
+import re
 import signal
 import threading
 import traceback
@@ -416,6 +417,22 @@ def test_wrong_option_values_fail_at_connect(enclave_dir, options):
         kotta_executor.connect(enclave_dir, **options)
     with kotta_executor.connect(enclave_dir, start_node=False, queue="Prod", walltime=90):
         pass  # (valid ones, as the executor spells them, pass)
+
+
+@pytest.mark.parametrize(("enclave", "error", "says"), [
+    (42, TypeError, "not int 42"),
+    ("aws:/lab", kotta_executor.ConfigurationError, "did you mean aws://lab"),
+    ("s3://lab", kotta_executor.ConfigurationError, "the scheme 's3' is not supported"),
+    ("aws://", kotta_executor.ConfigurationError, "invalid AWS enclave name ''"),
+    ("aws://lab?regoin=x", kotta_executor.ConfigurationError, "unknown parameter"),
+])
+def test_a_wrong_enclave_fails_at_connect(tmp_path, monkeypatch, enclave, error, says):
+    """connect() opens its enclave at the first call: a wrong one was accepted, and failed
+    there (after the notebook's decorated functions were defined with it)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=re.escape(says)):
+        kotta_executor.connect(enclave)
+    assert list(tmp_path.iterdir()) == []  # nothing made
 
 
 def test_a_decorated_partial_or_callable_object_runs_and_has_a_repr(konn):

@@ -95,11 +95,34 @@ def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist:
         from .aws import AwsEnclave
 
         return AwsEnclave.from_url(spec)
+    raise _unknown_scheme(spec)
+
+
+def check_spec(spec: object) -> None:
+    """Raise what :func:`open_enclave` would for ``spec`` itself (its type, its scheme, an
+    AWS URL's form), opening and making nothing: for ``connect()``, which opens its
+    enclave at its first call only."""
+    if spec is None or isinstance(spec, Enclave):
+        return
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"an enclave is a directory, an embedded:// or aws:// URL, or an "
+                        f"Enclave, not {type(spec).__name__} {spec!r}")
+    spec = _spec(spec)
+    if _embedded_home(spec) is not None:  # (raises for a URL missing its '//')
+        return
+    if not spec.startswith("aws://"):
+        raise _unknown_scheme(spec)
+    from .aws import parse_url
+
+    parse_url(spec)
+
+
+def _unknown_scheme(spec: str) -> ConfigurationError:
     scheme = spec.split("://", 1)[0]
-    raise ConfigurationError(
+    return ConfigurationError(
         f"unknown enclave {spec!r}: the scheme {scheme!r} is not supported "
         "(use embedded:///path, or a directory)"
     )
 
 
-__all__ = ["Enclave", "default_url", "is_new", "open_enclave"]
+__all__ = ["Enclave", "check_spec", "default_url", "is_new", "open_enclave"]
