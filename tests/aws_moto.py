@@ -183,5 +183,9 @@ def expect_on_aws(request) -> None:
     name = getattr(item, "originalname", item.name)
     if name in CANNOT_HOLD_ON_SQS:
         # not run: on moto the stale extend keeps the message away for the whole LONG
-        # timeout, so these would only wait (or pass by the timing of the wait)
-        item.add_marker(pytest.mark.xfail(run=False, reason=CANNOT_HOLD_ON_SQS[name]))
+        # timeout, so these would only wait (or pass by the timing of the wait).  A skip,
+        # not xfail(run=False): pytest reports that as a failure, parsing the test's source
+        # for its traceback, and that ast.parse once raised "SystemError: AST constructor
+        # recursion depth mismatch" on Python 3.11.7 and ended a test process (a CPython
+        # bug, it seems, met while another thread of the process compiled code)
+        pytest.skip(f"[cannot hold on SQS] {CANNOT_HOLD_ON_SQS[name]}")
