@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from node.scaler import desired, pid_file
 from tests import tasks
-from tests.conftest import GUARD, wait_for
-from tests.test_cli import kotta
+from tests.conftest import GUARD, gone, wait_for
+from tests.test_cli import _kill_background_nodes, kotta
 
 # ---------------------------------------------------------------------- the rule
 
@@ -67,19 +67,7 @@ def _kill_everything(enclave) -> None:
                 os.kill(pid, signal.SIGKILL)
         except (psutil.Error, ProcessLookupError):
             pass
-    for n in enclave.nodes.all():
-        try:
-            if "node" in psutil.Process(n.pid).cmdline():
-                os.kill(n.pid, signal.SIGKILL)
-        except (psutil.Error, ProcessLookupError):
-            pass
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
+    _kill_background_nodes(enclave)
 
 
 def test_up_with_min_and_max_scales_with_the_backlog(enclave, make_executor, tmp_path):
@@ -107,7 +95,7 @@ def test_up_with_min_and_max_scales_with_the_backlog(enclave, make_executor, tmp
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"scaler of queue test (pid {scaler_pid}) stopped" in r.stdout
         assert enclave.nodes.live() == []
-        wait_for(lambda: _gone(scaler_pid), what="the scaler to exit")
+        wait_for(lambda: gone(scaler_pid), what="the scaler to exit")
         assert not pid_file(enclave.home, "test").exists()
     finally:
         _kill_everything(enclave)
