@@ -18,6 +18,12 @@ QUEUES = ("test", "production")
 _QUEUE_ALIASES = {"test": "test", "production": "production", "prod": "production"}
 
 
+def task_owner() -> str | None:
+    """The owner of the task this process runs in, or None outside tasks: a node's worker
+    has ``KOTTA_OWNER`` (node/pool.py), and whatever a task starts inherits it."""
+    return os.environ.get("KOTTA_OWNER") or None
+
+
 def kotta_home() -> Path:
     """``$KOTTA_HOME``, or ``~/.kotta``."""
     return Path(os.environ.get("KOTTA_HOME") or Path.home() / ".kotta").expanduser()

@@ -34,6 +34,7 @@ from typing import Any
 import cloudpickle
 
 from .backends import check_spec
+from .config import task_owner
 from .executor import KottaExecutor, Options, _not_sent
 
 
@@ -162,7 +163,7 @@ class _Decorated:
         # (multiprocessing children of any start method, programs it runs).  A job
         # submitted from there would hold a worker while the task waits for it: with every
         # worker so held, neither ends before its walltime.
-        if self._call is not None and not os.environ.get("KOTTA_OWNER"):
+        if self._call is not None and not task_owner():
             return self._call(self.kotta_task(), *args, **kwargs)
         if self._block:
             return self.kotta_function(*args, **kwargs)

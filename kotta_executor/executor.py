@@ -259,10 +259,10 @@ class KottaExecutor(Executor):
                 f"this client holds the token of {self.owner!r}, so it cannot submit as "
                 f"{owner!r}: tasks run with their owner's rights (use that user's token)"
             )
-        # Made inside a task (its worker's KOTTA_OWNER), the default token is the node's
+        # Made inside a task (config.task_owner), the default token is the node's
         # ($KOTTA_HOME/token, or its OS user's): another user's task would submit jobs,
         # read data and be audited as the node's user, not as itself
-        inside = os.environ.get("KOTTA_OWNER")
+        inside = config.task_owner()
         if inside and inside != self.owner:
             raise AuthenticationError(
                 f"this executor is made inside a task of {inside!r} but holds the token of "
