@@ -99,9 +99,13 @@ def _reset_capture() -> None:
     for cap, fd in zip(_CAPTURE, (1, 2), strict=True):
         if cap != fd:
             os.dup2(cap, fd)
-        if os.fstat(cap).st_size:  # truncating an empty file still costs a journal write
-            os.ftruncate(cap, 0)
-            os.lseek(cap, 0, os.SEEK_SET)  # (an empty file was read, not written, since)
+        _empty(cap)  # (what a thread the task left printed since it was released)
+
+
+def _empty(cap: int) -> None:
+    if os.fstat(cap).st_size:  # truncating an empty file still costs a journal write
+        os.ftruncate(cap, 0)
+        os.lseek(cap, 0, os.SEEK_SET)  # (an empty file was read, not written, since)
 
 
 def _release_capture() -> None:
@@ -113,9 +117,7 @@ def _release_capture() -> None:
     it died."""
     for cap in _CAPTURE:
         try:
-            if os.fstat(cap).st_size:
-                os.ftruncate(cap, 0)
-                os.lseek(cap, 0, os.SEEK_SET)
+            _empty(cap)
         except OSError:  # (not ours to fail the worker for)
             pass
 
