@@ -112,6 +112,8 @@ def kottajob(
             f"kottajob needs a connection (kotta_executor.connect()) or a KottaExecutor, not {target!r}"
         )
     # validate now, at decoration time, rather than on the first call
+    if not _is_bool(block):  # block="no" (any string is true) blocked every call
+        raise TypeError(f"kottajob's block must be True or False, not {block!r}")
     if isinstance(target, KottaExecutor):
         target.with_options(queue=queue, walltime=walltime, requirements=requirements)
     else:
@@ -140,6 +142,14 @@ def kottajob(
         return _Decorated(fn, call, block)
 
     return decorate
+
+
+def _is_bool(value: Any) -> bool:
+    """True, False, or a number equal to one of them (1, 0, numpy's bools)."""
+    try:
+        return not isinstance(value, str) and value in (True, False)
+    except Exception:  # noqa: BLE001 - an object whose == raises (an array) is not a bool
+        return False
 
 
 class _Decorated:

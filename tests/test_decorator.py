@@ -310,6 +310,20 @@ def test_empty_queue_name_fails_at_decoration(enclave_dir):
         konn.close()
 
 
+@pytest.mark.parametrize("block", ["no", "False", None, [], 2])
+def test_a_block_that_is_not_true_or_false_fails_at_decoration(enclave_dir, block):
+    """``block="no"`` (a string, so true) made every call block, with no word said."""
+    konn = kotta_executor.connect(enclave_dir, start_node=False)
+    try:
+        with pytest.raises(TypeError, match=re.escape(f"block must be True or False, not {block!r}")):
+            kottajob(konn, "test", 5, block=block)
+        for fine in (True, False, 1, 0):
+            kottajob(konn, "test", 5, block=fine)
+        assert konn._executor is None  # nothing was started
+    finally:
+        konn.close()
+
+
 def test_decorator_needs_a_connection_or_executor():
     with pytest.raises(TypeError):
         kottajob("test", 5)
