@@ -197,6 +197,10 @@ class KottaExecutor(Executor):
     def __init__(
         self,
         max_workers: int | None = None,
+        # positional, in ProcessPoolExecutor's order: code written for it passes them so
+        mp_context: object = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
         *,
         queue: str = "test",
         walltime: float | _dt.timedelta = 5,
@@ -205,9 +209,6 @@ class KottaExecutor(Executor):
         owner: str | None = None,
         requirements: str | Iterable[str] | None = None,
         credentials: Credentials | str | os.PathLike | None = None,
-        initializer: Callable[..., object] | None = None,
-        initargs: Iterable[Any] = (),
-        mp_context: object = None,
         max_tasks_per_child: int | None = None,
     ):
         if max_workers is None:

@@ -132,6 +132,24 @@ def test_initializer_runs_once_in_each_worker_before_its_tasks(make_executor):
         ("initialized", 1)}
 
 
+def test_mp_context_initializer_and_initargs_may_be_given_by_position(make_executor):
+    """``ProcessPoolExecutor(max_workers, mp_context, initializer, initargs)``: the three
+    are positional there (only ``max_tasks_per_child`` is keyword-only), and code written
+    for it passes them so (``ProcessPoolExecutor(4, mp.get_context("spawn"))``).  They
+    were keyword-only here: such code failed with "takes from 1 to 2 positional
+    arguments"."""
+    import inspect
+    import multiprocessing
+
+    ours = list(inspect.signature(KottaExecutor).parameters.values())[:4]
+    theirs = list(inspect.signature(cf.ProcessPoolExecutor).parameters.values())[:4]
+    assert [(p.name, p.kind) for p in ours] == [(p.name, p.kind) for p in theirs]
+    ex = make_executor(1, multiprocessing.get_context("spawn"), tasks.set_init_status,
+                       ("positional",))
+    status, runs, _ = ex.submit(tasks.get_init_status).result(timeout=GUARD)
+    assert (status, runs) == ("positional", 1)
+
+
 def test_an_initializer_that_raises_fails_the_task_with_its_exception_and_runs_again(
         make_executor, tmp_path):
     """ProcessPoolExecutor breaks the pool (BrokenProcessPool) when its initializer raises.
