@@ -537,3 +537,24 @@ def test_a_forked_child_leaves_the_parents_executor_alone(enclave_dir, tmp_path)
                for line in lines), out.stdout
     assert "child: its own 9" in lines, out.stdout  # (a connection makes the child its own)
     assert "parent: rest ['b', 'c']" in lines and "parent: next 4" in lines, out.stdout
+
+
+def test_an_argument_named_inputs_that_is_no_uri_says_how_to_pass_it(make_executor):
+    """``submit(fn, inputs=x)`` stages ``x`` as dataset URIs (Cloud Kotta's keywords).  Code
+    written for ProcessPoolExecutor, whose function has an argument so named (a model's
+    ``inputs``), got only "a dataset URI must be a string, not int", with nothing saying
+    why its argument was read as one.  A note says so now, and how to pass it."""
+    import functools
+
+    from kotta_executor.errors import InvalidDataUri
+
+    ex = make_executor(1)
+    for kwargs in ({"inputs": [1, 2, 3]}, {"outputs": "out.csv"}):
+        with pytest.raises(InvalidDataUri) as info:
+            ex.submit(tasks.count_inputs, **kwargs)
+        assert (f"submit() takes {next(iter(kwargs))}= as the dataset URIs the task stages "
+                "(s3://...); to pass count_inputs an argument so named, give it by position "
+                "or with functools.partial") in info.value.__notes__
+    assert ex.submit(tasks.count_inputs, [1, 2, 3]).result(timeout=GUARD) == 3
+    bound = functools.partial(tasks.count_inputs, inputs=[1, 2])
+    assert ex.submit(bound).result(timeout=GUARD) == 2

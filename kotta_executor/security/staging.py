@@ -63,10 +63,21 @@ def split_kwargs(fn: Callable, opts, kwargs: dict[str, Any]):
     in the call where ``fn`` takes them."""
     kwargs = dict(kwargs)
     found = {k: kwargs[k] for k in ("inputs", "outputs") if k in kwargs}
-    ins, outs = declared(
-        list(opts.inputs) + list(_uris(found.get("inputs", ()), "inputs")),
-        list(opts.outputs) + list(_uris(found.get("outputs", ()), "outputs")),
-    )
+    try:
+        ins, outs = declared(
+            list(opts.inputs) + list(_uris(found.get("inputs", ()), "inputs")),
+            list(opts.outputs) + list(_uris(found.get("outputs", ()), "outputs")),
+        )
+    except InvalidDataUri as exc:
+        # Code written for ProcessPoolExecutor passes its function's own argument of that
+        # name (a model's inputs, say): say why it was read as URIs, and how to pass it
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        exc.add_note(
+            f"submit() takes {' and '.join(k + '=' for k in found)} as the dataset URIs "
+            f"the task stages (s3://...); to pass {name} an argument so named, give it "
+            "by position or with functools.partial"
+        )
+        raise
     for k in found:
         if not _accepts(fn, k):
             del kwargs[k]
