@@ -65,8 +65,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
-
 from . import config, dependencies, wire
 from . import requirements as _requirements
 from .backends import default_url, open_enclave
@@ -1700,7 +1698,7 @@ def _name_item(exc: SerializationError, chunk: list[tuple], start: int) -> None:
     on, that fails alone."""
     for k, args in enumerate(chunk):
         try:
-            cloudpickle.dumps(args)
+            wire.cloudpickle_dumps(args)
         except Exception:  # noqa: BLE001 - whatever pickling raises: this is the one
             exc.add_note(f"it is item {start + k} of the map's iterables (counting from 0)")
             return

@@ -37,6 +37,7 @@ Result header: kind="result", job_id, outcome, n, optional error, usage, python 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -484,7 +485,7 @@ def dump_initializer(initializer: Callable, initargs: Sequence) -> bytes:
     if not callable(initializer):
         raise TypeError(f"initializer {initializer!r} is not callable")
     try:
-        return cloudpickle.dumps((initializer, tuple(initargs)))
+        return cloudpickle_dumps((initializer, tuple(initargs)))
     except Exception as exc:
         raise errors.SerializationError(
             "the initializer: " + _explain_unpicklable(initializer, [(tuple(initargs), {})], exc)
@@ -512,7 +513,7 @@ def dump_call(fn: Callable, calls: Sequence[tuple[tuple, dict]]) -> dict[str, by
     name the offending object when that fails."""
     try:
         calls = list(calls)
-        args = pickle.dumps(calls, 5) if _plain(calls) else cloudpickle.dumps(calls)
+        args = pickle.dumps(calls, 5) if _plain(calls) else cloudpickle_dumps(calls)
         return {"fn": _FUNCTIONS.dumps(fn), "args": args}
     except Exception as exc:
         raise errors.SerializationError(_explain_unpicklable(fn, calls, exc)) from exc
@@ -541,6 +542,59 @@ class _Unknown(Exception):
 
 
 _SCALARS = (type(None), bool, int, str, bytes)
+
+
+_LRU_WRAPPER = type(functools.lru_cache(maxsize=None)(len))
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle's pickler, which also sends by value a function of ``__main__`` (a
+    script, a notebook) wrapped in ``functools.lru_cache`` or ``functools.cache``.
+    cloudpickle sends such a wrapper by reference (cloudpipe/cloudpickle#178), as
+    ``__main__.fib``, which a worker cannot find, while it sends the function itself by
+    value.  The wrapper is made anew around it, with its ``maxsize`` and ``typed`` (not
+    its cached values): the function is set after (:func:`_cached_calls`), as a
+    recursive one refers to the wrapper through its globals."""
+
+    def reducer_override(self, obj):
+        if type(obj) is _LRU_WRAPPER and _by_value(obj):
+            params = obj.cache_parameters()
+            return (_lru_cache_of, (params["maxsize"], params["typed"]), obj.__wrapped__,
+                    None, None, _cached_calls)
+        return super().reducer_override(obj)
+
+
+def _by_value(wrapper) -> bool:
+    """Whether cloudpickle would send ``wrapper.__wrapped__`` by value (not importable
+    where it is unpickled), as it does a plain function."""
+    cp = cloudpickle.cloudpickle
+    if not isinstance(getattr(wrapper, "__wrapped__", None), types.FunctionType) or not all(
+            hasattr(cp, h) for h in ("_lookup_module_and_qualname",
+                                     "_is_registered_pickle_by_value")):
+        return False  # (cloudpickle internals: without them, as cloudpickle does)
+    found = cp._lookup_module_and_qualname(wrapper)
+    return found is None or cp._is_registered_pickle_by_value(found[0])
+
+
+def _lru_cache_of(maxsize: int | None, typed: bool) -> Callable:
+    """A worker's ``functools.lru_cache`` wrapper of a function set later (_cached_calls)."""
+
+    def calls(*args, **kwargs):
+        return calls.fn(*args, **kwargs)
+
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(calls)
+
+
+def _cached_calls(wrapper, fn: Callable) -> None:
+    wrapper.__wrapped__.fn = fn
+    functools.update_wrapper(wrapper, fn)  # (its name, doc, __wrapped__: the function)
+
+
+def cloudpickle_dumps(obj: Any) -> bytes:
+    """``cloudpickle.dumps``, with :class:`_Pickler`."""
+    with io.BytesIO() as f:
+        _Pickler(f, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
+        return f.getvalue()
 
 
 class PickledFunctions:
@@ -582,8 +636,8 @@ class PickledFunctions:
             if hit is not None and hit[0]() is fn and hit[1] == key and hit[3]:
                 return hit[2]
         except Exception:  # noqa: BLE001 - _Unknown, or a value that cannot be compared
-            return cloudpickle.dumps(fn)
-        data = cloudpickle.dumps(fn)
+            return cloudpickle_dumps(fn)
+        data = cloudpickle_dumps(fn)
         try:  # kept only if nothing changed while it was pickled
             if self.fingerprint(fn) != key:
                 return data
@@ -691,7 +745,7 @@ _FUNCTIONS = PickledFunctions()
 def _explain_unpicklable(fn, calls, exc: BaseException) -> str:
     def fails(obj) -> BaseException | None:
         try:
-            cloudpickle.dumps(obj)
+            cloudpickle_dumps(obj)
         except Exception as e:  # noqa: BLE001 - we report whatever pickling raised
             return e
         return None
@@ -1100,7 +1154,7 @@ def _pickle_outcomes(items: Iterable[tuple[str, Any]]) -> tuple[list[bytes], int
             if tag == OK and type(value) in plain:  # None, a number, a string: as cloudpickle, faster
                 parts.append(pickle.dumps((tag, value), 5))
                 continue
-            parts.append(cloudpickle.dumps((tag, value)))
+            parts.append(cloudpickle_dumps((tag, value)))
         except BaseException as exc:  # noqa: BLE001 - SystemExit from a __reduce__ too: the
             # worker must not die of a value it was only asked to send
             what = "result" if tag == OK else "exception"

@@ -92,7 +92,7 @@ def test_a_global_rebound_while_a_submit_pickles_is_not_cached_stale():
     must not be kept under the old fingerprint, to be sent once the global is set back."""
     cache = PickledFunctions()
     ns = notebook("MODE = 'safe'\ndef f():\n    return MODE\n")
-    pickling = cloudpickle.dumps.__code__
+    pickling = wire.cloudpickle_dumps.__code__  # (cloudpickle.dumps, with its own pickler)
 
     def another_thread(frame, event, arg):  # that interleaving, made deterministic
         if event == "call" and frame.f_code is pickling:
@@ -112,7 +112,7 @@ def test_a_global_changed_and_restored_while_a_submit_pickles_is_not_sent_later(
     bytes of B must never be reused while the global is A."""
     cache = PickledFunctions()
     ns = notebook("MODE = 'safe'\ndef f():\n    return MODE\n")
-    pickling = cloudpickle.dumps.__code__
+    pickling = wire.cloudpickle_dumps.__code__  # (cloudpickle.dumps, with its own pickler)
 
     def another_thread(frame, event, arg):
         if frame.f_code is pickling:

@@ -558,3 +558,45 @@ def test_an_argument_named_inputs_that_is_no_uri_says_how_to_pass_it(make_execut
     assert ex.submit(tasks.count_inputs, [1, 2, 3]).result(timeout=GUARD) == 3
     bound = functools.partial(tasks.count_inputs, inputs=[1, 2])
     assert ex.submit(bound).result(timeout=GUARD) == 2
+
+
+_CACHED = """
+import functools
+
+@functools.lru_cache(maxsize=None)
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+@functools.lru_cache(maxsize=8, typed=True)
+def square(x):
+    return x * x
+
+@functools.cache
+def cube(x):
+    return x ** 3
+
+def task(n):
+    return fib(n), square(3), cube(2), square.cache_parameters(), cube.cache_parameters()
+
+def give_back():
+    return fib
+"""
+
+
+def test_a_cached_function_of_main_runs_on_the_node(make_executor):
+    """A function of ``__main__`` (a script, a notebook) wrapped in ``functools.lru_cache``
+    or ``functools.cache``, submitted or called by a task: ProcessPoolExecutor runs it.
+    cloudpickle pickles such a wrapper by reference (cloudpipe/cloudpickle#178), as
+    ``__main__.fib``, which the node cannot find: the task failed with "Can't get attribute
+    'fib' on <module 'node.worker'>".  It travels by value now, its cache parameters kept
+    (fib(80) returns at once only if its own recursive calls are cached)."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_CACHED, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's functions
+    ex = make_executor(1)
+    assert ex.submit(ns["fib"], 80).result(timeout=GUARD) == 23416728348467685
+    assert ex.submit(ns["task"], 90).result(timeout=GUARD) == (
+        2880067194370816120, 9, 8, {"maxsize": 8, "typed": True},
+        {"maxsize": None, "typed": False})
+    assert list(ex.map(ns["square"], [2, 3])) == [4, 9]
+    back = ex.submit(ns["give_back"]).result(timeout=GUARD)
+    assert back(70) == 190392490709135 and back.__name__ == "fib"
