@@ -504,8 +504,58 @@ def run_initializer(data: bytes) -> None:
     if data in _INITIALIZED:
         return
     initializer, initargs = cloudpickle.loads(data)
+    own = _globals_by_value(initializer)
+    before = dict(own) if own is not None else None
     initializer(*initargs)
     _INITIALIZED.add(data)
+    if own is not None:
+        # The globals it set (``global _model; _model = load()``), for the tasks of its
+        # module that are sent by value too (see _with_initialized)
+        made = {k: v for k, v in own.items() if k not in before or before[k] is not v}
+        if made:
+            global _INIT_ROUND
+            _INIT_SET.setdefault(own.get("__name__"), {}).update(made)
+            _INIT_ROUND += 1
+
+
+#: in a worker: the globals that initializers sent by value (of a notebook, ``__main__``)
+#: have set, by the name of their module, and how many times that has grown
+_INIT_SET: dict[Any, dict[str, Any]] = {}
+_INIT_ROUND = 0
+#: the functions sent by value that have those globals, and as of which round
+_INIT_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _globals_by_value(fn: Any) -> dict[str, Any] | None:
+    """The globals of a function cloudpickle sent by value (a dict of its own, holding what
+    it uses of its module's), or None: a function of an importable module has that
+    module's, which every function of it shares already."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    g = getattr(fn, "__globals__", None) if isinstance(fn, types.FunctionType) else None
+    if g is None:
+        return None
+    module = sys.modules.get(g.get("__name__"))
+    return None if module is not None and vars(module) is g else g
+
+
+def _with_initialized(fn: Callable) -> Callable:
+    """``fn`` seeing the globals the initializers of its module set (run_initializer),
+    as a task of ``__main__`` sees them in a ProcessPoolExecutor's worker, where they share
+    the module.  Here each function of ``__main__`` comes with a copy of the globals it
+    uses, as they were at submit: the initializer's work was lost to it (``_model`` still
+    None).  Given once an initializer's round: what a task sets then stays, as in a
+    pool's worker."""
+    try:
+        if _INIT_SEEN.get(fn) == _INIT_ROUND:
+            return fn
+    except TypeError:  # (not weakly referable: a callable object of no globals)
+        return fn
+    own = _globals_by_value(fn)
+    if own is not None and own.get("__name__") in _INIT_SET:
+        own.update(_INIT_SET[own["__name__"]])
+    _INIT_SEEN[fn] = _INIT_ROUND
+    return fn
 
 
 def dump_call(fn: Callable, calls: Sequence[tuple[tuple, dict]]) -> dict[str, bytes]:
@@ -791,6 +841,8 @@ def load_call(
         fn = pickle.loads(data)
         if cache is not None:
             cache[data] = fn
+    if _INIT_SET:
+        fn = _with_initialized(fn)
     return fn, pickle.loads(sections.get("args", b""))
 
 

@@ -600,3 +600,51 @@ def test_a_cached_function_of_main_runs_on_the_node(make_executor):
     assert list(ex.map(ns["square"], [2, 3])) == [4, 9]
     back = ex.submit(ns["give_back"]).result(timeout=GUARD)
     assert back(70) == 190392490709135 and back.__name__ == "fib"
+
+
+_LOADER = """
+_model = None
+_calls = 0
+
+def init(value):
+    global _model
+    _model = value
+
+def task(x):
+    return _model, x
+
+def helper():
+    return _model
+
+def uses_helper(x):
+    return helper(), x
+
+def count(_):
+    global _calls
+    _calls += 1
+    return _model, _calls
+
+def replace(value):
+    global _model
+    _model = value
+    return _model
+"""
+
+
+def test_globals_an_initializer_of_main_sets_are_seen_by_tasks_of_main(make_executor):
+    """The usual way to load a model once a worker: an initializer that sets a global, and
+    tasks that read it, both defined in a notebook or script (``__main__``).  In a
+    ProcessPoolExecutor's worker they share the module's globals.  Here each function of
+    ``__main__`` travels by value with its own copy of the globals it uses, as they were
+    at submit: the tasks saw ``_model = None``, the initializer's work lost to them."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_LOADER, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's functions
+    ex = make_executor(1, initializer=ns["init"], initargs=("loaded",))
+    assert ex.submit(ns["task"], 1).result(timeout=GUARD) == ("loaded", 1)
+    assert ex.submit(ns["uses_helper"], 2).result(timeout=GUARD) == ("loaded", 2)
+    # what a task then sets stays, as in a pool's worker: the initializer ran once
+    assert [ex.submit(ns["count"], i).result(timeout=GUARD) for i in range(2)] == [
+        ("loaded", 1), ("loaded", 2)]
+    assert ex.submit(ns["replace"], "tuned").result(timeout=GUARD) == "tuned"
+    assert ex.submit(ns["task"], 3).result(timeout=GUARD) == ("loaded", 3)  # (its own copy)
+    assert ns["_model"] is None  # the client's own globals are not touched
