@@ -202,6 +202,45 @@ def test_executors_closed_in_a_loop_do_not_leak_file_descriptors(enclave_dir):
     assert leaked < 10, f"{leaked} file descriptors leaked by 60 closed executors"
 
 
+def test_threads_that_used_an_executor_close_their_database_connections_as_they_end(executor):
+    """Each thread that reads the enclave (attach, status, map) opens a connection of its
+    own; a thread that ended used to keep it, with its descriptors of kotta.db and its
+    log, until the garbage collector ran, which a long-lived process with many objects (a
+    notebook's kernel) does rarely.  Here it does not run at all."""
+    job_id = executor.submit(tasks.add, 1, 2).job_id
+    assert executor.attach(job_id).result(GUARD) == 3
+
+    seen = []
+
+    def look():
+        seen.append((executor.attach(job_id).status(), list(executor.map(tasks.add, [1, 2]))))
+
+    def database_fds() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}").startswith(str(executor.enclave.home))
+            except OSError:
+                pass
+        return n
+
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(30):
+            t = threading.Thread(target=look)
+            t.start()
+            t.join(GUARD)
+            if i == 2:
+                after_3 = database_fds()
+        after_30 = database_fds()
+    finally:
+        gc.enable()
+    assert seen == [("completed", [1, 2])] * 30
+    assert after_30 <= after_3 + 3, (
+        f"{after_30 - after_3} descriptors of the enclave's database left by 27 ended threads")
+
+
 def test_a_kick_after_shutdown_writes_nowhere(enclave_dir):
     """Dependency callbacks and the reply poller may wake the manager after it exited:
     the pipe's numbers may belong to another file by then."""

@@ -188,6 +188,7 @@ class _Db:
             # taken; _retry backs off from 20 microseconds instead.
             conn.execute("PRAGMA busy_timeout=0")
             local.conn, local.pid, local.depth = conn, os.getpid(), 0
+            local.closer = _Closer(conn)
         return conn
 
     def named(self, exc: sqlite3.Error) -> sqlite3.Error | None:
@@ -288,6 +289,28 @@ class _Db:
             if named is None:
                 raise
             raise named from exc
+
+
+class _Closer:
+    """Closes a thread's connection once nothing holds it: as its thread ends (or its
+    enclave goes).  A sqlite3 connection is in a reference cycle with its own statement
+    cache, so a dead thread's was closed only when the garbage collector ran, which in a
+    long-lived process with many objects may be rare: each thread that had used the
+    enclave (the manager of every executor shut down, a caller's short-lived thread)
+    kept its database and log descriptors and its page cache open until then.  Never in
+    a child forked since: the connection is its parent's."""
+
+    __slots__ = ("conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn, self.pid = conn, os.getpid()
+
+    def __del__(self):
+        try:
+            if self.pid == os.getpid():
+                self.conn.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit, or a connection in use
+            pass
 
 
 #: faults of the database file itself, by SQLite's primary result code, and what to do
