@@ -15,6 +15,10 @@ from pathlib import Path
 from .errors import ConfigurationError
 
 QUEUES = ("test", "production")
+#: a script job's working directory (kotta_executor.script.run_script), in its worker's
+#: temporary directory: this, the worker's pid and "-"; the node removes those of a worker
+#: once it has gone (node.pool.Leftovers.remove_dirs)
+SCRIPT_DIR_PREFIX = "kotta-script-"
 _QUEUE_ALIASES = {"test": "test", "production": "production", "prod": "production"}
 
 

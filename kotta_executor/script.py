@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .config import SCRIPT_DIR_PREFIX
 from .decorator import Connection
 from .errors import ScriptFailed
 from .executor import KottaExecutor, Options
@@ -54,8 +55,11 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
         except Exception:  # noqa: BLE001
             pass
     with contextlib.ExitStack() as stack:
+        # named after this worker: a worker killed with its script (walltime, kill(),
+        # memory) cannot remove it, and its node does, once the worker has gone
+        # (node.pool.Leftovers.remove_dirs)
         workdir = os.getcwd() if in_place else stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="kotta-script-")
+            tempfile.TemporaryDirectory(prefix=f"{SCRIPT_DIR_PREFIX}{os.getpid()}-")
         )
         path = os.path.join(workdir, script_name)
         with open(path, "w", encoding="utf-8") as f:

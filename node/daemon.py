@@ -516,6 +516,8 @@ class Node:
             if left.any_left():  # (a stop waits only for what there is to kill)
                 time.sleep(max(0.0, left.deadline - time.monotonic()))
                 left.kill()
+            else:
+                left.remove_dirs()
         self._leftovers.clear()
         if self.adopts_orphans:  # (what they started that the kernel gave to this node)
             self.orphans.end_all()

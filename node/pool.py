@@ -8,6 +8,7 @@ the worker's death.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import signal
@@ -22,6 +23,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import psutil
+
+from kotta_executor.config import SCRIPT_DIR_PREFIX
 
 from .worker import (
     CONN_BIG,
@@ -362,6 +365,18 @@ class Leftovers:
         self.tree = _with_descendants(self.tree)
         _signal_all(self.tree, signal.SIGKILL)  # (psutil checks each is still the same)
         _signal_session(self.pgid, signal.SIGKILL)
+        self.remove_dirs()
+
+    def remove_dirs(self) -> None:
+        """Remove the working directories of script jobs (kotta_executor.script) the worker
+        left: one killed with its script (walltime, kill(), memory) or dead never removed
+        its own, and it stayed in the node's temporary directory for good, with all the
+        script wrote there."""
+        from .staging import remove_tree
+
+        name = f"{SCRIPT_DIR_PREFIX}{self.pgid}-*"  # (the worker's pid)
+        for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), name)):
+            remove_tree(path)
 
     def any_left(self) -> bool:
         """Whether anything of it still runs (most workers leave nothing: no waiting)."""

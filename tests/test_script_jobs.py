@@ -202,6 +202,25 @@ def test_kill_stops_a_running_script(konn, tmp_path):
     wait_for(lambda: job.status() == "cancelled", what="the job to be recorded cancelled")
 
 
+@pytest.mark.parametrize("how", ["walltime", "kill"])
+def test_a_script_killed_with_its_worker_leaves_no_working_directory(konn, tmp_path, how):
+    """Its worker, killed, cannot remove the script's directory (kotta-script-*, in the
+    node's temporary directory): it stayed there for good, with all the script wrote."""
+    where = tmp_path / "where"
+    walltime = dt.timedelta(seconds=1) if how == "walltime" else 5
+    job = _bash(f"head -c 100000 /dev/zero > scratch.bin\npwd > {where}.tmp\n"
+                f"mv {where}.tmp {where}\nexec sleep 300\n", walltime=walltime)
+    job.submit(konn)
+    wait_for(where.exists, what="the script to start")
+    workdir = where.read_text().strip()
+    assert os.path.basename(workdir).startswith("kotta-script-")
+    if how == "kill":
+        assert job.kill()
+    with pytest.raises((WalltimeExceeded, kotta_executor.TaskKilled)):
+        job.wait(GUARD)
+    wait_for(lambda: not os.path.exists(workdir), what=f"{workdir} to be removed")
+
+
 def test_missing_executable_fails_the_job(konn):
     job = KottaJob(
         jobtype="script", jobname="nope", executable="/no/such/interpreter run.sh",
