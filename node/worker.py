@@ -496,7 +496,24 @@ def _watch_parent(parent: int, period: float = 0.25, sleep=time.sleep) -> None:
                         os.killpg(pgid, signal.SIGKILL)
                     except OSError:
                         pass
+            _remove_script_dirs()
             os.killpg(0, signal.SIGKILL)
+
+
+def _remove_script_dirs() -> None:
+    """Remove the working directories of this worker's script jobs (kotta_executor.script):
+    its node removes those of a worker that has gone (node.pool.Leftovers.remove_dirs), but
+    a dead node removes nothing, and they stayed in the temporary directory for good."""
+    import glob
+    import tempfile
+
+    from kotta_executor.config import SCRIPT_DIR_PREFIX
+
+    from .staging import remove_tree
+
+    name = f"{SCRIPT_DIR_PREFIX}{os.getpid()}-*"
+    for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), name)):
+        remove_tree(path)
 
 
 def session_groups(sid: int) -> set[int]:

@@ -221,6 +221,26 @@ def test_a_script_killed_with_its_worker_leaves_no_working_directory(konn, tmp_p
     wait_for(lambda: not os.path.exists(workdir), what=f"{workdir} to be removed")
 
 
+def test_a_script_whose_node_died_leaves_no_working_directory(start_node, make_executor,
+                                                                tmp_path):
+    """Its node, killed (SIGKILL), removes nothing: the worker, ending its script and
+    itself as it finds the node gone, removes the script's directory first."""
+    where = tmp_path / "where"
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    job = _bash(f"pwd > {where}.tmp\nmv {where}.tmp {where}\nexec sleep 300\n")
+    job.submit(ex)
+    wait_for(where.exists, what="the script to start")
+    workdir = where.read_text().strip()
+    assert os.path.basename(workdir).startswith("kotta-script-")
+    node.kill()
+    wait_for(lambda: not os.path.exists(workdir), what=f"{workdir} to be removed")
+    assert job.kill()  # cancelled by the next node, not run again
+    start_node(workers=1)
+    with pytest.raises(kotta_executor.TaskKilled):
+        job.wait(GUARD)
+
+
 def test_missing_executable_fails_the_job(konn):
     job = KottaJob(
         jobtype="script", jobname="nope", executable="/no/such/interpreter run.sh",
