@@ -529,9 +529,17 @@ _INIT_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _globals_by_value(fn: Any) -> dict[str, Any] | None:
     """The globals of a function cloudpickle sent by value (a dict of its own, holding what
     it uses of its module's), or None: a function of an importable module has that
-    module's, which every function of it shares already."""
+    module's, which every function of it shares already.  Of a bound method, a class or
+    a callable object of ``__main__`` (``submit(predictor.predict, x)``), that of its
+    function, ``__init__`` or ``__call__``: the methods of a class sent by value share one."""
     while isinstance(fn, functools.partial):
         fn = fn.func
+    if isinstance(fn, types.MethodType):
+        fn = fn.__func__
+    elif isinstance(fn, type):
+        fn = getattr(fn, "__init__", None)
+    elif not isinstance(fn, types.FunctionType):
+        fn = getattr(type(fn), "__call__", None)  # noqa: B004 - its function, not a test
     g = getattr(fn, "__globals__", None) if isinstance(fn, types.FunctionType) else None
     if g is None:
         return None

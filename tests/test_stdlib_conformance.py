@@ -648,3 +648,36 @@ def test_globals_an_initializer_of_main_sets_are_seen_by_tasks_of_main(make_exec
     assert ex.submit(ns["replace"], "tuned").result(timeout=GUARD) == "tuned"
     assert ex.submit(ns["task"], 3).result(timeout=GUARD) == ("loaded", 3)  # (its own copy)
     assert ns["_model"] is None  # the client's own globals are not touched
+
+
+_PREDICTOR = """
+_model = None
+
+def init(value):
+    global _model
+    _model = value
+
+class Predictor:
+    def __init__(self, k=0):
+        self.k, self.seen = k, _model
+
+    def predict(self, x):
+        return _model, self.k, x
+
+    def __call__(self, x):
+        return self.predict(x)
+"""
+
+
+def test_globals_an_initializer_of_main_sets_are_seen_by_methods_of_main(make_executor):
+    """The same, for a task that is a bound method, a callable object or a class of
+    ``__main__`` (``ex.map(predictor.predict, xs)``): each saw ``_model = None``, as its
+    globals are those of its class's functions, not its own."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_PREDICTOR, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's class
+    ex = make_executor(1, initializer=ns["init"], initargs=("loaded",))
+    p = ns["Predictor"](7)
+    assert ex.submit(p.predict, 1).result(timeout=GUARD) == ("loaded", 7, 1)
+    assert list(ex.map(p.predict, [2, 3])) == [("loaded", 7, 2), ("loaded", 7, 3)]
+    assert ex.submit(p, 4).result(timeout=GUARD) == ("loaded", 7, 4)
+    assert ex.submit(ns["Predictor"]).result(timeout=GUARD).seen == "loaded"
