@@ -16,9 +16,22 @@ from .errors import ConfigurationError
 
 QUEUES = ("test", "production")
 #: a script job's working directory (kotta_executor.script.run_script), in its worker's
-#: temporary directory: this, the worker's pid and "-"; the node removes those of a worker
-#: once it has gone (node.pool.Leftovers.remove_dirs)
+#: temporary directory: this, then (script_dir_prefix) the worker's pid and PID namespace;
+#: the node removes those of a worker once it has gone (node.pool.Leftovers.remove_dirs)
 SCRIPT_DIR_PREFIX = "kotta-script-"
+
+
+def script_dir_prefix(pid: int) -> str:
+    """How the working directories of the script jobs of the worker ``pid`` (of this
+    process's PID namespace) are named.  With the namespace: nodes in containers of their
+    own may share the temporary directory (as they share /tmp/kotta-UID for the inboxes),
+    and a worker of another may have the same pid; by the pid alone, a node removing the
+    directories of its worker killed with its script removed that one's live script's."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # (not Linux: no namespaces)
+        ns = 0
+    return f"{SCRIPT_DIR_PREFIX}{pid}-{ns}-"
 _QUEUE_ALIASES = {"test": "test", "production": "production", "prod": "production"}
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from kotta_executor.config import SCRIPT_DIR_PREFIX
+from kotta_executor.config import script_dir_prefix
 
 from .worker import (
     CONN_BIG,
@@ -374,7 +374,7 @@ class Leftovers:
         script wrote there."""
         from .staging import remove_tree
 
-        name = f"{SCRIPT_DIR_PREFIX}{self.pgid}-*"  # (the worker's pid)
+        name = f"{script_dir_prefix(self.pgid)}*"  # (the worker's pid)
         for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), name)):
             remove_tree(path)
 

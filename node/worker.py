@@ -507,11 +507,11 @@ def _remove_script_dirs() -> None:
     import glob
     import tempfile
 
-    from kotta_executor.config import SCRIPT_DIR_PREFIX
+    from kotta_executor.config import script_dir_prefix
 
     from .staging import remove_tree
 
-    name = f"{SCRIPT_DIR_PREFIX}{os.getpid()}-*"
+    name = f"{script_dir_prefix(os.getpid())}*"
     for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), name)):
         remove_tree(path)
 

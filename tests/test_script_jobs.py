@@ -241,6 +241,34 @@ def test_a_script_whose_node_died_leaves_no_working_directory(start_node, make_e
         job.wait(GUARD)
 
 
+def test_a_node_removes_no_working_directory_of_another_pid_namespaces_worker(
+        start_node, make_executor, tmp_path):
+    """Nodes in containers (PID namespaces of their own) may share the temporary directory
+    (as they share /tmp/kotta-UID for the inboxes): a worker of another node may have the
+    pid of one of this node's.  A node removing the directories of a worker killed with its
+    script removed, by its pid alone, that other worker's live script's directory too."""
+    where = tmp_path / "where"
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    job = _bash(f"pwd > {where}.tmp\nmv {where}.tmp {where}\nexec sleep 300\n",
+                walltime=dt.timedelta(seconds=1))
+    job.submit(ex)
+    wait_for(where.exists, what="the script to start")
+    workdir = where.read_text().strip()
+    pid = os.path.basename(workdir).split("-")[2]  # (kotta-script-PID-...)
+    elsewhere = os.stat("/proc/self/ns/pid").st_ino + 1  # (the node's is the test's)
+    with contextlib.ExitStack() as stack:  # the live script of another namespace's worker
+        other = os.path.join(os.path.dirname(workdir), f"kotta-script-{pid}-{elsewhere}-x")
+        os.mkdir(other)
+        stack.callback(lambda: os.path.isdir(other) and __import__("shutil").rmtree(other))
+        open(os.path.join(other, "results.csv"), "w").close()
+        with pytest.raises(WalltimeExceeded):
+            job.wait(GUARD)
+        wait_for(lambda: not os.path.exists(workdir), what=f"{workdir} to be removed")
+        assert node.terminate() == 0  # (all it had to remove: removed)
+        assert os.path.exists(os.path.join(other, "results.csv"))
+
+
 def test_missing_executable_fails_the_job(konn):
     job = KottaJob(
         jobtype="script", jobname="nope", executable="/no/such/interpreter run.sh",
