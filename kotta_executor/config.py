@@ -9,6 +9,7 @@ import json
 import math
 import numbers
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,19 @@ QUEUES = ("test", "production")
 #: temporary directory: this, then (script_dir_prefix) the worker's pid and PID namespace;
 #: the node removes those of a worker once it has gone (node.pool.Leftovers.remove_dirs)
 SCRIPT_DIR_PREFIX = "kotta-script-"
+
+
+#: in a worker's environment: its node's temporary directory, where its script jobs' working
+#: directories go (script_tmpdir)
+SCRIPT_TMPDIR_ENV = "KOTTA_SCRIPT_TMPDIR"
+
+
+def script_tmpdir() -> str:
+    """Where a worker makes its script jobs' working directories: its node's temporary
+    directory, where the node looks for them (node.pool.Leftovers.remove_dirs).  Not the
+    worker's own: a task or an initializer that sets ``TMPDIR`` (to a scratch disk) moved
+    them there, out of the node's sight, and one killed with its script stayed for good."""
+    return os.environ.get(SCRIPT_TMPDIR_ENV) or tempfile.gettempdir()
 
 
 def script_dir_prefix(pid: int) -> str:

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import script_dir_prefix
+from .config import script_dir_prefix, script_tmpdir
 from .decorator import Connection
 from .errors import ScriptFailed
 from .executor import KottaExecutor, Options
@@ -59,7 +59,8 @@ def run_script(executable: str, script_name: str, script: str, in_place: bool = 
         # memory) cannot remove it, and its node does, once the worker has gone
         # (node.pool.Leftovers.remove_dirs)
         workdir = os.getcwd() if in_place else stack.enter_context(
-            tempfile.TemporaryDirectory(prefix=script_dir_prefix(os.getpid()))
+            tempfile.TemporaryDirectory(prefix=script_dir_prefix(os.getpid()),
+                                        dir=script_tmpdir())
         )
         path = os.path.join(workdir, script_name)
         with open(path, "w", encoding="utf-8") as f:

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from kotta_executor.config import script_dir_prefix
+from kotta_executor.config import SCRIPT_TMPDIR_ENV, script_dir_prefix
 
 from .worker import (
     CONN_BIG,
@@ -635,7 +635,8 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
     ``--system-site-packages``, so the node's own dependencies stay importable)."""
     mark = os.urandom(8).hex()
     python = sys.executable
-    extra = {"KOTTA_OWNER": owner, NODE_MARK: str(os.getpid()), WORKER_MARK: mark}
+    extra = {"KOTTA_OWNER": owner, NODE_MARK: str(os.getpid()), WORKER_MARK: mark,
+             SCRIPT_TMPDIR_ENV: tempfile.gettempdir()}
     if env is not None:
         python = env.python
         inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)

@@ -505,14 +505,13 @@ def _remove_script_dirs() -> None:
     its node removes those of a worker that has gone (node.pool.Leftovers.remove_dirs), but
     a dead node removes nothing, and they stayed in the temporary directory for good."""
     import glob
-    import tempfile
 
-    from kotta_executor.config import script_dir_prefix
+    from kotta_executor.config import script_dir_prefix, script_tmpdir
 
     from .staging import remove_tree
 
     name = f"{script_dir_prefix(os.getpid())}*"
-    for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), name)):
+    for path in glob.glob(os.path.join(glob.escape(script_tmpdir()), name)):
         remove_tree(path)
 
 

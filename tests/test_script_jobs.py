@@ -269,6 +269,32 @@ def test_a_node_removes_no_working_directory_of_another_pid_namespaces_worker(
         assert os.path.exists(os.path.join(other, "results.csv"))
 
 
+def _set_tmpdir(path: str) -> None:
+    os.environ["TMPDIR"] = path
+
+
+def test_a_script_killed_with_its_worker_after_a_task_set_tmpdir_leaves_no_directory(
+        start_node, make_executor, tmp_path):
+    """A task or an initializer that points ``TMPDIR`` at a scratch disk (as on a cluster)
+    moved the worker's later script jobs' working directories there, where its node, which
+    looks in its own temporary directory, never found one killed with its script: it stayed
+    for good.  They go to the node's temporary directory, as the guide says."""
+    where, scratch = tmp_path / "where", tmp_path / "scratch"
+    scratch.mkdir()
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    ex.submit(_set_tmpdir, str(scratch)).result(timeout=GUARD)
+    job = _bash(f"pwd > {where}.tmp\nmv {where}.tmp {where}\nexec sleep 300\n",
+                walltime=dt.timedelta(seconds=1))
+    job.submit(ex)
+    wait_for(where.exists, what="the script to start")
+    workdir = where.read_text().strip()
+    with pytest.raises(WalltimeExceeded):
+        job.wait(GUARD)
+    wait_for(lambda: not os.path.exists(workdir), what=f"{workdir} to be removed")
+    assert os.listdir(scratch) == []
+
+
 def test_missing_executable_fails_the_job(konn):
     job = KottaJob(
         jobtype="script", jobname="nope", executable="/no/such/interpreter run.sh",
