@@ -510,19 +510,17 @@ def run_initializer(data: bytes) -> None:
     _INITIALIZED.add(data)
     if own is not None:
         # The globals it set (``global _model; _model = load()``), for the tasks of its
-        # module that are sent by value too (see _with_initialized)
+        # executor sent by value too, from the same module (see _with_initialized)
         made = {k: v for k, v in own.items() if k not in before or before[k] is not v}
         if made:
-            global _INIT_ROUND
-            _INIT_SET.setdefault(own.get("__name__"), {}).update(made)
-            _INIT_ROUND += 1
+            _INIT_SET[data] = (own.get("__name__"), made)
 
 
 #: in a worker: the globals that initializers sent by value (of a notebook, ``__main__``)
-#: have set, by the name of their module, and how many times that has grown
-_INIT_SET: dict[Any, dict[str, Any]] = {}
-_INIT_ROUND = 0
-#: the functions sent by value that have those globals, and as of which round
+#: have set, by their ``init`` section (an executor's initializer and its arguments), with
+#: the name of their module
+_INIT_SET: dict[bytes, tuple[Any, dict[str, Any]]] = {}
+#: the functions sent by value that have those globals: of which ``init`` sections
 _INIT_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -547,22 +545,26 @@ def _globals_by_value(fn: Any) -> dict[str, Any] | None:
     return None if module is not None and vars(module) is g else g
 
 
-def _with_initialized(fn: Callable) -> Callable:
-    """``fn`` seeing the globals the initializers of its module set (run_initializer),
-    as a task of ``__main__`` sees them in a ProcessPoolExecutor's worker, where they share
-    the module.  Here each function of ``__main__`` comes with a copy of the globals it
-    uses, as they were at submit: the initializer's work was lost to it (``_model`` still
-    None).  Given once an initializer's round: what a task sets then stays, as in a
-    pool's worker."""
+def _with_initialized(fn: Callable, init: bytes) -> Callable:
+    """``fn`` seeing the globals its executor's initializer (``init``) set, when both come
+    from the same module by value (run_initializer), as a task of ``__main__`` sees them in
+    a ProcessPoolExecutor's worker, where they share the module.  Here each function of
+    ``__main__`` comes with a copy of the globals it uses, as they were at submit: the
+    initializer's work was lost to it (``_model`` still None).  Given once: what a task
+    sets then stays, as in a pool's worker.  Only its own executor's initializer's: a
+    worker serves every executor of its owner, and another notebook's tasks must keep
+    their own values of globals of the same names."""
+    name, made = _INIT_SET[init]
     try:
-        if _INIT_SEEN.get(fn) == _INIT_ROUND:
+        seen = _INIT_SEEN.get(fn, ())
+        if init in seen:
             return fn
     except TypeError:  # (not weakly referable: a callable object of no globals)
         return fn
     own = _globals_by_value(fn)
-    if own is not None and own.get("__name__") in _INIT_SET:
-        own.update(_INIT_SET[own["__name__"]])
-    _INIT_SEEN[fn] = _INIT_ROUND
+    if own is not None and own.get("__name__") == name:
+        own.update(made)
+    _INIT_SEEN[fn] = (*seen, init)
     return fn
 
 
@@ -849,8 +851,9 @@ def load_call(
         fn = pickle.loads(data)
         if cache is not None:
             cache[data] = fn
-    if _INIT_SET:
-        fn = _with_initialized(fn)
+    init = sections.get("init")
+    if init in _INIT_SET:
+        fn = _with_initialized(fn, init)
     return fn, pickle.loads(sections.get("args", b""))
 
 

@@ -681,3 +681,19 @@ def test_globals_an_initializer_of_main_sets_are_seen_by_methods_of_main(make_ex
     assert list(ex.map(p.predict, [2, 3])) == [("loaded", 7, 2), ("loaded", 7, 3)]
     assert ex.submit(p, 4).result(timeout=GUARD) == ("loaded", 7, 4)
     assert ex.submit(ns["Predictor"]).result(timeout=GUARD).seen == "loaded"
+
+
+def test_an_initializers_globals_reach_only_its_own_executors_tasks(make_executor):
+    """A worker serves every executor of its owner.  Notebook A's initializer set ``data``;
+    notebook B's tasks, of an executor with no initializer, run in the same worker, read a
+    ``data`` of their own: they got A's instead, a silently wrong result (in a
+    ProcessPoolExecutor, B's pool never runs A's initializer)."""
+    a = {"__name__": "__main__"}
+    exec(compile(_LOADER, "<cell>", "exec"), a)  # noqa: S102 - notebook A's functions
+    b = {"__name__": "__main__"}
+    exec(compile("_model = 'B own'\ndef task(x):\n    return _model, x\n", "<cell>", "exec"), b)  # noqa: S102
+    ex_a = make_executor(1, initializer=a["init"], initargs=("A's",))
+    assert ex_a.submit(a["task"], 1).result(timeout=GUARD) == ("A's", 1)
+    ex_b = make_executor(1)  # (A's node serves it: the same worker, one a node)
+    assert ex_b.submit(b["task"], 2).result(timeout=GUARD) == ("B own", 2)
+    assert ex_a.submit(a["task"], 4).result(timeout=GUARD) == ("A's", 4)
