@@ -8,7 +8,6 @@ the worker's death.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from kotta_executor.config import SCRIPT_TMPDIR_ENV, script_dir_prefix
+from kotta_executor.config import SCRIPT_TMPDIR_ENV
 
 from .worker import (
     CONN_BIG,
@@ -368,15 +367,11 @@ class Leftovers:
         self.remove_dirs()
 
     def remove_dirs(self) -> None:
-        """Remove the working directories of script jobs (kotta_executor.script) the worker
-        left: one killed with its script (walltime, kill(), memory) or dead never removed
-        its own, and it stayed in the node's temporary directory for good, with all the
-        script wrote there."""
-        from .staging import remove_tree
+        """Remove the working directories of the worker's script jobs (see
+        node.staging.remove_script_dirs)."""
+        from .staging import remove_script_dirs
 
-        name = f"{script_dir_prefix(self.pgid)}*"  # (the worker's pid)
-        for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), name)):
-            remove_tree(path)
+        remove_script_dirs(self.pgid)  # (the worker's pid)
 
     def any_left(self) -> bool:
         """Whether anything of it still runs (most workers leave nothing: no waiting)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from kotta_executor.config import script_dir_prefix, script_tmpdir
 from kotta_executor.errors import InvalidDataUri, StagingFailed
 from kotta_executor.security.uris import DataUri, check_output_name, parse_uri
 
@@ -89,6 +91,17 @@ def sweep_dead_areas(parent: Path, keep: str) -> list[str]:
     if removed:
         log.info("removed the staging areas of %d dead nodes: %s", len(removed), ", ".join(removed))
     return removed
+
+
+def remove_script_dirs(pid: int) -> None:
+    """Remove the working directories of the script jobs (kotta_executor.script) of the
+    worker ``pid``: one killed with its script (walltime, kill(), memory), or whose node
+    died, never removed its own, and it stayed in the node's temporary directory for good,
+    with all the script wrote there.  Its node calls this once the worker has gone
+    (node.pool.Leftovers), and a worker whose node died, as it ends its tasks."""
+    name = f"{script_dir_prefix(pid)}*"
+    for path in glob.glob(os.path.join(glob.escape(script_tmpdir()), name)):
+        remove_tree(path)
 
 
 def remove_tree(path) -> None:

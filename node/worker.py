@@ -501,18 +501,12 @@ def _watch_parent(parent: int, period: float = 0.25, sleep=time.sleep) -> None:
 
 
 def _remove_script_dirs() -> None:
-    """Remove the working directories of this worker's script jobs (kotta_executor.script):
-    its node removes those of a worker that has gone (node.pool.Leftovers.remove_dirs), but
-    a dead node removes nothing, and they stayed in the temporary directory for good."""
-    import glob
+    """Remove the working directories of this worker's script jobs: its node removes those
+    of a worker that has gone (node.pool.Leftovers.remove_dirs), but a dead node removes
+    nothing, and they stayed in the temporary directory for good."""
+    from .staging import remove_script_dirs
 
-    from kotta_executor.config import script_dir_prefix, script_tmpdir
-
-    from .staging import remove_tree
-
-    name = f"{script_dir_prefix(os.getpid())}*"
-    for path in glob.glob(os.path.join(glob.escape(script_tmpdir()), name)):
-        remove_tree(path)
+    remove_script_dirs(os.getpid())
 
 
 def session_groups(sid: int) -> set[int]:
