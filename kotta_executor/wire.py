@@ -619,8 +619,11 @@ class _Pickler(cloudpickle.Pickler):
     def reducer_override(self, obj):
         if type(obj) is _LRU_WRAPPER and _by_value(obj):
             params = obj.cache_parameters()
-            return (_lru_cache_of, (params["maxsize"], params["typed"]), obj.__wrapped__,
-                    None, None, _cached_calls)
+            # with what was set on the wrapper (``fib.note = ...``), which update_wrapper
+            # does not make again from the function
+            own = {k: v for k, v in vars(obj).items() if k != "__wrapped__"}
+            return (_lru_cache_of, (params["maxsize"], params["typed"]),
+                    (obj.__wrapped__, own), None, None, _cached_calls)
         return super().reducer_override(obj)
 
 
@@ -645,9 +648,11 @@ def _lru_cache_of(maxsize: int | None, typed: bool) -> Callable:
     return functools.lru_cache(maxsize=maxsize, typed=typed)(calls)
 
 
-def _cached_calls(wrapper, fn: Callable) -> None:
+def _cached_calls(wrapper, state: tuple[Callable, dict[str, Any]]) -> None:
+    fn, own = state
     wrapper.__wrapped__.fn = fn
     functools.update_wrapper(wrapper, fn)  # (its name, doc, __wrapped__: the function)
+    vars(wrapper).update(own)
 
 
 def cloudpickle_dumps(obj: Any) -> bytes:

@@ -580,6 +580,11 @@ def task(n):
 
 def give_back():
     return fib
+
+fib.note = "set on the wrapper"
+
+def note():
+    return fib.note
 """
 
 
@@ -600,6 +605,9 @@ def test_a_cached_function_of_main_runs_on_the_node(make_executor):
     assert list(ex.map(ns["square"], [2, 3])) == [4, 9]
     back = ex.submit(ns["give_back"]).result(timeout=GUARD)
     assert back(70) == 190392490709135 and back.__name__ == "fib"
+    # what was set on the wrapper goes with it (it was lost: an AttributeError)
+    assert ex.submit(ns["note"]).result(timeout=GUARD) == "set on the wrapper"
+    assert back.note == "set on the wrapper"
 
 
 _LOADER = """
