@@ -1602,7 +1602,10 @@ def _node_path() -> list[str]:
 
     out = []
     for p in sys.path:
-        path = os.path.abspath(p or os.curdir)
+        try:
+            path = os.path.abspath(p or os.curdir)
+        except FileNotFoundError:  # "" (a notebook's, python -c's) in a directory since
+            continue  # removed: nothing is imported from there, and the node inherits it
         real = os.path.realpath(path)
         if os.path.isdir(path) and (not under(real, stdlib) or under(real, packages)):
             out.append(path)

@@ -223,8 +223,20 @@ def run_task(data: bytes) -> tuple[bytes, bytes]:
                 os.environ[k] = v
 
 
+def _start_dir() -> str | int:
+    """The directory the worker started in: its path, or, when that directory was removed
+    before the worker started (a client's working directory deleted under it, which the
+    node it starts and its workers inherit), a descriptor of it (``os.chdir`` takes either):
+    no path leads back there.  ``os.getcwd()`` raised, and the node, which imports this
+    module, died at its start, again and again."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return os.open(os.curdir, os.O_RDONLY)
+
+
 #: the worker's own working directory: every task starts there, wherever the last one went
-_HOME = os.getcwd()
+_HOME = _start_dir()
 
 
 def _back_home() -> None:

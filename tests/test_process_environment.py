@@ -1,0 +1,71 @@
+"""The process environment a researcher's machine gives a client: a working directory
+removed under it, odd variables, warnings made errors.  Each test runs a real client
+program as a subprocess (its own environment and working directory), which starts its own
+local node on the test's enclave ($KOTTA_HOME, tests/conftest.py) and stops it as it exits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tests.conftest import GUARD, subprocess_env
+
+_HELPER = """
+def square(x):
+    return x * x
+"""
+
+
+def _client(tmp_path: Path, body: str, *, env: dict | None = None, cwd: Path | None = None,
+            flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``body`` as a script ``proj/client.py``, beside a module ``helper`` (its
+    ``square`` goes by reference: the node must import it as the client does)."""
+    proj = tmp_path / "proj"
+    proj.mkdir(exist_ok=True)
+    (proj / "helper.py").write_text(_HELPER)
+    script = proj / "client.py"
+    script.write_text(textwrap.dedent(body))
+    return subprocess.run(
+        [sys.executable, *flags, str(script)], env={**subprocess_env(), **(env or {})},
+        cwd=cwd or tmp_path, capture_output=True, text=True, timeout=3 * GUARD,
+    )
+
+
+def test_a_client_whose_working_directory_was_removed_runs_its_tasks(tmp_path):
+    """A notebook or script whose directory was removed under it (a scratch directory
+    cleaned up): ProcessPoolExecutor's forked workers run on.  The node the executor
+    started died at its start, six times (node.worker read ``os.getcwd()`` as it was
+    imported), and the future raised ``BrokenEnclave: ... kotta: error: [Errno 2] No such
+    file or directory``; with ``""`` on ``sys.path`` (a notebook's, ``python -c``'s) the
+    manager thread itself failed for a minute on the same error, and broke the executor."""
+    gone = tmp_path / "scratch"
+    gone.mkdir()
+    r = _client(tmp_path, f"""
+        import os, sys
+        from kotta_executor import KottaExecutor
+        import helper
+
+        def inc(x):
+            return x + 1
+
+        def where():
+            try:
+                return os.getcwd()
+            except FileNotFoundError:
+                return "gone"
+
+        def elsewhere():
+            os.chdir("/")
+
+        os.chdir({str(gone)!r})
+        sys.path.insert(0, "")  # as a notebook has it
+        os.rmdir({str(gone)!r})
+        with KottaExecutor(max_workers=1) as ex:
+            print(ex.submit(inc, 1).result({GUARD}), ex.submit(helper.square, 3).result({GUARD}))
+            ex.submit(elsewhere).result({GUARD})
+            print(ex.submit(where).result({GUARD}))  # back where the worker started
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2", "9", "gone"], r.stdout + r.stderr
