@@ -234,6 +234,8 @@ class KottaExecutor(Executor):
         #: node retires it after its last, and starts another): the tasks' header says so
         self._max_tasks_per_child = max_tasks_per_child
         self._enclave = open_enclave(enclave)
+        #: made here, not given: the executor closes it as it ends (_Leftovers.close)
+        self._own_enclave = not isinstance(enclave, Enclave)
         #: the initializer and its arguments, pickled once: each task carries them (the
         #: ``init`` section), and a worker runs them once, before the first task it runs
         self._init = None if initializer is None else wire.dump_initializer(initializer, initargs)
@@ -1454,7 +1456,7 @@ class KottaExecutor(Executor):
     def _close(self) -> None:
         """Close what the executor holds (shutdown() of one whose manager never ran)."""
         _Leftovers(self._enclave, self.client_id, self._nodes, self._start_claims,
-                   self._wake).close()
+                   self._wake, self._own_enclave).close()
         _live_executors.discard(self)
 
 
@@ -1530,8 +1532,9 @@ class _Leftovers:
     so that the manager can close them after the executor is collected."""
 
     def __init__(self, enclave: Enclave, client_id: str, nodes: dict, start_claims: dict,
-                 wake: _Wake) -> None:
+                 wake: _Wake, own_enclave: bool = False) -> None:
         self.enclave, self.client_id, self.wake = enclave, client_id, wake
+        self.own_enclave = own_enclave  # (the executor opened it: not one given to it)
         self.nodes, self.start_claims = nodes, start_claims  # (the executor's, kept up to date)
         self.bell = None
         self.inbox = None
@@ -1561,6 +1564,12 @@ class _Leftovers:
             self.enclave.queue.close_reply(self.client_id)
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+        if self.own_enclave and self.enclave.local:
+            # The embedded enclave's doorbell and hand-off sockets: left open, they were a
+            # ResourceWarning when the executor was collected, which fails a user's tests
+            # run with `-W error`.  (A future's kill() afterwards makes one again; an AWS
+            # enclave's close() would end the clients its futures still use.)
+            self.enclave.close()
         self.wake.close()
 
 
@@ -1635,7 +1644,8 @@ def _manage(ref: weakref.ref) -> None:
     ex = ref()
     if ex is None:
         return
-    left = _Leftovers(ex._enclave, ex.client_id, ex._nodes, ex._start_claims, ex._wake)
+    left = _Leftovers(ex._enclave, ex.client_id, ex._nodes, ex._start_claims, ex._wake,
+                      ex._own_enclave)
     try:
         ex._start_manager(left)
         while True:

@@ -69,3 +69,30 @@ def test_a_client_whose_working_directory_was_removed_runs_its_tasks(tmp_path):
     """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["2", "9", "gone"], r.stdout + r.stderr
+
+
+def test_an_executor_leaves_no_socket_open_for_a_resource_warning(tmp_path):
+    """A user's tests run with ``-W error`` (or ``python -X dev``): ProcessPoolExecutor
+    leaves nothing behind that warns.  The embedded enclave an executor opened kept its
+    doorbell and hand-off sockets open after shutdown, and collected, each was a
+    ``ResourceWarning: unclosed <socket.socket ...>`` (pytest: a
+    PytestUnraisableExceptionWarning, an error under ``-W error``)."""
+    r = _client(tmp_path, f"""
+        import gc
+        from kotta_executor import KottaExecutor
+
+        def inc(x):
+            return x + 1
+
+        def run():
+            with KottaExecutor(max_workers=1) as ex:
+                assert ex.submit(inc, 1).result({GUARD}) == 2  # a lone task: handed off
+                assert list(ex.map(inc, range(3), timeout={GUARD})) == [1, 2, 3]  # rung
+
+        run()
+        gc.collect()
+        print("collected")
+    """, flags=("-X", "dev", "-W", "error::ResourceWarning"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["collected"]
+    assert "ResourceWarning" not in r.stderr, r.stderr
