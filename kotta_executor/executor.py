@@ -1417,8 +1417,12 @@ class KottaExecutor(Executor):
     def _spawn_node(self, queue: str) -> subprocess.Popen:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(_node_path())
+        # -P: the client's path, without its working directory put first, as -m would
+        # (the node's workers are started so too, node.pool.spawn).  A script run from a
+        # directory holding a queue.py or select.py of the user's (not on the client's
+        # path) had its node import them in place of the standard library's, and die.
         cmd = [
-            sys.executable, "-m", "node",
+            sys.executable, "-P", "-m", "node",
             "--enclave", self._enclave.url,
             "--queue", queue,
             "--workers", str(self._max_workers),

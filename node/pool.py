@@ -647,7 +647,10 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {STOP_SIGNAL})
     try:
         proc = subprocess.Popen(
-            [python, "-m", "node.worker", str(task_r), str(result_w)],
+            # (-P as the node has it: one an executor started has no working directory
+            # first on its path, nor do its workers)
+            [python, *(["-P"] if sys.flags.safe_path else []), "-m", "node.worker",
+             str(task_r), str(result_w)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,

@@ -96,3 +96,27 @@ def test_an_executor_leaves_no_socket_open_for_a_resource_warning(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["collected"]
     assert "ResourceWarning" not in r.stderr, r.stderr
+
+
+def test_a_script_run_from_a_directory_of_modules_that_shadow_the_standard_library(tmp_path):
+    """``python ~/code/run.py`` from a directory that holds a ``queue.py``, ``select.py``
+    or ``uuid.py`` of the user's: not on the client's path (a script's is its own
+    directory), nor on a ProcessPoolExecutor worker's.  The node the executor started, a
+    ``python -m node`` in that directory, had it first on its path, imported them in place
+    of the standard library's, and died six times: ``BrokenEnclave``."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("queue", "select", "uuid", "platform", "token"):
+        (data / f"{name}.py").write_text(f"raise ImportError('the user\\'s own {name}.py')\n")
+    r = _client(tmp_path, f"""
+        from kotta_executor import KottaExecutor
+        import helper
+
+        def inc(x):
+            return x + 1
+
+        with KottaExecutor(max_workers=1) as ex:
+            print(ex.submit(inc, 1).result({GUARD}), ex.submit(helper.square, 3).result({GUARD}))
+    """, cwd=data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2", "9"], r.stdout + r.stderr
