@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import datetime as _dt
 import fcntl
@@ -136,8 +137,21 @@ def _node_args(p: argparse.ArgumentParser) -> None:
                    help="refuse tasks asking for a longer walltime (default: the queue's cap)")
 
 
+def _escape_what_the_terminal_cannot_show() -> None:
+    """Characters that stdout's encoding cannot show (a task's output or a reason, under
+    ``LANG=C`` with ``PYTHONUTF8=0``, a Latin-1 locale, ``PYTHONIOENCODING=ascii``) come
+    out escaped (``\\xe9``), as Python's stderr shows them.  They made the command fail,
+    ``kotta logs`` half-way: ``kotta: error: 'ascii' codec can't encode character``."""
+    stream = sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    with contextlib.suppress(AttributeError, LookupError, ValueError):
+        if codecs.lookup(encoding).name != "utf-8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _escape_what_the_terminal_cannot_show()
     try:
         return COMMANDS[args.command](args)
     except (KottaError, ValueError) as exc:

@@ -124,6 +124,22 @@ def test_logs_prints_the_tasks_stdout_and_stderr(executor, enclave_dir):
     assert "python stderr" not in out and "python stdout" not in err
 
 
+@pytest.mark.parametrize("environ", [{"PYTHONIOENCODING": "ascii"},
+                                     {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}])
+def test_logs_shows_output_the_terminal_cannot_encode_escaped(executor, enclave_dir, environ):
+    """A task printed non-ASCII (a name, a unit, a check mark), and ``kotta logs`` runs
+    where stdout is ASCII (a login node's C locale without Python's UTF-8 mode,
+    ``PYTHONIOENCODING=ascii``): it said ``kotta: error: 'ascii' codec can't encode
+    character '\\xe9'`` after the first line, exit 2, and showed none of the output.
+    Now what cannot be shown is escaped, as Python's own stderr does."""
+    f = executor.submit(tasks.say, "caf\u00e9 \u2713")
+    assert f.result(GUARD)
+    r = kotta(enclave_dir, "logs", f.job_id, env={**subprocess_env(), **environ})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ("--- stdout ---\ncaf\\xe9 \\u2713 out\n"
+                        "--- stderr ---\ncaf\\xe9 \\u2713 err\n"), r.stdout
+
+
 def test_logs_of_a_job_cancelled_before_it_ran_says_it_ended(make_executor, enclave,
                                                              enclave_dir):
     """It said "no output yet" of a cancelled job, which never will have any."""
