@@ -1416,6 +1416,11 @@ class KottaExecutor(Executor):
 
     def _spawn_node(self, queue: str) -> subprocess.Popen:
         env = dict(os.environ)
+        if sys.flags.ignore_environment:
+            # The client (python -E, -I) ignores the PYTHON* variables, and so does its
+            # node: a PYTHONHOME of another Python (an HPC module's, left set) killed
+            # it at its start, six times (ProcessPoolExecutor's spawned workers get -E)
+            env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
         env["PYTHONPATH"] = os.pathsep.join(_node_path())
         # -P: the client's path, without its working directory put first, as -m would
         # (the node's workers are started so too, node.pool.spawn).  A script run from a

@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.conftest import GUARD, subprocess_env
+from tests.conftest import GUARD, ROOT, subprocess_env
 
 _HELPER = """
 def square(x):
@@ -118,5 +118,27 @@ def test_a_script_run_from_a_directory_of_modules_that_shadow_the_standard_libra
         with KottaExecutor(max_workers=1) as ex:
             print(ex.submit(inc, 1).result({GUARD}), ex.submit(helper.square, 3).result({GUARD}))
     """, cwd=data)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2", "9"], r.stdout + r.stderr
+
+
+def test_a_client_run_with_python_E_starts_a_node_that_ignores_the_environment_too(tmp_path):
+    """``python -E`` (or ``-I``) is how one runs Python where the environment holds a
+    PYTHONHOME of another Python (an HPC module's, left set): ProcessPoolExecutor's
+    spawned workers get ``-E`` too.  The node the executor started read that PYTHONHOME,
+    could not find its standard library, and died at its start, six times:
+    ``BrokenEnclave ... ends: <no Python frame>``."""
+    r = _client(tmp_path, f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})  # (PYTHONPATH is ignored too)
+        from kotta_executor import KottaExecutor
+        import helper
+
+        def inc(x):
+            return x + 1
+
+        with KottaExecutor(max_workers=1) as ex:
+            print(ex.submit(inc, 1).result({GUARD}), ex.submit(helper.square, 3).result({GUARD}))
+    """, env={"PYTHONHOME": str(tmp_path / "no-such-python")}, flags=("-E",))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["2", "9"], r.stdout + r.stderr
