@@ -5,6 +5,7 @@ local node on the test's enclave ($KOTTA_HOME, tests/conftest.py) and stops it a
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ def square(x):
 
 
 def _client(tmp_path: Path, body: str, *, env: dict | None = None, cwd: Path | None = None,
-            flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+            flags: tuple[str, ...] = (), preexec_fn=None) -> subprocess.CompletedProcess:
     """Run ``body`` as a script ``proj/client.py``, beside a module ``helper`` (its
     ``square`` goes by reference: the node must import it as the client does)."""
     proj = tmp_path / "proj"
@@ -30,6 +31,7 @@ def _client(tmp_path: Path, body: str, *, env: dict | None = None, cwd: Path | N
     return subprocess.run(
         [sys.executable, *flags, str(script)], env={**subprocess_env(), **(env or {})},
         cwd=cwd or tmp_path, capture_output=True, text=True, timeout=3 * GUARD,
+        preexec_fn=preexec_fn,
     )
 
 
@@ -142,3 +144,29 @@ def test_a_client_run_with_python_E_starts_a_node_that_ignores_the_environment_t
     """, env={"PYTHONHOME": str(tmp_path / "no-such-python")}, flags=("-E",))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["2", "9"], r.stdout + r.stderr
+
+
+def test_a_client_started_with_sigchld_ignored_gets_true_exit_statuses(tmp_path):
+    """A client started by a process that ignores SIGCHLD (exec keeps it ignored, and so
+    do the node and workers it starts): the kernel reaped the node's workers itself, and
+    the node read 0 for every exit status.  A worker that died with ``os._exit(7)`` was
+    ``WorkerDied`` with ``exitcode`` 0, and a task's ``subprocess.run(...)`` of a
+    command that failed returned 0."""
+    r = _client(tmp_path, f"""
+        import signal, subprocess
+        from kotta_executor import KottaExecutor, WorkerDied
+        from tests import tasks
+
+        def fails():
+            return subprocess.run(["sh", "-c", "exit 3"]).returncode
+
+        assert signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN
+        with KottaExecutor(max_workers=1) as ex:
+            try:
+                ex.submit(tasks.exit_hard, 7).result({GUARD})
+            except WorkerDied as e:
+                print(e.exitcode)
+            print(ex.submit(fails).result({GUARD}))
+    """, preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["7", "3"], r.stdout + r.stderr
