@@ -59,14 +59,19 @@ _CAPTURE = (1, 2)
 
 def _keep_capture() -> None:
     """At start-up: hold the capture files (fds 1 and 2) on descriptors of our own, and
-    make ``sys.stdout`` line-buffered, as on a terminal (``sys.stderr`` is already)."""
+    make ``sys.stdout`` line-buffered, as on a terminal (``sys.stderr`` is already); both
+    write UTF-8."""
     global _CAPTURE
     _CAPTURE = (os.dup(1), os.dup(2))  # (not inherited by a task's children)
     # Block-buffered (a file), a task's last 8 KiB of prints were still in the worker when
     # its walltime, kill() or a crash ended it, and lost: the node read nothing of a
     # training loop's progress lines; and they came after what its children had written
     # since, whose output lands on fd 1 at once.
-    sys.stdout.reconfigure(line_buffering=True)
+    # In UTF-8, as the client reads them back (``Envelope.text``), whatever the locale:
+    # under a Latin-1 one a task's "é" came back as "\ufffd", and under LANG=C with
+    # PYTHONUTF8=0, or PYTHONIOENCODING=ascii, printing it raised UnicodeEncodeError
+    sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)
+    sys.stderr.reconfigure(encoding="utf-8", errors="backslashreplace")
     _line_buffer_c_stdout()
 
 

@@ -170,3 +170,31 @@ def test_a_client_started_with_sigchld_ignored_gets_true_exit_statuses(tmp_path)
     """, preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["7", "3"], r.stdout + r.stderr
+
+
+
+def test_what_a_task_prints_comes_back_whatever_the_locale_encoding(tmp_path):
+    """A task's prints are read back as UTF-8: the worker wrote them in the locale's
+    encoding, which the node and its workers inherit.  Under a Latin-1 one
+    (``PYTHONIOENCODING=latin-1`` stands for it) ``future.stdout`` held "caf\\ufffd"
+    for "café", and under an ASCII one (``LANG=C`` with ``PYTHONUTF8=0``) the task failed
+    with UnicodeEncodeError."""
+    for environ in ({"PYTHONIOENCODING": "latin-1"},
+                    {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}):
+        r = _client(tmp_path, f"""
+            import sys
+            from kotta_executor import KottaExecutor
+
+            TEXT = "caf\\u00e9 \\u2713"
+
+            def say(text):
+                print(text)
+                print(text, file=sys.stderr)
+
+            with KottaExecutor(max_workers=1) as ex:
+                f = ex.submit(say, TEXT)
+                f.result({GUARD})
+                print(f.stdout == f.stderr == TEXT + "\\n", ascii(f.stdout), ascii(f.stderr))
+        """, env=environ)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[0] == "True", (environ, r.stdout)
