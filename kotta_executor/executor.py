@@ -44,6 +44,7 @@ import atexit
 import datetime as _dt
 import fcntl
 import itertools
+import json
 import logging
 import operator
 import os
@@ -1421,7 +1422,13 @@ class KottaExecutor(Executor):
             # node: a PYTHONHOME of another Python (an HPC module's, left set) killed
             # it at its start, six times (ProcessPoolExecutor's spawned workers get -E)
             env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
-        env["PYTHONPATH"] = os.pathsep.join(_node_path())
+        path = _node_path()
+        env["PYTHONPATH"] = os.pathsep.join(p for p in path if os.pathsep not in p)
+        # A directory whose name holds os.pathsep (a run's time, runs/12:00:00) would be
+        # split in two there, and its modules not found: its workers add such directories
+        # from this variable (node.worker.EXTRA_PATH)
+        if split := [p for p in path if os.pathsep in p]:
+            env["KOTTA_EXTRA_PATH"] = json.dumps(split)
         # -P: the client's path, without its working directory put first, as -m would
         # (the node's workers are started so too, node.pool.spawn).  A script run from a
         # directory holding a queue.py or select.py of the user's (not on the client's

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import _signal
 import ctypes
+import json
 import os
 import resource
 import signal
@@ -566,6 +567,19 @@ def _add_node_sites(dirs: str) -> None:
             [*filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), *added])
 
 
+#: the client's directories whose names hold ``os.pathsep``, which PYTHONPATH cannot
+#: carry (it splits them in two), as JSON, from an executor that starts its node
+EXTRA_PATH = "KOTTA_EXTRA_PATH"
+
+
+def _add_extra_path(value: str) -> None:
+    """Put the directories of ``EXTRA_PATH`` on ``sys.path``: a script in
+    ``runs/12:00:00/`` imports its ``helper.py`` there, and its tasks, which name their
+    module-level functions by reference, must import it too."""
+    if value:
+        sys.path.extend(p for p in json.loads(value) if p not in sys.path)
+
+
 def main(argv: list[str] | None = None) -> int:
     global _PID
     _PID = os.getpid()
@@ -573,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     task_fd, result_fd = int(argv[0]), int(argv[1])
     _add_node_sites(os.environ.pop(NODE_SITE, ""))
+    _add_extra_path(os.environ.pop(EXTRA_PATH, ""))
     for fd in (task_fd, result_fd):
         os.set_inheritable(fd, False)  # children of a task must not hold our pipes
     tasks = Connection(task_fd, writable=False)

@@ -198,3 +198,22 @@ def test_what_a_task_prints_comes_back_whatever_the_locale_encoding(tmp_path):
         """, env=environ)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split()[0] == "True", (environ, r.stdout)
+
+
+def test_a_script_in_a_directory_whose_name_holds_a_colon_has_its_modules_imported(tmp_path):
+    """A script in ``runs/12:00:00/`` (a run's time in its name) beside its ``helper.py``:
+    ProcessPoolExecutor's workers import ``helper`` as the script does.  The node the
+    executor started got the script's directory on PYTHONPATH, which split it at the
+    colon, and every task that named ``helper.square`` failed: ``SerializationError: ...
+    No module named 'helper'``."""
+    run = tmp_path / "runs" / "12:00:00"
+    run.mkdir(parents=True)
+    r = _client(run, f"""
+        from kotta_executor import KottaExecutor
+        import helper
+
+        with KottaExecutor(max_workers=1) as ex:
+            print(ex.submit(helper.square, 3).result({GUARD}))
+    """, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["9"], r.stdout + r.stderr
