@@ -352,6 +352,19 @@ def test_an_enclave_directory_sqlite_cannot_write_in_is_a_clean_error():
                         "unable to open database file\n")
 
 
+def test_an_enclave_directory_too_deep_for_sqlite_is_an_error_that_says_so(tmp_path):
+    """A $KOTTA_HOME deep in a project tree, its path over the 512 bytes SQLite takes:
+    each directory's name fits, the directories are made, and then "unable to open
+    database file", which names no cause (permissions? a full disk?)."""
+    home = tmp_path.joinpath(*["d" * 100] * 6)
+    r = kotta(home, "whoami")
+    assert r.returncode == 2, r.stdout
+    assert r.stderr == (f"kotta: error: cannot open the enclave database {home}/kotta.db: "
+                        f"unable to open database file (its path is "
+                        f"{len(os.fsencode(home / 'kotta.db'))} bytes long, and SQLite opens "
+                        "none over 504: choose a shorter directory)\n")
+
+
 def test_a_damaged_enclave_database_is_an_error_naming_it_with_a_hint(make_executor,
                                                                       enclave_dir):
     """A kotta.db damaged after it was opened (a disk fault, a file copied while written):

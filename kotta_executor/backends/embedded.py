@@ -327,6 +327,10 @@ _FILE_FAULTS = {
 
 
 LOCK_TIMEOUT = 60.0
+#: the longest database path SQLite opens: its 512 bytes (SQLITE_MAX_PATHNAME), less the
+#: "-journal" it adds for a file of its own.  A longer $KOTTA_HOME (a deep project tree)
+#: was "unable to open database file", with no word of why
+SQLITE_MAX_PATH = 504
 
 
 def _retry(fn, *args):
@@ -1190,7 +1194,10 @@ class EmbeddedEnclave(Enclave):
         except sqlite3.Error as exc:
             # a kotta.db that is not SQLite, or a directory where SQLite cannot make one:
             # what is wrong with which file, for the command to say
-            raise ConfigurationError(f"cannot open the enclave database {db}: {exc}") from exc
+            size = len(os.fsencode(db))
+            why = (f" (its path is {size} bytes long, and SQLite opens none over "
+                   f"{SQLITE_MAX_PATH}: choose a shorter directory)") if size > SQLITE_MAX_PATH else ""
+            raise ConfigurationError(f"cannot open the enclave database {db}: {exc}{why}") from exc
         if open_mode is not None:
             _WARNED_OPEN.add(self.home)
             log.warning("the enclave directory %s is open to other OS users (mode %o): they "
