@@ -1620,6 +1620,9 @@ def _node_path() -> list[str]:
     starts (a script job's ``python3``, of another version) crashed on this one's."""
     paths = sysconfig.get_paths()
     stdlib = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib")}
+    # (and its zip, lib/python311.zip beside lib/python3.11, where there is one)
+    zipped = f"python{sys.version_info.major}{sys.version_info.minor}.zip"
+    stdlib |= {os.path.join(os.path.dirname(d), zipped) for d in stdlib}
     packages = {os.path.realpath(paths[k]) for k in ("purelib", "platlib")}
 
     def under(path: str, roots: set[str]) -> bool:
@@ -1632,7 +1635,10 @@ def _node_path() -> list[str]:
         except FileNotFoundError:  # "" (a notebook's, python -c's) in a directory since
             continue  # removed: nothing is imported from there, and the node inherits it
         real = os.path.realpath(path)
-        if os.path.isdir(path) and (not under(real, stdlib) or under(real, packages)):
+        # a zip archive too (a .zip, .egg or .pyz the client imports from): the modules in
+        # it were "not found" on the node, as it was left off
+        if (os.path.isdir(path) or os.path.isfile(path)) and (
+                not under(real, stdlib) or under(real, packages)):
             out.append(path)
     return list(dict.fromkeys(out))
 

@@ -5,6 +5,7 @@ local node on the test's enclave ($KOTTA_HOME, tests/conftest.py) and stops it a
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -215,5 +216,26 @@ def test_a_script_in_a_directory_whose_name_holds_a_colon_has_its_modules_import
         with KottaExecutor(max_workers=1) as ex:
             print(ex.submit(helper.square, 3).result({GUARD}))
     """, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["9"], r.stdout + r.stderr
+
+
+def test_a_module_the_client_imports_from_a_zip_archive_is_imported_by_the_tasks(tmp_path):
+    """A zip archive on the client's path (``PYTHONPATH=libs.zip``, an egg, a zipapp):
+    ProcessPoolExecutor's workers import from it.  The node the executor started got the
+    client's path less everything that is not a directory, and a task naming a function of
+    the archive failed: ``SerializationError: ... No module named 'zipped'``."""
+    import zipfile
+
+    archive = tmp_path / "libs.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("zipped.py", _HELPER)
+    r = _client(tmp_path, f"""
+        from kotta_executor import KottaExecutor
+        import zipped
+
+        with KottaExecutor(max_workers=1) as ex:
+            print(ex.submit(zipped.square, 3).result({GUARD}))
+    """, env={"PYTHONPATH": f"{subprocess_env()['PYTHONPATH']}{os.pathsep}{archive}"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["9"], r.stdout + r.stderr
