@@ -43,6 +43,7 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import fcntl
+import importlib.machinery
 import itertools
 import json
 import logging
@@ -1416,6 +1417,7 @@ class KottaExecutor(Executor):
         return home / "logs" / f"node-{self.client_id}-{queue}.log"
 
     def _spawn_node(self, queue: str) -> subprocess.Popen:
+        _check_no_other_node(_node_path())
         env = dict(os.environ)
         if sys.flags.ignore_environment:
             # The client (python -E, -I) ignores the PYTHON* variables, and so does its
@@ -1641,6 +1643,23 @@ def _node_path() -> list[str]:
                 not under(real, stdlib) or under(real, packages)):
             out.append(path)
     return list(dict.fromkeys(out))
+
+
+def _check_no_other_node(path: list[str]) -> None:
+    """Raise a ConfigurationError when ``path`` (a node's) finds a module ``node`` other
+    than kotta's own package, the node's and its workers' code: a ``node.py`` of the
+    user's beside the script (a graph's nodes).  ``python -m node`` ran that module in its
+    place, which exited 0, and the executor started it again and again, for ever."""
+    ours = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "node")
+    spec = importlib.machinery.PathFinder.find_spec("node", path)
+    if spec is None or spec.origin is None:
+        return  # (none, or only directories of that name: kotta's is found elsewhere)
+    if os.path.realpath(spec.origin) != os.path.realpath(os.path.join(ours, "__init__.py")):
+        raise ConfigurationError(
+            f"{spec.origin} has the name of kotta's own package, node, which a node and "
+            "its workers run: rename it (or take its directory off sys.path), for it stands "
+            "in for kotta's there"
+        )
 
 
 def _release_claim(claims: dict[str, int], queue: str) -> None:

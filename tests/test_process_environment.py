@@ -239,3 +239,32 @@ def test_a_module_the_client_imports_from_a_zip_archive_is_imported_by_the_tasks
     """, env={"PYTHONPATH": f"{subprocess_env()['PYTHONPATH']}{os.pathsep}{archive}"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["9"], r.stdout + r.stderr
+
+
+def test_a_node_py_of_the_users_beside_the_script_is_an_error_that_names_it(tmp_path):
+    """A project with a ``node.py`` of its own (a graph's nodes) beside the script: the
+    node the executor started, ``python -m node`` on the client's path, ran that module
+    in place of kotta's node package; it exited 0, and the executor started it again,
+    for ever: a future that never ended, a warning a second.  Now the future fails at
+    once, naming the module that stands in for kotta's."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "node.py").write_text("class Node:\n    pass\n")
+    r = _client(tmp_path, f"""
+        import os
+        from kotta_executor import KottaExecutor
+        import node
+
+        def inc(x):
+            return x + 1
+
+        ex = KottaExecutor(max_workers=1)
+        try:
+            print(ex.submit(inc, 1).result({GUARD / 2}))
+        except Exception as e:
+            print(type(e).__name__, e)
+        os._exit(0)
+    """)
+    assert r.returncode == 0, r.stderr
+    node_py = tmp_path / "proj" / "node.py"
+    assert r.stdout.startswith("BrokenEnclave "), r.stdout + r.stderr
+    assert f"{node_py} has the name of kotta's own package, node" in r.stdout, r.stdout
