@@ -111,18 +111,7 @@ def test_a_script_run_from_a_directory_of_modules_that_shadow_the_standard_libra
     data.mkdir()
     for name in ("queue", "select", "uuid", "platform", "token"):
         (data / f"{name}.py").write_text(f"raise ImportError('the user\\'s own {name}.py')\n")
-    r = _client(tmp_path, f"""
-        from kotta_executor import KottaExecutor
-        import helper
-
-        def inc(x):
-            return x + 1
-
-        with KottaExecutor(max_workers=1) as ex:
-            print(ex.submit(inc, 1).result({GUARD}), ex.submit(helper.square, 3).result({GUARD}))
-    """, cwd=data)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["2", "9"], r.stdout + r.stderr
+    _squares_with(tmp_path, "helper", cwd=data)
 
 
 def test_a_client_run_with_python_E_starts_a_node_that_ignores_the_environment_too(tmp_path):
@@ -131,20 +120,9 @@ def test_a_client_run_with_python_E_starts_a_node_that_ignores_the_environment_t
     spawned workers get ``-E`` too.  The node the executor started read that PYTHONHOME,
     could not find its standard library, and died at its start, six times:
     ``BrokenEnclave ... ends: <no Python frame>``."""
-    r = _client(tmp_path, f"""
-        import sys
-        sys.path.insert(0, {str(ROOT)!r})  # (PYTHONPATH is ignored too)
-        from kotta_executor import KottaExecutor
-        import helper
-
-        def inc(x):
-            return x + 1
-
-        with KottaExecutor(max_workers=1) as ex:
-            print(ex.submit(inc, 1).result({GUARD}), ex.submit(helper.square, 3).result({GUARD}))
-    """, env={"PYTHONHOME": str(tmp_path / "no-such-python")}, flags=("-E",))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["2", "9"], r.stdout + r.stderr
+    _squares_with(tmp_path, "helper", env={"PYTHONHOME": str(tmp_path / "no-such-python")},
+                  flags=("-E",), first=f"import sys; sys.path.insert(0, {str(ROOT)!r})"
+                  "  # (PYTHONPATH is ignored too)")
 
 
 def test_a_client_started_with_sigchld_ignored_gets_true_exit_statuses(tmp_path):
@@ -209,15 +187,7 @@ def test_a_script_in_a_directory_whose_name_holds_a_colon_has_its_modules_import
     No module named 'helper'``."""
     run = tmp_path / "runs" / "12:00:00"
     run.mkdir(parents=True)
-    r = _client(run, f"""
-        from kotta_executor import KottaExecutor
-        import helper
-
-        with KottaExecutor(max_workers=1) as ex:
-            print(ex.submit(helper.square, 3).result({GUARD}))
-    """, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["9"], r.stdout + r.stderr
+    _squares_with(run, "helper", cwd=tmp_path)
 
 
 def test_a_module_the_client_imports_from_a_zip_archive_is_imported_by_the_tasks(tmp_path):
@@ -230,15 +200,26 @@ def test_a_module_the_client_imports_from_a_zip_archive_is_imported_by_the_tasks
     archive = tmp_path / "libs.zip"
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("zipped.py", _HELPER)
-    r = _client(tmp_path, f"""
+    _squares_with(tmp_path, "zipped",
+                  env={"PYTHONPATH": f"{subprocess_env()['PYTHONPATH']}{os.pathsep}{archive}"})
+
+
+def _squares_with(where, module: str, first: str = "", **kwargs) -> None:
+    """A client program in ``where`` (its first line ``first``) whose tasks are a function
+    of its own, ``inc(1)``, and ``module.square(3)``: it prints 2 and 9."""
+    r = _client(where, f"""
+        {first}
         from kotta_executor import KottaExecutor
-        import zipped
+        import {module}
+
+        def inc(x):
+            return x + 1
 
         with KottaExecutor(max_workers=1) as ex:
-            print(ex.submit(zipped.square, 3).result({GUARD}))
-    """, env={"PYTHONPATH": f"{subprocess_env()['PYTHONPATH']}{os.pathsep}{archive}"})
+            print(ex.submit(inc, 1).result({GUARD}), ex.submit({module}.square, 3).result({GUARD}))
+    """, **kwargs)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["9"], r.stdout + r.stderr
+    assert r.stdout.split() == ["2", "9"], r.stdout + r.stderr
 
 
 def test_a_node_py_of_the_users_beside_the_script_is_an_error_that_names_it(tmp_path):
