@@ -648,8 +648,9 @@ def test_a_task_whose_message_body_in_s3_cannot_be_read_fails_and_its_node_serve
     node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
     enclave.queue.max_body = 1000  # (this client's sends: the task's body goes to S3)
     f = ex.submit(len, b"x" * 5000)
-    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
-    [key] = [k.removeprefix("blobs/") for k in _keys(enclave) if k.startswith("blobs/msg-")]
+    # (the job is recorded first, then its message sent: the body put in S3 a moment after)
+    [key] = wait_for(lambda: [k.removeprefix("blobs/") for k in _keys(enclave)
+                              if k.startswith("blobs/msg-")], what="the message's body in S3")
     _unreadable(key, fault, enclave, node_enclave)
     runner = _run(node)
     try:
