@@ -485,3 +485,29 @@ def test_an_interrupted_blocking_call_kills_its_job(konn, enclave, tmp_path):
     (job,) = enclave.jobs.list()
     wait_for(lambda: str(enclave.jobs.get(job.job_id).state) == "cancelled",
              what="the interrupted call's job to be killed")
+
+
+def test_a_decorated_functions_argument_named_inputs_that_is_no_uri_says_how_to_pass_it(konn):
+    """A ``@kottajob`` function's ``inputs=``/``outputs=`` are dataset URIs, as submit's.
+    A call ``model(inputs=[1, 2])`` of one whose own argument is so named got submit's
+    note: "submit() takes inputs= ...; give it by position or with functools.partial" --
+    but the user called no submit(), and ``functools.partial(model, inputs=...)`` calls
+    the decorated function with the keyword all the same, failing alike.  The note names
+    the decorated call now, and a partial that works."""
+    from kotta_executor.errors import InvalidDataUri
+
+    @kottajob(konn, "test", 5)
+    def model(inputs, scale=1):
+        return [x * scale for x in inputs]
+
+    for call in (lambda: model(inputs=[1, 2]), functools.partial(model, inputs=[1, 2])):
+        with pytest.raises(InvalidDataUri) as info:
+            call()
+        assert ("a call of the @kottajob function "
+                f"{model.__qualname__} takes inputs= as the dataset URIs the task stages "
+                "(s3://...); to pass it an argument so named, give it by position, or submit "
+                f"functools.partial({model.__qualname__}.kotta_function, inputs=...)"
+                ) in info.value.__notes__, info.value.__notes__
+    assert model([1, 2], scale=2) == [2, 4]
+    bound = functools.partial(model.kotta_function, inputs=[1, 2], scale=3)
+    assert konn.executor.submit(bound).result(timeout=GUARD) == [3, 6]

@@ -58,9 +58,10 @@ def _accepts(fn: Callable, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def split_kwargs(fn: Callable, opts, kwargs: dict[str, Any]):
+def split_kwargs(fn: Callable, opts, kwargs: dict[str, Any], decorated: bool = False):
     """Take ``inputs`` / ``outputs`` out of a call's keywords into its options; leave them
-    in the call where ``fn`` takes them."""
+    in the call where ``fn`` takes them.  ``decorated``: ``fn`` is a ``@kottajob``
+    function's, called so (not given to submit), for the note of a keyword not URIs."""
     kwargs = dict(kwargs)
     found = {k: kwargs[k] for k in ("inputs", "outputs") if k in kwargs}
     try:
@@ -72,11 +73,18 @@ def split_kwargs(fn: Callable, opts, kwargs: dict[str, Any]):
         # Code written for ProcessPoolExecutor passes its function's own argument of that
         # name (a model's inputs, say): say why it was read as URIs, and how to pass it
         name = getattr(fn, "__qualname__", None) or repr(fn)
-        exc.add_note(
-            f"submit() takes {' and '.join(k + '=' for k in found)} as the dataset URIs "
-            f"the task stages (s3://...); to pass {name} an argument so named, give it "
-            "by position or with functools.partial"
-        )
+        keys = " and ".join(k + "=" for k in found)
+        if not decorated:
+            exc.add_note(
+                f"submit() takes {keys} as the dataset URIs the task stages (s3://...); to "
+                f"pass {name} an argument so named, give it by position or with functools.partial"
+            )
+        else:  # (a partial of the decorated function is called with the keyword all the same)
+            exc.add_note(
+                f"a call of the @kottajob function {name} takes {keys} as the dataset URIs the "
+                "task stages (s3://...); to pass it an argument so named, give it by position, "
+                f"or submit functools.partial({name}.kotta_function, {next(iter(found))}=...)"
+            )
         raise
     for k in found:
         if not _accepts(fn, k):
