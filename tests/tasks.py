@@ -450,6 +450,13 @@ def file_sum(inputs=()):
     return total
 
 
+def scaled_sum(inputs, /, scale=1):
+    """The sum of ``inputs`` (numbers: its own positional-only argument, not submit()'s
+    staging keyword) and of the lines of the staged ``1m_shuffled.txt``, times ``scale``."""
+    with open("1m_shuffled.txt") as f:
+        return scale * (sum(inputs) + sum(int(line) for line in f))
+
+
 def write_file(name, text):
     """Write ``text`` to ``name`` in the task's working directory; return the directory."""
     with open(name, "w") as f:

@@ -627,3 +627,14 @@ def test_the_staging_area_of_a_killed_node_is_removed_when_the_next_node_starts(
     start_node()
     assert not (stage / victim.node_id).exists(), "a dead node's staging area was left"
     assert (stage / alive.node_id / ".lock").exists(), "a live node's staging area went"
+
+
+def test_a_positional_only_argument_named_inputs_is_not_given_the_staged_uris(data, make_executor):
+    """``submit(fn, x, inputs=[URI])`` passes the URIs on to ``fn`` when it takes an
+    ``inputs`` keyword.  One whose ``inputs`` is positional-only (``def f(inputs, /)``)
+    takes no such keyword, but was given it all the same: the task staged its input, then
+    failed on the node with "got some positional-only arguments passed as keyword
+    arguments".  It is staged, and not passed, as for a function with no such argument."""
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.submit(tasks.scaled_sum, [1, 2], inputs=[INPUT], scale=2)
+    assert f.result(GUARD) == 2 * (3 + SUM)

@@ -55,7 +55,11 @@ def _accepts(fn: Callable, name: str) -> bool:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+    # (a positional-only parameter so named takes no keyword: **kwargs gets it, or no one)
+    return any(
+        (p.name == name and p.kind is not p.POSITIONAL_ONLY) or p.kind is p.VAR_KEYWORD
+        for p in params
+    )
 
 
 def split_kwargs(fn: Callable, opts, kwargs: dict[str, Any], decorated: bool = False):
