@@ -37,6 +37,7 @@ Result header: kind="result", job_id, outcome, n, optional error, usage, python 
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import hmac
@@ -607,6 +608,22 @@ _SCALARS = (type(None), bool, int, str, bytes)
 _LRU_WRAPPER = type(functools.lru_cache(maxsize=None)(len))
 
 
+def _code_reduce(code: types.CodeType):
+    """cloudpickle's reduction of a code object sent by value, with its file name kept.
+    cloudpickle names every such file ``<dynamic-code>`` (for the same bytes wherever a
+    notebook cell runs): a remote traceback of a script's function then said ``File
+    "<dynamic-code>", line 3``, with no source line, where the client, which has the file
+    (or a notebook its cell, in linecache), shows it."""
+    make, args = _CLOUDPICKLE_CODE_REDUCE(code)
+    for i in range(len(args) - 1):  # (its place differs between Python versions)
+        if args[i] == "<dynamic-code>" and args[i + 1] == code.co_name:
+            return make, (*args[:i], code.co_filename, *args[i + 1:])
+    return make, args
+
+
+_CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle's pickler, which also sends by value a function of ``__main__`` (a
     script, a notebook) wrapped in ``functools.lru_cache`` or ``functools.cache``.
@@ -614,7 +631,11 @@ class _Pickler(cloudpickle.Pickler):
     ``__main__.fib``, which a worker cannot find, while it sends the function itself by
     value.  The wrapper is made anew around it, with its ``maxsize`` and ``typed`` (not
     its cached values): the function is set after (:func:`_cached_calls`), as a
-    recursive one refers to the wrapper through its globals."""
+    recursive one refers to the wrapper through its globals.  Code keeps its file name
+    (:func:`_code_reduce`)."""
+
+    dispatch_table = collections.ChainMap({types.CodeType: _code_reduce},
+                                          cloudpickle.Pickler.dispatch_table)
 
     def reducer_override(self, obj):
         if type(obj) is _LRU_WRAPPER and _by_value(obj):

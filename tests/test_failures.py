@@ -584,3 +584,27 @@ def test_the_members_of_an_exception_group_keep_their_tracebacks_and_causes(make
     assert inner.filename == "c.csv" and "_read_rows" in _frames(inner)
     shown = "".join(traceback.format_exception(info.value))
     assert "_parse_rows" in shown and "c.csv" in shown
+
+
+_SCRIPT = '''def boom(x):
+    y = x + 1
+    raise KeyError(f"bad key {y}")
+'''
+
+
+def test_a_remote_traceback_of_a_scripts_function_names_its_file_and_line(make_executor,
+                                                                           tmp_path):
+    """A function of a script or notebook (``__main__``) travels by value: cloudpickle
+    names its code's file ``<dynamic-code>``, so the remote traceback said ``File
+    "<dynamic-code>", line 3, in boom``, with no source line, where a ProcessPoolExecutor's
+    shows the script's path and ``raise KeyError(...)``."""
+    script = tmp_path / "analysis.py"
+    script.write_text(_SCRIPT)
+    ns = {"__name__": "__main__"}
+    exec(compile(_SCRIPT, str(script), "exec"), ns)  # noqa: S102 - the script's function
+    ex = make_executor(1)
+    with pytest.raises(KeyError) as info:
+        ex.submit(ns["boom"], 1).result(GUARD)
+    last = traceback.extract_tb(info.value.__traceback__)[-1]
+    assert (last.filename, last.lineno, last.name) == (str(script), 3, "boom")
+    assert last.line == 'raise KeyError(f"bad key {y}")'  # (the client reads its own file)

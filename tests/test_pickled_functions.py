@@ -6,7 +6,6 @@ from __future__ import annotations
 import pickle
 import sys
 
-import cloudpickle
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,7 +32,7 @@ def test_unchanged_function_reuses_its_bytes():
     ns = notebook("SCALE = 3\ndef f(x):\n    return x * SCALE\n")
     first = cache.dumps(ns["f"])
     second = cache.dumps(ns["f"])  # pickled again, to confirm the first (see the next tests)
-    assert second == first == cloudpickle.dumps(ns["f"])
+    assert second == first == wire.cloudpickle_dumps(ns["f"])
     assert cache.dumps(ns["f"]) is second  # from then on, reused
 
 
@@ -143,7 +142,7 @@ def test_importable_functions_and_other_callables():
     for fn in (print, len.__call__, (lambda: 1).__call__):
         with pytest.raises(wire._Unknown):
             cache.fingerprint(fn)
-        assert cache.dumps(fn) == cloudpickle.dumps(fn)
+        assert cache.dumps(fn) == wire.cloudpickle_dumps(fn)
 
 
 def test_the_cache_is_bounded():
@@ -194,4 +193,4 @@ def test_cached_bytes_are_what_cloudpickle_writes_now(ops):
             f.__closure__[0].cell_contents = value
         else:
             f.__annotations__[name] = value
-        assert cache.dumps(f) == cloudpickle.dumps(f)
+        assert cache.dumps(f) == wire.cloudpickle_dumps(f)
