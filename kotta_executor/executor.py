@@ -52,6 +52,7 @@ import os
 import random
 import select
 import shlex
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -1361,20 +1362,26 @@ class KottaExecutor(Executor):
                 continue
             if proc is not None:  # the node we started died
                 # Deaths in a row count: one that served a while (or was stopped, exit 0:
-                # kotta down, an admin) starts the count again.
+                # kotta down, an admin) starts the count again.  A client that ignores
+                # SIGCHLD (inherited: exec keeps it) reads 0 for every exit, a crash's
+                # too: there an exit counts as a death, else a node that kept crashing
+                # was started again for ever.
                 served = time.monotonic() - self._node_started.get(q, 0.0) >= NODE_SERVED
-                if proc.returncode == 0 or served:
+                lost = _exit_statuses_lost()
+                if (proc.returncode == 0 and not lost) or served:
                     self._node_restarts = 0
                 self._node_restarts += 1
                 log_path = self._node_log(q)
+                code = ("unknown: this process ignores SIGCHLD" if lost
+                        else proc.returncode)
                 if self._node_restarts > MAX_NODE_RESTARTS:  # (why is in its log)
                     raise BrokenEnclave(
                         f"the local node for queue {q!r} died {self._node_restarts} times "
-                        f"(last exit code {proc.returncode}); its log, {log_path}, ends: "
+                        f"(last exit code {code}); its log, {log_path}, ends: "
                         f"{_last_line(log_path)}"
                     )
                 log.warning("local node for queue %s exited with %s; restarting (its log: %s)",
-                            q, proc.returncode, log_path)
+                            q, code, log_path)
                 del self._nodes[q]
             elif self._enclave.nodes.live(q):
                 continue
@@ -1643,6 +1650,13 @@ def _node_path() -> list[str]:
                 not under(real, stdlib) or under(real, packages)):
             out.append(path)
     return list(dict.fromkeys(out))
+
+
+def _exit_statuses_lost() -> bool:
+    """Whether this process ignores SIGCHLD (a process that started it may leave it so, and
+    exec keeps it): the kernel then reaps its children itself, and Popen reads 0 for each
+    one's exit.  (The executor leaves the disposition as it is: it is the process's.)"""
+    return signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN
 
 
 def _check_no_other_node(path: list[str]) -> None:

@@ -151,6 +151,44 @@ def test_a_client_started_with_sigchld_ignored_gets_true_exit_statuses(tmp_path)
     assert r.stdout.split() == ["7", "3"], r.stdout + r.stderr
 
 
+def test_a_client_started_with_sigchld_ignored_counts_its_nodes_deaths(tmp_path):
+    """A client started with SIGCHLD ignored: the kernel reaps the node it starts, and
+    Popen read 0 (a clean stop's code) for a node killed by SIGKILL.  Such a node was
+    started again for ever, its count of deaths begun anew each time; now a death counts
+    though its status is lost, and the executor breaks once the node has died too often."""
+    r = _client(tmp_path, f"""
+        import os, signal, time
+        from kotta_executor import KottaExecutor, BrokenEnclave
+        from kotta_executor import executor as executor_module
+
+        def inc(x):
+            return x + 1
+
+        executor_module.MAX_NODE_RESTARTS = 1  # (the count is what is under test)
+        ex = KottaExecutor(max_workers=1)
+        for i in range(3):
+            try:
+                print(ex.submit(inc, i).result({GUARD}))
+            except BrokenEnclave as e:
+                print("BrokenEnclave", e)
+                break
+            [node] = list(ex._nodes.values())
+            os.kill(node.pid, signal.SIGKILL)  # not a clean stop: a death
+            while True:  # (until the kernel has reaped it: it is then no process)
+                try:
+                    os.kill(node.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.01)
+        os._exit(0)
+    """, preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["1", "2"], r.stdout + r.stderr
+    assert lines[2].startswith("BrokenEnclave the local node for queue 'test' died 2 times "
+                               "(last exit code unknown: this process ignores SIGCHLD)"), r.stdout
+
+
 
 def test_what_a_task_prints_comes_back_whatever_the_locale_encoding(tmp_path):
     """A task's prints are read back as UTF-8: the worker wrote them in the locale's
