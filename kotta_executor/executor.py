@@ -1638,7 +1638,7 @@ def _node_path() -> list[str]:
         return any(path == r or path.startswith(r + os.sep) for r in roots)
 
     out = []
-    for p in sys.path:
+    for p in [*sys.path, *(_module_roots() if "" in sys.path else ())]:
         try:
             path = os.path.abspath(p or os.curdir)
         except FileNotFoundError:  # "" (a notebook's, python -c's) in a directory since
@@ -1650,6 +1650,25 @@ def _node_path() -> list[str]:
                 not under(real, stdlib) or under(real, packages)):
             out.append(path)
     return list(dict.fromkeys(out))
+
+
+def _module_roots() -> list[str]:
+    """The directories the client's imported top-level modules came from.  ``""`` on
+    ``sys.path`` (a notebook's) is the working directory of each import: a notebook that
+    imported ``mylib`` there, then changed to ``data/``, still has it, and its node,
+    started in ``data/``, found "No module named 'mylib'".  (Last on the node's path:
+    they only add modules that are found nowhere before.)"""
+    out = []
+    for name, module in list(sys.modules.items()):
+        origin = getattr(getattr(module, "__spec__", None), "origin", None)
+        if "." in name or name == "__main__" or not isinstance(origin, str) \
+                or not os.path.isabs(origin):
+            continue  # (built-in, frozen, a namespace package: nothing to find)
+        root = os.path.dirname(origin)
+        if os.path.basename(origin).startswith("__init__."):
+            root = os.path.dirname(root)  # (a package: the directory that holds it)
+        out.append(root)
+    return out
 
 
 def _exit_statuses_lost() -> bool:

@@ -242,6 +242,36 @@ def test_a_module_the_client_imports_from_a_zip_archive_is_imported_by_the_tasks
                   env={"PYTHONPATH": f"{subprocess_env()['PYTHONPATH']}{os.pathsep}{archive}"})
 
 
+def test_a_module_imported_from_the_working_directory_before_a_chdir_is_found_by_the_tasks(
+        tmp_path):
+    """A notebook (``""`` on its path) that imports ``mylib`` from its directory, then
+    changes to ``data/`` before its first submit: ``mylib`` stays imported in the client,
+    and a forked pool's workers have it.  The node the executor started resolved ``""``
+    against ``data/``, and ``mylib.square`` failed: ``SerializationError: ... No module
+    named 'mylib'``."""
+    lib = tmp_path / "lib"
+    (lib / "data").mkdir(parents=True)
+    (lib / "mylib.py").write_text(_HELPER)
+    (lib / "mypkg").mkdir()
+    (lib / "mypkg" / "__init__.py").write_text("")
+    (lib / "mypkg" / "sub.py").write_text(_HELPER)
+    r = _client(tmp_path, f"""
+        import os, sys
+        sys.path.insert(0, "")  # as a notebook has it
+        from kotta_executor import KottaExecutor
+        import mylib
+        import mypkg.sub
+
+        os.chdir("data")
+        with KottaExecutor(max_workers=1) as ex:
+            print(ex.submit(mylib.square, 3).result({GUARD}),
+                  ex.submit(mypkg.sub.square, 4).result({GUARD}),
+                  ex.submit(os.getcwd).result({GUARD}))
+    """, cwd=lib)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["9", "16", str(lib / "data")], r.stdout + r.stderr
+
+
 def _squares_with(where, module: str, first: str = "", **kwargs) -> None:
     """A client program in ``where`` (its first line ``first``) whose tasks are a function
     of its own, ``inc(1)``, and ``module.square(3)``: it prints 2 and 9."""
