@@ -56,8 +56,23 @@ def task_owner() -> str | None:
 
 
 def kotta_home() -> Path:
-    """``$KOTTA_HOME``, or ``~/.kotta``."""
-    return Path(os.environ.get("KOTTA_HOME") or Path.home() / ".kotta").expanduser()
+    """``$KOTTA_HOME``, or ``~/.kotta``.  A relative one (``KOTTA_HOME=.kotta``) is taken
+    against the working directory where it is first read: a script that made its
+    executor, then changed directory, read queues.json elsewhere than its enclave's
+    directory, and so did its node (started in the new one).  (Nodes get it absolute.)"""
+    value = os.environ.get("KOTTA_HOME") or ""
+    home = _homes.get(value)
+    if home is None:
+        home = Path(value or Path.home() / ".kotta").expanduser()
+        try:
+            home = _homes[value] = home.absolute()
+        except FileNotFoundError:  # (a working directory since removed: taken as it is)
+            pass
+    return home
+
+
+#: each $KOTTA_HOME seen, absolute (kotta_home)
+_homes: dict[str, Path] = {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1431,6 +1431,8 @@ class KottaExecutor(Executor):
             # node: a PYTHONHOME of another Python (an HPC module's, left set) killed
             # it at its start, six times (ProcessPoolExecutor's spawned workers get -E)
             env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
+        if "KOTTA_HOME" in env:  # (relative, it is the client's first working directory's)
+            env["KOTTA_HOME"] = str(config.kotta_home())
         path = _node_path()
         env["PYTHONPATH"] = os.pathsep.join(p for p in path if os.pathsep not in p)
         # A directory whose name holds os.pathsep (a run's time, runs/12:00:00) would be

@@ -272,6 +272,31 @@ def test_a_module_imported_from_the_working_directory_before_a_chdir_is_found_by
     assert r.stdout.split() == ["9", "16", str(lib / "data")], r.stdout + r.stderr
 
 
+def test_a_relative_kotta_home_is_the_same_directory_after_a_chdir(tmp_path):
+    """``KOTTA_HOME=.kotta`` (a project's own), and a script that changes to ``data/``
+    after it made its executor: its enclave was ``proj/.kotta``, but the client read
+    ``data/.kotta/queues.json`` at submit, and so did its node (its venv cache was under
+    ``data/.kotta`` too): a walltime the project's queues.json allows was refused,
+    ``ConfigurationError: ... over the cap of the test queue (60 min)``."""
+    lib = tmp_path / "lib"
+    (lib / "data").mkdir(parents=True)
+    (lib / ".kotta").mkdir()
+    (lib / ".kotta" / "queues.json").write_text('{"test": {"max_walltime": 120}}')
+    r = _client(tmp_path, f"""
+        import os
+        from kotta_executor import KottaExecutor
+
+        def home():
+            return os.environ["KOTTA_HOME"]
+
+        with KottaExecutor(max_workers=1, walltime=90) as ex:
+            os.chdir("data")
+            print(ex.enclave.home, ex.submit(home).result({GUARD}))
+    """, cwd=lib, env={"KOTTA_HOME": ".kotta"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(lib / ".kotta")] * 2, r.stdout + r.stderr
+
+
 def _squares_with(where, module: str, first: str = "", **kwargs) -> None:
     """A client program in ``where`` (its first line ``first``) whose tasks are a function
     of its own, ``inc(1)``, and ``module.square(3)``: it prints 2 and 9."""
