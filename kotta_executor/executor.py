@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import errno
 import fcntl
 import importlib.machinery
 import itertools
@@ -1457,10 +1458,15 @@ class KottaExecutor(Executor):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting a local node for queue %s (log: %s): %s", queue, log_path, " ".join(cmd))
         with open(log_path, "ab") as out:
-            return subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True,
-            )
+            try:
+                return subprocess.Popen(
+                    cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                    start_new_session=True,
+                )
+            except OSError as exc:  # (the same environment again: it would fail again)
+                if exc.errno != errno.E2BIG:
+                    raise
+                raise ConfigurationError(_environment_too_big(queue, env, exc)) from exc
 
     def _terminate_broken(self, exc: BaseException) -> None:
         broken = exc if isinstance(exc, BrokenEnclave) else BrokenEnclave(
@@ -1671,6 +1677,21 @@ def _module_roots() -> list[str]:
             root = os.path.dirname(root)  # (a package: the directory that holds it)
         out.append(root)
     return out
+
+
+def _environment_too_big(queue: str, env: dict[str, str], exc: OSError) -> str:
+    """Why a node could not be started with ``env`` (E2BIG): the size of the environment,
+    and its largest variables.  Tried again, it failed for a minute, then broke the
+    executor with only "[Errno 7] Argument list too long"."""
+    sizes = {k: len(os.fsencode(k)) + len(os.fsencode(v)) + 2 for k, v in env.items()}
+    largest = sorted(sizes, key=sizes.__getitem__, reverse=True)[:3]
+    return (
+        f"the local node for queue {queue!r} cannot be started: its environment (the "
+        f"client's os.environ, and PYTHONPATH made of its sys.path) is "
+        f"{sum(sizes.values()) / 1024:.1f} KiB, more than the system lets a new process have "
+        f"({exc.strerror}: about 2 MiB in all, and 128 KiB a variable on Linux); its "
+        f"largest variables: {', '.join(f'{k} ({sizes[k] / 1024:.1f} KiB)' for k in largest)}"
+    )
 
 
 def _exit_statuses_lost() -> bool:

@@ -297,6 +297,31 @@ def test_a_relative_kotta_home_is_the_same_directory_after_a_chdir(tmp_path):
     assert r.stdout.split() == [str(lib / ".kotta")] * 2, r.stdout + r.stderr
 
 
+def test_an_environment_too_big_to_start_a_node_with_is_an_error_that_names_it(tmp_path):
+    """A client that put a big value in its environment (a serialized config, 2 MB): the
+    node it started could not be, ``[Errno 7] Argument list too long``, tried for a
+    minute, and then the future raised a BrokenEnclave that said only that.  Now it
+    fails at once, naming the environment's size and its largest variable."""
+    r = _client(tmp_path, f"""
+        import os
+        from kotta_executor import KottaExecutor
+
+        def inc(x):
+            return x + 1
+
+        os.environ["BIG_CONFIG"] = "x" * 3_000_000
+        ex = KottaExecutor(max_workers=1)
+        try:
+            print(ex.submit(inc, 1).result({GUARD}))
+        except Exception as e:
+            print(type(e).__name__, e)
+        os._exit(0)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("BrokenEnclave "), r.stdout + r.stderr
+    assert "environment" in r.stdout and "its largest variables: BIG_CONFIG (2929.7 KiB)" in r.stdout, r.stdout
+
+
 def _squares_with(where, module: str, first: str = "", **kwargs) -> None:
     """A client program in ``where`` (its first line ``first``) whose tasks are a function
     of its own, ``inc(1)``, and ``module.square(3)``: it prints 2 and 9."""
