@@ -9,6 +9,8 @@ import json
 import math
 import numbers
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +27,20 @@ SCRIPT_DIR_PREFIX = "kotta-script-"
 #: in a worker's environment: its node's temporary directory, where its script jobs' working
 #: directories go (script_tmpdir)
 SCRIPT_TMPDIR_ENV = "KOTTA_SCRIPT_TMPDIR"
+
+
+def interpreter_flags() -> list[str]:
+    """The options of this interpreter (``-X utf8``, ``-X dev``, ``-W``, ``-O``, ``-s``,
+    ``-B``...) for the Python processes that run its tasks, a node and its workers, as
+    multiprocessing gives them to the workers it spawns: a task of a client run with
+    ``-X utf8`` opened files in the locale's encoding, and one run with ``-W error`` had
+    its warnings ignored.  Less ``-E`` and ``-I``, which would drop PYTHONPATH, by which
+    they find the client's modules (the executor leaves the PYTHON* variables out
+    instead), and ``-P``, which their callers give themselves."""
+    flags = [f for f in subprocess._args_from_interpreter_flags() if f not in ("-E", "-I", "-P")]
+    if sys.flags.isolated:
+        flags.append("-s")  # (-I's other part: no user site directory)
+    return flags
 
 
 def script_tmpdir() -> str:

@@ -1445,8 +1445,9 @@ class KottaExecutor(Executor):
         # (the node's workers are started so too, node.pool.spawn).  A script run from a
         # directory holding a queue.py or select.py of the user's (not on the client's
         # path) had its node import them in place of the standard library's, and die.
+        # (and the client's interpreter options, -X utf8, -W error: its tasks run with them)
         cmd = [
-            sys.executable, "-P", "-m", "node",
+            sys.executable, *config.interpreter_flags(), "-P", "-m", "node",
             "--enclave", self._enclave.url,
             "--queue", queue,
             "--workers", str(self._max_workers),

@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from kotta_executor.config import SCRIPT_TMPDIR_ENV
+from kotta_executor.config import SCRIPT_TMPDIR_ENV, interpreter_flags
 
 from .worker import (
     CONN_BIG,
@@ -648,8 +648,10 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
     try:
         proc = subprocess.Popen(
             # (-P as the node has it: one an executor started has no working directory
-            # first on its path, nor do its workers)
-            [python, *(["-P"] if sys.flags.safe_path else []), "-m", "node.worker",
+            # first on its path, nor do its workers; and its other options, the client's:
+            # -X utf8, -W error, as a process pool's workers get them)
+            [python, *interpreter_flags(), *(["-P"] if sys.flags.safe_path else []),
+             "-m", "node.worker",
              str(task_r), str(result_w)],
             stdin=subprocess.DEVNULL,
             stdout=out,

@@ -322,6 +322,32 @@ def test_an_environment_too_big_to_start_a_node_with_is_an_error_that_names_it(t
     assert "environment" in r.stdout and "its largest variables: BIG_CONFIG (2929.7 KiB)" in r.stdout, r.stdout
 
 
+def test_the_interpreter_options_of_the_client_are_its_tasks_too(tmp_path):
+    """``python -X utf8 -X dev -W error::UserWarning -O client.py``: ProcessPoolExecutor's
+    spawned workers run with the same options (multiprocessing passes them on).  The
+    node the executor started, and its workers, ran with none of them: a task's
+    ``open()`` used the locale's encoding, not UTF-8, its warnings were not errors, and
+    its asserts ran."""
+    r = _client(tmp_path, f"""
+        import sys, warnings
+        from kotta_executor import KottaExecutor
+
+        def flags():
+            try:
+                warnings.warn("strict", UserWarning)
+                warned = "ignored"
+            except UserWarning:
+                warned = "raised"
+            return [sys.flags.utf8_mode, sys.flags.dev_mode, sys.flags.optimize, warned]
+
+        with KottaExecutor(max_workers=1) as ex:
+            print(*ex.submit(flags).result({GUARD}), *flags())
+    """, flags=("-X", "utf8", "-X", "dev", "-W", "error::UserWarning", "-O"),
+        env={"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "True", "1", "raised"] * 2, r.stdout + r.stderr
+
+
 def _squares_with(where, module: str, first: str = "", **kwargs) -> None:
     """A client program in ``where`` (its first line ``first``) whose tasks are a function
     of its own, ``inc(1)``, and ``module.square(3)``: it prints 2 and 9."""
