@@ -20,7 +20,7 @@ from .errors import ConfigurationError
 QUEUES = ("test", "production")
 #: a script job's working directory (kotta_executor.script.run_script), in its worker's
 #: temporary directory: this, then (script_dir_prefix) the worker's pid and PID namespace;
-#: the node removes those of a worker once it has gone (node.pool.Leftovers.remove_dirs)
+#: the node removes those of a worker once it has gone (node.staging.remove_script_dirs)
 SCRIPT_DIR_PREFIX = "kotta-script-"
 
 
@@ -45,7 +45,7 @@ def interpreter_flags() -> list[str]:
 
 def script_tmpdir() -> str:
     """Where a worker makes its script jobs' working directories: its node's temporary
-    directory, where the node looks for them (node.pool.Leftovers.remove_dirs).  Not the
+    directory, where the node looks for them (node.staging.remove_script_dirs).  Not the
     worker's own: a task or an initializer that sets ``TMPDIR`` (to a scratch disk) moved
     them there, out of the node's sight, and one killed with its script stayed for good."""
     return os.environ.get(SCRIPT_TMPDIR_ENV) or tempfile.gettempdir()
@@ -62,6 +62,8 @@ def script_dir_prefix(pid: int) -> str:
     except OSError:  # (not Linux: no namespaces)
         ns = 0
     return f"{SCRIPT_DIR_PREFIX}{pid}-{ns}-"
+
+
 _QUEUE_ALIASES = {"test": "test", "production": "production", "prod": "production"}
 
 

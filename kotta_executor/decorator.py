@@ -36,7 +36,6 @@ import cloudpickle
 from .backends import check_spec
 from .config import task_owner
 from .executor import KottaExecutor, Options, _not_sent
-from .security import staging
 
 
 class Connection:
@@ -127,12 +126,9 @@ def kottajob(
         def call(task: Callable, /, *args: Any, **kwargs: Any):
             ex = target.executor if isinstance(target, Connection) else target
             view = ex.with_options(queue=queue, walltime=walltime, requirements=requirements)
-            if "inputs" in kwargs or "outputs" in kwargs:  # (as submit does, with a note of
-                # its own: the user called fn, and a partial of fn calls it so all the same)
-                opts, kwargs = staging.split_kwargs(task, view._options, kwargs, decorated=True)
-                future = ex._submit(task, [(args, kwargs)], opts)
-            else:
-                future = view.submit(task, *args, **kwargs)
+            # (as submit does, with a note of its own for a bad inputs=: the user called
+            # fn, and a partial of fn calls it so all the same)
+            future = ex._submit_call(task, args, kwargs, view._options, decorated=True)
             if not block:
                 return future
             try:

@@ -347,9 +347,14 @@ class KottaExecutor(Executor):
         """``fn(*args, **kwargs)`` on a node.  ``inputs=[...]`` and ``outputs=[...]`` of
         ``s3://`` URIs are staged (docs/security.md) and also passed on to ``fn`` when its
         signature takes them, as in Cloud Kotta's ``file_sum(inputs=[...])``."""
-        opts = self._options
+        return self._submit_call(fn, args, kwargs, self._options)
+
+    def _submit_call(self, fn: Callable, args: tuple, kwargs: dict, opts: Options, *,
+                     decorated: bool = False) -> KottaFuture:
+        """One call's submit, its ``inputs=`` / ``outputs=`` taken into its options
+        (``decorated``: a ``@kottajob`` function's call, for the note of a bad one)."""
         if "inputs" in kwargs or "outputs" in kwargs:
-            opts, kwargs = staging.split_kwargs(fn, opts, kwargs)
+            opts, kwargs = staging.split_kwargs(fn, opts, kwargs, decorated=decorated)
         return self._submit(fn, [(args, kwargs)], opts)
 
     def map(
@@ -1425,7 +1430,8 @@ class KottaExecutor(Executor):
         return home / "logs" / f"node-{self.client_id}-{queue}.log"
 
     def _spawn_node(self, queue: str) -> subprocess.Popen:
-        _check_no_other_node(_node_path())
+        path = _node_path()
+        _check_no_other_node(path)
         env = dict(os.environ)
         if sys.flags.ignore_environment:
             # The client (python -E, -I) ignores the PYTHON* variables, and so does its
@@ -1434,7 +1440,6 @@ class KottaExecutor(Executor):
             env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
         if "KOTTA_HOME" in env:  # (relative, it is the client's first working directory's)
             env["KOTTA_HOME"] = str(config.kotta_home())
-        path = _node_path()
         env["PYTHONPATH"] = os.pathsep.join(p for p in path if os.pathsep not in p)
         # A directory whose name holds os.pathsep (a run's time, runs/12:00:00) would be
         # split in two there, and its modules not found: its workers add such directories
@@ -1842,10 +1847,7 @@ class OptionsView(Executor):
         raise _not_sent("an executor's with_options() view")
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> KottaFuture:
-        opts = self._options
-        if "inputs" in kwargs or "outputs" in kwargs:
-            opts, kwargs = staging.split_kwargs(fn, opts, kwargs)
-        return self._parent._submit(fn, [(args, kwargs)], opts)
+        return self._parent._submit_call(fn, args, kwargs, self._options)
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         return self._parent._map(fn, iterables, timeout, chunksize, self._options, buffersize)
