@@ -93,6 +93,23 @@ def test_submit_returns_a_kotta_future_with_a_job_id(executor):
     assert other.result(timeout=GUARD) == 49
 
 
+def test_job_ids_begin_with_the_submit_time_and_sort_in_submit_order(executor):
+    """Ids made later sort later (their first 48 bits are the time in milliseconds), so
+    that a job table's index takes each new one at its end; the other 80 bits are random,
+    so ids made in the same millisecond still differ."""
+    before = time.time_ns() // 1_000_000
+    fs = [executor.submit(tasks.square, i) for i in range(300)]
+    after = time.time_ns() // 1_000_000
+    ids = [f.job_id for f in fs]
+    assert all(JOB_ID.match(i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    stamps = [int(i[:12], 16) for i in ids]
+    assert before <= stamps[0] and stamps[-1] <= after
+    assert stamps == sorted(stamps)
+    assert len({i[12:] for i in ids}) == len(ids)
+    assert [f.result(timeout=GUARD) for f in fs] == [i * i for i in range(300)]
+
+
 def test_wait_as_completed_and_result_timeout(executor, gate):
     slow, started = gate.submit_blocking(executor)
     quick = executor.submit(tasks.add, 2, 3)
