@@ -256,13 +256,19 @@ def cmd_node(args) -> int:
         )
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)
+    # A hang-up (the terminal or ssh session of a `kotta node` in the foreground closed)
+    # stops it as SIGTERM does: it finishes what runs and hands back the rest.  By default
+    # it died at once, its running tasks with it, to run again elsewhere only once their
+    # visibility ran out.  Unless SIGHUP is ignored (nohup): then it goes on.
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, node.request_stop)
     # SIGCHLD ignored, as a process that started the client or this command may leave it
     # (exec keeps it so): the kernel then reaps the workers itself, and the node read 0 for
     # every exit status: a worker's death said "exit code 0", a stopped worker's 75 was
     # lost, and its tasks' subprocesses all exited 0
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # stop requests that came while Python imported the node waited (node/__main__.py)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     try:
         return node.run()
     finally:

@@ -636,6 +636,58 @@ def test_sigterm_finishes_the_running_task_and_hands_back_the_rest(start_node, m
     assert a.node_id not in {n.node_id for n in enclave.nodes.live()}
 
 
+def test_a_hang_up_drains_a_foreground_node_as_sigterm_does(start_node, make_executor,
+                                                             enclave, tmp_path):
+    """``kotta node`` in a terminal whose ssh session closed gets SIGHUP: it finishes its
+    running task and exits 0, as on SIGTERM (it died at once, the task with it)."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    running = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    try:
+        wait_for(lambda: _pids(log), what="the task to start")
+        queued = ex.submit(tasks.worker_pid)
+        wait_for(lambda: _holder(enclave, queued.job_id) == a.node_id,
+                 what="the node to take a queued task")
+        a.proc.send_signal(signal.SIGHUP)
+        # (killed by it, the node would hold the queued task till its visibility ran out)
+        wait_for(lambda: _holder(enclave, queued.job_id) is None,
+                 what="the node to hand back the queued task")
+        assert a.proc.poll() is None, a.output()  # draining: its task still runs
+    finally:
+        tasks.release(release, "go")
+    assert running.result(GUARD) == _pids(log)[0]
+    assert a.proc.wait(GUARD) == 0, a.output()
+    assert enclave.jobs.get(running.job_id).node == a.node_id
+
+
+def test_a_node_started_with_sighup_ignored_goes_on_after_a_hang_up(enclave_dir, make_executor,
+                                                                    tmp_path):
+    """Under ``nohup`` (SIGHUP ignored) a hang-up does not stop the node."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    out = tmp_path / "node.log"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node", "--enclave", str(enclave_dir), "--workers", "1",
+             "--poll-interval", "0.1"], stdout=f, stderr=f, stdin=subprocess.DEVNULL,
+            env=subprocess_env(), cwd=str(ROOT),
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        ex = make_executor(1, start_node=False)
+        assert ex.submit(tasks.worker_pid).result(GUARD) > 0  # it serves
+        proc.send_signal(signal.SIGHUP)
+        # it still serves, after the hang-up (a task sent after it runs there)
+        assert ex.submit(tasks.worker_pid).result(GUARD) > 0
+        assert proc.poll() is None, out.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(GUARD) == 0, out.read_text()
+
+
 def test_a_draining_node_hands_back_piped_tasks_its_worker_never_began(start_node, make_executor,
                                                                       enclave, enclave_dir):
     """A worker asked to stop between tasks (the node drains) exits without beginning the
