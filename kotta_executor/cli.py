@@ -336,7 +336,7 @@ def _up_node_args(args, enclave: Enclave, queue: str) -> list[str]:
 def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
     """``kotta up --min N --max M``: start the scaler of ``queue`` (node/scaler.py) detached;
     it keeps N..M nodes.  Its pid goes to ``scaler-QUEUE.pid`` for ``kotta down``."""
-    from node.scaler import NODES_FAILED, pid_file, read_pid
+    from node.scaler import NODES_FAILED, pid_file, read_pid, write_pid
 
     lo = args.min_nodes if args.min_nodes is not None else min(1, args.max_nodes)
     hi = args.max_nodes if args.max_nodes is not None else lo
@@ -361,7 +361,7 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)
-        pidf.write_text(f"{proc.pid}\n")
+        write_pid(pidf, proc.pid, enclave.url)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
         if len({n.node_id for n in enclave.nodes.live(queue)} - before) >= lo:

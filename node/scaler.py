@@ -69,21 +69,46 @@ def pid_file(home: str | os.PathLike, queue: str) -> Path:
     return Path(home) / f"scaler-{queue}.pid"
 
 
+def write_pid(path: Path, pid: int, enclave_url: str) -> None:
+    """Record the scaler ``pid`` of the enclave at ``enclave_url`` (read_pid checks both)."""
+    path.write_text(f"{pid}\n{enclave_url}\n")
+
+
 def read_pid(path: Path) -> int | None:
-    """The pid in a scaler pid file, if that process is still a running scaler."""
+    """The pid in a scaler pid file, if that process is still a running scaler: of the
+    enclave and queue the file is for.  A pid is reused once its process is gone: after
+    a reboot, say, a stale file's pid may be another enclave's scaler (or another queue's),
+    which `kotta down` then stopped instead.  (A file without the enclave, written by an
+    earlier version, is taken on the process's being a scaler alone.)"""
     try:
-        pid = int(path.read_text().split()[0])
+        lines = path.read_text().split()
+        pid = int(lines[0])
     except (OSError, ValueError, IndexError):
         return None
+    queue = path.name[len("scaler-"):-len(".pid")]
     try:
         import psutil
 
         proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE or "node.scaler" not in proc.cmdline():
+        argv = proc.cmdline()
+        if proc.status() == psutil.STATUS_ZOMBIE or "node.scaler" not in argv:
+            return None
+        if len(lines) > 1 and (_option(argv, "--enclave") != lines[1]
+                               or _option(argv, "--queue") != queue):
             return None
     except Exception:  # noqa: BLE001 - gone, or not ours to inspect
         return None
     return pid
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    """The value of option ``name`` in a scaler's command line (``kotta up`` writes each
+    as two arguments, before the ``--`` that begins its nodes' arguments)."""
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    try:
+        return head[head.index(name) + 1]
+    except (ValueError, IndexError):
+        return None
 
 
 def stop_scalers(home: str | os.PathLike, queue: str | None = None,

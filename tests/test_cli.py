@@ -865,6 +865,41 @@ def test_down_waits_no_longer_than_its_timeout(enclave, enclave_dir, start_node)
                  what="the scaler to exit")
 
 
+def test_down_spares_another_enclaves_scaler_that_took_a_stale_pid_files_pid(enclave,
+                                                                            enclave_dir, tmp_path):
+    """A scaler pid file left behind (a reboot) whose pid is now another enclave's scaler,
+    or this enclave's scaler of another queue: `kotta down` stopped that scaler."""
+    import subprocess
+
+    from node.scaler import pid_file, read_pid, stop_scalers, write_pid
+
+    others = []
+    try:
+        for url, queue in ((f"embedded://{tmp_path / 'other'}", "test"),
+                           (enclave.url, "production")):
+            others.append(subprocess.Popen(  # (a stand-in: a scaler's command line)
+                [sys.executable, "-c", "import time; time.sleep(600)", "-m", "node.scaler",
+                 "--enclave", url, "--queue", queue, "--min", "0", "--max", "1"]))
+        wait_for(lambda: all("node.scaler" in psutil.Process(p.pid).cmdline()
+                             for p in others), what="the stand-ins to start")
+        for p in others:
+            write_pid(pid_file(enclave.home, "test"), p.pid, enclave.url)
+            assert read_pid(pid_file(enclave.home, "test")) is None
+            assert stop_scalers(enclave.home) == []
+            assert p.poll() is None
+        # its own scaler of the queue is found
+        write_pid(pid_file(enclave.home, "production"), others[1].pid, enclave.url)
+        assert read_pid(pid_file(enclave.home, "production")) == others[1].pid
+        r = kotta(enclave_dir, "down", "--timeout", "30")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert others[1].wait(GUARD) == -signal.SIGTERM
+        assert others[0].poll() is None
+    finally:
+        for p in others:
+            p.kill()
+            p.wait(GUARD)
+
+
 def test_up_elastic_whose_nodes_fail_to_start_says_so(enclave, _private_kotta_home):
     """Nodes that cannot start (an invalid queues.json, which the nodes read) make the
     scaler give up: `kotta up --min` said "the scaler failed to start", blaming the scaler
