@@ -708,3 +708,50 @@ def test_a_blob_that_cannot_be_deleted_does_not_keep_the_others(tmp_path):
         enclave.blobs.delete(keys)
     assert [p.name for p in (enclave.home / "blobs" / "ar").iterdir()] == ["args-b2"]
     enclave.close()
+
+
+# --------------------------------------------------------------------------------------
+# `kotta jobs` in an enclave kept for months (hundreds of thousands of finished jobs):
+# a listing by owner, by state, or both, reads only the rows it lists (an index), where
+# it read the whole job table, newest first, to find the few that match
+
+
+@pytest.mark.parametrize("filters", [
+    {"owner": "bob"}, {"state": "pending"}, {"owner": "bob", "state": "failed"},
+])
+def test_listing_jobs_by_owner_or_state_searches_an_index(tmp_path, filters):
+    e = EmbeddedEnclave(tmp_path / "enclave")
+    try:
+        jobs = [_new_job() for _ in range(30)]
+        e.jobs.create(jobs, enqueue=False)
+        e.jobs.finish([Finished(j.job_id, JobState.COMPLETED, b"r") for j in jobs[:20]])
+        conn = e._db.conn()
+        sent: list[str] = []
+        conn.set_trace_callback(sent.append)
+        try:
+            e.jobs.list(**filters, limit=5)
+        finally:
+            conn.set_trace_callback(None)
+        (select,) = [s for s in sent if s.startswith("SELECT")]
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + select)]
+        assert len(plan) == 1 and plan[0].startswith("SEARCH jobs USING INDEX"), plan
+    finally:
+        e.close()
+
+
+def test_an_enclave_made_before_the_job_indexes_gets_them(tmp_path):
+    """Opened by this version, an older enclave's job table gets the indexes `kotta jobs`
+    searches (made as the tables are: "IF NOT EXISTS", on every open)."""
+    import sqlite3
+
+    home = tmp_path / "old"
+    EmbeddedEnclave(home).close()
+    with sqlite3.connect(home / "kotta.db") as conn:
+        for name in ("jobs_owner", "jobs_state", "jobs_owner_state"):
+            conn.execute(f"DROP INDEX IF EXISTS {name}")
+    e = EmbeddedEnclave(home)
+    try:
+        names = {r[0] for r in e._db.read("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert {"jobs_owner", "jobs_state", "jobs_owner_state"} <= names
+    finally:
+        e.close()

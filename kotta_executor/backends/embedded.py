@@ -98,6 +98,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_ref TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created);
+-- `kotta jobs` by owner, state or both (EmbeddedJobs.list), newest first: without them a
+-- listing read the whole table, newest first, to find the few that match (seconds, from
+-- disk, in an enclave of a few hundred thousand finished jobs).  An enclave made before
+-- them gets them as it is opened (some seconds for a million jobs, once).
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
+CREATE INDEX IF NOT EXISTS jobs_owner_state ON jobs(owner, state, created);
 CREATE TABLE IF NOT EXISTS records (
     kind TEXT NOT NULL,
     key TEXT NOT NULL,
