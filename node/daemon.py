@@ -108,6 +108,8 @@ STRAY_BLOB_LOOK = 600.0
 #: dead client's queue would otherwise stay in the enclave for good; the job table holds
 #: what they said.  A day, as SQS keeps a reply queue's messages
 REPLY_AGE = 86400.0
+#: seconds between looks at the size of the enclave's log (Enclave.checkpoint_due)
+LOG_LOOK = 1.0
 #: seconds between looks for processes dead workers left (pool.Orphans); soon after a death
 ORPHAN_LOOK = 2.0
 ORPHAN_LOOK_SOON = 0.1
@@ -179,6 +181,7 @@ class Node:
         #: tasks read from the task inbox that a step could not record (it did not begin)
         self._unadopted: list[tuple[NewJob, dict]] = []
         self._last_upkeep = time.monotonic()
+        self._next_log_look = 0.0
         self._next_sample_check = 0.0
         self._last_kill_check = 0.0
         self._last_parent_check = 0.0
@@ -1702,6 +1705,13 @@ class Node:
             self._sample(now)
         period = max(0.2, min(10.0, self.config.visibility_timeout / 3))
         if now - self._last_upkeep < period:
+            # A burst of tiny tasks writes some 5 KB a task to the embedded enclave's log:
+            # checkpointed only every period, it grew to 300 MB in 10 s, and more on a
+            # faster machine.  Once it is over its size limit, it is checkpointed now.
+            if now >= self._next_log_look:
+                self._next_log_look = now + LOG_LOOK
+                if self.enclave.checkpoint_due():
+                    self.enclave.checkpoint()
             return
         self._last_upkeep = now
         # (looked at again at the next upkeep if that fails; meanwhile the watched

@@ -755,3 +755,35 @@ def test_an_enclave_made_before_the_job_indexes_gets_them(tmp_path):
         assert {"jobs_owner", "jobs_state", "jobs_owner_state"} <= names
     finally:
         e.close()
+
+
+# --------------------------------------------------------------------------------------
+# A burst of tiny tasks writes some 5 KB a task to the log (kotta.db-wal): a node that
+# checkpointed it only every upkeep period (10 s) let it grow to hundreds of MB; one over
+# its size limit is checkpointed at once, and the next write cuts it back
+
+
+def test_a_node_checkpoints_a_log_over_its_limit_before_its_upkeep_is_due(
+    tmp_path, monkeypatch
+):
+    from kotta_executor.backends import embedded
+    from node.daemon import Node, NodeConfig
+
+    monkeypatch.setattr(embedded, "WAL_SIZE_LIMIT", 1 << 20)
+    home = tmp_path / "enclave"
+    ours, writer = EmbeddedEnclave(home), EmbeddedEnclave(home)  # (two connections)
+    try:
+        # upkeep every 10 s (a third of the visibility timeout), the first 10 s from now
+        node = Node(ours, NodeConfig(queue="test", workers=1, visibility_timeout=30.0))
+        wal = home / "kotta.db-wal"
+        body = b"x" * (1 << 18)
+        for _ in range(8):
+            writer.queue.send("other", [Message("a" * 32, body)])
+        assert wal.stat().st_size > embedded.WAL_SIZE_LIMIT
+        node._upkeep()
+        # a write after a checkpoint that copied the whole log begins it anew, cut back
+        writer.queue.send("other", [Message("a" * 32, b"small")])
+        assert wal.stat().st_size <= embedded.WAL_SIZE_LIMIT
+    finally:
+        writer.close()
+        ours.close()

@@ -139,6 +139,8 @@ RESULT_INLINE_LIMIT = 1 << 20
 #: the write-ahead log shrinks back to this size once the database holds all of it (without
 #: a limit it keeps the largest size it ever had: gigabytes after a long-held read)
 WAL_SIZE_LIMIT = 64 << 20
+#: seconds a checkpoint of a log over that size waits for the write lock and the log's readers
+RESTART_WAIT = 0.05
 #: a write-ahead log this large that a checkpoint cannot copy whole is warned about
 WAL_WARN_SIZE = 256 << 20
 #: seconds between two such warnings
@@ -1461,7 +1463,20 @@ class EmbeddedEnclave(Enclave):
         """Copy the write-ahead log into the database (this is where SQLite fsyncs)."""
         with self._db.naming():
             conn = self._db.conn()
-            _, frames, copied = _retry(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if self.checkpoint_due():
+                # A log over its limit: RESTART waits (briefly) for the write lock and for
+                # the readers of the log to move on, so that the next write begins it anew
+                # and cuts it back.  A PASSIVE one copied it all, but while a client
+                # submitted a burst its writes came between that and the next write, which
+                # then went on at the log's end: 275 MB in 8 s, without bound.
+                conn.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
+                try:
+                    _, frames, copied = _retry(
+                        conn.execute, "PRAGMA wal_checkpoint(RESTART)").fetchone()
+                finally:
+                    conn.execute("PRAGMA busy_timeout=0")
+            else:
+                _, frames, copied = _retry(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         # A connection that holds a read transaction open keeps the log from being copied
         # past what it reads, and so from starting over: it grows with every write, for as
         # long as that lasts.  Nothing here can end it; whoever runs it can.
@@ -1477,6 +1492,16 @@ class EmbeddedEnclave(Enclave):
                 "it growing until that ends",
                 self.home / "kotta.db", size >> 20,
             )
+
+    def checkpoint_due(self) -> bool:
+        """The log file over WAL_SIZE_LIMIT: a checkpoint that copied it all, and the
+        next write that began it anew, cut it back to that size, so a larger one has grown
+        past it since (or a reader keeps it from being copied: then each look, once a
+        second, waits RESTART_WAIT for it in vain)."""
+        try:
+            return os.stat(self._db.path.with_name("kotta.db-wal")).st_size > WAL_SIZE_LIMIT
+        except OSError:  # none: every connection closed
+            return False
 
     def close(self) -> None:
         for name in ("_ring_sock", "_reply_sock"):
