@@ -98,13 +98,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     result_ref TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created);
--- `kotta jobs` by owner, state or both (EmbeddedJobs.list), newest first: without them a
--- listing read the whole table, newest first, to find the few that match (seconds, from
--- disk, in an enclave of a few hundred thousand finished jobs).  An enclave made before
--- them gets them as it is opened (some seconds for a million jobs, once).
+-- `kotta jobs` of one owner (EmbeddedJobs.list), newest first: without it a listing read
+-- the whole table, newest first, to find the few that match (seconds, from disk, in an
+-- enclave of a few hundred thousand finished jobs).  An enclave made before it gets it as
+-- it is opened (some seconds for a million jobs, once).  Not one on the state: every
+-- move of a job would write it, and SQLite took it, not the primary key, to find the
+-- jobs a node claims (every job in the states a claim moves from read at each claim:
+-- five times the cost, and more as the queue grew); --state alone reads the table
+-- newest first.
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, created);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created);
-CREATE INDEX IF NOT EXISTS jobs_owner_state ON jobs(owner, state, created);
 CREATE TABLE IF NOT EXISTS records (
     kind TEXT NOT NULL,
     key TEXT NOT NULL,
