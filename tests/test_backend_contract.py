@@ -622,6 +622,19 @@ def test_create_again_keeps_the_record_and_queues_the_task_again(backend):
                                    from_states=[JobState.PENDING]) == []
 
 
+def test_create_naming_a_job_twice_records_the_first(backend):
+    """One create() naming a job id twice: the first is recorded, and the second kept out,
+    as a create naming an id recorded already is (the AWS backend recorded the last)."""
+    first, second = new_job(owner="alice"), new_job(owner="mallory")
+    second.job_id, second.body = first.job_id, b"task:second"
+    backend.jobs.create([first, second])
+    r = backend.jobs.get(first.job_id)
+    assert (r.owner, r.state) == ("alice", JobState.PENDING)
+    assert [state for _, state, _ in backend.jobs.history(first.job_id)] == ["pending"]
+    # both tasks are queued, as a create of an id recorded already queues its task again
+    assert [d.body for d in received(backend, "work")] == [first.body, b"task:second"]
+
+
 def test_failed_call_inside_atomic_leaves_nothing_behind(backend, spec):
     if not spec.transactional:
         pytest.skip("atomic() groups nothing on this backend")

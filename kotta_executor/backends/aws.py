@@ -1413,7 +1413,12 @@ class DynamoJobs(_DynamoTable, JobTable):
                 "kill_requested": {"BOOL": False},
                 "history": {"L": [_event(created, JobState.PENDING, None)]},
             })
-        for chunk in _chunks(list({i["job_id"]["S"]: i for i in items}.values()), 100):
+        # one put an id (a transaction may not name an item twice), of its first job: a
+        # later one in the batch finds it recorded, as the embedded backend's does
+        firsts: dict[str, dict] = {}
+        for item in items:
+            firsts.setdefault(item["job_id"]["S"], item)
+        for chunk in _chunks(list(firsts.values()), 100):
             self._put_new(chunk)
         if not enqueue:
             return
