@@ -718,6 +718,21 @@ def test_transition_returns_exactly_the_ids_moved(backend):
     assert backend.jobs.transition([], JobState.PROCESSING) == []
 
 
+def test_transition_naming_a_job_twice_in_a_long_list_moves_it_once(backend):
+    """A job named twice in one transition() moves once, however long the list: on the
+    embedded backend, one 500 ids apart (in two of its statements) moved twice, a second
+    "processing" in its history, a second attempt, and its id returned twice."""
+    ids = [new_job().job_id for _ in range(500)]
+    backend.jobs.create([
+        NewJob(job_id=j, owner="alice", client="client-1", queue="work", fn="tests.tasks:add",
+               walltime=30.0, body=b"") for j in ids], enqueue=False)
+    moved = backend.jobs.transition([*ids, ids[0]], JobState.PROCESSING, node="n1")
+    assert sorted(moved) == sorted(ids)
+    r = backend.jobs.get(ids[0])
+    assert (r.state, r.attempts) == (JobState.PROCESSING, 1)
+    assert [s for _, s, _ in backend.jobs.history(ids[0])] == ["pending", "processing"]
+
+
 def test_transition_records_node_attempts_and_reason(backend):
     [job_id] = create(backend)
     assert backend.jobs.transition([job_id], JobState.PROCESSING, node="n1") == [job_id]

@@ -687,7 +687,9 @@ class EmbeddedJobs(JobTable):
         attempt = "1" if new is JobState.STAGING_INPUTS else "(state<>'staging_inputs')"
         event = _event(now, new, reason or node)
         with self._db.tx() as c:
-            for chunk in _chunks(list(job_ids)):
+            # each id once: one named again in a later chunk would move again (a job in
+            # processing, say, to processing: a second attempt, a second history line)
+            for chunk in _chunks(list(dict.fromkeys(job_ids))):
                 sql = (
                     f"UPDATE jobs SET state=?, updated=?, reason=coalesce(?, reason), history=history||?"
                     f"{f', node=?, attempts=attempts+{attempt}, started=?' if started else ''}"
