@@ -327,6 +327,26 @@ def test_hand_back_makes_a_message_visible_at_once_taking_the_receive_back_where
     assert [m.receive_count for m in received(backend, "q")] == [count + (not spec.uncounts)]
 
 
+def test_a_delivery_handed_back_twice_takes_back_one_receive(backend, spec):
+    """hand_back takes back the receive of the delivery handed back, once: handed back
+    again (or once released), it took back another, an earlier one, and a message
+    delivered twice counted none (``--max-deliveries`` never reached)."""
+    backend.queue.send("q", messages("a"))
+    [first] = received(backend, "q")
+    backend.queue.release([first])
+    [second] = received(backend, "q")
+    assert second.receive_count == 2
+    backend.queue.hand_back([second])
+    backend.queue.hand_back([second])
+    backend.queue.hand_back([second, second])
+    [third] = received(backend, "q")
+    assert third.receive_count == (2 if spec.uncounts else 3)
+    backend.queue.release([third])
+    backend.queue.hand_back([third])  # a released delivery's receive stays counted
+    assert [d.receive_count for d in received(backend, "q")] == [
+        3 if spec.uncounts else 4]
+
+
 def test_each_delivery_of_a_message_names_the_message(backend):
     """``message_id``: the same in every delivery of one message, another for another
     message, even of the same job (a node tells a message it holds, come again, from a

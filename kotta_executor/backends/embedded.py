@@ -506,9 +506,12 @@ class EmbeddedQueue(TaskQueue):
         )
 
     def hand_back(self, deliveries):
+        # only while held (a holder): a delivery handed back again, or released, must not
+        # take back the receive of an earlier delivery too
         self._by_receipt(
             "UPDATE messages SET visible_at=0, holder=NULL,"
-            " receive_count=max(receive_count-1, 0) WHERE id=? AND receipt=?", deliveries
+            " receive_count=max(receive_count-1, 0) WHERE id=? AND receipt=?"
+            " AND holder IS NOT NULL", deliveries
         )
 
     def ack(self, deliveries):
