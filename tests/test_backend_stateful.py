@@ -36,6 +36,8 @@ from kotta_executor.states import ACTIVE, FINAL, KILLABLE, JobState, allowed, so
 
 #: a visibility timeout no test outlives
 LONG = 600.0
+#: more than the largest result a backend keeps inline
+LARGE = (1 << 20) + 17
 STATES = list(JobState)
 
 
@@ -65,6 +67,8 @@ class MsgModel:
     #: backend name -> the Delivery whose receipt is current (None: never received)
     current: dict
     visible: bool = True
+    #: held by a receiver (received, and neither released nor handed back since)
+    holding: bool = False
     gone: str | None = None  # "acked" / "dead"
 
 
@@ -174,7 +178,10 @@ class BackendMachine(RuleBasedStateMachine):
         results = []
         for i, (pick, state, reason, usage) in enumerate(batch):
             job_id = uuid.uuid4().hex if pick is None else self.pick_job(pick)
-            results.append((job_id, state, reason, f"r{self.seq}.{i}".encode() if i else b"", usage))
+            result = f"r{self.seq}.{i}".encode() if i else b""
+            if i == 3:  # more than a backend keeps in its record: a blob of its own
+                result = result.ljust(LARGE, b".")
+            results.append((job_id, state, reason, result, usage))
         self.seq += 1
         recorded = []
         seen = set()
@@ -231,6 +238,30 @@ class BackendMachine(RuleBasedStateMachine):
             self.jobs.pop(j, None)
             self.deleted.add(j)
 
+    @precondition(lambda self: set(self.enclaves) == {"embedded"})
+    @rule(held=st.booleans(), again=st.none() | st.integers(0, 99))
+    def adopt(self, held, again):
+        """A handed-off task (the embedded enclave only): its job recorded, and its message
+        queued or held by the node that took it, unless the job is recorded already."""
+        job_id = uuid.uuid4().hex if again is None or not self.jobs else self.pick_job(again)
+        body = f"{job_id}:{len(self.msgs)}:adopted".encode()
+        e = self.enclaves["embedded"]
+        d = e.adopt(NewJob(job_id, self.owners[0], "c1", self.queue, "tests.tasks:add", 30.0,
+                           body), LONG, "node-1" if held else None)
+        if job_id in self.jobs:
+            assert d is None
+            return
+        self.jobs[job_id] = JobModel(self.owners[0], self.queue, self.seq)
+        self.seq += 1
+        m = MsgModel(len(self.msgs), job_id, body, {"embedded": 0}, {"embedded": None})
+        self.msgs.append(m)
+        if held:
+            assert (d.job_id, d.body, d.receive_count) == (job_id, body, 1)
+            m.counts["embedded"], m.current["embedded"], m.visible = 1, d, False
+            m.holding = True
+        else:
+            assert d is None
+
     # -- the queue
 
     @rule(k=st.integers(1, 4), vt=st.sampled_from([LONG, 0.0]))
@@ -250,7 +281,7 @@ class BackendMachine(RuleBasedStateMachine):
                     self.stale.append((name, m.current[name]))
                 m.current[name] = d
         for m in visible:
-            m.visible = vt == 0
+            m.visible, m.holding = vt == 0, True
 
     @precondition(lambda self: self.held())
     @rule(i=st.integers(0, 99),
@@ -266,8 +297,8 @@ class BackendMachine(RuleBasedStateMachine):
                 e.queue.release([d])
             elif op == "hand_back":
                 e.queue.hand_back([d])
-                if isinstance(e, EmbeddedEnclave):  # SQS cannot take a receive back
-                    m.counts[name] = max(0, m.counts[name] - 1)
+                if isinstance(e, EmbeddedEnclave) and m.holding:  # SQS cannot take a
+                    m.counts[name] = max(0, m.counts[name] - 1)  # receive back
             elif op == "extend":
                 e.queue.extend([d], LONG)
             elif op == "extend0":
@@ -275,6 +306,8 @@ class BackendMachine(RuleBasedStateMachine):
             else:
                 e.queue.dead_letter([d], f"dead {m.mid}")
                 self.dead[name].append((m.job_id, m.counts[name], f"dead {m.mid}"))
+        if op in ("release", "hand_back"):
+            m.holding = False
         if op == "ack":
             m.gone = "acked"
         elif op == "dead":
