@@ -980,7 +980,10 @@ class KottaExecutor(Executor):
 
     def _wait_for(self, bell) -> tuple[list, float]:
         """What the manager waits on next, and for how long at most."""
-        timeout = 0.5 if self._futures or self._outbox else 2.0
+        # idle too, no longer than a look: a lone submit is sent from the caller's thread
+        # (_send_now) without waking us, and its running() waited for the end of a
+        # longer sleep (up to 2 s after the job started)
+        timeout = RUNNING_LOOK
         if self._attached:
             timeout = min(timeout, ATTACH_POLL)
         if self._outbox or self._deps.ready:
