@@ -77,8 +77,15 @@ class Connection:
 
     def close(self) -> None:
         with self._lock:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
+            ex = self._executor
+        if ex is None:
+            return
+        # not under the lock: a done-callback (run by the executor's manager thread, which
+        # this waits for) that calls a decorated function would wait for it, and close()
+        # for ever; such a call makes a new executor, as any call after close() does
+        ex.shutdown(wait=True)
+        with self._lock:
+            if self._executor is ex:
                 self._executor = None
 
     def __reduce__(self):

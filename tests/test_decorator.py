@@ -362,6 +362,31 @@ def test_close_shuts_the_connection_down(enclave_dir, enclave):
         ex.submit(tasks.noop)
 
 
+def test_a_done_callback_calling_a_decorated_function_while_close_waits(konn, tmp_path):
+    """close() held the connection's lock while its executor's shutdown waited for the
+    jobs; a done-callback (run by the executor's manager thread) that called a decorated
+    function waited for that lock, and the manager for the callback: close() never
+    returned.  Now the callback's call goes to a new executor, as any call after close()
+    does, and close() returns once the old one's jobs are done."""
+    started, release = tmp_path / "started", tmp_path / "release"
+    step = kottajob(konn, "test", 5, block=False)(tasks.square)
+    hold = kottajob(konn, "test", 5, block=False)(tasks.touch_then_wait)
+    old = konn.executor
+    got: list = []
+    first = hold(str(started), str(release))
+    first.add_done_callback(lambda f: got.append(step(3)))
+    wait_for(started.exists, what="the first task to start")
+    closer = threading.Thread(target=konn.close)
+    closer.start()
+    wait_for(lambda: old._shutdown, what="close() to shut the executor down")
+    tasks.release(release, "released")
+    closer.join(GUARD)
+    assert not closer.is_alive(), "close() never returned"
+    assert first.result(timeout=GUARD) == "released"
+    assert got[0].result(timeout=GUARD) == 9
+    assert konn._executor is not old
+
+
 def test_a_misspelt_executor_option_fails_at_connect():
     with pytest.raises(TypeError, match="workers"):
         kotta_executor.connect(workers=2)
