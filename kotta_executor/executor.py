@@ -316,6 +316,7 @@ class KottaExecutor(Executor):
         self._cancelling_all = False
         self._broken: BrokenEnclave | None = None
         self._wake = _Wake()  # the manager's wake-up pipe
+        self._weak_self = weakref.ref(self)  # what its done futures hold (one for them all)
         self._manager: threading.Thread | None = None
         self._manager_done = threading.Event()  # set as its manager thread ends
         self._nodes: dict[str, subprocess.Popen] = {}

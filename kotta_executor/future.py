@@ -10,10 +10,12 @@ then.
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any
 
+from .errors import TaskKilled
 from .states import JobState
 
 if TYPE_CHECKING:
@@ -45,7 +47,27 @@ class KottaFuture(Future):
         self._waiters = []
         self._done_callbacks = []
         self.job_id = job_id
-        self._executor = executor
+        self._owner: KottaExecutor | weakref.ref = executor  # weak once done (_invoke_callbacks)
+
+    @property
+    def _executor(self) -> KottaExecutor | None:
+        """The executor of the job; None once the future is done and the executor was
+        collected."""
+        owner = self._owner
+        return owner() if isinstance(owner, weakref.ref) else owner
+
+    def _invoke_callbacks(self) -> None:
+        # Done (the stdlib calls this as a future finishes or is cancelled): the executor
+        # is held weakly from now on, as a ProcessPoolExecutor's future does not hold its
+        # executor at all.  Else a list of results kept (a notebook's) kept a dropped
+        # executor, and the node and workers it started, alive with it.
+        owner = self._owner
+        if not isinstance(owner, weakref.ref):
+            self._owner = owner._weak_self
+        super()._invoke_callbacks()
+        # called once: let go of them (a task waiting for this future has its executor's
+        # in its callback, which held the executor as the future did)
+        self._done_callbacks = []
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
@@ -81,7 +103,8 @@ class KottaFuture(Future):
                 return True
             if self._state in (RUNNING, FINISHED):
                 return False
-        if not self._executor._cancel_jobs([self.job_id]) and not self._cancelled_by_another():
+            ex = self._executor  # (held, for the calls below: it is weak once done)
+        if not ex._cancel_jobs([self.job_id]) and not self._cancelled_by_another(ex):
             # a node has started it: running() is True once cancel() said so, as for the
             # stdlib's futures (the manager might learn it only later)
             self._mark_running()
@@ -89,11 +112,11 @@ class KottaFuture(Future):
         self._cancel_and_notify()
         return True
 
-    def _cancelled_by_another(self) -> bool:
+    def _cancelled_by_another(self, ex: KottaExecutor) -> bool:
         """Whether the job is recorded cancelled, and never ran: another thread's cancel
         (``shutdown(cancel_futures=True)``, say) recorded it just before this one looked,
         and is about to mark this future."""
-        job = self._executor._enclave.jobs.get(self.job_id)
+        job = ex._enclave.jobs.get(self.job_id)
         return job is not None and job.state == JobState.CANCELLED and job.started is None
 
     def _cancel_and_notify(self) -> bool:
@@ -124,16 +147,22 @@ class KottaFuture(Future):
         Returns False if the job had already finished, or has run and is uploading its
         outputs (``staging_outputs``): it completes.
         """
-        if self.done():
+        ex = self._executor  # (held, for the call below: it is weak once done)
+        if ex is None or self.done():
             return False
         if self.cancel():
             return True
-        return self._executor._kill_job(self.job_id)
+        return ex._kill_job(self.job_id)
 
     def status(self) -> str:
         """The job's state in the enclave: pending, staging_inputs, processing,
         staging_outputs, completed, failed or cancelled."""
-        return self._executor._job_status(self)
+        ex = self._executor
+        if ex is None:  # done, and its executor collected: the future knows how it ended
+            if self.cancelled() or isinstance(self.exception(), TaskKilled):
+                return str(JobState.CANCELLED)
+            return str(JobState.FAILED if self.exception() is not None else JobState.COMPLETED)
+        return ex._job_status(self)
 
     def usage(self) -> dict[str, Any] | None:
         """Resources the job used, once it is done: ``start`` and ``end`` (epoch seconds),

@@ -121,6 +121,42 @@ def test_an_executor_dropped_without_shutdown_stops_its_manager_and_nodes(enclav
         del left
 
 
+def test_an_executor_dropped_while_its_done_futures_are_kept_stops_its_nodes(enclave_dir):
+    """A ProcessPoolExecutor's futures do not hold it: dropped, it is collected (its
+    workers end) while its results are kept.  A KottaFuture held its executor, so a
+    program that kept the futures of an executor it dropped (a list of results in a
+    notebook) kept the executor, its manager thread, its local node and that node's
+    workers alive as long as it kept them.  A done future holds its executor weakly; it
+    still says how its job ended."""
+    ex = KottaExecutor(2, enclave=enclave_dir)
+    fs = [ex.submit(tasks.square, i) for i in range(4)]
+    killed = ex.submit(tasks.sleep_and_return, 60)
+    cancelled = ex.submit(tasks.add, killed, 1)  # (never sent while killed runs)
+    assert [f.result(timeout=GUARD) for f in fs] == [0, 1, 4, 9]
+    wait_for(killed.running, what="the task to be killed to run")
+    assert cancelled.cancel() and killed.kill()
+    cf.wait([killed], timeout=GUARD)
+    manager, nodes = ex._manager, list(ex._nodes.values())
+    wr = weakref.ref(ex)
+    del ex
+    try:
+        wait_for(lambda: (gc.collect(), wr() is None)[1],
+                 what="the executor to be collected (not held by its done futures)")
+        manager.join(GUARD)
+        assert not manager.is_alive()
+        for proc in nodes:
+            assert proc.wait(GUARD) is not None
+    finally:
+        left = wr()
+        if left is not None:
+            left.shutdown(wait=True)
+        del left
+    assert [f.result() for f in fs] == [0, 1, 4, 9]
+    assert [f.status() for f in (fs[0], killed, cancelled)] == [
+        "completed", "cancelled", "cancelled"]
+    assert not fs[0].cancel() and not fs[0].kill() and cancelled.cancel()
+
+
 def test_initializer_runs_once_in_each_worker_before_its_tasks(make_executor):
     """InitializerMixin.test_initializer: ``initializer(*initargs)`` runs in each worker
     process before the tasks it runs, once per process."""
