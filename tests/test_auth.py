@@ -205,6 +205,30 @@ def test_forged_envelopes_are_rejected_dead_lettered_and_audited(
     assert enclave.queue.depth("test") == 0
 
 
+def test_a_task_of_an_earlier_client_unsigned_wire_format_1_is_refused_naming_the_version(
+    start_node, make_executor, enclave
+):
+    """A client of a kotta-executor from before signed tasks writes envelopes of version 1,
+    unsigned.  The node's refusal says so, and what to do: "not signed (no access token)"
+    alone read as a forgery or a lost token, not as a client to upgrade."""
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 3)
+    taken = _steal(enclave, [f.job_id])
+    enclave.queue.ack(taken.values())
+    env = wire.decode(taken[f.job_id].body)
+    env.sections.pop(wire.MAC_SECTION)
+    head = {k: v for k, v in env.header.items() if k not in ("auth", "python")}
+    old = bytearray(wire.encode(head, env.sections))
+    old[len(wire.MAGIC)] = 1  # the version byte: the layout of version 1 is the same
+    enclave.queue.send("test", [Message(f.job_id, bytes(old))])
+    start_node(workers=1)
+    with pytest.raises(TaskRejected, match="not signed") as info:
+        f.result(GUARD)
+    assert "wire format version 1" in str(info.value)
+    assert "upgrade the client" in str(info.value) and "submit it again" in str(info.value)
+    _rejected(enclave, f.job_id, current_user(), "earlier kotta-executor")
+
+
 # ---------------------------------------------------------------------- 2. replays
 
 

@@ -321,6 +321,14 @@ class Verifier:
         refused however the task dates itself."""
         token_id = header.get("auth")
         if not isinstance(token_id, str):
+            if data[len(wire.MAGIC)] < 2:  # the envelope's version byte (peek_header read it)
+                # a client from before signed tasks: "not signed" alone read as a forgery
+                # or a lost token, not as a client to upgrade
+                raise AuthenticationError(
+                    "the task is not signed (no access token): it is of wire format version 1,"
+                    " from a client of an earlier kotta-executor, before signed tasks (or"
+                    " queued before an upgrade); upgrade the client's kotta-executor to the"
+                    " nodes' version and submit it again")
             raise AuthenticationError("the task is not signed (no access token)")
         known = self._tokens.get(token_id)
         if known is None:
