@@ -1035,11 +1035,15 @@ class ExceptionBox:
             self.context = root
 
     def __getstate__(self):
-        # (no "members" but for a group: a client of an earlier version, which has no such
-        # slot, still reads every other exception)
+        # (no "members" but for a group, no "dropped" but for a traceback cut short: a
+        # client of an earlier version, which has no such slot, still reads every other
+        # exception; one from before "dropped" failed every exception's result with
+        # SerializationError "'ExceptionBox' object has no attribute 'dropped'")
         state = {k: getattr(self, k) for k in self.__slots__}
         if state["members"] is None:
             del state["members"]
+        if not state["dropped"]:
+            del state["dropped"]
         return state
 
     def __setstate__(self, state):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import operator
 import os
@@ -1136,6 +1137,50 @@ def test_remote_error_keeps_a_chained_traceback() -> None:
     assert "ZeroDivisionError" in loaded.remote_traceback
     assert "remote_divide" in loaded.remote_traceback
     assert "direct cause" in loaded.remote_traceback
+
+
+class _EarlierBox:
+    """wire.ExceptionBox as a client of an earlier version has it: no "dropped" slot (a
+    traceback cut short, 5e94cb8) and no "members" (a group's, 758dfa4); it sets every
+    key of the state it is given."""
+
+    __slots__ = ("exc", "tb", "cause", "context", "suppress")
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class _EarlierClient(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("kotta_executor.wire", "ExceptionBox"):
+            return _EarlierBox
+        return super().find_class(module, name)
+
+
+def test_an_exception_with_a_short_traceback_is_read_by_a_client_of_an_earlier_version() -> None:
+    """A node of this version replying to a client from before "dropped": every exception
+    the client's task raised came back as SerializationError "'ExceptionBox' object has no
+    attribute 'dropped'" (rolling upgrades: nodes first, clients later)."""
+    def fail() -> None:
+        try:
+            remote_divide(1, 0)
+        except ZeroDivisionError:
+            raise KeyError("k") from None
+
+    box = wire.prepare_exception(capture(fail))
+    earlier = _EarlierClient(io.BytesIO(pickle.dumps(box))).load()
+    assert earlier.exc.exc.args == ("k",) and earlier.suppress is True
+    assert earlier.context is not None and earlier.tb is not None
+    # a traceback cut short still says so, to a client that can read it
+    deep = wire.prepare_exception(capture(_recurse, wire.TRACEBACK_FRAMES + 50))
+    assert pickle.loads(pickle.dumps(deep)).dropped > 0
+
+
+def _recurse(n: int) -> None:
+    if n:
+        _recurse(n - 1)
+    raise ValueError("deep")
 
 
 def test_prepare_exception_returns_the_exception_when_it_can_travel() -> None:
