@@ -301,6 +301,14 @@ def decode_checked(data: bytes) -> Envelope:
     return _envelope(data, orjson.loads(memoryview(data)[_PREFIX.size : pos]), pos)
 
 
+def newer_version(data: bytes | memoryview) -> int | None:
+    """The version of an envelope too new for this kotta-executor to read (None: not one)."""
+    if len(data) < _PREFIX.size or bytes(data[: len(MAGIC)]) != MAGIC:
+        return None
+    version = data[len(MAGIC)]
+    return version if version > VERSION else None
+
+
 def peek_header(data: bytes | memoryview) -> dict[str, Any]:
     """The validated header of an envelope, without copying its sections out (nodes)."""
     header, _ = _parse(data if isinstance(data, bytes) else bytes(data))
@@ -317,8 +325,9 @@ def _parse(data: bytes) -> tuple[dict[str, Any], int]:
         raise errors.EnvelopeError("not a kotta envelope: bad magic bytes")
     if version not in READABLE_VERSIONS:
         raise errors.EnvelopeError(
-            f"unsupported envelope version {version} (this kotta-executor reads "
-            f"{', '.join(map(str, READABLE_VERSIONS))})"
+            f"unsupported envelope version {version}"
+            f"{', from a newer kotta-executor' if version > VERSION else ''} (this "
+            f"kotta-executor reads {', '.join(map(str, READABLE_VERSIONS))})"
         )
     if hlen > MAX_HEADER or _PREFIX.size + hlen > len(data):
         raise errors.EnvelopeError("truncated kotta envelope: header runs past the end")

@@ -1149,6 +1149,15 @@ class Node:
                 if header["kind"] != "task" or header["job_id"] != d.job_id:
                     raise EnvelopeError("the message is not the task of the job it names")
             except (EnvelopeError, KeyError, ValueError) as exc:
+                if (version := wire.newer_version(d.body)) is not None:
+                    # a client upgraded before this node: not damage in transit, as
+                    # "corrupt" said, but a node to upgrade
+                    self._reject(d, "TaskRejected", (
+                        f"job {d.job_id} was refused by the node {self.node_id}: its task is"
+                        f" of wire format version {version}, from a newer kotta-executor"
+                        f" than the node's (which reads {', '.join(map(str, wire.READABLE_VERSIONS))});"
+                        f" upgrade the node's kotta-executor to the client's version"))
+                    return
                 self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}")
                 return
         try:  # who sent it: the signature over the whole envelope, the token behind it

@@ -229,6 +229,29 @@ def test_a_task_of_an_earlier_client_unsigned_wire_format_1_is_refused_naming_th
     _rejected(enclave, f.job_id, current_user(), "earlier kotta-executor")
 
 
+def test_a_task_of_a_later_wire_format_is_refused_naming_a_newer_client(
+    start_node, make_executor, enclave
+):
+    """A client upgraded before the nodes (a later wire format): its task failed as a
+    "corrupt task message", which read as damage in transit, not as a node to upgrade."""
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 3)
+    taken = _steal(enclave, [f.job_id])
+    enclave.queue.ack(taken.values())
+    newer = bytearray(taken[f.job_id].body)
+    newer[len(wire.MAGIC)] = wire.VERSION + 1
+    enclave.queue.send("test", [Message(f.job_id, bytes(newer))])
+    node = start_node(workers=1)
+    with pytest.raises(TaskRejected, match="newer kotta-executor") as info:
+        f.result(GUARD)
+    assert f"version {wire.VERSION + 1}" in str(info.value)
+    assert "corrupt" not in str(info.value)
+    assert "upgrade the node" in str(info.value)
+    assert node.proc.poll() is None
+    [dead] = enclave.queue.dead_letters("test")
+    assert dead["job_id"] == f.job_id and "newer kotta-executor" in dead["reason"]
+
+
 # ---------------------------------------------------------------------- 2. replays
 
 
