@@ -1341,7 +1341,18 @@ class KottaExecutor(Executor):
                 f.set_exception(exc)
 
     def _fill(self, f: KottaFuture, job_id: str, body: bytes) -> None:
-        env = wire.decode(body)
+        try:
+            env = wire.decode(body)
+        except EnvelopeError:
+            if (version := wire.newer_version(body)) is None:
+                raise
+            # a node upgraded before this client: say whose result, and what to do
+            raise EnvelopeError(
+                f"the result of job {job_id} is of wire format version {version}, from a node"
+                f" of a newer kotta-executor (this one reads"
+                f" {', '.join(map(str, wire.READABLE_VERSIONS))}): upgrade this client's"
+                f" kotta-executor to the nodes' version; `kotta status {job_id}` shows how"
+                f" the job ended") from None
         outcomes = wire.outcomes(env)
         f.stdout = env.text("stdout")
         f.stderr = env.text("stderr")

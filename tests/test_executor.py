@@ -1098,6 +1098,31 @@ def test_attach_to_a_finished_job(executor, make_executor):
         other.attach(bad.job_id).result(timeout=GUARD)
 
 
+def test_a_result_of_a_later_wire_format_names_the_job_and_a_client_to_upgrade(
+    executor, make_executor, enclave_dir
+):
+    """A node upgraded before its clients writes results of a later wire format: the
+    future raised EnvelopeError "unsupported envelope version 3 (this kotta-executor reads
+    1, 2)", naming neither the job nor what to do."""
+    import sqlite3
+
+    from kotta_executor import wire
+    from kotta_executor.errors import EnvelopeError
+
+    f = executor.submit(tasks.square, 12)
+    assert f.result(timeout=GUARD) == 144
+    with sqlite3.connect(enclave_dir / "kotta.db") as db:  # as a newer node would write it
+        (body,) = db.execute("SELECT result FROM jobs WHERE job_id=?", (f.job_id,)).fetchone()
+        newer = bytes([*body[:len(wire.MAGIC)], wire.VERSION + 1]) + body[len(wire.MAGIC) + 1:]
+        db.execute("UPDATE jobs SET result=? WHERE job_id=?", (newer, f.job_id))
+    other = make_executor(1, start_node=False)
+    with pytest.raises(EnvelopeError) as info:
+        other.attach(f.job_id).result(timeout=GUARD)
+    message = str(info.value)
+    assert f.job_id in message and f"version {wire.VERSION + 1}" in message
+    assert "newer kotta-executor" in message and "upgrade this client" in message
+
+
 def test_attach_to_a_running_job(executor, make_executor, gate):
     f, started = gate.submit_blocking(executor)
     wait_started(started)
