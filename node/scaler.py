@@ -81,7 +81,8 @@ def read_pid(path: Path) -> int | None:
     which `kotta down` then stopped instead.  (A file without the enclave, written by an
     earlier version, is taken on the process's being a scaler alone.)"""
     try:
-        lines = path.read_text().split()
+        # by line: the enclave's path may hold spaces ("my projects")
+        lines = path.read_text().splitlines()
         pid = int(lines[0])
     except (OSError, ValueError, IndexError):
         return None

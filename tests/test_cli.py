@@ -940,3 +940,30 @@ def test_down_whose_scaler_takes_all_its_timeout_still_sees_its_nodes_stop(
         with contextlib.suppress(ProcessLookupError):
             os.kill(scaler, signal.SIGCONT)
         wait_for(lambda: read_pid(pid_file(enclave.home, "test")) is None, what="the scaler to exit")
+
+
+def test_down_stops_the_scaler_of_an_enclave_whose_path_has_a_space(tmp_path):
+    """The pid file names the scaler's enclave; read back split at every space, the
+    enclave of a path with a space ("~/my projects/enclave") never matched the scaler's
+    command line: `kotta down` removed the pid file and left the scaler running (starting
+    nodes), and `kotta up` started a second one."""
+    import subprocess
+
+    from node.scaler import pid_file, read_pid, stop_scalers, write_pid
+
+    home = tmp_path / "my projects" / "enclave"
+    home.mkdir(parents=True)
+    url = f"embedded://{home}"
+    p = subprocess.Popen(  # (a stand-in: a scaler's command line)
+        [sys.executable, "-c", "import time; time.sleep(600)", "-m", "node.scaler",
+         "--enclave", url, "--queue", "test", "--min", "0", "--max", "1"])
+    try:
+        wait_for(lambda: "node.scaler" in psutil.Process(p.pid).cmdline(),
+                 what="the stand-in to start")
+        write_pid(pid_file(home, "test"), p.pid, url)
+        assert read_pid(pid_file(home, "test")) == p.pid
+        assert stop_scalers(home, timeout=GUARD) == [("test", p.pid, True)]
+        assert p.wait(GUARD) == -signal.SIGTERM
+    finally:
+        p.kill()
+        p.wait(GUARD)
