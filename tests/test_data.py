@@ -420,7 +420,7 @@ def test_assume_owner_role_on_moto(aws):
     assert {"AccessKeyId", "SecretAccessKey", "SessionToken"} <= set(creds)
     [call] = calls
     assert call["RoleArn"] == f"arn:aws:iam::123456789012:role/{aws.role}"
-    assert call["RoleSessionName"] == "kotta-0123456789abcdef"
+    assert call["RoleSessionName"] == "kotta-0123456789abcdef0123"
     assert call["SourceIdentity"] == "alice"
     assert call["DurationSeconds"] == 900
     assert json.loads(call["Policy"]) == session_policy(
@@ -428,6 +428,28 @@ def test_assume_owner_role_on_moto(aws):
     )
     with pytest.raises(ConfigurationError, match="invalid role name"):
         data.assume_owner_role(e, user="alice", role="../admin", job_id="j", reads=[], writes=[])
+
+
+def test_assume_owner_role_names_the_session_after_the_whole_job_id(aws):
+    """The session (what CloudTrail records the task's reads under) was named after the
+    job id's first 16 digits: random, they told jobs apart, but a job id now begins with
+    its submit time in milliseconds (12 digits), so two jobs of one burst had one session
+    name in 65536, and every job of a millisecond nearly the same."""
+    e, bucket = aws.enclave, aws.bucket
+    names = []
+
+    def record(params, **_):
+        names.append(params["RoleSessionName"])
+
+    ids = ["01a21ee42c8b0000" + "a" * 16, "01a21ee42c8b0000" + "b" * 16]
+    e.session.events.register("provide-client-params.sts.AssumeRole", record)
+    try:
+        for job_id in ids:
+            data.assume_owner_role(e, user="alice", role="alice", job_id=job_id,
+                                   reads=[f"s3://{bucket}/in/"], ttl=60)
+    finally:
+        e.session.events.unregister("provide-client-params.sts.AssumeRole", record)
+    assert names == [f"kotta-{job_id}" for job_id in ids]
 
 
 def test_s3_objects_round_trip_on_moto(aws, tmp_path, enforce_iam):

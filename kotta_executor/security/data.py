@@ -455,7 +455,9 @@ def assume_owner_role(
     account = sts.get_caller_identity()["Account"]
     resp = sts.assume_role(
         RoleArn=f"arn:aws:iam::{account}:role/{enclave.names.user_role_prefix}{role}",
-        RoleSessionName=f"kotta-{job_id[:16]}",
+        # the whole id (up to 64 characters are allowed): its first digits are its submit
+        # time, the same for every job of a burst
+        RoleSessionName=f"kotta-{job_id}",
         SourceIdentity=user,
         # a node assuming a user role is role chaining, which AWS caps at one hour
         DurationSeconds=min(MAX_CHAINED_SESSION, max(900, int(ttl))),
