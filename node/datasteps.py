@@ -158,7 +158,8 @@ class DataSteps:
         issued = time.time()
         store, env = self._tried(f"getting {user}'s data credentials", self._task_credentials,
                                  task)
-        workdir = Path(tempfile.mkdtemp(prefix=f"{job[:12]}-", dir=self.work))
+        workdir = Path(tempfile.mkdtemp(prefix=f"{job}-", dir=self.work))  # (the whole id: its
+        # first digits are its submit time, the same for every job of a burst)
 
         def audit(item: dict) -> None:  # each as it is read: a later one may fail
             self._tried(

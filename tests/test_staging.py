@@ -87,10 +87,13 @@ def test_inputs_are_staged_into_a_private_working_directory_with_scoped_credenti
 ):
     alice = make_executor(1, credentials=data.alice)
     ex = alice.with_options(inputs=[INPUT])
-    text, cwd, env = ex.submit(
+    f = ex.submit(
         tasks.read_staged_and_env, "1m_shuffled.txt", "KOTTA_DATA_CREDENTIAL", "KOTTA_OWNER"
-    ).result(GUARD)
+    )
+    text, cwd, env = f.result(GUARD)
     assert text == NUMBERS
+    # named after its whole job id (the first digits are the submit time: a burst's alike)
+    assert Path(cwd).name.startswith(f"{f.job_id}-")
     assert env["KOTTA_OWNER"] == "alice"
     cred = verify_credential(data.enclave, env["KOTTA_DATA_CREDENTIAL"])
     assert (cred.user, cred.read, cred.write) == ("alice", (INPUT,), ())
