@@ -1073,7 +1073,7 @@ class ExceptionBox:
         or, for a member of a group, the group's)."""
         if self.tb is not None:
             try:
-                exc = exc.with_traceback(Traceback.from_dict(self.tb).as_traceback())
+                exc = exc.with_traceback(_rebuilt_traceback(self.tb))
             except Exception:  # noqa: BLE001 - a traceback we cannot rebuild is not fatal
                 pass
         if self.dropped:
@@ -1127,6 +1127,43 @@ def _traceback_data(tb: types.TracebackType) -> tuple[dict, int]:
     if dropped:
         frames[_OUTER_FRAMES - 1].tb_next = frames[_OUTER_FRAMES + dropped]
     return head.to_dict(), dropped
+
+
+def _without_columns(code: types.CodeType) -> types.CodeType:
+    """``code`` with its line only, no columns: location entries of kind 13 ("no
+    columns", line delta 0), each for up to 8 code units (the format of Python 3.11 on)."""
+    units = len(code.co_code) // 2
+    return code.replace(co_linetable=bytes(
+        b for start in range(0, units, 8)
+        for b in (0x80 | 13 << 3 | min(8, units - start) - 1, 0)
+    ))
+
+
+_TRACEBACK_STUB = _without_columns(compile("raise __traceback_maker", "<string>", "exec"))
+
+
+def _rebuilt_traceback(data: dict) -> types.TracebackType | None:
+    """A remote traceback from tblib's dict, as tblib's ``as_traceback`` rebuilds it (each
+    frame runs a stub ``raise`` under the remote frame's file, line and name), but with a
+    stub that has no columns: Python 3.11+ took the stub's for the remote line's, and drew
+    carets (^^^) under the wrong part of it (tblib issue #76).  Without, it draws none."""
+    top = tb = None
+    current = Traceback.from_dict(data)
+    while current is not None:
+        f_code = current.tb_frame.f_code
+        code = _TRACEBACK_STUB.replace(co_firstlineno=current.tb_lineno,
+                                       co_filename=f_code.co_filename, co_name=f_code.co_name)
+        try:
+            exec(code, dict(current.tb_frame.f_globals), {})  # noqa: S102 - our stub
+        except NameError:  # (__traceback_maker: the frame is made)
+            next_tb = sys.exc_info()[2].tb_next
+            if top is None:
+                top = next_tb
+            if tb is not None:
+                tb.tb_next = next_tb
+            tb = next_tb
+        current = current.tb_next
+    return top
 
 
 def _chainable(exc: BaseException | None, seen: set[int]) -> bool:

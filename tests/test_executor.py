@@ -1242,6 +1242,26 @@ def test_remote_exception_type_message_traceback_and_note(executor):
         f.result()
 
 
+def test_a_remote_traceback_underlines_no_wrong_code(executor):
+    """A remote traceback of a map's item, as Python 3.11+ prints it, draws no carets
+    (^^^) under code that did not fail: rebuilt frames run a stub, whose columns are not
+    those of the remote line (they underlined "ise ValueError(f" of ``raise ...``)."""
+    it = executor.map(tasks.fail_on, [1, 2], [2, 2], timeout=GUARD)
+    assert next(it) == 10
+    with pytest.raises(ValueError, match="item 2 is bad") as info:
+        next(it)
+    lines = "".join(traceback.format_exception(info.value)).splitlines()
+    underlined = [
+        above[len(below) - len(below.lstrip()):len(below)].strip()
+        for above, below in zip(lines, lines[1:], strict=False)
+        if below.strip() and set(below.strip()) <= set("^~")
+    ]
+    last = lines.index("ValueError: item 2 is bad")
+    assert 'raise ValueError(f"item {x} is bad")' in lines[last - 1]  # the line, no carets
+    # what a local traceback would underline: the test's own next(it), the worker's call
+    assert set(underlined) <= {"next(it)", "fn(*args, **kwargs)"}, underlined
+
+
 def test_remote_exception_chain_and_local_exception_class(executor):
     f = executor.submit(tasks.chained)
     with pytest.raises(RuntimeError, match="outer failure") as info:
