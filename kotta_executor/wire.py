@@ -1073,7 +1073,9 @@ class ExceptionBox:
         or, for a member of a group, the group's)."""
         if self.tb is not None:
             try:
-                exc = exc.with_traceback(_rebuilt_traceback(self.tb))
+                exc = exc.with_traceback(_rebuilt_traceback(self.tb)
+                                         if _COLUMNS_KNOWN else
+                                         Traceback.from_dict(self.tb).as_traceback())
             except Exception:  # noqa: BLE001 - a traceback we cannot rebuild is not fatal
                 pass
         if self.dropped:
@@ -1139,7 +1141,11 @@ def _without_columns(code: types.CodeType) -> types.CodeType:
     ))
 
 
-_TRACEBACK_STUB = _without_columns(compile("raise __traceback_maker", "<string>", "exec"))
+#: the Pythons whose location table _without_columns writes (3.11 to 3.14); on a later
+#: one tblib's own stub is used, carets and all, rather than a table it may read otherwise
+_COLUMNS_KNOWN = (3, 11) <= sys.version_info[:2] <= (3, 14)
+_TRACEBACK_STUB = (_without_columns(compile("raise __traceback_maker", "<string>", "exec"))
+                   if _COLUMNS_KNOWN else None)
 
 
 def _rebuilt_traceback(data: dict) -> types.TracebackType | None:
