@@ -3,15 +3,27 @@
 Tiny tasks never meet this module: a task is first read ``sample_interval / 2`` after it
 started (a baseline of the tree's CPU counters, not recorded), then sampled once per
 ``sample_interval``: CPU% since the previous reading and RSS summed over the tree.
+
+A task keeps at most :data:`MAX_SAMPLES` samples, written whole to its job record at each
+one: a day-long task sampled every second would otherwise hold 86,400 of them, and the
+node would serialise and write megabytes a second, ever more as the task runs.  Once the
+evenly spaced samples kept number ``MAX_SAMPLES - 1``, every other one is dropped (the
+first is kept) and from then on one sample in two is kept, so their spacing doubles each
+time; the latest sample is always kept too, at the end of the list.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+
+#: the most samples a task keeps (see the module's docstring); odd when thinned, so the
+#: newest of the evenly spaced ones survives a thinning
+MAX_SAMPLES = 2000
 
 
 def read_tree(pid: int) -> tuple[float, int, int] | None:
@@ -50,6 +62,10 @@ class Monitor:
     first_cpu: float | None = None
     peak_rss: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)
+    taken: int = 0  # samples taken, kept or not
+    stride: int = 1  # one sample in ``stride`` is kept (plus the latest)
+    tail: bool = False  # whether samples[-1] is the latest, kept off the stride
+    wall: Callable[[], float] = time.time  # the clock of the samples' ``t``
 
     def __post_init__(self) -> None:
         self.due = self.started + self.interval / 2
@@ -68,20 +84,35 @@ class Monitor:
         elapsed = max(now - self.last_t, 1e-9)
         pct = max(0.0, (cpu - self.last_cpu) / elapsed * 100)
         self.last_cpu, self.last_t = cpu, now
-        self.samples.append(
-            {"t": round(time.time(), 3), "cpu_pct": round(pct, 1), "rss_kb": rss // 1024,
-             "procs": nprocs}
-        )
+        self._keep({"t": round(self.wall(), 3), "cpu_pct": round(pct, 1),
+                    "rss_kb": rss // 1024, "procs": nprocs})
         return True
+
+    def _keep(self, sample: dict[str, Any]) -> None:
+        """Add the latest sample, thinning the list to keep it under MAX_SAMPLES."""
+        if self.tail:  # the previous latest was kept only for being the latest
+            self.samples.pop()
+        self.tail = self.taken % self.stride != 0
+        self.taken += 1
+        self.samples.append(sample)
+        if not self.tail and len(self.samples) >= MAX_SAMPLES - 1:
+            # an odd count, the first and this one at the stride: both stay
+            self.samples = self.samples[::2]
+            self.stride *= 2
+
+    def _samples(self, out: dict[str, Any]) -> dict[str, Any]:
+        out["samples"] = list(self.samples)
+        if self.stride > 1:  # thinned: how many were taken (the AWS backend's key)
+            out["samples_downsampled_from"] = self.taken
+        return out
 
     def usage(self) -> dict[str, Any]:
         """Usage while the task runs (what the job record shows until the task ends)."""
-        return {"samples": list(self.samples), "peak_rss_kb": self.peak_rss // 1024}
+        return self._samples({"peak_rss_kb": self.peak_rss // 1024})
 
     def merge(self, usage: dict[str, Any] | None) -> dict[str, Any]:
         """The final usage: the worker's report, with samples, the tree's peak RSS and CPU."""
-        out = dict(usage or {})
-        out["samples"] = list(self.samples)
+        out = self._samples(dict(usage or {}))
         out["peak_rss_kb"] = max(out.get("peak_rss_kb", 0), self.peak_rss // 1024)
         if self.first_cpu is not None and self.last_cpu is not None:
             # CPU the tree used between baseline and last sample: a lower bound that also

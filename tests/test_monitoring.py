@@ -94,3 +94,31 @@ def test_a_task_its_worker_did_not_report_still_has_its_times(start_node, make_e
         assert u is not None and u["start"] <= u["end"], u
         assert u["end"] - u["start"] == pytest.approx(u["wall"], abs=0.01)
     assert over.usage()["wall"] >= 1.0
+
+
+def test_a_long_task_keeps_a_bounded_thinned_history_of_samples():
+    """A day of 1-second samples is not kept whole (nor written whole at each sample): at
+    most MAX_SAMPLES, evenly spaced, the first and the latest always among them."""
+    import os
+
+    from node.monitor import MAX_SAMPLES, Monitor
+
+    clock = [0.0]
+    m = Monitor(0.0, 1.0, wall=lambda: clock[0])  # a real reading of this process's tree
+    assert not m.read(os.getpid(), 0.5)  # the baseline
+    longest = 0
+    for i in range(1, 10_001):
+        clock[0] = float(i)
+        assert m.read(os.getpid(), 0.5 + i)
+        kept = m.samples
+        longest = max(longest, len(kept))
+        assert kept[0]["t"] == 1.0 and kept[-1]["t"] == float(i)  # the first and the latest
+        if i in (MAX_SAMPLES - 2, 5000, 7777, 10_000):
+            times = [s["t"] for s in m.usage()["samples"]]
+            grid = times[:-1] if (times[-1] - 1) % m.stride else times
+            assert {b - a for a, b in zip(grid, grid[1:])} == {float(m.stride)}, (i, m.stride)
+    assert longest <= MAX_SAMPLES
+    assert m.stride == 8  # 10,000 taken: every 8th kept (1,250 of them, with the latest)
+    u = m.merge({"cpu": 0.0, "wall": 10_000.5})
+    assert u["samples_downsampled_from"] == 10_000 and len(u["samples"]) == 1251
+    assert u["samples"] == m.usage()["samples"]

@@ -1241,8 +1241,8 @@ _ITEM_BASE = 16 * 1024
 def _bounded_usage(usage: dict | None, limit: int) -> str | None:
     """``usage`` as JSON, at most ``limit`` bytes, to share a 400 KB DynamoDB item.
 
-    A node's monitor takes a sample every interval and never trims the list, so a long
-    task's ``samples`` outgrow the item.  Over the limit, the samples are thinned evenly,
+    A node's monitor keeps up to 2,000 samples of a task (node/monitor.py), more than the
+    item has room for.  Over the limit, the samples are thinned evenly,
     the first and the last always kept, and ``samples_downsampled_from`` says how many
     there were; a usage that is still too large (no samples list, or other keys too
     large) is recorded as ``{"truncated": true}`` rather than failing the write."""
@@ -1254,11 +1254,12 @@ def _bounded_usage(usage: dict | None, limit: int) -> str | None:
     samples = usage.get("samples") if isinstance(usage, dict) else None
     if isinstance(samples, list) and len(samples) > 2:
         total = len(samples)
+        taken = usage.get("samples_downsampled_from", total)  # the node thinned them first
         keep = max(2, min(total - 1, int(total * limit / len(text))))
         while True:
             step = (total - 1) / (keep - 1)
             thinned = [samples[round(i * step)] for i in range(keep)]
-            text = json.dumps({**usage, "samples": thinned, "samples_downsampled_from": total})
+            text = json.dumps({**usage, "samples": thinned, "samples_downsampled_from": taken})
             if len(text) <= limit or keep == 2:
                 break
             keep = max(2, int(keep * 0.9))
