@@ -1191,6 +1191,23 @@ def test_attached_jobs_are_looked_at_a_window_at_a_time_and_all_resolve(
     assert other._attached == set()
 
 
+def test_attached_jobs_already_ended_settle_without_waiting_for_the_attach_poll(
+    executor, make_executor, monkeypatch
+):
+    """A session attaching to a finished sweep gets every result at once: a window of
+    attached jobs found mostly ended is followed by the next one at once, not ATTACH_POLL
+    later (here an hour; the 5-second reconcile, too, is made an hour)."""
+    fs = [executor.submit(tasks.square, i) for i in range(40)]
+    assert [f.result(timeout=GUARD) for f in fs] == [i * i for i in range(40)]
+    monkeypatch.setattr(executor_module, "ATTACH_WINDOW", 3)
+    monkeypatch.setattr(executor_module, "ATTACH_POLL", 3600.0)
+    monkeypatch.setattr(executor_module, "RECONCILE_AFTER", 3600.0)
+    other = make_executor(1, start_node=False)
+    attached = [other.attach(f.job_id) for f in fs]
+    assert [a.result(timeout=GUARD) for a in attached] == [i * i for i in range(40)]
+    assert other._attached == set()
+
+
 def test_job_cancelled_by_another_client_resolves_while_results_keep_coming(
     executor, make_executor, gate, enclave
 ):
