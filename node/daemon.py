@@ -110,6 +110,8 @@ STRAY_BLOB_LOOK = 600.0
 REPLY_AGE = 86400.0
 #: seconds between looks at the size of the enclave's log (Enclave.checkpoint_due)
 LOG_LOOK = 1.0
+#: seconds between looks at the output that running tasks hold on the node's disk
+CAPTURE_TRIM = 1.0
 #: seconds between looks for processes dead workers left (pool.Orphans); soon after a death
 ORPHAN_LOOK = 2.0
 ORPHAN_LOOK_SOON = 0.1
@@ -182,6 +184,7 @@ class Node:
         self._unadopted: list[tuple[NewJob, dict]] = []
         self._last_upkeep = time.monotonic()
         self._next_log_look = 0.0
+        self._next_capture_trim = 0.0
         self._next_sample_check = 0.0
         self._last_kill_check = 0.0
         self._last_parent_check = 0.0
@@ -1712,6 +1715,11 @@ class Node:
         now = time.monotonic()
         if now >= self._next_sample_check and self.config.sample_interval > 0:
             self._sample(now)
+        if now >= self._next_capture_trim:  # a long task's output: only its tail is kept
+            self._next_capture_trim = now + CAPTURE_TRIM
+            for w in self.workers:
+                if w.inflight:
+                    w.trim_output()
         period = max(0.2, min(10.0, self.config.visibility_timeout / 3))
         if now - self._last_upkeep < period:
             # A burst of tiny tasks writes some 5 KB a task to the embedded enclave's log:

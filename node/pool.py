@@ -35,6 +35,7 @@ from .worker import (
     pack_frame,
     read_capture,
     session_groups,
+    trim_capture,
 )
 
 log = logging.getLogger("kotta.node")
@@ -247,6 +248,15 @@ class Worker:
             return read_capture(self.out.fileno()), read_capture(self.err.fileno())
         except (OSError, ValueError):
             return b"", b""
+
+    def trim_output(self) -> None:
+        """Free the disk that the current task's output holds before the tail its result
+        carries (a long task that logs much: :func:`trim_capture`)."""
+        for f in (self.out, self.err):
+            try:
+                trim_capture(f.fileno())
+            except (OSError, ValueError):  # (housekeeping: the file stays whole)
+                pass
 
     def kill(self, error_type: str, message: str) -> None:
         """Soft signal to the whole process tree now; SIGKILL at ``kill_deadline``."""

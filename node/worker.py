@@ -52,6 +52,26 @@ def read_capture(fd: int, limit: int = CAPTURE_LIMIT) -> bytes:
     return b"[kotta: %d earlier bytes of output were dropped]\n" % (size - limit) + tail
 
 
+def trim_capture(fd: int, limit: int = CAPTURE_LIMIT) -> None:
+    """Free the disk blocks of a capture file before its last ``limit`` bytes, once it
+    holds more than twice that: a task that logs for hours kept all of it on the node's
+    disk while it ran (gigabytes, on a disk the enclave may share), though a result
+    carries the tail only.  The freed range becomes a hole: the file's size, the task's
+    write offset and the tail :func:`read_capture` reads stay as they were.  Linux only;
+    elsewhere, or on a file system without holes, the file stays whole."""
+    st = os.fstat(fd)
+    if _FALLOCATE is None or st.st_blocks * 512 <= 2 * limit:
+        return
+    block = st.st_blksize or 4096
+    end = (st.st_size - limit) // block * block
+    if end > 0:
+        _FALLOCATE(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, 0, end)  # (-1: kept)
+
+
+#: fallocate(2)'s modes (<linux/falloc.h>)
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
 #: the capture files, on descriptors of the worker's own: a task may close fds 1 and 2, or
 #: point them elsewhere (a file of the user's, which must not be read back as output, nor
 #: emptied before the next task), and leave them so
@@ -116,8 +136,8 @@ def _empty(cap: int) -> None:
 
 def _release_capture() -> None:
     """Once a task's result is sent, its capture files emptied, as the next task would
-    find them (_reset_capture).  A task that printed much (the files keep all of it on
-    the node's disk, though a result carries the last CAPTURE_LIMIT bytes) held that
+    find them (_reset_capture).  A task that printed much (the files keep up to twice
+    CAPTURE_LIMIT on the node's disk, trimmed by the node: trim_capture) held that
     space for as long as its worker then idled: on a disk the enclave shares (``/tmp``
     beside ``~/.kotta``), the node's next write failed, "database or disk is full", and
     it died."""
@@ -166,6 +186,12 @@ try:
     _LIBC = ctypes.CDLL(None)
 except OSError:  # no C library to flush
     _LIBC = None
+_FALLOCATE = None  # fallocate(2), with a 64-bit offset (Linux: trim_capture)
+if _LIBC is not None and sys.platform.startswith("linux"):
+    _FALLOCATE = getattr(_LIBC, "fallocate64", None) or getattr(_LIBC, "fallocate", None)
+    if _FALLOCATE is not None:
+        _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _FALLOCATE.restype = ctypes.c_int
 
 
 def _flush_streams() -> None:

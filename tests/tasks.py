@@ -865,3 +865,14 @@ def raise_group_of_task_failures():
 def count_inputs(inputs, outputs=None):
     """A function whose arguments are named as submit()'s staging keywords."""
     return len(inputs)
+
+
+def print_much_then_wait(mib, marker, stop_file):
+    """Write ``mib`` MiB to fd 1 in numbered 1 KiB lines (the logs of a long task), then
+    write this process's pid to ``marker`` and wait for ``stop_file``."""
+    for i in range(mib * 1024):
+        os.write(1, b"%08d" % i + b"x" * 1015 + b"\n")
+    Path(marker).write_text(str(os.getpid()))
+    while not os.path.exists(stop_file):
+        time.sleep(0.05)
+    return "printed"

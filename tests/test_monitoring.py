@@ -122,3 +122,29 @@ def test_a_long_task_keeps_a_bounded_thinned_history_of_samples():
     u = m.merge({"cpu": 0.0, "wall": 10_000.5})
     assert u["samples_downsampled_from"] == 10_000 and len(u["samples"]) == 1251
     assert u["samples"] == m.usage()["samples"]
+
+
+def test_a_long_task_that_prints_much_holds_only_the_tail_of_its_output_on_disk(
+        start_node, make_executor, tmp_path):
+    """Only the last 4 MiB of a stream come back: a task that logs for hours must not fill
+    the node's disk with the rest while it runs."""
+    import os
+
+    from node.worker import CAPTURE_LIMIT
+
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    marker, stop = tmp_path / "pid", tmp_path / "stop"
+    f = ex.with_options(walltime=GUARD).submit(tasks.print_much_then_wait, 40, marker, stop)
+    wait_for(lambda: marker.exists() and marker.read_text(), what="the task's output")
+    capture = f"/proc/{int(marker.read_text())}/fd/1"
+    wait_for(lambda: os.stat(capture).st_blocks * 512 <= 2 * CAPTURE_LIMIT,
+             what="the capture file of the running task trimmed to about its tail")
+    assert os.stat(capture).st_size == 40 * 1024 * 1024  # (the task writes on, at its end)
+    stop.touch()
+    assert f.result(GUARD) == "printed"
+    head, _, rest = f.stdout.partition("\n")
+    assert head == f"[kotta: {36 * 1024 * 1024} earlier bytes of output were dropped]"
+    lines = rest.splitlines()
+    assert len(lines) == 4 * 1024 and lines[0].startswith("%08d" % (36 * 1024))
+    assert lines[-1].startswith("%08d" % (40 * 1024 - 1))
