@@ -109,7 +109,10 @@ def test_a_long_task_keeps_a_bounded_thinned_history_of_samples():
     longest = 0
     for i in range(1, 10_001):
         clock[0] = float(i)
-        assert m.read(os.getpid(), 0.5 + i)
+        if i <= 3:
+            assert m.read(os.getpid(), 0.5 + i)
+        else:  # (a psutil reading takes a millisecond: the samples it would add)
+            m._keep({"t": float(i), "cpu_pct": 0.0, "rss_kb": 1, "procs": 1})
         kept = m.samples
         longest = max(longest, len(kept))
         assert kept[0]["t"] == 1.0 and kept[-1]["t"] == float(i)  # the first and the latest
@@ -148,3 +151,26 @@ def test_a_long_task_that_prints_much_holds_only_the_tail_of_its_output_on_disk(
     lines = rest.splitlines()
     assert len(lines) == 4 * 1024 and lines[0].startswith("%08d" % (36 * 1024))
     assert lines[-1].startswith("%08d" % (40 * 1024 - 1))
+
+
+def test_the_result_of_a_task_sampled_for_hours_can_still_be_read():
+    """The node puts a long task's usage in its result's header, which is read up to
+    wire.MAX_HEADER (1 MiB): 20,000 samples (5.5 hours at --sample-interval 1) made the
+    result unreadable ("truncated kotta envelope"), the task's value lost."""
+    import os
+
+    from kotta_executor import wire
+    from node.daemon import _with_usage
+    from node.monitor import Monitor
+
+    m = Monitor(0.0, 1.0)
+    m.read(os.getpid(), 0.5)
+    assert m.read(os.getpid(), 1.5)
+    sample = m.samples[0]
+    for i in range(2, 20_001):  # (a psutil reading takes a millisecond: what it would add)
+        m._keep({**sample, "t": sample["t"] + i})
+    result = wire.failure("0" * 32, 1, "WorkerDied", "the worker died")  # (a real result)
+    env = wire.decode(_with_usage(result, m.merge({"cpu": 1.0, "wall": 20_000.5})))
+    assert env.header["usage"]["samples_downsampled_from"] == 20_000
+    [(ok, error)] = wire.outcomes(env)
+    assert not ok and type(error).__name__ == "WorkerDied" and "the worker died" in str(error)
