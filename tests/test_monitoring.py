@@ -174,3 +174,21 @@ def test_the_result_of_a_task_sampled_for_hours_can_still_be_read():
     assert env.header["usage"]["samples_downsampled_from"] == 20_000
     [(ok, error)] = wire.outcomes(env)
     assert not ok and type(error).__name__ == "WorkerDied" and "the worker died" in str(error)
+
+
+def test_samples_keep_their_interval_though_the_node_looks_late():
+    """The node looks for due samples every quarter interval: each reading, a little late,
+    pushed the next one back, and `--sample-interval 1` sampled every 1.2 s or so."""
+    import os
+
+    from node.monitor import Monitor
+
+    m = Monitor(0.0, 1.0)
+    assert m.due == 0.5
+    for i in range(100):
+        now = m.due + 0.24  # the node's look, up to a quarter interval after it was due
+        m.read(os.getpid(), now)
+    assert m.due == pytest.approx(100.5)  # on the schedule, not 24 s behind
+    assert len(m.samples) == 99
+    m.read(os.getpid(), 500.0)  # a node stalled for minutes: one reading, then the next
+    assert m.due == 500.0 + 1.0  # a whole interval later, not a burst of catching up
