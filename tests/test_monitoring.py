@@ -119,7 +119,7 @@ def test_a_long_task_keeps_a_bounded_thinned_history_of_samples():
         if i in (MAX_SAMPLES - 2, 5000, 7777, 10_000):
             times = [s["t"] for s in m.usage()["samples"]]
             grid = times[:-1] if (times[-1] - 1) % m.stride else times
-            assert {b - a for a, b in zip(grid, grid[1:])} == {float(m.stride)}, (i, m.stride)
+            assert {b - a for a, b in zip(grid, grid[1:], strict=False)} == {float(m.stride)}, (i, m.stride)
     assert longest <= MAX_SAMPLES
     assert m.stride == 8  # 10,000 taken: every 8th kept (1,250 of them, with the latest)
     u = m.merge({"cpu": 0.0, "wall": 10_000.5})
@@ -149,8 +149,8 @@ def test_a_long_task_that_prints_much_holds_only_the_tail_of_its_output_on_disk(
     head, _, rest = f.stdout.partition("\n")
     assert head == f"[kotta: {36 * 1024 * 1024} earlier bytes of output were dropped]"
     lines = rest.splitlines()
-    assert len(lines) == 4 * 1024 and lines[0].startswith("%08d" % (36 * 1024))
-    assert lines[-1].startswith("%08d" % (40 * 1024 - 1))
+    assert len(lines) == 4 * 1024 and lines[0].startswith(f"{36 * 1024:08d}")
+    assert lines[-1].startswith(f"{40 * 1024 - 1:08d}")
 
 
 def test_the_result_of_a_task_sampled_for_hours_can_still_be_read():
@@ -185,7 +185,7 @@ def test_samples_keep_their_interval_though_the_node_looks_late():
 
     m = Monitor(0.0, 1.0)
     assert m.due == 0.5
-    for i in range(100):
+    for _ in range(100):
         now = m.due + 0.24  # the node's look, up to a quarter interval after it was due
         m.read(os.getpid(), now)
     assert m.due == pytest.approx(100.5)  # on the schedule, not 24 s behind
