@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -716,6 +717,33 @@ def test_a_blob_that_cannot_be_deleted_does_not_keep_the_others(tmp_path):
 # it read the whole job table, newest first, to find the few that match
 
 
+@contextmanager
+def _statements_sent(e: EmbeddedEnclave):
+    """The statements this thread's connection to ``e`` executes inside, with their
+    parameters, as ``[(sql, params)]``: SQLite plans a statement by its parameters (how
+    many ids it names), so its plan is asked of it as sent."""
+    conn = e._db.conn()
+
+    class Recording:
+        def execute(self, sql, params=()):
+            sent.append((sql, list(params)))
+            return conn.execute(sql, params)
+
+        def __getattr__(self, name):
+            return getattr(conn, name)
+
+    sent: list[tuple[str, list]] = []
+    e._db._local.conn = Recording()
+    try:
+        yield sent
+    finally:
+        e._db._local.conn = conn
+
+
+def _plan(e: EmbeddedEnclave, sql: str, params: list) -> str:
+    return " / ".join(row[3] for row in e._db.conn().execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
 @pytest.mark.parametrize("filters", [{"owner": "bob"}, {"owner": "bob", "state": "failed"}])
 def test_listing_a_users_jobs_searches_an_index(tmp_path, filters):
     e = EmbeddedEnclave(tmp_path / "enclave")
@@ -723,16 +751,11 @@ def test_listing_a_users_jobs_searches_an_index(tmp_path, filters):
         jobs = [_new_job() for _ in range(30)]
         e.jobs.create(jobs, enqueue=False)
         e.jobs.finish([Finished(j.job_id, JobState.COMPLETED, b"r") for j in jobs[:20]])
-        conn = e._db.conn()
-        sent: list[str] = []
-        conn.set_trace_callback(sent.append)
-        try:
+        with _statements_sent(e) as sent:
             e.jobs.list(**filters, limit=5)
-        finally:
-            conn.set_trace_callback(None)
-        (select,) = [s for s in sent if s.startswith("SELECT")]
-        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + select)]
-        assert len(plan) == 1 and plan[0].startswith("SEARCH jobs USING INDEX"), plan
+        ((select, params),) = [(q, p) for q, p in sent if q.startswith("SELECT")]
+        plan = _plan(e, select, params)
+        assert " / " not in plan and plan.startswith("SEARCH jobs USING INDEX jobs_owner"), plan
     finally:
         e.close()
 
@@ -754,6 +777,7 @@ def test_an_enclave_made_before_the_job_indexes_gets_them(tmp_path):
         e.close()
 
 
+
 def test_the_statements_of_a_tasks_path_find_jobs_by_their_id(tmp_path):
     """Every statement a task's way through the enclave sends (create, the owner check,
     claim, finish, a look at its record) finds its jobs by their id: an index that
@@ -763,33 +787,18 @@ def test_the_statements_of_a_tasks_path_find_jobs_by_their_id(tmp_path):
     try:
         jobs = [_new_job() for _ in range(300)]
         e.jobs.create(jobs)
-        ids = [j.job_id for j in jobs[:100]]  # (a node's batch: SQLite's choice of index
-        conn = e._db.conn()  # depends on how many ids a statement names)
-
-        class Recording:  # the statements as sent, parameters apart: SQLite plans them so
-            def __init__(self):
-                self.sent: list[tuple[str, list]] = []
-
-            def execute(self, sql, params=()):
-                self.sent.append((sql, list(params)))
-                return conn.execute(sql, params)
-
-            def __getattr__(self, name):
-                return getattr(conn, name)
-
-        recording = e._db._local.conn = Recording()
-        try:
+        # (a node's batch: SQLite's choice of index depends on how many ids a statement names)
+        ids = [j.job_id for j in jobs[:100]]
+        with _statements_sent(e) as sent:
             e.jobs.owners(ids)
             e.jobs.transition(ids, JobState.PROCESSING, node="n")
             e.jobs.finish([Finished(i, JobState.COMPLETED, b"r") for i in ids])
             e.jobs.get_many(ids)
             e.jobs.kill_requested(ids)
-        finally:
-            e._db._local.conn = conn
-        looked = [(q, p) for q, p in recording.sent if q.startswith(("SELECT", "UPDATE", "WITH"))]
-        assert len(looked) >= 5, recording.sent
+        looked = [(q, p) for q, p in sent if q.startswith(("SELECT", "UPDATE", "WITH"))]
+        assert len(looked) >= 5, sent
         for q, params in looked:
-            plan = " / ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + q, params))
+            plan = _plan(e, q, params)
             assert "SCAN jobs" not in plan and "USING INDEX sqlite_autoindex_jobs_1" in plan, (
                 q[:120], plan)
     finally:
@@ -842,32 +851,16 @@ def test_a_receive_reads_only_visible_messages_however_many_are_held(tmp_path):
         e.queue.send("test", [Message(f"{i:032x}", b"t") for i in range(40, 45)])
         e.queue.hand_back([held[-1]])
         e.queue.extend([held[-2]], 0)  # visible again (its node died, say)
-        conn = e._db.conn()
-
-        class Recording:
-            def __init__(self):
-                self.sent: list[tuple[str, list]] = []
-
-            def execute(self, sql, params=()):
-                self.sent.append((sql, list(params)))
-                return conn.execute(sql, params)
-
-            def __getattr__(self, name):
-                return getattr(conn, name)
-
-        recording = e._db._local.conn = Recording()
-        try:
+        with _statements_sent(e) as sent:
             got = e.queue.receive("test", 3, 300, "n2")
             e.queue.send("reply.c", [Message(f"{i:032x}", b"r") for i in range(3)])
             assert len(e.queue.take("reply.c", 10)) == 3
-        finally:
-            e._db._local.conn = conn
         # in the order they were sent: those visible again first, then those never received
         assert [d.job_id for d in got] == [held[-2].job_id, held[-1].job_id, f"{30:032x}"]
-        looks = [(q, p) for q, p in recording.sent if "FROM messages WHERE queue=?" in q]
-        assert len(looks) >= 3, recording.sent
+        looks = [(q, p) for q, p in sent if "FROM messages WHERE queue=?" in q]
+        assert len(looks) >= 3, sent
         for q, params in looks:
-            plan = " / ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + q, params))
+            plan = _plan(e, q, params)
             assert "USING COVERING INDEX messages_ready" in plan, (q[:100], plan)
             assert "TEMP B-TREE" not in plan, (q[:100], plan)
     finally:

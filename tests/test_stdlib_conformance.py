@@ -95,21 +95,17 @@ def test_future_repr_says_what_a_stdlib_future_says(make_executor, tmp_path):
         cf.wait(blockers, timeout=GUARD)
 
 
-def test_an_executor_dropped_without_shutdown_stops_its_manager_and_nodes(enclave_dir):
-    """ExecutorShutdownTest.test_del_shutdown: once nothing references the executor, its
-    resources go (ProcessPoolExecutor's manager thread holds it weakly, and shuts down when
-    it is collected).  KottaExecutor's manager thread held the executor itself, so a
-    dropped executor kept its thread, its local node and that node's workers until the
-    interpreter exited: a program that made an executor per call, without ``with``,
-    leaked a thread each time, and its node ran on."""
-    ex = KottaExecutor(2, enclave=enclave_dir)
-    assert list(ex.map(abs, range(-5, 5))) == [abs(v) for v in range(-5, 5)]
+def _drop_and_see_it_stop(held: list, why: str) -> None:
+    """Drop the executor in ``held`` (the caller's only reference to it): it must be
+    collected (``why``: what no longer holds it), its manager thread end and the local
+    nodes it started stop."""
+    ex = held.pop()
     manager, nodes = ex._manager, list(ex._nodes.values())
     wr = weakref.ref(ex)
     del ex
-    try:  # (once the manager's turn, which holds it, ends)
+    try:
         wait_for(lambda: (gc.collect(), wr() is None)[1],
-                 what="the executor to be collected (not held by its manager thread)")
+                 what=f"the executor to be collected ({why})")
         manager.join(GUARD)
         assert not manager.is_alive()
         for proc in nodes:
@@ -119,6 +115,21 @@ def test_an_executor_dropped_without_shutdown_stops_its_manager_and_nodes(enclav
         if left is not None:
             left.shutdown(wait=True)
         del left
+
+
+def test_an_executor_dropped_without_shutdown_stops_its_manager_and_nodes(enclave_dir):
+    """ExecutorShutdownTest.test_del_shutdown: once nothing references the executor, its
+    resources go (ProcessPoolExecutor's manager thread holds it weakly, and shuts down when
+    it is collected).  KottaExecutor's manager thread held the executor itself, so a
+    dropped executor kept its thread, its local node and that node's workers until the
+    interpreter exited: a program that made an executor per call, without ``with``,
+    leaked a thread each time, and its node ran on."""
+    ex = KottaExecutor(2, enclave=enclave_dir)
+    assert list(ex.map(abs, range(-5, 5))) == [abs(v) for v in range(-5, 5)]
+    # (once the manager's turn, which holds it, ends)
+    held = [ex]
+    del ex
+    _drop_and_see_it_stop(held, "not held by its manager thread")
 
 
 def test_an_executor_dropped_while_its_done_futures_are_kept_stops_its_nodes(enclave_dir):
@@ -136,21 +147,9 @@ def test_an_executor_dropped_while_its_done_futures_are_kept_stops_its_nodes(enc
     wait_for(killed.running, what="the task to be killed to run")
     assert cancelled.cancel() and killed.kill()
     cf.wait([killed], timeout=GUARD)
-    manager, nodes = ex._manager, list(ex._nodes.values())
-    wr = weakref.ref(ex)
+    held = [ex]
     del ex
-    try:
-        wait_for(lambda: (gc.collect(), wr() is None)[1],
-                 what="the executor to be collected (not held by its done futures)")
-        manager.join(GUARD)
-        assert not manager.is_alive()
-        for proc in nodes:
-            assert proc.wait(GUARD) is not None
-    finally:
-        left = wr()
-        if left is not None:
-            left.shutdown(wait=True)
-        del left
+    _drop_and_see_it_stop(held, "not held by its done futures")
     assert [f.result() for f in fs] == [0, 1, 4, 9]
     assert [f.status() for f in (fs[0], killed, cancelled)] == [
         "completed", "cancelled", "cancelled"]
