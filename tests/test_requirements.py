@@ -329,6 +329,15 @@ def test_a_node_in_a_venv_gives_requirement_workers_its_editable_installs(
                        ).result(GUARD) == "editable"
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    """A process's command line; none for one that has ended since it was listed (a
+    zombie, a short-lived step of the build: its cmdline() raised, failing the look)."""
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
 def test_a_node_stopped_while_it_installs_requirements_leaves_no_pip_running(
         start_node, make_executor, tmp_path, monkeypatch):
     """`kotta down` while a node builds a task's requirements: the node hands the task
@@ -352,7 +361,7 @@ def test_a_node_stopped_while_it_installs_requirements_leaves_no_pip_running(
             kids = psutil.Process(node.pid).children(recursive=True)
         except psutil.Error:
             return []
-        return [p for p in kids if "pip" in p.cmdline() and "install" in p.cmdline()]
+        return [p for p in kids if {"pip", "install"} <= set(_cmdline(p))]
 
     builders: list[psutil.Process] = []
     try:
