@@ -58,7 +58,7 @@ def _kill_everything(enclave) -> None:
     """Never leave a background scaler or node behind."""
     pid = None
     try:
-        pid = int(pid_file(enclave.home, "test").read_text().split()[0])
+        pid = int(pid_file(enclave.home, "test").read_text().splitlines()[0])
     except (OSError, ValueError):
         pass
     if pid:
@@ -77,7 +77,7 @@ def test_up_with_min_and_max_scales_with_the_backlog(enclave, make_executor, tmp
                   "--workers", "1", "--cooldown", "1", "--poll-interval", "0.1")
         assert r.returncode == 0, r.stdout + r.stderr
         assert "scaler up: pid " in r.stdout
-        scaler_pid = int(pid_file(enclave.home, "test").read_text().split()[0])
+        scaler_pid = int(pid_file(enclave.home, "test").read_text().splitlines()[0])
         assert psutil.Process(scaler_pid).is_running()
         assert len(enclave.nodes.live("test")) == 1  # min
 
