@@ -603,8 +603,15 @@ def test_a_client_stopped_past_the_sweeps_age_sees_its_task_fail_for_its_swept_b
 # ---------------------------------------------------------------------- draining
 
 
-def test_sigterm_finishes_the_running_task_and_hands_back_the_rest(start_node, make_executor,
-                                                                   enclave, tmp_path):
+@pytest.mark.parametrize("stop", [
+    pytest.param(signal.SIGTERM, id="sigterm"),
+    # ``kotta node`` in a terminal whose ssh session closed: it died at once, its running
+    # task with it, and held the queued one till its visibility ran out
+    pytest.param(signal.SIGHUP, id="hang_up"),
+])
+def test_a_stop_signal_finishes_the_running_task_and_hands_back_the_rest(
+    start_node, make_executor, enclave, tmp_path, stop
+):
     log, release = tmp_path / "pids", tmp_path / "release"
     a = start_node(workers=1)
     ex = make_executor(1, start_node=False)
@@ -617,7 +624,7 @@ def test_sigterm_finishes_the_running_task_and_hands_back_the_rest(start_node, m
                  what="node A to take a queued task")
         assert enclave.jobs.get(queued[0].job_id).state == "pending"
 
-        a.proc.send_signal(signal.SIGTERM)
+        a.proc.send_signal(stop)
         wait_for(lambda: _holder(enclave, queued[0].job_id) is None,
                  what="node A to hand back the queued task")
         b = start_node(workers=1)
@@ -630,35 +637,10 @@ def test_sigterm_finishes_the_running_task_and_hands_back_the_rest(start_node, m
         tasks.release(release, "go")
 
     assert running.result(GUARD) == _pids(log)[0]
-    assert a.proc.wait(GUARD) == 0
+    assert a.proc.wait(GUARD) == 0, a.output()
     job = enclave.jobs.get(running.job_id)
     assert job.state == "completed" and job.node == a.node_id
     assert a.node_id not in {n.node_id for n in enclave.nodes.live()}
-
-
-def test_a_hang_up_drains_a_foreground_node_as_sigterm_does(start_node, make_executor,
-                                                             enclave, tmp_path):
-    """``kotta node`` in a terminal whose ssh session closed gets SIGHUP: it finishes its
-    running task and exits 0, as on SIGTERM (it died at once, the task with it)."""
-    log, release = tmp_path / "pids", tmp_path / "release"
-    a = start_node(workers=1)
-    ex = make_executor(1, start_node=False)
-    running = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
-    try:
-        wait_for(lambda: _pids(log), what="the task to start")
-        queued = ex.submit(tasks.worker_pid)
-        wait_for(lambda: _holder(enclave, queued.job_id) == a.node_id,
-                 what="the node to take a queued task")
-        a.proc.send_signal(signal.SIGHUP)
-        # (killed by it, the node would hold the queued task till its visibility ran out)
-        wait_for(lambda: _holder(enclave, queued.job_id) is None,
-                 what="the node to hand back the queued task")
-        assert a.proc.poll() is None, a.output()  # draining: its task still runs
-    finally:
-        tasks.release(release, "go")
-    assert running.result(GUARD) == _pids(log)[0]
-    assert a.proc.wait(GUARD) == 0, a.output()
-    assert enclave.jobs.get(running.job_id).node == a.node_id
 
 
 def test_a_node_started_with_sighup_ignored_goes_on_after_a_hang_up(enclave_dir, make_executor,
