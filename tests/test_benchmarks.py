@@ -72,15 +72,18 @@ def test_the_floor_model_carries_every_task_to_its_result_and_prints_its_ratio(t
 
 
 def test_the_submit_rows_show_cpu_a_task_beside_the_rate_when_measured():
-    kotta = {"tasks_per_s": 4000.0, "cpu_us_per_task": 350.0, "client_cpu_us_per_task": 100.0}
+    kotta = {"tasks_per_s": 4000.0, "cpu_us_per_task": 350.0, "client_cpu_us_per_task": 100.0,
+             "node_cpu_us_per_task": 180.0}
     ppe = {"tasks_per_s": 6000.0, "cpu_us_per_task": 200.0, "client_cpu_us_per_task": 160.0}
     rows = make_rows({"submit": {"kotta": kotta, "ppe": ppe}})
     assert [(r.metric.strip(), r.kotta, r.ppe, r.target) for r in rows] == [
         ("submit() + wait (tasks/s)", 4000.0, 6000.0, "ratio >= 1.5x"),
         ("its CPU a task, all processes (us)", 350.0, 200.0, ""),
         ("of which the client's (us)", 100.0, 160.0, ""),
+        ("of which the node's (us)", 180.0, None, ""),  # (ProcessPoolExecutor has none)
     ]
     assert rows[1].ratio == 1.75 and rows[1].met is None
+    assert rows[3].ratio is None and rows[3].met is None
     # a run that did not measure them (an older JSON, say) shows the rate alone
     [row] = make_rows({"submit": {"kotta": {"tasks_per_s": 1.0}, "ppe": {"tasks_per_s": 2.0}}})
     assert row.metric == "submit() + wait (tasks/s)"
