@@ -93,7 +93,16 @@ def _keep_capture() -> None:
     # PYTHONUTF8=0, or PYTHONIOENCODING=ascii, printing it raised UnicodeEncodeError
     sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)
     sys.stderr.reconfigure(encoding="utf-8", errors="backslashreplace")
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        _SETTINGS[name] = (stream.encoding, stream.errors, stream.line_buffering,
+                           stream.write_through)
     _line_buffer_c_stdout()
+
+
+#: how the worker's ``sys.stdout`` and ``sys.stderr`` write (encoding, errors, line
+#: buffering, write-through), as _keep_capture set them, put back before each task
+_SETTINGS: dict[str, tuple[str, str, bool, bool]] = {}
 
 
 def _line_buffer_c_stdout() -> None:
@@ -173,6 +182,15 @@ def _restore_streams() -> None:
             _STREAMS[name] = original
             setattr(sys, f"__{name}__", original)
             setattr(sys, name, original)
+        elif name in _SETTINGS and (original.encoding, original.errors, original.line_buffering,
+                                    original.write_through) != _SETTINGS[name]:
+            # reconfigured by a task (``sys.stdout.reconfigure(encoding="utf-8")``, which
+            # also makes errors strict): the next task's print of a file name that is not
+            # UTF-8 raised UnicodeEncodeError, a Latin-1 one's "é" came back as "\ufffd",
+            # and block-buffered its last prints were lost at a crash or kill
+            encoding, errors, line_buffering, write_through = _SETTINGS[name]
+            original.reconfigure(encoding=encoding, errors=errors,
+                                 line_buffering=line_buffering, write_through=write_through)
 
 
 def _unusable(stream) -> bool:

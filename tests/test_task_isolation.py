@@ -176,6 +176,28 @@ def say_on_both(text):
     return text
 
 
+def reconfigure_sys_stdout_and_stderr(**settings):
+    """The idiom for UTF-8 output on a console that lacks it, ``encoding="utf-8"`` (which
+    also sets ``errors="strict"``), or another's, left in place."""
+    import sys as _sys
+
+    _sys.stdout.reconfigure(**settings)
+    _sys.stderr.reconfigure(**settings)
+    return "reconfigured"
+
+
+def say_undecodable_on_both(text):
+    """Print ``text`` and a file name that is not UTF-8 (``os.listdir`` gives it with a
+    surrogate), on both streams."""
+    import os as _os
+    import sys as _sys
+
+    name = _os.fsdecode(b"caf\xe9.csv")
+    print(text, name)
+    print(text, name, file=_sys.stderr)
+    return [(s.line_buffering, s.write_through) for s in (_sys.stdout, _sys.stderr)]
+
+
 
 
 
@@ -337,6 +359,30 @@ def test_a_task_that_rewraps_sys_stdout_leaves_the_next_tasks_prints_alone(
     nxt = ex.submit(say_on_both, "hello")
     assert nxt.result(GUARD) == "hello"
     assert (nxt.stdout, nxt.stderr) == ("hello\n", "hello\n")
+    assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
+
+
+@pytest.mark.parametrize("settings", [
+    # the bug: the next task's print of a non-UTF-8 file name raised UnicodeEncodeError
+    # ("surrogates not allowed"), where a fresh worker's prints it escaped
+    {"encoding": "utf-8"},
+    # the bug: the same, and the next task's "\u00e9" came back as "\ufffd"
+    {"encoding": "latin-1"},
+    # the bug: the next task's prints were block-buffered (lost at a crash or kill)
+    {"line_buffering": False, "write_through": False},
+], ids=["utf-8", "latin-1", "block-buffered"])
+def test_a_task_that_reconfigures_sys_stdout_leaves_the_next_tasks_prints_alone(
+        start_node, make_executor, settings):
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    pid = ex.submit(tasks.worker_pid).result(GUARD)
+    first = ex.submit(say_undecodable_on_both, "\u00e9")  # as a fresh worker prints it
+    buffering = first.result(GUARD)
+    assert (first.stdout, first.stderr) == ("\u00e9 caf\\udce9.csv\n",) * 2
+    assert ex.submit(reconfigure_sys_stdout_and_stderr, **settings).result(GUARD) == "reconfigured"
+    nxt = ex.submit(say_undecodable_on_both, "\u00e9")
+    assert nxt.result(GUARD) == buffering
+    assert (nxt.stdout, nxt.stderr) == (first.stdout, first.stderr)
     assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
 
 
