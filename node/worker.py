@@ -49,7 +49,12 @@ def read_capture(fd: int, limit: int = CAPTURE_LIMIT) -> bytes:
     if size <= limit:
         return os.pread(fd, size, 0)
     tail = os.pread(fd, limit, size - limit)
-    return b"[kotta: %d earlier bytes of output were dropped]\n" % (size - limit) + tail
+    # from the next whole UTF-8 character (output is read as UTF-8): cut inside one, the
+    # tail began with a "\ufffd" the task never printed
+    skip = 0
+    while skip < 3 and skip < len(tail) and 0x80 <= tail[skip] <= 0xBF:
+        skip += 1
+    return b"[kotta: %d earlier bytes of output were dropped]\n" % (size - limit + skip) + tail[skip:]
 
 
 def trim_capture(fd: int, limit: int = CAPTURE_LIMIT) -> None:

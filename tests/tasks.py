@@ -494,6 +494,12 @@ def chatty(nbytes):
     return "done"
 
 
+def write_out(text):
+    """Write ``text`` to stdout, as it is (no newline added), and return its size in UTF-8."""
+    sys.stdout.write(text)
+    return len(text.encode())
+
+
 # ----------------------------------------------------------------- security review tasks
 
 

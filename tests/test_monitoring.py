@@ -153,6 +153,22 @@ def test_a_long_task_that_prints_much_holds_only_the_tail_of_its_output_on_disk(
     assert lines[-1].startswith(f"{40 * 1024 - 1:08d}")
 
 
+def test_the_tail_of_a_long_output_begins_with_a_whole_character(start_node, make_executor):
+    """The tail of an output over 4 MiB was cut at a byte count, often inside a character
+    of text that is not ASCII: what came back began with a "\ufffd" that the task never
+    printed.  It begins at the next character, and the count of dropped bytes says so."""
+    from node.worker import CAPTURE_LIMIT
+
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    text = "\u00e9" * (CAPTURE_LIMIT // 2 + 1000) + "!"  # (odd: the cut falls inside an "é")
+    f = ex.submit(tasks.write_out, text)
+    size = f.result(GUARD)
+    head, _, tail = f.stdout.partition("\n")
+    assert "\ufffd" not in tail and text.endswith(tail)
+    assert head == f"[kotta: {size - len(tail.encode())} earlier bytes of output were dropped]"
+
+
 def test_the_result_of_a_task_sampled_for_hours_can_still_be_read():
     """The node puts a long task's usage in its result's header, which is read up to
     wire.MAX_HEADER (1 MiB): 20,000 samples (5.5 hours at --sample-interval 1) made the
