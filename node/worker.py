@@ -145,7 +145,10 @@ def _reset_capture() -> None:
 def _empty(cap: int) -> None:
     if os.fstat(cap).st_size:  # truncating an empty file still costs a journal write
         os.ftruncate(cap, 0)
-        os.lseek(cap, 0, os.SEEK_SET)  # (an empty file was read, not written, since)
+    # At its start also when it is empty: another open of it emptied it (a child told to
+    # write to /dev/stdout, which wrote nothing), and our offset stayed where the task's
+    # output ended; the next task's output began with that many NUL bytes.
+    os.lseek(cap, 0, os.SEEK_SET)
 
 
 def _release_capture() -> None:

@@ -89,6 +89,17 @@ def echo(text):
 
 
 
+def print_then_truncate_stdout_by_path(text):
+    """Print ``text``, then run a child told to write to ``/dev/stdout`` (``cmd -o
+    /dev/stdout``, ``> /dev/stdout`` in a script) that writes nothing: it opens the
+    capture file anew and empties it, where the worker's offset in it stays past ``text``."""
+    import subprocess as sp
+
+    print(text)
+    sp.run(["sh", "-c", "true > /dev/stdout"], check=True)
+    return "truncated"
+
+
 def replace_sys_stdout(path):
     import sys as _sys
 
@@ -293,6 +304,22 @@ def test_a_task_that_redirects_fd1_does_not_cost_the_next_task_or_its_file(
     if nxt.stdout != "next task\n":
         problems.append(f"the next task's stdout is {nxt.stdout!r}")
     assert not problems, problems
+
+
+def test_a_task_whose_child_emptied_stdout_by_its_path_leaves_the_next_tasks_output_alone(
+        start_node, make_executor):
+    """Emptied by another open of it (documented: what the task printed before is lost),
+    the capture file stayed empty, so the worker took it for one that needs no emptying,
+    and left its offset where the task's output had ended: the next task's stdout began
+    with that many NUL bytes (gigabytes of them, sparse, after a task that logged much)."""
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    pid = ex.submit(tasks.worker_pid).result(GUARD)
+    assert ex.submit(print_then_truncate_stdout_by_path, "x" * 99).result(GUARD) == "truncated"
+    nxt = ex.submit(say, "hello")
+    assert nxt.result(GUARD) == "hello"
+    assert nxt.stdout == "hello\n"
+    assert ex.submit(tasks.worker_pid).result(GUARD) == pid  # the same worker throughout
 
 
 def test_a_task_that_printed_much_leaves_no_disk_space_held_by_its_idle_worker(
