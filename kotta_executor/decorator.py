@@ -130,6 +130,9 @@ def kottajob(
         )
 
     def decorate(fn: Callable) -> Callable:
+        if not callable(fn):  # (kottajob(konn)(42)): else taken, to fail at the first call
+            raise TypeError(f"kottajob decorates a function (or other callable), not {fn!r}")
+
         def call(task: Callable, /, *args: Any, **kwargs: Any):
             ex = target.executor if isinstance(target, Connection) else target
             view = ex.with_options(queue=queue, walltime=walltime, requirements=requirements)

@@ -536,3 +536,18 @@ def test_a_decorated_functions_argument_named_inputs_that_is_no_uri_says_how_to_
     assert model([1, 2], scale=2) == [2, 4]
     bound = functools.partial(model.kotta_function, inputs=[1, 2], scale=3)
     assert konn.executor.submit(bound).result(timeout=GUARD) == [3, 6]
+
+
+@pytest.mark.parametrize("thing", [42, "tasks.add", None], ids=["int", "str", "none"])
+def test_decorating_what_is_not_callable_fails_at_decoration(enclave_dir, thing):
+    """``kottajob(konn)(42)`` (a decorator applied to the wrong thing: a result, a name)
+    was taken: the error came at the first call, "42 is not callable", naming no
+    decorator."""
+    konn = kotta_executor.connect(enclave_dir, start_node=False)
+    try:
+        with pytest.raises(TypeError, match=re.escape(
+                f"kottajob decorates a function (or other callable), not {thing!r}")):
+            kottajob(konn, "test", 5)(thing)
+        assert konn._executor is None  # nothing was started
+    finally:
+        konn.close()
