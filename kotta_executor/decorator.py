@@ -132,6 +132,13 @@ def kottajob(
     def decorate(fn: Callable) -> Callable:
         if not callable(fn):  # (kottajob(konn)(42)): else taken, to fail at the first call
             raise TypeError(f"kottajob decorates a function (or other callable), not {fn!r}")
+        returns = _unsendable_returns(fn)
+        if returns:  # else each call ran on a node, to fail there with a SerializationError
+            raise TypeError(
+                f"kottajob cannot run {fn!r} as a job: its calls return {returns}, which a "
+                "node cannot send back; decorate a function that returns its value (a list, "
+                "or asyncio.run(...)'s) instead"
+            )
 
         def call(task: Callable, /, *args: Any, **kwargs: Any):
             ex = target.executor if isinstance(target, Connection) else target
@@ -154,6 +161,18 @@ def kottajob(
         return _Decorated(fn, call, block)
 
     return decorate
+
+
+def _unsendable_returns(fn: Callable) -> str | None:
+    """What ``fn``'s calls return that cannot be pickled back from a node, if they do:
+    a generator or async function's (a partial of one too)."""
+    if inspect.iscoroutinefunction(fn):
+        return "a coroutine"
+    if inspect.isasyncgenfunction(fn):
+        return "an async generator"
+    if inspect.isgeneratorfunction(fn):
+        return "a generator"
+    return None
 
 
 def _is_bool(value: Any) -> bool:

@@ -551,3 +551,35 @@ def test_decorating_what_is_not_callable_fails_at_decoration(enclave_dir, thing)
         assert konn._executor is None  # nothing was started
     finally:
         konn.close()
+
+
+async def _coroutine_function(x):
+    return x
+
+
+async def _async_generator_function(n):
+    yield n
+
+
+def _generator_function(n):
+    yield from range(n)
+
+
+@pytest.mark.parametrize("fn, returns", [
+    (_coroutine_function, "a coroutine"),
+    (_async_generator_function, "an async generator"),
+    (_generator_function, "a generator"),
+    (functools.partial(_generator_function, 3), "a generator"),
+], ids=["async-def", "async-generator", "generator", "partial-of-generator"])
+def test_decorating_a_generator_or_async_function_fails_at_decoration(enclave_dir, fn, returns):
+    """Its calls return what no node can send back: each call ran the function on a node,
+    to fail there with "the result of the call (builtins.coroutine) could not be pickled
+    to send back", a SerializationError that never said the decorated function was the
+    matter (and an async def's body never ran at all)."""
+    konn = kotta_executor.connect(enclave_dir, start_node=False)
+    try:
+        with pytest.raises(TypeError, match=re.escape(f"its calls return {returns}")):
+            kottajob(konn, "test", 5)(fn)
+        assert konn._executor is None  # nothing was started
+    finally:
+        konn.close()
