@@ -33,9 +33,10 @@ from typing import Any
 
 import cloudpickle
 
+from . import wire
 from .backends import check_spec
 from .config import task_owner
-from .executor import KottaExecutor, Options, _not_sent
+from .executor import KottaExecutor, Options, _not_sent, _pool_sizes
 
 
 class Connection:
@@ -45,7 +46,8 @@ class Connection:
     ``with konn.executor:``, say; or in a child process forked since, where the parent's
     cannot be used) and shuts it down at ``close()`` or interpreter exit.
     Keyword arguments are those of :class:`KottaExecutor`, checked now: a misspelt one is a
-    TypeError here, and a wrong queue, walltime or requirements a ValueError, not at the
+    TypeError here, and a wrong queue, walltime or requirements a ValueError (a wrong
+    max_workers, max_tasks_per_child or initializer, KottaExecutor's error), not at the
     first call.
     """
 
@@ -58,6 +60,12 @@ class Connection:
             executor_kwargs.get("queue", "test"), executor_kwargs.get("walltime", 5),
             executor_kwargs.get("requirements"),
         )
+        # and its workers' (connect(max_workers=0), an initializer that is not callable)
+        _pool_sizes(executor_kwargs.get("max_workers"),
+                    executor_kwargs.get("max_tasks_per_child"))
+        if executor_kwargs.get("initializer") is not None:
+            wire.dump_initializer(executor_kwargs["initializer"],
+                                  executor_kwargs.get("initargs", ()))
         self._enclave = enclave
         self._kwargs = executor_kwargs
         self._executor: KottaExecutor | None = None

@@ -175,6 +175,29 @@ class Options:
         return opts
 
 
+def _pool_sizes(max_workers: Any, max_tasks_per_child: Any) -> tuple[int, int | None]:
+    """A KottaExecutor's ``max_workers`` (None: the CPU count) and ``max_tasks_per_child``,
+    checked as ProcessPoolExecutor checks them (also by ``connect()``, at once)."""
+    if max_workers is None:
+        max_workers = config.cpu_count()
+    else:
+        # an int, or what stands for one (numpy's); a float (os.cpu_count() / 2, say)
+        # is a TypeError here, as for ProcessPoolExecutor, not a node that cannot start
+        # (--workers 2.0) and an executor broken after six tries
+        max_workers = operator.index(max_workers)
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+    if max_tasks_per_child is not None:  # (ProcessPoolExecutor's checks and messages)
+        if not isinstance(max_tasks_per_child, int):
+            raise TypeError("max_tasks_per_child must be an integer")
+        if max_tasks_per_child <= 0:
+            raise ValueError("max_tasks_per_child must be >= 1")
+        # (True: 1, as JSON; and at most 2**63 - 1, as JSON readers take a longer
+        # integer for a float: a limit never reached all the same)
+        max_tasks_per_child = min(int(max_tasks_per_child), 2**63 - 1)
+    return max_workers, max_tasks_per_child
+
+
 class KottaExecutor(Executor):
     """Run calls on enclave nodes; a drop-in replacement for ``ProcessPoolExecutor``.
 
@@ -215,27 +238,11 @@ class KottaExecutor(Executor):
         credentials: Credentials | str | os.PathLike | None = None,
         max_tasks_per_child: int | None = None,
     ):
-        if max_workers is None:
-            max_workers = config.cpu_count()
-        else:
-            # an int, or what stands for one (numpy's); a float (os.cpu_count() / 2, say)
-            # is a TypeError here, as for ProcessPoolExecutor, not a node that cannot start
-            # (--workers 2.0) and an executor broken after six tries
-            max_workers = operator.index(max_workers)
-            if max_workers <= 0:
-                raise ValueError("max_workers must be greater than 0")
+        max_workers, max_tasks_per_child = _pool_sizes(max_workers, max_tasks_per_child)
         self._max_workers = max_workers
         self._options = Options.make(queue, walltime, requirements)
         del mp_context  # (ProcessPoolExecutor's: a node's workers are always processes of
         # their own, started afresh, as with "spawn")
-        if max_tasks_per_child is not None:  # (ProcessPoolExecutor's checks and messages)
-            if not isinstance(max_tasks_per_child, int):
-                raise TypeError("max_tasks_per_child must be an integer")
-            if max_tasks_per_child <= 0:
-                raise ValueError("max_tasks_per_child must be >= 1")
-            # (True: 1, as JSON; and at most 2**63 - 1, as JSON readers take a longer
-            # integer for a float: a limit never reached all the same)
-            max_tasks_per_child = min(int(max_tasks_per_child), 2**63 - 1)
         #: at most this many tasks run in a worker process that runs one of ours (the
         #: node retires it after its last, and starts another): the tasks' header says so
         self._max_tasks_per_child = max_tasks_per_child

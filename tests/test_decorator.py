@@ -583,3 +583,21 @@ def test_decorating_a_generator_or_async_function_fails_at_decoration(enclave_di
         assert konn._executor is None  # nothing was started
     finally:
         konn.close()
+
+
+@pytest.mark.parametrize(("options", "error", "says"), [
+    (dict(max_workers=0), ValueError, "max_workers must be greater than 0"),
+    (dict(max_workers=2.0), TypeError, "'float' object cannot be interpreted as an integer"),
+    (dict(max_tasks_per_child=0), ValueError, "max_tasks_per_child must be >= 1"),
+    (dict(max_tasks_per_child="1"), TypeError, "max_tasks_per_child must be an integer"),
+    (dict(initializer=42), TypeError, "initializer 42 is not callable"),
+])
+def test_wrong_pool_options_fail_at_connect(enclave_dir, options, error, says):
+    """As a wrong queue or walltime does (the guide: connect() checks its options at
+    once): they were accepted, and failed the first call of every function decorated
+    with the connection, with the KottaExecutor's error."""
+    with pytest.raises(error, match=re.escape(says)):
+        kotta_executor.connect(enclave_dir, **options)
+    with kotta_executor.connect(enclave_dir, start_node=False, max_workers=1,
+                                max_tasks_per_child=1, initializer=print):
+        pass  # (valid ones pass)
