@@ -578,8 +578,11 @@ def cmd_logs(args) -> int:
     job = _own_job(enclave, args.job_id, "kotta logs", with_result=True)
     env = None if job.result is None else wire.decode(job.result)
     # (a result without output of a job no node started: its client failed it, as for a
-    # dependency that failed; it never ran)
-    if env is None or (job.started is None and not {"stdout", "stderr"} & set(env.sections)):
+    # dependency that failed; or of one a node started but failed before its task ran,
+    # refused its inputs, say: it never got to processing.  It never ran)
+    if env is None or (not {"stdout", "stderr"} & set(env.sections) and (
+            job.started is None or JobState.PROCESSING not in
+            {state for _, state, _ in enclave.jobs.history(job.job_id)})):
         if job.state.final:  # (cancelled before it ran, or failed before it could)
             why = f" ({_printable(job.reason)})" if job.reason else ""
             print(f"job {job.job_id} ended {job.state}{why} without output", file=sys.stderr)

@@ -166,6 +166,32 @@ def test_logs_of_a_job_failed_by_its_dependency_says_it_ended_without_output(
     assert "without output" in r.stderr and "---" not in r.stdout
 
 
+def test_logs_of_a_job_refused_its_data_says_it_ended_without_output(executor, enclave,
+                                                                     enclave_dir):
+    """A task refused its inputs (no read grant: "nothing ran") was started by a node,
+    which staged, then failed it: `kotta logs` printed two empty sections and exited 0,
+    as for a task that ran and wrote nothing."""
+    from kotta_executor import DataAccessDenied
+    from kotta_executor.security import credentials
+    from kotta_executor.security.data import put_object
+    from kotta_executor.security.policy import PolicyStore
+
+    me = credentials.load(enclave)
+    PolicyStore(enclave.records).add_dataset("s3://corpus/", by=me.user)  # no grant
+    put_object(enclave, "s3://corpus/numbers.txt", b"1\n2\n")
+    f = executor.submit(tasks.file_sum, inputs=["s3://corpus/numbers.txt"])
+    with pytest.raises(DataAccessDenied, match="nothing ran"):
+        f.result(GUARD)
+    r = kotta(enclave_dir, "logs", f.job_id)
+    assert r.returncode == 1, r.stdout
+    assert f"job {f.job_id} ended failed (DataAccessDenied:" in r.stderr
+    assert "without output" in r.stderr and "---" not in r.stdout
+    done = executor.submit(tasks.noop)  # one that ran and wrote nothing: empty sections
+    done.result(GUARD)
+    r = kotta(enclave_dir, "logs", done.job_id)
+    assert r.returncode == 0 and r.stdout == "--- stdout ---\n--- stderr ---\n", r.stderr
+
+
 def test_down_never_signals_a_node_registered_from_another_pid_namespace(enclave, enclave_dir):
     """A node of the enclave on this host, but registered from another PID namespace (a
     container sharing the enclave directory and the host name): its pid names another
