@@ -43,8 +43,8 @@ class Connection:
     """A connection to an enclave, shared by the functions decorated with it.
 
     It creates its executor on first use (and again after the executor was shut down: by
-    ``with konn.executor:``, say; or in a child process forked since, where the parent's
-    cannot be used) and shuts it down at ``close()`` or interpreter exit.
+    ``with konn.executor:``, say; or broke; or in a child process forked since, where the
+    parent's cannot be used) and shuts it down at ``close()`` or interpreter exit.
     Keyword arguments are those of :class:`KottaExecutor`, checked now: a misspelt one is a
     TypeError here, and a wrong queue, walltime or requirements a ValueError (a wrong
     max_workers, max_tasks_per_child or initializer, KottaExecutor's error), not at the
@@ -77,6 +77,13 @@ class Connection:
             # (one a forked child inherited is its parent's: the child gets its own)
             if (self._executor is None or self._executor._shutdown
                     or self._executor._pid != os.getpid()):
+                self._executor = KottaExecutor(enclave=self._enclave, **self._kwargs)
+            elif self._executor._broken is not None:
+                # a broken one refuses every call, for good: once the user fixed what
+                # broke it (a node.py of theirs on the path, say), the call after tries
+                # anew.  (Its pending futures have failed already: it has nothing to wait
+                # for.)
+                self._executor.shutdown(wait=False)
                 self._executor = KottaExecutor(enclave=self._enclave, **self._kwargs)
             return self._executor
 

@@ -601,3 +601,29 @@ def test_wrong_pool_options_fail_at_connect(enclave_dir, options, error, says):
     with kotta_executor.connect(enclave_dir, start_node=False, max_workers=1,
                                 max_tasks_per_child=1, initializer=print):
         pass  # (valid ones pass)
+
+
+def test_a_connection_whose_executor_broke_makes_another_at_the_next_call(
+        enclave_dir, tmp_path, monkeypatch):
+    """A connection kept its broken executor: once the user had fixed what broke it (the
+    guide's example, a node.py of theirs on the path: "rename it"), every call still
+    raised the same BrokenEnclave, naming a file no longer there, until konn.close()."""
+    import importlib
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "node.py").write_text("class Node:\n    pass\n")
+    monkeypatch.syspath_prepend(str(project))
+    konn = kotta_executor.connect(enclave_dir, max_workers=1)
+    try:
+        @kottajob(konn, "test", 5)
+        def inc(x):
+            return x + 1
+
+        with pytest.raises(kotta_executor.BrokenEnclave, match="node.py has the name"):
+            inc(1)
+        (project / "node.py").rename(project / "graph.py")  # as the error says
+        importlib.invalidate_caches()
+        assert inc(1) == 2
+    finally:
+        _close(konn)
