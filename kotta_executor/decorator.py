@@ -23,7 +23,6 @@ import concurrent.futures
 import datetime as _dt
 import functools
 import inspect
-import operator
 import os
 import sys
 import threading
@@ -33,7 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import wire
+from . import dependencies, wire
 from .backends import check_spec
 from .config import task_owner
 from .executor import KottaExecutor, Options, _not_sent, _pool_sizes
@@ -202,8 +201,8 @@ class _Decorated:
     """A function decorated with :func:`kottajob`: calling it submits ``kotta_function``,
     the undecorated function.  Pickled, it travels by reference when its module's attribute
     of its name is this very object (a module-level function: the node imports it, as it
-    imports any module-level function, with the module's globals), else by value as its
-    undecorated function (one of ``__main__`` or a notebook, a closure).  Called in a task
+    imports any module-level function, with the module's globals), else by value, with
+    its undecorated function (one of ``__main__`` or a notebook, a closure).  Called in a task
     (or unpickled by value anywhere), it runs its body there, rather than failing to
     pickle the connection this holds, or submitting a job again from the node."""
 
@@ -222,17 +221,29 @@ class _Decorated:
         if self._call is not None and not task_owner():
             return self._call(self.kotta_task(), *args, **kwargs)
         if self._block:
-            return self.kotta_function(*args, **kwargs)
+            return self.kotta_function(*self._values(args, kwargs), **kwargs)
         # block=False: a future, done, as the client's calls return, so that code that
         # calls it runs alike in the client and in a task
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            value = self.kotta_function(*args, **kwargs)
+            value = self.kotta_function(*self._values(args, kwargs), **kwargs)
         except Exception as exc:  # noqa: BLE001 - the future's, as a job's would be
             future.set_exception(exc)
         else:
             future.set_result(value)
         return future
+
+    def _values(self, args: tuple, kwargs: dict) -> tuple:
+        """``args`` (and ``kwargs``, in place) with each future among them replaced by its
+        value, as a job gets its dependencies' (the ``block=False`` calls of a fan-in, in
+        a task): the body got the futures themselves.  A failed one: DependencyError."""
+        for dep in dependencies.find([(args, kwargs)]):
+            if dep.cancelled() or dep.exception() is not None:  # (waits, as a job does)
+                name = getattr(self, "__qualname__", None) or repr(self.kotta_function)
+                raise dependencies.failure(None, dep, call=f"the call of {name}")
+        [(args, values)] = dependencies.resolve([(args, kwargs)])
+        kwargs.update(values)
+        return args
 
     def kotta_task(self) -> Callable:
         """What a job of this function runs: its body, by reference when it can be (also
@@ -246,10 +257,10 @@ class _Decorated:
     def __reduce__(self):
         if _importable(self):  # (a string: pickle's global, its module and name)
             return self.__qualname__
-        if self._block:  # (itemgetter: an identity the node unpickles without importing us)
-            return operator.itemgetter(0), ((self.kotta_function,),)
-        # block=False: a stand-in without connection, whose calls return futures
-        return _Decorated, (self.kotta_function, None, False)
+        # a stand-in without connection, whose calls run the body (block=False: return
+        # futures), given the values of the futures they are passed, as in the client
+        # (the undecorated function itself got the futures)
+        return _Decorated, (self.kotta_function, None, self._block)
 
     # copy.copy and copy.deepcopy keep it, as they keep a function, rather than take
     # __reduce__'s undecorated function: the copy (in a deep-copied config, or an

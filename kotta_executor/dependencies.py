@@ -139,8 +139,10 @@ def resolve(calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
     ]
 
 
-def failure(job_id: str, dep: Future) -> DependencyError:
-    """The error of task ``job_id`` whose dependency ``dep`` failed or was cancelled."""
+def failure(job_id: str | None, dep: Future, *, call: str | None = None) -> DependencyError:
+    """The error of task ``job_id`` whose dependency ``dep`` failed or was cancelled
+    (``call``: what did not run, when it is no job: a decorated function's call in a
+    task, which runs its body there)."""
     name = getattr(dep, "job_id", None)
     what = f"job {name}" if name else "a future"
     try:
@@ -166,7 +168,7 @@ def failure(job_id: str, dep: Future) -> DependencyError:
             else:  # (its cause was lost: its own message says what it knows)
                 head, why = f"job {root.job_id}", f"did not run: {_text(root)}"
             message = f"its dependency ({what}) did not run, as {head} before it {why}"
-    err = DependencyError(f"job {job_id} did not run: {message}", job_id=job_id)
+    err = DependencyError(f"{call or f'job {job_id}'} did not run: {message}", job_id=job_id)
     err.dependency = name
     err.__cause__ = cause
     return err

@@ -627,3 +627,35 @@ def test_a_connection_whose_executor_broke_makes_another_at_the_next_call(
         assert inc(1) == 2
     finally:
         _close(konn)
+
+
+def test_futures_passed_to_a_decorated_function_in_a_task_are_its_dependencies_too(
+        konn, enclave):
+    """In the client a future passed to a decorated function is a dependency: the call
+    gets its value (a failed one: DependencyError).  In a task, where the call runs its
+    body, the body got the future itself: a fan-in written for the client,
+    ``combine(*[count(y) for y in years])``, failed there with "unsupported operand
+    type(s) for +: 'int' and 'Future'"."""
+    from kotta_executor import DependencyError
+
+    @kottajob(konn, "test", 5, block=False)
+    def count(y):
+        if y < 0:
+            raise ValueError(f"negative: {y}")
+        return y * 2
+
+    @kottajob(konn, "test", 5)
+    def combine(*parts, extra=0):
+        return sum(parts) + extra
+
+    @kottajob(konn, "test", 5)
+    def pipeline(years):
+        total = combine(*[count(y) for y in years], extra=count(10))
+        try:
+            combine(count(1), count(-1))
+        except DependencyError as exc:
+            return total, type(exc.__cause__).__name__, str(exc.__cause__)
+        return total, None, None
+
+    assert combine(*[count(y) for y in (1, 2, 3)], extra=count(10)) == 32  # the client's
+    assert pipeline([1, 2, 3]) == (32, "ValueError", "negative: -1")
