@@ -708,9 +708,9 @@ class Node:
         except OSError:
             messages = []
         for data in messages:
-            if data != READY and w.inflight and not self._finish_from_worker(
-                w, w.task_done(), data
-            ):
+            if data == READY:  # (it started up, and died before _collect heard so)
+                w.started_up()
+            elif w.inflight and not self._finish_from_worker(w, w.task_done(), data):
                 break
         code = w.proc.wait()
         self._leftovers.append(w.leftovers())
@@ -734,7 +734,7 @@ class Node:
                 etype, message = w.kill_reason
             else:
                 etype = "WorkerDied"
-                message = _death_message(code)
+                message = _death_message(code, started=w.ready)
             sig = -code if code < 0 else None
             data = wire.failure(
                 head.job_id, head.header["n"], etype, message,
@@ -1958,7 +1958,11 @@ def _drain_socket(sock: socket.socket) -> None:
         pass
 
 
-def _death_message(code: int) -> str:
+def _death_message(code: int, started: bool = True) -> str:
+    """``started``: the worker had said it was ready.  One that died before (a broken
+    venv, a sitecustomize or .pth that fails) never began the task it holds: "while
+    running the task" sent the user looking in a task that never ran."""
+    when = "while running the task" if started else "while starting up, before it began the task"
     if code < 0:
         sig = -code
         try:
@@ -1968,8 +1972,9 @@ def _death_message(code: int) -> str:
             name = f"SIGRTMIN+{sig - rt}" if rt is not None and sig > rt else f"signal {sig}"
         if sig == STOP_SIGNAL:  # a task reset it to its default action, which is to die
             name += ", the node's stop request"
-        return f"the worker process was killed by {name} (signal {sig})"
-    return f"the worker process exited with code {code} while running the task"
+        message = f"the worker process was killed by {name} (signal {sig})"
+        return message if started else f"{message} {when}"
+    return f"the worker process exited with code {code} {when}"
 
 
 def _minutes(seconds: float) -> str:

@@ -456,6 +456,36 @@ def test_tasks_queued_behind_a_killed_task_still_end(start_node, make_executor):
     assert {str(r.state) for r in records.values()} <= {"cancelled"}
 
 
+def test_a_worker_that_dies_starting_up_is_not_said_to_have_run_the_task(
+        start_node, make_executor, enclave, tmp_path):
+    """A worker that cannot start (here a sitecustomize that exits in workers; a broken
+    requirements venv, a package's .pth that fails) dies before it began its task.  The
+    future said "the worker process exited with code 3 while running the task", which
+    sends the user looking in a task that never ran; it says the worker died starting up,
+    and its stderr says why."""
+    from tests.conftest import ROOT
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if os.environ.get('KOTTA_WORKER_ID'):\n"
+        "    sys.stderr.write('this site cannot start a worker\\n')\n"
+        "    sys.stderr.flush()\n"
+        "    os._exit(3)\n"
+    )
+    start_node(workers=1, env={"PYTHONPATH": f"{site}:{ROOT}"})
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 3)
+    exc = f.exception(GUARD)
+    assert isinstance(exc, WorkerDied), repr(exc)
+    assert exc.exitcode == 3 and exc.signal is None
+    assert "while running the task" not in str(exc)
+    assert "starting up" in str(exc) and "before it began the task" in str(exc), str(exc)
+    assert "this site cannot start a worker" in f.stderr
+    assert "starting up" in enclave.jobs.get(f.job_id).reason
+
+
 @pytest.mark.parametrize(("how", "status"), [("return", 0), ("exit", 5), ("raise", 1)])
 def test_a_forked_child_back_in_the_worker_exits_without_answering(how, status, make_executor):
     """A task that forks, whose child returns or raises into the worker's code: the child
