@@ -32,6 +32,7 @@ from .worker import (
     NODE_SITE,
     STOP_SIGNAL,
     STOPPED,
+    WORKER_MARK,
     pack_frame,
     read_capture,
     session_groups,
@@ -422,9 +423,8 @@ class Planned:
 #: in a worker's environment, and so in that of every process its tasks start (read from
 #: ``/proc/PID/environ``, which shows the environment a process was started with: a forked
 #: process's is its parent's): the pid of the node that started the worker, and an id of
-#: the worker's own (its pid is not known before it starts)
+#: the worker's own (its pid is not known before it starts: WORKER_MARK, node.worker's)
 NODE_MARK = "KOTTA_WORKER_OF"
-WORKER_MARK = "KOTTA_WORKER_ID"
 
 #: prctl(2) option: orphaned descendants are re-parented to this process, not to init
 _PR_SET_CHILD_SUBREAPER = 36

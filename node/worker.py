@@ -547,17 +547,20 @@ def _another_jobs(of: str, job_id: str) -> ValueError:
                       f"running ({job_id})")
 
 
-def _watch_parent(parent: int, period: float = 0.25, sleep=time.sleep) -> None:
+def _watch_parent(parent: int, period: float = 0.25, sleep=time.sleep, mark: str = "") -> None:
     """If the node dies (SIGKILL), take this worker's process group with it: a task must
     not run on unsupervised, without walltime or kill, while its redelivery runs elsewhere.
     (A thread: it needs the GIL, which C code that holds it for long can delay.)
 
     ``sleep`` is bound here, not looked up each time: a task that replaces ``time.sleep``
     (``time.sleep = lambda s: None``, to hurry a library's retries) and leaves it so must
-    not turn this loop into one that spins, slowing every later task of the worker."""
+    not turn this loop into one that spins, slowing every later task of the worker.
+
+    ``mark``: this worker's (WORKER_MARK), whose holders it ends too (:func:`_kill_marked`)."""
     while True:
         sleep(period)
         if os.getppid() != parent:
+            _kill_marked(mark)
             # (its session's other groups first, a script job's: when it leads one, as the
             # node starts it; not a test's session, whose groups are not its tasks')
             if os.getsid(0) == os.getpid():
@@ -568,6 +571,36 @@ def _watch_parent(parent: int, period: float = 0.25, sleep=time.sleep) -> None:
                         pass
             _remove_script_dirs()
             os.killpg(0, signal.SIGKILL)
+
+
+def _kill_marked(mark: str, rounds: int = 10) -> None:
+    """SIGKILL every process that holds this worker's ``mark`` in its environment: what
+    its tasks started outside its session (a daemon: fork, setsid, fork), which the node,
+    a subreaper, ends when the worker goes (pool.adopted); with the node dead, those went
+    to init, and ran on for good, beside the task's redelivery.  (Read from /proc: Linux.
+    A few rounds: what a killed one started carries the mark too.)"""
+    if not mark:
+        return
+    entry, me = f"{WORKER_MARK}={mark}".encode(), os.getpid()
+    for _ in range(rounds):
+        try:
+            pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        except OSError:
+            return
+        found = False
+        for pid in pids:
+            if pid == me:
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if entry not in f.read().split(b"\0"):
+                        continue
+                os.kill(pid, signal.SIGKILL)
+                found = True
+            except OSError:  # gone, or another user's
+                pass
+        if not found:
+            return
 
 
 def _remove_script_dirs() -> None:
@@ -636,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     global _PID
     _PID = os.getpid()
     argv = sys.argv[1:] if argv is None else argv
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(os.getppid(),),
+                     kwargs={"mark": os.environ.get(WORKER_MARK, "")}, daemon=True).start()
     task_fd, result_fd = int(argv[0]), int(argv[1])
     _add_node_sites(os.environ.pop(NODE_SITE, ""))
     _add_extra_path(os.environ.pop(EXTRA_PATH, ""))
@@ -692,6 +726,9 @@ _STOP = threading.Event()
 STOP_SIGNAL: int = signal.SIGRTMIN + 4 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR1
 #: the message a worker sends once, when it has started up (a result is never empty)
 READY = b""
+#: the variable that names a worker in its processes' environments (its id, random: set
+#: by node.pool, with the node's pid as KOTTA_WORKER_OF)
+WORKER_MARK = "KOTTA_WORKER_ID"
 #: the exit status of a worker that stopped as the node asked (STOP_SIGNAL): it sends each
 #: result before it looks at the request, so it never began a task it did not report
 STOPPED = 75

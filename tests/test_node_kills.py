@@ -227,6 +227,32 @@ def test_kill_ends_a_daemon_the_task_started(start_node, make_executor, tmp_path
                       TaskKilled)
 
 
+def test_a_daemon_of_a_running_task_does_not_outlive_its_killed_node(
+        start_node, make_executor, tmp_path):
+    """A node SIGKILLed while a task runs: the worker ends its process groups, but the
+    task's daemon (fork, setsid, fork: re-parented to the node, a subreaper, and, with the
+    node gone, to init) ran on for good, unsupervised, beside the task's redelivery on
+    another node.  The worker ends what carries its mark too."""
+    daemon, log = tmp_path / "daemon", tmp_path / "pids"
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(start_a_daemon_and_sleep, str(daemon))
+    try:
+        wait_for(daemon.exists, what="the task's daemon to start")
+        [pid] = _pids(daemon)
+        [worker] = [p for p in a.worker_pids() if p != pid]  # (the daemon is the node's too)
+        a.kill()
+        wait_for(lambda: not _alive(worker), timeout=10.0, what="the node's worker to end")
+        wait_for(lambda: not _alive(pid), timeout=10.0,
+                 what="the task's daemon to end with its node's worker")
+        assert not f.done()  # (its redelivery waits for a node: none was started yet)
+        assert f.kill()
+        start_node(workers=1)  # (which ends it, killed before it could run again)
+        f.exception(GUARD)
+    finally:
+        _kill_all(daemon)
+
+
 _SESSION_CHILD = """
 import os, sys, time
 open(sys.argv[1] + ".tmp", "w").write(f"{os.getpid()}\\n")
