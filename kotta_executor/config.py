@@ -202,8 +202,11 @@ def check_walltime(queue: str, walltime: float) -> None:
     on a busy machine); :func:`queue_limits` always looks at the file."""
     cap = walltime_cap(queue) / 60.0
     if walltime > cap * 60.0:
+        asked = f"{walltime / 60:g}"
+        if asked == f"{cap:g}":  # just over it: six digits would name the cap itself
+            asked = repr(walltime / 60)
         raise ConfigurationError(
-            f"a walltime of {walltime / 60:g} min is over the cap of the {queue} queue "
+            f"a walltime of {asked} min is over the cap of the {queue} queue "
             f"({cap:g} min)" + ("; use a shorter walltime or the production queue"
                                 if queue == "test" else "")
         )

@@ -197,6 +197,19 @@ def test_walltime_rejects_an_int_too_large_for_a_float() -> None:
         config.walltime_seconds(10**400)
 
 
+@pytest.mark.parametrize("walltime", [60.0000001, dt.timedelta(hours=1, microseconds=1)],
+                         ids=repr)
+def test_a_walltime_just_over_the_cap_is_not_named_as_the_cap_itself(walltime) -> None:
+    """Refused at submit with "a walltime of 60 min is over the cap of the test queue
+    (60 min)": six digits rounded the walltime to the cap it was said to exceed."""
+    with pytest.raises(ConfigurationError) as info:
+        config.check_walltime("test", config.walltime_seconds(walltime))
+    message = str(info.value)
+    assert "(60 min)" in message
+    assert "a walltime of 60 min" not in message
+    assert f"a walltime of {config.walltime_seconds(walltime) / 60!r} min" in message
+
+
 def test_configuration_error_is_a_value_error() -> None:
     assert issubclass(ConfigurationError, ValueError)
 
