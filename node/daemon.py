@@ -70,6 +70,8 @@ REPLY_INLINE_LIMIT = 64 * 1024
 #: never measured (no psutil call per tiny task)
 MEMORY_CHECK_INTERVAL = 0.5
 MEMORY_MIN_AGE = 0.2
+#: seconds between a busy node's looks for kill requests
+KILL_LOOK = 0.25
 #: seconds a node keeps replies a client's full inbox did not take (the client is busy,
 #: often writing its next batch of tasks) before they go on its reply queue, which takes
 #: a write transaction and a wait for the lock that client holds; and how soon it retries
@@ -548,6 +550,11 @@ class Node:
                     self._flush(w)
             return
         timeout = self.config.poll_interval
+        if self._bell is None and (self.data.active or any(
+                w.inflight and w.kill_deadline is None for w in self.workers)):
+            # no doorbell rings for a kill request: wake to look for one (_police), else a
+            # long task ran on for a whole poll interval after its kill()
+            timeout = min(timeout, KILL_LOOK)
         if self.finished:  # results to record once a transient fault has passed
             timeout = min(timeout, max(0.0, self._report_after - now))
         for left in self._leftovers:
@@ -815,7 +822,7 @@ class Node:
     def _police(self) -> None:
         now = time.monotonic()
         running = {w.inflight[0].job_id: w for w in self.workers if w.inflight and w.kill_deadline is None}
-        if now - self._last_kill_check >= min(0.25, self.config.poll_interval):
+        if now - self._last_kill_check >= min(KILL_LOOK, self.config.poll_interval):
             self._last_kill_check = now
             # claimed, not running: staged (or staging), or back from a worker that died
             staging = {t.job_id: t for t in self.pending if t.claimed}

@@ -967,6 +967,38 @@ def test_an_executor_made_from_a_url_leaves_nothing_running_once_dropped(enclave
     assert not runner.is_alive()
 
 
+def test_a_busy_node_without_doorbells_sees_a_kill_whatever_its_poll_interval(enclave,
+                                                                               tmp_path):
+    """A busy node looks for kill requests every 0.25 s (docs/aws.md).  Without doorbells
+    it looked only when its loop woke, which with a long task running and nothing arriving
+    was once a --poll-interval: kill() took that long to end the task (here, longer than
+    the guard), not about a second."""
+    from kotta_executor import KottaExecutor, TaskKilled
+    from node.daemon import Node, NodeConfig
+    from tests import tasks
+
+    # (nor does its held task message come back meanwhile, which woke it too)
+    node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=1.0, poll_interval=120,
+                                    visibility_timeout=600))
+    runner = threading.Thread(target=node.run, name="node")
+    runner.start()
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    started, release = tmp_path / "started", tmp_path / "release"
+    try:
+        f = ex.submit(tasks.touch_then_wait, str(started), str(release), 600)
+        wait_for(started.exists, what="the task to begin")
+        assert f.kill()
+        with pytest.raises(TaskKilled):
+            f.result(GUARD)
+        assert ex.submit(tasks.add, 1, 2).result(GUARD) == 3  # the node goes on
+    finally:
+        tasks.release(release, "go")
+        ex.shutdown(wait=False, cancel_futures=True)
+        node.request_stop()
+        runner.join(GUARD)
+    assert not runner.is_alive()
+
+
 def test_jobs_no_node_serves_are_warned_of_with_a_command_for_this_enclave(enclave,
                                                                            monkeypatch):
     """The warning said to start a node with `kotta up --queue test`, which docs/aws.md says
