@@ -233,7 +233,7 @@ def test_a_daemon_of_a_running_task_does_not_outlive_its_killed_node(
     task's daemon (fork, setsid, fork: re-parented to the node, a subreaper, and, with the
     node gone, to init) ran on for good, unsupervised, beside the task's redelivery on
     another node.  The worker ends what carries its mark too."""
-    daemon, log = tmp_path / "daemon", tmp_path / "pids"
+    daemon = tmp_path / "daemon"
     a = start_node(workers=1)
     ex = make_executor(1, start_node=False)
     f = ex.submit(start_a_daemon_and_sleep, str(daemon))
