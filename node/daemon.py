@@ -549,7 +549,11 @@ class Node:
                 if w.outbox:
                     self._flush(w)
             return
-        timeout = self.config.poll_interval
+        # at most until the next upkeep: a node idle for a long --poll-interval (120 s,
+        # on AWS, where no doorbell wakes it) sent no heartbeat, nor extended the
+        # messages it held, meanwhile, and dropped out of the live nodes after 30 s
+        timeout = min(self.config.poll_interval,
+                      max(0.0, self._last_upkeep + self._upkeep_period() - now))
         if self._bell is None and (self.data.active or any(
                 w.inflight and w.kill_deadline is None for w in self.workers)):
             # no doorbell rings for a kill request: wake to look for one (_police), else a
@@ -1718,6 +1722,11 @@ class Node:
         load[w], caps[w] = 0, 1
         return w
 
+    def _upkeep_period(self) -> float:
+        """Seconds between upkeeps: a third of the visibility timeout (within 0.2 to 10 s),
+        as the heartbeat, every NODE_STALE / 3, fits into."""
+        return max(0.2, min(10.0, self.config.visibility_timeout / 3))
+
     def _upkeep(self) -> None:
         now = time.monotonic()
         if now >= self._next_sample_check and self.config.sample_interval > 0:
@@ -1727,8 +1736,7 @@ class Node:
             for w in self.workers:
                 if w.inflight:
                     w.trim_output()
-        period = max(0.2, min(10.0, self.config.visibility_timeout / 3))
-        if now - self._last_upkeep < period:
+        if now - self._last_upkeep < self._upkeep_period():
             # A burst of tiny tasks writes some 5 KB a task to the embedded enclave's log:
             # checkpointed only every period, it grew to 300 MB in 10 s, and more on a
             # faster machine.  Once it is over its size limit, it is checkpointed now.

@@ -171,6 +171,21 @@ def test_a_task_queued_without_a_ring_runs_within_a_poll_interval(start_node, ma
     assert wire.outcomes(wire.decode(result)) == [(True, 9)]
 
 
+def test_an_idle_node_with_a_long_poll_interval_keeps_its_heartbeat(start_node, enclave):
+    # idle, with nothing to ring it, a node slept its whole --poll-interval: at 120 s (a
+    # quiet AWS queue's) no heartbeat for two minutes, and it dropped out of the live nodes
+    # after 30 s, its held messages' visibility running out as well
+    node = start_node("--poll-interval", "120", visibility_timeout=1.5)
+
+    def heartbeat() -> float:
+        [info] = [n for n in enclave.nodes.all() if n.node_id == node.node_id]
+        return info.heartbeat
+
+    first = heartbeat()
+    wait_for(lambda: heartbeat() >= first + 1.0, what="the idle node's next heartbeats")
+    assert node.proc.poll() is None
+
+
 def test_a_task_rung_in_while_the_node_is_full_runs_when_room_frees(start_node, make_executor,
                                                                    enclave, tmp_path):
     """A ring that finds the node with no room must not be lost: the task runs when room
