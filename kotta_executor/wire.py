@@ -635,7 +635,8 @@ _CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
 
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle's pickler, which also sends by value a function of ``__main__`` (a
-    script, a notebook) wrapped in ``functools.lru_cache`` or ``functools.cache``.
+    script, a notebook) wrapped in ``functools.lru_cache`` or ``functools.cache``, or made
+    generic by ``functools.singledispatch`` (:func:`_dispatching`).
     cloudpickle sends such a wrapper by reference (cloudpipe/cloudpickle#178), as
     ``__main__.fib``, which a worker cannot find, while it sends the function itself by
     value.  The wrapper is made anew around it, with its ``maxsize`` and ``typed`` (not
@@ -654,6 +655,13 @@ class _Pickler(cloudpickle.Pickler):
             own = {k: v for k, v in vars(obj).items() if k != "__wrapped__"}
             return (_lru_cache_of, (params["maxsize"], params["typed"]),
                     (obj.__wrapped__, own), None, None, _cached_calls)
+        if type(obj) is types.FunctionType and obj.__code__ is _DISPATCH_CODE and _by_value(obj):
+            # cloudpickle would send singledispatch's closure, a WeakKeyDictionary among
+            # it, which cannot be pickled: the wrapper is made anew, with what was
+            # registered to it (the default, as ``object``'s), after it (_dispatching)
+            own = {k: v for k, v in vars(obj).items() if k not in _DISPATCH_OWN}
+            return (_singledispatch_of, (), (dict(obj.registry), own), None, None,
+                    _dispatching)
         return super().reducer_override(obj)
 
 
@@ -682,6 +690,29 @@ def _cached_calls(wrapper, state: tuple[Callable, dict[str, Any]]) -> None:
     fn, own = state
     wrapper.__wrapped__.fn = fn
     functools.update_wrapper(wrapper, fn)  # (its name, doc, __wrapped__: the function)
+    vars(wrapper).update(own)
+
+
+def _undispatched(*args, **kwargs):
+    raise TypeError("singledispatch function not set up yet")
+
+
+#: the code of every ``functools.singledispatch`` wrapper, and what singledispatch sets on it
+_DISPATCH_CODE = functools.singledispatch(_undispatched).__code__
+_DISPATCH_OWN = frozenset({"register", "dispatch", "registry", "_clear_cache", "__wrapped__"})
+
+
+def _singledispatch_of() -> Callable:
+    """A worker's ``functools.singledispatch`` wrapper, its functions set later
+    (_dispatching)."""
+    return functools.singledispatch(_undispatched)
+
+
+def _dispatching(wrapper, state: tuple[dict, dict[str, Any]]) -> None:
+    registry, own = state
+    for cls, fn in registry.items():  # (object's first: the default)
+        wrapper.register(cls, fn)
+    functools.update_wrapper(wrapper, registry[object])  # (its name, doc, __wrapped__)
     vars(wrapper).update(own)
 
 

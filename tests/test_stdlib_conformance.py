@@ -740,3 +740,60 @@ def test_an_initializers_globals_reach_only_its_own_executors_tasks(make_executo
     ex_b = make_executor(1)  # (A's node serves it: the same worker, one a node)
     assert ex_b.submit(b["task"], 2).result(timeout=GUARD) == ("B own", 2)
     assert ex_a.submit(a["task"], 4).result(timeout=GUARD) == ("A's", 4)
+
+
+_DISPATCHED = """
+import functools
+
+class Shape:
+    pass
+
+class Square(Shape):
+    def __init__(self, side):
+        self.side = side
+
+@functools.singledispatch
+def describe(x):
+    return "thing"
+
+@describe.register
+def _(x: int):
+    return "int " + describe(str(x))
+
+@describe.register(str)
+def _(x):
+    return "str"
+
+@describe.register
+def _(x: Shape):
+    return "shape"
+
+def task(x):
+    return describe(x)
+
+describe.note = "set on the wrapper"
+
+def note():
+    return describe.note
+"""
+
+
+def test_a_singledispatch_function_of_main_runs_on_the_node(make_executor):
+    """A function of ``__main__`` (a script, a notebook) made generic by
+    ``functools.singledispatch``, submitted or called by a task: ProcessPoolExecutor runs
+    it.  cloudpickle sends its wrapper by value with the closure singledispatch made, a
+    WeakKeyDictionary among it: submit raised "cannot pickle 'weakref.ReferenceType'
+    object", which names nothing of the user's.  It travels by value now, with what was
+    registered to it (a class of ``__main__`` too); its dispatch cache starts empty."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_DISPATCHED, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's functions
+    ex = make_executor(1)
+    describe, square = ns["describe"], ns["Square"](2)
+    assert ex.submit(describe, 3).result(timeout=GUARD) == "int str"
+    assert ex.submit(describe, 2.5).result(timeout=GUARD) == "thing"
+    assert ex.submit(describe, square).result(timeout=GUARD) == "shape"
+    assert list(ex.map(ns["task"], [1, "a", square, None])) == ["int str", "str", "shape", "thing"]
+    back = ex.submit(lambda: describe).result(timeout=GUARD)
+    assert back(1) == "int str" and back.__name__ == "describe"
+    assert len(back.registry) == 4 and {object, int, str} <= set(back.registry)
+    assert ex.submit(ns["note"]).result(timeout=GUARD) == "set on the wrapper"
