@@ -878,7 +878,12 @@ def _explain_unpicklable(fn, calls, exc: BaseException) -> str:
 
     name = getattr(fn, "__qualname__", repr(fn))
     if (e := fails(fn)) is not None:
-        return f"cannot send {name}: the function itself cannot be pickled ({e})"
+        # which of the values it uses, as a function sent by value (a module-level lock, a
+        # socket, a dict holding one), since a function uses many and pickle's message
+        # names only a type
+        part = _unpicklable_part(fn, fails, set())
+        return (f"cannot send {name}: the function itself cannot be pickled"
+                f"{': ' + part if part else ''} ({e})")
     for args, kwargs in calls:
         for i, arg in enumerate(args):
             if (e := fails(arg)) is not None:
@@ -893,6 +898,53 @@ def _explain_unpicklable(fn, calls, exc: BaseException) -> str:
                     f"cannot be pickled ({e})"
                 )
     return f"cannot send {name}: the call cannot be pickled ({exc})"
+
+
+def _unpicklable_part(fn: Any, fails: Callable[[Any], BaseException | None],
+                      seen: set[int]) -> str | None:
+    """The global, closure variable or default of ``fn``, a function sent by value (or a
+    partial of one), that cannot be pickled, named with the functions sent by value
+    through which ``fn`` uses it; None when none is found.  Only when ``fn`` cannot be
+    pickled."""
+    if isinstance(fn, functools.partial):
+        for i, v in enumerate(fn.args):
+            if fails(v) is not None:
+                return f"argument {i} of the partial ({_short_repr(v)})"
+        for k, v in fn.keywords.items():
+            if fails(v) is not None:
+                return f"keyword argument {k!r} of the partial ({_short_repr(v)})"
+        return _unpicklable_part(fn.func, fails, seen)
+    if type(fn) is not types.FunctionType or id(fn) in seen or len(seen) > 32:
+        return None
+    try:
+        if cloudpickle.cloudpickle._should_pickle_by_reference(fn):
+            return None
+        names = cloudpickle.cloudpickle._extract_code_globals(fn.__code__)
+    except Exception:  # noqa: BLE001 - cloudpickle internals: code's own names then
+        names = fn.__code__.co_names
+    seen.add(id(fn))
+    code, g = fn.__code__, fn.__globals__
+    used = [(f"global {k!r}", g[k]) for k in names if k in g]
+    for k, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            used.append((f"closure variable {k!r}", cell.cell_contents))
+        except ValueError:  # (an empty cell)
+            pass
+    positional = code.co_varnames[: code.co_argcount]
+    defaults = fn.__defaults__ or ()
+    used += [(f"default {k!r}", v) for k, v in zip(positional[len(positional) - len(defaults):],
+                                                   defaults)]
+    used += [(f"default {k!r}", v) for k, v in (fn.__kwdefaults__ or {}).items()]
+    first = None
+    for what, v in used:
+        if fails(v) is None:
+            continue
+        deeper = _unpicklable_part(v, fails, seen)
+        if deeper:
+            return f"{deeper}, used by {fn.__qualname__}"
+        if first is None:  # (a function through which no value is found: look further)
+            first = f"{what} of {fn.__qualname__} ({_short_repr(v)})"
+    return first
 
 
 def _short_repr(obj: Any, limit: int = 80) -> str:

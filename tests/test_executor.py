@@ -413,6 +413,60 @@ def test_unpicklable_call_fails_at_submit_and_sends_nothing(executor, enclave):
     assert [j.job_id for j in enclave.jobs.list()] == [ok.job_id]
 
 
+_HOLDS = """
+import functools, socket, threading
+
+LOCK = threading.Lock()
+CONFIG = {"retries": 3, "guard": threading.RLock()}
+SOCK = socket.socket()
+
+def uses_lock():
+    with LOCK:
+        return 1
+
+def uses_config():
+    return CONFIG["retries"]
+
+def calls_helper():
+    return uses_lock() + 1
+
+def with_default(x, sock=SOCK):
+    return x
+
+def make_closure():
+    guard = threading.Lock()
+    def closure():
+        with guard:
+            return 1
+    return closure
+"""
+
+
+def test_an_unpicklable_global_or_closure_variable_of_main_is_named(executor, enclave):
+    """A function of a script or notebook that uses a module-level lock, socket or a dict
+    holding one: submit said "the function itself cannot be pickled (cannot pickle
+    '_thread.lock' object)", not which of the values it uses is at fault, and a function
+    uses many.  The error names it now (a global, a closure variable, a default), and the
+    function through which it is used."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_HOLDS, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's functions
+    try:
+        for fn, what in (
+            (ns["uses_lock"], r"global 'LOCK' of uses_lock \(<unlocked _thread.lock"),
+            (ns["uses_config"], r"global 'CONFIG' of uses_config \(\{'retries': 3"),
+            (ns["calls_helper"], r"global 'LOCK' of uses_lock \(.*\), used by calls_helper"),
+            (ns["with_default"], r"default 'sock' of with_default \(<socket.socket"),
+            (ns["make_closure"](), r"closure variable 'guard' of make_closure.<locals>.closure"),
+            (functools.partial(ns["calls_helper"]), r"global 'LOCK' of uses_lock"),
+        ):
+            with pytest.raises(SerializationError, match="function itself cannot be pickled: "
+                                                         + what):
+                executor.submit(fn)
+    finally:
+        ns["SOCK"].close()
+    assert enclave.jobs.list() == []
+
+
 def test_a_task_that_would_take_the_clients_executor_is_refused_naming_it(executor, enclave):
     """A notebook function that uses the executor (or the decorator's connection, or a
     with_options view) was refused with pickle's "cannot pickle '_thread._local' object",
