@@ -636,7 +636,8 @@ _CLOUDPICKLE_CODE_REDUCE = cloudpickle.Pickler.dispatch_table[types.CodeType]
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle's pickler, which also sends by value a function of ``__main__`` (a
     script, a notebook) wrapped in ``functools.lru_cache`` or ``functools.cache``, or made
-    generic by ``functools.singledispatch`` (:func:`_dispatching`).
+    generic by ``functools.singledispatch`` (:func:`_dispatching`), and, before Python
+    3.12, a class of ``__main__`` with a ``functools.cached_property``.
     cloudpickle sends such a wrapper by reference (cloudpipe/cloudpickle#178), as
     ``__main__.fib``, which a worker cannot find, while it sends the function itself by
     value.  The wrapper is made anew around it, with its ``maxsize`` and ``typed`` (not
@@ -662,6 +663,11 @@ class _Pickler(cloudpickle.Pickler):
             own = {k: v for k, v in vars(obj).items() if k not in _DISPATCH_OWN}
             return (_singledispatch_of, (), (dict(obj.registry), own), None, None,
                     _dispatching)
+        if type(obj) is functools.cached_property and "lock" in vars(obj):
+            # (before Python 3.12) in a class sent by value: its RLock cannot be pickled,
+            # and the cached_property made anew where it is unpickled has its own
+            return (functools.cached_property, (obj.func,),
+                    {k: v for k, v in vars(obj).items() if k != "lock"})
         return super().reducer_override(obj)
 
 

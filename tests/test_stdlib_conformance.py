@@ -797,3 +797,36 @@ def test_a_singledispatch_function_of_main_runs_on_the_node(make_executor):
     assert back(1) == "int str" and back.__name__ == "describe"
     assert len(back.registry) == 4 and {object, int, str} <= set(back.registry)
     assert ex.submit(ns["note"]).result(timeout=GUARD) == "set on the wrapper"
+
+
+_CACHED_PROPERTY = """
+import functools
+
+class Circle:
+    def __init__(self, r):
+        self.r = r
+
+    @functools.cached_property
+    def area(self):
+        \"\"\"The area, worked out once.\"\"\"
+        return 3 * self.r * self.r
+
+def area(circle):
+    return circle.area, Circle.area.__doc__
+"""
+
+
+def test_a_class_of_main_with_a_cached_property_travels(make_executor):
+    """A class of ``__main__`` (a script, a notebook) with a ``functools.cached_property``:
+    ProcessPoolExecutor sends its instances (by reference to the class).  Sent by value,
+    the class's cached_property holds an RLock before Python 3.12: submit raised "cannot
+    pickle '_thread.RLock' object" for an instance as an argument, and for the class as
+    the function.  It travels by value now, a new lock made where it is unpickled."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_CACHED_PROPERTY, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's
+    ex = make_executor(1)
+    circle = ns["Circle"](2)
+    assert ex.submit(ns["area"], circle).result(timeout=GUARD) == (12, "The area, worked out once.")
+    made = ex.submit(ns["Circle"], 3).result(timeout=GUARD)
+    assert isinstance(made, ns["Circle"]) and made.area == 27
+    assert list(ex.map(lambda c: c.area, [circle, made])) == [12, 27]
