@@ -1300,8 +1300,8 @@ def _rebuild_exception(cls: type[BaseException], args: tuple, state: dict) -> _T
 
 def _round_trips(exc: BaseException) -> bool:
     """Does the exception survive pickling (some pickle, then fail to unpickle)?"""
-    try:
-        pickle.loads(cloudpickle.dumps(_Travelling(exc)))
+    try:  # (with the pickler that sends it: a class of __main__ with a cached_property)
+        pickle.loads(cloudpickle_dumps(_Travelling(exc)))
         return True
     except BaseException:  # noqa: BLE001 - a __reduce__ that calls sys.exit() included
         return False
@@ -1328,7 +1328,7 @@ def dump_exception(exc: BaseException) -> bytes:
     An exception that cannot make the round trip is replaced by a :class:`RemoteError`
     carrying its type name, message and formatted traceback.
     """
-    return cloudpickle.dumps(ExceptionBox(exc))
+    return cloudpickle_dumps(ExceptionBox(exc))
 
 
 def remote_error(exc: BaseException) -> errors.RemoteError:

@@ -813,6 +813,24 @@ class Circle:
 
 def area(circle):
     return circle.area, Circle.area.__doc__
+
+class Rejected(Exception):
+    @functools.cached_property
+    def reason(self):
+        return "rejected: " + self.args[0]
+
+@functools.singledispatch
+def check(x):
+    raise Rejected(str(x))
+
+def reject(x):
+    raise Rejected(x)
+
+class Carries(Exception):
+    pass
+
+def carries():
+    raise Carries(check)
 """
 
 
@@ -830,3 +848,22 @@ def test_a_class_of_main_with_a_cached_property_travels(make_executor):
     made = ex.submit(ns["Circle"], 3).result(timeout=GUARD)
     assert isinstance(made, ns["Circle"]) and made.area == 27
     assert list(ex.map(lambda c: c.area, [circle, made])) == [12, 27]
+
+
+def test_an_exception_of_main_a_class_with_a_cached_property_or_holding_one_comes_back(
+        make_executor):
+    """An exception class of ``__main__`` with a ``functools.cached_property``, or one that
+    holds a ``functools.singledispatch`` function of ``__main__``, raised by a task: the
+    worker checked that it would travel with cloudpickle alone, which cannot pickle them
+    (before Python 3.12 for the first), and sent a RemoteError instead, which ``except
+    Rejected`` does not catch.  It comes back as itself now, as a result of those does."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_CACHED_PROPERTY, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's
+    ex = make_executor(1)
+    with pytest.raises(ns["Rejected"]) as info:
+        ex.submit(ns["reject"], "too big").result(timeout=GUARD)
+    assert info.value.reason == "rejected: too big"
+    with pytest.raises(ns["Carries"]) as info:
+        ex.submit(ns["carries"]).result(timeout=GUARD)
+    with pytest.raises(ns["Rejected"]):
+        info.value.args[0](1)
