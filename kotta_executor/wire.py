@@ -637,7 +637,8 @@ class _Pickler(cloudpickle.Pickler):
     """cloudpickle's pickler, which also sends by value a function of ``__main__`` (a
     script, a notebook) wrapped in ``functools.lru_cache`` or ``functools.cache``, or made
     generic by ``functools.singledispatch`` (:func:`_dispatching`), and, before Python
-    3.12, a class of ``__main__`` with a ``functools.cached_property``.
+    3.12, a class of ``__main__`` with a ``functools.cached_property``; a class of
+    ``__main__`` keeps its ``__slots__`` (:func:`_with_slots`).
     cloudpickle sends such a wrapper by reference (cloudpipe/cloudpickle#178), as
     ``__main__.fib``, which a worker cannot find, while it sends the function itself by
     value.  The wrapper is made anew around it, with its ``maxsize`` and ``typed`` (not
@@ -663,6 +664,8 @@ class _Pickler(cloudpickle.Pickler):
             own = {k: v for k, v in vars(obj).items() if k not in _DISPATCH_OWN}
             return (_singledispatch_of, (), (dict(obj.registry), own), None, None,
                     _dispatching)
+        if isinstance(obj, type) and "__slots__" in vars(obj):
+            return _with_slots(obj, super().reducer_override(obj))
         if type(obj) is functools.cached_property and "lock" in vars(obj):
             # (before Python 3.12) in a class sent by value: its RLock cannot be pickled,
             # and the cached_property made anew where it is unpickled has its own
@@ -697,6 +700,20 @@ def _cached_calls(wrapper, state: tuple[Callable, dict[str, Any]]) -> None:
     wrapper.__wrapped__.fn = fn
     functools.update_wrapper(wrapper, fn)  # (its name, doc, __wrapped__: the function)
     vars(wrapper).update(own)
+
+
+def _with_slots(cls: type, reduced: Any) -> Any:
+    """cloudpickle's reduction of a class with ``__slots__``, made again with them.
+    cloudpickle sends a class by value (of ``__main__``) with its ``__slots__`` only as an
+    attribute set after the class is made: where it is unpickled, its instances had a
+    ``__dict__``, and those sent back could not be unpickled on the client, whose class
+    has none ("'Pair' object has no attribute '__dict__'")."""
+    make = getattr(cloudpickle.cloudpickle, "_make_skeleton_class", None)
+    if type(reduced) is not tuple or make is None or reduced[0] is not make:
+        return reduced  # (by reference; or cloudpickle internals changed: as it does)
+    meta, name, bases, kwargs, *rest = reduced[1]
+    return (make, (meta, name, bases, {**kwargs, "__slots__": cls.__slots__}, *rest),
+            *reduced[2:])
 
 
 def _undispatched(*args, **kwargs):

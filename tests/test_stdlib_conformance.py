@@ -867,3 +867,45 @@ def test_an_exception_of_main_a_class_with_a_cached_property_or_holding_one_come
         ex.submit(ns["carries"]).result(timeout=GUARD)
     with pytest.raises(ns["Rejected"]):
         info.value.args[0](1)
+
+
+_SLOTS = """
+import dataclasses
+
+class Pair:
+    __slots__ = ("left", "right")
+
+    def __init__(self, left, right):
+        self.left, self.right = left, right
+
+@dataclasses.dataclass(slots=True)
+class Cell:
+    value: int
+
+def make(left, right):
+    return Pair(left, right)
+
+def swap(pair):
+    return Pair(pair.right, pair.left), hasattr(pair, "__dict__")
+
+def bump(cell):
+    return Cell(cell.value + 1)
+"""
+
+
+def test_instances_of_a_class_of_main_with_slots_come_back(make_executor):
+    """A class of ``__main__`` with ``__slots__`` (or a ``dataclass(slots=True)``), its
+    instances made or returned by a task: ProcessPoolExecutor gives them back.  cloudpickle
+    made the class again on the node without its slots, so the node's instances had a
+    ``__dict__``, which the client's class has not: the future raised "could not be
+    unpickled on the client: AttributeError: 'Pair' object has no attribute '__dict__'".
+    The class keeps its slots on the node now."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_SLOTS, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's functions
+    ex = make_executor(1)
+    pair = ex.submit(ns["make"], 1, 2).result(timeout=GUARD)
+    assert type(pair) is ns["Pair"] and (pair.left, pair.right) == (1, 2)
+    swapped, had_dict = ex.submit(ns["swap"], pair).result(timeout=GUARD)
+    assert (swapped.left, swapped.right, had_dict) == (2, 1, False)
+    assert ex.submit(ns["bump"], ns["Cell"](1)).result(timeout=GUARD) == ns["Cell"](2)
+    assert [c.value for c in ex.map(ns["bump"], [ns["Cell"](5)])] == [6]
