@@ -13,6 +13,11 @@ import re
 from collections.abc import Iterable
 
 from .errors import ConfigurationError
+from .wire import MAX_HEADER
+
+#: bytes a normalised set may take: it travels in the task header, which a node reads only
+#: up to MAX_HEADER bytes of (the rest leaves room for the header's other fields)
+MAX_BYTES = MAX_HEADER // 2
 
 #: a comment, as pip reads requirement files: ``#`` at the start or after any whitespace
 #: (a tab too), to the end of the line; a ``#`` inside a word (a URL's fragment) is not one
@@ -78,7 +83,14 @@ def _normalize_text(text: str) -> str:
 
 
 def _joined(lines: Iterable[str]) -> str:
-    return "\n".join(sorted({r for r in map(_line, lines) if r}))
+    joined = "\n".join(sorted({r for r in map(_line, lines) if r}))
+    size = len(joined.encode())
+    if size > MAX_BYTES:  # else its tasks failed on the node, as corrupt task messages
+        raise ConfigurationError(
+            f"requirements take {size:,} bytes once normalised, over the {MAX_BYTES:,} a "
+            "task header carries: install large sets on the node instead"
+        )
+    return joined
 
 
 def env_key(requirements: str) -> str:

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kotta_executor import RequirementsError, WorkerDied, kottajob, wire
+from kotta_executor import RequirementsError, WorkerDied, kottajob, requirements, wire
 from kotta_executor.errors import ConfigurationError
 from kotta_executor.requirements import env_key, normalize
 from node import envs
@@ -161,6 +161,20 @@ def test_a_comment_after_any_whitespace_is_a_comment(reqs, space, comment):
     lines = [f"{name}{','.join(op + v for op, v in spec)}" for name, spec in reqs]
     commented = [f"{line}{space}#{comment}" for line in lines]
     assert normalize(commented + [f"#{comment}", f"{space}#{comment}"]) == normalize(lines)
+
+
+def test_a_set_too_long_for_a_task_header_is_refused_when_given(make_executor):
+    """The set travels in the task header, which a node reads up to wire.MAX_HEADER bytes
+    of: a longer one was accepted, and its tasks failed as a "corrupt task message" whose
+    "header runs past the end", naming neither the requirements nor their length."""
+    lines = [f"kotta-a-rather-long-package-name-number-{i}==1.0" for i in range(25000)]
+    ex = make_executor(1, start_node=False)
+    with pytest.raises(ConfigurationError, match="requirements .* bytes") as info:
+        ex.with_options(requirements=lines)
+    assert f"{requirements.MAX_BYTES:,}" in str(info.value)
+    view = ex.with_options(requirements=lines[:2000])  # a long set that fits still travels
+    job = view._parent._new_job("1" * 32, len, [(([],), {})], view._options)
+    assert wire.peek_header(job.body)["requirements"] == normalize(lines[:2000])
 
 
 def test_a_hash_inside_a_requirement_is_not_a_comment():
