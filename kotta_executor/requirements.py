@@ -25,8 +25,8 @@ _COMMENT = re.compile(r"(^|\s)#.*$")
 
 
 def _line(line: str) -> str:
-    """One requirement in its canonical spelling (``packaging``'s: the project name
-    PEP 503-normalised, extras and version specifiers sorted, markers spaced as PEP 508
+    """One requirement in its canonical spelling (``packaging``'s: the project name and
+    extras PEP 503-normalised, extras and version specifiers sorted, markers spaced as PEP 508
     writes them), without comments; ``""`` for a blank or comment line."""
     line = _COMMENT.sub("", line).strip()
     if not line:
@@ -52,6 +52,8 @@ def _line(line: str) -> str:
             "decides that (its index or mirror); name the package and a version instead"
         )
     req.name = canonicalize_name(req.name)
+    # extras are names too (PEP 685, as pip compares them): ``[Socks]`` is ``[socks]``
+    req.extras = {canonicalize_name(e) for e in req.extras}
     return str(req)
 
 

@@ -114,6 +114,15 @@ def test_markers_and_extras_keep_their_meaning():
     )
 
 
+def test_extras_spelled_differently_are_one_set():
+    """Extras are names as a project's are (PEP 685: pip compares them normalised): in
+    other spellings the same set had another env key, and was built again, beside."""
+    assert normalize("Foo[B, a]") == normalize("foo[a,b]") == "foo[a,b]"
+    assert normalize(["foo[Dev_Tools]", "foo[dev-tools]", "foo[dev.tools]"]) == (
+        "foo[dev-tools]")
+    assert env_key("Foo[SOCKS]==1.0") == env_key("foo[socks] == 1.0")
+
+
 @pytest.mark.parametrize("line", [
     "pkg @ https://example.com/pkg-1.0-py3-none-any.whl#sha256=abc",
     "pkg @ git+https://example.com/pkg.git@v1",
