@@ -185,6 +185,30 @@ def build(root: Path, key: str, requirements: str, builds: Builds | None = None)
     return Env(key, final)
 
 
+#: what runs each build step (``python -c _WATCHED NODE_PID CMD...``), at the head of its
+#: session: it runs the step and, once the node has gone (killed outright: SIGKILL, the OOM
+#: killer, which ends no build), kills the session, as a worker ends itself and its tasks
+#: (node.worker._watch_parent).  Else pip ran on, orphaned, as long as its index kept it.
+#: It ends as the step did (exit code, or the same signal).  Standard library only: it
+#: runs without the node's path.
+_WATCHED = """
+import os, signal, subprocess, sys, threading, time
+node = int(sys.argv[1])
+step = subprocess.Popen(sys.argv[2:])
+def watch():
+    while step.poll() is None:
+        if os.getppid() != node:
+            os.killpg(0, signal.SIGKILL)
+        time.sleep(0.25)
+threading.Thread(target=watch, daemon=True).start()
+code = step.wait()
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 class Builds:
     """The build processes running now (venv, pip) of one node's builds, each in a session
     of its own, which the node ends as it stops (:meth:`stop`); from then on, no build
@@ -200,7 +224,8 @@ class Builds:
             if self._stopped:
                 raise BuildError(f"{what}: the node is stopping")
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                [sys.executable, "-I", "-c", _WATCHED, str(os.getpid()), *cmd],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
             self._procs.add(proc)

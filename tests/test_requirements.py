@@ -384,7 +384,9 @@ def test_a_node_stopped_while_it_installs_requirements_leaves_no_pip_running(
             kids = psutil.Process(node.pid).children(recursive=True)
         except psutil.Error:
             return []
-        return [p for p in kids if {"pip", "install"} <= set(_cmdline(p))]
+        # (pip itself, not what runs it: ``python -c WATCHER NODE_PID python -m pip ...``)
+        return [p for p in kids if {"pip", "install"} <= set(_cmdline(p))
+                and "-c" not in _cmdline(p)[:3]]
 
     builders: list[psutil.Process] = []
     try:
@@ -399,3 +401,47 @@ def test_a_node_stopped_while_it_installs_requirements_leaves_no_pip_running(
             with contextlib.suppress(psutil.Error):
                 p.kill()
         index.close()
+
+
+def test_a_node_killed_while_it_installs_requirements_leaves_no_pip_running(
+        start_node, make_executor, monkeypatch):
+    """A node killed outright (SIGKILL, the OOM killer) while it builds a task's
+    requirements: its pip, in a session of its own, ran on, orphaned, for as long as pip
+    would wait for its index (workers end with their node: so does a build now)."""
+    import socket
+
+    index = socket.socket()  # an index that takes connections and never answers
+    index.bind(("127.0.0.1", 0))
+    index.listen(16)
+    index.settimeout(GUARD)
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{index.getsockname()[1]}/simple")
+    monkeypatch.setenv("PIP_TIMEOUT", "600")
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    ex.with_options(requirements=PROBE).submit(_probe_version)
+    with contextlib.ExitStack() as stack:
+        stack.callback(index.close)
+        # pip has asked the index (so has written what it writes first): it waits now
+        stack.enter_context(index.accept()[0])
+        # pip (pip's --python runs a second pip in the venv's python) and what runs them
+        builders = [p for p in psutil.Process(node.pid).children(recursive=True)
+                    if "install" in _cmdline(p) and any("pip" in a for a in _cmdline(p))]
+        assert builders
+        for p in builders:
+            stack.callback(_kill, p)
+        node.kill()
+        wait_for(lambda: not any(map(_alive, builders)), what="pip to end with its node")
+
+
+def _kill(p: psutil.Process) -> None:
+    with contextlib.suppress(psutil.Error):
+        p.kill()
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
