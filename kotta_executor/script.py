@@ -144,6 +144,12 @@ def _check_script_name(name: str) -> str:
         raise ValueError(
             f"script_name must be a plain file name (no directories), not {name!r}"
         )
+    size = len(os.fsencode(name))
+    if size > 255:  # NAME_MAX: else the job failed on the node, "File name too long"
+        raise ValueError(
+            f"script_name {name[:40]!r}... takes {size} bytes as a file name; a file name "
+            "takes at most 255"
+        )
     return name
 
 

@@ -424,6 +424,16 @@ def test_an_executable_that_cannot_be_split_or_run_is_refused_naming_it():
         KottaJob(executable="/bin/sh\0 run.sh", script_name="run.sh", script="true")
 
 
+def test_a_script_name_too_long_for_a_file_is_refused_when_the_job_is_made():
+    """It was accepted and failed the job on the node, once it ran, with "File name too
+    long" (a file name is at most 255 bytes: NAME_MAX)."""
+    name = "é" * 127 + ".sh"  # 257 bytes in UTF-8, 130 characters
+    with pytest.raises(ValueError, match=r"script_name .* 257 bytes .* at most 255"):
+        KottaJob(executable=f"/bin/sh {name}", script_name=name, script="true")
+    name = "é" * 126 + ".sh"  # 255 bytes: a file may have that name
+    assert KottaJob(executable=f"/bin/sh {name}", script_name=name, script="true")
+
+
 def test_a_script_utf8_cannot_hold_is_refused_when_the_job_is_made():
     """It was accepted and failed the job on the node with a UnicodeEncodeError."""
     with pytest.raises(ValueError, match=r"script holds .* at position 5, which UTF-8 cannot encode"):
