@@ -1163,6 +1163,13 @@ class Node:
                 if header["kind"] != "task" or header["job_id"] != d.job_id:
                     raise EnvelopeError("the message is not the task of the job it names")
             except (EnvelopeError, KeyError, ValueError) as exc:
+                # nothing in it can be verified, yet it fails the job it names: audited,
+                # as a forged signed task is (_refuse), for whoever looks into that job
+                self._audit_later.append(dict(
+                    action="task-rejected", user="?", allowed=False, job_id=d.job_id or None,
+                    detail=f"node {self.node_id}, not verified: a message that is not a "
+                           f"task envelope of its job: {exc}",
+                ))
                 if (version := wire.newer_version(d.body)) is not None:
                     # a client upgraded before this node: not damage in transit, as
                     # "corrupt" said, but a node to upgrade

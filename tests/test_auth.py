@@ -31,6 +31,7 @@ from kotta_executor.config import current_user
 from kotta_executor.errors import (
     AccessDenied,
     AuthenticationError,
+    CorruptTask,
     EnvelopeError,
     TaskKilled,
     TaskRejected,
@@ -250,6 +251,35 @@ def test_a_task_of_a_later_wire_format_is_refused_naming_a_newer_client(
     assert node.proc.poll() is None
     [dead] = enclave.queue.dead_letters("test")
     assert dead["job_id"] == f.job_id and "newer kotta-executor" in dead["reason"]
+
+
+def test_a_message_that_is_no_task_envelope_is_audited_as_it_fails_its_job(
+    start_node, make_executor, enclave
+):
+    """Someone who can write to the queue puts there what no client writes: a task cut
+    short, or the signed task of another job under a job's id (a replay).  The named jobs
+    failed (CorruptTask) and their messages were dead-lettered, but the audit log said
+    nothing of it: a forged signed task is audited (task-rejected), a message that cannot
+    even be read was not."""
+    ex = make_executor(1, start_node=False)
+    cut, replayed, source = (ex.submit(tasks.square, i) for i in range(3))
+    taken = _steal(enclave, [cut.job_id, replayed.job_id, source.job_id])
+    enclave.queue.ack([taken[cut.job_id], taken[replayed.job_id]])
+    enclave.queue.release([taken[source.job_id]])
+    enclave.queue.send("test", [
+        Message(cut.job_id, taken[cut.job_id].body[:-5]),
+        Message(replayed.job_id, taken[source.job_id].body),  # another job's envelope
+    ])
+    node = start_node(workers=1)
+    assert source.result(GUARD) == 4  # its own task runs, as if nothing happened
+    for f, why in ((cut, "is cut short"), (replayed, "not the task of the job it names")):
+        with pytest.raises(CorruptTask, match=why):
+            f.result(GUARD)
+        [rec] = AuditLog(enclave).show(action="task-rejected", job_id=f.job_id)
+        assert rec["allowed"] is False
+        assert why in rec["detail"] and "not verified" in rec["detail"]
+    assert ex.submit(tasks.square, 5).result(GUARD) == 25
+    assert node.proc.poll() is None
 
 
 # ---------------------------------------------------------------------- 2. replays
