@@ -78,6 +78,7 @@ from .errors import (
     BrokenEnclave,
     ConfigurationError,
     EnvelopeError,
+    InvalidDataUri,
     SerializationError,
     UnknownJob,
 )
@@ -674,6 +675,8 @@ class KottaExecutor(Executor):
             if self._init is not None:  # (small: checked when the executor was made)
                 sections["init"] = self._init
             body = self._creds.access().sign(header, sections)
+            if wire.header_size(body) > wire.MAX_HEADER:
+                raise _header_too_big(header, wire.header_size(body))
         except BaseException:
             # (a dependent task's job is then recorded failed, and the nodes' sweep
             # leaves the blobs of a recorded job alone)
@@ -1922,6 +1925,19 @@ def _last_line(path: Path) -> str:
     except OSError as exc:
         return f"(unreadable: {exc})"
     return lines[-1].strip() if lines else "(empty)"
+
+
+def _header_too_big(header: dict[str, Any], size: int) -> ConfigurationError | InvalidDataUri:
+    """Why a task whose header is over what a node reads (``wire.MAX_HEADER``) is refused at
+    submit: a node failed it as a "truncated", corrupt message, naming no cause."""
+    ins, outs = len(header.get("inputs", ())), len(header.get("outputs", ()))
+    reqs = len(header.get("requirements", "").splitlines())
+    cls = InvalidDataUri if ins or outs else ConfigurationError
+    return cls(
+        f"the task declares {ins} inputs, {outs} outputs and {reqs} requirements: its header "
+        f"of {size} bytes is over the {wire.MAX_HEADER} bytes a node reads; declare fewer "
+        "(an archive of the files, or the work split among several tasks)"
+    )
 
 
 def _not_sent(what: str) -> TypeError:

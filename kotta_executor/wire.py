@@ -309,6 +309,11 @@ def newer_version(data: bytes | memoryview) -> int | None:
     return version if version > VERSION else None
 
 
+def header_size(data: bytes) -> int:
+    """The length of a framed envelope's header, as its prefix says."""
+    return _PREFIX.unpack_from(data)[2]
+
+
 def peek_header(data: bytes | memoryview) -> dict[str, Any]:
     """The validated header of an envelope, without copying its sections out (nodes)."""
     header, _ = _parse(data if isinstance(data, bytes) else bytes(data))
@@ -329,7 +334,10 @@ def _parse(data: bytes) -> tuple[dict[str, Any], int]:
             f"{', from a newer kotta-executor' if version > VERSION else ''} (this "
             f"kotta-executor reads {', '.join(map(str, READABLE_VERSIONS))})"
         )
-    if hlen > MAX_HEADER or _PREFIX.size + hlen > len(data):
+    if hlen > MAX_HEADER:  # (nothing may be cut short: a client's, over the limit)
+        raise errors.EnvelopeError(
+            f"kotta envelope header of {hlen} bytes is over the limit of {MAX_HEADER}")
+    if _PREFIX.size + hlen > len(data):
         raise errors.EnvelopeError("truncated kotta envelope: header runs past the end")
     try:
         header = orjson.loads(memoryview(data)[_PREFIX.size : _PREFIX.size + hlen])

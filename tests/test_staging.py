@@ -209,6 +209,21 @@ def test_a_file_name_no_working_directory_can_hold_is_refused_at_submit(
     assert not marker.exists()
 
 
+def test_a_task_declaring_more_data_than_a_node_reads_is_refused_at_submit(data, make_executor):
+    """5,000 inputs of some 200 bytes each make a task header over the 1 MiB a node reads.
+    The submit took it, and the node failed it as "a corrupt task message: truncated kotta
+    envelope: header runs past the end": nothing was cut short, and nothing said why."""
+    alice = make_executor(1, credentials=data.alice, start_node=False)
+    inputs = [f"s3://klab-jobs/{'x' * 200}-{i:05d}.txt" for i in range(5000)]
+    with pytest.raises(errors.InvalidDataUri, match=r"5000 inputs.*over the 1048576 bytes"):
+        alice.submit(tasks.file_sum, inputs=inputs)
+    with pytest.raises(errors.InvalidDataUri, match=r"5000 outputs"):
+        alice.with_options(outputs=[u.replace("klab-jobs", "klab-results") for u in inputs]
+                           ).submit(tasks.square, 2)
+    assert data.enclave.jobs.list(owner="alice", limit=10) == []
+    assert alice.submit(tasks.file_sum, inputs=inputs[:3000]).job_id  # under it: taken
+
+
 def test_a_changed_input_is_fetched_again(data, make_executor):
     alice = make_executor(1, credentials=data.alice)
     assert alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == SUM

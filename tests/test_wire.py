@@ -313,7 +313,7 @@ def _valid_result(**overrides: Any) -> bytes:
         ),
         pytest.param(
             PREFIX.pack(b"KOTTA", 1, wire.MAX_HEADER + 1) + b"{}",
-            r"header runs past the end",
+            rf"header of {wire.MAX_HEADER + 1} bytes is over the limit of {wire.MAX_HEADER}",
             id="oversized-header-length",
         ),
         pytest.param(
