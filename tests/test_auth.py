@@ -759,6 +759,25 @@ def test_a_token_file_of_the_wrong_shape_is_a_clear_error(enclave, enclave_dir, 
         KottaExecutor(1, enclave=enclave_dir, start_node=False, credentials=home / "token")
 
 
+def test_a_token_file_named_by_the_caller_that_holds_no_token_is_an_error(
+    enclave, enclave_dir, user_token, tmp_path, monkeypatch
+):
+    """``credentials=`` names whose tasks these are: alice's token file, mistyped ("~" is
+    not expanded), or her registration token given in place of its file.  The executor
+    made the OS user (the enclave's admin) a new token there and ran her tasks as that
+    admin, with the admin's grants, saying nothing."""
+    user_token("alice")
+    monkeypatch.chdir(tmp_path)
+    before = TokenService(enclave).tokens()
+    for given in ("~/tokens/alice.token", tmp_path / "tokens" / "alice.tokn", "krt1.ab.cd"):
+        with pytest.raises(AuthenticationError, match=re.escape(f"no kotta token for the "
+                                                                f"enclave {enclave.url} in")):
+            KottaExecutor(1, enclave=enclave_dir, start_node=False, credentials=given)
+        assert not Path(os.path.expanduser(str(given))).exists()
+        assert not Path(str(given)).exists()
+    assert TokenService(enclave).tokens() == before  # no token issued
+
+
 # ---------------------------------------------------------------------- 8. registration
 
 

@@ -238,7 +238,10 @@ def load(enclave, path: str | os.PathLike | None = None, *, bootstrap: bool = Tr
                 )
             log.warning("the token in %s for %s was issued by an earlier enclave there: "
                         "replacing it", path, enclave.url)
-    if bootstrap and _holds_enclave_key(enclave):
+    # a file the caller named (credentials=) is whose tasks these are: one without a token
+    # (a typo, "~" unexpanded, a registration token given for its file) is not the OS
+    # user's first use, to be made that admin's token in silence
+    if bootstrap and not (explicit and path != token_path()) and _holds_enclave_key(enclave):
         return _bootstrap(enclave, path, stale)
     raise AuthenticationError(
         f"no kotta token for the enclave {enclave.url} in {path}: ask an admin of the enclave "
