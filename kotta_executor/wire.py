@@ -1082,10 +1082,20 @@ def version_mismatch(
     return err
 
 
+#: a function's name is recorded with its job cut to this many characters
+MAX_FN_NAME = 1024
+
+
 def fn_name(fn: Callable) -> str:
+    """The name a job is recorded and listed with (a label, never looked up)."""
     module = getattr(fn, "__module__", None) or ""
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
-    return f"{module}.{name}" if module else name
+    full = f"{module}.{name}" if module else name
+    if len(full) > MAX_FN_NAME:
+        # a job's record is one DynamoDB item, 400 KB at most: a generated name of
+        # hundreds of KB was refused, and that broke the executor (every future with it)
+        full = full[: MAX_FN_NAME - 10] + " ... (cut)"
+    return full
 
 
 def task_header(**fields: Any) -> dict[str, Any]:

@@ -937,6 +937,43 @@ def test_executor_and_node_on_moto(enclave):
     assert replies.get("QueueUrls", []) == []
 
 
+def _named(name: str):
+    """tasks.add under another ``__qualname__`` (the name a job is recorded with)."""
+    from tests import tasks
+
+    def add(a, b=0):
+        return tasks.add(a, b)
+
+    add.__qualname__ = name
+    return add
+
+
+def test_a_function_with_a_huge_name_runs_and_breaks_nothing(enclave):
+    """A job's function name is recorded in its item, which DynamoDB limits to 400 KB: a
+    name of 500,000 characters (a callable made with a generated name) was refused,
+    and that broke the executor, every other future with it (BrokenEnclave), where the
+    embedded enclave ran it.  The name is a label: it is recorded cut."""
+    from kotta_executor import KottaExecutor
+    from node.daemon import Node, NodeConfig
+    from tests import tasks
+
+    node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=1.0))
+    runner = threading.Thread(target=node.run, name="node")
+    runner.start()
+    try:
+        with KottaExecutor(1, enclave=enclave, start_node=False) as ex:
+            f = ex.submit(_named("q" * 500_000), 1, 2)
+            assert f.result(GUARD) == 3
+            assert ex.submit(tasks.add, 2, 2).result(GUARD) == 4
+            fn = enclave.jobs.get_many([f.job_id])[f.job_id].fn
+            assert fn.startswith(f"{__name__}.qqq") and fn.endswith("(cut)")
+            assert len(fn) <= 1024
+    finally:
+        node.request_stop()
+        runner.join(GUARD)
+    assert not runner.is_alive()
+
+
 def test_an_executor_made_from_a_url_leaves_nothing_running_once_dropped(enclave):
     """Each executor made from an ``aws://`` URL opens an enclave of its own.  Its thread of
     SQS batches held it for good: once used, every such executor left a thread and its
