@@ -974,6 +974,31 @@ def test_a_function_with_a_huge_name_runs_and_breaks_nothing(enclave):
     assert not runner.is_alive()
 
 
+def test_a_function_whose_name_utf8_cannot_hold_runs_and_breaks_nothing(enclave):
+    """A name with a lone surrogate (a class made with type() from a file name that is not
+    UTF-8, as os.listdir returns it) could not be written to the job table (either
+    backend's), and that broke the executor, every other future with it (BrokenEnclave).
+    It is recorded spelled out, as reasons are."""
+    from kotta_executor import KottaExecutor
+    from node.daemon import Node, NodeConfig
+    from tests import tasks
+
+    node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=1.0))
+    runner = threading.Thread(target=node.run, name="node")
+    runner.start()
+    try:
+        with KottaExecutor(1, enclave=enclave, start_node=False) as ex:
+            f = ex.submit(_named("caf\udce9"), 1, 2)
+            assert f.result(GUARD) == 3
+            assert ex.submit(tasks.add, 2, 2).result(GUARD) == 4
+            fn = enclave.jobs.get_many([f.job_id])[f.job_id].fn
+            assert fn == f"{__name__}.caf\\udce9"
+    finally:
+        node.request_stop()
+        runner.join(GUARD)
+    assert not runner.is_alive()
+
+
 def test_an_executor_made_from_a_url_leaves_nothing_running_once_dropped(enclave):
     """Each executor made from an ``aws://`` URL opens an enclave of its own.  Its thread of
     SQS batches held it for good: once used, every such executor left a thread and its
