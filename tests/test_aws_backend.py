@@ -141,7 +141,9 @@ def test_open_enclave_selects_aws_with_region_and_endpoint(monkeypatch):
 
 @pytest.mark.parametrize(
     "url",
-    ["aws://Bad_Name", "aws://", "aws://-x", "aws://x?colour=red", "aws://x?retry_mode=sometimes"],
+    ["aws://Bad_Name", "aws://", "aws://-x", "aws://x?colour=red", "aws://x?retry_mode=sometimes",
+     # botocore's own InvalidMaxRetryAttemptsError, a traceback from `kotta`
+     "aws://x?max_attempts=0", "aws://x?max_attempts=-3"],
 )
 def test_bad_enclave_urls_are_configuration_errors(url):
     with aws_moto.fake_aws_env(), pytest.raises(ConfigurationError):

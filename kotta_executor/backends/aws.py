@@ -402,9 +402,11 @@ class AwsEnclave(Enclave):
         try:
             attempts = int(max_attempts)
         except (TypeError, ValueError):
+            attempts = 0
+        if attempts < 1:  # (botocore's own error for 0 came out of `kotta` as a traceback)
             raise ConfigurationError(
-                f"max_attempts must be an integer, not {max_attempts!r}"
-            ) from None
+                f"max_attempts must be an integer of at least 1, not {max_attempts!r}"
+            )
         cfg = client_config(retry_mode, attempts, path_style=bool(endpoint_url))
         self.sqs = self.session.client("sqs", endpoint_url=endpoint_url, config=cfg)
         self.s3 = self.session.client("s3", endpoint_url=endpoint_url, config=cfg)
