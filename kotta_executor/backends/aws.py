@@ -421,6 +421,12 @@ class AwsEnclave(Enclave):
             params["retry_mode"] = retry_mode
         if attempts != 10:
             params["max_attempts"] = str(attempts)
+        if create_queues not in (True, False, "1", "true", "yes", "0", "false", "no"):
+            # (any other value was taken as off, silently: no queue was made, and the
+            # first send said to run bootstrap)
+            raise ConfigurationError(
+                f"create_queues must be 1 or 0, not {create_queues!r}"
+            )
         self.create_queues = create_queues in (True, "1", "true", "yes")
         if self.create_queues:
             params["create_queues"] = "1"
