@@ -145,7 +145,9 @@ def test_open_enclave_selects_aws_with_region_and_endpoint(monkeypatch):
      # botocore's own InvalidMaxRetryAttemptsError, a traceback from `kotta`
      "aws://x?max_attempts=0", "aws://x?max_attempts=-3",
      # taken as off, silently: queues were not made, and the first send said to bootstrap
-     "aws://x?create_queues=yes-please", "aws://x?create_queues=on"],
+     "aws://x?create_queues=yes-please", "aws://x?create_queues=on",
+     # the path was dropped, silently: this opened the enclave x
+     "aws://x/prod", "aws://x/y?region=us-east-1"],
 )
 def test_bad_enclave_urls_are_configuration_errors(url):
     with aws_moto.fake_aws_env(), pytest.raises(ConfigurationError):

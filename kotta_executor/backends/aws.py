@@ -218,6 +218,10 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
     if parts.scheme != "aws":
         raise ConfigurationError(f"not an AWS enclave URL: {url!r} (expected aws://NAME)")
     name = parts.netloc or parts.path.strip("/")
+    if parts.netloc and parts.path.strip("/"):  # (it was dropped: aws://lab/prod opened lab)
+        raise ConfigurationError(
+            f"an AWS enclave URL has no path: {url!r} (expected aws://NAME?PARAMETERS)"
+        )
     params = dict(parse_qsl(parts.query, keep_blank_values=False))
     unknown = sorted(set(params) - set(_URL_PARAMS))
     if unknown:
