@@ -1091,6 +1091,8 @@ def fn_name(fn: Callable) -> str:
     module = getattr(fn, "__module__", None) or ""
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
     full = f"{module}.{name}" if module else name
+    if full.isascii() and len(full) <= MAX_FN_NAME:  # (every submit: most names are)
+        return full
     # spelled out (as \udce9), as reasons are: a lone surrogate (a class made with type()
     # from a name os.listdir returned) could not be written to the job table
     full = full.encode("utf-8", "backslashreplace").decode("utf-8")
