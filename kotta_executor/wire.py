@@ -956,7 +956,7 @@ def _unpicklable_part(fn: Any, fails: Callable[[Any], BaseException | None],
     seen.add(id(fn))
     code, g = fn.__code__, fn.__globals__
     used = [(f"global {k!r}", g[k]) for k in names if k in g]
-    for k, cell in zip(code.co_freevars, fn.__closure__ or ()):
+    for k, cell in zip(code.co_freevars, fn.__closure__ or (), strict=False):
         try:
             used.append((f"closure variable {k!r}", cell.cell_contents))
         except ValueError:  # (an empty cell)
@@ -964,7 +964,7 @@ def _unpicklable_part(fn: Any, fails: Callable[[Any], BaseException | None],
     positional = code.co_varnames[: code.co_argcount]
     defaults = fn.__defaults__ or ()
     used += [(f"default {k!r}", v) for k, v in zip(positional[len(positional) - len(defaults):],
-                                                   defaults)]
+                                                   defaults, strict=False)]
     used += [(f"default {k!r}", v) for k, v in (fn.__kwdefaults__ or {}).items()]
     first = None
     for what, v in used:
