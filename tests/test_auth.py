@@ -769,12 +769,12 @@ def test_a_token_file_named_by_the_caller_that_holds_no_token_is_an_error(
     user_token("alice")
     monkeypatch.chdir(tmp_path)
     before = TokenService(enclave).tokens()
-    for given in ("~/tokens/alice.token", tmp_path / "tokens" / "alice.tokn", "krt1.ab.cd"):
+    for named in ("~/tokens/alice.token", tmp_path / "tokens" / "alice.tokn", "krt1.ab.cd"):
         with pytest.raises(AuthenticationError, match=re.escape(f"no kotta token for the "
                                                                 f"enclave {enclave.url} in")):
-            KottaExecutor(1, enclave=enclave_dir, start_node=False, credentials=given)
-        assert not Path(os.path.expanduser(str(given))).exists()
-        assert not Path(str(given)).exists()
+            KottaExecutor(1, enclave=enclave_dir, start_node=False, credentials=named)
+        assert not Path(os.path.expanduser(str(named))).exists()
+        assert not Path(str(named)).exists()
     assert TokenService(enclave).tokens() == before  # no token issued
 
 
