@@ -38,6 +38,7 @@ Result header: kind="result", job_id, outcome, n, optional error, usage, python 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import hashlib
 import hmac
@@ -674,12 +675,28 @@ class _Pickler(cloudpickle.Pickler):
                     _dispatching)
         if isinstance(obj, type) and "__slots__" in vars(obj):
             return _with_slots(obj, super().reducer_override(obj))
+        if isinstance(obj, concurrent.futures.Future) and _default_pickling(type(obj)):
+            # pickle would say "cannot pickle '_thread.RLock' object", of the future's
+            # condition: a lock the user never made (a KottaFuture says why itself)
+            raise TypeError(
+                f"a Future ({obj!r}) cannot be pickled: only a future passed as an argument "
+                "itself is waited for and replaced by its value, not one inside a list, "
+                "dict or other object, nor one a task returns; pass each future as an "
+                "argument (submit(fn, *futures)), or its result()"
+            )
         if type(obj) is functools.cached_property and "lock" in vars(obj):
             # (before Python 3.12) in a class sent by value: its RLock cannot be pickled,
             # and the cached_property made anew where it is unpickled has its own
             return (functools.cached_property, (obj.func,),
                     {k: v for k, v in vars(obj).items() if k != "lock"})
         return super().reducer_override(obj)
+
+
+def _default_pickling(cls: type) -> bool:
+    """Whether ``cls`` pickles as ``object`` does: a Future subclass that says how it is
+    pickled is left to do so."""
+    return (cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
+            and cls.__getstate__ is object.__getstate__)
 
 
 def _by_value(wrapper) -> bool:

@@ -882,3 +882,13 @@ def print_much_then_wait(mib, marker, stop_file):
     while not os.path.exists(stop_file):
         time.sleep(0.05)
     return "printed"
+
+
+def return_a_future(x):
+    """What a task returns when it hands back the futures of its own ``block=False`` calls
+    rather than their values."""
+    import concurrent.futures
+
+    done = concurrent.futures.Future()
+    done.set_result(x)
+    return [done]

@@ -337,3 +337,27 @@ def test_a_future_inside_a_list_is_refused_saying_why(make_executor):
         assert f"a KottaFuture (job {dep.job_id}) cannot be sent to a task" in message
         assert "not one inside a list" in message
     assert list(ex._futures) == [dep.job_id]  # nothing else was sent
+
+
+def test_a_plain_future_inside_a_list_is_refused_saying_why(make_executor):
+    """Only a KottaFuture said why: a plain concurrent.futures.Future (a process pool's, or
+    a block=False decorated call's) inside a list failed with "cannot pickle
+    '_thread.RLock' object", naming a lock the user never made; so did a task returning
+    such futures."""
+    ex = make_executor(1)
+    pending, done = cf.Future(), cf.Future()
+    done.set_result(2)
+    for dep in (pending, done):
+        for call in (lambda: ex.submit(tasks.total, [dep]),
+                     lambda: ex.submit(tasks.noop, x={"part": dep}),
+                     lambda: ex.map(tasks.noop, [[dep]])):
+            with pytest.raises(SerializationError) as info:
+                call()
+            message = str(info.value)
+            assert "a Future (<Future at" in message and "not one inside a list" in message
+            assert "_thread.RLock" not in message
+    assert not ex._futures  # nothing was sent
+    err = ex.submit(tasks.return_a_future, 3).exception(timeout=GUARD)
+    assert isinstance(err, SerializationError)
+    assert "a Future (<Future at" in str(err) and "its result()" in str(err)
+    assert "_thread.RLock" not in str(err)
