@@ -309,7 +309,6 @@ class KottaExecutor(Executor):
         self._kicked = False
         self._send_failed = _Retries()  # batches refused in a row (see _send_trouble)
         self._step_failed = _Retries()  # manager turns that raised (see _step_trouble)
-        self._deps = dependencies.Dependencies(self._kick)  # tasks waiting for futures
         #: reentrant for its owner record (``_is_owned``), which it sets in the same C call
         #: that takes it: code that may run on a thread holding it, as a finalizer may,
         #: asks first and never takes it twice (_cancel_left)
@@ -324,6 +323,10 @@ class KottaExecutor(Executor):
         self._cancelling_all = False
         self._broken: BrokenEnclave | None = None
         self._wake = _Wake()  # the manager's wake-up pipe
+        # tasks waiting for futures.  Woken through the pipe, not self._kick: the futures'
+        # done-callbacks hold it, and a plain Future (a process pool's) keeps its
+        # callbacks for ever, which kept a dropped executor, its manager and nodes, alive
+        self._deps = dependencies.Dependencies(self._wake.kick)
         self._weak_self = weakref.ref(self)  # what its done futures hold (one for them all)
         self._manager: threading.Thread | None = None
         self._manager_done = threading.Event()  # set as its manager thread ends

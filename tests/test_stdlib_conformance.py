@@ -909,3 +909,26 @@ def test_instances_of_a_class_of_main_with_slots_come_back(make_executor):
     assert (swapped.left, swapped.right, had_dict) == (2, 1, False)
     assert ex.submit(ns["bump"], ns["Cell"](1)).result(timeout=GUARD) == ns["Cell"](2)
     assert [c.value for c in ex.map(ns["bump"], [ns["Cell"](5)])] == [6]
+
+
+def test_an_executor_dropped_while_plain_futures_its_tasks_waited_for_are_kept_stops(
+        enclave_dir):
+    """A process pool's futures passed to tasks as arguments (the guide: any
+    concurrent.futures.Future works) keep their done-callbacks for ever (the stdlib never
+    lets go of them), and a task's callback held its executor: a program that kept
+    those futures (its pool's results) kept the dropped executor, its manager thread,
+    its local node and that node's workers alive as long as it kept them."""
+    ex = KottaExecutor(1, enclave=enclave_dir)
+    done, pending, failed = cf.Future(), cf.Future(), cf.Future()
+    done.set_result(2)
+    sent = ex.submit(tasks.add, done, 1)
+    cancelled = ex.submit(tasks.add, pending, 1)
+    fails = ex.submit(tasks.add, failed, 1)
+    failed.set_exception(KeyError("no"))
+    assert sent.result(timeout=GUARD) == 3
+    assert cancelled.cancel()
+    assert fails.exception(timeout=GUARD) is not None
+    held = [ex]
+    del ex
+    _drop_and_see_it_stop(held, "not held by the plain futures its tasks waited for")
+    assert sent.result() == 3 and not pending.done()
