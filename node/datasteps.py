@@ -123,6 +123,9 @@ class DataSteps:
         self._later: deque[tuple] = deque()
         self._later_tries, self._later_after = 0, 0.0
         self.abandoned = False  # the drain handed back tasks whose staging still ran
+        #: what the worker sent for each task whose outputs are being uploaded, by job id:
+        #: a failed upload keeps the task's stdout, stderr and usage (it ran)
+        self._ran: dict[str, Finished] = {}
         self._closing = threading.Event()  # staging threads stop trying calls again
         self.reissue_after = REISSUE_AFTER
 
@@ -260,6 +263,7 @@ class DataSteps:
         self.node._failing.pop("taking over finished tasks with data", None)
         if moved:
             self.active[task.job_id] = task
+            self._ran[task.job_id] = fin
             self._submit(task, "out", self._stage_out, task, fin)
         else:  # no outputs to write (or a move refused: the job is final, fin not recorded)
             self.active.pop(task.job_id, None)
@@ -425,9 +429,10 @@ class DataSteps:
                 self._with_staged(task)
                 self.node.pending.appendleft(task)
             elif exc is None:
+                self._ran.pop(task.job_id, None)
                 self._finish(task, fut.result())
             else:
-                self._fail(task, phase, exc)
+                self._fail(task, phase, exc, self._ran.pop(task.job_id, None))
 
     def kill(self, task: Task, when: str = "while staging; it never ran") -> None:
         """End a task killed before a worker began it: cancelled, as a killed task is (its
@@ -437,7 +442,10 @@ class DataSteps:
         self._finish(task, Finished(task.job_id, JobState.CANCELLED, data,
                                     wire.failure_reason("TaskKilled", reason)))
 
-    def _fail(self, task: Task, phase: str, exc: BaseException) -> None:
+    def _fail(self, task: Task, phase: str, exc: BaseException,
+              ran: Finished | None = None) -> None:
+        """Fail a task whose staging step failed; ``ran``: what its worker sent, when it
+        ran (its outputs failed), whose stdout, stderr and usage the user still gets."""
         what = "its inputs" if phase == "in" else "its outputs"
         if isinstance(exc, AccessDenied) and not isinstance(exc, AuthenticationError):
             etype, reason = "DataAccessDenied", f"job {task.job_id}: {exc}"
@@ -456,9 +464,17 @@ class DataSteps:
                 "access-denied", user=task.claims.user, allowed=False, job_id=task.job_id,
                 detail=reason,
             )
-        data = wire.failure(task.job_id, task.header["n"], etype, reason)
+        usage, out = None, {}
+        if ran is not None:  # (an envelope held for egress has no output: none leaves)
+            env = wire.decode(ran.result)
+            out = {k: env.sections.get(k, b"") for k in ("stdout", "stderr")}
+            usage = env.header.get("usage", ran.usage)
+        data = wire.failure(task.job_id, task.header["n"], etype, reason, **out)
+        if usage is not None:
+            env = wire.decode(data)
+            data = wire.encode({**env.header, "usage": usage}, env.sections)
         self._finish(task, Finished(task.job_id, JobState.FAILED, data,
-                                    wire.failure_reason(etype, reason)))
+                                    wire.failure_reason(etype, reason), usage))
 
     def held(self) -> list:
         return [t.delivery for t in self.active.values()]

@@ -170,6 +170,19 @@ def test_a_missing_output_fails_the_job_with_its_name(data, make_executor):
         f.result(GUARD)
 
 
+def test_a_task_whose_outputs_fail_keeps_its_stdout_stderr_and_usage(data, make_executor):
+    """The task ran, printed why it wrote no file, and its stage-out failed: the
+    StagingFailed came with empty stdout and stderr and no usage, the very output that
+    says what went wrong (and the time the task used) lost."""
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.submit(tasks.say, "no summary today", outputs=["s3://klab-results/alice/never.txt"])
+    with pytest.raises(errors.StagingFailed, match="never.txt"):
+        f.result(GUARD)
+    assert f.stdout == "no summary today out\n"
+    assert f.stderr == "no summary today err\n"
+    assert f.usage() is not None and f.usage()["wall"] >= 0
+
+
 def test_a_missing_input_fails_the_job_with_its_uri(data, make_executor):
     alice = make_executor(1, credentials=data.alice)
     with pytest.raises(errors.StagingFailed, match="no object s3://klab-jobs/absent.txt"):
