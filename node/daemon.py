@@ -1691,6 +1691,8 @@ class Node:
         """A task this node refuses (``task.refusal``: its walltime is over the node's cap,
         its requirements could not be installed), claimed: its job fails, never run."""
         etype, reason = task.refusal
+        if task.staged is not None:  # its inputs were staged before its requirements failed:
+            self.data.discard(task)  # their copies go now, not when the node stops
         data = wire.failure(task.job_id, task.header["n"], etype, reason)
         fin = Finished(task.job_id, JobState.FAILED, data, wire.failure_reason(etype, reason))
         self._queue_finish(task, task.delivery, fin, task.header["client"])

@@ -183,6 +183,26 @@ def test_a_task_whose_outputs_fail_keeps_its_stdout_stderr_and_usage(data, make_
     assert f.usage() is not None and f.usage()["wall"] >= 0
 
 
+def test_a_staged_task_whose_requirements_fail_leaves_no_copy_of_its_inputs(
+        data, make_executor, monkeypatch, tmp_path):
+    """A task's inputs are staged before its requirements are installed; when the install
+    failed, the job failed with RequirementsError but its working directory, with a copy
+    of each input (protected data), stayed on the node until the node stopped."""
+    from kotta_executor import config
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # (pip finds nothing, and asks no one)
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    monkeypatch.delenv("KOTTA_ENVS", raising=False)
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.with_options(requirements="no-such-package-kotta==9").submit(
+        tasks.file_sum, inputs=[INPUT])
+    with pytest.raises(errors.RequirementsError):
+        f.result(GUARD)
+    assert data.audit.show(job_id=f.job_id, action="stage-in"), "its input was staged"
+    left = list((config.kotta_home() / "stage").glob(f"*/work/{f.job_id}-*"))
+    assert left == [], "the working directory, with a copy of the input, was left"
+
+
 def test_a_missing_input_fails_the_job_with_its_uri(data, make_executor):
     alice = make_executor(1, credentials=data.alice)
     with pytest.raises(errors.StagingFailed, match="no object s3://klab-jobs/absent.txt"):
