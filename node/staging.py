@@ -397,6 +397,9 @@ def stage_outputs(store, workdir: Path, uris,
     """
     workdir = Path(workdir)
     files = [(d, _output_file(workdir, name, d.uri)) for d, name in _names(uris, "outputs")]
+    check = getattr(store, "check_write", None)  # (an embedded enclave: an object in the
+    for d, _ in files if check is not None else ():  # way) before any is written
+        check(d.uri)
     uploaded: list[dict] = []
     for d, path in files:
         # audited first: an output whose record could not be written after its upload

@@ -141,6 +141,24 @@ def test_an_output_under_the_key_of_another_object_is_named_on_the_embedded_encl
     assert get_object(data.enclave, run1) == b"first\n"
 
 
+def test_an_output_that_cannot_be_written_fails_the_job_before_any_output_is_written(
+    data, make_executor
+):
+    """The second of two outputs lies under the key of an object (the embedded enclave
+    cannot keep it): the job failed with StagingFailed, yet the first output had been
+    written to its dataset, by a job that failed."""
+    alice = make_executor(1, credentials=data.alice)
+    run1 = "s3://klab-results/alice/run1"
+    alice.submit(tasks.write_file, "run1", "first\n", outputs=[run1]).result(GUARD)
+    first = "s3://klab-results/alice/a.txt"
+    f = alice.submit(tasks.write_files, ["a.txt", "x.txt"], outputs=[first, f"{run1}/x.txt"])
+    with pytest.raises(errors.StagingFailed, match=f"{run1} is an object"):
+        f.result(GUARD)
+    with pytest.raises(FileNotFoundError):
+        get_object(data.enclave, first)
+    assert data.audit.show(job_id=f.job_id, action="stage-out") == []
+
+
 def test_an_output_without_a_write_grant_fails_before_anything_runs(data, make_executor, tmp_path):
     alice = make_executor(1, credentials=data.alice)
     marker = tmp_path / "ran"
@@ -483,9 +501,10 @@ def test_what_was_staged_before_a_staging_step_failed_is_audited(data, make_exec
     g = alice.submit(tasks.write_files, ["one.txt", "two.txt"], outputs=[one, two])
     with pytest.raises(errors.StagingFailed):
         g.result(GUARD)
-    assert get_object(data.enclave, one) == b"x"  # written, so recorded
-    assert [r["dataset"] for r in data.audit.show(job_id=g.job_id, action="stage-out")] == [
-        one, two]  # (two: tried, after its record)
+    # (two, under the object f, is refused before any output is written: nothing to record)
+    with pytest.raises(FileNotFoundError):
+        get_object(data.enclave, one)
+    assert data.audit.show(job_id=g.job_id, action="stage-out") == []
 
 
 def test_a_task_cannot_write_its_outputs_itself(data, make_executor, tmp_path):

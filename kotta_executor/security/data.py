@@ -291,6 +291,26 @@ class EmbeddedObjects:
             _write_atomic(dest, src)
         return ObjectInfo(d.uri, st.st_size, _etag(st))
 
+    def check_write(self, uri: str) -> None:
+        """InvalidDataUri if object ``uri`` could not be kept (another object in the way,
+        as :func:`_room_for` says), so that a task's outputs are checked before any of
+        them is written: a later one refused left the earlier ones in their datasets."""
+        d, path = self._check("write", uri)
+        segments = d.key.split("/")[:-1]
+        for i in range(1, len(segments) + 1):
+            above = "/".join(segments[:i])
+            if (self.root / d.bucket / above).exists() and not (
+                    self.root / d.bucket / above).is_dir():
+                raise InvalidDataUri(
+                    f"{d.uri} cannot be written: s3://{d.bucket}/{above} is an object, and the "
+                    "embedded enclave cannot keep objects under the key of another"
+                )
+        if path.is_dir() and not path.is_symlink():
+            raise InvalidDataUri(
+                f"{d.uri} cannot be written: other objects lie under {d.uri}/, and the embedded "
+                "enclave cannot keep an object whose key is a prefix of theirs"
+            )
+
     def upload(self, src: Path, uri: str) -> ObjectInfo:
         d, path = self._check("write", uri)
         with _open_regular(Path(src)) as f:
