@@ -469,6 +469,11 @@ class DataSteps:
             env = wire.decode(ran.result)
             out = {k: env.sections.get(k, b"") for k in ("stdout", "stderr")}
             usage = env.header.get("usage", ran.usage)
+            error = env.header.get("error")
+            if isinstance(error, dict) and error.get("handle"):  # held for egress: the
+                # user is told where it is kept, as EgressDenied would have
+                out["handle"] = error["handle"]
+                reason += f"; its result stays in the enclave as {error['handle']} (EgressDenied)"
         data = wire.failure(task.job_id, task.header["n"], etype, reason, **out)
         if usage is not None:
             env = wire.decode(data)

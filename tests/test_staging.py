@@ -309,6 +309,22 @@ def test_egress_denied_keeps_the_result_in_the_enclave(data, make_executor):
     assert rec["allowed"] is False and rec["user"] == "alice"
 
 
+def test_a_held_result_whose_outputs_fail_still_says_where_it_is_kept(data, make_executor):
+    """A task read data that may not leave the enclave (its result held), then its output
+    was missing: the StagingFailed said nothing of the held result, and had no handle,
+    though the result was kept in the enclave for an admin's review."""
+    data.policies.add_dataset(CORPUS, by=data.admin.user, egress="deny")
+    data.policies.add_dataset(RESULTS, by=data.admin.user, egress="deny")
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.submit(tasks.file_sum, inputs=[INPUT], outputs=["s3://klab-results/alice/never.txt"])
+    with pytest.raises(errors.StagingFailed, match="never.txt") as info:
+        f.result(GUARD)
+    handle = f"s3://kotta-held/{f.job_id}"
+    assert info.value.handle == handle and handle in str(info.value)
+    assert str(SUM) not in str(info.value) and f.stdout == ""
+    get_object(data.enclave, handle)  # (kept, with the enclave's own rights)
+
+
 def test_egress_cap_counts_the_value_and_its_output(data, make_executor):
     data.policies.add_dataset(CORPUS, by=data.admin.user, egress_cap=2000)
     alice = make_executor(1, credentials=data.alice).with_options(inputs=[INPUT])
