@@ -525,12 +525,17 @@ class KottaExecutor(Executor):
         # Pickled first, registered under the lock after: a shutdown that came meanwhile
         # refuses this submit; one that comes later finds the future, and the manager
         # running, and waits for it (see _run_manager).  The lock is held for no I/O.
-        with self._shutdown_lock:
-            accepted = self._broken is None and not self._shutdown
-            if accepted:
-                self._futures[job_id] = f
-                if self._manager is None:
-                    self._ensure_manager()
+        try:
+            with self._shutdown_lock:
+                accepted = self._broken is None and not self._shutdown
+                if accepted:
+                    self._futures[job_id] = f
+                    if self._manager is None:  # (the first submit: Thread.start waits for
+                        self._ensure_manager()  # the thread, and Ctrl-C may stop it there)
+        except BaseException:
+            if self._futures.get(job_id) is f:  # registered: as an interrupted send below
+                self._interrupted(f, job)
+            raise
         if not accepted:
             if job is not None:
                 self._drop_blobs(job)
@@ -574,6 +579,9 @@ class KottaExecutor(Executor):
                 f._cancel_and_notify()
         elif not any(queued is job for queued, _ in list(self._outbox)):
             self._outbox.append((job, f))
+            with self._shutdown_lock:  # (interrupted before the first submit's manager
+                if self._manager is None and not self._shutdown:  # was made: none sends it)
+                    self._ensure_manager()
             self._kick(force=True)
 
     def _cancel_late(self, f: KottaFuture) -> None:

@@ -143,6 +143,29 @@ def test_an_interrupted_submit_leaves_no_future_pending_for_ever(
         assert interrupted in ([], ["cancelled"]) and len(finished) == 3
 
 
+def starting_a_thread(frame, event, arg) -> bool:
+    """As ``Thread.start`` waits for its new thread to begin (the thread runs)."""
+    return (event == "call" and frame.f_code.co_name == "wait" and frame.f_back is not None
+            and frame.f_back.f_code.co_name == "start"
+            and frame.f_back.f_code.co_filename == threading.__file__)
+
+
+@pytest.mark.parametrize("where", [entering("_ensure_manager"), starting_a_thread],
+                         ids=["before-the-manager", "as-the-manager-starts"])
+def test_an_interrupted_first_submit_leaves_no_future_pending_for_ever(make_executor, where):
+    """Ctrl-C in an executor's first ``submit()``, as it started its manager thread (its
+    future registered, its job not sent): the future stayed pending for ever, and
+    ``shutdown(wait=True)`` (the end of a ``with`` block, the interpreter's exit) waited
+    for it for ever.  Now its job is sent all the same, and the shutdown returns."""
+    ex = make_executor(1)
+    with sigint_when(where) as sent, pytest.raises(KeyboardInterrupt):
+        ex.submit(tasks.square, 3)
+    assert sent.is_set()
+    assert ex.submit(tasks.square, 5).result(timeout=GUARD) == 25
+    assert shut_down_within_guard(ex), "shutdown(wait=True) waits for a job never sent"
+    assert sorted(j.state for j in ex.enclave.jobs.list(owner=ex.owner)) == ["completed"] * 2
+
+
 def when_main_thread_waits_in(name: str, action) -> threading.Thread:
     """A helper thread that calls ``action()`` once the main thread is blocked in a
     lock's acquire under a function of kotta's called ``name`` (or after GUARD, so that
