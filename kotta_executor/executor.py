@@ -1482,6 +1482,7 @@ class KottaExecutor(Executor):
             os.close(fd)
             return False
         self._start_claims[queue] = fd
+        _claim_fds.add(fd)
         return True
 
     def _release_start(self, queue: str) -> None:
@@ -1791,7 +1792,31 @@ def _release_claim(claims: dict[str, int], queue: str) -> None:
     """Release a client's claim to start the node of ``queue`` (KottaExecutor._claim_start)."""
     fd = claims.pop(queue, None)
     if fd is not None:
+        _claim_fds.discard(fd)
         os.close(fd)  # (closing releases the lock)
+
+
+#: the descriptors of this process's claims to start a node (KottaExecutor._claim_start)
+_claim_fds: set[int] = set()
+
+
+def _drop_claims_in_child() -> None:
+    """In a child forked from the client: close its copies of the claims' descriptors.  A
+    flock belongs to the open file, which the child shares: a child forked while a node
+    was starting (a multiprocessing pool made just after a submit) held the claim for as
+    long as it lived, and no client of the enclave, its parent included, could start a
+    node for that queue meanwhile: their tasks waited for ever."""
+    for fd in list(_claim_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _claim_fds.clear()
+    for ex in list(_live_executors):  # (the parent's: it releases them, not the child)
+        ex._start_claims.clear()
+
+
+os.register_at_fork(after_in_child=_drop_claims_in_child)
 
 
 def _run_manager(ref: weakref.ref, done: threading.Event) -> None:

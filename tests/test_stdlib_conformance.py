@@ -574,6 +574,62 @@ def test_a_forked_child_leaves_the_parents_executor_alone(enclave_dir, tmp_path)
     assert "parent: rest ['b', 'c']" in lines and "parent: next 4" in lines, out.stdout
 
 
+_FORK_AS_NODE_STARTS = """
+import fcntl, os, sys
+from kotta_executor import KottaExecutor
+from tests import tasks
+from tests.conftest import wait_for
+enclave = sys.argv[1]
+ex = KottaExecutor(1, enclave=enclave)
+f = ex.submit(tasks.square, 3)
+wait_for(lambda: ex._start_claims, interval=0.001, what="its node to be starting")
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:  # a long-lived child that never uses the executor (a pool's worker)
+    os.close(w)
+    os.read(r, 1)
+    os._exit(0)
+os.close(r)
+print("parent: first", f.result(timeout=60))
+ex.shutdown()  # (its node stops)
+fd = os.open(os.path.join(enclave, "node-start-test.lock"), os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("parent: the claim to start a node is free")
+except OSError:  # (no client could start a node while the child lives)
+    print("parent: the claim to start a node is held")
+    os.close(w)
+    os.waitpid(pid, 0)
+    sys.exit(1)
+os.close(fd)
+with KottaExecutor(1, enclave=enclave) as ex2:
+    print("parent: second", ex2.submit(tasks.square, 4).result(timeout=60))
+os.close(w)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_child_forked_as_the_node_starts_lets_clients_start_nodes(enclave_dir):
+    """A child forked from a client while the client's node was starting (a fork-based
+    ``multiprocessing`` pool made just after a submit) inherited its claim to start a
+    node, a flock, which lasted as long as the child lived: no client of the enclave, its
+    parent included, could start a node for the queue meanwhile, and their tasks waited
+    for ever.  The child lets go of the claim now."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    out = subprocess.run([sys.executable, "-c", _FORK_AS_NODE_STARTS, str(enclave_dir)],
+                         capture_output=True, text=True, timeout=100, cwd=ROOT,
+                         env=subprocess_env())
+    lines = out.stdout.splitlines()
+    assert "parent: first 9" in lines, out.stdout + out.stderr
+    assert "parent: the claim to start a node is free" in lines, out.stdout + out.stderr
+    assert "parent: second 16" in lines, out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_an_argument_named_inputs_that_is_no_uri_says_how_to_pass_it(make_executor):
     """``submit(fn, inputs=x)`` stages ``x`` as dataset URIs (Cloud Kotta's keywords).  Code
     written for ProcessPoolExecutor, whose function has an argument so named (a model's
