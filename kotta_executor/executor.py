@@ -355,6 +355,7 @@ class KottaExecutor(Executor):
         self._warned_python: set[str] = set()  # queues whose nodes run another Python
         self._listening = False  # the manager has bound its doorbell and inbox
         _live_executors.add(self)
+        _wait_at_child_exit()
 
     # ------------------------------------------------------------------ Executor API
 
@@ -2021,6 +2022,26 @@ def _shutdown_at_exit() -> None:
             ex.shutdown(wait=True)
         except Exception:  # noqa: BLE001
             pass
+
+
+#: the process that made _shutdown_at_exit a multiprocessing finalizer (_wait_at_child_exit)
+_finalizer_pid: int | None = None
+
+
+def _wait_at_child_exit() -> None:
+    """In a ``multiprocessing`` child, have its exit wait for its executors, as the
+    interpreter's does: one started by fork ends with ``os._exit``, which runs no atexit
+    handler, and an executor left open there lost its tasks.  (A ProcessPoolExecutor's
+    wait runs there too: multiprocessing runs threading's exit hooks before that exit,
+    and its own finalizers, as this one.)"""
+    global _finalizer_pid
+    mp = sys.modules.get("multiprocessing")
+    if mp is None or _finalizer_pid == os.getpid() or mp.parent_process() is None:
+        return
+    from multiprocessing import util
+
+    _finalizer_pid = os.getpid()
+    util.Finalize(None, _shutdown_at_exit, exitpriority=0)
 
 
 __all__ = ["KottaExecutor", "KottaFuture", "OptionsView", "FuturesTimeout", "ConfigurationError"]

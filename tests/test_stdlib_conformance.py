@@ -630,6 +630,46 @@ def test_a_child_forked_as_the_node_starts_lets_clients_start_nodes(enclave_dir)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+_MP_CHILD = """
+import multiprocessing, os, sys
+from kotta_executor import KottaExecutor
+from tests import tasks
+enclave, out = sys.argv[1:3]
+
+def child():  # leaves its executor open, as a script may: its exit waits for the task
+    ex = KottaExecutor(1, enclave=enclave)
+    ex.submit(tasks.release, out, "ran")
+
+if __name__ == "__main__":
+    p = multiprocessing.get_context("fork").Process(target=child)
+    p.start()
+    p.join()
+    print("child exit code", p.exitcode)
+    print("the task ran:", os.path.exists(out))
+"""
+
+
+def test_a_fork_started_multiprocessing_child_waits_for_its_executors_tasks(enclave_dir,
+                                                                             tmp_path):
+    """A ``multiprocessing`` child started by fork ends with ``os._exit``, without the
+    interpreter's exit and its atexit handlers: an executor it made and left open lost
+    its tasks (not even recorded: the child was gone before its manager sent them), where
+    a ``ProcessPoolExecutor`` there waits for its own (``threading``'s exit hooks run in
+    such a child).  Its exit now waits for them, as a spawned child's does."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _MP_CHILD, str(enclave_dir), str(out)],
+                          capture_output=True, text=True, timeout=100, cwd=ROOT,
+                          env=subprocess_env())
+    lines = proc.stdout.splitlines()
+    assert "child exit code 0" in lines, proc.stdout + proc.stderr
+    assert "the task ran: True" in lines, proc.stdout + proc.stderr
+
+
 def test_an_argument_named_inputs_that_is_no_uri_says_how_to_pass_it(make_executor):
     """``submit(fn, inputs=x)`` stages ``x`` as dataset URIs (Cloud Kotta's keywords).  Code
     written for ProcessPoolExecutor, whose function has an argument so named (a model's
