@@ -1699,6 +1699,7 @@ class _Leftovers:
 
 #: held while a closing executor hands its node to another (_Leftovers.close)
 _hand_over_lock = threading.Lock()
+os.register_at_fork(after_in_child=_hand_over_lock._at_fork_reinit)  # (as _CONDITION_LOCK)
 
 
 def _node_path() -> list[str]:

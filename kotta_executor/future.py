@@ -9,6 +9,7 @@ then.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from concurrent.futures import Future
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 #: Condition's making allocates) may close an abandoned map's iterator, whose cancel then
 #: waits for the manager rather than use futures here (KottaExecutor._cancel_left)
 _CONDITION_LOCK = threading.RLock()
+# A child forked while another thread held it (the manager, resolving a future) would
+# find it held for ever, by a thread it does not have: its own executor's futures waited
+# for it at their first use.  The child gets it afresh, as concurrent.futures' locks.
+os.register_at_fork(after_in_child=_CONDITION_LOCK._at_fork_reinit)
 
 
 class KottaFuture(Future):

@@ -670,6 +670,64 @@ def test_a_fork_started_multiprocessing_child_waits_for_its_executors_tasks(encl
     assert "the task ran: True" in lines, proc.stdout + proc.stderr
 
 
+_FORK_AS_A_FUTURE_IS_MADE_READY = """
+import os, signal, sys, threading, time
+from kotta_executor import KottaExecutor
+from tests import tasks
+enclave = sys.argv[1]
+holding, forked = threading.Event(), threading.Event()
+
+def pause_in_first_use(frame, event, arg):
+    # the manager thread, as it gives a future its condition (its first use): it holds
+    # the futures' shared lock there while the main thread forks
+    if (event == "call" and frame.f_code.co_name == "__init__" and not holding.is_set()
+            and frame.f_back is not None and frame.f_back.f_code.co_name == "_condition"):
+        holding.set()
+        forked.wait(60)
+
+threading.setprofile(pause_in_first_use)  # (for threads started from now on)
+ex = KottaExecutor(1, enclave=enclave)
+f = ex.submit(tasks.square, 3)
+threading.setprofile(None)
+assert holding.wait(60)
+pid = os.fork()
+if pid == 0:  # a child with an executor of its own
+    own = KottaExecutor(1, enclave=enclave, start_node=False)
+    g = own.submit(tasks.square, 4)
+    print("child", g.result(timeout=60), flush=True)
+    os._exit(0)
+forked.set()
+print("parent", f.result(timeout=60), flush=True)
+deadline = time.monotonic() + 45  # (a guard: the child hangs for ever otherwise)
+while os.waitpid(pid, os.WNOHANG) == (0, 0):
+    if time.monotonic() > deadline:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print("the child hung", flush=True)
+        break
+    time.sleep(0.05)
+"""
+
+
+def test_a_child_forked_as_a_future_is_first_used_can_use_its_own_executor(enclave_dir):
+    """A child forked while another thread of the client (its manager, resolving a
+    future) held the lock every future takes at its first use: the child inherited it
+    held, by no thread of its own, and its own executor's futures waited for it for
+    ever (``result(timeout=...)`` too).  The child gets the lock afresh now, as the
+    standard library's locks are after a fork."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", _FORK_AS_A_FUTURE_IS_MADE_READY,
+                           str(enclave_dir)], capture_output=True, text=True, timeout=100,
+                          cwd=ROOT, env=subprocess_env())
+    lines = proc.stdout.splitlines()
+    assert "parent 9" in lines, proc.stdout + proc.stderr
+    assert "child 16" in lines, proc.stdout + proc.stderr
+
+
 def test_an_argument_named_inputs_that_is_no_uri_says_how_to_pass_it(make_executor):
     """``submit(fn, inputs=x)`` stages ``x`` as dataset URIs (Cloud Kotta's keywords).  Code
     written for ProcessPoolExecutor, whose function has an argument so named (a model's

@@ -26,6 +26,7 @@ from ..errors import ConfigurationError
 KEY_BYTES = 32
 _cache: dict[tuple, bytes] = {}
 _lock = threading.Lock()
+os.register_at_fork(after_in_child=_lock._at_fork_reinit)  # (a child forked as it loads)
 
 
 def master_key(enclave) -> bytes:
