@@ -1687,8 +1687,9 @@ class _Leftovers:
             return False
         for other in list(_live_executors):
             left = other._left
+            # (not a copy a forked child inherited: no manager runs it there, to stop it)
             if (other.client_id != self.client_id and left is not None and not left.closed
-                    and other._enclave.url == self.enclave.url
+                    and other._pid == os.getpid() and other._enclave.url == self.enclave.url
                     and queue in other._queues_used and queue not in other._nodes):
                 other._nodes[queue] = proc
                 log.info("kotta client %s: its local node for queue %s goes on, for client %s",

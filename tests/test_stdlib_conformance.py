@@ -728,6 +728,47 @@ def test_a_child_forked_as_a_future_is_first_used_can_use_its_own_executor(encla
     assert "child 16" in lines, proc.stdout + proc.stderr
 
 
+_FORK_THEN_OWN_NODE = """
+import os, sys
+from kotta_executor import KottaExecutor
+from tests import tasks
+from tests.conftest import wait_for
+enclave = sys.argv[1]
+ex = KottaExecutor(1, enclave=enclave, start_node=False)  # its queue served by none yet
+f = ex.submit(tasks.square, 2)
+wait_for(lambda: ex._listening, what="its manager to run")
+pid = os.fork()
+if pid == 0:  # a child with an executor of its own, which starts a node for the queue
+    own = KottaExecutor(1, enclave=enclave)
+    print("child", own.submit(tasks.square, 3).result(timeout=60), flush=True)
+    nodes = list(own._nodes.values())
+    own.shutdown()
+    print("child: its node runs on:", any(p.poll() is None for p in nodes), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+print("parent", f.result(timeout=60), flush=True)
+"""
+
+
+def test_a_forked_childs_own_executor_stops_its_node_as_it_shuts_down(enclave_dir):
+    """A child forked from a client made an executor of its own, which started a node for
+    a queue the parent's executor used without one: its shutdown handed the node to the
+    parent's executor, as a node goes to another open executor of the process, but the
+    child's copy of it, which no manager runs, never stopped it: the node ran on after
+    ``shutdown()``, for as long as the child lived.  It is stopped now."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", _FORK_THEN_OWN_NODE, str(enclave_dir)],
+                          capture_output=True, text=True, timeout=100, cwd=ROOT,
+                          env=subprocess_env())
+    lines = proc.stdout.splitlines()
+    assert "child 9" in lines and "parent 4" in lines, proc.stdout + proc.stderr
+    assert "child: its node runs on: False" in lines, proc.stdout + proc.stderr
+
+
 def test_an_argument_named_inputs_that_is_no_uri_says_how_to_pass_it(make_executor):
     """``submit(fn, inputs=x)`` stages ``x`` as dataset URIs (Cloud Kotta's keywords).  Code
     written for ProcessPoolExecutor, whose function has an argument so named (a model's
