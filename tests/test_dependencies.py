@@ -348,9 +348,9 @@ def test_a_plain_future_inside_a_list_is_refused_saying_why(make_executor):
     pending, done = cf.Future(), cf.Future()
     done.set_result(2)
     for dep in (pending, done):
-        for call in (lambda: ex.submit(tasks.total, [dep]),
-                     lambda: ex.submit(tasks.noop, x={"part": dep}),
-                     lambda: ex.map(tasks.noop, [[dep]])):
+        for call in (lambda dep=dep: ex.submit(tasks.total, [dep]),
+                     lambda dep=dep: ex.submit(tasks.noop, x={"part": dep}),
+                     lambda dep=dep: ex.map(tasks.noop, [[dep]])):
             with pytest.raises(SerializationError) as info:
                 call()
             message = str(info.value)
