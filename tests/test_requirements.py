@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import site
+import socket
 import subprocess
 import sys
 import threading
@@ -366,15 +367,7 @@ def test_a_node_stopped_while_it_installs_requirements_leaves_no_pip_running(
     """`kotta down` while a node builds a task's requirements: the node hands the task
     back and exits, and its pip goes with it (it ran on, orphaned, as long as pip would
     wait for its index, in a directory the next build deletes)."""
-    import socket
-
-    index = socket.socket()  # an index that takes connections and never answers
-    index.bind(("127.0.0.1", 0))
-    index.listen(16)
-    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
-    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
-    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{index.getsockname()[1]}/simple")
-    monkeypatch.setenv("PIP_TIMEOUT", "600")
+    index = _silent_index(monkeypatch)
     node = start_node(workers=1)
     ex = make_executor(1, start_node=False)
     f = ex.with_options(requirements=PROBE).submit(_probe_version)
@@ -403,21 +396,26 @@ def test_a_node_stopped_while_it_installs_requirements_leaves_no_pip_running(
         index.close()
 
 
+def _silent_index(monkeypatch) -> socket.socket:
+    """A package index on 127.0.0.1 that takes connections and never answers, which pip
+    is set to use, and to wait 600 s for: a build that stays in pip."""
+    index = socket.socket()
+    index.bind(("127.0.0.1", 0))
+    index.listen(16)
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{index.getsockname()[1]}/simple")
+    monkeypatch.setenv("PIP_TIMEOUT", "600")
+    return index
+
+
 def test_a_node_killed_while_it_installs_requirements_leaves_no_pip_running(
         start_node, make_executor, monkeypatch):
     """A node killed outright (SIGKILL, the OOM killer) while it builds a task's
     requirements: its pip, in a session of its own, ran on, orphaned, for as long as pip
     would wait for its index (workers end with their node: so does a build now)."""
-    import socket
-
-    index = socket.socket()  # an index that takes connections and never answers
-    index.bind(("127.0.0.1", 0))
-    index.listen(16)
+    index = _silent_index(monkeypatch)
     index.settimeout(GUARD)
-    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
-    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
-    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{index.getsockname()[1]}/simple")
-    monkeypatch.setenv("PIP_TIMEOUT", "600")
     node = start_node(workers=1)
     ex = make_executor(1, start_node=False)
     ex.with_options(requirements=PROBE).submit(_probe_version)
