@@ -54,7 +54,7 @@ from kotta_executor.security.staging import declared
 from kotta_executor.security.tokens import Verifier
 from kotta_executor.states import JobState
 
-from . import envs, pool
+from . import envs, pool, staging
 from .datasteps import DataSteps, declares_data
 from .monitor import Monitor, read_tree
 from .pool import Leftovers, Task, Worker
@@ -382,6 +382,7 @@ class Node:
             self._room_hint = self.config.workers * 2
             self._poller = threading.Thread(target=self._poll_queue, name="kotta-node-poller", daemon=True)
             self._poller.start()
+        staging.sweep_dead_script_dirs()  # (a node killed before it removed them)
         me = psutil.Process()
         self.enclave.nodes.register(
             NodeInfo(

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from kotta_executor.config import script_dir_prefix, script_tmpdir
+from kotta_executor.config import SCRIPT_DIR_PREFIX, script_dir_prefix, script_tmpdir
 from kotta_executor.errors import InvalidDataUri, StagingFailed
 from kotta_executor.security.uris import DataUri, check_output_name, parse_uri
 
@@ -102,6 +102,40 @@ def remove_script_dirs(pid: int) -> None:
     name = f"{script_dir_prefix(pid)}*"
     for path in glob.glob(os.path.join(glob.escape(script_tmpdir()), name)):
         remove_tree(path)
+
+
+def sweep_dead_script_dirs() -> list[str]:
+    """Remove the script jobs' working directories (:func:`remove_script_dirs`) of workers
+    of this PID namespace and OS user that no longer run.  A node removes its killed
+    worker's only once what the worker started has gone (up to KILL_GRACE later): a node
+    itself killed (SIGKILL, the OOM killer) in between never did, and the directory, with
+    all the script wrote there, stayed for good.  A node sweeps them as it starts.  A pid
+    alive again (another process took it) keeps its directory: it may be a worker's."""
+    ours = script_dir_prefix(0).removeprefix(f"{SCRIPT_DIR_PREFIX}0-")  # "NS-"
+    removed = []
+    try:
+        entries = list(os.scandir(script_tmpdir()))
+    except OSError:
+        return removed
+    for entry in entries:  # kotta-script-PID-NS-random
+        pid, _, rest = entry.name.removeprefix(SCRIPT_DIR_PREFIX).partition("-")
+        if (not entry.name.startswith(SCRIPT_DIR_PREFIX) or not pid.isdigit()
+                or int(pid) <= 0 or not rest.startswith(ours)):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(
+                    follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # its worker is gone
+            remove_tree(entry.path)
+            removed.append(entry.name)
+        except OSError:  # alive (another user's process), or the entry went meanwhile
+            continue
+    if removed:
+        log.info("removed the working directories of %d script jobs whose workers were "
+                 "killed with them: %s", len(removed), ", ".join(removed))
+    return removed
 
 
 def remove_tree(path) -> None:

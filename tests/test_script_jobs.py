@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 import os
 import signal
+import subprocess
 import textwrap
 
 import pytest
@@ -454,3 +455,35 @@ def test_script_text_in_any_language(konn):
     job.submit(konn)
     assert job.wait(GUARD) == 0
     assert job.stdout == "argv0=./run.sh\n"
+
+
+def test_a_node_starting_removes_the_script_directories_of_workers_gone(start_node, tmp_path):
+    """A node removes its killed worker's script directories only once what the worker
+    started has gone: a node itself killed (SIGKILL) in between never did, and they stayed
+    for good, with what the scripts wrote.  The next node to start removes them; not those
+    of a live pid, nor of another PID namespace's workers."""
+    from kotta_executor.config import script_dir_prefix, script_tmpdir
+
+    gone_pid = _dead_pid()
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    dead = os.path.join(script_tmpdir(), f"{script_dir_prefix(gone_pid)}x1")
+    alive = os.path.join(script_tmpdir(), f"{script_dir_prefix(os.getpid())}x2")
+    other = os.path.join(script_tmpdir(), f"kotta-script-{gone_pid}-{ns + 1}-x3")
+    with contextlib.ExitStack() as stack:
+        for path in (dead, alive, other):
+            os.mkdir(path)
+            stack.callback(lambda p=path: os.path.isdir(p) and __import__("shutil").rmtree(p))
+        os.mkdir(os.path.join(dead, "results"))
+        with open(os.path.join(dead, "results", "derived.csv"), "w") as f:
+            f.write("what the script wrote\n")
+        os.chmod(os.path.join(dead, "results"), 0o500)  # (made read-only by the script)
+        start_node(workers=1)  # (it sweeps before it registers, which start_node waits for)
+        assert not os.path.exists(dead)
+        assert os.path.isdir(alive) and os.path.isdir(other)
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
