@@ -462,10 +462,14 @@ def cmd_jobs(args) -> int:
         deny(enclave, creds, None, "list the jobs of all users")
     owner = None if args.all_users else creds.user
     rows = enclave.jobs.list(owner=owner, state=args.state, limit=args.limit)
-    print(f"{'JOB':32}  {'STATE':15}  {'QUEUE':10}  {'CREATED':19}  FUNCTION")
+    # everyone's jobs say whose each is (one's own need not)
+    def owner_col(name: str) -> str:
+        return f"{name:16}  " if args.all_users else ""
+
+    print(f"{'JOB':32}  {'STATE':15}  {'QUEUE':10}  {'CREATED':19}  {owner_col('OWNER')}FUNCTION")
     for j in rows:
         print(f"{j.job_id:32}  {j.state:15}  {j.queue:10}  {_fmt_time(j.created):19}  "
-              f"{_printable(j.fn)}")
+              f"{owner_col(_printable(j.owner))}{_printable(j.fn)}")
     return 0
 
 

@@ -692,6 +692,12 @@ def test_other_users_jobs_are_out_of_reach_except_for_admins(
     assert r.returncode == 0 and "alice's secret out" in r.stdout
     r = kotta(enclave_dir, "jobs", "--all-users")
     assert r.returncode == 0 and done.job_id in r.stdout and running.job_id in r.stdout
+    assert r.stdout.splitlines()[0].split() == ["JOB", "STATE", "QUEUE", "CREATED", "OWNER",
+                                                "FUNCTION"]
+    line = next(x for x in r.stdout.splitlines() if x.startswith(done.job_id))
+    assert line.split()[5] == "alice"  # whose each job is (CREATED is two words)
+    r = kotta(enclave_dir, "jobs")  # one's own: no owner column
+    assert "OWNER" not in r.stdout.splitlines()[0]
     r = kotta(enclave_dir, "cancel", running.job_id)
     assert r.returncode == 0 and "is being killed" in r.stdout
     with pytest.raises(TaskKilled):
