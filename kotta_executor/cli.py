@@ -616,11 +616,13 @@ def cmd_cancel(args) -> int:
         enclave.ring_nodes(job.queue)
         print(f"job {job.job_id} is being killed")
         return 0
+    # a refusal, exit 1: on stderr, as `kotta logs` says a job has no output yet
     now = enclave.jobs.get(job.job_id).state
     if now == JobState.STAGING_OUTPUTS:  # the node uploads its outputs and records it
-        print(f"job {job.job_id} has run and is uploading its outputs: too late to kill it")
+        print(f"job {job.job_id} has run and is uploading its outputs: too late to kill it",
+              file=sys.stderr)
     else:
-        print(f"job {job.job_id} already {now}")
+        print(f"job {job.job_id} already {now}", file=sys.stderr)
     return 1
 
 

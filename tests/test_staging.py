@@ -647,7 +647,7 @@ def test_a_kill_of_a_job_uploading_its_outputs_says_it_will_complete(
         return
     assert r.returncode == 1, r.stdout + r.stderr
     assert "is being killed" not in r.stdout
-    assert f"job {f.job_id} has run and is uploading its outputs" in r.stdout, r.stdout
+    assert f"job {f.job_id} has run and is uploading its outputs" in r.stderr, r.stderr
 
 
 def test_a_kill_too_late_is_not_recorded_for_a_redelivery_to_find(
