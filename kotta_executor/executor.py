@@ -2011,7 +2011,7 @@ def _annotate(exc: BaseException, job_id: str, stderr: str | None) -> None:
     if stderr:
         tail = stderr[-2000:].rstrip()
         note += "\n--- remote stderr (tail) ---\n" + tail
-    exc.add_note(note)
+    wire.add_note(exc, note)
 
 
 _live_executors: weakref.WeakSet[KottaExecutor] = weakref.WeakSet()

@@ -1179,8 +1179,8 @@ class ExceptionBox:
         root = ExceptionBox(link, seen)
         if left_out:
             try:
-                root.original.add_note(f"kotta: {left_out} chained exception(s) between this one "
-                                       f"and the next are left out")
+                add_note(root.original, f"kotta: {left_out} chained exception(s) between "
+                                        f"this one and the next are left out")
             except Exception:  # noqa: BLE001 - __notes__ that are not a list: no note
                 pass
         if cause is not None:
@@ -1225,22 +1225,34 @@ class ExceptionBox:
             except Exception:  # noqa: BLE001 - a traceback we cannot rebuild is not fatal
                 pass
         if self.dropped:
-            exc.add_note(
+            add_note(
+                exc,
                 f"kotta: {self.dropped} frames in the middle of the remote traceback are left "
                 f"out (of {self.dropped + TRACEBACK_FRAMES})"
             )
+        # (object.__setattr__: BaseException's own slots, set past a __setattr__ that
+        # refuses, a frozen dataclass's, as the interpreter sets them when it raises)
         if self.cause is not None:
-            exc.__cause__ = self.cause.unbox()
+            object.__setattr__(exc, "__cause__", self.cause.unbox())
         if self.context == "cause":
-            exc.__context__ = exc.__cause__
+            object.__setattr__(exc, "__context__", exc.__cause__)
         elif self.context is not None:
-            exc.__context__ = self.context.unbox()
-        exc.__suppress_context__ = self.suppress
+            object.__setattr__(exc, "__context__", self.context.unbox())
+        object.__setattr__(exc, "__suppress_context__", self.suppress)
         if self.members is not None and isinstance(exc, BaseExceptionGroup):
             for box, member in zip(self.members, exc.exceptions, strict=False):
                 if box is not None:
                     box._onto(member)
         return exc
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``, also on an exception whose ``__setattr__`` refuses (a frozen
+    dataclass's: add_note sets ``__notes__`` through it, and raised FrozenInstanceError in
+    place of the task's exception)."""
+    if getattr(exc, "__notes__", None) is None:
+        object.__setattr__(exc, "__notes__", [])
+    exc.add_note(note)
 
 
 def _member_box(exc: BaseException, seen: set[int]) -> ExceptionBox | None:

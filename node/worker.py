@@ -393,8 +393,8 @@ def _initialize(init: bytes | None, job_id: str) -> None:
         try:
             wire.run_initializer(init)
         except BaseException as exc:
-            exc.add_note(f"raised by the executor's initializer, in the worker that was to "
-                         f"run job {job_id}")
+            wire.add_note(exc, f"raised by the executor's initializer, in the worker that "
+                               f"was to run job {job_id}")
             raise
 
 

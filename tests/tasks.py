@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import struct
 import subprocess
@@ -892,3 +893,20 @@ def return_a_future(x):
     done = concurrent.futures.Future()
     done.set_result(x)
     return [done]
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenError(Exception):
+    """An exception class written as a frozen dataclass: its ``__setattr__`` refuses every
+    attribute, ``__cause__`` and ``__notes__`` too."""
+
+    code: int
+
+
+def raise_frozen(code, from_cause=False):
+    try:
+        raise KeyError("the cause")
+    except KeyError as key:
+        if from_cause:
+            raise FrozenError(code) from key
+        raise FrozenError(code)  # noqa: B904 - a context, not a cause

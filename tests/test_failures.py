@@ -638,3 +638,31 @@ def test_a_remote_traceback_of_a_scripts_function_names_its_file_and_line(make_e
     last = traceback.extract_tb(info.value.__traceback__)[-1]
     assert (last.filename, last.lineno, last.name) == (str(script), 3, "boom")
     assert last.line == 'raise KeyError(f"bad key {y}")'  # (the client reads its own file)
+
+
+@pytest.mark.parametrize("from_cause", [False, True], ids=["context", "cause"])
+def test_an_exception_of_a_frozen_dataclass_comes_back_as_itself(from_cause, make_executor):
+    """An exception class written as a frozen dataclass refuses setattr: rebuilding it on
+    the client (its ``__cause__``, ``__context__``, ``__suppress_context__``) and adding
+    the job's note had raised FrozenInstanceError, and the future a SerializationError."""
+    ex = make_executor(1)
+    f = ex.submit(tasks.raise_frozen, 7, from_cause)
+    exc = f.exception(GUARD)
+    assert type(exc) is tasks.FrozenError and exc.code == 7
+    chained = exc.__cause__ if from_cause else exc.__context__
+    assert type(chained) is KeyError and chained.args == ("the cause",)
+    assert exc.__suppress_context__ is from_cause
+    assert exc.__notes__ == [f"kotta job {f.job_id} (kotta status {f.job_id}; "
+                             f"kotta logs {f.job_id})"]
+    assert "raise_frozen" in _frames(exc)
+
+
+def test_an_initializer_raising_a_frozen_dataclass_exception_fails_the_task_with_it(
+        make_executor):
+    """The worker notes where an initializer's exception came from: on a frozen dataclass's
+    exception, add_note had raised FrozenInstanceError, which the task failed with."""
+    ex = make_executor(1, initializer=tasks.raise_frozen, initargs=(5,))
+    f = ex.submit(tasks.square, 3)
+    exc = f.exception(GUARD)
+    assert type(exc) is tasks.FrozenError and exc.code == 5
+    assert exc.__notes__[0].startswith("raised by the executor's initializer")
