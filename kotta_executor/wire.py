@@ -1156,6 +1156,16 @@ class ExceptionBox:
             self._keep_root(cause, context, seen)
         self.members = None
         if isinstance(exc, BaseExceptionGroup) and isinstance(self.exc, _Travelling):
+            # A member that is also the group's cause or context (an asyncio.TaskGroup's
+            # body raised: the group is raised while it is handled) is boxed there, and
+            # has no box of its own below.  That box holds the member itself, pickled as
+            # in the group's args, so that pickle's memo makes it the group's member on
+            # the client, frames and chain set on it (a _Travelling made a copy, and the
+            # member came back bare).
+            for link in (self.cause, self.context):
+                if (isinstance(link, ExceptionBox) and isinstance(link.exc, _Travelling)
+                        and any(link.exc.exc is m for m in exc.exceptions)):
+                    link.exc = link.exc.exc
             # Its members travel in its args, as pickle keeps them: without their
             # tracebacks and chains (an asyncio.TaskGroup's failures came back without a
             # frame).  Boxes with no exception of their own carry those, up to the limit.

@@ -910,3 +910,16 @@ def raise_frozen(code, from_cause=False):
         if from_cause:
             raise FrozenError(code) from key
         raise FrozenError(code)  # noqa: B904 - a context, not a cause
+
+
+def raise_from_a_task_group_body(path):
+    """An asyncio.TaskGroup whose body itself raises: that exception is both a member of
+    the group and the group's ``__context__`` (the group is raised while it is handled)."""
+    import asyncio
+
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(asyncio.sleep(60))
+            _parse_rows(path)
+
+    asyncio.run(main())

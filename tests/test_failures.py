@@ -666,3 +666,20 @@ def test_an_initializer_raising_a_frozen_dataclass_exception_fails_the_task_with
     exc = f.exception(GUARD)
     assert type(exc) is tasks.FrozenError and exc.code == 5
     assert exc.__notes__[0].startswith("raised by the executor's initializer")
+
+
+def test_a_group_member_that_is_also_its_context_keeps_its_frames(make_executor):
+    """An asyncio.TaskGroup whose body raised: that exception is a member of the group and
+    its ``__context__``.  Boxed first as the context, the member had come back bare (no
+    frame, no cause) and the context as a copy of it; now both are the same exception,
+    with its frames and cause, as on the node."""
+    ex = make_executor(1)
+    with pytest.raises(ExceptionGroup) as info:
+        ex.submit(tasks.raise_from_a_task_group_body, "d.csv").result(GUARD)
+    [member] = info.value.exceptions
+    assert type(member) is ValueError and member.args == ("cannot parse d.csv",)
+    assert "_parse_rows" in _frames(member)
+    assert isinstance(member.__cause__, FileNotFoundError)
+    assert member.__cause__.filename == "d.csv"
+    assert info.value.__context__ is member and info.value.__suppress_context__
+    assert "_parse_rows" in "".join(traceback.format_exception(info.value))
