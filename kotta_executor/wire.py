@@ -1142,7 +1142,8 @@ class ExceptionBox:
     def __init__(self, exc: BaseException, _seen: set[int] | None = None):
         seen = _seen if _seen is not None else set()
         seen.add(id(exc))
-        self.exc = _Travelling(exc) if _round_trips(exc) else remote_error(exc)
+        self.exc = (_Travelling(exc) if _round_trips(exc)
+                    else _mended_group(exc) or remote_error(exc))
         tb = exc.__traceback__
         self.tb, self.dropped = _traceback_data(tb) if tb is not None else (None, 0)
         cause, context = exc.__cause__, exc.__context__
@@ -1162,10 +1163,12 @@ class ExceptionBox:
             # in the group's args, so that pickle's memo makes it the group's member on
             # the client, frames and chain set on it (a _Travelling made a copy, and the
             # member came back bare).
+            sent = getattr(self.exc, "members", exc.exceptions)  # (_mended_group's)
             for link in (self.cause, self.context):
-                if (isinstance(link, ExceptionBox) and isinstance(link.exc, _Travelling)
-                        and any(link.exc.exc is m for m in exc.exceptions)):
-                    link.exc = link.exc.exc
+                if isinstance(link, ExceptionBox) and isinstance(link.exc, _Travelling):
+                    for member, as_sent in zip(exc.exceptions, sent, strict=True):
+                        if link.exc.exc is member:
+                            link.exc = as_sent
             # Its members travel in its args, as pickle keeps them: without their
             # tracebacks and chains (an asyncio.TaskGroup's failures came back without a
             # frame).  Boxes with no exception of their own carry those, up to the limit.
@@ -1364,6 +1367,69 @@ class _Travelling:
         ):
             return (_Travelling, (exc,))
         return (_rebuild_exception, (cls, exc.args, dict(getattr(exc, "__dict__", {}))))
+
+
+class _TravellingGroup(_Travelling):
+    """A group pickled with ``members`` in place of its own (see _mended_group)."""
+
+    __slots__ = ("members",)
+
+    def __init__(self, exc: BaseExceptionGroup, members: list):
+        super().__init__(exc)
+        self.members = members
+
+    def __reduce__(self):
+        exc = self.exc
+        return (_rebuild_exception, (type(exc), (exc.message, self.members),
+                                     dict(getattr(exc, "__dict__", {}))))
+
+
+class _AsMember:
+    """A member of a group that pickle cannot make again by calling its class (an
+    ``__init__`` with a keyword, or arguments its ``args`` do not hold): pickled as a
+    JobFailed is, its class, ``args`` and ``__dict__``, with no ``__init__`` run."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __reduce__(self):
+        exc = self.exc
+        return (errors._rebuild, (type(exc), exc.args, dict(getattr(exc, "__dict__", {}))))
+
+
+def _mended_group(exc: BaseException) -> _TravellingGroup | None:
+    """A group that does not survive pickling for want of some of its members, each of
+    those sent as itself (_AsMember) where it can be, else as a RemoteError; a member that
+    would come back as itself if raised alone had made the whole group a RemoteError.
+    None for anything else, or a group that still does not survive."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    cls = type(exc)
+    own_reduce = (cls.__reduce__ is not BaseException.__reduce__
+                  or cls.__reduce_ex__ is not BaseException.__reduce_ex__)
+    args = exc.args
+    if own_reduce or len(args) != 2 or not isinstance(args[1], Sequence) or (
+            tuple(args[1]) != exc.exceptions):
+        return None  # (a group made with other arguments: pickled its own way)
+    members: list = []
+    for member in exc.exceptions:
+        for candidate in (member, _AsMember(member)):
+            try:
+                pickle.loads(cloudpickle_dumps(candidate))
+            except BaseException:  # noqa: BLE001 - as in _round_trips
+                continue
+            members.append(candidate)
+            break
+        else:
+            members.append(remote_error(member))
+    group = _TravellingGroup(exc, members)
+    try:
+        pickle.loads(cloudpickle_dumps(group))
+    except BaseException:  # noqa: BLE001
+        return None
+    return group
 
 
 def _rebuild_exception(cls: type[BaseException], args: tuple, state: dict) -> _Travelling:

@@ -923,3 +923,29 @@ def raise_from_a_task_group_body(path):
             _parse_rows(path)
 
     asyncio.run(main())
+
+
+class NeedsCode(Exception):
+    """An exception whose ``__init__`` takes a keyword its ``args`` do not hold: pickle
+    cannot make it again by calling the class."""
+
+    def __init__(self, message, *, code):
+        super().__init__(message)
+        self.code = code
+
+
+def raise_group_with_members_pickle_cannot_remake(lock_message):
+    """An asyncio.TaskGroup's failures: one that travels as pickle makes it, one pickle
+    cannot make again (NeedsCode), one that cannot be pickled (it holds a lock)."""
+    import asyncio
+
+    async def fails(exc):
+        raise exc
+
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(fails(KeyError("plain")))
+            tg.create_task(fails(NeedsCode("bad code", code=7)))
+            tg.create_task(fails(UnpicklableError(lock_message)))
+
+    asyncio.run(main())

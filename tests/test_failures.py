@@ -683,3 +683,26 @@ def test_a_group_member_that_is_also_its_context_keeps_its_frames(make_executor)
     assert member.__cause__.filename == "d.csv"
     assert info.value.__context__ is member and info.value.__suppress_context__
     assert "_parse_rows" in "".join(traceback.format_exception(info.value))
+
+
+def test_a_group_with_a_member_that_cannot_travel_keeps_the_others(make_executor):
+    """A member of an ExceptionGroup that pickle cannot make again (an ``__init__`` with a
+    keyword), or cannot pickle at all, had made the whole group a RemoteError, though
+    the same exception raised alone comes back as itself: no ``except*`` matched any of
+    it.  Now the group is itself; the first member comes back as itself, the second as
+    itself too (as it would alone), the third as a RemoteError, each with its frames."""
+    ex = make_executor(1)
+    f = ex.submit(tasks.raise_group_with_members_pickle_cannot_remake, "holds a lock")
+    group = f.exception(GUARD)
+    assert type(group) is ExceptionGroup
+    assert group.message == "unhandled errors in a TaskGroup"
+    plain, needs_code, unpicklable = group.exceptions
+    assert type(plain) is KeyError and plain.args == ("plain",)
+    assert type(needs_code) is tasks.NeedsCode
+    assert (needs_code.args, needs_code.code) == (("bad code",), 7)
+    assert isinstance(unpicklable, RemoteError)
+    assert (unpicklable.type_name, unpicklable.message) == ("tests.tasks.UnpicklableError",
+                                                            "holds a lock")
+    for member in group.exceptions:
+        assert "fails" in _frames(member)
+    assert group.__notes__[-1].startswith(f"kotta job {f.job_id} ")
