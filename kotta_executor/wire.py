@@ -1692,21 +1692,29 @@ def _salvage(data: bytes, raised: bool, why: BaseException) -> BaseException | N
         if not isinstance(box, ExceptionBox):
             return None
         replaced: set[type] = set()
-        exc = _without_stand_ins(box.unbox(), set(), replaced, why)
+        exc = _without_stand_ins(box.unbox(), {}, replaced, why)
     except BaseException:  # noqa: BLE001 - no better than the SerializationError, then
         return None
     return exc if lenient.made and lenient.made <= replaced else None
 
 
-def _without_stand_ins(exc: BaseException, seen: set[int], replaced: set[type],
-                       why: BaseException) -> BaseException:
-    """``exc`` and its chain, with a RemoteError in place of each stand-in (its class
-    added to ``replaced``)."""
-    seen.add(id(exc))
+def _without_stand_ins(exc: BaseException, done: dict[int, BaseException],
+                       replaced: set[type], why: BaseException) -> BaseException:
+    """``exc``, its chain and its members (a group's), with a RemoteError in place of each
+    stand-in (its class added to ``replaced``).  ``done``: what each exception met is made,
+    so that one met twice (a cause that is the context too, a TaskGroup's member that is
+    its context) is one exception there too, not a stand-in left in the second place."""
+    if id(exc) in done:
+        return done[id(exc)]
+    done[id(exc)] = original = exc  # (a cycle back to it meets it as it is)
     for attr in ("__cause__", "__context__"):
         link = getattr(exc, attr)
-        if link is not None and id(link) not in seen:
-            setattr(exc, attr, _without_stand_ins(link, seen, replaced, why))
+        if link is not None:
+            object.__setattr__(exc, attr, _without_stand_ins(link, done, replaced, why))
+    if isinstance(exc, BaseExceptionGroup) and not isinstance(exc, _Missing):
+        members = [_without_stand_ins(m, done, replaced, why) for m in exc.exceptions]
+        if any(new is not old for new, old in zip(members, exc.exceptions, strict=True)):
+            exc = done[id(original)] = _regrouped(exc, members)
     if not isinstance(exc, _Missing):
         return exc
     replaced.add(type(exc))
@@ -1715,4 +1723,17 @@ def _without_stand_ins(exc: BaseException, seen: set[int], replaced: set[type],
     err.__suppress_context__ = exc.__suppress_context__
     err.add_note(f"kotta: its class {err.type_name} cannot be imported on the client "
                  f"({type(why).__name__}: {why})")
+    done[id(original)] = err
     return err
+
+
+def _regrouped(group: BaseExceptionGroup, members: list) -> BaseExceptionGroup:
+    """``group`` with ``members`` (RemoteErrors in place of stand-ins: a TaskGroup's
+    failures of a package the node only has had made its result a SerializationError),
+    its traceback, chain and notes kept (``derive`` keeps none of them)."""
+    new = _rebuild_exception(type(group), (group.message, members),
+                             dict(getattr(group, "__dict__", {}))).exc
+    new.__traceback__ = group.__traceback__
+    new.__cause__, new.__context__ = group.__cause__, group.__context__
+    new.__suppress_context__ = group.__suppress_context__
+    return new

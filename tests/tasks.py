@@ -949,3 +949,23 @@ def raise_group_with_members_pickle_cannot_remake(lock_message):
             tg.create_task(fails(UnpicklableError(lock_message)))
 
     asyncio.run(main())
+
+
+def raise_group_from_a_node_only_module(directory, messages):
+    """An asyncio.TaskGroup's failures, of a class only the worker can import (as
+    raise_from_a_node_only_module's), and one of the builtins."""
+    import asyncio
+
+    async def parse(message):
+        raise_from_a_node_only_module(directory, message)
+
+    async def lookup():
+        raise KeyError("no such row")
+
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            for message in messages:
+                tg.create_task(parse(message))
+            tg.create_task(lookup())
+
+    asyncio.run(main())

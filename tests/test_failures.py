@@ -534,6 +534,7 @@ def test_an_exception_with_a_cause_only_the_node_can_import(make_executor, tmp_p
     cause = info.value.__cause__
     assert isinstance(cause, RemoteError)
     assert (cause.type_name, cause.message) == ("node_only_errors.ParseError", "bad row 3")
+    assert info.value.__context__ is cause  # (not a stand-in left there)
     results = ex.map(tasks.raise_from_a_node_only_module, [directory] * 3, ["a", "b", "c"],
                      [True, False, True], chunksize=3)
     with pytest.raises(RuntimeError) as info:
@@ -705,4 +706,24 @@ def test_a_group_with_a_member_that_cannot_travel_keeps_the_others(make_executor
                                                             "holds a lock")
     for member in group.exceptions:
         assert "fails" in _frames(member)
+    assert group.__notes__[-1].startswith(f"kotta job {f.job_id} ")
+
+
+def test_a_group_with_members_only_the_node_can_import(make_executor, tmp_path):
+    """The members of a TaskGroup's ExceptionGroup of a class the client cannot import (of
+    a package ``requirements`` installed on the node only) come back as RemoteErrors in
+    the group, which is itself with its other members; the whole result had been a
+    SerializationError, hiding every failure's message."""
+    ex = make_executor(1)
+    f = ex.submit(tasks.raise_group_from_a_node_only_module, str(tmp_path / "node-only"),
+                  ["bad row 3", "bad row 9"])
+    group = f.exception(GUARD)
+    assert type(group) is ExceptionGroup
+    *parsed, missing = group.exceptions
+    assert type(missing) is KeyError and "lookup" in _frames(missing)
+    assert [(m.type_name, m.message) for m in parsed] == [
+        ("node_only_errors.ParseError", "bad row 3"), ("node_only_errors.ParseError", "bad row 9")]
+    for member in parsed:
+        assert isinstance(member, RemoteError) and "parse" in _frames(member)
+        assert "cannot be imported on the client" in member.__notes__[-1]
     assert group.__notes__[-1].startswith(f"kotta job {f.job_id} ")
