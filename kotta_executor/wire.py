@@ -1153,6 +1153,7 @@ class ExceptionBox:
             else ExceptionBox(context, seen) if _chainable(context, seen) else None
         )
         self.suppress = exc.__suppress_context__
+        linked = ((cause, self.cause), (context, self.context))  # (before _keep_root's)
         if self.cause is None and self.context in (None, "cause") and len(seen) >= _CHAIN_LIMIT:
             self._keep_root(cause, context, seen)
         self.members = None
@@ -1164,10 +1165,10 @@ class ExceptionBox:
             # the client, frames and chain set on it (a _Travelling made a copy, and the
             # member came back bare).
             sent = getattr(self.exc, "members", exc.exceptions)  # (_mended_group's)
-            for link in (self.cause, self.context):
-                if isinstance(link, ExceptionBox) and isinstance(link.exc, _Travelling):
+            for original, link in linked:
+                if isinstance(link, ExceptionBox):  # (a RemoteError's too: the member's)
                     for member, as_sent in zip(exc.exceptions, sent, strict=True):
-                        if link.exc.exc is member:
+                        if original is member:
                             link.exc = as_sent
             # Its members travel in its args, as pickle keeps them: without their
             # tracebacks and chains (an asyncio.TaskGroup's failures came back without a

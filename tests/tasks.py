@@ -969,3 +969,15 @@ def raise_group_from_a_node_only_module(directory, messages):
             tg.create_task(lookup())
 
     asyncio.run(main())
+
+
+def raise_unpicklable_from_a_task_group_body(message):
+    """raise_from_a_task_group_body's, the body's exception one that cannot be pickled."""
+    import asyncio
+
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(asyncio.sleep(60))
+            raise UnpicklableError(message)
+
+    asyncio.run(main())

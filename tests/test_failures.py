@@ -727,3 +727,16 @@ def test_a_group_with_members_only_the_node_can_import(make_executor, tmp_path):
         assert isinstance(member, RemoteError) and "parse" in _frames(member)
         assert "cannot be imported on the client" in member.__notes__[-1]
     assert group.__notes__[-1].startswith(f"kotta job {f.job_id} ")
+
+
+def test_a_group_member_that_cannot_travel_and_is_its_context_keeps_its_frames(make_executor):
+    """As above, the TaskGroup's body raising what cannot be pickled: its RemoteError, in
+    the group, had come back without a remote frame, and the group's context another
+    RemoteError; now they are one, with the frames."""
+    ex = make_executor(1)
+    group = ex.submit(tasks.raise_unpicklable_from_a_task_group_body, "locked").exception(GUARD)
+    assert type(group) is ExceptionGroup
+    [member] = group.exceptions
+    assert isinstance(member, RemoteError) and member.message == "locked"
+    assert "main" in _frames(member)
+    assert group.__context__ is member
