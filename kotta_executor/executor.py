@@ -713,6 +713,10 @@ class KottaExecutor(Executor):
     def _map(self, fn, iterables, timeout, chunksize, opts, buffersize=None) -> Iterator:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        try:  # a count of items, as ProcessPoolExecutor's islice takes it (numpy's too): a
+            chunksize = operator.index(chunksize)  # float is its ValueError, 1.0 as well
+        except TypeError:
+            raise ValueError(f"chunksize must be an integer, not {chunksize!r}") from None
         end_time = None if timeout is None else timeout + time.monotonic()
         if buffersize is not None:  # (Executor.map's checks and messages, Python 3.14)
             if not isinstance(buffersize, int):

@@ -339,6 +339,25 @@ def test_map_chunksize_below_one_raises_value_error(executor, process_pool):
             executor.map(tasks.square, [1, 2], chunksize=chunksize)
 
 
+def test_map_chunksize_not_an_integer_raises_value_error_naming_it(
+    executor, process_pool, enclave
+):
+    """As ProcessPoolExecutor, whose islice refuses it: a float chunksize (``len(xs) / 4``)
+    is a ValueError, 1.0 too, with a buffersize or not.  (It was a TypeError from range()
+    that named no argument, and 1.0 was taken as 1.)  An integer numpy's stands for works."""
+    for chunksize in (1.0, 2.0, 2.5):
+        with pytest.raises(ValueError):
+            process_pool.map(tasks.square, [1, 2], chunksize=chunksize)
+        for buffersize in (None, 2):
+            with pytest.raises(ValueError, match=r"chunksize must be an integer, not [.0-9]+$"):
+                executor.map(tasks.square, [1, 2], chunksize=chunksize, buffersize=buffersize)
+    assert enclave.jobs.list() == []  # nothing was sent
+    np = pytest.importorskip("numpy")
+    assert list(executor.map(tasks.square, range(5), chunksize=np.int64(2))) == [
+        0, 1, 4, 9, 16,
+    ]
+
+
 # --------------------------------------------------------------------------- what can be sent
 
 
