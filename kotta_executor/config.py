@@ -81,7 +81,11 @@ def kotta_home() -> Path:
     value = os.environ.get("KOTTA_HOME") or ""
     home = _homes.get(value)
     if home is None:
-        home = Path(value or Path.home() / ".kotta").expanduser()
+        try:
+            home = Path(value or Path.home() / ".kotta").expanduser()
+        except RuntimeError as exc:  # "~alcie/lab" (no such user), or no home to be found
+            raise ConfigurationError(
+                f"cannot use $KOTTA_HOME {value or '(unset: ~/.kotta)'}: {exc}") from exc
         try:
             home = _homes[value] = home.absolute()
         except FileNotFoundError:  # (a working directory since removed: taken as it is)

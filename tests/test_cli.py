@@ -358,6 +358,38 @@ def test_an_enclave_path_that_cannot_be_looked_at_is_a_clean_error(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("how", ["enclave", "KOTTA_HOME"])
+@pytest.mark.parametrize("path", ["loop", "loop/sub", "~no-such-user-kotta/lab"],
+                         ids=["symlink-loop", "under-a-loop", "unknown-user"])
+def test_an_enclave_path_that_cannot_be_resolved_is_a_clean_error(path, how, tmp_path,
+                                                                  monkeypatch):
+    """A directory given through a symlink that leads back to itself, or under the home
+    of a user this machine has not (``~alcie/lab``, mistyped): every command, and
+    KottaExecutor, failed with a traceback ending in a bare RuntimeError ("Symlink loop
+    from ...", "Could not determine home directory.") rather than the error that names
+    the path, as for any other directory that cannot be used."""
+    import re
+
+    from kotta_executor import KottaExecutor
+    from kotta_executor.errors import ConfigurationError
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    spec = str(tmp_path / path) if path.startswith("loop") else path
+    env = subprocess_env()
+    if how == "KOTTA_HOME":
+        env["KOTTA_HOME"] = spec
+    for command in (["jobs"], ["up", "--queue", "test"], ["whoami"]):
+        r = kotta(spec if how == "enclave" else None, *command, env=env)
+        assert r.returncode == 2, (command, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, (command, r.stderr)
+        assert r.stderr.startswith("kotta: error: "), (command, r.stderr)
+        assert spec in r.stderr, (command, r.stderr)
+    if how == "KOTTA_HOME":
+        monkeypatch.setenv("KOTTA_HOME", spec)
+    with pytest.raises(ConfigurationError, match=re.escape(spec)):
+        KottaExecutor(1, enclave=spec if how == "enclave" else None, start_node=False)
+
+
 @pytest.mark.parametrize("command", [["jobs"], ["whoami"], ["audit", "verify"]],
                          ids=lambda c: c[0])
 def test_an_enclave_database_that_is_not_sqlite_is_a_clean_error(command, tmp_path):

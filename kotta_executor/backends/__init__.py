@@ -65,11 +65,12 @@ def is_new(spec: str | os.PathLike | None = None, *, default: bool = False) -> b
 def default_url() -> str | None:
     """The URL of the embedded enclave that ``open_enclave(None)`` (``kotta`` without
     ``--enclave``) opens, without making it; None when ``$KOTTA_ENCLAVE`` names another
-    backend's."""
-    home = _embedded_home(_spec(None))
-    if home is None:
-        return None
-    return f"embedded://{Path(home).expanduser().resolve()}"
+    backend's, or a directory that cannot be used."""
+    try:
+        home = _embedded_home(_spec(None))
+        return None if home is None else f"embedded://{Path(home).expanduser().resolve()}"
+    except (ConfigurationError, OSError, RuntimeError):  # a $KOTTA_HOME that cannot be
+        return None  # used (a symlink loop, "~alcie"): no enclave is there to be the default
 
 
 def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist: bool = False) -> Enclave:

@@ -1185,14 +1185,18 @@ class EmbeddedEnclave(Enclave):
         """Whether an enclave was made under ``home`` (opening one makes it).  A path that
         cannot be looked at (another user's private directory, a name too long) is a
         ConfigurationError that says why."""
-        path = Path(home).expanduser() / "kotta.db"
         try:
-            return path.is_file()
-        except OSError as exc:
+            return (Path(home).expanduser() / "kotta.db").is_file()
+        except (OSError, RuntimeError) as exc:  # (RuntimeError: "~alcie", no such user)
             raise ConfigurationError(f"cannot look for an enclave at {home}: {exc}") from exc
 
     def __init__(self, home: str | os.PathLike):
-        self.home = Path(home).expanduser().resolve()
+        try:
+            self.home = Path(home).expanduser().resolve()
+        except (OSError, RuntimeError) as exc:
+            # a symlink that leads back to itself, "~alcie/lab" (no such user): Python's
+            # RuntimeError ("Symlink loop from ...") came out of every command as a traceback
+            raise ConfigurationError(f"cannot use {home} as the enclave directory: {exc}") from exc
         db = self.home / "kotta.db"
         try:
             self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
