@@ -26,7 +26,9 @@ Task header:   kind="task", job_id, owner, client, queue, walltime (seconds), cr
                (apart, so that a worker can reuse a function it has already unpickled)
 Result header: kind="result", job_id, outcome, n, optional error, usage, python (as in
                a task header: the version that pickled the payload).
-               outcome "ok":     payload = pickle([("ok", value) | ("raise", exc), ...])
+               outcome "ok":     payload = pickle([pickle(("ok", value) | ("raise", exc)),
+                                 ...]), each call apart (the first nodes of version 1
+                                 wrote pickle([("ok", value), ...]): still read)
                outcome "error":  payload = pickle(exc): the task failed as a whole before
                                  any call ran (its payload could not be unpickled, ...)
                outcome "failed": no payload; header["error"] = {"type", "message",
@@ -1628,6 +1630,11 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
         return [(False, _unpickle_error(job_id, exc))] * n
     out: list[tuple[bool, Any]] = []
     for part in parts:
+        if type(part) is tuple:  # the first layout of version 1 (the results of an enclave's
+            # earliest nodes): the payload was one pickle of the (tag, value) list
+            tag, value = part
+            out.append((tag == OK, _unbox(value)))
+            continue
         if python != PYTHON and (err := version_mismatch(python, (part,), what, "on the client")):
             out.append((False, err))  # fails its own call only
             continue

@@ -447,6 +447,41 @@ def test_an_enclave_made_by_an_earlier_version_gets_the_columns_it_lacks(tmp_pat
     EmbeddedEnclave(home).close()  # opened again: nothing more to add
 
 
+#: results as the first nodes wrote them (envelope version 1, kotta-executor 0.1.0 before
+#: each call's outcome was pickled apart): the payload is one pickle of the list of
+#: ``(tag, value)``.  Made by that version's ``wire.encode`` and pasted here.
+_FIRST_LAYOUT_RESULTS = {
+    "0123456789abcdef0123456789abcdef": (
+        b'KOTTA\x01\x00\x00\x00{{"job_id":"0123456789abcdef0123456789abcdef","kind":"result",'
+        b'"n":1,"outcome":"ok","sections":[["payload",31],["stdout",3]]}\x80\x05\x95\x14\x00\x00'
+        b'\x00\x00\x00\x00\x00]\x94\x8c\x02ok\x94}\x94\x8c\x01a\x94K\x01s\x86\x94a.hi\n'),
+    "fedcba9876543210fedcba9876543210": (
+        b'KOTTA\x01\x00\x00\x00{{"job_id":"fedcba9876543210fedcba9876543210","kind":"result",'
+        b'"n":1,"outcome":"ok","sections":[["payload",60],["stdout",3]]}\x80\x05\x951\x00\x00'
+        b'\x00\x00\x00\x00\x00]\x94\x8c\x05raise\x94\x8c\x08builtins\x94\x8c\nValueError'
+        b'\x94\x93\x94\x8c\x02no\x94\x85\x94R\x94\x86\x94a.hi\n'),
+}
+
+
+def test_a_result_an_earlier_version_recorded_is_attached_as_before(enclave, make_executor):
+    """An enclave whose first nodes recorded results in the envelope layout they had then
+    (version 1, which this version reads): ``attach`` to such a job raised
+    SerializationError "could not be unpickled on the client: TypeError: a bytes-like
+    object is required, not 'tuple'", for a value or an exception that unpickle here."""
+    from kotta_executor.backends.base import Finished, NewJob
+    from kotta_executor.states import JobState
+
+    ex = make_executor(1, start_node=False)
+    for job_id, result in _FIRST_LAYOUT_RESULTS.items():
+        enclave.jobs.create([NewJob(job_id, ex.owner, "c0ffee00c0ffee00", "test",
+                                    "__main__.f", 300.0, b"")], enqueue=False)
+        enclave.jobs.transition([job_id], JobState.PROCESSING, node="an-old-node")
+        assert enclave.jobs.finish([Finished(job_id, JobState.COMPLETED, result)]) == [job_id]
+    assert ex.attach("0123456789abcdef0123456789abcdef").result(GUARD) == {"a": 1}
+    with pytest.raises(ValueError, match="^no"):
+        ex.attach("fedcba9876543210fedcba9876543210").result(GUARD)
+
+
 # --------------------------------------------------------------------------------------
 # A disk that fills up while a blob is written (a task's big argument): the write fails,
 # and leaves no partial file that would keep the disk full for the whole enclave
