@@ -291,7 +291,8 @@ def cmd_up(args) -> int:
         cmd = [sys.executable, "-m", "node", *_up_node_args(args, enclave, queue),
                "--node-id", node_id]
         procs.append((node_id, subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            env=_node_env(),
         )))
         log.close()
     deadline = time.monotonic() + 30
@@ -316,6 +317,17 @@ def cmd_up(args) -> int:
             print(f"node {node_id} failed to start (exit {p.returncode}); see {logs / f'node-{node_id}.log'}",
                   file=sys.stderr)
     return 0 if ok else 1
+
+
+def _node_env() -> dict[str, str]:
+    """The environment of the nodes (and scaler) ``kotta up`` starts: this one, with a
+    relative $KOTTA_HOME made absolute, as an executor's own node gets it.  Relative, a
+    task that changed directory (a data task runs in its staging directory) and used
+    kotta there took it against that directory: another enclave."""
+    env = dict(os.environ)
+    if env.get("KOTTA_HOME"):
+        env["KOTTA_HOME"] = str(config.kotta_home())
+    return env
 
 
 def _up_node_args(args, enclave: Enclave, queue: str) -> list[str]:
@@ -360,7 +372,7 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
                "--", *_up_node_args(args, enclave, queue)]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
+                                    start_new_session=True, env=_node_env())
         write_pid(pidf, proc.pid, enclave.url)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:

@@ -584,6 +584,42 @@ def _kill_background_nodes(enclave) -> None:
             pass
 
 
+@pytest.mark.parametrize("nodes", [[], ["--min", "1", "--max", "1"]], ids=["up", "elastic"])
+def test_up_with_a_relative_kotta_home_gives_its_nodes_the_absolute_one(nodes, tmp_path):
+    """``KOTTA_HOME=.kotta kotta up``: its nodes, and so their workers and every task, had
+    $KOTTA_HOME as given, relative, where an executor's own node gets it absolute.  A task
+    that changed directory (a data task runs in its staging directory) and then used kotta
+    (a KottaExecutor to submit jobs, as the guide says a task may) took it against that
+    directory: another enclave, made there, whose jobs no node served."""
+    from kotta_executor import KottaExecutor
+
+    env = {**subprocess_env(), "KOTTA_HOME": "relhome"}
+    home = tmp_path / "relhome"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kotta_executor.cli", *args], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=GUARD,
+                              stdin=subprocess.DEVNULL)
+
+    enclave = None
+    try:
+        r = run("up", "--workers", "1", *nodes)
+        assert r.returncode == 0, r.stderr
+        enclave = EmbeddedEnclave(home)
+        wait_for(enclave.nodes.live, what="the node to register")
+        ex = KottaExecutor(1, enclave=home, start_node=False)
+        try:
+            assert ex.submit(os.getenv, "KOTTA_HOME").result(GUARD) == str(home)
+        finally:
+            ex.shutdown()
+        r = run("down")
+        assert r.returncode == 0, r.stderr
+    finally:
+        if enclave is not None:
+            _kill_background_nodes(enclave)
+            enclave.close()
+
+
 def test_down_of_a_copied_enclave_leaves_the_original_enclaves_node_running(enclave,
                                                                           tmp_path):
     """An enclave directory copied (``cp -r E C``) while E's node ran holds E's node row:
