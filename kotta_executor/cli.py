@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from . import config, wire
-from .backends import open_enclave
+from .backends import env_spec, open_enclave
 from .backends.base import Enclave, Message, reply_queue
 from .errors import KottaError, UnknownJob
 from .states import CANCELLABLE, JobState
@@ -327,6 +327,8 @@ def _node_env() -> dict[str, str]:
     env = dict(os.environ)
     if env.get("KOTTA_HOME"):
         env["KOTTA_HOME"] = str(config.kotta_home())
+    if env.get("KOTTA_ENCLAVE"):  # (the same for a relative one)
+        env["KOTTA_ENCLAVE"] = env_spec()
     return env
 
 

@@ -71,7 +71,7 @@ from typing import Any
 
 from . import config, dependencies, wire
 from . import requirements as _requirements
-from .backends import default_url, open_enclave
+from .backends import default_url, env_spec, open_enclave
 from .backends.base import Enclave, Finished, JobRecord, Message, NewJob, reply_queue
 from .errors import (
     AuthenticationError,
@@ -1509,6 +1509,8 @@ class KottaExecutor(Executor):
             env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
         if "KOTTA_HOME" in env:  # (relative, it is the client's first working directory's)
             env["KOTTA_HOME"] = str(config.kotta_home())
+        if env.get("KOTTA_ENCLAVE"):  # (so is a relative one: its tasks inherit it)
+            env["KOTTA_ENCLAVE"] = env_spec()
         env["PYTHONPATH"] = os.pathsep.join(p for p in path if os.pathsep not in p)
         # A directory whose name holds os.pathsep (a run's time, runs/12:00:00) would be
         # split in two there, and its modules not found: its workers add such directories

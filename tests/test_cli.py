@@ -584,8 +584,9 @@ def _kill_background_nodes(enclave) -> None:
             pass
 
 
+@pytest.mark.parametrize("var", ["KOTTA_HOME", "KOTTA_ENCLAVE"])
 @pytest.mark.parametrize("nodes", [[], ["--min", "1", "--max", "1"]], ids=["up", "elastic"])
-def test_up_with_a_relative_kotta_home_gives_its_nodes_the_absolute_one(nodes, tmp_path):
+def test_up_with_a_relative_kotta_home_or_enclave_gives_its_nodes_the_absolute_one(nodes, var, tmp_path):
     """``KOTTA_HOME=.kotta kotta up``: its nodes, and so their workers and every task, had
     $KOTTA_HOME as given, relative, where an executor's own node gets it absolute.  A task
     that changed directory (a data task runs in its staging directory) and then used kotta
@@ -593,7 +594,7 @@ def test_up_with_a_relative_kotta_home_gives_its_nodes_the_absolute_one(nodes, t
     directory: another enclave, made there, whose jobs no node served."""
     from kotta_executor import KottaExecutor
 
-    env = {**subprocess_env(), "KOTTA_HOME": "relhome"}
+    env = {**subprocess_env(), var: "relhome"}  # (and so $KOTTA_ENCLAVE)
     home = tmp_path / "relhome"
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -609,7 +610,7 @@ def test_up_with_a_relative_kotta_home_gives_its_nodes_the_absolute_one(nodes, t
         wait_for(enclave.nodes.live, what="the node to register")
         ex = KottaExecutor(1, enclave=home, start_node=False)
         try:
-            assert ex.submit(os.getenv, "KOTTA_HOME").result(GUARD) == str(home)
+            assert ex.submit(os.getenv, var).result(GUARD) == str(home)
         finally:
             ex.shutdown()
         r = run("down")

@@ -297,6 +297,33 @@ def test_a_relative_kotta_home_is_the_same_directory_after_a_chdir(tmp_path):
     assert r.stdout.split() == [str(lib / ".kotta")] * 2, r.stdout + r.stderr
 
 
+def test_a_relative_kotta_enclave_is_the_same_enclave_after_a_chdir(tmp_path):
+    """``KOTTA_ENCLAVE=lab`` (a project's enclave), as ``KOTTA_HOME=.kotta`` above: it
+    was taken against the working directory anew at each use.  An executor made after
+    ``os.chdir("data")`` opened a new, empty enclave, ``data/lab``, and so did a task
+    (which had it, relative, from its node) that used kotta after changing directory."""
+    lib = tmp_path / "lib"
+    (lib / "data").mkdir(parents=True)
+    r = _client(tmp_path, f"""
+        import os
+        from kotta_executor import KottaExecutor
+
+        def enclave_here(d):
+            os.chdir(d)
+            from kotta_executor.backends import open_enclave
+            return open_enclave().url
+
+        with KottaExecutor(max_workers=1) as ex:
+            print(ex.enclave.url, ex.submit(enclave_here, "data").result({GUARD}))
+            os.chdir("data")
+            with KottaExecutor(max_workers=1, start_node=False) as later:
+                print(later.enclave.url)
+    """, cwd=lib, env={"KOTTA_ENCLAVE": "lab"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [f"embedded://{lib / 'lab'}"] * 3, r.stdout + r.stderr
+    assert not (lib / "data" / "lab").exists()
+
+
 def test_an_environment_too_big_to_start_a_node_with_is_an_error_that_names_it(tmp_path):
     """A client that put a big value in its environment (a serialized config, 2 MB): the
     node it started could not be, ``[Errno 7] Argument list too long``, tried for a

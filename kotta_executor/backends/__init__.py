@@ -48,7 +48,33 @@ _MISTYPED_URL = re.compile(r"(?i)(aws|embedded):")
 
 def _spec(spec: str | os.PathLike | None) -> str:
     spec = os.fspath(spec) if spec is not None else ""
-    return spec or os.environ.get("KOTTA_ENCLAVE", "")
+    return spec or env_spec()
+
+
+def env_spec() -> str:
+    """``$KOTTA_ENCLAVE`` ("" if unset).  A relative directory in it (``KOTTA_ENCLAVE=lab``,
+    or ``embedded://lab``) is taken against the working directory where it is first read,
+    as $KOTTA_HOME is (config.kotta_home): it was taken anew at each use, so an executor
+    made after an ``os.chdir``, or a task (which inherits it from its node), opened
+    another enclave there, a new one.  (Nodes get it absolute.)"""
+    value = os.environ.get("KOTTA_ENCLAVE", "")
+    spec = _env_specs.get(value)
+    if spec is None:
+        spec = value
+        path = value[len("embedded://"):] if value.startswith("embedded://") else value
+        if path and "://" not in path and not _MISTYPED_URL.match(path):
+            try:
+                absolute = os.path.abspath(os.path.expanduser(path))
+            except (FileNotFoundError, RuntimeError):  # (a working directory since removed,
+                pass  # "~alcie": said as it is opened)
+            else:
+                spec = value[: len(value) - len(path)] + absolute
+                _env_specs[value] = spec
+    return spec
+
+
+#: each $KOTTA_ENCLAVE seen, its relative directory made absolute (env_spec)
+_env_specs: dict[str, str] = {}
 
 
 def is_new(spec: str | os.PathLike | None = None, *, default: bool = False) -> bool:
@@ -126,4 +152,4 @@ def _unknown_scheme(spec: str) -> ConfigurationError:
     )
 
 
-__all__ = ["Enclave", "check_spec", "default_url", "is_new", "open_enclave"]
+__all__ = ["Enclave", "check_spec", "default_url", "env_spec", "is_new", "open_enclave"]
