@@ -24,6 +24,7 @@ import pytest
 
 from kotta_executor.backends.base import Finished, Message, NewJob, NodeInfo
 from kotta_executor.backends.embedded import EmbeddedEnclave
+from kotta_executor.errors import ConfigurationError
 from kotta_executor.states import JobState
 from tests.conftest import wait_for
 
@@ -97,6 +98,7 @@ def test_processes_opening_a_fresh_enclave_together_all_succeed(tmp_path):
 _REAPER = r"""
 import json, sys
 from kotta_executor.backends.embedded import EmbeddedEnclave
+from kotta_executor.errors import ConfigurationError
 e = EmbeddedEnclave(sys.argv[1])
 got = e.queue.receive("work", 10, 60.0, "node-in-container")
 print(json.dumps({"got": [d.job_id for d in got],
@@ -245,6 +247,7 @@ for pid in psutil.pids():
 (fake / "self").symlink_to(f"/proc/{os.getpid()}")
 psutil.PROCFS_PATH = str(fake)
 from kotta_executor.backends.embedded import EmbeddedEnclave
+from kotta_executor.errors import ConfigurationError
 e = EmbeddedEnclave(sys.argv[1])
 got = e.queue.receive("work", 10, 60.0, "another-node")
 print(json.dumps({"got": [d.job_id for d in got],
@@ -900,3 +903,32 @@ def test_a_receive_reads_only_visible_messages_however_many_are_held(tmp_path):
             assert "TEMP B-TREE" not in plan, (q[:100], plan)
     finally:
         e.close()
+
+
+def test_a_new_enclave_is_not_made_in_a_directory_other_users_share(tmp_path):
+    """A new enclave closes its directory (mode 700): named a directory others share
+    (``enclave="/tmp"``, as root; a group's project directory), that shut them all out of
+    it.  It is refused, saying why and where to make it instead, and nothing is changed."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # (as /tmp is)
+    with pytest.raises(ConfigurationError) as err:
+        EmbeddedEnclave(shared)
+    assert str(err.value) == (
+        f"cannot make an enclave in {shared}: it is a directory other OS users share (mode "
+        f"1777), and an enclave closes its directory to everyone else (mode 700); make it in "
+        f"a directory of its own, say {shared / 'kotta'}")
+    assert shared.stat().st_mode & 0o7777 == 0o1777 and not list(shared.iterdir())
+    EmbeddedEnclave(shared / "kotta").close()  # as it says
+    assert (shared / "kotta").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a file to another user needs root")
+def test_a_new_enclave_is_not_made_in_a_directory_holding_other_users_files(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir(mode=0o755)
+    (project / "theirs.csv").touch()
+    os.chown(project / "theirs.csv", 12345, 12345)
+    with pytest.raises(ConfigurationError, match="theirs.csv in it is another user's"):
+        EmbeddedEnclave(project)
+    assert project.stat().st_mode & 0o777 == 0o755

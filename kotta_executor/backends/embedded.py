@@ -998,6 +998,26 @@ class EmbeddedNodes(NodeRegistry):
 _private: tuple[float, str | None] = (-60.0, None)
 
 
+def _shared_by(path: Path, st: os.stat_result) -> str:
+    """Why the directory ``path`` (``st``, its stat) is one other OS users share, or "":
+    sticky or writable by all (/tmp), or holding files of other users (a group's project
+    directory, /home as root)."""
+    if st.st_mode & (stat.S_ISVTX | stat.S_IWOTH):
+        return f"mode {stat.S_IMODE(st.st_mode):o}"
+    uid = os.getuid()
+    with os.scandir(path) as entries:
+        for i, entry in enumerate(entries):
+            if i >= 10_000:  # (a directory that large is no new enclave's: as it is)
+                break
+            try:
+                owner = entry.stat(follow_symlinks=False).st_uid
+            except OSError:  # gone meanwhile
+                continue
+            if owner != uid:
+                return f"{entry.name} in it is another user's"
+    return ""
+
+
 def _private_dir() -> str | None:
     """``/tmp/kotta-UID``, made if need be, if it is a directory of this user's that no
     one else may enter (checked again every 10 s); else None."""
@@ -1207,7 +1227,15 @@ class EmbeddedEnclave(Enclave):
                     # a new enclave in a directory made beforehand (`mkdir lab`: 0755): its
                     # database, blobs and logs are made readable by all (umask), and only
                     # the directory's mode keeps other OS users from every job, argument
-                    # and result
+                    # and result.  Not a directory others share: closed, /tmp (as root:
+                    # enclave="/tmp") or a group's project directory shut them all out
+                    shared = _shared_by(self.home, st)
+                    if shared:
+                        raise ConfigurationError(
+                            f"cannot make an enclave in {self.home}: it is a directory other "
+                            f"OS users share ({shared}), and an enclave closes its directory "
+                            f"to everyone else (mode 700); make it in a directory of its own, "
+                            f"say {self.home / 'kotta'}")
                     self.home.chmod(0o700)
                 elif self.home not in _WARNED_OPEN:
                     # one made so by an earlier version, or opened since: not changed (an
