@@ -932,3 +932,13 @@ def test_a_new_enclave_is_not_made_in_a_directory_holding_other_users_files(tmp_
     with pytest.raises(ConfigurationError, match="theirs.csv in it is another user's"):
         EmbeddedEnclave(project)
     assert project.stat().st_mode & 0o777 == 0o755
+
+
+def test_an_enclave_path_that_is_a_file_says_so(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine\n")
+    with pytest.raises(ConfigurationError) as err:
+        EmbeddedEnclave(path)
+    # (it said "cannot create the enclave directory ...: [Errno 17] File exists")
+    assert str(err.value) == f"cannot use {path} as the enclave directory: it is a file, not a directory"
+    assert path.read_text() == "mine\n"

@@ -1242,6 +1242,9 @@ class EmbeddedEnclave(Enclave):
                     # admin may mean it), but said, once a process, once it proves an enclave
                     open_mode = st.st_mode & 0o777
         except OSError as exc:
+            if isinstance(exc, FileExistsError) and not self.home.is_dir():
+                raise ConfigurationError(f"cannot use {self.home} as the enclave directory: "
+                                         f"it is a file, not a directory") from exc
             raise ConfigurationError(f"cannot create the enclave directory {self.home}: {exc}") from exc
         self.url = f"embedded://{self.home}"
         self.local = True
