@@ -172,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kotta: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # an AWS error botocore's retries did not cure (an endpoint
+        # that cannot be reached, AccessDenied): named in one line, not a traceback.
+        # (botocore is imported by then if the error is one of its own)
+        aws = sys.modules.get("botocore.exceptions")
+        if aws is None or not isinstance(exc, (aws.BotoCoreError, aws.ClientError)):
+            raise
+        print(f"kotta: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _enclave(args, *, existing: bool = False) -> Enclave:

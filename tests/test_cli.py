@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from concurrent.futures import CancelledError
@@ -60,6 +61,25 @@ def test_output_to_a_full_disk_is_an_error_naming_it_not_a_traceback(executor, e
                            stdin=subprocess.DEVNULL)
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip() == "kotta: error: [Errno 28] No space left on device"
+
+
+def test_an_aws_endpoint_that_cannot_be_reached_is_an_error_naming_it_not_a_traceback(tmp_path):
+    """An AWS error that outlived botocore's retries (here an endpoint that refuses
+    connections; AccessDenied alike) ended `kotta audit verify` (and `kotta aws bootstrap`,
+    after a minute of retries) in a traceback of some sixty lines; it is one line naming
+    it, exit 1, as any error of the system."""
+    with socket.socket() as closed:  # (bound, never listening: connections are refused)
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        env = {**subprocess_env(), "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "KOTTA_HOME": str(tmp_path / "home")}
+        url = f"aws://lab?region=us-east-1&endpoint_url=http://127.0.0.1:{port}&max_attempts=1"
+        r = kotta(None, "audit", "verify", "--enclave", url, env=env)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith("kotta: error: Could not connect to the endpoint URL"), line
+    assert f"127.0.0.1:{port}" in line
 
 
 def test_jobs_lists_a_finished_job(executor, enclave_dir):
