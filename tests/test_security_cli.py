@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from kotta_executor import config
 from kotta_executor.backends.base import NewJob
 from kotta_executor.security import credentials
 from kotta_executor.security.audit import AuditLog
@@ -141,6 +142,26 @@ def _home(tmp_path, name):
 def _refusals(enclave, user):
     return [r["detail"] for r in AuditLog(enclave).show(user=user, action="token-refresh")
             if r["allowed"] is False]
+
+
+def test_the_last_active_admin_cannot_be_disabled(enclave_dir):
+    """`kotta user disable ME` by the enclave's only admin was done: then no one could
+    enable a user, add one, register a dataset or grant a role, that admin included (not
+    even with the token file removed), and the enclave had no admin for good.  It is
+    refused, naming what to do; with another active admin it is done."""
+    me = config.current_user()  # (the first use's admin)
+    assert kotta(enclave_dir, "whoami").returncode == 0
+    r = kotta(enclave_dir, "user", "disable", me)
+    assert r.returncode == 2, r.stdout
+    assert r.stderr.startswith(f"kotta: error: {me} is the enclave's last active admin"), r.stderr
+    assert kotta(enclave_dir, "whoami").returncode == 0
+    assert kotta(enclave_dir, "user", "add", "bob", "--role", "ops", "--admin").returncode == 0
+    assert kotta(enclave_dir, "user", "disable", "bob").returncode == 0
+    r = kotta(enclave_dir, "user", "disable", me)  # (bob, disabled, is no admin to count)
+    assert r.returncode == 2 and "last active admin" in r.stderr, r.stderr
+    assert kotta(enclave_dir, "user", "enable", "bob").returncode == 0
+    r = kotta(enclave_dir, "user", "disable", me)
+    assert r.returncode == 0, r.stderr
 
 
 def test_a_disabled_or_revoked_admin_keeps_none_of_their_rights(enclave, enclave_dir, tmp_path):

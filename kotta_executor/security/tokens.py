@@ -191,6 +191,14 @@ class TokenService:
         ident = self.user(user)
         if ident is None:
             raise ConfigurationError(f"no user {user!r} in the enclave")
+        # Only an admin enables a user: with its last active admin disabled, no one could
+        # (that admin neither), nor add users, datasets or grants, for good
+        if disabled and ident.admin and not ident.disabled and not any(
+                u.admin and not u.disabled and u.user != user for u in self.users()):
+            raise ConfigurationError(
+                f"{user} is the enclave's last active admin: disabled, no one could enable "
+                f"a user again, nor add one; add another admin first (`kotta user add NAME "
+                f"--role ROLE --admin`)")
         self.records.put("user", user, {**ident.as_dict(), "disabled": disabled})
         self._log("token-revoke" if disabled else "user-add", user=by, allowed=True,
                   detail=f"{'disabled' if disabled else 'enabled'} {user}")
