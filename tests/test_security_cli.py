@@ -352,6 +352,18 @@ def test_updating_a_dataset_keeps_its_egress_rule_unless_told(enclave, enclave_d
     assert PolicyStore(enclave.records).dataset("s3://capped/").egress_cap is None
 
 
+@pytest.mark.parametrize("cap", ["abc", "1.5", "1e3", ""])
+def test_an_egress_cap_that_is_no_number_says_what_it_takes(enclave_dir, cap):
+    """`--egress-cap abc` said `argument --egress-cap: invalid _cap value: 'abc'`, naming a
+    function of the code; it says what the option takes: bytes, or none."""
+    r = kotta(enclave_dir, "dataset", "add", "s3://capped/", "--egress-cap", cap)
+    assert r.returncode == 2, r.stdout
+    last = r.stderr.splitlines()[-1]
+    assert "_cap" not in last, last
+    assert last.endswith(f"argument --egress-cap: {cap!r} is not a number of bytes (0 or "
+                         "more) nor 'none'"), last
+
+
 def test_a_key_segment_too_long_for_the_embedded_enclave_is_named(enclave, enclave_dir, tmp_path):
     """S3 takes a 300-byte segment in a 1024-byte key; the embedded enclave keeps objects as
     files, whose names hold 255 bytes.  `kotta dataset put` of such a key died with an

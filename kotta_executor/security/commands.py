@@ -8,6 +8,7 @@ own tokens.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,11 @@ NO_CAP = "none"
 def _cap(text: str) -> int | str:
     if text.strip().lower() == NO_CAP:
         return NO_CAP
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:  # (argparse said "invalid _cap value", naming this function)
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of bytes (0 or more) nor {NO_CAP!r}") from None
 
 
 def _setup(args, *, admin: bool = False):
