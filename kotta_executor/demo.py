@@ -17,8 +17,8 @@ import sys
 import time
 import traceback
 
-from .backends import is_new, open_enclave
-from .errors import AccessDenied, TaskKilled, WalltimeExceeded
+from .backends import env_spec, is_new, open_enclave
+from .errors import AccessDenied, ConfigurationError, TaskKilled, WalltimeExceeded
 from .executor import KottaExecutor
 
 
@@ -50,6 +50,14 @@ def _say(text: str) -> None:
 
 
 def run_demo(enclave: str | None = None) -> int:
+    spec = os.fspath(enclave) if enclave else env_spec()
+    if "://" in spec and not spec.startswith("embedded://"):
+        # (aws.md has KOTTA_ENCLAVE=aws://... in a shell profile): the demo ran there, its
+        # jobs on the lab's own nodes, and with none serving its queue it waited for good
+        where = "--enclave" if enclave else "$KOTTA_ENCLAVE"
+        raise ConfigurationError(
+            f"kotta demo runs on an embedded enclave, and {where} names {spec}; run it with "
+            f"--enclave DIR (a directory of its own), or with KOTTA_ENCLAVE unset")
     started = time.monotonic()
     made = is_new(enclave, default=True)  # before opening it makes it
     e = open_enclave(enclave)

@@ -883,6 +883,27 @@ def test_demo_runs_to_completion_in_a_fresh_home(tmp_path):
     assert "has the dataset s3://demo-corpus/ of an earlier `kotta demo`" in r.stdout
 
 
+@pytest.mark.parametrize("how", ["KOTTA_ENCLAVE", "--enclave"])
+def test_demo_refuses_an_enclave_that_is_not_embedded(tmp_path, how):
+    """aws.md has KOTTA_ENCLAVE=aws://... go in a shell profile: the demo then ran on that
+    lab's enclave, and, with no node serving its queue, waited for good."""
+    env = subprocess_env()
+    env["KOTTA_HOME"] = str(tmp_path / "home")
+    url = "aws://lab?region=us-east-1"
+    args = ("demo",)
+    if how == "KOTTA_ENCLAVE":
+        env["KOTTA_ENCLAVE"] = url
+    else:
+        env.pop("KOTTA_ENCLAVE", None)
+        args += ("--enclave", url)
+    r = kotta(None, *args, env=env)
+    where = "$KOTTA_ENCLAVE" if how == "KOTTA_ENCLAVE" else "--enclave"
+    assert (r.returncode, r.stdout) == (2, ""), r.stdout + r.stderr
+    assert r.stderr == (f"kotta: error: kotta demo runs on an embedded enclave, and {where} "
+                        f"names {url}; run it with --enclave DIR (a directory of its own), or "
+                        f"with KOTTA_ENCLAVE unset\n")
+
+
 def _demo_data_part_ran(out: str) -> None:
     assert "without a grant: DataAccessDenied" in out, out
     assert "kotta policy grant admin s3://demo-corpus/ read" in out
