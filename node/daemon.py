@@ -178,6 +178,8 @@ class Node:
         #: where each section's listing of task blobs goes on at the next look
         self._stray_after = dict.fromkeys((*TASK_SECTIONS, "result"), "")
         self.stopping = False
+        #: what run() returns: 0, unless the node stopped for a fault (its enclave removed)
+        self.exit_status = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._bell: socket.socket | None = None
@@ -246,7 +248,7 @@ class Node:
             self._drain()
         finally:
             self._stop()
-        return 0
+        return self.exit_status
 
     def step(self) -> None:
         self._wait()
@@ -1778,6 +1780,12 @@ class Node:
             ("the heartbeat", NODE_STALE / 3, lambda: self.enclave.nodes.heartbeat(self.node_id)),
         ):
             self._tolerant(what, call, patience=patience, then="trying again at the next upkeep")
+        if not self.stopping and (why := self.enclave.removed()):
+            # (`rm -rf` of its directory: it served on, for good, what no client, nor
+            # `kotta down`, could reach any more)
+            log.error("%s while this node ran; stopping", why)
+            self.stopping = True
+            self.exit_status = 1
         if now >= self._next_stray_look:
             self._next_stray_look = now + STRAY_BLOB_LOOK
             self._sweep_stray_blobs()

@@ -782,6 +782,21 @@ def test_a_node_stopping_with_busy_workers_ends_them_together_not_one_after_anot
 # ---------------------------------------------------------------------- workers
 
 
+def test_a_node_whose_enclave_directory_is_removed_stops_and_says_why(start_node, enclave,
+                                                                     enclave_dir):
+    """``rm -rf`` of an enclave directory under its running node (``kotta up``'s, say):
+    the node served on, for good, an enclave that no longer existed (SQLite goes on with
+    an unlinked file), and `kotta down` could not stop it ("no enclave at ...").  It
+    stops, as on SIGTERM, saying why, with exit status 1."""
+    import shutil
+
+    node = start_node(workers=1, visibility_timeout=0.6)
+    shutil.rmtree(enclave_dir)
+    wait_for(lambda: node.proc.poll() is not None, what="the node to stop")
+    assert node.proc.returncode == 1, node.output()
+    assert f"the enclave database {enclave_dir / 'kotta.db'} was removed" in node.output()
+
+
 def test_workers_are_reused_and_replaced_after_a_crash(start_node, make_executor):
     node = start_node(workers=1)
     ex = make_executor(1, start_node=False)

@@ -447,6 +447,12 @@ class Enclave(abc.ABC):
         (the embedded one); elsewhere each call stands alone."""
         return contextlib.nullcontext()
 
+    def removed(self) -> str | None:
+        """Why this enclave is no longer where it was opened (its files removed or put
+        in place of others under it), or None: a node then stops, as it serves an
+        enclave nobody can reach any more."""
+        return None
+
     def checkpoint(self) -> None:  # noqa: B027 - optional
         """Periodic housekeeping a node runs off the task path (the embedded one syncs
         its log to disk here)."""

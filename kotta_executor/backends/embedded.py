@@ -1276,6 +1276,8 @@ class EmbeddedEnclave(Enclave):
         self._hand_turn = 0
         self._ids = random.Random(os.urandom(32))  # receipt tokens, without a syscall each
         self._page_size = self._db.read("PRAGMA page_size")[0][0]
+        st = os.stat(db)  # the file this enclave opened (removed(): still the one there?)
+        self._db_file = (st.st_dev, st.st_ino)
         self._wal_warned = -WAL_WARN_EVERY
 
     # -- doorbells: abstract Unix datagram sockets; a missed ring only costs a poll interval
@@ -1542,6 +1544,21 @@ class EmbeddedEnclave(Enclave):
                 "it growing until that ends",
                 self.home / "kotta.db", size >> 20,
             )
+
+    def removed(self) -> str | None:
+        """Its ``kotta.db`` removed (``rm -rf`` of the directory), or another in its place:
+        SQLite goes on with the file it has open, unlinked, which no other process can
+        open any more."""
+        path = self._db.path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return f"the enclave database {path} was removed"
+        except OSError:  # cannot tell (a path that cannot be looked at for now)
+            return None
+        if (st.st_dev, st.st_ino) != self._db_file:
+            return f"the enclave database {path} was removed, and another put in its place"
+        return None
 
     def checkpoint_due(self) -> bool:
         """The log file over WAL_SIZE_LIMIT: a checkpoint that copied it all, and the
