@@ -176,6 +176,8 @@ class Scaler:
     clock: Callable[[], float] = time.monotonic
     #: the ids of the nodes registered in the enclave (None: not known)
     registered: Callable[[], set[str]] | None = None
+    #: why the enclave is no longer there (Enclave.removed), or None; None: not known
+    removed: Callable[[], str | None] | None = None
     nodes: list[_Managed] = field(default_factory=list)
     _empty_since: float | None = None
     _last_down: float | None = None
@@ -276,7 +278,14 @@ class Scaler:
     def run(self, stop: threading.Event, interval: float = 1.0) -> int:
         """Step every ``interval`` seconds until ``stop`` is set.  The nodes keep running
         when the scaler stops (``kotta down`` stops them)."""
+        status = 0
         while not stop.is_set():
+            if self.removed is not None and (why := self.removed()):
+                # (its nodes stop by themselves; new ones, short of --min, made a new empty
+                # enclave where it was removed, and served that)
+                log.error("%s; stopping the scaler", why)
+                status = 1
+                break
             try:
                 self.step()
             except NodesFailed as exc:
@@ -287,7 +296,7 @@ class Scaler:
             stop.wait(interval)
         self._stop_unregistered()
         log.info("scaler stopped; %d nodes keep running", len(self.live()))
-        return 0
+        return status
 
     def _stop_unregistered(self) -> None:
         """Stop the nodes started and not registered yet: ``kotta down`` stops the scaler,
@@ -336,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min=args.min, max=args.max, per_node=args.per_node, cooldown=args.cooldown,
         logs=Path(args.logs) if args.logs else None,
         registered=lambda: {n.node_id for n in enclave.nodes.all()},
+        removed=enclave.removed,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

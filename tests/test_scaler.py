@@ -114,3 +114,31 @@ def test_up_refuses_a_second_scaler_and_bad_bounds(enclave):
         assert enclave.nodes.live() == []
     finally:
         _kill_everything(enclave)
+
+
+def test_a_scaler_whose_enclave_directory_is_removed_stops_and_makes_no_new_one(enclave):
+    """``rm -rf`` of the enclave directory under an elastic pool: its nodes stop (they
+    serve what nobody can reach), and the scaler, finding fewer than --min, started new
+    ones, which made a new empty enclave in the removed one's place, and served it on.
+    The scaler stops too, and the directory stays removed."""
+    import shutil
+
+    pids = []
+    try:
+        r = kotta(enclave.home, "up", "--min", "1", "--max", "1", "--workers", "1",
+                  "--visibility-timeout", "0.6", "--cooldown", "0.4")
+        assert r.returncode == 0, r.stdout + r.stderr
+        scaler = int(pid_file(enclave.home, "test").read_text().splitlines()[0])
+        [node] = enclave.nodes.live("test")
+        pids = [scaler, node.pid]
+        shutil.rmtree(enclave.home)
+        wait_for(lambda: gone(scaler) and gone(node.pid), what="the scaler and its node to stop")
+        assert not enclave.home.exists()
+    finally:
+        for pid in pids:
+            try:
+                for p in [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]:
+                    p.kill()
+            except psutil.Error:
+                pass
+        _kill_everything(enclave)
