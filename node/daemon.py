@@ -178,6 +178,8 @@ class Node:
         #: where each section's listing of task blobs goes on at the next look
         self._stray_after = dict.fromkeys((*TASK_SECTIONS, "result"), "")
         self.stopping = False
+        #: the signal that asked the node to stop (SIGTERM, SIGINT, SIGHUP), for its log
+        self._stop_signal: int | None = None
         #: what run() returns: 0, unless the node stopped for a fault (its enclave removed)
         self.exit_status = 0
         self._wake_r, self._wake_w = os.pipe()
@@ -230,7 +232,9 @@ class Node:
 
     # ------------------------------------------------------------------ life cycle
 
-    def request_stop(self, *_: object) -> None:
+    def request_stop(self, signum: int | None = None, *_: object) -> None:
+        if signum is not None and self._stop_signal is None:  # (logged by _drain)
+            self._stop_signal = signum
         self.stopping = True
         self.request_wake()
 
@@ -441,6 +445,16 @@ class Node:
     def _drain(self) -> None:
         """Hand back what has not started; let running tasks finish for a while."""
         self.stopping = True
+        if self._stop_signal is not None:
+            # (else its log said only "stopped after N jobs": not why, nor what became of
+            # the tasks it held)
+            busy = [w for w in self.workers if w.inflight]
+            waiting = (len(self.pending) + len(self._inbox)
+                       + sum(len(w.inflight) - 1 for w in busy))
+            log.info("stopping on %s: taking no more tasks, letting %d running finish (for "
+                     "up to %g s), handing back %d not started",
+                     signal.Signals(self._stop_signal).name, len(busy),
+                     self.config.drain_timeout, waiting)
         self._close_task_inbox()
         if self._poller is not None:  # it hands back what a last long poll brings
             self._poller.join(1.0)

@@ -658,6 +658,27 @@ def test_a_stop_signal_finishes_the_running_task_and_hands_back_the_rest(
     assert a.node_id not in {n.node_id for n in enclave.nodes.live()}
 
 
+def test_a_stopping_node_logs_which_signal_stopped_it_and_what_it_hands_back(
+    start_node, make_executor, tmp_path
+):
+    """The log of a node that SIGTERM stopped said only "stopped after N jobs": not why
+    it stopped (`kotta down`, a supervisor, a scaler?), nor what it did with its work."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    running = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    try:
+        wait_for(lambda: _pids(log), what="the task to start")
+        a.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM" in a.output(), what="the node to log the signal")
+    finally:
+        tasks.release(release, "go")
+    assert a.proc.wait(GUARD) == 0, a.output()
+    assert running.result(GUARD) == _pids(log)[0]
+    assert ("stopping on SIGTERM: taking no more tasks, letting 1 running finish (for up "
+            "to 30 s)") in a.output()
+
+
 def test_a_node_started_with_sighup_ignored_goes_on_after_a_hang_up(enclave_dir, make_executor,
                                                                     tmp_path):
     """Under ``nohup`` (SIGHUP ignored) a hang-up does not stop the node."""
