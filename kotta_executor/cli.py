@@ -429,12 +429,27 @@ def cmd_down(args) -> int:
     for n in elsewhere:  # (its pid here is another process: never signalled)
         print(f"node {n.node_id} (queue {n.queue}) runs on {host} in another PID namespace "
               "(a container?): stop it there")
+    refused = []
     for n in nodes:
         try:
             os.kill(n.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    remaining = {n.node_id for n in nodes}
+        except PermissionError:  # another OS user's (a service's): said, and the nodes
+            # after it are stopped still (it ended the command, naming no node)
+            refused.append(n)
+    for n in refused:
+        import pwd
+
+        try:
+            user = pwd.getpwuid(os.stat(f"/proc/{n.pid}").st_uid).pw_name
+            who, as_who = user, user
+        except (OSError, KeyError):  # (not Linux, a /proc hidden from us, a uid unnamed)
+            who, as_who = "another user", "that user"
+        print(f"node {n.node_id} (pid {n.pid}, queue {n.queue}) runs as {who}: this user "
+              f"may not signal it; stop it as {as_who}")
+    signalled = [n for n in nodes if n not in refused]
+    remaining = {n.node_id for n in signalled}
     # the nodes get a little time whatever the scalers took (a wedged one takes it all),
     # and are looked at at least once: else one that stopped at once is "still stopping"
     deadline = max(deadline, time.monotonic() + min(args.timeout, NODES_GRACE))
@@ -443,13 +458,13 @@ def cmd_down(args) -> int:
         if not remaining or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
-    for n in nodes:
+    for n in signalled:
         state = "still stopping" if n.node_id in remaining else "stopped"
         print(f"node {n.node_id} (pid {n.pid}, queue {n.queue}) {state}")
     if not nodes and not elsewhere:
         of = f"of the {queue} queue " if queue else ""  # (another queue's may be running)
         print(f"no nodes {of}of this enclave are running on {host}")
-    return 1 if remaining else 0
+    return 1 if remaining or refused else 0
 
 
 # --------------------------------------------------------------------------- jobs

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import CancelledError
 from pathlib import Path
 
@@ -238,6 +239,100 @@ def test_down_never_signals_a_node_registered_from_another_pid_namespace(enclave
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def _dumpable() -> None:
+    """A process that became another user by setuid is not dumpable: its /proc entries
+    stay root's, unlike those of a process that user started (prctl PR_SET_DUMPABLE)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)
+
+
+def test_down_says_which_node_it_may_not_signal_and_goes_on(tmp_path):
+    """A node of another OS user's (root's, started by a system service, on a user's
+    enclave): `kotta down` said only "kotta: error: [Errno 1] Operation not permitted",
+    naming no node, and signalled none of the nodes after it.  It names the node, and
+    which user may stop it."""
+    import pwd
+    import socket
+    import tempfile
+
+    from kotta_executor import cli
+    from kotta_executor.backends.base import NodeInfo
+
+    if os.getuid() != 0:
+        pytest.skip("needs root, to run kotta down as another user")
+    own = Path(tempfile.mkdtemp(prefix="kotta-down-test-", dir="/tmp"))  # (tmp_path's
+    own.chmod(0o755)  # parents are root's alone)
+    theirs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    mine = None
+    try:
+        enclave_dir = own / "enclave"
+        enclave = EmbeddedEnclave(enclave_dir)
+        enclave.nodes.register(NodeInfo("c0ffee000002", "test", socket.gethostname(),
+                                        theirs.pid, 1, psutil.Process(theirs.pid).create_time()))
+        # as an earlier version registered it, without the process's identity: where a
+        # user may not read /proc/self/ns/pid (some sandboxes), that of root's node
+        # would make it a node of another PID namespace to that user's kotta down
+        mine = os.fork()  # and a node of the user's own, listed after it
+        if mine == 0:
+            try:
+                os.setuid(65534)
+                _dumpable()
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        enclave.nodes.register(NodeInfo("c0ffee000003", "test", socket.gethostname(),
+                                        mine, 1, psutil.Process(mine).create_time()))
+        enclave._db.conn().execute("UPDATE nodes SET ident=NULL")
+        enclave.close()
+        for path in [enclave_dir, *enclave_dir.iterdir()]:  # for the other user's kotta down
+            path.chmod(0o777 if path.is_dir() else 0o666)
+        out = own / "out"
+        # (once as root, on an enclave of no nodes: what it imports, the other user may
+        # not be able to read, in root's own Python)
+        EmbeddedEnclave(tmp_path / "warm").close()
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli.main(["--enclave", str(tmp_path / "warm"), "down"]) == 0
+        pid = os.fork()
+        if pid == 0:  # nobody's `kotta down`
+            code = 99
+            try:
+                sys.stdout = open(out, "w")  # noqa: SIM115
+                sys.stderr = open(own / "err", "w")  # noqa: SIM115
+                os.setuid(65534)
+                _dumpable()
+                code = cli.main(["--enclave", str(enclave_dir), "down", "--timeout", "1"])
+                sys.stdout.flush()
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        text = out.read_text() + (own / "err").read_text()
+        assert os.waitstatus_to_exitcode(status) == 1, text
+        owner = pwd.getpwuid(os.getuid()).pw_name
+        said = {f"runs as {owner}: this user may not signal it; stop it as {owner}",
+                # (where /proc hides other users' processes)
+                "runs as another user: this user may not signal it; stop it as that user"}
+        assert any(f"node c0ffee000002 (pid {theirs.pid}, queue test) {s}" in text
+                   for s in said), text
+        assert theirs.poll() is None
+        # signalled (seen stopped, or not yet where /proc hides even its own from it)
+        assert f"node c0ffee000003 (pid {mine}, queue test) st" in text, text
+        assert os.waitpid(mine, 0)[1] == signal.SIGTERM
+        mine = None
+    finally:
+        theirs.kill()
+        theirs.wait()
+        if mine:
+            os.kill(mine, signal.SIGKILL)
+            os.waitpid(mine, 0)
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def test_status_and_jobs_show_what_users_wrote_safely(enclave):
