@@ -223,6 +223,10 @@ def _check_node_options(args) -> None:
         raise ValueError("--memory-limit must be at least 1 MB")
     if args.max_walltime is not None and not 0 < args.max_walltime < math.inf:
         raise ValueError("--max-walltime must be a positive number of minutes")
+    level = getattr(args, "log_level", None)  # (logging's own error named no option)
+    if level is not None and not isinstance(logging.getLevelName(level.upper()), int):
+        raise ValueError("--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
+                         f"not {level!r}")
 
 
 def cmd_node(args) -> int:

@@ -820,6 +820,8 @@ _BAD_NODE_OPTIONS = [
 @pytest.mark.parametrize("command, option, message", [
     *(["node", o, m] for o, m in _BAD_NODE_OPTIONS),
     ["node", "--max-jobs=0", "--max-jobs must be at least 1"],
+    ["node", "--log-level=bogus",  # (said "Unknown level: 'BOGUS'", naming no option)
+     "--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not 'bogus'"],
     *(["up", o, m] for o, m in _BAD_NODE_OPTIONS),
     ["up", "--nodes=0", "--nodes must be at least 1"],
     ["up", "--nodes=-1", "--nodes must be at least 1"],
