@@ -1794,9 +1794,12 @@ class Node:
             ("the heartbeat", NODE_STALE / 3, lambda: self.enclave.nodes.heartbeat(self.node_id)),
         ):
             self._tolerant(what, call, patience=patience, then="trying again at the next upkeep")
-        if not self.stopping and (why := self.enclave.removed()):
+        if not self.stopping and self.config.parent_pid is None and (
+                why := self.enclave.removed()):
             # (`rm -rf` of its directory: it served on, for good, what no client, nor
-            # `kotta down`, could reach any more)
+            # `kotta down`, could reach any more.  Not an executor's own node: it ends
+            # with its executor, which goes on with the removed database it has open, and
+            # would start a node again, on a new empty enclave made in its place)
             log.error("%s while this node ran; stopping", why)
             self.stopping = True
             self.exit_status = 1

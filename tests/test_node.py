@@ -818,6 +818,28 @@ def test_a_node_whose_enclave_directory_is_removed_stops_and_says_why(start_node
     assert f"the enclave database {enclave_dir / 'kotta.db'} was removed" in node.output()
 
 
+def test_an_executors_own_node_serves_it_on_after_its_enclave_directory_is_removed(
+        make_executor, enclave_dir):
+    """An executor's own node lives as its executor does: both go on with the removed
+    database they have open.  Stopped, the node was started again by its executor, on a
+    new empty enclave made in the removed one's place, and the executor's tasks waited
+    for good."""
+    import shutil
+
+    ex = make_executor(1)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    nodes = ex._enclave.nodes  # (the removed database, open)
+    shutil.rmtree(enclave_dir)
+    beats: set[float] = set()
+
+    def two_upkeeps() -> bool:  # (the look at the enclave follows each heartbeat)
+        beats.update(n.heartbeat for n in nodes.all())
+        return len(beats) >= 3
+    wait_for(two_upkeeps, what="two upkeeps of the executor's node after the removal")
+    assert ex.submit(tasks.square, 4).result(GUARD) == 16
+    assert not enclave_dir.exists()
+
+
 def test_workers_are_reused_and_replaced_after_a_crash(start_node, make_executor):
     node = start_node(workers=1)
     ex = make_executor(1, start_node=False)
