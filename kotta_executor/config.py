@@ -191,6 +191,11 @@ def _read_limits(path: Path) -> dict[str, QueueLimits]:
                     f"{path}: {field_name} of queue {name!r} must be a positive number, "
                     f"not {value!r}"
                 )
+            if field_name != "max_walltime" and value < 1:  # (whole workers and MB: 0.5
+                # was taken as 0, a node of no worker, or a memory limit of 0 MB)
+                raise ConfigurationError(
+                    f"{path}: {field_name} of queue {name!r} must be at least 1, not {value!r}"
+                )
         out[queue] = dataclasses.replace(
             QUEUE_LIMITS[queue],
             **{k: (v if k == "max_walltime" else int(v)) for k, v in fields.items()},

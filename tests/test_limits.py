@@ -79,6 +79,23 @@ def test_bad_queues_json_is_a_configuration_error(make_executor, _private_kotta_
         ex.submit(tasks.square, 3)
 
 
+@pytest.mark.parametrize("field", ["workers", "memory_mb"])
+def test_a_queues_json_limit_under_one_is_an_error_not_zero(field, start_node, make_executor,
+                                                           _private_kotta_home):
+    """A fraction under 1 in queues.json ("workers": 0.5, "memory_mb": 0.5) was taken as
+    0: nodes ran no worker, and every task waited for good; or every task was killed for
+    using more than "0 MB".  It is an error naming the field, for the node and the submit."""
+    _private_kotta_home.mkdir(parents=True, exist_ok=True)
+    (_private_kotta_home / "queues.json").write_text(json.dumps({"test": {field: 0.5}}))
+    said = f"{field} of queue 'test' must be at least 1, not 0.5"
+    node = start_node(workers=1, wait=False)
+    assert node.proc.wait(GUARD) == 2, node.output()
+    assert said in node.output()
+    ex = make_executor(1, start_node=False)
+    with pytest.raises(ConfigurationError, match=said):
+        ex.submit(tasks.square, 3)
+
+
 def test_an_unknown_queue_in_queues_json_names_the_file(make_executor, _private_kotta_home):
     """A misspelt queue in queues.json is the file's error, not the submit's: the submit's
     queue ("test") is right, and an error naming only 'tset' sent the user looking there."""
