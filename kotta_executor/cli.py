@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from . import config, wire
-from .backends import env_spec, open_enclave
+from .backends import env_spec, is_new, open_enclave
 from .backends.base import Enclave, Message, reply_queue
 from .errors import KottaError, UnknownJob
 from .states import CANCELLABLE, JobState
@@ -255,7 +255,12 @@ def cmd_node(args) -> int:
         memory_limit=args.memory_limit,
         max_walltime=None if args.max_walltime is None else args.max_walltime * 60.0,
     )
+    fresh = is_new(args.enclave)  # (a named one: ~/.kotta is made on a fresh machine)
     enclave = _enclave(args)
+    if fresh:  # a mistyped --enclave served, for good, an enclave no client used
+        logging.getLogger("kotta.node").warning(
+            "there was no enclave at %s: this node made a new, empty one there, and serves "
+            "it (a mistyped --enclave or $KOTTA_ENCLAVE?)", enclave.url)
     node = Node(enclave, cfg)
     # the processes dead workers' tasks left in sessions of their own come to the node,
     # which ends them (node.pool.Orphans)

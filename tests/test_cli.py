@@ -1200,3 +1200,18 @@ def test_down_stops_the_scaler_of_an_enclave_whose_path_has_a_space(tmp_path):
     finally:
         p.kill()
         p.wait(GUARD)
+
+
+def test_a_node_that_makes_a_new_enclave_says_so(tmp_path, enclave):
+    """`kotta node --enclave PATH` makes the enclave when there is none there (a node may
+    start first): at a mistyped path it served, for good and in silence, an enclave no
+    client used.  Its log says it made a new one; not so on an existing enclave."""
+    typo = tmp_path / "encalve"
+    r = kotta(typo, "node", "--burst", "--drain-timeout", "0")
+    assert r.returncode == 0, r.stderr
+    assert (f"there was no enclave at embedded://{typo}: this node made a new, empty one "
+            f"there, and serves it (a mistyped --enclave or $KOTTA_ENCLAVE?)") in r.stderr
+    for existing in (typo, enclave.home):
+        r = kotta(existing, "node", "--burst", "--drain-timeout", "0")
+        assert r.returncode == 0, r.stderr
+        assert "there was no enclave" not in r.stderr
