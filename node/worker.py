@@ -312,7 +312,9 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     os.environ["KOTTA_JOB_ID"] = job_id
     _reset_capture()
     start, t0 = time.time(), time.perf_counter()
-    r0s, r0c = _last_usage or _usage_now()
+    # (read now, not kept from the end of the last task: what the worker used in between,
+    # sending that task's big result or running a thread it left, is not this task's)
+    r0s, r0c = _usage_now()
     outcome, failed, reason = wire.OK, 0, None
     mismatch = None if h.get("python", wire.PYTHON) == wire.PYTHON else wire.version_mismatch(
         h["python"], [env.sections.get(s, b"") for s in ("init", "fn", "args")],
@@ -382,7 +384,6 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
         {"payload": payload, "stdout": read_capture(_CAPTURE[0]),
          "stderr": read_capture(_CAPTURE[1])},
     )
-    _remember_usage(r1s, r1c)
     return result_head(job_id, outcome != wire.OK or failed > 0, usage, reason), result
 
 
@@ -422,16 +423,6 @@ def _leave_forked(exc: BaseException | None) -> NoReturn:
 
 def _usage_now() -> tuple:
     return resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-
-
-#: the usage at the end of the last task: the next one's start (all that runs in between
-#: is this loop's reading of the next task, microseconds), saving two system calls a task
-_last_usage: tuple | None = None
-
-
-def _remember_usage(r1s, r1c) -> None:
-    global _last_usage
-    _last_usage = (r1s, r1c)
 
 
 _LEN = struct.Struct(">I")

@@ -981,3 +981,16 @@ def raise_unpicklable_from_a_task_group_body(message):
             raise UnpicklableError(message)
 
     asyncio.run(main())
+
+
+def burn_in_background(seconds, done_file):
+    """Start a thread that burns ``seconds`` of its own CPU after the task has returned,
+    then creates ``done_file``."""
+    def burn():
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+        Path(done_file).touch()
+
+    threading.Thread(target=burn, daemon=True).start()
+    return "started"

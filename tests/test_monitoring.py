@@ -208,3 +208,18 @@ def test_samples_keep_their_interval_though_the_node_looks_late():
     assert len(m.samples) == 99
     m.read(os.getpid(), 500.0)  # a node stalled for minutes: one reading, then the next
     assert m.due == 500.0 + 1.0  # a whole interval later, not a burst of catching up
+
+
+def test_cpu_a_worker_used_between_tasks_is_not_the_next_tasks(start_node, make_executor,
+                                                               tmp_path):
+    """The worker took a task's starting CPU counters from the end of the task before: what
+    its process used in between (a thread an earlier task left running, the sending of a
+    big result) was charged to the next task, a no-op of microseconds that used "1 s"."""
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    done = tmp_path / "burnt"
+    assert ex.submit(tasks.burn_in_background, 1.0, str(done)).result(GUARD) == "started"
+    wait_for(done.exists, what="the left thread to burn its second of CPU")
+    f = ex.submit(tasks.noop, 1)  # (the same worker: the node has one)
+    assert f.result(GUARD) == 1
+    assert f.usage()["cpu"] < 0.5, f.usage()
