@@ -1919,6 +1919,7 @@ class Node:
         a glance at each worker's head task, a psutil reading only when one is due."""
         interval = self.config.sample_interval
         self._next_sample_check = now + min(interval / 4, 1.0)
+        daemons: dict[str, list[int]] | None = None
         for w in self.workers:
             if not w.inflight or w.kill_deadline is not None:
                 continue
@@ -1927,7 +1928,13 @@ class Node:
                 continue
             if head.monitor is None:
                 head.monitor = Monitor(head.started, interval)
-            if now < head.monitor.due or not head.monitor.read(w.pid, now):
+            if now < head.monitor.due:
+                continue
+            if self.adopts_orphans and daemons is None:
+                # what its tasks started out of its tree counts, as in _check_memory
+                daemons = pool.adopted_by_worker()
+            also = [p for p in (daemons or {}).get(w.mark, ()) if p != w.pid]
+            if not head.monitor.read(w.pid, now, also):
                 continue
             try:
                 self.enclave.jobs.record_usage(head.job_id, head.monitor.usage())

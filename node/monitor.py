@@ -15,7 +15,7 @@ time; the latest sample is always kept too, at the end of the list.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,9 +70,15 @@ class Monitor:
     def __post_init__(self) -> None:
         self.due = self.started + self.interval / 2
 
-    def read(self, pid: int, now: float) -> bool:
-        """Take a reading; True when it added a sample (to be written to the job record)."""
+    def read(self, pid: int, now: float, also: Iterable[int] = ()) -> bool:
+        """Take a reading; True when it added a sample (to be written to the job record).
+        ``also``: more processes whose trees are the task's (daemons it started, which
+        the node adopted: the memory check counts them too)."""
         got = read_tree(pid)
+        for other in also if got is not None else ():
+            more = read_tree(other)
+            if more is not None:
+                got = (got[0] + more[0], got[1] + more[1], got[2] + more[2])
         # On the schedule: the node looks a little late (every quarter interval, up to a
         # second), and each look pushed the next back (every 1.2 s at an interval of 1).
         # After a stall of an interval or more, one reading, and the next an interval on.

@@ -223,3 +223,32 @@ def test_cpu_a_worker_used_between_tasks_is_not_the_next_tasks(start_node, make_
     f = ex.submit(tasks.noop, 1)  # (the same worker: the node has one)
     assert f.result(GUARD) == 1
     assert f.usage()["cpu"] < 0.5, f.usage()
+
+
+def test_the_samples_of_a_task_count_the_daemon_it_started(start_node, make_executor,
+                                                          tmp_path):
+    """A daemon a task starts is re-parented to the node, out of its worker's tree: the
+    memory check counted it, but the samples and the peak did not (a task killed for "430
+    MB" showed samples of 30 MB)."""
+    import os
+    import signal
+
+    from tests.test_limits import start_a_hogging_daemon_and_sleep
+
+    daemon = tmp_path / "daemon"
+    start_node("--sample-interval", "1", workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(start_a_hogging_daemon_and_sleep, str(daemon), 150, 4)
+    try:
+        assert f.result(GUARD) == "not killed"
+        u = f.usage()
+        assert u["samples"], u
+        assert u["samples"][-1]["rss_kb"] >= 150 * 1024, u["samples"]
+        assert u["samples"][-1]["procs"] >= 2, u["samples"]
+        assert u["peak_rss_kb"] >= 150 * 1024, u
+    finally:
+        if daemon.exists():
+            try:
+                os.kill(int(daemon.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
