@@ -570,10 +570,17 @@ def _reap(pid: int) -> bool:
 def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
     """``procs`` and the descendants those of them still running have now."""
     out = {p.pid: p for p in procs}
+    # Each look scans every process of the machine: one per process of a tree of hundreds
+    # (a task that forks a pool, or a bomb) held the node's loop for seconds.  What was
+    # found below one looked at already has had its descendants found with it.
+    below: set[int] = set()
     for p in procs:
+        if p.pid in below:
+            continue
         try:
             for child in p.children(recursive=True):
                 out.setdefault(child.pid, child)
+                below.add(child.pid)
         except psutil.Error:  # gone (or not the same process any more: psutil checks)
             pass
     return list(out.values())

@@ -382,3 +382,44 @@ def test_a_piped_task_killed_as_its_worker_begins_it_counts_as_one_job(
         assert [f.result(0) for f in t.rest] == [0, 1]
         assert enclave.jobs.get(t.behind.job_id).state == "cancelled"
         assert node.jobs_done == 5  # the warm-up, the head, the one behind, two squares
+
+
+#: a process tree of 2**(depth+1) - 1 processes (each forks two, ``depth`` levels down),
+#: each writing its pid in a directory, then sleeping; the root leads a session of its own
+_FORK_TREE = """
+import os, sys, time
+os.setsid()
+for _ in range(int(sys.argv[1])):
+    if os.fork() == 0:
+        continue
+    if os.fork() == 0:
+        continue
+    break
+open(os.path.join(sys.argv[2], str(os.getpid())), "w").close()
+time.sleep(120)
+"""
+
+
+def test_a_kill_of_a_big_process_tree_scans_the_process_table_a_few_times(
+        tmp_path, monkeypatch):
+    """To find what a killed task's processes had started, the node scanned every process
+    of the machine once per process of the tree: a task that forked 255 processes held the
+    node's loop (every task's walltime and kill, the heartbeat) for 3 s, and its walltime
+    kill came that much late; 1,000 processes, about a minute."""
+    from node import pool
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    root = subprocess.Popen([sys.executable, "-c", _FORK_TREE, "5", str(pids)])
+    try:
+        wait_for(lambda: len(list(pids.iterdir())) == 63, what="the 63 processes to start")
+        tree = [psutil.Process(root.pid), *psutil.Process(root.pid).children(recursive=True)]
+        scans = []
+        real = psutil._ppid_map
+        monkeypatch.setattr(psutil, "_ppid_map", lambda: scans.append(1) or real())
+        found = pool._with_descendants(tree)
+        assert {p.pid for p in found} == {int(p.name) for p in pids.iterdir()}
+        assert len(scans) <= 2, len(scans)
+    finally:
+        os.killpg(root.pid, signal.SIGKILL)
+        root.wait()
