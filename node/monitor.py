@@ -124,7 +124,8 @@ class Monitor:
         """The final usage: the worker's report, with samples, the tree's peak RSS and CPU."""
         out = self._samples(dict(usage or {}))
         out["peak_rss_kb"] = max(out.get("peak_rss_kb", 0), self.peak_rss // 1024)
-        if self.first_cpu is not None and self.last_cpu is not None:
+        if self.taken and self.first_cpu is not None and self.last_cpu is not None:
+            # (not with the baseline alone: its difference with itself measures nothing)
             # CPU the tree used between baseline and last sample: a lower bound that also
             # counts children the task left running or never waited for
             out["cpu"] = round(max(out.get("cpu", 0.0), self.last_cpu - self.first_cpu), 6)

@@ -994,3 +994,11 @@ def burn_in_background(seconds, done_file):
 
     threading.Thread(target=burn, daemon=True).start()
     return "started"
+
+
+def burn_cpu(seconds):
+    """A busy loop of ``seconds`` of this process's CPU."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return seconds

@@ -252,3 +252,25 @@ def test_the_samples_of_a_task_count_the_daemon_it_started(start_node, make_exec
                 os.kill(int(daemon.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_task_killed_before_its_first_sample_reports_no_cpu_it_did_not_measure(
+        start_node, make_executor):
+    """The node reads a task's tree once as a baseline, half an interval in, and samples
+    it an interval later: a task killed in between (here at its walltime) had its CPU
+    given as the difference of that one reading with itself, "cpu 0.000 s" for a busy
+    loop that ran the whole time.  The guide: such a task has its times, and what the
+    node sampled."""
+    import datetime as dt
+
+    from kotta_executor import WalltimeExceeded
+
+    start_node("--sample-interval", "3", workers=1)  # a baseline at 1.5 s, a sample at 4.5
+    ex = make_executor(1, start_node=False)
+    f = ex.with_options(walltime=dt.timedelta(seconds=3)).submit(tasks.burn_cpu, 60)
+    with pytest.raises(WalltimeExceeded):
+        f.result(GUARD)
+    u = f.usage()
+    assert not u.get("samples"), u  # (a baseline, and no sample)
+    assert "cpu" not in u, u
+    assert u["wall"] >= 3
