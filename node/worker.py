@@ -312,6 +312,7 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     os.environ["KOTTA_JOB_ID"] = job_id
     _reset_capture()
     start, t0 = time.time(), time.perf_counter()
+    _reap_dropped_children()
     # (read now, not kept from the end of the last task: what the worker used in between,
     # sending that task's big result or running a thread it left, is not this task's)
     r0s, r0c = _usage_now()
@@ -419,6 +420,15 @@ def _leave_forked(exc: BaseException | None) -> NoReturn:
         traceback.print_exception(exc)
     _flush_streams()
     os._exit(code)
+
+
+def _reap_dropped_children() -> None:
+    """Reap the children earlier tasks started and dropped (a ``subprocess.Popen`` never
+    waited for) that have ended: subprocess reaps them at its next Popen, which, in a
+    later task, counted their CPU as that task's (``RUSAGE_CHILDREN``)."""
+    sp = sys.modules.get("subprocess")  # (not imported: no task started a child with it)
+    if sp is not None and getattr(sp, "_active", None):
+        sp._cleanup()
 
 
 def _usage_now() -> tuple:

@@ -1002,3 +1002,15 @@ def burn_cpu(seconds):
     while time.process_time() < end:
         pass
     return seconds
+
+
+def drop_a_burning_child(seconds):
+    """Start a child that burns ``seconds`` of CPU, and return its pid without waiting
+    for it (the Popen object is dropped: subprocess reaps it at a later Popen)."""
+    code = f"import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end: pass"
+    return subprocess.Popen([sys.executable, "-c", code]).pid
+
+
+def run_true():
+    subprocess.run(["true"], check=True)
+    return "ran"

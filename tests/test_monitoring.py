@@ -274,3 +274,20 @@ def test_a_task_killed_before_its_first_sample_reports_no_cpu_it_did_not_measure
     assert not u.get("samples"), u  # (a baseline, and no sample)
     assert "cpu" not in u, u
     assert u["wall"] >= 3
+
+
+def test_a_child_an_earlier_task_left_is_not_charged_to_the_next_one(start_node,
+                                                                     make_executor):
+    """A child a task started and never waited for was reaped by the next Popen of the
+    worker (subprocess keeps such children, and reaps them at each Popen), in a later
+    task, whose CPU then held the child's: "cpu 1.06 s" for running `true`."""
+    import psutil
+
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    pid = ex.submit(tasks.drop_a_burning_child, 1.0).result(GUARD)
+    wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+             what="the dropped child to end")
+    f = ex.submit(tasks.run_true)  # (the same worker: the node has one)
+    assert f.result(GUARD) == "ran"
+    assert f.usage()["cpu"] < 0.5, f.usage()
