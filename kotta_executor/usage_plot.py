@@ -66,4 +66,12 @@ def svg(samples: list[dict[str, Any]], title: str = "") -> str:
         f'points="{mem}"/>',
         "</svg>",
     ]
+    if len(pts) == 1:  # a polyline of one point draws nothing: a dot for each instead
+        [s] = pts
+        out[-3:-1] = [
+            f'<circle id="cpu" cx="{x(s["t"]):.1f}" cy="{y(s.get("cpu_pct", 0), cpu_max):.1f}" '
+            f'r="3" fill="{CPU_COLOUR}"/>',
+            f'<circle id="memory" cx="{x(s["t"]):.1f}" '
+            f'cy="{y(s.get("rss_kb", 0) / 1024, mem_max):.1f}" r="3" fill="{MEM_COLOUR}"/>',
+        ]
     return "\n".join(out) + "\n"

@@ -291,3 +291,19 @@ def test_a_child_an_earlier_task_left_is_not_charged_to_the_next_one(start_node,
     f = ex.submit(tasks.run_true)  # (the same worker: the node has one)
     assert f.result(GUARD) == "ran"
     assert f.usage()["cpu"] < 0.5, f.usage()
+
+
+def test_the_plot_of_a_job_with_one_sample_shows_it():
+    """A polyline of one point draws nothing: the plot of a job sampled once (one that ran
+    between 1.5 and 2.5 intervals) was empty axes, though `kotta status` said it wrote
+    "1 sample"."""
+    from kotta_executor.usage_plot import svg
+
+    root = ET.fromstring(svg([{"t": 10.0, "cpu_pct": 97.5, "rss_kb": 51200, "procs": 2}]))
+    marks = {m.get("id"): m for m in root.iter() if m.get("id") in ("cpu", "memory")}
+    assert set(marks) == {"cpu", "memory"}
+    for mark in marks.values():
+        if mark.tag == f"{SVG}polyline":
+            assert len(mark.get("points").split()) > 1, ET.tostring(mark)  # (a line)
+        else:  # a dot
+            assert mark.tag == f"{SVG}circle" and float(mark.get("r")) > 0, ET.tostring(mark)
