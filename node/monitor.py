@@ -111,6 +111,8 @@ class Monitor:
             self.stride *= 2
 
     def _samples(self, out: dict[str, Any]) -> dict[str, Any]:
+        if not self.samples:  # (the baseline only: the task ended before its first sample)
+            return out
         out["samples"] = list(self.samples)
         if self.stride > 1:  # thinned: how many were taken (the AWS backend's key)
             out["samples_downsampled_from"] = self.taken

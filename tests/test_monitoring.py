@@ -271,7 +271,7 @@ def test_a_task_killed_before_its_first_sample_reports_no_cpu_it_did_not_measure
     with pytest.raises(WalltimeExceeded):
         f.result(GUARD)
     u = f.usage()
-    assert not u.get("samples"), u  # (a baseline, and no sample)
+    assert "samples" not in u, u  # (a baseline, and no sample)
     assert "cpu" not in u, u
     assert u["wall"] >= 3
 
@@ -307,3 +307,17 @@ def test_the_plot_of_a_job_with_one_sample_shows_it():
             assert len(mark.get("points").split()) > 1, ET.tostring(mark)  # (a line)
         else:  # a dot
             assert mark.tag == f"{SVG}circle" and float(mark.get("r")) > 0, ET.tostring(mark)
+
+
+def test_a_task_that_ended_before_its_first_sample_has_no_samples_key(start_node,
+                                                                      make_executor):
+    """The guide: ``samples`` is there for a task that ran longer than 1.5 intervals.  One
+    that ended between the node's baseline reading (half an interval in) and its first
+    sample had ``"samples": []``."""
+    start_node("--sample-interval", "3", workers=1)  # a baseline at 1.5 s, a sample at 4.5
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.sleep_and_return, 2.5, "slept")
+    assert f.result(GUARD) == "slept"
+    u = f.usage()
+    assert "samples" not in u, u
+    assert u["peak_rss_kb"] > 0 and u["cpu"] >= 0
