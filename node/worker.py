@@ -316,6 +316,7 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     # (read now, not kept from the end of the last task: what the worker used in between,
     # sending that task's big result or running a thread it left, is not this task's)
     r0s, r0c = _usage_now()
+    fs0 = _forkserver_cpu()
     outcome, failed, reason = wire.OK, 0, None
     mismatch = None if h.get("python", wire.PYTHON) == wire.PYTHON else wire.version_mismatch(
         h["python"], [env.sections.get(s, b"") for s in ("init", "fn", "args")],
@@ -363,7 +364,7 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
     r1s, r1c = _usage_now()
     cpu = (r1s.ru_utime + r1s.ru_stime - r0s.ru_utime - r0s.ru_stime) + (
         r1c.ru_utime + r1c.ru_stime - r0c.ru_utime - r0c.ru_stime
-    )
+    ) + max(0.0, _forkserver_cpu() - fs0)
     # Peak RSS: ru_maxrss is a lifetime maximum, so it speaks of this task only where it rose
     # during the task (this process, or a child it reaped); otherwise the lifetime maximum
     # bounds it.  The node raises it to the tree's sampled RSS for long tasks.
@@ -429,6 +430,25 @@ def _reap_dropped_children() -> None:
     sp = sys.modules.get("subprocess")  # (not imported: no task started a child with it)
     if sp is not None and getattr(sp, "_active", None):
         sp._cleanup()
+
+
+def _forkserver_cpu() -> float:
+    """CPU seconds of this worker's multiprocessing fork server, with the processes it
+    reaped: a task's pool of the "forkserver" start method (the default on Linux from
+    Python 3.14) runs in children of that server, not of the worker, and the CPU of its
+    processes, waited for all the same, was missing from the task's (``RUSAGE_CHILDREN``
+    counts only the worker's own children).  0 when there is none."""
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # after the command's ")": utime, stime, cutime, cstime are the 12th to 15th
+            fields = f.read().rpartition(b")")[2].split()
+        return sum(int(t) for t in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):  # (gone, or not Linux)
+        return 0.0
 
 
 def _usage_now() -> tuple:

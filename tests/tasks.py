@@ -1014,3 +1014,12 @@ def drop_a_burning_child(seconds):
 def run_true():
     subprocess.run(["true"], check=True)
     return "ran"
+
+
+def burn_in_a_pool(method, n, seconds):
+    """``n`` processes of a multiprocessing pool of start method ``method``, each burning
+    ``seconds`` of CPU; the pool is waited for."""
+    import multiprocessing
+
+    with multiprocessing.get_context(method).Pool(n) as pool:
+        return pool.map(burn_cpu, [seconds] * n)

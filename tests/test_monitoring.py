@@ -321,3 +321,16 @@ def test_a_task_that_ended_before_its_first_sample_has_no_samples_key(start_node
     u = f.usage()
     assert "samples" not in u, u
     assert u["peak_rss_kb"] > 0 and u["cpu"] >= 0
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_the_cpu_of_a_pool_the_task_waited_for_counts_whatever_its_start_method(
+        start_node, make_executor, method):
+    """The processes of a "forkserver" pool (the default start method on Linux from
+    Python 3.14) are children of the fork server, not of the worker: a task whose pool
+    burnt a CPU second reported 0.01 s."""
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.burn_in_a_pool, method, 2, 0.5)
+    assert f.result(GUARD) == [0.5, 0.5]
+    assert f.usage()["cpu"] >= 0.9, f.usage()
