@@ -209,3 +209,9 @@ class _MapJobView(KottaFuture):
     def cancel(self) -> bool:
         self._source.cancel()  # (its done-callback cancels this one)
         return self.cancelled()
+
+    def running(self) -> bool:
+        # The manager marks the map's own future running, never this view (it is not one
+        # of the executor's futures): without this it said False all through the run,
+        # and after a cancel() refused because the task runs.
+        return super().running() or (not self.done() and self._source.running())

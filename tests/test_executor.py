@@ -1426,6 +1426,28 @@ def test_cancelling_the_attached_view_of_a_map_task_cancels_the_map_task(make_ex
     assert blocker.result(timeout=GUARD) == "released"
 
 
+def test_the_attached_view_of_a_running_map_task_says_running(make_executor, gate):
+    """attach() to a map task of this executor that a node runs gives a view that is
+    running(), as an attach() from any other client is (it read False all through the
+    run, and also after a cancel() refused because the task runs)."""
+    executor = make_executor(1)
+    started = [gate.started(), gate.started()]
+    it = executor.map(tasks.touch_then_wait, [str(p) for p in started],
+                      [str(gate.release)] * 2, chunksize=2)
+    wait_started(started[0])
+    [job] = [j for j in executor.enclave.jobs.list(limit=10) if j.n == 2]
+    source = executor._futures[job.job_id]
+    wait_for(source.running, what="the map's own future to say running")
+    view = executor.attach(job.job_id)
+    assert view.running() and not view.done()
+    assert view.cancel() is False
+    assert view.running() and not view.done()
+    gate.open("ran")
+    assert view.result(timeout=GUARD) == ["ran", "ran"]
+    assert not view.running()
+    assert list(it) == ["ran", "ran"]
+
+
 def test_shutdown_cancel_futures_cancels_an_attached_job_no_node_has_started(
         make_executor, enclave):
     """An attached future is the executor's like any other: shutdown(cancel_futures=True)
