@@ -1952,6 +1952,12 @@ class OptionsView(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass
 
+    def attach(self, job_id: str) -> KottaFuture:
+        # a job runs with the options it was submitted with: the view's do not apply, and
+        # the future is the executor's (a view passed around as "the executor" raised
+        # AttributeError here)
+        return self._parent.attach(job_id)
+
     def with_options(
         self, *, queue=None, walltime=None, requirements=None, inputs=None, outputs=None
     ) -> OptionsView:

@@ -1303,6 +1303,20 @@ def test_job_cancelled_by_another_client_resolves_while_results_keep_coming(
     assert queued.cancelled()
 
 
+def test_a_with_options_view_attaches_as_its_executor_does(executor, make_executor):
+    """A view of the executor made for another queue (``with_options``) attaches to a
+    job as the executor does: it raised AttributeError, 'OptionsView' object has no
+    attribute 'attach'."""
+    f = executor.submit(tasks.square, 9)
+    assert f.result(timeout=GUARD) == 81
+    other = make_executor(1, start_node=False)
+    view = other.with_options(queue="production", walltime=2)
+    g = view.attach(f.job_id)
+    assert g.result(timeout=GUARD) == 81 and g.status() == "completed"
+    with pytest.raises(UnknownJob):
+        view.attach("0" * 32)
+
+
 def test_attach_unknown_or_malformed_job(executor):
     for job_id in ("0" * 32, "f" * 32):
         with pytest.raises(UnknownJob) as info:
