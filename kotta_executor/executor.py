@@ -463,7 +463,11 @@ class KottaExecutor(Executor):
                 self._check_open()
                 f = self._futures.get(job_id)
                 if f is not None:  # (a map's holds its calls' outcomes: a view gives values)
-                    return _MapJobView(f) if f._batch is True else f
+                    if f._batch is not True:
+                        return f
+                    if f._view is None:  # one a job, as for any job attached to (each
+                        f._view = _MapJobView(f)  # made another, held by f till it ended)
+                    return f._view
                 if job is None:  # ours when looked, ended since: look again
                     continue
                 f = KottaFuture(job_id, self)

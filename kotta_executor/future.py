@@ -43,6 +43,7 @@ class KottaFuture(Future):
     stderr: str | None = None
     _usage: dict[str, Any] | None = None
     _batch: bool | str = False  # True: a map task's outcomes; "values": attached map task
+    _view: _MapJobView | None = None  # a map task's: what attach() gives for it
 
     def __init__(self, job_id: str, executor: KottaExecutor):  # noqa: D107
         # Future.__init__ is not called: it would allocate the Condition eagerly.

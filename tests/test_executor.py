@@ -1462,6 +1462,22 @@ def test_the_attached_view_of_a_running_map_task_says_running(make_executor, gat
     assert list(it) == ["ran", "ran"]
 
 
+def test_attaching_twice_to_a_map_task_of_this_executor_gives_one_future(make_executor):
+    """attach() to the same job gives the same future, also for a map task of this
+    executor: each attach() made another view, which the map's future held until the task
+    ended (a loop polling attach(job).done() grew for as long as the task ran)."""
+    executor = make_executor(1, start_node=False)  # (no node: the task stays queued)
+    it = executor.map(tasks.square, [5, 6], chunksize=2)
+    [job_id] = [j for j, f in list(executor._futures.items()) if f._batch is True]
+    source = executor._futures[job_id]
+    view = executor.attach(job_id)
+    assert executor.attach(job_id) is view
+    assert len(source._done_callbacks) == 1
+    assert view.cancel() is True and view.cancelled()
+    with pytest.raises(cf.CancelledError):
+        list(it)
+
+
 def test_shutdown_cancel_futures_cancels_an_attached_job_no_node_has_started(
         make_executor, enclave):
     """An attached future is the executor's like any other: shutdown(cancel_futures=True)
