@@ -57,7 +57,7 @@ import traceback
 import types
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 import orjson
@@ -739,6 +739,8 @@ def _with_slots(cls: type, reduced: Any) -> Any:
     if type(reduced) is not tuple or make is None or reduced[0] is not make:
         return reduced  # (by reference; or cloudpickle internals changed: as it does)
     meta, name, bases, kwargs, *rest = reduced[1]
+    if any(b is NamedTuple for b in bases):  # (its __orig_bases__) typing makes it a
+        return reduced  # named tuple, slots and all, and refuses __slots__ given to it
     return (make, (meta, name, bases, {**kwargs, "__slots__": cls.__slots__}, *rest),
             *reduced[2:])
 

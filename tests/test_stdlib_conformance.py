@@ -1106,6 +1106,49 @@ def test_instances_of_a_class_of_main_with_slots_come_back(make_executor):
     assert [c.value for c in ex.map(ns["bump"], [ns["Cell"](5)])] == [6]
 
 
+_NAMED_TUPLES = """
+import typing
+from typing import Generic, NamedTuple, TypeVar
+
+T = TypeVar("T")
+
+class Point(typing.NamedTuple):
+    x: int
+    y: int = 0
+
+    def norm(self):
+        return abs(self.x) + abs(self.y)
+
+class Box(NamedTuple, Generic[T]):
+    item: T
+
+def make(x, y):
+    return Point(x, y)
+
+def norm(point):
+    return point.norm(), hasattr(point, "__dict__")
+"""
+
+
+def test_a_named_tuple_class_of_main_travels_as_its_instances_do(make_executor):
+    """A ``typing.NamedTuple`` of ``__main__`` (a script's, a notebook's), submitted as the
+    function (its constructor), passed as an argument or returned: ProcessPoolExecutor,
+    and cloudpickle alone, send it.  Made again on the node with its ``__slots__`` (as a
+    class of ``__main__`` with slots is), it failed there with "could not be unpickled on
+    the node: AttributeError: Cannot overwrite NamedTuple attribute __slots__", every
+    task that used it; typing makes it a named tuple, slots and all, by itself."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_NAMED_TUPLES, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's
+    ex = make_executor(1)
+    Point, Box = ns["Point"], ns["Box"]
+    assert ex.submit(Point, 1, 2).result(timeout=GUARD) == Point(1, 2)
+    made = ex.submit(ns["make"], 3, -4).result(timeout=GUARD)
+    assert type(made) is Point and made == (3, -4)
+    assert ex.submit(ns["norm"], Point(5)).result(timeout=GUARD) == (5, False)
+    assert ex.submit(Box, "a").result(timeout=GUARD) == Box("a")
+    assert list(ex.map(ns["norm"], [Point(1, 1), Point(2)])) == [(2, False), (2, False)]
+
+
 def test_an_executor_dropped_while_plain_futures_its_tasks_waited_for_are_kept_stops(
         enclave_dir):
     """A process pool's futures passed to tasks as arguments (the guide: any
