@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--max-jobs", type=int, help="exit after this many jobs")
     n.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     n.add_argument("--managed-by", help=argparse.SUPPRESS)
+    n.add_argument("--leave-fd", type=int, help=argparse.SUPPRESS)
     n.add_argument("--prespawn", metavar="OWNER", help="start the workers for OWNER at once")
     n.add_argument("--node-id", help=argparse.SUPPRESS)
     n.add_argument("--log-level", default="INFO")
@@ -249,6 +250,7 @@ def cmd_node(args) -> int:
         max_jobs=args.max_jobs,
         parent_pid=args.parent_pid,
         managed_by=args.managed_by,
+        leave_fd=args.leave_fd,
         node_id=args.node_id,
         prespawn_owner=args.prespawn,
         sample_interval=args.sample_interval,

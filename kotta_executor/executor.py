@@ -1538,16 +1538,28 @@ class KottaExecutor(Executor):
         log_path = self._node_log(queue)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting a local node for queue %s (log: %s): %s", queue, log_path, " ".join(cmd))
-        with open(log_path, "ab") as out:
-            try:
-                return subprocess.Popen(
-                    cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                    start_new_session=True,
-                )
-            except OSError as exc:  # (the same environment again: it would fail again)
-                if exc.errno != errno.E2BIG:
-                    raise
-                raise ConfigurationError(_environment_too_big(queue, env, exc)) from exc
+        # a pipe the node closes as it stops, or leaves the queue to finish the tasks of
+        # other clients that used it (_Leftovers.close waits for that, not for its end)
+        left, leave = os.pipe()
+        cmd += ["--leave-fd", str(leave)]
+        try:
+            with open(log_path, "ab") as out:
+                try:
+                    proc = subprocess.Popen(
+                        cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                        start_new_session=True, pass_fds=(leave,),
+                    )
+                except OSError as exc:  # (the same environment again: it would fail again)
+                    if exc.errno != errno.E2BIG:
+                        raise
+                    raise ConfigurationError(_environment_too_big(queue, env, exc)) from exc
+        except BaseException:
+            os.close(left)
+            raise
+        finally:
+            os.close(leave)
+        proc.left_fd = left  # (read by _Leftovers.close; a Popen takes attributes)
+        return proc
 
     def _terminate_broken(self, exc: BaseException) -> None:
         broken = exc if isinstance(exc, BrokenEnclave) else BrokenEnclave(
@@ -1668,7 +1680,7 @@ class _Leftovers:
                 proc.terminate()
         for proc in nodes:
             try:
-                proc.wait(timeout=60)
+                _wait_node(proc, timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -1710,6 +1722,34 @@ class _Leftovers:
 
 #: held while a closing executor hands its node to another (_Leftovers.close)
 _hand_over_lock = threading.Lock()
+
+
+def _wait_node(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait for a node this process started, and was asked to stop, to end, or to leave
+    its queue to finish the tasks other clients (other processes) run on it: those were
+    killed at the end of its drain, to run again from the start on a node of their own
+    (node.daemon.Node._leave), and a shutdown waited for them.  A node that left is
+    reaped when it ends, by a thread of its own.  TimeoutExpired: neither came."""
+    fd = getattr(proc, "left_fd", None)
+    if fd is None:  # (a node started otherwise, or waited for already)
+        proc.wait(timeout=timeout)
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+    finally:
+        proc.left_fd = None
+        os.close(fd)
+    try:  # the pipe closes as the node exits too: a moment before it can be reaped
+        proc.wait(timeout=LEFT_GRACE)
+    except subprocess.TimeoutExpired:  # it left: others' tasks run on there
+        threading.Thread(target=proc.wait, name="kotta-node-reaper", daemon=True).start()
+
+
+#: seconds a node whose pipe closed is waited for before it is taken to have left
+LEFT_GRACE = 2.0
 os.register_at_fork(after_in_child=_hand_over_lock._at_fork_reinit)  # (as _CONDITION_LOCK)
 
 

@@ -21,6 +21,7 @@ back too, and exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -146,6 +147,9 @@ class NodeConfig:
     max_walltime: float | None = None
     #: MB of staged inputs the node keeps in its cache between tasks
     stage_cache_mb: int = 2048
+    #: an executor's own node (``parent_pid``): the write end of a pipe its executor reads,
+    #: closed when the node stops or leaves (:meth:`Node._leave`)
+    leave_fd: int | None = None
 
 
 class Node:
@@ -182,6 +186,7 @@ class Node:
         self._stop_signal: int | None = None
         #: what run() returns: 0, unless the node stopped for a fault (its enclave removed)
         self.exit_status = 0
+        self._left = False  # out of the registry, finishing other clients' tasks (_leave)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._bell: socket.socket | None = None
@@ -455,6 +460,8 @@ class Node:
                      "up to %g s), handing back %d not started",
                      signal.Signals(self._stop_signal).name, len(busy),
                      self.config.drain_timeout, waiting)
+        if self._others_running():
+            self._leave()
         self._close_task_inbox()
         if self._poller is not None:  # it hands back what a last long poll brings
             self._poller.join(1.0)
@@ -475,7 +482,7 @@ class Node:
                 w.stop_after_current()
         deadline = time.monotonic() + self.config.drain_timeout
         while (self.data.active or any(w.inflight for w in self.workers)) and (
-            time.monotonic() < deadline
+            time.monotonic() < deadline or self._others_running()
         ):
             self._wait()
             self._collect()
@@ -510,6 +517,46 @@ class Node:
             self.enclave.queue.release([d for _, d, _, _ in self.finished])
             self.finished.clear()
         self._wake_clients(final=True)
+
+    def _others_running(self) -> list[Worker]:
+        """An executor's own node: its workers running a task of another client (one
+        that found this node serving the queue, and used it) still alive.  Its stop (its
+        executor shut down, or gone) lets them finish, and does not end them at the
+        drain's deadline: they were killed then, to run again from the start on a node
+        their own client had to start (a second notebook's hour-long task, for one
+        notebook closing its executor).  Their walltime still holds."""
+        parent = self.config.managed_by
+        if self.config.parent_pid is None or parent is None:
+            return []
+        out = []
+        for w in self.workers:
+            if w.inflight and w.kill_deadline is None:
+                client = w.inflight[0].header.get("client")
+                if client != parent and not self._client_gone(client):
+                    out.append(w)
+        return out
+
+    def _leave(self) -> None:
+        """Stop serving the queue while the tasks of other clients finish here: out of
+        the registry (their clients start a node of their own for what they have queued),
+        and the executor that started the node told (it stops waiting for it)."""
+        if self._left:
+            return
+        self._left = True
+        busy = self._others_running()
+        log.info("leaving the queue: finishing %d running tasks of other clients (%s) first",
+                 len(busy), ", ".join(w.inflight[0].job_id for w in busy))
+        try:
+            self.enclave.nodes.deregister(self.node_id)
+        except Exception as exc:  # noqa: BLE001 - it deregisters again as it stops
+            log.warning("leaving the registry failed (%s: %s)", type(exc).__name__, exc)
+        self._close_leave_fd()
+
+    def _close_leave_fd(self) -> None:
+        fd, self.config.leave_fd = self.config.leave_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _hand_back_pending(self, inbox: Iterable[Delivery] = ()) -> None:
         """Hand back the tasks waiting here (and ``inbox``'s deliveries), as the node stops.
@@ -549,6 +596,7 @@ class Node:
         try:
             self.enclave.nodes.deregister(self.node_id)
         finally:
+            self._close_leave_fd()
             if self._bell is not None:
                 self._bell.close()
             if self._task_inbox is not None:  # what is left in it, its clients send again

@@ -238,6 +238,56 @@ def test_an_executor_shut_down_leaves_its_node_to_another_that_runs_tasks_there(
     assert not _running(node.pid)
 
 
+_CLIENT_A = """
+import sys
+from kotta_executor import KottaExecutor
+from tests import tasks
+enclave, ready, go = sys.argv[1:4]
+ex = KottaExecutor(1, enclave=enclave)
+assert ex.submit(tasks.square, 2).result(60) == 4
+open(ready, "w").close()
+tasks.wait_for_file(go, 120)
+ex.shutdown()
+print("A shut down")
+"""
+
+
+def test_an_executor_shut_down_lets_another_process_task_on_its_node_finish(
+        make_executor, enclave, tmp_path):
+    """As above, with B in another process (a second notebook on the machine), where no
+    hand-over reaches: A's shutdown waited out its node's drain (30 s), and B's running
+    task, killed at its end, ran again from the start on a node B then started.  Now the
+    node leaves the queue (B starts a node of its own for what it queues), finishes B's
+    task, and ends; A's shutdown does not wait for that."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    a = subprocess.Popen([sys.executable, "-c", _CLIENT_A, str(enclave.home), str(ready),
+                          str(go)], env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: ready.exists() or a.poll() is not None, what="A's node to serve")
+        assert a.poll() is None, a.communicate()
+        [node] = enclave.nodes.live("test")
+        b = make_executor(1)  # (it finds A's node serving, and starts none)
+        f = b.submit(tasks.log_pid_and_wait, str(log), str(release))
+        wait_for(lambda: log.exists() and log.read_text(), what="B's task to start")
+        g = b.submit(tasks.square, 5)  # (queued behind it)
+        tasks.release(go, "go")
+        out, err = a.communicate(timeout=GUARD)
+        assert (a.returncode, out) == (0, "A shut down\n"), err
+        assert _running(node.pid), "A's shutdown ended the node B's task runs on"
+        assert node.node_id not in {n.node_id for n in enclave.nodes.all()}  # it left
+    finally:
+        tasks.release(release, "go")
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+    assert f.result(GUARD) == int(log.read_text().split()[0])
+    assert len(log.read_text().split()) == 1  # it ran once
+    assert g.result(GUARD) == 25
+    wait_for(lambda: not _running(node.pid), what="the node to end once B's task ended")
+
+
 # --------------------------------------------------------------------------------------
 # 6. kotta down stops an idle executor's node for good; work starts one again
 
