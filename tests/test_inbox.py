@@ -245,3 +245,30 @@ def test_a_node_killed_outright_leaves_an_inbox_the_next_node_removes(start_node
     b = start_node(workers=1)  # a new process: it sweeps as it binds its first inbox
     assert not os.path.exists(left)
     assert os.path.exists(enclave._inbox_path(f"node-{b.node_id}"))
+
+
+def test_a_stopped_clients_unread_replies_do_not_fill_other_clients_inboxes(enclave):
+    """Datagrams an inbox has not read count against the buffer of the socket that sent
+    them.  A node sent every reply from one socket: a client stopped (^Z) with a few big
+    replies unread filled that buffer, and every other client's inbox looked full, so
+    each of their replies waited HOLD_REPLIES and went by the reply queue for as long as
+    that client stayed stopped.  Another client's replies still reach its inbox."""
+    from node.daemon import Node, NodeConfig
+
+    node = Node(enclave, NodeConfig(queue="test", workers=1))
+    stopped = [enclave.reply_inbox(f"stopped{i}") for i in range(3)]
+    inbox = enclave.reply_inbox("healthy")
+    try:
+        big = [Message("a" * 32, b"x" * 400_000)]
+        for i in range(3):
+            while not enclave.reply_direct(f"stopped{i}", big)[0]:  # until it takes no more
+                pass
+        node._reply("healthy", [("b" * 32, wire.unpack_replies(a_reply("b" * 32, 1))[0][1])])
+        node._wake_clients()
+        got = [item for b in enclave.read_inbox(inbox) for item in wire.unpack_replies(b)]
+        assert [job_id for job_id, _ in got] == ["b" * 32]
+        assert enclave.queue.depth(reply_queue("healthy")) == 0
+    finally:
+        for sock in [*stopped, inbox]:
+            enclave.close_inbox(sock)
+        node.enclave.close()

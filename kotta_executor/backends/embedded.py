@@ -159,6 +159,10 @@ WAL_WARN_EVERY = 600.0
 INBOX_DATAGRAM = 512 * 1024
 #: the largest task a client hands to a node directly (bigger ones go by the queue)
 HAND_OFF_LIMIT = 64 * 1024
+#: sender sockets kept, one a destination inbox: the datagrams an inbox has not read yet
+#: count against the send buffer of the socket that sent them, so one socket for all let a
+#: client stopped (^Z) with a few big replies unread make every other inbox look full
+SENDERS_KEPT = 64
 #: Linux passes a datagram's sender (pid, uid, gid) to a receiver that asks
 _PASSCRED = hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS")
 _CRED = struct.Struct("3i")
@@ -1269,7 +1273,8 @@ class EmbeddedEnclave(Enclave):
         self.nodes = EmbeddedNodes(self._db, self._bell_address)
         self.records = EmbeddedRecords(self._db)
         self._ring_sock: socket.socket | None = None
-        self._reply_sock: socket.socket | None = None
+        self._senders: dict[str, socket.socket] = {}  # by inbox, the last used last
+        self._senders_lock = threading.Lock()
         self._inbox_buf: memoryview | None = None
         self._inbox_lock = threading.Lock()
         self._node_cache: tuple[float, dict[str, list[str]]] = (0.0, {})
@@ -1402,20 +1407,30 @@ class EmbeddedEnclave(Enclave):
                 else:
                     out.append(bytes(buf[:n]))
 
-    def _sender(self) -> socket.socket:
-        sock = self._reply_sock
-        if sock is None:
-            sock = self._reply_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            with contextlib.suppress(OSError):  # room for many unread replies in flight
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * INBOX_DATAGRAM)
-        return sock
+    def _sender(self, address: str) -> socket.socket:
+        """A socket to send to the inbox at ``address``: its own, so that what one inbox
+        leaves unread (its process stopped) never fills the send buffer for the others
+        (a socket closed meanwhile loses none of what it sent)."""
+        with self._senders_lock:
+            sock = self._senders.pop(address, None)
+            if sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                with contextlib.suppress(OSError):  # room for many unread replies in flight
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * INBOX_DATAGRAM)
+                if len(self._senders) >= SENDERS_KEPT:
+                    self._senders.pop(next(iter(self._senders))).close()
+            self._senders[address] = sock
+            return sock
 
     def reply_direct(self, client_id: str, messages: list[Message]) -> tuple[list[Message], bool]:
         address = self._inbox_path(client_id)
         if address is None:
             return messages, False
-        sock = self._sender()
+        try:
+            sock = self._sender(address)
+        except OSError:  # no socket to be had (out of file descriptors): the queue
+            return messages, False
         for i, message in enumerate(messages):
             if len(message.body) > INBOX_DATAGRAM:
                 return messages[i:], False
@@ -1445,7 +1460,7 @@ class EmbeddedEnclave(Enclave):
             if address is None:
                 return False
             try:
-                self._sender().sendto(body, address)
+                self._sender(address).sendto(body, address)
             except OSError:  # no inbox (another user's node, or gone), or a full one
                 continue
             return True
@@ -1571,8 +1586,10 @@ class EmbeddedEnclave(Enclave):
             return False
 
     def close(self) -> None:
-        for name in ("_ring_sock", "_reply_sock"):
-            sock = getattr(self, name)
-            if sock is not None:
+        if self._ring_sock is not None:
+            self._ring_sock.close()
+            self._ring_sock = None
+        with self._senders_lock:
+            for sock in self._senders.values():
                 sock.close()
-                setattr(self, name, None)
+            self._senders.clear()
