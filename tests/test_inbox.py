@@ -272,3 +272,19 @@ def test_a_stopped_clients_unread_replies_do_not_fill_other_clients_inboxes(encl
         for sock in [*stopped, inbox]:
             enclave.close_inbox(sock)
         node.enclave.close()
+
+
+def test_a_directory_not_private_is_warned_about_once(tmp_path, monkeypatch, caplog):
+    """/tmp/kotta-UID that is not this user's private directory (0755 here): replies go
+    by queue, and the log says why.  It said so again at every look (each 10 s) for as
+    long as a node or client ran: a notebook showed the warning every 10 s."""
+    (tmp_path / f"kotta-{os.getuid()}").mkdir(mode=0o755)
+    os.chmod(tmp_path / f"kotta-{os.getuid()}", 0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for _ in range(3):
+        monkeypatch.setattr(embedded, "_private", (-60.0, None))  # as if 10 s had passed
+        with caplog.at_level("WARNING", logger="kotta.embedded"):
+            assert embedded._private_dir() is None
+    assert [r.getMessage() for r in caplog.records].count(
+        f"{tmp_path / f'kotta-{os.getuid()}'} is not a directory private to this user: "
+        f"replies go by queue") == 1

@@ -1000,6 +1000,8 @@ class EmbeddedNodes(NodeRegistry):
 
 
 _private: tuple[float, str | None] = (-60.0, None)
+#: the directories _private_dir warned of, not private (said once a process)
+_warned_private: set[str] = set()
 
 
 def _shared_by(path: Path, st: os.stat_result) -> str:
@@ -1039,7 +1041,8 @@ def _private_dir() -> str | None:
     else:
         if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
             result = str(d)
-        else:
+        elif str(d) not in _warned_private:  # (once: it is looked at every 10 s)
+            _warned_private.add(str(d))
             log.warning("%s is not a directory private to this user: replies go by queue", d)
     _private = (time.monotonic(), result)
     return result
