@@ -676,6 +676,37 @@ def test_a_send_refused_for_lack_of_rights_fails_the_futures_at_once(enclave):
         ex.shutdown(wait=False)
 
 
+def test_a_task_too_big_for_an_old_queue_fails_at_once_saying_to_bootstrap(enclave):
+    """A queue made before SQS took 1 MiB messages (or set lower) takes 256 KiB, and
+    refuses a task message over that.  The refusal (InvalidParameterValue) was taken for a
+    passing fault: every send was tried again for a minute, then every turn of the
+    executor for another, the other futures held back with it, before all of them failed
+    naming a parameter AWS found invalid.  It is lasting: the futures fail at once, saying
+    to run bootstrap again, which raises the queue's MaximumMessageSize."""
+    from kotta_executor import BrokenEnclave, KottaExecutor
+    from tests.conftest import GUARD
+
+    url = enclave.sqs.get_queue_url(QueueName=enclave.names.queue("test"))["QueueUrl"]
+    enclave.sqs.set_queue_attributes(QueueUrl=url, Attributes={"MaximumMessageSize": "262144"})
+    import threading
+
+    sends = []  # the manager's (a lone submit may be tried once from the caller's thread)
+    enclave.sqs.meta.events.register(
+        "before-call.sqs.SendMessageBatch",
+        lambda **_: sends.append(threading.current_thread().name.startswith("kotta-manager")),
+    )
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    try:
+        # arguments under the executor's inline limit (256 KiB), base64 in the message over
+        # the queue's
+        f = ex.submit(len, b"x" * (200 * 1024))
+        with pytest.raises(BrokenEnclave, match=f"kotta aws bootstrap {enclave.name}"):
+            f.result(GUARD)
+        assert sends.count(True) == 1  # (not tried again)
+    finally:
+        ex.shutdown(wait=False)
+
+
 def _errors():
     import sqlite3
 

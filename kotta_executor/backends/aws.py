@@ -291,6 +291,16 @@ def _code(exc: BaseException) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+def _too_long(exc: BaseException) -> bool:
+    """Whether SQS refused a send for the size of its messages (a queue whose
+    MaximumMessageSize is lower than what the backend sends)."""
+    code = _code(exc)
+    if code.endswith("BatchRequestTooLong") or code.endswith("MessageTooLong"):
+        return True
+    message = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Message", ""))
+    return code == "InvalidParameterValue" and "shorter than" in message
+
+
 def _client_error():
     from botocore.exceptions import ClientError
 
@@ -745,13 +755,27 @@ class SqsQueue(TaskQueue):
         for batch in self._entries(items):
             entries = batch
             for attempt in range(BATCH_ROUNDS):
-                resp = self._call(
-                    sqs_name,
-                    "send_message_batch",
-                    missing_ok=missing_ok,
-                    create=True,
-                    Entries=entries,
-                )
+                try:
+                    resp = self._call(
+                        sqs_name,
+                        "send_message_batch",
+                        missing_ok=missing_ok,
+                        create=True,
+                        Entries=entries,
+                    )
+                except _client_error() as exc:
+                    if not _too_long(exc):
+                        raise
+                    # A queue made before SQS took 1 MiB (or set lower) keeps 256 KiB.
+                    # Trying again does not cure it: taken for a passing fault, the
+                    # executor tried for two minutes, holding every other task back.
+                    raise ConfigurationError(
+                        f"SQS refused a message for {sqs_name} as too long "
+                        f"({_code(exc)}: {exc.response.get('Error', {}).get('Message')}): "
+                        f"the queue takes smaller messages than kotta sends (up to 1 MiB). "
+                        f"Run `kotta aws bootstrap {self._e.name}` again (or update its "
+                        f"stack) to raise the queues' MaximumMessageSize."
+                    ) from None
                 if resp is None:
                     return False
                 failed = resp.get("Failed") or []
