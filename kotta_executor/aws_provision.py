@@ -23,6 +23,7 @@ What ``bootstrap`` makes (names from :class:`kotta_executor.backends.aws.Names`)
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +40,10 @@ from .backends.aws import (
     make_session,
 )
 from .backends.aws_records import records_table_spec
-from .config import QUEUES
+from .config import MAX_DELIVERIES, QUEUES
 from .errors import ConfigurationError
+
+log = logging.getLogger("kotta.aws")
 
 QUEUE = "AWS::SQS::Queue"
 BUCKET = "AWS::S3::Bucket"
@@ -145,6 +148,15 @@ def bootstrap(
     if not 1 <= max_receive_count <= 1000:  # SQS's bounds; checked before anything is made
         raise ValueError(f"--max-receive-count must be 1 to 1000 (SQS's bounds), "
                          f"not {max_receive_count}")
+    if max_receive_count <= MAX_DELIVERIES:
+        # SQS then redrives a task whose node keeps dying before a node fails its job,
+        # which stays `processing`, and its future waits for good
+        log.warning(
+            "%s", f"--max-receive-count {max_receive_count} is not over the nodes' own delivery "
+            f"limit (`kotta node --max-deliveries`, {MAX_DELIVERIES} by default): SQS will move "
+            f"a task whose node keeps dying to the dead-letter queue before a node can fail "
+            f"its job, and the job stays processing, its future waiting; choose a count over "
+            f"the nodes' limit (default {MAX_RECEIVE_COUNT})")
     c = _Clients(region, endpoint_url, profile, session)
     report = Report(name)
 

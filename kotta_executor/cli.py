@@ -121,7 +121,7 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--visibility-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="seconds a received task stays invisible (more than 0; default 30);"
                         " extended while it runs")
-    p.add_argument("--max-deliveries", type=int, default=5, metavar="N",
+    p.add_argument("--max-deliveries", type=int, default=config.MAX_DELIVERIES, metavar="N",
                    help="deliveries after which a task is dead-lettered (at least 1; default 5)")
     p.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
                    help="seconds between polls when no doorbell rings (0 or more; default 0.5)")

@@ -27,6 +27,8 @@ SCRIPT_DIR_PREFIX = "kotta-script-"
 #: in a worker's environment: its node's temporary directory, where its script jobs' working
 #: directories go (script_tmpdir)
 SCRIPT_TMPDIR_ENV = "KOTTA_SCRIPT_TMPDIR"
+#: deliveries of a task a node allows before it fails the job (`kotta node --max-deliveries`)
+MAX_DELIVERIES = 5
 
 
 def interpreter_flags() -> list[str]:

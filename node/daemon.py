@@ -127,7 +127,7 @@ class NodeConfig:
     queue: str = "test"
     workers: int = field(default_factory=kconfig.cpu_count)
     visibility_timeout: float = 30.0
-    max_deliveries: int = 5
+    max_deliveries: int = kconfig.MAX_DELIVERIES
     poll_interval: float = 0.5
     drain_timeout: float = 30.0
     burst: bool = False

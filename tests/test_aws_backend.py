@@ -11,6 +11,7 @@ import argparse
 import fnmatch
 import io
 import json
+import logging
 import os
 import re
 import threading
@@ -1194,3 +1195,23 @@ def test_bootstrap_refuses_a_max_receive_count_sqs_cannot_take(moto_env, name, c
         aws_provision.bootstrap(name, max_receive_count=count, iam=False, tls_only=False,
                                 session=moto_env)
     assert aws_provision.teardown(name, session=moto_env).deleted == []  # nothing made
+
+
+@pytest.mark.parametrize("count", [2, 5, 6])
+def test_bootstrap_warns_of_a_max_receive_count_not_over_the_nodes_limit(moto_env, name,
+                                                                          count, caplog):
+    """SQS redrives a task whose node keeps dying once received maxReceiveCount times: at
+    or under the nodes' own limit (5), before a node could fail its job, which stayed
+    processing, its future waiting for good.  Said (the tests' count of 2 is on purpose)."""
+    caplog.set_level(logging.WARNING, logger="kotta.aws")
+    aws_provision.bootstrap(name, max_receive_count=count, iam=False, tls_only=False,
+                            session=moto_env)
+    said = [r.getMessage() for r in caplog.records if "--max-receive-count" in r.getMessage()]
+    if count > 5:
+        assert said == []
+        return
+    assert said == [
+        f"--max-receive-count {count} is not over the nodes' own delivery limit (`kotta node "
+        f"--max-deliveries`, 5 by default): SQS will move a task whose node keeps dying to "
+        f"the dead-letter queue before a node can fail its job, and the job stays processing, "
+        f"its future waiting; choose a count over the nodes' limit (default 10)"]
