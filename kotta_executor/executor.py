@@ -1460,7 +1460,7 @@ class KottaExecutor(Executor):
                     )
                 log.warning("local node for queue %s exited with %s; restarting (its log: %s)",
                             q, code, log_path)
-                del self._nodes[q]
+                _forget_node(self._nodes.pop(q))
             elif self._enclave.nodes.live(q):
                 continue
             if not self._claim_start(q):
@@ -1750,6 +1750,13 @@ def _wait_node(proc: subprocess.Popen, timeout: float) -> None:
 
 #: seconds a node whose pipe closed is waited for before it is taken to have left
 LEFT_GRACE = 2.0
+
+
+def _forget_node(proc: subprocess.Popen) -> None:
+    """Close what this process holds of a node that has ended (its pipe: _wait_node)."""
+    fd, proc.left_fd = getattr(proc, "left_fd", None), None
+    if fd is not None:
+        os.close(fd)
 os.register_at_fork(after_in_child=_hand_over_lock._at_fork_reinit)  # (as _CONDITION_LOCK)
 
 

@@ -118,6 +118,10 @@ def test_executor_survives_its_node_being_stopped_now_and_then(make_executor, en
         seen: set[str] = set()
         for i in range(executor_module.MAX_NODE_RESTARTS + 2):
             assert ex.submit(tasks.square, i).result(GUARD) == i * i
+            if i == 0:
+                pipes = _pipes()
+            else:  # (each node's pipe to the executor: closed once it has ended)
+                assert _pipes() == pipes
             [node] = [n for n in enclave.nodes.live("test") if n.managed_by == ex.client_id]
             assert node.node_id not in seen
             seen.add(node.node_id)
@@ -128,6 +132,17 @@ def test_executor_survives_its_node_being_stopped_now_and_then(make_executor, en
         for n in enclave.nodes.all():
             if n.managed_by == ex.client_id and _running(n.pid):
                 _kill(n.pid)
+
+
+def _pipes() -> int:
+    """How many pipes this process has open."""
+    out = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        except OSError:  # (the directory's own descriptor, closed as it is listed)
+            pass
+    return out
 
 
 def test_a_node_that_keeps_dying_breaks_the_executor_naming_its_log(make_executor, enclave,
