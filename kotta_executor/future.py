@@ -100,6 +100,31 @@ class KottaFuture(Future):
         head, rest = Future.__repr__(self).split(" ", 1)
         return f"{head} job={self.job_id} {rest}"
 
+    def result(self, timeout: float | None = None) -> Any:  # noqa: D102 - the stdlib's
+        self._check_not_waiting_on_manager("result", timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:  # noqa: D102
+        self._check_not_waiting_on_manager("exception", timeout)
+        return super().exception(timeout)
+
+    def _check_not_waiting_on_manager(self, what: str, timeout: float | None) -> None:
+        """Done-callbacks run on the executor's manager thread, the one that resolves its
+        futures: there, a wait without a timeout for one not done (a callback that submits
+        and waits, a blocking ``@kottajob`` call) would last for ever, and with it every
+        future of the executor, its shutdown and the interpreter's exit.  It raises."""
+        if timeout is not None or self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED):
+            return
+        ex = self._executor
+        if ex is not None and ex._manager is threading.current_thread():
+            raise RuntimeError(
+                f"{what}() of job {self.job_id}, not done, was called on its executor's "
+                "manager thread (which runs done-callbacks): that thread resolves the "
+                "executor's futures, so it would wait for ever; submit from the callback "
+                "without waiting (add a done-callback to the new future), or wait in "
+                "another thread"
+            )
+
     # ------------------------------------------------------------------ controls
 
     def cancel(self) -> bool:

@@ -155,6 +155,31 @@ def test_add_done_callback_runs_once_with_the_future(executor, gate):
     assert calls == [f]
 
 
+def test_a_done_callback_waiting_for_another_future_of_its_executor_raises(executor):
+    """Done-callbacks run on the executor's manager thread, the one that resolves its
+    futures: a callback that waited (no timeout) for another of them, or called a blocking
+    decorated function, waited for ever, and with it every future of the executor, its
+    shutdown and the interpreter's exit.  Now that wait raises a RuntimeError that says
+    why, and the executor goes on."""
+    got: list = []
+
+    def follow_up(f):
+        g = executor.submit(tasks.square, f.result())
+        got.append(g)
+        for wait in (g.result, g.exception):
+            try:
+                wait()
+            except RuntimeError as exc:
+                got.append(str(exc))
+
+    executor.submit(tasks.square, 3).add_done_callback(follow_up)
+    wait_for(lambda: len(got) == 3, what="the callback to end")
+    g, *errors = got
+    assert len(errors) == 2 and all("manager thread" in e and g.job_id in e for e in errors)
+    assert g.result(timeout=GUARD) == 81  # the callback's own task runs all the same
+    assert executor.submit(tasks.square, 4).result(timeout=GUARD) == 16
+
+
 def test_many_tasks_complete_and_are_delivered_exactly_once(executor):
     seen: Counter[str] = Counter()
     lock = threading.Lock()
