@@ -1044,7 +1044,13 @@ class KottaExecutor(Executor):
         self._kicked = False
         if self._send_failed.pause_left():
             return
-        while self._outbox:
+        # A thousand tasks a turn at most: threads that kept submitting kept the manager
+        # here, and no reply was taken (no future resolved, no callback run, no node
+        # started) until every one of them stopped.  The next turn, at once, sends more
+        # (_wait_for).
+        left = 1000
+        while self._outbox and left > 0:
+            left -= 250
             with self._send_lock:
                 batch = []
                 # a few hundred at a time: a longer transaction keeps the node waiting

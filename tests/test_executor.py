@@ -180,6 +180,33 @@ def test_a_done_callback_waiting_for_another_future_of_its_executor_raises(execu
     assert executor.submit(tasks.square, 4).result(timeout=GUARD) == 16
 
 
+def test_results_come_back_while_threads_keep_submitting(executor):
+    """The manager sent the outbox until it was empty: threads that kept submitting (two
+    were enough) kept it sending, and no future of the executor was resolved, nor a
+    callback run, until every one of them stopped (11 s for 8 threads of 15,000 submits).
+    Now each turn sends a thousand tasks at most, and results come back meanwhile."""
+    assert executor.submit(tasks.noop).result(timeout=GUARD) is None  # its node serves
+    cap = 25_000  # submits a thread (seconds of them, four threads at a time)
+    first_back = threading.Event()
+    counts = [0] * 4
+
+    def submit_on(i):
+        while not first_back.is_set() and counts[i] < cap:
+            f = executor.submit(tasks.noop, i)
+            if i == 0 and counts[i] == 0:
+                f.add_done_callback(lambda _: first_back.set())
+            counts[i] += 1
+
+    threads = [threading.Thread(target=submit_on, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    executor.shutdown(wait=False, cancel_futures=True)
+    assert first_back.is_set() and max(counts) < cap, (
+        f"no result came back while the threads submitted ({counts} submits)")
+
+
 def test_many_tasks_complete_and_are_delivered_exactly_once(executor):
     seen: Counter[str] = Counter()
     lock = threading.Lock()
