@@ -717,7 +717,7 @@ def test_up_with_a_relative_kotta_home_or_enclave_gives_its_nodes_the_absolute_o
                               cwd=tmp_path, capture_output=True, text=True, timeout=GUARD,
                               stdin=subprocess.DEVNULL)
 
-    enclave = None
+    enclave, down = None, False
     try:
         r = run("up", "--workers", "1", *nodes)
         assert r.returncode == 0, r.stderr
@@ -730,7 +730,10 @@ def test_up_with_a_relative_kotta_home_or_enclave_gives_its_nodes_the_absolute_o
             ex.shutdown()
         r = run("down")
         assert r.returncode == 0, r.stderr
+        down = True
     finally:
+        if not down:  # (failed before its own: its scaler, left, started nodes again)
+            run("down")
         if enclave is not None:
             _kill_background_nodes(enclave)
             enclave.close()
