@@ -913,9 +913,13 @@ class KottaExecutor(Executor):
 
     def _futures_now(self, attached: bool = True) -> list[KottaFuture]:
         """The executor's futures (``attached=False``: less those of jobs it attached to).
-        (list(): one step, as the manager drops done ones.)"""
-        items = list(self._futures.items())
-        return [f for job_id, f in items if attached or job_id not in self._attached]
+        (copy(): one step, as the manager drops done ones and other threads submit.  Not
+        list(items()): the tuples it makes may start a garbage collection, whose finalizers
+        run Python code, where another thread may change the dict: a shutdown(cancel_
+        futures=True) beside threads that submitted raised "dictionary changed size during
+        iteration".  A dict's copy makes no object an item.)"""
+        futures = self._futures.copy()
+        return [f for job_id, f in futures.items() if attached or job_id not in self._attached]
 
     def _cancel_futures(self, fs: Iterable[KottaFuture]) -> None:
         """Cancel the jobs of these futures that no node has started, together."""
