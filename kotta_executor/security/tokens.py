@@ -136,7 +136,9 @@ def parse_access_id(token_id: str) -> Claims:
     try:
         c = json.loads(_unb64(token_id[5:]))
         claims = Claims(c["u"], c["r"], bool(c["a"]), c["rid"], float(c["iat"]), float(c["exp"]))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        # (RecursionError: claims nested too deep for the JSON parser, which fit in the
+        # 2,048 characters; raised, it killed the node that read the task's token)
         raise AuthenticationError(f"malformed kotta access token ({exc})") from None
     if not all(isinstance(x, str) for x in (claims.user, claims.role, claims.refresh_id)):
         raise AuthenticationError("malformed kotta access token")

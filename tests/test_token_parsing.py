@@ -1,0 +1,94 @@
+"""Property tests of the parsing of access token ids and refresh tokens: whatever the text,
+the answer is the token's claims or an AuthenticationError, never another exception (a
+node parses the id of every task it receives, before any signature is checked)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kotta_executor import wire
+from kotta_executor.backends.base import NewJob
+from kotta_executor.errors import AuthenticationError
+from kotta_executor.security.tokens import Claims, _parse_refresh, parse_access_id
+from kotta_executor.states import FINAL, JobState
+from tests import tasks
+from tests.conftest import wait_for
+
+
+def _kat(payload: bytes) -> str:
+    return "kat1." + base64.urlsafe_b64encode(payload).rstrip(b"=").decode()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12,
+)
+_claim_values = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) \
+    | st.just(10**400) | st.just(-(10**400)) | st.lists(st.integers(), max_size=2)
+_claims = st.fixed_dictionaries(
+    {}, optional={k: _claim_values for k in ("u", "r", "a", "rid", "iat", "exp")})
+
+
+def _parses_or_refuses(token_id) -> None:
+    try:
+        claims = parse_access_id(token_id)
+    except AuthenticationError:
+        return
+    assert isinstance(claims, Claims)
+
+
+@given(st.text(max_size=80) | st.text(max_size=80).map(lambda s: "kat1." + s))
+def test_any_text_is_claims_or_an_authentication_error(text):
+    _parses_or_refuses(text)
+
+
+@given(st.binary(max_size=200) | _json.map(lambda v: json.dumps(v).encode()))
+def test_any_payload_is_claims_or_an_authentication_error(payload):
+    _parses_or_refuses(_kat(payload))
+
+
+@pytest.mark.parametrize("opener", ["[", "{"])
+@pytest.mark.parametrize("depth", [1, 999, 1000, 1500])
+def test_deeply_nested_claims_are_an_authentication_error(depth, opener):
+    """(Not a Hypothesis test: Hypothesis raises the recursion limit while it runs one.)"""
+    payload = (opener * depth if opener == "[" else '{"u":' * (depth // 5)).encode()
+    _parses_or_refuses(_kat(payload))
+
+
+@given(st.text(max_size=60) | st.lists(st.text(max_size=6), max_size=4).map(".".join))
+def test_any_refresh_token_text_is_its_parts_or_an_authentication_error(text):
+    try:
+        rid, secret = _parse_refresh(text)
+    except AuthenticationError:
+        return
+    assert f"krt1.{rid}.{secret}" == text.strip()
+
+
+def test_a_task_whose_token_id_nests_too_deep_does_not_kill_the_node(
+    start_node, make_executor, enclave
+):
+    """An envelope whose ``auth`` is an access token id of claims nested ~1,500 deep (it
+    fits in the 2,048 characters an id may take): the node's JSON parser gave up with a
+    RecursionError, which no check caught: the node died, and so did every node after it
+    that received the task."""
+    ex = make_executor(1, start_node=False)
+    job_id = os.urandom(16).hex()
+    header = wire.task_header(job_id=job_id, owner=ex.owner, client=ex.client_id, queue="test",
+                              walltime=60.0, created=time.time(), fn="tests.tasks.square", n=1)
+    header["auth"] = _kat(b"[" * 1500)
+    body = wire.encode(header, wire.dump_call(tasks.square, [((2,), {})]), mac_key=b"k" * 32)
+    enclave.jobs.create([NewJob(job_id, ex.owner, ex.client_id, "test", header["fn"], 60.0, body)])
+    node = start_node(workers=1)
+    wait_for(lambda: node.proc.poll() is not None or enclave.jobs.get(job_id).state in FINAL,
+             what="the node to refuse the task (or die)")
+    assert node.proc.poll() is None, f"the node died:\n{node.output()[-2000:]}"
+    job = enclave.jobs.get(job_id)
+    assert job.state == JobState.FAILED and "access token" in job.reason
