@@ -55,6 +55,11 @@ def test_any_payload_is_claims_or_an_authentication_error(payload):
     _parses_or_refuses(_kat(payload))
 
 
+@given(_claims)
+def test_any_claim_values_are_claims_or_an_authentication_error(claims):
+    _parses_or_refuses(_kat(json.dumps(claims).encode()))
+
+
 @pytest.mark.parametrize("opener", ["[", "{"])
 @pytest.mark.parametrize("depth", [1, 999, 1000, 1500])
 def test_deeply_nested_claims_are_an_authentication_error(depth, opener):

@@ -136,9 +136,10 @@ def parse_access_id(token_id: str) -> Claims:
     try:
         c = json.loads(_unb64(token_id[5:]))
         claims = Claims(c["u"], c["r"], bool(c["a"]), c["rid"], float(c["iat"]), float(c["exp"]))
-    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
         # (RecursionError: claims nested too deep for the JSON parser, which fit in the
-        # 2,048 characters; raised, it killed the node that read the task's token)
+        # 2,048 characters; raised, it killed the node that read the task's token.
+        # OverflowError: a time of 400 digits, not a float: the task failed as corrupt)
         raise AuthenticationError(f"malformed kotta access token ({exc})") from None
     if not all(isinstance(x, str) for x in (claims.user, claims.role, claims.refresh_id)):
         raise AuthenticationError("malformed kotta access token")
