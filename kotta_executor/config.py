@@ -171,7 +171,7 @@ def _all_limits() -> dict[str, QueueLimits]:
 def _read_limits(path: Path) -> dict[str, QueueLimits]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # (nested deeper than json goes)
         raise ConfigurationError(f"cannot read the queue limits in {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigurationError(f"{path} must hold an object of queues, not {data!r}")
@@ -188,7 +188,11 @@ def _read_limits(path: Path) -> dict[str, QueueLimits]:
             )
         for field_name, value in fields.items():
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok or not math.isfinite(value) or value <= 0:
+            try:
+                finite = ok and math.isfinite(value)
+            except OverflowError:  # an int past a float's range (JSON has no limit): it
+                finite = False  # was raised out of every submit, naming neither file nor field
+            if not finite or value <= 0:
                 raise ConfigurationError(
                     f"{path}: {field_name} of queue {name!r} must be a positive number, "
                     f"not {value!r}"

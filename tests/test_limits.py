@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kotta_executor import ConfigurationError, MemoryLimitExceeded, config, kottajob
 from kotta_executor.errors import JobFailed
@@ -195,3 +198,63 @@ def test_a_task_under_the_memory_limit_is_not_charged_its_worker_twice(
              what="a few memory checks")
     tasks.release(release, "go")
     assert f.result(GUARD) == 110
+
+
+# ---------------------------------------------------------------- queues.json, any content
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+    | st.sampled_from([10**400, -(10**400), 0.5, 1, 10**18]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["test", "Prod", "production", "tset", "max_walltime", "memory_mb",
+                         "workers", ""]) | st.text(max_size=4), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+def _read_or_refuse(tmp_path, text: str) -> None:
+    path = tmp_path / "queues.json"
+    path.write_text(text)
+    try:
+        limits = config._read_limits(path)
+    except ConfigurationError as exc:
+        assert str(path) in str(exc)
+        return
+    for queue, lim in limits.items():
+        assert queue in config.QUEUES
+        assert type(lim.memory_mb) is int and lim.memory_mb >= 1
+        assert type(lim.workers) is int and lim.workers >= 1
+        assert 0 < lim.max_walltime < math.inf
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(
+    _json_values.map(json.dumps), st.text(max_size=40),
+    st.dictionaries(st.sampled_from(["test", "prod", "tset"]), st.dictionaries(
+        st.sampled_from(["max_walltime", "memory_mb", "workers", "cpus"]), _json_values,
+        max_size=3) | _json_values, max_size=2).map(json.dumps),
+    st.dictionaries(st.sampled_from(["test", "prod"]), st.dictionaries(
+        st.sampled_from(["max_walltime", "memory_mb", "workers"]),
+        st.integers() | st.floats() | st.sampled_from([10**400, -(10**400), 0.5, 10**18]),
+        min_size=1), min_size=1).map(json.dumps)))
+def test_any_queues_json_is_limits_or_a_configuration_error_naming_it(tmp_path, text):
+    _read_or_refuse(tmp_path, text)
+
+
+@pytest.mark.parametrize("text", [
+    '{"test": {"workers": 1%s}}' % ("0" * 400),
+    '{"test": {"max_walltime": 1%s}}' % ("0" * 400),
+    '{"test": {"memory_mb": -1%s}}' % ("0" * 400),
+    "[" * 5000,
+    '{"test": ' * 3000,
+], ids=["workers", "max_walltime", "memory_mb", "array", "object"])
+def test_a_queues_json_of_a_huge_number_or_deep_nesting_is_a_configuration_error(
+        tmp_path, text):
+    """A 400-digit integer (JSON has no limit) raised OverflowError out of every submit,
+    and nesting deeper than the JSON parser goes a RecursionError, naming neither the
+    file nor the problem.  (Not a Hypothesis test: it raises the recursion limit.)"""
+    path = tmp_path / "queues.json"
+    path.write_text(text)
+    with pytest.raises(ConfigurationError, match="queues.json"):
+        config._read_limits(path)
