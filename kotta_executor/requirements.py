@@ -35,12 +35,13 @@ def _line(line: str) -> str:
         raise ConfigurationError(f"requirements may not carry pip options: {line!r}")
     # (imported here: most tasks have no requirements, and every client, node and CLI
     # command would pay ~40 ms at start-up for it)
-    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
     try:
         req = Requirement(line)
-    except InvalidRequirement as exc:
+    except ValueError as exc:  # InvalidRequirement, and the InvalidSpecifier it lets through
+        # ("numpy===,numpy"), which escaped unexplained and killed the node that read it
         why = str(exc).splitlines()[0] if str(exc) else "invalid"
         raise ConfigurationError(
             f"{line!r} is not a requirement ({why}); a task's requirements are PEP 508 lines, "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kotta_executor import RequirementsError, WorkerDied, kottajob, requirements, wire
@@ -443,3 +443,57 @@ def _alive(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+_req_parts = st.sampled_from([
+    "numpy", "Numpy[Extra]", "[x", ">=1.0", "==1.*", "===", "===,", "~=", "!=", "1.0", ",", " ",
+    "; python_version < '3.9'", " and ", " or ", "(", ")", "extra == 'x'", "@ https://x/y.whl",
+    "--hash=x", "#c", "\t#c", "\\", "\n", "platform_machine", "'", '"', "<", ">", "=",
+])
+
+
+@settings(max_examples=300)
+@given(st.lists(_req_parts | st.text(max_size=3), max_size=12).map("".join) | st.text())
+def test_any_text_is_a_normalised_set_or_a_configuration_error(text):
+    """Whatever a user (or a task header, on the node) gives, normalising it gives a set
+    that normalises to itself, or a ConfigurationError: never packaging's own errors."""
+    try:
+        once = normalize(text)
+    except ConfigurationError:
+        return
+    assert normalize(once) == once
+
+
+@pytest.mark.parametrize("line", ["numpy===,numpy", "pkg===1.0,beta"])
+def test_a_specifier_list_that_is_no_specifier_is_refused_naming_it(line):
+    """packaging parses ``numpy===,numpy`` as a requirement whose specifiers it then
+    refuses with its own InvalidSpecifier ("Invalid specifier: 'numpy'"), which escaped
+    the executor's options (and the node's check of a task's header) unexplained."""
+    with pytest.raises(ConfigurationError, match=re.escape(repr(line))):
+        normalize(["numpy", line])
+
+
+def test_a_task_whose_requirements_packaging_refuses_does_not_kill_the_node(
+        start_node, make_executor, enclave):
+    """A signed task whose header names requirements the node's packaging refuses (one
+    a client with another packaging version accepted): the node died of packaging's
+    InvalidSpecifier as it dispatched the task, and every node after it that got it."""
+    from kotta_executor.backends.base import NewJob
+    from kotta_executor.security import credentials
+    from kotta_executor.states import FINAL, JobState
+
+    ex = make_executor(1, start_node=False)
+    job_id = os.urandom(16).hex()
+    header = wire.task_header(job_id=job_id, owner=ex.owner, client=ex.client_id, queue="test",
+                              walltime=60.0, created=time.time(), fn="tests.tasks.square", n=1)
+    header["requirements"] = "numpy===,numpy"
+    body = credentials.load(enclave).access().sign(
+        header, wire.dump_call(tasks.square, [((2,), {})]))
+    enclave.jobs.create([NewJob(job_id, ex.owner, ex.client_id, "test", header["fn"], 60.0, body)])
+    node = start_node(workers=1)
+    wait_for(lambda: node.proc.poll() is not None or enclave.jobs.get(job_id).state in FINAL,
+             what="the node to refuse the task (or die)")
+    assert node.proc.poll() is None, f"the node died:\n{node.output()[-2000:]}"
+    job = enclave.jobs.get(job_id)
+    assert job.state == JobState.FAILED and "numpy===,numpy" in job.reason
+    assert ex.submit(tasks.square, 5).result(GUARD) == 25
