@@ -192,6 +192,14 @@ class KottaJob:
             raise ValueError(f"executable must be a non-empty command line, not {executable!r}")
         if "\0" in executable:
             raise ValueError(f"executable {executable!r} holds a NUL byte, which no command can")
+        for arg in argv:
+            try:
+                os.fsencode(arg)  # as the node hands it to the OS
+            except UnicodeEncodeError as exc:  # a lone surrogate: the job failed on the node
+                raise ValueError(
+                    f"executable {executable!r} holds {arg[exc.start]!r}, which the file "
+                    "system encoding cannot encode (a lone surrogate): no command can take it"
+                ) from None
         if not isinstance(script, str):
             raise TypeError(f"script must be a str (the script's text), not {type(script).__name__}")
         try:

@@ -487,3 +487,12 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_an_executable_no_file_name_encoding_can_hold_is_refused_when_the_job_is_made():
+    """A lone surrogate in the command line was accepted, and the job failed on the node,
+    once it ran, with a UnicodeEncodeError."""
+    with pytest.raises(ValueError, match=r"executable .* cannot encode"):
+        KottaJob(executable="/bin/sh run.sh \ud800", script_name="run.sh", script="true")
+    # (an undecodable byte, as os.fsdecode spells it, is a valid argument)
+    assert KottaJob(executable="/bin/sh run.sh \udce9", script_name="run.sh", script="true")
