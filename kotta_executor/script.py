@@ -144,7 +144,13 @@ def _check_script_name(name: str) -> str:
         raise ValueError(
             f"script_name must be a plain file name (no directories), not {name!r}"
         )
-    size = len(os.fsencode(name))
+    try:
+        size = len(os.fsencode(name))
+    except UnicodeEncodeError as exc:  # a lone surrogate: the bare codec error named nothing
+        raise ValueError(
+            f"script_name {name!r} holds {name[exc.start]!r}, which the file system encoding "
+            "cannot encode (a lone surrogate): no file can have that name"
+        ) from None
     if size > 255:  # NAME_MAX: else the job failed on the node, "File name too long"
         raise ValueError(
             f"script_name {name[:40]!r}... takes {size} bytes as a file name; a file name "

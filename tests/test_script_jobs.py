@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import shlex
 import signal
 import subprocess
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kotta_executor
 from kotta_executor import KottaJob, ScriptFailed, WalltimeExceeded
@@ -489,6 +492,22 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=12) | st.sampled_from(["/bin/sh run.sh", "sh \ud800", "sh 'a", " "]),
+       st.text(max_size=8) | st.sampled_from(["run.sh", "\ud800.sh", "a/b", "..", "\udce9"]))
+def test_an_executable_and_script_name_are_runnable_or_refused_naming_them(exe, name):
+    """Whatever text they are, a job is made whose command line and file name the node
+    can hand the OS, or a ValueError (TypeError) naming which is wrong: never one that
+    fails only on the node, nor an error that names neither."""
+    try:
+        job = KottaJob(executable=exe, script_name=name, script="#!/bin/sh\n")
+    except (ValueError, TypeError) as exc:
+        assert "executable" in str(exc) or "script_name" in str(exc), exc
+        return
+    for arg in [*shlex.split(job.executable), job.script_name]:
+        os.fsencode(arg)  # (how subprocess and open() hand it to the OS)
+
+
 def test_an_executable_no_file_name_encoding_can_hold_is_refused_when_the_job_is_made():
     """A lone surrogate in the command line was accepted, and the job failed on the node,
     once it ran, with a UnicodeEncodeError."""
@@ -496,3 +515,9 @@ def test_an_executable_no_file_name_encoding_can_hold_is_refused_when_the_job_is
         KottaJob(executable="/bin/sh run.sh \ud800", script_name="run.sh", script="true")
     # (an undecodable byte, as os.fsdecode spells it, is a valid argument)
     assert KottaJob(executable="/bin/sh run.sh \udce9", script_name="run.sh", script="true")
+
+
+def test_a_script_name_no_file_name_encoding_can_hold_is_refused_naming_it():
+    """It raised the codec's bare UnicodeEncodeError, naming neither script_name nor why."""
+    with pytest.raises(ValueError, match=r"script_name .* cannot encode"):
+        KottaJob(executable="/bin/sh run.sh", script_name="\ud800.sh", script="true")
