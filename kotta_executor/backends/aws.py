@@ -214,7 +214,14 @@ def check_name(name: str) -> str:
 
 def parse_url(url: str) -> tuple[str, dict[str, str]]:
     """``aws://NAME?region=...&endpoint_url=...`` -> (NAME, params)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a '[' or ']' in the name, taken for an IPv6 address: the bare
+        # "Invalid IPv6 URL" named neither the URL nor what is wrong with it
+        raise ConfigurationError(
+            f"invalid AWS enclave URL {url!r}: an enclave name is lower-case letters, digits "
+            "and hyphens (expected aws://NAME?PARAMETERS)"
+        ) from None
     if parts.scheme != "aws":
         raise ConfigurationError(f"not an AWS enclave URL: {url!r} (expected aws://NAME)")
     name = parts.netloc or parts.path.strip("/")

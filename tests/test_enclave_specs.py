@@ -1,0 +1,48 @@
+"""Property tests of enclave specs (``--enclave``, ``$KOTTA_ENCLAVE``, ``enclave=``):
+whatever the text, :func:`check_spec` accepts it (a directory, an embedded:// or aws://
+URL of the right form) or raises a ConfigurationError naming it; opening nothing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kotta_executor.backends import check_spec
+from kotta_executor.backends.aws import parse_url
+from kotta_executor.errors import ConfigurationError
+
+_parts = st.sampled_from([
+    "aws://", "aws:", "AWS:/", "embedded://", "s3://", "lab", "lab-1", "[", "]", "?", "&",
+    "region=", "endpoint_url=", "max_attempts=", "=", "/", "#", "%", "%zz", ":", "@", " ",
+])
+
+
+@settings(max_examples=300)
+@given(st.lists(_parts | st.text(max_size=3), max_size=8).map("".join))
+def test_any_spec_is_accepted_or_a_configuration_error(spec):
+    try:
+        check_spec(spec)
+    except ConfigurationError:
+        pass
+
+
+@settings(max_examples=300)
+@given(st.lists(_parts | st.text(max_size=3), max_size=8).map(lambda p: "aws://" + "".join(p)))
+def test_any_aws_url_is_a_name_and_parameters_or_a_configuration_error_naming_it(url):
+    try:
+        name, params = parse_url(url)
+    except ConfigurationError as exc:
+        assert repr(url) in str(exc) or repr(url.split("://", 1)[1].split("?")[0]) in str(exc) \
+            or "invalid AWS enclave name" in str(exc), exc
+        return
+    assert parse_url(f"aws://{name}?" + "&".join(f"{k}={v}" for k, v in params.items()))[0] == name
+
+
+@pytest.mark.parametrize("url", ["aws://lab]", "aws://[lab", "aws://la[b?region=eu-west-1"])
+def test_an_aws_url_with_a_bracket_is_a_configuration_error_naming_it(url):
+    """urlsplit takes a '[' or ']' in the host for an IPv6 address: its bare ValueError,
+    "Invalid IPv6 URL", came out of `kotta --enclave` and `kotta node`, naming neither the
+    URL nor what is wrong with it."""
+    with pytest.raises(ConfigurationError, match=f"{url!r}".replace("[", r"\[").replace("?", r"\?")):
+        check_spec(url)
