@@ -97,3 +97,49 @@ def test_a_task_whose_token_id_nests_too_deep_does_not_kill_the_node(
     assert node.proc.poll() is None, f"the node died:\n{node.output()[-2000:]}"
     job = enclave.jobs.get(job_id)
     assert job.state == JobState.FAILED and "access token" in job.reason
+
+
+# ------------------------------------------------------------------ the token file's entry
+
+_entry_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+    | st.sampled_from(["kat1.e30", "AAAA", "!!", "kat1." + "A" * 8]),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(
+        st.sampled_from(["id", "key", "x"]), inner, max_size=2),
+    max_leaves=6,
+)
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    """An enclave and a token file holding its OS user's (bootstrapped) token."""
+    from kotta_executor.backends.embedded import EmbeddedEnclave
+    from kotta_executor.security import credentials
+
+    d = tmp_path_factory.mktemp("tokfile")
+    with pytest.MonkeyPatch.context() as mp:  # (the autouse private home is per test)
+        mp.setenv("KOTTA_HOME", str(d / "home"))
+        mp.delenv("KOTTA_ENCLAVE", raising=False)
+        enclave = EmbeddedEnclave(d / "enclave")
+        credentials.load(enclave, None)  # (writes $KOTTA_HOME/token)
+        path = credentials.token_path()
+    yield enclave, path, json.loads(path.read_text())
+    enclave.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(_entry_values)
+def test_a_token_files_cached_access_token_of_any_shape_is_renewed_or_refused(token_file, access):
+    """The access token cached in the token file (``"access": {"id": ..., "key": ...}``),
+    damaged into any JSON: the client renews it from the refresh token, or refuses the
+    file with an AuthenticationError; never a TypeError out of KottaExecutor or `kotta`."""
+    from kotta_executor.security import credentials
+
+    enclave, path, data = token_file
+    entry = {**data[enclave.url], "access": access}
+    path.write_text(json.dumps({**data, enclave.url: entry}))
+    try:
+        creds = credentials.load(enclave, path)
+    except AuthenticationError:
+        return
+    assert creds.access().user == data[enclave.url]["user"]

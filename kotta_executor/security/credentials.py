@@ -212,7 +212,9 @@ def _from_entry(enclave, entry: dict[str, Any], path: Path) -> Credentials:
     if acc:
         try:
             access = AccessToken(acc["id"], base64.b64decode(acc["key"]))
-        except (AuthenticationError, KeyError, ValueError):
+        except (AuthenticationError, KeyError, ValueError, TypeError):  # (TypeError: an
+            # "access" of another shape, a list or a number key, which came out of every
+            # executor and `kotta` command as a traceback)
             access = None  # renewed from the refresh token below
     return Credentials(enclave, entry["refresh"], access, path)
 
