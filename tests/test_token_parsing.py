@@ -143,3 +143,16 @@ def test_a_token_files_cached_access_token_of_any_shape_is_renewed_or_refused(to
     except AuthenticationError:
         return
     assert creds.access().user == data[enclave.url]["user"]
+
+
+@pytest.mark.parametrize("text", ["[" * 5000, '{"a": ' * 3000], ids=["array", "object"])
+def test_a_token_file_nested_deeper_than_json_goes_is_damaged(tmp_path, enclave, text):
+    """It raised the JSON parser's RecursionError, a traceback from every `kotta` command;
+    broken JSON of any other kind is "damaged", an AuthenticationError naming the file."""
+    from kotta_executor.security import credentials
+
+    path = tmp_path / "token"
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    with pytest.raises(AuthenticationError, match="is damaged"):
+        credentials.load(enclave, path)

@@ -91,7 +91,7 @@ def _read(path: Path) -> dict[str, Any]:
         with os.fdopen(fd, "r") as f:
             _check_stat(path, st)
             data = json.loads(f.read())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (nested deeper than json goes)
         raise AuthenticationError(f"the token file {path} is damaged: {exc}") from None
     # valid JSON of another shape (`[]`, a string) is as damaged as broken JSON
     if not isinstance(data, dict) or not all(
