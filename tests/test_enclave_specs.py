@@ -4,6 +4,8 @@ URL of the right form) or raises a ConfigurationError naming it; opening nothing
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -46,3 +48,22 @@ def test_an_aws_url_with_a_bracket_is_a_configuration_error_naming_it(url):
     URL nor what is wrong with it."""
     with pytest.raises(ConfigurationError, match=f"{url!r}".replace("[", r"\[").replace("?", r"\?")):
         check_spec(url)
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=12) | st.sampled_from(["a\0b", "embedded:///tmp/x\0y", "\ud800dir",
+                                               "embedded://\udce9"]))
+def test_a_directory_spec_is_one_the_os_takes_or_a_configuration_error(spec):
+    """A NUL byte or a lone surrogate in an enclave's directory passed check_spec (and
+    connect()), then came out of the first use as the OS layer's bare ValueError
+    ("embedded null byte") or UnicodeEncodeError, naming no enclave."""
+    from kotta_executor.backends import _embedded_home
+
+    try:
+        check_spec(spec)
+    except ConfigurationError:
+        return
+    home = _embedded_home(spec)
+    if home is not None:
+        assert "\0" not in home
+        os.fsencode(home)

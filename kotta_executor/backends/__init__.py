@@ -27,7 +27,7 @@ def _embedded_home(spec: str) -> str | None:
     if not spec:
         return str(kotta_home())
     if spec.startswith("embedded://"):
-        return spec[len("embedded://") :] or str(kotta_home())
+        return _directory(spec, spec[len("embedded://") :]) or str(kotta_home())
     if "://" in spec:
         return None
     mistyped = _MISTYPED_URL.match(spec)
@@ -38,7 +38,22 @@ def _embedded_home(spec: str) -> str | None:
             f"enclave {spec!r} looks like a URL missing its '//': did you mean {meant}? "
             f"(a directory of that name: ./{spec})"
         )
-    return spec
+    return _directory(spec, spec)
+
+
+def _directory(spec: str, path: str) -> str:
+    """``path``, if the OS can take it as a directory's; else a ConfigurationError naming
+    ``spec`` (the OS's own error, at the enclave's first use, named no enclave)."""
+    if "\0" in path:
+        raise ConfigurationError(f"enclave {spec!r}: a NUL byte cannot be in a path")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"enclave {spec!r}: a lone surrogate cannot be in a path (it is no file name "
+            "the file system encoding can write)"
+        ) from None
+    return path
 
 
 #: a spec that begins as a URL without its "//" ("aws:/lab", "embedded:/data/enclave",
