@@ -154,7 +154,7 @@ def test_what_a_script_started_ends_with_its_walltime_kill_or_node(
             with pytest.raises(kotta_executor.TaskKilled if end == "kill" else WalltimeExceeded):
                 job.wait(GUARD)
         for pid in _pids(pids):
-            wait_for(lambda pid=pid: gone(pid), timeout=10.0,
+            wait_for(lambda pid=pid: gone(pid), timeout=GUARD,
                      what=f"the script's process {pid} to end with its job's {end}")
         if end == "node death":  # the job is cancelled by the next node, not run again
             assert job.kill()
