@@ -1052,7 +1052,8 @@ def test_running_turns_true_soon_after_the_executor_was_idle(make_executor, gate
             waits.append(timeout)
         return real_select(r, w, x, timeout)
 
-    monkeypatch.setattr(executor_module, "select", types.SimpleNamespace(select=recording_select))
+    monkeypatch.setattr(executor_module, "select", types.SimpleNamespace(
+        select=recording_select, poll=select.poll, POLLIN=select.POLLIN))  # (_wait_node's)
     ex = make_executor(1)
     assert ex.submit(tasks.square, 2).result(timeout=GUARD) == 4
     turns = len(waits)

@@ -303,6 +303,39 @@ def test_an_executor_shut_down_lets_another_process_task_on_its_node_finish(
     wait_for(lambda: not _running(node.pid), what="the node to end once B's task ended")
 
 
+_CLIENT_MANY_FDS = """
+import os, sys
+from kotta_executor import KottaExecutor
+from tests import tasks
+ex = KottaExecutor(1, enclave=sys.argv[1])
+assert ex.submit(tasks.square, 2).result(60) == 4
+[first] = ex._nodes.values()
+held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # (a notebook's files)
+first.kill()
+first.wait()
+assert ex.submit(tasks.square, 3).result(60) == 9  # (its node started again)
+[node] = ex._nodes.values()
+print(node.pid, flush=True)
+ex.shutdown()
+print("shut down")
+"""
+
+
+def test_an_executor_shut_down_in_a_process_with_many_files_open_stops_its_node(enclave):
+    """The pipe of a node started once the process held over a thousand files (a fd over
+    select()'s FD_SETSIZE): the shutdown's wait for the node failed with 'ValueError:
+    filedescriptor out of range in select()' in the manager thread, which closed nothing
+    more after it (its claims, its reply queue, its enclave)."""
+    a = subprocess.run([sys.executable, "-c", _CLIENT_MANY_FDS, str(enclave.home)],
+                       env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=GUARD)
+    assert a.returncode == 0, a.stderr
+    pid, done = a.stdout.split("\n")[:2]
+    assert done == "shut down", a.stderr
+    assert "Traceback" not in a.stderr, a.stderr
+    wait_for(lambda: not _running(int(pid)), what="the node to end")
+
+
 # --------------------------------------------------------------------------------------
 # 6. kotta down stops an idle executor's node for good; work starts one again
 
