@@ -230,6 +230,10 @@ def _check_node_options(args) -> None:
                          f"not {level!r}")
 
 
+#: the signals that stop a node, blocked while it starts (node/__main__.py)
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+
+
 def cmd_node(args) -> int:
     from node.daemon import Node, NodeConfig
     from node.pool import become_subreaper
@@ -281,13 +285,16 @@ def cmd_node(args) -> int:
     # visibility ran out.  Unless SIGHUP is ignored (nohup): then it goes on.
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, node.request_stop)
+    # its executor's stop (at shutdown): as SIGTERM, but the running tasks of other
+    # clients that used the node finish (Node.request_leave)
+    signal.signal(signal.SIGUSR1, node.request_leave)
     # SIGCHLD ignored, as a process that started the client or this command may leave it
     # (exec keeps it so): the kernel then reaps the workers itself, and the node read 0 for
     # every exit status: a worker's death said "exit code 0", a stopped worker's 75 was
     # lost, and its tasks' subprocesses all exited 0
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # stop requests that came while Python imported the node waited (node/__main__.py)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         return node.run()
     finally:

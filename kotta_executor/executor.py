@@ -1686,8 +1686,10 @@ class _Leftovers:
             nodes = [p for q, p in self.nodes.items() if not self._hand_over(q, p)]
             self.nodes.clear()
         for proc in nodes:
-            if proc.poll() is None:
-                proc.terminate()
+            if proc.poll() is None:  # (SIGUSR1: an executor's stop, not `kotta down`'s
+                # SIGTERM: other processes' tasks on the node finish, node.daemon._leave)
+                proc.send_signal(signal.SIGUSR1 if getattr(proc, "left_fd", None) is not None
+                                 else signal.SIGTERM)
         for proc in nodes:
             try:
                 _wait_node(proc, timeout=60)

@@ -187,6 +187,7 @@ class Node:
         #: what run() returns: 0, unless the node stopped for a fault (its enclave removed)
         self.exit_status = 0
         self._left = False  # out of the registry, finishing other clients' tasks (_leave)
+        self._parent_stop = False  # stopped by its executor, or for want of it (request_leave)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._bell: socket.socket | None = None
@@ -242,6 +243,13 @@ class Node:
             self._stop_signal = signum
         self.stopping = True
         self.request_wake()
+
+    def request_leave(self, signum: int | None = None, *_: object) -> None:
+        """The stop its executor asks of its own node as it shuts down (SIGUSR1; SIGTERM
+        is `kotta down`'s, a supervisor's): the running tasks of other clients that used
+        it finish, outside the queue (_leave), not only up to the drain's deadline."""
+        self._parent_stop = True
+        self.request_stop(signum)
 
     def request_wake(self) -> None:
         try:
@@ -433,6 +441,7 @@ class Node:
             self._last_parent_check = now
             if self._parent_gone(self.config.parent_pid):
                 log.info("parent %s is gone; stopping", self.config.parent_pid)
+                self._parent_stop = True  # (as its executor's shutdown: request_leave)
                 self.stopping = True
                 return True
         if self.config.max_jobs is not None and self.jobs_done >= self.config.max_jobs:
@@ -456,10 +465,12 @@ class Node:
             busy = [w for w in self.workers if w.inflight]
             waiting = (len(self.pending) + len(self._inbox)
                        + sum(len(w.inflight) - 1 for w in busy))
+            why = signal.Signals(self._stop_signal).name
+            if self._stop_signal == signal.SIGUSR1:
+                why += " (its executor shut down)"
             log.info("stopping on %s: taking no more tasks, letting %d running finish (for "
                      "up to %g s), handing back %d not started",
-                     signal.Signals(self._stop_signal).name, len(busy),
-                     self.config.drain_timeout, waiting)
+                     why, len(busy), self.config.drain_timeout, waiting)
         if self._others_running():
             self._leave()
         self._close_task_inbox()
@@ -520,14 +531,14 @@ class Node:
 
     def _others_running(self) -> list[Worker]:
         """An executor's own node: its workers running a task of another client (one
-        that found this node serving the queue, and used it) still alive.  Its stop (its
-        executor shut down, or gone) lets them finish, and does not end them at the
+        that found this node serving the queue, and used it) still alive.  Its stop by its
+        executor (shut down, or gone) lets them finish, and does not end them at the
         drain's deadline: they were killed then, to run again from the start on a node
         their own client had to start (a second notebook's hour-long task, for one
         notebook closing its executor).  Their walltime still holds."""
         parent = self.config.managed_by
-        if self.config.parent_pid is None or parent is None:
-            return []
+        if self.config.parent_pid is None or parent is None or not self._parent_stop:
+            return []  # (`kotta down`, SIGTERM: the drain as documented, its deadline kept)
         out = []
         for w in self.workers:
             if w.inflight and w.kill_deadline is None:

@@ -336,6 +336,43 @@ def test_an_executor_shut_down_in_a_process_with_many_files_open_stops_its_node(
     wait_for(lambda: not _running(int(pid)), what="the node to end")
 
 
+def test_kotta_down_of_an_executors_node_keeps_its_drain_for_another_process_task(
+        make_executor, enclave, tmp_path):
+    """`kotta down` (SIGTERM) is not the executor's own stop (SIGUSR1): the node keeps its
+    documented drain, in the registry, rather than leave the queue to finish the other
+    process's task for as long as it takes, out of reach of the next `kotta down`."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    a = subprocess.Popen([sys.executable, "-c", _CLIENT_A, str(enclave.home), str(ready),
+                          str(go)], env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: ready.exists() or a.poll() is not None, what="A's node to serve")
+        assert a.poll() is None, a.communicate()
+        [node] = enclave.nodes.live("test")
+        b = make_executor(1, start_node=False)
+        f = b.submit(tasks.log_pid_and_wait, str(log), str(release))
+        wait_for(lambda: log.exists() and log.read_text(), what="B's task to start")
+        down = subprocess.run(
+            [sys.executable, "-m", "kotta_executor.cli", "--enclave", str(enclave.home), "down",
+             "--timeout", "1"], env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=GUARD)
+        assert f"node {node.node_id} (pid {node.pid}, queue test) still stopping" in down.stdout
+        assert node.node_id in {n.node_id for n in enclave.nodes.all()}  # (not left)
+        tasks.release(release, "go")  # it finishes within its drain, and stops
+        assert f.result(GUARD) == int(log.read_text().split()[0])
+        wait_for(lambda: not _running(node.pid), what="the node to stop")
+        tasks.release(go, "go")
+        out, err = a.communicate(timeout=GUARD)
+        assert (a.returncode, out) == (0, "A shut down\n"), err
+    finally:
+        tasks.release(release, "go")
+        tasks.release(go, "go")
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+
+
 # --------------------------------------------------------------------------------------
 # 6. kotta down stops an idle executor's node for good; work starts one again
 
