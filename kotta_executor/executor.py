@@ -1736,6 +1736,28 @@ class _Leftovers:
 _hand_over_lock = threading.Lock()
 
 
+def _readable(fds: list, timeout: float) -> list:
+    """Those of ``fds`` (descriptors, or objects with a ``fileno()``) ready to read within
+    ``timeout`` seconds, as ``select.select`` answers, by ``poll``: select takes no
+    descriptor past FD_SETSIZE (1024), and in a process holding a thousand files (a
+    notebook's) the sockets the executor made later failed every turn of its manager with
+    ValueError: its futures all failed, BrokenEnclave.  A closed one raises, as in select."""
+    poller = select.poll()
+    by_fd = {}
+    for f in fds:
+        fd = f if isinstance(f, int) else f.fileno()
+        if fd < 0:  # (a closed socket's)
+            raise ValueError("file descriptor cannot be a negative integer (-1)")
+        by_fd[fd] = f
+        poller.register(fd, select.POLLIN)
+    ready = []
+    for fd, events in poller.poll(timeout * 1000):
+        if events & select.POLLNVAL:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        ready.append(by_fd[fd])
+    return ready
+
+
 def _wait_node(proc: subprocess.Popen, timeout: float) -> None:
     """Wait for a node this process started, and was asked to stop, to end, or to leave
     its queue to finish the tasks other clients (other processes) run on it: those were
@@ -1922,7 +1944,7 @@ def _manage(ref: weakref.ref) -> None:
             # not held once idle, so that nothing keeps it alive then
             busy = None if ex._idle() else ex
             del ex
-            ready, _, _ = select.select(fds, [], [], timeout)
+            ready = _readable(fds, timeout)
             ex = ref()
             del busy
             if ex is None:

@@ -14,12 +14,10 @@ import functools
 import os
 import pickle
 import re
-import select
 import sys
 import threading
 import time
 import traceback
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -1045,15 +1043,14 @@ def test_running_turns_true_soon_after_the_executor_was_idle(make_executor, gate
     turned True up to 2 s after the job started (1.3 to 1.9 s measured), not within about
     RUNNING_LOOK as docs/guide.md says.  The manager never sleeps longer than a look."""
     waits: list[float] = []
-    real_select = select.select
+    real_readable = executor_module._readable
 
-    def recording_select(r, w, x, timeout=None):
+    def recording_readable(fds, timeout):
         if threading.current_thread().name.startswith("kotta-manager-"):
             waits.append(timeout)
-        return real_select(r, w, x, timeout)
+        return real_readable(fds, timeout)
 
-    monkeypatch.setattr(executor_module, "select", types.SimpleNamespace(
-        select=recording_select, poll=select.poll, POLLIN=select.POLLIN))  # (_wait_node's)
+    monkeypatch.setattr(executor_module, "_readable", recording_readable)
     ex = make_executor(1)
     assert ex.submit(tasks.square, 2).result(timeout=GUARD) == 4
     turns = len(waits)
@@ -1547,3 +1544,29 @@ def test_shutdown_cancel_futures_cancels_an_attached_job_no_node_has_started(
     assert enclave.jobs.get(queued.job_id).state == "cancelled"
     with pytest.raises(cf.CancelledError):
         queued.result(GUARD)
+
+
+def test_an_executor_works_on_in_a_process_that_holds_a_thousand_files(make_executor):
+    """The manager waited with select(), which takes no descriptor past 1024: an executor
+    made, and then used in a process that had opened a thousand files since (a notebook's),
+    made its sockets past that, and every future failed, BrokenEnclave (ValueError:
+    filedescriptor out of range in select())."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1300:
+        if hard != resource.RLIM_INFINITY and hard < 1300:
+            pytest.skip(f"this process may hold only {hard} files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1300, hard))
+    held = []
+    try:
+        ex = make_executor(1)
+        held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9
+        assert list(ex.map(tasks.square, range(4))) == [0, 1, 4, 9]
+        ex.shutdown()
+    finally:
+        for fd in held:
+            os.close(fd)
+        if soft < 1300:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
