@@ -1736,6 +1736,10 @@ class _Leftovers:
 _hand_over_lock = threading.Lock()
 
 
+#: the longest wait poll() takes, in milliseconds (about 24 days; select took any)
+_POLL_MOST = 2**31 - 1
+
+
 def _readable(fds: list, timeout: float) -> list:
     """Those of ``fds`` (descriptors, or objects with a ``fileno()``) ready to read within
     ``timeout`` seconds, as ``select.select`` answers, by ``poll``: select takes no
@@ -1751,7 +1755,7 @@ def _readable(fds: list, timeout: float) -> list:
         by_fd[fd] = f
         poller.register(fd, select.POLLIN)
     ready = []
-    for fd, events in poller.poll(timeout * 1000):
+    for fd, events in poller.poll(min(timeout * 1000, _POLL_MOST)):  # (a C int of ms)
         if events & select.POLLNVAL:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         ready.append(by_fd[fd])
