@@ -183,7 +183,7 @@ class Credentials:
     def _renew(self) -> AccessToken:
         tok = self._access = _service(self.enclave).refresh(self._refresh)
         if self.path is not None:
-            save(self.enclave, self._refresh, tok, self.path)
+            save(self.enclave, self._refresh, tok, self.path, renewal=True)
         return tok
 
 
@@ -194,10 +194,18 @@ def _service(enclave) -> TokenService:
     return TokenService(enclave, AuditLog(enclave))
 
 
-def save(enclave, refresh: str, access: AccessToken | None, path: Path | None = None) -> None:
+def save(enclave, refresh: str, access: AccessToken | None, path: Path | None = None, *,
+         renewal: bool = False) -> None:
+    """Store ``refresh`` (and ``access``) as the token for ``enclave`` in the token file.
+    ``renewal``: a client's renewed access token, stored only while the file still holds
+    ``refresh`` for that enclave: a registration token stored since (``kotta register``,
+    run while a notebook's executor holds the old one) is never overwritten by it."""
     path = path or token_path()
     with _locked(path):
         data = _read(path) if path.exists() else {}
+        held = data.get(enclave.url, {}).get("refresh")
+        if renewal and held is not None and held != refresh:
+            return
         entry: dict[str, Any] = {"refresh": refresh}
         if access is not None:
             entry["user"] = access.user

@@ -1,0 +1,34 @@
+"""A long session with one executor (a notebook open for days): its access token is renewed
+as it runs out, and what happens to the token file meanwhile (``kotta register`` run
+again, the file damaged) does not cost the user their registration or a task."""
+
+from __future__ import annotations
+
+import time
+
+from kotta_executor.security import credentials
+from kotta_executor.security.audit import AuditLog
+from kotta_executor.security.tokens import ACCESS_TTL, TokenService
+from tests import tasks
+from tests.conftest import GUARD
+
+
+def test_a_renewal_keeps_a_registration_token_registered_meanwhile(
+    start_node, make_executor, user_token, enclave
+):
+    """A notebook's executor holds bob's first registration token; bob registers a new
+    one (the old one expires soon).  The executor's next renewal must not write the old
+    one back over it: the new token, printed once, would be lost from the file."""
+    bob_file = user_token("bob")
+    ex = make_executor(1, start_node=False, credentials=bob_file)
+    old = credentials.load(enclave, bob_file).refresh_id
+    new_token = TokenService(enclave, AuditLog(enclave)).issue_refresh("bob", by="test")
+    credentials.register(enclave, new_token, bob_file)  # `kotta register TOKEN`
+
+    ex._creds.access(now=time.time() + ACCESS_TTL)  # an hour later: the executor renews
+    start_node(workers=1)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the executor works on
+
+    held = credentials.load(enclave, bob_file)
+    assert held.refresh_id == new_token.split(".")[1] != old
+    assert held.user == "bob"
