@@ -4,7 +4,10 @@ again, the file damaged) does not cost the user their registration or a task."""
 
 from __future__ import annotations
 
+import logging
 import time
+
+import pytest
 
 from kotta_executor.security import credentials
 from kotta_executor.security.audit import AuditLog
@@ -32,3 +35,29 @@ def test_a_renewal_keeps_a_registration_token_registered_meanwhile(
     held = credentials.load(enclave, bob_file)
     assert held.refresh_id == new_token.split(".")[1] != old
     assert held.user == "bob"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "loose mode", "a directory"])
+def test_a_renewal_with_the_token_file_damaged_meanwhile_fails_no_task(
+    start_node, make_executor, user_token, enclave, damage, caplog
+):
+    """The token file is only where a renewed access token is kept for the next client:
+    the executor holds its registration token.  One damaged while the executor runs (an
+    editor truncated it, made it 0644, moved it away) fails no submit at the renewal, as
+    it failed the one submit that happened to renew (and no other of that hour)."""
+    bob_file = user_token("bob")
+    ex = make_executor(1, start_node=False, credentials=bob_file)
+    if damage == "truncated":
+        bob_file.write_text("")
+    elif damage == "loose mode":
+        bob_file.chmod(0o644)
+    else:
+        bob_file.unlink()
+        bob_file.mkdir()
+
+    with caplog.at_level(logging.WARNING, logger="kotta.credentials"):
+        tok = ex._creds.access(now=time.time() + ACCESS_TTL)  # an hour later: it renews
+    assert tok.user == "bob" and tok.expires > time.time() + ACCESS_TTL / 2
+    assert str(bob_file) in caplog.text  # said, with the file's problem
+    start_node(workers=1)
+    assert ex.submit(tasks.square, 4).result(GUARD) == 16

@@ -183,7 +183,14 @@ class Credentials:
     def _renew(self) -> AccessToken:
         tok = self._access = _service(self.enclave).refresh(self._refresh)
         if self.path is not None:
-            save(self.enclave, self._refresh, tok, self.path, renewal=True)
+            # the file only keeps the renewed token for the next client: one damaged (or
+            # made loose, or moved away) while this one runs fails none of its submits,
+            # which the renewal happened to fall on (those of the next hour did not fail)
+            try:
+                save(self.enclave, self._refresh, tok, self.path, renewal=True)
+            except (AuthenticationError, OSError) as exc:
+                log.warning("the renewed access token was not stored in %s: %s",
+                            self.path, exc)
         return tok
 
 
