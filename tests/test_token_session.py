@@ -9,11 +9,12 @@ import time
 
 import pytest
 
+from kotta_executor.errors import AuthenticationError
 from kotta_executor.security import credentials
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.tokens import ACCESS_TTL, TokenService
 from tests import tasks
-from tests.conftest import GUARD
+from tests.conftest import GUARD, wait_for
 
 
 def test_a_renewal_keeps_a_registration_token_registered_meanwhile(
@@ -61,3 +62,29 @@ def test_a_renewal_with_the_token_file_damaged_meanwhile_fails_no_task(
     assert str(bob_file) in caplog.text  # said, with the file's problem
     start_node(workers=1)
     assert ex.submit(tasks.square, 4).result(GUARD) == 16
+
+
+def test_a_registration_token_expiring_mid_session_says_what_to_do_and_loses_no_task(
+    start_node, make_executor, user_token, enclave, tmp_path
+):
+    """Bob's registration token runs out while his notebook is open.  A task he submitted
+    just before runs, though a node receives it only after the expiry (it was queued
+    before); a submit after it raises AuthenticationError naming the token and what to do
+    (`kotta register` a new one), not only that it expired."""
+    user_token("bob")
+    svc = TokenService(enclave, AuditLog(enclave))
+    token = svc.issue_refresh("bob", by="test", ttl=3)
+    rid = token.split(".")[1]
+    bob_file = tmp_path / "bob-short.token"
+    credentials.register(enclave, token, bob_file)
+    ex = make_executor(1, start_node=False, credentials=bob_file)
+    before = ex.submit(tasks.square, 5)  # queued before the expiry, received after it
+
+    expires = enclave.records.get("refresh", rid)["expires"]
+    wait_for(lambda: time.time() > expires, what="the registration token to expire")
+    with pytest.raises(AuthenticationError, match=(
+            rf"refresh token {rid} of bob expired at .*: ask an admin of the enclave for a "
+            r"new registration token, then run `kotta register TOKEN`")):
+        ex.submit(tasks.square, 6)
+    start_node(workers=1)
+    assert before.result(GUARD) == 25

@@ -241,8 +241,10 @@ class TokenService:
         if not now <= rec["expires"]:  # (an expiry of NaN, stored by an older version, too)
             self._log("token-refresh", user=rec["user"], allowed=False,
                       detail=f"expired token {rid}")
-            raise AuthenticationError(
+            raise AuthenticationError(  # (what to do, as for a revoked one: a new one)
                 f"the refresh token {rid} of {rec['user']} expired at {_when(rec['expires'])}"
+                ": ask an admin of the enclave for a new registration token, then run "
+                "`kotta register TOKEN`"
             )
         user_rec = self.records.get("user", rec["user"])
         problem = _user_problem(rec["user"], user_rec)
