@@ -4,16 +4,19 @@ again, the file damaged) does not cost the user their registration or a task."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import pytest
 
+from kotta_executor import wire
 from kotta_executor.errors import AuthenticationError
 from kotta_executor.security import credentials
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.tokens import ACCESS_TTL, TokenService
 from tests import tasks
+from tests.test_auth import _steal
 from tests.conftest import GUARD, wait_for
 
 
@@ -88,3 +91,26 @@ def test_a_registration_token_expiring_mid_session_says_what_to_do_and_loses_no_
         ex.submit(tasks.square, 6)
     start_node(workers=1)
     assert before.result(GUARD) == 25
+
+
+def test_the_last_minutes_of_a_registration_token_renew_nothing_per_submit(
+    start_node, make_executor, user_token, enclave, tmp_path
+):
+    """In the last 5 minutes of a registration token, its access token (cut to the same
+    expiry) is due for renewal, and a renewal gives the same expiry again: each submit
+    renewed it (two reads of the enclave's records, a token file rewritten), a map of
+    thousands thousands of times.  The token serves until it runs out."""
+    user_token("bob")
+    token = TokenService(enclave, AuditLog(enclave)).issue_refresh("bob", by="test", ttl=120)
+    bob_file = tmp_path / "bob-short.token"
+    credentials.register(enclave, token, bob_file)
+    ex = make_executor(1, start_node=False, credentials=bob_file)
+    stored = json.loads(bob_file.read_text())
+
+    fs = [ex.submit(tasks.square, i) for i in range(20)]
+    taken = _steal(enclave, [f.job_id for f in fs])
+    assert len({wire.peek_header(d.body)["auth"] for d in taken.values()}) == 1  # one token
+    assert json.loads(bob_file.read_text()) == stored  # not rewritten
+    enclave.queue.release(list(taken.values()))
+    start_node(workers=1)
+    assert [f.result(GUARD) for f in fs] == [i * i for i in range(20)]

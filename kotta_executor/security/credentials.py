@@ -27,7 +27,7 @@ from typing import Any
 
 from ..config import current_user, kotta_home
 from ..errors import AuthenticationError
-from .tokens import AccessToken, TokenService
+from .tokens import ACCESS_TTL, AccessToken, TokenService
 
 log = logging.getLogger("kotta.credentials")
 
@@ -144,11 +144,11 @@ class Credentials:
 
     def access(self, now: float | None = None) -> AccessToken:
         tok = self._access
-        if tok is not None and (now or time.time()) < tok.expires - RENEW_BEFORE:
+        if tok is not None and (now or time.time()) < _renew_at(tok):
             return tok
         with self._lock:
             tok = self._access
-            if tok is None or (now or time.time()) >= tok.expires - RENEW_BEFORE:
+            if tok is None or (now or time.time()) >= _renew_at(tok):
                 tok = self._renew()
         return tok
 
@@ -192,6 +192,16 @@ class Credentials:
                 log.warning("the renewed access token was not stored in %s: %s",
                             self.path, exc)
         return tok
+
+
+def _renew_at(tok: AccessToken) -> float:
+    """When ``tok`` is renewed: ``RENEW_BEFORE`` seconds before it expires; but one cut
+    short to its registration token's expiry is renewed only once it has expired (when
+    the renewal says why): renewed before, it comes back with that same expiry, and every
+    submit of those last minutes renewed it again."""
+    if tok.expires - tok.issued < ACCESS_TTL - 1:
+        return tok.expires
+    return tok.expires - RENEW_BEFORE
 
 
 def _service(enclave) -> TokenService:
