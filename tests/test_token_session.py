@@ -114,3 +114,16 @@ def test_the_last_minutes_of_a_registration_token_renew_nothing_per_submit(
     enclave.queue.release(list(taken.values()))
     start_node(workers=1)
     assert [f.result(GUARD) for f in fs] == [i * i for i in range(20)]
+
+
+def test_a_user_disabled_mid_session_is_told_at_the_next_renewal_what_to_do(
+    make_executor, user_token, enclave
+):
+    """Bob is disabled while his notebook idles; an hour later its executor renews his
+    access token, and his submit raises what `kotta` and a new executor say (who may
+    enable him again), not only that he is disabled."""
+    ex = make_executor(1, start_node=False, credentials=user_token("bob"))
+    TokenService(enclave, AuditLog(enclave)).set_disabled("bob", True, by="test")
+    with pytest.raises(AuthenticationError, match=(
+            "^the user bob is disabled: only an admin of the enclave can enable you again$")):
+        ex._creds.access(now=time.time() + ACCESS_TTL)  # an hour later: it renews

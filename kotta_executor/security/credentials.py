@@ -164,7 +164,7 @@ class Credentials:
         calls it first.  It is the node's check of every task (``tokens.standing``), read
         afresh from the enclave."""
         from .audit import AuditLog
-        from .tokens import standing
+        from .tokens import standing, what_to_do
 
         tok = self.access()  # a renewal refuses a revoked token or disabled user itself
         problem = standing(self.enclave.records, tok.claims)
@@ -173,12 +173,7 @@ class Credentials:
         AuditLog(self.enclave).append("token-refresh", user=tok.user, allowed=False,
                                       detail=f"token {tok.refresh_id}: {problem}; "
                                              f"refused {doing}")
-        if problem.endswith(" is disabled"):  # the user, not this token
-            hint = "only an admin of the enclave can enable you again"
-        else:
-            hint = ("ask an admin of the enclave for a new registration token, then run "
-                    "`kotta register TOKEN`")
-        raise AuthenticationError(f"{problem}: {hint}")
+        raise AuthenticationError(f"{problem}: {what_to_do(problem)}")
 
     def _renew(self) -> AccessToken:
         tok = self._access = _service(self.enclave).refresh(self._refresh)

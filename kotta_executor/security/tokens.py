@@ -251,7 +251,9 @@ class TokenService:
         if problem:
             self._log("token-refresh", user=rec["user"], allowed=False,
                       detail=f"token {rid}: {problem}")
-            raise AuthenticationError(problem)
+            # what to do too, as `kotta` and a new executor say it: a long-lived client
+            # learns it here, at its hourly renewal
+            raise AuthenticationError(f"{problem}: {what_to_do(problem)}")
         ident = Identity.from_record(rec["user"], user_rec)
         return self._access(ident, rid, now, min(now + ttl, rec["expires"]))
 
@@ -304,6 +306,14 @@ def standing(records, claims: Claims) -> str | None:
     if rec.get("revoked"):
         return f"the token of {claims.user} was revoked at {_when(rec['revoked'])}"
     return _user_problem(claims.user, records.get("user", claims.user))
+
+
+def what_to_do(problem: str) -> str:
+    """What the holder of a token refused for ``problem`` (of :func:`standing`) can do."""
+    if problem.endswith(" is disabled"):  # the user, not this token
+        return "only an admin of the enclave can enable you again"
+    return ("ask an admin of the enclave for a new registration token, then run "
+            "`kotta register TOKEN`")
 
 
 def _user_problem(user: str, rec: dict[str, Any] | None) -> str | None:
