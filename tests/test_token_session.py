@@ -4,6 +4,7 @@ again, the file damaged) does not cost the user their registration or a task."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -127,3 +128,20 @@ def test_a_user_disabled_mid_session_is_told_at_the_next_renewal_what_to_do(
     with pytest.raises(AuthenticationError, match=(
             "^the user bob is disabled: only an admin of the enclave can enable you again$")):
         ex._creds.access(now=time.time() + ACCESS_TTL)  # an hour later: it renews
+
+
+def test_a_cached_access_token_whose_key_was_edited_is_renewed_not_sent_as_a_forgery(
+    start_node, make_executor, user_token, enclave
+):
+    """The token file caches an access token and its key.  A key that is not the token's
+    (the file edited by hand, or the enclave key replaced since) made every task of the
+    next hour fail at the node as 'forged or altered', audited as a forgery, though the
+    registration token in the file is good: the client can tell, and renews instead."""
+    bob_file = user_token("bob")
+    data = json.loads(bob_file.read_text())
+    data[enclave.url]["access"]["key"] = base64.b64encode(b"x" * 32).decode()
+    bob_file.write_text(json.dumps(data))
+    ex = make_executor(1, start_node=False, credentials=bob_file)
+    start_node(workers=1)
+    assert ex.submit(tasks.square, 7).result(GUARD) == 49
+    assert AuditLog(enclave).show(action="task-rejected") == []

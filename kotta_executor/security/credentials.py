@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -236,7 +238,25 @@ def _from_entry(enclave, entry: dict[str, Any], path: Path) -> Credentials:
             # "access" of another shape, a list or a number key, which came out of every
             # executor and `kotta` command as a traceback)
             access = None  # renewed from the refresh token below
+    if access is not None and not _key_fits(enclave, access):
+        # (the file edited, the enclave key replaced since): every task signed with it
+        # would be refused by the nodes as forged, for the rest of its hour
+        log.warning("the access token cached in %s does not match its key: renewing it", path)
+        access = None
     return Credentials(enclave, entry["refresh"], access, path)
+
+
+def _key_fits(enclave, access: AccessToken) -> bool:
+    """Whether ``access``'s key is the one the enclave derives for its id (True when this
+    process cannot read the enclave key to tell: the node then decides)."""
+    from .keys import derived_key
+
+    try:
+        key = derived_key(enclave, "tokens")
+    except Exception:  # noqa: BLE001 - unreadable for whatever reason: cannot tell
+        return True
+    return hmac.compare_digest(hmac.new(key, access.id.encode(), hashlib.sha256).digest(),
+                               access.key)
 
 
 def load(enclave, path: str | os.PathLike | None = None, *, bootstrap: bool = True) -> Credentials:
