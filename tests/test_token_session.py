@@ -18,6 +18,7 @@ from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.tokens import ACCESS_TTL, TokenService
 from tests import tasks
 from tests.test_auth import _steal
+from tests.test_cli import kotta
 from tests.conftest import GUARD, wait_for
 
 
@@ -145,3 +146,31 @@ def test_a_cached_access_token_whose_key_was_edited_is_renewed_not_sent_as_a_for
     start_node(workers=1)
     assert ex.submit(tasks.square, 7).result(GUARD) == 49
     assert AuditLog(enclave).show(action="task-rejected") == []
+
+
+def test_the_enclave_users_own_token_running_out_after_90_days_locks_no_one_out(
+    make_executor, user_token, enclave, enclave_dir, caplog
+):
+    """On the quick start the OS user, who holds the enclave key, got its token on first
+    use: a registration token of 90 days.  Once it ran out, every `kotta` command and
+    executor told them to ask an admin for a new one: they are the admin, and `kotta token
+    issue` refused them too.  The key holder gets a new one, as on first use (an enclave
+    made anew does the same); another user's expired token is not replaced."""
+    first = credentials.load(enclave)  # first use: the OS user, the enclave's admin
+    bob_file = user_token("bob")
+    svc = TokenService(enclave)
+    for creds in (first, credentials.load(enclave, bob_file)):  # 90 days later
+        rec = enclave.records.get("refresh", creds.refresh_id)
+        enclave.records.put("refresh", creds.refresh_id, {**rec, "expires": time.time() - 1})
+        t0 = time.time() - 2 * ACCESS_TTL  # (and the access token cached with it)
+        credentials.save(enclave, creds._refresh, svc._access(
+            svc.user(creds.user), creds.refresh_id, t0, t0 + ACCESS_TTL), creds.path)
+
+    r = kotta(enclave_dir, "whoami")
+    assert r.returncode == 0, r.stderr
+    ex = make_executor(1)
+    assert ex.owner == first.user
+    assert ex.submit(tasks.square, 8).result(GUARD) == 64
+    assert credentials.load(enclave, bootstrap=False).refresh_id != first.refresh_id
+    with pytest.raises(AuthenticationError, match="of bob expired at .*kotta register"):
+        make_executor(1, start_node=False, credentials=bob_file)

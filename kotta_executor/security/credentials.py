@@ -267,8 +267,16 @@ def load(enclave, path: str | os.PathLike | None = None, *, bootstrap: bool = Tr
     if path.exists():
         entry = _read(path).get(enclave.url)
         if entry and _issued_here(enclave, entry):
-            return _from_entry(enclave, entry, path)
-        if entry:  # an enclave made anew where an older one was, since the token was issued
+            # but the key holder's own token (of its first use), run out after 90 days:
+            # told to ask an admin, that is itself, and refused `kotta token issue` too,
+            # it was locked out.  It gets a new one, as on first use
+            if not (not explicit and bootstrap and entry.get("user") == current_user()
+                    and _expired(enclave, entry) and _holds_enclave_key(enclave)):
+                return _from_entry(enclave, entry, path)
+            stale = entry.get("refresh")
+            log.warning("the registration token in %s for %s expired: replacing it", path,
+                        enclave.url)
+        elif entry:  # an enclave made anew where an older one was, since the token was issued
             stale = entry.get("refresh")
             # a token file named by the caller is someone's identity: never swapped for
             # the OS user's
@@ -316,6 +324,15 @@ def _issued_here(enclave, entry: dict[str, Any]) -> bool:
         return enclave.records.get("refresh", rid) is not None
     except Exception:  # noqa: BLE001 - malformed, or records this caller may not read
         return True
+
+
+def _expired(enclave, entry: dict[str, Any]) -> bool:
+    """Whether the entry's refresh token is past its expiry (False when it cannot tell)."""
+    try:
+        rec = enclave.records.get("refresh", str(entry["refresh"]).split(".")[1])
+        return not time.time() <= rec["expires"]
+    except Exception:  # noqa: BLE001 - malformed, or records this caller may not read
+        return False
 
 
 def _bootstrap(enclave, path: Path, stale: str | None = None) -> Credentials:
