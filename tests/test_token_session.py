@@ -17,9 +17,9 @@ from kotta_executor.security import credentials
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.tokens import ACCESS_TTL, TokenService
 from tests import tasks
+from tests.conftest import GUARD, wait_for
 from tests.test_auth import _steal
 from tests.test_cli import kotta
-from tests.conftest import GUARD, wait_for
 
 
 def test_a_renewal_keeps_a_registration_token_registered_meanwhile(
