@@ -1048,12 +1048,17 @@ class KottaExecutor(Executor):
         self._kicked = False
         if self._send_failed.pause_left():
             return
-        # A thousand tasks a turn at most: threads that kept submitting kept the manager
-        # here, and no reply was taken (no future resolved, no callback run, no node
-        # started) until every one of them stopped.  The next turn, at once, sends more
-        # (_wait_for).
-        left = 1000
-        while self._outbox and left > 0:
+        # Replies taken, and the nodes looked at, every thousand tasks or so: threads that
+        # kept submitting kept the manager here, and no future resolved, no callback ran
+        # and no node started until every one of them stopped.  (Not a turn ended there:
+        # the rest of a turn, with a hundred thousand futures outstanding, slowed the
+        # sending of a burst down, and its payloads waited in memory meanwhile.)
+        left = SEND_BETWEEN_REPLIES
+        while self._outbox:
+            if left <= 0:
+                left = SEND_BETWEEN_REPLIES
+                self._receive()
+                self._ensure_nodes()
             left -= 250
             with self._send_lock:
                 batch = []
@@ -1790,6 +1795,8 @@ def _wait_node(proc: subprocess.Popen, timeout: float) -> None:
         threading.Thread(target=proc.wait, name="kotta-node-reaper", daemon=True).start()
 
 
+#: tasks the manager sends between two looks at replies (_send)
+SEND_BETWEEN_REPLIES = 1000
 #: seconds a node whose pipe closed is waited for before it is taken to have left
 LEFT_GRACE = 2.0
 
