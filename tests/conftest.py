@@ -243,3 +243,34 @@ def start_node(enclave_dir, tmp_path):
             except ProcessLookupError:
                 pass
     enclave.close()
+
+
+def queue_crafted_task(enclave, ex, edit, *, signed: bool = True) -> str:
+    """Queue a task of ``tests.tasks.square(2)`` whose header ``edit(header)`` changes:
+    signed by ``ex``'s owner (else with a MAC of a key no one has), its job recorded as
+    an ordinary one.  Returns the job id."""
+    from kotta_executor import wire
+    from kotta_executor.backends.base import NewJob
+    from kotta_executor.security import credentials
+    from tests import tasks
+
+    job_id = os.urandom(16).hex()
+    header = wire.task_header(job_id=job_id, owner=ex.owner, client=ex.client_id, queue="test",
+                              walltime=60.0, created=time.time(), fn="tests.tasks.square", n=1)
+    edit(header)
+    call = wire.dump_call(tasks.square, [((2,), {})])
+    body = (credentials.load(enclave).access().sign(header, call) if signed
+            else wire.encode(header, call, mac_key=b"k" * 32))
+    enclave.jobs.create([NewJob(job_id, ex.owner, ex.client_id, "test", header["fn"], 60.0, body)])
+    return job_id
+
+
+def node_outlives(node, enclave, job_id: str):
+    """Wait until ``node`` has ended the job ``job_id`` (or died), and say it did not die;
+    the job's record."""
+    from kotta_executor.states import FINAL
+
+    wait_for(lambda: node.proc.poll() is not None or enclave.jobs.get(job_id).state in FINAL,
+             what="the node to refuse the task (or die)")
+    assert node.proc.poll() is None, f"the node died:\n{node.output()[-2000:]}"
+    return enclave.jobs.get(job_id)

@@ -50,7 +50,7 @@ from kotta_executor.security.tokens import (
 )
 from kotta_executor.states import FINAL, JobState
 from tests import tasks
-from tests.conftest import GUARD, subprocess_env, wait_for
+from tests.conftest import GUARD, node_outlives, queue_crafted_task, subprocess_env, wait_for
 from tests.test_cli import kotta
 
 BAD_SIGNATURE = "signature does not verify"
@@ -492,18 +492,9 @@ def test_a_signed_task_with_an_absurd_number_does_not_kill_the_node(
     start_node, make_executor, enclave, field
 ):
     ex = make_executor(1, start_node=False)
-    job_id = os.urandom(16).hex()
-    header = wire.task_header(job_id=job_id, owner=ex.owner, client=ex.client_id, queue="test",
-                              walltime=60.0, created=time.time(), fn="tests.tasks.square", n=1)
-    header[field] = 10**400  # in the signed header only; the job record is ordinary
-    body = credentials.load(enclave).access().sign(
-        header, wire.dump_call(tasks.square, [((2,), {})]))
-    enclave.jobs.create([NewJob(job_id, ex.owner, ex.client_id, "test", header["fn"], 60.0, body)])
-    node = start_node(workers=1)
-    wait_for(lambda: node.proc.poll() is not None or enclave.jobs.get(job_id).state in FINAL,
-             what="the node to refuse the task (or die)")
-    assert node.proc.poll() is None, f"the node died:\n{node.output()[-2000:]}"
-    assert enclave.jobs.get(job_id).state == JobState.FAILED
+    # (in the signed header only; the job record is ordinary)
+    job_id = queue_crafted_task(enclave, ex, lambda h: h.update({field: 10**400}))
+    assert node_outlives(start_node(workers=1), enclave, job_id).state == JobState.FAILED
 
 
 # ---------------------------------------------------------------------- 5. revocation

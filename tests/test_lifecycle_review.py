@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -267,14 +268,10 @@ print("A shut down")
 """
 
 
-def test_an_executor_shut_down_lets_another_process_task_on_its_node_finish(
-        make_executor, enclave, tmp_path):
-    """As above, with B in another process (a second notebook on the machine), where no
-    hand-over reaches: A's shutdown waited out its node's drain (30 s), and B's running
-    task, killed at its end, ran again from the start on a node B then started.  Now the
-    node leaves the queue (B starts a node of its own for what it queues), finishes B's
-    task, and ends; A's shutdown does not wait for that."""
-    log, release = tmp_path / "pids", tmp_path / "release"
+@contextlib.contextmanager
+def _client_a(enclave, tmp_path):
+    """Another process's executor (A), its own node serving queue test: yields the process,
+    the node, and the file that, made, shuts A's executor down; A is ended at the end."""
     ready, go = tmp_path / "ready", tmp_path / "go"
     a = subprocess.Popen([sys.executable, "-c", _CLIENT_A, str(enclave.home), str(ready),
                           str(go)], env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -283,20 +280,35 @@ def test_an_executor_shut_down_lets_another_process_task_on_its_node_finish(
         wait_for(lambda: ready.exists() or a.poll() is not None, what="A's node to serve")
         assert a.poll() is None, a.communicate()
         [node] = enclave.nodes.live("test")
-        b = make_executor(1)  # (it finds A's node serving, and starts none)
-        f = b.submit(tasks.log_pid_and_wait, str(log), str(release))
-        wait_for(lambda: log.exists() and log.read_text(), what="B's task to start")
-        g = b.submit(tasks.square, 5)  # (queued behind it)
-        tasks.release(go, "go")
-        out, err = a.communicate(timeout=GUARD)
-        assert (a.returncode, out) == (0, "A shut down\n"), err
-        assert _running(node.pid), "A's shutdown ended the node B's task runs on"
-        assert node.node_id not in {n.node_id for n in enclave.nodes.all()}  # it left
+        yield a, node, go
     finally:
-        tasks.release(release, "go")
+        tasks.release(go, "go")
         if a.poll() is None:
             a.kill()
             a.wait()
+
+
+def test_an_executor_shut_down_lets_another_process_task_on_its_node_finish(
+        make_executor, enclave, tmp_path):
+    """As above, with B in another process (a second notebook on the machine), where no
+    hand-over reaches: A's shutdown waited out its node's drain (30 s), and B's running
+    task, killed at its end, ran again from the start on a node B then started.  Now the
+    node leaves the queue (B starts a node of its own for what it queues), finishes B's
+    task, and ends; A's shutdown does not wait for that."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    with _client_a(enclave, tmp_path) as (a, node, go):
+        try:
+            b = make_executor(1)  # (it finds A's node serving, and starts none)
+            f = b.submit(tasks.log_pid_and_wait, str(log), str(release))
+            wait_for(lambda: log.exists() and log.read_text(), what="B's task to start")
+            g = b.submit(tasks.square, 5)  # (queued behind it)
+            tasks.release(go, "go")
+            out, err = a.communicate(timeout=GUARD)
+            assert (a.returncode, out) == (0, "A shut down\n"), err
+            assert _running(node.pid), "A's shutdown ended the node B's task runs on"
+            assert node.node_id not in {n.node_id for n in enclave.nodes.all()}  # it left
+        finally:
+            tasks.release(release, "go")
     assert f.result(GUARD) == int(log.read_text().split()[0])
     assert len(log.read_text().split()) == 1  # it ran once
     assert g.result(GUARD) == 25
@@ -342,35 +354,25 @@ def test_kotta_down_of_an_executors_node_keeps_its_drain_for_another_process_tas
     documented drain, in the registry, rather than leave the queue to finish the other
     process's task for as long as it takes, out of reach of the next `kotta down`."""
     log, release = tmp_path / "pids", tmp_path / "release"
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    a = subprocess.Popen([sys.executable, "-c", _CLIENT_A, str(enclave.home), str(ready),
-                          str(go)], env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: ready.exists() or a.poll() is not None, what="A's node to serve")
-        assert a.poll() is None, a.communicate()
-        [node] = enclave.nodes.live("test")
-        b = make_executor(1, start_node=False)
-        f = b.submit(tasks.log_pid_and_wait, str(log), str(release))
-        wait_for(lambda: log.exists() and log.read_text(), what="B's task to start")
-        down = subprocess.run(
-            [sys.executable, "-m", "kotta_executor.cli", "--enclave", str(enclave.home), "down",
-             "--timeout", "1"], env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
-            capture_output=True, text=True, timeout=GUARD)
-        assert f"node {node.node_id} (pid {node.pid}, queue test) still stopping" in down.stdout
-        assert node.node_id in {n.node_id for n in enclave.nodes.all()}  # (not left)
-        tasks.release(release, "go")  # it finishes within its drain, and stops
+    with _client_a(enclave, tmp_path) as (a, node, go):
+        try:
+            b = make_executor(1, start_node=False)
+            f = b.submit(tasks.log_pid_and_wait, str(log), str(release))
+            wait_for(lambda: log.exists() and log.read_text(), what="B's task to start")
+            down = subprocess.run(
+                [sys.executable, "-m", "kotta_executor.cli", "--enclave", str(enclave.home),
+                 "down", "--timeout", "1"], env=subprocess_env(), cwd=ROOT,
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=GUARD)
+            assert (f"node {node.node_id} (pid {node.pid}, queue test) still stopping"
+                    in down.stdout)
+            assert node.node_id in {n.node_id for n in enclave.nodes.all()}  # (not left)
+        finally:
+            tasks.release(release, "go")  # it finishes within its drain, and stops
         assert f.result(GUARD) == int(log.read_text().split()[0])
         wait_for(lambda: not _running(node.pid), what="the node to stop")
         tasks.release(go, "go")
         out, err = a.communicate(timeout=GUARD)
         assert (a.returncode, out) == (0, "A shut down\n"), err
-    finally:
-        tasks.release(release, "go")
-        tasks.release(go, "go")
-        if a.poll() is None:
-            a.kill()
-            a.wait()
 
 
 # --------------------------------------------------------------------------------------

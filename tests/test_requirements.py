@@ -478,22 +478,11 @@ def test_a_task_whose_requirements_packaging_refuses_does_not_kill_the_node(
     """A signed task whose header names requirements the node's packaging refuses (one
     a client with another packaging version accepted): the node died of packaging's
     InvalidSpecifier as it dispatched the task, and every node after it that got it."""
-    from kotta_executor.backends.base import NewJob
-    from kotta_executor.security import credentials
-    from kotta_executor.states import FINAL, JobState
+    from kotta_executor.states import JobState
+    from tests.conftest import node_outlives, queue_crafted_task
 
     ex = make_executor(1, start_node=False)
-    job_id = os.urandom(16).hex()
-    header = wire.task_header(job_id=job_id, owner=ex.owner, client=ex.client_id, queue="test",
-                              walltime=60.0, created=time.time(), fn="tests.tasks.square", n=1)
-    header["requirements"] = "numpy===,numpy"
-    body = credentials.load(enclave).access().sign(
-        header, wire.dump_call(tasks.square, [((2,), {})]))
-    enclave.jobs.create([NewJob(job_id, ex.owner, ex.client_id, "test", header["fn"], 60.0, body)])
-    node = start_node(workers=1)
-    wait_for(lambda: node.proc.poll() is not None or enclave.jobs.get(job_id).state in FINAL,
-             what="the node to refuse the task (or die)")
-    assert node.proc.poll() is None, f"the node died:\n{node.output()[-2000:]}"
-    job = enclave.jobs.get(job_id)
+    job_id = queue_crafted_task(enclave, ex, lambda h: h.update(requirements="numpy===,numpy"))
+    job = node_outlives(start_node(workers=1), enclave, job_id)
     assert job.state == JobState.FAILED and "numpy===,numpy" in job.reason
     assert ex.submit(tasks.square, 5).result(GUARD) == 25

@@ -7,19 +7,15 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kotta_executor import wire
-from kotta_executor.backends.base import NewJob
 from kotta_executor.errors import AuthenticationError
 from kotta_executor.security.tokens import Claims, _parse_refresh, parse_access_id
-from kotta_executor.states import FINAL, JobState
-from tests import tasks
-from tests.conftest import wait_for
+from kotta_executor.states import JobState
+from tests.conftest import node_outlives, queue_crafted_task
 
 
 def _kat(payload: bytes) -> str:
@@ -85,17 +81,9 @@ def test_a_task_whose_token_id_nests_too_deep_does_not_kill_the_node(
     RecursionError, which no check caught: the node died, and so did every node after it
     that received the task."""
     ex = make_executor(1, start_node=False)
-    job_id = os.urandom(16).hex()
-    header = wire.task_header(job_id=job_id, owner=ex.owner, client=ex.client_id, queue="test",
-                              walltime=60.0, created=time.time(), fn="tests.tasks.square", n=1)
-    header["auth"] = _kat(b"[" * 1500)
-    body = wire.encode(header, wire.dump_call(tasks.square, [((2,), {})]), mac_key=b"k" * 32)
-    enclave.jobs.create([NewJob(job_id, ex.owner, ex.client_id, "test", header["fn"], 60.0, body)])
-    node = start_node(workers=1)
-    wait_for(lambda: node.proc.poll() is not None or enclave.jobs.get(job_id).state in FINAL,
-             what="the node to refuse the task (or die)")
-    assert node.proc.poll() is None, f"the node died:\n{node.output()[-2000:]}"
-    job = enclave.jobs.get(job_id)
+    job_id = queue_crafted_task(enclave, ex, lambda h: h.update(auth=_kat(b"[" * 1500)),
+                                signed=False)
+    job = node_outlives(start_node(workers=1), enclave, job_id)
     assert job.state == JobState.FAILED and "access token" in job.reason
 
 
