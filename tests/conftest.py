@@ -274,3 +274,13 @@ def node_outlives(node, enclave, job_id: str):
              what="the node to refuse the task (or die)")
     assert node.proc.poll() is None, f"the node died:\n{node.output()[-2000:]}"
     return enclave.jobs.get(job_id)
+
+
+def kill_pid_in(path: Path) -> None:
+    """SIGKILL the process whose pid the file ``path`` holds, if it exists (a daemon a
+    test's task started), and is still there."""
+    if path.exists():
+        try:
+            os.kill(int(path.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -17,7 +16,7 @@ from kotta_executor import ConfigurationError, MemoryLimitExceeded, config, kott
 from kotta_executor.errors import JobFailed
 from kotta_executor.states import JobState
 from tests import tasks
-from tests.conftest import GUARD, gone, wait_for
+from tests.conftest import GUARD, gone, kill_pid_in, wait_for
 
 
 def test_limits_table_has_documented_defaults():
@@ -176,11 +175,7 @@ def test_the_memory_of_a_daemon_the_task_started_counts(start_node, make_executo
         pid = int(daemon.read_text())
         wait_for(lambda: gone(pid), timeout=10.0, what="the daemon to die with its task")
     finally:
-        if daemon.exists():
-            try:
-                os.kill(int(daemon.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_pid_in(daemon)
 
 
 def test_a_task_under_the_memory_limit_is_not_charged_its_worker_twice(

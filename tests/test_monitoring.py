@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests import tasks
-from tests.conftest import GUARD, wait_for
+from tests.conftest import GUARD, kill_pid_in, wait_for
 from tests.test_cli import kotta
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -230,8 +230,6 @@ def test_the_samples_of_a_task_count_the_daemon_it_started(start_node, make_exec
     """A daemon a task starts is re-parented to the node, out of its worker's tree: the
     memory check counted it, but the samples and the peak did not (a task killed for "430
     MB" showed samples of 30 MB)."""
-    import os
-    import signal
 
     from tests.test_limits import start_a_hogging_daemon_and_sleep
 
@@ -247,11 +245,7 @@ def test_the_samples_of_a_task_count_the_daemon_it_started(start_node, make_exec
         assert u["samples"][-1]["procs"] >= 2, u["samples"]
         assert u["peak_rss_kb"] >= 150 * 1024, u
     finally:
-        if daemon.exists():
-            try:
-                os.kill(int(daemon.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_pid_in(daemon)
 
 
 def test_a_task_killed_before_its_first_sample_reports_no_cpu_it_did_not_measure(
