@@ -1779,11 +1779,7 @@ def _wait_node(proc: subprocess.Popen, timeout: float) -> None:
         return
     try:
         deadline = time.monotonic() + timeout
-        # (poll, not select: a pipe made once the process held a thousand files, a
-        # notebook's, is past select()'s FD_SETSIZE, a ValueError)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        while not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+        while not _readable([fd], max(0.0, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
                 raise subprocess.TimeoutExpired(proc.args, timeout)
     finally:

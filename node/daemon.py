@@ -186,7 +186,6 @@ class Node:
         self._stop_signal: int | None = None
         #: what run() returns: 0, unless the node stopped for a fault (its enclave removed)
         self.exit_status = 0
-        self._left = False  # out of the registry, finishing other clients' tasks (_leave)
         self._parent_stop = False  # stopped by its executor, or for want of it (request_leave)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -471,8 +470,8 @@ class Node:
             log.info("stopping on %s: taking no more tasks, letting %d running finish (for "
                      "up to %g s), handing back %d not started",
                      why, len(busy), self.config.drain_timeout, waiting)
-        if self._others_running():
-            self._leave()
+        if others := self._others_running():
+            self._leave(others)
         self._close_task_inbox()
         if self._poller is not None:  # it hands back what a last long poll brings
             self._poller.join(1.0)
@@ -547,14 +546,11 @@ class Node:
                     out.append(w)
         return out
 
-    def _leave(self) -> None:
-        """Stop serving the queue while the tasks of other clients finish here: out of
-        the registry (their clients start a node of their own for what they have queued),
-        and the executor that started the node told (it stops waiting for it)."""
-        if self._left:
-            return
-        self._left = True
-        busy = self._others_running()
+    def _leave(self, busy: list[Worker]) -> None:
+        """Stop serving the queue while the tasks of other clients finish here (``busy``:
+        the workers running them): out of the registry (their clients start a node of
+        their own for what they have queued), and the executor that started the node told
+        (it stops waiting for it)."""
         log.info("leaving the queue: finishing %d running tasks of other clients (%s) first",
                  len(busy), ", ".join(w.inflight[0].job_id for w in busy))
         try:
