@@ -143,12 +143,15 @@ def _reset_capture() -> None:
 
 
 def _empty(cap: int) -> None:
-    if os.fstat(cap).st_size:  # truncating an empty file still costs a journal write
-        os.ftruncate(cap, 0)
     # At its start also when it is empty: another open of it emptied it (a child told to
     # write to /dev/stdout, which wrote nothing), and our offset stayed where the task's
-    # output ended; the next task's output began with that many NUL bytes.
-    os.lseek(cap, 0, os.SEEK_SET)
+    # output ended; the next task's output began with that many NUL bytes.  A seek to
+    # its end says its size and, for an empty file (most tasks print nothing), is that
+    # seek: one system call, not an fstat and a seek (truncating an empty file still
+    # costs a journal write)
+    if os.lseek(cap, 0, os.SEEK_END):
+        os.ftruncate(cap, 0)
+        os.lseek(cap, 0, os.SEEK_SET)
 
 
 def _release_capture() -> None:
@@ -381,12 +384,15 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
                                 python=wire.PYTHON)
     if reason:
         header["reason"] = reason
-    result = wire.encode_pieces(
-        header,
-        {"payload": payload, "stdout": read_capture(_CAPTURE[0]),
-         "stderr": read_capture(_CAPTURE[1])},
-    )
+    global _PRINTED
+    out, err = read_capture(_CAPTURE[0]), read_capture(_CAPTURE[1])
+    _PRINTED = bool(out or err)
+    result = wire.encode_pieces(header, {"payload": payload, "stdout": out, "stderr": err})
     return result_head(job_id, outcome != wire.OK or failed > 0, usage, reason), result
+
+
+#: whether the last task printed anything (its capture files hold what to free)
+_PRINTED = False
 
 
 def _initialize(init: bytes | None, job_id: str) -> None:
@@ -715,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
             if _STOP.is_set():
                 break
             send_result(result_fd, *run_task(data))
-            _release_capture()
+            if _PRINTED:  # (nothing to free for a task that printed nothing)
+                _release_capture()
             _keep_stop_signal()
     return STOPPED
 
