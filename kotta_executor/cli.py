@@ -132,8 +132,9 @@ def _node_args(p: argparse.ArgumentParser) -> None:
                    help="seconds between CPU/memory samples of a running task (at least 1;"
                         " 0: none; default 120)")
     p.add_argument("--memory-limit", type=int, metavar="MB",
-                   help="kill a task whose process tree uses more RSS than this (default: the"
-                        " queue's limit from $KOTTA_HOME/queues.json or the built-in table)")
+                   help="kill a task whose process tree uses more memory (PSS) than this"
+                        " (default: the queue's limit from $KOTTA_HOME/queues.json or the"
+                        " built-in table)")
     p.add_argument("--max-walltime", type=float, metavar="MINUTES",
                    help="refuse tasks asking for a longer walltime (default: the queue's cap)")
 

@@ -57,7 +57,7 @@ from kotta_executor.states import JobState
 
 from . import envs, pool, staging
 from .datasteps import DataSteps, declares_data
-from .monitor import Monitor, read_tree
+from .monitor import Monitor, read_tree, tree_pss
 from .pool import Leftovers, Task, Worker
 from .worker import READY, STOP_SIGNAL, unpack_result
 
@@ -141,7 +141,8 @@ class NodeConfig:
     #: seconds between resource samples of a running task (CPU%, RSS over its process tree);
     #: tasks shorter than half of it are never sampled; 0 turns sampling off
     sample_interval: float = 120.0
-    #: MB of RSS a task's process tree may use; None: the queue's limit (config.queue_limits)
+    #: MB a task's process tree may use (PSS: see _check_memory); None: the queue's limit
+    #: (config.queue_limits)
     memory_limit: int | None = None
     #: the longest walltime (seconds) the node accepts; None: the queue's cap
     max_walltime: float | None = None
@@ -203,7 +204,8 @@ class Node:
         self._child_of_parent = config.parent_pid is not None and os.getppid() == config.parent_pid
         self._next_memory_check = 0.0
         limits = kconfig.queue_limits(config.queue)
-        #: bytes of RSS a task's process tree may use, and the longest walltime (seconds)
+        #: bytes a task's process tree may use (see _check_memory), and the longest
+        #: walltime (seconds)
         self.memory_limit = (config.memory_limit or limits.memory_mb) * 1024 * 1024
         self.max_walltime = config.max_walltime or limits.max_walltime_seconds
         if config.workers > limits.workers:
@@ -977,8 +979,10 @@ class Node:
         self.data.kill(task)
 
     def _check_memory(self, now: float) -> None:
-        """Kill the tasks whose process tree's RSS is over the memory limit (only tasks that
-        have run for MEMORY_MIN_AGE; at most every MEMORY_CHECK_INTERVAL)."""
+        """Kill the tasks whose process tree uses more than the memory limit (only tasks
+        that have run for MEMORY_MIN_AGE; at most every MEMORY_CHECK_INTERVAL): the RSS
+        summed over the tree first (cheap), and only if that is over, the PSS (see
+        monitor.tree_pss), which must be over too."""
         self._next_memory_check = now + MEMORY_CHECK_INTERVAL
         daemons: dict[str, list[int]] | None = None
         for w in self.workers:
@@ -991,6 +995,7 @@ class Node:
             if got is None:
                 continue
             rss = got[1]
+            roots = [w.pid]
             if self.adopts_orphans:
                 # what its tasks started out of its tree (a daemon: re-parented to the
                 # node, a subreaper) is theirs too, as a kill ends it (Worker.kill)
@@ -1001,13 +1006,23 @@ class Node:
                         continue
                     more = read_tree(pid)
                     rss += more[1] if more is not None else 0
+                    roots.append(pid)
             if rss <= self.memory_limit:
                 continue
+            # The RSS sum counts a page shared by k processes of the tree k times (a
+            # task's children forked after it filled an array, a multiprocessing pool):
+            # a task well under the limit seemed over it.  PSS shares each page out.
+            used, exact = tree_pss(roots)
+            if used <= self.memory_limit:
+                continue
+            what = ("proportional set size (PSS)" if exact
+                    else "PSS, RSS where PSS could not be read")
             limit_mb = self.memory_limit // (1024 * 1024)
             w.kill(
                 "MemoryLimitExceeded",
-                f"job {head.job_id} used {rss / (1024 * 1024):.0f} MB, over the memory "
-                f"limit of {limit_mb} MB per task on queue {self.queue}",
+                f"job {head.job_id} used {used / (1024 * 1024):.0f} MB ({what}, summed "
+                f"over its process tree), over the memory limit of {limit_mb} MB per "
+                f"task on queue {self.queue}",
             )
 
     def _room(self) -> int:

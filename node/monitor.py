@@ -50,6 +50,38 @@ def read_tree(pid: int) -> tuple[float, int, int] | None:
     return cpu, rss, n
 
 
+def tree_pss(pids: Iterable[int]) -> tuple[int, bool]:
+    """(bytes, all PSS) of the trees of ``pids``: the proportional set size summed over
+    them, in which a page shared by k processes counts 1/k in each (a fork's copy-on-write
+    pages, shared libraries), so the sum is the memory the trees really use.  A process
+    whose PSS cannot be read (no smaps, not ours) counts its RSS; the flag says whether
+    none did.  A process that ended meanwhile counts nothing.  Dearer than read_tree (the
+    kernel walks each process's page tables): for confirming an RSS sum over a limit."""
+    total, exact, seen = 0, True, set()
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in procs:
+            if p.pid in seen:
+                continue
+            seen.add(p.pid)
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+            except (psutil.Error, AttributeError, OSError):
+                # (AttributeError: no ``pss`` off Linux)
+                try:
+                    total += p.memory_info().rss
+                    exact = False
+                except psutil.Error:
+                    continue
+    return total, exact
+
+
 @dataclass
 class Monitor:
     """What the node has measured of one running task."""

@@ -754,6 +754,27 @@ def hold_memory_until(mb, release):
     return len(held) // (1024 * 1024)
 
 
+def share_memory_with_children(mb, children, started_dir, release):
+    """Fill ``mb`` MiB, then fork ``children`` that only read nothing and wait for
+    ``release`` (so the filled pages stay shared with the parent, copy-on-write); each
+    child writes a file in ``started_dir`` once running.  Returns how many children
+    exited 0."""
+    held = bytearray(int(mb) * 1024 * 1024)
+    held[::4096] = b"\x01" * len(held[::4096])
+    pids = []
+    for i in range(children):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _at_once(os.path.join(started_dir, str(i)), str(os.getpid()))
+                wait_for_file(release)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    wait_for_file(release)
+    return sum(os.waitpid(pid, 0)[1] == 0 for pid in pids)
+
+
 def init_forking(child_pid_file):
     """An initializer that forks, the child returning from it too (as the parent does); the
     parent writes the child's pid to ``child_pid_file``."""

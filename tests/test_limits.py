@@ -195,6 +195,54 @@ def test_a_task_under_the_memory_limit_is_not_charged_its_worker_twice(
     assert f.result(GUARD) == 110
 
 
+def test_memory_a_task_shares_with_its_children_is_counted_once(
+        start_node, make_executor, tmp_path):
+    """A task that fills 60 MB, then forks four children sharing it (copy-on-write, as a
+    multiprocessing pool forked after loading an array) really uses about 90 MB with its
+    worker; the RSS summed over its tree counts the 60 MB five times (~400 MB), and the
+    task was killed with MemoryLimitExceeded under a 200 MB limit."""
+    started, release = tmp_path / "started", tmp_path / "release"
+    started.mkdir()
+    start_node("--memory-limit", "200")
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.share_memory_with_children, 60, 4, str(started), str(release))
+    wait_for(lambda: f.done() or len(list(started.iterdir())) == 4, timeout=GUARD,
+             what="the four children to run")
+    mark = time.monotonic()  # past a few memory checks (MEMORY_CHECK_INTERVAL)
+    wait_for(lambda: f.done() or time.monotonic() > mark + 2.0, timeout=GUARD,
+             what="a few memory checks")
+    tasks.release(release, "go")
+    assert f.result(GUARD) == 4
+
+
+def _hog_in_children(children, mb, seconds):
+    """Fork ``children`` that each fill ``mb`` MiB of their own, then sleep ``seconds``."""
+    pids = []
+    for _ in range(children):
+        pid = os.fork()
+        if pid == 0:
+            held = bytearray(mb * 1024 * 1024)
+            held[::4096] = b"\x01" * len(held[::4096])
+            time.sleep(seconds)
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return "not killed"
+
+
+def test_children_holding_memory_of_their_own_are_still_killed(start_node, make_executor):
+    """Memory the children do not share (each its own 100 MB) still counts in full; the
+    message names the figure judged."""
+    start_node("--memory-limit", "200")
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(_hog_in_children, 3, 100, 30)
+    with pytest.raises(MemoryLimitExceeded, match=(
+            r"used \d+ MB \(proportional set size \(PSS\), summed over its process tree\), "
+            r"over the memory limit of 200 MB")):
+        f.result(timeout=GUARD)
+
+
 # ---------------------------------------------------------------- queues.json, any content
 
 _json_values = st.recursive(
