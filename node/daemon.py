@@ -653,6 +653,10 @@ class Node:
                 timeout = min(timeout, max(0.0, w.kill_deadline - now))
             elif w.inflight and w.inflight[0].started is not None:
                 due = w.inflight[0].started + w.inflight[0].header["walltime"] - now
+                # and its next memory check: with a long --poll-interval (the doorbell
+                # rings for tasks), a task far over the memory limit ran on until the loop
+                # woke for something else (the upkeep, every 10 s)
+                due = min(due, self._next_memory_check - now)
                 timeout = min(timeout, max(0.0, due))
         if self.config.burst and not self._holding():
             timeout = 0.0

@@ -301,3 +301,15 @@ def test_a_queues_json_of_a_huge_number_or_deep_nesting_is_a_configuration_error
     path.write_text(text)
     with pytest.raises(ConfigurationError, match="queues.json"):
         config._read_limits(path)
+
+
+def test_the_memory_limit_is_checked_with_a_long_poll_interval(start_node, make_executor):
+    """--poll-interval is the pause between polls "when no doorbell rings", and the
+    embedded enclave's doorbell rings: a node given a long one checked its running tasks'
+    memory only when its loop woke up for something else (its upkeep, every 10 s), not
+    every 0.5 s, and a task four times over the limit ran on to its end."""
+    start_node("--memory-limit", "100", "--poll-interval", "60", visibility_timeout=60.0)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.allocate_and_sleep, 400, 4.0)
+    with pytest.raises(MemoryLimitExceeded, match="over the memory limit of 100 MB"):
+        f.result(timeout=GUARD)
