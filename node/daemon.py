@@ -75,8 +75,12 @@ MEMORY_MIN_AGE = 0.2
 #: than this many times what the reading cost: the kernel walks every page table for it
 #: (~30 ms a GB a process holds), and a task whose children share its memory stays over
 #: the RSS test: read every check, four children sharing 2 GB held the node's loop for
-#: 0.6 s of every 0.5 s.  (At most 1/MEMORY_PSS_SPACING of the node's time.)
+#: 0.6 s of every 0.5 s.  (At most 1/MEMORY_PSS_SPACING of the node's time.)  Sooner,
+#: after MEMORY_PSS_SPACING_GREW times, once the RSS sum has grown by more than the room
+#: the last PSS left under the limit: a page the task newly fills adds as much to both (a
+#: task that shares, then allocates ten times the limit, is not left to do so for 20 s).
 MEMORY_PSS_SPACING = 20
+MEMORY_PSS_SPACING_GREW = 2
 #: seconds between a busy node's looks for kill requests
 KILL_LOOK = 0.25
 #: seconds a node keeps replies a client's full inbox did not take (the client is busy,
@@ -209,9 +213,10 @@ class Node:
         #: started by its parent directly (an executor's own node): its death reparents us
         self._child_of_parent = config.parent_pid is not None and os.getppid() == config.parent_pid
         self._next_memory_check = 0.0
-        #: job id -> monotonic time before which its PSS is not read again (see
-        #: MEMORY_PSS_SPACING): running tasks whose last PSS was under the memory limit
-        self._pss_due: dict[str, float] = {}
+        #: job id -> (when, RSS sum, PSS, seconds the reading took) of its last PSS
+        #: reading, of running tasks whose last PSS was under the memory limit (see
+        #: MEMORY_PSS_SPACING)
+        self._pss_read: dict[str, tuple[float, int, int, float]] = {}
         limits = kconfig.queue_limits(config.queue)
         #: bytes a task's process tree may use (see _check_memory), and the longest
         #: walltime (seconds)
@@ -998,7 +1003,7 @@ class Node:
         monitor.tree_pss), which must be over too."""
         self._next_memory_check = now + MEMORY_CHECK_INTERVAL
         daemons: dict[str, list[int]] | None = None
-        pss_due, self._pss_due = self._pss_due, {}  # (only running tasks' stay)
+        pss_read, self._pss_read = self._pss_read, {}  # (only running tasks' stay)
         for w in self.workers:
             if not w.inflight or w.kill_deadline is not None:
                 continue
@@ -1023,18 +1028,21 @@ class Node:
                     roots.append(pid)
             if rss <= self.memory_limit:
                 continue
-            due = pss_due.get(head.job_id)
-            if due is not None and now < due:
-                self._pss_due[head.job_id] = due
-                continue
+            last = pss_read.get(head.job_id)
+            if last is not None:
+                when, rss_then, used_then, cost = last
+                grew = rss - rss_then > self.memory_limit - used_then
+                spacing = MEMORY_PSS_SPACING_GREW if grew else MEMORY_PSS_SPACING
+                if now < when + spacing * cost:
+                    self._pss_read[head.job_id] = last
+                    continue
             # The RSS sum counts a page shared by k processes of the tree k times (a
             # task's children forked after it filled an array, a multiprocessing pool):
             # a task well under the limit seemed over it.  PSS shares each page out.
             began = time.monotonic()
             used, exact = tree_pss(roots)
             if used <= self.memory_limit:
-                cost = time.monotonic() - began
-                self._pss_due[head.job_id] = now + MEMORY_PSS_SPACING * cost
+                self._pss_read[head.job_id] = (now, rss, used, time.monotonic() - began)
                 continue
             what = ("proportional set size (PSS)" if exact
                     else "PSS, RSS where PSS could not be read")

@@ -775,6 +775,28 @@ def share_memory_with_children(mb, children, started_dir, release):
     return sum(os.waitpid(pid, 0)[1] == 0 for pid in pids)
 
 
+def share_then_grow(mb, children, started_dir, grow, grow_mb):
+    """As share_memory_with_children; once ``grow`` exists, the first child fills
+    ``grow_mb`` MiB of its own and waits a minute more (the others and the task wait)."""
+    held = bytearray(int(mb) * 1024 * 1024)
+    held[::4096] = b"\x01" * len(held[::4096])
+    pids = []
+    for i in range(children):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _at_once(os.path.join(started_dir, str(i)), str(os.getpid()))
+                wait_for_file(grow)
+                if i == 0:
+                    mine = bytearray(int(grow_mb) * 1024 * 1024)
+                    mine[::4096] = b"\x01" * len(mine[::4096])
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    return sum(os.waitpid(pid, 0)[1] == 0 for pid in pids)
+
+
 def init_forking(child_pid_file):
     """An initializer that forks, the child returning from it too (as the parent does); the
     parent writes the child's pid to ``child_pid_file``."""

@@ -16,7 +16,7 @@ from kotta_executor import ConfigurationError, MemoryLimitExceeded, config, kott
 from kotta_executor.errors import JobFailed
 from kotta_executor.states import JobState
 from tests import tasks
-from tests.conftest import GUARD, gone, kill_pid_in, wait_for
+from tests.conftest import GUARD, ROOT, gone, kill_pid_in, wait_for
 
 
 def test_limits_table_has_documented_defaults():
@@ -213,6 +213,46 @@ def test_memory_a_task_shares_with_its_children_is_counted_once(
              what="a few memory checks")
     tasks.release(release, "go")
     assert f.result(GUARD) == 4
+
+
+def test_a_task_that_shares_then_allocates_is_killed_before_its_pss_is_due(
+        make_executor, enclave, monkeypatch, tmp_path):
+    """A task whose RSS sum is over the limit but its PSS under has its PSS read again only
+    after MEMORY_PSS_SPACING times what the reading cost (made endless here); one that
+    then fills memory of its own, its RSS sum growing past the room the PSS left, is read
+    (and killed) at once.  The node runs in this process, stepped by the test."""
+    from node import daemon
+    from node.daemon import Node, NodeConfig
+
+    monkeypatch.chdir(ROOT)  # workers import tests.* (python -m node.worker, cwd on sys.path)
+    monkeypatch.setattr(daemon, "MEMORY_PSS_SPACING", 1e9)
+    started, grow = tmp_path / "started", tmp_path / "grow"
+    started.mkdir()
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
+                                    memory_limit=200))
+    node._start()
+    ex = make_executor(1, start_node=False)
+    try:
+        f = ex.submit(tasks.share_then_grow, 60, 4, str(started), str(grow), 300)
+        _pump(node, lambda: f.done() or f.job_id in node._pss_read,
+              "the PSS of the sharing task to be read, under the limit")
+        assert not f.done()
+        tasks.release(grow, "go")
+        _pump(node, f.done, "the task to end")
+        with pytest.raises(MemoryLimitExceeded, match="over the memory limit of 200 MB"):
+            f.result(0)
+    finally:
+        node.stopping = True
+        node._drain()
+        node._stop()
+
+
+def _pump(node, predicate, what: str) -> None:
+    """Step an in-process node until ``predicate()`` (GUARD at most)."""
+    deadline = time.monotonic() + GUARD
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        node.step()
 
 
 def _hog_in_children(children, mb, seconds):
