@@ -57,7 +57,7 @@ from kotta_executor.states import JobState
 
 from . import envs, pool, staging
 from .datasteps import DataSteps, declares_data
-from .monitor import Monitor, read_tree, tree_pss
+from .monitor import Monitor, children_map, read_tree, tree_pss
 from .pool import Leftovers, Task, Worker
 from .worker import READY, STOP_SIGNAL, unpack_result
 
@@ -1004,13 +1004,16 @@ class Node:
         self._next_memory_check = now + MEMORY_CHECK_INTERVAL
         daemons: dict[str, list[int]] | None = None
         pss_read, self._pss_read = self._pss_read, {}  # (only running tasks' stay)
+        kids: dict[int, list[int]] | None = None  # (one scan of the process table for all)
         for w in self.workers:
             if not w.inflight or w.kill_deadline is not None:
                 continue
             head = w.inflight[0]
             if head.started is None or now - head.started < MEMORY_MIN_AGE:
                 continue
-            got = read_tree(w.pid)
+            if kids is None:
+                kids = children_map()
+            got = read_tree(w.pid, kids)
             if got is None:
                 continue
             rss = got[1]
@@ -1023,7 +1026,7 @@ class Node:
                 for pid in daemons.get(w.mark, ()):
                     if pid == w.pid:  # (the worker has its own mark: counted above)
                         continue
-                    more = read_tree(pid)
+                    more = read_tree(pid, kids)
                     rss += more[1] if more is not None else 0
                     roots.append(pid)
             if rss <= self.memory_limit:
@@ -1040,7 +1043,7 @@ class Node:
             # task's children forked after it filled an array, a multiprocessing pool):
             # a task well under the limit seemed over it.  PSS shares each page out.
             began = time.monotonic()
-            used, exact = tree_pss(roots)
+            used, exact = tree_pss(roots, kids)
             if used <= self.memory_limit:
                 self._pss_read[head.job_id] = (now, rss, used, time.monotonic() - began)
                 continue
@@ -2019,6 +2022,8 @@ class Node:
         interval = self.config.sample_interval
         self._next_sample_check = now + min(interval / 4, 1.0)
         daemons: dict[str, list[int]] | None = None
+        # (one scan of the process table for all the workers, as in _check_memory)
+        kids: dict[int, list[int]] | None = None
         for w in self.workers:
             if not w.inflight or w.kill_deadline is not None:
                 continue
@@ -2033,7 +2038,9 @@ class Node:
                 # what its tasks started out of its tree counts, as in _check_memory
                 daemons = pool.adopted_by_worker()
             also = [p for p in (daemons or {}).get(w.mark, ()) if p != w.pid]
-            if not head.monitor.read(w.pid, now, also):
+            if kids is None:
+                kids = children_map()
+            if not head.monitor.read(w.pid, now, also, kids):
                 continue
             try:
                 self.enclave.jobs.record_usage(head.job_id, head.monitor.usage())

@@ -247,6 +247,42 @@ def test_a_task_that_shares_then_allocates_is_killed_before_its_pss_is_due(
         node._stop()
 
 
+def test_a_memory_check_scans_the_process_table_once(
+        make_executor, enclave, monkeypatch, tmp_path):
+    """Each worker's tree was found by a scan of every process of the machine: a memory
+    check (every 0.5 s) of a node whose 256 workers all ran long tasks took 1.8 s, its loop
+    never free (64 workers: 0.3 s of every 0.5 s).  Now one scan serves every worker."""
+    import psutil
+
+    from node.daemon import MEMORY_MIN_AGE, Node, NodeConfig
+
+    monkeypatch.chdir(ROOT)  # workers import tests.* (python -m node.worker, cwd on sys.path)
+    node = Node(enclave, NodeConfig(queue="test", workers=4, poll_interval=0.05))
+    node._start()
+    ex = make_executor(1, start_node=False)
+    release = tmp_path / "release"
+    try:
+        fs = [ex.submit(tasks.touch_then_wait, str(tmp_path / f"started-{i}"), str(release))
+              for i in range(4)]
+        _pump(node, lambda: all((tmp_path / f"started-{i}").exists() for i in range(4)),
+              "the four tasks to run")
+        mark = time.monotonic()
+        _pump(node, lambda: time.monotonic() > mark + MEMORY_MIN_AGE, "the tasks to age")
+        scans = []
+        real = psutil._ppid_map
+        monkeypatch.setattr(psutil, "_ppid_map", lambda: scans.append(1) or real())
+        node._check_memory(time.monotonic())
+        assert len(scans) == 1, len(scans)
+        monkeypatch.setattr(psutil, "_ppid_map", real)
+        tasks.release(release, "go")
+        _pump(node, lambda: all(f.done() for f in fs), "the tasks to end")
+    finally:
+        tasks.release(release, "go")
+        node.stopping = True
+        node._drain()
+        node._stop()
+
+
 def _pump(node, predicate, what: str) -> None:
     """Step an in-process node until ``predicate()`` (GUARD at most)."""
     deadline = time.monotonic() + GUARD
