@@ -133,6 +133,44 @@ def test_users_and_tokens_from_the_shell(enclave, enclave_dir):
     assert any("for carol" in d for d in issued)
 
 
+def test_the_last_admins_last_token_cannot_be_revoked_and_a_lockout_is_recoverable(
+        enclave, enclave_dir, tmp_path):
+    """`kotta token revoke` of the only valid token of the enclave's only active admin was
+    done: then no one could administer the enclave, as with that admin disabled.  It is
+    refused, saying how to do it safely (a new token first); done that way, it works.  An
+    enclave locked out anyway (an older version revoked it) is recovered as documented
+    (docs/security.md §1): its OS user removes its token file and runs `kotta` again."""
+    me = config.current_user()  # (the first use's admin, holder of the enclave key)
+    assert kotta(enclave_dir, "whoami").returncode == 0
+    old = credentials.load(enclave).refresh_id
+    r = kotta(enclave_dir, "token", "revoke", old)
+    assert r.returncode == 2, r.stdout
+    assert r.stderr.startswith(f"kotta: error: the token {old} of {me} is the last valid "
+                               "token of an active admin of the enclave"), r.stderr
+    assert f"kotta token issue {me}" in r.stderr and "kotta register" in r.stderr
+    assert kotta(enclave_dir, "whoami").returncode == 0  # nothing was revoked
+    assert not enclave.records.get("refresh", old).get("revoked")
+
+    # the safe way: a new token first, registered; then the old one goes
+    r = kotta(enclave_dir, "token", "issue", me)
+    assert r.returncode == 0, r.stderr
+    assert kotta(enclave_dir, "register", r.stdout.strip()).returncode == 0
+    r = kotta(enclave_dir, "token", "revoke", old)
+    assert r.returncode == 0 and "revoked" in r.stdout, r.stderr
+    assert kotta(enclave_dir, "whoami").returncode == 0
+
+    # locked out all the same (revoked by an older version): the recovery
+    rid = credentials.load(enclave).refresh_id
+    rec = enclave.records.get("refresh", rid)
+    enclave.records.put("refresh", rid, {**rec, "revoked": time.time(), "revoked_by": me})
+    r = kotta(enclave_dir, "user", "list")
+    assert r.returncode == 2 and "the token of " + me + " was revoked" in r.stderr, r.stderr
+    credentials.token_path().unlink()  # `rm $KOTTA_HOME/token`
+    r = kotta(enclave_dir, "user", "add", "bob", "--role", "ops")
+    assert r.returncode == 0, r.stderr
+    assert credentials.load(enclave).refresh_id not in (rid, old)
+
+
 def _home(tmp_path, name):
     home = tmp_path / f"{name}-home"
     home.mkdir()

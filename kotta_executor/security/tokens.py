@@ -273,9 +273,29 @@ class TokenService:
             raise ConfigurationError(f"no refresh token {rid!r} in the enclave")
         if rec.get("revoked"):
             return False
+        self._check_not_last_admin_token(rid, rec)
         self.records.put("refresh", rid, {**rec, "revoked": time.time(), "revoked_by": by})
         self._log("token-revoke", user=by, allowed=True, detail=f"refresh token {rid} of {rec['user']}")
         return True
+
+    def _check_not_last_admin_token(self, rid: str, rec: dict[str, Any]) -> None:
+        """ConfigurationError if revoking the refresh token ``rid`` leaves no active admin
+        a valid token: as with the last active admin disabled (set_disabled), no one
+        could issue a token, add a user or enable one again, that admin neither."""
+        now = time.time()
+        admins = {u.user for u in self.users() if u.admin and not u.disabled}
+        if rec["user"] not in admins or rec.get("revoked") or not now <= rec["expires"]:
+            return  # (an expired token gives no rights: revoking it loses nothing)
+        if any(r["user"] in admins and not r.get("revoked") and now <= r["expires"]
+               for other, r in self.records.scan("refresh") if other != rid):
+            return
+        user = rec["user"]
+        raise ConfigurationError(
+            f"the token {rid} of {user} is the last valid token of an active admin of the "
+            f"enclave: revoked, no one could administer it again (issue a token, add or "
+            f"enable a user).  First give {user} a new one (`kotta token issue {user}`, "
+            f"then `kotta register TOKEN`), or add another admin (`kotta user add NAME --role "
+            f"ROLE --admin`); then revoke this one")
 
     def tokens(self, user: str | None = None) -> list[dict[str, Any]]:
         out = []
