@@ -80,6 +80,7 @@ from .errors import (
     EnvelopeError,
     InvalidDataUri,
     SerializationError,
+    TaskRejected,
     UnknownJob,
 )
 from .future import _CONDITION_LOCK, KottaFuture, _MapJobView
@@ -1418,6 +1419,8 @@ class KottaExecutor(Executor):
         for ok, value in outcomes:
             if not ok and isinstance(value, BaseException):
                 _annotate(value, job_id, f.stderr)
+                if isinstance(value, TaskRejected):  # (a token revoked: the next submit
+                    self._creds.look_again()  # takes up one registered since, if any)
         if f._batch == "values":
             failed = [value for ok, value in outcomes if not ok]
             if failed:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from kotta_executor import wire
-from kotta_executor.errors import AuthenticationError
+from kotta_executor.errors import AuthenticationError, TaskRejected
 from kotta_executor.security import credentials
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.tokens import ACCESS_TTL, TokenService
@@ -174,3 +174,71 @@ def test_the_enclave_users_own_token_running_out_after_90_days_locks_no_one_out(
     assert credentials.load(enclave, bootstrap=False).refresh_id != first.refresh_id
     with pytest.raises(AuthenticationError, match="of bob expired at .*kotta register"):
         make_executor(1, start_node=False, credentials=bob_file)
+
+
+def test_an_executor_takes_up_a_token_registered_after_its_own_was_revoked(
+    start_node, make_executor, user_token, enclave
+):
+    """Bob's token is revoked while his notebook's executor holds it; an admin gives him a
+    new one, and he runs `kotta register TOKEN` in a terminal.  Every submit of that
+    executor failed all the same (TaskRejected: the token was revoked), until he made the
+    executor anew; it takes up the new token from the token file, and runs on."""
+    bob_file = user_token("bob")
+    ex = make_executor(1, start_node=False, credentials=bob_file)
+    svc = TokenService(enclave, AuditLog(enclave))
+    old = ex._creds.refresh_id
+    svc.revoke(old, by="test")
+    start_node(workers=1)
+    with pytest.raises(TaskRejected, match="the token of bob was revoked"):
+        ex.submit(tasks.square, 3).result(GUARD)
+
+    new_token = svc.issue_refresh("bob", by="test")
+    credentials.register(enclave, new_token, bob_file)  # `kotta register TOKEN`
+    assert ex.submit(tasks.square, 4).result(GUARD) == 16
+    assert ex._creds.refresh_id == new_token.split(".")[1] != old
+    # and an hour later it renews with the new one
+    assert ex._creds.access(now=time.time() + ACCESS_TTL).refresh_id == ex._creds.refresh_id
+    assert ex.submit(tasks.square, 5).result(GUARD) == 25
+
+    # a token registered while the executor's was good is left; revoked after, that one's
+    # refusal by a node makes the executor take it up
+    third = svc.issue_refresh("bob", by="test")
+    credentials.register(enclave, third, bob_file)
+    ex._creds.look_again()
+    assert ex.submit(tasks.square, 6).result(GUARD) == 36
+    assert ex._creds.refresh_id == new_token.split(".")[1]
+    svc.revoke(new_token, by="test")
+    wait_for(lambda: not _runs(ex), what="the node's 2 s revocation cache to pass")
+    assert ex._creds.refresh_id == new_token.split(".")[1]
+    assert ex.submit(tasks.square, 8).result(GUARD) == 64
+    assert ex._creds.refresh_id == third.split(".")[1]
+
+
+def _runs(ex) -> bool:
+    """Whether a task of ``ex`` runs (False: a node refused it)."""
+    try:
+        ex.submit(tasks.square, 1).result(GUARD)
+    except TaskRejected:
+        return False
+    return True
+
+
+def test_a_renewal_refused_for_a_revoked_token_takes_up_one_registered_since(
+    make_executor, user_token, enclave
+):
+    """The same, found by the hourly renewal rather than by a node; but a token of another
+    user in the file is not taken up (the executor's tasks are bob's): the renewal says
+    why it was refused."""
+    bob_file = user_token("bob")
+    ex = make_executor(1, start_node=False, credentials=bob_file)
+    svc = TokenService(enclave, AuditLog(enclave))
+    svc.revoke(ex._creds.refresh_id, by="test")
+    alice_token = credentials.load(enclave, user_token("alice"))._refresh
+    credentials.register(enclave, alice_token, bob_file)
+    with pytest.raises(AuthenticationError, match="the refresh token .* of bob was revoked"):
+        ex._creds.access(now=time.time() + ACCESS_TTL)
+
+    new_token = svc.issue_refresh("bob", by="test")
+    credentials.register(enclave, new_token, bob_file)
+    tok = ex._creds.access(now=time.time() + ACCESS_TTL)
+    assert tok.user == "bob" and tok.refresh_id == new_token.split(".")[1]

@@ -35,6 +35,9 @@ log = logging.getLogger("kotta.credentials")
 
 #: an access token is renewed when it has less than this many seconds left
 RENEW_BEFORE = 300.0
+#: seconds between a client's looks at its token file for a token registered since
+#: (``Credentials._take_up``): a stat of the file, once a second at most
+FILE_LOOK = 1.0
 
 
 def token_path() -> Path:
@@ -125,6 +128,9 @@ class Credentials:
         self._refresh = refresh
         self._access = access
         self._lock = threading.Lock()
+        #: when the token file is looked at next (monotonic), and how it was then
+        self._look_at = time.monotonic() + FILE_LOOK
+        self._file_seen: tuple[int, ...] | None = _file_state(path)
         if access is None:
             self._renew()
 
@@ -146,13 +152,63 @@ class Credentials:
 
     def access(self, now: float | None = None) -> AccessToken:
         tok = self._access
-        if tok is not None and (now or time.time()) < _renew_at(tok):
+        if tok is not None and (now or time.time()) < _renew_at(tok) and (
+                time.monotonic() < self._look_at):
             return tok
         with self._lock:
+            if time.monotonic() >= self._look_at:
+                self._look_at = time.monotonic() + FILE_LOOK
+                self._take_up()
             tok = self._access
             if tok is None or (now or time.time()) >= _renew_at(tok):
                 tok = self._renew()
         return tok
+
+    def _take_up(self, *, renewal_refused: bool = False) -> bool:
+        """Take up a registration token stored in the token file since (``kotta
+        register``, in a terminal while a notebook's executor runs) once the enclave no
+        longer honours this one (revoked, expired): every task signed with it would be
+        refused by the nodes, and its renewal too, until the executor was made anew.
+        Only a token of the same user (the executor's tasks are that user's), and not
+        while this one is good: a client goes on with the token it was made with.  Looked
+        for when the file changed (a stat, once every ``FILE_LOOK`` seconds), or when a
+        renewal was refused (``renewal_refused``).  True: taken up."""
+        if self.path is None:
+            return False
+        seen = _file_state(self.path)
+        if seen == self._file_seen and not renewal_refused:
+            return False
+        self._file_seen = seen
+        try:
+            entry = _read(self.path).get(self.enclave.url)
+            if not entry or entry["refresh"] == self._refresh or (
+                    entry.get("user") not in (None, self._user())):
+                return False
+            rec = self.enclave.records.get("refresh", self.refresh_id)
+            if rec is not None and not rec.get("revoked") and time.time() <= rec["expires"]:
+                return False  # this one is good still
+            new = _from_entry(self.enclave, entry, self.path)  # (renews if it must)
+        except Exception as exc:  # noqa: BLE001 - damaged, another user's: this one as it was
+            log.warning("the token in %s was not taken up: %s", self.path, exc)
+            return False
+        if new.user != self._user() or (new._access is None):
+            return False
+        log.warning("the registration token of %s in %s was revoked or expired: taking up "
+                    "the one registered since", new.user, self.path)
+        self._refresh, self._access = new._refresh, new._access
+        return True
+
+    def look_again(self) -> None:
+        """Look at the token file at the next ``access()`` (a node refused a task of
+        these credentials: their token may have been revoked, and one registered since),
+        read even if it did not change since it was last read: the one registered then
+        may have been left while this one was good."""
+        self._file_seen = ()
+        self._look_at = 0.0
+
+    def _user(self) -> str | None:
+        """The user of these credentials, without renewing anything."""
+        return self._access.user if self._access is not None else None
 
     def check(self, doing: str) -> Credentials:
         """These credentials, if the enclave still honours them; else AuthenticationError
@@ -178,7 +234,17 @@ class Credentials:
         raise AuthenticationError(f"{problem}: {what_to_do(problem)}")
 
     def _renew(self) -> AccessToken:
-        tok = self._access = _service(self.enclave).refresh(self._refresh)
+        try:
+            tok = _service(self.enclave).refresh(self._refresh)
+        except AuthenticationError:
+            # revoked or expired: a token registered since is taken up (which renewed it)
+            if self._access is None or not self._take_up(renewal_refused=True):
+                raise
+            tok = self._access
+            if time.time() < _renew_at(tok):
+                return tok
+            tok = _service(self.enclave).refresh(self._refresh)
+        self._access = tok
         if self.path is not None:
             # the file only keeps the renewed token for the next client: one damaged (or
             # made loose, or moved away) while this one runs fails none of its submits,
@@ -189,6 +255,15 @@ class Credentials:
                 log.warning("the renewed access token was not stored in %s: %s",
                             self.path, exc)
         return tok
+
+
+def _file_state(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells a token file rewritten (``kotta register`` replaces it: a new inode)."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _renew_at(tok: AccessToken) -> float:
