@@ -202,6 +202,28 @@ def test_the_last_active_admin_cannot_be_disabled(enclave_dir):
     assert r.returncode == 0, r.stderr
 
 
+def test_the_last_admin_with_a_valid_token_cannot_be_disabled(enclave, enclave_dir):
+    """Another admin whose tokens are all revoked cannot administer the enclave: the
+    first admin disabling themselves on the strength of that one was done, and then no one
+    could (that admin neither: their identity is disabled, so a new token of theirs, even
+    the enclave key holder's as on first use, is refused).  It is refused, as disabling
+    the last active admin is; with the other admin given a token again, it is done."""
+    me = config.current_user()
+    assert kotta(enclave_dir, "user", "add", "bob", "--role", "ops", "--admin").returncode == 0
+    svc = TokenService(enclave)
+    [bob_rid] = [t["id"] for t in svc.tokens("bob")]
+    assert kotta(enclave_dir, "token", "revoke", bob_rid).returncode == 0
+    r = kotta(enclave_dir, "user", "disable", me)
+    assert r.returncode == 2, r.stdout
+    assert r.stderr.startswith(f"kotta: error: {me} is the enclave's last active admin with "
+                               "a valid token: disabled, no one could enable a user"), r.stderr
+    assert "or issue one of bob a token (`kotta token issue NAME`)" in r.stderr
+    assert kotta(enclave_dir, "whoami").returncode == 0
+    assert kotta(enclave_dir, "token", "issue", "bob").returncode == 0
+    r = kotta(enclave_dir, "user", "disable", me)
+    assert r.returncode == 0, r.stderr
+
+
 def test_a_disabled_or_revoked_admin_keeps_none_of_their_rights(enclave, enclave_dir, tmp_path):
     """The review's reproduction: bob, an admin with an access token cached in his own
     home, is disabled, then his token revoked; each time his next command is refused,

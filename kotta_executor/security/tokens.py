@@ -195,13 +195,19 @@ class TokenService:
         if ident is None:
             raise ConfigurationError(f"no user {user!r} in the enclave")
         # Only an admin enables a user: with its last active admin disabled, no one could
-        # (that admin neither), nor add users, datasets or grants, for good
-        if disabled and ident.admin and not ident.disabled and not any(
-                u.admin and not u.disabled and u.user != user for u in self.users()):
+        # (that admin neither), nor add users, datasets or grants, for good.  Nor with
+        # every other active admin's tokens revoked or expired: none of them can act
+        if disabled and ident.admin and not ident.disabled and not (
+                self._admins_with_tokens() - {user}):
+            others = sorted(u.user for u in self.users()
+                            if u.admin and not u.disabled and u.user != user)
             raise ConfigurationError(
-                f"{user} is the enclave's last active admin: disabled, no one could enable "
+                f"{user} is the enclave's last active admin"
+                f"{' with a valid token' if others else ''}: disabled, no one could enable "
                 f"a user again, nor add one; add another admin first (`kotta user add NAME "
-                f"--role ROLE --admin`)")
+                f"--role ROLE --admin`)" + (
+                    f", or issue one of {', '.join(others)} a token (`kotta token issue "
+                    f"NAME`)" if others else ""))
         self.records.put("user", user, {**ident.as_dict(), "disabled": disabled})
         self._log("token-revoke" if disabled else "user-add", user=by, allowed=True,
                   detail=f"{'disabled' if disabled else 'enabled'} {user}")
@@ -278,17 +284,21 @@ class TokenService:
         self._log("token-revoke", user=by, allowed=True, detail=f"refresh token {rid} of {rec['user']}")
         return True
 
+    def _admins_with_tokens(self, but: str | None = None) -> set[str]:
+        """The active admins who hold a valid (not revoked, not expired) refresh token
+        other than ``but``: those who can still administer the enclave."""
+        now = time.time()
+        admins = {u.user for u in self.users() if u.admin and not u.disabled}
+        return {r["user"] for rid, r in self.records.scan("refresh")
+                if rid != but and r["user"] in admins and not r.get("revoked")
+                and now <= r["expires"]}
+
     def _check_not_last_admin_token(self, rid: str, rec: dict[str, Any]) -> None:
         """ConfigurationError if revoking the refresh token ``rid`` leaves no active admin
         a valid token: as with the last active admin disabled (set_disabled), no one
         could issue a token, add a user or enable one again, that admin neither."""
-        now = time.time()
-        admins = {u.user for u in self.users() if u.admin and not u.disabled}
-        if rec["user"] not in admins or rec.get("revoked") or not now <= rec["expires"]:
-            return  # (an expired token gives no rights: revoking it loses nothing)
-        if any(r["user"] in admins and not r.get("revoked") and now <= r["expires"]
-               for other, r in self.records.scan("refresh") if other != rid):
-            return
+        if self._admins_with_tokens(rid) or not self._admins_with_tokens():
+            return  # others can administer still; or this one could not (expired, a user's)
         user = rec["user"]
         raise ConfigurationError(
             f"the token {rid} of {user} is the last valid token of an active admin of the "
