@@ -801,8 +801,8 @@ def test_registration_through_the_cli(enclave_dir, tmp_path):
     rid = token.split(".")[1]
     as_dave = _home_with(tmp_path, "dave")
     for bad, why in [
-        (f"krt1.{rid}.{'A' * 43}", "the refresh token is not known to this enclave"),
-        (f"krt1.{'0' * 18}.{'A' * 43}", "the refresh token is not known to this enclave"),
+        (f"krt1.{rid}.{'A' * 43}", f"the refresh token {rid} is not known to the enclave"),
+        (f"krt1.{'0' * 18}.{'A' * 43}", f"the refresh token {'0' * 18} is not known to the"),
         ("krt1.half", "not a kotta refresh token"),
         ("hello", "not a kotta refresh token"),
     ]:
@@ -817,6 +817,23 @@ def test_registration_through_the_cli(enclave_dir, tmp_path):
     assert r.returncode == 2
     assert "you (mallory) are not registered with the enclave" in r.stderr
     assert "`kotta register TOKEN`" in r.stderr
+
+
+def test_registering_with_the_wrong_enclave_names_the_enclave(enclave_dir, tmp_path):
+    """A user of two enclaves (their own quick-start one, and the lab's) runs `kotta
+    register TOKEN` with the lab's token but without `--enclave`: it was refused with 'the
+    refresh token is not known to this enclave', naming neither the enclave nor the token,
+    so that nothing said the token was good and the enclave the wrong one."""
+    r = kotta(enclave_dir, "user", "add", "carol", "--role", "analyst")
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.split()[-1]
+    other = tmp_path / "own-enclave"
+    assert kotta(other, "whoami").returncode == 0  # (made, with its own admin)
+    r = kotta(other, "register", token, env=_home_with(tmp_path, "carol"))
+    assert r.returncode == 2, r.stdout
+    assert r.stderr.startswith(
+        f"kotta: error: the refresh token {token.split('.')[1]} is not known to the enclave "
+        f"embedded://{other} (issued by another enclave?)"), r.stderr
 
 
 def test_an_unregistered_user_cannot_make_an_executor(make_executor, enclave_dir, tmp_path,

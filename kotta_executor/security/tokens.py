@@ -235,7 +235,10 @@ class TokenService:
         rec = self.records.get("refresh", rid)
         if rec is None or not hmac.compare_digest(rec["sha256"], _sha256(secret)):
             self._log("token-refresh", user="?", allowed=False, detail=f"unknown token {rid}")
-            raise AuthenticationError("the refresh token is not known to this enclave")
+            # named, with the enclave: the token of another enclave (`kotta register`
+            # without --enclave, to a default one) read as a bad token
+            raise AuthenticationError(f"the refresh token {rid} is not known to the enclave "
+                                      f"{self.enclave.url} (issued by another enclave?)")
         if rec.get("revoked"):
             self._log("token-refresh", user=rec["user"], allowed=False,
                       detail=f"revoked token {rid}")
