@@ -115,6 +115,31 @@ def test_a_user_who_is_not_an_admin_trying_admin_commands_is_audited(
     assert TokenService(enclave).user("mallory") is None
 
 
+def test_registering_another_users_token_over_ones_own_says_so(enclave, enclave_dir):
+    """The quick start's admin runs `kotta register` with the token just printed for
+    alice, in their own shell (the guide's lines one after the other): their own admin
+    token was replaced by alice's without a word, and their next `kotta user add` said
+    only that alice is no admin.  It is said, with how to get one's own back."""
+    me = config.current_user()
+    assert kotta(enclave_dir, "whoami").returncode == 0
+    token = kotta(enclave_dir, "user", "add", "alice", "--role", "analyst").stdout.split()[-1]
+    r = kotta(enclave_dir, "register", token)
+    assert r.returncode == 0, r.stderr
+    path = credentials.token_path()
+    assert r.stderr == (
+        f"kotta: note: {path} held the token of {me} for {enclave.url}; it holds alice's "
+        f"now, and kotta and executors act as alice (keep each user's token in a "
+        f"$KOTTA_HOME of their own).  To be {me} again: `kotta register` a token of "
+        f"{me}'s (`kotta token issue {me}`, by an admin), or remove the enclave's entry "
+        f"from {path} and run kotta: the enclave's OS user gets a new token, as on first "
+        f"use\n"), r.stderr
+    assert kotta(enclave_dir, "whoami").stdout.startswith("alice (role analyst)")
+    path.unlink()
+    assert kotta(enclave_dir, "whoami").stdout.startswith(f"{me} (role admin, admin)")
+    r = kotta(enclave_dir, "register", kotta(enclave_dir, "token", "issue", me).stdout.strip())
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # (one's own: nothing to say)
+
+
 def test_users_and_tokens_from_the_shell(enclave, enclave_dir):
     r = kotta(enclave_dir, "user", "add", "carol", "--role", "analyst")
     assert r.returncode == 0, r.stderr

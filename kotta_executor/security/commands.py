@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..backends import is_new, open_enclave
+from ..config import current_user
 from ..errors import AccessDenied, ConfigurationError
 from . import credentials
 from .policy import canonical, check_role
@@ -160,9 +161,21 @@ def _services(enclave):
 def cmd_register(args) -> int:
     # (a token can only be for an enclave that exists: a mistyped path is an error)
     enclave = open_enclave(args.enclave, must_exist=True)
+    held = credentials.stored_user(enclave)
     creds = credentials.register(enclave, args.token)
     print(f"registered as {creds.user} (role {creds.role}) with {enclave.url}; "
           f"token stored in {creds.path}")
+    if held not in (None, creds.user):
+        # another user's token replaced (an admin who registered the token just printed
+        # for a user, in their own shell): their commands act as that user from now on
+        back = f"`kotta register` a token of {held}'s (`kotta token issue {held}`, by an admin)"
+        if held == current_user():  # (the first use's admin, if the enclave key is theirs)
+            back += (f", or remove the enclave's entry from {creds.path} and run kotta: the "
+                     "enclave's OS user gets a new token, as on first use")
+        print(f"kotta: note: {creds.path} held the token of {held} for {enclave.url}; it "
+              f"holds {creds.user}'s now, and kotta and executors act as {creds.user} (keep "
+              f"each user's token in a $KOTTA_HOME of their own).  To be {held} again: "
+              f"{back}", file=sys.stderr)
     return 0
 
 

@@ -441,6 +441,16 @@ def _bootstrap(enclave, path: Path, stale: str | None = None) -> Credentials:
     return Credentials(enclave, refresh, access, path)
 
 
+def stored_user(enclave, path: str | os.PathLike | None = None) -> str | None:
+    """The user whose token the token file holds for ``enclave`` (None: none, or a file
+    that cannot be read)."""
+    try:
+        entry = _read(Path(path) if path is not None else token_path()).get(enclave.url)
+    except AuthenticationError:
+        return None
+    return entry.get("user") if entry else None
+
+
 def register(enclave, refresh_token: str, path: str | os.PathLike | None = None) -> Credentials:
     """Store a registration (refresh) token, after checking it with the enclave."""
     path = Path(path) if path is not None else token_path()
