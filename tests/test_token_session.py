@@ -69,6 +69,34 @@ def test_a_renewal_with_the_token_file_damaged_meanwhile_fails_no_task(
     assert ex.submit(tasks.square, 4).result(GUARD) == 16
 
 
+@pytest.mark.parametrize("removed", ["the file", "the enclave's entry"])
+def test_a_renewal_does_not_write_back_a_token_removed_meanwhile(
+    start_node, make_executor, user_token, enclave, removed, caplog
+):
+    """Bob removes his token from a shared login host (the file, or its entry for the
+    enclave), as docs/security.md says a client leaves a token file moved away alone: a
+    notebook kernel he forgot there wrote his registration token back into it at its next
+    hourly renewal, for anyone who may read that file later.  It is left removed, said,
+    and the executor works on with the token it holds."""
+    bob_file = user_token("bob")
+    ex = make_executor(1, start_node=False, credentials=bob_file)
+    if removed == "the file":
+        bob_file.unlink()
+    else:  # (another enclave's entry stays)
+        data = json.loads(bob_file.read_text())
+        data["embedded:///elsewhere"] = data.pop(enclave.url)
+        bob_file.write_text(json.dumps(data))
+    before = bob_file.read_text() if bob_file.exists() else None
+
+    with caplog.at_level(logging.WARNING, logger="kotta.credentials"):
+        tok = ex._creds.access(now=time.time() + ACCESS_TTL)  # an hour later: it renews
+    assert tok.user == "bob"
+    assert (bob_file.read_text() if bob_file.exists() else None) == before
+    assert str(bob_file) in caplog.text
+    start_node(workers=1)
+    assert ex.submit(tasks.square, 4).result(GUARD) == 16
+
+
 def test_a_registration_token_expiring_mid_session_says_what_to_do_and_loses_no_task(
     start_node, make_executor, user_token, enclave, tmp_path
 ):

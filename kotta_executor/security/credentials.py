@@ -288,12 +288,17 @@ def save(enclave, refresh: str, access: AccessToken | None, path: Path | None = 
     """Store ``refresh`` (and ``access``) as the token for ``enclave`` in the token file.
     ``renewal``: a client's renewed access token, stored only while the file still holds
     ``refresh`` for that enclave: a registration token stored since (``kotta register``,
-    run while a notebook's executor holds the old one) is never overwritten by it."""
+    run while a notebook's executor holds the old one) is never overwritten by it, and
+    one removed since (the file, or its entry: a user leaving a shared host) is not
+    written back (AuthenticationError, which the renewal logs)."""
     path = path or token_path()
     with _locked(path):
         data = _read(path) if path.exists() else {}
         held = data.get(enclave.url, {}).get("refresh")
-        if renewal and held is not None and held != refresh:
+        if renewal and held is None:
+            raise AuthenticationError(f"{path} holds no token for {enclave.url} any more "
+                                      "(removed): not written back")
+        if renewal and held != refresh:
             return
         entry: dict[str, Any] = {"refresh": refresh}
         if access is not None:
