@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +19,7 @@ from kotta_executor.security import credentials
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.data import get_object
 from kotta_executor.security.policy import PolicyStore
-from kotta_executor.security.tokens import TokenService
+from kotta_executor.security.tokens import ACCESS_TTL, TokenService
 from tests.conftest import GUARD, subprocess_env
 from tests.test_cli import kotta
 
@@ -194,6 +197,43 @@ def test_the_last_admins_last_token_cannot_be_revoked_and_a_lockout_is_recoverab
     r = kotta(enclave_dir, "user", "add", "bob", "--role", "ops")
     assert r.returncode == 0, r.stderr
     assert credentials.load(enclave).refresh_id not in (rid, old)
+
+
+def test_an_enclave_whose_admins_tokens_ran_out_with_its_key_holder_disabled_is_recoverable(
+        enclave, enclave_dir, tmp_path):
+    """The other way to lose every admin, which no command can refuse: bob, an admin,
+    disabled the OS user's identity (the first-use admin), and bob's token ran out.  Bob
+    is told to ask an admin; the OS user, holder of the enclave key, is told that only an
+    admin can enable them, even with its token file removed.  The documented recovery
+    (docs/security.md §1): the key holder enables itself from Python, and runs kotta."""
+    me = config.current_user()
+    r = kotta(enclave_dir, "user", "add", "bob", "--role", "ops", "--admin")
+    assert r.returncode == 0, r.stderr
+    bob = _home(tmp_path, "bob")
+    assert kotta(enclave_dir, "register", r.stdout.split()[-1], env=bob).returncode == 0
+    assert kotta(enclave_dir, "user", "disable", me, env=bob).returncode == 0
+    svc = TokenService(enclave)
+    for t in svc.tokens("bob"):  # 90 days later
+        rec = enclave.records.get("refresh", t["id"])
+        enclave.records.put("refresh", t["id"], {**rec, "expires": time.time() - 1})
+    held = credentials.load(enclave, Path(bob["KOTTA_HOME"]) / "token")
+    t0 = time.time() - 2 * ACCESS_TTL  # (and the access token cached with it)
+    credentials.save(enclave, held._refresh, svc._access(
+        svc.user("bob"), held.refresh_id, t0, t0 + ACCESS_TTL), held.path)
+    r = kotta(enclave_dir, "user", "enable", me, env=bob)
+    assert r.returncode == 2 and "expired" in r.stderr, r.stderr
+    credentials.token_path().unlink()
+    r = kotta(enclave_dir, "user", "enable", me)
+    assert r.returncode == 2 and f"the user {me} is disabled" in r.stderr, r.stderr
+
+    r = subprocess.run([sys.executable, "-c", (
+        "import sys; from kotta_executor.backends import open_enclave; "
+        "from kotta_executor.security.tokens import TokenService; "
+        "TokenService(open_enclave(sys.argv[1])).set_disabled(sys.argv[2], False, by=sys.argv[2])"
+    ), str(enclave_dir), me], env=subprocess_env(), capture_output=True, text=True, timeout=GUARD)
+    assert r.returncode == 0, r.stderr
+    r = kotta(enclave_dir, "token", "issue", "bob")
+    assert r.returncode == 0, r.stderr
 
 
 def _home(tmp_path, name):
