@@ -261,6 +261,13 @@ class KottaExecutor(Executor):
                 "inside the initializer instead (say, from a dataset)"
             )
         self._start_node = start_node
+        if isinstance(credentials, Credentials) and credentials.enclave.url != self._enclave.url:
+            # signed with the other enclave's key, every task would fail at the nodes as
+            # forged (and be audited as a forgery)
+            raise AuthenticationError(
+                f"the credentials given are for the enclave {credentials.enclave.url}, not "
+                f"{self._enclave.url}: load those of this one "
+                f"(credentials.load(enclave), or pass its token file)")
         self._creds = (
             credentials if isinstance(credentials, Credentials)
             else _credentials.load(self._enclave, credentials)

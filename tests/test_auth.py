@@ -846,6 +846,28 @@ def test_an_unregistered_user_cannot_make_an_executor(make_executor, enclave_dir
         KottaExecutor(1, enclave=enclave_dir, start_node=False)
 
 
+
+def test_credentials_of_another_enclave_are_refused_by_the_executor(
+        make_executor, start_node, enclave, tmp_path):
+    """A notebook with two enclaves passes the Credentials loaded for one to an executor
+    of the other: every task failed at the node with 'TaskRejected: the task's signature
+    does not verify: the envelope was forged or altered', and was audited as a forgery.
+    The executor refuses them when it is made, naming both enclaves."""
+    other = EmbeddedEnclave(tmp_path / "other")
+    try:
+        creds = credentials.load(other)  # (the same OS user's: its first-use admin too)
+        with pytest.raises(AuthenticationError, match=(
+                f"the credentials given are for the enclave {re.escape(other.url)}, not "
+                f"{re.escape(enclave.url)}")):
+            make_executor(1, start_node=False, credentials=creds)
+    finally:
+        other.close()
+    ex = make_executor(1, start_node=False, credentials=credentials.load(enclave))
+    start_node(workers=1)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    assert AuditLog(enclave).show(action="task-rejected") == []
+
+
 # ---------------------------------------------------------------------- 9. first use
 
 
