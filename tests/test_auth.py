@@ -17,6 +17,7 @@ import re
 import shutil
 import sqlite3
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -879,6 +880,42 @@ def test_first_use_of_an_embedded_enclave_needs_no_setup(make_executor, enclave)
     assert _mode(credentials.token_path()) == 0o600
     [added] = AuditLog(enclave).show(action="user-add")
     assert added["user"] == current_user() and "admin" in added["detail"]
+
+
+def test_a_first_use_never_reads_the_enclave_key_half_written(tmp_path, monkeypatch):
+    """Two processes using a new enclave for the first time at once (a job array's
+    scripts): the one that made the key file had not written its bytes yet when the other
+    read it, which failed with 'the enclave key ... is damaged (0 bytes)' (or, looking
+    whether it may make itself a token, took its OS user for no admin of the enclave).  A
+    key file appears whole or not at all, and both use the same key.  (The first one's
+    write is held, by holding os.urandom, until the second has read the key.)"""
+    from kotta_executor.security import keys
+
+    path = tmp_path / "enclave.key"
+    held, go = threading.Event(), threading.Event()
+    urandom = os.urandom
+
+    def held_random(n: int) -> bytes:
+        if threading.current_thread().name == "first":
+            held.set()
+            go.wait(GUARD)
+        return urandom(n)
+
+    monkeypatch.setattr(os, "urandom", held_random)
+    got: dict[str, bytes] = {}
+    first = threading.Thread(target=lambda: got.update(first=keys._local_key(path)),
+                             name="first")
+    first.start()
+    try:
+        assert held.wait(GUARD)
+        got["second"] = keys._local_key(path)
+    finally:
+        go.set()
+        first.join(GUARD)
+    assert len(got["second"]) == keys.KEY_BYTES
+    assert got["first"] == got["second"] == path.read_bytes()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["enclave.key"]  # no leftovers
 
 
 def test_an_enclave_made_anew_in_the_same_place_replaces_the_stale_token(

@@ -15,6 +15,7 @@ Where it lives:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -66,17 +67,41 @@ def _load(enclave) -> bytes:
 
 
 def _local_key(path: Path) -> bytes:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(KEY_BYTES))
+    if not path.exists():
+        # Written whole, then linked into place (the first link wins): made with O_EXCL
+        # and written after, another process's first use read it empty in between, and
+        # failed ("damaged (0 bytes)")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a leftover of a crash keeps its mode: never reuse it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(KEY_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: made as before
+                _create_key(path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     data = path.read_bytes()
     if len(data) != KEY_BYTES:  # a writer that has not finished yet, or a damaged file
         raise ConfigurationError(f"the enclave key {path} is damaged ({len(data)} bytes)")
     return data
+
+
+def _create_key(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(KEY_BYTES))
 
 
 S3_KEY = "keys/enclave.key"
