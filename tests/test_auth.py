@@ -918,6 +918,25 @@ def test_a_first_use_never_reads_the_enclave_key_half_written(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["enclave.key"]  # no leftovers
 
 
+def test_a_damaged_enclave_key_is_said_not_taken_for_another_users(enclave_dir):
+    """The enclave key cut short (a full disk): its own OS user, without a token file
+    (a new machine, a new $KOTTA_HOME), was told 'no kotta token ...: ask an admin of the
+    enclave for a registration token', as a user who may not read the key is; the admin
+    being that user, and the key the problem.  It is named."""
+    first = EmbeddedEnclave(enclave_dir)
+    try:
+        credentials.load(first)  # first use: the key, the admin, its token
+    finally:
+        first.close()
+    key = enclave_dir / "enclave.key"
+    key.write_bytes(key.read_bytes()[:10])
+    credentials.token_path().unlink()
+    r = kotta(enclave_dir, "whoami")
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"kotta: error: the enclave key {key} is damaged (10 bytes)"), (
+        r.stderr)
+
+
 def test_an_enclave_made_anew_in_the_same_place_replaces_the_stale_token(
         make_executor, enclave_dir, caplog):
     """The token file is keyed by the enclave's URL; an enclave deleted and made again at

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import current_user, kotta_home
-from ..errors import AuthenticationError
+from ..errors import AuthenticationError, ConfigurationError
 from .tokens import ACCESS_TTL, AccessToken, TokenService
 
 log = logging.getLogger("kotta.credentials")
@@ -391,6 +391,8 @@ def _holds_enclave_key(enclave) -> bool:
         master_key(enclave)
     except EnclaveNotProvisioned:  # no enclave there at all: no token would help
         raise
+    except ConfigurationError:  # read, but damaged (cut short): said, not taken for a
+        raise  # key this user may not read ("ask an admin", told to the admin)
     except Exception:  # noqa: BLE001 - unreadable for whatever reason: not an admin here
         return False
     return True
