@@ -532,7 +532,10 @@ class Node:
         self._hand_back_pending()
         if self.data.active:
             log.warning("drain timeout: handing back %s, still staging", list(self.data.active))
-            self.enclave.queue.release(self.data.held())
+            active = list(self.data.active.values())
+            unstaged = self._unstage(active)  # (never ran: not counted as a delivery)
+            self.enclave.queue.hand_back([t.delivery for t in active if id(t) in unstaged])
+            self.enclave.queue.release([t.delivery for t in active if id(t) not in unstaged])
             self.data.active.clear()
             self.data.abandoned = True
         self._report_after = 0.0  # a last try, whatever failed before
@@ -586,11 +589,39 @@ class Node:
         Those not claimed yet never started: their receive does not count as a delivery
         (``queue.hand_back``), else stopping a node now and then dead-lettered tasks
         that never ran.  A claimed one (put back from a worker) is counted: its next
-        delivery must be a redelivery, to claim the job this node moved."""
-        fresh = [*inbox, *(t.delivery for t in self.pending if not t.claimed)]
+        delivery must be a redelivery, to claim the job this node moved; but not one only
+        staged here, whose job goes back to pending (:meth:`_unstage`)."""
+        claimed = [t for t in self.pending if t.claimed]
+        unstaged = self._unstage(claimed)
+        fresh = [*inbox, *(t.delivery for t in self.pending if not t.claimed or id(t) in unstaged)]
         self.enclave.queue.hand_back(fresh)
-        self.enclave.queue.release([t.delivery for t in self.pending if t.claimed])
+        self.enclave.queue.release([t.delivery for t in claimed if id(t) not in unstaged])
         self.pending.clear()
+
+    def _unstage(self, tasks: list[Task]) -> set[int]:
+        """Of ``tasks`` (claimed, handed back as the node stops), those whose job this node
+        only staged, never ran: moved back to pending (staging_inputs -> pending), to hand
+        back uncounted, as a task never claimed.  Else each node stopped while it held a
+        staged task counted a delivery, its job left in staging_inputs, and after a few
+        node restarts a task that never ran was dead-lettered.  Returns their ``id()``s.
+        A job another node has begun meanwhile (its message seen again), or one asked to
+        be killed (its next node ends it), is left as it is: released, counted."""
+        ids = [t.job_id for t in tasks if t.claimed and declares_data(t.header)]
+        if not ids:
+            return set()
+        try:
+            records = self.enclave.jobs.get_many(ids)
+            ours = [j for j in ids if (r := records.get(j)) is not None
+                    and r.state == JobState.STAGING_INPUTS and r.node == self.node_id
+                    and not r.kill_requested]
+            moved = set(self.enclave.jobs.transition(
+                ours, JobState.PENDING, from_states={JobState.STAGING_INPUTS},
+                node=self.node_id)) if ours else set()
+        except Exception as exc:  # noqa: BLE001 - stopping: handed back counted, as before
+            log.warning("moving staged jobs back to pending failed (%s: %s); handing them "
+                        "back as delivered", type(exc).__name__, exc)
+            return set()
+        return {id(t) for t in tasks if t.job_id in moved}
 
     def _stop(self) -> None:
         self.data.close()

@@ -724,3 +724,65 @@ def test_a_positional_only_argument_named_inputs_is_not_given_the_staged_uris(da
     alice = make_executor(1, credentials=data.alice)
     f = alice.submit(tasks.scaled_sum, [1, 2], inputs=[INPUT], scale=2)
     assert f.result(GUARD) == 2 * (3 + SUM)
+
+
+def _message(enclave, job_id: str):
+    """(holder, receive_count) of a job's task message (white-box: the embedded queue)."""
+    rows = enclave._db.read("SELECT holder, receive_count FROM messages WHERE job_id=?",
+                            (job_id,))
+    return tuple(rows[0]) if rows else None
+
+
+def test_a_staged_task_handed_back_by_a_stopping_node_is_pending_and_not_counted(
+        start_node, data, make_executor, tmp_path):
+    """A node stopped (SIGTERM) while a task it had staged waited for a worker handed the
+    task back counted as a delivery, its job left in staging_inputs: after a few node
+    restarts a task that never ran was dead-lettered, "delivered N times without
+    completing" (here at once: --max-deliveries 1)."""
+    import signal
+
+    a = start_node("--max-deliveries", "1")
+    blocker, f, release, marker = _staged_behind_a_blocker(data, make_executor, tmp_path)
+    try:
+        wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
+                 what="the task's inputs to be staged")
+        assert f.status() == "staging_inputs"
+        a.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: _message(data.enclave, f.job_id)[0] is None,
+                 what="node A to hand back the staged task")
+        assert _message(data.enclave, f.job_id) == (None, 0)  # its receive taken back
+        assert f.status() == "pending"  # (cancellable again: no node holds it)
+    finally:
+        release.touch()
+    blocker.result(GUARD)
+    assert a.proc.wait(GUARD) == 0, a.output()
+    start_node("--max-deliveries", "1")
+    assert f.result(GUARD) == "ran"
+    assert marker.exists()
+
+
+def test_a_task_still_staging_at_the_drain_deadline_is_handed_back_pending(
+        data, make_executor, monkeypatch):
+    """The drain's deadline passed while a task's inputs were still being staged: its
+    message was released counted, and its job stayed in staging_inputs."""
+    from kotta_executor.states import JobState
+    from node.daemon import Node, NodeConfig
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    enclave = data.enclave
+    alice = make_executor(1, credentials=data.alice, start_node=False)
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
+                                    drain_timeout=0.0))
+    node._start()
+    try:
+        f = alice.submit(tasks.file_sum, inputs=[INPUT])
+        wait_for(lambda: (node.step(), node.data.active)[1], what="staging to start")
+    finally:
+        node._drain()  # (no time to finish: whatever the staging thread does, abandoned)
+        node._stop()
+        node.data.pool.shutdown(wait=True)  # (the abandoned thread: not left running)
+    assert enclave.jobs.get(f.job_id).state == JobState.PENDING
+    assert _message(enclave, f.job_id) == (None, 0)
+    assert f.kill() is True  # a job no node holds: cancelled at once
+    assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED

@@ -482,3 +482,28 @@ def test_aws_a_stage_in_record_whose_answer_was_lost_is_written_once(aws):
     [rec] = audit.show(job_id=f.job_id, action="stage-in")
     assert (rec["user"], rec["dataset"]) == ("alice", INPUT)
     assert audit.verify().ok
+
+
+def test_aws_a_task_still_staging_when_its_node_stops_is_pending_again(aws, monkeypatch):
+    """A node stopped (its drain's deadline passed) while it staged a task's inputs: the
+    job stayed in staging_inputs, though the task was handed back and never ran."""
+    from kotta_executor.states import JobState
+    from tests.conftest import ROOT
+
+    enclave, _, _, _, executor = aws
+    executor.node.request_stop()  # (the fixture's node: this test steps its own)
+    wait_for(lambda: not any(n.node_id == executor.node.node_id
+                             for n in enclave.nodes.live()), what="the fixture's node to stop")
+    monkeypatch.chdir(ROOT)
+    alice = executor("alice", "analyst")
+    node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=0.1, drain_timeout=0.0))
+    node._start()
+    try:
+        f = alice.submit(tasks.file_sum, inputs=[INPUT])
+        wait_for(lambda: (node.step(), node.data.active)[1], what="staging to start")
+    finally:
+        node._drain()  # (no time to finish: whatever the staging thread does, abandoned)
+        node._stop()
+        node.data.pool.shutdown(wait=True)  # (the abandoned thread: not left running)
+    assert enclave.jobs.get(f.job_id).state == JobState.PENDING
+    assert f.kill() is True  # a job no node holds: cancelled at once

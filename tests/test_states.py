@@ -31,13 +31,13 @@ X = JobState.CANCELLED
 #
 #   from \ to        pending  staging_in  processing  staging_out  completed  failed  cancelled
 #   pending            .        x           x           .            .          x       x
-#   staging_inputs     .        x           x           .            .          x       x
+#   staging_inputs     x        x           x           .            .          x       x
 #   processing         .        x           x           x            x          x       x
 #   staging_outputs    .        x           x           x            x          x       x
 #   completed/failed/cancelled: final, nothing leaves them
 EXPECTED: dict[JobState, frozenset[JobState]] = {
     P: frozenset({SI, PR, F, X}),
-    SI: frozenset({SI, PR, F, X}),
+    SI: frozenset({P, SI, PR, F, X}),
     PR: frozenset({SI, PR, SO, C, F, X}),
     SO: frozenset({SI, PR, SO, C, F, X}),
     C: frozenset(),
@@ -128,8 +128,9 @@ def test_nothing_completes_without_processing() -> None:
     assert states.sources(SO) == {PR, SO}
 
 
-def test_nothing_goes_back_to_pending() -> None:
-    assert states.sources(P) == frozenset()
+def test_only_a_job_staging_its_inputs_goes_back_to_pending() -> None:
+    """A stopping node hands back a task it staged and never ran: pending again."""
+    assert states.sources(P) == {SI}
 
 
 def test_only_pending_jobs_are_cancellable() -> None:
