@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -80,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the job's CPU%% and memory samples as an SVG image to FILE")
 
     lg = sub.add_parser("logs", help="what a job wrote to stdout and stderr")
+    lg.add_argument("--raw", action="store_true",
+                    help="write the output's bytes as they are, escape sequences too (on a "
+                         "terminal, control characters are shown escaped)")
     lg.add_argument("job_id")
 
     c = sub.add_parser("cancel", help="cancel a pending job, or kill a running one")
@@ -649,12 +653,34 @@ def cmd_logs(args) -> int:
         else:
             print(f"job {job.job_id} is {job.state}: no output yet", file=sys.stderr)
         return 1
+    if args.raw:  # the bytes the task wrote, whatever they do to a terminal
+        for name in ("stdout", "stderr"):
+            data = env.sections.get(name, b"")
+            print(f"--- {name} ---", flush=True)
+            sys.stdout.buffer.write(data if data.endswith(b"\n") or not data else data + b"\n")
+            sys.stdout.buffer.flush()
+        return 0
     out, err = env.text("stdout"), env.text("stderr")
+    if sys.stdout.isatty():
+        out, err = _for_terminal(out), _for_terminal(err)
     print("--- stdout ---")
     sys.stdout.write(out if out.endswith("\n") or not out else out + "\n")
     print("--- stderr ---")
     sys.stdout.write(err if err.endswith("\n") or not err else err + "\n")
     return 0
+
+
+#: a control character, C0 (but newline and tab), DEL or C1; or an SGR sequence (colours,
+#: bold), which is kept: it changes how text looks, nothing else of the terminal
+_CONTROL_OR_SGR = re.compile(r"(\x1b\[[0-9;:]*m)|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _for_terminal(text: str) -> str:
+    """A task's output, safe to show on the viewer's terminal: what it printed is the
+    task's choice (another user's, in a shared enclave), and its escape sequences would
+    act on the terminal (retitle it, clear it, move the cursor to hide lines, answer a
+    query as if typed).  Control characters show escaped (``\\x1b``), colours are kept."""
+    return _CONTROL_OR_SGR.sub(lambda m: m.group(1) or f"\\x{ord(m.group()):02x}", text)
 
 
 def cmd_cancel(args) -> int:

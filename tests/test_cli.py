@@ -161,6 +161,63 @@ def test_logs_shows_output_the_terminal_cannot_encode_escaped(executor, enclave_
                         "--- stderr ---\ncaf\\xe9 \\u2713 err\n"), r.stdout
 
 
+def _kotta_on_a_terminal(enclave_dir, *args: str) -> tuple[int, bytes]:
+    """Run ``kotta`` with its stdout on a pseudo-terminal (raw: no newline translation):
+    (exit code, the bytes the terminal got)."""
+    import pty
+    import tty
+
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kotta_executor.cli", "--enclave", str(enclave_dir), *args],
+            env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=slave,
+            stderr=subprocess.PIPE)
+    finally:
+        os.close(slave)
+    got = b""
+    try:
+        while chunk := os.read(master, 65536):
+            got += chunk
+    except OSError:  # EIO: the command ended, the terminal's last writer gone
+        pass
+    finally:
+        os.close(master)
+    proc.stderr.read()
+    return proc.wait(GUARD), got
+
+
+TITLE_AND_CLEAR = "\x1b]0;you are pwned\x07\x1b[2J\x1b[31mred\x1b[0m\rhidden\x9b6n"
+
+
+def test_logs_on_a_terminal_shows_escape_sequences_a_task_printed_escaped(executor,
+                                                                         enclave_dir):
+    """``kotta logs`` wrote a task's output raw to the terminal: what the task printed
+    (another user's task in a shared enclave, or a plain title change) retitled, cleared
+    or queried the viewer's terminal.  On a terminal, control characters other than
+    newline and tab show escaped (colours kept); ``--raw`` and a pipe get them as they
+    are."""
+    f = executor.submit(tasks.say, TITLE_AND_CLEAR)
+    assert f.result(GUARD)
+    code, shown = _kotta_on_a_terminal(enclave_dir, "logs", f.job_id)
+    assert code == 0, shown
+    assert shown == ("--- stdout ---\n\\x1b]0;you are pwned\\x07\\x1b[2J\x1b[31mred\x1b[0m"
+                     "\\x0dhidden\\x9b6n out\n--- stderr ---\n\\x1b]0;you are pwned\\x07"
+                     "\\x1b[2J\x1b[31mred\x1b[0m\\x0dhidden\\x9b6n err\n").encode(), shown
+    code, shown = _kotta_on_a_terminal(enclave_dir, "logs", "--raw", f.job_id)
+    assert code == 0, shown
+    assert shown == (f"--- stdout ---\n{TITLE_AND_CLEAR} out\n"
+                     f"--- stderr ---\n{TITLE_AND_CLEAR} err\n").encode(), shown
+    r = subprocess.run(  # piped: as it is
+        [sys.executable, "-m", "kotta_executor.cli", "--enclave", str(enclave_dir), "logs",
+         f.job_id], env=subprocess_env(), cwd=ROOT, capture_output=True, timeout=GUARD,
+        stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (f"--- stdout ---\n{TITLE_AND_CLEAR} out\n"
+                        f"--- stderr ---\n{TITLE_AND_CLEAR} err\n").encode(), r.stdout
+
+
 def test_logs_of_a_job_cancelled_before_it_ran_says_it_ended(make_executor, enclave,
                                                              enclave_dir):
     """It said "no output yet" of a cancelled job, which never will have any."""
