@@ -1372,3 +1372,83 @@ def test_delete_removes_records_messages_and_blobs(backend):
     with pytest.raises(KeyError):
         backend.blobs.get(f"args-{gone}")
     assert backend.jobs.get(keep).state == JobState.PENDING
+
+
+def _finished_apart(backend: Enclave) -> tuple[str, float, str]:
+    """An old final job, a time after it finished, and a job that finished after that."""
+    old, new = create(backend, 2)
+    drive(backend, old, JobState.COMPLETED)
+    cut = wait_for(lambda: (t := time.time()) > backend.jobs.get(old).finished and t,
+                   what="the clock to pass the old job's finish")
+    wait_for(lambda: time.time() > cut, what="the clock to pass the cut")
+    drive(backend, new, JobState.FAILED)
+    return old, cut, new
+
+
+def test_prune_removes_final_jobs_finished_before_and_nothing_else(backend):
+    by_state = jobs_in_every_state(backend)
+    [big, dead] = create(backend, 2)
+    drive(backend, big, JobState.PROCESSING)
+    assert backend.jobs.finish([Finished(big, JobState.COMPLETED, b"R" * LARGE)]) == [big]
+    backend.blobs.put(f"args-{big}", b"a task section that was too large for its message")
+    [d] = received(backend, "work", 100)[-1:]
+    assert d.job_id == dead
+    backend.queue.dead_letter([d], "delivered too often")
+    drive(backend, dead, JobState.FAILED)
+    assert dead in {x["job_id"] for x in backend.queue.dead_letters("work")}
+    final = {by_state[s] for s in FINAL} | {big, dead}
+    active = {by_state[s] for s in JobState if not s.final}
+    before = wait_for(lambda: (t := time.time()) > max(
+        r.finished for r in backend.jobs.get_many(final).values()) and t)
+
+    pruned = backend.jobs.prune(before)
+    assert sorted(pruned.jobs) == sorted(final)
+    assert pruned.bytes is None or pruned.bytes > LARGE
+    assert set(backend.jobs.get_many(final | active)) == active
+    for s in JobState:
+        if not s.final:  # untouched, whatever its age
+            assert state_of(backend, by_state[s]) == s
+            assert backend.jobs.history(by_state[s])
+    assert backend.jobs.history(big) == []
+    with pytest.raises(KeyError):
+        backend.blobs.get(f"args-{big}")
+    assert result_blobs(backend, big) == []
+    assert dead not in {x["job_id"] for x in backend.queue.dead_letters("work")}
+    assert backend.jobs.prune(before).jobs == []  # (nothing left to remove)
+
+
+def result_blobs(backend: Enclave, job_id: str) -> list[str]:
+    return backend.blobs.older(f"result-{job_id}", time.time() + 3600)[0]
+
+
+def test_prune_takes_the_finish_time_and_the_owner(backend):
+    old, cut, new = _finished_apart(backend)
+    [bobs] = create(backend, owner="bob")
+    drive(backend, bobs, JobState.CANCELLED)
+    wait_for(lambda: time.time() > backend.jobs.get(bobs).finished)
+    assert backend.jobs.prune(cut, owner="alice").jobs == [old]
+    assert set(backend.jobs.get_many([old, new, bobs])) == {new, bobs}
+    assert backend.jobs.prune(time.time(), owner="carol").jobs == []
+    assert sorted(backend.jobs.prune(time.time()).jobs) == sorted([new, bobs])
+
+
+def test_prune_dry_run_removes_nothing(backend):
+    old, cut, new = _finished_apart(backend)
+    assert backend.jobs.finish([]) == []
+    pruned = backend.jobs.prune(cut, dry_run=True)
+    assert pruned.jobs == [old]
+    assert set(backend.jobs.get_many([old, new])) == {old, new}
+    assert backend.jobs.history(old)
+
+
+def test_prune_removes_its_jobs_spilled_results(backend):
+    [big] = create(backend)
+    drive(backend, big, JobState.PROCESSING)
+    assert backend.jobs.finish([Finished(big, JobState.COMPLETED, b"R" * LARGE)]) == [big]
+    [ref] = result_blobs(backend, big)
+    assert backend.blobs.get(ref) == b"R" * LARGE
+    wait_for(lambda: time.time() > backend.jobs.get(big).finished)
+    assert backend.jobs.prune(time.time(), dry_run=True).jobs == [big]
+    assert backend.blobs.get(ref) == b"R" * LARGE
+    assert backend.jobs.prune(time.time()).jobs == [big]
+    assert result_blobs(backend, big) == []

@@ -208,6 +208,40 @@ def test_rolled_back_finish_leaves_no_result_blob(tmp_path):
         enclave.close()
 
 
+def test_prune_deletes_in_short_transactions_and_blobs_after_their_commit(tmp_path, monkeypatch):
+    from kotta_executor.backends import embedded
+
+    monkeypatch.setattr(embedded, "PRUNE_CHUNK", 2)
+    enclave = EmbeddedEnclave(tmp_path / "enclave")
+    other = EmbeddedEnclave(tmp_path / "enclave")  # (a node: another connection)
+    try:
+        jobs = [_new_job() for _ in range(5)]
+        enclave.jobs.create(jobs)
+        ids = [j.job_id for j in jobs]
+        assert enclave.jobs.transition(ids, JobState.PROCESSING) == ids
+        assert sorted(enclave.jobs.finish(
+            [Finished(j, JobState.COMPLETED, b"R" * LARGE) for j in ids])) == sorted(ids)
+        seen = []
+        delete = enclave.blobs.delete
+
+        def spy(keys):  # between two chunks: the lock is free, the rows gone for others
+            keys = list(keys)
+            other.jobs.create([_new_job()])  # (a write: it would wait for a held lock)
+            seen.append((len(keys), set(other.jobs.get_many(ids))))
+            delete(keys)
+
+        monkeypatch.setattr(enclave.blobs, "delete", spy)
+        before = wait_for(lambda: (t := time.time()) > max(
+            r.finished for r in enclave.jobs.get_many(ids).values()) and t)
+        assert sorted(enclave.jobs.prune(before).jobs) == sorted(ids)
+        assert [n for n, _ in seen] == [6, 6, 3]  # result, fn and args of each job
+        assert [len(left) for _, left in seen] == [3, 1, 0]
+        assert _blob_files(enclave) == set()
+    finally:
+        other.close()
+        enclave.close()
+
+
 def test_duplicate_large_results_in_one_finish_leave_no_orphan_blob(tmp_path):
     enclave = EmbeddedEnclave(tmp_path / "enclave")
     try:

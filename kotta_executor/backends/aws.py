@@ -70,6 +70,7 @@ from .base import (
     NewJob,
     NodeInfo,
     NodeRegistry,
+    Pruned,
     TaskQueue,
 )
 from .embedded import _KEY
@@ -1090,6 +1091,35 @@ class SqsQueue(TaskQueue):
             self._visibility([Delivery("", b"", _receipt(dlq, h, None), 0) for h in handles], 0)
         return sorted(seen.values(), key=lambda d: d["dead_at"])
 
+    def drop_dead_letters(self, queue: str, job_ids: set[str]) -> int:
+        """Delete the dead letters of ``queue`` whose jobs are ``job_ids`` (``kotta
+        prune``); the others are made visible again.  The number deleted."""
+        dlq = self._e.names.dlq(self._e.names.queue(queue))
+        seen: set[str] = set()
+        gone: list[tuple[str, str | None]] = []
+        kept: list[str] = []
+        confirming = False
+        while len(seen) < self.max_dead_letters:  # (as dead_letters reads them)
+            got = self._receive(dlq, 10, 10, 1 if confirming else 0, missing_ok=True)
+            new = [(m, b) for m, _, b, _ in got or [] if m["MessageId"] not in seen]
+            if not new:
+                if confirming or got is None:  # (None: no such queue)
+                    break
+                confirming = True
+                continue
+            confirming = False
+            for m, blob in new:
+                seen.add(m["MessageId"])
+                if _job_id(m) in job_ids:
+                    gone.append((m["ReceiptHandle"], blob))
+                else:
+                    kept.append(m["ReceiptHandle"])
+        if kept:
+            self._visibility([Delivery("", b"", _receipt(dlq, h, None), 0) for h in kept], 0)
+        if gone:
+            self._delete(dlq, gone)
+        return len(gone)
+
     def _max_receive_count(self, sqs_name: str) -> int | None:
         """The ``maxReceiveCount`` of the queue's redrive policy (None without one)."""
         resp = self._call(
@@ -1839,6 +1869,50 @@ class DynamoJobs(_DynamoTable, JobTable):
                              if i.get("kill_requested", {}).get("BOOL", False))
         self._kills = cached
         return cached[2] & wanted
+
+    def prune(self, before, *, owner=None, dry_run=False):
+        """One owner's: a Query of the ``owner-created`` index (of jobs created before
+        ``before``: none finished before it was made); everyone's: a Scan of the table.
+        Deleted a hundred at a time (:meth:`delete`: batches of 25, whose unprocessed
+        items are tried again), with their blobs, then their dead letters."""
+        values: dict[str, Any] = {":before": _n(before)}
+        names = {"#state": "state", "#queue": "queue"}
+        when = (f"{self._state_in(states.FINAL, values)} AND (finished < :before OR"
+                " (attribute_not_exists(finished) AND updated < :before))")
+        kw: dict[str, Any] = {
+            "TableName": self.table, "ProjectionExpression": "job_id, #queue",
+            "FilterExpression": when, "ExpressionAttributeNames": names,
+        }
+        if owner is not None:
+            names["#owner"] = "owner"
+            values[":owner"] = {"S": owner}
+            kw.update(IndexName=OWNER_INDEX,
+                      KeyConditionExpression="#owner = :owner AND created < :before")
+            call = "query"
+        else:
+            kw["ConsistentRead"] = True  # (a final state read is final: it never leaves)
+            call = "scan"
+        kw["ExpressionAttributeValues"] = values
+        pruned = Pruned(bytes=None)
+        queues: dict[str, set[str]] = {}
+        while True:
+            resp = self._call(call, **kw)
+            found = [(i["job_id"]["S"], _str(i, "queue")) for i in resp.get("Items") or []]
+            for chunk in _chunks(found, 100):
+                ids = [j for j, _ in chunk]
+                if not dry_run:
+                    self.delete(ids)
+                pruned.jobs += ids
+                for j, q in chunk:
+                    queues.setdefault(q or "", set()).add(j)
+            if "LastEvaluatedKey" not in resp:
+                break
+            kw["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        if not dry_run:
+            for q, ids in queues.items():
+                if q:
+                    self._e.queue.drop_dead_letters(q, ids)
+        return pruned
 
     def delete(self, job_ids: Sequence[str]) -> None:
         """Remove job records with their spilled results and task blobs.

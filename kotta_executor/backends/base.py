@@ -106,6 +106,18 @@ class JobRecord:
 
 
 @dataclass(slots=True)
+class Pruned:
+    """What :meth:`JobTable.prune` removed (or, in a dry run, would remove)."""
+
+    #: the ids of the jobs
+    jobs: list[str] = field(default_factory=list)
+    #: bytes their records, results, task blobs and dead letters held, roughly; None
+    #: where the backend cannot tell cheaply (AWS: the size of an item or object is not
+    #: known without reading it)
+    bytes: int | None = 0
+
+
+@dataclass(slots=True)
 class NodeInfo:
     node_id: str
     queue: str
@@ -259,6 +271,16 @@ class JobTable(abc.ABC):
     @abc.abstractmethod
     def delete(self, job_ids: Sequence[str]) -> None:
         """Remove job records with their result and task blobs (clean-up of old jobs)."""
+
+    @abc.abstractmethod
+    def prune(self, before: float, *, owner: str | None = None,
+              dry_run: bool = False) -> Pruned:
+        """Remove the jobs that are final (completed, failed, cancelled) and finished
+        before ``before`` (a ``time.time()``), of ``owner`` (None: of every owner): their
+        records (result, usage samples, history, captured output), result and task blobs
+        and dead letters.  A job that is not final is never removed, whatever its age.
+        ``dry_run``: remove nothing, say what would go.  Done in small steps, so that
+        nodes never wait long for it; jobs removed before a failure stay removed."""
 
     @abc.abstractmethod
     def request_kill(self, job_id: str) -> bool:

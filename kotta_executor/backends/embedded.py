@@ -47,6 +47,7 @@ from .base import (
     NewJob,
     NodeInfo,
     NodeRegistry,
+    Pruned,
     Records,
     TaskQueue,
     check_record_name,
@@ -142,10 +143,16 @@ _JOB_COLS = (
     "job_id, owner, client, queue, fn, walltime, state, created, updated, n, node, attempts,"
     " reason, started, finished, kill_requested, usage"
 )
+#: the bytes a job's row holds, roughly: its result, history, usage and the rest
+_ROW_BYTES = ("coalesce(length(result), 0) + length(history) + coalesce(length(usage), 0)"
+              " + coalesce(length(reason), 0) + length(fn) + 200")
 # A node that has not sent a heartbeat for this long is taken for dead.
 NODE_STALE_AFTER = 30.0
 _REAP_EVERY = 1.0
 RESULT_INLINE_LIMIT = 1 << 20
+#: jobs a prune removes a transaction: the nodes wait for the write lock no longer than
+#: the delete of this many rows takes (milliseconds), between two of its transactions
+PRUNE_CHUNK = 300
 #: the write-ahead log shrinks back to this size once the database holds all of it (without
 #: a limit it keeps the largest size it ever had: gigabytes after a long-held read)
 WAL_SIZE_LIMIT = 64 << 20
@@ -882,6 +889,58 @@ class EmbeddedJobs(JobTable):
         # a task's sections too large for its message: "<section>-<job id>" (executor)
         refs += [f"{section}-{j}" for j in ids for section in ("fn", "args")]
         self._blobs.delete(refs)
+
+    def prune(self, before, *, owner=None, dry_run=False):
+        final = [str(s) for s in states.FINAL]
+        # final and finished before then (a job recorded final without a finish time, by
+        # an older version, by its last change); the condition again in each delete,
+        # though nothing leaves a final state
+        cond = (f"state IN ({_marks(len(final))}) AND coalesce(finished, updated)<?"
+                + (" AND owner=?" if owner is not None else ""))
+        cond_params = [*final, before, *([owner] if owner is not None else [])]
+        pruned, after = Pruned(), 0
+        while True:
+            # a page read outside the write lock, in rowid order from where the last one
+            # ended: one pass over the table in all, whatever its size
+            page = self._db.read(
+                f"SELECT rowid, job_id FROM jobs WHERE rowid>? AND {cond} ORDER BY rowid"
+                " LIMIT ?", [after, *cond_params, PRUNE_CHUNK])
+            if not page:
+                return pruned
+            after = page[-1][0]
+            ids = [r[1] for r in page]
+            marks = _marks(len(ids))
+            # dead letters have no index by job: their ids read here, deleted by key
+            dead = self._db.read(
+                f"SELECT id, length(body), job_id FROM dead_letters WHERE job_id IN ({marks})",
+                ids)
+            if dry_run:
+                rows = self._db.read(
+                    f"SELECT job_id, result_ref, {_ROW_BYTES} FROM jobs WHERE job_id IN"
+                    f" ({marks}) AND {cond}", [*ids, *cond_params])
+            else:
+                with self._db.tx() as c:
+                    rows = c.execute(
+                        f"DELETE FROM jobs WHERE job_id IN ({marks}) AND {cond}"
+                        f" RETURNING job_id, result_ref, {_ROW_BYTES}",
+                        [*ids, *cond_params]).fetchall()
+                    dead = [d for d in dead if d[2] in {r[0] for r in rows}]
+                    if dead:
+                        c.execute(f"DELETE FROM dead_letters WHERE id IN ({_marks(len(dead))})",
+                                  [d[0] for d in dead])
+            gone = [r[0] for r in rows]
+            # the blobs once the rows that name them are gone for good (committed): a
+            # rolled-back delete must not leave a record whose result is lost
+            blobs = [r[1] for r in rows if r[1]]
+            blobs += [f"{section}-{j}" for j in gone for section in ("fn", "args")]
+            size = sum(r[2] for r in rows) + sum(d[1] for d in dead)
+            for key in blobs:
+                with contextlib.suppress(OSError):
+                    size += self._blobs._path(key).stat().st_size
+            if not dry_run:
+                self._blobs.delete(blobs)
+            pruned.jobs += gone
+            pruned.bytes += size
 
     def request_kill(self, job_id):
         active = [str(s) for s in states.KILLABLE]
