@@ -1,5 +1,5 @@
 """The ``kotta`` command: nodes (``node``, ``up``, ``down``), jobs (``jobs``, ``status``,
-``logs``, ``cancel``, ``dead-letters``) and ``demo``."""
+``logs``, ``cancel``, ``dead-letters``, ``prune``) and ``demo``."""
 
 from __future__ import annotations
 
@@ -88,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cancel", help="cancel a pending job, or kill a running one")
     c.add_argument("job_id")
+
+    pr = sub.add_parser("prune", help="remove finished jobs older than an age: their records,"
+                                      " results, output, history and dead letters")
+    pr.add_argument("--older-than", required=True, metavar="AGE",
+                    help="jobs that finished (completed, failed or cancelled) more than AGE ago:"
+                         " a number and s, m, h, d or w (30d, 12h, 90m)")
+    pr.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    pr.add_argument("--all-users", action="store_true",
+                    help="everyone's jobs, not only the caller's (admins)")
 
     sub.add_parser("demo", help="a short end-to-end demonstration on the embedded enclave")
     from .aws_cli import add_parsers as add_aws_parsers
@@ -579,7 +588,8 @@ def _own_job(enclave: Enclave, job_id: str, doing: str, *, with_result: bool = F
     creds = _creds(enclave, doing)  # first: a refused token learns nothing of the job
     job = enclave.jobs.get(job_id, with_result=with_result)
     if job is None:
-        raise UnknownJob(f"no job {job_id} in {enclave.url}")
+        raise UnknownJob(f"no job {job_id} in {enclave.url} (never recorded there, or "
+                         "removed by kotta prune)")
     from .security.access import check_job_access
 
     check_job_access(enclave, creds, job, verb)
@@ -708,6 +718,67 @@ def cmd_cancel(args) -> int:
     return 1
 
 
+#: the units of `kotta prune --older-than`, in seconds
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _age(text: str) -> float:
+    """Seconds of an age such as ``30d``, ``12h`` or ``90m`` (more than 0)."""
+    number, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    try:
+        seconds = float(number) * AGE_UNITS[unit]
+    except (KeyError, ValueError):
+        seconds = math.nan
+    if not 0 < seconds < math.inf or number.strip() != number or not number[:1].isdigit():
+        raise ValueError(f"--older-than must be an age more than 0, a number and s, m, h, d or w"
+                         f" (30d, 12h, 90m), not {text!r}")
+    return seconds
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def cmd_prune(args) -> int:
+    age = _age(args.older_than)  # (checked before anything is opened)
+    enclave = _enclave(args, existing=True)
+    creds = _creds(enclave, "kotta prune")
+    if args.all_users and not creds.admin:
+        from .security.access import deny
+
+        deny(enclave, creds, None, "prune the jobs of all users")
+    from .security.audit import PRUNE, AuditLog
+
+    whose = "all users'" if args.all_users else f"{creds.user}'s"
+    what = f"{whose} final jobs that finished more than {args.older_than.strip()} ago"
+    before = time.time() - age
+    owner = None if args.all_users else creds.user
+    try:
+        pruned = enclave.jobs.prune(before, owner=owner, dry_run=args.dry_run)
+    except BaseException as exc:  # (the jobs removed before it stay removed: audited,
+        if not args.dry_run:  # and the error it met is the one said)
+            with contextlib.suppress(Exception):
+                AuditLog(enclave).append(PRUNE, user=creds.user, detail={
+                    "older_than": args.older_than.strip(), "all_users": args.all_users,
+                    "before": before, "failed": f"{type(exc).__name__}: {exc}"[:1000]})
+        raise
+    n = len(pruned.jobs)
+    size = "" if pruned.bytes is None else f", {_size(pruned.bytes)}"
+    if args.dry_run:
+        print(f"would remove {n} job{'s' if n != 1 else ''}{size}: {what} (dry run: nothing"
+              " removed)")
+        return 0
+    AuditLog(enclave).append(PRUNE, user=creds.user, detail={
+        "older_than": args.older_than.strip(), "all_users": args.all_users, "before": before,
+        "jobs": n, "bytes": pruned.bytes})
+    print(f"removed {n} job{'s' if n != 1 else ''}{size}: {what}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -723,6 +794,7 @@ COMMANDS = {
     "status": cmd_status,
     "logs": cmd_logs,
     "cancel": cmd_cancel,
+    "prune": cmd_prune,
     "demo": cmd_demo,
     "aws": lambda args: args.aws_handler(args),
     "audit": lambda args: args.audit_handler(args),

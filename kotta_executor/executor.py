@@ -496,7 +496,8 @@ class KottaExecutor(Executor):
         self._creds.check("KottaExecutor.attach")  # first: a refused token learns nothing
         job = self._enclave.jobs.get(job_id)
         if job is None:
-            raise UnknownJob(f"no job {job_id} in the enclave {self._enclave.url}")
+            raise UnknownJob(f"no job {job_id} in the enclave {self._enclave.url} (never"
+                             " recorded there, or removed by kotta prune)")
         check_job_access(self._enclave, self._creds, job, "attach to")
         return job
 

@@ -417,6 +417,117 @@ def test_status_and_jobs_show_what_users_wrote_safely(enclave):
     assert _job_line(r.stdout, job).endswith("  m.f?]0;owned??[2J")
 
 
+# ---------------------------------------------------------------------- prune
+
+
+def _past(enclave, *job_ids: str, by: float = 1.0) -> None:
+    """Wait until each job finished more than ``by`` seconds ago."""
+    wait_for(lambda: time.time() > by + max(r.finished for r in enclave.jobs.get_many(
+        job_ids).values()), what="the jobs to be old enough")
+
+
+def test_prune_removes_old_final_jobs_and_a_running_job_survives(executor, enclave, tmp_path):
+    from kotta_executor import UnknownJob
+    from kotta_executor.security.audit import AuditLog
+
+    done = executor.submit(tasks.say, "kept for ever, before")  # (its output with it)
+    failed = executor.submit(tasks.raise_value_error, "old failure")
+    assert done.result(GUARD) > 0  # (a pid)
+    with pytest.raises(ValueError):
+        failed.result(GUARD)
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    running = executor.submit(tasks.touch_then_wait, str(started), str(gate))
+    wait_for(started.exists, what="the long task to start")
+    bobs = os.urandom(16).hex()
+    enclave.jobs.create([NewJob(bobs, "bob", "c", "test", "m.f", 60.0, b"x")], enqueue=False)
+    enclave.jobs.transition([bobs], "cancelled")
+    _past(enclave, done.job_id, failed.job_id, bobs)
+
+    r = kotta(enclave.home, "prune", "--older-than", "1s")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("removed 2 jobs, "), r.stdout
+    assert r.stdout.rstrip().endswith("final jobs that finished more than 1s ago")
+    assert set(enclave.jobs.get_many([done.job_id, failed.job_id, running.job_id, bobs])) == {
+        running.job_id, bobs}  # (bob's is another user's)
+    [audited] = AuditLog(enclave).show(action="prune")
+    assert audited["user"] == executor.owner and audited["detail"]["jobs"] == 2
+
+    r = kotta(enclave.home, "status", done.job_id)
+    assert r.returncode == 2
+    assert f"no job {done.job_id} in " in r.stderr and "removed by kotta prune" in r.stderr
+    with pytest.raises(UnknownJob, match="removed by kotta prune"):
+        executor.attach(done.job_id)
+
+    tasks.release(gate, "still here")  # the running job was never touched
+    assert running.result(GUARD) == "still here"
+    assert kotta(enclave.home, "logs", running.job_id).returncode == 0
+
+
+def test_prune_dry_run_says_what_would_go_and_removes_nothing(executor, enclave):
+    f = executor.submit(tasks.say, "x" * 5000)
+    assert f.result(GUARD) > 0
+    _past(enclave, f.job_id)
+    r = kotta(enclave.home, "prune", "--older-than", "1s", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("would remove 1 job, ") and "KiB" in r.stdout, r.stdout
+    assert "nothing removed" in r.stdout
+    assert enclave.jobs.get(f.job_id) is not None
+    r = kotta(enclave.home, "prune", "--older-than", "30d")  # (it is newer than that)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("removed 0 jobs, 0 bytes: ")
+    assert enclave.jobs.get(f.job_id) is not None
+
+
+@pytest.mark.parametrize("age", ["0d", "-1d", "0", "30", "abc", "d", "12x", "inf h", "nans",
+                                 "1e400d", "", " 3 d"])
+def test_prune_refuses_an_age_that_is_none(enclave, age):
+    r = kotta(enclave.home, "prune", f"--older-than={age}")  # (-1d alone is an option)
+    assert r.returncode == 2
+    assert r.stderr.startswith("kotta: error: --older-than must be an age more than 0"), r.stderr
+    assert repr(age) in r.stderr
+
+
+def test_prune_needs_an_age(enclave):
+    r = kotta(enclave.home, "prune")
+    assert r.returncode == 2
+    assert "--older-than" in r.stderr
+
+
+def test_prune_of_all_users_is_for_admins(enclave, enclave_dir, user_token, tmp_path):
+    from kotta_executor.security.audit import AuditLog
+    from tests.test_auth import _home_with
+
+    as_bob = _home_with(tmp_path, "bob", user_token("bob"))
+    bobs, alices = os.urandom(16).hex(), os.urandom(16).hex()
+    enclave.jobs.create([NewJob(bobs, "bob", "c1", "test", "m.f", 60.0, b"a"),
+                         NewJob(alices, "alice", "c2", "test", "m.f", 60.0, b"b")],
+                        enqueue=False)
+    enclave.jobs.transition([bobs, alices], "cancelled")
+    _past(enclave, bobs, alices)
+
+    r = kotta(enclave_dir, "prune", "--older-than", "1s", "--all-users", env=as_bob)
+    assert r.returncode == 2
+    assert "only admins may prune the jobs of all users (bob is not one)" in r.stderr
+    denied = AuditLog(enclave).show(action="job-denied")
+    assert [(d["user"], d["detail"]) for d in denied][-1] == (
+        "bob", "prune the jobs of all users")
+    assert set(enclave.jobs.get_many([bobs, alices])) == {bobs, alices}
+
+    r = kotta(enclave_dir, "prune", "--older-than", "1s", env=as_bob)  # bob's own
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("removed 1 job, ") and "bob's final jobs" in r.stdout
+    assert set(enclave.jobs.get_many([bobs, alices])) == {alices}
+
+    r = kotta(enclave_dir, "prune", "--older-than", "1s", "--all-users")  # an admin
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("removed 1 job, ") and "all users' final jobs" in r.stdout
+    assert enclave.jobs.get_many([bobs, alices]) == {}
+    audited = AuditLog(enclave).show(action="prune")
+    assert [(a["user"], a["detail"]["all_users"]) for a in audited] == [
+        ("bob", False), (audited[-1]["user"], True)]
+    assert audited[-1]["user"] != "bob"
+
+
 # ---------------------------------------------------------------------- cancel
 
 

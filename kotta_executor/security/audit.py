@@ -115,10 +115,12 @@ DATASET_REMOVE = "dataset-remove"
 EGRESS_DENIED = "egress-denied"
 #: someone tried to see, cancel or kill another user's job
 JOB_DENIED = "job-denied"
+#: `kotta prune` removed finished jobs (their records, results and output)
+PRUNE = "prune"
 ACTIONS = frozenset({
     STAGE_IN, STAGE_OUT, ACCESS_DENIED, TASK_REJECTED, TOKEN_ISSUE, TOKEN_REFRESH,
     TOKEN_REVOKE, USER_ADD, POLICY_GRANT, POLICY_REVOKE, DATASET_ADD, DATASET_REMOVE,
-    EGRESS_DENIED, JOB_DENIED,
+    EGRESS_DENIED, JOB_DENIED, PRUNE,
 })
 
 #: a longer string field (user, dataset, job id, a string detail) is cut to this many
