@@ -1216,6 +1216,19 @@ class KottaExecutor(Executor):
                     self._resolve(job_id, body)
                 elif job_id in records and records[job_id].state.final:
                     self._settle(job_id, records[job_id])
+                elif job_id not in records and job_id in self._futures:
+                    # a reply says the job was recorded and ended; with no record now, it
+                    # was removed (kotta prune) while this client did not read (stopped,
+                    # asleep): the reconcile would never find it, and its future waited
+                    # for ever
+                    self._handed.pop(job_id, None)
+                    self._attached.discard(job_id)
+                    f = self._futures.pop(job_id, None)
+                    if f is not None and not f.done():
+                        f.set_exception(UnknownJob(
+                            f"job {job_id} ended, but its record was removed from the enclave"
+                            f" {self._enclave.url} (kotta prune) before this client read its"
+                            " result"))
                 # else: the reconcile step finds it in the job table later
 
     def _reconcile(self) -> None:

@@ -463,6 +463,58 @@ def test_prune_removes_old_final_jobs_and_a_running_job_survives(executor, encla
     assert kotta(enclave.home, "logs", running.job_id).returncode == 0
 
 
+# Submits a task that waits for a file, says its job id, and waits for its result (the
+# test stops this client meanwhile: a laptop asleep, a notebook ^Z'd)
+ASLEEP_CLIENT = '''
+import os, sys
+from kotta_executor import KottaExecutor
+from tests import tasks
+enclave, release, out = sys.argv[1:4]
+ex = KottaExecutor(1, enclave=enclave, start_node=False)
+f = ex.submit(tasks.wait_for_file, release)
+while ex.enclave.jobs.get(f.job_id) is None:  # (a handed-off task: once recorded)
+    pass
+tasks.release(out, f.job_id)
+try:
+    print("result of", len(f.result(float(sys.argv[4]))), "characters", flush=True)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}", flush=True)
+os._exit(0)  # (an executor with a future outstanding is waited for as Python exits)
+'''
+
+
+def test_a_client_asleep_while_its_job_is_pruned_is_told_not_left_waiting(
+        start_node, enclave, enclave_dir, tmp_path):
+    """A client stopped while its job ended, and the job pruned before it woke: its future
+    waited for ever (its result, too large for the reply, was to be read from the record
+    that was gone); now it fails with UnknownJob naming the prune."""
+    start_node(workers=1)
+    release, out = tmp_path / "release", tmp_path / "job"
+    client = subprocess.Popen(
+        [sys.executable, "-c", ASLEEP_CLIENT, str(enclave_dir), str(release), str(out),
+         str(GUARD / 2)], env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(out.exists, what="the client's job to be recorded")
+        job = out.read_text()
+        os.kill(client.pid, signal.SIGSTOP)
+        tasks.release(release, "r" * 200_000)  # (over a reply's 64 KiB: read from the record)
+        wait_for(lambda: enclave.jobs.get(job).state == "completed", what="the job to end")
+        _past(enclave, job)
+        r = kotta(enclave.home, "prune", "--older-than", "1s")
+        assert r.returncode == 0 and r.stdout.startswith("removed 1 job"), r.stdout + r.stderr
+        os.kill(client.pid, signal.SIGCONT)
+        said, err = client.communicate(timeout=GUARD)
+    finally:
+        if client.poll() is None:
+            os.kill(client.pid, signal.SIGCONT)
+            client.kill()
+            client.wait()
+    assert said.strip() == (f"UnknownJob: job {job} ended, but its record was removed from the "
+                            f"enclave embedded://{enclave_dir} (kotta prune) before this "
+                            "client read its result"), err
+
+
 def test_prune_dry_run_says_what_would_go_and_removes_nothing(executor, enclave):
     f = executor.submit(tasks.say, "x" * 5000)
     assert f.result(GUARD) > 0
