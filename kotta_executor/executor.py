@@ -1216,20 +1216,23 @@ class KottaExecutor(Executor):
                     self._resolve(job_id, body)
                 elif job_id in records and records[job_id].state.final:
                     self._settle(job_id, records[job_id])
-                elif job_id not in records and job_id in self._futures:
+                elif job_id not in records:
                     # a reply says the job was recorded and ended; with no record now, it
                     # was removed (kotta prune) while this client did not read (stopped,
-                    # asleep): the reconcile would never find it, and its future waited
-                    # for ever
-                    self._handed.pop(job_id, None)
-                    self._attached.discard(job_id)
-                    f = self._futures.pop(job_id, None)
-                    if f is not None and not f.done():
-                        f.set_exception(UnknownJob(
-                            f"job {job_id} ended, but its record was removed from the enclave"
-                            f" {self._enclave.url} (kotta prune) before this client read its"
-                            " result"))
+                    # asleep): the reconcile would never find it
+                    self._record_gone(job_id)
                 # else: the reconcile step finds it in the job table later
+
+    def _record_gone(self, job_id: str) -> None:
+        """Fail the future of a job whose record, there once, is gone (``kotta prune``
+        removed it): it waited for ever for a record to settle it."""
+        self._handed.pop(job_id, None)
+        self._attached.discard(job_id)
+        f = self._futures.pop(job_id, None)
+        if f is not None and not f.done():
+            f.set_exception(UnknownJob(
+                f"job {job_id} ended, but its record was removed from the enclave"
+                f" {self._enclave.url} (kotta prune) before this client read its result"))
 
     def _reconcile(self) -> None:
         now = time.monotonic()
@@ -1284,7 +1287,11 @@ class KottaExecutor(Executor):
             return
         in_window = set(window)
         settled = 0  # of the attached window
-        for job_id, job in self._enclave.jobs.get_many(ids, with_result=True).items():
+        records = self._enclave.jobs.get_many(ids, with_result=True)
+        for job_id in attach_window - records.keys():  # (attach() saw its record)
+            self._record_gone(job_id)
+            settled += 1
+        for job_id, job in records.items():
             if job.state.final:
                 self._settle(job_id, job)
                 settled += job_id in attach_window

@@ -515,6 +515,55 @@ def test_a_client_asleep_while_its_job_is_pruned_is_told_not_left_waiting(
                             "client read its result"), err
 
 
+# Attaches to a job another client recorded, says so, and waits for its outcome (the test
+# stops this client meanwhile)
+ATTACHED_ASLEEP = '''
+import os, sys
+from kotta_executor import KottaExecutor
+from kotta_executor.backends.base import NewJob
+from tests import tasks
+enclave, job, out = sys.argv[1:4]
+ex = KottaExecutor(1, enclave=enclave, start_node=False)
+ex.enclave.jobs.create([NewJob(job, ex.owner, "another-client", "test", "m.f", 60.0, b"")],
+                       enqueue=False)
+ex.enclave.jobs.transition([job], "processing")
+f = ex.attach(job)
+tasks.release(out, "attached")
+try:
+    print("result", f.result(float(sys.argv[4])), flush=True)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}", flush=True)
+os._exit(0)
+'''
+
+
+def test_a_client_asleep_while_a_job_it_attached_to_is_pruned_is_told(enclave, enclave_dir,
+                                                                      tmp_path):
+    """The same for a future of attach(): it looks at the record, which was gone."""
+    job, out = os.urandom(16).hex(), tmp_path / "attached"
+    client = subprocess.Popen(
+        [sys.executable, "-c", ATTACHED_ASLEEP, str(enclave_dir), job, str(out),
+         str(GUARD / 2)], env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(out.exists, what="the client to attach")
+        os.kill(client.pid, signal.SIGSTOP)
+        assert enclave.jobs.transition([job], "failed", reason="it ended") == [job]
+        _past(enclave, job)
+        r = kotta(enclave.home, "prune", "--older-than", "1s")
+        assert r.returncode == 0 and r.stdout.startswith("removed 1 job"), r.stdout + r.stderr
+        os.kill(client.pid, signal.SIGCONT)
+        said, err = client.communicate(timeout=GUARD)
+    finally:
+        if client.poll() is None:
+            os.kill(client.pid, signal.SIGCONT)
+            client.kill()
+            client.wait()
+    assert said.strip() == (f"UnknownJob: job {job} ended, but its record was removed from the "
+                            f"enclave embedded://{enclave_dir} (kotta prune) before this "
+                            "client read its result"), err
+
+
 def test_prune_dry_run_says_what_would_go_and_removes_nothing(executor, enclave):
     f = executor.submit(tasks.say, "x" * 5000)
     assert f.result(GUARD) > 0
