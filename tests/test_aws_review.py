@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 
 import pytest
@@ -250,6 +251,31 @@ def test_delete_removes_the_blobs_of_processed_records_only(enclave, monkeypatch
     assert enclave.jobs.get(kept.job_id, with_result=True).result == big
     [key] = s3_keys(enclave)
     assert key.startswith(f"blobs/result-{kept.job_id}-")
+
+
+def test_prune_tries_unprocessed_deletes_again_and_removes_their_blobs(enclave, monkeypatch):
+    monkeypatch.setattr("kotta_executor.backends.aws._backoff", lambda attempt: None)
+    jobs = [processing(enclave) for _ in range(30)]  # (two batches of at most 25)
+    big = os.urandom(DynamoJobs.max_result + 1)  # spilled to S3
+    fins = [Finished(j.job_id, JobState.COMPLETED, big) for j in jobs]
+    assert len(enclave.jobs.finish(fins)) == 30
+    real = enclave.dynamodb.batch_write_item
+    rounds = []
+
+    def half(RequestItems, **kw):  # each call: half its deletes handed back unprocessed
+        table = enclave.names.jobs_table
+        deletes = RequestItems[table]
+        rounds.append(len(deletes))
+        keep, rest = deletes[: len(deletes) // 2], deletes[len(deletes) // 2:]
+        real(RequestItems={table: rest}, **kw)
+        return {"UnprocessedItems": {table: keep}} if keep else {}
+
+    monkeypatch.setattr(enclave.dynamodb, "batch_write_item", half)
+    before = time.time() + 1  # (all of them finished before)
+    assert sorted(enclave.jobs.prune(before).jobs) == sorted(j.job_id for j in jobs)
+    assert len(rounds) > 2
+    assert enclave.jobs.get_many([j.job_id for j in jobs]) == {}
+    assert s3_keys(enclave) == []
 
 
 def test_records_get_many_does_not_report_unprocessed_keys_as_absent(enclave, monkeypatch):
