@@ -1291,6 +1291,16 @@ class KottaExecutor(Executor):
         for job_id in attach_window - records.keys():  # (attach() saw its record)
             self._record_gone(job_id)
             settled += 1
+        gone = [j for j in in_window - records.keys()  # (rare: a job not recorded yet)
+                if (f := self._futures.get(j)) is not None and f.running()]
+        if gone:
+            # one seen running had a record: ended without a reply (its node died after
+            # recording it, its reply expired while this client slept), then pruned.  (Not
+            # one still to send: a cancel() while its send failed marks it running too)
+            unsent = {job.job_id for job, _ in list(self._outbox)} | self._handed.copy().keys()
+            for job_id in gone:
+                if job_id not in unsent:
+                    self._record_gone(job_id)
         for job_id, job in records.items():
             if job.state.final:
                 self._settle(job_id, job)

@@ -564,6 +564,61 @@ def test_a_client_asleep_while_a_job_it_attached_to_is_pruned_is_told(enclave, e
                             "client read its result"), err
 
 
+# Submits a task that no node serves, says its job id once it is seen running, and waits
+# for its outcome (the test runs it, ends it without a reply, and stops this client)
+RUNNING_ASLEEP = '''
+import os, sys
+from kotta_executor import KottaExecutor
+from tests import tasks
+enclave, out = sys.argv[1:3]
+ex = KottaExecutor(1, enclave=enclave, start_node=False)
+f = ex.submit(tasks.square, 3)
+while ex.enclave.jobs.get(f.job_id) is None:
+    pass
+tasks.release(out + ".job", f.job_id)
+while not f.running():
+    pass
+tasks.release(out, "running")
+try:
+    print("result", f.result(float(sys.argv[3])), flush=True)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}", flush=True)
+os._exit(0)
+'''
+
+
+def test_a_running_future_whose_reply_never_came_and_job_was_pruned_is_told(
+        enclave, enclave_dir, tmp_path):
+    """A job its client had seen running, ended without a reply (its node died after
+    recording it; its reply expired while the client slept) and pruned before the client
+    looked again: the future waited for ever; now it fails with UnknownJob."""
+    out = tmp_path / "running"
+    client = subprocess.Popen(
+        [sys.executable, "-c", RUNNING_ASLEEP, str(enclave_dir), str(out), str(GUARD / 2)],
+        env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        wait_for(Path(f"{out}.job").exists, what="the client's job to be recorded")
+        job = Path(f"{out}.job").read_text()
+        assert enclave.jobs.transition([job], "processing", node="gone") == [job]
+        wait_for(out.exists, what="the client to see its job running")
+        os.kill(client.pid, signal.SIGSTOP)
+        assert enclave.jobs.transition([job], "failed", reason="its node died") == [job]
+        _past(enclave, job)
+        r = kotta(enclave.home, "prune", "--older-than", "1s")
+        assert r.returncode == 0 and r.stdout.startswith("removed 1 job"), r.stdout + r.stderr
+        os.kill(client.pid, signal.SIGCONT)
+        said, err = client.communicate(timeout=GUARD)
+    finally:
+        if client.poll() is None:
+            os.kill(client.pid, signal.SIGCONT)
+            client.kill()
+            client.wait()
+    assert said.strip() == (f"UnknownJob: job {job} ended, but its record was removed from the "
+                            f"enclave embedded://{enclave_dir} (kotta prune) before this "
+                            "client read its result"), err
+
+
 def test_prune_dry_run_says_what_would_go_and_removes_nothing(executor, enclave):
     f = executor.submit(tasks.say, "x" * 5000)
     assert f.result(GUARD) > 0
