@@ -619,6 +619,25 @@ def test_a_running_future_whose_reply_never_came_and_job_was_pruned_is_told(
                             "client read its result"), err
 
 
+def test_a_pruned_cancelled_jobs_task_still_queued_is_dropped_by_a_node(
+        make_executor, enclave, start_node):
+    """A job cancelled while queued keeps its task message until a node takes it; pruned
+    meanwhile, the node finds no record: it drops the task, runs nothing, and serves on."""
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 3)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
+    assert f.cancel()
+    _past(enclave, f.job_id)
+    assert enclave.queue.depth("test") == 1
+    r = kotta(enclave.home, "prune", "--older-than", "1s")
+    assert r.returncode == 0 and r.stdout.startswith("removed 1 job"), r.stdout + r.stderr
+    node = start_node(workers=1)
+    wait_for(lambda: enclave.queue.depth("test") == 0, what="the node to drop the task")
+    assert enclave.jobs.get(f.job_id) is None and enclave.queue.dead_letters("test") == []
+    assert ex.submit(tasks.square, 4).result(GUARD) == 16
+    assert node.proc.poll() is None
+
+
 def test_prune_dry_run_says_what_would_go_and_removes_nothing(executor, enclave):
     f = executor.submit(tasks.say, "x" * 5000)
     assert f.result(GUARD) > 0
