@@ -202,9 +202,9 @@ def test_logs_on_a_terminal_shows_escape_sequences_a_task_printed_escaped(execut
     assert f.result(GUARD)
     code, shown = _kotta_on_a_terminal(enclave_dir, "logs", f.job_id)
     assert code == 0, shown
-    assert shown == ("--- stdout ---\n\\x1b]0;you are pwned\\x07\\x1b[2J\x1b[31mred\x1b[0m"
-                     "\\x0dhidden\\x9b6n out\n--- stderr ---\n\\x1b]0;you are pwned\\x07"
-                     "\\x1b[2J\x1b[31mred\x1b[0m\\x0dhidden\\x9b6n err\n").encode(), shown
+    assert shown == (b"--- stdout ---\n\\x1b]0;you are pwned\\x07\\x1b[2J\x1b[31mred\x1b[0m"
+                     b"\\x0dhidden\\x9b6n out\n--- stderr ---\n\\x1b]0;you are pwned\\x07"
+                     b"\\x1b[2J\x1b[31mred\x1b[0m\\x0dhidden\\x9b6n err\n"), shown
     code, shown = _kotta_on_a_terminal(enclave_dir, "logs", "--raw", f.job_id)
     assert code == 0, shown
     assert shown == (f"--- stdout ---\n{TITLE_AND_CLEAR} out\n"
