@@ -661,3 +661,46 @@ def test_a_task_whose_message_body_in_s3_cannot_be_read_fails_and_its_node_serve
         assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
     finally:
         _stop(ex, node, runner, node_enclave)
+
+
+# ------------------------------------------------- spilled bodies of messages not sent
+
+
+def test_a_send_that_fails_deletes_the_bodies_it_spilled_for_messages_not_sent(enclave):
+    """A body too large for SQS goes to S3 first (``blobs/msg-*``); when the send of its
+    message then failed, the object stayed in the bucket for ever (no message names it,
+    and every retry of the executor's spilled another).  Now what was spilled for the
+    messages not sent is deleted, and the error says so; the bodies of the messages sent
+    stay, for the nodes to read."""
+    from kotta_executor.backends.base import Message
+
+    enclave.queue.max_body = 1000  # (every body here goes to S3)
+    bodies = {f"j{i:02d}": bytes([i]) * 2000 for i in range(12)}
+    calls = []
+
+    def second_call_throttled(params=None, **_):
+        calls.append(1)
+        if len(calls) == 2:  # the first ten are sent, the last two are not
+            raise ClientError({"Error": {"Code": "ThrottlingException",
+                                         "Message": "Rate exceeded"}}, "SendMessageBatch")
+
+    enclave.sqs.meta.events.register("before-call.sqs.SendMessageBatch", second_call_throttled)
+    with pytest.raises(ClientError, match="ThrottlingException") as info:
+        enclave.queue.send("test", [Message(j, b) for j, b in bodies.items()])
+    assert any("deleted the 2 bodies spilled to S3" in n for n in info.value.__notes__)
+    assert len(_keys(enclave)) == 10  # those of the messages sent
+    got = enclave.queue.receive("test", 12, 30, "h")
+    assert sorted((d.job_id, d.body) for d in got) == sorted(bodies.items())[:10]
+    enclave.queue.ack(got)
+    enclave.queue.flush()
+    assert _keys(enclave) == []
+
+    # refused outright (a SenderFault): nothing was sent, and nothing is left
+    _answer(enclave.sqs, "SendMessageBatch", lambda body: (200, {"Successful": [], "Failed": [
+        {"Id": e["Id"], "SenderFault": True, "Code": "InvalidParameterValue", "Message": "no"}
+        for e in body["Entries"]
+    ]}))
+    with pytest.raises(RuntimeError, match="InvalidParameterValue") as info:
+        enclave.queue.send("test", [Message("j1", b"x" * 2000)])
+    assert any("deleted the 1 body spilled to S3" in n for n in info.value.__notes__)
+    assert _keys(enclave) == []

@@ -757,9 +757,13 @@ class SqsQueue(TaskQueue):
         if batch:
             yield batch
 
-    def _send(self, sqs_name: str, items, *, missing_ok: bool = False) -> bool:
+    def _send(
+        self, sqs_name: str, items, *, missing_ok: bool = False, sent: set[int] | None = None
+    ) -> bool:
         """SendMessageBatch, retrying entries that failed on AWS's side; False if the queue
-        does not exist and ``missing_ok``."""
+        does not exist and ``missing_ok``.  ``sent`` gets the indexes of the items SQS
+        took (so that a caller can tell, when this raises, which were not sent)."""
+        first = 0  # the index in items of the batch's first entry
         for batch in self._entries(items):
             entries = batch
             for attempt in range(BATCH_ROUNDS):
@@ -787,6 +791,9 @@ class SqsQueue(TaskQueue):
                 if resp is None:
                     return False
                 failed = resp.get("Failed") or []
+                if sent is not None:
+                    refused = {f["Id"] for f in failed}
+                    sent.update(first + int(e["Id"]) for e in entries if e["Id"] not in refused)
                 if not failed:
                     break
                 fatal = [f for f in failed if f.get("SenderFault")]
@@ -804,7 +811,32 @@ class SqsQueue(TaskQueue):
                     f"SQS did not accept {len(entries)} message(s) for {sqs_name} after "
                     f"{BATCH_ROUNDS} tries ({', '.join(codes)})"
                 )
+            first += len(batch)
         return True
+
+    def _send_encoded(self, sqs_name: str, items, *, missing_ok: bool = False) -> bool:
+        """:meth:`_send` of items :meth:`_encode` made: when it raises, the bodies spilled
+        to S3 for the messages it did not send are deleted (no message names them, and a
+        retry spills its own: they stayed in the bucket for ever), and the error says so.
+        Those of the messages sent stay: a node is to read them."""
+        sent: set[int] = set()
+        try:
+            return self._send(sqs_name, items, missing_ok=missing_ok, sent=sent)
+        except Exception as exc:
+            blobs = [t[3:] for i, (_, t, _) in enumerate(items)
+                     if i not in sent and t.startswith("s3:")]  # fmt: skip
+            if blobs:
+                what = f"{len(blobs)} {'body' if len(blobs) == 1 else 'bodies'} spilled to S3"
+                try:
+                    self._e.blobs.delete(blobs)
+                except Exception as left:  # noqa: BLE001 - the send's failure is the news
+                    exc.add_note(f"kotta: the {what} for the messages not sent could not be "
+                                 f"deleted ({type(left).__name__}: {left}): they are left "
+                                 f"in s3://{self._e.names.bucket}/{self._e.names.blob_prefix}"
+                                 f" (e.g. {blobs[0]})")
+                else:
+                    exc.add_note(f"kotta: deleted the {what} for the messages not sent")
+            raise
 
     # -- the interface
 
@@ -821,7 +853,7 @@ class SqsQueue(TaskQueue):
             else:
                 self._apply("send", sqs_name, items)
             return
-        self._send(sqs_name, items)
+        self._send_encoded(sqs_name, items)
 
     def _receive(self, sqs_name, max_messages, visibility, wait, *, missing_ok=False):
         out: list[tuple[dict, bytes, str | None, str]] = []
@@ -977,7 +1009,7 @@ class SqsQueue(TaskQueue):
     def _apply(self, kind: str, sqs_name: str, items: list) -> None:
         if kind == "delete":
             self._delete(sqs_name, items)
-        elif not self._send(sqs_name, items, missing_ok=True):
+        elif not self._send_encoded(sqs_name, items, missing_ok=True):
             blobs = [t[3:] for _, t, _ in items if t.startswith("s3:")]
             if blobs:  # the client is gone: so are its replies
                 self._e.blobs.delete(blobs)
