@@ -155,6 +155,82 @@ def test_bad_enclave_urls_are_configuration_errors(url):
         open_enclave(url)
 
 
+@pytest.mark.parametrize(
+    "url,part",
+    [
+        # botocore's InvalidRegionError, from the enclave's constructor
+        ("aws://x?region=us_east_1!", "region='us_east_1!'"),
+        # no AWS region at all: its endpoints are not there (after a minute of retries,
+        # botocore's EndpointConnectionError from the first call)
+        ("aws://x?region=mars-north-1", "region='mars-north-1'"),
+        ("aws://x?region=us-east1", "region='us-east1'"),
+        # botocore's ValueError "Invalid endpoint: 127.0.0.1:1", naming no parameter
+        ("aws://x?endpoint_url=127.0.0.1:1", "endpoint_url='127.0.0.1:1'"),
+        # botocore's HTTPClientError "Not supported URL scheme ftp", after 30 s of retries
+        ("aws://x?endpoint_url=ftp://127.0.0.1:1", "endpoint_url='ftp://127.0.0.1:1'"),
+        ("aws://x?endpoint_url=http://[::1", "endpoint_url='http://[::1'"),
+    ],
+)
+def test_a_bad_region_or_endpoint_is_a_configuration_error_at_open_naming_it(url, part):
+    with aws_moto.fake_aws_env(), pytest.raises(ConfigurationError) as info:
+        open_enclave(url)
+    assert part in str(info.value)
+
+
+def _closed_port():
+    """A port on 127.0.0.1 that refuses connections (bound, never listening)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
+
+
+def test_an_endpoint_that_cannot_be_reached_is_a_configuration_error_naming_it(monkeypatch):
+    """An endpoint nothing answers at (a closed port, a wrong host) raised botocore's
+    EndpointConnectionError from deep inside the first call, and a first KottaExecutor
+    on it said "no kotta token ...: ask an admin" (the enclave key, unreadable, taken for
+    a key the caller may not read)."""
+    from kotta_executor import KottaExecutor
+
+    sock, port = _closed_port()
+    url = f"aws://lab?endpoint_url=http://127.0.0.1:{port}&max_attempts=1"
+    with sock, aws_moto.fake_aws_env():
+        e = open_enclave(url)
+        try:
+            with pytest.raises(ConfigurationError, match=f"endpoint_url='http://127.0.0.1:{port}'"):
+                e.queue.depth("test")
+        finally:
+            e.close()
+        with pytest.raises(ConfigurationError, match=f"endpoint_url='http://127.0.0.1:{port}'"):
+            KottaExecutor(enclave=url, start_node=False)
+
+
+def test_a_connection_failure_after_the_endpoint_answered_is_a_passing_fault(moto_env, name):
+    """Once the endpoint has answered, a failed connection is the network's passing fault
+    (tried again by the executor and the node), not a wrong setting."""
+    from botocore.exceptions import EndpointConnectionError
+
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env)
+
+    def unreachable(request=None, **_):
+        raise EndpointConnectionError(endpoint_url=request.url)
+
+    e = AwsEnclave(name, session=moto_env, max_attempts=1)
+    try:
+        e.sqs.meta.events.register_first("before-send.sqs", unreachable)
+        with pytest.raises(ConfigurationError, match="region='us-east-1'"):
+            e.queue.depth("test")  # never answered: the region is named
+        e.sqs.meta.events.unregister("before-send.sqs", unreachable)
+        assert e.queue.depth("test") == 0
+        e.sqs.meta.events.register_first("before-send.sqs", unreachable)
+        with pytest.raises(EndpointConnectionError):
+            e.queue.depth("production")
+    finally:
+        e.sqs.meta.events.unregister("before-send.sqs", unreachable)
+        e.close()
+
+
 def _no_aws_config(monkeypatch, *, region: bool, credentials: bool):
     for var in (
         "AWS_ACCESS_KEY_ID",

@@ -68,7 +68,8 @@ def test_an_aws_endpoint_that_cannot_be_reached_is_an_error_naming_it_not_a_trac
     """An AWS error that outlived botocore's retries (here an endpoint that refuses
     connections; AccessDenied alike) ended `kotta audit verify` (and `kotta aws bootstrap`,
     after a minute of retries) in a traceback of some sixty lines; it is one line naming
-    it, exit 1, as any error of the system."""
+    it, as any error of the system.  (An endpoint that never answered is a wrong setting:
+    a ConfigurationError naming endpoint_url, exit 2.)"""
     with socket.socket() as closed:  # (bound, never listening: connections are refused)
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
@@ -76,11 +77,12 @@ def test_an_aws_endpoint_that_cannot_be_reached_is_an_error_naming_it_not_a_trac
                "AWS_SECRET_ACCESS_KEY": "testing", "KOTTA_HOME": str(tmp_path / "home")}
         url = f"aws://lab?region=us-east-1&endpoint_url=http://127.0.0.1:{port}&max_attempts=1"
         r = kotta(None, "audit", "verify", "--enclave", url, env=env)
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     [line] = r.stderr.splitlines()
-    assert line.startswith("kotta: error: Could not connect to the endpoint URL"), line
-    assert f"127.0.0.1:{port}" in line
+    assert line.startswith("kotta: error: cannot reach the AWS enclave 'lab' at "
+                           f"endpoint_url='http://127.0.0.1:{port}'"), line
+    assert "Could not connect to the endpoint URL" in line
 
 
 def test_jobs_lists_a_finished_job(executor, enclave_dir):

@@ -124,6 +124,12 @@ class EnclaveNotProvisioned(ConfigurationError):
     """A queue, table or bucket of the enclave does not exist: run ``kotta aws bootstrap``."""
 
 
+class EndpointUnreachable(ConfigurationError):
+    """The enclave's endpoints have never answered: a region with no AWS there, or an
+    ``endpoint_url`` nothing listens at.  (Once they have answered, a failed connection is
+    botocore's own error: a passing fault of the network, tried again.)"""
+
+
 class RecordsRefused(KottaError, RuntimeError):
     """DynamoDB cancelled job records for a reason trying again does not cure (a
     ``ValidationError``, an item too large): the executor gives up at once."""
@@ -275,6 +281,49 @@ def make_session(
     return session
 
 
+def check_endpoint_url(endpoint_url: str | None) -> None:
+    """Refuse an ``endpoint_url`` botocore would take and fail on later (a ValueError
+    naming no parameter; or, for a scheme other than http and https, an HTTPClientError
+    after 30 seconds of retries of the first call)."""
+    if not endpoint_url:
+        return
+    try:
+        parts = urlsplit(endpoint_url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigurationError(
+            f"invalid endpoint_url={endpoint_url!r} for the AWS enclave: expected "
+            "http://HOST[:PORT] or https://HOST[:PORT]"
+        )
+
+
+def check_region(session, region: str, *, in_url: bool) -> None:
+    """Refuse a region that cannot be AWS's (``mars-north-1``, ``us-east1``): its endpoints'
+    names do not resolve, and the first call failed with botocore's EndpointConnectionError
+    after a minute of retries.  A region is taken if botocore knows it or if it looks like
+    the names of one of AWS's partitions (a region newer than this botocore)."""
+    from_where = "in the enclave URL" if in_url else (
+        "from AWS_REGION, AWS_DEFAULT_REGION or ~/.aws/config; ?region= in the enclave URL "
+        "sets another")
+    if not re.match(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$", region):
+        # (botocore's own InvalidRegionError, from the enclave's constructor)
+        raise ConfigurationError(f"invalid region={region!r} ({from_where}): not a region name")
+    try:
+        partitions = session._session.get_data("endpoints")["partitions"]
+    except Exception:  # noqa: BLE001 - no botocore data to tell by: the first call tells
+        return
+    for p in partitions:
+        if region in (p.get("regions") or {}) or re.match(p.get("regionRegex") or "$^", region):
+            return
+    raise ConfigurationError(
+        f"unknown region={region!r} ({from_where}): AWS has no region of that name "
+        "(e.g. us-east-1, eu-west-2)"
+    )
+
+
 def client_config(retry_mode: str = "standard", max_attempts: int = 10, *, path_style=False):
     """Retries for throttling and 5xx are botocore's (standard or adaptive mode)."""
     from botocore.config import Config
@@ -292,6 +341,46 @@ def client_config(retry_mode: str = "standard", max_attempts: int = 10, *, path_
         max_pool_connections=32,
         **kw,
     )
+
+
+def botocore_validation_error():
+    from botocore.exceptions import ValidationError
+
+    return ValidationError
+
+
+class _FirstContact:
+    """Until one of the enclave's calls has been answered, a call that cannot connect
+    (after botocore's retries) raises :class:`EndpointUnreachable` naming the region or
+    endpoint_url: it raised botocore's EndpointConnectionError from deep inside the
+    first call, and a first KottaExecutor said there was no kotta token.  Afterwards the
+    network's faults are botocore's own errors again, to be tried again.  (Holds no
+    reference to the enclave: a dropped enclave is collected as before.)"""
+
+    def __init__(self, enclave: AwsEnclave, endpoint_url: str | None, *, in_url: bool):
+        self.answered = False
+        if endpoint_url:
+            self.where = f"endpoint_url={endpoint_url!r}: is the endpoint right, and its server up?"
+        else:
+            where = "in the enclave URL" if in_url else "from the environment or ~/.aws/config"
+            self.where = f"region={enclave.region!r} ({where}): is the region right?"
+        self.name = enclave.name
+
+    def watch(self, clients: Iterable) -> None:
+        for client in clients:
+            client.meta.events.register("after-call", self._answered)
+            client.meta.events.register("after-call-error", self._failed)
+
+    def _answered(self, **_) -> None:  # (any answer, an error too: the endpoint is there)
+        self.answered = True
+
+    def _failed(self, exception=None, **_) -> None:
+        from botocore.exceptions import ConnectionError as NoConnection
+
+        if not self.answered and isinstance(exception, NoConnection):
+            raise EndpointUnreachable(
+                f"cannot reach the AWS enclave {self.name!r} at {self.where} ({exception})"
+            ) from exception
 
 
 def _code(exc: BaseException) -> str:
@@ -421,6 +510,9 @@ class AwsEnclave(Enclave):
             region=region, profile=profile, what=f"the AWS enclave {name!r}"
         )
         self.region = self.session.region_name
+        check_endpoint_url(endpoint_url)
+        if not endpoint_url and self.region:  # (an emulator's endpoint takes any region)
+            check_region(self.session, self.region, in_url=bool(region))
         try:
             attempts = int(max_attempts)
         except (TypeError, ValueError):
@@ -430,9 +522,17 @@ class AwsEnclave(Enclave):
                 f"max_attempts must be an integer of at least 1, not {max_attempts!r}"
             )
         cfg = client_config(retry_mode, attempts, path_style=bool(endpoint_url))
-        self.sqs = self.session.client("sqs", endpoint_url=endpoint_url, config=cfg)
-        self.s3 = self.session.client("s3", endpoint_url=endpoint_url, config=cfg)
-        self.dynamodb = self.session.client("dynamodb", endpoint_url=endpoint_url, config=cfg)
+        try:
+            self.sqs = self.session.client("sqs", endpoint_url=endpoint_url, config=cfg)
+            self.s3 = self.session.client("s3", endpoint_url=endpoint_url, config=cfg)
+            self.dynamodb = self.session.client("dynamodb", endpoint_url=endpoint_url,
+                                                config=cfg)
+        except botocore_validation_error() as exc:  # (InvalidRegionError, say)
+            raise ConfigurationError(
+                f"cannot open the AWS enclave {name!r} (region={self.region!r}, "
+                f"endpoint_url={endpoint_url!r}): {exc}"
+            ) from None
+        _FirstContact(self, endpoint_url, in_url=bool(region)).watch(self.clients.values())
         params = {"region": self.region}
         if endpoint_url:
             params["endpoint_url"] = endpoint_url

@@ -384,15 +384,15 @@ def _holds_enclave_key(enclave) -> bool:
     anyway (it could mint any token), so it may make itself a token.  On an embedded
     enclave that is its OS user; on AWS, whoever IAM lets read ``keys/enclave.key``
     (admins; never user roles)."""
-    from ..backends.aws import EnclaveNotProvisioned
     from .keys import master_key
 
     try:
         master_key(enclave)
-    except EnclaveNotProvisioned:  # no enclave there at all: no token would help
+    except ConfigurationError:  # no enclave there at all (not provisioned, or an endpoint
+        # that never answers): no token would help; or a key read but damaged (cut
+        # short): said, not taken for a key this user may not read ("ask an admin", told
+        # to the admin)
         raise
-    except ConfigurationError:  # read, but damaged (cut short): said, not taken for a
-        raise  # key this user may not read ("ask an admin", told to the admin)
     except Exception:  # noqa: BLE001 - unreadable for whatever reason: not an admin here
         return False
     return True
