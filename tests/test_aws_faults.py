@@ -704,3 +704,39 @@ def test_a_send_that_fails_deletes_the_bodies_it_spilled_for_messages_not_sent(e
         enclave.queue.send("test", [Message("j1", b"x" * 2000)])
     assert any("deleted the 1 body spilled to S3" in n for n in info.value.__notes__)
     assert _keys(enclave) == []
+
+
+def test_an_ack_whose_other_entries_keep_failing_still_deletes_the_bodies_it_deleted(
+        enclave):
+    """DeleteMessageBatch deleted some messages of a batch while it kept failing others
+    (an InternalError, every round): the ack raised, as it should, but the spilled bodies
+    of the messages it *had* deleted stayed in S3 for ever (nothing names them any
+    more).  They are deleted; those of the messages that failed stay with them."""
+    from kotta_executor.backends.base import Message
+
+    enclave.queue.max_body = 1000  # (both bodies go to S3)
+    enclave.queue.send("test", [Message("j0", b"0" * 2000), Message("j1", b"1" * 2000)])
+    got = sorted(enclave.queue.receive("test", 2, 30, "h"), key=lambda d: d.job_id)
+    assert [d.job_id for d in got] == ["j0", "j1"] and len(_keys(enclave)) == 2
+    failing = got[1].receipt.split(" ")[1]
+    sent: dict[str, str] = {}  # the entry ids of the call, to their receipt handles
+
+    def remember(params=None, **_):
+        sent.clear()
+        sent.update({e["Id"]: e["ReceiptHandle"] for e in params["Entries"]})
+
+    def second_fails(parsed=None, **_):  # (SQS deleted it, and said it failed)
+        for ok in list(parsed.get("Successful") or []):
+            if sent[ok["Id"]] == failing:
+                parsed["Successful"].remove(ok)
+                parsed.setdefault("Failed", []).append(
+                    {"Id": ok["Id"], "SenderFault": False, "Code": "InternalError",
+                     "Message": "try again"})
+
+    enclave.sqs.meta.events.register("before-parameter-build.sqs.DeleteMessageBatch", remember)
+    enclave.sqs.meta.events.register("after-call.sqs.DeleteMessageBatch", second_fails)
+    enclave.queue.ack(got)
+    with pytest.raises(RuntimeError, match="InternalError"):
+        enclave.queue.flush()
+    [left] = _keys(enclave)
+    assert left.endswith(got[1].receipt.split(" ")[2])  # the body of the one not deleted

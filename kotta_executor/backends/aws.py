@@ -1035,10 +1035,13 @@ class SqsQueue(TaskQueue):
                 # elsewhere): like the embedded queue, they change nothing.
                 self._retry_batch(sqs_name, "change_message_visibility_batch", entries)
 
-    def _retry_batch(self, sqs_name: str, method: str, entries: list[dict]) -> set[str]:
-        """A batch call on receipts; returns the ids that succeeded.  Entries refused for
-        the sender's fault (a stale receipt) are dropped; others are retried."""
-        ok: set[str] = set()
+    def _retry_batch(
+        self, sqs_name: str, method: str, entries: list[dict], ok: set[str] | None = None
+    ) -> set[str]:
+        """A batch call on receipts; returns the ids that succeeded (``ok``, which has them
+        too when this raises).  Entries refused for the sender's fault (a stale receipt)
+        are dropped; others are retried."""
+        ok = set() if ok is None else ok
         for attempt in range(BATCH_ROUNDS):
             resp = self._call(sqs_name, method, missing_ok=True, Entries=entries)
             if resp is None:
@@ -1064,12 +1067,19 @@ class SqsQueue(TaskQueue):
         # one receipt once: SQS refuses a whole batch that names one twice (a delivery
         # acked twice within the linger), and the others in it would be lost with it
         held = list({h: (h, b) for h, b in held}.values())
-        for chunk in _chunks(held, 10):
-            entries = [{"Id": str(i), "ReceiptHandle": h} for i, (h, _) in enumerate(chunk)]
-            ok = self._retry_batch(sqs_name, "delete_message_batch", entries)
-            blobs += [b for i, (_, b) in enumerate(chunk) if b and str(i) in ok]
-        if blobs:
-            self._e.blobs.delete(blobs)
+        try:
+            for chunk in _chunks(held, 10):
+                entries = [{"Id": str(i), "ReceiptHandle": h} for i, (h, _) in enumerate(chunk)]
+                ok: set[str] = set()
+                try:
+                    self._retry_batch(sqs_name, "delete_message_batch", entries, ok)
+                finally:
+                    blobs += [b for i, (_, b) in enumerate(chunk) if b and str(i) in ok]
+        finally:
+            # the bodies of the messages deleted, even when others of the batch kept failing
+            # (and this raises): no message names them any more (they stayed for ever)
+            if blobs:
+                self._e.blobs.delete(blobs)
 
     # -- deferred calls: deletes, and sends to reply channels, ten to a call
 
