@@ -740,3 +740,34 @@ def test_an_ack_whose_other_entries_keep_failing_still_deletes_the_bodies_it_del
         enclave.queue.flush()
     [left] = _keys(enclave)
     assert left.endswith(got[1].receipt.split(" ")[2])  # the body of the one not deleted
+
+
+def test_a_flush_that_fails_for_one_queue_still_makes_the_calls_of_the_others(enclave):
+    """flush() (and close(), at exit too) takes every waiting batch, then makes the calls:
+    the first that raised ended it, and the batches after it were dropped unmade, without
+    a word (acknowledged messages of other queues delivered again, replies lost).  Every
+    call is made; the first failure is raised."""
+    from kotta_executor.backends.base import Message
+
+    for queue in ("test", "production"):
+        enclave.queue.send(queue, [Message(f"{queue}-1", b"x")])
+    got = enclave.queue.receive("test", 1, 30, "h") + enclave.queue.receive(
+        "production", 1, 30, "h")
+    assert len(got) == 2
+    refused = enclave.queue._url(enclave.names.queue("test"))
+
+    def test_queue_refused(params=None, **_):
+        if params["QueueUrl"] == refused:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}},
+                              "DeleteMessageBatch")
+
+    enclave.sqs.meta.events.register("before-parameter-build.sqs.DeleteMessageBatch",
+                                     test_queue_refused)
+    enclave.queue.ack(got)
+    with pytest.raises(ClientError, match="AccessDenied"):
+        enclave.queue.flush()
+    enclave.sqs.meta.events.unregister("before-parameter-build.sqs.DeleteMessageBatch",
+                                       test_queue_refused)
+    enclave.queue.release(got)  # (the one still there comes back; the one deleted, not)
+    assert enclave.queue.depth("production") == 0
+    assert enclave.queue.depth("test") == 1

@@ -1141,8 +1141,19 @@ class SqsQueue(TaskQueue):
         with self._cv:
             keys = [k for k in self._pending if sqs_name is None or k[1] == sqs_name]
         # sends first: a reply sent and taken in this process is in the queue to take
+        failure = None
         for (kind, name), items in sorted(self._take_pending(keys).items(), reverse=True):
-            self._apply(kind, name, items)
+            # each taken batch is made, whatever became of the one before: they are no
+            # longer waiting (the first failure ended the loop, and the others were lost)
+            try:
+                self._apply(kind, name, items)
+            except Exception as exc:  # noqa: BLE001 - the first is raised, the rest logged
+                if failure is not None:
+                    log.exception("%s of %d messages on %s failed", kind, len(items), name)
+                else:
+                    failure = exc
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
         try:
