@@ -771,3 +771,21 @@ def test_a_flush_that_fails_for_one_queue_still_makes_the_calls_of_the_others(en
     enclave.queue.release(got)  # (the one still there comes back; the one deleted, not)
     assert enclave.queue.depth("production") == 0
     assert enclave.queue.depth("test") == 1
+
+
+def test_an_ack_whose_first_batch_fails_still_deletes_the_next_batches(enclave):
+    """An ack of more than ten deliveries makes a DeleteMessageBatch call per ten at once:
+    the first that raised ended the ack, and the tens after it were neither deleted nor
+    left waiting for the next flush (delivered again, each, without a word)."""
+    from kotta_executor.backends.base import Message
+
+    enclave.queue.send("test", [Message(f"j{i:02d}", b"x") for i in range(25)])
+    got = enclave.queue.receive("test", 25, 30, "h")
+    assert len(got) == 25
+    fired = throttle_once(enclave.sqs, "DeleteMessageBatch")
+    with pytest.raises(ClientError, match="ThrottlingException"):
+        enclave.queue.ack(got)
+    assert fired.is_set()
+    enclave.queue.flush()  # (the five that waited for company)
+    enclave.queue.release(got)
+    assert enclave.queue.depth("test") == 10  # those of the call that failed, only

@@ -1113,8 +1113,8 @@ class SqsQueue(TaskQueue):
             else:
                 del self._pending[key]
                 self._pending_since.pop(key, None)
-        for chunk in full:
-            self._apply(kind, sqs_name, chunk)
+        if full:
+            self._apply_each([(kind, sqs_name, chunk) for chunk in full])
 
     def _apply(self, kind: str, sqs_name: str, items: list) -> None:
         if kind == "delete":
@@ -1141,13 +1141,18 @@ class SqsQueue(TaskQueue):
         with self._cv:
             keys = [k for k in self._pending if sqs_name is None or k[1] == sqs_name]
         # sends first: a reply sent and taken in this process is in the queue to take
+        self._apply_each([(kind, name, items) for (kind, name), items
+                          in sorted(self._take_pending(keys).items(), reverse=True)])
+
+    def _apply_each(self, calls: Sequence[tuple[str, str, list]]) -> None:
+        """Make each call ``(kind, sqs name, items)``, whatever became of the one before:
+        they are no longer waiting (the first failure ended the loop, and the others were
+        lost without a word).  The first failure is raised, after; the others are logged."""
         failure = None
-        for (kind, name), items in sorted(self._take_pending(keys).items(), reverse=True):
-            # each taken batch is made, whatever became of the one before: they are no
-            # longer waiting (the first failure ended the loop, and the others were lost)
+        for kind, name, items in calls:
             try:
                 self._apply(kind, name, items)
-            except Exception as exc:  # noqa: BLE001 - the first is raised, the rest logged
+            except Exception as exc:  # noqa: BLE001 - raised below
                 if failure is not None:
                     log.exception("%s of %d messages on %s failed", kind, len(items), name)
                 else:
