@@ -789,3 +789,26 @@ def test_an_ack_whose_first_batch_fails_still_deletes_the_next_batches(enclave):
     enclave.queue.flush()  # (the five that waited for company)
     enclave.queue.release(got)
     assert enclave.queue.depth("test") == 10  # those of the call that failed, only
+
+
+def test_a_send_whose_spill_to_s3_fails_deletes_the_bodies_it_had_spilled(enclave):
+    """The bodies of a send too large for SQS go to S3 one by one, before any message is
+    sent: when one PutObject failed, those spilled before it stayed in the bucket for
+    ever.  They are deleted, and the error says so."""
+    from kotta_executor.backends.base import Message
+
+    enclave.queue.max_body = 1000  # (every body here goes to S3)
+    puts = []
+
+    def third_put_refused(**_):
+        puts.append(1)
+        if len(puts) == 3:
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "slow down"}},
+                              "PutObject")
+
+    enclave.s3.meta.events.register("before-call.s3.PutObject", third_put_refused)
+    with pytest.raises(ClientError, match="SlowDown") as info:
+        enclave.queue.send("test", [Message(f"j{i}", b"x" * 2000) for i in range(4)])
+    assert any("deleted the 2 bodies spilled to S3" in n for n in info.value.__notes__)
+    assert _keys(enclave) == []
+    assert enclave.queue.depth("test") == 0

@@ -923,20 +923,25 @@ class SqsQueue(TaskQueue):
         try:
             return self._send(sqs_name, items, missing_ok=missing_ok, sent=sent)
         except Exception as exc:
-            blobs = [t[3:] for i, (_, t, _) in enumerate(items)
-                     if i not in sent and t.startswith("s3:")]  # fmt: skip
-            if blobs:
-                what = f"{len(blobs)} {'body' if len(blobs) == 1 else 'bodies'} spilled to S3"
-                try:
-                    self._e.blobs.delete(blobs)
-                except Exception as left:  # noqa: BLE001 - the send's failure is the news
-                    exc.add_note(f"kotta: the {what} for the messages not sent could not be "
-                                 f"deleted ({type(left).__name__}: {left}): they are left "
-                                 f"in s3://{self._e.names.bucket}/{self._e.names.blob_prefix}"
-                                 f" (e.g. {blobs[0]})")
-                else:
-                    exc.add_note(f"kotta: deleted the {what} for the messages not sent")
+            self._drop_spilled(exc, [t for i, (_, t, _) in enumerate(items) if i not in sent])
             raise
+
+    def _drop_spilled(self, exc: Exception, texts: Iterable[str]) -> None:
+        """Delete the bodies spilled to S3 (``s3:KEY``) among ``texts``, those of messages
+        that a failure (``exc``) left unsent, and add to ``exc`` a note that says so."""
+        blobs = [t[3:] for t in texts if t.startswith("s3:")]
+        if not blobs:
+            return
+        what = f"{len(blobs)} {'body' if len(blobs) == 1 else 'bodies'} spilled to S3"
+        try:
+            self._e.blobs.delete(blobs)
+        except Exception as left:  # noqa: BLE001 - the send's failure is the news
+            exc.add_note(f"kotta: the {what} for the messages not sent could not be "
+                         f"deleted ({type(left).__name__}: {left}): they are left "
+                         f"in s3://{self._e.names.bucket}/{self._e.names.blob_prefix}"
+                         f" (e.g. {blobs[0]})")
+        else:
+            exc.add_note(f"kotta: deleted the {what} for the messages not sent")
 
     # -- the interface
 
@@ -944,7 +949,13 @@ class SqsQueue(TaskQueue):
         if not messages:
             return
         sqs_name = self._e.names.queue(queue)
-        items = [(m.job_id, self._encode(m.body), {}) for m in messages]
+        items = []
+        try:
+            for m in messages:
+                items.append((m.job_id, self._encode(m.body), {}))
+        except Exception as exc:  # a spill to S3 failed: those before it are sent never
+            self._drop_spilled(exc, [t for _, t, _ in items])
+            raise
         if self._is_reply(queue):
             # A reply channel whose client is gone is not an error: the job table has
             # the result.  Replies are batched (reply_linger); tasks never are.
