@@ -175,6 +175,11 @@ def test_a_bad_region_or_endpoint_is_a_configuration_error_at_open_naming_it(url
     with aws_moto.fake_aws_env(), pytest.raises(ConfigurationError) as info:
         open_enclave(url)
     assert part in str(info.value)
+    if "endpoint_url" in url:  # connect() checks it at once, opening nothing
+        from kotta_executor.backends import check_spec
+
+        with pytest.raises(ConfigurationError, match=re.escape(part)):
+            check_spec(url)
 
 
 def _closed_port():

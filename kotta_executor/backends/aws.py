@@ -243,6 +243,7 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
             f"unknown parameter(s) {', '.join(unknown)} in {url!r} "
             f"(known: {', '.join(_URL_PARAMS)})"
         )
+    check_endpoint_url(params.get("endpoint_url"))  # (for connect()'s check_spec too)
     return check_name(name), params
 
 
