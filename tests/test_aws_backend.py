@@ -182,6 +182,13 @@ def test_a_bad_region_or_endpoint_is_a_configuration_error_at_open_naming_it(url
             check_spec(url)
 
 
+def test_a_bad_endpoint_from_the_environment_says_where_it_came_from(monkeypatch):
+    with aws_moto.fake_aws_env():
+        monkeypatch.setenv("KOTTA_AWS_ENDPOINT_URL", "localhost:4566")
+        with pytest.raises(ConfigurationError, match="from KOTTA_AWS_ENDPOINT_URL"):
+            open_enclave("aws://x")
+
+
 def _closed_port():
     """A port on 127.0.0.1 that refuses connections (bound, never listening)."""
     import socket

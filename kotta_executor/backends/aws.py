@@ -282,7 +282,7 @@ def make_session(
     return session
 
 
-def check_endpoint_url(endpoint_url: str | None) -> None:
+def check_endpoint_url(endpoint_url: str | None, source: str = "") -> None:
     """Refuse an ``endpoint_url`` botocore would take and fail on later (a ValueError
     naming no parameter; or, for a scheme other than http and https, an HTTPClientError
     after 30 seconds of retries of the first call)."""
@@ -296,7 +296,7 @@ def check_endpoint_url(endpoint_url: str | None) -> None:
         ok = False
     if not ok:
         raise ConfigurationError(
-            f"invalid endpoint_url={endpoint_url!r} for the AWS enclave: expected "
+            f"invalid endpoint_url={endpoint_url!r}{source} for the AWS enclave: expected "
             "http://HOST[:PORT] or https://HOST[:PORT]"
         )
 
@@ -505,13 +505,15 @@ class AwsEnclave(Enclave):
     ):
         self.names = Names(name, bucket)
         self.name = name
+        given = endpoint_url
         endpoint_url = endpoint_url or os.environ.get("KOTTA_AWS_ENDPOINT_URL") or None
         self.endpoint_url = endpoint_url
         self.session = session or make_session(
             region=region, profile=profile, what=f"the AWS enclave {name!r}"
         )
         self.region = self.session.region_name
-        check_endpoint_url(endpoint_url)
+        check_endpoint_url(endpoint_url, "" if endpoint_url == given else
+                           " (from KOTTA_AWS_ENDPOINT_URL)")
         if not endpoint_url and self.region:  # (an emulator's endpoint takes any region)
             check_region(self.session, self.region, in_url=bool(region))
         try:
