@@ -26,6 +26,7 @@ import psutil
 from kotta_executor.config import SCRIPT_TMPDIR_ENV, interpreter_flags
 
 from .worker import (
+    _LEN,
     CONN_BIG,
     CONN_LEN,
     MESSAGE_STARTS,
@@ -105,8 +106,9 @@ class Worker:
     stop_asked: bool = False  # told to exit after its current task (it begins no other)
     ready: bool = False  # it has started up (said so with an empty message on its results)
     #: framed tasks the pipe has not taken yet: the node never blocks on a worker's pipe
-    #: (a frame larger than the pipe, queued behind a long task, would wait for it)
-    outbox: bytearray = field(default_factory=bytearray)
+    #: (a frame larger than the pipe, queued behind a long task, would wait for it).  In
+    #: pieces: a big task's own bytes (a view of them), never a copy (see send)
+    outbox: deque[bytes | memoryview] = field(default_factory=deque)
     #: what the worker wrote that does not make a whole message yet (see read_results)
     inbox: bytearray = field(default_factory=bytearray)
     garbled: bool = False  # it wrote something that is not a message: nothing more is read
@@ -140,24 +142,44 @@ class Worker:
         if not self.inflight:  # (a task back from a failed write may carry an old clock)
             tasks[0].started = time.monotonic() if self.ready else None
         self.inflight.extend(tasks)
-        frame = pack_frame([t.data for t in tasks])
+        size = sum(4 + len(t.data) for t in tasks)
         # multiprocessing.Connection's framing, which the worker's recv_bytes reads
-        if len(frame) < 0x7FFFFFFF:
-            self.outbox += CONN_LEN.pack(len(frame))
+        if size < 0x7FFFFFFF:
+            head = CONN_LEN.pack(size)
         else:
-            self.outbox += CONN_LEN.pack(-1) + CONN_BIG.pack(len(frame))
-        self.outbox += frame
+            head = CONN_LEN.pack(-1) + CONN_BIG.pack(size)
+        if size < _BIG_FRAME:
+            self.outbox.append(head + pack_frame([t.data for t in tasks]))
+        else:
+            # big arguments: written from the tasks' own bytes.  Joined into a frame, and
+            # that copied into the outbox, a task of 256 MB was held three times by the
+            # node (800 MB) until the worker had read it.  (Small tasks around them still
+            # go joined: a write each would cost a system call a task.)
+            small = [head]
+            for t in tasks:
+                small.append(_LEN.pack(len(t.data)))
+                if len(t.data) < _BIG_FRAME:
+                    small.append(t.data)
+                    continue
+                self.outbox += (b"".join(small), memoryview(t.data))
+                small = []
+            if small:
+                self.outbox.append(b"".join(small))
         self.flush()
 
     def flush(self) -> None:
         """Write what the pipe takes now (the node writes the rest when it is writable);
         OSError if the worker is gone."""
-        while self.outbox:
+        outbox = self.outbox
+        while outbox:
             try:
-                n = os.write(self.tasks.fileno(), self.outbox)
+                n = os.write(self.tasks.fileno(), outbox[0])
             except BlockingIOError:
                 return
-            del self.outbox[:n]
+            if n < len(outbox[0]):
+                outbox[0] = memoryview(outbox[0])[n:]
+            else:
+                outbox.popleft()
 
     def read_results(self) -> tuple[list[bytes], bool]:
         """The messages the worker has written, whole, and whether it has closed its end.
@@ -638,6 +660,8 @@ _READ_SIZE = 1 << 20
 #: the length of a job id, as a result's head carries it (node.worker.result_head)
 _JOB_ID_SIZE = 32
 _MAX_MESSAGE = 1 << 40
+#: a frame of tasks this big is written from the tasks' own bytes, not joined (Worker.send)
+_BIG_FRAME = 1 << 20
 
 
 def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
