@@ -301,7 +301,17 @@ def decode_checked(data: bytes) -> Envelope:
     if magic != MAGIC:
         raise errors.EnvelopeError("not a kotta envelope: bad magic bytes")
     pos = _PREFIX.size + hlen
-    return _envelope(data, orjson.loads(memoryview(data)[_PREFIX.size : pos]), pos)
+    header = orjson.loads(memoryview(data)[_PREFIX.size : pos])
+    # The arguments, a view of ``data`` (which may be one too): a copy of them was held
+    # with it for the whole call, in the worker, whose memory counts against the task's
+    # limit.  The other sections are bytes: a worker keeps them (its cache of functions,
+    # the initializers it has run), and a view would keep the whole task with them.
+    view, sections = memoryview(data), {}
+    for name, length in header.pop("sections"):
+        part = view[pos : pos + length]
+        sections[name] = part if name == "args" else bytes(part)
+        pos += length
+    return Envelope(header, sections)
 
 
 def newer_version(data: bytes | memoryview) -> int | None:
@@ -1037,6 +1047,7 @@ def holds_code(data: bytes) -> bool:
     the strings the memo gives, since pickle writes a string once and takes it from its
     memo after (a "CodeType" pickled earlier, a key or an argument, is the one the type is
     rebuilt from).  Every pickle of code holds the name, so only those are looked at."""
+    data = bytes(data)  # (a worker's arguments are a view: ``in`` would compare ints)
     return b"CodeType" in data and _code_from_memo(data)
 
 

@@ -469,11 +469,13 @@ def pack_frame(items: list[bytes]) -> bytes:
     return b"".join(_LEN.pack(len(item)) + item for item in items)
 
 
-def unpack_frame(data: bytes) -> list[bytes]:
-    items, pos = [], 0
+def unpack_frame(data: bytes) -> list[memoryview]:
+    """The task envelopes of a frame, as views of it: copies held a big task's arguments
+    once more for as long as it ran (wire.decode_checked takes views)."""
+    items, pos, view = [], 0, memoryview(data)
     while pos < len(data):
         (n,) = _LEN.unpack_from(data, pos)
-        items.append(data[pos + 4 : pos + 4 + n])
+        items.append(view[pos + 4 : pos + 4 + n])
         pos += 4 + n
     return items
 

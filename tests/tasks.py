@@ -1066,3 +1066,8 @@ def burn_in_a_pool(method, n, seconds):
 
     with multiprocessing.get_context(method).Pool(n) as pool:
         return pool.map(burn_cpu, [seconds] * n)
+
+
+def echo_args(*args, **kwargs):
+    """Its arguments, as it received them."""
+    return args, kwargs

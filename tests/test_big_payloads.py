@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 
 import psutil
+import pytest
 
+from tests import tasks
 from tests.conftest import GUARD
 
 MB = 1 << 20
@@ -47,3 +49,35 @@ def test_the_node_holds_a_big_argument_no_more_than_twice(start_node, make_execu
     # fetching the blob holds it and the task rebuilt around it a moment: twice
     assert _peak_rss(node.pid) - base < 2.5 * SIZE, node.output()
 
+
+def test_a_worker_holds_a_big_argument_no_more_than_twice(start_node, make_executor):
+    """A worker held a task's big argument four times while the call ran: the frame the
+    node wrote, a copy of each task in it, a copy of the task's ``args`` section, and the
+    argument unpickled; 256 MB made its RSS over 1 GB, all of it counted against the
+    task's memory limit.  Now the frame and the argument: the sections are views of the
+    frame."""
+    node = start_node()
+    ex = make_executor(1, start_node=False)
+    data = os.urandom(SIZE)
+    assert ex.submit(len, data).result(GUARD) == SIZE
+    del data
+    (worker,) = node.worker_pids()  # (warm: it waits for the next task)
+    assert _peak_rss(worker) < 2.5 * SIZE
+
+
+def test_big_arguments_of_many_kinds_arrive_intact(start_node, make_executor):
+    """Bytes, a bytearray, a dict of many arrays, and keyword arguments, each big enough
+    to travel as a blob, arrive as they were sent (the worker reads them from views of
+    what the node wrote)."""
+    np = pytest.importorskip("numpy")
+    start_node()
+    ex = make_executor(1, start_node=False)
+    rng = np.random.default_rng(7)
+    arrays = {f"a{i}": rng.random(200_000) for i in range(20)}  # 32 MB in all
+    blob = os.urandom(8 * MB)
+    got = ex.submit(tasks.echo_args, arrays, bytearray(blob), key=blob).result(GUARD)
+    (arrays2, blob2), kwargs = got
+    assert arrays2.keys() == arrays.keys()
+    assert all(np.array_equal(arrays2[k], arrays[k]) for k in arrays)
+    assert type(blob2) is bytearray and blob2 == blob
+    assert kwargs == {"key": blob}
