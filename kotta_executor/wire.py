@@ -1574,7 +1574,9 @@ def summary(exc: BaseException) -> str:
     except BaseException:  # noqa: BLE001 - a __str__ that raises SystemExit, too
         text = ""
     name = type(exc).__qualname__
-    line = f"{name}: {text}" if text else name
+    # cut before it is spelled out (which only lengthens it): the message of an exception
+    # holding a big value (its repr: hundreds of MB) was copied twice to keep 500 of it
+    line = f"{name}: {text[:500]}" if text else name
     return line.encode("utf-8", "backslashreplace").decode("utf-8")[:500]
 
 

@@ -1071,3 +1071,8 @@ def burn_in_a_pool(method, n, seconds):
 def echo_args(*args, **kwargs):
     """Its arguments, as it received them."""
     return args, kwargs
+
+
+def raise_big_value_error(n):
+    """Raise a ValueError that holds ``n`` random bytes (its message their repr)."""
+    raise ValueError(os.urandom(n))

@@ -81,3 +81,21 @@ def test_big_arguments_of_many_kinds_arrive_intact(start_node, make_executor):
     assert all(np.array_equal(arrays2[k], arrays[k]) for k in arrays)
     assert type(blob2) is bytearray and blob2 == blob
     assert kwargs == {"key": blob}
+
+
+def test_a_big_exception_is_summarised_without_copies_of_its_text(start_node, make_executor):
+    """A task that raised an exception holding 64 MB (its message their repr, some 230 MB
+    of text) had its worker reach 1 GB: the job's reason, 500 characters of that text, was
+    cut from copies of all of it (encoded, and decoded again).  Now from its first 500
+    characters; the client gets the exception whole."""
+    node = start_node()
+    ex = make_executor(1, start_node=False)
+    n = 64 * MB
+    f = ex.submit(tasks.raise_big_value_error, n)
+    exc = f.exception(GUARD)
+    assert type(exc) is ValueError and len(exc.args[0]) == n
+    (worker,) = node.worker_pids()
+    # the bytes, their pickle and their repr (3.5 characters a byte) are what it needs
+    assert _peak_rss(worker) < 9 * n
+    reason = ex._enclave.jobs.get(f.job_id).reason
+    assert reason.startswith("ValueError: b'") and len(reason) == 500
