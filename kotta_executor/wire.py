@@ -327,6 +327,16 @@ def header_size(data: bytes) -> int:
     return _PREFIX.unpack_from(data)[2]
 
 
+def with_fields(data: bytes | memoryview, **fields: Any) -> bytes:
+    """The envelope ``data`` with ``fields`` set in its header, its sections as they are:
+    framed from views of them, not from copies (a node adds its samples to the result of
+    a long task, which may be of gigabytes)."""
+    data = data if isinstance(data, bytes) else memoryview(data)
+    header, pos = _parse(data)
+    raw = _dumps({**header, **fields})
+    return b"".join((_PREFIX.pack(MAGIC, VERSION, len(raw)), raw, memoryview(data)[pos:]))
+
+
 def peek_header(data: bytes | memoryview) -> dict[str, Any]:
     """The validated header of an envelope, without copying its sections out (nodes)."""
     header, _ = _parse(data if isinstance(data, bytes) else bytes(data))

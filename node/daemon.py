@@ -789,6 +789,8 @@ class Node:
             if task.monitor is not None:  # a long task: add the node's samples to its usage
                 usage = task.monitor.merge(usage)
                 data = _with_usage(data, usage)  # (the one parse of a result by the node)
+            else:
+                data = bytes(data)  # (a view of what the worker sent: the one copy of it)
         except ValueError as exc:  # a worker that writes garbage is broken (EnvelopeError too)
             reason = f"the worker sent an invalid result: {exc}"
             data = wire.failure(task.job_id, task.header["n"], "WorkerDied", reason)
@@ -2122,8 +2124,7 @@ def _unreported_usage(task: Task) -> dict | None:
 
 def _with_usage(data: bytes, usage: dict) -> bytes:
     """A result envelope with ``usage`` in its header (long tasks only: it copies)."""
-    env = wire.decode(data)
-    return wire.encode({**env.header, "usage": usage}, env.sections)
+    return wire.with_fields(data, usage=usage)
 
 
 #: the failures the node ends a running task for, by its process tree's SIGTERM

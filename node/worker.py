@@ -537,9 +537,10 @@ CONN_LEN = struct.Struct("!i")
 CONN_BIG = struct.Struct("!Q")
 
 
-def unpack_result(data: bytes, job_id: str) -> tuple[bool, dict | None, str | None, bytes]:
+def unpack_result(data: bytes, job_id: str) -> tuple[bool, dict | None, str | None, bytes | memoryview]:
     """``(failed, usage, reason, result envelope)`` from a worker's result for the task of
-    ``job_id``; ValueError if it is not one, or is another job's."""
+    ``job_id`` (the envelope a view of ``data``); ValueError if it is not one, or is
+    another job's."""
     if data[:5] == wire.MAGIC:  # (a head begins with 0 or 1) no head: an earlier worker's
         return _bare_result(data, job_id)
     if len(data) < _RESULT.size:
@@ -548,8 +549,10 @@ def unpack_result(data: bytes, job_id: str) -> tuple[bool, dict | None, str | No
     if of != job_id.encode("ascii"):
         raise _another_jobs(repr(of.decode("ascii", "replace")), job_id)
     pos = _RESULT.size + n
-    envelope = data[pos:]
-    if not envelope.startswith(wire.MAGIC):
+    # a view: the node copies it once, with the samples of a long task in its header or
+    # as it is (a copy made here too held a big result three times in the node)
+    envelope = memoryview(data)[pos:]
+    if envelope[: len(wire.MAGIC)] != wire.MAGIC:
         raise ValueError("it holds no result envelope")
     reason = data[_RESULT.size : pos].decode("utf-8", "replace") if n else None
     usage = {"start": start, "end": end, "wall": wall, "cpu": cpu,

@@ -1076,3 +1076,9 @@ def echo_args(*args, **kwargs):
 def raise_big_value_error(n):
     """Raise a ValueError that holds ``n`` random bytes (its message their repr)."""
     raise ValueError(os.urandom(n))
+
+
+def random_bytes_once_released(release, n):
+    """Wait for ``release``, then return ``n`` random bytes."""
+    wait_for_file(release)
+    return os.urandom(n)
