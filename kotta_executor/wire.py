@@ -285,10 +285,15 @@ def decode(data: bytes | memoryview) -> Envelope:
 
 
 def _envelope(data: bytes, header: dict[str, Any], pos: int) -> Envelope:
-    """The envelope whose sections, as ``header`` lists them, begin at ``pos``."""
+    """The envelope whose sections, as ``header`` lists them, begin at ``pos``.  A result's
+    ``payload`` is a view of ``data``: only unpickled (outcomes), a copy of it held a big
+    result once more on the client as it was read."""
     sections: dict[str, bytes] = {}
     for name, length in header.pop("sections"):
-        sections[name] = data[pos : pos + length]
+        if name == "payload":
+            sections[name] = memoryview(data)[pos : pos + length]
+        else:
+            sections[name] = data[pos : pos + length]
         pos += length
     return Envelope(header, sections)
 
@@ -1650,7 +1655,7 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
         except BaseException as exc:  # noqa: BLE001 - cannot unpickle here: say so, keep the cause
             return [(False, _unpickle_error(job_id, exc, payload, raised=True))] * n
     try:
-        parts = pickle.loads(payload)  # (a list of bytes: plain pickle, in any version)
+        parts = _outcome_parts(payload)
     except BaseException as exc:  # noqa: BLE001
         return [(False, _unpickle_error(job_id, exc))] * n
     out: list[tuple[bool, Any]] = []
@@ -1669,6 +1674,25 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
         except BaseException as exc:  # noqa: BLE001 - fails its own call only
             out.append((False, _unpickle_error(job_id, exc, part)))
     return out
+
+
+def _outcome_parts(payload: bytes | memoryview) -> list[Any]:
+    """The per-call pickles of an "ok" payload: views of it, where it is laid out as
+    :func:`dump_outcome_pieces` writes it (unpickled, each was copied out of it, and a big
+    result was held once more); else as pickle reads it (a list of bytes: plain pickle,
+    in any version; or the first layout, of tuples)."""
+    view = memoryview(payload)
+    parts: list[Any] = []
+    pos, end = len(_LIST_OPEN), len(view) - len(_LIST_CLOSE)
+    if view[:pos] == _LIST_OPEN and view[end:] == _LIST_CLOSE:
+        while pos < end and view[pos] == 0x8E and pos + _BYTES8.size <= end:
+            (n,) = struct.unpack_from("<Q", view, pos + 1)
+            pos += _BYTES8.size
+            parts.append(view[pos : pos + n])
+            pos += n
+        if pos == end:
+            return parts
+    return pickle.loads(payload)
 
 
 def _unpickle_error(job_id: str, exc: BaseException, data: bytes = b"",

@@ -1082,3 +1082,10 @@ def random_bytes_once_released(release, n):
     """Wait for ``release``, then return ``n`` random bytes."""
     wait_for_file(release)
     return os.urandom(n)
+
+
+def bytes_or_raise(n):
+    """``n`` random bytes; a ValueError for a negative ``n``."""
+    if n < 0:
+        raise ValueError(f"no bytes for {n}")
+    return os.urandom(n)

@@ -9,6 +9,7 @@ twice will do, is what these tests are about, not a few megabytes.
 from __future__ import annotations
 
 import os
+import tracemalloc
 
 import psutil
 import pytest
@@ -119,3 +120,36 @@ def test_the_node_holds_a_big_result_of_a_long_task_no_more_than_twice(
     assert f.usage()["samples"]
     # what the worker wrote is read into a buffer, and copied out of it: twice
     assert _peak_rss(node.pid) - base < 2.5 * SIZE, node.output()
+
+
+def test_the_client_reads_a_big_result_holding_it_no_more_than_twice(start_node,
+                                                                     make_executor):
+    """A big result was held four times by the client as it was read: the blob, a copy
+    of its payload section, a copy of the call's pickle out of the payload (a list of
+    pickles), and the value; 128 MB took 512 MB.  Now the blob and the value: the
+    payload and the pickles in it are read through views of the blob."""
+    start_node()
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(len, b"").result(GUARD) == 0  # (the executor's own start, not traced)
+    size = SIZE // 2
+    tracemalloc.start()
+    try:
+        value = ex.submit(os.urandom, size).result(GUARD)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(value) == size
+    assert peak < 2.5 * size
+
+
+def test_a_batch_of_big_results_arrives_intact(start_node, make_executor):
+    """map() items packed in one task, whose results are big, each come back whole and in
+    order, and an item that raised raises in its place (the task's payload, a pickle of
+    each call's outcome, read through views)."""
+    start_node()
+    ex = make_executor(1, start_node=False)
+    sizes = [3 * MB, 0, 2 * MB + 1, -1, 5 * MB]
+    results = ex.map(tasks.bytes_or_raise, sizes, chunksize=len(sizes), timeout=GUARD)
+    assert [len(next(results)) for _ in range(3)] == sizes[:3]
+    with pytest.raises(ValueError, match="no bytes for -1"):
+        next(results)
