@@ -1032,6 +1032,10 @@ def _short_repr(obj: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: the largest pickled function a worker keeps for the next task of the same function
+CACHED_FUNCTION_MAX = 1 << 20
+
+
 def load_call(
     sections: dict[str, bytes], cache: dict[bytes, Callable] | None = None
 ) -> tuple[Callable, list[tuple[tuple, dict]]]:
@@ -1041,6 +1045,11 @@ def load_call(
     the same function, so a warm worker skips rebuilding it.
     """
     data = sections.get("fn", b"")
+    # not a big one (a closure over an array): kept, it held its pickle and what it
+    # captured in the worker, up to 64 of them, after its task, against every later
+    # task's memory limit; unpickling it again costs little beside fetching it
+    if cache is not None and len(data) > CACHED_FUNCTION_MAX:
+        cache = None
     fn = cache.get(data) if cache is not None else None
     if fn is None:
         fn = pickle.loads(data)

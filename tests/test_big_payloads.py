@@ -153,3 +153,23 @@ def test_a_batch_of_big_results_arrives_intact(start_node, make_executor):
     assert [len(next(results)) for _ in range(3)] == sizes[:3]
     with pytest.raises(ValueError, match="no bytes for -1"):
         next(results)
+
+
+def _counting(data: bytes):
+    """A closure over ``data``: pickled by value, ``data`` with it (the task's ``fn``)."""
+    return lambda: len(data)
+
+
+def test_a_worker_keeps_no_big_function_after_its_task(start_node, make_executor):
+    """A warm worker keeps the functions it unpickled (by their pickled bytes) for the next
+    task of the same function; a closure over a big value (a lambda over an array, in a
+    loop) was kept with it, its pickle too, up to 64 of them: three closures over 64 MB
+    each left the worker holding 400 MB between tasks, counted against the memory limit of
+    every task after.  A big function is no longer kept."""
+    node = start_node()
+    ex = make_executor(1, start_node=False)
+    n = SIZE // 4
+    for _ in range(3):
+        assert ex.submit(_counting(os.urandom(n))).result(GUARD) == n
+    (worker,) = node.worker_pids()
+    assert _base_rss(worker) < 2 * n
