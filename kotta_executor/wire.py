@@ -800,6 +800,11 @@ def cloudpickle_dumps(obj: Any) -> bytes:
         return f.getvalue()
 
 
+#: the largest pickled function kept for the next call of the same function: by the
+#: client (PickledFunctions), by a worker (load_call)
+CACHED_FUNCTION_MAX = 1 << 20
+
+
 class PickledFunctions:
     """cloudpickle's bytes of functions, reused while they would come out the same.
 
@@ -841,6 +846,10 @@ class PickledFunctions:
         except Exception:  # noqa: BLE001 - _Unknown, or a value that cannot be compared
             return cloudpickle_dumps(fn)
         data = cloudpickle_dumps(fn)
+        if len(data) > CACHED_FUNCTION_MAX:
+            # a closure over a big value: kept, its pickle was held as long as the function
+            # lived (a notebook's: for good), a copy of that value long after it was sent
+            return data
         try:  # kept only if nothing changed while it was pickled
             if self.fingerprint(fn) != key:
                 return data
@@ -1030,10 +1039,6 @@ def _short_repr(obj: Any, limit: int = 80) -> str:
     except Exception:  # noqa: BLE001
         text = f"<{type(obj).__name__} object>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-#: the largest pickled function a worker keeps for the next task of the same function
-CACHED_FUNCTION_MAX = 1 << 20
 
 
 def load_call(

@@ -173,3 +173,22 @@ def test_a_worker_keeps_no_big_function_after_its_task(start_node, make_executor
         assert ex.submit(_counting(os.urandom(n))).result(GUARD) == n
     (worker,) = node.worker_pids()
     assert _base_rss(worker) < 2 * n
+
+
+def test_the_client_keeps_no_pickle_of_a_big_function(start_node, make_executor):
+    """The client reuses the pickled bytes of a function sent by value while nothing it
+    captured could have changed; a closure over a big value (bytes) had its pickle kept
+    for as long as the function lived (a notebook's function: for good), a copy of the
+    value the client no longer needed.  A big pickle is no longer kept."""
+    start_node()
+    ex = make_executor(1, start_node=False)
+    n = SIZE // 4
+    fn = _counting(os.urandom(n))
+    tracemalloc.start()
+    try:
+        for _ in range(2):  # (the second pickle confirms the first: then it was kept)
+            assert ex.submit(fn).result(GUARD) == n
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < n // 2
