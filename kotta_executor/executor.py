@@ -1211,12 +1211,17 @@ class KottaExecutor(Executor):
                     log.warning("ignoring a malformed reply message for job %s", m.job_id)
             missing = [job_id for job_id, body in items if not body]
             records = self._enclave.jobs.get_many(missing, with_result=True) if missing else {}
+            taken: set[str] = set()  # (a job twice in the replies: its record read once)
             for job_id, body in items:
                 if body:
                     self._resolve(job_id, body)
-                elif job_id in records and records[job_id].state.final:
-                    self._settle(job_id, records[job_id])
-                elif job_id not in records:
+                # (taken from the records: a result read goes as its future is settled, not
+                # with the last of them, each big one held twice meanwhile, with its value)
+                elif (job := records.pop(job_id, None)) is not None:
+                    taken.add(job_id)
+                    if job.state.final:
+                        self._settle(job_id, job)
+                elif job_id not in taken:
                     # a reply says the job was recorded and ended; with no record now, it
                     # was removed (kotta prune) while this client did not read (stopped,
                     # asleep): the reconcile would never find it
@@ -1301,7 +1306,8 @@ class KottaExecutor(Executor):
             for job_id in gone:
                 if job_id not in unsent:
                     self._record_gone(job_id)
-        for job_id, job in records.items():
+        for job_id in list(records):
+            job = records.pop(job_id)  # (its result goes once settled: see _receive)
             if job.state.final:
                 self._settle(job_id, job)
                 settled += job_id in attach_window

@@ -192,3 +192,31 @@ def test_the_client_keeps_no_pickle_of_a_big_function(start_node, make_executor)
     finally:
         tracemalloc.stop()
     assert held < n // 2
+
+
+def test_a_client_reading_many_big_results_at_once_holds_each_until_it_is_settled(
+        start_node, make_executor):
+    """Results read together (a client attaching to a finished sweep, replies that came
+    together) were all held, as read, until the last of them was settled: with their
+    values, every result twice (four of 32 MB: 256 MB).  Each read result now goes as
+    its future is settled."""
+    start_node()
+    ex = make_executor(1, start_node=False)
+    n = 32 * MB
+    fs = [ex.submit(os.urandom, n) for _ in range(4)]
+    ids = [f.job_id for f in fs]
+    assert all(len(f.result(GUARD)) == n for f in fs)
+    del fs
+    other = make_executor(1, start_node=False)
+    assert other.submit(len, b"").result(GUARD) == 0  # (its manager runs: not traced)
+    tracemalloc.start()
+    try:
+        # (read by the manager in one batch, or two: the first may be read alone)
+        attached = [other.attach(job_id) for job_id in ids]
+        values = [f.result(GUARD) for f in attached]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [len(v) for v in values] == [n] * 4
+    # read in one batch: 5 n now, 8 n before (7 n, the first read alone)
+    assert peak < 6 * n
