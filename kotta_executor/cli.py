@@ -150,6 +150,10 @@ def _node_args(p: argparse.ArgumentParser) -> None:
                         " built-in table)")
     p.add_argument("--max-walltime", type=float, metavar="MINUTES",
                    help="refuse tasks asking for a longer walltime (default: the queue's cap)")
+    p.add_argument("--prefetch", type=int, default=0, metavar="N",
+                   help="tasks per worker the node holds beyond those its workers can start"
+                        " soon, whatever their length (0 or more; default 0: the rest wait in"
+                        " the queue for any node's free worker)")
 
 
 def _escape_what_the_terminal_cannot_show() -> None:
@@ -223,6 +227,8 @@ def _check_node_options(args) -> None:
         raise ValueError("--workers must be at least 1")
     if args.max_deliveries < 1:
         raise ValueError("--max-deliveries must be at least 1")
+    if args.prefetch < 0:
+        raise ValueError("--prefetch must be 0 or more")
     if getattr(args, "max_jobs", None) is not None and args.max_jobs < 1:
         raise ValueError("--max-jobs must be at least 1")
     if getattr(args, "nodes", 1) < 1:
@@ -274,6 +280,7 @@ def cmd_node(args) -> int:
         sample_interval=args.sample_interval,
         memory_limit=args.memory_limit,
         max_walltime=None if args.max_walltime is None else args.max_walltime * 60.0,
+        prefetch=args.prefetch,
     )
     fresh = is_new(args.enclave)  # (a named one: ~/.kotta is made on a fresh machine)
     enclave = _enclave(args)
@@ -381,6 +388,7 @@ def _up_node_args(args, enclave: Enclave, queue: str) -> list[str]:
         "--poll-interval", str(args.poll_interval),
         "--drain-timeout", str(args.drain_timeout),
         "--sample-interval", str(args.sample_interval),
+        "--prefetch", str(args.prefetch),
         *(["--memory-limit", str(args.memory_limit)] if args.memory_limit is not None else []),
         *(["--max-walltime", str(args.max_walltime)] if args.max_walltime is not None else []),
         "--prespawn", config.current_user(),

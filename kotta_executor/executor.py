@@ -1596,6 +1596,10 @@ class KottaExecutor(Executor):
             "--parent-pid", str(os.getpid()),
             "--managed-by", self.client_id,
             "--prespawn", self.owner,
+            # its client's local pool holds 4 tasks a worker, as nodes did: it stages the
+            # inputs of those waiting behind running ones; the nodes of a shared pool
+            # (kotta node, kotta up) hold only what they can start soon, for other nodes
+            "--prefetch", "3",
         ]
         log_path = self._node_log(queue)
         log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,8 @@ class NodeConfig:
     max_walltime: float | None = None
     #: MB of staged inputs the node keeps in its cache between tasks
     stage_cache_mb: int = 2048
+    #: tasks per worker the node holds beyond those its workers can start soon (Node._room)
+    prefetch: int = 0
     #: an executor's own node (``parent_pid``): the write end of a pipe its executor reads,
     #: closed when the node stops or leaves (:meth:`Node._leave`)
     leave_fd: int | None = None
@@ -413,7 +415,7 @@ class Node:
         if self._bell is not None:  # bound before the node registers, where clients find it
             self._task_inbox = self.enclave.task_inbox(self.node_id)
         if self._bell is None:
-            self._room_hint = self.config.workers * 2
+            self._room_hint = self._room()  # (the poller's first fetch, as a receive's)
             self._poller = threading.Thread(target=self._poll_queue, name="kotta-node-poller", daemon=True)
             self._poller.start()
         staging.sweep_dead_script_dirs()  # (a node killed before it removed them)
@@ -1091,14 +1093,18 @@ class Node:
             )
 
     def _room(self) -> int:
-        """How many more tasks the node takes: enough to keep its workers' pipes full, but
+        """How many more tasks the node takes: enough to keep its workers' pipes full while
+        tasks are tiny, else only what its workers can start soon (_holds), so that a task
+        does not wait here behind a long one while another node of the queue is idle; and
         with ``max_jobs``, no more than it has left to run (what it holds and what it has
         run count), so that it never receives a task it would not start."""
         held = sum(len(w.inflight) for w in self.workers) + len(self.data.active) + len(
             self.pending)
-        cap = self.config.workers * 4
         if self.workers and all(w.depth > 2 for w in self.workers):
             cap = self.config.workers * 160  # 64 in each pipe, and as many waiting
+        else:  # (a place with no worker yet: one task, of a length not known)
+            cap = sum(map(_holds, self.workers)) + max(0, self.config.workers - len(self.workers))
+            cap += self.config.prefetch * self.config.workers
         room = cap - held
         if self.config.max_jobs is not None:
             left = self.config.max_jobs - self.jobs_done - len(self.finished) - held
@@ -1600,9 +1606,10 @@ class Node:
         lost = [t for t in (*(t for t, _ in plan), *refused) if id(t) not in started]
         if lost:  # cancelled meanwhile, finished, or a second copy
             self.drop_lost(lost, going)
-            if self.pending:  # skipped for the worker a lost task was planned to, which is
-                # free: no result of it will wake us for them, and a backlog of cancelled
-                # tasks went a few a poll interval (as did the tasks behind it)
+            if self.pending or self._backlogged:  # skipped for the worker a lost task was
+                # planned to, which is free: no result of it will wake us for them, and a
+                # backlog of cancelled tasks went a few a poll interval (as did the tasks
+                # behind it); or left in the queue, the node taking only what it can start
                 self.request_wake()
         for t in refused:
             if id(t) in started:
@@ -2086,6 +2093,19 @@ def _kill_tree_now(w: Worker) -> None:
     w.kill("WorkerDied", "node stopping")
     w.kill_deadline = 0
     w.escalate()
+
+
+def _holds(w: Worker) -> int:
+    """How many tasks the node holds for ``w`` (when not every worker runs tiny tasks): 4
+    for tiny tasks; for short ones (pool.SHORT_TASK) the one it runs and one in reserve,
+    so that it does not wait for the node between them; else only the one it runs (a
+    worker starting up, or whose tasks are long or not measured yet).  The node held 4
+    for every worker: 3 tasks waited behind each long one, while another node of the
+    queue may have been idle."""
+    depth = w.depth
+    if depth > 2:
+        return 4
+    return 2 if depth == 2 and w.ran and w.avg < pool.SHORT_TASK else 1
 
 
 def _restricted(task: Task) -> bool:

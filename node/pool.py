@@ -44,6 +44,11 @@ log = logging.getLogger("kotta.node")
 
 #: tasks shorter than this (moving average, seconds) are piped to a worker several at once
 TINY_TASK = 0.002
+#: a worker whose tasks take less than this (moving average, seconds, measured: it has run
+#: one) has one more held for it by its node, in reserve; one of longer tasks, or of tasks
+#: not measured yet, only the one it runs: the rest wait in the queue, for whichever
+#: node's worker is free first (Node._room)
+SHORT_TASK = 1.0
 
 #: seconds between the soft signal and SIGKILL when a task is stopped
 KILL_GRACE = 0.5

@@ -596,7 +596,7 @@ def test_a_task_a_node_holds_does_not_run_once_its_user_is_cut_off(
     revoked, waits there behind a long one; it must not run when a worker frees."""
     bob_file = user_token("bob")
     bob = make_executor(1, start_node=False, credentials=bob_file)
-    node = start_node(workers=1)
+    node = start_node("--prefetch", "1", workers=1)  # (it holds one behind the first)
     started, release, marker = tmp_path / "started", tmp_path / "release", tmp_path / "ran"
     first = bob.submit(tasks.touch_then_wait, str(started), str(release))
     wait_for(started.exists, what="the first task to start")

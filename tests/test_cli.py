@@ -1162,6 +1162,7 @@ _BAD_NODE_OPTIONS = [
     ("--memory-limit=0", "--memory-limit must be at least 1 MB"),
     ("--max-walltime=0", "--max-walltime must be a positive number of minutes"),
     ("--max-walltime=inf", "--max-walltime must be a positive number of minutes"),
+    ("--prefetch=-1", "--prefetch must be 0 or more"),
 ]
 
 
@@ -1205,7 +1206,7 @@ def test_up_elastic_checks_the_node_options_too(enclave):
 def test_node_options_at_their_bounds_run(enclave):
     r = kotta(enclave.home, "node", "--burst", "--poll-interval", "0", "--drain-timeout", "0",
               "--sample-interval", "0", "--max-deliveries", "1", "--max-jobs", "1",
-              "--visibility-timeout", "0.5", "--workers", "1")
+              "--visibility-timeout", "0.5", "--workers", "1", "--prefetch", "0")
     assert r.returncode == 0, r.stderr  # an empty queue: the burst ends at once
 
 

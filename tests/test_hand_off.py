@@ -278,7 +278,7 @@ def test_a_draining_node_takes_no_more_hand_offs(start_node, make_executor, encl
     """A node told to stop closes its task inbox (recording, queued for any node, what it
     held unread): a client then records a lone submit's job itself before submit()
     returns, so its task runs even if the client dies at once."""
-    a = start_node(workers=1)
+    a = start_node("--prefetch", "1", workers=1)  # (it holds a task behind the long one)
     ex = make_executor(1, start_node=False)
     log, release, ran = tmp_path / "pids", tmp_path / "release", tmp_path / "ran"
     running = ex.submit(tasks.log_pid_and_wait, str(log), str(release))

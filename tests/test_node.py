@@ -191,7 +191,7 @@ def test_a_task_rung_in_while_the_node_is_full_runs_when_room_frees(start_node, 
     """A ring that finds the node with no room must not be lost: the task runs when room
     frees, not a poll interval (here 30 s) later."""
     log, release = tmp_path / "pids", tmp_path / "release"
-    node = start_node("--poll-interval", "30", workers=1)  # room: 4 tasks held for 1 worker
+    node = start_node("--poll-interval", "30", "--prefetch", "3", workers=1)  # room: 4 tasks
     ex = make_executor(1, start_node=False)
     assert ex.submit(tasks.square, 1).result(GUARD) == 1
     try:
@@ -630,7 +630,7 @@ def test_a_stop_signal_finishes_the_running_task_and_hands_back_the_rest(
     start_node, make_executor, enclave, tmp_path, stop
 ):
     log, release = tmp_path / "pids", tmp_path / "release"
-    a = start_node(workers=1)
+    a = start_node("--prefetch", "1", workers=1)  # (holds one queued)
     ex = make_executor(1, start_node=False)
     running = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
     try:
@@ -713,7 +713,7 @@ def test_a_draining_node_hands_back_piped_tasks_its_worker_never_began(start_nod
     """A worker asked to stop between tasks (the node drains) exits without beginning the
     next one: that one too goes back to the queue, and runs elsewhere, instead of failing
     as if the worker had died under it."""
-    a = start_node(workers=1)
+    a = start_node("--prefetch", "3", workers=1)  # (as many held as before)
     ex = make_executor(1, start_node=False)
     worker = ex.submit(tasks.worker_pid).result(GUARD)
     _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
@@ -744,7 +744,7 @@ def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_o
     worker that died under its task, not one that stopped as asked, and the task is not run
     again (found by review: keyed on status 0, the node handed it back)."""
     log, release = tmp_path / "pids", tmp_path / "release"
-    a = start_node(workers=1)
+    a = start_node("--prefetch", "3", workers=1)  # (as many held as before)
     ex = make_executor(1, start_node=False)
     worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
     _freeze(a, enclave_dir)  # so that it takes them in one step, and pipes them together
@@ -972,7 +972,7 @@ def test_a_bad_message_naming_a_running_job_does_not_fail_it(start_node, make_ex
     job = ex._new_job("cd" * 16, tasks.touch_then_wait, [((str(started), str(release)), {})],
                       ex._options)
     enclave.jobs.create([job])
-    start_node(workers=1)
+    start_node("--prefetch", "1", workers=1)  # (it takes the copy while busy)
     wait_for(started.exists, what="the node to start the job")
     enclave.queue.send("test", [Message(job.job_id, b"not a task at all")])
     wait_for(lambda: enclave.queue.dead_letters("test"), what="the bad message dead-lettered")
@@ -998,14 +998,15 @@ class _WaitingJob:
 
 
 @contextmanager
-def _stepped_node(enclave, workers: int, *jobs: _WaitingJob):
+def _stepped_node(enclave, workers: int, *jobs: _WaitingJob, prefetch: int = 0):
     """A node in this process, stepped by the test, with ``jobs`` recorded and queued.  On
     leaving: the jobs are let go and run to their end, their messages are acked, and
     each has run once, and is completed."""
     from node.daemon import Node, NodeConfig
 
     enclave.jobs.create([j.job for j in jobs])
-    node = Node(enclave, NodeConfig(queue="test", workers=workers, poll_interval=0.05))
+    node = Node(enclave, NodeConfig(queue="test", workers=workers, poll_interval=0.05,
+                                       prefetch=prefetch))
     node._start()
     try:
         yield node
@@ -1081,7 +1082,7 @@ def test_a_copy_that_loses_its_claim_never_gives_the_held_task_an_older_receipt(
     it used to take, no longer acks the message (nor extends it)."""
     ex = make_executor(1, start_node=False)
     blocker, j = _WaitingJob(ex, tmp_path, "12" * 16, "b"), _WaitingJob(ex, tmp_path, "ab" * 16)
-    with _stepped_node(enclave, 2, blocker, j) as node:
+    with _stepped_node(enclave, 2, blocker, j, prefetch=1) as node:  # (it holds the copy)
         wait_for(lambda: (node.step(), j.ran() and blocker.ran())[1], what="both to start")
         [a] = [t for t in _held(node) if t.job_id == j.job_id]
         _duplicate_counted_first(enclave, a.delivery)
@@ -1226,7 +1227,7 @@ def test_a_task_over_the_nodes_walltime_cap_fails_while_its_workers_are_busy(
 
     ex = make_executor(1, start_node=False)
     j = _WaitingJob(ex, tmp_path, "a1" * 16)
-    with _stepped_node(enclave, 1, j) as node:
+    with _stepped_node(enclave, 1, j, prefetch=3) as node:  # (it holds both)
         node.max_walltime = 600.0
         wait_for(lambda: (node.step(), j.ran())[1], what="the long job to start")
         waits = ex._new_job("b2" * 16, tasks.square, [((2,), {})], ex._options)
@@ -1298,7 +1299,7 @@ def test_a_task_a_stopping_node_hands_back_unstarted_is_not_counted_a_delivery(
     next node ran it, instead of dead-lettering it and failing its job with
     DeliveryFailed ("delivered 1 times without completing") although it had never run."""
     log, release = tmp_path / "pids", tmp_path / "release"
-    a = start_node("--max-deliveries", "1", workers=1)
+    a = start_node("--max-deliveries", "1", "--prefetch", "1", workers=1)
     ex = make_executor(1, start_node=False)
     running = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
     try:

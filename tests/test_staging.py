@@ -417,7 +417,8 @@ def test_a_staged_task_that_waited_for_a_worker_gets_credentials_for_its_whole_r
     monkeypatch.chdir(ROOT)  # workers import tests.* (cwd on sys.path)
     alice = make_executor(1, credentials=data.alice, start_node=False)
     release = tmp_path / "release"
-    node = Node(data.enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node = Node(data.enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
+                                          prefetch=3))  # (it stages what it holds)
     node.data.reissue_after = 1.0
     node._start()
     try:
