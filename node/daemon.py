@@ -22,6 +22,7 @@ back too, and exits 0.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -707,7 +708,7 @@ class Node:
             fds.append(self._task_inbox)
         writing = {w.tasks.fileno(): w for w in self.workers if w.outbox}
         try:
-            ready, writable, _ = select.select(fds, list(writing), [], timeout)
+            ready, writable = _ready(fds, list(writing), timeout)
         except InterruptedError:
             return
         for fd in writable:
@@ -739,7 +740,7 @@ class Node:
         # comes (a new one's READY, or a message for no task), or _wait's select spins on it
         # (not a pipe closed already: it is always readable, and a select would spin)
         open_ = [w for w in self.workers if not w.closed]
-        ready = set(select.select(open_, [], [], 0)[0]) if open_ else set()
+        ready = set(_ready(open_, [], 0)[0]) if open_ else set()
         for w in list(self.workers):
             if w in ready:
                 try:
@@ -2086,6 +2087,40 @@ class Node:
                 self.enclave.jobs.record_usage(head.job_id, head.monitor.usage())
             except Exception:  # noqa: BLE001 - a missed sample must not stop the node
                 log.exception("recording the usage of job %s failed", head.job_id)
+
+
+#: the longest wait ``poll`` takes, in ms (a C int)
+_POLL_MOST = 2**31 - 1
+
+
+def _ready(readers: list, writers: list, timeout: float) -> tuple[list, list]:
+    """Those of ``readers`` ready to read and of ``writers`` ready to write (descriptors,
+    or objects with a ``fileno()``) within ``timeout`` seconds, as ``select.select``
+    answers, by ``poll``: select takes no descriptor past FD_SETSIZE (1024), and a node
+    of many workers (the production queue allows 256, four descriptors each), or one
+    started holding many files, died at its first wait with ValueError.  A closed
+    descriptor raises, as in select.  (As the client's manager: executor._readable.)"""
+    poller = select.poll()
+    by_fd: dict[int, tuple[object, int]] = {}
+    for objs, mask in ((readers, select.POLLIN), (writers, select.POLLOUT)):
+        for f in objs:
+            fd = f if isinstance(f, int) else f.fileno()
+            if fd < 0:  # (a closed socket's)
+                raise ValueError("file descriptor cannot be a negative integer (-1)")
+            by_fd[fd] = (f, by_fd[fd][1] | mask) if fd in by_fd else (f, mask)
+    for fd, (_, mask) in by_fd.items():
+        poller.register(fd, mask)
+    readable, writable = [], []
+    for fd, events in poller.poll(min(timeout * 1000, _POLL_MOST)):
+        if events & select.POLLNVAL:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        f, mask = by_fd[fd]
+        # an end of file, or an error, is readable (and writable) to select too
+        if mask & select.POLLIN and events & ~select.POLLOUT:
+            readable.append(f)
+        if mask & select.POLLOUT and events & (select.POLLOUT | select.POLLERR | select.POLLHUP):
+            writable.append(f)
+    return readable, writable
 
 
 def _kill_tree_now(w: Worker) -> None:
