@@ -742,7 +742,7 @@ def test_a_staged_task_handed_back_by_a_stopping_node_is_pending_and_not_counted
     completing" (here at once: --max-deliveries 1)."""
     import signal
 
-    a = start_node("--max-deliveries", "1")
+    a = start_node("--max-deliveries", "1", "--prefetch", "1")  # (it stages one behind)
     blocker, f, release, marker = _staged_behind_a_blocker(data, make_executor, tmp_path)
     try:
         wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
