@@ -311,6 +311,10 @@ class KottaExecutor(Executor):
         self._attached: set[str] = set()
         self._outbox: deque[tuple[NewJob, KottaFuture]] = deque()
         self._skip: set[str] = set()  # outbox entries cancelled before they were sent
+        #: ids a cancel waits (for the send lock) to cancel, and those of them the manager
+        #: recorded cancelled in the transaction that sent them (see _send)
+        self._cancel_wanted: set[str] = set()
+        self._cancelled_in_send: set[str] = set()
         #: jobs handed to a node directly that no reply or record has confirmed yet
         self._handed: dict[str, tuple[NewJob, float]] = {}
         self._last_handed_look = 0.0
@@ -857,7 +861,12 @@ class KottaExecutor(Executor):
     def _cancel_jobs(self, job_ids: list[str]) -> list[str]:
         """Cancel jobs no node has started; returns the ids that were cancelled."""
         wanted = set(job_ids)
+        # said before the wait for the lock: a send under way records them cancelled (_send)
+        self._cancel_wanted |= wanted
         with self._send_lock:  # the manager takes from the outbox only under this lock
+            self._cancel_wanted -= wanted  # (and sends under it: none is under way now)
+            sent = wanted & self._cancelled_in_send
+            self._cancelled_in_send -= sent
             # list() copies the deque in one step under the GIL, while submit() may append
             unsent = [(job, f) for job, f in list(self._outbox) if job.job_id in wanted]
             records = [job for job, _ in unsent]
@@ -865,7 +874,7 @@ class KottaExecutor(Executor):
             records += [self._unsent_record(w) for w in taken]
             handed = [h[0] for h in map(self._handed.get, job_ids) if h is not None]
             try:
-                done = self._record_cancelled(job_ids, records, handed)
+                done = self._record_cancelled(job_ids, records, handed) + list(sent)
             except BaseException:  # the enclave failed: nothing is cancelled, all goes on
                 for w in taken:
                     self._deps.put_back(w)
@@ -1082,13 +1091,26 @@ class KottaExecutor(Executor):
                 if not batch:  # every one cancelled meanwhile
                     continue
                 try:
-                    self._enclave.jobs.create([job for job, _ in batch])
+                    # A cancel that came as this batch was taken waits for the send lock
+                    # meanwhile, and then raced the nodes for a job it asked for before any
+                    # could start it: it is recorded cancelled in the send's transaction
+                    # (on AWS, just after it)
+                    with self._enclave.atomic():
+                        self._enclave.jobs.create([job for job, _ in batch])
+                        wanted = self._cancel_wanted and [
+                            job.job_id for job, _ in batch if job.job_id in self._cancel_wanted]
+                        cancelled = wanted and self._enclave.jobs.transition(
+                            wanted, JobState.CANCELLED, from_states=CANCELLABLE,
+                            reason="cancelled by the client",
+                        )
                 except Exception as exc:  # noqa: BLE001 - tried again, then it breaks us
                     if self._enclave.lasting(exc):
                         raise
                     self._outbox.extendleft(reversed(batch))  # first again, in order
                     self._send_trouble(exc)
                     return
+                if cancelled:  # (for the waiting cancel: its futures, _cancel_jobs)
+                    self._cancelled_in_send.update(cancelled)
                 if self._send_failed.count:
                     log.warning("kotta: sending tasks works again")
                     self._send_failed.count = 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import gc
 import os
+import sqlite3
+import sys
 import threading
 
 import pytest
@@ -476,3 +478,60 @@ def test_a_big_task_cancelled_in_the_outbox_leaves_no_blob(make_executor, enclav
         assert f.cancel() is True  # (this thread holds the lock: it takes it again)
     assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
     assert [p for p in (enclave.home / "blobs").rglob("*") if p.is_file()] == []
+
+
+# --------------------------------------------------------------------------- cancel vs send
+
+
+def _in_function(thread: threading.Thread, name: str) -> bool:
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _cancel_during_send(ex, enclave):
+    """Submit a task, and cancel it from another thread while the manager waits to record
+    its batch (the enclave's write lock held here); what cancel() said, and the future."""
+    db = sqlite3.connect(enclave.home / "kotta.db", isolation_level=None, timeout=GUARD)
+    try:
+        db.execute("BEGIN IMMEDIATE")  # the send of the batch below waits for this
+        submitted: list = []
+        with ex._send_lock:  # (held: the submit leaves its task in the outbox)
+            t = threading.Thread(target=lambda: submitted.append(ex.submit(tasks.noop, 1)))
+            t.start()
+            t.join(GUARD)
+        (f,) = submitted
+        # the manager took it (under the send lock) and waits to record it
+        wait_for(lambda: not ex._outbox, what="the manager to take the batch")
+        said: list = []
+        canceller = threading.Thread(target=lambda: said.append(f.cancel()))
+        canceller.start()
+        wait_for(lambda: _in_function(canceller, "_cancel_jobs"),
+                 what="the cancel to wait for the send")
+        db.execute("COMMIT")
+        canceller.join(GUARD)
+    finally:
+        db.close()
+    return said, f
+
+
+def test_cancel_while_its_task_is_being_sent_wins(make_executor, enclave):
+    """A cancel() that comes while the manager sends its task's batch (taken from the
+    outbox, not yet recorded: here the enclave's write lock is held by another connection,
+    as a busy node or a `kotta` command may hold it) waited for the send, then raced the
+    node for the job: a node that claimed it first ran it, and cancel() said False of a
+    task no node had started when it was called.  The cancel is recorded in the send's
+    own transaction: it says True, and no node ever runs the task.  (Several rounds: the
+    node won the race about one time in three.)"""
+    ex = make_executor(2)
+    assert ex.submit(tasks.square, 2).result(timeout=GUARD) == 4  # the node serves
+    for _ in range(6):
+        said, f = _cancel_during_send(ex, enclave)
+        assert said == [True]
+        assert f.cancelled()
+        job = enclave.jobs.get(f.job_id)
+        assert (job.state, job.started) == (JobState.CANCELLED, None)
+    assert ex.submit(tasks.square, 3).result(timeout=GUARD) == 9  # (and it serves on)
