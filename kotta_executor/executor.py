@@ -80,6 +80,7 @@ from .errors import (
     EnvelopeError,
     InvalidDataUri,
     SerializationError,
+    TaskKilled,
     TaskRejected,
     UnknownJob,
 )
@@ -1449,8 +1450,12 @@ class KottaExecutor(Executor):
         self._handed.pop(job_id, None)
         f = self._futures.pop(job_id, None)
         self._attached.discard(job_id)
-        if f is not None:
-            f._cancel_and_notify()  # (the enclave cancelled its job already)
+        if f is not None and not f._cancel_and_notify():  # (the enclave cancelled its job)
+            # seen running (staged by a node that then stopped and handed it back pending):
+            # a running future cannot become cancelled, and dropped here it waited for ever
+            _fail_if_pending(f, TaskKilled(
+                f"job {job_id} was cancelled (kotta cancel, or another client) after a node "
+                "had begun staging its inputs; it never ran"))
 
     def _resolve(self, job_id: str, body: bytes) -> None:
         self._handed.pop(job_id, None)

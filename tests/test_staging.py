@@ -762,6 +762,38 @@ def test_a_staged_task_handed_back_by_a_stopping_node_is_pending_and_not_counted
     assert marker.exists()
 
 
+def test_a_handed_back_task_cancelled_by_another_client_ends_its_future(
+        start_node, data, make_executor, tmp_path):
+    """A task whose future had been seen running (staged: ``staging_inputs``), handed back
+    pending by its stopping node, then cancelled by someone else (``kotta cancel``, another
+    client's ``attach(...).cancel()``): its future, running, cannot become cancelled, and
+    the client dropped it as settled, so that its ``result()`` waited for ever.  It fails
+    with TaskKilled (a CancelledError), as a killed task's does, and the task never runs."""
+    import signal
+
+    a = start_node()
+    blocker, f, release, marker = _staged_behind_a_blocker(data, make_executor, tmp_path)
+    try:
+        wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
+                 what="the task's inputs to be staged")
+        assert f.status() == "staging_inputs"
+        assert f.running()
+        a.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: _message(data.enclave, f.job_id)[0] is None,
+                 what="node A to hand back the staged task")
+        other = make_executor(1, credentials=data.alice, start_node=False)
+        assert other.attach(f.job_id).cancel() is True  # pending: no node holds it
+        wait_for(f.done, what="the cancelled task's future to end")
+        with pytest.raises(errors.TaskKilled, match="never ran"):
+            f.result(GUARD)
+        assert f.status() == "cancelled"
+    finally:
+        release.touch()
+    blocker.result(GUARD)
+    assert a.proc.wait(GUARD) == 0, a.output()
+    assert not marker.exists()
+
+
 def test_a_task_still_staging_at_the_drain_deadline_is_handed_back_pending(
         data, make_executor, monkeypatch):
     """The drain's deadline passed while a task's inputs were still being staged: its
