@@ -945,7 +945,8 @@ class KottaExecutor(Executor):
         pending = {f.job_id: f for f in fs if not f.done()}
         if pending:
             for jid in self._cancel_jobs(list(pending)):
-                pending[jid]._cancel_and_notify()
+                if not pending[jid]._cancel_and_notify():  # seen running (_settle_cancelled)
+                    _fail_if_pending(pending[jid], _cancelled_running(jid, "by its executor"))
 
     def _kill_job(self, job_id: str) -> bool:
         ok = self._enclave.jobs.request_kill(job_id)  # (not once its task has run)
@@ -1453,9 +1454,7 @@ class KottaExecutor(Executor):
         if f is not None and not f._cancel_and_notify():  # (the enclave cancelled its job)
             # seen running (staged by a node that then stopped and handed it back pending):
             # a running future cannot become cancelled, and dropped here it waited for ever
-            _fail_if_pending(f, TaskKilled(
-                f"job {job_id} was cancelled (kotta cancel, or another client) after a node "
-                "had begun staging its inputs; it never ran"))
+            _fail_if_pending(f, _cancelled_running(job_id, "kotta cancel, or another client"))
 
     def _resolve(self, job_id: str, body: bytes) -> None:
         self._handed.pop(job_id, None)
@@ -2183,6 +2182,13 @@ def _fail_if_pending(f: Future, exc: BaseException) -> None:
             f.set_exception(exc)
     except InvalidStateError:
         pass
+
+
+def _cancelled_running(job_id: str, by: str) -> TaskKilled:
+    """What the future of a job cancelled before it ran raises when it had been seen
+    running (its inputs staged by a node that then stopped and handed it back pending)."""
+    return TaskKilled(f"job {job_id} was cancelled ({by}) after a node had begun staging "
+                      "its inputs; it never ran")
 
 
 def _annotate(exc: BaseException, job_id: str, stderr: str | None) -> None:

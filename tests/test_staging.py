@@ -762,13 +762,15 @@ def test_a_staged_task_handed_back_by_a_stopping_node_is_pending_and_not_counted
     assert marker.exists()
 
 
+@pytest.mark.parametrize("by", ["another client", "shutdown"])
 def test_a_handed_back_task_cancelled_by_another_client_ends_its_future(
-        start_node, data, make_executor, tmp_path):
+        start_node, data, make_executor, tmp_path, by):
     """A task whose future had been seen running (staged: ``staging_inputs``), handed back
     pending by its stopping node, then cancelled by someone else (``kotta cancel``, another
-    client's ``attach(...).cancel()``): its future, running, cannot become cancelled, and
-    the client dropped it as settled, so that its ``result()`` waited for ever.  It fails
-    with TaskKilled (a CancelledError), as a killed task's does, and the task never runs."""
+    client's ``attach(...).cancel()``) or by its executor's ``shutdown(cancel_futures=True)``:
+    its future, running, cannot become cancelled, and the client dropped it as settled, so
+    that its ``result()`` waited for ever.  It fails with TaskKilled (a CancelledError), as
+    a killed task's does, and the task never runs."""
     import signal
 
     a = start_node()
@@ -781,8 +783,11 @@ def test_a_handed_back_task_cancelled_by_another_client_ends_its_future(
         a.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: _message(data.enclave, f.job_id)[0] is None,
                  what="node A to hand back the staged task")
-        other = make_executor(1, credentials=data.alice, start_node=False)
-        assert other.attach(f.job_id).cancel() is True  # pending: no node holds it
+        if by == "shutdown":
+            f._executor.shutdown(wait=False, cancel_futures=True)
+        else:
+            other = make_executor(1, credentials=data.alice, start_node=False)
+            assert other.attach(f.job_id).cancel() is True  # pending: no node holds it
         wait_for(f.done, what="the cancelled task's future to end")
         with pytest.raises(errors.TaskKilled, match="never ran"):
             f.result(GUARD)
