@@ -535,3 +535,34 @@ def test_cancel_while_its_task_is_being_sent_wins(make_executor, enclave):
         job = enclave.jobs.get(f.job_id)
         assert (job.state, job.started) == (JobState.CANCELLED, None)
     assert ex.submit(tasks.square, 3).result(timeout=GUARD) == 9  # (and it serves on)
+
+
+def test_shutdown_cancel_futures_while_their_tasks_are_being_sent_cancels_them(
+        make_executor, enclave):
+    """As a cancel() (above): shutdown(cancel_futures=True) while the manager sends a batch
+    of tasks waited for the send, then raced the node, which ran some of them.  (Several
+    executors, one after the other: the node won in about one in six.)"""
+    for _ in range(6):
+        ex = make_executor(2)
+        assert ex.submit(tasks.square, 2).result(timeout=GUARD) == 4  # the node serves
+        db = sqlite3.connect(enclave.home / "kotta.db", isolation_level=None, timeout=GUARD)
+        try:
+            db.execute("BEGIN IMMEDIATE")  # the send of the batch below waits for this
+            fs: list = []
+            with ex._send_lock:  # (held: the submits leave their tasks in the outbox)
+                t = threading.Thread(target=lambda ex=ex, fs=fs: fs.extend(
+                    ex.submit(tasks.noop, i) for i in range(20)))
+                t.start()
+                t.join(GUARD)
+            wait_for(lambda ex=ex: not ex._outbox, what="the manager to take the batch")
+            closer = threading.Thread(
+                target=lambda ex=ex: ex.shutdown(wait=True, cancel_futures=True))
+            closer.start()
+            wait_for(lambda closer=closer: _in_function(closer, "_cancel_jobs"),
+                     what="the shutdown's cancel to wait for the send")
+            db.execute("COMMIT")
+            closer.join(GUARD)
+        finally:
+            db.close()
+        assert [f for f in fs if not f.cancelled()] == []
+        assert {enclave.jobs.get(f.job_id).started for f in fs} == {None}
