@@ -773,7 +773,7 @@ def test_a_handed_back_task_cancelled_by_another_client_ends_its_future(
     a killed task's does, and the task never runs."""
     import signal
 
-    a = start_node()
+    a = start_node("--prefetch", "1")  # (it stages one behind the running one)
     blocker, f, release, marker = _staged_behind_a_blocker(data, make_executor, tmp_path)
     try:
         wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
