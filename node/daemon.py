@@ -627,6 +627,10 @@ class Node:
         return {id(t) for t in tasks if t.job_id in moved}
 
     def _stop(self) -> None:
+        # (also when the loop died of an exception: its poller thread, which polls while
+        # the node is not stopping, polled on for the life of the process, a node run in
+        # a thread of it, after the enclave was closed)
+        self.stopping = True
         self.data.close()
         self.envs.close()  # (their tasks were handed back)
         for w in self.workers:

@@ -392,6 +392,8 @@ def test_an_extension_that_keeps_failing_stops_the_node_before_its_messages_are_
         assert not runner.is_alive()
         [exc] = errors
         assert isinstance(exc, ClientError) and "ThrottlingException" in str(exc)
+        # its poller ends with it (it polled on, in this process, for as long as it lived)
+        wait_for(lambda: not node._poller.is_alive(), what="the dead node's poller to end")
         assert "extending the visibility of held messages has failed for" in caplog.text
         release.touch()
         other = Node(AwsEnclave(name, session=moto_env),
