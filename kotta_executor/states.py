@@ -16,7 +16,7 @@ no inputs or outputs)::
     from \ to        pending  staging_in  processing  staging_out  completed  failed  cancelled
     pending            .        x           x           .            .          x       x
     staging_inputs     x        x           x           .            .          x       x
-    processing         .        x           x           x            x          x       x
+    processing         x        x           x           x            x          x       x
     staging_outputs    .        x           x           x            x          x       x
     completed/failed/cancelled: final, nothing leaves them
 
@@ -24,6 +24,8 @@ no inputs or outputs)::
 * ``staging_inputs -> pending``: a stopping node hands back a task whose inputs it staged
   and never ran; it waits as a task no node has started (cancellable, its delivery not
   counted), not as one begun that would be dead-lettered after a few node restarts.
+* ``processing -> pending``: the same for a task a stopping node had piped to a worker
+  that certainly never began it (it stopped as asked before it, or never started up).
 * ``pending/... -> cancelled``: cancel (only from pending, see ``CANCELLABLE``) or kill.
 * A move back to ``staging_inputs`` or ``processing`` from a later active state, or staying
   in the same staging/processing state, is a *redelivery*: the node that held the task
@@ -59,7 +61,7 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: _REDELIVERABLE | {JobState.FAILED, JobState.CANCELLED},
     JobState.STAGING_INPUTS: _REDELIVERABLE | {JobState.PENDING, JobState.FAILED,
                                                JobState.CANCELLED},
-    JobState.PROCESSING: _REDELIVERABLE | {JobState.STAGING_OUTPUTS} | FINAL,
+    JobState.PROCESSING: _REDELIVERABLE | {JobState.PENDING, JobState.STAGING_OUTPUTS} | FINAL,
     JobState.STAGING_OUTPUTS: _REDELIVERABLE | {JobState.STAGING_OUTPUTS} | FINAL,
     JobState.COMPLETED: frozenset(),
     JobState.FAILED: frozenset(),

@@ -593,7 +593,8 @@ class Node:
         (``queue.hand_back``), else stopping a node now and then dead-lettered tasks
         that never ran.  A claimed one (put back from a worker) is counted: its next
         delivery must be a redelivery, to claim the job this node moved; but not one only
-        staged here, whose job goes back to pending (:meth:`_unstage`)."""
+        staged here, or back from a worker that never began it, whose job goes back to
+        pending (:meth:`_unstage`)."""
         claimed = [t for t in self.pending if t.claimed]
         unstaged = self._unstage(claimed)
         fresh = [*inbox, *(t.delivery for t in self.pending if not t.claimed or id(t) in unstaged)]
@@ -606,22 +607,26 @@ class Node:
         only staged, never ran: moved back to pending (staging_inputs -> pending), to hand
         back uncounted, as a task never claimed.  Else each node stopped while it held a
         staged task counted a delivery, its job left in staging_inputs, and after a few
-        node restarts a task that never ran was dead-lettered.  Returns their ``id()``s.
-        A job another node has begun meanwhile (its message seen again), or one asked to
-        be killed (its next node ends it), is left as it is: released, counted."""
-        ids = [t.job_id for t in tasks if t.claimed and declares_data(t.header)]
-        if not ids:
+        node restarts a task that never ran was dead-lettered.  The same for a task back
+        from a worker that certainly never began it (``unbegun``: processing -> pending).
+        Returns their ``id()``s.  A job another node has begun meanwhile (its message seen
+        again), or one asked to be killed (its next node ends it), is left as it is:
+        released, counted."""
+        back = {t.job_id: t for t in tasks if t.claimed and (t.unbegun or declares_data(t.header))}
+        if not back:
             return set()
         try:
-            records = self.enclave.jobs.get_many(ids)
-            ours = [j for j in ids if (r := records.get(j)) is not None
-                    and r.state == JobState.STAGING_INPUTS and r.node == self.node_id
-                    and not r.kill_requested]
+            records = self.enclave.jobs.get_many(list(back))
+            ours = [j for j, t in back.items() if (r := records.get(j)) is not None
+                    and (r.state == JobState.STAGING_INPUTS
+                         or (t.unbegun and r.state == JobState.PROCESSING))
+                    and r.node == self.node_id and not r.kill_requested]
             moved = set(self.enclave.jobs.transition(
-                ours, JobState.PENDING, from_states={JobState.STAGING_INPUTS},
+                ours, JobState.PENDING, from_states={JobState.STAGING_INPUTS,
+                                                     JobState.PROCESSING},
                 node=self.node_id)) if ours else set()
         except Exception as exc:  # noqa: BLE001 - stopping: handed back counted, as before
-            log.warning("moving staged jobs back to pending failed (%s: %s); handing them "
+            log.warning("moving jobs it never ran back to pending failed (%s: %s); handing them "
                         "back as delivered", type(exc).__name__, exc)
             return set()
         return {id(t) for t in tasks if t.job_id in moved}
@@ -862,7 +867,7 @@ class Node:
             # none of these began: they run again, on this node or, when it is stopping,
             # on another
             log.info("worker %s stopped before %s began", w.pid, [t.job_id for t in w.inflight])
-            self._put_back(w.inflight)
+            self._put_back(w.inflight, unbegun=True)
         if w.inflight and w.kill_reason is not None and w.inflight[0].job_id != w.kill_job:
             # killed for a task that ended meanwhile (its result is recorded; the kill went
             # on, to end its whole process tree): the head began after it and died for
@@ -891,7 +896,8 @@ class Node:
             # a task with data: its output too is checked for egress, its directory removed
             if head.staged is None or not self.data.finish_from_worker(head, data, fin):
                 self._queue_finish(head, head.delivery, fin, head.header["client"])
-            self._put_back(w.inflight)
+            # (behind the head: a worker that never started up began none of them)
+            self._put_back(w.inflight, unbegun=not w.ready)
             log.warning("worker %s for job %s ended: %s", w.pid, head.job_id, message)
         w.close()
         self.workers.remove(w)
@@ -901,16 +907,21 @@ class Node:
         next regular look (pool.Orphans)."""
         self._next_orphan_look = min(self._next_orphan_look, time.monotonic() + ORPHAN_LOOK_SOON)
 
-    def _put_back(self, inflight: deque[Task]) -> None:
+    def _put_back(self, inflight: deque[Task], *, unbegun: bool = False) -> None:
         """The tasks a dead worker held, which run again: on this node, or, if it is
         stopping, on another (released now); but not those killed meanwhile (finished
-        already).  ``inflight`` is emptied."""
+        already).  ``inflight`` is emptied.  ``unbegun``: the worker certainly began none
+        of them; a stopping node moves their jobs back to pending and hands them back
+        uncounted (:meth:`_unstage`), else a few node restarts dead-lettered tiny tasks
+        that never ran, released counted from a worker's pipe at each."""
         tasks = [t for t in inflight if not t.kill_requested]
         inflight.clear()
         for t in tasks:
-            t.started, t.monitor = None, None
+            t.started, t.monitor, t.unbegun = None, None, unbegun
         if self.stopping:
-            self.enclave.queue.release([t.delivery for t in tasks])
+            unstaged = self._unstage(tasks)
+            self.enclave.queue.hand_back([t.delivery for t in tasks if id(t) in unstaged])
+            self.enclave.queue.release([t.delivery for t in tasks if id(t) not in unstaged])
         else:
             self.pending.extendleft(reversed(tasks))
 

@@ -72,6 +72,9 @@ class Task:
     claims: Any = None  # who signed it (kotta_executor.security.tokens.Claims)
     staged: Any = None  # its working directory and credentials (node.datasteps.Staged)
     claimed: bool = False  # this node moved its job on (it may move it on again)
+    #: back from a worker that certainly never began it (stopped as asked before it, or
+    #: never started up): a stopping node moves its job back to pending (Node._unstage)
+    unbegun: bool = False
     kill_requested: bool = False  # killed while staging: it must not run
     #: why the node will not run it, ``(error type, reason)``: its job fails once this
     #: node has claimed it (a copy of a job that runs elsewhere must not end it)

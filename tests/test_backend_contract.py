@@ -791,6 +791,32 @@ def test_a_data_tasks_move_from_staging_to_running_is_the_same_attempt(backend):
     assert backend.jobs.get(other).attempts == 1
 
 
+@pytest.mark.parametrize("held", [JobState.STAGING_INPUTS, JobState.PROCESSING])
+def test_a_job_a_stopping_node_never_began_goes_back_to_pending(backend, held):
+    """A stopping node hands back a task it staged, or piped to a worker that never began
+    it: its job is pending again, cancellable, and a first delivery claims it again.  A
+    job past running (its outputs staging, or ended) never goes back."""
+    [job_id] = create(backend)
+    assert backend.jobs.transition([job_id], held, node="n1") == [job_id]
+    assert backend.jobs.transition([job_id], JobState.PENDING, node="n1",
+                                   from_states={JobState.STAGING_INPUTS,
+                                                JobState.PROCESSING}) == [job_id]
+    assert state_of(backend, job_id) == JobState.PENDING
+    assert backend.jobs.transition([job_id], JobState.PROCESSING, node="n2",
+                                   from_states={JobState.PENDING}) == [job_id]
+    assert backend.jobs.get(job_id).node == "n2"
+    [other] = create(backend)
+    assert backend.jobs.transition([other], held, node="n1") == [other]
+    assert backend.jobs.transition([other], JobState.PENDING) == [other]
+    assert backend.jobs.transition([other], JobState.CANCELLED,
+                                   from_states=CANCELLABLE) == [other]
+    for later in (JobState.STAGING_OUTPUTS, JobState.COMPLETED):
+        [past] = create(backend)
+        drive(backend, past, later)
+        assert backend.jobs.transition([past], JobState.PENDING) == []
+        assert state_of(backend, past) == later
+
+
 def test_cancelled_job_cannot_be_started_or_finished(backend):
     [job_id] = create(backend)
     moved = backend.jobs.transition([job_id], JobState.CANCELLED, from_states=CANCELLABLE,

@@ -738,6 +738,47 @@ def test_a_draining_node_hands_back_piped_tasks_its_worker_never_began(start_nod
     assert all(_finals(enclave, f.job_id) == ["completed"] for f in futures)
 
 
+@pytest.mark.parametrize("stop", [
+    pytest.param(signal.SIGTERM, id="sigterm"),
+    pytest.param(signal.SIGUSR1, id="leave"),
+])
+def test_piped_tasks_a_stopping_node_never_began_are_pending_again_and_not_counted(
+        start_node, make_executor, enclave, enclave_dir, stop):
+    """The tasks behind the head in the pipe of a worker that stopped as asked never began:
+    they go back pending and uncounted.  They were released counted, their jobs left in
+    processing: with `--max-deliveries 1` the next node dead-lettered them all, failing
+    them with DeliveryFailed ("delivered 1 times without completing") though they had
+    never run."""
+    a = start_node("--max-deliveries", "1", workers=1)
+    ex = make_executor(1, start_node=False)
+    worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
+    _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
+    futures = [ex.submit(tasks.square, i) for i in range(8)]
+    _stop_process(worker)  # it cannot begin them
+    os.kill(a.pid, signal.SIGCONT)
+    ids = [f.job_id for f in futures]
+    try:
+        def piped() -> list[str]:  # claimed: in the worker's pipe
+            return [j.job_id for j in enclave.jobs.get_many(ids).values() if j.state == "processing"]
+
+        wait_for(lambda: len(piped()) >= 2, what="node A to pipe tasks to its stopped worker")
+        behind = piped()
+        a.proc.send_signal(stop)  # it asks the worker to stop after the head task
+        wait_for(lambda: _signal_pending(worker, STOP_SIGNAL),
+                 what="node A to ask its worker to stop")
+    finally:
+        os.kill(worker, signal.SIGCONT)  # it reads the request before it begins a task
+    assert a.proc.wait(GUARD) == 0, a.output()
+    records = enclave.jobs.get_many(behind)
+    assert {r.state for r in records.values()} <= {JobState.PENDING, JobState.COMPLETED}
+    back = [r for r in records.values() if r.state == JobState.PENDING]
+    assert back  # (the worker finished the head at most)
+    start_node("--max-deliveries", "1", workers=1)
+    assert [f.result(GUARD) for f in futures] == [i * i for i in range(8)]
+    assert all(_finals(enclave, f.job_id) == ["completed"] for f in futures)
+    assert enclave.queue.dead_letters("test") == []
+
+
 def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_once(
         start_node, make_executor, enclave, enclave_dir, tmp_path):
     """The worker asked to stop exits 0 from inside a task it began (os._exit(0)): that is a

@@ -32,13 +32,13 @@ X = JobState.CANCELLED
 #   from \ to        pending  staging_in  processing  staging_out  completed  failed  cancelled
 #   pending            .        x           x           .            .          x       x
 #   staging_inputs     x        x           x           .            .          x       x
-#   processing         .        x           x           x            x          x       x
+#   processing         x        x           x           x            x          x       x
 #   staging_outputs    .        x           x           x            x          x       x
 #   completed/failed/cancelled: final, nothing leaves them
 EXPECTED: dict[JobState, frozenset[JobState]] = {
     P: frozenset({SI, PR, F, X}),
     SI: frozenset({P, SI, PR, F, X}),
-    PR: frozenset({SI, PR, SO, C, F, X}),
+    PR: frozenset({P, SI, PR, SO, C, F, X}),
     SO: frozenset({SI, PR, SO, C, F, X}),
     C: frozenset(),
     F: frozenset(),
@@ -128,9 +128,10 @@ def test_nothing_completes_without_processing() -> None:
     assert states.sources(SO) == {PR, SO}
 
 
-def test_only_a_job_staging_its_inputs_goes_back_to_pending() -> None:
-    """A stopping node hands back a task it staged and never ran: pending again."""
-    assert states.sources(P) == {SI}
+def test_only_a_job_a_node_staged_or_piped_and_never_began_goes_back_to_pending() -> None:
+    """A stopping node hands back a task it staged, or piped to a worker that never began
+    it: pending again.  Nothing goes back to pending once it has run."""
+    assert states.sources(P) == {SI, PR}
 
 
 def test_only_pending_jobs_are_cancellable() -> None:
