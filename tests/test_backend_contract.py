@@ -817,6 +817,25 @@ def test_a_job_a_stopping_node_never_began_goes_back_to_pending(backend, held):
         assert state_of(backend, past) == later
 
 
+@pytest.mark.parametrize("held", [JobState.STAGING_INPUTS, JobState.PROCESSING])
+def test_a_job_back_in_pending_is_held_by_no_node_and_not_started(backend, held):
+    """A job a stopping node handed back, never begun, read as begun: its record kept the
+    node and the start of the node that had held it, and a future cancelled by another
+    thread (``shutdown(cancel_futures=True)``) took it for one that had run
+    (``started is None`` means never ran), its cancel() False; `kotta status` named a node
+    for a pending job.  Now it reads as a job no node has: no node, not started.  Its
+    attempts stay: a node did claim it."""
+    [job_id] = create(backend)
+    assert backend.jobs.transition([job_id], held, node="n1") == [job_id]
+    assert backend.jobs.transition([job_id], JobState.PENDING, node="n1") == [job_id]
+    r = backend.jobs.get(job_id)
+    assert (r.state, r.node, r.started, r.attempts) == (JobState.PENDING, None, None, 1)
+    assert [(s, d) for _, s, d in backend.jobs.history(job_id)][-1] == ("pending", "n1")
+    assert backend.jobs.transition([job_id], JobState.CANCELLED,
+                                   from_states=CANCELLABLE) == [job_id]
+    assert backend.jobs.get(job_id).started is None
+
+
 def test_cancelled_job_cannot_be_started_or_finished(backend):
     [job_id] = create(backend)
     moved = backend.jobs.transition([job_id], JobState.CANCELLED, from_states=CANCELLABLE,

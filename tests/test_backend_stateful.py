@@ -162,6 +162,8 @@ class BackendMachine(RuleBasedStateMachine):
                     m.attempts += 1
                 m.node = node
                 m.started = True
+            if new is JobState.PENDING:  # back, never begun: no node holds it
+                m.node, m.started = None, False
             if new.final:
                 m.finished = True
             if reason is not None:

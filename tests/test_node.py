@@ -773,6 +773,7 @@ def test_piped_tasks_a_stopping_node_never_began_are_pending_again_and_not_count
     assert {r.state for r in records.values()} <= {JobState.PENDING, JobState.COMPLETED}
     back = [r for r in records.values() if r.state == JobState.PENDING]
     assert back  # (the worker finished the head at most)
+    assert all((r.node, r.started) == (None, None) for r in back)
     start_node("--max-deliveries", "1", workers=1)
     assert [f.result(GUARD) for f in futures] == [i * i for i in range(8)]
     assert all(_finals(enclave, f.job_id) == ["completed"] for f in futures)

@@ -1749,6 +1749,11 @@ class DynamoJobs(_DynamoTable, JobTable):
             add = " ADD attempts :one"
         if new.final:
             sets.append("finished = :now")
+        if new is JobState.PENDING:
+            # back to pending (a stopping node's, never begun): a job no node holds, not
+            # started (a cancel reads started as "it ran"), as a new record
+            add = " REMOVE #node, started"
+            names["#node"] = "node"
         update = "SET " + ", ".join(sets) + add
         # an attempt is a node beginning the job: a data task's move on from staging its
         # inputs to running is the same attempt, and adds none (a write of its own, made

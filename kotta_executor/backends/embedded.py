@@ -709,6 +709,9 @@ class EmbeddedJobs(JobTable):
                 sql = (
                     f"UPDATE jobs SET state=?, updated=?, reason=coalesce(?, reason), history=history||?"
                     f"{f', node=?, attempts=attempts+{attempt}, started=?' if started else ''}"
+                    # back to pending (a stopping node's, never begun): a job no node holds,
+                    # not started (a cancel reads started as "it ran")
+                    f"{', node=NULL, started=NULL' if new is JobState.PENDING else ''}"
                     f"{', finished=?' if new.final else ''}"
                     f" WHERE job_id IN ({_marks(len(chunk))})"
                     f" AND state IN ({_marks(len(allowed))}) RETURNING job_id"
