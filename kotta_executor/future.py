@@ -154,9 +154,18 @@ class KottaFuture(Future):
         """Move to CANCELLED_AND_NOTIFIED, as ``wait()`` expects, once the enclave recorded
         the job cancelled.  Two threads may get here for one future (``cancel()`` and
         ``shutdown(cancel_futures=True)``): only the one that finds it CANCELLED notifies,
-        since notifying twice raises.  False if it is running or done instead."""
+        since notifying twice raises.  False if it is done instead.
+
+        Running too: a future seen running whose job went back to pending (a stopping
+        node handed back its task, never begun: node.daemon's _unstage) and was then
+        cancelled.  Its executor has let it go; left running, its result() waited for ever."""
         if not Future.cancel(self):
-            return False
+            with self._condition:
+                if self._state != RUNNING:
+                    return False
+                self._state = CANCELLED  # (as Future.cancel does, which refuses a running one)
+                self._condition.notify_all()
+            self._invoke_callbacks()
         with self._condition:
             if self._state == CANCELLED:
                 self.set_running_or_notify_cancel()

@@ -13,6 +13,7 @@ import os
 import signal
 import sqlite3
 import time
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -778,6 +779,38 @@ def test_piped_tasks_a_stopping_node_never_began_are_pending_again_and_not_count
     assert [f.result(GUARD) for f in futures] == [i * i for i in range(8)]
     assert all(_finals(enclave, f.job_id) == ["completed"] for f in futures)
     assert enclave.queue.dead_letters("test") == []
+
+
+def test_a_future_seen_running_whose_job_a_stopping_node_handed_back_ends_when_cancelled(
+        start_node, make_executor, enclave, enclave_dir):
+    """A task piped to a worker that never began it goes back to pending as its node stops;
+    its future, seen running while the task was in the pipe, stays running.  A
+    ``shutdown(cancel_futures=True)`` then cancelled its job (pending: nobody had started
+    it), took the future out of the executor's, and could not cancel it (running): its
+    ``result()`` waited for ever.  Now it raises CancelledError, as the job was."""
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
+    _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
+    futures = [ex.submit(tasks.square, i) for i in range(8)]
+    _stop_process(worker)  # it cannot begin them
+    os.kill(a.pid, signal.SIGCONT)
+    try:
+        wait_for(lambda: sum(f.status() == "processing" for f in futures) >= 2,
+                 what="node A to pipe tasks to its stopped worker")  # (status(): running)
+        a.proc.send_signal(signal.SIGTERM)  # it asks the worker to stop after the head task
+        wait_for(lambda: _signal_pending(worker, STOP_SIGNAL),
+                 what="node A to ask its worker to stop")
+    finally:
+        os.kill(worker, signal.SIGCONT)  # it reads the request before it begins a task
+    assert a.proc.wait(GUARD) == 0, a.output()
+    back = [f for f in futures if f.running() and f.status() == "pending"]
+    assert back  # (the worker ran the head at most)
+    ex.shutdown(wait=False, cancel_futures=True)
+    for f in back:
+        with pytest.raises(CancelledError):
+            f.result(GUARD)
+        assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
 
 
 def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_once(
