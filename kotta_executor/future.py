@@ -192,6 +192,12 @@ class KottaFuture(Future):
             return False
         if self.cancel():
             return True
+        if ex._cancel_jobs([self.job_id]):
+            # seen running, and back in pending (a stopping node handed back its task, never
+            # begun): cancelled, as a job no node has.  Flagged, it ran on the next node,
+            # which looks for the kill requests of a first delivery only once it runs
+            self._cancel_and_notify()
+            return True
         return ex._kill_job(self.job_id)
 
     def status(self) -> str:

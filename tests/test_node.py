@@ -813,6 +813,42 @@ def test_a_future_seen_running_whose_job_a_stopping_node_handed_back_ends_when_c
         assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
 
 
+def test_kill_of_a_future_seen_running_whose_job_a_stopping_node_handed_back_cancels_it(
+        start_node, make_executor, enclave, enclave_dir):
+    """kill() of a future seen running, whose task its stopping node handed back to pending
+    (never begun), said True and only flagged the job: the next node, which looks for
+    kill requests of a first delivery once it runs, ran it, and the "killed" future
+    returned its result.  Now the job, no node's, is cancelled, and never runs."""
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
+    _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
+    futures = [ex.submit(tasks.square, i) for i in range(8)]
+    _stop_process(worker)  # it cannot begin them
+    os.kill(a.pid, signal.SIGCONT)
+    try:
+        wait_for(lambda: sum(f.status() == "processing" for f in futures) >= 2,
+                 what="node A to pipe tasks to its stopped worker")  # (status(): running)
+        a.proc.send_signal(signal.SIGTERM)  # it asks the worker to stop after the head task
+        wait_for(lambda: _signal_pending(worker, STOP_SIGNAL),
+                 what="node A to ask its worker to stop")
+    finally:
+        os.kill(worker, signal.SIGCONT)  # it reads the request before it begins a task
+    assert a.proc.wait(GUARD) == 0, a.output()
+    back = [f for f in futures if f.running() and f.status() == "pending"]
+    assert back  # (the worker ran the head at most)
+    assert all(f.kill() for f in back)
+    start_node(workers=1)
+    rest = [f for f in futures if f not in back]
+    assert [f.result(GUARD) for f in rest] == [i * i for i, f in enumerate(futures)
+                                                if f not in back]
+    for f in back:
+        with pytest.raises(CancelledError):
+            f.result(GUARD)
+        assert _finals(enclave, f.job_id) == ["cancelled"]
+        assert "processing" not in [s for _, s, _ in enclave.jobs.history(f.job_id)][2:]
+
+
 def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_once(
         start_node, make_executor, enclave, enclave_dir, tmp_path):
     """The worker asked to stop exits 0 from inside a task it began (os._exit(0)): that is a
