@@ -528,6 +528,15 @@ class Node:
             _kill_tree_now(w)
         for w in late:
             w.proc.wait()
+            if not w.ready:  # (unless it said so just now)
+                with contextlib.suppress(OSError):
+                    if READY in w.read_results()[0]:
+                        w.started_up()
+            if not w.ready:
+                # still starting up (a slow venv, sitecustomize): it never began its task,
+                # which goes back pending and uncounted, not dead-lettered after a restart
+                self._put_back(w.inflight, unbegun=True)
+                continue
             self.enclave.queue.release([t.delivery for t in w.inflight])
             w.inflight.clear()
         # staged meanwhile, not started, or still staging: hand back (their work

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import signal
 import time
 
 import psutil
@@ -251,3 +252,25 @@ def test_a_node_the_executor_starts_gets_its_path_without_the_standard_library(
     assert not [p for p in path if os.path.realpath(p) == stdlib
                 or os.path.realpath(p).startswith(os.path.join(stdlib, "lib-dynload"))], path
     assert str(ROOT) in path  # (the tests' own modules: tests.tasks, by reference)
+
+
+def test_a_task_of_a_worker_still_starting_at_the_drain_deadline_goes_back_uncounted(
+        slow_start, start_node, make_executor, enclave):
+    """A node stopped while its worker started up (a slow venv, a heavy sitecustomize)
+    killed it at the drain deadline and handed its task back counted, its job left in
+    processing: with `--max-deliveries 1` the next node dead-lettered it (DeliveryFailed)
+    though no worker had begun it.  It never began (the worker never said it was ready):
+    pending again, and not counted."""
+    slow_start(GUARD)  # it stays in its start-up for the whole test
+    a = start_node("--max-deliveries", "1", "--drain-timeout", "0.5", workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 7)
+    wait_for(lambda: f.status() == "processing", what="node A to give the task to its worker")
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(GUARD) == 0, a.output()
+    job = enclave.jobs.get(f.job_id)
+    assert (job.state, job.node, job.started) == ("pending", None, None)
+    slow_start(0)
+    start_node("--max-deliveries", "1", workers=1)
+    assert f.result(GUARD) == 49
+    assert enclave.queue.dead_letters("test") == []
