@@ -1489,3 +1489,45 @@ def test_a_blob_left_half_written_by_a_killed_client_is_deleted_once_old(start_n
     start_node(visibility_timeout=3.0)  # (its upkeep, and first look, a second after start)
     wait_for(lambda: not partial.exists(), what="the node to delete the half-written blob")
     assert young.exists()
+
+
+def test_tasks_back_from_a_retired_worker_are_pending_and_uncounted_when_the_node_stops(
+        make_executor, enclave, monkeypatch):
+    """Tasks piped to a worker that then stopped as asked (retired: max_tasks_per_child, or
+    a task with restricted data) wait in the node, claimed; stopped then, the node hands
+    them back as tasks never begun: pending, their receive not counted.  In-process node,
+    stepped by the test."""
+    from node.daemon import Node, NodeConfig
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node._start()
+    ex = make_executor(1, start_node=False)
+    try:
+        first = ex.submit(tasks.worker_pid)
+        while not first.done():  # a ready worker, with a tiny average: it pipes deep
+            node.step()
+        [w] = node.workers
+        _stop_process(w.pid)  # it cannot begin them
+        jobs = [ex._new_job(os.urandom(16).hex(), tasks.square, [((i,), {})], ex._options)
+                for i in range(8)]
+        enclave.jobs.create(jobs)  # in one transaction: a backlog
+        ids = [j.job_id for j in jobs]
+        wait_for(lambda: node.step() or len(w.inflight) >= 2, what="tasks piped to the worker")
+        w.retire()  # it stops before the next task it would begin
+        os.kill(w.pid, signal.SIGCONT)
+        wait_for(lambda: node._collect() or w not in node.workers, what="the worker to stop")
+        back = [t.job_id for t in node.pending if t.claimed]
+        assert back
+        assert {enclave.jobs.get(j).state for j in back} == {JobState.PROCESSING}
+    finally:
+        node.stopping = True
+        node._drain()
+        node._stop()
+    records = enclave.jobs.get_many(back)
+    assert {(r.state, r.node, r.started) for r in records.values()} == {("pending", None, None)}
+    counts = enclave._db.read(
+        f"SELECT receive_count FROM messages WHERE job_id IN ({','.join('?' * len(back))})", back)
+    assert [c for (c,) in counts] == [0] * len(back)  # (this node's receive taken back)
+    assert set(back) <= set(ids)
