@@ -80,7 +80,6 @@ from .errors import (
     EnvelopeError,
     InvalidDataUri,
     SerializationError,
-    TaskKilled,
     TaskRejected,
     UnknownJob,
 )
@@ -945,8 +944,8 @@ class KottaExecutor(Executor):
         pending = {f.job_id: f for f in fs if not f.done()}
         if pending:
             for jid in self._cancel_jobs(list(pending)):
-                if not pending[jid]._cancel_and_notify():  # seen running (_settle_cancelled)
-                    _fail_if_pending(pending[jid], _cancelled_running(jid, "by its executor"))
+                # (one seen running too, its job back in pending: KottaFuture._cancel_and_notify)
+                pending[jid]._cancel_and_notify()
 
     def _kill_job(self, job_id: str) -> bool:
         ok = self._enclave.jobs.request_kill(job_id)  # (not once its task has run)
@@ -1451,10 +1450,8 @@ class KottaExecutor(Executor):
         self._handed.pop(job_id, None)
         f = self._futures.pop(job_id, None)
         self._attached.discard(job_id)
-        if f is not None and not f._cancel_and_notify():  # (the enclave cancelled its job)
-            # seen running (staged by a node that then stopped and handed it back pending):
-            # a running future cannot become cancelled, and dropped here it waited for ever
-            _fail_if_pending(f, _cancelled_running(job_id, "kotta cancel, or another client"))
+        if f is not None:  # (the enclave cancelled its job; seen running too: its job
+            f._cancel_and_notify()  # was back in pending, KottaFuture._cancel_and_notify)
 
     def _resolve(self, job_id: str, body: bytes) -> None:
         self._handed.pop(job_id, None)
@@ -2182,13 +2179,6 @@ def _fail_if_pending(f: Future, exc: BaseException) -> None:
             f.set_exception(exc)
     except InvalidStateError:
         pass
-
-
-def _cancelled_running(job_id: str, by: str) -> TaskKilled:
-    """What the future of a job cancelled before it ran raises when it had been seen
-    running (its inputs staged by a node that then stopped and handed it back pending)."""
-    return TaskKilled(f"job {job_id} was cancelled ({by}) after a node had begun staging "
-                      "its inputs; it never ran")
 
 
 def _annotate(exc: BaseException, job_id: str, stderr: str | None) -> None:

@@ -750,7 +750,7 @@ def test_piped_tasks_a_stopping_node_never_began_are_pending_again_and_not_count
     processing: with `--max-deliveries 1` the next node dead-lettered them all, failing
     them with DeliveryFailed ("delivered 1 times without completing") though they had
     never run."""
-    a = start_node("--max-deliveries", "1", workers=1)
+    a = start_node("--max-deliveries", "1", "--prefetch", "3", workers=1)  # (pipes deep)
     ex = make_executor(1, start_node=False)
     worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
     _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
@@ -788,7 +788,7 @@ def test_a_future_seen_running_whose_job_a_stopping_node_handed_back_ends_when_c
     ``shutdown(cancel_futures=True)`` then cancelled its job (pending: nobody had started
     it), took the future out of the executor's, and could not cancel it (running): its
     ``result()`` waited for ever.  Now it raises CancelledError, as the job was."""
-    a = start_node(workers=1)
+    a = start_node("--prefetch", "3", workers=1)  # (it pipes tasks behind the head)
     ex = make_executor(1, start_node=False)
     worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
     _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
@@ -819,7 +819,7 @@ def test_kill_of_a_future_seen_running_whose_job_a_stopping_node_handed_back_can
     (never begun), said True and only flagged the job: the next node, which looks for
     kill requests of a first delivery once it runs, ran it, and the "killed" future
     returned its result.  Now the job, no node's, is cancelled, and never runs."""
-    a = start_node(workers=1)
+    a = start_node("--prefetch", "3", workers=1)  # (it pipes tasks behind the head)
     ex = make_executor(1, start_node=False)
     worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
     _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
