@@ -492,16 +492,30 @@ def test_a_client_asleep_while_its_job_is_pruned_is_told_not_left_waiting(
     that was gone); now it fails with UnknownJob naming the prune."""
     start_node(workers=1)
     release, out = tmp_path / "release", tmp_path / "job"
-    client = subprocess.Popen(
-        [sys.executable, "-c", ASLEEP_CLIENT, str(enclave_dir), str(release), str(out),
-         str(GUARD / 2)], env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    try:
+
+    def ready() -> str:
         wait_for(out.exists, what="the client's job to be recorded")
-        job = out.read_text()
-        os.kill(client.pid, signal.SIGSTOP)
+        return out.read_text()
+
+    def asleep(job: str) -> None:
         tasks.release(release, "r" * 200_000)  # (over a reply's 64 KiB: read from the record)
         wait_for(lambda: enclave.jobs.get(job).state == "completed", what="the job to end")
+
+    _told_of_the_prune(enclave, ASLEEP_CLIENT, [enclave_dir, release, out, GUARD / 2],
+                       ready, asleep)
+
+
+def _told_of_the_prune(enclave, script: str, args: list, ready, asleep) -> None:
+    """Run a client (``script``, with ``args``); once ``ready()`` (which returns its job's
+    id), stop it; meanwhile its job ends (``asleep(job)``) and is pruned; woken, the client
+    must say its future failed with UnknownJob naming the prune."""
+    client = subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)], env=subprocess_env(), cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = ready()
+        os.kill(client.pid, signal.SIGSTOP)
+        asleep(job)
         _past(enclave, job)
         r = kotta(enclave.home, "prune", "--older-than", "1s")
         assert r.returncode == 0 and r.stdout.startswith("removed 1 job"), r.stdout + r.stderr
@@ -513,7 +527,7 @@ def test_a_client_asleep_while_its_job_is_pruned_is_told_not_left_waiting(
             client.kill()
             client.wait()
     assert said.strip() == (f"UnknownJob: job {job} ended, but its record was removed from the "
-                            f"enclave embedded://{enclave_dir} (kotta prune) before this "
+                            f"enclave {enclave.url} (kotta prune) before this "
                             "client read its result"), err
 
 
@@ -543,27 +557,16 @@ def test_a_client_asleep_while_a_job_it_attached_to_is_pruned_is_told(enclave, e
                                                                       tmp_path):
     """The same for a future of attach(): it looks at the record, which was gone."""
     job, out = os.urandom(16).hex(), tmp_path / "attached"
-    client = subprocess.Popen(
-        [sys.executable, "-c", ATTACHED_ASLEEP, str(enclave_dir), job, str(out),
-         str(GUARD / 2)], env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    try:
+
+    def ready() -> str:
         wait_for(out.exists, what="the client to attach")
-        os.kill(client.pid, signal.SIGSTOP)
+        return job
+
+    def asleep(job: str) -> None:
         assert enclave.jobs.transition([job], "failed", reason="it ended") == [job]
-        _past(enclave, job)
-        r = kotta(enclave.home, "prune", "--older-than", "1s")
-        assert r.returncode == 0 and r.stdout.startswith("removed 1 job"), r.stdout + r.stderr
-        os.kill(client.pid, signal.SIGCONT)
-        said, err = client.communicate(timeout=GUARD)
-    finally:
-        if client.poll() is None:
-            os.kill(client.pid, signal.SIGCONT)
-            client.kill()
-            client.wait()
-    assert said.strip() == (f"UnknownJob: job {job} ended, but its record was removed from the "
-                            f"enclave embedded://{enclave_dir} (kotta prune) before this "
-                            "client read its result"), err
+
+    _told_of_the_prune(enclave, ATTACHED_ASLEEP, [enclave_dir, job, out, GUARD / 2],
+                       ready, asleep)
 
 
 # Submits a task that no node serves, says its job id once it is seen running, and waits
@@ -595,30 +598,18 @@ def test_a_running_future_whose_reply_never_came_and_job_was_pruned_is_told(
     recording it; its reply expired while the client slept) and pruned before the client
     looked again: the future waited for ever; now it fails with UnknownJob."""
     out = tmp_path / "running"
-    client = subprocess.Popen(
-        [sys.executable, "-c", RUNNING_ASLEEP, str(enclave_dir), str(out), str(GUARD / 2)],
-        env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    try:
+
+    def ready() -> str:
         wait_for(Path(f"{out}.job").exists, what="the client's job to be recorded")
         job = Path(f"{out}.job").read_text()
         assert enclave.jobs.transition([job], "processing", node="gone") == [job]
         wait_for(out.exists, what="the client to see its job running")
-        os.kill(client.pid, signal.SIGSTOP)
+        return job
+
+    def asleep(job: str) -> None:
         assert enclave.jobs.transition([job], "failed", reason="its node died") == [job]
-        _past(enclave, job)
-        r = kotta(enclave.home, "prune", "--older-than", "1s")
-        assert r.returncode == 0 and r.stdout.startswith("removed 1 job"), r.stdout + r.stderr
-        os.kill(client.pid, signal.SIGCONT)
-        said, err = client.communicate(timeout=GUARD)
-    finally:
-        if client.poll() is None:
-            os.kill(client.pid, signal.SIGCONT)
-            client.kill()
-            client.wait()
-    assert said.strip() == (f"UnknownJob: job {job} ended, but its record was removed from the "
-                            f"enclave embedded://{enclave_dir} (kotta prune) before this "
-                            "client read its result"), err
+
+    _told_of_the_prune(enclave, RUNNING_ASLEEP, [enclave_dir, out, GUARD / 2], ready, asleep)
 
 
 def test_a_pruned_cancelled_jobs_task_still_queued_is_dropped_by_a_node(
