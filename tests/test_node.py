@@ -781,13 +781,10 @@ def test_piped_tasks_a_stopping_node_never_began_are_pending_again_and_not_count
     assert enclave.queue.dead_letters("test") == []
 
 
-def test_a_future_seen_running_whose_job_a_stopping_node_handed_back_ends_when_cancelled(
-        start_node, make_executor, enclave, enclave_dir):
-    """A task piped to a worker that never began it goes back to pending as its node stops;
-    its future, seen running while the task was in the pipe, stays running.  A
-    ``shutdown(cancel_futures=True)`` then cancelled its job (pending: nobody had started
-    it), took the future out of the executor's, and could not cancel it (running): its
-    ``result()`` waited for ever.  Now it raises CancelledError, as the job was."""
+def _handed_back_seen_running(start_node, make_executor, enclave_dir):
+    """A node (one worker) pipes 8 tiny tasks to its stopped worker, and is stopped
+    (SIGTERM): the worker begins the head at most, and the tasks behind it go back to
+    pending, their futures seen running.  The executor, the futures, and those sent back."""
     a = start_node("--prefetch", "3", workers=1)  # (it pipes tasks behind the head)
     ex = make_executor(1, start_node=False)
     worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
@@ -806,6 +803,17 @@ def test_a_future_seen_running_whose_job_a_stopping_node_handed_back_ends_when_c
     assert a.proc.wait(GUARD) == 0, a.output()
     back = [f for f in futures if f.running() and f.status() == "pending"]
     assert back  # (the worker ran the head at most)
+    return ex, futures, back
+
+
+def test_a_future_seen_running_whose_job_a_stopping_node_handed_back_ends_when_cancelled(
+        start_node, make_executor, enclave, enclave_dir):
+    """A task piped to a worker that never began it goes back to pending as its node stops;
+    its future, seen running while the task was in the pipe, stays running.  A
+    ``shutdown(cancel_futures=True)`` then cancelled its job (pending: nobody had started
+    it), took the future out of the executor's, and could not cancel it (running): its
+    ``result()`` waited for ever.  Now it raises CancelledError, as the job was."""
+    ex, futures, back = _handed_back_seen_running(start_node, make_executor, enclave_dir)
     ex.shutdown(wait=False, cancel_futures=True)
     for f in back:
         with pytest.raises(CancelledError):
@@ -819,24 +827,7 @@ def test_kill_of_a_future_seen_running_whose_job_a_stopping_node_handed_back_can
     (never begun), said True and only flagged the job: the next node, which looks for
     kill requests of a first delivery once it runs, ran it, and the "killed" future
     returned its result.  Now the job, no node's, is cancelled, and never runs."""
-    a = start_node("--prefetch", "3", workers=1)  # (it pipes tasks behind the head)
-    ex = make_executor(1, start_node=False)
-    worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
-    _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
-    futures = [ex.submit(tasks.square, i) for i in range(8)]
-    _stop_process(worker)  # it cannot begin them
-    os.kill(a.pid, signal.SIGCONT)
-    try:
-        wait_for(lambda: sum(f.status() == "processing" for f in futures) >= 2,
-                 what="node A to pipe tasks to its stopped worker")  # (status(): running)
-        a.proc.send_signal(signal.SIGTERM)  # it asks the worker to stop after the head task
-        wait_for(lambda: _signal_pending(worker, STOP_SIGNAL),
-                 what="node A to ask its worker to stop")
-    finally:
-        os.kill(worker, signal.SIGCONT)  # it reads the request before it begins a task
-    assert a.proc.wait(GUARD) == 0, a.output()
-    back = [f for f in futures if f.running() and f.status() == "pending"]
-    assert back  # (the worker ran the head at most)
+    ex, futures, back = _handed_back_seen_running(start_node, make_executor, enclave_dir)
     assert all(f.kill() for f in back)
     start_node(workers=1)
     rest = [f for f in futures if f not in back]
