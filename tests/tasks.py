@@ -759,18 +759,8 @@ def share_memory_with_children(mb, children, started_dir, release):
     ``release`` (so the filled pages stay shared with the parent, copy-on-write); each
     child writes a file in ``started_dir`` once running.  Returns how many children
     exited 0."""
-    held = bytearray(int(mb) * 1024 * 1024)
-    held[::4096] = b"\x01" * len(held[::4096])
-    pids = []
-    for i in range(children):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                _at_once(os.path.join(started_dir, str(i)), str(os.getpid()))
-                wait_for_file(release)
-            finally:
-                os._exit(0)
-        pids.append(pid)
+    held = _filled(mb)  # noqa: F841 - held (shared) while the children run
+    pids = _fork_children(children, started_dir, lambda i: wait_for_file(release))
     wait_for_file(release)
     return sum(os.waitpid(pid, 0)[1] == 0 for pid in pids)
 
@@ -778,23 +768,39 @@ def share_memory_with_children(mb, children, started_dir, release):
 def share_then_grow(mb, children, started_dir, grow, grow_mb):
     """As share_memory_with_children; once ``grow`` exists, the first child fills
     ``grow_mb`` MiB of its own and waits a minute more (the others and the task wait)."""
+
+    def child(i):
+        wait_for_file(grow)
+        if i == 0:
+            mine = _filled(grow_mb)  # noqa: F841 - held while it waits
+        time.sleep(60)
+
+    held = _filled(mb)  # noqa: F841 - held (shared) while the children run
+    pids = _fork_children(children, started_dir, child)
+    return sum(os.waitpid(pid, 0)[1] == 0 for pid in pids)
+
+
+def _filled(mb) -> bytearray:
+    """``mb`` MiB, every page written (resident)."""
     held = bytearray(int(mb) * 1024 * 1024)
     held[::4096] = b"\x01" * len(held[::4096])
+    return held
+
+
+def _fork_children(children, started_dir, then) -> list[int]:
+    """Fork ``children`` that each write a file in ``started_dir`` once running, then run
+    ``then(i)`` and exit; their pids."""
     pids = []
     for i in range(children):
         pid = os.fork()
         if pid == 0:
             try:
                 _at_once(os.path.join(started_dir, str(i)), str(os.getpid()))
-                wait_for_file(grow)
-                if i == 0:
-                    mine = bytearray(int(grow_mb) * 1024 * 1024)
-                    mine[::4096] = b"\x01" * len(mine[::4096])
-                time.sleep(60)
+                then(i)
             finally:
                 os._exit(0)
         pids.append(pid)
-    return sum(os.waitpid(pid, 0)[1] == 0 for pid in pids)
+    return pids
 
 
 def init_forking(child_pid_file):
