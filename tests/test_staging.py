@@ -801,6 +801,20 @@ def test_a_handed_back_task_cancelled_by_another_client_ends_its_future(
     assert not marker.exists()
 
 
+def stopped_while_staging(node, submit):
+    """Step ``node`` (made with ``drain_timeout=0``) until it stages the inputs of the task
+    ``submit()`` sends, then stop it, its drain over at once: the future."""
+    node._start()
+    try:
+        f = submit()
+        wait_for(lambda: (node.step(), node.data.active)[1], what="staging to start")
+    finally:
+        node._drain()  # (no time to finish: whatever the staging thread does, abandoned)
+        node._stop()
+        node.data.pool.shutdown(wait=True)  # (the abandoned thread: not left running)
+    return f
+
+
 def test_a_task_still_staging_at_the_drain_deadline_is_handed_back_pending(
         data, make_executor, monkeypatch):
     """The drain's deadline passed while a task's inputs were still being staged: its
@@ -814,14 +828,7 @@ def test_a_task_still_staging_at_the_drain_deadline_is_handed_back_pending(
     alice = make_executor(1, credentials=data.alice, start_node=False)
     node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
                                     drain_timeout=0.0))
-    node._start()
-    try:
-        f = alice.submit(tasks.file_sum, inputs=[INPUT])
-        wait_for(lambda: (node.step(), node.data.active)[1], what="staging to start")
-    finally:
-        node._drain()  # (no time to finish: whatever the staging thread does, abandoned)
-        node._stop()
-        node.data.pool.shutdown(wait=True)  # (the abandoned thread: not left running)
+    f = stopped_while_staging(node, lambda: alice.submit(tasks.file_sum, inputs=[INPUT]))
     assert enclave.jobs.get(f.job_id).state == JobState.PENDING
     assert _message(enclave, f.job_id) == (None, 0)
     assert f.kill() is True  # a job no node holds: cancelled at once

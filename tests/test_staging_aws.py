@@ -489,6 +489,7 @@ def test_aws_a_task_still_staging_when_its_node_stops_is_pending_again(aws, monk
     job stayed in staging_inputs, though the task was handed back and never ran."""
     from kotta_executor.states import JobState
     from tests.conftest import ROOT
+    from tests.test_staging import stopped_while_staging
 
     enclave, _, _, _, executor = aws
     executor.node.request_stop()  # (the fixture's node: this test steps its own)
@@ -497,13 +498,6 @@ def test_aws_a_task_still_staging_when_its_node_stops_is_pending_again(aws, monk
     monkeypatch.chdir(ROOT)
     alice = executor("alice", "analyst")
     node = Node(enclave, NodeConfig(queue="test", workers=1, long_poll=0.1, drain_timeout=0.0))
-    node._start()
-    try:
-        f = alice.submit(tasks.file_sum, inputs=[INPUT])
-        wait_for(lambda: (node.step(), node.data.active)[1], what="staging to start")
-    finally:
-        node._drain()  # (no time to finish: whatever the staging thread does, abandoned)
-        node._stop()
-        node.data.pool.shutdown(wait=True)  # (the abandoned thread: not left running)
+    f = stopped_while_staging(node, lambda: alice.submit(tasks.file_sum, inputs=[INPUT]))
     assert enclave.jobs.get(f.job_id).state == JobState.PENDING
     assert f.kill() is True  # a job no node holds: cancelled at once
