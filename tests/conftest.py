@@ -37,6 +37,14 @@ def wait_for(predicate, timeout: float = GUARD, interval: float = 0.02, what: st
         time.sleep(interval)
 
 
+def pump(node, predicate, what: str) -> None:
+    """Step an in-process node until ``predicate()`` (GUARD at most)."""
+    deadline = time.monotonic() + GUARD
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        node.step()
+
+
 def pytest_sessionstart(session) -> None:
     """Write the project's bytecode once.  The tests start many node and worker processes
     from this source tree; where ``PYTHONDONTWRITEBYTECODE`` is set (as on the CI machines)

@@ -16,7 +16,7 @@ from kotta_executor import ConfigurationError, MemoryLimitExceeded, config, kott
 from kotta_executor.errors import JobFailed
 from kotta_executor.states import JobState
 from tests import tasks
-from tests.conftest import GUARD, ROOT, gone, kill_pid_in, wait_for
+from tests.conftest import GUARD, ROOT, gone, kill_pid_in, pump, wait_for
 
 
 def test_limits_table_has_documented_defaults():
@@ -234,11 +234,11 @@ def test_a_task_that_shares_then_allocates_is_killed_before_its_pss_is_due(
     ex = make_executor(1, start_node=False)
     try:
         f = ex.submit(tasks.share_then_grow, 60, 4, str(started), str(grow), 300)
-        _pump(node, lambda: f.done() or f.job_id in node._pss_read,
+        pump(node, lambda: f.done() or f.job_id in node._pss_read,
               "the PSS of the sharing task to be read, under the limit")
         assert not f.done()
         tasks.release(grow, "go")
-        _pump(node, f.done, "the task to end")
+        pump(node, f.done, "the task to end")
         with pytest.raises(MemoryLimitExceeded, match="over the memory limit of 200 MB"):
             f.result(0)
     finally:
@@ -264,10 +264,10 @@ def test_a_memory_check_scans_the_process_table_once(
     try:
         fs = [ex.submit(tasks.touch_then_wait, str(tmp_path / f"started-{i}"), str(release))
               for i in range(4)]
-        _pump(node, lambda: all((tmp_path / f"started-{i}").exists() for i in range(4)),
+        pump(node, lambda: all((tmp_path / f"started-{i}").exists() for i in range(4)),
               "the four tasks to run")
         mark = time.monotonic()
-        _pump(node, lambda: time.monotonic() > mark + MEMORY_MIN_AGE, "the tasks to age")
+        pump(node, lambda: time.monotonic() > mark + MEMORY_MIN_AGE, "the tasks to age")
         scans = []
         real = psutil._ppid_map
         monkeypatch.setattr(psutil, "_ppid_map", lambda: scans.append(1) or real())
@@ -275,20 +275,12 @@ def test_a_memory_check_scans_the_process_table_once(
         assert len(scans) == 1, len(scans)
         monkeypatch.setattr(psutil, "_ppid_map", real)
         tasks.release(release, "go")
-        _pump(node, lambda: all(f.done() for f in fs), "the tasks to end")
+        pump(node, lambda: all(f.done() for f in fs), "the tasks to end")
     finally:
         tasks.release(release, "go")
         node.stopping = True
         node._drain()
         node._stop()
-
-
-def _pump(node, predicate, what: str) -> None:
-    """Step an in-process node until ``predicate()`` (GUARD at most)."""
-    deadline = time.monotonic() + GUARD
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        node.step()
 
 
 def _hog_in_children(children, mb, seconds):

@@ -19,7 +19,7 @@ import pytest
 from kotta_executor import WorkerDied
 from kotta_executor.config import current_user
 from tests import tasks
-from tests.conftest import GUARD, ROOT, wait_for
+from tests.conftest import GUARD, ROOT, pump, wait_for
 
 _SLOW_START = """
 import os, time
@@ -85,14 +85,14 @@ def test_a_worker_that_never_starts_fails_its_task_and_the_node_goes_on(
 
     try:
         stuck = ex.submit(tasks.square, 3)
-        _pump(node, stuck.done, "the task of the stuck worker to end")
+        pump(node, stuck.done, "the task of the stuck worker to end")
         with pytest.raises(WorkerDied, match=r"did not start within 1 s"):
             stuck.result(0)
         assert enclave.jobs.get_many([stuck.job_id])[stuck.job_id].state == "failed"
         monkeypatch.setenv("KOTTA_TEST_SLOW_START", "0")  # the next worker starts normally
         monkeypatch.setattr(pool, "STARTUP_LIMIT", 120.0)  # (however busy the machine)
         after = ex.submit(tasks.square, 4)
-        _pump(node, after.done, "the next task")
+        pump(node, after.done, "the next task")
         assert after.result(0) == 16
     finally:
         node.stopping = True
@@ -191,7 +191,7 @@ def test_a_task_back_from_a_failed_write_does_not_charge_the_next_worker_start_u
 
     try:
         first = node.workers[0]
-        _pump(node, lambda: first.ready, "the prespawned worker to be ready")
+        pump(node, lambda: first.ready, "the prespawned worker to be ready")
         slow_start(3.0)  # workers spawned from now on take 3 s to start
         real = node._hand_out
 
@@ -205,21 +205,13 @@ def test_a_task_back_from_a_failed_write_does_not_charge_the_next_worker_start_u
         monkeypatch.setattr(node, "_hand_out", die_then_hand_out)
         short = ex.with_options(walltime=_dt.timedelta(seconds=1.5))
         f = short.submit(tasks.sleep_and_return, 0.2, "done")
-        _pump(node, f.done, "the task to end")
+        pump(node, f.done, "the task to end")
         assert first not in node.workers  # it went the way the race goes
         assert f.result(0) == "done"
     finally:
         node.stopping = True
         node._drain()
         node._stop()
-
-
-def _pump(node, predicate, what: str) -> None:
-    """Step an in-process node until ``predicate()`` (GUARD at most)."""
-    deadline = time.monotonic() + GUARD
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        node.step()
 
 
 def _task(fn, *args):

@@ -53,7 +53,7 @@ def test_a_task_waits_in_the_queue_for_the_first_free_node_not_on_a_busy_one(
     releases = [tmp_path / f"release-{i}" for i in range(3)]
     try:
         futures = [ex.submit(tasks.touch_then_wait, str(s), str(r))
-                   for s, r in zip(started, releases)]
+                   for s, r in zip(started, releases, strict=True)]
         running = wait_for(lambda: [i for i, s in enumerate(started) if _started(s)][:2]
                            if sum(map(bool, map(_started, started))) >= 2 else None,
                            what="two tasks to run, one on each node")
