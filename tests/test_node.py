@@ -750,26 +750,8 @@ def test_piped_tasks_a_stopping_node_never_began_are_pending_again_and_not_count
     processing: with `--max-deliveries 1` the next node dead-lettered them all, failing
     them with DeliveryFailed ("delivered 1 times without completing") though they had
     never run."""
-    a = start_node("--max-deliveries", "1", "--prefetch", "3", workers=1)  # (pipes deep)
-    ex = make_executor(1, start_node=False)
-    worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
-    _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
-    futures = [ex.submit(tasks.square, i) for i in range(8)]
-    _stop_process(worker)  # it cannot begin them
-    os.kill(a.pid, signal.SIGCONT)
-    ids = [f.job_id for f in futures]
-    try:
-        def piped() -> list[str]:  # claimed: in the worker's pipe
-            return [j.job_id for j in enclave.jobs.get_many(ids).values() if j.state == "processing"]
-
-        wait_for(lambda: len(piped()) >= 2, what="node A to pipe tasks to its stopped worker")
-        behind = piped()
-        a.proc.send_signal(stop)  # it asks the worker to stop after the head task
-        wait_for(lambda: _signal_pending(worker, STOP_SIGNAL),
-                 what="node A to ask its worker to stop")
-    finally:
-        os.kill(worker, signal.SIGCONT)  # it reads the request before it begins a task
-    assert a.proc.wait(GUARD) == 0, a.output()
+    _, futures, behind = _piped_then_stopped(start_node, make_executor, enclave_dir,
+                                             "--max-deliveries", "1", stop=stop)
     records = enclave.jobs.get_many(behind)
     assert {r.state for r in records.values()} <= {JobState.PENDING, JobState.COMPLETED}
     back = [r for r in records.values() if r.state == JobState.PENDING]
@@ -781,11 +763,12 @@ def test_piped_tasks_a_stopping_node_never_began_are_pending_again_and_not_count
     assert enclave.queue.dead_letters("test") == []
 
 
-def _handed_back_seen_running(start_node, make_executor, enclave_dir):
+def _piped_then_stopped(start_node, make_executor, enclave_dir, *node_args,
+                        stop=signal.SIGTERM):
     """A node (one worker) pipes 8 tiny tasks to its stopped worker, and is stopped
-    (SIGTERM): the worker begins the head at most, and the tasks behind it go back to
-    pending, their futures seen running.  The executor, the futures, and those sent back."""
-    a = start_node("--prefetch", "3", workers=1)  # (it pipes tasks behind the head)
+    (``stop``): the worker begins the head at most.  The executor, the futures, and the
+    ids of the jobs that were piped (their futures seen running)."""
+    a = start_node(*node_args, "--prefetch", "3", workers=1)  # (it pipes deep)
     ex = make_executor(1, start_node=False)
     worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
     _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
@@ -795,12 +778,19 @@ def _handed_back_seen_running(start_node, make_executor, enclave_dir):
     try:
         wait_for(lambda: sum(f.status() == "processing" for f in futures) >= 2,
                  what="node A to pipe tasks to its stopped worker")  # (status(): running)
-        a.proc.send_signal(signal.SIGTERM)  # it asks the worker to stop after the head task
+        behind = [f.job_id for f in futures if f.status() == "processing"]
+        a.proc.send_signal(stop)  # it asks the worker to stop after the head task
         wait_for(lambda: _signal_pending(worker, STOP_SIGNAL),
                  what="node A to ask its worker to stop")
     finally:
         os.kill(worker, signal.SIGCONT)  # it reads the request before it begins a task
     assert a.proc.wait(GUARD) == 0, a.output()
+    return ex, futures, behind
+
+
+def _handed_back_seen_running(start_node, make_executor, enclave_dir):
+    """:func:`_piped_then_stopped`, and the futures of the tasks sent back to pending."""
+    ex, futures, _ = _piped_then_stopped(start_node, make_executor, enclave_dir)
     back = [f for f in futures if f.running() and f.status() == "pending"]
     assert back  # (the worker ran the head at most)
     return ex, futures, back
