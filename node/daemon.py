@@ -1130,7 +1130,9 @@ class Node:
         else:  # (a place with no worker yet: one task, of a length not known)
             cap = sum(map(_holds, self.workers)) + max(0, self.config.workers - len(self.workers))
             cap += self.config.prefetch * self.config.workers
-        room = cap - held
+        # (not the tasks that ran and upload their outputs: they hold no worker, and a
+        # node of long tasks took no other for as long as an upload lasted, its workers idle)
+        room = cap - (held - self.data.ran())
         if self.config.max_jobs is not None:
             left = self.config.max_jobs - self.jobs_done - len(self.finished) - held
             room = min(room, left)

@@ -484,6 +484,11 @@ class DataSteps:
     def held(self) -> list:
         return [t.delivery for t in self.active.values()]
 
+    def ran(self) -> int:
+        """How many of the active tasks have run: their outputs are being uploaded, or
+        their take-over is to be tried again.  They hold no worker (Node._room)."""
+        return len(self._ran) + len(self._later) if self.active else 0
+
     def discard(self, task: Task) -> None:
         if task.staged is not None:
             remove_tree(task.staged.workdir)

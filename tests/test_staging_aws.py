@@ -501,3 +501,38 @@ def test_aws_a_task_still_staging_when_its_node_stops_is_pending_again(aws, monk
     f = stopped_while_staging(node, lambda: alice.submit(tasks.file_sum, inputs=[INPUT]))
     assert enclave.jobs.get(f.job_id).state == JobState.PENDING
     assert f.kill() is True  # a job no node holds: cancelled at once
+
+
+def test_aws_a_node_takes_the_next_task_while_one_uploads_its_outputs(aws, request,
+                                                                      monkeypatch):
+    """A task uploading its outputs has run: it holds no worker.  Counted among the tasks
+    the node holds for its workers (Node._room), it kept a node of long tasks (one held a
+    worker) from taking any other for as long as the upload lasted, its worker idle."""
+    from node import pool
+
+    # every worker a worker of long tasks, whatever the test's tasks take
+    monkeypatch.setattr(pool, "TINY_TASK", 0.0)
+    monkeypatch.setattr(pool, "SHORT_TASK", 0.0)
+    enclave = aws[0]
+    _grant_results(aws)
+    uploading, go = threading.Event(), threading.Event()
+
+    def hold(params=None, **_):  # the stage-out's audit record, just before the upload
+        if b"stage-out" in ((params or {}).get("body") or b""):
+            uploading.set()
+            go.wait(GUARD)
+
+    events = enclave.dynamodb.meta.events
+    events.register("before-call.dynamodb.PutItem", hold)
+    request.addfinalizer(lambda: events.unregister("before-call.dynamodb.PutItem", hold))
+    alice = aws[4]("alice", "analyst")
+    try:
+        f = alice.submit(tasks.write_file, "alice.txt", "42\n", outputs=[OUTPUT])
+        wait_for(uploading.is_set, what="its outputs' upload to begin")
+        g = alice.submit(tasks.square, 3)
+        wait_for(g.done, what="the next task to run while the upload lasts")
+        assert g.result() == 9
+    finally:
+        go.set()
+    f.result(GUARD)
+    assert get_object(enclave, OUTPUT) == b"42\n"
