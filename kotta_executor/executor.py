@@ -1098,12 +1098,15 @@ class KottaExecutor(Executor):
                     # (on AWS, just after it)
                     with self._enclave.atomic():
                         self._enclave.jobs.create([job for job, _ in batch])
-                        wanted = self._cancel_wanted and [
-                            job.job_id for job, _ in batch if job.job_id in self._cancel_wanted]
-                        cancelled = wanted and self._enclave.jobs.transition(
+                        # (lists of their own: not `self._cancel_wanted and ...`, which was
+                        # that very set when empty, and a cancel that added to it meanwhile
+                        # had all its jobs, running ones too, taken for cancelled here)
+                        wanted = [job.job_id for job, _ in batch
+                                  if job.job_id in self._cancel_wanted] if self._cancel_wanted else []
+                        cancelled = self._enclave.jobs.transition(
                             wanted, JobState.CANCELLED, from_states=CANCELLABLE,
                             reason="cancelled by the client",
-                        )
+                        ) if wanted else []
                 except Exception as exc:  # noqa: BLE001 - tried again, then it breaks us
                     if self._enclave.lasting(exc):
                         raise
