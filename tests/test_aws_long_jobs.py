@@ -196,7 +196,8 @@ def test_a_job_that_waited_before_it_began_is_not_run_again(enclave, tmp_path, m
     monkeypatch.setattr(SqsQueue, "max_hidden", LIMIT)
     caplog.set_level(logging.WARNING, logger="kotta.node")
     r1, s1, r2, s2 = (tmp_path / n for n in ("r1", "s1", "r2", "s2"))
-    first, nodes, runners = _first_node(enclave, workers=1, visibility_timeout=6)
+    first, nodes, runners = _first_node(enclave, workers=1, visibility_timeout=6,
+                                        prefetch=1)  # (it holds the second, waiting)
     ex = KottaExecutor(1, enclave=enclave, start_node=False)
     try:
         f1 = ex.submit(tasks.append_line_then_wait, str(r1), "one", str(s1))

@@ -362,7 +362,7 @@ def test_another_users_task_over_the_walltime_cap_does_not_fail_my_running_job(
 ):
     """As above, for Alice's job while it runs."""
     out, stop = tmp_path / "runs.txt", tmp_path / "stop"
-    start_node(workers=1)
+    start_node("--prefetch", "1", workers=1)  # (it takes the forged task while hers runs)
     alice = make_executor(1, start_node=False, credentials=user_token("alice"))
     try:
         f = alice.submit(tasks.append_line_then_wait, str(out), "ran", str(stop))
