@@ -51,7 +51,6 @@ import logging
 import operator
 import os
 import random
-import select
 import shlex
 import signal
 import subprocess
@@ -71,6 +70,7 @@ from typing import Any
 
 from . import config, dependencies, wire
 from . import requirements as _requirements
+from ._poll import ready
 from .backends import default_url, env_spec, open_enclave
 from .backends.base import Enclave, Finished, JobRecord, Message, NewJob, reply_queue
 from .errors import (
@@ -1818,30 +1818,9 @@ class _Leftovers:
 _hand_over_lock = threading.Lock()
 
 
-#: the longest wait poll() takes, in milliseconds (about 24 days; select took any)
-_POLL_MOST = 2**31 - 1
-
-
 def _readable(fds: list, timeout: float) -> list:
-    """Those of ``fds`` (descriptors, or objects with a ``fileno()``) ready to read within
-    ``timeout`` seconds, as ``select.select`` answers, by ``poll``: select takes no
-    descriptor past FD_SETSIZE (1024), and in a process holding a thousand files (a
-    notebook's) the sockets the executor made later failed every turn of its manager with
-    ValueError: its futures all failed, BrokenEnclave.  A closed one raises, as in select."""
-    poller = select.poll()
-    by_fd = {}
-    for f in fds:
-        fd = f if isinstance(f, int) else f.fileno()
-        if fd < 0:  # (a closed socket's)
-            raise ValueError("file descriptor cannot be a negative integer (-1)")
-        by_fd[fd] = f
-        poller.register(fd, select.POLLIN)
-    ready = []
-    for fd, events in poller.poll(min(timeout * 1000, _POLL_MOST)):  # (a C int of ms)
-        if events & select.POLLNVAL:
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        ready.append(by_fd[fd])
-    return ready
+    """Those of ``fds`` ready to read within ``timeout`` seconds (see _poll.ready)."""
+    return ready(fds, [], timeout)[0]
 
 
 def _wait_node(proc: subprocess.Popen, timeout: float) -> None:
