@@ -806,8 +806,9 @@ class Node:
         valid = True
         try:
             failed, usage, reason, data = unpack_result(data, task.job_id)
-            if task.monitor is not None:  # a long task: add the node's samples to its usage
-                usage = task.monitor.merge(usage)
+            if task.monitor is not None or task.killed_at_kb:  # a long task: add the
+                # node's samples to its usage; one killed for memory, what it was killed at
+                usage = _measured(task, usage)
                 data = _with_usage(data, usage)  # (the one parse of a result by the node)
             else:
                 data = bytes(data)  # (a view of what the worker sent: the one copy of it)
@@ -1109,6 +1110,7 @@ class Node:
             what = ("proportional set size (PSS)" if exact
                     else "PSS, RSS where PSS could not be read")
             limit_mb = self.memory_limit // (1024 * 1024)
+            head.killed_at_kb = used // 1024  # (its usage's peak: see _unreported_usage)
             w.kill(
                 "MemoryLimitExceeded",
                 f"job {head.job_id} used {used / (1024 * 1024):.0f} MB ({what}, summed "
@@ -2163,8 +2165,21 @@ def _unreported_usage(task: Task) -> dict | None:
     if task.started is not None:
         now, wall = time.time(), max(0.0, time.monotonic() - task.started)
         usage = {"start": now - wall, "end": now, "wall": round(wall, 6)}
-    if task.monitor is not None:  # keep what was measured of a long task
+    if task.monitor is not None or task.killed_at_kb:
+        usage = _measured(task, usage)
+    return usage
+
+
+def _measured(task: Task, usage: dict | None) -> dict:
+    """``usage`` with what the node measured of the task: the samples, CPU and peak of a
+    long task (its Monitor), and the memory a task killed for memory was killed at (the
+    worker's figures die with it, and a sample may not have come yet: a task killed for
+    using 400 MB reported no peak at all)."""
+    if task.monitor is not None:
         usage = task.monitor.merge(usage)
+    usage = dict(usage or {})
+    if task.killed_at_kb:
+        usage["peak_rss_kb"] = max(usage.get("peak_rss_kb", 0), task.killed_at_kb)
     return usage
 
 

@@ -76,6 +76,8 @@ class Task:
     #: never started up): a stopping node moves its job back to pending (Node._unstage)
     unbegun: bool = False
     kill_requested: bool = False  # killed while staging: it must not run
+    #: the memory (KiB) its tree was killed for using (Node._check_memory): its peak, at least
+    killed_at_kb: int = 0
     #: why the node will not run it, ``(error type, reason)``: its job fails once this
     #: node has claimed it (a copy of a job that runs elsewhere must not end it)
     refusal: tuple[str, str] | None = None

@@ -122,6 +122,23 @@ def test_memory_limit_kills_the_task_and_the_node_goes_on(start_node, make_execu
     assert node.proc.poll() is None
 
 
+def test_a_task_killed_for_memory_reports_the_peak_it_was_killed_at(start_node, make_executor):
+    """The usage of a task the node killed for memory names the memory it was killed for:
+    it had its times only (the worker's own figures die with it, and the node samples a
+    task's tree only every sample interval, 30 s by default), so `kotta status` showed
+    no peak for the one task whose peak mattered."""
+    start_node("--memory-limit", "100")
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.allocate_and_sleep, 300)
+    with pytest.raises(MemoryLimitExceeded, match=r"used (\d+) MB") as info:
+        f.result(timeout=GUARD)
+    import re
+    used_mb = int(re.search(r"used (\d+) MB", str(info.value)).group(1))
+    u = f.usage()
+    assert u["peak_rss_kb"] >= 100 * 1024, u
+    assert u["peak_rss_kb"] // 1024 >= used_mb - 1, (u, used_mb)
+
+
 def test_node_refuses_a_walltime_over_its_cap(start_node, make_executor, enclave):
     start_node("--max-walltime", "1")
     ex = make_executor(1, start_node=False)
