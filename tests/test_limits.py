@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -132,7 +133,6 @@ def test_a_task_killed_for_memory_reports_the_peak_it_was_killed_at(start_node, 
     f = ex.submit(tasks.allocate_and_sleep, 300)
     with pytest.raises(MemoryLimitExceeded, match=r"used (\d+) MB") as info:
         f.result(timeout=GUARD)
-    import re
     used_mb = int(re.search(r"used (\d+) MB", str(info.value)).group(1))
     u = f.usage()
     assert u["peak_rss_kb"] >= 100 * 1024, u
