@@ -566,3 +566,49 @@ def test_dataset_put_of_a_large_file_does_not_read_it_into_memory(enclave, encla
     with open(path, "rb") as f:
         f.seek(255 * mib)
         assert f.read(4) == bytes([255]) * 4
+
+
+def test_user_list_is_for_admins_and_a_refusal_is_audited(enclave, enclave_dir, tmp_path,
+                                                          user_token):
+    """`kotta user list` run by a user who is not an admin printed every user of the
+    enclave and their roles (which data each may read): on an enclave of sensitive data,
+    an information leak.  It is refused, naming the role it takes and what shows one's
+    own, and audited; an admin sees every user."""
+    user_token("alice", role="secret-project")
+    bob = _as(tmp_path, "bob", user_token("bob", role="guest"))
+    r = kotta(enclave_dir, "user", "list", env=bob)
+    assert r.returncode == 2, r.stdout
+    assert "alice" not in r.stdout and "secret-project" not in r.stdout
+    assert r.stderr.startswith("kotta: error: only an admin of "), r.stderr
+    assert "may list its users (bob is not one)" in r.stderr and "kotta whoami" in r.stderr
+    [denied] = AuditLog(enclave).show(action="job-denied")
+    assert (denied["user"], denied["allowed"]) == ("bob", False)
+    assert denied["detail"] == "kotta user list (only admins may)"
+    r = kotta(enclave_dir, "user", "list")  # the admin
+    assert r.returncode == 0, r.stderr
+    assert {line.split()[0] for line in r.stdout.splitlines()[1:]} >= {"alice", "bob"}
+
+
+def test_user_list_is_for_admins_on_aws_too(tmp_path, monkeypatch):
+    """As above, on the AWS backend (moto): the command is the same code, but its records
+    and audit log are DynamoDB's."""
+    import argparse
+
+    from kotta_executor.errors import AccessDenied
+    from kotta_executor.security.commands import cmd_user_list
+    from tests.aws_moto import aws_on_moto
+    from tests.conftest import make_user
+
+    with aws_on_moto(tmp_path) as enclave:
+        make_user(enclave, "alice", tmp_path / "tokens", role="secret-project")
+        bob = make_user(enclave, "bob", tmp_path / "tokens", role="guest")
+        args = argparse.Namespace(enclave=enclave.url, command="user", user_command="list")
+        credentials.token_path().rename(tmp_path / "admin.token")
+        os.replace(bob, credentials.token_path())  # bob's shell
+        with pytest.raises(AccessDenied, match=r"may list its users \(bob is not one\)"):
+            cmd_user_list(args)
+        [denied] = AuditLog(enclave).show(action="job-denied")
+        assert (denied["user"], denied["allowed"]) == ("bob", False)
+        assert denied["detail"] == "kotta user list (only admins may)"
+        os.replace(tmp_path / "admin.token", credentials.token_path())  # the admin's
+        assert cmd_user_list(args) == 0

@@ -1,9 +1,9 @@
 """The security commands of ``kotta``: register, whoami, user, token, dataset, policy.
 
 ``add_parsers(subparsers)`` adds them; each parsed command carries its handler as
-``args.security_handler``.  Managing users, tokens, datasets and policies takes an admin;
-anyone may ``register``, ask ``whoami``, list datasets, see policies and revoke their
-own tokens.
+``args.security_handler``.  Managing and listing users, and managing tokens, datasets
+and policies takes an admin; anyone may ``register``, ask ``whoami``, list datasets, see
+policies, and list and revoke their own tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def add_parsers(sub) -> None:
     a.add_argument("--role", required=True)
     a.add_argument("--admin", action="store_true")
     a.set_defaults(security_handler=cmd_user_add)
-    ls = us.add_parser("list", help="list users")
+    ls = us.add_parser("list", help="list users (admins)")
     ls.set_defaults(security_handler=cmd_user_list)
     for verb, help_ in (
         ("disable", "disable a user: their tokens stop working at once"),
@@ -201,7 +201,14 @@ def cmd_user_add(args) -> int:
 
 
 def cmd_user_list(args) -> int:
-    enclave, _ = _setup(args)
+    # admins only: the list names every user of the enclave and their roles (which data
+    # each may read), itself not for every user of an enclave of sensitive data; one's own
+    # user and role is `kotta whoami`.  A refusal is audited, as any
+    enclave, creds = _setup(args)
+    if not creds.admin:
+        _audit_refusal(enclave, creds, "kotta user list (only admins may)")
+        raise AccessDenied(f"only an admin of {enclave.url} may list its users ({creds.user} "
+                           "is not one); `kotta whoami` shows your own user and role")
     tokens, _ = _services(enclave)
     print(f"{'USER':24}  {'ROLE':16}  {'ADMIN':5}  STATE")
     for u in tokens.users():
