@@ -1350,6 +1350,30 @@ def test_records_put_if_absent_has_one_winner(backend):
     assert r.get("log", "000001")["writer"] in range(6)
 
 
+def test_records_put_if_unchanged_writes_only_over_what_was_read(backend):
+    """The compare-and-set the last-admin checks rest on: written only if every record
+    named holds the value given, itself included; a record gone, or changed, stops it."""
+    r = backend.records
+    r.put("user", "alice", {"admin": True})
+    r.put("refresh", "t1", {"user": "alice", "revoked": None})
+    r.put("refresh", "t2", {"user": "bob", "revoked": None})
+    expect = {("refresh", "t2"): {"user": "bob", "revoked": None},
+              ("user", "alice"): {"admin": True}, ("refresh", "t1"): r.get("refresh", "t1")}
+    assert r.put_if_unchanged("refresh", "t2", {"user": "bob", "revoked": 1.5}, expect)
+    assert r.get("refresh", "t2") == {"user": "bob", "revoked": 1.5}
+    # the record itself changed since (the write above): not written
+    assert not r.put_if_unchanged("refresh", "t2", {"user": "bob", "revoked": 9.0}, expect)
+    r.put("user", "alice", {"admin": True, "disabled": True})
+    expect = {("refresh", "t1"): r.get("refresh", "t1"), ("user", "alice"): {"admin": True}}
+    assert not r.put_if_unchanged("refresh", "t1", {"user": "alice", "revoked": 2.0}, expect)
+    assert r.get("refresh", "t1") == {"user": "alice", "revoked": None}
+    expect[("user", "alice")] = {"admin": True, "disabled": True}
+    assert not r.put_if_unchanged("refresh", "t1", {"user": "alice", "revoked": 2.0},
+                                  {**expect, ("user", "nobody"): {}})  # one that is not there
+    assert r.put_if_unchanged("refresh", "t1", {"user": "alice", "revoked": 2.0}, expect)
+    assert r.get("refresh", "t1") == {"user": "alice", "revoked": 2.0}
+
+
 # ------------------------------------------------------------------------------- nodes
 
 

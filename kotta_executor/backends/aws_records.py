@@ -75,6 +75,49 @@ class DynamoRecords(Records):
             raise
         return True
 
+    def put_if_unchanged(self, kind, key, value, expect):
+        from .aws import _client_error, _code
+
+        check_record_name("kind", kind)
+        check_record_name("key", key)
+        # The stored text of each expected record, read afresh: the condition is that it
+        # is still that text (records of an older version may be spelled otherwise than
+        # this version's json.dumps would spell the value read)
+        stored: dict[tuple[str, str], str] = {}
+        for k, name in expect:
+            resp = self._t._call("get_item", TableName=self.table, ConsistentRead=True,
+                                 Key={"kind": {"S": k}, "key": {"S": name}})
+            text = (resp.get("Item") or {}).get("value", {}).get("S")
+            if text is None or json.loads(text) != expect[(k, name)]:
+                return False
+            stored[(k, name)] = text
+        item = {
+            "kind": {"S": kind},
+            "key": {"S": key},
+            "value": {"S": json.dumps(value, separators=(",", ":"), sort_keys=True)},
+        }
+        cond = {"ConditionExpression": "#v = :v", "ExpressionAttributeNames": {"#v": "value"}}
+        put: dict[str, Any] = {"TableName": self.table, "Item": item}
+        if (kind, key) in stored:
+            put.update(cond, ExpressionAttributeValues={":v": {"S": stored[(kind, key)]}})
+        else:
+            put.update(ConditionExpression="attribute_not_exists(#k)",
+                       ExpressionAttributeNames={"#k": "key"})
+        items: list[dict[str, Any]] = [{"Put": put}]
+        items += [{"ConditionCheck": {
+            "TableName": self.table, "Key": {"kind": {"S": k}, "key": {"S": name}}, **cond,
+            "ExpressionAttributeValues": {":v": {"S": text}}}}
+            for (k, name), text in stored.items() if (k, name) != (kind, key)]
+        try:  # (a transaction: DynamoDB checks every condition and writes as one step)
+            self._t._call("transact_write_items", TransactItems=items)
+        except _client_error() as exc:
+            # a condition failed, or another transaction wrote one of these items at the
+            # same time: either way the caller reads again and decides anew
+            if _code(exc) == "TransactionCanceledException":
+                return False
+            raise
+        return True
+
     def delete(self, kind, key):
         resp = self._t._call(
             "delete_item",

@@ -341,6 +341,17 @@ class Records(abc.ABC):
         and hash, are never written alike by two writers)."""
 
     @abc.abstractmethod
+    def put_if_unchanged(
+        self, kind: str, key: str, value: dict[str, Any],
+        expect: dict[tuple[str, str], dict[str, Any]],
+    ) -> bool:
+        """Store ``value`` only if each record of ``expect`` (``(kind, key)`` → the value
+        the caller read) holds that value still, as one atomic step; returns whether it
+        was written.  For a write whose check read other records (the last-admin checks
+        of ``security/tokens.py``): two writers that each read the other's record before
+        either wrote cannot both write."""
+
+    @abc.abstractmethod
     def delete(self, kind: str, key: str) -> bool:
         """Remove a record; returns whether there was one."""
 

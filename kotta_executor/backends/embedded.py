@@ -1252,6 +1252,17 @@ class EmbeddedRecords(Records):
             row = c.execute("SELECT value FROM records WHERE kind=? AND key=?", (kind, key)).fetchone()
             return row is not None and row[0] == text  # (the very value: as on AWS)
 
+    def put_if_unchanged(self, kind, key, value, expect):
+        # one write transaction (BEGIN IMMEDIATE): no other writer comes between the
+        # comparisons and the write
+        with self._db.tx() as c:
+            for (k, name), old in expect.items():
+                row = c.execute("SELECT value FROM records WHERE kind=? AND key=?",
+                                (k, name)).fetchone()
+                if row is None or json.loads(row[0]) != old:
+                    return False
+            return self.put(kind, key, value)
+
     def delete(self, kind, key):
         with self._db.tx() as c:
             return c.execute("DELETE FROM records WHERE kind=? AND key=?", (kind, key)).rowcount == 1

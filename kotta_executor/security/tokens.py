@@ -51,6 +51,9 @@ CLOCK_SKEW = 300.0
 MAX_TASK_AGE = 7 * 86400.0
 #: seconds a node trusts its last reading of a refresh token's revocation state
 REVOCATION_CACHE = 2.0
+#: reads-and-checks of a revoke or a disable whose write found the records it counted on
+#: changed (another admin's at the same time), before it gives up
+_CHECKED_WRITE_TRIES = 10
 
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}")
 
@@ -191,24 +194,36 @@ class TokenService:
         ]
 
     def set_disabled(self, user: str, disabled: bool, *, by: str) -> None:
-        ident = self.user(user)
-        if ident is None:
-            raise ConfigurationError(f"no user {user!r} in the enclave")
-        # Only an admin enables a user: with its last active admin disabled, no one could
-        # (that admin neither), nor add users, datasets or grants, for good.  Nor with
-        # every other active admin's tokens revoked or expired: none of them can act
-        if disabled and ident.admin and not ident.disabled and not (
-                self._admins_with_tokens() - {user}):
-            others = sorted(u.user for u in self.users()
-                            if u.admin and not u.disabled and u.user != user)
-            raise ConfigurationError(
-                f"{user} is the enclave's last active admin"
-                f"{' with a valid token' if others else ''}: disabled, no one could enable "
-                f"a user again, nor add one; add another admin first (`kotta user add NAME "
-                f"--role ROLE --admin`)" + (
-                    f", or issue one of {', '.join(others)} a token (`kotta token issue "
-                    f"NAME`)" if others else ""))
-        self.records.put("user", user, {**ident.as_dict(), "disabled": disabled})
+        for _ in range(_CHECKED_WRITE_TRIES):
+            rec = self.records.get("user", user)
+            if rec is None:
+                raise ConfigurationError(f"no user {user!r} in the enclave")
+            ident = Identity.from_record(user, rec)
+            witness: dict[tuple[str, str], dict[str, Any]] = {}
+            # Only an admin enables a user: with its last active admin disabled, no one
+            # could (that admin neither), nor add users, datasets or grants, for good.  Nor
+            # with every other active admin's tokens revoked or expired: none of them can act
+            if disabled and ident.admin and not ident.disabled:
+                witness = self._witness(self._admin_tokens(but_user=user))
+                if not witness:
+                    others = sorted(u.user for u in self.users()
+                                    if u.admin and not u.disabled and u.user != user)
+                    raise ConfigurationError(
+                        f"{user} is the enclave's last active admin"
+                        f"{' with a valid token' if others else ''}: disabled, no one could "
+                        f"enable a user again, nor add one; add another admin first (`kotta "
+                        f"user add NAME --role ROLE --admin`)" + (
+                            f", or issue one of {', '.join(others)} a token (`kotta token "
+                            f"issue NAME`)" if others else ""))
+            # written only if the admin the check counted on still can act (and this user's
+            # record is as read): another admin disabling this one, or revoking their
+            # token, at the same time would else leave no admin
+            if self.records.put_if_unchanged(
+                    "user", user, {**ident.as_dict(), "disabled": disabled},
+                    {("user", user): rec, **witness}):
+                break
+        else:
+            raise _contended(f"{'disable' if disabled else 'enable'} {user}")
         self._log("token-revoke" if disabled else "user-add", user=by, allowed=True,
                   detail=f"{'disabled' if disabled else 'enabled'} {user}")
 
@@ -277,31 +292,64 @@ class TokenService:
         """Revoke a refresh token (given whole, or by its id): its access tokens stop
         working within ``REVOCATION_CACHE`` seconds, on every node."""
         rid = _parse_refresh(token_or_id)[0] if token_or_id.startswith("krt1.") else token_or_id
-        rec = self.records.get("refresh", rid)
-        if rec is None:
-            raise ConfigurationError(f"no refresh token {rid!r} in the enclave")
-        if rec.get("revoked"):
-            return False
-        self._check_not_last_admin_token(rid, rec)
-        self.records.put("refresh", rid, {**rec, "revoked": time.time(), "revoked_by": by})
+        for _ in range(_CHECKED_WRITE_TRIES):
+            rec = self.records.get("refresh", rid)
+            if rec is None:
+                raise ConfigurationError(f"no refresh token {rid!r} in the enclave")
+            if rec.get("revoked"):
+                return False
+            witness = self._check_not_last_admin_token(rid, rec)
+            # written only if the admin token the check counted on is still valid (see
+            # set_disabled): two admins revoking each other's last token at once
+            if self.records.put_if_unchanged(
+                    "refresh", rid, {**rec, "revoked": time.time(), "revoked_by": by},
+                    {("refresh", rid): rec, **witness}):
+                break
+        else:
+            raise _contended(f"revoke the token {rid}")
         self._log("token-revoke", user=by, allowed=True, detail=f"refresh token {rid} of {rec['user']}")
         return True
 
     def _admins_with_tokens(self, but: str | None = None) -> set[str]:
         """The active admins who hold a valid (not revoked, not expired) refresh token
         other than ``but``: those who can still administer the enclave."""
+        return {user for user, _, _, _ in self._admin_tokens(but).values()}
+
+    def _admin_tokens(self, but: str | None = None, *, but_user: str | None = None
+                      ) -> dict[str, tuple[str, dict[str, Any], dict[str, Any], float]]:
+        """``{refresh id: (user, user record, refresh record, expiry)}`` of the valid
+        refresh tokens of active admins, but the token ``but`` and the user ``but_user``."""
         now = time.time()
-        admins = {u.user for u in self.users() if u.admin and not u.disabled}
-        return {r["user"] for rid, r in self.records.scan("refresh")
+        admins = {k: v for k, v in self.records.scan("user")
+                  if v.get("admin") and not v.get("disabled") and k != but_user}
+        return {rid: (r["user"], admins[r["user"]], r, r["expires"])
+                for rid, r in self.records.scan("refresh")
                 if rid != but and r["user"] in admins and not r.get("revoked")
                 and now <= r["expires"]}
 
-    def _check_not_last_admin_token(self, rid: str, rec: dict[str, Any]) -> None:
+    @staticmethod
+    def _witness(tokens: dict[str, tuple[str, dict[str, Any], dict[str, Any], float]]
+                 ) -> dict[tuple[str, str], dict[str, Any]]:
+        """The records of one admin token of ``tokens`` (the longest valid) and of its
+        user, as read: a check that counted on that admin holds while they are unchanged
+        (``Records.put_if_unchanged``).  Empty if there is none."""
+        if not tokens:
+            return {}
+        rid, (user, user_rec, rec, _) = max(tokens.items(), key=lambda kv: kv[1][3])
+        return {("user", user): user_rec, ("refresh", rid): rec}
+
+    def _check_not_last_admin_token(self, rid: str, rec: dict[str, Any]
+                                    ) -> dict[tuple[str, str], dict[str, Any]]:
         """ConfigurationError if revoking the refresh token ``rid`` leaves no active admin
         a valid token: as with the last active admin disabled (set_disabled), no one
-        could issue a token, add a user or enable one again, that admin neither."""
-        if self._admins_with_tokens(rid) or not self._admins_with_tokens():
-            return  # others can administer still; or this one could not (expired, a user's)
+        could issue a token, add a user or enable one again, that admin neither.  Else the
+        records the check counted on (:meth:`_witness`; none when it counted on none)."""
+        tokens = self._admin_tokens()
+        if rid not in tokens:
+            return {}  # not an admin's valid token: revoked, it takes no admin away
+        witness = self._witness({k: v for k, v in tokens.items() if k != rid})
+        if witness:
+            return witness  # others can administer still
         user = rec["user"]
         raise ConfigurationError(
             f"the token {rid} of {user} is the last valid token of an active admin of the "
@@ -316,6 +364,12 @@ class TokenService:
             if user is None or rec["user"] == user:
                 out.append({"id": rid, **{k: v for k, v in rec.items() if k != "sha256"}})
         return out
+
+
+def _contended(doing: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"could not {doing}: the enclave's users and tokens kept changing under the check "
+        f"that it leaves an admin who can act ({_CHECKED_WRITE_TRIES} tries); try again")
 
 
 def _when(ts: float) -> str:
