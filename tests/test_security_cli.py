@@ -612,3 +612,24 @@ def test_user_list_is_for_admins_on_aws_too(tmp_path, monkeypatch):
         assert denied["detail"] == "kotta user list (only admins may)"
         os.replace(tmp_path / "admin.token", credentials.token_path())  # the admin's
         assert cmd_user_list(args) == 0
+
+
+def test_refusals_to_leave_the_enclave_without_an_admin_are_audited(enclave, enclave_dir):
+    """An admin's `kotta token revoke` of the last valid admin token, or `kotta user
+    disable` of the last active admin, was refused without a trace in the audit log,
+    unlike every other refused command: a try at locking the enclave's admins out (a
+    stolen admin token's) is what an auditor looks for.  Each is a refused
+    `token-revoke` record naming what was refused."""
+    me = config.current_user()
+    assert kotta(enclave_dir, "whoami").returncode == 0
+    rid = credentials.load(enclave).refresh_id
+    assert kotta(enclave_dir, "token", "revoke", rid).returncode == 2
+    assert kotta(enclave_dir, "user", "disable", me).returncode == 2
+    refused = [(r["user"], r["detail"]) for r in AuditLog(enclave).show(action="token-revoke")
+               if r["allowed"] is False]
+    assert len(refused) == 2, refused
+    assert refused[0][0] == me and f"refresh token {rid} of {me}" in refused[0][1]
+    assert "last valid token of an active admin" in refused[0][1]
+    assert refused[1][0] == me and f"disable {me}" in refused[1][1]
+    assert "last active admin" in refused[1][1]
+    assert AuditLog(enclave).verify().ok

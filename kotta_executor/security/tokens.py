@@ -208,6 +208,10 @@ class TokenService:
                 if not witness:
                     others = sorted(u.user for u in self.users()
                                     if u.admin and not u.disabled and u.user != user)
+                    # audited, as every refusal: a try at locking the admins out
+                    self._log("token-revoke", user=by, allowed=False,
+                              detail=f"refused to disable {user}: the last active admin"
+                                     f"{' with a valid token' if others else ''}")
                     raise ConfigurationError(
                         f"{user} is the enclave's last active admin"
                         f"{' with a valid token' if others else ''}: disabled, no one could "
@@ -298,7 +302,13 @@ class TokenService:
                 raise ConfigurationError(f"no refresh token {rid!r} in the enclave")
             if rec.get("revoked"):
                 return False
-            witness = self._check_not_last_admin_token(rid, rec)
+            try:
+                witness = self._check_not_last_admin_token(rid, rec)
+            except ConfigurationError:  # audited, as every refusal
+                self._log("token-revoke", user=by, allowed=False,
+                          detail=f"refused to revoke refresh token {rid} of {rec['user']}: "
+                                 "the last valid token of an active admin")
+                raise
             # written only if the admin token the check counted on is still valid (see
             # set_disabled): two admins revoking each other's last token at once
             if self.records.put_if_unchanged(
