@@ -633,3 +633,59 @@ def test_refusals_to_leave_the_enclave_without_an_admin_are_audited(enclave, enc
     assert refused[1][0] == me and f"disable {me}" in refused[1][1]
     assert "last active admin" in refused[1][1]
     assert AuditLog(enclave).verify().ok
+
+
+def test_two_admins_adding_one_user_name_at_once_do_not_overwrite_each_other(
+        enclave, enclave_dir, capsys):
+    """`kotta user add bob --role guest` by one admin and `kotta user add bob --role ops
+    --admin` by another at the same moment: each checked that bob did not exist, and the
+    second write replaced the first identity, so the registration token the first admin
+    printed (for a guest) registered an admin.  The second is refused: bob exists."""
+    import argparse
+    import sqlite3
+    import threading
+
+    from kotta_executor.security.commands import cmd_user_add
+    from tests.conftest import wait_for
+
+    credentials.load(enclave)  # the admin's token (first use) before the race
+    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the other admin's write, begun: ours waits for it
+    args = argparse.Namespace(enclave=str(enclave_dir), command="user", user_command="add",
+                              name="bob", role="ops", admin=True)
+    out: list[object] = []
+
+    def add():
+        try:
+            out.append(cmd_user_add(args))
+        except BaseException as exc:  # noqa: BLE001 - looked at below
+            out.append(exc)
+
+    t = threading.Thread(target=add)
+    t.start()
+    try:
+        # past its check (bob unknown), at its write, which waits for the lock
+        wait_for(lambda: any(f.f_code.co_name == "add_user" for f in _stack(t.ident)) or out,
+                 what="the user add at its write")
+        lock.execute("INSERT INTO records (kind, key, value) VALUES ('user', 'bob', ?)",
+                     ('{"admin":false,"created":1.0,"created_by":"carol","disabled":false,'
+                      '"role":"guest"}',))
+    finally:
+        lock.execute("COMMIT")
+        t.join(GUARD)
+        lock.close()
+    [result] = out
+    assert isinstance(result, ValueError) and "already exists" in str(result), result
+    bob = TokenService(enclave).user("bob")
+    assert (bob.role, bob.admin, bob.created_by) == ("guest", False, "carol")
+    assert TokenService(enclave).tokens("bob") == []
+    assert "krt1." not in capsys.readouterr().out
+
+
+def _stack(ident):
+    import sys
+
+    frame = sys._current_frames().get(ident)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back

@@ -192,7 +192,15 @@ def cmd_user_add(args) -> int:
     tokens, _ = _services(enclave)
     if tokens.user(args.name) is not None:
         raise ValueError(f"the user {args.name} already exists (`kotta token issue` for a token)")
-    tokens.add_user(args.name, args.role, admin=args.admin, by=creds.user)
+    # if absent still: another admin adding the same name since the check above was
+    # replaced by this one, and the token printed to them registered this identity
+    ident = tokens.add_user(args.name, args.role, admin=args.admin, by=creds.user,
+                            if_absent=True)
+    if ident is None or (ident.role, ident.admin, ident.created_by) != (
+            args.role, args.admin, creds.user):
+        by = f", added by {ident.created_by} a moment ago" if ident else ""
+        raise ValueError(f"the user {args.name} already exists{by} (`kotta token issue` for "
+                         "a token)")
     token = tokens.issue_refresh(args.name, by=creds.user)
     print(f"added {args.name} (role {args.role}{', admin' if args.admin else ''}).  "
           "Give them this registration token, once; they run `kotta register TOKEN`:")
