@@ -242,7 +242,8 @@ def _check_node_options(args) -> None:
         raise ValueError("--sample-interval must be at least 1 second (or 0: no samples)")
     if args.memory_limit is not None and args.memory_limit < 1:
         raise ValueError("--memory-limit must be at least 1 MB")
-    if args.max_walltime is not None and not 0 < args.max_walltime < math.inf:
+    # (in seconds too: 1e307 minutes are an infinite number of seconds)
+    if args.max_walltime is not None and not 0 < args.max_walltime * 60.0 < math.inf:
         raise ValueError("--max-walltime must be a positive number of minutes")
     level = getattr(args, "log_level", None)  # (logging's own error named no option)
     if level is not None and not isinstance(logging.getLevelName(level.upper()), int):

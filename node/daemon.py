@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
+import numbers
 import os
 import signal
 import socket
@@ -163,6 +165,53 @@ class NodeConfig:
     #: an executor's own node (``parent_pid``): the write end of a pipe its executor reads,
     #: closed when the node stops or leaves (:meth:`Node._leave`)
     leave_fd: int | None = None
+
+    def __post_init__(self) -> None:
+        """Each value checked as `kotta node` checks its options, naming the field and the
+        value: made in Python, a NodeConfig took any (memory_limit=0 or max_walltime=0
+        was taken for the queue's limit, a negative one killed every task, max_jobs=0 made
+        a node that exited at once, a NaN poll_interval failed the node's first wait)."""
+        def whole(name: str, low: int, *, none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and none:
+                return
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"NodeConfig.{name} must be an integer"
+                                f"{' or None' if none else ''}, not {value!r}")
+            if value < low:
+                raise ValueError(f"NodeConfig.{name} must be at least {low}, not {value!r}")
+
+        def seconds(name: str, low: float, *, above: bool = False, none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and none:
+                return
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"NodeConfig.{name} must be a number of seconds"
+                                f"{' or None' if none else ''}, not {value!r}")
+            if not (low < value if above else low <= value) or not math.isfinite(value):
+                bound = f"more than {low:g}" if above else f"{low:g} or more"
+                raise ValueError(f"NodeConfig.{name} must be a number of seconds, {bound}, "
+                                 f"not {value!r}")
+
+        whole("workers", 1)
+        seconds("visibility_timeout", 0, above=True)
+        whole("max_deliveries", 1)
+        seconds("poll_interval", 0)
+        seconds("drain_timeout", 0)
+        if not isinstance(self.burst, bool):  # ("no" would be true)
+            raise TypeError(f"NodeConfig.burst must be True or False, not {self.burst!r}")
+        whole("max_jobs", 1, none=True)
+        # (0 would have the receiver thread of a backend without doorbells call it without
+        # pause)
+        seconds("long_poll", 0, above=True)
+        seconds("sample_interval", 0)
+        if 0 < self.sample_interval < 1:  # (as `kotta node --sample-interval`)
+            raise ValueError("NodeConfig.sample_interval must be at least 1 second (or 0: no "
+                             f"samples), not {self.sample_interval!r}")
+        whole("memory_limit", 1, none=True)  # MB
+        seconds("max_walltime", 0, above=True, none=True)
+        whole("stage_cache_mb", 0)
+        whole("prefetch", 0)
 
 
 class Node:

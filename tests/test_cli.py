@@ -1153,6 +1153,7 @@ _BAD_NODE_OPTIONS = [
     ("--memory-limit=0", "--memory-limit must be at least 1 MB"),
     ("--max-walltime=0", "--max-walltime must be a positive number of minutes"),
     ("--max-walltime=inf", "--max-walltime must be a positive number of minutes"),
+    ("--max-walltime=1e307", "--max-walltime must be a positive number of minutes"),
     ("--prefetch=-1", "--prefetch must be 0 or more"),
 ]
 

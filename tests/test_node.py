@@ -1512,3 +1512,58 @@ def test_tasks_back_from_a_retired_worker_are_pending_and_uncounted_when_the_nod
         f"SELECT receive_count FROM messages WHERE job_id IN ({','.join('?' * len(back))})", back)
     assert [c for (c,) in counts] == [0] * len(back)  # (this node's receive taken back)
     assert set(back) <= set(ids)
+
+
+# ---------------------------------------------------------------------- NodeConfig's values
+
+_BAD_NODE_CONFIG = [
+    ("workers", 0, ValueError), ("workers", -2, ValueError), ("workers", 2.0, TypeError),
+    ("workers", True, TypeError), ("workers", "4", TypeError),
+    ("visibility_timeout", 0, ValueError), ("visibility_timeout", -1.0, ValueError),
+    ("visibility_timeout", float("nan"), ValueError),
+    ("visibility_timeout", float("inf"), ValueError), ("visibility_timeout", "30", TypeError),
+    ("max_deliveries", 0, ValueError), ("max_deliveries", 1.5, TypeError),
+    ("poll_interval", -0.5, ValueError), ("poll_interval", float("nan"), ValueError),
+    ("poll_interval", float("inf"), ValueError), ("poll_interval", None, TypeError),
+    ("drain_timeout", -1, ValueError), ("drain_timeout", float("nan"), ValueError),
+    ("drain_timeout", float("inf"), ValueError),
+    ("burst", "no", TypeError),
+    ("max_jobs", 0, ValueError), ("max_jobs", -1, ValueError), ("max_jobs", 2.5, TypeError),
+    ("long_poll", 0, ValueError), ("long_poll", -1, ValueError),
+    ("long_poll", float("nan"), ValueError), ("long_poll", float("inf"), ValueError),
+    ("sample_interval", -1, ValueError), ("sample_interval", 0.5, ValueError),
+    ("sample_interval", float("nan"), ValueError), ("sample_interval", float("inf"), ValueError),
+    ("memory_limit", 0, ValueError), ("memory_limit", -100, ValueError),
+    ("memory_limit", 1.5, TypeError), ("memory_limit", True, TypeError),
+    ("max_walltime", 0, ValueError), ("max_walltime", -60, ValueError),
+    ("max_walltime", float("nan"), ValueError), ("max_walltime", float("inf"), ValueError),
+    ("stage_cache_mb", -1, ValueError), ("stage_cache_mb", 1.5, TypeError),
+    ("prefetch", -1, ValueError), ("prefetch", 0.5, TypeError),
+]
+
+
+@pytest.mark.parametrize("name, value, error", _BAD_NODE_CONFIG,
+                         ids=[f"{n}={v!r}" for n, v, _ in _BAD_NODE_CONFIG])
+def test_a_node_config_with_a_value_out_of_its_range_is_refused_naming_it(name, value, error):
+    """A NodeConfig made in Python took any value: memory_limit=0 (or max_walltime=0) was
+    taken as "the queue's limit", a negative one killed every task, max_jobs=0 made a node
+    that exited at once, a NaN poll_interval failed the node's first wait ("Invalid value
+    NaN", naming nothing).  As `kotta node` checks its options, it is refused, naming the
+    field and value."""
+    from node.daemon import NodeConfig
+
+    with pytest.raises(error) as info:
+        NodeConfig(queue="test", **{name: value})
+    assert f"NodeConfig.{name}" in str(info.value) and repr(value) in str(info.value)
+
+
+def test_a_node_config_at_its_bounds_is_taken():
+    from node.daemon import NodeConfig
+
+    cfg = NodeConfig(queue="test", workers=1, visibility_timeout=0.5, max_deliveries=1,
+                     poll_interval=0.05, drain_timeout=0, burst=True, max_jobs=1,
+                     long_poll=0.1, sample_interval=0, memory_limit=1, max_walltime=0.5,
+                     stage_cache_mb=0, prefetch=0)
+    assert (cfg.workers, cfg.memory_limit, cfg.max_walltime, cfg.sample_interval) == (1, 1, 0.5, 0)
+    NodeConfig(queue="test", sample_interval=1, max_jobs=None, memory_limit=None,
+               max_walltime=None, drain_timeout=1e6, visibility_timeout=43200)
