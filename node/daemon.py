@@ -51,7 +51,9 @@ from kotta_executor.backends.base import (
     NodeInfo,
     reply_queue,
 )
-from kotta_executor.errors import AuthenticationError, EnvelopeError, InvalidDataUri, KottaError
+from kotta_executor.errors import (
+    AuthenticationError, ConfigurationError, EnvelopeError, InvalidDataUri, KottaError,
+)
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.staging import declared
 from kotta_executor.security.tokens import Verifier
@@ -193,6 +195,11 @@ class NodeConfig:
                 raise ValueError(f"NodeConfig.{name} must be a number of seconds, {bound}, "
                                  f"not {value!r}")
 
+        # as clients name it ("prod", "Production"): a node of a queue "prod" served nothing
+        try:
+            self.queue = kconfig.normalize_queue(self.queue)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"NodeConfig.queue: {exc}") from None
         whole("workers", 1)
         seconds("visibility_timeout", 0, above=True)
         whole("max_deliveries", 1)

@@ -1567,3 +1567,21 @@ def test_a_node_config_at_its_bounds_is_taken():
     assert (cfg.workers, cfg.memory_limit, cfg.max_walltime, cfg.sample_interval) == (1, 1, 0.5, 0)
     NodeConfig(queue="test", sample_interval=1, max_jobs=None, memory_limit=None,
                max_walltime=None, drain_timeout=1e6, visibility_timeout=43200)
+
+
+def test_a_node_config_names_its_queue_as_clients_do(make_executor, enclave):
+    """NodeConfig(queue="prod") (or "Production"), as a client may name it, made a node of
+    a queue "prod" that no client submits to (a client's "prod" is "production"): it
+    served nothing, and a burst node ended at once with the task still queued."""
+    from node.daemon import Node, NodeConfig
+
+    assert NodeConfig(queue=" Production ").queue == "production"
+    with pytest.raises(ValueError, match="unknown queue 'staging'"):
+        NodeConfig(queue="staging")
+    ex = make_executor(1, start_node=False, queue="prod")
+    f = ex.submit(tasks.square, 4)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
+    node = Node(enclave, NodeConfig(queue="prod", workers=1, burst=True))
+    node.run()
+    assert node.queue == "production"
+    assert f.result(GUARD) == 16
