@@ -137,7 +137,8 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-deliveries", type=int, default=config.MAX_DELIVERIES, metavar="N",
                    help="deliveries after which a task is dead-lettered (at least 1; default 5)")
     p.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
-                   help="seconds between polls when no doorbell rings (0 or more; default 0.5)")
+                   help="seconds between polls when no doorbell rings (0 or more: under 0.01,"
+                        " 0.01; default 0.5)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="seconds running tasks get to finish after SIGTERM (0 or more;"
                         " default 30)")

@@ -1133,7 +1133,7 @@ def test_node_help_says_what_the_options_are_as_the_guide_does():
     text = " ".join(r.stdout.split())
     for says in ["aws://NAME", "test or production", "worker processes (at least 1",
                  "stays invisible (more than 0; default 30)", "dead-lettered (at least 1; "
-                 "default 5)", "(0 or more; default 0.5)", "after SIGTERM (0 or more; "
+                 "default 5)", "(0 or more: under 0.01, 0.01; default 0.5)", "after SIGTERM (0 or more; "
                  "default 30)"]:
         assert says in text, says
 

@@ -1585,3 +1585,18 @@ def test_a_node_config_names_its_queue_as_clients_do(make_executor, enclave):
     node.run()
     assert node.queue == "production"
     assert f.result(GUARD) == 16
+
+
+@pytest.mark.parametrize("asked", [0, 0.0, 0.001])
+def test_a_poll_interval_under_the_minimum_is_taken_as_the_minimum(asked):
+    """`--poll-interval 0` (documented as "0 or more") had an idle node look at its queue
+    without pause: it kept a core busy (97% of one here) for nothing, as a doorbell rings
+    for each task anyway.  Now an interval under MIN_POLL_INTERVAL is taken as that."""
+    from node.daemon import NodeConfig
+
+    taken = NodeConfig(queue="test", poll_interval=asked).poll_interval
+    assert taken > 0, "an idle node would poll without pause"
+    from node.daemon import MIN_POLL_INTERVAL
+
+    assert taken == MIN_POLL_INTERVAL and 0 < MIN_POLL_INTERVAL <= 0.05
+    assert NodeConfig(queue="test", poll_interval=0.05).poll_interval == 0.05
