@@ -35,7 +35,7 @@ import cloudpickle
 from . import dependencies, wire
 from .backends import check_spec
 from .config import task_owner
-from .executor import KottaExecutor, Options, _not_sent, _pool_sizes
+from .executor import KottaExecutor, Options, _not_sent, _pool_sizes, _start_node_mode
 
 
 class Connection:
@@ -62,6 +62,7 @@ class Connection:
         # and its workers' (connect(max_workers=0), an initializer that is not callable)
         _pool_sizes(executor_kwargs.get("max_workers"),
                     executor_kwargs.get("max_tasks_per_child"))
+        _start_node_mode(executor_kwargs.get("start_node", "auto"))  # ("no" started nodes)
         if executor_kwargs.get("initializer") is not None:
             wire.dump_initializer(executor_kwargs["initializer"],
                                   executor_kwargs.get("initargs", ()))

@@ -200,6 +200,26 @@ def _pool_sizes(max_workers: Any, max_tasks_per_child: Any) -> tuple[int, int | 
     return max_workers, max_tasks_per_child
 
 
+def _start_node_mode(start_node: Any) -> str | bool:
+    """A KottaExecutor's ``start_node``: ``"auto"``, True, or False (``"never"`` and None
+    too).  Anything else was taken as True: "no", "false" (a setting read as a string) or
+    "Never" started a local node, on a remote enclave too, the opposite of what was asked."""
+    if isinstance(start_node, str):
+        if start_node in ("auto", "never"):
+            return start_node if start_node == "auto" else False
+    elif start_node is None:
+        return False
+    else:
+        try:  # True, False, 1, 0, numpy's bools
+            if start_node in (True, False):
+                return bool(start_node)
+        except Exception:  # noqa: BLE001 - an object whose == raises (an array) is none
+            pass
+    raise ConfigurationError(
+        f'start_node must be "auto", True or False ("never" and None: False), not {start_node!r}'
+    )
+
+
 class KottaExecutor(Executor):
     """Run calls on enclave nodes; a drop-in replacement for ``ProcessPoolExecutor``.
 
@@ -241,6 +261,7 @@ class KottaExecutor(Executor):
         max_tasks_per_child: int | None = None,
     ):
         max_workers, max_tasks_per_child = _pool_sizes(max_workers, max_tasks_per_child)
+        start_node = _start_node_mode(start_node)
         self._max_workers = max_workers
         self._options = Options.make(queue, walltime, requirements)
         del mp_context  # (ProcessPoolExecutor's: a node's workers are always processes of

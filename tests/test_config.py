@@ -267,3 +267,23 @@ def test_executor_accepts_queue_aliases_and_timedelta(enclave_dir: Path) -> None
         assert ex._options.walltime == 90.0
     finally:
         ex.shutdown()
+
+
+@pytest.mark.parametrize("start_node", ["no", "false", "Never", "always", "yes", "", 2, 0.5],
+                         ids=repr)
+def test_executor_rejects_a_start_node_it_does_not_know(enclave_dir: Path, start_node) -> None:
+    """Any start_node but "auto", False, "never" and None was taken as True: "no", "false"
+    (read from a setting) or "Never" started a local node, on a remote enclave too, the
+    opposite of what was asked.  Now it is refused, naming the value, as connect() does."""
+    from kotta_executor import connect
+
+    with pytest.raises(ConfigurationError) as info:
+        KottaExecutor(start_node=start_node, enclave=enclave_dir)
+    assert "start_node" in str(info.value) and repr(start_node) in str(info.value)
+    with pytest.raises(ConfigurationError, match="start_node"):
+        connect(enclave_dir, start_node=start_node)
+
+
+@pytest.mark.parametrize("start_node", ["auto", True, False, "never", None, 1, 0], ids=repr)
+def test_executor_takes_the_start_nodes_it_knows(enclave_dir: Path, start_node) -> None:
+    KottaExecutor(start_node=start_node, enclave=enclave_dir).shutdown()
