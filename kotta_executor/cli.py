@@ -326,8 +326,12 @@ def cmd_node(args) -> int:
 
 def cmd_up(args) -> int:
     _check_node_options(args)  # (of the nodes it starts itself, or its scaler does)
-    enclave = _enclave(args)
+    # (the queue and pool size too, before the enclave is opened: a mistyped path got a new
+    # empty enclave, and a logs directory, for an option then refused)
     queue = config.normalize_queue(args.queue)
+    if args.min_nodes is not None or args.max_nodes is not None:
+        _pool_bounds(args)
+    enclave = _enclave(args)
     logs = Path(getattr(enclave, "home", config.kotta_home())) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if args.min_nodes is not None or args.max_nodes is not None:
@@ -397,15 +401,21 @@ def _up_node_args(args, enclave: Enclave, queue: str) -> list[str]:
     ]
 
 
+def _pool_bounds(args) -> tuple[int, int]:
+    """The nodes ``kotta up --min N --max M`` keeps, at least and at most."""
+    lo = args.min_nodes if args.min_nodes is not None else min(1, args.max_nodes)
+    hi = args.max_nodes if args.max_nodes is not None else lo
+    if lo < 0 or hi < 1 or hi < lo:
+        raise ValueError("need 0 <= --min <= --max and --max >= 1")
+    return lo, hi
+
+
 def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
     """``kotta up --min N --max M``: start the scaler of ``queue`` (node/scaler.py) detached;
     it keeps N..M nodes.  Its pid goes to ``scaler-QUEUE.pid`` for ``kotta down``."""
     from node.scaler import NODES_FAILED, pid_file, read_pid, write_pid
 
-    lo = args.min_nodes if args.min_nodes is not None else min(1, args.max_nodes)
-    hi = args.max_nodes if args.max_nodes is not None else lo
-    if lo < 0 or hi < 1 or hi < lo:
-        raise ValueError("need 0 <= --min <= --max and --max >= 1")
+    lo, hi = _pool_bounds(args)
     home = Path(getattr(enclave, "home", config.kotta_home()))
     pidf = pid_file(home, queue)
     # Held from the look at the pid file to its write: two `kotta up` at once would both

@@ -1189,6 +1189,21 @@ def test_bad_node_options_are_refused_before_anything_starts(command, option, me
                 os.kill(n.pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--queue", "bogus"], "unknown queue 'bogus'"),
+    (["--min", "3", "--max", "2"], "need 0 <= --min <= --max and --max >= 1"),
+    (["--min", "-1"], "need 0 <= --min <= --max and --max >= 1"),
+    (["--max", "0"], "need 0 <= --min <= --max and --max >= 1"),
+])
+def test_up_with_a_bad_queue_or_pool_size_makes_no_enclave(tmp_path, args, message):
+    """`kotta up --queue bogus` (or --min 3 --max 2) made the enclave it named, a new empty
+    one at a mistyped path, and its logs directory, before it refused the option."""
+    where = tmp_path / "enclave"
+    r = kotta(where, "up", *args)
+    assert r.returncode == 2 and r.stderr.startswith("kotta: error: ") and message in r.stderr
+    assert not where.exists()
+
+
 def test_up_elastic_checks_the_node_options_too(enclave):
     r = kotta(enclave.home, "up", "--min", "0", "--max", "2", "--workers", "0")
     assert (r.returncode, r.stderr) == (2, "kotta: error: --workers must be at least 1\n")
