@@ -114,7 +114,12 @@ def test_a_script_that_kills_its_process_group_on_exit_keeps_its_outcome_and_wor
     start_node(workers=1)
     ex = make_executor(1, start_node=False)
     pid = ex.submit(tasks.worker_pid).result(GUARD)
-    job = _bash(f"trap 'kill 0' EXIT\nsleep 300 &\necho $! > {child}\necho started\n")
+    # (the script waits for its background job to have become ``sleep``: bash, with an
+    # EXIT trap, catches SIGTERM in a child it has forked and not yet exec'd, which then
+    # execs on with the signal lost; kill 0 spared about 1 sleeper in 100 so, in any
+    # process group, on any machine: bash's race, not the node's)
+    exec_d = 'until read -r c < /proc/$!/comm && [ "$c" = sleep ]; do :; done\n'
+    job = _bash(f"trap 'kill 0' EXIT\nsleep 300 &\n{exec_d}echo $! > {child}\necho started\n")
     job.submit(ex)
     # the bug: WorkerDied ("... killed by signal SIGTERM"), the script's outcome lost
     assert job.wait(GUARD) == -signal.SIGTERM  # as bash ends so (its trap signals it too)
@@ -123,7 +128,7 @@ def test_a_script_that_kills_its_process_group_on_exit_keeps_its_outcome_and_wor
     [sleeper] = _pids(child)
     wait_for(lambda: gone(sleeper), what="the script's background job to end by its trap")
     # a script that ends its background jobs and exits 0 is completed
-    job = _bash("trap 'trap \"\" TERM; kill 0' EXIT\nsleep 300 &\necho done\n")
+    job = _bash(f"trap 'trap \"\" TERM; kill 0' EXIT\nsleep 300 &\n{exec_d}echo done\n")
     job.submit(ex)
     assert job.wait(GUARD) == 0
     assert job.stdout == "done\n"
