@@ -592,17 +592,48 @@ def _watch_parent(parent: int, period: float = 0.25, sleep=time.sleep, mark: str
     while True:
         sleep(period)
         if os.getppid() != parent:
-            _kill_marked(mark)
-            # (its session's other groups first, a script job's: when it leads one, as the
-            # node starts it; not a test's session, whose groups are not its tasks')
-            if os.getsid(0) == os.getpid():
-                for pgid in session_groups(os.getpid()) - {os.getpgid(0)}:
-                    try:
-                        os.killpg(pgid, signal.SIGKILL)
-                    except OSError:
-                        pass
-            _remove_script_dirs()
-            os.killpg(0, signal.SIGKILL)
+            _end_orphaned(mark)
+
+
+def _end_orphaned(mark: str) -> None:
+    """Its node gone: SIGKILL what this worker's tasks started (``mark``: see
+    :func:`_watch_parent`), remove its script jobs' directories, and SIGKILL the worker."""
+    _kill_marked(mark)
+    # (its session's other groups first, a script job's: when it leads one, as the
+    # node starts it; not a test's session, whose groups are not its tasks')
+    if os.getsid(0) == os.getpid():
+        for pgid in session_groups(os.getpid()) - {os.getpgid(0)}:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass
+    _remove_script_dirs()
+    os.killpg(0, signal.SIGKILL)
+
+
+def _node_gone(parent: int | None) -> bool:
+    """Whether the worker's node ``parent`` has died, or is dying.  A node killed closes
+    its pipes (which ends the worker's loop) before the kernel hands its workers to another
+    parent: the worker may still see it as its parent then, exiting (PF_EXITING, in its
+    /proc stat's flags: Linux; elsewhere only a new parent tells)."""
+    if parent is None:
+        return False
+    if os.getppid() != parent:
+        return True
+    try:
+        with open(f"/proc/{parent}/stat", "rb") as f:
+            # after the command's ")": state, ppid, pgrp, session, tty_nr, tpgid, flags
+            flags = int(f.read().rpartition(b")")[2].split()[6])
+    except (OSError, ValueError, IndexError):
+        return False
+    return bool(flags & _PF_EXITING)
+
+
+#: the flag of a process that is exiting (<linux/sched.h>)
+_PF_EXITING = 0x4
+#: the worker's node (its parent as it started) and its mark (WORKER_MARK), set by main
+_PARENT: int | None = None
+_MARK = ""
 
 
 def _kill_marked(mark: str, rounds: int = 10) -> None:
@@ -698,11 +729,12 @@ def _add_extra_path(value: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _PID
+    global _PID, _PARENT, _MARK
     _PID = os.getpid()
     argv = sys.argv[1:] if argv is None else argv
-    threading.Thread(target=_watch_parent, args=(os.getppid(),),
-                     kwargs={"mark": os.environ.get(WORKER_MARK, "")}, daemon=True).start()
+    _PARENT, _MARK = os.getppid(), os.environ.get(WORKER_MARK, "")
+    threading.Thread(target=_watch_parent, args=(_PARENT,), kwargs={"mark": _MARK},
+                     daemon=True).start()
     task_fd, result_fd = int(argv[0]), int(argv[1])
     _add_node_sites(os.environ.pop(NODE_SITE, ""))
     _add_extra_path(os.environ.pop(EXTRA_PATH, ""))
@@ -768,7 +800,18 @@ STOPPED = 75
 
 
 if __name__ == "__main__":
-    status = main()
+    try:
+        status = main()
+    finally:
+        # Its node killed, the worker ended here at once (its task pipe closed, or the
+        # pipe a result goes by): while it idled, before its watch of the node
+        # (_watch_parent) had seen the node gone; while it ran a script job, once the
+        # watch's first kills had ended the script, and before the rest.  What its tasks
+        # had started (a child left running, a script's background jobs) then ran on for
+        # good under init.  It ends them now, as its watch would have, and itself.  (Not
+        # a child a task forked that came back here: its parent is the worker.)
+        if os.getpid() == _PID and _node_gone(_PARENT):
+            _end_orphaned(_MARK)
     _flush_streams()
     # Not sys.exit: that would wait for threads a task left running (a non-daemon thread of
     # some library), and a worker the node closed or asked to stop must exit now, as

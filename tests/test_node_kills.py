@@ -253,6 +253,45 @@ def test_a_daemon_of_a_running_task_does_not_outlive_its_killed_node(
         _kill_all(daemon)
 
 
+def leave_a_child_and_a_daemon(pid_file):
+    """Leave a child in the worker's process group and a daemon in a session of its own
+    running (their pids in ``pid_file``), and return: the worker is idle."""
+    child = subprocess.Popen(["sleep", "317"]).pid
+    daemon = Path(pid_file + ".daemon")
+    middle = os.fork()
+    if middle == 0:  # (fork, setsid, fork: as start_a_daemon_and_sleep, but it stays)
+        os.setsid()
+        if os.fork() == 0:
+            daemon.write_text(f"{os.getpid()}\n")
+            os.execvp("sleep", ["sleep", "318"])
+        os._exit(0)
+    os.waitpid(middle, 0)
+    while not daemon.exists() or not daemon.read_text().endswith("\n"):
+        time.sleep(0.01)
+    Path(pid_file).write_text(f"{child}\n{daemon.read_text()}")
+
+
+def test_what_an_idle_workers_tasks_left_does_not_outlive_its_killed_node(
+        start_node, make_executor, tmp_path):
+    """A node SIGKILLed while its worker idles: the worker, whose task pipe closed, exited
+    at once, before its watch of the node ended what its tasks had left running (a child
+    in its group, a daemon), which ran on for good under init.  Now it ends them as it
+    ends itself."""
+    left = tmp_path / "left"
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    ex.submit(leave_a_child_and_a_daemon, str(left)).result(GUARD)
+    try:
+        pids = _pids(left)
+        assert len(pids) == 2 and all(map(_alive, pids))
+        a.kill()
+        for pid in pids:
+            wait_for(lambda pid=pid: not _alive(pid), what=f"process {pid} of the idle "
+                     "worker's earlier task to end with its node's death")
+    finally:
+        _kill_all(left)
+
+
 _SESSION_CHILD = """
 import os, sys, time
 open(sys.argv[1] + ".tmp", "w").write(f"{os.getpid()}\\n")
