@@ -164,6 +164,11 @@ def test_bad_enclave_urls_are_configuration_errors(url):
         # botocore's EndpointConnectionError from the first call)
         ("aws://x?region=mars-north-1", "region='mars-north-1'"),
         ("aws://x?region=us-east1", "region='us-east1'"),
+        # shaped like an AWS region, but none: a minute of botocore's connect retries, then
+        # EndpointUnreachable from the first call
+        ("aws://x?region=us-east-9", "region='us-east-9'"),
+        ("aws://x?region=eu-norht-1", "region='eu-norht-1'"),
+        ("aws://x?region=aws-global", "region='aws-global'"),  # (botocore's pseudo-region)
         # botocore's ValueError "Invalid endpoint: 127.0.0.1:1", naming no parameter
         ("aws://x?endpoint_url=127.0.0.1:1", "endpoint_url='127.0.0.1:1'"),
         # botocore's HTTPClientError "Not supported URL scheme ftp", after 30 s of retries
@@ -180,6 +185,19 @@ def test_a_bad_region_or_endpoint_is_a_configuration_error_at_open_naming_it(url
 
         with pytest.raises(ConfigurationError, match=re.escape(part)):
             check_spec(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["aws://x?region=us-east-1", "aws://x?region=eu-west-2", "aws://x?region=us-gov-west-1",
+     "aws://x?region=cn-north-1", "aws://x?region=ap-southeast-5",
+     # an emulator or a private endpoint takes any region name
+     "aws://x?region=us-east-9&endpoint_url=http://127.0.0.1:1",
+     "aws://x?region=mars-north-1&endpoint_url=http://127.0.0.1:1"],
+)
+def test_a_known_region_or_any_region_with_an_endpoint_opens(url):
+    with aws_moto.fake_aws_env():
+        open_enclave(url).close()  # (opening makes no AWS call)
 
 
 def test_a_bad_endpoint_from_the_environment_says_where_it_came_from(monkeypatch):

@@ -302,23 +302,34 @@ def check_endpoint_url(endpoint_url: str | None, source: str = "") -> None:
 
 
 def check_region(session, region: str, *, in_url: bool) -> None:
-    """Refuse a region that cannot be AWS's (``mars-north-1``, ``us-east1``): its endpoints'
-    names do not resolve, and the first call failed with botocore's EndpointConnectionError
-    after a minute of retries.  A region is taken if botocore knows it or if it looks like
-    the names of one of AWS's partitions (a region newer than this botocore)."""
+    """Refuse a region that botocore does not know (``mars-north-1``, ``us-east1``, and
+    ``us-east-9``, shaped like one of AWS's but none): its endpoints' names do not resolve,
+    and the first call failed with EndpointUnreachable after a minute of botocore's retries.
+    (A region newer than this botocore is refused too: upgrading botocore lets it in.)"""
     from_where = "in the enclave URL" if in_url else (
         "from AWS_REGION, AWS_DEFAULT_REGION or ~/.aws/config; ?region= in the enclave URL "
         "sets another")
     if not re.match(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$", region):
         # (botocore's own InvalidRegionError, from the enclave's constructor)
         raise ConfigurationError(f"invalid region={region!r} ({from_where}): not a region name")
-    try:
-        partitions = session._session.get_data("endpoints")["partitions"]
+    known: set[str] = set()
+    shaped = False
+    try:  # (endpoints.json: partitions.json names pseudo-regions too, aws-global)
+        for p in session._session.get_data("endpoints")["partitions"]:
+            known.update(p.get("regions") or ())
+            shaped = shaped or bool(re.match(p.get("regionRegex") or "$^", region))
     except Exception:  # noqa: BLE001 - no botocore data to tell by: the first call tells
         return
-    for p in partitions:
-        if region in (p.get("regions") or {}) or re.match(p.get("regionRegex") or "$^", region):
-            return
+    if region in known:
+        return
+    if shaped:
+        import botocore
+
+        raise ConfigurationError(
+            f"unknown region={region!r} ({from_where}): botocore {botocore.__version__} "
+            "knows no AWS region of that name (e.g. us-east-1, eu-west-2); if it is a "
+            "region newer than that, upgrade boto3 and botocore"
+        )
     raise ConfigurationError(
         f"unknown region={region!r} ({from_where}): AWS has no region of that name "
         "(e.g. us-east-1, eu-west-2)"
