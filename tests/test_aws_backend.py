@@ -29,6 +29,7 @@ from kotta_executor.aws_cli import add_parsers
 from kotta_executor.backends import open_enclave
 from kotta_executor.backends.aws import (
     INDEX_ATTRS,
+    SQS_LIMIT,
     AwsEnclave,
     DynamoJobs,
     EnclaveNotProvisioned,
@@ -509,6 +510,41 @@ def test_dead_letters_are_listed_without_being_consumed(enclave):
             QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]
         )["Attributes"]
         assert attrs["ApproximateNumberOfMessages"] == "12"  # visible again at once
+
+
+def _sqs_size(entries: list[dict]) -> int:
+    """A SendMessageBatch's size as SQS counts it against its limit: the UTF-8 bytes of
+    the bodies and of the attributes' names, types and values."""
+    return sum(
+        len(e["MessageBody"].encode())
+        + sum(len(k.encode()) + len(v["DataType"].encode()) + len(v["StringValue"].encode())
+              for k, v in (e.get("MessageAttributes") or {}).items())
+        for e in entries
+    )
+
+
+def test_dead_letters_with_a_long_non_ascii_reason_fit_sqs_batch_limit(enclave):
+    """moto counts a batch's bodies in characters (and not the attributes): SQS counts
+    bytes, bodies and attributes.  Two large tasks dead-lettered with a reason of 4,000
+    four-byte characters came to 1,042,000 characters but 1,066,000 bytes in one call,
+    which SQS refuses (BatchRequestTooLong, taken for a queue too small for kotta)."""
+    batches: list[list[dict]] = []
+    enclave.sqs.meta.events.register(
+        "provide-client-params.sqs.SendMessageBatch",
+        lambda params, **_: batches.append(params["Entries"]),
+    )
+    jobs = [f"{i:032x}" for i in range(2)]
+    enclave.queue.send("test", [Message(j, bytes(388_000)) for j in jobs])
+    got = enclave.queue.receive("test", 2, 30, "h")
+    assert len(got) == 2
+    reason = "\U0001f525" * 4000
+    batches.clear()
+    enclave.queue.dead_letter(got, reason)
+    assert batches and all(_sqs_size(b) <= SQS_LIMIT for b in batches), [
+        _sqs_size(b) for b in batches]
+    listed = enclave.queue.dead_letters("test")
+    assert sorted(d["job_id"] for d in listed) == jobs
+    assert {d["reason"] for d in listed} == {reason}
 
 
 def test_an_empty_short_poll_does_not_end_the_dead_letter_listing(enclave, monkeypatch):
