@@ -814,3 +814,69 @@ def test_a_send_whose_spill_to_s3_fails_deletes_the_bodies_it_had_spilled(enclav
     assert any("deleted the 2 bodies spilled to S3" in n for n in info.value.__notes__)
     assert _keys(enclave) == []
     assert enclave.queue.depth("test") == 0
+
+
+# ------------------------------------------------------------------ dead letters, once each
+
+
+def _refuse_entry_once(client, job_id: str) -> None:
+    """The next SendMessageBatch with ``job_id``'s message sends the others, and refuses
+    that one (a SenderFault: SQS did not take it)."""
+    refused: list[str] = []
+    answered: list[str] = []
+
+    def drop(params=None, **_):
+        for e in params["Entries"]:
+            if not refused and e["MessageAttributes"]["kotta_job"]["StringValue"] == job_id:
+                params["Entries"].remove(e)
+                refused.append(e["Id"])
+
+    def fail(parsed=None, **_):
+        if refused and not answered:
+            answered.append(refused[0])
+            parsed.setdefault("Failed", []).append(
+                {"Id": refused[0], "SenderFault": True, "Code": "InvalidParameterValue",
+                 "Message": "refused"})
+
+    client.meta.events.register("before-parameter-build.sqs.SendMessageBatch", drop)
+    client.meta.events.register("after-call.sqs.SendMessageBatch", fail)
+
+
+def _refuse_second_call(client) -> None:
+    """The second SendMessageBatch call fails as a whole (throttled past botocore's retries)."""
+    calls: list[int] = []
+
+    def handler(**_):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow"}},
+                              "SendMessageBatch")
+
+    client.meta.events.register("before-call.sqs.SendMessageBatch", handler)
+
+
+@pytest.mark.parametrize("fault", ["an entry refused", "a later call failed"])
+def test_a_dead_letter_send_that_fails_in_part_sends_each_dead_letter_once(enclave, fault):
+    """dead_letter sends the dead letters, then deletes the originals.  When the send
+    failed in part (one entry of a call refused; the second call of ten failing), none of
+    the originals was deleted: the messages came again, and those whose dead letters had
+    been sent were dead-lettered a second time.  The originals of the dead letters sent
+    are deleted; the others come again, and are dead-lettered once."""
+    from kotta_executor.backends.base import Message
+
+    jobs = [f"j{i:02d}" for i in range(12)]
+    enclave.queue.send("test", [Message(j, b"x") for j in jobs])
+    got = enclave.queue.receive("test", 12, 30, "h")
+    assert len(got) == 12
+    if fault == "an entry refused":
+        _refuse_entry_once(enclave.sqs, sorted(d.job_id for d in got)[0])
+    else:
+        _refuse_second_call(enclave.sqs)
+    with pytest.raises((RuntimeError, ClientError)):
+        enclave.queue.dead_letter(got, "poison")
+    enclave.queue.release(got)  # what is left comes again (as for a node, later)
+    again = enclave.queue.receive("test", 12, 30, "h")
+    assert 0 < len(again) < 12
+    enclave.queue.dead_letter(again, "poison")
+    assert enclave.queue.depth("test") == 0
+    assert sorted(d["job_id"] for d in enclave.queue.dead_letters("test")) == jobs

@@ -1225,8 +1225,15 @@ class SqsQueue(TaskQueue):
                     DEAD_AT_ATTR: {"DataType": "Number", "StringValue": now},
                 }
                 items.append((d.job_id, text, attrs))
-            self._send(self._e.names.dlq(sqs_name), items)
-            self._delete(sqs_name, [(h, None) for h, _, _ in held])
+            sent: set[int] = set()
+            try:
+                self._send(self._e.names.dlq(sqs_name), items, sent=sent)
+            finally:
+                # the originals of the dead letters sent, even when others failed (and this
+                # raises): left, they came again and were dead-lettered a second time
+                done = [(h, None) for i, (h, _, _) in enumerate(held) if i in sent]
+                if done:
+                    self._delete(sqs_name, done)
 
     def dead_letters(self, queue):
         """The dead letters of ``queue``, oldest first, without consuming them: they are
