@@ -880,3 +880,24 @@ def test_a_dead_letter_send_that_fails_in_part_sends_each_dead_letter_once(encla
     enclave.queue.dead_letter(again, "poison")
     assert enclave.queue.depth("test") == 0
     assert sorted(d["job_id"] for d in enclave.queue.dead_letters("test")) == jobs
+
+
+def test_a_dead_letter_whose_original_could_not_be_deleted_is_not_sent_again(enclave):
+    """The dead letter was sent, then the delete of the original failed (throttled past
+    botocore's retries): the message came again to the node, which dead-lettered it
+    again: two dead letters of one task.  Its dead letter is known as sent: the original
+    is deleted, and nothing sent again."""
+    from kotta_executor.backends.base import Message
+
+    enclave.queue.send("test", [Message("j1", b"x")])
+    [d] = enclave.queue.receive("test", 1, 30, "h")
+    fired = throttle_once(enclave.sqs, "DeleteMessageBatch")
+    with pytest.raises(ClientError, match="ThrottlingException"):
+        enclave.queue.dead_letter([d], "poison")
+    assert fired.is_set()
+    enclave.queue.release([d])  # it comes again (as to a node, later)
+    [again] = enclave.queue.receive("test", 1, 30, "h")
+    assert again.message_id == d.message_id
+    enclave.queue.dead_letter([again], "poison")
+    assert enclave.queue.depth("test") == 0
+    assert [x["job_id"] for x in enclave.queue.dead_letters("test")] == ["j1"]

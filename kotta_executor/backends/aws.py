@@ -748,6 +748,9 @@ class SqsQueue(TaskQueue):
     reply_linger = 0.05
     #: how many dead letters :meth:`dead_letters` lists at most
     max_dead_letters = 1000
+    #: how many messages whose dead letters were sent, but whose deletes failed, are
+    #: remembered (not dead-lettered again when they come again)
+    max_dead_sent = 1000
 
     def __init__(self, enclave: AwsEnclave):
         self._e = enclave
@@ -756,6 +759,7 @@ class SqsQueue(TaskQueue):
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], list] = {}
         self._pending_since: dict[tuple[str, str], float] = {}
+        self._dead_sent: dict[str, None] = {}  # message ids (dead_letter)
         self._cv = threading.Condition()
         self._flusher: threading.Thread | None = None
         self._closed = False
@@ -1215,8 +1219,13 @@ class SqsQueue(TaskQueue):
         now = repr(time.time())
         reason = (reason or "dead-lettered")[:4000]
         for sqs_name, held in self._by_queue(deliveries).items():
+            # a message whose dead letter was sent but whose delete failed comes again:
+            # only its delete is made again (it was dead-lettered a second time)
+            with self._lock:
+                known = [x for x in held if x[2].message_id in self._dead_sent]
+            fresh = [x for x in held if x not in known]
             items = []
-            for _, blob, d in held:
+            for _, blob, d in fresh:
                 # a spilled body stays in S3 for the dead letter; an inline one is re-encoded
                 text = "s3:" + blob if blob else self._encode(d.body)
                 attrs = {
@@ -1231,9 +1240,17 @@ class SqsQueue(TaskQueue):
             finally:
                 # the originals of the dead letters sent, even when others failed (and this
                 # raises): left, they came again and were dead-lettered a second time
-                done = [(h, None) for i, (h, _, _) in enumerate(held) if i in sent]
+                done = known + [x for i, x in enumerate(fresh) if i in sent]
+                ids = [d.message_id for _, _, d in done if d.message_id]
+                with self._lock:  # (until their delete is made)
+                    self._dead_sent.update(dict.fromkeys(ids))
+                    while len(self._dead_sent) > self.max_dead_sent:
+                        del self._dead_sent[next(iter(self._dead_sent))]
                 if done:
-                    self._delete(sqs_name, done)
+                    self._delete(sqs_name, [(h, None) for h, _, _ in done])
+                with self._lock:
+                    for i in ids:
+                        self._dead_sent.pop(i, None)
 
     def dead_letters(self, queue):
         """The dead letters of ``queue``, oldest first, without consuming them: they are
