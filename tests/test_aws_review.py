@@ -278,6 +278,24 @@ def test_prune_tries_unprocessed_deletes_again_and_removes_their_blobs(enclave, 
     assert s3_keys(enclave) == []
 
 
+def test_prune_removes_the_dead_letters_of_its_jobs_past_the_first_thousand(enclave):
+    """kotta prune removed the dead letters of the jobs it pruned among the first 1,000 of
+    a queue only (a listing's limit, max_dead_letters: 10 here, for speed): those after
+    stayed for 14 days, their jobs gone.  It reads them all; the others stay, visible."""
+    enclave.queue.max_dead_letters = 10
+    jobs = [processing(enclave) for _ in range(25)]
+    kept = processing(enclave)  # (not final: not pruned)
+    got = enclave.queue.receive("test", 26, 30, "h")
+    assert len(got) == 26
+    enclave.queue.dead_letter(got, "poison")
+    fins = [Finished(j.job_id, JobState.FAILED, b"", "poison") for j in jobs]
+    assert len(enclave.jobs.finish(fins)) == 25
+    before = time.time() + 1  # (all of them finished before)
+    assert sorted(enclave.jobs.prune(before).jobs) == sorted(j.job_id for j in jobs)
+    enclave.queue.max_dead_letters = 1000
+    assert [d["job_id"] for d in enclave.queue.dead_letters("test")] == [kept.job_id]
+
+
 def test_records_get_many_does_not_report_unprocessed_keys_as_absent(enclave, monkeypatch):
     monkeypatch.setattr("kotta_executor.backends.aws._backoff", lambda attempt: None)
     assert enclave.records.put("refresh", "r1", {"user": "alice"})

@@ -751,6 +751,9 @@ class SqsQueue(TaskQueue):
     #: how many messages whose dead letters were sent, but whose deletes failed, are
     #: remembered (not dead-lettered again when they come again)
     max_dead_sent = 1000
+    #: seconds the dead letters ``kotta prune`` has read stay hidden (at most; they are
+    #: shown again when it is done): longer than its reading of a queue's all
+    prune_visibility = 900
 
     def __init__(self, enclave: AwsEnclave):
         self._e = enclave
@@ -1308,32 +1311,44 @@ class SqsQueue(TaskQueue):
 
     def drop_dead_letters(self, queue: str, job_ids: set[str]) -> int:
         """Delete the dead letters of ``queue`` whose jobs are ``job_ids`` (``kotta
-        prune``); the others are made visible again.  The number deleted."""
+        prune``); the others are made visible again.  The number deleted.  Every dead
+        letter is read, not the first :attr:`max_dead_letters` (a listing's limit): those
+        of pruned jobs past it stayed for 14 days.  So that none is read twice, those
+        read are hidden for :attr:`prune_visibility` (until the end, then shown again)."""
         dlq = self._e.names.dlq(self._e.names.queue(queue))
         seen: set[str] = set()
+        dropped = 0
         gone: list[tuple[str, str | None]] = []
         kept: list[str] = []
         confirming = False
-        while len(seen) < self.max_dead_letters:  # (as dead_letters reads them)
-            got = self._receive(dlq, 10, 10, 1 if confirming else 0, missing_ok=True)
-            new = [(m, b) for m, _, b, _ in got or [] if m["MessageId"] not in seen]
-            if not new:
-                if confirming or got is None:  # (None: no such queue)
-                    break
-                confirming = True
-                continue
-            confirming = False
-            for m, blob in new:
-                seen.add(m["MessageId"])
-                if _job_id(m) in job_ids:
-                    gone.append((m["ReceiptHandle"], blob))
-                else:
-                    kept.append(m["ReceiptHandle"])
-        if kept:
-            self._visibility([Delivery("", b"", _receipt(dlq, h, None), 0) for h in kept], 0)
-        if gone:
-            self._delete(dlq, gone)
-        return len(gone)
+        try:
+            while True:
+                got = self._receive(dlq, 10, self.prune_visibility, 1 if confirming else 0,
+                                    missing_ok=True)
+                new = [(m, b) for m, _, b, _ in got or [] if m["MessageId"] not in seen]
+                if not new:
+                    if confirming or got is None:  # (None: no such queue)
+                        break
+                    confirming = True
+                    continue
+                confirming = False
+                for m, blob in new:
+                    seen.add(m["MessageId"])
+                    if _job_id(m) in job_ids:
+                        gone.append((m["ReceiptHandle"], blob))
+                    else:
+                        kept.append(m["ReceiptHandle"])
+                if len(gone) >= 10:  # (as they come: a queue's all may be many)
+                    self._delete(dlq, gone)
+                    dropped, gone = dropped + len(gone), []
+            if gone:
+                self._delete(dlq, gone)
+                dropped += len(gone)
+        finally:
+            if kept:
+                self._visibility(
+                    [Delivery("", b"", _receipt(dlq, h, None), 0) for h in kept], 0)
+        return dropped
 
     def _max_receive_count(self, sqs_name: str) -> int | None:
         """The ``maxReceiveCount`` of the queue's redrive policy (None without one)."""
