@@ -1357,3 +1357,31 @@ def test_bootstrap_warns_of_a_max_receive_count_not_over_the_nodes_limit(moto_en
         f"--max-deliveries`, 5 by default): SQS will move a task whose node keeps dying to "
         f"the dead-letter queue before a node can fail its job, and the job stays processing, "
         f"its future waiting; choose a count over the nodes' limit (default 10)"]
+
+
+#: what SQS takes in a message body, and so in a String attribute's value (SendMessage)
+_SQS_TEXT = re.compile("^[\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]*$")
+
+
+def test_a_dead_letter_reason_with_characters_sqs_refuses_is_sent_spelled_out(enclave):
+    """SQS refuses an attribute value with a character it does not take in a body (a
+    control character but tab and newlines, a lone surrogate, U+FFFE): the dead letter of
+    a task refused with such a reason (an exception's text, say) failed each time the
+    message came, until SQS's redrive moved it, without the reason (moto takes most of
+    them: the values sent are checked here as SQS does).  Such characters are spelled
+    out."""
+    reason = "bad \x1b[31mred\x1b[0m\x00 \udcff \ufffe, tab\there, ok é \U0001f525"
+    enclave.queue.send("test", [Message("a" * 32, b"x")])
+    got = enclave.queue.receive("test", 1, 30, "h")
+    sent: list[str] = []
+    enclave.sqs.meta.events.register(
+        "provide-client-params.sqs.SendMessageBatch",
+        lambda params, **_: sent.extend(e["MessageAttributes"]["kotta_reason"]["StringValue"]
+                                        for e in params["Entries"]),
+    )
+    enclave.queue.dead_letter(got, reason)
+    [value] = sent
+    assert _SQS_TEXT.match(value), ascii(value)
+    spelled = "bad \\x1b[31mred\\x1b[0m\\x00 \\udcff \\ufffe, tab\there, ok é \U0001f525"
+    assert value == spelled
+    assert [d["reason"] for d in enclave.queue.dead_letters("test")] == [spelled]

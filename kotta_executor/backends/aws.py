@@ -90,6 +90,8 @@ MAX_VISIBILITY = 43_200
 MAX_WAIT = 20
 #: SQS's limit on one message and on one SendMessageBatch call (bodies plus attributes)
 SQS_LIMIT = 1_048_576
+#: a character SQS does not take in a message body, nor in a String attribute (SendMessage)
+_NOT_SQS_TEXT = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 _SQS_MISSING = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 _DDB_MISSING = ("ResourceNotFoundException",)
@@ -1220,7 +1222,11 @@ class SqsQueue(TaskQueue):
 
     def dead_letter(self, deliveries, reason):
         now = repr(time.time())
-        reason = (reason or "dead-lettered")[:4000]
+        # spelled out, what SQS refuses in an attribute (as in a body): a control character,
+        # a lone surrogate.  Sent as they were, the dead letter failed each time the message
+        # came, until SQS's redrive moved it without its reason.
+        reason = _NOT_SQS_TEXT.sub(lambda c: ascii(c[0])[1:-1], reason or "dead-lettered")
+        reason = reason[:4000]
         for sqs_name, held in self._by_queue(deliveries).items():
             # a message whose dead letter was sent but whose delete failed comes again:
             # only its delete is made again (it was dead-lettered a second time)
