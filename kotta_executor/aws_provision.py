@@ -145,6 +145,9 @@ def bootstrap(
     ``out``: a callable (``print``) told about each resource as it goes.
     """
     names = Names(name, bucket)
+    queues = list(queues)
+    for q in queues:  # (a name SQS refuses, before anything is made)
+        names.queue(q)
     if not 1 <= max_receive_count <= 1000:  # SQS's bounds; checked before anything is made
         raise ValueError(f"--max-receive-count must be 1 to 1000 (SQS's bounds), "
                          f"not {max_receive_count}")

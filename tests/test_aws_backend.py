@@ -1385,3 +1385,18 @@ def test_a_dead_letter_reason_with_characters_sqs_refuses_is_sent_spelled_out(en
     spelled = "bad \\x1b[31mred\\x1b[0m\\x00 \\udcff \\ufffe, tab\there, ok é \U0001f525"
     assert value == spelled
     assert [d["reason"] for d in enclave.queue.dead_letters("test")] == [spelled]
+
+
+def test_a_queue_whose_sqs_name_would_be_too_long_is_refused_naming_it(moto_env):
+    """SQS names are at most 80 characters: with an enclave name of 32 and a queue name of
+    40, both taken, the dead-letter queue's name (kotta-NAME-QUEUE-dlq) was 83, and
+    bootstrap failed half-way with botocore's ClientError from CreateQueue, naming neither
+    (and an executor, at its first send, with EnclaveNotProvisioned)."""
+    name = "a" * 32
+    with pytest.raises(ConfigurationError, match="'q{38}'") as info:
+        aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env,
+                                queues=["ok", "q" * 38])
+    assert "over SQS's 80 (at most 37 characters" in str(info.value)
+    sqs = moto_env.client("sqs")
+    assert sqs.list_queues().get("QueueUrls") is None  # (nothing made)
+    assert Names(name).queue("q" * 37) == f"kotta-{name}-{'q' * 37}"  # (-dlq: 80)

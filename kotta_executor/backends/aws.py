@@ -85,6 +85,8 @@ _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 #: a name with one of these parts would fall under another enclave's wildcards (check_name)
 _RESERVED_PART = re.compile(r"-(?:reply|user)(?:-|$)")
 _QUEUE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+#: SQS's limit on a queue's name
+MAX_SQS_NAME = 80
 #: SQS's largest visibility timeout and long-poll wait
 MAX_VISIBILITY = 43_200
 MAX_WAIT = 20
@@ -164,7 +166,16 @@ class Names:
             return f"{self.prefix}-reply-{client}"
         if not _QUEUE.match(queue) or queue.startswith("reply") or queue.endswith("-dlq"):
             raise ConfigurationError(f"invalid queue name {queue!r}")
-        return f"{self.prefix}-{queue}"
+        sqs_name = f"{self.prefix}-{queue}"
+        if len(self.dlq(sqs_name)) > MAX_SQS_NAME:
+            # (SQS refused to make it: bootstrap failed half-way with botocore's ClientError)
+            longest = MAX_SQS_NAME - len(self.dlq(f"{self.prefix}-"))
+            raise ConfigurationError(
+                f"queue name {queue!r} is too long for the AWS enclave {self.name!r}: its "
+                f"dead-letter queue's SQS name would be {len(self.dlq(sqs_name))} characters, "
+                f"over SQS's {MAX_SQS_NAME} (at most {longest} characters for a queue here)"
+            )
+        return sqs_name
 
     def dlq(self, sqs_name: str) -> str:
         return f"{sqs_name}-dlq"
