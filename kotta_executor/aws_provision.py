@@ -35,6 +35,7 @@ from .backends.aws import (
     Names,
     _client_error,
     _code,
+    check_region,
     client_config,
     ensure_work_queue,
     make_session,
@@ -110,6 +111,8 @@ class _Clients:
         self.region = self.session.region_name
         endpoint_url = endpoint_url or os.environ.get("KOTTA_AWS_ENDPOINT_URL") or None
         self.endpoint_url = endpoint_url
+        if not endpoint_url and self.region:  # (as AwsEnclave: a minute of retries, else)
+            check_region(self.session, self.region, in_url=bool(region), option="--region")
         cfg = client_config(path_style=bool(endpoint_url))
         self._make = lambda svc: self.session.client(svc, endpoint_url=endpoint_url, config=cfg)
         self._cache: dict[str, Any] = {}

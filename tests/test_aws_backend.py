@@ -1339,6 +1339,16 @@ def test_bootstrap_refuses_a_max_receive_count_sqs_cannot_take(moto_env, name, c
     assert aws_provision.teardown(name, session=moto_env).deleted == []  # nothing made
 
 
+@pytest.mark.parametrize("region", ["us-east-9", "mars-north-1"])
+def test_bootstrap_refuses_a_region_aws_does_not_have_naming_it(moto_env, name, region):
+    """As opening the enclave does: ``kotta aws bootstrap lab --region us-east-9`` spent
+    botocore's minute of connect retries on the first call, then failed with its
+    EndpointConnectionError (moto, here, takes any region: it made the enclave)."""
+    with pytest.raises(ConfigurationError, match=f"region={region!r} \\(--region\\)"):
+        aws_provision.bootstrap(name, region=region, iam=False, tls_only=False)
+    assert aws_provision.teardown(name, session=moto_env).deleted == []  # nothing made
+
+
 @pytest.mark.parametrize("count", [2, 5, 6])
 def test_bootstrap_warns_of_a_max_receive_count_not_over_the_nodes_limit(moto_env, name,
                                                                           count, caplog):

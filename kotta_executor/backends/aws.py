@@ -314,14 +314,16 @@ def check_endpoint_url(endpoint_url: str | None, source: str = "") -> None:
         )
 
 
-def check_region(session, region: str, *, in_url: bool) -> None:
+def check_region(session, region: str, *, in_url: bool, option: str = "") -> None:
     """Refuse a region that botocore does not know (``mars-north-1``, ``us-east1``, and
     ``us-east-9``, shaped like one of AWS's but none): its endpoints' names do not resolve,
     and the first call failed with EndpointUnreachable after a minute of botocore's retries.
-    (A region newer than this botocore is refused too: upgrading botocore lets it in.)"""
-    from_where = "in the enclave URL" if in_url else (
-        "from AWS_REGION, AWS_DEFAULT_REGION or ~/.aws/config; ?region= in the enclave URL "
-        "sets another")
+    (A region newer than this botocore is refused too: upgrading botocore lets it in.)
+    ``option``: the command's option that gives the region (``in_url``: it did), for the
+    enclave URL's ?region=."""
+    from_where = (option or "in the enclave URL") if in_url else (
+        f"from AWS_REGION, AWS_DEFAULT_REGION or ~/.aws/config; "
+        f"{option or '?region= in the enclave URL'} sets another")
     if not re.match(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$", region):
         # (botocore's own InvalidRegionError, from the enclave's constructor)
         raise ConfigurationError(f"invalid region={region!r} ({from_where}): not a region name")
