@@ -149,7 +149,9 @@ def test_open_enclave_selects_aws_with_region_and_endpoint(monkeypatch):
      # taken as off, silently: queues were not made, and the first send said to bootstrap
      "aws://x?create_queues=yes-please", "aws://x?create_queues=on",
      # the path was dropped, silently: this opened the enclave x
-     "aws://x/prod", "aws://x/y?region=us-east-1"],
+     "aws://x/prod", "aws://x/y?region=us-east-1",
+     # the last one was taken, silently: which did the user mean?
+     "aws://x?region=us-east-1&region=eu-west-1", "aws://x?bucket=a-b-c&bucket=d-e-f"],
 )
 def test_bad_enclave_urls_are_configuration_errors(url):
     with aws_moto.fake_aws_env(), pytest.raises(ConfigurationError):

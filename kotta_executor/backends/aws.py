@@ -249,7 +249,13 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
         raise ConfigurationError(
             f"an AWS enclave URL has no path: {url!r} (expected aws://NAME?PARAMETERS)"
         )
-    params = dict(parse_qsl(parts.query, keep_blank_values=False))
+    pairs = parse_qsl(parts.query, keep_blank_values=False)
+    params = dict(pairs)
+    twice = sorted({k for k, v in pairs if v != params[k]})
+    if twice:  # (the last was taken, silently)
+        raise ConfigurationError(
+            f"parameter(s) {', '.join(twice)} given twice, with different values, in {url!r}"
+        )
     unknown = sorted(set(params) - set(_URL_PARAMS))
     if unknown:
         raise ConfigurationError(
