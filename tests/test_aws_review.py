@@ -864,3 +864,41 @@ def test_a_kill_is_seen_for_a_job_the_last_look_did_not_cover(enclave, moto_env)
         client.close()
     assert enclave.jobs.kill_requested([running.job_id]) == set()  # the node's look
     assert enclave.jobs.kill_requested([redelivered.job_id]) == {redelivered.job_id}
+
+
+def test_a_dead_letter_listing_slower_than_its_hiding_lists_them_all(enclave):
+    """dead_letters hides the letters it has read (so as to read each once) for 10 s:
+    a listing that took longer (a few hundred letters from across an ocean, 3 s a call
+    here on a simulated clock) met its first letters again, visible, took a receive of
+    nothing but letters it had read for the end, and listed part of the queue, silently.
+    Each letter stays hidden until the listing is done."""
+    enclave.queue.send("test", [Message(f"j{i:02d}", b"x") for i in range(60)])
+    got = enclave.queue.receive("test", 60, 30, "h")
+    enclave.queue.dead_letter(got, "poison")
+    clock = [0.0]
+    hidden: list[tuple[float, list[str]]] = []  # (until, receipt handles)
+    asked: list[int] = []
+
+    def before(params=None, **_):
+        if not params["QueueUrl"].endswith("-dlq"):
+            return
+        clock[0] += 3  # (the call's round trip)
+        due = [h for until, hs in hidden if until < clock[0] for h in hs]
+        hidden[:] = [(until, hs) for until, hs in hidden if until >= clock[0]]
+        for chunk in range(0, len(due), 10):  # their timeout ran out: visible again
+            enclave.sqs.change_message_visibility_batch(
+                QueueUrl=params["QueueUrl"], Entries=[
+                    {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0}
+                    for i, h in enumerate(due[chunk:chunk + 10])])
+        asked.append(params["VisibilityTimeout"])
+
+    def after(parsed=None, **_):
+        if asked and parsed.get("Messages"):
+            hidden.append((clock[0] + asked.pop(),
+                           [m["ReceiptHandle"] for m in parsed["Messages"]]))
+        asked.clear()
+
+    enclave.sqs.meta.events.register("provide-client-params.sqs.ReceiveMessage", before)
+    enclave.sqs.meta.events.register("after-call.sqs.ReceiveMessage", after)
+    listed = enclave.queue.dead_letters("test")
+    assert sorted(d["job_id"] for d in listed) == [f"j{i:02d}" for i in range(60)]

@@ -772,9 +772,9 @@ class SqsQueue(TaskQueue):
     #: how many messages whose dead letters were sent, but whose deletes failed, are
     #: remembered (not dead-lettered again when they come again)
     max_dead_sent = 1000
-    #: seconds the dead letters ``kotta prune`` has read stay hidden (at most; they are
-    #: shown again when it is done): longer than its reading of a queue's all
-    prune_visibility = 900
+    #: seconds the dead letters a listing or ``kotta prune`` has read stay hidden (at
+    #: most; they are shown again when it is done): longer than its reading of them all
+    read_visibility = 900
 
     def __init__(self, enclave: AwsEnclave):
         self._e = enclave
@@ -1282,7 +1282,9 @@ class SqsQueue(TaskQueue):
 
     def dead_letters(self, queue):
         """The dead letters of ``queue``, oldest first, without consuming them: they are
-        received with a short visibility timeout, then made visible again at once.
+        received, hidden for :attr:`read_visibility` (so that each is read once; hidden
+        for 10 s, those of a listing that took longer came again, and a receive of only
+        those ended it, part of the queue unlisted), then made visible again at once.
 
         The receive count of a message SQS redrove (no ``kotta_receive_count``) is the
         queue's ``maxReceiveCount``: SQS moves a message once it has been delivered that
@@ -1294,44 +1296,48 @@ class SqsQueue(TaskQueue):
         handles: list[str] = []
         max_receives: list[int | None] = []  # read once, at the first redriven message
         confirming = False
-        while len(seen) < self.max_dead_letters:
-            # Short polls while they bring new messages; an empty one is confirmed by a
-            # long poll of a second, which (unlike a short poll, which asks only some of
-            # SQS's servers) answers empty only when the queue has nothing to show.
-            got = self._receive(dlq, 10, 10, 1 if confirming else 0)
-            new = [(m, b) for m, b, _, _ in got or [] if m["MessageId"] not in seen]
-            if not new:
-                if confirming:
-                    break
-                confirming = True
-                continue
-            confirming = False
-            for m, _ in new:
-                attrs = m.get("MessageAttributes") or {}
-                sys_attrs = m.get("Attributes") or {}
-                reason = attrs.get(REASON_ATTR, {}).get("StringValue")
-                if COUNT_ATTR in attrs:
-                    count = int(attrs[COUNT_ATTR]["StringValue"])
-                else:  # moved by SQS's redrive policy
-                    if not max_receives:
-                        max_receives.append(self._max_receive_count(sqs_name))
-                    count = max_receives[0]
-                    if count is None:  # no redrive policy any more: this listing is one
-                        count = max(0, int(sys_attrs.get("ApproximateReceiveCount", 1)) - 1)
-                if DEAD_AT_ATTR in attrs:
-                    dead_at = float(attrs[DEAD_AT_ATTR]["StringValue"])
-                else:
-                    dead_at = int(sys_attrs.get("SentTimestamp", 0)) / 1000
-                seen[m["MessageId"]] = {
-                    "job_id": _job_id(m),
-                    "receive_count": count,
-                    "reason": reason
-                    or "redriven by SQS: received more often than the queue's maxReceiveCount",
-                    "dead_at": dead_at,
-                }
-                handles.append(m["ReceiptHandle"])
-        if handles:
-            self._visibility([Delivery("", b"", _receipt(dlq, h, None), 0) for h in handles], 0)
+        try:
+            while len(seen) < self.max_dead_letters:
+                # Short polls while they bring new messages; an empty one is confirmed by a
+                # long poll of a second, which (unlike a short poll, which asks only some of
+                # SQS's servers) answers empty only when the queue has nothing to show.
+                got = self._receive(dlq, 10, self.read_visibility,
+                                    1 if confirming else 0)
+                new = [(m, b) for m, b, _, _ in got or [] if m["MessageId"] not in seen]
+                if not new:
+                    if confirming:
+                        break
+                    confirming = True
+                    continue
+                confirming = False
+                for m, _ in new:
+                    attrs = m.get("MessageAttributes") or {}
+                    sys_attrs = m.get("Attributes") or {}
+                    reason = attrs.get(REASON_ATTR, {}).get("StringValue")
+                    if COUNT_ATTR in attrs:
+                        count = int(attrs[COUNT_ATTR]["StringValue"])
+                    else:  # moved by SQS's redrive policy
+                        if not max_receives:
+                            max_receives.append(self._max_receive_count(sqs_name))
+                        count = max_receives[0]
+                        if count is None:  # no redrive policy any more: this listing is one
+                            count = max(0, int(sys_attrs.get("ApproximateReceiveCount", 1)) - 1)
+                    if DEAD_AT_ATTR in attrs:
+                        dead_at = float(attrs[DEAD_AT_ATTR]["StringValue"])
+                    else:
+                        dead_at = int(sys_attrs.get("SentTimestamp", 0)) / 1000
+                    seen[m["MessageId"]] = {
+                        "job_id": _job_id(m),
+                        "receive_count": count,
+                        "reason": reason
+                        or "redriven by SQS: received more often than the queue's maxReceiveCount",
+                        "dead_at": dead_at,
+                    }
+                    handles.append(m["ReceiptHandle"])
+        finally:
+            if handles:
+                self._visibility(
+                    [Delivery("", b"", _receipt(dlq, h, None), 0) for h in handles], 0)
         return sorted(seen.values(), key=lambda d: d["dead_at"])
 
     def drop_dead_letters(self, queue: str, job_ids: set[str]) -> int:
@@ -1339,7 +1345,7 @@ class SqsQueue(TaskQueue):
         prune``); the others are made visible again.  The number deleted.  Every dead
         letter is read, not the first :attr:`max_dead_letters` (a listing's limit): those
         of pruned jobs past it stayed for 14 days.  So that none is read twice, those
-        read are hidden for :attr:`prune_visibility` (until the end, then shown again)."""
+        read are hidden for :attr:`read_visibility` (until the end, then shown again)."""
         dlq = self._e.names.dlq(self._e.names.queue(queue))
         seen: set[str] = set()
         dropped = 0
@@ -1348,7 +1354,7 @@ class SqsQueue(TaskQueue):
         confirming = False
         try:
             while True:
-                got = self._receive(dlq, 10, self.prune_visibility, 1 if confirming else 0,
+                got = self._receive(dlq, 10, self.read_visibility, 1 if confirming else 0,
                                     missing_ok=True)
                 new = [(m, b) for m, _, b, _ in got or [] if m["MessageId"] not in seen]
                 if not new:
