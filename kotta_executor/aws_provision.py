@@ -35,6 +35,8 @@ from .backends.aws import (
     Names,
     _client_error,
     _code,
+    _from_region,
+    botocore_validation_error,
     check_region,
     client_config,
     ensure_work_queue,
@@ -111,11 +113,16 @@ class _Clients:
         self.region = self.session.region_name
         endpoint_url = endpoint_url or os.environ.get("KOTTA_AWS_ENDPOINT_URL") or None
         self.endpoint_url = endpoint_url
-        if not endpoint_url and self.region:  # (as AwsEnclave: a minute of retries, else)
-            check_region(self.session, self.region, in_url=bool(region), option="--region")
         cfg = client_config(path_style=bool(endpoint_url))
         self._make = lambda svc: self.session.client(svc, endpoint_url=endpoint_url, config=cfg)
         self._cache: dict[str, Any] = {}
+        if not endpoint_url and self.region:  # (as AwsEnclave: a minute of retries, else)
+            try:
+                aws = _from_region([self.sqs], self.region)
+            except botocore_validation_error():  # (InvalidRegionError: named below)
+                aws = True
+            if aws:
+                check_region(self.session, self.region, in_url=bool(region), option="--region")
 
     def __getattr__(self, service: str):
         if service.startswith("_"):

@@ -203,6 +203,20 @@ def test_a_known_region_or_any_region_with_an_endpoint_opens(url):
         open_enclave(url).close()  # (opening makes no AWS call)
 
 
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS"])
+def test_any_region_opens_with_boto3s_own_endpoint_setting(monkeypatch, variable):
+    """boto3 takes an emulator's endpoint from AWS_ENDPOINT_URL (or a service's own, and
+    ~/.aws/config): its region need be no AWS region, as with ?endpoint_url=, but was
+    refused as one.  Only what goes to AWS's own endpoints is checked."""
+    with aws_moto.fake_aws_env():
+        monkeypatch.setenv(variable, "http://127.0.0.1:1")
+        if variable == "AWS_ENDPOINT_URL":
+            open_enclave("aws://x?region=mars-north-1").close()  # (opening makes no call)
+        else:  # S3 and DynamoDB would still go to AWS's endpoints of that region
+            with pytest.raises(ConfigurationError, match="region='mars-north-1'"):
+                open_enclave("aws://x?region=mars-north-1")
+
+
 def test_a_bad_endpoint_from_the_environment_says_where_it_came_from(monkeypatch):
     with aws_moto.fake_aws_env():
         monkeypatch.setenv("KOTTA_AWS_ENDPOINT_URL", "localhost:4566")

@@ -357,6 +357,13 @@ def check_region(session, region: str, *, in_url: bool, option: str = "") -> Non
     )
 
 
+def _from_region(clients: Iterable, region: str) -> bool:
+    """Whether one of ``clients`` goes to an endpoint botocore made of the region (AWS's
+    own, ``sqs.REGION.amazonaws.com``), not to one configured for boto3."""
+    return any(region in (urlsplit(c.meta.endpoint_url).hostname or "").split(".")
+               for c in clients)
+
+
 def client_config(retry_mode: str = "standard", max_attempts: int = 10, *, path_style=False):
     """Retries for throttling and 5xx are botocore's (standard or adaptive mode)."""
     from botocore.config import Config
@@ -550,8 +557,6 @@ class AwsEnclave(Enclave):
         self.region = self.session.region_name
         check_endpoint_url(endpoint_url, "" if endpoint_url == given else
                            " (from KOTTA_AWS_ENDPOINT_URL)")
-        if not endpoint_url and self.region:  # (an emulator's endpoint takes any region)
-            check_region(self.session, self.region, in_url=bool(region))
         try:
             attempts = int(max_attempts)
         except (TypeError, ValueError):
@@ -571,6 +576,10 @@ class AwsEnclave(Enclave):
                 f"cannot open the AWS enclave {name!r} (region={self.region!r}, "
                 f"endpoint_url={endpoint_url!r}): {exc}"
             ) from None
+        if not endpoint_url and self.region and _from_region(self.clients.values(), self.region):
+            # (an emulator's endpoint takes any region: ?endpoint_url=, or boto3's own
+            # AWS_ENDPOINT_URL, which was refused)
+            check_region(self.session, self.region, in_url=bool(region))
         _FirstContact(self, endpoint_url, in_url=bool(region)).watch(self.clients.values())
         params = {"region": self.region}
         if endpoint_url:
