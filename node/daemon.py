@@ -680,24 +680,26 @@ class Node:
         from a worker that certainly never began it (``unbegun``: processing -> pending).
         Returns their ``id()``s.  A job another node has begun meanwhile (its message seen
         again), or one asked to be killed (its next node ends it), is left as it is:
-        released, counted."""
-        back = {t.job_id: t for t in tasks if t.claimed and (t.unbegun or declares_data(t.header))}
-        if not back:
+        released, counted.  That is the write's own condition (``held_by``): read first,
+        then written, a claim or a kill landing in between was undone (another node's
+        running job moved back to pending; a killed job handed back as a first delivery,
+        which the next node ran)."""
+        unbegun = [t.job_id for t in tasks if t.claimed and t.unbegun]
+        staged = [t.job_id for t in tasks
+                  if t.claimed and not t.unbegun and declares_data(t.header)]
+        if not unbegun and not staged:
             return set()
+        moved: set[str] = set()
         try:
-            records = self.enclave.jobs.get_many(list(back))
-            ours = [j for j, t in back.items() if (r := records.get(j)) is not None
-                    and (r.state == JobState.STAGING_INPUTS
-                         or (t.unbegun and r.state == JobState.PROCESSING))
-                    and r.node == self.node_id and not r.kill_requested]
-            moved = set(self.enclave.jobs.transition(
-                ours, JobState.PENDING, from_states={JobState.STAGING_INPUTS,
-                                                     JobState.PROCESSING},
-                node=self.node_id)) if ours else set()
+            for ids, held in ((unbegun, {JobState.STAGING_INPUTS, JobState.PROCESSING}),
+                              (staged, {JobState.STAGING_INPUTS})):
+                if ids:
+                    moved.update(self.enclave.jobs.transition(
+                        ids, JobState.PENDING, from_states=held, node=self.node_id,
+                        held_by=self.node_id))
         except Exception as exc:  # noqa: BLE001 - stopping: handed back counted, as before
             log.warning("moving jobs it never ran back to pending failed (%s: %s); handing them "
-                        "back as delivered", type(exc).__name__, exc)
-            return set()
+                        "back as delivered", type(exc).__name__, exc)  # (but those moved)
         return {id(t) for t in tasks if t.job_id in moved}
 
     def _stop(self) -> None:

@@ -836,6 +836,35 @@ def test_a_job_back_in_pending_is_held_by_no_node_and_not_started(backend, held)
     assert backend.jobs.get(job_id).started is None
 
 
+@pytest.mark.parametrize("held", [JobState.STAGING_INPUTS, JobState.PROCESSING])
+def test_a_hand_back_moves_only_jobs_the_node_still_holds_and_no_one_killed(backend, held):
+    """A stopping node moves a job it never began back to pending in one conditional write
+    (``held_by``): the job's node must still be this one, and no kill requested.  It read
+    the job, then wrote on the state alone: a redelivery claimed by another node in
+    between had its running job moved back to pending (and run twice), and a kill()
+    landing in between (True: the job was running) was lost, the job handed back
+    uncounted, and the next node, for which it was a first delivery, ran it."""
+    mine, theirs, killed, done = create(backend, 4)
+    for j in (mine, theirs, killed, done):
+        assert backend.jobs.transition([j], held, node="n1") == [j]
+    assert backend.jobs.transition([theirs], JobState.PROCESSING, node="n2") == [theirs]
+    assert backend.jobs.request_kill(killed)
+    assert backend.jobs.transition([done], JobState.PROCESSING, node="n1") == [done]
+    backend.jobs.finish([Finished(done, JobState.COMPLETED, b"ran")])
+    back = {JobState.STAGING_INPUTS, JobState.PROCESSING}
+    assert backend.jobs.transition([mine, theirs, killed, done], JobState.PENDING,
+                                   from_states=back, node="n1", held_by="n1") == [mine]
+    assert (state_of(backend, mine), backend.jobs.get(mine).node) == (JobState.PENDING, None)
+    r = backend.jobs.get(theirs)
+    assert (r.state, r.node) == (JobState.PROCESSING, "n2")
+    r = backend.jobs.get(killed)
+    assert (r.state, r.node, r.kill_requested) == (held, "n1", True)
+    assert state_of(backend, done) == JobState.COMPLETED
+    # a job no node holds (pending already) is not held by this one either
+    assert backend.jobs.transition([mine], JobState.PENDING, from_states=back,
+                                   held_by="n1") == []
+
+
 def test_cancelled_job_cannot_be_started_or_finished(backend):
     [job_id] = create(backend)
     moved = backend.jobs.transition([job_id], JobState.CANCELLED, from_states=CANCELLABLE,

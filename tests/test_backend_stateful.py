@@ -138,8 +138,9 @@ class BackendMachine(RuleBasedStateMachine):
           from_states=st.none() | st.frozensets(st.sampled_from(STATES), max_size=3),
           node=st.sampled_from([None, "", "n1", "n2"]),
           reason=st.sampled_from([None, "", "why", "node lost"]),
-          unknown=st.booleans())
-    def transition(self, picks, new, from_states, node, reason, unknown):
+          unknown=st.booleans(),
+          held_by=st.sampled_from([None, None, "n1", "n2"]))
+    def transition(self, picks, new, from_states, node, reason, unknown, held_by):
         ids = [self.pick_job(i) for i in picks]
         if unknown:
             ids.append(uuid.uuid4().hex)
@@ -147,13 +148,15 @@ class BackendMachine(RuleBasedStateMachine):
             for _, e in self.each():
                 with pytest.raises(InvalidTransition):
                     e.jobs.transition(ids, new, from_states=from_states, node=node,
-                                      reason=reason)
+                                      reason=reason, held_by=held_by)
             return
         src = sources(new) if from_states is None else from_states
-        moved = [j for j in dict.fromkeys(ids) if j in self.jobs and self.jobs[j].state in src]
+        moved = [j for j in dict.fromkeys(ids) if j in self.jobs and self.jobs[j].state in src
+                 and (held_by is None or (self.jobs[j].node == held_by
+                                          and not self.jobs[j].kill))]
         for name, e in self.each():
             got = e.jobs.transition(ids, new, from_states=from_states, node=node,
-                                    reason=reason)
+                                    reason=reason, held_by=held_by)
             assert sorted(got) == sorted(moved), name
         for j in moved:
             m = self.jobs[j]

@@ -1817,7 +1817,8 @@ class DynamoJobs(_DynamoTable, JobTable):
             raise RuntimeError(f"DynamoDB did not accept {len(items)} job records after "
                                f"{BATCH_ROUNDS} tries ({why})")
 
-    def transition(self, job_ids, new, *, from_states=None, node=None, reason=None):
+    def transition(self, job_ids, new, *, from_states=None, node=None, reason=None,
+                   held_by=None):
         new = JobState(new)
         allowed = states.sources(new)
         if from_states is not None:
@@ -1860,6 +1861,13 @@ class DynamoJobs(_DynamoTable, JobTable):
         go_on = new is JobState.PROCESSING and on in allowed
         first = allowed - {on} if go_on else allowed
         condition = self._state_in(first, values)
+        held = ""
+        if held_by is not None:  # (the node's and the kill's condition in the same write)
+            held = (" AND #node = :holder"
+                    " AND (attribute_not_exists(kill_requested) OR kill_requested <> :t)")
+            names["#node"] = "node"
+            values[":holder"], values[":t"] = {"S": held_by}, {"BOOL": True}
+            condition += held
         on_values = {k: v for k, v in values.items() if k != ":one" and not k.startswith(":s")}
         on_values[":on"] = {"S": str(on)}  # (DynamoDB refuses values an update does not use)
         same = "SET " + ", ".join(sets)
@@ -1875,7 +1883,7 @@ class DynamoJobs(_DynamoTable, JobTable):
                 return True
             if not go_on or (first and was != [str(on)]):
                 return False
-            return self._update(j, same, "#state = :on", on_values, names)
+            return self._update(j, same, "#state = :on" + held, on_values, names)
 
         ids = list(dict.fromkeys(job_ids))
         moved = self._e.parallel(one, ids)

@@ -238,8 +238,12 @@ class JobTable(abc.ABC):
         from_states: Iterable[JobState] | None = None,
         node: str | None = None,
         reason: str | None = None,
+        held_by: str | None = None,
     ) -> list[str]:
-        """Move jobs to ``new`` where allowed; returns the ids that moved."""
+        """Move jobs to ``new`` where allowed; returns the ids that moved.  ``held_by``:
+        only jobs that node holds (their ``node``) and no one has asked to kill, in the
+        same conditional write (a stopping node's hand-back of jobs it never began: a job
+        claimed meanwhile by another node, or asked to be killed, must stay as it is)."""
 
     @abc.abstractmethod
     def finish(self, results: Sequence[Finished]) -> list[str]:

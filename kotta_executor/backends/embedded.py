@@ -685,7 +685,8 @@ class EmbeddedJobs(JobTable):
                     [(j.queue, j.job_id, j.body, now, now) for j in jobs],
                 )
 
-    def transition(self, job_ids, new, *, from_states=None, node=None, reason=None):
+    def transition(self, job_ids, new, *, from_states=None, node=None, reason=None,
+                   held_by=None):
         new = JobState(new)
         allowed = states.sources(new)
         if from_states is not None:
@@ -714,7 +715,9 @@ class EmbeddedJobs(JobTable):
                     f"{', node=NULL, started=NULL' if new is JobState.PENDING else ''}"
                     f"{', finished=?' if new.final else ''}"
                     f" WHERE job_id IN ({_marks(len(chunk))})"
-                    f" AND state IN ({_marks(len(allowed))}) RETURNING job_id"
+                    f" AND state IN ({_marks(len(allowed))})"
+                    f"{' AND node=? AND kill_requested=0' if held_by is not None else ''}"
+                    " RETURNING job_id"
                 )
                 params: list[Any] = [str(new), now, reason, event]
                 if started:
@@ -722,6 +725,8 @@ class EmbeddedJobs(JobTable):
                 if new.final:
                     params.append(now)
                 params += [*chunk, *map(str, allowed)]
+                if held_by is not None:
+                    params.append(held_by)
                 moved += [r[0] for r in c.execute(sql, params).fetchall()]
         return moved
 
