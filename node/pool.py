@@ -73,7 +73,8 @@ class Task:
     staged: Any = None  # its working directory and credentials (node.datasteps.Staged)
     claimed: bool = False  # this node moved its job on (it may move it on again)
     #: back from a worker that certainly never began it (stopped as asked before it, or
-    #: never started up): a stopping node moves its job back to pending (Node._unstage)
+    #: never started up): a stopping node moves its job back to pending (Node._unstage).
+    #: Cleared when it begins on a worker (its ``started`` set): once run, it is not that
     unbegun: bool = False
     kill_requested: bool = False  # killed while staging: it must not run
     #: the memory (KiB) its tree was killed for using (Node._check_memory): its peak, at least
@@ -151,6 +152,8 @@ class Worker:
         task's walltime starts now if the worker is ready, else when it says it is."""
         if not self.inflight:  # (a task back from a failed write may carry an old clock)
             tasks[0].started = time.monotonic() if self.ready else None
+            if self.ready:  # it begins: no longer one a worker never began (Node._unstage)
+                tasks[0].unbegun = False
         self.inflight.extend(tasks)
         size = sum(4 + len(t.data) for t in tasks)
         # multiprocessing.Connection's framing, which the worker's recv_bytes reads
@@ -261,6 +264,7 @@ class Worker:
         self.ready = True
         if self.inflight and self.inflight[0].started is None:
             self.inflight[0].started = time.monotonic()
+            self.inflight[0].unbegun = False
 
     def slow_to_start(self, now: float) -> bool:
         return not self.ready and now - self.born > STARTUP_LIMIT
@@ -273,6 +277,7 @@ class Worker:
             self.avg = 0.8 * self.avg + 0.2 * (now - task.started)
         if self.inflight:
             self.inflight[0].started = now
+            self.inflight[0].unbegun = False
         return task
 
     def output(self) -> tuple[bytes, bytes]:

@@ -1600,3 +1600,51 @@ def test_a_poll_interval_under_the_minimum_is_taken_as_the_minimum(asked):
 
     assert taken == MIN_POLL_INTERVAL and 0 < MIN_POLL_INTERVAL <= 0.05
     assert NodeConfig(queue="test", poll_interval=0.05).poll_interval == 0.05
+
+
+def test_a_task_back_from_a_retired_worker_that_then_runs_is_not_handed_back_as_never_begun(
+        make_executor, enclave, monkeypatch, tmp_path):
+    """A task back from a worker that never began it (retired, stopped as asked) is marked
+    ``unbegun``; it kept the mark once it ran on the next worker, so that the drain's
+    hand-back of what a stopping node never began (``_unstage``) moved its running job
+    back to pending and handed it back uncounted: it ran again elsewhere, though it had
+    run here.  Once it begins it is no longer taken for never begun.  In-process node,
+    stepped by the test."""
+    from node.daemon import Node, NodeConfig
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    log, release = tmp_path / "pids", tmp_path / "release"
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node._start()
+    ex = make_executor(1, start_node=False)
+    try:
+        first = ex.submit(tasks.worker_pid)
+        while not first.done():  # a ready worker, with a tiny average: it pipes deep
+            node.step()
+        [w] = node.workers
+        _stop_process(w.pid)  # it cannot begin them
+        jobs = [ex._new_job(os.urandom(16).hex(), tasks.log_pid_and_wait,
+                            [((str(log), str(release)), {})], ex._options) for _ in range(8)]
+        enclave.jobs.create(jobs)  # in one transaction: a backlog
+        wait_for(lambda: node.step() or len(w.inflight) >= 2, what="tasks piped to the worker")
+        w.retire()  # it stops before the next task it would begin
+        os.kill(w.pid, signal.SIGCONT)
+        wait_for(lambda: node._collect() or w not in node.workers, what="the worker to stop")
+        assert node.pending and all(t.unbegun for t in node.pending if t.claimed)
+        assert not _pids(log)  # (none of them began)
+        wait_for(lambda: node.step() or _pids(log), what="a task to begin on a new worker")
+        [w2] = node.workers
+        head = w2.inflight[0]
+        wait_for(lambda: node.step() or head.started is not None, what="the node to see it run")
+        assert enclave.jobs.get(head.job_id).state == JobState.PROCESSING
+        assert not head.unbegun
+        node.stopping = True
+        assert node._unstage([head]) == set()  # it ran: not moved back to pending
+        r = enclave.jobs.get(head.job_id)
+        assert (r.state, r.node) == (JobState.PROCESSING, node.node_id)
+    finally:
+        tasks.release(release, "go")
+        node.stopping = True
+        node._drain()
+        node._stop()
