@@ -23,7 +23,8 @@ no inputs or outputs)::
 * ``pending -> failed``: the node dead-letters a corrupt or too-often-delivered task.
 * ``staging_inputs -> pending``: a stopping node hands back a task whose inputs it staged
   and never ran; it waits as a task no node has started (cancellable, its delivery not
-  counted), not as one begun that would be dead-lettered after a few node restarts.
+  counted, nor its claim as an attempt), not as one begun that would be dead-lettered
+  after a few node restarts.
 * ``processing -> pending``: the same for a task a stopping node had piped to a worker
   that certainly never began it (it stopped as asked before it, or never started up).
 * ``pending/... -> cancelled``: cancel (only from pending, see ``CANCELLABLE``) or kill.

@@ -823,13 +823,13 @@ def test_a_job_back_in_pending_is_held_by_no_node_and_not_started(backend, held)
     node and the start of the node that had held it, and a future cancelled by another
     thread (``shutdown(cancel_futures=True)``) took it for one that had run
     (``started is None`` means never ran), its cancel() False; `kotta status` named a node
-    for a pending job.  Now it reads as a job no node has: no node, not started.  Its
-    attempts stay: a node did claim it."""
+    for a pending job.  Now it reads as a job no node has: no node, not started, and not
+    attempted (see the next test)."""
     [job_id] = create(backend)
     assert backend.jobs.transition([job_id], held, node="n1") == [job_id]
     assert backend.jobs.transition([job_id], JobState.PENDING, node="n1") == [job_id]
     r = backend.jobs.get(job_id)
-    assert (r.state, r.node, r.started, r.attempts) == (JobState.PENDING, None, None, 1)
+    assert (r.state, r.node, r.started, r.attempts) == (JobState.PENDING, None, None, 0)
     assert [(s, d) for _, s, d in backend.jobs.history(job_id)][-1] == ("pending", "n1")
     assert backend.jobs.transition([job_id], JobState.CANCELLED,
                                    from_states=CANCELLABLE) == [job_id]
@@ -863,6 +863,31 @@ def test_a_hand_back_moves_only_jobs_the_node_still_holds_and_no_one_killed(back
     # a job no node holds (pending already) is not held by this one either
     assert backend.jobs.transition([mine], JobState.PENDING, from_states=back,
                                    held_by="n1") == []
+
+
+@pytest.mark.parametrize("held", [JobState.STAGING_INPUTS, JobState.PROCESSING])
+def test_a_hand_back_of_a_job_never_begun_is_not_an_attempt(backend, held):
+    """``kotta status`` said "attempts 2" for a job that ran once, on the second node, after
+    the first, stopping, had handed it back never begun (its inputs staged, or piped to a
+    worker that stopped before it): the hand-back takes its claim's attempt back, as it
+    takes back the delivery (``--max-deliveries``).  A redelivery after a node died still
+    counts: that node may have begun it."""
+    [job_id] = create(backend)
+    assert backend.jobs.transition([job_id], held, node="n1") == [job_id]
+    assert backend.jobs.get(job_id).attempts == 1
+    assert backend.jobs.transition([job_id], JobState.PENDING, node="n1",
+                                   held_by="n1") == [job_id]
+    assert backend.jobs.get(job_id).attempts == 0
+    steps = [JobState.PROCESSING] if held is JobState.PROCESSING else [held, JobState.PROCESSING]
+    for step in steps:  # the second node runs it
+        assert backend.jobs.transition([job_id], step, node="n2") == [job_id]
+    assert backend.jobs.finish([Finished(job_id, JobState.COMPLETED, b"ran")]) == [job_id]
+    r = backend.jobs.get(job_id)
+    assert (r.state, r.node, r.attempts) == (JobState.COMPLETED, "n2", 1)
+    [other] = create(backend)
+    for node in ("n1", "n2"):  # n1 died: n2's is a second attempt
+        assert backend.jobs.transition([other], JobState.PROCESSING, node=node) == [other]
+    assert backend.jobs.get(other).attempts == 2
 
 
 def test_cancelled_job_cannot_be_started_or_finished(backend):

@@ -165,8 +165,9 @@ class BackendMachine(RuleBasedStateMachine):
                     m.attempts += 1
                 m.node = node
                 m.started = True
-            if new is JobState.PENDING:  # back, never begun: no node holds it
+            if new is JobState.PENDING:  # back, never begun: no node holds it, no attempt
                 m.node, m.started = None, False
+                m.attempts -= 1
             if new.final:
                 m.finished = True
             if reason is not None:

@@ -756,11 +756,13 @@ def test_piped_tasks_a_stopping_node_never_began_are_pending_again_and_not_count
     assert {r.state for r in records.values()} <= {JobState.PENDING, JobState.COMPLETED}
     back = [r for r in records.values() if r.state == JobState.PENDING]
     assert back  # (the worker finished the head at most)
-    assert all((r.node, r.started) == (None, None) for r in back)
+    assert all((r.node, r.started, r.attempts) == (None, None, 0) for r in back)
     start_node("--max-deliveries", "1", workers=1)
     assert [f.result(GUARD) for f in futures] == [i * i for i in range(8)]
     assert all(_finals(enclave, f.job_id) == ["completed"] for f in futures)
     assert enclave.queue.dead_letters("test") == []
+    # each ran once: `kotta status` says "attempts 1", not 2
+    assert {r.attempts for r in enclave.jobs.get_many([r.job_id for r in back]).values()} == {1}
 
 
 def _piped_then_stopped(start_node, make_executor, enclave_dir, *node_args,

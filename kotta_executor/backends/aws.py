@@ -1850,9 +1850,11 @@ class DynamoJobs(_DynamoTable, JobTable):
             sets.append("finished = :now")
         if new is JobState.PENDING:
             # back to pending (a stopping node's, never begun): a job no node holds, not
-            # started (a cancel reads started as "it ran"), as a new record
-            add = " REMOVE #node, started"
+            # started (a cancel reads started as "it ran"), as a new record, and the
+            # claim's attempt taken back (as its delivery is): it was not attempted
+            add = " ADD attempts :minus REMOVE #node, started"
             names["#node"] = "node"
+            values[":minus"] = _n(-1)
         update = "SET " + ", ".join(sets) + add
         # an attempt is a node beginning the job: a data task's move on from staging its
         # inputs to running is the same attempt, and adds none (a write of its own, made

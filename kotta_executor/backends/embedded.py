@@ -699,6 +699,7 @@ class EmbeddedJobs(JobTable):
         now = time.time()
         moved: list[str] = []
         started = new in (JobState.STAGING_INPUTS, JobState.PROCESSING)
+        back = new is JobState.PENDING
         # an attempt is a node beginning the job: a data task's move on from staging its
         # inputs to running is the same attempt
         attempt = "1" if new is JobState.STAGING_INPUTS else "(state<>'staging_inputs')"
@@ -711,8 +712,9 @@ class EmbeddedJobs(JobTable):
                     f"UPDATE jobs SET state=?, updated=?, reason=coalesce(?, reason), history=history||?"
                     f"{f', node=?, attempts=attempts+{attempt}, started=?' if started else ''}"
                     # back to pending (a stopping node's, never begun): a job no node holds,
-                    # not started (a cancel reads started as "it ran")
-                    f"{', node=NULL, started=NULL' if new is JobState.PENDING else ''}"
+                    # not started (a cancel reads started as "it ran"), and the claim's
+                    # attempt taken back (as its delivery is): it was not attempted
+                    f"{', node=NULL, started=NULL, attempts=attempts-1' if back else ''}"
                     f"{', finished=?' if new.final else ''}"
                     f" WHERE job_id IN ({_marks(len(chunk))})"
                     f" AND state IN ({_marks(len(allowed))})"
