@@ -588,17 +588,34 @@ class Node:
             _kill_tree_now(w)
         for w in late:
             w.proc.wait()
-            if not w.ready:  # (unless it said so just now)
-                with contextlib.suppress(OSError):
-                    if READY in w.read_results()[0]:
-                        w.started_up()
+            # What it sent before it ended (that it was ready, a result) counts, and says
+            # which task it ran last: a worker runs its tasks one after another, each
+            # result sent as the task ends, so it never began those behind the first
+            # without a result.  As those behind a worker that stopped as asked, they go
+            # back pending and uncounted.  (Released counted, their jobs left in
+            # processing, a few node restarts dead-lettered tasks that never ran.)
+            try:
+                messages, _ = w.read_results()
+            except OSError:
+                messages = []
+            in_step = not w.garbled
+            for data in messages:
+                if data == READY:  # (unless it said so just now)
+                    w.started_up()
+                elif w.inflight and not self._finish_from_worker(w, w.task_done(), data):
+                    in_step = False  # (garbled: which task it ran, it does not say)
+                    break
             if not w.ready:
                 # still starting up (a slow venv, sitecustomize): it never began its task,
                 # which goes back pending and uncounted, not dead-lettered after a restart
                 self._put_back(w.inflight, unbegun=True)
                 continue
-            self.enclave.queue.release([t.delivery for t in w.inflight])
-            w.inflight.clear()
+            if w.inflight and in_step:  # the one it ran, or may have begun: counted
+                self.enclave.queue.release([w.inflight.popleft().delivery])
+                self._put_back(w.inflight, unbegun=True)
+            else:
+                self.enclave.queue.release([t.delivery for t in w.inflight])
+                w.inflight.clear()
         # staged meanwhile, not started, or still staging: hand back (their work
         # directories go with _stop; a staging thread still running is abandoned)
         self._hand_back_pending()

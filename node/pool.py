@@ -365,6 +365,8 @@ class Worker:
         (A worker starts with STOP_SIGNAL blocked, until it has its handler: asked while it
         starts up, it stops before its first task.)"""
         self.stop_asked = True
+        if self.proc.returncode is not None:  # waited for: its pid may be another's now
+            return
         try:
             os.kill(self.pid, STOP_SIGNAL)
         except ProcessLookupError:

@@ -1650,3 +1650,50 @@ def test_a_task_back_from_a_retired_worker_that_then_runs_is_not_handed_back_as_
         node.stopping = True
         node._drain()
         node._stop()
+
+
+def test_tasks_piped_behind_one_still_running_at_the_drain_deadline_are_pending_and_uncounted(
+        make_executor, enclave, monkeypatch, tmp_path):
+    """A stopping node's worker still runs its task at the drain's deadline: the node ends
+    it and hands its task back (it began: counted).  The tasks piped behind it never began
+    (the worker was asked to stop after the one it ran), but they were released counted,
+    their jobs left in processing: with `--max-deliveries 1` the next node dead-lettered
+    them (DeliveryFailed), though they never ran.  Now, as the guide says of a task queued
+    in a worker's pipe behind the running one, they are pending again, uncounted.
+    In-process node, stepped by the test."""
+    from node.daemon import Node, NodeConfig
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    log, release = tmp_path / "pids", tmp_path / "release"
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
+                                    drain_timeout=0.2))
+    node._start()
+    ex = make_executor(1, start_node=False)
+    try:
+        first = ex.submit(tasks.worker_pid)
+        while not first.done():  # a ready worker, with a tiny average: it pipes deep
+            node.step()
+        [w] = node.workers
+        head = ex._new_job(os.urandom(16).hex(), tasks.log_pid_and_wait,
+                           [((str(log), str(release)), {})], ex._options)
+        behind = [ex._new_job(os.urandom(16).hex(), tasks.square, [((i,), {})], ex._options)
+                  for i in range(7)]
+        enclave.jobs.create([head, *behind])  # in one transaction: a backlog
+        wait_for(lambda: node.step() or (_pids(log) and len(w.inflight) >= 2),
+                 what="the head task to run, tasks piped behind it")
+        piped = [t.job_id for t in list(w.inflight)[1:]]
+        assert piped and head.job_id == w.inflight[0].job_id
+    finally:
+        node.stopping = True
+        node._drain()  # the head runs past the deadline
+        node._stop()
+        tasks.release(release, "go")
+    records = enclave.jobs.get_many(piped)
+    assert {(r.state, r.node, r.started) for r in records.values()} == {("pending", None, None)}
+    counts = enclave._db.read(
+        f"SELECT receive_count FROM messages WHERE job_id IN ({','.join('?' * len(piped))})",
+        piped)
+    assert [c for (c,) in counts] == [0] * len(piped)  # (this node's receive taken back)
+    r = enclave.jobs.get(head.job_id)  # it began: released, counted
+    assert (r.state, r.node) == (JobState.PROCESSING, node.node_id)
