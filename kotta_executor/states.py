@@ -26,7 +26,8 @@ no inputs or outputs)::
   counted, nor its claim as an attempt), not as one begun that would be dead-lettered
   after a few node restarts.
 * ``processing -> pending``: the same for a task a stopping node had piped to a worker
-  that certainly never began it (it stopped as asked before it, or never started up).
+  that certainly never began it (it stopped as asked before it, never started up, or
+  ended, or died, under a task before it).
 * ``pending/... -> cancelled``: cancel (only from pending, see ``CANCELLABLE``) or kill.
 * A move back to ``staging_inputs`` or ``processing`` from a later active state, or staying
   in the same staging/processing state, is a *redelivery*: the node that held the task

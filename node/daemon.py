@@ -985,8 +985,12 @@ class Node:
             # a task with data: its output too is checked for egress, its directory removed
             if head.staged is None or not self.data.finish_from_worker(head, data, fin):
                 self._queue_finish(head, head.delivery, fin, head.header["client"])
-            # (behind the head: a worker that never started up began none of them)
-            self._put_back(w.inflight, unbegun=not w.ready)
+            # Behind the head: a worker that never started up began none of them, nor did
+            # one that died under its head (it runs one task after another, and its results
+            # up to the head are read), unless what it sent was garbled (out of step).  A
+            # stopping node hands them back uncounted: released counted, their jobs left
+            # in processing, `--max-deliveries 1` dead-lettered tasks that never ran.
+            self._put_back(w.inflight, unbegun=not w.ready or not w.garbled)
             log.warning("worker %s for job %s ended: %s", w.pid, head.job_id, message)
         w.close()
         self.workers.remove(w)

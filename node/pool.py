@@ -72,9 +72,10 @@ class Task:
     claims: Any = None  # who signed it (kotta_executor.security.tokens.Claims)
     staged: Any = None  # its working directory and credentials (node.datasteps.Staged)
     claimed: bool = False  # this node moved its job on (it may move it on again)
-    #: back from a worker that certainly never began it (stopped as asked before it, or
-    #: never started up): a stopping node moves its job back to pending (Node._unstage).
-    #: Cleared when it begins on a worker (its ``started`` set): once run, it is not that
+    #: back from a worker that certainly never began it (stopped as asked before it, never
+    #: started up, or ended or died under a task before it): a stopping node moves its job
+    #: back to pending (Node._unstage).  Cleared when it begins on a worker (its
+    #: ``started`` set): once run, it is not that
     unbegun: bool = False
     kill_requested: bool = False  # killed while staging: it must not run
     #: the memory (KiB) its tree was killed for using (Node._check_memory): its peak, at least

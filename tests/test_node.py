@@ -1697,3 +1697,44 @@ def test_tasks_piped_behind_one_still_running_at_the_drain_deadline_are_pending_
     assert [c for (c,) in counts] == [0] * len(piped)  # (this node's receive taken back)
     r = enclave.jobs.get(head.job_id)  # it began: released, counted
     assert (r.state, r.node) == (JobState.PROCESSING, node.node_id)
+
+
+def test_tasks_piped_behind_one_whose_worker_dies_during_the_drain_are_not_counted(
+        start_node, make_executor, enclave, enclave_dir, tmp_path):
+    """A stopping node's worker dies under the task it runs (here it ends itself, status
+    0): that task fails, and the tasks piped behind it, which it never began (a worker
+    runs one task after another), go back to the queue.  They went back counted, their
+    jobs left in processing: with `--max-deliveries 1` the next node dead-lettered them
+    (DeliveryFailed, "delivered 1 times without completing") though they never ran.  Now
+    they are pending again, uncounted, and run on the next node."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node("--max-deliveries", "1", "--prefetch", "3", workers=1)
+    ex = make_executor(1, start_node=False)
+    worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
+    _freeze(a, enclave_dir)  # so that it takes them in one step, and pipes them together
+    head = ex.submit(tasks.log_pid_wait_and_exit_0, str(log), str(release))
+    rest = [ex.submit(tasks.square, i) for i in range(7)]
+    os.kill(a.pid, signal.SIGCONT)
+    ids = [f.job_id for f in rest]
+    try:
+        wait_for(lambda: _pids(log), what="the head task to begin on node A")
+        wait_for(lambda: any(j.state == "processing" for j in enclave.jobs.get_many(ids).values()),
+                 what="node A to pipe tasks behind the head one")
+        piped = [j.job_id for j in enclave.jobs.get_many(ids).values() if j.state == "processing"]
+        _stop_process(worker)  # to see the request arrive while the head runs
+        try:
+            a.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: _signal_pending(worker, STOP_SIGNAL),
+                     what="node A to ask its worker to stop")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+    finally:
+        tasks.release(release, "go")  # the head, well under way, now ends its worker
+    assert a.proc.wait(GUARD) == 0, a.output()
+    records = enclave.jobs.get_many(piped)
+    assert {(r.state, r.node, r.attempts) for r in records.values()} == {("pending", None, 0)}
+    start_node("--max-deliveries", "1", workers=1)
+    assert [f.result(GUARD) for f in rest] == [i * i for i in range(7)]
+    with pytest.raises(WorkerDied, match="exited with code 0"):
+        head.result(GUARD)
+    assert enclave.queue.dead_letters("test") == []
