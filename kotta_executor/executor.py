@@ -662,11 +662,22 @@ class KottaExecutor(Executor):
             if self._outbox:
                 return False
             try:
-                handed = self._enclave.hand_off(job.queue, job.body)  # the node records it
+                # A cancel of it from another thread (shutdown(cancel_futures=True) as this
+                # submit registered it) waits for the send lock meanwhile, and then raced
+                # the node for the job: it is recorded cancelled in this send's own
+                # transaction, as the manager's sends do (_send); not handed off then
+                handed = not (self._cancel_wanted and job.job_id in self._cancel_wanted) and (
+                    self._enclave.hand_off(job.queue, job.body))  # the node records it
                 if handed:
                     self._handed[job.job_id] = (job, now)
                 else:
-                    self._enclave.jobs.create([job])
+                    with self._enclave.atomic():
+                        self._enclave.jobs.create([job])
+                        if self._cancel_wanted and job.job_id in self._cancel_wanted:
+                            self._cancelled_in_send.update(self._enclave.jobs.transition(
+                                [job.job_id], JobState.CANCELLED, from_states=CANCELLABLE,
+                                reason="cancelled by the client",
+                            ))
             except Exception:  # noqa: BLE001 - the manager retries it, and fails loudly
                 log.debug("sending job %s from the caller's thread failed", job.job_id,
                           exc_info=True)

@@ -566,3 +566,52 @@ def test_shutdown_cancel_futures_while_their_tasks_are_being_sent_cancels_them(
             db.close()
         assert [f for f in fs if not f.cancelled()] == []
         assert {enclave.jobs.get(f.job_id).started for f in fs} == {None}
+
+
+def _cancel_during_lone_send(ex, enclave, cancel):
+    """Submit a lone task, sent from the caller's thread (``_send_now``: its body is over
+    the hand-off limit, so that thread records it itself, and waits here for the enclave's
+    write lock, held by another connection), and ``cancel(f)`` from another thread
+    meanwhile; the future and what the cancel returned."""
+    before = set(ex._futures)
+    db = sqlite3.connect(enclave.home / "kotta.db", isolation_level=None, timeout=GUARD)
+    try:
+        db.execute("BEGIN IMMEDIATE")  # the submit's own send waits for this
+        submitted: list = []
+        submitter = threading.Thread(
+            target=lambda: submitted.append(ex.submit(tasks.noop, b"x" * (100 * 1024))))
+        submitter.start()
+        wait_for(lambda: _in_function(submitter, "_send_now") and _in_function(submitter, "tx"),
+                 what="the submit to record its job itself")  # (to begin its transaction)
+        (job_id,) = set(ex._futures) - before
+        f = ex._futures[job_id]
+        said: list = []
+        canceller = threading.Thread(target=lambda: said.append(cancel(f)))
+        canceller.start()
+        wait_for(lambda: _in_function(canceller, "_cancel_jobs"),
+                 what="the cancel to wait for the send")
+        db.execute("COMMIT")
+        submitter.join(GUARD)
+        canceller.join(GUARD)
+    finally:
+        db.close()
+    assert submitted == [f]
+    return said, f
+
+
+def test_cancel_while_a_lone_submit_sends_its_task_wins(make_executor, enclave):
+    """A lone submit records its job from its own thread (``_send_now``), under the send
+    lock; a cancel() from another thread meanwhile waited for it, then raced the node for
+    the job: cancel() said False (and the task ran) about one time in two, for a task no
+    node had when it was called.  As for the manager's sends, the cancel is recorded in
+    the send's own transaction."""
+    ex = make_executor(2)
+    assert ex.submit(tasks.square, 2).result(timeout=GUARD) == 4  # the node serves
+    for _ in range(6):
+        said, f = _cancel_during_lone_send(ex, enclave, lambda f: f.cancel())
+        assert said == [True]
+        assert f.cancelled()
+        job = enclave.jobs.get(f.job_id)
+        assert (job.state, job.started) == (JobState.CANCELLED, None)
+    assert ex.submit(tasks.square, 3).result(timeout=GUARD) == 9  # (and it serves on)
+
