@@ -132,8 +132,11 @@ class KottaFuture(Future):
         with self._condition:
             if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True
-            if self._state in (RUNNING, FINISHED):
+            if self._state == FINISHED:
                 return False
+            # Running too: a future seen running whose job went back to pending (a stopping
+            # node handed back its task, never begun: node.daemon's _unstage) is cancelled
+            # as any pending one; the cancel of a job that runs changes nothing
             ex = self._executor  # (held, for the calls below: it is weak once done)
         if not ex._cancel_jobs([self.job_id]) and not self._cancelled_by_another(ex):
             # a node has started it: running() is True once cancel() said so, as for the

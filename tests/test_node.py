@@ -832,6 +832,26 @@ def test_kill_of_a_future_seen_running_whose_job_a_stopping_node_handed_back_can
         assert "processing" not in [s for _, s, _ in enclave.jobs.history(f.job_id)][2:]
 
 
+def test_cancel_of_a_future_seen_running_whose_job_a_stopping_node_handed_back_cancels_it(
+        start_node, make_executor, enclave, enclave_dir):
+    """cancel() of a future seen running, whose task its stopping node handed back to
+    pending (never begun), said False: the future was running, so it never asked, though
+    the job was pending again and kill() cancelled it.  Now it cancels the job, no node's,
+    as for any pending one: True, and the task never runs."""
+    ex, futures, back = _handed_back_seen_running(start_node, make_executor, enclave_dir)
+    assert [f.cancel() for f in back] == [True] * len(back)
+    assert all(f.cancelled() and not f.running() for f in back)
+    start_node(workers=1)
+    rest = [f for f in futures if f not in back]
+    assert [f.result(GUARD) for f in rest] == [i * i for i, f in enumerate(futures)
+                                                if f not in back]
+    for f in back:
+        with pytest.raises(CancelledError):
+            f.result(GUARD)
+        assert _finals(enclave, f.job_id) == ["cancelled"]
+        assert "processing" not in [s for _, s, _ in enclave.jobs.history(f.job_id)][2:]
+
+
 def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_once(
         start_node, make_executor, enclave, enclave_dir, tmp_path):
     """The worker asked to stop exits 0 from inside a task it began (os._exit(0)): that is a
