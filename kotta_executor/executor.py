@@ -451,6 +451,8 @@ class KottaExecutor(Executor):
         their owner: only those running this executor's tasks are ended, and the node
         replaces them.  Jobs this executor attached to (``attach``) run on."""
         self._shut_down(False, True, attached=False)
+        if os.getpid() != self._pid:  # a forked child's copy: the tasks are the parent's
+            return
         # after it, when no submit is taken any more: one accepted as it began is here
         with self._shutdown_lock:
             own = self._futures_now(attached=False)
@@ -892,6 +894,14 @@ class KottaExecutor(Executor):
 
     def _cancel_jobs(self, job_ids: list[str]) -> list[str]:
         """Cancel jobs no node has started; returns the ids that were cancelled."""
+        if os.getpid() != self._pid:
+            # a forked child's copy: its send lock may be held for ever (forked as another
+            # thread held it), and the jobs are the parent's, which submit there leaves alone
+            raise RuntimeError(
+                f"this KottaExecutor was made by process {self._pid}, which forked this "
+                "one: its jobs cannot be cancelled or killed here (cancel them in the "
+                "parent, or with `kotta cancel JOB`)"
+            )
         wanted = set(job_ids)
         # said before the wait for the lock: a send under way records them cancelled (_send)
         self._cancel_wanted |= wanted

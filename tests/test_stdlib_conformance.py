@@ -574,6 +574,67 @@ def test_a_forked_child_leaves_the_parents_executor_alone(enclave_dir, tmp_path)
     assert "parent: rest ['b', 'c']" in lines and "parent: next 4" in lines, out.stdout
 
 
+_FORK_AS_THE_SEND_LOCK_IS_HELD = """
+import os, signal, sys, threading, time
+from kotta_executor import KottaExecutor
+from tests import tasks
+ex = KottaExecutor(1, enclave=sys.argv[1], start_node=False)
+f = ex.submit(tasks.square, 3)  # (no node: it stays pending)
+held, forked = threading.Event(), threading.Event()
+
+def hold():  # as the manager holds it while it sends a batch
+    with ex._send_lock:
+        held.set()
+        forked.wait(60)
+
+threading.Thread(target=hold).start()
+assert held.wait(60)
+pid = os.fork()
+if pid == 0:
+    for what in ("cancel", "kill"):
+        try:
+            print("child:", what, getattr(f, what)(), flush=True)
+        except RuntimeError as exc:
+            print("child: refused:", exc, flush=True)
+    ex.terminate_workers()  # (leaves them alone, as shutdown there does)
+    print("child: terminated", flush=True)
+    os._exit(0)
+forked.set()
+deadline = time.monotonic() + 45  # (a guard: the child hangs for ever otherwise)
+while os.waitpid(pid, os.WNOHANG) == (0, 0):
+    if time.monotonic() > deadline:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print("the child hung", flush=True)
+        break
+    time.sleep(0.05)
+print("parent:", ex.enclave.jobs.get(f.job_id).state, f.cancel(), flush=True)
+ex.shutdown()
+"""
+
+
+def test_a_forked_childs_cancel_or_kill_of_the_parents_future_is_refused(enclave_dir):
+    """cancel() or kill() of an inherited future in a child forked while another thread of
+    the client held the executor's send lock (its manager, sending a batch) waited for
+    that lock for ever: no thread of the child holds it.  (Forked at another moment, it
+    cancelled the parent's job behind the parent's back.)  As submit there, it is refused,
+    and the parent's job is left alone, as terminate_workers() there leaves it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    out = subprocess.run([sys.executable, "-c", _FORK_AS_THE_SEND_LOCK_IS_HELD,
+                          str(enclave_dir)], capture_output=True, text=True, timeout=100,
+                         cwd=ROOT, env=subprocess_env())
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stdout + out.stderr
+    refused = [line for line in lines if line.startswith("child: refused: this KottaExecutor "
+                                                         "was made by process")]
+    assert len(refused) == 2, out.stdout
+    assert "child: terminated" in lines, out.stdout
+    assert "parent: pending True" in lines, out.stdout
+
 _FORK_AS_NODE_STARTS = """
 import fcntl, os, sys
 from kotta_executor import KottaExecutor
