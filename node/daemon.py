@@ -52,7 +52,11 @@ from kotta_executor.backends.base import (
     reply_queue,
 )
 from kotta_executor.errors import (
-    AuthenticationError, ConfigurationError, EnvelopeError, InvalidDataUri, KottaError,
+    AuthenticationError,
+    ConfigurationError,
+    EnvelopeError,
+    InvalidDataUri,
+    KottaError,
 )
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.staging import declared
