@@ -716,15 +716,20 @@ def _for_terminal(text: str) -> str:
 def cmd_cancel(args) -> int:
     enclave = _enclave(args, existing=True)
     job = _own_job(enclave, args.job_id, "kotta cancel", verb="cancel or kill")
-    if enclave.jobs.transition([job.job_id], JobState.CANCELLED, from_states=CANCELLABLE,
-                               reason="cancelled with kotta cancel"):
+    def cancelled() -> int:
         # tell the client that submitted it, so its future settles now
         enclave.queue.send(reply_queue(job.client),
                            [Message(job.job_id, wire.pack_replies([(job.job_id, b"")]))])
         enclave.ring_client(job.client)
         print(f"job {job.job_id} cancelled before it started")
         return 0
+
+    if enclave.jobs.transition([job.job_id], JobState.CANCELLED, from_states=CANCELLABLE,
+                               reason="cancelled with kotta cancel"):
+        return cancelled()
     if enclave.jobs.request_kill(job.job_id):  # (not once its task has run)
+        if enclave.jobs.get(job.job_id).state == JobState.CANCELLED:  # pending again
+            return cancelled()  # (a stopping node handed its task back: JobTable.request_kill)
         enclave.ring_nodes(job.queue)
         print(f"job {job.job_id} is being killed")
         return 0

@@ -992,7 +992,11 @@ class KottaExecutor(Executor):
     def _kill_job(self, job_id: str) -> bool:
         ok = self._enclave.jobs.request_kill(job_id)  # (not once its task has run)
         job = self._enclave.jobs.get(job_id) if ok else None
-        if job is not None:
+        if job is not None and job.state == JobState.CANCELLED:
+            # pending again (its task handed back, never begun), so cancelled, not flagged
+            # (JobTable.request_kill): its future is now, as a cancel's
+            self._settle_cancelled(job_id)
+        elif job is not None:
             self._enclave.ring_nodes(job.queue)
         return ok
 

@@ -41,6 +41,7 @@ from hypothesis.stateful import (
 
 from kotta_executor.backends import open_enclave
 from kotta_executor.backends.base import (
+    KILLED_PENDING,
     Delivery,
     Enclave,
     Finished,
@@ -1066,18 +1067,23 @@ def test_request_kill_only_for_active_jobs(backend):
     drive(backend, done, JobState.COMPLETED)
     drive(backend, cancelled, JobState.CANCELLED)
     drive(backend, uploading, JobState.STAGING_OUTPUTS)
+    # not started: cancelled (a node looks for the kill requests of a first delivery only
+    # once it runs: flagged, a short task ran to its end on the next node)
     assert backend.jobs.request_kill(pending) is True
+    assert backend.jobs.get(pending).state == JobState.CANCELLED
+    assert backend.jobs.get(pending).reason == KILLED_PENDING
     assert backend.jobs.request_kill(processing) is True
     # its task has run: a kill would stop nothing now, and must not end a redelivery
     assert backend.jobs.request_kill(uploading) is False
     assert backend.jobs.request_kill(done) is False
     assert backend.jobs.request_kill(cancelled) is False
     assert backend.jobs.request_kill("unknown") is False
+    assert backend.jobs.request_kill(pending) is False  # (cancelled now: final)
     everything = [pending, processing, done, cancelled, uploading, "unknown"]
-    assert backend.jobs.kill_requested(everything) == {pending, processing}
+    assert backend.jobs.kill_requested(everything) == {processing}
     assert backend.jobs.kill_requested([]) == set()
     records = backend.jobs.get_many(everything)
-    assert {j for j, r in records.items() if r.kill_requested} == {pending, processing}
+    assert {j for j, r in records.items() if r.kill_requested} == {processing}
 
 
 def test_get_many_omits_unknown_ids(backend):

@@ -29,7 +29,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from kotta_executor.backends.base import Delivery, Enclave, Finished, NewJob
+from kotta_executor.backends.base import KILLED_PENDING, Delivery, Enclave, Finished, NewJob
 from kotta_executor.backends.embedded import EmbeddedEnclave
 from kotta_executor.errors import InvalidTransition
 from kotta_executor.states import ACTIVE, FINAL, KILLABLE, JobState, allowed, sources
@@ -213,7 +213,10 @@ class BackendMachine(RuleBasedStateMachine):
         job_id = self.pick_job(i)
         m = self.jobs[job_id]
         ok = m.state in KILLABLE
-        if ok:
+        if m.state is JobState.PENDING:  # not started: cancelled, not flagged
+            m.state, m.reason, m.finished = JobState.CANCELLED, KILLED_PENDING, True
+            m.history.append((str(JobState.CANCELLED), KILLED_PENDING))
+        elif ok:
             m.kill = True
         for name, e in self.each():
             assert e.jobs.request_kill(job_id) is ok, name

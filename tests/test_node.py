@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from kotta_executor import CorruptTask, DeliveryFailed, WorkerDied, wire
-from kotta_executor.backends.base import Finished, NewJob
+from kotta_executor.backends.base import KILLED_PENDING, Finished, NewJob
 from kotta_executor.states import FINAL, JobState
 from node.worker import STOP_SIGNAL
 from tests import tasks
@@ -850,6 +850,29 @@ def test_cancel_of_a_future_seen_running_whose_job_a_stopping_node_handed_back_c
             f.result(GUARD)
         assert _finals(enclave, f.job_id) == ["cancelled"]
         assert "processing" not in [s for _, s, _ in enclave.jobs.history(f.job_id)][2:]
+
+
+def test_a_kill_request_that_finds_its_job_pending_again_cancels_it(
+        start_node, make_executor, enclave, enclave_dir):
+    """kill() asks for a kill once its cancels found the job started; a stopping node may
+    hand the task back, never begun, just before that ask.  The job, pending again, was
+    flagged, and ran to its end on the next node (which looks for the kill requests of a
+    first delivery only once it runs), though kill() had said True.  A kill request that
+    finds its job pending now cancels it (the step kill() takes after its cancels, called
+    here as the race leaves it)."""
+    ex, futures, back = _handed_back_seen_running(start_node, make_executor, enclave_dir)
+    killed = back[0]
+    assert ex._kill_job(killed.job_id) is True
+    assert killed.cancelled() and not killed.running()
+    start_node(workers=1)
+    rest = [f for f in futures if f is not killed]
+    assert [f.result(GUARD) for f in rest] == [i * i for i, f in enumerate(futures)
+                                                if f is not killed]
+    with pytest.raises(CancelledError):
+        killed.result(GUARD)
+    assert _finals(enclave, killed.job_id) == ["cancelled"]
+    assert enclave.jobs.get(killed.job_id).reason == KILLED_PENDING
+    assert "processing" not in [s for _, s, _ in enclave.jobs.history(killed.job_id)][2:]
 
 
 def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_once(

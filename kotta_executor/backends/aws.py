@@ -60,6 +60,7 @@ from .. import states
 from ..errors import ConfigurationError, KottaError
 from ..states import JobState
 from .base import (
+    KILLED_PENDING,
     BlobStore,
     Delivery,
     Enclave,
@@ -2119,6 +2120,11 @@ class DynamoJobs(_DynamoTable, JobTable):
 
     def request_kill(self, job_id):
         self._kills = None
+        # (two conditional writes, not one: a job moved back to pending between them is
+        # flagged, and runs until its next node's first look for kill requests)
+        if self.transition([job_id], JobState.CANCELLED, from_states={JobState.PENDING},
+                           reason=KILLED_PENDING):  # (see JobTable.request_kill)
+            return True
         values: dict[str, Any] = {":t": {"BOOL": True}, ":now": _n(time.time())}
         condition = self._state_in(states.KILLABLE, values)
         return self._update(

@@ -217,6 +217,10 @@ class BlobStore(abc.ABC):
         ``""`` once the listing has ended."""
 
 
+#: the reason of a job cancelled by a kill request that found it pending (request_kill)
+KILLED_PENDING = "killed before a node started it"
+
+
 class JobTable(abc.ABC):
     @abc.abstractmethod
     def create(self, jobs: Sequence[NewJob], *, enqueue: bool = True) -> None:
@@ -289,7 +293,13 @@ class JobTable(abc.ABC):
     @abc.abstractmethod
     def request_kill(self, job_id: str) -> bool:
         """Flag a job to be killed, if a kill can still stop it (``states.KILLABLE``: not
-        once its task has run, in staging_outputs); whether it was flagged."""
+        once its task has run, in staging_outputs); whether it was flagged.  A job no node
+        has started (pending) is cancelled instead (reason ``KILLED_PENDING``): a node
+        looks for the kill requests of a first delivery only once it runs, so a flagged
+        pending job ran on the next node (a short one to its end), though ``kill()`` of a
+        job not started promises a cancel.  (A job is pending again after a stopping node
+        handed its task back, never begun: a kill made as the client still saw it
+        running.)"""
 
     @abc.abstractmethod
     def kill_requested(self, job_ids: Sequence[str]) -> set[str]: ...

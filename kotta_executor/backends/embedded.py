@@ -37,6 +37,7 @@ from .. import states
 from ..errors import ConfigurationError
 from ..states import JobState
 from .base import (
+    KILLED_PENDING,
     BlobStore,
     Delivery,
     Enclave,
@@ -958,6 +959,9 @@ class EmbeddedJobs(JobTable):
     def request_kill(self, job_id):
         active = [str(s) for s in states.KILLABLE]
         with self._db.tx() as c:
+            if self.transition([job_id], JobState.CANCELLED, from_states={JobState.PENDING},
+                               reason=KILLED_PENDING):  # (see JobTable.request_kill)
+                return True
             row = c.execute(
                 "UPDATE jobs SET kill_requested=1, updated=? WHERE job_id=? AND state IN"
                 f" ({_marks(len(active))}) RETURNING job_id",
