@@ -6,6 +6,7 @@ subprocesses, the enclave is a real SQLite file under the test's tmp_path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +20,27 @@ import pytest
 
 from kotta_executor import KottaExecutor
 from kotta_executor.backends.embedded import EmbeddedEnclave
+
+#: the backends a test of both runs on (``open_backend``)
+BACKENDS = ("aws", "embedded")
+
+
+@contextlib.contextmanager
+def open_backend(name: str, tmp_path: Path):
+    """A fresh enclave of the backend ``name`` (``BACKENDS``): embedded, under
+    ``tmp_path``; AWS, on moto in this process.  Closed after."""
+    if name == "aws":
+        from tests.aws_moto import aws_on_moto
+
+        with aws_on_moto(tmp_path) as enclave:
+            yield enclave
+        return
+    enclave = EmbeddedEnclave(tmp_path / "enclave")
+    try:
+        yield enclave
+    finally:
+        enclave.close()
+
 
 ROOT = Path(__file__).resolve().parent.parent
 #: deadlock guard for waits in tests; never a performance expectation

@@ -3,7 +3,6 @@ checkpoints, each way of tampering with it, concurrent writers, and ``kotta audi
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -32,33 +31,13 @@ from kotta_executor.security.audit import (
     record_key,
 )
 from kotta_executor.security.keys import derived_key
-from tests.conftest import GUARD, ROOT, subprocess_env
+from tests.conftest import BACKENDS, GUARD, ROOT, open_backend, subprocess_env
 
 
-@contextlib.contextmanager
-def _embedded(tmp_path) -> Iterator[Enclave]:
-    enclave = EmbeddedEnclave(tmp_path / "enclave")
-    try:
-        yield enclave
-    finally:
-        enclave.close()
-
-
-@contextlib.contextmanager
-def _aws(tmp_path) -> Iterator[Enclave]:
-    from tests.aws_moto import aws_on_moto
-
-    with aws_on_moto(tmp_path) as enclave:
-        yield enclave
-
-
-OPEN = {"embedded": _embedded, "aws": _aws}
-
-
-@pytest.fixture(params=sorted(OPEN))
+@pytest.fixture(params=BACKENDS)
 def enclave(request, tmp_path) -> Iterator[Enclave]:
     """A fresh enclave of each backend (overrides conftest's embedded-only one)."""
-    with OPEN[request.param](tmp_path) as e:
+    with open_backend(request.param, tmp_path) as e:
         yield e
 
 

@@ -813,33 +813,29 @@ def test_a_future_seen_running_whose_job_a_stopping_node_handed_back_ends_when_c
         assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
 
 
-def test_kill_of_a_future_seen_running_whose_job_a_stopping_node_handed_back_cancels_it(
-        start_node, make_executor, enclave, enclave_dir):
-    """kill() of a future seen running, whose task its stopping node handed back to pending
-    (never begun), said True and only flagged the job: the next node, which looks for
-    kill requests of a first delivery once it runs, ran it, and the "killed" future
-    returned its result.  Now the job, no node's, is cancelled, and never runs."""
-    ex, futures, back = _handed_back_seen_running(start_node, make_executor, enclave_dir)
-    assert all(f.kill() for f in back)
-    start_node(workers=1)
-    rest = [f for f in futures if f not in back]
-    assert [f.result(GUARD) for f in rest] == [i * i for i, f in enumerate(futures)
-                                                if f not in back]
-    for f in back:
-        with pytest.raises(CancelledError):
-            f.result(GUARD)
-        assert _finals(enclave, f.job_id) == ["cancelled"]
-        assert "processing" not in [s for _, s, _ in enclave.jobs.history(f.job_id)][2:]
+@pytest.mark.parametrize("how", ["cancel", "kill", "kill request"])
+def test_a_future_seen_running_whose_job_a_stopping_node_handed_back_is_cancelled(
+        start_node, make_executor, enclave, enclave_dir, how):
+    """A future seen running, whose task its stopping node handed back to pending (never
+    begun), and then:
 
+    - cancelled: cancel() said False, as the future was running, so it never asked,
+      though the job was pending again;
+    - killed: kill() said True and only flagged the job, and the next node, which looks
+      for the kill requests of a first delivery only once it runs, ran it: the "killed"
+      future returned its result;
+    - kill request: kill() asks for a kill once its cancels found the job started, and
+      the hand-back may come just before that ask (the step is called here as that race
+      leaves it): the job, pending again, was flagged, and ran to its end.
 
-def test_cancel_of_a_future_seen_running_whose_job_a_stopping_node_handed_back_cancels_it(
-        start_node, make_executor, enclave, enclave_dir):
-    """cancel() of a future seen running, whose task its stopping node handed back to
-    pending (never begun), said False: the future was running, so it never asked, though
-    the job was pending again and kill() cancelled it.  Now it cancels the job, no node's,
-    as for any pending one: True, and the task never runs."""
+    Now the job, no node's, is cancelled as any pending one, and never runs."""
     ex, futures, back = _handed_back_seen_running(start_node, make_executor, enclave_dir)
-    assert [f.cancel() for f in back] == [True] * len(back)
+    if how == "cancel":
+        assert [f.cancel() for f in back] == [True] * len(back)
+    elif how == "kill":
+        assert all(f.kill() for f in back)
+    else:
+        assert all(ex._kill_job(f.job_id) for f in back)
     assert all(f.cancelled() and not f.running() for f in back)
     start_node(workers=1)
     rest = [f for f in futures if f not in back]
@@ -850,38 +846,22 @@ def test_cancel_of_a_future_seen_running_whose_job_a_stopping_node_handed_back_c
             f.result(GUARD)
         assert _finals(enclave, f.job_id) == ["cancelled"]
         assert "processing" not in [s for _, s, _ in enclave.jobs.history(f.job_id)][2:]
-
-
-def test_a_kill_request_that_finds_its_job_pending_again_cancels_it(
-        start_node, make_executor, enclave, enclave_dir):
-    """kill() asks for a kill once its cancels found the job started; a stopping node may
-    hand the task back, never begun, just before that ask.  The job, pending again, was
-    flagged, and ran to its end on the next node (which looks for the kill requests of a
-    first delivery only once it runs), though kill() had said True.  A kill request that
-    finds its job pending now cancels it (the step kill() takes after its cancels, called
-    here as the race leaves it)."""
-    ex, futures, back = _handed_back_seen_running(start_node, make_executor, enclave_dir)
-    killed = back[0]
-    assert ex._kill_job(killed.job_id) is True
-    assert killed.cancelled() and not killed.running()
-    start_node(workers=1)
-    rest = [f for f in futures if f is not killed]
-    assert [f.result(GUARD) for f in rest] == [i * i for i, f in enumerate(futures)
-                                                if f is not killed]
-    with pytest.raises(CancelledError):
-        killed.result(GUARD)
-    assert _finals(enclave, killed.job_id) == ["cancelled"]
-    assert enclave.jobs.get(killed.job_id).reason == KILLED_PENDING
-    assert "processing" not in [s for _, s, _ in enclave.jobs.history(killed.job_id)][2:]
+        if how == "kill request":
+            assert enclave.jobs.get(f.job_id).reason == KILLED_PENDING
 
 
 def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_once(
         start_node, make_executor, enclave, enclave_dir, tmp_path):
     """The worker asked to stop exits 0 from inside a task it began (os._exit(0)): that is a
     worker that died under its task, not one that stopped as asked, and the task is not run
-    again (found by review: keyed on status 0, the node handed it back)."""
+    again (found by review: keyed on status 0, the node handed it back).  The tasks piped
+    behind it, which it never began (a worker runs one task after another), went back
+    counted, their jobs left in processing: with `--max-deliveries 1` the next node
+    dead-lettered them (DeliveryFailed, "delivered 1 times without completing") though
+    they never ran.  Now they are pending again, uncounted, and run on the next node."""
     log, release = tmp_path / "pids", tmp_path / "release"
-    a = start_node("--prefetch", "3", workers=1)  # (as many held as before)
+    a = start_node("--max-deliveries", "1", "--prefetch", "3", workers=1)  # (as many held
+    # as before)
     ex = make_executor(1, start_node=False)
     worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
     _freeze(a, enclave_dir)  # so that it takes them in one step, and pipes them together
@@ -893,6 +873,7 @@ def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_o
         wait_for(lambda: _pids(log), what="the head task to begin on node A")
         wait_for(lambda: any(j.state == "processing" for j in enclave.jobs.get_many(ids).values()),
                  what="node A to pipe tasks behind the head one")
+        piped = [j.job_id for j in enclave.jobs.get_many(ids).values() if j.state == "processing"]
         _stop_process(worker)  # to see the request arrive while the head runs
         try:
             a.proc.send_signal(signal.SIGTERM)
@@ -902,12 +883,15 @@ def test_a_task_that_began_and_ends_its_worker_during_the_drain_fails_and_runs_o
             os.kill(worker, signal.SIGCONT)
     finally:
         tasks.release(release, "go")  # the head, well under way, now ends its worker with 0
-    assert a.proc.wait(GUARD) == 0
-    start_node(workers=1)
+    assert a.proc.wait(GUARD) == 0, a.output()
+    records = enclave.jobs.get_many(piped)
+    assert {(r.state, r.node, r.attempts) for r in records.values()} == {("pending", None, 0)}
+    start_node("--max-deliveries", "1", workers=1)
     assert [f.result(GUARD) for f in rest] == [i * i for i in range(7)]
     with pytest.raises(WorkerDied, match="exited with code 0"):
         head.result(GUARD)
     assert len(_pids(log)) == 1  # it began once, on node A
+    assert enclave.queue.dead_letters("test") == []
 
 
 def test_a_node_stopping_with_busy_workers_ends_them_together_not_one_after_another(
@@ -1742,42 +1726,3 @@ def test_tasks_piped_behind_one_still_running_at_the_drain_deadline_are_pending_
     assert (r.state, r.node) == (JobState.PROCESSING, node.node_id)
 
 
-def test_tasks_piped_behind_one_whose_worker_dies_during_the_drain_are_not_counted(
-        start_node, make_executor, enclave, enclave_dir, tmp_path):
-    """A stopping node's worker dies under the task it runs (here it ends itself, status
-    0): that task fails, and the tasks piped behind it, which it never began (a worker
-    runs one task after another), go back to the queue.  They went back counted, their
-    jobs left in processing: with `--max-deliveries 1` the next node dead-lettered them
-    (DeliveryFailed, "delivered 1 times without completing") though they never ran.  Now
-    they are pending again, uncounted, and run on the next node."""
-    log, release = tmp_path / "pids", tmp_path / "release"
-    a = start_node("--max-deliveries", "1", "--prefetch", "3", workers=1)
-    ex = make_executor(1, start_node=False)
-    worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
-    _freeze(a, enclave_dir)  # so that it takes them in one step, and pipes them together
-    head = ex.submit(tasks.log_pid_wait_and_exit_0, str(log), str(release))
-    rest = [ex.submit(tasks.square, i) for i in range(7)]
-    os.kill(a.pid, signal.SIGCONT)
-    ids = [f.job_id for f in rest]
-    try:
-        wait_for(lambda: _pids(log), what="the head task to begin on node A")
-        wait_for(lambda: any(j.state == "processing" for j in enclave.jobs.get_many(ids).values()),
-                 what="node A to pipe tasks behind the head one")
-        piped = [j.job_id for j in enclave.jobs.get_many(ids).values() if j.state == "processing"]
-        _stop_process(worker)  # to see the request arrive while the head runs
-        try:
-            a.proc.send_signal(signal.SIGTERM)
-            wait_for(lambda: _signal_pending(worker, STOP_SIGNAL),
-                     what="node A to ask its worker to stop")
-        finally:
-            os.kill(worker, signal.SIGCONT)
-    finally:
-        tasks.release(release, "go")  # the head, well under way, now ends its worker
-    assert a.proc.wait(GUARD) == 0, a.output()
-    records = enclave.jobs.get_many(piped)
-    assert {(r.state, r.node, r.attempts) for r in records.values()} == {("pending", None, 0)}
-    start_node("--max-deliveries", "1", workers=1)
-    assert [f.result(GUARD) for f in rest] == [i * i for i in range(7)]
-    with pytest.raises(WorkerDied, match="exited with code 0"):
-        head.result(GUARD)
-    assert enclave.queue.dead_letters("test") == []

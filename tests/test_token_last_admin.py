@@ -4,42 +4,20 @@ admin who can act.  Real records (SQLite; DynamoDB on moto), two threads."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 from kotta_executor.backends.base import Enclave
-from kotta_executor.backends.embedded import EmbeddedEnclave
 from kotta_executor.errors import ConfigurationError
 from kotta_executor.security.tokens import TokenService
-from tests.conftest import GUARD
+from tests.conftest import BACKENDS, GUARD, open_backend
 
 
-@contextlib.contextmanager
-def _embedded(tmp_path) -> Iterator[Enclave]:
-    enclave = EmbeddedEnclave(tmp_path / "enclave")
-    try:
-        yield enclave
-    finally:
-        enclave.close()
-
-
-@contextlib.contextmanager
-def _aws(tmp_path) -> Iterator[Enclave]:
-    from tests.aws_moto import aws_on_moto
-
-    with aws_on_moto(tmp_path) as enclave:
-        yield enclave
-
-
-OPEN = {"embedded": _embedded, "aws": _aws}
-
-
-@pytest.fixture(params=sorted(OPEN))
+@pytest.fixture(params=BACKENDS)
 def enclave(request, tmp_path) -> Iterator[Enclave]:
-    with OPEN[request.param](tmp_path) as e:
+    with open_backend(request.param, tmp_path) as e:
         yield e
 
 
