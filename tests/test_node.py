@@ -25,7 +25,7 @@ from kotta_executor.backends.base import KILLED_PENDING, Finished, NewJob
 from kotta_executor.states import FINAL, JobState
 from node.worker import STOP_SIGNAL
 from tests import tasks
-from tests.conftest import GUARD, gone, wait_for
+from tests.conftest import GUARD, ROOT, gone, wait_for
 from tests.test_requirements import offline_pip as offline_pip  # noqa: F401 - a fixture
 
 # ---------------------------------------------------------------------- helpers
@@ -1501,24 +1501,37 @@ def test_a_blob_left_half_written_by_a_killed_client_is_deleted_once_old(start_n
     assert young.exists()
 
 
+def _stepped_node(enclave, make_executor, monkeypatch, **config):
+    """An in-process node of one worker, stepped by the test, and an executor of its queue
+    with no node of its own: ``(node, executor, worker)``, the worker ready and with a tiny
+    average, so that the node pipes tasks to it deep.  The test stops the node
+    (``stopping``, ``_drain()``, ``_stop()``)."""
+    from node.daemon import Node, NodeConfig
+
+    monkeypatch.chdir(ROOT)
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05, **config))
+    node._start()
+    try:
+        ex = make_executor(1, start_node=False)
+        first = ex.submit(tasks.worker_pid)
+        while not first.done():
+            node.step()
+        [w] = node.workers
+    except BaseException:
+        node.stopping = True
+        node._stop()
+        raise
+    return node, ex, w
+
+
 def test_tasks_back_from_a_retired_worker_are_pending_and_uncounted_when_the_node_stops(
         make_executor, enclave, monkeypatch):
     """Tasks piped to a worker that then stopped as asked (retired: max_tasks_per_child, or
     a task with restricted data) wait in the node, claimed; stopped then, the node hands
     them back as tasks never begun: pending, their receive not counted.  In-process node,
     stepped by the test."""
-    from node.daemon import Node, NodeConfig
-    from tests.conftest import ROOT
-
-    monkeypatch.chdir(ROOT)
-    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
-    node._start()
-    ex = make_executor(1, start_node=False)
+    node, ex, w = _stepped_node(enclave, make_executor, monkeypatch)
     try:
-        first = ex.submit(tasks.worker_pid)
-        while not first.done():  # a ready worker, with a tiny average: it pipes deep
-            node.step()
-        [w] = node.workers
         _stop_process(w.pid)  # it cannot begin them
         jobs = [ex._new_job(os.urandom(16).hex(), tasks.square, [((i,), {})], ex._options)
                 for i in range(8)]
@@ -1639,19 +1652,9 @@ def test_a_task_back_from_a_retired_worker_that_then_runs_is_not_handed_back_as_
     back to pending and handed it back uncounted: it ran again elsewhere, though it had
     run here.  Once it begins it is no longer taken for never begun.  In-process node,
     stepped by the test."""
-    from node.daemon import Node, NodeConfig
-    from tests.conftest import ROOT
-
-    monkeypatch.chdir(ROOT)
     log, release = tmp_path / "pids", tmp_path / "release"
-    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
-    node._start()
-    ex = make_executor(1, start_node=False)
+    node, ex, w = _stepped_node(enclave, make_executor, monkeypatch)
     try:
-        first = ex.submit(tasks.worker_pid)
-        while not first.done():  # a ready worker, with a tiny average: it pipes deep
-            node.step()
-        [w] = node.workers
         _stop_process(w.pid)  # it cannot begin them
         jobs = [ex._new_job(os.urandom(16).hex(), tasks.log_pid_and_wait,
                             [((str(log), str(release)), {})], ex._options) for _ in range(8)]
@@ -1688,20 +1691,9 @@ def test_tasks_piped_behind_one_still_running_at_the_drain_deadline_are_pending_
     them (DeliveryFailed), though they never ran.  Now, as the guide says of a task queued
     in a worker's pipe behind the running one, they are pending again, uncounted.
     In-process node, stepped by the test."""
-    from node.daemon import Node, NodeConfig
-    from tests.conftest import ROOT
-
-    monkeypatch.chdir(ROOT)
     log, release = tmp_path / "pids", tmp_path / "release"
-    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
-                                    drain_timeout=0.2))
-    node._start()
-    ex = make_executor(1, start_node=False)
+    node, ex, w = _stepped_node(enclave, make_executor, monkeypatch, drain_timeout=0.2)
     try:
-        first = ex.submit(tasks.worker_pid)
-        while not first.done():  # a ready worker, with a tiny average: it pipes deep
-            node.step()
-        [w] = node.workers
         head = ex._new_job(os.urandom(16).hex(), tasks.log_pid_and_wait,
                            [((str(log), str(release)), {})], ex._options)
         behind = [ex._new_job(os.urandom(16).hex(), tasks.square, [((i,), {})], ex._options)
