@@ -262,6 +262,10 @@ class KottaExecutor(Executor):
     ):
         max_workers, max_tasks_per_child = _pool_sizes(max_workers, max_tasks_per_child)
         start_node = _start_node_mode(start_node)
+        if credentials is not None and not isinstance(credentials, (Credentials, str, os.PathLike)):
+            # (Path's own error, "expected str, bytes or os.PathLike object", named nothing)
+            raise TypeError(f"credentials must be a token file's path or Credentials, not "
+                            f"{type(credentials).__name__} {credentials!r}")
         self._max_workers = max_workers
         self._options = Options.make(queue, walltime, requirements)
         del mp_context  # (ProcessPoolExecutor's: a node's workers are always processes of

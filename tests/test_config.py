@@ -284,6 +284,20 @@ def test_executor_rejects_a_start_node_it_does_not_know(enclave_dir: Path, start
         connect(enclave_dir, start_node=start_node)
 
 
+@pytest.mark.parametrize("what, value, named", [
+    ("enclave", 5, "an enclave is a directory"), ("enclave", b"x", "an enclave is"),
+    ("credentials", 5, "credentials must be"), ("credentials", ["t"], "credentials must be"),
+], ids=repr)
+def test_an_enclave_or_credentials_of_the_wrong_type_is_refused_naming_it(
+        what: str, value, named: str) -> None:
+    """``KottaExecutor(enclave=5)`` or ``credentials=5`` raised Python's own "expected str,
+    bytes or os.PathLike object, not int", which names neither the parameter nor what it
+    takes."""
+    with pytest.raises(TypeError, match=named) as info:
+        KottaExecutor(start_node=False, **{what: value})
+    assert repr(value) in str(info.value)
+
+
 @pytest.mark.parametrize("start_node", ["auto", True, False, "never", None, 1, 0], ids=repr)
 def test_executor_takes_the_start_nodes_it_knows(enclave_dir: Path, start_node) -> None:
     KottaExecutor(start_node=start_node, enclave=enclave_dir).shutdown()

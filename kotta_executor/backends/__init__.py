@@ -121,6 +121,7 @@ def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist:
     new empty enclave that has no jobs.  The default one under $KOTTA_HOME is always made."""
     if isinstance(spec, Enclave):
         return spec
+    _check_type(spec)  # (os.fspath's own error named neither the enclave nor what it takes)
     spec = _spec(spec)
     from .embedded import EmbeddedEnclave
 
@@ -146,9 +147,7 @@ def check_spec(spec: object) -> None:
     enclave at its first call only."""
     if spec is None or isinstance(spec, Enclave):
         return
-    if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"an enclave is a directory, an embedded:// or aws:// URL, or an "
-                        f"Enclave, not {type(spec).__name__} {spec!r}")
+    _check_type(spec)
     spec = _spec(spec)
     if _embedded_home(spec) is not None:  # (raises for a URL missing its '//')
         return
@@ -157,6 +156,12 @@ def check_spec(spec: object) -> None:
     from .aws import parse_url
 
     parse_url(spec)
+
+
+def _check_type(spec: object) -> None:
+    if spec is not None and not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"an enclave is a directory, an embedded:// or aws:// URL, or an "
+                        f"Enclave, not {type(spec).__name__} {spec!r}")
 
 
 def _unknown_scheme(spec: str) -> ConfigurationError:
