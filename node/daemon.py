@@ -1195,8 +1195,9 @@ class Node:
             if used <= self.memory_limit:
                 self._pss_read[head.job_id] = (now, rss, used, time.monotonic() - began)
                 continue
-            what = ("proportional set size (PSS)" if exact
-                    else "PSS, RSS where PSS could not be read")
+            what = ("proportional set size (PSS) of its anonymous and shared memory" if exact
+                    else "PSS of its anonymous and shared memory, RSS where PSS could not "
+                         "be read")
             limit_mb = self.memory_limit // (1024 * 1024)
             head.killed_at_kb = used // 1024  # (its usage's peak: see _unreported_usage)
             w.kill(

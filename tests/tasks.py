@@ -754,6 +754,22 @@ def hold_memory_until(mb, release):
     return len(held) // (1024 * 1024)
 
 
+def map_file_until(path, mb, mapped, release):
+    """Write ``mb`` MiB to ``path``, map it, read every page (resident: the file's page
+    cache, in this process's RSS), say so in ``mapped``, and hold the mapping until
+    ``release`` exists.  Returns the sum of a byte from each page."""
+    import mmap
+
+    with open(path, "wb") as f:
+        for _ in range(int(mb)):
+            f.write(b"\x01" * (1024 * 1024))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        total = sum(m[i] for i in range(0, len(m), 4096))
+        _at_once(mapped, "mapped")
+        wait_for_file(release)
+    return total
+
+
 def share_memory_with_children(mb, children, started_dir, release):
     """Fill ``mb`` MiB, then fork ``children`` that only read nothing and wait for
     ``release`` (so the filled pages stay shared with the parent, copy-on-write); each

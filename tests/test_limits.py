@@ -316,6 +316,27 @@ def _hog_in_children(children, mb, seconds):
     return "not killed"
 
 
+def test_the_pages_of_a_file_a_task_maps_do_not_count_against_its_memory(
+        start_node, make_executor, tmp_path):
+    """A task that maps a dataset file (``mmap``, ``numpy.memmap``) and reads it has the
+    file's pages in its RSS and PSS: it was killed for "using" 200 MB under a 100 MB limit,
+    though those pages are the file's cache, which the kernel drops and reads again as it
+    needs (they are no memory the task holds).  Memory the task allocates still counts."""
+    mapped, release = tmp_path / "mapped", tmp_path / "release"
+    start_node("--memory-limit", "100")
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.map_file_until, str(tmp_path / "data"), 200, str(mapped), str(release))
+    wait_for(lambda: mapped.exists() or f.done(), what="the task to map the file")
+    mark = time.monotonic()  # past a few memory checks (MEMORY_CHECK_INTERVAL)
+    wait_for(lambda: f.done() or time.monotonic() > mark + 2.0, timeout=GUARD,
+             what="a few memory checks")
+    tasks.release(release, "go")
+    assert f.result(GUARD) == 200 * 256  # (a byte of each page, each 1)
+    g = ex.submit(tasks.allocate_and_sleep, 300)
+    with pytest.raises(MemoryLimitExceeded, match="over the memory limit of 100 MB"):
+        g.result(GUARD)
+
+
 def test_children_holding_memory_of_their_own_are_still_killed(start_node, make_executor):
     """Memory the children do not share (each its own 100 MB) still counts in full; the
     message names the figure judged."""
@@ -323,7 +344,8 @@ def test_children_holding_memory_of_their_own_are_still_killed(start_node, make_
     ex = make_executor(1, start_node=False)
     f = ex.submit(_hog_in_children, 3, 100, 30)
     with pytest.raises(MemoryLimitExceeded, match=(
-            r"used \d+ MB \(proportional set size \(PSS\), summed over its process tree\), "
+            r"used \d+ MB \(proportional set size \(PSS\) of its anonymous and shared memory, "
+            r"summed over its process tree\), "
             r"over the memory limit of 200 MB")):
         f.result(timeout=GUARD)
 
