@@ -1536,9 +1536,10 @@ class KottaExecutor(Executor):
         f.stdout = env.text("stdout")
         f.stderr = env.text("stderr")
         f._usage = env.header.get("usage")
-        for ok, value in outcomes:
+        after = _stderr_after(env)
+        for i, (ok, value) in enumerate(outcomes):
             if not ok and isinstance(value, BaseException):
-                _annotate(value, job_id, f.stderr)
+                _annotate(value, job_id, _stderr_until(env, after[i]) if i in after else f.stderr)
                 if isinstance(value, TaskRejected):  # (a token revoked: the next submit
                     self._creds.look_again()  # takes up one registered since, if any)
         if f._batch == "values":
@@ -2211,6 +2212,23 @@ def _fail_if_pending(f: Future, exc: BaseException) -> None:
             f.set_exception(exc)
     except InvalidStateError:
         pass
+
+
+def _stderr_after(env: wire.Envelope) -> dict[int, int]:
+    """Of a task of several calls: how much stderr the calls after each failed one wrote
+    (the node says so; an older node does not, and malformed it is ignored)."""
+    after = env.header.get("stderr_after")
+    try:
+        return {i: n for i, n in after if type(i) is int and type(n) is int and n >= 0}
+    except (TypeError, ValueError):  # (None: a task of one call, or an older node)
+        return {}
+
+
+def _stderr_until(env: wire.Envelope, after: int) -> str:
+    """The stderr of a task as one of its calls failed: without what later calls wrote
+    (a packed map item's exception showed the other items' output as its own)."""
+    data = env.sections.get("stderr", b"")
+    return data[:max(0, len(data) - after)].decode("utf-8", "replace")
 
 
 def _annotate(exc: BaseException, job_id: str, stderr: str | None) -> None:

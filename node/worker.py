@@ -223,6 +223,12 @@ if _LIBC is not None and sys.platform.startswith("linux"):
         _FALLOCATE.restype = ctypes.c_int
 
 
+def _stderr_size() -> int:
+    """How much the task has written to stderr so far (its buffers flushed)."""
+    _flush_streams()
+    return os.fstat(_CAPTURE[1]).st_size
+
+
 def _flush_streams() -> None:
     """Flush Python's and C's buffered output, so it lands in this task's capture."""
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
@@ -348,6 +354,7 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
             outcome, failed, reason = wire.ERROR, h["n"], wire.summary(err)
             payload = wire.dump_exception(err)
             calls = None
+    failed_at: list[list[int]] = []  # [call, stderr's size as it failed], in a task of several
     if calls is not None:
         items = []
         for args, kwargs in calls:
@@ -356,6 +363,8 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
             except BaseException as exc:  # noqa: BLE001 - SystemExit from user code is a failure too
                 if os.getpid() != _PID:
                     _leave_forked(exc)
+                if h["n"] > 1:  # (a failure only: no cost to the calls that return)
+                    failed_at.append([len(items), _stderr_size()])
                 items.append(("raise", wire.prepare_exception(exc)))
             else:
                 if os.getpid() != _PID:
@@ -384,6 +393,10 @@ def _run_task(env: wire.Envelope) -> tuple[bytes, bytes]:
                                 python=wire.PYTHON)
     if reason:
         header["reason"] = reason
+    if failed_at:  # how much stderr the calls after each failed one wrote: the client
+        # shows a call's exception with the stderr up to its failure, not the later calls'
+        end = _stderr_size()
+        header["stderr_after"] = [[i, max(0, end - size)] for i, size in failed_at]
     global _PRINTED
     out, err = read_capture(_CAPTURE[0]), read_capture(_CAPTURE[1])
     _PRINTED = bool(out or err)

@@ -1111,3 +1111,11 @@ def bytes_or_raise(n):
     if n < 0:
         raise ValueError(f"no bytes for {n}")
     return os.urandom(n)
+
+
+def complain_on(x, bad):
+    """Write ``item x err`` to stderr; raise ValueError for ``x == bad``, else return x."""
+    print(f"item {x} err", file=sys.stderr)
+    if x == bad:
+        raise ValueError(f"item {x} is bad")
+    return x

@@ -270,6 +270,27 @@ def test_map_raises_at_the_failing_item_after_earlier_ones(executor, process_poo
     # KottaExecutor yields every item before the failing one whatever the chunking)
 
 
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_a_packed_map_items_exception_shows_the_stderr_up_to_its_own_failure(
+        make_executor, chunksize):
+    """The note of a failed item of a task of several items shows its task's stderr up to
+    that item's failure (its own output last), not what the items after it wrote: that was
+    the tail of the whole task's stderr, so item 1 of [0, 1, 2] showed item 2's lines as
+    its "remote stderr".  The future's (and attach()'s) stderr is still the whole task's."""
+    ex = make_executor(1)  # 192 items: 3 a task (192 // 64), as with chunksize=3
+    with pytest.raises(ValueError, match="item 1 is bad") as info:
+        list(ex.map(tasks.complain_on, range(192), [1] * 192, chunksize=chunksize,
+                    timeout=GUARD))
+    note = next(n for n in info.value.__notes__ if n.startswith("kotta job "))
+    job_id = note.split()[2]
+    assert ex.enclave.jobs.get(job_id).n == 3
+    assert note.endswith("--- remote stderr (tail) ---\nitem 0 err\nitem 1 err"), note
+    attached = ex.attach(job_id)
+    with pytest.raises(ValueError, match="item 1 is bad"):
+        attached.result(timeout=GUARD)
+    assert attached.stderr == "item 0 err\nitem 1 err\nitem 2 err\n"
+
+
 def test_map_timeout_raises_on_iteration_not_at_call(executor, gate):
     it = executor.map(tasks.wait_for_file, [str(gate.release)], timeout=0.3)
     with pytest.raises(TimeoutError):
