@@ -1007,10 +1007,8 @@ class KottaExecutor(Executor):
     def _job_status(self, f: KottaFuture) -> str:
         job = self._enclave.jobs.get(f.job_id)
         if job is None:
-            if f.cancelled():
-                return str(JobState.CANCELLED)
-            if f.done():  # failed before it was sent (a dependency failed)
-                return str(JobState.FAILED)
+            if f.done():  # failed before it was sent (a dependency failed), or its record
+                return f._ended()  # was removed since (kotta prune): as the future ended
             return str(JobState.PENDING)
         if job.state in STARTED:  # so that running() agrees with what it just said
             f._mark_running()

@@ -208,10 +208,14 @@ class KottaFuture(Future):
         staging_outputs, completed, failed or cancelled."""
         ex = self._executor
         if ex is None:  # done, and its executor collected: the future knows how it ended
-            if self.cancelled() or isinstance(self.exception(), TaskKilled):
-                return str(JobState.CANCELLED)
-            return str(JobState.FAILED if self.exception() is not None else JobState.COMPLETED)
+            return self._ended()
         return ex._job_status(self)
+
+    def _ended(self) -> str:
+        """The final state of the job of this future, which is done, as the future tells."""
+        if self.cancelled() or isinstance(self.exception(), TaskKilled):
+            return str(JobState.CANCELLED)
+        return str(JobState.FAILED if self.exception() is not None else JobState.COMPLETED)
 
     def usage(self) -> dict[str, Any] | None:
         """Resources the job used, once it is done: ``start`` and ``end`` (epoch seconds),

@@ -631,6 +631,29 @@ def test_a_pruned_cancelled_jobs_task_still_queued_is_dropped_by_a_node(
     assert node.proc.poll() is None
 
 
+def test_status_of_a_done_future_whose_job_was_pruned_says_how_it_ended(executor, enclave,
+                                                                      tmp_path):
+    """A future's status() once its job was pruned: it said "failed" for every done future
+    (a completed one too, a killed one), as for one that failed before it was sent; now it
+    says how the future ended, as it does once its executor is gone."""
+    done = executor.submit(tasks.square, 3)
+    failed = executor.submit(tasks.raise_value_error, "old failure")
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    killed = executor.submit(tasks.touch_then_wait, str(started), str(gate))
+    assert done.result(GUARD) == 9
+    with pytest.raises(ValueError):
+        failed.result(GUARD)
+    wait_for(started.exists, what="the long task to start")
+    assert killed.kill()
+    with pytest.raises(TaskKilled):
+        killed.result(GUARD)
+    _past(enclave, done.job_id, failed.job_id, killed.job_id)
+    r = kotta(enclave.home, "prune", "--older-than", "1s")
+    assert r.returncode == 0 and r.stdout.startswith("removed 3 jobs, "), (r.stdout, r.stderr)
+    assert [done.status(), failed.status(), killed.status()] == [
+        "completed", "failed", "cancelled"]
+
+
 def test_prune_dry_run_says_what_would_go_and_removes_nothing(executor, enclave):
     f = executor.submit(tasks.say, "x" * 5000)
     assert f.result(GUARD) > 0
