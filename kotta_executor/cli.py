@@ -673,9 +673,11 @@ def cmd_logs(args) -> int:
     env = None if job.result is None else wire.decode(job.result)
     # (a result without output of a job no node started: its client failed it, as for a
     # dependency that failed; or of one a node started but failed before its task ran,
-    # refused its inputs, say: it never got to processing.  It never ran)
+    # refused its inputs, say: it never got to processing; or one a node claimed, to
+    # processing, and refused at once (over its walltime cap, its requirements failed):
+    # it has no usage, as every job that ran has.  It never ran)
     if env is None or (not {"stdout", "stderr"} & set(env.sections) and (
-            job.started is None or JobState.PROCESSING not in
+            job.started is None or job.usage is None or JobState.PROCESSING not in
             {state for _, state, _ in enclave.jobs.history(job.job_id)})):
         if job.state.final:  # (cancelled before it ran, or failed before it could)
             why = f" ({_printable(job.reason)})" if job.reason else ""

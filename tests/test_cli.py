@@ -272,6 +272,25 @@ def test_logs_of_a_job_refused_its_data_says_it_ended_without_output(executor, e
     assert r.returncode == 0 and r.stdout == "--- stdout ---\n--- stderr ---\n", r.stderr
 
 
+def test_logs_of_a_job_a_node_refused_says_it_ended_without_output(make_executor, start_node,
+                                                                  enclave, enclave_dir):
+    """A task over its node's walltime cap never ran: the node claimed it (its job went to
+    processing) and failed it at once.  `kotta logs` printed two empty sections and exited
+    0, as for a task that ran and wrote nothing; a job that never ran has no usage."""
+    from kotta_executor import JobFailed
+
+    start_node("--max-walltime", "1")
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.noop)  # (asks the test queue's default walltime, over 1 minute)
+    with pytest.raises(JobFailed, match="over the cap of 1 min"):
+        f.result(GUARD)
+    assert f.usage() is None and enclave.jobs.get(f.job_id).usage is None
+    r = kotta(enclave_dir, "logs", f.job_id)
+    assert r.returncode == 1, r.stdout
+    assert f"job {f.job_id} ended failed (JobFailed:" in r.stderr
+    assert "without output" in r.stderr and "---" not in r.stdout
+
+
 def test_down_never_signals_a_node_registered_from_another_pid_namespace(enclave, enclave_dir):
     """A node of the enclave on this host, but registered from another PID namespace (a
     container sharing the enclave directory and the host name): its pid names another
