@@ -152,12 +152,12 @@ def failure(job_id: str | None, dep: Future, *, call: str | None = None) -> Depe
         cause = exc
         message = f"its dependency ({what}) was cancelled"
     else:
-        if isinstance(cause, DependencyError):
+        if _not_run(cause, name):
             # the dependency did not run either: name what failed at the head of the chain,
             # not the dependency's own message, which names its dependency's, and so on (a
             # chain of n tasks would make messages of n lines, n records of n^2 bytes)
             root, seen = cause, {id(cause)}
-            while isinstance(root.__cause__, DependencyError) and id(root.__cause__) not in seen:
+            while _not_run(root.__cause__, root.dependency) and id(root.__cause__) not in seen:
                 root = root.__cause__  # (seen: a cycle, set by hand, must not hang us)
                 seen.add(id(root))
             head = f"job {root.dependency}" if root.dependency else "a future"
@@ -172,6 +172,14 @@ def failure(job_id: str | None, dep: Future, *, call: str | None = None) -> Depe
     err.dependency = name
     err.__cause__ = cause
     return err
+
+
+def _not_run(exc: BaseException | None, name: str | None) -> bool:
+    """Whether ``exc``, the exception of job ``name`` (None: a future), says it did not
+    run as a dependency of its failed: the DependencyError made for it, of its own job
+    id.  One a task raised (a decorated call in it given a failed future; its job id is
+    another's, or None) is how that task, which ran, failed."""
+    return isinstance(exc, DependencyError) and getattr(exc, "job_id", None) == name
 
 
 def _described(exc: BaseException) -> str:

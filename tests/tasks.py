@@ -1119,3 +1119,9 @@ def complain_on(x, bad):
     if x == bad:
         raise ValueError(f"item {x} is bad")
     return x
+
+
+def fan_in_of_a_failed_call():
+    """A task whose own decorated call (in the task: its body runs there) is given a
+    failed future: the DependencyError of that call ends the task."""
+    return decorated_later(decorated_later(-1)).result()

@@ -302,6 +302,24 @@ def test_a_long_chain_of_failed_dependents_names_the_head_of_the_chain(make_exec
     assert str(err).endswith(f"did not run, as job {waits.job_id} before it was cancelled")
 
 
+
+def test_a_dependency_that_ran_and_raised_a_dependency_error_is_not_said_not_to_have_run(executor):
+    """A task that ran and let out a DependencyError of its own (a decorated call in it was
+    given a failed future) was taken, by its dependents, for one failed before it ran: they
+    said "its dependency (job B) did not run, as a future before it failed", though B ran.
+    Now B is said to have failed with its DependencyError; a chain after it names B."""
+    b = executor.submit(tasks.fan_in_of_a_failed_call)
+    c = executor.submit(tasks.add, b, 1)
+    d = executor.submit(tasks.add, c, 1)
+    raised = b.exception(timeout=GUARD)
+    assert isinstance(raised, DependencyError) and raised.job_id is None  # (the call's, in b)
+    assert str(c.exception(timeout=GUARD)) == (
+        f"job {c.job_id} did not run: its dependency (job {b.job_id}) failed: "
+        f"DependencyError: {raised}")
+    assert str(d.exception(timeout=GUARD)) == (
+        f"job {d.job_id} did not run: its dependency (job {c.job_id}) did not run, as job "
+        f"{b.job_id} before it failed: DependencyError: {raised}")
+
 class _Unprintable(Exception):
     def __str__(self):
         raise RuntimeError("this exception cannot say what it is")
