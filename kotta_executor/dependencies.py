@@ -40,8 +40,9 @@ class Waiting:
     def forget(self) -> None:
         """Let go of the task once it is sent, failed or cancelled: the done-callbacks of
         its dependencies hold this object as long as those futures live (a future many
-        tasks wait for is often kept), and its arguments may be big."""
-        self.future = self.fn = self.calls = self.opts = None
+        tasks wait for is often kept), and its arguments may be big; so too the dependency
+        that failed it (its result, its captured output)."""
+        self.future = self.fn = self.calls = self.opts = self.failed = None
 
 
 class Dependencies:
@@ -92,6 +93,8 @@ class Dependencies:
         """Done-callback of a dependency: short and thread-safe; never raises."""
         ok = not dep.cancelled() and dep.exception() is None
         with self._lock:
+            if w.future is None:
+                return  # decided already (sent, failed or cancelled): nothing to keep
             if ok:
                 w.remaining -= 1
                 if w.remaining:

@@ -270,6 +270,23 @@ def test_a_dependent_task_lets_go_of_its_arguments_once_it_is_decided(executor):
     assert [r() for r in refs] == [None, None, None]
 
 
+
+def test_a_failed_dependent_lets_go_of_the_dependency_that_failed_it(executor):
+    """A dependent failed by one of its dependencies kept that dependency's future (its
+    result or exception, a Kotta job's captured stdout and stderr) as long as another of
+    its dependencies lived, in that one's done-callbacks: a future many tasks wait for
+    (data a session loads once) kept every failed dependency of theirs."""
+    kept = cf.Future()  # never done, held throughout, as a session holds its data
+    fails = cf.Future()
+    b = executor.submit(tasks.add, kept, fails)
+    fails.set_exception(KeyError("no data"))
+    assert isinstance(b.exception(timeout=GUARD), DependencyError)
+    ref = weakref.ref(fails)
+    del fails
+    gc.collect()
+    assert ref() is None
+
+
 def test_a_long_chain_of_failed_dependents_names_the_head_of_the_chain(make_executor, enclave):
     """Each DependencyError's message held its dependency's whole message: the 50th task of
     a failed chain said "did not run" 50 times over, and a chain of 1000 wrote some 2 GB of
