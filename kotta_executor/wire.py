@@ -1375,10 +1375,8 @@ def _rebuilt_traceback(data: dict) -> types.TracebackType | None:
         f_code = current.tb_frame.f_code
         code = _TRACEBACK_STUB.replace(co_firstlineno=current.tb_lineno,
                                        co_filename=f_code.co_filename, co_name=f_code.co_name)
-        try:
-            exec(code, dict(current.tb_frame.f_globals), {})  # noqa: S102 - our stub
-        except NameError:  # (__traceback_maker: the frame is made)
-            next_tb = sys.exc_info()[2].tb_next
+        next_tb = next(_stub_frame(code, current.tb_frame.f_globals), None)
+        if next_tb is not None:
             if top is None:
                 top = next_tb
             if tb is not None:
@@ -1386,6 +1384,18 @@ def _rebuilt_traceback(data: dict) -> types.TracebackType | None:
             tb = next_tb
         current = current.tb_next
     return top
+
+
+def _stub_frame(code: types.CodeType, f_globals: dict):
+    """The traceback entry of the remote frame ``code`` stands for.  Run in a generator:
+    a frame's ``f_back`` is its caller's, and a stub run here by a plain call had, up the
+    chain, the manager thread's frames and their locals (the executor, the reply bodies of
+    its turn), which whoever kept the exception kept too.  A suspended generator's frame
+    has no caller: the chain ends there."""
+    try:
+        exec(code, dict(f_globals), {})  # noqa: S102 - our stub
+    except NameError:  # (__traceback_maker: the frame is made)
+        yield sys.exc_info()[2].tb_next
 
 
 def _chainable(exc: BaseException | None, seen: set[int]) -> bool:

@@ -156,6 +156,30 @@ def test_an_executor_dropped_while_its_done_futures_are_kept_stops_its_nodes(enc
     assert not fs[0].cancel() and not fs[0].kill() and cancelled.cancel()
 
 
+
+def test_an_executor_dropped_while_an_exception_of_its_tasks_is_kept_stops_its_nodes(
+        enclave_dir):
+    """A task's exception comes with its remote traceback, rebuilt from frames run on the
+    manager thread: their callers' frames came with it, and their locals (the executor,
+    the reply bodies of the turn that read it, up to a thousand results).  A program
+    that kept an exception (a DependencyError, whose cause it is, too) kept the dropped
+    executor, its manager thread and its local node alive, and those results."""
+    ex = KottaExecutor(2, enclave=enclave_dir)
+    failed = ex.submit(tasks.raise_value_error, "kept")
+    after = ex.submit(tasks.add, failed, 1)
+    err = after.exception(timeout=GUARD)
+    assert type(err.__cause__) is ValueError
+    frames = []
+    tb = err.__cause__.__traceback__
+    while tb is not None:  # the remote traceback: the task's frames, as before
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert frames[-1] == "raise_value_error"
+    held = [ex]
+    del ex
+    _drop_and_see_it_stop(held, "not held by an exception of its tasks")
+    assert str(err.__cause__) == "kept"
+
 def test_initializer_runs_once_in_each_worker_before_its_tasks(make_executor):
     """InitializerMixin.test_initializer: ``initializer(*initargs)`` runs in each worker
     process before the tasks it runs, once per process."""
