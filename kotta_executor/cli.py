@@ -187,10 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # flushing it)
         print(f"kotta: error: {exc}", file=sys.stderr)
         return 1
-    except sqlite3.DatabaseError as exc:  # a damaged or full kotta.db, named by the backend
-        if "locked" in str(exc) or "busy" in str(exc):
-            raise
-        print(f"kotta: error: {exc}", file=sys.stderr)
+    except sqlite3.DatabaseError as exc:  # a damaged, full or long-locked kotta.db, named
+        print(f"kotta: error: {exc}", file=sys.stderr)  # by the backend
         return 1
     except Exception as exc:  # an AWS error botocore's retries did not cure (an endpoint
         # that cannot be reached, AccessDenied): named in one line, not a traceback.

@@ -145,7 +145,9 @@ def test_a_node_outlives_a_client_stopped_inside_its_transaction(make_executor, 
         stopped.execute("BEGIN IMMEDIATE")  # the stopped client's transaction
         with caplog.at_level(logging.WARNING, logger="kotta.node"):
             node.step()  # its look at the queue: a transaction it cannot begin
-        assert "beginning a step failed (OperationalError: database is locked)" in caplog.text
+        assert ("beginning a step failed (OperationalError: the enclave database "
+                f"{enclave_dir.resolve() / 'kotta.db'} is locked (database is locked)"
+                in caplog.text)
         stopped.execute("ROLLBACK")  # the client goes on
         wait_for(lambda: (node.step(), f.done())[1], what="the task to run")
         assert f.result() == 49

@@ -994,3 +994,40 @@ def test_an_enclave_path_that_is_a_file_says_so(tmp_path):
     # (it said "cannot create the enclave directory ...: [Errno 17] File exists")
     assert str(err.value) == f"cannot use {path} as the enclave directory: it is a file, not a directory"
     assert path.read_text() == "mine\n"
+
+
+def test_a_database_locked_too_long_by_another_process_is_named_with_a_way_out(
+        make_executor, enclave, enclave_dir, monkeypatch, capsys):
+    """Another process holding the enclave's write lock (a `sqlite3` shell inside a
+    transaction, a client stopped by ^Z inside one) past the lock timeout: `kotta cancel`
+    printed a traceback ending in "sqlite3.OperationalError: database is locked", naming
+    no file nor what to do (and nodes and executors said only that).  Now the error names
+    the database and the way out, and a command prints it in one line, exit 1.  (The lock
+    timeout made short; the holder is a real process.)"""
+    from kotta_executor.backends import embedded
+    from kotta_executor.cli import main
+
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(abs, -3)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys\n"
+         "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "c.execute('BEGIN IMMEDIATE'); print('held', flush=True); sys.stdin.read()",
+         str(enclave_dir / "kotta.db")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 0.2)
+        capsys.readouterr()
+        assert main(["--enclave", str(enclave_dir), "cancel", f.job_id]) == 1
+        err = capsys.readouterr().err
+        db = (enclave_dir / "kotta.db").resolve()
+        assert err.startswith(f"kotta: error: the enclave database {db} is locked "
+                              "(database is locked): another process has held its write "
+                              "lock for over 0.2 s"), err
+        assert "sqlite3 shell" in err and err.count("\n") == 1, err
+    finally:
+        holder.stdin.close()
+        holder.wait(GUARD)
+    assert enclave.jobs.get(f.job_id).state == "pending"  # nothing done meanwhile

@@ -225,14 +225,14 @@ class _Db:
     def named(self, exc: sqlite3.Error) -> sqlite3.Error | None:
         """``exc`` (of the same type) saying which file is at fault, and what to do, when
         the fault is the database file's own (damaged, not SQLite, its disk full or
-        failing); else None.  SQLite's messages name no file: a node died with a
+        failing) or it has been locked too long by another process; else None.  SQLite's messages name no file: a node died with a
         traceback ending in "database disk image is malformed", every `kotta` command
         printed one, and an executor broke saying only that."""
         code = getattr(exc, "sqlite_errorcode", None)
         what = _FILE_FAULTS.get(code & 0xFF) if isinstance(code, int) else None
         if what is None or str(exc).startswith("the enclave database "):
             return None
-        named = type(exc)(f"the enclave database {self.path} {what.format(exc=exc, path=self.path)}")
+        named = type(exc)(f"the enclave database {self.path} {what.format(exc=exc, path=self.path, timeout=LOCK_TIMEOUT)}")
         named.sqlite_errorcode, named.sqlite_errorname = code, getattr(exc, "sqlite_errorname", None)
         return named
 
@@ -354,6 +354,12 @@ _FILE_FAULTS = {
     13: "cannot grow ({exc}): free space on its file system",  # SQLITE_FULL
     10: "cannot be read or written ({exc}; is its disk failing, or was its kotta.db-wal "
         "deleted while in use?)",  # SQLITE_IOERR
+    # not the file's fault, but as nameless: `kotta cancel` printed a traceback ending in
+    # "database is locked", and nodes and executors said only that (raised by _retry
+    # once the lock has been waited for LOCK_TIMEOUT)
+    5: "is locked ({exc}): another process has held its write lock for over {timeout:g} s "
+       "(a sqlite3 shell inside a transaction, a client stopped by ^Z inside one?): end "
+       "that transaction, or continue or kill that process",  # SQLITE_BUSY
 }
 
 
