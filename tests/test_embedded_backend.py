@@ -1031,3 +1031,33 @@ def test_a_database_locked_too_long_by_another_process_is_named_with_a_way_out(
         holder.stdin.close()
         holder.wait(GUARD)
     assert enclave.jobs.get(f.job_id).state == "pending"  # nothing done meanwhile
+
+
+def test_a_prune_removes_the_queued_task_messages_of_its_jobs(tmp_path, monkeypatch):
+    """Jobs cancelled before any node took their tasks (a queue no node served), then
+    pruned: their rows and blobs went, but their task messages stayed in kotta.db, each
+    with its pickled call, for good, counted in the queue's depth (a scaler started a
+    node for them); the node that took them later dead-lettered those whose blob had gone,
+    "corrupt task message: no blob 'args-...'", in dead letters no prune could remove.
+    Now a prune removes them with their jobs (and counts them); other jobs' stay."""
+    from kotta_executor.backends import embedded
+
+    monkeypatch.setattr(embedded, "PRUNE_CHUNK", 2)
+    enclave = EmbeddedEnclave(tmp_path / "enclave")
+    try:
+        jobs = [_new_job() for _ in range(3)]
+        kept = _new_job()
+        enclave.jobs.create([*jobs, kept])
+        ids = [j.job_id for j in jobs]
+        assert enclave.jobs.transition(ids, JobState.CANCELLED) == ids
+        before = wait_for(lambda: (t := time.time()) > max(
+            r.finished for r in enclave.jobs.get_many(ids).values()) and t)
+        assert enclave.queue.depth("work") == 4
+        dry = enclave.jobs.prune(before, dry_run=True)
+        assert enclave.queue.depth("work") == 4  # (a dry run removes nothing)
+        pruned = enclave.jobs.prune(before)
+        assert sorted(pruned.jobs) == sorted(ids) and pruned.bytes == dry.bytes
+        assert enclave.queue.depth("work") == 1
+        assert [d.job_id for d in enclave.queue.receive("work", 10, 30.0, "n")] == [kept.job_id]
+    finally:
+        enclave.close()

@@ -918,6 +918,18 @@ class EmbeddedJobs(JobTable):
                 # a second, of a million most of an hour)
                 + (" AND +owner=?" if owner is not None else ""))
         cond_params = [*final, before, *([owner] if owner is not None else [])]
+        # The task messages no node has taken of the jobs to go: cancelled before one did
+        # (a queue no node served).  Left, each kept its pickled call in the enclave for
+        # good, counted in the queue's depth, and the node that took it at last
+        # dead-lettered it as corrupt (its blobs gone), in dead letters no prune removes.
+        # Read once, the queues against the jobs' key (messages have no index by job);
+        # not replies, which hold other jobs' too, and expire (TaskQueue.expire_replies)
+        queued: dict[str, list[tuple[int, int]]] = {}
+        for mid, job_id, size in self._db.read(
+                "SELECT m.id, m.job_id, length(m.body) FROM messages m JOIN jobs"
+                " ON jobs.job_id=m.job_id WHERE NOT (m.queue>='reply.' AND m.queue<'reply/')"
+                f" AND {cond}", cond_params):
+            queued.setdefault(job_id, []).append((mid, size))
         pruned, after = Pruned(), 0
         while True:
             # a page read outside the write lock, in rowid order from where the last one
@@ -948,12 +960,17 @@ class EmbeddedJobs(JobTable):
                     if dead:
                         c.execute(f"DELETE FROM dead_letters WHERE id IN ({_marks(len(dead))})",
                                   [d[0] for d in dead])
+                    msgs = [m for r in rows for m in queued.get(r[0], ())]
+                    if msgs:
+                        c.execute(f"DELETE FROM messages WHERE id IN ({_marks(len(msgs))})",
+                                  [m[0] for m in msgs])
             gone = [r[0] for r in rows]
             # the blobs once the rows that name them are gone for good (committed): a
             # rolled-back delete must not leave a record whose result is lost
             blobs = [r[1] for r in rows if r[1]]
             blobs += [f"{section}-{j}" for j in gone for section in ("fn", "args")]
             size = sum(r[2] for r in rows) + sum(d[1] for d in dead)
+            size += sum(m[1] for r in rows for m in queued.get(r[0], ()))
             for key in blobs:
                 with contextlib.suppress(OSError):
                     size += self._blobs._path(key).stat().st_size
