@@ -1477,6 +1477,8 @@ class Node:
             if refs:  # sections too big for a message: fetch them (as bytes)
                 data = self._fetch_refs(d, header, refs)
         except (EnvelopeError, KeyError, ValueError) as exc:
+            if isinstance(exc, KeyError) and self._dropped_as_ended(d, header):
+                return
             self._reject(d, "CorruptTask", f"job {d.job_id} has a corrupt task message: {exc}",
                          owner=header["owner"])
             return
@@ -1512,6 +1514,23 @@ class Node:
             self._refusals = True
             return
         self.pending.append(Task(d, header, data, claims=claims, adopted=adopted))
+
+    def _dropped_as_ended(self, d: Delivery, header: dict) -> bool:
+        """Drop (as :meth:`drop` does) a task whose blob is gone if its job has ended: one
+        cancelled while its queue had no node, whose blobs the nodes' sweep deleted a day
+        on, or a second copy of a task whose first a node dropped, deleting them.  It was
+        dead-lettered as a corrupt task ("no blob"), and listed so by `kotta dead-letters`
+        though its user had cancelled it.  (Read only as a fetch fails: not per task.)"""
+        try:
+            job = self.enclave.jobs.get(d.job_id)
+        except Exception:  # noqa: BLE001 - a transient fault: rejected as before
+            return False
+        if job is None or not job.state.final or job.owner != header["owner"]:
+            return False  # (another owner's: rejected, and audited, as before)
+        log.info("job %s is %s, and its task's blobs are gone: dropped", d.job_id, job.state)
+        self.enclave.queue.ack([d])
+        self._reply(header["client"], [(d.job_id, b"")])
+        return True
 
     def _fetch_refs(self, d: Delivery, header: dict, refs) -> bytes:
         """The task with its big sections fetched from blobs, each checked against the

@@ -1061,3 +1061,27 @@ def test_a_prune_removes_the_queued_task_messages_of_its_jobs(tmp_path, monkeypa
         assert [d.job_id for d in enclave.queue.receive("work", 10, 30.0, "n")] == [kept.job_id]
     finally:
         enclave.close()
+
+
+def test_a_task_cancelled_before_any_node_took_it_is_not_called_corrupt_once_its_blob_is_swept(
+        start_node, make_executor, enclave, enclave_dir):
+    """A job cancelled while its queue had no node, its arguments in a blob: the nodes'
+    sweep (of any queue) deletes the blob of an ended job a day on, and the node that
+    took its task at last dead-lettered it, warning "corrupt task message: no blob
+    'args-...'", and `kotta dead-letters` listed the job the user had cancelled as
+    corrupt.  Now the node drops it, as it drops any task of an ended job."""
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(len, b"a" * (400 << 10))  # (its arguments over the inline limit)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be recorded")
+    assert f.cancel()
+    ex.shutdown()
+    blob = enclave_dir / "blobs" / "ar" / f"args-{f.job_id}"
+    long_ago = time.time() - 2 * 86400  # (past STRAY_BLOB_AGE)
+    os.utime(blob, (long_ago, long_ago))
+    start_node(workers=1, queue="production")  # another queue's node sweeps it
+    wait_for(lambda: not blob.exists(), what="the sweep to delete the blob")
+    node = start_node(workers=1)  # (queue "test")
+    wait_for(lambda: enclave.queue.depth("test") == 0, what="the node to take the task")
+    assert enclave.queue.dead_letters("test") == []
+    assert "corrupt" not in node.output(), node.output()
+    assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
