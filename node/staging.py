@@ -35,6 +35,7 @@ from pathlib import Path
 
 from kotta_executor.config import SCRIPT_DIR_PREFIX, script_dir_prefix, script_tmpdir
 from kotta_executor.errors import InvalidDataUri, StagingFailed
+from kotta_executor.security.data import temp_prefix
 from kotta_executor.security.uris import DataUri, check_output_name, parse_uri
 
 _KEY_LEN = 64  # sha256 hex
@@ -318,7 +319,7 @@ def _place(src: Path, dest: Path, digest: str | None = None) -> bool:
     write through it and poison the cache for every later task, other owners' included.
     The cache's 0444 alone does not prevent that.  The copy costs one read and write
     (``copyfile`` uses sendfile/copy_file_range on Linux)."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name[:80]}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=temp_prefix(dest.name), suffix=".part")
     try:
         if digest is None:
             os.close(fd)

@@ -261,6 +261,22 @@ def test_a_file_name_no_working_directory_can_hold_is_refused_at_submit(
     assert not marker.exists()
 
 
+def test_a_file_name_of_wide_characters_that_fits_is_staged_in_and_out(data, make_executor):
+    """A name of 61 four-byte characters (244 bytes) is a valid file name, and was taken at
+    submit; but the temporary names it was written through kept its first 80 characters,
+    over 255 bytes: `kotta dataset put` failed, and a task's stage-in and stage-out with
+    an OSError (File name too long) naming the node's staging area."""
+    name = "\U0001F600" * 60 + "é.txt"  # 240 + 2 + 4 = 246 bytes
+    assert len(name.encode()) <= 255
+    put_object(data.enclave, CORPUS + name, NUMBERS.encode())
+    assert get_object(data.enclave, CORPUS + name) == NUMBERS.encode()
+    alice = make_executor(1, credentials=data.alice)
+    assert alice.submit(tasks.file_sum, inputs=[CORPUS + name]).result(GUARD) == SUM
+    alice.submit(tasks.write_file, name, "kept",
+                 outputs=[RESULTS + "alice/" + name]).result(GUARD)
+    assert get_object(data.enclave, RESULTS + "alice/" + name) == b"kept"
+
+
 def test_a_task_declaring_more_data_than_a_node_reads_is_refused_at_submit(data, make_executor):
     """5,000 inputs of some 200 bytes each make a task header over the 1 MiB a node reads.
     The submit took it, and the node failed it as "a corrupt task message: truncated kotta

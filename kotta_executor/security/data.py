@@ -205,9 +205,16 @@ def _open_regular(src: Path) -> IO[bytes]:
     return f
 
 
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary name for the file ``name``: its first 80 *bytes* (whole
+    characters).  Its first 80 characters were up to 320 bytes, and a name that fits (of
+    four-byte characters, up to 255 bytes) made a temporary name too long to create."""
+    return "." + name.encode("utf-8", "surrogateescape")[:80].decode("utf-8", "ignore") + "."
+
+
 def _write_atomic(dest: Path, source: IO[bytes] | bytes) -> int:
     """Write ``source`` to a temporary name next to ``dest``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name[:80]}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=temp_prefix(dest.name), suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out:
             if isinstance(source, bytes | bytearray | memoryview):
