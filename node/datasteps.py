@@ -519,7 +519,7 @@ class _Tried:
     def upload(self, src: Path, uri: str):
         return self._steps._tried(f"writing {uri}", self._store.upload, src, uri)
 
-    def check_write(self, uri: str) -> None:
+    def check_write(self, uri: str, others=()) -> None:
         check = getattr(self._store, "check_write", None)  # (an embedded enclave's only)
         if check is not None:
-            self._steps._tried(f"checking {uri}", check, uri)
+            self._steps._tried(f"checking {uri}", check, uri, others)

@@ -433,8 +433,8 @@ def stage_outputs(store, workdir: Path, uris,
     workdir = Path(workdir)
     files = [(d, _output_file(workdir, name, d.uri)) for d, name in _names(uris, "outputs")]
     check = getattr(store, "check_write", None)  # (an embedded enclave: an object in the
-    for d, _ in files if check is not None else ():  # way) before any is written
-        check(d.uri)
+    for d, _ in files if check is not None else ():  # way, another output too) before
+        check(d.uri, [o.uri for o, _ in files])      # any is written
     uploaded: list[dict] = []
     for d, path in files:
         # audited first: an output whose record could not be written after its upload

@@ -160,6 +160,25 @@ def test_an_output_that_cannot_be_written_fails_the_job_before_any_output_is_wri
     assert data.audit.show(job_id=f.job_id, action="stage-out") == []
 
 
+def test_two_outputs_of_one_task_one_under_the_other_fail_before_either_is_written(
+    data, make_executor
+):
+    """s3://.../run2 and s3://.../run2/x.txt, outputs of one task: the embedded enclave
+    cannot keep both, and neither was there when the task's outputs were checked, so the
+    first was written (and audited) and the job then failed on the second."""
+    alice = make_executor(1, credentials=data.alice)
+    for run in ("run2", "run3"):  # in either order
+        uri = f"s3://klab-results/alice/{run}"
+        outputs = [uri, f"{uri}/x.txt"] if run == "run2" else [f"{uri}/x.txt", uri]
+        f = alice.submit(tasks.write_files, [run, "x.txt"], outputs=outputs)
+        with pytest.raises(errors.StagingFailed, match=f"{uri} is an object too"):
+            f.result(GUARD)
+        for out in outputs:
+            with pytest.raises(FileNotFoundError):
+                get_object(data.enclave, out)
+        assert data.audit.show(job_id=f.job_id, action="stage-out") == []
+
+
 def test_an_output_without_a_write_grant_fails_before_anything_runs(data, make_executor, tmp_path):
     alice = make_executor(1, credentials=data.alice)
     marker = tmp_path / "ran"

@@ -298,11 +298,20 @@ class EmbeddedObjects:
             _write_atomic(dest, src)
         return ObjectInfo(d.uri, st.st_size, _etag(st))
 
-    def check_write(self, uri: str) -> None:
+    def check_write(self, uri: str, others: Iterable[str] = ()) -> None:
         """InvalidDataUri if object ``uri`` could not be kept (another object in the way,
         as :func:`_room_for` says), so that a task's outputs are checked before any of
-        them is written: a later one refused left the earlier ones in their datasets."""
+        them is written: a later one refused left the earlier ones in their datasets.
+        ``others``: the objects written with it (the task's other outputs), in its way
+        once written, though none is there yet."""
         d, path = self._check("write", uri)
+        for other in map(parse_uri, others):
+            if other.bucket == d.bucket and d.key.startswith(other.key + "/"):
+                raise InvalidDataUri(
+                    f"{d.uri} cannot be written with {other.uri}: s3://{d.bucket}/{other.key} "
+                    "is an object too, and the embedded enclave cannot keep objects under the "
+                    "key of another"
+                )
         segments = d.key.split("/")[:-1]
         for i in range(1, len(segments) + 1):
             above = "/".join(segments[:i])
