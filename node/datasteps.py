@@ -153,8 +153,12 @@ class DataSteps:
         user, job = claims.user, task.job_id
         inputs = list(h.get("inputs") or ())
         # everything authorised, before touching anything
-        self._tried("reading the policies and the owner's standing", self._authorise, task)
-        egress = self._tried("reading the datasets' egress rules", self._egress, task)
+        try:
+            self._tried("reading the policies and the owner's standing", self._authorise, task)
+            egress = self._tried("reading the datasets' egress rules", self._egress, task)
+        except AccessDenied as exc:
+            exc.audited = True  # (by the policy store, with the dataset)
+            raise
         # for the stage-in and the task: to read its inputs only.  Its outputs are written
         # by the node, at stage-out, once it has succeeded (grants and the owner's standing
         # checked again, each upload audited): never by the task itself
@@ -309,6 +313,7 @@ class DataSteps:
             env = (self._task_credentials(task)[1] if now - staged.issued > self.reissue_after
                    else None)
         except AccessDenied as exc:
+            exc.audited = True  # (by the policy store, with the dataset)
             self._fail(task, "in", exc)
             return False
         except Exception as exc:  # noqa: BLE001 - the node's and the job's end only if lasting
@@ -457,12 +462,13 @@ class DataSteps:
             log.exception("staging %s of job %s failed", what, task.job_id, exc_info=exc)
             etype = "StagingFailed"
             reason = f"job {task.job_id}: staging {what} failed: {type(exc).__name__}: {exc}"
-        if isinstance(exc, (AccessDenied, PermissionError)) and phase == "out" and not getattr(
+        if isinstance(exc, (AccessDenied, PermissionError)) and not getattr(
             exc, "audited", False
-        ):
+        ):  # a refusal the policies did not make (S3's, at stage-in too): on record as well
+            uris = task.header.get("inputs" if phase == "in" else "outputs") or ()
             self.node.audit.append(
                 "access-denied", user=task.claims.user, allowed=False, job_id=task.job_id,
-                detail=reason,
+                dataset=",".join(uris) or None, detail=reason,
             )
         usage, out = None, {}
         if ran is not None:  # (an envelope held for egress has no output: none leaves)

@@ -536,3 +536,22 @@ def test_aws_a_node_takes_the_next_task_while_one_uploads_its_outputs(aws, reque
         go.set()
     f.result(GUARD)
     assert get_object(enclave, OUTPUT) == b"42\n"
+
+
+@pytest.mark.parametrize("operation", ["s3.HeadObject", "s3.GetObject"])
+def test_aws_an_input_s3_refuses_at_stage_in_is_audited(aws, request, operation):
+    """The policy grants the read, but S3 refuses it (the owner's IAM role not brought up
+    to date with the grant, a bucket policy): the job failed with DataAccessDenied, nothing
+    ran, and no `access-denied` record said so (a refusal at stage-out had one)."""
+    enclave, audit, *_ = aws
+    refused = fail_calls(_NewSessions(request.getfixturevalue("monkeypatch")), operation,
+                         None, _data_path, "AccessDenied", request=request)
+    alice = aws[4]("alice", "analyst")
+    f = alice.submit(tasks.file_sum, inputs=[INPUT])
+    with pytest.raises(errors.DataAccessDenied, match="nothing ran"):
+        f.result(GUARD)
+    assert refused
+    [denied] = audit.show(job_id=f.job_id, action="access-denied")
+    assert (denied["user"], denied["allowed"]) == ("alice", False)
+    assert audit.show(dataset=INPUT, job_id=f.job_id, action="access-denied") == [denied]
+    assert audit.verify().ok
