@@ -555,3 +555,25 @@ def test_aws_an_input_s3_refuses_at_stage_in_is_audited(aws, request, operation)
     assert (denied["user"], denied["allowed"]) == ("alice", False)
     assert audit.show(dataset=INPUT, job_id=f.job_id, action="access-denied") == [denied]
     assert audit.verify().ok
+
+
+def test_aws_an_archived_input_fails_its_job_at_once_saying_so(aws, request, monkeypatch):
+    """An input in an archive storage class (GLACIER) cannot be read until it is restored:
+    S3 refuses the read with InvalidObjectState.  The node took it for a passing fault,
+    tried again for its whole staging patience (a minute), then failed the job with
+    `StagingFailed: reading ... failed (for 60.0 s): ClientError: ... InvalidObjectState`.
+    It fails at once, saying the object is archived."""
+    monkeypatch.setattr(datasteps, "STAGING_PATIENCE", 3.0, raising=False)
+    enclave, audit, *_ = aws
+    enclave.session.client("s3").put_object(
+        Bucket=DATA_BUCKET, Key="archived.txt", Body=b"1\n", StorageClass="GLACIER")
+    reads: list[int] = []
+    fail_calls(_NewSessions(monkeypatch), "s3.GetObject", None,
+               lambda p: _data_path(p) and reads.append(1) and False, request=request)
+    alice = aws[4]("alice", "analyst")
+    f = alice.submit(tasks.file_sum, inputs=[f"s3://{DATA_BUCKET}/archived.txt"])
+    with pytest.raises(errors.StagingFailed, match="archived") as info:
+        f.result(GUARD)
+    assert "restore" in str(info.value) and "(for " not in str(info.value), info.value
+    assert len(reads) == 1, "an archived object was read again and again"
+    assert audit.show(job_id=f.job_id, action="stage-in") == []

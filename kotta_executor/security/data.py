@@ -38,7 +38,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from ..errors import AccessDenied, AuthenticationError, ConfigurationError, InvalidDataUri
+from ..errors import (
+    AccessDenied,
+    AuthenticationError,
+    ConfigurationError,
+    InvalidDataUri,
+    StagingFailed,
+)
 from .keys import derived_key
 from .policy import session_policy
 from .uris import DataUri, parse_uri
@@ -373,6 +379,8 @@ def _stat_object(d: DataUri, path: Path) -> tuple[int, str]:
 _DENIED = ("AccessDenied", "403", "Forbidden", "AllAccessDisabled")
 _UNAUTHENTICATED = ("ExpiredToken", "InvalidToken", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 _MISSING = ("NoSuchKey", "404", "NotFound", "NoSuchBucket")
+#: an object in an archive storage class (GLACIER, DEEP_ARCHIVE), not restored
+_ARCHIVED = ("InvalidObjectState",)
 
 
 class S3Objects:
@@ -425,6 +433,12 @@ class S3Objects:
             return AccessDenied(f"the task's credentials may not {action} {uri} ({code})")
         if code in _UNAUTHENTICATED:
             return AuthenticationError(f"the task's S3 credentials were refused ({code}) for {uri}")
+        if code in _ARCHIVED:  # no passing fault: tried again, it failed for a minute
+            kind = (getattr(exc, "response", None) or {}).get("Error", {}).get("StorageClass")
+            return StagingFailed(
+                f"{uri} is archived{f' ({kind})' if kind else ''}: it must be restored "
+                f"before it can be read ({code})"
+            )
         return None
 
     @staticmethod
