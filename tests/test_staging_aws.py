@@ -577,3 +577,16 @@ def test_aws_an_archived_input_fails_its_job_at_once_saying_so(aws, request, mon
     assert "restore" in str(info.value) and "(for " not in str(info.value), info.value
     assert len(reads) == 1, "an archived object was read again and again"
     assert audit.show(job_id=f.job_id, action="stage-in") == []
+
+
+def test_aws_a_task_declaring_more_objects_than_a_session_policy_holds_says_what_to_do(aws):
+    """Some 25 inputs make a session policy over STS's 2,048 characters: the job failed
+    with StagingFailed telling the user to "declare a dataset prefix instead of many
+    objects", which submit refuses (a prefix is not staged).  It says to declare fewer."""
+    alice = aws[4]("alice", "analyst")
+    inputs = [f"s3://{DATA_BUCKET}/corpus/part-{n:04d}.txt" for n in range(40)]
+    f = alice.submit(tasks.file_sum, inputs=inputs)
+    with pytest.raises(errors.StagingFailed, match="STS limit") as info:
+        f.result(GUARD)
+    assert "declare a dataset prefix" not in str(info.value), info.value
+    assert "declare fewer" in str(info.value) and "40 read(s)" in str(info.value)

@@ -371,7 +371,9 @@ def session_policy(reads: Sequence[str], writes: Sequence[str]) -> dict[str, Any
         raise ValueError(
             f"the session policy for {len(reads)} read(s) and {len(writes)} write(s) is {size} "
             f"characters packed, over the STS limit of {SESSION_POLICY_LIMIT} for an AssumeRole "
-            "session policy; declare a dataset prefix instead of many objects"
+            "session policy, which names each object a task declares (a task stages objects, "
+            "not prefixes): declare fewer (an archive of the files, or the work split among "
+            "several tasks)"
         )
     return doc
 
