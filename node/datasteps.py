@@ -43,7 +43,7 @@ from kotta_executor.errors import (
     KottaError,
     StagingFailed,
 )
-from kotta_executor.security.data import held_uri, objects_for, put_object
+from kotta_executor.security.data import enclave_areas, held_uri, objects_for, put_object
 from kotta_executor.security.policy import PolicyStore, egress_rule
 from kotta_executor.security.tokens import standing
 from kotta_executor.states import JobState
@@ -109,7 +109,8 @@ class DataSteps:
     def __init__(self, node: Node, root: Path, cache_bytes: int, threads: int = 4):
         self.node = node
         self.enclave = node.enclave
-        self.policies = PolicyStore(node.enclave.records, node.audit)
+        self.policies = PolicyStore(node.enclave.records, node.audit,
+                                    reserved=enclave_areas(node.enclave))
         self.root = Path(root)
         self._area_lock = hold_area(self.root)  # (and the areas of dead nodes go)
         self.work = self.root / "work"

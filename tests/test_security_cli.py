@@ -689,3 +689,12 @@ def _stack(ident):
     while frame is not None:
         yield frame
         frame = frame.f_back
+
+
+@pytest.mark.parametrize("uri", ["s3://kotta-held/", "s3://kotta-held/j1", "s3://kotta-held"])
+def test_the_enclaves_own_storage_cannot_be_made_a_dataset(enclave, enclave_dir, uri):
+    """`kotta dataset add s3://kotta-held/` was taken: a read grant on it handed the results
+    egress control held back to any task that named one as its input."""
+    r = kotta(enclave_dir, "dataset", "add", uri)
+    assert r.returncode != 0 and "the enclave's own storage" in r.stderr, r.stdout + r.stderr
+    assert PolicyStore(enclave.records).datasets() == []

@@ -179,6 +179,25 @@ def test_two_outputs_of_one_task_one_under_the_other_fail_before_either_is_writt
         assert data.audit.show(job_id=f.job_id, action="stage-out") == []
 
 
+def test_the_enclaves_held_results_are_never_a_dataset(data, make_executor):
+    """`kotta dataset add s3://kotta-held/` (where the embedded enclave keeps the results
+    egress control held back) was taken, and with a read grant a task staged a held result
+    as its input and returned it: out of the enclave.  Such a dataset is refused, and one
+    registered before is no grant: DataAccessDenied, audited."""
+    held = "s3://kotta-held/"
+    with pytest.raises(errors.ConfigurationError, match="enclave's own storage"):
+        PolicyStore(data.enclave.records, reserved=[held]).add_dataset(held, by="root")
+    data.policies.add_dataset(held, by=data.admin.user)  # (as an older version did)
+    data.policies.grant("analyst", held, "read", by=data.admin.user)
+    put_object(data.enclave, held + "j1", b"1\n2\n")  # a result held for review
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.submit(tasks.file_sum, inputs=[held + "j1"])
+    with pytest.raises(errors.DataAccessDenied, match="enclave's own storage"):
+        f.result(GUARD)
+    [denied] = data.audit.show(job_id=f.job_id, action="access-denied")
+    assert (denied["user"], denied["dataset"]) == ("alice", held + "j1")
+
+
 def test_an_output_without_a_write_grant_fails_before_anything_runs(data, make_executor, tmp_path):
     alice = make_executor(1, credentials=data.alice)
     marker = tmp_path / "ran"

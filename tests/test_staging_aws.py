@@ -590,3 +590,21 @@ def test_aws_a_task_declaring_more_objects_than_a_session_policy_holds_says_what
         f.result(GUARD)
     assert "declare a dataset prefix" not in str(info.value), info.value
     assert "declare fewer" in str(info.value) and "40 read(s)" in str(info.value)
+
+
+def test_aws_the_enclaves_own_storage_is_never_a_dataset(aws):
+    """The enclave's bucket holds its key (whoever reads it administers the enclave), every
+    task's arguments and results, and held results: registered as a dataset (the whole
+    bucket, say) with a read grant, a task could stage the key as its input."""
+    from kotta_executor.security.data import enclave_areas
+
+    enclave, *_ = aws
+    policies = PolicyStore(enclave.records, reserved=enclave_areas(enclave))
+    bucket = enclave.names.bucket
+    for uri in (f"s3://{bucket}/", f"s3://{bucket}/keys/enclave.key", f"s3://{bucket}/held/",
+                f"s3://{bucket}/{enclave.names.blob_prefix}"):
+        with pytest.raises(errors.ConfigurationError, match="enclave's own storage"):
+            policies.add_dataset(uri, by="root")
+    policies.add_dataset(f"s3://{bucket}/datasets/", by="root")  # the rest of it may be
+    decision = policies.check("analyst", "read", f"s3://{bucket}/keys/enclave.key")
+    assert not decision.allowed and "enclave's own storage" in decision.reason

@@ -151,11 +151,13 @@ def _doing(args) -> str:
 
 def _services(enclave):
     from .audit import AuditLog
+    from .data import enclave_areas
     from .policy import PolicyStore
     from .tokens import TokenService
 
     audit = AuditLog(enclave)
-    return TokenService(enclave, audit), PolicyStore(enclave.records, audit)
+    return TokenService(enclave, audit), PolicyStore(enclave.records, audit,
+                                                     reserved=enclave_areas(enclave))
 
 
 def cmd_register(args) -> int:

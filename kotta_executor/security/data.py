@@ -535,6 +535,18 @@ def held_uri(enclave, job_id: str) -> str:
     return f"s3://{enclave.names.bucket}/held/{job_id}"
 
 
+def enclave_areas(enclave) -> tuple[str, ...]:
+    """The prefixes of the enclave's own storage that the ``s3://`` namespace of datasets
+    reaches: held results (both), and on AWS the enclave key and the blobs (every task's
+    arguments and results).  No dataset may contain them or lie in them
+    (``PolicyStore(reserved=...)``): a grant there handed them to tasks as inputs."""
+    if _is_embedded(enclave):
+        return (f"s3://{HELD_BUCKET}/",)
+    bucket = enclave.names.bucket
+    return (f"s3://{bucket}/keys/", f"s3://{bucket}/{enclave.names.blob_prefix}",
+            f"s3://{bucket}/held/")
+
+
 def put_object(enclave, uri: str, data: bytes | IO[bytes]) -> None:
     """Write a dataset object with the enclave's own rights (``kotta dataset put``, tests).
     ``data``: bytes, or a binary file, read from where it is to its end in chunks (a

@@ -192,10 +192,18 @@ class PolicyStore:
         audit: Audit | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        reserved: Iterable[str] = (),
     ):
         self.records = records
         self._audit = audit
         self._clock = clock
+        #: the enclave's own storage (``data.enclave_areas``): never a dataset, never read
+        #: or written by a task, whatever the statements say
+        self.reserved = tuple(parse_uri(u) for u in reserved)
+
+    def _reserved(self, uri: DataUri) -> DataUri | None:
+        """The area of the enclave's own storage that ``uri`` contains or lies in."""
+        return next((r for r in self.reserved if r.contains(uri) or uri.contains(r)), None)
 
     # ------------------------------------------------------------------ datasets
 
@@ -210,6 +218,12 @@ class PolicyStore:
     ) -> Dataset:
         """Register a dataset, or update one (keeping when and by whom it was created)."""
         uri = canonical(uri)
+        area = self._reserved(parse_uri(uri))
+        if area is not None:
+            raise ConfigurationError(
+                f"{uri} cannot be a dataset: it overlaps {area.uri}, the enclave's own storage "
+                "(its key, task payloads and results, held results)"
+            )
         old = self.dataset(uri)
         dataset = Dataset(
             uri,
@@ -291,6 +305,10 @@ class PolicyStore:
 
     def check(self, role: str, action: str, uri: str) -> Decision:
         """Decide one access from the current records."""
+        area = self._reserved(parse_uri(uri))
+        if area is not None:  # (a dataset registered there before it was refused)
+            return Decision(False, f"role {role} may not {action} {canonical(uri)}: it is in "
+                                   f"{area.uri}, the enclave's own storage, never a dataset")
         return evaluate(self.statements(role=role), self.datasets(), role, action, uri)
 
     def require(
