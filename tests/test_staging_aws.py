@@ -608,3 +608,19 @@ def test_aws_the_enclaves_own_storage_is_never_a_dataset(aws):
     policies.add_dataset(f"s3://{bucket}/datasets/", by="root")  # the rest of it may be
     decision = policies.check("analyst", "read", f"s3://{bucket}/keys/enclave.key")
     assert not decision.allowed and "enclave's own storage" in decision.reason
+
+
+def test_aws_an_output_to_a_bucket_that_does_not_exist_says_so(aws):
+    """A dataset registered in a bucket not (or no longer) there: writing an output to it
+    failed with `StagingFailed: ... no object s3://.../out.txt in the enclave`, as if the
+    task had asked to read it.  It names the bucket missing."""
+    enclave, _, policies, admin, executor = aws
+    gone = "s3://klab-gone/"
+    policies.add_dataset(gone, by=admin.user)
+    policies.grant("analyst", gone, "write", by=admin.user)
+    alice = executor("alice", "analyst")
+    f = alice.submit(tasks.write_file, "out.txt", "42\n", outputs=[gone + "out.txt"])
+    with pytest.raises(errors.StagingFailed) as info:
+        f.result(GUARD)
+    assert "no bucket klab-gone" in str(info.value), info.value
+    assert "no object" not in str(info.value), info.value

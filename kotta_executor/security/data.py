@@ -427,6 +427,9 @@ class S3Objects:
         from ..backends.aws import _code
 
         code = _code(exc)
+        if code == "NoSuchBucket":  # (an upload too: "no object" said it was read)
+            return FileNotFoundError(f"no bucket {parse_uri(uri).bucket} in the enclave, for "
+                                     f"{uri}")
         if code in _MISSING:
             return FileNotFoundError(f"no object {uri} in the enclave")
         if code in _DENIED:
