@@ -43,7 +43,13 @@ from kotta_executor.errors import (
     KottaError,
     StagingFailed,
 )
-from kotta_executor.security.data import enclave_areas, held_uri, objects_for, put_object
+from kotta_executor.security.data import (
+    check_writes,
+    enclave_areas,
+    held_uri,
+    objects_for,
+    put_object,
+)
 from kotta_executor.security.policy import PolicyStore, egress_rule
 from kotta_executor.security.tokens import standing
 from kotta_executor.states import JobState
@@ -160,6 +166,7 @@ class DataSteps:
         except AccessDenied as exc:
             exc.audited = True  # (by the policy store, with the dataset)
             raise
+        check_writes(self.enclave, h.get("outputs") or ())  # (made at stage-out: AWS's limit)
         # for the stage-in and the task: to read its inputs only.  Its outputs are written
         # by the node, at stage-out, once it has succeeded (grants and the owner's standing
         # checked again, each upload audited): never by the task itself

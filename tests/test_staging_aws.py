@@ -624,3 +624,21 @@ def test_aws_an_output_to_a_bucket_that_does_not_exist_says_so(aws):
         f.result(GUARD)
     assert "no bucket klab-gone" in str(info.value), info.value
     assert "no object" not in str(info.value), info.value
+
+
+def test_aws_a_task_with_more_outputs_than_a_session_policy_holds_fails_before_it_runs(aws):
+    """The outputs' session policy is made at stage-out: a task declaring more outputs than
+    one holds (some 45) ran to its end, hours maybe, then failed with StagingFailed, its
+    work lost.  It fails before it runs, saying why."""
+    enclave, _, policies, admin, executor = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
+    _grant_analyst_results(enclave, policies, admin)
+    names = [f"part-{n:04d}.txt" for n in range(60)]
+    alice = executor("alice", "analyst")
+    f = alice.submit(tasks.write_files, names,
+                     outputs=[f"s3://{DATA_BUCKET}/results/{n}" for n in names])
+    with pytest.raises(errors.StagingFailed, match="STS limit") as info:
+        f.result(GUARD)
+    assert "60 write(s)" in str(info.value), info.value
+    states = [s for _, s, _ in enclave.jobs.history(f.job_id)]
+    assert "processing" not in states, f"it ran, its outputs never to be written: {states}"

@@ -484,6 +484,14 @@ def session_policy_json(reads: Iterable[str], writes: Iterable[str]) -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
+def check_writes(enclave, writes: Iterable[str]) -> None:
+    """ConfigurationError if the credentials to write ``writes`` could not be made (AWS: a
+    session policy over STS's limit).  A task's outputs get theirs at stage-out, once it
+    has run: checked at its stage-in, it fails before it runs, not after."""
+    if not _is_embedded(enclave):
+        session_policy_json((), writes)
+
+
 #: seconds: the longest session AWS grants a role assumed by a role (role chaining)
 MAX_CHAINED_SESSION = 3600
 
