@@ -578,6 +578,15 @@ def test_session_policy_over_the_sts_limit_is_refused():
     assert len(json.dumps(fits, separators=(",", ":"))) <= SESSION_POLICY_LIMIT
 
 
+def test_a_session_policy_over_the_limit_for_one_long_key_says_what_to_do():
+    """One input of a key of 900 bytes (S3 and submit take up to 1,024) is over the limit
+    on its own: the error told the user to declare fewer objects, with one declared."""
+    with pytest.raises(ValueError, match="STS limit") as info:
+        session_policy(["s3://data-a/" + "k" * 900], [])
+    assert "declare fewer" not in str(info.value)
+    assert "shorter key" in str(info.value)
+
+
 # ------------------------------------------------------------- IAM, enforced by moto
 
 BUCKET = "data-a"

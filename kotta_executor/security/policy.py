@@ -386,12 +386,15 @@ def session_policy(reads: Sequence[str], writes: Sequence[str]) -> dict[str, Any
     doc = {"Version": IAM_VERSION, "Statement": out}
     size = len(json.dumps(doc, separators=(",", ":")))
     if size > SESSION_POLICY_LIMIT:
+        # (one object of a long key is over it alone: "declare fewer" would be no help)
+        what = ("declare fewer (an archive of the files, or the work split among several "
+                "tasks)" if len(set(reads)) + len(set(writes)) > 1 else
+                "give the object a shorter key (some 850 bytes at most)")
         raise ValueError(
             f"the session policy for {len(reads)} read(s) and {len(writes)} write(s) is {size} "
             f"characters packed, over the STS limit of {SESSION_POLICY_LIMIT} for an AssumeRole "
             "session policy, which names each object a task declares (a task stages objects, "
-            "not prefixes): declare fewer (an archive of the files, or the work split among "
-            "several tasks)"
+            f"not prefixes): {what}"
         )
     return doc
 
