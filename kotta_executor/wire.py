@@ -1186,8 +1186,10 @@ class ExceptionBox:
     def __init__(self, exc: BaseException, _seen: set[int] | None = None):
         seen = _seen if _seen is not None else set()
         seen.add(id(exc))
-        self.exc = (_Travelling(exc) if _round_trips(exc)
-                    else _mended_group(exc) or remote_error(exc))
+        # (a group first member by member: one that survives pickling whole may still
+        # have members pickle makes anew wrongly, see _mended_group)
+        self.exc = _mended_group(exc) or (_Travelling(exc) if _round_trips(exc)
+                                          else remote_error(exc))
         tb = exc.__traceback__
         self.tb, self.dropped = _traceback_data(tb) if tb is not None else (None, 0)
         cause, context = exc.__cause__, exc.__context__
@@ -1458,7 +1460,9 @@ def _mended_group(exc: BaseException) -> _TravellingGroup | None:
     """A group that does not survive pickling for want of some of its members, each of
     those sent as itself (_AsMember) where it can be, else as a RemoteError; a member that
     would come back as itself if raised alone had made the whole group a RemoteError.
-    None for anything else, or a group that still does not survive."""
+    Also a group that does: a member pickle makes anew with another message is sent as
+    itself (_same_message).  None for anything else, or a group that still does not
+    survive."""
     if not isinstance(exc, BaseExceptionGroup):
         return None
     cls = type(exc)
@@ -1470,21 +1474,36 @@ def _mended_group(exc: BaseException) -> _TravellingGroup | None:
         return None  # (a group made with other arguments: pickled its own way)
     members: list = []
     for member in exc.exceptions:
+        chosen = None
         for candidate in (member, _AsMember(member)):
             try:
-                pickle.loads(cloudpickle_dumps(candidate))
+                loaded = pickle.loads(cloudpickle_dumps(candidate))
             except BaseException:  # noqa: BLE001 - as in _round_trips
                 continue
-            members.append(candidate)
-            break
-        else:
-            members.append(remote_error(member))
+            if chosen is None:
+                chosen = candidate
+            if _same_message(member, loaded):
+                chosen = candidate
+                break
+        members.append(chosen if chosen is not None else remote_error(member))
     group = _TravellingGroup(exc, members)
     try:
         pickle.loads(cloudpickle_dumps(group))
     except BaseException:  # noqa: BLE001
         return None
     return group
+
+
+def _same_message(exc: BaseException, loaded: BaseException) -> bool:
+    """Whether ``loaded``, ``exc`` pickled and unpickled, says what it said.  Pickle makes
+    an exception again by calling its class with its ``args``: one whose ``__init__``
+    writes its message from its argument (``HTTP {status}``) wrote it twice, "HTTP HTTP
+    404", as a member of a group (alone, it travels without its ``__init__``: _Travelling).
+    A message that cannot be written: as pickle makes it."""
+    try:
+        return str(loaded) == str(exc)
+    except BaseException:  # noqa: BLE001 - a __str__ that raises
+        return True
 
 
 def _rebuild_exception(cls: type[BaseException], args: tuple, state: dict) -> _Travelling:

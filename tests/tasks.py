@@ -1016,6 +1016,30 @@ def raise_group_with_members_pickle_cannot_remake(lock_message):
     asyncio.run(main())
 
 
+class HTTPStatusError(Exception):
+    """An exception whose ``__init__`` writes its message from its argument: pickle, which
+    makes it again by calling the class with its ``args`` (the message), writes it twice."""
+
+    def __init__(self, status):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+def raise_group_of_reformatting_members(statuses):
+    """An asyncio.TaskGroup's failures, each an HTTPStatusError; and one alone."""
+    import asyncio
+
+    async def fails(exc):
+        raise exc
+
+    async def main():
+        async with asyncio.TaskGroup() as tg:
+            for status in statuses:
+                tg.create_task(fails(HTTPStatusError(status)))
+
+    asyncio.run(main())
+
+
 def raise_group_from_a_node_only_module(directory, messages):
     """An asyncio.TaskGroup's failures, of a class only the worker can import (as
     raise_from_a_node_only_module's), and one of the builtins."""

@@ -709,6 +709,21 @@ def test_a_group_with_a_member_that_cannot_travel_keeps_the_others(make_executor
     assert group.__notes__[-1].startswith(f"kotta job {f.job_id} ")
 
 
+def test_a_group_member_whose_init_writes_its_message_comes_back_as_raised(make_executor):
+    """A member of an ExceptionGroup whose ``__init__`` writes its message from its
+    argument (``HTTP {status}``) came back with it written twice, "HTTP HTTP 404", as
+    pickle makes it again by calling the class with the message; the same exception
+    raised alone comes back as raised, and so do the members now."""
+    ex = make_executor(1)
+    group = ex.submit(tasks.raise_group_of_reformatting_members, [404, 503]).exception(GUARD)
+    assert type(group) is ExceptionGroup
+    members = sorted(group.exceptions, key=lambda m: m.status)
+    assert [type(m) for m in members] == [tasks.HTTPStatusError] * 2
+    assert [(m.args, m.status) for m in members] == [(("HTTP 404",), 404), (("HTTP 503",), 503)]
+    for member in members:
+        assert "fails" in _frames(member)
+
+
 def test_a_group_with_members_only_the_node_can_import(make_executor, tmp_path):
     """The members of a TaskGroup's ExceptionGroup of a class the client cannot import (of
     a package ``requirements`` installed on the node only) come back as RemoteErrors in
