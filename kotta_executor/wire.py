@@ -1055,13 +1055,23 @@ def load_call(
     # task's memory limit; unpickling it again costs little beside fetching it
     if cache is not None and len(data) > CACHED_FUNCTION_MAX:
         cache = None
-    fn = cache.get(data) if cache is not None else None
+    init = sections.get("init")
+    given = _INIT_SET.get(init) if init else None
+    initialized = given is not None
+    # One made for each executor's initializer that gives it globals (_with_initialized),
+    # and one for none: two executors of one notebook, with the initializer given other
+    # arguments (two models), send the same bytes, and shared one function, which ran
+    # the tasks of each with the globals the last initializer set, and those of an
+    # executor with none with another executor's.  (By its entry, kept for the worker's
+    # life: each task brings its own copy of the init section, up to 256 KiB, which the
+    # cache's keys would each have held.)
+    key = (id(given), data) if initialized else data
+    fn = cache.get(key) if cache is not None else None
     if fn is None:
         fn = pickle.loads(data)
         if cache is not None:
-            cache[data] = fn
-    init = sections.get("init")
-    if init in _INIT_SET:
+            cache[key] = fn
+    if initialized:
         fn = _with_initialized(fn, init)
     return fn, pickle.loads(sections.get("args", b""))
 

@@ -1022,6 +1022,26 @@ def test_an_initializers_globals_reach_only_its_own_executors_tasks(make_executo
     assert ex_a.submit(a["task"], 4).result(timeout=GUARD) == ("A's", 4)
 
 
+def test_two_executors_initializing_the_same_functions_differently_keep_their_own(
+        make_executor):
+    """One notebook, two executors with the same initializer given other arguments (two
+    models), submitting the same function: in the worker both ran, each setting ``_model``
+    for its own executor's tasks.  The worker makes the function once (the same bytes),
+    and it was given the last initializer's ``_model``: A's tasks then ran with B's
+    model, a silently wrong result, and those of an executor with no initializer too (each
+    ProcessPoolExecutor has workers of its own)."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_LOADER, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's functions
+    ex_a = make_executor(1, initializer=ns["init"], initargs=("A's",))
+    assert ex_a.submit(ns["task"], 1).result(timeout=GUARD) == ("A's", 1)
+    ex_b = make_executor(1, initializer=ns["init"], initargs=("B's",))  # (A's node, one worker)
+    assert ex_b.submit(ns["task"], 2).result(timeout=GUARD) == ("B's", 2)
+    assert ex_a.submit(ns["task"], 3).result(timeout=GUARD) == ("A's", 3)
+    assert ex_b.submit(ns["task"], 4).result(timeout=GUARD) == ("B's", 4)
+    ex_c = make_executor(1)  # no initializer: the globals as at submit, no one else's
+    assert ex_c.submit(ns["task"], 5).result(timeout=GUARD) == (None, 5)
+
+
 _DISPATCHED = """
 import functools
 
