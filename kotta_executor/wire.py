@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copyreg
 import functools
 import hashlib
 import hmac
@@ -1433,7 +1434,20 @@ class _Travelling:
             cls.__reduce_ex__ is not BaseException.__reduce_ex__
         ):
             return (_Travelling, (exc,))
-        return (_rebuild_exception, (cls, exc.args, dict(getattr(exc, "__dict__", {}))))
+        return (_rebuild_exception, (cls, exc.args, _exception_state(exc)))
+
+
+def _exception_state(exc: BaseException) -> dict[str, Any]:
+    """An exception's ``__dict__``, with the values of its class's ``__slots__`` (a
+    ``@dataclass(slots=True)``'s fields), which come back without an ``__init__`` run:
+    without them, ``exc.row`` raised AttributeError on the client, and so did its repr."""
+    state = dict(getattr(exc, "__dict__", {}))
+    for name in copyreg._slotnames(type(exc)):
+        try:
+            state[name] = object.__getattribute__(exc, name)
+        except AttributeError:  # (a slot never set)
+            pass
+    return state
 
 
 class _TravellingGroup(_Travelling):
@@ -1448,7 +1462,7 @@ class _TravellingGroup(_Travelling):
     def __reduce__(self):
         exc = self.exc
         return (_rebuild_exception, (type(exc), (exc.message, self.members),
-                                     dict(getattr(exc, "__dict__", {}))))
+                                     _exception_state(exc)))
 
 
 class _AsMember:
@@ -1523,7 +1537,12 @@ def _rebuild_exception(cls: type[BaseException], args: tuple, state: dict) -> _T
         base.__init__(exc, *args)
     except TypeError:
         exc.args = args
-    exc.__dict__.update(state)
+    slots = copyreg._slotnames(cls) if state else ()
+    for name, value in state.items():
+        if name in slots:  # (object's: past a frozen dataclass's __setattr__)
+            object.__setattr__(exc, name, value)
+        else:
+            exc.__dict__[name] = value
     return _Travelling(exc)
 
 

@@ -977,6 +977,26 @@ def raise_frozen(code, from_cause=False):
         raise FrozenError(code)  # noqa: B904 - a context, not a cause
 
 
+@dataclasses.dataclass(slots=True)
+class RowError(Exception):
+    """An exception class written as a dataclass with slots: its fields are slots, not in
+    its ``__dict__``."""
+
+    row: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FrozenRowError(Exception):
+    row: int
+
+
+def raise_row_error(row, reason, frozen=False):
+    if frozen:
+        raise FrozenRowError(row)
+    raise RowError(row, reason)
+
+
 def raise_from_a_task_group_body(path):
     """An asyncio.TaskGroup whose body itself raises: that exception is both a member of
     the group and the group's ``__context__`` (the group is raised while it is handled)."""

@@ -658,6 +658,23 @@ def test_an_exception_of_a_frozen_dataclass_comes_back_as_itself(from_cause, mak
     assert "raise_frozen" in _frames(exc)
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["slots", "frozen-slots"])
+def test_an_exception_of_a_dataclass_with_slots_keeps_its_fields(frozen, make_executor):
+    """An exception class written as ``@dataclass(slots=True)`` keeps its fields in slots,
+    not in its ``__dict__``: it came back without them (``exc.row`` raised AttributeError,
+    and so did its repr), where a ProcessPoolExecutor's, made again by calling the class,
+    has them."""
+    ex = make_executor(1)
+    exc = ex.submit(tasks.raise_row_error, 17, "no date", frozen).exception(GUARD)
+    if frozen:
+        assert type(exc) is tasks.FrozenRowError and exc.row == 17
+        assert repr(exc) == "FrozenRowError(row=17)"
+    else:
+        assert type(exc) is tasks.RowError and (exc.row, exc.reason) == (17, "no date")
+        assert repr(exc) == "RowError(row=17, reason='no date')"
+    assert "raise_row_error" in _frames(exc)
+
+
 def test_an_initializer_raising_a_frozen_dataclass_exception_fails_the_task_with_it(
         make_executor):
     """The worker notes where an initializer's exception came from: on a frozen dataclass's
