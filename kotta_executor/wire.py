@@ -1480,14 +1480,14 @@ class _AsMember:
         return (errors._rebuild, (type(exc), exc.args, dict(getattr(exc, "__dict__", {}))))
 
 
-def _mended_group(exc: BaseException) -> _TravellingGroup | None:
+def _mended_group(exc: BaseException, depth: int = 0) -> _TravellingGroup | None:
     """A group that does not survive pickling for want of some of its members, each of
     those sent as itself (_AsMember) where it can be, else as a RemoteError; a member that
     would come back as itself if raised alone had made the whole group a RemoteError.
     Also a group that does: a member pickle makes anew with another message is sent as
     itself (_same_message).  None for anything else, or a group that still does not
-    survive."""
-    if not isinstance(exc, BaseExceptionGroup):
+    survive.  A group among its members is mended so too (_InGroup)."""
+    if not isinstance(exc, BaseExceptionGroup) or depth > _CHAIN_LIMIT:
         return None
     cls = type(exc)
     own_reduce = (cls.__reduce__ is not BaseException.__reduce__
@@ -1499,7 +1499,9 @@ def _mended_group(exc: BaseException) -> _TravellingGroup | None:
     members: list = []
     for member in exc.exceptions:
         chosen = None
-        for candidate in (member, _AsMember(member)):
+        inner = _mended_group(member, depth + 1)
+        for candidate in ((_InGroup(inner),) if inner is not None else ()) + (
+                member, _AsMember(member)):
             try:
                 loaded = pickle.loads(cloudpickle_dumps(candidate))
             except BaseException:  # noqa: BLE001 - as in _round_trips
@@ -1516,6 +1518,20 @@ def _mended_group(exc: BaseException) -> _TravellingGroup | None:
     except BaseException:  # noqa: BLE001
         return None
     return group
+
+
+class _InGroup:
+    """A group among a group's members, its own members mended (_mended_group): as pickle
+    makes it, it was made by calling its class with them, each as pickle makes it.  Made
+    as _rebuild_exception makes it, then taken out of its _Travelling."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: _TravellingGroup):
+        self.group = group
+
+    def __reduce__(self):
+        return (getattr, (self.group, "exc"))
 
 
 def _same_message(exc: BaseException, loaded: BaseException) -> bool:

@@ -1045,19 +1045,24 @@ class HTTPStatusError(Exception):
         self.status = status
 
 
-def raise_group_of_reformatting_members(statuses):
-    """An asyncio.TaskGroup's failures, each an HTTPStatusError; and one alone."""
+def raise_group_of_reformatting_members(statuses, nested=False):
+    """An asyncio.TaskGroup's failures, each an HTTPStatusError; ``nested``: those of a
+    TaskGroup in a task of another."""
     import asyncio
 
     async def fails(exc):
         raise exc
 
-    async def main():
+    async def inner():
         async with asyncio.TaskGroup() as tg:
             for status in statuses:
                 tg.create_task(fails(HTTPStatusError(status)))
 
-    asyncio.run(main())
+    async def outer():
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(inner())
+
+    asyncio.run(outer() if nested else inner())
 
 
 def raise_group_from_a_node_only_module(directory, messages):

@@ -726,14 +726,21 @@ def test_a_group_with_a_member_that_cannot_travel_keeps_the_others(make_executor
     assert group.__notes__[-1].startswith(f"kotta job {f.job_id} ")
 
 
-def test_a_group_member_whose_init_writes_its_message_comes_back_as_raised(make_executor):
+@pytest.mark.parametrize("nested", [False, True], ids=["member", "member-of-a-member"])
+def test_a_group_member_whose_init_writes_its_message_comes_back_as_raised(nested,
+                                                                            make_executor):
     """A member of an ExceptionGroup whose ``__init__`` writes its message from its
     argument (``HTTP {status}``) came back with it written twice, "HTTP HTTP 404", as
     pickle makes it again by calling the class with the message; the same exception
-    raised alone comes back as raised, and so do the members now."""
+    raised alone comes back as raised, and so do the members now, of a group in the
+    group too (a TaskGroup in a task of another)."""
     ex = make_executor(1)
-    group = ex.submit(tasks.raise_group_of_reformatting_members, [404, 503]).exception(GUARD)
+    group = ex.submit(tasks.raise_group_of_reformatting_members, [404, 503],
+                      nested).exception(GUARD)
     assert type(group) is ExceptionGroup
+    if nested:
+        [group] = group.exceptions
+        assert type(group) is ExceptionGroup
     members = sorted(group.exceptions, key=lambda m: m.status)
     assert [type(m) for m in members] == [tasks.HTTPStatusError] * 2
     assert [(m.args, m.status) for m in members] == [(("HTTP 404",), 404), (("HTTP 503",), 503)]
