@@ -577,6 +577,16 @@ def _globals_by_value(fn: Any) -> dict[str, Any] | None:
     module's, which every function of it shares already.  Of a bound method, a class or
     a callable object of ``__main__`` (``submit(predictor.predict, x)``), that of its
     function, ``__init__`` or ``__call__``: the methods of a class sent by value share one."""
+    fn = _function_of(fn)
+    g = getattr(fn, "__globals__", None) if fn is not None else None
+    if g is None:
+        return None
+    module = sys.modules.get(g.get("__name__"))
+    return None if module is not None and vars(module) is g else g
+
+
+def _function_of(fn: Any) -> types.FunctionType | None:
+    """The function whose globals ``fn`` runs with (see _globals_by_value), or None."""
     while isinstance(fn, functools.partial):
         fn = fn.func
     if isinstance(fn, types.MethodType):
@@ -585,11 +595,7 @@ def _globals_by_value(fn: Any) -> dict[str, Any] | None:
         fn = getattr(fn, "__init__", None)
     elif not isinstance(fn, types.FunctionType):
         fn = getattr(type(fn), "__call__", None)  # noqa: B004 - its function, not a test
-    g = getattr(fn, "__globals__", None) if isinstance(fn, types.FunctionType) else None
-    if g is None:
-        return None
-    module = sys.modules.get(g.get("__name__"))
-    return None if module is not None and vars(module) is g else g
+    return fn if isinstance(fn, types.FunctionType) else None
 
 
 def _with_initialized(fn: Callable, init: bytes) -> Callable:
@@ -602,16 +608,18 @@ def _with_initialized(fn: Callable, init: bytes) -> Callable:
     worker serves every executor of its owner, and another notebook's tasks must keep
     their own values of globals of the same names."""
     name, made = _INIT_SET[init]
-    try:
-        seen = _INIT_SEEN.get(fn, ())
-        if init in seen:
-            return fn
-    except TypeError:  # (not weakly referable: a callable object of no globals)
+    # (by the function whose globals they are, which a weak reference can be made to: a
+    # callable object of a class with __slots__ cannot have one, and was given none)
+    target = _function_of(fn)
+    if target is None:
         return fn
-    own = _globals_by_value(fn)
+    seen = _INIT_SEEN.get(target, ())
+    if init in seen:
+        return fn
+    own = _globals_by_value(target)
     if own is not None and own.get("__name__") == name:
         own.update(made)
-    _INIT_SEEN[fn] = (*seen, init)
+    _INIT_SEEN[target] = (*seen, init)
     return fn
 
 

@@ -1006,6 +1006,20 @@ def test_globals_an_initializer_of_main_sets_are_seen_by_methods_of_main(make_ex
     assert ex.submit(ns["Predictor"]).result(timeout=GUARD).seen == "loaded"
 
 
+def test_globals_an_initializer_of_main_sets_are_seen_by_objects_with_slots(make_executor):
+    """The same, for a callable object of a class of ``__main__`` with ``__slots__`` (no
+    weak reference to it can be made): it saw ``_model = None``."""
+    slotted = _PREDICTOR.replace("class Predictor:\n",
+                                 "class Predictor:\n    __slots__ = ('k', 'seen')\n")
+    ns = {"__name__": "__main__"}
+    exec(compile(slotted, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's class
+    assert ns["Predictor"].__slots__
+    ex = make_executor(1, initializer=ns["init"], initargs=("loaded",))
+    p = ns["Predictor"](7)
+    assert ex.submit(p, 4).result(timeout=GUARD) == ("loaded", 7, 4)
+    assert ex.submit(p.predict, 5).result(timeout=GUARD) == ("loaded", 7, 5)
+
+
 def test_an_initializers_globals_reach_only_its_own_executors_tasks(make_executor):
     """A worker serves every executor of its owner.  Notebook A's initializer set ``data``;
     notebook B's tasks, of an executor with no initializer, run in the same worker, read a
