@@ -589,6 +589,11 @@ def _function_of(fn: Any) -> types.FunctionType | None:
     """The function whose globals ``fn`` runs with (see _globals_by_value), or None."""
     while isinstance(fn, functools.partial):
         fn = fn.func
+    if type(fn) is _LRU_WRAPPER or (type(fn) is types.FunctionType
+                                    and fn.__code__ is _DISPATCH_CODE):
+        # a functools.cache or singledispatch wrapper (made anew by _Pickler, of functools'
+        # module): the globals are those of the function of __main__ it wraps (the default)
+        fn = getattr(fn, "__wrapped__", None)
     if isinstance(fn, types.MethodType):
         fn = fn.__func__
     elif isinstance(fn, type):

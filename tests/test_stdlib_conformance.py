@@ -1020,6 +1020,42 @@ def test_globals_an_initializer_of_main_sets_are_seen_by_objects_with_slots(make
     assert ex.submit(p.predict, 5).result(timeout=GUARD) == ("loaded", 7, 5)
 
 
+_WRAPPED_LOADER = """
+import functools
+
+_model = None
+
+def init(value):
+    global _model
+    _model = value
+
+@functools.cache
+def cached(x):
+    return _model, x
+
+@functools.singledispatch
+def dispatched(x):
+    return _model, x
+
+@dispatched.register
+def _(x: str):
+    return _model, "str " + x
+"""
+
+
+def test_globals_an_initializer_of_main_sets_are_seen_by_cached_and_generic_functions(
+        make_executor):
+    """The same, for a function of ``__main__`` wrapped in ``functools.cache`` or made
+    generic by ``functools.singledispatch`` (which travel by value, their wrappers made
+    anew): they saw ``_model = None``."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_WRAPPED_LOADER, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's
+    ex = make_executor(1, initializer=ns["init"], initargs=("loaded",))
+    assert ex.submit(ns["cached"], 1).result(timeout=GUARD) == ("loaded", 1)
+    assert ex.submit(ns["dispatched"], 2).result(timeout=GUARD) == ("loaded", 2)
+    assert ex.submit(ns["dispatched"], "x").result(timeout=GUARD) == ("loaded", "str x")
+
+
 def test_an_initializers_globals_reach_only_its_own_executors_tasks(make_executor):
     """A worker serves every executor of its owner.  Notebook A's initializer set ``data``;
     notebook B's tasks, of an executor with no initializer, run in the same worker, read a
