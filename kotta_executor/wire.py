@@ -543,17 +543,30 @@ def dump_initializer(initializer: Callable, initargs: Sequence) -> bytes:
 _INITIALIZED: set[bytes] = set()
 
 
-def run_initializer(data: bytes) -> None:
-    """In a worker, before a task's calls: run the initializer its executor gave (an
-    ``init`` section), unless this process has run that one, with those arguments, already.
-    Only worker processes call this.  An initializer that raises has not run: the next
-    task tries it again."""
+def run_initializer(data: bytes, job_id: str) -> None:
+    """In a worker, before a task's calls (of job ``job_id``): run the initializer its
+    executor gave (an ``init`` section), unless this process has run that one, with those
+    arguments, already.  Only worker processes call this.  An initializer that raises has
+    not run: the next task tries it again.  What it raises says where it came from; one
+    that cannot be unpickled here is a SerializationError saying so (it never ran: that
+    error, raised as its own, had been noted as raised by it)."""
     if data in _INITIALIZED:
         return
-    initializer, initargs = cloudpickle.loads(data)
+    try:
+        initializer, initargs = cloudpickle.loads(data)
+    except BaseException as exc:  # noqa: BLE001 - any unpickling failure (as load_call's)
+        raise errors.SerializationError(
+            f"the executor's initializer could not be unpickled on the node: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     own = _globals_by_value(initializer)
     before = dict(own) if own is not None else None
-    initializer(*initargs)
+    try:
+        initializer(*initargs)
+    except BaseException as exc:
+        add_note(exc, f"raised by the executor's initializer, in the worker that was to run "
+                      f"job {job_id}")
+        raise
     _INITIALIZED.add(data)
     if own is not None:
         # The globals it set (``global _model; _model = load()``), for the tasks of its

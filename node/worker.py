@@ -412,12 +412,7 @@ def _initialize(init: bytes | None, job_id: str) -> None:
     """Run the executor's initializer (a task's ``init`` section), if this worker has not
     run it yet; what it raises fails the task, and says where it came from."""
     if init:
-        try:
-            wire.run_initializer(init)
-        except BaseException as exc:
-            wire.add_note(exc, f"raised by the executor's initializer, in the worker that "
-                               f"was to run job {job_id}")
-            raise
+        wire.run_initializer(init, job_id)
 
 
 #: this worker's pid: a process that finds another pid on its return from a call is a child

@@ -226,6 +226,23 @@ def test_an_initializer_that_raises_fails_the_task_with_its_exception_and_runs_a
     assert (status, runs) == ("up", 1)
 
 
+def test_an_initializer_that_cannot_be_unpickled_on_the_node_says_so(make_executor):
+    """An initializer (or its arguments) that the node cannot unpickle (a module it lacks):
+    the task failed with that error, noted "raised by the executor's initializer", which
+    never ran.  Now it is a SerializationError saying so, as for the task's own function,
+    with the error as its cause; and the task never ran."""
+    from kotta_executor import SerializationError
+
+    ex = make_executor(1, initializer=tasks.set_init_status,
+                       initargs=(tasks.LoadsBadly("no unpickling here"),))
+    exc = ex.submit(tasks.get_init_status).exception(timeout=GUARD)
+    assert type(exc) is SerializationError
+    assert str(exc) == ("the executor's initializer could not be unpickled on the node: "
+                        "RuntimeError: no unpickling here")
+    assert type(exc.__cause__) is RuntimeError and str(exc.__cause__) == "no unpickling here"
+    assert not any("raised by the executor's initializer" in n for n in exc.__notes__)
+
+
 def test_an_initializer_that_cannot_be_sent_is_refused_at_once(make_executor):
     """Bad input gets a clear error when the executor is made, before any task."""
     import threading
