@@ -1765,7 +1765,7 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
         if python != PYTHON and (err := version_mismatch(python, (payload,), what, "on the client")):
             return [(False, err)] * n
         try:
-            return [(False, _unbox(pickle.loads(payload)))] * n
+            return [(False, _unbox(_load_result(payload)))] * n
         except BaseException as exc:  # noqa: BLE001 - cannot unpickle here: say so, keep the cause
             return [(False, _unpickle_error(job_id, exc, payload, raised=True))] * n
     try:
@@ -1783,7 +1783,7 @@ def outcomes(env: Envelope) -> list[tuple[bool, Any]]:
             out.append((False, err))  # fails its own call only
             continue
         try:
-            tag, value = pickle.loads(part)
+            tag, value = _load_result(part)
             out.append((tag == OK, _unbox(value)))
         except BaseException as exc:  # noqa: BLE001 - fails its own call only
             out.append((False, _unpickle_error(job_id, exc, part)))
@@ -1827,16 +1827,76 @@ def _unpickle_error(job_id: str, exc: BaseException, data: bytes = b"",
     return err
 
 
+#: in a pickle, cloudpickle's calls that make a class sent by value (see _KeepingClasses)
+_SKELETONS = re.compile(rb"_make_skeleton_(?:class|enum)")
+_CP = cloudpickle.cloudpickle
+#: those calls, each with where its class's tracker id is among its arguments
+_SKELETON_CALLS = tuple(
+    (f, f.__code__.co_varnames.index("class_tracker_id"))
+    for f in (getattr(_CP, "_make_skeleton_class", None), getattr(_CP, "_make_skeleton_enum", None))
+    if isinstance(f, types.FunctionType) and "class_tracker_id" in f.__code__.co_varnames
+)
+
+
+def _load_result(data: bytes | memoryview) -> Any:
+    """``pickle.loads`` of an outcome a worker sent, on the client: with _KeepingClasses
+    when it holds a class sent by value that this process may have already (cloudpickle
+    tracks those: of ``__main__``, sent to the node and back)."""
+    tracked = getattr(_CP, "_DYNAMIC_CLASS_TRACKER_BY_ID", None)
+    if not tracked or _SKELETONS.search(data) is None:  # (no class sent by value: most)
+        return pickle.loads(data)
+    return _KeepingClasses(data).load()
+
+
+class _KeepingClasses(pickle.Unpickler):
+    """Unpickles leaving this process's own classes as they are.  A class of ``__main__``
+    comes back by value as the client's own (cloudpickle finds it by its tracker id), but
+    cloudpickle then set on it the worker's copies of its attributes: its methods, with a
+    copy of the globals they use as they were at submit (the client's own ``Model()``
+    then read a stale ``SCALE``), and what a task set on the class (a class attribute)
+    replaced the client's.  A class it makes anew (one a task defined) is set up whole."""
+
+    def __init__(self, data: bytes | memoryview):
+        super().__init__(io.BytesIO(data))
+        self._kept: set[int] = set()  # ids of the classes found here already
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        for make, arg in _SKELETON_CALLS:  # (by identity: what is found may be unhashable)
+            if found is make:
+                return self._skeleton(make, arg)
+        if found is getattr(_CP, "_class_setstate", None):
+            return self._setstate(found)
+        return found
+
+    def _skeleton(self, make: Callable, arg: int) -> Callable:
+        def skeleton(*args):
+            tracked = _CP._DYNAMIC_CLASS_TRACKER_BY_ID
+            known = tracked.get(args[arg]) if arg < len(args) and args[arg] is not None else None
+            cls = make(*args)
+            if known is not None and cls is known:
+                self._kept.add(id(cls))
+            return cls
+
+        return skeleton
+
+    def _setstate(self, setstate: Callable) -> Callable:
+        def keep(obj, state):
+            return obj if id(obj) in self._kept else setstate(obj, state)
+
+        return keep
+
+
 class _Missing(Exception):
     """The base of the stand-ins for classes the client cannot import (see _salvage)."""
 
 
-class _Lenient(pickle.Unpickler):
+class _Lenient(_KeepingClasses):
     """Unpickles with a stand-in (a subclass of _Missing, named as the original) for any
     class or function that cannot be imported here; ``made`` holds them."""
 
     def __init__(self, data: bytes):
-        super().__init__(io.BytesIO(data))
+        super().__init__(data)
         self.made: set[type] = set()
 
     def find_class(self, module: str, name: str) -> Any:

@@ -1109,6 +1109,43 @@ def test_two_executors_initializing_the_same_functions_differently_keep_their_ow
     assert ex_c.submit(ns["task"], 5).result(timeout=GUARD) == (None, 5)
 
 
+_MODEL = """
+SCALE = 1
+
+class Model:
+    kind = "plain"
+
+    def scale(self):
+        return SCALE
+
+def echo(value):
+    return value
+
+def tuned():
+    Model.kind = "tuned on the node"
+    return Model()
+"""
+
+
+def test_a_result_of_a_class_of_main_leaves_the_clients_class_as_it_is(make_executor):
+    """A class of ``__main__`` travels by value, and comes back as the client's own class
+    (cloudpickle finds it by its id); but cloudpickle also set on it, anew, the worker's
+    copies of its attributes.  Its methods, copies with a copy of the globals they use
+    as they were at submit, then read those: the client set ``SCALE = 2``, and its own
+    ``Model().scale()`` said 1; and what a task set on its copy of the class (a class
+    attribute) replaced the client's.  A ProcessPoolExecutor's result never changes the
+    parent's classes."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_MODEL, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's class
+    model_class, scale = ns["Model"], ns["Model"].scale
+    ex = make_executor(1)
+    assert type(ex.submit(ns["echo"], model_class()).result(timeout=GUARD)) is model_class
+    assert type(ex.submit(ns["tuned"]).result(timeout=GUARD)) is model_class
+    assert model_class.scale is scale and model_class.kind == "plain"
+    ns["SCALE"] = 2
+    assert model_class().scale() == 2
+
+
 _DISPATCHED = """
 import functools
 
