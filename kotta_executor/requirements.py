@@ -22,6 +22,8 @@ MAX_BYTES = MAX_HEADER // 2
 #: a comment, as pip reads requirement files: ``#`` at the start or after any whitespace
 #: (a tab too), to the end of the line; a ``#`` inside a word (a URL's fragment) is not one
 _COMMENT = re.compile(r"(^|\s)#.*$")
+#: a project's or an extra's name, as PEP 508 writes it
+_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 
 
 def _line(line: str) -> str:
@@ -52,6 +54,15 @@ def _line(line: str) -> str:
             f"requirements may not name where a package comes from ({line!r}): the node "
             "decides that (its index or mirror); name the package and a version instead"
         )
+    # A name (of the project, or an extra) that PEP 508 refuses, ending in "_" or ".",
+    # which packaging 26 reads all the same: canonical, "foo_" was "foo-", which it
+    # refuses, and the node failed the task naming a line the user never wrote
+    for name in (req.name, *req.extras):
+        if not _NAME.fullmatch(name):
+            raise ConfigurationError(
+                f"{line!r} is not a requirement ({name!r} is not a valid name: PEP 508 names "
+                "begin and end with a letter or digit)"
+            )
     req.name = canonicalize_name(req.name)
     # extras are names too (PEP 685, as pip compares them): ``[Socks]`` is ``[socks]``
     req.extras = {canonicalize_name(e) for e in req.extras}

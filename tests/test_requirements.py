@@ -473,6 +473,17 @@ def test_a_specifier_list_that_is_no_specifier_is_refused_naming_it(line):
         normalize(["numpy", line])
 
 
+@pytest.mark.parametrize("line, name", [("foo_", "foo_"), ("numpy[extra_]>=1", "extra_")])
+def test_a_name_that_ends_in_punctuation_is_refused_naming_it(line, name):
+    """packaging (26) reads ``foo_`` as a project, or ``extra_`` as an extra, though PEP
+    508 names end in a letter or digit; written canonically that is ``foo-``, which it
+    refuses: the executor sent ``foo-`` and the node failed the task, naming a line the
+    user never wrote.  Now ``submit`` refuses the user's own line, naming it."""
+    with pytest.raises(ConfigurationError, match=re.escape(repr(line))) as info:
+        normalize(["numpy", line])
+    assert repr(name) in str(info.value)
+
+
 def test_a_task_whose_requirements_packaging_refuses_does_not_kill_the_node(
         start_node, make_executor, enclave):
     """A signed task whose header names requirements the node's packaging refuses (one
