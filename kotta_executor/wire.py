@@ -1096,7 +1096,13 @@ def load_call(
     fn = cache.get(key) if cache is not None else None
     if fn is None:
         fn = pickle.loads(data)
-        if cache is not None:
+        # Not one that brings a class by value (a callable object or method of a class of
+        # ``__main__``, a function that makes one): there is one such class in the worker,
+        # as on the client, and each pickle of it sets its own methods on it, with the
+        # globals of their submit.  Reused, the function ran with those of whichever
+        # pickle came last: SCALE 1, 2, then 1 again, the third (the first's bytes) ran
+        # with SCALE 2.  Unpickled anew each task, as ProcessPoolExecutor does.
+        if cache is not None and _SKELETONS.search(data) is None:
             cache[key] = fn
     if initialized:
         fn = _with_initialized(fn, init)

@@ -1146,6 +1146,32 @@ def test_a_result_of_a_class_of_main_leaves_the_clients_class_as_it_is(make_exec
     assert model_class().scale() == 2
 
 
+_SCALER = """
+SCALE = 1
+
+class Scaler:
+    def __call__(self, x):
+        return SCALE * x
+"""
+
+
+def test_a_callable_object_of_main_runs_with_the_globals_of_its_own_submit(make_executor):
+    """A callable object of a class of ``__main__`` is sent with the globals its methods use
+    as they are at submit: ``SCALE`` 1, then 2, then 1 again.  The third submit sends the
+    bytes of the first, and the worker reused the object it had made of them; but its
+    class (one class in the worker, as on the client) had been given the second's
+    methods since, which read ``SCALE = 2``: 20, not 10."""
+    ns = {"__name__": "__main__"}
+    exec(compile(_SCALER, "<cell>", "exec"), ns)  # noqa: S102 - a notebook cell's class
+    ex = make_executor(1)
+    scaler = ns["Scaler"]()
+    results = []
+    for scale in (1, 2, 1):
+        ns["SCALE"] = scale
+        results.append(ex.submit(scaler, 10).result(timeout=GUARD))
+    assert results == [10, 20, 10]
+
+
 _DISPATCHED = """
 import functools
 
