@@ -788,9 +788,9 @@ def test_list_queries_the_owner_index_and_scans_for_everyone(enclave):
 def test_kill_requests(enclave):
     a, b = new_job(), new_job()
     enclave.jobs.create([a, b])
-    enclave.jobs.transition([b.job_id], JobState.PROCESSING, node="n1")
+    enclave.jobs.transition([a.job_id, b.job_id], JobState.PROCESSING, node="n1")
     enclave.jobs.finish([Finished(b.job_id, JobState.COMPLETED, b"done")])
-    assert enclave.jobs.request_kill(a.job_id) is True
+    assert enclave.jobs.request_kill(a.job_id) is True  # (a pending one is cancelled)
     assert enclave.jobs.request_kill(b.job_id) is False
     assert enclave.jobs.request_kill("f" * 32) is False
     assert enclave.jobs.kill_requested([a.job_id, b.job_id, "f" * 32]) == {a.job_id}

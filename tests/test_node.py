@@ -1501,7 +1501,7 @@ def test_a_blob_left_half_written_by_a_killed_client_is_deleted_once_old(start_n
     assert young.exists()
 
 
-def _stepped_node(enclave, make_executor, monkeypatch, **config):
+def _node_with_a_ready_worker(enclave, make_executor, monkeypatch, **config):
     """An in-process node of one worker, stepped by the test, and an executor of its queue
     with no node of its own: ``(node, executor, worker)``, the worker ready and with a tiny
     average, so that the node pipes tasks to it deep.  The test stops the node
@@ -1530,7 +1530,7 @@ def test_tasks_back_from_a_retired_worker_are_pending_and_uncounted_when_the_nod
     a task with restricted data) wait in the node, claimed; stopped then, the node hands
     them back as tasks never begun: pending, their receive not counted.  In-process node,
     stepped by the test."""
-    node, ex, w = _stepped_node(enclave, make_executor, monkeypatch)
+    node, ex, w = _node_with_a_ready_worker(enclave, make_executor, monkeypatch)
     try:
         _stop_process(w.pid)  # it cannot begin them
         jobs = [ex._new_job(os.urandom(16).hex(), tasks.square, [((i,), {})], ex._options)
@@ -1653,7 +1653,7 @@ def test_a_task_back_from_a_retired_worker_that_then_runs_is_not_handed_back_as_
     run here.  Once it begins it is no longer taken for never begun.  In-process node,
     stepped by the test."""
     log, release = tmp_path / "pids", tmp_path / "release"
-    node, ex, w = _stepped_node(enclave, make_executor, monkeypatch)
+    node, ex, w = _node_with_a_ready_worker(enclave, make_executor, monkeypatch)
     try:
         _stop_process(w.pid)  # it cannot begin them
         jobs = [ex._new_job(os.urandom(16).hex(), tasks.log_pid_and_wait,
@@ -1692,7 +1692,7 @@ def test_tasks_piped_behind_one_still_running_at_the_drain_deadline_are_pending_
     in a worker's pipe behind the running one, they are pending again, uncounted.
     In-process node, stepped by the test."""
     log, release = tmp_path / "pids", tmp_path / "release"
-    node, ex, w = _stepped_node(enclave, make_executor, monkeypatch, drain_timeout=0.2)
+    node, ex, w = _node_with_a_ready_worker(enclave, make_executor, monkeypatch, drain_timeout=0.2)
     try:
         head = ex._new_job(os.urandom(16).hex(), tasks.log_pid_and_wait,
                            [((str(log), str(release)), {})], ex._options)
