@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import config, wire
 from .backends import env_spec, is_new, open_enclave
-from .backends.base import Enclave, Message, reply_queue
+from .backends.base import KILLED_PENDING, Enclave, Message, reply_queue
 from .errors import KottaError, UnknownJob
 from .states import CANCELLABLE, JobState
 
@@ -728,8 +728,10 @@ def cmd_cancel(args) -> int:
                                reason="cancelled with kotta cancel"):
         return cancelled()
     if enclave.jobs.request_kill(job.job_id):  # (not once its task has run)
-        if enclave.jobs.get(job.job_id).state == JobState.CANCELLED:  # pending again
+        now = enclave.jobs.get(job.job_id)
+        if now.state == JobState.CANCELLED and now.reason == KILLED_PENDING:  # pending again
             return cancelled()  # (a stopping node handed its task back: JobTable.request_kill)
+        # (not one its node killed as soon as it was flagged: that node tells its client)
         enclave.ring_nodes(job.queue)
         print(f"job {job.job_id} is being killed")
         return 0

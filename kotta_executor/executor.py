@@ -72,7 +72,15 @@ from . import config, dependencies, wire
 from . import requirements as _requirements
 from ._poll import ready
 from .backends import default_url, env_spec, open_enclave
-from .backends.base import Enclave, Finished, JobRecord, Message, NewJob, reply_queue
+from .backends.base import (
+    KILLED_PENDING,
+    Enclave,
+    Finished,
+    JobRecord,
+    Message,
+    NewJob,
+    reply_queue,
+)
 from .errors import (
     AuthenticationError,
     BrokenEnclave,
@@ -996,9 +1004,11 @@ class KottaExecutor(Executor):
     def _kill_job(self, job_id: str) -> bool:
         ok = self._enclave.jobs.request_kill(job_id)  # (not once its task has run)
         job = self._enclave.jobs.get(job_id) if ok else None
-        if job is not None and job.state == JobState.CANCELLED:
+        if job is not None and job.state == JobState.CANCELLED and job.reason == KILLED_PENDING:
             # pending again (its task handed back, never begun), so cancelled, not flagged
-            # (JobTable.request_kill): its future is now, as a cancel's
+            # (JobTable.request_kill): its future is now, as a cancel's.  (By its reason:
+            # cancelled too is a running job its node killed as soon as it was flagged,
+            # whose future raises TaskKilled, from the node's reply)
             self._settle_cancelled(job_id)
         elif job is not None:
             self._enclave.ring_nodes(job.queue)

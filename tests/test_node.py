@@ -1718,3 +1718,35 @@ def test_tasks_piped_behind_one_still_running_at_the_drain_deadline_are_pending_
     assert (r.state, r.node) == (JobState.PROCESSING, node.node_id)
 
 
+
+
+@pytest.mark.parametrize("how", ["kill", "kotta cancel"])
+def test_a_running_job_its_node_kills_at_once_is_killed_not_cancelled(
+        make_executor, enclave, enclave_dir, how):
+    """A kill of a running job asks for it (request_kill), then reads the job to tell a
+    pending one, which request_kill cancels, from a running one, which it flags.  Read by
+    its state alone, a job its node killed in between (cancelled too: the node's kill) was
+    taken for one cancelled before it started: kill() settled its future as cancelled (no
+    TaskKilled, the node's reply dropped), and `kotta cancel` printed "cancelled before it
+    started" and sent its client a cancel.  (A trigger on the job table is the node here,
+    killing the job as its kill is asked for.)"""
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 3)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job's record")
+    assert enclave.jobs.transition([f.job_id], JobState.PROCESSING, node="n1")
+    wait_for(lambda: f.status() == "processing" and f.running(), what="the job to be running")
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        db.execute(
+            "CREATE TRIGGER the_node_kills AFTER UPDATE OF kill_requested ON jobs"
+            " WHEN NEW.kill_requested=1 BEGIN UPDATE jobs SET state='cancelled',"
+            " reason='TaskKilled: killed on request', finished=NEW.updated"
+            " WHERE job_id=NEW.job_id; END")
+    if how == "kill":
+        assert f.kill() is True
+        assert not f.cancelled()  # it waits for the node's reply: TaskKilled
+    else:
+        from tests.test_cli import kotta
+
+        r = kotta(enclave_dir, "cancel", f.job_id)
+        assert r.returncode == 0, r.stderr
+        assert "is being killed" in r.stdout, r.stdout
