@@ -214,13 +214,17 @@ def _held_pss(p: psutil.Process) -> int:
     (``Pss_File``: a dataset read with ``mmap`` or ``numpy.memmap``, its libraries' code),
     the files' cache, which the kernel drops and reads again as it needs: counted, a task
     that mapped and read a 200 MB file was killed for using 217 MB under a 100 MB limit.
-    Where those fields are missing (a kernel before 5.8), the whole PSS; off Linux,
-    psutil's (AttributeError where it has none)."""
+    Where those fields are missing (a kernel before 5.8), the whole PSS; off Linux, or
+    without smaps_rollup (before 4.14), psutil's (AttributeError where it has none)."""
     try:
         with open(f"/proc/{p.pid}/smaps_rollup", "rb") as f:
             text = f.read()
     except FileNotFoundError:
-        if not os.path.isdir("/proc/self"):  # (no /proc: not Linux)
+        # no /proc (not Linux), or no smaps_rollup of a process that is there (a kernel
+        # before 4.14, RHEL 7's: taken for an ended process, it counted nothing, and no
+        # task was killed for its memory): psutil's, which sums smaps there.  (Ended: its
+        # FileNotFoundError, or psutil's NoSuchProcess)
+        if not os.path.isdir("/proc/self") or os.path.isdir(f"/proc/{p.pid}"):
             return p.memory_full_info().pss
         raise
     fields = {}

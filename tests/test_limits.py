@@ -350,6 +350,29 @@ def test_children_holding_memory_of_their_own_are_still_killed(start_node, make_
         f.result(timeout=GUARD)
 
 
+
+def test_the_memory_of_a_process_counts_on_a_kernel_without_smaps_rollup(monkeypatch):
+    """On a kernel before 4.14 (RHEL/CentOS 7's 3.10) there is no /proc/PID/smaps_rollup:
+    its FileNotFoundError was taken for the process having ended, which counted nothing,
+    so a node there never killed a task for its memory, whatever it used (psutil, as
+    before, sums /proc/PID/smaps there).  Simulated: opening smaps_rollup fails so."""
+    import builtins
+
+    from node import monitor
+
+    def no_rollup(path, *args, **kwargs):
+        if str(path).endswith("/smaps_rollup"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    held = bytearray(64 * 1024 * 1024)
+    held[::4096] = b"\x01" * len(held[::4096])
+    monkeypatch.setattr(monitor, "open", no_rollup, raising=False)
+    used, _ = monitor.tree_pss([os.getpid()])
+    assert used >= len(held)
+    del held
+
+
 # ---------------------------------------------------------------- queues.json, any content
 
 _json_values = st.recursive(
