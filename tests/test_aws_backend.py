@@ -38,7 +38,7 @@ from kotta_executor.backends.aws import (
     _wait,
     _whole_seconds,
 )
-from kotta_executor.backends.base import Finished, Message, NewJob, NodeInfo
+from kotta_executor.backends.base import KILLED_PENDING, Finished, Message, NewJob, NodeInfo
 from kotta_executor.errors import ConfigurationError
 from kotta_executor.states import JobState
 from tests import aws_moto
@@ -794,6 +794,33 @@ def test_kill_requests(enclave):
     assert enclave.jobs.request_kill(b.job_id) is False
     assert enclave.jobs.request_kill("f" * 32) is False
     assert enclave.jobs.kill_requested([a.job_id, b.job_id, "f" * 32]) == {a.job_id}
+
+
+
+def test_a_kill_of_a_job_handed_back_between_its_two_writes_cancels_it(enclave):
+    """request_kill cancels a pending job, and flags one a node has started: two writes
+    (DynamoDB).  A stopping node that handed the job back (never begun: pending) between
+    them had the second flag it, pending: the next node, which looks for the kill requests
+    of a first delivery only as it runs it, ran it (a short one to its end) though kill()
+    said True.  Now a pending job is never flagged: its cancel is tried again.  (The
+    hand-back is made as the flag is about to be written, by botocore's event.)"""
+    a = new_job()
+    enclave.jobs.create([a])
+    assert enclave.jobs.transition([a.job_id], JobState.PROCESSING, node="n1")
+    handed: list[str] = []
+
+    def hand_back(params, **_):
+        if "kill_requested = :t" in params.get("UpdateExpression", "") and not handed:
+            handed.extend(enclave.jobs.transition(
+                [a.job_id], JobState.PENDING, from_states={JobState.PROCESSING}, node="n1",
+                held_by="n1"))
+
+    enclave.dynamodb.meta.events.register("provide-client-params.dynamodb.UpdateItem",
+                                          hand_back)
+    assert enclave.jobs.request_kill(a.job_id) is True
+    assert handed == [a.job_id]
+    job = enclave.jobs.get(a.job_id)
+    assert (job.state, job.reason) == (JobState.CANCELLED, KILLED_PENDING)
 
 
 # --------------------------------------------------------------------------- nodes

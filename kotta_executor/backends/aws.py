@@ -2120,17 +2120,25 @@ class DynamoJobs(_DynamoTable, JobTable):
 
     def request_kill(self, job_id):
         self._kills = None
-        # (two conditional writes, not one: a job moved back to pending between them is
-        # flagged, and runs until its next node's first look for kill requests)
-        if self.transition([job_id], JobState.CANCELLED, from_states={JobState.PENDING},
-                           reason=KILLED_PENDING):  # (see JobTable.request_kill)
-            return True
+        # Two conditional writes, not one: the flag's is of a job some node has (not
+        # pending), and one moved back to pending between them (a stopping node's hand-
+        # back) is cancelled at a next try.  Flagged, pending, it ran on the next node,
+        # which looks for the kill requests of a first delivery only as it runs it.
         values: dict[str, Any] = {":t": {"BOOL": True}, ":now": _n(time.time())}
-        condition = self._state_in(states.KILLABLE, values)
-        return self._update(
-            job_id, "SET kill_requested = :t, updated = :now", condition, values,
-            {"#state": "state"},
-        )  # fmt: skip
+        condition = self._state_in(states.KILLABLE - {JobState.PENDING}, values)
+        for _ in range(3):  # (a job handed back three times as it is killed: not flagged)
+            if self.transition([job_id], JobState.CANCELLED, from_states={JobState.PENDING},
+                               reason=KILLED_PENDING):  # (see JobTable.request_kill)
+                return True
+            if self._update(
+                job_id, "SET kill_requested = :t, updated = :now", condition, values,
+                {"#state": "state"},
+            ):  # fmt: skip
+                return True
+            job = self.get(job_id)  # (the refusals only: ended, or pending again)
+            if job is None or job.state != JobState.PENDING:
+                return False
+        return False
 
     def record_usage(self, job_id, usage):
         values: dict[str, Any] = {
