@@ -1425,9 +1425,10 @@ class Node:
         """``header``: of a handed-off task, parsed already."""
         adopted = header is not None
         if d.receive_count > self.config.max_deliveries:
-            times = d.receive_count - 1
-            reason = (f"job {d.job_id} was delivered {times} time{'s' if times != 1 else ''} "
-                      f"without completing")
+            # counted as `kotta dead-letters` counts them (DELIVERIES): this one too
+            most = self.config.max_deliveries
+            reason = (f"job {d.job_id} was delivered {d.receive_count} times without "
+                      f"completing (over this node's --max-deliveries of {most})")
             self._reject(d, "DeliveryFailed", reason, started_too=True)
             return
         if d.fault:  # (its body kept elsewhere, gone or refused: nothing to read)

@@ -998,6 +998,26 @@ def test_dead_letters_lists_the_tasks_a_queue_gave_up_on(start_node, make_execut
     assert sorted(line.split()[0] for line in r.stdout.splitlines()[1:]) == sorted([mine, theirs])
 
 
+def test_dead_letters_reason_counts_the_deliveries_its_column_shows(start_node, make_executor,
+                                                                   enclave):
+    """The DELIVERIES column counts every receive of the task, the one that dead-lettered
+    it too; its reason said one fewer ("DELIVERIES 2 ... was delivered 1 time without
+    completing")."""
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.square, 2)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be created")
+    [d] = enclave.queue.receive("test", 10, 0.0, "test-thief")  # a node that died with it
+    assert d.job_id == f.job_id
+    start_node("--max-deliveries", "1", workers=1)
+    wait_for(lambda: enclave.jobs.get(f.job_id).state == "failed", what="the dead letter")
+
+    r = kotta(enclave.home, "dead-letters")
+    assert r.returncode == 0, r.stderr
+    [row] = r.stdout.splitlines()[1:]
+    assert row.split()[:2] == [f.job_id, "2"]
+    assert "delivered 2 times" in row, row
+
+
 def test_dead_letters_of_other_users_stay_out_of_reach(enclave, enclave_dir, user_token,
                                                       tmp_path):
     from kotta_executor.backends.base import Message
