@@ -632,6 +632,46 @@ def test_a_cancel_that_fails_during_a_send_outage_leaves_the_task_to_run(enclave
         runner.join(GUARD)
 
 
+def test_parallel_calls_all_end_before_a_failure_is_raised(enclave):
+    """The AWS backend's calls in flight together (a transition of many jobs: one
+    UpdateItem each): one that failed was raised at once, while the others went on, and
+    landed after the caller had the error.  shutdown(cancel_futures=True), told the
+    enclave could not be reached, nothing cancelled, had a job cancelled a moment later
+    all the same.  Now the failure is raised once every call has ended."""
+    import threading
+
+    from tests.conftest import GUARD
+
+    other_began, failing, go = threading.Event(), threading.Event(), threading.Event()
+    ended: list[str] = []
+
+    def call(i):
+        if i == 0:
+            other_began.wait(GUARD)
+            failing.set()
+            raise ConnectionError("unreachable")
+        other_began.set()
+        go.wait(GUARD)
+        ended.append("the other call")
+
+    def caller():
+        try:
+            enclave.parallel(call, [0, 1])
+        except ConnectionError:
+            ended.append("the caller's error")
+
+    t = threading.Thread(target=caller)
+    t.start()
+    try:
+        assert failing.wait(GUARD)
+        t.join(0.5)  # (raised at once, it was done by now: the other call is held)
+        assert t.is_alive(), "the failure was raised while another call was under way"
+    finally:
+        go.set()
+        t.join(GUARD)
+    assert ended == ["the other call", "the caller's error"]
+
+
 def test_a_shutdown_that_cannot_cancel_raises_and_leaves_the_tasks_to_run(enclave, tmp_path):
     """shutdown(cancel_futures=True) while the enclave cannot record cancellations raises
     its error, as cancel() does: nothing was cancelled, and the tasks still run.  The

@@ -52,6 +52,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -631,13 +632,19 @@ class AwsEnclave(Enclave):
 
     def parallel(self, fn: Callable, items: Sequence) -> list:
         """``[fn(x) for x in items]``, several calls in flight at once (one API call per
-        item is latency-bound, not throughput-bound)."""
+        item is latency-bound, not throughput-bound).  One that raises is raised once every
+        call has ended: raised at once (``Executor.map``), the calls still under way went
+        on, and landed after the caller had its error.  A shutdown(cancel_futures=True)
+        that raised, as the enclave could not be reached, having cancelled nothing, had a
+        job cancelled a moment later all the same (a fresh-clone suite's failure)."""
         if len(items) <= 1:
             return [fn(x) for x in items]
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(8, thread_name_prefix="kotta-aws")
-        return list(self._pool.map(fn, items))
+        calls = [self._pool.submit(fn, x) for x in items]
+        wait_futures(calls)
+        return [c.result() for c in calls]
 
     def lasting(self, exc: BaseException) -> bool:
         """AWS's refusals of the caller or the request too, and no credentials at all."""
