@@ -115,6 +115,10 @@ RUNNING_WINDOW = 100  # one BatchGetItem on AWS
 RUNNING_SCAN = 4096
 #: a submit this long after the previous one returned records its job itself (see _send_now)
 SEND_NOW_GAP = 0.0003
+#: seconds a lone submit's own send (_send_now) waits for another process's write lock
+#: on the embedded enclave (a client stopped by ^Z inside a transaction, a long `kotta
+#: prune`) before it leaves the job to the outbox: it waited the whole lock timeout, 60 s
+SEND_NOW_LOCK_WAIT = 0.05
 #: a job id's first 48 bits: the time in milliseconds (see _new_job_id)
 _MS_MASK = (1 << 48) - 1
 #: a batch of the outbox that the enclave refused (an AWS call failing beyond botocore's
@@ -685,7 +689,7 @@ class KottaExecutor(Executor):
                 if handed:
                     self._handed[job.job_id] = (job, now)
                 else:
-                    with self._enclave.atomic():
+                    with self._enclave.atomic(wait=SEND_NOW_LOCK_WAIT):
                         self._enclave.jobs.create([job])
                         if self._cancel_wanted and job.job_id in self._cancel_wanted:
                             self._cancelled_in_send.update(self._enclave.jobs.transition(

@@ -599,12 +599,14 @@ def _cancel_during_lone_send(ex, enclave, cancel):
     return said, f
 
 
-def test_cancel_while_a_lone_submit_sends_its_task_wins(make_executor, enclave):
+def test_cancel_while_a_lone_submit_sends_its_task_wins(make_executor, enclave, monkeypatch):
     """A lone submit records its job from its own thread (``_send_now``), under the send
     lock; a cancel() from another thread meanwhile waited for it, then raced the node for
     the job: cancel() said False (and the task ran) about one time in two, for a task no
     node had when it was called.  As for the manager's sends, the cancel is recorded in
-    the send's own transaction."""
+    the send's own transaction.  (The submit's wait for the lock made as long as the
+    guard: it gives up after SEND_NOW_LOCK_WAIT, too soon to be caught waiting.)"""
+    monkeypatch.setattr(executor_module, "SEND_NOW_LOCK_WAIT", GUARD)
     ex = make_executor(2)
     assert ex.submit(tasks.square, 2).result(timeout=GUARD) == 4  # the node serves
     for _ in range(6):

@@ -489,9 +489,11 @@ class Enclave(abc.ABC):
         whether the inbox was full (its client busy: worth another try soon)."""
         return messages, False
 
-    def atomic(self):
+    def atomic(self, wait: float | None = None):
         """Group the calls made inside it into one transaction where the backend can
-        (the embedded one); elsewhere each call stands alone."""
+        (the embedded one); elsewhere each call stands alone.  ``wait``: the longest its
+        beginning waits for another process's transaction (where there are any), if
+        shorter than the backend's own lock timeout; past it, a locked error."""
         return contextlib.nullcontext()
 
     def removed(self) -> str | None:

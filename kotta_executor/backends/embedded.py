@@ -248,8 +248,9 @@ class _Db:
             raise named from exc
 
     @contextmanager
-    def tx(self):
-        """A write transaction; nested calls on one thread join the outer one."""
+    def tx(self, wait: float | None = None):
+        """A write transaction; nested calls on one thread join the outer one.  ``wait``:
+        the seconds to wait for another's write lock, if not LOCK_TIMEOUT."""
         conn = self.conn()
         local = self._local
         if local.depth:  # nested: a savepoint, so a failed inner call leaves nothing behind
@@ -276,7 +277,7 @@ class _Db:
             # in the try: an exception that comes as BEGIN returns (a KeyboardInterrupt,
             # Ctrl-C in the caller's thread) must roll back, or the transaction stays
             # open on this thread's connection, holding the enclave's write lock for good
-            _retry(conn.execute, "BEGIN IMMEDIATE")
+            _retry(conn.execute, "BEGIN IMMEDIATE", wait=wait)
             yield conn
             local.depth = 0
             _retry(conn.execute, "COMMIT")
@@ -370,8 +371,9 @@ LOCK_TIMEOUT = 60.0
 SQLITE_MAX_PATH = 504
 
 
-def _retry(fn, *args):
-    """Run ``fn`` until the database is not locked, backing off from 20 us to 0.3 ms."""
+def _retry(fn, *args, wait: float | None = None):
+    """Run ``fn`` until the database is not locked, backing off from 20 us to 0.3 ms, for
+    up to ``wait`` seconds (LOCK_TIMEOUT if None)."""
     delay, deadline = 2e-5, None
     while True:
         try:
@@ -380,7 +382,7 @@ def _retry(fn, *args):
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise
             now = time.monotonic()
-            deadline = deadline or now + LOCK_TIMEOUT
+            deadline = deadline or now + (LOCK_TIMEOUT if wait is None else wait)
             if now > deadline:
                 raise
             time.sleep(delay)
@@ -1636,8 +1638,8 @@ class EmbeddedEnclave(Enclave):
                 c.execute("DELETE FROM nodes WHERE node_id=?", (n.node_id,))
         return [n.node_id for n in dead]
 
-    def atomic(self):
-        return self._db.tx()
+    def atomic(self, wait: float | None = None):
+        return self._db.tx(wait)
 
     def checkpoint(self) -> None:
         """Copy the write-ahead log into the database (this is where SQLite fsyncs)."""
