@@ -119,6 +119,8 @@ SEND_NOW_GAP = 0.0003
 #: on the embedded enclave (a client stopped by ^Z inside a transaction, a long `kotta
 #: prune`) before it leaves the job to the outbox: it waited the whole lock timeout, 60 s
 SEND_NOW_LOCK_WAIT = 0.05
+#: seconds between the manager's looks at the size of the enclave's log (checkpoint_due)
+LOG_LOOK = 1.0
 #: a job id's first 48 bits: the time in milliseconds (see _new_job_id)
 _MS_MASK = (1 << 48) - 1
 #: a batch of the outbox that the enclave refused (an AWS call failing beyond botocore's
@@ -391,6 +393,7 @@ class KottaExecutor(Executor):
         self._last_attach_poll = 0.0
         self._attach_at = 0  # where the next window of attached futures begins
         self._last_running_look = 0.0
+        self._next_log_look = 0.0
         self._replies: deque | None = None  # filled by the reply poller, without doorbells
         self._inbox = None  # a socket on which nodes hand over replies (embedded)
         self._rang = False  # a node rang: replies wait on the reply queue
@@ -1063,6 +1066,7 @@ class KottaExecutor(Executor):
         self._receive()  # first: a waiting caller's result is often what woke us
         self._start_dependents()
         self._send()
+        self._checkpoint()
         self._cancel_left_later()
         self._ensure_nodes()
         self._confirm_handed()
@@ -1073,6 +1077,21 @@ class KottaExecutor(Executor):
                 if self._idle():
                     return False
         return True
+
+    def _checkpoint(self) -> None:
+        """The enclave's log checkpointed once over its size limit, as nodes do: only they
+        did, and a client whose queue no node served (none started yet, or failing) grew
+        the embedded enclave's kotta.db-wal with every task, without bound.  Housekeeping:
+        a failure waits for the next look."""
+        now = time.monotonic()
+        if now < self._next_log_look:
+            return
+        self._next_log_look = now + LOG_LOOK
+        try:
+            if self._enclave.checkpoint_due():
+                self._enclave.checkpoint()
+        except Exception:  # noqa: BLE001 - the writes that need it fail loudly enough
+            log.debug("checkpointing the enclave's log failed", exc_info=True)
 
     def _step_trouble(self, exc: Exception) -> None:
         """A manager turn that raised (a throttled read of the job table, a timeout): the
@@ -1183,6 +1202,7 @@ class KottaExecutor(Executor):
             for q in {job.queue for job, _ in batch}:
                 self._queues_used.add(q)
                 self._enclave.ring_nodes(q)
+            self._checkpoint()  # (threads that keep submitting keep the manager here)
 
     def _send_trouble(self, exc: Exception) -> None:
         """A batch the enclave refused: try again after a pause, or give up (raise) once

@@ -48,3 +48,24 @@ def test_a_lone_submit_returns_while_another_process_holds_the_write_lock(
     assert f.result(timeout=GUARD) == big
     job = enclave.jobs.get(f.job_id)
     assert job.attempts == 1
+
+
+def test_the_log_is_cut_back_while_no_node_runs(make_executor, enclave_dir, monkeypatch):
+    """Only nodes checkpointed the enclave's write-ahead log (their connections, as every
+    one, checkpoint nothing by themselves): a client submitting to a queue no node served
+    (none started yet, or failing) grew kotta.db-wal with every task, without bound.  Its
+    manager now checkpoints a log over the limit as nodes do, and the next write starts
+    the log over, cut back to the limit.  (The limit made small: 1 MiB.)"""
+    limit = 1 << 20
+    monkeypatch.setattr(embedded, "WAL_SIZE_LIMIT", limit)
+    wal = enclave_dir / "kotta.db-wal"
+    ex = make_executor(1, start_node=False)
+    big = b"x" * (100 * 1024)  # each task some 100 KB of log (kept in its message)
+    fs = [ex.submit(tasks.noop, big)]
+    wait_for(wal.exists, what="the log")
+    while wal.stat().st_size <= 3 * limit:  # past the limit
+        fs.extend(ex.submit(tasks.noop, big) for _ in range(10))
+    # writes go on (a submit a look), and one after a checkpoint starts the log over
+    wait_for(lambda: (fs.append(ex.submit(tasks.noop, 1)), wal.stat().st_size <= limit)[1],
+             what="the log to be cut back")
+    assert not any(f.done() for f in fs)  # (no node: nothing ran)
