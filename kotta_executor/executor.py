@@ -461,6 +461,11 @@ class KottaExecutor(Executor):
             # once, the jobs still running
             self._manager_done.wait()
             manager.join()
+            if self._own_enclave and self._enclave.local:
+                # this thread's connection to it (its manager closed its own as it ended,
+                # and the enclave's sockets), or its descriptors stayed open for as long
+                # as the executor was referenced after its `with` block
+                self._enclave.close()
 
     def terminate_workers(self) -> None:
         """As ``ProcessPoolExecutor.terminate_workers`` (Python 3.14): stop now.  The

@@ -7,9 +7,11 @@ needs one.  Tests synchronise on events and ``wait_for``; timeouts are deadlock 
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 
+from kotta_executor import KottaExecutor
 from kotta_executor.backends import embedded
 from tests import tasks
 from tests.conftest import GUARD, wait_for
@@ -69,3 +71,50 @@ def test_the_log_is_cut_back_while_no_node_runs(make_executor, enclave_dir, monk
     wait_for(lambda: (fs.append(ex.submit(tasks.noop, 1)), wal.stat().st_size <= limit)[1],
              what="the log to be cut back")
     assert not any(f.done() for f in fs)  # (no node: nothing ran)
+
+
+def _open_files(directory) -> list[str]:
+    """The files under ``directory`` this process holds descriptors of."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # (closed meanwhile: the listing's own)
+            continue
+        if target.startswith(str(directory)):
+            found.append(target)
+    return found
+
+
+def test_an_executor_leaves_no_database_file_open_once_its_with_block_ends(enclave_dir):
+    """EmbeddedEnclave.close() closed no SQLite connection: an executor's own enclave, once
+    its `with` block ended, kept kotta.db, its log and its shared memory open (four
+    descriptors: the caller's thread's connection, and the manager's, which SQLite keeps
+    while another connection of the process has the file) for as long as the executor was
+    referenced, and then until the garbage collector ran.  They are closed now; a call
+    after that (a future's status) opens a connection again."""
+    with KottaExecutor(1, enclave=enclave_dir, start_node=False) as ex:
+        f = ex.submit(tasks.noop, 1)  # (a lone submit: recorded from this thread)
+        wait_for(lambda: f.status() == "pending", what="the job to be recorded")
+        assert f.cancel()
+    assert _open_files(enclave_dir.resolve()) == []
+    assert f.status() == "cancelled"
+    ex.enclave.close()
+    assert _open_files(enclave_dir.resolve()) == []
+
+
+def test_closing_an_enclave_closes_the_threads_connection(enclave_dir):
+    """close() closes the calling thread's connection (another thread's is closed as that
+    thread ends); the enclave can be used again after it."""
+    e = embedded.EmbeddedEnclave(enclave_dir)
+    try:
+        assert e.jobs.get("0" * 32) is None
+        t = threading.Thread(target=lambda: e.jobs.get("0" * 32))
+        t.start()
+        t.join(GUARD)
+        e.close()
+        assert _open_files(enclave_dir.resolve()) == []
+        assert e.jobs.get("0" * 32) is None  # (used again)
+    finally:
+        e.close()
+    assert _open_files(enclave_dir.resolve()) == []

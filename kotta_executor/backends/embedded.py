@@ -222,6 +222,16 @@ class _Db:
             local.closer = _Closer(conn)
         return conn
 
+    def close(self) -> None:
+        """Close this thread's connection, which it opens again if it uses the database
+        afterwards.  Another thread's is closed as that thread ends: closed from here as
+        that thread used it, it crashed the interpreter (a segmentation fault)."""
+        local = self._local
+        if getattr(local, "conn", None) is None or local.pid != os.getpid() or local.depth:
+            return  # (none, its parent's, or inside a transaction)
+        closer, local.conn, local.closer = local.closer, None, None
+        closer.close()
+
     def named(self, exc: sqlite3.Error) -> sqlite3.Error | None:
         """``exc`` (of the same type) saying which file is at fault, and what to do, when
         the fault is the database file's own (damaged, not SQLite, its disk full or
@@ -337,12 +347,14 @@ class _Closer:
     def __init__(self, conn: sqlite3.Connection):
         self.conn, self.pid = conn, os.getpid()
 
-    def __del__(self):
+    def close(self) -> None:
         try:
             if self.pid == os.getpid():
                 self.conn.close()
         except Exception:  # noqa: BLE001 - at interpreter exit, or a connection in use
             pass
+
+    __del__ = close
 
 
 #: faults of the database file itself, by SQLite's primary result code, and what to do
@@ -1708,3 +1720,7 @@ class EmbeddedEnclave(Enclave):
             for sock in self._senders.values():
                 sock.close()
             self._senders.clear()
+        # the database connection of the calling thread (an executor's: of the thread that
+        # shut it down, and of its manager); kept, kotta.db's descriptors stayed open for
+        # as long as the enclave was referenced, and then until the garbage collector ran
+        self._db.close()
