@@ -119,6 +119,9 @@ SEND_NOW_GAP = 0.0003
 #: on the embedded enclave (a client stopped by ^Z inside a transaction, a long `kotta
 #: prune`) before it leaves the job to the outbox: it waited the whole lock timeout, 60 s
 SEND_NOW_LOCK_WAIT = 0.05
+#: seconds the deletion of its replies left over waits for another process's write lock
+#: as an executor ends (_Leftovers.close)
+CLOSE_LOCK_WAIT = 1.0
 #: seconds between the manager's looks at the size of the enclave's log (checkpoint_due)
 LOG_LOOK = 1.0
 #: a job id's first 48 bits: the time in milliseconds (see _new_job_id)
@@ -1869,7 +1872,11 @@ class _Leftovers:
         for q in list(self.start_claims):
             _release_claim(self.start_claims, q)
         try:
-            self.enclave.queue.close_reply(self.client_id)
+            # (a moment's wait for the write lock at most: held by another process (a
+            # client stopped by ^Z inside a transaction), shutdown() waited the whole lock
+            # timeout for this; the nodes delete replies left over a day old anyway)
+            with self.enclave.atomic(wait=CLOSE_LOCK_WAIT):
+                self.enclave.queue.close_reply(self.client_id)
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
         if self.own_enclave and self.enclave.local:

@@ -118,3 +118,29 @@ def test_closing_an_enclave_closes_the_threads_connection(enclave_dir):
     finally:
         e.close()
     assert _open_files(enclave_dir.resolve()) == []
+
+
+def test_shutdown_returns_while_another_process_holds_the_write_lock(
+        start_node, enclave_dir, monkeypatch):
+    """Its tasks all done, an executor's shutdown(wait=True) (the end of its `with` block)
+    waited for the whole lock timeout (60 s; here made longer than the test's guard) while
+    another process held the enclave's write lock: its manager, as it ended, deleted what
+    was left on its reply queue (best effort, as a node deletes old replies anyway), in a
+    write transaction that waited for the lock.  It waits no longer than a moment now."""
+    monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 10 * GUARD)
+    start_node()
+    ex = KottaExecutor(1, enclave=enclave_dir, start_node=False)
+    assert ex.submit(tasks.square, 3).result(timeout=GUARD) == 9
+    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+        returned = threading.Event()
+        closer = threading.Thread(target=lambda: (ex.shutdown(wait=True), returned.set()),
+                                  daemon=True)
+        closer.start()
+        assert returned.wait(GUARD), "shutdown() waited for the other process's write lock"
+        assert lock.in_transaction  # (still held as it returned)
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
