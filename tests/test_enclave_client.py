@@ -73,6 +73,26 @@ def test_the_log_is_cut_back_while_no_node_runs(make_executor, enclave_dir, monk
     assert not any(f.done() for f in fs)  # (no node: nothing ran)
 
 
+def test_the_log_is_cut_back_once_a_client_without_a_node_stops_writing(
+        make_executor, enclave_dir, monkeypatch):
+    """A client that wrote its log past the limit with no node running, and then wrote
+    nothing more (its tasks waiting for a node): its manager's checkpoint copied the log,
+    but only a write after it would have cut the file back, and none came; kotta.db-wal
+    kept its largest size for as long as the client ran.  It is cut back at once now."""
+    limit = 1 << 20
+    monkeypatch.setattr(embedded, "WAL_SIZE_LIMIT", limit)
+    wal = enclave_dir / "kotta.db-wal"
+    ex = make_executor(1, start_node=False)
+    big = b"x" * (100 * 1024)
+    fs = [ex.submit(tasks.noop, big)]
+    wait_for(wal.exists, what="the log")
+    while wal.stat().st_size <= 3 * limit:  # past the limit, then no more submits
+        fs.extend(ex.submit(tasks.noop, big) for _ in range(10))
+    wait_for(lambda: all(ex._enclave.jobs.get(f.job_id) for f in fs),
+             what="the jobs to be recorded")
+    wait_for(lambda: wal.stat().st_size <= limit, what="the log to be cut back")
+
+
 def _open_files(directory) -> list[str]:
     """The files under ``directory`` this process holds descriptors of."""
     found = []

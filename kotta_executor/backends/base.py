@@ -502,9 +502,9 @@ class Enclave(abc.ABC):
         enclave nobody can reach any more."""
         return None
 
-    def checkpoint(self) -> None:  # noqa: B027 - optional
+    def checkpoint(self, *, truncate: bool = False) -> None:  # noqa: B027 - optional
         """Periodic housekeeping a node runs off the task path (the embedded one syncs
-        its log to disk here)."""
+        its log to disk here; ``truncate``: and cuts a log over its limit back at once)."""
 
     def checkpoint_due(self) -> bool:
         """Whether ``checkpoint`` should run before its period is up: the embedded

@@ -1653,8 +1653,10 @@ class EmbeddedEnclave(Enclave):
     def atomic(self, wait: float | None = None):
         return self._db.tx(wait)
 
-    def checkpoint(self) -> None:
-        """Copy the write-ahead log into the database (this is where SQLite fsyncs)."""
+    def checkpoint(self, *, truncate: bool = False) -> None:
+        """Copy the write-ahead log into the database (this is where SQLite fsyncs).
+        ``truncate``: a log over its limit is cut back at once, not by the next write (a
+        client's, which may write nothing more for long: the file kept its largest size)."""
         with self._db.naming():
             conn = self._db.conn()
             if self.checkpoint_due():
@@ -1665,8 +1667,9 @@ class EmbeddedEnclave(Enclave):
                 # then went on at the log's end: 275 MB in 8 s, without bound.
                 conn.execute(f"PRAGMA busy_timeout={int(RESTART_WAIT * 1000)}")
                 try:
+                    mode = "TRUNCATE" if truncate else "RESTART"
                     _, frames, copied = _retry(
-                        conn.execute, "PRAGMA wal_checkpoint(RESTART)").fetchone()
+                        conn.execute, f"PRAGMA wal_checkpoint({mode})").fetchone()
                 finally:
                     conn.execute("PRAGMA busy_timeout=0")
             else:
