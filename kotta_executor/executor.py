@@ -91,7 +91,7 @@ from .errors import (
     TaskRejected,
     UnknownJob,
 )
-from .future import _CONDITION_LOCK, KottaFuture, _MapJobView
+from .future import _CONDITION_LOCK, KottaFuture, _interrupts_held, _MapJobView
 from .security import credentials as _credentials
 from .security import staging
 from .security.access import check_job_access
@@ -1012,9 +1012,10 @@ class KottaExecutor(Executor):
         """Cancel the jobs of these futures that no node has started, together."""
         pending = {f.job_id: f for f in fs if not f.done()}
         if pending:
-            for jid in self._cancel_jobs(list(pending)):
-                # (one seen running too, its job back in pending: KottaFuture._cancel_and_notify)
-                pending[jid]._cancel_and_notify()
+            with _interrupts_held():  # (Ctrl-C: raised once the futures agree with the jobs)
+                for jid in self._cancel_jobs(list(pending)):
+                    # (one seen running too, its job back in pending: _cancel_and_notify)
+                    pending[jid]._cancel_and_notify()
 
     def _kill_job(self, job_id: str) -> bool:
         ok = self._enclave.jobs.request_kill(job_id)  # (not once its task has run)

@@ -9,7 +9,9 @@ then.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 import weakref
 from concurrent.futures import Future
@@ -30,6 +32,42 @@ _CONDITION_LOCK = threading.RLock()
 # find it held for ever, by a thread it does not have: its own executor's futures waited
 # for it at their first use.  The child gets it afresh, as concurrent.futures' locks.
 os.register_at_fork(after_in_child=_CONDITION_LOCK._at_fork_reinit)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold a Ctrl-C (SIGINT's handler: KeyboardInterrupt) that comes during a cancel or a
+    kill until it has ended, then raise it.  Raised in its middle, it left the job recorded
+    cancelled under a future still pending (for ever, once the executor had let it go), or
+    a cancel asked for that the manager's next send recorded after the interrupt.  A second
+    Ctrl-C meanwhile is raised at once (a cancel stuck on an enclave it cannot reach): then
+    the future may learn its job's state only from the executor's reconcile.  SIGINT
+    interrupts the main thread only, and only there may its handler be changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler) or getattr(handler, "_kotta_holds", False):
+        yield  # (not Python's: nothing to hold; or held already, by a call around this one)
+        return
+    held: list = []
+
+    def hold(signum, frame):
+        if held:  # the second: the user insists
+            held.clear()
+            handler(signum, frame)
+            return
+        held.append((signum, frame))
+
+    hold._kotta_holds = True
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is hold:  # (unless the code held changed it)
+            signal.signal(signal.SIGINT, handler)
+        if held:
+            handler(*held.pop())
 
 
 class KottaFuture(Future):
@@ -138,13 +176,14 @@ class KottaFuture(Future):
             # node handed back its task, never begun: node.daemon's _unstage) is cancelled
             # as any pending one; the cancel of a job that runs changes nothing
             ex = self._executor  # (held, for the calls below: it is weak once done)
-        if not ex._cancel_jobs([self.job_id]) and not self._cancelled_by_another(ex):
-            # a node has started it: running() is True once cancel() said so, as for the
-            # stdlib's futures (the manager might learn it only later)
-            self._mark_running()
-            return False
-        self._cancel_and_notify()
-        return True
+        with _interrupts_held():  # (recorded cancelled, and its future marked, or neither)
+            if not ex._cancel_jobs([self.job_id]) and not self._cancelled_by_another(ex):
+                # a node has started it: running() is True once cancel() said so, as for
+                # the stdlib's futures (the manager might learn it only later)
+                self._mark_running()
+                return False
+            self._cancel_and_notify()
+            return True
 
     def _cancelled_by_another(self, ex: KottaExecutor) -> bool:
         """Whether the job is recorded cancelled, and never ran: another thread's cancel
@@ -193,15 +232,17 @@ class KottaFuture(Future):
         ex = self._executor  # (held, for the call below: it is weak once done)
         if ex is None or self.done():
             return False
-        if self.cancel():
-            return True
-        if ex._cancel_jobs([self.job_id]):
-            # seen running, and back in pending (a stopping node handed back its task, never
-            # begun): cancelled, as a job no node has.  Flagged, it ran on the next node,
-            # which looks for the kill requests of a first delivery only once it runs
-            self._cancel_and_notify()
-            return True
-        return ex._kill_job(self.job_id)
+        with _interrupts_held():  # (as in cancel(): a kill is done whole, or not begun)
+            if self.cancel():
+                return True
+            if ex._cancel_jobs([self.job_id]):
+                # seen running, and back in pending (a stopping node handed back its task,
+                # never begun): cancelled, as a job no node has.  Flagged, it ran on the
+                # next node, which looks for the kill requests of a first delivery only
+                # once it runs
+                self._cancel_and_notify()
+                return True
+            return ex._kill_job(self.job_id)
 
     def status(self) -> str:
         """The job's state in the enclave: pending, staging_inputs, processing,

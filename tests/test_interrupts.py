@@ -28,17 +28,21 @@ pytestmark = pytest.mark.skipif(
 
 
 @contextlib.contextmanager
-def sigint_when(match):
+def sigint_when(match, again=None):
     """SIGINT to the main thread, once, at the first profile event (``frame``, ``event``,
     ``arg``, as ``sys.setprofile`` gives them) that ``match`` accepts; Python raises the
     KeyboardInterrupt at once, where the profiled code is then.  Yields an Event set once
-    it was sent."""
+    it was sent.  ``again``: a second SIGINT at the first event after that it accepts."""
     sent = threading.Event()
     main = threading.main_thread().ident
 
     def profile(frame, event, arg):
         if not sent.is_set() and match(frame, event, arg):
             sent.set()
+            if again is None:
+                sys.setprofile(None)
+            signal.pthread_kill(main, signal.SIGINT)
+        elif sent.is_set() and again is not None and again(frame, event, arg):
             sys.setprofile(None)
             signal.pthread_kill(main, signal.SIGINT)
 
@@ -55,6 +59,11 @@ def after_begin(frame, event, arg) -> bool:
             and frame.f_locals.get("args") == ("BEGIN IMMEDIATE",))
 
 
+def in_the_transaction(frame, event, arg) -> bool:
+    """As a statement of this thread's transaction has run (after its BEGIN)."""
+    return event == "c_return" and getattr(arg, "__name__", "") == "execute"
+
+
 def test_an_interrupt_as_a_cancel_begins_its_transaction_leaves_the_enclave_unlocked(
         make_executor, tmp_path):
     """Ctrl-C just as ``cancel()`` began its write transaction on the embedded enclave
@@ -62,14 +71,17 @@ def test_an_interrupt_as_a_cancel_begins_its_transaction_leaves_the_enclave_unlo
     (the node could record no result: ``database is locked``, for every client and node
     of the enclave, until the process ended), and the next cancel, or anything else that
     writes from that thread, raised ``cannot start a transaction within a transaction``.
-    Now the transaction is rolled back: the cancel did nothing, and can be tried again."""
+    Now the transaction is rolled back: the cancel did nothing, and can be tried again.
+    (A cancel holds one Ctrl-C until it has ended: the second, in its transaction, is
+    raised there.)"""
     ex = make_executor(1)
     started, go = tmp_path / "started", tmp_path / "go"
     blocker = ex.submit(tasks.touch_then_wait, str(started), str(go))
     wait_for(started.exists, what="the blocker to start")
     queued = ex.submit(tasks.square, 3)  # behind it, on the one worker
     try:
-        with sigint_when(after_begin) as sent, pytest.raises(KeyboardInterrupt):
+        with sigint_when(after_begin, again=in_the_transaction) as sent, pytest.raises(
+                KeyboardInterrupt):
             queued.cancel()
         assert sent.is_set()
         assert not queued.done()
@@ -221,3 +233,130 @@ def test_a_shutdown_interrupted_while_it_waits_still_waits_the_second_time(
         assert running.result() == "go"
     finally:
         release.join(GUARD)
+
+
+def leaving(name: str):
+    """As this thread returns from a function of kotta's called ``name``."""
+    def match(frame, event, arg) -> bool:
+        return (event == "return" and frame.f_code.co_name == name
+                and "kotta_executor" in frame.f_code.co_filename)
+    return match
+
+
+def interrupt_as_cancel_waits_for_the_send_lock(ex, fs: list) -> contextlib.AbstractContextManager:
+    """Hold the executor's send lock (the manager sends under it) on a helper thread until
+    the main thread's cancel of ``fs[0]`` (appended later) waits for it; then SIGINT to the
+    main thread, and let the lock go."""
+    main = threading.main_thread().ident
+    stat = f"/proc/self/task/{threading.main_thread().native_id}/stat"
+    held, done = threading.Event(), threading.Event()
+    seen = []
+
+    def waiting() -> bool:
+        # in _cancel_jobs, past its wish, and asleep (in the lock's acquire, not before it
+        # waiting for the GIL: seen so twice, this thread sleeping in between)
+        frame = sys._current_frames().get(main)
+        with open(stat) as f:
+            asleep = f.read().rsplit(")", 1)[1].split()[0] == "S"
+        seen.append(frame is not None and frame.f_code.co_name == "_cancel_jobs" and asleep
+                    and bool(fs) and fs[0].job_id in ex._cancel_wanted)
+        return seen[-2:] == [True, True]
+
+    def delivering() -> bool:
+        with open(stat.replace("/stat", "/status")) as f:
+            pending = next(line for line in f if line.startswith("SigPnd:"))
+        return bool(int(pending.split()[1], 16) & 1 << (signal.SIGINT - 1))
+
+    def run() -> None:
+        with ex._send_lock:
+            held.set()
+            try:
+                wait_for(waiting, what="the cancel to wait for the send lock")
+            finally:
+                signal.pthread_kill(main, signal.SIGINT)
+                # let go once the signal has reached the thread (its acquire then returns
+                # EINTR: let go before, the lock could be taken first)
+                wait_for(lambda: not delivering(), what="the SIGINT to be delivered")
+        done.set()
+
+    @contextlib.contextmanager
+    def interrupting():
+        threading.Thread(target=run, daemon=True).start()
+        held.wait(GUARD)
+        yield
+        done.wait(GUARD)
+    return interrupting()
+
+
+@pytest.mark.parametrize("where", [
+    "before-the-record", "after-the-record", "as-the-future-is-marked", "waiting-for-the-lock"])
+def test_a_cancel_interrupted_leaves_its_future_and_its_job_agreeing(
+        make_executor, tmp_path, where):
+    """Ctrl-C in ``cancel()`` once the enclave had recorded the job cancelled, before the
+    future was marked, left the future pending: for ever when the executor had already let
+    it go (it waited for no reply), else until the next reconcile, seconds later; and Ctrl-C
+    as the cancel waited for the send lock left the cancel asked for, to be recorded by the
+    manager's next send, after the interrupt said it had not happened.  Now an interrupt
+    that comes during the cancel is raised once the cancel has ended: the job and its
+    future are both cancelled, or (interrupted before the cancel began) both still run."""
+    ex = make_executor(1)
+    started, go = tmp_path / "started", tmp_path / "go"
+    blocker = ex.submit(tasks.touch_then_wait, str(started), str(go))
+    try:
+        wait_for(started.exists, what="the blocker to start")
+        if where == "waiting-for-the-lock":
+            queued = []  # (submitted once the lock is held: it waits in the outbox)
+            interrupt = interrupt_as_cancel_waits_for_the_send_lock(ex, queued)
+        else:
+            queued = [ex.submit(tasks.square, 3)]  # behind it, on the one worker
+            wait_for(lambda: ex.enclave.jobs.get(queued[0].job_id), what="the job recorded")
+            match = {"before-the-record": entering("_record_cancelled"),
+                     "after-the-record": leaving("_record_cancelled"),
+                     "as-the-future-is-marked": entering("_cancel_and_notify")}[where]
+            interrupt = sigint_when(match)
+        with interrupt, pytest.raises(KeyboardInterrupt):
+            if not queued:
+                queued.append(ex.submit(tasks.square, 3))
+            queued[0].cancel()
+        queued = queued[0]
+        job = wait_for(lambda: ex.enclave.jobs.get(queued.job_id), what="the job recorded")
+        assert queued.cancelled() == (job.state == "cancelled"), (job.state, queued)
+    finally:
+        tasks.release(go, "go")
+    assert blocker.result(timeout=GUARD) == "go"
+    if not queued.cancelled():
+        assert queued.result(timeout=GUARD) == 9
+    assert shut_down_within_guard(ex), "shutdown(wait=True) waits for a future left pending"
+    assert ex.enclave.jobs.get(queued.job_id).state == ("cancelled" if queued.cancelled()
+                                                        else "completed")
+
+
+@pytest.mark.parametrize("how", ["kill", "shutdown"])
+def test_a_kill_or_a_cancelling_shutdown_interrupted_leaves_no_future_pending(
+        make_executor, tmp_path, how):
+    """As for ``cancel()``: Ctrl-C in ``kill()`` or ``shutdown(cancel_futures=True)`` once
+    the jobs were recorded cancelled, before their futures were marked, left the futures
+    pending for ever (the executor had let them go).  Now the interrupt is raised once the
+    futures are marked."""
+    ex = make_executor(1)
+    started, go = tmp_path / "started", tmp_path / "go"
+    blocker = ex.submit(tasks.touch_then_wait, str(started), str(go))
+    try:
+        wait_for(started.exists, what="the blocker to start")
+        queued = [ex.submit(tasks.square, n) for n in range(3)]
+        wait_for(lambda: all(ex.enclave.jobs.get(f.job_id) for f in queued),
+                 what="the jobs recorded")
+        with sigint_when(entering("_cancel_and_notify")) as sent, pytest.raises(
+                KeyboardInterrupt):
+            if how == "kill":
+                queued[0].kill()
+            else:
+                ex.shutdown(wait=False, cancel_futures=True)
+        assert sent.is_set()
+        for f in queued[:1] if how == "kill" else queued:
+            assert ex.enclave.jobs.get(f.job_id).state == "cancelled"
+            assert f.cancelled(), f
+    finally:
+        tasks.release(go, "go")
+    assert blocker.result(timeout=GUARD) == "go"
+    assert shut_down_within_guard(ex), "shutdown(wait=True) waits for a future left pending"
