@@ -299,6 +299,12 @@ class _MapJobView(KottaFuture):
         self._source.cancel()  # (its done-callback cancels this one)
         return self.cancelled()
 
+    def kill(self) -> bool:
+        # The map's future's kill: KottaFuture.kill of this one cancelled a job handed back
+        # to pending after the map's future refused its cancel (it ran) with this future
+        # marked, and the map's, taken out of the executor's by that cancel, pending for ever
+        return self._source.kill()  # (its done-callback settles this one)
+
     def running(self) -> bool:
         # The manager marks the map's own future running, never this view (it is not one
         # of the executor's futures): without this it said False all through the run,

@@ -617,3 +617,42 @@ def test_cancel_while_a_lone_submit_sends_its_task_wins(make_executor, enclave, 
         assert (job.state, job.started) == (JobState.CANCELLED, None)
     assert ex.submit(tasks.square, 3).result(timeout=GUARD) == 9  # (and it serves on)
 
+
+
+# --------------------------------------------------------------------------- kill of a map's attached view
+
+
+def test_a_kill_of_a_map_task_attached_to_as_its_job_is_handed_back_ends_the_map(
+        make_executor):
+    """``kill()`` on the future ``attach()`` gives for a task of this executor's ``map`` (a
+    job of two packed items) first cancels the map's own future, which refuses (its job
+    runs); a stopping node that then hands the job back, never begun, before the kill's
+    own cancel of it (the job table is written here as that node does, at that moment)
+    left the map's future pending for ever: that cancel took the map's future out of the
+    executor's and marked the attached one only.  Now the kill acts on the map's future,
+    as the attached one's cancel does, and the map raises CancelledError."""
+    ex = make_executor(1, start_node=False)  # (no node: the test moves the job)
+    values = ex.map(tasks.square, [1, 2], chunksize=2, timeout=GUARD)
+    [source] = [f for f in list(ex._futures.values()) if f._batch is True]
+    wait_for(lambda: ex.enclave.jobs.get(source.job_id), what="the map's job recorded")
+    assert ex.enclave.jobs.transition([source.job_id], JobState.PROCESSING, node="n1")
+    view = ex.attach(source.job_id)
+    wait_for(view.running, what="the map's future seen running")
+
+    def hand_back_once_the_map_future_refused(frame, event, arg) -> None:
+        if (event == "return" and frame.f_code.co_name == "cancel" and arg is False
+                and frame.f_locals.get("self") is source):
+            sys.setprofile(None)
+            assert ex.enclave.jobs.transition([source.job_id], JobState.PENDING,
+                                              from_states={JobState.PROCESSING}, node="n1",
+                                              held_by="n1")
+
+    sys.setprofile(hand_back_once_the_map_future_refused)
+    try:
+        assert view.kill()
+    finally:
+        sys.setprofile(None)
+    assert ex.enclave.jobs.get(source.job_id).state == JobState.CANCELLED
+    with pytest.raises(cf.CancelledError):
+        next(values)
+    assert source.cancelled() and view.cancelled()
