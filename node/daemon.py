@@ -964,10 +964,15 @@ class Node:
         if w.inflight and w.kill_reason is not None and w.inflight[0].job_id != w.kill_job:
             # killed for a task that ended meanwhile (its result is recorded; the kill went
             # on, to end its whole process tree): the head began after it and died for
-            # nothing; it runs again (as after a node's death), with the tasks behind it
+            # nothing; it runs again (as after a node's death), with the tasks behind it.
+            # Those it never began (as below: one task after another, its results up to
+            # the head read), as never begun: released counted by a stopping node, their
+            # jobs left in processing, `--max-deliveries 1` dead-lettered them
             log.info("worker %s was killed for job %s, after it ended: running %s again",
                      w.pid, w.kill_job, [t.job_id for t in w.inflight])
-            self._put_back(w.inflight)
+            head = deque([w.inflight.popleft()])
+            self._put_back(w.inflight, unbegun=not w.ready or not w.garbled)
+            self._put_back(head)  # (after: first again in pending, before those behind it)
         if w.inflight:
             head = w.inflight.popleft()
             stdout, stderr = w.output()

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import signal
 import time
 
 from kotta_executor import TaskKilled
 from tests import tasks
 from tests.conftest import GUARD, wait_for
-from tests.test_node import _pids
+from tests.test_node import _freeze, _pids, _signal_pending
 
 # ---------------------------------------------------------------------- task functions
 # (importable by workers as tests.test_node_pipelining; a task whose walltime is short is
@@ -202,3 +203,52 @@ def test_a_task_killed_while_its_node_was_dead_does_not_begin_again(
         tasks.release(release, "go")
     assert len(_pids(log)) == 1  # it began once, on node A
     assert enclave.jobs.get(f.job_id).state == "cancelled"
+
+
+def test_tasks_behind_one_killed_for_a_task_that_had_ended_go_back_uncounted(
+        start_node, make_executor, enclave, enclave_dir, tmp_path):
+    """A kill's SIGTERM that the task handles by returning (its result read) ends the worker
+    all the same, SIGKILL at the grace period's end, while it runs the next task: that one
+    runs again, and those piped behind it, which the worker never began (it runs one task
+    after another), go back too.  On a stopping node they were released counted, their jobs
+    left in processing (as begun: with `--max-deliveries 1` the next node dead-lettered
+    them, though they never ran); now they go back pending and uncounted, as the tasks
+    behind a worker's head do when it dies otherwise."""
+    started, began, release = tmp_path / "started", tmp_path / "began", tmp_path / "release"
+    a = start_node("--prefetch", "3", workers=1)  # (it takes the four, and pipes them)
+    ex = make_executor(1, start_node=False)
+    # a tiny average (tasks piped together, each timed from its predecessor's end): the
+    # node pipes deep
+    assert list(ex.map(tasks.square, range(64))) == [i * i for i in range(64)]
+    _freeze(a, enclave_dir)  # so that it takes the four in one step, and pipes them together
+    try:  # (as _pipe_together, the node warmed up already)
+        jobs = [ex._new_job(os.urandom(16).hex(), fn, [(args, {})], ex._options)
+                for fn, args in [(tasks.ends_cleanly_on_sigterm, (str(started),)),
+                                 (tasks.touch_then_wait, (str(began), str(release))),
+                                 (tasks.square, (0,)), (tasks.square, (1,))]]
+        enclave.jobs.create(jobs)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    head, behind, *rest = [ex.attach(job.job_id) for job in jobs]
+    try:
+        wait_for(lambda: _pids(started), what="the head task to begin")
+        wait_for(lambda: _states(enclave, rest) == ["processing"] * 2,
+                 what="the node to pipe the tasks behind the head")
+        assert head.kill()
+        # the head returns at the SIGTERM, the worker begins the next; the node, held
+        # before its SIGKILL (half a second on), is stopped meanwhile (SIGTERM)
+        wait_for(began.exists, interval=0.005, what="the task behind the head to begin")
+        _freeze(a, enclave_dir)
+        os.kill(a.pid, signal.SIGTERM)
+        wait_for(lambda: _signal_pending(a.pid, signal.SIGTERM), what="the SIGTERM to wait")
+        os.kill(a.pid, signal.SIGCONT)
+        assert a.proc.wait(GUARD) == 0, a.output()
+    finally:
+        tasks.release(release, "go")
+    assert "after it ended" in a.output()  # (the case at hand)
+    records = enclave.jobs.get_many([f.job_id for f in rest])
+    assert [(str(r.state), r.node, r.started, r.attempts) for r in records.values()] == [
+        ("pending", None, None, 0)] * 2
+    start_node("--max-deliveries", "1", workers=1)
+    assert [f.result(GUARD) for f in rest] == [0, 1]
+    head.exception(GUARD)  # (whatever it ends with: it returned within the grace period)
