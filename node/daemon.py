@@ -587,6 +587,7 @@ class Node:
         # Still running: ended (the tree, as _stop ends a busy worker's) before their tasks
         # are visible again, so that a task never runs here and on another node at once
         late = [w for w in self.workers if w.inflight]
+        self.data.past_deadline = True  # (a result read below begins no upload)
         for w in late:
             log.warning("drain timeout: handing back %s", [t.job_id for t in w.inflight])
             _kill_tree_now(w)

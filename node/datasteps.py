@@ -130,6 +130,7 @@ class DataSteps:
         self._later: deque[tuple] = deque()
         self._later_tries, self._later_after = 0, 0.0
         self.abandoned = False  # the drain handed back tasks whose staging still ran
+        self.past_deadline = False  # the drain's deadline came: no upload begins now
         #: what the worker sent for each task whose outputs are being uploaded, by job id:
         #: a failed upload keeps the task's stdout, stderr and usage (it ran)
         self._ran: dict[str, Finished] = {}
@@ -247,6 +248,16 @@ class DataSteps:
 
     def _take_over(self, task: Task, data: bytes, fin: Finished, succeeded: bool,
                    checked: bool) -> None:
+        if self.past_deadline and succeeded and task.header.get("outputs"):
+            # It returned as the drain's deadline came (its result read once its worker
+            # was killed): an upload begun now the stop abandoned, its job left in
+            # staging_outputs, no node uploading, until one ran it again.  Handed back
+            # begun, as the tasks still running then are, to run again.
+            log.warning("drain timeout: handing back %s, which ended as its worker was "
+                        "killed (its outputs not uploaded)", task.job_id)
+            self.enclave.queue.release([task.delivery])
+            self.discard(task)
+            return
         try:
             if not checked:
                 held = self._check_egress(task, task.staged, data)

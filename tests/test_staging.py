@@ -887,3 +887,52 @@ def test_a_task_still_staging_at_the_drain_deadline_is_handed_back_pending(
     assert _message(enclave, f.job_id) == (None, 0)
     assert f.kill() is True  # a job no node holds: cancelled at once
     assert enclave.jobs.get(f.job_id).state == JobState.CANCELLED
+
+
+def test_a_data_task_whose_result_is_read_at_the_drain_deadline_is_handed_back_to_run_again(
+        data, make_executor, monkeypatch, tmp_path):
+    """A task with outputs that returned just as the drain's deadline came (its result
+    read once its worker was killed, there) began the upload of its outputs, which the stop
+    then abandoned: its job stayed in staging_outputs, no node uploading (kill() refused it
+    as completing, `kotta status` said so), until a node ran it again.  Now it is handed
+    back as the tasks still running at the deadline are, to run again: processing, its
+    message visible at once."""
+    import select
+
+    from kotta_executor.states import JobState
+    from node.daemon import Node, NodeConfig
+    from tests.conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    enclave = data.enclave
+    out = "s3://klab-results/alice/late.txt"
+    alice = make_executor(1, credentials=data.alice, start_node=False)
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
+                                    drain_timeout=0.0))
+    release = tmp_path / "release"
+    node._start()
+    try:
+        f = alice.submit(tasks.write_file_when_released, "late.txt", "late\n", str(release),
+                         outputs=[out])
+        wait_for(lambda: (node.step(), any(w.ready and w.inflight for w in node.workers))[1],
+                 what="the task to begin on a worker")
+        [w] = [w for w in node.workers if w.inflight]
+        release.touch()
+        wait_for(lambda: select.select([w.results], [], [], 0)[0],
+                 what="the worker to send the task's result")  # (unread: no step since)
+    finally:
+        node._drain()  # its deadline at once: the worker killed, its result read there
+        node._stop()
+        node.data.pool.shutdown(wait=True)  # (an abandoned upload: not left running)
+    job = enclave.jobs.get(f.job_id)
+    assert job.state == JobState.PROCESSING, job.state
+    assert _message(enclave, f.job_id)[0] is None  # visible again, for the next node
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node._start()
+    try:
+        wait_for(lambda: (node.step(), f.done())[1], what="the task to run again")
+    finally:
+        node._drain()
+        node._stop()
+    assert Path(f.result()).name.startswith(f.job_id)
+    assert get_object(enclave, out) == b"late\n"
