@@ -588,10 +588,19 @@ class Node:
         # are visible again, so that a task never runs here and on another node at once
         late = [w for w in self.workers if w.inflight]
         self.data.past_deadline = True  # (a result read below begins no upload)
+        killing = {id(w) for w in late if w.kill_reason is not None}  # (before the kill below)
         for w in late:
-            log.warning("drain timeout: handing back %s", [t.job_id for t in w.inflight])
+            if id(w) not in killing:
+                log.warning("drain timeout: handing back %s", [t.job_id for t in w.inflight])
             _kill_tree_now(w)
         for w in late:
+            if id(w) in killing:
+                # Its kill (on request, for its walltime or memory) was under way: it ends
+                # as that kill would have ended it, and what is behind goes back (_bury).
+                # Handed back as a task still running, the job was left in processing, and
+                # a killed task's future waited for another node to end it.
+                self._bury(w)
+                continue
             w.proc.wait()
             # What it sent before it ended (that it was ready, a result) counts, and says
             # which task it ran last: a worker runs its tasks one after another, each

@@ -462,3 +462,33 @@ def test_a_kill_of_a_big_process_tree_scans_the_process_table_a_few_times(
     finally:
         os.killpg(root.pid, signal.SIGKILL)
         root.wait()
+
+
+def test_a_task_being_killed_when_the_drain_deadline_comes_ends_killed(
+        make_executor, enclave, monkeypatch, tmp_path):
+    """A kill() whose grace period (SIGTERM, then SIGKILL half a second later) was under way
+    as the drain's deadline came: the node killed the tree there and handed the task back,
+    as one still running, its job left in processing: the future, told its task would be
+    stopped within about a second, waited for another node to come and end it.  Now it
+    ends as the kill would have: TaskKilled, the job cancelled."""
+    from kotta_executor import TaskKilled
+    from node.daemon import Node, NodeConfig
+
+    monkeypatch.chdir(ROOT)
+    started, release = tmp_path / "started", tmp_path / "release"
+    ex = make_executor(1, start_node=False)
+    node = Node(enclave, NodeConfig(queue=ex._options.queue, workers=1, poll_interval=0.05,
+                                    drain_timeout=0.0))
+    node._start()
+    try:
+        f = ex.submit(tasks.touch_then_wait, str(started), str(release))
+        wait_for(lambda: (node.step(), started.exists())[1], what="the task to begin")
+        assert f.kill()
+        wait_for(lambda: (node.step(), any(w.kill_deadline for w in node.workers))[1],
+                 what="the node to begin the kill")  # (SIGTERM sent; no step since)
+    finally:
+        node._drain()  # its deadline at once: the kill's grace period is not over
+        node._stop()
+        tasks.release(release, "go")
+    assert enclave.jobs.get(f.job_id).state == "cancelled"
+    assert isinstance(f.exception(GUARD), TaskKilled)
