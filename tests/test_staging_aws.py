@@ -8,6 +8,7 @@ tests/test_aws_backend.py's moto server tests.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import uuid
@@ -642,3 +643,40 @@ def test_aws_a_task_with_more_outputs_than_a_session_policy_holds_fails_before_i
     assert "60 write(s)" in str(info.value), info.value
     states = [s for _, s, _ in enclave.jobs.history(f.job_id)]
     assert "processing" not in states, f"it ran, its outputs never to be written: {states}"
+
+
+def test_aws_an_output_over_the_multipart_threshold_is_uploaded_in_parts_whole(aws, monkeypatch):
+    """An output was written with one PutObject, which S3 refuses above 5 GB: a task's
+    big output failed to stage out, its work lost.  One at least MULTIPART_THRESHOLD
+    goes in parts (boto3's managed transfer), as the owner, audited, and arrives whole."""
+    from kotta_executor.security import data
+
+    monkeypatch.setattr(data, "MULTIPART_THRESHOLD", 1 << 20)
+    enclave, audit, policies, admin, executor = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/results/", by=admin.user)
+    _grant_analyst_results(enclave, policies, admin)
+    text = "".join(f"{i:08d}\n" for i in range(700_000))  # 6.3 MB: two parts of 5 MiB min
+    alice = executor("alice", "analyst")
+    f = alice.submit(tasks.write_file, "alice.txt", text, outputs=[OUTPUT])
+    f.result(GUARD)
+    assert get_object(enclave, OUTPUT) == text.encode()
+    head = enclave.s3.head_object(Bucket=DATA_BUCKET, Key="results/alice.txt")
+    assert head["ETag"].strip('"').endswith("-2"), head["ETag"]  # (a multipart object's)
+    [rec] = audit.show(job_id=f.job_id, action="stage-out")
+    assert rec["user"] == "alice"
+
+
+def test_aws_an_input_written_in_parts_is_staged_in_whole(aws, monkeypatch):
+    """A big input (an object written in parts) is read into the working directory whole."""
+    from kotta_executor.security import data
+
+    monkeypatch.setattr(data, "MULTIPART_THRESHOLD", 1 << 20)
+    enclave, _, _, _, executor = aws
+    numbers = [i * 7 % 1_000_003 for i in range(800_000)]
+    body = "".join(f"{n}\n" for n in numbers).encode()
+    big = f"s3://{DATA_BUCKET}/big.txt"
+    data.put_object(enclave, big, io.BytesIO(body))  # (kotta dataset put's way)
+    head = enclave.s3.head_object(Bucket=DATA_BUCKET, Key="big.txt")
+    assert head["ETag"].strip('"').endswith("-2"), head["ETag"]
+    alice = executor("alice", "analyst")
+    assert alice.submit(tasks.file_sum, inputs=[big]).result(GUARD) == sum(numbers)

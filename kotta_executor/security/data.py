@@ -25,6 +25,7 @@ import binascii
 import contextlib
 import hashlib
 import hmac
+import io
 import json
 import os
 import re
@@ -57,6 +58,10 @@ _ROLE_NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
 _COPY_CHUNK = 1 << 20
 #: bytes in one file name (Linux, macOS): the longest key segment an embedded enclave keeps
 _NAME_MAX = 255
+#: an S3 object at least this large is written in parts (a multipart upload, through boto3's
+#: managed transfer): one PutObject takes at most 5 GB, and a task's bigger output failed to
+#: stage out.  Read at each upload (tests lower it to see small files go in parts).
+MULTIPART_THRESHOLD = 64 << 20
 
 
 # --------------------------------------------------------------------------- credentials
@@ -398,6 +403,9 @@ class S3Objects:
         ]
         if missing:
             raise AuthenticationError(f"S3 credentials without {', '.join(missing)}")
+        #: the answer to each multipart upload's CompleteMultipartUpload, by (bucket, key):
+        #: the managed transfer returns nothing, and upload() returns what it wrote
+        self._completed: dict[tuple[str, str], dict] = {}
         session = boto3.session.Session(
             aws_access_key_id=credentials["AccessKeyId"],
             aws_secret_access_key=credentials["SecretAccessKey"],
@@ -407,6 +415,11 @@ class S3Objects:
         self.s3 = session.client(
             "s3", endpoint_url=endpoint_url, config=client_config(path_style=bool(endpoint_url))
         )
+        self.s3.meta.events.register("after-call.s3.CompleteMultipartUpload", self._complete)
+
+    def _complete(self, parsed=None, **_) -> None:
+        if parsed and parsed.get("Bucket") and parsed.get("Key"):
+            self._completed[(parsed["Bucket"], parsed["Key"])] = parsed
 
     @contextlib.contextmanager
     def _errors(self, action: str, uri: str):
@@ -468,8 +481,33 @@ class S3Objects:
         with _open_regular(Path(src)) as f:
             size = os.fstat(f.fileno()).st_size
             with self._errors("write", d.uri):
-                resp = self.s3.put_object(Bucket=d.bucket, Key=d.key, Body=f)
+                resp = _write_s3(self.s3, d, f, size)
+            if resp is None:  # written in parts: CompleteMultipartUpload's answer
+                resp = self._completed.pop((d.bucket, d.key), {})
         return self._info(d.uri, resp, size)
+
+
+def _write_s3(s3, d: DataUri, body: IO[bytes] | bytes, size: int | None) -> dict | None:
+    """Write ``body`` (``size`` bytes; None: not known) as the object ``d`` with the client
+    ``s3``: one PutObject, whose answer is returned, below MULTIPART_THRESHOLD; in parts
+    above it (boto3's managed transfer, which aborts the upload if a part fails), returning
+    None.  Its errors are the client's own (ClientError), as PutObject's."""
+    if size is not None and size < MULTIPART_THRESHOLD:
+        return s3.put_object(Bucket=d.bucket, Key=d.key, Body=body)
+    from boto3.s3.transfer import TransferConfig
+
+    if isinstance(body, bytes | bytearray | memoryview):
+        body = io.BytesIO(body)
+    # Parts of 16 MiB (the transfer makes them at least S3's 5 MiB, and larger for an
+    # object of more than S3's 10,000 parts), four at a time: read from a file object,
+    # each part is held in memory, and the defaults (ten of the threshold's size) held
+    # 640 MiB in the node's memory beside its tasks.
+    config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                            multipart_chunksize=min(MULTIPART_THRESHOLD, 16 << 20),
+                            max_concurrency=4)
+    config.max_in_memory_upload_chunks = 4  # (s3transfer's, which boto3's does not take)
+    s3.upload_fileobj(body, d.bucket, d.key, Config=config)
+    return None
 
 
 # --------------------------------------------------------------------------- AWS roles
@@ -571,7 +609,20 @@ def put_object(enclave, uri: str, data: bytes | IO[bytes]) -> None:
         _object_path(root, d)
         _write_atomic(path, body)
     else:
-        enclave.s3.put_object(Bucket=d.bucket, Key=d.key, Body=body)
+        _write_s3(enclave.s3, d, body, _size(body))
+
+
+def _size(body: IO[bytes] | bytes) -> int | None:
+    """The bytes left to read in ``body``, or None when it cannot say (a pipe)."""
+    if isinstance(body, bytes):
+        return len(body)
+    try:
+        here = body.tell()
+        end = body.seek(0, os.SEEK_END)
+        body.seek(here)
+    except (OSError, AttributeError, ValueError):
+        return None
+    return end - here
 
 
 def get_object(enclave, uri: str) -> bytes:
