@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from botocore.exceptions import ClientError
 
 from kotta_executor.backends.embedded import EmbeddedEnclave
 from kotta_executor.errors import (
@@ -793,3 +794,35 @@ def test_an_output_the_owner_may_not_write(enclave, workdir):
     store = store_for(enclave, write=["s3://bucket/out/"])
     with pytest.raises(AccessDenied, match="alice may not write s3://bucket/elsewhere/r.txt"):
         stage_outputs(store, workdir, ["s3://bucket/elsewhere/r.txt"])
+
+
+def test_s3_a_failed_upload_in_parts_leaves_no_parts_behind(aws, tmp_path, enforce_iam,
+                                                            monkeypatch):
+    """An output written in parts whose upload fails is aborted (its parts deleted), as the
+    owner: the role's policy (role_policy, as kotta compiles a write grant) allowed
+    PutObject only, the abort was refused, and the parts stayed in the bucket, unseen and
+    billed, for good."""
+    from kotta_executor.security.policy import Statement, role_policy
+
+    e, bucket = aws.enclave, aws.bucket
+    doc = role_policy([Statement("alice", f"s3://{bucket}/out/", "write")])
+    e.session.client("iam").put_role_policy(RoleName=aws.role, PolicyName="data",
+                                            PolicyDocument=json.dumps(doc))
+    monkeypatch.setattr(data, "MULTIPART_THRESHOLD", 1 << 20)
+    store, _ = objects_for(e, user="alice", job_id="j", writes=[f"s3://{bucket}/out/big"])
+    (tmp_path / "big").write_bytes(os.urandom(6 << 20))  # two parts
+    parts = []
+
+    def fail_the_second(**_):
+        parts.append(1)
+        if len(parts) == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "x"}}, "UploadPart")
+
+    store.s3.meta.events.register("before-call.s3.UploadPart", fail_the_second)
+    enforce_iam()
+    with pytest.raises(ClientError, match="InternalError"):
+        store.upload(tmp_path / "big", f"s3://{bucket}/out/big")
+    from moto import settings
+
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))  # (to look)
+    assert e.s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

@@ -523,7 +523,7 @@ def test_role_policy_of_an_allowed_prefix_with_a_denied_object():
             {"Sid": "AllowReadList0", "Effect": "Allow", "Action": "s3:ListBucket",
              "Resource": "arn:aws:s3:::data-a",
              "Condition": {"StringLike": {"s3:prefix": ["corpus/*"]}}},
-            {"Sid": "AllowWrite", "Effect": "Allow", "Action": ["s3:PutObject"],
+            {"Sid": "AllowWrite", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
              "Resource": ["arn:aws:s3:::data-a/corpus/*"]},
             {"Sid": "DenyRead", "Effect": "Deny", "Action": READS,
              "Resource": ["arn:aws:s3:::data-a/corpus/secret.txt"]},
@@ -560,7 +560,7 @@ def test_session_policy_grants_exactly_the_declared_objects():
             {"Sid": "AllowReadList0", "Effect": "Allow", "Action": "s3:ListBucket",
              "Resource": "arn:aws:s3:::data-a",
              "Condition": {"StringLike": {"s3:prefix": ["corpus/a.txt"]}}},
-            {"Sid": "AllowWrite", "Effect": "Allow", "Action": ["s3:PutObject"],
+            {"Sid": "AllowWrite", "Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
              "Resource": ["arn:aws:s3:::data-a/out/r.csv"]},
         ],
     }

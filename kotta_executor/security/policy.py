@@ -41,7 +41,10 @@ POLICY = "policy"  # records kind; key: f"{role}|{action}|{dataset}"
 #: the largest session policy STS accepts (AssumeRole ``Policy``, packed JSON)
 SESSION_POLICY_LIMIT = 2048
 IAM_VERSION = "2012-10-17"
-_IAM_ACTIONS = {"read": ["s3:GetObject", "s3:GetObjectVersion"], "write": ["s3:PutObject"]}
+#: (a write may be an upload in parts, security.data.MULTIPART_THRESHOLD: one that fails is
+#: aborted, its parts deleted, or they stay in the bucket, unseen and billed)
+_IAM_ACTIONS = {"read": ["s3:GetObject", "s3:GetObjectVersion"],
+                "write": ["s3:PutObject", "s3:AbortMultipartUpload"]}
 
 
 def check_role(role: str) -> str:
@@ -363,7 +366,8 @@ def role_policy(statements: Iterable[Statement]) -> dict[str, Any]:
     """One role's statements as an IAM policy document.
 
     Reads are ``s3:GetObject`` (and ``GetObjectVersion``) on the objects, with
-    ``s3:ListBucket`` limited by ``s3:prefix``; writes are ``s3:PutObject``; denies deny the
+    ``s3:ListBucket`` limited by ``s3:prefix``; writes are ``s3:PutObject`` (and
+    ``AbortMultipartUpload``, for a failed upload in parts); denies deny the
     same actions.  No statements give an empty ``Statement`` list: do not attach it."""
     statements = list(statements)
     roles = {s.role for s in statements}
