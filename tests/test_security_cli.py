@@ -698,3 +698,73 @@ def test_the_enclaves_own_storage_cannot_be_made_a_dataset(enclave, enclave_dir,
     r = kotta(enclave_dir, "dataset", "add", uri)
     assert r.returncode != 0 and "the enclave's own storage" in r.stderr, r.stdout + r.stderr
     assert PolicyStore(enclave.records).datasets() == []
+
+
+def _dynamodb_key_rules(monkeypatch):
+    """DynamoDB's own rule on key values, which moto does not apply to every call: a key
+    attribute may not be an empty string, nor a range key over 1024 bytes (a
+    ValidationException).  On the clients made from now on (a command opens the enclave
+    anew), through botocore's list of the handlers each new session starts with."""
+    import json
+
+    import botocore.handlers
+
+    from botocore.exceptions import ClientError
+
+    def walk(node):
+        if isinstance(node, dict):
+            for name in ("Key", "Keys", "Item"):
+                keys = node.get(name)
+                for key in keys if isinstance(keys, list) else [keys] if keys else []:
+                    for attr in ("kind", "key"):
+                        value = (key.get(attr) or {}).get("S")
+                        if value is not None and (not value or len(value.encode()) > 1024):
+                            raise ClientError({"Error": {
+                                "Code": "ValidationException",
+                                "Message": "One or more parameter values are not valid"}},
+                                "DynamoDB")
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    def check(params=None, **_):
+        body = (params or {}).get("body") or b"{}"
+        walk(json.loads(body))
+
+    monkeypatch.setattr(botocore.handlers, "BUILTIN_HANDLERS",
+                        [*botocore.handlers.BUILTIN_HANDLERS, ("before-call.dynamodb.*", check)])
+
+
+@pytest.mark.parametrize("name", ["", "x" * 1100])
+def test_an_empty_or_too_long_user_name_is_named_on_aws_not_sent_to_dynamodb(tmp_path, name,
+                                                                           monkeypatch):
+    """`kotta user add ""` (or disable, enable, token issue, token list --user) on AWS sent
+    the name to DynamoDB as a record key, and the admin got botocore's ValidationException
+    ("One or more parameter values are not valid"), naming nothing.  The name is checked
+    first, by the same rule on both backends."""
+    import argparse
+
+    from kotta_executor.errors import ConfigurationError
+    from kotta_executor.security import commands
+    from tests.aws_moto import aws_on_moto
+
+    with aws_on_moto(tmp_path) as enclave:
+        credentials.load(enclave)  # the bootstrapper, the first admin
+        _dynamodb_key_rules(monkeypatch)
+        base = {"enclave": enclave.url, "command": "user"}
+        calls = [
+            (commands.cmd_user_add, {"name": name, "role": "guest", "admin": False}, "is not a "
+             "valid user name"),
+            (commands.cmd_user_disable, {"name": name, "disable": True}, "is not a valid user "
+             "name"),
+            (commands.cmd_user_disable, {"name": name, "disable": False}, "is not a valid user "
+             "name"),
+            (commands.cmd_token_issue, {"user": name, "days": 1.0}, "no user"),
+            (commands.cmd_token_list, {"user": name}, "no user"),
+        ]
+        for cmd, kw, says in calls:
+            with pytest.raises(ConfigurationError, match=says) as info:
+                cmd(argparse.Namespace(**base, **kw))
+            assert repr(name) in str(info.value), (cmd.__name__, info.value)

@@ -183,6 +183,11 @@ class TokenService:
         return ident if written else self.user(user)  # type: ignore[return-value]
 
     def user(self, user: str) -> Identity | None:
+        # no user has a name check_user refuses (add_user checks it): an empty or
+        # over-long one, asked for, reached DynamoDB, and the admin got its
+        # ValidationException, naming nothing
+        if not isinstance(user, str) or not _USER.fullmatch(user):
+            return None
         rec = self.records.get("user", user)
         if rec is None:
             return None
@@ -194,6 +199,7 @@ class TokenService:
         ]
 
     def set_disabled(self, user: str, disabled: bool, *, by: str) -> None:
+        check_user(user)  # (not a name a user may have: say so, before any look-up)
         for _ in range(_CHECKED_WRITE_TRIES):
             rec = self.records.get("user", user)
             if rec is None:
