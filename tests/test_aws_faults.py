@@ -665,6 +665,33 @@ def test_a_task_whose_message_body_in_s3_cannot_be_read_fails_and_its_node_serve
         _stop(ex, node, runner, node_enclave)
 
 
+def test_the_unreadable_body_in_s3_of_a_dead_lettered_message_goes_with_its_dead_letter(
+        enclave, moto_env, name):
+    """A message whose body in S3 (``msg-…``) the node could not read was dead-lettered
+    without it: the dead letter carried an empty body, and the object, named by no
+    message, stayed in the enclave's bucket for good (``kotta prune`` of the job, which
+    deletes a dead letter's body, never saw it).  It stays with its dead letter, as a
+    readable one's does, and goes when the dead letter is pruned."""
+    from kotta_executor import CorruptTask
+
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    enclave.queue.max_body = 1000  # (this client's sends: the task's body goes to S3)
+    f = ex.submit(len, b"x" * 5000)
+    [key] = wait_for(lambda: [k.removeprefix("blobs/") for k in _keys(enclave)
+                              if k.startswith("blobs/msg-")], what="the message's body in S3")
+    _unreadable(key, "AccessDenied", enclave, node_enclave)
+    runner = _run(node)
+    try:
+        with pytest.raises(CorruptTask, match=f"cannot be read: its body, the blob {key}"):
+            f.result(GUARD)
+    finally:
+        _stop(ex, node, runner, node_enclave)
+    [letter] = enclave.queue.dead_letters("test")
+    assert letter["job_id"] == f.job_id
+    assert enclave.queue.drop_dead_letters("test", {f.job_id}) == 1
+    assert f"blobs/{key}" not in _keys(enclave), "the dead letter's body was left in S3"
+
+
 # ------------------------------------------------- spilled bodies of messages not sent
 
 

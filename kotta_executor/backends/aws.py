@@ -880,7 +880,9 @@ class SqsQueue(TaskQueue):
         malformed comes back as bytes the node will find corrupt (and dead-letter); a body
         kept in a blob that is gone or refused for good, as empty bytes and why: raised,
         the refusal failed every receive (the node's poller retrying it for ever), and the
-        other messages each took came back later, each delivery counted."""
+        other messages each took came back later, each delivery counted.  A blob there but
+        refused (or archived) keeps its key: the dead letter carries it, as a readable
+        one's, and its prune deletes it (left out, no message named it: it stayed for good)."""
         if text.startswith("b:"):
             try:
                 return base64.b64decode(text[2:], validate=True), None, ""
@@ -890,14 +892,15 @@ class SqsQueue(TaskQueue):
             key = text[3:]
             try:
                 return self._e.blobs.get(key), key, ""
-            except (KeyError, ValueError) as exc:
+            except (KeyError, ValueError) as exc:  # gone, or no key a blob may have
                 why: object = exc.args[0] if exc.args else exc
+                there = None
             except _client_error() as exc:
                 if _code(exc) not in LASTING_ERRORS | _S3_UNREADABLE_KEY:
                     raise
-                why = exc
-            return b"", None, (f"its body, the blob {key} in s3://{self._e.names.bucket}/"
-                               f"{self._e.names.blob_prefix}, cannot be read: {why}")
+                why, there = exc, key
+            return b"", there, (f"its body, the blob {key} in s3://{self._e.names.bucket}/"
+                                f"{self._e.names.blob_prefix}, cannot be read: {why}")
         return text.encode(), None, ""
 
     def _entries(self, items: Sequence[tuple[str, str, dict[str, Any]]]):
