@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 
 from kotta_executor import KottaExecutor
 from kotta_executor.backends.aws import AwsEnclave
+from kotta_executor.backends.base import Message
 from node.daemon import Node, NodeConfig
 from tests import tasks
 from tests.conftest import GUARD, wait_for
@@ -690,6 +691,50 @@ def test_the_unreadable_body_in_s3_of_a_dead_lettered_message_goes_with_its_dead
     assert letter["job_id"] == f.job_id
     assert enclave.queue.drop_dead_letters("test", {f.job_id}) == 1
     assert f"blobs/{key}" not in _keys(enclave), "the dead letter's body was left in S3"
+
+
+def _to_the_dlq(body: bytes) -> bool:
+    return b"-dlq" in body
+
+
+def test_a_dead_letter_sent_twice_by_botocore_is_listed_once(enclave):
+    """A SendMessageBatch to the dead-letter queue that SQS applied but whose answer was
+    lost is sent again by botocore's retry: `kotta dead-letters` showed the job twice.
+    One message dead-lettered is one dead letter in the listing."""
+    enclave.queue.send("test", [Message("a" * 32, b"poison")])
+    [d] = enclave.queue.receive("test", 1, 30, "h")
+    resent = threading.Event()
+
+    def resend(request_dict=None, response=None, **_):  # (answered, as if lost: again)
+        if not resent.is_set() and response is not None and _to_the_dlq(
+                request_dict.get("body") or b""):
+            resent.set()
+            return 0
+        return None
+
+    enclave.sqs.meta.events.register("needs-retry.sqs.SendMessageBatch", resend)
+    enclave.queue.dead_letter([d], "poison")
+    assert resent.is_set()
+    listed = enclave.queue.dead_letters("test")
+    assert [(x["job_id"], x["reason"]) for x in listed] == [("a" * 32, "poison")], listed
+    assert enclave.queue.drop_dead_letters("test", {"a" * 32}) == 2  # (both go)
+
+
+def test_a_dead_letter_whose_answer_was_lost_is_listed_once_when_sent_again(enclave):
+    """A dead letter sent but its answer lost past botocore's retries: the message stays,
+    comes again, and is dead-lettered again (a second dead letter): listed once, the
+    first."""
+    enclave.queue.send("test", [Message("a" * 32, b"poison")])
+    [d] = enclave.queue.receive("test", 1, 30, "h")
+    lose_answer_once(enclave.sqs, "SendMessageBatch", _to_the_dlq)
+    with pytest.raises(Exception, match="timeout|Timeout"):
+        enclave.queue.dead_letter([d], "poison, the first time")
+    enclave.queue.release([d])
+    [again] = enclave.queue.receive("test", 1, 30, "h")
+    enclave.queue.dead_letter([again], "poison, the second time")
+    listed = enclave.queue.dead_letters("test")
+    assert [(x["job_id"], x["reason"]) for x in listed] == [
+        ("a" * 32, "poison, the first time")], listed
 
 
 # ------------------------------------------------- spilled bodies of messages not sent

@@ -117,6 +117,8 @@ JOB_ATTR = "kotta_job"
 REASON_ATTR = "kotta_reason"
 COUNT_ATTR = "kotta_receive_count"
 DEAD_AT_ATTR = "kotta_dead_at"
+#: a dead letter's: the SQS message id of the message it is the dead letter of
+DEAD_OF_ATTR = "kotta_message"
 OWNER_INDEX = "owner-created"
 #: the sections of a task envelope the executor may put in a blob ``<section>-<job id>``
 TASK_BLOB_SECTIONS = ("fn", "args", "payload")
@@ -1281,6 +1283,8 @@ class SqsQueue(TaskQueue):
                     COUNT_ATTR: {"DataType": "Number", "StringValue": str(d.receive_count)},
                     DEAD_AT_ATTR: {"DataType": "Number", "StringValue": now},
                 }
+                if d.message_id:  # (dead_letters lists one dead letter a message)
+                    attrs[DEAD_OF_ATTR] = {"DataType": "String", "StringValue": d.message_id}
                 items.append((d.job_id, text, attrs))
             sent: set[int] = set()
             try:
@@ -1309,7 +1313,11 @@ class SqsQueue(TaskQueue):
         The receive count of a message SQS redrove (no ``kotta_receive_count``) is the
         queue's ``maxReceiveCount``: SQS moves a message once it has been delivered that
         many times.  Its ApproximateReceiveCount would not do: every listing is itself a
-        receive of the dead letter, so the count would grow with each listing."""
+        receive of the dead letter, so the count would grow with each listing.
+
+        One message dead-lettered more than once (a send whose answer was lost: botocore
+        sent it again, or the message came again and was dead-lettered again) is listed
+        once, its first dead letter: `kotta dead-letters` showed its job twice."""
         sqs_name = self._e.names.queue(queue)
         dlq = self._e.names.dlq(sqs_name)
         seen: dict[str, dict[str, Any]] = {}
@@ -1347,6 +1355,7 @@ class SqsQueue(TaskQueue):
                     else:
                         dead_at = int(sys_attrs.get("SentTimestamp", 0)) / 1000
                     seen[m["MessageId"]] = {
+                        "of": attrs.get(DEAD_OF_ATTR, {}).get("StringValue") or m["MessageId"],
                         "job_id": _job_id(m),
                         "receive_count": count,
                         "reason": reason
@@ -1358,7 +1367,10 @@ class SqsQueue(TaskQueue):
             if handles:
                 self._visibility(
                     [Delivery("", b"", _receipt(dlq, h, None), 0) for h in handles], 0)
-        return sorted(seen.values(), key=lambda d: d["dead_at"])
+        first: dict[str, dict[str, Any]] = {}
+        for letter in sorted(seen.values(), key=lambda d: d["dead_at"]):
+            first.setdefault(letter.pop("of"), letter)
+        return list(first.values())
 
     def drop_dead_letters(self, queue: str, job_ids: set[str]) -> int:
         """Delete the dead letters of ``queue`` whose jobs are ``job_ids`` (``kotta
