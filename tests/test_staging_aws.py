@@ -680,3 +680,15 @@ def test_aws_an_input_written_in_parts_is_staged_in_whole(aws, monkeypatch):
     assert head["ETag"].strip('"').endswith("-2"), head["ETag"]
     alice = executor("alice", "analyst")
     assert alice.submit(tasks.file_sum, inputs=[big]).result(GUARD) == sum(numbers)
+
+
+def test_aws_a_user_of_a_one_character_name_stages_data(aws):
+    """A user name may be one character (`kotta user add a`), and STS's SourceIdentity
+    (the user, in CloudTrail) takes two at least: every task of hers that declared data
+    failed at AssumeRole with botocore's ParamValidationError."""
+    enclave, audit, _, _, executor = aws
+    a = executor("a", "analyst")
+    f = a.submit(tasks.file_sum, inputs=[INPUT])
+    assert f.result(GUARD) == sum(range(1, 201))
+    [rec] = audit.show(job_id=f.job_id, action="stage-in")
+    assert (rec["user"], rec["dataset"]) == ("a", INPUT)

@@ -557,7 +557,9 @@ def assume_owner_role(
         # the whole id (up to 64 characters are allowed): its first digits are its submit
         # time, the same for every job of a burst
         RoleSessionName=f"kotta-{job_id}",
-        SourceIdentity=user,
+        # STS takes two characters at least, and a user name may be one: every task of
+        # user "a" that declared data failed here.  No user name holds "=": "a=" is a's
+        SourceIdentity=user if len(user) >= 2 else f"{user}=",
         # a node assuming a user role is role chaining, which AWS caps at one hour
         DurationSeconds=min(MAX_CHAINED_SESSION, max(900, int(ttl))),
         Policy=policy,
