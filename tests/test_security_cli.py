@@ -4,6 +4,7 @@ as a user who is not one.  Real subprocesses on a real enclave directory."""
 from __future__ import annotations
 
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -768,3 +769,27 @@ def test_an_empty_or_too_long_user_name_is_named_on_aws_not_sent_to_dynamodb(tmp
             with pytest.raises(ConfigurationError, match=says) as info:
                 cmd(argparse.Namespace(**base, **kw))
             assert repr(name) in str(info.value), (cmd.__name__, info.value)
+
+
+@pytest.mark.parametrize("cmd, kw, says", [
+    ("cmd_token_revoke", {"token": ""}, "no refresh token '' in the enclave"),
+    ("cmd_token_revoke", {"token": "\u00e9" * 600}, "no refresh token '\u00e9"),
+    ("cmd_dataset_remove", {"uri": "s3://klab-data/" + "k" * 1020}, "is not a registered dataset"),
+])
+def test_a_name_no_record_can_have_is_looked_up_on_aws_as_on_the_embedded_enclave(
+        tmp_path, monkeypatch, cmd, kw, says):
+    """`kotta token revoke ""` (or an id of 1,200 bytes; or `kotta dataset remove` of a
+    URI over 1,024 bytes) asked DynamoDB for a record whose key it refuses, and the user
+    got botocore's ValidationException naming nothing; the embedded enclave says there is
+    no such token (dataset).  A key no record can have has no record, on both backends."""
+    import argparse
+
+    from kotta_executor.errors import ConfigurationError
+    from kotta_executor.security import commands
+    from tests.aws_moto import aws_on_moto
+
+    with aws_on_moto(tmp_path) as enclave:
+        credentials.load(enclave)
+        _dynamodb_key_rules(monkeypatch)
+        with pytest.raises(ConfigurationError, match=re.escape(says)):
+            getattr(commands, cmd)(argparse.Namespace(enclave=enclave.url, command="x", **kw))

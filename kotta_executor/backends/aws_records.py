@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from .base import Records, check_record_name, decode_record
+from .base import Records, check_record_name, decode_record, is_record_name
 
 if TYPE_CHECKING:
     from .aws import AwsEnclave
@@ -30,7 +30,12 @@ class DynamoRecords(Records):
         from .aws import BATCH_ROUNDS, _backoff, _chunks
 
         out: dict[str, dict[str, Any]] = {}
-        for chunk in _chunks(list(dict.fromkeys(keys)), 100):
+        # a key no record can have has none: asked for (`kotta token revoke ""`), DynamoDB
+        # refused the whole call with a ValidationException naming nothing
+        keys = [k for k in dict.fromkeys(keys) if is_record_name(k)]
+        if not is_record_name(kind):
+            return out
+        for chunk in _chunks(keys, 100):
             request = {
                 self.table: {
                     "Keys": [{"kind": {"S": kind}, "key": {"S": k}} for k in chunk],
@@ -119,6 +124,8 @@ class DynamoRecords(Records):
         return True
 
     def delete(self, kind, key):
+        if not (is_record_name(kind) and is_record_name(key)):  # (as in get_many)
+            return False
         resp = self._t._call(
             "delete_item",
             TableName=self.table,

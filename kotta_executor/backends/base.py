@@ -401,9 +401,17 @@ def decode_record(text: str, *, tolerant: bool = False) -> Any:
 
 
 def check_record_name(what: str, text: str) -> str:
-    if not isinstance(text, str) or not text or len(text) > 1024 or "\0" in text:
+    if not is_record_name(text):
         raise ValueError(f"invalid record {what} {text!r}")
     return text
+
+
+def is_record_name(text: str) -> bool:
+    """Whether ``text`` may be a record's kind or key: not empty, no NUL, at most 1024
+    UTF-8 bytes (DynamoDB's limit for a range key: 1024 characters of é were refused
+    there, with a ValidationException naming nothing, and taken on the embedded enclave)."""
+    return (isinstance(text, str) and bool(text) and "\0" not in text
+            and len(text.encode("utf-8", "surrogatepass")) <= 1024)
 
 
 class Enclave(abc.ABC):
