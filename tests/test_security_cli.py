@@ -793,3 +793,30 @@ def test_a_name_no_record_can_have_is_looked_up_on_aws_as_on_the_embedded_enclav
         _dynamodb_key_rules(monkeypatch)
         with pytest.raises(ConfigurationError, match=re.escape(says)):
             getattr(commands, cmd)(argparse.Namespace(enclave=enclave.url, command="x", **kw))
+
+
+def test_dataset_put_never_writes_the_enclaves_own_storage_on_aws(tmp_path):
+    """`kotta dataset put FILE s3://<the enclave's bucket>/keys/enclave.key` replaced the
+    enclave key with the file (every token, the admins' too, stopped verifying: the
+    enclave locked out), and one under blobs/ or held/ the enclave's own objects.  It is
+    refused, as such a URI is as a dataset, and the key is left whole."""
+    import argparse
+
+    from kotta_executor.errors import ConfigurationError
+    from kotta_executor.security import commands
+    from tests.aws_moto import aws_on_moto
+
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"not a key")
+    with aws_on_moto(tmp_path) as enclave:
+        credentials.load(enclave)
+        bucket = enclave.names.bucket
+        key = enclave.s3.get_object(Bucket=bucket, Key="keys/enclave.key")["Body"].read()
+        for uri in (f"s3://{bucket}/keys/enclave.key", f"s3://{bucket}/held/x",
+                    f"s3://{bucket}/{enclave.names.blob_prefix}msg-x"):
+            with pytest.raises(ConfigurationError, match="enclave's own storage"):
+                commands.cmd_dataset_put(argparse.Namespace(
+                    enclave=enclave.url, command="dataset", uri=uri, file=str(src)))
+        assert enclave.s3.get_object(Bucket=bucket, Key="keys/enclave.key")["Body"].read() == key
+        assert [o["Key"] for o in enclave.s3.list_objects_v2(Bucket=bucket)["Contents"]] == [
+            "keys/enclave.key"]

@@ -319,7 +319,7 @@ def cmd_dataset_list(args) -> int:
 
 
 def cmd_dataset_put(args) -> int:
-    from .data import put_object
+    from .data import enclave_areas, put_object
     from .uris import parse_uri
 
     try:  # (first: a mistyped file name makes no enclave)
@@ -329,6 +329,13 @@ def cmd_dataset_put(args) -> int:
     with data:  # copied in chunks, never read whole: a dataset may be larger than memory
         enclave, creds = _setup(args, admin=True)
         uri = parse_uri(args.uri)
+        # never the enclave's own objects (on AWS they share its bucket): a put of its
+        # key replaced it, and every token, the admins' too, stopped verifying
+        area = next((a for a in map(parse_uri, enclave_areas(enclave)) if a.contains(uri)), None)
+        if area is not None:
+            raise ConfigurationError(f"{uri.uri} is in {area.uri}, the enclave's own storage "
+                                     "(its key, task payloads and results, held results): "
+                                     "not written")
         put_object(enclave, uri.uri, data)
     from .audit import AuditLog
 
