@@ -457,6 +457,23 @@ def test_large_bodies_travel_through_s3(enclave, monkeypatch):
     assert s3_keys(enclave) == [key]
 
 
+def test_listing_dead_letters_does_not_download_their_bodies(enclave, monkeypatch):
+    """`kotta dead-letters` (and `kotta prune`, reading a queue's dead letters) fetched
+    the body in S3 of every dead letter that had one, up to 1,000 of about 1 MiB or more
+    each, to show a job id and a reason.  Only the messages are read; prune still deletes
+    a pruned dead letter's body."""
+    monkeypatch.setattr(SqsQueue, "max_body", 1000)
+    jobs = [f"{i:032x}" for i in range(3)]
+    enclave.queue.send("test", [Message(j, os.urandom(5000)) for j in jobs])
+    enclave.queue.dead_letter(enclave.queue.receive("test", 3, 30, "h"), "poison")
+    assert len(s3_keys(enclave)) == 3
+    calls = Calls(enclave)
+    assert sorted(d["job_id"] for d in enclave.queue.dead_letters("test")) == jobs
+    assert enclave.queue.drop_dead_letters("test", {jobs[0]}) == 1
+    assert calls.counts()["GetObject"] == 0, calls.counts()
+    assert len(s3_keys(enclave)) == 2
+
+
 def test_acks_wait_briefly_to_share_a_delete_call(enclave):
     enclave.queue.send("test", [Message(f"{i:032x}", b"x") for i in range(3)])
     got = enclave.queue.receive("test", 3, 30, "h")

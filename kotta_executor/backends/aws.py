@@ -1038,7 +1038,11 @@ class SqsQueue(TaskQueue):
             return
         self._send_encoded(sqs_name, items)
 
-    def _receive(self, sqs_name, max_messages, visibility, wait, *, missing_ok=False):
+    def _receive(self, sqs_name, max_messages, visibility, wait, *, missing_ok=False,
+                 bodies=True):
+        """``bodies`` False: a body kept in S3 is not fetched (its key is given, the body
+        empty): the dead letters' listing and prune read ids and attributes only, and
+        fetched up to 1,000 bodies of a MiB or more to show them."""
         out: list[tuple[dict, bytes, str | None, str]] = []
         while len(out) < max_messages:
             n = min(10, max_messages - len(out))
@@ -1056,7 +1060,13 @@ class SqsQueue(TaskQueue):
                 return None
             msgs = resp.get("Messages") or []
             for m in msgs:
-                out.append((m, *self._decode(m.get("Body", ""))))
+                text = m.get("Body", "")
+                if not bodies and text.startswith("s3:"):
+                    key = text[3:]  # (one no blob may have, as _decode takes it: none)
+                    out.append((m, b"", key if _KEY.match(key) and ".." not in key else None,
+                                ""))
+                    continue
+                out.append((m, *self._decode(text)))
             if len(msgs) < n:
                 break
         return out
@@ -1330,7 +1340,7 @@ class SqsQueue(TaskQueue):
                 # long poll of a second, which (unlike a short poll, which asks only some of
                 # SQS's servers) answers empty only when the queue has nothing to show.
                 got = self._receive(dlq, 10, self.read_visibility,
-                                    1 if confirming else 0)
+                                    1 if confirming else 0, bodies=False)
                 new = [(m, b) for m, b, _, _ in got or [] if m["MessageId"] not in seen]
                 if not new:
                     if confirming:
@@ -1387,7 +1397,7 @@ class SqsQueue(TaskQueue):
         try:
             while True:
                 got = self._receive(dlq, 10, self.read_visibility, 1 if confirming else 0,
-                                    missing_ok=True)
+                                    missing_ok=True, bodies=False)
                 new = [(m, b) for m, _, b, _ in got or [] if m["MessageId"] not in seen]
                 if not new:
                     if confirming or got is None:  # (None: no such queue)
