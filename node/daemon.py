@@ -807,6 +807,12 @@ class Node:
                 # rings for tasks), a task far over the memory limit ran on until the loop
                 # woke for something else (the upkeep, every 10 s)
                 due = min(due, self._next_memory_check - now)
+                # and when the tasks piped behind it are to be taken back (_police; not
+                # once past: they wait for a worker that could take them, whose result
+                # wakes the node)
+                back = w.take_back_at()
+                if back is not None and back > now:
+                    due = min(due, back - now)
                 timeout = min(timeout, max(0.0, due))
         if self.config.burst and not self._holding():
             timeout = 0.0
@@ -881,8 +887,35 @@ class Node:
                     log.error("worker %s closed its result pipe: ending it", w.pid)
                     w.kill("WorkerDied", "the worker's result pipe was closed (a task that "
                                          "closes file descriptors it did not open?)")
+            if w.taking_back is not None:
+                self._take_back(w)
             if w.dead():
                 self._bury(w)
+
+    def _could_start_now(self, busy: Worker) -> bool:
+        """Whether a task taken back from ``busy`` could start at once: the pool has a
+        place with no worker, or an idle worker (of its owner, or one to replace)."""
+        return len(self.workers) < self.config.workers or any(
+            w is not busy and not w.inflight and w.kill_deadline is None and not w.retiring
+            and not w.stop_asked for w in self.workers)
+
+    def _take_back(self, w: Worker) -> None:
+        """The tasks piped behind a long one (_police asked its worker to stop after it):
+        pending again, to run on another worker, if this step's read of the worker's
+        results, made after the request, has not had that task's result.  The worker
+        looks at the request after it sends each result, before it begins the next task:
+        it had not ended its task when asked, so it begins none of them (it exits after
+        it, and what it runs is recorded once).  Else, it may have begun the next: they
+        stay, and its results tell which it ran (the rest come back as it exits, _bury).
+        (A task that puts a handler of its own on the worker's STOP_SIGNAL loses the
+        request, as for a kill of a piped task: the worker would run them too.)"""
+        head, w.taking_back = w.taking_back, None
+        if (w.inflight and w.inflight[0] is head and len(w.inflight) > 1 and not w.closed
+                and not w.garbled and w.kill_deadline is None):
+            behind = deque(itertools.islice(w.inflight, 1, None))
+            for _ in behind:
+                w.inflight.pop()
+            self._put_back(behind, unbegun=True)
 
     @staticmethod
     def _exits(w: Worker) -> bool:
@@ -1134,6 +1167,18 @@ class Node:
                         "WalltimeExceeded",
                         f"job {head.job_id} exceeded its walltime of {_minutes(limit)}",
                     )
+            if not self.stopping and (due := w.take_back_at()) is not None and now >= due and (
+                    self._could_start_now(w)):
+                # Tasks piped behind a long one, while another worker could run them: the
+                # worker is asked to stop after its task, so that it begins none of them,
+                # and they are taken back once a read of its results shows that it had not
+                # ended its task when asked (_take_back, at the next step's _collect)
+                log.info("worker %s has run job %s for %.3g s: taking back %s", w.pid,
+                         w.inflight[0].job_id, now - w.inflight[0].started,
+                         [t.job_id for t in itertools.islice(w.inflight, 1, None)])
+                w.stop_after_current()
+                w.taking_back = w.inflight[0]
+                self.request_wake()
         if now >= self._next_memory_check:
             self._check_memory(now)
 

@@ -49,6 +49,12 @@ TINY_TASK = 0.002
 #: not measured yet, only the one it runs: the rest wait in the queue, for whichever
 #: node's worker is free first (Node._room)
 SHORT_TASK = 1.0
+#: the tasks piped behind one that has run this long (seconds), and three times longer
+#: than its worker's tasks usually do, are taken back to run on another worker, when one
+#: could take them (Worker.take_back_at, Node._take_back).  Not sooner: the worker that
+#: gives them back stops after its task, and a fresh one (an interpreter, the task's
+#: imports) costs a tenth of a second or more
+TAKE_BACK_AFTER = 1.0
 
 #: seconds between the soft signal and SIGKILL when a task is stopped
 KILL_GRACE = 0.5
@@ -126,6 +132,9 @@ class Worker:
     garbled: bool = False  # it wrote something that is not a message: nothing more is read
     closed: bool = False  # its end of the result pipe is closed (a task may have closed it)
     mark: str = ""  # its id in its processes' environments (WORKER_MARK)
+    #: the task it ran when the node asked it to stop after it, to take back the tasks
+    #: piped behind it (Node._take_back): None when nothing is being taken back
+    taking_back: Task | None = None
 
     @property
     def pid(self) -> int:
@@ -147,6 +156,19 @@ class Worker:
             if running > max(2 * TINY_TASK, 3 * self.avg):
                 return 1
         return 64 if self.avg < TINY_TASK else 2
+
+    def take_back_at(self) -> float | None:
+        """When the tasks piped behind the one it runs are to be taken back, to run on
+        another worker (one already piped stayed behind a task of a minute while another
+        worker idled): once that task has run TAKE_BACK_AFTER, and three times longer
+        than its tasks usually do.  None: nothing to take back."""
+        if len(self.inflight) < 2 or self.kill_deadline is not None or self.retiring or (
+                self.taking_back is not None):
+            return None
+        started = self.inflight[0].started
+        if started is None:
+            return None
+        return started + max(TAKE_BACK_AFTER, 3 * self.avg)
 
     def send(self, tasks: list[Task]) -> None:
         """Hand tasks to the worker in one write (one wake-up for the worker).  The first

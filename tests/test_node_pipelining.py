@@ -252,3 +252,39 @@ def test_tasks_behind_one_killed_for_a_task_that_had_ended_go_back_uncounted(
     start_node("--max-deliveries", "1", workers=1)
     assert [f.result(GUARD) for f in rest] == [0, 1]
     head.exception(GUARD)  # (whatever it ends with: it returned within the grace period)
+
+
+def test_a_task_in_reserve_behind_a_long_one_runs_on_an_idle_worker(
+        start_node, make_executor, enclave, tmp_path):
+    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
+    start_node(workers=2)
+    ex = make_executor(1, start_node=False)
+    try:
+        # two warm workers whose tasks are short: two tasks that run at once, then released
+        started = [tmp_path / f"started-{i}" for i in range(2)]
+        releases = [tmp_path / f"go-{i}" for i in range(2)]
+        warm = [ex.submit(tasks.touch_then_wait, str(s), str(r))
+                for s, r in zip(started, releases, strict=True)]
+        wait_for(lambda: all(s.exists() for s in started), what="both workers to run a task")
+        for r in releases:
+            tasks.release(r, "go")
+        assert [f.result(GUARD) for f in warm] == ["go", "go"]
+        # a long task and quick ones, received together (a backlog): the node pipes one of
+        # the quick ones behind the long one, in reserve, and the others to the other worker
+        jobs = [ex._new_job(os.urandom(16).hex(), tasks.log_pid_and_wait,
+                            [((str(log), str(release)), {})], ex._options)]
+        jobs += [ex._new_job(os.urandom(16).hex(), tasks.append_line,
+                             [((str(runs), f"q{i}"), {})], ex._options) for i in range(9)]
+        enclave.jobs.create(jobs)
+        head, *quick = [ex.attach(job.job_id) for job in jobs]
+        wait_for(lambda: _pids(log), what="the long task to begin")
+        # the bug: the one in reserve waited for the long task, the other worker idle
+        wait_for(lambda: all(f.done() for f in quick), timeout=20.0,
+                 what="the quick tasks to end while the long one runs")
+        assert not head.done()
+    finally:
+        tasks.release(release, "go")
+    assert head.result(GUARD) == _pids(log)[0]
+    assert [f.result(GUARD) for f in quick] == [f"q{i}" for i in range(9)]
+    assert sorted(runs.read_text().split()) == [f"q{i}" for i in range(9)]  # each once
+    assert _states(enclave, [head, *quick]) == ["completed"] * 10
