@@ -570,9 +570,14 @@ class Node:
         for w in self.workers:
             # Tasks piped behind the one it runs: it must not begin them.  It reports
             # what it ran, then exits, and the node hands back the rest (_bury).  (Which
-            # of them it has begun by now, only its results tell.)
+            # of them it has begun by now, only its results tell.)  Those behind a task
+            # still running at the next read of its results are handed back then
+            # (_take_back), not once it ends: they waited, hidden from other nodes, for
+            # as long as it ran, up to the drain's deadline
             if len(w.inflight) > 1:
                 w.stop_after_current()
+                if w.taking_back is None:
+                    w.taking_back = w.inflight[0]
         deadline = time.monotonic() + self.config.drain_timeout
         while (self.data.active or any(w.inflight for w in self.workers)) and (
             time.monotonic() < deadline or self._others_running()

@@ -288,3 +288,29 @@ def test_a_task_in_reserve_behind_a_long_one_runs_on_an_idle_worker(
     assert [f.result(GUARD) for f in quick] == [f"q{i}" for i in range(9)]
     assert sorted(runs.read_text().split()) == [f"q{i}" for i in range(9)]  # each once
     assert _states(enclave, [head, *quick]) == ["completed"] * 10
+
+
+def test_tasks_piped_behind_a_long_one_are_handed_back_at_once_when_the_node_stops(
+        start_node, make_executor, enclave, tmp_path):
+    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    try:
+        _, head, behind, rest = _pipe_behind_a_long_task(
+            enclave, ex, tasks.log_pid_and_wait, log, release, runs)
+        a.proc.send_signal(signal.SIGTERM)  # it drains: its running task finishes
+        wait_for(lambda: "stopping on SIGTERM" in a.output(), what="node A to stop")
+        b = start_node(workers=1)
+        # the bug: they stayed in A's worker's pipe (hidden from other nodes) until the
+        # long task ended, or the drain timed out
+        wait_for(lambda: behind.done() and all(f.done() for f in rest), timeout=20.0,
+                 what="the piped tasks to run on node B while the long one runs")
+        assert {enclave.jobs.get(f.job_id).node for f in (behind, *rest)} == {b.node_id}
+        assert not head.done()
+    finally:
+        tasks.release(release, "go")
+    assert head.result(GUARD) == _pids(log)[0]
+    assert behind.result(GUARD) == "ran" and [f.result(GUARD) for f in rest] == [0, 1]
+    assert runs.read_text() == "ran\n"  # once
+    assert a.proc.wait(GUARD) == 0, a.output()
+    assert _states(enclave, [head, behind, *rest]) == ["completed"] * 4
