@@ -314,3 +314,27 @@ def test_tasks_piped_behind_a_long_one_are_handed_back_at_once_when_the_node_sto
     assert runs.read_text() == "ran\n"  # once
     assert a.proc.wait(GUARD) == 0, a.output()
     assert _states(enclave, [head, behind, *rest]) == ["completed"] * 4
+
+
+def test_tasks_piped_behind_a_long_one_run_on_a_new_worker_in_a_free_place(
+        start_node, make_executor, enclave, tmp_path):
+    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
+    node = start_node(workers=2)
+    ex = make_executor(1, start_node=False)
+    try:
+        # one warm worker of tiny tasks, a place free: the node pipes a backlog to it
+        worker, (head, *quick) = _pipe_together(enclave, ex, [
+            (None, tasks.log_pid_and_wait, (str(log), str(release))),
+            *((None, tasks.append_line, (str(runs), f"q{i}")) for i in range(8)),
+        ])
+        wait_for(lambda: _pids(log), what="the long task to begin")
+        assert _pids(log) == [worker]
+        wait_for(lambda: all(f.done() for f in quick), timeout=20.0,
+                 what="the quick tasks to end while the long one runs")
+        assert {f.result() for f in quick} == {f"q{i}" for i in range(8)}
+        assert not head.done()
+        assert len(node.worker_pids()) == 2
+    finally:
+        tasks.release(release, "go")
+    assert head.result(GUARD) == worker
+    assert sorted(runs.read_text().split()) == [f"q{i}" for i in range(8)]  # each once
