@@ -575,9 +575,9 @@ class Node:
             # (_take_back), not once it ends: they waited, hidden from other nodes, for
             # as long as it ran, up to the drain's deadline
             if len(w.inflight) > 1:
-                w.stop_after_current()
-                if w.taking_back is None:
+                if w.taking_back is None and w.heeds_stop():  # (Worker.heeds_stop)
                     w.taking_back = w.inflight[0]
+                w.stop_after_current()
         deadline = time.monotonic() + self.config.drain_timeout
         while (self.data.active or any(w.inflight for w in self.workers)) and (
             time.monotonic() < deadline or self._others_running()
@@ -904,6 +904,19 @@ class Node:
             w is not busy and not w.inflight and w.kill_deadline is None and not w.retiring
             and not w.stop_asked for w in self.workers)
 
+    @staticmethod
+    def _heeds_stop(w: Worker, now: float) -> bool:
+        """Whether the tasks behind the one ``w`` runs may be taken back (Worker.heeds_stop);
+        said once a task, if not."""
+        if w.heeds_stop():
+            return True
+        w.unheeding = w.inflight[0]
+        log.info("worker %s has run job %s for %.3g s, but it ignores the node's stop "
+                 "request: %s wait for it", w.pid, w.inflight[0].job_id,
+                 now - w.inflight[0].started,
+                 [t.job_id for t in itertools.islice(w.inflight, 1, None)])
+        return False
+
     def _take_back(self, w: Worker) -> None:
         """The tasks piped behind a long one (_police asked its worker to stop after it):
         pending again, to run on another worker, if this step's read of the worker's
@@ -1173,7 +1186,7 @@ class Node:
                         f"job {head.job_id} exceeded its walltime of {_minutes(limit)}",
                     )
             if not self.stopping and (due := w.take_back_at()) is not None and now >= due and (
-                    self._could_start_now(w)):
+                    self._could_start_now(w)) and self._heeds_stop(w, now):
                 # Tasks piped behind a long one, while another worker could run them: the
                 # worker is asked to stop after its task, so that it begins none of them,
                 # and they are taken back once a read of its results shows that it had not

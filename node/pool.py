@@ -135,6 +135,9 @@ class Worker:
     #: the task it ran when the node asked it to stop after it, to take back the tasks
     #: piped behind it (Node._take_back): None when nothing is being taken back
     taking_back: Task | None = None
+    #: the task it runs, found to have taken the node's stop request away (ignored, or left
+    #: to kill the worker): nothing is taken back from behind it (Worker.heeds_stop)
+    unheeding: Task | None = None
 
     @property
     def pid(self) -> int:
@@ -163,12 +166,28 @@ class Worker:
         worker idled): once that task has run TAKE_BACK_AFTER, and three times longer
         than its tasks usually do.  None: nothing to take back."""
         if len(self.inflight) < 2 or self.kill_deadline is not None or self.retiring or (
-                self.taking_back is not None):
+                self.taking_back is not None) or self.inflight[0] is self.unheeding:
             return None
         started = self.inflight[0].started
         if started is None:
             return None
         return started + max(TAKE_BACK_AFTER, 3 * self.avg)
+
+    def heeds_stop(self) -> bool:
+        """Whether the worker would act on a stop request (``stop_after_current``) now: its
+        STOP_SIGNAL is caught, not ignored nor left to its default action (to die) by the
+        task it runs.  Only then may the node take back the tasks behind that task: the
+        request ignored, the worker ran them too, after it; deadly, it killed the task.
+        (A handler of the task's own, which swallows it, cannot be told from the
+        worker's.)  Read from /proc; True where there is none."""
+        try:
+            with open(f"/proc/{self.pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"SigCgt:"):
+                        return bool(int(line.split()[1], 16) >> (STOP_SIGNAL - 1) & 1)
+        except (OSError, ValueError):
+            return not os.path.isdir("/proc/self")  # (there, it is gone)
+        return False
 
     def send(self, tasks: list[Task]) -> None:
         """Hand tasks to the worker in one write (one wake-up for the worker).  The first

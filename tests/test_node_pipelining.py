@@ -15,6 +15,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from kotta_executor import TaskKilled
 from tests import tasks
 from tests.conftest import GUARD, wait_for
@@ -338,3 +340,66 @@ def test_tasks_piped_behind_a_long_one_run_on_a_new_worker_in_a_free_place(
         tasks.release(release, "go")
     assert head.result(GUARD) == worker
     assert sorted(runs.read_text().split()) == [f"q{i}" for i in range(8)]  # each once
+
+
+def ignore_the_stop_request_then_wait(log, release):
+    """Ignore the node's stop request (``SIG_IGN``: it is lost), then run until ``release``."""
+    from node.worker import STOP_SIGNAL
+
+    signal.signal(STOP_SIGNAL, signal.SIG_IGN)
+    return tasks.log_pid_and_wait(log, release)
+
+
+def default_the_stop_request_then_wait(log, release):
+    """Give the node's stop request its default action (to die), then run until ``release``."""
+    from node.worker import STOP_SIGNAL
+
+    signal.signal(STOP_SIGNAL, signal.SIG_DFL)
+    return tasks.log_pid_and_wait(log, release)
+
+
+@pytest.mark.parametrize("head_fn", [ignore_the_stop_request_then_wait,
+                                     default_the_stop_request_then_wait])
+def test_a_task_in_reserve_is_not_taken_back_from_a_worker_that_cannot_hear_the_request(
+        head_fn, start_node, make_executor, enclave, tmp_path):
+    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
+    node = start_node(workers=2)
+    ex = make_executor(1, start_node=False)
+    try:
+        worker, (head, *quick) = _pipe_together(enclave, ex, [
+            (None, head_fn, (str(log), str(release))),
+            *((None, tasks.append_line, (str(runs), f"q{i}")) for i in range(8)),
+        ])
+        wait_for(lambda: _pids(log), what="the long task to begin")
+        # once the long task has run a while, the node looks at what is behind it
+        wait_for(lambda: f"has run job {head.job_id}" in node.output(),
+                 what="the node to look at the tasks behind the long one")
+    finally:
+        tasks.release(release, "go")
+    # the bug: taken back all the same, the request ignored: the one in reserve ran twice
+    # (on the other worker, and after the long task); or, the request deadly, the long task
+    # died with WorkerDied
+    assert head.result(GUARD) == worker
+    assert [f.result(GUARD) for f in quick] == [f"q{i}" for i in range(8)]
+    assert sorted(runs.read_text().split()) == [f"q{i}" for i in range(8)]  # each once
+
+
+def test_tasks_piped_behind_a_task_that_ignores_the_stop_request_run_once_when_the_node_stops(
+        start_node, make_executor, enclave, tmp_path):
+    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    try:
+        _, head, behind, rest = _pipe_behind_a_long_task(
+            enclave, ex, ignore_the_stop_request_then_wait, log, release, runs)
+        a.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping on SIGTERM" in a.output(), what="node A to stop")
+        start_node(workers=1)
+    finally:
+        tasks.release(release, "go")
+    assert head.result(GUARD) == _pids(log)[0]
+    assert behind.result(GUARD) == "ran" and [f.result(GUARD) for f in rest] == [0, 1]
+    assert a.proc.wait(GUARD) == 0, a.output()
+    # the bug: handed back at once, though its worker, deaf to the request, ran it after
+    # the long task: it ran on both nodes
+    assert runs.read_text() == "ran\n"
