@@ -819,6 +819,8 @@ class Node:
                 if back is not None and back > now:
                     due = min(due, back - now)
                 timeout = min(timeout, max(0.0, due))
+        if any(w.taking_back is not None for w in self.workers):
+            timeout = min(timeout, KILL_LOOK)  # (until its worker hears it: _take_back)
         if self.config.burst and not self._holding():
             timeout = 0.0
         if self._held:
@@ -924,12 +926,17 @@ class Node:
         looks at the request after it sends each result, before it begins the next task:
         it had not ended its task when asked, so it begins none of them (it exits after
         it, and what it runs is recorded once).  Else, it may have begun the next: they
-        stay, and its results tell which it ran (the rest come back as it exits, _bury).
-        (A task that puts a handler of its own on the worker's STOP_SIGNAL loses the
-        request, as for a kill of a piped task: the worker would run them too.)"""
-        head, w.taking_back = w.taking_back, None
-        if (w.inflight and w.inflight[0] is head and len(w.inflight) > 1 and not w.closed
+        stay, and its results tell which it ran (the rest come back as it exits, _bury)."""
+        head = w.taking_back
+        if not (w.inflight and w.inflight[0] is head and len(w.inflight) > 1 and not w.closed
                 and not w.garbled and w.kill_deadline is None):
+            w.taking_back = None
+            return
+        # And only once the worker itself has heard the request (pool.Worker.stop_heard):
+        # one a handler of the task's own took, the worker never heard, and it would run
+        # them too.  Looked at again at each step until then, or until that task ends.
+        if w.stop_heard():
+            w.taking_back = None
             behind = deque(itertools.islice(w.inflight, 1, None))
             for _ in behind:
                 w.inflight.pop()

@@ -774,6 +774,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ask_stop(*_: object) -> None:
     _STOP.set()
+    # Heard: ignored from now until the worker puts its handler back after its task
+    # (_keep_stop_signal).  That shows the node (in /proc/PID/status) that the worker took
+    # the request, not a handler a task put on the signal: only then does it take back the
+    # tasks queued behind the one running (node.pool.Worker.stop_heard)
+    _signal.signal(STOP_SIGNAL, _signal.SIG_IGN)
 
 
 def _keep_stop_signal() -> None:

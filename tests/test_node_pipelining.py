@@ -358,8 +358,18 @@ def default_the_stop_request_then_wait(log, release):
     return tasks.log_pid_and_wait(log, release)
 
 
+def handle_the_stop_request_then_wait(log, release):
+    """Take the node's stop request for a handler of its own (it swallows it), then run
+    until ``release``."""
+    from node.worker import STOP_SIGNAL
+
+    signal.signal(STOP_SIGNAL, lambda *_: None)
+    return tasks.log_pid_and_wait(log, release)
+
+
 @pytest.mark.parametrize("head_fn", [ignore_the_stop_request_then_wait,
-                                     default_the_stop_request_then_wait])
+                                     default_the_stop_request_then_wait,
+                                     handle_the_stop_request_then_wait])
 def test_a_task_in_reserve_is_not_taken_back_from_a_worker_that_cannot_hear_the_request(
         head_fn, start_node, make_executor, enclave, tmp_path):
     log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
