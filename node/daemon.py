@@ -913,8 +913,9 @@ class Node:
         if w.heeds_stop():
             return True
         w.unheeding = w.inflight[0]
-        log.info("worker %s has run job %s for %.3g s, but it ignores the node's stop "
-                 "request: %s wait for it", w.pid, w.inflight[0].job_id,
+        log.info("worker %s has run job %s for %.3g s, but does not catch the node's stop "
+                 "request (its task ignores it or leaves it to end the worker, or a request "
+                 "was heard already): %s wait for it", w.pid, w.inflight[0].job_id,
                  now - w.inflight[0].started,
                  [t.job_id for t in itertools.islice(w.inflight, 1, None)])
         return False
