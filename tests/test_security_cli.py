@@ -4,8 +4,8 @@ as a user who is not one.  Real subprocesses on a real enclave directory."""
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -709,7 +709,6 @@ def _dynamodb_key_rules(monkeypatch):
     import json
 
     import botocore.handlers
-
     from botocore.exceptions import ClientError
 
     def walk(node):
