@@ -149,8 +149,11 @@ class Worker:
     @property
     def depth(self) -> int:
         """How many tasks may wait in this worker's pipe (when the node has a backlog): many
-        while tasks are tiny, otherwise one in reserve so the worker never waits for the
-        node between tasks; but none behind a task that has run unusually long, so work
+        while tasks are tiny, one in reserve while they are short (SHORT_TASK), so the
+        worker never waits for the node between tasks; none while they are long (the
+        moment's wait for the node is nothing beside them, and one in reserve waited up to
+        three of its tasks' usual time, TAKE_BACK_AFTER, while another worker could run it:
+        so _holds has it too); and none behind a task that has run unusually long, so work
         stays in the node, pending and cancellable, rather than queued behind it."""
         if not self.ready:  # its start-up may be long: nothing waits behind it meanwhile
             return 1
@@ -158,7 +161,7 @@ class Worker:
             running = time.monotonic() - self.inflight[0].started
             if running > max(2 * TINY_TASK, 3 * self.avg):
                 return 1
-        return 64 if self.avg < TINY_TASK else 2
+        return 64 if self.avg < TINY_TASK else 2 if self.avg < SHORT_TASK else 1
 
     def take_back_at(self) -> float | None:
         """When the tasks piped behind the one it runs are to be taken back, to run on

@@ -1150,6 +1150,36 @@ def _held(node) -> list:
     return [t for w in node.workers for t in w.inflight]
 
 
+def test_a_worker_of_long_tasks_gets_none_in_reserve(make_executor, enclave, tmp_path,
+                                                    monkeypatch):
+    """With a backlog, a worker of short tasks gets one more in its pipe, in reserve; one of
+    long tasks (pool.SHORT_TASK) got one too, which waited behind its task for up to three
+    times those tasks' usual length while another worker could have run it.  Now it gets
+    only the task it runs: the rest stay in the node, pending and cancellable."""
+    from node import pool
+
+    monkeypatch.setattr(pool, "TINY_TASK", 0.0)  # every worker's tasks long, once measured
+    monkeypatch.setattr(pool, "SHORT_TASK", 0.0)
+    ex = make_executor(1, start_node=False)
+    warm = [_WaitingJob(ex, tmp_path, f"{i:02x}" * 16, f"warm{i}") for i in range(2)]
+    for j in warm:
+        j.stop.touch()  # (they end at once: two workers, ready and measured)
+    backlog = [_WaitingJob(ex, tmp_path, f"{0x10 + i:02x}" * 16, f"job{i}") for i in range(10)]
+    with _stepped_node(enclave, 2, *warm, prefetch=3) as node:
+        wait_for(lambda: (node.step(), all(
+            enclave.jobs.get(j.job_id).state == JobState.COMPLETED for j in warm))[1],
+                 what="two workers to run a task each")
+        assert len(node.workers) == 2 and all(w.ran for w in node.workers)
+        enclave.jobs.create([j.job for j in backlog])
+        wait_for(lambda: (node.step(), sum(j.ran() for j in backlog) == 2)[1],
+                 what="a task of the backlog to begin on each worker")
+        assert node._backlogged  # (the case at hand: tasks piped deep if at all)
+        assert [len(w.inflight) for w in node.workers] == [1, 1]
+        assert len(node.pending) >= 2  # held in the node, for whichever worker is free first
+        for j in backlog:
+            j.stop.touch()
+
+
 def test_a_message_the_node_still_holds_received_again_is_the_same_task(make_executor, enclave,
                                                                         tmp_path):
     """A node stalled past its visibility timeout (or SQS delivering a message twice)
