@@ -107,6 +107,14 @@ def _rule(rule: tuple[bool, int | None]) -> str:
     return "deny" if not allowed else ("no cap" if cap is None else f"a cap of {cap} bytes")
 
 
+def _refused_unsent(exc: BaseException) -> bool:
+    """A request botocore refused before sending it (ParamValidationError: a parameter AWS
+    does not take): sent again, it is refused again.  Lasting for the task being staged
+    only, not for the node (``Enclave.lasting`` stops it), so it is not added there."""
+    kind = type(exc)
+    return kind.__name__ == "ParamValidationError" and kind.__module__.startswith("botocore")
+
+
 def declares_data(header: dict) -> bool:
     return bool(header.get("inputs") or header.get("outputs"))
 
@@ -415,7 +423,8 @@ class DataSteps:
                     isinstance(exc, OSError) and not type(exc).__module__.startswith("botocore")
                 ):
                     raise
-                lasting, waited = self.enclave.lasting(exc), time.monotonic() - since
+                lasting = self.enclave.lasting(exc) or _refused_unsent(exc)
+                waited = time.monotonic() - since
                 if lasting or waited + delay > STAGING_PATIENCE or self._closing.is_set():
                     how = "" if lasting else f" (for {waited:.1f} s)"
                     log.warning("%s failed%s: %s: %s", what, how, type(exc).__name__, exc)

@@ -692,3 +692,29 @@ def test_aws_a_user_of_a_one_character_name_stages_data(aws):
     assert f.result(GUARD) == sum(range(1, 201))
     [rec] = audit.show(job_id=f.job_id, action="stage-in")
     assert (rec["user"], rec["dataset"]) == ("a", INPUT)
+
+
+def test_aws_a_request_botocore_refuses_fails_the_job_at_once_naming_it(aws, request,
+                                                                      monkeypatch):
+    """A request botocore refuses before sending it (ParamValidationError: a parameter S3
+    does not take) can never go through: the node took it for a passing fault and tried
+    it again for its whole staging patience (a minute) before the job failed.  It fails at
+    once, naming the error, and the node goes on."""
+    monkeypatch.setattr(datasteps, "STAGING_PATIENCE", 10.0, raising=False)
+    tries: list[int] = []
+
+    def bad_parameter(params=None, **_):  # (botocore's own validation then refuses it)
+        if DATA_BUCKET in str((params or {}).get("Bucket", "")):
+            tries.append(1)
+            params["NoSuchParameter"] = "x"
+
+    _NewSessions(monkeypatch).register("provide-client-params.s3.GetObject", bad_parameter)
+    alice = aws[4]("alice", "analyst")
+    f = alice.submit(tasks.file_sum, inputs=[INPUT])
+    with pytest.raises(errors.StagingFailed, match="ParamValidationError") as info:
+        f.result(GUARD)
+    assert "NoSuchParameter" in str(info.value) and "(for " not in str(info.value), info.value
+    assert len(tries) == 1, "a request botocore refuses was sent again and again"
+    assert _node_thread().is_alive()
+    monkeypatch.undo()
+    assert alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == sum(range(1, 201))
