@@ -586,7 +586,9 @@ def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
             {
                 "Sid": "HeldResults",
                 "Effect": "Allow",
-                "Action": ["s3:PutObject"],
+                # a result of MULTIPART_THRESHOLD or more goes up in parts: one that fails
+                # aborts its upload, else its parts stay in the bucket (and are billed)
+                "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
                 "Resource": f"arn:aws:s3:::{names.bucket}/held/*",
             },
             {

@@ -8,6 +8,7 @@ tests/test_aws_backend.py's moto server tests.
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import threading
@@ -718,3 +719,46 @@ def test_aws_a_request_botocore_refuses_fails_the_job_at_once_naming_it(aws, req
     assert _node_thread().is_alive()
     monkeypatch.undo()
     assert alice.submit(tasks.file_sum, inputs=[INPUT]).result(GUARD) == sum(range(1, 201))
+
+
+#: the IAM action each S3 operation of a held result's upload needs
+_S3_ACTION = {"PutObject": "s3:PutObject", "CreateMultipartUpload": "s3:PutObject",
+              "UploadPart": "s3:PutObject", "CompleteMultipartUpload": "s3:PutObject",
+              "AbortMultipartUpload": "s3:AbortMultipartUpload"}
+
+
+def test_aws_a_held_result_upload_in_parts_that_fails_is_aborted_within_the_node_role(
+        aws, monkeypatch):
+    """A held result of MULTIPART_THRESHOLD or more goes up in parts; a part that fails
+    makes the transfer abort the upload (AbortMultipartUpload).  The node role's grant on
+    held/* lacked that action: on AWS the abort was refused and the parts stayed in the
+    bucket, billed, for good.  Every call the node makes on held/ is granted by its role."""
+    from kotta_executor import aws_provision
+    from kotta_executor.security import data
+
+    monkeypatch.setattr(data, "MULTIPART_THRESHOLD", 5 << 20)
+    enclave, audit, policies, admin, executor = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/", by=admin.user, egress="deny")
+    calls: list[tuple[str, str]] = []
+
+    def record(model=None, params=None, **_):
+        key = str((params or {}).get("url_path", ""))
+        if "/held/" in key:
+            calls.append((model.name, key))
+
+    enclave.s3.meta.events.register("before-call.s3", record)
+    fired = throttle_once(enclave.s3, "UploadPart", code="InternalError")
+    alice = executor("alice", "analyst")
+    f = alice.submit(tasks.sleep_and_return, 0, b"x" * (11 << 20), inputs=[INPUT])
+    with pytest.raises(errors.EgressDenied):
+        f.result(GUARD)
+    enclave.s3.meta.events.unregister("before-call.s3", record)
+    assert fired.is_set(), "no part of the held result failed"
+    assert "AbortMultipartUpload" in [op for op, _ in calls], calls
+    policy = aws_provision.node_policy(enclave.names, enclave.region, "123456789012")
+    [held] = [s for s in policy["Statement"] if s["Sid"] == "HeldResults"]
+    assert fnmatch.fnmatchcase(f"arn:aws:s3:::{enclave.names.bucket}/held/{f.job_id}",
+                               held["Resource"])
+    missing = {_S3_ACTION[op] for op, _ in calls} - set(held["Action"])
+    assert not missing, f"the node role may not {missing} on held results"
+    assert not enclave.s3.list_multipart_uploads(Bucket=enclave.names.bucket).get("Uploads")
