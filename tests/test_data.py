@@ -431,6 +431,37 @@ def test_assume_owner_role_on_moto(aws):
         data.assume_owner_role(e, user="alice", role="../admin", job_id="j", reads=[], writes=[])
 
 
+def test_a_role_too_long_for_iam_is_refused_when_its_user_is_added_naming_the_limit(aws):
+    """A role fits the role rule up to 63 characters, but its IAM role is named
+    kotta-NAME-user-ROLE, which IAM takes up to 64: such a user was added, and each task of
+    theirs that declared data failed at staging with a bare "invalid role name".  Adding
+    the user is refused, naming IAM's limit and the longest role the enclave takes; a task
+    of a user added before is failed naming it too."""
+    from kotta_executor.security.tokens import TokenService
+
+    e = aws.enclave
+    longest = 64 - len(e.names.user_role_prefix)
+    service = TokenService(e)
+    assert service.add_user("bob", "r" * longest, by="admin").role == "r" * longest
+    with pytest.raises(ConfigurationError, match="64") as info:
+        service.add_user("carol", "r" * (longest + 1), by="admin")
+    assert f"at most {longest} characters" in str(info.value), info.value
+    assert service.user("carol") is None
+    with pytest.raises(ConfigurationError, match=f"at most {longest} characters"):
+        data.assume_owner_role(e, user="carol", role="r" * (longest + 1), job_id="j")
+
+
+def test_a_role_of_63_characters_is_taken_on_an_embedded_enclave(tmp_path):
+    """(No IAM role there: the role rule's own limit is the only one.)"""
+    from kotta_executor.security.tokens import TokenService
+
+    e = EmbeddedEnclave(tmp_path / "enclave")
+    try:
+        assert TokenService(e).add_user("bob", "r" * 63, by="admin").role == "r" * 63
+    finally:
+        e.close()
+
+
 def test_assume_owner_role_names_the_session_after_the_whole_job_id(aws):
     """The session (what CloudTrail records the task's reads under) was named after the
     job id's first 16 digits: random, they told jobs apart, but a job id now begins with

@@ -89,6 +89,8 @@ _RESERVED_PART = re.compile(r"-(?:reply|user)(?:-|$)")
 _QUEUE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 #: SQS's limit on a queue's name
 MAX_SQS_NAME = 80
+#: characters in an IAM role's name
+MAX_IAM_ROLE_NAME = 64
 #: SQS's largest visibility timeout and long-poll wait
 MAX_VISIBILITY = 43_200
 MAX_WAIT = 20
@@ -215,6 +217,20 @@ class Names:
     @property
     def user_role_prefix(self) -> str:
         return f"{self.prefix}-user-"
+
+    def check_user_role(self, role: str) -> str:
+        """Refuse a user role whose IAM role (``user_role_prefix`` + ``role``) IAM would
+        not take: the role rule allows 63 characters, the prefix takes up to 44 of IAM's
+        64, and such a role failed only at staging, with a bare "invalid role name"."""
+        longest = MAX_IAM_ROLE_NAME - len(self.user_role_prefix)
+        if isinstance(role, str) and len(role) > longest:
+            raise ConfigurationError(
+                f"role name {role!r} is too long for the AWS enclave {self.name!r}: its IAM "
+                f"role {self.user_role_prefix}{role} would be "
+                f"{len(self.user_role_prefix + role)} characters, over IAM's "
+                f"{MAX_IAM_ROLE_NAME} (at most {longest} characters for a role here)"
+            )
+        return role
 
 
 def check_name(name: str) -> str:

@@ -548,6 +548,7 @@ def assume_owner_role(
     a session policy to the task's declared data; ``SourceIdentity`` records the user in
     CloudTrail.  Returns STS's ``Credentials`` dict."""
     if not isinstance(role, str) or not _ROLE_NAME.match(enclave.names.user_role_prefix + role):
+        enclave.names.check_user_role(role)  # (too long: a user added before it was checked)
         raise ConfigurationError(f"invalid role name {role!r}")
     policy = session_policy_json(reads, writes)
     sts = enclave.session.client("sts", endpoint_url=enclave.endpoint_url)

@@ -176,6 +176,9 @@ class TokenService:
     def add_user(self, user: str, role: str, *, by: str, admin: bool = False,
                  if_absent: bool = False) -> Identity:
         ident = Identity(check_user(user), check_role(role), admin, False, time.time(), by)
+        names = getattr(self.enclave, "names", None)  # (AWS: the role is an IAM role's name)
+        if names is not None:
+            names.check_user_role(role)
         written = self.records.put("user", user, ident.as_dict(), if_absent=if_absent)
         if written:
             self._log("user-add", user=by, allowed=True,
