@@ -794,6 +794,29 @@ def test_a_name_no_record_can_have_is_looked_up_on_aws_as_on_the_embedded_enclav
             getattr(commands, cmd)(argparse.Namespace(enclave=enclave.url, command="x", **kw))
 
 
+@pytest.mark.parametrize("size", [3, 6 << 20])
+def test_dataset_put_to_a_bucket_that_does_not_exist_names_it_on_aws(tmp_path, monkeypatch,
+                                                                    size):
+    """`kotta dataset put FILE s3://no-such-bucket/x` said only botocore's "An error
+    occurred (NoSuchBucket) when calling the PutObject operation: The specified bucket does
+    not exist", naming no bucket (nor, for a file uploaded in parts, the operation the
+    user ran).  It names the bucket."""
+    import argparse
+
+    from kotta_executor.security import commands, data
+    from tests.aws_moto import aws_on_moto
+
+    monkeypatch.setattr(data, "MULTIPART_THRESHOLD", 5 << 20)
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"x" * size)
+    with aws_on_moto(tmp_path) as enclave:
+        credentials.load(enclave)
+        with pytest.raises(FileNotFoundError, match="no bucket kotta-no-such-bucket"):
+            commands.cmd_dataset_put(argparse.Namespace(
+                enclave=enclave.url, command="dataset", uri="s3://kotta-no-such-bucket/in/x",
+                file=str(src)))
+
+
 def test_dataset_put_never_writes_the_enclaves_own_storage_on_aws(tmp_path):
     """`kotta dataset put FILE s3://<the enclave's bucket>/keys/enclave.key` replaced the
     enclave key with the file (every token, the admins' too, stopped verifying: the

@@ -612,7 +612,14 @@ def put_object(enclave, uri: str, data: bytes | IO[bytes]) -> None:
         _object_path(root, d)
         _write_atomic(path, body)
     else:
-        _write_s3(enclave.s3, d, body, _size(body))
+        from ..backends.aws import _client_error, _code
+
+        try:
+            _write_s3(enclave.s3, d, body, _size(body))
+        except _client_error() as exc:  # (botocore's names no bucket)
+            if _code(exc) == "NoSuchBucket":
+                raise FileNotFoundError(f"no bucket {d.bucket}, for {d.uri}") from None
+            raise
 
 
 def _size(body: IO[bytes] | bytes) -> int | None:
