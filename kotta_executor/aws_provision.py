@@ -553,12 +553,14 @@ def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
                 "Resource": f"arn:aws:s3:::{names.bucket}/{names.blob_prefix}*",
             },
             {  # a node's sweep for task blobs no job records (node.daemon.STRAY_BLOB_AGE)
+                # and message bodies no message names (MSG_BLOB_AGE)
                 "Sid": "ListTaskBlobs",
                 "Effect": "Allow",
                 "Action": ["s3:ListBucket"],
                 "Resource": f"arn:aws:s3:::{names.bucket}",
                 "Condition": {"StringLike": {"s3:prefix": [
-                    f"{names.blob_prefix}fn-*", f"{names.blob_prefix}args-*"]}},
+                    f"{names.blob_prefix}fn-*", f"{names.blob_prefix}args-*",
+                    f"{names.blob_prefix}msg-*"]}},
             },
             {
                 "Sid": "ReadRecords",

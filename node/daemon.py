@@ -120,6 +120,12 @@ TASK_SECTIONS = ("fn", "args")
 #: asleep while its sends failed) records the job once it wakes, and its task then fails
 #: for want of its blob (CorruptTask) if a sweep came first
 STRAY_BLOB_AGE = 86400.0
+#: message bodies spilled to the blob store (AWS: ``msg-<random>``, SqsQueue._encode) last
+#: written longer ago than this are deleted: a client killed between spilling a body and
+#: sending its message left one that no message names, with the task in it, for good.  No
+#: message can name one this old: 14 days on its queue (SQS keeps a message that long at
+#: most), 14 more as a dead letter (sent anew, naming the same blob), and a day for clocks
+MSG_BLOB_AGE = 29 * 86400.0
 #: seconds between a node's looks for them (a page of keys a section each look, going on
 #: from where the last look stopped); the first look is at the node's first upkeep
 STRAY_BLOB_LOOK = 600.0
@@ -258,7 +264,7 @@ class Node:
         self._next_orphan_look = 0.0
         self._next_stray_look = 0.0
         #: where each section's listing of task blobs goes on at the next look
-        self._stray_after = dict.fromkeys((*TASK_SECTIONS, "result"), "")
+        self._stray_after = dict.fromkeys((*TASK_SECTIONS, "result", "msg"), "")
         self.stopping = False
         #: the signal that asked the node to stop (SIGTERM, SIGINT, SIGHUP), for its log
         self._stop_signal: int | None = None
@@ -2173,6 +2179,7 @@ class Node:
         if now >= self._next_stray_look:
             self._next_stray_look = now + STRAY_BLOB_LOOK
             self._sweep_stray_blobs()
+            self._sweep_stray_bodies()
             self._expire_replies()
         self.enclave.checkpoint()
 
@@ -2203,6 +2210,22 @@ class Node:
             self._sweep_stray_results(before)
         except Exception as exc:  # noqa: BLE001 - housekeeping: never the node's end
             log.warning("looking for stray task blobs failed (%s: %s); trying again in "
+                        "%.0f s", type(exc).__name__, exc, STRAY_BLOB_LOOK)
+
+    def _sweep_stray_bodies(self) -> None:
+        """Delete the message bodies spilled to the blob store over MSG_BLOB_AGE ago (a page
+        of keys a look), which no message can name any more.  Housekeeping: a failure (a
+        node role from before it could list them) waits for the next look."""
+        try:
+            keys, self._stray_after["msg"] = self.enclave.blobs.older(
+                "msg-", time.time() - MSG_BLOB_AGE, after=self._stray_after["msg"])
+            if keys:
+                log.info("deleting %d message bodies spilled over %.0f s ago, which no "
+                         "message names (their clients died before sending them)",
+                         len(keys), MSG_BLOB_AGE)
+                self.enclave.blobs.delete(keys)
+        except Exception as exc:  # noqa: BLE001 - housekeeping: never the node's end
+            log.warning("looking for stray message bodies failed (%s: %s); trying again in "
                         "%.0f s", type(exc).__name__, exc, STRAY_BLOB_LOOK)
 
     def _sweep_stray_results(self, before: float) -> None:

@@ -170,6 +170,37 @@ def test_a_failed_delete_of_task_blobs_is_not_the_end_of_the_node(enclave, moto_
         _stop(ex, node, runner, node_enclave)
 
 
+def test_a_body_spilled_by_a_client_that_died_before_sending_it_is_deleted_once_old(
+        enclave, moto_env, name, monkeypatch):
+    """A message body over SQS's limit is spilled to S3 (``blobs/msg-<random>``) before the
+    message is sent; a client killed in between left the blob, which no message names,
+    with the task in it, for good: the nodes' sweep listed fn-* and args-* only (and the
+    node role might list nothing else).  The sweep deletes msg-* blobs older than any
+    message naming one can be (node.daemon.MSG_BLOB_AGE: here 0, as moto cannot date a
+    blob back), within the node role's grants, and the node serves on."""
+    import fnmatch
+    import uuid
+
+    from kotta_executor import aws_provision
+    from node import daemon
+
+    monkeypatch.setattr(daemon, "MSG_BLOB_AGE", 0.0, raising=False)
+    orphan = f"{enclave.names.blob_prefix}msg-{uuid.uuid4().hex}"
+    enclave.s3.put_object(Bucket=enclave.names.bucket, Key=orphan, Body=b"a spilled task")
+    node_enclave, node, ex = _node_and_executor(enclave, moto_env, name)
+    runner = _run(node)
+    try:
+        wait_for(lambda: orphan not in _keys(enclave), what="the orphaned body's deletion")
+        assert runner.is_alive()
+        assert ex.submit(tasks.square, 3).result(GUARD) == 9  # the node serves on
+    finally:
+        _stop(ex, node, runner, node_enclave)
+    policy = aws_provision.node_policy(enclave.names, enclave.region, "123456789012")
+    [listing] = [s for s in policy["Statement"] if s["Sid"] == "ListTaskBlobs"]
+    prefixes = listing["Condition"]["StringLike"]["s3:prefix"]
+    assert [p for p in prefixes if fnmatch.fnmatchcase(f"{enclave.names.blob_prefix}msg-", p)]
+
+
 def test_a_delete_of_task_blobs_refused_for_good_leaves_them_and_the_node_serves_on(
         enclave, moto_env, name, caplog):
     """DeleteObjects refused (AccessDenied: a bucket policy) is a lasting fault: the node
