@@ -41,6 +41,7 @@ from .backends.aws import (
     client_config,
     ensure_work_queue,
     make_session,
+    new_bucket_name_error,
 )
 from .backends.aws_records import records_table_spec
 from .config import MAX_DELIVERIES, QUEUES
@@ -172,6 +173,20 @@ def bootstrap(
             f"the nodes' limit (default {MAX_RECEIVE_COUNT})")
     c = _Clients(region, endpoint_url, profile, session)
     report = Report(name)
+    # a --bucket S3 would not make, before anything is made (S3 refused it at CreateBucket,
+    # the queues made already; an emulator took it); one that exists is kept as it is
+    why = new_bucket_name_error(names.bucket) if bucket else None
+    if why is not None:
+        from botocore.exceptions import ParamValidationError
+
+        try:
+            c.s3.head_bucket(Bucket=names.bucket)
+        except ParamValidationError:
+            raise ConfigurationError(why) from None
+        except _client_error() as exc:
+            if _code(exc) in ("404", "NoSuchBucket", "NotFound", "400", "InvalidBucketName"):
+                raise ConfigurationError(why) from None
+            # (403: another account's, said below; a fault that passes: met again below)
 
     def note(created: bool, kind: str, what: str) -> None:
         (report.created if created else report.existing).append((kind, what))

@@ -1099,6 +1099,30 @@ def test_a_node_policy_names_no_queue_or_role_of_another_enclave(a, b):
     assert not [(p, r) for p in patterns for r in theirs if fnmatch.fnmatchcase(r, p)]
 
 
+@pytest.mark.parametrize("bucket", ["Lab_Blobs", "ab", "lab blobs", "lab..blobs", "-lab"])
+def test_bootstrap_refuses_a_bucket_name_s3_refuses_before_making_anything(moto_env, name,
+                                                                          bucket):
+    """`kotta aws bootstrap NAME --bucket Lab_Blobs` made the enclave's queues, then failed
+    at the bucket with S3's bare InvalidBucketName (or botocore's ParamValidationError, or,
+    on an emulator that takes it, went on with a bucket no S3 region makes).  The name is
+    refused first, named, with S3's rule; nothing is made."""
+    with pytest.raises(ConfigurationError, match="invalid bucket name") as info:
+        aws_provision.bootstrap(name, bucket=bucket, iam=False, tls_only=False,
+                                session=moto_env)
+    assert repr(bucket) in str(info.value), info.value
+    assert not moto_env.client("sqs").list_queues(QueueNamePrefix=f"kotta-{name}").get(
+        "QueueUrls")
+
+
+def test_bootstrap_keeps_an_existing_bucket_whose_name_s3_no_longer_makes(moto_env, name):
+    """(us-east-1's buckets from before 2018 may have upper-case letters and underscores:
+    such a bucket, existing, is used as it is.)"""
+    moto_env.client("s3").create_bucket(Bucket="Legacy_Blobs")  # (moto makes it)
+    report = aws_provision.bootstrap(name, bucket="Legacy_Blobs", iam=False, tls_only=False,
+                                     session=moto_env)
+    assert ("AWS::S3::Bucket", "Legacy_Blobs") in report.existing
+
+
 def test_an_enclave_name_under_another_enclaves_prefixes_is_refused():
     for name in ("lab-reply", "lab-reply-x", "lab-user", "lab-user-2"):
         with pytest.raises(ConfigurationError, match="'reply' or 'user'"):

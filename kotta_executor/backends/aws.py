@@ -87,6 +87,8 @@ _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 #: a name with one of these parts would fall under another enclave's wildcards (check_name)
 _RESERVED_PART = re.compile(r"-(?:reply|user)(?:-|$)")
 _QUEUE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+#: S3's rule for a new bucket's name (--bucket, ?bucket=): 3-63 characters
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 #: SQS's limit on a queue's name
 MAX_SQS_NAME = 80
 #: characters in an IAM role's name
@@ -231,6 +233,15 @@ class Names:
                 f"{MAX_IAM_ROLE_NAME} (at most {longest} characters for a role here)"
             )
         return role
+
+
+def new_bucket_name_error(bucket: str) -> str | None:
+    """Why S3 would not make a bucket named ``bucket`` (None: it would).  An existing one
+    may have such a name (us-east-1's from before 2018): checked only for a bucket to make."""
+    if isinstance(bucket, str) and _S3_BUCKET.match(bucket) and ".." not in bucket:
+        return None
+    return (f"invalid bucket name {bucket!r}: use 3-63 lower-case letters, digits, dots and "
+            "hyphens, starting and ending with a letter or digit (S3's rule)")
 
 
 def check_name(name: str) -> str:
