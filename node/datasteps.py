@@ -345,6 +345,8 @@ class DataSteps:
             return False
         except Exception as exc:  # noqa: BLE001 - the node's and the job's end only if lasting
             try:
+                if _refused_unsent(exc):  # never sent, never will be: the job's end, at once
+                    raise exc
                 self.node._transient(CHECK_AGAIN, exc)
             except Exception:  # noqa: BLE001 - as a failed stage-in: it never ran
                 self._fail(task, "in", exc)

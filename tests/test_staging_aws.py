@@ -762,3 +762,36 @@ def test_aws_a_held_result_upload_in_parts_that_fails_is_aborted_within_the_node
     missing = {_S3_ACTION[op] for op, _ in calls} - set(held["Action"])
     assert not missing, f"the node role may not {missing} on held results"
     assert not enclave.s3.list_multipart_uploads(Bucket=enclave.names.bucket).get("Uploads")
+
+
+def test_aws_a_request_botocore_refuses_when_a_staged_task_is_about_to_run_fails_it_at_once(
+        aws, tmp_path):
+    """The credentials of a staged task that waited are issued anew in the node's loop
+    (AssumeRole): a request botocore refuses before sending it (ParamValidationError) was
+    tried again at each step for the node's patience (a minute), then the job failed.  It
+    fails at once, naming the error, never having run; the node goes on."""
+    enclave, *_ = aws
+    node = _node_thread()
+    aws[4].node.data.reissue_after = 0.0  # (every staged task: its credentials anew)
+    tries: list[int] = []
+
+    def bad_parameter(params=None, **_):  # (botocore's own validation then refuses it)
+        if threading.current_thread() is node:
+            tries.append(1)
+            params["NoSuchParameter"] = "x"
+
+    enclave.session.events.register("provide-client-params.sts.AssumeRole", bad_parameter)
+    token = make_user(enclave, "alice", tmp_path / "tokens", role="analyst")
+    alice = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+    try:
+        f = alice.submit(tasks.create_file_and_sum, str(tmp_path / "ran"), inputs=[INPUT])
+        wait_for(lambda: f.done() or not node.is_alive(), what="the job or the node to end")
+        assert node.is_alive()
+        with pytest.raises(errors.StagingFailed, match="ParamValidationError"):
+            f.result(GUARD)
+        assert not (tmp_path / "ran").exists()
+        assert len(tries) == 1, "a request botocore refuses was sent again and again"
+    finally:
+        enclave.session.events.unregister("provide-client-params.sts.AssumeRole",
+                                          bad_parameter)
+        alice.shutdown(wait=node.is_alive(), cancel_futures=True)
