@@ -1904,7 +1904,14 @@ class Node:
             if t.job_id not in one or (t.claimed and not one[t.job_id].claimed):
                 one[t.job_id] = t
         groups: dict[frozenset | None, list[str]] = {}
+        kept: set[str] = set()
         for t in one.values():
+            if t.claimed and t.unbegun and new is JobState.PROCESSING:
+                # Back from a worker that never began it (taken back from behind a long
+                # task, or behind a dead worker's head): its job is processing here
+                # already.  Moved again, it counted a second attempt for one begun once.
+                kept.add(t.job_id)
+                continue
             if t.claimed or t.delivery.receive_count > 1:  # ours already, or a redelivery
                 sources = None
             elif t.staged is not None:
@@ -1912,7 +1919,7 @@ class Node:
             else:
                 sources = frozenset({JobState.PENDING})
             groups.setdefault(sources, []).append(t.job_id)
-        moved: set[str] = set()
+        moved: set[str] = kept
         for sources, ids in groups.items():
             moved.update(self.enclave.jobs.transition(ids, new, from_states=sources, node=self.node_id))
         claimed = [t for t in one.values() if t.job_id in moved]
