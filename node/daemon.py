@@ -1220,6 +1220,11 @@ class Node:
         behind it run again, see _bury).  Should the worker have begun it meanwhile, the
         job stays cancelled: its result is not recorded."""
         self._end_killed(task, "while queued for a worker; it never ran")
+        if w.taking_back is None and len(w.inflight) > 2 and w.heeds_stop():
+            # The others behind go back as the worker hears this request (_take_back), as at
+            # a take-back: heard, it showed as one a task keeps from it (Worker.heeds_stop),
+            # and they waited for the task it runs, however long, another worker free
+            w.taking_back = w.inflight[0]
         w.stop_after_current()
 
     def _end_killed(self, task: Task, when: str) -> None:

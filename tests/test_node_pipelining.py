@@ -439,3 +439,43 @@ def test_a_task_taken_back_from_behind_a_long_one_counts_one_attempt(
     assert sorted(runs.read_text().split()) == [f"q{i}" for i in range(8)]  # each once
     records = enclave.jobs.get_many([f.job_id for f in (head, *quick)])
     assert [records[f.job_id].attempts for f in (head, *quick)] == [1] * 9
+
+
+def test_tasks_behind_a_long_one_and_a_killed_piped_task_run_on_a_worker_that_frees(
+        start_node, make_executor, enclave, tmp_path):
+    """A kill of a task piped behind a long one asks its worker to stop after the long
+    task; the worker hears it, and the node's later look at the tasks behind took that
+    for a worker deaf to the request: they waited for the long task to end (or for the
+    drain's deadline), though another worker was free.  Now they are taken back as the
+    worker hears that request, and run on the worker that frees."""
+    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
+    started_b, release_b = tmp_path / "started-b", tmp_path / "release-b"
+    start_node(workers=2)
+    ex = make_executor(1, start_node=False)
+    try:
+        # one worker busy (the pool full: nothing is taken back while it runs), the other
+        # warmed with tiny tasks (the node pipes deep to it)
+        busy = ex.submit(tasks.touch_then_wait, str(started_b), str(release_b))
+        wait_for(started_b.exists, what="the other worker's task to begin")
+        assert list(ex.map(tasks.square, range(64))) == [i * i for i in range(64)]
+        _, (head, *quick) = _pipe_together(enclave, ex, [
+            (None, tasks.log_pid_and_wait, (str(log), str(release))),
+            *((None, tasks.append_line, (str(runs), f"q{i}")) for i in range(8)),
+        ])
+        wait_for(lambda: _pids(log), what="the long task to begin")
+        wait_for(lambda: _states(enclave, quick[:2]) == ["processing"] * 2,
+                 what="the node to pipe quick tasks behind the long one")
+        assert quick[0].kill()
+        wait_for(quick[0].done, what="the killed task to end")
+        tasks.release(release_b, "go")
+        assert busy.result(GUARD) == "go"
+        # the bug: they waited behind the long task, the other worker idle
+        wait_for(lambda: all(f.done() for f in quick[1:]), timeout=20.0,
+                 what="the quick tasks to end while the long one runs")
+        assert not head.done()
+    finally:
+        tasks.release(release_b, "go")
+        tasks.release(release, "go")
+    assert head.result(GUARD) == _pids(log)[0]
+    assert [f.result(GUARD) for f in quick[1:]] == [f"q{i}" for i in range(1, 8)]
+    assert sorted(runs.read_text().split()) == [f"q{i}" for i in range(1, 8)]  # each once
