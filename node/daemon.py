@@ -108,6 +108,11 @@ PATIENCE = 60.0
 #: seconds after its last heartbeat that other nodes take a node for gone (the backends'
 #: NODE_STALE_AFTER)
 NODE_STALE = 30.0
+#: seconds a stopping node waits for the enclave's write lock to remove its row (another
+#: process holding it): no longer, for its executor waits for it to exit (it waited the
+#: whole LOCK_TIMEOUT, a minute, then the node exited with an error); the row of a node
+#: whose process has ended is not taken for a live node, and is reaped (reap_dead_nodes)
+DEREGISTER_WAIT = 1.0
 HOLD_RETRY = 0.002
 #: the sections of a task that go to blobs named ``<section>-<job id>`` when too big for
 #: its message (KottaExecutor._new_job)
@@ -773,7 +778,10 @@ class Node:
         if self.adopts_orphans:  # (what they started that the kernel gave to this node)
             self.orphans.end_all()
         try:
-            self.enclave.nodes.deregister(self.node_id)
+            self.enclave.nodes.deregister(self.node_id, wait=DEREGISTER_WAIT)
+        except Exception as exc:  # noqa: BLE001 - its row is reaped as a dead node's
+            log.warning("leaving the registry failed (%s: %s); its row goes once another "
+                        "node finds this one gone", type(exc).__name__, exc)
         finally:
             self._close_leave_fd()
             if self._bell is not None:

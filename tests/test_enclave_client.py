@@ -164,3 +164,35 @@ def test_shutdown_returns_while_another_process_holds_the_write_lock(
         if lock.in_transaction:
             lock.execute("ROLLBACK")
         lock.close()
+
+
+def test_shutdown_with_its_own_node_returns_while_another_process_holds_the_write_lock(
+        enclave_dir):
+    """An executor with a node of its own waits for that node to exit as it shuts down
+    (the end of its `with` block).  With the enclave's write lock held by another process,
+    it took a minute: the node, stopping, waited the whole lock timeout (60 s, the test's
+    guard) to remove its row from the registry, then exited with an error.  It waits a
+    moment now, and leaves the row (that of a process gone is reaped) to be removed later."""
+    ex = KottaExecutor(1, enclave=enclave_dir)
+    assert ex.submit(tasks.square, 3).result(timeout=GUARD) == 9  # its node is up
+    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+        returned = threading.Event()
+        closer = threading.Thread(target=lambda: (ex.shutdown(wait=True), returned.set()),
+                                  daemon=True)
+        closer.start()
+        # (half the guard: the node's own lock timeout, in its process, is the guard)
+        assert returned.wait(GUARD / 2), "shutdown() waited for the node's lock timeout"
+        assert lock.in_transaction  # (still held as it returned)
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+    e = embedded.EmbeddedEnclave(enclave_dir)
+    try:  # the row left behind is not a live node's, and goes at the next reaping
+        assert e.nodes.live() == []
+        e.reap_dead_nodes()
+        assert e.nodes.all() == []
+    finally:
+        e.close()

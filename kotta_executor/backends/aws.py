@@ -2358,7 +2358,7 @@ class DynamoNodes(_DynamoTable, NodeRegistry):
             if _code(exc) != "ConditionalCheckFailedException":
                 raise
 
-    def deregister(self, node_id):
+    def deregister(self, node_id, *, wait=None):  # (no write lock to wait for)
         self._cache = None
         self._call("delete_item", TableName=self.table, Key={"node_id": {"S": node_id}})
 

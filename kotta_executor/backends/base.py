@@ -321,7 +321,9 @@ class NodeRegistry(abc.ABC):
     def heartbeat(self, node_id: str) -> None: ...
 
     @abc.abstractmethod
-    def deregister(self, node_id: str) -> None: ...
+    def deregister(self, node_id: str, *, wait: float | None = None) -> None:
+        """Remove a node's row.  ``wait``: the seconds to wait for the enclave's write lock,
+        where it has one (the embedded backend's), if not its usual timeout."""
 
     @abc.abstractmethod
     def live(self, queue: str | None = None) -> list[NodeInfo]: ...

@@ -232,7 +232,7 @@ class _Db:
         closer, local.conn, local.closer = local.closer, None, None
         closer.close()
 
-    def named(self, exc: sqlite3.Error) -> sqlite3.Error | None:
+    def named(self, exc: sqlite3.Error, wait: float | None = None) -> sqlite3.Error | None:
         """``exc`` (of the same type) saying which file is at fault, and what to do, when
         the fault is the database file's own (damaged, not SQLite, its disk full or
         failing) or it has been locked too long by another process; else None.  SQLite's messages name no file: a node died with a
@@ -242,7 +242,8 @@ class _Db:
         what = _FILE_FAULTS.get(code & 0xFF) if isinstance(code, int) else None
         if what is None or str(exc).startswith("the enclave database "):
             return None
-        named = type(exc)(f"the enclave database {self.path} {what.format(exc=exc, path=self.path, timeout=LOCK_TIMEOUT)}")
+        timeout = LOCK_TIMEOUT if wait is None else wait  # (what was waited: tx(wait))
+        named = type(exc)(f"the enclave database {self.path} {what.format(exc=exc, path=self.path, timeout=timeout)}")
         named.sqlite_errorcode, named.sqlite_errorname = code, getattr(exc, "sqlite_errorname", None)
         return named
 
@@ -296,7 +297,7 @@ class _Db:
             if conn.in_transaction:  # (a COMMIT that failed leaves it open)
                 conn.execute("ROLLBACK")
             self._undo(1)
-            named = self.named(exc) if isinstance(exc, sqlite3.Error) else None
+            named = self.named(exc, wait) if isinstance(exc, sqlite3.Error) else None
             if named is not None:
                 raise named from exc
             raise
@@ -1047,8 +1048,8 @@ class EmbeddedNodes(NodeRegistry):
         with self._db.tx() as c:
             c.execute("UPDATE nodes SET heartbeat=? WHERE node_id=?", (time.time(), node_id))
 
-    def deregister(self, node_id):
-        with self._db.tx() as c:
+    def deregister(self, node_id, *, wait=None):
+        with self._db.tx(wait) as c:
             c.execute("DELETE FROM nodes WHERE node_id=?", (node_id,))
 
     def all(self) -> list[NodeInfo]:
