@@ -182,27 +182,30 @@ class Worker:
         task it runs.  Only then may the node take back the tasks behind that task: the
         request ignored, the worker ran them too, after it; deadly, it killed the task.
         (A handler of the task's own, which swallows it, cannot be told from the
-        worker's until the request is sent: Worker.stop_heard.)  Read from /proc; True
-        where there is none."""
+        worker's until the request is sent: Worker.stop_heard.)  Read from /proc; False
+        where there is none (_stop_signal_is)."""
         return self._stop_signal_is(b"SigCgt:")
 
     def stop_heard(self) -> bool:
         """Whether the worker itself has taken a stop request: its handler ignores the
         signal from then until it is done with its task (node.worker._ask_stop).  Not a
         request a handler of the task's own took: the worker never heard it, and would
-        begin the next task.  Read from /proc; True where there is none."""
+        begin the next task.  Read from /proc; False where there is none."""
         return self._stop_signal_is(b"SigIgn:")
 
     def _stop_signal_is(self, mask: bytes) -> bool:
         """Whether STOP_SIGNAL is in that mask of /proc/PID/status (SigCgt: caught, SigIgn:
-        ignored); True where there is no /proc."""
+        ignored).  False where it cannot be read: the worker gone, or no /proc (macOS),
+        where nothing is then taken back, as before there was a take-back: True there, a
+        task's own handler that swallowed the request could not be told from the worker's,
+        and the tasks behind its task ran twice (taken back, and then in that worker)."""
         try:
             with open(f"/proc/{self.pid}/status", "rb") as f:
                 for line in f:
                     if line.startswith(mask):
                         return bool(int(line.split()[1], 16) >> (STOP_SIGNAL - 1) & 1)
         except (OSError, ValueError):
-            return not os.path.isdir("/proc/self")  # (there, it is gone)
+            pass
         return False
 
     def send(self, tasks: list[Task]) -> None:
