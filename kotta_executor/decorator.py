@@ -180,13 +180,15 @@ def kottajob(
 
 def _unsendable_returns(fn: Callable) -> str | None:
     """What ``fn``'s calls return that cannot be pickled back from a node, if they do:
-    a generator or async function's (a partial of one too)."""
-    if inspect.iscoroutinefunction(fn):
-        return "a coroutine"
-    if inspect.isasyncgenfunction(fn):
-        return "an async generator"
-    if inspect.isgeneratorfunction(fn):
-        return "a generator"
+    a generator or async function's (a partial of one too), or a callable object's whose
+    ``__call__`` is one (which inspect's checks do not look at)."""
+    for f in (fn, type(fn).__call__):  # (fn is callable)
+        if inspect.iscoroutinefunction(f):
+            return "a coroutine"
+        if inspect.isasyncgenfunction(f):
+            return "an async generator"
+        if inspect.isgeneratorfunction(f):
+            return "a generator"
     return None
 
 

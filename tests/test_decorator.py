@@ -565,12 +565,27 @@ def _generator_function(n):
     yield from range(n)
 
 
+class _AsyncCallable:
+    async def __call__(self, x):
+        return x
+
+
+class _GeneratorCallable:
+    def __call__(self, n):
+        yield from range(n)
+
+
 @pytest.mark.parametrize("fn, returns", [
     (_coroutine_function, "a coroutine"),
     (_async_generator_function, "an async generator"),
     (_generator_function, "a generator"),
     (functools.partial(_generator_function, 3), "a generator"),
-], ids=["async-def", "async-generator", "generator", "partial-of-generator"])
+    # a callable object whose __call__ is one (decorated functions may be callable objects):
+    # accepted, each call ran on a node to fail there with a SerializationError
+    (_AsyncCallable(), "a coroutine"),
+    (_GeneratorCallable(), "a generator"),
+], ids=["async-def", "async-generator", "generator", "partial-of-generator",
+        "async-callable-object", "generator-callable-object"])
 def test_decorating_a_generator_or_async_function_fails_at_decoration(enclave_dir, fn, returns):
     """Its calls return what no node can send back: each call ran the function on a node,
     to fail there with "the result of the call (builtins.coroutine) could not be pickled
