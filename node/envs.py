@@ -53,11 +53,22 @@ FAILURE_TTL = 60.0
 
 def default_root(local: bool) -> Path:
     if os.environ.get("KOTTA_ENVS"):
-        return Path(os.environ["KOTTA_ENVS"]).expanduser()
+        return _expanded("KOTTA_ENVS", os.environ["KOTTA_ENVS"])
     if local:
         return config.kotta_home() / "envs"
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser() / "kotta" / "envs"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return _expanded("XDG_CACHE_HOME", os.environ["XDG_CACHE_HOME"]) / "kotta" / "envs"
+    return _expanded("HOME", "~") / ".cache" / "kotta" / "envs"
+
+
+def _expanded(variable: str, value: str) -> Path:
+    """``value`` (of ``$variable``) with its ``~`` expanded.  A home that cannot be found
+    (``~alcie/envs``, a user this machine has not; no home at all) killed the node at its
+    start with a bare RuntimeError, naming neither the variable nor its value."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as exc:
+        raise ConfigurationError(f"cannot use ${variable} {value}: {exc}") from exc
 
 
 def env_name(requirements: str) -> str:

@@ -497,3 +497,27 @@ def test_a_task_whose_requirements_packaging_refuses_does_not_kill_the_node(
     job = node_outlives(start_node(workers=1), enclave, job_id)
     assert job.state == JobState.FAILED and "numpy===,numpy" in job.reason
     assert ex.submit(tasks.square, 5).result(GUARD) == 25
+
+
+def test_an_envs_directory_under_an_unknown_users_home_is_a_clean_node_error(
+        enclave, monkeypatch):
+    """``KOTTA_ENVS=~alcie/envs`` (a user this machine has not, mistyped): the node died
+    at its start with a traceback ending in a bare RuntimeError ("Could not determine home
+    directory."), naming neither the variable nor its value, as $KOTTA_HOME is named.  So
+    did a remote enclave's node given such an ``XDG_CACHE_HOME``."""
+    from tests.conftest import subprocess_env
+
+    env = {**subprocess_env(), "KOTTA_ENVS": "~no-such-user-kotta/envs"}
+    r = subprocess.run(
+        [sys.executable, "-m", "node", "--enclave", str(enclave.home), "--workers", "1",
+         "--burst"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=GUARD,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "$KOTTA_ENVS ~no-such-user-kotta/envs" in r.stderr, r.stderr
+
+    monkeypatch.delenv("KOTTA_ENVS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "~no-such-user-kotta/cache")
+    with pytest.raises(ConfigurationError, match=re.escape("$XDG_CACHE_HOME ~no-such-user")):
+        envs.default_root(local=False)
