@@ -35,7 +35,14 @@ import cloudpickle
 from . import dependencies, wire
 from .backends import check_spec
 from .config import task_owner
-from .executor import KottaExecutor, Options, _not_sent, _pool_sizes, _start_node_mode
+from .executor import (
+    KottaExecutor,
+    Options,
+    _check_credentials,
+    _not_sent,
+    _pool_sizes,
+    _start_node_mode,
+)
 
 
 class Connection:
@@ -46,8 +53,8 @@ class Connection:
     parent's cannot be used) and shuts it down at ``close()`` or interpreter exit.
     Keyword arguments are those of :class:`KottaExecutor`, checked now: a misspelt one is a
     TypeError here, and a wrong queue, walltime or requirements a ValueError (a wrong
-    max_workers, max_tasks_per_child or initializer, KottaExecutor's error), not at the
-    first call.
+    max_workers, max_tasks_per_child, initializer or type of credentials, KottaExecutor's
+    error), not at the first call.
     """
 
     def __init__(self, enclave: str | os.PathLike | None = None, **executor_kwargs: Any):
@@ -63,6 +70,7 @@ class Connection:
         _pool_sizes(executor_kwargs.get("max_workers"),
                     executor_kwargs.get("max_tasks_per_child"))
         _start_node_mode(executor_kwargs.get("start_node", "auto"))  # ("no" started nodes)
+        _check_credentials(executor_kwargs.get("credentials"))  # (credentials=42)
         if executor_kwargs.get("initializer") is not None:
             wire.dump_initializer(executor_kwargs["initializer"],
                                   executor_kwargs.get("initargs", ()))

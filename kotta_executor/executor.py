@@ -217,6 +217,14 @@ def _pool_sizes(max_workers: Any, max_tasks_per_child: Any) -> tuple[int, int | 
     return max_workers, max_tasks_per_child
 
 
+def _check_credentials(credentials: Any) -> None:
+    """A KottaExecutor's ``credentials``: a type it can use (also by ``connect()``, at once)."""
+    if credentials is not None and not isinstance(credentials, (Credentials, str, os.PathLike)):
+        # (Path's own error, "expected str, bytes or os.PathLike object", named nothing)
+        raise TypeError(f"credentials must be a token file's path or Credentials, not "
+                        f"{type(credentials).__name__} {credentials!r}")
+
+
 def _start_node_mode(start_node: Any) -> str | bool:
     """A KottaExecutor's ``start_node``: ``"auto"``, True, or False (``"never"`` and None
     too).  Anything else was taken as True: "no", "false" (a setting read as a string) or
@@ -279,10 +287,7 @@ class KottaExecutor(Executor):
     ):
         max_workers, max_tasks_per_child = _pool_sizes(max_workers, max_tasks_per_child)
         start_node = _start_node_mode(start_node)
-        if credentials is not None and not isinstance(credentials, (Credentials, str, os.PathLike)):
-            # (Path's own error, "expected str, bytes or os.PathLike object", named nothing)
-            raise TypeError(f"credentials must be a token file's path or Credentials, not "
-                            f"{type(credentials).__name__} {credentials!r}")
+        _check_credentials(credentials)
         self._max_workers = max_workers
         self._options = Options.make(queue, walltime, requirements)
         del mp_context  # (ProcessPoolExecutor's: a node's workers are always processes of

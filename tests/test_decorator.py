@@ -606,6 +606,8 @@ def test_decorating_a_generator_or_async_function_fails_at_decoration(enclave_di
     (dict(max_tasks_per_child=0), ValueError, "max_tasks_per_child must be >= 1"),
     (dict(max_tasks_per_child="1"), TypeError, "max_tasks_per_child must be an integer"),
     (dict(initializer=42), TypeError, "initializer 42 is not callable"),
+    # (accepted, the first call of every decorated function raised it)
+    (dict(credentials=42), TypeError, "credentials must be a token file's path or Credentials"),
 ])
 def test_wrong_pool_options_fail_at_connect(enclave_dir, options, error, says):
     """As a wrong queue or walltime does (the guide: connect() checks its options at
