@@ -22,6 +22,8 @@ MAX_BYTES = MAX_HEADER // 2
 #: a comment, as pip reads requirement files: ``#`` at the start or after any whitespace
 #: (a tab too), to the end of the line; a ``#`` inside a word (a URL's fragment) is not one
 _COMMENT = re.compile(r"(^|\s)#.*$")
+#: an environment variable, as pip expands it in a requirements file (``${NAME}``)
+_VARIABLE = re.compile(r"\$\{[A-Z0-9_]+\}")
 #: a project's or an extra's name, as PEP 508 writes it
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 
@@ -35,6 +37,12 @@ def _line(line: str) -> str:
         return ""
     if line.startswith("-"):  # options (-r, -e, --index-url ...) belong to the node
         raise ConfigurationError(f"requirements may not carry pip options: {line!r}")
+    if _VARIABLE.search(line):  # pip would put the node's value there: what the set installs
+        # would depend on the node that built it, cached under the hash of this text
+        raise ConfigurationError(
+            f"requirements may not name environment variables ({line!r}): pip would expand "
+            "them from the node's environment; write the value itself"
+        )
     # (imported here: most tasks have no requirements, and every client, node and CLI
     # command would pay ~40 ms at start-up for it)
     from packaging.requirements import Requirement

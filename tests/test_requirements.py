@@ -521,3 +521,16 @@ def test_an_envs_directory_under_an_unknown_users_home_is_a_clean_node_error(
     monkeypatch.setenv("XDG_CACHE_HOME", "~no-such-user-kotta/cache")
     with pytest.raises(ConfigurationError, match=re.escape("$XDG_CACHE_HOME ~no-such-user")):
         envs.default_root(local=False)
+
+
+@pytest.mark.parametrize("line", [
+    "kotta-probe-pkg===${KOTTA_PROBE_VERSION}",
+    'numpy; platform_release == "${HOME}"',
+])
+def test_a_requirement_naming_an_environment_variable_is_refused(line):
+    """pip expands ``${VAR}`` in a requirements file from its own environment, the
+    node's: the set was cached under the hash of the text the user wrote, while what it
+    installed depended on the node that built it (another node with another value reused
+    that build), and the variable's value came back in pip's output."""
+    with pytest.raises(ConfigurationError, match=re.escape(repr(line))):
+        normalize(["numpy", line])
