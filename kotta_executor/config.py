@@ -170,17 +170,24 @@ def _all_limits() -> dict[str, QueueLimits]:
 
 def _read_limits(path: Path) -> dict[str, QueueLimits]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=_no_repeated_keys)
     except (OSError, ValueError, RecursionError) as exc:  # (nested deeper than json goes)
         raise ConfigurationError(f"cannot read the queue limits in {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigurationError(f"{path} must hold an object of queues, not {data!r}")
     out = {}
+    spelt: dict[str, str] = {}
     for name, fields in data.items():
         try:
             queue = normalize_queue(name)
         except ConfigurationError as exc:  # the file's mistake, not the caller's queue
             raise ConfigurationError(f"{path}: {exc}") from None
+        if queue in spelt:  # ("prod" after "production"): the last replaced the first's
+            # limits with no word of it
+            raise ConfigurationError(
+                f"{path}: queue {queue!r} is given twice, as {spelt[queue]!r} and as {name!r}"
+            )
+        spelt[queue] = name
         if not isinstance(fields, dict) or not set(fields) <= set(_LIMIT_FIELDS):
             raise ConfigurationError(
                 f"{path}: the limits of queue {name!r} must be an object with some of "
@@ -206,6 +213,17 @@ def _read_limits(path: Path) -> dict[str, QueueLimits]:
             QUEUE_LIMITS[queue],
             **{k: (v if k == "max_walltime" else int(v)) for k, v in fields.items()},
         )
+    return out
+
+
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refused (ValueError) if a key comes twice: json keeps the last one,
+    the first's value dropped with no word of it."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{key!r} is given twice")
+        out[key] = value
     return out
 
 

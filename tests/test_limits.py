@@ -109,6 +109,24 @@ def test_an_unknown_queue_in_queues_json_names_the_file(make_executor, _private_
         ex.submit(tasks.square, 3)
 
 
+@pytest.mark.parametrize("text, says", [
+    ('{"production": {"workers": 4}, "prod": {"max_walltime": 60}}',
+     "queue 'production' is given twice, as 'production' and as 'prod'"),
+    ('{"test": {"workers": 4}, "Test": {"max_walltime": 2}}',
+     "queue 'test' is given twice, as 'test' and as 'Test'"),
+    ('{"test": {"workers": 4}, "test": {"max_walltime": 2}}', "'test' is given twice"),
+    ('{"test": {"workers": 4, "workers": 2}}', "'workers' is given twice"),
+], ids=["alias", "case", "same-key", "same-field"])
+def test_a_queue_or_limit_given_twice_in_queues_json_is_an_error(tmp_path, text, says):
+    """The last spelling of a queue (``prod`` after ``production``), or the last of a
+    repeated key, replaced the first silently: the limits it set (``workers``: 4) were
+    the built-in ones again, with no word of it."""
+    path = tmp_path / "queues.json"
+    path.write_text(text)
+    with pytest.raises(ConfigurationError, match=re.escape(says)):
+        config._read_limits(path)
+
+
 def test_memory_limit_kills_the_task_and_the_node_goes_on(start_node, make_executor, enclave):
     node = start_node("--memory-limit", "100")
     ex = make_executor(1, start_node=False)
