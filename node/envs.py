@@ -92,6 +92,13 @@ class Env:
         self.site = str(site_packages(path))
         self.marker = str(path / MARKER)
 
+    def usable(self) -> bool:
+        """Whether it is there to start workers in: built, and its python (a link to the
+        interpreter that built it, another install of this Python version maybe) still
+        leads to one.  One removed since (``pyenv uninstall``, an upgrade) left the env
+        taken as built, and the node died at each spawn of a worker there."""
+        return os.path.exists(self.marker) and os.path.exists(self.python)
+
 
 class EnvCache:
     """The environments of one node: ready ones, builds in progress, failed builds."""
@@ -122,9 +129,10 @@ class EnvCache:
         with self._lock:
             env = self._ready.get(key)
             if env is not None:
-                if os.path.exists(env.marker):
+                if env.usable():
                     return "ready", env
-                # deleted (to rebuild it, say): a worker started there would not start
+                # deleted (to rebuild it, say), or its interpreter gone: a worker started
+                # there would not start
                 del self._ready[key]
             if key in self._failed:
                 message, at = self._failed[key]
@@ -133,9 +141,9 @@ class EnvCache:
                 del self._failed[key]
             if key in self._building:
                 return "building", None
-            path = self.root / key
-            if (path / MARKER).exists():  # built earlier, by this node or another
-                env = self._ready[key] = Env(key, path)
+            env = Env(key, self.root / key)
+            if env.usable():  # built earlier, by this node or another
+                self._ready[key] = env
                 return "ready", env
             self._building.add(key)
         threading.Thread(
@@ -173,9 +181,10 @@ def build(root: Path, key: str, requirements: str, builds: Builds | None = None)
     final = root / key
     with open(root / f"{key}.lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        if (final / MARKER).exists():
+        if Env(key, final).usable():
             return Env(key, final)
-        if final.exists():  # not ours to trust: no marker, so never finished
+        if final.exists():  # not ours to trust: no marker, so never finished (or its
+            # interpreter is gone)
             shutil.rmtree(final, ignore_errors=True)
         for stale in root.glob(f".{key}.tmp-*"):  # a builder that died (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)

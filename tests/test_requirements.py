@@ -534,3 +534,22 @@ def test_a_requirement_naming_an_environment_variable_is_refused(line):
     that build), and the variable's value came back in pip's output."""
     with pytest.raises(ConfigurationError, match=re.escape(repr(line))):
         normalize(["numpy", line])
+
+
+def test_an_env_whose_interpreter_is_gone_is_rebuilt(make_executor, offline_pip):
+    """An env's python is a link to the interpreter that built it (another install of
+    this Python version on the machine: the envs are keyed by version only): once that
+    one was removed (``pyenv uninstall``, an upgrade), the env was still taken as built,
+    and every task of its set failed with WorkerDied, its worker unable to start, until
+    the user found the directory and deleted it."""
+    root = Path(os.environ["KOTTA_HOME"]) / "envs"
+    key = envs.env_name(PROBE)
+    env = envs.build(root, key, PROBE)
+    python = Path(env.python)
+    assert python.is_symlink()
+    python.unlink()
+    python.symlink_to("/nonexistent-kotta-python/bin/python3")  # the interpreter removed
+    ex = make_executor(1, requirements=PROBE)
+    assert ex.submit(_probe_version).result(timeout=BUILD_GUARD) == "1.0"
+    assert Path(env.python).exists()  # built again
+    assert _env_dirs(root) == [key]
