@@ -851,7 +851,7 @@ def test_an_enclave_path_that_cannot_be_looked_at_is_a_clean_error(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("how", ["enclave", "KOTTA_HOME"])
+@pytest.mark.parametrize("how", ["enclave", "KOTTA_HOME", "KOTTA_ENCLAVE"])
 @pytest.mark.parametrize("path", ["loop", "loop/sub", "~no-such-user-kotta/lab"],
                          ids=["symlink-loop", "under-a-loop", "unknown-user"])
 def test_an_enclave_path_that_cannot_be_resolved_is_a_clean_error(path, how, tmp_path,
@@ -860,7 +860,8 @@ def test_an_enclave_path_that_cannot_be_resolved_is_a_clean_error(path, how, tmp
     of a user this machine has not (``~alcie/lab``, mistyped): every command, and
     KottaExecutor, failed with a traceback ending in a bare RuntimeError ("Symlink loop
     from ...", "Could not determine home directory.") rather than the error that names
-    the path, as for any other directory that cannot be used."""
+    the path, as for any other directory that cannot be used.  ($KOTTA_ENCLAVE of an
+    unknown user's home made an enclave in ``./~alcie/lab``, in the working directory.)"""
     import re
 
     from kotta_executor import KottaExecutor
@@ -869,18 +870,20 @@ def test_an_enclave_path_that_cannot_be_resolved_is_a_clean_error(path, how, tmp
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     spec = str(tmp_path / path) if path.startswith("loop") else path
     env = subprocess_env()
-    if how == "KOTTA_HOME":
-        env["KOTTA_HOME"] = spec
+    if how != "enclave":
+        env[how] = spec
     for command in (["jobs"], ["up", "--queue", "test"], ["whoami"]):
         r = kotta(spec if how == "enclave" else None, *command, env=env)
         assert r.returncode == 2, (command, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr, (command, r.stderr)
         assert r.stderr.startswith("kotta: error: "), (command, r.stderr)
         assert spec in r.stderr, (command, r.stderr)
-    if how == "KOTTA_HOME":
-        monkeypatch.setenv("KOTTA_HOME", spec)
+    if how != "enclave":
+        monkeypatch.setenv(how, spec)
+        monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigurationError, match=re.escape(spec)):
         KottaExecutor(1, enclave=spec if how == "enclave" else None, start_node=False)
+    assert not (tmp_path / "~no-such-user-kotta").exists()
 
 
 @pytest.mark.parametrize("command", [["jobs"], ["whoami"], ["audit", "verify"]],

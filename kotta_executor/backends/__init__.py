@@ -79,7 +79,9 @@ def env_spec() -> str:
         path = value[len("embedded://"):] if value.startswith("embedded://") else value
         if path and "://" not in path and not _MISTYPED_URL.match(path):
             try:
-                absolute = os.path.abspath(os.path.expanduser(path))
+                # (Path's expanduser: os.path's leaves "~alcie/lab" as it is, which was
+                # made absolute, and an enclave made in ./~alcie/lab)
+                absolute = os.path.abspath(Path(path).expanduser())
             except (FileNotFoundError, RuntimeError):  # (a working directory since removed,
                 pass  # "~alcie": said as it is opened)
             else:
