@@ -1918,12 +1918,20 @@ class Node:
                 one[t.job_id] = t
         groups: dict[frozenset | None, list[str]] = {}
         kept: set[str] = set()
+        unbegun = [t.job_id for t in one.values()
+                   if t.claimed and t.unbegun and new is JobState.PROCESSING]
+        if unbegun:
+            # Back from a worker that never began it (taken back from behind a long task,
+            # or behind a dead worker's head): its job is processing here already.  Moved
+            # again, it counted a second attempt for one begun once.  Kept only while the
+            # record says so: one that ended meanwhile (taken over by another node while
+            # this one stalled, and finished there) ran again, unseen; it goes the usual
+            # way (not moved: dropped)
+            records = self.enclave.jobs.get_many(unbegun)
+            kept = {j for j in unbegun if (r := records.get(j)) is not None
+                    and r.state == JobState.PROCESSING and r.node == self.node_id}
         for t in one.values():
-            if t.claimed and t.unbegun and new is JobState.PROCESSING:
-                # Back from a worker that never began it (taken back from behind a long
-                # task, or behind a dead worker's head): its job is processing here
-                # already.  Moved again, it counted a second attempt for one begun once.
-                kept.add(t.job_id)
+            if t.job_id in kept:
                 continue
             if t.claimed or t.delivery.receive_count > 1:  # ours already, or a redelivery
                 sources = None

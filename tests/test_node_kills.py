@@ -492,3 +492,34 @@ def test_a_task_being_killed_when_the_drain_deadline_comes_ends_killed(
         tasks.release(release, "go")
     assert enclave.jobs.get(f.job_id).state == "cancelled"
     assert isinstance(f.exception(GUARD), TaskKilled)
+
+
+def test_a_task_back_from_a_dead_worker_whose_job_ended_elsewhere_does_not_run_again(
+        make_executor, enclave, tmp_path, monkeypatch):
+    """A task piped behind a head whose worker died is pending in the node again, claimed
+    and never begun (unbegun).  Should its job have ended meanwhile (another node took its
+    message over while this one stalled, and finished it), the node, which kept the claim
+    it had without a look at the job, ran it all the same: twice in all.  It is dropped,
+    as it was before the claim was kept."""
+    from kotta_executor.backends.base import Finished, JobState
+
+    with _head_with_a_task_piped_behind(enclave, make_executor, tmp_path, monkeypatch,
+                                        0.0) as t:
+        node = t.node
+        [worker] = node.workers
+        assert worker.inflight[1].job_id == t.behind.job_id
+        os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + GUARD
+        while not any(p.job_id == t.behind.job_id for p in node.pending):
+            assert time.monotonic() < deadline, "the dead worker's tasks were not put back"
+            node._wait()
+            node._collect()  # (buries the worker; no dispatch: the test ends the job first)
+        [back] = [p for p in node.pending if p.job_id == t.behind.job_id]
+        assert back.claimed and back.unbegun
+        # another node, which took the message over, ran it and recorded it
+        assert enclave.jobs.finish([Finished(t.behind.job_id, JobState.FAILED, b"",
+                                             reason="ran on another node")])
+        t.pump(lambda: all(f.done() for f in t.rest), "the squares to end")
+        assert [f.result(0) for f in t.rest] == [0, 1]
+        assert not t.began.exists()  # the bug: it ran here too
+        assert enclave.jobs.get(t.behind.job_id).reason == "ran on another node"
