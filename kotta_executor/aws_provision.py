@@ -177,11 +177,11 @@ def bootstrap(
     # the queues made already; an emulator took it); one that exists is kept as it is
     why = new_bucket_name_error(names.bucket) if bucket else None
     if why is not None:
-        from botocore.exceptions import ParamValidationError
+        from botocore.exceptions import EndpointResolutionError, ParamValidationError
 
         try:
             c.s3.head_bucket(Bucket=names.bucket)
-        except ParamValidationError:
+        except (ParamValidationError, EndpointResolutionError):  # (the latter: NAME--x-s3)
             raise ConfigurationError(why) from None
         except _client_error() as exc:
             if _code(exc) in ("404", "NoSuchBucket", "NotFound", "400", "InvalidBucketName"):

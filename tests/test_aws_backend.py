@@ -1099,7 +1099,12 @@ def test_a_node_policy_names_no_queue_or_role_of_another_enclave(a, b):
     assert not [(p, r) for p in patterns for r in theirs if fnmatch.fnmatchcase(r, p)]
 
 
-@pytest.mark.parametrize("bucket", ["Lab_Blobs", "ab", "lab blobs", "lab..blobs", "-lab"])
+@pytest.mark.parametrize("bucket", ["Lab_Blobs", "ab", "lab blobs", "lab..blobs", "-lab",
+                                    # S3's other rules: no IP address, no reserved prefix
+                                    # or suffix (these passed, the queues were made first)
+                                    "192.168.5.4", "xn--lab", "sthree-lab",
+                                    "amzn-s3-demo-lab", "lab-s3alias", "lab--ol-s3",
+                                    "lab.mrap", "lab--x-s3", "lab--table-s3"])
 def test_bootstrap_refuses_a_bucket_name_s3_refuses_before_making_anything(moto_env, name,
                                                                           bucket):
     """`kotta aws bootstrap NAME --bucket Lab_Blobs` made the enclave's queues, then failed

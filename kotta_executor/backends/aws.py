@@ -89,6 +89,9 @@ _RESERVED_PART = re.compile(r"-(?:reply|user)(?:-|$)")
 _QUEUE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 #: S3's rule for a new bucket's name (--bucket, ?bucket=): 3-63 characters
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+#: and the names it refuses all the same: an IP address, a reserved prefix or suffix
+_S3_BUCKET_REFUSED = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+|(?:xn--|sthree-|amzn-s3-demo-).*"
+                                r"|.*(?:-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3))$")
 #: SQS's limit on a queue's name
 MAX_SQS_NAME = 80
 #: characters in an IAM role's name
@@ -238,10 +241,13 @@ class Names:
 def new_bucket_name_error(bucket: str) -> str | None:
     """Why S3 would not make a bucket named ``bucket`` (None: it would).  An existing one
     may have such a name (us-east-1's from before 2018): checked only for a bucket to make."""
-    if isinstance(bucket, str) and _S3_BUCKET.match(bucket) and ".." not in bucket:
+    if isinstance(bucket, str) and _S3_BUCKET.match(bucket) and ".." not in bucket and (
+            not _S3_BUCKET_REFUSED.match(bucket)):
         return None
     return (f"invalid bucket name {bucket!r}: use 3-63 lower-case letters, digits, dots and "
-            "hyphens, starting and ending with a letter or digit (S3's rule)")
+            "hyphens, starting and ending with a letter or digit, not an IP address, not "
+            "beginning xn--, sthree- or amzn-s3-demo-, nor ending -s3alias, --ol-s3, .mrap, "
+            "--x-s3 or --table-s3 (S3's rule)")
 
 
 def check_name(name: str) -> str:
