@@ -1918,6 +1918,7 @@ class Node:
                 one[t.job_id] = t
         groups: dict[frozenset | None, list[str]] = {}
         kept: set[str] = set()
+        taken: set[str] = set()
         unbegun = [t.job_id for t in one.values()
                    if t.claimed and t.unbegun and new is JobState.PROCESSING]
         if unbegun:
@@ -1926,12 +1927,16 @@ class Node:
             # again, it counted a second attempt for one begun once.  Kept only while the
             # record says so: one that ended meanwhile (taken over by another node while
             # this one stalled, and finished there) ran again, unseen; it goes the usual
-            # way (not moved: dropped)
+            # way (not moved: dropped).  Nor is one that another node has claimed since (it
+            # took the message over): moved back here, it ran on both; it is dropped too
             records = self.enclave.jobs.get_many(unbegun)
             kept = {j for j in unbegun if (r := records.get(j)) is not None
                     and r.state == JobState.PROCESSING and r.node == self.node_id}
+            taken = {j for j in unbegun if (r := records.get(j)) is not None and r.node
+                     not in (None, self.node_id) and r.state in (
+                         JobState.STAGING_INPUTS, JobState.PROCESSING)}
         for t in one.values():
-            if t.job_id in kept:
+            if t.job_id in kept or t.job_id in taken:
                 continue
             if t.claimed or t.delivery.receive_count > 1:  # ours already, or a redelivery
                 sources = None

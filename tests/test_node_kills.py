@@ -523,3 +523,33 @@ def test_a_task_back_from_a_dead_worker_whose_job_ended_elsewhere_does_not_run_a
         assert [f.result(0) for f in t.rest] == [0, 1]
         assert not t.began.exists()  # the bug: it ran here too
         assert enclave.jobs.get(t.behind.job_id).reason == "ran on another node"
+
+
+def test_a_task_back_from_a_dead_worker_whose_job_another_node_took_does_not_run_here(
+        make_executor, enclave, tmp_path, monkeypatch):
+    """As above, but the job is not over: another node took its message over while this
+    one stalled, and runs it (processing, its node named).  This node, finding the task
+    claimed, moved the job back to itself and ran it too: twice in all.  It leaves it to
+    that node."""
+    from kotta_executor.backends.base import Finished, JobState
+
+    with _head_with_a_task_piped_behind(enclave, make_executor, tmp_path, monkeypatch,
+                                        0.0) as t:
+        node = t.node
+        [worker] = node.workers
+        assert worker.inflight[1].job_id == t.behind.job_id
+        os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + GUARD
+        while not any(p.job_id == t.behind.job_id for p in node.pending):
+            assert time.monotonic() < deadline, "the dead worker's tasks were not put back"
+            node._wait()
+            node._collect()  # (buries the worker; no dispatch: the test moves the job first)
+        # another node, which took the message over, claimed the job (a redelivery)
+        assert enclave.jobs.transition([t.behind.job_id], JobState.PROCESSING,
+                                       node="other-node")
+        t.pump(lambda: all(f.done() for f in t.rest), "the squares to end")
+        assert [f.result(0) for f in t.rest] == [0, 1]
+        assert not t.began.exists()  # the bug: it ran here too
+        record = enclave.jobs.get(t.behind.job_id)
+        assert (record.state, record.node) == (JobState.PROCESSING, "other-node")
+        enclave.jobs.finish([Finished(t.behind.job_id, JobState.FAILED, b"", reason="end")])
