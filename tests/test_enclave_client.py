@@ -140,6 +140,25 @@ def test_closing_an_enclave_closes_the_threads_connection(enclave_dir):
     assert _open_files(enclave_dir.resolve()) == []
 
 
+def _shut_down_under_a_held_lock(ex, enclave_dir, within: float, waited: str) -> None:
+    """``ex.shutdown(wait=True)`` returns within ``within`` seconds while another
+    connection (another process's long write transaction) holds the enclave's write lock,
+    and the lock is still held as it returns."""
+    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        returned = threading.Event()
+        closer = threading.Thread(target=lambda: (ex.shutdown(wait=True), returned.set()),
+                                  daemon=True)
+        closer.start()
+        assert returned.wait(within), waited
+        assert lock.in_transaction  # (still held as it returned)
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+
+
 def test_shutdown_returns_while_another_process_holds_the_write_lock(
         start_node, enclave_dir, monkeypatch):
     """Its tasks all done, an executor's shutdown(wait=True) (the end of its `with` block)
@@ -151,19 +170,8 @@ def test_shutdown_returns_while_another_process_holds_the_write_lock(
     start_node()
     ex = KottaExecutor(1, enclave=enclave_dir, start_node=False)
     assert ex.submit(tasks.square, 3).result(timeout=GUARD) == 9
-    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
-    try:
-        lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
-        returned = threading.Event()
-        closer = threading.Thread(target=lambda: (ex.shutdown(wait=True), returned.set()),
-                                  daemon=True)
-        closer.start()
-        assert returned.wait(GUARD), "shutdown() waited for the other process's write lock"
-        assert lock.in_transaction  # (still held as it returned)
-    finally:
-        if lock.in_transaction:
-            lock.execute("ROLLBACK")
-        lock.close()
+    _shut_down_under_a_held_lock(ex, enclave_dir, GUARD,
+                                 "shutdown() waited for the other process's write lock")
 
 
 def test_shutdown_with_its_own_node_returns_while_another_process_holds_the_write_lock(
@@ -175,20 +183,9 @@ def test_shutdown_with_its_own_node_returns_while_another_process_holds_the_writ
     moment now, and leaves the row (that of a process gone is reaped) to be removed later."""
     ex = KottaExecutor(1, enclave=enclave_dir)
     assert ex.submit(tasks.square, 3).result(timeout=GUARD) == 9  # its node is up
-    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
-    try:
-        lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
-        returned = threading.Event()
-        closer = threading.Thread(target=lambda: (ex.shutdown(wait=True), returned.set()),
-                                  daemon=True)
-        closer.start()
-        # (half the guard: the node's own lock timeout, in its process, is the guard)
-        assert returned.wait(GUARD / 2), "shutdown() waited for the node's lock timeout"
-        assert lock.in_transaction  # (still held as it returned)
-    finally:
-        if lock.in_transaction:
-            lock.execute("ROLLBACK")
-        lock.close()
+    # (half the guard: the node's own lock timeout, in its process, is the guard)
+    _shut_down_under_a_held_lock(ex, enclave_dir, GUARD / 2,
+                                 "shutdown() waited for the node's lock timeout")
     e = embedded.EmbeddedEnclave(enclave_dir)
     try:  # the row left behind is not a live node's, and goes at the next reaping
         assert e.nodes.live() == []

@@ -494,6 +494,19 @@ def test_a_task_being_killed_when_the_drain_deadline_comes_ends_killed(
     assert isinstance(f.exception(GUARD), TaskKilled)
 
 
+def _kill_the_head_s_worker(t) -> None:
+    """Kill the worker of ``t``'s head (SIGKILL), and step the node (no dispatch) until the
+    task piped behind it is pending in the node again."""
+    [worker] = t.node.workers
+    assert worker.inflight[1].job_id == t.behind.job_id
+    os.kill(worker.pid, signal.SIGKILL)
+    deadline = time.monotonic() + GUARD
+    while not any(p.job_id == t.behind.job_id for p in t.node.pending):
+        assert time.monotonic() < deadline, "the dead worker's tasks were not put back"
+        t.node._wait()
+        t.node._collect()  # (buries the worker)
+
+
 def test_a_task_back_from_a_dead_worker_whose_job_ended_elsewhere_does_not_run_again(
         make_executor, enclave, tmp_path, monkeypatch):
     """A task piped behind a head whose worker died is pending in the node again, claimed
@@ -505,16 +518,8 @@ def test_a_task_back_from_a_dead_worker_whose_job_ended_elsewhere_does_not_run_a
 
     with _head_with_a_task_piped_behind(enclave, make_executor, tmp_path, monkeypatch,
                                         0.0) as t:
-        node = t.node
-        [worker] = node.workers
-        assert worker.inflight[1].job_id == t.behind.job_id
-        os.kill(worker.pid, signal.SIGKILL)
-        deadline = time.monotonic() + GUARD
-        while not any(p.job_id == t.behind.job_id for p in node.pending):
-            assert time.monotonic() < deadline, "the dead worker's tasks were not put back"
-            node._wait()
-            node._collect()  # (buries the worker; no dispatch: the test ends the job first)
-        [back] = [p for p in node.pending if p.job_id == t.behind.job_id]
+        _kill_the_head_s_worker(t)  # (no dispatch: the test ends the job first)
+        [back] = [p for p in t.node.pending if p.job_id == t.behind.job_id]
         assert back.claimed and back.unbegun
         # another node, which took the message over, ran it and recorded it
         assert enclave.jobs.finish([Finished(t.behind.job_id, JobState.FAILED, b"",
@@ -535,15 +540,7 @@ def test_a_task_back_from_a_dead_worker_whose_job_another_node_took_does_not_run
 
     with _head_with_a_task_piped_behind(enclave, make_executor, tmp_path, monkeypatch,
                                         0.0) as t:
-        node = t.node
-        [worker] = node.workers
-        assert worker.inflight[1].job_id == t.behind.job_id
-        os.kill(worker.pid, signal.SIGKILL)
-        deadline = time.monotonic() + GUARD
-        while not any(p.job_id == t.behind.job_id for p in node.pending):
-            assert time.monotonic() < deadline, "the dead worker's tasks were not put back"
-            node._wait()
-            node._collect()  # (buries the worker; no dispatch: the test moves the job first)
+        _kill_the_head_s_worker(t)  # (no dispatch: the test moves the job first)
         # another node, which took the message over, claimed the job (a redelivery)
         assert enclave.jobs.transition([t.behind.job_id], JobState.PROCESSING,
                                        node="other-node")
