@@ -36,6 +36,7 @@ from .backends.aws import (
     _client_error,
     _code,
     _from_region,
+    arn_partition,
     botocore_validation_error,
     check_region,
     client_config,
@@ -112,6 +113,7 @@ class _Clients:
             region=region, profile=profile, what="AWS provisioning"
         )
         self.region = self.session.region_name
+        self.partition, self.url_suffix = arn_partition(self.session, self.region)
         endpoint_url = endpoint_url or os.environ.get("KOTTA_AWS_ENDPOINT_URL") or None
         self.endpoint_url = endpoint_url
         cfg = client_config(path_style=bool(endpoint_url))
@@ -261,7 +263,7 @@ def bootstrap(
                 raise
             had_policy = False
         c.s3.put_bucket_policy(
-            Bucket=names.bucket, Policy=json.dumps(tls_only_policy(names.bucket))
+            Bucket=names.bucket, Policy=json.dumps(tls_only_policy(names.bucket, c.partition))
         )
         note(not had_policy, BUCKET_POLICY, names.bucket)
 
@@ -286,7 +288,7 @@ def bootstrap(
     # -- the node role
     if iam:
         account = c.sts.get_caller_identity()["Account"]
-        trust = json.dumps(ec2_trust_policy())
+        trust = json.dumps(ec2_trust_policy(c.url_suffix))
         try:
             c.iam.create_role(
                 RoleName=names.node_role,
@@ -303,7 +305,7 @@ def bootstrap(
         c.iam.put_role_policy(
             RoleName=names.node_role,
             PolicyName=names.node_role,
-            PolicyDocument=json.dumps(node_policy(names, c.region, account)),
+            PolicyDocument=json.dumps(node_policy(names, c.region, account, c.partition)),
         )
         try:
             c.iam.create_instance_profile(InstanceProfileName=names.node_role)
@@ -486,7 +488,7 @@ def nodes_table_spec(names: Names) -> dict[str, Any]:
     }
 
 
-def tls_only_policy(bucket: str) -> dict[str, Any]:
+def tls_only_policy(bucket: str, partition: str = "aws") -> dict[str, Any]:
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -495,20 +497,22 @@ def tls_only_policy(bucket: str) -> dict[str, Any]:
                 "Effect": "Deny",
                 "Principal": "*",
                 "Action": "s3:*",
-                "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+                "Resource": [f"arn:{partition}:s3:::{bucket}",
+                             f"arn:{partition}:s3:::{bucket}/*"],
                 "Condition": {"Bool": {"aws:SecureTransport": "false"}},
             }
         ],
     }
 
 
-def ec2_trust_policy() -> dict[str, Any]:
+def ec2_trust_policy(url_suffix: str = "amazonaws.com") -> dict[str, Any]:
+    """``url_suffix``: ``amazonaws.com.cn`` in China (``arn_partition``)."""
     return {
         "Version": "2012-10-17",
         "Statement": [
             {
                 "Effect": "Allow",
-                "Principal": {"Service": "ec2.amazonaws.com"},
+                "Principal": {"Service": f"ec2.{url_suffix}"},
                 "Action": "sts:AssumeRole",
             }
         ],
@@ -536,15 +540,16 @@ NODE_RECORDS_READ_ACTIONS = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynam
 NODE_S3_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
 
 
-def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
+def node_policy(names: Names, region: str, account: str,
+                partition: str = "aws") -> dict[str, Any]:
     """The node role's inline policy: nothing beyond the enclave's own resources.  Its
     queues by name, and its reply queues by their prefix: a pattern ``kotta-NAME-*``
     also named every queue of an enclave called ``NAME-something`` (check_name keeps the
     two prefixes left, ``-reply-`` and ``-user-``, from being another enclave's)."""
-    arn = f"arn:aws:sqs:{region}:{account}:"
+    arn = f"arn:{partition}:sqs:{region}:{account}:"
     sqs = [arn + q for name in QUEUES for q in (names.queue(name), names.dlq(names.queue(name)))]
     sqs.append(arn + names.reply_prefix + "*")
-    table = f"arn:aws:dynamodb:{region}:{account}:table/"
+    table = f"arn:{partition}:dynamodb:{region}:{account}:table/"
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -565,14 +570,14 @@ def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
                 "Sid": "Blobs",
                 "Effect": "Allow",
                 "Action": NODE_S3_ACTIONS,
-                "Resource": f"arn:aws:s3:::{names.bucket}/{names.blob_prefix}*",
+                "Resource": f"arn:{partition}:s3:::{names.bucket}/{names.blob_prefix}*",
             },
             {  # a node's sweep for task blobs no job records (node.daemon.STRAY_BLOB_AGE)
                 # and message bodies no message names (MSG_BLOB_AGE)
                 "Sid": "ListTaskBlobs",
                 "Effect": "Allow",
                 "Action": ["s3:ListBucket"],
-                "Resource": f"arn:aws:s3:::{names.bucket}",
+                "Resource": f"arn:{partition}:s3:::{names.bucket}",
                 "Condition": {"StringLike": {"s3:prefix": [
                     f"{names.blob_prefix}fn-*", f"{names.blob_prefix}args-*",
                     f"{names.blob_prefix}msg-*"]}},
@@ -598,7 +603,7 @@ def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
                 "Sid": "EnclaveKey",
                 "Effect": "Allow",
                 "Action": ["s3:GetObject"],
-                "Resource": f"arn:aws:s3:::{names.bucket}/keys/enclave.key",
+                "Resource": f"arn:{partition}:s3:::{names.bucket}/keys/enclave.key",
             },
             {
                 "Sid": "HeldResults",
@@ -606,13 +611,13 @@ def node_policy(names: Names, region: str, account: str) -> dict[str, Any]:
                 # a result of MULTIPART_THRESHOLD or more goes up in parts: one that fails
                 # aborts its upload, else its parts stay in the bucket (and are billed)
                 "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
-                "Resource": f"arn:aws:s3:::{names.bucket}/held/*",
+                "Resource": f"arn:{partition}:s3:::{names.bucket}/held/*",
             },
             {
                 "Sid": "UserRoles",
                 "Effect": "Allow",
                 "Action": "sts:AssumeRole",
-                "Resource": f"arn:aws:iam::{account}:role/{names.user_role_prefix}*",
+                "Resource": f"arn:{partition}:iam::{account}:role/{names.user_role_prefix}*",
             },
         ],
     }

@@ -394,6 +394,22 @@ def check_region(session, region: str, *, in_url: bool, option: str = "") -> Non
     )
 
 
+def arn_partition(session, region: str | None) -> tuple[str, str]:
+    """``(partition, URL suffix)`` of ``region``, from botocore's data (no network): the
+    ``arn:PARTITION:`` of every ARN kotta writes (``aws``; ``aws-cn`` in China,
+    ``aws-us-gov`` in GovCloud, where ``arn:aws:`` policies are refused or grant nothing)
+    and the suffix of service principals (``ec2.amazonaws.com.cn`` in China).  A region
+    botocore does not know (an emulator's) is in ``aws``."""
+    try:
+        partition = session.get_partition_for_region(region)
+        for p in session._session.get_data("endpoints")["partitions"]:
+            if p["partition"] == partition:
+                return partition, p["dnsSuffix"]
+    except Exception:  # noqa: BLE001 - an unknown region (UnknownRegionError), no data
+        pass
+    return "aws", "amazonaws.com"
+
+
 def _from_region(clients: Iterable, region: str) -> bool:
     """Whether one of ``clients`` goes to an endpoint botocore made of the region (AWS's
     own, ``sqs.REGION.amazonaws.com``), not to one configured for boto3."""
@@ -592,6 +608,8 @@ class AwsEnclave(Enclave):
             region=region, profile=profile, what=f"the AWS enclave {name!r}"
         )
         self.region = self.session.region_name
+        #: the ARN partition of the enclave's region (and its URL suffix): every ARN of it
+        self.partition, self.url_suffix = arn_partition(self.session, self.region)
         check_endpoint_url(endpoint_url, "" if endpoint_url == given else
                            " (from KOTTA_AWS_ENDPOINT_URL)")
         try:

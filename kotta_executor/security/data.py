@@ -513,10 +513,11 @@ def _write_s3(s3, d: DataUri, body: IO[bytes] | bytes, size: int | None) -> dict
 # --------------------------------------------------------------------------- AWS roles
 
 
-def session_policy_json(reads: Iterable[str], writes: Iterable[str]) -> str:
+def session_policy_json(reads: Iterable[str], writes: Iterable[str],
+                        partition: str = "aws") -> str:
     """The packed session policy (``policy.session_policy``) of a task's declared data."""
     try:
-        doc = session_policy(list(_canonical(reads)), list(_canonical(writes)))
+        doc = session_policy(list(_canonical(reads)), list(_canonical(writes)), partition)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
     return json.dumps(doc, separators=(",", ":"))
@@ -527,7 +528,7 @@ def check_writes(enclave, writes: Iterable[str]) -> None:
     session policy over STS's limit).  A task's outputs get theirs at stage-out, once it
     has run: checked at its stage-in, it fails before it runs, not after."""
     if not _is_embedded(enclave):
-        session_policy_json((), writes)
+        session_policy_json((), writes, enclave.partition)
 
 
 #: seconds: the longest session AWS grants a role assumed by a role (role chaining)
@@ -550,11 +551,12 @@ def assume_owner_role(
     if not isinstance(role, str) or not _ROLE_NAME.match(enclave.names.user_role_prefix + role):
         enclave.names.check_user_role(role)  # (too long: a user added before it was checked)
         raise ConfigurationError(f"invalid role name {role!r}")
-    policy = session_policy_json(reads, writes)
+    policy = session_policy_json(reads, writes, enclave.partition)
     sts = enclave.session.client("sts", endpoint_url=enclave.endpoint_url)
     account = sts.get_caller_identity()["Account"]
     resp = sts.assume_role(
-        RoleArn=f"arn:aws:iam::{account}:role/{enclave.names.user_role_prefix}{role}",
+        RoleArn=(f"arn:{enclave.partition}:iam::{account}:role/"
+                 f"{enclave.names.user_role_prefix}{role}"),
         # the whole id (up to 64 characters are allowed): its first digits are its submit
         # time, the same for every job of a burst
         RoleSessionName=f"kotta-{job_id}",

@@ -362,13 +362,14 @@ def _dataset(uri: str, value: dict[str, Any]) -> Dataset:
 # --------------------------------------------------------------------------- IAM
 
 
-def role_policy(statements: Iterable[Statement]) -> dict[str, Any]:
+def role_policy(statements: Iterable[Statement], partition: str = "aws") -> dict[str, Any]:
     """One role's statements as an IAM policy document.
 
     Reads are ``s3:GetObject`` (and ``GetObjectVersion``) on the objects, with
     ``s3:ListBucket`` limited by ``s3:prefix``; writes are ``s3:PutObject`` (and
     ``AbortMultipartUpload``, for a failed upload in parts); denies deny the
-    same actions.  No statements give an empty ``Statement`` list: do not attach it."""
+    same actions.  No statements give an empty ``Statement`` list: do not attach it.
+    ``partition``: the enclave's (``AwsEnclave.partition``: ``aws-cn`` in China)."""
     statements = list(statements)
     roles = {s.role for s in statements}
     if len(roles) > 1:
@@ -377,14 +378,16 @@ def role_policy(statements: Iterable[Statement]) -> dict[str, Any]:
     for effect in EFFECTS:
         for action in ACTIONS:
             uris = [s.dataset for s in statements if s.effect == effect and s.action == action]
-            out += _s3_statements(effect.capitalize(), action, uris)
+            out += _s3_statements(effect.capitalize(), action, uris, partition)
     return {"Version": IAM_VERSION, "Statement": out}
 
 
-def session_policy(reads: Sequence[str], writes: Sequence[str]) -> dict[str, Any]:
+def session_policy(reads: Sequence[str], writes: Sequence[str],
+                   partition: str = "aws") -> dict[str, Any]:
     """The STS session policy (AssumeRole ``Policy``) of one task: exactly the objects (or
     prefixes) it declared.  Raises ``ValueError`` above STS's 2048 characters."""
-    out = _s3_statements("Allow", "read", reads) + _s3_statements("Allow", "write", writes)
+    out = (_s3_statements("Allow", "read", reads, partition)
+           + _s3_statements("Allow", "write", writes, partition))
     if not out:  # no data at all: say so, rather than send an empty policy
         out = [{"Sid": "NoData", "Effect": "Deny", "Action": "s3:*", "Resource": "*"}]
     doc = {"Version": IAM_VERSION, "Statement": out}
@@ -403,7 +406,8 @@ def session_policy(reads: Sequence[str], writes: Sequence[str]) -> dict[str, Any
     return doc
 
 
-def _s3_statements(effect: str, action: str, uris: Iterable[str]) -> list[dict[str, Any]]:
+def _s3_statements(effect: str, action: str, uris: Iterable[str],
+                   partition: str = "aws") -> list[dict[str, Any]]:
     locations = sorted({parse_uri(u) for u in uris}, key=lambda d: (d.bucket, d.key))
     if not locations:
         return []
@@ -413,7 +417,7 @@ def _s3_statements(effect: str, action: str, uris: Iterable[str]) -> list[dict[s
             "Sid": name,
             "Effect": effect,
             "Action": _IAM_ACTIONS[action],
-            "Resource": [f"arn:aws:s3:::{d.bucket}/{_pattern(d)}" for d in locations],
+            "Resource": [f"arn:{partition}:s3:::{d.bucket}/{_pattern(d)}" for d in locations],
         }
     ]
     if action == "read":
@@ -424,7 +428,7 @@ def _s3_statements(effect: str, action: str, uris: Iterable[str]) -> list[dict[s
                 "Sid": f"{name}List{n}",
                 "Effect": effect,
                 "Action": "s3:ListBucket",
-                "Resource": f"arn:aws:s3:::{bucket}",
+                "Resource": f"arn:{partition}:s3:::{bucket}",
                 "Condition": {"StringLike": {"s3:prefix": prefixes}},
             })
     return out
