@@ -105,3 +105,40 @@ def test_cloudformation_names_no_fixed_partition():
     assert "arn:aws:" not in text and "amazonaws.com" not in text
     assert '!Sub "ec2.${AWS::URLSuffix}"' in text
 
+
+# --------------------------------------------------------------------------- legacy bucket
+
+
+def test_an_enclave_on_a_pre_2018_bucket_name_keeps_its_own_areas():
+    """bootstrap keeps an existing bucket named as us-east-1 allowed before 2018
+    (``Legacy_Blobs``), but the data URI check took lower-case bucket names only: the
+    enclave's own areas (``enclave_areas``) and held results (``held_uri``) failed with
+    InvalidDataUri, so no PolicyStore (a node's data steps, every ``kotta`` security
+    command) could be made for that enclave.  The enclave's own bucket is taken as it is
+    named; another bucket of such a name is still refused as a dataset."""
+    import boto3
+    from moto import mock_aws
+
+    from kotta_executor.errors import InvalidDataUri
+    from kotta_executor.security.policy import PolicyStore
+
+    name = f"t{uuid.uuid4().hex[:8]}"
+    with aws_moto.fake_aws_env(), mock_aws():
+        session = boto3.session.Session(aws_access_key_id="testing",
+                                        aws_secret_access_key="testing",
+                                        region_name="us-east-1")
+        session.client("s3").create_bucket(Bucket="Legacy_Blobs")  # (moto makes it)
+        aws_provision.bootstrap(name, bucket="Legacy_Blobs", iam=False, tls_only=False,
+                                session=session)
+        enclave = AwsEnclave(name, bucket="Legacy_Blobs", session=session)
+        try:
+            areas = data.enclave_areas(enclave)
+            store = PolicyStore(enclave.records, reserved=areas)
+            assert [r.bucket for r in store.reserved] == ["Legacy_Blobs"] * 3
+            handle = data.held_uri(enclave, "job-1")
+            data.put_object(enclave, handle, b"held result")
+            assert data.get_object(enclave, handle) == b"held result"
+            with pytest.raises(InvalidDataUri):  # (a dataset elsewhere: S3's rule still)
+                store.add_dataset("s3://Other_Bucket/x/", by="admin")
+        finally:
+            enclave.close()

@@ -320,7 +320,7 @@ def cmd_dataset_list(args) -> int:
 
 def cmd_dataset_put(args) -> int:
     from .data import enclave_areas, put_object
-    from .uris import parse_uri
+    from .uris import parse_own_uri, parse_uri
 
     try:  # (first: a mistyped file name makes no enclave)
         data = open(args.file, "rb")  # (closed below)
@@ -331,7 +331,8 @@ def cmd_dataset_put(args) -> int:
         uri = parse_uri(args.uri)
         # never the enclave's own objects (on AWS they share its bucket): a put of its
         # key replaced it, and every token, the admins' too, stopped verifying
-        area = next((a for a in map(parse_uri, enclave_areas(enclave)) if a.contains(uri)), None)
+        area = next((a for a in map(parse_own_uri, enclave_areas(enclave)) if a.contains(uri)),
+                    None)
         if area is not None:
             raise ConfigurationError(f"{uri.uri} is in {area.uri}, the enclave's own storage "
                                      "(its key, task payloads and results, held results): "

@@ -192,8 +192,8 @@ class ObjectInfo:
     etag: str
 
 
-def _object(uri: str) -> DataUri:
-    d = parse_uri(uri)
+def _object(uri: str, own_bucket: str | None = None) -> DataUri:
+    d = parse_uri(uri, own_bucket=own_bucket)
     if d.is_prefix:
         raise InvalidDataUri(f"{d.uri} is a prefix, not an object")
     return d
@@ -577,6 +577,12 @@ def _is_embedded(enclave) -> bool:
     return getattr(enclave, "home", None) is not None
 
 
+def _own_bucket(enclave) -> str | None:
+    """The enclave's own bucket on AWS (``held_uri``'s), whose name may be one S3 no longer
+    makes (a pre-2018 us-east-1 bucket that bootstrap kept): accepted as it is."""
+    return None if _is_embedded(enclave) else enclave.names.bucket
+
+
 #: the bucket that keeps held results on an embedded enclave (on AWS: the enclave's own)
 HELD_BUCKET = "kotta-held"
 
@@ -605,7 +611,7 @@ def put_object(enclave, uri: str, data: bytes | IO[bytes]) -> None:
     """Write a dataset object with the enclave's own rights (``kotta dataset put``, tests).
     ``data``: bytes, or a binary file, read from where it is to its end in chunks (a
     dataset file may be larger than memory)."""
-    d = _object(uri)
+    d = _object(uri, _own_bucket(enclave))
     body = data if hasattr(data, "read") else bytes(data)
     if _is_embedded(enclave):
         root = _data_root(enclave)
@@ -639,7 +645,7 @@ def _size(body: IO[bytes] | bytes) -> int | None:
 
 def get_object(enclave, uri: str) -> bytes:
     """Read a dataset object with the enclave's own rights."""
-    d = _object(uri)
+    d = _object(uri, _own_bucket(enclave))
     if _is_embedded(enclave):
         path = _object_path(_data_root(enclave), d)
         try:

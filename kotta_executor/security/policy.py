@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol, cast
 
 from ..backends.base import Records
 from ..errors import AccessDenied, ConfigurationError, InvalidDataUri
-from .uris import DataUri, parse_uri
+from .uris import DataUri, parse_own_uri, parse_uri
 
 Action = Literal["read", "write"]
 Effect = Literal["allow", "deny"]
@@ -202,7 +202,8 @@ class PolicyStore:
         self._clock = clock
         #: the enclave's own storage (``data.enclave_areas``): never a dataset, never read
         #: or written by a task, whatever the statements say
-        self.reserved = tuple(parse_uri(u) for u in reserved)
+        #: (the enclave names them itself: its bucket may be a pre-2018 name, parse_own_uri)
+        self.reserved = tuple(parse_own_uri(u) for u in reserved)
 
     def _reserved(self, uri: DataUri) -> DataUri | None:
         """The area of the enclave's own storage that ``uri`` contains or lies in."""

@@ -15,6 +15,9 @@ from urllib.parse import unquote
 from ..errors import InvalidDataUri
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+#: a bucket name us-east-1 took before 2018 (upper case, underscores, up to 255): only the
+#: enclave's own bucket may be named so (bootstrap keeps such a bucket), see ``own_bucket``
+_LEGACY_BUCKET = re.compile(r"[A-Za-z0-9._-]{3,255}")
 MAX_KEY_BYTES = 1024
 #: bytes in one file name (Linux, macOS): an input's or output's name in a working directory
 MAX_NAME_BYTES = 255
@@ -49,14 +52,18 @@ class DataUri:
         return self.uri
 
 
-def parse_uri(text: str) -> DataUri:
+def parse_uri(text: str, *, own_bucket: str | None = None) -> DataUri:
+    """``own_bucket``: the enclave's own bucket, taken as it is named even where S3 would
+    not make that name now (a pre-2018 us-east-1 bucket bootstrap kept); any other bucket
+    must follow S3's rule."""
     if not isinstance(text, str):
         raise InvalidDataUri(f"a dataset URI must be a string, not {type(text).__name__}")
     if not text.startswith("s3://"):
         raise InvalidDataUri(f"{text!r} is not a dataset URI: it must start with s3://")
     rest = text[5:]
     bucket, _, key = rest.partition("/")
-    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+    legacy = bucket == own_bucket and _LEGACY_BUCKET.fullmatch(bucket) is not None
+    if not legacy and (not _BUCKET.fullmatch(bucket) or ".." in bucket):
         raise InvalidDataUri(f"{text!r}: {bucket!r} is not a valid bucket name")
     if any(ord(ch) < 32 or 127 <= ord(ch) <= 159 for ch in key):  # C0, DEL and C1
         raise InvalidDataUri(f"{text!r}: control characters are not allowed in a key")
@@ -82,6 +89,13 @@ def parse_uri(text: str) -> DataUri:
         if decoded in (".", "..") or "/" in decoded or "\\" in decoded or "\0" in decoded:
             raise InvalidDataUri(f"{text!r}: the segment {seg!r} steps out of its place")
     return DataUri(bucket, key)
+
+
+def parse_own_uri(text: str) -> DataUri:
+    """A URI of the enclave's own storage, as the enclave names it (``data.enclave_areas``,
+    ``data.held_uri``): its bucket is the enclave's, whatever S3's rule says of its name."""
+    bucket = text[5:].partition("/")[0] if isinstance(text, str) else None
+    return parse_uri(text, own_bucket=bucket)
 
 
 def check_output_name(name: str) -> str:
