@@ -375,10 +375,24 @@ def teardown(
 
     # -- bucket
     try:
+        failed: list[dict] = []
         for page in c.s3.get_paginator("list_objects_v2").paginate(Bucket=names.bucket):
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
-                c.s3.delete_objects(Bucket=names.bucket, Delete={"Objects": keys, "Quiet": True})
+                resp = c.s3.delete_objects(Bucket=names.bucket,
+                                           Delete={"Objects": keys, "Quiet": True})
+                # (a 200 with the objects S3 kept: a bucket policy's Deny, object lock;
+                # ignored, DeleteBucket then failed with a bare BucketNotEmpty)
+                failed += resp.get("Errors", [])
+        if failed:
+            shown = "; ".join(f"{e.get('Key')} ({e.get('Code')}: {e.get('Message')})"
+                              for e in failed[:10])
+            more = f"; and {len(failed) - 10} more" if len(failed) > 10 else ""
+            raise ConfigurationError(
+                f"S3 did not delete {len(failed)} object(s) of the bucket {names.bucket}, "
+                f"which is kept: {shown}{more}.  Remove what keeps them (a bucket policy, "
+                f"object lock) or delete them yourself, then run teardown again"
+            )
         c.s3.delete_bucket(Bucket=names.bucket)
         gone(BUCKET, names.bucket)
     except _client_error() as exc:

@@ -962,6 +962,28 @@ def test_teardown_removes_everything_and_only_that(moto_env, name):
     assert other.queue.depth("test") == 0 and other.jobs.list() == []
 
 
+def test_teardown_names_the_objects_s3_would_not_delete(moto_env, name):
+    """DeleteObjects answers 200 with an ``Errors`` list for the objects it did not delete
+    (a bucket policy's Deny, object lock): teardown ignored it and failed at DeleteBucket
+    with a raw BucketNotEmpty.  It now names the bucket and the objects, with S3's reason."""
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env)
+    bucket = Names(name).bucket
+    s3 = moto_env.client("s3")
+    for key in ("blobs/a", "keep/x", "keep/y"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:DeleteObject",
+                       "Resource": f"arn:aws:s3:::{bucket}/keep/*"}]}))
+    with pytest.raises(ConfigurationError) as info:
+        aws_provision.teardown(name, session=moto_env)
+    text = str(info.value)
+    assert bucket in text and "keep/x" in text and "keep/y" in text, text
+    assert "AccessDenied" in text and "2 object" in text, text
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert keys == ["keep/x", "keep/y"]  # (the others went)
+
+
 def test_cli_bootstrap_and_teardown(moto_env, name, capsys, monkeypatch):
     parser = argparse.ArgumentParser(prog="kotta")
     add_parsers(parser.add_subparsers(dest="command", required=True))
