@@ -376,8 +376,22 @@ def teardown(
     # -- bucket
     try:
         failed: list[dict] = []
-        for page in c.s3.get_paginator("list_objects_v2").paginate(Bucket=names.bucket):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        # a versioned bucket (an existing --bucket, or versioning turned on) keeps each
+        # deleted object as a noncurrent version under a delete marker: DeleteBucket then
+        # failed with BucketNotEmpty.  Its every version and marker goes, by VersionId
+        try:
+            versioned = bool(c.s3.get_bucket_versioning(Bucket=names.bucket).get("Status"))
+        except _client_error() as exc:
+            if _code(exc) not in ("AccessDenied", "AccessDeniedException"):
+                raise
+            versioned = False  # (may not ask: taken as never versioned, as before)
+        listing = "list_object_versions" if versioned else "list_objects_v2"
+        for page in c.s3.get_paginator(listing).paginate(Bucket=names.bucket):
+            if versioned:
+                keys = [{"Key": o["Key"], "VersionId": o["VersionId"]}
+                        for o in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+            else:
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
                 resp = c.s3.delete_objects(Bucket=names.bucket,
                                            Delete={"Objects": keys, "Quiet": True})

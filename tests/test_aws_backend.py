@@ -984,6 +984,23 @@ def test_teardown_names_the_objects_s3_would_not_delete(moto_env, name):
     assert keys == ["keep/x", "keep/y"]  # (the others went)
 
 
+def test_teardown_empties_a_versioned_bucket(moto_env, name):
+    """A bucket with versioning on (an existing --bucket, or turned on by an admin) kept
+    every object as a noncurrent version under a delete marker: teardown failed at
+    DeleteBucket with a raw BucketNotEmpty, the queues gone, the tables and role left."""
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env)
+    bucket = Names(name).bucket
+    s3 = moto_env.client("s3")
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    for body in (b"1", b"2"):
+        s3.put_object(Bucket=bucket, Key="blobs/a", Body=body)
+    s3.put_object(Bucket=bucket, Key="held/j", Body=b"x")
+    s3.delete_object(Bucket=bucket, Key="held/j")  # (a delete marker over it)
+    report = aws_provision.teardown(name, session=moto_env)
+    assert (aws_provision.BUCKET, bucket) in report.deleted
+    assert bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
 def test_cli_bootstrap_and_teardown(moto_env, name, capsys, monkeypatch):
     parser = argparse.ArgumentParser(prog="kotta")
     add_parsers(parser.add_subparsers(dest="command", required=True))
