@@ -440,6 +440,21 @@ def teardown(
     if quietly(c.iam.delete_instance_profile, InstanceProfileName=names.node_role):
         gone(PROFILE, names.node_role)
     quietly(c.iam.delete_role_policy, RoleName=names.node_role, PolicyName=names.node_role)
+    # policies an admin added to the node role (SSM, the CloudWatch agent): DeleteRole
+    # refused a role that has any (DeleteConflict, again at every teardown).  Managed ones
+    # are detached, not deleted: they are not the enclave's
+    try:
+        for page in c.iam.get_paginator("list_attached_role_policies").paginate(
+                RoleName=names.node_role):
+            for p in page.get("AttachedPolicies", []):
+                quietly(c.iam.detach_role_policy, RoleName=names.node_role,
+                        PolicyArn=p["PolicyArn"])
+        for page in c.iam.get_paginator("list_role_policies").paginate(RoleName=names.node_role):
+            for policy in page.get("PolicyNames", []):
+                quietly(c.iam.delete_role_policy, RoleName=names.node_role, PolicyName=policy)
+    except _client_error() as exc:
+        if _code(exc) != "NoSuchEntity":
+            raise
     if quietly(c.iam.delete_role, RoleName=names.node_role):
         gone(ROLE, names.node_role)
     return report

@@ -1001,6 +1001,23 @@ def test_teardown_empties_a_versioned_bucket(moto_env, name):
     assert bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
 
 
+def test_teardown_deletes_a_node_role_with_policies_an_admin_added(moto_env, name):
+    """An admin who attached a managed policy to the node role (SSM, CloudWatch agent) or
+    added an inline one: teardown failed at DeleteRole with a raw DeleteConflict, every
+    time it was run again, and the role stayed.  Its policies are now detached first."""
+    aws_provision.bootstrap(name, tls_only=False, session=moto_env)
+    iam, role = moto_env.client("iam"), Names(name).node_role
+    doc = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "ssm:UpdateInstanceInformation", "Resource": "*"}]})
+    arn = iam.create_policy(PolicyName=f"{name}-ssm", PolicyDocument=doc)["Policy"]["Arn"]
+    iam.attach_role_policy(RoleName=role, PolicyArn=arn)
+    iam.put_role_policy(RoleName=role, PolicyName="logs", PolicyDocument=doc)
+    report = aws_provision.teardown(name, session=moto_env)
+    assert (aws_provision.ROLE, role) in report.deleted
+    assert role not in [r["RoleName"] for r in iam.list_roles()["Roles"]]
+    assert iam.get_policy(PolicyArn=arn)["Policy"]["AttachmentCount"] == 0  # (kept: not ours)
+
+
 def test_cli_bootstrap_and_teardown(moto_env, name, capsys, monkeypatch):
     parser = argparse.ArgumentParser(prog="kotta")
     add_parsers(parser.add_subparsers(dest="command", required=True))
