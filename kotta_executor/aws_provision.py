@@ -256,15 +256,21 @@ def bootstrap(
         tls_only = not (c.endpoint_url or "").startswith("http://")
     if tls_only:
         had_policy = True
+        policy = tls_only_policy(names.bucket, c.partition)
         try:
-            c.s3.get_bucket_policy(Bucket=names.bucket)
+            old = json.loads(c.s3.get_bucket_policy(Bucket=names.bucket)["Policy"])
         except _client_error() as exc:
             if _code(exc) != "NoSuchBucketPolicy":
                 raise
             had_policy = False
-        c.s3.put_bucket_policy(
-            Bucket=names.bucket, Policy=json.dumps(tls_only_policy(names.bucket, c.partition))
-        )
+        else:  # an existing bucket's own statements (another account's grant) are kept:
+            # they were replaced, without a word; ours replaces only itself
+            ours = {st["Sid"] for st in policy["Statement"]}
+            kept = old.get("Statement", [])
+            kept = [st for st in (kept if isinstance(kept, list) else [kept])
+                    if st.get("Sid") not in ours]
+            policy["Statement"] = kept + policy["Statement"]
+        c.s3.put_bucket_policy(Bucket=names.bucket, Policy=json.dumps(policy))
         note(not had_policy, BUCKET_POLICY, names.bucket)
 
     # -- tables

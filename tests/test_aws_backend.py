@@ -1184,6 +1184,27 @@ def test_bootstrap_keeps_an_existing_bucket_whose_name_s3_no_longer_makes(moto_e
     assert ("AWS::S3::Bucket", "Legacy_Blobs") in report.existing
 
 
+def test_bootstrap_keeps_the_statements_of_an_existing_buckets_policy(moto_env, name):
+    """bootstrap --bucket on an existing bucket whose policy grants something of its own
+    (another account's reads, a CloudFront origin): PutBucketPolicy replaced that policy
+    with the TLS-only one, and the grant was gone without a word.  Its statements are kept
+    and the TLS-only statement added (replaced, when bootstrap runs again)."""
+    s3 = moto_env.client("s3")
+    bucket = f"{name}-shared"
+    s3.create_bucket(Bucket=bucket)
+    theirs = {"Sid": "PartnerReads", "Effect": "Allow",
+              "Principal": {"AWS": "arn:aws:iam::210987654321:root"},
+              "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/exports/*"}
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(
+        {"Version": "2012-10-17", "Statement": [theirs]}))
+    for _ in range(2):
+        aws_provision.bootstrap(name, bucket=bucket, iam=False, session=moto_env)
+        policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
+        assert [st.get("Sid") for st in policy["Statement"]] == [
+            "PartnerReads", "DenyInsecureTransport"]
+        assert policy["Statement"][0]["Action"] == "s3:GetObject"
+
+
 def test_an_enclave_name_under_another_enclaves_prefixes_is_refused():
     for name in ("lab-reply", "lab-reply-x", "lab-user", "lab-user-2"):
         with pytest.raises(ConfigurationError, match="'reply' or 'user'"):
