@@ -1205,6 +1205,22 @@ def test_bootstrap_keeps_the_statements_of_an_existing_buckets_policy(moto_env, 
         assert policy["Statement"][0]["Action"] == "s3:GetObject"
 
 
+@pytest.mark.parametrize("bucket", ["Bad/Name", "ab", "a b", "x" * 256])
+def test_a_bucket_no_s3_region_ever_named_is_refused_before_teardown_deletes_anything(
+        moto_env, name, bucket):
+    """`kotta aws teardown NAME --bucket Bad/Name` deleted the enclave's queues, then
+    failed at the bucket with botocore's ParamValidationError (and opening the enclave
+    with ?bucket=Bad/Name raised that same raw error).  A name S3 never took, even before
+    2018, is refused first, named; nothing is deleted."""
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env)
+    with pytest.raises(ConfigurationError, match="invalid bucket name") as info:
+        aws_provision.teardown(name, bucket=bucket, session=moto_env)
+    assert repr(bucket) in str(info.value), info.value
+    with pytest.raises(ConfigurationError, match="invalid bucket name"):
+        AwsEnclave(name, bucket=bucket, session=moto_env)
+    assert AwsEnclave(name, session=moto_env).queue.depth("test") == 0  # (still there)
+
+
 def test_an_enclave_name_under_another_enclaves_prefixes_is_refused():
     for name in ("lab-reply", "lab-reply-x", "lab-user", "lab-user-2"):
         with pytest.raises(ConfigurationError, match="'reply' or 'user'"):

@@ -92,6 +92,8 @@ _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 #: and the names it refuses all the same: an IP address, a reserved prefix or suffix
 _S3_BUCKET_REFUSED = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+|(?:xn--|sthree-|amzn-s3-demo-).*"
                                 r"|.*(?:-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3))$")
+#: what S3 ever took for a bucket's name (us-east-1 before 2018): an existing bucket's
+_LEGACY_S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{3,255}$")
 #: SQS's limit on a queue's name
 MAX_SQS_NAME = 80
 #: characters in an IAM role's name
@@ -163,6 +165,15 @@ class Names:
 
     def __post_init__(self):
         check_name(self.name)
+        # a name no S3 region ever took, even us-east-1 before 2018: botocore's bare
+        # ParamValidationError at the first call (teardown: once the queues were gone)
+        b = self.bucket_override
+        if b and not (isinstance(b, str) and _LEGACY_S3_BUCKET.match(b)):
+            raise ConfigurationError(
+                f"invalid bucket name {b!r}: S3 bucket names are 3-63 lower-case letters, "
+                "digits, dots and hyphens (3-255 letters, digits, dots, hyphens and "
+                "underscores for a us-east-1 bucket from before 2018)"
+            )
 
     @property
     def prefix(self) -> str:
