@@ -235,6 +235,9 @@ class KottaJob:
         self.walltime = walltime
         self.future: KottaFuture | None = None
         self._exit_code: int | None = None
+        # held from submit's check to its future: two threads that called it together
+        # both got past the check, and the job was submitted twice
+        self._submit_lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = "unsubmitted" if self.future is None else f"job={self.job_id}"
@@ -245,6 +248,10 @@ class KottaJob:
     def submit(self, konn) -> str:
         """Send the job through a connection (``kotta_executor.connect()``) or a
         :class:`KottaExecutor`; returns its job id.  A job is submitted once."""
+        with self._submit_lock:
+            return self._submit(konn)
+
+    def _submit(self, konn) -> str:
         if self.future is not None:
             raise RuntimeError(f"this job was already submitted as {self.job_id}")
         if isinstance(konn, Connection):

@@ -526,3 +526,38 @@ def test_a_script_name_no_file_name_encoding_can_hold_is_refused_naming_it():
     """It raised the codec's bare UnicodeEncodeError, naming neither script_name nor why."""
     with pytest.raises(ValueError, match=r"script_name .* cannot encode"):
         KottaJob(executable="/bin/sh run.sh", script_name="\ud800.sh", script="true")
+
+
+def test_two_threads_submitting_one_job_together_submit_it_once(enclave_dir, enclave):
+    """submit checked, then submitted, with no lock: two threads that called it together
+    (the first making the connection's executor, the second waiting for it) both got past
+    the check, and the enclave had the one job twice."""
+    import threading
+
+    konn = kotta_executor.connect(enclave_dir, start_node=False)  # (the jobs stay pending)
+    job = _bash("true")
+    barrier = threading.Barrier(2)
+    ids, errors = [], []
+
+    def submit():
+        barrier.wait(GUARD)
+        try:
+            ids.append(job.submit(konn))
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(GUARD)
+        assert len(ids) == 1 and ids[0] == job.job_id
+        assert len(errors) == 1 and "already submitted" in str(errors[0])
+        wait_for(lambda: enclave.jobs.get(ids[0]), what="the job's record")  # (sent in the
+        # background)
+        assert [r.job_id for r in enclave.jobs.list()] == ids
+    finally:
+        if konn._executor is not None:
+            _finish(konn._executor)
+        konn.close()
