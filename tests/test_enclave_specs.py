@@ -67,3 +67,23 @@ def test_a_directory_spec_is_one_the_os_takes_or_a_configuration_error(spec):
     if home is not None:
         assert "\0" not in home
         os.fsencode(home)
+
+
+@pytest.mark.parametrize("value", [" ", "\t", "  \n"])
+def test_a_blank_kotta_enclave_is_an_error_naming_it(value, tmp_path, monkeypatch):
+    """``KOTTA_ENCLAVE=" "`` (a blank value, as a shell script's unquoted ``$X `` leaves)
+    made an enclave in a directory named " " in the working directory; an empty one is
+    unset (the default enclave), as ``enclave=""`` is."""
+    from kotta_executor import KottaExecutor, connect
+    from kotta_executor.backends import open_enclave
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KOTTA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KOTTA_ENCLAVE", value)
+    for make in (open_enclave, lambda: KottaExecutor(1, start_node=False)):
+        with pytest.raises(ConfigurationError, match=r"\$KOTTA_ENCLAVE is blank"):
+            make()
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setenv("KOTTA_ENCLAVE", "")
+    with connect(start_node=False) as konn:
+        assert konn.executor.enclave.url == f"embedded://{tmp_path / 'home'}"

@@ -67,12 +67,17 @@ def _spec(spec: str | os.PathLike | None) -> str:
 
 
 def env_spec() -> str:
-    """``$KOTTA_ENCLAVE`` ("" if unset).  A relative directory in it (``KOTTA_ENCLAVE=lab``,
+    """``$KOTTA_ENCLAVE`` ("" if unset or empty; a blank one is a ConfigurationError).  A relative directory in it (``KOTTA_ENCLAVE=lab``,
     or ``embedded://lab``) is taken against the working directory where it is first read,
     as $KOTTA_HOME is (config.kotta_home): it was taken anew at each use, so an executor
     made after an ``os.chdir``, or a task (which inherits it from its node), opened
     another enclave there, a new one.  (Nodes get it absolute.)"""
     value = os.environ.get("KOTTA_ENCLAVE", "")
+    if value and not value.strip():  # (else an enclave made in ./" "; "" is unset)
+        raise ConfigurationError(
+            f"$KOTTA_ENCLAVE is blank ({value!r}): set it to a directory, an embedded:// or "
+            "aws:// URL, or unset it (or set it empty) for the default enclave"
+        )
     spec = _env_specs.get(value)
     if spec is None:
         spec = value
