@@ -474,6 +474,22 @@ def test_a_wrong_enclave_fails_at_connect(tmp_path, monkeypatch, enclave, error,
     assert list(tmp_path.iterdir()) == []  # nothing made
 
 
+@pytest.mark.parametrize(("value", "says"), [
+    ("aws://a b", "invalid AWS enclave name 'a b'"),
+    ("aws:/lab", "did you mean aws://lab"),
+    ("s3://lab", "the scheme 's3' is not supported"),
+    (" ", "$KOTTA_ENCLAVE is blank"),
+])
+def test_a_wrong_kotta_enclave_fails_at_connect(tmp_path, monkeypatch, value, says):
+    """connect() without enclave= checked nothing: a wrong $KOTTA_ENCLAVE was accepted, and
+    refused by the executor at the first call, as enclave= was (above)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KOTTA_ENCLAVE", value)
+    with pytest.raises(kotta_executor.ConfigurationError, match=re.escape(says)):
+        kotta_executor.connect()
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
 def test_a_decorated_partial_or_callable_object_runs_and_has_a_repr(konn):
     """update_wrapper copies no __qualname__ from them: repr() of the decorated object raised
     AttributeError (in a traceback's locals, a debugger, a notebook's display)."""

@@ -151,8 +151,9 @@ def open_enclave(spec: str | os.PathLike | Enclave | None = None, *, must_exist:
 def check_spec(spec: object) -> None:
     """Raise what :func:`open_enclave` would for ``spec`` itself (its type, its scheme, an
     AWS URL's form), opening and making nothing: for ``connect()``, which opens its
-    enclave at its first call only."""
-    if spec is None or isinstance(spec, Enclave):
+    enclave at its first call only.  ``None``: ``$KOTTA_ENCLAVE``'s (it was not checked,
+    and a wrong one refused at the first call only)."""
+    if isinstance(spec, Enclave):
         return
     _check_type(spec)
     spec = _spec(spec)
