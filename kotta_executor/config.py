@@ -83,6 +83,11 @@ def kotta_home() -> Path:
     value = os.environ.get("KOTTA_HOME") or ""
     home = _homes.get(value)
     if home is None:
+        if not value.strip() and value:  # (else the enclave made in ./" "; "" is unset)
+            raise ConfigurationError(
+                f"$KOTTA_HOME is blank ({value!r}): set it to a directory, or unset it (or "
+                "set it empty) for ~/.kotta"
+            )
         try:
             home = Path(value or Path.home() / ".kotta").expanduser()
         except RuntimeError as exc:  # "~alcie/lab" (no such user), or no home to be found

@@ -87,3 +87,19 @@ def test_a_blank_kotta_enclave_is_an_error_naming_it(value, tmp_path, monkeypatc
     monkeypatch.setenv("KOTTA_ENCLAVE", "")
     with connect(start_node=False) as konn:
         assert konn.executor.enclave.url == f"embedded://{tmp_path / 'home'}"
+
+
+def test_a_blank_kotta_home_is_an_error_naming_it(tmp_path, monkeypatch):
+    """``KOTTA_HOME=" "`` made the default enclave in a directory named " " in the
+    working directory, as a blank $KOTTA_ENCLAVE did; an empty one is unset (~/.kotta)."""
+    from kotta_executor import KottaExecutor, connect
+    from kotta_executor.backends import open_enclave
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KOTTA_ENCLAVE", raising=False)
+    monkeypatch.setenv("KOTTA_HOME", " ")
+    for make in (open_enclave, lambda: KottaExecutor(1, start_node=False),
+                 lambda: connect(start_node=False)):
+        with pytest.raises(ConfigurationError, match=r"\$KOTTA_HOME is blank"):
+            make()
+    assert os.listdir(tmp_path) == []
