@@ -103,3 +103,22 @@ def test_a_blank_kotta_home_is_an_error_naming_it(tmp_path, monkeypatch):
         with pytest.raises(ConfigurationError, match=r"\$KOTTA_HOME is blank"):
             make()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("spec", [" ", "\t", "embedded:// "])
+def test_a_blank_enclave_is_an_error_naming_it(spec, tmp_path, monkeypatch):
+    """``enclave=" "`` (or ``--enclave " "``) made an enclave in a directory named " " in
+    the working directory; ``enclave=""`` is the default one, as None is."""
+    from kotta_executor import KottaExecutor, connect
+    from kotta_executor.backends import open_enclave
+
+    monkeypatch.chdir(tmp_path)
+    for make in (check_spec, open_enclave, lambda s: KottaExecutor(1, enclave=s, start_node=False),
+                 lambda s: connect(s, start_node=False)):
+        with pytest.raises(ConfigurationError, match=r"is blank"):
+            make(spec)
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setenv("KOTTA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KOTTA_ENCLAVE", raising=False)
+    for default in ("", "embedded://"):  # (the default enclave, made by nothing here)
+        check_spec(default)

@@ -46,6 +46,10 @@ def _directory(spec: str, path: str) -> str:
     ``spec`` (the OS's own error, at the enclave's first use, named no enclave)."""
     if "\0" in path:
         raise ConfigurationError(f"enclave {spec!r}: a NUL byte cannot be in a path")
+    if path and not path.strip():  # (else an enclave made in ./" "; "" is the default one)
+        raise ConfigurationError(
+            f"enclave {spec!r} is blank: name a directory, or give none for the default enclave"
+        )
     try:
         os.fsencode(path)
     except UnicodeEncodeError:
