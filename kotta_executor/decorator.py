@@ -33,7 +33,7 @@ from typing import Any
 import cloudpickle
 
 from . import dependencies, wire
-from .backends import check_spec
+from .backends import absolute, check_spec
 from .config import task_owner
 from .executor import (
     KottaExecutor,
@@ -74,6 +74,10 @@ class Connection:
         if executor_kwargs.get("initializer") is not None:
             wire.dump_initializer(executor_kwargs["initializer"],
                                   executor_kwargs.get("initargs", ()))
+        if isinstance(enclave, (str, os.PathLike)) and isinstance(os.fspath(enclave), str):
+            # a relative directory, as now: the executor is made at the first call (and
+            # again after close()), and an os.chdir since made it open another enclave there
+            enclave = absolute(os.fspath(enclave)) or None
         self._enclave = enclave
         self._kwargs = executor_kwargs
         self._executor: KottaExecutor | None = None

@@ -692,3 +692,22 @@ def test_futures_passed_to_a_decorated_function_in_a_task_are_its_dependencies_t
 
     assert combine(*[count(y) for y in (1, 2, 3)], extra=count(10)) == 32  # the client's
     assert pipeline([1, 2, 3]) == (32, "ValueError", "negative: -1")
+
+
+@pytest.mark.parametrize("spec", ["lab", "embedded://lab"])
+def test_a_connection_to_a_relative_directory_keeps_its_enclave_after_a_chdir(
+        tmp_path, monkeypatch, spec):
+    """connect("lab") opens its enclave at the first call: after an os.chdir("data")
+    between the two (a notebook's cell), that call made a new, empty enclave in data/lab
+    and its jobs went there, as did the executor it made again after ``close()``."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    konn = kotta_executor.connect(spec, start_node=False)
+    monkeypatch.chdir(tmp_path / "data")
+    try:
+        assert konn.executor.enclave.url == f"embedded://{tmp_path / 'lab'}"
+        konn.close()
+        assert konn.executor.enclave.url == f"embedded://{tmp_path / 'lab'}"
+    finally:
+        konn.close()
+    assert not (tmp_path / "data" / "lab").exists()

@@ -84,18 +84,26 @@ def env_spec() -> str:
         )
     spec = _env_specs.get(value)
     if spec is None:
-        spec = value
-        path = value[len("embedded://"):] if value.startswith("embedded://") else value
-        if path and "://" not in path and not _MISTYPED_URL.match(path):
-            try:
-                # (Path's expanduser: os.path's leaves "~alcie/lab" as it is, which was
-                # made absolute, and an enclave made in ./~alcie/lab)
-                absolute = os.path.abspath(Path(path).expanduser())
-            except (FileNotFoundError, RuntimeError):  # (a working directory since removed,
-                pass  # "~alcie": said as it is opened)
-            else:
-                spec = value[: len(value) - len(path)] + absolute
-                _env_specs[value] = spec
+        spec = absolute(value)
+        if spec is not value:
+            _env_specs[value] = spec
+    return spec
+
+
+def absolute(spec: str) -> str:
+    """``spec`` with its relative directory (``lab``, ``embedded://lab``) made absolute
+    against the working directory; ``spec`` itself if it names none, or cannot be made
+    so (a working directory since removed, ``~alcie``: said as it is opened)."""
+    path = spec[len("embedded://"):] if spec.startswith("embedded://") else spec
+    if path and "://" not in path and not _MISTYPED_URL.match(path):
+        try:
+            # (Path's expanduser: os.path's leaves "~alcie/lab" as it is, which was
+            # made absolute, and an enclave made in ./~alcie/lab)
+            made = os.path.abspath(Path(path).expanduser())
+        except (FileNotFoundError, RuntimeError):
+            pass
+        else:
+            return spec[: len(spec) - len(path)] + made
     return spec
 
 
