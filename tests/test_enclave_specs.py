@@ -122,3 +122,27 @@ def test_a_blank_enclave_is_an_error_naming_it(spec, tmp_path, monkeypatch):
     monkeypatch.delenv("KOTTA_ENCLAVE", raising=False)
     for default in ("", "embedded://"):  # (the default enclave, made by nothing here)
         check_spec(default)
+
+
+@pytest.mark.parametrize(("spec", "env"), [
+    (" {tmp}/lab", None), ("embedded:// {tmp}/lab", None), ("\tlab", None),
+    (None, " {tmp}/lab"), (None, "embedded:// lab"),
+])
+def test_an_enclave_that_begins_with_a_blank_is_an_error_naming_it(
+        spec, env, tmp_path, monkeypatch):
+    """``KOTTA_ENCLAVE=" /data/lab"`` (a blank pasted with the path) made an enclave in
+    ./" /data/lab", a tree of new directories under the working directory."""
+    from kotta_executor import KottaExecutor, connect
+    from kotta_executor.backends import open_enclave
+
+    monkeypatch.chdir(tmp_path)
+    if env is not None:
+        monkeypatch.setenv("KOTTA_ENCLAVE", env.format(tmp=tmp_path))
+    spec = spec and spec.format(tmp=tmp_path)
+    for make in (check_spec, open_enclave,
+                 lambda s: KottaExecutor(1, enclave=s, start_node=False),
+                 lambda s: connect(s, start_node=False)):
+        with pytest.raises(ConfigurationError, match=r"begins with a blank"):
+            make(spec)
+    assert os.listdir(tmp_path) == []
+    check_spec("./ lab")  # (a directory so named, said so)

@@ -50,6 +50,11 @@ def _directory(spec: str, path: str) -> str:
         raise ConfigurationError(
             f"enclave {spec!r} is blank: name a directory, or give none for the default enclave"
         )
+    if path[:1].isspace():  # a blank pasted with the path: a tree made under ./" "
+        raise ConfigurationError(
+            f"enclave {spec!r} begins with a blank: did you mean {path.lstrip()!r}? "
+            f"(a directory so named: ./{path})"
+        )
     try:
         os.fsencode(path)
     except UnicodeEncodeError:
@@ -95,7 +100,8 @@ def absolute(spec: str) -> str:
     against the working directory; ``spec`` itself if it names none, or cannot be made
     so (a working directory since removed, ``~alcie``: said as it is opened)."""
     path = spec[len("embedded://"):] if spec.startswith("embedded://") else spec
-    if path and "://" not in path and not _MISTYPED_URL.match(path):
+    if path.strip() and "://" not in path and not _MISTYPED_URL.match(path) \
+            and not path[:1].isspace():  # (refused as it is opened: _directory)
         try:
             # (Path's expanduser: os.path's leaves "~alcie/lab" as it is, which was
             # made absolute, and an enclave made in ./~alcie/lab)
