@@ -88,6 +88,10 @@ def kotta_home() -> Path:
                 f"$KOTTA_HOME is blank ({value!r}): set it to a directory, or unset it (or "
                 "set it empty) for ~/.kotta"
             )
+        if value[:1].isspace():  # a blank pasted with the path: the enclave made in ./" "
+            raise ConfigurationError(
+                f"$KOTTA_HOME {value!r} begins with a blank: did you mean {value.lstrip()!r}?"
+            )
         try:
             home = Path(value or Path.home() / ".kotta").expanduser()
         except RuntimeError as exc:  # "~alcie/lab" (no such user), or no home to be found

@@ -146,3 +146,18 @@ def test_an_enclave_that_begins_with_a_blank_is_an_error_naming_it(
             make(spec)
     assert os.listdir(tmp_path) == []
     check_spec("./ lab")  # (a directory so named, said so)
+
+
+def test_a_kotta_home_that_begins_with_a_blank_is_an_error_naming_it(tmp_path, monkeypatch):
+    """``KOTTA_HOME=" /data/home"`` made the default enclave in ./" /data/home", as
+    such an enclave= did (above)."""
+    from kotta_executor import connect
+    from kotta_executor.backends import open_enclave
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KOTTA_ENCLAVE", raising=False)
+    monkeypatch.setenv("KOTTA_HOME", f" {tmp_path}/home")
+    for make in (open_enclave, lambda: connect(start_node=False)):
+        with pytest.raises(ConfigurationError, match=r"\$KOTTA_HOME .* begins with a blank"):
+            make()
+    assert os.listdir(tmp_path) == []
