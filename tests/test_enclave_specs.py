@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kotta_executor.backends import check_spec
@@ -31,6 +31,7 @@ def test_any_spec_is_accepted_or_a_configuration_error(spec):
 
 @settings(max_examples=300)
 @given(st.lists(_parts | st.text(max_size=3), max_size=8).map(lambda p: "aws://" + "".join(p)))
+@example("aws://?endpoint_url=aws://")  # (a bad endpoint_url, no name: the URL went unnamed)
 def test_any_aws_url_is_a_name_and_parameters_or_a_configuration_error_naming_it(url):
     try:
         name, params = parse_url(url)

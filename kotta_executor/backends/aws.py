@@ -310,7 +310,8 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
             f"unknown parameter(s) {', '.join(unknown)} in {url!r} "
             f"(known: {', '.join(_URL_PARAMS)})"
         )
-    check_endpoint_url(params.get("endpoint_url"))  # (for connect()'s check_spec too)
+    # (for connect()'s check_spec too; naming the URL: one with no name named nothing)
+    check_endpoint_url(params.get("endpoint_url"), f" in {url!r}")
     return check_name(name), params
 
 
