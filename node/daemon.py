@@ -22,6 +22,7 @@ back too, and exits 0.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import math
@@ -1864,29 +1865,60 @@ class Node:
             for task, w in plan:
                 if id(task) in started:
                     w.given(task.header.get("max_tasks_per_child"))
-        new: dict[pool.Planned, Worker] = {}  # started now: a task of theirs is claimed
+        new: dict[pool.Planned, Worker | None] = {}  # started now: a task of theirs is claimed
         for task, w in plan:
             if id(task) in started:
                 if isinstance(w, pool.Planned):
                     if w not in new:
                         new[w] = self._start_planned(w)
+                    if new[w] is None:  # it could not be started
+                        self._not_started(task, w)
+                        continue
                     w = new[w]
                 frames.setdefault(w, []).append(task)
                 if _restricted(task):  # it serves nothing after it: it retires
                     w.retiring = True
         return frames, adopted
 
-    def _start_planned(self, p: pool.Planned) -> Worker:
-        """Start a planned worker, ending the idle one it replaces."""
+    def _start_planned(self, p: pool.Planned) -> Worker | None:
+        """Start a planned worker, ending the idle one it replaces; None if it could not
+        be started (``p.failure`` says why: :meth:`_not_started` deals with its tasks).
+        That killed the node (a venv's python not executable, EMFILE...), and every task it
+        held ran again elsewhere, where the same fault killed the next node."""
+        try:
+            w = pool.spawn(p.owner, env=p.venv)
+        except (OSError, subprocess.SubprocessError) as exc:
+            p.failure = exc
+            log.warning("a worker for %s could not be started: %s", p.owner, _unstartable(exc))
+            return None
+        self._failing.pop("starting a worker", None)
         if p.victim is not None:  # never share a worker between owners: replace it
+            # (only now: a worker that could not be started costs no warm one)
             p.victim.close_idle()
             self._leftovers.append(p.victim.leftovers())  # (its owner's processes go too)
             self._look_for_orphans_soon()
             self.workers.remove(p.victim)
-        w = pool.spawn(p.owner, env=p.venv)
         w.max_tasks = p.max_tasks
         self.workers.append(w)
         return w
+
+    def _not_started(self, task: Task, p: pool.Planned) -> None:
+        """A claimed task whose worker could not be started (``p.failure``).  A fault of
+        the node's own that passes (out of file descriptors, of memory, of processes; its
+        env gone, to be built again): the task goes back to pending, unbegun, and so
+        until the fault has lasted PATIENCE (then the node gives up, as on any lasting
+        fault of its own).  Any other (the env's python not executable, say) would meet
+        every task planned there: the task fails, naming what could not be started."""
+        exc = p.failure
+        passing = getattr(exc, "errno", None) in _PASSING_ERRNOS
+        if passing or p.venv is not None and not p.venv.usable():
+            self._transient("starting a worker", exc)
+            task.adopted = False  # (claimed by _claim_adopted if it was, as the others)
+            self._put_back(deque([task]), unbegun=True)
+            return
+        task.refusal = ("WorkerDied", f"the worker process for job {task.job_id} could not "
+                                      f"be started: {_unstartable(exc)}; it never ran")
+        self._fail_refused(task)
 
     def _claim_adopted(self, tasks: list[Task]) -> None:
         for t in tasks:
@@ -2465,6 +2497,18 @@ def _drain_socket(sock: socket.socket) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+#: errors starting a worker that are the node's own and pass (Node._not_started)
+_PASSING_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN})
+
+
+def _unstartable(exc: OSError | subprocess.SubprocessError) -> str:
+    """What could not be started, and why: ``PATH: Permission denied``."""
+    filename = getattr(exc, "filename", None)
+    if filename is not None and getattr(exc, "strerror", None):
+        return f"{filename}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _death_message(code: int, started: bool = True) -> str:

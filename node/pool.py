@@ -512,6 +512,8 @@ class Planned:
     ran: int = 0
     max_tasks: int | None = None
     retiring: bool = False
+    #: why it could not be started (Node._start_planned), if it could not
+    failure: Exception | None = None
 
     takes = Worker.takes
     given = Worker.given

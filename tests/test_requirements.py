@@ -553,3 +553,28 @@ def test_an_env_whose_interpreter_is_gone_is_rebuilt(make_executor, offline_pip)
     assert ex.submit(_probe_version).result(timeout=BUILD_GUARD) == "1.0"
     assert Path(env.python).exists()  # built again
     assert _env_dirs(root) == [key]
+
+
+def test_a_worker_that_cannot_be_started_fails_its_task_not_the_node(
+        start_node, make_executor, offline_pip):
+    """An env whose python is there but cannot be run (a file without its exec bit: a
+    chmod, a half-copied install): ``pool.spawn`` raised PermissionError inside the node's
+    step, which killed the node; every task it held ran again elsewhere, where the same
+    fault killed the next node.  Now the task planned for that worker fails, naming what
+    could not be started, and the node goes on serving other tasks."""
+    root = Path(os.environ["KOTTA_HOME"]) / "envs"
+    env = envs.build(root, envs.env_name(PROBE), PROBE)
+    python = Path(env.python)
+    python.unlink()
+    python.write_text("#!/bin/sh\n")  # there (the env is taken as usable), not executable
+    python.chmod(0o644)
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.with_options(requirements=PROBE).submit(_probe_version)
+    wait_for(lambda: f.done() or node.proc.poll() is not None, what="the task, or the node's end")
+    assert node.proc.poll() is None, node.output()[-2000:]
+    with pytest.raises(WorkerDied, match=re.escape(f"could not be started: {python}")):
+        f.result(timeout=GUARD)
+    assert ex.submit(_probe_version.__code__.co_name.upper).result(timeout=GUARD) == (
+        "_PROBE_VERSION")  # the node serves other tasks
+    assert node.proc.poll() is None
