@@ -760,13 +760,19 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
         extra["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
         extra[NODE_SITE] = os.pathsep.join(_SITE_DIRS)  # (their .pth files: node.worker)
     task_r, task_w = os.pipe()
-    result_r, result_w = os.pipe()
-    out = tempfile.TemporaryFile(prefix="kotta-stdout-", dir=scratch)
-    err = tempfile.TemporaryFile(prefix="kotta-stderr-", dir=scratch)
+    try:
+        result_r, result_w = os.pipe()
+    except BaseException:
+        os.close(task_r)
+        os.close(task_w)
+        raise
+    out = err = None
     # STOP_SIGNAL (stop after the current task) blocked, inherited by the worker, which
     # unblocks it once it has its handler: sent earlier, it waits instead of ending it
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {STOP_SIGNAL})
     try:
+        out = tempfile.TemporaryFile(prefix="kotta-stdout-", dir=scratch)
+        err = tempfile.TemporaryFile(prefix="kotta-stderr-", dir=scratch)
         proc = subprocess.Popen(
             # (-P as the node has it: one an executor started has no working directory
             # first on its path, nor do its workers; and its other options, the client's:
@@ -781,6 +787,15 @@ def spawn(owner: str, scratch: str | None = None, env: Any = None) -> Worker:
             start_new_session=True,
             env=worker_env(extra),
         )
+    except BaseException:
+        # not started (its python not executable, EMFILE...): the node keeps nothing of it
+        # open (it leaked four descriptors a try, until it could start no worker at all)
+        for f in (out, err):
+            if f is not None:
+                f.close()
+        os.close(task_w)
+        os.close(result_r)
+        raise
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(task_r)

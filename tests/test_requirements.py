@@ -578,3 +578,27 @@ def test_a_worker_that_cannot_be_started_fails_its_task_not_the_node(
     assert ex.submit(_probe_version.__code__.co_name.upper).result(timeout=GUARD) == (
         "_PROBE_VERSION")  # the node serves other tasks
     assert node.proc.poll() is None
+
+
+def test_a_worker_that_cannot_be_started_leaves_nothing_open_in_the_node(
+        start_node, make_executor, offline_pip):
+    """``pool.spawn`` left its pipes and capture files open when the worker could not be
+    started: four descriptors a task, until the node ran out of them (EMFILE) and could
+    start no worker at all."""
+    root = Path(os.environ["KOTTA_HOME"]) / "envs"
+    env = envs.build(root, envs.env_name(PROBE), PROBE)
+    python = Path(env.python)
+    python.unlink()
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o644)
+    node = start_node(workers=1)
+    view = make_executor(1, start_node=False).with_options(requirements=PROBE)
+
+    def fail_one() -> int:
+        with pytest.raises(WorkerDied, match="could not be started"):
+            view.submit(_probe_version).result(timeout=GUARD)
+        return len(os.listdir(f"/proc/{node.pid}/fd"))
+
+    before = fail_one()
+    after = [fail_one() for _ in range(5)]
+    assert max(after) <= before, (before, after)
