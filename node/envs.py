@@ -16,7 +16,8 @@ enclave, else the node's cache directory (``$XDG_CACHE_HOME/kotta/envs``,
 
 pip runs as ``python -m pip --python ENV/bin/python install ...`` with the node's
 environment (minus what workers never see), so pip's own variables apply: ``PIP_INDEX_URL``,
-``PIP_NO_INDEX=1`` with ``PIP_FIND_LINKS=DIR`` for an offline wheel directory, and so on.
+``PIP_NO_INDEX=1`` with ``PIP_FIND_LINKS=DIR`` for an offline wheel directory, and so on;
+but not those that would install elsewhere, or nothing, or more (``PIP_SCRUBBED``).
 
 Builds run in a background thread, one per requirement set; the node keeps the tasks that
 wait for one pending and is woken when it is done.
@@ -280,10 +281,19 @@ def _signal_session(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+#: pip's variables an env build runs without: where pip installs (the user's own
+#: installs' settings: the packages went outside the env), whether it installs
+#: (``--dry-run``), what else (an editable, another requirements file).  Those set, the env
+#: was marked ready without its packages, and cached so.  (Index and wheel settings apply.)
+PIP_SCRUBBED = ("PIP_TARGET", "PIP_PREFIX", "PIP_ROOT", "PIP_USER", "PIP_DRY_RUN",
+                "PIP_EDITABLE", "PIP_REQUIREMENT", "PIP_REQUIRE_VIRTUALENV")
+
+
 def _run(cmd: list[str], what: str, builds: Builds | None = None) -> None:
     env = pool.worker_env()
     env.pop("PYTHONPATH", None)  # pip must see the environment, not the node's path
-    env.pop("PIP_REQUIRE_VIRTUALENV", None)
+    for name in PIP_SCRUBBED:
+        env.pop(name, None)
     builds = builds or Builds()
     proc = builds.start(cmd, env, what)
     try:

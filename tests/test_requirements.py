@@ -602,3 +602,28 @@ def test_a_worker_that_cannot_be_started_leaves_nothing_open_in_the_node(
     before = fail_one()
     after = [fail_one() for _ in range(5)]
     assert max(after) <= before, (before, after)
+
+
+def _probe_file():
+    import kotta_probe_pkg
+
+    return kotta_probe_pkg.__file__
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("PIP_TARGET", "{tmp}/target"), ("PIP_PREFIX", "{tmp}/prefix"), ("PIP_USER", "1"),
+    ("PIP_DRY_RUN", "1"),
+])
+def test_pip_settings_of_the_node_do_not_send_an_env_build_elsewhere(
+        make_executor, offline_pip, tmp_path, monkeypatch, variable, value):
+    """pip ran with the node's environment: a ``PIP_TARGET``/``PIP_PREFIX``/``PIP_USER``
+    there (set for the user's own installs) put the packages outside the env, and
+    ``PIP_DRY_RUN`` installed nothing, yet the env was marked ready and cached so: its
+    tasks failed with ModuleNotFoundError (or, with PIP_USER, imported the user's copy)
+    until someone deleted it.  They are not pip's settings for an env build."""
+    monkeypatch.setenv("PYTHONUSERBASE", str(tmp_path / "userbase"))  # (PIP_USER: not ~)
+    monkeypatch.setenv(variable, value.format(tmp=tmp_path))
+    root = Path(os.environ["KOTTA_HOME"]) / "envs"
+    ex = make_executor(1, requirements=PROBE)
+    where = ex.submit(_probe_file).result(timeout=BUILD_GUARD)
+    assert Path(where).is_relative_to(root / envs.env_name(PROBE)), where
