@@ -1904,14 +1904,16 @@ class Node:
 
     def _not_started(self, task: Task, p: pool.Planned) -> None:
         """A claimed task whose worker could not be started (``p.failure``).  A fault of
-        the node's own that passes (out of file descriptors, of memory, of processes; its
-        env gone, to be built again): the task goes back to pending, unbegun, and so
-        until the fault has lasted PATIENCE (then the node gives up, as on any lasting
-        fault of its own).  Any other (the env's python not executable, say) would meet
-        every task planned there: the task fails, naming what could not be started."""
+        the node's own (out of file descriptors, of memory, of processes; its temporary
+        directory gone; its own python) or its env gone, to be built again: the task goes
+        back to pending, unbegun, and so until the fault has lasted PATIENCE (then the
+        node gives up, as on any lasting fault of its own, and its tasks run elsewhere;
+        failed, every task the node took failed at once).  The env's python that cannot
+        be run would meet every task of its set: the task fails, naming it."""
         exc = p.failure
+        envs_own = p.venv is not None and getattr(exc, "filename", None) == p.venv.python
         passing = getattr(exc, "errno", None) in _PASSING_ERRNOS
-        if passing or p.venv is not None and not p.venv.usable():
+        if passing or not envs_own or not p.venv.usable():
             self._transient("starting a worker", exc)
             task.adopted = False  # (claimed by _claim_adopted if it was, as the others)
             self._put_back(deque([task]), unbegun=True)

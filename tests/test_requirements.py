@@ -627,3 +627,24 @@ def test_pip_settings_of_the_node_do_not_send_an_env_build_elsewhere(
     ex = make_executor(1, requirements=PROBE)
     where = ex.submit(_probe_file).result(timeout=BUILD_GUARD)
     assert Path(where).is_relative_to(root / envs.env_name(PROBE)), where
+
+
+def test_a_worker_the_nodes_own_fault_keeps_from_starting_waits_for_it_to_pass(
+        start_node, make_executor, tmp_path):
+    """The node's temporary directory (where a worker's capture files go) removed under
+    it: no worker could be started, and each task the node took failed at once, one
+    after another, naming the node's directory; it is the node's fault, not the task's.
+    The task now waits in the node until the fault has passed (or the node gives up on
+    it after PATIENCE, as on any lasting fault of its own, and the task runs elsewhere)."""
+    scratch = tmp_path / "node-tmp"
+    scratch.mkdir()
+    node = start_node(workers=1, env={"TMPDIR": str(scratch)})
+    ex = make_executor(1, start_node=False)
+    shutil.rmtree(scratch)
+    f = ex.submit(_probe_version.__code__.co_name.upper)
+    wait_for(lambda: "could not be started" in node.output() or f.done(),
+             what="the node's try to start a worker")
+    assert not f.done() and node.proc.poll() is None, node.output()[-2000:]
+    scratch.mkdir()  # the fault passes
+    assert f.result(timeout=GUARD) == "_PROBE_VERSION"
+    assert node.proc.poll() is None
