@@ -648,3 +648,27 @@ def test_a_worker_the_nodes_own_fault_keeps_from_starting_waits_for_it_to_pass(
     scratch.mkdir()  # the fault passes
     assert f.result(timeout=GUARD) == "_PROBE_VERSION"
     assert node.proc.poll() is None
+
+
+def test_a_node_out_of_file_descriptors_keeps_its_task_until_it_has_some(
+        start_node, make_executor):
+    """EMFILE as the node starts a worker (the node's own fault, which passes): the node
+    died of it, and every task it held was redelivered; the task now waits in the node
+    and runs once descriptors are free again."""
+    node = start_node(workers=1)
+    view = make_executor(1, start_node=False, max_tasks_per_child=1)  # (a new worker each)
+    proc = psutil.Process(node.pid)
+    soft, hard = proc.rlimit(psutil.RLIMIT_NOFILE)
+    assert view.submit(len, "ab").result(timeout=GUARD) == 2
+    wait_for(lambda: len(node.worker_pids()) == 0, what="the retired worker's exit")
+    proc.rlimit(psutil.RLIMIT_NOFILE, (proc.num_fds() + 1, hard))
+    try:
+        f = view.submit(len, "abc")
+        wait_for(lambda: "could not be started" in node.output() or f.done()
+                 or node.proc.poll() is not None, what="the node's try to start a worker")
+        assert not f.done() and node.proc.poll() is None, node.output()[-2000:]
+        assert "Too many open files" in node.output()
+    finally:
+        proc.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    assert f.result(timeout=GUARD) == 3
+    assert node.proc.poll() is None
