@@ -97,8 +97,10 @@ class Env:
         """Whether it is there to start workers in: built, and its python (a link to the
         interpreter that built it, another install of this Python version maybe) still
         leads to one.  One removed since (``pyenv uninstall``, an upgrade) left the env
-        taken as built, and the node died at each spawn of a worker there."""
-        return os.path.exists(self.marker) and os.path.exists(self.python)
+        taken as built, and the node died at each spawn of a worker there.  Nor one that
+        has lost its exec bit (a chmod, a copy that dropped modes): every task of its set
+        failed, until someone deleted the env."""
+        return os.path.exists(self.marker) and os.access(self.python, os.X_OK)
 
 
 class EnvCache:

@@ -557,8 +557,8 @@ def test_an_env_whose_interpreter_is_gone_is_rebuilt(make_executor, offline_pip)
 
 def test_a_worker_that_cannot_be_started_fails_its_task_not_the_node(
         start_node, make_executor, offline_pip):
-    """An env whose python is there but cannot be run (a file without its exec bit: a
-    chmod, a half-copied install): ``pool.spawn`` raised PermissionError inside the node's
+    """An env whose python is there but cannot be run (a binary for another machine, a
+    half-copied one): ``pool.spawn`` raised OSError (ENOEXEC) inside the node's
     step, which killed the node; every task it held ran again elsewhere, where the same
     fault killed the next node.  Now the task planned for that worker fails, naming what
     could not be started, and the node goes on serving other tasks."""
@@ -566,14 +566,16 @@ def test_a_worker_that_cannot_be_started_fails_its_task_not_the_node(
     env = envs.build(root, envs.env_name(PROBE), PROBE)
     python = Path(env.python)
     python.unlink()
-    python.write_text("#!/bin/sh\n")  # there (the env is taken as usable), not executable
-    python.chmod(0o644)
+    # there and executable (the env is taken as usable), but no program: a binary for
+    # another machine, a half-copied one (ENOEXEC)
+    python.write_bytes(b"\0garbage\n")
+    python.chmod(0o755)
     node = start_node(workers=1)
     ex = make_executor(1, start_node=False)
     f = ex.with_options(requirements=PROBE).submit(_probe_version)
     wait_for(lambda: f.done() or node.proc.poll() is not None, what="the task, or the node's end")
     assert node.proc.poll() is None, node.output()[-2000:]
-    with pytest.raises(WorkerDied, match=re.escape(f"could not be started: {python}")):
+    with pytest.raises(WorkerDied, match=re.escape(f"could not be started: {python}: Exec")):
         f.result(timeout=GUARD)
     assert ex.submit(_probe_version.__code__.co_name.upper).result(timeout=GUARD) == (
         "_PROBE_VERSION")  # the node serves other tasks
@@ -589,8 +591,8 @@ def test_a_worker_that_cannot_be_started_leaves_nothing_open_in_the_node(
     env = envs.build(root, envs.env_name(PROBE), PROBE)
     python = Path(env.python)
     python.unlink()
-    python.write_text("#!/bin/sh\n")
-    python.chmod(0o644)
+    python.write_bytes(b"\0garbage\n")  # (not a program: ENOEXEC)
+    python.chmod(0o755)
     node = start_node(workers=1)
     view = make_executor(1, start_node=False).with_options(requirements=PROBE)
 
@@ -672,3 +674,19 @@ def test_a_node_out_of_file_descriptors_keeps_its_task_until_it_has_some(
         proc.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
     assert f.result(timeout=GUARD) == 3
     assert node.proc.poll() is None
+
+
+def test_an_env_whose_python_is_not_executable_is_rebuilt(make_executor, offline_pip):
+    """An env's python that lost its exec bit (a chmod, a copy that dropped modes) was
+    taken as usable: every task of its set failed ("could not be started: ...: Permission
+    denied") until someone found the env and deleted it.  It is rebuilt, as one whose
+    interpreter is gone is."""
+    root = Path(os.environ["KOTTA_HOME"]) / "envs"
+    env = envs.build(root, envs.env_name(PROBE), PROBE)
+    python = Path(env.python)
+    python.unlink()
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o644)
+    ex = make_executor(1, requirements=PROBE)
+    assert ex.submit(_probe_version).result(timeout=BUILD_GUARD) == "1.0"
+    assert os.access(env.python, os.X_OK)  # built again
