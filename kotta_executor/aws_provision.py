@@ -311,7 +311,10 @@ def bootstrap(
         c.iam.put_role_policy(
             RoleName=names.node_role,
             PolicyName=names.node_role,
-            PolicyDocument=json.dumps(node_policy(names, c.region, account, c.partition)),
+            # (the queues made above: with only the default ones, nodes of a queue of
+            # bootstrap(queues=[...]) were refused by IAM)
+            PolicyDocument=json.dumps(node_policy(names, c.region, account, c.partition,
+                                                  queues=queues)),
         )
         try:
             c.iam.create_instance_profile(InstanceProfileName=names.node_role)
@@ -590,13 +593,14 @@ NODE_S3_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
 
 
 def node_policy(names: Names, region: str, account: str,
-                partition: str = "aws") -> dict[str, Any]:
+                partition: str = "aws", queues: Iterable[str] = QUEUES) -> dict[str, Any]:
     """The node role's inline policy: nothing beyond the enclave's own resources.  Its
     queues by name, and its reply queues by their prefix: a pattern ``kotta-NAME-*``
     also named every queue of an enclave called ``NAME-something`` (check_name keeps the
-    two prefixes left, ``-reply-`` and ``-user-``, from being another enclave's)."""
+    two prefixes left, ``-reply-`` and ``-user-``, from being another enclave's).
+    ``queues``: the Kotta queues whose nodes take tasks (bootstrap's ``queues``)."""
     arn = f"arn:{partition}:sqs:{region}:{account}:"
-    sqs = [arn + q for name in QUEUES for q in (names.queue(name), names.dlq(names.queue(name)))]
+    sqs = [arn + q for name in queues for q in (names.queue(name), names.dlq(names.queue(name)))]
     sqs.append(arn + names.reply_prefix + "*")
     table = f"arn:{partition}:dynamodb:{region}:{account}:table/"
     return {

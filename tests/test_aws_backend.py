@@ -1592,3 +1592,21 @@ def test_a_queue_whose_sqs_name_would_be_too_long_is_refused_naming_it(moto_env)
     sqs = moto_env.client("sqs")
     assert sqs.list_queues().get("QueueUrls") is None  # (nothing made)
     assert Names(name).queue("q" * 37) == f"kotta-{name}-{'q' * 37}"  # (-dlq: 80)
+
+
+def test_bootstraps_node_policy_grants_the_queues_it_made(moto_env, name):
+    """bootstrap(NAME, queues=["gpu"]) made kotta-NAME-gpu, but the node role's policy
+    granted only test and production: a node of the gpu queue was refused by IAM.  The
+    policy names the queues bootstrap made (and their dead-letter queues)."""
+    report = aws_provision.bootstrap(name, queues=["gpu", "test"], tls_only=False,
+                                     session=moto_env)
+    iam = moto_env.client("iam")
+    role = f"kotta-{name}-node"
+    doc = iam.get_role_policy(RoleName=role, PolicyName=role)["PolicyDocument"]
+    doc = json.loads(doc) if isinstance(doc, str) else doc
+    [queues] = [s for s in doc["Statement"] if s["Sid"] == "Queues"]
+    granted = {r.rsplit(":", 1)[-1] for r in queues["Resource"]}
+    made = {n for kind, n in report.resources if kind == "AWS::SQS::Queue"}
+    assert made == {f"kotta-{name}-gpu", f"kotta-{name}-gpu-dlq",
+                    f"kotta-{name}-test", f"kotta-{name}-test-dlq"}
+    assert granted == made | {f"kotta-{name}-reply-*"}
