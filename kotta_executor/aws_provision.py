@@ -10,7 +10,8 @@ What ``bootstrap`` makes (names from :class:`kotta_executor.backends.aws.Names`)
   (``...-dlq``) and a redrive policy (``maxReceiveCount`` 10, above the node's own limit of
   5 deliveries, so that nodes normally dead-letter a task themselves and record why);
   server-side encryption (SQS-managed keys), 14-day retention.
-* S3: the bucket ``kotta-NAME-blobs`` (or ``bucket=``) with default encryption (SSE-S3),
+* S3: the bucket ``kotta-NAME-blobs`` (or ``bucket=``) with default encryption (SSE-S3;
+  an existing bucket's SSE-KMS is kept, the node role allowed its key through S3),
   every public access blocked, and a policy refusing requests not made over TLS.
 * DynamoDB (on-demand): ``kotta-NAME-jobs`` (key ``job_id``, GSI ``owner-created``) and
   ``kotta-NAME-nodes`` (key ``node_id``, TTL on ``expires``).
@@ -241,17 +242,34 @@ def bootstrap(
             "RestrictPublicBuckets": True,
         },
     )
-    c.s3.put_bucket_encryption(
-        Bucket=names.bucket,
-        ServerSideEncryptionConfiguration={
-            "Rules": [
-                {
-                    "ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"},
-                    "BucketKeyEnabled": True,
-                }
-            ]
-        },
-    )
+    # an existing bucket encrypted with SSE-KMS keeps it: PutBucketEncryption replaced its
+    # owner's choice (their key) with SSE-S3 without a word.  The node role may then use
+    # that one key, through S3 only (it could not read or write a blob otherwise)
+    kms = _bucket_kms(c, names.bucket) if exists else None
+    kms_key = None
+    if kms is None:
+        c.s3.put_bucket_encryption(
+            Bucket=names.bucket,
+            ServerSideEncryptionConfiguration={
+                "Rules": [
+                    {
+                        "ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"},
+                        "BucketKeyEnabled": True,
+                    }
+                ]
+            },
+        )
+    else:
+        algorithm, key_id = kms
+        if key_id and iam:
+            kms_key = _key_arn(c, key_id, names.bucket)
+        said = (f"the bucket {names.bucket} keeps its default encryption {algorithm} "
+                f"(key {kms_key or key_id or 'aws/s3, AWS managed'}), not replaced by SSE-S3")
+        if kms_key:
+            said += "; the node role may use that key through S3"
+        log.warning("%s", said)
+        if out is not None:
+            out(f"kept     {said}")
     if tls_only is None:
         tls_only = not (c.endpoint_url or "").startswith("http://")
     if tls_only:
@@ -314,7 +332,8 @@ def bootstrap(
             # (the queues made above: with only the default ones, nodes of a queue of
             # bootstrap(queues=[...]) were refused by IAM)
             PolicyDocument=json.dumps(node_policy(names, c.region, account, c.partition,
-                                                  queues=queues)),
+                                                  queues=queues, kms_key=kms_key,
+                                                  url_suffix=c.url_suffix)),
         )
         try:
             c.iam.create_instance_profile(InstanceProfileName=names.node_role)
@@ -469,6 +488,39 @@ def teardown(
     return report
 
 
+def _bucket_kms(c: _Clients, bucket: str) -> tuple[str, str | None] | None:
+    """``(algorithm, key id or None)`` of a bucket's default SSE-KMS (or DSSE-KMS)
+    encryption; None for SSE-S3 or none."""
+    try:
+        rules = c.s3.get_bucket_encryption(Bucket=bucket)[
+            "ServerSideEncryptionConfiguration"]["Rules"]
+    except _client_error() as exc:
+        if _code(exc) != "ServerSideEncryptionConfigurationNotFoundError":
+            raise
+        return None
+    for rule in rules:
+        default = rule.get("ApplyServerSideEncryptionByDefault") or {}
+        if default.get("SSEAlgorithm", "").startswith("aws:kms"):
+            return default["SSEAlgorithm"], default.get("KMSMasterKeyID") or None
+    return None
+
+
+def _key_arn(c: _Clients, key_id: str, bucket: str) -> str:
+    """The ARN of a bucket's KMS key (its configuration may name it by id or alias: an
+    IAM policy needs the key's ARN)."""
+    if key_id.startswith("arn:") and ":key/" in key_id:
+        return key_id
+    try:
+        return c.kms.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"]
+    except _client_error() as exc:
+        raise ConfigurationError(
+            f"the bucket {bucket} is encrypted with the KMS key {key_id}, which is kept, but "
+            f"KMS did not describe it ({_code(exc)}): the node role needs its ARN to be "
+            f"allowed kms:Decrypt and kms:GenerateDataKey.  Set the bucket's encryption to "
+            f"the key's ARN, or run bootstrap with --no-iam and grant the node role yourself"
+        ) from None
+
+
 def _refuse_running_pools(c: _Clients, name: str) -> None:
     """Teardown leaves the node pools (``kotta aws pools``): refuse, before deleting
     anything, while they exist, or their instances would run on without an enclave."""
@@ -593,17 +645,20 @@ NODE_S3_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
 
 
 def node_policy(names: Names, region: str, account: str,
-                partition: str = "aws", queues: Iterable[str] = QUEUES) -> dict[str, Any]:
+                partition: str = "aws", queues: Iterable[str] = QUEUES,
+                kms_key: str | None = None,
+                url_suffix: str = "amazonaws.com") -> dict[str, Any]:
     """The node role's inline policy: nothing beyond the enclave's own resources.  Its
     queues by name, and its reply queues by their prefix: a pattern ``kotta-NAME-*``
     also named every queue of an enclave called ``NAME-something`` (check_name keeps the
     two prefixes left, ``-reply-`` and ``-user-``, from being another enclave's).
-    ``queues``: the Kotta queues whose nodes take tasks (bootstrap's ``queues``)."""
+    ``queues``: the Kotta queues whose nodes take tasks (bootstrap's ``queues``).
+    ``kms_key``: the ARN of the KMS key an existing bucket is encrypted with, if any."""
     arn = f"arn:{partition}:sqs:{region}:{account}:"
     sqs = [arn + q for name in queues for q in (names.queue(name), names.dlq(names.queue(name)))]
     sqs.append(arn + names.reply_prefix + "*")
     table = f"arn:{partition}:dynamodb:{region}:{account}:table/"
-    return {
+    policy = {
         "Version": "2012-10-17",
         "Statement": [
             {"Sid": "Queues", "Effect": "Allow", "Action": NODE_SQS_ACTIONS, "Resource": sqs},
@@ -674,3 +729,12 @@ def node_policy(names: Names, region: str, account: str,
             },
         ],
     }
+    if kms_key:
+        policy["Statement"].append({
+            "Sid": "BlobsKey",
+            "Effect": "Allow",
+            "Action": ["kms:Decrypt", "kms:GenerateDataKey"],
+            "Resource": kms_key,
+            "Condition": {"StringEquals": {"kms:ViaService": f"s3.{region}.{url_suffix}"}},
+        })
+    return policy

@@ -1610,3 +1610,51 @@ def test_bootstraps_node_policy_grants_the_queues_it_made(moto_env, name):
     assert made == {f"kotta-{name}-gpu", f"kotta-{name}-gpu-dlq",
                     f"kotta-{name}-test", f"kotta-{name}-test-dlq"}
     assert granted == made | {f"kotta-{name}-reply-*"}
+
+
+def test_bootstrap_keeps_an_existing_buckets_sse_kms_and_lets_the_nodes_use_its_key(
+        moto_env, name):
+    """bootstrap --bucket on an existing bucket encrypted with SSE-KMS (its owner's key)
+    replaced that with SSE-S3 without a word: a silent downgrade.  The bucket's own
+    encryption is kept, bootstrap says so, and the node role may use that one key through
+    S3 only (it had no KMS permission, and could not have read or written a blob)."""
+    s3, kms = moto_env.client("s3"), moto_env.client("kms")
+    key = kms.create_key()["KeyMetadata"]
+    kms.create_alias(AliasName=f"alias/{name}", TargetKeyId=key["KeyId"])
+    bucket = f"{name}-owned"
+    s3.create_bucket(Bucket=bucket)
+    rule = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms",
+                                                   "KMSMasterKeyID": f"alias/{name}"},
+            "BucketKeyEnabled": True}
+    s3.put_bucket_encryption(Bucket=bucket,
+                             ServerSideEncryptionConfiguration={"Rules": [rule]})
+    said = []
+    aws_provision.bootstrap(name, bucket=bucket, tls_only=False, session=moto_env,
+                            out=said.append)
+    [kept] = s3.get_bucket_encryption(Bucket=bucket)[
+        "ServerSideEncryptionConfiguration"]["Rules"]
+    assert kept["ApplyServerSideEncryptionByDefault"] == rule[
+        "ApplyServerSideEncryptionByDefault"]
+    assert [m for m in said if "aws:kms" in m and bucket in m and "kept" in m], said
+    role = f"kotta-{name}-node"
+    doc = moto_env.client("iam").get_role_policy(RoleName=role, PolicyName=role)
+    doc = doc["PolicyDocument"]
+    doc = json.loads(doc) if isinstance(doc, str) else doc
+    [grant] = [s for s in doc["Statement"] if s["Sid"] == "BlobsKey"]
+    assert grant["Resource"] == key["Arn"]
+    assert set(grant["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey"}
+    assert grant["Condition"] == {"StringEquals": {"kms:ViaService":
+                                                   "s3.us-east-1.amazonaws.com"}}
+
+
+def test_bootstrap_gives_a_new_or_sse_s3_bucket_sse_s3_and_no_kms_grant(moto_env, name):
+    aws_provision.bootstrap(name, tls_only=False, session=moto_env)
+    s3 = moto_env.client("s3")
+    [rule] = s3.get_bucket_encryption(Bucket=f"kotta-{name}-blobs")[
+        "ServerSideEncryptionConfiguration"]["Rules"]
+    assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    role = f"kotta-{name}-node"
+    doc = moto_env.client("iam").get_role_policy(RoleName=role, PolicyName=role)
+    doc = doc["PolicyDocument"]
+    doc = json.loads(doc) if isinstance(doc, str) else doc
+    assert "BlobsKey" not in {s["Sid"] for s in doc["Statement"]}
