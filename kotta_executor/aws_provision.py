@@ -191,6 +191,19 @@ def bootstrap(
                 raise ConfigurationError(why) from None
             # (403: another account's, said below; a fault that passes: met again below)
 
+    # an existing bucket of another region, before anything is made: botocore's redirect
+    # let HeadBucket pass and the bucket was kept, every later call then paying a redirect
+    # (or failing where redirects are not followed).  (Not on an emulator: its buckets'
+    # region need not be the one asked for.)
+    if not c.endpoint_url and c.region:
+        elsewhere = _bucket_region(c, names.bucket)
+        if elsewhere and elsewhere != c.region:
+            raise ConfigurationError(
+                f"the bucket {names.bucket} is in the region {elsewhere}, not in the "
+                f"enclave's region {c.region}: bootstrap the enclave in {elsewhere} "
+                f"(--region {elsewhere}), or choose a bucket of {c.region} with --bucket "
+                f"(and aws://{name}?bucket=...)")
+
     def note(created: bool, kind: str, what: str) -> None:
         (report.created if created else report.existing).append((kind, what))
         if out is not None:
@@ -486,6 +499,17 @@ def teardown(
     if quietly(c.iam.delete_role, RoleName=names.node_role):
         gone(ROLE, names.node_role)
     return report
+
+
+def _bucket_region(c: _Clients, bucket: str) -> str | None:
+    """The region of an existing bucket (S3 names it in HeadBucket's answer, redirected or
+    not); None if there is no such bucket, or it is not ours to ask (said later)."""
+    try:
+        resp = c.s3.head_bucket(Bucket=bucket)
+    except _client_error():
+        return None  # (403: another account's, said below; a fault: met again below)
+    return resp.get("BucketRegion") or resp.get("ResponseMetadata", {}).get(
+        "HTTPHeaders", {}).get("x-amz-bucket-region")
 
 
 def _bucket_kms(c: _Clients, bucket: str) -> tuple[str, str | None] | None:

@@ -1658,3 +1658,24 @@ def test_bootstrap_gives_a_new_or_sse_s3_bucket_sse_s3_and_no_kms_grant(moto_env
     doc = doc["PolicyDocument"]
     doc = json.loads(doc) if isinstance(doc, str) else doc
     assert "BlobsKey" not in {s["Sid"] for s in doc["Statement"]}
+
+
+def test_bootstrap_refuses_an_existing_bucket_of_another_region_naming_both(moto_env, name):
+    """bootstrap --region us-east-1 --bucket B, B made in eu-west-1: botocore's redirect
+    let the existence check pass and B was kept, so every later call paid a redirect (or
+    failed where redirects are not followed).  It is refused, naming both regions, before
+    anything is made."""
+    bucket = f"{name}-eu"
+    moto_env.client("s3", region_name="eu-west-1").create_bucket(
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    with pytest.raises(ConfigurationError) as info:
+        aws_provision.bootstrap(name, bucket=bucket, tls_only=False, session=moto_env)
+    said = str(info.value)
+    assert bucket in said and "eu-west-1" in said and "us-east-1" in said, said
+    assert not moto_env.client("sqs").list_queues(QueueNamePrefix=f"kotta-{name}").get(
+        "QueueUrls")
+    # in its own region it is kept
+    report = aws_provision.bootstrap(name, bucket=bucket, region="eu-west-1", iam=False,
+                                     tls_only=False, session=moto_env.__class__(
+                                         region_name="eu-west-1"))
+    assert ("AWS::S3::Bucket", bucket) in report.existing
