@@ -95,7 +95,7 @@ def planned(
     """The ``(type, name)`` of every resource bootstrap makes, without calling AWS."""
     n = Names(name, bucket)
     out = set()
-    for q in queues:
+    for q in _queue_list(queues):
         out |= {(QUEUE, n.queue(q)), (QUEUE, n.dlq(n.queue(q)))}
     out.add((BUCKET, n.bucket))
     if tls_only:
@@ -104,6 +104,11 @@ def planned(
     if iam:
         out |= {(ROLE, n.node_role), (PROFILE, n.node_role)}
     return out
+
+
+def _queue_list(queues: Iterable[str] | str) -> list[str]:
+    """``queues="production"`` is that one queue: list() made it the queues p, r, o, ..."""
+    return [queues] if isinstance(queues, str) else list(queues)
 
 
 class _Clients:
@@ -159,7 +164,7 @@ def bootstrap(
     ``out``: a callable (``print``) told about each resource as it goes.
     """
     names = Names(name, bucket)
-    queues = list(queues)
+    queues = _queue_list(queues)
     for q in queues:  # (a name SQS refuses, before anything is made)
         names.queue(q)
     if not 1 <= max_receive_count <= 1000:  # SQS's bounds; checked before anything is made

@@ -1679,3 +1679,15 @@ def test_bootstrap_refuses_an_existing_bucket_of_another_region_naming_both(moto
                                      tls_only=False, session=moto_env.__class__(
                                          region_name="eu-west-1"))
     assert ("AWS::S3::Bucket", bucket) in report.existing
+
+
+def test_bootstrap_takes_one_queue_name_as_one_queue(moto_env, name):
+    """bootstrap(NAME, queues="production") iterated the string: it made the queues
+    kotta-NAME-p, -r, -o, ... (and their dead-letter queues), and no production queue.
+    A name alone is that one queue."""
+    report = aws_provision.bootstrap(name, queues="production", iam=False, tls_only=False,
+                                     session=moto_env)
+    made = {n for kind, n in report.resources if kind == "AWS::SQS::Queue"}
+    assert made == {f"kotta-{name}-production", f"kotta-{name}-production-dlq"}
+    assert aws_provision.planned(name, queues="production", iam=False,
+                                 tls_only=False) == report.resources
