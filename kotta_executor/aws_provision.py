@@ -46,7 +46,7 @@ from .backends.aws import (
     new_bucket_name_error,
 )
 from .backends.aws_records import records_table_spec
-from .config import MAX_DELIVERIES, QUEUES
+from .config import MAX_DELIVERIES, QUEUES, normalize_queue
 from .errors import ConfigurationError
 
 log = logging.getLogger("kotta.aws")
@@ -107,8 +107,18 @@ def planned(
 
 
 def _queue_list(queues: Iterable[str] | str) -> list[str]:
-    """``queues="production"`` is that one queue: list() made it the queues p, r, o, ..."""
-    return [queues] if isinstance(queues, str) else list(queues)
+    """``queues="production"`` is that one queue: list() made it the queues p, r, o, ...
+    A spelling executors and nodes take (``prod``, ``Production``) is the queue they use:
+    kotta-NAME-prod was made, which none uses.  Other names are kept as they are."""
+    out = []
+    for q in [queues] if isinstance(queues, str) else list(queues):
+        try:
+            q = normalize_queue(q)
+        except ConfigurationError:
+            pass
+        if q not in out:
+            out.append(q)
+    return out
 
 
 class _Clients:

@@ -1691,3 +1691,15 @@ def test_bootstrap_takes_one_queue_name_as_one_queue(moto_env, name):
     assert made == {f"kotta-{name}-production", f"kotta-{name}-production-dlq"}
     assert aws_provision.planned(name, queues="production", iam=False,
                                  tls_only=False) == report.resources
+
+
+@pytest.mark.parametrize("spelled", ["prod", "Production", "PROD"])
+def test_bootstrap_makes_the_queue_nodes_use_for_its_other_spellings(moto_env, name, spelled):
+    """Executors and nodes take `prod` and `Production` for the production queue (the
+    original spellings), but bootstrap(queues=["prod"]) made kotta-NAME-prod, which none
+    uses: a node of production then found no queue.  bootstrap makes kotta-NAME-production."""
+    report = aws_provision.bootstrap(name, queues=[spelled], iam=False, tls_only=False,
+                                     session=moto_env)
+    made = {n for kind, n in report.resources if kind == "AWS::SQS::Queue"}
+    assert made == {f"kotta-{name}-production", f"kotta-{name}-production-dlq"}
+    AwsEnclave(name, session=moto_env).queue.depth("production")  # (exists)
