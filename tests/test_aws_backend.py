@@ -1703,3 +1703,14 @@ def test_bootstrap_makes_the_queue_nodes_use_for_its_other_spellings(moto_env, n
     made = {n for kind, n in report.resources if kind == "AWS::SQS::Queue"}
     assert made == {f"kotta-{name}-production", f"kotta-{name}-production-dlq"}
     AwsEnclave(name, session=moto_env).queue.depth("production")  # (exists)
+
+
+def test_the_templates_max_receive_count_has_sqs_bounds_as_bootstrap_does(moto_env, name):
+    """bootstrap refuses a --max-receive-count over 1000 before making anything; the
+    template took MaxReceiveCount=5000, and the stack failed at its first queue (SQS's
+    refusal), rolling back.  The parameter has SQS's bound."""
+    param = _template()["Parameters"]["MaxReceiveCount"]
+    assert param["MaxValue"] == 1000
+    with pytest.raises(ValueError, match="1 to 1000"):
+        aws_provision.bootstrap(name, max_receive_count=param["MaxValue"] + 1,
+                                session=moto_env)
