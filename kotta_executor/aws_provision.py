@@ -330,6 +330,34 @@ def bootstrap(
         c.dynamodb.get_waiter("table_exists").wait(
             TableName=table, WaiterConfig={"Delay": 2, "MaxAttempts": 60}
         )
+    # a jobs table an earlier version made: its index (which cannot be changed in place)
+    # lacks the attributes added since, which a job listing by owner asks for, or is
+    # missing; bootstrap again, the repair, said only "exists".  A missing one is made
+    lacks = _index_lacks(c.dynamodb, names.jobs_table)
+    if lacks == ["*"]:
+        spec = jobs_table_spec(names)
+        c.dynamodb.update_table(
+            TableName=names.jobs_table, AttributeDefinitions=spec["AttributeDefinitions"],
+            GlobalSecondaryIndexUpdates=[{"Create": spec["GlobalSecondaryIndexes"][0]}])
+        if out is not None:
+            out(f"created  {'index':26} {names.jobs_table} {OWNER_INDEX}")
+    elif lacks == ["(being deleted)"]:
+        said = (f"the index {OWNER_INDEX} of the jobs table {names.jobs_table} is being "
+                f"deleted: run bootstrap again once it is gone, to make it anew")
+        log.warning("%s", said)
+        if out is not None:
+            out(f"WARNING  {said}")
+    elif lacks:
+        said = (f"the index {OWNER_INDEX} of the jobs table {names.jobs_table} lacks the "
+                f"attributes {', '.join(lacks)} (made by an earlier version; an index cannot "
+                f"be changed): a job listing by owner (`kotta list`) fails or misses them.  "
+                f"Delete the index (aws dynamodb update-table --table-name "
+                f"{names.jobs_table} --global-secondary-index-updates "
+                f"'[{{\"Delete\": {{\"IndexName\": \"{OWNER_INDEX}\"}}}}]'), wait until "
+                f"it is gone, and run bootstrap again: it makes the index anew")
+        log.warning("%s", said)
+        if out is not None:
+            out(f"WARNING  {said}")
     ttl = c.dynamodb.describe_time_to_live(TableName=names.nodes_table)
     if ttl.get("TimeToLiveDescription", {}).get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
         c.dynamodb.update_time_to_live(
@@ -514,6 +542,23 @@ def teardown(
     if quietly(c.iam.delete_role, RoleName=names.node_role):
         gone(ROLE, names.node_role)
     return report
+
+
+def _index_lacks(ddb, table: str) -> list[str]:
+    """The attributes the jobs table's owner index lacks (``["*"]``: it has no such index;
+    ``["(being deleted)"]``: it is going)."""
+    desc = ddb.describe_table(TableName=table)["Table"]
+    for gsi in desc.get("GlobalSecondaryIndexes") or []:
+        if gsi["IndexName"] != OWNER_INDEX:
+            continue
+        if gsi.get("IndexStatus") == "DELETING":
+            return ["(being deleted)"]
+        projection = gsi.get("Projection") or {}
+        if projection.get("ProjectionType") == "ALL":
+            return []
+        have = set(projection.get("NonKeyAttributes") or [])
+        return [a for a in INDEX_ATTRS if a not in have]
+    return ["*"]
 
 
 def _bucket_region(c: _Clients, bucket: str) -> str | None:

@@ -1714,3 +1714,40 @@ def test_the_templates_max_receive_count_has_sqs_bounds_as_bootstrap_does(moto_e
     with pytest.raises(ValueError, match="1 to 1000"):
         aws_provision.bootstrap(name, max_receive_count=param["MaxValue"] + 1,
                                 session=moto_env)
+
+
+def test_bootstrap_names_a_jobs_index_made_without_todays_attributes(moto_env, name):
+    """A jobs table made by an earlier version has an owner-created index without the
+    attributes added since (usage): DynamoDB refuses a query of the index asking for them,
+    and `kotta list` for an owner failed.  Running bootstrap again, the documented repair,
+    said only "exists".  It names the index, what it lacks and what to do."""
+    spec = aws_provision.jobs_table_spec(Names(name))
+    [gsi] = spec["GlobalSecondaryIndexes"]
+    gsi["Projection"]["NonKeyAttributes"].remove("usage")
+    moto_env.client("dynamodb").create_table(**spec)
+    said = []
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env,
+                            out=said.append)
+    [warned] = [m for m in said if "owner-created" in m]
+    assert f"kotta-{name}-jobs" in warned and "usage" in warned, warned
+    said.clear()
+    aws_provision.bootstrap(f"{name}x", iam=False, tls_only=False, session=moto_env,
+                            out=said.append)
+    assert not [m for m in said if "owner-created" in m]
+
+
+def test_bootstrap_makes_a_jobs_tables_missing_owner_index(moto_env, name):
+    """(After the index was deleted, as bootstrap says to do for one lacking attributes,
+    bootstrap again makes it anew.)"""
+    spec = aws_provision.jobs_table_spec(Names(name))
+    del spec["GlobalSecondaryIndexes"]
+    spec["AttributeDefinitions"] = spec["AttributeDefinitions"][:1]
+    ddb = moto_env.client("dynamodb")
+    ddb.create_table(**spec)
+    said = []
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env,
+                            out=said.append)
+    assert [m for m in said if m.startswith("created") and "owner-created" in m], said
+    [gsi] = ddb.describe_table(TableName=f"kotta-{name}-jobs")["Table"][
+        "GlobalSecondaryIndexes"]
+    assert sorted(gsi["Projection"]["NonKeyAttributes"]) == sorted(INDEX_ATTRS)
