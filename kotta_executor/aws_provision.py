@@ -359,7 +359,27 @@ def bootstrap(
         if out is not None:
             out(f"WARNING  {said}")
     ttl = c.dynamodb.describe_time_to_live(TableName=names.nodes_table)
-    if ttl.get("TimeToLiveDescription", {}).get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+    ttl = ttl.get("TimeToLiveDescription", {})
+    if ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING") and ttl.get(
+            "AttributeName", "expires") != "expires":
+        # (one attribute per table, changed only once disabled, which takes up to an hour:
+        # said, as the records of dead nodes never went, without a word)
+        said = (f"the time to live of the nodes table {names.nodes_table} is on the "
+                f"attribute {ttl['AttributeName']!r}, not {'expires'!r}: the records of "
+                f"dead nodes are never deleted.  Disable it (aws dynamodb update-time-to-live "
+                f"--table-name {names.nodes_table} --time-to-live-specification "
+                f"Enabled=false,AttributeName={ttl['AttributeName']}), wait until it is "
+                f"disabled, and run bootstrap again")
+        log.warning("%s", said)
+        if out is not None:
+            out(f"WARNING  {said}")
+    elif ttl.get("TimeToLiveStatus") == "DISABLING":  # (UpdateTimeToLive refuses it now)
+        said = (f"the time to live of the nodes table {names.nodes_table} is being "
+                f"disabled: run bootstrap again once it is, to turn it on for 'expires'")
+        log.warning("%s", said)
+        if out is not None:
+            out(f"WARNING  {said}")
+    elif ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
         c.dynamodb.update_time_to_live(
             TableName=names.nodes_table,
             TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires"},

@@ -1751,3 +1751,18 @@ def test_bootstrap_makes_a_jobs_tables_missing_owner_index(moto_env, name):
     [gsi] = ddb.describe_table(TableName=f"kotta-{name}-jobs")["Table"][
         "GlobalSecondaryIndexes"]
     assert sorted(gsi["Projection"]["NonKeyAttributes"]) == sorted(INDEX_ATTRS)
+
+
+def test_bootstrap_names_a_nodes_tables_ttl_on_another_attribute(moto_env, name):
+    """A nodes table whose time to live is on another attribute (made by hand, or by
+    another tool): bootstrap saw TTL enabled and said nothing, and the records of dead
+    nodes, which carry `expires`, never went.  It says so, naming both attributes."""
+    ddb = moto_env.client("dynamodb")
+    ddb.create_table(**aws_provision.nodes_table_spec(Names(name)))
+    ddb.update_time_to_live(TableName=f"kotta-{name}-nodes", TimeToLiveSpecification={
+        "Enabled": True, "AttributeName": "ttl"})
+    said = []
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env,
+                            out=said.append)
+    [warned] = [m for m in said if "time to live" in m]
+    assert f"kotta-{name}-nodes" in warned and "'ttl'" in warned and "'expires'" in warned
