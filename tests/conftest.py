@@ -47,6 +47,25 @@ ROOT = Path(__file__).resolve().parent.parent
 GUARD = 60.0
 
 
+def thread_frame(ident: int):
+    """The frame a thread runs (``sys._current_frames()[ident]``; None if none), with the
+    garbage collector held meanwhile.  On Python 3.11 a collection that comes as
+    _current_frames allocates, while it holds the runtime's lock on the thread list, and
+    frees a ``threading.local`` (an enclave's), which takes that lock again, deadlocks the
+    process (CPython gh-106883, fixed in 3.12 only): a fresh clone's suite hung for good
+    in test_executor_races on it."""
+    import gc
+
+    held = gc.isenabled()
+    if held:
+        gc.disable()
+    try:
+        return sys._current_frames().get(ident)
+    finally:
+        if held:
+            gc.enable()
+
+
 def wait_for(predicate, timeout: float = GUARD, interval: float = 0.02, what: str = "condition"):
     """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` (a deadlock guard)."""
     deadline = time.monotonic() + timeout

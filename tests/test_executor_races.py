@@ -24,7 +24,7 @@ from kotta_executor.backends.base import NewJob
 from kotta_executor.security.audit import AuditLog
 from kotta_executor.states import JobState
 from tests import tasks
-from tests.conftest import GUARD, wait_for
+from tests.conftest import GUARD, thread_frame, wait_for
 
 
 class Stall:
@@ -484,7 +484,7 @@ def test_a_big_task_cancelled_in_the_outbox_leaves_no_blob(make_executor, enclav
 
 
 def _in_function(thread: threading.Thread, name: str) -> bool:
-    frame = sys._current_frames().get(thread.ident)
+    frame = thread_frame(thread.ident)
     while frame is not None:
         if frame.f_code.co_name == name:
             return True

@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from tests import tasks
-from tests.conftest import GUARD, wait_for
+from tests.conftest import GUARD, thread_frame, wait_for
 
 pytestmark = pytest.mark.skipif(
     threading.current_thread() is not threading.main_thread(),
@@ -185,7 +185,7 @@ def when_main_thread_waits_in(name: str, action) -> threading.Thread:
     main = threading.main_thread().ident
 
     def blocked() -> bool:
-        frame = sys._current_frames().get(main)
+        frame = thread_frame(main)
         if frame is None or frame.f_code.co_filename != threading.__file__:
             return False
         while frame is not None:
@@ -255,7 +255,7 @@ def interrupt_as_cancel_waits_for_the_send_lock(ex, fs: list) -> contextlib.Abst
     def waiting() -> bool:
         # in _cancel_jobs, past its wish, and asleep (in the lock's acquire, not before it
         # waiting for the GIL: seen so twice, this thread sleeping in between)
-        frame = sys._current_frames().get(main)
+        frame = thread_frame(main)
         with open(stat) as f:
             asleep = f.read().rsplit(")", 1)[1].split()[0] == "S"
         seen.append(frame is not None and frame.f_code.co_name == "_cancel_jobs" and asleep

@@ -21,7 +21,7 @@ from kotta_executor.security.audit import AuditLog
 from kotta_executor.security.data import get_object
 from kotta_executor.security.policy import PolicyStore
 from kotta_executor.security.tokens import ACCESS_TTL, TokenService
-from tests.conftest import GUARD, subprocess_env
+from tests.conftest import GUARD, subprocess_env, thread_frame
 from tests.test_cli import kotta
 
 
@@ -684,9 +684,8 @@ def test_two_admins_adding_one_user_name_at_once_do_not_overwrite_each_other(
 
 
 def _stack(ident):
-    import sys
 
-    frame = sys._current_frames().get(ident)
+    frame = thread_frame(ident)
     while frame is not None:
         yield frame
         frame = frame.f_back
