@@ -344,9 +344,7 @@ def bootstrap(
     elif lacks == ["(being deleted)"]:
         said = (f"the index {OWNER_INDEX} of the jobs table {names.jobs_table} is being "
                 f"deleted: run bootstrap again once it is gone, to make it anew")
-        log.warning("%s", said)
-        if out is not None:
-            out(f"WARNING  {said}")
+        _warn(out, said)
     elif lacks:
         said = (f"the index {OWNER_INDEX} of the jobs table {names.jobs_table} lacks the "
                 f"attributes {', '.join(lacks)} (made by an earlier version; an index cannot "
@@ -355,9 +353,7 @@ def bootstrap(
                 f"{names.jobs_table} --global-secondary-index-updates "
                 f"'[{{\"Delete\": {{\"IndexName\": \"{OWNER_INDEX}\"}}}}]'), wait until "
                 f"it is gone, and run bootstrap again: it makes the index anew")
-        log.warning("%s", said)
-        if out is not None:
-            out(f"WARNING  {said}")
+        _warn(out, said)
     ttl = c.dynamodb.describe_time_to_live(TableName=names.nodes_table)
     ttl = ttl.get("TimeToLiveDescription", {})
     if ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING") and ttl.get(
@@ -370,15 +366,11 @@ def bootstrap(
                 f"--table-name {names.nodes_table} --time-to-live-specification "
                 f"Enabled=false,AttributeName={ttl['AttributeName']}), wait until it is "
                 f"disabled, and run bootstrap again")
-        log.warning("%s", said)
-        if out is not None:
-            out(f"WARNING  {said}")
+        _warn(out, said)
     elif ttl.get("TimeToLiveStatus") == "DISABLING":  # (UpdateTimeToLive refuses it now)
         said = (f"the time to live of the nodes table {names.nodes_table} is being "
                 f"disabled: run bootstrap again once it is, to turn it on for 'expires'")
-        log.warning("%s", said)
-        if out is not None:
-            out(f"WARNING  {said}")
+        _warn(out, said)
     elif ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
         c.dynamodb.update_time_to_live(
             TableName=names.nodes_table,
@@ -842,3 +834,10 @@ def node_policy(names: Names, region: str, account: str,
             "Condition": {"StringEquals": {"kms:ViaService": f"s3.{region}.{url_suffix}"}},
         })
     return policy
+
+
+def _warn(out, said: str) -> None:
+    """A warning of bootstrap's: logged, and printed through ``out`` (the CLI's) if any."""
+    log.warning("%s", said)
+    if out is not None:
+        out(f"WARNING  {said}")
