@@ -243,6 +243,17 @@ class KottaJob:
         state = "unsubmitted" if self.future is None else f"job={self.job_id}"
         return f"<KottaJob {self.jobname or self.script_name!r} {state}>"
 
+    # (a lock cannot be pickled: copy.deepcopy and pickle of a job refused it; a copy has
+    # its own)
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_submit_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._submit_lock = threading.Lock()
+
     # ------------------------------------------------------------------ submission
 
     def submit(self, konn) -> str:

@@ -561,3 +561,19 @@ def test_two_threads_submitting_one_job_together_submit_it_once(enclave_dir, enc
         if konn._executor is not None:
             _finish(konn._executor)
         konn.close()
+
+
+def test_an_unsubmitted_job_can_be_copied_and_pickled_as_before_its_submit_lock():
+    """submit's lock made every KottaJob refuse copy.deepcopy and pickle ("cannot pickle
+    '_thread.lock' object"): a job made once as a template and copied for each input, or
+    handed to another process, worked before.  A copy has a lock of its own."""
+    import copy
+    import pickle
+
+    job = _bash("echo $1", walltime=3)
+    for twin in (copy.deepcopy(job), pickle.loads(pickle.dumps(job))):
+        assert (twin.executable, twin.script, twin.walltime, twin.future) == (
+            job.executable, job.script, job.walltime, None)
+        assert twin._submit_lock is not job._submit_lock
+        with twin._submit_lock:  # (a working lock of its own)
+            pass
