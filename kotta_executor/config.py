@@ -75,6 +75,20 @@ def task_owner() -> str | None:
     return os.environ.get("KOTTA_OWNER") or None
 
 
+def check_not_blank(name: str, value: str, instead: str) -> None:
+    """Refuse a directory setting (``name``: ``$KOTTA_HOME``, ``$KOTTA_ENCLAVE``, an
+    enclave) that is blank, or begins with a blank (one pasted with the path): taken as it
+    is, it made an enclave in (a tree under) ./" ".  ``instead``: what to give.  "" passes:
+    it means the default."""
+    if value and not value.strip():
+        raise ConfigurationError(f"{name} is blank ({value!r}): {instead}")
+    if value[:1].isspace():
+        raise ConfigurationError(
+            f"{name} {value!r} begins with a blank: did you mean {value.lstrip()!r}? "
+            f"(a directory so named: ./{value})"
+        )
+
+
 def kotta_home() -> Path:
     """``$KOTTA_HOME``, or ``~/.kotta``.  A relative one (``KOTTA_HOME=.kotta``) is taken
     against the working directory where it is first read: a script that made its
@@ -83,15 +97,8 @@ def kotta_home() -> Path:
     value = os.environ.get("KOTTA_HOME") or ""
     home = _homes.get(value)
     if home is None:
-        if not value.strip() and value:  # (else the enclave made in ./" "; "" is unset)
-            raise ConfigurationError(
-                f"$KOTTA_HOME is blank ({value!r}): set it to a directory, or unset it (or "
-                "set it empty) for ~/.kotta"
-            )
-        if value[:1].isspace():  # a blank pasted with the path: the enclave made in ./" "
-            raise ConfigurationError(
-                f"$KOTTA_HOME {value!r} begins with a blank: did you mean {value.lstrip()!r}?"
-            )
+        check_not_blank("$KOTTA_HOME", value, "set it to a directory, or unset it (or set "
+                        "it empty) for ~/.kotta")
         try:
             home = Path(value or Path.home() / ".kotta").expanduser()
         except RuntimeError as exc:  # "~alcie/lab" (no such user), or no home to be found

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from ..config import kotta_home
+from ..config import check_not_blank, kotta_home
 from ..errors import ConfigurationError
 from .base import Enclave
 
@@ -46,15 +46,8 @@ def _directory(spec: str, path: str) -> str:
     ``spec`` (the OS's own error, at the enclave's first use, named no enclave)."""
     if "\0" in path:
         raise ConfigurationError(f"enclave {spec!r}: a NUL byte cannot be in a path")
-    if path and not path.strip():  # (else an enclave made in ./" "; "" is the default one)
-        raise ConfigurationError(
-            f"enclave {spec!r} is blank: name a directory, or give none for the default enclave"
-        )
-    if path[:1].isspace():  # a blank pasted with the path: a tree made under ./" "
-        raise ConfigurationError(
-            f"enclave {spec!r} begins with a blank: did you mean {path.lstrip()!r}? "
-            f"(a directory so named: ./{path})"
-        )
+    check_not_blank(f"enclave {spec!r}", path, "name a directory, or give none for the "
+                    "default enclave")
     try:
         os.fsencode(path)
     except UnicodeEncodeError:
@@ -82,11 +75,9 @@ def env_spec() -> str:
     made after an ``os.chdir``, or a task (which inherits it from its node), opened
     another enclave there, a new one.  (Nodes get it absolute.)"""
     value = os.environ.get("KOTTA_ENCLAVE", "")
-    if value and not value.strip():  # (else an enclave made in ./" "; "" is unset)
-        raise ConfigurationError(
-            f"$KOTTA_ENCLAVE is blank ({value!r}): set it to a directory, an embedded:// or "
-            "aws:// URL, or unset it (or set it empty) for the default enclave"
-        )
+    if value and not value.strip():  # (one that begins with a blank: _directory)
+        check_not_blank("$KOTTA_ENCLAVE", value, "set it to a directory, an embedded:// or "
+                        "aws:// URL, or unset it (or set it empty) for the default enclave")
     spec = _env_specs.get(value)
     if spec is None:
         spec = absolute(value)
