@@ -292,17 +292,24 @@ def test_a_task_in_reserve_behind_a_long_one_runs_on_an_idle_worker(
     assert _states(enclave, [head, *quick]) == ["completed"] * 10
 
 
+def _stop_a_node_with_tasks_piped_behind(start_node, make_executor, enclave, long_task,
+                                         log, release, runs):
+    """Node A (one worker) with tasks piped behind ``long_task``, stopped (SIGTERM: it
+    drains, its running task finishes), and node B started: (a, b, head, behind, rest)."""
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    _, head, behind, rest = _pipe_behind_a_long_task(enclave, ex, long_task, log, release, runs)
+    a.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "stopping on SIGTERM" in a.output(), what="node A to stop")
+    return a, start_node(workers=1), head, behind, rest
+
+
 def test_tasks_piped_behind_a_long_one_are_handed_back_at_once_when_the_node_stops(
         start_node, make_executor, enclave, tmp_path):
     log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
-    a = start_node(workers=1)
-    ex = make_executor(1, start_node=False)
     try:
-        _, head, behind, rest = _pipe_behind_a_long_task(
-            enclave, ex, tasks.log_pid_and_wait, log, release, runs)
-        a.proc.send_signal(signal.SIGTERM)  # it drains: its running task finishes
-        wait_for(lambda: "stopping on SIGTERM" in a.output(), what="node A to stop")
-        b = start_node(workers=1)
+        a, b, head, behind, rest = _stop_a_node_with_tasks_piped_behind(
+            start_node, make_executor, enclave, tasks.log_pid_and_wait, log, release, runs)
         # the bug: they stayed in A's worker's pipe (hidden from other nodes) until the
         # long task ended, or the drain timed out
         wait_for(lambda: behind.done() and all(f.done() for f in rest), timeout=20.0,
@@ -403,14 +410,10 @@ def test_a_task_in_reserve_is_not_taken_back_from_a_worker_that_cannot_hear_the_
 def test_tasks_piped_behind_a_task_that_ignores_the_stop_request_run_once_when_the_node_stops(
         start_node, make_executor, enclave, tmp_path):
     log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
-    a = start_node(workers=1)
-    ex = make_executor(1, start_node=False)
     try:
-        _, head, behind, rest = _pipe_behind_a_long_task(
-            enclave, ex, ignore_the_stop_request_then_wait, log, release, runs)
-        a.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: "stopping on SIGTERM" in a.output(), what="node A to stop")
-        start_node(workers=1)
+        a, _, head, behind, rest = _stop_a_node_with_tasks_piped_behind(
+            start_node, make_executor, enclave, ignore_the_stop_request_then_wait, log,
+            release, runs)
     finally:
         tasks.release(release, "go")
     assert head.result(GUARD) == _pids(log)[0]
