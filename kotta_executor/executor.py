@@ -51,6 +51,7 @@ import logging
 import operator
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -1645,6 +1646,8 @@ class KottaExecutor(Executor):
                     )
                 log.warning("local node for queue %s exited with %s; restarting (its log: %s)",
                             q, code, log_path)
+                _note_in_log(log_path, f"kotta client {self.client_id}: the node (pid "
+                             f"{proc.pid}) exited with {code}; starting another")
                 _forget_node(self._nodes.pop(q))
             elif self._enclave.nodes.live(q):
                 continue
@@ -1748,6 +1751,7 @@ class KottaExecutor(Executor):
         finally:
             os.close(leave)
         proc.left_fd = left  # (read by _Leftovers.close; a Popen takes attributes)
+        proc.log_path = log_path  # (removed after a clean stop with nothing to say)
         return proc
 
     def _terminate_broken(self, exc: BaseException) -> None:
@@ -1875,6 +1879,8 @@ class _Leftovers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for proc in nodes:
+            _drop_quiet_log(proc)
         for q in list(self.start_claims):
             _release_claim(self.start_claims, q)
         try:
@@ -1952,6 +1958,43 @@ def _wait_node(proc: subprocess.Popen, timeout: float) -> None:
 SEND_BETWEEN_REPLIES = 1000
 #: seconds a node whose pipe closed is waited for before it is taken to have left
 LEFT_GRACE = 2.0
+
+
+#: a node log line that says nothing worth keeping (node.daemon's logging format)
+_QUIET_LINE = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ \S+ (?:DEBUG|INFO) ")
+#: a node log larger than this is kept, whatever it holds
+QUIET_LOG_MAX = 64 * 1024
+
+
+def _drop_quiet_log(proc: subprocess.Popen) -> None:
+    """Remove the log of a node this executor started, once it has stopped cleanly (exit
+    0) with nothing in it above INFO: every executor that starts a node has a log of its
+    own (its client id in the name), and a notebook's day of them piled up in
+    ``$KOTTA_HOME/logs`` for ever, a few hundred bytes each.  A log with a warning, an
+    error or any other output (a traceback), or of a node that died and was started again
+    (_note_in_log), is kept; so is one whose exit status this process cannot know."""
+    path = getattr(proc, "log_path", None)
+    if path is None or proc.returncode != 0 or _exit_statuses_lost():
+        return
+    try:
+        if path.stat().st_size > QUIET_LOG_MAX:
+            return
+        lines = path.read_text(errors="replace").splitlines()
+        if all(_QUIET_LINE.match(line) for line in lines):
+            path.unlink()
+    except OSError:  # gone already, or unreadable: left as it is
+        pass
+
+
+def _note_in_log(path: Path, text: str) -> None:
+    """Add a warning of the client's to a node's log (best effort): the log then says why
+    a node started again, and is kept (_drop_quiet_log)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(f"{stamp},000 kotta.client WARNING {text}\n")
+    except OSError:
+        pass
 
 
 def _forget_node(proc: subprocess.Popen) -> None:

@@ -396,3 +396,48 @@ def test_kotta_down_stops_an_idle_executors_node_until_it_has_work_again(make_ex
     assert not [p for p in psutil.Process().children() if "node" in _cmdline(p)]
     assert ex.submit(tasks.square, 4).result(GUARD) == 16  # work: a node again
     assert len(enclave.nodes.live("test")) == 1
+
+
+# --------------------------------------------------------------------------------------
+# 4. the logs of the executor's own nodes: removed after a clean stop with nothing to say
+
+
+def _node_logs(enclave, ex) -> list:
+    logs = enclave.home / "logs"
+    return sorted(logs.glob(f"node-{ex.client_id}-*.log")) if logs.exists() else []
+
+
+def test_a_clean_executors_node_log_is_removed_at_shutdown(make_executor, enclave):
+    """Every executor that started a node left a log of its own in $KOTTA_HOME/logs,
+    for ever: a notebook's day of executors piled up hundreds of them."""
+    ex = make_executor(1)
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9
+    [log] = _node_logs(enclave, ex)  # (it logs as it serves)
+    assert "serving queue test" in log.read_text()
+    ex.shutdown()
+    assert _node_logs(enclave, ex) == []
+
+
+def test_a_node_log_with_a_warning_is_kept(make_executor, enclave):
+    ex = make_executor(1)
+    f = ex.submit(tasks.exit_hard, 7)  # its worker dies: the node says so, a warning
+    with pytest.raises(Exception, match="exit"):
+        f.result(GUARD)
+    ex.shutdown()
+    [log] = _node_logs(enclave, ex)
+    assert f"for job {f.job_id} ended" in log.read_text()
+
+
+def test_the_log_of_a_node_that_died_and_was_started_again_is_kept_and_says_so(
+        make_executor, enclave):
+    ex = make_executor(1)
+    assert ex.submit(tasks.square, 2).result(GUARD) == 4
+    [node] = [n for n in enclave.nodes.live("test") if n.managed_by == ex.client_id]
+    _kill(node.pid)
+    wait_for(lambda: not _running(node.pid), what="the node to die")
+    assert ex.submit(tasks.square, 3).result(GUARD) == 9  # on the node started again
+    ex.shutdown()
+    [log] = _node_logs(enclave, ex)
+    text = log.read_text()
+    assert f"the node (pid {node.pid}) exited with -9; starting another" in text
+    assert text.count("serving queue test") == 2
