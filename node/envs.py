@@ -285,17 +285,30 @@ def _signal_session(proc: subprocess.Popen, sig: int) -> None:
 
 #: pip's variables an env build runs without: where pip installs (the user's own
 #: installs' settings: the packages went outside the env), whether it installs
-#: (``--dry-run``), what else (an editable, another requirements file).  Those set, the env
-#: was marked ready without its packages, and cached so.  (Index and wheel settings apply.)
+#: (``--dry-run``), what else (an editable, another requirements file), whether it
+#: installs what the set's packages need (``--no-deps``), for which Python
+#: (``--ignore-requires-python``: releases made for another).  Those set, the env was
+#: marked ready without its packages, or with broken ones, and cached so.  (Index, mirror,
+#: proxy, certificate and wheel settings apply, and so do ``PIP_CONSTRAINT`` and
+#: ``PIP_NO_BINARY``: an env built with them has what its set needs, or fails, saying so.)
 PIP_SCRUBBED = ("PIP_TARGET", "PIP_PREFIX", "PIP_ROOT", "PIP_USER", "PIP_DRY_RUN",
-                "PIP_EDITABLE", "PIP_REQUIREMENT", "PIP_REQUIRE_VIRTUALENV")
+                "PIP_EDITABLE", "PIP_REQUIREMENT", "PIP_REQUIRE_VIRTUALENV",
+                "PIP_REQUIRE_VENV", "PIP_NO_DEPS", "PIP_NO_DEPENDENCIES",
+                "PIP_IGNORE_REQUIRES_PYTHON")
+
+
+def _scrubbed(name: str) -> bool:
+    """Whether ``name`` is one of PIP_SCRUBBED as pip reads it: ``PIP_`` then the option
+    in any case, ``-`` or ``_`` (``PIP_no_deps`` is ``--no-deps`` too)."""
+    return name.startswith("PIP_") and (
+        "PIP_" + name[4:].upper().replace("-", "_") in PIP_SCRUBBED)
 
 
 def _run(cmd: list[str], what: str, builds: Builds | None = None) -> None:
     env = pool.worker_env()
     env.pop("PYTHONPATH", None)  # pip must see the environment, not the node's path
-    for name in PIP_SCRUBBED:
-        env.pop(name, None)
+    for name in [n for n in env if _scrubbed(n)]:
+        del env[name]
     builds = builds or Builds()
     proc = builds.start(cmd, env, what)
     try:

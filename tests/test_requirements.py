@@ -44,24 +44,31 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def make_wheel(wheel_dir: Path, version: str = "1.0") -> Path:
-    """A minimal pure-Python wheel of ``kotta_probe_pkg`` (written directly: no build backend)."""
+def make_wheel(wheel_dir: Path, version: str = "1.0", name: str = "kotta_probe_pkg",
+               requires: tuple[str, ...] = (), requires_python: str | None = None) -> Path:
+    """A minimal pure-Python wheel of ``kotta_probe_pkg`` (written directly: no build
+    backend); or of another package ``name``, which needs ``requires`` (and a Python
+    ``requires_python``)."""
     wheel_dir.mkdir(parents=True, exist_ok=True)
-    dist = f"kotta_probe_pkg-{version}.dist-info"
+    dist = f"{name}-{version}.dist-info"
+    needs = "".join(f"Requires-Dist: {r}\n" for r in requires)
+    if requires_python:
+        needs += f"Requires-Python: {requires_python}\n"
     files = {
-        "kotta_probe_pkg/__init__.py": f'__version__ = "{version}"\n'.encode(),
+        f"{name}/__init__.py": f'__version__ = "{version}"\n'.encode(),
         f"{dist}/METADATA": (
-            f"Metadata-Version: 2.1\nName: kotta-probe-pkg\nVersion: {version}\n"
+            f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n"
+            f"{needs}"
         ).encode(),
         f"{dist}/WHEEL": (
             b"Wheel-Version: 1.0\nGenerator: kotta-tests\nRoot-Is-Purelib: true\n"
             b"Tag: py3-none-any\n"
         ),
-        f"{dist}/top_level.txt": b"kotta_probe_pkg\n",
+        f"{dist}/top_level.txt": f"{name}\n".encode(),
     }
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in files.items())
     record += f"{dist}/RECORD,,\n"
-    path = wheel_dir / f"kotta_probe_pkg-{version}-py3-none-any.whl"
+    path = wheel_dir / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
         for name, data in files.items():
             z.writestr(name, data)
@@ -629,6 +636,40 @@ def test_pip_settings_of_the_node_do_not_send_an_env_build_elsewhere(
     ex = make_executor(1, requirements=PROBE)
     where = ex.submit(_probe_file).result(timeout=BUILD_GUARD)
     assert Path(where).is_relative_to(root / envs.env_name(PROBE)), where
+
+
+def _probe_top_and_dependency():
+    import kotta_probe_pkg
+    import kotta_probe_top
+
+    return kotta_probe_top.__file__, kotta_probe_pkg.__file__
+
+
+@pytest.mark.parametrize("variable", ["PIP_NO_DEPS", "PIP_NO_DEPENDENCIES", "PIP_no_deps"])
+def test_pip_settings_of_the_node_do_not_build_an_env_without_what_its_set_needs(
+        make_executor, offline_pip, monkeypatch, variable):
+    """A ``PIP_NO_DEPS`` in the node's environment (in any spelling pip reads: its
+    alias, lower case after ``PIP_``) installed the set's packages without their
+    dependencies, and the env was marked ready and cached so: every task of the set
+    failed with ModuleNotFoundError until someone deleted it.  Settings of where packages
+    come from (index, mirror, wheel directory) still apply: the build here runs offline."""
+    make_wheel(offline_pip, name="kotta_probe_top", requires=(PROBE,))
+    monkeypatch.setenv(variable, "1")
+    env = Path(os.environ["KOTTA_HOME"]) / "envs" / envs.env_name("kotta-probe-top==1.0")
+    ex = make_executor(1, requirements="kotta-probe-top==1.0")
+    top, dependency = ex.submit(_probe_top_and_dependency).result(timeout=BUILD_GUARD)
+    assert Path(top).is_relative_to(env) and Path(dependency).is_relative_to(env)
+
+
+def test_pip_settings_of_the_node_do_not_build_an_env_for_another_python(
+        make_executor, offline_pip, monkeypatch):
+    """``PIP_IGNORE_REQUIRES_PYTHON`` in the node's environment had pip choose a release
+    made for another Python (here the newest, for Python 4), and the env was cached with
+    it; pip chooses one for the node's Python."""
+    make_wheel(offline_pip, version="2.0", requires_python=">=4")
+    monkeypatch.setenv("PIP_IGNORE_REQUIRES_PYTHON", "1")
+    ex = make_executor(1, requirements="kotta-probe-pkg")
+    assert ex.submit(_probe_version).result(timeout=BUILD_GUARD) == "1.0"
 
 
 def test_a_worker_the_nodes_own_fault_keeps_from_starting_waits_for_it_to_pass(
