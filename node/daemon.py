@@ -22,7 +22,6 @@ back too, and exits 0.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import logging
 import math
@@ -1780,6 +1779,11 @@ class Node:
                 if status == "building":  # stays pending (cancellable); the build wakes us
                     skipped.append(task)
                     continue
+                if status == "fault":  # the node's own, building it: the task waits
+                    self._env_fault(env)
+                    skipped.append(task)
+                    continue
+                self._env_fault(None)
                 if status == "failed":
                     task.refusal = ("RequirementsError", f"job {task.job_id}: installing "
                                                          f"its requirements failed: {env}")
@@ -1879,6 +1883,24 @@ class Node:
                 if _restricted(task):  # it serves nothing after it: it retires
                     w.retiring = True
         return frames, adopted
+
+    def _env_fault(self, exc: OSError | None) -> None:
+        """A fault of the node's own (``exc``: out of file descriptors, of memory, of
+        processes) kept it from building an env: its tasks wait for it to pass, as they do
+        for a worker the same fault keeps from starting (:meth:`_not_started`), until it
+        has lasted PATIENCE.  Logged as it starts and as it passes (None: a build that
+        came to an end), not at each try."""
+        what = "building an environment"
+        if exc is None:
+            since = self._failing.pop(what, None)
+            if since is not None:
+                log.info("%s works again, after %.0f s", what, time.monotonic() - since)
+            return
+        first = what not in self._failing
+        self._transient(what, exc)
+        (log.warning if first else log.debug)(
+            "%s failed (%s: %s): the node's own fault; its tasks wait for it to pass",
+            what, type(exc).__name__, exc)
 
     def _start_planned(self, p: pool.Planned) -> Worker | None:
         """Start a planned worker, ending the idle one it replaces; None if it could not
@@ -2502,7 +2524,7 @@ def _drain_socket(sock: socket.socket) -> None:
 
 
 #: errors starting a worker that are the node's own and pass (Node._not_started)
-_PASSING_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN})
+_PASSING_ERRNOS = pool.PASSING_ERRNOS
 
 
 def _unstartable(exc: OSError | subprocess.SubprocessError) -> str:

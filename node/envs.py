@@ -50,6 +50,9 @@ PIP_TAIL = 4000
 BUILD_TIMEOUT = 1800.0
 #: seconds a failed build stays failed (for the tasks that waited for it); then it is retried
 FAILURE_TTL = 60.0
+#: seconds before a build the node's own fault stopped (out of file descriptors, of
+#: memory, of processes) is tried again; its tasks wait meanwhile
+FAULT_RETRY = 1.0
 
 
 def default_root(local: bool) -> Path:
@@ -113,6 +116,7 @@ class EnvCache:
         self._ready: dict[str, Env] = {}
         self._building: set[str] = set()
         self._failed: dict[str, tuple[str, float]] = {}
+        self._faulted: dict[str, tuple[OSError, float]] = {}
         self.builds = Builds()
 
     def building(self) -> bool:
@@ -120,10 +124,11 @@ class EnvCache:
         with self._lock:
             return bool(self._building)
 
-    def get(self, requirements: str) -> tuple[str, Env | str | None]:
+    def get(self, requirements: str) -> tuple[str, Env | str | OSError | None]:
         """``("ready", Env)``, ``("building", None)`` (a build has started; the node is woken
-        when it ends) or ``("failed", message)`` (for FAILURE_TTL seconds; then a task that
-        asks again starts a new build)."""
+        when it ends), ``("failed", message)`` (for FAILURE_TTL seconds; then a task that
+        asks again starts a new build) or ``("fault", OSError)``: the node's own fault
+        stopped the build, not the set (for FAULT_RETRY seconds; then it is tried again)."""
         try:  # the header is not trusted: normalise (and refuse pip options) again
             requirements = normalize(requirements)
         except ConfigurationError as exc:
@@ -142,6 +147,11 @@ class EnvCache:
                 if time.monotonic() - at < FAILURE_TTL:
                     return "failed", message
                 del self._failed[key]
+            if key in self._faulted:
+                exc, at = self._faulted[key]
+                if time.monotonic() - at < FAULT_RETRY:
+                    return "fault", exc
+                del self._faulted[key]
             if key in self._building:
                 return "building", None
             env = Env(key, self.root / key)
@@ -163,7 +173,12 @@ class EnvCache:
             env = build(self.root, key, requirements, self.builds)
         except Exception as exc:  # noqa: BLE001 - any failure fails the tasks that wait
             with self._lock:
-                self._failed[key] = (str(exc), time.monotonic())
+                if isinstance(exc, OSError) and exc.errno in pool.PASSING_ERRNOS:
+                    # the node's (EMFILE starting pip, say), not the set's: failed, every
+                    # task of the set failed for FAILURE_TTL; they wait, as for a worker
+                    self._faulted[key] = (exc, time.monotonic())
+                else:
+                    self._failed[key] = (str(exc), time.monotonic())
         else:
             with self._lock:
                 self._ready[key] = env

@@ -8,6 +8,7 @@ the worker's death.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -58,6 +59,9 @@ TAKE_BACK_AFTER = 1.0
 
 #: seconds between the soft signal and SIGKILL when a task is stopped
 KILL_GRACE = 0.5
+#: errors starting a process (a worker, an env build's) that are the node's own and pass:
+#: out of file descriptors, of memory, of processes (Node._not_started, envs.EnvCache)
+PASSING_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN})
 #: seconds a new worker may take to start (to say it is ready) before it is killed; its
 #: first task's walltime counts from then, not from the node's spawning it
 STARTUP_LIMIT = 120.0

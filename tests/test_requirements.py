@@ -717,6 +717,29 @@ def test_a_node_out_of_file_descriptors_keeps_its_task_until_it_has_some(
     assert node.proc.poll() is None
 
 
+def test_a_node_out_of_file_descriptors_as_it_builds_an_env_keeps_its_task(
+        start_node, make_executor, offline_pip):
+    """EMFILE as the node builds a task's env (the node's own fault, which passes, not the
+    set's): it was taken for a failed install, and the task, and every task of the set
+    for a minute after, failed with RequirementsError.  The task now waits in the node,
+    as one whose worker the same fault keeps from starting does, and its env is built
+    once descriptors are free again."""
+    node = start_node(workers=1)
+    view = make_executor(1, start_node=False).with_options(requirements=PROBE)
+    proc = psutil.Process(node.pid)
+    soft, hard = proc.rlimit(psutil.RLIMIT_NOFILE)
+    proc.rlimit(psutil.RLIMIT_NOFILE, (proc.num_fds() + 1, hard))
+    try:
+        f = view.submit(_probe_version)
+        wait_for(lambda: "Too many open files" in node.output() or f.done()
+                 or node.proc.poll() is not None, what="the node's try to build the env")
+        assert not f.done() and node.proc.poll() is None, node.output()[-2000:]
+    finally:
+        proc.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    assert f.result(timeout=BUILD_GUARD) == "1.0"
+    assert node.proc.poll() is None
+
+
 def test_an_env_whose_python_is_not_executable_is_rebuilt(make_executor, offline_pip):
     """An env's python that lost its exec bit (a chmod, a copy that dropped modes) was
     taken as usable: every task of its set failed ("could not be started: ...: Permission
