@@ -1911,9 +1911,14 @@ class Node:
             w = pool.spawn(p.owner, env=p.venv)
         except (OSError, subprocess.SubprocessError) as exc:
             p.failure = exc
-            log.warning("a worker for %s could not be started: %s", p.owner, _unstartable(exc))
+            # a fault of the node's own is tried again at each step until it passes: a
+            # warning as it starts, the tries after it at debug (not hundreds a minute)
+            (log.debug if "starting a worker" in self._failing else log.warning)(
+                "a worker for %s could not be started: %s", p.owner, _unstartable(exc))
             return None
-        self._failing.pop("starting a worker", None)
+        since = self._failing.pop("starting a worker", None)
+        if since is not None:
+            log.info("a worker can be started again, after %.0f s", time.monotonic() - since)
         if p.victim is not None:  # never share a worker between owners: replace it
             # (only now: a worker that could not be started costs no warm one)
             p.victim.close_idle()

@@ -717,6 +717,37 @@ def test_a_node_out_of_file_descriptors_keeps_its_task_until_it_has_some(
     assert node.proc.poll() is None
 
 
+def test_a_worker_the_nodes_own_fault_keeps_from_starting_is_logged_as_it_starts_and_passes(
+        start_node, make_executor):
+    """The node tries to start the worker again at each step while EMFILE lasts: each try
+    logged a warning, hundreds of lines a minute.  Now one as the fault starts, one as it
+    passes (saying after how long), the tries in between at debug level."""
+    node = start_node("--log-level", "DEBUG", workers=1)
+    view = make_executor(1, start_node=False, max_tasks_per_child=1)  # (a new worker each)
+    proc = psutil.Process(node.pid)
+    soft, hard = proc.rlimit(psutil.RLIMIT_NOFILE)
+    assert view.submit(len, "ab").result(timeout=GUARD) == 2
+    wait_for(lambda: len(node.worker_pids()) == 0, what="the retired worker's exit")
+    proc.rlimit(psutil.RLIMIT_NOFILE, (proc.num_fds() + 1, hard))
+
+    def tries() -> list[str]:
+        return [line for line in node.output().splitlines() if "could not be started" in line]
+
+    try:
+        f = view.submit(len, "abc")
+        wait_for(lambda: len(tries()) >= 4 or f.done() or node.proc.poll() is not None,
+                 what="the node's tries to start a worker")
+        assert not f.done() and node.proc.poll() is None, node.output()[-2000:]
+    finally:
+        proc.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    assert f.result(timeout=GUARD) == 3
+    wait_for(lambda: "can be started again" in node.output(), what="the log of the fault's end")
+    warned = [line for line in tries() if " WARNING " in line]
+    assert len(warned) == 1 and "Too many open files" in warned[0], tries()
+    passed = [line for line in node.output().splitlines() if "can be started again" in line]
+    assert len(passed) == 1 and " INFO " in passed[0], passed
+
+
 def test_a_node_out_of_file_descriptors_as_it_builds_an_env_keeps_its_task(
         start_node, make_executor, offline_pip):
     """EMFILE as the node builds a task's env (the node's own fault, which passes, not the
