@@ -510,7 +510,16 @@ class Node:
         )
         if self.config.prespawn_owner:
             for _ in range(self.config.workers):
-                self.workers.append(pool.spawn(self.config.prespawn_owner))
+                try:
+                    self.workers.append(pool.spawn(self.config.prespawn_owner))
+                except (OSError, subprocess.SubprocessError) as exc:
+                    # a head start only: a fault of the node's own (EMFILE...) ended the
+                    # node at its start; the workers start at the first tasks instead,
+                    # as any (_start_planned, _not_started: once it has passed)
+                    log.warning("the workers for %s could not be started ahead of their "
+                                "tasks: %s; they start with them", self.config.prespawn_owner,
+                                _unstartable(exc))
+                    break
         log.info("node %s serving queue %s with %d workers", self.node_id, self.queue, self.config.workers)
 
     def _parent_gone(self, pid: int) -> bool:

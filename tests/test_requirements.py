@@ -28,7 +28,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kotta_executor import RequirementsError, WorkerDied, kottajob, requirements, wire
+from kotta_executor import RequirementsError, WorkerDied, config, kottajob, requirements, wire
 from kotta_executor.errors import ConfigurationError
 from kotta_executor.requirements import env_key, normalize
 from node import envs
@@ -768,6 +768,31 @@ def test_a_node_out_of_file_descriptors_as_it_builds_an_env_keeps_its_task(
     finally:
         proc.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
     assert f.result(timeout=BUILD_GUARD) == "1.0"
+    assert node.proc.poll() is None
+
+
+def test_a_node_its_own_fault_keeps_from_prespawning_workers_starts_all_the_same(
+        start_node, make_executor, tmp_path):
+    """``--prespawn`` (an executor's own node, ``kotta up``'s) with the node short of file
+    descriptors as it starts (EMFILE, the node's own fault, which passes): the node died
+    at its start, with a traceback.  It goes on; the workers start at the first task,
+    once the fault has passed."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    python = tmp_path / "python-few-files"  # (the node uses ~11; a worker takes 6 more)
+    python.write_text(f'#!/bin/bash\nulimit -Sn 14\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    node = start_node("--prespawn", config.current_user(), python=str(python), wait=False)
+    wait_for(lambda: "could not be started" in node.output() or node.proc.poll() is not None,
+             what="the node's try to start its workers")
+    wait_for(lambda: "serving queue" in node.output() or node.proc.poll() is not None,
+             what="the node's start")
+    assert node.proc.poll() is None, node.output()[-2000:]
+    assert "Too many open files" in node.output()
+    psutil.Process(node.pid).rlimit(psutil.RLIMIT_NOFILE, (soft, hard))  # the fault passes
+    ex = make_executor(1, start_node=False)
+    assert ex.submit(len, "abc").result(timeout=GUARD) == 3
     assert node.proc.poll() is None
 
 
