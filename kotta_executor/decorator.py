@@ -39,6 +39,7 @@ from .executor import (
     KottaExecutor,
     Options,
     _check_credentials,
+    _check_owner,
     _not_sent,
     _pool_sizes,
     _start_node_mode,
@@ -53,8 +54,8 @@ class Connection:
     parent's cannot be used) and shuts it down at ``close()`` or interpreter exit.
     Keyword arguments are those of :class:`KottaExecutor`, checked now: a misspelt one is a
     TypeError here, and a wrong queue, walltime or requirements a ValueError (a wrong
-    max_workers, max_tasks_per_child, initializer or type of credentials, KottaExecutor's
-    error), not at the first call.
+    max_workers, max_tasks_per_child, initializer or type of credentials, an owner that
+    is no user name, KottaExecutor's error), not at the first call.
     """
 
     def __init__(self, enclave: str | os.PathLike | None = None, **executor_kwargs: Any):
@@ -71,6 +72,7 @@ class Connection:
                     executor_kwargs.get("max_tasks_per_child"))
         _start_node_mode(executor_kwargs.get("start_node", "auto"))  # ("no" started nodes)
         _check_credentials(executor_kwargs.get("credentials"))  # (credentials=42)
+        _check_owner(executor_kwargs.get("owner"))  # (owner=42, owner="")
         if executor_kwargs.get("initializer") is not None:
             wire.dump_initializer(executor_kwargs["initializer"],
                                   executor_kwargs.get("initargs", ()))

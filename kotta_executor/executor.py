@@ -95,6 +95,7 @@ from .errors import (
 from .future import _CONDITION_LOCK, KottaFuture, _interrupts_held, _MapJobView
 from .security import credentials as _credentials
 from .security import staging
+from .security import tokens as _tokens
 from .security.access import check_job_access
 from .security.credentials import Credentials
 from .states import ACTIVE, CANCELLABLE, JobState
@@ -226,6 +227,22 @@ def _check_credentials(credentials: Any) -> None:
                         f"{type(credentials).__name__} {credentials!r}")
 
 
+def _check_owner(owner: Any) -> None:
+    """A KottaExecutor's ``owner``: None, or a user name (also by ``connect()``, at once).
+    Whether it is the token's user is known only once the credentials are loaded; a value
+    no user can have (42, "") was refused there as "cannot submit as 42", a check of the
+    token rather than of the value, and at connect() not at all (at the first call)."""
+    if owner is None:
+        return
+    if not isinstance(owner, str):
+        raise TypeError(f"owner must be a user name (a string), not "
+                        f"{type(owner).__name__} {owner!r}")
+    try:
+        _tokens.check_user(owner)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"owner {exc}") from None
+
+
 def _start_node_mode(start_node: Any) -> str | bool:
     """A KottaExecutor's ``start_node``: ``"auto"``, True, or False (``"never"`` and None
     too).  Anything else was taken as True: "no", "false" (a setting read as a string) or
@@ -289,6 +306,7 @@ class KottaExecutor(Executor):
         max_workers, max_tasks_per_child = _pool_sizes(max_workers, max_tasks_per_child)
         start_node = _start_node_mode(start_node)
         _check_credentials(credentials)
+        _check_owner(owner)
         self._max_workers = max_workers
         self._options = Options.make(queue, walltime, requirements)
         del mp_context  # (ProcessPoolExecutor's: a node's workers are always processes of

@@ -711,3 +711,21 @@ def test_a_connection_to_a_relative_directory_keeps_its_enclave_after_a_chdir(
     finally:
         konn.close()
     assert not (tmp_path / "data" / "lab").exists()
+
+
+@pytest.mark.parametrize(("owner", "error", "says"), [
+    (42, TypeError, "owner must be a user name (a string), not int 42"),
+    (b"alice", TypeError, "owner must be a user name (a string), not bytes b'alice'"),
+    ("", kotta_executor.ConfigurationError, "owner '' is not a valid user name"),
+    ("al ice", kotta_executor.ConfigurationError, "owner 'al ice' is not a valid user name"),
+])
+def test_a_wrong_owner_fails_at_connect(enclave_dir, owner, error, says):
+    """connect() checked every other option at once, not owner=: it was accepted, and the
+    first call of each function decorated with the connection raised the executor's
+    AuthenticationError "cannot submit as 42" (a check of the token, not of the value)."""
+    with pytest.raises(error, match=re.escape(says)):
+        kotta_executor.connect(enclave_dir, owner=owner)
+    with pytest.raises(error, match=re.escape(says)):  # (the executor's own check, the same)
+        KottaExecutor(enclave=enclave_dir, owner=owner, start_node=False)
+    with kotta_executor.connect(enclave_dir, start_node=False, owner="alice"):
+        pass  # (a valid name passes: whether it is the token's user is the executor's check)
