@@ -78,14 +78,21 @@ def task_owner() -> str | None:
 def check_not_blank(name: str, value: str, instead: str) -> None:
     """Refuse a directory setting (``name``: ``$KOTTA_HOME``, ``$KOTTA_ENCLAVE``, an
     enclave) that is blank, or begins with a blank (one pasted with the path): taken as it
-    is, it made an enclave in (a tree under) ./" ".  ``instead``: what to give.  "" passes:
-    it means the default."""
+    is, it made an enclave in (a tree under) ./" ".  Or one that ends with a blank (pasted
+    so, or read from a file with its newline): it made a new, empty enclave next to the one
+    meant.  (No spelling of a directory whose name ends with a blank gets past this: made
+    absolute, as nodes get it, "lab /" is "/.../lab " again.)  ``instead``: what to give.
+    "" passes: it means the default."""
     if value and not value.strip():
         raise ConfigurationError(f"{name} is blank ({value!r}): {instead}")
     if value[:1].isspace():
         raise ConfigurationError(
-            f"{name} {value!r} begins with a blank: did you mean {value.lstrip()!r}? "
+            f"{name} {value!r} begins with a blank: did you mean {value.strip()!r}? "
             f"(a directory so named: ./{value})"
+        )
+    if value[-1:].isspace():
+        raise ConfigurationError(
+            f"{name} {value!r} ends with a blank: did you mean {value.rstrip()!r}?"
         )
 
 

@@ -5,6 +5,7 @@ URL of the right form) or raises a ConfigurationError naming it; opening nothing
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from hypothesis import example, given, settings
@@ -160,5 +161,48 @@ def test_a_kotta_home_that_begins_with_a_blank_is_an_error_naming_it(tmp_path, m
     monkeypatch.setenv("KOTTA_HOME", f" {tmp_path}/home")
     for make in (open_enclave, lambda: connect(start_node=False)):
         with pytest.raises(ConfigurationError, match=r"\$KOTTA_HOME .* begins with a blank"):
+            make()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("spec", "env"), [
+    ("{tmp}/lab ", None), ("embedded://{tmp}/lab ", None), ("lab\t", None), ("lab\n", None),
+    (None, "{tmp}/lab "), (None, "embedded://lab\n"),
+])
+def test_an_enclave_that_ends_with_a_blank_is_an_error_naming_it(
+        spec, env, tmp_path, monkeypatch):
+    """``KOTTA_ENCLAVE="/data/lab "`` (or one read from a file, with its newline) was
+    taken as it is: a new, empty enclave in "/data/lab ", next to the one meant, its tasks
+    waiting for nodes that serve the other; one beginning with a blank was refused."""
+    from kotta_executor import KottaExecutor, connect
+    from kotta_executor.backends import open_enclave
+
+    monkeypatch.chdir(tmp_path)
+    if env is not None:
+        monkeypatch.setenv("KOTTA_ENCLAVE", env.format(tmp=tmp_path))
+    spec = spec and spec.format(tmp=tmp_path)
+    given = spec if spec is not None else env.format(tmp=tmp_path)
+    meant = given.removeprefix("embedded://").rstrip()  # (the directory, as for a beginning one)
+    for make in (check_spec, open_enclave,
+                 lambda s: KottaExecutor(1, enclave=s, start_node=False),
+                 lambda s: connect(s, start_node=False)):
+        with pytest.raises(ConfigurationError,
+                           match=re.escape(f"ends with a blank: did you mean {meant!r}?")):
+            make(spec)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_kotta_home_that_ends_with_a_blank_is_an_error_naming_it(tmp_path, monkeypatch):
+    """``KOTTA_HOME="/data/home "`` made the default enclave in "/data/home ", as such an
+    enclave= did (above)."""
+    from kotta_executor import connect
+    from kotta_executor.backends import open_enclave
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KOTTA_ENCLAVE", raising=False)
+    monkeypatch.setenv("KOTTA_HOME", f"{tmp_path}/home ")
+    for make in (open_enclave, lambda: connect(start_node=False)):
+        with pytest.raises(ConfigurationError,
+                           match=r"\$KOTTA_HOME .* ends with a blank: did you mean"):
             make()
     assert os.listdir(tmp_path) == []

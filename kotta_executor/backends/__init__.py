@@ -92,7 +92,8 @@ def absolute(spec: str) -> str:
     so (a working directory since removed, ``~alcie``: said as it is opened)."""
     path = spec[len("embedded://"):] if spec.startswith("embedded://") else spec
     if path.strip() and "://" not in path and not _MISTYPED_URL.match(path) \
-            and not path[:1].isspace():  # (refused as it is opened: _directory)
+            and not path[:1].isspace() and not path[-1:].isspace():  # (refused as
+        # it is opened, as given: _directory)
         try:
             # (Path's expanduser: os.path's leaves "~alcie/lab" as it is, which was
             # made absolute, and an enclave made in ./~alcie/lab)
