@@ -13,6 +13,9 @@
     @kottajob(executor)                      # an existing KottaExecutor's options
     def other(x): ...
 
+    @kottajob(executor.with_options(walltime=30))   # or those of its with_options() view
+    def longer(x): ...
+
     @kottajob(konn, "test", 5, requirements="pandas==2.2\\nnumpy")  # installed on the node
     def frame(path): ...
 """
@@ -38,6 +41,7 @@ from .config import task_owner
 from .executor import (
     KottaExecutor,
     Options,
+    OptionsView,
     _check_credentials,
     _check_owner,
     _not_sent,
@@ -133,7 +137,7 @@ def connect(enclave: str | os.PathLike | None = None, **executor_kwargs: Any) ->
 
 
 def kottajob(
-    target: Connection | KottaExecutor,
+    target: Connection | KottaExecutor | OptionsView,
     queue: str | None = None,
     walltime: float | _dt.timedelta | None = None,
     *,
@@ -142,15 +146,18 @@ def kottajob(
 ) -> Callable[[Callable], Callable]:
     """Make a function run as a Kotta job.  ``block=True`` returns the value (or raises the
     remote exception); ``block=False`` returns a :class:`KottaFuture`.  ``requirements``:
-    pip requirement lines the node installs (in a cached venv) for this function's tasks."""
-    if not isinstance(target, (Connection, KottaExecutor)):
+    pip requirement lines the node installs (in a cached venv) for this function's tasks.
+    ``target``'s options (an executor's, or its ``with_options()`` view's) are the defaults
+    that ``queue``, ``walltime`` and ``requirements`` override."""
+    if not isinstance(target, (Connection, KottaExecutor, OptionsView)):
         raise TypeError(
-            f"kottajob needs a connection (kotta_executor.connect()) or a KottaExecutor, not {target!r}"
+            f"kottajob needs a connection (kotta_executor.connect()), a KottaExecutor or "
+            f"its with_options() view, not {target!r}"
         )
     # validate now, at decoration time, rather than on the first call
     if not _is_bool(block):  # block="no" (any string is true) blocked every call
         raise TypeError(f"kottajob's block must be True or False, not {block!r}")
-    if isinstance(target, KottaExecutor):
+    if isinstance(target, (KottaExecutor, OptionsView)):
         target.with_options(queue=queue, walltime=walltime, requirements=requirements)
     else:
         Options.make(
@@ -173,8 +180,10 @@ def kottajob(
             ex = target.executor if isinstance(target, Connection) else target
             view = ex.with_options(queue=queue, walltime=walltime, requirements=requirements)
             # (as submit does, with a note of its own for a bad inputs=: the user called
-            # fn, and a partial of fn calls it so all the same)
-            future = ex._submit_call(task, args, kwargs, view._options, decorated=True)
+            # fn, and a partial of fn calls it so all the same.  The view's executor: ex
+            # may be a view itself, whose options are the defaults here)
+            future = view._parent._submit_call(task, args, kwargs, view._options,
+                                               decorated=True)
             if not block:
                 return future
             try:

@@ -163,6 +163,38 @@ def test_decorating_with_an_executor(executor, enclave):
     assert walltimes == [120.0, 300.0]  # the executor's own default for ``double``
 
 
+def test_decorating_with_an_executors_options_view(executor, enclave):
+    """``@kottajob(ex.with_options(walltime=30))`` was a TypeError ("needs a connection or
+    a KottaExecutor"), though ``@kottajob(ex)`` worked: the view's options are the
+    defaults, which kottajob's own queue, walltime and requirements override."""
+    view = executor.with_options(walltime=30)
+
+    @kottajob(view)
+    def double(x):
+        return x * 2
+
+    @kottajob(view, walltime=2, block=False)
+    def triple(x):
+        return x * 3
+
+    @kottajob(view, "production", block=False)
+    def quadruple(x):
+        return x * 4
+
+    assert double(21) == 42
+    f, g = triple(5), quadruple(5)
+    assert isinstance(f, KottaFuture) and isinstance(g, KottaFuture)
+    assert (f.result(timeout=GUARD), g.result(timeout=GUARD)) == (15, 20)
+    jobs = {j.job_id: j for j in enclave.jobs.list()}
+    assert (jobs[f.job_id].queue, jobs[f.job_id].walltime) == ("test", 120.0)
+    assert (jobs[g.job_id].queue, jobs[g.job_id].walltime) == ("production", 1800.0)
+    [(queue, walltime)] = [(j.queue, j.walltime) for i, j in jobs.items()
+                           if i not in (f.job_id, g.job_id)]
+    assert (queue, walltime) == ("test", 1800.0)  # the view's own, for ``double``
+    with pytest.raises(ValueError):  # checked at decoration, as for an executor
+        kottajob(view, "prod2")
+
+
 def test_decorated_module_function_runs_once_on_the_node(
     module_connection, tmp_path, _private_kotta_home
 ):
