@@ -74,7 +74,17 @@ def _line(line: str) -> str:
     req.name = canonicalize_name(req.name)
     # extras are names too (PEP 685, as pip compares them): ``[Socks]`` is ``[socks]``
     req.extras = {canonicalize_name(e) for e in req.extras}
-    return str(req)
+    canonical = str(req)
+    # What the node does with it: pip reads it from a requirements file, where a line ends
+    # at its first blank followed by "-" (what follows is pip's options: "Could not split
+    # options"), which only a marker's string can hold here.  (Checked here, which the node
+    # runs too, so that client and node agree: refused where it is given, not on the node.)
+    if " -" in canonical:
+        raise ConfigurationError(
+            f"{line!r} cannot be installed: pip would read what follows its ' -' as pip "
+            "options (in a marker's string); write the marker without a blank before '-'"
+        )
+    return canonical
 
 
 def normalize(requirements: str | Iterable[str] | None) -> str:

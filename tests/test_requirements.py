@@ -810,3 +810,31 @@ def test_an_env_whose_python_is_not_executable_is_rebuilt(make_executor, offline
     ex = make_executor(1, requirements=PROBE)
     assert ex.submit(_probe_version).result(timeout=BUILD_GUARD) == "1.0"
     assert os.access(env.python, os.X_OK)  # built again
+
+
+@pytest.mark.parametrize("line", [
+    'kotta-probe-pkg==1.0; platform_machine != "x86 -64"',
+    "kotta-probe-pkg==1.0; platform_release != '5.4 --generic'",
+    'kotta-probe-pkg==1.0; "-x" not in platform_release and platform_machine != "a -b"',
+])
+def test_a_line_pip_would_cut_at_a_blank_and_a_dash_is_refused_when_given(
+        line, make_executor):
+    """pip reads a requirements file's line up to its first blank followed by "-", and what
+    follows as its own options: the client accepted such a line (a marker's string with
+    " -" in it, a valid PEP 508 requirement) and every task of it failed on the node, pip
+    saying "Could not split options".  Now it is refused where it is given."""
+    with pytest.raises(ConfigurationError, match=re.escape(repr(line))) as info:
+        normalize(["numpy", line])
+    assert "pip would read" in str(info.value)
+    ex = make_executor(1, start_node=False)
+    with pytest.raises(ConfigurationError, match=re.escape(repr(line))):
+        ex.with_options(requirements=line)
+
+
+def test_a_marker_with_a_dash_not_after_a_blank_is_built_by_the_node(tmp_path, offline_pip):
+    """The other side of the check above: a "-" inside a marker's string (not after a
+    blank) is taken by the client, and pip on the node builds the set."""
+    reqs = normalize('kotta-probe-pkg==1.0; platform_machine != "x86-64 " and "-x" not in platform_release')
+    root = tmp_path / "envs"
+    env = envs.build(root, envs.env_name(reqs), reqs)
+    assert (env.path / envs.MARKER).read_text() == reqs + "\n"
