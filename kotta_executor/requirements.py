@@ -31,7 +31,39 @@ _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 def _line(line: str) -> str:
     """One requirement in its canonical spelling (``packaging``'s: the project name and
     extras PEP 503-normalised, extras and version specifiers sorted, markers spaced as PEP 508
-    writes them), without comments; ``""`` for a blank or comment line."""
+    writes them), without comments; ``""`` for a blank or comment line.  Refused unless
+    the node can take it as it is sent: read again, and by pip."""
+    canonical = _canonical(line)
+    if not canonical:
+        return ""
+    # What the node does with it: pip reads it from a requirements file, where a line ends
+    # at its first blank followed by "-" (what follows is pip's options: "Could not split
+    # options"), which only a marker's string can hold here.  (Checked here, which the node
+    # runs too, so that client and node agree: refused where it is given, not on the node.)
+    if " -" in canonical:
+        raise ConfigurationError(
+            f"{line!r} cannot be installed: pip would read what follows its ' -' as pip "
+            "options (in a marker's string); write the marker without a blank before '-'"
+        )
+    # And the node reads it again (its header is not trusted).  packaging reads a marker's
+    # strings as Python's, escapes and all, and writes them back as they then are: "x\\"
+    # as "x\" (a SyntaxError), "a\t#b" with a tab before "#" (pip's comment), "a\nb" as
+    # two lines; and 'a"b' as "a"b": sent so, it was no requirement, or another, on the node
+    try:
+        again = _canonical(canonical) if canonical.splitlines() == [canonical] else None
+    except ConfigurationError:
+        again = None
+    if again != canonical:
+        raise ConfigurationError(
+            f"{line!r} cannot be sent as it is: written canonically, {canonical!r}, it does "
+            "not read back the same; write a marker's strings without backslash escapes "
+            "(and without quotes in them)"
+        )
+    return canonical
+
+
+def _canonical(line: str) -> str:
+    """``line`` parsed and written canonically (_line), or ``""``."""
     line = _COMMENT.sub("", line).strip()
     if not line:
         return ""
@@ -50,8 +82,10 @@ def _line(line: str) -> str:
 
     try:
         req = Requirement(line)
-    except ValueError as exc:  # InvalidRequirement, and the InvalidSpecifier it lets through
-        # ("numpy===,numpy"), which escaped unexplained and killed the node that read it
+    except (ValueError, SyntaxError) as exc:  # InvalidRequirement, and the InvalidSpecifier
+        # it lets through ("numpy===,numpy"), which escaped unexplained and killed the node
+        # that read it; and the SyntaxError of a marker's string that is no Python string
+        # ("x\"), which packaging reads with ast.literal_eval: the same
         why = str(exc).splitlines()[0] if str(exc) else "invalid"
         raise ConfigurationError(
             f"{line!r} is not a requirement ({why}); a task's requirements are PEP 508 lines, "
@@ -74,17 +108,7 @@ def _line(line: str) -> str:
     req.name = canonicalize_name(req.name)
     # extras are names too (PEP 685, as pip compares them): ``[Socks]`` is ``[socks]``
     req.extras = {canonicalize_name(e) for e in req.extras}
-    canonical = str(req)
-    # What the node does with it: pip reads it from a requirements file, where a line ends
-    # at its first blank followed by "-" (what follows is pip's options: "Could not split
-    # options"), which only a marker's string can hold here.  (Checked here, which the node
-    # runs too, so that client and node agree: refused where it is given, not on the node.)
-    if " -" in canonical:
-        raise ConfigurationError(
-            f"{line!r} cannot be installed: pip would read what follows its ' -' as pip "
-            "options (in a marker's string); write the marker without a blank before '-'"
-        )
-    return canonical
+    return str(req)
 
 
 def normalize(requirements: str | Iterable[str] | None) -> str:

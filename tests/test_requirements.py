@@ -838,3 +838,36 @@ def test_a_marker_with_a_dash_not_after_a_blank_is_built_by_the_node(tmp_path, o
     root = tmp_path / "envs"
     env = envs.build(root, envs.env_name(reqs), reqs)
     assert (env.path / envs.MARKER).read_text() == reqs + "\n"
+
+
+@pytest.mark.parametrize("line", [
+    'foo; platform_machine != "x\\"',     # packaging: SyntaxError, not its own error
+    'foo; platform_machine != "x\\\\"',   # written canonically "x\": the same, on the node
+    'foo; platform_machine != "a\\t#b"',  # written with a tab before "#": pip's comment
+    'foo; platform_machine != "a\\nb"',   # written with a newline: two lines
+    "foo; platform_machine != 'a\"b'",   # written "a"b"
+])
+def test_a_marker_string_with_an_escape_that_does_not_survive_is_refused_naming_it(line):
+    """packaging reads a marker's strings as Python's (escapes and all), and writes them
+    back as they then are: one ending in a backslash, or holding a tab before "#" or a
+    newline, was written as a line that is no requirement, or another one, or two; the
+    client sent it, and the node refused it (or died of it, below) or pip misread it.
+    One whose escape is not even Python's raised packaging's SyntaxError, naming nothing."""
+    with pytest.raises(ConfigurationError, match=re.escape(repr(line))):
+        normalize(["numpy", line])
+
+
+def test_a_task_whose_requirements_packaging_cannot_read_again_does_not_kill_the_node(
+        start_node, make_executor, enclave):
+    """A task header whose requirements end in a backslash inside a marker's string
+    (what a client accepted, written canonically): packaging raises a SyntaxError for it,
+    which the node's check (of ConfigurationError) let through, and the node died."""
+    from kotta_executor.states import JobState
+    from tests.conftest import node_outlives, queue_crafted_task
+
+    bad = 'foo; platform_machine != "x\\"'
+    ex = make_executor(1, start_node=False)
+    job_id = queue_crafted_task(enclave, ex, lambda h: h.update(requirements=bad))
+    job = node_outlives(start_node(workers=1), enclave, job_id)
+    assert job.state == JobState.FAILED and repr(bad) in job.reason
+    assert ex.submit(tasks.square, 5).result(GUARD) == 25
