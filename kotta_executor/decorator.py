@@ -78,8 +78,10 @@ class Connection:
         _check_credentials(executor_kwargs.get("credentials"))  # (credentials=42)
         _check_owner(executor_kwargs.get("owner"))  # (owner=42, owner="")
         if executor_kwargs.get("initializer") is not None:
-            wire.dump_initializer(executor_kwargs["initializer"],
-                                  executor_kwargs.get("initargs", ()))
+            # kept as a tuple: the check (and each executor made since) reads them, and an
+            # iterator read once gave the executor none, its initializer called without them
+            executor_kwargs["initargs"] = tuple(executor_kwargs.get("initargs", ()))
+            wire.dump_initializer(executor_kwargs["initializer"], executor_kwargs["initargs"])
         if isinstance(enclave, (str, os.PathLike)) and isinstance(os.fspath(enclave), str):
             # a relative directory, as now: the executor is made at the first call (and
             # again after close()), and an os.chdir since made it open another enclave there

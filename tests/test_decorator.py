@@ -761,3 +761,22 @@ def test_a_wrong_owner_fails_at_connect(enclave_dir, owner, error, says):
         KottaExecutor(enclave=enclave_dir, owner=owner, start_node=False)
     with kotta_executor.connect(enclave_dir, start_node=False, owner="alice"):
         pass  # (a valid name passes: whether it is the token's user is the executor's check)
+
+
+def test_a_connections_initargs_given_as_an_iterator_reach_its_initializer(enclave_dir):
+    """connect() pickled the initializer with its initargs to check them, which used up
+    an iterator (a generator, ``map(...)``): the connection's executor then ran the
+    initializer with no arguments, and every call failed with its TypeError."""
+    konn = kotta_executor.connect(enclave_dir, max_workers=1,
+                                  initializer=tasks.set_init_status,
+                                  initargs=(s for s in ["ready"]))
+    try:
+        @kottajob(konn, "test", 5)
+        def status():
+            return tasks.get_init_status()
+
+        assert status()[0] == "ready"
+        konn.executor.shutdown()  # and the executor made anew after it: the same
+        assert status()[0] == "ready"
+    finally:
+        _close(konn)
