@@ -67,10 +67,14 @@ class Connection:
         check_spec(enclave)  # (connect(42), "aws:/lab", "s3://x": here, not at the first call)
         # and the tasks' options, as kottajob checks its own: connect(queue="prod2") is a
         # ValueError here, not at the first call of a function decorated with it
-        Options.make(
+        options = Options.make(
             executor_kwargs.get("queue", "test"), executor_kwargs.get("walltime", 5),
             executor_kwargs.get("requirements"),
         )
+        if executor_kwargs.get("requirements") is not None:
+            # kept as read: an iterator (a generator) read once here gave each executor
+            # made since none, its tasks run without them
+            executor_kwargs["requirements"] = options.requirements
         # and its workers' (connect(max_workers=0), an initializer that is not callable)
         _pool_sizes(executor_kwargs.get("max_workers"),
                     executor_kwargs.get("max_tasks_per_child"))
@@ -160,12 +164,16 @@ def kottajob(
     if not _is_bool(block):  # block="no" (any string is true) blocked every call
         raise TypeError(f"kottajob's block must be True or False, not {block!r}")
     if isinstance(target, (KottaExecutor, OptionsView)):
-        target.with_options(queue=queue, walltime=walltime, requirements=requirements)
+        checked = target.with_options(queue=queue, walltime=walltime,
+                                      requirements=requirements)._options
     else:
-        Options.make(
+        checked = Options.make(
             queue if queue is not None else "test", walltime if walltime is not None else 5,
             requirements,
         )
+    if requirements is not None:  # kept as read: each call reads them again, and an
+        # iterator (a generator) read once here gave the calls none
+        requirements = checked.requirements
 
     def decorate(fn: Callable) -> Callable:
         if not callable(fn):  # (kottajob(konn)(42)): else taken, to fail at the first call

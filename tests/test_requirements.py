@@ -871,3 +871,29 @@ def test_a_task_whose_requirements_packaging_cannot_read_again_does_not_kill_the
     job = node_outlives(start_node(workers=1), enclave, job_id)
     assert job.state == JobState.FAILED and repr(bad) in job.reason
     assert ex.submit(tasks.square, 5).result(GUARD) == 25
+
+
+def test_requirements_given_as_an_iterator_are_installed_for_every_call(
+        make_executor, enclave_dir, offline_pip):
+    """connect() and kottajob read their requirements to check them, which used up an
+    iterator (a generator, ``map(str.strip, lines)``): the calls then ran with none (an
+    empty set: kottajob's even dropped the executor's own), ImportError on the node."""
+    import kotta_executor
+
+    konn = kotta_executor.connect(enclave_dir, max_workers=1,
+                                  requirements=(r for r in [PROBE]))
+    ex = make_executor(1)
+    try:
+        @kottajob(konn)
+        def by_connection():
+            return _probe_version()
+
+        @kottajob(ex, requirements=(r for r in [PROBE]))
+        def by_decorator():
+            return _probe_version()
+
+        assert by_connection() == "1.0"
+        assert by_decorator() == "1.0"
+        assert by_decorator() == "1.0"  # (the second call too)
+    finally:
+        konn.close()
