@@ -31,7 +31,7 @@ from typing import Any
 from .config import script_dir_prefix, script_tmpdir
 from .decorator import Connection
 from .errors import ScriptFailed
-from .executor import KottaExecutor, Options
+from .executor import KottaExecutor, Options, OptionsView
 from .future import KottaFuture
 from .security.staging import declared
 
@@ -257,8 +257,10 @@ class KottaJob:
     # ------------------------------------------------------------------ submission
 
     def submit(self, konn) -> str:
-        """Send the job through a connection (``kotta_executor.connect()``) or a
-        :class:`KottaExecutor`; returns its job id.  A job is submitted once."""
+        """Send the job through a connection (``kotta_executor.connect()``), a
+        :class:`KottaExecutor` or its ``with_options()`` view (whose requirements, say,
+        apply; the job's queue, walltime, inputs and outputs are its own); returns its job
+        id.  A job is submitted once."""
         with self._submit_lock:
             return self._submit(konn)
 
@@ -267,12 +269,12 @@ class KottaJob:
             raise RuntimeError(f"this job was already submitted as {self.job_id}")
         if isinstance(konn, Connection):
             ex = konn.executor
-        elif isinstance(konn, KottaExecutor):
-            ex = konn
+        elif isinstance(konn, (KottaExecutor, OptionsView)):
+            ex = konn  # (a view: its options, the job's own queue and walltime over them)
         else:
             raise TypeError(
-                f"submit needs a connection (kotta_executor.connect()) or a KottaExecutor, "
-                f"not {konn!r}"
+                f"submit needs a connection (kotta_executor.connect()), a KottaExecutor or "
+                f"its with_options() view, not {konn!r}"
             )
         view = ex.with_options(queue=self.queue, walltime=self.walltime,
                                inputs=self.inputs, outputs=self.outputs)

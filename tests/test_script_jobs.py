@@ -69,6 +69,17 @@ def test_python_script(make_executor):
     assert job.stderr == ""
 
 
+def test_a_script_job_is_submitted_through_an_executors_options_view(make_executor, enclave):
+    """``job.submit(ex.with_options(...))`` was a TypeError ("needs a connection or a
+    KottaExecutor"), as ``@kottajob`` of a view was: a view is taken, the job's own queue
+    and walltime overriding the view's."""
+    ex = make_executor(1)
+    job = _bash("echo viewed", walltime=1)
+    job.submit(ex.with_options(walltime=30))
+    assert job.wait(GUARD) == 0 and job.stdout == "viewed\n"
+    assert enclave.jobs.get(job.job_id).walltime == 60.0
+
+
 def test_nonzero_exit_is_returned_and_recorded_failed(konn, enclave):
     job = _bash("echo before failing\nexit 3\n")
     job.submit(konn)
