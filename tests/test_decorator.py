@@ -496,6 +496,9 @@ def test_wrong_option_values_fail_at_connect(enclave_dir, options):
     ("s3://lab", kotta_executor.ConfigurationError, "the scheme 's3' is not supported"),
     ("aws://", kotta_executor.ConfigurationError, "invalid AWS enclave name ''"),
     ("aws://lab?regoin=x", kotta_executor.ConfigurationError, "unknown parameter"),
+    # (no such user: accepted, and the first call raised it)
+    ("~no-such-user-kotta/lab", kotta_executor.ConfigurationError,
+     "cannot use ~no-such-user-kotta/lab as the enclave directory"),
 ])
 def test_a_wrong_enclave_fails_at_connect(tmp_path, monkeypatch, enclave, error, says):
     """connect() opens its enclave at the first call: a wrong one was accepted, and failed
@@ -511,6 +514,8 @@ def test_a_wrong_enclave_fails_at_connect(tmp_path, monkeypatch, enclave, error,
     ("aws:/lab", "did you mean aws://lab"),
     ("s3://lab", "the scheme 's3' is not supported"),
     (" ", "$KOTTA_ENCLAVE is blank"),
+    ("embedded://~no-such-user-kotta/lab",
+     "cannot use ~no-such-user-kotta/lab as the enclave directory"),
 ])
 def test_a_wrong_kotta_enclave_fails_at_connect(tmp_path, monkeypatch, value, says):
     """connect() without enclave= checked nothing: a wrong $KOTTA_ENCLAVE was accepted, and

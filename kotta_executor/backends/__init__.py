@@ -167,7 +167,15 @@ def check_spec(spec: object) -> None:
         return
     _check_type(spec)
     spec = _spec(spec)
-    if _embedded_home(spec) is not None:  # (raises for a URL missing its '//')
+    home = _embedded_home(spec)  # (raises for a URL missing its '//')
+    if home is not None:
+        if home.startswith("~"):  # "~alcie/lab" (no such user): EmbeddedEnclave's error,
+            # which connect() let through, to be raised at the first call
+            try:
+                Path(home).expanduser()
+            except RuntimeError as exc:
+                raise ConfigurationError(
+                    f"cannot use {home} as the enclave directory: {exc}") from exc
         return
     if not spec.startswith("aws://"):
         raise _unknown_scheme(spec)
