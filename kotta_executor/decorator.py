@@ -36,13 +36,14 @@ from typing import Any
 import cloudpickle
 
 from . import dependencies, wire
-from .backends import absolute, check_spec
+from .backends import Enclave, absolute, check_spec
 from .config import task_owner
 from .executor import (
     KottaExecutor,
     Options,
     OptionsView,
     _check_credentials,
+    _check_init_size,
     _check_owner,
     _not_sent,
     _pool_sizes,
@@ -85,7 +86,10 @@ class Connection:
             # kept as a tuple: the check (and each executor made since) reads them, and an
             # iterator read once gave the executor none, its initializer called without them
             executor_kwargs["initargs"] = tuple(executor_kwargs.get("initargs", ()))
-            wire.dump_initializer(executor_kwargs["initializer"], executor_kwargs["initargs"])
+            init = wire.dump_initializer(executor_kwargs["initializer"],
+                                         executor_kwargs["initargs"])
+            # (each backend's task messages carry the same; the enclave is not open yet)
+            _check_init_size(init, getattr(enclave, "inline_limit", Enclave.inline_limit))
         if isinstance(enclave, (str, os.PathLike)) and isinstance(os.fspath(enclave), str):
             # a relative directory, as now: the executor is made at the first call (and
             # again after close()), and an os.chdir since made it open another enclave there

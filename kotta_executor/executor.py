@@ -243,6 +243,17 @@ def _check_owner(owner: Any) -> None:
         raise ConfigurationError(f"owner {exc}") from None
 
 
+def _check_init_size(init: bytes, limit: int) -> None:
+    """A KottaExecutor's pickled initializer and initargs: within what a task message
+    carries (``limit``, the enclave's inline_limit; also by ``connect()``, at once)."""
+    if len(init) > limit:
+        raise ValueError(
+            f"the initializer and its initargs pickle to {len(init):,} bytes, over "
+            f"the {limit:,} a task message carries: load big data "
+            "inside the initializer instead (say, from a dataset)"
+        )
+
+
 def _start_node_mode(start_node: Any) -> str | bool:
     """A KottaExecutor's ``start_node``: ``"auto"``, True, or False (``"never"`` and None
     too).  Anything else was taken as True: "no", "false" (a setting read as a string) or
@@ -320,12 +331,8 @@ class KottaExecutor(Executor):
         #: the initializer and its arguments, pickled once: each task carries them (the
         #: ``init`` section), and a worker runs them once, before the first task it runs
         self._init = None if initializer is None else wire.dump_initializer(initializer, initargs)
-        if self._init is not None and len(self._init) > self._enclave.inline_limit:
-            raise ValueError(
-                f"the initializer and its initargs pickle to {len(self._init):,} bytes, over "
-                f"the {self._enclave.inline_limit:,} a task message carries: load big data "
-                "inside the initializer instead (say, from a dataset)"
-            )
+        if self._init is not None:
+            _check_init_size(self._init, self._enclave.inline_limit)
         self._start_node = start_node
         if isinstance(credentials, Credentials) and credentials.enclave.url != self._enclave.url:
             # signed with the other enclave's key, every task would fail at the nodes as

@@ -661,6 +661,9 @@ def test_decorating_a_generator_or_async_function_fails_at_decoration(enclave_di
     (dict(initializer=42), TypeError, "initializer 42 is not callable"),
     # (accepted, the first call of every decorated function raised it)
     (dict(credentials=42), TypeError, "credentials must be a token file's path or Credentials"),
+    # (accepted, and the first call of every decorated function raised it)
+    (dict(initializer=print, initargs=(b"x" * 300_000,)), ValueError,
+     "over the 262,144 a task message carries"),
 ])
 def test_wrong_pool_options_fail_at_connect(enclave_dir, options, error, says):
     """As a wrong queue or walltime does (the guide: connect() checks its options at
