@@ -1229,6 +1229,29 @@ def test_an_enclave_name_under_another_enclaves_prefixes_is_refused():
         assert Names(name).name == name
 
 
+def test_names_ending_with_a_newline_are_refused(moto_env):
+    """The name patterns ended in `$`, which also matches before a final newline: an
+    enclave "lab\n" (read from a file with its line end), a queue "test\n", a bucket and
+    a region so were taken, to fail later at AWS with its own error."""
+    from kotta_executor.backends.aws import check_region, new_bucket_name_error
+
+    def refused(what: str):
+        return pytest.raises(ConfigurationError, match=re.escape(what))
+
+    with refused("invalid AWS enclave name 'lab\\n'"):
+        Names("lab\n")
+    with refused("invalid queue name 'test\\n'"):
+        Names("lab").queue("test\n")
+    with refused("invalid reply channel 'reply.abc\\n'"):
+        Names("lab").queue("reply.abc\n")
+    assert "invalid bucket name 'lab-blobs\\n'" in new_bucket_name_error("lab-blobs\n")
+    with refused("invalid bucket name 'Legacy_Blobs\\n'"):
+        AwsEnclave("lab", bucket="Legacy_Blobs\n", session=moto_env)
+    with refused("invalid region='us-east-1\\n'"):
+        check_region(moto_env, "us-east-1\n", in_url=True)
+    assert Names("lab").queue("test") == "kotta-lab-test"  # (the same without it)
+
+
 def test_cloudformation_template_lints_clean():
     api = pytest.importorskip("cfnlint.api")
     text = (ROOT / "deploy" / "cloudformation.yaml").read_text()

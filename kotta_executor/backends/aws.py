@@ -83,17 +83,17 @@ log = logging.getLogger("kotta.aws")
 NODE_STALE_AFTER = 30.0
 #: enclave names: they become part of queue, table and bucket names (bucket rules are the
 #: strictest: lower case, digits and hyphens)
-_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?\Z")
 #: a name with one of these parts would fall under another enclave's wildcards (check_name)
 _RESERVED_PART = re.compile(r"-(?:reply|user)(?:-|$)")
-_QUEUE = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_QUEUE = re.compile(r"^[A-Za-z0-9_-]{1,40}\Z")
 #: S3's rule for a new bucket's name (--bucket, ?bucket=): 3-63 characters
-_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 #: and the names it refuses all the same: an IP address, a reserved prefix or suffix
 _S3_BUCKET_REFUSED = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+|(?:xn--|sthree-|amzn-s3-demo-).*"
                                 r"|.*(?:-s3alias|--ol-s3|\.mrap|--x-s3|--table-s3))$")
 #: what S3 ever took for a bucket's name (us-east-1 before 2018): an existing bucket's
-_LEGACY_S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{3,255}$")
+_LEGACY_S3_BUCKET = re.compile(r"^[A-Za-z0-9._-]{3,255}\Z")
 #: SQS's limit on a queue's name
 MAX_SQS_NAME = 80
 #: characters in an IAM role's name
@@ -379,7 +379,7 @@ def check_region(session, region: str, *, in_url: bool, option: str = "") -> Non
     from_where = (option or "in the enclave URL") if in_url else (
         f"from AWS_REGION, AWS_DEFAULT_REGION or ~/.aws/config; "
         f"{option or '?region= in the enclave URL'} sets another")
-    if not re.match(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$", region):
+    if not re.match(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\Z", region):
         # (botocore's own InvalidRegionError, from the enclave's constructor)
         raise ConfigurationError(f"invalid region={region!r} ({from_where}): not a region name")
     known: set[str] = set()

@@ -139,7 +139,7 @@ CREATE TABLE IF NOT EXISTS nodes (
 
 _ADDED_COLUMNS = (("messages", "sent", "REAL"), ("nodes", "ident", "TEXT"),
                   ("nodes", "python", "TEXT"))
-_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")
 _JOB_COLS = (
     "job_id, owner, client, queue, fn, walltime, state, created, updated, n, node, attempts,"
     " reason, started, finished, kill_requested, usage"

@@ -54,7 +54,7 @@ TOKEN_PREFIX = "kd1"
 CREDENTIAL_ENV = "KOTTA_DATA_CREDENTIAL"
 ENCLAVE_ENV = "KOTTA_ENCLAVE"
 #: AWS's limit on a session policy's plain text
-_ROLE_NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
+_ROLE_NAME = re.compile(r"^[\w+=,.@-]{1,64}\Z")
 _COPY_CHUNK = 1 << 20
 #: bytes in one file name (Linux, macOS): the longest key segment an embedded enclave keeps
 _NAME_MAX = 255
