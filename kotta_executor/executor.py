@@ -328,43 +328,51 @@ class KottaExecutor(Executor):
         self._enclave = open_enclave(enclave)
         #: made here, not given: the executor closes it as it ends (_Leftovers.close)
         self._own_enclave = not isinstance(enclave, Enclave)
-        #: the initializer and its arguments, pickled once: each task carries them (the
-        #: ``init`` section), and a worker runs them once, before the first task it runs
-        self._init = None if initializer is None else wire.dump_initializer(initializer, initargs)
-        if self._init is not None:
-            _check_init_size(self._init, self._enclave.inline_limit)
-        self._start_node = start_node
-        if isinstance(credentials, Credentials) and credentials.enclave.url != self._enclave.url:
-            # signed with the other enclave's key, every task would fail at the nodes as
-            # forged (and be audited as a forgery)
-            raise AuthenticationError(
-                f"the credentials given are for the enclave {credentials.enclave.url}, not "
-                f"{self._enclave.url}: load those of this one "
-                f"(credentials.load(enclave), or pass its token file)")
-        self._creds = (
-            credentials if isinstance(credentials, Credentials)
-            else _credentials.load(self._enclave, credentials)
-        )
-        # A disabled user's or a revoked token's client fails here, saying why, rather
-        # than at each task (a node refuses those with TaskRejected, as it does the tasks
-        # of a client whose user is disabled while it runs)
-        self._creds.check("KottaExecutor")
-        self.owner = self._creds.user
-        if owner is not None and owner != self.owner:
-            raise AuthenticationError(
-                f"this client holds the token of {self.owner!r}, so it cannot submit as "
-                f"{owner!r}: tasks run with their owner's rights (use that user's token)"
+        try:
+            #: the initializer and its arguments, pickled once: each task carries them (the
+            #: ``init`` section), and a worker runs them once, before the first task it runs
+            self._init = None if initializer is None else wire.dump_initializer(initializer, initargs)
+            if self._init is not None:
+                _check_init_size(self._init, self._enclave.inline_limit)
+            self._start_node = start_node
+            if isinstance(credentials, Credentials) and credentials.enclave.url != self._enclave.url:
+                # signed with the other enclave's key, every task would fail at the nodes as
+                # forged (and be audited as a forgery)
+                raise AuthenticationError(
+                    f"the credentials given are for the enclave {credentials.enclave.url}, not "
+                    f"{self._enclave.url}: load those of this one "
+                    f"(credentials.load(enclave), or pass its token file)")
+            self._creds = (
+                credentials if isinstance(credentials, Credentials)
+                else _credentials.load(self._enclave, credentials)
             )
-        # Made inside a task (config.task_owner), the default token is the node's
-        # ($KOTTA_HOME/token, or its OS user's): another user's task would submit jobs,
-        # read data and be audited as the node's user, not as itself
-        inside = config.task_owner()
-        if inside and inside != self.owner:
-            raise AuthenticationError(
-                f"this executor is made inside a task of {inside!r} but holds the token of "
-                f"{self.owner!r}: its tasks would run as {self.owner!r}, with that user's "
-                f"rights. Pass credentials= with {inside!r}'s own token"
-            )
+            # A disabled user's or a revoked token's client fails here, saying why, rather
+            # than at each task (a node refuses those with TaskRejected, as it does the tasks
+            # of a client whose user is disabled while it runs)
+            self._creds.check("KottaExecutor")
+            self.owner = self._creds.user
+            if owner is not None and owner != self.owner:
+                raise AuthenticationError(
+                    f"this client holds the token of {self.owner!r}, so it cannot submit as "
+                    f"{owner!r}: tasks run with their owner's rights (use that user's token)"
+                )
+            # Made inside a task (config.task_owner), the default token is the node's
+            # ($KOTTA_HOME/token, or its OS user's): another user's task would submit jobs,
+            # read data and be audited as the node's user, not as itself
+            inside = config.task_owner()
+            if inside and inside != self.owner:
+                raise AuthenticationError(
+                    f"this executor is made inside a task of {inside!r} but holds the token of "
+                    f"{self.owner!r}: its tasks would run as {self.owner!r}, with that user's "
+                    f"rights. Pass credentials= with {inside!r}'s own token"
+                )
+        except BaseException:
+            # (an enclave it opened: its database connection and sockets were left to the
+            # collector, which frees them only in a full collection, and each refused
+            # executor, a wrong owner, a revoked token, held 2 or 3 descriptors meanwhile)
+            if self._own_enclave:
+                self._enclave.close()
+            raise
         self.client_id = os.urandom(8).hex()
         # Job ids (_new_job_id): random bits without a syscall per submit (os.urandom
         # releases the GIL, and getting it back from a busy manager thread can take

@@ -7,11 +7,15 @@ needs one.  Tests synchronise on events and ``wait_for``; timeouts are deadlock 
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
+import sys
 import threading
 
-from kotta_executor import KottaExecutor
+import pytest
+
+from kotta_executor import AuthenticationError, KottaExecutor
 from kotta_executor.backends import embedded
 from tests import tasks
 from tests.conftest import GUARD, wait_for
@@ -193,3 +197,22 @@ def test_shutdown_with_its_own_node_returns_while_another_process_holds_the_writ
         assert e.nodes.all() == []
     finally:
         e.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+def test_an_executor_refused_as_it_is_made_leaves_no_descriptor_open(enclave_dir):
+    """An executor refused after it opened its enclave (an owner= not the token's, a
+    revoked token, credentials of another enclave) left that enclave's database
+    connection and sockets to the garbage collector, which frees them only in a full
+    collection: each refused one held 2 or 3 descriptors meanwhile."""
+    KottaExecutor(enclave=enclave_dir, start_node=False).shutdown()  # (its token made)
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            with pytest.raises(AuthenticationError, match="cannot submit as 'bob'"):
+                KottaExecutor(enclave=enclave_dir, owner="bob", start_node=False)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        gc.enable()
