@@ -25,6 +25,7 @@ wait for one pending and is woken when it is done.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -159,9 +160,18 @@ class EnvCache:
                 self._ready[key] = env
                 return "ready", env
             self._building.add(key)
-        threading.Thread(
-            target=self._build, args=(key, requirements), name=f"kotta-env-{key[:8]}", daemon=True
-        ).start()
+        try:
+            threading.Thread(
+                target=self._build, args=(key, requirements), name=f"kotta-env-{key[:8]}",
+                daemon=True,
+            ).start()
+        except RuntimeError as exc:  # "can't start new thread": out of memory or threads,
+            # the node's own fault, as EMFILE starting pip is; raised, it ended the node
+            fault = OSError(errno.EAGAIN, f"cannot start a thread to build the env: {exc}")
+            with self._lock:
+                self._building.discard(key)
+                self._faulted[key] = (fault, time.monotonic())
+            return "fault", fault
         return "building", None
 
     def close(self) -> None:

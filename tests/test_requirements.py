@@ -897,3 +897,27 @@ def test_requirements_given_as_an_iterator_are_installed_for_every_call(
         assert by_decorator() == "1.0"  # (the second call too)
     finally:
         konn.close()
+
+
+def test_a_build_thread_that_cannot_start_keeps_the_task_waiting(tmp_path, monkeypatch):
+    """Out of memory or threads, starting an env's build thread raised RuntimeError
+    ("can't start new thread") out of the node's dispatch, and the node died.  It is the
+    node's own fault, as EMFILE starting pip is: the set is "fault" for a moment (its
+    tasks wait), then built."""
+    woken = threading.Event()
+    cache = envs.EnvCache(tmp_path / "envs", woken.set)
+
+    class NoThreads(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(envs.threading, "Thread", NoThreads)
+    status, fault = cache.get("six")
+    assert status == "fault"
+    assert isinstance(fault, OSError) and "can't start new thread" in str(fault)
+    assert not cache.building()
+    monkeypatch.undo()
+    monkeypatch.setattr(envs, "FAULT_RETRY", 0.0)
+    assert cache.get("six") == ("building", None)  # (tried again: a thread this time)
+    assert woken.wait(GUARD)  # (its end, built or failed: not left running)
+    cache.close()
