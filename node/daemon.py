@@ -1236,7 +1236,8 @@ class Node:
         the worker, asked to stop after the task it runs, never begins it (the others
         behind it run again, see _bury).  Should the worker have begun it meanwhile, the
         job stays cancelled: its result is not recorded."""
-        self._end_killed(task, "while queued for a worker; it never ran")
+        # (claimed by this node, never begun: no attempt, no start in its record)
+        self._end_killed(task, "while queued for a worker; it never ran", unbegun=True)
         if w.taking_back is None and len(w.inflight) > 2 and w.heeds_stop():
             # The others behind go back as the worker hears this request (_take_back), as at
             # a take-back: heard, it showed as one a task keeps from it (Worker.heeds_stop),
@@ -1244,10 +1245,11 @@ class Node:
             w.taking_back = w.inflight[0]
         w.stop_after_current()
 
-    def _end_killed(self, task: Task, when: str) -> None:
-        """Record a task killed before a worker began it (and never put it back)."""
+    def _end_killed(self, task: Task, when: str, *, unbegun: bool = False) -> None:
+        """Record a task killed before a worker began it (and never put it back);
+        ``unbegun``: this node's claim of it was no attempt (Finished.unbegun)."""
         task.kill_requested = True
-        self.data.kill(task, when)
+        self.data.kill(task, when, unbegun=unbegun)
 
     def _kill_staging(self, task: Task) -> None:
         """A kill request for a task that has not reached a worker: it never runs (one in
@@ -1849,7 +1851,10 @@ class Node:
         if killed:
             for task, _ in plan:
                 if task.job_id in killed:
-                    self._end_killed(task, "before it could run again")
+                    # (one back from a worker that never began it: this node's claim
+                    # was no attempt; a redelivery's earlier node's may have been)
+                    self._end_killed(task, "before it could run again",
+                                     unbegun=task.claimed and task.unbegun)
             plan = [(t, w) for t, w in plan if t.job_id not in killed]
         adopted = [t for t, _ in plan if t.adopted]
         if refused:  # (a redelivery of a job a live node runs: watched, not failed)

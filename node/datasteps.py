@@ -469,13 +469,15 @@ class DataSteps:
             else:
                 self._fail(task, phase, exc, self._ran.pop(task.job_id, None))
 
-    def kill(self, task: Task, when: str = "while staging; it never ran") -> None:
+    def kill(self, task: Task, when: str = "while staging; it never ran", *,
+             unbegun: bool = False) -> None:
         """End a task killed before a worker began it: cancelled, as a killed task is (its
-        staged inputs, if any, removed now)."""
+        staged inputs, if any, removed now).  ``unbegun``: Finished.unbegun."""
         reason = f"job {task.job_id} was killed on request ({when})"
         data = wire.failure(task.job_id, task.header["n"], "TaskKilled", reason)
         self._finish(task, Finished(task.job_id, JobState.CANCELLED, data,
-                                    wire.failure_reason("TaskKilled", reason)))
+                                    wire.failure_reason("TaskKilled", reason),
+                                    unbegun=unbegun))
 
     def _fail(self, task: Task, phase: str, exc: BaseException,
               ran: Finished | None = None) -> None:

@@ -891,6 +891,32 @@ def test_a_hand_back_of_a_job_never_begun_is_not_an_attempt(backend, held):
     assert backend.jobs.get(other).attempts == 2
 
 
+@pytest.mark.parametrize("final", [JobState.CANCELLED, JobState.FAILED])
+@pytest.mark.parametrize("held", [JobState.STAGING_INPUTS, JobState.PROCESSING])
+def test_a_finish_of_a_job_its_node_never_began_is_not_an_attempt(backend, held, final):
+    """A job a node claimed and never began, then ended (killed while it waited in a
+    worker's pipe; refused: over the node's walltime cap, its requirements failed) showed
+    one attempt and a start time in its record (`kotta status`), as a job that had run.
+    Finished.unbegun takes that claim's attempt and start back, as a stopping node's
+    hand-back does; from pending there is nothing to take back, and a redelivery keeps the
+    attempt of the node that died (it may have begun it)."""
+    mine, pending, again, ran = create(backend, 4)
+    assert backend.jobs.transition([mine], held, node="n1") == [mine]
+    for node in ("n1", "n2"):
+        assert backend.jobs.transition([again], JobState.PROCESSING, node=node) == [again]
+    assert backend.jobs.transition([ran], JobState.PROCESSING, node="n1") == [ran]
+    done = backend.jobs.finish([Finished(j, final, b"never ran", "why", unbegun=True)
+                                for j in (mine, pending, again)]
+                               + [Finished(ran, final, b"ran", "why")])
+    assert sorted(done) == sorted([mine, pending, again, ran])
+    for job_id, attempts, started in ((mine, 0, False), (pending, 0, False),
+                                      (again, 1, False), (ran, 1, True)):
+        r = backend.jobs.get(job_id, with_result=True)
+        assert (r.state, r.reason, r.attempts, r.started is not None) == (
+            final, "why", attempts, started), job_id
+    assert backend.jobs.get(mine, with_result=True).result == b"never ran"
+
+
 def test_cancelled_job_cannot_be_started_or_finished(backend):
     [job_id] = create(backend)
     moved = backend.jobs.transition([job_id], JobState.CANCELLED, from_states=CANCELLABLE,

@@ -462,3 +462,26 @@ def test_tasks_behind_a_long_one_and_a_killed_piped_task_run_on_a_worker_that_fr
     assert head.result(GUARD) == _pids(log)[0]
     assert [f.result(GUARD) for f in quick[1:]] == [f"q{i}" for i in range(1, 8)]
     assert sorted(runs.read_text().split()) == [f"q{i}" for i in range(1, 8)]  # each once
+
+
+def test_a_task_killed_in_a_pipe_is_recorded_never_attempted_nor_started(
+        start_node, make_executor, enclave, tmp_path):
+    """A task killed while it waited in a worker's pipe, never begun, showed in its job
+    record (attach(), `kotta status`) one attempt and a start time, as a task that had
+    run.  Its claim was not an attempt (as a stopping node's hand-back of such a task is
+    not): 0 attempts, not started."""
+    log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    try:
+        _, head, behind, rest = _pipe_behind_a_long_task(
+            enclave, ex, tasks.log_pid_and_wait, log, release, runs)
+        assert behind.kill()
+        assert "it never ran" in str(behind.exception(GUARD))
+    finally:
+        tasks.release(release, "go")
+    assert [f.result(GUARD) for f in rest] == [0, 1]
+    job = enclave.jobs.get(behind.job_id)
+    assert (job.state, job.attempts, job.started) == ("cancelled", 0, None)
+    ran = enclave.jobs.get(head.job_id)  # (the one that ran keeps its attempt)
+    assert (ran.attempts, ran.started is not None) == (1, True)

@@ -2049,7 +2049,8 @@ class DynamoJobs(_DynamoTable, JobTable):
             return _str(old, "state") == str(r.state) and _num(old, "finished") == now
 
         try:
-            ok = self._update(r.job_id, update, condition, values, names, ours)
+            ok = r.unbegun and self._finish_unbegun(r, update, values, names, ours)
+            ok = ok or self._update(r.job_id, update, condition, values, names, ours)
         except Exception:
             if ref:
                 self._drop_result_blob(r.job_id, ref)
@@ -2058,6 +2059,21 @@ class DynamoJobs(_DynamoTable, JobTable):
             # the condition failed on an item that does not name ref (or on no item)
             self._e.blobs.delete([ref])
         return ok
+
+    def _finish_unbegun(self, r: Finished, update: str, values: dict, names: dict,
+                        ours: Callable[[dict], bool]) -> bool:
+        """The finish of a job its node claimed and never began (Finished.unbegun): its
+        claim's attempt and its start taken back, in the same write, from a state a node
+        holds.  False if it is not in one (pending: nothing to take back; the usual write
+        follows)."""
+        values = {k: v for k, v in values.items()  # (not the other write's states)
+                  if not (k.startswith(":s") and k[2:].isdigit())}
+        values[":minus"] = _n(-1)
+        held = {JobState.STAGING_INPUTS, JobState.PROCESSING} & states.sources(r.state)
+        condition = self._state_in(held, values)
+        # (update ends with its REMOVE clause)
+        return self._update(r.job_id, update + ", started ADD attempts :minus", condition,
+                            values, names, ours)
 
     def _drop_result_blob(self, job_id: str, ref: str) -> None:
         """Delete the spilled result ``ref`` of a finish that raised, unless the item names

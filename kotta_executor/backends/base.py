@@ -76,6 +76,11 @@ class Finished:
     #: its own earlier write again (another's has another id)
     at: float = field(default_factory=time.time)
     attempt: str = field(default_factory=lambda: f"{random.getrandbits(32):08x}")
+    #: the node that claims the job never began it (refused it, or killed it while it
+    #: waited in a worker's pipe): its claim's attempt and its start are taken back, as a
+    #: stopping node's hand-back takes them (a job it holds, staging_inputs or processing;
+    #: from pending there is nothing to take back)
+    unbegun: bool = False
 
 
 @dataclass(slots=True)

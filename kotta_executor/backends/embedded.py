@@ -440,6 +440,11 @@ def _max_variables(conn: sqlite3.Connection, most: int) -> int:
     return min(most, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
 
 
+#: the states of a job a node holds, as SQL: a finish of one it never began takes its
+#: claim's attempt back only from these (Finished.unbegun)
+_CLAIMED = ",".join(f"'{s}'" for s in (JobState.STAGING_INPUTS, JobState.PROCESSING))
+
+
 def _marks(n: int) -> str:
     return ",".join("?" * n)
 
@@ -782,13 +787,13 @@ class EmbeddedJobs(JobTable):
                         r.job_id, JobState.FAILED, b"",
                         f"its result of {len(r.result)} bytes could not be stored in the "
                         f"enclave's blob directory {self._blobs.root}: {exc}",
-                        r.usage, r.at, r.attempt)
+                        r.usage, r.at, r.attempt, r.unbegun)
                     log.warning("job %s failed: %s", r.job_id, results[i].reason)
                     continue
                 spilled[r.job_id] = key
-        by_state: dict[JobState, list[Finished]] = {}
+        by_state: dict[tuple[JobState, bool], list[Finished]] = {}
         for r in results:
-            by_state.setdefault(JobState(r.state), []).append(r)
+            by_state.setdefault((JobState(r.state), r.unbegun), []).append(r)
         now = time.time()
         recorded: list[str] = []
         try:
@@ -797,7 +802,11 @@ class EmbeddedJobs(JobTable):
                     self._db.on_rollback(
                         lambda: self._blobs.delete(spilled[j] for j in recorded if j in spilled)
                     )
-                for state, group in by_state.items():  # one statement per state and 300 jobs
+                for (state, unbegun), group in by_state.items():  # (one statement per
+                    # state and 300 jobs) a claim never begun: not an attempt, nor a start
+                    # (Finished.unbegun); the SET reads the row as it was
+                    take_back = (f", attempts=jobs.attempts-(jobs.state IN ({_CLAIMED})),"
+                                 " started=NULL" if unbegun else "")
                     allowed = [str(x) for x in states.sources(state)]
                     events: dict[str | None, str] = {}  # most results share one reason: None
                     # (six values a job, and three and the allowed states a statement)
@@ -819,7 +828,8 @@ class EmbeddedJobs(JobTable):
                                 + ",".join(["(?,?,?,?,?,?)"] * len(part))
                                 + ") UPDATE jobs SET state=?, reason=v.reason, result=v.result,"
                                 " result_ref=v.ref, usage=v.usage, finished=?, updated=?,"
-                                " history=jobs.history||v.ev FROM v WHERE jobs.job_id=v.job_id"
+                                f" history=jobs.history||v.ev{take_back}"
+                                " FROM v WHERE jobs.job_id=v.job_id"
                                 f" AND jobs.state IN ({_marks(len(allowed))})"
                                 " RETURNING jobs.job_id",
                                 params,
