@@ -2192,7 +2192,9 @@ class Node:
         if task.staged is not None:  # its inputs were staged before its requirements failed:
             self.data.discard(task)  # their copies go now, not when the node stops
         data = wire.failure(task.job_id, task.header["n"], etype, reason)
-        fin = Finished(task.job_id, JobState.FAILED, data, wire.failure_reason(etype, reason))
+        # (its claim, if it was claimed, was no attempt: it never ran)
+        fin = Finished(task.job_id, JobState.FAILED, data, wire.failure_reason(etype, reason),
+                       unbegun=True)
         self._queue_finish(task, task.delivery, fin, task.header["client"])
 
     def _worker_for(

@@ -291,6 +291,25 @@ def test_logs_of_a_job_a_node_refused_says_it_ended_without_output(make_executor
     assert "without output" in r.stderr and "---" not in r.stdout
 
 
+def test_status_of_a_job_a_node_refused_shows_no_attempt_and_no_start(
+        make_executor, start_node, enclave, enclave_dir):
+    """A task its node refused (over its walltime cap: claimed, to processing, and failed
+    at once) never ran, yet `kotta status` said "attempts 1" and its record had a start
+    time.  Now 0 attempts and no start, the reason as before."""
+    from kotta_executor import JobFailed
+
+    start_node("--max-walltime", "1")
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.noop)  # (asks the test queue's default walltime, over 1 minute)
+    with pytest.raises(JobFailed, match="over the cap of 1 min"):
+        f.result(GUARD)
+    job = enclave.jobs.get(f.job_id)
+    assert (job.state, job.attempts, job.started) == ("failed", 0, None)
+    assert "over the cap of 1 min" in job.reason
+    r = kotta(enclave_dir, "status", f.job_id)
+    assert r.returncode == 0 and "attempts 0" in r.stdout, r.stdout + r.stderr
+
+
 def test_down_never_signals_a_node_registered_from_another_pid_namespace(enclave, enclave_dir):
     """A node of the enclave on this host, but registered from another PID namespace (a
     container sharing the enclave directory and the host name): its pid names another
