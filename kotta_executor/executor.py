@@ -119,7 +119,8 @@ RUNNING_SCAN = 4096
 SEND_NOW_GAP = 0.0003
 #: seconds a lone submit's own send (_send_now) waits for another process's write lock
 #: on the embedded enclave (a client stopped by ^Z inside a transaction, a long `kotta
-#: prune`) before it leaves the job to the outbox: it waited the whole lock timeout, 60 s
+#: prune`) before it leaves the job to the outbox: it waited the whole lock timeout, 60 s.
+#: So too the cancel of an abandoned map's tasks, before it leaves them to the manager
 SEND_NOW_LOCK_WAIT = 0.05
 #: seconds the deletion of its replies left over waits for another process's write lock
 #: as an executor ends (_Leftovers.close)
@@ -927,14 +928,21 @@ class KottaExecutor(Executor):
         batch; a caller in submit or cancel): taking it again there would deadlock that
         thread.  Then the manager cancels them, at its next turn.  So too on a thread that
         makes a future's condition (its first use), under a lock the cancel would take again
-        (the futures' done(), for those of them not used yet)."""
+        (the futures' done(), for those of them not used yet).  And so when the cancel
+        cannot be made at once: another process holds the enclave's write lock (a client
+        stopped by ^Z inside a transaction), or a send waits for it; the caller's close()
+        or break waited for it, up to the lock timeout (60 s)."""
         if not fs or os.getpid() != self._pid:  # (in a forked child: the parent's tasks)
             return
-        if self._send_lock._is_owned() or _CONDITION_LOCK._is_owned():
-            self._cancel_later.append(list(fs))
-            self._kick(force=True)
-        else:
-            self._cancel_futures(fs)
+        if not (self._send_lock._is_owned() or _CONDITION_LOCK._is_owned()):
+            try:
+                self._cancel_futures(fs, wait=SEND_NOW_LOCK_WAIT)
+                return
+            except Exception:  # noqa: BLE001 - nothing cancelled: the manager does it
+                log.debug("cancelling the tasks of an abandoned map: left to the manager",
+                          exc_info=True)
+        self._cancel_later.append(list(fs))
+        self._kick(force=True)
 
     def _cancel_left_later(self) -> None:
         """The manager's part of _cancel_left."""
@@ -958,8 +966,12 @@ class KottaExecutor(Executor):
 
     # ------------------------------------------------------------------ controls used by futures
 
-    def _cancel_jobs(self, job_ids: list[str]) -> list[str]:
-        """Cancel jobs no node has started; returns the ids that were cancelled."""
+    def _cancel_jobs(self, job_ids: list[str], wait: float | None = None) -> list[str]:
+        """Cancel jobs no node has started; returns the ids that were cancelled.  ``wait``:
+        the longest to wait for the send lock (a send under way, which may wait for the
+        enclave itself) and for another process's write lock on the enclave, if not as
+        long as they take; past it, TimeoutError or the enclave's locked error, and
+        nothing is cancelled."""
         if os.getpid() != self._pid:
             # a forked child's copy: its send lock may be held for ever (forked as another
             # thread held it), and the jobs are the parent's, which submit there leaves alone
@@ -971,7 +983,10 @@ class KottaExecutor(Executor):
         wanted = set(job_ids)
         # said before the wait for the lock: a send under way records them cancelled (_send)
         self._cancel_wanted |= wanted
-        with self._send_lock:  # the manager takes from the outbox only under this lock
+        # (not taken within ``wait``: not cancelled, and no send is to record them so)
+        send_lock = self._send_lock if wait is None else _Within(
+            self._send_lock, wait, lambda: self._cancel_wanted.difference_update(wanted))
+        with send_lock:  # the manager takes from the outbox only under this lock
             self._cancel_wanted -= wanted  # (and sends under it: none is under way now)
             sent = wanted & self._cancelled_in_send
             self._cancelled_in_send -= sent
@@ -982,7 +997,7 @@ class KottaExecutor(Executor):
             records += [self._unsent_record(w) for w in taken]
             handed = [h[0] for h in map(self._handed.get, job_ids) if h is not None]
             try:
-                done = self._record_cancelled(job_ids, records, handed) + list(sent)
+                done = self._record_cancelled(job_ids, records, handed, wait) + list(sent)
             except BaseException:  # the enclave failed: nothing is cancelled, all goes on
                 for w in taken:
                     self._deps.put_back(w)
@@ -1005,10 +1020,10 @@ class KottaExecutor(Executor):
         return done
 
     def _record_cancelled(self, job_ids: list[str], records: list[NewJob],
-                          handed: list[NewJob]) -> list[str]:
+                          handed: list[NewJob], wait: float | None = None) -> list[str]:
         """Record the jobs cancelled, in one transaction (for _cancel_jobs, under the
         send lock); the ids cancelled."""
-        with self._enclave.atomic():
+        with self._enclave.atomic(wait):
             if handed:  # one its node has not recorded yet never will: it finds it here
                 known = self._enclave.jobs.get_many([job.job_id for job in handed])
                 records = records + [job for job in handed if job.job_id not in known]
@@ -1047,12 +1062,13 @@ class KottaExecutor(Executor):
         futures = self._futures.copy()
         return [f for job_id, f in futures.items() if attached or job_id not in self._attached]
 
-    def _cancel_futures(self, fs: Iterable[KottaFuture]) -> None:
-        """Cancel the jobs of these futures that no node has started, together."""
+    def _cancel_futures(self, fs: Iterable[KottaFuture], wait: float | None = None) -> None:
+        """Cancel the jobs of these futures that no node has started, together (``wait``:
+        as for _cancel_jobs)."""
         pending = {f.job_id: f for f in fs if not f.done()}
         if pending:
             with _interrupts_held():  # (Ctrl-C: raised once the futures agree with the jobs)
-                for jid in self._cancel_jobs(list(pending)):
+                for jid in self._cancel_jobs(list(pending), wait):
                     # (one seen running too, its job back in pending: _cancel_and_notify)
                     pending[jid]._cancel_and_notify()
 
@@ -2155,6 +2171,26 @@ def _drop_claims_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_drop_claims_in_child)
+
+
+class _Within:
+    """``with _Within(lock, wait, giving_up)``: ``with lock``, waiting at most ``wait``
+    seconds for it; past that, ``giving_up()`` is called and TimeoutError raised."""
+
+    __slots__ = ("lock", "wait", "giving_up")
+
+    def __init__(self, lock, wait: float, giving_up: Callable[[], object]) -> None:
+        self.lock, self.wait, self.giving_up = lock, wait, giving_up
+
+    def __enter__(self):
+        if not self.lock.acquire(timeout=self.wait):
+            self.giving_up()
+            raise TimeoutError(f"the executor's send lock was held for over {self.wait:g} s "
+                               "(a send waiting for the enclave)")
+        return self.lock
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
 
 
 def _run_manager(ref: weakref.ref, done: threading.Event) -> None:

@@ -216,3 +216,36 @@ def test_an_executor_refused_as_it_is_made_leaves_no_descriptor_open(enclave_dir
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         gc.enable()
+
+
+def test_closing_a_map_early_returns_while_another_process_holds_the_write_lock(
+        make_executor, enclave, enclave_dir, tmp_path, monkeypatch):
+    """Closing a map's iterator early (a break, close()) cancels the tasks of the items
+    not yet yielded.  With the enclave's write lock held by another process (a client
+    stopped by ^Z inside a transaction), close() waited for the whole lock timeout (60 s;
+    here made longer than the test's guard), as submit() did once.  It returns at once
+    now, and the executor's manager cancels them once the lock is free."""
+    monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 10 * GUARD)
+    first, later = tmp_path / "first", tmp_path / "later"
+    ex = make_executor(1)
+    it = ex.map(tasks.wait_for_file, [str(first)] + [str(later)] * 5)
+    tasks.release(first, "first")
+    try:
+        assert next(it) == "first"  # the second runs, waiting; the others wait for the worker
+        lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+            closed = threading.Event()
+            threading.Thread(target=lambda: (it.close(), closed.set()), daemon=True).start()
+            assert closed.wait(GUARD), "close() waited for the other process's write lock"
+            assert lock.in_transaction  # (still held as it returned)
+            lock.execute("COMMIT")
+        finally:
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+            lock.close()
+        # cancelled by the manager: all those no node has started
+        wait_for(lambda: sum(j.state == "cancelled" for j in enclave.jobs.list(limit=10)) >= 3,
+                 what="the items not yielded to be cancelled")
+    finally:
+        tasks.release(later)

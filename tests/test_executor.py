@@ -317,9 +317,9 @@ def test_a_map_abandoned_cancels_its_other_tasks_together(make_executor, enclave
     ex = make_executor(1)
     real, calls = ex._cancel_jobs, []
 
-    def cancel_jobs(ids):
+    def cancel_jobs(ids, *args):
         calls.append(len(ids))
-        return real(ids)
+        return real(ids, *args)
 
     ex._cancel_jobs = cancel_jobs
     later = gate.root / "later"
@@ -943,8 +943,8 @@ def test_two_cancels_at_once_both_say_true_for_a_job_that_never_runs(make_execut
     recorded, go = threading.Event(), threading.Event()
     real, stopper = ex._cancel_jobs, []
 
-    def cancel_jobs(ids):  # the stopper pauses once it has recorded the cancellation
-        done = real(ids)
+    def cancel_jobs(ids, *args):  # the stopper pauses once it has recorded the cancellation
+        done = real(ids, *args)
         if threading.current_thread() in stopper:
             recorded.set()
             go.wait(GUARD)
