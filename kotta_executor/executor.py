@@ -122,6 +122,9 @@ SEND_NOW_GAP = 0.0003
 #: prune`) before it leaves the job to the outbox: it waited the whole lock timeout, 60 s.
 #: So too the cancel of an abandoned map's tasks, before it leaves them to the manager
 SEND_NOW_LOCK_WAIT = 0.05
+#: seconds a caller's cancel() or kill() waits for the locks in silence: then it warns that
+#: it waits, and what for, and waits on (_cancel_jobs_told)
+CANCEL_QUIET_WAIT = 1.0
 #: seconds the deletion of its replies left over waits for another process's write lock
 #: as an executor ends (_Leftovers.close)
 CLOSE_LOCK_WAIT = 1.0
@@ -1018,6 +1021,20 @@ class KottaExecutor(Executor):
             if job.job_id in ended:  # (quietly: the job is cancelled, so is its future)
                 self._drop_blobs(job, "cancelled job")
         return done
+
+    def _cancel_jobs_told(self, job_ids: list[str]) -> list[str]:
+        """_cancel_jobs for a caller's cancel() or kill(), which must say whether the job
+        is cancelled, and so waits for the locks as long as they take (the lock timeout,
+        60 s, at most); but not in silence, as it did: once it has waited CANCEL_QUIET_WAIT,
+        a warning says what for (another process holding the enclave's write lock, named:
+        a client stopped by ^Z inside a transaction...)."""
+        try:
+            return self._cancel_jobs(job_ids, CANCEL_QUIET_WAIT)
+        except Exception as exc:  # nothing cancelled: tried again below, waiting
+            if not (isinstance(exc, TimeoutError) or self._enclave.locked(exc)):
+                raise
+            log.warning("kotta: the cancel of job %s is waiting: %s", job_ids[0], exc)
+        return self._cancel_jobs(job_ids)
 
     def _record_cancelled(self, job_ids: list[str], records: list[NewJob],
                           handed: list[NewJob], wait: float | None = None) -> list[str]:

@@ -177,7 +177,7 @@ class KottaFuture(Future):
             # as any pending one; the cancel of a job that runs changes nothing
             ex = self._executor  # (held, for the calls below: it is weak once done)
         with _interrupts_held():  # (recorded cancelled, and its future marked, or neither)
-            if not ex._cancel_jobs([self.job_id]) and not self._cancelled_by_another(ex):
+            if not ex._cancel_jobs_told([self.job_id]) and not self._cancelled_by_another(ex):
                 # a node has started it: running() is True once cancel() said so, as for
                 # the stdlib's futures (the manager might learn it only later)
                 self._mark_running()
@@ -235,7 +235,7 @@ class KottaFuture(Future):
         with _interrupts_held():  # (as in cancel(): a kill is done whole, or not begun)
             if self.cancel():
                 return True
-            if ex._cancel_jobs([self.job_id]):
+            if ex._cancel_jobs_told([self.job_id]):
                 # seen running, and back in pending (a stopping node handed back its task,
                 # never begun): cancelled, as a job no node has.  Flagged, it ran on the
                 # next node, which looks for the kill requests of a first delivery only

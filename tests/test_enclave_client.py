@@ -249,3 +249,36 @@ def test_closing_a_map_early_returns_while_another_process_holds_the_write_lock(
                  what="the items not yielded to be cancelled")
     finally:
         tasks.release(later)
+
+
+def test_a_cancel_waiting_for_another_process_s_write_lock_says_so(
+        make_executor, enclave, enclave_dir, monkeypatch, caplog):
+    """cancel() must say whether the job is cancelled, so it waits for the enclave's write
+    lock; but with that lock held by another process (a client stopped by ^Z inside a
+    transaction) it waited up to the lock timeout, 60 s, in silence.  It says now, at
+    once, that it waits, naming the enclave's database and what holds it, and answers
+    once the lock is free."""
+    import logging
+
+    monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 10 * GUARD)
+    caplog.set_level(logging.WARNING, logger="kotta.executor")
+    ex = make_executor(1, start_node=False)  # no node: the job stays pending
+    f = ex.submit(tasks.noop)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job recorded")
+    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+    said: list = []
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+        canceller = threading.Thread(target=lambda: said.append(f.cancel()), daemon=True)
+        canceller.start()
+        wait_for(lambda: "is waiting" in caplog.text, what="the cancel to say it waits")
+        assert str(enclave_dir / "kotta.db") in caplog.text and "is locked" in caplog.text
+        assert not said  # (still waiting: its answer comes once the lock is free)
+        lock.execute("COMMIT")
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+    canceller.join(GUARD)
+    assert said == [True] and f.cancelled()
+    assert enclave.jobs.get(f.job_id).state == "cancelled"

@@ -441,6 +441,11 @@ class Enclave(abc.ABC):
         own errors here; a backend adds those of its service."""
         return isinstance(exc, KottaError)
 
+    def locked(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says that another process held the enclave's write lock for
+        longer than was waited (``atomic(wait)``; where there is one)."""
+        return False
+
     def process_ident(self) -> str | None:
         """Who this process is, for ``process_gone`` in another process of the machine (a
         node, on the embedded enclave), or None where that cannot be told."""

@@ -1466,6 +1466,11 @@ class EmbeddedEnclave(Enclave):
             isinstance(exc, sqlite3.DatabaseError) and "locked" not in text and "busy" not in text
         )
 
+    def locked(self, exc: BaseException) -> bool:
+        code = getattr(exc, "sqlite_errorcode", None)  # (SQLITE_BUSY, SQLITE_LOCKED)
+        return isinstance(exc, sqlite3.OperationalError) and isinstance(code, int) and (
+            code & 0xFF in (5, 6))
+
     def ring_nodes(self, queue: str) -> None:
         for node_id in self._nodes_of(queue):
             self._ring(f"node-{node_id}")
