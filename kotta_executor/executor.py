@@ -953,7 +953,15 @@ class KottaExecutor(Executor):
             fs = self._cancel_later.popleft()
             try:
                 self._cancel_futures(fs)
-            except Exception:  # noqa: BLE001 - as for the iterator's close: best effort
+            except Exception as exc:  # noqa: BLE001 - as for the iterator's close: best effort
+                if not self._enclave.lasting(exc):
+                    # a lock held past its timeout (a client stopped inside a transaction),
+                    # a throttled call: made at a later turn (let go, the items ran, though
+                    # their iterator had been closed)
+                    self._cancel_later.appendleft(fs)
+                    log.warning("cancelling the tasks of an abandoned map failed (%s: %s); "
+                                "trying again", type(exc).__name__, exc)
+                    return
                 log.warning("cancelling the tasks of an abandoned map failed", exc_info=True)
 
     def _auto_chunk(self, n: int, opts: Options) -> int:

@@ -282,3 +282,38 @@ def test_a_cancel_waiting_for_another_process_s_write_lock_says_so(
     canceller.join(GUARD)
     assert said == [True] and f.cancelled()
     assert enclave.jobs.get(f.job_id).state == "cancelled"
+
+
+def test_an_abandoned_maps_cancel_outlasting_the_lock_timeout_is_made_once_the_lock_is_free(
+        make_executor, enclave, enclave_dir, tmp_path, monkeypatch, caplog):
+    """The cancel of an abandoned map's items, left to the manager while another process
+    held the enclave's write lock, failed once that lock had been held longer than the
+    lock timeout (here made short, in this process only): the manager logged it and let
+    it go, and the items ran, though their iterator had been closed.  It is made again at
+    the manager's next turns, once the lock is free."""
+    import logging
+
+    first, later = tmp_path / "first", tmp_path / "later"
+    ex = make_executor(1)
+    it = ex.map(tasks.wait_for_file, [str(first)] + [str(later)] * 5)
+    tasks.release(first, "first")
+    try:
+        assert next(it) == "first"  # the second runs, waiting; the others wait for the worker
+        caplog.set_level(logging.WARNING, logger="kotta.executor")
+        monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 0.5)
+        lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+            it.close()
+            wait_for(lambda: "abandoned map" in caplog.text,
+                     what="the manager's cancel to fail for the lock")
+            lock.execute("COMMIT")
+        finally:
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+            lock.close()
+        monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 60.0)
+        wait_for(lambda: sum(j.state == "cancelled" for j in enclave.jobs.list(limit=10)) >= 3,
+                 what="the items not yielded to be cancelled")
+    finally:
+        tasks.release(later)
