@@ -119,6 +119,29 @@ def test_a_user_who_is_not_an_admin_trying_admin_commands_is_audited(
     assert TokenService(enclave).user("mallory") is None
 
 
+def test_a_user_who_is_not_an_admin_is_not_told_who_owns_a_token_id(
+        enclave, enclave_dir, tmp_path, user_token):
+    """`kotta token revoke ID` by a user who is not an admin, of another user's token id,
+    answered "the token ID belongs to alice; ...": it told anyone who owns a token id, and
+    (an unknown id answering "no refresh token") which ids exist.  Now another user's id
+    and an unknown one get the same refusal, naming no one; the audit keeps the detail,
+    and an admin is still told that an id is unknown."""
+    alice_rid = credentials.load(enclave, user_token("alice")).refresh_id
+    bob = _as(tmp_path, "bob", user_token("bob", role="guest"))
+    unknown = "0" * len(alice_rid)
+    theirs = kotta(enclave_dir, "token", "revoke", alice_rid, env=bob)
+    none = kotta(enclave_dir, "token", "revoke", unknown, env=bob)
+    assert (theirs.returncode, none.returncode) == (2, 2), (theirs.stderr, none.stderr)
+    assert "alice" not in theirs.stderr, theirs.stderr
+    assert theirs.stderr.replace(alice_rid, unknown) == none.stderr, (theirs.stderr, none.stderr)
+    assert not enclave.records.get("refresh", alice_rid).get("revoked")
+    denied = [rec["detail"] for rec in AuditLog(enclave).show(action="job-denied")]
+    assert alice_rid in denied[-2] and "alice" in denied[-2], denied
+    assert unknown in denied[-1] and "no such token" in denied[-1], denied
+    r = kotta(enclave_dir, "token", "revoke", unknown)  # an admin
+    assert r.returncode == 2 and f"no refresh token {unknown!r} in the enclave" in r.stderr
+
+
 def test_registering_another_users_token_over_ones_own_says_so(enclave, enclave_dir):
     """The quick start's admin runs `kotta register` with the token just printed for
     alice, in their own shell (the guide's lines one after the other): their own admin

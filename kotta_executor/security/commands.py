@@ -250,10 +250,13 @@ def cmd_token_revoke(args) -> int:
     tokens, _ = _services(enclave)
     rid = args.token.split(".")[1] if args.token.startswith("krt1.") else args.token
     rec = enclave.records.get("refresh", rid)
-    if rec is not None and rec["user"] != creds.user and not creds.admin:
-        _audit_refusal(enclave, creds, f"kotta token revoke {rid}: a token of {rec['user']}")
-        raise AccessDenied(f"the token {rid} belongs to {rec['user']}; only they or an admin "
-                           "may revoke it")
+    if (rec is None or rec["user"] != creds.user) and not creds.admin:
+        # one refusal for another user's id and an unknown one, naming no owner: it must
+        # not tell a user who holds a token id, nor which ids exist (the audit says)
+        whose = "no such token" if rec is None else f"a token of {rec['user']}"
+        _audit_refusal(enclave, creds, f"kotta token revoke {rid}: {whose}")
+        raise AccessDenied(f"{creds.user} holds no token {rid}; only an admin may revoke "
+                           "another user's token (`kotta token list` shows yours)")
     done = tokens.revoke(args.token, by=creds.user)
     print(f"token {rid} {'revoked' if done else 'was already revoked'}")
     return 0
