@@ -864,3 +864,56 @@ def test_dataset_put_never_writes_the_enclaves_own_storage_on_aws(tmp_path):
         assert enclave.s3.get_object(Bucket=bucket, Key="keys/enclave.key")["Body"].read() == key
         assert [o["Key"] for o in enclave.s3.list_objects_v2(Bucket=bucket)["Contents"]] == [
             "keys/enclave.key"]
+
+
+def test_dataset_put_whose_audit_record_fails_writes_nothing(enclave, enclave_dir, tmp_path):
+    """`kotta dataset put` wrote the object, then its audit record: when the record could
+    not be written, the data was in its dataset unaudited.  It is audited first, as a
+    node's stage-out is: a failed record means no write.  (A trigger refusing stage-out
+    records is the audit store failing.)"""
+    import sqlite3
+
+    data = tmp_path / "numbers.txt"
+    data.write_text("1\n2\n3\n")
+    assert kotta(enclave_dir, "whoami").returncode == 0  # (the admin's token, audited)
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        db.execute(
+            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
+            " WHEN NEW.kind='audit' AND NEW.value LIKE '%stage-out%'"
+            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    r = kotta(enclave_dir, "dataset", "put", "s3://klab-jobs/n.txt", str(data))
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    with pytest.raises(FileNotFoundError):
+        get_object(enclave, "s3://klab-jobs/n.txt")
+    assert AuditLog(enclave).show(action="stage-out") == []
+
+
+def test_dataset_put_whose_audit_record_fails_writes_nothing_on_aws(tmp_path, monkeypatch):
+    """On AWS too: the audit record of `kotta dataset put` (a DynamoDB put) failing leaves
+    no object in S3."""
+    import argparse
+
+    import botocore.handlers
+    from botocore.exceptions import ClientError
+
+    from kotta_executor.security import commands
+    from tests.aws_moto import aws_on_moto
+
+    def audit_fails(params=None, **_):
+        if b"stage-out" in ((params or {}).get("body") or b""):
+            raise ClientError({"Error": {"Code": "AccessDeniedException",
+                                         "Message": "not authorized"}}, "PutItem")
+
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"1\n2\n")
+    with aws_on_moto(tmp_path) as enclave:
+        credentials.load(enclave)
+        enclave.s3.create_bucket(Bucket="kotta-h3-data")
+        monkeypatch.setattr(botocore.handlers, "BUILTIN_HANDLERS", [
+            *botocore.handlers.BUILTIN_HANDLERS, ("before-call.dynamodb.PutItem", audit_fails)])
+        with pytest.raises(Exception, match="AccessDeniedException|not authorized"):
+            commands.cmd_dataset_put(argparse.Namespace(
+                enclave=enclave.url, command="dataset", uri="s3://kotta-h3-data/in/x",
+                file=str(src)))
+        listed = enclave.s3.list_objects_v2(Bucket="kotta-h3-data").get("Contents", [])
+        assert [o["Key"] for o in listed] == []

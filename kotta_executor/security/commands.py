@@ -340,11 +340,14 @@ def cmd_dataset_put(args) -> int:
             raise ConfigurationError(f"{uri.uri} is in {area.uri}, the enclave's own storage "
                                      "(its key, task payloads and results, held results): "
                                      "not written")
-        put_object(enclave, uri.uri, data)
-    from .audit import AuditLog
+        from .audit import AuditLog
 
-    AuditLog(enclave).append("stage-out", user=creds.user, dataset=uri.uri, allowed=True,
-                             detail=f"kotta dataset put {args.file}")
+        # audited first, as a node's stage-out: an object whose record could not be
+        # written after it was in its dataset unaudited.  (A write that then fails
+        # leaves the record of its attempt.)
+        AuditLog(enclave).append("stage-out", user=creds.user, dataset=uri.uri, allowed=True,
+                                 detail=f"kotta dataset put {args.file}")
+        put_object(enclave, uri.uri, data)
     print(f"stored {args.file} as {uri.uri}")
     return 0
 
