@@ -465,6 +465,13 @@ def write_file(name, text):
     return os.getcwd()
 
 
+def copy_file(src, dst):
+    """Copy ``src`` to ``dst`` in the task's working directory; return the directory."""
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        g.write(f.read())
+    return os.getcwd()
+
+
 def symlink_out(name, target):
     """Make ``name`` in the working directory a symlink to ``target`` (an escape attempt)."""
     os.symlink(target, name)

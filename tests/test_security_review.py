@@ -126,13 +126,16 @@ def test_restricted_data_cannot_be_laundered_through_an_output_dataset(data, mak
     _restrict(data, egress_cap=2000)  # the input is 3893 bytes
     data.policies.grant("analyst", RESULTS, "read", by=data.admin.user)
     alice = make_executor(1, credentials=data.alice)
-    copy = "s3://klab-results/alice/" + NAME  # same basename: the staged input is uploaded
+    with pytest.raises(errors.InvalidDataUri):  # same basename: refused at submit
+        alice.submit(tasks.noop, inputs=[INPUT], outputs=["s3://klab-results/alice/" + NAME])
+    copy = "s3://klab-results/alice/copy.txt"  # the task copies its input there
     try:
-        alice.submit(tasks.noop, inputs=[INPUT], outputs=[copy]).result(GUARD)
+        alice.submit(tasks.copy_file, NAME, "copy.txt", inputs=[INPUT],
+                     outputs=[copy]).result(GUARD)
     except (errors.EgressDenied, errors.StagingFailed, errors.DataAccessDenied):
         pass
     try:
-        text = alice.submit(tasks.read_staged_and_env, NAME, inputs=[copy]).result(GUARD)[0]
+        text = alice.submit(tasks.read_staged_and_env, "copy.txt", inputs=[copy]).result(GUARD)[0]
     except (errors.EgressDenied, errors.StagingFailed, errors.DataAccessDenied):
         text = None
     assert text != NUMBERS, "the whole capped input reached the client in two steps"

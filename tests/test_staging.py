@@ -227,6 +227,32 @@ def test_a_missing_output_fails_the_job_with_its_name(data, make_executor):
         f.result(GUARD)
 
 
+def test_an_output_with_the_file_name_of_an_input_is_refused_at_submit(data, make_executor):
+    """An input and an output of one basename are one file in the working directory: a
+    task that wrote no output had its staged input uploaded as the output (no "did not
+    write", a copy of the input in the output's dataset), and one that wrote it replaced
+    the input it was reading.  Refused at submit (with_options, submit, a script job),
+    naming the file, as two inputs (or two outputs) of one basename are; nothing runs."""
+    from kotta_executor import KottaJob
+
+    alice = make_executor(1, credentials=data.alice, start_node=False)
+    out = "s3://klab-results/alice/1m_shuffled.txt"
+    said = "input s3://klab-jobs/1m_shuffled.txt and the output " + out
+    with pytest.raises(errors.InvalidDataUri, match=f"{said} would both be '1m_shuffled.txt'"):
+        alice.submit(tasks.noop, inputs=[INPUT], outputs=[out])
+    with pytest.raises(ValueError, match="'1m_shuffled.txt'"):
+        alice.with_options(inputs=[INPUT], outputs=[out])
+    with pytest.raises(ValueError, match="'1m_shuffled.txt'"):  # declared in two steps
+        alice.with_options(inputs=[INPUT]).with_options(outputs=[out])
+    with pytest.raises(ValueError, match="'1m_shuffled.txt'"):
+        alice.with_options(outputs=[out]).submit(tasks.noop, inputs=[INPUT])
+    with pytest.raises(ValueError, match="'1m_shuffled.txt'"):  # the same object, too
+        alice.submit(tasks.noop, inputs=[INPUT], outputs=[INPUT])
+    with pytest.raises(ValueError, match="'1m_shuffled.txt'"):
+        KottaJob(jobtype="script", jobname="x", executable="/bin/sh x.sh", script_name="x.sh",
+                 script="true\n", inputs=[INPUT], outputs=[out], queue="test", walltime=1)
+
+
 def test_a_task_whose_outputs_fail_keeps_its_stdout_stderr_and_usage(data, make_executor):
     """The task ran, printed why it wrote no file, and its stage-out failed: the
     StagingFailed came with empty stdout and stderr and no usage, the very output that

@@ -34,8 +34,8 @@ def _uris(value: Any, what: str) -> tuple[str, ...]:
 
 def declared(inputs: Iterable[str], outputs: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Checked, canonical input and output URIs, each once (one declared by the executor's
-    options and again by the call, say); two files may not share a basename in one
-    working directory."""
+    options and again by the call, say); two files (two inputs, two outputs, or an input
+    and an output) may not share a basename in one working directory."""
     ins = tuple(dict.fromkeys(_uris(inputs, "inputs")))
     outs = tuple(dict.fromkeys(_uris(outputs, "outputs")))
     for what, uris in (("inputs", ins), ("outputs", outs)):
@@ -47,6 +47,17 @@ def declared(inputs: Iterable[str], outputs: Iterable[str]) -> tuple[tuple[str, 
                     f"{what} {seen[name]} and {u} would both be {name!r} in the working directory"
                 )
             seen[name] = u
+    # nor an input and an output: one file, a task that wrote no output had its input
+    # uploaded as the output, and one that wrote it replaced the input it was reading
+    staged = {u.rsplit("/", 1)[-1]: u for u in ins}
+    for u in outs:
+        name = u.rsplit("/", 1)[-1]
+        if name in staged:
+            raise InvalidDataUri(
+                f"the input {staged[name]} and the output {u} would both be {name!r} in the "
+                "working directory (the task's output would be its input): give the output "
+                "another name"
+            )
     return ins, outs
 
 
