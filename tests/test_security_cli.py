@@ -917,3 +917,30 @@ def test_dataset_put_whose_audit_record_fails_writes_nothing_on_aws(tmp_path, mo
                 file=str(src)))
         listed = enclave.s3.list_objects_v2(Bucket="kotta-h3-data").get("Contents", [])
         assert [o["Key"] for o in listed] == []
+
+
+@pytest.mark.parametrize("command, action", [
+    (["policy", "grant", "analyst", "s3://klab-jobs/", "read"], "policy-grant"),
+    (["dataset", "add", "s3://klab-jobs/", "--egress", "allow"], "dataset-add"),
+])
+def test_a_policy_change_whose_audit_record_fails_does_not_take_effect(
+        enclave, enclave_dir, command, action):
+    """`kotta policy grant` (or `kotta dataset add`, which sets a dataset's egress rule)
+    wrote the change, then its audit record: when the record could not be written the
+    admin got an error, yet the grant was in force (the role read the data), unaudited.
+    The record is written first: a failed record means no change.  (A trigger refusing
+    those records is the audit store failing.)"""
+    import sqlite3
+
+    policies = PolicyStore(enclave.records)
+    policies.add_dataset("s3://klab-jobs/", by="root", egress="deny")
+    assert kotta(enclave_dir, "whoami").returncode == 0  # (the admin's token, audited)
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        db.execute(
+            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
+            f" WHEN NEW.kind='audit' AND NEW.value LIKE '%{action}%'"
+            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    r = kotta(enclave_dir, *command)
+    assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
+    assert not policies.check("analyst", "read", "s3://klab-jobs/x").allowed
+    assert policies.dataset("s3://klab-jobs/").egress == "deny"

@@ -244,10 +244,13 @@ class PolicyStore:
             "created": dataset.created,
             "created_by": dataset.created_by,
         }
-        self.records.put(DATASET, uri, value)
         cap = "no cap" if egress_cap is None else f"a cap of {egress_cap} bytes"
         verb = "updated" if old else "added"
+        # audited first: a change whose record could not be written after it was in
+        # force unaudited (the admin told it failed).  (A write that then fails leaves
+        # the record of its attempt.)
         self._record("dataset-add", by, uri, f"{verb}: egress {egress}, {cap}")
+        self.records.put(DATASET, uri, value)
         return dataset
 
     def remove_dataset(self, uri: str, *, by: str) -> bool:
@@ -282,8 +285,9 @@ class PolicyStore:
         statement = Statement(role, dataset, action, effect)
         if self.records.get(DATASET, statement.dataset) is None:
             raise ConfigurationError(f"{statement.dataset} is not a registered dataset")
-        self.records.put(POLICY, statement.key, {"effect": effect, "by": by, "time": self._clock()})
+        # audited first, as add_dataset
         self._record("policy-grant", by, statement.dataset, f"{effect} {action} to role {role}")
+        self.records.put(POLICY, statement.key, {"effect": effect, "by": by, "time": self._clock()})
         return statement
 
     def revoke(self, role: str, dataset: str, action: Action, *, by: str) -> bool:
