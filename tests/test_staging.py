@@ -253,6 +253,27 @@ def test_an_output_with_the_file_name_of_an_input_is_refused_at_submit(data, mak
                  script="true\n", inputs=[INPUT], outputs=[out], queue="test", walltime=1)
 
 
+def test_uris_that_share_a_file_name_get_no_note_on_passing_an_argument_so_named(
+        data, make_executor):
+    """Two inputs (or an input and an output) of one file name, given to submit, were
+    refused with a note meant for code passing its function an argument named inputs
+    ("to pass noop an argument so named, give it by position or with functools.partial"):
+    the URIs were URIs, and the hint sent the user the wrong way.  Only the clash is said;
+    a value that is no list of URIs keeps the note."""
+    alice = make_executor(1, credentials=data.alice, start_node=False)
+    other = "s3://klab-results/alice/1m_shuffled.txt"
+    for kw in ({"inputs": [INPUT, other]}, {"inputs": [INPUT], "outputs": [other]}):
+        with pytest.raises(errors.InvalidDataUri, match="would both be") as info:
+            alice.submit(tasks.noop, **kw)
+        assert not getattr(info.value, "__notes__", None), info.value.__notes__
+    with pytest.raises(errors.InvalidDataUri, match="would both be") as info:
+        alice.with_options(inputs=[INPUT]).submit(tasks.noop, inputs=[other])
+    assert not getattr(info.value, "__notes__", None), info.value.__notes__
+    with pytest.raises(errors.InvalidDataUri) as info:
+        alice.submit(tasks.noop, inputs=[1, 2])
+    assert any("argument so named" in n for n in info.value.__notes__)
+
+
 def test_a_task_whose_outputs_fail_keeps_its_stdout_stderr_and_usage(data, make_executor):
     """The task ran, printed why it wrote no file, and its stage-out failed: the
     StagingFailed came with empty stdout and stderr and no usage, the very output that

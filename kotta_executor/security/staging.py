@@ -80,10 +80,7 @@ def split_kwargs(fn: Callable, opts, kwargs: dict[str, Any], decorated: bool = F
     kwargs = dict(kwargs)
     found = {k: kwargs[k] for k in ("inputs", "outputs") if k in kwargs}
     try:
-        ins, outs = declared(
-            list(opts.inputs) + list(_uris(found.get("inputs", ()), "inputs")),
-            list(opts.outputs) + list(_uris(found.get("outputs", ()), "outputs")),
-        )
+        given = {k: _uris(v, k) for k, v in found.items()}
     except InvalidDataUri as exc:
         # Code written for ProcessPoolExecutor passes its function's own argument of that
         # name (a model's inputs, say): say why it was read as URIs, and how to pass it
@@ -101,6 +98,9 @@ def split_kwargs(fn: Callable, opts, kwargs: dict[str, Any], decorated: bool = F
                 f"or submit functools.partial({name}.kotta_function, {next(iter(found))}=...)"
             )
         raise
+    # (URIs that clash, two of one file name, are no argument so named: said without the note)
+    ins, outs = declared(list(opts.inputs) + list(given.get("inputs", ())),
+                         list(opts.outputs) + list(given.get("outputs", ())))
     for k in found:
         if not _accepts(fn, k):
             del kwargs[k]
