@@ -144,6 +144,8 @@ def _data_demo(e, ex: KottaExecutor, made: bool) -> list[str]:
     else:  # as it is: its egress rule is an admin's to set
         print(f"note: {e.url} has the dataset {DEMO_DATASET} of an earlier `kotta demo`: the "
               f"demo uses it again, and revokes, then grants, the role {me.role} read on it")
+    # audited first, as `kotta dataset put`: no object is written unaudited
+    audit.append("stage-out", user=me.user, dataset=uri, allowed=True, detail="kotta demo")
     put_object(e, uri, "".join(f"{i}\n" for i in random.Random(7).sample(range(10**6), 1000)).encode())
     policies.revoke(me.role, DEMO_DATASET, "read", by=me.user)
     denied = ex.submit(file_sum, inputs=[uri])

@@ -1412,6 +1412,16 @@ def test_demo_runs_to_completion_in_a_fresh_home(tmp_path):
     # the enclave is its own: the protected-dataset part runs in full, as the README shows
     _demo_data_part_ran(r.stdout)
     assert "note:" not in r.stdout and "skipped:" not in r.stdout
+    # the object it writes is audited, as `kotta dataset put`'s (it was written unaudited)
+    from kotta_executor.backends import open_enclave
+    from kotta_executor.security.audit import AuditLog
+
+    e = open_enclave(str(tmp_path / "fresh-home"))
+    try:
+        written = [(rec["dataset"], rec["allowed"]) for rec in AuditLog(e).show(action="stage-out")]
+    finally:
+        e.close()
+    assert written == [("s3://demo-corpus/1m_shuffled.txt", True)], written
 
     # run again there, it uses its dataset again, and says so
     r = kotta(None, "demo", env=env)
