@@ -944,3 +944,24 @@ def test_a_policy_change_whose_audit_record_fails_does_not_take_effect(
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert not policies.check("analyst", "read", "s3://klab-jobs/x").allowed
     assert policies.dataset("s3://klab-jobs/").egress == "deny"
+
+
+def test_a_user_enabled_whose_audit_record_fails_stays_disabled(
+        enclave, enclave_dir, tmp_path, user_token):
+    """`kotta user enable bob` wrote bob's record, then its audit record: when the record
+    could not be written the admin got an error, yet bob's tokens worked again, his
+    return to the enclave unaudited.  The record is written first: a failed record means
+    no change.  (A trigger refusing that record is the audit store failing.)"""
+    import sqlite3
+
+    bob = _as(tmp_path, "bob", user_token("bob", role="guest"))
+    assert kotta(enclave_dir, "user", "disable", "bob").returncode == 0
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        db.execute(
+            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
+            " WHEN NEW.kind='audit' AND NEW.value LIKE '%enabled bob%'"
+            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    r = kotta(enclave_dir, "user", "enable", "bob")
+    assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
+    assert TokenService(enclave).user("bob").disabled
+    assert kotta(enclave_dir, "whoami", env=bob).returncode == 2

@@ -203,6 +203,7 @@ class TokenService:
 
     def set_disabled(self, user: str, disabled: bool, *, by: str) -> None:
         check_user(user)  # (not a name a user may have: say so, before any look-up)
+        audited = False
         for _ in range(_CHECKED_WRITE_TRIES):
             rec = self.records.get("user", user)
             if rec is None:
@@ -228,6 +229,13 @@ class TokenService:
                         f"user add NAME --role ROLE --admin`)" + (
                             f", or issue one of {', '.join(others)} a token (`kotta token "
                             f"issue NAME`)" if others else ""))
+            # audited first (once): a change whose record could not be written after it
+            # was in force unaudited (a user enabled, the admin told it failed).  (A write
+            # that then fails leaves the record of its attempt.)
+            if not audited:
+                self._log("token-revoke" if disabled else "user-add", user=by, allowed=True,
+                          detail=f"{'disabled' if disabled else 'enabled'} {user}")
+                audited = True
             # written only if the admin the check counted on still can act (and this user's
             # record is as read): another admin disabling this one, or revoking their
             # token, at the same time would else leave no admin
@@ -237,8 +245,6 @@ class TokenService:
                 break
         else:
             raise _contended(f"{'disable' if disabled else 'enable'} {user}")
-        self._log("token-revoke" if disabled else "user-add", user=by, allowed=True,
-                  detail=f"{'disabled' if disabled else 'enabled'} {user}")
 
     # -- refresh tokens
 
