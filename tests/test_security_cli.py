@@ -965,3 +965,22 @@ def test_a_user_enabled_whose_audit_record_fails_stays_disabled(
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert TokenService(enclave).user("bob").disabled
     assert kotta(enclave_dir, "whoami", env=bob).returncode == 2
+
+
+def test_a_token_revoke_whose_audit_record_fails_revokes_nothing(
+        enclave, enclave_dir, tmp_path, user_token):
+    """`kotta token revoke ID` wrote the revocation, then its audit record: when the
+    record could not be written the admin got an error, yet the token was revoked, and
+    a second try said "was already revoked": the revocation was never in the log.  The
+    record is written first: a failed record means no change."""
+    import sqlite3
+
+    rid = credentials.load(enclave, user_token("bob", role="guest")).refresh_id
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        db.execute(
+            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
+            f" WHEN NEW.kind='audit' AND NEW.value LIKE '%token-revoke%{rid}%'"
+            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    r = kotta(enclave_dir, "token", "revoke", rid)
+    assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
+    assert not enclave.records.get("refresh", rid).get("revoked")

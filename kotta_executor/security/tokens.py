@@ -311,6 +311,7 @@ class TokenService:
         """Revoke a refresh token (given whole, or by its id): its access tokens stop
         working within ``REVOCATION_CACHE`` seconds, on every node."""
         rid = _parse_refresh(token_or_id)[0] if token_or_id.startswith("krt1.") else token_or_id
+        audited = False
         for _ in range(_CHECKED_WRITE_TRIES):
             rec = self.records.get("refresh", rid)
             if rec is None:
@@ -324,6 +325,10 @@ class TokenService:
                           detail=f"refused to revoke refresh token {rid} of {rec['user']}: "
                                  "the last valid token of an active admin")
                 raise
+            if not audited:  # first (once), as in set_disabled
+                self._log("token-revoke", user=by, allowed=True,
+                          detail=f"refresh token {rid} of {rec['user']}")
+                audited = True
             # written only if the admin token the check counted on is still valid (see
             # set_disabled): two admins revoking each other's last token at once
             if self.records.put_if_unchanged(
@@ -332,7 +337,6 @@ class TokenService:
                 break
         else:
             raise _contended(f"revoke the token {rid}")
-        self._log("token-revoke", user=by, allowed=True, detail=f"refresh token {rid} of {rec['user']}")
         return True
 
     def _admins_with_tokens(self, but: str | None = None) -> set[str]:
