@@ -984,3 +984,30 @@ def test_a_token_revoke_whose_audit_record_fails_revokes_nothing(
     r = kotta(enclave_dir, "token", "revoke", rid)
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert not enclave.records.get("refresh", rid).get("revoked")
+
+
+@pytest.mark.parametrize("command, action", [
+    (["policy", "revoke", "analyst", "s3://klab-jobs/", "read"], "policy-revoke"),
+    (["dataset", "remove", "s3://klab-jobs/"], "dataset-remove"),
+])
+def test_a_policy_removal_whose_audit_record_fails_removes_nothing(
+        enclave, enclave_dir, command, action):
+    """`kotta policy revoke` (`kotta dataset remove`) removed the statement (the dataset),
+    then wrote its audit record: when the record could not be written the admin got an
+    error, yet it was gone, and a second try said there was none: the change never
+    reached the log.  The record is written first: a failed record means no change."""
+    import sqlite3
+
+    policies = PolicyStore(enclave.records)
+    policies.add_dataset("s3://klab-jobs/", by="root")
+    policies.grant("analyst", "s3://klab-jobs/", "read", by="root")
+    assert kotta(enclave_dir, "whoami").returncode == 0  # (the admin's token, audited)
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        db.execute(
+            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
+            f" WHEN NEW.kind='audit' AND NEW.value LIKE '%{action}%'"
+            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    r = kotta(enclave_dir, *command)
+    assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
+    assert policies.check("analyst", "read", "s3://klab-jobs/x").allowed
+    assert policies.dataset("s3://klab-jobs/") is not None

@@ -256,11 +256,13 @@ class PolicyStore:
     def remove_dataset(self, uri: str, *, by: str) -> bool:
         """Unregister a dataset and remove its statements; returns whether it existed."""
         uri = canonical(uri)
-        removed = [s for s in self.statements(dataset=uri) if self.records.delete(POLICY, s.key)]
-        existed = self.records.delete(DATASET, uri)
-        if existed or removed:
-            self._record("dataset-remove", by, uri, f"removed with {len(removed)} statement(s)")
-        return existed
+        found = self.statements(dataset=uri)
+        if found or self.records.get(DATASET, uri) is not None:
+            # audited first, as add_dataset
+            self._record("dataset-remove", by, uri, f"removed with {len(found)} statement(s)")
+        for st in found:
+            self.records.delete(POLICY, st.key)
+        return self.records.delete(DATASET, uri)
 
     def datasets(self) -> list[Dataset]:
         return [_dataset(key, value) for key, value in self.records.scan(DATASET)]
@@ -294,10 +296,11 @@ class PolicyStore:
         """Remove the statement of ``role`` for ``action`` on a dataset; returns whether
         there was one."""
         statement = Statement(role, dataset, action)
-        removed = self.records.delete(POLICY, statement.key)
-        if removed:
-            self._record("policy-revoke", by, statement.dataset, f"{action} of role {role}")
-        return removed
+        if self.records.get(POLICY, statement.key) is None:
+            return False
+        # audited first, as add_dataset
+        self._record("policy-revoke", by, statement.dataset, f"{action} of role {role}")
+        return self.records.delete(POLICY, statement.key)
 
     def statements(self, role: str | None = None, dataset: str | None = None) -> list[Statement]:
         if dataset is not None:
