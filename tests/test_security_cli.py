@@ -1011,3 +1011,27 @@ def test_a_policy_removal_whose_audit_record_fails_removes_nothing(
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert policies.check("analyst", "read", "s3://klab-jobs/x").allowed
     assert policies.dataset("s3://klab-jobs/") is not None
+
+
+def test_a_user_add_whose_audit_record_fails_adds_no_one(enclave, enclave_dir):
+    """`kotta user add alice` wrote alice, then the audit record: when the record could
+    not be written the admin got an error and no token, yet alice was a user, never in
+    the log, and a second try said "the user alice already exists".  The record is
+    written first: a failed record means no user; the second try adds her."""
+    import sqlite3
+
+    assert kotta(enclave_dir, "whoami").returncode == 0  # (the admin's token, audited)
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        db.execute(
+            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
+            " WHEN NEW.kind='audit' AND NEW.value LIKE '%user-add%alice%'"
+            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    r = kotta(enclave_dir, "user", "add", "alice", "--role", "analyst")
+    assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
+    assert TokenService(enclave).user("alice") is None
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        db.execute("DROP TRIGGER the_audit_fails")
+    r = kotta(enclave_dir, "user", "add", "alice", "--role", "analyst")
+    assert r.returncode == 0 and r.stdout.split()[-1].startswith("krt1."), (r.stdout, r.stderr)
+    assert [rec["detail"] for rec in AuditLog(enclave).show(action="user-add")][-1] == (
+        "alice role=analyst")

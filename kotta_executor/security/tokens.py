@@ -179,10 +179,15 @@ class TokenService:
         names = getattr(self.enclave, "names", None)  # (AWS: the role is an IAM role's name)
         if names is not None:
             names.check_user_role(role)
+        if if_absent and self.records.get("user", user) is not None:
+            return self.user(user)  # type: ignore[return-value]
+        # audited first: a user whose record could not be written after it was added
+        # unaudited, the admin told it failed (and, trying again, that it exists).  (A
+        # write that then fails, or one that finds the user added meanwhile, leaves the
+        # record of its attempt.)
+        self._log("user-add", user=by, allowed=True,
+                  detail=f"{user} role={role}{' admin' if admin else ''}")
         written = self.records.put("user", user, ident.as_dict(), if_absent=if_absent)
-        if written:
-            self._log("user-add", user=by, allowed=True,
-                      detail=f"{user} role={role}{' admin' if admin else ''}")
         return ident if written else self.user(user)  # type: ignore[return-value]
 
     def user(self, user: str) -> Identity | None:
