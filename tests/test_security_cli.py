@@ -1035,3 +1035,24 @@ def test_a_user_add_whose_audit_record_fails_adds_no_one(enclave, enclave_dir):
     assert r.returncode == 0 and r.stdout.split()[-1].startswith("krt1."), (r.stdout, r.stderr)
     assert [rec["detail"] for rec in AuditLog(enclave).show(action="user-add")][-1] == (
         "alice role=analyst")
+
+
+def test_a_token_issue_whose_audit_record_fails_issues_no_token(
+        enclave, enclave_dir, user_token):
+    """`kotta token issue bob` stored the token, then the audit record: when the record
+    could not be written the admin got an error and no token, yet a valid token of bob's
+    was in the enclave (`kotta token list`: valid; an admin's counts as one that can
+    still act), never in the log.  The record is written first: a failed record means
+    no token."""
+    import sqlite3
+
+    user_token("bob", role="guest")
+    before = [t["id"] for t in TokenService(enclave).tokens("bob")]
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        db.execute(
+            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
+            " WHEN NEW.kind='audit' AND NEW.value LIKE '%token-issue%for bob%'"
+            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    r = kotta(enclave_dir, "token", "issue", "bob")
+    assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
+    assert [t["id"] for t in TokenService(enclave).tokens("bob")] == before

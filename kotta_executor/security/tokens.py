@@ -261,11 +261,13 @@ class TokenService:
             raise ConfigurationError(f"no user {user!r} in the enclave: add it first")
         rid, secret = os.urandom(9).hex(), _b64(os.urandom(32))
         now = time.time()
+        # audited first, as add_user: a token whose record could not be written after it
+        # was valid unaudited (never printed, but listed, and counted as an admin's)
+        self._log("token-issue", user=by, allowed=True, detail=f"refresh token {rid} for {user}")
         self.records.put("refresh", rid, {
             "user": user, "sha256": _sha256(secret), "created": now, "expires": now + ttl,
             "revoked": None, "by": by,
         }, if_absent=True)
-        self._log("token-issue", user=by, allowed=True, detail=f"refresh token {rid} for {user}")
         return f"krt1.{rid}.{secret}"
 
     def refresh(self, refresh_token: str, ttl: float = ACCESS_TTL) -> AccessToken:
