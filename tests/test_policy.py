@@ -745,3 +745,29 @@ def test_a_key_with_a_c1_control_character_is_refused(name, control):
     are.  A key holding one was accepted, against "control characters are not allowed"."""
     with pytest.raises(InvalidDataUri, match="control characters"):
         parse_uri(f"s3://corpus/{name}{control}x")
+
+
+def test_a_grant_or_dataset_refused_for_its_record_key_leaves_no_allowed_audit_record(
+        tmp_path):
+    """Audited first (commit a6ca085), a grant whose statement key was over a record
+    key's 1024 bytes (a long dataset URI with the role and action before it), or a dataset
+    whose URI was, left a record saying it was allowed, then was refused with the
+    records' ValueError: kotta audit show listed a grant that was never made.  Now that
+    is known before the record is written."""
+    from kotta_executor.security.audit import AuditLog
+
+    enclave = EmbeddedEnclave(tmp_path / "e")
+    try:
+        audit = AuditLog(enclave)
+        policies = PolicyStore(enclave.records, audit)
+        uri = "s3://corpus/" + "a" * 1009 + "/"  # 1022 bytes: a dataset key
+        policies.add_dataset(uri, by="root")
+        with pytest.raises(ValueError):
+            policies.grant("analyst", uri, "read", by="root")
+        with pytest.raises(ValueError):
+            policies.add_dataset("s3://corpus/" + "b" * 1020 + "/", by="root")
+        said = [(r["action"], r["detail"]) for r in audit.show()]
+        assert [a for a, _ in said] == ["dataset-add"], said
+        assert policies.statements() == []
+    finally:
+        enclave.close()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal, Protocol, cast
 
-from ..backends.base import Records
+from ..backends.base import Records, check_record_name
 from ..errors import AccessDenied, ConfigurationError, InvalidDataUri
 from .uris import DataUri, parse_own_uri, parse_uri
 
@@ -248,7 +248,9 @@ class PolicyStore:
         verb = "updated" if old else "added"
         # audited first: a change whose record could not be written after it was in
         # force unaudited (the admin told it failed).  (A write that then fails leaves
-        # the record of its attempt.)
+        # the record of its attempt.)  A key the records refuse is known before: no
+        # record of a change never made
+        check_record_name("key", uri)
         self._record("dataset-add", by, uri, f"{verb}: egress {egress}, {cap}")
         self.records.put(DATASET, uri, value)
         return dataset
@@ -287,7 +289,8 @@ class PolicyStore:
         statement = Statement(role, dataset, action, effect)
         if self.records.get(DATASET, statement.dataset) is None:
             raise ConfigurationError(f"{statement.dataset} is not a registered dataset")
-        # audited first, as add_dataset
+        # audited first, as add_dataset (its key checked before)
+        check_record_name("key", statement.key)
         self._record("policy-grant", by, statement.dataset, f"{effect} {action} to role {role}")
         self.records.put(POLICY, statement.key, {"effect": effect, "by": by, "time": self._clock()})
         return statement
