@@ -1056,3 +1056,24 @@ def test_a_token_issue_whose_audit_record_fails_issues_no_token(
     r = kotta(enclave_dir, "token", "issue", "bob")
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert [t["id"] for t in TokenService(enclave).tokens("bob")] == before
+
+
+@pytest.mark.parametrize("uri", [
+    "s3://klab-jobs/dir/",  # a prefix, not an object
+    "s3://klab-jobs/" + "x" * 300,  # a segment over a file name's 255 bytes
+    "s3://klab-jobs/n.txt/below",  # under the key of an object there
+])
+def test_dataset_put_refused_for_its_uri_leaves_no_allowed_audit_record(
+        enclave, enclave_dir, tmp_path, uri):
+    """Audited first (commit 7e6fd8d), `kotta dataset put` of a URI put_object then
+    refused (a prefix, a segment too long for the embedded enclave, a key under another
+    object's) left a stage-out record saying it was allowed: kotta audit show listed a
+    write never made.  Those are known before the record."""
+    data = tmp_path / "numbers.txt"
+    data.write_text("1\n2\n3\n")
+    assert kotta(enclave_dir, "dataset", "put", "s3://klab-jobs/n.txt",
+                 str(data)).returncode == 0
+    r = kotta(enclave_dir, "dataset", "put", uri, str(data))
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    said = [(x["dataset"], x["allowed"]) for x in AuditLog(enclave).show(action="stage-out")]
+    assert said == [("s3://klab-jobs/n.txt", True)], said

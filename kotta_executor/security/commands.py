@@ -344,10 +344,10 @@ def cmd_dataset_put(args) -> int:
 
         # audited first, as a node's stage-out: an object whose record could not be
         # written after it was in its dataset unaudited.  (A write that then fails
-        # leaves the record of its attempt.)
-        AuditLog(enclave).append("stage-out", user=creds.user, dataset=uri.uri, allowed=True,
-                                 detail=f"kotta dataset put {args.file}")
-        put_object(enclave, uri.uri, data)
+        # leaves the record of its attempt; a URI refused, a prefix say, leaves none)
+        put_object(enclave, uri.uri, data, before=lambda: AuditLog(enclave).append(
+            "stage-out", user=creds.user, dataset=uri.uri, allowed=True,
+            detail=f"kotta dataset put {args.file}"))
     print(f"stored {args.file} as {uri.uri}")
     return 0
 

@@ -33,7 +33,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -607,10 +607,14 @@ def enclave_areas(enclave) -> tuple[str, ...]:
             f"s3://{bucket}/held/")
 
 
-def put_object(enclave, uri: str, data: bytes | IO[bytes]) -> None:
+def put_object(enclave, uri: str, data: bytes | IO[bytes],
+               before: Callable[[], object] | None = None) -> None:
     """Write a dataset object with the enclave's own rights (``kotta dataset put``, tests).
     ``data``: bytes, or a binary file, read from where it is to its end in chunks (a
-    dataset file may be larger than memory)."""
+    dataset file may be larger than memory).  ``before``: called once the URI is known to
+    name an object that can be written (not a prefix, nor, on the embedded enclave, a key
+    it cannot keep), just before the write: its audit record, which must not say
+    "allowed" of a write refused for a reason known before it."""
     d = _object(uri, _own_bucket(enclave))
     body = data if hasattr(data, "read") else bytes(data)
     if _is_embedded(enclave):
@@ -618,10 +622,14 @@ def put_object(enclave, uri: str, data: bytes | IO[bytes]) -> None:
         path = _object_path(root, d)
         _room_for(root, d, path)
         _object_path(root, d)
+        if before is not None:
+            before()
         _write_atomic(path, body)
     else:
         from ..backends.aws import _client_error, _code
 
+        if before is not None:
+            before()
         try:
             _write_s3(enclave.s3, d, body, _size(body))
         except _client_error() as exc:  # (botocore's names no bucket)
