@@ -259,6 +259,8 @@ class Node:
         self._report_tries = 0
         #: since when each step of PATIENCE has failed, while it fails
         self._failing: dict[str, float] = {}
+        #: envs.ended at the last fault building an env (_env_fault)
+        self._env_ended = 0
         self.jobs_done = 0
         #: what gone workers may have left running (tasks' children), SIGKILLed on time
         self._leftovers: list[Leftovers] = []
@@ -1794,7 +1796,10 @@ class Node:
                     self._env_fault(env)
                     skipped.append(task)
                     continue
-                self._env_fault(None)
+                if self.envs.ended != self._env_ended:  # a build has ended since: passed
+                    # (not a set's env ready long before: the fault's clock was set back,
+                    # its warning logged again, by each task of another set)
+                    self._env_fault(None)
                 if status == "failed":
                     task.refusal = ("RequirementsError", f"job {task.job_id}: installing "
                                                          f"its requirements failed: {env}")
@@ -1911,6 +1916,7 @@ class Node:
                 log.info("%s works again, after %.0f s", what, time.monotonic() - since)
             return
         first = what not in self._failing
+        self._env_ended = self.envs.ended
         self._transient(what, exc)
         (log.warning if first else log.debug)(
             "%s failed (%s: %s): the node's own fault; its tasks wait for it to pass",

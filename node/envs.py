@@ -118,6 +118,9 @@ class EnvCache:
         self._building: set[str] = set()
         self._failed: dict[str, tuple[str, float]] = {}
         self._faulted: dict[str, tuple[OSError, float]] = {}
+        #: builds that came to an end (built, or failed for their set's own reason): one
+        #: since a fault of the node's own says that it has passed (Node._env_fault)
+        self.ended = 0
         self.builds = Builds()
 
     def building(self) -> bool:
@@ -189,9 +192,11 @@ class EnvCache:
                     self._faulted[key] = (exc, time.monotonic())
                 else:
                     self._failed[key] = (str(exc), time.monotonic())
+                    self.ended += 1
         else:
             with self._lock:
                 self._ready[key] = env
+                self.ended += 1
         finally:
             with self._lock:
                 self._building.discard(key)

@@ -921,3 +921,50 @@ def test_a_build_thread_that_cannot_start_keeps_the_task_waiting(tmp_path, monke
     assert cache.get("six") == ("building", None)  # (tried again: a thread this time)
     assert woken.wait(GUARD)  # (its end, built or failed: not left running)
     cache.close()
+
+
+def test_an_env_build_fault_is_not_cleared_by_another_sets_ready_env(
+        make_executor, enclave, offline_pip, monkeypatch, caplog):
+    """A build the node's own fault stops keeps its tasks waiting until the fault has
+    passed, or has lasted PATIENCE (commit 9e0edc2).  But a task of any other set whose env
+    was ready (built long before) was taken for the fault's end: logged 'works again' and
+    the fault's clock set back at each such step, its warning logged again at the next, the
+    node never giving up while the set's tasks waited.  Only a build that comes to an end
+    (or the set's own env) says it has passed."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False)
+    other = PROBE + "\nkotta-never-built==1.0"
+    ready, faulty = ex.with_options(requirements=PROBE), ex.with_options(requirements=other)
+    name = f"kotta-env-{envs.env_name(normalize(other))[:8]}"
+    start = threading.Thread.start
+
+    def out_of_threads(thread):  # (the node's own fault, for the second set's build only)
+        if thread.name == name:
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+
+    node = Node(enclave, NodeConfig(queue="test", workers=2, poll_interval=0.05))
+    node._start()
+    try:
+        first = ready.submit(_probe_version)
+        wait_for(lambda: (node.step(), first.done())[1], timeout=BUILD_GUARD,
+                 what="the first set's env to be built and its task to run")
+        assert first.result() == "1.0"
+        monkeypatch.setattr(threading.Thread, "start", out_of_threads)
+        waiting = faulty.submit(_probe_version)
+        what = "building an environment"
+        wait_for(lambda: (node.step(), what in node._failing)[1], what="the build's fault")
+        since = node._failing[what]
+        for _ in range(3):
+            f = ready.submit(_probe_version)
+            wait_for(lambda: (node.step(), f.done())[1], what="a task of the ready set")
+            assert f.result() == "1.0"
+            node.step()  # (the waiting task's set asked for again)
+        assert not waiting.done()
+        assert node._failing.get(what) == since, "the fault's clock was set back"
+        assert not [r for r in caplog.records if "works again" in r.getMessage()]
+    finally:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        waiting.cancel()
+        node._stop()
