@@ -958,7 +958,7 @@ def test_an_env_build_fault_is_not_cleared_by_another_sets_ready_env(
         since = node._failing[what]
         for _ in range(3):
             f = ready.submit(_probe_version)
-            wait_for(lambda: (node.step(), f.done())[1], what="a task of the ready set")
+            wait_for(lambda f=f: (node.step(), f.done())[1], what="a task of the ready set")
             assert f.result() == "1.0"
             node.step()  # (the waiting task's set asked for again)
         assert not waiting.done()

@@ -232,7 +232,8 @@ def test_an_output_with_the_file_name_of_an_input_is_refused_at_submit(data, mak
     task that wrote no output had its staged input uploaded as the output (no "did not
     write", a copy of the input in the output's dataset), and one that wrote it replaced
     the input it was reading.  Refused at submit (with_options, submit, a script job),
-    naming the file, as two inputs (or two outputs) of one basename are; nothing runs."""
+    naming the file, as two inputs (or two outputs) of one basename are; nothing runs.
+    (One object as an input and an output is a task that updates it in place: below.)"""
     from kotta_executor import KottaJob
 
     alice = make_executor(1, credentials=data.alice, start_node=False)
@@ -246,11 +247,22 @@ def test_an_output_with_the_file_name_of_an_input_is_refused_at_submit(data, mak
         alice.with_options(inputs=[INPUT]).with_options(outputs=[out])
     with pytest.raises(ValueError, match="'1m_shuffled.txt'"):
         alice.with_options(outputs=[out]).submit(tasks.noop, inputs=[INPUT])
-    with pytest.raises(ValueError, match="'1m_shuffled.txt'"):  # the same object, too
-        alice.submit(tasks.noop, inputs=[INPUT], outputs=[INPUT])
     with pytest.raises(ValueError, match="'1m_shuffled.txt'"):
         KottaJob(jobtype="script", jobname="x", executable="/bin/sh x.sh", script_name="x.sh",
                  script="true\n", inputs=[INPUT], outputs=[out], queue="test", walltime=1)
+
+
+def test_a_task_updates_an_object_given_as_its_input_and_its_output_in_place(data,
+                                                                              make_executor):
+    """One object as an input and an output: read, changed and written back, as a
+    researcher updates a file of results."""
+    log = "s3://klab-results/alice/log.txt"
+    data.policies.grant("analyst", RESULTS, "read", by=data.admin.user)
+    put_object(data.enclave, log, b"first\n")
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.submit(tasks.append_to_inputs, "second\n", inputs=[log], outputs=[log])
+    assert f.result(GUARD) == 1
+    assert get_object(data.enclave, log) == b"first\nsecond\n"
 
 
 def test_uris_that_share_a_file_name_get_no_note_on_passing_an_argument_so_named(

@@ -35,7 +35,8 @@ def _uris(value: Any, what: str) -> tuple[str, ...]:
 def declared(inputs: Iterable[str], outputs: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Checked, canonical input and output URIs, each once (one declared by the executor's
     options and again by the call, say); two files (two inputs, two outputs, or an input
-    and an output) may not share a basename in one working directory."""
+    and an output) may not share a basename in one working directory, unless an input and
+    an output are one object (updated in place)."""
     ins = tuple(dict.fromkeys(_uris(inputs, "inputs")))
     outs = tuple(dict.fromkeys(_uris(outputs, "outputs")))
     for what, uris in (("inputs", ins), ("outputs", outs)):
@@ -48,11 +49,13 @@ def declared(inputs: Iterable[str], outputs: Iterable[str]) -> tuple[tuple[str, 
                 )
             seen[name] = u
     # nor an input and an output: one file, a task that wrote no output had its input
-    # uploaded as the output, and one that wrote it replaced the input it was reading
+    # uploaded as the output (a copy of it in another dataset), and one that wrote it
+    # replaced the input it was reading.  Unless they are one object: a task that updates
+    # it in place, read, changed and written back (unchanged, it is written back as it was)
     staged = {u.rsplit("/", 1)[-1]: u for u in ins}
     for u in outs:
         name = u.rsplit("/", 1)[-1]
-        if name in staged:
+        if name in staged and staged[name] != u:
             raise InvalidDataUri(
                 f"the input {staged[name]} and the output {u} would both be {name!r} in the "
                 "working directory (the task's output would be its input): give the output "
