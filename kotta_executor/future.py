@@ -140,7 +140,16 @@ class KottaFuture(Future):
 
     def result(self, timeout: float | None = None) -> Any:  # noqa: D102 - the stdlib's
         self._check_not_waiting_on_manager("result", timeout)
-        return super().result(timeout)
+        value = super().result(timeout)
+        if self._exception is not None:
+            # an exception that is false (its __bool__, or a __len__ of 0): the stdlib's
+            # result() before Python's fix of gh-132063 (2025; 3.11's, 3.12's) tests
+            # ``if self._exception:``, and returned None for it, as if the task had
+            try:
+                raise self._exception
+            finally:
+                self = None  # (as the stdlib: no cycle through the traceback's frame)
+        return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:  # noqa: D102
         self._check_not_waiting_on_manager("exception", timeout)

@@ -1190,3 +1190,22 @@ def append_to_inputs(text, inputs=()):
         with open(os.path.basename(uri), "a") as f:
             f.write(text)
     return len(inputs)
+
+
+class FalseyBoolError(Exception):
+    """An exception that is false (CPython's FalseyBoolException, gh-132063)."""
+
+    def __bool__(self):
+        return False
+
+
+class FalseyLenError(Exception):
+    """An exception of length 0, so false (CPython's FalseyLenException)."""
+
+    def __len__(self):
+        return 0
+
+
+def raise_falsey(kind, message):
+    """Raise a FalseyBoolError (``kind == "bool"``) or FalseyLenError with ``message``."""
+    raise (FalseyBoolError if kind == "bool" else FalseyLenError)(message)
