@@ -1209,3 +1209,46 @@ class FalseyLenError(Exception):
 def raise_falsey(kind, message):
     """Raise a FalseyBoolError (``kind == "bool"``) or FalseyLenError with ``message``."""
     raise (FalseyBoolError if kind == "bool" else FalseyLenError)(message)
+
+
+def capture(*args, **kwargs):
+    """What the call was given (CPython's test_submit_keyword)."""
+    return args, kwargs
+
+
+def crash_at_unpickle():
+    """Segfault the process that unpickles it (CPython's CrashAtUnpickle)."""
+    import faulthandler
+
+    faulthandler.disable()
+    faulthandler._sigsegv()
+
+
+class CrashesWhenLoaded:
+    def __reduce__(self):
+        return (crash_at_unpickle, ())
+
+
+class RaisesWhenPickled:
+    """Pickling it raises PicklingError (CPython's ErrorAtPickle)."""
+
+    def __reduce__(self):
+        import pickle
+
+        raise pickle.PicklingError("Error in pickle")
+
+
+def return_raises_when_pickled():
+    return RaisesWhenPickled()
+
+
+class Owner:
+    """An object a test drops while the executor holds a bound method of it."""
+
+    def method(self):
+        pass
+
+
+def sleep_then_segfault(seconds):
+    time.sleep(seconds)
+    segfault()
