@@ -136,6 +136,11 @@ class KottaFuture(Future):
     def __repr__(self) -> str:
         # the stdlib's ("<KottaFuture at 0x… state=finished returned int>"), with the job
         head, rest = Future.__repr__(self).split(" ", 1)
+        exc = self._exception
+        if self._state == FINISHED and exc is not None and not exc:
+            # an exception that is false (a __len__ of 0): the stdlib's repr tests
+            # ``if self._exception:`` and said "returned NoneType", as result() returned None
+            rest = f"at {id(self):#x} state=finished raised {type(exc).__name__}>"
         return f"{head} job={self.job_id} {rest}"
 
     def result(self, timeout: float | None = None) -> Any:  # noqa: D102 - the stdlib's

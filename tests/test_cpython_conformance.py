@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
+import re
 import pickle
 import subprocess
 import sys
@@ -285,3 +286,14 @@ def test_submit_in_an_atexit_function_raises_runtime_error(enclave_dir):
                           capture_output=True, timeout=GUARD)
     assert "RuntimeError: cannot schedule new futures" in proc.stderr.decode()
     assert proc.stdout.strip() == b"runtime-error"
+
+
+def test_the_repr_of_a_future_whose_task_raised_an_exception_that_is_false_says_raised(
+        make_executor):
+    # FutureTests.test_repr ("state=finished raised OSError"): the stdlib's repr tests
+    # ``if self._exception:`` too, and said "returned NoneType" for such a future
+    ex = make_executor(1)
+    future = ex.submit(tasks.raise_falsey, "len", "falsey")
+    future.exception(GUARD)
+    assert re.fullmatch(r"<KottaFuture job=[0-9a-f]{32} at 0x[0-9a-f]+ state=finished raised "
+                        r"FalseyLenError>", repr(future)), repr(future)
