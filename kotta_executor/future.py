@@ -149,7 +149,7 @@ class KottaFuture(Future):
         if self._exception is not None:
             # an exception that is false (its __bool__, or a __len__ of 0): the stdlib's
             # result() before Python's fix of gh-132063 (2025; 3.11's, 3.12's) tests
-            # ``if self._exception:``, and returned None for it, as if the task had
+            # ``if self._exception:``, and returned None for it, as if the task had returned
             try:
                 raise self._exception
             finally:
