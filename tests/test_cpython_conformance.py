@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
-import re
 import pickle
+import re
 import subprocess
 import sys
 import threading
