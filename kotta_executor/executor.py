@@ -1804,26 +1804,32 @@ class KottaExecutor(Executor):
         log_path = self._node_log(queue)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting a local node for queue %s (log: %s): %s", queue, log_path, " ".join(cmd))
-        # a pipe the node closes as it stops, or leaves the queue to finish the tasks of
-        # other clients that used it (_Leftovers.close waits for that, not for its end)
-        left, leave = os.pipe()
-        cmd += ["--leave-fd", str(leave)]
-        try:
-            with open(log_path, "ab") as out:
-                try:
-                    proc = subprocess.Popen(
-                        cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                        start_new_session=True, pass_fds=(leave,),
-                    )
-                except OSError as exc:  # (the same environment again: it would fail again)
-                    if exc.errno != errno.E2BIG:
-                        raise
-                    raise ConfigurationError(_environment_too_big(queue, env, exc)) from exc
-        except BaseException:
-            os.close(left)
-            raise
-        finally:
-            os.close(leave)
+        # Under _spawning, which a fork of this process waits for (os.register_at_fork): a
+        # child forked meanwhile (a fork-based multiprocessing pool made as the executor
+        # starts its node) inherited the write ends of Popen's exec-error pipe and of the
+        # node's leave pipe, and for as long as it lived Popen waited for its pipe to
+        # close, the manager thread with it: no future resolved
+        with _spawning:
+            # a pipe the node closes as it stops, or leaves the queue to finish the tasks of
+            # other clients that used it (_Leftovers.close waits for that, not for its end)
+            left, leave = os.pipe()
+            cmd += ["--leave-fd", str(leave)]
+            try:
+                with open(log_path, "ab") as out:
+                    try:
+                        proc = subprocess.Popen(
+                            cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                            start_new_session=True, pass_fds=(leave,),
+                        )
+                    except OSError as exc:  # (the same environment again: it would fail again)
+                        if exc.errno != errno.E2BIG:
+                            raise
+                        raise ConfigurationError(_environment_too_big(queue, env, exc)) from exc
+            except BaseException:
+                os.close(left)
+                raise
+            finally:
+                os.close(leave)
         proc.left_fd = left  # (read by _Leftovers.close; a Popen takes attributes)
         proc.log_path = log_path  # (removed after a clean stop with nothing to say)
         return proc
@@ -2177,6 +2183,12 @@ def _release_claim(claims: dict[str, int], queue: str) -> None:
 
 #: the descriptors of this process's claims to start a node (KottaExecutor._claim_start)
 _claim_fds: set[int] = set()
+
+
+#: held while this process starts a node, which a fork waits for (_spawn_node)
+_spawning = threading.RLock()
+os.register_at_fork(before=_spawning.acquire, after_in_parent=_spawning.release,
+                    after_in_child=_spawning.release)
 
 
 def _drop_claims_in_child() -> None:

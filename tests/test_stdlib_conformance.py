@@ -732,6 +732,59 @@ def test_a_child_forked_as_the_node_starts_lets_clients_start_nodes(enclave_dir)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+_FORK_IN_POPEN = """
+import os, subprocess, sys, threading
+from kotta_executor import KottaExecutor
+from tests import tasks
+enclave = sys.argv[1]
+real, in_popen, forked = subprocess._fork_exec, threading.Event(), threading.Event()
+
+
+def held(*args):  # the node's exec held until the main thread has forked (or 2 s passed)
+    in_popen.set()
+    forked.wait(2)
+    return real(*args)
+
+
+subprocess._fork_exec = held
+ex = KottaExecutor(1, enclave=enclave)
+f = ex.submit(tasks.square, 3)
+assert in_popen.wait(60), "no node started"
+subprocess._fork_exec = real
+r, w = os.pipe()
+pid = os.fork()  # (it waits for the start of the node, now)
+if pid == 0:  # a long-lived child that never uses the executor (a pool's worker)
+    os.close(w)
+    os.read(r, 1)
+    os._exit(0)
+forked.set()
+os.close(r)
+print("parent: first", f.result(timeout=60), flush=True)
+ex.shutdown()
+os.close(w)
+os.waitpid(pid, 0)
+print("parent: shut down", flush=True)
+"""
+
+
+def test_a_child_forked_as_the_node_is_being_executed_keeps_no_pipe_of_its_start(enclave_dir):
+    """A child forked as the manager thread was inside Popen starting the node inherited
+    the write end of Popen's exec-error pipe (and of the node's leave pipe): Popen waited
+    for the child's end, the manager thread with it, and no future resolved while the
+    child (a fork-based pool's worker) lived.  A fork now waits for the node's start."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    out = subprocess.run([sys.executable, "-c", _FORK_IN_POPEN, str(enclave_dir)],
+                         capture_output=True, text=True, timeout=100, cwd=ROOT,
+                         env=subprocess_env())
+    assert out.stdout.splitlines() == ["parent: first 9", "parent: shut down"], (
+        out.stdout + out.stderr)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 _MP_CHILD = """
 import multiprocessing, os, sys
 from kotta_executor import KottaExecutor
