@@ -186,7 +186,8 @@ class EnvCache:
             env = build(self.root, key, requirements, self.builds)
         except Exception as exc:  # noqa: BLE001 - any failure fails the tasks that wait
             with self._lock:
-                if isinstance(exc, OSError) and exc.errno in pool.PASSING_ERRNOS:
+                if isinstance(exc, BuildKilled) or (
+                        isinstance(exc, OSError) and exc.errno in pool.PASSING_ERRNOS):
                     # the node's (EMFILE starting pip, say), not the set's: failed, every
                     # task of the set failed for FAILURE_TTL; they wait, as for a worker
                     self._faulted[key] = (exc, time.monotonic())
@@ -205,6 +206,13 @@ class EnvCache:
 
 class BuildError(Exception):
     pass
+
+
+class BuildKilled(OSError):
+    """A build step killed by a signal (the OOM killer's SIGKILL, an admin's SIGTERM) while
+    the node was not stopping: the node's own passing fault, not the set's, whose tasks
+    wait and whose build is tried again (it was cached as a failed install, and every
+    task of a set that was fine failed with RequirementsError for FAILURE_TTL)."""
 
 
 def build(root: Path, key: str, requirements: str, builds: Builds | None = None) -> Env:
@@ -256,7 +264,11 @@ def watch():
 threading.Thread(target=watch, daemon=True).start()
 code = step.wait()
 if code < 0:
-    signal.signal(-code, signal.SIG_DFL)
+    if -code != signal.SIGKILL:  # (which has no handler to reset: that raised, and this
+        signal.signal(-code, signal.SIG_DFL)  # ended with exit code 1, a failed install)
+    # the session too: what the step started (the pip that ``pip --python`` runs) ran
+    # on, orphaned, holding the output pipe the node reads until it ends
+    os.killpg(0, -code)
     os.kill(os.getpid(), -code)
 sys.exit(code)
 """
@@ -283,6 +295,10 @@ class Builds:
             )
             self._procs.add(proc)
             return proc
+
+    def stopping(self) -> bool:
+        with self._lock:
+            return self._stopped
 
     def done(self, proc: subprocess.Popen) -> None:
         with self._lock:
@@ -350,8 +366,23 @@ def _run(cmd: list[str], what: str, builds: Builds | None = None) -> None:
             raise BuildError(f"{what} took longer than {BUILD_TIMEOUT:g} s") from exc
     finally:
         builds.done(proc)
+    killed = _signal_of(proc.returncode)
+    if killed is not None and not builds.stopping():
+        raise BuildKilled(f"{what} was killed by signal {killed.name}")
     if proc.returncode != 0:
         out = stdout.decode(errors="replace").strip()
         if len(out) > PIP_TAIL:
             out = "...\n" + out[-PIP_TAIL:]
         raise BuildError(f"{what} failed (exit code {proc.returncode}):\n{out}")
+
+
+def _signal_of(code: int) -> signal.Signals | None:
+    """The signal that ended a build step of exit code ``code``, if one did: ``-N`` (the
+    step's own death, which _WATCHED repeats), or ``256 - N`` (the death of the pip that
+    ``pip --python`` runs in the venv, which the outer pip passes on as ``sys.exit(-N)``;
+    pip's own exit codes are all small)."""
+    number = -code if code < 0 else 256 - code if code > 128 else None
+    try:
+        return None if number is None else signal.Signals(number)
+    except ValueError:
+        return None

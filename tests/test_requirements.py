@@ -968,3 +968,37 @@ def test_an_env_build_fault_is_not_cleared_by_another_sets_ready_env(
         monkeypatch.setattr(threading.Thread, "start", start)
         waiting.cancel()
         node._stop()
+
+
+@pytest.mark.parametrize("which, sig", [("outer", signal.SIGKILL), ("inner", signal.SIGTERM)])
+def test_a_build_whose_pip_is_killed_by_a_signal_is_the_nodes_fault_not_the_sets(
+        tmp_path, monkeypatch, which, sig):
+    """pip killed by a signal as it builds an env (the OOM killer's SIGKILL, an admin's
+    SIGTERM): the failure was cached as the set's, and every task of the set failed with
+    RequirementsError for FAILURE_TTL, though the set was fine.  It is the node's own
+    passing fault now: the set is "fault" (its tasks wait), then built again.  ("inner":
+    the pip that ``pip --python`` runs in the venv, whose death the outer pip relays as
+    exit code 256 - signal.)"""
+    index = _silent_index(monkeypatch)
+    index.settimeout(GUARD)
+    monkeypatch.setattr(envs, "FAULT_RETRY", 600.0)  # (still "fault" when we look)
+    woken = threading.Event()
+    cache = envs.EnvCache(tmp_path / "envs", woken.set)
+    with contextlib.ExitStack() as stack:
+        stack.callback(cache.close)
+        stack.callback(index.close)
+        assert cache.get(PROBE) == ("building", None)
+        stack.enter_context(index.accept()[0])  # pip waits for its index now
+        pips = [p for p in psutil.Process().children(recursive=True)
+                if "install" in _cmdline(p) and "-c" not in _cmdline(p)[:3]]
+        # (``python -m pip --python ENV/bin/python install``, which runs
+        # ``ENV/bin/python .../__pip-runner__.py install``)
+        outer = [p for p in pips if _cmdline(p)[1:3] == ["-m", "pip"]]
+        inner = [p for p in pips if any(a.endswith("__pip-runner__.py") for a in _cmdline(p))]
+        assert len(outer) == len(inner) == 1, [_cmdline(p) for p in pips]
+        victim = (outer if which == "outer" else inner)[0]
+        victim.send_signal(sig)
+        assert woken.wait(GUARD)
+        status, fault = cache.get(PROBE)
+        assert status == "fault", fault
+        assert isinstance(fault, OSError) and "signal" in str(fault), fault
