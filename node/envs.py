@@ -8,7 +8,7 @@ cloudpickle, tblib, psutil — stay importable, with the node's site-packages di
 its workers' path for a node in a venv of its own: ``pool.spawn``; its ``.kotta-ready``
 marker lists the set).
 ``ROOT/<name>.lock`` (``<name>``: ``env_name``'s) serialises builds between processes
-(``flock``): a build takes the lock, looks again (another node may have finished meanwhile),
+(``flock``, for LOCK_WAIT at most; its holder writes its pid there): a build takes the lock, looks again (another node may have finished meanwhile),
 builds into ``ROOT/.<name>.tmp-*`` and renames that to ``ROOT/<name>`` — a directory that exists under its final name is
 complete.  ROOT is ``$KOTTA_ENVS`` if set, else ``$KOTTA_HOME/envs`` for an embedded
 enclave, else the node's cache directory (``$XDG_CACHE_HOME/kotta/envs``,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -44,11 +45,18 @@ from kotta_executor.requirements import env_key, normalize
 
 from . import pool
 
+log = logging.getLogger("kotta.node")
 MARKER = ".kotta-ready"
 #: characters of pip's output kept in a RequirementsError
 PIP_TAIL = 4000
 #: seconds a build may take before it is abandoned as failed
 BUILD_TIMEOUT = 1800.0
+#: seconds a build waits for another process's build of the same set (its lock) before it
+#: fails, naming that process: one stopped (SIGSTOP) or hung held the set's tasks here for
+#: ever.  Longer than any build that ends (two steps of BUILD_TIMEOUT).
+LOCK_WAIT = 2 * BUILD_TIMEOUT + 60.0
+#: seconds between two looks at a lock another process holds
+LOCK_POLL = 0.25
 #: seconds a failed build stays failed (for the tasks that waited for it); then it is retried
 FAILURE_TTL = 60.0
 #: seconds before a build the node's own fault stopped (out of file descriptors, of
@@ -221,7 +229,7 @@ def build(root: Path, key: str, requirements: str, builds: Builds | None = None)
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
     with open(root / f"{key}.lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        _lock(lock, key, builds)  # released when the file is closed
         if Env(key, final).usable():
             return Env(key, final)
         if final.exists():  # not ours to trust: no marker, so never finished (or its
@@ -244,6 +252,37 @@ def build(root: Path, key: str, requirements: str, builds: Builds | None = None)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return Env(key, final)
+
+
+def _lock(lock, key: str, builds: Builds | None) -> None:
+    """Take the build lock of env ``key`` (``lock``, its open file), then write our pid in
+    it, for a process that waits for it to name.  A flock dies with its holder: one held
+    is held by a live process, stopped or hung maybe; wait for it LOCK_WAIT at most."""
+    deadline = time.monotonic() + LOCK_WAIT
+    holder = None
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pass
+        if holder is None:
+            lock.seek(0)
+            pid = lock.read(32).decode(errors="replace").strip()
+            # (a node of an earlier version wrote nothing)
+            holder = f"pid {pid}" if pid.isdigit() else "a process that did not say its pid"
+            log.info("the environment %s waits for its build by another process (%s)",
+                     key, holder)
+        if builds is not None and builds.stopping():
+            raise BuildError("waiting for another process's build: the node is stopping")
+        if time.monotonic() > deadline:
+            raise BuildError(
+                f"the environment's build lock {lock.name} was held for longer than "
+                f"{LOCK_WAIT:g} s by another process ({holder}), stopped or hung maybe")
+        time.sleep(LOCK_POLL)
+    lock.truncate(0)
+    lock.write(str(os.getpid()).encode())
+    lock.flush()
 
 
 #: what runs each build step (``python -c _WATCHED NODE_PID CMD...``), at the head of its

@@ -1002,3 +1002,44 @@ def test_a_build_whose_pip_is_killed_by_a_signal_is_the_nodes_fault_not_the_sets
         status, fault = cache.get(PROBE)
         assert status == "fault", fault
         assert isinstance(fault, OSError) and "signal" in str(fault), fault
+
+
+def test_a_build_lock_held_too_long_by_another_process_fails_the_set_naming_it(
+        tmp_path, monkeypatch, caplog):
+    """Another node holding an env's build lock (flock) and stopped (SIGSTOP) or hung:
+    this node's build waited for the lock with no time limit, logging nothing, and the
+    set's tasks waited for ever.  It now logs once that it waits, and for whom, and after
+    LOCK_WAIT fails the build, saying the lock was held too long by that process."""
+    monkeypatch.setattr(envs, "LOCK_WAIT", 1.0)
+    root = tmp_path / "envs"
+    root.mkdir()
+    key = envs.env_name(PROBE)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         "f = open(sys.argv[1], 'a+b'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "f.truncate(0); f.write(str(os.getpid()).encode()); f.flush()\n"
+         "print('held', flush=True); os.kill(os.getpid(), 19)",  # (SIGSTOP)
+         str(root / f"{key}.lock")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        outcome: list = []
+
+        def builder():
+            try:
+                outcome.append(envs.build(root, key, PROBE))
+            except Exception as exc:  # noqa: BLE001
+                outcome.append(exc)
+
+        caplog.set_level("INFO", logger="kotta.node")
+        t = threading.Thread(target=builder, daemon=True)
+        t.start()
+        t.join(GUARD)
+        assert outcome, "the build waited for the lock with no end"
+        [exc] = outcome
+        assert isinstance(exc, envs.BuildError), exc
+        assert "held" in str(exc) and str(holder.pid) in str(exc), exc
+        waits = [r.getMessage() for r in caplog.records if "waits for" in r.getMessage()]
+        assert len(waits) == 1 and str(holder.pid) in waits[0], waits
+    finally:
+        holder.kill()
+        holder.wait()
