@@ -265,6 +265,36 @@ def test_a_task_updates_an_object_given_as_its_input_and_its_output_in_place(dat
     assert get_object(data.enclave, log) == b"first\nsecond\n"
 
 
+def test_a_hand_built_task_whose_output_has_the_file_name_of_an_input_is_refused_by_the_node(
+        data, make_executor, start_node):
+    """A task header declaring an input and an output of one file name (from an older
+    client, or built by hand and signed with a valid token), which clients refuse at submit:
+    the node refuses it too (it checks what a header declares as clients do), so the input
+    is never uploaded as the output; nothing runs."""
+    import time as _time
+
+    from kotta_executor import wire
+    from kotta_executor.backends.base import NewJob
+
+    ex = make_executor(1, credentials=data.alice, start_node=False)
+    alice = credentials.load(data.enclave, data.alice).access()
+    out = "s3://klab-results/alice/1m_shuffled.txt"
+    header = wire.task_header(
+        job_id=os.urandom(16).hex(), owner=alice.user, client=ex.client_id, queue="test",
+        walltime=60.0, created=_time.time(), fn=wire.fn_name(tasks.noop), n=1,
+    )
+    header.update(inputs=[INPUT], outputs=[out])
+    body = alice.sign(header, wire.dump_call(tasks.noop, [((), {})]))
+    job_id = header["job_id"]
+    data.enclave.jobs.create([NewJob(job_id, alice.user, ex.client_id, "test", header["fn"],
+                                     60.0, body)])
+    start_node(workers=1)
+    with pytest.raises(errors.CorruptTask, match="would both be '1m_shuffled.txt'"):
+        ex.attach(job_id).result(GUARD)
+    with pytest.raises(Exception):  # noqa: B017 - not written: no such object
+        get_object(data.enclave, out)
+
+
 def test_uris_that_share_a_file_name_get_no_note_on_passing_an_argument_so_named(
         data, make_executor):
     """Two inputs (or an input and an output) of one file name, given to submit, were
