@@ -1113,7 +1113,7 @@ class Node:
         tasks = [t for t in inflight if not t.kill_requested]
         inflight.clear()
         for t in tasks:
-            t.started, t.monitor, t.unbegun = None, None, unbegun
+            t.started, t.monitor, t.unbegun, t.put_back = None, None, unbegun, True
         if self.stopping:
             unstaged = self._unstage(tasks)
             self.enclave.queue.hand_back([t.delivery for t in tasks if id(t) in unstaged])
@@ -1260,7 +1260,9 @@ class Node:
             task.kill_requested = True
             return
         self.pending.remove(task)
-        self.data.kill(task)
+        # (staged, never given a worker, or back from one that never began it: this node's
+        # claim was no attempt, and it showed one, with a start, for a task that never ran)
+        self.data.kill(task, unbegun=task.claimed and (task.unbegun or not task.put_back))
 
     def _check_memory(self, now: float) -> None:
         """Kill the tasks whose process tree uses more than the memory limit (only tasks

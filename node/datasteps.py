@@ -458,7 +458,7 @@ class DataSteps:
             if task.kill_requested and phase == "in":
                 if exc is None:
                     task.staged = fut.result()
-                self.kill(task)
+                self.kill(task, unbegun=task.claimed)  # (its claim was no attempt)
             elif exc is None and phase == "in":
                 task.staged = fut.result()
                 self._with_staged(task)

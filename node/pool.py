@@ -88,6 +88,9 @@ class Task:
     #: ``started`` set): once run, it is not that
     unbegun: bool = False
     kill_requested: bool = False  # killed while staging: it must not run
+    #: handed to a worker and back (Node._put_back): else a claimed task the node holds is
+    #: one it staged and never gave a worker, whose kill is no attempt (Node._kill_staging)
+    put_back: bool = False
     #: the memory (KiB) its tree was killed for using (Node._check_memory): its peak, at least
     killed_at_kb: int = 0
     #: why the node will not run it, ``(error type, reason)``: its job fails once this

@@ -530,6 +530,22 @@ def test_a_task_killed_while_staged_never_runs(data, make_executor, tmp_path):
     assert not marker.exists()
 
 
+def test_a_task_killed_while_staged_shows_no_attempt_and_no_start(data, make_executor, tmp_path):
+    """A task killed while staged (its inputs fetched, waiting for a worker): it never ran,
+    yet its job record showed 1 attempt (and a start), as if begun; now 0, and none, as for
+    a task killed in a worker's pipe (``attempts``: the times a node began the job)."""
+    blocker, f, release, marker = _staged_behind_a_blocker(data, make_executor, tmp_path)
+    wait_for(lambda: f.status() == "staging_inputs", what="the task to be staged")
+    assert f.kill() is True
+    with pytest.raises(errors.TaskKilled, match="while staging; it never ran"):
+        f.result(GUARD)
+    record = data.enclave.jobs.get(f.job_id)
+    assert (record.state.value, record.attempts, record.started) == ("cancelled", 0, None)
+    release.touch()
+    blocker.result(GUARD)
+    assert not marker.exists()
+
+
 def test_a_read_grant_revoked_while_a_staged_task_waits_stops_it(data, make_executor, tmp_path):
     """Staged, it waited for the only worker; its grant was revoked meanwhile.  It ran
     anyway, on the data staged before (the policy was read at stage-in only)."""
