@@ -419,9 +419,14 @@ def _signal_of(code: int) -> signal.Signals | None:
     """The signal that ended a build step of exit code ``code``, if one did: ``-N`` (the
     step's own death, which _WATCHED repeats), or ``256 - N`` (the death of the pip that
     ``pip --python`` runs in the venv, which the outer pip passes on as ``sys.exit(-N)``;
-    pip's own exit codes are all small)."""
-    number = -code if code < 0 else 256 - code if code > 128 else None
-    try:
-        return None if number is None else signal.Signals(number)
-    except ValueError:
-        return None
+    pip's own exit codes are all small; of those, only SIGKILL's and SIGTERM's: an exit
+    code of 255, say, is a step's own failure, not SIGHUP's, and taken for the node's
+    fault it was tried again and again, until the node gave up)."""
+    if code < 0:
+        try:
+            return signal.Signals(-code)
+        except ValueError:
+            return None
+    if 256 - code in (signal.SIGKILL, signal.SIGTERM):
+        return signal.Signals(256 - code)
+    return None

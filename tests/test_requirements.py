@@ -1043,3 +1043,16 @@ def test_a_build_lock_held_too_long_by_another_process_fails_the_set_naming_it(
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize(("code", "signal_name"), [
+    (-9, "SIGKILL"), (-15, "SIGTERM"), (-2, "SIGINT"),  # the step's own death
+    (247, "SIGKILL"), (241, "SIGTERM"),  # the inner pip's, passed on by the outer pip
+    (255, None), (254, None), (1, None), (2, None), (23, None), (0, None), (137, None),
+])
+def test_which_exit_codes_of_a_build_step_say_a_signal_killed_it(code, signal_name):
+    """Only a death by signal is the node's fault (tried again); an exit code of 255 is
+    a step's own failure, not SIGHUP's: taken for a fault it was tried again until the
+    node gave up."""
+    got = envs._signal_of(code)
+    assert (got.name if got is not None else None) == signal_name
