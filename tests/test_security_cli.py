@@ -866,21 +866,31 @@ def test_dataset_put_never_writes_the_enclaves_own_storage_on_aws(tmp_path):
             "keys/enclave.key"]
 
 
+def _audit_fails(enclave_dir, like: str | None) -> None:
+    """Make the embedded enclave's audit store fail (a trigger refusing the audit records
+    whose value is LIKE ``like``), or work again (None)."""
+    import sqlite3
+
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        if like is None:
+            db.execute("DROP TRIGGER the_audit_fails")
+        else:
+            db.execute(
+                "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
+                f" WHEN NEW.kind='audit' AND NEW.value LIKE '{like}'"
+                " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+
+
 def test_dataset_put_whose_audit_record_fails_writes_nothing(enclave, enclave_dir, tmp_path):
     """`kotta dataset put` wrote the object, then its audit record: when the record could
     not be written, the data was in its dataset unaudited.  It is audited first, as a
     node's stage-out is: a failed record means no write.  (A trigger refusing stage-out
     records is the audit store failing.)"""
-    import sqlite3
 
     data = tmp_path / "numbers.txt"
     data.write_text("1\n2\n3\n")
     assert kotta(enclave_dir, "whoami").returncode == 0  # (the admin's token, audited)
-    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
-        db.execute(
-            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
-            " WHEN NEW.kind='audit' AND NEW.value LIKE '%stage-out%'"
-            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    _audit_fails(enclave_dir, "%stage-out%")
     r = kotta(enclave_dir, "dataset", "put", "s3://klab-jobs/n.txt", str(data))
     assert r.returncode != 0, (r.stdout, r.stderr)
     with pytest.raises(FileNotFoundError):
@@ -930,16 +940,11 @@ def test_a_policy_change_whose_audit_record_fails_does_not_take_effect(
     admin got an error, yet the grant was in force (the role read the data), unaudited.
     The record is written first: a failed record means no change.  (A trigger refusing
     those records is the audit store failing.)"""
-    import sqlite3
 
     policies = PolicyStore(enclave.records)
     policies.add_dataset("s3://klab-jobs/", by="root", egress="deny")
     assert kotta(enclave_dir, "whoami").returncode == 0  # (the admin's token, audited)
-    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
-        db.execute(
-            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
-            f" WHEN NEW.kind='audit' AND NEW.value LIKE '%{action}%'"
-            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    _audit_fails(enclave_dir, f"%{action}%")
     r = kotta(enclave_dir, *command)
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert not policies.check("analyst", "read", "s3://klab-jobs/x").allowed
@@ -952,15 +957,10 @@ def test_a_user_enabled_whose_audit_record_fails_stays_disabled(
     could not be written the admin got an error, yet bob's tokens worked again, his
     return to the enclave unaudited.  The record is written first: a failed record means
     no change.  (A trigger refusing that record is the audit store failing.)"""
-    import sqlite3
 
     bob = _as(tmp_path, "bob", user_token("bob", role="guest"))
     assert kotta(enclave_dir, "user", "disable", "bob").returncode == 0
-    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
-        db.execute(
-            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
-            " WHEN NEW.kind='audit' AND NEW.value LIKE '%enabled bob%'"
-            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    _audit_fails(enclave_dir, "%enabled bob%")
     r = kotta(enclave_dir, "user", "enable", "bob")
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert TokenService(enclave).user("bob").disabled
@@ -973,14 +973,9 @@ def test_a_token_revoke_whose_audit_record_fails_revokes_nothing(
     record could not be written the admin got an error, yet the token was revoked, and
     a second try said "was already revoked": the revocation was never in the log.  The
     record is written first: a failed record means no change."""
-    import sqlite3
 
     rid = credentials.load(enclave, user_token("bob", role="guest")).refresh_id
-    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
-        db.execute(
-            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
-            f" WHEN NEW.kind='audit' AND NEW.value LIKE '%token-revoke%{rid}%'"
-            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    _audit_fails(enclave_dir, f"%token-revoke%{rid}%")
     r = kotta(enclave_dir, "token", "revoke", rid)
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert not enclave.records.get("refresh", rid).get("revoked")
@@ -996,17 +991,12 @@ def test_a_policy_removal_whose_audit_record_fails_removes_nothing(
     then wrote its audit record: when the record could not be written the admin got an
     error, yet it was gone, and a second try said there was none: the change never
     reached the log.  The record is written first: a failed record means no change."""
-    import sqlite3
 
     policies = PolicyStore(enclave.records)
     policies.add_dataset("s3://klab-jobs/", by="root")
     policies.grant("analyst", "s3://klab-jobs/", "read", by="root")
     assert kotta(enclave_dir, "whoami").returncode == 0  # (the admin's token, audited)
-    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
-        db.execute(
-            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
-            f" WHEN NEW.kind='audit' AND NEW.value LIKE '%{action}%'"
-            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    _audit_fails(enclave_dir, f"%{action}%")
     r = kotta(enclave_dir, *command)
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert policies.check("analyst", "read", "s3://klab-jobs/x").allowed
@@ -1018,19 +1008,13 @@ def test_a_user_add_whose_audit_record_fails_adds_no_one(enclave, enclave_dir):
     not be written the admin got an error and no token, yet alice was a user, never in
     the log, and a second try said "the user alice already exists".  The record is
     written first: a failed record means no user; the second try adds her."""
-    import sqlite3
 
     assert kotta(enclave_dir, "whoami").returncode == 0  # (the admin's token, audited)
-    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
-        db.execute(
-            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
-            " WHEN NEW.kind='audit' AND NEW.value LIKE '%user-add%alice%'"
-            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    _audit_fails(enclave_dir, "%user-add%alice%")
     r = kotta(enclave_dir, "user", "add", "alice", "--role", "analyst")
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert TokenService(enclave).user("alice") is None
-    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
-        db.execute("DROP TRIGGER the_audit_fails")
+    _audit_fails(enclave_dir, None)
     r = kotta(enclave_dir, "user", "add", "alice", "--role", "analyst")
     assert r.returncode == 0 and r.stdout.split()[-1].startswith("krt1."), (r.stdout, r.stderr)
     assert [rec["detail"] for rec in AuditLog(enclave).show(action="user-add")][-1] == (
@@ -1044,15 +1028,10 @@ def test_a_token_issue_whose_audit_record_fails_issues_no_token(
     was in the enclave (`kotta token list`: valid; an admin's counts as one that can
     still act), never in the log.  The record is written first: a failed record means
     no token."""
-    import sqlite3
 
     user_token("bob", role="guest")
     before = [t["id"] for t in TokenService(enclave).tokens("bob")]
-    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
-        db.execute(
-            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
-            " WHEN NEW.kind='audit' AND NEW.value LIKE '%token-issue%for bob%'"
-            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    _audit_fails(enclave_dir, "%token-issue%for bob%")
     r = kotta(enclave_dir, "token", "issue", "bob")
     assert r.returncode != 0 and "the audit store is full" in r.stderr, (r.stdout, r.stderr)
     assert [t["id"] for t in TokenService(enclave).tokens("bob")] == before
