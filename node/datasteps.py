@@ -281,7 +281,17 @@ class DataSteps:
             # node and the tasks it runs, nor run this one again: it is kept (held, its
             # message extended) and taken over again at a later step.  (A move made whose
             # answer was lost is made again: staging_outputs may follow itself.)
-            self.node._transient("taking over finished tasks with data", exc)
+            try:
+                self.node._transient("taking over finished tasks with data", exc)
+            except Exception:
+                if checked:
+                    raise
+                # Its result could not be held, or the hold audited, for good (AccessDenied
+                # on AWS, an audit store refusing the record): the job fails saying so,
+                # nothing of it leaving, rather than end the node (the job left processing,
+                # to run again and end the next node as well)
+                self._unheld(task, exc)
+                return
             self._later_tries += 1
             delay = min(TAKE_OVER_RETRY_MAX, TAKE_OVER_RETRY * 2 ** (self._later_tries - 1))
             self._later_after = time.monotonic() + delay
@@ -299,6 +309,23 @@ class DataSteps:
         else:  # no outputs to write (or a move refused: the job is final, fin not recorded)
             self.active.pop(task.job_id, None)
             self._finish(task, fin)
+
+    def _unheld(self, task: Task, exc: Exception) -> None:
+        """Fail a finished task whose result the egress check could not hold in the
+        enclave, or whose hold it could not audit: none of its result (value, output)
+        goes to the client, and its outputs are not written."""
+        self.node._failing.pop("taking over finished tasks with data", None)
+        log.error("holding the result of job %s for egress failed: %s: %s", task.job_id,
+                  type(exc).__name__, exc)
+        reason = (
+            f"job {task.job_id} read a dataset whose policy keeps its result in the enclave, "
+            f"and holding it there (kept for an admin, the egress denial audited) failed: "
+            f"{type(exc).__name__}: {exc}; nothing of it left the enclave"
+        )
+        self.active.pop(task.job_id, None)
+        self._finish(task, Finished(task.job_id, JobState.FAILED, wire.failure(
+            task.job_id, task.header["n"], "StagingFailed", reason),
+            wire.failure_reason("StagingFailed", reason), None))
 
     def _check_egress(self, task: Task, staged: Staged, data: bytes) -> bytes | None:
         """None if the result may go to the client; else the EgressDenied envelope that

@@ -453,6 +453,33 @@ def test_egress_denied_keeps_the_result_in_the_enclave(data, make_executor):
     assert rec["allowed"] is False and rec["user"] == "alice"
 
 
+def test_a_held_result_whose_audit_record_fails_for_good_fails_the_job_not_the_node(
+        data, make_executor, enclave_dir):
+    """A task read data that may not leave the enclave: its result was held, then the
+    egress-denied record could not be written (the audit store refusing it for good).
+    The node died ("the audit store is full"), the job stayed processing, and the next
+    node ran it again and died again.  The job fails with a reason naming the record;
+    nothing of the result leaves; the node serves on."""
+    import sqlite3
+
+    data.policies.add_dataset(CORPUS, by=data.admin.user, egress="deny")
+    with sqlite3.connect(Path(enclave_dir) / "kotta.db") as db:
+        db.execute(
+            "CREATE TRIGGER the_audit_fails BEFORE INSERT ON records"
+            " WHEN NEW.kind='audit' AND NEW.value LIKE '%egress-denied%'"
+            " BEGIN SELECT RAISE(ABORT, 'the audit store is full'); END")
+    alice = make_executor(1, credentials=data.alice)
+    f = alice.submit(tasks.file_sum, inputs=[INPUT])
+    with pytest.raises(errors.StagingFailed, match="the audit store is full") as info:
+        f.result(GUARD)
+    assert "egress" in str(info.value) and str(SUM) not in str(info.value)
+    assert f.status() == "failed" and not f.stdout
+    states = [s for _, s, _ in data.enclave.jobs.history(f.job_id)]
+    assert states.count("processing") == 1, states
+    assert alice.submit(tasks.square, 3).result(GUARD) == 9  # (the same node serves on)
+    assert "kotta: error" not in alice._node_log("test").read_text()  # (the node lived)
+
+
 def test_a_held_result_whose_outputs_fail_still_says_where_it_is_kept(data, make_executor):
     """A task read data that may not leave the enclave (its result held), then its output
     was missing: the StagingFailed said nothing of the held result, and had no handle,

@@ -232,6 +232,40 @@ def test_aws_a_failed_egress_hold_is_retried_not_the_end_of_the_node(aws, tmp_pa
         alice.shutdown(wait=runner.is_alive(), cancel_futures=True)
 
 
+@pytest.mark.parametrize("call", ["audit record", "held result"])
+def test_aws_an_egress_hold_refused_for_good_fails_the_job_not_the_node(aws, request, call):
+    """The hold of a result that may not leave the enclave (S3 PutObject), or its
+    egress-denied record (PutItem), refused for good (AccessDenied): the node died, the
+    job stayed processing, to run again on another node and end it too.  The job fails
+    with StagingFailed naming the refusal; nothing of its result leaves; the node serves
+    on."""
+    enclave, audit, policies, admin, _ = aws
+    policies.add_dataset(f"s3://{DATA_BUCKET}/", by=admin.user, egress="deny")
+    if call == "audit record":
+        fail_calls(enclave.dynamodb.meta.events, "dynamodb.PutItem", None,
+                   lambda p: b"egress-denied" in (p.get("body") or b""),
+                   "AccessDeniedException", request=request)
+    else:
+        fail_calls(enclave.s3.meta.events, "s3.PutObject", None, code="AccessDenied",
+                   request=request)
+    runner = _node_thread()
+    token = make_user(enclave, "alice", request.getfixturevalue("tmp_path") / "tokens",
+                      role="analyst")
+    alice = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+    try:
+        f = alice.submit(tasks.file_sum, inputs=[INPUT])
+        wait_for(lambda: f.done() or not runner.is_alive(), what="the job or the node to end")
+        assert runner.is_alive(), "a refused hold killed the node"
+        with pytest.raises(errors.StagingFailed, match="AccessDenied") as info:
+            f.result(GUARD)
+        assert "egress" in str(info.value) and "20100" not in str(info.value)
+        states = [s for _, s, _ in enclave.jobs.history(f.job_id)]
+        assert states.count("processing") == 1 and states[-1] == "failed", states
+        assert alice.submit(tasks.square, 3).result(GUARD) == 9
+    finally:  # (not waiting for a task that a dead node would never end)
+        alice.shutdown(wait=runner.is_alive(), cancel_futures=True)
+
+
 def test_aws_an_output_is_never_in_its_dataset_without_its_audit_record(aws, request,
                                                                         monkeypatch):
     """The stage-out record (PutItem) was written after the output's upload: when it
