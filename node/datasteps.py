@@ -525,10 +525,17 @@ class DataSteps:
             exc, "audited", False
         ):  # a refusal the policies did not make (S3's, at stage-in too): on record as well
             uris = task.header.get("inputs" if phase == "in" else "outputs") or ()
-            self.node.audit.append(
-                "access-denied", user=task.claims.user, allowed=False, job_id=task.job_id,
-                dataset=",".join(uris) or None, detail=reason,
-            )
+            try:
+                self.node.audit.append(
+                    "access-denied", user=task.claims.user, allowed=False, job_id=task.job_id,
+                    dataset=",".join(uris) or None, detail=reason,
+                )
+            except Exception as exc2:  # noqa: BLE001 - the job fails all the same, saying
+                # so: raised here (the node's loop), it ended the node, the job left staging
+                log.error("the access-denied audit record of job %s failed: %s: %s",
+                          task.job_id, type(exc2).__name__, exc2)
+                reason += (f" (its access-denied audit record could not be written: "
+                           f"{type(exc2).__name__}: {exc2})")
         usage, out = None, {}
         if ran is not None:  # (an envelope held for egress has no output: none leaves)
             env = wire.decode(ran.result)

@@ -593,6 +593,34 @@ def test_aws_an_input_s3_refuses_at_stage_in_is_audited(aws, request, operation)
     assert audit.verify().ok
 
 
+def test_aws_an_s3_refusal_whose_audit_record_is_refused_fails_the_job_not_the_node(
+        aws, request):
+    """S3 refused a granted input at stage-in, and the audit table refused its
+    `access-denied` record (AccessDeniedException): the node's loop raised, and the node
+    died, the job left staging_inputs.  The job fails with DataAccessDenied, its reason
+    saying the record could not be written; the node serves on."""
+    enclave, audit, *_ = aws
+    fail_calls(_NewSessions(request.getfixturevalue("monkeypatch")), "s3.GetObject",
+               None, _data_path, "AccessDenied", request=request)
+    fail_calls(enclave.dynamodb.meta.events, "dynamodb.PutItem", None,
+               lambda p: b"access-denied" in (p.get("body") or b""),
+               "AccessDeniedException", request=request)
+    runner = _node_thread()
+    token = make_user(enclave, "alice", request.getfixturevalue("tmp_path") / "tokens",
+                      role="analyst")
+    alice = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+    try:
+        f = alice.submit(tasks.file_sum, inputs=[INPUT])
+        wait_for(lambda: f.done() or not runner.is_alive(), what="the job or the node to end")
+        assert runner.is_alive(), "a refused audit record killed the node"
+        with pytest.raises(errors.DataAccessDenied, match="nothing ran") as info:
+            f.result(GUARD)
+        assert "audit record" in str(info.value) and "AccessDeniedException" in str(info.value)
+        assert alice.submit(tasks.square, 3).result(GUARD) == 9
+    finally:  # (not waiting for a task that a dead node would never end)
+        alice.shutdown(wait=runner.is_alive(), cancel_futures=True)
+
+
 def test_aws_an_archived_input_fails_its_job_at_once_saying_so(aws, request, monkeypatch):
     """An input in an archive storage class (GLACIER) cannot be read until it is restored:
     S3 refuses the read with InvalidObjectState.  The node took it for a passing fault,
