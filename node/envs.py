@@ -126,8 +126,9 @@ class EnvCache:
         self._building: set[str] = set()
         self._failed: dict[str, tuple[str, float]] = {}
         self._faulted: dict[str, tuple[OSError, float]] = {}
-        #: builds that came to an end (built, or failed for their set's own reason): one
-        #: since a fault of the node's own says that it has passed (Node._env_fault)
+        #: builds that came to an end (built, found built by another process, or failed
+        #: for their set's own reason): one since a fault of the node's own says that it
+        #: has passed (Node._env_fault)
         self.ended = 0
         self.builds = Builds()
 
@@ -169,6 +170,10 @@ class EnvCache:
             env = Env(key, self.root / key)
             if env.usable():  # built earlier, by this node or another
                 self._ready[key] = env
+                # a build come to an end, if another process's: one this node's own fault
+                # stopped has passed (else its clock stayed, and the node gave up at its
+                # next fault, however much later)
+                self.ended += 1
                 return "ready", env
             self._building.add(key)
         try:

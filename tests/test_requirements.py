@@ -1056,3 +1056,41 @@ def test_which_exit_codes_of_a_build_step_say_a_signal_killed_it(code, signal_na
     node gave up."""
     got = envs._signal_of(code)
     assert (got.name if got is not None else None) == signal_name
+
+
+def test_an_env_build_fault_passes_when_another_process_built_the_env(
+        make_executor, enclave, offline_pip, monkeypatch):
+    """A build the node's own fault stopped (out of threads) whose env another process (a
+    node sharing the envs directory) built meanwhile: its tasks run, found on disk.  That
+    was no build "come to an end" (EnvCache.ended), so the fault's clock stayed: the node
+    said nothing passed, and at its next fault, however much later, it had "lasted" since
+    the first, and the node gave up at once (PATIENCE).  Now a set's env found built ends
+    the fault as its own build would."""
+    from node.daemon import Node, NodeConfig
+
+    ex = make_executor(1, start_node=False).with_options(requirements=PROBE)
+    key = envs.env_name(normalize(PROBE))
+    start = threading.Thread.start
+    refused = {f"kotta-env-{key[:8]}"}
+
+    def out_of_threads(thread):  # (the node's own fault, for the set's build only)
+        if thread.name in refused:
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", out_of_threads)
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05))
+    node._start()
+    what = "building an environment"
+    try:
+        f = ex.submit(_probe_version)
+        wait_for(lambda: (node.step(), what in node._failing)[1], what="the build's fault")
+        envs.build(node.envs.root, key, normalize(PROBE))  # (by another process, say)
+        refused.clear()
+        wait_for(lambda: (node.step(), f.done())[1], timeout=BUILD_GUARD,
+                 what="the task to run in the env found built")
+        assert f.result() == "1.0"
+        assert what not in node._failing, "the fault's clock outlived the fault"
+    finally:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        node._stop()
