@@ -263,27 +263,32 @@ def _lock(lock, key: str, builds: Builds | None) -> None:
     """Take the build lock of env ``key`` (``lock``, its open file), then write our pid in
     it, for a process that waits for it to name.  A flock dies with its holder: one held
     is held by a live process, stopped or hung maybe; wait for it LOCK_WAIT at most."""
+    def holder() -> str:
+        # (read from the file, not through its buffer, which keeps what was read before)
+        pid = os.pread(lock.fileno(), 32, 0).decode(errors="replace").strip()
+        # (a node of an earlier version wrote nothing)
+        return f"pid {pid}" if pid.isdigit() else "a process that did not say its pid"
+
     deadline = time.monotonic() + LOCK_WAIT
-    holder = None
+    first = True
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
             pass
-        if holder is None:
-            lock.seek(0)
-            pid = lock.read(32).decode(errors="replace").strip()
-            # (a node of an earlier version wrote nothing)
-            holder = f"pid {pid}" if pid.isdigit() else "a process that did not say its pid"
+        if first:
+            first = False
             log.info("the environment %s waits for its build by another process (%s)",
-                     key, holder)
+                     key, holder())
         if builds is not None and builds.stopping():
             raise BuildError("waiting for another process's build: the node is stopping")
         if time.monotonic() > deadline:
+            # its pid read again: the first look may have come as the holder had taken the
+            # lock, and not yet written its pid over the one before (a process gone since)
             raise BuildError(
                 f"the environment's build lock {lock.name} was held for longer than "
-                f"{LOCK_WAIT:g} s by another process ({holder}), stopped or hung maybe")
+                f"{LOCK_WAIT:g} s by another process ({holder()}), stopped or hung maybe")
         time.sleep(LOCK_POLL)
     lock.truncate(0)
     lock.write(str(os.getpid()).encode())

@@ -1094,3 +1094,61 @@ def test_an_env_build_fault_passes_when_another_process_built_the_env(
     finally:
         monkeypatch.setattr(threading.Thread, "start", start)
         node._stop()
+
+
+def test_a_build_lock_held_too_long_names_the_holder_that_took_it_last(
+        tmp_path, monkeypatch, caplog):
+    """The holder of a build lock takes the flock, then writes its pid over the one in the
+    file (the process that held the lock before, gone since).  A node that looked between
+    the two read that earlier pid (or none, the file just emptied), and an hour later its
+    RequirementsError named that process, not the one that held the lock all along.  Now
+    the pid is read again when it fails."""
+    class Clock:  # envs' clock, moved on by the test only: no waiting for LOCK_WAIT
+        now = 0.0
+
+        def monotonic(self):
+            return self.now
+
+        def sleep(self, seconds):
+            time.sleep(0.01)
+
+    clock = Clock()
+    monkeypatch.setattr(envs, "time", clock)
+    root = tmp_path / "envs"
+    root.mkdir()
+    key = envs.env_name(PROBE)
+    (root / f"{key}.lock").write_bytes(b"999999")  # (the pid of the holder before)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys\n"
+         "f = open(sys.argv[1], 'a+b'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True); sys.stdin.readline()\n"
+         "f.truncate(0); f.write(str(os.getpid()).encode()); f.flush()\n"
+         "print('wrote', flush=True); sys.stdin.read()",
+         str(root / f"{key}.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        outcome: list = []
+
+        def builder():
+            try:
+                outcome.append(envs.build(root, key, PROBE))
+            except Exception as exc:  # noqa: BLE001
+                outcome.append(exc)
+
+        caplog.set_level("INFO", logger="kotta.node")
+        t = threading.Thread(target=builder, daemon=True)
+        t.start()
+        wait_for(lambda: any("waits for" in r.getMessage() for r in caplog.records),
+                 what="the build to look at the lock's holder")
+        holder.stdin.write(b"go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == b"wrote\n"
+        clock.now = envs.LOCK_WAIT + 1
+        t.join(GUARD)
+        assert outcome, "the build waited for the lock with no end"
+        [exc] = outcome
+        assert isinstance(exc, envs.BuildError), exc
+        assert f"pid {holder.pid}" in str(exc), exc
+    finally:
+        holder.kill()
+        holder.wait()
