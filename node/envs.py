@@ -425,6 +425,11 @@ def _run(cmd: list[str], what: str, builds: Builds | None = None) -> None:
         raise BuildError(f"{what} failed (exit code {proc.returncode}):\n{out}")
 
 
+#: the signals a process's own fault sends it (a crash), not a kill from outside
+_CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
+                      signal.SIGABRT, signal.SIGSYS, signal.SIGTRAP})
+
+
 def _signal_of(code: int) -> signal.Signals | None:
     """The signal that ended a build step of exit code ``code``, if one did: ``-N`` (the
     step's own death, which _WATCHED repeats), or ``256 - N`` (the death of the pip that
@@ -434,9 +439,12 @@ def _signal_of(code: int) -> signal.Signals | None:
     fault it was tried again and again, until the node gave up)."""
     if code < 0:
         try:
-            return signal.Signals(-code)
+            sig = signal.Signals(-code)
         except ValueError:
             return None
+        # (not a crash, the step's own, as a broken extension it imports makes it each
+        # time: taken for the node's fault, it was tried again until the node gave up)
+        return None if sig in _CRASHES else sig
     if 256 - code in (signal.SIGKILL, signal.SIGTERM):
         return signal.Signals(256 - code)
     return None

@@ -1152,3 +1152,30 @@ def test_a_build_lock_held_too_long_names_the_holder_that_took_it_last(
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGABRT])
+def test_a_build_whose_pip_crashes_is_the_sets_failure_not_the_nodes_fault(
+        tmp_path, monkeypatch, sig):
+    """pip crashing (SIGSEGV, SIGABRT: its own, as a broken extension it imports makes it
+    each time) was taken for a kill from outside (the OOM killer's, an admin's): the
+    node's passing fault, its tasks waiting and the build tried again each second, until
+    after a minute the node gave up and stopped, and the next node that took the tasks
+    did the same.  Only the signals that come from outside are the node's fault; a crash
+    fails the set, as any failed install does (RequirementsError, saying so)."""
+    index = _silent_index(monkeypatch)
+    index.settimeout(GUARD)
+    woken = threading.Event()
+    cache = envs.EnvCache(tmp_path / "envs", woken.set)
+    with contextlib.ExitStack() as stack:
+        stack.callback(cache.close)
+        stack.callback(index.close)
+        assert cache.get(PROBE) == ("building", None)
+        stack.enter_context(index.accept()[0])  # pip waits for its index now
+        [outer] = [p for p in psutil.Process().children(recursive=True)
+                   if _cmdline(p)[1:3] == ["-m", "pip"] and "install" in _cmdline(p)]
+        outer.send_signal(sig)
+        assert woken.wait(GUARD)
+        status, failure = cache.get(PROBE)
+        assert status == "failed", failure
+        assert f"exit code -{int(sig)}" in failure, failure
