@@ -1919,7 +1919,10 @@ class Node:
             return
         first = what not in self._failing
         self._env_ended = self.envs.ended
-        self._transient(what, exc)
+        # (a build killed by a signal is tried again BUILD_KILLS times at most, then fails
+        # its set: it never ends the node, which one killed at each try ended, and each
+        # node that took the set's tasks after it)
+        self._transient(what, exc, math.inf if isinstance(exc, envs.BuildKilled) else None)
         (log.warning if first else log.debug)(
             "%s failed (%s: %s): the node's own fault; its tasks wait for it to pass",
             what, type(exc).__name__, exc)

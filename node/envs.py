@@ -59,6 +59,9 @@ LOCK_WAIT = 2 * BUILD_TIMEOUT + 60.0
 LOCK_POLL = 0.25
 #: seconds a failed build stays failed (for the tasks that waited for it); then it is retried
 FAILURE_TTL = 60.0
+#: builds of a set killed by a signal in a row (BuildKilled) after which the set fails
+#: (RequirementsError), rather than wait for a fault that does not pass
+BUILD_KILLS = 2
 #: seconds before a build the node's own fault stopped (out of file descriptors, of
 #: memory, of processes) is tried again; its tasks wait meanwhile
 FAULT_RETRY = 1.0
@@ -126,6 +129,8 @@ class EnvCache:
         self._building: set[str] = set()
         self._failed: dict[str, tuple[str, float]] = {}
         self._faulted: dict[str, tuple[OSError, float]] = {}
+        #: builds of a set killed by a signal in a row (BuildKilled), up to BUILD_KILLS
+        self._kills: dict[str, int] = {}
         #: builds that came to an end (built, found built by another process, or failed
         #: for their set's own reason): one since a fault of the node's own says that it
         #: has passed (Node._env_fault)
@@ -199,17 +204,28 @@ class EnvCache:
             env = build(self.root, key, requirements, self.builds)
         except Exception as exc:  # noqa: BLE001 - any failure fails the tasks that wait
             with self._lock:
-                if isinstance(exc, BuildKilled) or (
-                        isinstance(exc, OSError) and exc.errno in pool.PASSING_ERRNOS):
+                kills = self._kills.pop(key, 0) + 1 if isinstance(exc, BuildKilled) else 0
+                if kills >= BUILD_KILLS:
+                    # killed at each try: the OOM killer's SIGKILL, for a set whose build
+                    # needs more memory than the node has, say.  Taken for a passing fault
+                    # each time, its tasks waited for ever (or each node that took them
+                    # gave up in turn): the set fails, saying so
+                    self._failed[key] = (f"{exc}, {kills} times in a row (out of memory? "
+                                         "the OOM killer sends SIGKILL)", time.monotonic())
+                    self.ended += 1
+                elif kills or (isinstance(exc, OSError) and exc.errno in pool.PASSING_ERRNOS):
                     # the node's (EMFILE starting pip, say), not the set's: failed, every
                     # task of the set failed for FAILURE_TTL; they wait, as for a worker
                     self._faulted[key] = (exc, time.monotonic())
+                    if kills:
+                        self._kills[key] = kills
                 else:
                     self._failed[key] = (str(exc), time.monotonic())
                     self.ended += 1
         else:
             with self._lock:
                 self._ready[key] = env
+                self._kills.pop(key, None)
                 self.ended += 1
         finally:
             with self._lock:

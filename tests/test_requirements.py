@@ -1179,3 +1179,33 @@ def test_a_build_whose_pip_crashes_is_the_sets_failure_not_the_nodes_fault(
         status, failure = cache.get(PROBE)
         assert status == "failed", failure
         assert f"exit code -{int(sig)}" in failure, failure
+
+
+def test_a_build_killed_at_each_try_fails_its_set(tmp_path, monkeypatch):
+    """A build whose pip is killed at each try (the OOM killer, for a set that needs more
+    memory than the node has) was the node's passing fault each time: its tasks waited
+    for ever, or each node that took them gave up in turn.  After BUILD_KILLS kills in a
+    row the set fails, saying so."""
+    index = _silent_index(monkeypatch)
+    index.settimeout(GUARD)
+    monkeypatch.setattr(envs, "FAULT_RETRY", 0.0)  # (tried again at the next look)
+    woken = threading.Event()
+    cache = envs.EnvCache(tmp_path / "envs", woken.set)
+    with contextlib.ExitStack() as stack:
+        stack.callback(cache.close)
+        stack.callback(index.close)
+        for attempt in range(1, envs.BUILD_KILLS + 1):
+            woken.clear()
+            assert cache.get(PROBE) == ("building", None)
+            stack.enter_context(index.accept()[0])  # pip waits for its index now
+            [outer] = [p for p in psutil.Process().children(recursive=True)
+                       if _cmdline(p)[1:3] == ["-m", "pip"] and "install" in _cmdline(p)]
+            outer.send_signal(signal.SIGKILL)
+            assert woken.wait(GUARD)
+            if attempt < envs.BUILD_KILLS:
+                monkeypatch.setattr(envs, "FAULT_RETRY", 600.0)
+                assert cache.get(PROBE)[0] == "fault"
+                monkeypatch.setattr(envs, "FAULT_RETRY", 0.0)
+        status, message = cache.get(PROBE)
+        assert status == "failed", message
+        assert "SIGKILL" in message and f"{envs.BUILD_KILLS} times in a row" in message
