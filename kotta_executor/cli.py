@@ -7,6 +7,7 @@ import argparse
 import codecs
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import json
 import logging
@@ -625,7 +626,10 @@ def cmd_status(args) -> int:
         try:
             Path(args.plot).write_text(svg(samples, f"job {job.job_id} ({_printable(job.fn)})"))
         except OSError as exc:
-            raise ValueError(f"cannot write the plot to {args.plot}: {exc.strerror}") from None
+            message = f"cannot write the plot to {args.plot}: {exc.strerror}"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+                raise OSError(message) from None  # the system's fault, not the path's: exit 1
+            raise ValueError(message) from None
         print(f"wrote {len(samples)} sample{'s' if len(samples) != 1 else ''} to {args.plot}",
               file=sys.stderr)
     if args.json:

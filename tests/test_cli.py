@@ -1309,6 +1309,18 @@ def test_status_plot_into_a_missing_directory_is_a_clean_error(executor, enclave
     assert r.returncode == 2 and r.stderr.startswith("kotta: error: cannot write the plot"), r.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_status_plot_onto_a_full_disk_is_a_system_error(executor, enclave_dir):
+    """docs/guide.md: an error of the system (output to a full disk) is one line naming it,
+    exit 1.  A plot that could not be written for a full disk exited 2, as a mistyped
+    path does (above), so a script could not tell the two apart."""
+    f = executor.submit(tasks.square, 3)
+    assert f.result(GUARD) == 9
+    r = kotta(enclave_dir, "status", f.job_id, "--plot", "/dev/full")
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.stderr == "kotta: error: cannot write the plot to /dev/full: No space left on device\n"
+
 def test_down_stops_a_node_the_scaler_just_started(make_executor, enclave, enclave_dir):
     """A node the elastic scaler started that has not registered yet (held here with
     SIGSTOP: a slow start) is stopped by the scaler when kotta down stops it."""
