@@ -192,6 +192,28 @@ def test_an_enclave_that_ends_with_a_blank_is_an_error_naming_it(
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(("spec", "env", "said"), [
+    (None, "{tmp}/lab\n", "$KOTTA_ENCLAVE '{tmp}/lab\\n' ends with a blank"),
+    (None, " {tmp}/lab", "$KOTTA_ENCLAVE ' {tmp}/lab' begins with a blank"),
+    (None, "embedded://lab ", "$KOTTA_ENCLAVE 'embedded://lab ' 'lab ' ends with a blank"),
+    ("{tmp}/lab ", None, "enclave '{tmp}/lab ' ends with a blank"),
+    ("embedded:// lab", None, "enclave 'embedded:// lab' ' lab' begins with a blank"),
+])
+def test_a_blank_at_an_end_of_the_enclave_names_where_it_came_from(
+        spec, env, said, tmp_path, monkeypatch):
+    """A $KOTTA_ENCLAVE read from a file with its newline was refused as "enclave
+    '/data/lab\\n' '/data/lab\\n' ends with a blank": it named an enclave the user never
+    passed, not the variable to fix, and the value twice."""
+    from kotta_executor import KottaExecutor
+
+    monkeypatch.chdir(tmp_path)
+    if env is not None:
+        monkeypatch.setenv("KOTTA_ENCLAVE", env.format(tmp=tmp_path))
+    spec = spec and spec.format(tmp=tmp_path)
+    with pytest.raises(ConfigurationError) as raised:
+        KottaExecutor(1, enclave=spec, start_node=False)
+    assert str(raised.value).startswith(said.format(tmp=tmp_path) + ":"), str(raised.value)
+
 def test_a_kotta_home_that_ends_with_a_blank_is_an_error_naming_it(tmp_path, monkeypatch):
     """``KOTTA_HOME="/data/home "`` made the default enclave in "/data/home ", as such an
     enclave= did (above)."""

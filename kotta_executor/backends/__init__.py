@@ -46,8 +46,8 @@ def _directory(spec: str, path: str) -> str:
     ``spec`` (the OS's own error, at the enclave's first use, named no enclave)."""
     if "\0" in path:
         raise ConfigurationError(f"enclave {spec!r}: a NUL byte cannot be in a path")
-    check_not_blank(f"enclave {spec!r}", path, "name a directory, or give none for the "
-                    "default enclave")
+    check_not_blank(f"enclave {spec!r}" if path != spec else "enclave", path,  # (the
+                    "name a directory, or give none for the default enclave")  # value once)
     try:
         os.fsencode(path)
     except UnicodeEncodeError:
@@ -75,9 +75,15 @@ def env_spec() -> str:
     made after an ``os.chdir``, or a task (which inherits it from its node), opened
     another enclave there, a new one.  (Nodes get it absolute.)"""
     value = os.environ.get("KOTTA_ENCLAVE", "")
-    if value and not value.strip():  # (one that begins with a blank: _directory)
-        check_not_blank("$KOTTA_ENCLAVE", value, "set it to a directory, an embedded:// or "
-                        "aws:// URL, or unset it (or set it empty) for the default enclave")
+    path = value[len("embedded://"):] if value.startswith("embedded://") else value
+    if value and (not value.strip() or (
+            "://" not in path and not _MISTYPED_URL.match(path)
+            and (path[:1].isspace() or path[-1:].isspace()))):
+        # (named as the variable, not as an enclave the user never passed: one read from a
+        # file with its newline is the usual case)
+        check_not_blank("$KOTTA_ENCLAVE" if path == value else f"$KOTTA_ENCLAVE {value!r}",
+                        path, "set it to a directory, an embedded:// or aws:// URL, or "
+                        "unset it (or set it empty) for the default enclave")
     spec = _env_specs.get(value)
     if spec is None:
         spec = absolute(value)
