@@ -221,6 +221,9 @@ class EnvCache:
                         self._kills[key] = kills
                 else:
                     self._failed[key] = (str(exc), time.monotonic())
+                    # (a failed install ends the kills in a row: kept, the set's next
+                    # build, killed once, failed it at once, "2 times in a row")
+                    self._kills.pop(key, None)
                     self.ended += 1
         else:
             with self._lock:

@@ -1209,3 +1209,42 @@ def test_a_build_killed_at_each_try_fails_its_set(tmp_path, monkeypatch):
         status, message = cache.get(PROBE)
         assert status == "failed", message
         assert "SIGKILL" in message and f"{envs.BUILD_KILLS} times in a row" in message
+
+
+def test_a_kill_count_does_not_carry_over_a_failed_install(tmp_path, monkeypatch):
+    """A build killed once (kills: 1), then failed for its set's own reason (a crash, a
+    bad requirement: RequirementsError for FAILURE_TTL), kept its kill: the set's next
+    build, killed once (an admin's SIGTERM, the OOM killer once), failed the set at
+    once, "killed 2 times in a row", though the kills were not in a row, rather than wait
+    for the fault to pass as any first kill does.  Now a build that ends otherwise starts
+    the count again."""
+    index = _silent_index(monkeypatch)
+    index.settimeout(GUARD)
+    monkeypatch.setattr(envs, "FAULT_RETRY", 0.0)  # (tried again at the next look)
+    monkeypatch.setattr(envs, "FAILURE_TTL", 0.0)
+    woken = threading.Event()
+    cache = envs.EnvCache(tmp_path / "envs", woken.set)
+
+    def build_then(sig):
+        woken.clear()
+        assert cache.get(PROBE) == ("building", None)
+        stack.enter_context(index.accept()[0])  # pip waits for its index now
+        [outer] = [p for p in psutil.Process().children(recursive=True)
+                   if _cmdline(p)[1:3] == ["-m", "pip"] and "install" in _cmdline(p)]
+        outer.send_signal(sig)
+        assert woken.wait(GUARD)
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(cache.close)
+        stack.callback(index.close)
+        build_then(signal.SIGKILL)  # killed once: the node's fault
+        build_then(signal.SIGSEGV)  # then the set's own failure (a crash)
+        monkeypatch.setattr(envs, "FAULT_RETRY", 600.0)
+        monkeypatch.setattr(envs, "FAILURE_TTL", 600.0)
+        assert cache.get(PROBE)[0] == "failed"
+        monkeypatch.setattr(envs, "FAILURE_TTL", 0.0)
+        build_then(signal.SIGKILL)  # killed once more: once in a row
+        monkeypatch.setattr(envs, "FAILURE_TTL", 600.0)
+        status, message = cache.get(PROBE)
+        assert status == "fault", message
+
