@@ -1912,17 +1912,22 @@ class Node:
         has lasted PATIENCE.  Logged as it starts and as it passes (None: a build that
         came to an end), not at each try."""
         what = "building an environment"
+        # (a build killed by a signal is tried again BUILD_KILLS times at most, then fails
+        # its set: it never ends the node, which one killed at each try ended, and each
+        # node that took the set's tasks after it.  Timed apart: on the same clock, a kill
+        # whose set's next build ran for minutes had another set's first fault (EMFILE)
+        # "last" since it, and the node gave up at once)
+        killed = f"{what} (killed)"
         if exc is None:
+            self._failing.pop(killed, None)
             since = self._failing.pop(what, None)
             if since is not None:
                 log.info("%s works again, after %.0f s", what, time.monotonic() - since)
             return
-        first = what not in self._failing
+        key = killed if isinstance(exc, envs.BuildKilled) else what
+        first = key not in self._failing
         self._env_ended = self.envs.ended
-        # (a build killed by a signal is tried again BUILD_KILLS times at most, then fails
-        # its set: it never ends the node, which one killed at each try ended, and each
-        # node that took the set's tasks after it)
-        self._transient(what, exc, math.inf if isinstance(exc, envs.BuildKilled) else None)
+        self._transient(key, exc, math.inf if key == killed else None)
         (log.warning if first else log.debug)(
             "%s failed (%s: %s): the node's own fault; its tasks wait for it to pass",
             what, type(exc).__name__, exc)

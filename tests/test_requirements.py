@@ -1248,3 +1248,56 @@ def test_a_kill_count_does_not_carry_over_a_failed_install(tmp_path, monkeypatch
         status, message = cache.get(PROBE)
         assert status == "fault", message
 
+
+
+def test_a_killed_build_does_not_start_the_clock_another_sets_fault_is_held_to(
+        make_executor, enclave, monkeypatch, caplog):
+    """A build killed once (the OOM killer) is tried again, and never ends the node (a
+    second kill fails its set).  But its kill started the node's clock of env faults, and
+    nothing stopped it while its set's next build ran (minutes, for a big set): another
+    set's first fault (out of threads, of file descriptors) had then "lasted" since that
+    kill, and the node gave up at once and stopped, with every task it held.  Now a kill
+    leaves that clock alone."""
+    import node.daemon as daemon
+    from node.daemon import Node, NodeConfig
+
+    index = _silent_index(monkeypatch)
+    monkeypatch.setattr(daemon, "PATIENCE", 0.0)  # (a fault met before now has lasted)
+    monkeypatch.setattr(envs, "FAULT_RETRY", 600.0)
+    other = "kotta-probe-pkg==2.0"
+    refused = {f"kotta-env-{envs.env_name(normalize(other))[:8]}"}
+    met: list = []
+    start = threading.Thread.start
+
+    def out_of_threads(thread):  # (the node's own fault, for the other set's build only)
+        if thread.name in refused:
+            met.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", out_of_threads)
+    caplog.set_level("WARNING", logger="kotta.node")
+    ex = make_executor(1, start_node=False)
+    node = Node(enclave, NodeConfig(queue="test", workers=1, poll_interval=0.05,
+                                    prefetch=3))  # (both sets' tasks held)
+    node._start()
+    try:
+        def pips():
+            return [p for p in psutil.Process().children(recursive=True)
+                    if _cmdline(p)[1:3] == ["-m", "pip"] and "install" in _cmdline(p)]
+
+        killed = ex.with_options(requirements=PROBE).submit(_probe_version)
+        [pip] = wait_for(lambda: (node.step(), pips())[1], what="the set's pip")
+        pip.send_signal(signal.SIGKILL)
+        wait_for(lambda: (node.step(), any("BuildKilled" in r.getMessage()
+                                           for r in caplog.records))[1],
+                 what="the node to see its build killed")
+        monkeypatch.setattr(envs, "FAULT_RETRY", 0.0)  # tried again: pip waits once more
+        wait_for(lambda: (node.step(), pips())[1], what="the set's build tried again")
+        waits = ex.with_options(requirements=other).submit(_probe_version)
+        wait_for(lambda: (node.step(), met)[1], what="the other set's first fault")
+        assert not killed.done() and not waits.done()  # (both wait: nothing ended)
+    finally:
+        index.close()
+        monkeypatch.setattr(threading.Thread, "start", start)
+        node._stop()
