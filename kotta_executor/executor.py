@@ -2187,7 +2187,39 @@ _claim_fds: set[int] = set()
 
 #: held while this process starts a node, which a fork waits for (_spawn_node)
 _spawning = threading.RLock()
-os.register_at_fork(before=_spawning.acquire, after_in_parent=_spawning.release,
+#: a Ctrl-C that came as a fork waited for _spawning (_before_fork)
+_fork_wait = threading.local()
+
+
+def _before_fork() -> None:
+    """Wait for the start of a node, if one is under way (_spawning).  A Ctrl-C meanwhile
+    is raised once the fork is done (_after_fork_in_parent): raised here, Python ignored
+    it, printing it, and the fork went on without the lock, whose release then failed in
+    both processes."""
+    interrupted = False
+    while True:
+        try:
+            _spawning.acquire()
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    _fork_wait.interrupted = interrupted
+
+
+def _after_fork_in_parent() -> None:
+    _spawning.release()
+    if getattr(_fork_wait, "interrupted", False):
+        _fork_wait.interrupted = False
+        # the Ctrl-C again, a SIGINT to the main thread (which a wait there hears), a moment
+        # later, from another thread: sent at once, it came in this hook still, and was
+        # ignored again
+        later = threading.Timer(0.05, signal.pthread_kill,
+                                (threading.main_thread().ident, signal.SIGINT))
+        later.daemon = True
+        later.start()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_spawning.release)
 
 

@@ -785,6 +785,59 @@ def test_a_child_forked_as_the_node_is_being_executed_keeps_no_pipe_of_its_start
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+_CTRL_C_IN_FORK_WAIT = """
+import os, signal, sys, threading
+from kotta_executor import executor
+held, go = threading.Event(), threading.Event()
+
+
+def manager():  # as the manager thread inside Popen, starting a node: _spawning held
+    with executor._spawning:
+        held.set()
+        go.wait(30)
+
+
+threading.Thread(target=manager).start()
+held.wait()
+
+
+def ctrl_c(*_):
+    go.set()  # (the node started: the fork goes on)
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGALRM, ctrl_c)
+signal.setitimer(signal.ITIMER_REAL, 0.2)  # as the fork waits for the node's start
+try:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    threading.Event().wait(30)  # (the Ctrl-C, raised once the fork is done)
+    print("the Ctrl-C was lost")
+except KeyboardInterrupt:
+    print("KeyboardInterrupt reached the program")
+print("lock free:", executor._spawning.acquire(timeout=5))
+"""
+
+
+def test_a_ctrl_c_as_a_fork_waits_for_the_node_s_start_reaches_the_program(tmp_path):
+    """A Ctrl-C as a fork waited for the start of the executor's node (the fork hook's
+    wait for _spawning) was ignored by Python, printed, and the fork went on without the
+    lock, whose release then failed in both processes ("cannot release un-acquired
+    lock").  The fork now waits on, and the KeyboardInterrupt is raised after it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    out = subprocess.run([sys.executable, "-c", _CTRL_C_IN_FORK_WAIT], capture_output=True,
+                         text=True, timeout=100, cwd=ROOT, env=subprocess_env())
+    assert out.stdout.splitlines() == ["KeyboardInterrupt reached the program",
+                                       "lock free: True"], out.stdout + out.stderr
+    assert "Exception ignored" not in out.stderr, out.stderr
+
+
 _MP_CHILD = """
 import multiprocessing, os, sys
 from kotta_executor import KottaExecutor
