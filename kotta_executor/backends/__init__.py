@@ -81,9 +81,12 @@ def env_spec() -> str:
             and (path[:1].isspace() or path[-1:].isspace()))):
         # (named as the variable, not as an enclave the user never passed: one read from a
         # file with its newline is the usual case)
-        check_not_blank("$KOTTA_ENCLAVE" if path == value else f"$KOTTA_ENCLAVE {value!r}",
-                        path, "set it to a directory, an embedded:// or aws:// URL, or "
-                        "unset it (or set it empty) for the default enclave")
+        # (a blank at its end: the whole value said, and meant, its scheme kept; one
+        # after embedded://: the path it names)
+        whole = path == value or value[-1:].isspace()
+        check_not_blank("$KOTTA_ENCLAVE" if whole else f"$KOTTA_ENCLAVE {value!r}",
+                        value if whole else path, "set it to a directory, an embedded:// or "
+                        "aws:// URL, or unset it (or set it empty) for the default enclave")
     spec = _env_specs.get(value)
     if spec is None:
         spec = absolute(value)
