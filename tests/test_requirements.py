@@ -1004,6 +1004,22 @@ def test_a_build_whose_pip_is_killed_by_a_signal_is_the_nodes_fault_not_the_sets
         assert isinstance(fault, OSError) and "signal" in str(fault), fault
 
 
+def _build_in_a_thread(root, key):
+    """``envs.build(root, key, PROBE)`` on a thread of its own: the thread, and a list that
+    gets the env, or the exception, as it ends."""
+    outcome: list = []
+
+    def builder():
+        try:
+            outcome.append(envs.build(root, key, PROBE))
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    t = threading.Thread(target=builder, daemon=True)
+    t.start()
+    return t, outcome
+
+
 def test_a_build_lock_held_too_long_by_another_process_fails_the_set_naming_it(
         tmp_path, monkeypatch, caplog):
     """Another node holding an env's build lock (flock) and stopped (SIGSTOP) or hung:
@@ -1022,17 +1038,8 @@ def test_a_build_lock_held_too_long_by_another_process_fails_the_set_naming_it(
          str(root / f"{key}.lock")], stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == b"held\n"
-        outcome: list = []
-
-        def builder():
-            try:
-                outcome.append(envs.build(root, key, PROBE))
-            except Exception as exc:  # noqa: BLE001
-                outcome.append(exc)
-
         caplog.set_level("INFO", logger="kotta.node")
-        t = threading.Thread(target=builder, daemon=True)
-        t.start()
+        t, outcome = _build_in_a_thread(root, key)
         t.join(GUARD)
         assert outcome, "the build waited for the lock with no end"
         [exc] = outcome
@@ -1127,17 +1134,8 @@ def test_a_build_lock_held_too_long_names_the_holder_that_took_it_last(
          str(root / f"{key}.lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == b"locked\n"
-        outcome: list = []
-
-        def builder():
-            try:
-                outcome.append(envs.build(root, key, PROBE))
-            except Exception as exc:  # noqa: BLE001
-                outcome.append(exc)
-
         caplog.set_level("INFO", logger="kotta.node")
-        t = threading.Thread(target=builder, daemon=True)
-        t.start()
+        t, outcome = _build_in_a_thread(root, key)
         wait_for(lambda: any("waits for" in r.getMessage() for r in caplog.records),
                  what="the build to look at the lock's holder")
         holder.stdin.write(b"go\n")
