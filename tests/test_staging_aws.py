@@ -162,6 +162,15 @@ def _node_thread() -> threading.Thread:
     return next(t for t in threading.enumerate() if t.name == "node")
 
 
+def _node_and_alice(enclave, request) -> tuple[threading.Thread, KottaExecutor]:
+    """The node's thread (the fixture's), and an executor of the analyst alice, using it:
+    for a test that sees whether a fault ends the job or the node."""
+    token = make_user(enclave, "alice", request.getfixturevalue("tmp_path") / "tokens",
+                      role="analyst")
+    return _node_thread(), KottaExecutor(1, enclave=enclave, start_node=False,
+                                         credentials=token)
+
+
 def _to_staging_outputs(body: bytes) -> bool:
     """A transition's UpdateItem to staging_outputs (not a claim, which may come from it)."""
     values = json.loads(body or b"{}").get("ExpressionAttributeValues", {})
@@ -248,10 +257,7 @@ def test_aws_an_egress_hold_refused_for_good_fails_the_job_not_the_node(aws, req
     else:
         fail_calls(enclave.s3.meta.events, "s3.PutObject", None, code="AccessDenied",
                    request=request)
-    runner = _node_thread()
-    token = make_user(enclave, "alice", request.getfixturevalue("tmp_path") / "tokens",
-                      role="analyst")
-    alice = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+    runner, alice = _node_and_alice(enclave, request)
     try:
         f = alice.submit(tasks.file_sum, inputs=[INPUT])
         wait_for(lambda: f.done() or not runner.is_alive(), what="the job or the node to end")
@@ -605,10 +611,7 @@ def test_aws_an_s3_refusal_whose_audit_record_is_refused_fails_the_job_not_the_n
     fail_calls(enclave.dynamodb.meta.events, "dynamodb.PutItem", None,
                lambda p: b"access-denied" in (p.get("body") or b""),
                "AccessDeniedException", request=request)
-    runner = _node_thread()
-    token = make_user(enclave, "alice", request.getfixturevalue("tmp_path") / "tokens",
-                      role="analyst")
-    alice = KottaExecutor(1, enclave=enclave, start_node=False, credentials=token)
+    runner, alice = _node_and_alice(enclave, request)
     try:
         f = alice.submit(tasks.file_sum, inputs=[INPUT])
         wait_for(lambda: f.done() or not runner.is_alive(), what="the job or the node to end")
