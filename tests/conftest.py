@@ -249,6 +249,13 @@ class NodeProcess:
             return []
 
 
+#: ``python -m node`` with its pool's TINY_TASK set to argv[1] (start_node's tiny_task)
+_NODE_WITH_TINY_TASK = (
+    "import runpy, sys; import node.pool; node.pool.TINY_TASK = float(sys.argv.pop(1)); "
+    "runpy.run_module('node', run_name='__main__')"
+)
+
+
 @pytest.fixture
 def start_node(enclave_dir, tmp_path):
     """Start real node processes: ``start_node(workers=1, queue="test", *extra_args)``
@@ -258,11 +265,14 @@ def start_node(enclave_dir, tmp_path):
 
     def start(*extra: str, workers: int = 1, queue: str = "test", wait: bool = True,
               visibility_timeout: float = 30.0, python: str = sys.executable,
-              env: dict[str, str] | None = None) -> NodeProcess:
+              env: dict[str, str] | None = None, tiny_task: float | None = None) -> NodeProcess:
         node_id = os.urandom(6).hex()
         log = tmp_path / f"node-{node_id}.log"
+        # (tiny_task: the node's pool.TINY_TASK, the average under which it pipes tasks
+        # deep; a test of pipelining on a loaded machine saw its 2 ms exceeded)
+        node = ["-m", "node"] if tiny_task is None else ["-c", _NODE_WITH_TINY_TASK, str(tiny_task)]
         cmd = [
-            python, "-m", "node", "--enclave", str(enclave_dir), "--queue", queue,
+            python, *node, "--enclave", str(enclave_dir), "--queue", queue,
             "--workers", str(workers), "--node-id", node_id,
             "--visibility-timeout", str(visibility_timeout), "--poll-interval", "0.1", *extra,
         ]

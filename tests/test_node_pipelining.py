@@ -78,6 +78,22 @@ def _pipe_behind_a_long_task(enclave, ex, head_fn, log, release, runs):
     return worker, head, behind, rest
 
 
+#: the average task time (s) under which the nodes of these tests pipe tasks deep (the
+#: node's own TINY_TASK is 2 ms: on a loaded machine a warm-up of tiny tasks exceeded it,
+#: the node piped no more than one task behind another, and a test waiting for two
+#: there failed)
+PIPE_TINY = 0.05
+
+
+@pytest.fixture
+def start_node(start_node):
+    def start(*extra, **kwargs):
+        kwargs.setdefault("tiny_task", PIPE_TINY)
+        return start_node(*extra, **kwargs)
+
+    return start
+
+
 # ---------------------------------------------------------------------- tests
 
 
