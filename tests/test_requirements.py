@@ -970,6 +970,42 @@ def test_an_env_build_fault_is_not_cleared_by_another_sets_ready_env(
         node._stop()
 
 
+def _pips() -> list:
+    """The env builds' pip processes of this test: ``python -m pip --python ENV/bin/python
+    install`` (outer), and the ``ENV/bin/python .../__pip-runner__.py install`` it runs
+    (inner)."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if "install" in _cmdline(p) and "-c" not in _cmdline(p)[:3]]
+
+
+def _outer_pip():
+    [outer] = [p for p in _pips() if _cmdline(p)[1:3] == ["-m", "pip"]]
+    return outer
+
+
+@contextlib.contextmanager
+def _pip_builds(tmp_path, monkeypatch):
+    """An EnvCache whose builds' pip waits on a silent index: yields the cache and
+    ``build(signal, victim=_outer_pip)``, which starts a build of PROBE, sends the signal
+    to its pip once it waits, and waits for the build to end."""
+    index = _silent_index(monkeypatch)
+    index.settimeout(GUARD)
+    woken = threading.Event()
+    cache = envs.EnvCache(tmp_path / "envs", woken.set)
+    with contextlib.ExitStack() as stack:
+        stack.callback(cache.close)
+        stack.callback(index.close)
+
+        def build(sig, victim=_outer_pip):
+            woken.clear()
+            assert cache.get(PROBE) == ("building", None)
+            stack.enter_context(index.accept()[0])  # pip waits for its index now
+            victim().send_signal(sig)
+            assert woken.wait(GUARD)
+
+        yield cache, build
+
+
 @pytest.mark.parametrize("which, sig", [("outer", signal.SIGKILL), ("inner", signal.SIGTERM)])
 def test_a_build_whose_pip_is_killed_by_a_signal_is_the_nodes_fault_not_the_sets(
         tmp_path, monkeypatch, which, sig):
@@ -979,26 +1015,17 @@ def test_a_build_whose_pip_is_killed_by_a_signal_is_the_nodes_fault_not_the_sets
     passing fault now: the set is "fault" (its tasks wait), then built again.  ("inner":
     the pip that ``pip --python`` runs in the venv, whose death the outer pip relays as
     exit code 256 - signal.)"""
-    index = _silent_index(monkeypatch)
-    index.settimeout(GUARD)
     monkeypatch.setattr(envs, "FAULT_RETRY", 600.0)  # (still "fault" when we look)
-    woken = threading.Event()
-    cache = envs.EnvCache(tmp_path / "envs", woken.set)
-    with contextlib.ExitStack() as stack:
-        stack.callback(cache.close)
-        stack.callback(index.close)
-        assert cache.get(PROBE) == ("building", None)
-        stack.enter_context(index.accept()[0])  # pip waits for its index now
-        pips = [p for p in psutil.Process().children(recursive=True)
-                if "install" in _cmdline(p) and "-c" not in _cmdline(p)[:3]]
-        # (``python -m pip --python ENV/bin/python install``, which runs
-        # ``ENV/bin/python .../__pip-runner__.py install``)
+
+    def victim():
+        pips = _pips()
         outer = [p for p in pips if _cmdline(p)[1:3] == ["-m", "pip"]]
         inner = [p for p in pips if any(a.endswith("__pip-runner__.py") for a in _cmdline(p))]
         assert len(outer) == len(inner) == 1, [_cmdline(p) for p in pips]
-        victim = (outer if which == "outer" else inner)[0]
-        victim.send_signal(sig)
-        assert woken.wait(GUARD)
+        return (outer if which == "outer" else inner)[0]
+
+    with _pip_builds(tmp_path, monkeypatch) as (cache, build):
+        build(sig, victim)
         status, fault = cache.get(PROBE)
         assert status == "fault", fault
         assert isinstance(fault, OSError) and "signal" in str(fault), fault
@@ -1161,19 +1188,8 @@ def test_a_build_whose_pip_crashes_is_the_sets_failure_not_the_nodes_fault(
     after a minute the node gave up and stopped, and the next node that took the tasks
     did the same.  Only the signals that come from outside are the node's fault; a crash
     fails the set, as any failed install does (RequirementsError, saying so)."""
-    index = _silent_index(monkeypatch)
-    index.settimeout(GUARD)
-    woken = threading.Event()
-    cache = envs.EnvCache(tmp_path / "envs", woken.set)
-    with contextlib.ExitStack() as stack:
-        stack.callback(cache.close)
-        stack.callback(index.close)
-        assert cache.get(PROBE) == ("building", None)
-        stack.enter_context(index.accept()[0])  # pip waits for its index now
-        [outer] = [p for p in psutil.Process().children(recursive=True)
-                   if _cmdline(p)[1:3] == ["-m", "pip"] and "install" in _cmdline(p)]
-        outer.send_signal(sig)
-        assert woken.wait(GUARD)
+    with _pip_builds(tmp_path, monkeypatch) as (cache, build):
+        build(sig)
         status, failure = cache.get(PROBE)
         assert status == "failed", failure
         assert f"exit code -{int(sig)}" in failure, failure
@@ -1184,22 +1200,10 @@ def test_a_build_killed_at_each_try_fails_its_set(tmp_path, monkeypatch):
     memory than the node has) was the node's passing fault each time: its tasks waited
     for ever, or each node that took them gave up in turn.  After BUILD_KILLS kills in a
     row the set fails, saying so."""
-    index = _silent_index(monkeypatch)
-    index.settimeout(GUARD)
     monkeypatch.setattr(envs, "FAULT_RETRY", 0.0)  # (tried again at the next look)
-    woken = threading.Event()
-    cache = envs.EnvCache(tmp_path / "envs", woken.set)
-    with contextlib.ExitStack() as stack:
-        stack.callback(cache.close)
-        stack.callback(index.close)
+    with _pip_builds(tmp_path, monkeypatch) as (cache, build):
         for attempt in range(1, envs.BUILD_KILLS + 1):
-            woken.clear()
-            assert cache.get(PROBE) == ("building", None)
-            stack.enter_context(index.accept()[0])  # pip waits for its index now
-            [outer] = [p for p in psutil.Process().children(recursive=True)
-                       if _cmdline(p)[1:3] == ["-m", "pip"] and "install" in _cmdline(p)]
-            outer.send_signal(signal.SIGKILL)
-            assert woken.wait(GUARD)
+            build(signal.SIGKILL)
             if attempt < envs.BUILD_KILLS:
                 monkeypatch.setattr(envs, "FAULT_RETRY", 600.0)
                 assert cache.get(PROBE)[0] == "fault"
@@ -1216,25 +1220,9 @@ def test_a_kill_count_does_not_carry_over_a_failed_install(tmp_path, monkeypatch
     once, "killed 2 times in a row", though the kills were not in a row, rather than wait
     for the fault to pass as any first kill does.  Now a build that ends otherwise starts
     the count again."""
-    index = _silent_index(monkeypatch)
-    index.settimeout(GUARD)
     monkeypatch.setattr(envs, "FAULT_RETRY", 0.0)  # (tried again at the next look)
     monkeypatch.setattr(envs, "FAILURE_TTL", 0.0)
-    woken = threading.Event()
-    cache = envs.EnvCache(tmp_path / "envs", woken.set)
-
-    def build_then(sig):
-        woken.clear()
-        assert cache.get(PROBE) == ("building", None)
-        stack.enter_context(index.accept()[0])  # pip waits for its index now
-        [outer] = [p for p in psutil.Process().children(recursive=True)
-                   if _cmdline(p)[1:3] == ["-m", "pip"] and "install" in _cmdline(p)]
-        outer.send_signal(sig)
-        assert woken.wait(GUARD)
-
-    with contextlib.ExitStack() as stack:
-        stack.callback(cache.close)
-        stack.callback(index.close)
+    with _pip_builds(tmp_path, monkeypatch) as (cache, build_then):
         build_then(signal.SIGKILL)  # killed once: the node's fault
         build_then(signal.SIGSEGV)  # then the set's own failure (a crash)
         monkeypatch.setattr(envs, "FAULT_RETRY", 600.0)
@@ -1245,7 +1233,6 @@ def test_a_kill_count_does_not_carry_over_a_failed_install(tmp_path, monkeypatch
         monkeypatch.setattr(envs, "FAILURE_TTL", 600.0)
         status, message = cache.get(PROBE)
         assert status == "fault", message
-
 
 
 def test_a_killed_build_does_not_start_the_clock_another_sets_fault_is_held_to(
@@ -1281,8 +1268,7 @@ def test_a_killed_build_does_not_start_the_clock_another_sets_fault_is_held_to(
     node._start()
     try:
         def pips():
-            return [p for p in psutil.Process().children(recursive=True)
-                    if _cmdline(p)[1:3] == ["-m", "pip"] and "install" in _cmdline(p)]
+            return [p for p in _pips() if _cmdline(p)[1:3] == ["-m", "pip"]]
 
         killed = ex.with_options(requirements=PROBE).submit(_probe_version)
         [pip] = wait_for(lambda: (node.step(), pips())[1], what="the set's pip")
