@@ -7,6 +7,7 @@ needs one.  Tests synchronise on events and ``wait_for``; timeouts are deadlock 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sqlite3
@@ -21,6 +22,31 @@ from tests import tasks
 from tests.conftest import GUARD, wait_for
 
 
+@contextlib.contextmanager
+def _write_lock_held(enclave_dir):
+    """The enclave's write lock, held by another connection (as by another process: a
+    client stopped by ^Z inside a transaction, a long `kotta prune`) until the block ends
+    (or it commits)."""
+    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        yield lock
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+
+
+def _map_past_its_first_item(ex, tmp_path):
+    """A map of six tasks on a 1-worker executor, its first item yielded: the second runs,
+    waiting for the file ``later`` (returned), and the others wait for the worker."""
+    first, later = tmp_path / "first", tmp_path / "later"
+    it = ex.map(tasks.wait_for_file, [str(first)] + [str(later)] * 5)
+    tasks.release(first, "first")
+    assert next(it) == "first"
+    return it, later
+
+
 def test_a_lone_submit_returns_while_another_process_holds_the_write_lock(
         make_executor, enclave, enclave_dir, monkeypatch):
     """A lone submit records its job from the caller's thread (``_send_now``) when no node
@@ -33,9 +59,7 @@ def test_a_lone_submit_returns_while_another_process_holds_the_write_lock(
     ex = make_executor(1)
     assert ex.submit(tasks.square, 2).result(timeout=GUARD) == 4  # the manager listens
     big = b"x" * (embedded.HAND_OFF_LIMIT + 1)  # no node inbox takes it: sent by the caller
-    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
-    try:
-        lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+    with _write_lock_held(enclave_dir) as lock:
         submitted: list = []
         returned = threading.Event()
         submitter = threading.Thread(
@@ -47,10 +71,6 @@ def test_a_lone_submit_returns_while_another_process_holds_the_write_lock(
         (f,) = submitted
         assert not f.done()
         lock.execute("COMMIT")
-    finally:
-        if lock.in_transaction:
-            lock.execute("ROLLBACK")
-        lock.close()
     assert f.result(timeout=GUARD) == big
     job = enclave.jobs.get(f.job_id)
     assert job.attempts == 1
@@ -148,19 +168,13 @@ def _shut_down_under_a_held_lock(ex, enclave_dir, within: float, waited: str) ->
     """``ex.shutdown(wait=True)`` returns within ``within`` seconds while another
     connection (another process's long write transaction) holds the enclave's write lock,
     and the lock is still held as it returns."""
-    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
-    try:
-        lock.execute("BEGIN IMMEDIATE")
+    with _write_lock_held(enclave_dir) as lock:
         returned = threading.Event()
         closer = threading.Thread(target=lambda: (ex.shutdown(wait=True), returned.set()),
                                   daemon=True)
         closer.start()
         assert returned.wait(within), waited
         assert lock.in_transaction  # (still held as it returned)
-    finally:
-        if lock.in_transaction:
-            lock.execute("ROLLBACK")
-        lock.close()
 
 
 def test_shutdown_returns_while_another_process_holds_the_write_lock(
@@ -226,24 +240,14 @@ def test_closing_a_map_early_returns_while_another_process_holds_the_write_lock(
     here made longer than the test's guard), as submit() did once.  It returns at once
     now, and the executor's manager cancels them once the lock is free."""
     monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 10 * GUARD)
-    first, later = tmp_path / "first", tmp_path / "later"
-    ex = make_executor(1)
-    it = ex.map(tasks.wait_for_file, [str(first)] + [str(later)] * 5)
-    tasks.release(first, "first")
+    it, later = _map_past_its_first_item(make_executor(1), tmp_path)
     try:
-        assert next(it) == "first"  # the second runs, waiting; the others wait for the worker
-        lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
-        try:
-            lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+        with _write_lock_held(enclave_dir) as lock:
             closed = threading.Event()
             threading.Thread(target=lambda: (it.close(), closed.set()), daemon=True).start()
             assert closed.wait(GUARD), "close() waited for the other process's write lock"
             assert lock.in_transaction  # (still held as it returned)
             lock.execute("COMMIT")
-        finally:
-            if lock.in_transaction:
-                lock.execute("ROLLBACK")
-            lock.close()
         # cancelled by the manager: all those no node has started
         wait_for(lambda: sum(j.state == "cancelled" for j in enclave.jobs.list(limit=10)) >= 3,
                  what="the items not yielded to be cancelled")
@@ -265,20 +269,14 @@ def test_a_cancel_waiting_for_another_process_s_write_lock_says_so(
     ex = make_executor(1, start_node=False)  # no node: the job stays pending
     f = ex.submit(tasks.noop)
     wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job recorded")
-    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
     said: list = []
-    try:
-        lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+    with _write_lock_held(enclave_dir) as lock:
         canceller = threading.Thread(target=lambda: said.append(f.cancel()), daemon=True)
         canceller.start()
         wait_for(lambda: "is waiting" in caplog.text, what="the cancel to say it waits")
         assert str(enclave_dir / "kotta.db") in caplog.text and "is locked" in caplog.text
         assert not said  # (still waiting: its answer comes once the lock is free)
         lock.execute("COMMIT")
-    finally:
-        if lock.in_transaction:
-            lock.execute("ROLLBACK")
-        lock.close()
     canceller.join(GUARD)
     assert said == [True] and f.cancelled()
     assert enclave.jobs.get(f.job_id).state == "cancelled"
@@ -293,25 +291,15 @@ def test_an_abandoned_maps_cancel_outlasting_the_lock_timeout_is_made_once_the_l
     the manager's next turns, once the lock is free."""
     import logging
 
-    first, later = tmp_path / "first", tmp_path / "later"
-    ex = make_executor(1)
-    it = ex.map(tasks.wait_for_file, [str(first)] + [str(later)] * 5)
-    tasks.release(first, "first")
+    it, later = _map_past_its_first_item(make_executor(1), tmp_path)
     try:
-        assert next(it) == "first"  # the second runs, waiting; the others wait for the worker
         caplog.set_level(logging.WARNING, logger="kotta.executor")
         monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 0.5)
-        lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
-        try:
-            lock.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+        with _write_lock_held(enclave_dir) as lock:
             it.close()
             wait_for(lambda: "abandoned map" in caplog.text,
                      what="the manager's cancel to fail for the lock")
             lock.execute("COMMIT")
-        finally:
-            if lock.in_transaction:
-                lock.execute("ROLLBACK")
-            lock.close()
         monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 60.0)
         wait_for(lambda: sum(j.state == "cancelled" for j in enclave.jobs.list(limit=10)) >= 3,
                  what="the items not yielded to be cancelled")
