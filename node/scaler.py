@@ -92,6 +92,14 @@ def read_pid(path: Path) -> int | None:
 
         proc = psutil.Process(pid)
         argv = proc.cmdline()
+        # (empty for a moment as a process execs: a scaler `kotta up` had just started,
+        # looked at by a second `kotta up` at once, was taken for none, and a second one
+        # started; a fresh clone's CI saw it.  A kernel thread's stays empty)
+        deadline = time.monotonic() + 1.0
+        while not argv and time.monotonic() < deadline and (
+                proc.status() != psutil.STATUS_ZOMBIE):
+            time.sleep(0.01)
+            argv = proc.cmdline()
         if proc.status() == psutil.STATUS_ZOMBIE or "node.scaler" not in argv:
             return None
         if len(lines) > 1 and (_option(argv, "--enclave") != lines[1]
