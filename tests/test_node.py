@@ -69,6 +69,16 @@ def _holder(enclave, job_id: str) -> str | None:
     return rows[0][0] if rows else None
 
 
+def _all_sent(ex, futures) -> None:
+    """Wait until the client has sent every one of ``futures``' tasks (recorded, or one
+    handed to a node's inbox), so that a frozen node, let go, takes them in one step: on a
+    loaded machine the manager sent some only after it went on, and the node, taking a few
+    in its first step, had no backlog to pipe deep, and piped only the head."""
+    ids = {f.job_id for f in futures}
+    wait_for(lambda: len(ex.enclave.jobs.get_many(ids)) + len(ex._handed.keys() & ids) == len(ids),
+             what=f"the {len(ids)} tasks to be sent")
+
+
 def _freeze(node, enclave_dir: Path) -> None:
     """SIGSTOP a node, but never while it holds the SQLite write lock (that would stall
     every other process for the lock timeout): retry until the database is writable."""
@@ -720,6 +730,7 @@ def test_a_draining_node_hands_back_piped_tasks_its_worker_never_began(start_nod
     worker = ex.submit(tasks.worker_pid).result(GUARD)
     _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
     futures = [ex.submit(tasks.square, i) for i in range(8)]
+    _all_sent(ex, futures)
     _stop_process(worker)  # it cannot begin them
     os.kill(a.pid, signal.SIGCONT)
     try:
@@ -776,6 +787,7 @@ def _piped_then_stopped(start_node, make_executor, enclave_dir, *node_args,
     worker = ex.submit(tasks.worker_pid).result(GUARD)  # a tiny average: the node pipes deep
     _freeze(a, enclave_dir)  # so that it takes the tasks in one step, and pipes them together
     futures = [ex.submit(tasks.square, i) for i in range(8)]
+    _all_sent(ex, futures)
     _stop_process(worker)  # it cannot begin them
     os.kill(a.pid, signal.SIGCONT)
     try:

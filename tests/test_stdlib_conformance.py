@@ -619,6 +619,7 @@ _FORK_AS_THE_SEND_LOCK_IS_HELD = """
 import os, signal, sys, threading, time
 from kotta_executor import KottaExecutor
 from tests import tasks
+from tests.conftest import wait_for
 ex = KottaExecutor(1, enclave=sys.argv[1], start_node=False)
 f = ex.submit(tasks.square, 3)  # (no node: it stays pending)
 held, forked = threading.Event(), threading.Event()
@@ -649,6 +650,10 @@ while os.waitpid(pid, os.WNOHANG) == (0, 0):
         print("the child hung", flush=True)
         break
     time.sleep(0.05)
+# the manager records the job once the send lock is free: on a loaded machine that may
+# be after the child has ended (read before it, the record was None, and this script
+# died of that, its pending future then keeping it alive until the test's timeout)
+wait_for(lambda: ex.enclave.jobs.get(f.job_id), what="the parent's job to be recorded")
 print("parent:", ex.enclave.jobs.get(f.job_id).state, f.cancel(), flush=True)
 ex.shutdown()
 """
