@@ -1896,6 +1896,12 @@ class _KeepingClasses(pickle.Unpickler):
 class _Missing(Exception):
     """The base of the stand-ins for classes the client cannot import (see _salvage)."""
 
+    def __repr__(self) -> str:  # (held by an exception: in its message, as object's;
+        # one made with arguments, an exception's, as an exception's)
+        if self.args:
+            return super().__repr__()
+        return f"<{type(self).__module__}.{type(self).__qualname__} object>"
+
 
 class _Lenient(_KeepingClasses):
     """Unpickles with a stand-in (a subclass of _Missing, named as the original) for any
@@ -1929,39 +1935,80 @@ def _salvage(data: bytes, raised: bool, why: BaseException) -> BaseException | N
         if not isinstance(box, ExceptionBox):
             return None
         replaced: set[type] = set()
-        exc = _without_stand_ins(box.unbox(), {}, replaced, why)
+        exc = _without_stand_ins(box.unbox(), {}, replaced, why, lenient.made)
     except BaseException:  # noqa: BLE001 - no better than the SerializationError, then
         return None
     return exc if lenient.made and lenient.made <= replaced else None
 
 
 def _without_stand_ins(exc: BaseException, done: dict[int, BaseException],
-                       replaced: set[type], why: BaseException) -> BaseException:
+                       replaced: set[type], why: BaseException,
+                       made: set[type] = frozenset()) -> BaseException:
     """``exc``, its chain and its members (a group's), with a RemoteError in place of each
-    stand-in (its class added to ``replaced``).  ``done``: what each exception met is made,
-    so that one met twice (a cause that is the context too, a TaskGroup's member that is
-    its context) is one exception there too, not a stand-in left in the second place."""
+    stand-in (its class added to ``replaced``), and of each exception that holds one of
+    ``made`` (the stand-ins) in its args or attributes (those classes added too).
+    ``done``: what each exception met is made, so that one met twice (a cause that is the
+    context too, a TaskGroup's member that is its context) is one exception there too, not
+    a stand-in left in the second place."""
     if id(exc) in done:
         return done[id(exc)]
     done[id(exc)] = original = exc  # (a cycle back to it meets it as it is)
     for attr in ("__cause__", "__context__"):
         link = getattr(exc, attr)
         if link is not None:
-            object.__setattr__(exc, attr, _without_stand_ins(link, done, replaced, why))
+            object.__setattr__(exc, attr, _without_stand_ins(link, done, replaced, why, made))
     if isinstance(exc, BaseExceptionGroup) and not isinstance(exc, _Missing):
-        members = [_without_stand_ins(m, done, replaced, why) for m in exc.exceptions]
+        members = [_without_stand_ins(m, done, replaced, why, made) for m in exc.exceptions]
         if any(new is not old for new, old in zip(members, exc.exceptions, strict=True)):
             exc = done[id(original)] = _regrouped(exc, members)
-    if not isinstance(exc, _Missing):
-        return exc
-    replaced.add(type(exc))
+    if isinstance(exc, _Missing):
+        replaced.add(type(exc))
+        note = f"kotta: its class {type(exc).__module__}.{type(exc).__qualname__} cannot be imported on the client"
+    else:
+        # An exception of a class the client has, holding an object of one it has not
+        # (``ValueError(msg, row)``, a row of a package only the node has): the whole
+        # outcome was a SerializationError, which named nothing the task raised
+        held = _held_stand_ins(exc, made)
+        if not held:
+            return exc
+        replaced.update(held)
+        names = ", ".join(sorted(f"{c.__module__}.{c.__qualname__}" for c in held))
+        note = f"kotta: it holds an object of {names}, whose class cannot be imported on the client"
     err = remote_error(exc).with_traceback(exc.__traceback__)
     err.__cause__, err.__context__ = exc.__cause__, exc.__context__
     err.__suppress_context__ = exc.__suppress_context__
-    err.add_note(f"kotta: its class {err.type_name} cannot be imported on the client "
-                 f"({type(why).__name__}: {why})")
+    err.add_note(f"{note} ({type(why).__name__}: {why})")
     done[id(original)] = err
     return err
+
+
+def _held_stand_ins(exc: BaseException, made: set[type], limit: int = 10_000) -> set[type]:
+    """The stand-ins among ``made`` that ``exc`` holds, in its args (a group's message
+    only: its members are looked at as such) or attributes, in containers or objects'
+    attributes there (at most ``limit`` objects looked at); not in an exception it holds,
+    which, a stand-in itself or not, has an args of its own."""
+    if not made:
+        return set()
+    args = exc.args[:1] if isinstance(exc, BaseExceptionGroup) else exc.args
+    todo = [*args, *getattr(exc, "__dict__", {}).values()]
+    held: set[type] = set()
+    seen: set[int] = set()
+    while todo and len(seen) < limit:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        cls = obj if isinstance(obj, type) else type(obj)
+        if cls in made:
+            held.add(cls)
+        elif isinstance(obj, dict):
+            todo += [*obj.keys(), *obj.values()]
+        elif isinstance(obj, list | tuple | set | frozenset):
+            todo += obj
+        elif not isinstance(obj, type | BaseException) and isinstance(
+                getattr(obj, "__dict__", None), dict):
+            todo += obj.__dict__.values()
+    return held
 
 
 def _regrouped(group: BaseExceptionGroup, members: list) -> BaseExceptionGroup:

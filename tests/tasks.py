@@ -882,6 +882,26 @@ def raise_from_a_node_only_module(directory, message, wrapped=False):
         raise RuntimeError("the task could not go on") from e
 
 
+def raise_holding_a_node_only_object(directory, message, wrapped=False):
+    """Raise a ValueError (a class the client has) holding, in its args, an object of a
+    class only the worker can import (as raise_from_a_node_only_module's);
+    ``wrapped``: as the cause of a RuntimeError of the task's own."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "node_only_rows.py"), "w") as f:
+        f.write("class Row:\n    def __init__(self, n):\n        self.n = n\n")
+    sys.path.insert(0, directory)
+    try:
+        import node_only_rows
+    finally:
+        sys.path.remove(directory)
+    if not wrapped:
+        raise ValueError(message, node_only_rows.Row(17))
+    try:
+        raise ValueError(message, node_only_rows.Row(17))
+    except ValueError as e:
+        raise RuntimeError("the task could not go on") from e
+
+
 def raise_with_notes(notes):
     """Raise a ValueError whose ``__notes__`` the task set itself (to anything)."""
     exc = ValueError("with notes of its own")

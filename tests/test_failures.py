@@ -768,6 +768,32 @@ def test_a_group_with_members_only_the_node_can_import(make_executor, tmp_path):
     assert group.__notes__[-1].startswith(f"kotta job {f.job_id} ")
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["raised", "as-cause"])
+def test_an_exception_holding_an_object_only_the_node_can_import(wrapped, make_executor,
+                                                                 tmp_path):
+    """An exception of a class the client has, holding an object (in its args) of a class
+    only the node can import: the future raised SerializationError "the result of job ...
+    could not be unpickled on the client: No module named ...", which named no exception
+    the task raised, nor its message or frames; now it is a RemoteError with its type
+    name, message and frames, and a note naming the class (as the cause of an exception
+    the client can read, there, the rest of the chain itself)."""
+    ex = make_executor(1)
+    f = ex.submit(tasks.raise_holding_a_node_only_object, str(tmp_path / "node-only"),
+                  "bad row", wrapped)
+    exc = f.exception(GUARD)
+    if wrapped:
+        assert type(exc) is RuntimeError and str(exc) == "the task could not go on"
+        assert exc.__notes__[-1].startswith(f"kotta job {f.job_id} ")
+        exc = exc.__cause__
+    assert isinstance(exc, RemoteError), repr(exc)
+    assert exc.type_name == "builtins.ValueError"
+    assert exc.message.startswith("('bad row', ")
+    assert "raise_holding_a_node_only_object" in _frames(exc)
+    assert "raise ValueError(message, node_only_rows.Row(17))" in exc.remote_traceback
+    assert any("node_only_rows.Row" in n and "cannot be imported on the client" in n
+               for n in exc.__notes__)
+
+
 def test_a_group_member_that_cannot_travel_and_is_its_context_keeps_its_frames(make_executor):
     """As above, the TaskGroup's body raising what cannot be pickled: its RemoteError, in
     the group, had come back without a remote frame, and the group's context another
