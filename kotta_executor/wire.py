@@ -1232,7 +1232,7 @@ class ExceptionBox:
         # (a group first member by member: one that survives pickling whole may still
         # have members pickle makes anew wrongly, see _mended_group)
         self.exc = _mended_group(exc) or (_Travelling(exc) if _round_trips(exc)
-                                          else remote_error(exc))
+                                          else _as_built_in_reduces(exc) or remote_error(exc))
         tb = exc.__traceback__
         self.tb, self.dropped = _traceback_data(tb) if tb is not None else (None, 0)
         cause, context = exc.__cause__, exc.__context__
@@ -1469,6 +1469,45 @@ class _Travelling:
         return (_rebuild_exception, (cls, exc.args, _exception_state(exc)))
 
 
+class _BuiltInReduced(_Travelling):
+    """An exception whose class pickles it by a builtin's ``__reduce__`` (OSError's, which
+    every OSError subclass inherits: ConnectionError, TimeoutError, FileNotFoundError;
+    ImportError's), rebuilt from what that gives (OSError's errno, strerror and filename)
+    without a Python ``__init__`` run: made again by calling its class, one whose
+    ``__init__`` takes other arguments (``MissingInput(path, *, stage)``) failed, and came
+    back a RemoteError, where an Exception subclass so written comes back as itself."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        exc = self.exc
+        reduced = exc.__reduce__()
+        state = _exception_state(exc)
+        if len(reduced) > 2 and isinstance(reduced[2], dict):  # (ImportError's name, path)
+            state.update(reduced[2])
+        return (_rebuild_exception, (type(exc), tuple(reduced[1]), state))
+
+
+def _as_built_in_reduces(exc: BaseException) -> _BuiltInReduced | None:
+    """``exc`` as a _BuiltInReduced, if its class pickles it by a builtin's ``__reduce__``
+    (that makes it by calling the class) and so it survives pickling; else None."""
+    cls = type(exc)
+    for name in ("__reduce__", "__reduce_ex__"):
+        owner = next((c for c in cls.__mro__ if name in c.__dict__), object)
+        if owner.__module__ != "builtins":
+            return None
+    try:
+        reduced = exc.__reduce__()
+        if not (isinstance(reduced, tuple) and len(reduced) >= 2 and reduced[0] is cls
+                and isinstance(reduced[1], tuple)):
+            return None
+        boxed = _BuiltInReduced(exc)
+        pickle.loads(cloudpickle_dumps(boxed))
+    except BaseException:  # noqa: BLE001 - as in _round_trips
+        return None
+    return boxed
+
+
 def _exception_state(exc: BaseException) -> dict[str, Any]:
     """An exception's ``__dict__``, with the values of its class's ``__slots__`` (a
     ``@dataclass(slots=True)``'s fields), which come back without an ``__init__`` run:
@@ -1587,11 +1626,17 @@ def _rebuild_exception(cls: type[BaseException], args: tuple, state: dict) -> _T
         exc.args = args
     slots = copyreg._slotnames(cls) if state else ()
     for name, value in state.items():
-        if name in slots:  # (object's: past a frozen dataclass's __setattr__)
+        if name in slots or isinstance(getattr(base, name, None), _C_FIELDS):
+            # (object's: past a frozen dataclass's __setattr__; a builtin's field, as
+            # ImportError's name, held by the object, not its __dict__)
             object.__setattr__(exc, name, value)
         else:
             exc.__dict__[name] = value
     return _Travelling(exc)
+
+
+#: the kinds of a builtin exception's own fields (ImportError.name, OSError.filename)
+_C_FIELDS = (types.MemberDescriptorType, types.GetSetDescriptorType)
 
 
 def _round_trips(exc: BaseException) -> bool:

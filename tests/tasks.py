@@ -902,6 +902,20 @@ def raise_holding_a_node_only_object(directory, message, wrapped=False):
         raise RuntimeError("the task could not go on") from e
 
 
+class MissingInput(FileNotFoundError):
+    """An OSError of the task's own whose ``__init__`` takes other arguments than its
+    ``args``: pickle makes it again by calling it with OSError's (errno, strerror,
+    filename), which it refuses."""
+
+    def __init__(self, path, *, stage):
+        super().__init__(2, f"no input for stage {stage}", path)
+        self.stage = stage
+
+
+def raise_missing_input(path, stage):
+    raise MissingInput(path, stage=stage)
+
+
 def raise_with_notes(notes):
     """Raise a ValueError whose ``__notes__`` the task set itself (to anything)."""
     exc = ValueError("with notes of its own")

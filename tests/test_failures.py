@@ -794,6 +794,21 @@ def test_an_exception_holding_an_object_only_the_node_can_import(wrapped, make_e
                for n in exc.__notes__)
 
 
+def test_an_os_error_whose_init_takes_other_arguments_comes_back_as_raised(make_executor):
+    """An OSError subclass (FileNotFoundError, ConnectionError, TimeoutError) whose
+    ``__init__`` takes other arguments than pickle calls it with came back as a
+    RemoteError, where an Exception subclass so written comes back as itself; now it is
+    itself too, with its errno, filename, attributes and frames."""
+    ex = make_executor(1)
+    exc = ex.submit(tasks.raise_missing_input, "/data/run-7.csv", 3).exception(GUARD)
+    assert type(exc) is tasks.MissingInput, repr(exc)
+    assert (exc.errno, exc.strerror, exc.filename) == (2, "no input for stage 3",
+                                                       "/data/run-7.csv")
+    assert str(exc) == "[Errno 2] no input for stage 3: '/data/run-7.csv'"
+    assert exc.stage == 3
+    assert "raise_missing_input" in _frames(exc)
+
+
 def test_a_group_member_that_cannot_travel_and_is_its_context_keeps_its_frames(make_executor):
     """As above, the TaskGroup's body raising what cannot be pickled: its RemoteError, in
     the group, had come back without a remote frame, and the group's context another
