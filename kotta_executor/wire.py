@@ -1571,8 +1571,11 @@ def _mended_group(exc: BaseException, depth: int = 0) -> _TravellingGroup | None
     for member in exc.exceptions:
         chosen = None
         inner = _mended_group(member, depth + 1)
-        for candidate in ((_InGroup(inner),) if inner is not None else ()) + (
-                member, _AsMember(member)):
+        # (one pickled by OSError's __reduce__, whose __init__ takes other arguments: as
+        # _BuiltInReduced makes it, not _AsMember, which left out its errno and filename)
+        built_in = _as_built_in_reduces(member) if inner is None else None
+        for candidate in ((_InGroup(inner),) if inner is not None else ()) + (member,) + (
+                (_InGroup(built_in),) if built_in is not None else ()) + (_AsMember(member),):
             try:
                 loaded = pickle.loads(cloudpickle_dumps(candidate))
             except BaseException:  # noqa: BLE001 - as in _round_trips
@@ -1594,11 +1597,12 @@ def _mended_group(exc: BaseException, depth: int = 0) -> _TravellingGroup | None
 class _InGroup:
     """A group among a group's members, its own members mended (_mended_group): as pickle
     makes it, it was made by calling its class with them, each as pickle makes it.  Made
-    as _rebuild_exception makes it, then taken out of its _Travelling."""
+    as _rebuild_exception makes it, then taken out of its _Travelling.  (So too a member
+    that is a _BuiltInReduced.)"""
 
     __slots__ = ("group",)
 
-    def __init__(self, group: _TravellingGroup):
+    def __init__(self, group: _Travelling):
         self.group = group
 
     def __reduce__(self):

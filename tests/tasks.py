@@ -912,8 +912,13 @@ class MissingInput(FileNotFoundError):
         self.stage = stage
 
 
-def raise_missing_input(path, stage):
-    raise MissingInput(path, stage=stage)
+def raise_missing_input(path, stage, grouped=False):
+    """``grouped``: as the member of an ExceptionGroup (a TaskGroup's), with a plain
+    FileNotFoundError."""
+    if not grouped:
+        raise MissingInput(path, stage=stage)
+    raise ExceptionGroup("inputs", [MissingInput(path, stage=stage),
+                                    FileNotFoundError(2, "gone", path + ".bak")])
 
 
 def raise_with_notes(notes):

@@ -809,6 +809,20 @@ def test_an_os_error_whose_init_takes_other_arguments_comes_back_as_raised(make_
     assert "raise_missing_input" in _frames(exc)
 
 
+def test_an_os_error_whose_init_takes_other_arguments_comes_back_as_raised_in_a_group(
+        make_executor):
+    """As above, a member of an ExceptionGroup: it came back of its class, but with no
+    errno nor filename, its message "(2, 'no input for stage 3')"."""
+    ex = make_executor(1)
+    group = ex.submit(tasks.raise_missing_input, "/data/run-7.csv", 3, True).exception(GUARD)
+    assert type(group) is ExceptionGroup
+    member, plain = group.exceptions
+    assert type(member) is tasks.MissingInput, repr(member)
+    assert (member.errno, member.filename, member.stage) == (2, "/data/run-7.csv", 3)
+    assert str(member) == "[Errno 2] no input for stage 3: '/data/run-7.csv'"
+    assert type(plain) is FileNotFoundError and str(plain) == "[Errno 2] gone: '/data/run-7.csv.bak'"
+
+
 def test_a_group_member_that_cannot_travel_and_is_its_context_keeps_its_frames(make_executor):
     """As above, the TaskGroup's body raising what cannot be pickled: its RemoteError, in
     the group, had come back without a remote frame, and the group's context another
