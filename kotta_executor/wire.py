@@ -1485,6 +1485,11 @@ class _BuiltInReduced(_Travelling):
         state = _exception_state(exc)
         if len(reduced) > 2 and isinstance(reduced[2], dict):  # (ImportError's name, path)
             state.update(reduced[2])
+        if isinstance(exc, OSError):  # (its fields, which its reduce leaves out of args
+            # that are not OSError's own: urllib's HTTPError, whose filename is its url)
+            for name in ("errno", "strerror", "filename", "filename2"):
+                if getattr(exc, name) is not None:
+                    state[name] = getattr(exc, name)
         return (_rebuild_exception, (type(exc), tuple(reduced[1]), state))
 
 

@@ -912,6 +912,13 @@ class MissingInput(FileNotFoundError):
         self.stage = stage
 
 
+def raise_http_error(url, code):
+    """urllib's HTTPError, as urlopen raises it (but with a body that can be pickled)."""
+    import urllib.error
+
+    raise urllib.error.HTTPError(url, code, "Not Found", {}, None)
+
+
 def raise_missing_input(path, stage, grouped=False):
     """``grouped``: as the member of an ExceptionGroup (a TaskGroup's), with a plain
     FileNotFoundError."""

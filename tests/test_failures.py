@@ -13,6 +13,7 @@ import datetime as _dt
 import re
 import threading
 import traceback
+import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -807,6 +808,11 @@ def test_an_os_error_whose_init_takes_other_arguments_comes_back_as_raised(make_
     assert str(exc) == "[Errno 2] no input for stage 3: '/data/run-7.csv'"
     assert exc.stage == 3
     assert "raise_missing_input" in _frames(exc)
+    # one whose args are not OSError's: urllib's HTTPError (its filename the url)
+    exc = ex.submit(tasks.raise_http_error, "http://127.0.0.1:9/runs", 404).exception(GUARD)
+    assert type(exc) is urllib.error.HTTPError, repr(exc)
+    assert (exc.code, exc.filename, exc.url, str(exc)) == (
+        404, "http://127.0.0.1:9/runs", "http://127.0.0.1:9/runs", "HTTP Error 404: Not Found")
 
 
 def test_an_os_error_whose_init_takes_other_arguments_comes_back_as_raised_in_a_group(
