@@ -1523,6 +1523,12 @@ def _exception_state(exc: BaseException) -> dict[str, Any]:
             state[name] = object.__getattribute__(exc, name)
         except AttributeError:  # (a slot never set)
             pass
+    # An AttributeError's or NameError's name: a field of the builtin, set apart from its
+    # args (by keyword, or by Python as it raises it), came back None.  (Not an
+    # AttributeError's obj: the object that lacked it, which need not pickle.)
+    if isinstance(exc, AttributeError | NameError) and isinstance(
+            getattr(type(exc), "name", None), _C_FIELDS) and isinstance(exc.name, str):
+        state["name"] = exc.name
     return state
 
 
@@ -1635,7 +1641,7 @@ def _rebuild_exception(cls: type[BaseException], args: tuple, state: dict) -> _T
         exc.args = args
     slots = copyreg._slotnames(cls) if state else ()
     for name, value in state.items():
-        if name in slots or isinstance(getattr(base, name, None), _C_FIELDS):
+        if name in slots or isinstance(getattr(cls, name, None), _C_FIELDS):
             # (object's: past a frozen dataclass's __setattr__; a builtin's field, as
             # ImportError's name, held by the object, not its __dict__)
             object.__setattr__(exc, name, value)

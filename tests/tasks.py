@@ -912,6 +912,14 @@ class MissingInput(FileNotFoundError):
         self.stage = stage
 
 
+def use_a_missing_name(kind):
+    """Raise, as Python does, an AttributeError (``kind`` "attribute": its name and obj
+    set) or a NameError ("name": its name set)."""
+    if kind == "attribute":
+        return object().rows_read
+    return rows_read  # noqa: F821 - the NameError is the point
+
+
 def raise_http_error(url, code):
     """urllib's HTTPError, as urlopen raises it (but with a body that can be pickled)."""
     import urllib.error

@@ -795,6 +795,18 @@ def test_an_exception_holding_an_object_only_the_node_can_import(wrapped, make_e
                for n in exc.__notes__)
 
 
+@pytest.mark.parametrize("kind, cls", [("attribute", AttributeError), ("name", NameError)])
+def test_an_attribute_or_name_error_keeps_its_name(kind, cls, make_executor):
+    """An AttributeError or NameError came back with ``name`` None (a field Python sets
+    apart from its args, which pickle left out): ``except AttributeError as e: if e.name
+    == ...`` took it for another; now it is the missing name."""
+    ex = make_executor(1)
+    exc = ex.submit(tasks.use_a_missing_name, kind).exception(GUARD)
+    assert type(exc) is cls
+    assert exc.name == "rows_read"
+    assert "rows_read" in str(exc)
+
+
 def test_an_os_error_whose_init_takes_other_arguments_comes_back_as_raised(make_executor):
     """An OSError subclass (FileNotFoundError, ConnectionError, TimeoutError) whose
     ``__init__`` takes other arguments than pickle calls it with came back as a
