@@ -1231,8 +1231,11 @@ class ExceptionBox:
         seen.add(id(exc))
         # (a group first member by member: one that survives pickling whole may still
         # have members pickle makes anew wrongly, see _mended_group)
-        self.exc = _mended_group(exc) or (_Travelling(exc) if _round_trips(exc)
-                                          else _as_built_in_reduces(exc) or remote_error(exc))
+        # (one pickled by a builtin's __reduce__, OSError's, first as _BuiltInReduced: made
+        # again by calling its class, an __init__ that writes its message from its
+        # argument wrote it twice)
+        self.exc = _mended_group(exc) or _as_built_in_reduces(exc) or (
+            _Travelling(exc) if _round_trips(exc) else remote_error(exc))
         tb = exc.__traceback__
         self.tb, self.dropped = _traceback_data(tb) if tb is not None else (None, 0)
         cause, context = exc.__cause__, exc.__context__
@@ -1475,7 +1478,8 @@ class _BuiltInReduced(_Travelling):
     ImportError's), rebuilt from what that gives (OSError's errno, strerror and filename)
     without a Python ``__init__`` run: made again by calling its class, one whose
     ``__init__`` takes other arguments (``MissingInput(path, *, stage)``) failed, and came
-    back a RemoteError, where an Exception subclass so written comes back as itself."""
+    back a RemoteError, and one that writes its message from its argument wrote it twice,
+    where an Exception subclass so written comes back as raised."""
 
     __slots__ = ()
 

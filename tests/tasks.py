@@ -920,6 +920,17 @@ def use_a_missing_name(kind):
     return rows_read  # noqa: F821 - the NameError is the point
 
 
+class FetchFailed(ConnectionError):
+    """An OSError whose ``__init__`` writes its message from its argument."""
+
+    def __init__(self, code, reason, url=None):
+        super().__init__(code, f"fetch failed: {reason}", url)
+
+
+def raise_fetch_failed(code, reason, url):
+    raise FetchFailed(code, reason, url)
+
+
 def raise_http_error(url, code):
     """urllib's HTTPError, as urlopen raises it (but with a body that can be pickled)."""
     import urllib.error

@@ -807,6 +807,20 @@ def test_an_attribute_or_name_error_keeps_its_name(kind, cls, make_executor):
     assert "rows_read" in str(exc)
 
 
+def test_an_os_error_whose_init_writes_its_message_comes_back_as_raised(make_executor):
+    """An OSError subclass whose ``__init__`` writes its message from its argument came
+    back with it written twice, "fetch failed: fetch failed: refused" (pickle makes it
+    again by calling its class with the message), where an Exception subclass so written
+    comes back as raised; now it does too."""
+    ex = make_executor(1)
+    exc = ex.submit(tasks.raise_fetch_failed, 111, "refused", "http://127.0.0.1:9/").exception(GUARD)
+    assert type(exc) is tasks.FetchFailed
+    assert str(exc) == "[Errno 111] fetch failed: refused: 'http://127.0.0.1:9/'"
+    assert (exc.errno, exc.strerror, exc.filename) == (111, "fetch failed: refused",
+                                                       "http://127.0.0.1:9/")
+    assert "raise_fetch_failed" in _frames(exc)
+
+
 def test_an_os_error_whose_init_takes_other_arguments_comes_back_as_raised(make_executor):
     """An OSError subclass (FileNotFoundError, ConnectionError, TimeoutError) whose
     ``__init__`` takes other arguments than pickle calls it with came back as a
