@@ -1966,6 +1966,15 @@ class _Missing(Exception):
             return super().__repr__()
         return f"<{type(self).__module__}.{type(self).__qualname__} object>"
 
+    def __setstate__(self, state) -> None:
+        # whatever state the original pickled (an object of a class with __slots__, a
+        # @dataclass(slots=True)'s: (None, {slot: value}), which an exception's
+        # __setstate__ refused, "state is not a dictionary": a SerializationError again)
+        parts = state if isinstance(state, tuple) else (state,)
+        for part in parts:
+            if isinstance(part, dict):
+                self.__dict__.update(part)
+
 
 class _Lenient(_KeepingClasses):
     """Unpickles with a stand-in (a subclass of _Missing, named as the original) for any

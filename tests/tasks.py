@@ -882,13 +882,18 @@ def raise_from_a_node_only_module(directory, message, wrapped=False):
         raise RuntimeError("the task could not go on") from e
 
 
-def raise_holding_a_node_only_object(directory, message, wrapped=False):
+def raise_holding_a_node_only_object(directory, message, wrapped=False, slots=False):
     """Raise a ValueError (a class the client has) holding, in its args, an object of a
     class only the worker can import (as raise_from_a_node_only_module's);
-    ``wrapped``: as the cause of a RuntimeError of the task's own."""
+    ``wrapped``: as the cause of a RuntimeError of the task's own; ``slots``: the class a
+    ``@dataclass(slots=True)``."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "node_only_rows.py"), "w") as f:
-        f.write("class Row:\n    def __init__(self, n):\n        self.n = n\n")
+        if slots:
+            f.write("import dataclasses\n\n\n@dataclasses.dataclass(slots=True)\n"
+                    "class Row:\n    n: int\n")
+        else:
+            f.write("class Row:\n    def __init__(self, n):\n        self.n = n\n")
     sys.path.insert(0, directory)
     try:
         import node_only_rows

@@ -769,9 +769,10 @@ def test_a_group_with_members_only_the_node_can_import(make_executor, tmp_path):
     assert group.__notes__[-1].startswith(f"kotta job {f.job_id} ")
 
 
-@pytest.mark.parametrize("wrapped", [False, True], ids=["raised", "as-cause"])
-def test_an_exception_holding_an_object_only_the_node_can_import(wrapped, make_executor,
-                                                                 tmp_path):
+@pytest.mark.parametrize("wrapped, slots", [(False, False), (True, False), (False, True)],
+                         ids=["raised", "as-cause", "slots"])
+def test_an_exception_holding_an_object_only_the_node_can_import(wrapped, slots,
+                                                                 make_executor, tmp_path):
     """An exception of a class the client has, holding an object (in its args) of a class
     only the node can import: the future raised SerializationError "the result of job ...
     could not be unpickled on the client: No module named ...", which named no exception
@@ -780,7 +781,7 @@ def test_an_exception_holding_an_object_only_the_node_can_import(wrapped, make_e
     the client can read, there, the rest of the chain itself)."""
     ex = make_executor(1)
     f = ex.submit(tasks.raise_holding_a_node_only_object, str(tmp_path / "node-only"),
-                  "bad row", wrapped)
+                  "bad row", wrapped, slots)
     exc = f.exception(GUARD)
     if wrapped:
         assert type(exc) is RuntimeError and str(exc) == "the task could not go on"
