@@ -127,10 +127,10 @@ class KottaFuture(Future):
         # (else pickling fails on the executor's locks, with "cannot pickle
         # '_thread._local' object": a future in a list looked like a bug of the executor)
         raise TypeError(
-            f"a KottaFuture (job {self.job_id}) cannot be sent to a task: only a future "
-            "passed as an argument itself is waited for and replaced by its value, not one "
-            "inside a list, dict or other object; pass each future as an argument "
-            "(submit(fn, *futures)), or its result()"
+            f"a KottaFuture (job {self.job_id}) cannot be sent to a task, nor returned by "
+            "one: only a future passed as an argument itself is waited for and replaced by "
+            "its value, not one inside a list, dict or other object; pass each future as an "
+            "argument (submit(fn, *futures)), or return its result()"
         )
 
     def __repr__(self) -> str:

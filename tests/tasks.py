@@ -399,6 +399,16 @@ def nested_submit(enclave, credentials=None):
         return f.result(60), f.job_id
 
 
+def return_a_kotta_future(enclave, credentials):
+    """A task that returns the future of a task it submitted, not its value."""
+    from kotta_executor import KottaExecutor
+
+    with KottaExecutor(1, enclave=enclave, start_node=False, credentials=credentials) as ex:
+        f = ex.submit(abs, -3)
+        f.result(60)
+        return f
+
+
 def worker_environ():
     return dict(os.environ)
 

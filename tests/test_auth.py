@@ -34,6 +34,7 @@ from kotta_executor.errors import (
     AuthenticationError,
     CorruptTask,
     EnvelopeError,
+    SerializationError,
     TaskKilled,
     TaskRejected,
 )
@@ -344,6 +345,18 @@ def test_a_task_cannot_submit_as_the_nodes_user(
 
     ran_as, job_id = ex.submit(tasks.nested_submit, str(enclave_dir), str(alice)).result(GUARD)
     assert ran_as == "alice" and enclave.jobs.get(job_id).owner == "alice"
+
+
+def test_a_task_that_returns_a_future_of_its_own_is_told_to_return_its_result(
+        start_node, make_executor, user_token, enclave_dir):
+    """The refusal said "cannot be sent to a task" of a KottaFuture a task returned: the
+    wrong way round (a plain Future's said so, test_dependencies)."""
+    alice = user_token("alice")
+    start_node(workers=2)
+    ex = make_executor(1, start_node=False, credentials=alice)
+    err = ex.submit(tasks.return_a_kotta_future, str(enclave_dir), str(alice)).exception(GUARD)
+    assert isinstance(err, SerializationError)
+    assert "nor returned by one" in str(err) and "return its result()" in str(err)
 
 
 # ---------------------------------------------------------------------- 3. tampering

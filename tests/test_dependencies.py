@@ -369,7 +369,7 @@ def test_a_future_inside_a_list_is_refused_saying_why(make_executor):
         with pytest.raises(SerializationError) as info:
             call()
         message = str(info.value)
-        assert f"a KottaFuture (job {dep.job_id}) cannot be sent to a task" in message
+        assert f"a KottaFuture (job {dep.job_id}) cannot be sent to a task, nor returned" in message
         assert "not one inside a list" in message
     assert list(ex._futures) == [dep.job_id]  # nothing else was sent
 
