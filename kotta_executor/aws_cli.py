@@ -118,7 +118,7 @@ def cmd_aws(args) -> int:
                 print("not deleted", file=sys.stderr)
                 return 1
         report = aws_provision.teardown(args.name, **kw)
-        if not report.deleted:
+        if not report.deleted and not report.kept:
             print(f"nothing of the enclave {args.name} was found")
         return 0
     raise ValueError(f"unknown aws command {args.aws_command!r}")

@@ -10,7 +10,8 @@ What ``bootstrap`` makes (names from :class:`kotta_executor.backends.aws.Names`)
   (``...-dlq``) and a redrive policy (``maxReceiveCount`` 10, above the node's own limit of
   5 deliveries, so that nodes normally dead-letter a task themselves and record why);
   server-side encryption (SQS-managed keys), 14-day retention.
-* S3: the bucket ``kotta-NAME-blobs`` (or ``bucket=``) with default encryption (SSE-S3;
+* S3: the bucket ``kotta-NAME-blobs`` (or ``bucket=``; one it makes is tagged
+  ``kotta-enclave=NAME``) with default encryption (SSE-S3;
   an existing bucket's SSE-KMS is kept, the node role allowed its key through S3),
   every public access blocked, and a policy refusing requests not made over TLS.
 * DynamoDB (on-demand): ``kotta-NAME-jobs`` (key ``job_id``, GSI ``owner-created``) and
@@ -58,6 +59,12 @@ TABLE = "AWS::DynamoDB::Table"
 ROLE = "AWS::IAM::Role"
 PROFILE = "AWS::IAM::InstanceProfile"
 
+#: the tag of the enclave's queues, tables, role and of a bucket bootstrap made
+ENCLAVE_TAG = "kotta-enclave"
+#: the prefixes kotta writes in the enclave's bucket (the blobs, the enclave key, held
+#: results: ``security.data.enclave_areas``): all teardown deletes of a bucket it keeps
+OWN_PREFIXES = ("blobs/", "keys/", "held/")
+
 
 @dataclass
 class Report:
@@ -68,6 +75,8 @@ class Report:
     created: list[tuple[str, str]] = field(default_factory=list)
     existing: list[tuple[str, str]] = field(default_factory=list)
     deleted: list[tuple[str, str]] = field(default_factory=list)
+    #: what teardown kept (a bucket bootstrap did not make: only kotta's objects went)
+    kept: list[tuple[str, str]] = field(default_factory=list)
     url: str | None = None
 
     @property
@@ -77,7 +86,7 @@ class Report:
     def text(self) -> str:
         lines = []
         for verb, items in (("created", self.created), ("exists ", self.existing),
-                            ("deleted", self.deleted)):  # fmt: skip
+                            ("deleted", self.deleted), ("kept   ", self.kept)):  # fmt: skip
             lines += [f"{verb}  {kind:26} {name}" for kind, name in items]
         if self.url:
             lines.append(f"enclave URL: {self.url}")
@@ -260,6 +269,20 @@ def bootstrap(
             if _code(exc) != "BucketAlreadyOwnedByYou":
                 raise
             exists = True
+    if not exists:
+        # marked as the enclave's, so that teardown deletes it whole; a bucket that existed
+        # is never tagged (PutBucketTagging replaces its owner's tags) and is kept by
+        # teardown, which deletes only kotta's objects in it
+        try:
+            c.s3.put_bucket_tagging(Bucket=names.bucket, Tagging={"TagSet": [
+                {"Key": ENCLAVE_TAG, "Value": name}]})
+        except _client_error() as exc:
+            if _code(exc) not in ("AccessDenied", "AccessDeniedException"):
+                raise
+            if names.bucket != Names(name).bucket:  # (the default name goes whole anyway)
+                _warn(out, f"the bucket {names.bucket} could not be tagged {ENCLAVE_TAG}="
+                           f"{name} (AccessDenied): teardown will keep it, deleting only "
+                           f"kotta's objects in it")
     note(not exists, BUCKET, names.bucket)
     c.s3.put_public_access_block(
         Bucket=names.bucket,
@@ -441,7 +464,8 @@ def teardown(
 ) -> Report:
     """Delete every resource of the enclave ``aws://NAME``: its queues (work, dead-letter
     and the reply queues of clients), the bucket and everything in it, both tables and the
-    node role.  Whatever is already gone is skipped."""
+    node role.  Whatever is already gone is skipped.  A bucket bootstrap did not make (an
+    existing ``bucket=``) is kept, only kotta's objects in it deleted (``report.kept``)."""
     names = Names(name, bucket)
     c = _Clients(region, endpoint_url, profile, session)
     report = Report(name)
@@ -481,19 +505,26 @@ def teardown(
             if _code(exc) not in ("AccessDenied", "AccessDeniedException"):
                 raise
             versioned = False  # (may not ask: taken as never versioned, as before)
+        # a bucket bootstrap did not make (an existing --bucket: "exists") is the user's,
+        # and may hold their other data: it lost every object and was deleted.  It is kept
+        # now, and only kotta's own prefixes in it emptied
+        whole = _bucket_made_for(c, names)
         listing = "list_object_versions" if versioned else "list_objects_v2"
-        for page in c.s3.get_paginator(listing).paginate(Bucket=names.bucket):
-            if versioned:
-                keys = [{"Key": o["Key"], "VersionId": o["VersionId"]}
-                        for o in page.get("Versions", []) + page.get("DeleteMarkers", [])]
-            else:
-                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                resp = c.s3.delete_objects(Bucket=names.bucket,
-                                           Delete={"Objects": keys, "Quiet": True})
-                # (a 200 with the objects S3 kept: a bucket policy's Deny, object lock;
-                # ignored, DeleteBucket then failed with a bare BucketNotEmpty)
-                failed += resp.get("Errors", [])
+        for prefix in [None] if whole else OWN_PREFIXES:
+            kw = {"Bucket": names.bucket} if prefix is None else {
+                "Bucket": names.bucket, "Prefix": prefix}
+            for page in c.s3.get_paginator(listing).paginate(**kw):
+                if versioned:
+                    keys = [{"Key": o["Key"], "VersionId": o["VersionId"]}
+                            for o in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+                else:
+                    keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    resp = c.s3.delete_objects(Bucket=names.bucket,
+                                               Delete={"Objects": keys, "Quiet": True})
+                    # (a 200 with the objects S3 kept: a bucket policy's Deny, object lock;
+                    # ignored, DeleteBucket then failed with a bare BucketNotEmpty)
+                    failed += resp.get("Errors", [])
         if failed:
             shown = "; ".join(f"{e.get('Key')} ({e.get('Code')}: {e.get('Message')})"
                               for e in failed[:10])
@@ -503,8 +534,16 @@ def teardown(
                 f"which is kept: {shown}{more}.  Remove what keeps them (a bucket policy, "
                 f"object lock) or delete them yourself, then run teardown again"
             )
-        c.s3.delete_bucket(Bucket=names.bucket)
-        gone(BUCKET, names.bucket)
+        if whole:
+            c.s3.delete_bucket(Bucket=names.bucket)
+            gone(BUCKET, names.bucket)
+        else:
+            report.kept.append((BUCKET, names.bucket))
+            if out is not None:
+                out(f"kept     {BUCKET:26} {names.bucket}: not made by bootstrap (no tag "
+                    f"{ENCLAVE_TAG}={name}), so only kotta's objects in it "
+                    f"({', '.join(OWN_PREFIXES)}) were deleted; its other objects, tags, "
+                    f"policy and settings are kept")
     except _client_error() as exc:
         if _code(exc) != "NoSuchBucket":
             raise
@@ -571,6 +610,22 @@ def _index_lacks(ddb, table: str) -> list[str]:
         have = set(projection.get("NonKeyAttributes") or [])
         return [a for a in INDEX_ATTRS if a not in have]
     return ["*"]
+
+
+def _bucket_made_for(c: _Clients, names: Names) -> bool:
+    """Whether the enclave's bucket is its own, to be deleted whole: bootstrap made it
+    (tagged ``kotta-enclave=NAME``; so is the CloudFormation template's), or it has the
+    default name ``kotta-NAME-blobs`` (enclaves bootstrapped before buckets were tagged)."""
+    if names.bucket == Names(names.name).bucket:
+        return True
+    try:
+        tags = c.s3.get_bucket_tagging(Bucket=names.bucket).get("TagSet", [])
+    except _client_error() as exc:
+        if _code(exc) in ("NoSuchTagSet", "AccessDenied", "AccessDeniedException"):
+            return False  # (may not read its tags: kept, the safe side)
+        raise
+    return {"Key": ENCLAVE_TAG, "Value": names.name} in [
+        {"Key": t.get("Key"), "Value": t.get("Value")} for t in tags]
 
 
 def _bucket_region(c: _Clients, bucket: str) -> str | None:

@@ -1001,6 +1001,54 @@ def test_teardown_empties_a_versioned_bucket(moto_env, name):
     assert bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
 
 
+@pytest.mark.parametrize("versioned", [False, True])
+def test_teardown_keeps_an_existing_bucket_and_its_other_objects(moto_env, name, versioned):
+    """`kotta aws bootstrap NAME --bucket EXISTING` uses a bucket the user already had
+    ("exists"); teardown then deleted every object in it (every version) and the bucket
+    itself.  It now deletes only kotta's own objects there (blobs/, keys/, held/), keeps
+    the bucket, the user's objects and tags, and says so.  A --bucket bootstrap made
+    itself (tagged kotta-enclave=NAME) still goes with everything in it."""
+    s3 = moto_env.client("s3")
+    bucket = f"{name}-shared"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": [{"Key": "team", "Value": "x"}]})
+    if versioned:
+        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    for key in ("data/report.csv", "blobsy/x", "heldout"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"theirs")
+    report = aws_provision.bootstrap(name, bucket=bucket, iam=False, tls_only=False,
+                                     session=moto_env)
+    assert (aws_provision.BUCKET, bucket) in report.existing
+    for key in ("blobs/fn-1", "keys/enclave.key", "held/j1", "held/j1"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"ours")
+    lines: list[str] = []
+    report = aws_provision.teardown(name, bucket=bucket, session=moto_env, out=lines.append)
+    assert (aws_provision.BUCKET, bucket) not in report.deleted
+    assert (aws_provision.BUCKET, bucket) in report.kept
+    said = "\n".join(lines)
+    assert f"kept     {aws_provision.BUCKET}" in said and bucket in said, said
+    assert "kotta-enclave" in said and "blobs/" in said, said
+    left = s3.list_object_versions(Bucket=bucket)
+    assert sorted({v["Key"] for v in left.get("Versions", [])} | {
+        m["Key"] for m in left.get("DeleteMarkers", [])}) == [
+        "blobsy/x", "data/report.csv", "heldout"]
+    assert s3.get_bucket_tagging(Bucket=bucket)["TagSet"] == [{"Key": "team", "Value": "x"}]
+    # (the rest of the enclave went)
+    assert not moto_env.client("sqs").list_queues(QueueNamePrefix=f"kotta-{name}-").get(
+        "QueueUrls")
+
+    # a --bucket that bootstrap made: tagged, and deleted whole
+    made = f"{name}-made"
+    aws_provision.bootstrap(name, bucket=made, iam=False, tls_only=False, session=moto_env)
+    assert {"Key": "kotta-enclave", "Value": name} in s3.get_bucket_tagging(
+        Bucket=made)["TagSet"]
+    s3.put_object(Bucket=made, Key="other/x", Body=b"x")
+    report = aws_provision.teardown(name, bucket=made, session=moto_env)
+    assert (aws_provision.BUCKET, made) in report.deleted and not report.kept
+    assert made not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    assert bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
 def test_teardown_deletes_a_node_role_with_policies_an_admin_added(moto_env, name):
     """An admin who attached a managed policy to the node role (SSM, CloudWatch agent) or
     added an inline one: teardown failed at DeleteRole with a raw DeleteConflict, every
