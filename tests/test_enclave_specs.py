@@ -219,6 +219,37 @@ def test_a_blank_at_an_end_of_the_enclave_names_where_it_came_from(
     assert str(raised.value).startswith(said if said.endswith("?") else said + ":"), (
         str(raised.value))
 
+@pytest.mark.parametrize("env", ["aws://lab\n", "aws://lab ", "aws://lab?region=us-east-1\n",
+                                 "aws://lab?region=us-east-1\t"])
+def test_an_aws_kotta_enclave_that_ends_with_a_blank_is_an_error_naming_it(env, monkeypatch):
+    """``export KOTTA_ENCLAVE=$(cat file)`` can leave a newline: ``aws://lab\n`` was taken
+    as ``aws://lab`` (urlsplit drops it), where the embedded form was refused."""
+    from kotta_executor import KottaExecutor
+
+    monkeypatch.setenv("KOTTA_ENCLAVE", env)
+    for make in (check_spec, lambda s: KottaExecutor(1, enclave=s, start_node=False)):
+        with pytest.raises(ConfigurationError) as raised:
+            make(None)
+        assert str(raised.value).startswith(
+            f"$KOTTA_ENCLAVE {env!r} ends with a blank: did you mean {env.rstrip()!r}?"), (
+            str(raised.value))
+
+
+@pytest.mark.parametrize("url", ["aws://lab\n", "aws://la\nb", "aws://lab\t?region=us-east-1",
+                                 "\x01aws://lab", "aws://lab?region=us-east-1\r\n",
+                                 "aws://lab?region=us-east-1&bucket=a-b\n-c"])
+def test_an_aws_url_with_a_blank_or_control_character_is_refused_naming_it(url):
+    """urlsplit drops a tab, CR or LF anywhere in a URL, and control characters at its
+    start: such an enclave URL was taken as another (``aws://la\nb`` opened ``lab``)."""
+    with pytest.raises(ConfigurationError) as raised:
+        parse_url(url)
+    assert repr(url) in str(raised.value) and "blank or control character" in str(
+        raised.value), str(raised.value)
+    if url.startswith("aws://"):  # (another start is another scheme: said so)
+        with pytest.raises(ConfigurationError, match="blank or control character"):
+            check_spec(url)
+
+
 def test_a_kotta_home_that_ends_with_a_blank_is_an_error_naming_it(tmp_path, monkeypatch):
     """``KOTTA_HOME="/data/home "`` made the default enclave in "/data/home ", as such an
     enclave= did (above)."""

@@ -78,7 +78,9 @@ def env_spec() -> str:
     path = value[len("embedded://"):] if value.startswith("embedded://") else value
     if value and (not value.strip() or (
             "://" not in path and not _MISTYPED_URL.match(path)
-            and (path[:1].isspace() or path[-1:].isspace()))):
+            and (path[:1].isspace() or path[-1:].isspace()))
+            # (an aws:// URL too: urlsplit dropped its newline, and "aws://lab\n" opened lab)
+            or ("://" in path and value[-1:].isspace())):
         # (named as the variable, not as an enclave the user never passed: one read from a
         # file with its newline is the usual case)
         # (a blank at its end: the whole value said, and meant, its scheme kept; one

@@ -282,6 +282,17 @@ def check_name(name: str) -> str:
 
 def parse_url(url: str) -> tuple[str, dict[str, str]]:
     """``aws://NAME?region=...&endpoint_url=...`` -> (NAME, params)."""
+    # urlsplit drops a tab, CR or LF anywhere, and control characters and blanks at the
+    # start, without a word: "aws://lab\n" (a line read from a file) and "aws://la\nb"
+    # opened lab.  (Other blanks are kept, and refused with the part they are in.)
+    bad = next((ch for ch in url if ch in "\t\r\n"), None)
+    if bad is None and url[:1] and url[:1] <= " ":
+        bad = url[0]
+    if bad is not None:
+        raise ConfigurationError(
+            f"invalid AWS enclave URL {url!r}: it has a blank or control character "
+            f"({bad!r}); an enclave URL has none (expected aws://NAME?PARAMETERS)"
+        )
     try:
         parts = urlsplit(url)
     except ValueError:  # a '[' or ']' in the name, taken for an IPv6 address: the bare
