@@ -557,7 +557,9 @@ class KottaExecutor(Executor):
     def attach(self, job_id: str) -> KottaFuture:
         """A future for a job submitted earlier, by this or any other client (a restarted
         kernel, another machine sharing the enclave)."""
-        if not isinstance(job_id, str) or not wire.is_job_id(job_id):
+        if not isinstance(job_id, str):  # (a programming error, not an unknown job)
+            raise TypeError(f"a job id is a string, not {type(job_id).__name__} {job_id!r}")
+        if not wire.is_job_id(job_id):
             raise UnknownJob(f"{job_id!r} is not a job id")
         while True:
             self._check_open()

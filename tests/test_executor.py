@@ -1394,9 +1394,17 @@ def test_attach_unknown_or_malformed_job(executor):
         with pytest.raises(UnknownJob) as info:
             executor.attach(job_id)
         assert isinstance(info.value, LookupError)
-    for job_id in ("nope", "0" * 31, "0" * 33, "G" * 32, "", None, 12):
+    for job_id in ("nope", "0" * 31, "0" * 33, "G" * 32, ""):
         with pytest.raises(UnknownJob):
             executor.attach(job_id)
+    # not a string at all: a TypeError naming what was given, as submit's checks (it was
+    # UnknownJob, a LookupError, for a programming error: attach(None), attach(f))
+    for job_id in (None, 12, b"0" * 32, ["0" * 32]):
+        with pytest.raises(TypeError, match=re.escape(
+                f"a job id is a string, not {type(job_id).__name__} {job_id!r}")):
+            executor.attach(job_id)
+        with pytest.raises(TypeError):
+            executor.with_options(queue="test").attach(job_id)
 
 
 # --------------------------------------------------------------------------- remote errors
