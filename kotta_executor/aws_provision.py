@@ -507,10 +507,13 @@ def teardown(
             versioned = False  # (may not ask: taken as never versioned, as before)
         # a bucket bootstrap did not make (an existing --bucket: "exists") is the user's,
         # and may hold their other data: it lost every object and was deleted.  It is kept
-        # now, and only kotta's own prefixes in it emptied
-        whole = _bucket_made_for(c, names)
+        # now, and only kotta's own prefixes in it emptied; another enclave's bucket (a
+        # slip of --bucket) is not touched at all
+        owner = _bucket_enclave(c, names)
+        whole = owner == name
+        prefixes = [None] if whole else OWN_PREFIXES if owner is None else []
         listing = "list_object_versions" if versioned else "list_objects_v2"
-        for prefix in [None] if whole else OWN_PREFIXES:
+        for prefix in prefixes:
             kw = {"Bucket": names.bucket} if prefix is None else {
                 "Bucket": names.bucket, "Prefix": prefix}
             for page in c.s3.get_paginator(listing).paginate(**kw):
@@ -537,6 +540,11 @@ def teardown(
         if whole:
             c.s3.delete_bucket(Bucket=names.bucket)
             gone(BUCKET, names.bucket)
+        elif owner is not None:
+            report.kept.append((BUCKET, names.bucket))
+            if out is not None:
+                out(f"kept     {BUCKET:26} {names.bucket}: the enclave {owner}'s (tag "
+                    f"{ENCLAVE_TAG}={owner}), not {name}'s: nothing in it was deleted")
         else:
             report.kept.append((BUCKET, names.bucket))
             if out is not None:
@@ -612,20 +620,22 @@ def _index_lacks(ddb, table: str) -> list[str]:
     return ["*"]
 
 
-def _bucket_made_for(c: _Clients, names: Names) -> bool:
-    """Whether the enclave's bucket is its own, to be deleted whole: bootstrap made it
-    (tagged ``kotta-enclave=NAME``; so is the CloudFormation template's), or it has the
-    default name ``kotta-NAME-blobs`` (enclaves bootstrapped before buckets were tagged)."""
-    if names.bucket == Names(names.name).bucket:
-        return True
+def _bucket_enclave(c: _Clients, names: Names) -> str | None:
+    """The enclave whose own the enclave's bucket is, to be deleted whole by its teardown:
+    the one bootstrap made it for (its tag ``kotta-enclave``; the CloudFormation
+    template's has it too), or, untagged, ``NAME`` for the default name
+    ``kotta-NAME-blobs`` (enclaves bootstrapped before buckets were tagged).  None: no
+    enclave's (an existing bucket given with ``bucket=``)."""
     try:
         tags = c.s3.get_bucket_tagging(Bucket=names.bucket).get("TagSet", [])
     except _client_error() as exc:
-        if _code(exc) in ("NoSuchTagSet", "AccessDenied", "AccessDeniedException"):
-            return False  # (may not read its tags: kept, the safe side)
-        raise
-    return {"Key": ENCLAVE_TAG, "Value": names.name} in [
-        {"Key": t.get("Key"), "Value": t.get("Value")} for t in tags]
+        if _code(exc) not in ("NoSuchTagSet", "AccessDenied", "AccessDeniedException"):
+            raise
+        tags = []  # (may not read its tags: as untagged)
+    tagged = [t.get("Value") for t in tags if t.get("Key") == ENCLAVE_TAG]
+    if tagged:
+        return tagged[0]
+    return names.name if names.bucket == Names(names.name).bucket else None
 
 
 def _bucket_region(c: _Clients, bucket: str) -> str | None:

@@ -1049,6 +1049,27 @@ def test_teardown_keeps_an_existing_bucket_and_its_other_objects(moto_env, name,
     assert bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]
 
 
+def test_teardown_leaves_a_bucket_of_another_enclave_untouched(moto_env, name):
+    """`kotta aws teardown lab --bucket kotta-other-blobs` (a slip, or lab bootstrapped
+    onto another enclave's bucket) deleted that enclave's bucket with everything in it
+    (its blobs, its enclave key, its held results).  A bucket tagged as another enclave's
+    is now left as it is, and teardown says so."""
+    other = f"{name}-o"
+    aws_provision.bootstrap(other, iam=False, tls_only=False, session=moto_env)
+    theirs = Names(other).bucket
+    s3 = moto_env.client("s3")
+    for key in ("blobs/fn-1", "keys/enclave.key", "held/j1"):
+        s3.put_object(Bucket=theirs, Key=key, Body=b"theirs")
+    lines: list[str] = []
+    report = aws_provision.teardown(name, bucket=theirs, session=moto_env, out=lines.append)
+    assert (aws_provision.BUCKET, theirs) in report.kept
+    assert (aws_provision.BUCKET, theirs) not in report.deleted
+    said = "\n".join(lines)
+    assert f"kotta-enclave={other}" in said and "nothing in it was deleted" in said, said
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=theirs)["Contents"])
+    assert keys == ["blobs/fn-1", "held/j1", "keys/enclave.key"]
+
+
 def test_teardown_deletes_a_node_role_with_policies_an_admin_added(moto_env, name):
     """An admin who attached a managed policy to the node role (SSM, CloudWatch agent) or
     added an inline one: teardown failed at DeleteRole with a raw DeleteConflict, every
