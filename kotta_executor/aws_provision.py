@@ -228,6 +228,23 @@ def bootstrap(
                 f"(--region {elsewhere}), or choose a bucket of {c.region} with --bucket "
                 f"(and aws://{name}?bucket=...)")
 
+    # another enclave's bucket (tagged so), before anything is made: the two enclaves
+    # shared blobs/, keys/ and held/, and each one's nodes deleted, as strays, the other's
+    # task and result blobs its own job table does not know
+    try:
+        owner = _bucket_enclave(c, names)
+    except _client_error() as exc:
+        if _code(exc) not in ("404", "NoSuchBucket", "NotFound", "403", "AccessDenied",
+                              "Forbidden"):
+            raise
+        owner = None  # (none yet; or not ours to read: said below)
+    if owner not in (None, name):
+        raise ConfigurationError(
+            f"the bucket {names.bucket} is the enclave {owner}'s (tag {ENCLAVE_TAG}="
+            f"{owner}): two enclaves cannot share a bucket (each one's nodes delete the "
+            f"other's blobs).  Choose another bucket with --bucket (and "
+            f"aws://{name}?bucket=...)")
+
     def note(created: bool, kind: str, what: str) -> None:
         (report.created if created else report.existing).append((kind, what))
         if out is not None:

@@ -1070,6 +1070,21 @@ def test_teardown_leaves_a_bucket_of_another_enclave_untouched(moto_env, name):
     assert keys == ["blobs/fn-1", "held/j1", "keys/enclave.key"]
 
 
+def test_bootstrap_refuses_another_enclaves_bucket_before_making_anything(moto_env, name):
+    """`kotta aws bootstrap lab --bucket kotta-other-blobs` took the other enclave's bucket
+    as lab's ("exists"): the two then shared blobs/, keys/ and held/, and lab's nodes
+    deleted, as strays, the other's task and result blobs its job table does not know."""
+    other = f"{name}-o"
+    aws_provision.bootstrap(other, iam=False, tls_only=False, session=moto_env)
+    with pytest.raises(ConfigurationError) as info:
+        aws_provision.bootstrap(name, bucket=Names(other).bucket, iam=False, tls_only=False,
+                                session=moto_env)
+    text = str(info.value)
+    assert Names(other).bucket in text and f"kotta-enclave={other}" in text, text
+    assert not moto_env.client("sqs").list_queues(
+        QueueNamePrefix=Names(name).queue("test")).get("QueueUrls")
+
+
 def test_teardown_deletes_a_node_role_with_policies_an_admin_added(moto_env, name):
     """An admin who attached a managed policy to the node role (SSM, CloudWatch agent) or
     added an inline one: teardown failed at DeleteRole with a raw DeleteConflict, every
