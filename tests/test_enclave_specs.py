@@ -250,6 +250,19 @@ def test_an_aws_url_with_a_blank_or_control_character_is_refused_naming_it(url):
             check_spec(url)
 
 
+@pytest.mark.parametrize(("url", "said"), [
+    ("aws://lab?endpoint_url=", "endpoint_url"), ("aws://lab?region=&bucket=b-c", "region"),
+    ("aws://lab?bucket", "bucket"), ("aws://lab?region=us-east-1&profile=", "profile")])
+def test_an_aws_url_with_an_empty_parameter_is_refused_naming_it(url, said):
+    """``aws://lab?endpoint_url=$EMULATOR`` with the variable unset was taken as no
+    endpoint at all: the enclave on AWS itself, with the user's real credentials (and
+    ``?bucket=`` the default bucket), without a word."""
+    for check in (parse_url, check_spec):
+        with pytest.raises(ConfigurationError) as raised:
+            check(url)
+        assert f"empty parameter(s) {said} in {url!r}" in str(raised.value), str(raised.value)
+
+
 def test_a_kotta_home_that_ends_with_a_blank_is_an_error_naming_it(tmp_path, monkeypatch):
     """``KOTTA_HOME="/data/home "`` made the default enclave in "/data/home ", as such an
     enclave= did (above)."""

@@ -308,7 +308,14 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
         raise ConfigurationError(
             f"an AWS enclave URL has no path: {url!r} (expected aws://NAME?PARAMETERS)"
         )
-    pairs = parse_qsl(parts.query, keep_blank_values=False)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    empty = sorted({k for k, v in pairs if not v})
+    if empty:  # (dropped, silently: ?endpoint_url=$EMULATOR, unset, opened the enclave on
+        # AWS itself, and ?bucket= the default bucket)
+        raise ConfigurationError(
+            f"empty parameter(s) {', '.join(empty)} in {url!r}: give each a value, or leave "
+            f"it out for its default"
+        )
     params = dict(pairs)
     twice = sorted({k for k, v in pairs if v != params[k]})
     if twice:  # (the last was taken, silently)
