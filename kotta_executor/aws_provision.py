@@ -572,6 +572,9 @@ def teardown(
     except _client_error() as exc:
         if _code(exc) != "NoSuchBucket":
             raise
+        no_bucket = True
+    else:
+        no_bucket = False
 
     # -- tables
     for table in (names.jobs_table, names.nodes_table, names.records_table):
@@ -617,6 +620,12 @@ def teardown(
             raise
     if quietly(c.iam.delete_role, RoleName=names.node_role):
         gone(ROLE, names.node_role)
+    if no_bucket and not bucket and report.deleted:
+        # (an enclave bootstrapped with --bucket, torn down without it: its bucket, with
+        # every blob, the enclave key and held results, stayed without a word)
+        _warn(out, f"no bucket {names.bucket} was found: if the enclave {name} used another "
+                   f"(bootstrap --bucket, aws://{name}?bucket=...), run teardown again with "
+                   f"--bucket to delete it")
     return report
 
 

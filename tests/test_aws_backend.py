@@ -1085,6 +1085,23 @@ def test_bootstrap_refuses_another_enclaves_bucket_before_making_anything(moto_e
         QueueNamePrefix=Names(name).queue("test")).get("QueueUrls")
 
 
+def test_teardown_without_the_bucket_an_enclave_used_says_so(moto_env, name):
+    """An enclave bootstrapped with --bucket, torn down without it: its queues, tables and
+    role went, its bucket (with every blob, the enclave key, held results) stayed, and
+    teardown said nothing of it.  It now says it found no bucket and to give --bucket."""
+    s3 = moto_env.client("s3")
+    made = f"{name}-mine"
+    aws_provision.bootstrap(name, bucket=made, iam=False, tls_only=False, session=moto_env)
+    lines: list[str] = []
+    report = aws_provision.teardown(name, session=moto_env, out=lines.append)
+    assert (aws_provision.TABLE, Names(name).jobs_table) in report.deleted
+    said = "\n".join(lines)
+    assert f"no bucket {Names(name).bucket}" in said and "--bucket" in said, said
+    assert made in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    report = aws_provision.teardown(name, bucket=made, session=moto_env)
+    assert report.deleted == [(aws_provision.BUCKET, made)]
+
+
 def test_teardown_deletes_a_node_role_with_policies_an_admin_added(moto_env, name):
     """An admin who attached a managed policy to the node role (SSM, CloudWatch agent) or
     added an inline one: teardown failed at DeleteRole with a raw DeleteConflict, every
