@@ -185,6 +185,9 @@ def bootstrap(
     names = Names(name, bucket)
     queues = _queue_list(queues)
     for q in queues:  # (a name SQS refuses, before anything is made)
+        if q.startswith("reply."):  # (Names.queue takes it, as a client's reply channel:
+            # a work queue with a dead-letter queue was made under a reply queue's name)
+            raise ConfigurationError(f"invalid queue name {q!r}")
         names.queue(q)
     if not 1 <= max_receive_count <= 1000:  # SQS's bounds; checked before anything is made
         raise ValueError(f"--max-receive-count must be 1 to 1000 (SQS's bounds), "

@@ -1817,6 +1817,16 @@ def test_bootstrap_takes_one_queue_name_as_one_queue(moto_env, name):
                                  tls_only=False) == report.resources
 
 
+def test_bootstrap_refuses_a_reply_channel_as_a_queue_before_making_anything(moto_env, name):
+    """bootstrap(NAME, queues=["reply.x"]) made a work queue kotta-NAME-reply-x, with a
+    dead-letter queue and a redrive policy, under the name of a client's reply queue."""
+    with pytest.raises(ConfigurationError, match=re.escape("invalid queue name 'reply.x'")):
+        aws_provision.bootstrap(name, queues=["test", "reply.x"], iam=False, tls_only=False,
+                                session=moto_env)
+    assert not moto_env.client("sqs").list_queues(
+        QueueNamePrefix=Names(name).queue("test")).get("QueueUrls")
+
+
 @pytest.mark.parametrize("spelled", ["prod", "Production", "PROD"])
 def test_bootstrap_makes_the_queue_nodes_use_for_its_other_spellings(moto_env, name, spelled):
     """Executors and nodes take `prod` and `Production` for the production queue (the
