@@ -150,6 +150,8 @@ def test_open_enclave_selects_aws_with_region_and_endpoint(monkeypatch):
      "aws://x?create_queues=yes-please", "aws://x?create_queues=on",
      # the path was dropped, silently: this opened the enclave x
      "aws://x/prod", "aws://x/y?region=us-east-1",
+     # and so was a fragment
+     "aws://x#prod", "aws://x?region=us-east-1#eu-west-1",
      # the last one was taken, silently: which did the user mean?
      "aws://x?region=us-east-1&region=eu-west-1", "aws://x?bucket=a-b-c&bucket=d-e-f"],
 )

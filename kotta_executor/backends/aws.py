@@ -308,6 +308,10 @@ def parse_url(url: str) -> tuple[str, dict[str, str]]:
         raise ConfigurationError(
             f"an AWS enclave URL has no path: {url!r} (expected aws://NAME?PARAMETERS)"
         )
+    if "#" in url:  # (dropped too: aws://lab#prod opened lab)
+        raise ConfigurationError(
+            f"an AWS enclave URL has no fragment ('#'): {url!r} (expected aws://NAME?PARAMETERS)"
+        )
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     empty = sorted({k for k, v in pairs if not v})
     if empty:  # (dropped, silently: ?endpoint_url=$EMULATOR, unset, opened the enclave on
