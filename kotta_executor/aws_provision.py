@@ -40,6 +40,7 @@ from .backends.aws import (
     _from_region,
     arn_partition,
     botocore_validation_error,
+    check_endpoint_url,
     check_region,
     client_config,
     ensure_work_queue,
@@ -139,7 +140,11 @@ class _Clients:
         )
         self.region = self.session.region_name
         self.partition, self.url_suffix = arn_partition(self.session, self.region)
+        given = endpoint_url
         endpoint_url = endpoint_url or os.environ.get("KOTTA_AWS_ENDPOINT_URL") or None
+        # (as AwsEnclave: botocore's bare "Invalid endpoint" named no option)
+        check_endpoint_url(endpoint_url, "" if endpoint_url == given else
+                           " (from KOTTA_AWS_ENDPOINT_URL)")
         self.endpoint_url = endpoint_url
         cfg = client_config(path_style=bool(endpoint_url))
         self._make = lambda svc: self.session.client(svc, endpoint_url=endpoint_url, config=cfg)

@@ -1104,6 +1104,22 @@ def test_teardown_without_the_bucket_an_enclave_used_says_so(moto_env, name):
     assert report.deleted == [(aws_provision.BUCKET, made)]
 
 
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:4566", "ftp://127.0.0.1:1", "http://[::1"])
+def test_bootstrap_and_teardown_refuse_an_endpoint_url_naming_it(endpoint, monkeypatch):
+    """`kotta aws bootstrap lab --endpoint-url 127.0.0.1:4566` (no scheme) failed with
+    botocore's bare ValueError "Invalid endpoint" (ftp://: EndpointResolutionError, or
+    HTTPClientError after its retries), naming no option; opening the enclave so named it."""
+    with aws_moto.fake_aws_env():
+        for fn in (aws_provision.bootstrap, aws_provision.teardown):
+            with pytest.raises(ConfigurationError,
+                               match=re.escape(f"invalid endpoint_url={endpoint!r}")):
+                fn("lab", endpoint_url=endpoint)
+        monkeypatch.setenv("KOTTA_AWS_ENDPOINT_URL", endpoint)
+        with pytest.raises(ConfigurationError, match=re.escape(
+                f"invalid endpoint_url={endpoint!r} (from KOTTA_AWS_ENDPOINT_URL)")):
+            aws_provision.bootstrap("lab")
+
+
 def test_teardown_deletes_a_node_role_with_policies_an_admin_added(moto_env, name):
     """An admin who attached a managed policy to the node role (SSM, CloudWatch agent) or
     added an inline one: teardown failed at DeleteRole with a raw DeleteConflict, every
