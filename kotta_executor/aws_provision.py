@@ -553,6 +553,17 @@ def teardown(
                     # (a 200 with the objects S3 kept: a bucket policy's Deny, object lock;
                     # ignored, DeleteBucket then failed with a bare BucketNotEmpty)
                     failed += resp.get("Errors", [])
+            if prefix is not None:  # a kept bucket: kotta's unfinished uploads in parts (a
+                # held result's, its node killed) stayed for good, unlisted and billed.
+                # (DeleteBucket takes a bucket's with it)
+                for page in c.s3.get_paginator("list_multipart_uploads").paginate(**kw):
+                    for u in page.get("Uploads", []):
+                        try:
+                            c.s3.abort_multipart_upload(Bucket=names.bucket, Key=u["Key"],
+                                                        UploadId=u["UploadId"])
+                        except _client_error() as exc:
+                            if _code(exc) != "NoSuchUpload":
+                                raise
         if failed:
             shown = "; ".join(f"{e.get('Key')} ({e.get('Code')}: {e.get('Message')})"
                               for e in failed[:10])

@@ -1051,6 +1051,22 @@ def test_teardown_keeps_an_existing_bucket_and_its_other_objects(moto_env, name,
     assert bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]
 
 
+def test_teardown_aborts_kottas_unfinished_uploads_in_a_bucket_it_keeps(moto_env, name):
+    """A held result's upload in parts left unfinished (its node killed mid-upload): in a
+    bucket teardown keeps (an existing --bucket), its parts stayed for good, listed by no
+    object listing and billed.  Teardown aborts kotta's own; the user's are left."""
+    s3 = moto_env.client("s3")
+    bucket = f"{name}-shared"
+    s3.create_bucket(Bucket=bucket)
+    aws_provision.bootstrap(name, bucket=bucket, iam=False, tls_only=False, session=moto_env)
+    for key in ("held/j1", "data/big.csv"):
+        upload = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x")
+    aws_provision.teardown(name, bucket=bucket, session=moto_env)
+    left = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["Key"] for u in left] == ["data/big.csv"]
+
+
 def test_teardown_leaves_a_bucket_of_another_enclave_untouched(moto_env, name):
     """`kotta aws teardown lab --bucket kotta-other-blobs` (a slip, or lab bootstrapped
     onto another enclave's bucket) deleted that enclave's bucket with everything in it
