@@ -113,7 +113,12 @@ def cmd_aws(args) -> int:
                 print("kotta: teardown deletes every job, result and blob of the enclave; "
                       "pass --yes to confirm", file=sys.stderr)  # fmt: skip
                 return 2
-            answer = input(f"delete the AWS enclave {args.name} and all its data? type its name: ")
+            try:
+                answer = input(f"delete the AWS enclave {args.name} and all its data? "
+                               f"type its name: ")
+            except EOFError:  # (Ctrl-D: a "no", not a traceback)
+                print(file=sys.stderr)
+                answer = ""
             if answer.strip() != args.name:
                 print("not deleted", file=sys.stderr)
                 return 1

@@ -1169,6 +1169,25 @@ def test_cli_bootstrap_and_teardown(moto_env, name, capsys, monkeypatch):
     assert "deleted  AWS::DynamoDB::Table" in capsys.readouterr().out
 
 
+def test_cli_teardown_on_a_terminal_at_end_of_input_deletes_nothing(moto_env, name, capsys,
+                                                                    monkeypatch):
+    """Ctrl-D at teardown's "type its name" prompt (or a terminal that closed) came out of
+    `kotta aws teardown` as an EOFError traceback; it is a "no", as any other answer."""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    aws_provision.bootstrap(name, iam=False, tls_only=False, session=moto_env)
+    parser = argparse.ArgumentParser(prog="kotta")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    monkeypatch.setattr("sys.stdin", Terminal(""))
+    args = parser.parse_args(["aws", "teardown", name])
+    assert args.aws_handler(args) == 1
+    assert "not deleted" in capsys.readouterr().err
+    assert AwsEnclave(name, session=moto_env).queue.depth("test") == 0  # (still there)
+
+
 # ------------------------------------------------------------------ CloudFormation
 
 
