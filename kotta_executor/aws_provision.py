@@ -238,7 +238,7 @@ def bootstrap(
 
     # another enclave's bucket (tagged so), before anything is made: the two enclaves
     # shared blobs/, keys/ and held/, and each one's nodes deleted, as strays, the other's
-    # task and result blobs its own job table does not know
+    # task blobs and message bodies its own job table does not know
     try:
         owner = _bucket_enclave(c, names)
     except _client_error() as exc:

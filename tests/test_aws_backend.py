@@ -1091,7 +1091,7 @@ def test_teardown_leaves_a_bucket_of_another_enclave_untouched(moto_env, name):
 def test_bootstrap_refuses_another_enclaves_bucket_before_making_anything(moto_env, name):
     """`kotta aws bootstrap lab --bucket kotta-other-blobs` took the other enclave's bucket
     as lab's ("exists"): the two then shared blobs/, keys/ and held/, and lab's nodes
-    deleted, as strays, the other's task and result blobs its job table does not know."""
+    deleted, as strays, the other's task blobs and message bodies its job table does not know."""
     other = f"{name}-o"
     aws_provision.bootstrap(other, iam=False, tls_only=False, session=moto_env)
     with pytest.raises(ConfigurationError) as info:
