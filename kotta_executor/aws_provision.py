@@ -302,11 +302,12 @@ def bootstrap(
             c.s3.put_bucket_tagging(Bucket=names.bucket, Tagging={"TagSet": [
                 {"Key": ENCLAVE_TAG, "Value": name}]})
         except _client_error() as exc:
-            if _code(exc) not in ("AccessDenied", "AccessDeniedException"):
+            if _code(exc) not in ("AccessDenied", "AccessDeniedException", "NotImplemented",
+                                  "MethodNotAllowed"):  # (the last two: an emulator's)
                 raise
             if names.bucket != Names(name).bucket:  # (the default name goes whole anyway)
                 _warn(out, f"the bucket {names.bucket} could not be tagged {ENCLAVE_TAG}="
-                           f"{name} (AccessDenied): teardown will keep it, deleting only "
+                           f"{name} ({_code(exc)}): teardown will keep it, deleting only "
                            f"kotta's objects in it")
     note(not exists, BUCKET, names.bucket)
     c.s3.put_public_access_block(
@@ -674,9 +675,9 @@ def _bucket_enclave(c: _Clients, names: Names) -> str | None:
     try:
         tags = c.s3.get_bucket_tagging(Bucket=names.bucket).get("TagSet", [])
     except _client_error() as exc:
-        if _code(exc) not in ("NoSuchTagSet", "AccessDenied", "AccessDeniedException"):
+        if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
             raise
-        tags = []  # (may not read its tags: as untagged)
+        tags = []  # (none, or may not read them, or an emulator without tags: as untagged)
     tagged = [t.get("Value") for t in tags if t.get("Key") == ENCLAVE_TAG]
     if tagged:
         return tagged[0]
