@@ -192,6 +192,21 @@ def test_a_bad_region_or_endpoint_is_a_configuration_error_at_open_naming_it(url
             check_spec(url)
 
 
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:1\n", " http://127.0.0.1:1",
+                                      "http://127.0.0.1:1/\t", "http://127.0.0.1:1\r\n"])
+def test_a_kotta_aws_endpoint_url_with_a_blank_is_refused_naming_it(endpoint, monkeypatch):
+    """``export KOTTA_AWS_ENDPOINT_URL=$(cat file)`` can leave a newline: botocore's bare
+    ValueError "Invalid endpoint" named no variable (and one beginning with a blank was
+    taken).  Refused as any endpoint it would fail on, naming where it came from."""
+    with aws_moto.fake_aws_env():
+        monkeypatch.setenv("KOTTA_AWS_ENDPOINT_URL", endpoint)
+        for make in (lambda: AwsEnclave("lab", max_attempts=1),
+                     lambda: aws_provision.bootstrap("lab")):
+            with pytest.raises(ConfigurationError, match=re.escape(
+                    f"invalid endpoint_url={endpoint!r} (from KOTTA_AWS_ENDPOINT_URL)")):
+                make()
+
+
 @pytest.mark.parametrize(
     "url",
     ["aws://x?region=us-east-1", "aws://x?region=eu-west-2", "aws://x?region=us-gov-west-1",

@@ -381,6 +381,9 @@ def check_endpoint_url(endpoint_url: str | None, source: str = "") -> None:
     try:
         parts = urlsplit(endpoint_url)
         ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        # (a blank or control character anywhere: urlsplit drops a newline, and botocore
+        # refused it with a bare "Invalid endpoint"; $(cat file) leaves one)
+        ok = ok and not any(ch.isspace() or not ch.isprintable() for ch in endpoint_url)
         parts.port  # noqa: B018 - raises for a port that is not a number
     except ValueError:
         ok = False
