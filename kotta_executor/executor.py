@@ -403,6 +403,9 @@ class KottaExecutor(Executor):
         #: jobs handed to a node directly that no reply or record has confirmed yet
         self._handed: dict[str, tuple[NewJob, float]] = {}
         self._last_handed_look = 0.0
+        #: the job last sent through the queue: while its future is unfinished, a lone
+        #: submit goes through the queue too, behind it (see _send_now)
+        self._last_queued: str | None = None
         self._kicked = False
         self._send_failed = _Retries()  # batches refused in a row (see _send_trouble)
         self._step_failed = _Retries()  # manager turns that raised (see _step_trouble)
@@ -740,7 +743,15 @@ class KottaExecutor(Executor):
                 # submit registered it) waits for the send lock meanwhile, and then raced
                 # the node for the job: it is recorded cancelled in this send's own
                 # transaction, as the manager's sends do (_send); not handed off then
-                handed = not (self._cancel_wanted and job.job_id in self._cancel_wanted) and (
+                # Not handed off while a task this client sent through the queue is
+                # unfinished (it may be there still, not received): recorded here, behind
+                # it.  Handed to a node, which adopts its inbox before it receives from the
+                # queue, a lone submit took the node's room and ran before the task
+                # submitted just before it (the queue is first in, first out; the inbox
+                # went past it)
+                behind = self._last_queued is not None and self._last_queued in self._futures
+                handed = not behind and not (
+                    self._cancel_wanted and job.job_id in self._cancel_wanted) and (
                     self._enclave.hand_off(job.queue, job.body))  # the node records it
                 if handed:
                     self._handed[job.job_id] = (job, now)
@@ -752,6 +763,7 @@ class KottaExecutor(Executor):
                                 [job.job_id], JobState.CANCELLED, from_states=CANCELLABLE,
                                 reason="cancelled by the client",
                             ))
+                    self._last_queued = job.job_id
             except Exception:  # noqa: BLE001 - the manager retries it, and fails loudly
                 log.debug("sending job %s from the caller's thread failed", job.job_id,
                           exc_info=True)
@@ -1285,6 +1297,7 @@ class KottaExecutor(Executor):
                     self._outbox.extendleft(reversed(batch))  # first again, in order
                     self._send_trouble(exc)
                     return
+                self._last_queued = batch[-1][0].job_id
                 if cancelled:  # (for the waiting cancel: its futures, _cancel_jobs)
                     self._cancelled_in_send.update(cancelled)
                 if self._send_failed.count:

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from kotta_executor import CorruptTask, DeliveryFailed, WorkerDied, wire
+from kotta_executor import executor as executor_module
 from kotta_executor.backends.base import KILLED_PENDING, Finished, NewJob
 from kotta_executor.states import FINAL, JobState
 from node.worker import STOP_SIGNAL
@@ -718,6 +719,34 @@ def test_a_node_started_with_sighup_ignored_goes_on_after_a_hang_up(enclave_dir,
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(GUARD) == 0, out.read_text()
+
+
+def test_a_task_handed_to_a_node_does_not_overtake_the_clients_earlier_queued_task(
+        start_node, make_executor, enclave, enclave_dir, tmp_path, monkeypatch):
+    """A lone submit goes straight to a node's inbox; submits close together go through the
+    queue.  The node adopts what its inbox holds before it receives from the queue, so a
+    lone task handed to it took its room and ran before the same client's task submitted
+    just before it, still queued (found by a helper: 1 run in 20 of the demo's cancel,
+    where the earlier task ran late).  The third now goes through the queue too."""
+    log = tmp_path / "order"
+    # (the frozen node cannot take the first: its client would queue it after a second)
+    monkeypatch.setattr(executor_module, "HAND_OFF_CONFIRM", 60.0)
+    a = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    ex.submit(tasks.worker_pid).result(GUARD)  # (a worker, and the node's inbox, ready)
+    _freeze(a, enclave_dir)  # it takes all three in one step
+    first = ex.submit(tasks.append_line, str(log), "first")  # alone: handed to the node
+    assert first.job_id in ex._handed  # (the case this is about)
+    with ex._send_lock:  # (as the manager's send holds it) through the outbox: queued
+        second = ex.submit(tasks.append_line, str(log), "second")
+    wait_for(lambda: enclave.jobs.get_many([second.job_id]), what="the second to be queued")
+    # alone again, but the second is queued still: through the queue, behind it (handed
+    # to the node, it was adopted first, took the node's room, and ran before the second)
+    third = ex.submit(tasks.append_line, str(log), "third")
+    os.kill(a.pid, signal.SIGCONT)
+    for f in (first, second, third):
+        f.result(GUARD)
+    assert log.read_text().split() == ["first", "second", "third"]
 
 
 def test_a_draining_node_hands_back_piped_tasks_its_worker_never_began(start_node, make_executor,
