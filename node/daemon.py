@@ -1067,6 +1067,34 @@ class Node:
             head = deque([w.inflight.popleft()])
             self._put_back(w.inflight, unbegun=not w.ready or not w.garbled)
             self._put_back(head)  # (after: first again in pending, before those behind it)
+        runs = None
+        if w.inflight:
+            try:
+                runs = self._running_elsewhere([w.inflight[0].job_id])[0].get(
+                    w.inflight[0].job_id)
+            except Exception:  # noqa: BLE001 - a read that failed (throttled) must not end
+                # the node: the copy's end is recorded, as before
+                log.debug("could not look whether another node runs job %s",
+                          w.inflight[0].job_id, exc_info=True)
+        if runs and runs != self.node_id:
+            # Another live node runs the job now: it took the message over while this
+            # node stalled past the visibility timeout (stopped, a laptop asleep).  How
+            # this copy ended (its worker killed, its walltime or memory) is not the job's
+            # end, which that node's copy makes: recorded, it failed the job under that
+            # copy (WorkerDied for a task that then succeeded there, its result dropped).
+            # (Acked by its receipt: a no-op when the message was taken over, which is
+            # that node's now; a second message of the job, which was this copy's, goes.
+            # An ack that fails leaves that one to come back, as at least once allows.)
+            head = w.inflight.popleft()
+            log.warning("worker %s for job %s ended; not recorded: node %s runs the job now",
+                        w.pid, head.job_id, runs)
+            if head.staged is not None:
+                self.data.discard(head)
+            try:
+                self.enclave.queue.ack([head.delivery])
+            except Exception:  # noqa: BLE001 - (throttled) must not end the node
+                log.debug("could not ack job %s", head.job_id, exc_info=True)
+            self._put_back(w.inflight, unbegun=not w.ready or not w.garbled)
         if w.inflight:
             head = w.inflight.popleft()
             stdout, stderr = w.output()

@@ -240,6 +240,60 @@ def test_a_task_killed_while_its_stopped_nodes_copy_ran_elsewhere_ends_on_both(
     assert a.proc.poll() is None
 
 
+
+def test_a_stopped_nodes_worker_killed_while_its_task_runs_elsewhere_does_not_fail_the_job(
+        start_node, make_executor, enclave, stopped, tmp_path):
+    """Node A stopped past its visibility timeout (SIGSTOP, a laptop asleep), node B runs
+    the task again, and A's worker is killed meanwhile (the OOM killer, an admin).  Let go
+    on, A failed the job with WorkerDied for its own copy, under the copy B ran on, and
+    B's result was dropped: the future raised WorkerDied for a task that succeeded."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node(workers=1, visibility_timeout=1)
+    ex = make_executor(1, start_node=False)
+    f = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    wait_for(lambda: len(_pids(log)) == 1, what="the task to begin on node A")
+    first = _pids(log)[0]
+    stopped(a)
+    try:
+        b = start_node(workers=1, visibility_timeout=1)
+        wait_for(lambda: len(_pids(log)) == 2, what="node B to run it again")
+        os.killpg(first, signal.SIGKILL)
+        os.kill(a.pid, signal.SIGCONT)
+        wait_for(lambda: f"worker {first} for job {f.job_id} ended" in a.output(),
+                 what="node A to see its worker gone")
+        assert enclave.jobs.get(f.job_id).state == "processing"  # B's copy runs on
+    finally:
+        tasks.release(release, "go")
+    assert f.result(GUARD) == _pids(log)[1]  # B's
+    _each_recorded_once(enclave, [f])
+    assert enclave.jobs.get(f.job_id).node == b.node_id
+    assert a.proc.poll() is None
+
+
+
+def test_a_stopped_nodes_copy_past_its_walltime_does_not_fail_the_job_run_elsewhere(
+        start_node, make_executor, enclave, stopped, tmp_path):
+    """As above, for a copy that A, let go on, ends for its walltime: B's copy began at
+    least A's visibility timeout (3 s) later, and has that much of its walltime left."""
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a = start_node(workers=1, visibility_timeout=3)
+    ex = make_executor(1, start_node=False, walltime=0.1)  # (6 s)
+    f = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
+    wait_for(lambda: len(_pids(log)) == 1, what="the task to begin on node A")
+    stopped(a)
+    try:
+        b = start_node(workers=1)
+        wait_for(lambda: len(_pids(log)) == 2, what="node B to run it again")
+        os.kill(a.pid, signal.SIGCONT)
+        wait_for(lambda: f"for job {f.job_id} ended" in a.output(),
+                 what="node A to end its copy for its walltime")
+    finally:
+        tasks.release(release, "go")
+    assert f.result(GUARD) == _pids(log)[1]  # B's
+    _each_recorded_once(enclave, [f])
+    assert enclave.jobs.get(f.job_id).node == b.node_id
+
+
 # ---------------------------------------------------------------------- workers killed
 
 
