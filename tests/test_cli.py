@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1421,6 +1422,7 @@ def test_demo_runs_to_completion_in_a_fresh_home(tmp_path):
     r = kotta(None, "demo", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "fresh-home" / "kotta.db").exists()
+    _demo_cancel_part_cancelled(r.stdout)
     # the enclave is its own: the protected-dataset part runs in full, as the README shows
     _demo_data_part_ran(r.stdout)
     assert "note:" not in r.stdout and "skipped:" not in r.stdout
@@ -1438,6 +1440,7 @@ def test_demo_runs_to_completion_in_a_fresh_home(tmp_path):
     # run again there, it uses its dataset again, and says so
     r = kotta(None, "demo", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+    _demo_cancel_part_cancelled(r.stdout)
     _demo_data_part_ran(r.stdout)
     assert "has the dataset s3://demo-corpus/ of an earlier `kotta demo`" in r.stdout
 
@@ -1461,6 +1464,16 @@ def test_demo_refuses_an_enclave_that_is_not_embedded(tmp_path, how):
     assert r.stderr == (f"kotta: error: kotta demo runs on an embedded enclave, and {where} "
                         f"names {url}; run it with --enclave DIR (a directory of its own), or "
                         f"with KOTTA_ENCLAVE unset\n")
+
+
+def _demo_cancel_part_cancelled(out: str) -> None:
+    """The demo's cancel part cancels its task, every time: it cancelled one queued behind
+    two running ones, which its node could pipe to a busy worker first (started, for
+    cancel(): the demo said "cancel() -> False (status: processing)" under "a queued task
+    that no node has started never runs", about one run in ten, and the task ran)."""
+    assert "cancel() -> True   (status: cancelled)" in out, out
+    assert re.search(r"cancelled  kotta_executor\.demo\.count_citations  \(cancelled by the "
+                     r"client\)", out), out
 
 
 def _demo_data_part_ran(out: str) -> None:
