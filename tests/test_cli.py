@@ -1445,6 +1445,23 @@ def test_demo_runs_to_completion_in_a_fresh_home(tmp_path):
     assert "has the dataset s3://demo-corpus/ of an earlier `kotta demo`" in r.stdout
 
 
+def test_demo_runs_where_queues_json_caps_the_test_queue_under_its_walltime(tmp_path):
+    """A site's queues.json may cap the test queue's walltime (docs/guide.md, "Queues and
+    limits"); the demo asked 5 minutes of it whatever the cap, and failed at its first
+    submit: "kotta: error: a walltime of 5 min is over the cap of the test queue (2 min);
+    use a shorter walltime or the production queue", exit 2, advice no demo user can
+    follow.  It now asks no more than the cap."""
+    home = tmp_path / "capped-home"
+    home.mkdir()
+    (home / "queues.json").write_text(json.dumps({"test": {"max_walltime": 2}}))
+    env = subprocess_env()
+    env["KOTTA_HOME"] = str(home)
+    env.pop("KOTTA_ENCLAVE", None)
+    r = kotta(None, "demo", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "demo finished in" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("how", ["KOTTA_ENCLAVE", "--enclave"])
 def test_demo_refuses_an_enclave_that_is_not_embedded(tmp_path, how):
     """aws.md has KOTTA_ENCLAVE=aws://... go in a shell profile: the demo then ran on that
