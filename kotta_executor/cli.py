@@ -415,6 +415,12 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
     from node.scaler import NODES_FAILED, pid_file, read_pid, write_pid
 
     lo, hi = _pool_bounds(args)
+    # the workers its nodes run: no more than the queue allows (they cap --workers so, with
+    # a warning), for the tasks a node takes before the pool grows, and for what is said
+    try:
+        workers = min(args.workers, config.queue_limits(queue).workers)
+    except KottaError:  # an invalid queues.json: the nodes, which read it too, fail to
+        workers = args.workers  # start, and that is said (NODES_FAILED)
     home = Path(getattr(enclave, "home", config.kotta_home()))
     pidf = pid_file(home, queue)
     # Held from the look at the pid file to its write: two `kotta up` at once would both
@@ -428,7 +434,7 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
         before = {n.node_id for n in enclave.nodes.live(queue)}
         log_path = logs / f"scaler-{queue}.log"
         cmd = [sys.executable, "-m", "node.scaler", "--enclave", enclave.url, "--queue", queue,
-               "--min", str(lo), "--max", str(hi), "--per-node", str(2 * args.workers),
+               "--min", str(lo), "--max", str(hi), "--per-node", str(2 * workers),
                "--cooldown", str(args.cooldown), "--logs", str(logs),
                "--", *_up_node_args(args, enclave, queue)]
         with open(log_path, "ab") as log:
@@ -449,7 +455,7 @@ def _up_elastic(args, enclave: Enclave, queue: str, logs: Path) -> int:
             print(f"the scaler failed to start (exit {proc.returncode}); see {log_path}",
                   file=sys.stderr)
         return 1
-    print(f"scaler up: pid {proc.pid}, queue {queue}, {lo} to {hi} nodes of {args.workers}"
+    print(f"scaler up: pid {proc.pid}, queue {queue}, {lo} to {hi} nodes of {workers}"
           f" workers, cooldown {args.cooldown:g} s (log: {log_path})")
     for n in enclave.nodes.live(queue):
         if n.node_id not in before:

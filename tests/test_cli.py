@@ -1411,6 +1411,27 @@ def test_up_reports_the_workers_its_queue_allows(enclave, _private_kotta_home):
         assert kotta(enclave.home, "down").returncode == 0
 
 
+def test_up_elastic_reports_and_scales_by_the_workers_its_queue_allows(
+        enclave, _private_kotta_home):
+    """`kotta up --min/--max --workers N` over the queue's maximum: its nodes run the
+    maximum (as a plain `kotta up` says), but the scaler line said "nodes of N workers",
+    under a node line saying the maximum, and the scaler grew the pool only past 2 x N
+    tasks a node, not 2 x the workers its nodes run."""
+    from node.scaler import pid_file, read_pid
+
+    _private_kotta_home.mkdir(parents=True, exist_ok=True)
+    (_private_kotta_home / "queues.json").write_text(json.dumps({"test": {"workers": 1}}))
+    try:
+        r = kotta(enclave.home, "up", "--min", "1", "--max", "2", "--workers", "3")
+        assert r.returncode == 0, r.stderr
+        assert "1 to 2 nodes of 1 workers" in r.stdout, r.stdout
+        assert ", 1 workers " in r.stdout, r.stdout
+        argv = psutil.Process(read_pid(pid_file(enclave.home, "test"))).cmdline()
+        assert argv[argv.index("--per-node") + 1] == "2", argv
+    finally:
+        assert kotta(enclave.home, "down").returncode == 0
+
+
 _DEMO_WRITTEN = importlib.util.find_spec("kotta_executor.demo") is not None
 
 
