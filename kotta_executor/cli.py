@@ -734,8 +734,28 @@ def cmd_cancel(args) -> int:
         print(f"job {job.job_id} cancelled before it started")
         return 0
 
-    if enclave.jobs.transition([job.job_id], JobState.CANCELLED, from_states=CANCELLABLE,
-                               reason="cancelled with kotta cancel"):
+    if job.state.final:  # said at once, with no write: while another process held the
+        # write lock, that waited in silence for a minute and then failed "locked"
+        print(f"job {job.job_id} already {job.state}", file=sys.stderr)
+        return 1
+
+    def cancel() -> list[str]:
+        return enclave.jobs.transition([job.job_id], JobState.CANCELLED,
+                                       from_states=CANCELLABLE,
+                                       reason="cancelled with kotta cancel")
+
+    from .executor import CANCEL_QUIET_WAIT
+
+    try:  # (waiting in silence a second at most, as a future's cancel() does)
+        with enclave.atomic(CANCEL_QUIET_WAIT):
+            moved = cancel()
+    except Exception as exc:  # noqa: BLE001 - not the lock: raised again
+        if not enclave.locked(exc):
+            raise
+        print(f"kotta: waiting for the enclave's write lock: {exc}", file=sys.stderr,
+              flush=True)
+        moved = cancel()
+    if moved:
         return cancelled()
     if enclave.jobs.request_kill(job.job_id):  # (not once its task has run)
         now = enclave.jobs.get(job.job_id)

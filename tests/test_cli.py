@@ -792,6 +792,73 @@ def test_cancel_a_pending_job(make_executor, enclave, start_node, tmp_path):
     assert enclave.jobs.get(f.job_id).state == "cancelled"
 
 
+@contextlib.contextmanager
+def _write_lock_held(enclave_dir):
+    """The enclave's write lock, held by another connection (another process's, as a
+    client stopped by ^Z inside a transaction) until the block ends or it commits."""
+    import sqlite3
+
+    lock = sqlite3.connect(Path(enclave_dir) / "kotta.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        yield lock
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+
+
+def _kotta_popen(enclave_dir, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kotta_executor.cli", "--enclave", str(enclave_dir), *args],
+        env=subprocess_env(), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
+def test_cancel_of_a_finished_job_while_the_write_lock_is_held_says_so_at_once(
+        executor, enclave, enclave_dir):
+    """`kotta cancel` of a job long finished, while another process held the enclave's
+    write lock, sat silent for a minute and then failed "the enclave database ... is
+    locked", exit 1: it wrote before it looked.  A finished job is said at once."""
+    f = executor.submit(tasks.add, 1, 2)
+    assert f.result(GUARD) == 3
+    with _write_lock_held(enclave_dir):
+        proc = _kotta_popen(enclave_dir, "cancel", f.job_id)
+        try:
+            wait_for(lambda: proc.poll() is not None, what="kotta cancel to answer")
+        finally:
+            proc.kill()
+            out, err = proc.communicate()
+    assert proc.returncode == 1, out + err
+    assert err == f"job {f.job_id} already completed\n" and not out
+
+
+def test_cancel_waiting_for_the_write_lock_says_what_it_waits_for(
+        make_executor, enclave, enclave_dir):
+    """`kotta cancel` of a pending job, while another process held the enclave's write
+    lock, sat silent for up to a minute (a future's cancel() warns after a second); it
+    says what it waits for, and cancels the job once the lock is free."""
+    ex = make_executor(1, start_node=False)  # no node serves the queue: the job stays pending
+    f = ex.submit(tasks.add, 1, 2)
+    wait_for(lambda: enclave.jobs.get(f.job_id) is not None, what="the job to be created")
+    with _write_lock_held(enclave_dir) as lock:
+        proc = _kotta_popen(enclave_dir, "cancel", f.job_id)
+        try:
+            line = proc.stderr.readline()  # (what it waits for, or EOF if it ended)
+            assert line.startswith("kotta: waiting for the enclave's write lock: the "
+                                   "enclave database "), line
+            assert "another process has held its write lock" in line, line
+            lock.execute("COMMIT")
+            out, err = proc.communicate(timeout=GUARD)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert out == f"job {f.job_id} cancelled before it started\n"
+    assert enclave.jobs.get(f.job_id).state == "cancelled"
+    with pytest.raises(CancelledError):
+        f.result(GUARD)
+
+
 def test_cancel_a_running_job_kills_it(make_executor, enclave, start_node, tmp_path):
     start_node(workers=1)
     ex = make_executor(1, start_node=False)
