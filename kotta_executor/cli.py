@@ -133,7 +133,7 @@ def _node_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=config.cpu_count(),
                    help="worker processes (at least 1; default: the CPUs it may run on)")
     p.add_argument("--visibility-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="seconds a received task stays invisible (more than 0; default 30);"
+                   help="seconds a received task stays invisible (0.5 or more; default 30);"
                         " extended while it runs")
     p.add_argument("--max-deliveries", type=int, default=config.MAX_DELIVERIES, metavar="N",
                    help="deliveries after which a task is dead-lettered (at least 1; default 5)")
@@ -233,7 +233,11 @@ def _check_node_options(args) -> None:
         raise ValueError("--max-jobs must be at least 1")
     if getattr(args, "nodes", 1) < 1:
         raise ValueError("--nodes must be at least 1")
-    number("visibility_timeout", 0, above=True)
+    # A node extends the visibility of what it holds every third of it, but no more often
+    # than every 0.2 s (its upkeep): under that, a held task's visibility ran out before
+    # its first extension, and another node of the queue ran it again, while the first
+    # still ran it (--visibility-timeout 0.1: 15 runs of 12 tasks on two nodes)
+    number("visibility_timeout", VISIBILITY_TIMEOUT_MIN)
     number("poll_interval", 0)
     number("drain_timeout", 0)
     if hasattr(args, "cooldown"):
@@ -249,6 +253,10 @@ def _check_node_options(args) -> None:
     if level is not None and not isinstance(logging.getLevelName(level.upper()), int):
         raise ValueError("--log-level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
                          f"not {level!r}")
+
+
+#: the shortest --visibility-timeout of `kotta node` and `kotta up`, in seconds
+VISIBILITY_TIMEOUT_MIN = 0.5
 
 
 #: the signals that stop a node, blocked while it starts (node/__main__.py)

@@ -1284,7 +1284,7 @@ def test_node_help_says_what_the_options_are_as_the_guide_does():
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     for says in ["aws://NAME", "test or production", "worker processes (at least 1",
-                 "stays invisible (more than 0; default 30)", "dead-lettered (at least 1; "
+                 "stays invisible (0.5 or more; default 30)", "dead-lettered (at least 1; "
                  "default 5)", "(0 or more: under 0.01, 0.01; default 0.5)", "after SIGTERM (0 or more; "
                  "default 30)"]:
         assert says in text, says
@@ -1293,9 +1293,13 @@ def test_node_help_says_what_the_options_are_as_the_guide_does():
 _BAD_NODE_OPTIONS = [
     ("--workers=0", "--workers must be at least 1"),
     ("--max-deliveries=0", "--max-deliveries must be at least 1"),
-    ("--visibility-timeout=-1", "--visibility-timeout must be a number of seconds, more than 0"),
-    ("--visibility-timeout=0", "--visibility-timeout must be a number of seconds, more than 0"),
-    ("--visibility-timeout=inf", "--visibility-timeout must be a number of seconds, more than 0"),
+    ("--visibility-timeout=-1", "--visibility-timeout must be a number of seconds, 0.5 or more"),
+    ("--visibility-timeout=0", "--visibility-timeout must be a number of seconds, 0.5 or more"),
+    ("--visibility-timeout=inf", "--visibility-timeout must be a number of seconds, 0.5 or more"),
+    # (a node extends what it holds every third of it, but no more often than every 0.2 s:
+    # under that, a held task's visibility ran out before its first extension, and another
+    # node of the queue ran it again while the first still ran it)
+    ("--visibility-timeout=0.1", "--visibility-timeout must be a number of seconds, 0.5 or more"),
     ("--poll-interval=-1", "--poll-interval must be a number of seconds, 0 or more"),
     ("--poll-interval=nan", "--poll-interval must be a number of seconds, 0 or more"),
     ("--drain-timeout=-0.5", "--drain-timeout must be a number of seconds, 0 or more"),
