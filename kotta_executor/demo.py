@@ -14,6 +14,7 @@ import concurrent.futures
 import datetime as _dt
 import os
 import random
+import shlex
 import sys
 import time
 import traceback
@@ -123,7 +124,11 @@ def run_demo(enclave: str | None = None) -> int:
         for job in (records[i] for i in ids if i in records):
             reason = f"  ({job.reason})" if job.reason else ""
             print(f"  {job.job_id}  {job.state:10} {job.fn}{reason}")
-        print(f"\nsee one with:  kotta status {f.job_id}   or   kotta logs {f.job_id}")
+        # (with the enclave it ran on, if named: without it, they looked in the default
+        # one, and said "no job")
+        where = f" --enclave {shlex.quote(e.url)}" if enclave else ""
+        print(f"\nsee one with:  kotta status {f.job_id}{where}   or   "
+              f"kotta logs {f.job_id}{where}")
     print(f"\ndemo finished in {time.monotonic() - started:.1f} s")
     return 0
 

@@ -1537,6 +1537,29 @@ def test_demo_runs_to_completion_in_a_fresh_home(tmp_path):
     assert "has the dataset s3://demo-corpus/ of an earlier `kotta demo`" in r.stdout
 
 
+def test_demo_on_a_named_enclave_hints_commands_that_find_its_jobs(tmp_path):
+    """`kotta demo --enclave DIR` ended "see one with:  kotta status JOB   or   kotta logs
+    JOB": run as shown, without --enclave, those looked in the default enclave and said
+    "kotta: error: no job JOB in embedded://...", exit 2.  The hint names the enclave."""
+    import shlex
+
+    env = subprocess_env()
+    env["KOTTA_HOME"] = str(tmp_path / "home")
+    env.pop("KOTTA_ENCLAVE", None)
+    r = kotta(None, "demo", "--enclave", str(tmp_path / "demo enclave"), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    [hint] = [line for line in r.stdout.splitlines() if line.startswith("see one with:")]
+    commands = hint[len("see one with:"):].split("   or   ")
+    assert len(commands) == 2, hint
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[0] == "kotta", argv
+        shown = subprocess.run([sys.executable, "-m", "kotta_executor.cli", *argv[1:]],
+                               env=env, cwd=ROOT, capture_output=True, text=True,
+                               timeout=GUARD, stdin=subprocess.DEVNULL)
+        assert shown.returncode == 0, (command, shown.stderr)
+
+
 def test_demo_runs_where_queues_json_caps_the_test_queue_under_its_walltime(tmp_path):
     """A site's queues.json may cap the test queue's walltime (docs/guide.md, "Queues and
     limits"); the demo asked 5 minutes of it whatever the cap, and failed at its first
