@@ -528,7 +528,8 @@ def cmd_down(args) -> int:
         print(f"node {n.node_id} (pid {n.pid}, queue {n.queue}) {state}")
     if not nodes and not elsewhere:
         of = f"of the {queue} queue " if queue else ""  # (another queue's may be running)
-        print(f"no nodes {of}of this enclave are running on {host}")
+        # (which enclave: with its --enclave forgotten, another's nodes run on)
+        print(f"no nodes {of}of this enclave are running on {host} (the enclave {enclave.url})")
     return 1 if remaining or refused else 0
 
 

@@ -1177,6 +1177,36 @@ def test_up_starts_a_background_node_and_down_stops_it(enclave, make_executor):
         _kill_background_nodes(enclave)
 
 
+def test_down_of_an_enclave_without_nodes_names_the_enclave_it_looked_at(enclave):
+    """`kotta up --enclave DIR`, then `kotta down` without it: "no nodes of this enclave
+    are running on HOST", which enclave unsaid, while DIR's node ran on.  It names the
+    enclave, so that the --enclave forgotten shows."""
+    r = kotta(enclave.home, "up", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    try:
+        env = subprocess_env()
+        env["KOTTA_HOME"] = str(enclave.home.parent / "default-home")
+        env.pop("KOTTA_ENCLAVE", None)
+        r = kotta(None, "down", env=env)
+        assert r.returncode == 0, r.stderr
+        default = _enclave_url(enclave.home.parent / "default-home")
+        assert r.stdout == f"no nodes of this enclave are running on {socket.gethostname()}" \
+                           f" (the enclave {default})\n", r.stdout
+        assert [n.node_id for n in enclave.nodes.live()] != []  # (untouched)
+    finally:
+        assert kotta(enclave.home, "down").returncode == 0
+
+
+def _enclave_url(path) -> str:
+    from kotta_executor.backends import open_enclave
+
+    e = open_enclave(str(path))
+    try:
+        return e.url
+    finally:
+        e.close()
+
+
 def _kill_background_nodes(enclave) -> None:
     """Never leave a background node behind (a test that failed before its `kotta down`)."""
     for n in enclave.nodes.all():
