@@ -11,6 +11,7 @@ else it skips that part with a note: a demo must not change a real enclave's pol
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as _dt
 import os
 import random
@@ -68,7 +69,8 @@ def run_demo(enclave: str | None = None) -> int:
     # no more than the test queue's cap, which a site's queues.json may set under 5
     # minutes: the demo failed at its first submit there, "over the cap of the test queue"
     cap = config.queue_limits("test").max_walltime
-    with KottaExecutor(2, queue="test", walltime=min(5, cap), enclave=e) as ex:
+    with KottaExecutor(2, queue="test", walltime=min(5, cap), enclave=e) as ex, \
+            _ending_its_tasks(ex):
         _say("submit: one call, run by a worker process of a local node")
         f = ex.submit(count_citations, 2019)
         print(f"job {f.job_id} -> {f.result()}   (status: {f.status()})")
@@ -131,6 +133,20 @@ def run_demo(enclave: str | None = None) -> int:
               f"kotta logs {f.job_id}{where}")
     print(f"\ndemo finished in {time.monotonic() - started:.1f} s")
     return 0
+
+
+@contextlib.contextmanager
+def _ending_its_tasks(ex: KottaExecutor):
+    """The demo's tasks end with it: on Ctrl-C (or an error) they are killed or cancelled.
+    The end of the ``with`` block waited for them, as for any executor's: interrupted as
+    its ten-minute task started, the demo waited for it up to its walltime (5 minutes), a
+    second Ctrl-C too (the end of the interpreter waited then); killed, it left the task
+    handed back, to run on the next node."""
+    try:
+        yield
+    except BaseException:
+        ex.terminate_workers()
+        raise
 
 
 #: the demo's own dataset: its existence marks an enclave where an earlier demo ran

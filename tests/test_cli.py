@@ -1590,6 +1590,51 @@ def test_demo_on_a_named_enclave_hints_commands_that_find_its_jobs(tmp_path):
         assert shown.returncode == 0, (command, shown.stderr)
 
 
+def test_demo_interrupted_ends_its_tasks_and_exits(tmp_path):
+    """Ctrl-C as `kotta demo` started its ten-minute task (the one it kills) left the demo
+    waiting for that task, up to its 5-minute walltime, a second Ctrl-C too (the end of
+    the `with` block, then of the interpreter, waited for it); killed, it left the task
+    handed back to run on the next node.  It ends its tasks and exits, 130.  (The enclave's
+    write lock, held from the walltime part's end, keeps the task from starting until the
+    Ctrl-C has come.)"""
+    home = tmp_path / "home"
+    env = subprocess_env()
+    env["KOTTA_HOME"] = str(home)
+    env.pop("KOTTA_ENCLAVE", None)
+    demo = subprocess.Popen([sys.executable, "-u", "-m", "kotta_executor.cli", "demo"],
+                            env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in demo.stdout:
+            seen.append(line)
+            if line.startswith("WalltimeExceeded"):
+                break
+        assert seen and seen[-1].startswith("WalltimeExceeded"), "".join(seen)
+        with _write_lock_held(home):
+            for line in demo.stdout:
+                seen.append(line)
+                if line.startswith("== kill"):
+                    break
+            assert seen[-1].startswith("== kill"), "".join(seen)
+            demo.send_signal(signal.SIGINT)
+        wait_for(lambda: demo.poll() is not None, what="the interrupted demo to exit")
+        assert demo.returncode == 130, "".join(seen) + demo.stdout.read()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        demo.communicate()
+    from kotta_executor.backends import open_enclave
+
+    e = open_enclave(str(home))
+    try:  # its task, killed or cancelled, runs on no node later
+        jobs = e.jobs.list(owner=None, state=None, limit=100)
+        assert [(j.fn, j.state) for j in jobs if j.state not in ("completed", "failed")] == [
+            ("kotta_executor.demo.runs_too_long", "cancelled")], [(j.fn, j.state) for j in jobs]
+    finally:
+        e.close()
+
+
 def test_demo_runs_where_queues_json_caps_the_test_queue_under_its_walltime(tmp_path):
     """A site's queues.json may cap the test queue's walltime (docs/guide.md, "Queues and
     limits"); the demo asked 5 minutes of it whatever the cap, and failed at its first
