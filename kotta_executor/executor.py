@@ -1622,6 +1622,16 @@ class KottaExecutor(Executor):
             "version on both sides", queue, " and ".join(sorted(pythons)), wire.PYTHON,
         )
 
+    def _cli_enclave(self) -> str:
+        """`` --enclave URL`` for the commands a failed task's note shows, unless they find
+        its job without it (the enclave they open by default): shown bare, they looked in
+        that one, and said "no job"."""
+        where = self.__dict__.get("_where")
+        if where is None:
+            url = self._enclave.url
+            where = self._where = "" if url == default_url() else f" --enclave {shlex.quote(url)}"
+        return where
+
     def _settle(self, job_id: str, job: JobRecord) -> None:
         """Settle the future of a final job from its record.  One without a result (a
         record written before results were kept for every failure, or by hand) fails
@@ -1675,7 +1685,8 @@ class KottaExecutor(Executor):
         after = _stderr_after(env)
         for i, (ok, value) in enumerate(outcomes):
             if not ok and isinstance(value, BaseException):
-                _annotate(value, job_id, _stderr_until(env, after[i]) if i in after else f.stderr)
+                _annotate(value, job_id, _stderr_until(env, after[i]) if i in after else f.stderr,
+                          self._cli_enclave())
                 if isinstance(value, TaskRejected):  # (a token revoked: the next submit
                     self._creds.look_again()  # takes up one registered since, if any)
         if f._batch == "values":
@@ -2477,11 +2488,12 @@ def _stderr_until(env: wire.Envelope, after: int) -> str:
     return data[:max(0, len(data) - after)].decode("utf-8", "replace")
 
 
-def _annotate(exc: BaseException, job_id: str, stderr: str | None) -> None:
+def _annotate(exc: BaseException, job_id: str, stderr: str | None, where: str = "") -> None:
+    """``where``: what the commands need to find the job (``--enclave URL``, or nothing)."""
     notes = getattr(exc, "__notes__", [])
     if not isinstance(notes, list):  # set so by the task: add_note would raise TypeError,
         return  # in place of the task's own exception
-    note = f"kotta job {job_id} (kotta status {job_id}; kotta logs {job_id})"
+    note = f"kotta job {job_id} (kotta status {job_id}{where}; kotta logs {job_id}{where})"
     # once per job (one exception may stand for all the calls of a task); a note of another
     # job (an exception the task got from a job of its own, and let out) is no reason to skip
     if any(isinstance(n, str) and n.startswith(note) for n in notes):

@@ -560,9 +560,33 @@ def test_the_task_own_notes_neither_hide_the_job_nor_replace_the_exception(notes
     got = exc.__notes__
     if isinstance(notes, list):
         assert got[:-1] == notes
-        assert got[-1] == f"kotta job {f.job_id} (kotta status {f.job_id}; kotta logs {f.job_id})"
+        where = f" --enclave {ex.enclave.url}"  # (not the default enclave: named)
+        assert got[-1] == (f"kotta job {f.job_id} (kotta status {f.job_id}{where}; "
+                           f"kotta logs {f.job_id}{where})")
     else:
         assert list(got) == list(notes)
+
+
+def test_the_job_note_names_the_enclave_the_commands_would_not_find_by_default(
+        make_executor, _private_kotta_home):
+    """The note said "kotta status JOB; kotta logs JOB" of a job of an enclave given with
+    enclave=...: run as shown, they looked in the default enclave, and said "no job"."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    named = make_executor(1)
+    default = make_executor(1, enclave=None)  # (the one under $KOTTA_HOME)
+    for ex in (named, default):
+        f = ex.submit(tasks.raise_with_notes, [])
+        note = f.exception(GUARD).__notes__[-1]
+        status = note[note.index("kotta status"):note.index(";")].split()[1:]
+        out = subprocess.run([sys.executable, "-m", "kotta_executor.cli", *status],
+                             capture_output=True, text=True, timeout=GUARD, cwd=ROOT,
+                             env=subprocess_env())
+        assert out.returncode == 0 and f.job_id in out.stdout, note + out.stdout + out.stderr
+        assert ("--enclave" in note) is (ex is named)
 
 
 def test_an_exception_that_cannot_travel_keeps_its_notes(make_executor):
@@ -654,8 +678,9 @@ def test_an_exception_of_a_frozen_dataclass_comes_back_as_itself(from_cause, mak
     chained = exc.__cause__ if from_cause else exc.__context__
     assert type(chained) is KeyError and chained.args == ("the cause",)
     assert exc.__suppress_context__ is from_cause
-    assert exc.__notes__ == [f"kotta job {f.job_id} (kotta status {f.job_id}; "
-                             f"kotta logs {f.job_id})"]
+    where = f" --enclave {ex.enclave.url}"
+    assert exc.__notes__ == [f"kotta job {f.job_id} (kotta status {f.job_id}{where}; "
+                             f"kotta logs {f.job_id}{where})"]
     assert "raise_frozen" in _frames(exc)
 
 
