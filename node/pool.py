@@ -571,6 +571,33 @@ def _marked(children: list[psutil.Process]) -> list[tuple[psutil.Process, str]]:
     return out
 
 
+def _unmarked(children: list[psutil.Process]) -> list[psutil.Process]:
+    """Of this node's ``children`` that are not its workers, those running without the
+    node's mark in their environment, outside the node's session: while no requirements
+    build runs (whose processes lack it too, in sessions of their own), what a task
+    started with an environment of its own (``env={}``) and the kernel re-parented to the
+    node.  (Not a process the node started itself, in its session: a library's helper,
+    such as botocore's ``credential_process``; no task's process can join that session.
+    Nor a zombie, nor another user's.)"""
+    mark, session, out = str(os.getpid()), os.getsid(0), []
+    for p in children:
+        try:
+            if p.environ().get(NODE_MARK) != mark and os.getsid(p.pid) != session and (
+                    p.status() != psutil.STATUS_ZOMBIE):
+                out.append(p)
+        except (psutil.Error, OSError):  # gone, a zombie, or another user's
+            continue
+    return out
+
+
+def _created(pid: int) -> float | None:
+    """When the process ``pid`` was started (psutil's clock), None if it is gone."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
 def _children() -> list[psutil.Process]:
     try:
         return psutil.Process().children()
@@ -629,6 +656,22 @@ class Orphans:
                         "is gone", p.pid, worker)
             _signal_all([p], signal.SIGTERM)
             self.seen[p.pid] = (p, now + KILL_GRACE)
+        if not building:  # (else it may be a build's: see above)
+            for p in _unmarked(children):
+                # A task's process that cleared its environment (``env={}``, ``os.execve``)
+                # and was re-parented here carries no mark: whose worker it was cannot be
+                # told.  It ran on for good after its task's walltime or kill().  It is a
+                # gone worker's once no live worker is older than it: ended then
+                try:
+                    created = p.create_time()
+                except psutil.Error:
+                    continue
+                if any(b is not None and b <= created for b in map(_created, pids)):
+                    continue
+                log.warning("ending process %d, left running by a task of a worker of this "
+                            "node that is gone (it cleared its environment)", p.pid)
+                _signal_all([p], signal.SIGTERM)
+                self.seen[p.pid] = (p, now + KILL_GRACE)
         for pid, (p, deadline) in list(self.seen.items()):
             if _reap(pid):
                 del self.seen[pid]
@@ -640,8 +683,10 @@ class Orphans:
         what those started (stopped first, so that none forks meanwhile), until none is
         left (a process killed hands its children to the node): a few rounds at most."""
         for _ in range(10):
-            tree = [p for p in _with_descendants(adopted() + [p for p, _ in self.seen.values()])
-                    if _running(p)]
+            # (at the stop the node's children are what its tasks left: those that cleared
+            # their environment, unmarked, too)
+            left = adopted() + _unmarked(_children()) + [p for p, _ in self.seen.values()]
+            tree = [p for p in _with_descendants(left) if _running(p)]
             if not tree:
                 break
             _signal_all(tree, signal.SIGSTOP)

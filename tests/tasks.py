@@ -1332,3 +1332,37 @@ class Owner:
 def sleep_then_segfault(seconds):
     time.sleep(seconds)
     segfault()
+
+
+#: a process that ignores SIGTERM, SIGHUP and SIGINT, writes its pid to argv[1] and sleeps
+_STUBBORN_SLEEPER = (
+    "import os, signal, sys, time\n"
+    "for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT): signal.signal(s, signal.SIG_IGN)\n"
+    "open(sys.argv[1] + '.tmp', 'w').write(f'{os.getpid()}\\n')\n"
+    "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+    "time.sleep(600)\n"
+)
+
+
+def start_an_env_less_daemon_and_sleep(pid_file, seconds=600.0):
+    """Start a daemon (fork, setsid, fork, the middle one exits) that execs with an empty
+    environment (so without the worker's KOTTA_WORKER_ID), ignores SIGTERM and SIGHUP and
+    writes its pid to ``pid_file``; then sleep."""
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        if os.fork() == 0:
+            os.execve(sys.executable, [sys.executable, "-c", _STUBBORN_SLEEPER, pid_file], {})
+        os._exit(0)
+    os.waitpid(middle, 0)
+    wait_for_file(pid_file)
+    time.sleep(seconds)
+
+
+def leave_an_env_less_session_child(pid_file):
+    """Leave a child in a session of its own, with an empty environment, running (it
+    ignores SIGTERM and SIGHUP), and return."""
+    subprocess.Popen([sys.executable, "-c", _STUBBORN_SLEEPER, pid_file],
+                     start_new_session=True, env={})
+    wait_for_file(pid_file)
+    return "left"

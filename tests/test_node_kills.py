@@ -227,6 +227,71 @@ def test_kill_ends_a_daemon_the_task_started(start_node, make_executor, tmp_path
                       TaskKilled)
 
 
+@pytest.mark.parametrize("how", ["kill", "walltime"])
+def test_a_daemon_that_cleared_its_environment_does_not_outlive_its_task(
+        how, start_node, make_executor, tmp_path):
+    """A daemon that execs with an empty environment (``env={}``) carries no mark
+    (KOTTA_WORKER_ID): re-parented to the node, it was never ended, and ran on for good
+    after its task's kill() or walltime.  It is a gone worker's once no live worker is
+    older than it: ended then (here at once, the node's one worker killed)."""
+    import datetime as _dt
+
+    from kotta_executor import TaskKilled, WalltimeExceeded
+
+    daemon = tmp_path / "daemon"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    if how == "walltime":
+        ex = ex.with_options(walltime=_dt.timedelta(seconds=3))
+    f = ex.submit(tasks.start_an_env_less_daemon_and_sleep, str(daemon))
+    try:
+        wait_for(daemon.exists, what="the task's daemon to start")
+        [pid] = _pids(daemon)
+        if how == "kill":
+            assert f.kill()
+        assert isinstance(f.exception(GUARD), TaskKilled if how == "kill" else WalltimeExceeded)
+        wait_for(lambda: not _alive(pid), timeout=10.0,
+                 what="the task's daemon, with no mark, to die with its task's tree")
+        assert ex.submit(tasks.square, 5).result(GUARD) == 25  # the node carries on
+    finally:
+        _kill_all(daemon)
+
+
+def test_a_child_that_cleared_its_environment_does_not_outlive_its_exited_worker(
+        start_node, make_executor, tmp_path):
+    """A child in a session of its own with an empty environment, left running by a task
+    of a worker that then exits (``max_tasks_per_child=1``): re-parented to the node
+    without a mark, it ran on for good."""
+    child = tmp_path / "child"
+    start_node(workers=1)
+    ex = make_executor(1, start_node=False, max_tasks_per_child=1)
+    try:
+        assert ex.submit(tasks.leave_an_env_less_session_child, str(child)).result(GUARD) == "left"
+        [pid] = _pids(child)
+        wait_for(lambda: not _alive(pid), timeout=10.0,
+                 what="the exited worker's child, with no mark, to be ended")
+        assert ex.submit(tasks.square, 5).result(GUARD) == 25
+    finally:
+        _kill_all(child)
+
+
+def test_a_stopping_node_ends_a_child_that_cleared_its_environment(
+        start_node, make_executor, tmp_path):
+    """A child in a session of its own with an empty environment, left running by a task:
+    handed to the node as its worker exits at the node's stop, it ran on for good."""
+    child = tmp_path / "child"
+    node = start_node(workers=1)
+    ex = make_executor(1, start_node=False)
+    try:
+        assert ex.submit(tasks.leave_an_env_less_session_child, str(child)).result(GUARD) == "left"
+        [pid] = _pids(child)
+        assert node.terminate() == 0
+        wait_for(lambda: not _alive(pid), timeout=10.0,
+                 what="the task's child, with no mark, to be ended with the node")
+    finally:
+        _kill_all(child)
+
+
 def test_a_daemon_of_a_running_task_does_not_outlive_its_killed_node(
         start_node, make_executor, tmp_path):
     """A node SIGKILLed while a task runs: the worker ends its process groups, but the
