@@ -875,6 +875,10 @@ class KottaExecutor(Executor):
         i = 0
         try:
             for i in range(0, len(items), size):
+                if opts.walltime_each is not None and len(items) - i < size:
+                    # the last task, of fewer items: their walltimes only (with the
+                    # others', an item ran on past its own walltime, up to size times it)
+                    opts = replace(opts, walltime=(len(items) - i) * opts.walltime_each)
                 fs.append(self._submit(fn, [(args, {}) for args in items[i : i + size]], opts,
                                        batch=True))
         except BaseException as exc:  # an item that cannot be pickled (SerializationError),

@@ -353,6 +353,27 @@ def test_map_packs_no_more_items_than_fit_under_the_queues_walltime_cap(
         it.close()
 
 
+def test_the_last_packed_map_task_of_fewer_items_gets_their_walltimes_only(
+    make_executor, enclave
+):
+    """129 items on one worker pack 2 a task (129 // 64): the 65th task holds the one item
+    left, and got 2 walltimes all the same, so that item ran on past its own walltime,
+    up to twice it, before it was killed."""
+    ex = make_executor(1, walltime=1, start_node=False)
+    it = ex.map(tasks.square, range(129))
+
+    def recorded():
+        jobs = enclave.jobs.list(limit=1000)
+        return len(jobs) == 65 and jobs
+
+    try:
+        jobs = wait_for(recorded, what="the map's 65 tasks recorded")
+        assert sorted((j.n, j.walltime) for j in jobs)[0] == (1, 60.0)  # not (1, 120.0)
+        assert {(j.n, j.walltime) for j in jobs if j.n != 1} == {(2, 120.0)}
+    finally:
+        it.close()
+
+
 def test_packed_map_runs_on_a_node_whose_cap_is_under_the_packed_sum(
     enclave_dir, start_node, make_executor, enclave
 ):
