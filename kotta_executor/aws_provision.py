@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ from .backends.aws import (
     arn_partition,
     botocore_validation_error,
     check_endpoint_url,
+    check_name,
     check_region,
     client_config,
     ensure_work_queue,
@@ -248,8 +250,8 @@ def bootstrap(
         owner = None  # (none yet; or not ours to read: said below)
     if owner not in (None, name):
         raise ConfigurationError(
-            f"the bucket {names.bucket} is the enclave {owner}'s (tag {ENCLAVE_TAG}="
-            f"{owner}): two enclaves cannot share a bucket (each one's nodes delete the "
+            f"the bucket {names.bucket} is the enclave {owner}'s ({_whose(names, owner)}): "
+            f"two enclaves cannot share a bucket (each one's nodes delete the "
             f"other's blobs).  Choose another bucket with --bucket (and "
             f"aws://{name}?bucket=...)")
 
@@ -580,8 +582,8 @@ def teardown(
         elif owner is not None:
             report.kept.append((BUCKET, names.bucket))
             if out is not None:
-                out(f"kept     {BUCKET:26} {names.bucket}: the enclave {owner}'s (tag "
-                    f"{ENCLAVE_TAG}={owner}), not {name}'s: nothing in it was deleted")
+                out(f"kept     {BUCKET:26} {names.bucket}: the enclave {owner}'s "
+                    f"({_whose(names, owner)}), not {name}'s: nothing in it was deleted")
         else:
             report.kept.append((BUCKET, names.bucket))
             if out is not None:
@@ -669,9 +671,9 @@ def _index_lacks(ddb, table: str) -> list[str]:
 def _bucket_enclave(c: _Clients, names: Names) -> str | None:
     """The enclave whose own the enclave's bucket is, to be deleted whole by its teardown:
     the one bootstrap made it for (its tag ``kotta-enclave``; the CloudFormation
-    template's has it too), or, untagged, ``NAME`` for the default name
-    ``kotta-NAME-blobs`` (enclaves bootstrapped before buckets were tagged).  None: no
-    enclave's (an existing bucket given with ``bucket=``)."""
+    template's has it too), or, untagged, ``OTHER`` for a bucket of the default name
+    ``kotta-OTHER-blobs`` (enclaves bootstrapped before buckets were tagged; tags that may
+    not be read).  None: no enclave's (an existing bucket given with ``bucket=``)."""
     try:
         tags = c.s3.get_bucket_tagging(Bucket=names.bucket).get("TagSet", [])
     except _client_error() as exc:
@@ -681,7 +683,25 @@ def _bucket_enclave(c: _Clients, names: Names) -> str | None:
     tagged = [t.get("Value") for t in tags if t.get("Key") == ENCLAVE_TAG]
     if tagged:
         return tagged[0]
-    return names.name if names.bucket == Names(names.name).bucket else None
+    # (any enclave's default name, not only this one's: `teardown lab --bucket
+    # kotta-other-blobs` of an untagged one emptied other's blobs/, keys/ and held/)
+    default = _DEFAULT_BUCKET.match(names.bucket)
+    try:
+        return check_name(default.group(1)) if default else None
+    except ConfigurationError:  # (no enclave's name: kotta-My_Data-blobs)
+        return None
+
+
+#: the default bucket name of an enclave (Names.bucket)
+_DEFAULT_BUCKET = re.compile(r"kotta-(.+)-blobs\Z")
+
+
+def _whose(names: Names, owner: str) -> str:
+    """Why the enclave's bucket is ``owner``'s (:func:`_bucket_enclave`), for a message."""
+    if names.bucket == f"kotta-{owner}-blobs":  # (Names.bucket's default; a tag's value
+        # need not be a valid enclave name, which Names(owner) refused)
+        return f"tag {ENCLAVE_TAG}={owner}, or its default name"
+    return f"tag {ENCLAVE_TAG}={owner}"
 
 
 def _bucket_region(c: _Clients, bucket: str) -> str | None:

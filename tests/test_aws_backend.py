@@ -1103,6 +1103,48 @@ def test_teardown_leaves_a_bucket_of_another_enclave_untouched(moto_env, name):
     assert keys == ["blobs/fn-1", "held/j1", "keys/enclave.key"]
 
 
+@pytest.mark.parametrize("untagged", ["before tags", "tags unreadable"])
+def test_teardown_leaves_another_enclaves_untagged_default_bucket_untouched(
+        moto_env, name, untagged):
+    """`kotta aws teardown lab --bucket kotta-other-blobs`, where the enclave other was
+    bootstrapped before buckets were tagged (or teardown may not read the tags:
+    GetBucketTagging denied, an emulator without tags): the bucket, untagged as far as
+    teardown could see, was taken for an existing one of the user's, and the other
+    enclave's blobs/, keys/ and held/ (its enclave key, held results) were deleted.  A
+    bucket of another enclave's default name is that enclave's: left untouched."""
+    other = f"{name}-o"
+    aws_provision.bootstrap(other, iam=False, tls_only=False, session=moto_env)
+    theirs = Names(other).bucket
+    s3 = moto_env.client("s3")
+    if untagged == "before tags":
+        s3.delete_bucket_tagging(Bucket=theirs)  # (as bootstrap left it then)
+    else:
+        from botocore.exceptions import ClientError
+
+        def denied(**_):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}},
+                              "GetBucketTagging")
+        moto_env.events.register("before-call.s3.GetBucketTagging", denied)
+    try:
+        for key in ("blobs/fn-1", "keys/enclave.key", "held/j1"):
+            s3.put_object(Bucket=theirs, Key=key, Body=b"theirs")
+        lines: list[str] = []
+        report = aws_provision.teardown(name, bucket=theirs, session=moto_env,
+                                        out=lines.append)
+        assert (aws_provision.BUCKET, theirs) in report.kept
+        said = "\n".join(lines)
+        assert other in said and "nothing in it was deleted" in said, said
+        keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=theirs)["Contents"])
+        assert keys == ["blobs/fn-1", "held/j1", "keys/enclave.key"]
+        with pytest.raises(ConfigurationError) as info:  # (nor shared by bootstrap)
+            aws_provision.bootstrap(name, bucket=theirs, iam=False, tls_only=False,
+                                    session=moto_env)
+        assert theirs in str(info.value) and other in str(info.value), info.value
+    finally:  # (the session is the whole process's)
+        if untagged != "before tags":
+            moto_env.events.unregister("before-call.s3.GetBucketTagging", denied)
+
+
 def test_bootstrap_refuses_another_enclaves_bucket_before_making_anything(moto_env, name):
     """`kotta aws bootstrap lab --bucket kotta-other-blobs` took the other enclave's bucket
     as lab's ("exists"): the two then shared blobs/, keys/ and held/, and lab's nodes
