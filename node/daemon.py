@@ -1082,18 +1082,15 @@ class Node:
             # this copy ended (its worker killed, its walltime or memory) is not the job's
             # end, which that node's copy makes: recorded, it failed the job under that
             # copy (WorkerDied for a task that then succeeded there, its result dropped).
-            # (Acked by its receipt: a no-op when the message was taken over, which is
-            # that node's now; a second message of the job, which was this copy's, goes.
-            # An ack that fails leaves that one to come back, as at least once allows.)
+            # (Not acked: its receipt is out of date, the message taken over, and SQS may
+            # delete a message by an old receipt, the one that node holds: should it die
+            # then, nothing would deliver the job again.  A second message of the job,
+            # this copy's own, comes back, and is taken for the duplicate it is.)
             head = w.inflight.popleft()
             log.warning("worker %s for job %s ended; not recorded: node %s runs the job now",
                         w.pid, head.job_id, runs)
             if head.staged is not None:
                 self.data.discard(head)
-            try:
-                self.enclave.queue.ack([head.delivery])
-            except Exception:  # noqa: BLE001 - (throttled) must not end the node
-                log.debug("could not ack job %s", head.job_id, exc_info=True)
             self._put_back(w.inflight, unbegun=not w.ready or not w.garbled)
         if w.inflight:
             head = w.inflight.popleft()
