@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import threading
 import time
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
@@ -737,8 +738,23 @@ def test_a_task_handed_to_a_node_does_not_overtake_the_clients_earlier_queued_ta
     _freeze(a, enclave_dir)  # it takes all three in one step
     first = ex.submit(tasks.append_line, str(log), "first")  # alone: handed to the node
     assert first.job_id in ex._handed  # (the case this is about)
-    with ex._send_lock:  # (as the manager's send holds it) through the outbox: queued
+    # the send lock held by another thread, as the manager's send holds it (this thread
+    # would take it again: it is reentrant): the second goes through the outbox, queued
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with ex._send_lock:
+            held.set()
+            done.wait(GUARD)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(GUARD)
+    try:
         second = ex.submit(tasks.append_line, str(log), "second")
+        assert [job.job_id for job, _ in ex._outbox] == [second.job_id]
+    finally:
+        done.set()
+        holder.join(GUARD)
     wait_for(lambda: enclave.jobs.get_many([second.job_id]), what="the second to be queued")
     # alone again, but the second is queued still: through the queue, behind it (handed
     # to the node, it was adopted first, took the node's room, and ran before the second)
