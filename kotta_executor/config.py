@@ -232,6 +232,12 @@ def _read_limits(path: Path) -> dict[str, QueueLimits]:
                 raise ConfigurationError(
                     f"{path}: {field_name} of queue {name!r} must be at least 1, not {value!r}"
                 )
+            if field_name != "max_walltime" and value != int(value):  # (2.5 workers was
+                # taken as 2, with no word of it)
+                raise ConfigurationError(
+                    f"{path}: {field_name} of queue {name!r} must be a whole number, "
+                    f"not {value!r}"
+                )
         out[queue] = dataclasses.replace(
             QUEUE_LIMITS[queue],
             **{k: (v if k == "max_walltime" else int(v)) for k, v in fields.items()},

@@ -1,0 +1,96 @@
+"""Parsers fed arbitrary input: each returns a valid value or raises the project's error
+for it, naming the problem; never a bare KeyError/TypeError/AttributeError/IndexError, and
+never garbage taken as valid."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from kotta_executor import config
+from kotta_executor.errors import ConfigurationError, InvalidDataUri
+from kotta_executor.security.uris import check_output_name, parse_uri
+
+FAST = settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+LIMIT_FIELDS = st.sampled_from(["max_walltime", "memory_mb", "workers"])
+QUEUE_NAMES = st.sampled_from(["test", "production", "prod", "Test", "PROD"]) | st.text(max_size=12)
+
+
+# --------------------------------------------------------------------------- queues.json
+
+
+@FAST
+@given(st.dictionaries(QUEUE_NAMES, st.dictionaries(LIMIT_FIELDS, JSON, max_size=3) | JSON,
+                       max_size=3) | JSON)
+@example({"test": {"workers": 2.7}})
+@example({"prod": {"memory_mb": 1024.5}})
+def test_any_queues_json_is_limits_or_a_configuration_error(tmp_path, data) -> None:
+    path = tmp_path / "queues.json"
+    path.write_text(json.dumps(data))
+    try:
+        limits = config._read_limits(path)
+    except ConfigurationError as exc:
+        assert str(path) in str(exc)
+        return
+    for queue, lim in limits.items():
+        assert queue in config.QUEUES
+        assert math.isfinite(lim.max_walltime) and lim.max_walltime > 0
+        assert lim.max_walltime_seconds > 0 and math.isfinite(lim.max_walltime_seconds)
+        for name in ("memory_mb", "workers"):
+            value = getattr(lim, name)
+            assert type(value) is int and value >= 1
+        given_fields = data[next(k for k in data if config.normalize_queue(k) == queue)]
+        for name, value in given_fields.items():  # taken as written, not rounded
+            assert getattr(lim, name) == value
+
+
+@FAST
+@given(st.binary(max_size=40))
+def test_any_queues_json_bytes_are_limits_or_a_configuration_error(tmp_path, raw) -> None:
+    path = tmp_path / "queues.json"
+    path.write_bytes(raw)
+    try:
+        config._read_limits(path)
+    except ConfigurationError as exc:
+        assert str(path) in str(exc)
+
+
+# --------------------------------------------------------------------------- data URIs
+
+
+@FAST
+@given(st.text(max_size=40).map(lambda t: "s3://" + t) | st.text(max_size=40))
+def test_any_text_is_a_data_uri_or_invalid_data_uri(text) -> None:
+    try:
+        d = parse_uri(text)
+    except InvalidDataUri as exc:
+        assert str(exc)
+        return
+    d.key.encode("utf-8")
+    assert ".." not in d.key.split("/")
+    assert parse_uri(d.uri) == d
+
+
+@FAST
+@given(st.text(max_size=20))
+def test_any_output_name_is_a_plain_file_name_or_invalid_data_uri(name) -> None:
+    try:
+        got = check_output_name(name)
+    except InvalidDataUri as exc:
+        assert str(exc)
+        return
+    assert got == name and "/" not in name and name not in (".", "..")
