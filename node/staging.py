@@ -120,8 +120,10 @@ def sweep_dead_script_dirs() -> list[str]:
         return removed
     for entry in entries:  # kotta-script-PID-NS-random
         pid, _, rest = entry.name.removeprefix(SCRIPT_DIR_PREFIX).partition("-")
-        if (not entry.name.startswith(SCRIPT_DIR_PREFIX) or not pid.isdigit()
-                or int(pid) <= 0 or not rest.startswith(ours)):
+        # (isascii: str.isdigit takes "²", which int() refuses: a directory so named, which
+        # any user can make in /tmp, raised out of every node's start)
+        if (not entry.name.startswith(SCRIPT_DIR_PREFIX) or not pid.isascii()
+                or not pid.isdigit() or int(pid) <= 0 or not rest.startswith(ours)):
             continue
         try:
             if not entry.is_dir(follow_symlinks=False) or entry.stat(

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
+from pathlib import Path
+
+import psutil
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -94,3 +98,29 @@ def test_any_output_name_is_a_plain_file_name_or_invalid_data_uri(name) -> None:
         assert str(exc)
         return
     assert got == name and "/" not in name and name not in (".", "..")
+
+
+# --------------------------------------------------------------------------- node/staging
+
+FILE_NAME_TEXT = st.text(st.characters(blacklist_characters="/\0",
+                                       blacklist_categories=("Cs",)), max_size=16)
+
+
+@FAST
+@given(FILE_NAME_TEXT)
+@example("²-1-x")  # str.isdigit's digit that int() refuses: it raised out of every node start
+@example("٣-1-x")
+def test_any_name_in_the_script_tmpdir_is_swept_or_left_alone(monkeypatch, tmp_path, rest) -> None:
+    from kotta_executor.config import SCRIPT_DIR_PREFIX, SCRIPT_TMPDIR_ENV
+    from node import staging
+
+    top = Path(tempfile.mkdtemp(dir=tmp_path))
+    name = SCRIPT_DIR_PREFIX + rest
+    if len(name.encode()) > 255:
+        return
+    (top / name).mkdir()
+    monkeypatch.setenv(SCRIPT_TMPDIR_ENV, str(top))
+    removed = staging.sweep_dead_script_dirs()  # never raises, whatever is there
+    for gone in removed:  # only a worker's of this namespace whose pid has no process
+        pid = gone.removeprefix(SCRIPT_DIR_PREFIX).partition("-")[0]
+        assert pid.isascii() and pid.isdigit() and not psutil.pid_exists(int(pid))
