@@ -81,6 +81,9 @@ def _expanded(variable: str, value: str) -> Path:
     """``value`` (of ``$variable``) with its ``~`` expanded.  A home that cannot be found
     (``~alcie/envs``, a user this machine has not; no home at all) killed the node at its
     start with a bare RuntimeError, naming neither the variable nor its value."""
+    # (one read from a file with its newline, or pasted with a blank, was taken as it was:
+    # a new, empty directory of environments beside the one meant, each set built again)
+    config.check_not_blank(f"${variable}", value, "set it to a directory, or unset it")
     try:
         return Path(value).expanduser()
     except RuntimeError as exc:

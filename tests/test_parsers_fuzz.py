@@ -124,3 +124,27 @@ def test_any_name_in_the_script_tmpdir_is_swept_or_left_alone(monkeypatch, tmp_p
     for gone in removed:  # only a worker's of this namespace whose pid has no process
         pid = gone.removeprefix(SCRIPT_DIR_PREFIX).partition("-")[0]
         assert pid.isascii() and pid.isdigit() and not psutil.pid_exists(int(pid))
+
+
+ENV_TEXT = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+                   min_size=1, max_size=16)
+
+
+@FAST
+@given(ENV_TEXT, st.sampled_from(["KOTTA_ENVS", "XDG_CACHE_HOME"]))
+@example("/tmp/envs\n", "KOTTA_ENVS")  # (read from a file with its newline: a new, empty
+@example(" /tmp/envs", "KOTTA_ENVS")  # directory of environments, each built again)
+@example("   ", "XDG_CACHE_HOME")
+def test_any_envs_variable_is_a_directory_or_a_configuration_error(monkeypatch, value,
+                                                                   variable) -> None:
+    from node import envs
+
+    monkeypatch.delenv("KOTTA_ENVS", raising=False)
+    monkeypatch.setenv(variable, value)
+    try:
+        root = envs.default_root(local=False)
+    except ConfigurationError as exc:
+        assert f"${variable}" in str(exc)
+        return
+    assert value[:1].strip() and value[-1:].strip()  # taken: it neither begins nor ends blank
+    assert isinstance(root, Path)
