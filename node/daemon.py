@@ -27,6 +27,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -155,6 +156,10 @@ CLIENTS_KEPT = 1024
 MIN_POLL_INTERVAL = 0.01
 
 
+#: a node id given (NodeConfig.node_id, `kotta node --node-id`): the ids nodes make are hex
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 @dataclass
 class NodeConfig:
     queue: str = "test"
@@ -239,6 +244,12 @@ class NodeConfig:
         seconds("max_walltime", 0, above=True, none=True)
         whole("stage_cache_mb", 0)
         whole("prefetch", 0)
+        # a file name's part (its staging area, its inbox) and a record's key: "../x" put
+        # its staging area, made, swept beside and removed, out of the stage directory
+        if self.node_id is not None and self.node_id != "" and not (
+                isinstance(self.node_id, str) and _NODE_ID.fullmatch(self.node_id)):
+            raise ValueError(f"NodeConfig.node_id must be 1-64 letters, digits, '.', '_' or "
+                             f"'-', beginning with a letter or digit, not {self.node_id!r}")
 
 
 class Node:

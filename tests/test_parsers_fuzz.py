@@ -148,3 +148,27 @@ def test_any_envs_variable_is_a_directory_or_a_configuration_error(monkeypatch, 
         return
     assert value[:1].strip() and value[-1:].strip()  # taken: it neither begins nor ends blank
     assert isinstance(root, Path)
+
+
+# --------------------------------------------------------------------------- NodeConfig
+
+
+@FAST
+@given(st.text(max_size=20))
+@example("../../elsewhere")  # its staging area (made, swept beside, removed) was out there
+@example("a/b")
+@example("")  # (none: the node makes one)
+@example("x\n")
+def test_any_node_id_is_a_plain_name_or_refused(node_id) -> None:
+    from node.daemon import NodeConfig
+
+    try:
+        cfg = NodeConfig(node_id=node_id, workers=1)
+    except (ValueError, TypeError) as exc:
+        assert "node_id" in str(exc)
+        return
+    assert cfg.node_id == node_id
+    if not node_id:
+        return
+    assert "/" not in node_id and node_id not in (".", "..")
+    assert node_id.isprintable() and not any(ch.isspace() for ch in node_id)
