@@ -172,3 +172,27 @@ def test_any_node_id_is_a_plain_name_or_refused(node_id) -> None:
         return
     assert "/" not in node_id and node_id not in (".", "..")
     assert node_id.isprintable() and not any(ch.isspace() for ch in node_id)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@FAST
+@given(JSON | st.builds(object) | st.binary(max_size=4))
+@example(object())  # the change was audited, then a bare TypeError: never made
+@example(5)  # kept as 5, no description
+def test_any_dataset_description_is_text_or_refused(enclave, description) -> None:
+    from kotta_executor.security.audit import AuditLog
+    from kotta_executor.security.policy import PolicyStore
+
+    log = AuditLog(enclave)
+    store = PolicyStore(enclave.records, audit=log.append)
+    before = len(log.show())
+    try:
+        ds = store.add_dataset("s3://bkt/fuzz/", by="root", description=description)
+    except ConfigurationError as exc:
+        assert "description" in str(exc)
+        assert len(log.show()) == before  # nothing audited of a change never made
+        return
+    assert isinstance(ds.description, str) and ds.description == description
+    assert store.dataset("s3://bkt/fuzz/").description == description

@@ -79,6 +79,10 @@ class Dataset:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "uri", canonical(self.uri))
+        if not isinstance(self.description, str):  # (5 was kept as 5; an object was
+            # audited as added, then refused by the records with a bare TypeError)
+            raise ConfigurationError(f"dataset {self.uri}: description must be text, not "
+                                     f"{type(self.description).__name__} {self.description!r}")
         if self.egress not in ("allow", "deny"):
             raise ConfigurationError(f"dataset {self.uri}: egress must be 'allow' or 'deny'")
         cap = self.egress_cap
@@ -362,7 +366,8 @@ class PolicyStore:
 def _dataset(uri: str, value: dict[str, Any]) -> Dataset:
     return Dataset(
         uri,
-        description=value.get("description", ""),
+        # (str: one an earlier version kept as it was given, 5, must still be read)
+        description=str(value.get("description") or ""),
         egress=value.get("egress", "allow"),
         egress_cap=value.get("egress_cap"),
         created=value["created"],
