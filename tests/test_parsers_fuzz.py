@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import uuid
 from pathlib import Path
 
 import psutil
@@ -196,3 +197,35 @@ def test_any_dataset_description_is_text_or_refused(enclave, description) -> Non
         return
     assert isinstance(ds.description, str) and ds.description == description
     assert store.dataset("s3://bkt/fuzz/").description == description
+
+
+# --------------------------------------------------------------------------- users
+
+
+@FAST
+@given(JSON)
+@example("no")  # a setting read as text: the user was made an admin
+@example("false")
+@example(0)
+def test_an_admin_or_disabled_flag_is_true_or_false_or_refused(enclave, flag) -> None:
+    from kotta_executor.security.tokens import TokenService
+
+    tokens = TokenService(enclave)
+    tokens.add_user("root2", "analyst", by="root", admin=True, if_absent=True)
+    bob = f"bob{uuid.uuid4().hex[:8]}"  # (the enclave is the same for every example)
+    try:
+        tokens.add_user(bob, "analyst", by="root", admin=flag)
+    except TypeError as exc:
+        assert "admin" in str(exc) and not isinstance(flag, bool)
+        assert tokens.user(bob) is None
+    else:
+        assert isinstance(flag, bool) and tokens.user(bob).admin is flag
+    tokens.add_user("carol", "analyst", by="root", if_absent=True)
+    try:
+        tokens.set_disabled("carol", flag, by="root")
+    except TypeError as exc:
+        assert "disabled" in str(exc) and not isinstance(flag, bool)
+        assert tokens.user("carol").disabled is False
+    else:
+        assert isinstance(flag, bool) and tokens.user("carol").disabled is flag
+        tokens.set_disabled("carol", False, by="root")

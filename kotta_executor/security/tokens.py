@@ -149,6 +149,13 @@ def parse_access_id(token_id: str) -> Claims:
     return claims
 
 
+def _check_flag(name: str, value: object) -> None:
+    """A yes-or-no argument: True or False.  Any other value was taken by its truth:
+    ``add_user(..., admin="no")`` (a setting read as text) made the user an admin."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+
+
 def _parse_refresh(token: str) -> tuple[str, str]:
     parts = token.strip().split(".") if isinstance(token, str) else []
     if len(parts) != 3 or parts[0] != "krt1" or not parts[1] or not parts[2]:
@@ -175,6 +182,7 @@ class TokenService:
 
     def add_user(self, user: str, role: str, *, by: str, admin: bool = False,
                  if_absent: bool = False) -> Identity:
+        _check_flag("admin", admin)
         ident = Identity(check_user(user), check_role(role), admin, False, time.time(), by)
         names = getattr(self.enclave, "names", None)  # (AWS: the role is an IAM role's name)
         if names is not None:
@@ -207,6 +215,7 @@ class TokenService:
         ]
 
     def set_disabled(self, user: str, disabled: bool, *, by: str) -> None:
+        _check_flag("disabled", disabled)
         check_user(user)  # (not a name a user may have: say so, before any look-up)
         audited = False
         for _ in range(_CHECKED_WRITE_TRIES):
