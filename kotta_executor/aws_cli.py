@@ -130,16 +130,19 @@ def cmd_aws(args) -> int:
 
 
 def _autoscale(args) -> int:
-    import math
+    import threading
     import time
 
     from .aws_autoscale import autoscale
+    from .config import normalize_queue
     from .backends.aws import AwsEnclave
 
     if args.per_node < 1:
         raise ValueError(f"--per-node must be at least 1, not {args.per_node}")
-    if not args.once and not 0 < args.interval < math.inf:
-        raise ValueError(f"--interval must be a positive number of seconds, not {args.interval:g}")
+    # (at most what a sleep takes: 1e10 sized the groups, then raised OverflowError)
+    if not args.once and not 0 < args.interval <= threading.TIMEOUT_MAX:
+        raise ValueError(f"--interval must be a positive number of seconds, at most "
+                         f"{threading.TIMEOUT_MAX:.0f}, not {args.interval:g}")
     specs = args.group
     if not specs:  # the groups of `kotta aws pools`
         from .aws_pools import pool_groups
@@ -150,6 +153,10 @@ def _autoscale(args) -> int:
         queue, sep, group = spec.partition("=")
         if not sep or not queue or not group:
             raise ValueError(f"--group takes QUEUE=ASG, not {spec!r}")
+        named = normalize_queue(queue)
+        if named in {normalize_queue(q) for q in groups}:  # (the last one given was
+            # sized, the first not, with no word of it)
+            raise ValueError(f"--group names the {named} queue twice ({spec!r})")
         groups[queue] = group
     enclave = AwsEnclave(args.name, region=args.region, endpoint_url=args.endpoint_url,
                          profile=args.profile, bucket=args.bucket)

@@ -98,6 +98,8 @@ def test_kotta_aws_autoscale_once(tmp_path, capsys):
     (["--interval", "-1"], "--interval"),  # used to size the groups, then crash in sleep
     (["--interval", "0"], "--interval"),  # used to call AWS in a tight loop
     (["--per-node", "0"], "--per-node"),
+    (["--interval", "1e10"], "--interval"),  # sized them, then OverflowError out of sleep
+    (["--group", "Test=other"], "--group"),  # test twice: the last one's group was sized
 ])
 def test_kotta_aws_autoscale_refuses_bad_numbers_before_acting(tmp_path, capsys, argv, option):
     from kotta_executor.cli import main
