@@ -133,7 +133,9 @@ def sweep_dead_script_dirs() -> list[str]:
         except ProcessLookupError:  # its worker is gone
             remove_tree(entry.path)
             removed.append(entry.name)
-        except OSError:  # alive (another user's process), or the entry went meanwhile
+        except (OSError, OverflowError):  # alive (another user's process), or the entry
+            # went meanwhile; or a pid no process can have (past a C long: a task of ours
+            # may make such a directory), which raised out of the node's start
             continue
     if removed:
         log.info("removed the working directories of %d script jobs whose workers were "

@@ -229,3 +229,25 @@ def test_an_admin_or_disabled_flag_is_true_or_false_or_refused(enclave, flag) ->
     else:
         assert isinstance(flag, bool) and tokens.user("carol").disabled is flag
         tokens.set_disabled("carol", False, by="root")
+
+
+@FAST
+@given(st.integers(min_value=-2**70, max_value=2**70).map(str) | FILE_NAME_TEXT)
+@example(str(10**20))  # past a C long: OverflowError out of os.kill, out of the node's start
+@example("4194305")
+def test_any_pid_of_a_script_dir_of_this_namespace_is_swept_or_left_alone(
+        monkeypatch, tmp_path, pid) -> None:
+    from kotta_executor.config import SCRIPT_DIR_PREFIX, SCRIPT_TMPDIR_ENV, script_dir_prefix
+    from node import staging
+
+    top = Path(tempfile.mkdtemp(dir=tmp_path))
+    ours = script_dir_prefix(0).removeprefix(f"{SCRIPT_DIR_PREFIX}0-")  # (a task's own
+    name = f"{SCRIPT_DIR_PREFIX}{pid}-{ours}x"  # user may make such a directory)
+    if len(name.encode()) > 255:
+        return
+    (top / name).mkdir()
+    monkeypatch.setenv(SCRIPT_TMPDIR_ENV, str(top))
+    removed = staging.sweep_dead_script_dirs()  # never raises, whatever is there
+    assert removed in ([], [name])
+    if removed:
+        assert pid.isascii() and pid.isdigit() and not psutil.pid_exists(int(pid))
