@@ -134,8 +134,8 @@ def _autoscale(args) -> int:
     import time
 
     from .aws_autoscale import autoscale
-    from .config import normalize_queue
     from .backends.aws import AwsEnclave
+    from .config import normalize_queue
 
     if args.per_node < 1:
         raise ValueError(f"--per-node must be at least 1, not {args.per_node}")

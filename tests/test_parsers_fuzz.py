@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import psutil
-
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
