@@ -1023,10 +1023,13 @@ def test_a_database_locked_too_long_by_another_process_is_named_with_a_way_out(
         assert main(["--enclave", str(enclave_dir), "cancel", f.job_id]) == 1
         err = capsys.readouterr().err
         db = (enclave_dir / "kotta.db").resolve()
-        assert err.startswith(f"kotta: error: the enclave database {db} is locked "
-                              "(database is locked): another process has held its write "
-                              "lock for over 0.2 s"), err
-        assert "sqlite3 shell" in err and err.count("\n") == 1, err
+        # (it says, after a second, that it waits for the lock; then what stopped it)
+        waiting, said = err.splitlines()
+        assert waiting.startswith("kotta: waiting for the enclave's write lock: "), err
+        assert said.startswith(f"kotta: error: the enclave database {db} is locked "
+                               "(database is locked): another process has held its write "
+                               "lock for over 0.2 s"), err
+        assert "sqlite3 shell" in said, err
     finally:
         holder.stdin.close()
         holder.wait(GUARD)
