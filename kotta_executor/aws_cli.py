@@ -139,10 +139,13 @@ def _autoscale(args) -> int:
 
     if args.per_node < 1:
         raise ValueError(f"--per-node must be at least 1, not {args.per_node}")
-    # (at most what a sleep takes: 1e10 sized the groups, then raised OverflowError)
-    if not args.once and not 0 < args.interval <= threading.TIMEOUT_MAX:
+    # (at most what a sleep takes: 1e10 sized the groups, then raised OverflowError.  Half
+    # of it: sleep adds the monotonic clock, the machine's uptime, and 9223372036 sized
+    # them, then raised OSError "Invalid argument")
+    longest = threading.TIMEOUT_MAX / 2
+    if not args.once and not 0 < args.interval <= longest:
         raise ValueError(f"--interval must be a positive number of seconds, at most "
-                         f"{threading.TIMEOUT_MAX:.0f}, not {args.interval:g}")
+                         f"{longest:.0f}, not {args.interval:g}")
     specs = args.group
     if not specs:  # the groups of `kotta aws pools`
         from .aws_pools import pool_groups

@@ -99,6 +99,9 @@ def test_kotta_aws_autoscale_once(tmp_path, capsys):
     (["--interval", "0"], "--interval"),  # used to call AWS in a tight loop
     (["--per-node", "0"], "--per-node"),
     (["--interval", "1e10"], "--interval"),  # sized them, then OverflowError out of sleep
+    # under threading.TIMEOUT_MAX, but past it once added to the monotonic clock that
+    # sleep counts from: sized them, then OSError (Invalid argument) out of sleep
+    (["--interval", "9223372036"], "--interval"),
     (["--group", "Test=other"], "--group"),  # test twice: the last one's group was sized
 ])
 def test_kotta_aws_autoscale_refuses_bad_numbers_before_acting(tmp_path, capsys, argv, option):
