@@ -1680,8 +1680,9 @@ class KottaExecutor(Executor):
                 f"the result of job {job_id} is of wire format version {version}, from a node"
                 f" of a newer kotta-executor (this one reads"
                 f" {', '.join(map(str, wire.READABLE_VERSIONS))}): upgrade this client's"
-                f" kotta-executor to the nodes' version; `kotta status {job_id}` shows how"
-                f" the job ended") from None
+                f" kotta-executor to the nodes' version; `kotta status {job_id}"
+                f"{self._cli_enclave()}` shows how the job ended") from None  # (the enclave
+                # too, as in a failed task's note: shown bare, it looked in the default one)
         outcomes = wire.outcomes(env)
         f.stdout = env.text("stdout")
         f.stderr = env.text("stderr")

@@ -1287,6 +1287,9 @@ def test_a_result_of_a_later_wire_format_names_the_job_and_a_client_to_upgrade(
     message = str(info.value)
     assert f.job_id in message and f"version {wire.VERSION + 1}" in message
     assert "newer kotta-executor" in message and "upgrade this client" in message
+    # the enclave too (not the default one): shown bare, the command looked in the
+    # default enclave, and said "no job", as the note of a failed task did (bb37d58)
+    assert f"`kotta status {f.job_id} --enclave {other.enclave.url}`" in message
 
 
 def test_attach_to_a_running_job(executor, make_executor, gate):
