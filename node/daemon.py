@@ -798,7 +798,7 @@ class Node:
                 left.remove_dirs()
         self._leftovers.clear()
         if self.adopts_orphans:  # (what they started that the kernel gave to this node)
-            self.orphans.end_all()
+            self.orphans.end_all(building=self.envs.building())
         try:
             self.enclave.nodes.deregister(self.node_id, wait=DEREGISTER_WAIT)
         except Exception as exc:  # noqa: BLE001 - its row is reaped as a dead node's

@@ -590,6 +590,16 @@ def _unmarked(children: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
+def _may_end_unmarked() -> bool:
+    """Whether the node may end its unmarked children (_unmarked): not as PID 1 of its PID
+    namespace (a container's main process, no init before it), to which every orphan of
+    the namespace goes, an operator's (``docker exec ... setsid cmd &``) too: those it
+    ended, once its first workers were gone.  There the kernel ends the namespace's every
+    process as the node exits; meanwhile a task's process that cleared its environment
+    runs on, as it would with an init in front of the node."""
+    return os.getpid() != 1
+
+
 def _created(pid: int) -> float | None:
     """When the process ``pid`` was started (psutil's clock), None if it is gone."""
     try:
@@ -656,7 +666,7 @@ class Orphans:
                         "is gone", p.pid, worker)
             _signal_all([p], signal.SIGTERM)
             self.seen[p.pid] = (p, now + KILL_GRACE)
-        if not building:  # (else it may be a build's: see above)
+        if not building and _may_end_unmarked():  # (else it may be a build's: see above)
             for p in _unmarked(children):
                 # A task's process that cleared its environment (``env={}``, ``os.execve``)
                 # and was re-parented here carries no mark: whose worker it was cannot be
@@ -678,14 +688,18 @@ class Orphans:
             elif now >= deadline:
                 _signal_all(_with_descendants([p]), signal.SIGKILL)
 
-    def end_all(self) -> None:
+    def end_all(self, *, building: bool = False) -> None:
         """At the node's stop: SIGKILL every process its workers' tasks left with it, and
         what those started (stopped first, so that none forks meanwhile), until none is
-        left (a process killed hands its children to the node): a few rounds at most."""
+        left (a process killed hands its children to the node): a few rounds at most.
+        ``building``: a requirements build still runs (its processes are unmarked too)."""
+        unmarked = not building and _may_end_unmarked()
         for _ in range(10):
             # (at the stop the node's children are what its tasks left: those that cleared
-            # their environment, unmarked, too)
-            left = adopted() + _unmarked(_children()) + [p for p, _ in self.seen.values()]
+            # their environment, unmarked, too; not a build's, whose thread, finding its
+            # step reaped here, read exit code 0, and took a half-built env for ready)
+            left = adopted() + (_unmarked(_children()) if unmarked else []) + [
+                p for p, _ in self.seen.values()]
             tree = [p for p in _with_descendants(left) if _running(p)]
             if not tree:
                 break
