@@ -2096,7 +2096,14 @@ class Node:
         again = [d for d in deliveries if d.receive_count > 1]
         if not again:
             return deliveries
-        running, _ = self._running_elsewhere([d.job_id for d in again])
+        # (a transient fault reading their records, throttling, ended the node: they are
+        # left for a later look instead, back once their visibility timeout has passed)
+        ok, looked = self._tolerant("looking at jobs delivered again", self._running_elsewhere,
+                                    [d.job_id for d in again], then="looking again later")
+        if not ok:
+            left = set(map(id, again))
+            return [d for d in deliveries if id(d) not in left]
+        running, _ = looked
         if not running:
             return deliveries
         watch = [d for d in again if d.job_id in running]

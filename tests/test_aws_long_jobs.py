@@ -274,6 +274,47 @@ def test_a_redelivery_of_a_job_whose_node_is_gone_still_runs_it(enclave, tmp_pat
         ex.shutdown(wait=False, cancel_futures=True)  # (a failed test must not hang here)
 
 
+def test_a_failed_look_at_a_redelivered_job_is_not_the_end_of_the_node(enclave, moto_env, name,
+                                                                      tmp_path, monkeypatch,
+                                                                      caplog):
+    """A node that receives a job again reads its record, to watch it rather than run it
+    while a live node runs it (_watch_running): a throttled read there ended the node (a
+    fresh clone's CI run saw it, in the test below, whose throttle that read took first).
+    The redelivery is left for a later look; the job runs once, the node serves on."""
+    from kotta_executor.backends.aws import AwsEnclave
+    from tests.test_aws_faults import throttle_once
+
+    monkeypatch.setattr(SqsQueue, "max_hidden", LIMIT)
+    caplog.set_level(logging.WARNING, logger="kotta.node")
+    runs, stop = tmp_path / "runs", tmp_path / "stop"
+    first, nodes, runners = _first_node(enclave, workers=1, visibility_timeout=3)
+    ex = KottaExecutor(1, enclave=enclave, start_node=False)
+    watcher_enclave = AwsEnclave(name, session=moto_env)
+    try:
+        f = ex.submit(tasks.append_line_then_wait, str(runs), "ran", str(stop))
+        wait_for(lambda: runs.exists(), what="the task to start")
+        watcher = _add_node(watcher_enclave, nodes, runners, workers=1, visibility_timeout=3)
+        [first_receipt] = _held(nodes, f.job_id)
+        # (armed before the redelivery: the second node's first read of a job's whole
+        # record is its look at the job it received again)
+        fired = throttle_once(watcher_enclave.dynamodb, "BatchGetItem",
+                              lambda body: b"attempts" in body)
+        _sqs_refuses(monkeypatch, enclave, first_receipt.receipt)
+        _reveal_until(enclave, nodes, f.job_id,
+                      lambda: _watched_by(caplog, watcher, f.job_id)
+                      or runs.read_text() != "ran\n" or not runners[-1].is_alive())
+        assert fired.is_set()
+        assert runners[-1].is_alive(), "a transient fault killed the node"
+        assert _watched_by(caplog, watcher, f.job_id)
+        stop.touch()
+        assert f.result(GUARD) == "ran"
+        assert runs.read_text() == "ran\n"
+    finally:
+        stop.touch()
+        _stop_all(ex, nodes, runners)
+        watcher_enclave.close()
+
+
 def test_a_failed_look_at_watched_jobs_is_not_the_end_of_the_watcher(enclave, moto_env, name,
                                                                      tmp_path, monkeypatch,
                                                                      caplog):
