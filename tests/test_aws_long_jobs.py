@@ -11,8 +11,10 @@ receipt fail from then on (a filter on the boto3 client; moto honours any old re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -274,18 +276,15 @@ def test_a_redelivery_of_a_job_whose_node_is_gone_still_runs_it(enclave, tmp_pat
         ex.shutdown(wait=False, cancel_futures=True)  # (a failed test must not hang here)
 
 
-def test_a_failed_look_at_a_redelivered_job_is_not_the_end_of_the_node(enclave, moto_env, name,
-                                                                      tmp_path, monkeypatch,
-                                                                      caplog):
-    """A node that receives a job again reads its record, to watch it rather than run it
-    while a live node runs it (_watch_running): a throttled read there ended the node (a
-    fresh clone's CI run saw it, in the test below, whose throttle that read took first).
-    The redelivery is left for a later look; the job runs once, the node serves on."""
+@contextlib.contextmanager
+def _long_job_beside_a_second_node(enclave, moto_env, name, tmp_path, monkeypatch):
+    """A job that runs until told (``stop``; each run a line in ``runs``) on a first node,
+    SQS hiding a message LIMIT at most, and a second node (the watcher, with an enclave
+    object of its own) to which the job is delivered again once ``reveal(until)`` is
+    called.  Yields a namespace of those."""
     from kotta_executor.backends.aws import AwsEnclave
-    from tests.test_aws_faults import throttle_once
 
     monkeypatch.setattr(SqsQueue, "max_hidden", LIMIT)
-    caplog.set_level(logging.WARNING, logger="kotta.node")
     runs, stop = tmp_path / "runs", tmp_path / "stop"
     first, nodes, runners = _first_node(enclave, workers=1, visibility_timeout=3)
     ex = KottaExecutor(1, enclave=enclave, start_node=False)
@@ -295,24 +294,41 @@ def test_a_failed_look_at_a_redelivered_job_is_not_the_end_of_the_node(enclave, 
         wait_for(lambda: runs.exists(), what="the task to start")
         watcher = _add_node(watcher_enclave, nodes, runners, workers=1, visibility_timeout=3)
         [first_receipt] = _held(nodes, f.job_id)
-        # (armed before the redelivery: the second node's first read of a job's whole
-        # record is its look at the job it received again)
-        fired = throttle_once(watcher_enclave.dynamodb, "BatchGetItem",
-                              lambda body: b"attempts" in body)
-        _sqs_refuses(monkeypatch, enclave, first_receipt.receipt)
-        _reveal_until(enclave, nodes, f.job_id,
-                      lambda: _watched_by(caplog, watcher, f.job_id)
-                      or runs.read_text() != "ran\n" or not runners[-1].is_alive())
-        assert fired.is_set()
-        assert runners[-1].is_alive(), "a transient fault killed the node"
-        assert _watched_by(caplog, watcher, f.job_id)
-        stop.touch()
-        assert f.result(GUARD) == "ran"
-        assert runs.read_text() == "ran\n"
+
+        def reveal(until) -> None:
+            _sqs_refuses(monkeypatch, enclave, first_receipt.receipt)
+            _reveal_until(enclave, nodes, f.job_id, until)
+        yield SimpleNamespace(f=f, runs=runs, stop=stop, watcher=watcher, runners=runners,
+                              watcher_enclave=watcher_enclave, reveal=reveal)
     finally:
         stop.touch()
         _stop_all(ex, nodes, runners)
         watcher_enclave.close()
+
+
+def test_a_failed_look_at_a_redelivered_job_is_not_the_end_of_the_node(enclave, moto_env, name,
+                                                                      tmp_path, monkeypatch,
+                                                                      caplog):
+    """A node that receives a job again reads its record, to watch it rather than run it
+    while a live node runs it (_watch_running): a throttled read there ended the node (a
+    fresh clone's CI run saw it, in the test below, whose throttle that read took first).
+    The redelivery is left for a later look; the job runs once, the node serves on."""
+    from tests.test_aws_faults import throttle_once
+
+    caplog.set_level(logging.WARNING, logger="kotta.node")
+    with _long_job_beside_a_second_node(enclave, moto_env, name, tmp_path, monkeypatch) as s:
+        # (armed before the redelivery: the second node's first read of a job's whole
+        # record is its look at the job it received again)
+        fired = throttle_once(s.watcher_enclave.dynamodb, "BatchGetItem",
+                              lambda body: b"attempts" in body)
+        s.reveal(lambda: _watched_by(caplog, s.watcher, s.f.job_id)
+                 or s.runs.read_text() != "ran\n" or not s.runners[-1].is_alive())
+        assert fired.is_set()
+        assert s.runners[-1].is_alive(), "a transient fault killed the node"
+        assert _watched_by(caplog, s.watcher, s.f.job_id)
+        s.stop.touch()
+        assert s.f.result(GUARD) == "ran"
+        assert s.runs.read_text() == "ran\n"
 
 
 def test_a_failed_look_at_watched_jobs_is_not_the_end_of_the_watcher(enclave, moto_env, name,
@@ -321,37 +337,21 @@ def test_a_failed_look_at_watched_jobs_is_not_the_end_of_the_watcher(enclave, mo
     """The watcher reads the records of the jobs it watches at each upkeep (BatchGetItem):
     a throttled read there ended the node, and every task it ran (24-hour jobs, say).  It
     is read again at the next upkeep, and the watched message is acked once the job ends."""
-    from kotta_executor.backends.aws import AwsEnclave
     from tests.test_aws_faults import throttle_once
 
-    monkeypatch.setattr(SqsQueue, "max_hidden", LIMIT)
     caplog.set_level(logging.WARNING, logger="kotta.node")
-    runs, stop = tmp_path / "runs", tmp_path / "stop"
-    first, nodes, runners = _first_node(enclave, workers=1, visibility_timeout=3)
-    ex = KottaExecutor(1, enclave=enclave, start_node=False)
-    watcher_enclave = AwsEnclave(name, session=moto_env)
-    try:
-        f = ex.submit(tasks.append_line_then_wait, str(runs), "ran", str(stop))
-        wait_for(lambda: runs.exists(), what="the task to start")
-        watcher = _add_node(watcher_enclave, nodes, runners, workers=1, visibility_timeout=3)
-        [first_receipt] = _held(nodes, f.job_id)
-        _sqs_refuses(monkeypatch, enclave, first_receipt.receipt)
-        _reveal_until(enclave, nodes, f.job_id,
-                      lambda: _watched_by(caplog, watcher, f.job_id)
-                      or runs.read_text() != "ran\n")
-        assert _watched_by(caplog, watcher, f.job_id)
+    with _long_job_beside_a_second_node(enclave, moto_env, name, tmp_path, monkeypatch) as s:
+        s.reveal(lambda: _watched_by(caplog, s.watcher, s.f.job_id)
+                 or s.runs.read_text() != "ran\n")
+        assert _watched_by(caplog, s.watcher, s.f.job_id)
         # (the watched jobs' records: the only read of all their attributes)
-        fired = throttle_once(watcher_enclave.dynamodb, "BatchGetItem",
+        fired = throttle_once(s.watcher_enclave.dynamodb, "BatchGetItem",
                               lambda body: b"attempts" in body)
-        wait_for(lambda: fired.is_set() or not runners[-1].is_alive(),
+        wait_for(lambda: fired.is_set() or not s.runners[-1].is_alive(),
                  what="a look at the watched job to fail")
-        stop.touch()
-        assert f.result(GUARD) == "ran"
-        wait_for(lambda: enclave.queue.depth("test") == 0 or not runners[-1].is_alive(),
+        s.stop.touch()
+        assert s.f.result(GUARD) == "ran"
+        wait_for(lambda: enclave.queue.depth("test") == 0 or not s.runners[-1].is_alive(),
                  what="the watched message to be deleted")
-        assert runners[-1].is_alive(), "a transient fault killed the watcher"
-        assert runs.read_text() == "ran\n"
-    finally:
-        stop.touch()
-        _stop_all(ex, nodes, runners)
-        watcher_enclave.close()
+        assert s.runners[-1].is_alive(), "a transient fault killed the watcher"
+        assert s.runs.read_text() == "ran\n"
