@@ -80,16 +80,24 @@ def test_a_node_killed_with_tasks_piped_deep_into_its_workers_loses_none(
     assert all(records[f.job_id].attempts >= 1 for f in fs)
 
 
+def _draining_behind_a_long_task(start_node, make_executor, enclave, log, release, runs):
+    """A one-worker node with tasks piped behind a long one (_pipe_behind_a_long_task),
+    told to stop (SIGTERM) and draining: ``(node, worker pid, head, behind, rest)``."""
+    a = start_node(workers=1, tiny_task=PIPE_TINY)
+    ex = make_executor(1, start_node=False)
+    worker, head, behind, rest = _pipe_behind_a_long_task(
+        enclave, ex, tasks.log_pid_and_wait, log, release, runs)
+    a.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "stopping on SIGTERM" in a.output(), what="node A to stop")
+    return a, worker, head, behind, rest
+
+
 def test_a_node_killed_while_it_drains_loses_no_task(start_node, make_executor, enclave,
                                                       tmp_path):
     log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
-    a = start_node(workers=1, tiny_task=PIPE_TINY)
-    ex = make_executor(1, start_node=False)
     try:
-        worker, head, behind, rest = _pipe_behind_a_long_task(
-            enclave, ex, tasks.log_pid_and_wait, log, release, runs)
-        a.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: "stopping on SIGTERM" in a.output(), what="node A to stop")
+        a, worker, head, behind, rest = _draining_behind_a_long_task(
+            start_node, make_executor, enclave, log, release, runs)
         a.kill()
         wait_for(lambda: gone(worker), what="A's worker to die with it")
         b = start_node(workers=1, tiny_task=PIPE_TINY)
@@ -324,13 +332,9 @@ def test_a_workers_process_group_killed_in_a_burst_of_piped_tasks_loses_no_other
 def test_a_workers_group_killed_as_its_node_drains_fails_its_task_and_loses_no_other(
         start_node, make_executor, enclave, tmp_path):
     log, release, runs = tmp_path / "pids", tmp_path / "release", tmp_path / "runs"
-    a = start_node(workers=1, tiny_task=PIPE_TINY)
-    ex = make_executor(1, start_node=False)
     try:
-        worker, head, behind, rest = _pipe_behind_a_long_task(
-            enclave, ex, tasks.log_pid_and_wait, log, release, runs)
-        a.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: "stopping on SIGTERM" in a.output(), what="node A to stop")
+        a, worker, head, behind, rest = _draining_behind_a_long_task(
+            start_node, make_executor, enclave, log, release, runs)
         os.killpg(worker, signal.SIGKILL)
         assert a.proc.wait(GUARD) == 0, a.output()
         b = start_node(workers=1, tiny_task=PIPE_TINY)
