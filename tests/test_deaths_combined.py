@@ -224,15 +224,23 @@ def test_a_node_let_go_on_while_its_task_runs_again_elsewhere_records_one_result
     assert a.proc.poll() is None and b.proc.poll() is None
 
 
-def test_a_task_killed_while_its_stopped_nodes_copy_ran_elsewhere_ends_on_both(
-        start_node, make_executor, enclave, stopped, tmp_path):
-    log, release = tmp_path / "pids", tmp_path / "release"
-    a = start_node(workers=1, visibility_timeout=1)
-    ex = make_executor(1, start_node=False)
+def _begun_on_a_stopped_node(start_node, make_executor, stopped, log, release, *,
+                             visibility_timeout: float = 1, **options):
+    """A long task (its worker's pid logged) begun on a one-worker node A, which is then
+    stopped (``stopped``): ``(A, its future, the pid of A's copy)``."""
+    a = start_node(workers=1, visibility_timeout=visibility_timeout)
+    ex = make_executor(1, start_node=False, **options)
     f = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
     wait_for(lambda: len(_pids(log)) == 1, what="the task to begin on node A")
     first = _pids(log)[0]
     stopped(a)
+    return a, f, first
+
+
+def test_a_task_killed_while_its_stopped_nodes_copy_ran_elsewhere_ends_on_both(
+        start_node, make_executor, enclave, stopped, tmp_path):
+    log, release = tmp_path / "pids", tmp_path / "release"
+    a, f, first = _begun_on_a_stopped_node(start_node, make_executor, stopped, log, release)
     try:
         start_node(workers=1, visibility_timeout=1)
         wait_for(lambda: len(_pids(log)) == 2, what="node B to run it again")
@@ -256,12 +264,7 @@ def test_a_stopped_nodes_worker_killed_while_its_task_runs_elsewhere_does_not_fa
     on, A failed the job with WorkerDied for its own copy, under the copy B ran on, and
     B's result was dropped: the future raised WorkerDied for a task that succeeded."""
     log, release = tmp_path / "pids", tmp_path / "release"
-    a = start_node(workers=1, visibility_timeout=1)
-    ex = make_executor(1, start_node=False)
-    f = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
-    wait_for(lambda: len(_pids(log)) == 1, what="the task to begin on node A")
-    first = _pids(log)[0]
-    stopped(a)
+    a, f, first = _begun_on_a_stopped_node(start_node, make_executor, stopped, log, release)
     try:
         b = start_node(workers=1, visibility_timeout=1)
         wait_for(lambda: len(_pids(log)) == 2, what="node B to run it again")
@@ -284,11 +287,8 @@ def test_a_stopped_nodes_copy_past_its_walltime_does_not_fail_the_job_run_elsewh
     """As above, for a copy that A, let go on, ends for its walltime: B's copy began at
     least A's visibility timeout (3 s) later, and has that much of its walltime left."""
     log, release = tmp_path / "pids", tmp_path / "release"
-    a = start_node(workers=1, visibility_timeout=3)
-    ex = make_executor(1, start_node=False, walltime=0.1)  # (6 s)
-    f = ex.submit(tasks.log_pid_and_wait, str(log), str(release))
-    wait_for(lambda: len(_pids(log)) == 1, what="the task to begin on node A")
-    stopped(a)
+    a, f, _ = _begun_on_a_stopped_node(start_node, make_executor, stopped, log, release,
+                                       visibility_timeout=3, walltime=0.1)  # (6 s)
     try:
         b = start_node(workers=1)
         wait_for(lambda: len(_pids(log)) == 2, what="node B to run it again")
