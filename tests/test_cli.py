@@ -1629,8 +1629,12 @@ def test_demo_interrupted_ends_its_tasks_and_exits(tmp_path):
     e = open_enclave(str(home))
     try:  # its task, killed or cancelled, runs on no node later
         jobs = e.jobs.list(owner=None, state=None, limit=100)
-        assert [(j.fn, j.state) for j in jobs if j.state not in ("completed", "failed")] == [
-            ("kotta_executor.demo.runs_too_long", "cancelled")], [(j.fn, j.state) for j in jobs]
+        # (cancelled; or no record of it, 1 run in 10 or so, when the Ctrl-C came inside
+        # submit(), which then returned no future (a fresh clone's CI run saw it).  Never
+        # a job left to run.)
+        assert [(j.fn, j.state) for j in jobs if j.state not in ("completed", "failed")] in (
+            [("kotta_executor.demo.runs_too_long", "cancelled")], []), [
+            (j.fn, j.state) for j in jobs]
     finally:
         e.close()
 
