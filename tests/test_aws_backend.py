@@ -146,6 +146,8 @@ def test_open_enclave_selects_aws_with_region_and_endpoint(monkeypatch):
     ["aws://Bad_Name", "aws://", "aws://-x", "aws://x?colour=red", "aws://x?retry_mode=sometimes",
      # botocore's own InvalidMaxRetryAttemptsError, a traceback from `kotta`
      "aws://x?max_attempts=0", "aws://x?max_attempts=-3",
+     # read by int() as 10, 3 and 2: not what a URL's reader sees
+     "aws://x?max_attempts=1_0", "aws://x?max_attempts=%D9%A3", "aws://x?max_attempts=2.5",
      # taken as off, silently: queues were not made, and the first send said to bootstrap
      "aws://x?create_queues=yes-please", "aws://x?create_queues=on",
      # the path was dropped, silently: this opened the enclave x
@@ -158,6 +160,15 @@ def test_open_enclave_selects_aws_with_region_and_endpoint(monkeypatch):
 def test_bad_enclave_urls_are_configuration_errors(url):
     with aws_moto.fake_aws_env(), pytest.raises(ConfigurationError):
         open_enclave(url)
+
+
+@pytest.mark.parametrize("attempts", [2.5, True, "1_0", " 3"])
+def test_max_attempts_that_is_not_a_whole_number_as_written_is_refused(attempts):
+    """AwsEnclave(max_attempts=2.5) used 2, and "1_0" 10."""
+    from kotta_executor.backends.aws import AwsEnclave
+
+    with aws_moto.fake_aws_env(), pytest.raises(ConfigurationError, match="max_attempts"):
+        AwsEnclave("lab", max_attempts=attempts)
 
 
 @pytest.mark.parametrize(

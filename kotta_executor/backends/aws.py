@@ -649,9 +649,14 @@ class AwsEnclave(Enclave):
         self.partition, self.url_suffix = arn_partition(self.session, self.region)
         check_endpoint_url(endpoint_url, "" if endpoint_url == given else
                            " (from KOTTA_AWS_ENDPOINT_URL)")
-        try:
+        # a whole number, as written: int() read "1_0" as 10, "\u0663" (an Arabic three) as
+        # 3, and cut 2.5 to 2, none of which a reader of the URL or call would see
+        if type(max_attempts) is int:
+            attempts = max_attempts
+        elif isinstance(max_attempts, str) and max_attempts.isascii() and (
+                max_attempts.isdigit()):
             attempts = int(max_attempts)
-        except (TypeError, ValueError):
+        else:
             attempts = 0
         if attempts < 1:  # (botocore's own error for 0 came out of `kotta` as a traceback)
             raise ConfigurationError(
