@@ -965,7 +965,10 @@ def test_a_handed_back_task_cancelled_by_another_client_ends_its_future(
     try:
         wait_for(lambda: data.audit.show(job_id=f.job_id, action="stage-in"),
                  what="the task's inputs to be staged")
-        assert f.status() == "staging_inputs"
+        # staged, waiting for the worker; or, staged within a few ms of the blocker's start
+        # (while the node keeps one task in reserve behind a short one: pool.Worker.depth),
+        # piped behind it, unbegun (a fresh clone's CI run saw it): handed back all the same
+        assert f.status() in ("staging_inputs", "processing")
         assert f.running()
         a.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: _message(data.enclave, f.job_id)[0] is None,
