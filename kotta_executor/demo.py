@@ -15,7 +15,6 @@ import contextlib
 import datetime as _dt
 import os
 import random
-import shlex
 import sys
 import time
 import traceback
@@ -126,9 +125,9 @@ def run_demo(enclave: str | None = None) -> int:
         for job in (records[i] for i in ids if i in records):
             reason = f"  ({job.reason})" if job.reason else ""
             print(f"  {job.job_id}  {job.state:10} {job.fn}{reason}")
-        # (with the enclave it ran on, if named: without it, they looked in the default
-        # one, and said "no job")
-        where = f" --enclave {shlex.quote(e.url)}" if enclave else ""
+        # (with the enclave it ran on, unless the default: without it, they looked in the
+        # default one, and said "no job")
+        where = ex._cli_enclave()
         print(f"\nsee one with:  kotta status {f.job_id}{where}   or   "
               f"kotta logs {f.job_id}{where}")
     print(f"\ndemo finished in {time.monotonic() - started:.1f} s")

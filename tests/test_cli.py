@@ -27,6 +27,7 @@ from kotta_executor.backends.base import NewJob
 from kotta_executor.backends.embedded import EmbeddedEnclave
 from tests import tasks
 from tests.conftest import GUARD, ROOT, gone, subprocess_env, wait_for
+from tests.test_enclave_client import _write_lock_held
 
 
 def kotta(
@@ -790,22 +791,6 @@ def test_cancel_a_pending_job(make_executor, enclave, start_node, tmp_path):
     assert node.proc.wait(GUARD) == 0
     assert not marker.exists()
     assert enclave.jobs.get(f.job_id).state == "cancelled"
-
-
-@contextlib.contextmanager
-def _write_lock_held(enclave_dir):
-    """The enclave's write lock, held by another connection (another process's, as a
-    client stopped by ^Z inside a transaction) until the block ends or it commits."""
-    import sqlite3
-
-    lock = sqlite3.connect(Path(enclave_dir) / "kotta.db", isolation_level=None)
-    try:
-        lock.execute("BEGIN IMMEDIATE")
-        yield lock
-    finally:
-        if lock.in_transaction:
-            lock.execute("ROLLBACK")
-        lock.close()
 
 
 def _kotta_popen(enclave_dir, *args: str) -> subprocess.Popen:

@@ -13,6 +13,7 @@ import os
 import sqlite3
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ def _write_lock_held(enclave_dir):
     """The enclave's write lock, held by another connection (as by another process: a
     client stopped by ^Z inside a transaction, a long `kotta prune`) until the block ends
     (or it commits)."""
-    lock = sqlite3.connect(enclave_dir / "kotta.db", isolation_level=None)
+    lock = sqlite3.connect(Path(enclave_dir) / "kotta.db", isolation_level=None)
     try:
         lock.execute("BEGIN IMMEDIATE")
         yield lock
